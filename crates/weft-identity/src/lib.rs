@@ -1,0 +1,1 @@
+//! SPIFFE identities, certificates and rustls configs. Filled in by the identity issue.

@@ -1,0 +1,1 @@
+//! Test helpers: echo servers, in-process ADS server, real Envoy harness.
