@@ -29,6 +29,8 @@ pub enum ErrorKind {
     Overflow,
     /// The upstream reset the stream or closed the connection (`UR`).
     UpstreamReset,
+    /// The upstream HTTP/2 server refused the stream (REFUSED_STREAM); always safe to retry (`UR`).
+    RefusedStream,
     /// The upstream connection was terminated mid-response (`UC`).
     UpstreamTerminated,
     /// The route timeout fired (`UT`).
@@ -68,7 +70,7 @@ impl ErrorKind {
             ErrorKind::NoHealthyUpstream => "UH",
             ErrorKind::ConnectFailure => "UF",
             ErrorKind::Overflow => "UO",
-            ErrorKind::UpstreamReset => "UR",
+            ErrorKind::UpstreamReset | ErrorKind::RefusedStream => "UR",
             ErrorKind::UpstreamTerminated => "UC",
             ErrorKind::Timeout | ErrorKind::PerTryTimeout => "UT",
             ErrorKind::RetriesExhausted => "URX",
