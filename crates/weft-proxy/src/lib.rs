@@ -1,7 +1,24 @@
 //! The weft sidecar proxy. Its only input is xDS; see ARCHITECTURE.md for the stages.
 //!
-//! A request is a straight line through the modules, in this order:
-//! `listener` -> `detect` -> `route` -> `cluster` (balance, pool) -> `forward` ->
-//! `telemetry`.
+//! A connection is a straight line through the modules, in this order:
+//! [`listener`] (accept, original destination) -> [`detect`] (sniff when the chains need
+//! it) -> [`http`] (routing, faults) or [`tcp`] -> [`http`]'s forward (balance, retries,
+//! timeouts) -> [`cluster`] (endpoints, pools) -> [`report`] (metrics, access log).
+//! [`config`] turns xDS into the immutable snapshots all of them read.
 
+pub mod admin;
+pub mod bootstrap;
+pub mod cluster;
+pub mod config;
+pub mod context;
+pub mod detect;
+pub mod dump;
 pub mod error;
+pub mod http;
+pub mod listener;
+pub mod orig_dst;
+pub mod proxy;
+pub mod report;
+pub mod route;
+pub mod tcp;
+pub mod telemetry;

@@ -1,0 +1,185 @@
+//! The proxy's static bootstrap file: where the control plane is, who this workload
+//! is, and where the admin and metrics servers listen. Everything else arrives over xDS.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use weft_xds::{NodeInfo, XdsMode};
+
+/// The bootstrap file's contents.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Bootstrap {
+    /// Workload identity announced to the control plane.
+    pub node: NodeInfo,
+    /// The xDS server.
+    pub xds: XdsSettings,
+    /// Admin server address (loopback only), default `127.0.0.1:15000`.
+    #[serde(default = "default_admin")]
+    pub admin: SocketAddr,
+    /// Metrics server address, default `0.0.0.0:15020`.
+    #[serde(default = "default_metrics")]
+    pub metrics: SocketAddr,
+    /// Access log destination: `stdout`, `off`, or a file path. Default `stdout`.
+    #[serde(default = "default_access_log")]
+    pub access_log: String,
+    /// How long a drain waits for in-flight work, e.g. `5s`. Default 5 s.
+    #[serde(default = "default_drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+/// Control-plane connection settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct XdsSettings {
+    /// `http://host:port` of the ADS server.
+    pub address: String,
+    /// `sotw` (default) or `delta`.
+    #[serde(default)]
+    pub mode: ModeSetting,
+}
+
+/// xDS variant as written in the file.
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ModeSetting {
+    /// State of the world.
+    #[default]
+    Sotw,
+    /// Incremental.
+    Delta,
+}
+
+impl From<ModeSetting> for XdsMode {
+    fn from(m: ModeSetting) -> Self {
+        match m {
+            ModeSetting::Sotw => XdsMode::Sotw,
+            ModeSetting::Delta => XdsMode::Delta,
+        }
+    }
+}
+
+/// A bootstrap that could not be read, with file, line and field.
+#[derive(Debug, thiserror::Error)]
+pub enum BootstrapError {
+    /// The file could not be read.
+    #[error("{path}: cannot read: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The contents are invalid.
+    #[error("{path}:{line}: field `{field}`: {message}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// 1-based line (0 when unknown).
+        line: usize,
+        /// Field path, e.g. `xds.mode`.
+        field: String,
+        /// What was wrong and what was expected.
+        message: String,
+    },
+}
+
+fn default_admin() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 15000))
+}
+fn default_metrics() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 15020))
+}
+fn default_access_log() -> String {
+    "stdout".into()
+}
+fn default_drain() -> Duration {
+    Duration::from_secs(5)
+}
+
+impl Bootstrap {
+    /// Reads and validates a bootstrap file (YAML or JSON).
+    pub fn load(path: &Path) -> Result<Bootstrap, BootstrapError> {
+        let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Read { path: path.into(), source })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses bootstrap text; `path` is only used in errors.
+    pub fn parse(text: &str, path: &Path) -> Result<Bootstrap, BootstrapError> {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        let b: Bootstrap = serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner.location().map(|l| l.line()).unwrap_or(0);
+            BootstrapError::Invalid { path: path.into(), line, field, message: strip_location(&inner.to_string()) }
+        })?;
+        b.validate(path)?;
+        Ok(b)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), BootstrapError> {
+        let bad = |field: &str, message: String| BootstrapError::Invalid {
+            path: path.into(),
+            line: 0,
+            field: field.into(),
+            message,
+        };
+        if !(self.xds.address.starts_with("http://") || self.xds.address.starts_with("https://")) {
+            return Err(bad("xds.address", format!("expected http://host:port, got {:?}", self.xds.address)));
+        }
+        if self.node.id.is_empty() {
+            return Err(bad("node.id", "must not be empty".into()));
+        }
+        if !self.admin.ip().is_loopback() {
+            return Err(bad("admin", format!("the admin server must listen on loopback, got {}", self.admin)));
+        }
+        Ok(())
+    }
+}
+
+fn strip_location(msg: &str) -> String {
+    match msg.find(" at line ") {
+        Some(i) => msg[..i].to_string(),
+        None => msg.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "node:\n  id: sidecar~127.0.0.1~a.default~default.svc.cluster.local\n  name: a\n  namespace: default\nxds:\n  address: http://127.0.0.1:15010\n  mode: delta\ndrain_timeout: 2s\n";
+
+    #[test]
+    fn parses_a_good_bootstrap_with_defaults() {
+        let b = Bootstrap::parse(GOOD, Path::new("b.yaml")).unwrap();
+        assert_eq!(b.xds.mode, ModeSetting::Delta);
+        assert_eq!(b.drain_timeout, Duration::from_secs(2));
+        assert_eq!(b.admin, default_admin());
+        assert_eq!(b.node.namespace, "default");
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let text = GOOD.replace("  mode: delta\n", "  mode: delta\n  modes: x\n");
+        let e = Bootstrap::parse(&text, Path::new("b.yaml")).unwrap_err().to_string();
+        assert!(e.starts_with("b.yaml:8: field `xds"), "{e}");
+        assert!(e.contains("modes"), "{e}");
+    }
+
+    #[test]
+    fn bad_enum_value_says_what_was_expected() {
+        let text = GOOD.replace("mode: delta", "mode: fast");
+        let e = Bootstrap::parse(&text, Path::new("b.yaml")).unwrap_err().to_string();
+        assert!(e.contains("xds.mode") && e.contains("sotw") && e.contains("delta"), "{e}");
+    }
+
+    #[test]
+    fn non_loopback_admin_is_rejected() {
+        let text = format!("{GOOD}admin: 0.0.0.0:15000\n");
+        let e = Bootstrap::parse(&text, Path::new("b.yaml")).unwrap_err().to_string();
+        assert!(e.contains("field `admin`") && e.contains("loopback"), "{e}");
+    }
+}

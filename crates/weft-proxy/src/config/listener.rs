@@ -1,0 +1,495 @@
+//! Compiles an Envoy `Listener` into a [`ListenerConfig`]: where to bind, how to pick a
+//! filter chain for a connection, and what each chain does (HTTP or TCP proxy).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, CidrRange};
+use envoy_types::pb::envoy::config::listener::v3::{filter, FilterChain, FilterChainMatch, Listener};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
+use prost::{Message, Name};
+
+use crate::error::ConfigError;
+use crate::route::{ClusterChoice, FaultPolicy, RouteTable};
+
+/// Which way traffic flows through a listener (Envoy's `traffic_direction`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Unspecified: treated as outbound for telemetry.
+    Unspecified,
+    /// Traffic arriving for the local workload.
+    Inbound,
+    /// Traffic leaving the local workload.
+    Outbound,
+}
+
+/// A compiled listener.
+#[derive(Debug)]
+pub struct ListenerConfig {
+    /// Listener name.
+    pub name: String,
+    /// The address it binds (or, when `bind` is false, the original destination it claims).
+    pub address: SocketAddr,
+    /// False for listeners that only receive connections handed over by a
+    /// `use_original_dst` listener.
+    pub bind: bool,
+    /// Hand connections to the listener matching their original destination.
+    pub use_original_dst: bool,
+    /// Traffic direction.
+    pub direction: Direction,
+    /// Filter chains in configuration order.
+    pub chains: Vec<Arc<FilterChainConfig>>,
+    /// Chain used when no chain matches.
+    pub default_chain: Option<Arc<FilterChainConfig>>,
+    /// Whether any chain matches on sniffed protocol (TLS / ALPN / HTTP), so the first
+    /// bytes must be inspected before a chain can be chosen.
+    pub needs_sniffing: bool,
+    /// How long to wait for the client's first bytes when sniffing (Envoy's
+    /// `listener_filters_timeout`, default 15 s).
+    pub sniff_timeout: Duration,
+}
+
+/// One filter chain.
+#[derive(Debug)]
+pub struct FilterChainConfig {
+    /// Chain name (may be empty).
+    pub name: String,
+    /// When the chain applies.
+    pub matcher: ChainMatch,
+    /// What the chain does with the connection.
+    pub kind: ChainKind,
+}
+
+/// Envoy's `FilterChainMatch`, the subset weft supports.
+#[derive(Debug, Default, Clone)]
+pub struct ChainMatch {
+    /// Original destination port.
+    pub destination_port: Option<u16>,
+    /// Original destination address ranges.
+    pub prefix_ranges: Vec<(IpAddr, u8)>,
+    /// Source address ranges.
+    pub source_prefix_ranges: Vec<(IpAddr, u8)>,
+    /// `tls` or `raw_buffer` (empty: any).
+    pub transport_protocol: String,
+    /// ALPN / detected application protocols (`http/1.1`, `h2c`, ...).
+    pub application_protocols: Vec<String>,
+    /// SNI server names.
+    pub server_names: Vec<String>,
+}
+
+/// What a filter chain does.
+#[derive(Debug)]
+pub enum ChainKind {
+    /// HTTP connection manager.
+    Http(Arc<HttpChain>),
+    /// Opaque TCP proxy.
+    Tcp(Arc<TcpChain>),
+}
+
+/// Where an HTTP chain gets its routes.
+#[derive(Debug)]
+pub enum RouteSource {
+    /// By name over RDS.
+    Rds(String),
+    /// Inline in the listener.
+    Inline(Arc<RouteTable>),
+}
+
+/// A compiled HTTP connection manager.
+#[derive(Debug)]
+pub struct HttpChain {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// Routes.
+    pub routes: RouteSource,
+    /// Listener-level fault filter configuration (routes may override it).
+    pub fault: Option<FaultPolicy>,
+    /// Upgrade types allowed (lower case, e.g. `websocket`, `connect`).
+    pub upgrades: Vec<String>,
+    /// Stream idle timeout (Envoy default 5 minutes; `None` disables).
+    pub stream_idle_timeout: Option<Duration>,
+    /// Connection idle timeout (Envoy default 1 hour; `None` disables).
+    pub idle_timeout: Option<Duration>,
+}
+
+/// A compiled TCP proxy.
+#[derive(Debug)]
+pub struct TcpChain {
+    /// `stat_prefix`.
+    pub stat_prefix: String,
+    /// Upstream cluster(s).
+    pub clusters: ClusterChoice,
+    /// Idle timeout (Envoy default 1 hour; `None` disables).
+    pub idle_timeout: Option<Duration>,
+}
+
+impl ListenerConfig {
+    /// Compiles a listener. Errors name the listener and field.
+    pub fn compile(l: &Listener) -> Result<ListenerConfig, ConfigError> {
+        let name = l.name.clone();
+        let err = |field: &str, msg: String| ConfigError::new(format!("listener {name:?}"), field, msg);
+        if name.is_empty() {
+            return Err(ConfigError::new("listener", "name", "a listener needs a name"));
+        }
+        let address = socket_addr(l.address.as_ref()).map_err(|m| err("address", m))?;
+        let mut chains = Vec::with_capacity(l.filter_chains.len());
+        for (i, fc) in l.filter_chains.iter().enumerate() {
+            let chain = compile_chain(fc).map_err(|(f, m)| err(&format!("filter_chains[{i}].{f}"), m))?;
+            chains.push(Arc::new(chain));
+        }
+        let default_chain = match &l.default_filter_chain {
+            Some(fc) => Some(Arc::new(
+                compile_chain(fc).map_err(|(f, m)| err(&format!("default_filter_chain.{f}"), m))?,
+            )),
+            None => None,
+        };
+        if chains.is_empty() && default_chain.is_none() {
+            return Err(err("filter_chains", "at least one filter chain (or default_filter_chain) is required".into()));
+        }
+        let needs_sniffing = chains.iter().any(|c| {
+            !c.matcher.transport_protocol.is_empty()
+                || !c.matcher.application_protocols.is_empty()
+                || !c.matcher.server_names.is_empty()
+        });
+        let direction = match l.traffic_direction {
+            1 => Direction::Inbound,
+            2 => Direction::Outbound,
+            _ => Direction::Unspecified,
+        };
+        Ok(ListenerConfig {
+            name: name.clone(),
+            address,
+            bind: l.bind_to_port.as_ref().map(|b| b.value).unwrap_or(true),
+            use_original_dst: l.use_original_dst.as_ref().map(|b| b.value).unwrap_or(false),
+            direction,
+            chains,
+            default_chain,
+            needs_sniffing,
+            sniff_timeout: opt_duration(l.listener_filters_timeout.as_ref()).unwrap_or(Duration::from_secs(15)),
+        })
+    }
+
+    /// RDS route configuration names this listener needs.
+    pub fn rds_names(&self) -> impl Iterator<Item = &str> {
+        self.chains
+            .iter()
+            .chain(self.default_chain.iter())
+            .filter_map(|c| match &c.kind {
+                ChainKind::Http(h) => match &h.routes {
+                    RouteSource::Rds(n) => Some(n.as_str()),
+                    RouteSource::Inline(_) => None,
+                },
+                ChainKind::Tcp(_) => None,
+            })
+    }
+
+    /// Picks the filter chain for a connection, following Envoy's order of criteria:
+    /// destination port, destination IP, server name, transport protocol, application
+    /// protocols, source IP. The most specific match wins at each step.
+    pub fn select_chain(&self, conn: &ConnFacts) -> Option<&Arc<FilterChainConfig>> {
+        let mut cands: Vec<&Arc<FilterChainConfig>> = self.chains.iter().collect();
+        cands = narrow(cands, |m| match m.destination_port {
+            Some(p) if p == conn.destination.port() => Some(1),
+            Some(_) => None,
+            None => Some(0),
+        });
+        cands = narrow(cands, |m| best_prefix(&m.prefix_ranges, conn.destination.ip()));
+        cands = narrow(cands, |m| {
+            if m.server_names.is_empty() {
+                return Some(0);
+            }
+            let sni = conn.server_name.as_deref()?;
+            m.server_names.iter().filter_map(|n| server_name_score(n, sni)).max()
+        });
+        cands = narrow(cands, |m| match m.transport_protocol.as_str() {
+            "" => Some(0),
+            t if t == conn.transport_protocol => Some(1),
+            _ => None,
+        });
+        cands = narrow(cands, |m| {
+            if m.application_protocols.is_empty() {
+                Some(0)
+            } else if m.application_protocols.iter().any(|p| conn.application_protocols.iter().any(|c| c == p)) {
+                Some(1)
+            } else {
+                None
+            }
+        });
+        cands = narrow(cands, |m| best_prefix(&m.source_prefix_ranges, conn.source.ip()));
+        cands.into_iter().next().or(self.default_chain.as_ref())
+    }
+}
+
+/// What is known about a connection when choosing its filter chain.
+#[derive(Debug, Clone)]
+pub struct ConnFacts {
+    /// Peer address.
+    pub source: SocketAddr,
+    /// Original (or local) destination.
+    pub destination: SocketAddr,
+    /// `tls` or `raw_buffer`.
+    pub transport_protocol: &'static str,
+    /// Detected application protocols.
+    pub application_protocols: Vec<&'static str>,
+    /// SNI, when TLS.
+    pub server_name: Option<String>,
+}
+
+fn narrow<'a>(
+    cands: Vec<&'a Arc<FilterChainConfig>>,
+    score: impl Fn(&ChainMatch) -> Option<u32>,
+) -> Vec<&'a Arc<FilterChainConfig>> {
+    let scored: Vec<(u32, &Arc<FilterChainConfig>)> =
+        cands.into_iter().filter_map(|c| score(&c.matcher).map(|s| (s, c))).collect();
+    let best = scored.iter().map(|(s, _)| *s).max();
+    scored.into_iter().filter(|(s, _)| Some(*s) == best).map(|(_, c)| c).collect()
+}
+
+/// 0 when no ranges (matches anything), 1 + prefix length of the longest matching range,
+/// `None` when ranges exist and none matches.
+fn best_prefix(ranges: &[(IpAddr, u8)], ip: IpAddr) -> Option<u32> {
+    if ranges.is_empty() {
+        return Some(0);
+    }
+    ranges.iter().filter(|(net, len)| in_range(ip, *net, *len)).map(|(_, len)| 1 + u32::from(*len)).max()
+}
+
+/// True when `ip` lies in `net/len`.
+pub fn in_range(ip: IpAddr, net: IpAddr, len: u8) -> bool {
+    match (ip, net) {
+        (IpAddr::V4(a), IpAddr::V4(b)) => {
+            let len = u32::from(len.min(32));
+            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
+            (u32::from(a) & mask) == (u32::from(b) & mask)
+        }
+        (IpAddr::V6(a), IpAddr::V6(b)) => {
+            let len = u32::from(len.min(128));
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            (u128::from(a) & mask) == (u128::from(b) & mask)
+        }
+        (IpAddr::V4(a), IpAddr::V6(_)) => in_range(IpAddr::V6(a.to_ipv6_mapped()), net, len),
+        (IpAddr::V6(a), IpAddr::V4(_)) => match a.to_ipv4_mapped() {
+            Some(v4) => in_range(IpAddr::V4(v4), net, len),
+            None => false,
+        },
+    }
+}
+
+fn server_name_score(pattern: &str, sni: &str) -> Option<u32> {
+    let sni = sni.to_ascii_lowercase();
+    let pattern = pattern.to_ascii_lowercase();
+    if pattern == sni {
+        Some(u32::MAX)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        sni.ends_with(suffix).then(|| suffix.len() as u32)
+    } else {
+        None
+    }
+}
+
+fn compile_chain(fc: &FilterChain) -> Result<FilterChainConfig, (String, String)> {
+    if fc.transport_socket.is_some() {
+        return Err((
+            "transport_socket".into(),
+            "TLS termination on listeners is not supported yet (identity issue); remove transport_socket".into(),
+        ));
+    }
+    let matcher = match &fc.filter_chain_match {
+        Some(m) => compile_match(m).map_err(|(f, m)| (format!("filter_chain_match.{f}"), m))?,
+        None => ChainMatch::default(),
+    };
+    let mut kind = None;
+    for (i, f) in fc.filters.iter().enumerate() {
+        let field = format!("filters[{i}]");
+        let any = match &f.config_type {
+            Some(filter::ConfigType::TypedConfig(any)) => any,
+            _ => return Err((field, format!("filter {:?} needs a typed_config", f.name))),
+        };
+        if kind.is_some() {
+            return Err((field, "a terminal filter (http_connection_manager / tcp_proxy) must be the last filter".into()));
+        }
+        if any.type_url == HttpConnectionManager::type_url() {
+            let hcm = decode::<HttpConnectionManager>(any).map_err(|m| (field.clone(), m))?;
+            kind = Some(ChainKind::Http(Arc::new(
+                compile_hcm(&hcm).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?,
+            )));
+        } else if any.type_url == TcpProxy::type_url() {
+            let tp = decode::<TcpProxy>(any).map_err(|m| (field.clone(), m))?;
+            kind = Some(ChainKind::Tcp(Arc::new(
+                compile_tcp(&tp).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?,
+            )));
+        } else {
+            return Err((
+                format!("{field}.typed_config"),
+                format!(
+                    "unsupported network filter {:?} ({}); expected http_connection_manager or tcp_proxy",
+                    f.name, any.type_url
+                ),
+            ));
+        }
+    }
+    let kind = kind.ok_or_else(|| ("filters".to_string(), "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string()))?;
+    Ok(FilterChainConfig { name: fc.name.clone(), matcher, kind })
+}
+
+fn compile_match(m: &FilterChainMatch) -> Result<ChainMatch, (String, String)> {
+    let destination_port = match &m.destination_port {
+        Some(p) => Some(u16::try_from(p.value).map_err(|_| ("destination_port".to_string(), format!("{} is not a port", p.value)))?),
+        None => None,
+    };
+    let ranges = |rs: &[CidrRange], field: &str| -> Result<Vec<(IpAddr, u8)>, (String, String)> {
+        rs.iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let ip: IpAddr = r
+                    .address_prefix
+                    .parse()
+                    .map_err(|_| (format!("{field}[{i}].address_prefix"), format!("{:?} is not an IP address", r.address_prefix)))?;
+                let len = r.prefix_len.as_ref().map(|l| l.value).unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
+                let max = if ip.is_ipv4() { 32 } else { 128 };
+                if len > max {
+                    return Err((format!("{field}[{i}].prefix_len"), format!("{len} exceeds {max}")));
+                }
+                Ok((ip, len as u8))
+            })
+            .collect()
+    };
+    Ok(ChainMatch {
+        destination_port,
+        prefix_ranges: ranges(&m.prefix_ranges, "prefix_ranges")?,
+        source_prefix_ranges: ranges(&m.source_prefix_ranges, "source_prefix_ranges")?,
+        transport_protocol: m.transport_protocol.clone(),
+        application_protocols: m.application_protocols.clone(),
+        server_names: m.server_names.clone(),
+    })
+}
+
+const KNOWN_HTTP_FILTERS: &[&str] = &[
+    "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
+    "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
+    "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+];
+
+fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)> {
+    let routes = match &h.route_specifier {
+        Some(RouteSpecifier::Rds(rds)) => {
+            if rds.route_config_name.is_empty() {
+                return Err(("rds.route_config_name".into(), "must not be empty".into()));
+            }
+            RouteSource::Rds(rds.route_config_name.clone())
+        }
+        Some(RouteSpecifier::RouteConfig(rc)) => RouteSource::Inline(Arc::new(
+            RouteTable::compile(rc).map_err(|e| (format!("route_config.{}", e.field), e.message))?,
+        )),
+        Some(_) => return Err(("route_specifier".into(), "scoped routes are not supported; use rds or route_config".into())),
+        None => return Err(("route_specifier".into(), "rds or route_config is required".into())),
+    };
+    let mut fault = None;
+    for (i, f) in h.http_filters.iter().enumerate() {
+        if f.disabled {
+            continue;
+        }
+        let field = format!("http_filters[{i}]");
+        let any = match &f.config_type {
+            Some(http_filter::ConfigType::TypedConfig(any)) => any,
+            _ if f.name == "envoy.filters.http.router" => continue,
+            _ => return Err((field, format!("http filter {:?} needs a typed_config", f.name))),
+        };
+        if any.type_url == "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault" {
+            fault = Some(FaultPolicy::from_any(any).map_err(|m| (format!("{field}.typed_config"), m))?);
+        } else if !KNOWN_HTTP_FILTERS.contains(&any.type_url.as_str()) && !f.is_optional {
+            return Err((
+                format!("{field}.typed_config"),
+                format!("unsupported http filter {:?} ({}); mark it is_optional to skip it", f.name, any.type_url),
+            ));
+        }
+    }
+    let upgrades = h
+        .upgrade_configs
+        .iter()
+        .filter(|u| u.enabled.as_ref().map(|b| b.value).unwrap_or(true))
+        .map(|u| u.upgrade_type.to_ascii_lowercase())
+        .collect();
+    Ok(HttpChain {
+        stat_prefix: h.stat_prefix.clone(),
+        routes,
+        fault,
+        upgrades,
+        stream_idle_timeout: timeout_or(h.stream_idle_timeout.as_ref(), Duration::from_secs(300)),
+        idle_timeout: timeout_or(
+            h.common_http_protocol_options.as_ref().and_then(|o| o.idle_timeout.as_ref()),
+            Duration::from_secs(3600),
+        ),
+    })
+}
+
+fn compile_tcp(t: &TcpProxy) -> Result<TcpChain, (String, String)> {
+    let clusters = match &t.cluster_specifier {
+        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => ClusterChoice::Single(c.clone()),
+        Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
+            let list: Vec<(String, u32)> = w.clusters.iter().map(|c| (c.name.clone(), c.weight)).collect();
+            let total: u32 = list.iter().map(|(_, w)| *w).sum();
+            if list.is_empty() || total == 0 {
+                return Err(("weighted_clusters".into(), "needs at least one cluster with a weight above 0".into()));
+            }
+            ClusterChoice::Weighted(list, total)
+        }
+        _ => return Err(("cluster".into(), "a cluster or weighted_clusters is required".into())),
+    };
+    Ok(TcpChain {
+        stat_prefix: t.stat_prefix.clone(),
+        clusters,
+        idle_timeout: timeout_or(t.idle_timeout.as_ref(), Duration::from_secs(3600)),
+    })
+}
+
+/// Decodes an `Any` after checking its type.
+pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
+    if any.type_url != M::type_url() {
+        return Err(format!("expected {}, got {}", M::type_url(), any.type_url));
+    }
+    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", M::full_name()))
+}
+
+/// A protobuf duration as a std one (negative -> zero).
+pub fn opt_duration(d: Option<&PbDuration>) -> Option<Duration> {
+    d.map(|d| {
+        if d.seconds < 0 || d.nanos < 0 {
+            Duration::ZERO
+        } else {
+            Duration::new(d.seconds as u64, d.nanos as u32)
+        }
+    })
+}
+
+/// Envoy's timeout convention: unset -> `default`, zero -> disabled.
+fn timeout_or(d: Option<&PbDuration>, default: Duration) -> Option<Duration> {
+    match opt_duration(d) {
+        None => Some(default),
+        Some(d) if d.is_zero() => None,
+        Some(d) => Some(d),
+    }
+}
+
+/// A socket address from an Envoy `Address`.
+pub fn socket_addr(a: Option<&Address>) -> Result<SocketAddr, String> {
+    let sa = match a.and_then(|a| a.address.as_ref()) {
+        Some(address::Address::SocketAddress(sa)) => sa,
+        Some(_) => return Err("only socket_address is supported".into()),
+        None => return Err("socket_address is required".into()),
+    };
+    let ip: IpAddr = sa.address.parse().map_err(|_| format!("{:?} is not an IP address", sa.address))?;
+    let port = match sa.port_specifier {
+        Some(socket_address::PortSpecifier::PortValue(p)) => {
+            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
+        }
+        Some(socket_address::PortSpecifier::NamedPort(_)) => return Err("named ports are not supported".into()),
+        None => 0,
+    };
+    Ok(SocketAddr::new(ip, port))
+}

@@ -1,0 +1,342 @@
+//! The proxy's configuration state: xDS resources compiled into immutable snapshots.
+//!
+//! [`ConfigStore`] is the xDS consumer ([`ResourceHandler`]). Each resource is compiled on
+//! its own; a resource that fails to compile is reported in the NACK and its previous
+//! version stays in force. After every update a new [`Snapshot`] is built and swapped in
+//! atomically; the data path loads it once per request or connection, so a change never
+//! disturbs work in flight.
+
+pub mod listener;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwap;
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use tokio::sync::watch;
+use weft_xds::{type_url, ResourceHandler, ResourceUpdate};
+
+use crate::cluster::{Cluster, ClusterConfig, Discovery, LoadRegistry};
+use crate::route::RouteTable;
+pub use listener::{ChainKind, ConnFacts, Direction, FilterChainConfig, HttpChain, ListenerConfig, RouteSource, TcpChain};
+
+/// One immutable view of everything the proxy runs.
+#[derive(Default)]
+pub struct Snapshot {
+    /// Listeners by name.
+    pub listeners: BTreeMap<String, Arc<ListenerConfig>>,
+    /// Route configurations by name.
+    pub routes: BTreeMap<String, Arc<RouteTable>>,
+    /// Clusters (with their endpoints) by name.
+    pub clusters: BTreeMap<String, Arc<Cluster>>,
+    /// Accepted version per type URL.
+    pub versions: BTreeMap<String, String>,
+    /// When this snapshot was built.
+    pub built_at: Option<SystemTime>,
+    /// Raw resources, for `/config_dump`.
+    pub raw: RawResources,
+}
+
+/// The last accepted resources as received, for `/config_dump`.
+#[derive(Default, Clone)]
+pub struct RawResources {
+    /// Listeners.
+    pub listeners: BTreeMap<String, Listener>,
+    /// Route configurations.
+    pub routes: BTreeMap<String, RouteConfiguration>,
+    /// Clusters.
+    pub clusters: BTreeMap<String, PbCluster>,
+    /// Endpoints, by CLA name.
+    pub endpoints: BTreeMap<String, ClusterLoadAssignment>,
+}
+
+impl Snapshot {
+    /// The route table an HTTP chain uses.
+    pub fn route_table(&self, chain: &HttpChain) -> Option<Arc<RouteTable>> {
+        match &chain.routes {
+            RouteSource::Inline(t) => Some(t.clone()),
+            RouteSource::Rds(name) => self.routes.get(name).cloned(),
+        }
+    }
+
+    /// A bound listener's config, and for `use_original_dst` listeners the listener
+    /// claiming the original destination (exact address first, then wildcard address
+    /// with the same port), as Envoy does.
+    pub fn listener_for(&self, bound: &str, original_dst: Option<std::net::SocketAddr>) -> Option<Arc<ListenerConfig>> {
+        let l = self.listeners.get(bound)?;
+        if let (true, Some(dst)) = (l.use_original_dst, original_dst) {
+            let virt = self.listeners.values().filter(|v| !v.bind && v.address.port() == dst.port());
+            let mut wildcard = None;
+            for v in virt {
+                if v.address.ip() == dst.ip() {
+                    return Some(v.clone());
+                }
+                if v.address.ip().is_unspecified() {
+                    wildcard = Some(v.clone());
+                }
+            }
+            if wildcard.is_some() {
+                return wildcard;
+            }
+        }
+        Some(l.clone())
+    }
+}
+
+#[derive(Default)]
+struct State {
+    raw: RawResources,
+    listeners: BTreeMap<String, Arc<ListenerConfig>>,
+    routes: BTreeMap<String, Arc<RouteTable>>,
+    cluster_configs: BTreeMap<String, Arc<ClusterConfig>>,
+    clusters: BTreeMap<String, Arc<Cluster>>,
+    versions: BTreeMap<String, String>,
+}
+
+/// The xDS consumer: owns compiled state and publishes snapshots.
+pub struct ConfigStore {
+    state: Mutex<State>,
+    current: ArcSwap<Snapshot>,
+    loads: LoadRegistry,
+    changed: watch::Sender<u64>,
+}
+
+impl Default for ConfigStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ConfigStore {
+    /// An empty store.
+    pub fn new() -> Self {
+        ConfigStore {
+            state: Mutex::new(State::default()),
+            current: ArcSwap::from_pointee(Snapshot::default()),
+            loads: LoadRegistry::new(),
+            changed: watch::channel(0).0,
+        }
+    }
+
+    /// The current snapshot (lock-free).
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// A receiver that ticks whenever a new snapshot is published.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changed.subscribe()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        // A panic while holding the lock leaves State consistent (every mutation below is
+        // a single map insert/remove), so a poisoned lock is safe to keep using.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn publish(&self, st: &State) {
+        let snap = Snapshot {
+            listeners: st.listeners.clone(),
+            routes: st.routes.clone(),
+            clusters: st.clusters.clone(),
+            versions: st.versions.clone(),
+            built_at: Some(SystemTime::now()),
+            raw: st.raw.clone(),
+        };
+        self.current.store(Arc::new(snap));
+        self.changed.send_modify(|v| *v += 1);
+    }
+
+    fn apply_listeners(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (name, any) in &update.upserts {
+            seen.insert(name.clone());
+            match listener::decode::<Listener>(any).map_err(|m| format!("listener {name:?}: {m}")).and_then(|l| {
+                ListenerConfig::compile(&l).map(|c| (l, c)).map_err(|e| e.to_string())
+            }) {
+                Ok((raw, compiled)) => {
+                    st.raw.listeners.insert(name.clone(), raw);
+                    st.listeners.insert(name.clone(), Arc::new(compiled));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let removals = removed(&update, &seen, st.listeners.keys());
+        for name in removals {
+            st.listeners.remove(&name);
+            st.raw.listeners.remove(&name);
+        }
+        errors
+    }
+
+    fn apply_routes(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (name, any) in &update.upserts {
+            seen.insert(name.clone());
+            match listener::decode::<RouteConfiguration>(any)
+                .map_err(|m| format!("route configuration {name:?}: {m}"))
+                .and_then(|rc| RouteTable::compile(&rc).map(|t| (rc, t)).map_err(|e| e.to_string()))
+            {
+                Ok((raw, table)) => {
+                    st.raw.routes.insert(name.clone(), raw);
+                    st.routes.insert(name.clone(), Arc::new(table));
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for name in removed(&update, &seen, st.routes.keys()) {
+            st.routes.remove(&name);
+            st.raw.routes.remove(&name);
+        }
+        errors
+    }
+
+    fn apply_clusters(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut seen = BTreeSet::new();
+        for (name, any) in &update.upserts {
+            seen.insert(name.clone());
+            let compiled = listener::decode::<PbCluster>(any)
+                .map_err(|m| format!("cluster {name:?}: {m}"))
+                .and_then(|c| ClusterConfig::compile(&c).map(|cc| (c, cc)).map_err(|e| e.to_string()));
+            match compiled {
+                Ok((raw, cfg)) => {
+                    let cfg = Arc::new(cfg);
+                    let cla = cla_name(&cfg).and_then(|n| st.raw.endpoints.get(&n));
+                    match Cluster::new(cfg.clone(), cla, &self.loads) {
+                        Ok(cluster) => {
+                            st.raw.clusters.insert(name.clone(), raw);
+                            st.cluster_configs.insert(name.clone(), cfg);
+                            st.clusters.insert(name.clone(), Arc::new(cluster));
+                        }
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        for name in removed(&update, &seen, st.cluster_configs.keys()) {
+            st.cluster_configs.remove(&name);
+            st.clusters.remove(&name);
+            st.raw.clusters.remove(&name);
+        }
+        errors
+    }
+
+    fn apply_endpoints(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
+        let mut errors = Vec::new();
+        let mut touched = BTreeSet::new();
+        for (name, any) in &update.upserts {
+            match listener::decode::<ClusterLoadAssignment>(any) {
+                Ok(cla) => {
+                    // Validate against every cluster using it before accepting.
+                    let users: Vec<(String, Arc<ClusterConfig>)> = st
+                        .cluster_configs
+                        .iter()
+                        .filter(|(_, c)| cla_name(c).as_deref() == Some(name.as_str()))
+                        .map(|(n, c)| (n.clone(), c.clone()))
+                        .collect();
+                    let mut built = Vec::new();
+                    let mut failed = None;
+                    for (cname, cfg) in users {
+                        match Cluster::new(cfg, Some(&cla), &self.loads) {
+                            Ok(c) => built.push((cname, c)),
+                            Err(e) => {
+                                failed = Some(format!("endpoints {name:?}: {e}"));
+                                break;
+                            }
+                        }
+                    }
+                    match failed {
+                        Some(e) => errors.push(e),
+                        None => {
+                            for (cname, c) in built {
+                                st.clusters.insert(cname, Arc::new(c));
+                            }
+                            st.raw.endpoints.insert(name.clone(), cla);
+                            touched.insert(name.clone());
+                        }
+                    }
+                }
+                Err(m) => errors.push(format!("endpoints {name:?}: {m}")),
+            }
+        }
+        for name in &update.removals {
+            if st.raw.endpoints.remove(name).is_some() {
+                let users: Vec<(String, Arc<ClusterConfig>)> = st
+                    .cluster_configs
+                    .iter()
+                    .filter(|(_, c)| cla_name(c).as_deref() == Some(name.as_str()))
+                    .map(|(n, c)| (n.clone(), c.clone()))
+                    .collect();
+                for (cname, cfg) in users {
+                    if let Ok(c) = Cluster::new(cfg, None, &self.loads) {
+                        st.clusters.insert(cname, Arc::new(c));
+                    }
+                }
+            }
+        }
+        errors
+    }
+}
+
+/// The CLA name an EDS cluster subscribes to.
+fn cla_name(c: &ClusterConfig) -> Option<String> {
+    match &c.discovery {
+        Discovery::Eds { service_name } => Some(if service_name.is_empty() { c.name.clone() } else { service_name.clone() }),
+        _ => None,
+    }
+}
+
+/// Names to remove after an update: explicit removals, plus (full state) everything not
+/// in the update.
+fn removed<'a>(update: &ResourceUpdate, seen: &BTreeSet<String>, existing: impl Iterator<Item = &'a String>) -> Vec<String> {
+    let mut out: Vec<String> = update.removals.clone();
+    if update.full_state {
+        out.extend(existing.filter(|n| !seen.contains(*n)).cloned());
+    }
+    out
+}
+
+impl ResourceHandler for ConfigStore {
+    fn type_urls(&self) -> Vec<&'static str> {
+        vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE]
+    }
+
+    fn apply(&self, type_url: &str, update: ResourceUpdate) -> Result<(), String> {
+        let mut st = self.lock();
+        let version = update.version.clone();
+        let errors = match type_url {
+            type_url::LISTENER => self.apply_listeners(&mut st, update),
+            type_url::ROUTE => self.apply_routes(&mut st, update),
+            type_url::CLUSTER => self.apply_clusters(&mut st, update),
+            type_url::ENDPOINT => self.apply_endpoints(&mut st, update),
+            other => vec![format!("unsupported resource type {other}")],
+        };
+        if errors.is_empty() {
+            st.versions.insert(type_url.to_string(), version);
+        }
+        self.publish(&st);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    fn interest(&self, type_url: &str) -> Option<BTreeSet<String>> {
+        let st = self.lock();
+        match type_url {
+            type_url::ROUTE => Some(st.listeners.values().flat_map(|l| l.rds_names().map(str::to_string)).collect()),
+            type_url::ENDPOINT => Some(st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()),
+            _ => None,
+        }
+    }
+}
+

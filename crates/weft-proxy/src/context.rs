@@ -1,0 +1,56 @@
+//! What every connection handler shares: the config store, upstream pools, telemetry,
+//! the local workload's identity, and the drain signal.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::cluster::Pools;
+use crate::config::ConfigStore;
+use crate::telemetry::accesslog::AccessLog;
+use crate::telemetry::metrics::Metrics;
+use crate::telemetry::WorkloadInfo;
+
+/// Shared state of one proxy process.
+pub struct Context {
+    /// Compiled configuration.
+    pub store: Arc<ConfigStore>,
+    /// Upstream connection pools.
+    pub pools: Pools,
+    /// Istio-style metrics.
+    pub metrics: Arc<Metrics>,
+    /// Access log writer.
+    pub access_log: AccessLog,
+    /// Who this proxy runs beside.
+    pub local: WorkloadInfo,
+    /// Flips to true when the proxy starts draining.
+    pub draining: watch::Receiver<bool>,
+    /// How long a drain waits for in-flight work.
+    pub drain_timeout: Duration,
+    /// Connections currently open (all listeners).
+    pub active_connections: AtomicUsize,
+}
+
+impl Context {
+    /// True once draining has started.
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Counts a connection for as long as the guard lives.
+    pub fn track_connection(self: &Arc<Self>) -> ConnectionGuard {
+        self.active_connections.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self.clone())
+    }
+}
+
+/// Decrements the active connection count on drop.
+pub struct ConnectionGuard(Arc<Context>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.active_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,124 @@
+//! What `/config_dump` and `/clusters` show: the running configuration, summarised
+//! from the accepted resources and the compiled clusters.
+
+use serde_json::{json, Value};
+use weft_xds::ClientStatus;
+
+use crate::cluster::Health;
+use crate::config::{ChainKind, RouteSource, Snapshot};
+
+/// JSON view of everything the proxy runs, with versions and xDS state.
+pub fn config_dump(s: &Snapshot, xds: &ClientStatus) -> Value {
+    let listeners: Vec<Value> = s
+        .listeners
+        .values()
+        .map(|l| {
+            let chains: Vec<Value> = l
+                .chains
+                .iter()
+                .chain(l.default_chain.iter())
+                .map(|c| {
+                    let kind = match &c.kind {
+                        ChainKind::Http(h) => json!({
+                            "type": "http",
+                            "route_config": match &h.routes { RouteSource::Rds(n) => n.clone(), RouteSource::Inline(t) => format!("inline:{}", t.name()) },
+                            "fault": h.fault.is_some(),
+                            "upgrades": h.upgrades,
+                        }),
+                        ChainKind::Tcp(t) => json!({"type": "tcp", "clusters": format!("{:?}", t.clusters)}),
+                    };
+                    json!({
+                        "name": c.name,
+                        "match": {
+                            "destination_port": c.matcher.destination_port,
+                            "transport_protocol": c.matcher.transport_protocol,
+                            "application_protocols": c.matcher.application_protocols,
+                            "server_names": c.matcher.server_names,
+                        },
+                        "filter": kind,
+                    })
+                })
+                .collect();
+            json!({
+                "name": l.name,
+                "address": l.address.to_string(),
+                "bind_to_port": l.bind,
+                "use_original_dst": l.use_original_dst,
+                "direction": format!("{:?}", l.direction),
+                "filter_chains": chains,
+            })
+        })
+        .collect();
+    let routes: Vec<Value> = s
+        .raw
+        .routes
+        .values()
+        .map(|rc| {
+            let vhosts: Vec<Value> = rc
+                .virtual_hosts
+                .iter()
+                .map(|vh| {
+                    json!({
+                        "name": vh.name,
+                        "domains": vh.domains,
+                        "routes": vh.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json!({"name": rc.name, "virtual_hosts": vhosts})
+        })
+        .collect();
+    let clusters: Vec<Value> = s
+        .clusters
+        .values()
+        .map(|c| {
+            json!({
+                "name": c.config.name,
+                "discovery": format!("{:?}", c.config.discovery),
+                "lb_policy": format!("{:?}", c.config.lb),
+                "protocol": format!("{:?}", c.config.protocol),
+                "connect_timeout_ms": c.config.connect_timeout.as_millis() as u64,
+                "endpoints": c.endpoints().iter().map(|e| json!({
+                    "address": e.addr.to_string(),
+                    "weight": e.weight,
+                    "health": format!("{:?}", e.health),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let age = s.built_at.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64());
+    json!({
+        "versions": s.versions,
+        "config_age_seconds": age,
+        "xds": {
+            "connected": xds.connected,
+            "connects": xds.connects,
+            "acked": xds.acked,
+            "nacks": xds.nacks,
+            "last_nack": xds.last_nack,
+        },
+        "listeners": listeners,
+        "routes": routes,
+        "clusters": clusters,
+    })
+}
+
+/// Envoy-style `/clusters` text: one line per endpoint fact.
+pub fn clusters_text(s: &Snapshot) -> String {
+    let mut out = String::new();
+    for c in s.clusters.values() {
+        for e in c.endpoints() {
+            let health = match e.health {
+                Health::Healthy => "healthy",
+                Health::Degraded => "degraded",
+                Health::Unhealthy => "unhealthy",
+            };
+            let p = format!("{}::{}", c.config.name, e.addr);
+            out.push_str(&format!("{p}::health_flags::{health}\n"));
+            out.push_str(&format!("{p}::weight::{}\n", e.weight));
+            out.push_str(&format!("{p}::rq_active::{}\n", e.load.in_flight()));
+            out.push_str(&format!("{p}::ewma_rtt_ms::{:.3}\n", e.load.ewma_ms()));
+        }
+    }
+    out
+}

@@ -1,0 +1,133 @@
+//! Body wrappers: count bytes as they pass and finish the request's telemetry when the
+//! response body ends (or is dropped because a side went away).
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+
+use crate::cluster::BoxBody;
+use crate::context::Context;
+use crate::report::HttpReport;
+
+/// Type-erased body error.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Boxes any body into [`BoxBody`].
+pub fn boxed<B>(b: B) -> BoxBody
+where
+    B: Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    b.map_err(Into::into).boxed_unsync()
+}
+
+/// A body of `bytes`.
+pub fn full(bytes: impl Into<Bytes>) -> BoxBody {
+    boxed(http_body_util::Full::new(bytes.into()))
+}
+
+/// Counts the bytes of a request body into a shared counter.
+pub struct CountingBody {
+    inner: BoxBody,
+    count: Arc<AtomicU64>,
+}
+
+impl CountingBody {
+    /// Wraps `inner`, adding its data bytes to `count`.
+    pub fn new(inner: BoxBody, count: Arc<AtomicU64>) -> Self {
+        CountingBody { inner, count }
+    }
+}
+
+impl Body for CountingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(f))) = &r {
+            if let Some(d) = f.data_ref() {
+                self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+            }
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body sent downstream: counts bytes, notes the gRPC status from the
+/// trailers, and reports the request when it ends or is dropped.
+pub struct ReportingBody {
+    inner: BoxBody,
+    ctx: Arc<Context>,
+    report: Option<HttpReport>,
+}
+
+impl ReportingBody {
+    /// Wraps `inner`; `report` is finished exactly once.
+    pub fn new(inner: BoxBody, ctx: Arc<Context>, report: HttpReport) -> Self {
+        ReportingBody { inner, ctx, report: Some(report) }
+    }
+
+    fn finish(&mut self, error: bool) {
+        if let Some(mut r) = self.report.take() {
+            if error {
+                r.downstream_or_upstream_reset();
+            }
+            r.finish(&self.ctx);
+        }
+    }
+}
+
+impl Body for ReportingBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let r = Pin::new(&mut self.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    if let Some(rep) = self.report.as_mut() {
+                        rep.response_bytes += d.len() as u64;
+                    }
+                } else if let Some(t) = f.trailers_ref() {
+                    if let (Some(rep), Some(s)) = (self.report.as_mut(), t.get("grpc-status")) {
+                        rep.grpc_status = s.to_str().ok().map(str::to_string);
+                    }
+                }
+                if self.inner.is_end_stream() {
+                    self.finish(false);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => self.finish(true),
+            Poll::Ready(None) => self.finish(false),
+            Poll::Pending => {}
+        }
+        r
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ReportingBody {
+    fn drop(&mut self) {
+        // Dropped before the end: the downstream went away mid-response.
+        let early = self.report.is_some() && !self.inner.is_end_stream();
+        self.finish(early);
+    }
+}

@@ -1,0 +1,279 @@
+//! Forwarding to the upstream cluster: endpoint choice, per-try and route timeouts,
+//! retries with Envoy's jittered backoff, request mirroring, and the hop-by-hop header
+//! hygiene every proxy owes its peers.
+
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, Request, Response, Uri, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use super::body::{boxed, full, CountingBody};
+use crate::cluster::{BoxBody, Cluster, Discovery, Endpoint, UpstreamProtocol};
+use crate::config::Snapshot;
+use crate::context::Context;
+use crate::error::{ErrorKind, ProxyError};
+use crate::listener::ConnInfo;
+use crate::report::HttpReport;
+use crate::route::{ForwardAction, RetryPolicy, Route};
+
+/// Request bodies up to this size are buffered so the request can be retried or
+/// mirrored (Envoy buffers up to its connection buffer limit for the same reason).
+const REPLAY_LIMIT: u64 = 64 * 1024;
+
+/// A request body that can be sent more than once, or a stream that can be sent once.
+enum ReqBody {
+    Replay(Bytes),
+    Stream(Option<BoxBody>),
+}
+
+/// Sends the request to `cluster_name` following the route's policy.
+#[allow(clippy::too_many_arguments)]
+pub async fn forward(
+    ctx: &Arc<Context>,
+    conn: &Arc<ConnInfo>,
+    snap: &Arc<Snapshot>,
+    route: &Route,
+    action: &ForwardAction,
+    cluster_name: &str,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    report: &mut HttpReport,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let cluster = snap
+        .clusters
+        .get(cluster_name)
+        .cloned()
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
+    let downstream_version = parts.version;
+    prepare_headers(&mut parts, ctx, conn, report);
+
+    let counter = Arc::new(AtomicU64::new(0));
+    report.request_bytes_counter = Some(counter.clone());
+    let policy = action.retry.as_ref().filter(|p| p.num_retries > 0);
+    let wants_replay = policy.is_some() || !action.mirrors.is_empty();
+    let mut body = if wants_replay && replayable(&body) {
+        let bytes = body
+            .collect()
+            .await
+            .map_err(|e| ProxyError::new(ErrorKind::DownstreamClosed, format!("reading request body: {e}")))?
+            .to_bytes();
+        counter.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        ReqBody::Replay(bytes)
+    } else {
+        ReqBody::Stream(Some(boxed(CountingBody::new(boxed(body), counter))))
+    };
+
+    if let ReqBody::Replay(bytes) = &body {
+        for m in &action.mirrors {
+            if m.percent >= 100.0 || rand::random::<f64>() * 100.0 < m.percent {
+                mirror(ctx, snap, &m.cluster, &parts, bytes.clone());
+            }
+        }
+    }
+
+    let attempts = match (&body, policy) {
+        (ReqBody::Replay(_), Some(p)) => 1 + p.num_retries,
+        _ => 1,
+    };
+    let deadline = action.timeout.map(|t| Instant::now() + t);
+    let proto = match cluster.config.protocol {
+        UpstreamProtocol::UseDownstream if downstream_version == Version::HTTP_2 => UpstreamProtocol::Http2,
+        UpstreamProtocol::UseDownstream => UpstreamProtocol::Http1,
+        p => p,
+    };
+    let mut tried = Vec::new();
+    let upstream_start = Instant::now();
+    let mut attempt = 0;
+    loop {
+        let last = attempt + 1 >= attempts;
+        let ep = pick(&cluster, conn, &tried)?;
+        tried.push(ep.addr);
+        report.upstream_host = Some(ep.addr);
+        let req_body = match &mut body {
+            ReqBody::Replay(b) => full(b.clone()),
+            ReqBody::Stream(s) => s.take().unwrap_or_else(|| full(Bytes::new())),
+        };
+        let req = build_request(&parts, proto, req_body);
+        let per_try = policy.and_then(|p| p.per_try_timeout);
+        let try_deadline = match (deadline, per_try) {
+            (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
+            (Some(d), None) => Some(d),
+            (None, Some(p)) => Some(Instant::now() + p),
+            (None, None) => None,
+        };
+        let inflight = ep.load.start();
+        let started = Instant::now();
+        let send = ctx.pools.send(&ep, proto, cluster.config.connect_timeout, req);
+        let result = match try_deadline {
+            Some(d) => match tokio::time::timeout_at(d.into(), send).await {
+                Ok(r) => r,
+                Err(_) if deadline.map(|dl| Instant::now() >= dl).unwrap_or(false) => {
+                    return Err(ProxyError::new(ErrorKind::Timeout, "upstream request timeout"));
+                }
+                Err(_) => Err(ProxyError::new(ErrorKind::PerTryTimeout, "per-try timeout")),
+            },
+            None => send.await,
+        };
+        match result {
+            Ok(resp) => {
+                inflight.finish(started.elapsed());
+                if !last && policy.map(|p| p.retry_on_response(resp.status(), resp.headers())).unwrap_or(false) {
+                    drop(resp);
+                    report.retries += 1;
+                    backoff(policy, attempt, deadline).await?;
+                    attempt += 1;
+                    continue;
+                }
+                if attempt > 0 && attempts > 1 && last && policy.map(|p| p.retry_on_response(resp.status(), resp.headers())).unwrap_or(false) {
+                    report.flag("URX");
+                }
+                report.upstream_service_time = Some(upstream_start.elapsed());
+                let (mut rp, rb) = resp.into_parts();
+                strip_hop_by_hop(&mut rp.headers);
+                return Ok(Response::from_parts(rp, boxed(rb)));
+            }
+            Err(e) => {
+                drop(inflight);
+                let retry = !last && policy.map(|p| p.retry_on_error(&e)).unwrap_or(false);
+                if retry {
+                    report.retries += 1;
+                    report.flag(e.kind().response_flag());
+                    backoff(policy, attempt, deadline).await?;
+                    attempt += 1;
+                    continue;
+                }
+                if attempt > 0 {
+                    report.flag("URX");
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+fn pick(cluster: &Cluster, conn: &ConnInfo, tried: &[std::net::SocketAddr]) -> Result<Arc<Endpoint>, ProxyError> {
+    if matches!(cluster.config.discovery, Discovery::OriginalDst) {
+        let dst = conn
+            .original_dst
+            .ok_or_else(|| ProxyError::new(ErrorKind::NoHealthyUpstream, "ORIGINAL_DST cluster without an original destination"))?;
+        return Ok(cluster.original_dst_endpoint(dst));
+    }
+    cluster
+        .pick(tried)
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {}", cluster.config.name)))
+}
+
+async fn backoff(policy: Option<&RetryPolicy>, attempt: u32, deadline: Option<Instant>) -> Result<(), ProxyError> {
+    let wait = policy.map(|p| p.backoff(attempt, rand::random())).unwrap_or(Duration::ZERO);
+    if let Some(d) = deadline {
+        if Instant::now() + wait >= d {
+            tokio::time::sleep_until(d.into()).await;
+            return Err(ProxyError::new(ErrorKind::Timeout, "upstream request timeout"));
+        }
+    }
+    tokio::time::sleep(wait).await;
+    Ok(())
+}
+
+/// True when the body is small enough (known length) to buffer for retries.
+fn replayable(body: &Incoming) -> bool {
+    body.is_end_stream() || body.size_hint().upper().map(|u| u <= REPLAY_LIMIT).unwrap_or(false)
+}
+
+/// Hop-by-hop headers and proxy bookkeeping (RFC 9110 §7.6.1, Envoy's defaults).
+fn prepare_headers(parts: &mut http::request::Parts, ctx: &Context, conn: &ConnInfo, report: &HttpReport) {
+    let authority = report.authority.clone();
+    // Absolute-form (explicit proxy) and HTTP/2 requests carry the authority in the URI;
+    // upstream HTTP/1.1 wants origin-form plus Host.
+    if !authority.is_empty() {
+        if let Ok(v) = HeaderValue::from_str(&authority) {
+            parts.headers.insert(HOST, v);
+        }
+    }
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
+    if let Ok(u) = pq.parse::<Uri>() {
+        parts.uri = u;
+    }
+    strip_hop_by_hop(&mut parts.headers);
+    parts.headers.remove(HeaderName::from_static("proxy-connection"));
+    parts.headers.remove(HeaderName::from_static("proxy-authorization"));
+    if !parts.headers.contains_key("x-forwarded-proto") {
+        parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if !parts.headers.contains_key("x-request-id") {
+        if let Ok(v) = HeaderValue::from_str(&report.request_id) {
+            parts.headers.insert("x-request-id", v);
+        }
+    }
+    crate::report::on_upstream_request(ctx, conn, &mut parts.headers);
+}
+
+/// Removes hop-by-hop headers, including those named by `Connection`. `te: trailers`
+/// is kept (gRPC needs it).
+pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        if n != TE {
+            h.remove(n);
+        }
+    }
+    for n in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
+        h.remove(n);
+    }
+    h.remove(HeaderName::from_static("keep-alive"));
+    let te_trailers = h.get(TE).map(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")).unwrap_or(true);
+    if !te_trailers {
+        h.remove(TE);
+    }
+}
+
+fn build_request(parts: &http::request::Parts, proto: UpstreamProtocol, body: BoxBody) -> Request<BoxBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = parts.method.clone();
+    *req.uri_mut() = parts.uri.clone();
+    *req.headers_mut() = parts.headers.clone();
+    *req.version_mut() = match proto {
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+        _ => Version::HTTP_11,
+    };
+    req
+}
+
+/// Fire-and-forget copy of the request to a mirror cluster; Envoy appends `-shadow` to
+/// the host. The response is discarded and failures never affect the original request.
+fn mirror(ctx: &Arc<Context>, snap: &Arc<Snapshot>, cluster: &str, parts: &http::request::Parts, body: Bytes) {
+    let Some(cluster) = snap.clusters.get(cluster).cloned() else { return };
+    let Some(ep) = cluster.pick(&[]) else { return };
+    let mut req = build_request(parts, match cluster.config.protocol {
+        UpstreamProtocol::Http2 => UpstreamProtocol::Http2,
+        _ => UpstreamProtocol::Http1,
+    }, full(body));
+    if let Some(h) = req.headers().get(HOST).and_then(|h| h.to_str().ok()) {
+        let shadow = match h.rsplit_once(':') {
+            Some((host, port)) if port.chars().all(|c| c.is_ascii_digit()) => format!("{host}-shadow:{port}"),
+            _ => format!("{h}-shadow"),
+        };
+        if let Ok(v) = HeaderValue::from_str(&shadow) {
+            req.headers_mut().insert(HOST, v);
+        }
+    }
+    let ctx = ctx.clone();
+    let proto = if req.version() == Version::HTTP_2 { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 };
+    tokio::spawn(async move {
+        if let Ok(resp) = ctx.pools.send(&ep, proto, cluster.config.connect_timeout, req).await {
+            let _ = resp.into_body().collect().await;
+        }
+    });
+}

@@ -1,0 +1,211 @@
+//! The HTTP stage (Envoy's HTTP connection manager): serve HTTP/1.1 and HTTP/2 on a
+//! connection, route each request, apply faults, and answer locally (direct response,
+//! redirect, errors) or hand over to [`forward`].
+
+pub mod body;
+mod forward;
+mod tunnel;
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST};
+use http::{HeaderMap, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::cluster::BoxBody;
+use crate::config::{HttpChain, Snapshot};
+use crate::context::Context;
+use crate::error::{ErrorKind, ProxyError};
+use crate::listener::ConnInfo;
+use crate::report::HttpReport;
+use crate::route::{Abort, RouteAction};
+use body::{full, ReportingBody};
+
+/// Serves HTTP on one downstream connection until it closes or the proxy drains.
+pub async fn serve(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<HttpChain>, stream: TcpStream) {
+    let svc_ctx = ctx.clone();
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let (ctx, conn, chain) = (svc_ctx.clone(), conn.clone(), chain.clone());
+        async move { Ok::<_, Infallible>(handle(ctx, conn, chain, req).await) }
+    });
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().keep_alive(true).timer(hyper_util::rt::TokioTimer::new());
+    builder.http2().timer(hyper_util::rt::TokioTimer::new());
+    let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    tokio::pin!(conn_fut);
+    let mut draining = ctx.draining.clone();
+    tokio::select! {
+        r = conn_fut.as_mut() => { if let Err(e) = r { debug!(error = %e, "downstream connection ended with error") } return }
+        _ = draining.wait_for(|d| *d) => {}
+    }
+    conn_fut.as_mut().graceful_shutdown();
+    let _ = tokio::time::timeout(ctx.drain_timeout, conn_fut).await;
+}
+
+/// Handles one request end to end; never fails (errors become local replies).
+async fn handle(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<HttpChain>, req: Request<Incoming>) -> Response<BoxBody> {
+    let snap = ctx.store.snapshot();
+    let mut report = HttpReport::start(&ctx, &conn, &req);
+    let resp = match route_request(&ctx, &conn, &chain, &snap, req, &mut report).await {
+        Ok(r) => r,
+        Err(e) => {
+            report.flag(e.kind().response_flag());
+            local_reply(&e)
+        }
+    };
+    let (mut parts, body) = resp.into_parts();
+    report.response_code = parts.status.as_u16();
+    if let Some(s) = parts.headers.get("grpc-status") {
+        report.grpc_status = s.to_str().ok().map(str::to_string);
+    }
+    report.on_response_headers(&ctx, &mut parts.headers);
+    Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx, report)))
+}
+
+async fn route_request(
+    ctx: &Arc<Context>,
+    conn: &Arc<ConnInfo>,
+    chain: &HttpChain,
+    snap: &Arc<Snapshot>,
+    req: Request<Incoming>,
+    report: &mut HttpReport,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let (mut parts, body) = req.into_parts();
+    let authority = request_authority(&parts).unwrap_or_default();
+    report.authority = authority.clone();
+    let table = snap
+        .route_table(chain)
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "route configuration not (yet) received"))?;
+    if parts.method == Method::CONNECT {
+        if !chain.upgrades.iter().any(|u| u == "connect") {
+            return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "CONNECT is not enabled on this listener"));
+        }
+        let route = tunnel::select_connect_route(&table, &authority, &parts)
+            .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for CONNECT {authority}")))?;
+        report.route_name = route.name.clone();
+        return tunnel::connect(ctx, conn, snap, &route, &authority, parts, report).await;
+    }
+    let route = table
+        .select(&authority, &parts)
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for {authority}{}", parts.uri.path())))?;
+    report.route_name = route.name.clone();
+    match &route.action {
+        RouteAction::Direct { status, body } => {
+            let mut resp = Response::new(full(body.clone()));
+            *resp.status_mut() = *status;
+            if !body.is_empty() {
+                resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            }
+            route.edit_response_headers(resp.headers_mut());
+            Ok(resp)
+        }
+        RouteAction::Redirect(..) => {
+            let r = route
+                .redirect_response(&parts)
+                .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "redirect could not be built"))?;
+            let (mut p, b) = r.into_parts();
+            route.edit_response_headers(&mut p.headers);
+            Ok(Response::from_parts(p, full(b)))
+        }
+        RouteAction::Forward(action) => {
+            if let Some(fault) = route.fault.as_ref().or(chain.fault.as_ref()) {
+                let d = fault.decide(rand::random(), rand::random());
+                if let Some(delay) = d.delay {
+                    report.flag("DI");
+                    tokio::time::sleep(delay).await;
+                }
+                if let Some(abort) = d.abort {
+                    report.flag("FI");
+                    let mut resp = fault_abort(&abort, &parts.headers);
+                    route.edit_response_headers(resp.headers_mut());
+                    return Ok(resp);
+                }
+            }
+            let cluster_name = action.clusters.pick(rand::random()).to_string();
+            report.cluster = cluster_name.clone();
+            route.rewrite_request(&mut parts);
+            if let Some(kind) = tunnel::upgrade_type(&parts.headers) {
+                if !chain.upgrades.iter().any(|u| *u == kind) {
+                    return Err(ProxyError::new(
+                        ErrorKind::DownstreamProtocol,
+                        format!("upgrade {kind:?} is not enabled on this listener"),
+                    ));
+                }
+                return tunnel::upgrade(ctx, conn, snap, &cluster_name, parts, report).await;
+            }
+            let mut resp =
+                forward::forward(ctx, conn, snap, &route, action, &cluster_name, parts, body, report).await?;
+            route.edit_response_headers(resp.headers_mut());
+            Ok(resp)
+        }
+    }
+}
+
+/// The authority a request is for: the absolute URI's (explicit proxy, HTTP/2), else Host.
+pub fn request_authority(parts: &http::request::Parts) -> Option<String> {
+    if let Some(a) = parts.uri.authority() {
+        return Some(a.as_str().to_ascii_lowercase());
+    }
+    parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(|h| h.to_ascii_lowercase())
+}
+
+/// True for gRPC requests.
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.starts_with("application/grpc"))
+        .unwrap_or(false)
+}
+
+fn fault_abort(abort: &Abort, req_headers: &HeaderMap) -> Response<BoxBody> {
+    match abort {
+        Abort::Http(status) => {
+            let mut r = Response::new(full(Bytes::from_static(b"fault filter abort")));
+            *r.status_mut() = *status;
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r
+        }
+        Abort::Grpc(code) => grpc_trailers_only(*code, "fault filter abort", req_headers),
+    }
+}
+
+fn grpc_trailers_only(code: u32, message: &str, _req_headers: &HeaderMap) -> Response<BoxBody> {
+    let mut r = Response::new(full(Bytes::new()));
+    let h = r.headers_mut();
+    h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    h.insert(HeaderName::from_static("grpc-status"), HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(message) {
+        h.insert(HeaderName::from_static("grpc-message"), v);
+    }
+    r
+}
+
+/// Envoy's local reply for a data-path error.
+fn local_reply(e: &ProxyError) -> Response<BoxBody> {
+    let text = match e.kind() {
+        ErrorKind::NoHealthyUpstream => "no healthy upstream".to_string(),
+        ErrorKind::Timeout | ErrorKind::PerTryTimeout => "upstream request timeout".to_string(),
+        ErrorKind::NoRoute => String::new(),
+        ErrorKind::NoCluster => "cluster not found".to_string(),
+        ErrorKind::Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow".into(),
+        ErrorKind::ConnectFailure => {
+            "upstream connect error or disconnect/reset before headers. reset reason: connection failure".into()
+        }
+        ErrorKind::UpstreamReset | ErrorKind::RefusedStream | ErrorKind::UpstreamTerminated => {
+            "upstream connect error or disconnect/reset before headers. reset reason: connection termination".into()
+        }
+        _ => e.detail().to_string(),
+    };
+    let mut r = Response::new(full(Bytes::from(text)));
+    *r.status_mut() = StatusCode::from_u16(e.kind().http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}

@@ -1,0 +1,167 @@
+//! Tunnels over HTTP: `CONNECT host:port` (explicit proxy) and HTTP/1.1 upgrades such as
+//! WebSocket. Both end as an opaque byte copy between the two sides.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, UPGRADE};
+use http::{HeaderMap, Request, Response, StatusCode};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use super::body::full;
+use crate::cluster::{BoxBody, Discovery};
+use crate::config::Snapshot;
+use crate::context::Context;
+use crate::error::{ErrorKind, ProxyError};
+use crate::listener::ConnInfo;
+use crate::report::HttpReport;
+use crate::route::{Route, RouteAction, RouteTable};
+
+/// The upgrade a request asks for (lower case), when it is an HTTP/1.1 upgrade.
+pub fn upgrade_type(h: &HeaderMap) -> Option<String> {
+    let conn_upgrade = h
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
+    if !conn_upgrade {
+        return None;
+    }
+    h.get(UPGRADE).and_then(|v| v.to_str().ok()).map(|v| v.trim().to_ascii_lowercase())
+}
+
+/// CONNECT carries no path; routes are matched as if the path were `/`.
+pub fn select_connect_route(table: &RouteTable, authority: &str, parts: &http::request::Parts) -> Option<Arc<Route>> {
+    let mut probe = Request::new(());
+    *probe.method_mut() = parts.method.clone();
+    *probe.uri_mut() = http::Uri::from_static("/");
+    *probe.headers_mut() = parts.headers.clone();
+    let (probe, _) = probe.into_parts();
+    table.select(authority, &probe)
+}
+
+/// `CONNECT host:port`: connects to an endpoint of the route's cluster, answers 200 and
+/// copies bytes both ways.
+pub async fn connect(
+    ctx: &Arc<Context>,
+    conn: &Arc<ConnInfo>,
+    snap: &Arc<Snapshot>,
+    route: &Route,
+    authority: &str,
+    mut parts: http::request::Parts,
+    report: &mut HttpReport,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let RouteAction::Forward(action) = &route.action else {
+        return Err(ProxyError::new(ErrorKind::NoRoute, "CONNECT route must forward to a cluster"));
+    };
+    let cluster_name = action.clusters.pick(rand::random()).to_string();
+    report.cluster = cluster_name.clone();
+    let upstream = dial(ctx, conn, snap, &cluster_name, Some(authority), report).await?;
+    let on_upgrade = parts
+        .extensions
+        .remove::<OnUpgrade>()
+        .ok_or_else(|| ProxyError::new(ErrorKind::DownstreamProtocol, "connection cannot be upgraded"))?;
+    tokio::spawn(async move {
+        match on_upgrade.await {
+            Ok(up) => {
+                let mut down = TokioIo::new(up);
+                let mut upstream = upstream;
+                let _ = tokio::io::copy_bidirectional(&mut down, &mut upstream).await;
+            }
+            Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
+        }
+    });
+    Ok(Response::new(full(Bytes::new())))
+}
+
+/// HTTP/1.1 upgrade (WebSocket and friends): a dedicated upstream connection, the
+/// request sent as is, and on `101` both connections become a byte pipe.
+pub async fn upgrade(
+    ctx: &Arc<Context>,
+    conn: &Arc<ConnInfo>,
+    snap: &Arc<Snapshot>,
+    cluster_name: &str,
+    mut parts: http::request::Parts,
+    report: &mut HttpReport,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let stream = dial(ctx, conn, snap, cluster_name, None, report).await?;
+    let on_down = parts
+        .extensions
+        .remove::<OnUpgrade>()
+        .ok_or_else(|| ProxyError::new(ErrorKind::DownstreamProtocol, "connection cannot be upgraded"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| ProxyError::new(ErrorKind::ConnectFailure, format!("upstream handshake: {e}")).not_sent())?;
+    tokio::spawn(async move {
+        let _ = connection.with_upgrades().await;
+    });
+    let kind = upgrade_type(&parts.headers).unwrap_or_default();
+    let mut req = Request::new(full(Bytes::new()));
+    *req.method_mut() = parts.method.clone();
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    *req.uri_mut() = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
+    *req.headers_mut() = parts.headers.clone();
+    if let Some(host) = (!report.authority.is_empty()).then(|| HeaderValue::from_str(&report.authority).ok()).flatten() {
+        req.headers_mut().insert(http::header::HOST, host);
+    }
+    crate::report::on_upstream_request(ctx, conn, req.headers_mut());
+    req.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Ok(v) = HeaderValue::from_str(&kind) {
+        req.headers_mut().insert(UPGRADE, v);
+    }
+    let mut resp = sender
+        .send_request(req)
+        .await
+        .map_err(|e| ProxyError::new(ErrorKind::UpstreamReset, format!("upgrade request: {e}")))?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let (p, b) = resp.into_parts();
+        return Ok(Response::from_parts(p, super::body::boxed(b)));
+    }
+    let on_up = resp.extensions_mut().remove::<OnUpgrade>();
+    let (p, _) = resp.into_parts();
+    tokio::spawn(async move {
+        let Some(on_up) = on_up else { return };
+        match tokio::try_join!(on_down, on_up) {
+            Ok((d, u)) => {
+                let mut d = TokioIo::new(d);
+                let mut u = TokioIo::new(u);
+                let _ = tokio::io::copy_bidirectional(&mut d, &mut u).await;
+            }
+            Err(e) => debug!(error = %e, "upgrade failed"),
+        }
+    });
+    Ok(Response::from_parts(p, full(Bytes::new())))
+}
+
+/// Opens a TCP connection to an endpoint of the cluster (or the original destination /
+/// the CONNECT authority for ORIGINAL_DST clusters).
+async fn dial(
+    ctx: &Arc<Context>,
+    conn: &Arc<ConnInfo>,
+    snap: &Arc<Snapshot>,
+    cluster_name: &str,
+    authority: Option<&str>,
+    report: &mut HttpReport,
+) -> Result<tokio::net::TcpStream, ProxyError> {
+    let cluster = snap
+        .clusters
+        .get(cluster_name)
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
+    let timeout = cluster.config.connect_timeout;
+    let addr = if matches!(cluster.config.discovery, Discovery::OriginalDst) {
+        match (conn.original_dst, authority.and_then(|a| a.parse().ok())) {
+            (_, Some(a)) => a,
+            (Some(d), None) => d,
+            _ => return Err(ProxyError::new(ErrorKind::NoHealthyUpstream, "no destination for ORIGINAL_DST cluster")),
+        }
+    } else {
+        cluster
+            .pick(&[])
+            .ok_or_else(|| ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {cluster_name}")))?
+            .addr
+    };
+    report.upstream_host = Some(addr);
+    ctx.pools.connect_tcp(addr, timeout).await
+}

@@ -1,0 +1,168 @@
+//! Listeners: bind what LDS asks for, accept connections, pick the listener and filter
+//! chain for each (original destination, sniffed protocol), and hand the connection to
+//! the HTTP or TCP stage.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::config::{ChainKind, ConnFacts, ListenerConfig};
+use crate::context::Context;
+use crate::detect::{self, Detected};
+use crate::orig_dst::original_dst;
+use crate::{http, tcp};
+
+/// Facts about one accepted connection, shared by the stages that serve it.
+#[derive(Debug)]
+pub struct ConnInfo {
+    /// The listener (possibly the virtual one claiming the original destination).
+    pub listener: Arc<ListenerConfig>,
+    /// Peer address.
+    pub peer: SocketAddr,
+    /// Destination: the original destination when redirected, else the local address.
+    pub destination: SocketAddr,
+    /// Original destination when the connection was redirected by iptables.
+    pub original_dst: Option<SocketAddr>,
+}
+
+struct Bound {
+    configured: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Keeps the bound sockets in line with the listeners in the current snapshot.
+pub struct ListenerManager {
+    ctx: Arc<Context>,
+    bound: BTreeMap<String, Bound>,
+    addrs: watch::Sender<BTreeMap<String, SocketAddr>>,
+}
+
+impl ListenerManager {
+    /// A manager with nothing bound yet.
+    pub fn new(ctx: Arc<Context>) -> Self {
+        ListenerManager { ctx, bound: BTreeMap::new(), addrs: watch::channel(BTreeMap::new()).0 }
+    }
+
+    /// Bound addresses by listener name (port 0 in config becomes the real port here).
+    pub fn addresses(&self) -> watch::Receiver<BTreeMap<String, SocketAddr>> {
+        self.addrs.subscribe()
+    }
+
+    /// Reconciles with every new snapshot until `shutdown` flips; then stops accepting.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut changes = self.ctx.store.subscribe();
+        loop {
+            self.reconcile().await;
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { break },
+                _ = shutdown.wait_for(|d| *d) => break,
+            }
+        }
+        for (name, b) in std::mem::take(&mut self.bound) {
+            debug!(listener = %name, "stop accepting");
+            let _ = b.stop.send(true);
+            let _ = b.task.await;
+        }
+        self.addrs.send_replace(BTreeMap::new());
+    }
+
+    async fn reconcile(&mut self) {
+        let snap = self.ctx.store.snapshot();
+        let wanted: BTreeMap<&String, &Arc<ListenerConfig>> = snap.listeners.iter().filter(|(_, l)| l.bind).collect();
+        let stale: Vec<String> = self
+            .bound
+            .iter()
+            .filter(|(n, b)| wanted.get(n).map(|l| l.address != b.configured).unwrap_or(true))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in stale {
+            if let Some(b) = self.bound.remove(&name) {
+                info!(listener = %name, "listener removed: stop accepting");
+                let _ = b.stop.send(true);
+            }
+        }
+        for (name, l) in wanted {
+            if self.bound.contains_key(name) {
+                continue;
+            }
+            match bind(l.address).await {
+                Ok(sock) => {
+                    let local = sock.local_addr().unwrap_or(l.address);
+                    info!(listener = %name, address = %local, "listening");
+                    let (stop, stop_rx) = watch::channel(false);
+                    let task = tokio::spawn(accept_loop(self.ctx.clone(), name.clone(), sock, stop_rx));
+                    self.bound.insert(name.clone(), Bound { configured: l.address, stop, task });
+                    self.addrs.send_modify(|m| {
+                        m.insert(name.clone(), local);
+                    });
+                }
+                Err(e) => warn!(listener = %name, address = %l.address, error = %e, "cannot bind listener"),
+            }
+        }
+        let names: Vec<String> = self.bound.keys().cloned().collect();
+        self.addrs.send_modify(|m| m.retain(|k, _| names.contains(k)));
+    }
+}
+
+async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    sock.set_reuseaddr(true)?;
+    sock.bind(addr)?;
+    sock.listen(1024)
+}
+
+async fn accept_loop(ctx: Arc<Context>, name: String, sock: TcpListener, mut stop: watch::Receiver<bool>) {
+    loop {
+        tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            r = sock.accept() => match r {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(serve_connection(ctx.clone(), name.clone(), stream, peer));
+                }
+                Err(e) => {
+                    warn!(listener = %name, error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, peer: SocketAddr) {
+    let _guard = ctx.track_connection();
+    let snap = ctx.store.snapshot();
+    let Some(bound) = snap.listeners.get(&name) else { return };
+    let odst = if bound.use_original_dst { original_dst(&stream) } else { None };
+    let Some(listener) = snap.listener_for(&name, odst) else { return };
+    let local = stream.local_addr().unwrap_or(listener.address);
+    let destination = odst.unwrap_or(local);
+    let detected = if listener.needs_sniffing {
+        detect::sniff(&stream, listener.sniff_timeout).await
+    } else {
+        Detected { transport: "raw_buffer", application: vec![], server_name: None }
+    };
+    let facts = ConnFacts {
+        source: peer,
+        destination,
+        transport_protocol: detected.transport,
+        application_protocols: detected.application.clone(),
+        server_name: detected.server_name.clone(),
+    };
+    let Some(chain) = listener.select_chain(&facts).cloned() else {
+        debug!(listener = %listener.name, %peer, %destination, "no filter chain matches: closing");
+        return;
+    };
+    let conn = Arc::new(ConnInfo { listener: listener.clone(), peer, destination, original_dst: odst });
+    drop(snap);
+    match &chain.kind {
+        ChainKind::Http(h) => http::serve(ctx, conn, h.clone(), stream).await,
+        ChainKind::Tcp(t) => tcp::proxy(ctx, conn, t.clone(), stream).await,
+    }
+}

@@ -1,0 +1,239 @@
+//! Process wiring for one proxy: xDS client -> config store -> listeners, plus the admin
+//! and metrics servers, readiness, and graceful drain.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tracing::info;
+use weft_xds::{type_url, AdsClient, Backoff, ClientConfig, ClientStatus};
+
+use crate::admin::{self, AdminState};
+use crate::bootstrap::Bootstrap;
+use crate::cluster::{PoolConfig, Pools};
+use crate::config::ConfigStore;
+use crate::context::Context;
+use crate::listener::ListenerManager;
+use crate::telemetry::accesslog::{AccessLog, Sink};
+use crate::telemetry::metrics::Metrics;
+
+/// A running proxy.
+pub struct ProxyHandle {
+    ctx: Arc<Context>,
+    listeners: watch::Receiver<BTreeMap<String, SocketAddr>>,
+    xds: watch::Receiver<ClientStatus>,
+    admin_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    drain_tx: watch::Sender<bool>,
+    stop_tx: watch::Sender<bool>,
+    quit: Arc<Notify>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+/// Errors starting a proxy.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A server socket could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which server.
+        what: &'static str,
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The access log could not be opened.
+    #[error("access log: {0}")]
+    AccessLog(String),
+}
+
+struct Admin {
+    ctx: Arc<Context>,
+    xds: watch::Receiver<ClientStatus>,
+    drain_tx: watch::Sender<bool>,
+    quit: Arc<Notify>,
+}
+
+impl AdminState for Admin {
+    fn config_dump(&self) -> serde_json::Value {
+        crate::dump::config_dump(&self.ctx.store.snapshot(), &self.xds.borrow())
+    }
+    fn clusters(&self) -> String {
+        crate::dump::clusters_text(&self.ctx.store.snapshot())
+    }
+    fn is_ready(&self) -> bool {
+        is_ready(&self.xds.borrow()) && !*self.drain_tx.borrow()
+    }
+    fn drain(&self) {
+        self.drain_tx.send_replace(true);
+    }
+    fn quit(&self) {
+        self.quit.notify_one();
+    }
+}
+
+/// Ready once the first listeners and clusters have been accepted.
+fn is_ready(s: &ClientStatus) -> bool {
+    s.acked.contains_key(type_url::LISTENER) && s.acked.contains_key(type_url::CLUSTER)
+}
+
+impl ProxyHandle {
+    /// Starts a proxy from its bootstrap.
+    pub async fn start(b: Bootstrap) -> Result<ProxyHandle, StartError> {
+        let metrics = Arc::new(Metrics::new());
+        let sink = match b.access_log.as_str() {
+            "off" | "" => Sink::Off,
+            "stdout" => Sink::Stdout,
+            path => Sink::File(path.into()),
+        };
+        let access_log = AccessLog::new(sink)
+            .map_err(|e| StartError::AccessLog(e.to_string()))?
+            .count_drops_in(metrics.proxy().access_log_dropped());
+        let (drain_tx, draining) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let store = Arc::new(ConfigStore::new());
+        let ctx = Arc::new(Context {
+            store: store.clone(),
+            pools: Pools::new(PoolConfig::default()),
+            metrics: metrics.clone(),
+            access_log,
+            local: crate::report::local_workload(&b.node),
+            draining,
+            drain_timeout: b.drain_timeout,
+            active_connections: AtomicUsize::new(0),
+        });
+
+        let admin_sock = TcpListener::bind(b.admin).await.map_err(|source| StartError::Bind { what: "admin", addr: b.admin, source })?;
+        let metrics_sock =
+            TcpListener::bind(b.metrics).await.map_err(|source| StartError::Bind { what: "metrics", addr: b.metrics, source })?;
+        let admin_addr = admin_sock.local_addr().unwrap_or(b.admin);
+        let metrics_addr = metrics_sock.local_addr().unwrap_or(b.metrics);
+
+        let client = AdsClient::new(
+            ClientConfig {
+                address: b.xds.address.clone(),
+                node: b.node.clone(),
+                mode: b.xds.mode.into(),
+                backoff: Backoff::default(),
+            },
+            store.clone(),
+        );
+        let xds = client.status();
+        let mut tasks = Vec::new();
+        let stop = |rx: &watch::Receiver<bool>| {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        tasks.push(tokio::spawn(client.run(stop(&stop_rx))));
+        tasks.push(tokio::spawn(watch_xds(xds.clone(), metrics.clone(), stop(&stop_rx))));
+
+        let manager = ListenerManager::new(ctx.clone());
+        let listeners = manager.addresses();
+        // Listeners stop accepting as soon as a drain starts.
+        tasks.push(tokio::spawn(manager.run(ctx.draining.clone())));
+
+        let quit = Arc::new(Notify::new());
+        let admin_state = Arc::new(Admin { ctx: ctx.clone(), xds: xds.clone(), drain_tx: drain_tx.clone(), quit: quit.clone() });
+        tasks.push(tokio::spawn(admin::serve_admin(admin_sock, admin_state.clone(), stop(&stop_rx))));
+        let ready_state = admin_state.clone();
+        let ready: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || ready_state.is_ready());
+        tasks.push(tokio::spawn(admin::serve_metrics(metrics_sock, metrics, ready, stop(&stop_rx))));
+        info!(%admin_addr, %metrics_addr, xds = %b.xds.address, "proxy started");
+        Ok(ProxyHandle { ctx, listeners, xds, admin_addr, metrics_addr, drain_tx, stop_tx, quit, tasks })
+    }
+
+    /// The shared context (for tests and diagnostics).
+    pub fn context(&self) -> &Arc<Context> {
+        &self.ctx
+    }
+
+    /// Admin server address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// Metrics server address.
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics_addr
+    }
+
+    /// xDS client status.
+    pub fn xds_status(&self) -> watch::Receiver<ClientStatus> {
+        self.xds.clone()
+    }
+
+    /// Bound addresses of the LDS listeners.
+    pub fn listener_addrs(&self) -> BTreeMap<String, SocketAddr> {
+        self.listeners.borrow().clone()
+    }
+
+    /// Waits until listener `name` is bound and returns its address.
+    pub async fn listener_addr(&self, name: &str, timeout: Duration) -> Option<SocketAddr> {
+        let mut rx = self.listeners.clone();
+        let r = tokio::time::timeout(timeout, rx.wait_for(|m| m.contains_key(name))).await;
+        match r {
+            Ok(Ok(m)) => m.get(name).copied(),
+            _ => None,
+        }
+    }
+
+    /// Waits until the proxy is ready (first listeners and clusters accepted).
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.xds.clone();
+        matches!(tokio::time::timeout(timeout, rx.wait_for(is_ready)).await, Ok(Ok(_)))
+    }
+
+    /// Resolves when `/quitquitquit` is called.
+    pub async fn quit_requested(&self) {
+        self.quit.notified().await
+    }
+
+    /// Graceful drain: stop accepting, let in-flight requests finish (at most the drain
+    /// timeout), then stop everything.
+    pub async fn shutdown(self) {
+        self.drain_tx.send_replace(true);
+        let deadline = Instant::now() + self.ctx.drain_timeout;
+        while self.ctx.active_connections.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.stop_tx.send_replace(true);
+        for t in self.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(2), t).await;
+        }
+    }
+}
+
+/// Mirrors the xDS client's status into the proxy health metrics.
+async fn watch_xds(mut rx: watch::Receiver<ClientStatus>, metrics: Arc<Metrics>, stop: impl std::future::Future<Output = ()>) {
+    tokio::pin!(stop);
+    let mut nacks = 0;
+    loop {
+        {
+            let s = rx.borrow_and_update();
+            metrics.proxy().set_xds_connected(s.connected);
+            for (t, v) in &s.acked {
+                metrics.proxy().config_applied(short_type(t), v);
+            }
+            while nacks < s.nacks {
+                metrics.proxy().xds_nack("any");
+                nacks += 1;
+            }
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() { return },
+            _ = &mut stop => return,
+        }
+    }
+}
+
+fn short_type(t: &str) -> &str {
+    t.rsplit('.').next().unwrap_or(t)
+}

@@ -1,0 +1,359 @@
+//! Telemetry glue for the data path: what each request and TCP connection reports
+//! (Istio metrics labels, the access-log line) and the peer-metadata exchange that
+//! tells each side which workload is on the other end.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderMap, Request, Version};
+use weft_xds::NodeInfo;
+
+use crate::config::Direction;
+use crate::context::Context;
+use crate::error::ErrorKind;
+use crate::listener::ConnInfo;
+use crate::telemetry::accesslog::{self, AccessRecord};
+use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels};
+use crate::telemetry::{peer, WorkloadInfo};
+
+/// The local workload as metrics describe it, from the bootstrap's node metadata.
+pub fn local_workload(node: &NodeInfo) -> WorkloadInfo {
+    let or_unknown = |s: &str| if s.is_empty() { crate::telemetry::UNKNOWN.to_string() } else { s.to_string() };
+    let label = |k: &str| node.labels.get(k).cloned();
+    let app = label("service.istio.io/canonical-name").or_else(|| label("app")).unwrap_or_default();
+    let version = label("service.istio.io/canonical-revision").or_else(|| label("version")).unwrap_or_default();
+    let workload = node.labels.get("weft.dev/workload").cloned().unwrap_or_else(|| node.name.clone());
+    WorkloadInfo {
+        workload: or_unknown(&workload),
+        namespace: or_unknown(&node.namespace),
+        app: or_unknown(&app),
+        version: or_unknown(&version),
+        cluster: "Kubernetes".into(),
+        service_account: or_unknown(&node.service_account),
+        canonical_service: or_unknown(&app),
+        canonical_revision: if version.is_empty() { "latest".into() } else { version.clone() },
+        ..WorkloadInfo::default()
+    }
+}
+
+fn reporter(d: Direction) -> Reporter {
+    match d {
+        Direction::Inbound => Reporter::Destination,
+        _ => Reporter::Source,
+    }
+}
+
+/// Service labels from an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`)
+/// or, failing that, the request authority.
+fn service_info(cluster: &str, authority: &str) -> ServiceInfo {
+    let host = match cluster.split('|').collect::<Vec<_>>().as_slice() {
+        [_, _, _, host] if !host.is_empty() => host.to_string(),
+        _ => authority.rsplit_once(':').filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit())).map(|(h, _)| h).unwrap_or(authority).to_string(),
+    };
+    if host.is_empty() {
+        return ServiceInfo::default();
+    }
+    let mut labels = host.split('.');
+    let name = labels.next().unwrap_or_default().to_string();
+    let namespace = labels.next().map(str::to_string).unwrap_or_else(|| crate::telemetry::UNKNOWN.into());
+    ServiceInfo { host, name, namespace }
+}
+
+/// Adds (outbound) or strips (inbound) peer metadata on the request going upstream.
+pub fn on_upstream_request(ctx: &Context, conn: &ConnInfo, headers: &mut HeaderMap) {
+    match conn.listener.direction {
+        Direction::Inbound => {
+            headers.remove(peer::PEER_HEADER);
+        }
+        _ => {
+            headers.insert(peer::PEER_HEADER, peer::encode(&ctx.local));
+        }
+    }
+}
+
+/// One request's telemetry, filled in as it proceeds and reported when its response
+/// body ends.
+pub struct HttpReport {
+    start: Instant,
+    start_time: SystemTime,
+    direction: Direction,
+    downstream_remote: SocketAddr,
+    downstream_local: SocketAddr,
+    method: String,
+    path: String,
+    protocol: &'static str,
+    grpc: bool,
+    user_agent: Option<String>,
+    x_forwarded_for: Option<String>,
+    /// The request id (taken from `x-request-id` or generated).
+    pub request_id: String,
+    peer: Option<WorkloadInfo>,
+    flags: Vec<&'static str>,
+    /// Authority the request was for.
+    pub authority: String,
+    /// Route that matched.
+    pub route_name: String,
+    /// Upstream cluster chosen.
+    pub cluster: String,
+    /// Upstream endpoint of the last attempt.
+    pub upstream_host: Option<SocketAddr>,
+    /// Time to the upstream response headers.
+    pub upstream_service_time: Option<Duration>,
+    /// Retries made.
+    pub retries: u32,
+    /// Status sent downstream.
+    pub response_code: u16,
+    /// `grpc-status` seen in headers or trailers.
+    pub grpc_status: Option<String>,
+    /// Bytes of request body read (when forwarded).
+    pub request_bytes_counter: Option<Arc<AtomicU64>>,
+    /// Bytes of response body sent.
+    pub response_bytes: u64,
+}
+
+impl HttpReport {
+    /// Starts the report for a request that just arrived.
+    pub fn start<B>(_ctx: &Context, conn: &ConnInfo, req: &Request<B>) -> Self {
+        let h = req.headers();
+        let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let peer = match conn.listener.direction {
+            Direction::Inbound => h.get(peer::PEER_HEADER).and_then(peer::decode),
+            _ => None,
+        };
+        HttpReport {
+            start: Instant::now(),
+            start_time: SystemTime::now(),
+            direction: conn.listener.direction,
+            downstream_remote: conn.peer,
+            downstream_local: conn.destination,
+            method: req.method().to_string(),
+            path: req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
+            protocol: match req.version() {
+                Version::HTTP_2 => "HTTP/2",
+                Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            grpc: crate::http::is_grpc(h),
+            user_agent: text("user-agent"),
+            x_forwarded_for: text("x-forwarded-for"),
+            request_id: text("x-request-id").unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
+            peer,
+            flags: Vec::new(),
+            authority: String::new(),
+            route_name: String::new(),
+            cluster: String::new(),
+            upstream_host: None,
+            upstream_service_time: None,
+            retries: 0,
+            response_code: 0,
+            grpc_status: None,
+            request_bytes_counter: None,
+            response_bytes: 0,
+        }
+    }
+
+    /// Adds an Envoy response flag (deduplicated).
+    pub fn flag(&mut self, f: &'static str) {
+        if !self.flags.contains(&f) {
+            self.flags.push(f);
+        }
+    }
+
+    /// True when the request is gRPC.
+    pub fn is_grpc(&self) -> bool {
+        self.grpc
+    }
+
+    /// The response body ended early: the downstream went away (`DC`).
+    pub fn downstream_or_upstream_reset(&mut self) {
+        self.flag("DC");
+    }
+
+    /// Response headers are about to go downstream: learn (outbound) or announce
+    /// (inbound) the peer's metadata.
+    pub fn on_response_headers(&mut self, ctx: &Context, headers: &mut HeaderMap) {
+        match self.direction {
+            Direction::Inbound => {
+                headers.insert(peer::PEER_HEADER, peer::encode(&ctx.local));
+            }
+            _ => {
+                if let Some(v) = headers.remove(peer::PEER_HEADER) {
+                    self.peer = peer::decode(&v);
+                }
+            }
+        }
+    }
+
+    fn flags_text(&self) -> Cow<'static, str> {
+        match self.flags.as_slice() {
+            [] => Cow::Borrowed("-"),
+            [one] => Cow::Borrowed(one),
+            many => Cow::Owned(many.join(",")),
+        }
+    }
+
+    /// Records metrics and writes the access-log line.
+    pub fn finish(self, ctx: &Context) {
+        let duration = self.start.elapsed();
+        let request_bytes = self.request_bytes_counter.as_ref().map(|c| c.load(Ordering::Relaxed)).unwrap_or(0);
+        let local = Arc::new(ctx.local.clone());
+        let peer = Arc::new(self.peer.clone().unwrap_or_default());
+        let (source, destination) = match self.direction {
+            Direction::Inbound => (peer, local),
+            _ => (local, peer),
+        };
+        let flags = self.flags_text();
+        let labels = RequestLabels {
+            reporter: reporter(self.direction),
+            source,
+            destination,
+            service: Arc::new(service_info(&self.cluster, &self.authority)),
+            protocol: if self.grpc { RequestProtocol::Grpc } else { RequestProtocol::Http },
+            response_code: self.response_code,
+            grpc_status: self.grpc_status.as_deref().and_then(|s| s.parse().ok()),
+            response_flags: flags.clone(),
+            security_policy: SecurityPolicy::None,
+        };
+        ctx.metrics.record_request(&labels, duration, request_bytes, self.response_bytes);
+        if self.retries > 0 && !self.cluster.is_empty() {
+            for _ in 0..self.retries {
+                ctx.metrics.proxy().upstream_retry(&self.cluster);
+            }
+        }
+        ctx.access_log.log(&AccessRecord {
+            start_time: self.start_time,
+            method: Some(self.method),
+            path: Some(self.path),
+            protocol: self.protocol.to_string(),
+            response_code: self.response_code,
+            response_flags: flags.into_owned(),
+            response_code_details: None,
+            bytes_received: request_bytes,
+            bytes_sent: self.response_bytes,
+            duration,
+            upstream_service_time: self.upstream_service_time,
+            x_forwarded_for: self.x_forwarded_for,
+            user_agent: self.user_agent,
+            request_id: Some(self.request_id),
+            authority: Some(self.authority).filter(|a| !a.is_empty()),
+            upstream_host: self.upstream_host,
+            upstream_cluster: Some(self.cluster).filter(|c| !c.is_empty()),
+            route_name: Some(self.route_name).filter(|r| !r.is_empty()),
+            downstream_remote_address: Some(self.downstream_remote),
+            downstream_local_address: Some(self.downstream_local),
+            requested_server_name: None,
+            direction: access_direction(self.direction),
+            connection_termination_details: None,
+            upstream_transport_failure_reason: None,
+        });
+    }
+}
+
+fn access_direction(d: Direction) -> accesslog::Direction {
+    match d {
+        Direction::Inbound => accesslog::Direction::Inbound,
+        _ => accesslog::Direction::Outbound,
+    }
+}
+
+/// One TCP connection's telemetry.
+pub struct TcpReport {
+    start: Instant,
+    start_time: SystemTime,
+    direction: Direction,
+    labels: TcpLabels,
+    cluster: String,
+    downstream_remote: SocketAddr,
+    downstream_local: SocketAddr,
+    /// Upstream endpoint.
+    pub upstream_host: Option<SocketAddr>,
+    /// Bytes sent upstream (read from downstream).
+    pub received: u64,
+    /// Bytes sent downstream (read from upstream).
+    pub sent: u64,
+}
+
+impl TcpReport {
+    /// Counts the connection as opened.
+    pub fn open(ctx: &Context, conn: &ConnInfo, cluster: &str) -> Self {
+        let local = Arc::new(ctx.local.clone());
+        let peer = Arc::new(WorkloadInfo::default());
+        let (source, destination) = match conn.listener.direction {
+            Direction::Inbound => (peer, local),
+            _ => (local, peer),
+        };
+        let authority = conn.destination.to_string();
+        let labels = TcpLabels {
+            reporter: reporter(conn.listener.direction),
+            source,
+            destination,
+            service: Arc::new(service_info(cluster, &authority)),
+            response_flags: Cow::Borrowed("-"),
+            security_policy: SecurityPolicy::None,
+        };
+        ctx.metrics.tcp_opened(&labels);
+        TcpReport {
+            start: Instant::now(),
+            start_time: SystemTime::now(),
+            direction: conn.listener.direction,
+            labels,
+            cluster: cluster.to_string(),
+            downstream_remote: conn.peer,
+            downstream_local: conn.destination,
+            upstream_host: None,
+            received: 0,
+            sent: 0,
+        }
+    }
+
+    /// Counts bytes and the close, and writes the access-log line.
+    pub fn close(mut self, ctx: &Context, flag: Option<ErrorKind>) {
+        if let Some(k) = flag {
+            self.labels.response_flags = Cow::Borrowed(k.response_flag());
+        }
+        ctx.metrics.tcp_bytes(&self.labels, self.sent, self.received);
+        ctx.metrics.tcp_closed(&self.labels);
+        ctx.access_log.log(&AccessRecord {
+            start_time: self.start_time,
+            method: None,
+            path: None,
+            protocol: "tcp".into(),
+            response_code: 0,
+            response_flags: self.labels.response_flags.to_string(),
+            response_code_details: None,
+            bytes_received: self.received,
+            bytes_sent: self.sent,
+            duration: self.start.elapsed(),
+            upstream_service_time: None,
+            x_forwarded_for: None,
+            user_agent: None,
+            request_id: None,
+            authority: None,
+            upstream_host: self.upstream_host,
+            upstream_cluster: Some(self.cluster),
+            route_name: None,
+            downstream_remote_address: Some(self.downstream_remote),
+            downstream_local_address: Some(self.downstream_local),
+            requested_server_name: None,
+            direction: access_direction(self.direction),
+            connection_termination_details: flag.map(|k| format!("{k:?}")),
+            upstream_transport_failure_reason: None,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_labels_come_from_istio_cluster_names() {
+        let s = service_info("outbound|9080|v1|reviews.bookinfo.svc.cluster.local", "ignored:1");
+        assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), ("reviews.bookinfo.svc.cluster.local", "reviews", "bookinfo"));
+        let s = service_info("plain", "ratings.default:9080");
+        assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), ("ratings.default", "ratings", "default"));
+    }
+}
