@@ -1,0 +1,177 @@
+//! Differential test against real Envoy 1.40: the same xDS resources are served to Envoy
+//! and to weft's proxy from one ADS server, the same requests are sent to both, and the
+//! observable outcomes (status, which backend answered, the path it saw, local bodies)
+//! must agree. Weighted splits are compared statistically.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource};
+use envoy_types::pb::envoy::config::route::v3::{route, route_match, DirectResponseAction, RetryPolicy, Route, RouteMatch};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort, FaultAbort, HttpFault};
+use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
+use envoy_types::pb::envoy::r#type::v3::{fractional_percent::DenominatorType, FractionalPercent};
+use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::util::pack_any;
+use weft_testkit::echo::EchoServer;
+use weft_testkit::envoy::{ads_bootstrap, Envoy};
+use weft_testkit::http::{send_h1, Reply};
+use weft_xds::type_url;
+
+/// What both proxies must agree on.
+#[derive(Debug, PartialEq, Eq)]
+struct Outcome {
+    status: u16,
+    backend: Option<String>,
+    upstream_path: Option<String>,
+    local_body: Option<String>,
+}
+
+fn outcome(r: &Reply) -> Outcome {
+    let backend = r.header("x-echo-server").map(str::to_string);
+    let upstream_path = if backend.is_some() { r.json().ok().and_then(|j| j["path"].as_str().map(str::to_string)) } else { None };
+    let local_body = if backend.is_none() && r.status != 503 { Some(r.text()) } else { None };
+    Outcome { status: r.status.as_u16(), backend, upstream_path, local_body }
+}
+
+async fn send(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = weft_testkit::http::request(http::Method::GET, "svc.test", path, Bytes::new()).unwrap();
+    for (k, v) in headers {
+        req.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    send_h1(addr, req).await.unwrap()
+}
+
+async fn always_503() -> SocketAddr {
+    let sock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = sock.accept().await {
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_r: hyper::Request<hyper::body::Incoming>| async {
+                    let mut r = hyper::Response::new(http_body_util::Full::new(Bytes::from_static(b"down")));
+                    *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                    Ok::<_, Infallible>(r)
+                });
+                let _ = hyper::server::conn::http1::Builder::new().serve_connection(hyper_util::rt::TokioIo::new(s), svc).await;
+            });
+        }
+    });
+    addr
+}
+
+fn pct100() -> Option<FractionalPercent> {
+    Some(FractionalPercent { numerator: 100, denominator: DenominatorType::Hundred as i32 })
+}
+
+fn routes() -> envoy_types::pb::envoy::config::route::v3::RouteConfiguration {
+    let path = |p: route_match::PathSpecifier| RouteMatch { path_specifier: Some(p), ..Default::default() };
+    let mut hdr = prefix("/h");
+    hdr.headers.push(exact_header("x-user", "jason"));
+    let mut rewrite = to("a");
+    rewrite.prefix_rewrite = "/rewritten/".into();
+    let mut abort = route("abort", prefix("/abort"), to("a"));
+    abort.typed_per_filter_config.insert(
+        "envoy.filters.http.fault".into(),
+        pack_any(HttpFault {
+            abort: Some(FaultAbort { percentage: pct100(), error_type: Some(fault_abort::ErrorType::HttpStatus(429)), ..Default::default() }),
+            ..Default::default()
+        }),
+    );
+    let mut retry = to("flaky");
+    retry.retry_policy = Some(RetryPolicy { retry_on: "5xx".into(), num_retries: Some(UInt32Value { value: 5 }), ..Default::default() });
+    let direct = Route {
+        name: "direct".into(),
+        r#match: Some(prefix("/direct")),
+        action: Some(route::Action::DirectResponse(DirectResponseAction {
+            status: 202,
+            body: Some(DataSource { specifier: Some(data_source::Specifier::InlineString("accepted by proxy".into())), ..Default::default() }),
+        })),
+        ..Default::default()
+    };
+    rc(
+        "routes",
+        vec![vhost(
+            "svc",
+            &["svc.test"],
+            vec![
+                route("exact", path(route_match::PathSpecifier::Path("/exact".into())), to("a")),
+                route(
+                    "regex",
+                    path(route_match::PathSpecifier::SafeRegex(RegexMatcher { regex: "/r/[a-z]+/[0-9]{2}".into(), ..Default::default() })),
+                    to("b"),
+                ),
+                route("hdr", hdr, to("b")),
+                route("rewrite", prefix("/old/"), rewrite),
+                direct,
+                abort,
+                route("retry", prefix("/retry"), retry),
+                route("split", prefix("/split"), weighted(&[("a", 70), ("b", 30)])),
+                route("rest", prefix("/"), to("c")),
+            ],
+        )],
+    )
+}
+
+#[tokio::test]
+async fn weft_and_envoy_agree_on_the_same_xds() {
+    let mesh = Mesh::start().await;
+    let a = EchoServer::start("a").await;
+    let b = EchoServer::start("b").await;
+    let c = EchoServer::start("c").await;
+    let bad = always_503().await;
+    // flaky: one endpoint that always fails, one that works; retries must find the good one.
+    clusters(&mesh, &[("a", vec![a.addr]), ("b", vec![b.addr]), ("c", vec![c.addr]), ("flaky", vec![bad, a.addr])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(type_url::ROUTE, vec![pack_any(routes())]);
+
+    let weft = mesh.proxy("weft-diff", false).await;
+    mesh.synced_all(&weft).await;
+    let weft_addr = weft.listener_addr("out", WAIT).await.unwrap();
+    let envoy = Envoy::start(&ads_bootstrap(mesh.xds, "envoy-diff", false)).await.expect("start envoy");
+    let envoy_addr = envoy.listener_addr("out", Duration::from_secs(20)).await.unwrap_or_else(|e| panic!("{e}\n{}", envoy.log()));
+    // Wait until Envoy has routes and endpoints too.
+    mesh.server.wait_acked("envoy-diff", type_url::ROUTE, &mesh.source.version(type_url::ROUTE), WAIT).await.unwrap();
+    mesh.server.wait_acked("envoy-diff", type_url::ENDPOINT, &mesh.source.version(type_url::ENDPOINT), WAIT).await.unwrap();
+
+    let cases: Vec<(&str, Vec<(&str, &str)>)> = vec![
+        ("/exact", vec![]),
+        ("/exact/not", vec![]),
+        ("/r/abc/12", vec![]),
+        ("/r/abc/123", vec![]),
+        ("/h", vec![("x-user", "jason")]),
+        ("/h", vec![("x-user", "JASON")]),
+        ("/old/thing?q=1", vec![]),
+        ("/direct", vec![]),
+        ("/abort", vec![]),
+        ("/retry", vec![]),
+        ("/retry", vec![]),
+        ("/retry", vec![]),
+        ("/anything", vec![]),
+    ];
+    for (path, headers) in &cases {
+        let w = outcome(&send(weft_addr, path, headers).await);
+        let e = outcome(&send(envoy_addr, path, headers).await);
+        assert_eq!(w, e, "weft and Envoy differ on {path} {headers:?}");
+    }
+    // A retried request must end at the healthy endpoint on both.
+    assert_eq!(outcome(&send(weft_addr, "/retry", &[]).await).status, 200);
+
+    // Weighted split: both near 70/30.
+    let n = 300;
+    for (name, addr) in [("weft", weft_addr), ("envoy", envoy_addr)] {
+        let mut hits_a = 0;
+        for _ in 0..n {
+            if send(addr, "/split", &[]).await.header("x-echo-server") == Some("a") {
+                hits_a += 1;
+            }
+        }
+        // 70% of 300 = 210, binomial sd ~7.9: +-40 is 5 sigma.
+        assert!((170..=250).contains(&hits_a), "{name}: {hits_a}/{n} to a");
+    }
+}

@@ -1,0 +1,184 @@
+//! The proxy as an xDS client: NACKs with a readable error while the previous config keeps
+//! serving, delta xDS, config changes under load without a single failed request, serving
+//! on after the control plane goes away, graceful drain, and the admin views.
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+use envoy_types::pb::envoy::config::route::v3::{route_match, RouteMatch};
+use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
+use envoy_types::util::pack_any;
+use weft_testkit::echo::EchoServer;
+use weft_testkit::http::get_h1;
+use weft_xds::build;
+use weft_xds::type_url;
+
+fn regex_route(re: &str) -> envoy_types::pb::envoy::config::route::v3::Route {
+    route(
+        "re",
+        RouteMatch { path_specifier: Some(route_match::PathSpecifier::SafeRegex(RegexMatcher { regex: re.into(), ..Default::default() })), ..Default::default() },
+        to("b"),
+    )
+}
+
+async fn nack_keeps_previous_config(delta: bool) {
+    let mesh = Mesh::start().await;
+    let a = EchoServer::start("a").await;
+    let b = EchoServer::start("b").await;
+    clusters(&mesh, &[("a", vec![a.addr]), ("b", vec![b.addr])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(type_url::ROUTE, vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))]);
+    let proxy = mesh.proxy(if delta { "nack-delta" } else { "nack-sotw" }, delta).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("a"));
+
+    // An unparsable regex: the route configuration cannot be used.
+    mesh.set(type_url::ROUTE, vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![regex_route("/(unclosed"), route("r", prefix("/"), to("b"))])]))]);
+    let mut st = proxy.xds_status();
+    let nack = tokio::time::timeout(WAIT, st.wait_for(|s| s.nacks > 0)).await.expect("no NACK").unwrap().last_nack.clone();
+    let nack = nack.expect("NACK error recorded");
+    assert!(nack.contains("routes") && nack.contains("regex"), "NACK should name the resource and field: {nack}");
+    // The server saw the NACK with the error text.
+    let seen = mesh.server.connections().iter().any(|c| {
+        c.types.get(type_url::ROUTE).and_then(|t| t.last_nack.as_ref()).map(|n| n.error.contains("regex")).unwrap_or(false)
+    });
+    assert!(seen, "server did not record the NACK");
+    // Previous routes still in force.
+    for _ in 0..5 {
+        assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("a"));
+    }
+    // A fixed version is accepted again.
+    mesh.set(type_url::ROUTE, vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("b"))])]))]);
+    mesh.synced(&proxy, type_url::ROUTE).await;
+    assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("b"));
+}
+
+#[tokio::test]
+async fn invalid_route_is_nacked_and_previous_routes_keep_serving_sotw() {
+    nack_keeps_previous_config(false).await;
+}
+
+#[tokio::test]
+async fn invalid_route_is_nacked_and_previous_routes_keep_serving_delta() {
+    nack_keeps_previous_config(true).await;
+}
+
+#[tokio::test]
+async fn route_and_endpoint_changes_under_load_fail_no_request() {
+    let mesh = Mesh::start().await;
+    let backends: Vec<EchoServer> = futures::future::join_all((0..4).map(|i| async move { EchoServer::start(&format!("e{i}")).await })).await;
+    let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    clusters(&mesh, &[("v1", vec![addrs[0], addrs[1]]), ("v2", vec![addrs[2]])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(type_url::ROUTE, vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), weighted(&[("v1", 100), ("v2", 0)]))])]))]);
+    let proxy = mesh.proxy("load", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut workers = Vec::new();
+    for _ in 0..200 {
+        let (ok, failed, mut stop) = (ok.clone(), failed.clone(), stop_rx.clone());
+        workers.push(tokio::spawn(async move {
+            while !*stop.borrow_and_update() {
+                // Each request sleeps at the backend, so hundreds are in flight at each change.
+                match get_h1(out, "svc", "/delay/30").await {
+                    Ok(r) if r.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    let steps: Vec<Box<dyn Fn(&Mesh)>> = vec![
+        Box::new(|m: &Mesh| m.set(type_url::ROUTE, vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), weighted(&[("v1", 50), ("v2", 50)]))])]))])),
+        Box::new(move |m: &Mesh| m.set(type_url::ENDPOINT, vec![
+            pack_any(build::cla("v1", &[(addrs[1], 1, HealthStatus::Healthy), (addrs[3], 1, HealthStatus::Healthy)])),
+            pack_any(build::cla("v2", &[(addrs[2], 1, HealthStatus::Healthy)])),
+        ])),
+        Box::new(|m: &Mesh| m.set(type_url::ROUTE, vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("v2"))])]))])),
+        Box::new(move |m: &Mesh| m.set(type_url::ENDPOINT, vec![
+            pack_any(build::cla("v1", &[(addrs[0], 1, HealthStatus::Healthy)])),
+            pack_any(build::cla("v2", &[(addrs[2], 1, HealthStatus::Healthy), (addrs[3], 1, HealthStatus::Healthy)])),
+        ])),
+    ];
+    for step in steps {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        step(&mesh);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop_tx.send_replace(true);
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert!(ok > 1000, "too little load to prove anything: {ok}");
+    assert_eq!(failed, 0, "{failed} requests failed across config changes ({ok} succeeded)");
+    assert!(backends[3].requests() > 0, "the endpoint added mid-run never got traffic");
+}
+
+#[tokio::test]
+async fn proxy_keeps_serving_its_last_config_when_the_control_plane_goes_away() {
+    let mesh = Mesh::start().await;
+    let a = EchoServer::start("a").await;
+    clusters(&mesh, &[("a", vec![a.addr])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(type_url::ROUTE, vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))]);
+    let proxy = mesh.proxy("orphan", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    drop(mesh);
+    let mut st = proxy.xds_status();
+    tokio::time::timeout(WAIT, st.wait_for(|s| !s.connected)).await.expect("disconnect not noticed").unwrap();
+    for _ in 0..5 {
+        assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("a"));
+    }
+}
+
+#[tokio::test]
+async fn drain_finishes_in_flight_requests_and_stops_accepting() {
+    let mesh = Mesh::start().await;
+    let a = EchoServer::start("a").await;
+    clusters(&mesh, &[("a", vec![a.addr])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(type_url::ROUTE, vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))]);
+    let proxy = mesh.proxy("drain", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    let slow = tokio::spawn(async move { get_h1(out, "svc", "/delay/500").await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    proxy.shutdown().await;
+    let r = slow.await.unwrap().expect("in-flight request failed during drain");
+    assert_eq!(r.status, 200);
+    assert!(tokio::net::TcpStream::connect(out).await.is_err(), "listener still accepting after drain");
+}
+
+#[tokio::test]
+async fn admin_shows_config_clusters_and_readiness() {
+    let mesh = Mesh::start().await;
+    let a = EchoServer::start("a").await;
+    clusters(&mesh, &[("a", vec![a.addr])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(type_url::ROUTE, vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))]);
+    let proxy = mesh.proxy("admin", false).await;
+    mesh.synced_all(&proxy).await;
+    let admin = proxy.admin_addr();
+    let dump = get_h1(admin, "admin", "/config_dump").await.unwrap();
+    assert_eq!(dump.status, 200);
+    let j = dump.json().unwrap();
+    assert_eq!(j["listeners"][0]["name"], "out");
+    assert_eq!(j["routes"][0]["name"], "routes");
+    assert_eq!(j["clusters"][0]["endpoints"][0]["address"], a.addr.to_string());
+    let clusters = get_h1(admin, "admin", "/clusters").await.unwrap().text();
+    assert!(clusters.contains(&format!("a::{}::health_flags::healthy", a.addr)), "{clusters}");
+    assert_eq!(get_h1(admin, "admin", "/ready").await.unwrap().status, 200);
+    let ready = get_h1(proxy.metrics_addr(), "m", "/healthz/ready").await.unwrap();
+    assert_eq!(ready.status, 200);
+}
