@@ -35,3 +35,35 @@ fn is_executable(path: &Path) -> bool {
         .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
         .unwrap_or(false)
 }
+
+/// Runs `promtool check metrics` on `text` (Prometheus text exposition format).
+/// `Ok` when promtool accepts it; otherwise an error carrying promtool's complaints
+/// (it also rejects lint problems such as a missing `# HELP`).
+pub async fn promtool_check_metrics(text: &str) -> anyhow::Result<()> {
+    use anyhow::Context;
+    use tokio::io::AsyncWriteExt;
+    let mut child = tokio::process::Command::new(require("promtool"))
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("spawning promtool")?;
+    let mut stdin = child.stdin.take().context("promtool stdin")?;
+    stdin
+        .write_all(text.as_bytes())
+        .await
+        .context("writing to promtool")?;
+    drop(stdin);
+    let out = child.wait_with_output().await.context("running promtool")?;
+    if out.status.success() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "promtool check metrics failed ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}

@@ -12,7 +12,7 @@ use weft_testkit::echo::{
     grpc_call, grpc_call_with_headers, BannerServer, EchoServer, GrpcEchoServer, GrpcStream,
     TcpEchoServer,
 };
-use weft_testkit::http::{get_h1, get_h2c, request, send_h1};
+use weft_testkit::http::{get_h1, get_h2c, get_via_proxy, request, send_h1};
 
 #[tokio::test]
 async fn h1_echo_describes_the_request_as_json() {
@@ -30,6 +30,7 @@ async fn h1_echo_describes_the_request_as_json() {
     assert_eq!(json["server"], "alpha");
     assert_eq!(json["method"], "GET");
     assert_eq!(json["path"], "/hello?x=1");
+    assert_eq!(json["uri"], "/hello?x=1");
     assert_eq!(json["headers"]["host"], "svc.local");
     assert_eq!(json["headers"]["x-test"], "a,b");
     assert_eq!(json["body_len"], 0);
@@ -45,6 +46,19 @@ async fn h2c_prior_knowledge_is_served_on_the_same_port() {
     let json = reply.json().unwrap();
     assert_eq!(json["server"], "beta");
     assert_eq!(json["path"], "/over/h2");
+}
+
+#[tokio::test]
+async fn absolute_form_request_through_a_proxy_keeps_path_and_host() {
+    let echo = EchoServer::start("proxy-target").await;
+    // The echo server stands in for a proxy: it sees the absolute-form request target.
+    let reply = get_via_proxy(echo.addr, "http://svc.example:8080/p?q=1")
+        .await
+        .unwrap();
+    let json = reply.json().unwrap();
+    assert_eq!(json["path"], "/p?q=1");
+    assert_eq!(json["uri"], "http://svc.example:8080/p?q=1");
+    assert_eq!(json["headers"]["host"], "svc.example:8080");
 }
 
 #[tokio::test]
@@ -118,6 +132,11 @@ async fn upgrade_answers_101_then_echoes_raw_bytes() {
     let head = String::from_utf8_lossy(&head).to_lowercase();
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
+    // RFC 6455's example key, so a real WebSocket client would accept the handshake.
+    assert!(
+        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
+        "{head}"
+    );
     s.write_all(b"\x81\x04ping raw bytes").await.unwrap();
     let mut buf = [0u8; 16];
     s.read_exact(&mut buf).await.unwrap();

@@ -138,6 +138,21 @@ async fn envoy_accepts_the_ads_bootstrap_in_both_modes() {
     }
 }
 
+#[tokio::test]
+async fn envoy_start_reports_an_invalid_bootstrap_with_its_log() {
+    let bad = "admin:\n  address:\n    socket_address: { address: 127.0.0.1, port_value: 0 }\n\
+               static_resources:\n  clusters:\n  - name: broken\n    type: NOT_A_TYPE\n";
+    let err = match Envoy::start(bad).await {
+        Ok(_) => panic!("Envoy started on an invalid bootstrap"),
+        Err(e) => format!("{e:#}"),
+    };
+    assert!(err.contains("Envoy exited"), "{err}");
+    assert!(
+        err.contains("NOT_A_TYPE"),
+        "log tail should name the bad value: {err}"
+    );
+}
+
 #[test]
 fn h2load_summary_parser_reads_the_requests_line() {
     let sample = "finished in 5.1ms, 19000 req/s\n\

@@ -7,6 +7,7 @@
 
 mod grpc;
 mod tcp;
+mod ws;
 
 pub use grpc::{grpc_call, grpc_call_with_headers, GrpcEchoServer, GrpcReply, GrpcStream};
 pub use tcp::{BannerServer, TcpEchoServer};
@@ -37,9 +38,13 @@ pub const SERVER_HEADER: &str = "x-echo-server";
 /// - `GET /status/NNN`: answers with status NNN;
 /// - `/delay/MS`: sleeps MS milliseconds first;
 /// - `POST /echo`: the body is the request body;
-/// - a request with an `Upgrade` header: `101 Switching Protocols`, then raw bytes echoed;
-/// - anything else: JSON `{"server","method","path","headers":{..},"body_len"}` where
-///   `path` includes the query and repeated headers are joined with `,`.
+/// - a request with an `Upgrade` header: `101 Switching Protocols` (with
+///   `Sec-WebSocket-Accept` when the request has a `Sec-WebSocket-Key`), then raw bytes
+///   are echoed;
+/// - anything else: JSON `{"server","method","path","uri","headers":{..},"body_len"}`
+///   where `path` includes the query, `uri` is the request target as received
+///   (absolute-form through a proxy, `http://authority/path` over h2), and repeated
+///   headers are joined with `,`.
 pub struct EchoServer {
     /// The bound address.
     pub addr: SocketAddr,
@@ -151,6 +156,7 @@ async fn echo(name: &str, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         .and_then(|code| StatusCode::from_u16(code).ok())
         .unwrap_or(StatusCode::OK);
     let method = req.method().clone();
+    let target = req.uri().to_string();
     let path_and_query = req
         .uri()
         .path_and_query()
@@ -178,6 +184,7 @@ async fn echo(name: &str, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
             "server": name,
             "method": method.as_str(),
             "path": path_and_query,
+            "uri": target,
             "headers": headers,
             "body_len": body.len(),
         });
@@ -200,6 +207,11 @@ fn upgrade(name: &str, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
         .get(http::header::UPGRADE)
         .cloned()
         .unwrap_or_else(|| HeaderValue::from_static("websocket"));
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
@@ -227,6 +239,9 @@ fn upgrade(name: &str, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
     );
     h.insert(http::header::UPGRADE, protocol);
     h.insert(SERVER_HEADER, header_value(name));
+    if let Some(key) = key {
+        h.insert("sec-websocket-accept", header_value(&ws::accept_key(&key)));
+    }
     resp
 }
 
