@@ -119,7 +119,9 @@ pub(crate) async fn serve_http<F, Fut, B>(
     let mut conns = JoinSet::new();
     loop {
         while conns.try_join_next().is_some() {}
-        let Ok((stream, _peer)) = listener.accept().await else {
+        let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors or similar: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
         counters.connections.fetch_add(1, Ordering::SeqCst);

@@ -99,6 +99,8 @@ async fn serve(listener: TcpListener, connections: Arc<AtomicU64>, greeting: Byt
     loop {
         while conns.try_join_next().is_some() {}
         let Ok((stream, _)) = listener.accept().await else {
+            // Out of file descriptors or similar: back off instead of spinning.
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
             continue;
         };
         connections.fetch_add(1, Ordering::SeqCst);
