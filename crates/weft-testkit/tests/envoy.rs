@@ -2,9 +2,12 @@
 
 use std::time::Duration;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::process::Command;
+use weft_testkit::echo::EchoServer;
 use weft_testkit::envoy::{ads_bootstrap, binary, Envoy};
+use weft_testkit::http::get_h1;
 use weft_testkit::tools;
 
 const LISTENER: &str = "static_http";
@@ -136,6 +139,94 @@ async fn envoy_accepts_the_ads_bootstrap_in_both_modes() {
         let api = if delta { "DELTA_GRPC" } else { "\"GRPC\"" };
         assert!(dump.contains(api), "{api} missing from config_dump: {dump}");
     }
+}
+
+/// A listener on port 0 routing everything (WebSocket upgrades too) to `upstream`.
+fn proxy_bootstrap(upstream: std::net::SocketAddr) -> String {
+    let (ip, port) = (upstream.ip(), upstream.port());
+    format!(
+        r#"admin:
+  address:
+    socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+static_resources:
+  listeners:
+  - name: to_echo
+    address:
+      socket_address: {{ address: 127.0.0.1, port_value: 0 }}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: to_echo
+          upgrade_configs: [{{ upgrade_type: websocket }}]
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: {{ prefix: "/" }}
+                route: {{ cluster: echo }}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+  - name: echo
+    type: STATIC
+    connect_timeout: 1s
+    load_assignment:
+      cluster_name: echo
+      endpoints:
+      - lb_endpoints:
+        - endpoint:
+            address:
+              socket_address: {{ address: "{ip}", port_value: {port} }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn echo_server_answers_http_and_websocket_through_envoy() {
+    let echo = EchoServer::start("behind-envoy").await;
+    let envoy = Envoy::start(&proxy_bootstrap(echo.addr))
+        .await
+        .expect("proxy Envoy starts");
+    let addr = envoy
+        .listener_addr("to_echo", Duration::from_secs(20))
+        .await
+        .expect("listener binds");
+    let reply = get_h1(addr, "svc.local", "/through?x=1").await.unwrap();
+    assert_eq!(reply.status, 200, "{}", envoy.log_tail());
+    assert_eq!(reply.header("x-echo-server"), Some("behind-envoy"));
+    let json = reply.json().unwrap();
+    assert_eq!(json["path"], "/through?x=1");
+    assert!(json["headers"]["x-request-id"].is_string(), "{json}");
+
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: svc.local\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut byte))
+            .await
+            .expect("101 within 10s")
+            .expect("read");
+        assert!(n > 0, "EOF after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_lowercase();
+    assert!(head.starts_with("http/1.1 101"), "{head}");
+    s.write_all(b"through envoy").await.unwrap();
+    let mut buf = [0u8; 13];
+    s.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"through envoy");
+    assert_eq!(echo.requests(), 2, "both requests reached the echo server");
 }
 
 #[tokio::test]
