@@ -1,4 +1,5 @@
 //! Client and server over real tonic on loopback, in both SotW and delta modes.
+#![allow(clippy::unwrap_used)] // test crate: a failed unwrap is a failed test
 
 mod common;
 
