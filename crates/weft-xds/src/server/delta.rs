@@ -14,6 +14,9 @@ use super::{record_reply, Registration, Shared};
 use crate::type_url::is_wildcard_type;
 use crate::{content_version, XdsMode};
 
+/// Un-ACKed responses remembered per type.
+const MAX_INFLIGHT: usize = 64;
+
 type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
 
 /// Per-type state of one delta stream.
@@ -205,6 +208,10 @@ impl Stream {
         }
         self.nonce += 1;
         state.inflight.insert(self.nonce, version.clone());
+        while state.inflight.len() > MAX_INFLIGHT {
+            // A peer that never replies must not grow the server's memory.
+            state.inflight.pop_first();
+        }
         state.responded = true;
         let nonce = self.nonce.to_string();
         let response = DeltaDiscoveryResponse {
