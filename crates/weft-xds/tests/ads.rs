@@ -28,6 +28,11 @@ async fn initial_sync_of_all_four_types(mode: XdsMode) {
     assert_eq!(state.names(ENDPOINT), set(&["c1"]));
     // Only route l1 is wanted (listener l1); the source also has l2.
     assert_eq!(state.names(ROUTE), set(&["l1"]));
+    // SotW responses of wildcard types are full state; nothing else is.
+    for (type_url, full_state) in &state.full_state {
+        let expected = mode == XdsMode::Sotw && (type_url == LISTENER || type_url == CLUSTER);
+        assert_eq!(*full_state, expected, "{type_url}");
+    }
     let status = client
         .wait_status("all acked", |s| s.acked.len() == 4)
         .await;

@@ -38,6 +38,8 @@ pub struct HandlerState {
     /// (type, names upserted) of every accepted update.
     pub applied: Vec<(String, Vec<String>)>,
     pub rejected: BTreeSet<String>,
+    /// (type, full_state) of every update received.
+    pub full_state: Vec<(String, bool)>,
 }
 
 impl HandlerState {
@@ -96,6 +98,7 @@ impl ResourceHandler for MemHandler {
 
     fn apply(&self, type_url: &str, update: ResourceUpdate) -> Result<(), String> {
         let mut s = self.state.lock().map_err(|e| e.to_string())?;
+        s.full_state.push((type_url.to_string(), update.full_state));
         if let Some((name, _)) = update.upserts.iter().find(|(n, _)| s.rejected.contains(n)) {
             return Err(format!("{name} is not acceptable"));
         }
