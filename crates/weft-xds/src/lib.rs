@@ -6,6 +6,22 @@
 //! - [`AdsServer`] serves resources from a [`ConfigSource`] to any number of ADS clients
 //!   (weft proxies, Envoy, proxyless gRPC) and tracks what each connection ACKed.
 //! - [`NodeInfo`] is the workload identity a proxy announces in its `Node` metadata.
+//!
+//! # Protocol choices (Envoy's xDS protocol document is the reference)
+//!
+//! - SotW server: one response in flight per type; the next one waits for its ACK or
+//!   NACK. A request whose nonce is not the latest sent is stale and ignored. A response
+//!   is sent when the source version or the requested names differ from the last
+//!   response, never for a pure ACK, and always for the first request of a type on a
+//!   stream. Empty names (or `*`) mean wildcard for LDS and CDS only.
+//! - Delta server: per-resource versions are [`content_version`] hashes; a response
+//!   carries only resources whose version differs from what the peer holds (seeded from
+//!   `initial_resource_versions`) and removals, including subscribed names that do not
+//!   exist. The first wildcard response is sent even if empty so the peer can finish
+//!   initialising. Subscription changes are honoured whatever their nonce.
+//! - Client: the node is sent on the first request of each stream; ACK and NACK carry
+//!   the answered nonce; a SotW NACK carries the last accepted version; on reconnect the
+//!   client re-subscribes with its current interest and last accepted versions.
 #![forbid(unsafe_code)]
 
 pub mod client;
