@@ -1,0 +1,217 @@
+//! Incremental ADS stream (`DeltaAggregatedResources`).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use envoy_types::pb::google::protobuf::Any;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tonic::transport::Channel;
+
+use super::{nack_status, AdsClient, Memory, ResourceUpdate};
+use crate::type_url::{resource_name, short};
+
+/// The explicit wildcard subscription name.
+const WILDCARD: &str = "*";
+
+struct Stream<'a> {
+    client: &'a AdsClient,
+    tx: mpsc::UnboundedSender<DeltaDiscoveryRequest>,
+    order: Vec<&'static str>,
+    /// Current subscription per type (`None` = wildcard); absent = nothing sent yet.
+    subscribed: BTreeMap<&'static str, Option<BTreeSet<String>>>,
+    node_sent: bool,
+}
+
+/// Runs one delta stream until it fails. `healthy` becomes true once a response arrived.
+pub(super) async fn run_stream(
+    client: &AdsClient,
+    mut grpc: AggregatedDiscoveryServiceClient<Channel>,
+    memory: &mut Memory,
+    healthy: &mut bool,
+) -> Result<(), String> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let mut stream = Stream {
+        client,
+        tx,
+        order: client.handler.type_urls(),
+        subscribed: BTreeMap::new(),
+        node_sent: false,
+    };
+    stream.sync_interest(memory)?;
+    let mut responses = grpc
+        .delta_aggregated_resources(UnboundedReceiverStream::new(rx))
+        .await
+        .map_err(|e| format!("open delta stream: {e}"))?
+        .into_inner();
+    client.mark_connected();
+    while let Some(response) = responses
+        .message()
+        .await
+        .map_err(|e| format!("delta stream: {e}"))?
+    {
+        *healthy = true;
+        stream.handle(response, memory)?;
+    }
+    Ok(())
+}
+
+impl Stream<'_> {
+    fn handle(
+        &mut self,
+        response: DeltaDiscoveryResponse,
+        memory: &mut Memory,
+    ) -> Result<(), String> {
+        let Some(type_url) = self.order.iter().copied().find(|t| *t == response.type_url) else {
+            let error = format!("unknown type_url {}: not subscribed", response.type_url);
+            self.client.record_nack(&response.type_url, &error);
+            return self.send(DeltaDiscoveryRequest {
+                type_url: response.type_url,
+                response_nonce: response.nonce,
+                error_detail: Some(nack_status(&error)),
+                ..Default::default()
+            });
+        };
+        let version = if response.system_version_info.is_empty() {
+            response.nonce.clone()
+        } else {
+            response.system_version_info.clone()
+        };
+        let outcome = decode(type_url, &response).and_then(|(upserts, versions)| {
+            let update = ResourceUpdate {
+                version: version.clone(),
+                upserts,
+                removals: response.removed_resources.clone(),
+                full_state: false,
+            };
+            self.client
+                .handler
+                .apply(type_url, update)
+                .map(|()| versions)
+        });
+        let mut request = DeltaDiscoveryRequest {
+            type_url: type_url.to_string(),
+            response_nonce: response.nonce.clone(),
+            ..Default::default()
+        };
+        match outcome {
+            Ok(versions) => {
+                let known = memory
+                    .delta_versions
+                    .entry(type_url.to_string())
+                    .or_default();
+                for name in &response.removed_resources {
+                    known.remove(name);
+                }
+                known.extend(versions);
+                self.client.record_ack(type_url, &version);
+            }
+            Err(error) => {
+                self.client.record_nack(type_url, &error);
+                request.error_detail = Some(nack_status(&error));
+            }
+        }
+        self.send(request)?;
+        self.sync_interest(memory)
+    }
+
+    /// Sends subscribe/unsubscribe requests for every type whose interest changed
+    /// (the initial request per type at stream start, with known versions).
+    fn sync_interest(&mut self, memory: &mut Memory) -> Result<(), String> {
+        for type_url in self.order.clone() {
+            let interest = self.client.handler.interest(type_url);
+            let mut request = DeltaDiscoveryRequest {
+                type_url: type_url.to_string(),
+                ..Default::default()
+            };
+            match (self.subscribed.get(type_url), &interest) {
+                (Some(previous), _) if *previous == interest => continue,
+                (None, Some(names)) if names.is_empty() => continue,
+                (None, _) => {
+                    // First request of this type on this stream.
+                    request.resource_names_subscribe = match &interest {
+                        None => vec![WILDCARD.to_string()],
+                        Some(names) => names.iter().cloned().collect(),
+                    };
+                    if let Some(known) = memory.delta_versions.get(type_url) {
+                        request.initial_resource_versions = known
+                            .iter()
+                            .filter(|(name, _)| {
+                                interest.as_ref().is_none_or(|names| names.contains(*name))
+                            })
+                            .map(|(n, v)| (n.clone(), v.clone()))
+                            .collect();
+                    }
+                }
+                (Some(previous), _) => {
+                    let old = previous.clone().unwrap_or_default();
+                    let new = interest.clone().unwrap_or_default();
+                    request.resource_names_subscribe = new.difference(&old).cloned().collect();
+                    request.resource_names_unsubscribe = old.difference(&new).cloned().collect();
+                    match (previous.is_none(), interest.is_none()) {
+                        (true, false) => request
+                            .resource_names_unsubscribe
+                            .push(WILDCARD.to_string()),
+                        (false, true) => {
+                            request.resource_names_subscribe.push(WILDCARD.to_string())
+                        }
+                        _ => {}
+                    }
+                    if let Some(known) = memory.delta_versions.get_mut(type_url) {
+                        for name in &request.resource_names_unsubscribe {
+                            known.remove(name);
+                        }
+                    }
+                }
+            }
+            self.subscribed.insert(type_url, interest);
+            self.send(request)?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, mut request: DeltaDiscoveryRequest) -> Result<(), String> {
+        if !self.node_sent {
+            request.node = Some(self.client.config.node.to_node());
+            self.node_sent = true;
+        }
+        self.tx
+            .send(request)
+            .map_err(|_| "delta request stream closed".to_string())
+    }
+}
+
+type Decoded = (Vec<(String, Any)>, Vec<(String, String)>);
+
+/// Upserts and their per-resource versions; the error names type and resource.
+fn decode(type_url: &str, response: &DeltaDiscoveryResponse) -> Result<Decoded, String> {
+    let mut upserts = Vec::with_capacity(response.resources.len());
+    let mut versions = Vec::with_capacity(response.resources.len());
+    for (i, resource) in response.resources.iter().enumerate() {
+        let label = if resource.name.is_empty() {
+            format!("#{i}")
+        } else {
+            resource.name.clone()
+        };
+        let Some(any) = resource.resource.as_ref() else {
+            return Err(format!(
+                "{} resource {label} rejected: no resource body",
+                short(type_url)
+            ));
+        };
+        let name = resource_name(type_url, any)
+            .map_err(|e| format!("{} resource {label} rejected: {e}", short(type_url)))?;
+        if !resource.name.is_empty() && resource.name != name {
+            return Err(format!(
+                "{} resource {label} rejected: body is named {name}",
+                short(type_url)
+            ));
+        }
+        versions.push((name.clone(), resource.version.clone()));
+        upserts.push((name, any.clone()));
+    }
+    Ok((upserts, versions))
+}

@@ -1,0 +1,264 @@
+//! Workload identity announced in the `Node` of every xDS request, with Istio's keys.
+
+use std::collections::{BTreeMap, HashMap};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Struct, Value};
+use serde::{Deserialize, Serialize};
+
+/// Metadata key: workload (pod) name.
+pub const NAME: &str = "NAME";
+/// Metadata key: namespace.
+pub const NAMESPACE: &str = "NAMESPACE";
+/// Metadata key: labels, a Struct of strings.
+pub const LABELS: &str = "LABELS";
+/// Metadata key: service account.
+pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
+/// Metadata key: workload name.
+pub const WORKLOAD_NAME: &str = "WORKLOAD_NAME";
+/// Metadata key: instance IPs, comma separated.
+pub const INSTANCE_IPS: &str = "INSTANCE_IPS";
+/// Metadata key: declared ports, a JSON array string as Istio writes it.
+pub const POD_PORTS: &str = "POD_PORTS";
+/// Metadata key: cluster id.
+pub const CLUSTER_ID: &str = "CLUSTER_ID";
+
+/// Workload identity the proxy announces (Istio node metadata keys).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeInfo {
+    /// Node id (Envoy `node.id`), unique per proxy.
+    pub id: String,
+    /// Cluster (Envoy `node.cluster`, also sent as `CLUSTER_ID`).
+    pub cluster: String,
+    /// Workload instance name (pod name).
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Workload labels.
+    pub labels: BTreeMap<String, String>,
+    /// Service account the workload runs as.
+    pub service_account: String,
+    /// Ports the workload listens on.
+    pub ports: Vec<PortInfo>,
+    /// IPs of the workload instance.
+    pub instance_ips: Vec<String>,
+}
+
+/// A port a workload declares.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PortInfo {
+    /// Port name (Istio derives the protocol from a `http-`/`grpc-` prefix).
+    pub name: String,
+    /// Port number.
+    pub port: u16,
+    /// Transport protocol, `TCP` in practice.
+    pub protocol: String,
+    /// Declared application protocol (`http`, `grpc`, ...).
+    pub app_protocol: Option<String>,
+}
+
+/// One entry of `POD_PORTS` as Istio writes it (Kubernetes ContainerPort).
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodPort {
+    #[serde(default)]
+    name: String,
+    container_port: u32,
+    #[serde(default = "tcp")]
+    protocol: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    app_protocol: Option<String>,
+}
+
+impl NodeInfo {
+    /// The Envoy `Node` carrying this identity in Istio's metadata keys.
+    pub fn to_node(&self) -> Node {
+        let ports: Vec<PodPort> = self
+            .ports
+            .iter()
+            .map(|p| PodPort {
+                name: p.name.clone(),
+                container_port: u32::from(p.port),
+                protocol: p.protocol.clone(),
+                app_protocol: p.app_protocol.clone(),
+            })
+            .collect();
+        // Serialising plain strings and numbers cannot fail; fall back to "[]" anyway.
+        let ports_json = serde_json::to_string(&ports).unwrap_or_else(|_| "[]".to_string());
+        let labels = Struct {
+            fields: self
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), string_value(v)))
+                .collect(),
+        };
+        let mut fields = HashMap::new();
+        fields.insert(NAME.to_string(), string_value(&self.name));
+        fields.insert(NAMESPACE.to_string(), string_value(&self.namespace));
+        fields.insert(
+            LABELS.to_string(),
+            Value {
+                kind: Some(Kind::StructValue(labels)),
+            },
+        );
+        fields.insert(
+            SERVICE_ACCOUNT.to_string(),
+            string_value(&self.service_account),
+        );
+        fields.insert(WORKLOAD_NAME.to_string(), string_value(&self.name));
+        fields.insert(
+            INSTANCE_IPS.to_string(),
+            string_value(&self.instance_ips.join(",")),
+        );
+        fields.insert(POD_PORTS.to_string(), string_value(&ports_json));
+        fields.insert(CLUSTER_ID.to_string(), string_value(&self.cluster));
+        Node {
+            id: self.id.clone(),
+            cluster: self.cluster.clone(),
+            metadata: Some(Struct { fields }),
+            user_agent_name: "weft".to_string(),
+            ..Default::default()
+        }
+    }
+
+    /// Reads the identity back from a `Node` (control-plane side). `NAME` and
+    /// `NAMESPACE` are required; other keys default to empty. Errors name the key.
+    pub fn from_node(node: &Node) -> Result<NodeInfo, String> {
+        if node.id.is_empty() {
+            return Err("node has an empty id".to_string());
+        }
+        let Some(metadata) = node.metadata.as_ref() else {
+            return Err(format!("node {} has no metadata", node.id));
+        };
+        let get = |key: &str| -> Result<Option<&str>, String> {
+            match metadata.fields.get(key).and_then(|v| v.kind.as_ref()) {
+                None | Some(Kind::NullValue(_)) => Ok(None),
+                Some(Kind::StringValue(s)) => Ok(Some(s.as_str())),
+                Some(other) => Err(format!(
+                    "node {}: metadata {key} must be a string, found {}",
+                    node.id,
+                    kind_name(other)
+                )),
+            }
+        };
+        let required = |key: &str| -> Result<String, String> {
+            match get(key)? {
+                Some(s) if !s.is_empty() => Ok(s.to_string()),
+                _ => Err(format!("node {}: metadata {key} is missing", node.id)),
+            }
+        };
+        let name = required(NAME)?;
+        let namespace = required(NAMESPACE)?;
+        let labels = parse_labels(&node.id, metadata.fields.get(LABELS))?;
+        let service_account = get(SERVICE_ACCOUNT)?.unwrap_or_default().to_string();
+        let instance_ips = get(INSTANCE_IPS)?
+            .unwrap_or_default()
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
+        let ports = match get(POD_PORTS)? {
+            None | Some("") => Vec::new(),
+            Some(json) => parse_ports(&node.id, json)?,
+        };
+        let cluster = if node.cluster.is_empty() {
+            get(CLUSTER_ID)?.unwrap_or_default().to_string()
+        } else {
+            node.cluster.clone()
+        };
+        Ok(NodeInfo {
+            id: node.id.clone(),
+            cluster,
+            name,
+            namespace,
+            labels,
+            service_account,
+            ports,
+            instance_ips,
+        })
+    }
+}
+
+fn tcp() -> String {
+    "TCP".to_string()
+}
+
+fn string_value(s: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(s.to_string())),
+    }
+}
+
+fn kind_name(kind: &Kind) -> &'static str {
+    match kind {
+        Kind::NullValue(_) => "null",
+        Kind::NumberValue(_) => "a number",
+        Kind::StringValue(_) => "a string",
+        Kind::BoolValue(_) => "a bool",
+        Kind::StructValue(_) => "a struct",
+        Kind::ListValue(_) => "a list",
+    }
+}
+
+fn parse_labels(node_id: &str, value: Option<&Value>) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    match value.and_then(|v| v.kind.as_ref()) {
+        None | Some(Kind::NullValue(_)) => {}
+        Some(Kind::StructValue(s)) => {
+            for (key, v) in &s.fields {
+                match v.kind.as_ref() {
+                    Some(Kind::StringValue(s)) => {
+                        labels.insert(key.clone(), s.clone());
+                    }
+                    other => {
+                        return Err(format!(
+                            "node {node_id}: label {key} must be a string, found {}",
+                            other.map_or("nothing", kind_name)
+                        ))
+                    }
+                }
+            }
+        }
+        Some(other) => {
+            return Err(format!(
+                "node {node_id}: metadata {LABELS} must be a struct, found {}",
+                kind_name(other)
+            ))
+        }
+    }
+    Ok(labels)
+}
+
+fn parse_ports(node_id: &str, json: &str) -> Result<Vec<PortInfo>, String> {
+    let ports: Vec<PodPort> = serde_json::from_str(json).map_err(|e| {
+        format!(
+            "node {node_id}: metadata {POD_PORTS} is not a JSON list of \
+             {{\"name\",\"containerPort\",\"protocol\"}}: {e}"
+        )
+    })?;
+    ports
+        .into_iter()
+        .map(|p| {
+            let port = u16::try_from(p.container_port)
+                .ok()
+                .filter(|port| *port != 0)
+                .ok_or_else(|| {
+                    format!(
+                        "node {node_id}: metadata {POD_PORTS}: containerPort {} of port {:?} \
+                         is not in 1..=65535",
+                        p.container_port, p.name
+                    )
+                })?;
+            Ok(PortInfo {
+                name: p.name,
+                port,
+                protocol: p.protocol,
+                app_protocol: p.app_protocol,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,325 @@
+//! In-memory ADS server: serves a [`ConfigSource`] over SotW and delta ADS and keeps,
+//! per connection, what was sent, ACKed and NACKed.
+//!
+//! Each stream is one task owning its per-type state; it wakes on a request from the
+//! proxy, on [`ConfigSource::changes`], or on server shutdown.
+
+mod delta;
+mod sotw;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::node::NodeInfo;
+use crate::source::ConfigSource;
+use crate::{XdsError, XdsMode};
+
+/// Largest message the server accepts or sends.
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Responses buffered per stream before the stream task waits for the peer.
+const RESPONSE_BUFFER: usize = 16;
+
+/// ADS server over a [`ConfigSource`]. Cheap to clone; clones share connections.
+#[derive(Clone)]
+pub struct AdsServer {
+    shared: Arc<Shared>,
+}
+
+/// The tonic service of an [`AdsServer`], to mount in a larger tonic server.
+#[derive(Clone)]
+pub struct AdsService {
+    shared: Arc<Shared>,
+}
+
+/// One open ADS stream as the server sees it.
+#[derive(Clone, Debug)]
+pub struct ConnectionStatus {
+    /// Server-local id of the stream.
+    pub id: u64,
+    /// `node.id` of the first request.
+    pub node_id: String,
+    /// The node's identity, if its metadata parses.
+    pub node: Option<NodeInfo>,
+    /// Why the metadata did not parse.
+    pub node_error: Option<String>,
+    /// Peer address, if known.
+    pub peer: Option<SocketAddr>,
+    /// When the stream opened.
+    pub connected_since: SystemTime,
+    /// SotW or delta.
+    pub mode: XdsMode,
+    /// Per type URL.
+    pub types: BTreeMap<String, TypeStatus>,
+}
+
+/// Per-type state of one connection.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TypeStatus {
+    /// Version of the last response sent.
+    pub sent_version: Option<String>,
+    /// Nonce of the last response sent.
+    pub sent_nonce: Option<String>,
+    /// Last version the peer ACKed.
+    pub acked_version: Option<String>,
+    /// Last NACK received.
+    pub last_nack: Option<NackInfo>,
+}
+
+/// A rejected response.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NackInfo {
+    /// Version that was rejected.
+    pub version: String,
+    /// Nonce of the rejected response.
+    pub nonce: String,
+    /// The peer's error detail.
+    pub error: String,
+}
+
+struct Shared {
+    source: Arc<dyn ConfigSource>,
+    connections: Mutex<BTreeMap<u64, ConnectionStatus>>,
+    changes: watch::Sender<u64>,
+    stop: watch::Sender<bool>,
+    next_id: AtomicU64,
+}
+
+/// Keeps a connection listed while its stream task lives.
+struct Registration {
+    shared: Arc<Shared>,
+    id: u64,
+    node: Node,
+}
+
+impl AdsServer {
+    /// A server for `source`.
+    pub fn new(source: Arc<dyn ConfigSource>) -> Self {
+        AdsServer {
+            shared: Arc::new(Shared {
+                source,
+                connections: Mutex::new(BTreeMap::new()),
+                changes: watch::channel(0).0,
+                stop: watch::channel(false).0,
+                next_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The gRPC service, to mount in a larger tonic server.
+    pub fn service(&self) -> AggregatedDiscoveryServiceServer<AdsService> {
+        AggregatedDiscoveryServiceServer::new(AdsService {
+            shared: self.shared.clone(),
+        })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+
+    /// Serves ADS on `listener` until `shutdown` resolves; then ends every open stream
+    /// (clients see the stream close and reconnect elsewhere) and returns.
+    pub async fn serve(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+    ) -> Result<(), XdsError> {
+        let shared = self.shared.clone();
+        let signal = async move {
+            shutdown.await;
+            shared.stop.send_replace(true);
+        };
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(self.service())
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            .await?;
+        Ok(())
+    }
+
+    /// Open connections.
+    pub fn connections(&self) -> Vec<ConnectionStatus> {
+        self.shared.lock().values().cloned().collect()
+    }
+
+    /// Bumps on every ACK/NACK/send/connect/disconnect.
+    pub fn status_changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
+    /// Waits until a connection of `node_id` has ACKed `version` of `type_url`.
+    pub async fn wait_acked(
+        &self,
+        node_id: &str,
+        type_url: &str,
+        version: &str,
+        timeout: Duration,
+    ) -> Result<(), XdsError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut changes = self.status_changes();
+        loop {
+            let acked = self.shared.lock().values().any(|c| {
+                c.node_id == node_id
+                    && c.types
+                        .get(type_url)
+                        .and_then(|t| t.acked_version.as_deref())
+                        == Some(version)
+            });
+            if acked {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return Err(XdsError::Closed("server dropped".to_string())),
+                Err(_) => {
+                    return Err(XdsError::Timeout {
+                        node_id: node_id.to_string(),
+                        type_url: type_url.to_string(),
+                        version: version.to_string(),
+                        timeout,
+                    })
+                }
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+        let shared = self.shared.clone();
+        tokio::spawn(sotw::run(shared, peer, request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.remote_addr();
+        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
+        let shared = self.shared.clone();
+        tokio::spawn(delta::run(shared, peer, request.into_inner(), tx));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ConnectionStatus>> {
+        self.connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn bump(&self) {
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl Registration {
+    /// Lists a new connection from the node of its first request.
+    fn new(
+        shared: Arc<Shared>,
+        node: Option<Node>,
+        peer: Option<SocketAddr>,
+        mode: XdsMode,
+    ) -> Result<Registration, Status> {
+        let node = match node {
+            Some(node) if !node.id.is_empty() => node,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first xDS request of a stream must carry a node with an id",
+                ))
+            }
+        };
+        let (info, node_error) = match NodeInfo::from_node(&node) {
+            Ok(info) => (Some(info), None),
+            Err(e) => (None, Some(e)),
+        };
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(id, node = %node.id, ?peer, ?mode, "xDS stream opened");
+        shared.lock().insert(
+            id,
+            ConnectionStatus {
+                id,
+                node_id: node.id.clone(),
+                node: info,
+                node_error,
+                peer,
+                connected_since: SystemTime::now(),
+                mode,
+                types: BTreeMap::new(),
+            },
+        );
+        shared.bump();
+        Ok(Registration { shared, id, node })
+    }
+
+    /// Changes this connection's status of one type and notifies watchers.
+    fn update(&self, type_url: &str, change: impl FnOnce(&mut TypeStatus)) {
+        if let Some(conn) = self.shared.lock().get_mut(&self.id) {
+            change(conn.types.entry(type_url.to_string()).or_default());
+        }
+        self.shared.bump();
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        tracing::info!(id = self.id, node = %self.node.id, "xDS stream closed");
+        self.shared.lock().remove(&self.id);
+        self.shared.bump();
+    }
+}
+
+/// Registers the ACK or NACK carried by a request for the response `(nonce, version)`.
+fn record_reply(
+    registration: &Registration,
+    type_url: &str,
+    nonce: &str,
+    sent_version: &str,
+    acked_version: &str,
+    error: Option<&envoy_types::pb::google::rpc::Status>,
+) {
+    match error {
+        Some(status) => {
+            tracing::warn!(node = %registration.node.id, type_url, nonce, error = %status.message, "NACK");
+            registration.update(type_url, |t| {
+                t.last_nack = Some(NackInfo {
+                    version: sent_version.to_string(),
+                    nonce: nonce.to_string(),
+                    error: status.message.clone(),
+                });
+            });
+        }
+        None => registration.update(type_url, |t| {
+            t.acked_version = Some(acked_version.to_string());
+        }),
+    }
+}
+
+/// Resolves once the server is stopping.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the server is gone: stop too.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}

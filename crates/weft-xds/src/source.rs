@@ -1,0 +1,118 @@
+//! Where an [`crate::AdsServer`] gets resources from.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::google::protobuf::Any;
+use tokio::sync::watch;
+
+use crate::type_url::resource_name;
+use crate::XdsError;
+
+/// Resources served by an [`crate::AdsServer`].
+pub trait ConfigSource: Send + Sync + 'static {
+    /// Current resources of a type for this node: (version, resources by name).
+    fn resources(&self, node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>);
+    /// A receiver that changes whenever any resource may have changed.
+    fn changes(&self) -> watch::Receiver<u64>;
+}
+
+/// Same resources for every node, set by hand (tests, `weft up` bootstrap).
+///
+/// Each type has its own version: a counter, bumped by every change of that type and
+/// returned as a decimal string. Types never set have version `"0"` and no resources.
+#[derive(Clone)]
+pub struct StaticSource {
+    inner: Arc<Mutex<BTreeMap<String, TypeResources>>>,
+    changes: Arc<watch::Sender<u64>>,
+}
+
+#[derive(Default)]
+struct TypeResources {
+    version: u64,
+    resources: BTreeMap<String, Any>,
+}
+
+impl Default for StaticSource {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl StaticSource {
+    /// An empty source.
+    pub fn new() -> Self {
+        StaticSource {
+            inner: Arc::default(),
+            changes: Arc::new(watch::channel(0).0),
+        }
+    }
+
+    /// Replaces all resources of `type_url`. Fails (changing nothing) if a resource is
+    /// of another type or has no decodable name.
+    pub fn set(&self, type_url: &str, resources: Vec<Any>) -> Result<(), XdsError> {
+        let mut named = BTreeMap::new();
+        for any in resources {
+            let name = resource_name(type_url, &any).map_err(XdsError::InvalidResource)?;
+            named.insert(name, any);
+        }
+        self.update(type_url, |map| *map = named);
+        Ok(())
+    }
+
+    /// Adds or replaces one resource of `type_url`.
+    pub fn set_one(&self, type_url: &str, resource: Any) -> Result<(), XdsError> {
+        let name = resource_name(type_url, &resource).map_err(XdsError::InvalidResource)?;
+        self.update(type_url, |map| {
+            map.insert(name, resource);
+        });
+        Ok(())
+    }
+
+    /// Removes one resource; returns whether it existed (the version bumps only then).
+    pub fn remove(&self, type_url: &str, name: &str) -> bool {
+        let exists = {
+            let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            inner
+                .get(type_url)
+                .is_some_and(|t| t.resources.contains_key(name))
+        };
+        if exists {
+            self.update(type_url, |map| {
+                map.remove(name);
+            });
+        }
+        exists
+    }
+
+    /// Current version of a type.
+    pub fn version(&self, type_url: &str) -> String {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        inner.get(type_url).map_or(0, |t| t.version).to_string()
+    }
+
+    fn update(&self, type_url: &str, change: impl FnOnce(&mut BTreeMap<String, Any>)) {
+        {
+            let mut inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+            let entry = inner.entry(type_url.to_string()).or_default();
+            change(&mut entry.resources);
+            entry.version += 1;
+        }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
+    }
+}
+
+impl ConfigSource for StaticSource {
+    fn resources(&self, _node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>) {
+        let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
+        match inner.get(type_url) {
+            Some(t) => (t.version.to_string(), t.resources.clone()),
+            None => ("0".to_string(), BTreeMap::new()),
+        }
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}

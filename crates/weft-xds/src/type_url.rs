@@ -1,0 +1,55 @@
+//! Type URLs of the resources weft exchanges and how to name a packed resource.
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+
+/// Listener (LDS).
+pub const LISTENER: &str = "type.googleapis.com/envoy.config.listener.v3.Listener";
+/// RouteConfiguration (RDS).
+pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
+/// Cluster (CDS).
+pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// ClusterLoadAssignment (EDS).
+pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// TLS Secret (SDS).
+pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// Whether an empty SotW subscription for this type means "everything" (LDS, CDS).
+pub fn is_wildcard_type(type_url: &str) -> bool {
+    type_url == LISTENER || type_url == CLUSTER
+}
+
+/// Short name of a type URL for messages and logs (`Listener`, `Cluster`, ...).
+pub fn short(type_url: &str) -> &str {
+    type_url.rsplit('.').next().unwrap_or(type_url)
+}
+
+/// The name of a packed resource of `type_url` (for a ClusterLoadAssignment its
+/// `cluster_name`). Errors name the type and say what is wrong.
+pub fn resource_name(type_url: &str, any: &Any) -> Result<String, String> {
+    if any.type_url != type_url {
+        return Err(format!(
+            "resource of type {} found where {} was expected",
+            any.type_url, type_url
+        ));
+    }
+    let bytes = any.value.as_slice();
+    let decoded = match type_url {
+        LISTENER => Listener::decode(bytes).map(|m| m.name),
+        ROUTE => RouteConfiguration::decode(bytes).map(|m| m.name),
+        CLUSTER => Cluster::decode(bytes).map(|m| m.name),
+        ENDPOINT => ClusterLoadAssignment::decode(bytes).map(|m| m.cluster_name),
+        SECRET => Secret::decode(bytes).map(|m| m.name),
+        other => return Err(format!("unknown resource type {other}")),
+    };
+    match decoded {
+        Ok(name) if name.is_empty() => Err(format!("{} without a name", short(type_url))),
+        Ok(name) => Ok(name),
+        Err(e) => Err(format!("cannot decode {}: {e}", short(type_url))),
+    }
+}
