@@ -24,6 +24,7 @@
 //!   client re-subscribes with its current interest and last accepted versions.
 #![forbid(unsafe_code)]
 
+pub mod build;
 pub mod client;
 pub mod error;
 pub mod node;

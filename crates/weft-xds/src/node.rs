@@ -26,7 +26,7 @@ pub const CLUSTER_ID: &str = "CLUSTER_ID";
 
 /// Workload identity the proxy announces (Istio node metadata keys).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct NodeInfo {
     /// Node id (Envoy `node.id`), unique per proxy.
     pub id: String,
@@ -48,7 +48,7 @@ pub struct NodeInfo {
 
 /// A port a workload declares.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(default, deny_unknown_fields)]
 pub struct PortInfo {
     /// Port name (Istio derives the protocol from a `http-`/`grpc-` prefix).
     pub name: String,
