@@ -4,4 +4,5 @@
 //! `listener` -> `detect` -> `route` -> `cluster` (balance, pool) -> `forward` ->
 //! `telemetry`.
 
+pub mod cluster;
 pub mod error;
