@@ -204,9 +204,13 @@ impl Group {
     }
 }
 
-/// Earliest-deadline-first order of `weights` (after dividing by their gcd and
-/// scaling down to [`MAX_RR_SEQUENCE`]): member `i` appears `weights[i]` times per
-/// cycle, spread out as in nginx's smooth weighted round robin.
+/// Work budget (members x sequence length) for nginx's exact algorithm; bigger groups
+/// use the earliest-deadline-first approximation.
+const MAX_SWRR_WORK: u64 = 1 << 22;
+
+/// One cycle of smooth weighted round robin over `weights` (after dividing by their
+/// gcd and scaling down to [`MAX_RR_SEQUENCE`]): member `i` appears `weights[i]` times
+/// per cycle, spread out as nginx does.
 fn smooth_sequence(weights: &[u64]) -> Vec<usize> {
     if weights.is_empty() {
         return Vec::new();
@@ -219,6 +223,39 @@ fn smooth_sequence(weights: &[u64]) -> Vec<usize> {
             *x = (*x * MAX_RR_SEQUENCE / total).max(1);
         }
     }
+    let total: u64 = w.iter().sum();
+    if total.saturating_mul(w.len() as u64) <= MAX_SWRR_WORK {
+        nginx_sequence(&w, total)
+    } else {
+        edf_sequence(&w, total)
+    }
+}
+
+/// nginx: every step each member gains its weight, the richest is picked and pays the total.
+fn nginx_sequence(w: &[u64], total: u64) -> Vec<usize> {
+    let signed_total = i64::try_from(total).unwrap_or(i64::MAX);
+    let weights: Vec<i64> = w
+        .iter()
+        .map(|&x| i64::try_from(x).unwrap_or(i64::MAX))
+        .collect();
+    let mut current = vec![0i64; w.len()];
+    let mut seq = Vec::with_capacity(total as usize);
+    for _ in 0..total {
+        let mut best = 0;
+        for i in 0..current.len() {
+            current[i] += weights[i];
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= signed_total;
+        seq.push(best);
+    }
+    seq
+}
+
+/// Earliest deadline first: member `i`'s k-th turn is due at `(k - 0.5) / w[i]`.
+fn edf_sequence(w: &[u64], total: u64) -> Vec<usize> {
     #[derive(PartialEq)]
     struct Slot {
         deadline: f64,
@@ -239,12 +276,11 @@ fn smooth_sequence(weights: &[u64]) -> Vec<usize> {
                 .then(other.index.cmp(&self.index))
         }
     }
-    let total: u64 = w.iter().sum();
     let mut heap: BinaryHeap<Slot> = w
         .iter()
         .enumerate()
         .map(|(index, &x)| Slot {
-            deadline: 1.0 / x as f64,
+            deadline: 0.5 / x as f64,
             index,
         })
         .collect();

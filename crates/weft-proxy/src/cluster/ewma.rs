@@ -25,7 +25,9 @@ pub struct EndpointLoad {
     in_flight: AtomicU64,
     /// The estimate in nanoseconds, as `f64` bits.
     ewma_ns: AtomicU64,
-    /// When the estimate was last updated, in nanoseconds since `epoch`.
+    /// When the estimate was last updated, in nanoseconds since `epoch`; 0 until the
+    /// first observation (the estimate is then exactly [`DEFAULT_RTT`], so fresh
+    /// endpoints tie and the balancer's weighted sampling decides between them).
     updated_ns: AtomicU64,
     epoch: Instant,
 }
@@ -107,8 +109,14 @@ impl EndpointLoad {
     pub fn observe(&self, rtt: Duration) {
         let now = self.now_ns();
         let rtt_ns = rtt.as_nanos() as f64;
+        let now = now.max(1);
         let last = self.updated_ns.swap(now, Ordering::Relaxed);
-        let w = decay_weight(now.saturating_sub(last));
+        let w = if last == 0 {
+            // First observation: the default estimate carries no information.
+            0.0
+        } else {
+            decay_weight(now.saturating_sub(last))
+        };
         // A racing update may be lost; the estimate stays a valid blend either way.
         let _ = self
             .ewma_ns
@@ -130,6 +138,9 @@ impl EndpointLoad {
             return est;
         }
         let last = self.updated_ns.load(Ordering::Relaxed);
+        if last == 0 {
+            return est;
+        }
         est * decay_weight(now.saturating_sub(last))
     }
 
