@@ -1,8 +1,10 @@
 //! Upstream connection pools, shared by all snapshots (they live as long as the proxy).
 //!
-//! HTTP/1.1: a keep-alive pool per endpoint. A connection returns to the pool once
-//! hyper says it can take another request (the previous response was read to the end);
-//! a connection whose response body was dropped half-read is closed instead.
+//! HTTP/1.1: a keep-alive pool per endpoint. A connection goes back into the pool as
+//! soon as its request is sent; it is handed out again only when hyper says it can
+//! take another request (the previous response was read to the end), so the next
+//! request reuses it without waiting for any background task. A connection whose
+//! response body was dropped half-read is closed by hyper and leaves the pool.
 //! HTTP/2: one multiplexed connection per endpoint, re-established when it dies;
 //! concurrent requests that find no live connection wait for the one being set up
 //! rather than each opening their own.
@@ -84,8 +86,8 @@ pub struct EndpointPoolStats {
     pub addr: SocketAddr,
     /// Open HTTP/1 connections (busy or idle).
     pub http1_open: usize,
-    /// Idle HTTP/1 connections in the pool.
-    pub http1_idle: usize,
+    /// HTTP/1 connections kept in the pool for reuse (busy or idle).
+    pub http1_pooled: usize,
     /// Open HTTP/2 connections.
     pub http2_open: usize,
 }
@@ -105,16 +107,18 @@ struct Inner {
 
 #[derive(Debug, Default)]
 struct EndpointPool {
-    idle: Mutex<VecDeque<IdleConn>>,
+    /// Pooled HTTP/1 connections, busy or idle; most recently used last.
+    h1: Mutex<VecDeque<H1Conn>>,
     h2: Mutex<Option<H2Conn>>,
     http1_open: Arc<AtomicUsize>,
-    http1_idle: AtomicUsize,
+    http1_pooled: AtomicUsize,
     http2_open: Arc<AtomicUsize>,
 }
 
 #[derive(Debug)]
-struct IdleConn {
+struct H1Conn {
     tx: http1::SendRequest<BoxBody>,
+    /// When it was last handed out (idle time is measured from there).
     since: Instant,
 }
 
@@ -212,7 +216,7 @@ impl Pools {
             .map(|(addr, p)| EndpointPoolStats {
                 addr: *addr,
                 http1_open: p.http1_open.load(Ordering::Relaxed),
-                http1_idle: p.http1_idle.load(Ordering::Relaxed),
+                http1_pooled: p.http1_pooled.load(Ordering::Relaxed),
                 http2_open: p.http2_open.load(Ordering::Relaxed),
             })
             .collect();
@@ -249,7 +253,7 @@ impl Pools {
         if let Some(mut tx) = pool.checkout_h1(self.inner.cfg.idle_timeout).await {
             match tx.try_send_request(req).await {
                 Ok(resp) => {
-                    self.release_h1(pool, tx);
+                    self.release_h1(pool, tx).await;
                     return Ok(resp);
                 }
                 Err(mut e) => match e.take_message() {
@@ -262,7 +266,7 @@ impl Pools {
         let mut tx = self.connect_h1(pool, addr, timeout).await?;
         match tx.try_send_request(req).await {
             Ok(resp) => {
-                self.release_h1(pool, tx);
+                self.release_h1(pool, tx).await;
                 Ok(resp)
             }
             Err(e) => Err(map_hyper_error(addr, e.error(), e.message().is_some())),
@@ -290,23 +294,17 @@ impl Pools {
         Ok(tx)
     }
 
-    /// Returns `tx` to the idle pool once it can take another request.
-    fn release_h1(&self, pool: &Arc<EndpointPool>, mut tx: http1::SendRequest<BoxBody>) {
-        let pool = Arc::clone(pool);
-        let max_idle = self.inner.cfg.max_idle_per_endpoint;
-        tokio::spawn(async move {
-            if tx.ready().await.is_err() {
-                return;
-            }
-            let mut idle = pool.idle.lock().await;
-            if idle.len() < max_idle {
-                idle.push_back(IdleConn {
-                    tx,
-                    since: Instant::now(),
-                });
-                pool.http1_idle.store(idle.len(), Ordering::Relaxed);
-            }
-        });
+    /// Keeps `tx` for reuse once its response is done (unless the pool is full).
+    async fn release_h1(&self, pool: &Arc<EndpointPool>, tx: http1::SendRequest<BoxBody>) {
+        let mut conns = pool.h1.lock().await;
+        conns.retain(|c| !c.tx.is_closed());
+        if conns.len() < self.inner.cfg.max_idle_per_endpoint {
+            conns.push_back(H1Conn {
+                tx,
+                since: Instant::now(),
+            });
+        }
+        pool.http1_pooled.store(conns.len(), Ordering::Relaxed);
     }
 
     async fn send_h2(
@@ -367,17 +365,15 @@ impl Pools {
 }
 
 impl EndpointPool {
-    /// The most recently used idle connection that is still usable.
+    /// The most recently used pooled connection that can take a request now.
     async fn checkout_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<BoxBody>> {
-        let mut idle = self.idle.lock().await;
-        let mut found = None;
-        while let Some(c) = idle.pop_back() {
-            if c.tx.is_ready() && c.since.elapsed() < idle_timeout {
-                found = Some(c.tx);
-                break;
-            }
-        }
-        self.http1_idle.store(idle.len(), Ordering::Relaxed);
+        let mut conns = self.h1.lock().await;
+        conns.retain(|c| {
+            !c.tx.is_closed() && !(c.tx.is_ready() && c.since.elapsed() >= idle_timeout)
+        });
+        let pos = conns.iter().rposition(|c| c.tx.is_ready());
+        let found = pos.and_then(|i| conns.remove(i)).map(|c| c.tx);
+        self.http1_pooled.store(conns.len(), Ordering::Relaxed);
         found
     }
 
@@ -391,9 +387,11 @@ impl EndpointPool {
     /// Closes idle connections older than `idle_timeout`; true when nothing is left.
     async fn reap(&self, idle_timeout: Duration) -> bool {
         {
-            let mut idle = self.idle.lock().await;
-            idle.retain(|c| c.tx.is_ready() && c.since.elapsed() < idle_timeout);
-            self.http1_idle.store(idle.len(), Ordering::Relaxed);
+            let mut conns = self.h1.lock().await;
+            conns.retain(|c| {
+                !c.tx.is_closed() && !(c.tx.is_ready() && c.since.elapsed() >= idle_timeout)
+            });
+            self.http1_pooled.store(conns.len(), Ordering::Relaxed);
         }
         {
             let mut slot = self.h2.lock().await;
