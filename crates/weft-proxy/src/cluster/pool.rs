@@ -388,9 +388,7 @@ impl EndpointPool {
     async fn reap(&self, idle_timeout: Duration) -> bool {
         {
             let mut conns = self.h1.lock().await;
-            conns.retain(|c| {
-                !c.tx.is_closed() && !(c.tx.is_ready() && c.since.elapsed() >= idle_timeout)
-            });
+            conns.retain(|c| c.worth_keeping(idle_timeout));
             self.http1_pooled.store(conns.len(), Ordering::Relaxed);
         }
         {
@@ -403,6 +401,14 @@ impl EndpointPool {
             }
         }
         self.http1_open.load(Ordering::Relaxed) == 0 && self.http2_open.load(Ordering::Relaxed) == 0
+    }
+}
+
+impl H1Conn {
+    /// Open, and either busy or idle for less than `idle_timeout`.
+    fn worth_keeping(&self, idle_timeout: Duration) -> bool {
+        let idle_too_long = self.tx.is_ready() && self.since.elapsed() >= idle_timeout;
+        !self.tx.is_closed() && !idle_too_long
     }
 }
 
