@@ -368,9 +368,7 @@ impl EndpointPool {
     /// The most recently used pooled connection that can take a request now.
     async fn checkout_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<BoxBody>> {
         let mut conns = self.h1.lock().await;
-        conns.retain(|c| {
-            !c.tx.is_closed() && !(c.tx.is_ready() && c.since.elapsed() >= idle_timeout)
-        });
+        conns.retain(|c| c.worth_keeping(idle_timeout));
         let pos = conns.iter().rposition(|c| c.tx.is_ready());
         let found = pos.and_then(|i| conns.remove(i)).map(|c| c.tx);
         self.http1_pooled.store(conns.len(), Ordering::Relaxed);
