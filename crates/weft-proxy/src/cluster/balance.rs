@@ -303,3 +303,46 @@ fn gcd(a: u64, b: u64) -> u64 {
         gcd(b, a % b)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(seq: &[usize], n: usize) -> Vec<u64> {
+        let mut c = vec![0u64; n];
+        for &i in seq {
+            c[i] += 1;
+        }
+        c
+    }
+
+    #[test]
+    fn nginx_sequence_matches_nginx_for_5_1_1() {
+        assert_eq!(smooth_sequence(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn sequences_reduce_by_gcd() {
+        assert_eq!(smooth_sequence(&[200, 100]).len(), 3);
+    }
+
+    #[test]
+    fn big_groups_use_edf_with_exact_counts() {
+        let weights: Vec<u64> = (0..2100).map(|i| 1 + (i % 3)).collect();
+        let total: u64 = weights.iter().sum();
+        assert!(
+            total * weights.len() as u64 > MAX_SWRR_WORK,
+            "exercises EDF"
+        );
+        let seq = smooth_sequence(&weights);
+        assert_eq!(counts(&seq, weights.len()), weights);
+    }
+
+    #[test]
+    fn huge_weights_are_scaled_but_every_member_stays() {
+        let seq = smooth_sequence(&[1_000_000, 1, 3]);
+        assert!(seq.len() as u64 <= MAX_RR_SEQUENCE + 2);
+        let c = counts(&seq, 3);
+        assert!(c[1] >= 1 && c[2] >= 1 && c[0] > 1000, "{c:?}");
+    }
+}

@@ -73,6 +73,11 @@ impl Server {
                                     .map(str::to_string)
                             })
                             .unwrap_or_default();
+                        if req.uri().path() == "/big" {
+                            // Too big to be buffered: the connection stays busy until read.
+                            let big = Bytes::from(vec![b'x'; 4 << 20]);
+                            return Ok::<_, hyper::Error>(Response::new(Full::new(big)));
+                        }
                         let body = format!("{host} {}", req.uri());
                         Ok::<_, hyper::Error>(Response::new(Full::new(Bytes::from(body))))
                     }
@@ -358,4 +363,162 @@ async fn pools_survive_an_endpoint_going_away_and_coming_back() {
         assert_eq!(body(resp).await, if h2 { "a http://a/3" } else { "a /3" });
         assert_eq!(server.accepted(), 1);
     }
+}
+
+/// A raw server that reads one request head per connection, then runs `answer`.
+async fn raw_server(answer: &'static [u8]) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let _ = stream.write_all(answer).await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn invalid_response_is_an_upstream_protocol_error() {
+    let addr = raw_server(b"NOT HTTP AT ALL\r\n\r\n").await;
+    let pools = Pools::new(PoolConfig::default());
+    let err = pools
+        .send(
+            &endpoint(addr),
+            UpstreamProtocol::Http1,
+            TIMEOUT,
+            get("/", "a"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UpstreamProtocol, "{err}");
+}
+
+#[tokio::test]
+async fn close_after_the_request_was_read_is_a_reset_that_may_have_been_seen() {
+    let addr = raw_server(b"").await;
+    let pools = Pools::new(PoolConfig::default());
+    let err = pools
+        .send(
+            &endpoint(addr),
+            UpstreamProtocol::Http1,
+            TIMEOUT,
+            get("/", "a"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::UpstreamReset, "{err}");
+    assert!(!err.was_not_sent(), "the upstream read the request");
+}
+
+#[tokio::test]
+async fn http2_refused_stream_is_reported_as_not_sent() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let Ok(mut conn) = h2::server::handshake(stream).await else {
+            return;
+        };
+        while let Some(Ok((_req, mut respond))) = conn.accept().await {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+        }
+    });
+    let pools = Pools::new(PoolConfig::default());
+    let err = pools
+        .send(
+            &endpoint(addr),
+            UpstreamProtocol::Http2,
+            TIMEOUT,
+            get("/", "a"),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::RefusedStream, "{err}");
+    assert!(err.was_not_sent());
+}
+
+#[tokio::test]
+async fn idle_connections_are_closed_after_the_idle_timeout() {
+    let server = Server::start(false).await;
+    let pools = Pools::new(PoolConfig {
+        idle_timeout: Duration::from_millis(100),
+        max_idle_per_endpoint: 4,
+    });
+    let ep = endpoint(server.addr);
+    let resp = pools
+        .send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a"))
+        .await
+        .unwrap();
+    body(resp).await;
+    assert_eq!(pools.stats().endpoints[0].http1_open, 1);
+    // The reaper runs every 50 ms; give it a generous deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while pools
+        .stats()
+        .endpoints
+        .first()
+        .is_some_and(|e| e.http1_open > 0)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "idle connection never closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // And the pool still works afterwards.
+    let resp = pools
+        .send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a"))
+        .await
+        .unwrap();
+    assert_eq!(body(resp).await, "a /");
+    assert_eq!(server.accepted(), 2);
+}
+
+#[tokio::test]
+async fn max_idle_per_endpoint_bounds_the_pool() {
+    let server = Server::start(false).await;
+    let pools = Pools::new(PoolConfig {
+        idle_timeout: Duration::from_secs(60),
+        max_idle_per_endpoint: 2,
+    });
+    let ep = Arc::new(endpoint(server.addr));
+    // Five responses held open at once need five connections...
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(
+            pools
+                .send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/big", "a"))
+                .await
+                .unwrap(),
+        );
+    }
+    assert_eq!(server.accepted(), 5);
+    assert_eq!(pools.stats().endpoints[0].http1_pooled, 2);
+    for resp in held {
+        body(resp).await;
+    }
+    // ...but only two are kept for reuse.
+    for _ in 0..4 {
+        let resp = pools
+            .send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a"))
+            .await
+            .unwrap();
+        body(resp).await;
+    }
+    assert_eq!(server.accepted(), 5);
 }
