@@ -24,7 +24,9 @@ use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Locali
 pub use config::{ClusterConfig, Discovery, LbPolicy, Limits, UpstreamProtocol};
 pub use endpoints::{Endpoint, Health};
 pub use ewma::{ClusterLoad, EndpointLoad, InFlight, LoadRegistry, RequestPermit};
-pub use pool::{BoxBody, Connector, PoolConfig, PoolStats, Pools, UpstreamStream};
+pub use pool::{
+    BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamStream,
+};
 
 use crate::cluster::balance::Balancer;
 use crate::cluster::endpoints::{decode_assignment, HostAddr};
@@ -56,16 +58,26 @@ impl Cluster {
             Discovery::Eds { .. } => cla,
             _ => cla.or(config.static_endpoints.as_ref()),
         };
+        let dns = matches!(
+            config.discovery,
+            Discovery::StrictDns | Discovery::LogicalDns
+        );
         let raw = match assignment {
-            Some(cla) => decode_assignment(&config.name, "load_assignment", cla, false)?,
+            Some(cla) => decode_assignment(&config.name, "load_assignment", cla, dns)?,
             None => Vec::new(),
         };
         let mut endpoints = Vec::with_capacity(raw.len());
         let mut priorities = Vec::with_capacity(raw.len());
         for r in raw {
-            let HostAddr::Ip(addr) = r.addr else {
-                // decode_assignment without hostnames never yields names.
-                continue;
+            let addr = match r.addr {
+                HostAddr::Ip(addr) => addr,
+                HostAddr::Name(host, _) => return Err(ConfigError::new(
+                    &config.name,
+                    "load_assignment",
+                    format!(
+                        "hostname {host:?} is not resolved; pass the assignment from resolve_dns"
+                    ),
+                )),
             };
             priorities.push(r.priority);
             endpoints.push(Arc::new(Endpoint {
@@ -86,7 +98,8 @@ impl Cluster {
 
     /// Pick an endpoint, skipping `exclude` when possible (retries prefer other hosts).
     /// Priorities: lowest priority with a healthy endpoint; Degraded only when no Healthy.
-    /// PeakEwma: P2C by cost = ewma_rtt * (in_flight + 1), weights honoured;
+    /// PeakEwma: P2C by cost = ewma_rtt * (in_flight + 1), weights honoured (the two
+    /// candidates are sampled by weight, so equally loaded endpoints share by weight);
     /// LeastRequest: P2C on in-flight (Envoy's choice_count 2, weighted variant);
     /// RoundRobin: smooth weighted RR; Random: weighted random.
     /// ORIGINAL_DST clusters have no endpoints: the caller connects to the original

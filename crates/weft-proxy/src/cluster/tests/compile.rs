@@ -379,3 +379,26 @@ fn original_dst_cluster_picks_nothing() {
     .unwrap();
     assert!(cluster.pick(&[]).is_none());
 }
+
+#[tokio::test]
+async fn logical_dns_keeps_one_address_and_unresolved_names_are_refused() {
+    let x = XdsCluster {
+        name: "l".into(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::LogicalDns as i32)),
+        load_assignment: Some(cla(
+            "l",
+            vec![(
+                0,
+                vec![lb_endpoint("localhost", 80, 1, HealthStatus::Healthy)],
+            )],
+        )),
+        ..Default::default()
+    };
+    let c = std::sync::Arc::new(ClusterConfig::compile(&x).unwrap());
+    let loads = crate::cluster::LoadRegistry::new();
+    let e = crate::cluster::Cluster::new(c.clone(), None, &loads).unwrap_err();
+    assert!(e.message.contains("resolve_dns"), "{e}");
+    let resolved = resolve_dns(&c).await.unwrap().unwrap();
+    let cluster = crate::cluster::Cluster::new(c, Some(&resolved), &loads).unwrap();
+    assert_eq!(cluster.endpoints().len(), 1);
+}
