@@ -71,13 +71,15 @@ impl Cluster {
         for r in raw {
             let addr = match r.addr {
                 HostAddr::Ip(addr) => addr,
-                HostAddr::Name(host, _) => return Err(ConfigError::new(
-                    &config.name,
-                    "load_assignment",
-                    format!(
+                HostAddr::Name(host, _) => {
+                    return Err(ConfigError::new(
+                        &config.name,
+                        "load_assignment",
+                        format!(
                         "hostname {host:?} is not resolved; pass the assignment from resolve_dns"
                     ),
-                )),
+                    ))
+                }
             };
             priorities.push(r.priority);
             endpoints.push(Arc::new(Endpoint {

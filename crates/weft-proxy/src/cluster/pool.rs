@@ -317,10 +317,13 @@ impl Pools {
         let (mut tx, reused) = self.h2_sender(pool, addr, timeout).await?;
         let req = match tx.try_send_request(req).await {
             Ok(resp) => return Ok(resp),
-            Err(mut e) => match e.take_message() {
-                Some(back) if reused => back,
-                _ => return Err(map_hyper_error(addr, e.error(), e.message().is_some())),
-            },
+            Err(mut e) => {
+                let unsent = e.message().is_some();
+                match e.take_message() {
+                    Some(back) if reused => back,
+                    _ => return Err(map_hyper_error(addr, e.error(), unsent)),
+                }
+            }
         };
         // The shared connection died before taking the request: replace it once.
         pool.drop_h2_if_closed().await;
