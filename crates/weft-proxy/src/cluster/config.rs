@@ -1,0 +1,364 @@
+//! Compiling an xDS `Cluster` into weft's [`ClusterConfig`].
+//!
+//! Load-balancing policy, in order of precedence:
+//! 1. `metadata.filter_metadata["weft"].lb_policy` (a string: `PEAK_EWMA`, `ROUND_ROBIN`,
+//!    `LEAST_REQUEST`, `RANDOM`) — how weft's control plane asks for its default
+//!    balancer, P2C over peak-EWMA latency;
+//! 2. `load_balancing_policy`: the first policy weft understands
+//!    (`envoy.extensions.load_balancing_policies.{round_robin,least_request,random}.v3`;
+//!    ring hash and maglev map to peak EWMA until consistent hashing lands);
+//! 3. the `lb_policy` enum. Proto3 cannot tell an unset `lb_policy` from
+//!    `ROUND_ROBIN = 0`, so a cluster with no explicit policy anywhere is ROUND_ROBIN,
+//!    exactly as in Envoy. RING_HASH and MAGLEV map to peak EWMA for now.
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+    ClusterDiscoveryType, ClusterProtocolSelection, DiscoveryType, LbPolicy as EnvoyLbPolicy,
+};
+use envoy_types::pb::envoy::config::cluster::v3::Cluster as XdsCluster;
+use envoy_types::pb::envoy::config::core::v3::{Metadata, RoutingPriority};
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::extensions::load_balancing_policies::{
+    least_request::v3::LeastRequest, maglev::v3::Maglev, random::v3::Random,
+    ring_hash::v3::RingHash, round_robin::v3::RoundRobin,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+    explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use envoy_types::pb::google::protobuf::value::Kind;
+use prost::{Message, Name};
+
+use crate::cluster::endpoints::decode_assignment;
+use crate::error::ConfigError;
+
+/// The key of the upstream HTTP options in `typed_extension_protocol_options`.
+pub const HTTP_PROTOCOL_OPTIONS_KEY: &str =
+    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// Envoy's default connect timeout.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The HTTP version spoken to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with a keep-alive pool.
+    Http1,
+    /// HTTP/2 (prior knowledge), one multiplexed connection per endpoint.
+    Http2,
+    /// Whatever the downstream spoke; the caller resolves this before sending.
+    UseDownstream,
+}
+
+/// How an endpoint is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbPolicy {
+    /// Power of two choices over peak-EWMA latency times outstanding requests (weft's default).
+    PeakEwma,
+    /// Smooth weighted round robin.
+    RoundRobin,
+    /// Weighted random.
+    Random,
+    /// Power of two choices over outstanding requests.
+    LeastRequest,
+}
+
+/// Where the cluster's endpoints come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Discovery {
+    /// Endpoints arrive over EDS under `service_name` (the cluster name when unset).
+    Eds {
+        /// The EDS resource name.
+        service_name: String,
+    },
+    /// Endpoints are the IP addresses in `load_assignment`.
+    Static,
+    /// Every address a hostname resolves to is an endpoint (resolved once, see
+    /// [`crate::cluster::resolve_dns`]).
+    StrictDns,
+    /// The first address a hostname resolves to is the endpoint (resolved once).
+    LogicalDns,
+    /// Connect to the downstream connection's original destination; `pick` returns None.
+    OriginalDst,
+}
+
+/// Circuit-breaker limits of the default priority (Envoy's defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Maximum connections to the whole cluster.
+    pub max_connections: u32,
+    /// Maximum requests waiting for a connection.
+    pub max_pending_requests: u32,
+    /// Maximum requests outstanding to the whole cluster.
+    pub max_requests: u32,
+    /// Maximum concurrent retries.
+    pub max_retries: u32,
+}
+
+/// A compiled cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClusterConfig {
+    /// The cluster name.
+    pub name: String,
+    /// Where endpoints come from.
+    pub discovery: Discovery,
+    /// How an endpoint is chosen.
+    pub lb: LbPolicy,
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// HTTP version to the upstream.
+    pub protocol: UpstreamProtocol,
+    /// Circuit-breaker limits.
+    pub limits: Limits,
+    /// `load_assignment`, for STATIC and DNS clusters.
+    pub static_endpoints: Option<ClusterLoadAssignment>,
+    /// The cluster's metadata.
+    pub metadata: Option<Metadata>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// Compiles an xDS cluster. Errors name the cluster and the offending field.
+    pub fn compile(c: &XdsCluster) -> Result<ClusterConfig, ConfigError> {
+        let err = |field: &str, msg: String| ConfigError::new(&c.name, field, msg);
+        if c.name.is_empty() {
+            return Err(err("name", "a cluster needs a non-empty name".into()));
+        }
+        let discovery = discovery(c)?;
+        let connect_timeout = match &c.connect_timeout {
+            None => DEFAULT_CONNECT_TIMEOUT,
+            Some(d) => {
+                if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
+                    return Err(err(
+                        "connect_timeout",
+                        format!(
+                            "expected a positive duration, got {}s {}ns",
+                            d.seconds, d.nanos
+                        ),
+                    ));
+                }
+                // Non-negative checked above.
+                Duration::new(d.seconds.unsigned_abs(), d.nanos.unsigned_abs())
+            }
+        };
+        let static_endpoints = match discovery {
+            Discovery::Static | Discovery::StrictDns | Discovery::LogicalDns => {
+                let cla = c.load_assignment.clone().ok_or_else(|| {
+                    err(
+                        "load_assignment",
+                        "STATIC and DNS clusters need a load_assignment".into(),
+                    )
+                })?;
+                let hostnames = discovery != Discovery::Static;
+                decode_assignment(&c.name, "load_assignment", &cla, hostnames)?;
+                Some(cla)
+            }
+            _ => None,
+        };
+        Ok(ClusterConfig {
+            name: c.name.clone(),
+            discovery,
+            lb: lb_policy(c)?,
+            connect_timeout,
+            protocol: protocol(c)?,
+            limits: limits(c),
+            static_endpoints,
+            metadata: c.metadata.clone(),
+        })
+    }
+}
+
+fn discovery(c: &XdsCluster) -> Result<Discovery, ConfigError> {
+    let ty = match &c.cluster_discovery_type {
+        None => DiscoveryType::Static,
+        Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(*t).map_err(|_| {
+            ConfigError::new(&c.name, "type", format!("unknown discovery type {t}"))
+        })?,
+        Some(ClusterDiscoveryType::ClusterType(ct)) => {
+            return Err(ConfigError::new(
+                &c.name,
+                "cluster_type",
+                format!("custom cluster type {:?} is not supported", ct.name),
+            ))
+        }
+    };
+    Ok(match ty {
+        DiscoveryType::Static => Discovery::Static,
+        DiscoveryType::StrictDns => Discovery::StrictDns,
+        DiscoveryType::LogicalDns => Discovery::LogicalDns,
+        DiscoveryType::OriginalDst => Discovery::OriginalDst,
+        DiscoveryType::Eds => {
+            let name = c
+                .eds_cluster_config
+                .as_ref()
+                .map(|e| e.service_name.clone())
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| c.name.clone());
+            Discovery::Eds { service_name: name }
+        }
+    })
+}
+
+fn lb_policy(c: &XdsCluster) -> Result<LbPolicy, ConfigError> {
+    if let Some(p) = weft_lb_policy(c)? {
+        return Ok(p);
+    }
+    if let Some(lbp) = &c.load_balancing_policy {
+        for (i, policy) in lbp.policies.iter().enumerate() {
+            let Some(tc) = &policy.typed_extension_config else {
+                continue;
+            };
+            let Some(any) = &tc.typed_config else {
+                return Err(ConfigError::new(
+                    &c.name,
+                    format!(
+                        "load_balancing_policy.policies[{i}].typed_extension_config.typed_config"
+                    ),
+                    "missing typed_config",
+                ));
+            };
+            let url = any.type_url.as_str();
+            if url == RoundRobin::type_url() {
+                return Ok(LbPolicy::RoundRobin);
+            } else if url == LeastRequest::type_url() {
+                return Ok(LbPolicy::LeastRequest);
+            } else if url == Random::type_url() {
+                return Ok(LbPolicy::Random);
+            } else if url == RingHash::type_url() || url == Maglev::type_url() {
+                return Ok(LbPolicy::PeakEwma);
+            }
+        }
+        return Err(ConfigError::new(
+            &c.name,
+            "load_balancing_policy.policies",
+            "no supported policy (round_robin, least_request, random, ring_hash, maglev)",
+        ));
+    }
+    match EnvoyLbPolicy::try_from(c.lb_policy) {
+        Ok(EnvoyLbPolicy::RoundRobin) | Ok(EnvoyLbPolicy::ClusterProvided) => {
+            Ok(LbPolicy::RoundRobin)
+        }
+        Ok(EnvoyLbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
+        Ok(EnvoyLbPolicy::Random) => Ok(LbPolicy::Random),
+        Ok(EnvoyLbPolicy::RingHash) | Ok(EnvoyLbPolicy::Maglev) => Ok(LbPolicy::PeakEwma),
+        Ok(EnvoyLbPolicy::LoadBalancingPolicyConfig) => Err(ConfigError::new(
+            &c.name,
+            "load_balancing_policy",
+            "lb_policy LOAD_BALANCING_POLICY_CONFIG needs load_balancing_policy",
+        )),
+        Err(_) => Err(ConfigError::new(
+            &c.name,
+            "lb_policy",
+            format!("unknown lb_policy {}", c.lb_policy),
+        )),
+    }
+}
+
+fn weft_lb_policy(c: &XdsCluster) -> Result<Option<LbPolicy>, ConfigError> {
+    let field = "metadata.filter_metadata.weft.lb_policy";
+    let Some(value) = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("weft"))
+        .and_then(|s| s.fields.get("lb_policy"))
+    else {
+        return Ok(None);
+    };
+    let Some(Kind::StringValue(s)) = &value.kind else {
+        return Err(ConfigError::new(&c.name, field, "expected a string"));
+    };
+    match s.as_str() {
+        "PEAK_EWMA" => Ok(Some(LbPolicy::PeakEwma)),
+        "ROUND_ROBIN" => Ok(Some(LbPolicy::RoundRobin)),
+        "LEAST_REQUEST" => Ok(Some(LbPolicy::LeastRequest)),
+        "RANDOM" => Ok(Some(LbPolicy::Random)),
+        other => Err(ConfigError::new(
+            &c.name,
+            field,
+            format!("unknown policy {other:?}; expected PEAK_EWMA, ROUND_ROBIN, LEAST_REQUEST or RANDOM"),
+        )),
+    }
+}
+
+fn protocol(c: &XdsCluster) -> Result<UpstreamProtocol, ConfigError> {
+    if let Some(any) = c
+        .typed_extension_protocol_options
+        .get(HTTP_PROTOCOL_OPTIONS_KEY)
+    {
+        let field = format!("typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS_KEY}]");
+        if any.type_url != HttpProtocolOptions::type_url() {
+            return Err(ConfigError::new(
+                &c.name,
+                field,
+                format!(
+                    "expected {}, got {}",
+                    HttpProtocolOptions::type_url(),
+                    any.type_url
+                ),
+            ));
+        }
+        let opts = HttpProtocolOptions::decode(any.value.as_slice())
+            .map_err(|e| ConfigError::new(&c.name, &field, format!("cannot decode: {e}")))?;
+        return match opts.upstream_protocol_options {
+            None => Ok(UpstreamProtocol::Http1),
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => match e.protocol_config {
+                Some(ProtocolConfig::Http2ProtocolOptions(_)) => Ok(UpstreamProtocol::Http2),
+                Some(ProtocolConfig::HttpProtocolOptions(_)) | None => Ok(UpstreamProtocol::Http1),
+                Some(ProtocolConfig::Http3ProtocolOptions(_)) => Err(ConfigError::new(
+                    &c.name,
+                    format!("{field}.explicit_http_config.http3_protocol_options"),
+                    "HTTP/3 upstreams are not supported",
+                )),
+            },
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => {
+                Ok(UpstreamProtocol::UseDownstream)
+            }
+            // Without TLS there is no ALPN: auto config speaks HTTP/1.1, as Envoy does.
+            Some(UpstreamProtocolOptions::AutoConfig(_)) => Ok(UpstreamProtocol::Http1),
+        };
+    }
+    #[allow(deprecated)]
+    let h2 = c.http2_protocol_options.is_some();
+    #[allow(deprecated)]
+    let downstream = c.protocol_selection == ClusterProtocolSelection::UseDownstreamProtocol as i32;
+    Ok(match (downstream, h2) {
+        (true, _) => UpstreamProtocol::UseDownstream,
+        (false, true) => UpstreamProtocol::Http2,
+        (false, false) => UpstreamProtocol::Http1,
+    })
+}
+
+fn limits(c: &XdsCluster) -> Limits {
+    let mut l = Limits::default();
+    let Some(t) = c.circuit_breakers.as_ref().and_then(|cb| {
+        cb.thresholds
+            .iter()
+            .find(|t| t.priority == RoutingPriority::Default as i32)
+    }) else {
+        return l;
+    };
+    if let Some(v) = &t.max_connections {
+        l.max_connections = v.value;
+    }
+    if let Some(v) = &t.max_pending_requests {
+        l.max_pending_requests = v.value;
+    }
+    if let Some(v) = &t.max_requests {
+        l.max_requests = v.value;
+    }
+    if let Some(v) = &t.max_retries {
+        l.max_retries = v.value;
+    }
+    l
+}

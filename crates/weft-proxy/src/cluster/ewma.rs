@@ -1,0 +1,276 @@
+//! Per-endpoint load: outstanding requests and peak-EWMA latency, lock-free.
+//!
+//! Peak EWMA (Finagle, linkerd2-proxy): a latency above the estimate replaces it at
+//! once (the peak); a lower one is blended in with weight `1 - exp(-elapsed / TAU)`,
+//! so the estimate forgets slowly when requests are frequent and quickly when they
+//! are rare. While an endpoint has nothing in flight its estimate also decays towards
+//! zero with the same time constant, so an endpoint that was slow is tried again later.
+//! The balancer's cost is `estimate * (in_flight + 1)`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+/// The decay time constant of the latency estimate.
+pub const TAU: Duration = Duration::from_secs(10);
+
+/// The latency assumed for an endpoint that has not answered yet.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+
+/// Outstanding requests and latency estimate of one endpoint.
+#[derive(Debug)]
+pub struct EndpointLoad {
+    in_flight: AtomicU64,
+    /// The estimate in nanoseconds, as `f64` bits.
+    ewma_ns: AtomicU64,
+    /// When the estimate was last updated, in nanoseconds since `epoch`; 0 until the
+    /// first observation (the estimate is then exactly [`DEFAULT_RTT`], so fresh
+    /// endpoints tie and the balancer's weighted sampling decides between them).
+    updated_ns: AtomicU64,
+    epoch: Instant,
+}
+
+/// A request in flight to an endpoint. [`InFlight::finish`] records its latency;
+/// dropping it without finishing only ends it (errors, cancellations).
+#[derive(Debug)]
+pub struct InFlight {
+    load: Arc<EndpointLoad>,
+    started: Instant,
+}
+
+/// Outstanding requests of a whole cluster, shared across snapshots; the hook for the
+/// `max_requests` circuit breaker (the caller raises `Overflow`).
+#[derive(Debug, Default)]
+pub struct ClusterLoad {
+    requests: AtomicU32,
+}
+
+/// A request counted against [`ClusterLoad`]; released on drop.
+#[derive(Debug)]
+pub struct RequestPermit {
+    load: Arc<ClusterLoad>,
+}
+
+/// Keeps [`EndpointLoad`] per (cluster, addr) alive across config recompiles so EWMA and
+/// in-flight counts survive a snapshot swap; prunes entries no snapshot uses.
+///
+/// Only config compilation touches its lock, never the request path.
+#[derive(Debug, Default)]
+pub struct LoadRegistry {
+    inner: Mutex<RegistryInner>,
+}
+
+#[derive(Debug, Default)]
+struct RegistryInner {
+    endpoints: HashMap<(String, SocketAddr), Weak<EndpointLoad>>,
+    clusters: HashMap<String, Weak<ClusterLoad>>,
+    pruned_len: usize,
+}
+
+impl EndpointLoad {
+    /// A fresh load: nothing in flight, estimate [`DEFAULT_RTT`].
+    pub fn new() -> Self {
+        EndpointLoad {
+            in_flight: AtomicU64::new(0),
+            ewma_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
+            updated_ns: AtomicU64::new(0),
+            epoch: Instant::now(),
+        }
+    }
+
+    /// Starts a request: counts it in flight until the guard is finished or dropped.
+    pub fn start(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            load: Arc::clone(self),
+            started: Instant::now(),
+        }
+    }
+
+    /// Requests currently in flight.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// The current latency estimate.
+    pub fn ewma(&self) -> Duration {
+        Duration::from_nanos(self.decayed_ns(self.now_ns()) as u64)
+    }
+
+    /// The balancer's cost: estimate in nanoseconds times (in flight + 1).
+    pub fn cost(&self) -> f64 {
+        let pending = self.in_flight() as f64;
+        self.decayed_ns(self.now_ns()) * (pending + 1.0)
+    }
+
+    /// Records one observed latency.
+    pub fn observe(&self, rtt: Duration) {
+        let now = self.now_ns();
+        let rtt_ns = rtt.as_nanos() as f64;
+        let now = now.max(1);
+        let last = self.updated_ns.swap(now, Ordering::Relaxed);
+        let w = if last == 0 {
+            // First observation: the default estimate carries no information.
+            0.0
+        } else {
+            decay_weight(now.saturating_sub(last))
+        };
+        // A racing update may be lost; the estimate stays a valid blend either way.
+        let _ = self
+            .ewma_ns
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                let old = f64::from_bits(bits);
+                let new = if rtt_ns > old {
+                    rtt_ns
+                } else {
+                    old * w + rtt_ns * (1.0 - w)
+                };
+                Some(new.to_bits())
+            });
+    }
+
+    fn decayed_ns(&self, now: u64) -> f64 {
+        let est = f64::from_bits(self.ewma_ns.load(Ordering::Relaxed));
+        if self.in_flight() > 0 {
+            // Something is outstanding: it may be slow, do not forget the estimate.
+            return est;
+        }
+        let last = self.updated_ns.load(Ordering::Relaxed);
+        if last == 0 {
+            return est;
+        }
+        est * decay_weight(now.saturating_sub(last))
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+impl Default for EndpointLoad {
+    fn default() -> Self {
+        EndpointLoad::new()
+    }
+}
+
+impl InFlight {
+    /// Ends the request and records its latency.
+    pub fn finish(self, rtt: Duration) {
+        self.load.observe(rtt);
+        // Drop decrements the in-flight count.
+    }
+
+    /// Time since the request started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl ClusterLoad {
+    /// Counts a request unless `max` are already outstanding (then the caller
+    /// answers with `Overflow`).
+    pub fn try_start(self: &Arc<Self>, max: u32) -> Option<RequestPermit> {
+        self.requests
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| RequestPermit {
+                load: Arc::clone(self),
+            })
+    }
+
+    /// Requests outstanding.
+    pub fn requests(&self) -> u32 {
+        self.requests.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for RequestPermit {
+    fn drop(&mut self) {
+        self.load.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl LoadRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        LoadRegistry::default()
+    }
+
+    /// The load of `addr` in `cluster`: the one a live snapshot already uses, or a new one.
+    pub fn get(&self, cluster: &str, addr: SocketAddr) -> Arc<EndpointLoad> {
+        let mut inner = self.lock();
+        let key = (cluster.to_string(), addr);
+        if let Some(load) = inner.endpoints.get(&key).and_then(Weak::upgrade) {
+            return load;
+        }
+        let load = Arc::new(EndpointLoad::new());
+        inner.endpoints.insert(key, Arc::downgrade(&load));
+        inner.maybe_prune();
+        load
+    }
+
+    /// The request counter of `cluster`, shared by all snapshots that use it.
+    pub fn cluster(&self, cluster: &str) -> Arc<ClusterLoad> {
+        let mut inner = self.lock();
+        if let Some(load) = inner.clusters.get(cluster).and_then(Weak::upgrade) {
+            return load;
+        }
+        let load = Arc::new(ClusterLoad::default());
+        inner
+            .clusters
+            .insert(cluster.to_string(), Arc::downgrade(&load));
+        inner.maybe_prune();
+        load
+    }
+
+    /// Drops entries no snapshot uses any more.
+    pub fn prune(&self) {
+        self.lock().prune();
+    }
+
+    /// Endpoint entries held (live or not yet pruned).
+    pub fn len(&self) -> usize {
+        self.lock().endpoints.len()
+    }
+
+    /// True when no endpoint entry is held.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RegistryInner> {
+        // The map stays consistent even if a holder panicked: recover it.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+impl RegistryInner {
+    /// Prunes when the maps doubled since the last prune: amortised O(1) per insert.
+    fn maybe_prune(&mut self) {
+        let len = self.endpoints.len() + self.clusters.len();
+        if len > 2 * self.pruned_len + 16 {
+            self.prune();
+        }
+    }
+
+    fn prune(&mut self) {
+        self.endpoints.retain(|_, w| w.strong_count() > 0);
+        self.clusters.retain(|_, w| w.strong_count() > 0);
+        self.pruned_len = self.endpoints.len() + self.clusters.len();
+    }
+}
+
+/// `exp(-elapsed / TAU)`: the weight of the old estimate after `elapsed_ns`.
+fn decay_weight(elapsed_ns: u64) -> f64 {
+    (-(elapsed_ns as f64) / TAU.as_nanos() as f64).exp()
+}

@@ -1,0 +1,615 @@
+//! Upstream connection pools, shared by all snapshots (they live as long as the proxy).
+//!
+//! HTTP/1.1: a keep-alive pool per endpoint. A connection goes back into the pool as
+//! soon as its request is sent; it is handed out again only when hyper says it can
+//! take another request (the previous response was read to the end), so the next
+//! request reuses it without waiting for any background task. A connection whose
+//! response body was dropped half-read is closed by hyper and leaves the pool.
+//! HTTP/2: one multiplexed connection per endpoint, re-established when it dies;
+//! concurrent requests that find no live connection wait for the one being set up
+//! rather than each opening their own.
+//!
+//! A request that fails on a *reused* connection before hyper wrote it (the peer had
+//! closed an idle keep-alive connection) is sent once more on a fresh connection, so
+//! stale keep-alive never surfaces as a 503.
+//!
+//! The per-endpoint locks are `tokio` mutexes held only to take or return a connection
+//! (and, for HTTP/2, while the one shared connection is being established).
+
+use std::collections::{HashMap, VecDeque};
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{header, Request, Response, Uri, Version};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::Mutex;
+
+use crate::cluster::config::UpstreamProtocol;
+use crate::cluster::endpoints::Endpoint;
+use crate::error::{ErrorKind, ProxyError};
+
+/// The request body type the pools send.
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<
+    bytes::Bytes,
+    Box<dyn std::error::Error + Send + Sync>,
+>;
+
+/// Pool settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolConfig {
+    /// Idle connections older than this are closed.
+    pub idle_timeout: Duration,
+    /// At most this many idle HTTP/1 connections are kept per endpoint.
+    pub max_idle_per_endpoint: usize,
+}
+
+/// How connections to upstreams are made. The extension point for mTLS to the peer
+/// proxy: a `Tls` variant (client config + expected SPIFFE identity) will wrap the TCP
+/// stream here and add an [`UpstreamStream`] variant; the pool key then becomes
+/// (address, transport).
+#[derive(Debug, Clone, Default)]
+pub enum Connector {
+    /// Plain TCP.
+    #[default]
+    Plain,
+}
+
+/// A connection to an upstream, whatever the transport.
+#[derive(Debug)]
+pub enum UpstreamStream {
+    /// Plain TCP.
+    Plain(TcpStream),
+}
+
+/// Open connections per endpoint, for the admin `/clusters` page.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PoolStats {
+    /// One entry per endpoint the pools have talked to, sorted by address.
+    pub endpoints: Vec<EndpointPoolStats>,
+}
+
+/// Connections to one endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EndpointPoolStats {
+    /// The endpoint.
+    pub addr: SocketAddr,
+    /// Open HTTP/1 connections (busy or idle).
+    pub http1_open: usize,
+    /// HTTP/1 connections kept in the pool for reuse (busy or idle).
+    pub http1_pooled: usize,
+    /// Open HTTP/2 connections.
+    pub http2_open: usize,
+}
+
+/// Upstream connections, shared by all snapshots (lives as long as the proxy).
+#[derive(Debug, Clone)]
+pub struct Pools {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    cfg: PoolConfig,
+    connector: Connector,
+    endpoints: ArcSwap<HashMap<SocketAddr, Arc<EndpointPool>>>,
+}
+
+#[derive(Debug, Default)]
+struct EndpointPool {
+    /// Pooled HTTP/1 connections, busy or idle; most recently used last.
+    h1: Mutex<VecDeque<H1Conn>>,
+    h2: Mutex<Option<H2Conn>>,
+    http1_open: Arc<AtomicUsize>,
+    http1_pooled: AtomicUsize,
+    http2_open: Arc<AtomicUsize>,
+}
+
+#[derive(Debug)]
+struct H1Conn {
+    tx: http1::SendRequest<BoxBody>,
+    /// When it was last handed out (idle time is measured from there).
+    since: Instant,
+}
+
+#[derive(Debug)]
+struct H2Conn {
+    tx: http2::SendRequest<BoxBody>,
+    last_used: Instant,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            idle_timeout: Duration::from_secs(60),
+            max_idle_per_endpoint: 64,
+        }
+    }
+}
+
+impl Connector {
+    /// Connects to `addr` within `timeout`.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<UpstreamStream, ProxyError> {
+        match self {
+            Connector::Plain => connect_tcp(addr, timeout).await.map(UpstreamStream::Plain),
+        }
+    }
+}
+
+impl Pools {
+    /// Empty pools with plain-TCP connections. Inside a tokio runtime this also starts
+    /// a task that closes idle connections; it ends when the last clone is dropped.
+    pub fn new(cfg: PoolConfig) -> Self {
+        Pools::with_connector(cfg, Connector::Plain)
+    }
+
+    /// Empty pools that connect with `connector`.
+    pub fn with_connector(cfg: PoolConfig, connector: Connector) -> Self {
+        let inner = Arc::new(Inner {
+            cfg,
+            connector,
+            endpoints: ArcSwap::from_pointee(HashMap::new()),
+        });
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(reap_idle(Arc::downgrade(&inner)));
+        }
+        Pools { inner }
+    }
+
+    /// Send one request to `ep` over a pooled connection. HTTP/1: keep-alive pool per
+    /// endpoint; HTTP/2: one multiplexed connection per endpoint, re-established when
+    /// it dies. The request URI is made origin-form for HTTP/1 (Host set from the URI
+    /// when missing); for HTTP/2 it carries scheme and authority from the request's
+    /// Host so `:authority` is the original host, not the endpoint IP.
+    /// `UseDownstream` follows the request's version. A request that fails on a reused
+    /// connection before it was written is retried once on a fresh connection.
+    pub async fn send(
+        &self,
+        ep: &Endpoint,
+        proto: UpstreamProtocol,
+        connect_timeout: Duration,
+        req: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let h2 = match proto {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::UseDownstream => req.version() == Version::HTTP_2,
+        };
+        let pool = self.endpoint(ep.addr);
+        if h2 {
+            let req = absolute_form(req, ep.addr)?;
+            self.send_h2(&pool, ep.addr, connect_timeout, req).await
+        } else {
+            let req = origin_form(req)?;
+            self.send_h1(&pool, ep.addr, connect_timeout, req).await
+        }
+    }
+
+    /// Plain TCP connect with timeout (tcp_proxy, CONNECT, upgrades).
+    pub async fn connect_tcp(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<TcpStream, ProxyError> {
+        connect_tcp(addr, timeout).await
+    }
+
+    /// Open connections per endpoint.
+    pub fn stats(&self) -> PoolStats {
+        let map = self.inner.endpoints.load();
+        let mut endpoints: Vec<EndpointPoolStats> = map
+            .iter()
+            .map(|(addr, p)| EndpointPoolStats {
+                addr: *addr,
+                http1_open: p.http1_open.load(Ordering::Relaxed),
+                http1_pooled: p.http1_pooled.load(Ordering::Relaxed),
+                http2_open: p.http2_open.load(Ordering::Relaxed),
+            })
+            .collect();
+        endpoints.sort_by_key(|e| e.addr);
+        PoolStats { endpoints }
+    }
+
+    fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointPool> {
+        if let Some(p) = self.inner.endpoints.load().get(&addr) {
+            return Arc::clone(p);
+        }
+        let fresh = Arc::new(EndpointPool::default());
+        let mut result = Arc::clone(&fresh);
+        self.inner.endpoints.rcu(|map| {
+            if let Some(p) = map.get(&addr) {
+                result = Arc::clone(p);
+                return Arc::clone(map);
+            }
+            result = Arc::clone(&fresh);
+            let mut next = HashMap::clone(map);
+            next.insert(addr, Arc::clone(&fresh));
+            Arc::new(next)
+        });
+        result
+    }
+
+    async fn send_h1(
+        &self,
+        pool: &Arc<EndpointPool>,
+        addr: SocketAddr,
+        timeout: Duration,
+        mut req: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        if let Some(mut tx) = pool.checkout_h1(self.inner.cfg.idle_timeout).await {
+            match tx.try_send_request(req).await {
+                Ok(resp) => {
+                    self.release_h1(pool, tx).await;
+                    return Ok(resp);
+                }
+                Err(mut e) => match e.take_message() {
+                    // Never written: the connection was stale. Try a fresh one.
+                    Some(back) => req = back,
+                    None => return Err(map_hyper_error(addr, e.error(), false)),
+                },
+            }
+        }
+        let mut tx = self.connect_h1(pool, addr, timeout).await?;
+        match tx.try_send_request(req).await {
+            Ok(resp) => {
+                self.release_h1(pool, tx).await;
+                Ok(resp)
+            }
+            Err(e) => Err(map_hyper_error(addr, e.error(), e.message().is_some())),
+        }
+    }
+
+    async fn connect_h1(
+        &self,
+        pool: &Arc<EndpointPool>,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<http1::SendRequest<BoxBody>, ProxyError> {
+        let io = self.inner.connector.connect(addr, timeout).await?;
+        let (tx, conn) = http1::handshake(TokioIo::new(io))
+            .await
+            .map_err(|e| map_hyper_error(addr, &e, true))?;
+        let open = Arc::clone(&pool.http1_open);
+        open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream http1 connection ended");
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+        Ok(tx)
+    }
+
+    /// Keeps `tx` for reuse once its response is done (unless the pool is full).
+    async fn release_h1(&self, pool: &Arc<EndpointPool>, tx: http1::SendRequest<BoxBody>) {
+        let mut conns = pool.h1.lock().await;
+        conns.retain(|c| !c.tx.is_closed());
+        if conns.len() < self.inner.cfg.max_idle_per_endpoint {
+            conns.push_back(H1Conn {
+                tx,
+                since: Instant::now(),
+            });
+        }
+        pool.http1_pooled.store(conns.len(), Ordering::Relaxed);
+    }
+
+    async fn send_h2(
+        &self,
+        pool: &Arc<EndpointPool>,
+        addr: SocketAddr,
+        timeout: Duration,
+        req: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let (mut tx, reused) = self.h2_sender(pool, addr, timeout).await?;
+        let req = match tx.try_send_request(req).await {
+            Ok(resp) => return Ok(resp),
+            Err(mut e) => {
+                let unsent = e.message().is_some();
+                match e.take_message() {
+                    Some(back) if reused => back,
+                    _ => return Err(map_hyper_error(addr, e.error(), unsent)),
+                }
+            }
+        };
+        // The shared connection died before taking the request: replace it once.
+        pool.drop_h2_if_closed().await;
+        let (mut tx, _) = self.h2_sender(pool, addr, timeout).await?;
+        tx.try_send_request(req)
+            .await
+            .map_err(|e| map_hyper_error(addr, e.error(), e.message().is_some()))
+    }
+
+    /// The endpoint's live HTTP/2 connection, or a new one; true when reused.
+    async fn h2_sender(
+        &self,
+        pool: &Arc<EndpointPool>,
+        addr: SocketAddr,
+        timeout: Duration,
+    ) -> Result<(http2::SendRequest<BoxBody>, bool), ProxyError> {
+        let mut slot = pool.h2.lock().await;
+        if let Some(conn) = slot.as_mut() {
+            if !conn.tx.is_closed() {
+                conn.last_used = Instant::now();
+                return Ok((conn.tx.clone(), true));
+            }
+        }
+        let io = self.inner.connector.connect(addr, timeout).await?;
+        let (tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
+            .await
+            .map_err(|e| map_hyper_error(addr, &e, true))?;
+        let open = Arc::clone(&pool.http2_open);
+        open.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "upstream http2 connection ended");
+            }
+            open.fetch_sub(1, Ordering::Relaxed);
+        });
+        *slot = Some(H2Conn {
+            tx: tx.clone(),
+            last_used: Instant::now(),
+        });
+        Ok((tx, false))
+    }
+}
+
+impl EndpointPool {
+    /// The most recently used pooled connection that can take a request now.
+    async fn checkout_h1(&self, idle_timeout: Duration) -> Option<http1::SendRequest<BoxBody>> {
+        let mut conns = self.h1.lock().await;
+        conns.retain(|c| c.worth_keeping(idle_timeout));
+        let pos = conns.iter().rposition(|c| c.tx.is_ready());
+        let found = pos.and_then(|i| conns.remove(i)).map(|c| c.tx);
+        self.http1_pooled.store(conns.len(), Ordering::Relaxed);
+        found
+    }
+
+    async fn drop_h2_if_closed(&self) {
+        let mut slot = self.h2.lock().await;
+        if slot.as_ref().is_some_and(|c| c.tx.is_closed()) {
+            *slot = None;
+        }
+    }
+
+    /// Closes idle connections older than `idle_timeout`; true when nothing is left.
+    async fn reap(&self, idle_timeout: Duration) -> bool {
+        {
+            let mut conns = self.h1.lock().await;
+            conns.retain(|c| c.worth_keeping(idle_timeout));
+            self.http1_pooled.store(conns.len(), Ordering::Relaxed);
+        }
+        {
+            let mut slot = self.h2.lock().await;
+            if slot
+                .as_ref()
+                .is_some_and(|c| c.tx.is_closed() || c.last_used.elapsed() >= idle_timeout)
+            {
+                *slot = None;
+            }
+        }
+        self.http1_open.load(Ordering::Relaxed) == 0 && self.http2_open.load(Ordering::Relaxed) == 0
+    }
+}
+
+impl H1Conn {
+    /// Open, and either busy or idle for less than `idle_timeout`.
+    fn worth_keeping(&self, idle_timeout: Duration) -> bool {
+        let idle_too_long = self.tx.is_ready() && self.since.elapsed() >= idle_timeout;
+        !self.tx.is_closed() && !idle_too_long
+    }
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+/// Closes idle connections every quarter of the idle timeout until the pools are dropped.
+async fn reap_idle(inner: Weak<Inner>) {
+    let period = match inner.upgrade() {
+        Some(i) => (i.cfg.idle_timeout / 4).max(Duration::from_millis(50)),
+        None => return,
+    };
+    let mut tick = tokio::time::interval(period);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(inner) = inner.upgrade() else { return };
+        let map = inner.endpoints.load_full();
+        let mut empty = Vec::new();
+        for (addr, pool) in map.iter() {
+            if pool.reap(inner.cfg.idle_timeout).await && Arc::strong_count(pool) <= 1 {
+                empty.push(*addr);
+            }
+        }
+        if !empty.is_empty() {
+            // Forget endpoints with no connection and no request using them.
+            inner.endpoints.rcu(|m| {
+                let mut next = HashMap::clone(m);
+                for a in &empty {
+                    if next.get(a).is_some_and(|p| Arc::strong_count(p) <= 2) {
+                        next.remove(a);
+                    }
+                }
+                next
+            });
+        }
+    }
+}
+
+/// Plain TCP connect with timeout; failures are `ConnectFailure` and never sent.
+pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            return Err(ProxyError::new(
+                ErrorKind::ConnectFailure,
+                format!("connect to {addr}: {e}"),
+            )
+            .not_sent())
+        }
+        Err(_) => {
+            return Err(ProxyError::new(
+                ErrorKind::ConnectFailure,
+                format!("connect to {addr}: timed out after {timeout:?}"),
+            )
+            .not_sent())
+        }
+    };
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%addr, error = %e, "cannot set TCP_NODELAY");
+    }
+    Ok(stream)
+}
+
+/// HTTP/1 wants origin-form (`/path?q`) and a Host header.
+fn origin_form(mut req: Request<BoxBody>) -> Result<Request<BoxBody>, ProxyError> {
+    if !req.headers().contains_key(header::HOST) {
+        if let Some(auth) = req.uri().authority() {
+            let value = header::HeaderValue::from_str(auth.as_str()).map_err(|e| {
+                ProxyError::new(ErrorKind::DownstreamProtocol, format!("bad authority: {e}"))
+            })?;
+            req.headers_mut().insert(header::HOST, value);
+        }
+    }
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::from(pq);
+    *req.version_mut() = Version::HTTP_11;
+    Ok(req)
+}
+
+/// HTTP/2 wants scheme and authority: from the URI, else the Host header, else the
+/// endpoint address.
+fn absolute_form(
+    mut req: Request<BoxBody>,
+    addr: SocketAddr,
+) -> Result<Request<BoxBody>, ProxyError> {
+    let bad = |e: String| ProxyError::new(ErrorKind::DownstreamProtocol, e);
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => match req.headers().get(header::HOST) {
+            Some(h) => {
+                let s = h
+                    .to_str()
+                    .map_err(|e| bad(format!("bad Host header: {e}")))?;
+                s.parse::<Authority>()
+                    .map_err(|e| bad(format!("bad Host header {s:?}: {e}")))?
+            }
+            None => addr
+                .to_string()
+                .parse::<Authority>()
+                .map_err(|e| bad(format!("bad endpoint authority: {e}")))?,
+        },
+    };
+    let scheme = req.uri().scheme().cloned().unwrap_or(Scheme::HTTP);
+    let pq = req
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *req.uri_mut() = Uri::builder()
+        .scheme(scheme)
+        .authority(authority)
+        .path_and_query(pq)
+        .build()
+        .map_err(|e| bad(format!("cannot build URI: {e}")))?;
+    // :authority carries the host; a Host header would be sent twice.
+    req.headers_mut().remove(header::HOST);
+    *req.version_mut() = Version::HTTP_2;
+    Ok(req)
+}
+
+/// Maps a hyper client error; `not_sent` when hyper handed the request back unwritten.
+fn map_hyper_error(addr: SocketAddr, e: &hyper::Error, not_sent: bool) -> ProxyError {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
+                return ProxyError::new(ErrorKind::RefusedStream, format!("{addr}: {e}"))
+                    .not_sent();
+            }
+            if h2e.is_go_away() && h2e.is_remote() {
+                // h2 fails only streams above GOAWAY's last-stream-id this way.
+                return ProxyError::new(ErrorKind::UpstreamReset, format!("{addr}: {e}"))
+                    .not_sent();
+            }
+        }
+        source = s.source();
+    }
+    let kind = if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
+        ErrorKind::UpstreamProtocol
+    } else {
+        ErrorKind::UpstreamReset
+    };
+    let err = ProxyError::new(kind, format!("{addr}: {e}"));
+    if not_sent {
+        err.not_sent()
+    } else {
+        err
+    }
+}
