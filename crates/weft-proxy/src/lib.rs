@@ -4,4 +4,6 @@
 //! `listener` -> `detect` -> `route` -> `cluster` (balance, pool) -> `forward` ->
 //! `telemetry`.
 
+pub mod admin;
 pub mod error;
+pub mod telemetry;

@@ -1,0 +1,158 @@
+//! Peer metadata exchange: the outbound proxy adds [`PEER_HEADER`] to requests and the
+//! inbound proxy adds it to responses, so each side learns which workload is on the other
+//! end and can fill the `source_*` / `destination_*` metric labels. The core strips the
+//! header before the application sees it.
+//!
+//! The value is URL-safe base64 (no padding) of a compact JSON object. Decoding is
+//! bounded and never panics: anything oversized or malformed yields `None`.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
+use http::HeaderValue;
+
+use super::WorkloadInfo;
+
+/// Name of the header carrying peer metadata.
+pub const PEER_HEADER: &str = "x-weft-peer-metadata";
+
+/// Longest header value [`decode`] accepts, in bytes.
+pub const MAX_ENCODED_LEN: usize = 4096;
+
+/// Longest field value, in bytes. [`encode`] truncates longer fields (at a character
+/// boundary); [`decode`] rejects them.
+pub const MAX_FIELD_LEN: usize = 256;
+
+/// Encodes `info` as a value for [`PEER_HEADER`].
+pub fn encode(info: &WorkloadInfo) -> HeaderValue {
+    let bounded = WorkloadInfo {
+        workload: truncate(&info.workload),
+        namespace: truncate(&info.namespace),
+        app: truncate(&info.app),
+        version: truncate(&info.version),
+        principal: truncate(&info.principal),
+        cluster: truncate(&info.cluster),
+        service_account: truncate(&info.service_account),
+        canonical_service: truncate(&info.canonical_service),
+        canonical_revision: truncate(&info.canonical_revision),
+    };
+    // Serializing a struct of strings cannot fail; fall back to an empty object anyway.
+    let json = serde_json::to_vec(&bounded).unwrap_or_else(|_| b"{}".to_vec());
+    let b64 = URL_SAFE_NO_PAD.encode(json);
+    // URL-safe base64 is always a valid header value.
+    HeaderValue::from_str(&b64).unwrap_or_else(|_| HeaderValue::from_static("e30"))
+}
+
+/// Decodes a [`PEER_HEADER`] value; `None` if it is oversized, not base64, not the
+/// expected JSON, or has a field longer than [`MAX_FIELD_LEN`]. Missing fields take
+/// Istio's defaults (`"unknown"`).
+pub fn decode(value: &HeaderValue) -> Option<WorkloadInfo> {
+    let bytes = value.as_bytes();
+    if bytes.is_empty() || bytes.len() > MAX_ENCODED_LEN {
+        return None;
+    }
+    let json = URL_SAFE_NO_PAD.decode(bytes).ok()?;
+    let info: WorkloadInfo = serde_json::from_slice(&json).ok()?;
+    let fields = [
+        &info.workload,
+        &info.namespace,
+        &info.app,
+        &info.version,
+        &info.principal,
+        &info.cluster,
+        &info.service_account,
+        &info.canonical_service,
+        &info.canonical_revision,
+    ];
+    if fields
+        .iter()
+        .any(|f| f.len() > MAX_FIELD_LEN || f.chars().any(char::is_control))
+    {
+        return None;
+    }
+    Some(info)
+}
+
+fn truncate(s: &str) -> String {
+    if s.len() <= MAX_FIELD_LEN {
+        return s.to_owned();
+    }
+    let mut end = MAX_FIELD_LEN;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> WorkloadInfo {
+        WorkloadInfo {
+            workload: "reviews-v2".into(),
+            namespace: "bookinfo".into(),
+            app: "reviews".into(),
+            version: "v2".into(),
+            principal: "spiffe://cluster.local/ns/bookinfo/sa/reviews".into(),
+            cluster: "east".into(),
+            service_account: "reviews".into(),
+            canonical_service: "reviews".into(),
+            canonical_revision: "v2".into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_preserves_every_field() {
+        let info = sample();
+        let v = encode(&info);
+        assert!(v.len() < 512, "header is compact: {} bytes", v.len());
+        assert_eq!(decode(&v), Some(info));
+    }
+
+    #[test]
+    fn missing_fields_default_to_unknown() {
+        let v = HeaderValue::from_str(&URL_SAFE_NO_PAD.encode(br#"{"w":"a"}"#)).unwrap();
+        let info = decode(&v).unwrap();
+        assert_eq!(info.workload, "a");
+        assert_eq!(info.namespace, "unknown");
+        assert_eq!(info.canonical_revision, "latest");
+    }
+
+    #[test]
+    fn garbage_is_rejected() {
+        for raw in [
+            "",
+            "!!!not base64!!!",
+            "e30=", // padded: not our encoding
+            &URL_SAFE_NO_PAD.encode("not json"),
+            &URL_SAFE_NO_PAD.encode(r#"{"w": 5}"#), // wrong type
+            &URL_SAFE_NO_PAD.encode(r#"["w"]"#),
+            &URL_SAFE_NO_PAD.encode(r#"{"w":"a\nb"}"#), // control character
+            &URL_SAFE_NO_PAD.encode([0xff, 0xfe, 0x00]),
+        ] {
+            let v = HeaderValue::from_str(raw).unwrap();
+            assert_eq!(decode(&v), None, "accepted {raw:?}");
+        }
+    }
+
+    #[test]
+    fn oversized_value_and_fields_are_rejected() {
+        let huge = HeaderValue::from_str(&"A".repeat(MAX_ENCODED_LEN + 1)).unwrap();
+        assert_eq!(decode(&huge), None);
+        let long_field = format!(r#"{{"w":"{}"}}"#, "x".repeat(MAX_FIELD_LEN + 1));
+        let v = HeaderValue::from_str(&URL_SAFE_NO_PAD.encode(long_field)).unwrap();
+        assert!(v.len() <= MAX_ENCODED_LEN);
+        assert_eq!(decode(&v), None);
+    }
+
+    #[test]
+    fn encode_truncates_long_fields_so_the_peer_can_decode() {
+        let mut info = sample();
+        info.workload = "é".repeat(MAX_FIELD_LEN); // 2 bytes per char
+        let decoded = decode(&encode(&info)).unwrap();
+        assert!(decoded.workload.len() <= MAX_FIELD_LEN);
+        assert!(decoded.workload.len() >= MAX_FIELD_LEN - 1);
+        assert!(info.workload.starts_with(&decoded.workload));
+        assert_eq!(decoded.app, "reviews");
+    }
+}
