@@ -51,6 +51,10 @@ pub fn decode(value: &HeaderValue) -> Option<WorkloadInfo> {
         return None;
     }
     let json = URL_SAFE_NO_PAD.decode(bytes).ok()?;
+    // Only an object: serde would also accept a struct written as a JSON array.
+    if json.first() != Some(&b'{') {
+        return None;
+    }
     let info: WorkloadInfo = serde_json::from_slice(&json).ok()?;
     let fields = [
         &info.workload,
