@@ -6,23 +6,28 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::fmt::{self, Write as _};
-use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::fmt;
+use std::hash::Hash;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use prometheus_client::encoding::{EncodeLabelSet, LabelSetEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
-use tokio::time::Instant;
 
+use super::exposition::{label, label_parts, openmetrics_to_text};
+use super::health::ProxyHealth;
 use super::{WorkloadInfo, UNKNOWN};
 
 /// Content type of [`Metrics::encode`]'s output.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Default cap on distinct label sets per group (requests, TCP). Beyond it, new label sets
+/// are recorded with `unknown` source and destination workloads, so a peer sending
+/// random metadata cannot grow memory without bound.
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 pub const DURATION_BUCKETS_MS: [f64; 19] = [
@@ -128,25 +133,6 @@ pub struct TcpLabels {
     pub security_policy: SecurityPolicy,
 }
 
-/// Proxy health metrics (`weft_*`): xDS state, config versions and age, upstream retries
-/// and connections, certificate expiry.
-#[derive(Debug)]
-pub struct ProxyHealth {
-    xds_connected: Gauge,
-    xds_nacks: Family<TypeLabel, Counter>,
-    xds_updates: Family<TypeLabel, Counter>,
-    config_version: Family<VersionLabels, Gauge>,
-    config_age: Family<TypeLabel, Gauge<f64, AtomicU64>>,
-    upstream_rq_retry: Family<ClusterLabel, Counter>,
-    upstream_cx_active: Family<ClusterLabel, Gauge>,
-    cert_expiry: Gauge<f64, AtomicU64>,
-    access_log_dropped: Counter,
-    /// Per xDS type: current version and when it was applied. Touched on config updates
-    /// and scrapes only, never on the request path.
-    applied: Mutex<HashMap<String, Applied>>,
-}
-
-/// All metrics of one proxy and the registry that encodes them.
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
@@ -158,29 +144,37 @@ pub struct Metrics {
     tcp_received: Family<TcpLabels, Counter>,
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
+    request_series: SeriesCache<RequestLabels, RequestSeries>,
+    tcp_series: SeriesCache<TcpLabels, TcpSeries>,
+    overflow: Counter,
+    unknown: Arc<WorkloadInfo>,
     proxy: ProxyHealth,
 }
 
+/// Handles to the four series of one request label set, so recording a request hashes
+/// its labels once instead of once per metric.
 #[derive(Debug)]
-struct Applied {
-    version: String,
-    at: Instant,
+struct RequestSeries {
+    requests: Counter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct TypeLabel {
-    r#type: String,
+/// Handles to the four series of one TCP label set.
+#[derive(Debug)]
+struct TcpSeries {
+    sent: Counter,
+    received: Counter,
+    opened: Counter,
+    closed: Counter,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct VersionLabels {
-    r#type: String,
-    version: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct ClusterLabel {
-    cluster: String,
+/// Label set -> series handles, capped at `max` entries (plus folded overflow sets).
+#[derive(Debug)]
+struct SeriesCache<L, S> {
+    map: RwLock<HashMap<L, Arc<S>>>,
+    max: usize,
 }
 
 impl Reporter {
@@ -254,184 +248,6 @@ impl EncodeLabelSet for TcpLabels {
     }
 }
 
-impl EncodeLabelSet for TypeLabel {
-    fn encode(&self, mut enc: LabelSetEncoder) -> fmt::Result {
-        label(&mut enc, "type", &self.r#type)
-    }
-}
-
-impl EncodeLabelSet for VersionLabels {
-    fn encode(&self, mut enc: LabelSetEncoder) -> fmt::Result {
-        label(&mut enc, "type", &self.r#type)?;
-        label(&mut enc, "version", &self.version)
-    }
-}
-
-impl EncodeLabelSet for ClusterLabel {
-    fn encode(&self, mut enc: LabelSetEncoder) -> fmt::Result {
-        label(&mut enc, "cluster", &self.cluster)
-    }
-}
-
-impl ProxyHealth {
-    fn register(registry: &mut Registry) -> Self {
-        let health = Self {
-            xds_connected: Gauge::default(),
-            xds_nacks: Family::default(),
-            xds_updates: Family::default(),
-            config_version: Family::default(),
-            config_age: Family::default(),
-            upstream_rq_retry: Family::default(),
-            upstream_cx_active: Family::default(),
-            cert_expiry: Gauge::default(),
-            access_log_dropped: Counter::default(),
-            applied: Mutex::new(HashMap::new()),
-        };
-        registry.register(
-            "weft_xds_connected",
-            "1 while the ADS stream to the control plane is up",
-            health.xds_connected.clone(),
-        );
-        registry.register(
-            "weft_xds_nacks",
-            "xDS responses rejected (NACKed) by this proxy",
-            health.xds_nacks.clone(),
-        );
-        registry.register(
-            "weft_xds_updates",
-            "xDS responses applied (ACKed) by this proxy",
-            health.xds_updates.clone(),
-        );
-        registry.register(
-            "weft_config_version",
-            "Version of the configuration in force, per xDS type (value is always 1)",
-            health.config_version.clone(),
-        );
-        registry.register(
-            "weft_config_age_seconds",
-            "Seconds since the configuration of this xDS type was last applied",
-            health.config_age.clone(),
-        );
-        registry.register(
-            "weft_upstream_rq_retry",
-            "Upstream request retries",
-            health.upstream_rq_retry.clone(),
-        );
-        registry.register(
-            "weft_upstream_cx_active",
-            "Open upstream connections",
-            health.upstream_cx_active.clone(),
-        );
-        registry.register(
-            "weft_cert_expiry_timestamp_seconds",
-            "Unix time at which the workload certificate expires",
-            health.cert_expiry.clone(),
-        );
-        registry.register(
-            "weft_access_log_dropped",
-            "Access log lines dropped because the writer fell behind or failed",
-            health.access_log_dropped.clone(),
-        );
-        health
-    }
-
-    /// Records whether the ADS stream is up.
-    pub fn set_xds_connected(&self, connected: bool) {
-        self.xds_connected.set(i64::from(connected));
-    }
-
-    /// Counts a NACKed xDS response of `type_name` (a type URL or short name).
-    pub fn xds_nack(&self, type_name: &str) {
-        self.xds_nacks
-            .get_or_create(&TypeLabel {
-                r#type: type_name.to_owned(),
-            })
-            .inc();
-    }
-
-    /// Records that `version` of `type_name` was applied now: counts the update, moves the
-    /// `weft_config_version` series to the new version and resets the config age.
-    pub fn config_applied(&self, type_name: &str, version: &str) {
-        self.xds_updates
-            .get_or_create(&TypeLabel {
-                r#type: type_name.to_owned(),
-            })
-            .inc();
-        let previous = {
-            let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-            applied.insert(
-                type_name.to_owned(),
-                Applied {
-                    version: version.to_owned(),
-                    at: Instant::now(),
-                },
-            )
-        };
-        if let Some(prev) = previous {
-            if prev.version != version {
-                self.config_version.remove(&VersionLabels {
-                    r#type: type_name.to_owned(),
-                    version: prev.version,
-                });
-            }
-        }
-        self.config_version
-            .get_or_create(&VersionLabels {
-                r#type: type_name.to_owned(),
-                version: version.to_owned(),
-            })
-            .set(1);
-    }
-
-    /// Counts one upstream retry to `cluster`.
-    pub fn upstream_retry(&self, cluster: &str) {
-        self.upstream_rq_retry
-            .get_or_create(&cluster_label(cluster))
-            .inc();
-    }
-
-    /// Counts a newly opened upstream connection to `cluster`.
-    pub fn upstream_cx_opened(&self, cluster: &str) {
-        self.upstream_cx_active
-            .get_or_create(&cluster_label(cluster))
-            .inc();
-    }
-
-    /// Counts a closed upstream connection to `cluster`.
-    pub fn upstream_cx_closed(&self, cluster: &str) {
-        self.upstream_cx_active
-            .get_or_create(&cluster_label(cluster))
-            .dec();
-    }
-
-    /// Records when the current workload certificate expires.
-    pub fn set_cert_expiry(&self, not_after: SystemTime) {
-        let secs = not_after
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
-        self.cert_expiry.set(secs);
-    }
-
-    /// The counter the access log increments when it drops a line.
-    pub fn access_log_dropped(&self) -> Counter {
-        self.access_log_dropped.clone()
-    }
-
-    /// Refreshes `weft_config_age_seconds` from the last-applied times.
-    fn refresh_ages(&self) {
-        let now = Instant::now();
-        let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-        for (type_name, a) in applied.iter() {
-            self.config_age
-                .get_or_create(&TypeLabel {
-                    r#type: type_name.clone(),
-                })
-                .set(now.saturating_duration_since(a.at).as_secs_f64());
-        }
-    }
-}
-
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
@@ -439,8 +255,14 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// Creates and registers every metric.
+    /// Creates and registers every metric, with [`DEFAULT_MAX_SERIES`].
     pub fn new() -> Self {
+        Self::with_max_series(DEFAULT_MAX_SERIES)
+    }
+
+    /// Creates and registers every metric, keeping at most `max_series` distinct label
+    /// sets per group before folding peers into `unknown`.
+    pub fn with_max_series(max_series: usize) -> Self {
         let mut registry = Registry::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let duration: Family<RequestLabels, Histogram, fn() -> Histogram> =
@@ -490,6 +312,12 @@ impl Metrics {
             "TCP connections closed",
             tcp_closed.clone(),
         );
+        let overflow = Counter::default();
+        registry.register(
+            "weft_metrics_series_overflow",
+            "Recordings whose peer workloads were folded into unknown because the series cap was reached",
+            overflow.clone(),
+        );
         let proxy = ProxyHealth::register(&mut registry);
         Self {
             registry,
@@ -501,8 +329,52 @@ impl Metrics {
             tcp_received,
             tcp_opened,
             tcp_closed,
+            request_series: SeriesCache::new(max_series),
+            tcp_series: SeriesCache::new(max_series),
+            overflow,
+            unknown: Arc::new(WorkloadInfo::default()),
             proxy,
         }
+    }
+
+    fn request_series(&self, labels: &RequestLabels) -> Arc<RequestSeries> {
+        self.request_series.get_or_insert(
+            labels,
+            |l| {
+                self.overflow.inc();
+                RequestLabels {
+                    source: self.unknown.clone(),
+                    destination: self.unknown.clone(),
+                    ..l.clone()
+                }
+            },
+            |l| RequestSeries {
+                requests: self.requests.get_or_create(l).clone(),
+                duration: self.duration.get_or_create(l).clone(),
+                request_bytes: self.request_bytes.get_or_create(l).clone(),
+                response_bytes: self.response_bytes.get_or_create(l).clone(),
+            },
+        )
+    }
+
+    fn tcp_series(&self, labels: &TcpLabels) -> Arc<TcpSeries> {
+        self.tcp_series.get_or_insert(
+            labels,
+            |l| {
+                self.overflow.inc();
+                TcpLabels {
+                    source: self.unknown.clone(),
+                    destination: self.unknown.clone(),
+                    ..l.clone()
+                }
+            },
+            |l| TcpSeries {
+                sent: self.tcp_sent.get_or_create(l).clone(),
+                received: self.tcp_received.get_or_create(l).clone(),
+                opened: self.tcp_opened.get_or_create(l).clone(),
+                closed: self.tcp_closed.get_or_create(l).clone(),
+            },
+        )
     }
 
     /// Records one finished HTTP or gRPC request.
@@ -513,37 +385,29 @@ impl Metrics {
         request_bytes: u64,
         response_bytes: u64,
     ) {
-        self.requests.get_or_create(labels).inc();
-        self.duration
-            .get_or_create(labels)
-            .observe(duration.as_secs_f64() * 1000.0);
-        self.request_bytes
-            .get_or_create(labels)
-            .observe(request_bytes as f64);
-        self.response_bytes
-            .get_or_create(labels)
-            .observe(response_bytes as f64);
+        let series = self.request_series(labels);
+        series.requests.inc();
+        series.duration.observe(duration.as_secs_f64() * 1000.0);
+        series.request_bytes.observe(request_bytes as f64);
+        series.response_bytes.observe(response_bytes as f64);
     }
 
     /// Counts an opened TCP connection.
     pub fn tcp_opened(&self, labels: &TcpLabels) {
-        self.tcp_opened.get_or_create(labels).inc();
+        self.tcp_series(labels).opened.inc();
     }
 
     /// Adds bytes of a TCP connection; may be called repeatedly while it is open.
     /// `sent` went to the downstream, `received` came from it.
     pub fn tcp_bytes(&self, labels: &TcpLabels, sent: u64, received: u64) {
-        if sent > 0 {
-            self.tcp_sent.get_or_create(labels).inc_by(sent);
-        }
-        if received > 0 {
-            self.tcp_received.get_or_create(labels).inc_by(received);
-        }
+        let series = self.tcp_series(labels);
+        series.sent.inc_by(sent);
+        series.received.inc_by(received);
     }
 
     /// Counts a closed TCP connection.
     pub fn tcp_closed(&self, labels: &TcpLabels) {
-        self.tcp_closed.get_or_create(labels).inc();
+        self.tcp_series(labels).closed.inc();
     }
 
     /// Proxy health metrics.
@@ -565,50 +429,51 @@ impl Metrics {
     }
 }
 
+impl<L: Clone + Eq + Hash, S> SeriesCache<L, S> {
+    fn new(max: usize) -> Self {
+        Self {
+            map: RwLock::new(HashMap::new()),
+            max,
+        }
+    }
+
+    /// The series of `labels`, created with `make` on first sight. Once the cache holds
+    /// `max` label sets, a new set is replaced by `fold(labels)` (which has bounded
+    /// cardinality) before lookup.
+    fn get_or_insert(
+        &self,
+        labels: &L,
+        fold: impl FnOnce(&L) -> L,
+        make: impl FnOnce(&L) -> S,
+    ) -> Arc<S> {
+        let key = {
+            let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(series) = map.get(labels) {
+                return series.clone();
+            }
+            if map.len() < self.max {
+                labels.clone()
+            } else {
+                let folded = fold(labels);
+                if let Some(series) = map.get(&folded) {
+                    return series.clone();
+                }
+                folded
+            }
+        };
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        map.entry(key)
+            .or_insert_with_key(|key| Arc::new(make(key)))
+            .clone()
+    }
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new(DURATION_BUCKETS_MS)
 }
 
 fn size_histogram() -> Histogram {
     Histogram::new(SIZE_BUCKETS_BYTES)
-}
-
-fn cluster_label(cluster: &str) -> ClusterLabel {
-    ClusterLabel {
-        cluster: cluster.to_owned(),
-    }
-}
-
-/// Encodes one label. prometheus-client writes label values verbatim, so values (which
-/// may come from peers) are escaped here as the text format requires.
-fn label(enc: &mut LabelSetEncoder, key: &str, value: &str) -> fmt::Result {
-    label_parts(enc, &[key], value)
-}
-
-fn label_parts(enc: &mut LabelSetEncoder, key: &[&str], value: &str) -> fmt::Result {
-    let mut label_enc = enc.encode_label();
-    let mut key_enc = label_enc.encode_label_key()?;
-    for part in key {
-        key_enc.write_str(part)?;
-    }
-    let mut value_enc = key_enc.encode_label_value()?;
-    write_escaped(&mut value_enc, value)?;
-    value_enc.finish()
-}
-
-/// Writes `value` escaping `\`, `"` and newlines as the exposition formats require.
-fn write_escaped(w: &mut impl fmt::Write, value: &str) -> fmt::Result {
-    let mut rest = value;
-    while let Some(i) = rest.find(['\\', '"', '\n']) {
-        w.write_str(&rest[..i])?;
-        w.write_str(match rest.as_bytes()[i] {
-            b'\\' => "\\\\",
-            b'"' => "\\\"",
-            _ => "\\n",
-        })?;
-        rest = &rest[i + 1..];
-    }
-    w.write_str(rest)
 }
 
 fn encode_peers(
@@ -654,42 +519,6 @@ fn fmt_u32(buf: &mut [u8; 10], mut v: u32) -> &str {
     }
     // Only ASCII digits were written.
     std::str::from_utf8(&buf[i..]).unwrap_or("")
-}
-
-/// Rewrites prometheus-client's OpenMetrics output into the classic text format that
-/// `promtool check metrics` and every Prometheus version parse: counter families are
-/// named with their `_total` suffix, `# UNIT` and `# EOF` lines are dropped, and
-/// OpenMetrics-only types map to their classic equivalents.
-fn openmetrics_to_text(open: &str) -> String {
-    let mut out = String::with_capacity(open.len() + 256);
-    let mut pending_help: Option<(&str, &str)> = None;
-    for line in open.lines() {
-        if let Some(rest) = line.strip_prefix("# HELP ") {
-            let (name, help) = rest.split_once(' ').unwrap_or((rest, ""));
-            pending_help = Some((name, help));
-        } else if let Some(rest) = line.strip_prefix("# TYPE ") {
-            let (name, ty) = rest.split_once(' ').unwrap_or((rest, "untyped"));
-            let (suffix, ty) = match ty {
-                "counter" if !name.ends_with("_total") => ("_total", "counter"),
-                "counter" => ("", "counter"),
-                "gauge" | "histogram" | "summary" => ("", ty),
-                "info" | "stateset" => ("", "gauge"),
-                _ => ("", "untyped"),
-            };
-            if let Some((help_name, help)) = pending_help.take() {
-                if help_name == name {
-                    let _ = writeln!(out, "# HELP {name}{suffix} {help}");
-                }
-            }
-            let _ = writeln!(out, "# TYPE {name}{suffix} {ty}");
-        } else if line.starts_with("# UNIT ") || line == "# EOF" {
-            continue;
-        } else {
-            out.push_str(line);
-            out.push('\n');
-        }
-    }
-    out
 }
 
 #[cfg(test)]

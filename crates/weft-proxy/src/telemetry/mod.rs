@@ -6,14 +6,16 @@
 //! [`accesslog::AccessRecord`]); nothing here touches the data path's sockets.
 
 pub mod accesslog;
+mod exposition;
+pub mod health;
 pub mod metrics;
 pub mod peer;
 
 use serde::{Deserialize, Serialize};
 
+pub use health::ProxyHealth;
 pub use metrics::{
-    Metrics, ProxyHealth, Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo,
-    TcpLabels,
+    Metrics, Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels,
 };
 
 /// Value Istio writes for a label it does not know.

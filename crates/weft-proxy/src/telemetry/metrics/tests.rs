@@ -2,6 +2,7 @@ use std::collections::BTreeMap;
 use std::io::Write as _;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::time::UNIX_EPOCH;
 
 use super::*;
 
@@ -439,4 +440,35 @@ async fn config_version_follows_updates_and_age_is_computed_at_scrape() {
         .value,
         2.0
     );
+}
+
+#[test]
+fn label_sets_beyond_the_cap_fold_peers_into_unknown() {
+    let m = Metrics::with_max_series(2);
+    for i in 0..50 {
+        let labels = RequestLabels {
+            source: workload(&format!("attacker-{i}"), "evil"),
+            ..request_labels()
+        };
+        m.record_request(&labels, Duration::from_millis(1), 1, 1);
+    }
+    let samples = parse_samples(&m.encode());
+    let series: Vec<&Sample> = samples
+        .iter()
+        .filter(|s| s.name == "istio_requests_total")
+        .collect();
+    assert_eq!(series.len(), 3, "2 kept + 1 folded: {series:?}");
+    let folded = series
+        .iter()
+        .find(|s| s.labels["source_workload"] == "unknown")
+        .unwrap();
+    assert_eq!(folded.value, 48.0);
+    assert_eq!(folded.labels["destination_workload"], "unknown");
+    assert_eq!(folded.labels["destination_service_name"], "reviews");
+    assert_eq!(
+        find(&samples, "weft_metrics_series_overflow_total", |_| true).value,
+        48.0
+    );
+    let total: f64 = series.iter().map(|s| s.value).sum();
+    assert_eq!(total, 50.0);
 }
