@@ -6,8 +6,12 @@
 //! The value is URL-safe base64 (no padding) of a compact JSON object. Decoding is
 //! bounded and never panics: anything oversized or malformed yields `None`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
+use bytes::Bytes;
 use http::HeaderValue;
 
 use super::WorkloadInfo;
@@ -22,7 +26,64 @@ pub const MAX_ENCODED_LEN: usize = 4096;
 /// boundary); [`decode`] rejects them.
 pub const MAX_FIELD_LEN: usize = 256;
 
-/// Encodes `info` as a value for [`PEER_HEADER`].
+/// Entries a [`DecodeCache`] holds by default.
+pub const DEFAULT_CACHE_ENTRIES: usize = 1024;
+
+/// Remembers decoded header values so a proxy decodes each peer's metadata once and
+/// shares one `Arc<WorkloadInfo>` across the label sets of all its requests. Bounded:
+/// once full, new values are decoded on every call but not stored.
+#[derive(Debug)]
+pub struct DecodeCache {
+    entries: RwLock<HashMap<Bytes, Arc<WorkloadInfo>>>,
+    max: usize,
+}
+
+impl Default for DecodeCache {
+    fn default() -> Self {
+        Self::new(DEFAULT_CACHE_ENTRIES)
+    }
+}
+
+impl DecodeCache {
+    /// A cache holding at most `max` distinct header values.
+    pub fn new(max: usize) -> Self {
+        Self {
+            entries: RwLock::new(HashMap::new()),
+            max,
+        }
+    }
+
+    /// Like [`decode`], returning a shared value for header values seen before.
+    /// Invalid values are never cached.
+    pub fn decode(&self, value: &HeaderValue) -> Option<Arc<WorkloadInfo>> {
+        {
+            let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(info) = entries.get(value.as_bytes()) {
+                return Some(info.clone());
+            }
+        }
+        let info = Arc::new(decode(value)?);
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        if entries.len() < self.max {
+            let key = Bytes::copy_from_slice(value.as_bytes());
+            return Some(entries.entry(key).or_insert(info).clone());
+        }
+        Some(info)
+    }
+
+    /// Number of cached values.
+    pub fn len(&self) -> usize {
+        self.entries.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Encodes `info` as a value for [`PEER_HEADER`]. A proxy's own metadata does not
+/// change: encode it once and clone the (cheap, shared) `HeaderValue` per request.
 pub fn encode(info: &WorkloadInfo) -> HeaderValue {
     let bounded = WorkloadInfo {
         workload: truncate(&info.workload),
@@ -103,6 +164,29 @@ mod tests {
             canonical_service: "reviews".into(),
             canonical_revision: "v2".into(),
         }
+    }
+
+    #[test]
+    fn decode_cache_shares_values_and_stays_bounded() {
+        let cache = DecodeCache::new(2);
+        let a = encode(&sample());
+        let first = cache.decode(&a).unwrap();
+        let again = cache.decode(&a).unwrap();
+        assert!(
+            Arc::ptr_eq(&first, &again),
+            "second decode served from cache"
+        );
+        assert_eq!(*first, sample());
+        assert_eq!(cache.decode(&HeaderValue::from_static("!!")), None);
+        assert_eq!(cache.len(), 1, "invalid values are not cached");
+        for name in ["b", "c", "d"] {
+            let info = WorkloadInfo {
+                workload: name.into(),
+                ..sample()
+            };
+            assert_eq!(cache.decode(&encode(&info)).unwrap().workload, name);
+        }
+        assert_eq!(cache.len(), 2);
     }
 
     #[test]
