@@ -195,3 +195,139 @@ async fn metrics_server_serves_prometheus_text_and_readiness() {
     assert_eq!(request(addr, "POST", "/stats/prometheus").await.status, 405);
     assert_eq!(request(addr, "GET", "/config_dump").await.status, 404);
 }
+
+fn find_tool(name: &str) -> Option<std::path::PathBuf> {
+    let workspace = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let local = workspace.join(".tools/bin").join(name);
+    if local.is_file() {
+        return Some(local);
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    })
+}
+
+/// GET over hyper's HTTP/1 client (handles chunked bodies), returning the JSON body of a
+/// 200 response.
+async fn get_json(addr: &str, path: &str) -> Option<serde_json::Value> {
+    use http_body_util::{BodyExt, Empty};
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header(header::HOST, addr)
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let resp = sender.send_request(req).await.unwrap();
+    if resp.status() != StatusCode::OK {
+        return None;
+    }
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    serde_json::from_slice(&body).ok()
+}
+
+/// A real Prometheus scrapes `/stats/prometheus` (`up == 1` proves the scrape parsed)
+/// and the Istio series arrive with their labels.
+#[tokio::test]
+async fn real_prometheus_scrapes_the_metrics_endpoint() {
+    use tokio::io::AsyncBufReadExt;
+    let prometheus = find_tool("prometheus").expect("prometheus not found: run scripts/setup.sh");
+
+    let metrics = Arc::new(Metrics::new());
+    let labels = RequestLabels {
+        reporter: Reporter::Destination,
+        source: Arc::default(),
+        destination: Arc::default(),
+        service: Arc::new(crate::telemetry::ServiceInfo {
+            host: "reviews.default.svc.cluster.local".into(),
+            name: "reviews".into(),
+            namespace: "default".into(),
+        }),
+        protocol: RequestProtocol::Http,
+        response_code: 200,
+        grpc_status: None,
+        response_flags: Cow::Borrowed("-"),
+        security_policy: SecurityPolicy::MutualTls,
+    };
+    metrics.record_request(&labels, Duration::from_millis(3), 10, 20);
+    metrics.proxy().config_applied("cds", "1");
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let target = listener.local_addr().unwrap();
+    let (_stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(serve_metrics(listener, metrics, Arc::new(|| true), async {
+        let _ = stopped.await;
+    }));
+
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: weft\n    \
+             metrics_path: /stats/prometheus\n    static_configs:\n      - targets: [\"{target}\"]\n"
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(prometheus)
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:0")
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    // Prometheus logs the address it actually bound, then that it is ready.
+    let api = tokio::time::timeout(Duration::from_secs(20), async {
+        let mut api = None;
+        while let Some(line) = log.next_line().await.unwrap() {
+            if line.contains("msg=\"Listening on\"") {
+                api = Some(line.rsplit("address=").next().unwrap().trim().to_string());
+            }
+            if line.contains("Server is ready to receive web requests") {
+                return api.expect("address logged before ready");
+            }
+        }
+        panic!("prometheus exited before becoming ready");
+    })
+    .await
+    .expect("prometheus ready");
+    // Keep draining its log so it never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = log.next_line().await {} });
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (up, series) = loop {
+        let up = get_json(&api, "/api/v1/query?query=up").await;
+        let series = get_json(&api, "/api/v1/query?query=istio_requests_total").await;
+        if let (Some(up), Some(series)) = (up, series) {
+            let scraped = up["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty());
+            if scraped || tokio::time::Instant::now() > deadline {
+                break (up, series);
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "Prometheus API never answered"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        up["data"]["result"][0]["value"][1], "1",
+        "scrape failed: {up}"
+    );
+    let sample = &series["data"]["result"][0];
+    assert_eq!(sample["value"][1], "1", "{series}");
+    assert_eq!(sample["metric"]["destination_service_name"], "reviews");
+    assert_eq!(sample["metric"]["reporter"], "destination");
+    assert_eq!(sample["metric"]["connection_security_policy"], "mutual_tls");
+    assert_eq!(sample["metric"]["source_workload"], "unknown");
+}
