@@ -8,12 +8,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-use tokio::io::{AsyncWrite, AsyncWriteExt, BufWriter};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot};
 
 /// Lines buffered between the data path and the writer before lines are dropped.
@@ -113,8 +113,14 @@ pub enum AccessLogError {
 #[derive(Debug, Clone)]
 pub struct AccessLog {
     tx: Option<mpsc::Sender<Msg>>,
-    dropped: Arc<AtomicU64>,
-    dropped_metric: Option<Counter>,
+    drops: Arc<Drops>,
+}
+
+/// Dropped-line accounting shared by the loggers and the writer task.
+#[derive(Debug, Default)]
+struct Drops {
+    count: AtomicU64,
+    metric: OnceLock<Counter>,
 }
 
 #[derive(Debug)]
@@ -177,14 +183,10 @@ impl AccessLog {
 
     /// Like [`AccessLog::new`] with a chosen channel capacity (at least 1).
     pub fn with_capacity(sink: Sink, capacity: usize) -> Result<Self, AccessLogError> {
-        let dropped = Arc::new(AtomicU64::new(0));
+        let drops = Arc::new(Drops::default());
         let out: Box<dyn AsyncWrite + Send + Unpin> = match sink {
             Sink::Off => {
-                return Ok(Self {
-                    tx: None,
-                    dropped,
-                    dropped_metric: None,
-                })
+                return Ok(Self { tx: None, drops });
             }
             Sink::Stdout => Box::new(tokio::io::stdout()),
             Sink::File(path) => {
@@ -197,17 +199,17 @@ impl AccessLog {
             }
         };
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        tokio::spawn(write_lines(rx, BufWriter::new(out), dropped.clone()));
+        tokio::spawn(write_lines(rx, out, drops.clone()));
         Ok(Self {
             tx: Some(tx),
-            dropped,
-            dropped_metric: None,
+            drops,
         })
     }
 
-    /// Also counts dropped lines in `counter` (e.g. [`super::ProxyHealth::access_log_dropped`]).
-    pub fn count_drops_in(mut self, counter: Counter) -> Self {
-        self.dropped_metric = Some(counter);
+    /// Also counts dropped lines (from now on) in `counter`, e.g.
+    /// [`super::ProxyHealth::access_log_dropped`]. Only the first counter given is used.
+    pub fn count_drops_in(self, counter: Counter) -> Self {
+        let _ = self.drops.metric.set(counter);
         self
     }
 
@@ -219,12 +221,12 @@ impl AccessLog {
             Ok(line) => line,
             Err(e) => {
                 tracing::warn!(error = %e, "access log record not serializable");
-                self.count_drop();
+                self.drops.add();
                 return;
             }
         };
         if tx.try_send(Msg::Line(line)).is_err() {
-            self.count_drop();
+            self.drops.add();
         }
     }
 
@@ -239,12 +241,14 @@ impl AccessLog {
 
     /// Lines dropped so far.
     pub fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.drops.count.load(Ordering::Relaxed)
     }
+}
 
-    fn count_drop(&self) {
-        self.dropped.fetch_add(1, Ordering::Relaxed);
-        if let Some(c) = &self.dropped_metric {
+impl Drops {
+    fn add(&self) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = self.metric.get() {
             c.inc();
         }
     }
@@ -320,42 +324,52 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     (y, m, d)
 }
 
+/// Writes queued lines in batches: everything already queued is gathered into one buffer
+/// and written with one `write_all` + flush. A failed batch is counted as dropped and
+/// discarded, so a broken sink neither grows memory nor stalls the data path.
 async fn write_lines(
     mut rx: mpsc::Receiver<Msg>,
-    mut out: BufWriter<Box<dyn AsyncWrite + Send + Unpin>>,
-    dropped: Arc<AtomicU64>,
+    mut out: Box<dyn AsyncWrite + Send + Unpin>,
+    drops: Arc<Drops>,
 ) {
-    let mut failed = false;
+    let mut warned = false;
+    let mut batch: Vec<u8> = Vec::new();
     while let Some(first) = rx.recv().await {
         let mut next = Some(first);
         let mut acks = Vec::new();
-        // Write everything already queued, then flush once.
+        let mut lines = 0u64;
         while let Some(msg) = next {
             match msg {
                 Msg::Line(line) => {
-                    if let Err(e) = out.write_all(line.as_bytes()).await {
-                        if !failed {
-                            tracing::warn!(error = %e, "access log write failed; dropping lines");
-                            failed = true;
-                        }
-                        dropped.fetch_add(1, Ordering::Relaxed);
-                    }
+                    batch.extend_from_slice(line.as_bytes());
+                    lines += 1;
                 }
                 Msg::Flush(ack) => acks.push(ack),
             }
             next = rx.try_recv().ok();
         }
-        if let Err(e) = out.flush().await {
-            if !failed {
-                tracing::warn!(error = %e, "access log flush failed");
-                failed = true;
+        if lines > 0 {
+            let written = match out.write_all(&batch).await {
+                Ok(()) => out.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                if !warned {
+                    tracing::warn!(error = %e, "access log write failed; dropping lines");
+                    warned = true;
+                }
+                for _ in 0..lines {
+                    drops.add();
+                }
             }
+            batch.clear();
+            // Do not keep a huge buffer around after a burst.
+            batch.shrink_to(64 * 1024);
         }
         for ack in acks {
             let _ = ack.send(());
         }
     }
-    let _ = out.flush().await;
 }
 
 #[cfg(test)]

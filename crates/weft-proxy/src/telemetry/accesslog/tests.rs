@@ -179,3 +179,19 @@ fn rfc3339_millis_formats_known_instants() {
         "1970-01-01T00:00:00.000Z"
     );
 }
+
+#[tokio::test]
+async fn failed_writes_are_counted_as_dropped() {
+    let metric = Counter::default();
+    // Every write to /dev/full fails with ENOSPC.
+    let log = AccessLog::new(Sink::File("/dev/full".into()))
+        .unwrap()
+        .count_drops_in(metric.clone());
+    log.log(&http_record());
+    log.log(&tcp_record());
+    log.flush().await;
+    log.log(&http_record());
+    log.flush().await;
+    assert_eq!(log.dropped(), 3);
+    assert_eq!(metric.get(), 3);
+}
