@@ -46,6 +46,11 @@ impl Context {
     }
 }
 
+/// Resolves once `rx` holds `true` (or its sender is gone).
+pub async fn flipped(rx: &mut watch::Receiver<bool>) {
+    let _ = rx.wait_for(|v| *v).await;
+}
+
 /// Decrements the active connection count on drop.
 pub struct ConnectionGuard(Arc<Context>);
 

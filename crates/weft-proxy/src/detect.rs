@@ -20,8 +20,23 @@ pub struct Detected {
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const METHODS: &[&str] = &[
-    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH", "PROPFIND", "PROPPATCH",
-    "MKCOL", "COPY", "MOVE", "LOCK", "UNLOCK", "PRI",
+    "GET",
+    "HEAD",
+    "POST",
+    "PUT",
+    "DELETE",
+    "CONNECT",
+    "OPTIONS",
+    "TRACE",
+    "PATCH",
+    "PROPFIND",
+    "PROPPATCH",
+    "MKCOL",
+    "COPY",
+    "MOVE",
+    "LOCK",
+    "UNLOCK",
+    "PRI",
 ];
 
 /// Outcome of classifying a prefix of the stream.
@@ -54,7 +69,10 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Detected {
         }
         if n == last_len {
             // No new bytes yet: wait for readability again without spinning.
-            if tokio::time::timeout_at(deadline, stream.readable()).await.is_err() {
+            if tokio::time::timeout_at(deadline, stream.readable())
+                .await
+                .is_err()
+            {
                 return opaque();
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -64,20 +82,32 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Detected {
 }
 
 fn opaque() -> Detected {
-    Detected { transport: "raw_buffer", application: vec![], server_name: None }
+    Detected {
+        transport: "raw_buffer",
+        application: vec![],
+        server_name: None,
+    }
 }
 
 fn classify(b: &[u8]) -> Verdict {
     if b[0] == 0x16 {
         return match tls_server_name(b) {
-            Some(sni) => Verdict::Done(Detected { transport: "tls", application: vec![], server_name: sni }),
+            Some(sni) => Verdict::Done(Detected {
+                transport: "tls",
+                application: vec![],
+                server_name: sni,
+            }),
             None => Verdict::NeedMore,
         };
     }
     let p = H2_PREFACE.len().min(b.len());
     if b[..p] == H2_PREFACE[..p] {
         return if b.len() >= H2_PREFACE.len() {
-            Verdict::Done(Detected { transport: "raw_buffer", application: vec!["h2c"], server_name: None })
+            Verdict::Done(Detected {
+                transport: "raw_buffer",
+                application: vec!["h2c"],
+                server_name: None,
+            })
         } else {
             Verdict::NeedMore
         };
@@ -103,9 +133,17 @@ fn classify(b: &[u8]) -> Verdict {
                     let line = &b[..nl];
                     let line = line.strip_suffix(b"\r").unwrap_or(line);
                     if line.ends_with(b"HTTP/1.1") {
-                        Verdict::Done(Detected { transport: "raw_buffer", application: vec!["http/1.1"], server_name: None })
+                        Verdict::Done(Detected {
+                            transport: "raw_buffer",
+                            application: vec!["http/1.1"],
+                            server_name: None,
+                        })
                     } else if line.ends_with(b"HTTP/1.0") {
-                        Verdict::Done(Detected { transport: "raw_buffer", application: vec!["http/1.0"], server_name: None })
+                        Verdict::Done(Detected {
+                            transport: "raw_buffer",
+                            application: vec!["http/1.0"],
+                            server_name: None,
+                        })
                     } else {
                         Verdict::Done(opaque())
                     }
@@ -187,8 +225,17 @@ mod tests {
     #[test]
     fn http1_request_line_is_detected_with_version() {
         let d = classify(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
-        assert_eq!(d, Verdict::Done(Detected { transport: "raw_buffer", application: vec!["http/1.1"], server_name: None }));
-        assert!(matches!(classify(b"POST /x HTTP/1.0\r\n"), Verdict::Done(d) if d.application == vec!["http/1.0"]));
+        assert_eq!(
+            d,
+            Verdict::Done(Detected {
+                transport: "raw_buffer",
+                application: vec!["http/1.1"],
+                server_name: None
+            })
+        );
+        assert!(
+            matches!(classify(b"POST /x HTTP/1.0\r\n"), Verdict::Done(d) if d.application == vec!["http/1.0"])
+        );
     }
 
     #[test]

@@ -46,7 +46,11 @@ pub struct ListenerManager {
 impl ListenerManager {
     /// A manager with nothing bound yet.
     pub fn new(ctx: Arc<Context>) -> Self {
-        ListenerManager { ctx, bound: BTreeMap::new(), addrs: watch::channel(BTreeMap::new()).0 }
+        ListenerManager {
+            ctx,
+            bound: BTreeMap::new(),
+            addrs: watch::channel(BTreeMap::new()).0,
+        }
     }
 
     /// Bound addresses by listener name (port 0 in config becomes the real port here).
@@ -61,7 +65,7 @@ impl ListenerManager {
             self.reconcile().await;
             tokio::select! {
                 r = changes.changed() => if r.is_err() { break },
-                _ = shutdown.wait_for(|d| *d) => break,
+                _ = crate::context::flipped(&mut shutdown) => break,
             }
         }
         for (name, b) in std::mem::take(&mut self.bound) {
@@ -74,11 +78,17 @@ impl ListenerManager {
 
     async fn reconcile(&mut self) {
         let snap = self.ctx.store.snapshot();
-        let wanted: BTreeMap<&String, &Arc<ListenerConfig>> = snap.listeners.iter().filter(|(_, l)| l.bind).collect();
+        let wanted: BTreeMap<&String, &Arc<ListenerConfig>> =
+            snap.listeners.iter().filter(|(_, l)| l.bind).collect();
         let stale: Vec<String> = self
             .bound
             .iter()
-            .filter(|(n, b)| wanted.get(n).map(|l| l.address != b.configured).unwrap_or(true))
+            .filter(|(n, b)| {
+                wanted
+                    .get(n)
+                    .map(|l| l.address != b.configured)
+                    .unwrap_or(true)
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in stale {
@@ -96,31 +106,51 @@ impl ListenerManager {
                     let local = sock.local_addr().unwrap_or(l.address);
                     info!(listener = %name, address = %local, "listening");
                     let (stop, stop_rx) = watch::channel(false);
-                    let task = tokio::spawn(accept_loop(self.ctx.clone(), name.clone(), sock, stop_rx));
-                    self.bound.insert(name.clone(), Bound { configured: l.address, stop, task });
+                    let task =
+                        tokio::spawn(accept_loop(self.ctx.clone(), name.clone(), sock, stop_rx));
+                    self.bound.insert(
+                        name.clone(),
+                        Bound {
+                            configured: l.address,
+                            stop,
+                            task,
+                        },
+                    );
                     self.addrs.send_modify(|m| {
                         m.insert(name.clone(), local);
                     });
                 }
-                Err(e) => warn!(listener = %name, address = %l.address, error = %e, "cannot bind listener"),
+                Err(e) => {
+                    warn!(listener = %name, address = %l.address, error = %e, "cannot bind listener")
+                }
             }
         }
         let names: Vec<String> = self.bound.keys().cloned().collect();
-        self.addrs.send_modify(|m| m.retain(|k, _| names.contains(k)));
+        self.addrs
+            .send_modify(|m| m.retain(|k, _| names.contains(k)));
     }
 }
 
 async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let sock = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
 }
 
-async fn accept_loop(ctx: Arc<Context>, name: String, sock: TcpListener, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    ctx: Arc<Context>,
+    name: String,
+    sock: TcpListener,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
-            _ = stop.wait_for(|s| *s) => return,
+            _ = crate::context::flipped(&mut stop) => return,
             r = sock.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
@@ -138,15 +168,27 @@ async fn accept_loop(ctx: Arc<Context>, name: String, sock: TcpListener, mut sto
 async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, peer: SocketAddr) {
     let _guard = ctx.track_connection();
     let snap = ctx.store.snapshot();
-    let Some(bound) = snap.listeners.get(&name) else { return };
-    let odst = if bound.use_original_dst { original_dst(&stream) } else { None };
-    let Some(listener) = snap.listener_for(&name, odst) else { return };
+    let Some(bound) = snap.listeners.get(&name) else {
+        return;
+    };
+    let odst = if bound.use_original_dst {
+        original_dst(&stream)
+    } else {
+        None
+    };
+    let Some(listener) = snap.listener_for(&name, odst) else {
+        return;
+    };
     let local = stream.local_addr().unwrap_or(listener.address);
     let destination = odst.unwrap_or(local);
     let detected = if listener.needs_sniffing {
         detect::sniff(&stream, listener.sniff_timeout).await
     } else {
-        Detected { transport: "raw_buffer", application: vec![], server_name: None }
+        Detected {
+            transport: "raw_buffer",
+            application: vec![],
+            server_name: None,
+        }
     };
     let facts = ConnFacts {
         source: peer,
@@ -159,7 +201,12 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
         debug!(listener = %listener.name, %peer, %destination, "no filter chain matches: closing");
         return;
     };
-    let conn = Arc::new(ConnInfo { listener: listener.clone(), peer, destination, original_dst: odst });
+    let conn = Arc::new(ConnInfo {
+        listener: listener.clone(),
+        peer,
+        destination,
+        original_dst: odst,
+    });
     drop(snap);
     match &chain.kind {
         ChainKind::Http(h) => http::serve(ctx, conn, h.clone(), stream).await,

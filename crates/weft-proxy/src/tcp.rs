@@ -19,7 +19,12 @@ use crate::listener::ConnInfo;
 use crate::report::TcpReport;
 
 /// Proxies one TCP connection through `chain`.
-pub async fn proxy(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<TcpChain>, downstream: TcpStream) {
+pub async fn proxy(
+    ctx: Arc<Context>,
+    conn: Arc<ConnInfo>,
+    chain: Arc<TcpChain>,
+    downstream: TcpStream,
+) {
     let snap = ctx.store.snapshot();
     let cluster_name = chain.clusters.pick(rand::random::<u64>()).to_string();
     let mut report = TcpReport::open(&ctx, &conn, &cluster_name);
@@ -60,33 +65,44 @@ async fn connect(
     conn: &ConnInfo,
     cluster_name: &str,
 ) -> Result<(TcpStream, std::net::SocketAddr), ProxyError> {
-    let cluster: &Arc<Cluster> = snap
-        .clusters
-        .get(cluster_name)
-        .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
+    let cluster: &Arc<Cluster> = snap.clusters.get(cluster_name).ok_or_else(|| {
+        ProxyError::new(
+            ErrorKind::NoCluster,
+            format!("unknown cluster {cluster_name}"),
+        )
+    })?;
     let timeout = cluster.config.connect_timeout;
     if matches!(cluster.config.discovery, Discovery::OriginalDst) {
-        let dst = conn
-            .original_dst
-            .ok_or_else(|| ProxyError::new(ErrorKind::NoHealthyUpstream, "no original destination"))?;
+        let dst = conn.original_dst.ok_or_else(|| {
+            ProxyError::new(ErrorKind::NoHealthyUpstream, "no original destination")
+        })?;
         return ctx.pools.connect_tcp(dst, timeout).await.map(|s| (s, dst));
     }
     let mut tried = Vec::new();
     let mut last = None;
     for _ in 0..2 {
-        let Some(ep) = cluster.pick(&tried) else { break };
+        let Some(ep) = cluster.pick(&tried) else {
+            break;
+        };
         tried.push(ep.addr);
         match ctx.pools.connect_tcp(ep.addr, timeout).await {
             Ok(s) => return Ok((s, ep.addr)),
             Err(e) => last = Some(e),
         }
     }
-    Err(last.unwrap_or_else(|| ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {cluster_name}"))))
+    Err(last.unwrap_or_else(|| {
+        ProxyError::new(
+            ErrorKind::NoHealthyUpstream,
+            format!("no healthy endpoint in {cluster_name}"),
+        )
+    }))
 }
 
 /// Resolves when no byte moved for `timeout`.
 async fn idle(timeout: Option<Duration>, activity: Arc<AtomicU64>, started: Instant) {
-    let Some(timeout) = timeout else { return std::future::pending().await };
+    let Some(timeout) = timeout else {
+        return std::future::pending().await;
+    };
     loop {
         let last = Duration::from_millis(activity.load(Ordering::Relaxed));
         let since = started.elapsed().saturating_sub(last);
@@ -107,15 +123,25 @@ struct Metered<S> {
 
 impl<S> Metered<S> {
     fn new(inner: S, activity: Arc<AtomicU64>, started: Instant) -> Self {
-        Metered { inner, read: 0, activity, started }
+        Metered {
+            inner,
+            read: 0,
+            activity,
+            started,
+        }
     }
     fn touch(&self) {
-        self.activity.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.activity
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let r = Pin::new(&mut self.inner).poll_read(cx, buf);
         let n = buf.filled().len() - before;
@@ -128,7 +154,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.touch();
@@ -138,7 +168,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+    ) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -6,10 +6,12 @@ use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    address, config_source, socket_address, Address, AggregatedConfigSource, ConfigSource, HealthStatus,
-    Http2ProtocolOptions, Metadata, SocketAddress,
+    address, config_source, socket_address, Address, AggregatedConfigSource, ConfigSource,
+    HealthStatus, Http2ProtocolOptions, Metadata, SocketAddress,
 };
-use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
@@ -19,7 +21,9 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::{http_protocol_options, HttpProtocolOptions};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
+    http_protocol_options, HttpProtocolOptions,
+};
 use envoy_types::pb::google::protobuf::{value, Duration, Struct, UInt32Value, Value};
 use envoy_types::util::pack_any;
 
@@ -37,7 +41,9 @@ pub fn address(addr: SocketAddr) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: addr.ip().to_string(),
-            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(addr.port()))),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                addr.port(),
+            ))),
             ..Default::default()
         })),
     }
@@ -46,37 +52,54 @@ pub fn address(addr: SocketAddr) -> Address {
 fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: 2, // V3
-        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+            AggregatedConfigSource {},
+        )),
         ..Default::default()
     }
 }
 
 /// An HTTP connection manager with the given routes, optional listener-level fault
 /// filter, and the router. `upgrades` lists allowed upgrade types (`websocket`, `CONNECT`).
-pub fn http_connection_manager(stat_prefix: &str, routes: Routes, fault: Option<HttpFault>, upgrades: &[&str]) -> HttpConnectionManager {
+pub fn http_connection_manager(
+    stat_prefix: &str,
+    routes: Routes,
+    fault: Option<HttpFault>,
+    upgrades: &[&str],
+) -> HttpConnectionManager {
     let mut http_filters = Vec::new();
     // The fault filter is always installed (as Istio does) so routes can enable it
     // through typed_per_filter_config; an empty HTTPFault injects nothing.
     http_filters.push(HttpFilter {
         name: "envoy.filters.http.fault".into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(fault.unwrap_or_default()))),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            fault.unwrap_or_default(),
+        ))),
         ..Default::default()
     });
     http_filters.push(HttpFilter {
         name: "envoy.filters.http.router".into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+            Router::default(),
+        ))),
         ..Default::default()
     });
     HttpConnectionManager {
         stat_prefix: stat_prefix.into(),
         http_filters,
         route_specifier: Some(match routes {
-            Routes::Rds(name) => RouteSpecifier::Rds(Rds { route_config_name: name, config_source: Some(ads()) }),
+            Routes::Rds(name) => RouteSpecifier::Rds(Rds {
+                route_config_name: name,
+                config_source: Some(ads()),
+            }),
             Routes::Inline(rc) => RouteSpecifier::RouteConfig(rc),
         }),
         upgrade_configs: upgrades
             .iter()
-            .map(|u| UpgradeConfig { upgrade_type: (*u).into(), ..Default::default() })
+            .map(|u| UpgradeConfig {
+                upgrade_type: (*u).into(),
+                ..Default::default()
+            })
             .collect(),
         ..Default::default()
     }
@@ -124,9 +147,17 @@ pub fn tcp_listener(name: &str, addr: SocketAddr, cluster: &str) -> Listener {
 pub fn eds_cluster(name: &str, http2: bool) -> Cluster {
     let mut c = Cluster {
         name: name.into(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
-        eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),
-        connect_timeout: Some(Duration { seconds: 1, nanos: 0 }),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Eds as i32,
+        )),
+        eds_cluster_config: Some(cluster::EdsClusterConfig {
+            eds_config: Some(ads()),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
         metadata: Some(weft_lb_metadata("PEAK_EWMA")),
         ..Default::default()
     };
@@ -140,9 +171,20 @@ pub fn eds_cluster(name: &str, http2: bool) -> Cluster {
 pub fn static_cluster(name: &str, endpoints: &[SocketAddr], http2: bool) -> Cluster {
     let mut c = Cluster {
         name: name.into(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Static as i32)),
-        load_assignment: Some(cla(name, &endpoints.iter().map(|a| (*a, 1, HealthStatus::Healthy)).collect::<Vec<_>>())),
-        connect_timeout: Some(Duration { seconds: 1, nanos: 0 }),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
+            cluster::DiscoveryType::Static as i32,
+        )),
+        load_assignment: Some(cla(
+            name,
+            &endpoints
+                .iter()
+                .map(|a| (*a, 1, HealthStatus::Healthy))
+                .collect::<Vec<_>>(),
+        )),
+        connect_timeout: Some(Duration {
+            seconds: 1,
+            nanos: 0,
+        }),
         metadata: Some(weft_lb_metadata("PEAK_EWMA")),
         ..Default::default()
     };
@@ -163,16 +205,28 @@ fn set_http2(c: &mut Cluster) {
         )),
         ..Default::default()
     };
-    c.typed_extension_protocol_options
-        .insert("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(), pack_any(opts));
+    c.typed_extension_protocol_options.insert(
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
+        pack_any(opts),
+    );
 }
 
 /// `filter_metadata["weft"].lb_policy = policy`.
 pub fn weft_lb_metadata(policy: &str) -> Metadata {
     let mut fields = std::collections::HashMap::new();
-    fields.insert("lb_policy".to_string(), Value { kind: Some(value::Kind::StringValue(policy.into())) });
+    fields.insert(
+        "lb_policy".to_string(),
+        Value {
+            kind: Some(value::Kind::StringValue(policy.into())),
+        },
+    );
     let mut m = Metadata::default();
-    m.filter_metadata.insert("weft".into(), Struct { fields: fields.into_iter().collect() });
+    m.filter_metadata.insert(
+        "weft".into(),
+        Struct {
+            fields: fields.into_iter().collect(),
+        },
+    );
     m
 }
 

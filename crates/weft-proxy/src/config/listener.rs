@@ -6,7 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, CidrRange};
-use envoy_types::pb::envoy::config::listener::v3::{filter, FilterChain, FilterChainMatch, Listener};
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, FilterChain, FilterChainMatch, Listener,
+};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager,
 };
@@ -132,24 +134,35 @@ impl ListenerConfig {
     /// Compiles a listener. Errors name the listener and field.
     pub fn compile(l: &Listener) -> Result<ListenerConfig, ConfigError> {
         let name = l.name.clone();
-        let err = |field: &str, msg: String| ConfigError::new(format!("listener {name:?}"), field, msg);
+        let err =
+            |field: &str, msg: String| ConfigError::new(format!("listener {name:?}"), field, msg);
         if name.is_empty() {
-            return Err(ConfigError::new("listener", "name", "a listener needs a name"));
+            return Err(ConfigError::new(
+                "listener",
+                "name",
+                "a listener needs a name",
+            ));
         }
         let address = socket_addr(l.address.as_ref()).map_err(|m| err("address", m))?;
         let mut chains = Vec::with_capacity(l.filter_chains.len());
         for (i, fc) in l.filter_chains.iter().enumerate() {
-            let chain = compile_chain(fc).map_err(|(f, m)| err(&format!("filter_chains[{i}].{f}"), m))?;
+            let chain =
+                compile_chain(fc).map_err(|(f, m)| err(&format!("filter_chains[{i}].{f}"), m))?;
             chains.push(Arc::new(chain));
         }
         let default_chain = match &l.default_filter_chain {
-            Some(fc) => Some(Arc::new(
-                compile_chain(fc).map_err(|(f, m)| err(&format!("default_filter_chain.{f}"), m))?,
-            )),
+            Some(fc) => {
+                Some(Arc::new(compile_chain(fc).map_err(|(f, m)| {
+                    err(&format!("default_filter_chain.{f}"), m)
+                })?))
+            }
             None => None,
         };
         if chains.is_empty() && default_chain.is_none() {
-            return Err(err("filter_chains", "at least one filter chain (or default_filter_chain) is required".into()));
+            return Err(err(
+                "filter_chains",
+                "at least one filter chain (or default_filter_chain) is required".into(),
+            ));
         }
         let needs_sniffing = chains.iter().any(|c| {
             !c.matcher.transport_protocol.is_empty()
@@ -165,12 +178,17 @@ impl ListenerConfig {
             name: name.clone(),
             address,
             bind: l.bind_to_port.as_ref().map(|b| b.value).unwrap_or(true),
-            use_original_dst: l.use_original_dst.as_ref().map(|b| b.value).unwrap_or(false),
+            use_original_dst: l
+                .use_original_dst
+                .as_ref()
+                .map(|b| b.value)
+                .unwrap_or(false),
             direction,
             chains,
             default_chain,
             needs_sniffing,
-            sniff_timeout: opt_duration(l.listener_filters_timeout.as_ref()).unwrap_or(Duration::from_secs(15)),
+            sniff_timeout: opt_duration(l.listener_filters_timeout.as_ref())
+                .unwrap_or(Duration::from_secs(15)),
         })
     }
 
@@ -198,13 +216,18 @@ impl ListenerConfig {
             Some(_) => None,
             None => Some(0),
         });
-        cands = narrow(cands, |m| best_prefix(&m.prefix_ranges, conn.destination.ip()));
+        cands = narrow(cands, |m| {
+            best_prefix(&m.prefix_ranges, conn.destination.ip())
+        });
         cands = narrow(cands, |m| {
             if m.server_names.is_empty() {
                 return Some(0);
             }
             let sni = conn.server_name.as_deref()?;
-            m.server_names.iter().filter_map(|n| server_name_score(n, sni)).max()
+            m.server_names
+                .iter()
+                .filter_map(|n| server_name_score(n, sni))
+                .max()
         });
         cands = narrow(cands, |m| match m.transport_protocol.as_str() {
             "" => Some(0),
@@ -214,13 +237,19 @@ impl ListenerConfig {
         cands = narrow(cands, |m| {
             if m.application_protocols.is_empty() {
                 Some(0)
-            } else if m.application_protocols.iter().any(|p| conn.application_protocols.iter().any(|c| c == p)) {
+            } else if m
+                .application_protocols
+                .iter()
+                .any(|p| conn.application_protocols.iter().any(|c| c == p))
+            {
                 Some(1)
             } else {
                 None
             }
         });
-        cands = narrow(cands, |m| best_prefix(&m.source_prefix_ranges, conn.source.ip()));
+        cands = narrow(cands, |m| {
+            best_prefix(&m.source_prefix_ranges, conn.source.ip())
+        });
         cands.into_iter().next().or(self.default_chain.as_ref())
     }
 }
@@ -244,10 +273,16 @@ fn narrow<'a>(
     cands: Vec<&'a Arc<FilterChainConfig>>,
     score: impl Fn(&ChainMatch) -> Option<u32>,
 ) -> Vec<&'a Arc<FilterChainConfig>> {
-    let scored: Vec<(u32, &Arc<FilterChainConfig>)> =
-        cands.into_iter().filter_map(|c| score(&c.matcher).map(|s| (s, c))).collect();
+    let scored: Vec<(u32, &Arc<FilterChainConfig>)> = cands
+        .into_iter()
+        .filter_map(|c| score(&c.matcher).map(|s| (s, c)))
+        .collect();
     let best = scored.iter().map(|(s, _)| *s).max();
-    scored.into_iter().filter(|(s, _)| Some(*s) == best).map(|(_, c)| c).collect()
+    scored
+        .into_iter()
+        .filter(|(s, _)| Some(*s) == best)
+        .map(|(_, c)| c)
+        .collect()
 }
 
 /// 0 when no ranges (matches anything), 1 + prefix length of the longest matching range,
@@ -256,7 +291,11 @@ fn best_prefix(ranges: &[(IpAddr, u8)], ip: IpAddr) -> Option<u32> {
     if ranges.is_empty() {
         return Some(0);
     }
-    ranges.iter().filter(|(net, len)| in_range(ip, *net, *len)).map(|(_, len)| 1 + u32::from(*len)).max()
+    ranges
+        .iter()
+        .filter(|(net, len)| in_range(ip, *net, *len))
+        .map(|(_, len)| 1 + u32::from(*len))
+        .max()
 }
 
 /// True when `ip` lies in `net/len`.
@@ -269,7 +308,11 @@ pub fn in_range(ip: IpAddr, net: IpAddr, len: u8) -> bool {
         }
         (IpAddr::V6(a), IpAddr::V6(b)) => {
             let len = u32::from(len.min(128));
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
+            let mask = if len == 0 {
+                0
+            } else {
+                u128::MAX << (128 - len)
+            };
             (u128::from(a) & mask) == (u128::from(b) & mask)
         }
         (IpAddr::V4(a), IpAddr::V6(_)) => in_range(IpAddr::V6(a.to_ipv6_mapped()), net, len),
@@ -311,7 +354,11 @@ fn compile_chain(fc: &FilterChain) -> Result<FilterChainConfig, (String, String)
             _ => return Err((field, format!("filter {:?} needs a typed_config", f.name))),
         };
         if kind.is_some() {
-            return Err((field, "a terminal filter (http_connection_manager / tcp_proxy) must be the last filter".into()));
+            return Err((
+                field,
+                "a terminal filter (http_connection_manager / tcp_proxy) must be the last filter"
+                    .into(),
+            ));
         }
         if any.type_url == HttpConnectionManager::type_url() {
             let hcm = decode::<HttpConnectionManager>(any).map_err(|m| (field.clone(), m))?;
@@ -333,27 +380,50 @@ fn compile_chain(fc: &FilterChain) -> Result<FilterChainConfig, (String, String)
             ));
         }
     }
-    let kind = kind.ok_or_else(|| ("filters".to_string(), "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string()))?;
-    Ok(FilterChainConfig { name: fc.name.clone(), matcher, kind })
+    let kind = kind.ok_or_else(|| {
+        (
+            "filters".to_string(),
+            "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string(),
+        )
+    })?;
+    Ok(FilterChainConfig {
+        name: fc.name.clone(),
+        matcher,
+        kind,
+    })
 }
 
 fn compile_match(m: &FilterChainMatch) -> Result<ChainMatch, (String, String)> {
     let destination_port = match &m.destination_port {
-        Some(p) => Some(u16::try_from(p.value).map_err(|_| ("destination_port".to_string(), format!("{} is not a port", p.value)))?),
+        Some(p) => Some(u16::try_from(p.value).map_err(|_| {
+            (
+                "destination_port".to_string(),
+                format!("{} is not a port", p.value),
+            )
+        })?),
         None => None,
     };
     let ranges = |rs: &[CidrRange], field: &str| -> Result<Vec<(IpAddr, u8)>, (String, String)> {
         rs.iter()
             .enumerate()
             .map(|(i, r)| {
-                let ip: IpAddr = r
-                    .address_prefix
-                    .parse()
-                    .map_err(|_| (format!("{field}[{i}].address_prefix"), format!("{:?} is not an IP address", r.address_prefix)))?;
-                let len = r.prefix_len.as_ref().map(|l| l.value).unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
+                let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
+                    (
+                        format!("{field}[{i}].address_prefix"),
+                        format!("{:?} is not an IP address", r.address_prefix),
+                    )
+                })?;
+                let len = r
+                    .prefix_len
+                    .as_ref()
+                    .map(|l| l.value)
+                    .unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
                 let max = if ip.is_ipv4() { 32 } else { 128 };
                 if len > max {
-                    return Err((format!("{field}[{i}].prefix_len"), format!("{len} exceeds {max}")));
+                    return Err((
+                        format!("{field}[{i}].prefix_len"),
+                        format!("{len} exceeds {max}"),
+                    ));
                 }
                 Ok((ip, len as u8))
             })
@@ -384,10 +454,21 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
             RouteSource::Rds(rds.route_config_name.clone())
         }
         Some(RouteSpecifier::RouteConfig(rc)) => RouteSource::Inline(Arc::new(
-            RouteTable::compile(rc).map_err(|e| (format!("route_config.{}", e.field), e.message))?,
+            RouteTable::compile(rc)
+                .map_err(|e| (format!("route_config.{}", e.field), e.message))?,
         )),
-        Some(_) => return Err(("route_specifier".into(), "scoped routes are not supported; use rds or route_config".into())),
-        None => return Err(("route_specifier".into(), "rds or route_config is required".into())),
+        Some(_) => {
+            return Err((
+                "route_specifier".into(),
+                "scoped routes are not supported; use rds or route_config".into(),
+            ))
+        }
+        None => {
+            return Err((
+                "route_specifier".into(),
+                "rds or route_config is required".into(),
+            ))
+        }
     };
     let mut fault = None;
     for (i, f) in h.http_filters.iter().enumerate() {
@@ -398,14 +479,23 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         let any = match &f.config_type {
             Some(http_filter::ConfigType::TypedConfig(any)) => any,
             _ if f.name == "envoy.filters.http.router" => continue,
-            _ => return Err((field, format!("http filter {:?} needs a typed_config", f.name))),
+            _ => {
+                return Err((
+                    field,
+                    format!("http filter {:?} needs a typed_config", f.name),
+                ))
+            }
         };
         if any.type_url == "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault" {
-            fault = Some(FaultPolicy::from_any(any).map_err(|m| (format!("{field}.typed_config"), m))?);
+            fault =
+                Some(FaultPolicy::from_any(any).map_err(|m| (format!("{field}.typed_config"), m))?);
         } else if !KNOWN_HTTP_FILTERS.contains(&any.type_url.as_str()) && !f.is_optional {
             return Err((
                 format!("{field}.typed_config"),
-                format!("unsupported http filter {:?} ({}); mark it is_optional to skip it", f.name, any.type_url),
+                format!(
+                    "unsupported http filter {:?} ({}); mark it is_optional to skip it",
+                    f.name, any.type_url
+                ),
             ));
         }
     }
@@ -422,7 +512,9 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         upgrades,
         stream_idle_timeout: timeout_or(h.stream_idle_timeout.as_ref(), Duration::from_secs(300)),
         idle_timeout: timeout_or(
-            h.common_http_protocol_options.as_ref().and_then(|o| o.idle_timeout.as_ref()),
+            h.common_http_protocol_options
+                .as_ref()
+                .and_then(|o| o.idle_timeout.as_ref()),
             Duration::from_secs(3600),
         ),
     })
@@ -430,16 +522,30 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
 
 fn compile_tcp(t: &TcpProxy) -> Result<TcpChain, (String, String)> {
     let clusters = match &t.cluster_specifier {
-        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => ClusterChoice::Single(c.clone()),
+        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => {
+            ClusterChoice::Single(c.clone())
+        }
         Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
-            let list: Vec<(String, u32)> = w.clusters.iter().map(|c| (c.name.clone(), c.weight)).collect();
+            let list: Vec<(String, u32)> = w
+                .clusters
+                .iter()
+                .map(|c| (c.name.clone(), c.weight))
+                .collect();
             let total: u32 = list.iter().map(|(_, w)| *w).sum();
             if list.is_empty() || total == 0 {
-                return Err(("weighted_clusters".into(), "needs at least one cluster with a weight above 0".into()));
+                return Err((
+                    "weighted_clusters".into(),
+                    "needs at least one cluster with a weight above 0".into(),
+                ));
             }
             ClusterChoice::Weighted(list, total)
         }
-        _ => return Err(("cluster".into(), "a cluster or weighted_clusters is required".into())),
+        _ => {
+            return Err((
+                "cluster".into(),
+                "a cluster or weighted_clusters is required".into(),
+            ))
+        }
     };
     Ok(TcpChain {
         stat_prefix: t.stat_prefix.clone(),
@@ -483,12 +589,17 @@ pub fn socket_addr(a: Option<&Address>) -> Result<SocketAddr, String> {
         Some(_) => return Err("only socket_address is supported".into()),
         None => return Err("socket_address is required".into()),
     };
-    let ip: IpAddr = sa.address.parse().map_err(|_| format!("{:?} is not an IP address", sa.address))?;
+    let ip: IpAddr = sa
+        .address
+        .parse()
+        .map_err(|_| format!("{:?} is not an IP address", sa.address))?;
     let port = match sa.port_specifier {
         Some(socket_address::PortSpecifier::PortValue(p)) => {
             u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
         }
-        Some(socket_address::PortSpecifier::NamedPort(_)) => return Err("named ports are not supported".into()),
+        Some(socket_address::PortSpecifier::NamedPort(_)) => {
+            return Err("named ports are not supported".into())
+        }
         None => 0,
     };
     Ok(SocketAddr::new(ip, port))

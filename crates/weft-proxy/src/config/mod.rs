@@ -22,7 +22,10 @@ use weft_xds::{type_url, ResourceHandler, ResourceUpdate};
 
 use crate::cluster::{Cluster, ClusterConfig, Discovery, LoadRegistry};
 use crate::route::RouteTable;
-pub use listener::{ChainKind, ConnFacts, Direction, FilterChainConfig, HttpChain, ListenerConfig, RouteSource, TcpChain};
+pub use listener::{
+    ChainKind, ConnFacts, Direction, FilterChainConfig, HttpChain, ListenerConfig, RouteSource,
+    TcpChain,
+};
 
 /// One immutable view of everything the proxy runs.
 #[derive(Default)]
@@ -66,10 +69,17 @@ impl Snapshot {
     /// A bound listener's config, and for `use_original_dst` listeners the listener
     /// claiming the original destination (exact address first, then wildcard address
     /// with the same port), as Envoy does.
-    pub fn listener_for(&self, bound: &str, original_dst: Option<std::net::SocketAddr>) -> Option<Arc<ListenerConfig>> {
+    pub fn listener_for(
+        &self,
+        bound: &str,
+        original_dst: Option<std::net::SocketAddr>,
+    ) -> Option<Arc<ListenerConfig>> {
         let l = self.listeners.get(bound)?;
         if let (true, Some(dst)) = (l.use_original_dst, original_dst) {
-            let virt = self.listeners.values().filter(|v| !v.bind && v.address.port() == dst.port());
+            let virt = self
+                .listeners
+                .values()
+                .filter(|v| !v.bind && v.address.port() == dst.port());
             let mut wildcard = None;
             for v in virt {
                 if v.address.ip() == dst.ip() {
@@ -156,9 +166,13 @@ impl ConfigStore {
         let mut seen = BTreeSet::new();
         for (name, any) in &update.upserts {
             seen.insert(name.clone());
-            match listener::decode::<Listener>(any).map_err(|m| format!("listener {name:?}: {m}")).and_then(|l| {
-                ListenerConfig::compile(&l).map(|c| (l, c)).map_err(|e| e.to_string())
-            }) {
+            match listener::decode::<Listener>(any)
+                .map_err(|m| format!("listener {name:?}: {m}"))
+                .and_then(|l| {
+                    ListenerConfig::compile(&l)
+                        .map(|c| (l, c))
+                        .map_err(|e| e.to_string())
+                }) {
                 Ok((raw, compiled)) => {
                     st.raw.listeners.insert(name.clone(), raw);
                     st.listeners.insert(name.clone(), Arc::new(compiled));
@@ -181,8 +195,11 @@ impl ConfigStore {
             seen.insert(name.clone());
             match listener::decode::<RouteConfiguration>(any)
                 .map_err(|m| format!("route configuration {name:?}: {m}"))
-                .and_then(|rc| RouteTable::compile(&rc).map(|t| (rc, t)).map_err(|e| e.to_string()))
-            {
+                .and_then(|rc| {
+                    RouteTable::compile(&rc)
+                        .map(|t| (rc, t))
+                        .map_err(|e| e.to_string())
+                }) {
                 Ok((raw, table)) => {
                     st.raw.routes.insert(name.clone(), raw);
                     st.routes.insert(name.clone(), Arc::new(table));
@@ -204,7 +221,11 @@ impl ConfigStore {
             seen.insert(name.clone());
             let compiled = listener::decode::<PbCluster>(any)
                 .map_err(|m| format!("cluster {name:?}: {m}"))
-                .and_then(|c| ClusterConfig::compile(&c).map(|cc| (c, cc)).map_err(|e| e.to_string()));
+                .and_then(|c| {
+                    ClusterConfig::compile(&c)
+                        .map(|cc| (c, cc))
+                        .map_err(|e| e.to_string())
+                });
             match compiled {
                 Ok((raw, cfg)) => {
                     let cfg = Arc::new(cfg);
@@ -289,14 +310,22 @@ impl ConfigStore {
 /// The CLA name an EDS cluster subscribes to.
 fn cla_name(c: &ClusterConfig) -> Option<String> {
     match &c.discovery {
-        Discovery::Eds { service_name } => Some(if service_name.is_empty() { c.name.clone() } else { service_name.clone() }),
+        Discovery::Eds { service_name } => Some(if service_name.is_empty() {
+            c.name.clone()
+        } else {
+            service_name.clone()
+        }),
         _ => None,
     }
 }
 
 /// Names to remove after an update: explicit removals, plus (full state) everything not
 /// in the update.
-fn removed<'a>(update: &ResourceUpdate, seen: &BTreeSet<String>, existing: impl Iterator<Item = &'a String>) -> Vec<String> {
+fn removed<'a>(
+    update: &ResourceUpdate,
+    seen: &BTreeSet<String>,
+    existing: impl Iterator<Item = &'a String>,
+) -> Vec<String> {
     let mut out: Vec<String> = update.removals.clone();
     if update.full_state {
         out.extend(existing.filter(|n| !seen.contains(*n)).cloned());
@@ -306,7 +335,12 @@ fn removed<'a>(update: &ResourceUpdate, seen: &BTreeSet<String>, existing: impl 
 
 impl ResourceHandler for ConfigStore {
     fn type_urls(&self) -> Vec<&'static str> {
-        vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE]
+        vec![
+            type_url::CLUSTER,
+            type_url::ENDPOINT,
+            type_url::LISTENER,
+            type_url::ROUTE,
+        ]
     }
 
     fn apply(&self, type_url: &str, update: ResourceUpdate) -> Result<(), String> {
@@ -333,10 +367,19 @@ impl ResourceHandler for ConfigStore {
     fn interest(&self, type_url: &str) -> Option<BTreeSet<String>> {
         let st = self.lock();
         match type_url {
-            type_url::ROUTE => Some(st.listeners.values().flat_map(|l| l.rds_names().map(str::to_string)).collect()),
-            type_url::ENDPOINT => Some(st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()),
+            type_url::ROUTE => Some(
+                st.listeners
+                    .values()
+                    .flat_map(|l| l.rds_names().map(str::to_string))
+                    .collect(),
+            ),
+            type_url::ENDPOINT => Some(
+                st.cluster_configs
+                    .values()
+                    .filter_map(|c| cla_name(c))
+                    .collect(),
+            ),
             _ => None,
         }
     }
 }
-
