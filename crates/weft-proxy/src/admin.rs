@@ -46,11 +46,7 @@ pub type ReadyFn = Arc<dyn Fn() -> bool + Send + Sync>;
 type Reply = Response<Full<Bytes>>;
 
 /// Serves the admin endpoints on `listener` until `shutdown` completes.
-pub async fn serve_admin(
-    listener: TcpListener,
-    state: Arc<dyn AdminState>,
-    shutdown: impl Future<Output = ()>,
-) {
+pub async fn serve_admin(listener: TcpListener, state: Arc<dyn AdminState>, shutdown: impl Future<Output = ()>) {
     serve(listener, move |req| admin_reply(&*state, req), shutdown).await;
 }
 
@@ -62,12 +58,7 @@ pub async fn serve_metrics(
     ready: ReadyFn,
     shutdown: impl Future<Output = ()>,
 ) {
-    serve(
-        listener,
-        move |req| metrics_reply(&metrics, &*ready, req),
-        shutdown,
-    )
-    .await;
+    serve(listener, move |req| metrics_reply(&metrics, &*ready, req), shutdown).await;
 }
 
 fn admin_reply(state: &dyn AdminState, req: &Request<Incoming>) -> Reply {
@@ -98,15 +89,9 @@ fn admin_reply(state: &dyn AdminState, req: &Request<Incoming>) -> Reply {
     }
 }
 
-fn metrics_reply(
-    metrics: &Metrics,
-    ready: &(dyn Fn() -> bool + Send + Sync),
-    req: &Request<Incoming>,
-) -> Reply {
+fn metrics_reply(metrics: &Metrics, ready: &(dyn Fn() -> bool + Send + Sync), req: &Request<Incoming>) -> Reply {
     match (req.uri().path(), req.method()) {
-        ("/stats/prometheus", &Method::GET) => {
-            reply(StatusCode::OK, TEXT_CONTENT_TYPE, metrics.encode())
-        }
+        ("/stats/prometheus", &Method::GET) => reply(StatusCode::OK, TEXT_CONTENT_TYPE, metrics.encode()),
         ("/healthz/ready", &Method::GET) => {
             if ready() {
                 text(StatusCode::OK, "ready\n")
@@ -146,8 +131,7 @@ where
             let resp = handler(&req);
             async move { Ok::<_, Infallible>(resp) }
         });
-        let conn = hyper::server::conn::http1::Builder::new()
-            .serve_connection(TokioIo::new(stream), service);
+        let conn = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
@@ -156,10 +140,7 @@ where
         });
     }
     drop(listener);
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
         tracing::debug!("admin connections still open after grace period");
     }
 }
@@ -167,10 +148,7 @@ where
 fn reply(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Reply {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static(content_type),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, header::HeaderValue::from_static(content_type));
     resp
 }
 
@@ -180,8 +158,7 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Reply {
 
 fn method_not_allowed(allow: &'static str) -> Reply {
     let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
-    resp.headers_mut()
-        .insert(header::ALLOW, header::HeaderValue::from_static(allow));
+    resp.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static(allow));
     resp
 }
 

@@ -102,10 +102,8 @@ fn default_drain() -> Duration {
 impl Bootstrap {
     /// Reads and validates a bootstrap file (YAML or JSON).
     pub fn load(path: &Path) -> Result<Bootstrap, BootstrapError> {
-        let text = std::fs::read_to_string(path).map_err(|source| BootstrapError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| BootstrapError::Read { path: path.into(), source })?;
         Self::parse(&text, path)
     }
 
@@ -116,12 +114,7 @@ impl Bootstrap {
             let field = e.path().to_string();
             let inner = e.into_inner();
             let line = inner.location().map(|l| l.line()).unwrap_or(0);
-            BootstrapError::Invalid {
-                path: path.into(),
-                line,
-                field,
-                message: strip_location(&inner.to_string()),
-            }
+            BootstrapError::Invalid { path: path.into(), line, field, message: strip_location(&inner.to_string()) }
         })?;
         b.validate(path)?;
         Ok(b)
@@ -135,22 +128,13 @@ impl Bootstrap {
             message,
         };
         if !(self.xds.address.starts_with("http://") || self.xds.address.starts_with("https://")) {
-            return Err(bad(
-                "xds.address",
-                format!("expected http://host:port, got {:?}", self.xds.address),
-            ));
+            return Err(bad("xds.address", format!("expected http://host:port, got {:?}", self.xds.address)));
         }
         if self.node.id.is_empty() {
             return Err(bad("node.id", "must not be empty".into()));
         }
         if !self.admin.ip().is_loopback() {
-            return Err(bad(
-                "admin",
-                format!(
-                    "the admin server must listen on loopback, got {}",
-                    self.admin
-                ),
-            ));
+            return Err(bad("admin", format!("the admin server must listen on loopback, got {}", self.admin)));
         }
         Ok(())
     }
@@ -181,9 +165,7 @@ mod tests {
     #[test]
     fn unknown_field_names_file_line_and_field() {
         let text = GOOD.replace("  mode: delta\n", "  mode: delta\n  modes: x\n");
-        let e = Bootstrap::parse(&text, Path::new("b.yaml"))
-            .unwrap_err()
-            .to_string();
+        let e = Bootstrap::parse(&text, Path::new("b.yaml")).unwrap_err().to_string();
         assert!(e.starts_with("b.yaml:8: field `xds"), "{e}");
         assert!(e.contains("modes"), "{e}");
     }
@@ -191,21 +173,14 @@ mod tests {
     #[test]
     fn bad_enum_value_says_what_was_expected() {
         let text = GOOD.replace("mode: delta", "mode: fast");
-        let e = Bootstrap::parse(&text, Path::new("b.yaml"))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("xds.mode") && e.contains("sotw") && e.contains("delta"),
-            "{e}"
-        );
+        let e = Bootstrap::parse(&text, Path::new("b.yaml")).unwrap_err().to_string();
+        assert!(e.contains("xds.mode") && e.contains("sotw") && e.contains("delta"), "{e}");
     }
 
     #[test]
     fn non_loopback_admin_is_rejected() {
         let text = format!("{GOOD}admin: 0.0.0.0:15000\n");
-        let e = Bootstrap::parse(&text, Path::new("b.yaml"))
-            .unwrap_err()
-            .to_string();
+        let e = Bootstrap::parse(&text, Path::new("b.yaml")).unwrap_err().to_string();
         assert!(e.contains("field `admin`") && e.contains("loopback"), "{e}");
     }
 }

@@ -69,10 +69,7 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Detected {
         }
         if n == last_len {
             // No new bytes yet: wait for readability again without spinning.
-            if tokio::time::timeout_at(deadline, stream.readable())
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, stream.readable()).await.is_err() {
                 return opaque();
             }
             tokio::time::sleep(Duration::from_millis(1)).await;
@@ -82,32 +79,20 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Detected {
 }
 
 fn opaque() -> Detected {
-    Detected {
-        transport: "raw_buffer",
-        application: vec![],
-        server_name: None,
-    }
+    Detected { transport: "raw_buffer", application: vec![], server_name: None }
 }
 
 fn classify(b: &[u8]) -> Verdict {
     if b[0] == 0x16 {
         return match tls_server_name(b) {
-            Some(sni) => Verdict::Done(Detected {
-                transport: "tls",
-                application: vec![],
-                server_name: sni,
-            }),
+            Some(sni) => Verdict::Done(Detected { transport: "tls", application: vec![], server_name: sni }),
             None => Verdict::NeedMore,
         };
     }
     let p = H2_PREFACE.len().min(b.len());
     if b[..p] == H2_PREFACE[..p] {
         return if b.len() >= H2_PREFACE.len() {
-            Verdict::Done(Detected {
-                transport: "raw_buffer",
-                application: vec!["h2c"],
-                server_name: None,
-            })
+            Verdict::Done(Detected { transport: "raw_buffer", application: vec!["h2c"], server_name: None })
         } else {
             Verdict::NeedMore
         };
@@ -227,15 +212,9 @@ mod tests {
         let d = classify(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
         assert_eq!(
             d,
-            Verdict::Done(Detected {
-                transport: "raw_buffer",
-                application: vec!["http/1.1"],
-                server_name: None
-            })
+            Verdict::Done(Detected { transport: "raw_buffer", application: vec!["http/1.1"], server_name: None })
         );
-        assert!(
-            matches!(classify(b"POST /x HTTP/1.0\r\n"), Verdict::Done(d) if d.application == vec!["http/1.0"])
-        );
+        assert!(matches!(classify(b"POST /x HTTP/1.0\r\n"), Verdict::Done(d) if d.application == vec!["http/1.0"]));
     }
 
     #[test]

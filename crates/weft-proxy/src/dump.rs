@@ -86,10 +86,7 @@ pub fn config_dump(s: &Snapshot, xds: &ClientStatus) -> Value {
             })
         })
         .collect();
-    let age = s
-        .built_at
-        .and_then(|t| t.elapsed().ok())
-        .map(|d| d.as_secs_f64());
+    let age = s.built_at.and_then(|t| t.elapsed().ok()).map(|d| d.as_secs_f64());
     json!({
         "versions": s.versions,
         "config_age_seconds": age,
@@ -120,10 +117,7 @@ pub fn clusters_text(s: &Snapshot) -> String {
             out.push_str(&format!("{p}::health_flags::{health}\n"));
             out.push_str(&format!("{p}::weight::{}\n", e.weight));
             out.push_str(&format!("{p}::rq_active::{}\n", e.load.in_flight()));
-            out.push_str(&format!(
-                "{p}::ewma_rtt_ms::{:.3}\n",
-                e.load.ewma().as_secs_f64() * 1000.0
-            ));
+            out.push_str(&format!("{p}::ewma_rtt_ms::{:.3}\n", e.load.ewma().as_secs_f64() * 1000.0));
         }
     }
     out

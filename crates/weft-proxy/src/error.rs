@@ -105,11 +105,7 @@ impl ErrorKind {
 impl ProxyError {
     /// A new error of `kind` with a human-readable detail.
     pub fn new(kind: ErrorKind, detail: impl Into<String>) -> Self {
-        ProxyError {
-            kind,
-            not_sent: false,
-            detail: detail.into(),
-        }
+        ProxyError { kind, not_sent: false, detail: detail.into() }
     }
 
     /// Marks that the request never reached the upstream application.
@@ -136,13 +132,7 @@ impl ProxyError {
 
 impl fmt::Display for ProxyError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{} ({}): {}",
-            self.kind.response_flag(),
-            self.kind.http_status(),
-            self.detail
-        )
+        write!(f, "{} ({}): {}", self.kind.response_flag(), self.kind.http_status(), self.detail)
     }
 }
 
@@ -163,15 +153,7 @@ pub struct ConfigError {
 
 impl ConfigError {
     /// A new configuration error.
-    pub fn new(
-        resource: impl Into<String>,
-        field: impl Into<String>,
-        message: impl Into<String>,
-    ) -> Self {
-        ConfigError {
-            resource: resource.into(),
-            field: field.into(),
-            message: message.into(),
-        }
+    pub fn new(resource: impl Into<String>, field: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError { resource: resource.into(), field: field.into(), message: message.into() }
     }
 }

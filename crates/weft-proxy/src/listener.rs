@@ -46,11 +46,7 @@ pub struct ListenerManager {
 impl ListenerManager {
     /// A manager with nothing bound yet.
     pub fn new(ctx: Arc<Context>) -> Self {
-        ListenerManager {
-            ctx,
-            bound: BTreeMap::new(),
-            addrs: watch::channel(BTreeMap::new()).0,
-        }
+        ListenerManager { ctx, bound: BTreeMap::new(), addrs: watch::channel(BTreeMap::new()).0 }
     }
 
     /// Bound addresses by listener name (port 0 in config becomes the real port here).
@@ -78,17 +74,11 @@ impl ListenerManager {
 
     async fn reconcile(&mut self) {
         let snap = self.ctx.store.snapshot();
-        let wanted: BTreeMap<&String, &Arc<ListenerConfig>> =
-            snap.listeners.iter().filter(|(_, l)| l.bind).collect();
+        let wanted: BTreeMap<&String, &Arc<ListenerConfig>> = snap.listeners.iter().filter(|(_, l)| l.bind).collect();
         let stale: Vec<String> = self
             .bound
             .iter()
-            .filter(|(n, b)| {
-                wanted
-                    .get(n)
-                    .map(|l| l.address != b.configured)
-                    .unwrap_or(true)
-            })
+            .filter(|(n, b)| wanted.get(n).map(|l| l.address != b.configured).unwrap_or(true))
             .map(|(n, _)| n.clone())
             .collect();
         for name in stale {
@@ -106,16 +96,8 @@ impl ListenerManager {
                     let local = sock.local_addr().unwrap_or(l.address);
                     info!(listener = %name, address = %local, "listening");
                     let (stop, stop_rx) = watch::channel(false);
-                    let task =
-                        tokio::spawn(accept_loop(self.ctx.clone(), name.clone(), sock, stop_rx));
-                    self.bound.insert(
-                        name.clone(),
-                        Bound {
-                            configured: l.address,
-                            stop,
-                            task,
-                        },
-                    );
+                    let task = tokio::spawn(accept_loop(self.ctx.clone(), name.clone(), sock, stop_rx));
+                    self.bound.insert(name.clone(), Bound { configured: l.address, stop, task });
                     self.addrs.send_modify(|m| {
                         m.insert(name.clone(), local);
                     });
@@ -126,28 +108,18 @@ impl ListenerManager {
             }
         }
         let names: Vec<String> = self.bound.keys().cloned().collect();
-        self.addrs
-            .send_modify(|m| m.retain(|k, _| names.contains(k)));
+        self.addrs.send_modify(|m| m.retain(|k, _| names.contains(k)));
     }
 }
 
 async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
+    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     sock.set_reuseaddr(true)?;
     sock.bind(addr)?;
     sock.listen(1024)
 }
 
-async fn accept_loop(
-    ctx: Arc<Context>,
-    name: String,
-    sock: TcpListener,
-    mut stop: watch::Receiver<bool>,
-) {
+async fn accept_loop(ctx: Arc<Context>, name: String, sock: TcpListener, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
             _ = crate::context::flipped(&mut stop) => return,
@@ -171,11 +143,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
     let Some(bound) = snap.listeners.get(&name) else {
         return;
     };
-    let odst = if bound.use_original_dst {
-        original_dst(&stream)
-    } else {
-        None
-    };
+    let odst = if bound.use_original_dst { original_dst(&stream) } else { None };
     let Some(listener) = snap.listener_for(&name, odst) else {
         return;
     };
@@ -184,11 +152,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
     let detected = if listener.needs_sniffing {
         detect::sniff(&stream, listener.sniff_timeout).await
     } else {
-        Detected {
-            transport: "raw_buffer",
-            application: vec![],
-            server_name: None,
-        }
+        Detected { transport: "raw_buffer", application: vec![], server_name: None }
     };
     let facts = ConnFacts {
         source: peer,
@@ -201,12 +165,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
         debug!(listener = %listener.name, %peer, %destination, "no filter chain matches: closing");
         return;
     };
-    let conn = Arc::new(ConnInfo {
-        listener: listener.clone(),
-        peer,
-        destination,
-        original_dst: odst,
-    });
+    let conn = Arc::new(ConnInfo { listener: listener.clone(), peer, destination, original_dst: odst });
     drop(snap);
     match &chain.kind {
         ChainKind::Http(h) => http::serve(ctx, conn, h.clone(), stream).await,

@@ -13,16 +13,10 @@ pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
     let local = stream.local_addr().ok()?;
     let dst = if local.is_ipv4() {
         let sin = getsockopt(stream, sockopt::OriginalDst).ok()?;
-        SocketAddr::from((
-            std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)),
-            u16::from_be(sin.sin_port),
-        ))
+        SocketAddr::from((std::net::Ipv4Addr::from(u32::from_be(sin.sin_addr.s_addr)), u16::from_be(sin.sin_port)))
     } else {
         let sin6 = getsockopt(stream, sockopt::Ip6tOriginalDst).ok()?;
-        SocketAddr::from((
-            std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr),
-            u16::from_be(sin6.sin6_port),
-        ))
+        SocketAddr::from((std::net::Ipv6Addr::from(sin6.sin6_addr.s6_addr), u16::from_be(sin6.sin6_port)))
     };
     // Without a redirect the kernel reports the local address itself.
     (dst != local).then_some(dst)

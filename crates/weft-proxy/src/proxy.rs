@@ -109,21 +109,16 @@ impl ProxyHandle {
             active_connections: AtomicUsize::new(0),
         });
 
-        let admin_sock = TcpListener::bind(b.admin)
-            .await
-            .map_err(|source| StartError::Bind {
-                what: "admin",
-                addr: b.admin,
-                source,
-            })?;
-        let metrics_sock =
-            TcpListener::bind(b.metrics)
-                .await
-                .map_err(|source| StartError::Bind {
-                    what: "metrics",
-                    addr: b.metrics,
-                    source,
-                })?;
+        let admin_sock = TcpListener::bind(b.admin).await.map_err(|source| StartError::Bind {
+            what: "admin",
+            addr: b.admin,
+            source,
+        })?;
+        let metrics_sock = TcpListener::bind(b.metrics).await.map_err(|source| StartError::Bind {
+            what: "metrics",
+            addr: b.metrics,
+            source,
+        })?;
         let admin_addr = admin_sock.local_addr().unwrap_or(b.admin);
         let metrics_addr = metrics_sock.local_addr().unwrap_or(b.metrics);
 
@@ -145,11 +140,7 @@ impl ProxyHandle {
             }
         };
         tasks.push(tokio::spawn(client.run(stop(&stop_rx))));
-        tasks.push(tokio::spawn(watch_xds(
-            xds.clone(),
-            metrics.clone(),
-            stop(&stop_rx),
-        )));
+        tasks.push(tokio::spawn(watch_xds(xds.clone(), metrics.clone(), stop(&stop_rx))));
 
         let manager = ListenerManager::new(ctx.clone());
         let listeners = manager.addresses();
@@ -157,37 +148,14 @@ impl ProxyHandle {
         tasks.push(tokio::spawn(manager.run(ctx.draining.clone())));
 
         let quit = Arc::new(Notify::new());
-        let admin_state = Arc::new(Admin {
-            ctx: ctx.clone(),
-            xds: xds.clone(),
-            drain_tx: drain_tx.clone(),
-            quit: quit.clone(),
-        });
-        tasks.push(tokio::spawn(admin::serve_admin(
-            admin_sock,
-            admin_state.clone(),
-            stop(&stop_rx),
-        )));
+        let admin_state =
+            Arc::new(Admin { ctx: ctx.clone(), xds: xds.clone(), drain_tx: drain_tx.clone(), quit: quit.clone() });
+        tasks.push(tokio::spawn(admin::serve_admin(admin_sock, admin_state.clone(), stop(&stop_rx))));
         let ready_state = admin_state.clone();
         let ready: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || ready_state.is_ready());
-        tasks.push(tokio::spawn(admin::serve_metrics(
-            metrics_sock,
-            metrics,
-            ready,
-            stop(&stop_rx),
-        )));
+        tasks.push(tokio::spawn(admin::serve_metrics(metrics_sock, metrics, ready, stop(&stop_rx))));
         info!(%admin_addr, %metrics_addr, xds = %b.xds.address, "proxy started");
-        Ok(ProxyHandle {
-            ctx,
-            listeners,
-            xds,
-            admin_addr,
-            metrics_addr,
-            drain_tx,
-            stop_tx,
-            quit,
-            tasks,
-        })
+        Ok(ProxyHandle { ctx, listeners, xds, admin_addr, metrics_addr, drain_tx, stop_tx, quit, tasks })
     }
 
     /// The shared context (for tests and diagnostics).

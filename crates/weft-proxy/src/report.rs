@@ -16,9 +16,7 @@ use crate::context::Context;
 use crate::error::ErrorKind;
 use crate::listener::ConnInfo;
 use crate::telemetry::accesslog::{self, AccessRecord};
-use crate::telemetry::metrics::{
-    Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels,
-};
+use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels};
 use crate::telemetry::{peer, WorkloadInfo};
 
 /// The local workload as metrics describe it, from the bootstrap's node metadata.
@@ -31,17 +29,9 @@ pub fn local_workload(node: &NodeInfo) -> WorkloadInfo {
         }
     };
     let label = |k: &str| node.labels.get(k).cloned();
-    let app = label("service.istio.io/canonical-name")
-        .or_else(|| label("app"))
-        .unwrap_or_default();
-    let version = label("service.istio.io/canonical-revision")
-        .or_else(|| label("version"))
-        .unwrap_or_default();
-    let workload = node
-        .labels
-        .get("weft.dev/workload")
-        .cloned()
-        .unwrap_or_else(|| node.name.clone());
+    let app = label("service.istio.io/canonical-name").or_else(|| label("app")).unwrap_or_default();
+    let version = label("service.istio.io/canonical-revision").or_else(|| label("version")).unwrap_or_default();
+    let workload = node.labels.get("weft.dev/workload").cloned().unwrap_or_else(|| node.name.clone());
     WorkloadInfo {
         workload: or_unknown(&workload),
         namespace: or_unknown(&node.namespace),
@@ -50,11 +40,7 @@ pub fn local_workload(node: &NodeInfo) -> WorkloadInfo {
         cluster: "Kubernetes".into(),
         service_account: or_unknown(&node.service_account),
         canonical_service: or_unknown(&app),
-        canonical_revision: if version.is_empty() {
-            "latest".into()
-        } else {
-            version.clone()
-        },
+        canonical_revision: if version.is_empty() { "latest".into() } else { version.clone() },
         ..WorkloadInfo::default()
     }
 }
@@ -83,15 +69,8 @@ fn service_info(cluster: &str, authority: &str) -> ServiceInfo {
     }
     let mut labels = host.split('.');
     let name = labels.next().unwrap_or_default().to_string();
-    let namespace = labels
-        .next()
-        .map(str::to_string)
-        .unwrap_or_else(|| crate::telemetry::UNKNOWN.into());
-    ServiceInfo {
-        host,
-        name,
-        namespace,
-    }
+    let namespace = labels.next().map(str::to_string).unwrap_or_else(|| crate::telemetry::UNKNOWN.into());
+    ServiceInfo { host, name, namespace }
 }
 
 /// Adds (outbound) or strips (inbound) peer metadata on the request going upstream.
@@ -162,11 +141,7 @@ impl HttpReport {
             downstream_remote: conn.peer,
             downstream_local: conn.destination,
             method: req.method().to_string(),
-            path: req
-                .uri()
-                .path_and_query()
-                .map(|p| p.as_str().to_string())
-                .unwrap_or_else(|| "/".into()),
+            path: req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
             protocol: match req.version() {
                 Version::HTTP_2 => "HTTP/2",
                 Version::HTTP_10 => "HTTP/1.0",
@@ -175,8 +150,7 @@ impl HttpReport {
             grpc: crate::http::is_grpc(h),
             user_agent: text("user-agent"),
             x_forwarded_for: text("x-forwarded-for"),
-            request_id: text("x-request-id")
-                .unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
+            request_id: text("x-request-id").unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
             peer,
             flags: Vec::new(),
             authority: String::new(),
@@ -235,11 +209,7 @@ impl HttpReport {
     /// Records metrics and writes the access-log line.
     pub fn finish(self, ctx: &Context) {
         let duration = self.start.elapsed();
-        let request_bytes = self
-            .request_bytes_counter
-            .as_ref()
-            .map(|c| c.load(Ordering::Relaxed))
-            .unwrap_or(0);
+        let request_bytes = self.request_bytes_counter.as_ref().map(|c| c.load(Ordering::Relaxed)).unwrap_or(0);
         let local = Arc::new(ctx.local.clone());
         let peer = Arc::new(self.peer.clone().unwrap_or_default());
         let (source, destination) = match self.direction {
@@ -252,18 +222,13 @@ impl HttpReport {
             source,
             destination,
             service: Arc::new(service_info(&self.cluster, &self.authority)),
-            protocol: if self.grpc {
-                RequestProtocol::Grpc
-            } else {
-                RequestProtocol::Http
-            },
+            protocol: if self.grpc { RequestProtocol::Grpc } else { RequestProtocol::Http },
             response_code: self.response_code,
             grpc_status: self.grpc_status.as_deref().and_then(|s| s.parse().ok()),
             response_flags: flags.clone(),
             security_policy: SecurityPolicy::None,
         };
-        ctx.metrics
-            .record_request(&labels, duration, request_bytes, self.response_bytes);
+        ctx.metrics.record_request(&labels, duration, request_bytes, self.response_bytes);
         if self.retries > 0 && !self.cluster.is_empty() {
             for _ in 0..self.retries {
                 ctx.metrics.proxy().upstream_retry(&self.cluster);
@@ -360,8 +325,7 @@ impl TcpReport {
         if let Some(k) = flag {
             self.labels.response_flags = Cow::Borrowed(k.response_flag());
         }
-        ctx.metrics
-            .tcp_bytes(&self.labels, self.sent, self.received);
+        ctx.metrics.tcp_bytes(&self.labels, self.sent, self.received);
         ctx.metrics.tcp_closed(&self.labels);
         ctx.access_log.log(&AccessRecord {
             start_time: self.start_time,
@@ -398,18 +362,12 @@ mod tests {
 
     #[test]
     fn service_labels_come_from_istio_cluster_names() {
-        let s = service_info(
-            "outbound|9080|v1|reviews.bookinfo.svc.cluster.local",
-            "ignored:1",
-        );
+        let s = service_info("outbound|9080|v1|reviews.bookinfo.svc.cluster.local", "ignored:1");
         assert_eq!(
             (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
             ("reviews.bookinfo.svc.cluster.local", "reviews", "bookinfo")
         );
         let s = service_info("plain", "ratings.default:9080");
-        assert_eq!(
-            (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
-            ("ratings.default", "ratings", "default")
-        );
+        assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), ("ratings.default", "ratings", "default"));
     }
 }

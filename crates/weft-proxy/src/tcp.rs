@@ -19,12 +19,7 @@ use crate::listener::ConnInfo;
 use crate::report::TcpReport;
 
 /// Proxies one TCP connection through `chain`.
-pub async fn proxy(
-    ctx: Arc<Context>,
-    conn: Arc<ConnInfo>,
-    chain: Arc<TcpChain>,
-    downstream: TcpStream,
-) {
+pub async fn proxy(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<TcpChain>, downstream: TcpStream) {
     let snap = ctx.store.snapshot();
     let cluster_name = chain.clusters.pick(rand::random::<u64>()).to_string();
     let mut report = TcpReport::open(&ctx, &conn, &cluster_name);
@@ -65,17 +60,15 @@ async fn connect(
     conn: &ConnInfo,
     cluster_name: &str,
 ) -> Result<(TcpStream, std::net::SocketAddr), ProxyError> {
-    let cluster: &Arc<Cluster> = snap.clusters.get(cluster_name).ok_or_else(|| {
-        ProxyError::new(
-            ErrorKind::NoCluster,
-            format!("unknown cluster {cluster_name}"),
-        )
-    })?;
+    let cluster: &Arc<Cluster> = snap
+        .clusters
+        .get(cluster_name)
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
     let timeout = cluster.config.connect_timeout;
     if matches!(cluster.config.discovery, Discovery::OriginalDst) {
-        let dst = conn.original_dst.ok_or_else(|| {
-            ProxyError::new(ErrorKind::NoHealthyUpstream, "no original destination")
-        })?;
+        let dst = conn
+            .original_dst
+            .ok_or_else(|| ProxyError::new(ErrorKind::NoHealthyUpstream, "no original destination"))?;
         return ctx.pools.connect_tcp(dst, timeout).await.map(|s| (s, dst));
     }
     let mut tried = Vec::new();
@@ -91,10 +84,7 @@ async fn connect(
         }
     }
     Err(last.unwrap_or_else(|| {
-        ProxyError::new(
-            ErrorKind::NoHealthyUpstream,
-            format!("no healthy endpoint in {cluster_name}"),
-        )
+        ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {cluster_name}"))
     }))
 }
 
@@ -123,16 +113,10 @@ struct Metered<S> {
 
 impl<S> Metered<S> {
     fn new(inner: S, activity: Arc<AtomicU64>, started: Instant) -> Self {
-        Metered {
-            inner,
-            read: 0,
-            activity,
-            started,
-        }
+        Metered { inner, read: 0, activity, started }
     }
     fn touch(&self) {
-        self.activity
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.activity.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 }
 
@@ -154,11 +138,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         let r = Pin::new(&mut self.inner).poll_write(cx, buf);
         if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
             self.touch();
@@ -168,10 +148,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
     }
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<std::io::Result<()>> {
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }

@@ -15,9 +15,7 @@ use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource};
 use envoy_types::pb::envoy::config::route::v3::{
     route, route_match, DirectResponseAction, RetryPolicy, Route, RouteMatch,
 };
-use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
-    fault_abort, FaultAbort, HttpFault,
-};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort, FaultAbort, HttpFault};
 use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
 use envoy_types::pb::envoy::r#type::v3::{fractional_percent::DenominatorType, FractionalPercent};
 use envoy_types::pb::google::protobuf::UInt32Value;
@@ -38,34 +36,16 @@ struct Outcome {
 
 fn outcome(r: &Reply) -> Outcome {
     let backend = r.header("x-echo-server").map(str::to_string);
-    let upstream_path = if backend.is_some() {
-        r.json()
-            .ok()
-            .and_then(|j| j["path"].as_str().map(str::to_string))
-    } else {
-        None
-    };
-    let local_body = if backend.is_none() && r.status != 503 {
-        Some(r.text())
-    } else {
-        None
-    };
-    Outcome {
-        status: r.status.as_u16(),
-        backend,
-        upstream_path,
-        local_body,
-    }
+    let upstream_path =
+        if backend.is_some() { r.json().ok().and_then(|j| j["path"].as_str().map(str::to_string)) } else { None };
+    let local_body = if backend.is_none() && r.status != 503 { Some(r.text()) } else { None };
+    Outcome { status: r.status.as_u16(), backend, upstream_path, local_body }
 }
 
 async fn send(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Reply {
-    let mut req =
-        weft_testkit::http::request(http::Method::GET, "svc.test", path, Bytes::new()).unwrap();
+    let mut req = weft_testkit::http::request(http::Method::GET, "svc.test", path, Bytes::new()).unwrap();
     for (k, v) in headers {
-        req.headers_mut().insert(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
+        req.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
     }
     send_h1(addr, req).await.unwrap()
 }
@@ -76,14 +56,11 @@ async fn always_503() -> SocketAddr {
     tokio::spawn(async move {
         while let Ok((s, _)) = sock.accept().await {
             tokio::spawn(async move {
-                let svc =
-                    hyper::service::service_fn(|_r: hyper::Request<hyper::body::Incoming>| async {
-                        let mut r = hyper::Response::new(http_body_util::Full::new(
-                            Bytes::from_static(b"down"),
-                        ));
-                        *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-                        Ok::<_, Infallible>(r)
-                    });
+                let svc = hyper::service::service_fn(|_r: hyper::Request<hyper::body::Incoming>| async {
+                    let mut r = hyper::Response::new(http_body_util::Full::new(Bytes::from_static(b"down")));
+                    *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                    Ok::<_, Infallible>(r)
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(s), svc)
                     .await;
@@ -94,17 +71,11 @@ async fn always_503() -> SocketAddr {
 }
 
 fn pct100() -> Option<FractionalPercent> {
-    Some(FractionalPercent {
-        numerator: 100,
-        denominator: DenominatorType::Hundred as i32,
-    })
+    Some(FractionalPercent { numerator: 100, denominator: DenominatorType::Hundred as i32 })
 }
 
 fn routes() -> envoy_types::pb::envoy::config::route::v3::RouteConfiguration {
-    let path = |p: route_match::PathSpecifier| RouteMatch {
-        path_specifier: Some(p),
-        ..Default::default()
-    };
+    let path = |p: route_match::PathSpecifier| RouteMatch { path_specifier: Some(p), ..Default::default() };
     let mut hdr = prefix("/h");
     hdr.headers.push(exact_header("x-user", "jason"));
     let mut rewrite = to("a");
@@ -122,20 +93,15 @@ fn routes() -> envoy_types::pb::envoy::config::route::v3::RouteConfiguration {
         }),
     );
     let mut retry = to("flaky");
-    retry.retry_policy = Some(RetryPolicy {
-        retry_on: "5xx".into(),
-        num_retries: Some(UInt32Value { value: 5 }),
-        ..Default::default()
-    });
+    retry.retry_policy =
+        Some(RetryPolicy { retry_on: "5xx".into(), num_retries: Some(UInt32Value { value: 5 }), ..Default::default() });
     let direct = Route {
         name: "direct".into(),
         r#match: Some(prefix("/direct")),
         action: Some(route::Action::DirectResponse(DirectResponseAction {
             status: 202,
             body: Some(DataSource {
-                specifier: Some(data_source::Specifier::InlineString(
-                    "accepted by proxy".into(),
-                )),
+                specifier: Some(data_source::Specifier::InlineString("accepted by proxy".into())),
                 ..Default::default()
             }),
             ..Default::default()
@@ -148,11 +114,7 @@ fn routes() -> envoy_types::pb::envoy::config::route::v3::RouteConfiguration {
             "svc",
             &["svc.test"],
             vec![
-                route(
-                    "exact",
-                    path(route_match::PathSpecifier::Path("/exact".into())),
-                    to("a"),
-                ),
+                route("exact", path(route_match::PathSpecifier::Path("/exact".into())), to("a")),
                 route(
                     "regex",
                     path(route_match::PathSpecifier::SafeRegex(RegexMatcher {
@@ -183,12 +145,7 @@ async fn weft_and_envoy_agree_on_the_same_xds() {
     // flaky: one endpoint that always fails, one that works; retries must find the good one.
     clusters(
         &mesh,
-        &[
-            ("a", vec![a.addr]),
-            ("b", vec![b.addr]),
-            ("c", vec![c.addr]),
-            ("flaky", vec![bad, a.addr]),
-        ],
+        &[("a", vec![a.addr]), ("b", vec![b.addr]), ("c", vec![c.addr]), ("flaky", vec![bad, a.addr])],
         false,
     );
     mesh.set(type_url::LISTENER, vec![http_out(&[])]);
@@ -197,30 +154,13 @@ async fn weft_and_envoy_agree_on_the_same_xds() {
     let weft = mesh.proxy("weft-diff", false).await;
     mesh.synced_all(&weft).await;
     let weft_addr = weft.listener_addr("out", WAIT).await.unwrap();
-    let envoy = Envoy::start(&ads_bootstrap(mesh.xds, "envoy-diff", false))
-        .await
-        .expect("start envoy");
-    let envoy_addr = envoy
-        .listener_addr("out", Duration::from_secs(20))
-        .await
-        .unwrap_or_else(|e| panic!("{e}\n{}", envoy.log()));
+    let envoy = Envoy::start(&ads_bootstrap(mesh.xds, "envoy-diff", false)).await.expect("start envoy");
+    let envoy_addr =
+        envoy.listener_addr("out", Duration::from_secs(20)).await.unwrap_or_else(|e| panic!("{e}\n{}", envoy.log()));
     // Wait until Envoy has routes and endpoints too.
+    mesh.server.wait_acked("envoy-diff", type_url::ROUTE, &mesh.source.version(type_url::ROUTE), WAIT).await.unwrap();
     mesh.server
-        .wait_acked(
-            "envoy-diff",
-            type_url::ROUTE,
-            &mesh.source.version(type_url::ROUTE),
-            WAIT,
-        )
-        .await
-        .unwrap();
-    mesh.server
-        .wait_acked(
-            "envoy-diff",
-            type_url::ENDPOINT,
-            &mesh.source.version(type_url::ENDPOINT),
-            WAIT,
-        )
+        .wait_acked("envoy-diff", type_url::ENDPOINT, &mesh.source.version(type_url::ENDPOINT), WAIT)
         .await
         .unwrap();
 

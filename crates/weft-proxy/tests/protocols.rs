@@ -14,9 +14,7 @@ use envoy_types::pb::envoy::config::listener::v3::{FilterChainMatch, Listener};
 use envoy_types::util::pack_any;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use weft_testkit::echo::{
-    grpc_call, BannerServer, EchoServer, GrpcEchoServer, GrpcStream, TcpEchoServer,
-};
+use weft_testkit::echo::{grpc_call, BannerServer, EchoServer, GrpcEchoServer, GrpcStream, TcpEchoServer};
 use weft_testkit::http::{get_h1, get_h2c};
 use weft_xds::build::{self, Routes};
 use weft_xds::type_url;
@@ -53,10 +51,7 @@ async fn http1_keepalive_chunked_and_h2c_reach_the_backend() {
     mesh.set(type_url::LISTENER, vec![http_out(&[])]);
     mesh.set(
         type_url::ROUTE,
-        vec![pack_any(rc(
-            "routes",
-            vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])],
-        ))],
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
     );
     let proxy = mesh.proxy("protocols", false).await;
     mesh.synced_all(&proxy).await;
@@ -72,15 +67,13 @@ async fn http1_keepalive_chunked_and_h2c_reach_the_backend() {
         assert!(text.starts_with("HTTP/1.1 200"), "{text}");
         assert!(text.contains(&format!("/k{i}")), "{text}");
     }
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: svc\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n",
+    )
+    .await
+    .unwrap();
     let resp = read_until(&mut s, b"hello world", Duration::from_secs(5)).await;
-    assert!(
-        String::from_utf8_lossy(&resp).contains("hello world"),
-        "{}",
-        String::from_utf8_lossy(&resp)
-    );
+    assert!(String::from_utf8_lossy(&resp).contains("hello world"), "{}", String::from_utf8_lossy(&resp));
 
     let r = get_h2c(out, "svc", "/h2").await.unwrap();
     assert_eq!(r.status, 200);
@@ -96,14 +89,7 @@ async fn websocket_upgrade_becomes_a_byte_pipe() {
     mesh.set(type_url::LISTENER, vec![http_out(&["websocket"])]);
     mesh.set(
         type_url::ROUTE,
-        vec![pack_any(rc(
-            "routes",
-            vec![vhost(
-                "all",
-                &["*"],
-                vec![route("r", prefix("/"), to("ws"))],
-            )],
-        ))],
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("ws"))])]))],
     );
     let proxy = mesh.proxy("ws", false).await;
     mesh.synced_all(&proxy).await;
@@ -113,18 +99,10 @@ async fn websocket_upgrade_becomes_a_byte_pipe() {
         .await
         .unwrap();
     let head = read_until(&mut s, b"\r\n\r\n", Duration::from_secs(5)).await;
-    assert!(
-        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
     s.write_all(b"ping-over-the-pipe").await.unwrap();
     let echoed = read_until(&mut s, b"ping-over-the-pipe", Duration::from_secs(5)).await;
-    assert!(
-        echoed.ends_with(b"ping-over-the-pipe"),
-        "{:?}",
-        String::from_utf8_lossy(&echoed)
-    );
+    assert!(echoed.ends_with(b"ping-over-the-pipe"), "{:?}", String::from_utf8_lossy(&echoed));
 }
 
 /// Client proxy `out` -> server proxy inbound listener `in` -> app. Returns the client's
@@ -133,24 +111,16 @@ async fn proxy_pair(
     mesh: &Mesh,
     app: SocketAddr,
     http2: bool,
-) -> (
-    SocketAddr,
-    weft_proxy::proxy::ProxyHandle,
-    weft_proxy::proxy::ProxyHandle,
-) {
+) -> (SocketAddr, weft_proxy::proxy::ProxyHandle, weft_proxy::proxy::ProxyHandle) {
     let mut inbound = build::http_listener(
         "in",
         "127.0.0.1:0".parse().unwrap(),
         build::http_connection_manager(
             "in",
-            Routes::Inline(rc(
+            Routes::Inline(Box::new(rc(
                 "inbound",
-                vec![vhost(
-                    "in",
-                    &["*"],
-                    vec![route("app", prefix("/"), to("app"))],
-                )],
-            )),
+                vec![vhost("in", &["*"], vec![route("app", prefix("/"), to("app"))])],
+            ))),
             None,
             &[],
         ),
@@ -165,29 +135,13 @@ async fn proxy_pair(
     mesh.set(type_url::LISTENER, any_of(vec![inbound, outbound]));
     mesh.set(
         type_url::ROUTE,
-        vec![pack_any(rc(
-            "routes",
-            vec![vhost(
-                "all",
-                &["*"],
-                vec![route("r", prefix("/"), to("server"))],
-            )],
-        ))],
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("server"))])]))],
     );
     mesh.set(
         type_url::CLUSTER,
-        vec![
-            pack_any(build::eds_cluster("app", http2)),
-            pack_any(build::eds_cluster("server", http2)),
-        ],
+        vec![pack_any(build::eds_cluster("app", http2)), pack_any(build::eds_cluster("server", http2))],
     );
-    mesh.set(
-        type_url::ENDPOINT,
-        vec![pack_any(build::cla(
-            "app",
-            &[(app, 1, HealthStatus::Healthy)],
-        ))],
-    );
+    mesh.set(type_url::ENDPOINT, vec![pack_any(build::cla("app", &[(app, 1, HealthStatus::Healthy)]))]);
     let server = mesh.proxy("server", false).await;
     let client = mesh.proxy("client", false).await;
     let server_in = server.listener_addr("in", WAIT).await.unwrap();
@@ -195,19 +149,12 @@ async fn proxy_pair(
         type_url::ENDPOINT,
         vec![
             pack_any(build::cla("app", &[(app, 1, HealthStatus::Healthy)])),
-            pack_any(build::cla(
-                "server",
-                &[(server_in, 1, HealthStatus::Healthy)],
-            )),
+            pack_any(build::cla("server", &[(server_in, 1, HealthStatus::Healthy)])),
         ],
     );
     mesh.synced_all(&client).await;
     mesh.synced_all(&server).await;
-    (
-        client.listener_addr("out", WAIT).await.unwrap(),
-        client,
-        server,
-    )
+    (client.listener_addr("out", WAIT).await.unwrap(), client, server)
 }
 
 #[tokio::test]
@@ -216,46 +163,20 @@ async fn grpc_unary_and_streaming_keep_trailers_across_two_proxies() {
     let grpc = GrpcEchoServer::start("g").await;
     let (out, _client, _server) = proxy_pair(&mesh, grpc.addr, true).await;
 
-    let reply = grpc_call(
-        out,
-        "echo.svc",
-        "/echo.Echo/Unary",
-        vec![Bytes::from_static(b"hi")],
-    )
-    .await
-    .unwrap();
+    let reply = grpc_call(out, "echo.svc", "/echo.Echo/Unary", vec![Bytes::from_static(b"hi")]).await.unwrap();
     assert_eq!(reply.messages, vec![Bytes::from_static(b"hi")]);
-    assert_eq!(
-        reply.trailers.get("grpc-status").map(|v| v.as_bytes()),
-        Some(&b"0"[..])
-    );
-    assert_eq!(
-        reply.trailers.get("x-echo-trailer").map(|v| v.as_bytes()),
-        Some(&b"g"[..]),
-        "custom trailer lost"
-    );
+    assert_eq!(reply.trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+    assert_eq!(reply.trailers.get("x-echo-trailer").map(|v| v.as_bytes()), Some(&b"g"[..]), "custom trailer lost");
 
-    let mut stream = GrpcStream::open(out, "echo.svc", "/echo.Echo/Stream")
-        .await
-        .unwrap();
+    let mut stream = GrpcStream::open(out, "echo.svc", "/echo.Echo/Stream").await.unwrap();
     for i in 0..5 {
         let msg = Bytes::from(format!("m{i}"));
         stream.send(msg.clone()).await.unwrap();
-        assert_eq!(
-            stream.recv().await.unwrap(),
-            Some(msg),
-            "bidi message {i} not echoed while the stream is open"
-        );
+        assert_eq!(stream.recv().await.unwrap(), Some(msg), "bidi message {i} not echoed while the stream is open");
     }
     stream.close_send();
     assert_eq!(stream.recv().await.unwrap(), None);
-    assert_eq!(
-        stream
-            .trailers()
-            .and_then(|t| t.get("grpc-status"))
-            .map(|v| v.as_bytes()),
-        Some(&b"0"[..])
-    );
+    assert_eq!(stream.trailers().and_then(|t| t.get("grpc-status")).map(|v| v.as_bytes()), Some(&b"0"[..]));
 }
 
 #[tokio::test]
@@ -267,31 +188,21 @@ async fn http1_through_outbound_and_inbound_proxies_carries_peer_identity() {
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-echo-server"), Some("app"));
     let headers = &r.json().unwrap()["headers"];
-    assert!(
-        headers.get("x-weft-peer-metadata").is_none(),
-        "peer metadata must not reach the app"
-    );
-    assert!(
-        r.header("x-weft-peer-metadata").is_none(),
-        "peer metadata must not reach the client"
-    );
+    assert!(headers.get("x-weft-peer-metadata").is_none(), "peer metadata must not reach the app");
+    assert!(r.header("x-weft-peer-metadata").is_none(), "peer metadata must not reach the client");
     // Each side reported the request with the other side's workload.
     let client_metrics = client.context().metrics.encode();
     let server_metrics = server.context().metrics.encode();
     assert!(
-        client_metrics
-            .lines()
-            .any(|l| l.starts_with("istio_requests_total{")
-                && l.contains("reporter=\"source\"")
-                && l.contains("destination_workload=\"server\"")),
+        client_metrics.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("reporter=\"source\"")
+            && l.contains("destination_workload=\"server\"")),
         "{client_metrics}"
     );
     assert!(
-        server_metrics
-            .lines()
-            .any(|l| l.starts_with("istio_requests_total{")
-                && l.contains("reporter=\"destination\"")
-                && l.contains("source_workload=\"client\"")),
+        server_metrics.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("reporter=\"destination\"")
+            && l.contains("source_workload=\"client\"")),
         "{server_metrics}"
     );
 }
@@ -303,22 +214,13 @@ async fn opaque_tcp_and_server_first_protocols_work_without_sniffing() {
     let banner = BannerServer::start("220 mysql-like greeting\r\n").await;
     mesh.set(
         type_url::CLUSTER,
-        vec![
-            pack_any(build::eds_cluster("tcp-echo", false)),
-            pack_any(build::eds_cluster("banner", false)),
-        ],
+        vec![pack_any(build::eds_cluster("tcp-echo", false)), pack_any(build::eds_cluster("banner", false))],
     );
     mesh.set(
         type_url::ENDPOINT,
         vec![
-            pack_any(build::cla(
-                "tcp-echo",
-                &[(echo.addr, 1, HealthStatus::Healthy)],
-            )),
-            pack_any(build::cla(
-                "banner",
-                &[(banner.addr, 1, HealthStatus::Healthy)],
-            )),
+            pack_any(build::cla("tcp-echo", &[(echo.addr, 1, HealthStatus::Healthy)])),
+            pack_any(build::cla("banner", &[(banner.addr, 1, HealthStatus::Healthy)])),
         ],
     );
     mesh.set(
@@ -352,35 +254,23 @@ async fn sniffing_sends_http_to_the_http_chain_and_other_bytes_to_tcp() {
     let mesh = Mesh::start().await;
     let http_echo = EchoServer::start("http").await;
     let tcp_echo = TcpEchoServer::start().await;
-    clusters(
-        &mesh,
-        &[("http", vec![http_echo.addr]), ("tcp", vec![tcp_echo.addr])],
-        false,
-    );
+    clusters(&mesh, &[("http", vec![http_echo.addr]), ("tcp", vec![tcp_echo.addr])], false);
     let mut l = build::http_listener(
         "mixed",
         "127.0.0.1:0".parse().unwrap(),
         build::http_connection_manager(
             "mixed",
-            Routes::Inline(rc(
+            Routes::Inline(Box::new(rc(
                 "inline",
-                vec![vhost(
-                    "all",
-                    &["*"],
-                    vec![route("r", prefix("/"), to("http"))],
-                )],
-            )),
+                vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("http"))])],
+            ))),
             None,
             &[],
         ),
     );
-    l.filter_chains[0].filter_chain_match = Some(FilterChainMatch {
-        application_protocols: vec!["http/1.1".into(), "h2c".into()],
-        ..Default::default()
-    });
-    let tcp_chain = build::tcp_listener("x", "127.0.0.1:0".parse().unwrap(), "tcp")
-        .filter_chains
-        .remove(0);
+    l.filter_chains[0].filter_chain_match =
+        Some(FilterChainMatch { application_protocols: vec!["http/1.1".into(), "h2c".into()], ..Default::default() });
+    let tcp_chain = build::tcp_listener("x", "127.0.0.1:0".parse().unwrap(), "tcp").filter_chains.remove(0);
     l.filter_chains.push(tcp_chain);
     mesh.set(type_url::LISTENER, vec![pack_any(l)]);
     let proxy = mesh.proxy("sniff", false).await;
@@ -405,31 +295,64 @@ async fn connect_tunnels_to_the_routed_cluster() {
     mesh.set(type_url::LISTENER, vec![http_out(&["CONNECT"])]);
     mesh.set(
         type_url::ROUTE,
-        vec![pack_any(rc(
-            "routes",
-            vec![vhost(
-                "db",
-                &["db.local:5432"],
-                vec![route("db", prefix("/"), to("db"))],
-            )],
-        ))],
+        vec![pack_any(rc("routes", vec![vhost("db", &["db.local:5432"], vec![route("db", prefix("/"), to("db"))])]))],
     );
     let proxy = mesh.proxy("connect", false).await;
     mesh.synced_all(&proxy).await;
     let out = proxy.listener_addr("out", WAIT).await.unwrap();
     let mut s = TcpStream::connect(out).await.unwrap();
-    s.write_all(b"CONNECT db.local:5432 HTTP/1.1\r\nHost: db.local:5432\r\n\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"CONNECT db.local:5432 HTTP/1.1\r\nHost: db.local:5432\r\n\r\n").await.unwrap();
     let head = read_until(&mut s, b"\r\n\r\n", Duration::from_secs(5)).await;
-    assert!(
-        String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&head));
     s.write_all(b"tunnelled bytes").await.unwrap();
-    assert_eq!(
-        read_until(&mut s, b"bytes", Duration::from_secs(5)).await,
-        b"tunnelled bytes"
+    assert_eq!(read_until(&mut s, b"bytes", Duration::from_secs(5)).await, b"tunnelled bytes");
+}
+
+#[tokio::test]
+async fn grpc_requests_get_trailers_only_answers_for_faults_and_local_errors() {
+    use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort, FaultAbort, HttpFault};
+    use envoy_types::pb::envoy::r#type::v3::{fractional_percent::DenominatorType, FractionalPercent};
+    let mesh = Mesh::start().await;
+    let grpc = GrpcEchoServer::start("g").await;
+    clusters(&mesh, &[("g", vec![grpc.addr])], true);
+    let mut abort = route("abort", prefix("/echo.Echo/Unary"), to("g"));
+    abort.typed_per_filter_config.insert(
+        "envoy.filters.http.fault".into(),
+        pack_any(HttpFault {
+            abort: Some(FaultAbort {
+                percentage: Some(FractionalPercent { numerator: 100, denominator: DenominatorType::Hundred as i32 }),
+                error_type: Some(fault_abort::ErrorType::GrpcStatus(8)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
     );
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc(
+            "routes",
+            vec![vhost(
+                "all",
+                &["*"],
+                vec![
+                    abort,
+                    route("missing", prefix("/echo.Echo/Fail"), to("nowhere")),
+                    route("ok", prefix("/"), to("g")),
+                ],
+            )],
+        ))],
+    );
+    let proxy = mesh.proxy("grpc-local", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    let r = grpc_call(out, "echo.svc", "/echo.Echo/Unary", vec![Bytes::from_static(b"x")]).await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.grpc_status(), Some(8), "fault abort with grpc_status 8");
+    assert!(r.messages.is_empty());
+    let r = grpc_call(out, "echo.svc", "/echo.Echo/Fail", vec![Bytes::from_static(b"x")]).await.unwrap();
+    assert_eq!(r.grpc_status(), Some(14), "unknown cluster must be UNAVAILABLE for gRPC");
+    let r = grpc_call(out, "echo.svc", "/echo.Echo/Stream", vec![Bytes::from_static(b"y")]).await.unwrap();
+    assert_eq!(r.grpc_status(), Some(0));
+    assert_eq!(grpc.requests(), 1, "the aborted and failed calls must not reach the server");
 }

@@ -12,17 +12,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use common::*;
-use envoy_types::pb::envoy::config::core::v3::{
-    data_source, DataSource, HeaderValue, HeaderValueOption,
-};
+use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource, HeaderValue, HeaderValueOption};
 use envoy_types::pb::envoy::config::route::v3::{
-    redirect_action, route, route_match, DirectResponseAction, QueryParameterMatcher,
-    RedirectAction, RetryPolicy, Route, RouteConfiguration,
+    redirect_action, route, route_match, DirectResponseAction, QueryParameterMatcher, RedirectAction, RetryPolicy,
+    Route, RouteConfiguration,
 };
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{fault_delay, FaultDelay};
-use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
-    fault_abort, FaultAbort, HttpFault,
-};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort, FaultAbort, HttpFault};
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     string_matcher, RegexMatchAndSubstitute, RegexMatcher, StringMatcher,
 };
@@ -44,37 +40,18 @@ struct Setup {
 /// Backends `a`, `b`, `c` (echo servers named so), listener `out`, and `routes`.
 async fn setup(routes: RouteConfiguration) -> Setup {
     let mesh = Mesh::start().await;
-    let backends = vec![
-        EchoServer::start("a").await,
-        EchoServer::start("b").await,
-        EchoServer::start("c").await,
-    ];
+    let backends = vec![EchoServer::start("a").await, EchoServer::start("b").await, EchoServer::start("c").await];
     clusters(
         &mesh,
-        &[
-            ("a", vec![backends[0].addr]),
-            ("b", vec![backends[1].addr]),
-            ("c", vec![backends[2].addr]),
-        ],
+        &[("a", vec![backends[0].addr]), ("b", vec![backends[1].addr]), ("c", vec![backends[2].addr])],
         false,
     );
-    mesh.set(
-        type_url::LISTENER,
-        vec![http_out(&["websocket", "CONNECT"])],
-    );
+    mesh.set(type_url::LISTENER, vec![http_out(&["websocket", "CONNECT"])]);
     mesh.set(type_url::ROUTE, vec![pack_any(routes)]);
     let proxy = mesh.proxy("routing", false).await;
     mesh.synced_all(&proxy).await;
-    let out = proxy
-        .listener_addr("out", WAIT)
-        .await
-        .expect("listener out bound");
-    Setup {
-        mesh,
-        proxy,
-        out,
-        _backends: backends,
-    }
+    let out = proxy.listener_addr("out", WAIT).await.expect("listener out bound");
+    Setup { mesh, proxy, out, _backends: backends }
 }
 
 fn server(r: &Reply) -> String {
@@ -82,36 +59,23 @@ fn server(r: &Reply) -> String {
 }
 
 async fn get(s: &Setup, host: &str, path: &str) -> Reply {
-    get_h1(s.out, host, path)
-        .await
-        .expect("request through the proxy")
+    get_h1(s.out, host, path).await.expect("request through the proxy")
 }
 
 async fn get_with(s: &Setup, host: &str, path: &str, headers: &[(&str, &str)]) -> Reply {
     let mut req = weft_testkit::http::request(http::Method::GET, host, path, Bytes::new()).unwrap();
     for (k, v) in headers {
-        req.headers_mut().insert(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
+        req.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
     }
     weft_testkit::http::send_h1(s.out, req).await.unwrap()
 }
 
-fn path_match(
-    spec: route_match::PathSpecifier,
-) -> envoy_types::pb::envoy::config::route::v3::RouteMatch {
-    envoy_types::pb::envoy::config::route::v3::RouteMatch {
-        path_specifier: Some(spec),
-        ..Default::default()
-    }
+fn path_match(spec: route_match::PathSpecifier) -> envoy_types::pb::envoy::config::route::v3::RouteMatch {
+    envoy_types::pb::envoy::config::route::v3::RouteMatch { path_specifier: Some(spec), ..Default::default() }
 }
 
 fn safe_regex(r: &str) -> RegexMatcher {
-    RegexMatcher {
-        regex: r.into(),
-        ..Default::default()
-    }
+    RegexMatcher { regex: r.into(), ..Default::default() }
 }
 
 #[tokio::test]
@@ -122,40 +86,18 @@ async fn path_exact_prefix_and_regex_choose_the_backend_in_order() {
             "all",
             &["*"],
             vec![
-                route(
-                    "exact",
-                    path_match(route_match::PathSpecifier::Path("/exact".into())),
-                    to("a"),
-                ),
-                route(
-                    "regex",
-                    path_match(route_match::PathSpecifier::SafeRegex(safe_regex(
-                        "/items/[0-9]+",
-                    ))),
-                    to("b"),
-                ),
+                route("exact", path_match(route_match::PathSpecifier::Path("/exact".into())), to("a")),
+                route("regex", path_match(route_match::PathSpecifier::SafeRegex(safe_regex("/items/[0-9]+"))), to("b")),
                 route("prefix", prefix("/"), to("c")),
             ],
         )],
     ))
     .await;
     assert_eq!(server(&get(&s, "svc", "/exact").await), "a");
-    assert_eq!(
-        server(&get(&s, "svc", "/exact/more").await),
-        "c",
-        "exact must not match a longer path"
-    );
+    assert_eq!(server(&get(&s, "svc", "/exact/more").await), "c", "exact must not match a longer path");
     assert_eq!(server(&get(&s, "svc", "/items/42").await), "b");
-    assert_eq!(
-        server(&get(&s, "svc", "/items/42x").await),
-        "c",
-        "regex must match the whole path"
-    );
-    assert_eq!(
-        server(&get(&s, "svc", "/items/7?q=1").await),
-        "b",
-        "the query is not part of the path"
-    );
+    assert_eq!(server(&get(&s, "svc", "/items/42x").await), "c", "regex must match the whole path");
+    assert_eq!(server(&get(&s, "svc", "/items/7?q=1").await), "b", "the query is not part of the path");
 }
 
 #[tokio::test]
@@ -163,16 +105,8 @@ async fn virtual_hosts_are_chosen_by_authority_and_unknown_hosts_get_404() {
     let s = setup(rc(
         "routes",
         vec![
-            vhost(
-                "reviews",
-                &["reviews", "reviews:9080"],
-                vec![route("r", prefix("/"), to("a"))],
-            ),
-            vhost(
-                "wild",
-                &["*.example.com"],
-                vec![route("w", prefix("/"), to("b"))],
-            ),
+            vhost("reviews", &["reviews", "reviews:9080"], vec![route("r", prefix("/"), to("a"))]),
+            vhost("wild", &["*.example.com"], vec![route("w", prefix("/"), to("b"))]),
         ],
     ))
     .await;
@@ -182,15 +116,9 @@ async fn virtual_hosts_are_chosen_by_authority_and_unknown_hosts_get_404() {
     let r = get(&s, "nowhere", "/").await;
     assert_eq!(r.status, 404, "no virtual host: NR");
     // Explicit proxy mode: the absolute-form authority selects the virtual host.
-    let r = get_via_proxy(s.out, "http://api.example.com/x")
-        .await
-        .unwrap();
+    let r = get_via_proxy(s.out, "http://api.example.com/x").await.unwrap();
     assert_eq!(server(&r), "b");
-    assert_eq!(
-        r.json().unwrap()["path"],
-        "/x",
-        "absolute-form is sent upstream in origin-form"
-    );
+    assert_eq!(r.json().unwrap()["path"], "/x", "absolute-form is sent upstream in origin-form");
 }
 
 #[tokio::test]
@@ -220,35 +148,17 @@ async fn header_and_query_matchers_with_invert() {
         )],
     ))
     .await;
-    assert_eq!(
-        server(&get_with(&s, "svc", "/", &[("end-user", "jason")]).await),
-        "a"
-    );
-    assert_eq!(
-        server(&get_with(&s, "svc", "/", &[("end-user", "bob")]).await),
-        "c"
-    );
+    assert_eq!(server(&get_with(&s, "svc", "/", &[("end-user", "jason")]).await), "a");
+    assert_eq!(server(&get_with(&s, "svc", "/", &[("end-user", "bob")]).await), "c");
     assert_eq!(server(&get(&s, "svc", "/p?debug=1").await), "b");
-    assert_eq!(
-        server(&get_with(&s, "svc", "/p?debug=1", &[("x-canary", "yes")]).await),
-        "c",
-        "inverted header match"
-    );
+    assert_eq!(server(&get_with(&s, "svc", "/p?debug=1", &[("x-canary", "yes")]).await), "c", "inverted header match");
 }
 
 #[tokio::test]
 async fn weighted_clusters_split_traffic_by_weight() {
     let s = setup(rc(
         "routes",
-        vec![vhost(
-            "all",
-            &["*"],
-            vec![route(
-                "split",
-                prefix("/"),
-                weighted(&[("a", 75), ("b", 25)]),
-            )],
-        )],
+        vec![vhost("all", &["*"], vec![route("split", prefix("/"), weighted(&[("a", 75), ("b", 25)]))])],
     ))
     .await;
     let n = 400;
@@ -274,9 +184,10 @@ async fn prefix_regex_and_host_rewrites_change_what_upstream_sees() {
         substitution: "/profile?id=\\1".into(),
     });
     let mut host = to("c");
-    host.host_rewrite_specifier = Some(envoy_types::pb::envoy::config::route::v3::route_action::HostRewriteSpecifier::HostRewriteLiteral(
-        "internal.svc".into(),
-    ));
+    host.host_rewrite_specifier =
+        Some(envoy_types::pb::envoy::config::route::v3::route_action::HostRewriteSpecifier::HostRewriteLiteral(
+            "internal.svc".into(),
+        ));
     let s = setup(rc(
         "routes",
         vec![vhost(
@@ -306,9 +217,7 @@ async fn redirect_and_direct_response_are_answered_by_the_proxy() {
         r#match: Some(prefix("/old")),
         action: Some(route::Action::Redirect(RedirectAction {
             host_redirect: "new.example.com".into(),
-            path_rewrite_specifier: Some(redirect_action::PathRewriteSpecifier::PathRedirect(
-                "/new".into(),
-            )),
+            path_rewrite_specifier: Some(redirect_action::PathRewriteSpecifier::PathRedirect("/new".into())),
             response_code: redirect_action::RedirectResponseCode::PermanentRedirect as i32,
             ..Default::default()
         })),
@@ -320,24 +229,16 @@ async fn redirect_and_direct_response_are_answered_by_the_proxy() {
         action: Some(route::Action::DirectResponse(DirectResponseAction {
             status: 418,
             body: Some(DataSource {
-                specifier: Some(data_source::Specifier::InlineString(
-                    "short and stout".into(),
-                )),
+                specifier: Some(data_source::Specifier::InlineString("short and stout".into())),
                 ..Default::default()
             }),
             ..Default::default()
         })),
         ..Default::default()
     };
-    let s = setup(rc(
-        "routes",
-        vec![vhost(
-            "all",
-            &["*"],
-            vec![redirect, direct, route("rest", prefix("/"), to("a"))],
-        )],
-    ))
-    .await;
+    let s =
+        setup(rc("routes", vec![vhost("all", &["*"], vec![redirect, direct, route("rest", prefix("/"), to("a"))])]))
+            .await;
     let r = get(&s, "svc", "/old").await;
     assert_eq!(r.status, 308);
     assert_eq!(r.header("location"), Some("http://new.example.com/new"));
@@ -349,11 +250,7 @@ async fn redirect_and_direct_response_are_answered_by_the_proxy() {
 
 fn hv(k: &str, v: &str, action: i32) -> HeaderValueOption {
     HeaderValueOption {
-        header: Some(HeaderValue {
-            key: k.into(),
-            value: v.into(),
-            ..Default::default()
-        }),
+        header: Some(HeaderValue { key: k.into(), value: v.into(), ..Default::default() }),
         append_action: action,
         ..Default::default()
     }
@@ -367,29 +264,17 @@ async fn request_and_response_headers_are_added_set_and_removed() {
     r.response_headers_to_add = vec![hv("x-served-by", "weft", 2)];
     r.response_headers_to_remove = vec!["x-echo-server".into()];
     let s = setup(rc("routes", vec![vhost("all", &["*"], vec![r])])).await;
-    let reply = get_with(
-        &s,
-        "svc",
-        "/",
-        &[("x-overwrite", "old"), ("x-secret", "s3cr3t")],
-    )
-    .await;
+    let reply = get_with(&s, "svc", "/", &[("x-overwrite", "old"), ("x-secret", "s3cr3t")]).await;
     let h = &reply.json().unwrap()["headers"];
     assert_eq!(h["x-added"], "1");
     assert_eq!(h["x-overwrite"], "new");
-    assert!(
-        h.get("x-secret").is_none(),
-        "removed request header reached upstream: {h}"
-    );
+    assert!(h.get("x-secret").is_none(), "removed request header reached upstream: {h}");
     assert_eq!(reply.header("x-served-by"), Some("weft"));
     assert!(reply.header("x-echo-server").is_none());
 }
 
 fn pct(n: u32) -> Option<FractionalPercent> {
-    Some(FractionalPercent {
-        numerator: n,
-        denominator: DenominatorType::Hundred as i32,
-    })
+    Some(FractionalPercent { numerator: n, denominator: DenominatorType::Hundred as i32 })
 }
 
 #[tokio::test]
@@ -412,25 +297,16 @@ async fn fault_filter_aborts_and_delays_by_route() {
         pack_any(HttpFault {
             delay: Some(FaultDelay {
                 percentage: pct(100),
-                fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(
-                    PbDuration {
-                        seconds: 0,
-                        nanos: 300_000_000,
-                    },
-                )),
+                fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(PbDuration {
+                    seconds: 0,
+                    nanos: 300_000_000,
+                })),
             }),
             ..Default::default()
         }),
     );
-    let s = setup(rc(
-        "routes",
-        vec![vhost(
-            "all",
-            &["*"],
-            vec![abort, delay, route("rest", prefix("/"), to("a"))],
-        )],
-    ))
-    .await;
+    let s =
+        setup(rc("routes", vec![vhost("all", &["*"], vec![abort, delay, route("rest", prefix("/"), to("a"))])])).await;
     for _ in 0..5 {
         let r = get(&s, "svc", "/abort").await;
         assert_eq!(r.status, 503);
@@ -439,11 +315,7 @@ async fn fault_filter_aborts_and_delays_by_route() {
     let t = Instant::now();
     let r = get(&s, "svc", "/delay").await;
     assert_eq!(server(&r), "a");
-    assert!(
-        t.elapsed() >= Duration::from_millis(300),
-        "delay not injected: {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() >= Duration::from_millis(300), "delay not injected: {:?}", t.elapsed());
     assert_eq!(server(&get(&s, "svc", "/other").await), "a");
 }
 
@@ -457,18 +329,14 @@ async fn failing_backend() -> (SocketAddr, Arc<AtomicU64>) {
         while let Ok((stream, _)) = sock.accept().await {
             let h = h.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(
-                    move |_req: hyper::Request<hyper::body::Incoming>| {
-                        h.fetch_add(1, Ordering::SeqCst);
-                        async move {
-                            let mut r = hyper::Response::new(http_body_util::Full::new(
-                                Bytes::from_static(b"down"),
-                            ));
-                            *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
-                            Ok::<_, Infallible>(r)
-                        }
-                    },
-                );
+                let svc = hyper::service::service_fn(move |_req: hyper::Request<hyper::body::Incoming>| {
+                    h.fetch_add(1, Ordering::SeqCst);
+                    async move {
+                        let mut r = hyper::Response::new(http_body_util::Full::new(Bytes::from_static(b"down")));
+                        *r.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+                        Ok::<_, Infallible>(r)
+                    }
+                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
                     .await;
@@ -483,17 +351,10 @@ async fn retry_on_5xx_moves_to_a_healthy_endpoint() {
     let mesh = Mesh::start().await;
     let good = EchoServer::start("good").await;
     let (bad, bad_hits) = failing_backend().await;
-    clusters(
-        &mesh,
-        &[("mixed", vec![good.addr, bad]), ("onlybad", vec![bad])],
-        false,
-    );
+    clusters(&mesh, &[("mixed", vec![good.addr, bad]), ("onlybad", vec![bad])], false);
     let mut retrying = to("mixed");
-    retrying.retry_policy = Some(RetryPolicy {
-        retry_on: "5xx".into(),
-        num_retries: Some(UInt32Value { value: 3 }),
-        ..Default::default()
-    });
+    retrying.retry_policy =
+        Some(RetryPolicy { retry_on: "5xx".into(), num_retries: Some(UInt32Value { value: 3 }), ..Default::default() });
     let mut no_retry = to("onlybad");
     no_retry.retry_policy = None;
     mesh.set(type_url::LISTENER, vec![http_out(&[])]);
@@ -501,14 +362,7 @@ async fn retry_on_5xx_moves_to_a_healthy_endpoint() {
         type_url::ROUTE,
         vec![pack_any(rc(
             "routes",
-            vec![vhost(
-                "all",
-                &["*"],
-                vec![
-                    route("nr", prefix("/bad"), no_retry),
-                    route("r", prefix("/"), retrying),
-                ],
-            )],
+            vec![vhost("all", &["*"], vec![route("nr", prefix("/bad"), no_retry), route("r", prefix("/"), retrying)])],
         ))],
     );
     let proxy = mesh.proxy("retry", false).await;
@@ -516,45 +370,25 @@ async fn retry_on_5xx_moves_to_a_healthy_endpoint() {
     let out = proxy.listener_addr("out", WAIT).await.unwrap();
     for _ in 0..30 {
         let r = get_h1(out, "svc", "/").await.unwrap();
-        assert_eq!(
-            r.status, 200,
-            "a retry should have reached the healthy endpoint"
-        );
+        assert_eq!(r.status, 200, "a retry should have reached the healthy endpoint");
         assert_eq!(r.header("x-echo-server"), Some("good"));
     }
-    assert!(
-        bad_hits.load(Ordering::SeqCst) > 0,
-        "the failing endpoint was never tried, so nothing was retried"
-    );
+    assert!(bad_hits.load(Ordering::SeqCst) > 0, "the failing endpoint was never tried, so nothing was retried");
     let r = get_h1(out, "svc", "/bad").await.unwrap();
-    assert_eq!(
-        r.status, 503,
-        "without a retry policy the upstream 503 is returned as is"
-    );
+    assert_eq!(r.status, 503, "without a retry policy the upstream 503 is returned as is");
     assert_eq!(r.text(), "down");
 }
 
 #[tokio::test]
 async fn route_timeout_answers_504_and_per_try_timeout_retries() {
     let mut slow = to("a");
-    slow.timeout = Some(PbDuration {
-        seconds: 0,
-        nanos: 200_000_000,
-    });
-    let s = setup(rc(
-        "routes",
-        vec![vhost("all", &["*"], vec![route("slow", prefix("/"), slow)])],
-    ))
-    .await;
+    slow.timeout = Some(PbDuration { seconds: 0, nanos: 200_000_000 });
+    let s = setup(rc("routes", vec![vhost("all", &["*"], vec![route("slow", prefix("/"), slow)])])).await;
     let t = Instant::now();
     let r = get(&s, "svc", "/delay/2000").await;
     assert_eq!(r.status, 504);
     assert_eq!(r.text(), "upstream request timeout");
-    assert!(
-        t.elapsed() < Duration::from_millis(1500),
-        "timeout did not fire: {:?}",
-        t.elapsed()
-    );
+    assert!(t.elapsed() < Duration::from_millis(1500), "timeout did not fire: {:?}", t.elapsed());
     let r = get(&s, "svc", "/delay/10").await;
     assert_eq!(r.status, 200);
     drop(s.mesh);
@@ -568,18 +402,13 @@ async fn unknown_cluster_gives_503_and_no_route_gives_404() {
         vec![vhost(
             "all",
             &["*"],
-            vec![
-                route("ghost", prefix("/ghost"), to("missing")),
-                route("a", prefix("/a"), to("a")),
-            ],
+            vec![route("ghost", prefix("/ghost"), to("missing")), route("a", prefix("/a"), to("a"))],
         )],
     ))
     .await;
     assert_eq!(get(&s, "svc", "/ghost").await.status, 503);
     assert_eq!(get(&s, "svc", "/zzz").await.status, 404);
     assert_eq!(get(&s, "svc", "/a").await.status, 200);
-    let _ = StringMatcher {
-        match_pattern: Some(string_matcher::MatchPattern::Exact("x".into())),
-        ..Default::default()
-    };
+    let _ =
+        StringMatcher { match_pattern: Some(string_matcher::MatchPattern::Exact("x".into())), ..Default::default() };
 }

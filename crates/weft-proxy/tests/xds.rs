@@ -40,48 +40,26 @@ async fn nack_keeps_previous_config(delta: bool) {
     mesh.set(type_url::LISTENER, vec![http_out(&[])]);
     mesh.set(
         type_url::ROUTE,
-        vec![pack_any(rc(
-            "routes",
-            vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])],
-        ))],
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
     );
-    let proxy = mesh
-        .proxy(if delta { "nack-delta" } else { "nack-sotw" }, delta)
-        .await;
+    let proxy = mesh.proxy(if delta { "nack-delta" } else { "nack-sotw" }, delta).await;
     mesh.synced_all(&proxy).await;
     let out = proxy.listener_addr("out", WAIT).await.unwrap();
-    assert_eq!(
-        get_h1(out, "svc", "/")
-            .await
-            .unwrap()
-            .header("x-echo-server"),
-        Some("a")
-    );
+    assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("a"));
 
     // An unparsable regex: the route configuration cannot be used.
     mesh.set(
         type_url::ROUTE,
         vec![pack_any(rc(
             "routes",
-            vec![vhost(
-                "all",
-                &["*"],
-                vec![regex_route("/(unclosed"), route("r", prefix("/"), to("b"))],
-            )],
+            vec![vhost("all", &["*"], vec![regex_route("/(unclosed"), route("r", prefix("/"), to("b"))])],
         ))],
     );
     let mut st = proxy.xds_status();
-    let nack = tokio::time::timeout(WAIT, st.wait_for(|s| s.nacks > 0))
-        .await
-        .expect("no NACK")
-        .unwrap()
-        .last_nack
-        .clone();
+    let nack =
+        tokio::time::timeout(WAIT, st.wait_for(|s| s.nacks > 0)).await.expect("no NACK").unwrap().last_nack.clone();
     let nack = nack.expect("NACK error recorded");
-    assert!(
-        nack.contains("routes") && nack.contains("regex"),
-        "NACK should name the resource and field: {nack}"
-    );
+    assert!(nack.contains("routes") && nack.contains("regex"), "NACK should name the resource and field: {nack}");
     // The server saw the NACK with the error text.
     let mut changes = mesh.server.status_changes();
     let seen = tokio::time::timeout(WAIT, async {
@@ -103,30 +81,15 @@ async fn nack_keeps_previous_config(delta: bool) {
     assert!(seen.is_ok(), "server did not record the NACK");
     // Previous routes still in force.
     for _ in 0..5 {
-        assert_eq!(
-            get_h1(out, "svc", "/")
-                .await
-                .unwrap()
-                .header("x-echo-server"),
-            Some("a")
-        );
+        assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("a"));
     }
     // A fixed version is accepted again.
     mesh.set(
         type_url::ROUTE,
-        vec![pack_any(rc(
-            "routes",
-            vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("b"))])],
-        ))],
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("b"))])]))],
     );
     mesh.synced(&proxy, type_url::ROUTE).await;
-    assert_eq!(
-        get_h1(out, "svc", "/")
-            .await
-            .unwrap()
-            .header("x-echo-server"),
-        Some("b")
-    );
+    assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("b"));
 }
 
 #[tokio::test]
@@ -142,27 +105,17 @@ async fn invalid_route_is_nacked_and_previous_routes_keep_serving_delta() {
 #[tokio::test]
 async fn route_and_endpoint_changes_under_load_fail_no_request() {
     let mesh = Mesh::start().await;
-    let backends: Vec<EchoServer> = futures::future::join_all(
-        (0..4).map(|i| async move { EchoServer::start(&format!("e{i}")).await }),
-    )
-    .await;
+    let backends: Vec<EchoServer> =
+        futures::future::join_all((0..4).map(|i| async move { EchoServer::start(&format!("e{i}")).await })).await;
     let addrs: Vec<_> = backends.iter().map(|b| b.addr).collect();
     let (a0, a1, a2, a3) = (addrs[0], addrs[1], addrs[2], addrs[3]);
-    clusters(
-        &mesh,
-        &[("v1", vec![addrs[0], addrs[1]]), ("v2", vec![addrs[2]])],
-        false,
-    );
+    clusters(&mesh, &[("v1", vec![addrs[0], addrs[1]]), ("v2", vec![addrs[2]])], false);
     mesh.set(type_url::LISTENER, vec![http_out(&[])]);
     mesh.set(
         type_url::ROUTE,
         vec![pack_any(rc(
             "routes",
-            vec![vhost(
-                "all",
-                &["*"],
-                vec![route("r", prefix("/"), weighted(&[("v1", 100), ("v2", 0)]))],
-            )],
+            vec![vhost("all", &["*"], vec![route("r", prefix("/"), weighted(&[("v1", 100), ("v2", 0)]))])],
         ))],
     );
     let proxy = mesh.proxy("load", false).await;
@@ -191,11 +144,7 @@ async fn route_and_endpoint_changes_under_load_fail_no_request() {
                 type_url::ROUTE,
                 vec![pack_any(rc(
                     "routes",
-                    vec![vhost(
-                        "all",
-                        &["*"],
-                        vec![route("r", prefix("/"), weighted(&[("v1", 50), ("v2", 50)]))],
-                    )],
+                    vec![vhost("all", &["*"], vec![route("r", prefix("/"), weighted(&[("v1", 50), ("v2", 50)]))])],
                 ))],
             )
         }),
@@ -203,13 +152,7 @@ async fn route_and_endpoint_changes_under_load_fail_no_request() {
             m.set(
                 type_url::ENDPOINT,
                 vec![
-                    pack_any(build::cla(
-                        "v1",
-                        &[
-                            (a1, 1, HealthStatus::Healthy),
-                            (a3, 1, HealthStatus::Healthy),
-                        ],
-                    )),
+                    pack_any(build::cla("v1", &[(a1, 1, HealthStatus::Healthy), (a3, 1, HealthStatus::Healthy)])),
                     pack_any(build::cla("v2", &[(a2, 1, HealthStatus::Healthy)])),
                 ],
             )
@@ -217,14 +160,7 @@ async fn route_and_endpoint_changes_under_load_fail_no_request() {
         Box::new(|m: &Mesh| {
             m.set(
                 type_url::ROUTE,
-                vec![pack_any(rc(
-                    "routes",
-                    vec![vhost(
-                        "all",
-                        &["*"],
-                        vec![route("r", prefix("/"), to("v2"))],
-                    )],
-                ))],
+                vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("v2"))])]))],
             )
         }),
         Box::new(move |m: &Mesh| {
@@ -232,13 +168,7 @@ async fn route_and_endpoint_changes_under_load_fail_no_request() {
                 type_url::ENDPOINT,
                 vec![
                     pack_any(build::cla("v1", &[(a0, 1, HealthStatus::Healthy)])),
-                    pack_any(build::cla(
-                        "v2",
-                        &[
-                            (a2, 1, HealthStatus::Healthy),
-                            (a3, 1, HealthStatus::Healthy),
-                        ],
-                    )),
+                    pack_any(build::cla("v2", &[(a2, 1, HealthStatus::Healthy), (a3, 1, HealthStatus::Healthy)])),
                 ],
             )
         }),
@@ -254,14 +184,8 @@ async fn route_and_endpoint_changes_under_load_fail_no_request() {
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(ok > 1000, "too little load to prove anything: {ok}");
-    assert_eq!(
-        failed, 0,
-        "{failed} requests failed across config changes ({ok} succeeded)"
-    );
-    assert!(
-        backends[3].requests() > 0,
-        "the endpoint added mid-run never got traffic"
-    );
+    assert_eq!(failed, 0, "{failed} requests failed across config changes ({ok} succeeded)");
+    assert!(backends[3].requests() > 0, "the endpoint added mid-run never got traffic");
 }
 
 #[tokio::test]
@@ -272,28 +196,16 @@ async fn proxy_keeps_serving_its_last_config_when_the_control_plane_goes_away() 
     mesh.set(type_url::LISTENER, vec![http_out(&[])]);
     mesh.set(
         type_url::ROUTE,
-        vec![pack_any(rc(
-            "routes",
-            vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])],
-        ))],
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
     );
     let proxy = mesh.proxy("orphan", false).await;
     mesh.synced_all(&proxy).await;
     let out = proxy.listener_addr("out", WAIT).await.unwrap();
     drop(mesh);
     let mut st = proxy.xds_status();
-    tokio::time::timeout(WAIT, st.wait_for(|s| !s.connected))
-        .await
-        .expect("disconnect not noticed")
-        .unwrap();
+    tokio::time::timeout(WAIT, st.wait_for(|s| !s.connected)).await.expect("disconnect not noticed").unwrap();
     for _ in 0..5 {
-        assert_eq!(
-            get_h1(out, "svc", "/")
-                .await
-                .unwrap()
-                .header("x-echo-server"),
-            Some("a")
-        );
+        assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("a"));
     }
 }
 
@@ -305,10 +217,7 @@ async fn drain_finishes_in_flight_requests_and_stops_accepting() {
     mesh.set(type_url::LISTENER, vec![http_out(&[])]);
     mesh.set(
         type_url::ROUTE,
-        vec![pack_any(rc(
-            "routes",
-            vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])],
-        ))],
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
     );
     let proxy = mesh.proxy("drain", false).await;
     mesh.synced_all(&proxy).await;
@@ -316,15 +225,9 @@ async fn drain_finishes_in_flight_requests_and_stops_accepting() {
     let slow = tokio::spawn(async move { get_h1(out, "svc", "/delay/500").await });
     tokio::time::sleep(Duration::from_millis(100)).await;
     proxy.shutdown().await;
-    let r = slow
-        .await
-        .unwrap()
-        .expect("in-flight request failed during drain");
+    let r = slow.await.unwrap().expect("in-flight request failed during drain");
     assert_eq!(r.status, 200);
-    assert!(
-        tokio::net::TcpStream::connect(out).await.is_err(),
-        "listener still accepting after drain"
-    );
+    assert!(tokio::net::TcpStream::connect(out).await.is_err(), "listener still accepting after drain");
 }
 
 #[tokio::test]
@@ -335,10 +238,7 @@ async fn admin_shows_config_clusters_and_readiness() {
     mesh.set(type_url::LISTENER, vec![http_out(&[])]);
     mesh.set(
         type_url::ROUTE,
-        vec![pack_any(rc(
-            "routes",
-            vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])],
-        ))],
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
     );
     let proxy = mesh.proxy("admin", false).await;
     mesh.synced_all(&proxy).await;
@@ -348,18 +248,10 @@ async fn admin_shows_config_clusters_and_readiness() {
     let j = dump.json().unwrap();
     assert_eq!(j["listeners"][0]["name"], "out");
     assert_eq!(j["routes"][0]["name"], "routes");
-    assert_eq!(
-        j["clusters"][0]["endpoints"][0]["address"],
-        a.addr.to_string()
-    );
+    assert_eq!(j["clusters"][0]["endpoints"][0]["address"], a.addr.to_string());
     let clusters = get_h1(admin, "admin", "/clusters").await.unwrap().text();
-    assert!(
-        clusters.contains(&format!("a::{}::health_flags::healthy", a.addr)),
-        "{clusters}"
-    );
+    assert!(clusters.contains(&format!("a::{}::health_flags::healthy", a.addr)), "{clusters}");
     assert_eq!(get_h1(admin, "admin", "/ready").await.unwrap().status, 200);
-    let ready = get_h1(proxy.metrics_addr(), "m", "/healthz/ready")
-        .await
-        .unwrap();
+    let ready = get_h1(proxy.metrics_addr(), "m", "/healthz/ready").await.unwrap();
     assert_eq!(ready.status, 200);
 }

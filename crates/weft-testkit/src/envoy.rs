@@ -33,11 +33,7 @@ pub struct Envoy {
 pub fn binary() -> PathBuf {
     if let Some(p) = std::env::var_os("WEFT_ENVOY").filter(|p| !p.is_empty()) {
         let p = PathBuf::from(p);
-        assert!(
-            p.is_file(),
-            "WEFT_ENVOY={} does not exist: run scripts/setup.sh",
-            p.display()
-        );
+        assert!(p.is_file(), "WEFT_ENVOY={} does not exist: run scripts/setup.sh", p.display());
         return p;
     }
     let local = crate::tools::tools_bin().join("envoy");
@@ -117,11 +113,7 @@ impl Envoy {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("spawning {}", bin.display()))?;
-        let mut envoy = Envoy {
-            child,
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-            dir,
-        };
+        let mut envoy = Envoy { child, admin: SocketAddr::from(([127, 0, 0, 1], 0)), dir };
         envoy.admin = envoy.wait_for_admin(&admin_file).await?;
         Ok(envoy)
     }
@@ -165,11 +157,7 @@ impl Envoy {
     pub async fn admin_get(&self, path: &str) -> anyhow::Result<String> {
         let reply = self.admin_reply(path).await?;
         if !reply.status.is_success() {
-            bail!(
-                "Envoy admin {path} answered {}: {}",
-                reply.status,
-                reply.text()
-            );
+            bail!("Envoy admin {path} answered {}: {}", reply.status, reply.text());
         }
         Ok(reply.text())
     }
@@ -195,10 +183,7 @@ impl Envoy {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = self.child.try_wait().context("polling Envoy")? {
-                bail!(
-                    "Envoy exited with {status} before its admin answered\n--- envoy.log ---\n{}",
-                    self.log_tail()
-                );
+                bail!("Envoy exited with {status} before its admin answered\n--- envoy.log ---\n{}", self.log_tail());
             }
             if let Some(addr) = read_admin_address(admin_file) {
                 if get_h1(addr, &addr.to_string(), "/ready").await.is_ok() {
@@ -206,10 +191,7 @@ impl Envoy {
                 }
             }
             if Instant::now() >= deadline {
-                bail!(
-                    "Envoy admin did not answer within {START_TIMEOUT:?}\n--- envoy.log ---\n{}",
-                    self.log_tail()
-                );
+                bail!("Envoy admin did not answer within {START_TIMEOUT:?}\n--- envoy.log ---\n{}", self.log_tail());
             }
             tokio::time::sleep(POLL).await;
         }
@@ -244,9 +226,7 @@ fn find_listener(body: &str, name: &str) -> anyhow::Result<Option<SocketAddr>> {
         if port == 0 {
             continue;
         }
-        let ip: std::net::IpAddr = ip
-            .parse()
-            .with_context(|| format!("listener {name} address {ip:?}"))?;
+        let ip: std::net::IpAddr = ip.parse().with_context(|| format!("listener {name} address {ip:?}"))?;
         let port = u16::try_from(port).with_context(|| format!("listener {name} port {port}"))?;
         return Ok(Some(SocketAddr::new(ip, port)));
     }

@@ -13,11 +13,8 @@ pub fn require(name: &str) -> PathBuf {
 
 /// Like [`require`] but returns `None` instead of panicking.
 pub fn find(name: &str) -> Option<PathBuf> {
-    let from_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|dir| dir.join(name))
-            .find(|p| is_executable(p))
-    });
+    let from_path = std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join(name)).find(|p| is_executable(p)));
     from_path.or_else(|| {
         let local = tools_bin().join(name);
         is_executable(&local).then_some(local)
@@ -31,9 +28,7 @@ pub fn tools_bin() -> PathBuf {
 
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::metadata(path)
-        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        .unwrap_or(false)
+    std::fs::metadata(path).map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0).unwrap_or(false)
 }
 
 /// Runs `promtool check metrics` on `text` (Prometheus text exposition format).
@@ -51,25 +46,14 @@ pub async fn promtool_check_metrics(text: &str) -> anyhow::Result<()> {
         .spawn()
         .context("spawning promtool")?;
     let mut stdin = child.stdin.take().context("promtool stdin")?;
-    stdin
-        .write_all(text.as_bytes())
-        .await
-        .context("writing to promtool")?;
+    stdin.write_all(text.as_bytes()).await.context("writing to promtool")?;
     drop(stdin);
     let out = child.wait_with_output().await.context("running promtool")?;
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // Exit 3 lists lint problems. The one lint tolerated is the base-unit lint on the
     // name Istio mandates for its duration histogram (`istio_request_duration_milliseconds`).
-    let allowed =
-        "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
-    let other_problems = report
-        .lines()
-        .map(str::trim)
-        .any(|l| !l.is_empty() && l != allowed);
+    let allowed = "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+    let other_problems = report.lines().map(str::trim).any(|l| !l.is_empty() && l != allowed);
     if out.status.success() || (out.status.code() == Some(3) && !other_problems) {
         return Ok(());
     }

@@ -9,8 +9,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use weft_testkit::echo::{
-    grpc_call, grpc_call_with_headers, BannerServer, EchoServer, GrpcEchoServer, GrpcStream,
-    TcpEchoServer,
+    grpc_call, grpc_call_with_headers, BannerServer, EchoServer, GrpcEchoServer, GrpcStream, TcpEchoServer,
 };
 use weft_testkit::http::{get_h1, get_h2c, get_via_proxy, request, send_h1};
 
@@ -52,9 +51,7 @@ async fn h2c_prior_knowledge_is_served_on_the_same_port() {
 async fn absolute_form_request_through_a_proxy_keeps_path_and_host() {
     let echo = EchoServer::start("proxy-target").await;
     // The echo server stands in for a proxy: it sees the absolute-form request target.
-    let reply = get_via_proxy(echo.addr, "http://svc.example:8080/p?q=1")
-        .await
-        .unwrap();
+    let reply = get_via_proxy(echo.addr, "http://svc.example:8080/p?q=1").await.unwrap();
     let json = reply.json().unwrap();
     assert_eq!(json["path"], "/p?q=1");
     assert_eq!(json["uri"], "http://svc.example:8080/p?q=1");
@@ -83,19 +80,9 @@ async fn delay_route_waits_before_answering() {
 async fn post_echo_returns_the_body_and_other_paths_count_it() {
     let echo = EchoServer::start("p").await;
     let body = Bytes::from_static(b"hello body");
-    let reply = send_h1(
-        echo.addr,
-        request(Method::POST, "x", "/echo", body.clone()).unwrap(),
-    )
-    .await
-    .unwrap();
+    let reply = send_h1(echo.addr, request(Method::POST, "x", "/echo", body.clone()).unwrap()).await.unwrap();
     assert_eq!(reply.body, body);
-    let reply = send_h1(
-        echo.addr,
-        request(Method::PUT, "x", "/other", body).unwrap(),
-    )
-    .await
-    .unwrap();
+    let reply = send_h1(echo.addr, request(Method::PUT, "x", "/other", body).unwrap()).await.unwrap();
     assert_eq!(reply.json().unwrap()["body_len"], 10);
 }
 
@@ -103,15 +90,10 @@ async fn post_echo_returns_the_body_and_other_paths_count_it() {
 async fn keep_alive_requests_share_one_connection_in_the_counters() {
     let echo = EchoServer::start("k").await;
     let stream = TcpStream::connect(echo.addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
     for _ in 0..3 {
-        let resp = sender
-            .send_request(request(Method::GET, "x", "/", Bytes::new()).unwrap())
-            .await
-            .unwrap();
+        let resp = sender.send_request(request(Method::GET, "x", "/", Bytes::new()).unwrap()).await.unwrap();
         resp.into_body().collect().await.unwrap();
     }
     assert_eq!(echo.requests(), 3);
@@ -133,10 +115,7 @@ async fn upgrade_answers_101_then_echoes_raw_bytes() {
     assert!(head.starts_with("http/1.1 101"), "{head}");
     assert!(head.contains("upgrade: websocket"), "{head}");
     // RFC 6455's example key, so a real WebSocket client would accept the handshake.
-    assert!(
-        head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="),
-        "{head}"
-    );
+    assert!(head.contains("sec-websocket-accept: s3pplmbitxaq9kygzzhzrbk+xoo="), "{head}");
     s.write_all(b"\x81\x04ping raw bytes").await.unwrap();
     let mut buf = [0u8; 16];
     s.read_exact(&mut buf).await.unwrap();
@@ -165,9 +144,7 @@ async fn grpc_unary_echoes_one_message_with_ok_trailers() {
 #[tokio::test]
 async fn grpc_stream_echoes_each_message_before_the_request_ends() {
     let grpc = GrpcEchoServer::start("st").await;
-    let mut call = GrpcStream::open(grpc.addr, "echo.svc", "/echo.Echo/Stream")
-        .await
-        .unwrap();
+    let mut call = GrpcStream::open(grpc.addr, "echo.svc", "/echo.Echo/Stream").await.unwrap();
     for msg in ["one", "two", "three"] {
         call.send(Bytes::from(msg)).await.unwrap();
         // The request stream is still open: this reply proves per-message echo.
@@ -184,9 +161,7 @@ async fn grpc_stream_echoes_each_message_before_the_request_ends() {
 async fn grpc_stream_collected_by_grpc_call_returns_every_message() {
     let grpc = GrpcEchoServer::start("st").await;
     let msgs: Vec<Bytes> = (0..5).map(|i| Bytes::from(format!("m{i}"))).collect();
-    let reply = grpc_call(grpc.addr, "echo.svc", "/echo.Echo/Stream", msgs.clone())
-        .await
-        .unwrap();
+    let reply = grpc_call(grpc.addr, "echo.svc", "/echo.Echo/Stream", msgs.clone()).await.unwrap();
     assert_eq!(reply.messages, msgs);
     assert_eq!(reply.grpc_status(), Some(0));
 }
@@ -205,11 +180,7 @@ async fn grpc_fail_is_trailers_only_with_the_requested_status() {
     .unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.headers["grpc-status"], "14");
-    assert!(
-        reply.trailers.is_empty(),
-        "trailers-only: {:?}",
-        reply.trailers
-    );
+    assert!(reply.trailers.is_empty(), "trailers-only: {:?}", reply.trailers);
     assert!(reply.messages.is_empty());
     assert_eq!(reply.grpc_status(), Some(14));
 }
@@ -217,9 +188,7 @@ async fn grpc_fail_is_trailers_only_with_the_requested_status() {
 #[tokio::test]
 async fn grpc_unknown_method_is_unimplemented() {
     let grpc = GrpcEchoServer::start("u").await;
-    let reply = grpc_call(grpc.addr, "echo.svc", "/echo.Echo/Nope", vec![])
-        .await
-        .unwrap();
+    let reply = grpc_call(grpc.addr, "echo.svc", "/echo.Echo/Nope", vec![]).await.unwrap();
     assert_eq!(reply.grpc_status(), Some(12));
 }
 

@@ -50,23 +50,14 @@ static_resources:
 }
 
 async fn static_envoy() -> (Envoy, std::net::SocketAddr) {
-    let envoy = Envoy::start(&static_bootstrap())
-        .await
-        .expect("static Envoy starts");
-    let addr = envoy
-        .listener_addr(LISTENER, Duration::from_secs(20))
-        .await
-        .expect("static listener binds");
+    let envoy = Envoy::start(&static_bootstrap()).await.expect("static Envoy starts");
+    let addr = envoy.listener_addr(LISTENER, Duration::from_secs(20)).await.expect("static listener binds");
     (envoy, addr)
 }
 
 #[tokio::test]
 async fn installed_envoy_is_the_pinned_version() {
-    let out = Command::new(binary())
-        .arg("--version")
-        .output()
-        .await
-        .unwrap();
+    let out = Command::new(binary()).arg("--version").output().await.unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("/1.40."), "envoy --version: {text}");
 }
@@ -82,18 +73,10 @@ async fn curl_gets_the_direct_response_of_a_static_envoy_listener() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "curl failed: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        envoy.log_tail()
-    );
+    assert!(out.status.success(), "curl failed: {}\n{}", String::from_utf8_lossy(&out.stderr), envoy.log_tail());
     assert_eq!(stdout, format!("{BODY}\n200"));
     // The admin API saw that request.
-    let stats = envoy
-        .admin_get("/stats?filter=http.static_http.downstream_rq_2xx")
-        .await
-        .unwrap();
+    let stats = envoy.admin_get("/stats?filter=http.static_http.downstream_rq_2xx").await.unwrap();
     assert!(stats.contains("downstream_rq_2xx: 1"), "{stats}");
 }
 
@@ -107,17 +90,9 @@ async fn h2load_completes_all_requests_against_envoy() {
         .await
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "h2load failed: {stdout}\n{}",
-        envoy.log_tail()
-    );
+    assert!(out.status.success(), "h2load failed: {stdout}\n{}", envoy.log_tail());
     let summary = parse_h2load(&stdout).unwrap_or_else(|| panic!("no summary in: {stdout}"));
-    assert_eq!(
-        summary,
-        (100, 100, 0),
-        "total, succeeded, failed in: {stdout}"
-    );
+    assert_eq!(summary, (100, 100, 0), "total, succeeded, failed in: {stdout}");
     assert!(stdout.contains("100 2xx"), "{stdout}");
 }
 
@@ -127,9 +102,7 @@ async fn envoy_accepts_the_ads_bootstrap_in_both_modes() {
     let ads = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let ads_addr = ads.local_addr().unwrap();
     for (node, delta) in [("sotw-node", false), ("delta-node", true)] {
-        let envoy = Envoy::start(&ads_bootstrap(ads_addr, node, delta))
-            .await
-            .unwrap();
+        let envoy = Envoy::start(&ads_bootstrap(ads_addr, node, delta)).await.unwrap();
         let dump = envoy.admin_get("/config_dump?resource=bootstrap").await;
         let dump = match dump {
             Ok(d) => d,
@@ -189,13 +162,8 @@ static_resources:
 #[tokio::test]
 async fn echo_server_answers_http_and_websocket_through_envoy() {
     let echo = EchoServer::start("behind-envoy").await;
-    let envoy = Envoy::start(&proxy_bootstrap(echo.addr))
-        .await
-        .expect("proxy Envoy starts");
-    let addr = envoy
-        .listener_addr("to_echo", Duration::from_secs(20))
-        .await
-        .expect("listener binds");
+    let envoy = Envoy::start(&proxy_bootstrap(echo.addr)).await.expect("proxy Envoy starts");
+    let addr = envoy.listener_addr("to_echo", Duration::from_secs(20)).await.expect("listener binds");
     let reply = get_h1(addr, "svc.local", "/through?x=1").await.unwrap();
     assert_eq!(reply.status, 200, "{}", envoy.log_tail());
     assert_eq!(reply.header("x-echo-server"), Some("behind-envoy"));
@@ -238,10 +206,7 @@ async fn envoy_start_reports_an_invalid_bootstrap_with_its_log() {
         Err(e) => format!("{e:#}"),
     };
     assert!(err.contains("Envoy exited"), "{err}");
-    assert!(
-        err.contains("NOT_A_TYPE"),
-        "log tail should name the bad value: {err}"
-    );
+    assert!(err.contains("NOT_A_TYPE"), "log tail should name the bad value: {err}");
 }
 
 #[test]
@@ -255,9 +220,7 @@ fn h2load_summary_parser_reads_the_requests_line() {
 
 /// (total, succeeded, failed) from h2load's `requests:` line.
 fn parse_h2load(out: &str) -> Option<(u64, u64, u64)> {
-    let line = out
-        .lines()
-        .find(|l| l.trim_start().starts_with("requests:"))?;
+    let line = out.lines().find(|l| l.trim_start().starts_with("requests:"))?;
     let field = |label: &str| -> Option<u64> {
         line.split(',')
             .map(str::trim)

@@ -26,11 +26,6 @@ async fn promtool_accepts_valid_metrics() {
 
 #[tokio::test]
 async fn promtool_rejects_malformed_metrics() {
-    let err = tools::promtool_check_metrics("# TYPE x counter\nx{ 1\n")
-        .await
-        .unwrap_err();
-    assert!(
-        err.to_string().contains("promtool check metrics failed"),
-        "{err:#}"
-    );
+    let err = tools::promtool_check_metrics("# TYPE x counter\nx{ 1\n").await.unwrap_err();
+    assert!(err.to_string().contains("promtool check metrics failed"), "{err:#}");
 }

@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    address, config_source, socket_address, Address, AggregatedConfigSource, ConfigSource,
-    HealthStatus, Http2ProtocolOptions, Metadata, SocketAddress,
+    address, config_source, socket_address, Address, AggregatedConfigSource, ConfigSource, HealthStatus,
+    Http2ProtocolOptions, Metadata, SocketAddress,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
@@ -21,9 +21,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
     http_filter, HttpConnectionManager, HttpFilter, Rds,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
-use envoy_types::pb::envoy::extensions::upstreams::http::v3::{
-    http_protocol_options, HttpProtocolOptions,
-};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::{http_protocol_options, HttpProtocolOptions};
 use envoy_types::pb::google::protobuf::{value, Duration, Struct, UInt32Value, Value};
 use envoy_types::util::pack_any;
 
@@ -33,7 +31,7 @@ pub enum Routes {
     /// Over RDS, by name.
     Rds(String),
     /// Inline.
-    Inline(RouteConfiguration),
+    Inline(Box<RouteConfiguration>),
 }
 
 /// An Envoy socket address.
@@ -41,9 +39,7 @@ pub fn address(addr: SocketAddr) -> Address {
     Address {
         address: Some(address::Address::SocketAddress(SocketAddress {
             address: addr.ip().to_string(),
-            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
-                addr.port(),
-            ))),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(addr.port()))),
             ..Default::default()
         })),
     }
@@ -52,9 +48,7 @@ pub fn address(addr: SocketAddr) -> Address {
 fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: 2, // V3
-        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
-            AggregatedConfigSource {},
-        )),
+        config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),
         ..Default::default()
     }
 }
@@ -67,39 +61,30 @@ pub fn http_connection_manager(
     fault: Option<HttpFault>,
     upgrades: &[&str],
 ) -> HttpConnectionManager {
-    let mut http_filters = Vec::new();
     // The fault filter is always installed (as Istio does) so routes can enable it
     // through typed_per_filter_config; an empty HTTPFault injects nothing.
-    http_filters.push(HttpFilter {
-        name: "envoy.filters.http.fault".into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-            fault.unwrap_or_default(),
-        ))),
-        ..Default::default()
-    });
-    http_filters.push(HttpFilter {
-        name: "envoy.filters.http.router".into(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-            Router::default(),
-        ))),
-        ..Default::default()
-    });
+    let http_filters = vec![
+        HttpFilter {
+            name: "envoy.filters.http.fault".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(fault.unwrap_or_default()))),
+            ..Default::default()
+        },
+        HttpFilter {
+            name: "envoy.filters.http.router".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
+            ..Default::default()
+        },
+    ];
     HttpConnectionManager {
         stat_prefix: stat_prefix.into(),
         http_filters,
         route_specifier: Some(match routes {
-            Routes::Rds(name) => RouteSpecifier::Rds(Rds {
-                route_config_name: name,
-                config_source: Some(ads()),
-            }),
-            Routes::Inline(rc) => RouteSpecifier::RouteConfig(rc),
+            Routes::Rds(name) => RouteSpecifier::Rds(Rds { route_config_name: name, config_source: Some(ads()) }),
+            Routes::Inline(rc) => RouteSpecifier::RouteConfig(*rc),
         }),
         upgrade_configs: upgrades
             .iter()
-            .map(|u| UpgradeConfig {
-                upgrade_type: (*u).into(),
-                ..Default::default()
-            })
+            .map(|u| UpgradeConfig { upgrade_type: (*u).into(), ..Default::default() })
             .collect(),
         ..Default::default()
     }
@@ -147,17 +132,9 @@ pub fn tcp_listener(name: &str, addr: SocketAddr, cluster: &str) -> Listener {
 pub fn eds_cluster(name: &str, http2: bool) -> Cluster {
     let mut c = Cluster {
         name: name.into(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::Eds as i32,
-        )),
-        eds_cluster_config: Some(cluster::EdsClusterConfig {
-            eds_config: Some(ads()),
-            service_name: String::new(),
-        }),
-        connect_timeout: Some(Duration {
-            seconds: 1,
-            nanos: 0,
-        }),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(cluster::EdsClusterConfig { eds_config: Some(ads()), service_name: String::new() }),
+        connect_timeout: Some(Duration { seconds: 1, nanos: 0 }),
         metadata: Some(weft_lb_metadata("PEAK_EWMA")),
         ..Default::default()
     };
@@ -171,20 +148,9 @@ pub fn eds_cluster(name: &str, http2: bool) -> Cluster {
 pub fn static_cluster(name: &str, endpoints: &[SocketAddr], http2: bool) -> Cluster {
     let mut c = Cluster {
         name: name.into(),
-        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(
-            cluster::DiscoveryType::Static as i32,
-        )),
-        load_assignment: Some(cla(
-            name,
-            &endpoints
-                .iter()
-                .map(|a| (*a, 1, HealthStatus::Healthy))
-                .collect::<Vec<_>>(),
-        )),
-        connect_timeout: Some(Duration {
-            seconds: 1,
-            nanos: 0,
-        }),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Static as i32)),
+        load_assignment: Some(cla(name, &endpoints.iter().map(|a| (*a, 1, HealthStatus::Healthy)).collect::<Vec<_>>())),
+        connect_timeout: Some(Duration { seconds: 1, nanos: 0 }),
         metadata: Some(weft_lb_metadata("PEAK_EWMA")),
         ..Default::default()
     };
@@ -198,35 +164,25 @@ fn set_http2(c: &mut Cluster) {
     let opts = HttpProtocolOptions {
         upstream_protocol_options: Some(http_protocol_options::UpstreamProtocolOptions::ExplicitHttpConfig(
             http_protocol_options::ExplicitHttpConfig {
-                protocol_config: Some(http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
-                    Http2ProtocolOptions::default(),
-                )),
+                protocol_config: Some(
+                    http_protocol_options::explicit_http_config::ProtocolConfig::Http2ProtocolOptions(
+                        Http2ProtocolOptions::default(),
+                    ),
+                ),
             },
         )),
         ..Default::default()
     };
-    c.typed_extension_protocol_options.insert(
-        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(),
-        pack_any(opts),
-    );
+    c.typed_extension_protocol_options
+        .insert("envoy.extensions.upstreams.http.v3.HttpProtocolOptions".into(), pack_any(opts));
 }
 
 /// `filter_metadata["weft"].lb_policy = policy`.
 pub fn weft_lb_metadata(policy: &str) -> Metadata {
     let mut fields = std::collections::HashMap::new();
-    fields.insert(
-        "lb_policy".to_string(),
-        Value {
-            kind: Some(value::Kind::StringValue(policy.into())),
-        },
-    );
+    fields.insert("lb_policy".to_string(), Value { kind: Some(value::Kind::StringValue(policy.into())) });
     let mut m = Metadata::default();
-    m.filter_metadata.insert(
-        "weft".into(),
-        Struct {
-            fields: fields.into_iter().collect(),
-        },
-    );
+    m.filter_metadata.insert("weft".into(), Struct { fields: fields.into_iter().collect() });
     m
 }
 

@@ -119,10 +119,7 @@ struct StreamEnd {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff {
-            initial: Duration::from_millis(250),
-            max: Duration::from_secs(30),
-        }
+        Backoff { initial: Duration::from_millis(250), max: Duration::from_secs(30) }
     }
 }
 
@@ -139,11 +136,7 @@ impl Backoff {
 impl AdsClient {
     /// A client that will feed `handler`. Nothing happens until [`AdsClient::run`].
     pub fn new(config: ClientConfig, handler: Arc<dyn ResourceHandler>) -> Self {
-        AdsClient {
-            config,
-            handler,
-            status: watch::channel(ClientStatus::default()).0,
-        }
+        AdsClient { config, handler, status: watch::channel(ClientStatus::default()).0 }
     }
 
     /// Status updates (connection, ACKed versions, NACKs).
@@ -202,12 +195,8 @@ impl AdsClient {
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("connect to {}: {e}", self.config.address))?;
-        Ok(AggregatedDiscoveryServiceClient::new(channel)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES))
+        let channel = endpoint.connect().await.map_err(|e| format!("connect to {}: {e}", self.config.address))?;
+        Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
     }
 
     fn mark_connected(&self) {
@@ -233,19 +222,10 @@ impl AdsClient {
     }
 
     fn acked_version(&self, type_url: &str) -> String {
-        self.status
-            .borrow()
-            .acked
-            .get(type_url)
-            .cloned()
-            .unwrap_or_default()
+        self.status.borrow().acked.get(type_url).cloned().unwrap_or_default()
     }
 }
 
 fn nack_status(message: &str) -> rpc::Status {
-    rpc::Status {
-        code: NACK_CODE,
-        message: message.to_string(),
-        details: Vec::new(),
-    }
+    rpc::Status { code: NACK_CODE, message: message.to_string(), details: Vec::new() }
 }

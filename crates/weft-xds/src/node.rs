@@ -88,31 +88,14 @@ impl NodeInfo {
             .collect();
         // Serialising plain strings and numbers cannot fail; fall back to "[]" anyway.
         let ports_json = serde_json::to_string(&ports).unwrap_or_else(|_| "[]".to_string());
-        let labels = Struct {
-            fields: self
-                .labels
-                .iter()
-                .map(|(k, v)| (k.clone(), string_value(v)))
-                .collect(),
-        };
+        let labels = Struct { fields: self.labels.iter().map(|(k, v)| (k.clone(), string_value(v))).collect() };
         let mut fields = HashMap::new();
         fields.insert(NAME.to_string(), string_value(&self.name));
         fields.insert(NAMESPACE.to_string(), string_value(&self.namespace));
-        fields.insert(
-            LABELS.to_string(),
-            Value {
-                kind: Some(Kind::StructValue(labels)),
-            },
-        );
-        fields.insert(
-            SERVICE_ACCOUNT.to_string(),
-            string_value(&self.service_account),
-        );
+        fields.insert(LABELS.to_string(), Value { kind: Some(Kind::StructValue(labels)) });
+        fields.insert(SERVICE_ACCOUNT.to_string(), string_value(&self.service_account));
         fields.insert(WORKLOAD_NAME.to_string(), string_value(&self.name));
-        fields.insert(
-            INSTANCE_IPS.to_string(),
-            string_value(&self.instance_ips.join(",")),
-        );
+        fields.insert(INSTANCE_IPS.to_string(), string_value(&self.instance_ips.join(",")));
         fields.insert(POD_PORTS.to_string(), string_value(&ports_json));
         fields.insert(CLUSTER_ID.to_string(), string_value(&self.cluster));
         Node {
@@ -137,11 +120,9 @@ impl NodeInfo {
             match metadata.fields.get(key).and_then(|v| v.kind.as_ref()) {
                 None | Some(Kind::NullValue(_)) => Ok(None),
                 Some(Kind::StringValue(s)) => Ok(Some(s.as_str())),
-                Some(other) => Err(format!(
-                    "node {}: metadata {key} must be a string, found {}",
-                    node.id,
-                    kind_name(other)
-                )),
+                Some(other) => {
+                    Err(format!("node {}: metadata {key} must be a string, found {}", node.id, kind_name(other)))
+                }
             }
         };
         let required = |key: &str| -> Result<String, String> {
@@ -170,16 +151,7 @@ impl NodeInfo {
         } else {
             node.cluster.clone()
         };
-        Ok(NodeInfo {
-            id: node.id.clone(),
-            cluster,
-            name,
-            namespace,
-            labels,
-            service_account,
-            ports,
-            instance_ips,
-        })
+        Ok(NodeInfo { id: node.id.clone(), cluster, name, namespace, labels, service_account, ports, instance_ips })
     }
 }
 
@@ -188,9 +160,7 @@ fn tcp() -> String {
 }
 
 fn string_value(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_string())),
-    }
+    Value { kind: Some(Kind::StringValue(s.to_string())) }
 }
 
 fn kind_name(kind: &Kind) -> &'static str {
@@ -224,10 +194,7 @@ fn parse_labels(node_id: &str, value: Option<&Value>) -> Result<BTreeMap<String,
             }
         }
         Some(other) => {
-            return Err(format!(
-                "node {node_id}: metadata {LABELS} must be a struct, found {}",
-                kind_name(other)
-            ))
+            return Err(format!("node {node_id}: metadata {LABELS} must be a struct, found {}", kind_name(other)))
         }
     }
     Ok(labels)
@@ -243,22 +210,14 @@ fn parse_ports(node_id: &str, json: &str) -> Result<Vec<PortInfo>, String> {
     ports
         .into_iter()
         .map(|p| {
-            let port = u16::try_from(p.container_port)
-                .ok()
-                .filter(|port| *port != 0)
-                .ok_or_else(|| {
-                    format!(
-                        "node {node_id}: metadata {POD_PORTS}: containerPort {} of port {:?} \
+            let port = u16::try_from(p.container_port).ok().filter(|port| *port != 0).ok_or_else(|| {
+                format!(
+                    "node {node_id}: metadata {POD_PORTS}: containerPort {} of port {:?} \
                          is not in 1..=65535",
-                        p.container_port, p.name
-                    )
-                })?;
-            Ok(PortInfo {
-                name: p.name,
-                port,
-                protocol: p.protocol,
-                app_protocol: p.app_protocol,
-            })
+                    p.container_port, p.name
+                )
+            })?;
+            Ok(PortInfo { name: p.name, port, protocol: p.protocol, app_protocol: p.app_protocol })
         })
         .collect()
 }

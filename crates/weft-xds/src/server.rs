@@ -122,11 +122,9 @@ impl AdsServer {
 
     /// The gRPC service, to mount in a larger tonic server.
     pub fn service(&self) -> AggregatedDiscoveryServiceServer<AdsService> {
-        AggregatedDiscoveryServiceServer::new(AdsService {
-            shared: self.shared.clone(),
-        })
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        AggregatedDiscoveryServiceServer::new(AdsService { shared: self.shared.clone() })
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
     }
 
     /// Serves ADS on `listener` until `shutdown` resolves; then ends every open stream
@@ -171,11 +169,7 @@ impl AdsServer {
         let mut changes = self.status_changes();
         loop {
             let acked = self.shared.lock().values().any(|c| {
-                c.node_id == node_id
-                    && c.types
-                        .get(type_url)
-                        .and_then(|t| t.acked_version.as_deref())
-                        == Some(version)
+                c.node_id == node_id && c.types.get(type_url).and_then(|t| t.acked_version.as_deref()) == Some(version)
             });
             if acked {
                 return Ok(());
@@ -226,9 +220,7 @@ impl AggregatedDiscoveryService for AdsService {
 
 impl Shared {
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ConnectionStatus>> {
-        self.connections
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+        self.connections.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn bump(&self) {
@@ -247,9 +239,7 @@ impl Registration {
         let node = match node {
             Some(node) if !node.id.is_empty() => node,
             _ => {
-                return Err(Status::invalid_argument(
-                    "the first xDS request of a stream must carry a node with an id",
-                ))
+                return Err(Status::invalid_argument("the first xDS request of a stream must carry a node with an id"))
             }
         };
         let (info, node_error) = match NodeInfo::from_node(&node) {

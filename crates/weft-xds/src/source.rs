@@ -43,10 +43,7 @@ impl Default for StaticSource {
 impl StaticSource {
     /// An empty source.
     pub fn new() -> Self {
-        StaticSource {
-            inner: Arc::default(),
-            changes: Arc::new(watch::channel(0).0),
-        }
+        StaticSource { inner: Arc::default(), changes: Arc::new(watch::channel(0).0) }
     }
 
     /// Replaces all resources of `type_url`. Fails (changing nothing) if a resource is
@@ -74,9 +71,7 @@ impl StaticSource {
     pub fn remove(&self, type_url: &str, name: &str) -> bool {
         let exists = {
             let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
-            inner
-                .get(type_url)
-                .is_some_and(|t| t.resources.contains_key(name))
+            inner.get(type_url).is_some_and(|t| t.resources.contains_key(name))
         };
         if exists {
             self.update(type_url, |map| {

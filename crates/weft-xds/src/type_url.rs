@@ -33,10 +33,7 @@ pub fn short(type_url: &str) -> &str {
 /// `cluster_name`). Errors name the type and say what is wrong.
 pub fn resource_name(type_url: &str, any: &Any) -> Result<String, String> {
     if any.type_url != type_url {
-        return Err(format!(
-            "resource of type {} found where {} was expected",
-            any.type_url, type_url
-        ));
+        return Err(format!("resource of type {} found where {} was expected", any.type_url, type_url));
     }
     let bytes = any.value.as_slice();
     let decoded = match type_url {

@@ -33,9 +33,7 @@ async fn initial_sync_of_all_four_types(mode: XdsMode) {
         let expected = mode == XdsMode::Sotw && (type_url == LISTENER || type_url == CLUSTER);
         assert_eq!(*full_state, expected, "{type_url}");
     }
-    let status = client
-        .wait_status("all acked", |s| s.acked.len() == 4)
-        .await;
+    let status = client.wait_status("all acked", |s| s.acked.len() == 4).await;
     assert!(status.connected);
     assert_eq!(status.connects, 1);
     assert_eq!(status.nacks, 0);
@@ -58,11 +56,7 @@ async fn change_is_pushed_and_acked(mode: XdsMode) {
     server.wait_acked(ROUTE, "2").await;
     let state = handler.snapshot();
     assert_eq!(state.resources[ROUTE]["l1"], route("l1", "v2"));
-    let status = client
-        .wait_status("route v2 acked", |s| {
-            s.acked.get(ROUTE).map(String::as_str) == Some("2")
-        })
-        .await;
+    let status = client.wait_status("route v2 acked", |s| s.acked.get(ROUTE).map(String::as_str) == Some("2")).await;
     assert_eq!(status.nacks, 0);
     let conn = &server.server.connections()[0];
     assert_eq!(conn.types[ROUTE].acked_version.as_deref(), Some("2"));
@@ -84,12 +78,11 @@ async fn handler_error_is_nacked(mode: XdsMode) {
     let mut changes = server.server.status_changes();
     let nack = tokio::time::timeout(WAIT, async {
         loop {
-            let found = server.server.connections().iter().find_map(|c| {
-                c.types
-                    .get(LISTENER)
-                    .and_then(|t| t.last_nack.clone())
-                    .map(|n| (n, t_acked(c)))
-            });
+            let found = server
+                .server
+                .connections()
+                .iter()
+                .find_map(|c| c.types.get(LISTENER).and_then(|t| t.last_nack.clone()).map(|n| (n, t_acked(c))));
             if let Some(found) = found {
                 return found;
             }
@@ -104,10 +97,7 @@ async fn handler_error_is_nacked(mode: XdsMode) {
     assert_eq!(acked.as_deref(), Some("1"));
     let status = client.wait_status("nack counted", |s| s.nacks == 1).await;
     assert_eq!(status.acked.get(LISTENER).map(String::as_str), Some("1"));
-    assert!(status
-        .last_nack
-        .unwrap_or_default()
-        .contains("bad is not acceptable"));
+    assert!(status.last_nack.unwrap_or_default().contains("bad is not acceptable"));
     assert_eq!(handler.snapshot().names(LISTENER), set(&["l1"]));
     client.stop().await;
     server.stop().await;
@@ -127,9 +117,7 @@ async fn interest_change_subscribes_new_route(mode: XdsMode) {
     server.wait_acked(ROUTE, "1").await;
     assert_eq!(handler.snapshot().names(ROUTE), set(&["l1"]));
     source.set_one(LISTENER, listener("l2")).unwrap();
-    let state = handler
-        .wait("route l2", |s| s.names(ROUTE) == set(&["l1", "l2"]))
-        .await;
+    let state = handler.wait("route l2", |s| s.names(ROUTE) == set(&["l1", "l2"])).await;
     assert_eq!(state.resources[ROUTE]["l2"], route("l2", "v1"));
     client.stop().await;
     server.stop().await;
@@ -139,21 +127,14 @@ async fn interest_change_subscribes_new_route(mode: XdsMode) {
 /// `removed_resources`; SotW absence from the full state).
 async fn removal_propagates(mode: XdsMode) {
     let source = basic_source();
-    source
-        .set(LISTENER, vec![listener("l1"), listener("l2")])
-        .unwrap();
+    source.set(LISTENER, vec![listener("l1"), listener("l2")]).unwrap();
     let server = RunningServer::start(source.clone(), any_port()).await;
     let handler = MemHandler::new();
     let client = RunningClient::start(server.addr, mode, handler.clone());
     server.wait_acked(LISTENER, "2").await;
     assert!(source.remove(LISTENER, "l2"));
-    let state = handler
-        .wait("l2 removed", |s| s.names(LISTENER) == set(&["l1"]))
-        .await;
-    assert_eq!(
-        state.removals,
-        vec![(LISTENER.to_string(), "l2".to_string())]
-    );
+    let state = handler.wait("l2 removed", |s| s.names(LISTENER) == set(&["l1"])).await;
+    assert_eq!(state.removals, vec![(LISTENER.to_string(), "l2".to_string())]);
     server.wait_acked(LISTENER, "3").await;
     client.stop().await;
     server.stop().await;
@@ -174,24 +155,16 @@ async fn reconnect_after_server_restart(mode: XdsMode) {
     server.stop().await;
     client.wait_status("disconnected", |s| !s.connected).await;
     let before = handler.snapshot();
-    assert_eq!(
-        before.names(LISTENER),
-        set(&["l1"]),
-        "state kept while disconnected"
-    );
+    assert_eq!(before.names(LISTENER), set(&["l1"]), "state kept while disconnected");
     source.set_one(LISTENER, listener("l2")).unwrap();
 
     let server = RunningServer::start(source.clone(), addr).await;
     server.wait_acked(LISTENER, "2").await;
     server.wait_acked(ROUTE, "1").await;
-    let state = handler
-        .wait("resynced", |s| s.names(ROUTE) == set(&["l1", "l2"]))
-        .await;
+    let state = handler.wait("resynced", |s| s.names(ROUTE) == set(&["l1", "l2"])).await;
     assert_eq!(state.names(LISTENER), set(&["l1", "l2"]));
     assert!(state.removals.is_empty(), "removals: {:?}", state.removals);
-    let status = client
-        .wait_status("reconnected", |s| s.connected && s.connects >= 2)
-        .await;
+    let status = client.wait_status("reconnected", |s| s.connected && s.connects >= 2).await;
     assert_eq!(status.nacks, 0);
     if mode == XdsMode::Delta {
         let resent: Vec<_> = state.applied[before.applied.len()..]
@@ -200,10 +173,7 @@ async fn reconnect_after_server_restart(mode: XdsMode) {
             .collect();
         assert_eq!(
             resent,
-            vec![
-                (LISTENER.to_string(), "l2".to_string()),
-                (ROUTE.to_string(), "l2".to_string())
-            ],
+            vec![(LISTENER.to_string(), "l2".to_string()), (ROUTE.to_string(), "l2".to_string())],
             "only new resources are sent after reconnect"
         );
     }

@@ -29,10 +29,7 @@ impl ConfigSource for GarbageSource {
     fn resources(&self, _node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>) {
         let mut resources = BTreeMap::new();
         if type_url == LISTENER {
-            let garbage = Any {
-                type_url: LISTENER.to_string(),
-                value: vec![0x0a, 0xff, 0xff, 0xff],
-            };
+            let garbage = Any { type_url: LISTENER.to_string(), value: vec![0x0a, 0xff, 0xff, 0xff] };
             resources.insert("l1".to_string(), garbage);
         }
         ("7".to_string(), resources)
@@ -59,10 +56,7 @@ async fn undecodable_resource_is_nacked(mode: XdsMode, resource_label: &str) {
     assert!(error.contains(resource_label), "{error}");
     assert!(error.contains("cannot decode"), "{error}");
     assert!(!status.acked.contains_key(LISTENER));
-    assert!(
-        status.acked.contains_key(CLUSTER),
-        "other types are still ACKed"
-    );
+    assert!(status.acked.contains_key(CLUSTER), "other types are still ACKed");
     assert!(handler.snapshot().names(LISTENER).is_empty());
     client.stop().await;
     let _ = stop.send(());
@@ -112,11 +106,7 @@ impl AggregatedDiscoveryService for UnknownTypeServer {
                     };
                     let _ = tx.send(Ok(response)).await;
                 } else {
-                    let _ = seen.send((
-                        r.type_url,
-                        r.response_nonce,
-                        r.error_detail.map(|e| e.message),
-                    ));
+                    let _ = seen.send((r.type_url, r.response_nonce, r.error_detail.map(|e| e.message)));
                 }
             }
         });
@@ -142,11 +132,7 @@ impl AggregatedDiscoveryService for UnknownTypeServer {
                     };
                     let _ = tx.send(Ok(response)).await;
                 } else {
-                    let _ = seen.send((
-                        r.type_url,
-                        r.response_nonce,
-                        r.error_detail.map(|e| e.message),
-                    ));
+                    let _ = seen.send((r.type_url, r.response_nonce, r.error_detail.map(|e| e.message)));
                 }
             }
         });
@@ -161,9 +147,7 @@ async fn unknown_type_is_nacked(mode: XdsMode) {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(
         tonic::transport::Server::builder()
-            .add_service(AggregatedDiscoveryServiceServer::new(UnknownTypeServer(
-                seen_tx,
-            )))
+            .add_service(AggregatedDiscoveryServiceServer::new(UnknownTypeServer(seen_tx)))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async {
                 let _ = stopped.await;
             }),
@@ -172,9 +156,7 @@ async fn unknown_type_is_nacked(mode: XdsMode) {
     let nack = tokio::time::timeout(WAIT, async {
         loop {
             match seen.recv().await {
-                Some((type_url, nonce, Some(error))) if type_url == UNKNOWN => {
-                    return (nonce, error)
-                }
+                Some((type_url, nonce, Some(error))) if type_url == UNKNOWN => return (nonce, error),
                 Some(_) => {}
                 None => panic!("server gone"),
             }

@@ -9,9 +9,7 @@ use envoy_types::pb::google::protobuf::{Struct, Value};
 use weft_xds::NodeInfo;
 
 fn string(s: &str) -> Value {
-    Value {
-        kind: Some(Kind::StringValue(s.to_string())),
-    }
+    Value { kind: Some(Kind::StringValue(s.to_string())) }
 }
 
 fn meta_str<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
@@ -25,12 +23,7 @@ fn meta_str<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 fn node_with(fields: &[(&str, Value)]) -> Node {
     Node {
         id: "n1".to_string(),
-        metadata: Some(Struct {
-            fields: fields
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.clone()))
-                .collect(),
-        }),
+        metadata: Some(Struct { fields: fields.iter().map(|(k, v)| (k.to_string(), v.clone())).collect() }),
         ..Default::default()
     }
 }
@@ -51,8 +44,7 @@ fn to_node_writes_istio_keys() {
     assert_eq!(meta_str(&node, "SERVICE_ACCOUNT"), Some("bookinfo-reviews"));
     assert_eq!(meta_str(&node, "INSTANCE_IPS"), Some("10.0.0.1,fd00::1"));
     assert_eq!(meta_str(&node, "CLUSTER_ID"), Some("Kubernetes"));
-    let ports: serde_json::Value =
-        serde_json::from_str(meta_str(&node, "POD_PORTS").unwrap_or("")).unwrap();
+    let ports: serde_json::Value = serde_json::from_str(meta_str(&node, "POD_PORTS").unwrap_or("")).unwrap();
     assert_eq!(
         ports,
         serde_json::json!([
@@ -61,9 +53,7 @@ fn to_node_writes_istio_keys() {
         ])
     );
     let labels = match node.metadata.as_ref().and_then(|m| m.fields.get("LABELS")) {
-        Some(Value {
-            kind: Some(Kind::StructValue(s)),
-        }) => s.clone(),
+        Some(Value { kind: Some(Kind::StructValue(s)) }) => s.clone(),
         other => panic!("LABELS is not a struct: {other:?}"),
     };
     assert_eq!(labels.fields.get("app"), Some(&string("reviews")));
@@ -74,12 +64,7 @@ fn istio_pod_ports_without_app_protocol_parse() {
     let node = node_with(&[
         ("NAME", string("p")),
         ("NAMESPACE", string("ns")),
-        (
-            "POD_PORTS",
-            string(
-                r#"[{"name":"grpc","containerPort":7070,"protocol":"TCP"},{"containerPort":80}]"#,
-            ),
-        ),
+        ("POD_PORTS", string(r#"[{"name":"grpc","containerPort":7070,"protocol":"TCP"},{"containerPort":80}]"#)),
     ]);
     let info = NodeInfo::from_node(&node).unwrap();
     assert_eq!(info.ports.len(), 2);
@@ -103,33 +88,20 @@ fn garbage_metadata_gives_precise_errors() {
         fields.push((key, value));
         node_with(&fields)
     };
-    let number = Value {
-        kind: Some(Kind::NumberValue(3.0)),
-    };
+    let number = Value { kind: Some(Kind::NumberValue(3.0)) };
 
-    let no_meta = Node {
-        id: "n1".to_string(),
-        ..Default::default()
-    };
+    let no_meta = Node { id: "n1".to_string(), ..Default::default() };
     assert!(err_of(&no_meta).contains("no metadata"));
     assert!(err_of(&Node::default()).contains("empty id"));
     assert!(err_of(&node_with(&[("NAMESPACE", string("ns"))])).contains("NAME is missing"));
-    assert!(err_of(&with("SERVICE_ACCOUNT", number.clone()))
-        .contains("SERVICE_ACCOUNT must be a string"));
+    assert!(err_of(&with("SERVICE_ACCOUNT", number.clone())).contains("SERVICE_ACCOUNT must be a string"));
     assert!(err_of(&with("LABELS", string("app=x"))).contains("LABELS must be a struct"));
     let bad_label = Value {
-        kind: Some(Kind::StructValue(Struct {
-            fields: [("app".to_string(), number.clone())].into_iter().collect(),
-        })),
+        kind: Some(Kind::StructValue(Struct { fields: [("app".to_string(), number.clone())].into_iter().collect() })),
     };
     assert!(err_of(&with("LABELS", bad_label)).contains("label app must be a string"));
-    assert!(
-        err_of(&with("POD_PORTS", string("{not json"))).contains("POD_PORTS is not a JSON list")
-    );
-    assert!(
-        err_of(&with("POD_PORTS", string(r#"[{"containerPort":70000}]"#)))
-            .contains("containerPort 70000")
-    );
+    assert!(err_of(&with("POD_PORTS", string("{not json"))).contains("POD_PORTS is not a JSON list"));
+    assert!(err_of(&with("POD_PORTS", string(r#"[{"containerPort":70000}]"#))).contains("containerPort 70000"));
     assert!(err_of(&with("POD_PORTS", string(r#"[{"containerPort":-1}]"#))).contains("POD_PORTS"));
 }
 

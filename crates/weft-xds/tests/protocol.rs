@@ -38,28 +38,16 @@ impl<Req, Resp> Raw<Req, Resp> {
 }
 
 async fn sotw(server: &RunningServer) -> Raw<DiscoveryRequest, DiscoveryResponse> {
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", server.addr))
-        .await
-        .unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", server.addr)).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    let rx = client
-        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let rx = client.stream_aggregated_resources(UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
     Raw { tx, rx }
 }
 
 async fn delta(server: &RunningServer) -> Raw<DeltaDiscoveryRequest, DeltaDiscoveryResponse> {
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", server.addr))
-        .await
-        .unwrap();
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", server.addr)).await.unwrap();
     let (tx, rx) = mpsc::unbounded_channel();
-    let rx = client
-        .delta_aggregated_resources(UnboundedReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let rx = client.delta_aggregated_resources(UnboundedReceiverStream::new(rx)).await.unwrap().into_inner();
     Raw { tx, rx }
 }
 
@@ -75,11 +63,7 @@ fn req(type_url: &str, version: &str, nonce: &str, names: &[&str]) -> DiscoveryR
 }
 
 fn names(type_url: &str, response: &DiscoveryResponse) -> Vec<String> {
-    response
-        .resources
-        .iter()
-        .map(|a| resource_name(type_url, a).unwrap())
-        .collect()
+    response.resources.iter().map(|a| resource_name(type_url, a).unwrap()).collect()
 }
 
 /// A pure ACK gets no answer, and a change made while a response is un-ACKed is sent
@@ -91,26 +75,17 @@ async fn sotw_ack_is_not_answered_and_updates_wait_for_ack() {
     let mut raw = sotw(&server).await;
     raw.send(req(LISTENER, "", "", &[]));
     let first = raw.recv().await;
-    assert_eq!(
-        (first.type_url.as_str(), first.version_info.as_str()),
-        (LISTENER, "1")
-    );
+    assert_eq!((first.type_url.as_str(), first.version_info.as_str()), (LISTENER, "1"));
     assert_eq!(names(LISTENER, &first), ["l1"]);
 
     source.set_one(LISTENER, listener("l2")).unwrap();
     raw.send(req(CLUSTER, "", "", &[]));
     let barrier = raw.recv().await;
-    assert_eq!(
-        barrier.type_url, CLUSTER,
-        "LDS v2 was pushed before the ACK of v1"
-    );
+    assert_eq!(barrier.type_url, CLUSTER, "LDS v2 was pushed before the ACK of v1");
 
     raw.send(req(LISTENER, "1", &first.nonce, &[]));
     let second = raw.recv().await;
-    assert_eq!(
-        (second.type_url.as_str(), second.version_info.as_str()),
-        (LISTENER, "2")
-    );
+    assert_eq!((second.type_url.as_str(), second.version_info.as_str()), (LISTENER, "2"));
     assert_eq!(names(LISTENER, &second), ["l1", "l2"]);
 
     raw.send(req(LISTENER, "2", &second.nonce, &[]));
@@ -133,11 +108,7 @@ async fn sotw_stale_nonce_is_ignored() {
     assert_eq!(names(ROUTE, &first), ["l1"]);
     raw.send(req(ROUTE, "1", "stale", &["l1", "l2"]));
     raw.send(req(CLUSTER, "", "", &[]));
-    assert_eq!(
-        raw.recv().await.type_url,
-        CLUSTER,
-        "stale request was answered"
-    );
+    assert_eq!(raw.recv().await.type_url, CLUSTER, "stale request was answered");
     raw.send(req(ROUTE, "1", &first.nonce, &["l1", "l2"]));
     let second = raw.recv().await;
     assert_eq!(second.type_url, ROUTE);
@@ -154,18 +125,10 @@ async fn sotw_nack_is_recorded_and_not_answered() {
     raw.send(req(LISTENER, "", "", &[]));
     let first = raw.recv().await;
     let mut nack = req(LISTENER, "", &first.nonce, &[]);
-    nack.error_detail = Some(rpc::Status {
-        code: 3,
-        message: "listener l1: bad filter".to_string(),
-        details: vec![],
-    });
+    nack.error_detail = Some(rpc::Status { code: 3, message: "listener l1: bad filter".to_string(), details: vec![] });
     raw.send(nack);
     raw.send(req(CLUSTER, "", "", &[]));
-    assert_eq!(
-        raw.recv().await.type_url,
-        CLUSTER,
-        "NACKed version was re-sent"
-    );
+    assert_eq!(raw.recv().await.type_url, CLUSTER, "NACKed version was re-sent");
     let conn = &server.server.connections()[0];
     let status = &conn.types[LISTENER];
     let nack = status.last_nack.as_ref().expect("NACK recorded");
@@ -176,10 +139,7 @@ async fn sotw_nack_is_recorded_and_not_answered() {
     // A fix at the source is sent.
     source.set_one(LISTENER, listener("l2")).unwrap();
     let fixed = raw.recv().await;
-    assert_eq!(
-        (fixed.type_url.as_str(), fixed.version_info.as_str()),
-        (LISTENER, "2")
-    );
+    assert_eq!((fixed.type_url.as_str(), fixed.version_info.as_str()), (LISTENER, "2"));
     server.stop().await;
 }
 
@@ -205,10 +165,7 @@ fn dreq(type_url: &str, subscribe: &[&str], initial: &[(&str, String)]) -> Delta
         node: Some(node_info().to_node()),
         type_url: type_url.to_string(),
         resource_names_subscribe: subscribe.iter().map(|n| n.to_string()).collect(),
-        initial_resource_versions: initial
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.clone()))
-            .collect::<HashMap<_, _>>(),
+        initial_resource_versions: initial.iter().map(|(n, v)| (n.to_string(), v.clone())).collect::<HashMap<_, _>>(),
         ..Default::default()
     }
 }
@@ -218,26 +175,14 @@ fn dreq(type_url: &str, subscribe: &[&str], initial: &[(&str, String)]) -> Delta
 #[tokio::test]
 async fn delta_initial_versions_skip_unchanged_and_remove_gone() {
     let source = basic_source();
-    source
-        .set(LISTENER, vec![listener("l1"), listener("l2")])
-        .unwrap();
+    source.set(LISTENER, vec![listener("l1"), listener("l2")]).unwrap();
     let server = RunningServer::start(source, any_port()).await;
     let mut raw = delta(&server).await;
-    raw.send(dreq(
-        LISTENER,
-        &[],
-        &[
-            ("l1", content_version(&listener("l1"))),
-            ("gone", "old".to_string()),
-        ],
-    ));
+    raw.send(dreq(LISTENER, &[], &[("l1", content_version(&listener("l1"))), ("gone", "old".to_string())]));
     let response = raw.recv().await;
     let sent: Vec<&str> = response.resources.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(sent, ["l2"]);
-    assert_eq!(
-        response.resources[0].version,
-        content_version(&listener("l2"))
-    );
+    assert_eq!(response.resources[0].version, content_version(&listener("l2")));
     assert_eq!(response.removed_resources, ["gone"]);
     assert_eq!(response.system_version_info, "2");
     server.stop().await;

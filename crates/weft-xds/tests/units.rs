@@ -17,14 +17,8 @@ fn type_urls_match_envoy_names() {
     assert_eq!(LISTENER, config::listener::v3::Listener::type_url());
     assert_eq!(ROUTE, config::route::v3::RouteConfiguration::type_url());
     assert_eq!(CLUSTER, config::cluster::v3::Cluster::type_url());
-    assert_eq!(
-        ENDPOINT,
-        config::endpoint::v3::ClusterLoadAssignment::type_url()
-    );
-    assert_eq!(
-        SECRET,
-        envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::type_url()
-    );
+    assert_eq!(ENDPOINT, config::endpoint::v3::ClusterLoadAssignment::type_url());
+    assert_eq!(SECRET, envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::type_url());
 }
 
 #[test]
@@ -38,51 +32,26 @@ fn resource_name_reads_each_type_and_cla_cluster_name() {
 #[test]
 fn resource_name_errors_are_precise() {
     let wrong = resource_name(CLUSTER, &listener("l")).unwrap_err();
-    assert!(
-        wrong.contains("Listener") && wrong.contains("Cluster"),
-        "{wrong}"
-    );
-    let garbage = Any {
-        type_url: LISTENER.to_string(),
-        value: vec![0xff, 0xff, 0xff],
-    };
-    assert!(resource_name(LISTENER, &garbage)
-        .unwrap_err()
-        .contains("cannot decode Listener"));
-    let unknown = Any {
-        type_url: "type.googleapis.com/foo.Bar".to_string(),
-        value: vec![],
-    };
-    assert!(resource_name(&unknown.type_url, &unknown)
-        .unwrap_err()
-        .contains("unknown resource type"));
-    assert!(resource_name(LISTENER, &listener(""))
-        .unwrap_err()
-        .contains("without a name"));
+    assert!(wrong.contains("Listener") && wrong.contains("Cluster"), "{wrong}");
+    let garbage = Any { type_url: LISTENER.to_string(), value: vec![0xff, 0xff, 0xff] };
+    assert!(resource_name(LISTENER, &garbage).unwrap_err().contains("cannot decode Listener"));
+    let unknown = Any { type_url: "type.googleapis.com/foo.Bar".to_string(), value: vec![] };
+    assert!(resource_name(&unknown.type_url, &unknown).unwrap_err().contains("unknown resource type"));
+    assert!(resource_name(LISTENER, &listener("")).unwrap_err().contains("without a name"));
 }
 
 #[test]
 fn content_version_changes_with_content_only() {
-    assert_eq!(
-        content_version(&route("r", "v1")),
-        content_version(&route("r", "v1"))
-    );
-    assert_ne!(
-        content_version(&route("r", "v1")),
-        content_version(&route("r", "v2"))
-    );
+    assert_eq!(content_version(&route("r", "v1")), content_version(&route("r", "v1")));
+    assert_ne!(content_version(&route("r", "v1")), content_version(&route("r", "v2")));
     assert_eq!(content_version(&route("r", "v1")).len(), 16);
 }
 
 #[test]
 fn backoff_is_capped_exponential_with_jitter() {
-    let backoff = Backoff {
-        initial: Duration::from_millis(100),
-        max: Duration::from_secs(1),
-    };
+    let backoff = Backoff { initial: Duration::from_millis(100), max: Duration::from_secs(1) };
     for attempt in 0..40 {
-        let cap =
-            Duration::from_millis(100 * 2u64.pow(attempt.min(10))).min(Duration::from_secs(1));
+        let cap = Duration::from_millis(100 * 2u64.pow(attempt.min(10))).min(Duration::from_secs(1));
         for _ in 0..20 {
             assert!(backoff.delay(attempt) <= cap, "attempt {attempt}");
         }
@@ -99,9 +68,7 @@ fn static_source_versions_per_type_and_notifies() {
     let changes = source.changes();
     let node = Node::default();
     assert_eq!(source.resources(&node, LISTENER).0, "0");
-    source
-        .set(LISTENER, vec![listener("a"), listener("b")])
-        .unwrap();
+    source.set(LISTENER, vec![listener("a"), listener("b")]).unwrap();
     assert!(changes.has_changed().unwrap());
     let (version, resources) = source.resources(&node, LISTENER);
     assert_eq!(version, "1");
@@ -109,16 +76,9 @@ fn static_source_versions_per_type_and_notifies() {
     source.set_one(LISTENER, listener("c")).unwrap();
     assert_eq!(source.version(LISTENER), "2");
     assert!(source.remove(LISTENER, "a"));
-    assert!(
-        !source.remove(LISTENER, "a"),
-        "removing a missing name is a no-op"
-    );
+    assert!(!source.remove(LISTENER, "a"), "removing a missing name is a no-op");
     assert_eq!(source.version(LISTENER), "3");
-    assert_eq!(
-        source.version(CLUSTER),
-        "0",
-        "other types keep their version"
-    );
+    assert_eq!(source.version(CLUSTER), "0", "other types keep their version");
     let err = source.set(CLUSTER, vec![listener("x")]).unwrap_err();
     assert!(err.to_string().contains("Listener"));
     assert_eq!(source.version(CLUSTER), "0", "a failed set changes nothing");

@@ -9,9 +9,8 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource, HealthStatus};
 use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher, route, route_action, route_match, weighted_cluster, DirectResponseAction,
-    HeaderMatcher, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-    WeightedCluster,
+    header_matcher, route, route_action, route_match, weighted_cluster, DirectResponseAction, HeaderMatcher, Route,
+    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
 use envoy_types::pb::google::protobuf::UInt32Value;
@@ -32,10 +31,7 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
     let source = Arc::new(StaticSource::new());
     source.set(
         type_url::CLUSTER,
-        vec![
-            pack_any(build::eds_cluster("demo-v1", false)),
-            pack_any(build::eds_cluster("demo-v2", false)),
-        ],
+        vec![pack_any(build::eds_cluster("demo-v1", false)), pack_any(build::eds_cluster("demo-v2", false))],
     )?;
     source.set(
         type_url::ENDPOINT,
@@ -45,21 +41,11 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
         ],
     )?;
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
-    let hcm = build::http_connection_manager(
-        "demo",
-        Routes::Rds("demo-routes".into()),
-        None,
-        &["websocket"],
-    );
-    source.set(
-        type_url::LISTENER,
-        vec![pack_any(build::http_listener("demo", listen, hcm))],
-    )?;
+    let hcm = build::http_connection_manager("demo", Routes::Rds("demo-routes".into()), None, &["websocket"]);
+    source.set(type_url::LISTENER, vec![pack_any(build::http_listener("demo", listen, hcm))])?;
     source.set(type_url::ROUTE, vec![pack_any(demo_routes())])?;
 
-    let xds_sock = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding the demo xDS server")?;
+    let xds_sock = TcpListener::bind("127.0.0.1:0").await.context("binding the demo xDS server")?;
     let xds_addr = xds_sock.local_addr()?;
     let server = AdsServer::new(source.clone());
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -71,8 +57,7 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
     let bootstrap_text = format!(
         "node:\n  id: sidecar~127.0.0.1~demo.default~default.svc.cluster.local\n  cluster: demo.default\n  name: demo\n  namespace: default\nxds:\n  address: http://{xds_addr}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\n"
     );
-    let bootstrap =
-        weft_proxy::bootstrap::Bootstrap::parse(&bootstrap_text, std::path::Path::new("<demo>"))?;
+    let bootstrap = weft_proxy::bootstrap::Bootstrap::parse(&bootstrap_text, std::path::Path::new("<demo>"))?;
     let proxy = weft_proxy::proxy::ProxyHandle::start(bootstrap).await?;
     if !proxy.wait_ready(std::time::Duration::from_secs(10)).await {
         anyhow::bail!("the demo proxy did not receive its configuration within 10s");
@@ -83,20 +68,12 @@ pub async fn run(port: u16) -> anyhow::Result<()> {
         .with_context(|| format!("the demo listener could not bind {listen}"))?;
     println!("weft demo is running (Ctrl-C to stop)");
     println!("  proxy listener   http://{addr}   (backends demo-v1 {v1}, demo-v2 {v2})");
-    println!(
-        "  admin            http://{}/config_dump",
-        proxy.admin_addr()
-    );
-    println!(
-        "  metrics          http://{}/stats/prometheus",
-        proxy.metrics_addr()
-    );
+    println!("  admin            http://{}/config_dump", proxy.admin_addr());
+    println!("  metrics          http://{}/stats/prometheus", proxy.metrics_addr());
     println!("try:");
     println!("  curl -s http://{addr}/hello                       # 80% demo-v1, 20% demo-v2");
     println!("  curl -s -H 'end-user: jason' http://{addr}/hello  # always demo-v2");
-    println!(
-        "  curl -s http://{addr}/healthz                     # direct response from the proxy"
-    );
+    println!("  curl -s http://{addr}/healthz                     # direct response from the proxy");
     println!("  curl -s -x http://{addr} http://demo.local/hello  # explicit HTTP proxy mode");
     crate::shutdown_signal().await;
     println!("draining...");
@@ -141,14 +118,12 @@ fn demo_routes() -> RouteConfiguration {
                         path_specifier: prefix("/"),
                         headers: vec![HeaderMatcher {
                             name: "end-user".into(),
-                            header_match_specifier: Some(
-                                header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
-                                    match_pattern: Some(string_matcher::MatchPattern::Exact(
-                                        "jason".into(),
-                                    )),
+                            header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
+                                StringMatcher {
+                                    match_pattern: Some(string_matcher::MatchPattern::Exact("jason".into())),
                                     ..Default::default()
-                                }),
-                            ),
+                                },
+                            )),
                             ..Default::default()
                         }],
                         ..Default::default()
@@ -158,28 +133,23 @@ fn demo_routes() -> RouteConfiguration {
                 },
                 Route {
                     name: "split".into(),
-                    r#match: Some(RouteMatch {
-                        path_specifier: prefix("/"),
-                        ..Default::default()
-                    }),
+                    r#match: Some(RouteMatch { path_specifier: prefix("/"), ..Default::default() }),
                     action: Some(route::Action::Route(RouteAction {
-                        cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
-                            WeightedCluster {
-                                clusters: vec![
-                                    weighted_cluster::ClusterWeight {
-                                        name: "demo-v1".into(),
-                                        weight: Some(UInt32Value { value: 80 }),
-                                        ..Default::default()
-                                    },
-                                    weighted_cluster::ClusterWeight {
-                                        name: "demo-v2".into(),
-                                        weight: Some(UInt32Value { value: 20 }),
-                                        ..Default::default()
-                                    },
-                                ],
-                                ..Default::default()
-                            },
-                        )),
+                        cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+                            clusters: vec![
+                                weighted_cluster::ClusterWeight {
+                                    name: "demo-v1".into(),
+                                    weight: Some(UInt32Value { value: 80 }),
+                                    ..Default::default()
+                                },
+                                weighted_cluster::ClusterWeight {
+                                    name: "demo-v2".into(),
+                                    weight: Some(UInt32Value { value: 20 }),
+                                    ..Default::default()
+                                },
+                            ],
+                            ..Default::default()
+                        })),
                         ..Default::default()
                     })),
                     ..Default::default()
@@ -198,12 +168,10 @@ async fn backend(name: &'static str) -> anyhow::Result<SocketAddr> {
     tokio::spawn(async move {
         while let Ok((stream, _)) = sock.accept().await {
             tokio::spawn(async move {
-                let svc = service_fn(
-                    move |req: hyper::Request<hyper::body::Incoming>| async move {
-                        let text = format!("hello from {name}: {} {}\n", req.method(), req.uri());
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
-                    },
-                );
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| async move {
+                    let text = format!("hello from {name}: {} {}\n", req.method(), req.uri());
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(text))))
+                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;

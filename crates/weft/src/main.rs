@@ -38,10 +38,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft: cannot start the runtime: {e}");
@@ -66,9 +63,7 @@ fn main() -> std::process::ExitCode {
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     if json {
         builder.json().init();
     } else {
@@ -78,9 +73,7 @@ fn init_tracing(json: bool) {
 
 async fn run_proxy(path: PathBuf) -> anyhow::Result<()> {
     let b = weft_proxy::bootstrap::Bootstrap::load(&path)?;
-    let proxy = weft_proxy::proxy::ProxyHandle::start(b)
-        .await
-        .context("starting the proxy")?;
+    let proxy = weft_proxy::proxy::ProxyHandle::start(b).await.context("starting the proxy")?;
     tokio::select! {
         _ = shutdown_signal() => info!("signal received: draining"),
         _ = proxy.quit_requested() => info!("/quitquitquit: draining"),

@@ -45,32 +45,17 @@ struct Response {
 /// A raw HTTP/1.1 request over a fresh connection.
 async fn request(addr: SocketAddr, method: &str, path: &str) -> Response {
     let mut stream = TcpStream::connect(addr).await.unwrap();
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
-    );
+    let req = format!("{method} {path} HTTP/1.1\r\nhost: localhost\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
     stream.write_all(req.as_bytes()).await.unwrap();
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await.unwrap();
     let raw = String::from_utf8(raw).unwrap();
     let (head, body) = raw.split_once("\r\n\r\n").unwrap();
     let mut lines = head.lines();
-    let status = lines
-        .next()
-        .unwrap()
-        .split(' ')
-        .nth(1)
-        .unwrap()
-        .parse()
-        .unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(": "))
-        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_string()))
-        .collect();
-    Response {
-        status,
-        headers,
-        body: body.to_string(),
-    }
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers =
+        lines.filter_map(|l| l.split_once(": ")).map(|(k, v)| (k.to_ascii_lowercase(), v.to_string())).collect();
+    Response { status, headers, body: body.to_string() }
 }
 
 async fn start_admin(state: Arc<FakeState>) -> (SocketAddr, oneshot::Sender<()>, JoinHandle<()>) {
@@ -141,10 +126,7 @@ async fn admin_stops_accepting_after_shutdown() {
     let (addr, stop, task) = start_admin(Arc::new(FakeState::default())).await;
     assert_eq!(request(addr, "GET", "/clusters").await.status, 200);
     stop.send(()).unwrap();
-    tokio::time::timeout(Duration::from_secs(5), task)
-        .await
-        .expect("serve_admin returned")
-        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), task).await.expect("serve_admin returned").unwrap();
     assert!(TcpStream::connect(addr).await.is_err());
 }
 
@@ -168,24 +150,15 @@ async fn metrics_server_serves_prometheus_text_and_readiness() {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(serve_metrics(
-        listener,
-        metrics,
-        Arc::new(move || probe.load(Ordering::SeqCst)),
-        async {
-            let _ = stopped.await;
-        },
-    ));
+    tokio::spawn(serve_metrics(listener, metrics, Arc::new(move || probe.load(Ordering::SeqCst)), async {
+        let _ = stopped.await;
+    }));
 
     let r = request(addr, "GET", "/stats/prometheus").await;
     assert_eq!(r.status, 200);
     assert_eq!(r.headers["content-type"], TEXT_CONTENT_TYPE);
     assert!(r.headers["content-type"].starts_with("text/plain; version=0.0.4"));
-    let line = r
-        .body
-        .lines()
-        .find(|l| l.starts_with("istio_requests_total{"))
-        .expect("request counter served");
+    let line = r.body.lines().find(|l| l.starts_with("istio_requests_total{")).expect("request counter served");
     assert!(line.contains("response_code=\"404\"") && line.contains("response_flags=\"NR\""));
     assert!(line.ends_with(" 1"), "{line}");
 
@@ -202,11 +175,7 @@ fn find_tool(name: &str) -> Option<std::path::PathBuf> {
     if local.is_file() {
         return Some(local);
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join(name))
-            .find(|p| p.is_file())
-    })
+    std::env::var_os("PATH").and_then(|paths| std::env::split_paths(&paths).map(|d| d.join(name)).find(|p| p.is_file()))
 }
 
 /// GET over hyper's HTTP/1 client (handles chunked bodies), returning the JSON body of a
@@ -214,14 +183,9 @@ fn find_tool(name: &str) -> Option<std::path::PathBuf> {
 async fn get_json(addr: &str, path: &str) -> Option<serde_json::Value> {
     use http_body_util::{BodyExt, Empty};
     let stream = TcpStream::connect(addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
     tokio::spawn(conn);
-    let req = Request::get(path)
-        .header(header::HOST, addr)
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+    let req = Request::get(path).header(header::HOST, addr).body(Empty::<Bytes>::new()).unwrap();
     let resp = sender.send_request(req).await.unwrap();
     if resp.status() != StatusCode::OK {
         return None;
@@ -274,10 +238,7 @@ async fn real_prometheus_scrapes_the_metrics_endpoint() {
     .unwrap();
     let mut child = tokio::process::Command::new(prometheus)
         .arg(format!("--config.file={}", config.display()))
-        .arg(format!(
-            "--storage.tsdb.path={}",
-            dir.path().join("data").display()
-        ))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
         .arg("--web.listen-address=127.0.0.1:0")
         .stderr(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -307,23 +268,15 @@ async fn real_prometheus_scrapes_the_metrics_endpoint() {
         let up = get_json(&api, "/api/v1/query?query=up").await;
         let series = get_json(&api, "/api/v1/query?query=istio_requests_total").await;
         if let (Some(up), Some(series)) = (up, series) {
-            let scraped = up["data"]["result"]
-                .as_array()
-                .is_some_and(|r| !r.is_empty());
+            let scraped = up["data"]["result"].as_array().is_some_and(|r| !r.is_empty());
             if scraped || tokio::time::Instant::now() > deadline {
                 break (up, series);
             }
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "Prometheus API never answered"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "Prometheus API never answered");
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
-    assert_eq!(
-        up["data"]["result"][0]["value"][1], "1",
-        "scrape failed: {up}"
-    );
+    assert_eq!(up["data"]["result"][0]["value"][1], "1", "scrape failed: {up}");
     let sample = &series["data"]["result"][0];
     assert_eq!(sample["value"][1], "1", "{series}");
     assert_eq!(sample["metric"]["destination_service_name"], "reviews");

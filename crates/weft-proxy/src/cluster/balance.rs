@@ -67,11 +67,7 @@ impl Balancer {
     }
 
     /// Picks an endpoint index; see [`crate::cluster::Cluster::pick`].
-    pub(crate) fn pick(
-        &self,
-        endpoints: &[Arc<Endpoint>],
-        exclude: &[SocketAddr],
-    ) -> Option<usize> {
+    pub(crate) fn pick(&self, endpoints: &[Arc<Endpoint>], exclude: &[SocketAddr]) -> Option<usize> {
         let excluded = |i: usize| exclude.contains(&endpoints[i].addr);
         if !exclude.is_empty() {
             if let Some(group) = self.group(|g| g.members.iter().any(|&i| !excluded(i))) {
@@ -95,10 +91,7 @@ impl Balancer {
 
 impl Group {
     fn new(members: Vec<usize>, endpoints: &[Arc<Endpoint>]) -> Self {
-        let weights: Vec<u64> = members
-            .iter()
-            .map(|&i| u64::from(endpoints[i].weight.max(1)))
-            .collect();
+        let weights: Vec<u64> = members.iter().map(|&i| u64::from(endpoints[i].weight.max(1))).collect();
         let mut sum = 0;
         let cumulative = weights
             .iter()
@@ -107,31 +100,15 @@ impl Group {
                 sum
             })
             .collect();
-        let start = if members.is_empty() {
-            0
-        } else {
-            rand::rng().random_range(0..members.len().max(1) * 64)
-        };
-        Group {
-            rr_sequence: smooth_sequence(&weights),
-            members,
-            cumulative,
-            rr_next: AtomicUsize::new(start),
-        }
+        let start = if members.is_empty() { 0 } else { rand::rng().random_range(0..members.len().max(1) * 64) };
+        Group { rr_sequence: smooth_sequence(&weights), members, cumulative, rr_next: AtomicUsize::new(start) }
     }
 
-    fn pick(
-        &self,
-        policy: LbPolicy,
-        endpoints: &[Arc<Endpoint>],
-        excluded: &dyn Fn(usize) -> bool,
-    ) -> Option<usize> {
+    fn pick(&self, policy: LbPolicy, endpoints: &[Arc<Endpoint>], excluded: &dyn Fn(usize) -> bool) -> Option<usize> {
         match policy {
             LbPolicy::RoundRobin => self.round_robin(excluded),
             LbPolicy::Random => self.weighted_random(endpoints, excluded, None),
-            LbPolicy::LeastRequest => {
-                self.p2c(endpoints, excluded, |ep| ep.load.in_flight() as f64)
-            }
+            LbPolicy::LeastRequest => self.p2c(endpoints, excluded, |ep| ep.load.in_flight() as f64),
             LbPolicy::PeakEwma => self.p2c(endpoints, excluded, |ep| ep.load.cost()),
         }
     }
@@ -157,12 +134,8 @@ impl Group {
     ) -> Option<usize> {
         let mut rng = rand::rng();
         let skip = |i: usize| excluded(i) || also_skip == Some(i);
-        let total: u64 = self
-            .members
-            .iter()
-            .filter(|&&i| !skip(i))
-            .map(|&i| u64::from(endpoints[i].weight.max(1)))
-            .sum();
+        let total: u64 =
+            self.members.iter().filter(|&&i| !skip(i)).map(|&i| u64::from(endpoints[i].weight.max(1))).sum();
         if total == 0 {
             return None;
         }
@@ -234,10 +207,7 @@ fn smooth_sequence(weights: &[u64]) -> Vec<usize> {
 /// nginx: every step each member gains its weight, the richest is picked and pays the total.
 fn nginx_sequence(w: &[u64], total: u64) -> Vec<usize> {
     let signed_total = i64::try_from(total).unwrap_or(i64::MAX);
-    let weights: Vec<i64> = w
-        .iter()
-        .map(|&x| i64::try_from(x).unwrap_or(i64::MAX))
-        .collect();
+    let weights: Vec<i64> = w.iter().map(|&x| i64::try_from(x).unwrap_or(i64::MAX)).collect();
     let mut current = vec![0i64; w.len()];
     let mut seq = Vec::with_capacity(total as usize);
     for _ in 0..total {
@@ -270,28 +240,16 @@ fn edf_sequence(w: &[u64], total: u64) -> Vec<usize> {
     impl Ord for Slot {
         // Min-heap on (deadline, index).
         fn cmp(&self, other: &Self) -> CmpOrdering {
-            other
-                .deadline
-                .total_cmp(&self.deadline)
-                .then(other.index.cmp(&self.index))
+            other.deadline.total_cmp(&self.deadline).then(other.index.cmp(&self.index))
         }
     }
-    let mut heap: BinaryHeap<Slot> = w
-        .iter()
-        .enumerate()
-        .map(|(index, &x)| Slot {
-            deadline: 0.5 / x as f64,
-            index,
-        })
-        .collect();
+    let mut heap: BinaryHeap<Slot> =
+        w.iter().enumerate().map(|(index, &x)| Slot { deadline: 0.5 / x as f64, index }).collect();
     let mut seq = Vec::with_capacity(total as usize);
     while (seq.len() as u64) < total {
         let Some(slot) = heap.pop() else { break };
         seq.push(slot.index);
-        heap.push(Slot {
-            deadline: slot.deadline + 1.0 / w[slot.index] as f64,
-            index: slot.index,
-        });
+        heap.push(Slot { deadline: slot.deadline + 1.0 / w[slot.index] as f64, index: slot.index });
     }
     seq
 }
@@ -330,10 +288,7 @@ mod tests {
     fn big_groups_use_edf_with_exact_counts() {
         let weights: Vec<u64> = (0..2100).map(|i| 1 + (i % 3)).collect();
         let total: u64 = weights.iter().sum();
-        assert!(
-            total * weights.len() as u64 > MAX_SWRR_WORK,
-            "exercises EDF"
-        );
+        assert!(total * weights.len() as u64 > MAX_SWRR_WORK, "exercises EDF");
         let seq = smooth_sequence(&weights);
         assert_eq!(counts(&seq, weights.len()), weights);
     }

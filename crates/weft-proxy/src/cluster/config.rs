@@ -20,8 +20,8 @@ use envoy_types::pb::envoy::config::cluster::v3::Cluster as XdsCluster;
 use envoy_types::pb::envoy::config::core::v3::{Metadata, RoutingPriority};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::{
-    least_request::v3::LeastRequest, maglev::v3::Maglev, random::v3::Random,
-    ring_hash::v3::RingHash, round_robin::v3::RoundRobin,
+    least_request::v3::LeastRequest, maglev::v3::Maglev, random::v3::Random, ring_hash::v3::RingHash,
+    round_robin::v3::RoundRobin,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
     explicit_http_config::ProtocolConfig, UpstreamProtocolOptions,
@@ -34,8 +34,7 @@ use crate::cluster::endpoints::decode_assignment;
 use crate::error::ConfigError;
 
 /// The key of the upstream HTTP options in `typed_extension_protocol_options`.
-pub const HTTP_PROTOCOL_OPTIONS_KEY: &str =
-    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+pub const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// Envoy's default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -119,12 +118,7 @@ pub struct ClusterConfig {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits {
-            max_connections: 1024,
-            max_pending_requests: 1024,
-            max_requests: 1024,
-            max_retries: 3,
-        }
+        Limits { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
     }
 }
 
@@ -142,10 +136,7 @@ impl ClusterConfig {
                 if d.seconds < 0 || d.nanos < 0 || d.nanos >= 1_000_000_000 {
                     return Err(err(
                         "connect_timeout",
-                        format!(
-                            "expected a positive duration, got {}s {}ns",
-                            d.seconds, d.nanos
-                        ),
+                        format!("expected a positive duration, got {}s {}ns", d.seconds, d.nanos),
                     ));
                 }
                 // Non-negative checked above.
@@ -154,12 +145,10 @@ impl ClusterConfig {
         };
         let static_endpoints = match discovery {
             Discovery::Static | Discovery::StrictDns | Discovery::LogicalDns => {
-                let cla = c.load_assignment.clone().ok_or_else(|| {
-                    err(
-                        "load_assignment",
-                        "STATIC and DNS clusters need a load_assignment".into(),
-                    )
-                })?;
+                let cla = c
+                    .load_assignment
+                    .clone()
+                    .ok_or_else(|| err("load_assignment", "STATIC and DNS clusters need a load_assignment".into()))?;
                 let hostnames = discovery != Discovery::Static;
                 decode_assignment(&c.name, "load_assignment", &cla, hostnames)?;
                 Some(cla)
@@ -182,9 +171,8 @@ impl ClusterConfig {
 fn discovery(c: &XdsCluster) -> Result<Discovery, ConfigError> {
     let ty = match &c.cluster_discovery_type {
         None => DiscoveryType::Static,
-        Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(*t).map_err(|_| {
-            ConfigError::new(&c.name, "type", format!("unknown discovery type {t}"))
-        })?,
+        Some(ClusterDiscoveryType::Type(t)) => DiscoveryType::try_from(*t)
+            .map_err(|_| ConfigError::new(&c.name, "type", format!("unknown discovery type {t}")))?,
         Some(ClusterDiscoveryType::ClusterType(ct)) => {
             return Err(ConfigError::new(
                 &c.name,
@@ -222,9 +210,7 @@ fn lb_policy(c: &XdsCluster) -> Result<LbPolicy, ConfigError> {
             let Some(any) = &tc.typed_config else {
                 return Err(ConfigError::new(
                     &c.name,
-                    format!(
-                        "load_balancing_policy.policies[{i}].typed_extension_config.typed_config"
-                    ),
+                    format!("load_balancing_policy.policies[{i}].typed_extension_config.typed_config"),
                     "missing typed_config",
                 ));
             };
@@ -246,9 +232,7 @@ fn lb_policy(c: &XdsCluster) -> Result<LbPolicy, ConfigError> {
         ));
     }
     match EnvoyLbPolicy::try_from(c.lb_policy) {
-        Ok(EnvoyLbPolicy::RoundRobin) | Ok(EnvoyLbPolicy::ClusterProvided) => {
-            Ok(LbPolicy::RoundRobin)
-        }
+        Ok(EnvoyLbPolicy::RoundRobin) | Ok(EnvoyLbPolicy::ClusterProvided) => Ok(LbPolicy::RoundRobin),
         Ok(EnvoyLbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
         Ok(EnvoyLbPolicy::Random) => Ok(LbPolicy::Random),
         Ok(EnvoyLbPolicy::RingHash) | Ok(EnvoyLbPolicy::Maglev) => Ok(LbPolicy::PeakEwma),
@@ -257,21 +241,14 @@ fn lb_policy(c: &XdsCluster) -> Result<LbPolicy, ConfigError> {
             "load_balancing_policy",
             "lb_policy LOAD_BALANCING_POLICY_CONFIG needs load_balancing_policy",
         )),
-        Err(_) => Err(ConfigError::new(
-            &c.name,
-            "lb_policy",
-            format!("unknown lb_policy {}", c.lb_policy),
-        )),
+        Err(_) => Err(ConfigError::new(&c.name, "lb_policy", format!("unknown lb_policy {}", c.lb_policy))),
     }
 }
 
 fn weft_lb_policy(c: &XdsCluster) -> Result<Option<LbPolicy>, ConfigError> {
     let field = "metadata.filter_metadata.weft.lb_policy";
-    let Some(value) = c
-        .metadata
-        .as_ref()
-        .and_then(|m| m.filter_metadata.get("weft"))
-        .and_then(|s| s.fields.get("lb_policy"))
+    let Some(value) =
+        c.metadata.as_ref().and_then(|m| m.filter_metadata.get("weft")).and_then(|s| s.fields.get("lb_policy"))
     else {
         return Ok(None);
     };
@@ -292,20 +269,13 @@ fn weft_lb_policy(c: &XdsCluster) -> Result<Option<LbPolicy>, ConfigError> {
 }
 
 fn protocol(c: &XdsCluster) -> Result<UpstreamProtocol, ConfigError> {
-    if let Some(any) = c
-        .typed_extension_protocol_options
-        .get(HTTP_PROTOCOL_OPTIONS_KEY)
-    {
+    if let Some(any) = c.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS_KEY) {
         let field = format!("typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS_KEY}]");
         if any.type_url != HttpProtocolOptions::type_url() {
             return Err(ConfigError::new(
                 &c.name,
                 field,
-                format!(
-                    "expected {}, got {}",
-                    HttpProtocolOptions::type_url(),
-                    any.type_url
-                ),
+                format!("expected {}, got {}", HttpProtocolOptions::type_url(), any.type_url),
             ));
         }
         let opts = HttpProtocolOptions::decode(any.value.as_slice())
@@ -321,9 +291,7 @@ fn protocol(c: &XdsCluster) -> Result<UpstreamProtocol, ConfigError> {
                     "HTTP/3 upstreams are not supported",
                 )),
             },
-            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => {
-                Ok(UpstreamProtocol::UseDownstream)
-            }
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_)) => Ok(UpstreamProtocol::UseDownstream),
             // Without TLS there is no ALPN: auto config speaks HTTP/1.1, as Envoy does.
             Some(UpstreamProtocolOptions::AutoConfig(_)) => Ok(UpstreamProtocol::Http1),
         };
@@ -341,11 +309,11 @@ fn protocol(c: &XdsCluster) -> Result<UpstreamProtocol, ConfigError> {
 
 fn limits(c: &XdsCluster) -> Limits {
     let mut l = Limits::default();
-    let Some(t) = c.circuit_breakers.as_ref().and_then(|cb| {
-        cb.thresholds
-            .iter()
-            .find(|t| t.priority == RoutingPriority::Default as i32)
-    }) else {
+    let Some(t) = c
+        .circuit_breakers
+        .as_ref()
+        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == RoutingPriority::Default as i32))
+    else {
         return l;
     };
     if let Some(v) = &t.max_connections {

@@ -63,9 +63,7 @@ impl Health {
         match HealthStatus::try_from(status) {
             Ok(HealthStatus::Healthy) | Ok(HealthStatus::Unknown) => Health::Healthy,
             Ok(HealthStatus::Degraded) => Health::Degraded,
-            Ok(HealthStatus::Unhealthy)
-            | Ok(HealthStatus::Draining)
-            | Ok(HealthStatus::Timeout) => Health::Unhealthy,
+            Ok(HealthStatus::Unhealthy) | Ok(HealthStatus::Draining) | Ok(HealthStatus::Timeout) => Health::Unhealthy,
             Err(_) => Health::Unhealthy,
         }
     }
@@ -83,13 +81,7 @@ pub(crate) fn decode_assignment(
     for (i, locality) in cla.endpoints.iter().enumerate() {
         for (j, lb) in locality.lb_endpoints.iter().enumerate() {
             let path = format!("{field}.endpoints[{i}].lb_endpoints[{j}]");
-            out.push(decode_endpoint(
-                cluster,
-                &path,
-                locality.priority,
-                lb,
-                hostnames,
-            )?);
+            out.push(decode_endpoint(cluster, &path, locality.priority, lb, hostnames)?);
         }
     }
     Ok(out)
@@ -106,10 +98,7 @@ fn decode_endpoint(
     let endpoint = match &lb.host_identifier {
         Some(HostIdentifier::Endpoint(e)) => e,
         Some(HostIdentifier::EndpointName(n)) => {
-            return Err(err(
-                "endpoint_name",
-                format!("named endpoints are not supported ({n:?})"),
-            ))
+            return Err(err("endpoint_name", format!("named endpoints are not supported ({n:?})")))
         }
         None => return Err(err("endpoint", "missing endpoint".into())),
     };
@@ -124,24 +113,15 @@ fn decode_endpoint(
         None => return Err(err("endpoint.address", "missing address".into())),
     };
     let port = match &sa.port_specifier {
-        Some(PortSpecifier::PortValue(p)) => u16::try_from(*p).map_err(|_| {
-            err(
-                "endpoint.address.socket_address.port_value",
-                format!("port {p} is out of range"),
-            )
-        })?,
+        Some(PortSpecifier::PortValue(p)) => u16::try_from(*p)
+            .map_err(|_| err("endpoint.address.socket_address.port_value", format!("port {p} is out of range")))?,
         Some(PortSpecifier::NamedPort(n)) => {
             return Err(err(
                 "endpoint.address.socket_address.named_port",
                 format!("named ports are not supported ({n:?})"),
             ))
         }
-        None => {
-            return Err(err(
-                "endpoint.address.socket_address.port_value",
-                "missing port".into(),
-            ))
-        }
+        None => return Err(err("endpoint.address.socket_address.port_value", "missing port".into())),
     };
     let addr = match sa.address.parse::<IpAddr>() {
         Ok(ip) => HostAddr::Ip(SocketAddr::new(ip, port)),
@@ -149,10 +129,7 @@ fn decode_endpoint(
         Err(_) if !hostnames => {
             return Err(err(
                 "endpoint.address.socket_address.address",
-                format!(
-                    "expected an IP address, got {:?} (hostnames need STRICT_DNS or LOGICAL_DNS)",
-                    sa.address
-                ),
+                format!("expected an IP address, got {:?} (hostnames need STRICT_DNS or LOGICAL_DNS)", sa.address),
             ))
         }
         Err(_) => {
@@ -164,10 +141,7 @@ fn decode_endpoint(
     };
     let weight = lb.load_balancing_weight.as_ref().map_or(1, |w| w.value);
     if weight == 0 {
-        return Err(err(
-            "load_balancing_weight",
-            "weight must be at least 1".into(),
-        ));
+        return Err(err("load_balancing_weight", "weight must be at least 1".into()));
     }
     Ok(RawEndpoint {
         priority,

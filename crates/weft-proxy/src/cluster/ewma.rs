@@ -83,10 +83,7 @@ impl EndpointLoad {
     /// Starts a request: counts it in flight until the guard is finished or dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            load: Arc::clone(self),
-            started: Instant::now(),
-        }
+        InFlight { load: Arc::clone(self), started: Instant::now() }
     }
 
     /// Requests currently in flight.
@@ -118,17 +115,11 @@ impl EndpointLoad {
             decay_weight(now.saturating_sub(last))
         };
         // A racing update may be lost; the estimate stays a valid blend either way.
-        let _ = self
-            .ewma_ns
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
-                let old = f64::from_bits(bits);
-                let new = if rtt_ns > old {
-                    rtt_ns
-                } else {
-                    old * w + rtt_ns * (1.0 - w)
-                };
-                Some(new.to_bits())
-            });
+        let _ = self.ewma_ns.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            let old = f64::from_bits(bits);
+            let new = if rtt_ns > old { rtt_ns } else { old * w + rtt_ns * (1.0 - w) };
+            Some(new.to_bits())
+        });
     }
 
     fn decayed_ns(&self, now: u64) -> f64 {
@@ -179,13 +170,9 @@ impl ClusterLoad {
     /// answers with `Overflow`).
     pub fn try_start(self: &Arc<Self>, max: u32) -> Option<RequestPermit> {
         self.requests
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
             .ok()
-            .map(|_| RequestPermit {
-                load: Arc::clone(self),
-            })
+            .map(|_| RequestPermit { load: Arc::clone(self) })
     }
 
     /// Requests outstanding.
@@ -226,9 +213,7 @@ impl LoadRegistry {
             return load;
         }
         let load = Arc::new(ClusterLoad::default());
-        inner
-            .clusters
-            .insert(cluster.to_string(), Arc::downgrade(&load));
+        inner.clusters.insert(cluster.to_string(), Arc::downgrade(&load));
         inner.maybe_prune();
         load
     }

@@ -24,9 +24,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Locali
 pub use config::{ClusterConfig, Discovery, LbPolicy, Limits, UpstreamProtocol};
 pub use endpoints::{Endpoint, Health};
 pub use ewma::{ClusterLoad, EndpointLoad, InFlight, LoadRegistry, RequestPermit};
-pub use pool::{
-    BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamStream,
-};
+pub use pool::{BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamStream};
 
 use crate::cluster::balance::Balancer;
 use crate::cluster::endpoints::{decode_assignment, HostAddr};
@@ -58,10 +56,7 @@ impl Cluster {
             Discovery::Eds { .. } => cla,
             _ => cla.or(config.static_endpoints.as_ref()),
         };
-        let dns = matches!(
-            config.discovery,
-            Discovery::StrictDns | Discovery::LogicalDns
-        );
+        let dns = matches!(config.discovery, Discovery::StrictDns | Discovery::LogicalDns);
         let raw = match assignment {
             Some(cla) => decode_assignment(&config.name, "load_assignment", cla, dns)?,
             None => Vec::new(),
@@ -75,9 +70,7 @@ impl Cluster {
                     return Err(ConfigError::new(
                         &config.name,
                         "load_assignment",
-                        format!(
-                        "hostname {host:?} is not resolved; pass the assignment from resolve_dns"
-                    ),
+                        format!("hostname {host:?} is not resolved; pass the assignment from resolve_dns"),
                     ))
                 }
             };
@@ -129,9 +122,7 @@ impl Cluster {
 /// address a name resolves to, LOGICAL_DNS the first. Resolution happens once per
 /// call: weft does not re-resolve on `dns_refresh_rate` yet, the caller calls this
 /// again when it rebuilds the cluster. Returns None for other discovery types.
-pub async fn resolve_dns(
-    config: &ClusterConfig,
-) -> Result<Option<ClusterLoadAssignment>, ConfigError> {
+pub async fn resolve_dns(config: &ClusterConfig) -> Result<Option<ClusterLoadAssignment>, ConfigError> {
     let strict = match config.discovery {
         Discovery::StrictDns => true,
         Discovery::LogicalDns => false,
@@ -145,14 +136,8 @@ pub async fn resolve_dns(
         let mut resolved = Vec::new();
         for (j, lb) in locality.lb_endpoints.iter().enumerate() {
             let field = format!("load_assignment.endpoints[{i}].lb_endpoints[{j}]");
-            let single = LocalityLbEndpoints {
-                lb_endpoints: vec![lb.clone()],
-                ..Default::default()
-            };
-            let probe = ClusterLoadAssignment {
-                endpoints: vec![single],
-                ..Default::default()
-            };
+            let single = LocalityLbEndpoints { lb_endpoints: vec![lb.clone()], ..Default::default() };
+            let probe = ClusterLoadAssignment { endpoints: vec![single], ..Default::default() };
             let raw = decode_assignment(&config.name, &field, &probe, true)?;
             let addrs: Vec<SocketAddr> = match raw.first().map(|r| &r.addr) {
                 Some(HostAddr::Ip(a)) => vec![*a],
@@ -186,10 +171,7 @@ pub async fn resolve_dns(
     Ok(Some(out))
 }
 
-fn set_address(
-    lb: &mut envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint,
-    addr: SocketAddr,
-) {
+fn set_address(lb: &mut envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint, addr: SocketAddr) {
     let address = Address {
         address: Some(AddressKind::SocketAddress(SocketAddress {
             address: addr.ip().to_string(),

@@ -40,10 +40,7 @@ use crate::cluster::endpoints::Endpoint;
 use crate::error::{ErrorKind, ProxyError};
 
 /// The request body type the pools send.
-pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<
-    bytes::Bytes,
-    Box<dyn std::error::Error + Send + Sync>,
->;
+pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
 
 /// Pool settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,20 +127,13 @@ struct H2Conn {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig {
-            idle_timeout: Duration::from_secs(60),
-            max_idle_per_endpoint: 64,
-        }
+        PoolConfig { idle_timeout: Duration::from_secs(60), max_idle_per_endpoint: 64 }
     }
 }
 
 impl Connector {
     /// Connects to `addr` within `timeout`.
-    pub async fn connect(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-    ) -> Result<UpstreamStream, ProxyError> {
+    pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<UpstreamStream, ProxyError> {
         match self {
             Connector::Plain => connect_tcp(addr, timeout).await.map(UpstreamStream::Plain),
         }
@@ -159,11 +149,7 @@ impl Pools {
 
     /// Empty pools that connect with `connector`.
     pub fn with_connector(cfg: PoolConfig, connector: Connector) -> Self {
-        let inner = Arc::new(Inner {
-            cfg,
-            connector,
-            endpoints: ArcSwap::from_pointee(HashMap::new()),
-        });
+        let inner = Arc::new(Inner { cfg, connector, endpoints: ArcSwap::from_pointee(HashMap::new()) });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(reap_idle(Arc::downgrade(&inner)));
         }
@@ -200,11 +186,7 @@ impl Pools {
     }
 
     /// Plain TCP connect with timeout (tcp_proxy, CONNECT, upgrades).
-    pub async fn connect_tcp(
-        &self,
-        addr: SocketAddr,
-        timeout: Duration,
-    ) -> Result<TcpStream, ProxyError> {
+    pub async fn connect_tcp(&self, addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
         connect_tcp(addr, timeout).await
     }
 
@@ -280,9 +262,7 @@ impl Pools {
         timeout: Duration,
     ) -> Result<http1::SendRequest<BoxBody>, ProxyError> {
         let io = self.inner.connector.connect(addr, timeout).await?;
-        let (tx, conn) = http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| map_hyper_error(addr, &e, true))?;
+        let (tx, conn) = http1::handshake(TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
         let open = Arc::clone(&pool.http1_open);
         open.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(async move {
@@ -299,10 +279,7 @@ impl Pools {
         let mut conns = pool.h1.lock().await;
         conns.retain(|c| !c.tx.is_closed());
         if conns.len() < self.inner.cfg.max_idle_per_endpoint {
-            conns.push_back(H1Conn {
-                tx,
-                since: Instant::now(),
-            });
+            conns.push_back(H1Conn { tx, since: Instant::now() });
         }
         pool.http1_pooled.store(conns.len(), Ordering::Relaxed);
     }
@@ -328,9 +305,7 @@ impl Pools {
         // The shared connection died before taking the request: replace it once.
         pool.drop_h2_if_closed().await;
         let (mut tx, _) = self.h2_sender(pool, addr, timeout).await?;
-        tx.try_send_request(req)
-            .await
-            .map_err(|e| map_hyper_error(addr, e.error(), e.message().is_some()))
+        tx.try_send_request(req).await.map_err(|e| map_hyper_error(addr, e.error(), e.message().is_some()))
     }
 
     /// The endpoint's live HTTP/2 connection, or a new one; true when reused.
@@ -359,10 +334,7 @@ impl Pools {
             }
             open.fetch_sub(1, Ordering::Relaxed);
         });
-        *slot = Some(H2Conn {
-            tx: tx.clone(),
-            last_used: Instant::now(),
-        });
+        *slot = Some(H2Conn { tx: tx.clone(), last_used: Instant::now() });
         Ok((tx, false))
     }
 }
@@ -394,10 +366,7 @@ impl EndpointPool {
         }
         {
             let mut slot = self.h2.lock().await;
-            if slot
-                .as_ref()
-                .is_some_and(|c| c.tx.is_closed() || c.last_used.elapsed() >= idle_timeout)
-            {
+            if slot.as_ref().is_some_and(|c| c.tx.is_closed() || c.last_used.elapsed() >= idle_timeout) {
                 *slot = None;
             }
         }
@@ -414,11 +383,7 @@ impl H1Conn {
 }
 
 impl AsyncRead for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
         }
@@ -426,11 +391,7 @@ impl AsyncRead for UpstreamStream {
 }
 
 impl AsyncWrite for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
         }
@@ -503,11 +464,7 @@ pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            return Err(ProxyError::new(
-                ErrorKind::ConnectFailure,
-                format!("connect to {addr}: {e}"),
-            )
-            .not_sent())
+            return Err(ProxyError::new(ErrorKind::ConnectFailure, format!("connect to {addr}: {e}")).not_sent())
         }
         Err(_) => {
             return Err(ProxyError::new(
@@ -527,17 +484,12 @@ pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
 fn origin_form(mut req: Request<BoxBody>) -> Result<Request<BoxBody>, ProxyError> {
     if !req.headers().contains_key(header::HOST) {
         if let Some(auth) = req.uri().authority() {
-            let value = header::HeaderValue::from_str(auth.as_str()).map_err(|e| {
-                ProxyError::new(ErrorKind::DownstreamProtocol, format!("bad authority: {e}"))
-            })?;
+            let value = header::HeaderValue::from_str(auth.as_str())
+                .map_err(|e| ProxyError::new(ErrorKind::DownstreamProtocol, format!("bad authority: {e}")))?;
             req.headers_mut().insert(header::HOST, value);
         }
     }
-    let pq = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     *req.uri_mut() = Uri::from(pq);
     *req.version_mut() = Version::HTTP_11;
     Ok(req)
@@ -545,33 +497,20 @@ fn origin_form(mut req: Request<BoxBody>) -> Result<Request<BoxBody>, ProxyError
 
 /// HTTP/2 wants scheme and authority: from the URI, else the Host header, else the
 /// endpoint address.
-fn absolute_form(
-    mut req: Request<BoxBody>,
-    addr: SocketAddr,
-) -> Result<Request<BoxBody>, ProxyError> {
+fn absolute_form(mut req: Request<BoxBody>, addr: SocketAddr) -> Result<Request<BoxBody>, ProxyError> {
     let bad = |e: String| ProxyError::new(ErrorKind::DownstreamProtocol, e);
     let authority = match req.uri().authority() {
         Some(a) => a.clone(),
         None => match req.headers().get(header::HOST) {
             Some(h) => {
-                let s = h
-                    .to_str()
-                    .map_err(|e| bad(format!("bad Host header: {e}")))?;
-                s.parse::<Authority>()
-                    .map_err(|e| bad(format!("bad Host header {s:?}: {e}")))?
+                let s = h.to_str().map_err(|e| bad(format!("bad Host header: {e}")))?;
+                s.parse::<Authority>().map_err(|e| bad(format!("bad Host header {s:?}: {e}")))?
             }
-            None => addr
-                .to_string()
-                .parse::<Authority>()
-                .map_err(|e| bad(format!("bad endpoint authority: {e}")))?,
+            None => addr.to_string().parse::<Authority>().map_err(|e| bad(format!("bad endpoint authority: {e}")))?,
         },
     };
     let scheme = req.uri().scheme().cloned().unwrap_or(Scheme::HTTP);
-    let pq = req
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     *req.uri_mut() = Uri::builder()
         .scheme(scheme)
         .authority(authority)
@@ -590,13 +529,11 @@ fn map_hyper_error(addr: SocketAddr, e: &hyper::Error, not_sent: bool) -> ProxyE
     while let Some(s) = source {
         if let Some(h2e) = s.downcast_ref::<h2::Error>() {
             if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                return ProxyError::new(ErrorKind::RefusedStream, format!("{addr}: {e}"))
-                    .not_sent();
+                return ProxyError::new(ErrorKind::RefusedStream, format!("{addr}: {e}")).not_sent();
             }
             if h2e.is_go_away() && h2e.is_remote() {
                 // h2 fails only streams above GOAWAY's last-stream-id this way.
-                return ProxyError::new(ErrorKind::UpstreamReset, format!("{addr}: {e}"))
-                    .not_sent();
+                return ProxyError::new(ErrorKind::UpstreamReset, format!("{addr}: {e}")).not_sent();
             }
         }
         source = s.source();

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, CidrRange};
-use envoy_types::pb::envoy::config::listener::v3::{
-    filter, FilterChain, FilterChainMatch, Listener,
-};
+use envoy_types::pb::envoy::config::listener::v3::{filter, FilterChain, FilterChainMatch, Listener};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager,
 };
@@ -134,35 +132,24 @@ impl ListenerConfig {
     /// Compiles a listener. Errors name the listener and field.
     pub fn compile(l: &Listener) -> Result<ListenerConfig, ConfigError> {
         let name = l.name.clone();
-        let err =
-            |field: &str, msg: String| ConfigError::new(format!("listener {name:?}"), field, msg);
+        let err = |field: &str, msg: String| ConfigError::new(format!("listener {name:?}"), field, msg);
         if name.is_empty() {
-            return Err(ConfigError::new(
-                "listener",
-                "name",
-                "a listener needs a name",
-            ));
+            return Err(ConfigError::new("listener", "name", "a listener needs a name"));
         }
         let address = socket_addr(l.address.as_ref()).map_err(|m| err("address", m))?;
         let mut chains = Vec::with_capacity(l.filter_chains.len());
         for (i, fc) in l.filter_chains.iter().enumerate() {
-            let chain =
-                compile_chain(fc).map_err(|(f, m)| err(&format!("filter_chains[{i}].{f}"), m))?;
+            let chain = compile_chain(fc).map_err(|(f, m)| err(&format!("filter_chains[{i}].{f}"), m))?;
             chains.push(Arc::new(chain));
         }
         let default_chain = match &l.default_filter_chain {
             Some(fc) => {
-                Some(Arc::new(compile_chain(fc).map_err(|(f, m)| {
-                    err(&format!("default_filter_chain.{f}"), m)
-                })?))
+                Some(Arc::new(compile_chain(fc).map_err(|(f, m)| err(&format!("default_filter_chain.{f}"), m))?))
             }
             None => None,
         };
         if chains.is_empty() && default_chain.is_none() {
-            return Err(err(
-                "filter_chains",
-                "at least one filter chain (or default_filter_chain) is required".into(),
-            ));
+            return Err(err("filter_chains", "at least one filter chain (or default_filter_chain) is required".into()));
         }
         let needs_sniffing = chains.iter().any(|c| {
             !c.matcher.transport_protocol.is_empty()
@@ -178,32 +165,24 @@ impl ListenerConfig {
             name: name.clone(),
             address,
             bind: l.bind_to_port.as_ref().map(|b| b.value).unwrap_or(true),
-            use_original_dst: l
-                .use_original_dst
-                .as_ref()
-                .map(|b| b.value)
-                .unwrap_or(false),
+            use_original_dst: l.use_original_dst.as_ref().map(|b| b.value).unwrap_or(false),
             direction,
             chains,
             default_chain,
             needs_sniffing,
-            sniff_timeout: opt_duration(l.listener_filters_timeout.as_ref())
-                .unwrap_or(Duration::from_secs(15)),
+            sniff_timeout: opt_duration(l.listener_filters_timeout.as_ref()).unwrap_or(Duration::from_secs(15)),
         })
     }
 
     /// RDS route configuration names this listener needs.
     pub fn rds_names(&self) -> impl Iterator<Item = &str> {
-        self.chains
-            .iter()
-            .chain(self.default_chain.iter())
-            .filter_map(|c| match &c.kind {
-                ChainKind::Http(h) => match &h.routes {
-                    RouteSource::Rds(n) => Some(n.as_str()),
-                    RouteSource::Inline(_) => None,
-                },
-                ChainKind::Tcp(_) => None,
-            })
+        self.chains.iter().chain(self.default_chain.iter()).filter_map(|c| match &c.kind {
+            ChainKind::Http(h) => match &h.routes {
+                RouteSource::Rds(n) => Some(n.as_str()),
+                RouteSource::Inline(_) => None,
+            },
+            ChainKind::Tcp(_) => None,
+        })
     }
 
     /// Picks the filter chain for a connection, following Envoy's order of criteria:
@@ -216,18 +195,13 @@ impl ListenerConfig {
             Some(_) => None,
             None => Some(0),
         });
-        cands = narrow(cands, |m| {
-            best_prefix(&m.prefix_ranges, conn.destination.ip())
-        });
+        cands = narrow(cands, |m| best_prefix(&m.prefix_ranges, conn.destination.ip()));
         cands = narrow(cands, |m| {
             if m.server_names.is_empty() {
                 return Some(0);
             }
             let sni = conn.server_name.as_deref()?;
-            m.server_names
-                .iter()
-                .filter_map(|n| server_name_score(n, sni))
-                .max()
+            m.server_names.iter().filter_map(|n| server_name_score(n, sni)).max()
         });
         cands = narrow(cands, |m| match m.transport_protocol.as_str() {
             "" => Some(0),
@@ -237,19 +211,13 @@ impl ListenerConfig {
         cands = narrow(cands, |m| {
             if m.application_protocols.is_empty() {
                 Some(0)
-            } else if m
-                .application_protocols
-                .iter()
-                .any(|p| conn.application_protocols.iter().any(|c| c == p))
-            {
+            } else if m.application_protocols.iter().any(|p| conn.application_protocols.iter().any(|c| c == p)) {
                 Some(1)
             } else {
                 None
             }
         });
-        cands = narrow(cands, |m| {
-            best_prefix(&m.source_prefix_ranges, conn.source.ip())
-        });
+        cands = narrow(cands, |m| best_prefix(&m.source_prefix_ranges, conn.source.ip()));
         cands.into_iter().next().or(self.default_chain.as_ref())
     }
 }
@@ -269,20 +237,14 @@ pub struct ConnFacts {
     pub server_name: Option<String>,
 }
 
-fn narrow<'a>(
-    cands: Vec<&'a Arc<FilterChainConfig>>,
+fn narrow(
+    cands: Vec<&Arc<FilterChainConfig>>,
     score: impl Fn(&ChainMatch) -> Option<u32>,
-) -> Vec<&'a Arc<FilterChainConfig>> {
-    let scored: Vec<(u32, &Arc<FilterChainConfig>)> = cands
-        .into_iter()
-        .filter_map(|c| score(&c.matcher).map(|s| (s, c)))
-        .collect();
+) -> Vec<&Arc<FilterChainConfig>> {
+    let scored: Vec<(u32, &Arc<FilterChainConfig>)> =
+        cands.into_iter().filter_map(|c| score(&c.matcher).map(|s| (s, c))).collect();
     let best = scored.iter().map(|(s, _)| *s).max();
-    scored
-        .into_iter()
-        .filter(|(s, _)| Some(*s) == best)
-        .map(|(_, c)| c)
-        .collect()
+    scored.into_iter().filter(|(s, _)| Some(*s) == best).map(|(_, c)| c).collect()
 }
 
 /// 0 when no ranges (matches anything), 1 + prefix length of the longest matching range,
@@ -291,11 +253,7 @@ fn best_prefix(ranges: &[(IpAddr, u8)], ip: IpAddr) -> Option<u32> {
     if ranges.is_empty() {
         return Some(0);
     }
-    ranges
-        .iter()
-        .filter(|(net, len)| in_range(ip, *net, *len))
-        .map(|(_, len)| 1 + u32::from(*len))
-        .max()
+    ranges.iter().filter(|(net, len)| in_range(ip, *net, *len)).map(|(_, len)| 1 + u32::from(*len)).max()
 }
 
 /// True when `ip` lies in `net/len`.
@@ -308,11 +266,7 @@ pub fn in_range(ip: IpAddr, net: IpAddr, len: u8) -> bool {
         }
         (IpAddr::V6(a), IpAddr::V6(b)) => {
             let len = u32::from(len.min(128));
-            let mask = if len == 0 {
-                0
-            } else {
-                u128::MAX << (128 - len)
-            };
+            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
             (u128::from(a) & mask) == (u128::from(b) & mask)
         }
         (IpAddr::V4(a), IpAddr::V6(_)) => in_range(IpAddr::V6(a.to_ipv6_mapped()), net, len),
@@ -329,7 +283,7 @@ fn server_name_score(pattern: &str, sni: &str) -> Option<u32> {
     if pattern == sni {
         Some(u32::MAX)
     } else if let Some(suffix) = pattern.strip_prefix('*') {
-        sni.ends_with(suffix).then(|| suffix.len() as u32)
+        sni.ends_with(suffix).then_some(suffix.len() as u32)
     } else {
         None
     }
@@ -356,8 +310,7 @@ fn compile_chain(fc: &FilterChain) -> Result<FilterChainConfig, (String, String)
         if kind.is_some() {
             return Err((
                 field,
-                "a terminal filter (http_connection_manager / tcp_proxy) must be the last filter"
-                    .into(),
+                "a terminal filter (http_connection_manager / tcp_proxy) must be the last filter".into(),
             ));
         }
         if any.type_url == HttpConnectionManager::type_url() {
@@ -381,26 +334,17 @@ fn compile_chain(fc: &FilterChain) -> Result<FilterChainConfig, (String, String)
         }
     }
     let kind = kind.ok_or_else(|| {
-        (
-            "filters".to_string(),
-            "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string(),
-        )
+        ("filters".to_string(), "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string())
     })?;
-    Ok(FilterChainConfig {
-        name: fc.name.clone(),
-        matcher,
-        kind,
-    })
+    Ok(FilterChainConfig { name: fc.name.clone(), matcher, kind })
 }
 
 fn compile_match(m: &FilterChainMatch) -> Result<ChainMatch, (String, String)> {
     let destination_port = match &m.destination_port {
-        Some(p) => Some(u16::try_from(p.value).map_err(|_| {
-            (
-                "destination_port".to_string(),
-                format!("{} is not a port", p.value),
-            )
-        })?),
+        Some(p) => Some(
+            u16::try_from(p.value)
+                .map_err(|_| ("destination_port".to_string(), format!("{} is not a port", p.value)))?,
+        ),
         None => None,
     };
     let ranges = |rs: &[CidrRange], field: &str| -> Result<Vec<(IpAddr, u8)>, (String, String)> {
@@ -408,22 +352,12 @@ fn compile_match(m: &FilterChainMatch) -> Result<ChainMatch, (String, String)> {
             .enumerate()
             .map(|(i, r)| {
                 let ip: IpAddr = r.address_prefix.parse().map_err(|_| {
-                    (
-                        format!("{field}[{i}].address_prefix"),
-                        format!("{:?} is not an IP address", r.address_prefix),
-                    )
+                    (format!("{field}[{i}].address_prefix"), format!("{:?} is not an IP address", r.address_prefix))
                 })?;
-                let len = r
-                    .prefix_len
-                    .as_ref()
-                    .map(|l| l.value)
-                    .unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
+                let len = r.prefix_len.as_ref().map(|l| l.value).unwrap_or(if ip.is_ipv4() { 32 } else { 128 });
                 let max = if ip.is_ipv4() { 32 } else { 128 };
                 if len > max {
-                    return Err((
-                        format!("{field}[{i}].prefix_len"),
-                        format!("{len} exceeds {max}"),
-                    ));
+                    return Err((format!("{field}[{i}].prefix_len"), format!("{len} exceeds {max}")));
                 }
                 Ok((ip, len as u8))
             })
@@ -454,21 +388,12 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
             RouteSource::Rds(rds.route_config_name.clone())
         }
         Some(RouteSpecifier::RouteConfig(rc)) => RouteSource::Inline(Arc::new(
-            RouteTable::compile(rc)
-                .map_err(|e| (format!("route_config.{}", e.field), e.message))?,
+            RouteTable::compile(rc).map_err(|e| (format!("route_config.{}", e.field), e.message))?,
         )),
         Some(_) => {
-            return Err((
-                "route_specifier".into(),
-                "scoped routes are not supported; use rds or route_config".into(),
-            ))
+            return Err(("route_specifier".into(), "scoped routes are not supported; use rds or route_config".into()))
         }
-        None => {
-            return Err((
-                "route_specifier".into(),
-                "rds or route_config is required".into(),
-            ))
-        }
+        None => return Err(("route_specifier".into(), "rds or route_config is required".into())),
     };
     let mut fault = None;
     for (i, f) in h.http_filters.iter().enumerate() {
@@ -479,23 +404,14 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         let any = match &f.config_type {
             Some(http_filter::ConfigType::TypedConfig(any)) => any,
             _ if f.name == "envoy.filters.http.router" => continue,
-            _ => {
-                return Err((
-                    field,
-                    format!("http filter {:?} needs a typed_config", f.name),
-                ))
-            }
+            _ => return Err((field, format!("http filter {:?} needs a typed_config", f.name))),
         };
         if any.type_url == "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault" {
-            fault =
-                Some(FaultPolicy::from_any(any).map_err(|m| (format!("{field}.typed_config"), m))?);
+            fault = Some(FaultPolicy::from_any(any).map_err(|m| (format!("{field}.typed_config"), m))?);
         } else if !KNOWN_HTTP_FILTERS.contains(&any.type_url.as_str()) && !f.is_optional {
             return Err((
                 format!("{field}.typed_config"),
-                format!(
-                    "unsupported http filter {:?} ({}); mark it is_optional to skip it",
-                    f.name, any.type_url
-                ),
+                format!("unsupported http filter {:?} ({}); mark it is_optional to skip it", f.name, any.type_url),
             ));
         }
     }
@@ -512,9 +428,7 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         upgrades,
         stream_idle_timeout: timeout_or(h.stream_idle_timeout.as_ref(), Duration::from_secs(300)),
         idle_timeout: timeout_or(
-            h.common_http_protocol_options
-                .as_ref()
-                .and_then(|o| o.idle_timeout.as_ref()),
+            h.common_http_protocol_options.as_ref().and_then(|o| o.idle_timeout.as_ref()),
             Duration::from_secs(3600),
         ),
     })
@@ -522,30 +436,16 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
 
 fn compile_tcp(t: &TcpProxy) -> Result<TcpChain, (String, String)> {
     let clusters = match &t.cluster_specifier {
-        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => {
-            ClusterChoice::Single(c.clone())
-        }
+        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => ClusterChoice::Single(c.clone()),
         Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
-            let list: Vec<(String, u32)> = w
-                .clusters
-                .iter()
-                .map(|c| (c.name.clone(), c.weight))
-                .collect();
+            let list: Vec<(String, u32)> = w.clusters.iter().map(|c| (c.name.clone(), c.weight)).collect();
             let total: u32 = list.iter().map(|(_, w)| *w).sum();
             if list.is_empty() || total == 0 {
-                return Err((
-                    "weighted_clusters".into(),
-                    "needs at least one cluster with a weight above 0".into(),
-                ));
+                return Err(("weighted_clusters".into(), "needs at least one cluster with a weight above 0".into()));
             }
             ClusterChoice::Weighted(list, total)
         }
-        _ => {
-            return Err((
-                "cluster".into(),
-                "a cluster or weighted_clusters is required".into(),
-            ))
-        }
+        _ => return Err(("cluster".into(), "a cluster or weighted_clusters is required".into())),
     };
     Ok(TcpChain {
         stat_prefix: t.stat_prefix.clone(),
@@ -564,13 +464,15 @@ pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
 
 /// A protobuf duration as a std one (negative -> zero).
 pub fn opt_duration(d: Option<&PbDuration>) -> Option<Duration> {
-    d.map(|d| {
-        if d.seconds < 0 || d.nanos < 0 {
-            Duration::ZERO
-        } else {
-            Duration::new(d.seconds as u64, d.nanos as u32)
-        }
-    })
+    d.map(
+        |d| {
+            if d.seconds < 0 || d.nanos < 0 {
+                Duration::ZERO
+            } else {
+                Duration::new(d.seconds as u64, d.nanos as u32)
+            }
+        },
+    )
 }
 
 /// Envoy's timeout convention: unset -> `default`, zero -> disabled.
@@ -589,17 +491,12 @@ pub fn socket_addr(a: Option<&Address>) -> Result<SocketAddr, String> {
         Some(_) => return Err("only socket_address is supported".into()),
         None => return Err("socket_address is required".into()),
     };
-    let ip: IpAddr = sa
-        .address
-        .parse()
-        .map_err(|_| format!("{:?} is not an IP address", sa.address))?;
+    let ip: IpAddr = sa.address.parse().map_err(|_| format!("{:?} is not an IP address", sa.address))?;
     let port = match sa.port_specifier {
         Some(socket_address::PortSpecifier::PortValue(p)) => {
             u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
         }
-        Some(socket_address::PortSpecifier::NamedPort(_)) => {
-            return Err("named ports are not supported".into())
-        }
+        Some(socket_address::PortSpecifier::NamedPort(_)) => return Err("named ports are not supported".into()),
         None => 0,
     };
     Ok(SocketAddr::new(ip, port))

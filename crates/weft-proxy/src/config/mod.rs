@@ -23,8 +23,7 @@ use weft_xds::{type_url, ResourceHandler, ResourceUpdate};
 use crate::cluster::{Cluster, ClusterConfig, Discovery, LoadRegistry};
 use crate::route::RouteTable;
 pub use listener::{
-    ChainKind, ConnFacts, Direction, FilterChainConfig, HttpChain, ListenerConfig, RouteSource,
-    TcpChain,
+    ChainKind, ConnFacts, Direction, FilterChainConfig, HttpChain, ListenerConfig, RouteSource, TcpChain,
 };
 
 /// One immutable view of everything the proxy runs.
@@ -69,17 +68,10 @@ impl Snapshot {
     /// A bound listener's config, and for `use_original_dst` listeners the listener
     /// claiming the original destination (exact address first, then wildcard address
     /// with the same port), as Envoy does.
-    pub fn listener_for(
-        &self,
-        bound: &str,
-        original_dst: Option<std::net::SocketAddr>,
-    ) -> Option<Arc<ListenerConfig>> {
+    pub fn listener_for(&self, bound: &str, original_dst: Option<std::net::SocketAddr>) -> Option<Arc<ListenerConfig>> {
         let l = self.listeners.get(bound)?;
         if let (true, Some(dst)) = (l.use_original_dst, original_dst) {
-            let virt = self
-                .listeners
-                .values()
-                .filter(|v| !v.bind && v.address.port() == dst.port());
+            let virt = self.listeners.values().filter(|v| !v.bind && v.address.port() == dst.port());
             let mut wildcard = None;
             for v in virt {
                 if v.address.ip() == dst.ip() {
@@ -168,11 +160,8 @@ impl ConfigStore {
             seen.insert(name.clone());
             match listener::decode::<Listener>(any)
                 .map_err(|m| format!("listener {name:?}: {m}"))
-                .and_then(|l| {
-                    ListenerConfig::compile(&l)
-                        .map(|c| (l, c))
-                        .map_err(|e| e.to_string())
-                }) {
+                .and_then(|l| ListenerConfig::compile(&l).map(|c| (l, c)).map_err(|e| e.to_string()))
+            {
                 Ok((raw, compiled)) => {
                     st.raw.listeners.insert(name.clone(), raw);
                     st.listeners.insert(name.clone(), Arc::new(compiled));
@@ -195,11 +184,8 @@ impl ConfigStore {
             seen.insert(name.clone());
             match listener::decode::<RouteConfiguration>(any)
                 .map_err(|m| format!("route configuration {name:?}: {m}"))
-                .and_then(|rc| {
-                    RouteTable::compile(&rc)
-                        .map(|t| (rc, t))
-                        .map_err(|e| e.to_string())
-                }) {
+                .and_then(|rc| RouteTable::compile(&rc).map(|t| (rc, t)).map_err(|e| e.to_string()))
+            {
                 Ok((raw, table)) => {
                     st.raw.routes.insert(name.clone(), raw);
                     st.routes.insert(name.clone(), Arc::new(table));
@@ -221,11 +207,7 @@ impl ConfigStore {
             seen.insert(name.clone());
             let compiled = listener::decode::<PbCluster>(any)
                 .map_err(|m| format!("cluster {name:?}: {m}"))
-                .and_then(|c| {
-                    ClusterConfig::compile(&c)
-                        .map(|cc| (c, cc))
-                        .map_err(|e| e.to_string())
-                });
+                .and_then(|c| ClusterConfig::compile(&c).map(|cc| (c, cc)).map_err(|e| e.to_string()));
             match compiled {
                 Ok((raw, cfg)) => {
                     let cfg = Arc::new(cfg);
@@ -310,11 +292,9 @@ impl ConfigStore {
 /// The CLA name an EDS cluster subscribes to.
 fn cla_name(c: &ClusterConfig) -> Option<String> {
     match &c.discovery {
-        Discovery::Eds { service_name } => Some(if service_name.is_empty() {
-            c.name.clone()
-        } else {
-            service_name.clone()
-        }),
+        Discovery::Eds { service_name } => {
+            Some(if service_name.is_empty() { c.name.clone() } else { service_name.clone() })
+        }
         _ => None,
     }
 }
@@ -335,12 +315,7 @@ fn removed<'a>(
 
 impl ResourceHandler for ConfigStore {
     fn type_urls(&self) -> Vec<&'static str> {
-        vec![
-            type_url::CLUSTER,
-            type_url::ENDPOINT,
-            type_url::LISTENER,
-            type_url::ROUTE,
-        ]
+        vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE]
     }
 
     fn apply(&self, type_url: &str, update: ResourceUpdate) -> Result<(), String> {
@@ -367,18 +342,8 @@ impl ResourceHandler for ConfigStore {
     fn interest(&self, type_url: &str) -> Option<BTreeSet<String>> {
         let st = self.lock();
         match type_url {
-            type_url::ROUTE => Some(
-                st.listeners
-                    .values()
-                    .flat_map(|l| l.rds_names().map(str::to_string))
-                    .collect(),
-            ),
-            type_url::ENDPOINT => Some(
-                st.cluster_configs
-                    .values()
-                    .filter_map(|c| cla_name(c))
-                    .collect(),
-            ),
+            type_url::ROUTE => Some(st.listeners.values().flat_map(|l| l.rds_names().map(str::to_string)).collect()),
+            type_url::ENDPOINT => Some(st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()),
             _ => None,
         }
     }

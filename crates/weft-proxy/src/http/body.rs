@@ -48,10 +48,7 @@ impl Body for CountingBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         if let Poll::Ready(Some(Ok(f))) = &r {
             if let Some(d) = f.data_ref() {
@@ -79,11 +76,7 @@ pub struct ReportingBody {
 impl ReportingBody {
     /// Wraps `inner`; `report` is finished exactly once.
     pub fn new(inner: BoxBody, ctx: Arc<Context>, report: HttpReport) -> Self {
-        ReportingBody {
-            inner,
-            ctx,
-            report: Some(report),
-        }
+        ReportingBody { inner, ctx, report: Some(report) }
     }
 
     fn finish(&mut self, error: bool) {
@@ -100,10 +93,7 @@ impl Body for ReportingBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
         match &r {
             Poll::Ready(Some(Ok(f))) => {

@@ -44,12 +44,11 @@ pub async fn forward(
     body: Incoming,
     report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
-    let cluster = snap.clusters.get(cluster_name).cloned().ok_or_else(|| {
-        ProxyError::new(
-            ErrorKind::NoCluster,
-            format!("unknown cluster {cluster_name}"),
-        )
-    })?;
+    let cluster = snap
+        .clusters
+        .get(cluster_name)
+        .cloned()
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
     let downstream_version = parts.version;
     prepare_headers(&mut parts, ctx, conn, report);
 
@@ -61,12 +60,7 @@ pub async fn forward(
         let bytes = body
             .collect()
             .await
-            .map_err(|e| {
-                ProxyError::new(
-                    ErrorKind::DownstreamClosed,
-                    format!("reading request body: {e}"),
-                )
-            })?
+            .map_err(|e| ProxyError::new(ErrorKind::DownstreamClosed, format!("reading request body: {e}")))?
             .to_bytes();
         counter.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         ReqBody::Replay(bytes)
@@ -88,9 +82,7 @@ pub async fn forward(
     };
     let deadline = action.timeout.map(|t| Instant::now() + t);
     let proto = match cluster.config.protocol {
-        UpstreamProtocol::UseDownstream if downstream_version == Version::HTTP_2 => {
-            UpstreamProtocol::Http2
-        }
+        UpstreamProtocol::UseDownstream if downstream_version == Version::HTTP_2 => UpstreamProtocol::Http2,
         UpstreamProtocol::UseDownstream => UpstreamProtocol::Http1,
         p => p,
     };
@@ -116,17 +108,12 @@ pub async fn forward(
         };
         let inflight = ep.load.start();
         let started = Instant::now();
-        let send = ctx
-            .pools
-            .send(&ep, proto, cluster.config.connect_timeout, req);
+        let send = ctx.pools.send(&ep, proto, cluster.config.connect_timeout, req);
         let result = match try_deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), send).await {
                 Ok(r) => r,
                 Err(_) if deadline.map(|dl| Instant::now() >= dl).unwrap_or(false) => {
-                    return Err(ProxyError::new(
-                        ErrorKind::Timeout,
-                        "upstream request timeout",
-                    ));
+                    return Err(ProxyError::new(ErrorKind::Timeout, "upstream request timeout"));
                 }
                 Err(_) => Err(ProxyError::new(ErrorKind::PerTryTimeout, "per-try timeout")),
             },
@@ -135,11 +122,7 @@ pub async fn forward(
         match result {
             Ok(resp) => {
                 inflight.finish(started.elapsed());
-                if !last
-                    && policy
-                        .map(|p| p.retry_on_response(resp.status(), resp.headers()))
-                        .unwrap_or(false)
-                {
+                if !last && policy.map(|p| p.retry_on_response(resp.status(), resp.headers())).unwrap_or(false) {
                     drop(resp);
                     report.retries += 1;
                     backoff(policy, attempt, deadline).await?;
@@ -149,9 +132,7 @@ pub async fn forward(
                 if attempt > 0
                     && attempts > 1
                     && last
-                    && policy
-                        .map(|p| p.retry_on_response(resp.status(), resp.headers()))
-                        .unwrap_or(false)
+                    && policy.map(|p| p.retry_on_response(resp.status(), resp.headers())).unwrap_or(false)
                 {
                     report.flag("URX");
                 }
@@ -179,17 +160,10 @@ pub async fn forward(
     }
 }
 
-fn pick(
-    cluster: &Cluster,
-    conn: &ConnInfo,
-    tried: &[std::net::SocketAddr],
-) -> Result<Arc<Endpoint>, ProxyError> {
+fn pick(cluster: &Cluster, conn: &ConnInfo, tried: &[std::net::SocketAddr]) -> Result<Arc<Endpoint>, ProxyError> {
     if matches!(cluster.config.discovery, Discovery::OriginalDst) {
         let dst = conn.original_dst.ok_or_else(|| {
-            ProxyError::new(
-                ErrorKind::NoHealthyUpstream,
-                "ORIGINAL_DST cluster without an original destination",
-            )
+            ProxyError::new(ErrorKind::NoHealthyUpstream, "ORIGINAL_DST cluster without an original destination")
         })?;
         return Ok(Arc::new(Endpoint {
             addr: dst,
@@ -200,28 +174,16 @@ fn pick(
         }));
     }
     cluster.pick(tried).ok_or_else(|| {
-        ProxyError::new(
-            ErrorKind::NoHealthyUpstream,
-            format!("no healthy endpoint in {}", cluster.config.name),
-        )
+        ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {}", cluster.config.name))
     })
 }
 
-async fn backoff(
-    policy: Option<&RetryPolicy>,
-    attempt: u32,
-    deadline: Option<Instant>,
-) -> Result<(), ProxyError> {
-    let wait = policy
-        .map(|p| p.backoff(attempt, rand::random()))
-        .unwrap_or(Duration::ZERO);
+async fn backoff(policy: Option<&RetryPolicy>, attempt: u32, deadline: Option<Instant>) -> Result<(), ProxyError> {
+    let wait = policy.map(|p| p.backoff(attempt, rand::random())).unwrap_or(Duration::ZERO);
     if let Some(d) = deadline {
         if Instant::now() + wait >= d {
             tokio::time::sleep_until(d.into()).await;
-            return Err(ProxyError::new(
-                ErrorKind::Timeout,
-                "upstream request timeout",
-            ));
+            return Err(ProxyError::new(ErrorKind::Timeout, "upstream request timeout"));
         }
     }
     tokio::time::sleep(wait).await;
@@ -230,21 +192,11 @@ async fn backoff(
 
 /// True when the body is small enough (known length) to buffer for retries.
 fn replayable(body: &Incoming) -> bool {
-    body.is_end_stream()
-        || body
-            .size_hint()
-            .upper()
-            .map(|u| u <= REPLAY_LIMIT)
-            .unwrap_or(false)
+    body.is_end_stream() || body.size_hint().upper().map(|u| u <= REPLAY_LIMIT).unwrap_or(false)
 }
 
 /// Hop-by-hop headers and proxy bookkeeping (RFC 9110 §7.6.1, Envoy's defaults).
-fn prepare_headers(
-    parts: &mut http::request::Parts,
-    ctx: &Context,
-    conn: &ConnInfo,
-    report: &HttpReport,
-) {
+fn prepare_headers(parts: &mut http::request::Parts, ctx: &Context, conn: &ConnInfo, report: &HttpReport) {
     // Absolute-form (explicit proxy) and HTTP/2 requests carry the authority in the URI
     // (already rewritten by the route); upstream HTTP/1.1 wants origin-form plus Host.
     if let Some(a) = parts.uri.authority() {
@@ -252,26 +204,15 @@ fn prepare_headers(
             parts.headers.insert(HOST, v);
         }
     }
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/")
-        .to_string();
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
     if let Ok(u) = pq.parse::<Uri>() {
         parts.uri = u;
     }
     strip_hop_by_hop(&mut parts.headers);
-    parts
-        .headers
-        .remove(HeaderName::from_static("proxy-connection"));
-    parts
-        .headers
-        .remove(HeaderName::from_static("proxy-authorization"));
+    parts.headers.remove(HeaderName::from_static("proxy-connection"));
+    parts.headers.remove(HeaderName::from_static("proxy-authorization"));
     if !parts.headers.contains_key("x-forwarded-proto") {
-        parts
-            .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
     }
     if !parts.headers.contains_key("x-request-id") {
         if let Ok(v) = HeaderValue::from_str(&report.request_id) {
@@ -300,20 +241,13 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
         h.remove(n);
     }
     h.remove(HeaderName::from_static("keep-alive"));
-    let te_trailers = h
-        .get(TE)
-        .map(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"))
-        .unwrap_or(true);
+    let te_trailers = h.get(TE).map(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")).unwrap_or(true);
     if !te_trailers {
         h.remove(TE);
     }
 }
 
-fn build_request(
-    parts: &http::request::Parts,
-    proto: UpstreamProtocol,
-    body: BoxBody,
-) -> Request<BoxBody> {
+fn build_request(parts: &http::request::Parts, proto: UpstreamProtocol, body: BoxBody) -> Request<BoxBody> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
@@ -327,13 +261,7 @@ fn build_request(
 
 /// Fire-and-forget copy of the request to a mirror cluster; Envoy appends `-shadow` to
 /// the host. The response is discarded and failures never affect the original request.
-fn mirror(
-    ctx: &Arc<Context>,
-    snap: &Arc<Snapshot>,
-    cluster: &str,
-    parts: &http::request::Parts,
-    body: Bytes,
-) {
+fn mirror(ctx: &Arc<Context>, snap: &Arc<Snapshot>, cluster: &str, parts: &http::request::Parts, body: Bytes) {
     let Some(cluster) = snap.clusters.get(cluster).cloned() else {
         return;
     };
@@ -358,17 +286,9 @@ fn mirror(
         }
     }
     let ctx = ctx.clone();
-    let proto = if req.version() == Version::HTTP_2 {
-        UpstreamProtocol::Http2
-    } else {
-        UpstreamProtocol::Http1
-    };
+    let proto = if req.version() == Version::HTTP_2 { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 };
     tokio::spawn(async move {
-        if let Ok(resp) = ctx
-            .pools
-            .send(&ep, proto, cluster.config.connect_timeout, req)
-            .await
-        {
+        if let Ok(resp) = ctx.pools.send(&ep, proto, cluster.config.connect_timeout, req).await {
             let _ = resp.into_body().collect().await;
         }
     });

@@ -29,22 +29,14 @@ use crate::route::{Abort, RouteAction};
 use body::{full, ReportingBody};
 
 /// Serves HTTP on one downstream connection until it closes or the proxy drains.
-pub async fn serve(
-    ctx: Arc<Context>,
-    conn: Arc<ConnInfo>,
-    chain: Arc<HttpChain>,
-    stream: TcpStream,
-) {
+pub async fn serve(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<HttpChain>, stream: TcpStream) {
     let svc_ctx = ctx.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let (ctx, conn, chain) = (svc_ctx.clone(), conn.clone(), chain.clone());
         async move { Ok::<_, Infallible>(handle(ctx, conn, chain, req).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .keep_alive(true)
-        .timer(hyper_util::rt::TokioTimer::new());
+    builder.http1().keep_alive(true).timer(hyper_util::rt::TokioTimer::new());
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
     let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
     tokio::pin!(conn_fut);
@@ -70,7 +62,12 @@ async fn handle(
         Ok(r) => r,
         Err(e) => {
             report.flag(e.kind().response_flag());
-            local_reply(&e)
+            if report.is_grpc() {
+                // gRPC clients expect a trailers-only answer, as Envoy sends.
+                grpc_trailers_only(grpc_status_for_http(e.kind().http_status()), e.detail())
+            } else {
+                local_reply(&e)
+            }
         }
     };
     let (mut parts, body) = resp.into_parts();
@@ -79,10 +76,7 @@ async fn handle(
         report.grpc_status = s.to_str().ok().map(str::to_string);
     }
     report.on_response_headers(&ctx, &mut parts.headers);
-    Response::from_parts(
-        parts,
-        crate::http::body::boxed(ReportingBody::new(body, ctx, report)),
-    )
+    Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx, report)))
 }
 
 async fn route_request(
@@ -96,47 +90,36 @@ async fn route_request(
     let (mut parts, body) = req.into_parts();
     let authority = request_authority(&parts).unwrap_or_default();
     report.authority = authority.clone();
-    let table = snap.route_table(chain).ok_or_else(|| {
-        ProxyError::new(ErrorKind::NoRoute, "route configuration not (yet) received")
-    })?;
+    let table = snap
+        .route_table(chain)
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "route configuration not (yet) received"))?;
     if parts.method == Method::CONNECT {
         if !chain.upgrades.iter().any(|u| u == "connect") {
-            return Err(ProxyError::new(
-                ErrorKind::DownstreamProtocol,
-                "CONNECT is not enabled on this listener",
-            ));
+            return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "CONNECT is not enabled on this listener"));
         }
-        let route = tunnel::select_connect_route(&table, &authority, &parts).ok_or_else(|| {
-            ProxyError::new(
-                ErrorKind::NoRoute,
-                format!("no route for CONNECT {authority}"),
-            )
-        })?;
+        let route = tunnel::select_connect_route(&table, &authority, &parts)
+            .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for CONNECT {authority}")))?;
         report.route_name = route.name.clone();
         return tunnel::connect(ctx, conn, snap, &route, &authority, parts, report).await;
     }
-    let route = table.select(&authority, &parts).ok_or_else(|| {
-        ProxyError::new(
-            ErrorKind::NoRoute,
-            format!("no route for {authority}{}", parts.uri.path()),
-        )
-    })?;
+    let route = table
+        .select(&authority, &parts)
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for {authority}{}", parts.uri.path())))?;
     report.route_name = route.name.clone();
     match &route.action {
         RouteAction::Direct { status, body } => {
             let mut resp = Response::new(full(body.clone()));
             *resp.status_mut() = *status;
             if !body.is_empty() {
-                resp.headers_mut()
-                    .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+                resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             }
             route.edit_response_headers(resp.headers_mut());
             Ok(resp)
         }
         RouteAction::Redirect(..) => {
-            let r = route.redirect_response(&parts).ok_or_else(|| {
-                ProxyError::new(ErrorKind::NoRoute, "redirect could not be built")
-            })?;
+            let r = route
+                .redirect_response(&parts)
+                .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "redirect could not be built"))?;
             let (mut p, b) = r.into_parts();
             route.edit_response_headers(&mut p.headers);
             Ok(Response::from_parts(p, full(b)))
@@ -150,7 +133,7 @@ async fn route_request(
                 }
                 if let Some(abort) = d.abort {
                     report.flag("FI");
-                    let mut resp = fault_abort(&abort, &parts.headers);
+                    let mut resp = fault_abort(&abort);
                     route.edit_response_headers(resp.headers_mut());
                     return Ok(resp);
                 }
@@ -159,7 +142,7 @@ async fn route_request(
             report.cluster = cluster_name.clone();
             route.rewrite_request(&mut parts);
             if let Some(kind) = tunnel::upgrade_type(&parts.headers) {
-                if !chain.upgrades.iter().any(|u| *u == kind) {
+                if !chain.upgrades.contains(&kind) {
                     return Err(ProxyError::new(
                         ErrorKind::DownstreamProtocol,
                         format!("upgrade {kind:?} is not enabled on this listener"),
@@ -167,9 +150,7 @@ async fn route_request(
                 }
                 return tunnel::upgrade(ctx, conn, snap, &cluster_name, parts, report).await;
             }
-            let mut resp =
-                forward::forward(ctx, conn, snap, action, &cluster_name, parts, body, report)
-                    .await?;
+            let mut resp = forward::forward(ctx, conn, snap, action, &cluster_name, parts, body, report).await?;
             route.edit_response_headers(resp.headers_mut());
             Ok(resp)
         }
@@ -181,43 +162,43 @@ pub fn request_authority(parts: &http::request::Parts) -> Option<String> {
     if let Some(a) = parts.uri.authority() {
         return Some(a.as_str().to_ascii_lowercase());
     }
-    parts
-        .headers
-        .get(HOST)
-        .and_then(|h| h.to_str().ok())
-        .map(|h| h.to_ascii_lowercase())
+    parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(|h| h.to_ascii_lowercase())
 }
 
 /// True for gRPC requests.
 pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.starts_with("application/grpc"))
-        .unwrap_or(false)
+    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.starts_with("application/grpc")).unwrap_or(false)
 }
 
-fn fault_abort(abort: &Abort, req_headers: &HeaderMap) -> Response<BoxBody> {
+fn fault_abort(abort: &Abort) -> Response<BoxBody> {
     match abort {
         Abort::Http(status) => {
             let mut r = Response::new(full(Bytes::from_static(b"fault filter abort")));
             *r.status_mut() = *status;
-            r.headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+            r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
             r
         }
-        Abort::Grpc(code) => grpc_trailers_only(*code, "fault filter abort", req_headers),
+        Abort::Grpc(code) => grpc_trailers_only(*code, "fault filter abort"),
     }
 }
 
-fn grpc_trailers_only(code: u32, message: &str, _req_headers: &HeaderMap) -> Response<BoxBody> {
+/// Envoy's HTTP -> gRPC status mapping for local replies.
+fn grpc_status_for_http(status: u16) -> u32 {
+    match status {
+        400 => 13,
+        401 => 16,
+        403 => 7,
+        404 => 12,
+        429 | 502 | 503 | 504 => 14,
+        _ => 2,
+    }
+}
+
+fn grpc_trailers_only(code: u32, message: &str) -> Response<BoxBody> {
     let mut r = Response::new(full(Bytes::new()));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    h.insert(
-        HeaderName::from_static("grpc-status"),
-        HeaderValue::from(code),
-    );
+    h.insert(HeaderName::from_static("grpc-status"), HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(message) {
         h.insert(HeaderName::from_static("grpc-message"), v);
     }
@@ -231,7 +212,9 @@ fn local_reply(e: &ProxyError) -> Response<BoxBody> {
         ErrorKind::Timeout | ErrorKind::PerTryTimeout => "upstream request timeout".to_string(),
         ErrorKind::NoRoute => String::new(),
         ErrorKind::NoCluster => "cluster not found".to_string(),
-        ErrorKind::Overflow => "upstream connect error or disconnect/reset before headers. reset reason: overflow".into(),
+        ErrorKind::Overflow => {
+            "upstream connect error or disconnect/reset before headers. reset reason: overflow".into()
+        }
         ErrorKind::ConnectFailure => {
             "upstream connect error or disconnect/reset before headers. reset reason: connection failure".into()
         }
@@ -241,9 +224,7 @@ fn local_reply(e: &ProxyError) -> Response<BoxBody> {
         _ => e.detail().to_string(),
     };
     let mut r = Response::new(full(Bytes::from(text)));
-    *r.status_mut() =
-        StatusCode::from_u16(e.kind().http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-    r.headers_mut()
-        .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    *r.status_mut() = StatusCode::from_u16(e.kind().http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
 }

@@ -25,24 +25,15 @@ pub fn upgrade_type(h: &HeaderMap) -> Option<String> {
         .get_all(CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .any(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
-        });
+        .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")));
     if !conn_upgrade {
         return None;
     }
-    h.get(UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| v.trim().to_ascii_lowercase())
+    h.get(UPGRADE).and_then(|v| v.to_str().ok()).map(|v| v.trim().to_ascii_lowercase())
 }
 
 /// CONNECT carries no path; routes are matched as if the path were `/`.
-pub fn select_connect_route(
-    table: &RouteTable,
-    authority: &str,
-    parts: &http::request::Parts,
-) -> Option<Arc<Route>> {
+pub fn select_connect_route(table: &RouteTable, authority: &str, parts: &http::request::Parts) -> Option<Arc<Route>> {
     let mut probe = Request::new(());
     *probe.method_mut() = parts.method.clone();
     *probe.uri_mut() = http::Uri::from_static("/");
@@ -63,20 +54,15 @@ pub async fn connect(
     report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let RouteAction::Forward(action) = &route.action else {
-        return Err(ProxyError::new(
-            ErrorKind::NoRoute,
-            "CONNECT route must forward to a cluster",
-        ));
+        return Err(ProxyError::new(ErrorKind::NoRoute, "CONNECT route must forward to a cluster"));
     };
     let cluster_name = action.clusters.pick(rand::random()).to_string();
     report.cluster = cluster_name.clone();
     let upstream = dial(ctx, conn, snap, &cluster_name, Some(authority), report).await?;
-    let on_upgrade = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
-        ProxyError::new(
-            ErrorKind::DownstreamProtocol,
-            "connection cannot be upgraded",
-        )
-    })?;
+    let on_upgrade = parts
+        .extensions
+        .remove::<OnUpgrade>()
+        .ok_or_else(|| ProxyError::new(ErrorKind::DownstreamProtocol, "connection cannot be upgraded"))?;
     tokio::spawn(async move {
         match on_upgrade.await {
             Ok(up) => {
@@ -101,43 +87,28 @@ pub async fn upgrade(
     report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let stream = dial(ctx, conn, snap, cluster_name, None, report).await?;
-    let on_down = parts.extensions.remove::<OnUpgrade>().ok_or_else(|| {
-        ProxyError::new(
-            ErrorKind::DownstreamProtocol,
-            "connection cannot be upgraded",
-        )
-    })?;
+    let on_down = parts
+        .extensions
+        .remove::<OnUpgrade>()
+        .ok_or_else(|| ProxyError::new(ErrorKind::DownstreamProtocol, "connection cannot be upgraded"))?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| {
-            ProxyError::new(
-                ErrorKind::ConnectFailure,
-                format!("upstream handshake: {e}"),
-            )
-            .not_sent()
-        })?;
+        .map_err(|e| ProxyError::new(ErrorKind::ConnectFailure, format!("upstream handshake: {e}")).not_sent())?;
     tokio::spawn(async move {
         let _ = connection.with_upgrades().await;
     });
     let kind = upgrade_type(&parts.headers).unwrap_or_default();
     let mut req = Request::new(full(Bytes::new()));
     *req.method_mut() = parts.method.clone();
-    let pq = parts
-        .uri
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
+    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     *req.uri_mut() = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
     *req.headers_mut() = parts.headers.clone();
-    if let Some(host) = (!report.authority.is_empty())
-        .then(|| HeaderValue::from_str(&report.authority).ok())
-        .flatten()
+    if let Some(host) = (!report.authority.is_empty()).then(|| HeaderValue::from_str(&report.authority).ok()).flatten()
     {
         req.headers_mut().insert(http::header::HOST, host);
     }
     crate::report::on_upstream_request(ctx, conn, req.headers_mut());
-    req.headers_mut()
-        .insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    req.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
     if let Ok(v) = HeaderValue::from_str(&kind) {
         req.headers_mut().insert(UPGRADE, v);
     }
@@ -175,32 +146,22 @@ async fn dial(
     authority: Option<&str>,
     report: &mut HttpReport,
 ) -> Result<tokio::net::TcpStream, ProxyError> {
-    let cluster = snap.clusters.get(cluster_name).ok_or_else(|| {
-        ProxyError::new(
-            ErrorKind::NoCluster,
-            format!("unknown cluster {cluster_name}"),
-        )
-    })?;
+    let cluster = snap
+        .clusters
+        .get(cluster_name)
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
     let timeout = cluster.config.connect_timeout;
     let addr = if matches!(cluster.config.discovery, Discovery::OriginalDst) {
         match (conn.original_dst, authority.and_then(|a| a.parse().ok())) {
             (_, Some(a)) => a,
             (Some(d), None) => d,
-            _ => {
-                return Err(ProxyError::new(
-                    ErrorKind::NoHealthyUpstream,
-                    "no destination for ORIGINAL_DST cluster",
-                ))
-            }
+            _ => return Err(ProxyError::new(ErrorKind::NoHealthyUpstream, "no destination for ORIGINAL_DST cluster")),
         }
     } else {
         cluster
             .pick(&[])
             .ok_or_else(|| {
-                ProxyError::new(
-                    ErrorKind::NoHealthyUpstream,
-                    format!("no healthy endpoint in {cluster_name}"),
-                )
+                ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {cluster_name}"))
             })?
             .addr
     };

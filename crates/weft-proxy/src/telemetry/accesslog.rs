@@ -97,9 +97,7 @@ pub struct AccessRecord {
 #[derive(Debug, thiserror::Error)]
 pub enum AccessLogError {
     /// The log file could not be opened for appending.
-    #[error(
-        "cannot open access log file {path}: {source}; check the directory exists and is writable"
-    )]
+    #[error("cannot open access log file {path}: {source}; check the directory exists and is writable")]
     Open {
         /// The file.
         path: PathBuf,
@@ -200,10 +198,7 @@ impl AccessLog {
         };
         let (tx, rx) = mpsc::channel(capacity.max(1));
         tokio::spawn(write_lines(rx, out, drops.clone()));
-        Ok(Self {
-            tx: Some(tx),
-            drops,
-        })
+        Ok(Self { tx: Some(tx), drops })
     }
 
     /// Also counts dropped lines (from now on) in `counter`, e.g.
@@ -297,12 +292,7 @@ pub fn rfc3339_millis(t: SystemTime) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z",
-        rem / 3600,
-        (rem % 3600) / 60,
-        rem % 60
-    )
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{ms:03}Z", rem / 3600, (rem % 3600) / 60, rem % 60)
 }
 
 fn millis(d: Duration) -> u64 {
@@ -327,11 +317,7 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 /// Writes queued lines in batches: everything already queued is gathered into one buffer
 /// and written with one `write_all` + flush. A failed batch is counted as dropped and
 /// discarded, so a broken sink neither grows memory nor stalls the data path.
-async fn write_lines(
-    mut rx: mpsc::Receiver<Msg>,
-    mut out: Box<dyn AsyncWrite + Send + Unpin>,
-    drops: Arc<Drops>,
-) {
+async fn write_lines(mut rx: mpsc::Receiver<Msg>, mut out: Box<dyn AsyncWrite + Send + Unpin>, drops: Arc<Drops>) {
     let mut warned = false;
     let mut batch: Vec<u8> = Vec::new();
     while let Some(first) = rx.recv().await {

@@ -96,11 +96,7 @@ impl ProxyHealth {
             "1 while the ADS stream to the control plane is up",
             health.xds_connected.clone(),
         );
-        registry.register(
-            "weft_xds_nacks",
-            "xDS responses rejected (NACKed) by this proxy",
-            health.xds_nacks.clone(),
-        );
+        registry.register("weft_xds_nacks", "xDS responses rejected (NACKed) by this proxy", health.xds_nacks.clone());
         registry.register(
             "weft_xds_updates",
             "xDS responses applied (ACKed) by this proxy",
@@ -116,16 +112,8 @@ impl ProxyHealth {
             "Seconds since the configuration of this xDS type was last applied",
             health.config_age.clone(),
         );
-        registry.register(
-            "weft_upstream_rq_retry",
-            "Upstream request retries",
-            health.upstream_rq_retry.clone(),
-        );
-        registry.register(
-            "weft_upstream_cx_active",
-            "Open upstream connections",
-            health.upstream_cx_active.clone(),
-        );
+        registry.register("weft_upstream_rq_retry", "Upstream request retries", health.upstream_rq_retry.clone());
+        registry.register("weft_upstream_cx_active", "Open upstream connections", health.upstream_cx_active.clone());
         registry.register(
             "weft_cert_expiry_timestamp_seconds",
             "Unix time at which the workload certificate expires",
@@ -146,74 +134,45 @@ impl ProxyHealth {
 
     /// Counts a NACKed xDS response of `type_name` (a type URL or short name).
     pub fn xds_nack(&self, type_name: &str) {
-        self.xds_nacks
-            .get_or_create(&TypeLabel {
-                r#type: type_name.to_owned(),
-            })
-            .inc();
+        self.xds_nacks.get_or_create(&TypeLabel { r#type: type_name.to_owned() }).inc();
     }
 
     /// Records that `version` of `type_name` was applied now: counts the update, moves the
     /// `weft_config_version` series to the new version and resets the config age.
     pub fn config_applied(&self, type_name: &str, version: &str) {
-        self.xds_updates
-            .get_or_create(&TypeLabel {
-                r#type: type_name.to_owned(),
-            })
-            .inc();
+        self.xds_updates.get_or_create(&TypeLabel { r#type: type_name.to_owned() }).inc();
         let previous = {
             let mut applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
-            applied.insert(
-                type_name.to_owned(),
-                Applied {
-                    version: version.to_owned(),
-                    at: Instant::now(),
-                },
-            )
+            applied.insert(type_name.to_owned(), Applied { version: version.to_owned(), at: Instant::now() })
         };
         if let Some(prev) = previous {
             if prev.version != version {
-                self.config_version.remove(&VersionLabels {
-                    r#type: type_name.to_owned(),
-                    version: prev.version,
-                });
+                self.config_version.remove(&VersionLabels { r#type: type_name.to_owned(), version: prev.version });
             }
         }
         self.config_version
-            .get_or_create(&VersionLabels {
-                r#type: type_name.to_owned(),
-                version: version.to_owned(),
-            })
+            .get_or_create(&VersionLabels { r#type: type_name.to_owned(), version: version.to_owned() })
             .set(1);
     }
 
     /// Counts one upstream retry to `cluster`.
     pub fn upstream_retry(&self, cluster: &str) {
-        self.upstream_rq_retry
-            .get_or_create(&cluster_label(cluster))
-            .inc();
+        self.upstream_rq_retry.get_or_create(&cluster_label(cluster)).inc();
     }
 
     /// Counts a newly opened upstream connection to `cluster`.
     pub fn upstream_cx_opened(&self, cluster: &str) {
-        self.upstream_cx_active
-            .get_or_create(&cluster_label(cluster))
-            .inc();
+        self.upstream_cx_active.get_or_create(&cluster_label(cluster)).inc();
     }
 
     /// Counts a closed upstream connection to `cluster`.
     pub fn upstream_cx_closed(&self, cluster: &str) {
-        self.upstream_cx_active
-            .get_or_create(&cluster_label(cluster))
-            .dec();
+        self.upstream_cx_active.get_or_create(&cluster_label(cluster)).dec();
     }
 
     /// Records when the current workload certificate expires.
     pub fn set_cert_expiry(&self, not_after: SystemTime) {
-        let secs = not_after
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let secs = not_after.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
         self.cert_expiry.set(secs);
     }
 
@@ -228,16 +187,12 @@ impl ProxyHealth {
         let applied = self.applied.lock().unwrap_or_else(|e| e.into_inner());
         for (type_name, a) in applied.iter() {
             self.config_age
-                .get_or_create(&TypeLabel {
-                    r#type: type_name.clone(),
-                })
+                .get_or_create(&TypeLabel { r#type: type_name.clone() })
                 .set(now.saturating_duration_since(a.at).as_secs_f64());
         }
     }
 }
 
 fn cluster_label(cluster: &str) -> ClusterLabel {
-    ClusterLabel {
-        cluster: cluster.to_owned(),
-    }
+    ClusterLabel { cluster: cluster.to_owned() }
 }

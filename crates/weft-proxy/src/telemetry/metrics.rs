@@ -31,8 +31,8 @@ pub const DEFAULT_MAX_SERIES: usize = 10_000;
 
 /// Istio's buckets for `istio_request_duration_milliseconds`.
 pub const DURATION_BUCKETS_MS: [f64; 19] = [
-    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
-    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0, 60000.0, 300000.0,
+    600000.0, 1800000.0, 3600000.0,
 ];
 
 /// Istio's buckets for `istio_request_bytes` and `istio_response_bytes`: 1, 10, ..., 1e9.
@@ -81,11 +81,7 @@ pub struct ServiceInfo {
 
 impl Default for ServiceInfo {
     fn default() -> Self {
-        Self {
-            host: UNKNOWN.into(),
-            name: UNKNOWN.into(),
-            namespace: UNKNOWN.into(),
-        }
+        Self { host: UNKNOWN.into(), name: UNKNOWN.into(), namespace: UNKNOWN.into() }
     }
 }
 
@@ -214,11 +210,7 @@ impl EncodeLabelSet for RequestLabels {
         encode_peers(&mut enc, &self.source, &self.destination, &self.service)?;
         label(&mut enc, "request_protocol", self.protocol.as_str())?;
         let mut code = itoa_buf();
-        label(
-            &mut enc,
-            "response_code",
-            fmt_u32(&mut code, self.response_code.into()),
-        )?;
+        label(&mut enc, "response_code", fmt_u32(&mut code, self.response_code.into()))?;
         let mut grpc = itoa_buf();
         let grpc = match self.grpc_status {
             Some(s) => fmt_u32(&mut grpc, s),
@@ -226,11 +218,7 @@ impl EncodeLabelSet for RequestLabels {
         };
         label(&mut enc, "grpc_response_status", grpc)?;
         label(&mut enc, "response_flags", &self.response_flags)?;
-        label(
-            &mut enc,
-            "connection_security_policy",
-            self.security_policy.as_str(),
-        )
+        label(&mut enc, "connection_security_policy", self.security_policy.as_str())
     }
 }
 
@@ -240,11 +228,7 @@ impl EncodeLabelSet for TcpLabels {
         encode_peers(&mut enc, &self.source, &self.destination, &self.service)?;
         label(&mut enc, "request_protocol", "tcp")?;
         label(&mut enc, "response_flags", &self.response_flags)?;
-        label(
-            &mut enc,
-            "connection_security_policy",
-            self.security_policy.as_str(),
-        )
+        label(&mut enc, "connection_security_policy", self.security_policy.as_str())
     }
 }
 
@@ -277,21 +261,9 @@ impl Metrics {
         let tcp_closed = Family::<TcpLabels, Counter>::default();
         // Counters are registered without `_total`: the encoder appends it.
         registry.register("istio_requests", "Requests handled", requests.clone());
-        registry.register(
-            "istio_request_duration_milliseconds",
-            "Request duration in milliseconds",
-            duration.clone(),
-        );
-        registry.register(
-            "istio_request_bytes",
-            "Request body size in bytes",
-            request_bytes.clone(),
-        );
-        registry.register(
-            "istio_response_bytes",
-            "Response body size in bytes",
-            response_bytes.clone(),
-        );
+        registry.register("istio_request_duration_milliseconds", "Request duration in milliseconds", duration.clone());
+        registry.register("istio_request_bytes", "Request body size in bytes", request_bytes.clone());
+        registry.register("istio_response_bytes", "Response body size in bytes", response_bytes.clone());
         registry.register(
             "istio_tcp_sent_bytes",
             "Bytes sent to the downstream during TCP connections",
@@ -302,16 +274,8 @@ impl Metrics {
             "Bytes received from the downstream during TCP connections",
             tcp_received.clone(),
         );
-        registry.register(
-            "istio_tcp_connections_opened",
-            "TCP connections opened",
-            tcp_opened.clone(),
-        );
-        registry.register(
-            "istio_tcp_connections_closed",
-            "TCP connections closed",
-            tcp_closed.clone(),
-        );
+        registry.register("istio_tcp_connections_opened", "TCP connections opened", tcp_opened.clone());
+        registry.register("istio_tcp_connections_closed", "TCP connections closed", tcp_closed.clone());
         let overflow = Counter::default();
         registry.register(
             "weft_metrics_series_overflow",
@@ -342,11 +306,7 @@ impl Metrics {
             labels,
             |l| {
                 self.overflow.inc();
-                RequestLabels {
-                    source: self.unknown.clone(),
-                    destination: self.unknown.clone(),
-                    ..l.clone()
-                }
+                RequestLabels { source: self.unknown.clone(), destination: self.unknown.clone(), ..l.clone() }
             },
             |l| RequestSeries {
                 requests: self.requests.get_or_create(l).clone(),
@@ -362,11 +322,7 @@ impl Metrics {
             labels,
             |l| {
                 self.overflow.inc();
-                TcpLabels {
-                    source: self.unknown.clone(),
-                    destination: self.unknown.clone(),
-                    ..l.clone()
-                }
+                TcpLabels { source: self.unknown.clone(), destination: self.unknown.clone(), ..l.clone() }
             },
             |l| TcpSeries {
                 sent: self.tcp_sent.get_or_create(l).clone(),
@@ -378,13 +334,7 @@ impl Metrics {
     }
 
     /// Records one finished HTTP or gRPC request.
-    pub fn record_request(
-        &self,
-        labels: &RequestLabels,
-        duration: Duration,
-        request_bytes: u64,
-        response_bytes: u64,
-    ) {
+    pub fn record_request(&self, labels: &RequestLabels, duration: Duration, request_bytes: u64, response_bytes: u64) {
         let series = self.request_series(labels);
         series.requests.inc();
         series.duration.observe(duration.as_secs_f64() * 1000.0);
@@ -420,9 +370,7 @@ impl Metrics {
     pub fn encode(&self) -> String {
         self.proxy.refresh_ages();
         let mut open = String::new();
-        if let Err(e) =
-            prometheus_client::encoding::text::encode_registry(&mut open, &self.registry)
-        {
+        if let Err(e) = prometheus_client::encoding::text::encode_registry(&mut open, &self.registry) {
             tracing::error!(error = %e, "encoding metrics failed; output is truncated");
         }
         openmetrics_to_text(&open)
@@ -431,21 +379,13 @@ impl Metrics {
 
 impl<L: Clone + Eq + Hash, S> SeriesCache<L, S> {
     fn new(max: usize) -> Self {
-        Self {
-            map: RwLock::new(HashMap::new()),
-            max,
-        }
+        Self { map: RwLock::new(HashMap::new()), max }
     }
 
     /// The series of `labels`, created with `make` on first sight. Once the cache holds
     /// `max` label sets, a new set is replaced by `fold(labels)` (which has bounded
     /// cardinality) before lookup.
-    fn get_or_insert(
-        &self,
-        labels: &L,
-        fold: impl FnOnce(&L) -> L,
-        make: impl FnOnce(&L) -> S,
-    ) -> Arc<S> {
+    fn get_or_insert(&self, labels: &L, fold: impl FnOnce(&L) -> L, make: impl FnOnce(&L) -> S) -> Arc<S> {
         let key = {
             let map = self.map.read().unwrap_or_else(|e| e.into_inner());
             if let Some(series) = map.get(labels) {
@@ -462,9 +402,7 @@ impl<L: Clone + Eq + Hash, S> SeriesCache<L, S> {
             }
         };
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        map.entry(key)
-            .or_insert_with_key(|key| Arc::new(make(key)))
-            .clone()
+        map.entry(key).or_insert_with_key(|key| Arc::new(make(key))).clone()
     }
 }
 
@@ -476,12 +414,7 @@ fn size_histogram() -> Histogram {
     Histogram::new(SIZE_BUCKETS_BYTES)
 }
 
-fn encode_peers(
-    enc: &mut LabelSetEncoder,
-    src: &WorkloadInfo,
-    dst: &WorkloadInfo,
-    svc: &ServiceInfo,
-) -> fmt::Result {
+fn encode_peers(enc: &mut LabelSetEncoder, src: &WorkloadInfo, dst: &WorkloadInfo, svc: &ServiceInfo) -> fmt::Result {
     for (prefix, w) in [("source", src), ("destination", dst)] {
         let fields: [(&str, &str); 8] = [
             ("workload", &w.workload),

@@ -14,9 +14,7 @@ pub mod peer;
 use serde::{Deserialize, Serialize};
 
 pub use health::ProxyHealth;
-pub use metrics::{
-    Metrics, Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels,
-};
+pub use metrics::{Metrics, Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels};
 
 /// Value Istio writes for a label it does not know.
 pub const UNKNOWN: &str = "unknown";

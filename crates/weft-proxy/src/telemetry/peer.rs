@@ -47,10 +47,7 @@ impl Default for DecodeCache {
 impl DecodeCache {
     /// A cache holding at most `max` distinct header values.
     pub fn new(max: usize) -> Self {
-        Self {
-            entries: RwLock::new(HashMap::new()),
-            max,
-        }
+        Self { entries: RwLock::new(HashMap::new()), max }
     }
 
     /// Like [`decode`], returning a shared value for header values seen before.
@@ -128,10 +125,7 @@ pub fn decode(value: &HeaderValue) -> Option<WorkloadInfo> {
         &info.canonical_service,
         &info.canonical_revision,
     ];
-    if fields
-        .iter()
-        .any(|f| f.len() > MAX_FIELD_LEN || f.chars().any(char::is_control))
-    {
+    if fields.iter().any(|f| f.len() > MAX_FIELD_LEN || f.chars().any(char::is_control)) {
         return None;
     }
     Some(info)
@@ -172,18 +166,12 @@ mod tests {
         let a = encode(&sample());
         let first = cache.decode(&a).unwrap();
         let again = cache.decode(&a).unwrap();
-        assert!(
-            Arc::ptr_eq(&first, &again),
-            "second decode served from cache"
-        );
+        assert!(Arc::ptr_eq(&first, &again), "second decode served from cache");
         assert_eq!(*first, sample());
         assert_eq!(cache.decode(&HeaderValue::from_static("!!")), None);
         assert_eq!(cache.len(), 1, "invalid values are not cached");
         for name in ["b", "c", "d"] {
-            let info = WorkloadInfo {
-                workload: name.into(),
-                ..sample()
-            };
+            let info = WorkloadInfo { workload: name.into(), ..sample() };
             assert_eq!(cache.decode(&encode(&info)).unwrap().workload, name);
         }
         assert_eq!(cache.len(), 2);

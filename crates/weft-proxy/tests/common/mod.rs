@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher, route, route_action, route_match, weighted_cluster, HeaderMatcher, Route,
-    RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    header_matcher, route, route_action, route_match, weighted_cluster, HeaderMatcher, Route, RouteAction,
+    RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
 use envoy_types::pb::google::protobuf::{Any, UInt32Value};
@@ -41,12 +41,7 @@ impl Mesh {
         tokio::spawn(server.clone().serve(sock, async move {
             let _ = rx.wait_for(|s| *s).await;
         }));
-        Mesh {
-            source,
-            server,
-            xds,
-            _stop: stop,
-        }
+        Mesh { source, server, xds, _stop: stop }
     }
 
     pub fn set(&self, type_url: &str, resources: Vec<Any>) {
@@ -83,12 +78,7 @@ impl Mesh {
     }
 
     pub async fn synced_all(&self, proxy: &ProxyHandle) {
-        for t in [
-            type_url::CLUSTER,
-            type_url::ENDPOINT,
-            type_url::LISTENER,
-            type_url::ROUTE,
-        ] {
+        for t in [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE] {
             if !self.source.version(t).is_empty() && self.source.version(t) != "0" {
                 self.synced(proxy, t).await;
             }
@@ -100,43 +90,24 @@ impl Mesh {
 /// named after each backend, with the given endpoints.
 pub fn http_out(upgrades: &[&str]) -> Any {
     let hcm = build::http_connection_manager("out", Routes::Rds("routes".into()), None, upgrades);
-    pack_any(build::http_listener(
-        "out",
-        "127.0.0.1:0".parse().unwrap(),
-        hcm,
-    ))
+    pack_any(build::http_listener("out", "127.0.0.1:0".parse().unwrap(), hcm))
 }
 
 pub fn clusters(mesh: &Mesh, backends: &[(&str, Vec<SocketAddr>)], http2: bool) {
-    mesh.set(
-        type_url::CLUSTER,
-        backends
-            .iter()
-            .map(|(n, _)| pack_any(build::eds_cluster(n, http2)))
-            .collect(),
-    );
+    mesh.set(type_url::CLUSTER, backends.iter().map(|(n, _)| pack_any(build::eds_cluster(n, http2))).collect());
     mesh.set(
         type_url::ENDPOINT,
         backends
             .iter()
             .map(|(n, eps)| {
-                pack_any(build::cla(
-                    n,
-                    &eps.iter()
-                        .map(|a| (*a, 1, HealthStatus::Healthy))
-                        .collect::<Vec<_>>(),
-                ))
+                pack_any(build::cla(n, &eps.iter().map(|a| (*a, 1, HealthStatus::Healthy)).collect::<Vec<_>>()))
             })
             .collect(),
     );
 }
 
 pub fn rc(name: &str, vhosts: Vec<VirtualHost>) -> RouteConfiguration {
-    RouteConfiguration {
-        name: name.into(),
-        virtual_hosts: vhosts,
-        ..Default::default()
-    }
+    RouteConfiguration { name: name.into(), virtual_hosts: vhosts, ..Default::default() }
 }
 
 pub fn vhost(name: &str, domains: &[&str], routes: Vec<Route>) -> VirtualHost {
@@ -149,21 +120,16 @@ pub fn vhost(name: &str, domains: &[&str], routes: Vec<Route>) -> VirtualHost {
 }
 
 pub fn prefix(p: &str) -> RouteMatch {
-    RouteMatch {
-        path_specifier: Some(route_match::PathSpecifier::Prefix(p.into())),
-        ..Default::default()
-    }
+    RouteMatch { path_specifier: Some(route_match::PathSpecifier::Prefix(p.into())), ..Default::default() }
 }
 
 pub fn exact_header(name: &str, value: &str) -> HeaderMatcher {
     HeaderMatcher {
         name: name.into(),
-        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(
-            StringMatcher {
-                match_pattern: Some(string_matcher::MatchPattern::Exact(value.into())),
-                ..Default::default()
-            },
-        )),
+        header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+            match_pattern: Some(string_matcher::MatchPattern::Exact(value.into())),
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
@@ -177,28 +143,21 @@ pub fn to(cluster: &str) -> RouteAction {
 
 pub fn weighted(parts: &[(&str, u32)]) -> RouteAction {
     RouteAction {
-        cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(
-            WeightedCluster {
-                clusters: parts
-                    .iter()
-                    .map(|(n, w)| weighted_cluster::ClusterWeight {
-                        name: n.to_string(),
-                        weight: Some(UInt32Value { value: *w }),
-                        ..Default::default()
-                    })
-                    .collect(),
-                ..Default::default()
-            },
-        )),
+        cluster_specifier: Some(route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+            clusters: parts
+                .iter()
+                .map(|(n, w)| weighted_cluster::ClusterWeight {
+                    name: n.to_string(),
+                    weight: Some(UInt32Value { value: *w }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        })),
         ..Default::default()
     }
 }
 
 pub fn route(name: &str, m: RouteMatch, action: RouteAction) -> Route {
-    Route {
-        name: name.into(),
-        r#match: Some(m),
-        action: Some(route::Action::Route(action)),
-        ..Default::default()
-    }
+    Route { name: name.into(), r#match: Some(m), action: Some(route::Action::Route(action)), ..Default::default() }
 }

@@ -70,20 +70,14 @@ impl GrpcEchoServer {
     /// If the loopback listener cannot be bound.
     pub async fn start(name: &str) -> Self {
         let listener = bind_loopback().await;
-        let addr = listener
-            .local_addr()
-            .expect("local_addr of a bound listener");
+        let addr = listener.local_addr().expect("local_addr of a bound listener");
         let counters = Arc::new(Counters::default());
         let name: Arc<str> = Arc::from(name);
         let task = tokio::spawn(serve_http(listener, counters.clone(), move |req| {
             let name = name.clone();
             async move { Ok::<_, Infallible>(handle(name, req)) }
         }));
-        GrpcEchoServer {
-            addr,
-            counters,
-            task,
-        }
+        GrpcEchoServer { addr, counters, task }
     }
 
     /// Calls (streams) received so far.
@@ -117,22 +111,13 @@ impl GrpcStream {
         let req = grpc_request(authority, path, &[], body)?;
         let resp = sender.send_request(req).await.context("gRPC request")?;
         let (parts, body) = resp.into_parts();
-        Ok(GrpcStream {
-            headers: parts.headers,
-            tx: Some(tx),
-            body,
-            buf: BytesMut::new(),
-            trailers: None,
-            _conn: conn,
-        })
+        Ok(GrpcStream { headers: parts.headers, tx: Some(tx), body, buf: BytesMut::new(), trailers: None, _conn: conn })
     }
 
     /// Sends one message.
     pub async fn send(&mut self, msg: Bytes) -> anyhow::Result<()> {
         let tx = self.tx.as_ref().context("send after close_send")?;
-        tx.send(Ok(Frame::data(encode_message(&msg))))
-            .await
-            .map_err(|_| anyhow!("gRPC request stream closed"))
+        tx.send(Ok(Frame::data(encode_message(&msg)))).await.map_err(|_| anyhow!("gRPC request stream closed"))
     }
 
     /// Half-closes the request stream (END_STREAM).
@@ -216,12 +201,7 @@ pub async fn grpc_call_with_headers(
         bail!("{} trailing bytes after the last gRPC message", buf.len());
     }
     conn.abort();
-    Ok(GrpcReply {
-        status: parts.status,
-        headers: parts.headers,
-        messages: out,
-        trailers,
-    })
+    Ok(GrpcReply { status: parts.status, headers: parts.headers, messages: out, trailers })
 }
 
 /// Frames one message: flag 0 (uncompressed), big-endian length, bytes.
@@ -264,20 +244,13 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let stream = tokio::net::TcpStream::connect(target)
-        .await
-        .with_context(|| format!("connect {target}"))?;
+    let stream = tokio::net::TcpStream::connect(target).await.with_context(|| format!("connect {target}"))?;
     hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
         .await
         .with_context(|| format!("h2c handshake with {target}"))
 }
 
-fn grpc_request<B>(
-    authority: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: B,
-) -> anyhow::Result<Request<B>> {
+fn grpc_request<B>(authority: &str, path: &str, headers: &[(&str, &str)], body: B) -> anyhow::Result<Request<B>> {
     let mut builder = Request::post(format!("http://{authority}{path}"))
         .header(http::header::CONTENT_TYPE, "application/grpc")
         .header(http::header::TE, "trailers");
@@ -296,10 +269,7 @@ fn handle(name: Arc<str>, req: Request<Incoming>) -> Response<ServerBody> {
             tokio::spawn(pump(name.clone(), req.into_body(), tx, unary));
             let mut resp = Response::new(Either::Right(StreamBody::new(ReceiverStream::new(rx))));
             let h = resp.headers_mut();
-            h.insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("application/grpc"),
-            );
+            h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
             h.insert(SERVER_HEADER, header_value(&name));
             resp
         }
@@ -317,12 +287,7 @@ fn handle(name: Arc<str>, req: Request<Incoming>) -> Response<ServerBody> {
 }
 
 /// Reads request messages and writes replies; ends with the OK trailers.
-async fn pump(
-    name: Arc<str>,
-    mut body: Incoming,
-    tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>,
-    unary: bool,
-) {
+async fn pump(name: Arc<str>, mut body: Incoming, tx: mpsc::Sender<Result<Frame<Bytes>, Infallible>>, unary: bool) {
     let mut buf = BytesMut::new();
     let mut answered = false;
     'read: while let Some(frame) = body.frame().await {
@@ -338,11 +303,7 @@ async fn pump(
                         continue;
                     }
                     answered = true;
-                    if tx
-                        .send(Ok(Frame::data(encode_message(&msg))))
-                        .await
-                        .is_err()
-                    {
+                    if tx.send(Ok(Frame::data(encode_message(&msg)))).await.is_err() {
                         return;
                     }
                 }
@@ -360,10 +321,7 @@ async fn pump(
 fn trailers_only(name: &str, code: u32, message: &'static str) -> Response<ServerBody> {
     let mut resp = Response::new(Either::Left(Empty::new()));
     let h = resp.headers_mut();
-    h.insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
+    h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     h.insert("grpc-status", HeaderValue::from(code));
     h.insert("grpc-message", HeaderValue::from_static(message));
     h.insert(SERVER_HEADER, header_value(name));

@@ -65,20 +65,14 @@ impl EchoServer {
     /// If the loopback listener cannot be bound.
     pub async fn start(name: &str) -> Self {
         let listener = bind_loopback().await;
-        let addr = listener
-            .local_addr()
-            .expect("local_addr of a bound listener");
+        let addr = listener.local_addr().expect("local_addr of a bound listener");
         let counters = Arc::new(Counters::default());
         let name: Arc<str> = Arc::from(name);
         let task = tokio::spawn(serve_http(listener, counters.clone(), move |req| {
             let name = name.clone();
             async move { Ok::<_, Infallible>(echo(&name, req).await) }
         }));
-        EchoServer {
-            addr,
-            counters,
-            task,
-        }
+        EchoServer { addr, counters, task }
     }
 
     /// Requests answered so far (all protocols).
@@ -99,18 +93,13 @@ impl Drop for EchoServer {
 }
 
 pub(crate) async fn bind_loopback() -> TcpListener {
-    TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind 127.0.0.1:0")
+    TcpListener::bind("127.0.0.1:0").await.expect("bind 127.0.0.1:0")
 }
 
 /// Accept loop shared by the HTTP and gRPC echo servers. Connection tasks live in a
 /// `JoinSet` owned by this future, so aborting it closes every connection too.
-pub(crate) async fn serve_http<F, Fut, B>(
-    listener: TcpListener,
-    counters: Arc<Counters>,
-    handler: F,
-) where
+pub(crate) async fn serve_http<F, Fut, B>(listener: TcpListener, counters: Arc<Counters>, handler: F)
+where
     F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
     Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: hyper::body::Body<Data = Bytes> + Send + 'static,
@@ -134,9 +123,7 @@ pub(crate) async fn serve_http<F, Fut, B>(
             });
             let builder = auto::Builder::new(TokioExecutor::new());
             // Errors here are the client's doing (reset, bad bytes); the server goes on.
-            let _ = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), svc)
-                .await;
+            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).await;
         });
     }
 }
@@ -146,10 +133,7 @@ async fn echo(name: &str, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.headers().contains_key(http::header::UPGRADE) {
         return upgrade(name, &mut req);
     }
-    if let Some(ms) = path
-        .strip_prefix("/delay/")
-        .and_then(|s| s.parse::<u64>().ok())
-    {
+    if let Some(ms) = path.strip_prefix("/delay/").and_then(|s| s.parse::<u64>().ok()) {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let status = path
@@ -159,11 +143,7 @@ async fn echo(name: &str, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         .unwrap_or(StatusCode::OK);
     let method = req.method().clone();
     let target = req.uri().to_string();
-    let path_and_query = req
-        .uri()
-        .path_and_query()
-        .map(|pq| pq.as_str().to_owned())
-        .unwrap_or_else(|| path.clone());
+    let path_and_query = req.uri().path_and_query().map(|pq| pq.as_str().to_owned()).unwrap_or_else(|| path.clone());
     let mut headers = serde_json::Map::new();
     for key in req.headers().keys() {
         let joined = req
@@ -194,26 +174,16 @@ async fn echo(name: &str, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
     };
     let mut resp = Response::new(Full::new(out));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static(content_type),
-    );
+    resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
     resp.headers_mut().insert(SERVER_HEADER, header_value(name));
     resp
 }
 
 /// Answers 101 and echoes raw bytes on the upgraded connection.
 fn upgrade(name: &str, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
-    let protocol = req
-        .headers()
-        .get(http::header::UPGRADE)
-        .cloned()
-        .unwrap_or_else(|| HeaderValue::from_static("websocket"));
-    let key = req
-        .headers()
-        .get("sec-websocket-key")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+    let protocol =
+        req.headers().get(http::header::UPGRADE).cloned().unwrap_or_else(|| HeaderValue::from_static("websocket"));
+    let key = req.headers().get("sec-websocket-key").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
         let Ok(upgraded) = on_upgrade.await else {
@@ -235,10 +205,7 @@ fn upgrade(name: &str, req: &mut Request<Incoming>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = resp.headers_mut();
-    h.insert(
-        http::header::CONNECTION,
-        HeaderValue::from_static("upgrade"),
-    );
+    h.insert(http::header::CONNECTION, HeaderValue::from_static("upgrade"));
     h.insert(http::header::UPGRADE, protocol);
     h.insert(SERVER_HEADER, header_value(name));
     if let Some(key) = key {

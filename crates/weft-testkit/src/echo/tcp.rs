@@ -37,16 +37,10 @@ impl TcpEchoServer {
     /// If the loopback listener cannot be bound.
     pub async fn start() -> Self {
         let listener = bind_loopback().await;
-        let addr = listener
-            .local_addr()
-            .expect("local_addr of a bound listener");
+        let addr = listener.local_addr().expect("local_addr of a bound listener");
         let connections = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(serve(listener, connections.clone(), Bytes::new()));
-        TcpEchoServer {
-            addr,
-            connections,
-            task,
-        }
+        TcpEchoServer { addr, connections, task }
     }
 
     /// Connections accepted so far.
@@ -69,17 +63,10 @@ impl BannerServer {
     pub async fn start(greeting: impl Into<Bytes>) -> Self {
         let greeting = greeting.into();
         let listener = bind_loopback().await;
-        let addr = listener
-            .local_addr()
-            .expect("local_addr of a bound listener");
+        let addr = listener.local_addr().expect("local_addr of a bound listener");
         let connections = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn(serve(listener, connections.clone(), greeting.clone()));
-        BannerServer {
-            addr,
-            greeting,
-            connections,
-            task,
-        }
+        BannerServer { addr, greeting, connections, task }
     }
 
     /// Connections accepted so far.

@@ -3,9 +3,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -34,13 +32,8 @@ pub(super) async fn run_stream(
     healthy: &mut bool,
 ) -> Result<(), String> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let mut stream = Stream {
-        client,
-        tx,
-        order: client.handler.type_urls(),
-        subscribed: BTreeMap::new(),
-        node_sent: false,
-    };
+    let mut stream =
+        Stream { client, tx, order: client.handler.type_urls(), subscribed: BTreeMap::new(), node_sent: false };
     stream.sync_interest(memory)?;
     let mut responses = grpc
         .delta_aggregated_resources(UnboundedReceiverStream::new(rx))
@@ -48,11 +41,7 @@ pub(super) async fn run_stream(
         .map_err(|e| format!("open delta stream: {e}"))?
         .into_inner();
     client.mark_connected();
-    while let Some(response) = responses
-        .message()
-        .await
-        .map_err(|e| format!("delta stream: {e}"))?
-    {
+    while let Some(response) = responses.message().await.map_err(|e| format!("delta stream: {e}"))? {
         *healthy = true;
         stream.handle(response, memory)?;
     }
@@ -60,11 +49,7 @@ pub(super) async fn run_stream(
 }
 
 impl Stream<'_> {
-    fn handle(
-        &mut self,
-        response: DeltaDiscoveryResponse,
-        memory: &mut Memory,
-    ) -> Result<(), String> {
+    fn handle(&mut self, response: DeltaDiscoveryResponse, memory: &mut Memory) -> Result<(), String> {
         let Some(type_url) = self.order.iter().copied().find(|t| *t == response.type_url) else {
             let error = format!("unknown type_url {}: not subscribed", response.type_url);
             self.client.record_nack(&response.type_url, &error);
@@ -87,10 +72,7 @@ impl Stream<'_> {
                 removals: response.removed_resources.clone(),
                 full_state: false,
             };
-            self.client
-                .handler
-                .apply(type_url, update)
-                .map(|()| versions)
+            self.client.handler.apply(type_url, update).map(|()| versions)
         });
         let mut request = DeltaDiscoveryRequest {
             type_url: type_url.to_string(),
@@ -99,10 +81,7 @@ impl Stream<'_> {
         };
         match outcome {
             Ok(versions) => {
-                let known = memory
-                    .delta_versions
-                    .entry(type_url.to_string())
-                    .or_default();
+                let known = memory.delta_versions.entry(type_url.to_string()).or_default();
                 for name in &response.removed_resources {
                     known.remove(name);
                 }
@@ -123,10 +102,7 @@ impl Stream<'_> {
     fn sync_interest(&mut self, memory: &mut Memory) -> Result<(), String> {
         for type_url in self.order.clone() {
             let interest = self.client.handler.interest(type_url);
-            let mut request = DeltaDiscoveryRequest {
-                type_url: type_url.to_string(),
-                ..Default::default()
-            };
+            let mut request = DeltaDiscoveryRequest { type_url: type_url.to_string(), ..Default::default() };
             match (self.subscribed.get(type_url), &interest) {
                 (Some(previous), _) if *previous == interest => continue,
                 (None, Some(names)) if names.is_empty() => continue,
@@ -139,9 +115,7 @@ impl Stream<'_> {
                     if let Some(known) = memory.delta_versions.get(type_url) {
                         request.initial_resource_versions = known
                             .iter()
-                            .filter(|(name, _)| {
-                                interest.as_ref().is_none_or(|names| names.contains(*name))
-                            })
+                            .filter(|(name, _)| interest.as_ref().is_none_or(|names| names.contains(*name)))
                             .map(|(n, v)| (n.clone(), v.clone()))
                             .collect();
                     }
@@ -152,12 +126,8 @@ impl Stream<'_> {
                     request.resource_names_subscribe = new.difference(&old).cloned().collect();
                     request.resource_names_unsubscribe = old.difference(&new).cloned().collect();
                     match (previous.is_none(), interest.is_none()) {
-                        (true, false) => request
-                            .resource_names_unsubscribe
-                            .push(WILDCARD.to_string()),
-                        (false, true) => {
-                            request.resource_names_subscribe.push(WILDCARD.to_string())
-                        }
+                        (true, false) => request.resource_names_unsubscribe.push(WILDCARD.to_string()),
+                        (false, true) => request.resource_names_subscribe.push(WILDCARD.to_string()),
                         _ => {}
                     }
                     if let Some(known) = memory.delta_versions.get_mut(type_url) {
@@ -178,9 +148,7 @@ impl Stream<'_> {
             request.node = Some(self.client.config.node.to_node());
             self.node_sent = true;
         }
-        self.tx
-            .send(request)
-            .map_err(|_| "delta request stream closed".to_string())
+        self.tx.send(request).map_err(|_| "delta request stream closed".to_string())
     }
 }
 
@@ -191,24 +159,14 @@ fn decode(type_url: &str, response: &DeltaDiscoveryResponse) -> Result<Decoded, 
     let mut upserts = Vec::with_capacity(response.resources.len());
     let mut versions = Vec::with_capacity(response.resources.len());
     for (i, resource) in response.resources.iter().enumerate() {
-        let label = if resource.name.is_empty() {
-            format!("#{i}")
-        } else {
-            resource.name.clone()
-        };
+        let label = if resource.name.is_empty() { format!("#{i}") } else { resource.name.clone() };
         let Some(any) = resource.resource.as_ref() else {
-            return Err(format!(
-                "{} resource {label} rejected: no resource body",
-                short(type_url)
-            ));
+            return Err(format!("{} resource {label} rejected: no resource body", short(type_url)));
         };
-        let name = resource_name(type_url, any)
-            .map_err(|e| format!("{} resource {label} rejected: {e}", short(type_url)))?;
+        let name =
+            resource_name(type_url, any).map_err(|e| format!("{} resource {label} rejected: {e}", short(type_url)))?;
         if !resource.name.is_empty() && resource.name != name {
-            return Err(format!(
-                "{} resource {label} rejected: body is named {name}",
-                short(type_url)
-            ));
+            return Err(format!("{} resource {label} rejected: body is named {name}", short(type_url)));
         }
         versions.push((name.clone(), resource.version.clone()));
         upserts.push((name, any.clone()));

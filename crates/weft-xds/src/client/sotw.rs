@@ -52,11 +52,7 @@ pub(super) async fn run_stream(
         .map_err(|e| format!("open SotW stream: {e}"))?
         .into_inner();
     client.mark_connected();
-    while let Some(response) = responses
-        .message()
-        .await
-        .map_err(|e| format!("SotW stream: {e}"))?
-    {
+    while let Some(response) = responses.message().await.map_err(|e| format!("SotW stream: {e}"))? {
         *healthy = true;
         stream.handle(response, memory)?;
     }
@@ -79,27 +75,16 @@ impl Stream<'_> {
         if let Some(state) = self.types.get_mut(type_url) {
             state.nonce.clone_from(&response.nonce);
         }
-        let wildcard = matches!(
-            self.types.get(type_url).and_then(|s| s.requested.as_ref()),
-            Some(None)
-        );
+        let wildcard = matches!(self.types.get(type_url).and_then(|s| s.requested.as_ref()), Some(None));
         let outcome = decode(type_url, &response).and_then(|upserts| {
             let names: BTreeSet<String> = upserts.iter().map(|(n, _)| n.clone()).collect();
             let removals = if wildcard {
-                memory
-                    .sotw_names
-                    .get(type_url)
-                    .map(|old| old.difference(&names).cloned().collect())
-                    .unwrap_or_default()
+                memory.sotw_names.get(type_url).map(|old| old.difference(&names).cloned().collect()).unwrap_or_default()
             } else {
                 Vec::new()
             };
-            let update = ResourceUpdate {
-                version: response.version_info.clone(),
-                upserts,
-                removals,
-                full_state: wildcard,
-            };
+            let update =
+                ResourceUpdate { version: response.version_info.clone(), upserts, removals, full_state: wildcard };
             self.client.handler.apply(type_url, update).map(|()| names)
         });
         let interest = self.client.handler.interest(type_url);
@@ -170,17 +155,12 @@ impl Stream<'_> {
             request.node = Some(self.client.config.node.to_node());
             self.node_sent = true;
         }
-        self.tx
-            .send(request)
-            .map_err(|_| "SotW request stream closed".to_string())
+        self.tx.send(request).map_err(|_| "SotW request stream closed".to_string())
     }
 }
 
 fn names_of(interest: &Option<BTreeSet<String>>) -> Vec<String> {
-    interest
-        .as_ref()
-        .map(|names| names.iter().cloned().collect())
-        .unwrap_or_default()
+    interest.as_ref().map(|names| names.iter().cloned().collect()).unwrap_or_default()
 }
 
 /// Names and checks every resource of a response; the error names type and resource.

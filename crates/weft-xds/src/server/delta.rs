@@ -4,9 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use tokio::sync::mpsc;
 use tonic::{Status, Streaming};
 
@@ -67,12 +65,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let mut stream = Stream {
-        registration,
-        types: BTreeMap::new(),
-        tx,
-        nonce: 0,
-    };
+    let mut stream = Stream { registration, types: BTreeMap::new(), tx, nonce: 0 };
     if stream.on_request(first).await.is_err() {
         return;
     }
@@ -106,8 +99,7 @@ impl Stream {
         let state = self.types.entry(type_url.clone()).or_default();
         if first {
             state.known = request.initial_resource_versions.into_iter().collect();
-            state.wildcard =
-                is_wildcard_type(&type_url) && request.resource_names_subscribe.is_empty();
+            state.wildcard = is_wildcard_type(&type_url) && request.resource_names_subscribe.is_empty();
         }
         if let Ok(nonce) = request.response_nonce.parse::<u64>() {
             if let Some(version) = state.inflight.get(&nonce).cloned() {
@@ -156,11 +148,7 @@ impl Stream {
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
-        let (version, resources) = self
-            .registration
-            .shared
-            .source
-            .resources(&self.registration.node, type_url);
+        let (version, resources) = self.registration.shared.source.resources(&self.registration.node, type_url);
         let wanted = |name: &str| state.wildcard || state.names.contains(name);
         let mut updates = Vec::new();
         for (name, any) in &resources {
@@ -177,12 +165,8 @@ impl Stream {
                 });
             }
         }
-        let mut removed: Vec<String> = state
-            .known
-            .keys()
-            .filter(|name| !resources.contains_key(*name) && wanted(name))
-            .cloned()
-            .collect();
+        let mut removed: Vec<String> =
+            state.known.keys().filter(|name| !resources.contains_key(*name) && wanted(name)).cloned().collect();
         for name in &state.names {
             if !resources.contains_key(name)
                 && !state.known.contains_key(name)
@@ -196,9 +180,7 @@ impl Stream {
             return Ok(());
         }
         for resource in &updates {
-            state
-                .known
-                .insert(resource.name.clone(), resource.version.clone());
+            state.known.insert(resource.name.clone(), resource.version.clone());
             state.reported_missing.remove(&resource.name);
         }
         for name in &removed {
@@ -222,10 +204,7 @@ impl Stream {
             nonce: nonce.clone(),
             ..Default::default()
         };
-        self.tx
-            .send(Ok(response))
-            .await
-            .map_err(|_| Status::cancelled("peer went away"))?;
+        self.tx.send(Ok(response)).await.map_err(|_| Status::cancelled("peer went away"))?;
         self.registration.update(type_url, |t| {
             t.sent_version = Some(version);
             t.sent_nonce = Some(nonce);

@@ -58,12 +58,7 @@ pub(super) async fn run(
             return;
         }
     };
-    let mut stream = Stream {
-        registration,
-        types: BTreeMap::new(),
-        tx,
-        nonce: 0,
-    };
+    let mut stream = Stream { registration, types: BTreeMap::new(), tx, nonce: 0 };
     if stream.on_request(first).await.is_err() {
         return;
     }
@@ -117,19 +112,9 @@ impl Stream {
             state.sent = None;
         }
         let wildcard = is_wildcard_type(&type_url)
-            && (request.resource_names.is_empty()
-                || request.resource_names.iter().any(|n| n == "*"));
-        state.names = if wildcard {
-            None
-        } else {
-            Some(
-                request
-                    .resource_names
-                    .into_iter()
-                    .filter(|n| n != "*")
-                    .collect(),
-            )
-        };
+            && (request.resource_names.is_empty() || request.resource_names.iter().any(|n| n == "*"));
+        state.names =
+            if wildcard { None } else { Some(request.resource_names.into_iter().filter(|n| n != "*").collect()) };
         self.push(&type_url).await
     }
 
@@ -153,16 +138,8 @@ impl Stream {
         if state.names.as_ref().is_some_and(BTreeSet::is_empty) && state.sent.is_some() {
             return Ok(());
         }
-        let (version, resources) = self
-            .registration
-            .shared
-            .source
-            .resources(&self.registration.node, type_url);
-        if state
-            .sent
-            .as_ref()
-            .is_some_and(|(v, names)| *v == version && *names == state.names)
-        {
+        let (version, resources) = self.registration.shared.source.resources(&self.registration.node, type_url);
+        if state.sent.as_ref().is_some_and(|(v, names)| *v == version && *names == state.names) {
             return Ok(());
         }
         let names = state.names.clone();
@@ -180,10 +157,7 @@ impl Stream {
             nonce: nonce.clone(),
             ..Default::default()
         };
-        self.tx
-            .send(Ok(response))
-            .await
-            .map_err(|_| Status::cancelled("peer went away"))?;
+        self.tx.send(Ok(response)).await.map_err(|_| Status::cancelled("peer went away"))?;
         if let Some(state) = self.types.get_mut(type_url) {
             state.sent = Some((version.clone(), names));
             state.nonce.clone_from(&nonce);

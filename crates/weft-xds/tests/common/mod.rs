@@ -15,8 +15,8 @@ use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use weft_xds::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
 use weft_xds::{
-    AdsClient, AdsServer, Any, Backoff, ClientConfig, ClientStatus, NodeInfo, PortInfo,
-    ResourceHandler, ResourceUpdate, StaticSource, XdsMode,
+    AdsClient, AdsServer, Any, Backoff, ClientConfig, ClientStatus, NodeInfo, PortInfo, ResourceHandler,
+    ResourceUpdate, StaticSource, XdsMode,
 };
 
 pub const NODE_ID: &str = "sidecar~10.0.0.1~pod-1.default~default.svc.cluster.local";
@@ -44,19 +44,13 @@ pub struct HandlerState {
 
 impl HandlerState {
     pub fn names(&self, type_url: &str) -> BTreeSet<String> {
-        self.resources
-            .get(type_url)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
+        self.resources.get(type_url).map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
 }
 
 impl MemHandler {
     pub fn new() -> Arc<Self> {
-        Arc::new(MemHandler {
-            state: Mutex::default(),
-            changed: watch::channel(0).0,
-        })
+        Arc::new(MemHandler { state: Mutex::default(), changed: watch::channel(0).0 })
     }
 
     pub fn snapshot(&self) -> HandlerState {
@@ -106,11 +100,7 @@ impl ResourceHandler for MemHandler {
         let mut removed = Vec::new();
         if update.full_state {
             let new: BTreeMap<String, Any> = update.upserts.iter().cloned().collect();
-            removed = map
-                .keys()
-                .filter(|k| !new.contains_key(*k))
-                .cloned()
-                .collect();
+            removed = map.keys().filter(|k| !new.contains_key(*k)).cloned().collect();
             *map = new;
         } else {
             for (name, any) in &update.upserts {
@@ -123,8 +113,7 @@ impl ResourceHandler for MemHandler {
             }
         }
         let upserted = update.upserts.iter().map(|(n, _)| n.clone()).collect();
-        s.removals
-            .extend(removed.into_iter().map(|n| (type_url.to_string(), n)));
+        s.removals.extend(removed.into_iter().map(|n| (type_url.to_string(), n)));
         s.applied.push((type_url.to_string(), upserted));
         drop(s);
         self.changed.send_modify(|n| *n += 1);
@@ -142,10 +131,7 @@ impl ResourceHandler for MemHandler {
 }
 
 pub fn listener(name: &str) -> Any {
-    pack_any(Listener {
-        name: name.to_string(),
-        ..Default::default()
-    })
+    pack_any(Listener { name: name.to_string(), ..Default::default() })
 }
 
 /// A route configuration; `tag` names its only virtual host so contents can change.
@@ -162,26 +148,18 @@ pub fn route(name: &str, tag: &str) -> Any {
 }
 
 pub fn cluster(name: &str) -> Any {
-    pack_any(Cluster {
-        name: name.to_string(),
-        ..Default::default()
-    })
+    pack_any(Cluster { name: name.to_string(), ..Default::default() })
 }
 
 pub fn cla(name: &str) -> Any {
-    pack_any(ClusterLoadAssignment {
-        cluster_name: name.to_string(),
-        ..Default::default()
-    })
+    pack_any(ClusterLoadAssignment { cluster_name: name.to_string(), ..Default::default() })
 }
 
 /// Source with listener l1, routes l1 and l2, cluster c1 and its endpoints.
 pub fn basic_source() -> StaticSource {
     let source = StaticSource::new();
     source.set(LISTENER, vec![listener("l1")]).unwrap();
-    source
-        .set(ROUTE, vec![route("l1", "v1"), route("l2", "v1")])
-        .unwrap();
+    source.set(ROUTE, vec![route("l1", "v1"), route("l2", "v1")]).unwrap();
     source.set(CLUSTER, vec![cluster("c1")]).unwrap();
     source.set(ENDPOINT, vec![cla("c1")]).unwrap();
     source
@@ -205,12 +183,7 @@ pub fn node_info() -> NodeInfo {
                 protocol: "TCP".to_string(),
                 app_protocol: Some("http".to_string()),
             },
-            PortInfo {
-                name: "metrics".to_string(),
-                port: 15020,
-                protocol: "TCP".to_string(),
-                app_protocol: None,
-            },
+            PortInfo { name: "metrics".to_string(), port: 15020, protocol: "TCP".to_string(), app_protocol: None },
         ],
         instance_ips: vec!["10.0.0.1".to_string(), "fd00::1".to_string()],
     }
@@ -232,12 +205,7 @@ impl RunningServer {
         let task = tokio::spawn(server.clone().serve(listener, async {
             let _ = stopped.await;
         }));
-        RunningServer {
-            server,
-            addr,
-            stop: Some(stop),
-            task,
-        }
+        RunningServer { server, addr, stop: Some(stop), task }
     }
 
     /// Stops serving and waits until the listener is closed.
@@ -253,10 +221,7 @@ impl RunningServer {
     }
 
     pub async fn wait_acked(&self, type_url: &str, version: &str) {
-        self.server
-            .wait_acked(NODE_ID, type_url, version, WAIT)
-            .await
-            .unwrap();
+        self.server.wait_acked(NODE_ID, type_url, version, WAIT).await.unwrap();
     }
 }
 
@@ -273,10 +238,7 @@ impl RunningClient {
                 address: format!("http://{addr}"),
                 node: node_info(),
                 mode,
-                backoff: Backoff {
-                    initial: Duration::from_millis(20),
-                    max: Duration::from_millis(200),
-                },
+                backoff: Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) },
             },
             handler,
         );
@@ -285,27 +247,14 @@ impl RunningClient {
         let task = tokio::spawn(client.run(async {
             let _ = stopped.await;
         }));
-        RunningClient {
-            status,
-            stop: Some(stop),
-            task,
-        }
+        RunningClient { status, stop: Some(stop), task }
     }
 
-    pub async fn wait_status(
-        &mut self,
-        what: &str,
-        cond: impl Fn(&ClientStatus) -> bool,
-    ) -> ClientStatus {
-        let result = tokio::time::timeout(WAIT, self.status.wait_for(|s| cond(s)))
-            .await
-            .map(|r| r.map(|s| s.clone()));
+    pub async fn wait_status(&mut self, what: &str, cond: impl Fn(&ClientStatus) -> bool) -> ClientStatus {
+        let result = tokio::time::timeout(WAIT, self.status.wait_for(|s| cond(s))).await.map(|r| r.map(|s| s.clone()));
         match result {
             Ok(Ok(s)) => s,
-            _ => panic!(
-                "timed out waiting for client status: {what}; {:?}",
-                *self.status.borrow()
-            ),
+            _ => panic!("timed out waiting for client status: {what}; {:?}", *self.status.borrow()),
         }
     }
 
@@ -313,10 +262,7 @@ impl RunningClient {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        tokio::time::timeout(WAIT, &mut self.task)
-            .await
-            .expect("client did not stop")
-            .expect("client task panicked");
+        tokio::time::timeout(WAIT, &mut self.task).await.expect("client did not stop").expect("client task panicked");
     }
 }
 

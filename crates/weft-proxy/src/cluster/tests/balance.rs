@@ -7,23 +7,14 @@ use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 use envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint;
 
 use super::{cla, lb_endpoint};
-use crate::cluster::{
-    Cluster, ClusterConfig, Discovery, LbPolicy, Limits, LoadRegistry, UpstreamProtocol,
-};
+use crate::cluster::{Cluster, ClusterConfig, Discovery, LbPolicy, Limits, LoadRegistry, UpstreamProtocol};
 
-const ALL: [LbPolicy; 4] = [
-    LbPolicy::PeakEwma,
-    LbPolicy::RoundRobin,
-    LbPolicy::Random,
-    LbPolicy::LeastRequest,
-];
+const ALL: [LbPolicy; 4] = [LbPolicy::PeakEwma, LbPolicy::RoundRobin, LbPolicy::Random, LbPolicy::LeastRequest];
 
 fn config(lb: LbPolicy) -> Arc<ClusterConfig> {
     Arc::new(ClusterConfig {
         name: "c".into(),
-        discovery: Discovery::Eds {
-            service_name: "c".into(),
-        },
+        discovery: Discovery::Eds { service_name: "c".into() },
         lb,
         connect_timeout: Duration::from_secs(1),
         protocol: UpstreamProtocol::Http1,
@@ -61,11 +52,7 @@ fn round_robin_honours_weights_exactly_per_cycle() {
         LbPolicy::RoundRobin,
         vec![(
             0,
-            vec![
-                ep(1, 1, HealthStatus::Healthy),
-                ep(2, 2, HealthStatus::Healthy),
-                ep(3, 3, HealthStatus::Healthy),
-            ],
+            vec![ep(1, 1, HealthStatus::Healthy), ep(2, 2, HealthStatus::Healthy), ep(3, 3, HealthStatus::Healthy)],
         )],
         &loads,
     );
@@ -85,23 +72,14 @@ fn round_robin_is_smooth_not_bursty() {
         LbPolicy::RoundRobin,
         vec![(
             0,
-            vec![
-                ep(1, 1, HealthStatus::Healthy),
-                ep(2, 1, HealthStatus::Healthy),
-                ep(3, 4, HealthStatus::Healthy),
-            ],
+            vec![ep(1, 1, HealthStatus::Healthy), ep(2, 1, HealthStatus::Healthy), ep(3, 4, HealthStatus::Healthy)],
         )],
         &loads,
     );
     let seq: Vec<SocketAddr> = (0..60).map(|_| c.pick(&[]).unwrap().addr).collect();
     // The heavy endpoint never takes more than 3 picks in a row (nginx-style spreading;
     // naive weighted RR would give it 4 in a row every cycle).
-    let longest = seq
-        .chunk_by(|a, b| a == b)
-        .filter(|run| run[0] == addr(3))
-        .map(<[SocketAddr]>::len)
-        .max()
-        .unwrap();
+    let longest = seq.chunk_by(|a, b| a == b).filter(|run| run[0] == addr(3)).map(<[SocketAddr]>::len).max().unwrap();
     assert!(longest <= 3, "run of {longest} in {seq:?}");
 }
 
@@ -110,13 +88,7 @@ fn random_honours_weights_statistically() {
     let loads = LoadRegistry::new();
     let c = cluster(
         LbPolicy::Random,
-        vec![(
-            0,
-            vec![
-                ep(1, 1, HealthStatus::Healthy),
-                ep(2, 3, HealthStatus::Healthy),
-            ],
-        )],
+        vec![(0, vec![ep(1, 1, HealthStatus::Healthy), ep(2, 3, HealthStatus::Healthy)])],
         &loads,
     );
     let m = counts(&c, 8000, &[]);
@@ -128,17 +100,7 @@ fn random_honours_weights_statistically() {
 fn p2c_policies_honour_weights_when_idle() {
     for lb in [LbPolicy::PeakEwma, LbPolicy::LeastRequest] {
         let loads = LoadRegistry::new();
-        let c = cluster(
-            lb,
-            vec![(
-                0,
-                vec![
-                    ep(1, 1, HealthStatus::Healthy),
-                    ep(2, 4, HealthStatus::Healthy),
-                ],
-            )],
-            &loads,
-        );
+        let c = cluster(lb, vec![(0, vec![ep(1, 1, HealthStatus::Healthy), ep(2, 4, HealthStatus::Healthy)])], &loads);
         let m = counts(&c, 4000, &[]);
         let ratio = m[&addr(2)] as f64 / m[&addr(1)] as f64;
         assert!((2.5..6.0).contains(&ratio), "{lb:?}: ratio {ratio}");
@@ -165,16 +127,9 @@ fn unhealthy_is_never_picked() {
         );
         let m = counts(&c, 400, &[]);
         assert_eq!(m.keys().len(), 2, "{lb:?}: {m:?}");
-        assert!(
-            m.contains_key(&addr(1)) && m.contains_key(&addr(5)),
-            "{lb:?}: {m:?}"
-        );
+        assert!(m.contains_key(&addr(1)) && m.contains_key(&addr(5)), "{lb:?}: {m:?}");
         // Only unhealthy endpoints left: nothing to pick.
-        let none = cluster(
-            lb,
-            vec![(0, vec![ep(2, 1, HealthStatus::Unhealthy)])],
-            &loads,
-        );
+        let none = cluster(lb, vec![(0, vec![ep(2, 1, HealthStatus::Unhealthy)])], &loads);
         assert!(none.pick(&[]).is_none(), "{lb:?}");
     }
 }
@@ -183,37 +138,15 @@ fn unhealthy_is_never_picked() {
 fn degraded_only_when_no_healthy_is_left() {
     for lb in ALL {
         let loads = LoadRegistry::new();
-        let c = cluster(
-            lb,
-            vec![(
-                0,
-                vec![
-                    ep(1, 1, HealthStatus::Degraded),
-                    ep(2, 1, HealthStatus::Healthy),
-                ],
-            )],
-            &loads,
-        );
+        let c = cluster(lb, vec![(0, vec![ep(1, 1, HealthStatus::Degraded), ep(2, 1, HealthStatus::Healthy)])], &loads);
         assert_eq!(counts(&c, 200, &[]).get(&addr(1)), None, "{lb:?}");
-        let c = cluster(
-            lb,
-            vec![(
-                0,
-                vec![
-                    ep(1, 1, HealthStatus::Degraded),
-                    ep(2, 1, HealthStatus::Unhealthy),
-                ],
-            )],
-            &loads,
-        );
+        let c =
+            cluster(lb, vec![(0, vec![ep(1, 1, HealthStatus::Degraded), ep(2, 1, HealthStatus::Unhealthy)])], &loads);
         assert_eq!(counts(&c, 50, &[])[&addr(1)], 50, "{lb:?}");
         // A healthy endpoint at a lower priority still beats a degraded one at priority 0.
         let c = cluster(
             lb,
-            vec![
-                (0, vec![ep(1, 1, HealthStatus::Degraded)]),
-                (1, vec![ep(2, 1, HealthStatus::Healthy)]),
-            ],
+            vec![(0, vec![ep(1, 1, HealthStatus::Degraded)]), (1, vec![ep(2, 1, HealthStatus::Healthy)])],
             &loads,
         );
         assert_eq!(counts(&c, 50, &[])[&addr(2)], 50, "{lb:?}");
@@ -226,19 +159,13 @@ fn priority_fails_over_only_when_the_first_level_has_no_healthy_endpoint() {
         let loads = LoadRegistry::new();
         let c = cluster(
             lb,
-            vec![
-                (1, vec![ep(2, 1, HealthStatus::Healthy)]),
-                (0, vec![ep(1, 1, HealthStatus::Healthy)]),
-            ],
+            vec![(1, vec![ep(2, 1, HealthStatus::Healthy)]), (0, vec![ep(1, 1, HealthStatus::Healthy)])],
             &loads,
         );
         assert_eq!(counts(&c, 50, &[])[&addr(1)], 50, "{lb:?}");
         let c = cluster(
             lb,
-            vec![
-                (0, vec![ep(1, 1, HealthStatus::Unhealthy)]),
-                (1, vec![ep(2, 1, HealthStatus::Healthy)]),
-            ],
+            vec![(0, vec![ep(1, 1, HealthStatus::Unhealthy)]), (1, vec![ep(2, 1, HealthStatus::Healthy)])],
             &loads,
         );
         assert_eq!(counts(&c, 50, &[])[&addr(2)], 50, "{lb:?}");
@@ -252,13 +179,7 @@ fn exclude_is_honoured_while_another_host_is_left() {
         let c = cluster(
             lb,
             vec![
-                (
-                    0,
-                    vec![
-                        ep(1, 10, HealthStatus::Healthy),
-                        ep(2, 1, HealthStatus::Healthy),
-                    ],
-                ),
+                (0, vec![ep(1, 10, HealthStatus::Healthy), ep(2, 1, HealthStatus::Healthy)]),
                 (1, vec![ep(3, 1, HealthStatus::Healthy)]),
             ],
             &loads,
@@ -280,11 +201,7 @@ fn peak_ewma_steers_away_from_a_slow_endpoint() {
         LbPolicy::PeakEwma,
         vec![(
             0,
-            vec![
-                ep(1, 1, HealthStatus::Healthy),
-                ep(2, 1, HealthStatus::Healthy),
-                ep(3, 1, HealthStatus::Healthy),
-            ],
+            vec![ep(1, 1, HealthStatus::Healthy), ep(2, 1, HealthStatus::Healthy), ep(3, 1, HealthStatus::Healthy)],
         )],
         &loads,
     );
@@ -304,13 +221,7 @@ fn peak_ewma_counts_outstanding_requests() {
     let loads = LoadRegistry::new();
     let c = cluster(
         LbPolicy::PeakEwma,
-        vec![(
-            0,
-            vec![
-                ep(1, 1, HealthStatus::Healthy),
-                ep(2, 1, HealthStatus::Healthy),
-            ],
-        )],
+        vec![(0, vec![ep(1, 1, HealthStatus::Healthy), ep(2, 1, HealthStatus::Healthy)])],
         &loads,
     );
     let busy = c.endpoints()[0].clone();
@@ -324,13 +235,7 @@ fn least_request_prefers_fewer_in_flight() {
     let loads = LoadRegistry::new();
     let c = cluster(
         LbPolicy::LeastRequest,
-        vec![(
-            0,
-            vec![
-                ep(1, 1, HealthStatus::Healthy),
-                ep(2, 1, HealthStatus::Healthy),
-            ],
-        )],
+        vec![(0, vec![ep(1, 1, HealthStatus::Healthy), ep(2, 1, HealthStatus::Healthy)])],
         &loads,
     );
     let busy = c.endpoints()[0].clone();
@@ -346,21 +251,10 @@ fn least_request_prefers_fewer_in_flight() {
 #[test]
 fn loads_survive_recompile_and_are_pruned_when_unused() {
     let loads = LoadRegistry::new();
-    let levels = || {
-        vec![(
-            0,
-            vec![
-                ep(1, 1, HealthStatus::Healthy),
-                ep(2, 1, HealthStatus::Healthy),
-            ],
-        )]
-    };
+    let levels = || vec![(0, vec![ep(1, 1, HealthStatus::Healthy), ep(2, 1, HealthStatus::Healthy)])];
     let old = cluster(LbPolicy::PeakEwma, levels(), &loads);
     let guard = old.endpoints()[0].load.start();
-    old.endpoints()[1]
-        .load
-        .start()
-        .finish(Duration::from_millis(400));
+    old.endpoints()[1].load.start().finish(Duration::from_millis(400));
     let new = cluster(LbPolicy::PeakEwma, levels(), &loads);
     drop(old);
     assert_eq!(new.endpoints()[0].load.in_flight(), 1);
@@ -369,18 +263,12 @@ fn loads_survive_recompile_and_are_pruned_when_unused() {
     assert_eq!(new.endpoints()[0].load.in_flight(), 0);
     // Another cluster with the same address has its own load.
     let other = Cluster::new(
-        Arc::new(ClusterConfig {
-            name: "other".into(),
-            ..(*config(LbPolicy::PeakEwma)).clone()
-        }),
+        Arc::new(ClusterConfig { name: "other".into(), ..(*config(LbPolicy::PeakEwma)).clone() }),
         Some(&cla("other", levels())),
         &loads,
     )
     .unwrap();
-    assert!(!Arc::ptr_eq(
-        &other.endpoints()[1].load,
-        &new.endpoints()[1].load
-    ));
+    assert!(!Arc::ptr_eq(&other.endpoints()[1].load, &new.endpoints()[1].load));
     drop(other);
     drop(new);
     loads.prune();
@@ -390,16 +278,8 @@ fn loads_survive_recompile_and_are_pruned_when_unused() {
 #[test]
 fn cluster_request_counter_caps_outstanding_requests_across_snapshots() {
     let loads = LoadRegistry::new();
-    let a = cluster(
-        LbPolicy::RoundRobin,
-        vec![(0, vec![ep(1, 1, HealthStatus::Healthy)])],
-        &loads,
-    );
-    let b = cluster(
-        LbPolicy::RoundRobin,
-        vec![(0, vec![ep(1, 1, HealthStatus::Healthy)])],
-        &loads,
-    );
+    let a = cluster(LbPolicy::RoundRobin, vec![(0, vec![ep(1, 1, HealthStatus::Healthy)])], &loads);
+    let b = cluster(LbPolicy::RoundRobin, vec![(0, vec![ep(1, 1, HealthStatus::Healthy)])], &loads);
     let p1 = a.load().try_start(2).unwrap();
     let _p2 = b.load().try_start(2).unwrap();
     assert!(a.load().try_start(2).is_none());

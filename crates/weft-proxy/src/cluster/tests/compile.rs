@@ -6,23 +6,16 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbPolicy as EnvoyLbPolicy,
 };
 use envoy_types::pb::envoy::config::cluster::v3::load_balancing_policy::Policy;
-use envoy_types::pb::envoy::config::cluster::v3::{
-    CircuitBreakers, Cluster as XdsCluster, LoadBalancingPolicy,
-};
-use envoy_types::pb::envoy::config::core::v3::{
-    HealthStatus, Http2ProtocolOptions, Metadata, TypedExtensionConfig,
-};
+use envoy_types::pb::envoy::config::cluster::v3::{CircuitBreakers, Cluster as XdsCluster, LoadBalancingPolicy};
+use envoy_types::pb::envoy::config::core::v3::{HealthStatus, Http2ProtocolOptions, Metadata, TypedExtensionConfig};
 use envoy_types::pb::envoy::extensions::load_balancing_policies::{
     least_request::v3::LeastRequest, random::v3::Random, round_robin::v3::RoundRobin,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
-    explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions,
-    UseDownstreamHttpConfig,
+    explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
-use envoy_types::pb::google::protobuf::{
-    value::Kind, Duration as PbDuration, Struct, UInt32Value, Value,
-};
+use envoy_types::pb::google::protobuf::{value::Kind, Duration as PbDuration, Struct, UInt32Value, Value};
 use envoy_types::util::pack_any;
 
 use super::{cla, lb_endpoint};
@@ -38,49 +31,28 @@ fn eds(name: &str) -> XdsCluster {
 }
 
 fn weft_metadata(policy: &str) -> Metadata {
-    let fields = HashMap::from([(
-        "lb_policy".to_string(),
-        Value {
-            kind: Some(Kind::StringValue(policy.to_string())),
-        },
-    )]);
-    Metadata {
-        filter_metadata: HashMap::from([("weft".to_string(), Struct { fields })]),
-        ..Default::default()
-    }
+    let fields =
+        HashMap::from([("lb_policy".to_string(), Value { kind: Some(Kind::StringValue(policy.to_string())) })]);
+    Metadata { filter_metadata: HashMap::from([("weft".to_string(), Struct { fields })]), ..Default::default() }
 }
 
 fn with_http_options(mut c: XdsCluster, opts: UpstreamProtocolOptions) -> XdsCluster {
-    let any = pack_any(HttpProtocolOptions {
-        upstream_protocol_options: Some(opts),
-        ..Default::default()
-    });
-    c.typed_extension_protocol_options
-        .insert(HTTP_PROTOCOL_OPTIONS_KEY.to_string(), any);
+    let any = pack_any(HttpProtocolOptions { upstream_protocol_options: Some(opts), ..Default::default() });
+    c.typed_extension_protocol_options.insert(HTTP_PROTOCOL_OPTIONS_KEY.to_string(), any);
     c
 }
 
 #[test]
 fn defaults_match_envoy() {
     let c = ClusterConfig::compile(&eds("outbound|80||a.ns.svc.cluster.local")).unwrap();
-    assert_eq!(
-        c.discovery,
-        Discovery::Eds {
-            service_name: "outbound|80||a.ns.svc.cluster.local".into()
-        }
-    );
+    assert_eq!(c.discovery, Discovery::Eds { service_name: "outbound|80||a.ns.svc.cluster.local".into() });
     // lb_policy 0 with no weft metadata is ROUND_ROBIN, as in Envoy.
     assert_eq!(c.lb, LbPolicy::RoundRobin);
     assert_eq!(c.connect_timeout, Duration::from_secs(5));
     assert_eq!(c.protocol, UpstreamProtocol::Http1);
     assert_eq!(
         c.limits,
-        Limits {
-            max_connections: 1024,
-            max_pending_requests: 1024,
-            max_requests: 1024,
-            max_retries: 3
-        }
+        Limits { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
     );
     assert!(c.static_endpoints.is_none());
 }
@@ -88,17 +60,9 @@ fn defaults_match_envoy() {
 #[test]
 fn eds_service_name_is_taken_when_set() {
     let mut x = eds("c");
-    x.eds_cluster_config = Some(EdsClusterConfig {
-        service_name: "svc".into(),
-        ..Default::default()
-    });
+    x.eds_cluster_config = Some(EdsClusterConfig { service_name: "svc".into(), ..Default::default() });
     let c = ClusterConfig::compile(&x).unwrap();
-    assert_eq!(
-        c.discovery,
-        Discovery::Eds {
-            service_name: "svc".into()
-        }
-    );
+    assert_eq!(c.discovery, Discovery::Eds { service_name: "svc".into() });
 }
 
 #[test]
@@ -145,10 +109,7 @@ fn load_balancing_policy_extensions_are_understood() {
         x.lb_policy = EnvoyLbPolicy::LoadBalancingPolicyConfig as i32;
         x.load_balancing_policy = Some(LoadBalancingPolicy {
             policies: vec![Policy {
-                typed_extension_config: Some(TypedExtensionConfig {
-                    name: "p".into(),
-                    typed_config: Some(any),
-                }),
+                typed_extension_config: Some(TypedExtensionConfig { name: "p".into(), typed_config: Some(any) }),
             }],
         });
         assert_eq!(ClusterConfig::compile(&x).unwrap().lb, want);
@@ -178,28 +139,19 @@ fn protocol_options_select_the_upstream_protocol() {
             protocol_config: Some(ProtocolConfig::Http2ProtocolOptions(Default::default())),
         }),
     );
-    assert_eq!(
-        ClusterConfig::compile(&h2).unwrap().protocol,
-        UpstreamProtocol::Http2
-    );
+    assert_eq!(ClusterConfig::compile(&h2).unwrap().protocol, UpstreamProtocol::Http2);
     let h1 = with_http_options(
         eds("c"),
         UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
             protocol_config: Some(ProtocolConfig::HttpProtocolOptions(Default::default())),
         }),
     );
-    assert_eq!(
-        ClusterConfig::compile(&h1).unwrap().protocol,
-        UpstreamProtocol::Http1
-    );
+    assert_eq!(ClusterConfig::compile(&h1).unwrap().protocol, UpstreamProtocol::Http1);
     let down = with_http_options(
         eds("c"),
         UpstreamProtocolOptions::UseDownstreamProtocolConfig(UseDownstreamHttpConfig::default()),
     );
-    assert_eq!(
-        ClusterConfig::compile(&down).unwrap().protocol,
-        UpstreamProtocol::UseDownstream
-    );
+    assert_eq!(ClusterConfig::compile(&down).unwrap().protocol, UpstreamProtocol::UseDownstream);
     let h3 = with_http_options(
         eds("c"),
         UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
@@ -215,33 +167,21 @@ fn protocol_options_select_the_upstream_protocol() {
 fn deprecated_http2_protocol_options_mean_http2() {
     let mut x = eds("c");
     x.http2_protocol_options = Some(Http2ProtocolOptions::default());
-    assert_eq!(
-        ClusterConfig::compile(&x).unwrap().protocol,
-        UpstreamProtocol::Http2
-    );
+    assert_eq!(ClusterConfig::compile(&x).unwrap().protocol, UpstreamProtocol::Http2);
 }
 
 #[test]
 fn wrong_type_in_protocol_options_is_an_error() {
     let mut x = eds("c");
-    x.typed_extension_protocol_options.insert(
-        HTTP_PROTOCOL_OPTIONS_KEY.into(),
-        pack_any(UInt32Value { value: 2 }),
-    );
+    x.typed_extension_protocol_options.insert(HTTP_PROTOCOL_OPTIONS_KEY.into(), pack_any(UInt32Value { value: 2 }));
     let e = ClusterConfig::compile(&x).unwrap_err();
-    assert!(
-        e.field.starts_with("typed_extension_protocol_options"),
-        "{e}"
-    );
+    assert!(e.field.starts_with("typed_extension_protocol_options"), "{e}");
 }
 
 #[test]
 fn timeout_and_circuit_breakers_are_read() {
     let mut x = eds("c");
-    x.connect_timeout = Some(PbDuration {
-        seconds: 1,
-        nanos: 500_000_000,
-    });
+    x.connect_timeout = Some(PbDuration { seconds: 1, nanos: 500_000_000 });
     x.circuit_breakers = Some(CircuitBreakers {
         thresholds: vec![Thresholds {
             max_connections: Some(UInt32Value { value: 7 }),
@@ -262,14 +202,8 @@ fn timeout_and_circuit_breakers_are_read() {
 #[test]
 fn negative_connect_timeout_is_an_error() {
     let mut x = eds("c");
-    x.connect_timeout = Some(PbDuration {
-        seconds: -1,
-        nanos: 0,
-    });
-    assert_eq!(
-        ClusterConfig::compile(&x).unwrap_err().field,
-        "connect_timeout"
-    );
+    x.connect_timeout = Some(PbDuration { seconds: -1, nanos: 0 });
+    assert_eq!(ClusterConfig::compile(&x).unwrap_err().field, "connect_timeout");
 }
 
 #[test]
@@ -290,42 +224,24 @@ fn static_cluster_with_hostname_is_an_error_naming_the_field() {
     };
     let e = ClusterConfig::compile(&x).unwrap_err();
     assert_eq!(e.resource, "s");
-    assert_eq!(
-        e.field,
-        "load_assignment.endpoints[0].lb_endpoints[1].endpoint.address.socket_address.address"
-    );
+    assert_eq!(e.field, "load_assignment.endpoints[0].lb_endpoints[1].endpoint.address.socket_address.address");
 }
 
 #[test]
 fn bad_port_is_an_error_naming_the_field() {
     let x = XdsCluster {
         name: "s".into(),
-        load_assignment: Some(cla(
-            "s",
-            vec![(
-                0,
-                vec![lb_endpoint("10.0.0.1", 70000, 1, HealthStatus::Healthy)],
-            )],
-        )),
+        load_assignment: Some(cla("s", vec![(0, vec![lb_endpoint("10.0.0.1", 70000, 1, HealthStatus::Healthy)])])),
         ..Default::default()
     };
     let e = ClusterConfig::compile(&x).unwrap_err();
-    assert_eq!(
-        e.field,
-        "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value"
-    );
+    assert_eq!(e.field, "load_assignment.endpoints[0].lb_endpoints[0].endpoint.address.socket_address.port_value");
 }
 
 #[test]
 fn static_cluster_without_load_assignment_is_an_error() {
-    let x = XdsCluster {
-        name: "s".into(),
-        ..Default::default()
-    };
-    assert_eq!(
-        ClusterConfig::compile(&x).unwrap_err().field,
-        "load_assignment"
-    );
+    let x = XdsCluster { name: "s".into(), ..Default::default() };
+    assert_eq!(ClusterConfig::compile(&x).unwrap_err().field, "load_assignment");
 }
 
 #[tokio::test]
@@ -333,24 +249,15 @@ async fn strict_dns_resolves_hostnames_once() {
     let x = XdsCluster {
         name: "d".into(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::StrictDns as i32)),
-        load_assignment: Some(cla(
-            "d",
-            vec![(
-                0,
-                vec![lb_endpoint("localhost", 8080, 3, HealthStatus::Healthy)],
-            )],
-        )),
+        load_assignment: Some(cla("d", vec![(0, vec![lb_endpoint("localhost", 8080, 3, HealthStatus::Healthy)])])),
         ..Default::default()
     };
     let c = ClusterConfig::compile(&x).unwrap();
     assert_eq!(c.discovery, Discovery::StrictDns);
     let resolved = resolve_dns(&c).await.unwrap().unwrap();
-    let cluster = crate::cluster::Cluster::new(
-        std::sync::Arc::new(c),
-        Some(&resolved),
-        &crate::cluster::LoadRegistry::new(),
-    )
-    .unwrap();
+    let cluster =
+        crate::cluster::Cluster::new(std::sync::Arc::new(c), Some(&resolved), &crate::cluster::LoadRegistry::new())
+            .unwrap();
     assert!(!cluster.endpoints().is_empty());
     for ep in cluster.endpoints() {
         assert!(ep.addr.ip().is_loopback(), "{}", ep.addr);
@@ -363,20 +270,14 @@ async fn strict_dns_resolves_hostnames_once() {
 fn original_dst_cluster_picks_nothing() {
     let x = XdsCluster {
         name: "o".into(),
-        cluster_discovery_type: Some(ClusterDiscoveryType::Type(
-            DiscoveryType::OriginalDst as i32,
-        )),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::OriginalDst as i32)),
         lb_policy: EnvoyLbPolicy::ClusterProvided as i32,
         ..Default::default()
     };
     let c = ClusterConfig::compile(&x).unwrap();
     assert_eq!(c.discovery, Discovery::OriginalDst);
-    let cluster = crate::cluster::Cluster::new(
-        std::sync::Arc::new(c),
-        None,
-        &crate::cluster::LoadRegistry::new(),
-    )
-    .unwrap();
+    let cluster =
+        crate::cluster::Cluster::new(std::sync::Arc::new(c), None, &crate::cluster::LoadRegistry::new()).unwrap();
     assert!(cluster.pick(&[]).is_none());
 }
 
@@ -385,13 +286,7 @@ async fn logical_dns_keeps_one_address_and_unresolved_names_are_refused() {
     let x = XdsCluster {
         name: "l".into(),
         cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::LogicalDns as i32)),
-        load_assignment: Some(cla(
-            "l",
-            vec![(
-                0,
-                vec![lb_endpoint("localhost", 80, 1, HealthStatus::Healthy)],
-            )],
-        )),
+        load_assignment: Some(cla("l", vec![(0, vec![lb_endpoint("localhost", 80, 1, HealthStatus::Healthy)])])),
         ..Default::default()
     };
     let c = std::sync::Arc::new(ClusterConfig::compile(&x).unwrap());

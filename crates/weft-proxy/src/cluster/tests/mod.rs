@@ -38,11 +38,7 @@ pub(super) fn cla(name: &str, levels: Vec<(u32, Vec<LbEndpoint>)>) -> ClusterLoa
         cluster_name: name.to_string(),
         endpoints: levels
             .into_iter()
-            .map(|(priority, lb_endpoints)| LocalityLbEndpoints {
-                priority,
-                lb_endpoints,
-                ..Default::default()
-            })
+            .map(|(priority, lb_endpoints)| LocalityLbEndpoints { priority, lb_endpoints, ..Default::default() })
             .collect(),
         ..Default::default()
     }

@@ -14,9 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use crate::cluster::{
-    BoxBody, Endpoint, EndpointLoad, Health, PoolConfig, Pools, UpstreamProtocol,
-};
+use crate::cluster::{BoxBody, Endpoint, EndpointLoad, Health, PoolConfig, Pools, UpstreamProtocol};
 use crate::error::ErrorKind;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -67,10 +65,7 @@ impl Server {
                             .authority()
                             .map(|a| a.to_string())
                             .or_else(|| {
-                                req.headers()
-                                    .get(http::header::HOST)
-                                    .and_then(|h| h.to_str().ok())
-                                    .map(str::to_string)
+                                req.headers().get(http::header::HOST).and_then(|h| h.to_str().ok()).map(str::to_string)
                             })
                             .unwrap_or_default();
                         if req.uri().path() == "/big" {
@@ -89,18 +84,12 @@ impl Server {
                             .serve_connection(io, svc)
                             .await;
                     } else {
-                        let _ = hyper::server::conn::http1::Builder::new()
-                            .serve_connection(io, svc)
-                            .await;
+                        let _ = hyper::server::conn::http1::Builder::new().serve_connection(io, svc).await;
                     }
                 });
             }
         });
-        Server {
-            addr,
-            accepted,
-            tasks,
-        }
+        Server { addr, accepted, tasks }
     }
 
     fn accepted(&self) -> usize {
@@ -114,24 +103,14 @@ impl Server {
 }
 
 fn endpoint(addr: SocketAddr) -> Endpoint {
-    Endpoint {
-        addr,
-        weight: 1,
-        health: Health::Healthy,
-        metadata: None,
-        load: Arc::new(EndpointLoad::new()),
-    }
+    Endpoint { addr, weight: 1, health: Health::Healthy, metadata: None, load: Arc::new(EndpointLoad::new()) }
 }
 
 fn get(uri: &str, host: &str) -> Request<BoxBody> {
     Request::builder()
         .uri(uri)
         .header(http::header::HOST, host)
-        .body(
-            Empty::<Bytes>::new()
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
+        .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync())
         .unwrap()
 }
 
@@ -147,15 +126,8 @@ async fn http1_reuses_keep_alive_connections() {
     let pools = Pools::new(PoolConfig::default());
     let ep = endpoint(server.addr);
     for i in 0..5 {
-        let resp = pools
-            .send(
-                &ep,
-                UpstreamProtocol::Http1,
-                TIMEOUT,
-                get(&format!("/r{i}"), "a.example"),
-            )
-            .await
-            .unwrap();
+        let resp =
+            pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get(&format!("/r{i}"), "a.example")).await.unwrap();
         assert_eq!(body(resp).await, format!("a.example /r{i}"));
     }
     assert_eq!(server.accepted(), 1);
@@ -171,21 +143,9 @@ async fn http1_request_uri_is_origin_form_with_host() {
     let pools = Pools::new(PoolConfig::default());
     let req = Request::builder()
         .uri("http://svc.ns:8080/p?q=1")
-        .body(
-            Empty::<Bytes>::new()
-                .map_err(|never| match never {})
-                .boxed_unsync(),
-        )
+        .body(Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync())
         .unwrap();
-    let resp = pools
-        .send(
-            &endpoint(server.addr),
-            UpstreamProtocol::Http1,
-            TIMEOUT,
-            req,
-        )
-        .await
-        .unwrap();
+    let resp = pools.send(&endpoint(server.addr), UpstreamProtocol::Http1, TIMEOUT, req).await.unwrap();
     assert_eq!(body(resp).await, "svc.ns:8080 /p?q=1");
 }
 
@@ -211,9 +171,7 @@ async fn closing_server() -> (SocketAddr, Arc<AtomicUsize>) {
                         Ok(n) => buf.extend_from_slice(&chunk[..n]),
                     }
                 }
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    .await;
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
                 // Close without `connection: close`: the client believes it can reuse.
             });
         }
@@ -227,10 +185,7 @@ async fn stale_keep_alive_connections_never_surface_as_errors() {
     let pools = Pools::new(PoolConfig::default());
     let ep = endpoint(addr);
     for _ in 0..20 {
-        let resp = pools
-            .send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a"))
-            .await
-            .unwrap();
+        let resp = pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a")).await.unwrap();
         assert_eq!(body(resp).await, "ok");
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 20);
@@ -248,22 +203,14 @@ async fn http2_multiplexes_concurrent_requests_on_one_connection() {
         let pools = pools.clone();
         let ep = Arc::clone(&ep);
         reqs.spawn(async move {
-            let resp = pools
-                .send(
-                    &ep,
-                    UpstreamProtocol::Http2,
-                    TIMEOUT,
-                    get(&format!("/{i}"), "b.example"),
-                )
-                .await
-                .unwrap();
+            let resp =
+                pools.send(&ep, UpstreamProtocol::Http2, TIMEOUT, get(&format!("/{i}"), "b.example")).await.unwrap();
             body(resp).await
         });
     }
     let mut n = 0;
-    while let Some(r) = tokio::time::timeout(Duration::from_secs(10), reqs.join_next())
-        .await
-        .expect("requests completed")
+    while let Some(r) =
+        tokio::time::timeout(Duration::from_secs(10), reqs.join_next()).await.expect("requests completed")
     {
         assert!(r.unwrap().starts_with("b.example "));
         n += 1;
@@ -278,19 +225,11 @@ async fn http2_authority_is_the_original_host_not_the_endpoint() {
     let server = Server::start(true).await;
     let pools = Pools::new(PoolConfig::default());
     let resp = pools
-        .send(
-            &endpoint(server.addr),
-            UpstreamProtocol::Http2,
-            TIMEOUT,
-            get("/api?x=1", "reviews.default.svc:9080"),
-        )
+        .send(&endpoint(server.addr), UpstreamProtocol::Http2, TIMEOUT, get("/api?x=1", "reviews.default.svc:9080"))
         .await
         .unwrap();
     // The server sees an absolute URI whose authority came from :authority.
-    assert_eq!(
-        body(resp).await,
-        "reviews.default.svc:9080 http://reviews.default.svc:9080/api?x=1"
-    );
+    assert_eq!(body(resp).await, "reviews.default.svc:9080 http://reviews.default.svc:9080/api?x=1");
 }
 
 #[tokio::test]
@@ -299,15 +238,7 @@ async fn use_downstream_follows_the_request_version() {
     let pools = Pools::new(PoolConfig::default());
     let mut req = get("/", "c");
     *req.version_mut() = http::Version::HTTP_2;
-    let resp = pools
-        .send(
-            &endpoint(server.addr),
-            UpstreamProtocol::UseDownstream,
-            TIMEOUT,
-            req,
-        )
-        .await
-        .unwrap();
+    let resp = pools.send(&endpoint(server.addr), UpstreamProtocol::UseDownstream, TIMEOUT, req).await.unwrap();
     assert_eq!(resp.version(), http::Version::HTTP_2);
 }
 
@@ -318,10 +249,7 @@ async fn connect_failure_is_reported_as_not_sent() {
     drop(listener);
     let pools = Pools::new(PoolConfig::default());
     for proto in [UpstreamProtocol::Http1, UpstreamProtocol::Http2] {
-        let err = pools
-            .send(&endpoint(addr), proto, TIMEOUT, get("/", "a"))
-            .await
-            .unwrap_err();
+        let err = pools.send(&endpoint(addr), proto, TIMEOUT, get("/", "a")).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ConnectFailure, "{proto:?}: {err}");
         assert!(err.was_not_sent(), "{proto:?}");
     }
@@ -332,34 +260,21 @@ async fn connect_failure_is_reported_as_not_sent() {
 #[tokio::test]
 async fn pools_survive_an_endpoint_going_away_and_coming_back() {
     for h2 in [false, true] {
-        let proto = if h2 {
-            UpstreamProtocol::Http2
-        } else {
-            UpstreamProtocol::Http1
-        };
+        let proto = if h2 { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 };
         let server = Server::start(h2).await;
         let addr = server.addr;
         let pools = Pools::new(PoolConfig::default());
         let ep = endpoint(addr);
-        let resp = pools
-            .send(&ep, proto, TIMEOUT, get("/1", "a"))
-            .await
-            .unwrap();
+        let resp = pools.send(&ep, proto, TIMEOUT, get("/1", "a")).await.unwrap();
         assert_eq!(body(resp).await, if h2 { "a http://a/1" } else { "a /1" });
 
         server.stop().await;
-        let err = pools
-            .send(&ep, proto, TIMEOUT, get("/2", "a"))
-            .await
-            .unwrap_err();
+        let err = pools.send(&ep, proto, TIMEOUT, get("/2", "a")).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ConnectFailure, "h2={h2}: {err}");
         assert!(err.was_not_sent());
 
         let server = Server::on(TcpListener::bind(addr).await.unwrap(), h2, None);
-        let resp = pools
-            .send(&ep, proto, TIMEOUT, get("/3", "a"))
-            .await
-            .unwrap();
+        let resp = pools.send(&ep, proto, TIMEOUT, get("/3", "a")).await.unwrap();
         assert_eq!(body(resp).await, if h2 { "a http://a/3" } else { "a /3" });
         assert_eq!(server.accepted(), 1);
     }
@@ -394,15 +309,7 @@ async fn raw_server(answer: &'static [u8]) -> SocketAddr {
 async fn invalid_response_is_an_upstream_protocol_error() {
     let addr = raw_server(b"NOT HTTP AT ALL\r\n\r\n").await;
     let pools = Pools::new(PoolConfig::default());
-    let err = pools
-        .send(
-            &endpoint(addr),
-            UpstreamProtocol::Http1,
-            TIMEOUT,
-            get("/", "a"),
-        )
-        .await
-        .unwrap_err();
+    let err = pools.send(&endpoint(addr), UpstreamProtocol::Http1, TIMEOUT, get("/", "a")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::UpstreamProtocol, "{err}");
 }
 
@@ -410,15 +317,7 @@ async fn invalid_response_is_an_upstream_protocol_error() {
 async fn close_after_the_request_was_read_is_a_reset_that_may_have_been_seen() {
     let addr = raw_server(b"").await;
     let pools = Pools::new(PoolConfig::default());
-    let err = pools
-        .send(
-            &endpoint(addr),
-            UpstreamProtocol::Http1,
-            TIMEOUT,
-            get("/", "a"),
-        )
-        .await
-        .unwrap_err();
+    let err = pools.send(&endpoint(addr), UpstreamProtocol::Http1, TIMEOUT, get("/", "a")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::UpstreamReset, "{err}");
     assert!(!err.was_not_sent(), "the upstream read the request");
 }
@@ -439,15 +338,7 @@ async fn http2_refused_stream_is_reported_as_not_sent() {
         }
     });
     let pools = Pools::new(PoolConfig::default());
-    let err = pools
-        .send(
-            &endpoint(addr),
-            UpstreamProtocol::Http2,
-            TIMEOUT,
-            get("/", "a"),
-        )
-        .await
-        .unwrap_err();
+    let err = pools.send(&endpoint(addr), UpstreamProtocol::Http2, TIMEOUT, get("/", "a")).await.unwrap_err();
     assert_eq!(err.kind(), ErrorKind::RefusedStream, "{err}");
     assert!(err.was_not_sent());
 }
@@ -455,36 +346,19 @@ async fn http2_refused_stream_is_reported_as_not_sent() {
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
     let server = Server::start(false).await;
-    let pools = Pools::new(PoolConfig {
-        idle_timeout: Duration::from_millis(100),
-        max_idle_per_endpoint: 4,
-    });
+    let pools = Pools::new(PoolConfig { idle_timeout: Duration::from_millis(100), max_idle_per_endpoint: 4 });
     let ep = endpoint(server.addr);
-    let resp = pools
-        .send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a"))
-        .await
-        .unwrap();
+    let resp = pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a")).await.unwrap();
     body(resp).await;
     assert_eq!(pools.stats().endpoints[0].http1_open, 1);
     // The reaper runs every 50 ms; give it a generous deadline.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-    while pools
-        .stats()
-        .endpoints
-        .first()
-        .is_some_and(|e| e.http1_open > 0)
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "idle connection never closed"
-        );
+    while pools.stats().endpoints.first().is_some_and(|e| e.http1_open > 0) {
+        assert!(tokio::time::Instant::now() < deadline, "idle connection never closed");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // And the pool still works afterwards.
-    let resp = pools
-        .send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a"))
-        .await
-        .unwrap();
+    let resp = pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a")).await.unwrap();
     assert_eq!(body(resp).await, "a /");
     assert_eq!(server.accepted(), 2);
 }
@@ -492,20 +366,12 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
 #[tokio::test]
 async fn max_idle_per_endpoint_bounds_the_pool() {
     let server = Server::start(false).await;
-    let pools = Pools::new(PoolConfig {
-        idle_timeout: Duration::from_secs(60),
-        max_idle_per_endpoint: 2,
-    });
+    let pools = Pools::new(PoolConfig { idle_timeout: Duration::from_secs(60), max_idle_per_endpoint: 2 });
     let ep = Arc::new(endpoint(server.addr));
     // Five responses held open at once need five connections...
     let mut held = Vec::new();
     for _ in 0..5 {
-        held.push(
-            pools
-                .send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/big", "a"))
-                .await
-                .unwrap(),
-        );
+        held.push(pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/big", "a")).await.unwrap());
     }
     assert_eq!(server.accepted(), 5);
     assert_eq!(pools.stats().endpoints[0].http1_pooled, 2);
@@ -514,10 +380,7 @@ async fn max_idle_per_endpoint_bounds_the_pool() {
     }
     // ...but only two are kept for reuse.
     for _ in 0..4 {
-        let resp = pools
-            .send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a"))
-            .await
-            .unwrap();
+        let resp = pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a")).await.unwrap();
         body(resp).await;
     }
     assert_eq!(server.accepted(), 5);

@@ -117,10 +117,7 @@ async fn writes_one_json_line_per_record_with_envoy_fields() {
     assert_eq!(t["response_flags"], "UF");
     assert_eq!(t["direction"], "inbound");
     assert_eq!(t["reporter"], "destination");
-    assert_eq!(
-        t["connection_termination_details"],
-        "upstream connect refused"
-    );
+    assert_eq!(t["connection_termination_details"], "upstream connect refused");
 }
 
 #[tokio::test]
@@ -143,9 +140,7 @@ async fn full_channel_drops_and_counts_instead_of_blocking() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("access.log");
     let metric = Counter::default();
-    let log = AccessLog::with_capacity(Sink::File(path.clone()), 2)
-        .unwrap()
-        .count_drops_in(metric.clone());
+    let log = AccessLog::with_capacity(Sink::File(path.clone()), 2).unwrap().count_drops_in(metric.clone());
     for _ in 0..5 {
         log.log(&http_record());
     }
@@ -166,27 +161,16 @@ fn unopenable_file_is_a_precise_error() {
 fn rfc3339_millis_formats_known_instants() {
     assert_eq!(rfc3339_millis(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
     // Leap day.
-    assert_eq!(
-        rfc3339_millis(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-        "2000-02-29T00:00:00.000Z"
-    );
-    assert_eq!(
-        rfc3339_millis(UNIX_EPOCH + Duration::from_millis(253_402_300_799_999)),
-        "9999-12-31T23:59:59.999Z"
-    );
-    assert_eq!(
-        rfc3339_millis(UNIX_EPOCH - Duration::from_secs(5)),
-        "1970-01-01T00:00:00.000Z"
-    );
+    assert_eq!(rfc3339_millis(UNIX_EPOCH + Duration::from_secs(951_782_400)), "2000-02-29T00:00:00.000Z");
+    assert_eq!(rfc3339_millis(UNIX_EPOCH + Duration::from_millis(253_402_300_799_999)), "9999-12-31T23:59:59.999Z");
+    assert_eq!(rfc3339_millis(UNIX_EPOCH - Duration::from_secs(5)), "1970-01-01T00:00:00.000Z");
 }
 
 #[tokio::test]
 async fn failed_writes_are_counted_as_dropped() {
     let metric = Counter::default();
     // Every write to /dev/full fails with ENOSPC.
-    let log = AccessLog::new(Sink::File("/dev/full".into()))
-        .unwrap()
-        .count_drops_in(metric.clone());
+    let log = AccessLog::new(Sink::File("/dev/full".into())).unwrap().count_drops_in(metric.clone());
     log.log(&http_record());
     log.log(&tcp_record());
     log.flush().await;

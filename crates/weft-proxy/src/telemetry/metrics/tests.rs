@@ -62,10 +62,7 @@ fn populated() -> Metrics {
         grpc_status: Some(14),
         response_code: 503,
         response_flags: Cow::Borrowed("UF,URX"),
-        source: Arc::new(WorkloadInfo {
-            workload: "we\"ird\\name\nx".into(),
-            ..WorkloadInfo::default()
-        }),
+        source: Arc::new(WorkloadInfo { workload: "we\"ird\\name\nx".into(), ..WorkloadInfo::default() }),
         ..request_labels()
     };
     m.record_request(&grpc, Duration::from_micros(300), 5, 5);
@@ -94,10 +91,7 @@ struct Sample {
 }
 
 fn parse_samples(text: &str) -> Vec<Sample> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(parse_sample)
-        .collect()
+    text.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).map(parse_sample).collect()
 }
 
 fn parse_sample(line: &str) -> Sample {
@@ -136,18 +130,11 @@ fn parse_sample(line: &str) -> Sample {
         }
     }
     let value = rest.trim().parse().unwrap();
-    Sample {
-        name,
-        labels,
-        value,
-    }
+    Sample { name, labels, value }
 }
 
 fn find<'a>(samples: &'a [Sample], name: &str, pred: impl Fn(&Sample) -> bool) -> &'a Sample {
-    samples
-        .iter()
-        .find(|s| s.name == name && pred(s))
-        .unwrap_or_else(|| panic!("no sample {name} matching"))
+    samples.iter().find(|s| s.name == name && pred(s)).unwrap_or_else(|| panic!("no sample {name} matching"))
 }
 
 fn promtool() -> Option<PathBuf> {
@@ -156,11 +143,8 @@ fn promtool() -> Option<PathBuf> {
     if local.is_file() {
         return Some(local);
     }
-    std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths)
-            .map(|d| d.join("promtool"))
-            .find(|p| p.is_file())
-    })
+    std::env::var_os("PATH")
+        .and_then(|paths| std::env::split_paths(&paths).map(|d| d.join("promtool")).find(|p| p.is_file()))
 }
 
 #[test]
@@ -174,27 +158,13 @@ fn encoded_output_passes_promtool_check_metrics() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let out = child.wait_with_output().unwrap();
-    let report = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let report = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     // Exit 1 is a parse error. Exit 3 lists lint problems; the only one allowed is the
     // base-unit lint on the name Istio mandates for the duration histogram.
-    let allowed =
-        "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
-    let problems: Vec<&str> = report
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && *l != allowed)
-        .collect();
+    let allowed = "istio_request_duration_milliseconds use base unit \"seconds\" instead of \"milliseconds\"";
+    let problems: Vec<&str> = report.lines().map(str::trim).filter(|l| !l.is_empty() && *l != allowed).collect();
     let code = out.status.code();
     assert!(
         (code == Some(0) || code == Some(3)) && problems.is_empty(),
@@ -217,17 +187,10 @@ fn output_is_classic_text_with_total_suffixed_counters() {
         "weft_xds_updates_total",
         "weft_upstream_rq_retry_total",
     ] {
-        assert!(
-            text.contains(&format!("# TYPE {counter} counter\n")),
-            "{counter} not typed as counter:\n{text}"
-        );
+        assert!(text.contains(&format!("# TYPE {counter} counter\n")), "{counter} not typed as counter:\n{text}");
         assert!(!text.contains(&format!("{counter}_total")));
     }
-    for hist in [
-        "istio_request_duration_milliseconds",
-        "istio_request_bytes",
-        "istio_response_bytes",
-    ] {
+    for hist in ["istio_request_duration_milliseconds", "istio_request_bytes", "istio_response_bytes"] {
         assert!(text.contains(&format!("# TYPE {hist} histogram\n")));
     }
 }
@@ -235,18 +198,14 @@ fn output_is_classic_text_with_total_suffixed_counters() {
 #[test]
 fn request_labels_land_with_istio_names_and_values() {
     let samples = parse_samples(&populated().encode());
-    let s = find(&samples, "istio_requests_total", |s| {
-        s.labels.get("response_code").map(String::as_str) == Some("200")
-    });
+    let s =
+        find(&samples, "istio_requests_total", |s| s.labels.get("response_code").map(String::as_str) == Some("200"));
     assert_eq!(s.value, 2.0);
     let expected: BTreeMap<String, String> = [
         ("reporter", "source"),
         ("source_workload", "productpage-v1"),
         ("source_workload_namespace", "bookinfo"),
-        (
-            "source_principal",
-            "spiffe://cluster.local/ns/bookinfo/sa/productpage-v1",
-        ),
+        ("source_principal", "spiffe://cluster.local/ns/bookinfo/sa/productpage-v1"),
         ("source_app", "productpage"),
         ("source_version", "v1"),
         ("source_cluster", "east"),
@@ -254,10 +213,7 @@ fn request_labels_land_with_istio_names_and_values() {
         ("source_canonical_revision", "v1"),
         ("destination_workload", "reviews-v1"),
         ("destination_workload_namespace", "bookinfo"),
-        (
-            "destination_principal",
-            "spiffe://cluster.local/ns/bookinfo/sa/reviews-v1",
-        ),
+        ("destination_principal", "spiffe://cluster.local/ns/bookinfo/sa/reviews-v1"),
         ("destination_app", "reviews"),
         ("destination_version", "v1"),
         ("destination_cluster", "east"),
@@ -293,8 +249,7 @@ fn buckets_of(samples: &[Sample], name: &str, code: &str) -> Vec<(String, f64)> 
     samples
         .iter()
         .filter(|s| {
-            s.name == format!("{name}_bucket")
-                && s.labels.get("response_code").map(String::as_str) == Some(code)
+            s.name == format!("{name}_bucket") && s.labels.get("response_code").map(String::as_str) == Some(code)
         })
         .map(|s| (s.labels["le"].clone(), s.value))
         .collect()
@@ -304,28 +259,16 @@ fn buckets_of(samples: &[Sample], name: &str, code: &str) -> Vec<(String, f64)> 
 fn duration_histogram_uses_istio_buckets_in_milliseconds() {
     let samples = parse_samples(&populated().encode());
     let buckets = buckets_of(&samples, "istio_request_duration_milliseconds", "200");
-    let les: Vec<f64> = buckets
-        .iter()
-        .filter(|(le, _)| le != "+Inf")
-        .map(|(le, _)| le.parse().unwrap())
-        .collect();
+    let les: Vec<f64> = buckets.iter().filter(|(le, _)| le != "+Inf").map(|(le, _)| le.parse().unwrap()).collect();
     assert_eq!(les, DURATION_BUCKETS_MS.to_vec());
     assert_eq!(buckets.last().unwrap().0, "+Inf");
     // 7 ms and 300 ms, cumulative.
-    let count_at = |le: f64| {
-        buckets
-            .iter()
-            .find(|(l, _)| l.parse::<f64>().ok() == Some(le))
-            .unwrap()
-            .1
-    };
+    let count_at = |le: f64| buckets.iter().find(|(l, _)| l.parse::<f64>().ok() == Some(le)).unwrap().1;
     assert_eq!(count_at(5.0), 0.0);
     assert_eq!(count_at(10.0), 1.0);
     assert_eq!(count_at(250.0), 1.0);
     assert_eq!(count_at(500.0), 2.0);
-    let sum = find(&samples, "istio_request_duration_milliseconds_sum", |s| {
-        s.labels["response_code"] == "200"
-    });
+    let sum = find(&samples, "istio_request_duration_milliseconds_sum", |s| s.labels["response_code"] == "200");
     assert!((sum.value - 307.0).abs() < 1e-6, "sum {}", sum.value);
 }
 
@@ -353,18 +296,9 @@ fn tcp_metrics_accumulate_and_carry_tcp_labels() {
     let samples = parse_samples(&populated().encode());
     let sent = find(&samples, "istio_tcp_sent_bytes_total", |_| true);
     assert_eq!(sent.value, 150.0);
-    assert_eq!(
-        find(&samples, "istio_tcp_received_bytes_total", |_| true).value,
-        10.0
-    );
-    assert_eq!(
-        find(&samples, "istio_tcp_connections_opened_total", |_| true).value,
-        1.0
-    );
-    assert_eq!(
-        find(&samples, "istio_tcp_connections_closed_total", |_| true).value,
-        1.0
-    );
+    assert_eq!(find(&samples, "istio_tcp_received_bytes_total", |_| true).value, 10.0);
+    assert_eq!(find(&samples, "istio_tcp_connections_opened_total", |_| true).value, 1.0);
+    assert_eq!(find(&samples, "istio_tcp_connections_closed_total", |_| true).value, 1.0);
     assert_eq!(sent.labels["reporter"], "destination");
     assert_eq!(sent.labels["request_protocol"], "tcp");
     assert_eq!(sent.labels["connection_security_policy"], "none");
@@ -385,27 +319,12 @@ fn proxy_health_series_reflect_calls() {
     let cds = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
     let nacks = find(&samples, "weft_xds_nacks_total", |_| true);
     assert_eq!((nacks.labels["type"].as_str(), nacks.value), (cds, 1.0));
-    assert_eq!(
-        find(&samples, "weft_xds_updates_total", |_| true).value,
-        1.0
-    );
+    assert_eq!(find(&samples, "weft_xds_updates_total", |_| true).value, 1.0);
     let active = find(&samples, "weft_upstream_cx_active", |_| true);
-    assert_eq!(
-        (active.labels["cluster"].as_str(), active.value),
-        (cluster, 2.0)
-    );
-    assert_eq!(
-        find(&samples, "weft_upstream_rq_retry_total", |_| true).value,
-        1.0
-    );
-    assert_eq!(
-        find(&samples, "weft_cert_expiry_timestamp_seconds", |_| true).value,
-        1_900_000_000.0
-    );
-    assert_eq!(
-        find(&samples, "weft_access_log_dropped_total", |_| true).value,
-        1.0
-    );
+    assert_eq!((active.labels["cluster"].as_str(), active.value), (cluster, 2.0));
+    assert_eq!(find(&samples, "weft_upstream_rq_retry_total", |_| true).value, 1.0);
+    assert_eq!(find(&samples, "weft_cert_expiry_timestamp_seconds", |_| true).value, 1_900_000_000.0);
+    assert_eq!(find(&samples, "weft_access_log_dropped_total", |_| true).value, 1.0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -414,9 +333,7 @@ async fn config_version_follows_updates_and_age_is_computed_at_scrape() {
     m.proxy().config_applied("lds", "1");
     tokio::time::advance(Duration::from_secs(30)).await;
     let samples = parse_samples(&m.encode());
-    let age = find(&samples, "weft_config_age_seconds", |s| {
-        s.labels["type"] == "lds"
-    });
+    let age = find(&samples, "weft_config_age_seconds", |s| s.labels["type"] == "lds");
     assert!((age.value - 30.0).abs() < 0.01, "age {}", age.value);
 
     m.proxy().config_applied("lds", "2");
@@ -430,45 +347,26 @@ async fn config_version_follows_updates_and_age_is_computed_at_scrape() {
         .collect();
     assert_eq!(versions.len(), 2, "{versions:?}");
     assert!(versions.contains(&("lds", "2")) && versions.contains(&("cds", "7")));
-    let age = find(&samples, "weft_config_age_seconds", |s| {
-        s.labels["type"] == "lds"
-    });
+    let age = find(&samples, "weft_config_age_seconds", |s| s.labels["type"] == "lds");
     assert!((age.value - 5.0).abs() < 0.01, "age {}", age.value);
-    assert_eq!(
-        find(&samples, "weft_xds_updates_total", |s| s.labels["type"]
-            == "lds")
-        .value,
-        2.0
-    );
+    assert_eq!(find(&samples, "weft_xds_updates_total", |s| s.labels["type"] == "lds").value, 2.0);
 }
 
 #[test]
 fn label_sets_beyond_the_cap_fold_peers_into_unknown() {
     let m = Metrics::with_max_series(2);
     for i in 0..50 {
-        let labels = RequestLabels {
-            source: workload(&format!("attacker-{i}"), "evil"),
-            ..request_labels()
-        };
+        let labels = RequestLabels { source: workload(&format!("attacker-{i}"), "evil"), ..request_labels() };
         m.record_request(&labels, Duration::from_millis(1), 1, 1);
     }
     let samples = parse_samples(&m.encode());
-    let series: Vec<&Sample> = samples
-        .iter()
-        .filter(|s| s.name == "istio_requests_total")
-        .collect();
+    let series: Vec<&Sample> = samples.iter().filter(|s| s.name == "istio_requests_total").collect();
     assert_eq!(series.len(), 3, "2 kept + 1 folded: {series:?}");
-    let folded = series
-        .iter()
-        .find(|s| s.labels["source_workload"] == "unknown")
-        .unwrap();
+    let folded = series.iter().find(|s| s.labels["source_workload"] == "unknown").unwrap();
     assert_eq!(folded.value, 48.0);
     assert_eq!(folded.labels["destination_workload"], "unknown");
     assert_eq!(folded.labels["destination_service_name"], "reviews");
-    assert_eq!(
-        find(&samples, "weft_metrics_series_overflow_total", |_| true).value,
-        48.0
-    );
+    assert_eq!(find(&samples, "weft_metrics_series_overflow_total", |_| true).value, 48.0);
     let total: f64 = series.iter().map(|s| s.value).sum();
     assert_eq!(total, 50.0);
 }
