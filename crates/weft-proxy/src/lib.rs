@@ -15,6 +15,7 @@ pub mod detect;
 pub mod dump;
 pub mod error;
 pub mod http;
+pub mod io;
 pub mod listener;
 pub mod orig_dst;
 pub mod proxy;

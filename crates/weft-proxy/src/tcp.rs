@@ -1,13 +1,8 @@
 //! Opaque TCP proxying (Envoy's `tcp_proxy`): pick a cluster and endpoint, connect, and
 //! copy bytes both ways until either side closes or the idle timeout passes.
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
-use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
@@ -15,6 +10,7 @@ use crate::cluster::{Cluster, Discovery};
 use crate::config::{Snapshot, TcpChain};
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
+use crate::io::{Activity, Tracked};
 use crate::listener::ConnInfo;
 use crate::report::TcpReport;
 
@@ -35,17 +31,16 @@ pub async fn proxy(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<TcpChain>,
         }
     };
     drop(snap);
-    let activity = Arc::new(AtomicU64::new(0));
-    let started = Instant::now();
-    let mut down = Metered::new(downstream, activity.clone(), started);
-    let mut up = Metered::new(upstream, activity.clone(), started);
+    let activity = Activity::new();
+    let mut down = Tracked::new(downstream, activity.clone());
+    let mut up = Tracked::new(upstream, activity.clone());
     let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
     let flag = tokio::select! {
         r = copy => match r {
             Ok(_) => None,
             Err(_) => Some(ErrorKind::UpstreamReset),
         },
-        _ = idle(chain.idle_timeout, activity.clone(), started) => Some(ErrorKind::StreamIdleTimeout),
+        _ = activity.idle(chain.idle_timeout) => Some(ErrorKind::StreamIdleTimeout),
     };
     report.received = down.read;
     report.sent = up.read;
@@ -86,69 +81,4 @@ async fn connect(
     Err(last.unwrap_or_else(|| {
         ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {cluster_name}"))
     }))
-}
-
-/// Resolves when no byte moved for `timeout`.
-async fn idle(timeout: Option<Duration>, activity: Arc<AtomicU64>, started: Instant) {
-    let Some(timeout) = timeout else {
-        return std::future::pending().await;
-    };
-    loop {
-        let last = Duration::from_millis(activity.load(Ordering::Relaxed));
-        let since = started.elapsed().saturating_sub(last);
-        if since >= timeout {
-            return;
-        }
-        tokio::time::sleep(timeout - since).await;
-    }
-}
-
-/// A stream that counts bytes read and stamps the time of the last activity.
-struct Metered<S> {
-    inner: S,
-    read: u64,
-    activity: Arc<AtomicU64>,
-    started: Instant,
-}
-
-impl<S> Metered<S> {
-    fn new(inner: S, activity: Arc<AtomicU64>, started: Instant) -> Self {
-        Metered { inner, read: 0, activity, started }
-    }
-    fn touch(&self) {
-        self.activity.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Metered<S> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read += n as u64;
-            self.touch();
-        }
-        r
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Metered<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            self.touch();
-        }
-        r
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
 }

@@ -356,3 +356,35 @@ async fn grpc_requests_get_trailers_only_answers_for_faults_and_local_errors() {
     assert_eq!(r.grpc_status(), Some(0));
     assert_eq!(grpc.requests(), 1, "the aborted and failed calls must not reach the server");
 }
+
+#[tokio::test]
+async fn idle_downstream_connections_are_closed_after_the_idle_timeout() {
+    use envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions;
+    use envoy_types::pb::google::protobuf::Duration as PbDuration;
+    let mesh = Mesh::start().await;
+    let echo = EchoServer::start("a").await;
+    clusters(&mesh, &[("a", vec![echo.addr])], false);
+    let mut hcm = build::http_connection_manager("out", Routes::Rds("routes".into()), None, &[]);
+    hcm.common_http_protocol_options = Some(HttpProtocolOptions {
+        idle_timeout: Some(PbDuration { seconds: 0, nanos: 300_000_000 }),
+        ..Default::default()
+    });
+    mesh.set(type_url::LISTENER, vec![pack_any(build::http_listener("out", "127.0.0.1:0".parse().unwrap(), hcm))]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
+    );
+    let proxy = mesh.proxy("idle", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    let mut s = TcpStream::connect(out).await.unwrap();
+    // A request slower than the idle timeout is not cut: a stream is open.
+    s.write_all(b"GET /delay/600 HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let resp = read_until(&mut s, b"}", Duration::from_secs(5)).await;
+    assert!(String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 200"), "{}", String::from_utf8_lossy(&resp));
+    // Then, idle: the proxy closes the connection.
+    let mut buf = [0u8; 16];
+    let n =
+        tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("connection not closed when idle");
+    assert_eq!(n.unwrap_or(0), 0, "expected EOF");
+}

@@ -12,6 +12,7 @@ use http_body_util::BodyExt;
 
 use crate::cluster::BoxBody;
 use crate::context::Context;
+use crate::io::StreamGuard;
 use crate::report::HttpReport;
 
 /// Type-erased body error.
@@ -71,12 +72,14 @@ pub struct ReportingBody {
     inner: BoxBody,
     ctx: Arc<Context>,
     report: Option<HttpReport>,
+    stream: Option<StreamGuard>,
 }
 
 impl ReportingBody {
-    /// Wraps `inner`; `report` is finished exactly once.
-    pub fn new(inner: BoxBody, ctx: Arc<Context>, report: HttpReport) -> Self {
-        ReportingBody { inner, ctx, report: Some(report) }
+    /// Wraps `inner`; `report` is finished exactly once, and the stream counts as open
+    /// on its connection until then.
+    pub fn new(inner: BoxBody, ctx: Arc<Context>, report: HttpReport, stream: StreamGuard) -> Self {
+        ReportingBody { inner, ctx, report: Some(report), stream: Some(stream) }
     }
 
     fn finish(&mut self, error: bool) {
@@ -86,6 +89,7 @@ impl ReportingBody {
             }
             r.finish(&self.ctx);
         }
+        self.stream.take();
     }
 }
 

@@ -23,6 +23,7 @@ use crate::cluster::BoxBody;
 use crate::config::{HttpChain, Snapshot};
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
+use crate::io::{Activity, StreamGuard, Tracked};
 use crate::listener::ConnInfo;
 use crate::report::HttpReport;
 use crate::route::{Abort, RouteAction};
@@ -31,19 +32,24 @@ use body::{full, ReportingBody};
 /// Serves HTTP on one downstream connection until it closes or the proxy drains.
 pub async fn serve(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<HttpChain>, stream: TcpStream) {
     let svc_ctx = ctx.clone();
+    let activity = Activity::new();
+    let idle_timeout = chain.idle_timeout;
+    let svc_activity = activity.clone();
     let svc = service_fn(move |req: Request<Incoming>| {
         let (ctx, conn, chain) = (svc_ctx.clone(), conn.clone(), chain.clone());
-        async move { Ok::<_, Infallible>(handle(ctx, conn, chain, req).await) }
+        let stream = svc_activity.open_stream();
+        async move { Ok::<_, Infallible>(handle(ctx, conn, chain, req, stream).await) }
     });
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder.http1().keep_alive(true).timer(hyper_util::rt::TokioTimer::new());
     builder.http2().timer(hyper_util::rt::TokioTimer::new());
-    let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+    let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(Tracked::new(stream, activity.clone())), svc);
     tokio::pin!(conn_fut);
     let mut draining = ctx.draining.clone();
     tokio::select! {
         r = conn_fut.as_mut() => { if let Err(e) = r { debug!(error = %e, "downstream connection ended with error") } return }
-        _ = draining.wait_for(|d| *d) => {}
+        _ = crate::context::flipped(&mut draining) => {}
+        _ = activity.idle(idle_timeout) => debug!("downstream connection idle timeout"),
     }
     conn_fut.as_mut().graceful_shutdown();
     let _ = tokio::time::timeout(ctx.drain_timeout, conn_fut).await;
@@ -55,6 +61,7 @@ async fn handle(
     conn: Arc<ConnInfo>,
     chain: Arc<HttpChain>,
     req: Request<Incoming>,
+    stream: StreamGuard,
 ) -> Response<BoxBody> {
     let snap = ctx.store.snapshot();
     let mut report = HttpReport::start(&ctx, &conn, &req);
@@ -76,7 +83,7 @@ async fn handle(
         report.grpc_status = s.to_str().ok().map(str::to_string);
     }
     report.on_response_headers(&ctx, &mut parts.headers);
-    Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx, report)))
+    Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx, report, stream)))
 }
 
 async fn route_request(
