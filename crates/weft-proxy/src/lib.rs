@@ -5,3 +5,4 @@
 //! `telemetry`.
 
 pub mod error;
+pub mod route;
