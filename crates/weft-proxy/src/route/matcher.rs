@@ -255,7 +255,13 @@ impl StringMatch {
         at: &str,
     ) -> Result<StringMatch, (String, String)> {
         let ic = m.ignore_case;
-        let fold = |s: &String| if ic { s.to_lowercase() } else { s.clone() };
+        let fold = |s: &String| {
+            if ic {
+                s.to_ascii_lowercase()
+            } else {
+                s.clone()
+            }
+        };
         Ok(match &m.match_pattern {
             None => {
                 return Err((
@@ -285,7 +291,7 @@ impl StringMatch {
     pub(crate) fn matches(&self, value: &str) -> bool {
         let fold = |ic: bool| {
             if ic {
-                std::borrow::Cow::Owned(value.to_lowercase())
+                std::borrow::Cow::Owned(value.to_ascii_lowercase())
             } else {
                 std::borrow::Cow::Borrowed(value)
             }

@@ -6,7 +6,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     retry_policy::retry_host_predicate::ConfigType, RetryPolicy as RetryPolicyProto,
 };
 
-use super::matcher::{unsupported, HeaderMatcher};
+use super::matcher::{unsupported, HeaderMatcher, RequestView};
 use super::to_duration;
 use crate::error::{ErrorKind, ProxyError};
 
@@ -171,13 +171,21 @@ impl RetryPolicy {
     }
 
     /// Whether this request may be retried at all (`retriable_request_headers`: when
-    /// set, at least one must match the request headers).
-    pub fn request_is_retriable(&self, headers: &http::HeaderMap) -> bool {
-        self.retriable_request_headers.is_empty()
-            || self
-                .retriable_request_headers
-                .iter()
-                .any(|m| m.matches_headers(headers))
+    /// set, at least one must match the request; pseudo headers such as `:method` work).
+    pub fn request_is_retriable(&self, parts: &http::request::Parts) -> bool {
+        if self.retriable_request_headers.is_empty() {
+            return true;
+        }
+        let authority = parts
+            .headers
+            .get(http::header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .or_else(|| parts.uri.authority().map(http::uri::Authority::as_str))
+            .unwrap_or("");
+        let view = RequestView { authority, parts };
+        self.retriable_request_headers
+            .iter()
+            .any(|m| m.matches_request(&view))
     }
 
     /// Whether a response with `status` and `headers` (gRPC trailers-only responses

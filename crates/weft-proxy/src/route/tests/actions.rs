@@ -397,3 +397,62 @@ fn path_separated_prefix_rewrite_uses_the_prefix_length() {
         "/b/x?1"
     );
 }
+
+#[test]
+fn upgrades_hash_policy_and_cluster_not_found_code_are_compiled() {
+    use envoy_types::pb::envoy::config::route::v3::route_action::{
+        hash_policy::{Header, PolicySpecifier},
+        HashPolicy as HashPolicyProto, UpgradeConfig,
+    };
+    use envoy_types::pb::google::protobuf::BoolValue;
+    let mut ra = forward("a");
+    ra.upgrade_configs = vec![
+        UpgradeConfig {
+            upgrade_type: "WebSocket".into(),
+            ..Default::default()
+        },
+        UpgradeConfig {
+            upgrade_type: "h2c".into(),
+            enabled: Some(BoolValue { value: false }),
+            ..Default::default()
+        },
+    ];
+    ra.hash_policy = vec![HashPolicyProto {
+        terminal: true,
+        policy_specifier: Some(PolicySpecifier::Header(Header {
+            header_name: "x-user".into(),
+            regex_rewrite: None,
+        })),
+    }];
+    ra.cluster_not_found_response_code = 1;
+    let r = only(route_with("a", prefix("/"), ra));
+    let f = fwd(&r);
+    assert_eq!(f.upgrades, ["websocket"]);
+    assert_eq!(
+        f.hash_policy,
+        [crate::route::HashPolicy {
+            source: crate::route::HashSource::Header(http::HeaderName::from_static("x-user")),
+            terminal: true
+        }]
+    );
+    assert_eq!(f.cluster_not_found_status, http::StatusCode::NOT_FOUND);
+}
+
+#[test]
+fn direct_response_body_over_the_limit_is_rejected() {
+    let r = RouteProto {
+        name: "d".into(),
+        r#match: Some(prefix("/")),
+        action: Some(Action::DirectResponse(DirectResponseAction {
+            status: 200,
+            body: Some(DataSource {
+                specifier: Some(Specifier::InlineBytes(vec![b'x'; 4097])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    let err = RouteTable::compile(&rc(vec![vhost("v", &["*"], vec![r])])).unwrap_err();
+    assert_eq!(err.field, "virtual_hosts[0].routes[0].direct_response.body");
+}

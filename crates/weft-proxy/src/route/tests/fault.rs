@@ -154,3 +154,19 @@ fn unsupported_fault_fields_are_rejected() {
         Some(Action::Route(_))
     ));
 }
+
+#[test]
+fn fault_headers_restrict_which_requests_are_faulted() {
+    use envoy_types::pb::envoy::config::route::v3::{
+        header_matcher::HeaderMatchSpecifier, HeaderMatcher,
+    };
+    let mut f = fault(None, Some((ErrorType::HttpStatus(503), 100, 0)));
+    f.headers = vec![HeaderMatcher {
+        name: "x-chaos".into(),
+        header_match_specifier: Some(HeaderMatchSpecifier::ExactMatch("on".into())),
+        ..Default::default()
+    }];
+    let p = FaultPolicy::compile(&f).unwrap();
+    assert!(p.applies_to(&parts("GET", "/", &[("x-chaos", "on")]).headers));
+    assert!(!p.applies_to(&parts("GET", "/", &[]).headers));
+}

@@ -201,3 +201,32 @@ fn backoff_configured_intervals() {
     .unwrap_err();
     assert_eq!(err.0, "rp.retry_back_off.max_interval");
 }
+
+#[test]
+fn retriable_request_headers_gate_retries() {
+    let p = RetryPolicy::compile(
+        &RetryPolicyProto {
+            retry_on: "5xx".into(),
+            retriable_request_headers: vec![
+                HeaderMatcher {
+                    name: ":method".into(),
+                    header_match_specifier: Some(HeaderMatchSpecifier::ExactMatch("GET".into())),
+                    ..Default::default()
+                },
+                HeaderMatcher {
+                    name: "x-idempotent".into(),
+                    header_match_specifier: Some(HeaderMatchSpecifier::PresentMatch(true)),
+                    ..Default::default()
+                },
+            ],
+            ..Default::default()
+        },
+        "rp",
+    )
+    .unwrap();
+    let req = |m: &str, h: &[(&str, &str)]| super::parts(m, "/", h);
+    assert!(p.request_is_retriable(&req("GET", &[])));
+    assert!(p.request_is_retriable(&req("POST", &[("x-idempotent", "1")])));
+    assert!(!p.request_is_retriable(&req("POST", &[])));
+    assert!(policy("5xx").request_is_retriable(&req("POST", &[])));
+}
