@@ -1,0 +1,157 @@
+//! Routing: a `RouteConfiguration` compiled into an immutable [`RouteTable`], and the
+//! matching of requests against it with Envoy's semantics.
+//!
+//! Stage entry: [`RouteTable::select`] picks the virtual host by authority and the
+//! first matching route; the [`Route`] then says what to do ([`RouteAction`]) and
+//! carries the request/response edits, retry policy and fault policy.
+
+mod action;
+mod compile;
+mod fault;
+mod headers;
+mod matcher;
+mod retry;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+
+pub use action::{
+    ClusterChoice, ForwardAction, HashPolicy, HashSource, Mirror, PathRewrite, RedirectAction,
+    RedirectPath, Route, RouteAction,
+};
+pub use fault::{Abort, FaultDecision, FaultPolicy};
+pub use headers::AppendAction;
+pub use retry::{RetryOn, RetryPolicy};
+
+use crate::error::ConfigError;
+use matcher::RequestView;
+
+/// A compiled route configuration. Immutable; share it in an `Arc`.
+#[derive(Debug)]
+pub struct RouteTable {
+    name: String,
+    vhosts: Vec<VirtualHost>,
+    /// Exact domains (lowercased) -> vhost index.
+    exact: HashMap<String, usize>,
+    /// `*suffix` domains as (suffix, vhost), longest suffix first.
+    suffixes: Vec<(String, usize)>,
+    /// `prefix*` domains as (prefix, vhost), longest prefix first.
+    prefixes: Vec<(String, usize)>,
+    /// The `*` virtual host.
+    default: Option<usize>,
+    ignore_port: bool,
+}
+
+/// A compiled virtual host.
+#[derive(Debug)]
+struct VirtualHost {
+    routes: Vec<Arc<Route>>,
+}
+
+impl RouteTable {
+    /// Compiles a `RouteConfiguration`. Errors name the offending field, e.g.
+    /// `virtual_hosts[1].routes[0].match.safe_regex.regex`, and are meant as NACKs.
+    pub fn compile(rc: &RouteConfiguration) -> Result<RouteTable, ConfigError> {
+        compile::compile_table(rc)
+            .map_err(|(field, message)| ConfigError::new(&rc.name, field, message))
+    }
+
+    /// The route configuration's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Selects the virtual host by `authority` (Envoy order: exact, then longest suffix
+    /// wildcard `*.x`, then longest prefix wildcard `x.*`, then `*`; case-insensitive;
+    /// when nothing but `*` would match with the port, the lookup is retried with the
+    /// port stripped), then the first matching route. `runtime_fraction` matches use a
+    /// fresh random value.
+    pub fn select(&self, authority: &str, parts: &http::request::Parts) -> Option<Arc<Route>> {
+        self.select_with_random(authority, parts, rand::random())
+    }
+
+    /// [`RouteTable::select`] with the random value for `runtime_fraction` given.
+    pub fn select_with_random(
+        &self,
+        authority: &str,
+        parts: &http::request::Parts,
+        random: u64,
+    ) -> Option<Arc<Route>> {
+        let vh = self.find_vhost(authority)?;
+        let view = RequestView { authority, parts };
+        self.vhosts[vh]
+            .routes
+            .iter()
+            .find(|r| r.matcher.matches(&view, random))
+            .cloned()
+    }
+
+    fn find_vhost(&self, authority: &str) -> Option<usize> {
+        let host = authority.to_ascii_lowercase();
+        let stripped = strip_port(&host);
+        if self.ignore_port {
+            return self.find_domain(stripped).or(self.default);
+        }
+        self.find_domain(&host)
+            .or_else(|| {
+                (stripped.len() != host.len())
+                    .then(|| self.find_domain(stripped))
+                    .flatten()
+            })
+            .or(self.default)
+    }
+
+    fn find_domain(&self, host: &str) -> Option<usize> {
+        if let Some(i) = self.exact.get(host) {
+            return Some(*i);
+        }
+        // The wildcard must match at least one character.
+        if let Some((_, i)) = self
+            .suffixes
+            .iter()
+            .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
+        {
+            return Some(*i);
+        }
+        self.prefixes
+            .iter()
+            .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
+            .map(|(_, i)| *i)
+    }
+}
+
+/// Strips a trailing `:port` (IPv6 literals keep their brackets).
+fn strip_port(host: &str) -> &str {
+    let colon = if host.starts_with('[') {
+        host.rfind("]:").map(|i| i + 1)
+    } else {
+        host.rfind(':').filter(|_| host.matches(':').count() == 1)
+    };
+    match colon {
+        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
+        _ => host,
+    }
+}
+
+/// Converts a protobuf `Duration` (must be non-negative and normalized).
+pub(crate) fn to_duration(
+    d: &envoy_types::pb::google::protobuf::Duration,
+    at: &str,
+) -> Result<std::time::Duration, (String, String)> {
+    let secs = u64::try_from(d.seconds);
+    let nanos = u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000);
+    match (secs, nanos) {
+        (Ok(s), Some(n)) => Ok(std::time::Duration::new(s, n)),
+        _ => Err((
+            at.to_string(),
+            format!(
+                "duration {}s {}ns must be non-negative with nanos in [0, 1e9)",
+                d.seconds, d.nanos
+            ),
+        )),
+    }
+}
