@@ -18,7 +18,12 @@ export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
 set +e
-cargo test --workspace "$@"
-code=$?
+log="$(mktemp)"
+cargo test --workspace "$@" 2>&1 | tee "$log"
+code=${PIPESTATUS[0]}
 set -e
+# One closing line for the whole run (cargo prints one summary per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"
 exit "$code"

@@ -123,6 +123,8 @@ pub struct HttpReport {
     pub request_bytes_counter: Option<Arc<AtomicU64>>,
     /// Bytes of response body sent.
     pub response_bytes: u64,
+    /// Status for a local error reply when the route configures one.
+    pub local_status: Option<http::StatusCode>,
 }
 
 impl HttpReport {
@@ -163,6 +165,7 @@ impl HttpReport {
             grpc_status: None,
             request_bytes_counter: None,
             response_bytes: 0,
+            local_status: None,
         }
     }
 

@@ -3,6 +3,8 @@
 //! observable outcomes (status, which backend answered, the path it saw, local bodies)
 //! must agree. Weighted splits are compared statistically.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::convert::Infallible;
@@ -78,6 +80,10 @@ fn routes() -> envoy_types::pb::envoy::config::route::v3::RouteConfiguration {
     let path = |p: route_match::PathSpecifier| RouteMatch { path_specifier: Some(p), ..Default::default() };
     let mut hdr = prefix("/h");
     hdr.headers.push(exact_header("x-user", "jason"));
+    let mut inv = prefix("/inv");
+    let mut canary = exact_header("x-canary", "yes");
+    canary.invert_match = true;
+    inv.headers.push(canary);
     let mut rewrite = to("a");
     rewrite.prefix_rewrite = "/rewritten/".into();
     let mut abort = route("abort", prefix("/abort"), to("a"));
@@ -124,6 +130,8 @@ fn routes() -> envoy_types::pb::envoy::config::route::v3::RouteConfiguration {
                     to("b"),
                 ),
                 route("hdr", hdr, to("b")),
+                route("inv", inv, to("a")),
+                route("inv-rest", prefix("/inv"), to("b")),
                 route("rewrite", prefix("/old/"), rewrite),
                 direct,
                 abort,
@@ -171,6 +179,9 @@ async fn weft_and_envoy_agree_on_the_same_xds() {
         ("/r/abc/123", vec![]),
         ("/h", vec![("x-user", "jason")]),
         ("/h", vec![("x-user", "JASON")]),
+        ("/inv", vec![]),
+        ("/inv", vec![("x-canary", "yes")]),
+        ("/inv", vec![("x-canary", "no")]),
         ("/old/thing?q=1", vec![]),
         ("/direct", vec![]),
         ("/abort", vec![]),

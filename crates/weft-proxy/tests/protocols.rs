@@ -2,6 +2,8 @@
 //! h2c, gRPC unary and streaming with trailers across an outbound -> inbound proxy pair,
 //! opaque TCP (client-first and server-first), CONNECT, and protocol detection.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -1,6 +1,8 @@
 //! Real clients against the proxy: curl (HTTP/1.1, h2c prior knowledge, explicit proxy
 //! with -x), h2load for concurrent HTTP/2 streams, and promtool on the metrics page.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::process::Command;

@@ -4,6 +4,8 @@
 //! (`use_original_dst` + `bind_to_port: false`), exactly as Envoy does in Istio sidecars.
 //! Needs root for the namespace and iptables (CI runs as root).
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::net::SocketAddr;

@@ -2,6 +2,8 @@
 //! serving, delta xDS, config changes under load without a single failed request, serving
 //! on after the control plane goes away, graceful drain, and the admin views.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -138,7 +140,8 @@ async fn route_and_endpoint_changes_under_load_fail_no_request() {
             }
         }));
     }
-    let steps: Vec<Box<dyn Fn(&Mesh)>> = vec![
+    type Step = Box<dyn Fn(&Mesh)>;
+    let steps: Vec<Step> = vec![
         Box::new(|m: &Mesh| {
             m.set(
                 type_url::ROUTE,

@@ -54,7 +54,7 @@ pub async fn forward(
 
     let counter = Arc::new(AtomicU64::new(0));
     report.request_bytes_counter = Some(counter.clone());
-    let policy = action.retry.as_ref().filter(|p| p.num_retries > 0);
+    let policy = action.retry.as_ref().filter(|p| p.num_retries > 0 && p.request_is_retriable(&parts));
     let wants_replay = policy.is_some() || !action.mirrors.is_empty();
     let mut body = if wants_replay && replayable(&body) {
         let bytes = body

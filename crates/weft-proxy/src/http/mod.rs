@@ -69,11 +69,14 @@ async fn handle(
         Ok(r) => r,
         Err(e) => {
             report.flag(e.kind().response_flag());
+            let status = report.local_status.unwrap_or_else(|| {
+                StatusCode::from_u16(e.kind().http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
+            });
             if report.is_grpc() {
                 // gRPC clients expect a trailers-only answer, as Envoy sends.
-                grpc_trailers_only(grpc_status_for_http(e.kind().http_status()), e.detail())
+                grpc_trailers_only(grpc_status_for_http(status.as_u16()), e.detail())
             } else {
-                local_reply(&e)
+                local_reply(&e, status)
             }
         }
     };
@@ -114,21 +117,14 @@ async fn route_request(
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for {authority}{}", parts.uri.path())))?;
     report.route_name = route.name.clone();
     match &route.action {
-        RouteAction::Direct { status, body } => {
-            let mut resp = Response::new(full(body.clone()));
-            *resp.status_mut() = *status;
-            if !body.is_empty() {
-                resp.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        RouteAction::Direct { .. } | RouteAction::Redirect(..) => {
+            // Both carry the route's response-header edits already, as Envoy's local replies do.
+            let r = match &route.action {
+                RouteAction::Direct { .. } => route.direct_response(&parts),
+                _ => route.redirect_response(&parts),
             }
-            route.edit_response_headers(resp.headers_mut());
-            Ok(resp)
-        }
-        RouteAction::Redirect(..) => {
-            let r = route
-                .redirect_response(&parts)
-                .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "redirect could not be built"))?;
-            let (mut p, b) = r.into_parts();
-            route.edit_response_headers(&mut p.headers);
+            .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "local reply could not be built"))?;
+            let (p, b) = r.into_parts();
             Ok(Response::from_parts(p, full(b)))
         }
         RouteAction::Forward(action) => {
@@ -147,6 +143,11 @@ async fn route_request(
             }
             let cluster_name = action.clusters.pick(rand::random()).to_string();
             report.cluster = cluster_name.clone();
+            if !snap.clusters.contains_key(&cluster_name) {
+                // Envoy's `cluster_not_found_response_code` (503 unless configured).
+                report.local_status = Some(action.cluster_not_found_status);
+                return Err(ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")));
+            }
             route.rewrite_request(&mut parts);
             if let Some(kind) = tunnel::upgrade_type(&parts.headers) {
                 if !chain.upgrades.contains(&kind) {
@@ -213,7 +214,7 @@ fn grpc_trailers_only(code: u32, message: &str) -> Response<BoxBody> {
 }
 
 /// Envoy's local reply for a data-path error.
-fn local_reply(e: &ProxyError) -> Response<BoxBody> {
+fn local_reply(e: &ProxyError, status: StatusCode) -> Response<BoxBody> {
     let text = match e.kind() {
         ErrorKind::NoHealthyUpstream => "no healthy upstream".to_string(),
         ErrorKind::Timeout | ErrorKind::PerTryTimeout => "upstream request timeout".to_string(),
@@ -231,7 +232,7 @@ fn local_reply(e: &ProxyError) -> Response<BoxBody> {
         _ => e.detail().to_string(),
     };
     let mut r = Response::new(full(Bytes::from(text)));
-    *r.status_mut() = StatusCode::from_u16(e.kind().http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+    *r.status_mut() = status;
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
 }

@@ -204,23 +204,16 @@ impl Route {
     /// first, then adds per its `append_action`).
     pub fn rewrite_request(&self, parts: &mut http::request::Parts) {
         if let (RouteAction::Forward(_), Some(rw)) = (&self.action, &self.path_rewrite) {
-            let pq = parts
-                .uri
-                .path_and_query()
-                .map_or("/", PathAndQuery::as_str)
-                .to_string();
+            let pq = parts.uri.path_and_query().map_or("/", PathAndQuery::as_str).to_string();
             let new = apply_path_rewrite(rw, &self.matcher, &pq);
             set_path_and_query(parts, &new);
         }
         if let Some(hr) = &self.host_rewrite {
             let new = match hr {
                 HostRewrite::Literal(h) => Some(h.clone()),
-                HostRewrite::Header(name) => parts
-                    .headers
-                    .get(name)
-                    .and_then(|v| v.to_str().ok())
-                    .filter(|v| !v.is_empty())
-                    .map(str::to_string),
+                HostRewrite::Header(name) => {
+                    parts.headers.get(name).and_then(|v| v.to_str().ok()).filter(|v| !v.is_empty()).map(str::to_string)
+                }
             };
             if let Some(new) = new {
                 let original = request_host(parts).map(str::to_string);
@@ -276,10 +269,7 @@ impl Route {
         let mut resp = http::Response::new(body.clone());
         *resp.status_mut() = *status;
         if !body.is_empty() {
-            resp.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                HeaderValue::from_static("text/plain"),
-            );
+            resp.headers_mut().insert(http::header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
         }
         if status.is_redirection() || *status == StatusCode::CREATED {
             let plain = RedirectAction {
@@ -339,11 +329,7 @@ impl Route {
 }
 
 /// Applies a path rewrite to `path_and_query`, keeping the query.
-pub(crate) fn apply_path_rewrite(
-    rw: &PathRewrite,
-    m: &RouteMatcher,
-    path_and_query: &str,
-) -> String {
+pub(crate) fn apply_path_rewrite(rw: &PathRewrite, m: &RouteMatcher, path_and_query: &str) -> String {
     let (path, rest) = match path_and_query.find('?') {
         Some(i) => path_and_query.split_at(i),
         None => (path_and_query, ""),
@@ -355,11 +341,7 @@ pub(crate) fn apply_path_rewrite(
         }
         PathRewrite::Regex(re, sub) => re.replace_all(path, sub.as_str()).into_owned(),
     };
-    let new_path = if new_path.is_empty() {
-        "/".to_string()
-    } else {
-        new_path
-    };
+    let new_path = if new_path.is_empty() { "/".to_string() } else { new_path };
     format!("{new_path}{rest}")
 }
 
@@ -401,17 +383,8 @@ fn request_host(parts: &http::request::Parts) -> Option<&str> {
 
 /// Envoy's `processRequestHost`: drop the port when a new port is set, or when the
 /// scheme changes and the port was the old scheme's default.
-fn strip_port_for_redirect<'a>(
-    host: &'a str,
-    old_scheme: &str,
-    new_scheme: &str,
-    new_port: bool,
-) -> &'a str {
-    let port_at = if host.starts_with('[') {
-        host.rfind("]:").map(|i| i + 1)
-    } else {
-        host.rfind(':')
-    };
+fn strip_port_for_redirect<'a>(host: &'a str, old_scheme: &str, new_scheme: &str, new_port: bool) -> &'a str {
+    let port_at = if host.starts_with('[') { host.rfind("]:").map(|i| i + 1) } else { host.rfind(':') };
     let Some(i) = port_at else { return host };
     let port = &host[i..];
     let mut remove = new_port;
@@ -428,10 +401,7 @@ fn strip_port_for_redirect<'a>(
 
 fn set_path_and_query(parts: &mut http::request::Parts, new: &str) {
     let Ok(pq) = PathAndQuery::try_from(new) else {
-        tracing::debug!(
-            path = new,
-            "rewritten path is not a valid URI path; left unchanged"
-        );
+        tracing::debug!(path = new, "rewritten path is not a valid URI path; left unchanged");
         return;
     };
     let mut up = parts.uri.clone().into_parts();
@@ -446,10 +416,7 @@ fn set_path_and_query(parts: &mut http::request::Parts, new: &str) {
 /// or when the URI has no authority). Returns false when `host` is not valid.
 fn set_authority(parts: &mut http::request::Parts, host: &str) -> bool {
     let (Ok(auth), Ok(hv)) = (Authority::try_from(host), HeaderValue::from_str(host)) else {
-        tracing::debug!(
-            host,
-            "rewritten host is not a valid authority; left unchanged"
-        );
+        tracing::debug!(host, "rewritten host is not a valid authority; left unchanged");
         return false;
     };
     if parts.uri.authority().is_some() {

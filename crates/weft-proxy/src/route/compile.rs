@@ -14,8 +14,8 @@ use envoy_types::pb::envoy::config::route::v3::{
     redirect_action::{PathRewriteSpecifier, RedirectResponseCode, SchemeRewriteSpecifier},
     route::Action,
     route_action::{
-        hash_policy::PolicySpecifier, ClusterSpecifier, HostRewriteSpecifier,
-        InternalRedirectAction, RequestMirrorPolicy,
+        hash_policy::PolicySpecifier, ClusterSpecifier, HostRewriteSpecifier, InternalRedirectAction,
+        RequestMirrorPolicy,
     },
     DirectResponseAction, FilterConfig, RedirectAction as RedirectProto, Route as RouteProto,
     RouteAction as RouteActionProto, RouteConfiguration, VirtualHost,
@@ -26,8 +26,8 @@ use http::StatusCode;
 use prost::{Message, Name};
 
 use super::action::{
-    re2_substitution, ClusterChoice, ForwardAction, HashPolicy, HashSource, HostRewrite, Mirror,
-    PathRewrite, RedirectAction, RedirectPath, Route, RouteAction,
+    re2_substitution, ClusterChoice, ForwardAction, HashPolicy, HashSource, HostRewrite, Mirror, PathRewrite,
+    RedirectAction, RedirectPath, Route, RouteAction,
 };
 use super::fault::FaultPolicy;
 use super::headers::HeaderEdits;
@@ -98,10 +98,7 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
         mirrors: mirrors(&rc.request_mirror_policies, "request_mirror_policies")?,
         retry: None,
     };
-    let max_body = rc
-        .max_direct_response_body_size_bytes
-        .as_ref()
-        .map_or(DEFAULT_MAX_DIRECT_BODY, |v| v.value);
+    let max_body = rc.max_direct_response_body_size_bytes.as_ref().map_or(DEFAULT_MAX_DIRECT_BODY, |v| v.value);
     let mut table = RouteTable {
         name: rc.name.clone(),
         vhosts: Vec::with_capacity(rc.virtual_hosts.len()),
@@ -115,10 +112,7 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
     for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
         let at = format!("virtual_hosts[{vi}]");
         if vh.domains.is_empty() {
-            return Err((
-                format!("{at}.domains"),
-                "at least one domain is required".into(),
-            ));
+            return Err((format!("{at}.domains"), "at least one domain is required".into()));
         }
         for (di, d) in vh.domains.iter().enumerate() {
             let d = d.to_ascii_lowercase();
@@ -170,23 +164,11 @@ fn vhost_level(vh: &VirtualHost, at: &str) -> Result<Level, Err> {
         (vh.require_tls != 0, "require_tls"),
         (!vh.rate_limits.is_empty(), "rate_limits"),
         (vh.cors.is_some(), "cors"),
-        (
-            vh.include_request_attempt_count,
-            "include_request_attempt_count",
-        ),
-        (
-            vh.include_attempt_count_in_response,
-            "include_attempt_count_in_response",
-        ),
-        (
-            vh.retry_policy_typed_config.is_some(),
-            "retry_policy_typed_config",
-        ),
+        (vh.include_request_attempt_count, "include_request_attempt_count"),
+        (vh.include_attempt_count_in_response, "include_attempt_count_in_response"),
+        (vh.retry_policy_typed_config.is_some(), "retry_policy_typed_config"),
         (vh.hedge_policy.is_some(), "hedge_policy"),
-        (
-            vh.include_is_timeout_retry_header,
-            "include_is_timeout_retry_header",
-        ),
+        (vh.include_is_timeout_retry_header, "include_is_timeout_retry_header"),
         (!vh.route_specifiers.is_empty(), "route_specifiers"),
     ];
     if let Some((_, f)) = checks.iter().find(|(bad, _)| *bad) {
@@ -205,19 +187,9 @@ fn vhost_level(vh: &VirtualHost, at: &str) -> Result<Level, Err> {
             &format!("{at}.response_headers_to_add"),
             &format!("{at}.response_headers_to_remove"),
         )?),
-        fault: filter_fault(
-            &vh.typed_per_filter_config,
-            &format!("{at}.typed_per_filter_config"),
-        )?,
-        mirrors: mirrors(
-            &vh.request_mirror_policies,
-            &format!("{at}.request_mirror_policies"),
-        )?,
-        retry: vh
-            .retry_policy
-            .as_ref()
-            .map(|p| RetryPolicy::compile(p, &format!("{at}.retry_policy")))
-            .transpose()?,
+        fault: filter_fault(&vh.typed_per_filter_config, &format!("{at}.typed_per_filter_config"))?,
+        mirrors: mirrors(&vh.request_mirror_policies, &format!("{at}.request_mirror_policies"))?,
+        retry: vh.retry_policy.as_ref().map(|p| RetryPolicy::compile(p, &format!("{at}.retry_policy"))).transpose()?,
     })
 }
 
@@ -229,13 +201,10 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
         return Err((format!("{at}.match"), "match is required".into()));
     };
     let matcher = RouteMatcher::compile(m, &format!("{at}.match"))?;
-    let fault = filter_fault(
-        &r.typed_per_filter_config,
-        &format!("{at}.typed_per_filter_config"),
-    )?
-    .or_else(|| ctx.vhost.fault.clone())
-    .or_else(|| ctx.config.fault.clone())
-    .flatten();
+    let fault = filter_fault(&r.typed_per_filter_config, &format!("{at}.typed_per_filter_config"))?
+        .or_else(|| ctx.vhost.fault.clone())
+        .or_else(|| ctx.config.fault.clone())
+        .flatten();
     let route_req = Arc::new(HeaderEdits::compile(
         &r.request_headers_to_add,
         &r.request_headers_to_remove,
@@ -259,10 +228,7 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
     let mut route = Route {
         name: r.name.clone(),
         virtual_host: ctx.vhost_name.to_string(),
-        action: RouteAction::Direct {
-            status: StatusCode::NOT_FOUND,
-            body: Bytes::new(),
-        },
+        action: RouteAction::Direct { status: StatusCode::NOT_FOUND, body: Bytes::new() },
         fault,
         matcher,
         path_rewrite: None,
@@ -272,62 +238,35 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
         response_edits: order(route_resp, &ctx.vhost.resp, &ctx.config.resp),
     };
     route.action = match &r.action {
-        None => {
-            return Err((
-                format!("{at}.action"),
-                "one of route, redirect or direct_response is required".into(),
-            ))
-        }
+        None => return Err((format!("{at}.action"), "one of route, redirect or direct_response is required".into())),
         Some(Action::Route(ra)) => compile_forward(ra, &format!("{at}.route"), ctx, &mut route)?,
-        Some(Action::Redirect(rd)) => {
-            RouteAction::Redirect(compile_redirect(rd, &format!("{at}.redirect"))?)
-        }
-        Some(Action::DirectResponse(d)) => {
-            compile_direct(d, &format!("{at}.direct_response"), ctx.max_body)?
-        }
+        Some(Action::Redirect(rd)) => RouteAction::Redirect(compile_redirect(rd, &format!("{at}.redirect"))?),
+        Some(Action::DirectResponse(d)) => compile_direct(d, &format!("{at}.direct_response"), ctx.max_body)?,
         Some(Action::FilterAction(_)) => return Err(unsupported(at, "filter_action")),
-        Some(Action::NonForwardingAction(_)) => {
-            return Err(unsupported(at, "non_forwarding_action"))
-        }
+        Some(Action::NonForwardingAction(_)) => return Err(unsupported(at, "non_forwarding_action")),
     };
     Ok(route)
 }
 
-fn compile_forward(
-    ra: &RouteActionProto,
-    at: &str,
-    ctx: &Ctx<'_>,
-    route: &mut Route,
-) -> Result<RouteAction, Err> {
+fn compile_forward(ra: &RouteActionProto, at: &str, ctx: &Ctx<'_>, route: &mut Route) -> Result<RouteAction, Err> {
     let checks: [(bool, &str); 14] = [
         (ra.metadata_match.is_some(), "metadata_match"),
         (ra.path_rewrite_policy.is_some(), "path_rewrite_policy"),
         (!ra.path_rewrite.is_empty(), "path_rewrite"),
         (ra.flush_timeout.is_some(), "flush_timeout"),
-        (
-            ra.retry_policy_typed_config.is_some(),
-            "retry_policy_typed_config",
-        ),
+        (ra.retry_policy_typed_config.is_some(), "retry_policy_typed_config"),
         (!ra.rate_limits.is_empty(), "rate_limits"),
         (ra.cors.is_some(), "cors"),
         (ra.max_grpc_timeout.is_some(), "max_grpc_timeout"),
         (ra.grpc_timeout_offset.is_some(), "grpc_timeout_offset"),
-        (
-            ra.internal_redirect_policy.is_some(),
-            "internal_redirect_policy",
-        ),
+        (ra.internal_redirect_policy.is_some(), "internal_redirect_policy"),
         (
             ra.internal_redirect_action == InternalRedirectAction::HandleInternalRedirect as i32,
             "internal_redirect_action",
         ),
         (ra.hedge_policy.is_some(), "hedge_policy"),
         (ra.early_data_policy.is_some(), "early_data_policy"),
-        (
-            ra.upgrade_configs
-                .iter()
-                .any(|u| u.connect_config.is_some()),
-            "upgrade_configs.connect_config",
-        ),
+        (ra.upgrade_configs.iter().any(|u| u.connect_config.is_some()), "upgrade_configs.connect_config"),
     ];
     if let Some((_, f)) = checks.iter().find(|(bad, _)| *bad) {
         return Err(unsupported(at, f));
@@ -347,43 +286,26 @@ fn compile_forward(
         None => None,
         Some(HostRewriteSpecifier::HostRewriteLiteral(h)) => {
             if http::uri::Authority::try_from(h.as_str()).is_err() {
-                return Err((
-                    format!("{at}.host_rewrite_literal"),
-                    format!("{h:?} is not a valid host"),
-                ));
+                return Err((format!("{at}.host_rewrite_literal"), format!("{h:?} is not a valid host")));
             }
             Some(HostRewrite::Literal(h.clone()))
         }
         Some(HostRewriteSpecifier::HostRewriteHeader(h)) => Some(HostRewrite::Header(
-            http::HeaderName::from_bytes(h.as_bytes()).map_err(|_| {
-                (
-                    format!("{at}.host_rewrite_header"),
-                    format!("{h:?} is not a valid header name"),
-                )
-            })?,
+            http::HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| (format!("{at}.host_rewrite_header"), format!("{h:?} is not a valid header name")))?,
         )),
         Some(HostRewriteSpecifier::AutoHostRewrite(b)) if !b.value => None,
-        Some(HostRewriteSpecifier::AutoHostRewrite(_)) => {
-            return Err(unsupported(at, "auto_host_rewrite"))
-        }
-        Some(HostRewriteSpecifier::HostRewritePathRegex(_)) => {
-            return Err(unsupported(at, "host_rewrite_path_regex"))
-        }
+        Some(HostRewriteSpecifier::AutoHostRewrite(_)) => return Err(unsupported(at, "auto_host_rewrite")),
+        Some(HostRewriteSpecifier::HostRewritePathRegex(_)) => return Err(unsupported(at, "host_rewrite_path_regex")),
         Some(HostRewriteSpecifier::HostRewrite(_)) => return Err(unsupported(at, "host_rewrite")),
     };
     route.append_x_forwarded_host = ra.append_x_forwarded_host;
     let clusters = match &ra.cluster_specifier {
         None => {
-            return Err((
-                format!("{at}.cluster_specifier"),
-                "one of cluster or weighted_clusters is required".into(),
-            ))
+            return Err((format!("{at}.cluster_specifier"), "one of cluster or weighted_clusters is required".into()))
         }
         Some(ClusterSpecifier::Cluster(c)) if c.is_empty() => {
-            return Err((
-                format!("{at}.cluster"),
-                "cluster name must not be empty".into(),
-            ))
+            return Err((format!("{at}.cluster"), "cluster name must not be empty".into()))
         }
         Some(ClusterSpecifier::Cluster(c)) => ClusterChoice::Single(c.clone()),
         Some(ClusterSpecifier::WeightedClusters(wc)) => {
@@ -392,10 +314,7 @@ fn compile_forward(
                 return Err(unsupported(&wat, "random_value_specifier"));
             }
             if wc.clusters.is_empty() {
-                return Err((
-                    format!("{wat}.clusters"),
-                    "at least one cluster is required".into(),
-                ));
+                return Err((format!("{wat}.clusters"), "at least one cluster is required".into()));
             }
             let mut list = Vec::with_capacity(wc.clusters.len());
             let mut total: u64 = 0;
@@ -404,70 +323,40 @@ fn compile_forward(
                 let checks = [
                     (!cw.cluster_header.is_empty(), "cluster_header"),
                     (cw.metadata_match.is_some(), "metadata_match"),
-                    (
-                        !cw.request_headers_to_add.is_empty(),
-                        "request_headers_to_add",
-                    ),
-                    (
-                        !cw.request_headers_to_remove.is_empty(),
-                        "request_headers_to_remove",
-                    ),
-                    (
-                        !cw.response_headers_to_add.is_empty(),
-                        "response_headers_to_add",
-                    ),
-                    (
-                        !cw.response_headers_to_remove.is_empty(),
-                        "response_headers_to_remove",
-                    ),
-                    (
-                        !cw.typed_per_filter_config.is_empty(),
-                        "typed_per_filter_config",
-                    ),
+                    (!cw.request_headers_to_add.is_empty(), "request_headers_to_add"),
+                    (!cw.request_headers_to_remove.is_empty(), "request_headers_to_remove"),
+                    (!cw.response_headers_to_add.is_empty(), "response_headers_to_add"),
+                    (!cw.response_headers_to_remove.is_empty(), "response_headers_to_remove"),
+                    (!cw.typed_per_filter_config.is_empty(), "typed_per_filter_config"),
                     (cw.host_rewrite_specifier.is_some(), "host_rewrite_literal"),
                 ];
                 if let Some((_, f)) = checks.iter().find(|(bad, _)| *bad) {
                     return Err(unsupported(&cat, f));
                 }
                 if cw.name.is_empty() {
-                    return Err((
-                        format!("{cat}.name"),
-                        "cluster name must not be empty".into(),
-                    ));
+                    return Err((format!("{cat}.name"), "cluster name must not be empty".into()));
                 }
                 let w = cw.weight.as_ref().map_or(0, |w| w.value);
                 total += u64::from(w);
                 list.push((cw.name.clone(), w));
             }
-            let total = u32::try_from(total).map_err(|_| {
-                (
-                    format!("{wat}.clusters"),
-                    "sum of weights exceeds 2^32-1".to_string(),
-                )
-            })?;
+            let total = u32::try_from(total)
+                .map_err(|_| (format!("{wat}.clusters"), "sum of weights exceeds 2^32-1".to_string()))?;
             if total == 0 {
-                return Err((
-                    format!("{wat}.clusters"),
-                    "sum of weights must be greater than 0".into(),
-                ));
+                return Err((format!("{wat}.clusters"), "sum of weights must be greater than 0".into()));
             }
             if let Some(tw) = &wc.total_weight {
                 if tw.value != 0 && tw.value != total {
                     return Err((
                         format!("{wat}.total_weight"),
-                        format!(
-                            "total_weight {} differs from the sum of weights {total}",
-                            tw.value
-                        ),
+                        format!("total_weight {} differs from the sum of weights {total}", tw.value),
                     ));
                 }
             }
             ClusterChoice::Weighted(list, total)
         }
         Some(ClusterSpecifier::ClusterHeader(_)) => return Err(unsupported(at, "cluster_header")),
-        Some(ClusterSpecifier::ClusterSpecifierPlugin(_)) => {
-            return Err(unsupported(at, "cluster_specifier_plugin"))
-        }
+        Some(ClusterSpecifier::ClusterSpecifierPlugin(_)) => return Err(unsupported(at, "cluster_specifier_plugin")),
         Some(ClusterSpecifier::InlineClusterSpecifierPlugin(_)) => {
             return Err(unsupported(at, "inline_cluster_specifier_plugin"))
         }
@@ -486,10 +375,7 @@ fn compile_forward(
         Some(p) => Some(RetryPolicy::compile(p, &format!("{at}.retry_policy"))?),
         None => ctx.vhost.retry.clone(),
     };
-    let own = mirrors(
-        &ra.request_mirror_policies,
-        &format!("{at}.request_mirror_policies"),
-    )?;
+    let own = mirrors(&ra.request_mirror_policies, &format!("{at}.request_mirror_policies"))?;
     let mirrors = [own, ctx.vhost.mirrors.clone(), ctx.config.mirrors.clone()]
         .into_iter()
         .find(|m| !m.is_empty())
@@ -501,24 +387,14 @@ fn compile_forward(
     };
     let msd = ra.max_stream_duration.as_ref();
     let dur = |d: Option<&envoy_types::pb::google::protobuf::Duration>, f: &str| {
-        d.map(|d| to_duration(d, &format!("{at}.max_stream_duration.{f}")))
-            .transpose()
+        d.map(|d| to_duration(d, &format!("{at}.max_stream_duration.{f}"))).transpose()
     };
     if msd.is_some_and(|m| m.grpc_timeout_header_offset.is_some()) {
-        return Err(unsupported(
-            &format!("{at}.max_stream_duration"),
-            "grpc_timeout_header_offset",
-        ));
+        return Err(unsupported(&format!("{at}.max_stream_duration"), "grpc_timeout_header_offset"));
     }
-    let max_stream_duration = dur(
-        msd.and_then(|m| m.max_stream_duration.as_ref()),
-        "max_stream_duration",
-    )?
-    .filter(|d| !d.is_zero());
-    let grpc_timeout_header_max = dur(
-        msd.and_then(|m| m.grpc_timeout_header_max.as_ref()),
-        "grpc_timeout_header_max",
-    )?;
+    let max_stream_duration =
+        dur(msd.and_then(|m| m.max_stream_duration.as_ref()), "max_stream_duration")?.filter(|d| !d.is_zero());
+    let grpc_timeout_header_max = dur(msd.and_then(|m| m.grpc_timeout_header_max.as_ref()), "grpc_timeout_header_max")?;
     let upgrades = ra
         .upgrade_configs
         .iter()
@@ -529,24 +405,14 @@ fn compile_forward(
     for (i, hp) in ra.hash_policy.iter().enumerate() {
         let hat = format!("{at}.hash_policy[{i}]");
         let source = match &hp.policy_specifier {
-            None => {
-                return Err((
-                    format!("{hat}.policy_specifier"),
-                    "a hash policy specifier is required".into(),
-                ))
-            }
+            None => return Err((format!("{hat}.policy_specifier"), "a hash policy specifier is required".into())),
             Some(PolicySpecifier::Header(h)) => {
                 if h.regex_rewrite.is_some() {
                     return Err(unsupported(&format!("{hat}.header"), "regex_rewrite"));
                 }
-                HashSource::Header(
-                    http::HeaderName::from_bytes(h.header_name.as_bytes()).map_err(|_| {
-                        (
-                            format!("{hat}.header.header_name"),
-                            format!("{:?} is not a valid header name", h.header_name),
-                        )
-                    })?,
-                )
+                HashSource::Header(http::HeaderName::from_bytes(h.header_name.as_bytes()).map_err(|_| {
+                    (format!("{hat}.header.header_name"), format!("{:?} is not a valid header name", h.header_name))
+                })?)
             }
             Some(PolicySpecifier::Cookie(c)) => {
                 if !c.attributes.is_empty() {
@@ -554,11 +420,7 @@ fn compile_forward(
                 }
                 HashSource::Cookie {
                     name: c.name.clone(),
-                    ttl: c
-                        .ttl
-                        .as_ref()
-                        .map(|d| to_duration(d, &format!("{hat}.cookie.ttl")))
-                        .transpose()?,
+                    ttl: c.ttl.as_ref().map(|d| to_duration(d, &format!("{hat}.cookie.ttl"))).transpose()?,
                     path: c.path.clone(),
                 }
             }
@@ -567,10 +429,7 @@ fn compile_forward(
             Some(PolicySpecifier::QueryParameter(q)) => HashSource::QueryParameter(q.name.clone()),
             Some(PolicySpecifier::FilterState(_)) => return Err(unsupported(&hat, "filter_state")),
         };
-        hash_policy.push(HashPolicy {
-            source,
-            terminal: hp.terminal,
-        });
+        hash_policy.push(HashPolicy { source, terminal: hp.terminal });
     }
     Ok(RouteAction::Forward(ForwardAction {
         clusters,
@@ -593,12 +452,7 @@ fn compile_redirect(rd: &RedirectProto, at: &str) -> Result<RedirectAction, Err>
         Ok(RedirectResponseCode::SeeOther) => StatusCode::SEE_OTHER,
         Ok(RedirectResponseCode::TemporaryRedirect) => StatusCode::TEMPORARY_REDIRECT,
         Ok(RedirectResponseCode::PermanentRedirect) => StatusCode::PERMANENT_REDIRECT,
-        Err(_) => {
-            return Err((
-                format!("{at}.response_code"),
-                format!("unknown response_code {}", rd.response_code),
-            ))
-        }
+        Err(_) => return Err((format!("{at}.response_code"), format!("unknown response_code {}", rd.response_code))),
     };
     let scheme = match &rd.scheme_rewrite_specifier {
         None | Some(SchemeRewriteSpecifier::HttpsRedirect(false)) => None,
@@ -608,21 +462,15 @@ fn compile_redirect(rd: &RedirectProto, at: &str) -> Result<RedirectAction, Err>
     };
     let port = match rd.port_redirect {
         0 => None,
-        p => Some(
-            u16::try_from(p)
-                .map_err(|_| (format!("{at}.port_redirect"), format!("{p} is not a port")))?,
-        ),
+        p => Some(u16::try_from(p).map_err(|_| (format!("{at}.port_redirect"), format!("{p} is not a port")))?),
     };
     let path = match &rd.path_rewrite_specifier {
         None => None,
         Some(PathRewriteSpecifier::PathRedirect(p)) => Some(RedirectPath::Replace(p.clone())),
-        Some(PathRewriteSpecifier::PrefixRewrite(p)) => {
-            Some(RedirectPath::Rewrite(PathRewrite::Prefix(p.clone())))
+        Some(PathRewriteSpecifier::PrefixRewrite(p)) => Some(RedirectPath::Rewrite(PathRewrite::Prefix(p.clone()))),
+        Some(PathRewriteSpecifier::RegexRewrite(rr)) => {
+            Some(RedirectPath::Rewrite(regex_rewrite(rr, &format!("{at}.regex_rewrite"))?))
         }
-        Some(PathRewriteSpecifier::RegexRewrite(rr)) => Some(RedirectPath::Rewrite(regex_rewrite(
-            rr,
-            &format!("{at}.regex_rewrite"),
-        )?)),
         Some(PathRewriteSpecifier::PathRewrite(_)) => return Err(unsupported(at, "path_rewrite")),
     };
     Ok(RedirectAction {
@@ -643,12 +491,7 @@ fn compile_direct(d: &DirectResponseAction, at: &str, max_body: u32) -> Result<R
         .ok()
         .filter(|s| (200..600).contains(s))
         .and_then(|s| StatusCode::from_u16(s).ok())
-        .ok_or_else(|| {
-            (
-                format!("{at}.status"),
-                format!("{} is not in [200, 600)", d.status),
-            )
-        })?;
+        .ok_or_else(|| (format!("{at}.status"), format!("{} is not in [200, 600)", d.status)))?;
     let body = match d.body.as_ref().and_then(|b| b.specifier.as_ref()) {
         None => Bytes::new(),
         Some(Specifier::InlineString(s)) => Bytes::from(s.clone()),
@@ -661,10 +504,7 @@ fn compile_direct(d: &DirectResponseAction, at: &str, max_body: u32) -> Result<R
     if body.len() as u64 > u64::from(max_body) {
         return Err((
             format!("{at}.body"),
-            format!(
-                "body of {} bytes exceeds max_direct_response_body_size_bytes ({max_body})",
-                body.len()
-            ),
+            format!("body of {} bytes exceeds max_direct_response_body_size_bytes ({max_body})", body.len()),
         ));
     }
     Ok(RouteAction::Direct { status, body })
@@ -693,24 +533,15 @@ fn mirrors(list: &[RequestMirrorPolicy], at: &str) -> Result<Vec<Mirror>, Err> {
             return Err(unsupported(&mat, "host_rewrite_literal"));
         }
         if m.cluster.is_empty() {
-            return Err((
-                format!("{mat}.cluster"),
-                "cluster name must not be empty".into(),
-            ));
+            return Err((format!("{mat}.cluster"), "cluster name must not be empty".into()));
         }
         let percent = match &m.runtime_fraction {
             None => 100.0,
             Some(rf) => match &rf.default_value {
                 None => {
-                    return Err((
-                        format!("{mat}.runtime_fraction.default_value"),
-                        "default_value is required".into(),
-                    ))
+                    return Err((format!("{mat}.runtime_fraction.default_value"), "default_value is required".into()))
                 }
-                Some(fp) => {
-                    Fraction::compile(fp, &format!("{mat}.runtime_fraction.default_value"))?
-                        .percent()
-                }
+                Some(fp) => Fraction::compile(fp, &format!("{mat}.runtime_fraction.default_value"))?.percent(),
             },
         };
         out.push(Mirror {
@@ -748,10 +579,7 @@ fn filter_fault(map: &HashMap<String, Any>, at: &str) -> Result<Option<Option<Fa
             };
             out = Some(Some(FaultPolicy::from_any(&inner).map_err(|m| (fat, m))?));
         } else if !(optional || disabled) {
-            return Err((
-                fat,
-                format!("per-route config for filter {k:?} is not supported by weft"),
-            ));
+            return Err((fat, format!("per-route config for filter {k:?} is not supported by weft")));
         }
     }
     Ok(out)

@@ -4,9 +4,7 @@
 use std::time::Duration;
 
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::fault_delay::FaultDelaySecifier;
-use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
-    fault_abort::ErrorType, HttpFault,
-};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort::ErrorType, HttpFault};
 use envoy_types::pb::google::protobuf::Any;
 use prost::{Message, Name};
 
@@ -61,8 +59,7 @@ impl FaultPolicy {
             Some(d) => {
                 let dur = match &d.fault_delay_secifier {
                     Some(FaultDelaySecifier::FixedDelay(fd)) => {
-                        to_duration(fd, "delay.fixed_delay")
-                            .map_err(|(a, m)| format!("{a}: {m}"))?
+                        to_duration(fd, "delay.fixed_delay").map_err(|(a, m)| format!("{a}: {m}"))?
                     }
                     Some(FaultDelaySecifier::HeaderDelay(_)) => {
                         return Err("delay.header_delay is not supported".into())
@@ -84,15 +81,11 @@ impl FaultPolicy {
                             .ok()
                             .filter(|c| (200..600).contains(c))
                             .and_then(|c| http::StatusCode::from_u16(c).ok())
-                            .ok_or_else(|| {
-                                format!("abort.http_status: {s} is not in [200, 600)")
-                            })?;
+                            .ok_or_else(|| format!("abort.http_status: {s} is not in [200, 600)"))?;
                         Abort::Http(code)
                     }
                     Some(ErrorType::GrpcStatus(s)) => Abort::Grpc(*s),
-                    Some(ErrorType::HeaderAbort(_)) => {
-                        return Err("abort.header_abort is not supported".into())
-                    }
+                    Some(ErrorType::HeaderAbort(_)) => return Err("abort.header_abort is not supported".into()),
                     None => return Err("abort.error_type is required".into()),
                 };
                 Some((kind, fraction(a.percentage.as_ref(), "abort.percentage")?))
@@ -105,24 +98,15 @@ impl FaultPolicy {
             .map(|(i, h)| HeaderMatcher::compile(h, &format!("headers[{i}]")))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|(a, m)| format!("{a}: {m}"))?;
-        Ok(FaultPolicy {
-            delay,
-            abort,
-            headers,
-        })
+        Ok(FaultPolicy { delay, abort, headers })
     }
 
     /// Decodes and compiles a packed `HTTPFault` (the type URL is checked).
     pub fn from_any(any: &Any) -> Result<FaultPolicy, String> {
         if any.type_url != HttpFault::type_url() {
-            return Err(format!(
-                "expected {}, got {}",
-                HttpFault::type_url(),
-                any.type_url
-            ));
+            return Err(format!("expected {}, got {}", HttpFault::type_url(), any.type_url));
         }
-        let f = HttpFault::decode(any.value.as_slice())
-            .map_err(|e| format!("cannot decode HTTPFault: {e}"))?;
+        let f = HttpFault::decode(any.value.as_slice()).map_err(|e| format!("cannot decode HTTPFault: {e}"))?;
         FaultPolicy::compile(&f)
     }
 
@@ -137,27 +121,15 @@ impl FaultPolicy {
     /// `r2` (Envoy's `featureEnabled`). An unset percentage is 0 %, as in Envoy.
     pub fn decide(&self, r1: u64, r2: u64) -> FaultDecision {
         FaultDecision {
-            delay: self
-                .delay
-                .as_ref()
-                .and_then(|(d, f)| f.hit(r1).then_some(*d)),
-            abort: self
-                .abort
-                .as_ref()
-                .and_then(|(a, f)| f.hit(r2).then_some(*a)),
+            delay: self.delay.as_ref().and_then(|(d, f)| f.hit(r1).then_some(*d)),
+            abort: self.abort.as_ref().and_then(|(a, f)| f.hit(r2).then_some(*a)),
         }
     }
 }
 
-fn fraction(
-    fp: Option<&envoy_types::pb::envoy::r#type::v3::FractionalPercent>,
-    at: &str,
-) -> Result<Fraction, String> {
+fn fraction(fp: Option<&envoy_types::pb::envoy::r#type::v3::FractionalPercent>, at: &str) -> Result<Fraction, String> {
     match fp {
-        None => Ok(Fraction {
-            numerator: 0,
-            denominator: 100,
-        }),
+        None => Ok(Fraction { numerator: 0, denominator: 100 }),
         Some(fp) => Fraction::compile(fp, at).map_err(|(a, m)| format!("{a}: {m}")),
     }
 }

@@ -5,9 +5,7 @@
 // Deprecated proto fields are read on purpose: Envoy still honours them.
 #![allow(deprecated)]
 
-use envoy_types::pb::envoy::config::core::v3::{
-    header_value_option::HeaderAppendAction, HeaderValueOption,
-};
+use envoy_types::pb::envoy::config::core::v3::{header_value_option::HeaderAppendAction, HeaderValueOption};
 use http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Envoy's `HeaderValueOption.append_action`.
@@ -59,10 +57,7 @@ impl HeaderEdits {
             let name = modifiable_name(&h.key, &format!("{at}.header.key"))?;
             let raw = if !h.raw_value.is_empty() {
                 if !h.value.is_empty() {
-                    return Err((
-                        format!("{at}.header"),
-                        "only one of value and raw_value may be set".into(),
-                    ));
+                    return Err((format!("{at}.header"), "only one of value and raw_value may be set".into()));
                 }
                 h.raw_value.clone()
             } else {
@@ -77,38 +72,21 @@ impl HeaderEdits {
                 }
                 (Some(b), _) if b.value => AppendAction::AppendIfExistsOrAdd,
                 (Some(_), _) => AppendAction::OverwriteIfExistsOrAdd,
-                (None, Ok(HeaderAppendAction::AppendIfExistsOrAdd)) => {
-                    AppendAction::AppendIfExistsOrAdd
-                }
+                (None, Ok(HeaderAppendAction::AppendIfExistsOrAdd)) => AppendAction::AppendIfExistsOrAdd,
                 (None, Ok(HeaderAppendAction::AddIfAbsent)) => AppendAction::AddIfAbsent,
-                (None, Ok(HeaderAppendAction::OverwriteIfExistsOrAdd)) => {
-                    AppendAction::OverwriteIfExistsOrAdd
-                }
-                (None, Ok(HeaderAppendAction::OverwriteIfExists)) => {
-                    AppendAction::OverwriteIfExists
-                }
+                (None, Ok(HeaderAppendAction::OverwriteIfExistsOrAdd)) => AppendAction::OverwriteIfExistsOrAdd,
+                (None, Ok(HeaderAppendAction::OverwriteIfExists)) => AppendAction::OverwriteIfExists,
                 (None, Err(_)) => {
-                    return Err((
-                        format!("{at}.append_action"),
-                        format!("unknown append_action {}", opt.append_action),
-                    ))
+                    return Err((format!("{at}.append_action"), format!("unknown append_action {}", opt.append_action)))
                 }
             };
             // Envoy skips empty values unless keep_empty_value is set.
             if raw.is_empty() && !opt.keep_empty_value {
                 continue;
             }
-            let value = HeaderValue::from_bytes(&raw).map_err(|_| {
-                (
-                    format!("{at}.header.value"),
-                    "not a valid HTTP header value".to_string(),
-                )
-            })?;
-            edits.add.push(HeaderAdd {
-                name,
-                value,
-                action,
-            });
+            let value = HeaderValue::from_bytes(&raw)
+                .map_err(|_| (format!("{at}.header.value"), "not a valid HTTP header value".to_string()))?;
+            edits.add.push(HeaderAdd { name, value, action });
         }
         Ok(edits)
     }
@@ -153,17 +131,10 @@ impl HeaderEdits {
 /// A header name that Envoy lets routes modify (not `:`-prefixed, not `host`).
 fn modifiable_name(name: &str, at: &str) -> Result<HeaderName, (String, String)> {
     if name.starts_with(':') || name.eq_ignore_ascii_case("host") {
-        return Err((
-            at.to_string(),
-            format!("{name:?}: ':'-prefixed and host headers may not be modified"),
-        ));
+        return Err((at.to_string(), format!("{name:?}: ':'-prefixed and host headers may not be modified")));
     }
-    HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
-        (
-            at.to_string(),
-            format!("{name:?} is not a valid header name"),
-        )
-    })
+    HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| (at.to_string(), format!("{name:?} is not a valid header name")))
 }
 
 /// The literal value of a header: `%%` is a literal `%`; any other `%` starts an Envoy

@@ -6,8 +6,7 @@
 
 use envoy_types::pb::envoy::config::route::v3::{
     header_matcher::HeaderMatchSpecifier, query_parameter_matcher::QueryParameterMatchSpecifier,
-    route_match::PathSpecifier, CookieMatcher, HeaderMatcher as HeaderMatcherProto,
-    QueryParameterMatcher, RouteMatch,
+    route_match::PathSpecifier, CookieMatcher, HeaderMatcher as HeaderMatcherProto, QueryParameterMatcher, RouteMatch,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     string_matcher::MatchPattern, RegexMatcher, StringMatcher as StringMatcherProto,
@@ -131,9 +130,7 @@ impl RouteMatcher {
             }
             Some(PathSpecifier::Prefix(p)) => PathMatch::Prefix(fold(p)),
             Some(PathSpecifier::Path(p)) => PathMatch::Exact(fold(p)),
-            Some(PathSpecifier::SafeRegex(r)) => {
-                PathMatch::Regex(compile_regex(r, &format!("{at}.safe_regex"))?)
-            }
+            Some(PathSpecifier::SafeRegex(r)) => PathMatch::Regex(compile_regex(r, &format!("{at}.safe_regex"))?),
             Some(PathSpecifier::PathSeparatedPrefix(p)) => {
                 if p.ends_with('/') || p.contains(['?', '#']) {
                     return Err((
@@ -144,9 +141,7 @@ impl RouteMatcher {
                 PathMatch::SeparatedPrefix(fold(p))
             }
             Some(PathSpecifier::ConnectMatcher(_)) => PathMatch::Connect,
-            Some(PathSpecifier::PathMatchPolicy(_)) => {
-                return Err(unsupported(at, "path_match_policy"))
-            }
+            Some(PathSpecifier::PathMatchPolicy(_)) => return Err(unsupported(at, "path_match_policy")),
         };
         let headers = m
             .headers
@@ -171,21 +166,10 @@ impl RouteMatcher {
             Some(rf) => Some(match &rf.default_value {
                 Some(fp) => Fraction::compile(fp, &format!("{at}.runtime_fraction.default_value"))?,
                 // Envoy: an unset default_value is 0%.
-                None => Fraction {
-                    numerator: 0,
-                    denominator: 100,
-                },
+                None => Fraction { numerator: 0, denominator: 100 },
             }),
         };
-        Ok(RouteMatcher {
-            path,
-            case_sensitive,
-            headers,
-            query,
-            cookies,
-            grpc: m.grpc.is_some(),
-            fraction,
-        })
+        Ok(RouteMatcher { path, case_sensitive, headers, query, cookies, grpc: m.grpc.is_some(), fraction })
     }
 
     /// Whether the request matches; `random` feeds `runtime_fraction`.
@@ -232,8 +216,7 @@ impl RouteMatcher {
             // Envoy: case_sensitive has no effect on safe_regex.
             PathMatch::Regex(r) => r.is_match(path),
             PathMatch::SeparatedPrefix(pre) => {
-                p.starts_with(pre.as_str())
-                    && (p.len() == pre.len() || p.as_bytes().get(pre.len()) == Some(&b'/'))
+                p.starts_with(pre.as_str()) && (p.len() == pre.len() || p.as_bytes().get(pre.len()) == Some(&b'/'))
             }
             PathMatch::Connect => parts.method == http::Method::CONNECT,
         }
@@ -250,10 +233,7 @@ impl RouteMatcher {
 
 impl StringMatch {
     /// Compiles a `StringMatcher`.
-    pub(crate) fn compile(
-        m: &StringMatcherProto,
-        at: &str,
-    ) -> Result<StringMatch, (String, String)> {
+    pub(crate) fn compile(m: &StringMatcherProto, at: &str) -> Result<StringMatch, (String, String)> {
         let ic = m.ignore_case;
         let fold = |s: &String| {
             if ic {
@@ -308,10 +288,7 @@ impl StringMatch {
 
 impl HeaderMatcher {
     /// Compiles a `HeaderMatcher`.
-    pub(crate) fn compile(
-        h: &HeaderMatcherProto,
-        at: &str,
-    ) -> Result<HeaderMatcher, (String, String)> {
+    pub(crate) fn compile(h: &HeaderMatcherProto, at: &str) -> Result<HeaderMatcher, (String, String)> {
         let name = h.name.to_ascii_lowercase();
         if name.is_empty() {
             return Err((format!("{at}.name"), "header name must not be empty".into()));
@@ -320,9 +297,9 @@ impl HeaderMatcher {
             // Envoy: no specifier means "present".
             None => HeaderMatchKind::Present(true),
             Some(HeaderMatchSpecifier::ExactMatch(s)) => HeaderMatchKind::LegacyExact(s.clone()),
-            Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => HeaderMatchKind::String(
-                StringMatch::Regex(compile_regex(r, &format!("{at}.safe_regex_match"))?),
-            ),
+            Some(HeaderMatchSpecifier::SafeRegexMatch(r)) => {
+                HeaderMatchKind::String(StringMatch::Regex(compile_regex(r, &format!("{at}.safe_regex_match"))?))
+            }
             Some(HeaderMatchSpecifier::RangeMatch(r)) => {
                 if r.start >= r.end {
                     return Err((
@@ -346,12 +323,7 @@ impl HeaderMatcher {
                 HeaderMatchKind::String(StringMatch::compile(s, &format!("{at}.string_match"))?)
             }
         };
-        Ok(HeaderMatcher {
-            name,
-            kind,
-            invert: h.invert_match,
-            missing_as_empty: h.treat_missing_header_as_empty,
-        })
+        Ok(HeaderMatcher { name, kind, invert: h.invert_match, missing_as_empty: h.treat_missing_header_as_empty })
     }
 
     /// Matches against a request, pseudo headers included.
@@ -361,12 +333,7 @@ impl HeaderMatcher {
             ":method" => Some(req.parts.method.as_str()),
             ":authority" => Some(req.authority),
             ":path" => {
-                pseudo = req
-                    .parts
-                    .uri
-                    .path_and_query()
-                    .map(|p| p.as_str().to_string())
-                    .unwrap_or_else(|| "/".into());
+                pseudo = req.parts.uri.path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into());
                 Some(pseudo.as_str())
             }
             ":scheme" => Some(request_scheme(req.parts)),
@@ -381,10 +348,7 @@ impl HeaderMatcher {
         if values.peek().is_none() {
             return self.decide(None);
         }
-        let joined = values
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
-            .collect::<Vec<_>>()
-            .join(",");
+        let joined = values.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(",");
         self.decide(Some(&joined))
     }
 
@@ -404,9 +368,7 @@ impl HeaderMatcher {
         let m = match &self.kind {
             HeaderMatchKind::LegacyExact(s) => s.is_empty() || value == s,
             HeaderMatchKind::String(s) => s.matches(value),
-            HeaderMatchKind::Range(start, end) => {
-                value.parse::<i64>().is_ok_and(|v| v >= *start && v < *end)
-            }
+            HeaderMatchKind::Range(start, end) => value.parse::<i64>().is_ok_and(|v| v >= *start && v < *end),
             HeaderMatchKind::Present(p) => *p,
         };
         m != self.invert
@@ -416,10 +378,7 @@ impl HeaderMatcher {
 impl QueryMatcher {
     fn compile(q: &QueryParameterMatcher, at: &str) -> Result<QueryMatcher, (String, String)> {
         if q.name.is_empty() {
-            return Err((
-                format!("{at}.name"),
-                "query parameter name must not be empty".into(),
-            ));
+            return Err((format!("{at}.name"), "query parameter name must not be empty".into()));
         }
         let value = match &q.query_parameter_match_specifier {
             None | Some(QueryParameterMatchSpecifier::PresentMatch(_)) => None,
@@ -427,10 +386,7 @@ impl QueryMatcher {
                 Some(StringMatch::compile(s, &format!("{at}.string_match"))?)
             }
         };
-        Ok(QueryMatcher {
-            name: q.name.clone(),
-            value,
-        })
+        Ok(QueryMatcher { name: q.name.clone(), value })
     }
 
     fn matches(&self, params: &[(String, String)]) -> bool {
@@ -445,10 +401,7 @@ impl QueryMatcher {
 impl CookieMatch {
     fn compile(c: &CookieMatcher, at: &str) -> Result<CookieMatch, (String, String)> {
         let Some(sm) = &c.string_match else {
-            return Err((
-                format!("{at}.string_match"),
-                "string_match is required".into(),
-            ));
+            return Err((format!("{at}.string_match"), "string_match is required".into()));
         };
         Ok(CookieMatch {
             name: c.name.clone(),
@@ -472,17 +425,9 @@ impl Fraction {
             Ok(DenominatorType::Hundred) => 100,
             Ok(DenominatorType::TenThousand) => 10_000,
             Ok(DenominatorType::Million) => 1_000_000,
-            Err(_) => {
-                return Err((
-                    format!("{at}.denominator"),
-                    format!("unknown denominator {}", fp.denominator),
-                ))
-            }
+            Err(_) => return Err((format!("{at}.denominator"), format!("unknown denominator {}", fp.denominator))),
         };
-        Ok(Fraction {
-            numerator: u64::from(fp.numerator).min(denominator),
-            denominator,
-        })
+        Ok(Fraction { numerator: u64::from(fp.numerator).min(denominator), denominator })
     }
 
     /// Envoy's `featureEnabled`: `random % denominator < numerator`.
@@ -506,11 +451,7 @@ pub(crate) fn unsupported(at: &str, field: &str) -> (String, String) {
 
 /// Compiles an Envoy `RegexMatcher` so that it matches the whole input.
 pub(crate) fn compile_regex(r: &RegexMatcher, at: &str) -> Result<Regex, (String, String)> {
-    compile_regex_str(
-        &format!("^(?:{})$", r.regex),
-        &r.regex,
-        &format!("{at}.regex"),
-    )
+    compile_regex_str(&format!("^(?:{})$", r.regex), &r.regex, &format!("{at}.regex"))
 }
 
 /// Compiles an Envoy `RegexMatcher` for search (used by `regex_rewrite`).
@@ -528,14 +469,9 @@ fn compile_regex_str(pattern: &str, shown: &str, at: &str) -> Result<Regex, (Str
 /// Envoy's gRPC request test: content-type `application/grpc` or `application/grpc+...`
 /// / `application/grpc;...`.
 pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
-    headers
-        .get(http::header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|ct| {
-            ct == "application/grpc"
-                || ct.starts_with("application/grpc+")
-                || ct.starts_with("application/grpc;")
-        })
+    headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
+        ct == "application/grpc" || ct.starts_with("application/grpc+") || ct.starts_with("application/grpc;")
+    })
 }
 
 /// The request scheme: the URI's, else `x-forwarded-proto`, else `http`.
@@ -543,11 +479,7 @@ pub(crate) fn request_scheme(parts: &http::request::Parts) -> &str {
     if let Some(s) = parts.uri.scheme_str() {
         return s;
     }
-    parts
-        .headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("http")
+    parts.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or("http")
 }
 
 /// Splits a query string into decoded `(name, value)` pairs, in order.

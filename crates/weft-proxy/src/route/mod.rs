@@ -20,8 +20,8 @@ use std::sync::Arc;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 
 pub use action::{
-    ClusterChoice, ForwardAction, HashPolicy, HashSource, Mirror, PathRewrite, RedirectAction,
-    RedirectPath, Route, RouteAction,
+    ClusterChoice, ForwardAction, HashPolicy, HashSource, Mirror, PathRewrite, RedirectAction, RedirectPath, Route,
+    RouteAction,
 };
 pub use fault::{Abort, FaultDecision, FaultPolicy};
 pub use headers::AppendAction;
@@ -56,8 +56,7 @@ impl RouteTable {
     /// Compiles a `RouteConfiguration`. Errors name the offending field, e.g.
     /// `virtual_hosts[1].routes[0].match.safe_regex.regex`, and are meant as NACKs.
     pub fn compile(rc: &RouteConfiguration) -> Result<RouteTable, ConfigError> {
-        compile::compile_table(rc)
-            .map_err(|(field, message)| ConfigError::new(&rc.name, field, message))
+        compile::compile_table(rc).map_err(|(field, message)| ConfigError::new(&rc.name, field, message))
     }
 
     /// The route configuration's name.
@@ -75,19 +74,10 @@ impl RouteTable {
     }
 
     /// [`RouteTable::select`] with the random value for `runtime_fraction` given.
-    pub fn select_with_random(
-        &self,
-        authority: &str,
-        parts: &http::request::Parts,
-        random: u64,
-    ) -> Option<Arc<Route>> {
+    pub fn select_with_random(&self, authority: &str, parts: &http::request::Parts, random: u64) -> Option<Arc<Route>> {
         let vh = self.find_vhost(authority)?;
         let view = RequestView { authority, parts };
-        self.vhosts[vh]
-            .routes
-            .iter()
-            .find(|r| r.matcher.matches(&view, random))
-            .cloned()
+        self.vhosts[vh].routes.iter().find(|r| r.matcher.matches(&view, random)).cloned()
     }
 
     fn find_vhost(&self, authority: &str) -> Option<usize> {
@@ -97,11 +87,7 @@ impl RouteTable {
             return self.find_domain(stripped).or(self.default);
         }
         self.find_domain(&host)
-            .or_else(|| {
-                (stripped.len() != host.len())
-                    .then(|| self.find_domain(stripped))
-                    .flatten()
-            })
+            .or_else(|| (stripped.len() != host.len()).then(|| self.find_domain(stripped)).flatten())
             .or(self.default)
     }
 
@@ -110,17 +96,10 @@ impl RouteTable {
             return Some(*i);
         }
         // The wildcard must match at least one character.
-        if let Some((_, i)) = self
-            .suffixes
-            .iter()
-            .find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()))
-        {
+        if let Some((_, i)) = self.suffixes.iter().find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str())) {
             return Some(*i);
         }
-        self.prefixes
-            .iter()
-            .find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()))
-            .map(|(_, i)| *i)
+        self.prefixes.iter().find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str())).map(|(_, i)| *i)
     }
 }
 
@@ -148,10 +127,7 @@ pub(crate) fn to_duration(
         (Ok(s), Some(n)) => Ok(std::time::Duration::new(s, n)),
         _ => Err((
             at.to_string(),
-            format!(
-                "duration {}s {}ns must be non-negative with nanos in [0, 1e9)",
-                d.seconds, d.nanos
-            ),
+            format!("duration {}s {}ns must be non-negative with nanos in [0, 1e9)", d.seconds, d.nanos),
         )),
     }
 }

@@ -93,10 +93,7 @@ impl RetryPolicy {
             if !known {
                 return Err((
                     format!("{at}.retry_host_predicate[{i}]"),
-                    format!(
-                        "retry host predicate {:?} is not supported (only previous_hosts)",
-                        pred.name
-                    ),
+                    format!("retry host predicate {:?} is not supported (only previous_hosts)", pred.name),
                 ));
             }
             avoid_previous_hosts = true;
@@ -147,26 +144,15 @@ impl RetryPolicy {
         Ok(RetryPolicy {
             retry_on,
             num_retries: p.num_retries.as_ref().map_or(1, |n| n.value),
-            per_try_timeout: opt_nonzero(
-                p.per_try_timeout.as_ref(),
-                &format!("{at}.per_try_timeout"),
-            )?,
-            per_try_idle_timeout: opt_nonzero(
-                p.per_try_idle_timeout.as_ref(),
-                &format!("{at}.per_try_idle_timeout"),
-            )?,
+            per_try_timeout: opt_nonzero(p.per_try_timeout.as_ref(), &format!("{at}.per_try_timeout"))?,
+            per_try_idle_timeout: opt_nonzero(p.per_try_idle_timeout.as_ref(), &format!("{at}.per_try_idle_timeout"))?,
             retriable_status_codes: codes,
             base_interval,
             max_interval,
             avoid_previous_hosts,
-            host_selection_retry_max_attempts: u32::try_from(p.host_selection_retry_max_attempts)
-                .unwrap_or(0)
-                .max(1),
+            host_selection_retry_max_attempts: u32::try_from(p.host_selection_retry_max_attempts).unwrap_or(0).max(1),
             retriable_headers: matchers(&p.retriable_headers, "retriable_headers")?,
-            retriable_request_headers: matchers(
-                &p.retriable_request_headers,
-                "retriable_request_headers",
-            )?,
+            retriable_request_headers: matchers(&p.retriable_request_headers, "retriable_request_headers")?,
         })
     }
 
@@ -183,9 +169,7 @@ impl RetryPolicy {
             .or_else(|| parts.uri.authority().map(http::uri::Authority::as_str))
             .unwrap_or("");
         let view = RequestView { authority, parts };
-        self.retriable_request_headers
-            .iter()
-            .any(|m| m.matches_request(&view))
+        self.retriable_request_headers.iter().any(|m| m.matches_request(&view))
     }
 
     /// Whether a response with `status` and `headers` (gRPC trailers-only responses
@@ -209,51 +193,17 @@ impl RetryPolicy {
         if on.retriable_status_codes && self.retriable_status_codes.contains(&code) {
             return true;
         }
-        if on.retriable_headers
-            && self
-                .retriable_headers
-                .iter()
-                .any(|m| m.matches_headers(headers))
-        {
+        if on.retriable_headers && self.retriable_headers.iter().any(|m| m.matches_headers(headers)) {
             return true;
         }
-        let grpc = headers
-            .get("grpc-status")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse::<u32>().ok());
+        let grpc = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u32>().ok());
         matches!(
             (grpc, on),
-            (
-                Some(1),
-                RetryOn {
-                    grpc_cancelled: true,
-                    ..
-                }
-            ) | (
-                Some(4),
-                RetryOn {
-                    grpc_deadline_exceeded: true,
-                    ..
-                }
-            ) | (
-                Some(8),
-                RetryOn {
-                    grpc_resource_exhausted: true,
-                    ..
-                }
-            ) | (
-                Some(13),
-                RetryOn {
-                    grpc_internal: true,
-                    ..
-                }
-            ) | (
-                Some(14),
-                RetryOn {
-                    grpc_unavailable: true,
-                    ..
-                }
-            )
+            (Some(1), RetryOn { grpc_cancelled: true, .. })
+                | (Some(4), RetryOn { grpc_deadline_exceeded: true, .. })
+                | (Some(8), RetryOn { grpc_resource_exhausted: true, .. })
+                | (Some(13), RetryOn { grpc_internal: true, .. })
+                | (Some(14), RetryOn { grpc_unavailable: true, .. })
         )
     }
 
@@ -295,16 +245,9 @@ impl RetryPolicy {
     /// (`attempt` 0 for the first retry): uniform in `[0, min(base * 2^attempt, max))`
     /// at millisecond granularity, `r` being a uniform random value.
     pub fn backoff(&self, attempt: u32, r: u64) -> Duration {
-        let base = u64::try_from(self.base_interval.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let max = u64::try_from(self.max_interval.as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let bound = base
-            .checked_shl(attempt)
-            .filter(|b| b >> attempt == base)
-            .map_or(max, |b| b.min(max));
+        let base = u64::try_from(self.base_interval.as_millis()).unwrap_or(u64::MAX).max(1);
+        let max = u64::try_from(self.max_interval.as_millis()).unwrap_or(u64::MAX).max(1);
+        let bound = base.checked_shl(attempt).filter(|b| b >> attempt == base).map_or(max, |b| b.min(max));
         Duration::from_millis(r % bound)
     }
 }

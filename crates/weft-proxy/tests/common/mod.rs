@@ -1,6 +1,6 @@
 //! Shared harness for the proxy's in-process integration tests: an ADS server with a
 //! static source, proxies bootstrapped against it, and builders for route protos.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::SocketAddr;
 use std::path::Path;

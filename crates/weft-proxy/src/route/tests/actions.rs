@@ -1,16 +1,13 @@
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{
-    data_source::Specifier, DataSource, RuntimeFractionalPercent,
-};
+use envoy_types::pb::envoy::config::core::v3::{data_source::Specifier, DataSource, RuntimeFractionalPercent};
 use envoy_types::pb::envoy::config::route::v3::{
     redirect_action::{PathRewriteSpecifier, SchemeRewriteSpecifier},
     route::Action,
     route_action::{ClusterSpecifier, HostRewriteSpecifier, RequestMirrorPolicy},
     route_match::PathSpecifier,
     weighted_cluster::ClusterWeight,
-    DirectResponseAction, RedirectAction, RetryPolicy as RetryPolicyProto, Route as RouteProto,
-    WeightedCluster,
+    DirectResponseAction, RedirectAction, RetryPolicy as RetryPolicyProto, Route as RouteProto, WeightedCluster,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{RegexMatchAndSubstitute, RegexMatcher};
 use envoy_types::pb::envoy::r#type::v3::FractionalPercent;
@@ -54,15 +51,7 @@ fn weighted_pick_respects_weights_exactly() {
     let choice = &fwd(&r).clusters;
     assert_eq!(
         choice,
-        &ClusterChoice::Weighted(
-            vec![
-                ("a".into(), 1),
-                ("b".into(), 0),
-                ("c".into(), 3),
-                ("d".into(), 6)
-            ],
-            10
-        )
+        &ClusterChoice::Weighted(vec![("a".into(), 1), ("b".into(), 0), ("c".into(), 3), ("d".into(), 6)], 10)
     );
     let mut counts = std::collections::HashMap::new();
     // Three full cycles of r, starting at a large offset.
@@ -83,19 +72,10 @@ fn forward_defaults_timeout_15s_and_zero_disables() {
     assert_eq!(f.timeout, Some(Duration::from_secs(15)));
     assert_eq!(f.idle_timeout, None);
     assert!(f.retry.is_none());
-    assert_eq!(
-        f.cluster_not_found_status,
-        http::StatusCode::SERVICE_UNAVAILABLE
-    );
+    assert_eq!(f.cluster_not_found_status, http::StatusCode::SERVICE_UNAVAILABLE);
     let mut ra = forward("a");
-    ra.timeout = Some(PbDuration {
-        seconds: 0,
-        nanos: 0,
-    });
-    ra.idle_timeout = Some(PbDuration {
-        seconds: 2,
-        nanos: 500_000_000,
-    });
+    ra.timeout = Some(PbDuration { seconds: 0, nanos: 0 });
+    ra.idle_timeout = Some(PbDuration { seconds: 2, nanos: 500_000_000 });
     let r = only(route_with("a", prefix("/"), ra));
     assert_eq!(fwd(&r).timeout, None);
     assert_eq!(fwd(&r).idle_timeout, Some(Duration::from_millis(2500)));
@@ -110,10 +90,7 @@ fn route_retry_policy_overrides_virtual_host_policy() {
         ..Default::default()
     });
     let mut ra = forward("own");
-    ra.retry_policy = Some(RetryPolicyProto {
-        retry_on: "reset".into(),
-        ..Default::default()
-    });
+    ra.retry_policy = Some(RetryPolicyProto { retry_on: "reset".into(), ..Default::default() });
     vh.routes.push(route_with("own", prefix("/o"), ra));
     let t = RouteTable::compile(&rc(vec![vh])).unwrap();
     let get = |p: &str| t.select_with_random("h", &parts("GET", p, &[]), 0).unwrap();
@@ -132,10 +109,7 @@ fn mirrors_take_the_most_specific_non_empty_list() {
     let mirror = |c: &str, pct: Option<u32>| RequestMirrorPolicy {
         cluster: c.into(),
         runtime_fraction: pct.map(|n| RuntimeFractionalPercent {
-            default_value: Some(FractionalPercent {
-                numerator: n,
-                denominator: 1,
-            }),
+            default_value: Some(FractionalPercent { numerator: n, denominator: 1 }),
             runtime_key: String::new(),
         }),
         ..Default::default()
@@ -146,16 +120,12 @@ fn mirrors_take_the_most_specific_non_empty_list() {
     ra.request_mirror_policies = vec![mirror("own-shadow", Some(2500))];
     vh.routes.push(route_with("own", prefix("/o"), ra));
     let t = RouteTable::compile(&rc(vec![vh])).unwrap();
-    let i = t
-        .select_with_random("h", &parts("GET", "/i", &[]), 0)
-        .unwrap();
+    let i = t.select_with_random("h", &parts("GET", "/i", &[]), 0).unwrap();
     assert_eq!(fwd(&i).mirrors.len(), 1);
     assert_eq!(fwd(&i).mirrors[0].cluster, "vh-shadow");
     assert_eq!(fwd(&i).mirrors[0].percent, 100.0);
     assert!(fwd(&i).mirrors[0].append_shadow_suffix);
-    let o = t
-        .select_with_random("h", &parts("GET", "/o", &[]), 0)
-        .unwrap();
+    let o = t.select_with_random("h", &parts("GET", "/o", &[]), 0).unwrap();
     assert_eq!(fwd(&o).mirrors[0].cluster, "own-shadow");
     assert_eq!(fwd(&o).mirrors[0].percent, 25.0);
 }
@@ -171,52 +141,33 @@ fn prefix_rewrite_replaces_the_matched_prefix_and_keeps_the_query() {
     let mut ra = forward("a");
     ra.prefix_rewrite = "/v2/".into();
     let t = table(vec![route_with("a", prefix("/api/"), ra)]);
-    let r = t
-        .select_with_random("h", &parts("GET", "/api/users?id=1", &[]), 0)
-        .unwrap();
+    let r = t.select_with_random("h", &parts("GET", "/api/users?id=1", &[]), 0).unwrap();
     let p = rewrite(&r, "/api/users?id=1", &[]);
     assert_eq!(p.uri.path_and_query().unwrap().as_str(), "/v2/users?id=1");
     // Exact path: the whole path is the matched part.
     let mut ra = forward("b");
     ra.prefix_rewrite = "/new".into();
     let t = table(vec![route_with("b", exact_path("/old"), ra)]);
-    let r = t
-        .select_with_random("h", &parts("GET", "/old?q", &[]), 0)
-        .unwrap();
-    assert_eq!(
-        rewrite(&r, "/old?q", &[])
-            .uri
-            .path_and_query()
-            .unwrap()
-            .as_str(),
-        "/new?q"
-    );
+    let r = t.select_with_random("h", &parts("GET", "/old?q", &[]), 0).unwrap();
+    assert_eq!(rewrite(&r, "/old?q", &[]).uri.path_and_query().unwrap().as_str(), "/new?q");
 }
 
 #[test]
 fn regex_rewrite_applies_to_the_path_only_with_re2_groups() {
     let mut ra = forward("a");
     ra.regex_rewrite = Some(RegexMatchAndSubstitute {
-        pattern: Some(RegexMatcher {
-            regex: "^/service/([^/]+)(/.*)$".into(),
-            ..Default::default()
-        }),
+        pattern: Some(RegexMatcher { regex: "^/service/([^/]+)(/.*)$".into(), ..Default::default() }),
         substitution: "\\2/instance/\\1".into(),
     });
     let r = only(route_with("a", prefix("/"), ra));
     let p = rewrite(&r, "/service/foo/v1/api?service=/service/x/y", &[]);
-    assert_eq!(
-        p.uri.path_and_query().unwrap().as_str(),
-        "/v1/api/instance/foo?service=/service/x/y"
-    );
+    assert_eq!(p.uri.path_and_query().unwrap().as_str(), "/v1/api/instance/foo?service=/service/x/y");
 }
 
 #[test]
 fn host_rewrite_literal_updates_host_header_and_uri_authority() {
     let mut ra = forward("a");
-    ra.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral(
-        "new.svc:8080".into(),
-    ));
+    ra.host_rewrite_specifier = Some(HostRewriteSpecifier::HostRewriteLiteral("new.svc:8080".into()));
     ra.append_x_forwarded_host = true;
     let r = only(route_with("a", prefix("/"), ra));
     let p = rewrite(&r, "/x?y", &[("host", "old.svc")]);
@@ -235,23 +186,13 @@ fn redirect_route(
     rd: RedirectAction,
     m: envoy_types::pb::envoy::config::route::v3::RouteMatch,
 ) -> std::sync::Arc<Route> {
-    let r = RouteProto {
-        name: "r".into(),
-        r#match: Some(m),
-        action: Some(Action::Redirect(rd)),
-        ..Default::default()
-    };
-    table(vec![r])
-        .select_with_random("h", &parts("GET", "/old/", &[]), 0)
-        .unwrap()
+    let r = RouteProto { name: "r".into(), r#match: Some(m), action: Some(Action::Redirect(rd)), ..Default::default() };
+    table(vec![r]).select_with_random("h", &parts("GET", "/old/", &[]), 0).unwrap()
 }
 
 fn location(r: &Route, uri: &str, headers: &[(&str, &str)]) -> (u16, String) {
     let resp = r.redirect_response(&parts("GET", uri, headers)).unwrap();
-    (
-        resp.status().as_u16(),
-        resp.headers()["location"].to_str().unwrap().to_string(),
-    )
+    (resp.status().as_u16(), resp.headers()["location"].to_str().unwrap().to_string())
 }
 
 #[test]
@@ -263,14 +204,8 @@ fn redirect_https_strips_default_port_and_defaults_to_301() {
         },
         prefix("/"),
     );
-    assert_eq!(
-        location(&r, "/a?b=1", &[("host", "example.com:80")]),
-        (301, "https://example.com/a?b=1".into())
-    );
-    assert_eq!(
-        location(&r, "/a", &[("host", "example.com:8080")]).1,
-        "https://example.com:8080/a"
-    );
+    assert_eq!(location(&r, "/a?b=1", &[("host", "example.com:80")]), (301, "https://example.com/a?b=1".into()));
+    assert_eq!(location(&r, "/a", &[("host", "example.com:8080")]).1, "https://example.com:8080/a");
     assert!(r.direct_response(&parts("GET", "/", &[])).is_none());
 }
 
@@ -286,10 +221,7 @@ fn redirect_host_port_path_and_strip_query_variants() {
         },
         prefix("/"),
     );
-    assert_eq!(
-        location(&r, "/old?x=1", &[("host", "a.com")]),
-        (302, "http://new.example:8443/landing?x=1".into())
-    );
+    assert_eq!(location(&r, "/old?x=1", &[("host", "a.com")]), (302, "http://new.example:8443/landing?x=1".into()));
 
     let r = redirect_route(
         RedirectAction {
@@ -301,10 +233,7 @@ fn redirect_host_port_path_and_strip_query_variants() {
         },
         prefix("/old/"),
     );
-    assert_eq!(
-        location(&r, "/old/page?x=1", &[("host", "a.com:80")]),
-        (303, "http://a.com:9000/new/page".into())
-    );
+    assert_eq!(location(&r, "/old/page?x=1", &[("host", "a.com:80")]), (303, "http://a.com:9000/new/page".into()));
 
     let r = redirect_route(
         RedirectAction {
@@ -316,32 +245,21 @@ fn redirect_host_port_path_and_strip_query_variants() {
         prefix("/"),
     );
     // A path_redirect's own query is never stripped.
-    assert_eq!(
-        location(&r, "/x?drop=1", &[("host", "a.com")]),
-        (307, "http://a.com/p?keep=1".into())
-    );
+    assert_eq!(location(&r, "/x?drop=1", &[("host", "a.com")]), (307, "http://a.com/p?keep=1".into()));
 
     let r = redirect_route(
         RedirectAction {
             response_code: 4,
             scheme_rewrite_specifier: Some(SchemeRewriteSpecifier::SchemeRedirect("https".into())),
-            path_rewrite_specifier: Some(PathRewriteSpecifier::RegexRewrite(
-                RegexMatchAndSubstitute {
-                    pattern: Some(RegexMatcher {
-                        regex: "/v1/".into(),
-                        ..Default::default()
-                    }),
-                    substitution: "/v2/".into(),
-                },
-            )),
+            path_rewrite_specifier: Some(PathRewriteSpecifier::RegexRewrite(RegexMatchAndSubstitute {
+                pattern: Some(RegexMatcher { regex: "/v1/".into(), ..Default::default() }),
+                substitution: "/v2/".into(),
+            })),
             ..Default::default()
         },
         prefix("/"),
     );
-    assert_eq!(
-        location(&r, "/v1/a/v1/?q=/v1/", &[("host", "a.com")]),
-        (308, "https://a.com/v2/a/v2/?q=/v1/".into())
-    );
+    assert_eq!(location(&r, "/v1/a/v1/?q=/v1/", &[("host", "a.com")]), (308, "https://a.com/v2/a/v2/?q=/v1/".into()));
 }
 
 #[test]
@@ -351,17 +269,12 @@ fn direct_response_has_status_body_and_content_type() {
         r#match: Some(prefix("/")),
         action: Some(Action::DirectResponse(DirectResponseAction {
             status: 418,
-            body: Some(DataSource {
-                specifier: Some(Specifier::InlineString("teapot".into())),
-                ..Default::default()
-            }),
+            body: Some(DataSource { specifier: Some(Specifier::InlineString("teapot".into())), ..Default::default() }),
             ..Default::default()
         })),
         ..Default::default()
     };
-    let r = table(vec![r])
-        .select_with_random("h", &parts("GET", "/", &[]), 0)
-        .unwrap();
+    let r = table(vec![r]).select_with_random("h", &parts("GET", "/", &[]), 0).unwrap();
     match &r.action {
         RouteAction::Direct { status, body } => {
             assert_eq!(status.as_u16(), 418);
@@ -385,17 +298,8 @@ fn path_separated_prefix_rewrite_uses_the_prefix_length() {
         ..Default::default()
     };
     let t = table(vec![route_with("a", m, ra)]);
-    let r = t
-        .select_with_random("h", &parts("GET", "/a/x", &[]), 0)
-        .unwrap();
-    assert_eq!(
-        rewrite(&r, "/a/x?1", &[])
-            .uri
-            .path_and_query()
-            .unwrap()
-            .as_str(),
-        "/b/x?1"
-    );
+    let r = t.select_with_random("h", &parts("GET", "/a/x", &[]), 0).unwrap();
+    assert_eq!(rewrite(&r, "/a/x?1", &[]).uri.path_and_query().unwrap().as_str(), "/b/x?1");
 }
 
 #[test]
@@ -407,22 +311,12 @@ fn upgrades_hash_policy_and_cluster_not_found_code_are_compiled() {
     use envoy_types::pb::google::protobuf::BoolValue;
     let mut ra = forward("a");
     ra.upgrade_configs = vec![
-        UpgradeConfig {
-            upgrade_type: "WebSocket".into(),
-            ..Default::default()
-        },
-        UpgradeConfig {
-            upgrade_type: "h2c".into(),
-            enabled: Some(BoolValue { value: false }),
-            ..Default::default()
-        },
+        UpgradeConfig { upgrade_type: "WebSocket".into(), ..Default::default() },
+        UpgradeConfig { upgrade_type: "h2c".into(), enabled: Some(BoolValue { value: false }), ..Default::default() },
     ];
     ra.hash_policy = vec![HashPolicyProto {
         terminal: true,
-        policy_specifier: Some(PolicySpecifier::Header(Header {
-            header_name: "x-user".into(),
-            regex_rewrite: None,
-        })),
+        policy_specifier: Some(PolicySpecifier::Header(Header { header_name: "x-user".into(), regex_rewrite: None })),
     }];
     ra.cluster_not_found_response_code = 1;
     let r = only(route_with("a", prefix("/"), ra));
@@ -445,10 +339,7 @@ fn direct_response_body_over_the_limit_is_rejected() {
         r#match: Some(prefix("/")),
         action: Some(Action::DirectResponse(DirectResponseAction {
             status: 200,
-            body: Some(DataSource {
-                specifier: Some(Specifier::InlineBytes(vec![b'x'; 4097])),
-                ..Default::default()
-            }),
+            body: Some(DataSource { specifier: Some(Specifier::InlineBytes(vec![b'x'; 4097])), ..Default::default() }),
             ..Default::default()
         })),
         ..Default::default()

@@ -8,21 +8,14 @@ use super::*;
 
 fn hvo(k: &str, v: &str, action: HeaderAppendAction) -> HeaderValueOption {
     HeaderValueOption {
-        header: Some(HeaderValue {
-            key: k.into(),
-            value: v.into(),
-            ..Default::default()
-        }),
+        header: Some(HeaderValue { key: k.into(), value: v.into(), ..Default::default() }),
         append_action: action as i32,
         ..Default::default()
     }
 }
 
 fn values(h: &http::HeaderMap, k: &str) -> Vec<String> {
-    h.get_all(k)
-        .iter()
-        .map(|v| v.to_str().unwrap().to_string())
-        .collect()
+    h.get_all(k).iter().map(|v| v.to_str().unwrap().to_string()).collect()
 }
 
 /// Applies route-level request edits `add`/`remove` to a request with `headers`.
@@ -31,9 +24,7 @@ fn edit(add: Vec<HeaderValueOption>, remove: &[&str], headers: &[(&str, &str)]) 
     r.request_headers_to_add = add;
     r.request_headers_to_remove = remove.iter().map(|s| s.to_string()).collect();
     let t = table(vec![r]);
-    let route = t
-        .select_with_random("h", &parts("GET", "/", headers), 0)
-        .unwrap();
+    let route = t.select_with_random("h", &parts("GET", "/", headers), 0).unwrap();
     let mut p = parts("GET", "/", headers);
     route.rewrite_request(&mut p);
     p.headers
@@ -41,65 +32,33 @@ fn edit(add: Vec<HeaderValueOption>, remove: &[&str], headers: &[(&str, &str)]) 
 
 #[test]
 fn append_if_exists_or_add_appends_a_value() {
-    let h = edit(
-        vec![hvo("x-a", "2", HeaderAppendAction::AppendIfExistsOrAdd)],
-        &[],
-        &[("x-a", "1")],
-    );
+    let h = edit(vec![hvo("x-a", "2", HeaderAppendAction::AppendIfExistsOrAdd)], &[], &[("x-a", "1")]);
     assert_eq!(values(&h, "x-a"), ["1", "2"]);
-    let h = edit(
-        vec![hvo("x-a", "2", HeaderAppendAction::AppendIfExistsOrAdd)],
-        &[],
-        &[],
-    );
+    let h = edit(vec![hvo("x-a", "2", HeaderAppendAction::AppendIfExistsOrAdd)], &[], &[]);
     assert_eq!(values(&h, "x-a"), ["2"]);
 }
 
 #[test]
 fn add_if_absent_only_adds_missing_headers() {
-    let h = edit(
-        vec![hvo("x-a", "2", HeaderAppendAction::AddIfAbsent)],
-        &[],
-        &[("x-a", "1")],
-    );
+    let h = edit(vec![hvo("x-a", "2", HeaderAppendAction::AddIfAbsent)], &[], &[("x-a", "1")]);
     assert_eq!(values(&h, "x-a"), ["1"]);
-    let h = edit(
-        vec![hvo("x-a", "2", HeaderAppendAction::AddIfAbsent)],
-        &[],
-        &[],
-    );
+    let h = edit(vec![hvo("x-a", "2", HeaderAppendAction::AddIfAbsent)], &[], &[]);
     assert_eq!(values(&h, "x-a"), ["2"]);
 }
 
 #[test]
 fn overwrite_if_exists_or_add_replaces_all_values() {
-    let h = edit(
-        vec![hvo("x-a", "3", HeaderAppendAction::OverwriteIfExistsOrAdd)],
-        &[],
-        &[("x-a", "1"), ("x-a", "2")],
-    );
+    let h = edit(vec![hvo("x-a", "3", HeaderAppendAction::OverwriteIfExistsOrAdd)], &[], &[("x-a", "1"), ("x-a", "2")]);
     assert_eq!(values(&h, "x-a"), ["3"]);
-    let h = edit(
-        vec![hvo("x-a", "3", HeaderAppendAction::OverwriteIfExistsOrAdd)],
-        &[],
-        &[],
-    );
+    let h = edit(vec![hvo("x-a", "3", HeaderAppendAction::OverwriteIfExistsOrAdd)], &[], &[]);
     assert_eq!(values(&h, "x-a"), ["3"]);
 }
 
 #[test]
 fn overwrite_if_exists_never_adds() {
-    let h = edit(
-        vec![hvo("x-a", "3", HeaderAppendAction::OverwriteIfExists)],
-        &[],
-        &[("x-a", "1")],
-    );
+    let h = edit(vec![hvo("x-a", "3", HeaderAppendAction::OverwriteIfExists)], &[], &[("x-a", "1")]);
     assert_eq!(values(&h, "x-a"), ["3"]);
-    let h = edit(
-        vec![hvo("x-a", "3", HeaderAppendAction::OverwriteIfExists)],
-        &[],
-        &[],
-    );
+    let h = edit(vec![hvo("x-a", "3", HeaderAppendAction::OverwriteIfExists)], &[], &[]);
     assert!(values(&h, "x-a").is_empty());
 }
 
@@ -107,15 +66,9 @@ fn overwrite_if_exists_never_adds() {
 fn deprecated_append_bool_maps_to_append_or_overwrite() {
     let mut o = hvo("x-a", "2", HeaderAppendAction::AppendIfExistsOrAdd);
     o.append = Some(BoolValue { value: false });
-    assert_eq!(
-        values(&edit(vec![o.clone()], &[], &[("x-a", "1")]), "x-a"),
-        ["2"]
-    );
+    assert_eq!(values(&edit(vec![o.clone()], &[], &[("x-a", "1")]), "x-a"), ["2"]);
     o.append = Some(BoolValue { value: true });
-    assert_eq!(
-        values(&edit(vec![o], &[], &[("x-a", "1")]), "x-a"),
-        ["1", "2"]
-    );
+    assert_eq!(values(&edit(vec![o], &[], &[("x-a", "1")]), "x-a"), ["1", "2"]);
 }
 
 #[test]
@@ -127,22 +80,14 @@ fn removal_happens_before_addition_and_empty_values_are_skipped() {
     );
     assert_eq!(values(&h, "x-a"), ["new"]);
     assert!(!h.contains_key("x-gone"));
-    let h = edit(
-        vec![hvo("x-e", "", HeaderAppendAction::AppendIfExistsOrAdd)],
-        &[],
-        &[],
-    );
+    let h = edit(vec![hvo("x-e", "", HeaderAppendAction::AppendIfExistsOrAdd)], &[], &[]);
     assert!(!h.contains_key("x-e"));
     let mut keep = hvo("x-e", "", HeaderAppendAction::AppendIfExistsOrAdd);
     keep.keep_empty_value = true;
     let h = edit(vec![keep], &[], &[]);
     assert_eq!(values(&h, "x-e"), [""]);
     // %% is a literal percent sign.
-    let h = edit(
-        vec![hvo("x-p", "100%%", HeaderAppendAction::AppendIfExistsOrAdd)],
-        &[],
-        &[],
-    );
+    let h = edit(vec![hvo("x-p", "100%%", HeaderAppendAction::AppendIfExistsOrAdd)], &[], &[]);
     assert_eq!(values(&h, "x-p"), ["100%"]);
 }
 
@@ -172,9 +117,7 @@ fn levels(most_specific_wins: bool) -> RouteTable {
 #[test]
 fn levels_apply_route_then_vhost_then_config_so_config_wins() {
     let t = levels(false);
-    let r = t
-        .select_with_random("h", &parts("GET", "/", &[]), 0)
-        .unwrap();
+    let r = t.select_with_random("h", &parts("GET", "/", &[]), 0).unwrap();
     let mut p = parts("GET", "/", &[]);
     r.rewrite_request(&mut p);
     assert_eq!(values(&p.headers, "x-level"), ["config"]);
@@ -189,9 +132,7 @@ fn levels_apply_route_then_vhost_then_config_so_config_wins() {
 #[test]
 fn most_specific_header_mutations_wins_reverses_the_order() {
     let t = levels(true);
-    let r = t
-        .select_with_random("h", &parts("GET", "/", &[]), 0)
-        .unwrap();
+    let r = t.select_with_random("h", &parts("GET", "/", &[]), 0).unwrap();
     let mut p = parts("GET", "/", &[]);
     r.rewrite_request(&mut p);
     assert_eq!(values(&p.headers, "x-level"), ["route"]);

@@ -5,41 +5,25 @@ use envoy_types::pb::envoy::config::route::v3::{
     route_match::{ConnectMatcher, GrpcRouteMatchOptions, PathSpecifier},
     CookieMatcher, HeaderMatcher, QueryParameterMatcher, RouteConfiguration, RouteMatch,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{
-    string_matcher::MatchPattern, RegexMatcher, StringMatcher,
-};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, RegexMatcher, StringMatcher};
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, Int64Range};
 use envoy_types::pb::google::protobuf::BoolValue;
 
 use super::*;
 
 fn path_match(spec: PathSpecifier) -> RouteMatch {
-    RouteMatch {
-        path_specifier: Some(spec),
-        ..Default::default()
-    }
+    RouteMatch { path_specifier: Some(spec), ..Default::default() }
 }
 
 fn regex(r: &str) -> RegexMatcher {
-    RegexMatcher {
-        regex: r.into(),
-        ..Default::default()
-    }
+    RegexMatcher { regex: r.into(), ..Default::default() }
 }
 
 fn sm(p: MatchPattern, ignore_case: bool) -> StringMatcher {
-    StringMatcher {
-        ignore_case,
-        match_pattern: Some(p),
-    }
+    StringMatcher { ignore_case, match_pattern: Some(p) }
 }
 
-fn header(
-    name: &str,
-    spec: Option<HeaderMatchSpecifier>,
-    invert: bool,
-    missing_empty: bool,
-) -> HeaderMatcher {
+fn header(name: &str, spec: Option<HeaderMatchSpecifier>, invert: bool, missing_empty: bool) -> HeaderMatcher {
     HeaderMatcher {
         name: name.into(),
         header_match_specifier: spec,
@@ -63,14 +47,8 @@ fn hits(t: &RouteTable, headers: &[(&str, &str)]) -> bool {
 fn prefix_exact_regex_and_separated_prefix_match_the_path_without_query() {
     let t = table(vec![
         route("exact", path_match(PathSpecifier::Path("/exact".into()))),
-        route(
-            "regex",
-            path_match(PathSpecifier::SafeRegex(regex("/re/[0-9]+"))),
-        ),
-        route(
-            "sep",
-            path_match(PathSpecifier::PathSeparatedPrefix("/api".into())),
-        ),
+        route("regex", path_match(PathSpecifier::SafeRegex(regex("/re/[0-9]+")))),
+        route("sep", path_match(PathSpecifier::PathSeparatedPrefix("/api".into()))),
         route("prefix", prefix("/p")),
     ]);
     let p = |u: &str| pick(&t, "h", "GET", u, &[]);
@@ -93,11 +71,7 @@ fn case_insensitive_path_matching_when_case_sensitive_is_false() {
     m.case_sensitive = Some(BoolValue { value: false });
     let mut e = path_match(PathSpecifier::Path("/Bar".into()));
     e.case_sensitive = Some(BoolValue { value: false });
-    let t = table(vec![
-        route("foo", m),
-        route("bar", e),
-        route("sens", prefix("/Baz")),
-    ]);
+    let t = table(vec![route("foo", m), route("bar", e), route("sens", prefix("/Baz"))]);
     assert_eq!(pick(&t, "h", "GET", "/fOO/x", &[]).as_deref(), Some("foo"));
     assert_eq!(pick(&t, "h", "GET", "/BAR", &[]).as_deref(), Some("bar"));
     assert_eq!(pick(&t, "h", "GET", "/baz", &[]), None);
@@ -105,33 +79,15 @@ fn case_insensitive_path_matching_when_case_sensitive_is_false() {
 
 #[test]
 fn connect_matcher_matches_only_connect_requests() {
-    let t = table(vec![route(
-        "c",
-        path_match(PathSpecifier::ConnectMatcher(ConnectMatcher {})),
-    )]);
-    let connect = http::Request::builder()
-        .method("CONNECT")
-        .uri("example.com:443")
-        .body(())
-        .unwrap()
-        .into_parts()
-        .0;
-    assert_eq!(
-        t.select_with_random("example.com:443", &connect, 0)
-            .map(|r| r.name.clone())
-            .as_deref(),
-        Some("c")
-    );
+    let t = table(vec![route("c", path_match(PathSpecifier::ConnectMatcher(ConnectMatcher {})))]);
+    let connect = http::Request::builder().method("CONNECT").uri("example.com:443").body(()).unwrap().into_parts().0;
+    assert_eq!(t.select_with_random("example.com:443", &connect, 0).map(|r| r.name.clone()).as_deref(), Some("c"));
     assert_eq!(pick(&t, "h", "GET", "/", &[]), None);
 }
 
 #[test]
 fn first_matching_route_wins() {
-    let t = table(vec![
-        route("a", prefix("/a")),
-        route("ab", prefix("/ab")),
-        route("all", prefix("/")),
-    ]);
+    let t = table(vec![route("a", prefix("/a")), route("ab", prefix("/ab")), route("all", prefix("/"))]);
     assert_eq!(pick(&t, "h", "GET", "/abc", &[]).as_deref(), Some("a"));
     assert_eq!(pick(&t, "h", "GET", "/b", &[]).as_deref(), Some("all"));
 }
@@ -146,12 +102,8 @@ fn header_string_matchers_exact_prefix_suffix_contains_regex() {
         (MatchPattern::SafeRegex(regex("v[0-9]")), "v1", "v12"),
     ];
     for (pat, yes, no) in cases {
-        let t = header_table(header(
-            "x-h",
-            Some(HeaderMatchSpecifier::StringMatch(sm(pat.clone(), false))),
-            false,
-            false,
-        ));
+        let t =
+            header_table(header("x-h", Some(HeaderMatchSpecifier::StringMatch(sm(pat.clone(), false))), false, false));
         assert!(hits(&t, &[("x-h", yes)]), "{pat:?} should match {yes}");
         assert!(!hits(&t, &[("x-h", no)]), "{pat:?} should not match {no}");
         assert!(!hits(&t, &[]), "{pat:?} should not match a missing header");
@@ -162,20 +114,14 @@ fn header_string_matchers_exact_prefix_suffix_contains_regex() {
 fn header_string_match_ignore_case() {
     let t = header_table(header(
         "x-h",
-        Some(HeaderMatchSpecifier::StringMatch(sm(
-            MatchPattern::Exact("AbC".into()),
-            true,
-        ))),
+        Some(HeaderMatchSpecifier::StringMatch(sm(MatchPattern::Exact("AbC".into()), true))),
         false,
         false,
     ));
     assert!(hits(&t, &[("x-h", "aBc")]));
     let t = header_table(header(
         "x-h",
-        Some(HeaderMatchSpecifier::StringMatch(sm(
-            MatchPattern::Exact("AbC".into()),
-            false,
-        ))),
+        Some(HeaderMatchSpecifier::StringMatch(sm(MatchPattern::Exact("AbC".into()), false))),
         false,
         false,
     ));
@@ -188,16 +134,8 @@ fn deprecated_header_matchers_still_work() {
         (HeaderMatchSpecifier::ExactMatch("a".into()), "a", "b"),
         (HeaderMatchSpecifier::PrefixMatch("a".into()), "ab", "ba"),
         (HeaderMatchSpecifier::SuffixMatch("a".into()), "ba", "ab"),
-        (
-            HeaderMatchSpecifier::ContainsMatch("a".into()),
-            "bab",
-            "bbb",
-        ),
-        (
-            HeaderMatchSpecifier::SafeRegexMatch(regex("a+")),
-            "aaa",
-            "aab",
-        ),
+        (HeaderMatchSpecifier::ContainsMatch("a".into()), "bab", "bbb"),
+        (HeaderMatchSpecifier::SafeRegexMatch(regex("a+")), "aaa", "aab"),
     ];
     for (spec, yes, no) in cases {
         let t = header_table(header("x-h", Some(spec.clone()), false, false));
@@ -205,44 +143,24 @@ fn deprecated_header_matchers_still_work() {
         assert!(!hits(&t, &[("x-h", no)]), "{spec:?}");
     }
     // Envoy: a deprecated exact_match with an empty value only checks presence.
-    let t = header_table(header(
-        "x-h",
-        Some(HeaderMatchSpecifier::ExactMatch(String::new())),
-        false,
-        false,
-    ));
+    let t = header_table(header("x-h", Some(HeaderMatchSpecifier::ExactMatch(String::new())), false, false));
     assert!(hits(&t, &[("x-h", "anything")]));
     assert!(!hits(&t, &[]));
 }
 
 #[test]
 fn header_invert_range_present_and_missing_semantics() {
-    let inv = header_table(header(
-        "x-h",
-        Some(HeaderMatchSpecifier::ExactMatch("a".into())),
-        true,
-        false,
-    ));
-    assert!(inv
-        .select_with_random("h", &parts("GET", "/", &[("x-h", "b")]), 0)
-        .is_some_and(|r| r.name == "h"));
+    let inv = header_table(header("x-h", Some(HeaderMatchSpecifier::ExactMatch("a".into())), true, false));
+    assert!(inv.select_with_random("h", &parts("GET", "/", &[("x-h", "b")]), 0).is_some_and(|r| r.name == "h"));
     assert!(!hits(&inv, &[("x-h", "a")]));
     // A missing header does not match even when inverted (unless treated as empty).
     assert!(!hits(&inv, &[]));
-    let inv_empty = header_table(header(
-        "x-h",
-        Some(HeaderMatchSpecifier::ExactMatch("a".into())),
-        true,
-        true,
-    ));
+    let inv_empty = header_table(header("x-h", Some(HeaderMatchSpecifier::ExactMatch("a".into())), true, true));
     assert!(hits(&inv_empty, &[]));
 
     let range = header_table(header(
         "x-n",
-        Some(HeaderMatchSpecifier::RangeMatch(Int64Range {
-            start: -10,
-            end: 0,
-        })),
+        Some(HeaderMatchSpecifier::RangeMatch(Int64Range { start: -10, end: 0 })),
         false,
         false,
     ));
@@ -252,37 +170,19 @@ fn header_invert_range_present_and_missing_semantics() {
     assert!(!hits(&range, &[("x-n", "abc")]));
     let range_inv_empty = header_table(header(
         "x-n",
-        Some(HeaderMatchSpecifier::RangeMatch(Int64Range {
-            start: 0,
-            end: 10,
-        })),
+        Some(HeaderMatchSpecifier::RangeMatch(Int64Range { start: 0, end: 10 })),
         true,
         true,
     ));
     assert!(hits(&range_inv_empty, &[]));
 
-    let present = header_table(header(
-        "x-p",
-        Some(HeaderMatchSpecifier::PresentMatch(true)),
-        false,
-        false,
-    ));
+    let present = header_table(header("x-p", Some(HeaderMatchSpecifier::PresentMatch(true)), false, false));
     assert!(hits(&present, &[("x-p", "")]));
     assert!(!hits(&present, &[]));
-    let absent = header_table(header(
-        "x-p",
-        Some(HeaderMatchSpecifier::PresentMatch(false)),
-        false,
-        false,
-    ));
+    let absent = header_table(header("x-p", Some(HeaderMatchSpecifier::PresentMatch(false)), false, false));
     assert!(hits(&absent, &[]));
     assert!(!hits(&absent, &[("x-p", "1")]));
-    let present_inv = header_table(header(
-        "x-p",
-        Some(HeaderMatchSpecifier::PresentMatch(true)),
-        true,
-        false,
-    ));
+    let present_inv = header_table(header("x-p", Some(HeaderMatchSpecifier::PresentMatch(true)), true, false));
     assert!(hits(&present_inv, &[]));
     assert!(!hits(&present_inv, &[("x-p", "1")]));
     // No specifier means "present".
@@ -293,42 +193,24 @@ fn header_invert_range_present_and_missing_semantics() {
 
 #[test]
 fn multiple_header_values_are_joined_with_commas() {
-    let t = header_table(header(
-        "x-h",
-        Some(HeaderMatchSpecifier::ExactMatch("a,b".into())),
-        false,
-        false,
-    ));
+    let t = header_table(header("x-h", Some(HeaderMatchSpecifier::ExactMatch("a,b".into())), false, false));
     assert!(hits(&t, &[("x-h", "a"), ("x-h", "b")]));
 }
 
 #[test]
 fn pseudo_headers_method_authority_path_scheme_match() {
-    let exact = |n: &str, v: &str| {
-        header(
-            n,
-            Some(HeaderMatchSpecifier::ExactMatch(v.into())),
-            false,
-            false,
-        )
-    };
+    let exact = |n: &str, v: &str| header(n, Some(HeaderMatchSpecifier::ExactMatch(v.into())), false, false);
     let t = header_table(exact(":method", "POST"));
     assert_eq!(pick(&t, "h", "POST", "/", &[]).as_deref(), Some("h"));
     assert_eq!(pick(&t, "h", "GET", "/", &[]).as_deref(), Some("fallback"));
     let t = header_table(exact(":authority", "svc:8080"));
     assert_eq!(pick(&t, "svc:8080", "GET", "/", &[]).as_deref(), Some("h"));
-    assert_eq!(
-        pick(&t, "other", "GET", "/", &[]).as_deref(),
-        Some("fallback")
-    );
+    assert_eq!(pick(&t, "other", "GET", "/", &[]).as_deref(), Some("fallback"));
     let t = header_table(exact(":path", "/a?b=c"));
     assert_eq!(pick(&t, "h", "GET", "/a?b=c", &[]).as_deref(), Some("h"));
     assert_eq!(pick(&t, "h", "GET", "/a", &[]).as_deref(), Some("fallback"));
     let t = header_table(exact(":scheme", "https"));
-    assert_eq!(
-        pick(&t, "h", "GET", "https://h/", &[]).as_deref(),
-        Some("h")
-    );
+    assert_eq!(pick(&t, "h", "GET", "https://h/", &[]).as_deref(), Some("h"));
     assert_eq!(pick(&t, "h", "GET", "/", &[]).as_deref(), Some("fallback"));
 }
 
@@ -347,10 +229,7 @@ fn query_parameter_string_and_present_matchers() {
         query_parameter_match_specifier: Some(QueryParameterMatchSpecifier::PresentMatch(true)),
     });
     let t = table(vec![route("q", m)]);
-    assert_eq!(
-        pick(&t, "h", "GET", "/?v=a%20b&debug", &[]).as_deref(),
-        Some("q")
-    );
+    assert_eq!(pick(&t, "h", "GET", "/?v=a%20b&debug", &[]).as_deref(), Some("q"));
     // Only the first value of a parameter is matched.
     assert_eq!(pick(&t, "h", "GET", "/?v=x&v=a%20b&debug", &[]), None);
     assert_eq!(pick(&t, "h", "GET", "/?v=a%20b", &[]), None);
@@ -366,10 +245,7 @@ fn cookie_matcher_with_invert() {
         invert_match: false,
     });
     let t = table(vec![route("c", m)]);
-    assert_eq!(
-        pick(&t, "h", "GET", "/", &[("cookie", "a=1; user=bob")]).as_deref(),
-        Some("c")
-    );
+    assert_eq!(pick(&t, "h", "GET", "/", &[("cookie", "a=1; user=bob")]).as_deref(), Some("c"));
     assert_eq!(pick(&t, "h", "GET", "/", &[("cookie", "user=al")]), None);
     assert_eq!(pick(&t, "h", "GET", "/", &[]), None);
 }
@@ -379,82 +255,26 @@ fn grpc_match_requires_grpc_content_type() {
     let mut m = prefix("/");
     m.grpc = Some(GrpcRouteMatchOptions {});
     let t = table(vec![route("g", m)]);
-    assert_eq!(
-        pick(
-            &t,
-            "h",
-            "POST",
-            "/s/M",
-            &[("content-type", "application/grpc")]
-        )
-        .as_deref(),
-        Some("g")
-    );
-    assert_eq!(
-        pick(
-            &t,
-            "h",
-            "POST",
-            "/s/M",
-            &[("content-type", "application/grpc+proto")]
-        )
-        .as_deref(),
-        Some("g")
-    );
-    assert_eq!(
-        pick(
-            &t,
-            "h",
-            "POST",
-            "/s/M",
-            &[("content-type", "application/grpcx")]
-        ),
-        None
-    );
-    assert_eq!(
-        pick(
-            &t,
-            "h",
-            "POST",
-            "/s/M",
-            &[("content-type", "application/json")]
-        ),
-        None
-    );
+    assert_eq!(pick(&t, "h", "POST", "/s/M", &[("content-type", "application/grpc")]).as_deref(), Some("g"));
+    assert_eq!(pick(&t, "h", "POST", "/s/M", &[("content-type", "application/grpc+proto")]).as_deref(), Some("g"));
+    assert_eq!(pick(&t, "h", "POST", "/s/M", &[("content-type", "application/grpcx")]), None);
+    assert_eq!(pick(&t, "h", "POST", "/s/M", &[("content-type", "application/json")]), None);
 }
 
 #[test]
 fn runtime_fraction_uses_the_random_value() {
     let mut m = prefix("/");
     m.runtime_fraction = Some(RuntimeFractionalPercent {
-        default_value: Some(FractionalPercent {
-            numerator: 25,
-            denominator: 0,
-        }),
+        default_value: Some(FractionalPercent { numerator: 25, denominator: 0 }),
         runtime_key: String::new(),
     });
     let t = table(vec![route("quarter", m), route("rest", prefix("/"))]);
     let chosen = (0..100u64)
-        .filter(|r| {
-            t.select_with_random("h", &parts("GET", "/", &[]), *r)
-                .unwrap()
-                .name
-                == "quarter"
-        })
+        .filter(|r| t.select_with_random("h", &parts("GET", "/", &[]), *r).unwrap().name == "quarter")
         .count();
     assert_eq!(chosen, 25);
-    assert_eq!(
-        t.select_with_random("h", &parts("GET", "/", &[]), 124)
-            .unwrap()
-            .name,
-        "quarter"
-    );
-    assert_eq!(
-        t.select_with_random("h", &parts("GET", "/", &[]), 125)
-            .unwrap()
-            .name,
-        "rest"
-    );
+    assert_eq!(t.select_with_random("h", &parts("GET", "/", &[]), 124).unwrap().name, "quarter");
+    assert_eq!(t.select_with_random("h", &parts("GET", "/", &[]), 125).unwrap().name, "rest");
 }
 
 fn domains_table(ignore_port: bool) -> RouteTable {
@@ -503,20 +323,12 @@ fn virtual_host_port_is_matched_then_stripped() {
     assert_eq!(vh("svc:9091"), "default");
     let t = domains_table(true);
     assert_eq!(pick(&t, "svc:9090", "GET", "/", &[]).unwrap(), "default");
-    assert_eq!(
-        pick(&t, "api.example.com:1", "GET", "/", &[]).unwrap(),
-        "exact"
-    );
+    assert_eq!(pick(&t, "api.example.com:1", "GET", "/", &[]).unwrap(), "exact");
 }
 
 #[test]
 fn no_virtual_host_means_no_route() {
-    let t = RouteTable::compile(&rc(vec![vhost(
-        "a",
-        &["a.com"],
-        vec![route("a", prefix("/"))],
-    )]))
-    .unwrap();
+    let t = RouteTable::compile(&rc(vec![vhost("a", &["a.com"], vec![route("a", prefix("/"))])])).unwrap();
     assert_eq!(pick(&t, "b.com", "GET", "/", &[]), None);
     assert_eq!(t.name(), "rc");
 }

@@ -25,11 +25,7 @@ pub(super) fn parts(method: &str, uri: &str, headers: &[(&str, &str)]) -> http::
 }
 
 pub(super) fn rc(vhosts: Vec<VirtualHost>) -> RouteConfiguration {
-    RouteConfiguration {
-        name: "rc".into(),
-        virtual_hosts: vhosts,
-        ..Default::default()
-    }
+    RouteConfiguration { name: "rc".into(), virtual_hosts: vhosts, ..Default::default() }
 }
 
 pub(super) fn vhost(name: &str, domains: &[&str], routes: Vec<RouteProto>) -> VirtualHost {
@@ -42,17 +38,11 @@ pub(super) fn vhost(name: &str, domains: &[&str], routes: Vec<RouteProto>) -> Vi
 }
 
 pub(super) fn prefix(p: &str) -> RouteMatch {
-    RouteMatch {
-        path_specifier: Some(PathSpecifier::Prefix(p.into())),
-        ..Default::default()
-    }
+    RouteMatch { path_specifier: Some(PathSpecifier::Prefix(p.into())), ..Default::default() }
 }
 
 pub(super) fn forward(cluster: &str) -> RouteActionProto {
-    RouteActionProto {
-        cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())),
-        ..Default::default()
-    }
+    RouteActionProto { cluster_specifier: Some(ClusterSpecifier::Cluster(cluster.into())), ..Default::default() }
 }
 
 /// A route named `name` matching `m` and forwarding to cluster `name`.
@@ -61,12 +51,7 @@ pub(super) fn route(name: &str, m: RouteMatch) -> RouteProto {
 }
 
 pub(super) fn route_with(name: &str, m: RouteMatch, ra: RouteActionProto) -> RouteProto {
-    RouteProto {
-        name: name.into(),
-        r#match: Some(m),
-        action: Some(Action::Route(ra)),
-        ..Default::default()
-    }
+    RouteProto { name: name.into(), r#match: Some(m), action: Some(Action::Route(ra)), ..Default::default() }
 }
 
 /// A table with one `*` virtual host holding `routes`.
@@ -75,20 +60,10 @@ pub(super) fn table(routes: Vec<RouteProto>) -> RouteTable {
 }
 
 /// The name of the route selected for `method uri headers` on host `h`, if any.
-pub(super) fn pick(
-    t: &RouteTable,
-    h: &str,
-    method: &str,
-    uri: &str,
-    headers: &[(&str, &str)],
-) -> Option<String> {
-    t.select_with_random(h, &parts(method, uri, headers), 0)
-        .map(|r| r.name.clone())
+pub(super) fn pick(t: &RouteTable, h: &str, method: &str, uri: &str, headers: &[(&str, &str)]) -> Option<String> {
+    t.select_with_random(h, &parts(method, uri, headers), 0).map(|r| r.name.clone())
 }
 
 pub(super) fn exact_path(p: &str) -> RouteMatch {
-    RouteMatch {
-        path_specifier: Some(PathSpecifier::Path(p.into())),
-        ..Default::default()
-    }
+    RouteMatch { path_specifier: Some(PathSpecifier::Path(p.into())), ..Default::default() }
 }

@@ -1,8 +1,7 @@
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::route::v3::{
-    header_matcher::HeaderMatchSpecifier, retry_policy::RetryBackOff, HeaderMatcher,
-    RetryPolicy as RetryPolicyProto,
+    header_matcher::HeaderMatchSpecifier, retry_policy::RetryBackOff, HeaderMatcher, RetryPolicy as RetryPolicyProto,
 };
 use envoy_types::pb::google::protobuf::Duration as PbDuration;
 use http::StatusCode;
@@ -74,15 +73,9 @@ fn grpc_tokens_read_grpc_status_from_headers() {
     ];
     for (token, code) in table {
         let p = policy(token);
-        assert!(
-            p.retry_on_response(StatusCode::OK, &hdrs(&[("grpc-status", code)])),
-            "{token}"
-        );
+        assert!(p.retry_on_response(StatusCode::OK, &hdrs(&[("grpc-status", code)])), "{token}");
         for (_, other) in table.iter().filter(|(t, _)| *t != token) {
-            assert!(
-                !p.retry_on_response(StatusCode::OK, &hdrs(&[("grpc-status", other)])),
-                "{token} vs {other}"
-            );
+            assert!(!p.retry_on_response(StatusCode::OK, &hdrs(&[("grpc-status", other)])), "{token} vs {other}");
         }
         assert!(!p.retry_on_response(StatusCode::OK, &hdrs(&[("grpc-status", "0")])));
         assert!(!p.retry_on_response(StatusCode::OK, &http::HeaderMap::new()));
@@ -96,41 +89,20 @@ fn retriable_headers_and_ratelimited_responses() {
     assert!(!p.retry_on_response(StatusCode::OK, &http::HeaderMap::new()));
     // x-envoy-ratelimited is retried only under envoy-ratelimited, even on a 503 with 5xx.
     let p = policy("5xx");
-    assert!(!p.retry_on_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        &hdrs(&[("x-envoy-ratelimited", "true")])
-    ));
+    assert!(!p.retry_on_response(StatusCode::SERVICE_UNAVAILABLE, &hdrs(&[("x-envoy-ratelimited", "true")])));
     let p = policy("envoy-ratelimited");
-    assert!(p.retry_on_response(
-        StatusCode::TOO_MANY_REQUESTS,
-        &hdrs(&[("x-envoy-ratelimited", "true")])
-    ));
+    assert!(p.retry_on_response(StatusCode::TOO_MANY_REQUESTS, &hdrs(&[("x-envoy-ratelimited", "true")])));
 }
 
 #[test]
 fn error_kinds_decision_table() {
     use ErrorKind::*;
-    let retried =
-        |token: &str, kind: ErrorKind| policy(token).retry_on_error(&ProxyError::new(kind, "t"));
+    let retried = |token: &str, kind: ErrorKind| policy(token).retry_on_error(&ProxyError::new(kind, "t"));
     for token in ["5xx", "gateway-error", "reset"] {
-        for kind in [
-            ConnectFailure,
-            UpstreamReset,
-            RefusedStream,
-            UpstreamTerminated,
-            PerTryTimeout,
-        ] {
+        for kind in [ConnectFailure, UpstreamReset, RefusedStream, UpstreamTerminated, PerTryTimeout] {
             assert!(retried(token, kind), "{token} should retry {kind:?}");
         }
-        for kind in [
-            Timeout,
-            Overflow,
-            NoRoute,
-            NoHealthyUpstream,
-            DownstreamClosed,
-            FaultAbort,
-            RetriesExhausted,
-        ] {
+        for kind in [Timeout, Overflow, NoRoute, NoHealthyUpstream, DownstreamClosed, FaultAbort, RetriesExhausted] {
             assert!(!retried(token, kind), "{token} should not retry {kind:?}");
         }
     }
@@ -168,10 +140,7 @@ fn backoff_configured_intervals() {
     let p = RetryPolicy::compile(
         &RetryPolicyProto {
             retry_back_off: Some(RetryBackOff {
-                base_interval: Some(PbDuration {
-                    seconds: 0,
-                    nanos: 100_000_000,
-                }),
+                base_interval: Some(PbDuration { seconds: 0, nanos: 100_000_000 }),
                 max_interval: None,
             }),
             ..Default::default()
@@ -185,14 +154,8 @@ fn backoff_configured_intervals() {
     let err = RetryPolicy::compile(
         &RetryPolicyProto {
             retry_back_off: Some(RetryBackOff {
-                base_interval: Some(PbDuration {
-                    seconds: 1,
-                    nanos: 0,
-                }),
-                max_interval: Some(PbDuration {
-                    seconds: 0,
-                    nanos: 5,
-                }),
+                base_interval: Some(PbDuration { seconds: 1, nanos: 0 }),
+                max_interval: Some(PbDuration { seconds: 0, nanos: 5 }),
             }),
             ..Default::default()
         },
