@@ -25,6 +25,7 @@ use crate::telemetry::metrics::Metrics;
 /// A running proxy.
 pub struct ProxyHandle {
     ctx: Arc<Context>,
+    state: Arc<Admin>,
     listeners: watch::Receiver<BTreeMap<String, SocketAddr>>,
     xds: watch::Receiver<ClientStatus>,
     admin_addr: SocketAddr,
@@ -53,7 +54,12 @@ pub enum StartError {
     AccessLog(String),
 }
 
+/// How long readiness waits for routes and endpoints named by the first listeners and
+/// clusters (Envoy's `initial_fetch_timeout`).
+const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
+
 struct Admin {
+    started: Instant,
     ctx: Arc<Context>,
     xds: watch::Receiver<ClientStatus>,
     drain_tx: watch::Sender<bool>,
@@ -68,7 +74,9 @@ impl AdminState for Admin {
         crate::dump::clusters_text(&self.ctx.store.snapshot())
     }
     fn is_ready(&self) -> bool {
-        is_ready(&self.xds.borrow()) && !*self.drain_tx.borrow()
+        let initial = is_ready(&self.xds.borrow())
+            && (self.ctx.store.warmed() || self.started.elapsed() >= INITIAL_FETCH_TIMEOUT);
+        initial && !*self.drain_tx.borrow()
     }
     fn drain(&self) {
         self.drain_tx.send_replace(true);
@@ -97,7 +105,7 @@ impl ProxyHandle {
             .count_drops_in(metrics.proxy().access_log_dropped());
         let (drain_tx, draining) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let store = Arc::new(ConfigStore::new());
+        let store = ConfigStore::new();
         let ctx = Arc::new(Context {
             store: store.clone(),
             pools: Pools::new(PoolConfig::default()),
@@ -148,14 +156,30 @@ impl ProxyHandle {
         tasks.push(tokio::spawn(manager.run(ctx.draining.clone())));
 
         let quit = Arc::new(Notify::new());
-        let admin_state =
-            Arc::new(Admin { ctx: ctx.clone(), xds: xds.clone(), drain_tx: drain_tx.clone(), quit: quit.clone() });
+        let admin_state = Arc::new(Admin {
+            started: Instant::now(),
+            ctx: ctx.clone(),
+            xds: xds.clone(),
+            drain_tx: drain_tx.clone(),
+            quit: quit.clone(),
+        });
         tasks.push(tokio::spawn(admin::serve_admin(admin_sock, admin_state.clone(), stop(&stop_rx))));
         let ready_state = admin_state.clone();
         let ready: Arc<dyn Fn() -> bool + Send + Sync> = Arc::new(move || ready_state.is_ready());
         tasks.push(tokio::spawn(admin::serve_metrics(metrics_sock, metrics, ready, stop(&stop_rx))));
         info!(%admin_addr, %metrics_addr, xds = %b.xds.address, "proxy started");
-        Ok(ProxyHandle { ctx, listeners, xds, admin_addr, metrics_addr, drain_tx, stop_tx, quit, tasks })
+        Ok(ProxyHandle {
+            ctx,
+            state: admin_state,
+            listeners,
+            xds,
+            admin_addr,
+            metrics_addr,
+            drain_tx,
+            stop_tx,
+            quit,
+            tasks,
+        })
     }
 
     /// The shared context (for tests and diagnostics).
@@ -193,11 +217,23 @@ impl ProxyHandle {
         }
     }
 
-    /// Waits until the proxy is ready (first listeners and clusters accepted).
+    /// Waits until the proxy is ready: first listeners and clusters accepted and the
+    /// routes and endpoints they name received (or the initial fetch timeout passed).
     pub async fn wait_ready(&self, timeout: Duration) -> bool {
-        let mut rx = self.xds.clone();
-        let r = tokio::time::timeout(timeout, async { rx.wait_for(is_ready).await.is_ok() }).await;
-        r.unwrap_or(false)
+        let mut xds = self.xds.clone();
+        let mut config = self.ctx.store.subscribe();
+        let r = tokio::time::timeout(timeout, async {
+            while !self.state.is_ready() {
+                tokio::select! {
+                    _ = xds.changed() => {}
+                    _ = config.changed() => {}
+                    // The initial fetch timeout passes without any event.
+                    _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                }
+            }
+        })
+        .await;
+        r.is_ok()
     }
 
     /// Resolves when `/quitquitquit` is called.

@@ -9,8 +9,8 @@
 pub mod listener;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as PbCluster;
@@ -18,9 +18,10 @@ use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use tokio::sync::watch;
+use tracing::warn;
 use weft_xds::{type_url, ResourceHandler, ResourceUpdate};
 
-use crate::cluster::{Cluster, ClusterConfig, Discovery, LoadRegistry};
+use crate::cluster::{resolve_dns, Cluster, ClusterConfig, Discovery, LoadRegistry};
 use crate::route::RouteTable;
 pub use listener::{
     ChainKind, ConnFacts, Direction, FilterChainConfig, HttpChain, ListenerConfig, RouteSource, TcpChain,
@@ -101,32 +102,80 @@ struct State {
 
 /// The xDS consumer: owns compiled state and publishes snapshots.
 pub struct ConfigStore {
+    me: Weak<ConfigStore>,
     state: Mutex<State>,
     current: ArcSwap<Snapshot>,
     loads: LoadRegistry,
     changed: watch::Sender<u64>,
 }
 
-impl Default for ConfigStore {
-    fn default() -> Self {
-        Self::new()
-    }
-}
+/// How often STRICT_DNS / LOGICAL_DNS clusters are re-resolved (Envoy's default
+/// `dns_refresh_rate`).
+const DNS_REFRESH: Duration = Duration::from_secs(5);
 
 impl ConfigStore {
     /// An empty store.
-    pub fn new() -> Self {
-        ConfigStore {
+    pub fn new() -> Arc<Self> {
+        Arc::new_cyclic(|me| ConfigStore {
+            me: me.clone(),
             state: Mutex::new(State::default()),
             current: ArcSwap::from_pointee(Snapshot::default()),
             loads: LoadRegistry::new(),
             changed: watch::channel(0).0,
-        }
+        })
+    }
+
+    /// Resolves a DNS cluster now and every [`DNS_REFRESH`] while its config is the
+    /// current one, swapping in the resolved endpoints.
+    fn watch_dns(&self, name: String, cfg: Arc<ClusterConfig>) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            warn!(cluster = %name, "no runtime to resolve DNS cluster");
+            return;
+        };
+        let me = self.me.clone();
+        rt.spawn(async move {
+            loop {
+                let resolved = resolve_dns(&cfg).await;
+                let Some(store) = me.upgrade() else { return };
+                {
+                    let mut st = store.lock();
+                    let current = st.cluster_configs.get(&name).map(|c| Arc::ptr_eq(c, &cfg)).unwrap_or(false);
+                    if !current {
+                        return;
+                    }
+                    match resolved {
+                        Ok(Some(cla)) => match Cluster::new(cfg.clone(), Some(&cla), &store.loads) {
+                            Ok(c) => {
+                                st.clusters.insert(name.clone(), Arc::new(c));
+                                store.publish(&st);
+                            }
+                            Err(e) => warn!(cluster = %name, error = %e, "resolved endpoints rejected"),
+                        },
+                        Ok(None) => return,
+                        Err(e) => {
+                            warn!(cluster = %name, error = %e, "DNS resolution failed; keeping previous endpoints")
+                        }
+                    }
+                }
+                drop(store);
+                tokio::time::sleep(DNS_REFRESH).await;
+            }
+        });
     }
 
     /// The current snapshot (lock-free).
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.current.load_full()
+    }
+
+    /// True once every route configuration a listener names and every EDS cluster's
+    /// endpoints have arrived (Envoy's warming), so traffic will not meet gaps.
+    pub fn warmed(&self) -> bool {
+        let st = self.lock();
+        let routes_ok = st.listeners.values().flat_map(|l| l.rds_names()).all(|n| st.routes.contains_key(n));
+        let endpoints_ok =
+            st.cluster_configs.values().filter_map(|c| cla_name(c)).all(|n| st.raw.endpoints.contains_key(&n));
+        routes_ok && endpoints_ok
     }
 
     /// A receiver that ticks whenever a new snapshot is published.
@@ -211,12 +260,18 @@ impl ConfigStore {
             match compiled {
                 Ok((raw, cfg)) => {
                     let cfg = Arc::new(cfg);
-                    let cla = cla_name(&cfg).and_then(|n| st.raw.endpoints.get(&n));
+                    let dns = matches!(cfg.discovery, Discovery::StrictDns | Discovery::LogicalDns);
+                    // DNS clusters start empty and fill in once resolved (in the background).
+                    let empty = ClusterLoadAssignment { cluster_name: name.clone(), ..Default::default() };
+                    let cla = if dns { Some(&empty) } else { cla_name(&cfg).and_then(|n| st.raw.endpoints.get(&n)) };
                     match Cluster::new(cfg.clone(), cla, &self.loads) {
                         Ok(cluster) => {
                             st.raw.clusters.insert(name.clone(), raw);
-                            st.cluster_configs.insert(name.clone(), cfg);
+                            st.cluster_configs.insert(name.clone(), cfg.clone());
                             st.clusters.insert(name.clone(), Arc::new(cluster));
+                            if dns {
+                                self.watch_dns(name.clone(), cfg);
+                            }
                         }
                         Err(e) => errors.push(e.to_string()),
                     }

@@ -32,6 +32,34 @@ pub fn full(bytes: impl Into<Bytes>) -> BoxBody {
     boxed(http_body_util::Full::new(bytes.into()))
 }
 
+/// A body that keeps `T` alive (a circuit-breaker permit, say) until it is dropped.
+pub struct Hold<T> {
+    inner: BoxBody,
+    _held: T,
+}
+
+impl<T> Hold<T> {
+    /// Wraps `inner`, holding `held` for the body's lifetime.
+    pub fn new(inner: BoxBody, held: T) -> Self {
+        Hold { inner, _held: held }
+    }
+}
+
+impl<T: Unpin> Body for Hold<T> {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Counts the bytes of a request body into a shared counter.
 pub struct CountingBody {
     inner: BoxBody,

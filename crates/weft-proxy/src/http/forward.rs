@@ -13,7 +13,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{boxed, full, CountingBody};
+use super::body::{boxed, full, CountingBody, Hold};
 use crate::cluster::{BoxBody, Cluster, Discovery, Endpoint, UpstreamProtocol};
 use crate::config::Snapshot;
 use crate::context::Context;
@@ -49,6 +49,10 @@ pub async fn forward(
         .get(cluster_name)
         .cloned()
         .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
+    // Envoy's max_requests circuit breaker: active requests per cluster, across snapshots.
+    let permit = cluster.load().try_start(cluster.config.limits.max_requests).ok_or_else(|| {
+        ProxyError::new(ErrorKind::Overflow, format!("cluster {cluster_name}: max_requests reached")).not_sent()
+    })?;
     let downstream_version = parts.version;
     prepare_headers(&mut parts, ctx, conn, report);
 
@@ -139,7 +143,7 @@ pub async fn forward(
                 report.upstream_service_time = Some(upstream_start.elapsed());
                 let (mut rp, rb) = resp.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
-                return Ok(Response::from_parts(rp, boxed(rb)));
+                return Ok(Response::from_parts(rp, boxed(Hold::new(boxed(rb), permit))));
             }
             Err(e) => {
                 drop(inflight);

@@ -1,0 +1,126 @@
+//! Cluster behaviour seen from outside: DNS clusters resolve their hostnames, the
+//! max_requests circuit breaker answers 503 UO, and unhealthy endpoints get no traffic.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use envoy_types::pb::envoy::config::cluster::v3::{circuit_breakers::Thresholds, cluster, CircuitBreakers};
+use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+use envoy_types::pb::envoy::config::route::v3::RetryPolicy;
+use envoy_types::pb::google::protobuf::UInt32Value;
+use envoy_types::util::pack_any;
+use weft_testkit::echo::EchoServer;
+use weft_testkit::http::get_h1;
+use weft_xds::build;
+use weft_xds::type_url;
+
+#[tokio::test]
+async fn strict_dns_cluster_routes_to_the_resolved_addresses() {
+    let mesh = Mesh::start().await;
+    let echo = EchoServer::start("dns").await;
+    let mut c = build::static_cluster("by-name", &[echo.addr], false);
+    c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::StrictDns as i32));
+    // Replace the IP with a hostname: the proxy must resolve it.
+    let la = c.load_assignment.as_mut().unwrap();
+    let ep = la.endpoints[0].lb_endpoints[0].clone();
+    let mut named = ep.clone();
+    if let Some(envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(e)) =
+        named.host_identifier.as_mut()
+    {
+        e.address = Some(build::address(echo.addr));
+        if let Some(envoy_types::pb::envoy::config::core::v3::address::Address::SocketAddress(sa)) =
+            e.address.as_mut().and_then(|a| a.address.as_mut())
+        {
+            sa.address = "localhost".into();
+        }
+    }
+    la.endpoints[0].lb_endpoints = vec![named];
+    mesh.set(type_url::CLUSTER, vec![pack_any(c)]);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    // localhost may also resolve to ::1, where nothing listens: connect failures retry.
+    let mut action = to("by-name");
+    action.retry_policy = Some(RetryPolicy {
+        retry_on: "connect-failure".into(),
+        num_retries: Some(UInt32Value { value: 3 }),
+        ..Default::default()
+    });
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), action)])]))],
+    );
+    let proxy = mesh.proxy("dns", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    // Resolution happens in the background right after the cluster is accepted.
+    let mut last = None;
+    for _ in 0..50 {
+        let r = get_h1(out, "svc", "/").await.unwrap();
+        if r.status == 200 {
+            last = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = last.expect("the DNS cluster never resolved localhost");
+    assert_eq!(r.header("x-echo-server"), Some("dns"));
+}
+
+#[tokio::test]
+async fn max_requests_circuit_breaker_answers_503_with_uo() {
+    let mesh = Mesh::start().await;
+    let echo = EchoServer::start("cb").await;
+    let mut c = build::eds_cluster("cb", false);
+    c.circuit_breakers = Some(CircuitBreakers {
+        thresholds: vec![Thresholds { max_requests: Some(UInt32Value { value: 2 }), ..Default::default() }],
+        ..Default::default()
+    });
+    mesh.set(type_url::CLUSTER, vec![pack_any(c)]);
+    mesh.set(type_url::ENDPOINT, vec![pack_any(build::cla("cb", &[(echo.addr, 1, HealthStatus::Healthy)]))]);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("cb"))])]))],
+    );
+    let proxy = mesh.proxy("cb", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    let calls = (0..6).map(|_| async move { get_h1(out, "svc", "/delay/600").await.unwrap().status.as_u16() });
+    let mut statuses = futures::future::join_all(calls).await;
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 503, 503, 503, 503], "exactly max_requests may be in flight");
+    let m = proxy.context().metrics.encode();
+    assert!(m.lines().any(|l| l.starts_with("istio_requests_total{") && l.contains("response_flags=\"UO\"")), "{m}");
+    // Permits are returned: the next request succeeds.
+    assert_eq!(get_h1(out, "svc", "/").await.unwrap().status, 200);
+}
+
+#[tokio::test]
+async fn unhealthy_endpoints_receive_no_traffic() {
+    let mesh = Mesh::start().await;
+    let good = EchoServer::start("good").await;
+    let sick = EchoServer::start("sick").await;
+    mesh.set(type_url::CLUSTER, vec![pack_any(build::eds_cluster("mixed", false))]);
+    mesh.set(
+        type_url::ENDPOINT,
+        vec![pack_any(build::cla(
+            "mixed",
+            &[(good.addr, 1, HealthStatus::Healthy), (sick.addr, 1, HealthStatus::Unhealthy)],
+        ))],
+    );
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("mixed"))])]))],
+    );
+    let proxy = mesh.proxy("health", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    for _ in 0..30 {
+        assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("good"));
+    }
+    assert_eq!(sick.requests(), 0);
+}

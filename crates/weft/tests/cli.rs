@@ -1,0 +1,136 @@
+//! The `weft` binary as an operator runs it: precise errors for a bad bootstrap, and a
+//! proxy process that serves what its control plane sends and drains on SIGTERM.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+use envoy_types::pb::envoy::config::route::v3::{
+    route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+};
+use envoy_types::util::pack_any;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use weft_testkit::echo::EchoServer;
+use weft_testkit::http::get_h1;
+use weft_xds::build::{self, Routes};
+use weft_xds::{type_url, AdsServer, StaticSource};
+
+const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+
+#[tokio::test]
+async fn a_bad_bootstrap_is_rejected_with_file_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bootstrap.yaml");
+    std::fs::write(&path, "node:\n  id: a\nxds:\n  address: http://127.0.0.1:1\n  mode: turbo\n").unwrap();
+    let out = tokio::process::Command::new(WEFT).args(["proxy", "--bootstrap"]).arg(&path).output().await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:5: field `xds.mode`", path.display())), "{err}");
+    assert!(err.contains("sotw") && err.contains("delta"), "the error must say what is expected: {err}");
+
+    let out = tokio::process::Command::new(WEFT)
+        .args(["proxy", "--bootstrap", "/nonexistent/b.yaml"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/b.yaml: cannot read"));
+}
+
+#[tokio::test]
+async fn proxy_process_serves_xds_config_and_drains_on_sigterm() {
+    let echo = EchoServer::start("app").await;
+    let source = Arc::new(StaticSource::new());
+    source.set(type_url::CLUSTER, vec![pack_any(build::eds_cluster("app", false))]).unwrap();
+    source
+        .set(type_url::ENDPOINT, vec![pack_any(build::cla("app", &[(echo.addr, 1, HealthStatus::Healthy)]))])
+        .unwrap();
+    let rc = RouteConfiguration {
+        name: "r".into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "all".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("app".into())),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let hcm = build::http_connection_manager("out", Routes::Inline(Box::new(rc)), None, &[]);
+    source
+        .set(type_url::LISTENER, vec![pack_any(build::http_listener("out", "127.0.0.1:0".parse().unwrap(), hcm))])
+        .unwrap();
+    let sock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds = sock.local_addr().unwrap();
+    tokio::spawn(AdsServer::new(source).serve(sock, std::future::pending()));
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bootstrap.yaml");
+    std::fs::write(
+        &path,
+        format!("node:\n  id: cli-test\n  name: cli\n  namespace: default\nxds:\n  address: http://{xds}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 3s\n"),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(WEFT)
+        .args(["--log-json", "proxy", "--bootstrap"])
+        .arg(&path)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The proxy logs the address each listener bound (port 0 here).
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (admin, out): (SocketAddr, SocketAddr) = tokio::time::timeout(Duration::from_secs(20), async {
+        let (mut admin, mut out) = (None, None);
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if let Some(a) = v["fields"]["admin_addr"].as_str() {
+                admin = Some(a.parse().unwrap());
+            }
+            if v["fields"]["listener"] == "out" {
+                out = v["fields"]["address"].as_str().map(|a| a.parse().unwrap());
+            }
+            if let (Some(a), Some(o)) = (admin, out) {
+                return (a, o);
+            }
+        }
+        panic!("proxy exited before binding its listener");
+    })
+    .await
+    .expect("listener not bound in time");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    // Ready once the routes and endpoints its listeners and clusters name have arrived.
+    let mut ready = false;
+    for _ in 0..100 {
+        if get_h1(admin, "admin", "/ready").await.map(|r| r.status == 200).unwrap_or(false) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "proxy never reported ready");
+    assert_eq!(get_h1(out, "svc", "/first").await.unwrap().header("x-echo-server"), Some("app"));
+    let slow = tokio::spawn(async move { get_h1(out, "svc", "/delay/700").await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), nix::sys::signal::Signal::SIGTERM)
+        .unwrap();
+    let r = slow.await.unwrap().expect("in-flight request was cut by the drain");
+    assert_eq!(r.status, 200);
+    let status =
+        tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("proxy did not exit").unwrap();
+    assert!(status.success(), "exit status {status}");
+}
