@@ -143,7 +143,12 @@ async fn proxy_pair(
         type_url::CLUSTER,
         vec![pack_any(build::eds_cluster("app", http2)), pack_any(build::eds_cluster("server", http2))],
     );
-    mesh.set(type_url::ENDPOINT, vec![pack_any(build::cla("app", &[(app, 1, HealthStatus::Healthy)]))]);
+    // The server proxy's inbound address is known only once it runs: start with no
+    // endpoints for `server`, then fill them in.
+    mesh.set(
+        type_url::ENDPOINT,
+        vec![pack_any(build::cla("app", &[(app, 1, HealthStatus::Healthy)])), pack_any(build::cla("server", &[]))],
+    );
     let server = mesh.proxy("server", false).await;
     let client = mesh.proxy("client", false).await;
     let server_in = server.listener_addr("in", WAIT).await.unwrap();

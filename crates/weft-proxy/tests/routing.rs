@@ -358,6 +358,10 @@ async fn retry_on_5xx_moves_to_a_healthy_endpoint() {
     let good = EchoServer::start("good").await;
     let (bad, bad_hits) = failing_backend().await;
     clusters(&mesh, &[("mixed", vec![good.addr, bad]), ("onlybad", vec![bad])], false);
+    // Round robin, so the failing endpoint is certainly chosen first for some requests.
+    let mut mixed = weft_xds::build::eds_cluster("mixed", false);
+    mixed.metadata = None;
+    mesh.set(type_url::CLUSTER, vec![pack_any(mixed), pack_any(weft_xds::build::eds_cluster("onlybad", false))]);
     let mut retrying = to("mixed");
     retrying.retry_policy =
         Some(RetryPolicy { retry_on: "5xx".into(), num_retries: Some(UInt32Value { value: 3 }), ..Default::default() });

@@ -74,6 +74,7 @@ async fn scenario() {
         vec![
             pack_any(build::cla("reviews", &[(reviews.addr, 1, HealthStatus::Healthy)])),
             pack_any(build::cla("tcp-echo", &[(tcp.addr, 1, HealthStatus::Healthy)])),
+            pack_any(build::cla("blackhole", &[])),
         ],
     );
     let proxy = mesh.proxy("transparent", false).await;

@@ -127,7 +127,19 @@ async fn admin_stops_accepting_after_shutdown() {
     assert_eq!(request(addr, "GET", "/clusters").await.status, 200);
     stop.send(()).unwrap();
     tokio::time::timeout(Duration::from_secs(5), task).await.expect("serve_admin returned").unwrap();
-    assert!(TcpStream::connect(addr).await.is_err());
+    // The port is free again: binding it succeeds unless another test's port-0 socket
+    // happened to take it, in which case whatever answers there is not this admin.
+    if tokio::net::TcpListener::bind(addr).await.is_err() {
+        let answered_by_admin = async {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            s.write_all(b"GET /clusters HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").await.ok()?;
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw).await.ok()?;
+            Some(String::from_utf8_lossy(&raw).contains("health_flags::healthy"))
+        };
+        let answered = tokio::time::timeout(Duration::from_secs(2), answered_by_admin).await.ok().flatten();
+        assert_ne!(answered, Some(true), "the admin server still answers after shutdown");
+    }
 }
 
 #[tokio::test]
@@ -247,13 +259,15 @@ async fn real_prometheus_scrapes_the_metrics_endpoint() {
     let mut log = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
     // Prometheus logs the address it actually bound, then that it is ready.
     let api = tokio::time::timeout(Duration::from_secs(20), async {
-        let mut api = None;
+        // The two lines come from different goroutines, in either order.
+        let (mut api, mut ready) = (None, false);
         while let Some(line) = log.next_line().await.unwrap() {
             if line.contains("msg=\"Listening on\"") {
                 api = Some(line.rsplit("address=").next().unwrap().trim().to_string());
             }
-            if line.contains("Server is ready to receive web requests") {
-                return api.expect("address logged before ready");
+            ready |= line.contains("Server is ready to receive web requests");
+            if let (Some(a), true) = (&api, ready) {
+                return a.clone();
             }
         }
         panic!("prometheus exited before becoming ready");
