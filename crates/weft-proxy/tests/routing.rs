@@ -422,3 +422,75 @@ async fn unknown_cluster_gives_503_and_no_route_gives_404() {
     let _ =
         StringMatcher { match_pattern: Some(string_matcher::MatchPattern::Exact("x".into())), ..Default::default() };
 }
+
+/// A backend that sends its headers and a first chunk at once, then stalls for 2 s
+/// before the last chunk.
+async fn trickle_backend() -> SocketAddr {
+    use tokio::io::AsyncWriteExt;
+    let sock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = sock.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await;
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n").await;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+                let _ = s.write_all(b"6\r\nsecond\r\n0\r\n\r\n").await;
+            });
+        }
+    });
+    addr
+}
+
+async fn read_all(addr: SocketAddr, path: &str) -> (String, Duration) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = Instant::now();
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: svc\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+    (String::from_utf8_lossy(&out).into_owned(), t.elapsed())
+}
+
+#[tokio::test]
+async fn stream_idle_and_route_timeouts_cut_a_stalled_response_body() {
+    let mesh = Mesh::start().await;
+    let slow = trickle_backend().await;
+    clusters(&mesh, &[("slow", vec![slow])], false);
+    let mut idle = to("slow");
+    idle.idle_timeout = Some(PbDuration { seconds: 0, nanos: 300_000_000 });
+    idle.timeout = Some(PbDuration { seconds: 0, nanos: 0 });
+    let mut overall = to("slow");
+    overall.timeout = Some(PbDuration { seconds: 0, nanos: 500_000_000 });
+    let mut patient = to("slow");
+    patient.timeout = Some(PbDuration { seconds: 5, nanos: 0 });
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc(
+            "routes",
+            vec![vhost(
+                "all",
+                &["*"],
+                vec![
+                    route("idle", prefix("/idle"), idle),
+                    route("overall", prefix("/overall"), overall),
+                    route("ok", prefix("/"), patient),
+                ],
+            )],
+        ))],
+    );
+    let proxy = mesh.proxy("body-timeouts", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    for path in ["/idle", "/overall"] {
+        let (text, took) = read_all(out, path).await;
+        assert!(text.starts_with("HTTP/1.1 200"), "{path}: {text}");
+        assert!(text.contains("first"), "{path}: {text}");
+        assert!(!text.contains("second") && !text.ends_with("0\r\n\r\n"), "{path}: body not cut: {text}");
+        assert!(took < Duration::from_millis(1800), "{path}: cut too late: {took:?}");
+    }
+    let (text, _) = read_all(out, "/ok").await;
+    assert!(text.contains("second") && text.ends_with("0\r\n\r\n"), "a patient route must get the whole body: {text}");
+}

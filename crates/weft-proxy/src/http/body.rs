@@ -5,6 +5,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
+use std::time::{Duration, Instant};
+
+use std::future::Future;
+use tokio::time::Sleep;
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -51,6 +55,75 @@ impl<T: Unpin> Body for Hold<T> {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         Pin::new(&mut self.inner).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// An upstream response body bounded in time: the route's overall deadline (Envoy's
+/// route timeout covers the whole response) and the stream idle timeout (no frame for
+/// that long). Either ends the body with an error, which resets the downstream stream.
+pub struct DeadlineBody {
+    inner: BoxBody,
+    idle: Option<Duration>,
+    idle_timer: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl DeadlineBody {
+    /// Wraps `inner`.
+    pub fn new(inner: BoxBody, idle: Option<Duration>, deadline: Option<Instant>) -> Self {
+        DeadlineBody {
+            inner,
+            idle,
+            idle_timer: idle.map(|d| Box::pin(tokio::time::sleep(d))),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+        }
+    }
+}
+
+/// Why a [`DeadlineBody`] ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyTimeout {
+    /// The route timeout passed mid-response.
+    #[error("upstream request timeout")]
+    Route,
+    /// No frame within the stream idle timeout.
+    #[error("stream idle timeout")]
+    Idle,
+}
+
+impl Body for DeadlineBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if let Some(d) = this.deadline.as_mut() {
+            if d.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Some(Err(Box::new(BodyTimeout::Route))));
+            }
+        }
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(f) => {
+                if let (Some(t), Some(idle)) = (this.idle_timer.as_mut(), this.idle) {
+                    t.as_mut().reset(tokio::time::Instant::now() + idle);
+                }
+                Poll::Ready(f)
+            }
+            Poll::Pending => {
+                let idle_fired = this.idle_timer.as_mut().map(|t| t.as_mut().poll(cx).is_ready()).unwrap_or(false);
+                if idle_fired {
+                    Poll::Ready(Some(Err(Box::new(BodyTimeout::Idle))))
+                } else {
+                    Poll::Pending
+                }
+            }
+        }
     }
     fn is_end_stream(&self) -> bool {
         self.inner.is_end_stream()

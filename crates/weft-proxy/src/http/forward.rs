@@ -13,7 +13,7 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{boxed, full, CountingBody, Hold};
+use super::body::{boxed, full, CountingBody, DeadlineBody, Hold};
 use crate::cluster::{BoxBody, Cluster, Discovery, Endpoint, UpstreamProtocol};
 use crate::config::Snapshot;
 use crate::context::Context;
@@ -40,6 +40,7 @@ pub async fn forward(
     snap: &Arc<Snapshot>,
     action: &ForwardAction,
     cluster_name: &str,
+    stream_idle: Option<Duration>,
     mut parts: http::request::Parts,
     body: Incoming,
     report: &mut HttpReport,
@@ -143,7 +144,8 @@ pub async fn forward(
                 report.upstream_service_time = Some(upstream_start.elapsed());
                 let (mut rp, rb) = resp.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
-                return Ok(Response::from_parts(rp, boxed(Hold::new(boxed(rb), permit))));
+                let bounded = DeadlineBody::new(boxed(rb), action.idle_timeout.or(stream_idle), deadline);
+                return Ok(Response::from_parts(rp, boxed(Hold::new(boxed(bounded), permit))));
             }
             Err(e) => {
                 drop(inflight);

@@ -158,7 +158,18 @@ async fn route_request(
                 }
                 return tunnel::upgrade(ctx, conn, snap, &cluster_name, parts, report).await;
             }
-            let mut resp = forward::forward(ctx, conn, snap, action, &cluster_name, parts, body, report).await?;
+            let mut resp = forward::forward(
+                ctx,
+                conn,
+                snap,
+                action,
+                &cluster_name,
+                chain.stream_idle_timeout,
+                parts,
+                body,
+                report,
+            )
+            .await?;
             route.edit_response_headers(resp.headers_mut());
             Ok(resp)
         }
