@@ -124,3 +124,50 @@ async fn unhealthy_endpoints_receive_no_traffic() {
     }
     assert_eq!(sick.requests(), 0);
 }
+
+#[tokio::test]
+async fn ring_hash_keeps_each_hash_key_on_one_endpoint() {
+    use envoy_types::pb::envoy::config::route::v3::route_action::{hash_policy, HashPolicy};
+    let mesh = Mesh::start().await;
+    let backends = vec![EchoServer::start("h0").await, EchoServer::start("h1").await, EchoServer::start("h2").await];
+    let mut c = build::eds_cluster("sticky", false);
+    c.metadata = None;
+    c.lb_policy = envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy::RingHash as i32;
+    mesh.set(type_url::CLUSTER, vec![pack_any(c)]);
+    mesh.set(
+        type_url::ENDPOINT,
+        vec![pack_any(build::cla(
+            "sticky",
+            &backends.iter().map(|b| (b.addr, 1, HealthStatus::Healthy)).collect::<Vec<_>>(),
+        ))],
+    );
+    let mut action = to("sticky");
+    action.hash_policy = vec![HashPolicy {
+        policy_specifier: Some(hash_policy::PolicySpecifier::Header(hash_policy::Header {
+            header_name: "x-user".into(),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }];
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), action)])]))],
+    );
+    let proxy = mesh.proxy("ring", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    let mut used = std::collections::BTreeSet::new();
+    for user in 0..24 {
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            let mut req = weft_testkit::http::request(http::Method::GET, "svc", "/", bytes::Bytes::new()).unwrap();
+            req.headers_mut().insert("x-user", format!("user-{user}").parse().unwrap());
+            let r = weft_testkit::http::send_h1(out, req).await.unwrap();
+            seen.insert(r.header("x-echo-server").unwrap().to_string());
+        }
+        assert_eq!(seen.len(), 1, "user-{user} moved between endpoints: {seen:?}");
+        used.extend(seen);
+    }
+    assert!(used.len() >= 2, "24 keys all hashed to one endpoint: {used:?}");
+}

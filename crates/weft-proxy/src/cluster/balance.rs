@@ -15,6 +15,25 @@ use rand::Rng;
 use crate::cluster::config::LbPolicy;
 use crate::cluster::endpoints::{Endpoint, Health};
 
+/// Places each member on the ring proportionally to its weight, at least
+/// [`MIN_RING_SIZE`] points in all (Envoy's ring hash).
+fn build_ring(members: &[usize], weights: &[u64], endpoints: &[Arc<Endpoint>]) -> Vec<(u64, usize)> {
+    let total: u64 = weights.iter().sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let scale = MIN_RING_SIZE.div_ceil(total).max(1);
+    let mut ring = Vec::with_capacity((total * scale) as usize);
+    for (m, (&i, &w)) in members.iter().zip(weights).enumerate() {
+        let key = endpoints[i].addr.to_string();
+        for r in 0..w * scale {
+            ring.push((stable_hash(format!("{key}_{r}").as_bytes()), m));
+        }
+    }
+    ring.sort_unstable();
+    ring
+}
+
 /// The longest precomputed round-robin sequence; bigger weight sums are scaled down.
 const MAX_RR_SEQUENCE: u64 = 1 << 14;
 
@@ -42,6 +61,26 @@ struct Group {
     /// Smooth weighted round-robin order, as indices into `members`.
     rr_sequence: Vec<usize>,
     rr_next: AtomicUsize,
+    /// Consistent-hash ring: (point, index into `members`), sorted by point; built only
+    /// for ring-hash clusters.
+    ring: Vec<(u64, usize)>,
+}
+
+/// Envoy's `minimum_ring_size` default.
+const MIN_RING_SIZE: u64 = 1024;
+
+/// A stable 64-bit hash (FNV-1a then a murmur finaliser), the same in every process.
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    h ^= h >> 33;
+    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    h ^ (h >> 33)
 }
 
 impl Balancer {
@@ -59,24 +98,24 @@ impl Balancer {
         let levels = by_priority
             .into_values()
             .map(|(healthy, degraded)| Level {
-                healthy: Group::new(healthy, endpoints),
-                degraded: Group::new(degraded, endpoints),
+                healthy: Group::new(healthy, endpoints, policy),
+                degraded: Group::new(degraded, endpoints, policy),
             })
             .collect();
         Balancer { policy, levels }
     }
 
     /// Picks an endpoint index; see [`crate::cluster::Cluster::pick`].
-    pub(crate) fn pick(&self, endpoints: &[Arc<Endpoint>], exclude: &[SocketAddr]) -> Option<usize> {
+    pub(crate) fn pick(&self, endpoints: &[Arc<Endpoint>], exclude: &[SocketAddr], hash: Option<u64>) -> Option<usize> {
         let excluded = |i: usize| exclude.contains(&endpoints[i].addr);
         if !exclude.is_empty() {
             if let Some(group) = self.group(|g| g.members.iter().any(|&i| !excluded(i))) {
-                return group.pick(self.policy, endpoints, &excluded);
+                return group.pick(self.policy, endpoints, &excluded, hash);
             }
         }
         // Nothing left outside `exclude`: reusing a host beats failing.
         let group = self.group(|g| !g.members.is_empty())?;
-        group.pick(self.policy, endpoints, &|_| false)
+        group.pick(self.policy, endpoints, &|_| false, hash)
     }
 
     /// The lowest-priority healthy group that is usable, else the lowest degraded one.
@@ -90,7 +129,7 @@ impl Balancer {
 }
 
 impl Group {
-    fn new(members: Vec<usize>, endpoints: &[Arc<Endpoint>]) -> Self {
+    fn new(members: Vec<usize>, endpoints: &[Arc<Endpoint>], policy: LbPolicy) -> Self {
         let weights: Vec<u64> = members.iter().map(|&i| u64::from(endpoints[i].weight.max(1))).collect();
         let mut sum = 0;
         let cumulative = weights
@@ -101,11 +140,33 @@ impl Group {
             })
             .collect();
         let start = if members.is_empty() { 0 } else { rand::rng().random_range(0..members.len().max(1) * 64) };
-        Group { rr_sequence: smooth_sequence(&weights), members, cumulative, rr_next: AtomicUsize::new(start) }
+        let ring = if policy == LbPolicy::RingHash { build_ring(&members, &weights, endpoints) } else { Vec::new() };
+        Group { rr_sequence: smooth_sequence(&weights), members, cumulative, rr_next: AtomicUsize::new(start), ring }
     }
 
-    fn pick(&self, policy: LbPolicy, endpoints: &[Arc<Endpoint>], excluded: &dyn Fn(usize) -> bool) -> Option<usize> {
+    /// The first ring point at or after `hash` (wrapping) whose endpoint is not excluded.
+    fn ring_pick(&self, hash: u64, excluded: &dyn Fn(usize) -> bool) -> Option<usize> {
+        if self.ring.is_empty() {
+            return None;
+        }
+        let start = self.ring.partition_point(|(p, _)| *p < hash);
+        (0..self.ring.len())
+            .map(|k| self.members[self.ring[(start + k) % self.ring.len()].1])
+            .find(|&member| !excluded(member))
+    }
+
+    fn pick(
+        &self,
+        policy: LbPolicy,
+        endpoints: &[Arc<Endpoint>],
+        excluded: &dyn Fn(usize) -> bool,
+        hash: Option<u64>,
+    ) -> Option<usize> {
         match policy {
+            LbPolicy::RingHash => match hash {
+                Some(h) => self.ring_pick(h, excluded),
+                None => self.p2c(endpoints, excluded, |ep| ep.load.cost()),
+            },
             LbPolicy::RoundRobin => self.round_robin(excluded),
             LbPolicy::Random => self.weighted_random(endpoints, excluded, None),
             LbPolicy::LeastRequest => self.p2c(endpoints, excluded, |ep| ep.load.in_flight() as f64),

@@ -61,6 +61,10 @@ pub enum LbPolicy {
     Random,
     /// Power of two choices over outstanding requests.
     LeastRequest,
+    /// Consistent hashing on a ring (RING_HASH and MAGLEV): requests with the same hash
+    /// key reach the same endpoint while the endpoint set is stable. Requests without a
+    /// hash key are balanced by peak-EWMA.
+    RingHash,
 }
 
 /// Where the cluster's endpoints come from.
@@ -222,7 +226,7 @@ fn lb_policy(c: &XdsCluster) -> Result<LbPolicy, ConfigError> {
             } else if url == Random::type_url() {
                 return Ok(LbPolicy::Random);
             } else if url == RingHash::type_url() || url == Maglev::type_url() {
-                return Ok(LbPolicy::PeakEwma);
+                return Ok(LbPolicy::RingHash);
             }
         }
         return Err(ConfigError::new(
@@ -235,7 +239,7 @@ fn lb_policy(c: &XdsCluster) -> Result<LbPolicy, ConfigError> {
         Ok(EnvoyLbPolicy::RoundRobin) | Ok(EnvoyLbPolicy::ClusterProvided) => Ok(LbPolicy::RoundRobin),
         Ok(EnvoyLbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
         Ok(EnvoyLbPolicy::Random) => Ok(LbPolicy::Random),
-        Ok(EnvoyLbPolicy::RingHash) | Ok(EnvoyLbPolicy::Maglev) => Ok(LbPolicy::PeakEwma),
+        Ok(EnvoyLbPolicy::RingHash) | Ok(EnvoyLbPolicy::Maglev) => Ok(LbPolicy::RingHash),
         Ok(EnvoyLbPolicy::LoadBalancingPolicyConfig) => Err(ConfigError::new(
             &c.name,
             "load_balancing_policy",

@@ -21,6 +21,7 @@ use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress};
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 
+pub use balance::stable_hash;
 pub use config::{ClusterConfig, Discovery, LbPolicy, Limits, UpstreamProtocol};
 pub use endpoints::{Endpoint, Health};
 pub use ewma::{ClusterLoad, EndpointLoad, InFlight, LoadRegistry, RequestPermit};
@@ -100,7 +101,13 @@ impl Cluster {
     /// ORIGINAL_DST clusters have no endpoints: the caller connects to the original
     /// destination itself.
     pub fn pick(&self, exclude: &[SocketAddr]) -> Option<Arc<Endpoint>> {
-        let i = self.balancer.pick(&self.endpoints, exclude)?;
+        self.pick_hashed(exclude, None)
+    }
+
+    /// Like [`Cluster::pick`], with the request's hash key for ring-hash clusters (other
+    /// policies ignore it).
+    pub fn pick_hashed(&self, exclude: &[SocketAddr], hash: Option<u64>) -> Option<Arc<Endpoint>> {
+        let i = self.balancer.pick(&self.endpoints, exclude, hash)?;
         self.endpoints.get(i).cloned()
     }
 

@@ -14,13 +14,13 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{boxed, full, CountingBody, DeadlineBody, Hold};
-use crate::cluster::{BoxBody, Cluster, Discovery, Endpoint, UpstreamProtocol};
+use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, UpstreamProtocol};
 use crate::config::Snapshot;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
 use crate::listener::ConnInfo;
 use crate::report::HttpReport;
-use crate::route::{ForwardAction, RetryPolicy};
+use crate::route::{ForwardAction, HashPolicy, HashSource, RetryPolicy};
 
 /// Request bodies up to this size are buffered so the request can be retried or
 /// mirrored (Envoy buffers up to its connection buffer limit for the same reason).
@@ -91,12 +91,13 @@ pub async fn forward(
         UpstreamProtocol::UseDownstream => UpstreamProtocol::Http1,
         p => p,
     };
+    let hash = request_hash(&action.hash_policy, &parts, conn);
     let mut tried = Vec::new();
     let upstream_start = Instant::now();
     let mut attempt = 0;
     loop {
         let last = attempt + 1 >= attempts;
-        let ep = pick(&cluster, conn, &tried)?;
+        let ep = pick(&cluster, conn, &tried, hash)?;
         tried.push(ep.addr);
         report.upstream_host = Some(ep.addr);
         let req_body = match &mut body {
@@ -166,7 +167,50 @@ pub async fn forward(
     }
 }
 
-fn pick(cluster: &Cluster, conn: &ConnInfo, tried: &[std::net::SocketAddr]) -> Result<Arc<Endpoint>, ProxyError> {
+/// The request's hash key for consistent hashing (Envoy's `hash_policy`): the policies in
+/// order, combined; a terminal policy that produced a value stops the walk. Cookies are
+/// hashed when present (generating them is not supported yet).
+fn request_hash(policies: &[HashPolicy], parts: &http::request::Parts, conn: &ConnInfo) -> Option<u64> {
+    let mut acc: Option<u64> = None;
+    for p in policies {
+        let value: Option<Vec<u8>> = match &p.source {
+            HashSource::Header(name) => {
+                let vals: Vec<&[u8]> = parts.headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
+                (!vals.is_empty()).then(|| vals.join(&b","[..]))
+            }
+            HashSource::Cookie { name, .. } => parts
+                .headers
+                .get_all(http::header::COOKIE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(';'))
+                .filter_map(|c| c.trim().split_once('='))
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_bytes().to_vec()),
+            HashSource::SourceIp => Some(conn.peer.ip().to_string().into_bytes()),
+            HashSource::QueryParameter(q) => parts
+                .uri
+                .query()
+                .and_then(|qs| qs.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| k == q))
+                .map(|(_, v)| v.as_bytes().to_vec()),
+        };
+        if let Some(v) = value {
+            let h = stable_hash(&v);
+            acc = Some(acc.map(|a| a.rotate_left(1) ^ h).unwrap_or(h));
+            if p.terminal {
+                break;
+            }
+        }
+    }
+    acc
+}
+
+fn pick(
+    cluster: &Cluster,
+    conn: &ConnInfo,
+    tried: &[std::net::SocketAddr],
+    hash: Option<u64>,
+) -> Result<Arc<Endpoint>, ProxyError> {
     if matches!(cluster.config.discovery, Discovery::OriginalDst) {
         let dst = conn.original_dst.ok_or_else(|| {
             ProxyError::new(ErrorKind::NoHealthyUpstream, "ORIGINAL_DST cluster without an original destination")
@@ -179,7 +223,7 @@ fn pick(cluster: &Cluster, conn: &ConnInfo, tried: &[std::net::SocketAddr]) -> R
             load: Arc::new(crate::cluster::EndpointLoad::new()),
         }));
     }
-    cluster.pick(tried).ok_or_else(|| {
+    cluster.pick_hashed(tried, hash).ok_or_else(|| {
         ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {}", cluster.config.name))
     })
 }

@@ -9,7 +9,8 @@ use envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint;
 use super::{cla, lb_endpoint};
 use crate::cluster::{Cluster, ClusterConfig, Discovery, LbPolicy, Limits, LoadRegistry, UpstreamProtocol};
 
-const ALL: [LbPolicy; 4] = [LbPolicy::PeakEwma, LbPolicy::RoundRobin, LbPolicy::Random, LbPolicy::LeastRequest];
+const ALL: [LbPolicy; 5] =
+    [LbPolicy::PeakEwma, LbPolicy::RoundRobin, LbPolicy::Random, LbPolicy::LeastRequest, LbPolicy::RingHash];
 
 fn config(lb: LbPolicy) -> Arc<ClusterConfig> {
     Arc::new(ClusterConfig {

@@ -71,8 +71,8 @@ fn lb_policy_enum_maps_each_value() {
         (EnvoyLbPolicy::RoundRobin, LbPolicy::RoundRobin),
         (EnvoyLbPolicy::LeastRequest, LbPolicy::LeastRequest),
         (EnvoyLbPolicy::Random, LbPolicy::Random),
-        (EnvoyLbPolicy::RingHash, LbPolicy::PeakEwma),
-        (EnvoyLbPolicy::Maglev, LbPolicy::PeakEwma),
+        (EnvoyLbPolicy::RingHash, LbPolicy::RingHash),
+        (EnvoyLbPolicy::Maglev, LbPolicy::RingHash),
     ] {
         let mut x = eds("c");
         x.lb_policy = p as i32;
