@@ -129,7 +129,7 @@ async fn unhealthy_endpoints_receive_no_traffic() {
 async fn ring_hash_keeps_each_hash_key_on_one_endpoint() {
     use envoy_types::pb::envoy::config::route::v3::route_action::{hash_policy, HashPolicy};
     let mesh = Mesh::start().await;
-    let backends = vec![EchoServer::start("h0").await, EchoServer::start("h1").await, EchoServer::start("h2").await];
+    let backends = [EchoServer::start("h0").await, EchoServer::start("h1").await, EchoServer::start("h2").await];
     let mut c = build::eds_cluster("sticky", false);
     c.metadata = None;
     c.lb_policy = envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy::RingHash as i32;
