@@ -23,3 +23,4 @@ pub mod report;
 pub mod route;
 pub mod tcp;
 pub mod telemetry;
+pub mod tls;

@@ -167,7 +167,28 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
     };
     let conn = Arc::new(ConnInfo { listener: listener.clone(), peer, destination, original_dst: odst });
     drop(snap);
-    match &chain.kind {
+    match &chain.tls {
+        None => dispatch(ctx, conn, &chain.kind, stream).await,
+        Some(cfg) => {
+            let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
+            match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                Ok(Ok(tls)) => dispatch(ctx, conn, &chain.kind, tls).await,
+                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => debug!(%peer, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+/// How long a client may take to complete the TLS handshake (Envoy's
+/// `transport_socket_connect_timeout` is unset by default; weft bounds it).
+const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn dispatch<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, kind: &ChainKind, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    match kind {
         ChainKind::Http(h) => http::serve(ctx, conn, h.clone(), stream).await,
         ChainKind::Tcp(t) => tcp::proxy(ctx, conn, t.clone(), stream).await,
     }

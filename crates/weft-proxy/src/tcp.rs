@@ -3,10 +3,9 @@
 
 use std::sync::Arc;
 
-use tokio::net::TcpStream;
 use tracing::debug;
 
-use crate::cluster::{Cluster, Discovery};
+use crate::cluster::{Cluster, Discovery, UpstreamStream};
 use crate::config::{Snapshot, TcpChain};
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
@@ -15,7 +14,10 @@ use crate::listener::ConnInfo;
 use crate::report::TcpReport;
 
 /// Proxies one TCP connection through `chain`.
-pub async fn proxy(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<TcpChain>, downstream: TcpStream) {
+pub async fn proxy<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<TcpChain>, downstream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let snap = ctx.store.snapshot();
     let cluster_name = chain.clusters.pick(rand::random::<u64>()).to_string();
     let mut report = TcpReport::open(&ctx, &conn, &cluster_name);
@@ -54,7 +56,7 @@ async fn connect(
     snap: &Snapshot,
     conn: &ConnInfo,
     cluster_name: &str,
-) -> Result<(TcpStream, std::net::SocketAddr), ProxyError> {
+) -> Result<(UpstreamStream, std::net::SocketAddr), ProxyError> {
     let cluster: &Arc<Cluster> = snap
         .clusters
         .get(cluster_name)
@@ -64,7 +66,7 @@ async fn connect(
         let dst = conn
             .original_dst
             .ok_or_else(|| ProxyError::new(ErrorKind::NoHealthyUpstream, "no original destination"))?;
-        return ctx.pools.connect_tcp(dst, timeout).await.map(|s| (s, dst));
+        return ctx.pools.connect_stream(dst, timeout, &cluster.config.transport).await.map(|s| (s, dst));
     }
     let mut tried = Vec::new();
     let mut last = None;
@@ -73,7 +75,7 @@ async fn connect(
             break;
         };
         tried.push(ep.addr);
-        match ctx.pools.connect_tcp(ep.addr, timeout).await {
+        match ctx.pools.connect_stream(ep.addr, timeout, &cluster.config.transport).await {
             Ok(s) => return Ok((s, ep.addr)),
             Err(e) => last = Some(e),
         }

@@ -11,6 +11,7 @@
 //!    `ROUND_ROBIN = 0`, so a cluster with no explicit policy anywhere is ROUND_ROBIN,
 //!    exactly as in Envoy. RING_HASH and MAGLEV map to peak EWMA for now.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
@@ -31,6 +32,7 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use prost::{Message, Name};
 
 use crate::cluster::endpoints::decode_assignment;
+use crate::cluster::pool::Connector;
 use crate::error::ConfigError;
 
 /// The key of the upstream HTTP options in `typed_extension_protocol_options`.
@@ -118,6 +120,8 @@ pub struct ClusterConfig {
     pub static_endpoints: Option<ClusterLoadAssignment>,
     /// The cluster's metadata.
     pub metadata: Option<Metadata>,
+    /// How connections are made: plain TCP or TLS (`transport_socket`).
+    pub transport: Connector,
 }
 
 impl Default for Limits {
@@ -159,15 +163,31 @@ impl ClusterConfig {
             }
             _ => None,
         };
+        let protocol = protocol(c)?;
+        let transport = match &c.transport_socket {
+            None => Connector::Plain,
+            Some(ts) if ts.name == "envoy.transport_sockets.raw_buffer" => Connector::Plain,
+            Some(ts) => {
+                let alpn: &[&str] = match protocol {
+                    UpstreamProtocol::Http1 => &["http/1.1"],
+                    UpstreamProtocol::Http2 => &["h2"],
+                    UpstreamProtocol::UseDownstream => &["h2", "http/1.1"],
+                };
+                let tls = crate::tls::client_config(ts, alpn)
+                    .map_err(|m| ConfigError::new(&c.name, "transport_socket", m))?;
+                Connector::Tls(Arc::new(tls))
+            }
+        };
         Ok(ClusterConfig {
             name: c.name.clone(),
             discovery,
             lb: lb_policy(c)?,
             connect_timeout,
-            protocol: protocol(c)?,
+            protocol,
             limits: limits(c),
             static_endpoints,
             metadata: c.metadata.clone(),
+            transport,
         })
     }
 }

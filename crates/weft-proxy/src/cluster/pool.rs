@@ -60,6 +60,14 @@ pub enum Connector {
     /// Plain TCP.
     #[default]
     Plain,
+    /// TLS over TCP (a cluster's `UpstreamTlsContext`).
+    Tls(Arc<crate::tls::UpstreamTls>),
+}
+
+impl PartialEq for Connector {
+    fn eq(&self, other: &Self) -> bool {
+        self.key() == other.key()
+    }
 }
 
 /// A connection to an upstream, whatever the transport.
@@ -67,6 +75,8 @@ pub enum Connector {
 pub enum UpstreamStream {
     /// Plain TCP.
     Plain(TcpStream),
+    /// TLS over TCP.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 /// Open connections per endpoint, for the admin `/clusters` page.
@@ -99,7 +109,7 @@ pub struct Pools {
 struct Inner {
     cfg: PoolConfig,
     connector: Connector,
-    endpoints: ArcSwap<HashMap<SocketAddr, Arc<EndpointPool>>>,
+    endpoints: ArcSwap<HashMap<(SocketAddr, u64), Arc<EndpointPool>>>,
 }
 
 #[derive(Debug, Default)]
@@ -136,6 +146,37 @@ impl Connector {
     pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<UpstreamStream, ProxyError> {
         match self {
             Connector::Plain => connect_tcp(addr, timeout).await.map(UpstreamStream::Plain),
+            Connector::Tls(tls) => {
+                let started = Instant::now();
+                let tcp = connect_tcp(addr, timeout).await?;
+                let name =
+                    tls.sni.clone().unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+                let left = timeout.saturating_sub(started.elapsed());
+                match tokio::time::timeout(
+                    left,
+                    tokio_rustls::TlsConnector::from(tls.config.clone()).connect(name, tcp),
+                )
+                .await
+                {
+                    Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
+                    Ok(Err(e)) => {
+                        Err(ProxyError::new(ErrorKind::ConnectFailure, format!("TLS handshake with {addr}: {e}"))
+                            .not_sent())
+                    }
+                    Err(_) => {
+                        Err(ProxyError::new(ErrorKind::ConnectFailure, format!("TLS handshake with {addr} timed out"))
+                            .not_sent())
+                    }
+                }
+            }
+        }
+    }
+
+    /// Distinguishes connection pools: 0 for plain TCP, a hash of the TLS settings otherwise.
+    pub fn key(&self) -> u64 {
+        match self {
+            Connector::Plain => 0,
+            Connector::Tls(t) => t.key.max(1),
         }
     }
 }
@@ -175,14 +216,53 @@ impl Pools {
             UpstreamProtocol::Http2 => true,
             UpstreamProtocol::UseDownstream => req.version() == Version::HTTP_2,
         };
-        let pool = self.endpoint(ep.addr);
+        let connector = &self.inner.connector;
+        self.send_via(ep, h2, connect_timeout, connector, req).await
+    }
+
+    /// [`Pools::send`] over a cluster's own transport (TLS origination).
+    pub async fn send_with(
+        &self,
+        ep: &Endpoint,
+        proto: UpstreamProtocol,
+        connect_timeout: Duration,
+        connector: &Connector,
+        req: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let h2 = match proto {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::UseDownstream => req.version() == Version::HTTP_2,
+        };
+        self.send_via(ep, h2, connect_timeout, connector, req).await
+    }
+
+    async fn send_via(
+        &self,
+        ep: &Endpoint,
+        h2: bool,
+        connect_timeout: Duration,
+        connector: &Connector,
+        req: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
+        let pool = self.endpoint((ep.addr, connector.key()));
         if h2 {
             let req = absolute_form(req, ep.addr)?;
-            self.send_h2(&pool, ep.addr, connect_timeout, req).await
+            self.send_h2(&pool, ep.addr, connect_timeout, connector, req).await
         } else {
             let req = origin_form(req)?;
-            self.send_h1(&pool, ep.addr, connect_timeout, req).await
+            self.send_h1(&pool, ep.addr, connect_timeout, connector, req).await
         }
+    }
+
+    /// A connection over a cluster's transport (plain or TLS), for byte streams.
+    pub async fn connect_stream(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        connector: &Connector,
+    ) -> Result<UpstreamStream, ProxyError> {
+        connector.connect(addr, timeout).await
     }
 
     /// Plain TCP connect with timeout (tcp_proxy, CONNECT, upgrades).
@@ -195,7 +275,7 @@ impl Pools {
         let map = self.inner.endpoints.load();
         let mut endpoints: Vec<EndpointPoolStats> = map
             .iter()
-            .map(|(addr, p)| EndpointPoolStats {
+            .map(|((addr, _), p)| EndpointPoolStats {
                 addr: *addr,
                 http1_open: p.http1_open.load(Ordering::Relaxed),
                 http1_pooled: p.http1_pooled.load(Ordering::Relaxed),
@@ -206,7 +286,7 @@ impl Pools {
         PoolStats { endpoints }
     }
 
-    fn endpoint(&self, addr: SocketAddr) -> Arc<EndpointPool> {
+    fn endpoint(&self, addr: (SocketAddr, u64)) -> Arc<EndpointPool> {
         if let Some(p) = self.inner.endpoints.load().get(&addr) {
             return Arc::clone(p);
         }
@@ -230,6 +310,7 @@ impl Pools {
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
         timeout: Duration,
+        connector: &Connector,
         mut req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
         if let Some(mut tx) = pool.checkout_h1(self.inner.cfg.idle_timeout).await {
@@ -245,7 +326,7 @@ impl Pools {
                 },
             }
         }
-        let mut tx = self.connect_h1(pool, addr, timeout).await?;
+        let mut tx = self.connect_h1(pool, addr, timeout, connector).await?;
         match tx.try_send_request(req).await {
             Ok(resp) => {
                 self.release_h1(pool, tx).await;
@@ -260,8 +341,9 @@ impl Pools {
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
         timeout: Duration,
+        connector: &Connector,
     ) -> Result<http1::SendRequest<BoxBody>, ProxyError> {
-        let io = self.inner.connector.connect(addr, timeout).await?;
+        let io = connector.connect(addr, timeout).await?;
         let (tx, conn) = http1::handshake(TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
         let open = Arc::clone(&pool.http1_open);
         open.fetch_add(1, Ordering::Relaxed);
@@ -289,9 +371,10 @@ impl Pools {
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
         timeout: Duration,
+        connector: &Connector,
         req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let (mut tx, reused) = self.h2_sender(pool, addr, timeout).await?;
+        let (mut tx, reused) = self.h2_sender(pool, addr, timeout, connector).await?;
         let req = match tx.try_send_request(req).await {
             Ok(resp) => return Ok(resp),
             Err(mut e) => {
@@ -304,7 +387,7 @@ impl Pools {
         };
         // The shared connection died before taking the request: replace it once.
         pool.drop_h2_if_closed().await;
-        let (mut tx, _) = self.h2_sender(pool, addr, timeout).await?;
+        let (mut tx, _) = self.h2_sender(pool, addr, timeout, connector).await?;
         tx.try_send_request(req).await.map_err(|e| map_hyper_error(addr, e.error(), e.message().is_some()))
     }
 
@@ -314,6 +397,7 @@ impl Pools {
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
         timeout: Duration,
+        connector: &Connector,
     ) -> Result<(http2::SendRequest<BoxBody>, bool), ProxyError> {
         let mut slot = pool.h2.lock().await;
         if let Some(conn) = slot.as_mut() {
@@ -322,7 +406,7 @@ impl Pools {
                 return Ok((conn.tx.clone(), true));
             }
         }
-        let io = self.inner.connector.connect(addr, timeout).await?;
+        let io = connector.connect(addr, timeout).await?;
         let (tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .map_err(|e| map_hyper_error(addr, &e, true))?;
@@ -386,6 +470,7 @@ impl AsyncRead for UpstreamStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -394,18 +479,21 @@ impl AsyncWrite for UpstreamStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -416,12 +504,14 @@ impl AsyncWrite for UpstreamStream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
         }
     }
 }

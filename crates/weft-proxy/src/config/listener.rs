@@ -63,6 +63,8 @@ pub struct FilterChainConfig {
     pub matcher: ChainMatch,
     /// What the chain does with the connection.
     pub kind: ChainKind,
+    /// TLS to terminate before the filters (a `DownstreamTlsContext` transport socket).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
 }
 
 /// Envoy's `FilterChainMatch`, the subset weft supports.
@@ -290,12 +292,11 @@ fn server_name_score(pattern: &str, sni: &str) -> Option<u32> {
 }
 
 fn compile_chain(fc: &FilterChain) -> Result<FilterChainConfig, (String, String)> {
-    if fc.transport_socket.is_some() {
-        return Err((
-            "transport_socket".into(),
-            "TLS termination on listeners is not supported yet (identity issue); remove transport_socket".into(),
-        ));
-    }
+    let tls = match &fc.transport_socket {
+        None => None,
+        Some(ts) if ts.name == "envoy.transport_sockets.raw_buffer" => None,
+        Some(ts) => Some(crate::tls::server_config(ts).map_err(|m| ("transport_socket".to_string(), m))?),
+    };
     let matcher = match &fc.filter_chain_match {
         Some(m) => compile_match(m).map_err(|(f, m)| (format!("filter_chain_match.{f}"), m))?,
         None => ChainMatch::default(),
@@ -336,7 +337,7 @@ fn compile_chain(fc: &FilterChain) -> Result<FilterChainConfig, (String, String)
     let kind = kind.ok_or_else(|| {
         ("filters".to_string(), "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string())
     })?;
-    Ok(FilterChainConfig { name: fc.name.clone(), matcher, kind })
+    Ok(FilterChainConfig { name: fc.name.clone(), matcher, kind, tls })
 }
 
 fn compile_match(m: &FilterChainMatch) -> Result<ChainMatch, (String, String)> {

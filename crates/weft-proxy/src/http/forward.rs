@@ -114,7 +114,7 @@ pub async fn forward(
         };
         let inflight = ep.load.start();
         let started = Instant::now();
-        let send = ctx.pools.send(&ep, proto, cluster.config.connect_timeout, req);
+        let send = ctx.pools.send_with(&ep, proto, cluster.config.connect_timeout, &cluster.config.transport, req);
         let result = match try_deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), send).await {
                 Ok(r) => r,
@@ -338,7 +338,9 @@ fn mirror(ctx: &Arc<Context>, snap: &Arc<Snapshot>, cluster: &str, parts: &http:
     let ctx = ctx.clone();
     let proto = if req.version() == Version::HTTP_2 { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 };
     tokio::spawn(async move {
-        if let Ok(resp) = ctx.pools.send(&ep, proto, cluster.config.connect_timeout, req).await {
+        if let Ok(resp) =
+            ctx.pools.send_with(&ep, proto, cluster.config.connect_timeout, &cluster.config.transport, req).await
+        {
             let _ = resp.into_body().collect().await;
         }
     });

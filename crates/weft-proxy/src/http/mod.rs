@@ -16,7 +16,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpStream;
 use tracing::debug;
 
 use crate::cluster::BoxBody;
@@ -30,7 +29,10 @@ use crate::route::{Abort, RouteAction};
 use body::{full, ReportingBody};
 
 /// Serves HTTP on one downstream connection until it closes or the proxy drains.
-pub async fn serve(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<HttpChain>, stream: TcpStream) {
+pub async fn serve<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<HttpChain>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let svc_ctx = ctx.clone();
     let activity = Activity::new();
     let idle_timeout = chain.idle_timeout;

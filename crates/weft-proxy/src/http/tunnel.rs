@@ -11,7 +11,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::body::full;
-use crate::cluster::{BoxBody, Discovery};
+use crate::cluster::{BoxBody, Discovery, UpstreamStream};
 use crate::config::Snapshot;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
@@ -145,7 +145,7 @@ async fn dial(
     cluster_name: &str,
     authority: Option<&str>,
     report: &mut HttpReport,
-) -> Result<tokio::net::TcpStream, ProxyError> {
+) -> Result<UpstreamStream, ProxyError> {
     let cluster = snap
         .clusters
         .get(cluster_name)
@@ -166,5 +166,5 @@ async fn dial(
             .addr
     };
     report.upstream_host = Some(addr);
-    ctx.pools.connect_tcp(addr, timeout).await
+    ctx.pools.connect_stream(addr, timeout, &cluster.config.transport).await
 }

@@ -22,6 +22,7 @@ fn config(lb: LbPolicy) -> Arc<ClusterConfig> {
         limits: Limits::default(),
         static_endpoints: None,
         metadata: None,
+        transport: Default::default(),
     })
 }
 
