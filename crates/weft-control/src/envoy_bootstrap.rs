@@ -1,0 +1,296 @@
+//! `weft envoy-bootstrap`: a bootstrap that makes a stock Envoy join the mesh like a
+//! weft proxy.
+//!
+//! The node is written the way Istio writes it (id `sidecar~<ip>~<name>.<ns>~<ns>.svc.cluster.local`,
+//! cluster `<app or name>.<ns>`) and its metadata is exactly what
+//! [`weft_xds::NodeInfo::to_node`] produces, so the control plane registers the Envoy
+//! like any weft proxy. Configuration then arrives over ADS from a static `xds-grpc`
+//! cluster.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::{Struct, Value};
+use serde_json::{json, Map};
+use weft_xds::{NodeInfo, PortInfo};
+
+/// Name of the static cluster that points at the control plane.
+pub const XDS_CLUSTER: &str = "xds-grpc";
+
+/// Longest label name (the part after an optional prefix) and label value.
+const LABEL_MAX: usize = 63;
+/// Longest label prefix (a DNS subdomain).
+const LABEL_PREFIX_MAX: usize = 253;
+/// Longest port name (Kubernetes `IANA_SVC_NAME`).
+const PORT_NAME_MAX: usize = 15;
+
+/// What the bootstrap announces and where it connects.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EnvoyBootstrapOptions {
+    /// Workload instance name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Workload labels.
+    pub labels: BTreeMap<String, String>,
+    /// Service account.
+    pub service_account: String,
+    /// Declared ports.
+    pub ports: Vec<PortInfo>,
+    /// The instance IP, written in the node id and in `INSTANCE_IPS`.
+    pub instance_ip: IpAddr,
+    /// Control-plane xDS address.
+    pub xds: SocketAddr,
+    /// Admin port on 127.0.0.1 (15000 by convention; 0 picks a free one).
+    pub admin_port: u16,
+    /// Cluster id sent as `CLUSTER_ID` (`Kubernetes` by convention).
+    pub cluster_id: String,
+    /// Delta ADS (`DELTA_GRPC`) instead of state of the world (`GRPC`).
+    pub delta: bool,
+}
+
+impl EnvoyBootstrapOptions {
+    /// The node id in Istio's form: `sidecar~<ip>~<name>.<namespace>~<namespace>.svc.cluster.local`.
+    pub fn node_id(&self) -> String {
+        format!("sidecar~{}~{}.{}~{}.svc.cluster.local", self.instance_ip, self.name, self.namespace, self.namespace)
+    }
+
+    /// The node cluster: `<app label, else name>.<namespace>`.
+    pub fn node_cluster(&self) -> String {
+        let app = self.labels.get("app").filter(|a| !a.is_empty()).unwrap_or(&self.name);
+        format!("{app}.{}", self.namespace)
+    }
+
+    /// The identity the Envoy announces, as the control plane will parse it back.
+    pub fn node_info(&self) -> NodeInfo {
+        NodeInfo {
+            id: self.node_id(),
+            cluster: self.cluster_id.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            service_account: self.service_account.clone(),
+            ports: self.ports.clone(),
+            instance_ips: vec![self.instance_ip.to_string()],
+        }
+    }
+}
+
+/// The bootstrap YAML (Envoy 1.40): node, ADS over gRPC (V3) to [`XDS_CLUSTER`], CDS and
+/// LDS from ADS, admin on `127.0.0.1:admin_port`.
+pub fn render(o: &EnvoyBootstrapOptions) -> String {
+    let metadata = o.node_info().to_node().metadata.map(|s| struct_to_json(&s)).unwrap_or_else(|| json!({}));
+    let api_type = if o.delta { "DELTA_GRPC" } else { "GRPC" };
+    let ads_source = json!({ "ads": {}, "resource_api_version": "V3" });
+    let bootstrap = json!({
+        "node": {
+            "id": o.node_id(),
+            "cluster": o.node_cluster(),
+            "metadata": metadata,
+        },
+        "admin": {
+            "address": { "socket_address": { "address": "127.0.0.1", "port_value": o.admin_port } },
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": api_type,
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [{ "envoy_grpc": { "cluster_name": XDS_CLUSTER } }],
+            },
+            "cds_config": ads_source,
+            "lds_config": ads_source,
+        },
+        "static_resources": {
+            "clusters": [{
+                "name": XDS_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": { "http2_protocol_options": {} },
+                    },
+                },
+                "load_assignment": {
+                    "cluster_name": XDS_CLUSTER,
+                    "endpoints": [{ "lb_endpoints": [{ "endpoint": { "address": { "socket_address": {
+                        "address": o.xds.ip().to_string(),
+                        "port_value": o.xds.port(),
+                    } } } }] }],
+                },
+            }],
+        },
+    });
+    // A JSON value of strings, numbers, bools and maps always serialises; JSON is YAML
+    // too, so fall back to it rather than fail.
+    serde_yaml_ng::to_string(&bootstrap).unwrap_or_else(|_| bootstrap.to_string())
+}
+
+/// Parses `app=x,version=v1` into labels with Kubernetes' syntax rules (name: up to 63
+/// of `[A-Za-z0-9._-]`, starting and ending alphanumeric, optionally after a DNS
+/// prefix and `/`; value: empty or the same rules). An empty string is no labels.
+pub fn parse_labels(s: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    if s.trim().is_empty() {
+        return Ok(labels);
+    }
+    for (i, item) in s.split(',').enumerate() {
+        let n = i + 1;
+        let item = item.trim();
+        let Some((key, value)) = item.split_once('=') else {
+            return Err(format!("label {n} {item:?}: expected key=value"));
+        };
+        let (key, value) = (key.trim(), value.trim());
+        check_label_key(key).map_err(|e| format!("label {n} {item:?}: key {key:?} {e}"))?;
+        check_label_value(value).map_err(|e| format!("label {n} {item:?}: value {value:?} {e}"))?;
+        if labels.insert(key.to_string(), value.to_string()).is_some() {
+            return Err(format!("label {n} {item:?}: key {key:?} is given twice"));
+        }
+    }
+    Ok(labels)
+}
+
+/// Parses `http:9080,grpc-x:9090/grpc` (`name:port[/appProtocol]`) into ports (TCP).
+/// Names follow Kubernetes (up to 15 of `[a-z0-9-]`, a letter among them, no leading,
+/// trailing or double `-`); ports are 1..=65535; names and ports are unique.
+pub fn parse_ports(s: &str) -> Result<Vec<PortInfo>, String> {
+    let mut ports = Vec::new();
+    if s.trim().is_empty() {
+        return Ok(ports);
+    }
+    let mut names = BTreeSet::new();
+    let mut numbers = BTreeSet::new();
+    for (i, item) in s.split(',').enumerate() {
+        let n = i + 1;
+        let item = item.trim();
+        let Some((name, rest)) = item.split_once(':') else {
+            return Err(format!("port {n} {item:?}: expected name:port[/appProtocol], e.g. http:8080"));
+        };
+        let (number, app_protocol) = match rest.split_once('/') {
+            Some((number, proto)) => (number, Some(proto)),
+            None => (rest, None),
+        };
+        check_port_name(name).map_err(|e| format!("port {n} {item:?}: name {name:?} {e}"))?;
+        let number = number
+            .parse::<u32>()
+            .map_err(|_| format!("port {n} {item:?}: {number:?} is not a port number (1..=65535)"))?;
+        let port = u16::try_from(number)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("port {n} {item:?}: port {number} is not in 1..=65535"))?;
+        let app_protocol = match app_protocol {
+            None => None,
+            Some(p) if is_app_protocol(p) => Some(p.to_string()),
+            Some(p) => {
+                return Err(format!(
+                    "port {n} {item:?}: appProtocol {p:?} must be non-empty letters, digits, '.', '-', '_' or '/'"
+                ))
+            }
+        };
+        if !names.insert(name.to_string()) {
+            return Err(format!("port {n} {item:?}: name {name:?} is given twice"));
+        }
+        if !numbers.insert(port) {
+            return Err(format!("port {n} {item:?}: port {port} is given twice"));
+        }
+        ports.push(PortInfo { name: name.to_string(), port, protocol: "TCP".to_string(), app_protocol });
+    }
+    Ok(ports)
+}
+
+/// A protobuf `Struct` as JSON (numbers stay numbers, nested structs and lists recurse).
+fn struct_to_json(s: &Struct) -> serde_json::Value {
+    // Sorted keys keep the rendering stable.
+    let sorted: BTreeMap<&String, &Value> = s.fields.iter().collect();
+    serde_json::Value::Object(sorted.into_iter().map(|(k, v)| (k.clone(), value_to_json(v))).collect::<Map<_, _>>())
+}
+
+fn value_to_json(v: &Value) -> serde_json::Value {
+    match v.kind.as_ref() {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::NumberValue(n)) => json!(n),
+        Some(Kind::StringValue(s)) => json!(s),
+        Some(Kind::BoolValue(b)) => json!(b),
+        Some(Kind::StructValue(s)) => struct_to_json(s),
+        Some(Kind::ListValue(l)) => serde_json::Value::Array(l.values.iter().map(value_to_json).collect()),
+    }
+}
+
+fn check_label_key(key: &str) -> Result<(), String> {
+    let name = match key.rsplit_once('/') {
+        Some((prefix, name)) => {
+            check_dns_subdomain(prefix).map_err(|e| format!("has prefix {prefix:?} that {e}"))?;
+            name
+        }
+        None => key,
+    };
+    if name.is_empty() {
+        return Err("has an empty name".to_string());
+    }
+    check_label_chars(name)
+}
+
+fn check_label_value(value: &str) -> Result<(), String> {
+    if value.is_empty() {
+        return Ok(());
+    }
+    check_label_chars(value)
+}
+
+fn check_label_chars(s: &str) -> Result<(), String> {
+    if s.len() > LABEL_MAX {
+        return Err(format!("is {} characters long, at most {LABEL_MAX} allowed", s.len()));
+    }
+    if let Some(c) = s.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))) {
+        return Err(format!("contains {c:?}; allowed are letters, digits, '-', '_' and '.'"));
+    }
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if !alnum(s.chars().next()) || !alnum(s.chars().last()) {
+        return Err("must start and end with a letter or digit".to_string());
+    }
+    Ok(())
+}
+
+fn check_dns_subdomain(s: &str) -> Result<(), String> {
+    if s.is_empty() || s.len() > LABEL_PREFIX_MAX {
+        return Err(format!("is not 1..={LABEL_PREFIX_MAX} characters"));
+    }
+    for part in s.split('.') {
+        let ok = !part.is_empty()
+            && part.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !part.starts_with('-')
+            && !part.ends_with('-');
+        if !ok {
+            return Err("is not a DNS subdomain (lowercase letters, digits, '-' and '.')".to_string());
+        }
+    }
+    Ok(())
+}
+
+fn check_port_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("is empty".to_string());
+    }
+    if name.len() > PORT_NAME_MAX {
+        return Err(format!("is {} characters long, at most {PORT_NAME_MAX} allowed", name.len()));
+    }
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-')) {
+        return Err(format!("contains {c:?}; allowed are lowercase letters, digits and '-'"));
+    }
+    if !name.chars().any(|c| c.is_ascii_lowercase()) {
+        return Err("must contain a letter".to_string());
+    }
+    if name.starts_with('-') || name.ends_with('-') || name.contains("--") {
+        return Err("must not start or end with '-' or contain \"--\"".to_string());
+    }
+    Ok(())
+}
+
+fn is_app_protocol(p: &str) -> bool {
+    !p.is_empty() && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '/'))
+}
+
+#[cfg(test)]
+mod tests;
