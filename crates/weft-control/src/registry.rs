@@ -204,11 +204,12 @@ impl RegistrySnapshot {
 /// metadata, so `READY` and `WEFT_INBOUND` are not visible here: the workload is ready
 /// and has no inbound address. [`workload_from_node`] reads them from a raw [`Node`].
 pub fn workload_from_connection(conn: &ConnectionStatus) -> Result<Workload, String> {
-    let Some(info) = conn.node.as_ref() else {
+    if conn.node.is_none() {
         let why = conn.node_error.as_deref().unwrap_or("metadata did not parse");
         return Err(format!("node {}: {why}", conn.node_id));
-    };
-    workload_from_info(info, conn.peer, conn.connected_since, true, None)
+    }
+    // The raw node carries READY and WEFT_INBOUND, which NodeInfo does not model.
+    workload_from_node(&conn.raw_node, conn.peer, conn.connected_since)
 }
 
 /// The workload a raw [`Node`] announces (everything [`NodeInfo::from_node`] reads, plus

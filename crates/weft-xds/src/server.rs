@@ -57,6 +57,8 @@ pub struct ConnectionStatus {
     pub node: Option<NodeInfo>,
     /// Why the metadata did not parse.
     pub node_error: Option<String>,
+    /// The node exactly as the peer sent it (for metadata beyond [`NodeInfo`]).
+    pub raw_node: Node,
     /// Peer address, if known.
     pub peer: Option<SocketAddr>,
     /// When the stream opened.
@@ -255,6 +257,7 @@ impl Registration {
                 node_id: node.id.clone(),
                 node: info,
                 node_error,
+                raw_node: node.clone(),
                 peer,
                 connected_since: SystemTime::now(),
                 mode,
