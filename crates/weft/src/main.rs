@@ -26,6 +26,37 @@ enum Command {
         #[arg(long, short = 'b', env = "WEFT_BOOTSTRAP")]
         bootstrap: PathBuf,
     },
+    /// Print an Envoy bootstrap that joins a stock Envoy to the control plane as a
+    /// registered workload (sidecar or gateway).
+    EnvoyBootstrap {
+        /// Workload name.
+        #[arg(long)]
+        name: String,
+        /// Namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Labels, `k=v,k2=v2`.
+        #[arg(long, default_value = "")]
+        labels: String,
+        /// Service account.
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        /// Ports, `name:port[/appProtocol],...` (for example `http:9080`).
+        #[arg(long, default_value = "")]
+        ports: String,
+        /// The control plane's xDS address.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds: std::net::SocketAddr,
+        /// Envoy's admin port (0 picks a free one).
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+        /// The workload's IP, used in the node id.
+        #[arg(long, default_value = "127.0.0.1")]
+        instance_ip: std::net::IpAddr,
+        /// Use incremental (delta) xDS.
+        #[arg(long)]
+        delta: bool,
+    },
     /// Run a small local mesh: an in-process xDS server, two echo backends and a proxy,
     /// with a weighted split, a header route and a fault; prints what to curl.
     Demo {
@@ -49,6 +80,35 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Proxy { bootstrap } => run_proxy(bootstrap).await,
             Command::Demo { port } => demo::run(port).await,
+            Command::EnvoyBootstrap {
+                name,
+                namespace,
+                labels,
+                service_account,
+                ports,
+                xds,
+                admin_port,
+                instance_ip,
+                delta,
+            } => {
+                use weft_control::envoy_bootstrap::{parse_labels, parse_ports, render, EnvoyBootstrapOptions};
+                let labels = parse_labels(&labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))?;
+                let ports = parse_ports(&ports).map_err(|e| anyhow::anyhow!("--ports: {e}"))?;
+                let opts = EnvoyBootstrapOptions {
+                    name,
+                    namespace,
+                    labels,
+                    service_account,
+                    ports,
+                    instance_ip,
+                    xds,
+                    admin_port,
+                    cluster_id: "Kubernetes".into(),
+                    delta,
+                };
+                print!("{}", render(&opts));
+                Ok(())
+            }
         }
     });
     match result {

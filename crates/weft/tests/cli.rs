@@ -134,3 +134,36 @@ async fn proxy_process_serves_xds_config_and_drains_on_sigterm() {
         tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("proxy did not exit").unwrap();
     assert!(status.success(), "exit status {status}");
 }
+
+#[tokio::test]
+async fn envoy_bootstrap_prints_a_registered_node_and_rejects_bad_labels() {
+    let out = tokio::process::Command::new(WEFT)
+        .args([
+            "envoy-bootstrap",
+            "--name",
+            "reviews-v1",
+            "--namespace",
+            "bookinfo",
+            "--labels",
+            "app=reviews,version=v1",
+        ])
+        .args(["--ports", "http:9080", "--xds", "127.0.0.1:15999", "--admin-port", "0"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml: serde_json::Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
+    assert_eq!(yaml["node"]["id"], "sidecar~127.0.0.1~reviews-v1.bookinfo~bookinfo.svc.cluster.local");
+    assert_eq!(yaml["node"]["cluster"], "reviews.bookinfo");
+    assert_eq!(yaml["node"]["metadata"]["LABELS"]["version"], "v1");
+    assert_eq!(yaml["admin"]["address"]["socket_address"]["port_value"], 0);
+
+    let out = tokio::process::Command::new(WEFT)
+        .args(["envoy-bootstrap", "--name", "x", "--ports", "http:99999"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--ports") && err.contains("99999"), "{err}");
+}
