@@ -1,0 +1,1 @@
+//! Cross-resource checks (placeholder, filled below).
