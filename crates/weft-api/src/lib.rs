@@ -376,7 +376,9 @@ pub fn parse_file(path: &Path) -> Parsed {
 }
 
 /// Parses every `*.yaml`, `*.yml` and `*.json` under `dir`, recursively, in
-/// sorted path order. Duplicate resources across files are reported.
+/// sorted path order. Duplicates are only rejected within one file: the same
+/// resource in two files (alternative versions, as in Istio's samples) is
+/// returned twice, and the caller (the config store) decides which wins.
 pub fn parse_dir(dir: &Path) -> Parsed {
     let mut files = Vec::new();
     let mut errors = Vec::new();
@@ -389,7 +391,6 @@ pub fn parse_dir(dir: &Path) -> Parsed {
     for f in files {
         all.extend(parse_file(&f));
     }
-    parse::reject_duplicates(&mut all);
     all
 }
 
