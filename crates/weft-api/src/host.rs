@@ -26,10 +26,7 @@ fn looks_like_namespace(host: &str) -> bool {
         return false;
     };
     // Treat common TLDs as FQDNs ("example.com" is not namespace "com").
-    !matches!(
-        ns,
-        "com" | "org" | "net" | "io" | "dev" | "local" | "internal" | "edu" | "gov"
-    )
+    !matches!(ns, "com" | "org" | "net" | "io" | "dev" | "local" | "internal" | "edu" | "gov")
 }
 
 /// Whether `pattern` covers `host`: exact (case-insensitive), `*` (everything),

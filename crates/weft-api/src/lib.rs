@@ -19,9 +19,8 @@ mod validate;
 pub mod yaml;
 
 pub use spec::{
-    AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication,
-    RequestAuthentication, ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService,
-    WorkloadEntry,
+    AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication, RequestAuthentication,
+    ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService, WorkloadEntry,
 };
 
 /// Where a resource came from.
@@ -230,9 +229,7 @@ impl Kind {
         }
         Kind::ALL.into_iter().find(|k| {
             let n = k.as_str().to_ascii_lowercase();
-            l == n
-                || l == format!("{n}s")
-                || (n.ends_with('y') && l == format!("{}ies", &n[..n.len() - 1]))
+            l == n || l == format!("{n}s") || (n.ends_with('y') && l == format!("{}ies", &n[..n.len() - 1]))
         })
     }
 
@@ -246,9 +243,7 @@ impl Kind {
             | Kind::WorkloadEntry
             | Kind::Sidecar
             | Kind::Gateway => "networking.istio.io",
-            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => {
-                "security.istio.io"
-            }
+            Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
             Kind::LocalWorkload => "weft.dev",
         }
@@ -269,13 +264,7 @@ impl Kind {
     pub fn api_versions(&self) -> Vec<String> {
         self.versions()
             .iter()
-            .map(|v| {
-                if self.group().is_empty() {
-                    (*v).to_string()
-                } else {
-                    format!("{}/{v}", self.group())
-                }
-            })
+            .map(|v| if self.group().is_empty() { (*v).to_string() } else { format!("{}/{v}", self.group()) })
             .collect()
     }
 }
@@ -309,11 +298,7 @@ impl Spec {
 impl Resource {
     /// `(kind, namespace, name)`.
     pub fn key(&self) -> ResourceKey {
-        ResourceKey {
-            kind: self.kind,
-            namespace: self.meta.namespace.clone(),
-            name: self.meta.name.clone(),
-        }
+        ResourceKey { kind: self.kind, namespace: self.meta.namespace.clone(), name: self.meta.name.clone() }
     }
 }
 
@@ -384,10 +369,7 @@ pub fn parse_dir(dir: &Path) -> Parsed {
     let mut errors = Vec::new();
     collect_files(dir, &mut files, &mut errors);
     files.sort();
-    let mut all = Parsed {
-        errors,
-        ..Parsed::default()
-    };
+    let mut all = Parsed { errors, ..Parsed::default() };
     for f in files {
         all.extend(parse_file(&f));
     }
@@ -414,10 +396,7 @@ fn collect_files(dir: &Path, out: &mut Vec<PathBuf>, errors: &mut Vec<ApiError>)
         let p = entry.path();
         if p.is_dir() {
             collect_files(&p, out, errors);
-        } else if matches!(
-            p.extension().and_then(|e| e.to_str()),
-            Some("yaml" | "yml" | "json")
-        ) {
+        } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
             out.push(p);
         }
     }

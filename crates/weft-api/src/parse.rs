@@ -12,12 +12,7 @@ use crate::yaml::{self, PosIndex};
 use crate::{ApiError, Kind, ObjectMeta, Parsed, Resource, ResourceKey, Skipped, Source, Spec};
 
 /// API groups owned by weft: any kind/version in them must be known.
-const OUR_GROUPS: &[&str] = &[
-    "networking.istio.io",
-    "security.istio.io",
-    "telemetry.istio.io",
-    "weft.dev",
-];
+const OUR_GROUPS: &[&str] = &["networking.istio.io", "security.istio.io", "telemetry.istio.io", "weft.dev"];
 
 const TOP_LEVEL: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
 
@@ -130,13 +125,7 @@ pub(crate) fn parse_text(text: &str, file: &Path) -> Parsed {
 }
 
 fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, out: &mut Parsed) {
-    let mut ctx = Ctx {
-        file,
-        index,
-        prefix,
-        resource: None,
-        errors: Vec::new(),
-    };
+    let mut ctx = Ctx { file, index, prefix, resource: None, errors: Vec::new() };
     let line = index.lookup(&ctx.full("")).line;
     let Some(obj) = value.as_object() else {
         ctx.error(
@@ -153,12 +142,7 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
         out.errors.append(&mut ctx.errors);
         return;
     };
-    let name = obj
-        .get("metadata")
-        .and_then(|m| m.get("name"))
-        .and_then(Value::as_str)
-        .unwrap_or("")
-        .to_string();
+    let name = obj.get("metadata").and_then(|m| m.get("name")).and_then(Value::as_str).unwrap_or("").to_string();
 
     if kind_str == "List" && api_version == "v1" {
         match obj.get("items") {
@@ -168,11 +152,7 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
                     parse_object(item, index, p, file, out);
                 }
             }
-            _ => ctx.error(
-                "items",
-                "a List needs an `items` sequence",
-                Some("expected `items: [...]`".into()),
-            ),
+            _ => ctx.error("items", "a List needs an `items` sequence", Some("expected `items: [...]`".into())),
         }
         out.errors.append(&mut ctx.errors);
         return;
@@ -204,19 +184,11 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
                 k
             }
             None => {
-                let in_group: Vec<&str> = Kind::ALL
-                    .iter()
-                    .filter(|k| k.group() == group)
-                    .map(|k| k.as_str())
-                    .collect();
+                let in_group: Vec<&str> = Kind::ALL.iter().filter(|k| k.group() == group).map(|k| k.as_str()).collect();
                 let hint = nearest(&kind_str, &in_group)
                     .map(|n| format!("did you mean `{n}`?"))
                     .unwrap_or_else(|| format!("weft supports {} in {group}", in_group.join(", ")));
-                ctx.error(
-                    "kind",
-                    format!("unsupported kind `{kind_str}` in `{group}`"),
-                    Some(hint),
-                );
+                ctx.error("kind", format!("unsupported kind `{kind_str}` in `{group}`"), Some(hint));
                 out.errors.append(&mut ctx.errors);
                 return;
             }
@@ -224,25 +196,12 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
     } else if api_version == "v1" && known == Some(Kind::Service) {
         Kind::Service
     } else {
-        out.skipped.push(Skipped {
-            api_version,
-            kind: kind_str,
-            name,
-            line,
-        });
+        out.skipped.push(Skipped { api_version, kind: kind_str, name, line });
         return;
     };
 
-    let ns = obj
-        .get("metadata")
-        .and_then(|m| m.get("namespace"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
-    ctx.resource = Some(if name.is_empty() {
-        kind.as_str().to_string()
-    } else {
-        format!("{kind} {ns}/{name}")
-    });
+    let ns = obj.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default");
+    ctx.resource = Some(if name.is_empty() { kind.as_str().to_string() } else { format!("{kind} {ns}/{name}") });
 
     for key in obj.keys() {
         if !TOP_LEVEL.contains(&key.as_str()) {
@@ -274,10 +233,7 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
     };
     let spec = parse_spec(&mut ctx, kind, spec_value);
     if let Some(spec) = &spec {
-        let namespace = meta
-            .as_ref()
-            .and_then(|m| m.namespace.clone())
-            .unwrap_or_else(|| "default".into());
+        let namespace = meta.as_ref().and_then(|m| m.namespace.clone()).unwrap_or_else(|| "default".into());
         for i in validate::spec(spec, &namespace) {
             ctx.issue(i);
         }
@@ -294,10 +250,7 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
                 annotations: m.annotations,
             },
             spec,
-            source: Source {
-                file: file.to_path_buf(),
-                line,
-            },
+            source: Source { file: file.to_path_buf(), line },
         }),
         _ => out.errors.append(&mut ctx.errors),
     }
@@ -321,27 +274,15 @@ fn parse_spec(ctx: &mut Ctx<'_>, kind: Kind, v: &Value) -> Option<Spec> {
     })
 }
 
-fn required_str(
-    ctx: &mut Ctx<'_>,
-    obj: &serde_json::Map<String, Value>,
-    key: &str,
-) -> Option<String> {
+fn required_str(ctx: &mut Ctx<'_>, obj: &serde_json::Map<String, Value>, key: &str) -> Option<String> {
     match obj.get(key) {
         Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
         Some(other) => {
-            ctx.error(
-                key,
-                format!("expected a non-empty string, found {}", type_name(other)),
-                None,
-            );
+            ctx.error(key, format!("expected a non-empty string, found {}", type_name(other)), None);
             None
         }
         None => {
-            ctx.error(
-                "",
-                format!("missing required field `{key}`"),
-                Some(format!("every document needs `{key}`")),
-            );
+            ctx.error("", format!("missing required field `{key}`"), Some(format!("every document needs `{key}`")));
             None
         }
     }
@@ -409,22 +350,14 @@ fn explain(raw: &str, path: &mut String) -> (String, Option<String>) {
         if !path.ends_with(field) {
             *path = join(path, field);
         }
-        let hint = if expected.is_empty() {
-            "this object has no fields".to_string()
-        } else {
-            suggest(field, expected)
-        };
+        let hint = if expected.is_empty() { "this object has no fields".to_string() } else { suggest(field, expected) };
         return (format!("unknown field `{field}`"), Some(hint));
     }
     if let Some(rest) = raw.strip_prefix("unknown variant ") {
         let names = backquoted(rest);
         let value = names.first().copied().unwrap_or("");
         let expected = names.get(1..).unwrap_or(&[]);
-        let list = expected
-            .iter()
-            .map(|n| format!("`{n}`"))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let list = expected.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
         let hint = match nearest(value, expected) {
             Some(n) => format!("did you mean `{n}`? expected one of {list}"),
             None => format!("expected one of {list}"),
@@ -434,25 +367,16 @@ fn explain(raw: &str, path: &mut String) -> (String, Option<String>) {
     if let Some(rest) = raw.strip_prefix("missing field ") {
         let field = backquoted(rest).first().copied().unwrap_or("").to_string();
         *path = join(path, &field);
-        return (
-            format!("missing required field `{field}`"),
-            Some(format!("add `{field}`")),
-        );
+        return (format!("missing required field `{field}`"), Some(format!("add `{field}`")));
     }
     if let Some(rest) = raw.strip_prefix("invalid type: ") {
         if let Some((found, expected)) = rest.split_once(", expected ") {
-            return (
-                format!("wrong type: found {found}"),
-                Some(format!("expected {}", friendly(expected))),
-            );
+            return (format!("wrong type: found {found}"), Some(format!("expected {}", friendly(expected))));
         }
     }
     if let Some(rest) = raw.strip_prefix("invalid value: ") {
         if let Some((found, expected)) = rest.split_once(", expected ") {
-            return (
-                format!("invalid value: {found}"),
-                Some(format!("expected {}", friendly(expected))),
-            );
+            return (format!("invalid value: {found}"), Some(format!("expected {}", friendly(expected))));
         }
     }
     (raw.to_string(), None)
@@ -474,14 +398,9 @@ fn friendly(expected: &str) -> String {
 pub(crate) fn suggest(word: &str, candidates: &[&str]) -> String {
     match nearest(word, candidates) {
         Some(n) => format!("did you mean `{n}`?"),
-        None => format!(
-            "expected one of {}",
-            candidates
-                .iter()
-                .map(|c| format!("`{c}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
+        None => {
+            format!("expected one of {}", candidates.iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", "))
+        }
     }
 }
 

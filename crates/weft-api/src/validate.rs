@@ -7,9 +7,8 @@ mod traffic;
 
 use crate::spec::{
     common::{Duration, Percent, PortSelector, StringMatch, TargetRef, PROTOCOLS},
-    AuthorizationPolicy, AuthzAction, Gateway, LabelSelector, LocalWorkload, PeerAuthentication,
-    RequestAuthentication, ServiceEntry, ServiceSpec, Sidecar, TargetPort, Telemetry,
-    WorkloadEntry,
+    AuthorizationPolicy, AuthzAction, Gateway, LabelSelector, LocalWorkload, PeerAuthentication, RequestAuthentication,
+    ServiceEntry, ServiceSpec, Sidecar, TargetPort, Telemetry, WorkloadEntry,
 };
 use crate::Spec;
 
@@ -32,11 +31,7 @@ pub(crate) struct V {
 
 impl V {
     pub fn err(&mut self, path: impl Into<String>, message: impl Into<String>, hint: impl Into<Option<String>>) {
-        self.issues.push(Issue {
-            path: path.into(),
-            message: message.into(),
-            hint: hint.into(),
-        });
+        self.issues.push(Issue { path: path.into(), message: message.into(), hint: hint.into() });
     }
 
     pub fn port(&mut self, path: &str, port: u32) {
@@ -113,16 +108,27 @@ impl V {
         }
     }
 
-    fn selector_and_targets(&mut self, sel: &Option<LabelSelector>, one: &Option<TargetRef>, many: &[TargetRef], ns: &str) {
+    fn selector_and_targets(
+        &mut self,
+        sel: &Option<LabelSelector>,
+        one: &Option<TargetRef>,
+        many: &[TargetRef],
+        ns: &str,
+    ) {
         if sel.is_some() && (one.is_some() || !many.is_empty()) {
-            self.err("spec.selector", "selector and targetRef/targetRefs are mutually exclusive", "use one of them".to_string());
+            self.err(
+                "spec.selector",
+                "selector and targetRef/targetRefs are mutually exclusive",
+                "use one of them".to_string(),
+            );
         }
         if one.is_some() && !many.is_empty() {
             self.err("spec.targetRef", "targetRef and targetRefs are mutually exclusive", "use targetRefs".to_string());
         }
-        let refs = one.iter().map(|t| ("spec.targetRef".to_string(), t)).chain(
-            many.iter().enumerate().map(|(i, t)| (format!("spec.targetRefs[{i}]"), t)),
-        );
+        let refs = one
+            .iter()
+            .map(|t| ("spec.targetRef".to_string(), t))
+            .chain(many.iter().enumerate().map(|(i, t)| (format!("spec.targetRefs[{i}]"), t)));
         for (p, t) in refs {
             let ok = matches!(
                 (t.group.as_str(), t.kind.as_str()),
@@ -207,11 +213,7 @@ pub(crate) fn is_dns_label(s: &str) -> bool {
 fn protocol(v: &mut V, path: &str, p: &Option<String>) {
     if let Some(p) = p {
         if !PROTOCOLS.iter().any(|k| k.eq_ignore_ascii_case(p)) {
-            v.err(
-                path,
-                format!("unknown protocol `{p}`"),
-                format!("expected one of {}", PROTOCOLS.join(", ")),
-            );
+            v.err(path, format!("unknown protocol `{p}`"), format!("expected one of {}", PROTOCOLS.join(", ")));
         }
     }
 }
@@ -247,7 +249,11 @@ fn service(v: &mut V, s: &ServiceSpec) {
         }
         if let Some(proto) = &p.protocol {
             if !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP") {
-                v.err(format!("{path}.protocol"), format!("unknown protocol `{proto}`"), "expected TCP, UDP or SCTP".to_string());
+                v.err(
+                    format!("{path}.protocol"),
+                    format!("unknown protocol `{proto}`"),
+                    "expected TCP, UDP or SCTP".to_string(),
+                );
             }
         }
     }
@@ -324,7 +330,11 @@ fn sidecar(v: &mut V, s: &Sidecar) {
             protocol(v, &format!("{path}.port.protocol"), &p.protocol);
         }
         if l.hosts.is_empty() {
-            v.err(format!("{path}.hosts"), "egress listener needs at least one host", "expected `namespace/dnsName`, e.g. `./*` or `istio-system/*`".to_string());
+            v.err(
+                format!("{path}.hosts"),
+                "egress listener needs at least one host",
+                "expected `namespace/dnsName`, e.g. `./*` or `istio-system/*`".to_string(),
+            );
         }
         for (j, h) in l.hosts.iter().enumerate() {
             match h.split_once('/') {
@@ -355,7 +365,11 @@ fn gateway(v: &mut V, g: &Gateway) {
         }
         let proto = s.port.protocol.as_deref().unwrap_or("").to_ascii_uppercase();
         if proto == "HTTPS" && s.tls.is_none() {
-            v.err(format!("{path}.tls"), "an HTTPS server needs `tls`", "set tls.mode and tls.credentialName".to_string());
+            v.err(
+                format!("{path}.tls"),
+                "an HTTPS server needs `tls`",
+                "set tls.mode and tls.credentialName".to_string(),
+            );
         }
         if let Some(tls) = &s.tls {
             use crate::spec::ServerTlsMode::*;
@@ -376,12 +390,20 @@ fn gateway(v: &mut V, g: &Gateway) {
 
 fn peer_authentication(v: &mut V, pa: &PeerAuthentication) {
     if !pa.port_level_mtls.is_empty() && pa.selector.is_none() {
-        v.err("spec.portLevelMtls", "portLevelMtls needs a workload selector", "add spec.selector.matchLabels".to_string());
+        v.err(
+            "spec.portLevelMtls",
+            "portLevelMtls needs a workload selector",
+            "add spec.selector.matchLabels".to_string(),
+        );
     }
     for k in pa.port_level_mtls.keys() {
         match k.parse::<u32>() {
             Ok(p) => v.port(&format!("spec.portLevelMtls.{k}"), p),
-            Err(_) => v.err(format!("spec.portLevelMtls.{k}"), format!("`{k}` is not a port number"), "expected 1..=65535".to_string()),
+            Err(_) => v.err(
+                format!("spec.portLevelMtls.{k}"),
+                format!("`{k}` is not a port number"),
+                "expected 1..=65535".to_string(),
+            ),
         }
     }
 }
@@ -391,7 +413,10 @@ fn authorization_policy(v: &mut V, ap: &AuthorizationPolicy, ns: &str) {
     match ap.action {
         AuthzAction::Deny | AuthzAction::Audit if ap.rules.is_empty() => v.err(
             "spec.rules",
-            format!("{:?} policy has no rules and would never match", ap.action).to_uppercase(),
+            format!(
+                "{} policy has no rules and would never match",
+                if ap.action == AuthzAction::Deny { "DENY" } else { "AUDIT" }
+            ),
             "add rules, or use an ALLOW policy with no rules to deny everything".to_string(),
         ),
         AuthzAction::Custom if ap.provider.is_none() => v.err(
@@ -408,18 +433,30 @@ fn authorization_policy(v: &mut V, ap: &AuthorizationPolicy, ns: &str) {
         let path = format!("spec.rules[{i}]");
         for (j, f) in r.from.iter().enumerate() {
             if f.source == Default::default() {
-                v.err(format!("{path}.from[{j}].source"), "source has no fields", "set principals, namespaces, ipBlocks, ...".to_string());
+                v.err(
+                    format!("{path}.from[{j}].source"),
+                    "source has no fields",
+                    "set principals, namespaces, ipBlocks, ...".to_string(),
+                );
             }
         }
         for (j, t) in r.to.iter().enumerate() {
             let op = &t.operation;
             if op == &Default::default() {
-                v.err(format!("{path}.to[{j}].operation"), "operation has no fields", "set hosts, ports, methods or paths".to_string());
+                v.err(
+                    format!("{path}.to[{j}].operation"),
+                    "operation has no fields",
+                    "set hosts, ports, methods or paths".to_string(),
+                );
             }
             for (k, p) in op.ports.iter().chain(op.not_ports.iter()).enumerate() {
                 match p.parse::<u32>() {
                     Ok(n) if (1..=65535).contains(&n) => {}
-                    _ => v.err(format!("{path}.to[{j}].operation.ports[{k}]"), format!("invalid port `{p}`"), "expected a port number 1..=65535 as a string".to_string()),
+                    _ => v.err(
+                        format!("{path}.to[{j}].operation.ports[{k}]"),
+                        format!("invalid port `{p}`"),
+                        "expected a port number 1..=65535 as a string".to_string(),
+                    ),
                 }
             }
         }
@@ -443,7 +480,11 @@ fn request_authentication(v: &mut V, ra: &RequestAuthentication, ns: &str) {
         }
         if let Some(u) = &r.jwks_uri {
             if !(u.starts_with("http://") || u.starts_with("https://")) {
-                v.err(format!("{path}.jwksUri"), format!("invalid URL `{u}`"), "expected an http:// or https:// URL".to_string());
+                v.err(
+                    format!("{path}.jwksUri"),
+                    format!("invalid URL `{u}`"),
+                    "expected an http:// or https:// URL".to_string(),
+                );
             }
         }
         v.duration(&format!("{path}.timeout"), &r.timeout);

@@ -76,10 +76,7 @@ pub struct Document {
 pub fn read_documents(text: &str) -> Vec<Result<Document, SyntaxError>> {
     let mut out = Vec::new();
     for (offset, chunk) in split_documents(text) {
-        if chunk
-            .lines()
-            .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
-        {
+        if chunk.lines().all(|l| l.trim().is_empty() || l.trim_start().starts_with('#')) {
             continue;
         }
         match read_one(&chunk, offset) {
@@ -124,10 +121,7 @@ fn split_documents(text: &str) -> Vec<(usize, String)> {
 }
 
 fn pos(m: &Marker, line_offset: usize) -> Pos {
-    Pos {
-        line: m.line() + line_offset,
-        column: m.col() + 1,
-    }
+    Pos { line: m.line() + line_offset, column: m.col() + 1 }
 }
 
 struct Reader<'a> {
@@ -169,10 +163,7 @@ fn read_one(chunk: &str, offset: usize) -> Result<Option<Document>, SyntaxError>
                         }
                     }
                 }
-                return Ok(Some(Document {
-                    value,
-                    index: r.index,
-                }));
+                return Ok(Some(Document { value, index: r.index }));
             }
         }
     }
@@ -238,11 +229,7 @@ impl Reader<'_> {
                             })
                         }
                     };
-                    let p = if path.is_empty() {
-                        key.clone()
-                    } else {
-                        format!("{path}.{key}")
-                    };
+                    let p = if path.is_empty() { key.clone() } else { format!("{path}.{key}") };
                     if map.contains_key(&key) {
                         return Err(SyntaxError {
                             pos: pos(&km, self.offset),

@@ -91,9 +91,8 @@ pub struct Port {
 }
 
 /// Protocols Istio accepts on `Port.protocol` (case-insensitive).
-pub const PROTOCOLS: &[&str] = &[
-    "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS", "UDP", "REDIS", "MYSQL",
-];
+pub const PROTOCOLS: &[&str] =
+    &["HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "TCP", "TLS", "UDP", "REDIS", "MYSQL"];
 
 impl Duration {
     /// Parses a Go-style duration (`300ms`, `1.5s`, `1h30m`), the form Istio accepts.
@@ -112,19 +111,13 @@ impl Duration {
         let mut total = 0f64;
         let mut rest = t;
         while !rest.is_empty() {
-            let num_len = rest
-                .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-                .unwrap_or(rest.len());
+            let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
             if num_len == 0 {
                 return Err(format!("invalid duration \"{s}\": {expected}"));
             }
-            let n: f64 = rest[..num_len]
-                .parse()
-                .map_err(|_| format!("invalid duration \"{s}\": {expected}"))?;
+            let n: f64 = rest[..num_len].parse().map_err(|_| format!("invalid duration \"{s}\": {expected}"))?;
             rest = &rest[num_len..];
-            let unit_len = rest
-                .find(|c: char| c.is_ascii_digit() || c == '.')
-                .unwrap_or(rest.len());
+            let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
             let secs = match &rest[..unit_len] {
                 "h" => 3600.0,
                 "m" => 60.0,
@@ -179,9 +172,9 @@ impl StringMatch {
         match self {
             StringMatch::Exact(s) => s == value,
             StringMatch::Prefix(s) => value.starts_with(s.as_str()),
-            StringMatch::Regex(r) => regex::Regex::new(&format!("^(?:{r})$"))
-                .map(|re| re.is_match(value))
-                .unwrap_or(false),
+            StringMatch::Regex(r) => {
+                regex::Regex::new(&format!("^(?:{r})$")).map(|re| re.is_match(value)).unwrap_or(false)
+            }
         }
     }
 }

@@ -2,18 +2,25 @@
 
 use super::V;
 use crate::spec::{
-    Destination, DestinationRule, HttpRoute, LoadBalancerSettings, RouteDestination,
-    TrafficPolicy, VirtualService,
+    Destination, DestinationRule, HttpRoute, LoadBalancerSettings, RouteDestination, TrafficPolicy, VirtualService,
 };
 
 pub(crate) fn virtual_service(v: &mut V, vs: &VirtualService) {
     if vs.hosts.is_empty() {
-        v.err("spec.hosts", "at least one host is required", "list the service hosts this VirtualService routes, e.g. `reviews`".to_string());
+        v.err(
+            "spec.hosts",
+            "at least one host is required",
+            "list the service hosts this VirtualService routes, e.g. `reviews`".to_string(),
+        );
     }
     for (i, h) in vs.hosts.iter().enumerate() {
         v.non_empty(&format!("spec.hosts[{i}]"), "host", h);
         if h.contains('/') {
-            v.err(format!("spec.hosts[{i}]"), format!("host `{h}` must not contain `/`"), "namespaces are not allowed in VirtualService hosts".to_string());
+            v.err(
+                format!("spec.hosts[{i}]"),
+                format!("host `{h}` must not contain `/`"),
+                "namespaces are not allowed in VirtualService hosts".to_string(),
+            );
         }
     }
     for (i, g) in vs.gateways.iter().enumerate() {
@@ -92,12 +99,8 @@ fn http_route(v: &mut V, path: &str, r: &HttpRoute) {
             v.port(&format!("{mp}.port"), p);
         }
     }
-    let weights: Vec<(String, Option<i64>, &Destination)> = r
-        .route
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (format!("{path}.route[{i}]"), d.weight, &d.destination))
-        .collect();
+    let weights: Vec<(String, Option<i64>, &Destination)> =
+        r.route.iter().enumerate().map(|(i, d)| (format!("{path}.route[{i}]"), d.weight, &d.destination)).collect();
     weighted(v, &format!("{path}.route"), &weights);
     if let Some(t) = &r.timeout {
         // Non-negative by construction; 0s disables the timeout.
@@ -105,7 +108,11 @@ fn http_route(v: &mut V, path: &str, r: &HttpRoute) {
     }
     if let Some(rt) = &r.retries {
         if rt.attempts < 0 {
-            v.err(format!("{path}.retries.attempts"), format!("attempts {} is negative", rt.attempts), "expected 0 or more".to_string());
+            v.err(
+                format!("{path}.retries.attempts"),
+                format!("attempts {} is negative", rt.attempts),
+                "expected 0 or more".to_string(),
+            );
         }
         v.duration(&format!("{path}.retries.perTryTimeout"), &rt.per_try_timeout);
         v.duration(&format!("{path}.retries.backoff"), &rt.backoff);
@@ -124,17 +131,25 @@ fn http_route(v: &mut V, path: &str, r: &HttpRoute) {
             v.percent(&format!("{dp}.percentage"), &d.percentage);
             if let Some(p) = d.percent {
                 if !(0..=100).contains(&p) {
-                    v.err(format!("{dp}.percent"), format!("percentage {p} is out of range"), "expected 0..=100".to_string());
+                    v.err(
+                        format!("{dp}.percent"),
+                        format!("percentage {p} is out of range"),
+                        "expected 0..=100".to_string(),
+                    );
                 }
             }
         }
         if let Some(a) = &f.abort {
             let ap = format!("{fp}.abort");
             match (a.http_status, &a.grpc_status, &a.http2_error) {
-                (None, None, None) => v.err(format!("{ap}.httpStatus"), "abort needs `httpStatus`, `grpcStatus` or `http2Error`", None),
-                (Some(s), _, _) if !(200..=599).contains(&s) => {
-                    v.err(format!("{ap}.httpStatus"), format!("HTTP status {s} is out of range"), "expected 200..=599".to_string())
+                (None, None, None) => {
+                    v.err(format!("{ap}.httpStatus"), "abort needs `httpStatus`, `grpcStatus` or `http2Error`", None)
                 }
+                (Some(s), _, _) if !(200..=599).contains(&s) => v.err(
+                    format!("{ap}.httpStatus"),
+                    format!("HTTP status {s} is out of range"),
+                    "expected 200..=599".to_string(),
+                ),
                 _ => {}
             }
             v.percent(&format!("{ap}.percentage"), &a.percentage);
@@ -150,13 +165,21 @@ fn http_route(v: &mut V, path: &str, r: &HttpRoute) {
     v.percent(&format!("{path}.mirrorPercentage"), &r.mirror_percentage);
     if let Some(p) = r.mirror_percent {
         if p > 100 {
-            v.err(format!("{path}.mirrorPercent"), format!("percentage {p} is out of range"), "expected 0..=100".to_string());
+            v.err(
+                format!("{path}.mirrorPercent"),
+                format!("percentage {p} is out of range"),
+                "expected 0..=100".to_string(),
+            );
         }
     }
     if let Some(rd) = &r.redirect {
         if let Some(c) = rd.redirect_code {
             if !(300..=399).contains(&c) {
-                v.err(format!("{path}.redirect.redirectCode"), format!("redirect code {c} is not a 3xx status"), "expected 300..=399 (default 301)".to_string());
+                v.err(
+                    format!("{path}.redirect.redirectCode"),
+                    format!("redirect code {c} is not a 3xx status"),
+                    "expected 300..=399 (default 301)".to_string(),
+                );
             }
         }
         if let Some(p) = rd.port {
@@ -165,14 +188,22 @@ fn http_route(v: &mut V, path: &str, r: &HttpRoute) {
     }
     if let Some(dr) = &r.direct_response {
         if !(200..=599).contains(&dr.status) {
-            v.err(format!("{path}.directResponse.status"), format!("HTTP status {} is out of range", dr.status), "expected 200..=599".to_string());
+            v.err(
+                format!("{path}.directResponse.status"),
+                format!("HTTP status {} is out of range", dr.status),
+                "expected 200..=599".to_string(),
+            );
         }
     }
     if let Some(rw) = &r.rewrite {
         if let Some(rr) = &rw.uri_regex_rewrite {
             v.regex(&format!("{path}.rewrite.uriRegexRewrite.match"), &rr.pattern);
             if rw.uri.is_some() {
-                v.err(format!("{path}.rewrite.uriRegexRewrite"), "uri and uriRegexRewrite are mutually exclusive", None);
+                v.err(
+                    format!("{path}.rewrite.uriRegexRewrite"),
+                    "uri and uriRegexRewrite are mutually exclusive",
+                    None,
+                );
             }
         }
     }
@@ -185,13 +216,14 @@ fn http_route(v: &mut V, path: &str, r: &HttpRoute) {
 
 fn l4_destinations(v: &mut V, path: &str, route: &[RouteDestination]) {
     if route.is_empty() {
-        v.err(format!("{path}.route"), "route has no destination", "add at least one `route` entry with a `destination`".to_string());
+        v.err(
+            format!("{path}.route"),
+            "route has no destination",
+            "add at least one `route` entry with a `destination`".to_string(),
+        );
     }
-    let weights: Vec<(String, Option<i64>, &Destination)> = route
-        .iter()
-        .enumerate()
-        .map(|(i, d)| (format!("{path}.route[{i}]"), d.weight, &d.destination))
-        .collect();
+    let weights: Vec<(String, Option<i64>, &Destination)> =
+        route.iter().enumerate().map(|(i, d)| (format!("{path}.route[{i}]"), d.weight, &d.destination)).collect();
     weighted(v, &format!("{path}.route"), &weights);
 }
 
@@ -234,7 +266,11 @@ pub(crate) fn destination_rule(v: &mut V, dr: &DestinationRule) {
         let path = format!("spec.subsets[{i}]");
         v.dns_label(&format!("{path}.name"), "subset name", &s.name);
         if names.contains(&s.name.as_str()) {
-            v.err(format!("{path}.name"), format!("duplicate subset `{}`", s.name), "subset names must be unique".to_string());
+            v.err(
+                format!("{path}.name"),
+                format!("duplicate subset `{}`", s.name),
+                "subset names must be unique".to_string(),
+            );
         }
         names.push(&s.name);
         if let Some(tp) = &s.traffic_policy {
@@ -322,7 +358,11 @@ fn pool_and_outlier(
         for (n, val) in [("maxEjectionPercent", o.max_ejection_percent), ("minHealthPercent", o.min_health_percent)] {
             if let Some(p) = val {
                 if !(0..=100).contains(&p) {
-                    v.err(format!("{op}.{n}"), format!("percentage {p} is out of range"), "expected 0..=100".to_string());
+                    v.err(
+                        format!("{op}.{n}"),
+                        format!("percentage {p} is out of range"),
+                        "expected 0..=100".to_string(),
+                    );
                 }
             }
         }
