@@ -75,6 +75,10 @@ pub enum Kind {
 }
 
 /// A typed spec, one variant per [`Kind`].
+// Specs are built once per config change and not moved on any hot path, so the
+// size difference between variants does not matter; unboxed variants keep
+// `match` ergonomic for the translator.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Spec {
     /// Kubernetes Service.

@@ -156,7 +156,7 @@ impl V {
             }
         }
         if let Some(s) = sel {
-            for (k, _) in &s.match_labels {
+            for k in s.match_labels.keys() {
                 if k.is_empty() {
                     self.err("spec.selector.matchLabels", "label keys must not be empty", None);
                 }
