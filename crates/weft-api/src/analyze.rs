@@ -110,11 +110,7 @@ pub fn analyze(resources: &[Resource]) -> Vec<Message> {
 /// only run when at least one workload is known, since without any the
 /// analyzer cannot tell "matches nothing" from "not told about pods".
 pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<Message> {
-    let mut a = Analyzer {
-        resources,
-        workloads: live.to_vec(),
-        out: Vec::new(),
-    };
+    let mut a = Analyzer { resources, workloads: live.to_vec(), out: Vec::new() };
     a.collect_workloads();
     a.destinations();
     a.destination_rule_hosts();
@@ -125,8 +121,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     a.selectors();
     a.singletons();
     a.mtls_conflicts();
-    a.out
-        .sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
+    a.out.sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
     a.out
 }
 
@@ -138,13 +133,7 @@ struct Analyzer<'a> {
 
 impl<'a> Analyzer<'a> {
     fn report(&mut self, r: &Resource, code: &'static str, level: Level, text: String) {
-        self.out.push(Message {
-            code,
-            level,
-            resource: r.key(),
-            source: r.source.clone(),
-            text,
-        });
+        self.out.push(Message { code, level, resource: r.key(), source: r.source.clone(), text });
     }
 
     fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &'a Resource> + 'a {
@@ -154,20 +143,15 @@ impl<'a> Analyzer<'a> {
     fn collect_workloads(&mut self) {
         for r in self.resources {
             match &r.spec {
-                Spec::LocalWorkload(l) => self.workloads.push(Workload {
-                    namespace: r.meta.namespace.clone(),
-                    labels: l.labels.clone(),
-                }),
-                Spec::WorkloadEntry(w) => self.workloads.push(Workload {
-                    namespace: r.meta.namespace.clone(),
-                    labels: w.labels.clone(),
-                }),
+                Spec::LocalWorkload(l) => {
+                    self.workloads.push(Workload { namespace: r.meta.namespace.clone(), labels: l.labels.clone() })
+                }
+                Spec::WorkloadEntry(w) => {
+                    self.workloads.push(Workload { namespace: r.meta.namespace.clone(), labels: w.labels.clone() })
+                }
                 Spec::ServiceEntry(se) => {
                     for e in &se.endpoints {
-                        self.workloads.push(Workload {
-                            namespace: r.meta.namespace.clone(),
-                            labels: e.labels.clone(),
-                        });
+                        self.workloads.push(Workload { namespace: r.meta.namespace.clone(), labels: e.labels.clone() });
                     }
                 }
                 _ => {}
@@ -177,18 +161,17 @@ impl<'a> Analyzer<'a> {
 
     /// The Service whose FQDN is `fqdn`.
     fn service(&self, fqdn: &str) -> Option<&'a Resource> {
-        self.of_kind(Kind::Service).find(|s| {
-            host::fqdn(&s.meta.name, &s.meta.namespace, DOMAIN).eq_ignore_ascii_case(fqdn)
-        })
+        self.of_kind(Kind::Service)
+            .find(|s| host::fqdn(&s.meta.name, &s.meta.namespace, DOMAIN).eq_ignore_ascii_case(fqdn))
     }
 
     /// Whether a Service or ServiceEntry provides `fqdn`.
     fn host_known(&self, fqdn: &str) -> bool {
         self.service(fqdn).is_some()
             || self.of_kind(Kind::ServiceEntry).any(|r| match &r.spec {
-                Spec::ServiceEntry(se) => se.hosts.iter().any(|h| {
-                    host::matches(&host::fqdn(h, &r.meta.namespace, DOMAIN), fqdn)
-                }),
+                Spec::ServiceEntry(se) => {
+                    se.hosts.iter().any(|h| host::matches(&host::fqdn(h, &r.meta.namespace, DOMAIN), fqdn))
+                }
                 _ => false,
             })
     }
@@ -197,9 +180,7 @@ impl<'a> Analyzer<'a> {
     fn subsets(&self, fqdn: &str) -> BTreeSet<&'a str> {
         self.of_kind(Kind::DestinationRule)
             .filter_map(|r| match &r.spec {
-                Spec::DestinationRule(dr)
-                    if host::matches(&host::fqdn(&dr.host, &r.meta.namespace, DOMAIN), fqdn) =>
-                {
+                Spec::DestinationRule(dr) if host::matches(&host::fqdn(&dr.host, &r.meta.namespace, DOMAIN), fqdn) => {
                     Some(dr.subsets.iter().map(|s| s.name.as_str()))
                 }
                 _ => None,
@@ -237,10 +218,8 @@ impl<'a> Analyzer<'a> {
                 }
                 if let Some(subset) = &d.subset {
                     if !self.subsets(&fqdn).contains(subset.as_str()) {
-                        let t = format!(
-                            "Referenced host+subset in destinationrule not found: \"{}+{}\"",
-                            d.host, subset
-                        );
+                        let t =
+                            format!("Referenced host+subset in destinationrule not found: \"{}+{}\"", d.host, subset);
                         self.report(r, "IST0101", Level::Error, t);
                     }
                 }
@@ -284,20 +263,14 @@ impl<'a> Analyzer<'a> {
                 continue;
             }
             for h in &vs.hosts {
-                by_host
-                    .entry(host::fqdn(h, &r.meta.namespace, DOMAIN))
-                    .or_default()
-                    .push(r);
+                by_host.entry(host::fqdn(h, &r.meta.namespace, DOMAIN)).or_default().push(r);
             }
         }
         for (h, rs) in by_host {
             if rs.len() < 2 {
                 continue;
             }
-            let names: Vec<String> = rs
-                .iter()
-                .map(|r| format!("{}/{}", r.meta.namespace, r.meta.name))
-                .collect();
+            let names: Vec<String> = rs.iter().map(|r| format!("{}/{}", r.meta.namespace, r.meta.name)).collect();
             for r in rs {
                 let t = format!(
                     "The VirtualServices {} associated with mesh gateway define the same host {h} which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
@@ -317,9 +290,7 @@ impl<'a> Analyzer<'a> {
                     continue;
                 }
                 let (ns, name) = g.split_once('/').unwrap_or((&r.meta.namespace, g));
-                let gw = self
-                    .of_kind(Kind::Gateway)
-                    .find(|x| x.meta.namespace == ns && x.meta.name == name);
+                let gw = self.of_kind(Kind::Gateway).find(|x| x.meta.namespace == ns && x.meta.name == name);
                 let Some(gw) = gw else {
                     let t = format!("Referenced gateway not found: {g:?}");
                     self.report(r, "IST0101", Level::Error, t);
@@ -335,11 +306,7 @@ impl<'a> Analyzer<'a> {
                 let missing: Vec<&String> = vs
                     .hosts
                     .iter()
-                    .filter(|h| {
-                        !served
-                            .iter()
-                            .any(|s| host::matches(s, h) || host::matches(h, s))
-                    })
+                    .filter(|h| !served.iter().any(|s| host::matches(s, h) || host::matches(h, s)))
                     .collect();
                 if !missing.is_empty() {
                     let t = format!(
@@ -369,10 +336,8 @@ impl<'a> Analyzer<'a> {
 
     /// IST0118: Service port names should declare the protocol.
     fn service_port_names(&mut self) {
-        const PREFIXES: &[&str] = &[
-            "http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis",
-            "udp",
-        ];
+        const PREFIXES: &[&str] =
+            &["http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis", "udp"];
         for r in self.of_kind(Kind::Service) {
             let Spec::Service(s) = &r.spec else { continue };
             for p in &s.ports {
@@ -412,15 +377,10 @@ impl<'a> Analyzer<'a> {
         for r in self.resources {
             let (ns, labels): (Option<&str>, Option<&BTreeMap<String, String>>) = match &r.spec {
                 Spec::Gateway(g) => (None, Some(&g.selector)),
-                Spec::Sidecar(s) => (
-                    Some(r.meta.namespace.as_str()),
-                    s.workload_selector.as_ref().map(|w| &w.labels),
-                ),
+                Spec::Sidecar(s) => (Some(r.meta.namespace.as_str()), s.workload_selector.as_ref().map(|w| &w.labels)),
                 Spec::PeerAuthentication(p) => (Some(r.meta.namespace.as_str()), sel(&p.selector)),
                 Spec::AuthorizationPolicy(p) => (Some(r.meta.namespace.as_str()), sel(&p.selector)),
-                Spec::RequestAuthentication(p) => {
-                    (Some(r.meta.namespace.as_str()), sel(&p.selector))
-                }
+                Spec::RequestAuthentication(p) => (Some(r.meta.namespace.as_str()), sel(&p.selector)),
                 Spec::Telemetry(p) => (Some(r.meta.namespace.as_str()), sel(&p.selector)),
                 _ => continue,
             };
@@ -429,27 +389,21 @@ impl<'a> Analyzer<'a> {
                 continue;
             }
             let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-            let t = format!(
-                "No matching workloads for this resource with the following labels: {}",
-                shown.join(",")
-            );
+            let t = format!("No matching workloads for this resource with the following labels: {}", shown.join(","));
             self.report(r, "IST0127", Level::Warning, t);
         }
     }
 
     /// IST0111 and IST0160: several selector-less Sidecars / Telemetries per namespace.
     fn singletons(&mut self) {
-        for (kind, code, plural) in [
-            (Kind::Sidecar, "IST0111", "Sidecars"),
-            (Kind::Telemetry, "IST0160", "Telemetries"),
-        ] {
+        for (kind, code, plural) in
+            [(Kind::Sidecar, "IST0111", "Sidecars"), (Kind::Telemetry, "IST0160", "Telemetries")]
+        {
             let mut by_ns: BTreeMap<&str, Vec<&'a Resource>> = BTreeMap::new();
             for r in self.of_kind(kind) {
                 let no_selector = match &r.spec {
                     Spec::Sidecar(s) => s.workload_selector.is_none(),
-                    Spec::Telemetry(t) => {
-                        t.selector.is_none() && t.target_ref.is_none() && t.target_refs.is_empty()
-                    }
+                    Spec::Telemetry(t) => t.selector.is_none() && t.target_ref.is_none() && t.target_refs.is_empty(),
                     _ => false,
                 };
                 if no_selector {

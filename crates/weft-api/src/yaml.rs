@@ -124,8 +124,16 @@ fn pos(m: &Marker, line_offset: usize) -> Pos {
     Pos { line: m.line() + line_offset, column: m.col() + 1 }
 }
 
+/// Deepest nesting accepted (protects the stack from hostile input).
+const MAX_DEPTH: usize = 64;
+/// Most nodes one document may expand to, aliases included (protects memory
+/// from "billion laughs" alias bombs).
+const MAX_NODES: usize = 1_000_000;
+
 struct Reader<'a> {
     parser: Parser<std::str::Chars<'a>>,
+    depth: usize,
+    nodes: usize,
     offset: usize,
     index: PosIndex,
     anchors: HashMap<usize, Value>,
@@ -135,6 +143,8 @@ struct Reader<'a> {
 fn read_one(chunk: &str, offset: usize) -> Result<Option<Document>, SyntaxError> {
     let mut r = Reader {
         parser: Parser::new_from_str(chunk),
+        depth: 0,
+        nodes: 0,
         offset,
         index: PosIndex::default(),
         anchors: HashMap::new(),
@@ -182,6 +192,28 @@ impl Reader<'_> {
     }
 
     fn node(&mut self, ev: Event, m: Marker, path: String) -> Result<Value, SyntaxError> {
+        self.nodes += 1;
+        if self.nodes > MAX_NODES {
+            return Err(SyntaxError {
+                pos: pos(&m, self.offset),
+                path,
+                message: format!("document expands to more than {MAX_NODES} nodes"),
+            });
+        }
+        if self.depth >= MAX_DEPTH {
+            return Err(SyntaxError {
+                pos: pos(&m, self.offset),
+                path,
+                message: format!("nesting deeper than {MAX_DEPTH} levels"),
+            });
+        }
+        self.depth += 1;
+        let v = self.node_inner(ev, m, path);
+        self.depth -= 1;
+        v
+    }
+
+    fn node_inner(&mut self, ev: Event, m: Marker, path: String) -> Result<Value, SyntaxError> {
         match ev {
             Event::Scalar(s, style, anchor, _tag) => {
                 let v = scalar(s, style);
@@ -190,11 +222,22 @@ impl Reader<'_> {
                 }
                 Ok(v)
             }
-            Event::Alias(id) => self.anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
-                pos: pos(&m, self.offset),
-                path: path.clone(),
-                message: "alias refers to an unknown anchor".into(),
-            }),
+            Event::Alias(id) => {
+                let v = self.anchors.get(&id).cloned().ok_or_else(|| SyntaxError {
+                    pos: pos(&m, self.offset),
+                    path: path.clone(),
+                    message: "alias refers to an unknown anchor".into(),
+                })?;
+                self.nodes += count_nodes(&v);
+                if self.nodes > MAX_NODES {
+                    return Err(SyntaxError {
+                        pos: pos(&m, self.offset),
+                        path,
+                        message: format!("aliases expand to more than {MAX_NODES} nodes"),
+                    });
+                }
+                Ok(v)
+            }
             Event::SequenceStart(anchor, _) => {
                 let mut items = Vec::new();
                 loop {
@@ -254,6 +297,14 @@ impl Reader<'_> {
                 message: format!("unexpected YAML event {other:?}"),
             }),
         }
+    }
+}
+
+fn count_nodes(v: &Value) -> usize {
+    match v {
+        Value::Array(a) => 1 + a.iter().map(count_nodes).sum::<usize>(),
+        Value::Object(o) => 1 + o.values().map(count_nodes).sum::<usize>(),
+        _ => 1,
     }
 }
 
@@ -333,6 +384,34 @@ mod tests {
         let docs = read_documents("a: [1\n---\nb: 2\n");
         assert!(docs[0].is_err());
         assert!(docs[1].is_ok());
+    }
+
+    #[test]
+    fn deep_nesting_and_alias_bombs_are_errors_not_crashes() {
+        for n in [100, 5000] {
+            let deep = format!("{}1{}", "[".repeat(n), "]".repeat(n));
+            let docs = read_documents(&deep);
+            let Err(e) = &docs[0] else { panic!("deep nesting accepted") };
+            assert!(e.message.contains("nesting deeper") || e.message.contains("recursion limit"), "{}", e.message);
+        }
+
+        let mut bomb = String::from("a: &a [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 0..8 {
+            let prev = if i == 0 { "a".to_string() } else { format!("b{}", i - 1) };
+            bomb.push_str(&format!(
+                "b{i}: &b{i} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]\n"
+            ));
+        }
+        let docs = read_documents(&bomb);
+        let Err(e) = &docs[0] else { panic!("alias bomb accepted") };
+        assert!(e.message.contains("expand"), "{}", e.message);
+    }
+
+    #[test]
+    fn aliases_are_expanded() {
+        let docs = read_documents("a: &l {app: x}\nb: *l\n");
+        let Ok(d) = &docs[0] else { panic!() };
+        assert_eq!(d.value["b"]["app"], Value::String("x".into()));
     }
 
     #[test]

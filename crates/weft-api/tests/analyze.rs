@@ -12,9 +12,7 @@ fn resources(text: &str) -> Vec<Resource> {
 }
 
 fn codes(msgs: &[Message]) -> Vec<(&'static str, String)> {
-    msgs.iter()
-        .map(|m| (m.code, format!("{} {}", m.resource, m.text)))
-        .collect()
+    msgs.iter().map(|m| (m.code, format!("{} {}", m.resource, m.text))).collect()
 }
 
 fn only(msgs: &[Message], code: &str) -> Vec<Message> {
@@ -62,10 +60,7 @@ spec:
 
 #[test]
 fn consistent_set_has_no_messages() {
-    let rs = resources(&format!(
-        "{REVIEWS_SVC}{REVIEWS_DR}{}",
-        vs_to("{host: reviews, subset: v1}")
-    ));
+    let rs = resources(&format!("{REVIEWS_SVC}{REVIEWS_DR}{}", vs_to("{host: reviews, subset: v1}")));
     let msgs = analyze(&rs);
     assert!(msgs.is_empty(), "{:#?}", codes(&msgs));
     assert_eq!(exit_code(&msgs, Level::Error), 0);
@@ -82,23 +77,19 @@ fn ist0101_referenced_host_not_found() {
     assert_eq!(m.text, "Referenced host not found: \"reviewz\"");
     assert_eq!(m.source.line, 11);
     assert_eq!(exit_code(&msgs, Level::Error), 79);
-    assert!(m
-        .to_string()
-        .starts_with("Error [IST0101] (VirtualService default/reviews mesh.yaml:11)"));
+    assert!(m.to_string().starts_with("Error [IST0101] (VirtualService default/reviews mesh.yaml:11)"));
 }
 
 #[test]
 fn ist0101_subset_not_defined_in_any_destination_rule() {
-    let rs = resources(&format!(
-        "{REVIEWS_SVC}{REVIEWS_DR}{}",
-        vs_to("{host: reviews, subset: v2}")
-    ));
+    let rs = resources(&format!("{REVIEWS_SVC}{REVIEWS_DR}{}", vs_to("{host: reviews, subset: v2}")));
     let msgs = analyze(&rs);
     assert_eq!(
         codes(&msgs),
         [(
             "IST0101",
-            "VirtualService default/reviews Referenced host+subset in destinationrule not found: \"reviews+v2\"".to_string()
+            "VirtualService default/reviews Referenced host+subset in destinationrule not found: \"reviews+v2\""
+                .to_string()
         )]
     );
 }
@@ -168,10 +159,7 @@ spec:
     let msgs = analyze(&rs);
     let c = codes(&msgs);
     assert!(
-        c.contains(&(
-            "IST0101",
-            "VirtualService default/edge Referenced gateway not found: \"missing-gw\"".into()
-        )),
+        c.contains(&("IST0101", "VirtualService default/edge Referenced gateway not found: \"missing-gw\"".into())),
         "{c:#?}"
     );
     let m = only(&msgs, "IST0132");
