@@ -342,7 +342,13 @@ impl Parsed {
 
 /// Parses YAML (multi-document, `---`) or JSON (an object, or a `List` with `items`).
 pub fn parse_str(text: &str, file: &Path) -> Parsed {
-    parse::parse_text(text, file)
+    parse::parse_text(text, file, "default")
+}
+
+/// Like [`parse_str`], but documents without `metadata.namespace` land in
+/// `namespace` instead of `default` (what `kubectl apply -n NS` does).
+pub fn parse_str_in(text: &str, file: &Path, namespace: &str) -> Parsed {
+    parse::parse_text(text, file, namespace)
 }
 
 /// Reads and parses one file; a read error becomes one [`ApiError`] with line 0.

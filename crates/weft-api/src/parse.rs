@@ -94,9 +94,11 @@ impl Ctx<'_> {
             Ok(t) => Some(t),
             Err(e) => {
                 let inner = e.path().to_string();
-                let mut path = join(base, if inner == "." { "" } else { &inner });
+                let inner = if inner == "." { String::new() } else { inner };
+                let at = value_at(v, &inner);
+                let mut path = join(base, &inner);
                 let raw = e.into_inner().to_string();
-                let (message, hint) = explain(&raw, &mut path);
+                let (message, hint) = explain(&raw, &mut path, at);
                 self.error(&path, message, hint);
                 None
             }
@@ -104,7 +106,25 @@ impl Ctx<'_> {
     }
 }
 
-pub(crate) fn parse_text(text: &str, file: &Path) -> Parsed {
+/// The value at a serde_path_to_error path (`a.b[0].c`), if it can be found.
+fn value_at<'v>(root: &'v Value, path: &str) -> Option<&'v Value> {
+    let mut cur = root;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            cur = cur.get(key)?;
+        }
+        for idx in rest.split(['[', ']']).filter(|x| !x.is_empty()) {
+            cur = cur.get(idx.parse::<usize>().ok()?)?;
+        }
+    }
+    Some(cur)
+}
+
+pub(crate) fn parse_text(text: &str, file: &Path, default_ns: &str) -> Parsed {
     let mut out = Parsed::default();
     for doc in yaml::read_documents(text) {
         match doc {
@@ -117,14 +137,14 @@ pub(crate) fn parse_text(text: &str, file: &Path) -> Parsed {
                 message: e.message,
                 hint: Some("fix the YAML syntax; indentation must use spaces".into()),
             }),
-            Ok(doc) => parse_object(&doc.value, &doc.index, String::new(), file, &mut out),
+            Ok(doc) => parse_object(&doc.value, &doc.index, String::new(), file, default_ns, &mut out),
         }
     }
     reject_duplicates(&mut out);
     out
 }
 
-fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, out: &mut Parsed) {
+fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, default_ns: &str, out: &mut Parsed) {
     let mut ctx = Ctx { file, index, prefix, resource: None, errors: Vec::new() };
     let line = index.lookup(&ctx.full("")).line;
     let Some(obj) = value.as_object() else {
@@ -149,7 +169,7 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
             Some(Value::Array(items)) => {
                 for (i, item) in items.iter().enumerate() {
                     let p = ctx.full(&format!("items[{i}]"));
-                    parse_object(item, index, p, file, out);
+                    parse_object(item, index, p, file, default_ns, out);
                 }
             }
             _ => ctx.error("items", "a List needs an `items` sequence", Some("expected `items: [...]`".into())),
@@ -200,7 +220,7 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
         return;
     };
 
-    let ns = obj.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or("default");
+    let ns = obj.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or(default_ns);
     ctx.resource = Some(if name.is_empty() { kind.as_str().to_string() } else { format!("{kind} {ns}/{name}") });
 
     for key in obj.keys() {
@@ -233,7 +253,7 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
     };
     let spec = parse_spec(&mut ctx, kind, spec_value);
     if let Some(spec) = &spec {
-        let namespace = meta.as_ref().and_then(|m| m.namespace.clone()).unwrap_or_else(|| "default".into());
+        let namespace = meta.as_ref().and_then(|m| m.namespace.clone()).unwrap_or_else(|| default_ns.into());
         for i in validate::spec(spec, &namespace) {
             ctx.issue(i);
         }
@@ -245,7 +265,7 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, ou
             kind,
             meta: ObjectMeta {
                 name: m.name,
-                namespace: m.namespace.unwrap_or_else(|| "default".into()),
+                namespace: m.namespace.unwrap_or_else(|| default_ns.into()),
                 labels: m.labels,
                 annotations: m.annotations,
             },
@@ -342,7 +362,7 @@ fn backquoted(s: &str) -> Vec<&str> {
 }
 
 /// Turns serde's message into (message, hint), fixing `path` for missing and unknown fields.
-fn explain(raw: &str, path: &mut String) -> (String, Option<String>) {
+fn explain(raw: &str, path: &mut String, at: Option<&Value>) -> (String, Option<String>) {
     if let Some(rest) = raw.strip_prefix("unknown field ") {
         let names = backquoted(rest);
         let field = names.first().copied().unwrap_or("");
@@ -357,6 +377,21 @@ fn explain(raw: &str, path: &mut String) -> (String, Option<String>) {
         let names = backquoted(rest);
         let value = names.first().copied().unwrap_or("");
         let expected = names.get(1..).unwrap_or(&[]);
+        // A oneof written as a mapping (`uri: {exct: /x}`): the variant is a key.
+        if at.and_then(|v| v.get(value)).is_some() {
+            *path = join(path, value);
+            return (format!("unknown field `{value}`"), Some(suggest(value, expected)));
+        }
+        // A oneof written as a plain string (`uri: /api`). Istio's enum values
+        // are upper case, oneof keys are camelCase.
+        let oneof = !expected.is_empty() && expected.iter().all(|n| n.starts_with(|c: char| c.is_ascii_lowercase()));
+        if oneof && at.is_some_and(Value::is_string) {
+            let list = expected.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
+            return (
+                format!("wrong type: found string {value:?}"),
+                Some(format!("expected a mapping with exactly one of {list}")),
+            );
+        }
         let list = expected.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ");
         let hint = match nearest(value, expected) {
             Some(n) => format!("did you mean `{n}`? expected one of {list}"),
@@ -389,6 +424,8 @@ fn friendly(expected: &str) -> String {
         "f64" => "a number".into(),
         "a string" | "a sequence" | "a map" | "a boolean" => expected.into(),
         e if e.starts_with("struct ") => "a mapping".into(),
+        "enum StringMatch" => "a mapping with exactly one of `exact`, `prefix`, `regex`".into(),
+        "enum HttpBody" => "a mapping with exactly one of `string`, `bytes`".into(),
         e if e.starts_with("enum ") => "a mapping with one key".into(),
         e => e.into(),
     }

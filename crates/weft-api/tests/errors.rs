@@ -509,3 +509,50 @@ spec:
     assert_eq!(missing.errors[0].line, 0);
     assert!(missing.errors[0].message.starts_with("cannot read file"));
 }
+
+#[test]
+fn typo_in_a_string_match_key_suggests_the_match_kind() {
+    let e = one_error(&format!(
+        "{VS_HEAD}  http:
+  - match:
+    - uri:
+        prefx: /api
+    route:
+    - destination:
+        host: reviews
+"
+    ));
+    assert_eq!(e.line, 11);
+    assert_eq!(e.field, "spec.http[0].match[0].uri.prefx");
+    assert_eq!(e.message, "unknown field `prefx`");
+    assert_eq!(hint(&e), "did you mean `prefix`?");
+
+    let e = one_error(&format!(
+        "{VS_HEAD}  http:
+  - match:
+    - uri: /api
+    route:
+    - destination:
+        host: reviews
+"
+    ));
+    assert_eq!(e.line, 10);
+    assert_eq!(e.field, "spec.http[0].match[0].uri");
+    assert_eq!(hint(&e), "expected a mapping with exactly one of `exact`, `prefix`, `regex`");
+}
+
+#[test]
+fn namespace_defaults_to_the_one_given_like_kubectl_n() {
+    let text = "apiVersion: security.istio.io/v1beta1
+kind: PeerAuthentication
+metadata:
+  name: default
+spec:
+  mtls:
+    mode: STRICT
+";
+    let p = weft_api::parse_str_in(text, Path::new("pa.yaml"), "foo");
+    assert!(p.errors.is_empty(), "{:?}", p.errors);
+    assert_eq!(p.resources[0].meta.namespace, "foo");
+    assert_eq!(parse(text).resources[0].meta.namespace, "default");
+}
