@@ -367,7 +367,7 @@ fn explain(raw: &str, path: &mut String, at: Option<&Value>) -> (String, Option<
         let names = backquoted(rest);
         let field = names.first().copied().unwrap_or("");
         let expected = names.get(1..).unwrap_or(&[]);
-        if !path.ends_with(field) {
+        if path != field && !path.ends_with(&format!(".{field}")) {
             *path = join(path, field);
         }
         let hint = if expected.is_empty() { "this object has no fields".to_string() } else { suggest(field, expected) };

@@ -122,7 +122,7 @@ fn weights_not_summing_to_100_are_rejected() {
       weight: 30
 "
     ));
-    assert_eq!(e.line, 9);
+    assert_eq!((e.line, e.column), (9, 5));
     assert_eq!(e.field, "spec.http[0].route");
     assert_eq!(e.message, "weights sum to 110");
     assert!(hint(&e).contains("sum to 100"));
