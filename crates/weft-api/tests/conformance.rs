@@ -202,3 +202,35 @@ fn mirroring_is_parsed() {
     assert_eq!((m.host.as_str(), m.subset.as_deref()), ("httpbin", Some("v2")));
     assert_eq!(vs.http[0].mirror_percentage.map(|p| p.value), Some(100.0));
 }
+
+/// Every prefix of every sample (cut mid-token, mid-document) yields resources
+/// and errors, never a panic, and every error has a line inside the text.
+#[test]
+fn truncated_samples_never_panic_and_errors_point_inside_the_text() {
+    let mut files = Vec::new();
+    let mut stack = vec![conformance_dir()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read conformance dir").flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "yaml") {
+                files.push(p);
+            }
+        }
+    }
+    assert!(files.len() > 40);
+    let mut errors_seen = 0;
+    for f in files {
+        let text = std::fs::read_to_string(&f).expect("read sample");
+        let lines = text.lines().count().max(1);
+        for cut in (0..text.len()).step_by(13).filter(|c| text.is_char_boundary(*c)) {
+            let p = weft_api::parse_str(&text[..cut], &f);
+            for e in &p.errors {
+                assert!(e.line >= 1 && e.line <= lines + 1, "{e} (file has {lines} lines)");
+            }
+            errors_seen += p.errors.len();
+        }
+    }
+    assert!(errors_seen > 0, "truncation must produce some errors");
+}
