@@ -267,10 +267,12 @@ impl<'a> Analyzer<'a> {
             }
         }
         for (h, rs) in by_host {
-            if rs.len() < 2 {
+            // The same resource read twice (two versions of one file) is not a conflict.
+            let distinct: BTreeSet<ResourceKey> = rs.iter().map(|r| r.key()).collect();
+            if distinct.len() < 2 {
                 continue;
             }
-            let names: Vec<String> = rs.iter().map(|r| format!("{}/{}", r.meta.namespace, r.meta.name)).collect();
+            let names: Vec<String> = distinct.iter().map(|k| format!("{}/{}", k.namespace, k.name)).collect();
             for r in rs {
                 let t = format!(
                     "The VirtualServices {} associated with mesh gateway define the same host {h} which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",

@@ -416,3 +416,10 @@ fn bookinfo_with_default_rules_analyzes_clean_of_errors() {
     let msgs = only(&analyze(&rs), "IST0101");
     assert_eq!(msgs.len(), 4, "{:#?}", codes(&msgs));
 }
+
+#[test]
+fn ist0109_ignores_two_versions_of_the_same_virtual_service() {
+    let mut rs = resources(&format!("{REVIEWS_SVC}{}", vs_to("{host: reviews}")));
+    rs.extend(resources(&vs_to("{host: reviews}")));
+    assert!(only(&analyze(&rs), "IST0109").is_empty());
+}
