@@ -338,28 +338,23 @@ impl<'a> Analyzer<'a> {
 
     /// IST0118: Service port names should declare the protocol.
     fn service_port_names(&mut self) {
-        const PREFIXES: &[&str] =
-            &["http", "http2", "https", "grpc", "grpc-web", "tcp", "tls", "mongo", "mysql", "redis", "udp"];
         for r in self.of_kind(Kind::Service) {
             let Spec::Service(s) = &r.spec else { continue };
             for p in &s.ports {
-                if p.app_protocol.is_some() {
+                if p.declared_protocol().is_some() {
                     continue;
                 }
                 let name = p.name.as_deref().unwrap_or("");
-                let proto = name.split('-').next().unwrap_or("");
-                if !PREFIXES.contains(&proto) && !(name.starts_with("grpc-web")) {
-                    let target = match &p.target_port {
-                        Some(crate::spec::TargetPort::Number(n)) => n.to_string(),
-                        Some(crate::spec::TargetPort::Name(n)) => n.clone(),
-                        None => p.port.to_string(),
-                    };
-                    let t = format!(
-                        "Port name {name} (port: {}, targetPort: {target}) doesn't follow the naming convention of Istio port.",
-                        p.port
-                    );
-                    self.report(r, "IST0118", Level::Info, t);
-                }
+                let target = match &p.target_port {
+                    Some(crate::spec::TargetPort::Number(n)) => n.to_string(),
+                    Some(crate::spec::TargetPort::Name(n)) => n.clone(),
+                    None => p.port.to_string(),
+                };
+                let t = format!(
+                    "Port name {name} (port: {}, targetPort: {target}) doesn't follow the naming convention of Istio port.",
+                    p.port
+                );
+                self.report(r, "IST0118", Level::Info, t);
             }
         }
     }

@@ -118,3 +118,68 @@ pub struct WorkloadPort {
     #[serde(default)]
     pub protocol: Option<String>,
 }
+
+impl ServicePort {
+    /// The protocol Istio derives for this port: `appProtocol` first, then the
+    /// port name (`http`, `http-web`, `grpc-api`, ...). `None` means undeclared:
+    /// the proxy sniffs the protocol.
+    pub fn declared_protocol(&self) -> Option<&'static str> {
+        if let Some(p) = self.app_protocol.as_deref().and_then(protocol_of) {
+            return Some(p);
+        }
+        let name = self.name.as_deref()?.to_ascii_lowercase();
+        if let Some(p) = protocol_of(&name) {
+            return Some(p);
+        }
+        // `grpc-web-x` must win over `grpc-x`.
+        if name.starts_with("grpc-web-") {
+            return Some("GRPC-WEB");
+        }
+        name.split_once('-').and_then(|(prefix, _)| protocol_of(prefix))
+    }
+}
+
+fn protocol_of(s: &str) -> Option<&'static str> {
+    Some(match s.to_ascii_lowercase().as_str() {
+        "http" | "kubernetes.io/ws" | "kubernetes.io/wss" => "HTTP",
+        "http2" | "kubernetes.io/h2c" => "HTTP2",
+        "https" => "HTTPS",
+        "grpc" => "GRPC",
+        "grpc-web" => "GRPC-WEB",
+        "tcp" => "TCP",
+        "tls" => "TLS",
+        "mongo" => "MONGO",
+        "mysql" => "MYSQL",
+        "redis" => "REDIS",
+        "udp" => "UDP",
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn port(name: Option<&str>, app: Option<&str>) -> ServicePort {
+        ServicePort {
+            name: name.map(String::from),
+            port: 80,
+            app_protocol: app.map(String::from),
+            ..ServicePort::default()
+        }
+    }
+
+    #[test]
+    fn protocol_comes_from_app_protocol_then_name_prefix() {
+        assert_eq!(port(Some("http"), None).declared_protocol(), Some("HTTP"));
+        assert_eq!(port(Some("http2-api"), None).declared_protocol(), Some("HTTP2"));
+        assert_eq!(port(Some("grpc-web-ui"), None).declared_protocol(), Some("GRPC-WEB"));
+        assert_eq!(port(Some("grpc-api"), None).declared_protocol(), Some("GRPC"));
+        assert_eq!(port(Some("tcp-other"), None).declared_protocol(), Some("TCP"));
+        assert_eq!(port(Some("web"), Some("http")).declared_protocol(), Some("HTTP"));
+        assert_eq!(port(Some("http"), Some("kubernetes.io/h2c")).declared_protocol(), Some("HTTP2"));
+        assert_eq!(port(Some("web"), None).declared_protocol(), None);
+        assert_eq!(port(Some("httpx"), None).declared_protocol(), None);
+        assert_eq!(port(None, None).declared_protocol(), None);
+    }
+}
