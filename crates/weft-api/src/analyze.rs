@@ -1,0 +1,489 @@
+//! Cross-resource checks in the style of `istioctl analyze`, with Istio's
+//! message codes so operators can look them up in Istio's documentation.
+//!
+//! | code | level | check |
+//! |---|---|---|
+//! | IST0101 | Error | referenced host, subset or gateway not found; DestinationRule host with no service |
+//! | IST0109 | Error | two VirtualServices bound to the mesh define the same host |
+//! | IST0111 | Error | several Sidecars without workload selector in one namespace |
+//! | IST0112 | Error | destination on a multi-port service without `port` |
+//! | IST0113 | Error | DestinationRule TLS mode conflicts with the PeerAuthentication of the target |
+//! | IST0118 | Info | Service port name does not declare a protocol |
+//! | IST0127 | Warning | Gateway or policy selector matches no known workload |
+//! | IST0130 | Warning | VirtualService rule unreachable after a catch-all rule |
+//! | IST0132 | Warning | VirtualService host not served by its Gateway |
+//! | IST0160 | Error | several Telemetries without workload selector in one namespace |
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::host;
+use crate::spec::{ClientTlsMode, Destination, LabelSelector, MtlsMode};
+use crate::{Kind, Resource, ResourceKey, Source, Spec};
+
+/// The DNS domain of the mesh.
+pub const DOMAIN: &str = "cluster.local";
+/// Istio's root namespace: selector-less policies there apply mesh-wide.
+pub const ROOT_NAMESPACE: &str = "istio-system";
+/// Exit code `istioctl analyze` uses when it finds issues at or above the threshold.
+pub const EXIT_ISSUES_FOUND: i32 = 79;
+
+/// Severity of a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Level {
+    /// Worth knowing.
+    Info,
+    /// Probably a mistake.
+    Warning,
+    /// Traffic will not work as written.
+    Error,
+}
+
+/// One finding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// Stable code, e.g. `IST0101`.
+    pub code: &'static str,
+    /// Severity.
+    pub level: Level,
+    /// Resource the message is about.
+    pub resource: ResourceKey,
+    /// Where that resource was read.
+    pub source: Source,
+    /// Human-readable text.
+    pub text: String,
+}
+
+/// A running workload known to the analyzer (from the registry in `--live` mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workload {
+    /// Namespace.
+    pub namespace: String,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+impl fmt::Display for Level {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Level::Info => "Info",
+            Level::Warning => "Warning",
+            Level::Error => "Error",
+        })
+    }
+}
+
+impl fmt::Display for Message {
+    /// `Error [IST0101] (VirtualService default/reviews vs.yaml:3) Referenced host not found: "x"`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} [{}] ({} {}:{}) {}",
+            self.level,
+            self.code,
+            self.resource,
+            self.source.file.display(),
+            self.source.line,
+            self.text
+        )
+    }
+}
+
+/// `istioctl analyze` style exit code: [`EXIT_ISSUES_FOUND`] when any message is
+/// at or above `threshold`, else 0.
+pub fn exit_code(messages: &[Message], threshold: Level) -> i32 {
+    if messages.iter().any(|m| m.level >= threshold) {
+        EXIT_ISSUES_FOUND
+    } else {
+        0
+    }
+}
+
+/// Runs every check. Workloads are taken from `LocalWorkload` and
+/// `WorkloadEntry` resources (and ServiceEntry endpoints); use
+/// [`analyze_with_workloads`] to add live ones.
+pub fn analyze(resources: &[Resource]) -> Vec<Message> {
+    analyze_with_workloads(resources, &[])
+}
+
+/// Like [`analyze`], with extra running workloads. Selector checks (IST0127)
+/// only run when at least one workload is known, since without any the
+/// analyzer cannot tell "matches nothing" from "not told about pods".
+pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<Message> {
+    let mut a = Analyzer { resources, workloads: live.to_vec(), out: Vec::new() };
+    a.collect_workloads();
+    a.destinations();
+    a.destination_rule_hosts();
+    a.mesh_host_conflicts();
+    a.gateways_of_virtual_services();
+    a.unreachable_rules();
+    a.service_port_names();
+    a.selectors();
+    a.singletons();
+    a.mtls_conflicts();
+    a.out.sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
+    a.out
+}
+
+struct Analyzer<'a> {
+    resources: &'a [Resource],
+    workloads: Vec<Workload>,
+    out: Vec<Message>,
+}
+
+impl<'a> Analyzer<'a> {
+    fn report(&mut self, r: &Resource, code: &'static str, level: Level, text: String) {
+        self.out.push(Message { code, level, resource: r.key(), source: r.source.clone(), text });
+    }
+
+    fn of_kind(&self, kind: Kind) -> impl Iterator<Item = &'a Resource> + 'a {
+        self.resources.iter().filter(move |r| r.kind == kind)
+    }
+
+    fn collect_workloads(&mut self) {
+        for r in self.resources {
+            match &r.spec {
+                Spec::LocalWorkload(l) => {
+                    self.workloads.push(Workload { namespace: r.meta.namespace.clone(), labels: l.labels.clone() })
+                }
+                Spec::WorkloadEntry(w) => {
+                    self.workloads.push(Workload { namespace: r.meta.namespace.clone(), labels: w.labels.clone() })
+                }
+                Spec::ServiceEntry(se) => {
+                    for e in &se.endpoints {
+                        self.workloads.push(Workload { namespace: r.meta.namespace.clone(), labels: e.labels.clone() });
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The Service whose FQDN is `fqdn`.
+    fn service(&self, fqdn: &str) -> Option<&'a Resource> {
+        self.of_kind(Kind::Service)
+            .find(|s| host::fqdn(&s.meta.name, &s.meta.namespace, DOMAIN).eq_ignore_ascii_case(fqdn))
+    }
+
+    /// Whether a Service or ServiceEntry provides `fqdn`.
+    fn host_known(&self, fqdn: &str) -> bool {
+        self.service(fqdn).is_some()
+            || self.of_kind(Kind::ServiceEntry).any(|r| match &r.spec {
+                Spec::ServiceEntry(se) => {
+                    se.hosts.iter().any(|h| host::matches(&host::fqdn(h, &r.meta.namespace, DOMAIN), fqdn))
+                }
+                _ => false,
+            })
+    }
+
+    /// Subset names defined by DestinationRules for `fqdn`.
+    fn subsets(&self, fqdn: &str) -> BTreeSet<&'a str> {
+        self.of_kind(Kind::DestinationRule)
+            .filter_map(|r| match &r.spec {
+                Spec::DestinationRule(dr) if host::matches(&host::fqdn(&dr.host, &r.meta.namespace, DOMAIN), fqdn) => {
+                    Some(dr.subsets.iter().map(|s| s.name.as_str()))
+                }
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    /// IST0101 (host, subset) and IST0112 for every destination of every VirtualService.
+    fn destinations(&mut self) {
+        for r in self.of_kind(Kind::VirtualService) {
+            let Spec::VirtualService(vs) = &r.spec else { continue };
+            let mut dests: Vec<&Destination> = Vec::new();
+            for h in &vs.http {
+                dests.extend(h.route.iter().map(|d| &d.destination));
+                dests.extend(h.mirror.iter());
+                dests.extend(h.mirrors.iter().map(|m| &m.destination));
+            }
+            for t in &vs.tcp {
+                dests.extend(t.route.iter().map(|d| &d.destination));
+            }
+            for t in &vs.tls {
+                dests.extend(t.route.iter().map(|d| &d.destination));
+            }
+            let mut seen = BTreeSet::new();
+            for d in dests {
+                if !seen.insert((d.host.clone(), d.subset.clone(), d.port.map(|p| p.number))) {
+                    continue;
+                }
+                let fqdn = host::fqdn(&d.host, &r.meta.namespace, DOMAIN);
+                if !self.host_known(&fqdn) {
+                    let t = format!("Referenced host not found: {:?}", d.host);
+                    self.report(r, "IST0101", Level::Error, t);
+                    continue;
+                }
+                if let Some(subset) = &d.subset {
+                    if !self.subsets(&fqdn).contains(subset.as_str()) {
+                        let t =
+                            format!("Referenced host+subset in destinationrule not found: \"{}+{}\"", d.host, subset);
+                        self.report(r, "IST0101", Level::Error, t);
+                    }
+                }
+                if d.port.is_none() {
+                    if let Some(Spec::Service(svc)) = self.service(&fqdn).map(|s| &s.spec) {
+                        if svc.ports.len() > 1 {
+                            let ports: Vec<u32> = svc.ports.iter().map(|p| p.port).collect();
+                            let t = format!(
+                                "This VirtualService routes to a service {fqdn:?} that exposes multiple ports {ports:?}. Specifying a port in the destination is required to disambiguate."
+                            );
+                            self.report(r, "IST0112", Level::Error, t);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// IST0101: a DestinationRule whose host has no Service or ServiceEntry.
+    fn destination_rule_hosts(&mut self) {
+        for r in self.of_kind(Kind::DestinationRule) {
+            let Spec::DestinationRule(dr) = &r.spec else { continue };
+            if dr.host.starts_with('*') {
+                continue;
+            }
+            let fqdn = host::fqdn(&dr.host, &r.meta.namespace, DOMAIN);
+            if !self.host_known(&fqdn) {
+                let t = format!("Referenced host not found: {:?} (no Service or ServiceEntry)", dr.host);
+                self.report(r, "IST0101", Level::Error, t);
+            }
+        }
+    }
+
+    /// IST0109: two VirtualServices on the mesh gateway with the same host.
+    fn mesh_host_conflicts(&mut self) {
+        let mut by_host: BTreeMap<String, Vec<&'a Resource>> = BTreeMap::new();
+        for r in self.of_kind(Kind::VirtualService) {
+            let Spec::VirtualService(vs) = &r.spec else { continue };
+            let on_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh");
+            if !on_mesh {
+                continue;
+            }
+            for h in &vs.hosts {
+                by_host.entry(host::fqdn(h, &r.meta.namespace, DOMAIN)).or_default().push(r);
+            }
+        }
+        for (h, rs) in by_host {
+            // The same resource read twice (two versions of one file) is not a conflict.
+            let distinct: BTreeSet<ResourceKey> = rs.iter().map(|r| r.key()).collect();
+            if distinct.len() < 2 {
+                continue;
+            }
+            let names: Vec<String> = distinct.iter().map(|k| format!("{}/{}", k.namespace, k.name)).collect();
+            for r in rs {
+                let t = format!(
+                    "The VirtualServices {} associated with mesh gateway define the same host {h} which can lead to undefined behavior. This can be fixed by merging the conflicting VirtualServices into a single resource.",
+                    names.join(",")
+                );
+                self.report(r, "IST0109", Level::Error, t);
+            }
+        }
+    }
+
+    /// IST0101 (gateway) and IST0132.
+    fn gateways_of_virtual_services(&mut self) {
+        for r in self.of_kind(Kind::VirtualService) {
+            let Spec::VirtualService(vs) = &r.spec else { continue };
+            for g in &vs.gateways {
+                if g == "mesh" {
+                    continue;
+                }
+                let (ns, name) = g.split_once('/').unwrap_or((&r.meta.namespace, g));
+                let gw = self.of_kind(Kind::Gateway).find(|x| x.meta.namespace == ns && x.meta.name == name);
+                let Some(gw) = gw else {
+                    let t = format!("Referenced gateway not found: {g:?}");
+                    self.report(r, "IST0101", Level::Error, t);
+                    continue;
+                };
+                let Spec::Gateway(spec) = &gw.spec else { continue };
+                let served: Vec<String> = spec
+                    .servers
+                    .iter()
+                    .flat_map(|s| s.hosts.iter())
+                    .map(|h| h.split_once('/').map(|(_, h)| h).unwrap_or(h).to_string())
+                    .collect();
+                let missing: Vec<&String> = vs
+                    .hosts
+                    .iter()
+                    .filter(|h| !served.iter().any(|s| host::matches(s, h) || host::matches(h, s)))
+                    .collect();
+                if !missing.is_empty() {
+                    let t = format!(
+                        "one or more host {missing:?} defined in VirtualService {}/{} not found in Gateway {}/{}.",
+                        r.meta.namespace, r.meta.name, gw.meta.namespace, gw.meta.name
+                    );
+                    self.report(r, "IST0132", Level::Warning, t);
+                }
+            }
+        }
+    }
+
+    /// IST0130: rules after a catch-all HTTP rule are never used.
+    fn unreachable_rules(&mut self) {
+        for r in self.of_kind(Kind::VirtualService) {
+            let Spec::VirtualService(vs) = &r.spec else { continue };
+            if let Some(i) = vs.http.iter().position(|h| h.matches.is_empty()) {
+                for j in i + 1..vs.http.len() {
+                    let t = format!(
+                        "VirtualService rule #{j} not used (only the last rule can have no matches; rule #{i} matches every request)."
+                    );
+                    self.report(r, "IST0130", Level::Warning, t);
+                }
+            }
+        }
+    }
+
+    /// IST0118: Service port names should declare the protocol.
+    fn service_port_names(&mut self) {
+        for r in self.of_kind(Kind::Service) {
+            let Spec::Service(s) = &r.spec else { continue };
+            for p in &s.ports {
+                if p.declared_protocol().is_some() {
+                    continue;
+                }
+                let name = p.name.as_deref().unwrap_or("");
+                let target = match &p.target_port {
+                    Some(crate::spec::TargetPort::Number(n)) => n.to_string(),
+                    Some(crate::spec::TargetPort::Name(n)) => n.clone(),
+                    None => p.port.to_string(),
+                };
+                let t = format!(
+                    "Port name {name} (port: {}, targetPort: {target}) doesn't follow the naming convention of Istio port.",
+                    p.port
+                );
+                self.report(r, "IST0118", Level::Info, t);
+            }
+        }
+    }
+
+    fn any_workload_matches(&self, ns: Option<&str>, labels: &BTreeMap<String, String>) -> bool {
+        self.workloads.iter().any(|w| {
+            ns.is_none_or(|n| n == w.namespace || n == ROOT_NAMESPACE)
+                && labels.iter().all(|(k, v)| w.labels.get(k) == Some(v))
+        })
+    }
+
+    /// IST0127: selectors that match no known workload.
+    fn selectors(&mut self) {
+        if self.workloads.is_empty() {
+            return;
+        }
+        for r in self.resources {
+            let (ns, labels): (Option<&str>, Option<&BTreeMap<String, String>>) = match &r.spec {
+                Spec::Gateway(g) => (None, Some(&g.selector)),
+                Spec::Sidecar(s) => (Some(r.meta.namespace.as_str()), s.workload_selector.as_ref().map(|w| &w.labels)),
+                Spec::PeerAuthentication(p) => (Some(r.meta.namespace.as_str()), sel(&p.selector)),
+                Spec::AuthorizationPolicy(p) => (Some(r.meta.namespace.as_str()), sel(&p.selector)),
+                Spec::RequestAuthentication(p) => (Some(r.meta.namespace.as_str()), sel(&p.selector)),
+                Spec::Telemetry(p) => (Some(r.meta.namespace.as_str()), sel(&p.selector)),
+                _ => continue,
+            };
+            let Some(labels) = labels else { continue };
+            if labels.is_empty() || self.any_workload_matches(ns, labels) {
+                continue;
+            }
+            let shown: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            let t = format!("No matching workloads for this resource with the following labels: {}", shown.join(","));
+            self.report(r, "IST0127", Level::Warning, t);
+        }
+    }
+
+    /// IST0111 and IST0160: several selector-less Sidecars / Telemetries per namespace.
+    fn singletons(&mut self) {
+        for (kind, code, plural) in
+            [(Kind::Sidecar, "IST0111", "Sidecars"), (Kind::Telemetry, "IST0160", "Telemetries")]
+        {
+            let mut by_ns: BTreeMap<&str, Vec<&'a Resource>> = BTreeMap::new();
+            for r in self.of_kind(kind) {
+                let no_selector = match &r.spec {
+                    Spec::Sidecar(s) => s.workload_selector.is_none(),
+                    Spec::Telemetry(t) => t.selector.is_none() && t.target_ref.is_none() && t.target_refs.is_empty(),
+                    _ => false,
+                };
+                if no_selector {
+                    by_ns.entry(r.meta.namespace.as_str()).or_default().push(r);
+                }
+            }
+            for (ns, rs) in by_ns {
+                if rs.len() < 2 {
+                    continue;
+                }
+                let names: Vec<&str> = rs.iter().map(|r| r.meta.name.as_str()).collect();
+                for r in rs {
+                    let t = format!(
+                        "The {plural} {names:?} in namespace {ns:?} have no workload selector, which can lead to undefined behavior."
+                    );
+                    self.report(r, code, Level::Error, t);
+                }
+            }
+        }
+    }
+
+    /// Effective PeerAuthentication mode for workloads selected by `svc_selector`
+    /// in `ns`: workload policy, then namespace policy, then mesh policy.
+    fn peer_mode(&self, ns: &str, svc_selector: &BTreeMap<String, String>) -> Option<(MtlsMode, &'a Resource)> {
+        let mut workload = None;
+        let mut namespace = None;
+        let mut mesh = None;
+        for r in self.of_kind(Kind::PeerAuthentication) {
+            let Spec::PeerAuthentication(pa) = &r.spec else { continue };
+            let Some(mode) = pa.mtls.and_then(|m| m.mode).filter(|m| *m != MtlsMode::Unset) else {
+                continue;
+            };
+            match &pa.selector {
+                Some(s) if r.meta.namespace == ns => {
+                    let sub = s.match_labels.iter().all(|(k, v)| svc_selector.get(k) == Some(v));
+                    if sub && !s.match_labels.is_empty() {
+                        workload = Some((mode, r));
+                    }
+                }
+                None if r.meta.namespace == ns => namespace = Some((mode, r)),
+                None if r.meta.namespace == ROOT_NAMESPACE => mesh = Some((mode, r)),
+                _ => {}
+            }
+        }
+        workload.or(namespace).or(mesh)
+    }
+
+    /// IST0113: client TLS (DestinationRule) contradicts server mTLS (PeerAuthentication).
+    fn mtls_conflicts(&mut self) {
+        for r in self.of_kind(Kind::DestinationRule) {
+            let Spec::DestinationRule(dr) = &r.spec else { continue };
+            let Some(tls) = dr.traffic_policy.as_ref().and_then(|t| t.tls.as_ref()) else {
+                continue;
+            };
+            let fqdn = host::fqdn(&dr.host, &r.meta.namespace, DOMAIN);
+            let Some(svc) = self.service(&fqdn) else { continue };
+            let Spec::Service(spec) = &svc.spec else { continue };
+            let Some((mode, pa)) = self.peer_mode(&svc.meta.namespace, &spec.selector) else {
+                continue;
+            };
+            let client_mtls = tls.mode == ClientTlsMode::IstioMutual;
+            let conflict = (tls.mode == ClientTlsMode::Disable && mode == MtlsMode::Strict)
+                || (client_mtls && mode == MtlsMode::Disable);
+            if conflict {
+                let t = format!(
+                    "A DestinationRule and Policy are in conflict with regards to mTLS for host {fqdn}. The DestinationRule \"{}/{}\" specifies that mTLS must be {client_mtls} but the Policy object \"{}/{}\" specifies {}.",
+                    r.meta.namespace,
+                    r.meta.name,
+                    pa.meta.namespace,
+                    pa.meta.name,
+                    match mode {
+                        MtlsMode::Strict => "Strict",
+                        MtlsMode::Disable => "Disable",
+                        MtlsMode::Permissive => "Permissive",
+                        MtlsMode::Unset => "Unset",
+                    }
+                );
+                self.report(r, "IST0113", Level::Error, t);
+            }
+        }
+    }
+}
+
+fn sel(s: &Option<LabelSelector>) -> Option<&BTreeMap<String, String>> {
+    s.as_ref().map(|s| &s.match_labels)
+}

@@ -1,0 +1,13 @@
+//! Typed specs of every supported kind, field names as Istio and Kubernetes spell them.
+
+pub mod common;
+pub mod k8s;
+pub mod mesh;
+pub mod networking;
+pub mod security;
+
+pub use common::*;
+pub use k8s::*;
+pub use mesh::*;
+pub use networking::*;
+pub use security::*;

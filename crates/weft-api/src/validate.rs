@@ -1,0 +1,518 @@
+//! Validation beyond shape, following Istio's admission webhook.
+//!
+//! Each check reports an [`Issue`] with the field path relative to the
+//! document (`spec.http[0].route[1].weight`); the parser maps paths to lines.
+
+mod traffic;
+
+use crate::spec::{
+    common::{Duration, Percent, PortSelector, StringMatch, TargetRef, PROTOCOLS},
+    AuthorizationPolicy, AuthzAction, Gateway, LabelSelector, LocalWorkload, PeerAuthentication, RequestAuthentication,
+    ServiceEntry, ServiceSpec, Sidecar, TargetPort, Telemetry, WorkloadEntry,
+};
+use crate::Spec;
+
+/// One validation finding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Issue {
+    /// Field path relative to the document.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+    /// What was expected.
+    pub hint: Option<String>,
+}
+
+/// Collects issues.
+#[derive(Default)]
+pub(crate) struct V {
+    pub issues: Vec<Issue>,
+}
+
+impl V {
+    pub fn err(&mut self, path: impl Into<String>, message: impl Into<String>, hint: impl Into<Option<String>>) {
+        self.issues.push(Issue { path: path.into(), message: message.into(), hint: hint.into() });
+    }
+
+    pub fn port(&mut self, path: &str, port: u32) {
+        if !(1..=65535).contains(&port) {
+            self.err(path, format!("port {port} is out of range"), "expected 1..=65535".to_string());
+        }
+    }
+
+    pub fn port_selector(&mut self, path: &str, p: &Option<PortSelector>) {
+        if let Some(p) = p {
+            self.port(&format!("{path}.number"), p.number);
+        }
+    }
+
+    pub fn percent(&mut self, path: &str, p: &Option<Percent>) {
+        if let Some(p) = p {
+            self.percent_value(&format!("{path}.value"), p.value);
+        }
+    }
+
+    pub fn percent_value(&mut self, path: &str, v: f64) {
+        if !(0.0..=100.0).contains(&v) {
+            self.err(path, format!("percentage {v} is out of range"), "expected 0..=100".to_string());
+        }
+    }
+
+    /// Durations must be at least 1ms (Istio's rule).
+    pub fn duration(&mut self, path: &str, d: &Option<Duration>) {
+        if let Some(d) = d {
+            if d.0 < std::time::Duration::from_millis(1) {
+                self.err(path, format!("duration {d} is too short"), "expected at least 1ms".to_string());
+            }
+        }
+    }
+
+    pub fn string_match(&mut self, path: &str, m: &Option<StringMatch>) {
+        if let Some(StringMatch::Regex(r)) = m {
+            self.regex(&format!("{path}.regex"), r);
+        }
+    }
+
+    pub fn regex(&mut self, path: &str, r: &str) {
+        if let Err(e) = regex::Regex::new(r) {
+            let first = e.to_string().lines().last().unwrap_or("").trim().to_string();
+            self.err(path, format!("invalid regular expression `{r}`: {first}"), "expected RE2 syntax".to_string());
+        }
+    }
+
+    pub fn dns_label(&mut self, path: &str, what: &str, s: &str) {
+        if !is_dns_label(s) {
+            self.err(
+                path,
+                format!("{what} `{s}` is not a valid DNS label"),
+                "expected lowercase letters, digits and '-', starting and ending with a letter or digit, at most 63 characters".to_string(),
+            );
+        }
+    }
+
+    pub fn non_empty(&mut self, path: &str, what: &str, s: &str) {
+        if s.trim().is_empty() {
+            self.err(path, format!("{what} must not be empty"), None);
+        }
+    }
+
+    pub fn export_to(&mut self, path: &str, list: &[String]) {
+        for (i, e) in list.iter().enumerate() {
+            if e != "." && e != "*" && e != "~" && !is_dns_label(e) {
+                self.err(
+                    format!("{path}[{i}]"),
+                    format!("invalid exportTo value `{e}`"),
+                    "expected `.`, `*` or a namespace name".to_string(),
+                );
+            }
+        }
+    }
+
+    fn selector_and_targets(
+        &mut self,
+        sel: &Option<LabelSelector>,
+        one: &Option<TargetRef>,
+        many: &[TargetRef],
+        ns: &str,
+    ) {
+        if sel.is_some() && (one.is_some() || !many.is_empty()) {
+            self.err(
+                "spec.selector",
+                "selector and targetRef/targetRefs are mutually exclusive",
+                "use one of them".to_string(),
+            );
+        }
+        if one.is_some() && !many.is_empty() {
+            self.err("spec.targetRef", "targetRef and targetRefs are mutually exclusive", "use targetRefs".to_string());
+        }
+        let refs = one
+            .iter()
+            .map(|t| ("spec.targetRef".to_string(), t))
+            .chain(many.iter().enumerate().map(|(i, t)| (format!("spec.targetRefs[{i}]"), t)));
+        for (p, t) in refs {
+            let ok = matches!(
+                (t.group.as_str(), t.kind.as_str()),
+                ("gateway.networking.k8s.io", "Gateway" | "GatewayClass")
+                    | ("", "Service")
+                    | ("core", "Service")
+                    | ("networking.istio.io", "ServiceEntry")
+            );
+            if !ok {
+                self.err(
+                    format!("{p}.kind"),
+                    format!("unsupported target `{}` `{}`", t.group, t.kind),
+                    "expected group gateway.networking.k8s.io kind Gateway, or group \"\" kind Service".to_string(),
+                );
+            }
+            self.non_empty(&format!("{p}.name"), "target name", &t.name);
+            if let Some(tns) = &t.namespace {
+                if tns != ns {
+                    self.err(
+                        format!("{p}.namespace"),
+                        format!("targetRef namespace `{tns}` differs from the policy's namespace `{ns}`"),
+                        "a policy can only target resources in its own namespace".to_string(),
+                    );
+                }
+            }
+        }
+        if let Some(s) = sel {
+            for k in s.match_labels.keys() {
+                if k.is_empty() {
+                    self.err("spec.selector.matchLabels", "label keys must not be empty", None);
+                }
+            }
+        }
+    }
+}
+
+/// Validates a name and namespace.
+pub(crate) fn metadata(name: &str, namespace: Option<&str>) -> Vec<Issue> {
+    let mut v = V::default();
+    if name.is_empty() || name.len() > 253 || !name.split('.').all(is_dns_label) {
+        v.err(
+            "metadata.name",
+            format!("invalid name `{name}`"),
+            "expected a DNS-1123 subdomain: lowercase letters, digits, '-' and '.'".to_string(),
+        );
+    }
+    if let Some(ns) = namespace {
+        v.dns_label("metadata.namespace", "namespace", ns);
+    }
+    v.issues
+}
+
+/// Validates a typed spec in the resource's namespace.
+pub(crate) fn spec(spec: &Spec, ns: &str) -> Vec<Issue> {
+    let mut v = V::default();
+    match spec {
+        Spec::Service(s) => service(&mut v, s),
+        Spec::VirtualService(vs) => traffic::virtual_service(&mut v, vs),
+        Spec::DestinationRule(dr) => traffic::destination_rule(&mut v, dr),
+        Spec::ServiceEntry(se) => service_entry(&mut v, se),
+        Spec::WorkloadEntry(we) => workload_entry(&mut v, "spec", we),
+        Spec::Sidecar(s) => sidecar(&mut v, s),
+        Spec::Gateway(g) => gateway(&mut v, g),
+        Spec::PeerAuthentication(pa) => peer_authentication(&mut v, pa),
+        Spec::AuthorizationPolicy(ap) => authorization_policy(&mut v, ap, ns),
+        Spec::RequestAuthentication(ra) => request_authentication(&mut v, ra, ns),
+        Spec::Telemetry(t) => telemetry(&mut v, t, ns),
+        Spec::LocalWorkload(l) => local_workload(&mut v, l),
+    }
+    v.issues
+}
+
+/// RFC 1123 label.
+pub(crate) fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn protocol(v: &mut V, path: &str, p: &Option<String>) {
+    if let Some(p) = p {
+        if !PROTOCOLS.iter().any(|k| k.eq_ignore_ascii_case(p)) {
+            v.err(path, format!("unknown protocol `{p}`"), format!("expected one of {}", PROTOCOLS.join(", ")));
+        }
+    }
+}
+
+fn service(v: &mut V, s: &ServiceSpec) {
+    let multi = s.ports.len() > 1;
+    let mut names = Vec::new();
+    for (i, p) in s.ports.iter().enumerate() {
+        let path = format!("spec.ports[{i}]");
+        v.port(&format!("{path}.port"), p.port);
+        match &p.name {
+            None if multi => v.err(
+                format!("{path}.name"),
+                "port name is required when a Service has more than one port",
+                "name ports `http`, `grpc-web`, `tcp-db`, ... (the prefix declares the protocol)".to_string(),
+            ),
+            Some(n) => {
+                if names.contains(n) {
+                    v.err(format!("{path}.name"), format!("duplicate port name `{n}`"), None);
+                }
+                names.push(n.clone());
+            }
+            None => {}
+        }
+        match &p.target_port {
+            Some(TargetPort::Number(n)) => v.port(&format!("{path}.targetPort"), *n),
+            Some(TargetPort::Name(n)) if n.is_empty() || n.len() > 15 => v.err(
+                format!("{path}.targetPort"),
+                format!("invalid target port name `{n}`"),
+                "expected a port number or a container port name of at most 15 characters".to_string(),
+            ),
+            _ => {}
+        }
+        if let Some(proto) = &p.protocol {
+            if !matches!(proto.as_str(), "TCP" | "UDP" | "SCTP") {
+                v.err(
+                    format!("{path}.protocol"),
+                    format!("unknown protocol `{proto}`"),
+                    "expected TCP, UDP or SCTP".to_string(),
+                );
+            }
+        }
+    }
+}
+
+fn service_entry(v: &mut V, se: &ServiceEntry) {
+    if se.hosts.is_empty() {
+        v.err("spec.hosts", "at least one host is required", None);
+    }
+    for (i, h) in se.hosts.iter().enumerate() {
+        v.non_empty(&format!("spec.hosts[{i}]"), "host", h);
+    }
+    let mut names = Vec::new();
+    for (i, p) in se.ports.iter().enumerate() {
+        let path = format!("spec.ports[{i}]");
+        v.port(&format!("{path}.number"), p.number);
+        if let Some(t) = p.target_port {
+            v.port(&format!("{path}.targetPort"), t);
+        }
+        protocol(v, &format!("{path}.protocol"), &p.protocol);
+        if let Some(n) = &p.name {
+            if names.contains(n) {
+                v.err(format!("{path}.name"), format!("duplicate port name `{n}`"), None);
+            }
+            names.push(n.clone());
+        }
+    }
+    if !se.endpoints.is_empty() && se.workload_selector.is_some() {
+        v.err("spec.workloadSelector", "workloadSelector and endpoints are mutually exclusive", None);
+    }
+    if se.resolution == Some(crate::spec::Resolution::Static) {
+        for (i, e) in se.endpoints.iter().enumerate() {
+            if e.address.as_deref().unwrap_or("").is_empty() {
+                v.err(format!("spec.endpoints[{i}].address"), "STATIC resolution needs an endpoint address", None);
+            }
+        }
+    }
+    for (i, e) in se.endpoints.iter().enumerate() {
+        workload_entry(v, &format!("spec.endpoints[{i}]"), e);
+    }
+    v.export_to("spec.exportTo", &se.export_to);
+}
+
+fn workload_entry(v: &mut V, path: &str, we: &WorkloadEntry) {
+    if we.address.is_none() && we.network.is_none() {
+        v.err(format!("{path}.address"), "address is required", "set an IP address or DNS name".to_string());
+    }
+    for (name, port) in &we.ports {
+        v.port(&format!("{path}.ports.{name}"), *port);
+    }
+    if let Some(sa) = &we.service_account {
+        v.dns_label(&format!("{path}.serviceAccount"), "service account", sa);
+    }
+}
+
+fn sidecar(v: &mut V, s: &Sidecar) {
+    for (i, l) in s.ingress.iter().enumerate() {
+        let path = format!("spec.ingress[{i}]");
+        match &l.port {
+            None => v.err(format!("{path}.port"), "ingress listener needs a port", None),
+            Some(p) => {
+                v.port(&format!("{path}.port.number"), p.number);
+                protocol(v, &format!("{path}.port.protocol"), &p.protocol);
+            }
+        }
+    }
+    if s.egress.is_empty() && !s.ingress.is_empty() {
+        // Istio allows this (defaults to the mesh config), nothing to report.
+    }
+    for (i, l) in s.egress.iter().enumerate() {
+        let path = format!("spec.egress[{i}]");
+        if let Some(p) = &l.port {
+            v.port(&format!("{path}.port.number"), p.number);
+            protocol(v, &format!("{path}.port.protocol"), &p.protocol);
+        }
+        if l.hosts.is_empty() {
+            v.err(
+                format!("{path}.hosts"),
+                "egress listener needs at least one host",
+                "expected `namespace/dnsName`, e.g. `./*` or `istio-system/*`".to_string(),
+            );
+        }
+        for (j, h) in l.hosts.iter().enumerate() {
+            match h.split_once('/') {
+                Some((ns, host)) if !ns.is_empty() && !host.is_empty() => {}
+                _ => v.err(
+                    format!("{path}.hosts[{j}]"),
+                    format!("egress host `{h}` is not in `namespace/dnsName` form"),
+                    "expected e.g. `./*`, `istio-system/*` or `*/reviews.default.svc.cluster.local`".to_string(),
+                ),
+            }
+        }
+    }
+}
+
+fn gateway(v: &mut V, g: &Gateway) {
+    if g.servers.is_empty() {
+        v.err("spec.servers", "at least one server is required", None);
+    }
+    for (i, s) in g.servers.iter().enumerate() {
+        let path = format!("spec.servers[{i}]");
+        v.port(&format!("{path}.port.number"), s.port.number);
+        protocol(v, &format!("{path}.port.protocol"), &s.port.protocol);
+        if s.hosts.is_empty() {
+            v.err(format!("{path}.hosts"), "at least one host is required", "use `*` for any host".to_string());
+        }
+        for (j, h) in s.hosts.iter().enumerate() {
+            v.non_empty(&format!("{path}.hosts[{j}]"), "host", h);
+        }
+        let proto = s.port.protocol.as_deref().unwrap_or("").to_ascii_uppercase();
+        if proto == "HTTPS" && s.tls.is_none() {
+            v.err(
+                format!("{path}.tls"),
+                "an HTTPS server needs `tls`",
+                "set tls.mode and tls.credentialName".to_string(),
+            );
+        }
+        if let Some(tls) = &s.tls {
+            use crate::spec::ServerTlsMode::*;
+            if matches!(tls.mode, Some(Simple | Mutual | OptionalMutual))
+                && tls.credential_name.is_none()
+                && tls.credential_names.is_empty()
+                && (tls.server_certificate.is_none() || tls.private_key.is_none())
+            {
+                v.err(
+                    format!("{path}.tls"),
+                    "SIMPLE/MUTUAL TLS needs a certificate",
+                    "set credentialName, or serverCertificate and privateKey".to_string(),
+                );
+            }
+        }
+    }
+}
+
+fn peer_authentication(v: &mut V, pa: &PeerAuthentication) {
+    if !pa.port_level_mtls.is_empty() && pa.selector.is_none() {
+        v.err(
+            "spec.portLevelMtls",
+            "portLevelMtls needs a workload selector",
+            "add spec.selector.matchLabels".to_string(),
+        );
+    }
+    for k in pa.port_level_mtls.keys() {
+        match k.parse::<u32>() {
+            Ok(p) => v.port(&format!("spec.portLevelMtls.{k}"), p),
+            Err(_) => v.err(
+                format!("spec.portLevelMtls.{k}"),
+                format!("`{k}` is not a port number"),
+                "expected 1..=65535".to_string(),
+            ),
+        }
+    }
+}
+
+fn authorization_policy(v: &mut V, ap: &AuthorizationPolicy, ns: &str) {
+    v.selector_and_targets(&ap.selector, &ap.target_ref, &ap.target_refs, ns);
+    match ap.action {
+        AuthzAction::Deny | AuthzAction::Audit if ap.rules.is_empty() => v.err(
+            "spec.rules",
+            format!(
+                "{} policy has no rules and would never match",
+                if ap.action == AuthzAction::Deny { "DENY" } else { "AUDIT" }
+            ),
+            "add rules, or use an ALLOW policy with no rules to deny everything".to_string(),
+        ),
+        AuthzAction::Custom if ap.provider.is_none() => v.err(
+            "spec.provider",
+            "CUSTOM action needs a provider",
+            "set provider.name to an extension provider from the mesh config".to_string(),
+        ),
+        _ => {}
+    }
+    if ap.provider.is_some() && ap.action != AuthzAction::Custom {
+        v.err("spec.provider", "provider is only allowed with action CUSTOM", None);
+    }
+    for (i, r) in ap.rules.iter().enumerate() {
+        let path = format!("spec.rules[{i}]");
+        for (j, f) in r.from.iter().enumerate() {
+            if f.source == Default::default() {
+                v.err(
+                    format!("{path}.from[{j}].source"),
+                    "source has no fields",
+                    "set principals, namespaces, ipBlocks, ...".to_string(),
+                );
+            }
+        }
+        for (j, t) in r.to.iter().enumerate() {
+            let op = &t.operation;
+            if op == &Default::default() {
+                v.err(
+                    format!("{path}.to[{j}].operation"),
+                    "operation has no fields",
+                    "set hosts, ports, methods or paths".to_string(),
+                );
+            }
+            for (k, p) in op.ports.iter().chain(op.not_ports.iter()).enumerate() {
+                match p.parse::<u32>() {
+                    Ok(n) if (1..=65535).contains(&n) => {}
+                    _ => v.err(
+                        format!("{path}.to[{j}].operation.ports[{k}]"),
+                        format!("invalid port `{p}`"),
+                        "expected a port number 1..=65535 as a string".to_string(),
+                    ),
+                }
+            }
+        }
+        for (j, c) in r.when.iter().enumerate() {
+            let cp = format!("{path}.when[{j}]");
+            v.non_empty(&format!("{cp}.key"), "condition key", &c.key);
+            if c.values.is_empty() && c.not_values.is_empty() {
+                v.err(cp, "condition needs values or notValues", None);
+            }
+        }
+    }
+}
+
+fn request_authentication(v: &mut V, ra: &RequestAuthentication, ns: &str) {
+    v.selector_and_targets(&ra.selector, &ra.target_ref, &ra.target_refs, ns);
+    for (i, r) in ra.jwt_rules.iter().enumerate() {
+        let path = format!("spec.jwtRules[{i}]");
+        v.non_empty(&format!("{path}.issuer"), "issuer", &r.issuer);
+        if r.jwks.is_some() && r.jwks_uri.is_some() {
+            v.err(format!("{path}.jwks"), "jwks and jwksUri are mutually exclusive", None);
+        }
+        if let Some(u) = &r.jwks_uri {
+            if !(u.starts_with("http://") || u.starts_with("https://")) {
+                v.err(
+                    format!("{path}.jwksUri"),
+                    format!("invalid URL `{u}`"),
+                    "expected an http:// or https:// URL".to_string(),
+                );
+            }
+        }
+        v.duration(&format!("{path}.timeout"), &r.timeout);
+    }
+}
+
+fn telemetry(v: &mut V, t: &Telemetry, ns: &str) {
+    v.selector_and_targets(&t.selector, &t.target_ref, &t.target_refs, ns);
+    for (i, tr) in t.tracing.iter().enumerate() {
+        if let Some(p) = tr.random_sampling_percentage {
+            v.percent_value(&format!("spec.tracing[{i}].randomSamplingPercentage"), p);
+        }
+    }
+}
+
+fn local_workload(v: &mut V, l: &LocalWorkload) {
+    let mut names = Vec::new();
+    for (i, p) in l.ports.iter().enumerate() {
+        let path = format!("spec.ports[{i}]");
+        v.non_empty(&format!("{path}.name"), "port name", &p.name);
+        if names.contains(&p.name) {
+            v.err(format!("{path}.name"), format!("duplicate port name `{}`", p.name), None);
+        }
+        names.push(p.name.clone());
+        v.port(&format!("{path}.port"), p.port);
+        protocol(v, &format!("{path}.protocol"), &p.protocol);
+    }
+    if let Some(sa) = &l.service_account {
+        v.dns_label("spec.serviceAccount", "service account", sa);
+    }
+}
