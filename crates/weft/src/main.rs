@@ -26,6 +26,20 @@ enum Command {
         #[arg(long, short = 'b', env = "WEFT_BOOTSTRAP")]
         bootstrap: PathBuf,
     },
+    /// Validate resources and run cross-resource checks (Istio's `analyze`): parse errors
+    /// with file, line and field, then IST-coded messages. Exit 79 when anything at or
+    /// above the failure threshold is found, 0 otherwise.
+    Analyze {
+        /// Files or directories (YAML or JSON, searched recursively).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// Lowest level that fails the command: info, warning or error.
+        #[arg(long, default_value = "error", value_parser = ["info", "warning", "error"])]
+        failure_threshold: String,
+        /// Print only what reaches this level: info, warning or error.
+        #[arg(long, default_value = "info", value_parser = ["info", "warning", "error"])]
+        output_threshold: String,
+    },
     /// Print an Envoy bootstrap that joins a stock Envoy to the control plane as a
     /// registered workload (sidecar or gateway).
     EnvoyBootstrap {
@@ -80,6 +94,10 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Proxy { bootstrap } => run_proxy(bootstrap).await,
             Command::Demo { port } => demo::run(port).await,
+            Command::Analyze { files, failure_threshold, output_threshold } => {
+                let code = analyze(&files, &failure_threshold, &output_threshold);
+                std::process::exit(code);
+            }
             Command::EnvoyBootstrap {
                 name,
                 namespace,
@@ -118,6 +136,40 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+fn level(s: &str) -> weft_api::analyze::Level {
+    use weft_api::analyze::Level;
+    match s {
+        "info" => Level::Info,
+        "warning" => Level::Warning,
+        _ => Level::Error,
+    }
+}
+
+/// `weft analyze`: parse errors count as errors (the resource is unusable).
+fn analyze(files: &[PathBuf], failure: &str, output: &str) -> i32 {
+    use weft_api::analyze::{self as an, Level};
+    let mut parsed = weft_api::Parsed::default();
+    for f in files {
+        parsed.extend(if f.is_dir() { weft_api::parse_dir(f) } else { weft_api::parse_file(f) });
+    }
+    for e in &parsed.errors {
+        println!("Error [parse] {e}");
+    }
+    let messages = an::analyze(&parsed.resources);
+    let shown = level(output);
+    for m in messages.iter().filter(|m| m.level >= shown) {
+        println!("{m}");
+    }
+    let failing = level(failure);
+    if !parsed.errors.is_empty() && Level::Error >= failing {
+        return an::EXIT_ISSUES_FOUND;
+    }
+    if messages.is_empty() && parsed.errors.is_empty() {
+        eprintln!("\u{2714} No validation issues found when analyzing {} resource(s).", parsed.resources.len());
+    }
+    an::exit_code(&messages, failing)
 }
 
 fn init_tracing(json: bool) {

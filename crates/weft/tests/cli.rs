@@ -167,3 +167,48 @@ async fn envoy_bootstrap_prints_a_registered_node_and_rejects_bad_labels() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--ports") && err.contains("99999"), "{err}");
 }
+
+#[tokio::test]
+async fn analyze_reports_parse_errors_and_cross_resource_findings_with_exit_codes() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("vs.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: v9\n      wieght: 100\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(WEFT).args(["analyze", "-f"]).arg(&bad).output().await.unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(79), "{text}");
+    assert!(text.contains(&format!("{}:12:", bad.display())) && text.contains("did you mean `weight`?"), "{text}");
+
+    // Bookinfo's services, default destination rules and a canary split: clean.
+    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/istio/bookinfo");
+    let out = tokio::process::Command::new(WEFT)
+        .args(["analyze", "-f"])
+        .arg(shared.join("platform/bookinfo.yaml"))
+        .arg("-f")
+        .arg(shared.join("networking/destination-rule-all.yaml"))
+        .arg("-f")
+        .arg(shared.join("networking/virtual-service-reviews-80-20.yaml"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Without the services and rules, the host and subset references dangle: IST0101.
+    let out = tokio::process::Command::new(WEFT)
+        .args(["analyze", "-f"])
+        .arg(shared.join("networking/virtual-service-reviews-80-20.yaml"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(79));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("IST0101"));
+}
