@@ -194,6 +194,8 @@ async fn http1_through_outbound_and_inbound_proxies_carries_peer_identity() {
     let r = get_h1(out, "svc", "/hello").await.unwrap();
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-echo-server"), Some("app"));
+    let h2 = get_h2c(out, "svc", "/over-h2").await.unwrap();
+    assert_eq!((h2.status.as_u16(), h2.header("x-echo-server")), (200, Some("app")), "h2c through both proxies");
     let headers = &r.json().unwrap()["headers"];
     assert!(headers.get("x-weft-peer-metadata").is_none(), "peer metadata must not reach the app");
     assert!(r.header("x-weft-peer-metadata").is_none(), "peer metadata must not reach the client");
@@ -394,4 +396,47 @@ async fn idle_downstream_connections_are_closed_after_the_idle_timeout() {
     let n =
         tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await.expect("connection not closed when idle");
     assert_eq!(n.unwrap_or(0), 0, "expected EOF");
+}
+
+#[tokio::test]
+async fn access_log_writes_one_json_line_per_request_and_connection() {
+    let mesh = Mesh::start().await;
+    let echo = EchoServer::start("a").await;
+    let tcp = TcpEchoServer::start().await;
+    clusters(&mesh, &[("a", vec![echo.addr]), ("t", vec![tcp.addr])], false);
+    mesh.set(
+        type_url::LISTENER,
+        vec![http_out(&[]), pack_any(build::tcp_listener("tcp", "127.0.0.1:0".parse().unwrap(), "t"))],
+    );
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("access.log");
+    let proxy = mesh.proxy_with_log("logging", false, log.to_str().unwrap()).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    assert_eq!(get_h1(out, "svc", "/logged?x=1").await.unwrap().status, 200);
+    let mut s = TcpStream::connect(proxy.listener_addr("tcp", WAIT).await.unwrap()).await.unwrap();
+    s.write_all(b"ping").await.unwrap();
+    assert_eq!(read_until(&mut s, b"ping", Duration::from_secs(5)).await, b"ping");
+    drop(s);
+    let mut lines = Vec::new();
+    for _ in 0..50 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        lines = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line")).collect();
+        if lines.len() >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let http = lines.iter().find(|l| l["protocol"] == "HTTP/1.1").unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(http["path"], "/logged?x=1");
+    assert_eq!(http["response_code"], 200);
+    assert_eq!(http["upstream_cluster"], "a");
+    assert_eq!(http["upstream_host"], echo.addr.to_string());
+    let tcp_line = lines.iter().find(|l| l["protocol"] == "tcp").unwrap_or_else(|| panic!("{lines:?}"));
+    assert_eq!(tcp_line["upstream_cluster"], "t");
+    assert_eq!(tcp_line["bytes_received"], 4);
 }

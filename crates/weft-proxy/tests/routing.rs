@@ -494,3 +494,69 @@ async fn stream_idle_and_route_timeouts_cut_a_stalled_response_body() {
     let (text, _) = read_all(out, "/ok").await;
     assert!(text.contains("second") && text.ends_with("0\r\n\r\n"), "a patient route must get the whole body: {text}");
 }
+
+/// Accepts connections and reads requests but never answers; counts connections.
+async fn stalled_backend() -> (SocketAddr, Arc<AtomicU64>) {
+    let sock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = sock.local_addr().unwrap();
+    let conns = Arc::new(AtomicU64::new(0));
+    let c = conns.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = sock.accept().await {
+            c.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = tokio::io::AsyncReadExt::read(&mut s, &mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, conns)
+}
+
+#[tokio::test]
+async fn per_try_timeout_abandons_a_stalled_endpoint_and_retries_elsewhere() {
+    let mesh = Mesh::start().await;
+    let good = EchoServer::start("good").await;
+    let (stalled, stalled_conns) = stalled_backend().await;
+    let mut c = weft_xds::build::eds_cluster("mixed", false);
+    c.metadata = None; // round robin: the stalled endpoint is certainly tried
+    mesh.set(type_url::CLUSTER, vec![pack_any(c)]);
+    mesh.set(
+        type_url::ENDPOINT,
+        vec![pack_any(weft_xds::build::cla(
+            "mixed",
+            &[
+                (good.addr, 1, envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy),
+                (stalled, 1, envoy_types::pb::envoy::config::core::v3::HealthStatus::Healthy),
+            ],
+        ))],
+    );
+    let mut action = to("mixed");
+    action.timeout = Some(PbDuration { seconds: 5, nanos: 0 });
+    action.retry_policy = Some(RetryPolicy {
+        retry_on: "5xx".into(),
+        num_retries: Some(UInt32Value { value: 2 }),
+        per_try_timeout: Some(PbDuration { seconds: 0, nanos: 200_000_000 }),
+        ..Default::default()
+    });
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), action)])]))],
+    );
+    let proxy = mesh.proxy("per-try", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    for _ in 0..6 {
+        let t = Instant::now();
+        let r = get_h1(out, "svc", "/").await.unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-echo-server"), Some("good"));
+        assert!(t.elapsed() < Duration::from_millis(1500), "a stalled try was not cut at 200 ms: {:?}", t.elapsed());
+    }
+    assert!(stalled_conns.load(Ordering::SeqCst) > 0, "the stalled endpoint was never tried");
+}

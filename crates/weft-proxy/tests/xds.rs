@@ -81,6 +81,13 @@ async fn nack_keeps_previous_config(delta: bool) {
     })
     .await;
     assert!(seen.is_ok(), "server did not record the NACK");
+    let metrics = proxy.context().metrics.encode();
+    let nacks: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("weft_xds_nacks_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(nacks >= 1.0, "the NACK is not counted in the proxy's metrics: {metrics}");
     // Previous routes still in force.
     for _ in 0..5 {
         assert_eq!(get_h1(out, "svc", "/").await.unwrap().header("x-echo-server"), Some("a"));

@@ -50,8 +50,13 @@ impl Mesh {
 
     /// Starts a proxy and waits until it is ready.
     pub async fn proxy(&self, id: &str, delta: bool) -> ProxyHandle {
+        self.proxy_with_log(id, delta, "off").await
+    }
+
+    /// Like [`Mesh::proxy`], writing the access log to `access_log` (`off`, `stdout`, a path).
+    pub async fn proxy_with_log(&self, id: &str, delta: bool, access_log: &str) -> ProxyHandle {
         let text = format!(
-            "node:\n  id: {id}\n  cluster: test\n  name: {id}\n  namespace: default\n  labels:\n    app: {id}\n    version: v1\nxds:\n  address: http://{}\n  mode: {}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 2s\n",
+            "node:\n  id: {id}\n  cluster: test\n  name: {id}\n  namespace: default\n  labels:\n    app: {id}\n    version: v1\nxds:\n  address: http://{}\n  mode: {}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"{access_log}\"\ndrain_timeout: 2s\n",
             self.xds,
             if delta { "delta" } else { "sotw" }
         );
