@@ -203,50 +203,15 @@ impl ConfigStore {
     }
 
     fn apply_listeners(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
-        let mut errors = Vec::new();
-        let mut seen = BTreeSet::new();
-        for (name, any) in &update.upserts {
-            seen.insert(name.clone());
-            match listener::decode::<Listener>(any)
-                .map_err(|m| format!("listener {name:?}: {m}"))
-                .and_then(|l| ListenerConfig::compile(&l).map(|c| (l, c)).map_err(|e| e.to_string()))
-            {
-                Ok((raw, compiled)) => {
-                    st.raw.listeners.insert(name.clone(), raw);
-                    st.listeners.insert(name.clone(), Arc::new(compiled));
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        let removals = removed(&update, &seen, st.listeners.keys());
-        for name in removals {
-            st.listeners.remove(&name);
-            st.raw.listeners.remove(&name);
-        }
-        errors
+        apply_each(&update, "listener", &mut st.raw.listeners, &mut st.listeners, |l: &Listener| {
+            ListenerConfig::compile(l).map_err(|e| e.to_string())
+        })
     }
 
     fn apply_routes(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
-        let mut errors = Vec::new();
-        let mut seen = BTreeSet::new();
-        for (name, any) in &update.upserts {
-            seen.insert(name.clone());
-            match listener::decode::<RouteConfiguration>(any)
-                .map_err(|m| format!("route configuration {name:?}: {m}"))
-                .and_then(|rc| RouteTable::compile(&rc).map(|t| (rc, t)).map_err(|e| e.to_string()))
-            {
-                Ok((raw, table)) => {
-                    st.raw.routes.insert(name.clone(), raw);
-                    st.routes.insert(name.clone(), Arc::new(table));
-                }
-                Err(e) => errors.push(e),
-            }
-        }
-        for name in removed(&update, &seen, st.routes.keys()) {
-            st.routes.remove(&name);
-            st.raw.routes.remove(&name);
-        }
-        errors
+        apply_each(&update, "route configuration", &mut st.raw.routes, &mut st.routes, |rc: &RouteConfiguration| {
+            RouteTable::compile(rc).map_err(|e| e.to_string())
+        })
     }
 
     fn apply_clusters(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
@@ -352,6 +317,42 @@ fn cla_name(c: &ClusterConfig) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// Applies an update to a type whose resources compile on their own: each good
+/// resource replaces its previous version, each bad one is reported and leaves its
+/// previous version in force; removals (and, for full-state updates, absences) drop both
+/// the raw and the compiled form.
+fn apply_each<P, C>(
+    update: &ResourceUpdate,
+    kind: &str,
+    raw: &mut BTreeMap<String, P>,
+    compiled: &mut BTreeMap<String, Arc<C>>,
+    compile: impl Fn(&P) -> Result<C, String>,
+) -> Vec<String>
+where
+    P: prost::Message + prost::Name + Default,
+{
+    let mut errors = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (name, any) in &update.upserts {
+        seen.insert(name.clone());
+        match listener::decode::<P>(any)
+            .map_err(|m| format!("{kind} {name:?}: {m}"))
+            .and_then(|p| compile(&p).map(|c| (p, c)))
+        {
+            Ok((p, c)) => {
+                raw.insert(name.clone(), p);
+                compiled.insert(name.clone(), Arc::new(c));
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    for name in removed(update, &seen, compiled.keys()) {
+        compiled.remove(&name);
+        raw.remove(&name);
+    }
+    errors
 }
 
 /// Names to remove after an update: explicit removals, plus (full state) everything not
