@@ -24,7 +24,13 @@ pub struct Context {
     /// Access log writer.
     pub access_log: AccessLog,
     /// Who this proxy runs beside.
-    pub local: WorkloadInfo,
+    pub local: Arc<WorkloadInfo>,
+    /// `local`, encoded once for the peer-metadata header.
+    pub local_header: http::HeaderValue,
+    /// Peers' metadata, decoded once per distinct header value.
+    pub peers: crate::telemetry::peer::DecodeCache,
+    /// Labels for a peer that sent no metadata.
+    pub unknown_peer: Arc<WorkloadInfo>,
     /// Flips to true when the proxy starts draining.
     pub draining: watch::Receiver<bool>,
     /// How long a drain waits for in-flight work.

@@ -80,7 +80,7 @@ pub fn on_upstream_request(ctx: &Context, conn: &ConnInfo, headers: &mut HeaderM
             headers.remove(peer::PEER_HEADER);
         }
         _ => {
-            headers.insert(peer::PEER_HEADER, peer::encode(&ctx.local));
+            headers.insert(peer::PEER_HEADER, ctx.local_header.clone());
         }
     }
 }
@@ -101,7 +101,7 @@ pub struct HttpReport {
     x_forwarded_for: Option<String>,
     /// The request id (taken from `x-request-id` or generated).
     pub request_id: String,
-    peer: Option<WorkloadInfo>,
+    peer: Option<Arc<WorkloadInfo>>,
     flags: Vec<&'static str>,
     /// Authority the request was for.
     pub authority: String,
@@ -129,11 +129,11 @@ pub struct HttpReport {
 
 impl HttpReport {
     /// Starts the report for a request that just arrived.
-    pub fn start<B>(_ctx: &Context, conn: &ConnInfo, req: &Request<B>) -> Self {
+    pub fn start<B>(ctx: &Context, conn: &ConnInfo, req: &Request<B>) -> Self {
         let h = req.headers();
         let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
         let peer = match conn.listener.direction {
-            Direction::Inbound => h.get(peer::PEER_HEADER).and_then(peer::decode),
+            Direction::Inbound => h.get(peer::PEER_HEADER).and_then(|v| ctx.peers.decode(v)),
             _ => None,
         };
         HttpReport {
@@ -191,11 +191,11 @@ impl HttpReport {
     pub fn on_response_headers(&mut self, ctx: &Context, headers: &mut HeaderMap) {
         match self.direction {
             Direction::Inbound => {
-                headers.insert(peer::PEER_HEADER, peer::encode(&ctx.local));
+                headers.insert(peer::PEER_HEADER, ctx.local_header.clone());
             }
             _ => {
                 if let Some(v) = headers.remove(peer::PEER_HEADER) {
-                    self.peer = peer::decode(&v);
+                    self.peer = ctx.peers.decode(&v);
                 }
             }
         }
@@ -213,8 +213,8 @@ impl HttpReport {
     pub fn finish(self, ctx: &Context) {
         let duration = self.start.elapsed();
         let request_bytes = self.request_bytes_counter.as_ref().map(|c| c.load(Ordering::Relaxed)).unwrap_or(0);
-        let local = Arc::new(ctx.local.clone());
-        let peer = Arc::new(self.peer.clone().unwrap_or_default());
+        let local = ctx.local.clone();
+        let peer = self.peer.clone().unwrap_or_else(|| ctx.unknown_peer.clone());
         let (source, destination) = match self.direction {
             Direction::Inbound => (peer, local),
             _ => (local, peer),
@@ -293,8 +293,8 @@ pub struct TcpReport {
 impl TcpReport {
     /// Counts the connection as opened.
     pub fn open(ctx: &Context, conn: &ConnInfo, cluster: &str) -> Self {
-        let local = Arc::new(ctx.local.clone());
-        let peer = Arc::new(WorkloadInfo::default());
+        let local = ctx.local.clone();
+        let peer = ctx.unknown_peer.clone();
         let (source, destination) = match conn.listener.direction {
             Direction::Inbound => (peer, local),
             _ => (local, peer),
