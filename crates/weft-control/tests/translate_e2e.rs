@@ -119,8 +119,13 @@ async fn control_plane() -> ControlPlane {
 }
 
 async fn weft_proxy(xds: SocketAddr) -> ProxyHandle {
+    let node = "node:\n  id: productpage\n  cluster: productpage.default\n  name: productpage\n  namespace: default\n  labels:\n    app: productpage\n";
+    weft_proxy_as(node, xds).await
+}
+
+async fn weft_proxy_as(node_yaml: &str, xds: SocketAddr) -> ProxyHandle {
     let text = format!(
-        "node:\n  id: productpage\n  cluster: productpage.default\n  name: productpage\n  namespace: default\n  labels:\n    app: productpage\nxds:\n  address: http://{xds}\n  mode: sotw\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\n"
+        "{node_yaml}xds:\n  address: http://{xds}\n  mode: sotw\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\n"
     );
     let b = Bootstrap::parse(&text, Path::new("productpage.yaml")).unwrap();
     let p = ProxyHandle::start(b).await.unwrap();
@@ -251,4 +256,74 @@ async fn istio_routing_semantics_hold_through_weft_proxy_and_envoy_acks_the_same
     .await;
     assert!(acked.is_ok(), "Envoy did not ACK every type: {:?}\n{}", cp.server.connections(), envoy.log_tail());
     proxy.shutdown().await;
+}
+
+/// Sidecar to sidecar: the client proxy's endpoint for `reviews` is the reviews proxy's
+/// `inbound|PORT` listener (its WEFT_INBOUND address), which forwards to the local app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_mode_traffic_flows_client_proxy_to_server_proxy_inbound_to_app() {
+    let app = EchoServer::start("reviews-app").await;
+    let port = app.addr.port();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {port}}}]\n"
+    );
+    let parsed = weft_api::parse_str(&yaml, Path::new("svc.yaml"));
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let mesh = MeshConfig {
+        resources: parsed.resources,
+        explicit_outbound: "127.0.0.1:0".parse().unwrap(),
+        ..MeshConfig::default()
+    };
+    let registry = Registry::new();
+    let mut server = workload("reviews-v1", "v1", "127.0.0.1:0".parse().unwrap());
+    server.ports[0].port = port;
+    registry.upsert(server.clone());
+
+    // The server's proxy: inbound|PORT bound on its WEFT_INBOUND address (port 0 here).
+    let server_node = NodeInfo {
+        id: "reviews-v1".into(),
+        namespace: "default".into(),
+        labels: server.labels.clone(),
+        ports: server.ports.clone(),
+        ..NodeInfo::default()
+    };
+    let server_cp = control_plane().await;
+    for (t, r) in translate(&mesh, &registry.snapshot(), &server_node, ProxyMode::Explicit).into_resources() {
+        server_cp.source.set(t, r).unwrap();
+    }
+    let node_yaml = format!(
+        "node:\n  id: reviews-v1\n  cluster: reviews.default\n  name: reviews-v1\n  namespace: default\n  labels:\n    app: reviews\n    version: v1\n  ports: [{{name: http, port: {port}, protocol: TCP}}]\n"
+    );
+    let server_proxy = weft_proxy_as(&node_yaml, server_cp.xds).await;
+    let inbound = server_proxy.listener_addr(&format!("inbound|{port}"), WAIT).await.expect("inbound listener bound");
+
+    // The registry learns where the inbound listener is; the client's xDS follows.
+    server.inbound = Some(inbound);
+    registry.upsert(server);
+    let client_xds = translate(&mesh, &registry.snapshot(), &client_node(), ProxyMode::Explicit);
+    let cla = client_xds.endpoints_of("outbound|9080||reviews.default.svc.cluster.local").unwrap();
+    let eps = &cla.endpoints[0].lb_endpoints;
+    assert_eq!(eps.len(), 1);
+    let Some(envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(ep)) =
+        &eps[0].host_identifier
+    else {
+        panic!("{eps:?}")
+    };
+    assert_eq!(ep.address, Some(weft_xds::build::address(inbound)), "endpoint is the peer's inbound listener");
+    let client_cp = control_plane().await;
+    for (t, r) in client_xds.into_resources() {
+        client_cp.source.set(t, r).unwrap();
+    }
+    let client = weft_proxy(client_cp.xds).await;
+    let out = client.listener_addr("weft-outbound", WAIT).await.unwrap();
+
+    let before = app.requests();
+    let r = get_via_proxy(out, "http://reviews.default.svc.cluster.local:9080/hello").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server_of(&r), "reviews-app");
+    assert_eq!(r.json().unwrap()["path"], "/hello");
+    assert_eq!(app.requests(), before + 1);
+    assert_ne!(inbound, app.addr, "traffic went through the server proxy, not straight to the app");
+    client.shutdown().await;
+    server_proxy.shutdown().await;
 }
