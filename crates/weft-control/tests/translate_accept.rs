@@ -111,6 +111,14 @@ spec:
   resolution: NONE
 ---
 apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: front, namespace: default}
+spec:
+  hosts: [bookinfo.example.com]
+  http:
+  - route: [{destination: {host: reviews, port: {number: 9080}}}]
+---
+apiVersion: networking.istio.io/v1
 kind: Sidecar
 metadata: {name: default, namespace: default}
 spec:

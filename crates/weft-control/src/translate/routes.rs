@@ -25,7 +25,7 @@ use weft_api::spec::{Destination, Headers, HttpBody, HttpMatchRequest, HttpRetry
 use weft_api::{host, VirtualService};
 
 use super::clusters::{duration, outbound_name};
-use super::model::{MeshView, Service};
+use super::model::{Backing, MeshView, Protocol, Service, SvcPort, Target};
 use super::{ProxyMode, ProxyXds, BLACKHOLE, OUTBOUND, PASSTHROUGH};
 
 /// Istio's default retry conditions (applied when a route sets no `retries`).
@@ -36,12 +36,14 @@ pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 /// Adds the per-port RouteConfigurations and `weft-outbound`.
 pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
     let ns = view.namespace();
+    let extra = virtual_hosts_without_service(view);
+    let services: Vec<&Service> = view.services.iter().chain(&extra).collect();
     let ports: BTreeSet<u32> =
-        view.services.iter().flat_map(|s| s.ports.iter().filter(|p| p.protocol.is_http()).map(|p| p.number)).collect();
+        services.iter().flat_map(|s| s.ports.iter().filter(|p| p.protocol.is_http()).map(|p| p.number)).collect();
     for port in ports {
         let mut seen = BTreeSet::new();
         let mut vhosts = Vec::new();
-        for svc in view.services.iter().filter(|s| s.port(port).is_some_and(|p| p.protocol.is_http())) {
+        for svc in services.iter().filter(|s| s.port(port).is_some_and(|p| p.protocol.is_http())) {
             let mut domains = Vec::new();
             for name in svc.names(ns) {
                 domains.push(name.clone());
@@ -62,7 +64,7 @@ pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
     }
     let mut seen = BTreeSet::new();
     let mut vhosts = Vec::new();
-    for svc in &view.services {
+    for svc in &services {
         for p in svc.ports.iter().filter(|p| p.protocol.is_http()) {
             let mut domains = Vec::new();
             for name in svc.names(ns) {
@@ -81,6 +83,30 @@ pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
         validate_clusters: Some(BoolValue { value: false }),
         ..Default::default()
     });
+}
+
+/// Hosts of VirtualServices (with http routes) that name no service, such as
+/// `bookinfo.example.com`: like Istio, they get a virtual host on port 80.
+fn virtual_hosts_without_service(view: &MeshView<'_>) -> Vec<Service> {
+    let mut hosts = BTreeSet::new();
+    for (m, vs) in view.virtual_services.iter().filter(|(_, vs)| !vs.http.is_empty()) {
+        for h in &vs.hosts {
+            let h = host::fqdn(h, &m.namespace, &view.mesh.domain);
+            if !h.contains('*') && view.service(&h).is_none() {
+                hosts.insert((h, m.namespace.clone()));
+            }
+        }
+    }
+    hosts
+        .into_iter()
+        .map(|(host, namespace)| Service {
+            host,
+            short: None,
+            namespace,
+            ports: vec![SvcPort { number: 80, name: "http".into(), protocol: Protocol::Http, target: Target::Same }],
+            backing: Backing::Selector(Default::default()),
+        })
+        .collect()
 }
 
 /// Istio's `allow_any` / `block_all` virtual host for unknown authorities.

@@ -593,3 +593,25 @@ fn output_is_deterministic_and_sorted() {
     assert_eq!(res.len(), 4);
     assert!(res[weft_xds::type_url::CLUSTER].iter().all(|any| any.type_url == Cluster::type_url()));
 }
+
+#[test]
+fn virtual_service_hosts_without_a_service_get_a_port_80_virtual_host() {
+    let yaml = format!(
+        r#"{SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: front, namespace: default}}
+spec:
+  hosts: [bookinfo.example.com]
+  http:
+  - route: [{{destination: {{host: reviews, port: {{number: 9080}}}}}}]
+"#
+    );
+    let x = run(&yaml, vec![], ProxyMode::Explicit);
+    let vh = vhost(&x, OUTBOUND, "bookinfo.example.com:80");
+    assert_eq!(vh.domains, ["bookinfo.example.com", "bookinfo.example.com:80"]);
+    assert_eq!(cluster_of(&vh.routes[0]), format!("outbound|9080||{FQDN}"));
+    assert!(x.route("80").is_some());
+    assert!(x.cluster("outbound|80||bookinfo.example.com").is_none(), "no cluster for a host without service");
+}
