@@ -93,7 +93,7 @@ fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
 
 fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
     let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
-    let fallback = match view.mesh.outbound_policy {
+    let fallback = match view.outbound_policy() {
         super::OutboundPolicy::AllowAny => PASSTHROUGH,
         super::OutboundPolicy::RegistryOnly => BLACKHOLE,
     };

@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
-use weft_api::spec::{IstioEgressListener, Resolution, ServicePort, TargetPort};
+use weft_api::spec::{IstioEgressListener, OutboundMode, Resolution, ServicePort, TargetPort};
 use weft_api::{host, DestinationRule, ObjectMeta, Sidecar, Spec, VirtualService, WorkloadEntry};
 use weft_xds::NodeInfo;
 
-use super::{MeshConfig, ProxyMode};
-use crate::registry::{RegistrySnapshot, Workload};
+use super::{MeshConfig, OutboundPolicy, ProxyMode};
+use crate::registry::{RegistrySnapshot, Workload, WorkloadSource};
 
 /// Annotation carrying a Kubernetes Service's `exportTo` (comma-separated).
 pub const EXPORT_TO_ANNOTATION: &str = "networking.istio.io/exportTo";
@@ -200,6 +200,16 @@ impl<'a> MeshView<'a> {
         view
     }
 
+    /// The outbound traffic policy: the proxy's Sidecar `outboundTrafficPolicy.mode`,
+    /// else the mesh's.
+    pub fn outbound_policy(&self) -> OutboundPolicy {
+        match self.sidecar.and_then(|s| s.outbound_traffic_policy.as_ref()).and_then(|p| p.mode) {
+            Some(OutboundMode::RegistryOnly) => OutboundPolicy::RegistryOnly,
+            Some(OutboundMode::AllowAny) => OutboundPolicy::AllowAny,
+            None => self.mesh.outbound_policy,
+        }
+    }
+
     /// The namespace of the proxy.
     pub fn namespace(&self) -> &str {
         &self.node.namespace
@@ -293,7 +303,13 @@ impl<'a> MeshView<'a> {
                 return;
             }
             for (m, we) in &self.workload_entries {
-                let matches = m.namespace == svc.namespace
+                // A WorkloadEntry already in the registry (registered by hand) counts once.
+                let registered = self
+                    .registry
+                    .workloads()
+                    .any(|w| w.namespace == m.namespace && w.source == WorkloadSource::WorkloadEntry(m.name.clone()));
+                let matches = !registered
+                    && m.namespace == svc.namespace
                     && selector.iter().all(|(k, v)| we.labels.get(k) == Some(v))
                     && in_subset(&we.labels);
                 if matches {

@@ -26,7 +26,7 @@ use weft_api::{host, VirtualService};
 
 use super::clusters::{duration, outbound_name};
 use super::model::{Backing, MeshView, Protocol, Service, SvcPort, Target};
-use super::{ProxyMode, ProxyXds, BLACKHOLE, OUTBOUND, PASSTHROUGH};
+use super::{OutboundPolicy, ProxyMode, ProxyXds, OUTBOUND, PASSTHROUGH};
 
 /// Istio's default retry conditions (applied when a route sets no `retries`).
 pub const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
@@ -111,7 +111,7 @@ fn virtual_hosts_without_service(view: &MeshView<'_>) -> Vec<Service> {
 
 /// Istio's `allow_any` / `block_all` virtual host for unknown authorities.
 fn catch_all(view: &MeshView<'_>) -> VirtualHost {
-    let allow = view.mesh.outbound_policy == super::OutboundPolicy::AllowAny;
+    let allow = view.outbound_policy() == OutboundPolicy::AllowAny;
     let action = if allow {
         route::Action::Route(RouteAction {
             cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(PASSTHROUGH.into())),
@@ -121,7 +121,6 @@ fn catch_all(view: &MeshView<'_>) -> VirtualHost {
     } else {
         route::Action::DirectResponse(DirectResponseAction { status: 502, ..Default::default() })
     };
-    let _ = BLACKHOLE;
     VirtualHost {
         name: if allow { "allow_any" } else { "block_all" }.into(),
         domains: vec!["*".into()],

@@ -615,3 +615,52 @@ spec:
     assert!(x.route("80").is_some());
     assert!(x.cluster("outbound|80||bookinfo.example.com").is_none(), "no cluster for a host without service");
 }
+
+#[test]
+fn workload_entries_and_service_entry_selectors_add_endpoints() {
+    let yaml = format!(
+        r#"{SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: vm-1, namespace: default}}
+spec: {{address: 10.9.0.1, labels: {{app: reviews, version: v9}}, ports: {{http: 9999}}, weight: 5}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: vm-other-ns, namespace: prod}}
+spec: {{address: 10.9.0.2, labels: {{app: reviews}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: vms, namespace: default}}
+spec:
+  hosts: [vms.example.internal]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  workloadSelector: {{labels: {{version: v9}}}}
+"#
+    );
+    let x = run(&yaml, two_versions(), ProxyMode::Transparent);
+    let cla = x.endpoints_of(&format!("outbound|9080||{FQDN}")).unwrap();
+    assert_eq!(eps(cla), ["10.0.0.1:8080", "10.0.0.2:8080", "10.9.0.1:9999"]);
+    let weights: Vec<_> =
+        cla.endpoints[0].lb_endpoints.iter().map(|e| e.load_balancing_weight.map(|w| w.value)).collect();
+    assert_eq!(weights, [Some(1), Some(1), Some(5)]);
+    // The entry names its own port for `http`, which wins over the targetPort.
+    assert_eq!(eps(x.endpoints_of("outbound|80||vms.example.internal").unwrap()), ["10.9.0.1:9999"]);
+}
+
+#[test]
+fn sidecar_outbound_traffic_policy_overrides_the_mesh_default() {
+    let yaml = format!(
+        "{SERVICE}---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: istio-system}}\nspec:\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n"
+    );
+    let x = run(&yaml, vec![], ProxyMode::Transparent);
+    let Some(filter::ConfigType::TypedConfig(any)) =
+        &x.listener("virtualOutbound").unwrap().filter_chains[0].filters[0].config_type
+    else {
+        panic!()
+    };
+    let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
+    assert_eq!(tp.cluster_specifier, Some(tcp_proxy::ClusterSpecifier::Cluster(BLACKHOLE.into())));
+}
