@@ -73,6 +73,9 @@ spec:
     mirror: {host: reviews, subset: v2}
     mirrorPercentage: {value: 25}
     route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {regex: "/whole/.*"}}]
+    rewrite: {uri: /replaced}
+    route: [{destination: {host: reviews, subset: v1}}]
   - match: [{uri: {regex: "/r/(.*)"}}]
     rewrite: {uriRegexRewrite: {match: "/r/(.*)", rewrite: "/\\1"}}
     route: [{destination: {host: reviews, subset: v1}}]

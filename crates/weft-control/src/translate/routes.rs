@@ -293,10 +293,11 @@ fn action(
     if let Some(rw) = &r.rewrite {
         if let Some(uri) = &rw.uri {
             match &m.uri {
-                // An exact match rewrites the whole path; Envoy's prefix rewrite does that.
+                // Istio: a prefix match has its prefix replaced; exact and regex matches
+                // have the whole path replaced (for exact, the prefix is the whole path).
                 Some(StringMatch::Regex(_)) => {
                     a.regex_rewrite = Some(RegexMatchAndSubstitute {
-                        pattern: Some(RegexMatcher { regex: ".*".into(), ..Default::default() }),
+                        pattern: Some(RegexMatcher { regex: "^.*$".into(), ..Default::default() }),
                         substitution: uri.clone(),
                     })
                 }
