@@ -1,4 +1,7 @@
-//! The control plane: store, registry, translator, xDS server. Filled in by the control-plane issue.
+//! The control plane: config store, workload registry, translator (Istio resources +
+//! registry -> per-proxy xDS), Envoy bootstrap rendering. The control-plane process
+//! (xDS server wiring, API, CLI) is next.
 pub mod envoy_bootstrap;
-pub mod store;
 pub mod registry;
+pub mod store;
+pub mod translate;

@@ -1,0 +1,239 @@
+//! Outbound clusters `outbound|PORT|SUBSET|FQDN` with DestinationRule policy, and their
+//! ClusterLoadAssignments.
+
+use std::collections::BTreeMap;
+
+use envoy_types::pb::envoy::config::cluster::v3::{
+    circuit_breakers, cluster, CircuitBreakers, Cluster, OutlierDetection,
+};
+use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, HealthStatus, SocketAddress};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
+};
+use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+use weft_api::spec::{
+    ConnectionPoolSettings, LoadBalancerSettings, OutlierDetection as IstioOutlier, Resolution, SimpleLb, TrafficPolicy,
+};
+use weft_xds::build;
+
+use super::model::{Backing, Ep, MeshView, Protocol, Service, SvcPort};
+use super::{ProxyMode, ProxyXds};
+
+/// The policy that applies to one cluster after subset and port-level overrides.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Policy {
+    /// Load balancing.
+    pub load_balancer: Option<LoadBalancerSettings>,
+    /// Connection pool.
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    /// Outlier detection.
+    pub outlier_detection: Option<IstioOutlier>,
+}
+
+/// Istio's name of an outbound cluster: `outbound|9080|v1|reviews.default.svc.cluster.local`.
+pub fn outbound_name(port: u32, subset: &str, host: &str) -> String {
+    format!("outbound|{port}|{subset}|{host}")
+}
+
+/// Adds every visible service's clusters (and subset clusters) with their endpoints.
+pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
+    for svc in &view.services {
+        let dr = view.destination_rule(svc);
+        for port in &svc.ports {
+            let base = dr.and_then(|d| d.traffic_policy.as_ref());
+            let policy = effective(base, None, port.number);
+            add(view, svc, port, "", None, &policy, mode, out);
+            for subset in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
+                let policy = effective(base, subset.traffic_policy.as_ref(), port.number);
+                add(view, svc, port, &subset.name, Some(&subset.labels), &policy, mode, out);
+            }
+        }
+    }
+}
+
+/// The policy for `port`: the subset's policy replaces the rule's field by field, then the
+/// port-level settings of whichever applies replace it again (Istio's merge order).
+pub fn effective(base: Option<&TrafficPolicy>, subset: Option<&TrafficPolicy>, port: u32) -> Policy {
+    let mut p = Policy::default();
+    for tp in [base, subset].into_iter().flatten() {
+        apply(&mut p, tp.load_balancer.clone(), tp.connection_pool.clone(), tp.outlier_detection.clone());
+        for pl in &tp.port_level_settings {
+            if pl.port.is_some_and(|s| s.number == port) {
+                apply(&mut p, pl.load_balancer.clone(), pl.connection_pool.clone(), pl.outlier_detection.clone());
+            }
+        }
+    }
+    p
+}
+
+fn apply(
+    p: &mut Policy,
+    lb: Option<LoadBalancerSettings>,
+    pool: Option<ConnectionPoolSettings>,
+    outlier: Option<IstioOutlier>,
+) {
+    if lb.is_some() {
+        p.load_balancer = lb;
+    }
+    if pool.is_some() {
+        p.connection_pool = pool;
+    }
+    if outlier.is_some() {
+        p.outlier_detection = outlier;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn add(
+    view: &MeshView<'_>,
+    svc: &Service,
+    port: &SvcPort,
+    subset: &str,
+    labels: Option<&BTreeMap<String, String>>,
+    policy: &Policy,
+    mode: ProxyMode,
+    out: &mut ProxyXds,
+) {
+    let name = outbound_name(port.number, subset, &svc.host);
+    let http2 = port.protocol == Protocol::Http2;
+    let eps = view.endpoints(svc, port, labels, mode);
+    let resolution = match &svc.backing {
+        Backing::Selector(_) => Resolution::Static,
+        Backing::Entry { resolution, selector, .. } => {
+            if *resolution == Resolution::None && selector.is_some() {
+                Resolution::Static
+            } else {
+                *resolution
+            }
+        }
+    };
+    let mut c = build::eds_cluster(&name, http2);
+    match resolution {
+        Resolution::Static => out.endpoints.push(cla(&name, &eps)),
+        Resolution::Dns | Resolution::DnsRoundRobin => {
+            let t = if resolution == Resolution::Dns {
+                cluster::DiscoveryType::StrictDns
+            } else {
+                cluster::DiscoveryType::LogicalDns
+            };
+            c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(t as i32));
+            c.eds_cluster_config = None;
+            let eps = if t == cluster::DiscoveryType::LogicalDns { eps.into_iter().take(1).collect() } else { eps };
+            c.load_assignment = Some(cla(&name, &eps));
+        }
+        Resolution::None => {
+            c.cluster_discovery_type =
+                Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::OriginalDst as i32));
+            c.eds_cluster_config = None;
+            c.lb_policy = cluster::LbPolicy::ClusterProvided as i32;
+            c.metadata = None;
+        }
+    }
+    c.connect_timeout = Some(PbDuration { seconds: 10, nanos: 0 });
+    if resolution != Resolution::None {
+        set_lb(&mut c, policy.load_balancer.as_ref());
+    }
+    if let Some(pool) = &policy.connection_pool {
+        set_pool(&mut c, pool);
+    }
+    if let Some(o) = &policy.outlier_detection {
+        c.outlier_detection = Some(outlier(o));
+    }
+    out.clusters.push(c);
+}
+
+/// Sets the balancer: weft's metadata name and Envoy's enum agree; consistent hashing
+/// is RING_HASH (the hash key goes on the route, see `routes`).
+fn set_lb(c: &mut Cluster, lb: Option<&LoadBalancerSettings>) {
+    let Some(lb) = lb else { return };
+    if lb.consistent_hash.is_some() {
+        c.lb_policy = cluster::LbPolicy::RingHash as i32;
+        c.metadata = None;
+        return;
+    }
+    let (name, policy) = match lb.simple {
+        Some(SimpleLb::RoundRobin) => ("ROUND_ROBIN", cluster::LbPolicy::RoundRobin),
+        Some(SimpleLb::LeastRequest | SimpleLb::LeastConn) => ("LEAST_REQUEST", cluster::LbPolicy::LeastRequest),
+        Some(SimpleLb::Random) => ("RANDOM", cluster::LbPolicy::Random),
+        Some(SimpleLb::Unspecified | SimpleLb::Passthrough) | None => return,
+    };
+    c.lb_policy = policy as i32;
+    c.metadata = Some(build::weft_lb_metadata(name));
+}
+
+fn set_pool(c: &mut Cluster, pool: &ConnectionPoolSettings) {
+    let limit = |v: Option<i64>| v.and_then(|n| u32::try_from(n).ok()).map(|value| UInt32Value { value });
+    let tcp = pool.tcp.as_ref();
+    let http = pool.http.as_ref();
+    if let Some(t) = tcp.and_then(|t| t.connect_timeout) {
+        c.connect_timeout = Some(duration(t.0));
+    }
+    let threshold = circuit_breakers::Thresholds {
+        max_connections: limit(tcp.and_then(|t| t.max_connections)),
+        max_pending_requests: limit(http.and_then(|h| h.http1_max_pending_requests)),
+        max_requests: limit(http.and_then(|h| h.http2_max_requests)),
+        max_retries: limit(http.and_then(|h| h.max_retries)),
+        ..Default::default()
+    };
+    c.circuit_breakers = Some(CircuitBreakers { thresholds: vec![threshold], ..Default::default() });
+}
+
+fn outlier(o: &IstioOutlier) -> OutlierDetection {
+    let u32v = |v: Option<u32>| v.map(|value| UInt32Value { value });
+    let pct = |v: Option<i64>| v.and_then(|n| u32::try_from(n.clamp(0, 100)).ok()).map(|value| UInt32Value { value });
+    let five = o.consecutive_5xx_errors.or_else(|| o.consecutive_errors.and_then(|n| u32::try_from(n).ok()));
+    OutlierDetection {
+        consecutive_5xx: u32v(five),
+        // Istio: 5xx ejection is enforced only when configured.
+        enforcing_consecutive_5xx: Some(UInt32Value { value: if five.is_some_and(|n| n > 0) { 100 } else { 0 } }),
+        consecutive_gateway_failure: u32v(o.consecutive_gateway_errors),
+        enforcing_consecutive_gateway_failure: o.consecutive_gateway_errors.map(|_| UInt32Value { value: 100 }),
+        interval: o.interval.map(|d| duration(d.0)),
+        base_ejection_time: o.base_ejection_time.map(|d| duration(d.0)),
+        max_ejection_percent: pct(o.max_ejection_percent),
+        ..Default::default()
+    }
+}
+
+/// A protobuf Duration.
+pub fn duration(d: std::time::Duration) -> PbDuration {
+    PbDuration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+/// A socket address for `host:port` (an IP, or a DNS name for DNS clusters).
+pub fn socket(host: &str, port: u32) -> Address {
+    Address {
+        address: Some(address::Address::SocketAddress(SocketAddress {
+            address: host.to_string(),
+            port_specifier: Some(socket_address::PortSpecifier::PortValue(port)),
+            ..Default::default()
+        })),
+    }
+}
+
+/// A ClusterLoadAssignment (healthy endpoints with weights); one empty locality when
+/// there are no endpoints, so the proxy knows the cluster is empty.
+pub fn cla(name: &str, eps: &[Ep]) -> ClusterLoadAssignment {
+    ClusterLoadAssignment {
+        cluster_name: name.into(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: eps
+                .iter()
+                .map(|e| LbEndpoint {
+                    health_status: HealthStatus::Healthy as i32,
+                    load_balancing_weight: Some(UInt32Value { value: e.weight }),
+                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                        address: Some(socket(&e.host, e.port)),
+                        ..Default::default()
+                    })),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}

@@ -1,0 +1,308 @@
+//! Listeners: explicit mode (`weft-outbound` HTTP proxy, `inbound|PORT`, Sidecar egress
+//! `bind`) or transparent mode (`virtualOutbound`, `0.0.0.0_PORT`, `virtualInbound`), and
+//! the inbound / passthrough clusters they name.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
+use envoy_types::pb::envoy::config::listener::v3::{
+    filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+};
+use envoy_types::pb::envoy::config::route::v3::{
+    route, route_action, Route, RouteAction, RouteConfiguration, VirtualHost,
+};
+use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
+use envoy_types::util::pack_any;
+use weft_api::host;
+use weft_xds::build::{self, Routes};
+
+use super::clusters::{cla, outbound_name};
+use super::model::{offset, protocol_from, Ep, MeshView, Protocol, Service};
+use super::{ProxyMode, ProxyXds, BLACKHOLE, INBOUND_PASSTHROUGH, OUTBOUND, PASSTHROUGH};
+
+/// Port of the transparent outbound capture listener.
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+/// Port of the transparent inbound capture listener.
+pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+
+/// Adds the listeners of `mode` and the clusters only they use.
+pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
+    match mode {
+        ProxyMode::Explicit => explicit(view, out),
+        ProxyMode::Transparent => transparent(view, out),
+    }
+}
+
+fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
+    let hcm = build::http_connection_manager(OUTBOUND, Routes::Rds(OUTBOUND.into()), None, &["websocket", "CONNECT"]);
+    out.listeners.push(build::http_listener(OUTBOUND, view.mesh.explicit_outbound, hcm));
+    if let Some(inbound) = view.workload.and_then(|w| w.inbound) {
+        for (i, p) in view.node.ports.iter().enumerate() {
+            let Some(addr) = offset(inbound, i) else { continue };
+            let protocol = protocol_from(p.app_protocol.as_deref(), Some(&p.name));
+            let port = u32::from(p.port);
+            let name = format!("inbound|{port}");
+            let mut l = if protocol.is_http() {
+                let hcm = build::http_connection_manager(
+                    &name,
+                    Routes::Inline(Box::new(inbound_routes(port))),
+                    None,
+                    &["websocket"],
+                );
+                build::http_listener(&name, addr, hcm)
+            } else {
+                build::tcp_listener(&name, addr, &inbound_cluster(port))
+            };
+            l.traffic_direction = TrafficDirection::Inbound as i32;
+            out.listeners.push(l);
+            out.clusters.push(local_app_cluster(port, protocol));
+        }
+    }
+    // Sidecar egress listeners with a port become listeners bound on the loopback (or
+    // `bind`); applications connect to them as if they were the service.
+    let Some(sc) = view.sidecar else { return };
+    for e in &sc.egress {
+        let Some(p) = &e.port else { continue };
+        let Ok(port) = u16::try_from(p.number) else { continue };
+        let ip = e.bind.as_deref().and_then(|b| b.parse::<IpAddr>().ok()).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let addr = SocketAddr::new(ip, port);
+        let name = format!("{ip}_{port}");
+        let svcs: Vec<&Service> =
+            view.services.iter().filter(|s| s.port(p.number).is_some() && view.egress_allows(e, s)).collect();
+        let protocol = match p.protocol.as_deref() {
+            Some(_) => protocol_from(p.protocol.as_deref(), p.name.as_deref()),
+            None => svcs.first().and_then(|s| s.port(p.number)).map_or(Protocol::Http, |sp| sp.protocol),
+        };
+        if protocol.is_http() {
+            ensure_route(out, p.number);
+            let hcm = build::http_connection_manager(
+                &name,
+                Routes::Rds(p.number.to_string()),
+                None,
+                &["websocket", "CONNECT"],
+            );
+            out.listeners.push(build::http_listener(&name, addr, hcm));
+        } else if let Some(svc) = svcs.first() {
+            out.listeners.push(tcp_listener(&name, Some(addr), tcp_target(view, svc, p.number)));
+        }
+    }
+}
+
+fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
+    let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0);
+    let fallback = match view.outbound_policy() {
+        super::OutboundPolicy::AllowAny => PASSTHROUGH,
+        super::OutboundPolicy::RegistryOnly => BLACKHOLE,
+    };
+    let mut vo = tcp_listener(
+        "virtualOutbound",
+        Some(SocketAddr::new(any.ip(), OUTBOUND_CAPTURE_PORT)),
+        tcp_proxy::ClusterSpecifier::Cluster(fallback.into()),
+    );
+    vo.use_original_dst = Some(BoolValue { value: true });
+    vo.traffic_direction = TrafficDirection::Outbound as i32;
+    out.listeners.push(vo);
+    out.clusters.push(original_dst_cluster(PASSTHROUGH));
+    out.clusters.push(Cluster {
+        name: BLACKHOLE.into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Static as i32)),
+        connect_timeout: Some(PbDuration { seconds: 10, nanos: 0 }),
+        load_assignment: Some(cla(BLACKHOLE, &[])),
+        ..Default::default()
+    });
+    // One bind_to_port=false listener per service port; the capture listener hands
+    // connections over by original destination.
+    let mut ports: Vec<(u32, Protocol, &Service)> =
+        view.services.iter().flat_map(|s| s.ports.iter().map(move |p| (p.number, p.protocol, s))).collect();
+    ports.sort_by_key(|(n, _, _)| *n);
+    ports.dedup_by_key(|(n, _, _)| *n);
+    for (number, protocol, svc) in ports {
+        let Ok(port) = u16::try_from(number) else { continue };
+        let name = format!("0.0.0.0_{port}");
+        let addr = SocketAddr::new(any.ip(), port);
+        let mut l = if protocol.is_http() {
+            let hcm =
+                build::http_connection_manager(&name, Routes::Rds(number.to_string()), None, &["websocket", "CONNECT"]);
+            build::http_listener(&name, addr, hcm)
+        } else {
+            tcp_listener(&name, Some(addr), tcp_target(view, svc, number))
+        };
+        l.bind_to_port = Some(BoolValue { value: false });
+        l.traffic_direction = TrafficDirection::Outbound as i32;
+        out.listeners.push(l);
+    }
+    // virtualInbound: one chain per declared workload port, others pass through.
+    let mut chains = Vec::new();
+    for p in &view.node.ports {
+        let port = u32::from(p.port);
+        let protocol = protocol_from(p.app_protocol.as_deref(), Some(&p.name));
+        let name = format!("inbound|{port}");
+        let filter = if protocol.is_http() {
+            let hcm = build::http_connection_manager(
+                &name,
+                Routes::Inline(Box::new(inbound_routes(port))),
+                None,
+                &["websocket"],
+            );
+            Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            }
+        } else {
+            tcp_filter(&name, tcp_proxy::ClusterSpecifier::Cluster(inbound_cluster(port)))
+        };
+        chains.push(FilterChain {
+            name: name.clone(),
+            filter_chain_match: Some(FilterChainMatch {
+                destination_port: Some(UInt32Value { value: port }),
+                ..Default::default()
+            }),
+            filters: vec![filter],
+            ..Default::default()
+        });
+        out.clusters.push(local_app_cluster(port, protocol));
+    }
+    let mut vi = tcp_listener(
+        "virtualInbound",
+        Some(SocketAddr::new(any.ip(), INBOUND_CAPTURE_PORT)),
+        tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH.into()),
+    );
+    vi.default_filter_chain = vi.filter_chains.pop();
+    vi.filter_chains = chains;
+    vi.traffic_direction = TrafficDirection::Inbound as i32;
+    vi.listener_filters = vec![ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(OriginalDst::default()))),
+        ..Default::default()
+    }];
+    out.listeners.push(vi);
+    out.clusters.push(original_dst_cluster(INBOUND_PASSTHROUGH));
+}
+
+/// Where TCP traffic for `svc:port` goes: its VirtualService's first applicable `tcp`
+/// route (weighted clusters), else `outbound|PORT||FQDN`.
+fn tcp_target(view: &MeshView<'_>, svc: &Service, port: u32) -> tcp_proxy::ClusterSpecifier {
+    let domain = &view.mesh.domain;
+    let route = view
+        .virtual_services
+        .iter()
+        .find(|(m, vs)| vs.hosts.iter().any(|h| host::fqdn(h, &m.namespace, domain) == svc.host))
+        .and_then(|(m, vs)| {
+            vs.tcp
+                .iter()
+                .find(|r| {
+                    r.matches.is_empty()
+                        || r.matches.iter().any(|mm| {
+                            mm.port.is_none_or(|p| p == port)
+                                && mm.source_labels.iter().all(|(k, v)| view.node.labels.get(k) == Some(v))
+                        })
+                })
+                .map(|r| (m.namespace.as_str(), r))
+        });
+    let Some((ns, r)) = route else {
+        return tcp_proxy::ClusterSpecifier::Cluster(outbound_name(port, "", &svc.host));
+    };
+    let name = |d: &weft_api::spec::Destination| {
+        outbound_name(
+            d.port.map_or(port, |p| p.number),
+            d.subset.as_deref().unwrap_or(""),
+            &host::fqdn(&d.host, ns, domain),
+        )
+    };
+    match r.route.as_slice() {
+        [] => tcp_proxy::ClusterSpecifier::Cluster(outbound_name(port, "", &svc.host)),
+        [one] => tcp_proxy::ClusterSpecifier::Cluster(name(&one.destination)),
+        many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+            clusters: many
+                .iter()
+                .filter(|d| d.weight.unwrap_or(0) > 0)
+                .map(|d| tcp_proxy::weighted_cluster::ClusterWeight {
+                    name: name(&d.destination),
+                    weight: u32::try_from(d.weight.unwrap_or(0)).unwrap_or(0),
+                    ..Default::default()
+                })
+                .collect(),
+        }),
+    }
+}
+
+fn tcp_filter(stat_prefix: &str, spec: tcp_proxy::ClusterSpecifier) -> Filter {
+    let tp = TcpProxy { stat_prefix: stat_prefix.into(), cluster_specifier: Some(spec), ..Default::default() };
+    Filter {
+        name: "envoy.filters.network.tcp_proxy".into(),
+        config_type: Some(filter::ConfigType::TypedConfig(pack_any(tp))),
+    }
+}
+
+fn tcp_listener(name: &str, addr: Option<SocketAddr>, spec: tcp_proxy::ClusterSpecifier) -> Listener {
+    Listener {
+        name: name.into(),
+        address: addr.map(build::address),
+        filter_chains: vec![FilterChain { filters: vec![tcp_filter(name, spec)], ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+/// Adds an empty RouteConfiguration `port` when no service declared it, so a listener
+/// naming it does not wait for it forever.
+fn ensure_route(out: &mut ProxyXds, port: u32) {
+    let name = port.to_string();
+    if out.routes.iter().all(|r| r.name != name) {
+        out.routes.push(RouteConfiguration { name, ..Default::default() });
+    }
+}
+
+/// `inbound|PORT||`.
+pub fn inbound_cluster(port: u32) -> String {
+    format!("inbound|{port}||")
+}
+
+/// Inline routes of an inbound HTTP listener: everything to the local application, no
+/// timeout (the caller's proxy enforces the route's timeout).
+fn inbound_routes(port: u32) -> RouteConfiguration {
+    RouteConfiguration {
+        name: format!("inbound|{port}"),
+        virtual_hosts: vec![VirtualHost {
+            name: format!("inbound|http|{port}"),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                name: "default".into(),
+                r#match: Some(envoy_types::pb::envoy::config::route::v3::RouteMatch {
+                    path_specifier: Some(
+                        envoy_types::pb::envoy::config::route::v3::route_match::PathSpecifier::Prefix("/".into()),
+                    ),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(inbound_cluster(port))),
+                    timeout: Some(PbDuration::default()),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// `inbound|PORT||`: STATIC 127.0.0.1:PORT, the local application.
+fn local_app_cluster(port: u32, protocol: Protocol) -> Cluster {
+    let name = inbound_cluster(port);
+    let mut c = build::static_cluster(&name, &[], protocol == Protocol::Http2);
+    c.load_assignment = Some(cla(&name, &[Ep { host: "127.0.0.1".into(), port, weight: 1 }]));
+    c
+}
+
+fn original_dst_cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.into(),
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::OriginalDst as i32)),
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        connect_timeout: Some(PbDuration { seconds: 10, nanos: 0 }),
+        ..Default::default()
+    }
+}

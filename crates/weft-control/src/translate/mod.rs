@@ -1,0 +1,164 @@
+//! The translator: Istio resources + workload registry -> the xDS one proxy needs.
+//!
+//! [`translate`] is pure and deterministic: the same inputs give byte-identical
+//! output, every list sorted by resource name, so a push can be diffed against the
+//! previous one. The stages, in the order a request meets them:
+//!
+//! - [`model`]: the services the proxy may see (Kubernetes `Service`s and
+//!   `ServiceEntry` hosts, scoped by `exportTo` and the proxy's `Sidecar`) and the
+//!   endpoints behind each port;
+//! - [`listeners`]: explicit (`weft-outbound` HTTP proxy, `inbound|PORT`, Sidecar
+//!   egress `bind`) or transparent (`virtualOutbound`, `0.0.0.0_PORT`, `virtualInbound`);
+//! - [`routes`]: one RouteConfiguration per outbound port plus `weft-outbound`,
+//!   VirtualService rules compiled to Envoy routes;
+//! - [`clusters`]: `outbound|PORT|SUBSET|FQDN` clusters with DestinationRule policy and
+//!   their ClusterLoadAssignments.
+//!
+//! Endpoint addresses: in [`ProxyMode::Transparent`] an endpoint is the workload's
+//! address and the service's target port (the peer's iptables capture it). In
+//! [`ProxyMode::Explicit`] nothing captures traffic, so an endpoint is the peer
+//! sidecar's inbound listener: the workload's `WEFT_INBOUND` address serves the
+//! workload's first declared port, and its `i`-th declared port is served at
+//! `WEFT_INBOUND` port + `i` (the same rule builds the `inbound|PORT` listeners of
+//! the proxy itself). A workload without `WEFT_INBOUND` is reached directly at its
+//! address and target port.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::util::pack_any;
+use weft_xds::{type_url, NodeInfo};
+
+use crate::registry::RegistrySnapshot;
+
+pub mod clusters;
+pub mod listeners;
+pub mod model;
+pub mod routes;
+
+#[cfg(test)]
+mod tests;
+
+/// Name of the explicit HTTP-proxy listener and of its RouteConfiguration.
+pub const OUTBOUND: &str = "weft-outbound";
+/// Cluster that forwards to the original destination (transparent, ALLOW_ANY).
+pub const PASSTHROUGH: &str = "PassthroughCluster";
+/// Cluster without endpoints (transparent, REGISTRY_ONLY).
+pub const BLACKHOLE: &str = "BlackHoleCluster";
+/// Cluster that forwards inbound traffic on ports no Service declares.
+pub const INBOUND_PASSTHROUGH: &str = "InboundPassthroughCluster";
+
+/// Everything the translator reads besides the registry.
+#[derive(Debug, Clone)]
+pub struct MeshConfig {
+    /// The mesh's resources (any kinds; those the translator does not use are ignored).
+    pub resources: Vec<weft_api::Resource>,
+    /// DNS domain of the mesh, `cluster.local`.
+    pub domain: String,
+    /// Namespace whose Sidecar and DestinationRules apply mesh-wide, `istio-system`.
+    pub root_namespace: String,
+    /// What happens to traffic for hosts the registry does not know.
+    pub outbound_policy: OutboundPolicy,
+    /// Where the explicit HTTP-proxy listener binds (Istio's port: `127.0.0.1:15001`;
+    /// tests use port 0).
+    pub explicit_outbound: SocketAddr,
+}
+
+/// Istio's `outboundTrafficPolicy.mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum OutboundPolicy {
+    /// Unknown destinations are forwarded as they are (Istio's default).
+    #[default]
+    AllowAny,
+    /// Only services in the registry are reachable.
+    RegistryOnly,
+}
+
+/// How the proxy receives traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProxyMode {
+    /// Applications use the proxy as an HTTP proxy or bound ports; no capture.
+    Explicit,
+    /// iptables redirects traffic to 15001 (outbound) and 15006 (inbound).
+    Transparent,
+}
+
+/// The xDS resources for one proxy, each list sorted by name.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ProxyXds {
+    /// LDS.
+    pub listeners: Vec<Listener>,
+    /// RDS.
+    pub routes: Vec<RouteConfiguration>,
+    /// CDS.
+    pub clusters: Vec<Cluster>,
+    /// EDS.
+    pub endpoints: Vec<ClusterLoadAssignment>,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            resources: Vec::new(),
+            domain: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            outbound_policy: OutboundPolicy::AllowAny,
+            explicit_outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
+        }
+    }
+}
+
+impl ProxyXds {
+    /// The resources packed as `Any`, keyed by type URL (all four keys always present).
+    pub fn into_resources(self) -> BTreeMap<&'static str, Vec<Any>> {
+        let mut out = BTreeMap::new();
+        out.insert(type_url::LISTENER, self.listeners.into_iter().map(pack_any).collect());
+        out.insert(type_url::ROUTE, self.routes.into_iter().map(pack_any).collect());
+        out.insert(type_url::CLUSTER, self.clusters.into_iter().map(pack_any).collect());
+        out.insert(type_url::ENDPOINT, self.endpoints.into_iter().map(pack_any).collect());
+        out
+    }
+
+    /// The cluster named `name`.
+    pub fn cluster(&self, name: &str) -> Option<&Cluster> {
+        self.clusters.iter().find(|c| c.name == name)
+    }
+
+    /// The RouteConfiguration named `name`.
+    pub fn route(&self, name: &str) -> Option<&RouteConfiguration> {
+        self.routes.iter().find(|r| r.name == name)
+    }
+
+    /// The listener named `name`.
+    pub fn listener(&self, name: &str) -> Option<&Listener> {
+        self.listeners.iter().find(|l| l.name == name)
+    }
+
+    /// The ClusterLoadAssignment of cluster `name`.
+    pub fn endpoints_of(&self, name: &str) -> Option<&ClusterLoadAssignment> {
+        self.endpoints.iter().find(|c| c.cluster_name == name)
+    }
+}
+
+/// Compiles the mesh for the proxy `node` (looked up in `registry` by its id for its
+/// own inbound address). Never fails: resources that cannot be honoured are skipped
+/// (validation already rejected malformed ones), so one bad rule never blocks a push.
+pub fn translate(mesh: &MeshConfig, registry: &RegistrySnapshot, node: &NodeInfo, mode: ProxyMode) -> ProxyXds {
+    let view = model::MeshView::new(mesh, registry, node);
+    let mut out = ProxyXds::default();
+    clusters::build(&view, mode, &mut out);
+    routes::build(&view, mode, &mut out);
+    listeners::build(&view, mode, &mut out);
+    out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
+    out.routes.sort_by(|a, b| a.name.cmp(&b.name));
+    out.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+    out.clusters.dedup_by(|a, b| a.name == b.name);
+    out.endpoints.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+    out.endpoints.dedup_by(|a, b| a.cluster_name == b.cluster_name);
+    out
+}

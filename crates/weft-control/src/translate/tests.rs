@@ -1,0 +1,666 @@
+//! Unit tests of the translator on the produced protos.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::SystemTime;
+
+use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
+use envoy_types::pb::envoy::config::core::v3::{address, socket_address, TrafficDirection};
+use envoy_types::pb::envoy::config::endpoint::v3::{lb_endpoint, ClusterLoadAssignment};
+use envoy_types::pb::envoy::config::listener::v3::filter;
+use envoy_types::pb::envoy::config::route::v3::{
+    header_matcher, route, route_action, route_match, Route, RouteAction, VirtualHost,
+};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort, HttpFault};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+use envoy_types::pb::google::protobuf::value;
+use prost::{Message, Name};
+use weft_xds::{NodeInfo, PortInfo};
+
+use super::*;
+use crate::registry::{Registry, Workload, WorkloadSource};
+
+const FQDN: &str = "reviews.default.svc.cluster.local";
+
+const SERVICE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: 8080}]
+"#;
+
+fn resources(yaml: &str) -> Vec<weft_api::Resource> {
+    let parsed = weft_api::parse_str(yaml, Path::new("t.yaml"));
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    parsed.resources
+}
+
+fn mesh(yaml: &str) -> MeshConfig {
+    MeshConfig { resources: resources(yaml), ..MeshConfig::default() }
+}
+
+fn workload(id: &str, version: &str, ip: &str, inbound: Option<&str>) -> Workload {
+    Workload {
+        id: id.into(),
+        name: id.into(),
+        namespace: "default".into(),
+        labels: BTreeMap::from([("app".into(), "reviews".into()), ("version".into(), version.into())]),
+        service_account: "reviews".into(),
+        ports: vec![PortInfo { name: "http".into(), port: 8080, protocol: "TCP".into(), app_protocol: None }],
+        addresses: vec![ip.parse().unwrap()],
+        inbound: inbound.map(|a| a.parse().unwrap()),
+        ready: true,
+        connected_since: SystemTime::UNIX_EPOCH,
+        source: WorkloadSource::Proxy,
+    }
+}
+
+fn registry(ws: Vec<Workload>) -> Registry {
+    let r = Registry::new();
+    for w in ws {
+        r.upsert(w);
+    }
+    r
+}
+
+fn node(ns: &str) -> NodeInfo {
+    NodeInfo {
+        id: "client".into(),
+        name: "client".into(),
+        namespace: ns.into(),
+        labels: BTreeMap::from([("app".into(), "client".into())]),
+        ..NodeInfo::default()
+    }
+}
+
+fn run(yaml: &str, ws: Vec<Workload>, mode: ProxyMode) -> ProxyXds {
+    translate(&mesh(yaml), &registry(ws).snapshot(), &node("default"), mode)
+}
+
+fn eps(cla: &ClusterLoadAssignment) -> Vec<String> {
+    cla.endpoints
+        .iter()
+        .flat_map(|l| &l.lb_endpoints)
+        .filter_map(|e| match &e.host_identifier {
+            Some(lb_endpoint::HostIdentifier::Endpoint(ep)) => match &ep.address.as_ref()?.address {
+                Some(address::Address::SocketAddress(s)) => match s.port_specifier {
+                    Some(socket_address::PortSpecifier::PortValue(p)) => Some(format!("{}:{p}", s.address)),
+                    _ => None,
+                },
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+fn lb_meta(c: &Cluster) -> Option<String> {
+    let v = c.metadata.as_ref()?.filter_metadata.get("weft")?.fields.get("lb_policy")?;
+    match &v.kind {
+        Some(value::Kind::StringValue(s)) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn vhost<'a>(x: &'a ProxyXds, rc: &str, name: &str) -> &'a VirtualHost {
+    let rc = x.route(rc).unwrap_or_else(|| panic!("no route config {rc}"));
+    rc.virtual_hosts.iter().find(|v| v.name == name).unwrap_or_else(|| panic!("no vhost {name}"))
+}
+
+fn action(r: &Route) -> &RouteAction {
+    match &r.action {
+        Some(route::Action::Route(a)) => a,
+        other => panic!("not a route action: {other:?}"),
+    }
+}
+
+fn cluster_of(r: &Route) -> String {
+    match &action(r).cluster_specifier {
+        Some(route_action::ClusterSpecifier::Cluster(c)) => c.clone(),
+        other => panic!("not a single cluster: {other:?}"),
+    }
+}
+
+fn two_versions() -> Vec<Workload> {
+    vec![
+        workload("r1", "v1", "10.0.0.1", Some("127.0.0.1:7001")),
+        workload("r2", "v2", "10.0.0.2", Some("127.0.0.1:7002")),
+    ]
+}
+
+const SUBSETS: &str = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}, trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}}
+"#;
+
+#[test]
+fn service_ports_become_eds_clusters_with_subset_clusters_and_filtered_endpoints() {
+    let x = run(&format!("{SERVICE}{SUBSETS}"), two_versions(), ProxyMode::Transparent);
+    let all = x.cluster(&format!("outbound|9080||{FQDN}")).unwrap();
+    assert_eq!(
+        all.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32))
+    );
+    assert_eq!(lb_meta(all).as_deref(), Some("PEAK_EWMA"));
+    // Transparent: workload address and target port.
+    assert_eq!(eps(x.endpoints_of(&format!("outbound|9080||{FQDN}")).unwrap()), ["10.0.0.1:8080", "10.0.0.2:8080"]);
+    assert_eq!(eps(x.endpoints_of(&format!("outbound|9080|v1|{FQDN}")).unwrap()), ["10.0.0.1:8080"]);
+    assert_eq!(eps(x.endpoints_of(&format!("outbound|9080|v2|{FQDN}")).unwrap()), ["10.0.0.2:8080"]);
+    let v2 = x.cluster(&format!("outbound|9080|v2|{FQDN}")).unwrap();
+    assert_eq!(lb_meta(v2).as_deref(), Some("ROUND_ROBIN"));
+    assert_eq!(v2.lb_policy, cluster::LbPolicy::RoundRobin as i32);
+}
+
+#[test]
+fn explicit_mode_endpoints_are_the_peers_inbound_listener_and_not_ready_workloads_are_left_out() {
+    let mut ws = two_versions();
+    ws[1].ready = false;
+    ws.push(workload("r3", "v3", "10.0.0.3", None));
+    let x = run(SERVICE, ws, ProxyMode::Explicit);
+    assert_eq!(eps(x.endpoints_of(&format!("outbound|9080||{FQDN}")).unwrap()), ["10.0.0.3:8080", "127.0.0.1:7001"]);
+}
+
+#[test]
+fn destination_rule_policies_map_to_cluster_settings() {
+    let yaml = format!(
+        r#"{SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: reviews.default.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {{consistentHash: {{httpHeaderName: x-user}}}}
+    connectionPool: {{tcp: {{maxConnections: 7, connectTimeout: 250ms}}, http: {{http2MaxRequests: 9, http1MaxPendingRequests: 3}}}}
+    outlierDetection: {{consecutive5xxErrors: 4, interval: 5s, baseEjectionTime: 30s}}
+"#
+    );
+    let x = run(&yaml, two_versions(), ProxyMode::Explicit);
+    let c = x.cluster(&format!("outbound|9080||{FQDN}")).unwrap();
+    assert_eq!(c.lb_policy, cluster::LbPolicy::RingHash as i32);
+    assert_eq!(lb_meta(c), None);
+    let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+    assert_eq!(t.max_connections.map(|v| v.value), Some(7));
+    assert_eq!(t.max_requests.map(|v| v.value), Some(9));
+    assert_eq!(t.max_pending_requests.map(|v| v.value), Some(3));
+    assert_eq!(c.connect_timeout.map(|d| d.nanos), Some(250_000_000));
+    let o = c.outlier_detection.as_ref().unwrap();
+    assert_eq!(o.consecutive_5xx.map(|v| v.value), Some(4));
+    assert_eq!(o.base_ejection_time.map(|d| d.seconds), Some(30));
+    // The hash key goes on the routes to the service.
+    let vh = vhost(&x, "9080", &format!("{FQDN}:9080"));
+    let hp = &action(&vh.routes[0]).hash_policy;
+    assert_eq!(hp.len(), 1);
+    assert!(matches!(
+        &hp[0].policy_specifier,
+        Some(route_action::hash_policy::PolicySpecifier::Header(h)) if h.header_name == "x-user"
+    ));
+}
+
+#[test]
+fn grpc_ports_get_http2_upstream_and_http_ports_do_not() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: default}
+spec:
+  selector: {app: api}
+  ports: [{name: grpc-api, port: 50051}, {name: web, port: 80, appProtocol: http}, {name: h2, port: 81, appProtocol: kubernetes.io/h2c}]
+"#;
+    let x = run(yaml, vec![], ProxyMode::Explicit);
+    let key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    let h2 = |n: &str| x.cluster(n).unwrap().typed_extension_protocol_options.get(key).cloned();
+    let opts = h2("outbound|50051||api.default.svc.cluster.local").expect("grpc port is HTTP/2");
+    assert_eq!(opts.type_url, HttpProtocolOptions::type_url());
+    assert!(h2("outbound|81||api.default.svc.cluster.local").is_some());
+    assert!(h2("outbound|80||api.default.svc.cluster.local").is_none());
+}
+
+#[test]
+fn service_entry_resolutions_map_to_cluster_types() {
+    let yaml = r#"
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ext, namespace: default}
+spec:
+  hosts: [api.example.com]
+  ports: [{number: 443, name: tls, protocol: TLS}]
+  resolution: DNS
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db.internal.example]
+  ports: [{number: 5432, name: tcp-pg, protocol: TCP}]
+  resolution: STATIC
+  endpoints: [{address: 10.1.0.1}, {address: 10.1.0.2, ports: {tcp-pg: 6432}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: any, namespace: default}
+spec:
+  hosts: [any.example.org]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+"#;
+    let x = run(yaml, vec![], ProxyMode::Transparent);
+    let dns = x.cluster("outbound|443||api.example.com").unwrap();
+    assert_eq!(
+        dns.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::StrictDns as i32))
+    );
+    assert_eq!(eps(dns.load_assignment.as_ref().unwrap()), ["api.example.com:443"]);
+    assert!(x.endpoints_of("outbound|443||api.example.com").is_none());
+    assert_eq!(eps(x.endpoints_of("outbound|5432||db.internal.example").unwrap()), ["10.1.0.1:5432", "10.1.0.2:6432"]);
+    let none = x.cluster("outbound|80||any.example.org").unwrap();
+    assert_eq!(
+        none.cluster_discovery_type,
+        Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::OriginalDst as i32))
+    );
+    assert_eq!(none.lb_policy, cluster::LbPolicy::ClusterProvided as i32);
+    // TCP port -> tcp_proxy listener in transparent mode.
+    let l = x.listener("0.0.0.0_5432").unwrap();
+    let f = &l.filter_chains[0].filters[0];
+    assert_eq!(f.name, "envoy.filters.network.tcp_proxy");
+}
+
+#[test]
+fn default_route_without_virtual_service_has_istio_defaults_and_all_domains() {
+    let x = run(SERVICE, two_versions(), ProxyMode::Explicit);
+    let vh = vhost(&x, "9080", &format!("{FQDN}:9080"));
+    for d in ["reviews", "reviews:9080", "reviews.default", "reviews.default.svc:9080", FQDN, &format!("{FQDN}:9080")] {
+        assert!(vh.domains.iter().any(|x| x == d), "missing domain {d}: {:?}", vh.domains);
+    }
+    let a = action(&vh.routes[0]);
+    assert_eq!(cluster_of(&vh.routes[0]), format!("outbound|9080||{FQDN}"));
+    assert_eq!(a.timeout.map(|d| (d.seconds, d.nanos)), Some((0, 0)), "Istio: no timeout by default");
+    let rp = a.retry_policy.as_ref().unwrap();
+    assert_eq!(rp.num_retries.map(|v| v.value), Some(2));
+    assert_eq!(rp.retry_on, routes::DEFAULT_RETRY_ON);
+    assert_eq!(rp.retriable_status_codes, [503]);
+    // weft-outbound: ports always in the authority (port-less names mean :80).
+    let out = vhost(&x, OUTBOUND, &format!("{FQDN}:9080"));
+    assert!(out.domains.contains(&"reviews:9080".to_string()));
+    assert!(!out.domains.contains(&"reviews".to_string()));
+}
+
+#[test]
+fn short_name_domain_only_for_proxies_in_the_service_namespace() {
+    let x = translate(&mesh(SERVICE), &registry(vec![]).snapshot(), &node("other"), ProxyMode::Explicit);
+    let vh = vhost(&x, "9080", &format!("{FQDN}:9080"));
+    assert!(!vh.domains.contains(&"reviews".to_string()));
+    assert!(vh.domains.contains(&"reviews.default".to_string()));
+}
+
+const VS: &str = r#"
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - name: jason
+    match:
+    - headers: {end-user: {exact: jason}}
+      withoutHeaders: {x-skip: {prefix: ""}}
+      queryParams: {debug: {regex: "1|true"}}
+      method: {exact: POST}
+      uri: {regex: "/api/.*"}
+    - uri: {exact: /only-on-80}
+      port: 80
+    route: [{destination: {host: reviews, subset: v2}}]
+    timeout: 1.5s
+    retries: {attempts: 4, perTryTimeout: 500ms, retryOn: "5xx,reset,429"}
+    headers:
+      request: {set: {x-a: "1"}, add: {x-b: "2"}, remove: [x-c]}
+      response: {remove: [server]}
+  - match: [{uri: {prefix: /fault}}]
+    fault:
+      abort: {httpStatus: 503, percentage: {value: 12.5}}
+      delay: {fixedDelay: 2s}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 75}
+    - {destination: {host: reviews, subset: v2}, weight: 25}
+    - {destination: {host: reviews, subset: v3}, weight: 0}
+    retries: {attempts: 0}
+"#;
+
+#[test]
+fn virtual_service_http_routes_compile_in_order_with_matches_and_policies() {
+    let x = run(&format!("{SERVICE}{SUBSETS}{VS}"), two_versions(), ProxyMode::Explicit);
+    let vh = vhost(&x, "9080", &format!("{FQDN}:9080"));
+    assert_eq!(vh.routes.len(), 3, "the port-80-only match is dropped on 9080: {:?}", vh.routes);
+    let r = &vh.routes[0];
+    assert_eq!(r.name, "jason");
+    let m = r.r#match.as_ref().unwrap();
+    assert!(matches!(&m.path_specifier, Some(route_match::PathSpecifier::SafeRegex(re)) if re.regex == "/api/.*"));
+    let h = |n: &str| m.headers.iter().find(|h| h.name == n).unwrap();
+    assert!(!h("end-user").invert_match);
+    assert!(h("x-skip").invert_match);
+    assert_eq!(h("x-skip").header_match_specifier, Some(header_matcher::HeaderMatchSpecifier::PresentMatch(true)));
+    assert!(h(":method").header_match_specifier.is_some());
+    assert_eq!(m.query_parameters[0].name, "debug");
+    assert_eq!(cluster_of(r), format!("outbound|9080|v2|{FQDN}"));
+    let a = action(r);
+    assert_eq!(a.timeout.map(|d| (d.seconds, d.nanos)), Some((1, 500_000_000)));
+    let rp = a.retry_policy.as_ref().unwrap();
+    assert_eq!(rp.num_retries.map(|v| v.value), Some(4));
+    assert_eq!(rp.retry_on, "5xx,reset,retriable-status-codes");
+    assert_eq!(rp.retriable_status_codes, [429]);
+    assert_eq!(rp.per_try_timeout.map(|d| d.nanos), Some(500_000_000));
+    assert_eq!(r.request_headers_to_add.len(), 2);
+    assert_eq!(r.request_headers_to_remove, ["x-c"]);
+    assert_eq!(r.response_headers_to_remove, ["server"]);
+
+    // Fault: per-route config of the fault filter, percentages per million.
+    let any =
+        vhost(&x, "9080", &format!("{FQDN}:9080")).routes[1].typed_per_filter_config.get(routes::FAULT_FILTER).unwrap();
+    let f = HttpFault::decode(any.value.as_slice()).unwrap();
+    let abort = f.abort.unwrap();
+    assert_eq!(abort.error_type, Some(fault_abort::ErrorType::HttpStatus(503)));
+    assert_eq!(abort.percentage.unwrap().numerator, 125_000);
+    assert_eq!(f.delay.unwrap().percentage.unwrap().numerator, 1_000_000, "unset percentage means 100");
+
+    // Weighted split: zero weights dropped; attempts 0 disables retries.
+    let a = action(&vh.routes[2]);
+    let Some(route_action::ClusterSpecifier::WeightedClusters(w)) = &a.cluster_specifier else { panic!("{a:?}") };
+    let split: Vec<_> = w.clusters.iter().map(|c| (c.name.clone(), c.weight.map(|v| v.value))).collect();
+    assert_eq!(split, [(format!("outbound|9080|v1|{FQDN}"), Some(75)), (format!("outbound|9080|v2|{FQDN}"), Some(25))]);
+    assert!(a.retry_policy.is_none());
+}
+
+#[test]
+fn match_on_source_labels_applies_only_to_matching_proxies() {
+    let yaml = format!(
+        r#"{SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{{sourceLabels: {{app: other}}}}]
+    route: [{{destination: {{host: reviews}}}}]
+    fault: {{abort: {{httpStatus: 500}}}}
+  - route: [{{destination: {{host: reviews}}}}]
+"#
+    );
+    let x = run(&yaml, vec![], ProxyMode::Explicit);
+    let vh = vhost(&x, "9080", &format!("{FQDN}:9080"));
+    assert_eq!(vh.routes.len(), 1);
+    assert!(vh.routes[0].typed_per_filter_config.is_empty());
+}
+
+#[test]
+fn redirect_direct_response_rewrite_and_mirror_compile() {
+    let yaml = format!(
+        r#"{SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: reviews, namespace: default}}
+spec:
+  hosts: [reviews.default.svc.cluster.local]
+  http:
+  - match: [{{uri: {{exact: /old}}}}]
+    redirect: {{uri: /new, authority: b.example, redirectCode: 308}}
+  - match: [{{uri: {{exact: /gone}}}}]
+    directResponse: {{status: 410, body: {{bytes: aGVsbG8=}}}}
+  - match: [{{uri: {{prefix: /v1}}}}]
+    rewrite: {{uri: /v2, authority: backend}}
+    route: [{{destination: {{host: reviews}}}}]
+    mirror: {{host: reviews, subset: v2}}
+    mirrorPercentage: {{value: 50}}
+"#
+    );
+    let x = run(&yaml, vec![], ProxyMode::Explicit);
+    let vh = vhost(&x, "9080", &format!("{FQDN}:9080"));
+    let Some(route::Action::Redirect(rd)) = &vh.routes[0].action else { panic!() };
+    assert_eq!(rd.host_redirect, "b.example");
+    assert_eq!(rd.response_code, 4, "308 = PERMANENT_REDIRECT");
+    let Some(route::Action::DirectResponse(dr)) = &vh.routes[1].action else { panic!() };
+    assert_eq!(dr.status, 410);
+    let body = dr.body.as_ref().and_then(|b| b.specifier.clone());
+    assert_eq!(
+        body,
+        Some(envoy_types::pb::envoy::config::core::v3::data_source::Specifier::InlineBytes(b"hello".to_vec()))
+    );
+    let a = action(&vh.routes[2]);
+    assert_eq!(a.prefix_rewrite, "/v2");
+    assert_eq!(
+        a.host_rewrite_specifier,
+        Some(route_action::HostRewriteSpecifier::HostRewriteLiteral("backend".into()))
+    );
+    let mp = &a.request_mirror_policies[0];
+    assert_eq!(mp.cluster, format!("outbound|9080|v2|{FQDN}"));
+    assert_eq!(mp.runtime_fraction.as_ref().and_then(|f| f.default_value).map(|f| f.numerator), Some(500_000));
+}
+
+#[test]
+fn explicit_mode_listeners_outbound_proxy_and_inbound_per_port() {
+    let mut me = workload("client", "v1", "10.0.0.9", Some("127.0.0.1:7100"));
+    me.ports.push(PortInfo { name: "tcp-db".into(), port: 5432, protocol: "TCP".into(), app_protocol: None });
+    let mut n = node("default");
+    n.ports = me.ports.clone();
+    let x = translate(&mesh(SERVICE), &registry(vec![me]).snapshot(), &n, ProxyMode::Explicit);
+    let out = x.listener(OUTBOUND).unwrap();
+    assert_eq!(out.address, Some(weft_xds::build::address("127.0.0.1:15001".parse().unwrap())));
+    let http = x.listener("inbound|8080").unwrap();
+    assert_eq!(http.address, Some(weft_xds::build::address("127.0.0.1:7100".parse().unwrap())));
+    assert_eq!(http.traffic_direction, TrafficDirection::Inbound as i32);
+    let tcp = x.listener("inbound|5432").unwrap();
+    assert_eq!(tcp.address, Some(weft_xds::build::address("127.0.0.1:7101".parse().unwrap())));
+    let Some(filter::ConfigType::TypedConfig(any)) = &tcp.filter_chains[0].filters[0].config_type else { panic!() };
+    let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
+    assert_eq!(tp.cluster_specifier, Some(tcp_proxy::ClusterSpecifier::Cluster("inbound|5432||".into())));
+    let app = x.cluster("inbound|8080||").unwrap();
+    assert_eq!(eps(app.load_assignment.as_ref().unwrap()), ["127.0.0.1:8080"]);
+    assert!(x.listener("virtualOutbound").is_none());
+}
+
+#[test]
+fn transparent_mode_capture_listeners_follow_the_outbound_policy() {
+    let mut n = node("default");
+    n.ports = vec![PortInfo { name: "http".into(), port: 8080, protocol: "TCP".into(), app_protocol: None }];
+    let snap = registry(vec![]).snapshot();
+    let x = translate(&mesh(SERVICE), &snap, &n, ProxyMode::Transparent);
+    let vo = x.listener("virtualOutbound").unwrap();
+    assert_eq!(vo.use_original_dst.map(|b| b.value), Some(true));
+    let Some(filter::ConfigType::TypedConfig(any)) = &vo.filter_chains[0].filters[0].config_type else { panic!() };
+    let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
+    assert_eq!(tp.cluster_specifier, Some(tcp_proxy::ClusterSpecifier::Cluster(PASSTHROUGH.into())));
+    let port = x.listener("0.0.0.0_9080").unwrap();
+    assert_eq!(port.bind_to_port.map(|b| b.value), Some(false));
+    let vi = x.listener("virtualInbound").unwrap();
+    assert_eq!(
+        vi.filter_chains[0].filter_chain_match.as_ref().and_then(|m| m.destination_port).map(|p| p.value),
+        Some(8080)
+    );
+    assert!(vi.default_filter_chain.is_some());
+    assert_eq!(vhost(&x, "9080", "allow_any").domains, ["*"]);
+
+    let strict = MeshConfig { outbound_policy: OutboundPolicy::RegistryOnly, ..mesh(SERVICE) };
+    let x = translate(&strict, &snap, &n, ProxyMode::Transparent);
+    let vo = x.listener("virtualOutbound").unwrap();
+    let Some(filter::ConfigType::TypedConfig(any)) = &vo.filter_chains[0].filters[0].config_type else { panic!() };
+    let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
+    assert_eq!(tp.cluster_specifier, Some(tcp_proxy::ClusterSpecifier::Cluster(BLACKHOLE.into())));
+    assert!(vhost(&x, "9080", "block_all").routes[0]
+        .action
+        .as_ref()
+        .is_some_and(|a| matches!(a, route::Action::DirectResponse(d) if d.status == 502)));
+}
+
+#[test]
+fn export_to_and_sidecar_egress_hosts_scope_what_a_proxy_sees() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: private, namespace: team-a, annotations: {networking.istio.io/exportTo: "."}}
+spec: {selector: {app: p}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: public, namespace: team-a}
+spec: {selector: {app: q}, ports: [{name: http, port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: other, namespace: team-b}
+spec: {selector: {app: o}, ports: [{name: http, port: 80}]}
+"#;
+    let snap = registry(vec![]).snapshot();
+    let names = |x: &ProxyXds| x.clusters.iter().map(|c| c.name.clone()).collect::<Vec<_>>();
+    let x = translate(&mesh(yaml), &snap, &node("team-b"), ProxyMode::Explicit);
+    assert_eq!(
+        names(&x),
+        ["outbound|80||other.team-b.svc.cluster.local", "outbound|80||public.team-a.svc.cluster.local"]
+    );
+    let x = translate(&mesh(yaml), &snap, &node("team-a"), ProxyMode::Explicit);
+    assert_eq!(names(&x).len(), 3);
+
+    let sidecar = format!(
+        "{yaml}---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: team-b}}\nspec:\n  egress:\n  - hosts: [\"./*\"]\n  - port: {{number: 9000, protocol: HTTP, name: http}}\n    bind: 127.0.0.2\n    hosts: [\"team-a/public.team-a.svc.cluster.local\"]\n"
+    );
+    let x = translate(&mesh(&sidecar), &snap, &node("team-b"), ProxyMode::Explicit);
+    assert_eq!(
+        names(&x),
+        ["outbound|80||other.team-b.svc.cluster.local", "outbound|80||public.team-a.svc.cluster.local"]
+    );
+    let bound = x.listener("127.0.0.2_9000").expect("egress bind listener");
+    assert_eq!(bound.address, Some(weft_xds::build::address(SocketAddr::from(([127, 0, 0, 2], 9000)))));
+    assert!(x.route("9000").is_some(), "the bound listener's routes exist");
+}
+
+#[test]
+fn tcp_virtual_service_routes_become_weighted_tcp_proxies() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec: {selector: {app: db}, ports: [{name: tcp, port: 3306}]}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: db, namespace: default}
+spec:
+  hosts: [db]
+  tcp:
+  - route:
+    - {destination: {host: db, subset: a}, weight: 90}
+    - {destination: {host: db, subset: b}, weight: 10}
+"#;
+    let x = run(yaml, vec![], ProxyMode::Transparent);
+    let l = x.listener("0.0.0.0_3306").unwrap();
+    let Some(filter::ConfigType::TypedConfig(any)) = &l.filter_chains[0].filters[0].config_type else { panic!() };
+    let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
+    let Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) = tp.cluster_specifier else { panic!("{tp:?}") };
+    let split: Vec<_> = w.clusters.iter().map(|c| (c.name.as_str(), c.weight)).collect();
+    assert_eq!(
+        split,
+        [("outbound|3306|a|db.default.svc.cluster.local", 90), ("outbound|3306|b|db.default.svc.cluster.local", 10)]
+    );
+    assert!(x.route("3306").is_none(), "TCP ports have no HTTP routes");
+}
+
+#[test]
+fn output_is_deterministic_and_sorted() {
+    let yaml = format!("{SERVICE}{SUBSETS}{VS}");
+    let a = run(&yaml, two_versions(), ProxyMode::Transparent);
+    let b = run(&yaml, two_versions().into_iter().rev().collect(), ProxyMode::Transparent);
+    assert_eq!(a, b);
+    let sorted = |v: Vec<&str>| v.windows(2).all(|w| w[0] < w[1]);
+    assert!(sorted(a.clusters.iter().map(|c| c.name.as_str()).collect()));
+    assert!(sorted(a.listeners.iter().map(|c| c.name.as_str()).collect()));
+    assert!(sorted(a.routes.iter().map(|c| c.name.as_str()).collect()));
+    let res = a.into_resources();
+    assert_eq!(res.len(), 4);
+    assert!(res[weft_xds::type_url::CLUSTER].iter().all(|any| any.type_url == Cluster::type_url()));
+}
+
+#[test]
+fn virtual_service_hosts_without_a_service_get_a_port_80_virtual_host() {
+    let yaml = format!(
+        r#"{SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: front, namespace: default}}
+spec:
+  hosts: [bookinfo.example.com]
+  http:
+  - route: [{{destination: {{host: reviews, port: {{number: 9080}}}}}}]
+"#
+    );
+    let x = run(&yaml, vec![], ProxyMode::Explicit);
+    let vh = vhost(&x, OUTBOUND, "bookinfo.example.com:80");
+    assert_eq!(vh.domains, ["bookinfo.example.com", "bookinfo.example.com:80"]);
+    assert_eq!(cluster_of(&vh.routes[0]), format!("outbound|9080||{FQDN}"));
+    assert!(x.route("80").is_some());
+    assert!(x.cluster("outbound|80||bookinfo.example.com").is_none(), "no cluster for a host without service");
+}
+
+#[test]
+fn workload_entries_and_service_entry_selectors_add_endpoints() {
+    let yaml = format!(
+        r#"{SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: vm-1, namespace: default}}
+spec: {{address: 10.9.0.1, labels: {{app: reviews, version: v9}}, ports: {{http: 9999}}, weight: 5}}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {{name: vm-other-ns, namespace: prod}}
+spec: {{address: 10.9.0.2, labels: {{app: reviews}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{name: vms, namespace: default}}
+spec:
+  hosts: [vms.example.internal]
+  ports: [{{number: 80, name: http, protocol: HTTP, targetPort: 8080}}]
+  workloadSelector: {{labels: {{version: v9}}}}
+"#
+    );
+    let x = run(&yaml, two_versions(), ProxyMode::Transparent);
+    let cla = x.endpoints_of(&format!("outbound|9080||{FQDN}")).unwrap();
+    assert_eq!(eps(cla), ["10.0.0.1:8080", "10.0.0.2:8080", "10.9.0.1:9999"]);
+    let weights: Vec<_> =
+        cla.endpoints[0].lb_endpoints.iter().map(|e| e.load_balancing_weight.map(|w| w.value)).collect();
+    assert_eq!(weights, [Some(1), Some(1), Some(5)]);
+    // The entry names its own port for `http`, which wins over the targetPort.
+    assert_eq!(eps(x.endpoints_of("outbound|80||vms.example.internal").unwrap()), ["10.9.0.1:9999"]);
+}
+
+#[test]
+fn sidecar_outbound_traffic_policy_overrides_the_mesh_default() {
+    let yaml = format!(
+        "{SERVICE}---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: default, namespace: istio-system}}\nspec:\n  outboundTrafficPolicy: {{mode: REGISTRY_ONLY}}\n"
+    );
+    let x = run(&yaml, vec![], ProxyMode::Transparent);
+    let Some(filter::ConfigType::TypedConfig(any)) =
+        &x.listener("virtualOutbound").unwrap().filter_chains[0].filters[0].config_type
+    else {
+        panic!()
+    };
+    let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
+    assert_eq!(tp.cluster_specifier, Some(tcp_proxy::ClusterSpecifier::Cluster(BLACKHOLE.into())));
+}

@@ -1,0 +1,329 @@
+//! Acceptance test of the translator: Istio resources + registry -> xDS -> a real weft
+//! proxy routing HTTP to echo workloads as Istio documents, and a real Envoy ACKing the
+//! same xDS.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::watch;
+use weft_control::registry::{Registry, Workload, WorkloadSource};
+use weft_control::translate::{translate, MeshConfig, ProxyMode};
+use weft_proxy::bootstrap::Bootstrap;
+use weft_proxy::proxy::ProxyHandle;
+use weft_testkit::echo::{EchoServer, SERVER_HEADER};
+use weft_testkit::http::{get_h1, get_via_proxy, request, send_h1};
+use weft_xds::{type_url, AdsServer, NodeInfo, PortInfo, StaticSource};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+const RESOURCES: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets:
+  - {name: v1, labels: {version: v1}}
+  - {name: v2, labels: {version: v2}}
+  - {name: v3, labels: {version: v3}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{headers: {end-user: {exact: jason}}}]
+    route: [{destination: {host: reviews, subset: v2}}]
+  - match: [{uri: {prefix: /abort}}]
+    fault: {abort: {httpStatus: 418, percentage: {value: 100}}}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /fault-delay}}]
+    fault: {delay: {fixedDelay: 300ms, percentage: {value: 100}}}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /delay/}}]
+    timeout: 200ms
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /rewrite}}]
+    rewrite: {uri: /rewritten}
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {exact: /redirect}}]
+    redirect: {uri: /moved, authority: elsewhere.example}
+  - match: [{uri: {prefix: /mirror}}]
+    route: [{destination: {host: reviews, subset: v1}}]
+    mirror: {host: reviews, subset: v2}
+    mirrorPercentage: {value: 100}
+  - match: [{uri: {prefix: /retry}}]
+    route: [{destination: {host: reviews, subset: v3}}]
+  - route:
+    - {destination: {host: reviews, subset: v1}, weight: 80}
+    - {destination: {host: reviews, subset: v2}, weight: 20}
+"#;
+
+fn workload(id: &str, version: &str, inbound: SocketAddr) -> Workload {
+    Workload {
+        id: id.into(),
+        name: id.into(),
+        namespace: "default".into(),
+        labels: BTreeMap::from([("app".into(), "reviews".into()), ("version".into(), version.into())]),
+        service_account: "bookinfo-reviews".into(),
+        ports: vec![PortInfo { name: "http".into(), port: 9080, protocol: "TCP".into(), app_protocol: None }],
+        addresses: vec![inbound.ip()],
+        inbound: Some(inbound),
+        ready: true,
+        connected_since: SystemTime::now(),
+        source: WorkloadSource::Proxy,
+    }
+}
+
+fn client_node() -> NodeInfo {
+    NodeInfo {
+        id: "productpage".into(),
+        cluster: "productpage.default".into(),
+        name: "productpage".into(),
+        namespace: "default".into(),
+        labels: BTreeMap::from([("app".into(), "productpage".into())]),
+        ..NodeInfo::default()
+    }
+}
+
+struct ControlPlane {
+    source: Arc<StaticSource>,
+    server: AdsServer,
+    xds: SocketAddr,
+    _stop: watch::Sender<bool>,
+}
+
+async fn control_plane() -> ControlPlane {
+    let source = Arc::new(StaticSource::new());
+    let server = AdsServer::new(source.clone());
+    let sock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds = sock.local_addr().unwrap();
+    let (stop, mut rx) = watch::channel(false);
+    tokio::spawn(server.clone().serve(sock, async move {
+        let _ = rx.wait_for(|s| *s).await;
+    }));
+    ControlPlane { source, server, xds, _stop: stop }
+}
+
+async fn weft_proxy(xds: SocketAddr) -> ProxyHandle {
+    let node = "node:\n  id: productpage\n  cluster: productpage.default\n  name: productpage\n  namespace: default\n  labels:\n    app: productpage\n";
+    weft_proxy_as(node, xds).await
+}
+
+async fn weft_proxy_as(node_yaml: &str, xds: SocketAddr) -> ProxyHandle {
+    let text = format!(
+        "{node_yaml}xds:\n  address: http://{xds}\n  mode: sotw\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\n"
+    );
+    let b = Bootstrap::parse(&text, Path::new("productpage.yaml")).unwrap();
+    let p = ProxyHandle::start(b).await.unwrap();
+    assert!(p.wait_ready(WAIT).await, "weft proxy never became ready");
+    p
+}
+
+fn server_of(reply: &weft_testkit::http::Reply) -> String {
+    reply.header(SERVER_HEADER).unwrap_or("<none>").to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn istio_routing_semantics_hold_through_weft_proxy_and_envoy_acks_the_same_xds() {
+    let v1 = EchoServer::start("v1").await;
+    let v2 = EchoServer::start("v2").await;
+    let v3 = EchoServer::start("v3").await;
+    // A v3 instance whose inbound listener is gone: only retries reach the healthy one.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+
+    let registry = Registry::new();
+    registry.upsert(workload("reviews-v1", "v1", v1.addr));
+    registry.upsert(workload("reviews-v2", "v2", v2.addr));
+    registry.upsert(workload("reviews-v3", "v3", v3.addr));
+    registry.upsert(workload("reviews-v3-dead", "v3", dead));
+
+    let parsed = weft_api::parse_str(RESOURCES, Path::new("bookinfo.yaml"));
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let mesh = MeshConfig {
+        resources: parsed.resources,
+        explicit_outbound: "127.0.0.1:0".parse().unwrap(),
+        ..MeshConfig::default()
+    };
+    let xds = translate(&mesh, &registry.snapshot(), &client_node(), ProxyMode::Explicit);
+    let cp = control_plane().await;
+    for (t, resources) in xds.into_resources() {
+        cp.source.set(t, resources).unwrap();
+    }
+
+    let proxy = weft_proxy(cp.xds).await;
+    let out = proxy.listener_addr("weft-outbound", WAIT).await.expect("weft-outbound is bound");
+
+    // Weighted split 80/20 (200 requests; bounds are more than 5 standard deviations).
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..200 {
+        let r = get_via_proxy(out, "http://reviews:9080/").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        *counts.entry(server_of(&r)).or_default() += 1;
+    }
+    let v1_share = counts.get("v1").copied().unwrap_or(0);
+    assert!((130..=190).contains(&v1_share), "80/20 split violated: {counts:?}");
+    assert_eq!(counts.keys().filter(|k| *k != "v1" && *k != "v2").count(), 0, "{counts:?}");
+
+    // Header match: end-user: jason -> v2, every time.
+    for _ in 0..10 {
+        let mut req = request(http::Method::GET, "reviews:9080", "/", Bytes::new()).unwrap();
+        req.headers_mut().insert("end-user", "jason".parse().unwrap());
+        let r = send_h1(out, req).await.unwrap();
+        assert_eq!(server_of(&r), "v2");
+    }
+
+    // Fault abort 100% answers the configured status without reaching the workload.
+    let before = v1.requests();
+    let r = get_h1(out, "reviews:9080", "/abort").await.unwrap();
+    assert_eq!(r.status, 418);
+    assert_eq!(v1.requests(), before);
+
+    // Fault delay holds the request at least the configured time, then forwards it.
+    let start = Instant::now();
+    let r = get_h1(out, "reviews:9080", "/fault-delay").await.unwrap();
+    assert_eq!(r.status, 200);
+    assert!(start.elapsed() >= Duration::from_millis(300), "delay not injected: {:?}", start.elapsed());
+
+    // Route timeout: a 2 s response with a 200 ms timeout is a 504.
+    let start = Instant::now();
+    let r = get_h1(out, "reviews:9080", "/delay/2000").await.unwrap();
+    assert_eq!(r.status, 504, "{}", r.text());
+    assert!(start.elapsed() < Duration::from_millis(1500));
+
+    // URI rewrite replaces the matched prefix.
+    let r = get_h1(out, "reviews:9080", "/rewrite/x?q=1").await.unwrap();
+    assert_eq!(r.json().unwrap()["path"], "/rewritten/x?q=1");
+
+    // Redirect.
+    let r = get_h1(out, "reviews:9080", "/redirect").await.unwrap();
+    assert_eq!(r.status, 301);
+    assert_eq!(r.header("location"), Some("http://elsewhere.example/moved"));
+
+    // Retries (Istio's default policy, connect-failure) always reach the healthy v3.
+    for _ in 0..20 {
+        let r = get_h1(out, "reviews:9080", "/retry").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(server_of(&r), "v3");
+    }
+
+    // Mirror: the answer comes from v1, a copy reaches v2.
+    let mirrored_before = v2.requests();
+    let r = get_h1(out, "reviews:9080", "/mirror").await.unwrap();
+    assert_eq!(server_of(&r), "v1");
+    let deadline = Instant::now() + WAIT;
+    while v2.requests() == mirrored_before {
+        assert!(Instant::now() < deadline, "mirror never reached v2");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The same xDS, fed to Envoy 1.40, is accepted in full.
+    let envoy = weft_testkit::envoy::Envoy::start(&weft_testkit::envoy::ads_bootstrap(cp.xds, "envoy-sidecar", false))
+        .await
+        .unwrap();
+    let mut changes = cp.server.status_changes();
+    let acked = tokio::time::timeout(WAIT, async {
+        loop {
+            let conns = cp.server.connections();
+            let conn = conns.iter().find(|c| c.node_id == "envoy-sidecar");
+            if let Some(c) = conn {
+                for (t, s) in &c.types {
+                    assert!(s.last_nack.is_none(), "Envoy NACKed {t}: {:?}", s.last_nack);
+                }
+                let all = [type_url::LISTENER, type_url::ROUTE, type_url::CLUSTER, type_url::ENDPOINT]
+                    .iter()
+                    .all(|t| c.types.get(*t).and_then(|s| s.acked_version.clone()) == Some(cp.source.version(t)));
+                if all {
+                    return;
+                }
+            }
+            let _ = changes.changed().await;
+        }
+    })
+    .await;
+    assert!(acked.is_ok(), "Envoy did not ACK every type: {:?}\n{}", cp.server.connections(), envoy.log_tail());
+    proxy.shutdown().await;
+}
+
+/// Sidecar to sidecar: the client proxy's endpoint for `reviews` is the reviews proxy's
+/// `inbound|PORT` listener (its WEFT_INBOUND address), which forwards to the local app.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_mode_traffic_flows_client_proxy_to_server_proxy_inbound_to_app() {
+    let app = EchoServer::start("reviews-app").await;
+    let port = app.addr.port();
+    let yaml = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {port}}}]\n"
+    );
+    let parsed = weft_api::parse_str(&yaml, Path::new("svc.yaml"));
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let mesh = MeshConfig {
+        resources: parsed.resources,
+        explicit_outbound: "127.0.0.1:0".parse().unwrap(),
+        ..MeshConfig::default()
+    };
+    let registry = Registry::new();
+    let mut server = workload("reviews-v1", "v1", "127.0.0.1:0".parse().unwrap());
+    server.ports[0].port = port;
+    registry.upsert(server.clone());
+
+    // The server's proxy: inbound|PORT bound on its WEFT_INBOUND address (port 0 here).
+    let server_node = NodeInfo {
+        id: "reviews-v1".into(),
+        namespace: "default".into(),
+        labels: server.labels.clone(),
+        ports: server.ports.clone(),
+        ..NodeInfo::default()
+    };
+    let server_cp = control_plane().await;
+    for (t, r) in translate(&mesh, &registry.snapshot(), &server_node, ProxyMode::Explicit).into_resources() {
+        server_cp.source.set(t, r).unwrap();
+    }
+    let node_yaml = format!(
+        "node:\n  id: reviews-v1\n  cluster: reviews.default\n  name: reviews-v1\n  namespace: default\n  labels:\n    app: reviews\n    version: v1\n  ports: [{{name: http, port: {port}, protocol: TCP}}]\n"
+    );
+    let server_proxy = weft_proxy_as(&node_yaml, server_cp.xds).await;
+    let inbound = server_proxy.listener_addr(&format!("inbound|{port}"), WAIT).await.expect("inbound listener bound");
+
+    // The registry learns where the inbound listener is; the client's xDS follows.
+    server.inbound = Some(inbound);
+    registry.upsert(server);
+    let client_xds = translate(&mesh, &registry.snapshot(), &client_node(), ProxyMode::Explicit);
+    let cla = client_xds.endpoints_of("outbound|9080||reviews.default.svc.cluster.local").unwrap();
+    let eps = &cla.endpoints[0].lb_endpoints;
+    assert_eq!(eps.len(), 1);
+    let Some(envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier::Endpoint(ep)) =
+        &eps[0].host_identifier
+    else {
+        panic!("{eps:?}")
+    };
+    assert_eq!(ep.address, Some(weft_xds::build::address(inbound)), "endpoint is the peer's inbound listener");
+    let client_cp = control_plane().await;
+    for (t, r) in client_xds.into_resources() {
+        client_cp.source.set(t, r).unwrap();
+    }
+    let client = weft_proxy(client_cp.xds).await;
+    let out = client.listener_addr("weft-outbound", WAIT).await.unwrap();
+
+    let before = app.requests();
+    let r = get_via_proxy(out, "http://reviews.default.svc.cluster.local:9080/hello").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(server_of(&r), "reviews-app");
+    assert_eq!(r.json().unwrap()["path"], "/hello");
+    assert_eq!(app.requests(), before + 1);
+    assert_ne!(inbound, app.addr, "traffic went through the server proxy, not straight to the app");
+    client.shutdown().await;
+    server_proxy.shutdown().await;
+}
