@@ -73,6 +73,7 @@ impl EnvoyBootstrapOptions {
             service_account: self.service_account.clone(),
             ports: self.ports.clone(),
             instance_ips: vec![self.instance_ip.to_string()],
+            inbound: None,
         }
     }
 }

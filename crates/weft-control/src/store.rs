@@ -77,9 +77,16 @@ impl Store {
     /// A store over `dir`, loaded once now.
     pub fn open_dir(dir: &Path) -> std::io::Result<Arc<Store>> {
         if !dir.is_dir() {
-            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, format!("{}: not a directory", dir.display())));
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("{}: not a directory", dir.display()),
+            ));
         }
-        let store = Arc::new(Store { dir: Some(dir.to_path_buf()), state: RwLock::new(State::default()), changes: watch::channel(0).0 });
+        let store = Arc::new(Store {
+            dir: Some(dir.to_path_buf()),
+            state: RwLock::new(State::default()),
+            changes: watch::channel(0).0,
+        });
         store.rescan();
         Ok(store)
     }
@@ -296,7 +303,10 @@ mod tests {
         std::fs::write(dir.path().join("svc.yaml"), SVC).unwrap();
         let store = Store::open_dir(dir.path()).unwrap();
         let bad = VS.replace("SUBSET", "v1").replace("host: reviews\n        subset", "hots: reviews\n        subset");
-        let r = store.apply(&format!("{}---\n{}", VS.replace("SUBSET", "v3"), bad.replace("name: reviews", "name: other")), Path::new("cli"));
+        let r = store.apply(
+            &format!("{}---\n{}", VS.replace("SUBSET", "v3"), bad.replace("name: reviews", "name: other")),
+            Path::new("cli"),
+        );
         assert_eq!(r.accepted.len(), 1);
         assert_eq!(r.errors.len(), 1);
         assert!(r.errors[0].to_string().contains("hots"), "{}", r.errors[0]);

@@ -143,7 +143,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
     let Some(bound) = snap.listeners.get(&name) else {
         return;
     };
-    let odst = if bound.use_original_dst { original_dst(&stream) } else { None };
+    let odst = if bound.use_original_dst || bound.original_dst_filter { original_dst(&stream) } else { None };
     let Some(listener) = snap.listener_for(&name, odst) else {
         return;
     };

@@ -60,7 +60,23 @@ async fn scenario() {
     http_virtual.bind_to_port = Some(BoolValue { value: false });
     let mut tcp_virtual = build::tcp_listener("0.0.0.0_5000", "0.0.0.0:5000".parse().unwrap(), "tcp-echo");
     tcp_virtual.bind_to_port = Some(BoolValue { value: false });
-    mesh.set(type_url::LISTENER, vec![pack_any(capture), pack_any(http_virtual), pack_any(tcp_virtual)]);
+    // Inbound capture (Istio's virtualInbound): no hand-off, but the original_dst listener
+    // filter makes the original destination port select the filter chain.
+    let mut inbound = build::tcp_listener("virtualInbound", "127.0.0.1:0".parse().unwrap(), "blackhole");
+    let mut by_port = build::tcp_listener("x", "127.0.0.1:0".parse().unwrap(), "tcp-echo").filter_chains.remove(0);
+    by_port.filter_chain_match = Some(envoy_types::pb::envoy::config::listener::v3::FilterChainMatch {
+        destination_port: Some(envoy_types::pb::google::protobuf::UInt32Value { value: 7070 }),
+        ..Default::default()
+    });
+    inbound.filter_chains.insert(0, by_port);
+    inbound.listener_filters.push(envoy_types::pb::envoy::config::listener::v3::ListenerFilter {
+        name: "envoy.filters.listener.original_dst".into(),
+        ..Default::default()
+    });
+    mesh.set(
+        type_url::LISTENER,
+        vec![pack_any(capture), pack_any(http_virtual), pack_any(tcp_virtual), pack_any(inbound)],
+    );
     mesh.set(
         type_url::CLUSTER,
         vec![
@@ -81,6 +97,26 @@ async fn scenario() {
     mesh.synced_all(&proxy).await;
     let capture_addr = proxy.listener_addr("virtualOutbound", WAIT).await.unwrap();
     let port = capture_addr.port().to_string();
+    let inbound_port = proxy.listener_addr("virtualInbound", WAIT).await.unwrap().port().to_string();
+    run(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "tcp",
+            "-d",
+            "127.1.2.4",
+            "--dport",
+            "7070",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &inbound_port,
+        ],
+    );
     for dport in ["80", "5000"] {
         run(
             "iptables",
@@ -117,4 +153,15 @@ async fn scenario() {
     tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await.unwrap().unwrap();
     assert_eq!(&buf, b"through the capture");
     assert_eq!(tcp.connections(), 1, "the TCP echo server was not reached through the proxy");
+
+    // Inbound: the chain for original port 7070 forwards to the app.
+    let mut s = tokio::net::TcpStream::connect("127.1.2.4:7070").await.unwrap();
+    s.write_all(b"inbound by port").await.unwrap();
+    let mut buf = vec![0u8; 15];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .expect("no echo: chain not chosen by original port")
+        .unwrap();
+    assert_eq!(&buf, b"inbound by port");
+    assert_eq!(tcp.connections(), 2);
 }

@@ -19,6 +19,8 @@ pub const SERVICE_ACCOUNT: &str = "SERVICE_ACCOUNT";
 pub const WORKLOAD_NAME: &str = "WORKLOAD_NAME";
 /// Metadata key: instance IPs, comma separated.
 pub const INSTANCE_IPS: &str = "INSTANCE_IPS";
+/// weft: where the workload's sidecar accepts inbound traffic (explicit mode).
+pub const WEFT_INBOUND: &str = "WEFT_INBOUND";
 /// Metadata key: declared ports, a JSON array string as Istio writes it.
 pub const POD_PORTS: &str = "POD_PORTS";
 /// Metadata key: cluster id.
@@ -44,6 +46,9 @@ pub struct NodeInfo {
     pub ports: Vec<PortInfo>,
     /// IPs of the workload instance.
     pub instance_ips: Vec<String>,
+    /// Where this workload's sidecar accepts inbound traffic in explicit mode (its
+    /// `inbound|PORT` listeners start here); announced as `WEFT_INBOUND`.
+    pub inbound: Option<std::net::SocketAddr>,
 }
 
 /// A port a workload declares.
@@ -96,6 +101,9 @@ impl NodeInfo {
         fields.insert(SERVICE_ACCOUNT.to_string(), string_value(&self.service_account));
         fields.insert(WORKLOAD_NAME.to_string(), string_value(&self.name));
         fields.insert(INSTANCE_IPS.to_string(), string_value(&self.instance_ips.join(",")));
+        if let Some(a) = self.inbound {
+            fields.insert(WEFT_INBOUND.to_string(), string_value(&a.to_string()));
+        }
         fields.insert(POD_PORTS.to_string(), string_value(&ports_json));
         fields.insert(CLUSTER_ID.to_string(), string_value(&self.cluster));
         Node {
@@ -151,7 +159,23 @@ impl NodeInfo {
         } else {
             node.cluster.clone()
         };
-        Ok(NodeInfo { id: node.id.clone(), cluster, name, namespace, labels, service_account, ports, instance_ips })
+        let inbound = match get(WEFT_INBOUND)? {
+            None | Some("") => None,
+            Some(a) => {
+                Some(a.parse().map_err(|_| format!("node {}: metadata {WEFT_INBOUND} {a:?} is not ip:port", node.id))?)
+            }
+        };
+        Ok(NodeInfo {
+            id: node.id.clone(),
+            cluster,
+            name,
+            namespace,
+            labels,
+            service_account,
+            ports,
+            instance_ips,
+            inbound,
+        })
     }
 }
 

@@ -163,5 +163,6 @@ pub fn node(name: &str, namespace: &str, pairs: &[(&str, &str)], instance_ips: &
             app_protocol: Some("http".to_string()),
         }],
         instance_ips: instance_ips.iter().map(|s| s.to_string()).collect(),
+        inbound: None,
     }
 }

@@ -40,6 +40,9 @@ pub struct ListenerConfig {
     pub bind: bool,
     /// Hand connections to the listener matching their original destination.
     pub use_original_dst: bool,
+    /// Read the original destination (Envoy's `original_dst` listener filter) for chain
+    /// matching, without handing the connection to another listener.
+    pub original_dst_filter: bool,
     /// Traffic direction.
     pub direction: Direction,
     /// Filter chains in configuration order.
@@ -168,6 +171,11 @@ impl ListenerConfig {
             address,
             bind: l.bind_to_port.as_ref().map(|b| b.value).unwrap_or(true),
             use_original_dst: l.use_original_dst.as_ref().map(|b| b.value).unwrap_or(false),
+            original_dst_filter: l.listener_filters.iter().any(|f| {
+                f.name == "envoy.filters.listener.original_dst"
+                    || matches!(&f.config_type, Some(envoy_types::pb::envoy::config::listener::v3::listener_filter::ConfigType::TypedConfig(a))
+                        if a.type_url.ends_with("envoy.extensions.filters.listener.original_dst.v3.OriginalDst"))
+            }),
             direction,
             chains,
             default_chain,

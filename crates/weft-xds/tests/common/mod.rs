@@ -186,6 +186,7 @@ pub fn node_info() -> NodeInfo {
             PortInfo { name: "metrics".to_string(), port: 15020, protocol: "TCP".to_string(), app_protocol: None },
         ],
         instance_ips: vec!["10.0.0.1".to_string(), "fd00::1".to_string()],
+        inbound: Some("127.0.0.1:15006".parse().unwrap()),
     }
 }
 
