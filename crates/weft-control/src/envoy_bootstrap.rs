@@ -74,6 +74,7 @@ impl EnvoyBootstrapOptions {
             ports: self.ports.clone(),
             instance_ips: vec![self.instance_ip.to_string()],
             inbound: None,
+            outbound: None,
         }
     }
 }

@@ -105,6 +105,11 @@ impl Store {
         self.changes.subscribe()
     }
 
+    /// The current version, without building a snapshot.
+    pub fn snapshot_version(&self) -> u64 {
+        self.read().version
+    }
+
     /// The resources in force now.
     pub fn snapshot(&self) -> StoreSnapshot {
         let st = self.read();

@@ -21,6 +21,8 @@ pub const WORKLOAD_NAME: &str = "WORKLOAD_NAME";
 pub const INSTANCE_IPS: &str = "INSTANCE_IPS";
 /// weft: where the workload's sidecar accepts inbound traffic (explicit mode).
 pub const WEFT_INBOUND: &str = "WEFT_INBOUND";
+/// weft: where the workload's sidecar accepts outbound traffic in explicit mode.
+pub const WEFT_OUTBOUND: &str = "WEFT_OUTBOUND";
 /// Metadata key: declared ports, a JSON array string as Istio writes it.
 pub const POD_PORTS: &str = "POD_PORTS";
 /// Metadata key: cluster id.
@@ -49,6 +51,9 @@ pub struct NodeInfo {
     /// Where this workload's sidecar accepts inbound traffic in explicit mode (its
     /// `inbound|PORT` listeners start here); announced as `WEFT_INBOUND`.
     pub inbound: Option<std::net::SocketAddr>,
+    /// Where this workload's sidecar accepts outbound traffic in explicit mode (the
+    /// `weft-outbound` HTTP proxy listener); announced as `WEFT_OUTBOUND`.
+    pub outbound: Option<std::net::SocketAddr>,
 }
 
 /// A port a workload declares.
@@ -103,6 +108,9 @@ impl NodeInfo {
         fields.insert(INSTANCE_IPS.to_string(), string_value(&self.instance_ips.join(",")));
         if let Some(a) = self.inbound {
             fields.insert(WEFT_INBOUND.to_string(), string_value(&a.to_string()));
+        }
+        if let Some(a) = self.outbound {
+            fields.insert(WEFT_OUTBOUND.to_string(), string_value(&a.to_string()));
         }
         fields.insert(POD_PORTS.to_string(), string_value(&ports_json));
         fields.insert(CLUSTER_ID.to_string(), string_value(&self.cluster));
@@ -165,6 +173,12 @@ impl NodeInfo {
                 Some(a.parse().map_err(|_| format!("node {}: metadata {WEFT_INBOUND} {a:?} is not ip:port", node.id))?)
             }
         };
+        let outbound = match get(WEFT_OUTBOUND)? {
+            None | Some("") => None,
+            Some(a) => Some(
+                a.parse().map_err(|_| format!("node {}: metadata {WEFT_OUTBOUND} {a:?} is not ip:port", node.id))?,
+            ),
+        };
         Ok(NodeInfo {
             id: node.id.clone(),
             cluster,
@@ -175,6 +189,7 @@ impl NodeInfo {
             ports,
             instance_ips,
             inbound,
+            outbound,
         })
     }
 }

@@ -78,6 +78,8 @@ pub struct TypeStatus {
     pub sent_nonce: Option<String>,
     /// Last version the peer ACKed.
     pub acked_version: Option<String>,
+    /// When the last ACK arrived (the age of the config the peer runs).
+    pub acked_at: Option<SystemTime>,
     /// Last NACK received.
     pub last_nack: Option<NackInfo>,
 }
@@ -307,6 +309,7 @@ fn record_reply(
         }
         None => registration.update(type_url, |t| {
             t.acked_version = Some(acked_version.to_string());
+            t.acked_at = Some(SystemTime::now());
         }),
     }
 }

@@ -1,6 +1,7 @@
 //! The `weft` command: one binary, one subcommand per role.
 
 mod demo;
+mod ops;
 
 use std::path::PathBuf;
 
@@ -25,6 +26,75 @@ enum Command {
         /// Bootstrap file (YAML or JSON): node identity, xDS server, admin/metrics ports.
         #[arg(long, short = 'b', env = "WEFT_BOOTSTRAP")]
         bootstrap: PathBuf,
+    },
+    /// Run the control plane: resources from a watched directory and the API, a workload
+    /// registry fed by connecting proxies, xDS for every proxy.
+    Control {
+        /// Directory of Istio/Kubernetes resources (YAML/JSON), watched for changes.
+        #[arg(long, short = 'd', env = "WEFT_CONFIG_DIR")]
+        dir: Option<PathBuf>,
+        /// xDS (gRPC) address.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds: std::net::SocketAddr,
+        /// JSON API address (used by apply, get, proxy-status, ...).
+        #[arg(long, default_value = "127.0.0.1:15014")]
+        api: std::net::SocketAddr,
+        /// Proxies run in transparent mode (iptables capture) instead of explicit mode.
+        #[arg(long)]
+        transparent: bool,
+        /// Outbound traffic to unknown hosts: ALLOW_ANY or REGISTRY_ONLY.
+        #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
+        outbound_traffic_policy: String,
+    },
+    /// Apply resources from files or directories to the running control plane.
+    Apply {
+        /// Files or directories.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// The control plane's API.
+        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
+        server: String,
+    },
+    /// Delete the resources named in files from the running control plane.
+    Delete {
+        /// Files or directories.
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+        /// The control plane's API.
+        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
+        server: String,
+    },
+    /// List resources of a kind (`virtualservice`, `vs`, `dr`, `service`, ...).
+    Get {
+        /// Kind.
+        kind: String,
+        /// Name.
+        name: Option<String>,
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+        /// The control plane's API.
+        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
+        server: String,
+    },
+    /// Every connected proxy with SYNCED / STALE / NACKED per xDS type and config age.
+    ProxyStatus {
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        output: String,
+        /// The control plane's API.
+        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
+        server: String,
+    },
+    /// What the control plane serves one proxy (by node id or name).
+    ProxyConfig {
+        /// Proxy node id or workload name.
+        proxy: String,
+        /// listeners, routes, clusters, endpoints or secrets (all when omitted).
+        what: Option<String>,
+        /// The control plane's API.
+        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
+        server: String,
     },
     /// Validate resources and run cross-resource checks (Istio's `analyze`): parse errors
     /// with file, line and field, then IST-coded messages. Exit 79 when anything at or
@@ -94,6 +164,16 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Proxy { bootstrap } => run_proxy(bootstrap).await,
             Command::Demo { port } => demo::run(port).await,
+            Command::Control { dir, xds, api, transparent, outbound_traffic_policy } => {
+                run_control(dir, xds, api, transparent, &outbound_traffic_policy).await
+            }
+            Command::Apply { files, server } => ops::change(&server, &files, false).await,
+            Command::Delete { files, server } => ops::change(&server, &files, true).await,
+            Command::Get { kind, name, output, server } => {
+                ops::get(&server, &kind, name.as_deref(), output == "json").await
+            }
+            Command::ProxyStatus { output, server } => ops::proxy_status(&server, output == "json").await,
+            Command::ProxyConfig { proxy, what, server } => ops::proxy_config(&server, &proxy, what.as_deref()).await,
             Command::Analyze { files, failure_threshold, output_threshold } => {
                 let code = analyze(&files, &failure_threshold, &output_threshold);
                 std::process::exit(code);
@@ -185,6 +265,38 @@ fn init_tracing(json: bool) {
     } else {
         builder.init();
     }
+}
+
+async fn run_control(
+    dir: Option<PathBuf>,
+    xds: std::net::SocketAddr,
+    api: std::net::SocketAddr,
+    transparent: bool,
+    policy: &str,
+) -> anyhow::Result<()> {
+    use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
+    let mesh = MeshConfig {
+        outbound_policy: if policy == "REGISTRY_ONLY" {
+            OutboundPolicy::RegistryOnly
+        } else {
+            OutboundPolicy::AllowAny
+        },
+        ..MeshConfig::default()
+    };
+    let cp = weft_control::control::ControlPlane::start(weft_control::control::ControlConfig {
+        dir,
+        xds,
+        api,
+        mode: if transparent { ProxyMode::Transparent } else { ProxyMode::Explicit },
+        mesh,
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!(e))?;
+    println!("weft control: xDS on {}, API on {}", cp.xds_addr, cp.api_addr);
+    shutdown_signal().await;
+    info!("signal received: stopping");
+    cp.shutdown().await;
+    Ok(())
 }
 
 async fn run_proxy(path: PathBuf) -> anyhow::Result<()> {

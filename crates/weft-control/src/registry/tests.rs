@@ -40,6 +40,7 @@ fn node_with(extra: &[(&str, &str)], instance_ips: &[&str]) -> Node {
         ports: Vec::new(),
         instance_ips: instance_ips.iter().map(|s| s.to_string()).collect(),
         inbound: None,
+        outbound: None,
     };
     let mut node = info.to_node();
     if let Some(meta) = node.metadata.as_mut() {

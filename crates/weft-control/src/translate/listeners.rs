@@ -38,8 +38,10 @@ pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
 
 fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
     let hcm = build::http_connection_manager(OUTBOUND, Routes::Rds(OUTBOUND.into()), None, &["websocket", "CONNECT"]);
-    out.listeners.push(build::http_listener(OUTBOUND, view.mesh.explicit_outbound, hcm));
-    if let Some(inbound) = view.workload.and_then(|w| w.inbound) {
+    // Each local sidecar may announce its own outbound address (several share a host).
+    let outbound = view.node.outbound.unwrap_or(view.mesh.explicit_outbound);
+    out.listeners.push(build::http_listener(OUTBOUND, outbound, hcm));
+    if let Some(inbound) = view.workload.and_then(|w| w.inbound).or(view.node.inbound) {
         for (i, p) in view.node.ports.iter().enumerate() {
             let Some(addr) = offset(inbound, i) else { continue };
             let protocol = protocol_from(p.app_protocol.as_deref(), Some(&p.name));

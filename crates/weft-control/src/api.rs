@@ -1,0 +1,203 @@
+//! The control plane's JSON API (what `weft apply/get/delete/proxy-status/proxy-config`
+//! call): resources in and out, and every proxy's sync state.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use weft_xds::{type_url, AdsServer};
+
+use crate::source::MeshSource;
+use crate::store::{ChangeResult, Store};
+
+/// Largest request body accepted (an apply of many resources).
+const MAX_BODY: usize = 8 << 20;
+
+/// What the API serves from.
+pub struct Api {
+    /// The store.
+    pub store: Arc<Store>,
+    /// The xDS server.
+    pub server: AdsServer,
+    /// Per-proxy resources.
+    pub source: Arc<MeshSource>,
+}
+
+/// Serves the API until `shutdown` resolves.
+pub async fn serve(api: Arc<Api>, sock: TcpListener, shutdown: impl Future<Output = ()>) {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => return,
+            r = sock.accept() => {
+                let Ok((stream, _)) = r else { continue };
+                let api = api.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| {
+                        let api = api.clone();
+                        async move { Ok::<_, Infallible>(handle(&api, req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        }
+    }
+}
+
+fn reply(status: StatusCode, v: Value) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(v.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    r
+}
+
+fn change_json(r: &ChangeResult) -> Value {
+    json!({
+        "version": r.version,
+        "accepted": r.accepted.iter().map(|k| k.to_string()).collect::<Vec<_>>(),
+        "errors": r.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>(),
+    })
+}
+
+async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let param = |k: &str| {
+        query.split('&').filter_map(|kv| kv.split_once('=')).find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    };
+    match (req.method().clone(), path.as_str()) {
+        (Method::POST, "/api/v1/apply") | (Method::POST, "/api/v1/delete") => {
+            let source = param("source").unwrap_or_else(|| "api".into());
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": e.to_string()})),
+            };
+            let Ok(text) = std::str::from_utf8(&body) else {
+                return reply(StatusCode::BAD_REQUEST, json!({"error": "the body must be UTF-8 YAML or JSON"}));
+            };
+            let r = if path.ends_with("apply") {
+                api.store.apply(text, Path::new(&source))
+            } else {
+                api.store.delete(text, Path::new(&source))
+            };
+            let status =
+                if r.accepted.is_empty() && !r.errors.is_empty() { StatusCode::BAD_REQUEST } else { StatusCode::OK };
+            reply(status, change_json(&r))
+        }
+        (Method::GET, "/api/v1/resources") => {
+            let kind = param("kind").map(|k| k.to_ascii_lowercase());
+            let name = param("name");
+            let snap = api.store.snapshot();
+            let wanted_kind = kind.as_deref().and_then(weft_api::Kind::parse);
+            if kind.is_some() && wanted_kind.is_none() {
+                return reply(
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": format!("unknown kind {:?}", kind.unwrap_or_default())}),
+                );
+            }
+            let items: Vec<Value> = snap
+                .resources
+                .iter()
+                .filter(|r| wanted_kind.map(|k| r.kind == k).unwrap_or(true))
+                .filter(|r| name.as_deref().map(|n| r.meta.name == n).unwrap_or(true))
+                .map(|r| {
+                    json!({
+                        "kind": r.kind.as_str(), "apiVersion": r.api_version,
+                        "namespace": r.meta.namespace, "name": r.meta.name,
+                        "source": format!("{}:{}", r.source.file.display(), r.source.line),
+                    })
+                })
+                .collect();
+            reply(
+                StatusCode::OK,
+                json!({"version": snap.version, "items": items, "errors": snap.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()}),
+            )
+        }
+        (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
+        (Method::GET, p) if p.starts_with("/api/v1/proxies/") => {
+            let id = p.trim_start_matches("/api/v1/proxies/").trim_end_matches("/config");
+            match proxy_config(api, id) {
+                Some(v) => reply(StatusCode::OK, v),
+                None => reply(StatusCode::NOT_FOUND, json!({"error": format!("no connected proxy {id:?}")})),
+            }
+        }
+        _ => reply(StatusCode::NOT_FOUND, json!({"error": format!("no such endpoint {} {path}", req.method())})),
+    }
+}
+
+/// Per proxy: identity, and per type SYNCED / STALE / NACKED against what the control
+/// plane would send now.
+fn proxies(api: &Api) -> Value {
+    let now = SystemTime::now();
+    let list: Vec<Value> = api
+        .server
+        .connections()
+        .iter()
+        .map(|c| {
+            let current = api.source.proxy_resources(&c.raw_node);
+            let mut types = serde_json::Map::new();
+            for t in [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE] {
+                let st = c.types.get(t);
+                let want = current.get(t).map(|(v, _)| v.clone());
+                let acked = st.and_then(|s| s.acked_version.clone());
+                let nacked = st.and_then(|s| s.last_nack.as_ref()).filter(|n| Some(&n.version) != acked.as_ref());
+                let status = match (st, &nacked) {
+                    (None, _) => "NOT SENT",
+                    (_, Some(_)) => "NACKED",
+                    _ if acked.is_some() && (acked == want || want.is_none()) => "SYNCED",
+                    _ => "STALE",
+                };
+                let age = st.and_then(|s| s.acked_at).and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs_f64());
+                types.insert(
+                    weft_xds::type_url::short(t).to_string(),
+                    json!({"status": status, "acked": acked, "current": want, "config_age_seconds": age,
+                           "nack": nacked.map(|n| n.error.clone())}),
+                );
+            }
+            let info = c.node.as_ref();
+            json!({
+                "id": c.node_id,
+                "name": info.map(|i| i.name.clone()),
+                "namespace": info.map(|i| i.namespace.clone()),
+                "labels": info.map(|i| i.labels.clone()),
+                "identity": info.map(|i| format!("spiffe://cluster.local/ns/{}/sa/{}", i.namespace, if i.service_account.is_empty() { "default" } else { &i.service_account })),
+                "inbound": info.and_then(|i| i.inbound).map(|a| a.to_string()),
+                "peer": c.peer.map(|a| a.to_string()),
+                "mode": format!("{:?}", c.mode),
+                "connected_since": c.connected_since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                "types": types,
+            })
+        })
+        .collect();
+    json!({"proxies": list})
+}
+
+/// What the control plane serves one proxy, summarised per type.
+fn proxy_config(api: &Api, id: &str) -> Option<Value> {
+    let conn = api
+        .server
+        .connections()
+        .into_iter()
+        .find(|c| c.node_id == id || c.node.as_ref().map(|n| n.name == id).unwrap_or(false))?;
+    let current = api.source.proxy_resources(&conn.raw_node);
+    let mut out = serde_json::Map::new();
+    for (t, (version, by_name)) in current.iter() {
+        out.insert(
+            weft_xds::type_url::short(t).to_string(),
+            json!({"version": version, "names": by_name.keys().collect::<Vec<_>>()}),
+        );
+    }
+    Some(json!({"id": conn.node_id, "resources": out}))
+}

@@ -1,0 +1,104 @@
+//! The control-plane process (`weft control`): store (watched directory + API), workload
+//! registry following the xDS server, translator-backed xDS server, and the JSON API the
+//! operator CLI talks to.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::info;
+use weft_xds::AdsServer;
+
+use crate::registry::Registry;
+use crate::source::MeshSource;
+use crate::store::Store;
+use crate::translate::{MeshConfig, ProxyMode};
+
+/// Settings of one control plane.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Directory of resources to watch (None: API only).
+    pub dir: Option<PathBuf>,
+    /// xDS (gRPC) address, 15010 by convention.
+    pub xds: SocketAddr,
+    /// JSON API address, 15014 by convention.
+    pub api: SocketAddr,
+    /// How proxies are reached (explicit local mode or transparent capture).
+    pub mode: ProxyMode,
+    /// Translator defaults (domain, outbound policy, explicit listener address).
+    pub mesh: MeshConfig,
+}
+
+/// A running control plane.
+pub struct ControlPlane {
+    /// Bound xDS address.
+    pub xds_addr: SocketAddr,
+    /// Bound API address.
+    pub api_addr: SocketAddr,
+    /// The store.
+    pub store: Arc<Store>,
+    /// The registry.
+    pub registry: Registry,
+    /// The xDS server (connections, ACK state).
+    pub server: AdsServer,
+    /// The xDS source (per-proxy resources).
+    pub source: Arc<MeshSource>,
+    stop: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ControlPlane {
+    /// Binds both servers and starts everything.
+    pub async fn start(cfg: ControlConfig) -> Result<ControlPlane, String> {
+        let store = match &cfg.dir {
+            Some(d) => Store::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
+            None => Store::in_memory(),
+        };
+        let snap = store.snapshot();
+        for e in &snap.errors {
+            tracing::warn!("{e}");
+        }
+        info!(resources = snap.resources.len(), errors = snap.errors.len(), "store loaded");
+        let registry = Registry::new();
+        let source = MeshSource::new(store.clone(), registry.clone(), cfg.mode, cfg.mesh.clone());
+        let server = AdsServer::new(source.clone());
+        let xds_sock = TcpListener::bind(cfg.xds).await.map_err(|e| format!("cannot bind xDS on {}: {e}", cfg.xds))?;
+        let api_sock = TcpListener::bind(cfg.api).await.map_err(|e| format!("cannot bind API on {}: {e}", cfg.api))?;
+        let xds_addr = xds_sock.local_addr().unwrap_or(cfg.xds);
+        let api_addr = api_sock.local_addr().unwrap_or(cfg.api);
+        let (stop, stop_rx) = watch::channel(false);
+        let stopped = |rx: &watch::Receiver<bool>| {
+            let mut rx = rx.clone();
+            async move {
+                let _ = rx.wait_for(|s| *s).await;
+            }
+        };
+        let mut tasks = Vec::new();
+        if cfg.dir.is_some() {
+            tasks.push(store.watch());
+        }
+        tasks.push(registry.follow(&server));
+        let srv = server.clone();
+        let xds_stop = stopped(&stop_rx);
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = srv.serve(xds_sock, xds_stop).await {
+                tracing::error!(error = %e, "xDS server stopped");
+            }
+        }));
+        let api = Arc::new(crate::api::Api { store: store.clone(), server: server.clone(), source: source.clone() });
+        tasks.push(tokio::spawn(crate::api::serve(api, api_sock, stopped(&stop_rx))));
+        info!(%xds_addr, %api_addr, "control plane started");
+        Ok(ControlPlane { xds_addr, api_addr, store, registry, server, source, stop, tasks })
+    }
+
+    /// Stops both servers.
+    pub async fn shutdown(self) {
+        self.stop.send_replace(true);
+        for t in self.tasks {
+            t.abort();
+        }
+    }
+}

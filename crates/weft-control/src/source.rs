@@ -1,0 +1,140 @@
+//! The xDS a control plane serves: each proxy's view of the store and the registry, run
+//! through the translator, cached per proxy and input version, with one version string
+//! per resource type derived from its content (so a change re-pushes only the types it
+//! touched, and delta clients get per-resource versions from the server).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use tokio::sync::watch;
+use weft_xds::{content_version, Any, ConfigSource, NodeInfo};
+
+use crate::registry::Registry;
+use crate::store::Store;
+use crate::translate::{translate, MeshConfig, ProxyMode};
+
+/// Coalesces bursts of changes (a directory of files saved together, many proxies
+/// connecting) into one push.
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+type TypeMap = BTreeMap<String, (String, BTreeMap<String, Any>)>;
+
+struct Cached {
+    inputs: (u64, u64),
+    types: Arc<TypeMap>,
+}
+
+/// A [`ConfigSource`] over the store and registry.
+pub struct MeshSource {
+    store: Arc<Store>,
+    registry: Registry,
+    mode: ProxyMode,
+    defaults: MeshConfig,
+    mesh: Mutex<Option<(u64, Arc<MeshConfig>)>>,
+    cache: Mutex<HashMap<String, Cached>>,
+    changes: watch::Sender<u64>,
+}
+
+impl MeshSource {
+    /// A source; `defaults` gives everything but the resources (domain, policies).
+    /// Spawns the task that turns store and registry changes into pushes.
+    pub fn new(store: Arc<Store>, registry: Registry, mode: ProxyMode, defaults: MeshConfig) -> Arc<Self> {
+        let me = Arc::new(MeshSource {
+            store,
+            registry,
+            mode,
+            defaults,
+            mesh: Mutex::new(None),
+            cache: Mutex::new(HashMap::new()),
+            changes: watch::channel(0).0,
+        });
+        let weak = Arc::downgrade(&me);
+        let mut store_rx = me.store.subscribe();
+        let mut reg_rx = me.registry.changes();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = store_rx.changed() => if r.is_err() { return },
+                    r = reg_rx.changed() => if r.is_err() { return },
+                }
+                tokio::time::sleep(DEBOUNCE).await;
+                let _ = store_rx.borrow_and_update();
+                let _ = reg_rx.borrow_and_update();
+                let Some(me) = weak.upgrade() else { return };
+                me.changes.send_modify(|v| *v += 1);
+            }
+        });
+        me
+    }
+
+    fn mesh(&self) -> (u64, Arc<MeshConfig>) {
+        let mut slot = self.mesh.lock().unwrap_or_else(|p| p.into_inner());
+        let snap_version = self.store.snapshot_version();
+        if let Some((v, m)) = slot.as_ref() {
+            if *v == snap_version {
+                return (*v, m.clone());
+            }
+        }
+        let snap = self.store.snapshot();
+        let mesh = Arc::new(MeshConfig { resources: snap.resources, ..self.defaults.clone() });
+        *slot = Some((snap.version, mesh.clone()));
+        (snap.version, mesh)
+    }
+
+    /// Everything one proxy gets now, by type URL.
+    pub fn proxy_resources(&self, node: &Node) -> Arc<TypeMap> {
+        let info = NodeInfo::from_node(node).unwrap_or_else(|_| NodeInfo {
+            // A stock Envoy without weft metadata: a workload of the default namespace.
+            id: node.id.clone(),
+            name: node.id.clone(),
+            namespace: "default".into(),
+            ..NodeInfo::default()
+        });
+        let (store_version, mesh) = self.mesh();
+        let registry = self.registry.snapshot();
+        let inputs = (store_version, registry.version());
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(c) = cache.get(&node.id) {
+                if c.inputs == inputs {
+                    return c.types.clone();
+                }
+            }
+        }
+        let xds = translate(&mesh, &registry, &info, self.mode);
+        let mut types: TypeMap = BTreeMap::new();
+        for (type_url, anys) in xds.into_resources() {
+            let mut by_name = BTreeMap::new();
+            for any in anys {
+                if let Ok(name) = weft_xds::resource_name(type_url, &any) {
+                    by_name.insert(name, any);
+                }
+            }
+            let digest: String = by_name.iter().map(|(n, a)| format!("{n}={};", content_version(a))).collect();
+            let version = content_version(&Any { type_url: type_url.to_string(), value: digest.into_bytes() });
+            types.insert(type_url.to_string(), (version, by_name));
+        }
+        let types = Arc::new(types);
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(node.id.clone(), Cached { inputs, types: types.clone() });
+        types
+    }
+}
+
+impl ConfigSource for MeshSource {
+    fn resources(&self, node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>) {
+        let types = self.proxy_resources(node);
+        match types.get(type_url) {
+            Some((v, m)) => (v.clone(), m.clone()),
+            None => ("empty".into(), BTreeMap::new()),
+        }
+    }
+
+    fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+}

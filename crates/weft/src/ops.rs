@@ -1,0 +1,161 @@
+//! The operator commands that talk to a running control plane's JSON API:
+//! `apply`, `get`, `delete`, `proxy-status`, `proxy-config`.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context as _};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// One request to the API; returns the status and the JSON body.
+pub async fn call(server: &str, method: &str, path: &str, body: Option<String>) -> anyhow::Result<(u16, Value)> {
+    let addr = server.trim_start_matches("http://").trim_end_matches('/');
+    let stream = tokio::net::TcpStream::connect(addr).await.with_context(|| {
+        format!("cannot reach the control plane at {addr} (is `weft control` running? --server / WEFT_SERVER)")
+    })?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", addr)
+        .header("content-type", "application/yaml")
+        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let resp = tx.send_request(req).await?;
+    let status = resp.status().as_u16();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    let v =
+        serde_json::from_slice(&bytes).with_context(|| format!("the control plane answered {status} with non-JSON"))?;
+    Ok((status, v))
+}
+
+fn files_text(files: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, String)>> {
+    let mut out = Vec::new();
+    for f in files {
+        if f.is_dir() {
+            let mut entries: Vec<PathBuf> = std::fs::read_dir(f)
+                .with_context(|| format!("{}: cannot read", f.display()))?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")))
+                .collect();
+            entries.sort();
+            out.extend(files_text(&entries)?);
+        } else {
+            let text = std::fs::read_to_string(f).with_context(|| format!("{}: cannot read", f.display()))?;
+            out.push((f.clone(), text));
+        }
+    }
+    Ok(out)
+}
+
+/// `weft apply -f` / `weft delete -f`: sends each file; prints what was accepted and
+/// every error. Fails when anything was rejected.
+pub async fn change(server: &str, files: &[PathBuf], delete: bool) -> anyhow::Result<()> {
+    let mut failed = false;
+    for (path, text) in files_text(files)? {
+        let endpoint = if delete { "/api/v1/delete" } else { "/api/v1/apply" };
+        let source = urlencode(&path.display().to_string());
+        let (_, v) = call(server, "POST", &format!("{endpoint}?source={source}"), Some(text)).await?;
+        for k in v["accepted"].as_array().into_iter().flatten() {
+            println!("{} {}", k.as_str().unwrap_or_default(), if delete { "deleted" } else { "configured" });
+        }
+        for e in v["errors"].as_array().into_iter().flatten() {
+            failed = true;
+            eprintln!("error: {}", e.as_str().unwrap_or_default());
+        }
+    }
+    if failed {
+        bail!("some resources were rejected (see above); the others were applied");
+    }
+    Ok(())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// `weft get KIND [NAME]`.
+pub async fn get(server: &str, kind: &str, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+    let mut path = format!("/api/v1/resources?kind={}", urlencode(kind));
+    if let Some(n) = name {
+        path.push_str(&format!("&name={}", urlencode(n)));
+    }
+    let (status, v) = call(server, "GET", &path, None).await?;
+    if status != 200 {
+        bail!("{}", v["error"].as_str().unwrap_or("request failed"));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:<16} {:<28} {:<22} SOURCE", "NAMESPACE", "NAME", "KIND");
+    for i in v["items"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:<28} {:<22} {}",
+            i["namespace"].as_str().unwrap_or_default(),
+            i["name"].as_str().unwrap_or_default(),
+            i["kind"].as_str().unwrap_or_default(),
+            i["source"].as_str().unwrap_or_default()
+        );
+    }
+    Ok(())
+}
+
+/// `weft proxy-status [-o json]`.
+pub async fn proxy_status(server: &str, json: bool) -> anyhow::Result<()> {
+    let (_, v) = call(server, "GET", "/api/v1/proxies", None).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("{:<44} {:<9} {:<9} {:<9} {:<9} AGE", "NAME", "CDS", "LDS", "EDS", "RDS");
+    for p in v["proxies"].as_array().into_iter().flatten() {
+        let t = |k: &str| p["types"][k]["status"].as_str().unwrap_or("-").to_string();
+        let age = ["Cluster", "Listener"]
+            .iter()
+            .filter_map(|k| p["types"][*k]["config_age_seconds"].as_f64())
+            .fold(None::<f64>, |a, b| Some(a.map_or(b, |a| a.min(b))));
+        let name = format!("{}.{}", p["name"].as_str().unwrap_or("?"), p["namespace"].as_str().unwrap_or("?"));
+        println!(
+            "{:<44} {:<9} {:<9} {:<9} {:<9} {}",
+            name,
+            t("Cluster"),
+            t("Listener"),
+            t("ClusterLoadAssignment"),
+            t("RouteConfiguration"),
+            age.map(|a| format!("{a:.0}s")).unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(())
+}
+
+/// `weft proxy-config PROXY [TYPE]`.
+pub async fn proxy_config(server: &str, proxy: &str, what: Option<&str>) -> anyhow::Result<()> {
+    let (status, v) = call(server, "GET", &format!("/api/v1/proxies/{}/config", urlencode(proxy)), None).await?;
+    if status != 200 {
+        bail!("{}", v["error"].as_str().unwrap_or("request failed"));
+    }
+    let key = match what {
+        None => None,
+        Some("listeners") => Some("Listener"),
+        Some("routes") => Some("RouteConfiguration"),
+        Some("clusters") => Some("Cluster"),
+        Some("endpoints") => Some("ClusterLoadAssignment"),
+        Some("secrets") => Some("Secret"),
+        Some(other) => bail!("unknown type {other:?}: expected listeners, routes, clusters, endpoints or secrets"),
+    };
+    let out = match key {
+        Some(k) => v["resources"][k].clone(),
+        None => v["resources"].clone(),
+    };
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(())
+}
