@@ -1,0 +1,175 @@
+//! The control plane end to end, as an operator runs it: `weft control` watching a
+//! directory, weft proxies registering by connecting (explicit mode), traffic following
+//! the VirtualService, a file edit reaching the proxies, `weft proxy-status` reporting
+//! them SYNCED, a broken file changing nothing, and `weft apply` / `weft get` through the API.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use weft_proxy::bootstrap::Bootstrap;
+use weft_proxy::proxy::ProxyHandle;
+use weft_testkit::echo::EchoServer;
+use weft_testkit::http::get_via_proxy;
+
+const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+
+const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: reviews\nspec:\n  selector:\n    app: reviews\n  ports:\n  - name: http\n    port: 9080\n    targetPort: http\n";
+const RULES: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata:\n  name: reviews\nspec:\n  host: reviews\n  subsets:\n  - name: v1\n    labels: {version: v1}\n  - name: v2\n    labels: {version: v2}\n";
+
+fn route_to(subset: &str) -> String {
+    format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: {subset}\n")
+}
+
+/// A free loopback port (bound then released: the proxy announces it before binding).
+fn free_port() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+async fn proxy(
+    xds: SocketAddr,
+    name: &str,
+    labels: &str,
+    app_port: Option<u16>,
+    inbound: Option<SocketAddr>,
+    outbound: SocketAddr,
+) -> ProxyHandle {
+    let ports =
+        app_port.map(|p| format!("  ports:\n  - {{name: http, port: {p}, protocol: TCP}}\n")).unwrap_or_default();
+    let inbound = inbound.map(|a| format!("  inbound: \"{a}\"\n")).unwrap_or_default();
+    let text = format!(
+        "node:\n  id: {name}.default\n  name: {name}\n  namespace: default\n  service_account: {name}\n  labels: {labels}\n{ports}{inbound}  outbound: \"{outbound}\"\nxds:\n  address: http://{xds}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\n"
+    );
+    let p = ProxyHandle::start(Bootstrap::parse(&text, Path::new("bootstrap.yaml")).unwrap()).await.unwrap();
+    assert!(p.wait_ready(Duration::from_secs(20)).await, "{name} never became ready");
+    p
+}
+
+async fn served_by(outbound: SocketAddr) -> String {
+    let r = get_via_proxy(outbound, "http://reviews:9080/").await.unwrap();
+    r.header("x-echo-server").unwrap_or(&format!("status {}", r.status)).to_string()
+}
+
+async fn eventually(outbound: SocketAddr, want: &str) {
+    for _ in 0..100 {
+        if served_by(outbound).await == want {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("traffic never moved to {want} (still {})", served_by(outbound).await);
+}
+
+async fn weft(args: &[&str]) -> (i32, String, String) {
+    let o = tokio::process::Command::new(WEFT).args(args).output().await.unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("service.yaml"), SERVICE).unwrap();
+    std::fs::write(dir.path().join("rules.yaml"), RULES).unwrap();
+    let vs = dir.path().join("vs.yaml");
+    std::fs::write(&vs, route_to("v1")).unwrap();
+
+    let mut control = tokio::process::Command::new(WEFT)
+        .args(["control", "--dir"])
+        .arg(dir.path())
+        .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(control.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
+    // "weft control: xDS on A, API on B"
+    let xds: SocketAddr = line.split("xDS on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let api = line.split("API on ").nth(1).unwrap().trim().to_string();
+
+    let v1 = EchoServer::start("reviews-v1").await;
+    let v2 = EchoServer::start("reviews-v2").await;
+    let _p1 =
+        proxy(xds, "reviews-v1", "{app: reviews, version: v1}", Some(v1.addr.port()), Some(free_port()), free_port())
+            .await;
+    let _p2 =
+        proxy(xds, "reviews-v2", "{app: reviews, version: v2}", Some(v2.addr.port()), Some(free_port()), free_port())
+            .await;
+    let out = free_port();
+    let _client = proxy(xds, "productpage", "{app: productpage, version: v1}", None, None, out).await;
+
+    // The VirtualService sends everything to v1 (through v1's sidecar inbound listener).
+    eventually(out, "reviews-v1").await;
+    for _ in 0..10 {
+        assert_eq!(served_by(out).await, "reviews-v1");
+    }
+
+    // Editing the file reaches the proxies.
+    std::fs::write(&vs, route_to("v2") + "\n").unwrap();
+    eventually(out, "reviews-v2").await;
+
+    // proxy-status: every proxy SYNCED once the push is ACKed.
+    let mut synced = false;
+    for _ in 0..50 {
+        let (code, stdout, _) = weft(&["proxy-status", "-o", "json", "--server", &api]).await;
+        assert_eq!(code, 0);
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let proxies = v["proxies"].as_array().unwrap();
+        assert_eq!(proxies.len(), 3, "{stdout}");
+        synced = proxies.iter().all(|p| {
+            ["Cluster", "Listener", "RouteConfiguration", "ClusterLoadAssignment"]
+                .iter()
+                .all(|t| p["types"][*t]["status"] == "SYNCED")
+        });
+        if synced {
+            let client = proxies.iter().find(|p| p["name"] == "productpage").unwrap();
+            assert_eq!(client["identity"], "spiffe://cluster.local/ns/default/sa/productpage");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(synced, "proxies never reported SYNCED");
+    let (code, table, _) = weft(&["proxy-status", "--server", &api]).await;
+    assert_eq!(code, 0);
+    assert!(table.contains("productpage.default") && table.contains("SYNCED"), "{table}");
+
+    // A broken file: the error is reported, the proxies keep their config.
+    std::fs::write(&vs, "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: [\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (_, got, _) = weft(&["get", "vs", "-o", "json", "--server", &api]).await;
+    let got: serde_json::Value = serde_json::from_str(&got).unwrap();
+    assert!(
+        got["errors"].as_array().unwrap().iter().any(|e| {
+            let e = e.as_str().unwrap();
+            e.contains("vs.yaml:") && e.contains("invalid YAML")
+        }),
+        "{got}"
+    );
+    for _ in 0..5 {
+        assert_eq!(served_by(out).await, "reviews-v2");
+    }
+
+    // weft apply through the API, with one bad resource rejected alone.
+    let applied = dir.path().join("applied.yaml");
+    std::fs::write(
+        &applied,
+        route_to("v1").replace("name: reviews\nspec", "name: reviews-api\nspec")
+            + "---\n"
+            + &route_to("v9").replace("subset:", "subet:"),
+    )
+    .unwrap();
+    let (code, stdout, stderr) = weft(&["apply", "-f", applied.to_str().unwrap(), "--server", &api]).await;
+    assert_ne!(code, 0, "a rejected resource must fail the command");
+    assert!(stdout.contains("VirtualService default/reviews-api configured"), "{stdout}");
+    assert!(stderr.contains("subet") && stderr.contains("did you mean `subset`?"), "{stderr}");
+    let (code, table, _) = weft(&["get", "virtualservice", "--server", &api]).await;
+    assert_eq!(code, 0);
+    assert!(table.contains("reviews-api"), "{table}");
+}
