@@ -48,6 +48,10 @@ pub struct EnvoyBootstrapOptions {
     pub cluster_id: String,
     /// Delta ADS (`DELTA_GRPC`) instead of state of the world (`GRPC`).
     pub delta: bool,
+    /// Explicit mode: where this Envoy accepts inbound traffic (`WEFT_INBOUND`).
+    pub inbound: Option<SocketAddr>,
+    /// Explicit mode: where this Envoy serves as the app's HTTP proxy (`WEFT_OUTBOUND`).
+    pub outbound: Option<SocketAddr>,
 }
 
 impl EnvoyBootstrapOptions {
@@ -73,8 +77,8 @@ impl EnvoyBootstrapOptions {
             service_account: self.service_account.clone(),
             ports: self.ports.clone(),
             instance_ips: vec![self.instance_ip.to_string()],
-            inbound: None,
-            outbound: None,
+            inbound: self.inbound,
+            outbound: self.outbound,
         }
     }
 }

@@ -23,6 +23,8 @@ fn options(xds: SocketAddr, delta: bool) -> anyhow::Result<EnvoyBootstrapOptions
         admin_port: 0,
         cluster_id: "Kubernetes".to_string(),
         delta,
+        inbound: None,
+        outbound: None,
     })
 }
 

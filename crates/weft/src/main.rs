@@ -140,6 +140,12 @@ enum Command {
         /// Use incremental (delta) xDS.
         #[arg(long)]
         delta: bool,
+        /// Explicit mode: the address this Envoy accepts inbound traffic on.
+        #[arg(long)]
+        inbound: Option<std::net::SocketAddr>,
+        /// Explicit mode: the address this Envoy serves as the app's HTTP proxy.
+        #[arg(long)]
+        outbound: Option<std::net::SocketAddr>,
     },
     /// Run a small local mesh: an in-process xDS server, two echo backends and a proxy,
     /// with a weighted split, a header route and a fault; prints what to curl.
@@ -188,6 +194,8 @@ fn main() -> std::process::ExitCode {
                 admin_port,
                 instance_ip,
                 delta,
+                inbound,
+                outbound,
             } => {
                 use weft_control::envoy_bootstrap::{parse_labels, parse_ports, render, EnvoyBootstrapOptions};
                 let labels = parse_labels(&labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))?;
@@ -203,6 +211,8 @@ fn main() -> std::process::ExitCode {
                     admin_port,
                     cluster_id: "Kubernetes".into(),
                     delta,
+                    inbound,
+                    outbound,
                 };
                 print!("{}", render(&opts));
                 Ok(())

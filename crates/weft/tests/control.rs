@@ -173,3 +173,79 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
     assert_eq!(code, 0);
     assert!(table.contains("reviews-api"), "{table}");
 }
+
+/// Starts `weft control` on `dir`; returns the process and its xDS and API addresses.
+async fn start_control(dir: &Path) -> (tokio::process::Child, SocketAddr, String) {
+    let mut control = tokio::process::Command::new(WEFT)
+        .args(["control", "--dir"])
+        .arg(dir)
+        .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(control.stdout.take().unwrap()).lines();
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let xds: SocketAddr = line.split("xDS on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
+    let api = line.split("API on ").nth(1).unwrap().trim().to_string();
+    (control, xds, api)
+}
+
+#[tokio::test]
+async fn envoy_from_weft_envoy_bootstrap_and_a_weft_proxy_ack_the_whole_conformance_set() {
+    let conformance = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/istio");
+    assert!(conformance.is_dir(), "{} missing", conformance.display());
+    let (_control, xds, api) = start_control(&conformance).await;
+
+    let (code, yaml, err) = weft(&[
+        "envoy-bootstrap",
+        "--name",
+        "productpage-v1",
+        "--namespace",
+        "default",
+        "--labels",
+        "app=productpage,version=v1",
+        "--ports",
+        "http:9080",
+        "--xds",
+        &xds.to_string(),
+        "--admin-port",
+        "0",
+        "--inbound",
+        &free_port().to_string(),
+        "--outbound",
+        &free_port().to_string(),
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let envoy = weft_testkit::envoy::Envoy::start(&yaml).await.expect("envoy starts from weft envoy-bootstrap");
+    let _weft =
+        proxy(xds, "reviews-v1", "{app: reviews, version: v1}", Some(9080), Some(free_port()), free_port()).await;
+
+    // Both ACK every type: proxy-status shows no NACK and everything SYNCED.
+    let mut last = String::new();
+    let mut ok = false;
+    for _ in 0..100 {
+        let (_, stdout, _) = weft(&["proxy-status", "-o", "json", "--server", &api]).await;
+        let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+        let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
+        ok = proxies.len() == 2
+            && proxies.iter().all(|p| {
+                ["Cluster", "Listener", "RouteConfiguration", "ClusterLoadAssignment"]
+                    .iter()
+                    .all(|t| p["types"][*t]["status"] == "SYNCED")
+            });
+        last = stdout;
+        if ok {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(ok, "not every proxy SYNCED on the whole conformance set:\n{last}\n{}", envoy.log_tail());
+    let stats = envoy.admin_get("/stats?filter=update_rejected").await.unwrap();
+    assert!(stats.lines().any(|l| l.contains("lds.update_rejected")), "no LDS stats: {stats}");
+    let rejected: Vec<&str> = stats.lines().filter(|l| !l.trim_end().ends_with(": 0")).collect();
+    assert!(rejected.is_empty(), "Envoy rejected updates: {rejected:?}");
+    let listeners = envoy.admin_get("/listeners").await.unwrap();
+    assert!(listeners.contains("weft-outbound"), "{listeners}");
+}

@@ -12,6 +12,8 @@ fn options() -> EnvoyBootstrapOptions {
         admin_port: 15000,
         cluster_id: "Kubernetes".into(),
         delta: false,
+        inbound: None,
+        outbound: None,
     }
 }
 
