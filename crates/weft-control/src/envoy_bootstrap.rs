@@ -79,6 +79,8 @@ impl EnvoyBootstrapOptions {
             instance_ips: vec![self.instance_ip.to_string()],
             inbound: self.inbound,
             outbound: self.outbound,
+            admin: None,
+            metrics: None,
         }
     }
 }

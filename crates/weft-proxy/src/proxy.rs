@@ -133,13 +133,10 @@ impl ProxyHandle {
         let admin_addr = admin_sock.local_addr().unwrap_or(b.admin);
         let metrics_addr = metrics_sock.local_addr().unwrap_or(b.metrics);
 
+        // Operators' tools find the admin and metrics servers through the control plane.
+        let node = weft_xds::NodeInfo { admin: Some(admin_addr), metrics: Some(metrics_addr), ..b.node.clone() };
         let client = AdsClient::new(
-            ClientConfig {
-                address: b.xds.address.clone(),
-                node: b.node.clone(),
-                mode: b.xds.mode.into(),
-                backoff: Backoff::default(),
-            },
+            ClientConfig { address: b.xds.address.clone(), node, mode: b.xds.mode.into(), backoff: Backoff::default() },
             store.clone(),
         );
         let xds = client.status();

@@ -23,6 +23,10 @@ pub const INSTANCE_IPS: &str = "INSTANCE_IPS";
 pub const WEFT_INBOUND: &str = "WEFT_INBOUND";
 /// weft: where the workload's sidecar accepts outbound traffic in explicit mode.
 pub const WEFT_OUTBOUND: &str = "WEFT_OUTBOUND";
+/// weft: the proxy's admin address (for operators' tools).
+pub const WEFT_ADMIN: &str = "WEFT_ADMIN";
+/// weft: the proxy's metrics address (for scrapers and operators' tools).
+pub const WEFT_METRICS: &str = "WEFT_METRICS";
 /// Metadata key: declared ports, a JSON array string as Istio writes it.
 pub const POD_PORTS: &str = "POD_PORTS";
 /// Metadata key: cluster id.
@@ -54,6 +58,10 @@ pub struct NodeInfo {
     /// Where this workload's sidecar accepts outbound traffic in explicit mode (the
     /// `weft-outbound` HTTP proxy listener); announced as `WEFT_OUTBOUND`.
     pub outbound: Option<std::net::SocketAddr>,
+    /// The proxy's admin address, announced as `WEFT_ADMIN` (filled in by the proxy).
+    pub admin: Option<std::net::SocketAddr>,
+    /// The proxy's metrics address, announced as `WEFT_METRICS` (filled in by the proxy).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// A port a workload declares.
@@ -109,8 +117,10 @@ impl NodeInfo {
         if let Some(a) = self.inbound {
             fields.insert(WEFT_INBOUND.to_string(), string_value(&a.to_string()));
         }
-        if let Some(a) = self.outbound {
-            fields.insert(WEFT_OUTBOUND.to_string(), string_value(&a.to_string()));
+        for (key, addr) in [(WEFT_OUTBOUND, self.outbound), (WEFT_ADMIN, self.admin), (WEFT_METRICS, self.metrics)] {
+            if let Some(a) = addr {
+                fields.insert(key.to_string(), string_value(&a.to_string()));
+            }
         }
         fields.insert(POD_PORTS.to_string(), string_value(&ports_json));
         fields.insert(CLUSTER_ID.to_string(), string_value(&self.cluster));
@@ -167,18 +177,16 @@ impl NodeInfo {
         } else {
             node.cluster.clone()
         };
-        let inbound = match get(WEFT_INBOUND)? {
-            None | Some("") => None,
-            Some(a) => {
-                Some(a.parse().map_err(|_| format!("node {}: metadata {WEFT_INBOUND} {a:?} is not ip:port", node.id))?)
+        let addr = |key: &str| -> Result<Option<std::net::SocketAddr>, String> {
+            match get(key)? {
+                None | Some("") => Ok(None),
+                Some(a) => {
+                    a.parse().map(Some).map_err(|_| format!("node {}: metadata {key} {a:?} is not ip:port", node.id))
+                }
             }
         };
-        let outbound = match get(WEFT_OUTBOUND)? {
-            None | Some("") => None,
-            Some(a) => Some(
-                a.parse().map_err(|_| format!("node {}: metadata {WEFT_OUTBOUND} {a:?} is not ip:port", node.id))?,
-            ),
-        };
+        let (inbound, outbound) = (addr(WEFT_INBOUND)?, addr(WEFT_OUTBOUND)?);
+        let (admin, metrics) = (addr(WEFT_ADMIN)?, addr(WEFT_METRICS)?);
         Ok(NodeInfo {
             id: node.id.clone(),
             cluster,
@@ -190,6 +198,8 @@ impl NodeInfo {
             instance_ips,
             inbound,
             outbound,
+            admin,
+            metrics,
         })
     }
 }

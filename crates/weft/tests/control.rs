@@ -131,6 +131,12 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
         if synced {
             let client = proxies.iter().find(|p| p["name"] == "productpage").unwrap();
             assert_eq!(client["identity"], "spiffe://cluster.local/ns/default/sa/productpage");
+            // The addresses scripts need: admin and metrics answer where proxy-status says.
+            let admin: SocketAddr = client["admin"].as_str().unwrap().parse().unwrap();
+            let metrics: SocketAddr = client["metrics"].as_str().unwrap().parse().unwrap();
+            assert_eq!(weft_testkit::http::get_h1(admin, "admin", "/ready").await.unwrap().status, 200);
+            assert_eq!(weft_testkit::http::get_h1(metrics, "m", "/healthz/ready").await.unwrap().status, 200);
+            assert_eq!(client["outbound"], out.to_string());
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;

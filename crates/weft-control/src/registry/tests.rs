@@ -41,6 +41,8 @@ fn node_with(extra: &[(&str, &str)], instance_ips: &[&str]) -> Node {
         instance_ips: instance_ips.iter().map(|s| s.to_string()).collect(),
         inbound: None,
         outbound: None,
+        admin: None,
+        metrics: None,
     };
     let mut node = info.to_node();
     if let Some(meta) = node.metadata.as_mut() {

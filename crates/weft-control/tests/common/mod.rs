@@ -165,5 +165,7 @@ pub fn node(name: &str, namespace: &str, pairs: &[(&str, &str)], instance_ips: &
         instance_ips: instance_ips.iter().map(|s| s.to_string()).collect(),
         inbound: None,
         outbound: None,
+        admin: None,
+        metrics: None,
     }
 }

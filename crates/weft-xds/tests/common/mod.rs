@@ -188,6 +188,8 @@ pub fn node_info() -> NodeInfo {
         instance_ips: vec!["10.0.0.1".to_string(), "fd00::1".to_string()],
         inbound: Some("127.0.0.1:15006".parse().unwrap()),
         outbound: Some("127.0.0.1:15001".parse().unwrap()),
+        admin: None,
+        metrics: None,
     }
 }
 
