@@ -56,7 +56,9 @@ impl ResourceHandler for Sim {
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
         .unwrap_or(0)
 }
 
@@ -76,7 +78,9 @@ async fn main() -> anyhow::Result<()> {
     anyhow::ensure!(weft.is_file(), "build it first: cargo build --release -p weft");
     let shared = root.join("../shared/conformance/istio/bookinfo");
     let dir = tempfile::tempdir()?;
-    for f in ["platform/bookinfo.yaml", "networking/destination-rule-all.yaml", "networking/virtual-service-all-v1.yaml"] {
+    for f in
+        ["platform/bookinfo.yaml", "networking/destination-rule-all.yaml", "networking/virtual-service-all-v1.yaml"]
+    {
         let src: PathBuf = shared.join(f);
         std::fs::copy(&src, dir.path().join(src.file_name().unwrap_or_default()))?;
     }
@@ -90,9 +94,15 @@ async fn main() -> anyhow::Result<()> {
         .spawn()?;
     let pid = control.id().unwrap_or(0);
     use tokio::io::AsyncBufReadExt;
-    let mut lines = tokio::io::BufReader::new(control.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?).lines();
+    let mut lines =
+        tokio::io::BufReader::new(control.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?).lines();
     let line = lines.next_line().await?.ok_or_else(|| anyhow::anyhow!("control plane exited"))?;
-    let xds = line.split("xDS on ").nth(1).and_then(|s| s.split(',').next()).ok_or_else(|| anyhow::anyhow!("{line}"))?.to_string();
+    let xds = line
+        .split("xDS on ")
+        .nth(1)
+        .and_then(|s| s.split(',').next())
+        .ok_or_else(|| anyhow::anyhow!("{line}"))?
+        .to_string();
     let api = line.split("API on ").nth(1).ok_or_else(|| anyhow::anyhow!("{line}"))?.trim().to_string();
     let rss_idle = rss_kib(pid);
 
@@ -124,7 +134,11 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     while synced.load(Ordering::Relaxed) < n {
-        anyhow::ensure!(started.elapsed() < Duration::from_secs(600), "only {} of {n} synced", synced.load(Ordering::Relaxed));
+        anyhow::ensure!(
+            started.elapsed() < Duration::from_secs(600),
+            "only {} of {n} synced",
+            synced.load(Ordering::Relaxed)
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let initial_sync = started.elapsed();
@@ -134,7 +148,8 @@ async fn main() -> anyhow::Result<()> {
     let vs = dir.path().join("change.yaml");
     std::fs::write(&vs, "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: v2\n")?;
     *changed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-    let status = tokio::process::Command::new(&weft).args(["apply", "-f"]).arg(&vs).args(["--server", &api]).output().await?;
+    let status =
+        tokio::process::Command::new(&weft).args(["apply", "-f"]).arg(&vs).args(["--server", &api]).output().await?;
     anyhow::ensure!(status.status.success(), "apply failed: {}", String::from_utf8_lossy(&status.stderr));
     let t0 = Instant::now();
     while latencies.lock().unwrap_or_else(|p| p.into_inner()).len() < n {
