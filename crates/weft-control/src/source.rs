@@ -33,6 +33,7 @@ pub struct MeshSource {
     mode: ProxyMode,
     defaults: MeshConfig,
     mesh: Mutex<Option<(u64, Arc<MeshConfig>)>>,
+    /// Translations by proxy shape (see [`MeshSource::proxy_resources`]).
     cache: Mutex<HashMap<String, Cached>>,
     changes: watch::Sender<u64>,
 }
@@ -95,9 +96,14 @@ impl MeshSource {
         let (store_version, mesh) = self.mesh();
         let registry = self.registry.snapshot();
         let inputs = (store_version, registry.version());
+        // Proxies that differ only in name or address get identical xDS: the translator
+        // reads the namespace, labels, ports and listener addresses. They share one
+        // translation (the expensive part of a push to many identical sidecars).
+        let inbound = registry.get(&node.id).and_then(|w| w.inbound).or(info.inbound);
+        let shape = format!("{}|{:?}|{:?}|{:?}|{:?}", info.namespace, info.labels, info.ports, info.outbound, inbound);
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = cache.get(&node.id) {
+            if let Some(c) = cache.get(&shape) {
                 if c.inputs == inputs {
                     return c.types.clone();
                 }
@@ -117,10 +123,7 @@ impl MeshSource {
             types.insert(type_url.to_string(), (version, by_name));
         }
         let types = Arc::new(types);
-        self.cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(node.id.clone(), Cached { inputs, types: types.clone() });
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(shape, Cached { inputs, types: types.clone() });
         types
     }
 }
