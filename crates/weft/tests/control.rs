@@ -203,16 +203,17 @@ async fn envoy_from_weft_envoy_bootstrap_and_a_weft_proxy_ack_the_whole_conforma
     assert!(conformance.is_dir(), "{} missing", conformance.display());
     let (_control, xds, api) = start_control(&conformance).await;
 
+    let envoy_out = free_port();
     let (code, yaml, err) = weft(&[
         "envoy-bootstrap",
         "--name",
-        "productpage-v1",
+        "sleep",
         "--namespace",
         "default",
         "--labels",
-        "app=productpage,version=v1",
+        "app=sleep,version=v1",
         "--ports",
-        "http:9080",
+        "http:8080",
         "--xds",
         &xds.to_string(),
         "--admin-port",
@@ -220,13 +221,22 @@ async fn envoy_from_weft_envoy_bootstrap_and_a_weft_proxy_ack_the_whole_conforma
         "--inbound",
         &free_port().to_string(),
         "--outbound",
-        &free_port().to_string(),
+        &envoy_out.to_string(),
     ])
     .await;
     assert_eq!(code, 0, "{err}");
     let envoy = weft_testkit::envoy::Envoy::start(&yaml).await.expect("envoy starts from weft envoy-bootstrap");
-    let _weft =
-        proxy(xds, "reviews-v1", "{app: reviews, version: v1}", Some(9080), Some(free_port()), free_port()).await;
+    // productpage v1 (the subset virtual-service-all-v1 routes to) behind a weft sidecar.
+    let app = EchoServer::start("productpage-v1").await;
+    let _weft = proxy(
+        xds,
+        "productpage-v1",
+        "{app: productpage, version: v1}",
+        Some(app.addr.port()),
+        Some(free_port()),
+        free_port(),
+    )
+    .await;
 
     // Both ACK every type: proxy-status shows no NACK and everything SYNCED.
     let mut last = String::new();
@@ -254,4 +264,18 @@ async fn envoy_from_weft_envoy_bootstrap_and_a_weft_proxy_ack_the_whole_conforma
     assert!(rejected.is_empty(), "Envoy rejected updates: {rejected:?}");
     let listeners = envoy.admin_get("/listeners").await.unwrap();
     assert!(listeners.contains("weft-outbound"), "{listeners}");
+
+    // Envoy routes per the VirtualService: productpage -> subset v1 -> the weft sidecar's
+    // inbound listener -> the app.
+    let mut served = String::new();
+    for _ in 0..50 {
+        if let Ok(r) = get_via_proxy(envoy_out, "http://productpage:9080/productpage").await {
+            served = r.header("x-echo-server").unwrap_or(&format!("status {}", r.status)).to_string();
+            if served == "productpage-v1" {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served, "productpage-v1", "{}", envoy.log_tail());
 }
