@@ -1,16 +1,14 @@
 //! Server side of a delta (incremental) stream.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
-use super::{record_reply, Registration, Shared};
+use super::{record_reply, Registration};
+use crate::content_version;
 use crate::type_url::is_wildcard_type;
-use crate::{content_version, XdsMode};
 
 /// Un-ACKed responses remembered per type.
 const MAX_INFLIGHT: usize = 64;
@@ -34,58 +32,35 @@ struct TypeState {
     responded: bool,
 }
 
-struct Stream {
+pub(super) struct Stream {
     registration: Registration,
     types: BTreeMap<String, TypeState>,
     tx: Tx,
     nonce: u64,
 }
 
-/// Runs one delta stream until the peer leaves, the server stops or a request is invalid.
-pub(super) async fn run(
-    shared: Arc<Shared>,
-    peer: Option<SocketAddr>,
-    mut requests: Streaming<DeltaDiscoveryRequest>,
-    tx: Tx,
-) {
-    let mut changes = shared.source.changes();
-    let mut stop = shared.stop.subscribe();
-    let first = tokio::select! {
-        first = requests.message() => first,
-        () = super::stopped(&mut stop) => return,
-    };
-    let first = match first {
-        Ok(Some(first)) => first,
-        Ok(None) | Err(_) => return,
-    };
-    let registration = match Registration::new(shared, first.node.clone(), peer, XdsMode::Delta) {
-        Ok(r) => r,
-        Err(status) => {
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
-    };
-    let mut stream = Stream { registration, types: BTreeMap::new(), tx, nonce: 0 };
-    if stream.on_request(first).await.is_err() {
-        return;
+impl super::StreamHandler for Stream {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn node(request: &DeltaDiscoveryRequest) -> Option<envoy_types::pb::envoy::config::core::v3::Node> {
+        request.node.clone()
     }
-    let mut source_open = true;
-    loop {
-        let result = tokio::select! {
-            request = requests.message() => match request {
-                Ok(Some(request)) => stream.on_request(request).await,
-                Ok(None) | Err(_) => return,
-            },
-            changed = changes.changed(), if source_open => {
-                source_open = changed.is_ok();
-                stream.push_all().await
-            }
-            () = super::stopped(&mut stop) => return,
-        };
-        if let Err(status) = result {
-            let _ = stream.tx.send(Err(status)).await;
-            return;
-        }
+
+    fn new(registration: Registration, tx: Tx) -> Self {
+        Stream { registration, types: BTreeMap::new(), tx, nonce: 0 }
+    }
+
+    fn tx(&self) -> &Tx {
+        &self.tx
+    }
+
+    async fn on_request(&mut self, request: DeltaDiscoveryRequest) -> Result<(), Status> {
+        Stream::on_request(self, request).await
+    }
+
+    async fn push_all(&mut self) -> Result<(), Status> {
+        Stream::push_all(self).await
     }
 }
 

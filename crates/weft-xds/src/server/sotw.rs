@@ -1,16 +1,13 @@
 //! Server side of a state-of-the-world stream.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::SocketAddr;
-use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
-use super::{record_reply, Registration, Shared};
+use super::{record_reply, Registration};
 use crate::type_url::is_wildcard_type;
-use crate::XdsMode;
 
 type Tx = mpsc::Sender<Result<DiscoveryResponse, Status>>;
 
@@ -27,58 +24,35 @@ struct TypeState {
     awaiting: bool,
 }
 
-struct Stream {
+pub(super) struct Stream {
     registration: Registration,
     types: BTreeMap<String, TypeState>,
     tx: Tx,
     nonce: u64,
 }
 
-/// Runs one SotW stream until the peer leaves, the server stops or a request is invalid.
-pub(super) async fn run(
-    shared: Arc<Shared>,
-    peer: Option<SocketAddr>,
-    mut requests: Streaming<DiscoveryRequest>,
-    tx: Tx,
-) {
-    let mut changes = shared.source.changes();
-    let mut stop = shared.stop.subscribe();
-    let first = tokio::select! {
-        first = requests.message() => first,
-        () = super::stopped(&mut stop) => return,
-    };
-    let first = match first {
-        Ok(Some(first)) => first,
-        Ok(None) | Err(_) => return,
-    };
-    let registration = match Registration::new(shared, first.node.clone(), peer, XdsMode::Sotw) {
-        Ok(r) => r,
-        Err(status) => {
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
-    };
-    let mut stream = Stream { registration, types: BTreeMap::new(), tx, nonce: 0 };
-    if stream.on_request(first).await.is_err() {
-        return;
+impl super::StreamHandler for Stream {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn node(request: &DiscoveryRequest) -> Option<envoy_types::pb::envoy::config::core::v3::Node> {
+        request.node.clone()
     }
-    let mut source_open = true;
-    loop {
-        let result = tokio::select! {
-            request = requests.message() => match request {
-                Ok(Some(request)) => stream.on_request(request).await,
-                Ok(None) | Err(_) => return,
-            },
-            changed = changes.changed(), if source_open => {
-                source_open = changed.is_ok();
-                stream.push_all().await
-            }
-            () = super::stopped(&mut stop) => return,
-        };
-        if let Err(status) = result {
-            let _ = stream.tx.send(Err(status)).await;
-            return;
-        }
+
+    fn new(registration: Registration, tx: Tx) -> Self {
+        Stream { registration, types: BTreeMap::new(), tx, nonce: 0 }
+    }
+
+    fn tx(&self) -> &Tx {
+        &self.tx
+    }
+
+    async fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
+        Stream::on_request(self, request).await
+    }
+
+    async fn push_all(&mut self) -> Result<(), Status> {
+        Stream::push_all(self).await
     }
 }
 
