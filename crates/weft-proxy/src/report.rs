@@ -55,9 +55,10 @@ fn reporter(d: Direction) -> Reporter {
 /// Service labels from an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`)
 /// or, failing that, the request authority.
 fn service_info(cluster: &str, authority: &str) -> ServiceInfo {
-    let host = match cluster.split('|').collect::<Vec<_>>().as_slice() {
-        [_, _, _, host] if !host.is_empty() => host.to_string(),
-        _ => authority
+    let istio_host = cluster.splitn(4, '|').nth(3).filter(|h| !h.is_empty() && !h.contains('|'));
+    let host = match istio_host {
+        Some(host) => host.to_string(),
+        None => authority
             .rsplit_once(':')
             .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
             .map(|(h, _)| h)
