@@ -138,6 +138,11 @@ fn add(
     }
     if let Some(o) = &policy.outlier_detection {
         c.outlier_detection = Some(outlier(o));
+        // Istio: with outlier detection, panic mode starts below minHealthPercent (0 by
+        // default, i.e. never), not at Envoy's 50%.
+        let min = o.min_health_percent.unwrap_or(0).clamp(0, 100) as f64;
+        c.common_lb_config.get_or_insert_with(Default::default).healthy_panic_threshold =
+            Some(envoy_types::pb::envoy::r#type::v3::Percent { value: min });
     }
     out.clusters.push(c);
 }
