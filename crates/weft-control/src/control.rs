@@ -88,7 +88,12 @@ impl ControlPlane {
                 tracing::error!(error = %e, "xDS server stopped");
             }
         }));
-        let api = Arc::new(crate::api::Api { store: store.clone(), server: server.clone(), source: source.clone() });
+        let api = Arc::new(crate::api::Api {
+            store: store.clone(),
+            server: server.clone(),
+            source: source.clone(),
+            registry: registry.clone(),
+        });
         tasks.push(tokio::spawn(crate::api::serve(api, api_sock, stopped(&stop_rx))));
         info!(%xds_addr, %api_addr, "control plane started");
         Ok(ControlPlane { xds_addr, api_addr, store, registry, server, source, stop, tasks })
