@@ -75,7 +75,7 @@ async fn connect(
             break;
         };
         tried.push(ep.addr);
-        match ctx.pools.connect_stream(ep.addr, timeout, &cluster.config.transport).await {
+        match ctx.pools.connect_stream(ep.addr, timeout, cluster.config.connector_for(ep.metadata.as_ref())).await {
             Ok(s) => {
                 cluster.report(&ep, Outcome::Success);
                 return Ok((s, ep.addr));

@@ -25,6 +25,7 @@ fn config(lb: LbPolicy) -> Arc<ClusterConfig> {
         static_endpoints: None,
         metadata: None,
         transport: Default::default(),
+        socket_matches: Vec::new(),
         outlier: None,
         panic_threshold: 50.0,
     })
