@@ -31,6 +31,8 @@ pub struct Api {
     pub server: AdsServer,
     /// Per-proxy resources.
     pub source: Arc<MeshSource>,
+    /// CA and token issuer (token endpoints), when identity is enabled.
+    pub identity: Option<Arc<weft_identity::service::CertificateAuthority>>,
 }
 
 /// Serves the API until `shutdown` resolves.
@@ -126,6 +128,19 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
         (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
+        (Method::POST, "/api/v1/tokens") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": e.to_string()})),
+            };
+            let (status, v) = crate::identity::create_token(api.identity.as_deref(), &body);
+            reply(status, v)
+        }
+        (Method::POST, p) if p.starts_with("/api/v1/tokens/") && p.ends_with("/revoke") => {
+            let id = p.trim_start_matches("/api/v1/tokens/").trim_end_matches("/revoke");
+            let (status, v) = crate::identity::revoke_token(api.identity.as_deref(), id);
+            reply(status, v)
+        }
         (Method::GET, p) if p.starts_with("/api/v1/proxies/") => {
             let id = p.trim_start_matches("/api/v1/proxies/").trim_end_matches("/config");
             match proxy_config(api, id) {

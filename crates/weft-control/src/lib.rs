@@ -4,7 +4,9 @@
 pub mod api;
 pub mod control;
 pub mod envoy_bootstrap;
+pub mod identity;
 pub mod registry;
+pub mod secrets;
 pub mod source;
 pub mod store;
 pub mod translate;
