@@ -149,11 +149,28 @@ async fn envoy_takes_its_certificate_and_trust_bundle_over_sds_and_serves_mtls()
     let cp = control_plane(data.path()).await?;
     let (_, gw_token) = new_token(&cp, "default", "gateway").await?;
     let envoy = Envoy::start(&sds_bootstrap(cp.xds_addr, &gw_token)).await?;
-    // The listener only binds once both secrets arrived and were accepted.
+    // Envoy ACKs the secrets (a NACK or a missing secret keeps the listener warming).
+    let mut changes = cp.server.status_changes();
+    let acked = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            let status = cp
+                .server
+                .connections()
+                .into_iter()
+                .filter(|c| c.node_id == "envoy-gw")
+                .find_map(|c| c.types.get(SECRET).cloned());
+            if let Some(st) = status.filter(|s| s.acked_version.is_some() || s.last_nack.is_some()) {
+                return st;
+            }
+            if changes.changed().await.is_err() {
+                return Default::default();
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("Envoy never answered the secrets\n--- envoy.log ---\n{}", envoy.log_tail()))?;
+    assert!(acked.acked_version.is_some() && acked.last_nack.is_none(), "Envoy ACKed the secrets: {acked:?}");
     let addr = envoy.listener_addr("mtls", Duration::from_secs(20)).await?;
-    let conn = cp.server.connections().into_iter().find(|c| c.node_id == "envoy-gw").context("envoy connected")?;
-    let st = conn.types.get(SECRET).context("secrets sent")?;
-    assert!(st.acked_version.is_some() && st.last_nack.is_none(), "Envoy ACKed the secrets: {st:?}");
 
     // A weft workload with a certificate from the same CA connects with mTLS and checks
     // that Envoy presents the identity its token grants.
