@@ -75,9 +75,13 @@ impl ControlPlane {
             Some(ic) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
             None => None,
         };
-        let served: Arc<dyn ConfigSource> = match (&identity, &cfg.identity) {
-            (Some(authority), Some(ic)) => SecretSource::new(source.clone(), authority.clone(), ic.cert_ttl),
-            _ => source.clone(),
+        let secrets = match (&identity, &cfg.identity) {
+            (Some(authority), Some(ic)) => Some(SecretSource::new(source.clone(), authority.clone(), ic.cert_ttl)),
+            _ => None,
+        };
+        let served: Arc<dyn ConfigSource> = match &secrets {
+            Some(s) => s.clone(),
+            None => source.clone(),
         };
         let server = AdsServer::new(served);
         let xds_sock = TcpListener::bind(cfg.xds).await.map_err(|e| format!("cannot bind xDS on {}: {e}", cfg.xds))?;
@@ -111,7 +115,9 @@ impl ControlPlane {
             store: store.clone(),
             server: server.clone(),
             source: source.clone(),
+            registry: registry.clone(),
             identity: identity.clone(),
+            secrets,
         });
         tasks.push(tokio::spawn(crate::api::serve(api, api_sock, stopped(&stop_rx))));
         info!(%xds_addr, %api_addr, identity = identity.is_some(), "control plane started");

@@ -18,7 +18,7 @@ use weft_identity::manager::CertManagerConfig;
 use weft_identity::tls::{client_config, PeerIdentities};
 use weft_identity::{CertManager, CredentialSource, IdentityError, SpiffeId};
 use weft_testkit::envoy::{ads_bootstrap, Envoy};
-use weft_testkit::http::{request, send_h1};
+use weft_testkit::http::{get_h1, request, send_h1};
 use weft_xds::type_url::SECRET;
 
 async fn control_plane(data: &std::path::Path) -> anyhow::Result<ControlPlane> {
@@ -171,6 +171,11 @@ async fn envoy_takes_its_certificate_and_trust_bundle_over_sds_and_serves_mtls()
     .map_err(|_| anyhow::anyhow!("Envoy never answered the secrets\n--- envoy.log ---\n{}", envoy.log_tail()))?;
     assert!(acked.acked_version.is_some() && acked.last_nack.is_none(), "Envoy ACKed the secrets: {acked:?}");
     let addr = envoy.listener_addr("mtls", Duration::from_secs(20)).await?;
+    // proxy-config lists both secrets by kind, without key material.
+    let config = get_h1(cp.api_addr, "weft", "/api/v1/proxies/envoy-gw/config").await?.json()?;
+    let secrets = &config["resources"]["Secret"];
+    assert_eq!(secrets["names"], serde_json::json!(["ROOTCA", "default"]), "{config}");
+    assert!(!secrets.to_string().contains("PRIVATE KEY"), "key material must not be shown: {secrets}");
 
     // A weft workload with a certificate from the same CA connects with mTLS and checks
     // that Envoy presents the identity its token grants.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::cluster::{Cluster, Discovery, UpstreamStream};
+use crate::cluster::{Cluster, Discovery, Outcome, UpstreamStream};
 use crate::config::{Snapshot, TcpChain};
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
@@ -76,8 +76,16 @@ async fn connect(
         };
         tried.push(ep.addr);
         match ctx.pools.connect_stream(ep.addr, timeout, &cluster.config.transport).await {
-            Ok(s) => return Ok((s, ep.addr)),
-            Err(e) => last = Some(e),
+            Ok(s) => {
+                cluster.report(&ep, Outcome::Success);
+                return Ok((s, ep.addr));
+            }
+            Err(e) => {
+                if let Some(o) = Outcome::of_error(e.kind()) {
+                    cluster.report(&ep, o);
+                }
+                last = Some(e);
+            }
         }
     }
     Err(last.unwrap_or_else(|| {

@@ -1,7 +1,9 @@
 //! The `weft` command: one binary, one subcommand per role.
 
+mod analyze;
 mod demo;
 mod ops;
+mod proxy_config;
 mod token;
 
 use std::path::PathBuf;
@@ -99,7 +101,11 @@ enum Command {
         /// Proxy node id or workload name.
         proxy: String,
         /// listeners, routes, clusters, endpoints or secrets (all when omitted).
+        #[arg(value_parser = ["listeners", "routes", "clusters", "endpoints", "secrets"])]
         what: Option<String>,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
+        output: String,
         /// The control plane's API.
         #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
         server: String,
@@ -109,8 +115,15 @@ enum Command {
     /// above the failure threshold is found, 0 otherwise.
     Analyze {
         /// Files or directories (YAML or JSON, searched recursively).
-        #[arg(short = 'f', long = "filename", required = true)]
+        #[arg(short = 'f', long = "filename", required_unless_present = "live")]
         files: Vec<PathBuf>,
+        /// Analyze what the running control plane holds (resources and registered
+        /// workloads), with the `-f` files applied on top (nothing is stored).
+        #[arg(long)]
+        live: bool,
+        /// The control plane's API (with `--live`).
+        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
+        server: String,
         /// Lowest level that fails the command: info, warning or error.
         #[arg(long, default_value = "error", value_parser = ["info", "warning", "error"])]
         failure_threshold: String,
@@ -210,9 +223,15 @@ fn main() -> std::process::ExitCode {
                 ops::get(&server, &kind, name.as_deref(), output == "json").await
             }
             Command::ProxyStatus { output, server } => ops::proxy_status(&server, output == "json").await,
-            Command::ProxyConfig { proxy, what, server } => ops::proxy_config(&server, &proxy, what.as_deref()).await,
-            Command::Analyze { files, failure_threshold, output_threshold } => {
-                let code = analyze(&files, &failure_threshold, &output_threshold);
+            Command::ProxyConfig { proxy, what, output, server } => {
+                proxy_config::run(&server, &proxy, what.as_deref(), &output).await
+            }
+            Command::Analyze { files, live, server, failure_threshold, output_threshold } => {
+                let code = if live {
+                    analyze::live(&server, &files, &failure_threshold, &output_threshold).await?
+                } else {
+                    analyze::offline(&files, &failure_threshold, &output_threshold)
+                };
                 std::process::exit(code);
             }
             Command::EnvoyBootstrap {
@@ -257,40 +276,6 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
-}
-
-fn level(s: &str) -> weft_api::analyze::Level {
-    use weft_api::analyze::Level;
-    match s {
-        "info" => Level::Info,
-        "warning" => Level::Warning,
-        _ => Level::Error,
-    }
-}
-
-/// `weft analyze`: parse errors count as errors (the resource is unusable).
-fn analyze(files: &[PathBuf], failure: &str, output: &str) -> i32 {
-    use weft_api::analyze::{self as an, Level};
-    let mut parsed = weft_api::Parsed::default();
-    for f in files {
-        parsed.extend(if f.is_dir() { weft_api::parse_dir(f) } else { weft_api::parse_file(f) });
-    }
-    for e in &parsed.errors {
-        println!("Error [parse] {e}");
-    }
-    let messages = an::analyze(&parsed.resources);
-    let shown = level(output);
-    for m in messages.iter().filter(|m| m.level >= shown) {
-        println!("{m}");
-    }
-    let failing = level(failure);
-    if !parsed.errors.is_empty() && Level::Error >= failing {
-        return an::EXIT_ISSUES_FOUND;
-    }
-    if messages.is_empty() && parsed.errors.is_empty() {
-        eprintln!("\u{2714} No validation issues found when analyzing {} resource(s).", parsed.resources.len());
-    }
-    an::exit_code(&messages, failing)
 }
 
 fn init_tracing(json: bool) {

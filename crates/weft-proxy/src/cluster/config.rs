@@ -32,6 +32,7 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use prost::{Message, Name};
 
 use crate::cluster::endpoints::decode_assignment;
+use crate::cluster::outlier::OutlierConfig;
 use crate::cluster::pool::Connector;
 use crate::error::ConfigError;
 
@@ -122,7 +123,14 @@ pub struct ClusterConfig {
     pub metadata: Option<Metadata>,
     /// How connections are made: plain TCP or TLS (`transport_socket`).
     pub transport: Connector,
+    /// Outlier detection, if configured.
+    pub outlier: Option<OutlierConfig>,
+    /// `common_lb_config.healthy_panic_threshold` in percent (Envoy's default 50).
+    pub panic_threshold: f64,
 }
+
+/// Envoy's default `healthy_panic_threshold`.
+const DEFAULT_PANIC_THRESHOLD: f64 = 50.0;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -188,6 +196,17 @@ impl ClusterConfig {
             static_endpoints,
             metadata: c.metadata.clone(),
             transport,
+            outlier: c
+                .outlier_detection
+                .as_ref()
+                .map(OutlierConfig::compile)
+                .transpose()
+                .map_err(|(f, m)| ConfigError::new(&c.name, f, m))?,
+            panic_threshold: c
+                .common_lb_config
+                .as_ref()
+                .and_then(|l| l.healthy_panic_threshold.as_ref())
+                .map_or(DEFAULT_PANIC_THRESHOLD, |p| p.value.clamp(0.0, 100.0)),
         })
     }
 }

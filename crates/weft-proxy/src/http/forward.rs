@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{boxed, full, CountingBody, DeadlineBody, Hold};
-use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, UpstreamProtocol};
+use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, Outcome, UpstreamProtocol};
 use crate::config::Snapshot;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
@@ -124,6 +124,10 @@ pub async fn forward(
                 Err(_) => Err(ProxyError::new(ErrorKind::PerTryTimeout, "per-try timeout")),
             },
             None => send.await,
+        };
+        match &result {
+            Ok(resp) => cluster.report(&ep, Outcome::of_status(resp.status().as_u16())),
+            Err(e) => Outcome::of_error(e.kind()).is_some_and(|o| cluster.report(&ep, o)),
         };
         match result {
             Ok(resp) => {
