@@ -33,6 +33,10 @@ pub struct Api {
     pub source: Arc<MeshSource>,
     /// Registered workloads (for `weft analyze --live`).
     pub registry: crate::registry::Registry,
+    /// CA and token issuer (token endpoints), when identity is enabled.
+    pub identity: Option<Arc<weft_identity::service::CertificateAuthority>>,
+    /// SDS secrets (shown by proxy-config, key material never), when identity is enabled.
+    pub secrets: Option<Arc<crate::secrets::SecretSource>>,
 }
 
 /// Serves the API until `shutdown` resolves.
@@ -148,6 +152,19 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             };
             reply(StatusCode::OK, analyze_live(api, &files))
         }
+        (Method::POST, "/api/v1/tokens") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": e.to_string()})),
+            };
+            let (status, v) = crate::identity::create_token(api.identity.as_deref(), &body);
+            reply(status, v)
+        }
+        (Method::POST, p) if p.starts_with("/api/v1/tokens/") && p.ends_with("/revoke") => {
+            let id = p.trim_start_matches("/api/v1/tokens/").trim_end_matches("/revoke");
+            let (status, v) = crate::identity::revoke_token(api.identity.as_deref(), id);
+            reply(status, v)
+        }
         (Method::GET, p) if p.starts_with("/api/v1/proxies/") => {
             let id = p.trim_start_matches("/api/v1/proxies/").trim_end_matches("/config");
             match proxy_config(api, id) {
@@ -256,7 +273,11 @@ fn proxy_config(api: &Api, id: &str) -> Option<Value> {
         .connections()
         .into_iter()
         .find(|c| c.node_id == id || c.node.as_ref().map(|n| n.name == id).unwrap_or(false))?;
-    let current = api.source.proxy_resources(&conn.raw_node);
+    let mut current = (*api.source.proxy_resources(&conn.raw_node)).clone();
+    if let Some(secrets) = &api.secrets {
+        use weft_xds::ConfigSource as _;
+        current.insert(type_url::SECRET.to_string(), secrets.resources(&conn.raw_node, type_url::SECRET));
+    }
     let mut out = serde_json::Map::new();
     for (t, (version, by_name)) in current.iter() {
         out.insert(

@@ -4,8 +4,10 @@
 pub mod api;
 pub mod control;
 pub mod envoy_bootstrap;
+pub mod identity;
 pub mod inspect;
 pub mod registry;
+pub mod secrets;
 pub mod source;
 pub mod store;
 pub mod translate;

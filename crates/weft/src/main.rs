@@ -4,6 +4,7 @@ mod analyze;
 mod demo;
 mod ops;
 mod proxy_config;
+mod token;
 
 use std::path::PathBuf;
 
@@ -47,6 +48,13 @@ enum Command {
         /// Outbound traffic to unknown hosts: ALLOW_ANY or REGISTRY_ONLY.
         #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
         outbound_traffic_policy: String,
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// Join tokens: the bootstrap credential a proxy exchanges for its certificate.
+    Token {
+        #[command(subcommand)]
+        command: token::TokenCommand,
     },
     /// Apply resources from files or directories to the running control plane.
     Apply {
@@ -169,6 +177,28 @@ enum Command {
     },
 }
 
+/// Identity flags of `weft control`.
+#[derive(clap::Args)]
+struct IdentityArgs {
+    /// Data directory: CA root and key (generated on first start), join-token key,
+    /// revoked tokens. Without it the control plane issues no identities.
+    #[arg(long, env = "WEFT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Plug-in CA: a directory in Istio's cacerts layout (ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem). Needs --data-dir (for tokens).
+    #[arg(long, env = "WEFT_PLUGIN_CA", requires = "data_dir")]
+    plugin_ca: Option<PathBuf>,
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = weft_identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Workload certificate TTL when the workload asks for none.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: std::time::Duration,
+    /// Longest workload certificate TTL granted.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    max_cert_ttl: std::time::Duration,
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
@@ -183,9 +213,10 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Proxy { bootstrap } => run_proxy(bootstrap).await,
             Command::Demo { port } => demo::run(port).await,
-            Command::Control { dir, xds, api, transparent, outbound_traffic_policy } => {
-                run_control(dir, xds, api, transparent, &outbound_traffic_policy).await
+            Command::Control { dir, xds, api, transparent, outbound_traffic_policy, identity } => {
+                run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity).await
             }
+            Command::Token { command } => token::run(command).await,
             Command::Apply { files, server } => ops::change(&server, &files, false).await,
             Command::Delete { files, server } => ops::change(&server, &files, true).await,
             Command::Get { kind, name, output, server } => {
@@ -268,6 +299,7 @@ async fn run_control(
     api: std::net::SocketAddr,
     transparent: bool,
     policy: &str,
+    identity: IdentityArgs,
 ) -> anyhow::Result<()> {
     use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
     let mesh = MeshConfig {
@@ -284,6 +316,13 @@ async fn run_control(
         api,
         mode: if transparent { ProxyMode::Transparent } else { ProxyMode::Explicit },
         mesh,
+        identity: identity.data_dir.map(|data_dir| weft_control::identity::IdentityConfig {
+            data_dir,
+            plugin_ca: identity.plugin_ca,
+            trust_domain: identity.trust_domain,
+            cert_ttl: identity.cert_ttl,
+            max_cert_ttl: identity.max_cert_ttl,
+        }),
     })
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
