@@ -246,7 +246,8 @@ async fn check_istio_semantics(out: SocketAddr, who: &str, v1: &EchoServer, v2: 
     let start = Instant::now();
     let r = get_h1(out, "reviews:9080", "/fault-delay").await.unwrap();
     assert_eq!(r.status, 200, "{who}: fault delay");
-    assert!(start.elapsed() >= Duration::from_millis(300), "{who}: delay not injected: {:?}", start.elapsed());
+    // (Envoy's timers may fire a fraction of a millisecond early relative to this clock.)
+    assert!(start.elapsed() >= Duration::from_millis(290), "{who}: delay not injected: {:?}", start.elapsed());
 
     // Route timeout: a 2 s response with a 200 ms timeout is a 504.
     let start = Instant::now();
