@@ -1,7 +1,10 @@
 //! TLS from Envoy's transport sockets: `DownstreamTlsContext` on filter chains (terminate)
 //! and `UpstreamTlsContext` on clusters (originate), with certificates and CAs inline or
-//! from files, ALPN, client-certificate requirement and CA verification. SDS-delivered
-//! secrets and SPIFFE identity checks come with the identity issue.
+//! from files, ALPN, client-certificate requirement and CA verification; and the mesh's
+//! own SDS secrets — `default` (this proxy's certificate, whose key never leaves the
+//! process) and `ROOTCA` (the trust bundle) — resolved through [`Secrets`] to the
+//! certificate manager, with SPIFFE identity checks of the peer
+//! (`match_typed_subject_alt_names` URI SANs).
 
 use std::sync::Arc;
 
@@ -20,6 +23,112 @@ use crate::config::listener::decode;
 /// The provider every config uses (ring: no C toolchain needed beyond `cc`).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// What SDS secret names resolve to in this proxy: `default` is its mesh certificate and
+/// `ROOTCA` its trust bundle, both kept current by the certificate manager (rotation
+/// needs no config change: the rustls configs read the manager's watch per handshake).
+/// Without a manager (no `identity` in the bootstrap), SDS references are errors.
+#[derive(Clone, Default)]
+pub struct Secrets {
+    manager: Option<Arc<weft_identity::CertManager>>,
+}
+
+/// Istio's name of the workload certificate secret.
+pub const DEFAULT_SECRET: &str = "default";
+/// Istio's name of the trust bundle secret.
+pub const ROOT_SECRET: &str = "ROOTCA";
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets").field("identity", &self.manager.as_ref().map(|m| m.current().id.to_string())).finish()
+    }
+}
+
+impl Secrets {
+    /// Secrets backed by a certificate manager.
+    pub fn new(manager: Arc<weft_identity::CertManager>) -> Secrets {
+        Secrets { manager: Some(manager) }
+    }
+
+    /// The certificate manager, if this proxy has a mesh identity.
+    pub fn manager(&self) -> Option<&Arc<weft_identity::CertManager>> {
+        self.manager.as_ref()
+    }
+
+    fn identity(
+        &self,
+        field: &str,
+        name: &str,
+    ) -> Result<tokio::sync::watch::Receiver<Arc<weft_identity::Identity>>, String> {
+        match &self.manager {
+            Some(m) => Ok(m.identity()),
+            None => Err(format!(
+                "{field}: SDS secret {name:?} needs this proxy's mesh identity; add an `identity` section (join token) to the bootstrap"
+            )),
+        }
+    }
+}
+
+/// Whether a context uses SDS secrets (then only the mesh's are understood).
+fn uses_sds(common: &CommonTlsContext) -> bool {
+    !common.tls_certificate_sds_secret_configs.is_empty()
+        || matches!(
+            common.validation_context_type,
+            Some(ValidationContextType::ValidationContextSdsSecretConfig(_))
+                | Some(ValidationContextType::CombinedValidationContext(_))
+        )
+}
+
+/// Checks the SDS names of a mesh context and returns the expected peer identities
+/// (URI SAN matchers of the validation context; any identity the bundle vouches for when
+/// there are none).
+fn mesh_context(common: &CommonTlsContext) -> Result<weft_identity::tls::PeerIdentities, String> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType;
+    use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+    for (i, s) in common.tls_certificate_sds_secret_configs.iter().enumerate() {
+        if s.name != DEFAULT_SECRET {
+            return Err(format!(
+                "common_tls_context.tls_certificate_sds_secret_configs[{i}].name: {:?} is not served to weft proxies; use {DEFAULT_SECRET:?}",
+                s.name
+            ));
+        }
+    }
+    let (sds, sans) = match &common.validation_context_type {
+        Some(ValidationContextType::ValidationContextSdsSecretConfig(s)) => (Some(s.name.clone()), Vec::new()),
+        Some(ValidationContextType::CombinedValidationContext(c)) => (
+            c.validation_context_sds_secret_config.as_ref().map(|s| s.name.clone()),
+            c.default_validation_context.as_ref().map(|v| v.match_typed_subject_alt_names.clone()).unwrap_or_default(),
+        ),
+        Some(ValidationContextType::ValidationContext(_)) => {
+            return Err("common_tls_context.validation_context: inline CAs cannot be mixed with the mesh's SDS certificate; validate with the ROOTCA secret".into())
+        }
+        _ => (None, Vec::new()),
+    };
+    match sds.as_deref() {
+        None | Some(ROOT_SECRET) => {}
+        Some(other) => {
+            return Err(format!(
+                "common_tls_context: validation secret {other:?} is not served to weft proxies; use {ROOT_SECRET:?}"
+            ))
+        }
+    }
+    if sans.is_empty() {
+        return Ok(weft_identity::tls::PeerIdentities::Any);
+    }
+    let mut ids = Vec::new();
+    for (i, m) in sans.iter().enumerate() {
+        let field =
+            format!("combined_validation_context.default_validation_context.match_typed_subject_alt_names[{i}]");
+        if m.san_type != SanType::Uri as i32 {
+            return Err(format!("{field}: only URI (SPIFFE) SANs can be checked against the mesh identity"));
+        }
+        let Some(MatchPattern::Exact(uri)) = m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) else {
+            return Err(format!("{field}.matcher: only exact SPIFFE ids are supported"));
+        };
+        ids.push(uri.parse::<weft_identity::SpiffeId>().map_err(|e| format!("{field}: {e}"))?);
+    }
+    Ok(weft_identity::tls::PeerIdentities::OneOf(ids))
 }
 
 /// TLS a cluster originates.
@@ -100,13 +209,21 @@ fn alpn(common: &CommonTlsContext) -> Vec<Vec<u8>> {
 }
 
 /// A listener-side TLS config from a filter chain's transport socket.
-pub fn server_config(ts: &TransportSocket) -> Result<Arc<ServerConfig>, String> {
+pub fn server_config(ts: &TransportSocket, secrets: &Secrets) -> Result<Arc<ServerConfig>, String> {
     let any = match &ts.config_type {
         Some(transport_socket::ConfigType::TypedConfig(a)) => a,
         None => return Err("typed_config is required".into()),
     };
     let ctx: DownstreamTlsContext = decode(any)?;
     let common = ctx.common_tls_context.unwrap_or_default();
+    if uses_sds(&common) {
+        let allowed = mesh_context(&common)?;
+        let identity = secrets.identity("common_tls_context", DEFAULT_SECRET)?;
+        let mandatory = ctx.require_client_certificate.map(|b| b.value).unwrap_or(false);
+        let mut cfg = weft_identity::tls::server_config(identity, allowed, mandatory).map_err(|e| e.to_string())?;
+        cfg.alpn_protocols = alpn(&common);
+        return Ok(Arc::new(cfg));
+    }
     let (chain, key) =
         identity(&common)?.ok_or("common_tls_context.tls_certificates: a server certificate is required")?;
     let builder = ServerConfig::builder_with_provider(provider())
@@ -131,13 +248,27 @@ pub fn server_config(ts: &TransportSocket) -> Result<Arc<ServerConfig>, String> 
 
 /// A cluster-side TLS config from its transport socket. `default_alpn` is used when the
 /// context names none (`h2` for HTTP/2 clusters).
-pub fn client_config(ts: &TransportSocket, default_alpn: &[&str]) -> Result<UpstreamTls, String> {
+pub fn client_config(ts: &TransportSocket, default_alpn: &[&str], secrets: &Secrets) -> Result<UpstreamTls, String> {
     let any = match &ts.config_type {
         Some(transport_socket::ConfigType::TypedConfig(a)) => a,
         None => return Err("typed_config is required".into()),
     };
     let ctx: UpstreamTlsContext = decode(any)?;
     let common = ctx.common_tls_context.clone().unwrap_or_default();
+    if uses_sds(&common) {
+        let expected = mesh_context(&common)?;
+        let identity = secrets.identity("common_tls_context", DEFAULT_SECRET)?;
+        let mut cfg = weft_identity::tls::client_config(identity, expected).map_err(|e| e.to_string())?;
+        cfg.alpn_protocols = alpn(&common);
+        if cfg.alpn_protocols.is_empty() {
+            cfg.alpn_protocols = default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        }
+        return Ok(UpstreamTls {
+            config: Arc::new(cfg),
+            sni: sni_of(&ctx)?,
+            key: crate::cluster::stable_hash(&prost::Message::encode_to_vec(&ctx)),
+        });
+    }
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
@@ -156,16 +287,17 @@ pub fn client_config(ts: &TransportSocket, default_alpn: &[&str]) -> Result<Upst
     if cfg.alpn_protocols.is_empty() {
         cfg.alpn_protocols = default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     }
-    let sni = if ctx.sni.is_empty() {
-        None
-    } else {
-        Some(
-            ServerName::try_from(ctx.sni.clone())
-                .map_err(|_| format!("sni: {:?} is not a valid server name", ctx.sni))?,
-        )
-    };
     let key = crate::cluster::stable_hash(&prost::Message::encode_to_vec(&ctx));
-    Ok(UpstreamTls { config: Arc::new(cfg), sni, key })
+    Ok(UpstreamTls { config: Arc::new(cfg), sni: sni_of(&ctx)?, key })
+}
+
+fn sni_of(ctx: &UpstreamTlsContext) -> Result<Option<ServerName<'static>>, String> {
+    if ctx.sni.is_empty() {
+        return Ok(None);
+    }
+    ServerName::try_from(ctx.sni.clone())
+        .map(Some)
+        .map_err(|_| format!("sni: {:?} is not a valid server name", ctx.sni))
 }
 
 /// Envoy's behaviour without a validation context: encrypt, but trust any certificate.

@@ -46,7 +46,8 @@ pub fn address(addr: SocketAddr) -> Address {
     }
 }
 
-fn ads() -> ConfigSource {
+/// A config source pointing at the ADS stream (also used for SDS secrets).
+pub fn ads() -> ConfigSource {
     ConfigSource {
         resource_api_version: 2, // V3
         config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(AggregatedConfigSource {})),

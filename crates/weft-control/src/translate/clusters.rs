@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::config::cluster::v3::{
     circuit_breakers, cluster, CircuitBreakers, Cluster, OutlierDetection,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    address, data_source, socket_address, transport_socket, Address, DataSource, HealthStatus, SocketAddress,
+    address, data_source, socket_address, transport_socket, Address, DataSource, HealthStatus, Metadata, SocketAddress,
     TransportSocket,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
@@ -114,6 +114,9 @@ fn add(
     let name = outbound_name(port.number, subset, &svc.host);
     let http2 = port.protocol == Protocol::Http2;
     let eps = view.endpoints(svc, port, labels, mode);
+    let mut sans: Vec<String> = eps.iter().filter_map(|e| e.identity.clone()).collect();
+    sans.sort();
+    sans.dedup();
     let resolution = match &svc.backing {
         Backing::Selector(_) => Resolution::Static,
         Backing::Entry { resolution, selector, .. } => {
@@ -153,8 +156,34 @@ fn add(
     if let Some(pool) = &policy.connection_pool {
         set_pool(&mut c, pool);
     }
-    if let Some(tls) = &policy.tls {
-        c.transport_socket = client_tls(tls, &svc.host);
+    let client_in_mesh = super::mtls::in_mesh(&view.node.labels);
+    let alpn: &[&str] = match port.protocol {
+        Protocol::Http2 => &["h2"],
+        p if p.is_http() => &["http/1.1"],
+        _ => &[],
+    };
+    let sni = format!("outbound_.{}_.{}_.{}", port.number, subset, svc.host);
+    match policy.tls.as_ref().map(|t| t.mode) {
+        Some(ClientTlsMode::IstioMutual) if client_in_mesh => {
+            c.transport_socket = Some(super::mtls::istio_mutual(&sans, &sni, alpn));
+        }
+        Some(_) => c.transport_socket = policy.tls.as_ref().and_then(|tls| client_tls(tls, &svc.host)),
+        // Auto mTLS: mTLS to the endpoints whose proxies take it, plaintext to others.
+        None if client_in_mesh && !sans.is_empty() => {
+            c.transport_socket_matches = vec![
+                cluster::TransportSocketMatch {
+                    name: "tlsMode-istio".into(),
+                    r#match: Some(super::mtls::tls_mode_istio()),
+                    transport_socket: Some(super::mtls::istio_mutual(&sans, &sni, alpn)),
+                },
+                cluster::TransportSocketMatch {
+                    name: "tlsMode-disabled".into(),
+                    r#match: Some(Default::default()),
+                    transport_socket: None,
+                },
+            ];
+        }
+        None => {}
     }
     if let Some(o) = &policy.outlier_detection {
         c.outlier_detection = Some(outlier(o));
@@ -304,13 +333,17 @@ pub fn cla(name: &str, eps: &[Ep]) -> ClusterLoadAssignment {
             lb_endpoints: eps
                 .iter()
                 .map(|e| LbEndpoint {
+                    metadata: e.identity.as_ref().map(|_| Metadata {
+                        filter_metadata: [(super::mtls::SOCKET_MATCH.to_string(), super::mtls::tls_mode_istio())]
+                            .into(),
+                        ..Default::default()
+                    }),
                     health_status: HealthStatus::Healthy as i32,
                     load_balancing_weight: Some(UInt32Value { value: e.weight }),
                     host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
                         address: Some(socket(&e.host, e.port)),
                         ..Default::default()
                     })),
-                    ..Default::default()
                 })
                 .collect(),
             ..Default::default()

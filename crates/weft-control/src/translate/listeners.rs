@@ -21,6 +21,7 @@ use weft_xds::build::{self, Routes};
 
 use super::clusters::{cla, outbound_name};
 use super::model::{offset, protocol_from, Ep, MeshView, Protocol, Service};
+use super::mtls;
 use super::{ProxyMode, ProxyXds, BLACKHOLE, INBOUND_PASSTHROUGH, OUTBOUND, PASSTHROUGH};
 
 /// Port of the transparent outbound capture listener.
@@ -59,6 +60,12 @@ fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
                 build::tcp_listener(&name, addr, &inbound_cluster(port))
             };
             l.traffic_direction = TrafficDirection::Inbound as i32;
+            if mtls::in_mesh(&view.node.labels) {
+                let mode = mtls::peer_mode(view, &view.node.namespace, &view.node.labels, port);
+                let plain = l.filter_chains.pop().unwrap_or_default();
+                l.filter_chains = mtls::inbound_chains(plain, mode, protocol.is_http());
+                l.listener_filters.push(mtls::tls_inspector());
+            }
             out.listeners.push(l);
             out.clusters.push(local_app_cluster(port, protocol));
         }
@@ -156,7 +163,7 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         } else {
             tcp_filter(&name, tcp_proxy::ClusterSpecifier::Cluster(inbound_cluster(port)))
         };
-        chains.push(FilterChain {
+        let plain = FilterChain {
             name: name.clone(),
             filter_chain_match: Some(FilterChainMatch {
                 destination_port: Some(UInt32Value { value: port }),
@@ -164,7 +171,19 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
             }),
             filters: vec![filter],
             ..Default::default()
-        });
+        };
+        if mtls::in_mesh(&view.node.labels) {
+            let mode = mtls::peer_mode(view, &view.node.namespace, &view.node.labels, port);
+            for mut c in mtls::inbound_chains(plain, mode, protocol.is_http()) {
+                // Keep the port match on each chain; the mTLS/plaintext split adds to it.
+                let m = c.filter_chain_match.get_or_insert_with(Default::default);
+                m.destination_port = Some(UInt32Value { value: port });
+                c.name = format!("{name}|{}", if c.transport_socket.is_some() { "mtls" } else { "plaintext" });
+                chains.push(c);
+            }
+        } else {
+            chains.push(plain);
+        }
         out.clusters.push(local_app_cluster(port, protocol));
     }
     let mut vi = tcp_listener(
@@ -180,6 +199,9 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         config_type: Some(listener_filter::ConfigType::TypedConfig(pack_any(OriginalDst::default()))),
         ..Default::default()
     }];
+    if mtls::in_mesh(&view.node.labels) {
+        vi.listener_filters.push(mtls::tls_inspector());
+    }
     out.listeners.push(vi);
     out.clusters.push(original_dst_cluster(INBOUND_PASSTHROUGH));
 }
@@ -295,7 +317,7 @@ fn inbound_routes(port: u32) -> RouteConfiguration {
 fn local_app_cluster(port: u32, protocol: Protocol) -> Cluster {
     let name = inbound_cluster(port);
     let mut c = build::static_cluster(&name, &[], protocol == Protocol::Http2);
-    c.load_assignment = Some(cla(&name, &[Ep { host: "127.0.0.1".into(), port, weight: 1 }]));
+    c.load_assignment = Some(cla(&name, &[Ep { host: "127.0.0.1".into(), port, weight: 1, identity: None }]));
     c
 }
 

@@ -39,6 +39,7 @@ use crate::registry::RegistrySnapshot;
 pub mod clusters;
 pub mod listeners;
 pub mod model;
+pub mod mtls;
 pub mod routes;
 
 #[cfg(test)]
@@ -60,6 +61,8 @@ pub struct MeshConfig {
     pub resources: Vec<weft_api::Resource>,
     /// DNS domain of the mesh, `cluster.local`.
     pub domain: String,
+    /// SPIFFE trust domain of workload identities, `cluster.local`.
+    pub trust_domain: String,
     /// Namespace whose Sidecar and DestinationRules apply mesh-wide, `istio-system`.
     pub root_namespace: String,
     /// What happens to traffic for hosts the registry does not know.
@@ -106,6 +109,7 @@ impl Default for MeshConfig {
         MeshConfig {
             resources: Vec::new(),
             domain: "cluster.local".into(),
+            trust_domain: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             outbound_policy: OutboundPolicy::AllowAny,
             explicit_outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),

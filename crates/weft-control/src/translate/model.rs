@@ -110,6 +110,8 @@ pub struct Ep {
     pub port: u32,
     /// Load-balancing weight (>= 1).
     pub weight: u32,
+    /// The SPIFFE id of a workload whose proxy does mesh mTLS (auto mTLS targets it).
+    pub identity: Option<String>,
 }
 
 impl<'a> MeshView<'a> {
@@ -296,7 +298,7 @@ impl<'a> MeshView<'a> {
         let selected = |selector: &BTreeMap<String, String>, out: &mut Vec<Ep>| {
             for w in self.registry.select(&svc.namespace, selector) {
                 if in_subset(&w.labels) {
-                    out.extend(workload_endpoint(w, port, mode));
+                    out.extend(workload_endpoint(w, port, mode, &self.mesh.trust_domain));
                 }
             }
             if selector.is_empty() {
@@ -313,7 +315,7 @@ impl<'a> MeshView<'a> {
                     && selector.iter().all(|(k, v)| we.labels.get(k) == Some(v))
                     && in_subset(&we.labels);
                 if matches {
-                    out.extend(entry_endpoint(we, port, true));
+                    out.extend(entry_endpoint(we, port, true, &m.namespace, &self.mesh.trust_domain));
                 }
             }
         };
@@ -321,13 +323,19 @@ impl<'a> MeshView<'a> {
             Backing::Selector(sel) => selected(sel, &mut out),
             Backing::Entry { resolution, endpoints, selector } => {
                 for we in endpoints.iter().filter(|we| in_subset(&we.labels)) {
-                    out.extend(entry_endpoint(we, port, *resolution != Resolution::Dns));
+                    out.extend(entry_endpoint(
+                        we,
+                        port,
+                        *resolution != Resolution::Dns,
+                        &svc.namespace,
+                        &self.mesh.trust_domain,
+                    ));
                 }
                 if let Some(sel) = selector {
                     selected(sel, &mut out);
                 }
                 if out.is_empty() && endpoints.is_empty() && *resolution == Resolution::Dns && subset.is_none() {
-                    out.push(Ep { host: svc.host.clone(), port: target_number(port), weight: 1 });
+                    out.push(Ep { host: svc.host.clone(), port: target_number(port), weight: 1, identity: None });
                 }
             }
         }
@@ -434,7 +442,9 @@ fn target_number(port: &SvcPort) -> u32 {
 
 /// The address a workload serves `port` on, in `mode` (see the module docs of
 /// [`super`] for the explicit-mode rule).
-fn workload_endpoint(w: &Workload, port: &SvcPort, mode: ProxyMode) -> Option<Ep> {
+fn workload_endpoint(w: &Workload, port: &SvcPort, mode: ProxyMode, trust_domain: &str) -> Option<Ep> {
+    let identity =
+        super::mtls::in_mesh(&w.labels).then(|| super::mtls::spiffe_id(trust_domain, &w.namespace, &w.service_account));
     let target = match &port.target {
         Target::Same => port.number,
         Target::Number(n) => *n,
@@ -443,21 +453,29 @@ fn workload_endpoint(w: &Workload, port: &SvcPort, mode: ProxyMode) -> Option<Ep
     if let (ProxyMode::Explicit, Some(inbound)) = (mode, w.inbound) {
         let index = w.ports.iter().position(|p| u32::from(p.port) == target).unwrap_or(0);
         let port = u32::from(inbound.port()).checked_add(u32::try_from(index).ok()?)?;
-        return Some(Ep { host: inbound.ip().to_string(), port, weight: 1 });
+        return Some(Ep { host: inbound.ip().to_string(), port, weight: 1, identity });
     }
     let ip = w.addresses.first()?;
-    Some(Ep { host: ip.to_string(), port: target, weight: 1 })
+    Some(Ep { host: ip.to_string(), port: target, weight: 1, identity })
 }
 
 /// The endpoint of a WorkloadEntry (resource or ServiceEntry `endpoints`) for `port`;
 /// `ip_only` skips entries whose address is not an IP (non-DNS clusters).
-fn entry_endpoint(we: &WorkloadEntry, port: &SvcPort, ip_only: bool) -> Option<Ep> {
+fn entry_endpoint(
+    we: &WorkloadEntry,
+    port: &SvcPort,
+    ip_only: bool,
+    namespace: &str,
+    trust_domain: &str,
+) -> Option<Ep> {
     let address = we.address.as_deref()?;
     if ip_only && address.parse::<IpAddr>().is_err() {
         return None;
     }
     let number = we.ports.get(&port.name).copied().unwrap_or_else(|| target_number(port));
-    Some(Ep { host: address.to_string(), port: number, weight: we.weight.unwrap_or(1).max(1) })
+    let identity = super::mtls::in_mesh(&we.labels)
+        .then(|| super::mtls::spiffe_id(trust_domain, namespace, we.service_account.as_deref().unwrap_or("default")));
+    Some(Ep { host: address.to_string(), port: number, weight: we.weight.unwrap_or(1).max(1), identity })
 }
 
 /// A socket address for a proxy-local listener port `base + index`.

@@ -724,3 +724,87 @@ fn sidecar_outbound_traffic_policy_overrides_the_mesh_default() {
     let tp = TcpProxy::decode(any.value.as_slice()).unwrap();
     assert_eq!(tp.cluster_specifier, Some(tcp_proxy::ClusterSpecifier::Cluster(BLACKHOLE.into())));
 }
+
+fn meshed(mut w: Workload) -> Workload {
+    w.labels.insert(mtls::TLS_MODE_LABEL.into(), "istio".into());
+    w
+}
+
+fn meshed_node(ns: &str, port: u16) -> NodeInfo {
+    let mut n = node(ns);
+    n.labels.insert(mtls::TLS_MODE_LABEL.into(), "istio".into());
+    n.service_account = "reviews".into();
+    n.inbound = Some("127.0.0.1:7100".parse().unwrap());
+    n.ports = vec![PortInfo { name: "http".into(), port, protocol: "TCP".into(), app_protocol: None }];
+    n
+}
+
+#[test]
+fn auto_mtls_targets_meshed_endpoints_with_their_spiffe_ids_and_only_from_meshed_clients() {
+    let ws = vec![meshed(workload("r1", "v1", "10.0.0.1", None)), workload("r2", "v2", "10.0.0.2", None)];
+    let x = translate(
+        &mesh(SERVICE),
+        &registry(ws.clone()).snapshot(),
+        &meshed_node("default", 8080),
+        ProxyMode::Transparent,
+    );
+    let name = format!("outbound|9080||{FQDN}");
+    let c = x.cluster(&name).unwrap();
+    assert_eq!(c.transport_socket_matches.len(), 2, "{c:?}");
+    let m = &c.transport_socket_matches[0];
+    assert_eq!(m.name, "tlsMode-istio");
+    let Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(any)) =
+        &m.transport_socket.as_ref().unwrap().config_type
+    else {
+        panic!()
+    };
+    let ctx = envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext::decode(
+        any.value.as_slice(),
+    )
+    .unwrap();
+    assert_eq!(ctx.sni, format!("outbound_.9080_._.{FQDN}"));
+    let text = format!("{ctx:?}");
+    assert!(text.contains("spiffe://cluster.local/ns/default/sa/reviews"), "{text}");
+    assert!(text.contains("ROOTCA") && text.contains("\"default\""), "{text}");
+    // Only the meshed endpoint carries tlsMode: istio.
+    let cla = x.endpoints.iter().find(|e| e.cluster_name == name).unwrap();
+    let meta: Vec<bool> = cla.endpoints[0].lb_endpoints.iter().map(|e| e.metadata.is_some()).collect();
+    assert_eq!(meta.iter().filter(|m| **m).count(), 1, "{cla:?}");
+    // A client without mesh identity sends plaintext.
+    let x = translate(&mesh(SERVICE), &registry(ws).snapshot(), &node("default"), ProxyMode::Transparent);
+    assert!(x.cluster(&name).unwrap().transport_socket_matches.is_empty());
+}
+
+#[test]
+fn inbound_listeners_follow_peer_authentication_precedence_and_port_level_mtls() {
+    let chains = |yaml: &str, port: u16| -> Vec<String> {
+        let x =
+            translate(&mesh(yaml), &registry(vec![]).snapshot(), &meshed_node("default", port), ProxyMode::Explicit);
+        let l = x.listeners.iter().find(|l| l.name == format!("inbound|{port}")).unwrap();
+        l.filter_chains
+            .iter()
+            .map(|c| c.filter_chain_match.as_ref().map(|m| m.transport_protocol.clone()).unwrap_or_default())
+            .collect()
+    };
+    // Default: PERMISSIVE, mTLS and plaintext on the same port.
+    assert_eq!(chains(SERVICE, 8080), vec!["tls", "raw_buffer"]);
+    let pa = |ns: &str, name: &str, body: &str| {
+        format!("---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{body}\n")
+    };
+    let mesh_strict = format!("{SERVICE}{}", pa("istio-system", "default", "  mtls: {mode: STRICT}"));
+    assert_eq!(chains(&mesh_strict, 8080), vec!["tls"]);
+    // The namespace overrides the mesh, the workload the namespace, UNSET inherits.
+    let ns_disable = format!("{mesh_strict}{}", pa("default", "default", "  mtls: {mode: DISABLE}"));
+    assert_eq!(chains(&ns_disable, 8080), vec![""]);
+    let wl_unset = format!(
+        "{ns_disable}{}",
+        pa("default", "wl", "  selector: {matchLabels: {app: client}}\n  mtls: {mode: UNSET}")
+    );
+    assert_eq!(chains(&wl_unset, 8080), vec![""]);
+    let wl_port = format!(
+        "{ns_disable}{}",
+        pa("default", "wl", "  selector: {matchLabels: {app: client}}\n  mtls: {mode: STRICT}\n  portLevelMtls:\n    8080: {mode: PERMISSIVE}")
+    );
+    assert_eq!(chains(&wl_port, 8080), vec!["tls", "raw_buffer"]);
+    assert_eq!(chains(&wl_port, 8081), vec!["tls"]);
+}

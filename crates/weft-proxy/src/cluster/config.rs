@@ -36,6 +36,7 @@ use crate::cluster::endpoints::decode_assignment;
 use crate::cluster::outlier::OutlierConfig;
 use crate::cluster::pool::Connector;
 use crate::error::ConfigError;
+use crate::tls::Secrets;
 
 /// The key of the upstream HTTP options in `typed_extension_protocol_options`.
 pub const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -173,6 +174,11 @@ impl ClusterConfig {
 
     /// Compiles an xDS cluster. Errors name the cluster and the offending field.
     pub fn compile(c: &XdsCluster) -> Result<ClusterConfig, ConfigError> {
+        Self::compile_in(c, &Secrets::default())
+    }
+
+    /// Like [`ClusterConfig::compile`], resolving the mesh's SDS secrets through `secrets`.
+    pub fn compile_in(c: &XdsCluster, secrets: &Secrets) -> Result<ClusterConfig, ConfigError> {
         let err = |field: &str, msg: String| ConfigError::new(&c.name, field, msg);
         if c.name.is_empty() {
             return Err(err("name", "a cluster needs a non-empty name".into()));
@@ -214,7 +220,8 @@ impl ClusterConfig {
                 None => Ok(Connector::Plain),
                 Some(ts) if ts.name == "envoy.transport_sockets.raw_buffer" => Ok(Connector::Plain),
                 Some(ts) => {
-                    let tls = crate::tls::client_config(ts, alpn).map_err(|m| ConfigError::new(&c.name, field, m))?;
+                    let tls = crate::tls::client_config(ts, alpn, secrets)
+                        .map_err(|m| ConfigError::new(&c.name, field, m))?;
                     Ok(Connector::Tls(Arc::new(tls)))
                 }
             }

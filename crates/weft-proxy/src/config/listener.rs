@@ -1,6 +1,7 @@
 //! Compiles an Envoy `Listener` into a [`ListenerConfig`]: where to bind, how to pick a
 //! filter chain for a connection, and what each chain does (HTTP or TCP proxy).
 
+use crate::tls::Secrets;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,6 +139,11 @@ pub struct TcpChain {
 impl ListenerConfig {
     /// Compiles a listener. Errors name the listener and field.
     pub fn compile(l: &Listener) -> Result<ListenerConfig, ConfigError> {
+        Self::compile_in(l, &Secrets::default())
+    }
+
+    /// Like [`ListenerConfig::compile`], resolving the mesh's SDS secrets through `secrets`.
+    pub fn compile_in(l: &Listener, secrets: &Secrets) -> Result<ListenerConfig, ConfigError> {
         let name = l.name.clone();
         let err = |field: &str, msg: String| ConfigError::new(format!("listener {name:?}"), field, msg);
         if name.is_empty() {
@@ -146,13 +152,13 @@ impl ListenerConfig {
         let address = socket_addr(l.address.as_ref()).map_err(|m| err("address", m))?;
         let mut chains = Vec::with_capacity(l.filter_chains.len());
         for (i, fc) in l.filter_chains.iter().enumerate() {
-            let chain = compile_chain(fc).map_err(|(f, m)| err(&format!("filter_chains[{i}].{f}"), m))?;
+            let chain = compile_chain(fc, secrets).map_err(|(f, m)| err(&format!("filter_chains[{i}].{f}"), m))?;
             chains.push(Arc::new(chain));
         }
         let default_chain = match &l.default_filter_chain {
-            Some(fc) => {
-                Some(Arc::new(compile_chain(fc).map_err(|(f, m)| err(&format!("default_filter_chain.{f}"), m))?))
-            }
+            Some(fc) => Some(Arc::new(
+                compile_chain(fc, secrets).map_err(|(f, m)| err(&format!("default_filter_chain.{f}"), m))?,
+            )),
             None => None,
         };
         if chains.is_empty() && default_chain.is_none() {
@@ -301,11 +307,11 @@ fn server_name_score(pattern: &str, sni: &str) -> Option<u32> {
     }
 }
 
-fn compile_chain(fc: &FilterChain) -> Result<FilterChainConfig, (String, String)> {
+fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfig, (String, String)> {
     let tls = match &fc.transport_socket {
         None => None,
         Some(ts) if ts.name == "envoy.transport_sockets.raw_buffer" => None,
-        Some(ts) => Some(crate::tls::server_config(ts).map_err(|m| ("transport_socket".to_string(), m))?),
+        Some(ts) => Some(crate::tls::server_config(ts, secrets).map_err(|m| ("transport_socket".to_string(), m))?),
     };
     let matcher = match &fc.filter_chain_match {
         Some(m) => compile_match(m).map_err(|(f, m)| (format!("filter_chain_match.{f}"), m))?,
