@@ -28,6 +28,35 @@ pub struct Bootstrap {
     /// How long a drain waits for in-flight work, e.g. `5s`. Default 5 s.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// The proxy's mesh identity (mTLS). Without it the proxy speaks plaintext only.
+    #[serde(default)]
+    pub identity: Option<IdentitySettings>,
+}
+
+/// How the proxy gets its SPIFFE certificate: a CSR with a join token to the control
+/// plane's certificate service. The key is generated here and never leaves the process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdentitySettings {
+    /// The join token (`weft token create`).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// A file holding the join token (re-read at every renewal).
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// The certificate service, `http://host:port`; default: `xds.address`.
+    #[serde(default)]
+    pub ca_address: Option<String>,
+    /// SPIFFE trust domain, default `cluster.local`.
+    #[serde(default = "default_trust_domain")]
+    pub trust_domain: String,
+    /// Requested certificate lifetime (e.g. `1h`); default: the CA's (24 h).
+    #[serde(default, with = "humantime_serde")]
+    pub cert_ttl: Option<Duration>,
+}
+
+fn default_trust_domain() -> String {
+    "cluster.local".into()
 }
 
 /// Control-plane connection settings.
@@ -136,7 +165,28 @@ impl Bootstrap {
         if !self.admin.ip().is_loopback() {
             return Err(bad("admin", format!("the admin server must listen on loopback, got {}", self.admin)));
         }
+        if let Some(id) = &self.identity {
+            if id.token.is_some() == id.token_file.is_some() {
+                return Err(bad("identity", "give exactly one of `token` and `token_file` (a join token)".into()));
+            }
+            if let Some(a) = &id.ca_address {
+                if !(a.starts_with("http://") || a.starts_with("https://")) {
+                    return Err(bad("identity.ca_address", format!("expected http://host:port, got {a:?}")));
+                }
+            }
+            weft_identity::SpiffeId::new(&id.trust_domain, &self.node.namespace, self.service_account())
+                .map_err(|e| bad("identity", e.to_string()))?;
+        }
         Ok(())
+    }
+
+    /// The service account the identity is for (`default` when the node names none).
+    pub fn service_account(&self) -> &str {
+        if self.node.service_account.is_empty() {
+            "default"
+        } else {
+            &self.node.service_account
+        }
     }
 }
 

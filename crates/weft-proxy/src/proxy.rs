@@ -52,6 +52,33 @@ pub enum StartError {
     /// The access log could not be opened.
     #[error("access log: {0}")]
     AccessLog(String),
+    /// The first certificate could not be obtained.
+    #[error("identity: {0}")]
+    Identity(String),
+}
+
+/// Starts the certificate manager when the bootstrap has an `identity` (the first
+/// certificate is in before the proxy connects for config), and marks the node as doing
+/// mesh mTLS with Istio's `security.istio.io/tlsMode: istio` label.
+async fn start_identity(b: &Bootstrap) -> Result<(crate::tls::Secrets, weft_xds::NodeInfo), StartError> {
+    let mut node = b.node.clone();
+    let Some(id) = &b.identity else { return Ok((crate::tls::Secrets::default(), node)) };
+    let spiffe = weft_identity::SpiffeId::new(&id.trust_domain, &node.namespace, b.service_account())
+        .map_err(|e| StartError::Identity(e.to_string()))?;
+    let credential = match (&id.token, &id.token_file) {
+        (Some(t), _) => weft_identity::CredentialSource::JoinToken(t.clone()),
+        (None, Some(f)) => weft_identity::CredentialSource::JoinTokenFile(f.clone()),
+        (None, None) => return Err(StartError::Identity("a join token (token or token_file) is required".into())),
+    };
+    let endpoint = id.ca_address.clone().unwrap_or_else(|| b.xds.address.clone());
+    let mut cfg = weft_identity::CertManagerConfig::new(endpoint, credential, spiffe);
+    cfg.ttl = id.cert_ttl;
+    let manager = weft_identity::CertManager::start(cfg).await.map_err(|e| StartError::Identity(e.to_string()))?;
+    node.labels.insert("security.istio.io/tlsMode".into(), "istio".into());
+    if node.service_account.is_empty() {
+        node.service_account = b.service_account().to_string();
+    }
+    Ok((crate::tls::Secrets::new(Arc::new(manager)), node))
 }
 
 /// How long readiness waits for routes and endpoints named by the first listeners and
@@ -105,7 +132,8 @@ impl ProxyHandle {
             .count_drops_in(metrics.proxy().access_log_dropped());
         let (drain_tx, draining) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let store = ConfigStore::new();
+        let (secrets, node) = start_identity(&b).await?;
+        let store = ConfigStore::with_secrets(secrets);
         let ctx = Arc::new(Context {
             store: store.clone(),
             pools: Pools::new(PoolConfig::default()),
@@ -134,7 +162,7 @@ impl ProxyHandle {
         let metrics_addr = metrics_sock.local_addr().unwrap_or(b.metrics);
 
         // Operators' tools find the admin and metrics servers through the control plane.
-        let node = weft_xds::NodeInfo { admin: Some(admin_addr), metrics: Some(metrics_addr), ..b.node.clone() };
+        let node = weft_xds::NodeInfo { admin: Some(admin_addr), metrics: Some(metrics_addr), ..node };
         let client = AdsClient::new(
             ClientConfig { address: b.xds.address.clone(), node, mode: b.xds.mode.into(), backoff: Backoff::default() },
             store.clone(),

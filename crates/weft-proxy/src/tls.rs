@@ -70,6 +70,16 @@ impl Secrets {
     }
 }
 
+/// The trust bundle of a `ROOTCA` Secret (a validation context with `trusted_ca`).
+pub fn trust_bundle(any: &envoy_types::pb::google::protobuf::Any) -> Result<Vec<CertificateDer<'static>>, String> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{secret, Secret};
+    let s: Secret = decode(any)?;
+    match s.r#type {
+        Some(secret::Type::ValidationContext(v)) => certs(&data(v.trusted_ca.as_ref(), "trusted_ca")?, "trusted_ca"),
+        _ => Err("expected a validation_context with trusted_ca".into()),
+    }
+}
+
 /// Whether a context uses SDS secrets (then only the mesh's are understood).
 fn uses_sds(common: &CommonTlsContext) -> bool {
     !common.tls_certificate_sds_secret_configs.is_empty()

@@ -107,6 +107,8 @@ pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
     loads: LoadRegistry,
     changed: watch::Sender<u64>,
+    /// The mesh's SDS secrets (`default`, `ROOTCA`) as this proxy resolves them.
+    secrets: crate::tls::Secrets,
 }
 
 /// How often STRICT_DNS / LOGICAL_DNS clusters are re-resolved (Envoy's default
@@ -116,13 +118,38 @@ const DNS_REFRESH: Duration = Duration::from_secs(5);
 impl ConfigStore {
     /// An empty store.
     pub fn new() -> Arc<Self> {
+        Self::with_secrets(crate::tls::Secrets::default())
+    }
+
+    /// An empty store resolving SDS secrets through `secrets` (a proxy with a mesh
+    /// identity); it then also subscribes to the `ROOTCA` trust bundle.
+    pub fn with_secrets(secrets: crate::tls::Secrets) -> Arc<Self> {
         Arc::new_cyclic(|me| ConfigStore {
             me: me.clone(),
             state: Mutex::new(State::default()),
             current: ArcSwap::from_pointee(Snapshot::default()),
             loads: LoadRegistry::new(),
             changed: watch::channel(0).0,
+            secrets,
         })
+    }
+
+    /// Feeds the `ROOTCA` secret's trust bundle to the certificate manager.
+    fn apply_secrets(&self, update: ResourceUpdate) -> Vec<String> {
+        let Some(manager) = self.secrets.manager() else {
+            return vec!["this proxy has no mesh identity and takes no secrets".into()];
+        };
+        let mut errors = Vec::new();
+        for (name, any) in &update.upserts {
+            if name != crate::tls::ROOT_SECRET {
+                continue;
+            }
+            match crate::tls::trust_bundle(any) {
+                Ok(roots) => manager.set_trust_bundle(roots),
+                Err(e) => errors.push(format!("secret {name:?}: {e}")),
+            }
+        }
+        errors
     }
 
     /// Resolves a DNS cluster now and every [`DNS_REFRESH`] while its config is the
@@ -204,7 +231,7 @@ impl ConfigStore {
 
     fn apply_listeners(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
         apply_each(&update, "listener", &mut st.raw.listeners, &mut st.listeners, |l: &Listener| {
-            ListenerConfig::compile(l).map_err(|e| e.to_string())
+            ListenerConfig::compile_in(l, &self.secrets).map_err(|e| e.to_string())
         })
     }
 
@@ -219,9 +246,10 @@ impl ConfigStore {
         let mut seen = BTreeSet::new();
         for (name, any) in &update.upserts {
             seen.insert(name.clone());
-            let compiled = listener::decode::<PbCluster>(any)
-                .map_err(|m| format!("cluster {name:?}: {m}"))
-                .and_then(|c| ClusterConfig::compile(&c).map(|cc| (c, cc)).map_err(|e| e.to_string()));
+            let compiled =
+                listener::decode::<PbCluster>(any).map_err(|m| format!("cluster {name:?}: {m}")).and_then(|c| {
+                    ClusterConfig::compile_in(&c, &self.secrets).map(|cc| (c, cc)).map_err(|e| e.to_string())
+                });
             match compiled {
                 Ok((raw, cfg)) => {
                     let cfg = Arc::new(cfg);
@@ -371,7 +399,11 @@ fn removed<'a>(
 
 impl ResourceHandler for ConfigStore {
     fn type_urls(&self) -> Vec<&'static str> {
-        vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE]
+        let mut types = vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE];
+        if self.secrets.manager().is_some() {
+            types.push(type_url::SECRET);
+        }
+        types
     }
 
     fn apply(&self, type_url: &str, update: ResourceUpdate) -> Result<(), String> {
@@ -382,6 +414,7 @@ impl ResourceHandler for ConfigStore {
             type_url::ROUTE => self.apply_routes(&mut st, update),
             type_url::CLUSTER => self.apply_clusters(&mut st, update),
             type_url::ENDPOINT => self.apply_endpoints(&mut st, update),
+            type_url::SECRET => self.apply_secrets(update),
             other => vec![format!("unsupported resource type {other}")],
         };
         if errors.is_empty() {
@@ -400,6 +433,7 @@ impl ResourceHandler for ConfigStore {
         match type_url {
             type_url::ROUTE => Some(st.listeners.values().flat_map(|l| l.rds_names().map(str::to_string)).collect()),
             type_url::ENDPOINT => Some(st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()),
+            type_url::SECRET => Some(BTreeSet::from([crate::tls::ROOT_SECRET.to_string()])),
             _ => None,
         }
     }
