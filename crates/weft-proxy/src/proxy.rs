@@ -74,7 +74,7 @@ impl AdminState for Admin {
         crate::dump::clusters_text(&self.ctx.store.snapshot())
     }
     fn is_ready(&self) -> bool {
-        let initial = is_ready(&self.xds.borrow())
+        let initial = is_ready(&self.xds.borrow(), self.ctx.store.cds_optional())
             && (self.ctx.store.warmed() || self.started.elapsed() >= INITIAL_FETCH_TIMEOUT);
         initial && !*self.drain_tx.borrow()
     }
@@ -86,9 +86,10 @@ impl AdminState for Admin {
     }
 }
 
-/// Ready once the first listeners and clusters have been accepted.
-fn is_ready(s: &ClientStatus) -> bool {
-    s.acked.contains_key(type_url::LISTENER) && s.acked.contains_key(type_url::CLUSTER)
+/// Ready once the first listeners and clusters have been accepted (clusters only when
+/// some are subscribed: an on-demand proxy whose listeners name none has no CDS yet).
+fn is_ready(s: &ClientStatus, cds_optional: bool) -> bool {
+    s.acked.contains_key(type_url::LISTENER) && (cds_optional || s.acked.contains_key(type_url::CLUSTER))
 }
 
 impl ProxyHandle {
@@ -105,7 +106,7 @@ impl ProxyHandle {
             .count_drops_in(metrics.proxy().access_log_dropped());
         let (drain_tx, draining) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let store = ConfigStore::new();
+        let store = ConfigStore::with_on_demand(b.xds.on_demand());
         let ctx = Arc::new(Context {
             store: store.clone(),
             pools: Pools::new(PoolConfig::default()),
@@ -134,7 +135,12 @@ impl ProxyHandle {
         let metrics_addr = metrics_sock.local_addr().unwrap_or(b.metrics);
 
         // Operators' tools find the admin and metrics servers through the control plane.
-        let node = weft_xds::NodeInfo { admin: Some(admin_addr), metrics: Some(metrics_addr), ..b.node.clone() };
+        let node = weft_xds::NodeInfo {
+            admin: Some(admin_addr),
+            metrics: Some(metrics_addr),
+            on_demand: b.xds.on_demand(),
+            ..b.node.clone()
+        };
         let client = AdsClient::new(
             ClientConfig { address: b.xds.address.clone(), node, mode: b.xds.mode.into(), backoff: Backoff::default() },
             store.clone(),

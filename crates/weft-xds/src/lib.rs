@@ -31,12 +31,13 @@ pub mod node;
 pub mod server;
 pub mod source;
 pub mod type_url;
+pub mod vhds;
 
 pub use client::{AdsClient, Backoff, ClientConfig, ClientStatus, ResourceHandler, ResourceUpdate};
 pub use error::XdsError;
 pub use node::{NodeInfo, PortInfo};
 pub use server::{AdsServer, AdsService, ConnectionStatus, NackInfo, TypeStatus};
-pub use source::{ConfigSource, StaticSource};
+pub use source::{ConfigSource, Resolved, StaticSource};
 pub use type_url::resource_name;
 
 /// Re-export of Envoy's `Node`.

@@ -7,6 +7,7 @@
 //! disturbs work in flight.
 
 pub mod listener;
+pub mod on_demand;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -26,6 +27,7 @@ use crate::route::RouteTable;
 pub use listener::{
     ChainKind, ConnFacts, Direction, FilterChainConfig, HttpChain, ListenerConfig, RouteSource, TcpChain,
 };
+use on_demand::{OnDemand, OnDemandView};
 
 /// One immutable view of everything the proxy runs.
 #[derive(Default)]
@@ -40,8 +42,11 @@ pub struct Snapshot {
     pub versions: BTreeMap<String, String>,
     /// When this snapshot was built.
     pub built_at: Option<SystemTime>,
-    /// Raw resources, for `/config_dump`.
+    /// Raw resources, for `/config_dump` (route configurations with the virtual hosts
+    /// received on demand).
     pub raw: RawResources,
+    /// What on-demand fetching has answered (see [`on_demand`]).
+    pub on_demand: Arc<OnDemandView>,
 }
 
 /// The last accepted resources as received, for `/config_dump`.
@@ -98,6 +103,7 @@ struct State {
     cluster_configs: BTreeMap<String, Arc<ClusterConfig>>,
     clusters: BTreeMap<String, Arc<Cluster>>,
     versions: BTreeMap<String, String>,
+    on_demand: OnDemand,
 }
 
 /// The xDS consumer: owns compiled state and publishes snapshots.
@@ -107,6 +113,8 @@ pub struct ConfigStore {
     current: ArcSwap<Snapshot>,
     loads: LoadRegistry,
     changed: watch::Sender<u64>,
+    /// Ticks when a request asked for something on demand.
+    interest: watch::Sender<u64>,
 }
 
 /// How often STRICT_DNS / LOGICAL_DNS clusters are re-resolved (Envoy's default
@@ -114,15 +122,36 @@ pub struct ConfigStore {
 const DNS_REFRESH: Duration = Duration::from_secs(5);
 
 impl ConfigStore {
-    /// An empty store.
+    /// An empty store that subscribes to CDS and LDS as wildcards.
     pub fn new() -> Arc<Self> {
+        Self::with_on_demand(false)
+    }
+
+    /// An empty store; with `on_demand` it fetches virtual hosts (VHDS), clusters and
+    /// endpoints by the names its listeners, routes and requests need (delta xDS only).
+    pub fn with_on_demand(on_demand: bool) -> Arc<Self> {
+        let mut state = State::default();
+        state.on_demand.enabled = on_demand;
         Arc::new_cyclic(|me| ConfigStore {
             me: me.clone(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             current: ArcSwap::from_pointee(Snapshot::default()),
             loads: LoadRegistry::new(),
             changed: watch::channel(0).0,
+            interest: watch::channel(0).0,
         })
+    }
+
+    /// True when the store fetches on demand.
+    pub fn is_on_demand(&self) -> bool {
+        self.lock().on_demand.enabled
+    }
+
+    /// True once CDS has nothing to wait for: on demand, no listener or route names a
+    /// cluster yet (so no CDS subscription exists).
+    pub fn cds_optional(&self) -> bool {
+        let st = self.lock();
+        st.on_demand.enabled && Self::cluster_interest(&st).is_empty()
     }
 
     /// Resolves a DNS cluster now and every [`DNS_REFRESH`] while its config is the
@@ -173,9 +202,15 @@ impl ConfigStore {
     pub fn warmed(&self) -> bool {
         let st = self.lock();
         let routes_ok = st.listeners.values().flat_map(|l| l.rds_names()).all(|n| st.routes.contains_key(n));
-        let endpoints_ok =
-            st.cluster_configs.values().filter_map(|c| cla_name(c)).all(|n| st.raw.endpoints.contains_key(&n));
-        routes_ok && endpoints_ok
+        let endpoints_ok = st
+            .cluster_configs
+            .values()
+            .filter_map(|c| cla_name(c))
+            .all(|n| st.raw.endpoints.contains_key(&n) || st.on_demand.missing_endpoints.contains(&n));
+        // On demand, the clusters listeners name are fetched by name: wait for them too.
+        let clusters_ok = !st.on_demand.enabled
+            || st.listeners.values().flat_map(|l| l.cluster_names()).all(|n| st.cluster_configs.contains_key(&n));
+        routes_ok && endpoints_ok && clusters_ok
     }
 
     /// A receiver that ticks whenever a new snapshot is published.
@@ -197,6 +232,7 @@ impl ConfigStore {
             versions: st.versions.clone(),
             built_at: Some(SystemTime::now()),
             raw: st.raw.clone(),
+            on_demand: Arc::new(st.on_demand.view(st)),
         };
         self.current.store(Arc::new(snap));
         self.changed.send_modify(|v| *v += 1);
@@ -205,12 +241,6 @@ impl ConfigStore {
     fn apply_listeners(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
         apply_each(&update, "listener", &mut st.raw.listeners, &mut st.listeners, |l: &Listener| {
             ListenerConfig::compile(l).map_err(|e| e.to_string())
-        })
-    }
-
-    fn apply_routes(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
-        apply_each(&update, "route configuration", &mut st.raw.routes, &mut st.routes, |rc: &RouteConfiguration| {
-            RouteTable::compile(rc).map_err(|e| e.to_string())
         })
     }
 
@@ -371,7 +401,11 @@ fn removed<'a>(
 
 impl ResourceHandler for ConfigStore {
     fn type_urls(&self) -> Vec<&'static str> {
-        vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE]
+        let mut types = vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE];
+        if self.is_on_demand() {
+            types.push(type_url::VIRTUAL_HOST);
+        }
+        types
     }
 
     fn apply(&self, type_url: &str, update: ResourceUpdate) -> Result<(), String> {
@@ -379,9 +413,16 @@ impl ResourceHandler for ConfigStore {
         let version = update.version.clone();
         let errors = match type_url {
             type_url::LISTENER => self.apply_listeners(&mut st, update),
-            type_url::ROUTE => self.apply_routes(&mut st, update),
-            type_url::CLUSTER => self.apply_clusters(&mut st, update),
-            type_url::ENDPOINT => self.apply_endpoints(&mut st, update),
+            type_url::ROUTE => on_demand::apply_routes(&mut st, &update),
+            type_url::VIRTUAL_HOST => on_demand::apply_vhosts(&mut st, &update),
+            type_url::CLUSTER => {
+                on_demand::note_absent(&mut st, true, &update);
+                self.apply_clusters(&mut st, update)
+            }
+            type_url::ENDPOINT => {
+                on_demand::note_absent(&mut st, false, &update);
+                self.apply_endpoints(&mut st, update)
+            }
             other => vec![format!("unsupported resource type {other}")],
         };
         if errors.is_empty() {
@@ -400,7 +441,13 @@ impl ResourceHandler for ConfigStore {
         match type_url {
             type_url::ROUTE => Some(st.listeners.values().flat_map(|l| l.rds_names().map(str::to_string)).collect()),
             type_url::ENDPOINT => Some(st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()),
+            type_url::CLUSTER if st.on_demand.enabled => Some(Self::cluster_interest(&st)),
+            type_url::VIRTUAL_HOST => Some(Self::vhost_interest(&st)),
             _ => None,
         }
+    }
+
+    fn interest_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.interest.subscribe())
     }
 }
