@@ -116,7 +116,7 @@ impl ConfigStore {
             return Ok(None);
         }
         let mut rx = self.subscribe();
-        self.want(|od| od.wanted_aliases.insert(alias.clone()));
+        self.want(|st| st.on_demand.wanted_aliases.insert(alias.clone()));
         let what = format!("virtual host {alias:?}");
         let s = self.wait_until(&mut rx, &what, |s| s.on_demand.answered.contains(&alias)).await?;
         let fresh = s.routes.get(table.name()).cloned().unwrap_or_else(|| table.clone());
@@ -137,15 +137,18 @@ impl ConfigStore {
         if !self.lock().on_demand.enabled {
             return Ok(None);
         }
-        self.want(|od| od.wanted_clusters.insert(cluster.to_string()));
+        // Usually a route names it and it is subscribed already; otherwise ask for it.
+        self.want(|st| {
+            !Self::cluster_interest(st).contains(cluster) && st.on_demand.wanted_clusters.insert(cluster.to_string())
+        });
         let what = format!("cluster {cluster:?}");
         let ready = |s: &Snapshot| s.cluster_warm(cluster) || s.on_demand.missing_clusters.contains(cluster);
         self.wait_until(&mut rx, &what, ready).await.map(Some)
     }
 
     /// Records a wish; when it is new, tells the xDS client to update the subscription.
-    fn want(&self, add: impl FnOnce(&mut OnDemand) -> bool) {
-        let added = add(&mut self.lock().on_demand);
+    fn want(&self, add: impl FnOnce(&mut State) -> bool) {
+        let added = add(&mut self.lock());
         if added {
             self.interest.send_modify(|v| *v = v.wrapping_add(1));
         }
@@ -274,13 +277,19 @@ pub(super) fn apply_vhosts(st: &mut State, update: &ResourceUpdate) -> Vec<Strin
 }
 
 /// Records names the control plane reported absent for clusters and endpoints (so
-/// requests waiting for them stop), and forgets those that arrived.
+/// requests waiting for them stop), and forgets those that arrived. Removals of names
+/// no longer wanted (dropped after unsubscribing) are not absences.
 pub(super) fn note_absent(st: &mut State, cluster: bool, update: &ResourceUpdate) {
+    let wanted: BTreeSet<String> = if cluster {
+        ConfigStore::cluster_interest(st)
+    } else {
+        st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()
+    };
     let set = if cluster { &mut st.on_demand.missing_clusters } else { &mut st.on_demand.missing_endpoints };
     for (name, _) in &update.upserts {
         set.remove(name);
     }
-    set.extend(update.removals.iter().cloned());
+    set.extend(update.removals.iter().filter(|n| wanted.contains(*n)).cloned());
 }
 
 /// Recompiles route configuration `rc` (if received) with its on-demand virtual hosts.

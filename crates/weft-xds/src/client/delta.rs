@@ -150,9 +150,23 @@ impl Stream<'_> {
                         (false, true) => request.resource_names_subscribe.push(WILDCARD.to_string()),
                         _ => {}
                     }
+                    let mut forgotten = Vec::new();
                     if let Some(known) = memory.delta_versions.get_mut(type_url) {
                         for name in &request.resource_names_unsubscribe {
-                            known.remove(name);
+                            if known.remove(name).is_some() {
+                                forgotten.push(name.clone());
+                            }
+                        }
+                    }
+                    if !forgotten.is_empty() {
+                        // The server sends nothing more about unsubscribed names: drop them here.
+                        let update = ResourceUpdate {
+                            version: self.client.acked_version(type_url),
+                            removals: forgotten,
+                            ..ResourceUpdate::default()
+                        };
+                        if let Err(e) = self.client.handler.apply(type_url, update) {
+                            tracing::warn!(type_url, error = %e, "dropping unsubscribed resources failed");
                         }
                     }
                 }
