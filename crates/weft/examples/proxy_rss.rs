@@ -1,5 +1,5 @@
 //! Proxy memory against mesh size (not a test): one `weft control` process serving N
-//! Services (`svc-0..N`, HTTP port 9080; `svc-17` backed by a WorkloadEntry pointing at
+//! Services (`svc-10..svc-<10+N>`, HTTP port 9080; `svc-17` backed by a WorkloadEntry pointing at
 //! an echo server in this process) and one `weft proxy` process (explicit mode) in
 //! on-demand delta mode, then in state-of-the-world mode for comparison. Reports the
 //! proxy's resident memory (`/proc/PID/status` VmRSS) once ready and after one request to
@@ -31,9 +31,10 @@ fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// N Services and the WorkloadEntry behind `svc-17`.
+/// N Services (`svc-10..svc-<10+N>`, so 10 services include `svc-17`) and the
+/// WorkloadEntry behind `svc-17`.
 fn mesh(n: usize, backend: SocketAddr) -> String {
-    let mut docs: Vec<String> = (0..n)
+    let mut docs: Vec<String> = (10..10 + n)
         .map(|i| {
             format!(
                 "apiVersion: v1\nkind: Service\nmetadata:\n  name: svc-{i}\n  namespace: default\nspec:\n  selector:\n    app: svc-{i}\n  ports:\n  - name: http\n    port: 9080\n    targetPort: http\n"

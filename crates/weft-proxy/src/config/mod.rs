@@ -115,6 +115,8 @@ pub struct ConfigStore {
     changed: watch::Sender<u64>,
     /// Ticks when a request asked for something on demand.
     interest: watch::Sender<u64>,
+    /// Fetches on demand (fixed at creation; also in `State` for the xDS side).
+    on_demand: bool,
 }
 
 /// How often STRICT_DNS / LOGICAL_DNS clusters are re-resolved (Envoy's default
@@ -139,12 +141,13 @@ impl ConfigStore {
             loads: LoadRegistry::new(),
             changed: watch::channel(0).0,
             interest: watch::channel(0).0,
+            on_demand,
         })
     }
 
     /// True when the store fetches on demand.
     pub fn is_on_demand(&self) -> bool {
-        self.lock().on_demand.enabled
+        self.on_demand
     }
 
     /// True once CDS has nothing to wait for: on demand, no listener or route names a

@@ -133,10 +133,10 @@ impl ConfigStore {
         if snap.cluster_warm(cluster) || snap.on_demand.missing_clusters.contains(cluster) {
             return Ok(None);
         }
-        let mut rx = self.subscribe();
-        if !self.lock().on_demand.enabled {
+        if !self.is_on_demand() {
             return Ok(None);
         }
+        let mut rx = self.subscribe();
         // Usually a route names it and it is subscribed already; otherwise ask for it.
         self.want(|st| {
             !Self::cluster_interest(st).contains(cluster) && st.on_demand.wanted_clusters.insert(cluster.to_string())
