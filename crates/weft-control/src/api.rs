@@ -31,6 +31,12 @@ pub struct Api {
     pub server: AdsServer,
     /// Per-proxy resources.
     pub source: Arc<MeshSource>,
+    /// Registered workloads (for `weft analyze --live`).
+    pub registry: crate::registry::Registry,
+    /// CA and token issuer (token endpoints), when identity is enabled.
+    pub identity: Option<Arc<weft_identity::service::CertificateAuthority>>,
+    /// SDS secrets (shown by proxy-config, key material never), when identity is enabled.
+    pub secrets: Option<Arc<crate::secrets::SecretSource>>,
 }
 
 /// Serves the API until `shutdown` resolves.
@@ -126,6 +132,39 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
         (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
+        (Method::POST, "/api/v1/analyze") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": e.to_string()})),
+            };
+            let files: Vec<(String, String)> = if body.is_empty() {
+                Vec::new()
+            } else {
+                match serde_json::from_slice::<Vec<AnalyzeFile>>(&body) {
+                    Ok(f) => f.into_iter().map(|f| (f.name, f.text)).collect(),
+                    Err(e) => {
+                        return reply(
+                            StatusCode::BAD_REQUEST,
+                            json!({"error": format!("expected a JSON list of {{\"name\", \"text\"}} files: {e}")}),
+                        )
+                    }
+                }
+            };
+            reply(StatusCode::OK, analyze_live(api, &files))
+        }
+        (Method::POST, "/api/v1/tokens") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": e.to_string()})),
+            };
+            let (status, v) = crate::identity::create_token(api.identity.as_deref(), &body);
+            reply(status, v)
+        }
+        (Method::POST, p) if p.starts_with("/api/v1/tokens/") && p.ends_with("/revoke") => {
+            let id = p.trim_start_matches("/api/v1/tokens/").trim_end_matches("/revoke");
+            let (status, v) = crate::identity::revoke_token(api.identity.as_deref(), id);
+            reply(status, v)
+        }
         (Method::GET, p) if p.starts_with("/api/v1/proxies/") => {
             let id = p.trim_start_matches("/api/v1/proxies/").trim_end_matches("/config");
             match proxy_config(api, id) {
@@ -187,19 +226,67 @@ fn proxies(api: &Api) -> Value {
     json!({"proxies": list})
 }
 
-/// What the control plane serves one proxy, summarised per type.
+/// A file sent with `weft analyze --live -f FILE`.
+#[derive(serde::Deserialize)]
+struct AnalyzeFile {
+    name: String,
+    text: String,
+}
+
+/// `weft analyze --live`: the store's resources, overlaid with those in `files` (files
+/// given with `-f`, which win over stored ones of the same key, as if applied), checked
+/// against each other and the registered workloads. Nothing is stored.
+fn analyze_live(api: &Api, files: &[(String, String)]) -> Value {
+    let snap = api.store.snapshot();
+    let mut parsed = weft_api::Parsed::default();
+    for (name, text) in files {
+        parsed.extend(weft_api::parse_str(text, Path::new(name)));
+    }
+    let overridden: std::collections::BTreeSet<_> = parsed.resources.iter().map(|r| r.key()).collect();
+    let mut resources: Vec<weft_api::Resource> =
+        snap.resources.iter().filter(|r| !overridden.contains(&r.key())).cloned().collect();
+    resources.extend(parsed.resources.iter().cloned());
+    let registry = api.registry.snapshot();
+    let workloads: Vec<weft_api::analyze::Workload> = registry
+        .workloads()
+        .map(|w| weft_api::analyze::Workload { namespace: w.namespace.clone(), labels: w.labels.clone() })
+        .collect();
+    let messages = weft_api::analyze::analyze_with_workloads(&resources, &workloads);
+    json!({
+        "version": snap.version,
+        "resources": resources.len(),
+        "workloads": workloads.len(),
+        "errors": snap.errors.iter().chain(&parsed.errors).map(|e| e.to_string()).collect::<Vec<_>>(),
+        "messages": messages.iter().map(|m| json!({
+            "code": m.code,
+            "level": m.level.to_string(),
+            "text": m.to_string(),
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// What the control plane serves one proxy: per type, the version and each resource
+/// decoded and summarised ([`crate::inspect::describe`]).
 fn proxy_config(api: &Api, id: &str) -> Option<Value> {
     let conn = api
         .server
         .connections()
         .into_iter()
         .find(|c| c.node_id == id || c.node.as_ref().map(|n| n.name == id).unwrap_or(false))?;
-    let current = api.source.proxy_resources(&conn.raw_node);
+    let mut current = (*api.source.proxy_resources(&conn.raw_node)).clone();
+    if let Some(secrets) = &api.secrets {
+        use weft_xds::ConfigSource as _;
+        current.insert(type_url::SECRET.to_string(), secrets.resources(&conn.raw_node, type_url::SECRET));
+    }
     let mut out = serde_json::Map::new();
     for (t, (version, by_name)) in current.iter() {
         out.insert(
             weft_xds::type_url::short(t).to_string(),
-            json!({"version": version, "names": by_name.keys().collect::<Vec<_>>()}),
+            json!({
+                "version": version,
+                "names": by_name.keys().collect::<Vec<_>>(),
+                "resources": by_name.values().map(|any| crate::inspect::describe(t, any)).collect::<Vec<_>>(),
+            }),
         );
     }
     Some(json!({"id": conn.node_id, "resources": out}))

@@ -10,9 +10,12 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
-use weft_xds::AdsServer;
+use weft_identity::service::CertificateAuthority;
+use weft_xds::{AdsServer, ConfigSource};
 
+use crate::identity::IdentityConfig;
 use crate::registry::Registry;
+use crate::secrets::SecretSource;
 use crate::source::MeshSource;
 use crate::store::Store;
 use crate::translate::{MeshConfig, ProxyMode};
@@ -30,6 +33,8 @@ pub struct ControlConfig {
     pub mode: ProxyMode,
     /// Translator defaults (domain, outbound policy, explicit listener address).
     pub mesh: MeshConfig,
+    /// CA, join tokens, certificate service and SDS (None: no identities are issued).
+    pub identity: Option<IdentityConfig>,
 }
 
 /// A running control plane.
@@ -46,6 +51,8 @@ pub struct ControlPlane {
     pub server: AdsServer,
     /// The xDS source (per-proxy resources).
     pub source: Arc<MeshSource>,
+    /// The CA and token issuer, when identity is enabled.
+    pub identity: Option<Arc<CertificateAuthority>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -64,7 +71,19 @@ impl ControlPlane {
         info!(resources = snap.resources.len(), errors = snap.errors.len(), "store loaded");
         let registry = Registry::new();
         let source = MeshSource::new(store.clone(), registry.clone(), cfg.mode, cfg.mesh.clone());
-        let server = AdsServer::new(source.clone());
+        let identity = match &cfg.identity {
+            Some(ic) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
+            None => None,
+        };
+        let secrets = match (&identity, &cfg.identity) {
+            (Some(authority), Some(ic)) => Some(SecretSource::new(source.clone(), authority.clone(), ic.cert_ttl)),
+            _ => None,
+        };
+        let served: Arc<dyn ConfigSource> = match &secrets {
+            Some(s) => s.clone(),
+            None => source.clone(),
+        };
+        let server = AdsServer::new(served);
         let xds_sock = TcpListener::bind(cfg.xds).await.map_err(|e| format!("cannot bind xDS on {}: {e}", cfg.xds))?;
         let api_sock = TcpListener::bind(cfg.api).await.map_err(|e| format!("cannot bind API on {}: {e}", cfg.api))?;
         let xds_addr = xds_sock.local_addr().unwrap_or(cfg.xds);
@@ -83,15 +102,26 @@ impl ControlPlane {
         tasks.push(registry.follow(&server));
         let srv = server.clone();
         let xds_stop = stopped(&stop_rx);
+        let routes = match &identity {
+            Some(authority) => tonic::service::Routes::new(authority.service()),
+            None => tonic::service::Routes::default(),
+        };
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = srv.serve(xds_sock, xds_stop).await {
+            if let Err(e) = srv.serve_with(xds_sock, xds_stop, routes).await {
                 tracing::error!(error = %e, "xDS server stopped");
             }
         }));
-        let api = Arc::new(crate::api::Api { store: store.clone(), server: server.clone(), source: source.clone() });
+        let api = Arc::new(crate::api::Api {
+            store: store.clone(),
+            server: server.clone(),
+            source: source.clone(),
+            registry: registry.clone(),
+            identity: identity.clone(),
+            secrets,
+        });
         tasks.push(tokio::spawn(crate::api::serve(api, api_sock, stopped(&stop_rx))));
-        info!(%xds_addr, %api_addr, "control plane started");
-        Ok(ControlPlane { xds_addr, api_addr, store, registry, server, source, stop, tasks })
+        info!(%xds_addr, %api_addr, identity = identity.is_some(), "control plane started");
+        Ok(ControlPlane { xds_addr, api_addr, store, registry, server, source, identity, stop, tasks })
     }
 
     /// Stops both servers.

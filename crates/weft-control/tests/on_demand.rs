@@ -79,6 +79,7 @@ async fn control_plane(range: std::ops::Range<usize>) -> ControlPlane {
         api: "127.0.0.1:0".parse().unwrap(),
         mode: ProxyMode::Explicit,
         mesh: MeshConfig::default(),
+        identity: None,
     };
     let cp = ControlPlane::start(cfg).await.unwrap();
     let result = cp.store.apply(&services(range), Path::new("mesh.yaml"));

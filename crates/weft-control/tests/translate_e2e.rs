@@ -65,6 +65,20 @@ spec:
     route: [{destination: {host: reviews, subset: v1}}]
     mirror: {host: reviews, subset: v2}
     mirrorPercentage: {value: 100}
+  - match: [{uri: {prefix: /cors}}]
+    corsPolicy:
+      allowOrigins: [{exact: "https://app.example"}, {prefix: "https://dev."}]
+      allowMethods: [GET, POST]
+      allowHeaders: [x-custom]
+      exposeHeaders: [x-trace]
+      maxAge: 24h
+      allowCredentials: true
+    route: [{destination: {host: reviews, subset: v1}}]
+  - match: [{uri: {prefix: /headers}}]
+    headers:
+      request: {set: {x-route: headers}, remove: [x-drop]}
+      response: {add: {x-served-by: weft-test}}
+    route: [{destination: {host: reviews, subset: v1}}]
   - match: [{uri: {prefix: /retry}}]
     route: [{destination: {host: reviews, subset: v3}}]
   - route:
@@ -138,7 +152,7 @@ fn server_of(reply: &weft_testkit::http::Reply) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn istio_routing_semantics_hold_through_weft_proxy_and_envoy_acks_the_same_xds() {
+async fn istio_routing_semantics_hold_through_weft_proxy_and_through_envoy_fed_the_same_xds() {
     let v1 = EchoServer::start("v1").await;
     let v2 = EchoServer::start("v2").await;
     let v3 = EchoServer::start("v3").await;
@@ -167,68 +181,7 @@ async fn istio_routing_semantics_hold_through_weft_proxy_and_envoy_acks_the_same
     let proxy = weft_proxy(cp.xds).await;
     let out = proxy.listener_addr("weft-outbound", WAIT).await.expect("weft-outbound is bound");
 
-    // Weighted split 80/20 (200 requests; bounds are more than 5 standard deviations).
-    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
-    for _ in 0..200 {
-        let r = get_via_proxy(out, "http://reviews:9080/").await.unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-        *counts.entry(server_of(&r)).or_default() += 1;
-    }
-    let v1_share = counts.get("v1").copied().unwrap_or(0);
-    assert!((130..=190).contains(&v1_share), "80/20 split violated: {counts:?}");
-    assert_eq!(counts.keys().filter(|k| *k != "v1" && *k != "v2").count(), 0, "{counts:?}");
-
-    // Header match: end-user: jason -> v2, every time.
-    for _ in 0..10 {
-        let mut req = request(http::Method::GET, "reviews:9080", "/", Bytes::new()).unwrap();
-        req.headers_mut().insert("end-user", "jason".parse().unwrap());
-        let r = send_h1(out, req).await.unwrap();
-        assert_eq!(server_of(&r), "v2");
-    }
-
-    // Fault abort 100% answers the configured status without reaching the workload.
-    let before = v1.requests();
-    let r = get_h1(out, "reviews:9080", "/abort").await.unwrap();
-    assert_eq!(r.status, 418);
-    assert_eq!(v1.requests(), before);
-
-    // Fault delay holds the request at least the configured time, then forwards it.
-    let start = Instant::now();
-    let r = get_h1(out, "reviews:9080", "/fault-delay").await.unwrap();
-    assert_eq!(r.status, 200);
-    assert!(start.elapsed() >= Duration::from_millis(300), "delay not injected: {:?}", start.elapsed());
-
-    // Route timeout: a 2 s response with a 200 ms timeout is a 504.
-    let start = Instant::now();
-    let r = get_h1(out, "reviews:9080", "/delay/2000").await.unwrap();
-    assert_eq!(r.status, 504, "{}", r.text());
-    assert!(start.elapsed() < Duration::from_millis(1500));
-
-    // URI rewrite replaces the matched prefix.
-    let r = get_h1(out, "reviews:9080", "/rewrite/x?q=1").await.unwrap();
-    assert_eq!(r.json().unwrap()["path"], "/rewritten/x?q=1");
-
-    // Redirect.
-    let r = get_h1(out, "reviews:9080", "/redirect").await.unwrap();
-    assert_eq!(r.status, 301);
-    assert_eq!(r.header("location"), Some("http://elsewhere.example/moved"));
-
-    // Retries (Istio's default policy, connect-failure) always reach the healthy v3.
-    for _ in 0..20 {
-        let r = get_h1(out, "reviews:9080", "/retry").await.unwrap();
-        assert_eq!(r.status, 200, "{}", r.text());
-        assert_eq!(server_of(&r), "v3");
-    }
-
-    // Mirror: the answer comes from v1, a copy reaches v2.
-    let mirrored_before = v2.requests();
-    let r = get_h1(out, "reviews:9080", "/mirror").await.unwrap();
-    assert_eq!(server_of(&r), "v1");
-    let deadline = Instant::now() + WAIT;
-    while v2.requests() == mirrored_before {
-        assert!(Instant::now() < deadline, "mirror never reached v2");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    check_istio_semantics(out, "weft", &v1, &v2).await;
 
     // The same xDS, fed to Envoy 1.40, is accepted in full.
     let envoy = weft_testkit::envoy::Envoy::start(&weft_testkit::envoy::ads_bootstrap(cp.xds, "envoy-sidecar", false))
@@ -255,7 +208,120 @@ async fn istio_routing_semantics_hold_through_weft_proxy_and_envoy_acks_the_same
     })
     .await;
     assert!(acked.is_ok(), "Envoy did not ACK every type: {:?}\n{}", cp.server.connections(), envoy.log_tail());
+    // ... and Envoy routes the same requests the same way.
+    let envoy_out = envoy.listener_addr("weft-outbound", WAIT).await.unwrap();
+    check_istio_semantics(envoy_out, "envoy", &v1, &v2).await;
     proxy.shutdown().await;
+}
+
+/// Drives every VirtualService feature of [`RESOURCES`] through an explicit outbound
+/// listener (`who` names the proxy in failure messages) and checks Istio's semantics.
+async fn check_istio_semantics(out: SocketAddr, who: &str, v1: &EchoServer, v2: &EchoServer) {
+    // Weighted split 80/20 (200 requests; bounds are more than 5 standard deviations).
+    let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+    for _ in 0..200 {
+        let r = get_via_proxy(out, "http://reviews:9080/").await.unwrap();
+        assert_eq!(r.status, 200, "{who}: {}", r.text());
+        *counts.entry(server_of(&r)).or_default() += 1;
+    }
+    let v1_share = counts.get("v1").copied().unwrap_or(0);
+    assert!((130..=190).contains(&v1_share), "{who}: 80/20 split violated: {counts:?}");
+    assert_eq!(counts.keys().filter(|k| *k != "v1" && *k != "v2").count(), 0, "{counts:?}");
+
+    // Header match: end-user: jason -> v2, every time.
+    for _ in 0..10 {
+        let mut req = request(http::Method::GET, "reviews:9080", "/", Bytes::new()).unwrap();
+        req.headers_mut().insert("end-user", "jason".parse().unwrap());
+        let r = send_h1(out, req).await.unwrap();
+        assert_eq!(server_of(&r), "v2", "{who}: header match");
+    }
+
+    // Fault abort 100% answers the configured status without reaching the workload.
+    let before = v1.requests();
+    let r = get_h1(out, "reviews:9080", "/abort").await.unwrap();
+    assert_eq!(r.status, 418, "{who}: fault abort");
+    assert_eq!(v1.requests(), before, "{who}: aborted request reached the app");
+
+    // Fault delay holds the request at least the configured time, then forwards it.
+    let start = Instant::now();
+    let r = get_h1(out, "reviews:9080", "/fault-delay").await.unwrap();
+    assert_eq!(r.status, 200, "{who}: fault delay");
+    // (Envoy's timers may fire a fraction of a millisecond early relative to this clock.)
+    assert!(start.elapsed() >= Duration::from_millis(290), "{who}: delay not injected: {:?}", start.elapsed());
+
+    // Route timeout: a 2 s response with a 200 ms timeout is a 504.
+    let start = Instant::now();
+    let r = get_h1(out, "reviews:9080", "/delay/2000").await.unwrap();
+    assert_eq!(r.status, 504, "{who}: timeout: {}", r.text());
+    assert!(start.elapsed() < Duration::from_millis(1500), "{who}: timeout not applied");
+
+    // URI rewrite replaces the matched prefix.
+    let r = get_h1(out, "reviews:9080", "/rewrite/x?q=1").await.unwrap();
+    assert_eq!(r.json().unwrap()["path"], "/rewritten/x?q=1", "{who}: rewrite");
+
+    // Redirect.
+    let r = get_h1(out, "reviews:9080", "/redirect").await.unwrap();
+    assert_eq!(r.status, 301, "{who}: redirect");
+    assert_eq!(r.header("location"), Some("http://elsewhere.example/moved"));
+
+    // Retries (Istio's default policy, connect-failure) always reach the healthy v3.
+    for _ in 0..20 {
+        let r = get_h1(out, "reviews:9080", "/retry").await.unwrap();
+        assert_eq!(r.status, 200, "{who}: {}", r.text());
+        assert_eq!(server_of(&r), "v3", "{who}: retry");
+    }
+
+    // Mirror: the answer comes from v1, a copy reaches v2.
+    let mirrored_before = v2.requests();
+    let r = get_h1(out, "reviews:9080", "/mirror").await.unwrap();
+    assert_eq!(server_of(&r), "v1", "{who}: mirror answer");
+    let deadline = Instant::now() + WAIT;
+    while v2.requests() == mirrored_before {
+        assert!(Instant::now() < deadline, "{who}: mirror never reached v2");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // corsPolicy: a preflight from an allowed origin is answered by the proxy itself.
+    let before = v1.requests();
+    let mut req = request(http::Method::OPTIONS, "reviews:9080", "/cors", Bytes::new()).unwrap();
+    req.headers_mut().insert("origin", "https://app.example".parse().unwrap());
+    req.headers_mut().insert("access-control-request-method", "POST".parse().unwrap());
+    let r = send_h1(out, req).await.unwrap();
+    assert_eq!(r.status, 200, "{who}: preflight");
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://app.example"), "{who}: preflight origin");
+    assert_eq!(r.header("access-control-allow-methods"), Some("GET,POST"), "{who}");
+    assert_eq!(r.header("access-control-allow-headers"), Some("x-custom"), "{who}");
+    assert_eq!(r.header("access-control-max-age"), Some("86400"), "{who}");
+    assert_eq!(r.header("access-control-allow-credentials"), Some("true"), "{who}");
+    assert_eq!(v1.requests(), before, "{who}: the preflight reached the app");
+    // An actual request from an allowed origin (prefix match) gets the CORS headers...
+    let mut req = request(http::Method::GET, "reviews:9080", "/cors", Bytes::new()).unwrap();
+    req.headers_mut().insert("origin", "https://dev.team.example".parse().unwrap());
+    let r = send_h1(out, req).await.unwrap();
+    assert_eq!(server_of(&r), "v1", "{who}");
+    assert_eq!(r.header("access-control-allow-origin"), Some("https://dev.team.example"), "{who}: actual origin");
+    assert_eq!(r.header("access-control-expose-headers"), Some("x-trace"), "{who}");
+    // ... one from another origin does not, and its preflight is forwarded (FORWARD).
+    let mut req = request(http::Method::GET, "reviews:9080", "/cors", Bytes::new()).unwrap();
+    req.headers_mut().insert("origin", "https://evil.example".parse().unwrap());
+    let r = send_h1(out, req).await.unwrap();
+    assert_eq!(r.header("access-control-allow-origin"), None, "{who}: foreign origin allowed");
+    let before = v1.requests();
+    let mut req = request(http::Method::OPTIONS, "reviews:9080", "/cors", Bytes::new()).unwrap();
+    req.headers_mut().insert("origin", "https://evil.example".parse().unwrap());
+    req.headers_mut().insert("access-control-request-method", "POST".parse().unwrap());
+    let r = send_h1(out, req).await.unwrap();
+    assert_eq!(r.header("access-control-allow-origin"), None, "{who}");
+    assert_eq!(v1.requests(), before + 1, "{who}: unmatched preflight not forwarded");
+
+    // headers: request set/remove reach the app, response add reaches the client.
+    let mut req = request(http::Method::GET, "reviews:9080", "/headers", Bytes::new()).unwrap();
+    req.headers_mut().insert("x-drop", "1".parse().unwrap());
+    let r = send_h1(out, req).await.unwrap();
+    let seen = &r.json().unwrap()["headers"];
+    assert_eq!(seen["x-route"], "headers", "{who}: request header set: {seen}");
+    assert!(seen.get("x-drop").is_none(), "{who}: request header not removed: {seen}");
+    assert_eq!(r.header("x-served-by"), Some("weft-test"), "{who}: response header add");
 }
 
 /// Sidecar to sidecar: the client proxy's endpoint for `reviews` is the reviews proxy's
@@ -326,4 +392,118 @@ async fn explicit_mode_traffic_flows_client_proxy_to_server_proxy_inbound_to_app
     assert_ne!(inbound, app.addr, "traffic went through the server proxy, not straight to the app");
     client.shutdown().await;
     server_proxy.shutdown().await;
+}
+
+const RESILIENCE: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: default}
+spec:
+  selector: {app: ratings}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: ratings, namespace: default}
+spec:
+  host: ratings
+  trafficPolicy:
+    loadBalancer: {simple: ROUND_ROBIN}
+    outlierDetection: {consecutive5xxErrors: 1, interval: 1s, baseEjectionTime: 5m, maxEjectionPercent: 100}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: default}
+spec:
+  hosts: [ratings]
+  http:
+  - route: [{destination: {host: ratings}}]
+    retries: {attempts: 0}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: details, namespace: default}
+spec:
+  selector: {app: details}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: details, namespace: default}
+spec:
+  host: details
+  trafficPolicy:
+    connectionPool:
+      http: {http2MaxRequests: 1, http1MaxPendingRequests: 1}
+"#;
+
+fn app_workload(app: &str, id: &str, addr: SocketAddr) -> Workload {
+    Workload {
+        id: id.into(),
+        name: id.into(),
+        labels: BTreeMap::from([("app".into(), app.into())]),
+        ..workload(id, "v1", addr)
+    }
+}
+
+/// DestinationRule trafficPolicy: outlierDetection ejects an endpoint that fails (here:
+/// refuses connections, with retries off) so later requests all succeed; connectionPool
+/// limits concurrent requests (the overflow is a 503). Checked on weft and on Envoy fed
+/// the same xDS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn destination_rule_outlier_detection_and_connection_pool_behave_as_istio_documents() {
+    let ok = EchoServer::start("ratings-ok").await;
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let details = EchoServer::start("details").await;
+    let registry = Registry::new();
+    registry.upsert(app_workload("ratings", "ratings-ok", ok.addr));
+    registry.upsert(app_workload("ratings", "ratings-dead", dead));
+    registry.upsert(app_workload("details", "details-1", details.addr));
+    let parsed = weft_api::parse_str(RESILIENCE, Path::new("resilience.yaml"));
+    assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
+    let mesh = MeshConfig {
+        resources: parsed.resources,
+        explicit_outbound: "127.0.0.1:0".parse().unwrap(),
+        ..MeshConfig::default()
+    };
+    let xds = translate(&mesh, &registry.snapshot(), &client_node(), ProxyMode::Explicit);
+    let cp = control_plane().await;
+    for (t, resources) in xds.into_resources() {
+        cp.source.set(t, resources).unwrap();
+    }
+    let proxy = weft_proxy(cp.xds).await;
+    let out = proxy.listener_addr("weft-outbound", WAIT).await.unwrap();
+    check_resilience(out, "weft").await;
+
+    let envoy = weft_testkit::envoy::Envoy::start(&weft_testkit::envoy::ads_bootstrap(cp.xds, "envoy-sidecar", false))
+        .await
+        .unwrap();
+    let envoy_out = envoy.listener_addr("weft-outbound", WAIT).await.unwrap();
+    check_resilience(envoy_out, "envoy").await;
+    proxy.shutdown().await;
+}
+
+async fn check_resilience(out: SocketAddr, who: &str) {
+    // Round robin: without outlier detection half of 40 requests would hit the dead endpoint;
+    // with consecutive5xxErrors: 1 it is ejected after its first failure.
+    let mut failures = 0;
+    for _ in 0..40 {
+        let r = get_h1(out, "ratings:9080", "/").await.unwrap();
+        if r.status != 200 {
+            assert_eq!(r.status, 503, "{who}: {}", r.text());
+            failures += 1;
+        } else {
+            assert_eq!(server_of(&r), "ratings-ok", "{who}");
+        }
+    }
+    assert!(failures <= 1, "{who}: the failing endpoint was not ejected: {failures} of 40 requests failed");
+
+    // http2MaxRequests: 1 — while one request is in flight, a second one overflows.
+    let slow = tokio::spawn(async move { get_h1(out, "details:9080", "/delay/1500").await.unwrap() });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = get_h1(out, "details:9080", "/").await.unwrap();
+    assert_eq!(r.status, 503, "{who}: second concurrent request was not rejected: {}", r.text());
+    assert_eq!(slow.await.unwrap().status, 200, "{who}");
+    let r = get_h1(out, "details:9080", "/").await.unwrap();
+    assert_eq!(r.status, 200, "{who}: limit not released");
 }

@@ -1,1 +1,29 @@
-//! SPIFFE identities, certificates and rustls configs. Filled in by the identity issue.
+//! Workload identity for weft: SPIFFE ids, the mesh CA, join tokens, the certificate
+//! service (Istio's `IstioCertificateService`), the proxy-side certificate manager and
+//! the rustls pieces that present and verify SPIFFE certificates.
+//!
+//! - [`SpiffeId`] — `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+//! - [`Ca`] — self-signed root in a data directory, or a plug-in CA (Istio `cacerts`);
+//!   signs CSRs for the identity a credential grants; root rotation with overlap.
+//! - [`TokenIssuer`] — signed, expiring, revocable join tokens; [`Credential`] kinds.
+//! - [`service`] — the gRPC certificate service and its client.
+//! - [`CertManager`] — the proxy's key (generated in process, never sent), CSR, renewal
+//!   at half life with jitter, trust bundle updates; publishes an [`Identity`] on a watch.
+//! - [`tls`] — certificate resolvers and SPIFFE-aware verifiers for rustls.
+#![forbid(unsafe_code)]
+
+pub mod ca;
+pub mod cert;
+mod error;
+mod files;
+pub mod manager;
+pub mod service;
+mod spiffe;
+pub mod tls;
+pub mod token;
+
+pub use ca::{Ca, CaSource, Issued};
+pub use error::IdentityError;
+pub use manager::{CertManager, CertManagerConfig, CredentialSource, Identity, TrustBundle};
+pub use spiffe::{SpiffeId, DEFAULT_TRUST_DOMAIN};
+pub use token::{Credential, Grant, IssuedToken, TokenIssuer};

@@ -72,6 +72,7 @@ pub fn config_dump(s: &Snapshot, xds: &ClientStatus) -> Value {
         .clusters
         .values()
         .map(|c| {
+            let ejected = c.ejected();
             json!({
                 "name": c.config.name,
                 "discovery": format!("{:?}", c.config.discovery),
@@ -82,6 +83,7 @@ pub fn config_dump(s: &Snapshot, xds: &ClientStatus) -> Value {
                     "address": e.addr.to_string(),
                     "weight": e.weight,
                     "health": format!("{:?}", e.health),
+                    "outlier_ejected": ejected.contains(&e.addr),
                 })).collect::<Vec<_>>(),
             })
         })
@@ -107,11 +109,14 @@ pub fn config_dump(s: &Snapshot, xds: &ClientStatus) -> Value {
 pub fn clusters_text(s: &Snapshot) -> String {
     let mut out = String::new();
     for c in s.clusters.values() {
+        let ejected = c.ejected();
         for e in c.endpoints() {
+            // Envoy's flags: `healthy`, or the reasons a host is out.
             let health = match e.health {
+                _ if ejected.contains(&e.addr) => "/failed_outlier_check",
                 Health::Healthy => "healthy",
-                Health::Degraded => "degraded",
-                Health::Unhealthy => "unhealthy",
+                Health::Degraded => "/degraded_eds_health",
+                Health::Unhealthy => "/failed_eds_health",
             };
             let p = format!("{}::{}", c.config.name, e.addr);
             out.push_str(&format!("{p}::health_flags::{health}\n"));

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use tracing::debug;
 
-use crate::cluster::{Cluster, Discovery, UpstreamStream};
+use crate::cluster::{Cluster, Discovery, Outcome, UpstreamStream};
 use crate::config::{Snapshot, TcpChain};
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
@@ -75,9 +75,17 @@ async fn connect(
             break;
         };
         tried.push(ep.addr);
-        match ctx.pools.connect_stream(ep.addr, timeout, &cluster.config.transport).await {
-            Ok(s) => return Ok((s, ep.addr)),
-            Err(e) => last = Some(e),
+        match ctx.pools.connect_stream(ep.addr, timeout, cluster.config.connector_for(ep.metadata.as_ref())).await {
+            Ok(s) => {
+                cluster.report(&ep, Outcome::Success);
+                return Ok((s, ep.addr));
+            }
+            Err(e) => {
+                if let Some(o) = Outcome::of_error(e.kind()) {
+                    cluster.report(&ep, o);
+                }
+                last = Some(e);
+            }
         }
     }
     Err(last.unwrap_or_else(|| {

@@ -14,6 +14,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, Listener};
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::filters::http::cors::v3::Cors;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
@@ -61,9 +62,15 @@ pub fn http_connection_manager(
     fault: Option<HttpFault>,
     upgrades: &[&str],
 ) -> HttpConnectionManager {
-    // The fault filter is always installed (as Istio does) so routes can enable it
-    // through typed_per_filter_config; an empty HTTPFault injects nothing.
+    // The CORS and fault filters are always installed, in Istio's order, so routes can
+    // enable them through typed_per_filter_config; without a per-route policy neither
+    // does anything.
     let http_filters = vec![
+        HttpFilter {
+            name: "envoy.filters.http.cors".into(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Cors::default()))),
+            ..Default::default()
+        },
         HttpFilter {
             name: "envoy.filters.http.fault".into(),
             config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(fault.unwrap_or_default()))),

@@ -138,6 +138,17 @@ impl AdsServer {
         listener: tokio::net::TcpListener,
         shutdown: impl Future<Output = ()>,
     ) -> Result<(), XdsError> {
+        self.serve_with(listener, shutdown, tonic::service::Routes::default()).await
+    }
+
+    /// Like [`AdsServer::serve`], with more gRPC services on the same port (the control
+    /// plane's certificate service rides on the xDS port, as in Istio).
+    pub async fn serve_with(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: impl Future<Output = ()>,
+        routes: tonic::service::Routes,
+    ) -> Result<(), XdsError> {
         let shared = self.shared.clone();
         let signal = async move {
             shutdown.await;
@@ -145,7 +156,7 @@ impl AdsServer {
         };
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .add_service(self.service())
+            .add_routes(routes.add_service(self.service()))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
             .await?;
         Ok(())

@@ -1,7 +1,10 @@
 //! The `weft` command: one binary, one subcommand per role.
 
+mod analyze;
 mod demo;
 mod ops;
+mod proxy_config;
+mod token;
 
 use std::path::PathBuf;
 
@@ -45,6 +48,13 @@ enum Command {
         /// Outbound traffic to unknown hosts: ALLOW_ANY or REGISTRY_ONLY.
         #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
         outbound_traffic_policy: String,
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// Join tokens: the bootstrap credential a proxy exchanges for its certificate.
+    Token {
+        #[command(subcommand)]
+        command: token::TokenCommand,
     },
     /// Apply resources from files or directories to the running control plane.
     Apply {
@@ -91,7 +101,11 @@ enum Command {
         /// Proxy node id or workload name.
         proxy: String,
         /// listeners, routes, clusters, endpoints or secrets (all when omitted).
+        #[arg(value_parser = ["listeners", "routes", "clusters", "endpoints", "secrets"])]
         what: Option<String>,
+        /// Output format: table, json or yaml.
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
+        output: String,
         /// The control plane's API.
         #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
         server: String,
@@ -101,8 +115,15 @@ enum Command {
     /// above the failure threshold is found, 0 otherwise.
     Analyze {
         /// Files or directories (YAML or JSON, searched recursively).
-        #[arg(short = 'f', long = "filename", required = true)]
+        #[arg(short = 'f', long = "filename", required_unless_present = "live")]
         files: Vec<PathBuf>,
+        /// Analyze what the running control plane holds (resources and registered
+        /// workloads), with the `-f` files applied on top (nothing is stored).
+        #[arg(long)]
+        live: bool,
+        /// The control plane's API (with `--live`).
+        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
+        server: String,
         /// Lowest level that fails the command: info, warning or error.
         #[arg(long, default_value = "error", value_parser = ["info", "warning", "error"])]
         failure_threshold: String,
@@ -156,6 +177,28 @@ enum Command {
     },
 }
 
+/// Identity flags of `weft control`.
+#[derive(clap::Args)]
+struct IdentityArgs {
+    /// Data directory: CA root and key (generated on first start), join-token key,
+    /// revoked tokens. Without it the control plane issues no identities.
+    #[arg(long, env = "WEFT_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// Plug-in CA: a directory in Istio's cacerts layout (ca-cert.pem, ca-key.pem,
+    /// root-cert.pem, cert-chain.pem). Needs --data-dir (for tokens).
+    #[arg(long, env = "WEFT_PLUGIN_CA", requires = "data_dir")]
+    plugin_ca: Option<PathBuf>,
+    /// Trust domain of workload identities.
+    #[arg(long, default_value = weft_identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Workload certificate TTL when the workload asks for none.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    cert_ttl: std::time::Duration,
+    /// Longest workload certificate TTL granted.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    max_cert_ttl: std::time::Duration,
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
@@ -170,18 +213,25 @@ fn main() -> std::process::ExitCode {
         match cli.command {
             Command::Proxy { bootstrap } => run_proxy(bootstrap).await,
             Command::Demo { port } => demo::run(port).await,
-            Command::Control { dir, xds, api, transparent, outbound_traffic_policy } => {
-                run_control(dir, xds, api, transparent, &outbound_traffic_policy).await
+            Command::Control { dir, xds, api, transparent, outbound_traffic_policy, identity } => {
+                run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity).await
             }
+            Command::Token { command } => token::run(command).await,
             Command::Apply { files, server } => ops::change(&server, &files, false).await,
             Command::Delete { files, server } => ops::change(&server, &files, true).await,
             Command::Get { kind, name, output, server } => {
                 ops::get(&server, &kind, name.as_deref(), output == "json").await
             }
             Command::ProxyStatus { output, server } => ops::proxy_status(&server, output == "json").await,
-            Command::ProxyConfig { proxy, what, server } => ops::proxy_config(&server, &proxy, what.as_deref()).await,
-            Command::Analyze { files, failure_threshold, output_threshold } => {
-                let code = analyze(&files, &failure_threshold, &output_threshold);
+            Command::ProxyConfig { proxy, what, output, server } => {
+                proxy_config::run(&server, &proxy, what.as_deref(), &output).await
+            }
+            Command::Analyze { files, live, server, failure_threshold, output_threshold } => {
+                let code = if live {
+                    analyze::live(&server, &files, &failure_threshold, &output_threshold).await?
+                } else {
+                    analyze::offline(&files, &failure_threshold, &output_threshold)
+                };
                 std::process::exit(code);
             }
             Command::EnvoyBootstrap {
@@ -228,40 +278,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn level(s: &str) -> weft_api::analyze::Level {
-    use weft_api::analyze::Level;
-    match s {
-        "info" => Level::Info,
-        "warning" => Level::Warning,
-        _ => Level::Error,
-    }
-}
-
-/// `weft analyze`: parse errors count as errors (the resource is unusable).
-fn analyze(files: &[PathBuf], failure: &str, output: &str) -> i32 {
-    use weft_api::analyze::{self as an, Level};
-    let mut parsed = weft_api::Parsed::default();
-    for f in files {
-        parsed.extend(if f.is_dir() { weft_api::parse_dir(f) } else { weft_api::parse_file(f) });
-    }
-    for e in &parsed.errors {
-        println!("Error [parse] {e}");
-    }
-    let messages = an::analyze(&parsed.resources);
-    let shown = level(output);
-    for m in messages.iter().filter(|m| m.level >= shown) {
-        println!("{m}");
-    }
-    let failing = level(failure);
-    if !parsed.errors.is_empty() && Level::Error >= failing {
-        return an::EXIT_ISSUES_FOUND;
-    }
-    if messages.is_empty() && parsed.errors.is_empty() {
-        eprintln!("\u{2714} No validation issues found when analyzing {} resource(s).", parsed.resources.len());
-    }
-    an::exit_code(&messages, failing)
-}
-
 fn init_tracing(json: bool) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -283,6 +299,7 @@ async fn run_control(
     api: std::net::SocketAddr,
     transparent: bool,
     policy: &str,
+    identity: IdentityArgs,
 ) -> anyhow::Result<()> {
     use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
     let mesh = MeshConfig {
@@ -299,6 +316,13 @@ async fn run_control(
         api,
         mode: if transparent { ProxyMode::Transparent } else { ProxyMode::Explicit },
         mesh,
+        identity: identity.data_dir.map(|data_dir| weft_control::identity::IdentityConfig {
+            data_dir,
+            plugin_ca: identity.plugin_ca,
+            trust_domain: identity.trust_domain,
+            cert_ttl: identity.cert_ttl,
+            max_cert_ttl: identity.max_cert_ttl,
+        }),
     })
     .await
     .map_err(|e| anyhow::anyhow!(e))?;

@@ -31,7 +31,7 @@ pub async fn call(server: &str, method: &str, path: &str, body: Option<String>) 
     Ok((status, v))
 }
 
-fn files_text(files: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, String)>> {
+pub fn files_text(files: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, String)>> {
     let mut out = Vec::new();
     for f in files {
         if f.is_dir() {
@@ -73,7 +73,7 @@ pub async fn change(server: &str, files: &[PathBuf], delete: bool) -> anyhow::Re
     Ok(())
 }
 
-fn urlencode(s: &str) -> String {
+pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
             b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'/' => (b as char).to_string(),
@@ -134,28 +134,5 @@ pub async fn proxy_status(server: &str, json: bool) -> anyhow::Result<()> {
             age.map(|a| format!("{a:.0}s")).unwrap_or_else(|| "-".into())
         );
     }
-    Ok(())
-}
-
-/// `weft proxy-config PROXY [TYPE]`.
-pub async fn proxy_config(server: &str, proxy: &str, what: Option<&str>) -> anyhow::Result<()> {
-    let (status, v) = call(server, "GET", &format!("/api/v1/proxies/{}/config", urlencode(proxy)), None).await?;
-    if status != 200 {
-        bail!("{}", v["error"].as_str().unwrap_or("request failed"));
-    }
-    let key = match what {
-        None => None,
-        Some("listeners") => Some("Listener"),
-        Some("routes") => Some("RouteConfiguration"),
-        Some("clusters") => Some("Cluster"),
-        Some("endpoints") => Some("ClusterLoadAssignment"),
-        Some("secrets") => Some("Secret"),
-        Some(other) => bail!("unknown type {other:?}: expected listeners, routes, clusters, endpoints or secrets"),
-    };
-    let out = match key {
-        Some(k) => v["resources"][k].clone(),
-        None => v["resources"].clone(),
-    };
-    println!("{}", serde_json::to_string_pretty(&out)?);
     Ok(())
 }

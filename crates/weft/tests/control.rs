@@ -146,6 +146,58 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
     assert_eq!(code, 0);
     assert!(table.contains("productpage.default") && table.contains("SYNCED"), "{table}");
 
+    // proxy-config: the resources the client is served, decoded.
+    let fqdn = "outbound|9080||reviews.default.svc.cluster.local";
+    let (code, stdout, stderr) =
+        weft(&["proxy-config", "productpage", "clusters", "-o", "json", "--server", &api]).await;
+    assert_eq!(code, 0, "{stderr}");
+    let clusters: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let c = clusters.as_array().unwrap().iter().find(|c| c["name"] == fqdn).unwrap_or_else(|| panic!("{stdout}"));
+    assert_eq!(c["type"], "EDS");
+    let (code, stdout, _) = weft(&["proxy-config", "productpage", "endpoints", "-o", "yaml", "--server", &api]).await;
+    assert_eq!(code, 0);
+    let eps: serde_json::Value = serde_yaml_ng::from_str(&stdout).unwrap();
+    let v2_eps = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["cluster_name"] == "outbound|9080|v2|reviews.default.svc.cluster.local")
+        .unwrap();
+    assert_eq!(v2_eps["endpoints"].as_array().unwrap().len(), 1, "{stdout}");
+    assert_eq!(v2_eps["endpoints"][0]["health"], "HEALTHY", "{stdout}");
+    let (code, table, _) = weft(&["proxy-config", "productpage", "routes", "--server", &api]).await;
+    assert_eq!(code, 0);
+    assert!(table.lines().any(|l| l.contains("prefix /") && l.contains("outbound|9080|v2|reviews")), "{table}");
+    let (code, _, stderr) = weft(&["proxy-config", "productpage", "nonsense", "--server", &api]).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("listeners"), "{stderr}");
+
+    // analyze --live: the stored resources and the registered workloads are consistent...
+    let (code, stdout, stderr) = weft(&["analyze", "--live", "--server", &api]).await;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stderr.contains("3 workload(s)"), "{stderr}");
+    // ... and files laid over them are checked against both: a subset no DestinationRule
+    // defines, and a policy whose selector matches none of the live workloads (one that
+    // matches a live workload is fine). Offline, without workloads, the selector check
+    // cannot run.
+    let outside = tempfile::tempdir().unwrap(); // not the watched directory
+    let extra = outside.path().join("extra.yaml");
+    std::fs::write(
+        &extra,
+        route_to("v9").replace("name: reviews\nspec", "name: reviews-v9\nspec")
+            + "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: ghost, namespace: default}\nspec:\n  selector: {matchLabels: {app: ghost}}\n  mtls: {mode: STRICT}\n"
+            + "---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: real, namespace: default}\nspec:\n  selector: {matchLabels: {app: reviews}}\n  mtls: {mode: STRICT}\n",
+    )
+    .unwrap();
+    let extra_path = extra.to_str().unwrap().to_string();
+    let (code, stdout, _) = weft(&["analyze", "--live", "-f", &extra_path, "--server", &api]).await;
+    assert_eq!(code, 79, "{stdout}");
+    assert!(stdout.contains("IST0101") && stdout.contains("v9"), "{stdout}");
+    assert!(stdout.contains("IST0127") && stdout.contains("default/ghost"), "{stdout}");
+    assert!(!stdout.contains("default/real"), "{stdout}");
+    let (_, offline, _) = weft(&["analyze", "-f", &extra_path]).await;
+    assert!(!offline.contains("IST0127"), "{offline}");
+
     // A broken file: the error is reported, the proxies keep their config.
     std::fs::write(&vs, "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: [\n").unwrap();
     tokio::time::sleep(Duration::from_millis(800)).await;

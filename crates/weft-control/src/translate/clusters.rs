@@ -6,13 +6,22 @@ use std::collections::BTreeMap;
 use envoy_types::pb::envoy::config::cluster::v3::{
     circuit_breakers, cluster, CircuitBreakers, Cluster, OutlierDetection,
 };
-use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, HealthStatus, SocketAddress};
+use envoy_types::pb::envoy::config::core::v3::{
+    address, data_source, socket_address, transport_socket, Address, DataSource, HealthStatus, SocketAddress,
+    TransportSocket,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     lb_endpoint, ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints,
 };
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    common_tls_context, subject_alt_name_matcher::SanType as san_type, CertificateValidationContext, CommonTlsContext,
+    SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext,
+};
+use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 use weft_api::spec::{
-    ConnectionPoolSettings, LoadBalancerSettings, OutlierDetection as IstioOutlier, Resolution, SimpleLb, TrafficPolicy,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, LoadBalancerSettings, OutlierDetection as IstioOutlier,
+    Resolution, SimpleLb, TrafficPolicy,
 };
 use weft_xds::build;
 
@@ -28,6 +37,8 @@ pub struct Policy {
     pub connection_pool: Option<ConnectionPoolSettings>,
     /// Outlier detection.
     pub outlier_detection: Option<IstioOutlier>,
+    /// Client TLS.
+    pub tls: Option<ClientTlsSettings>,
 }
 
 /// Istio's name of an outbound cluster: `outbound|9080|v1|reviews.default.svc.cluster.local`.
@@ -57,9 +68,15 @@ pub fn effective(base: Option<&TrafficPolicy>, subset: Option<&TrafficPolicy>, p
     let mut p = Policy::default();
     for tp in [base, subset].into_iter().flatten() {
         apply(&mut p, tp.load_balancer.clone(), tp.connection_pool.clone(), tp.outlier_detection.clone());
+        if tp.tls.is_some() {
+            p.tls = tp.tls.clone();
+        }
         for pl in &tp.port_level_settings {
             if pl.port.is_some_and(|s| s.number == port) {
                 apply(&mut p, pl.load_balancer.clone(), pl.connection_pool.clone(), pl.outlier_detection.clone());
+                if pl.tls.is_some() {
+                    p.tls = pl.tls.clone();
+                }
             }
         }
     }
@@ -136,10 +153,74 @@ fn add(
     if let Some(pool) = &policy.connection_pool {
         set_pool(&mut c, pool);
     }
+    if let Some(tls) = &policy.tls {
+        c.transport_socket = client_tls(tls, &svc.host);
+    }
     if let Some(o) = &policy.outlier_detection {
         c.outlier_detection = Some(outlier(o));
+        // Istio: with outlier detection, panic mode starts below minHealthPercent (0 by
+        // default, i.e. never), not at Envoy's 50%.
+        let min = o.min_health_percent.unwrap_or(0).clamp(0, 100) as f64;
+        c.common_lb_config.get_or_insert_with(Default::default).healthy_panic_threshold =
+            Some(envoy_types::pb::envoy::r#type::v3::Percent { value: min });
     }
     out.clusters.push(c);
+}
+
+/// The upstream TLS of a DestinationRule's `tls` (SIMPLE: TLS verified with
+/// `caCertificates`; MUTUAL: plus the client certificate and key; files are read by the
+/// proxy). `sni` defaults to the service host, as for Istio's external services;
+/// `subjectAltNames` become SAN matchers. DISABLE is plaintext; ISTIO_MUTUAL comes with
+/// the mesh's identities.
+fn client_tls(tls: &ClientTlsSettings, host: &str) -> Option<TransportSocket> {
+    if !matches!(tls.mode, ClientTlsMode::Simple | ClientTlsMode::Mutual) {
+        return None;
+    }
+    let file = |f: &Option<String>| {
+        f.as_ref().map(|path| DataSource {
+            specifier: Some(data_source::Specifier::Filename(path.clone())),
+            ..Default::default()
+        })
+    };
+    let validation =
+        (tls.ca_certificates.is_some() || !tls.subject_alt_names.is_empty()).then(|| CertificateValidationContext {
+            trusted_ca: file(&tls.ca_certificates),
+            match_typed_subject_alt_names: tls
+                .subject_alt_names
+                .iter()
+                .map(|san| SubjectAltNameMatcher {
+                    san_type: if san.starts_with("spiffe://") { san_type::Uri } else { san_type::Dns } as i32,
+                    matcher: Some(StringMatcher {
+                        match_pattern: Some(string_matcher::MatchPattern::Exact(san.clone())),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+    let certificates = if tls.mode == ClientTlsMode::Mutual {
+        vec![TlsCertificate {
+            certificate_chain: file(&tls.client_certificate),
+            private_key: file(&tls.private_key),
+            ..Default::default()
+        }]
+    } else {
+        Vec::new()
+    };
+    let ctx = UpstreamTlsContext {
+        sni: tls.sni.clone().unwrap_or_else(|| host.trim_start_matches("*.").to_string()),
+        common_tls_context: Some(CommonTlsContext {
+            tls_certificates: certificates,
+            validation_context_type: validation.map(common_tls_context::ValidationContextType::ValidationContext),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Some(TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(envoy_types::util::pack_any(ctx))),
+    })
 }
 
 /// Sets the balancer: weft's metadata name and Envoy's enum agree; consistent hashing

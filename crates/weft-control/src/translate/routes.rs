@@ -14,6 +14,7 @@ use envoy_types::pb::envoy::config::route::v3::{
     RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
 };
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{fault_delay, FaultDelay};
+use envoy_types::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort, FaultAbort, HttpFault};
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     string_matcher, RegexMatchAndSubstitute, RegexMatcher, StringMatcher,
@@ -21,7 +22,10 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 use envoy_types::pb::envoy::r#type::v3::{fractional_percent, FractionalPercent};
 use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 use envoy_types::util::pack_any;
-use weft_api::spec::{Destination, Headers, HttpBody, HttpMatchRequest, HttpRetry, HttpRoute, Percent, StringMatch};
+use weft_api::spec::{
+    CorsPolicy as IstioCors, Destination, Headers, HttpBody, HttpMatchRequest, HttpRetry, HttpRoute, Percent,
+    StringMatch,
+};
 use weft_api::{host, VirtualService};
 
 use super::clusters::{duration, outbound_name};
@@ -30,6 +34,8 @@ use super::{OutboundPolicy, ProxyMode, ProxyXds, OUTBOUND, PASSTHROUGH};
 
 /// Istio's default retry conditions (applied when a route sets no `retries`).
 pub const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes";
+/// Name of the CORS filter in `typed_per_filter_config`.
+pub const CORS_FILTER: &str = "envoy.filters.http.cors";
 /// Name of the fault filter in `typed_per_filter_config`.
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 
@@ -197,8 +203,10 @@ fn http_route(view: &MeshView<'_>, vs_ns: &str, r: &HttpRoute, index: usize, svc
             typed_per_filter_config: r
                 .fault
                 .as_ref()
-                .map(|f| [(FAULT_FILTER.to_string(), pack_any(fault(f)))].into_iter().collect())
-                .unwrap_or_default(),
+                .map(|f| (FAULT_FILTER.to_string(), pack_any(fault(f))))
+                .into_iter()
+                .chain(r.cors_policy.as_ref().map(|c| (CORS_FILTER.to_string(), pack_any(cors(c)))))
+                .collect(),
             ..Default::default()
         })
         .collect()
@@ -493,6 +501,42 @@ fn removes(h: &Headers, request: bool) -> Vec<String> {
 }
 
 /// Istio fault injection as the fault filter's per-route config (percentages default to 100).
+/// Istio's `corsPolicy` as Envoy's per-route CORS policy (Istio's translation: lists
+/// joined with `,`, `maxAge` in seconds, the filter enabled for every request).
+fn cors(c: &IstioCors) -> CorsPolicy {
+    let origins: Vec<StringMatcher> = if c.allow_origins.is_empty() {
+        c.allow_origin
+            .iter()
+            .map(|o| StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Exact(o.clone())),
+                ..Default::default()
+            })
+            .collect()
+    } else {
+        c.allow_origins.iter().map(string_matcher).collect()
+    };
+    CorsPolicy {
+        allow_origin_string_match: origins,
+        allow_methods: c.allow_methods.join(","),
+        allow_headers: c.allow_headers.join(","),
+        expose_headers: c.expose_headers.join(","),
+        max_age: c.max_age.map(|d| d.0.as_secs().to_string()).unwrap_or_default(),
+        allow_credentials: c.allow_credentials.map(|value| BoolValue { value }),
+        filter_enabled: Some(RuntimeFractionalPercent {
+            default_value: Some(FractionalPercent {
+                numerator: 100,
+                denominator: fractional_percent::DenominatorType::Hundred as i32,
+            }),
+            ..Default::default()
+        }),
+        forward_not_matching_preflights: match c.unmatched_preflights.as_deref() {
+            Some("IGNORE") => Some(BoolValue { value: false }),
+            _ => None,
+        },
+        ..Default::default()
+    }
+}
+
 fn fault(f: &weft_api::spec::HttpFaultInjection) -> HttpFault {
     let delay = f.delay.as_ref().and_then(|d| {
         let fixed = d.fixed_delay.or(d.exponential_delay)?;

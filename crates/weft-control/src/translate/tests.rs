@@ -211,6 +211,66 @@ spec:
 }
 
 #[test]
+fn destination_rule_tls_modes_set_the_upstream_transport_socket_with_port_level_overrides() {
+    use envoy_types::pb::envoy::config::core::v3::{data_source, transport_socket};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{common_tls_context, UpstreamTlsContext};
+    let yaml = format!(
+        r#"{SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: reviews
+  trafficPolicy:
+    tls: {{mode: SIMPLE, caCertificates: /etc/ca.pem, subjectAltNames: [reviews.example]}}
+    portLevelSettings:
+    - port: {{number: 9080}}
+      tls: {{mode: MUTUAL, clientCertificate: /etc/c.pem, privateKey: /etc/k.pem, sni: api.example}}
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+    trafficPolicy:
+      tls: {{mode: DISABLE}}
+"#
+    );
+    let x = run(&yaml, two_versions(), ProxyMode::Explicit);
+    let decode = |c: &Cluster| -> Option<UpstreamTlsContext> {
+        let ts = c.transport_socket.as_ref()?;
+        let Some(transport_socket::ConfigType::TypedConfig(any)) = &ts.config_type else { return None };
+        Some(UpstreamTlsContext::decode(any.value.as_slice()).unwrap())
+    };
+    // Port-level MUTUAL wins over the rule's SIMPLE for port 9080.
+    let base = decode(x.cluster(&format!("outbound|9080||{FQDN}")).unwrap()).expect("TLS on the base cluster");
+    assert_eq!(base.sni, "api.example");
+    let common = base.common_tls_context.unwrap();
+    let file = |d: &Option<envoy_types::pb::envoy::config::core::v3::DataSource>| match d
+        .as_ref()
+        .and_then(|d| d.specifier.clone())
+    {
+        Some(data_source::Specifier::Filename(f)) => f,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(file(&common.tls_certificates[0].certificate_chain), "/etc/c.pem");
+    assert_eq!(file(&common.tls_certificates[0].private_key), "/etc/k.pem");
+    assert!(common.validation_context_type.is_none());
+    // The subset's DISABLE applies to its own cluster.
+    assert!(decode(x.cluster(&format!("outbound|9080|v1|{FQDN}")).unwrap()).is_none());
+    // Without port-level settings, SIMPLE with the CA, SAN and the host as SNI.
+    let simple = yaml.replace("- port: {number: 9080}", "- port: {number: 1}");
+    let x = run(&simple, two_versions(), ProxyMode::Explicit);
+    let base = decode(x.cluster(&format!("outbound|9080||{FQDN}")).unwrap()).unwrap();
+    assert_eq!(base.sni, FQDN);
+    let Some(common_tls_context::ValidationContextType::ValidationContext(v)) =
+        base.common_tls_context.unwrap().validation_context_type
+    else {
+        panic!("no validation context")
+    };
+    assert_eq!(file(&v.trusted_ca), "/etc/ca.pem");
+    assert_eq!(v.match_typed_subject_alt_names.len(), 1);
+}
+
+#[test]
 fn grpc_ports_get_http2_upstream_and_http_ports_do_not() {
     let yaml = r#"
 apiVersion: v1

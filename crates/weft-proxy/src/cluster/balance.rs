@@ -106,16 +106,24 @@ impl Balancer {
     }
 
     /// Picks an endpoint index; see [`crate::cluster::Cluster::pick`].
-    pub(crate) fn pick(&self, endpoints: &[Arc<Endpoint>], exclude: &[SocketAddr], hash: Option<u64>) -> Option<usize> {
-        let excluded = |i: usize| exclude.contains(&endpoints[i].addr);
+    /// `out` marks endpoints that must not be picked at all (ejected); `exclude` only
+    /// those to avoid when possible (tried already).
+    pub(crate) fn pick(
+        &self,
+        endpoints: &[Arc<Endpoint>],
+        exclude: &[SocketAddr],
+        out: &dyn Fn(usize) -> bool,
+        hash: Option<u64>,
+    ) -> Option<usize> {
+        let excluded = |i: usize| out(i) || exclude.contains(&endpoints[i].addr);
         if !exclude.is_empty() {
             if let Some(group) = self.group(|g| g.members.iter().any(|&i| !excluded(i))) {
                 return group.pick(self.policy, endpoints, &excluded, hash);
             }
         }
         // Nothing left outside `exclude`: reusing a host beats failing.
-        let group = self.group(|g| !g.members.is_empty())?;
-        group.pick(self.policy, endpoints, &|_| false, hash)
+        let group = self.group(|g| g.members.iter().any(|&i| !out(i)))?;
+        group.pick(self.policy, endpoints, out, hash)
     }
 
     /// The lowest-priority healthy group that is usable, else the lowest degraded one.

@@ -18,7 +18,7 @@ use envoy_types::pb::envoy::config::cluster::v3::cluster::{
     ClusterDiscoveryType, ClusterProtocolSelection, DiscoveryType, LbPolicy as EnvoyLbPolicy,
 };
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as XdsCluster;
-use envoy_types::pb::envoy::config::core::v3::{Metadata, RoutingPriority};
+use envoy_types::pb::envoy::config::core::v3::{Metadata, RoutingPriority, TransportSocket};
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::extensions::load_balancing_policies::{
     least_request::v3::LeastRequest, maglev::v3::Maglev, random::v3::Random, ring_hash::v3::RingHash,
@@ -29,9 +29,11 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_optio
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::google::protobuf::value::Kind;
+use envoy_types::pb::google::protobuf::Value;
 use prost::{Message, Name};
 
 use crate::cluster::endpoints::decode_assignment;
+use crate::cluster::outlier::OutlierConfig;
 use crate::cluster::pool::Connector;
 use crate::error::ConfigError;
 
@@ -122,7 +124,32 @@ pub struct ClusterConfig {
     pub metadata: Option<Metadata>,
     /// How connections are made: plain TCP or TLS (`transport_socket`).
     pub transport: Connector,
+    /// `transport_socket_matches`: endpoints whose `envoy.transport_socket_match`
+    /// metadata has every field of a match use its connector (first match wins), others
+    /// use `transport` (Istio's auto-mTLS: `tlsMode: istio` endpoints get mTLS).
+    pub socket_matches: Vec<SocketMatch>,
+    /// Outlier detection, if configured.
+    pub outlier: Option<OutlierConfig>,
+    /// `common_lb_config.healthy_panic_threshold` in percent (Envoy's default 50).
+    pub panic_threshold: f64,
 }
+
+/// One `transport_socket_matches` entry.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SocketMatch {
+    /// The entry's name (for errors and dumps).
+    pub name: String,
+    /// Fields an endpoint's `envoy.transport_socket_match` metadata must have.
+    pub fields: Vec<(String, Value)>,
+    /// The connector to use.
+    pub connector: Connector,
+}
+
+/// The endpoint metadata namespace `transport_socket_matches` look at.
+pub const SOCKET_MATCH_METADATA: &str = "envoy.transport_socket_match";
+
+/// Envoy's default `healthy_panic_threshold`.
+const DEFAULT_PANIC_THRESHOLD: f64 = 50.0;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -131,6 +158,19 @@ impl Default for Limits {
 }
 
 impl ClusterConfig {
+    /// The connector for an endpoint: the first `transport_socket_matches` entry its
+    /// metadata satisfies, else the cluster's `transport_socket`.
+    pub fn connector_for(&self, metadata: Option<&Metadata>) -> &Connector {
+        if self.socket_matches.is_empty() {
+            return &self.transport;
+        }
+        let fields = metadata.and_then(|m| m.filter_metadata.get(SOCKET_MATCH_METADATA)).map(|s| &s.fields);
+        self.socket_matches
+            .iter()
+            .find(|m| m.fields.iter().all(|(k, v)| fields.and_then(|f| f.get(k)) == Some(v)))
+            .map_or(&self.transport, |m| &m.connector)
+    }
+
     /// Compiles an xDS cluster. Errors name the cluster and the offending field.
     pub fn compile(c: &XdsCluster) -> Result<ClusterConfig, ConfigError> {
         let err = |field: &str, msg: String| ConfigError::new(&c.name, field, msg);
@@ -164,20 +204,40 @@ impl ClusterConfig {
             _ => None,
         };
         let protocol = protocol(c)?;
-        let transport = match &c.transport_socket {
-            None => Connector::Plain,
-            Some(ts) if ts.name == "envoy.transport_sockets.raw_buffer" => Connector::Plain,
-            Some(ts) => {
-                let alpn: &[&str] = match protocol {
-                    UpstreamProtocol::Http1 => &["http/1.1"],
-                    UpstreamProtocol::Http2 => &["h2"],
-                    UpstreamProtocol::UseDownstream => &["h2", "http/1.1"],
-                };
-                let tls = crate::tls::client_config(ts, alpn)
-                    .map_err(|m| ConfigError::new(&c.name, "transport_socket", m))?;
-                Connector::Tls(Arc::new(tls))
+        let alpn: &[&str] = match protocol {
+            UpstreamProtocol::Http1 => &["http/1.1"],
+            UpstreamProtocol::Http2 => &["h2"],
+            UpstreamProtocol::UseDownstream => &["h2", "http/1.1"],
+        };
+        let connector = |ts: Option<&TransportSocket>, field: &str| -> Result<Connector, ConfigError> {
+            match ts {
+                None => Ok(Connector::Plain),
+                Some(ts) if ts.name == "envoy.transport_sockets.raw_buffer" => Ok(Connector::Plain),
+                Some(ts) => {
+                    let tls = crate::tls::client_config(ts, alpn).map_err(|m| ConfigError::new(&c.name, field, m))?;
+                    Ok(Connector::Tls(Arc::new(tls)))
+                }
             }
         };
+        let transport = connector(c.transport_socket.as_ref(), "transport_socket")?;
+        let socket_matches = c
+            .transport_socket_matches
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                let field = format!("transport_socket_matches[{i}]");
+                let fields = m
+                    .r#match
+                    .as_ref()
+                    .map(|st| st.fields.iter().map(|(k, v)| (k.clone(), v.clone())).collect())
+                    .unwrap_or_default();
+                let connector = match &m.transport_socket {
+                    None => Connector::Plain,
+                    Some(ts) => connector(Some(ts), &format!("{field}.transport_socket"))?,
+                };
+                Ok(SocketMatch { name: m.name.clone(), fields, connector })
+            })
+            .collect::<Result<Vec<_>, ConfigError>>()?;
         Ok(ClusterConfig {
             name: c.name.clone(),
             discovery,
@@ -188,6 +248,18 @@ impl ClusterConfig {
             static_endpoints,
             metadata: c.metadata.clone(),
             transport,
+            socket_matches,
+            outlier: c
+                .outlier_detection
+                .as_ref()
+                .map(OutlierConfig::compile)
+                .transpose()
+                .map_err(|(f, m)| ConfigError::new(&c.name, f, m))?,
+            panic_threshold: c
+                .common_lb_config
+                .as_ref()
+                .and_then(|l| l.healthy_panic_threshold.as_ref())
+                .map_or(DEFAULT_PANIC_THRESHOLD, |p| p.value.clamp(0.0, 100.0)),
         })
     }
 }

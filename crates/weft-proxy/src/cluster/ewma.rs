@@ -13,6 +13,8 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
+use super::outlier::OutlierState;
+
 /// The decay time constant of the latency estimate.
 pub const TAU: Duration = Duration::from_secs(10);
 
@@ -30,6 +32,8 @@ pub struct EndpointLoad {
     /// endpoints tie and the balancer's weighted sampling decides between them).
     updated_ns: AtomicU64,
     epoch: Instant,
+    /// Outlier detection state.
+    pub(crate) outlier: OutlierState,
 }
 
 /// A request in flight to an endpoint. [`InFlight::finish`] records its latency;
@@ -45,6 +49,9 @@ pub struct InFlight {
 #[derive(Debug, Default)]
 pub struct ClusterLoad {
     requests: AtomicU32,
+    /// The latest end of any endpoint's ejection ([`super::outlier::now_ms`] clock):
+    /// while it is in the past, picks skip the ejection checks.
+    ejected_until: AtomicU64,
 }
 
 /// A request counted against [`ClusterLoad`]; released on drop.
@@ -77,6 +84,7 @@ impl EndpointLoad {
             ewma_ns: AtomicU64::new((DEFAULT_RTT.as_nanos() as f64).to_bits()),
             updated_ns: AtomicU64::new(0),
             epoch: Instant::now(),
+            outlier: OutlierState::default(),
         }
     }
 
@@ -178,6 +186,16 @@ impl ClusterLoad {
     /// Requests outstanding.
     pub fn requests(&self) -> u32 {
         self.requests.load(Ordering::Acquire)
+    }
+
+    /// Notes an ejection lasting until `until`.
+    pub(crate) fn note_ejection(&self, until: u64) {
+        self.ejected_until.fetch_max(until, Ordering::AcqRel);
+    }
+
+    /// Whether some endpoint may be ejected at `now`.
+    pub(crate) fn any_ejected(&self, now: u64) -> bool {
+        now < self.ejected_until.load(Ordering::Acquire)
     }
 }
 

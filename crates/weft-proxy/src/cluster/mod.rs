@@ -10,6 +10,7 @@ mod balance;
 pub mod config;
 pub mod endpoints;
 pub mod ewma;
+pub mod outlier;
 pub mod pool;
 
 use std::net::SocketAddr;
@@ -25,6 +26,7 @@ pub use balance::stable_hash;
 pub use config::{ClusterConfig, Discovery, LbPolicy, Limits, UpstreamProtocol};
 pub use endpoints::{Endpoint, Health};
 pub use ewma::{ClusterLoad, EndpointLoad, InFlight, LoadRegistry, RequestPermit};
+pub use outlier::{Outcome, OutlierConfig};
 pub use pool::{BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamStream};
 
 use crate::cluster::balance::Balancer;
@@ -106,9 +108,54 @@ impl Cluster {
 
     /// Like [`Cluster::pick`], with the request's hash key for ring-hash clusters (other
     /// policies ignore it).
+    ///
+    /// Endpoints ejected by outlier detection are never picked, unless so few endpoints
+    /// are healthy and not ejected that the cluster is in panic
+    /// (`healthy_panic_threshold`), when ejections are ignored.
     pub fn pick_hashed(&self, exclude: &[SocketAddr], hash: Option<u64>) -> Option<Arc<Endpoint>> {
-        let i = self.balancer.pick(&self.endpoints, exclude, hash)?;
+        let now = outlier::now_ms();
+        let ejections = self.config.outlier.is_some() && self.load.any_ejected(now);
+        let i = if ejections && !self.in_panic(now) {
+            let ejected = |i: usize| self.endpoints[i].load.outlier.is_ejected(now);
+            self.balancer.pick(&self.endpoints, exclude, &ejected, hash)?
+        } else {
+            self.balancer.pick(&self.endpoints, exclude, &|_| false, hash)?
+        };
         self.endpoints.get(i).cloned()
+    }
+
+    /// Reports what a request attempt to `ep` (an endpoint of this cluster) came to, for
+    /// outlier detection; ejects it when a threshold is reached and the cluster's
+    /// `max_ejection_percent` allows. Returns whether it was ejected.
+    pub fn report(&self, ep: &Endpoint, outcome: Outcome) -> bool {
+        let Some(cfg) = &self.config.outlier else { return false };
+        if ep.load.outlier.record(cfg, outcome) != outlier::Verdict::Eject {
+            return false;
+        }
+        let now = outlier::now_ms();
+        let active = self.endpoints.iter().filter(|e| e.load.outlier.is_ejected(now)).count();
+        if !cfg.may_eject(active, self.endpoints.len()) {
+            return false;
+        }
+        ep.load.outlier.eject(cfg, now);
+        self.load.note_ejection(ep.load.outlier.ejected_until());
+        tracing::info!(cluster = %self.config.name, endpoint = %ep.addr, "outlier detection ejected the endpoint");
+        true
+    }
+
+    /// Endpoints currently ejected by outlier detection.
+    pub fn ejected(&self) -> Vec<SocketAddr> {
+        let now = outlier::now_ms();
+        self.endpoints.iter().filter(|e| e.load.outlier.is_ejected(now)).map(|e| e.addr).collect()
+    }
+
+    /// Envoy's panic: the share of endpoints healthy and not ejected is below
+    /// `healthy_panic_threshold`.
+    fn in_panic(&self, now: u64) -> bool {
+        let total = self.endpoints.len();
+        let available =
+            self.endpoints.iter().filter(|e| e.health == Health::Healthy && !e.load.outlier.is_ejected(now)).count();
+        (available as f64) * 100.0 < self.config.panic_threshold * total as f64
     }
 
     /// All endpoints, in assignment order, whatever their health.

@@ -116,6 +116,8 @@ pub struct HttpChain {
     pub fault: Option<FaultPolicy>,
     /// Upgrade types allowed (lower case, e.g. `websocket`, `connect`).
     pub upgrades: Vec<String>,
+    /// The CORS filter is in the chain (routes' CORS policies apply only then).
+    pub cors: bool,
     /// Stream idle timeout (Envoy default 5 minutes; `None` disables).
     pub stream_idle_timeout: Option<Duration>,
     /// Connection idle timeout (Envoy default 1 hour; `None` disables).
@@ -407,8 +409,9 @@ fn compile_match(m: &FilterChainMatch) -> Result<ChainMatch, (String, String)> {
 const KNOWN_HTTP_FILTERS: &[&str] = &[
     "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router",
     "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault",
-    "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors",
+    CORS_FILTER_TYPE,
 ];
+const CORS_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors";
 
 fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)> {
     let routes = match &h.route_specifier {
@@ -427,6 +430,7 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         None => return Err(("route_specifier".into(), "rds or route_config is required".into())),
     };
     let mut fault = None;
+    let mut cors = false;
     for (i, f) in h.http_filters.iter().enumerate() {
         if f.disabled {
             continue;
@@ -439,6 +443,8 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         };
         if any.type_url == "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault" {
             fault = Some(FaultPolicy::from_any(any).map_err(|m| (format!("{field}.typed_config"), m))?);
+        } else if any.type_url == CORS_FILTER_TYPE {
+            cors = true;
         } else if !KNOWN_HTTP_FILTERS.contains(&any.type_url.as_str()) && !f.is_optional {
             return Err((
                 format!("{field}.typed_config"),
@@ -457,6 +463,7 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         routes,
         fault,
         upgrades,
+        cors,
         stream_idle_timeout: timeout_or(h.stream_idle_timeout.as_ref(), Duration::from_secs(300)),
         idle_timeout: timeout_or(
             h.common_http_protocol_options.as_ref().and_then(|o| o.idle_timeout.as_ref()),

@@ -14,7 +14,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{boxed, full, CountingBody, DeadlineBody, Hold};
-use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, UpstreamProtocol};
+use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, Outcome, UpstreamProtocol};
 use crate::config::Snapshot;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
@@ -114,7 +114,13 @@ pub async fn forward(
         };
         let inflight = ep.load.start();
         let started = Instant::now();
-        let send = ctx.pools.send_with(&ep, proto, cluster.config.connect_timeout, &cluster.config.transport, req);
+        let send = ctx.pools.send_with(
+            &ep,
+            proto,
+            cluster.config.connect_timeout,
+            cluster.config.connector_for(ep.metadata.as_ref()),
+            req,
+        );
         let result = match try_deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), send).await {
                 Ok(r) => r,
@@ -124,6 +130,10 @@ pub async fn forward(
                 Err(_) => Err(ProxyError::new(ErrorKind::PerTryTimeout, "per-try timeout")),
             },
             None => send.await,
+        };
+        match &result {
+            Ok(resp) => cluster.report(&ep, Outcome::of_status(resp.status().as_u16())),
+            Err(e) => Outcome::of_error(e.kind()).is_some_and(|o| cluster.report(&ep, o)),
         };
         match result {
             Ok(resp) => {
@@ -338,8 +348,16 @@ fn mirror(ctx: &Arc<Context>, snap: &Arc<Snapshot>, cluster: &str, parts: &http:
     let ctx = ctx.clone();
     let proto = if req.version() == Version::HTTP_2 { UpstreamProtocol::Http2 } else { UpstreamProtocol::Http1 };
     tokio::spawn(async move {
-        if let Ok(resp) =
-            ctx.pools.send_with(&ep, proto, cluster.config.connect_timeout, &cluster.config.transport, req).await
+        if let Ok(resp) = ctx
+            .pools
+            .send_with(
+                &ep,
+                proto,
+                cluster.config.connect_timeout,
+                cluster.config.connector_for(ep.metadata.as_ref()),
+                req,
+            )
+            .await
         {
             let _ = resp.into_body().collect().await;
         }

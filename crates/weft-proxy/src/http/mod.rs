@@ -25,7 +25,7 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::io::{Activity, StreamGuard, Tracked};
 use crate::listener::ConnInfo;
 use crate::report::HttpReport;
-use crate::route::{Abort, RouteAction};
+use crate::route::{Abort, CorsDecision, Route, RouteAction};
 use body::{full, ReportingBody};
 
 /// Serves HTTP on one downstream connection until it closes or the proxy drains.
@@ -99,7 +99,7 @@ async fn route_request(
     req: Request<Incoming>,
     report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
-    let (mut parts, body) = req.into_parts();
+    let (parts, body) = req.into_parts();
     let authority = request_authority(&parts).unwrap_or_default();
     report.authority = authority.clone();
     let mut table = snap
@@ -111,7 +111,7 @@ async fn route_request(
     if let Some((s, t)) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoRoute, e.to_string()))? {
         (snap, table) = (s, t);
     }
-    let snap = &mut snap;
+    let snap = &snap;
     if parts.method == Method::CONNECT {
         if !chain.upgrades.iter().any(|u| u == "connect") {
             return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "CONNECT is not enabled on this listener"));
@@ -125,6 +125,38 @@ async fn route_request(
         .select(&authority, &parts)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for {authority}{}", parts.uri.path())))?;
     report.route_name = route.name.clone();
+    // The CORS filter runs before fault injection and the router (Istio's order).
+    let cors = route.cors.as_deref().filter(|_| chain.cors);
+    let mut allowed_origin = None;
+    if let Some(policy) = cors {
+        match policy.decide(&parts.method, &parts.headers, rand::random()) {
+            CorsDecision::Pass => {}
+            CorsDecision::Decorate(origin) => allowed_origin = Some(origin),
+            CorsDecision::Respond(resp) => {
+                let (p, b) = resp.into_parts();
+                return Ok(Response::from_parts(p, full(b)));
+            }
+        }
+    }
+    let mut result = dispatch(ctx, conn, chain, snap, &route, parts, body, report).await;
+    if let (Some(policy), Some(origin), Ok(resp)) = (cors, allowed_origin, result.as_mut()) {
+        policy.decorate(resp.headers_mut(), origin);
+    }
+    result
+}
+
+/// Fault injection, then the route's action: a local reply or forwarding upstream.
+#[allow(clippy::too_many_arguments)]
+async fn dispatch(
+    ctx: &Arc<Context>,
+    conn: &Arc<ConnInfo>,
+    chain: &HttpChain,
+    snap: &Arc<Snapshot>,
+    route: &Arc<Route>,
+    mut parts: http::request::Parts,
+    body: Incoming,
+    report: &mut HttpReport,
+) -> Result<Response<BoxBody>, ProxyError> {
     match &route.action {
         RouteAction::Direct { .. } | RouteAction::Redirect(..) => {
             // Both carry the route's response-header edits already, as Envoy's local replies do.
@@ -152,11 +184,14 @@ async fn route_request(
             }
             let cluster_name = action.clusters.pick(rand::random()).to_string();
             report.cluster = cluster_name.clone();
+            let fresh;
+            let mut snap = snap;
             if !snap.cluster_warm(&cluster_name) {
                 // On demand, a cluster not received yet (or without endpoints) is awaited.
                 let fetched = ctx.store.await_cluster(snap, &cluster_name).await;
                 if let Some(s) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoCluster, e.to_string()))? {
-                    *snap = s;
+                    fresh = s;
+                    snap = &fresh;
                 }
             }
             if !snap.clusters.contains_key(&cluster_name) {

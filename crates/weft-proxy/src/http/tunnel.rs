@@ -151,20 +151,19 @@ async fn dial(
         .get(cluster_name)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
     let timeout = cluster.config.connect_timeout;
-    let addr = if matches!(cluster.config.discovery, Discovery::OriginalDst) {
-        match (conn.original_dst, authority.and_then(|a| a.parse().ok())) {
+    let (addr, connector) = if matches!(cluster.config.discovery, Discovery::OriginalDst) {
+        let addr = match (conn.original_dst, authority.and_then(|a| a.parse().ok())) {
             (_, Some(a)) => a,
             (Some(d), None) => d,
             _ => return Err(ProxyError::new(ErrorKind::NoHealthyUpstream, "no destination for ORIGINAL_DST cluster")),
-        }
+        };
+        (addr, &cluster.config.transport)
     } else {
-        cluster
-            .pick(&[])
-            .ok_or_else(|| {
-                ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {cluster_name}"))
-            })?
-            .addr
+        let ep = cluster.pick(&[]).ok_or_else(|| {
+            ProxyError::new(ErrorKind::NoHealthyUpstream, format!("no healthy endpoint in {cluster_name}"))
+        })?;
+        (ep.addr, cluster.config.connector_for(ep.metadata.as_ref()))
     };
     report.upstream_host = Some(addr);
-    ctx.pools.connect_stream(addr, timeout, &cluster.config.transport).await
+    ctx.pools.connect_stream(addr, timeout, connector).await
 }

@@ -9,6 +9,7 @@ use http::uri::{Authority, PathAndQuery};
 use http::{HeaderValue, StatusCode, Uri};
 use regex::Regex;
 
+use super::cors::CorsPolicy;
 use super::fault::FaultPolicy;
 use super::headers::HeaderEdits;
 use super::matcher::{request_scheme, RouteMatcher};
@@ -26,6 +27,9 @@ pub struct Route {
     /// Fault injection, from `typed_per_filter_config["envoy.filters.http.fault"]` of
     /// the route, else of its virtual host, else of the route configuration.
     pub fault: Option<FaultPolicy>,
+    /// CORS, from `typed_per_filter_config["envoy.filters.http.cors"]` of the route, its
+    /// virtual host and the route configuration, merged field by field.
+    pub cors: Option<Arc<CorsPolicy>>,
     pub(crate) matcher: RouteMatcher,
     pub(crate) path_rewrite: Option<PathRewrite>,
     pub(crate) host_rewrite: Option<HostRewrite>,

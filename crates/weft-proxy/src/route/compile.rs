@@ -29,6 +29,7 @@ use super::action::{
     re2_substitution, ClusterChoice, ForwardAction, HashPolicy, HashSource, HostRewrite, Mirror, PathRewrite,
     RedirectAction, RedirectPath, Route, RouteAction,
 };
+use super::cors::{CorsLevel, CorsPolicy, CORS_FILTER};
 use super::fault::FaultPolicy;
 use super::headers::HeaderEdits;
 use super::matcher::{compile_search_regex, unsupported, Fraction, RouteMatcher};
@@ -50,6 +51,7 @@ struct Level {
     resp: Arc<HeaderEdits>,
     /// `None`: not configured here; `Some(None)`: disabled here.
     fault: Option<Option<FaultPolicy>>,
+    cors: Option<CorsLevel>,
     mirrors: Vec<Mirror>,
     retry: Option<RetryPolicy>,
 }
@@ -81,6 +83,7 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
     if !rc.route_specifiers.is_empty() {
         return Err(unsupported_top("route_specifiers"));
     }
+    let rc_filters = per_filter(&rc.typed_per_filter_config, "typed_per_filter_config")?;
     let config = Level {
         req: Arc::new(HeaderEdits::compile(
             &rc.request_headers_to_add,
@@ -94,7 +97,8 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
             "response_headers_to_add",
             "response_headers_to_remove",
         )?),
-        fault: filter_fault(&rc.typed_per_filter_config, "typed_per_filter_config")?,
+        fault: rc_filters.fault,
+        cors: rc_filters.cors,
         mirrors: mirrors(&rc.request_mirror_policies, "request_mirror_policies")?,
         retry: None,
     };
@@ -175,6 +179,7 @@ fn vhost_level(vh: &VirtualHost, at: &str) -> Result<Level, Err> {
     if let Some((_, f)) = checks.iter().find(|(bad, _)| *bad) {
         return Err(unsupported(at, f));
     }
+    let vh_filters = per_filter(&vh.typed_per_filter_config, &format!("{at}.typed_per_filter_config"))?;
     Ok(Level {
         req: Arc::new(HeaderEdits::compile(
             &vh.request_headers_to_add,
@@ -188,7 +193,8 @@ fn vhost_level(vh: &VirtualHost, at: &str) -> Result<Level, Err> {
             &format!("{at}.response_headers_to_add"),
             &format!("{at}.response_headers_to_remove"),
         )?),
-        fault: filter_fault(&vh.typed_per_filter_config, &format!("{at}.typed_per_filter_config"))?,
+        fault: vh_filters.fault,
+        cors: vh_filters.cors,
         mirrors: mirrors(&vh.request_mirror_policies, &format!("{at}.request_mirror_policies"))?,
         retry: vh.retry_policy.as_ref().map(|p| RetryPolicy::compile(p, &format!("{at}.retry_policy"))).transpose()?,
     })
@@ -202,10 +208,11 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
         return Err((format!("{at}.match"), "match is required".into()));
     };
     let matcher = RouteMatcher::compile(m, &format!("{at}.match"))?;
-    let fault = filter_fault(&r.typed_per_filter_config, &format!("{at}.typed_per_filter_config"))?
-        .or_else(|| ctx.vhost.fault.clone())
-        .or_else(|| ctx.config.fault.clone())
-        .flatten();
+    let filters = per_filter(&r.typed_per_filter_config, &format!("{at}.typed_per_filter_config"))?;
+    let cors_levels: Vec<&CorsLevel> =
+        [filters.cors.as_ref(), ctx.vhost.cors.as_ref(), ctx.config.cors.as_ref()].into_iter().flatten().collect();
+    let cors = CorsPolicy::merge(&cors_levels).map(Arc::new);
+    let fault = filters.fault.or_else(|| ctx.vhost.fault.clone()).or_else(|| ctx.config.fault.clone()).flatten();
     let route_req = Arc::new(HeaderEdits::compile(
         &r.request_headers_to_add,
         &r.request_headers_to_remove,
@@ -231,6 +238,7 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
         virtual_host: ctx.vhost_name.to_string(),
         action: RouteAction::Direct { status: StatusCode::NOT_FOUND, body: Bytes::new() },
         fault,
+        cors,
         matcher,
         path_rewrite: None,
         host_rewrite: None,
@@ -554,12 +562,19 @@ fn mirrors(list: &[RequestMirrorPolicy], at: &str) -> Result<Vec<Mirror>, Err> {
     Ok(out)
 }
 
-/// The fault policy in a `typed_per_filter_config` map. Other filters' configs are
-/// rejected unless marked optional or disabled (weft has no such filter).
-fn filter_fault(map: &HashMap<String, Any>, at: &str) -> Result<Option<Option<FaultPolicy>>, Err> {
+/// The per-filter configs of one level that weft implements.
+struct PerFilter {
+    /// `None`: not configured here; `Some(None)`: disabled here.
+    fault: Option<Option<FaultPolicy>>,
+    cors: Option<CorsLevel>,
+}
+
+/// The fault and CORS policies in a `typed_per_filter_config` map. Other filters'
+/// configs are rejected unless marked optional or disabled (weft has no such filter).
+fn per_filter(map: &HashMap<String, Any>, at: &str) -> Result<PerFilter, Err> {
     let mut keys: Vec<&String> = map.keys().collect();
     keys.sort();
-    let mut out = None;
+    let mut out = PerFilter { fault: None, cors: None };
     for k in keys {
         let Some(any) = map.get(k) else { continue };
         let fat = format!("{at}[{k}]");
@@ -570,17 +585,28 @@ fn filter_fault(map: &HashMap<String, Any>, at: &str) -> Result<Option<Option<Fa
         } else {
             (Some(any.clone()), false, false)
         };
-        if k == FAULT_FILTER {
-            if disabled {
-                out = Some(None);
-                continue;
+        let known = k == FAULT_FILTER || k == CORS_FILTER;
+        if known && disabled {
+            if k == FAULT_FILTER {
+                out.fault = Some(None);
+            } else {
+                out.cors = Some(CorsLevel::disabled());
             }
-            let Some(inner) = inner else {
-                return Err((format!("{fat}.config"), "config is required".into()));
-            };
-            out = Some(Some(FaultPolicy::from_any(&inner).map_err(|m| (fat, m))?));
-        } else if !(optional || disabled) {
-            return Err((fat, format!("per-route config for filter {k:?} is not supported by weft")));
+            continue;
+        }
+        if !known {
+            if !(optional || disabled) {
+                return Err((fat, format!("per-route config for filter {k:?} is not supported by weft")));
+            }
+            continue;
+        }
+        let Some(inner) = inner else {
+            return Err((format!("{fat}.config"), "config is required".into()));
+        };
+        if k == FAULT_FILTER {
+            out.fault = Some(Some(FaultPolicy::from_any(&inner).map_err(|m| (fat, m))?));
+        } else {
+            out.cors = Some(CorsLevel::from_any(&inner).map_err(|m| (fat, m))?);
         }
     }
     Ok(out)

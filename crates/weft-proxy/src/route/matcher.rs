@@ -419,6 +419,9 @@ impl CookieMatch {
 }
 
 impl Fraction {
+    /// 0%: never hit.
+    pub(crate) const NEVER: Fraction = Fraction { numerator: 0, denominator: 100 };
+
     /// Compiles a `FractionalPercent`.
     pub(crate) fn compile(fp: &FractionalPercent, at: &str) -> Result<Fraction, (String, String)> {
         let denominator = match DenominatorType::try_from(fp.denominator) {

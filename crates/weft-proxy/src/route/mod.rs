@@ -7,6 +7,7 @@
 
 mod action;
 mod compile;
+mod cors;
 mod fault;
 mod headers;
 mod matcher;
@@ -24,6 +25,7 @@ pub use action::{
     ClusterChoice, ForwardAction, HashPolicy, HashSource, Mirror, PathRewrite, RedirectAction, RedirectPath, Route,
     RouteAction,
 };
+pub use cors::{CorsDecision, CorsPolicy};
 pub use fault::{Abort, FaultDecision, FaultPolicy};
 pub use headers::AppendAction;
 pub use retry::{RetryOn, RetryPolicy};

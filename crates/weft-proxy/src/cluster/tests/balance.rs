@@ -7,7 +7,9 @@ use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 use envoy_types::pb::envoy::config::endpoint::v3::LbEndpoint;
 
 use super::{cla, lb_endpoint};
-use crate::cluster::{Cluster, ClusterConfig, Discovery, LbPolicy, Limits, LoadRegistry, UpstreamProtocol};
+use crate::cluster::{
+    Cluster, ClusterConfig, Discovery, LbPolicy, Limits, LoadRegistry, Outcome, OutlierConfig, UpstreamProtocol,
+};
 
 const ALL: [LbPolicy; 5] =
     [LbPolicy::PeakEwma, LbPolicy::RoundRobin, LbPolicy::Random, LbPolicy::LeastRequest, LbPolicy::RingHash];
@@ -23,6 +25,9 @@ fn config(lb: LbPolicy) -> Arc<ClusterConfig> {
         static_endpoints: None,
         metadata: None,
         transport: Default::default(),
+        socket_matches: Vec::new(),
+        outlier: None,
+        panic_threshold: 50.0,
     })
 }
 
@@ -287,4 +292,59 @@ fn cluster_request_counter_caps_outstanding_requests_across_snapshots() {
     assert!(a.load().try_start(2).is_none());
     drop(p1);
     assert!(b.load().try_start(2).is_some());
+}
+
+fn outlier_cluster(n: u8, panic_threshold: f64, max_ejection_percent: u32, loads: &LoadRegistry) -> Cluster {
+    let mut cfg = (*config(LbPolicy::RoundRobin)).clone();
+    cfg.outlier = Some(OutlierConfig {
+        consecutive_5xx: Some(3),
+        consecutive_gateway: None,
+        interval: Duration::from_secs(10),
+        base_ejection: Duration::from_secs(30),
+        max_ejection: Duration::from_secs(300),
+        max_ejection_percent,
+    });
+    cfg.panic_threshold = panic_threshold;
+    let cla = cla("c", vec![(0, (1..=n).map(|i| ep(i, 1, HealthStatus::Healthy)).collect())]);
+    Cluster::new(Arc::new(cfg), Some(&cla), loads).unwrap()
+}
+
+#[test]
+fn outlier_detection_ejects_an_endpoint_after_consecutive_5xx_and_stops_picking_it() {
+    let loads = LoadRegistry::new();
+    let c = outlier_cluster(3, 0.0, 50, &loads);
+    let bad = c.endpoints()[0].clone();
+    assert!(!c.report(&bad, Outcome::Status(503)));
+    assert!(!c.report(&bad, Outcome::LocalFailure));
+    assert!(c.report(&bad, Outcome::Status(500)), "third consecutive 5xx ejects");
+    assert_eq!(c.ejected(), vec![addr(1)]);
+    let seen = counts(&c, 300, &[]);
+    assert_eq!(seen.get(&addr(1)), None, "ejected endpoint picked: {seen:?}");
+    assert_eq!(seen.len(), 2);
+    // The ejection survives a new snapshot of the same cluster (loads are shared).
+    let again = outlier_cluster(3, 0.0, 50, &loads);
+    assert_eq!(again.ejected(), vec![addr(1)]);
+}
+
+#[test]
+fn max_ejection_percent_and_panic_threshold_bound_ejections() {
+    let loads = LoadRegistry::new();
+    let c = outlier_cluster(2, 0.0, 10, &loads);
+    let (a, b) = (c.endpoints()[0].clone(), c.endpoints()[1].clone());
+    for _ in 0..3 {
+        c.report(&a, Outcome::Status(500));
+    }
+    for _ in 0..3 {
+        c.report(&b, Outcome::Status(500));
+    }
+    // 10% of 2 endpoints: only the first ejection is allowed.
+    assert_eq!(c.ejected(), vec![addr(1)]);
+    // In panic (1 of 2 available is below 60%), ejections are ignored.
+    let loads = LoadRegistry::new();
+    let p = outlier_cluster(2, 60.0, 100, &loads);
+    for _ in 0..3 {
+        p.report(&p.endpoints()[0].clone(), Outcome::Status(502));
+    }
+    assert_eq!(p.ejected(), vec![addr(1)]);
+    assert_eq!(counts(&p, 100, &[]).len(), 2, "panic mode balances across all endpoints");
 }

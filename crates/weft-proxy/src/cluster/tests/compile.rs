@@ -297,3 +297,42 @@ async fn logical_dns_keeps_one_address_and_unresolved_names_are_refused() {
     let cluster = crate::cluster::Cluster::new(c, Some(&resolved), &loads).unwrap();
     assert_eq!(cluster.endpoints().len(), 1);
 }
+
+#[test]
+fn transport_socket_matches_pick_the_connector_by_endpoint_metadata() {
+    use crate::cluster::Connector;
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::TransportSocketMatch;
+    use envoy_types::pb::envoy::config::core::v3::{transport_socket, TransportSocket};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext;
+    let tls = TransportSocket {
+        name: "envoy.transport_sockets.tls".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(UpstreamTlsContext {
+            sni: "reviews".into(),
+            ..Default::default()
+        }))),
+    };
+    let istio = Struct {
+        fields: HashMap::from([("tlsMode".to_string(), Value { kind: Some(Kind::StringValue("istio".into())) })]),
+    };
+    let mut c = eds("c");
+    c.transport_socket_matches = vec![
+        TransportSocketMatch {
+            name: "tlsMode-istio".into(),
+            r#match: Some(istio.clone()),
+            transport_socket: Some(tls),
+        },
+        TransportSocketMatch {
+            name: "tlsMode-disabled".into(),
+            r#match: Some(Struct::default()),
+            transport_socket: None,
+        },
+    ];
+    let cfg = ClusterConfig::compile(&c).unwrap();
+    let meta = |s: Struct| Metadata {
+        filter_metadata: HashMap::from([("envoy.transport_socket_match".to_string(), s)]),
+        ..Default::default()
+    };
+    assert!(matches!(cfg.connector_for(Some(&meta(istio))), Connector::Tls(_)));
+    assert!(matches!(cfg.connector_for(Some(&meta(Struct::default()))), Connector::Plain));
+    assert!(matches!(cfg.connector_for(None), Connector::Plain));
+}

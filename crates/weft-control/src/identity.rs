@@ -1,0 +1,104 @@
+//! The control plane's identity side: CA and token issuer from the data directory (or a
+//! plug-in CA), the certificate service mounted on the xDS port, and the JSON API's
+//! token endpoints (`weft token create|revoke`).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use http::StatusCode;
+use serde_json::{json, Value};
+use weft_identity::service::CertificateAuthority;
+use weft_identity::{Ca, TokenIssuer, DEFAULT_TRUST_DOMAIN};
+
+/// Default workload certificate TTL (Istio's).
+pub const DEFAULT_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest TTL a workload may ask for (Istio's `MAX_WORKLOAD_CERT_TTL`).
+pub const DEFAULT_MAX_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+
+/// Identity settings of a control plane.
+#[derive(Debug, Clone)]
+pub struct IdentityConfig {
+    /// Data directory: the self-signed root and its key, the token key, revoked tokens.
+    pub data_dir: PathBuf,
+    /// Istio `cacerts` directory of a plug-in CA (its root then replaces the self-signed one).
+    pub plugin_ca: Option<PathBuf>,
+    /// Trust domain of issued identities.
+    pub trust_domain: String,
+    /// Workload certificate TTL when a request does not ask for one.
+    pub cert_ttl: Duration,
+    /// Longest TTL granted.
+    pub max_cert_ttl: Duration,
+}
+
+impl IdentityConfig {
+    /// Defaults (`cluster.local`, 24 h, at most 90 days) with `data_dir`.
+    pub fn new(data_dir: impl Into<PathBuf>) -> Self {
+        IdentityConfig {
+            data_dir: data_dir.into(),
+            plugin_ca: None,
+            trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
+            cert_ttl: DEFAULT_CERT_TTL,
+            max_cert_ttl: DEFAULT_MAX_CERT_TTL,
+        }
+    }
+
+    /// Loads or creates the CA and the token issuer.
+    pub fn start(&self) -> Result<Arc<CertificateAuthority>, String> {
+        let ca = match &self.plugin_ca {
+            Some(dir) => Ca::plug_in(dir, &self.trust_domain),
+            None => Ca::load_or_create(&self.data_dir, &self.trust_domain),
+        }
+        .map_err(|e| e.to_string())?;
+        let tokens = TokenIssuer::load_or_create(&self.data_dir).map_err(|e| e.to_string())?;
+        Ok(Arc::new(CertificateAuthority::new(Arc::new(ca), Arc::new(tokens), self.cert_ttl, self.max_cert_ttl)))
+    }
+}
+
+/// `POST /api/v1/tokens` with `{"namespace", "serviceAccount", "ttlSeconds"}`.
+pub(crate) fn create_token(authority: Option<&CertificateAuthority>, body: &[u8]) -> (StatusCode, Value) {
+    let Some(authority) = authority else { return disabled() };
+    let req: Value = match serde_json::from_slice(body) {
+        Ok(v) => v,
+        Err(e) => return (StatusCode::BAD_REQUEST, json!({"error": format!("the body must be JSON: {e}")})),
+    };
+    let (Some(ns), Some(sa)) = (req["namespace"].as_str(), req["serviceAccount"].as_str()) else {
+        return (StatusCode::BAD_REQUEST, json!({"error": "namespace and serviceAccount are required strings"}));
+    };
+    let ttl = match &req["ttlSeconds"] {
+        Value::Null => weft_identity::token::DEFAULT_TOKEN_TTL,
+        v => match v.as_u64() {
+            Some(s) if s > 0 => Duration::from_secs(s),
+            _ => return (StatusCode::BAD_REQUEST, json!({"error": "ttlSeconds must be a positive integer"})),
+        },
+    };
+    match authority.tokens().create(ns, sa, ttl) {
+        Ok(t) => {
+            tracing::info!(token = %t.id, namespace = ns, service_account = sa, ttl_s = ttl.as_secs(), "join token issued");
+            let identity = format!("spiffe://{}/ns/{ns}/sa/{sa}", authority.ca().trust_domain());
+            let expires = t.expires.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+            (
+                StatusCode::OK,
+                json!({"id": t.id, "token": t.token, "namespace": ns, "serviceAccount": sa,
+                       "identity": identity, "expiresAt": expires}),
+            )
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+    }
+}
+
+/// `POST /api/v1/tokens/{id}/revoke`.
+pub(crate) fn revoke_token(authority: Option<&CertificateAuthority>, id: &str) -> (StatusCode, Value) {
+    let Some(authority) = authority else { return disabled() };
+    match authority.tokens().revoke(id, None) {
+        Ok(newly) => (StatusCode::OK, json!({"id": id, "revoked": true, "alreadyRevoked": !newly})),
+        Err(e) => (StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+    }
+}
+
+fn disabled() -> (StatusCode, Value) {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "identity is disabled on this control plane: start `weft control` with --data-dir"}),
+    )
+}
