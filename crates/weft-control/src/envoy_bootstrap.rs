@@ -81,6 +81,7 @@ impl EnvoyBootstrapOptions {
             outbound: self.outbound,
             admin: None,
             metrics: None,
+            on_demand: false,
         }
     }
 }

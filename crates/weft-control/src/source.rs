@@ -2,14 +2,19 @@
 //! through the translator, cached per proxy and input version, with one version string
 //! per resource type derived from its content (so a change re-pushes only the types it
 //! touched, and delta clients get per-resource versions from the server).
+//!
+//! On-demand proxies (delta, `WEFT_ON_DEMAND`) subscribe by name; [`ConfigSource::lookup`]
+//! answers them from the cached translation by name (virtual hosts through a domain
+//! index), so a proxy asking for one host never costs a copy of the whole mesh.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::watch;
-use weft_xds::{content_version, Any, ConfigSource, NodeInfo};
+use weft_xds::vhds::VhostIndex;
+use weft_xds::{content_version, type_url, Any, ConfigSource, NodeInfo, Resolved};
 
 use crate::registry::Registry;
 use crate::store::Store;
@@ -24,6 +29,8 @@ type TypeMap = BTreeMap<String, (String, BTreeMap<String, Any>)>;
 struct Cached {
     inputs: (u64, u64),
     types: Arc<TypeMap>,
+    /// VHDS resources by route configuration and domain (empty unless on demand).
+    vhosts: Arc<VhostIndex>,
 }
 
 /// A [`ConfigSource`] over the store and registry.
@@ -86,6 +93,11 @@ impl MeshSource {
 
     /// Everything one proxy gets now, by type URL.
     pub fn proxy_resources(&self, node: &Node) -> Arc<TypeMap> {
+        self.translation(node).0
+    }
+
+    /// The proxy's translation and its virtual-host index (cached per proxy shape).
+    fn translation(&self, node: &Node) -> (Arc<TypeMap>, Arc<VhostIndex>) {
         let info = NodeInfo::from_node(node).unwrap_or_else(|_| NodeInfo {
             // A stock Envoy without weft metadata: a workload of the default namespace.
             id: node.id.clone(),
@@ -100,16 +112,20 @@ impl MeshSource {
         // reads the namespace, labels, ports and listener addresses. They share one
         // translation (the expensive part of a push to many identical sidecars).
         let inbound = registry.get(&node.id).and_then(|w| w.inbound).or(info.inbound);
-        let shape = format!("{}|{:?}|{:?}|{:?}|{:?}", info.namespace, info.labels, info.ports, info.outbound, inbound);
+        let shape = format!(
+            "{}|{:?}|{:?}|{:?}|{:?}|{}",
+            info.namespace, info.labels, info.ports, info.outbound, inbound, info.on_demand
+        );
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = cache.get(&shape) {
                 if c.inputs == inputs {
-                    return c.types.clone();
+                    return (c.types.clone(), c.vhosts.clone());
                 }
             }
         }
         let xds = translate(&mesh, &registry, &info, self.mode);
+        let vhosts = Arc::new(VhostIndex::build(xds.virtual_hosts.iter().map(|vh| (vh.name.as_str(), vh))));
         let mut types: TypeMap = BTreeMap::new();
         for (type_url, anys) in xds.into_resources() {
             let mut by_name = BTreeMap::new();
@@ -123,8 +139,9 @@ impl MeshSource {
             types.insert(type_url.to_string(), (version, by_name));
         }
         let types = Arc::new(types);
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(shape, Cached { inputs, types: types.clone() });
-        types
+        let cached = Cached { inputs, types: types.clone(), vhosts: vhosts.clone() };
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(shape, cached);
+        (types, vhosts)
     }
 }
 
@@ -139,5 +156,21 @@ impl ConfigSource for MeshSource {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn lookup(&self, node: &Node, type_url: &str, names: &BTreeSet<String>) -> (String, Resolved) {
+        let (types, vhosts) = self.translation(node);
+        let Some((version, by_name)) = types.get(type_url) else {
+            return ("empty".into(), names.iter().map(|n| (n.clone(), None)).collect());
+        };
+        let resolved = names
+            .iter()
+            .map(|n| {
+                let name = if type_url::resolves_aliases(type_url) { vhosts.resolve(n) } else { Some(n.as_str()) };
+                let found = name.and_then(|name| by_name.get(name).map(|any| (name.to_string(), any.clone())));
+                (n.clone(), found)
+            })
+            .collect();
+        (version.clone(), resolved)
     }
 }

@@ -68,6 +68,18 @@ pub struct XdsSettings {
     /// `sotw` (default) or `delta`.
     #[serde(default)]
     pub mode: ModeSetting,
+    /// Delta only: fetch virtual hosts (VHDS), clusters and endpoints on demand, by the
+    /// names requests and listeners need, instead of receiving the whole mesh. Default
+    /// true in delta mode (announced to the control plane as `WEFT_ON_DEMAND`).
+    #[serde(default)]
+    pub on_demand: Option<bool>,
+}
+
+impl XdsSettings {
+    /// Whether the proxy fetches on demand (delta mode, unless `on_demand: false`).
+    pub fn on_demand(&self) -> bool {
+        self.mode == ModeSetting::Delta && self.on_demand.unwrap_or(true)
+    }
 }
 
 /// xDS variant as written in the file.

@@ -101,7 +101,7 @@ impl AdminState for Admin {
         crate::dump::clusters_text(&self.ctx.store.snapshot())
     }
     fn is_ready(&self) -> bool {
-        let initial = is_ready(&self.xds.borrow())
+        let initial = is_ready(&self.xds.borrow(), self.ctx.store.cds_optional())
             && (self.ctx.store.warmed() || self.started.elapsed() >= INITIAL_FETCH_TIMEOUT);
         initial && !*self.drain_tx.borrow()
     }
@@ -113,9 +113,10 @@ impl AdminState for Admin {
     }
 }
 
-/// Ready once the first listeners and clusters have been accepted.
-fn is_ready(s: &ClientStatus) -> bool {
-    s.acked.contains_key(type_url::LISTENER) && s.acked.contains_key(type_url::CLUSTER)
+/// Ready once the first listeners and clusters have been accepted (clusters only when
+/// some are subscribed: an on-demand proxy whose listeners name none has no CDS yet).
+fn is_ready(s: &ClientStatus, cds_optional: bool) -> bool {
+    s.acked.contains_key(type_url::LISTENER) && (cds_optional || s.acked.contains_key(type_url::CLUSTER))
 }
 
 impl ProxyHandle {
@@ -133,7 +134,7 @@ impl ProxyHandle {
         let (drain_tx, draining) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (secrets, node) = start_identity(&b).await?;
-        let store = ConfigStore::with_secrets(secrets);
+        let store = ConfigStore::with_options(b.xds.on_demand(), secrets);
         let ctx = Arc::new(Context {
             store: store.clone(),
             pools: Pools::new(PoolConfig::default()),
@@ -162,7 +163,12 @@ impl ProxyHandle {
         let metrics_addr = metrics_sock.local_addr().unwrap_or(b.metrics);
 
         // Operators' tools find the admin and metrics servers through the control plane.
-        let node = weft_xds::NodeInfo { admin: Some(admin_addr), metrics: Some(metrics_addr), ..node };
+        let node = weft_xds::NodeInfo {
+            admin: Some(admin_addr),
+            metrics: Some(metrics_addr),
+            on_demand: b.xds.on_demand(),
+            ..node
+        };
         let client = AdsClient::new(
             ClientConfig { address: b.xds.address.clone(), node, mode: b.xds.mode.into(), backoff: Backoff::default() },
             store.clone(),

@@ -40,6 +40,9 @@ pub struct ResourceUpdate {
     pub removals: Vec<String>,
     /// true for SotW responses of wildcard types (LDS, CDS): names absent from `upserts` are removed
     pub full_state: bool,
+    /// Delta, for types whose names are aliases (VHDS): what each requested name the
+    /// response answers resolved to, `None` = the server has no such resource.
+    pub resolved: Vec<(String, Option<String>)>,
 }
 
 /// The consumer of resources (the proxy). Owns the state.
@@ -52,6 +55,11 @@ pub trait ResourceHandler: Send + Sync + 'static {
     /// Names wanted for a type: None = wildcard (LDS, CDS); Some(set) for RDS/EDS/SDS.
     /// Called after every apply; when it changes, the client updates its subscription.
     fn interest(&self, type_url: &str) -> Option<BTreeSet<String>>;
+    /// Ticks when interest changed outside [`ResourceHandler::apply`] (a request asked
+    /// for a virtual host or cluster on demand); the delta client then re-reads it.
+    fn interest_changes(&self) -> Option<watch::Receiver<u64>> {
+        None
+    }
 }
 
 /// Reconnect delays: exponential from `initial`, capped at `max`, with full jitter

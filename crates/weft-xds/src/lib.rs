@@ -18,10 +18,18 @@
 //!   carries only resources whose version differs from what the peer holds (seeded from
 //!   `initial_resource_versions`) and removals, including subscribed names that do not
 //!   exist. The first wildcard response is sent even if empty so the peer can finish
-//!   initialising. Subscription changes are honoured whatever their nonce.
+//!   initialising. Subscription changes are honoured whatever their nonce. Named
+//!   subscriptions are answered through [`ConfigSource::lookup`] (no copy of the whole
+//!   type). VHDS names are aliases ([`type_url::resolves_aliases`]): `<route
+//!   configuration>/<host>` is answered with the matching virtual host (named `<route
+//!   configuration>/<vhost>`, the request in `aliases`), or with a body-less resource
+//!   named and aliased by the request when nothing matches, as Envoy expects.
 //! - Client: the node is sent on the first request of each stream; ACK and NACK carry
 //!   the answered nonce; a SotW NACK carries the last accepted version; on reconnect the
-//!   client re-subscribes with its current interest and last accepted versions.
+//!   client re-subscribes with its current interest and last accepted versions. The
+//!   delta client also re-reads interest when the handler says it changed outside an
+//!   update ([`ResourceHandler::interest_changes`]: a request asked for a host), and drops
+//!   from the handler what it unsubscribes (the server says nothing more about it).
 #![forbid(unsafe_code)]
 
 pub mod build;
@@ -31,12 +39,13 @@ pub mod node;
 pub mod server;
 pub mod source;
 pub mod type_url;
+pub mod vhds;
 
 pub use client::{AdsClient, Backoff, ClientConfig, ClientStatus, ResourceHandler, ResourceUpdate};
 pub use error::XdsError;
 pub use node::{NodeInfo, PortInfo};
 pub use server::{AdsServer, AdsService, ConnectionStatus, NackInfo, TypeStatus};
-pub use source::{ConfigSource, StaticSource};
+pub use source::{ConfigSource, Resolved, StaticSource};
 pub use type_url::resource_name;
 
 /// Re-export of Envoy's `Node`.

@@ -27,6 +27,9 @@ pub const WEFT_OUTBOUND: &str = "WEFT_OUTBOUND";
 pub const WEFT_ADMIN: &str = "WEFT_ADMIN";
 /// weft: the proxy's metrics address (for scrapers and operators' tools).
 pub const WEFT_METRICS: &str = "WEFT_METRICS";
+/// weft: `"true"` when the proxy fetches virtual hosts, clusters and endpoints on demand
+/// (delta xDS with VHDS) rather than receiving the whole mesh.
+pub const WEFT_ON_DEMAND: &str = "WEFT_ON_DEMAND";
 /// Metadata key: declared ports, a JSON array string as Istio writes it.
 pub const POD_PORTS: &str = "POD_PORTS";
 /// Metadata key: cluster id.
@@ -62,6 +65,10 @@ pub struct NodeInfo {
     pub admin: Option<std::net::SocketAddr>,
     /// The proxy's metrics address, announced as `WEFT_METRICS` (filled in by the proxy).
     pub metrics: Option<std::net::SocketAddr>,
+    /// The proxy subscribes on demand (delta xDS: virtual hosts by host, clusters and
+    /// endpoints by name), announced as `WEFT_ON_DEMAND: "true"`; the control plane then
+    /// sends route configurations with `vhds` instead of every virtual host.
+    pub on_demand: bool,
 }
 
 /// A port a workload declares.
@@ -121,6 +128,9 @@ impl NodeInfo {
             if let Some(a) = addr {
                 fields.insert(key.to_string(), string_value(&a.to_string()));
             }
+        }
+        if self.on_demand {
+            fields.insert(WEFT_ON_DEMAND.to_string(), string_value("true"));
         }
         fields.insert(POD_PORTS.to_string(), string_value(&ports_json));
         fields.insert(CLUSTER_ID.to_string(), string_value(&self.cluster));
@@ -187,6 +197,16 @@ impl NodeInfo {
         };
         let (inbound, outbound) = (addr(WEFT_INBOUND)?, addr(WEFT_OUTBOUND)?);
         let (admin, metrics) = (addr(WEFT_ADMIN)?, addr(WEFT_METRICS)?);
+        let on_demand = match get(WEFT_ON_DEMAND)? {
+            None | Some("" | "false") => false,
+            Some("true") => true,
+            Some(other) => {
+                return Err(format!(
+                    "node {}: metadata {WEFT_ON_DEMAND} must be \"true\" or \"false\", found {other:?}",
+                    node.id
+                ))
+            }
+        };
         Ok(NodeInfo {
             id: node.id.clone(),
             cluster,
@@ -200,6 +220,7 @@ impl NodeInfo {
             outbound,
             admin,
             metrics,
+            on_demand,
         })
     }
 }

@@ -1,13 +1,14 @@
 //! Where an [`crate::AdsServer`] gets resources from.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::watch;
 
-use crate::type_url::resource_name;
+use crate::type_url::{resolves_aliases, resource_name};
+use crate::vhds::VhostIndex;
 use crate::XdsError;
 
 /// Resources served by an [`crate::AdsServer`].
@@ -16,7 +17,34 @@ pub trait ConfigSource: Send + Sync + 'static {
     fn resources(&self, node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>);
     /// A receiver that changes whenever any resource may have changed.
     fn changes(&self) -> watch::Receiver<u64>;
+    /// Resolves subscribed names (delta, subscriptions by name): per requested name, the
+    /// resource it names (its own name and body) or `None` when there is none, with the
+    /// type's version. For most types a name resolves to the resource of that name; for
+    /// VHDS ([`resolves_aliases`]) a `<route configuration>/<host>` alias resolves to the
+    /// virtual host of that route configuration whose domains match the host.
+    ///
+    /// The default looks the names up in [`ConfigSource::resources`]; a source with many
+    /// resources overrides it to answer without copying them all.
+    fn lookup(&self, node: &Node, type_url: &str, names: &BTreeSet<String>) -> (String, Resolved) {
+        let (version, all) = self.resources(node, type_url);
+        let index = resolves_aliases(type_url).then(|| VhostIndex::from_resources(&all));
+        let resolved = names
+            .iter()
+            .map(|n| {
+                let name = match &index {
+                    Some(index) => index.resolve(n),
+                    None => Some(n.as_str()),
+                };
+                let found = name.and_then(|name| all.get(name).map(|any| (name.to_string(), any.clone())));
+                (n.clone(), found)
+            })
+            .collect();
+        (version, resolved)
+    }
 }
+
+/// Requested name -> the resource it resolves to (its name and body), if any.
+pub type Resolved = BTreeMap<String, Option<(String, Any)>>;
 
 /// Same resources for every node, set by hand (tests, `weft up` bootstrap).
 ///

@@ -3,7 +3,7 @@
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
@@ -16,12 +16,23 @@ pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfigur
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 /// ClusterLoadAssignment (EDS).
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// VirtualHost (VHDS, delta only): named `<route configuration>/<virtual host>` and
+/// subscribed by `<route configuration>/<host>` aliases.
+pub const VIRTUAL_HOST: &str = "type.googleapis.com/envoy.config.route.v3.VirtualHost";
 /// TLS Secret (SDS).
 pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
 /// Whether an empty SotW subscription for this type means "everything" (LDS, CDS).
 pub fn is_wildcard_type(type_url: &str) -> bool {
     type_url == LISTENER || type_url == CLUSTER
+}
+
+/// Whether subscribed names of this type are aliases the server resolves to resources
+/// of another name (VHDS: `<route configuration>/<host>` -> `<route configuration>/<vhost>`).
+/// A name the server cannot resolve is answered with a body-less resource carrying the
+/// name as alias, as Envoy's VHDS expects.
+pub fn resolves_aliases(type_url: &str) -> bool {
+    type_url == VIRTUAL_HOST
 }
 
 /// Short name of a type URL for messages and logs (`Listener`, `Cluster`, ...).
@@ -42,6 +53,7 @@ pub fn resource_name(type_url: &str, any: &Any) -> Result<String, String> {
         CLUSTER => Cluster::decode(bytes).map(|m| m.name),
         ENDPOINT => ClusterLoadAssignment::decode(bytes).map(|m| m.cluster_name),
         SECRET => Secret::decode(bytes).map(|m| m.name),
+        VIRTUAL_HOST => VirtualHost::decode(bytes).map(|m| m.name),
         other => return Err(format!("unknown resource type {other}")),
     };
     match decoded {

@@ -124,7 +124,8 @@ async fn interest_change_subscribes_new_route(mode: XdsMode) {
 }
 
 /// A listener removed at the source is removed from the handler (delta
-/// `removed_resources`; SotW absence from the full state).
+/// `removed_resources`; SotW absence from the full state). In delta mode the route it
+/// named, no longer wanted, is unsubscribed and dropped from the handler too.
 async fn removal_propagates(mode: XdsMode) {
     let source = basic_source();
     source.set(LISTENER, vec![listener("l1"), listener("l2")]).unwrap();
@@ -134,8 +135,12 @@ async fn removal_propagates(mode: XdsMode) {
     server.wait_acked(LISTENER, "2").await;
     assert!(source.remove(LISTENER, "l2"));
     let state = handler.wait("l2 removed", |s| s.names(LISTENER) == set(&["l1"])).await;
-    assert_eq!(state.removals, vec![(LISTENER.to_string(), "l2".to_string())]);
+    assert_eq!(state.removals.first(), Some(&(LISTENER.to_string(), "l2".to_string())));
     server.wait_acked(LISTENER, "3").await;
+    if mode == XdsMode::Delta {
+        let state = handler.wait("route l2 dropped", |s| s.names(ROUTE) == set(&["l1"])).await;
+        assert_eq!(state.removals[1..], [(ROUTE.to_string(), "l2".to_string())]);
+    }
     client.stop().await;
     server.stop().await;
 }

@@ -216,3 +216,77 @@ async fn delta_missing_names_and_unsubscribe() {
     assert!(next.removed_resources.is_empty());
     server.stop().await;
 }
+
+fn vhost(name: &str, domains: &[&str], tag: &str) -> envoy_types::pb::google::protobuf::Any {
+    use envoy_types::pb::envoy::config::route::v3::VirtualHost;
+    envoy_types::util::pack_any(VirtualHost {
+        name: name.to_string(),
+        domains: domains.iter().map(|d| d.to_string()).collect(),
+        request_headers_to_remove: vec![tag.to_string()],
+        ..Default::default()
+    })
+}
+
+/// VHDS as Envoy specifies it: a `<route configuration>/<host>` alias is answered with
+/// the virtual host whose domains match (named `<route configuration>/<vhost>`, the
+/// alias in `aliases`); an unknown host with a body-less resource named and aliased by
+/// the request; a second alias of a vhost the peer holds is answered again; a change
+/// of a subscribed vhost is pushed once, carrying no stale alias answers.
+#[tokio::test]
+async fn vhds_aliases_resolve_by_domain_and_unknown_hosts_get_an_empty_resource() {
+    use weft_xds::type_url::VIRTUAL_HOST;
+    let source = basic_source();
+    source
+        .set(
+            VIRTUAL_HOST,
+            vec![
+                vhost("9080/reviews:9080", &["reviews", "reviews:9080", "reviews.default.svc.cluster.local:9080"], "a"),
+                vhost("9080/ratings:9080", &["ratings:9080"], "a"),
+            ],
+        )
+        .unwrap();
+    let server = RunningServer::start(source.clone(), any_port()).await;
+    let mut raw = delta(&server).await;
+    raw.send(dreq(VIRTUAL_HOST, &["9080/reviews:9080", "9080/nope:9080"], &[]));
+    let first = raw.recv().await;
+    let mut by_name: HashMap<&str, &envoy_types::pb::envoy::service::discovery::v3::Resource> =
+        first.resources.iter().map(|r| (r.name.as_str(), r)).collect();
+    assert_eq!(by_name.len(), 2, "{first:?}");
+    let found = by_name.remove("9080/reviews:9080").unwrap();
+    assert!(found.resource.is_some() && found.aliases.is_empty(), "alias equal to the name needs no alias: {found:?}");
+    let missing = by_name.remove("9080/nope:9080").unwrap();
+    assert!(missing.resource.is_none(), "unknown host answered without a body");
+    assert_eq!(missing.aliases, ["9080/nope:9080"]);
+    assert!(first.removed_resources.is_empty());
+
+    // Another authority of the same vhost: answered with the vhost and the alias.
+    raw.send(DeltaDiscoveryRequest {
+        type_url: VIRTUAL_HOST.to_string(),
+        response_nonce: first.nonce.clone(),
+        resource_names_subscribe: vec!["9080/reviews.default.svc.cluster.local:9080".to_string()],
+        ..Default::default()
+    });
+    let second = raw.recv().await;
+    assert_eq!(second.resources.len(), 1, "{second:?}");
+    assert_eq!(second.resources[0].name, "9080/reviews:9080");
+    assert_eq!(second.resources[0].aliases, ["9080/reviews.default.svc.cluster.local:9080"]);
+
+    // A change of the subscribed vhost is pushed; an unsubscribed one never is.
+    raw.send(DeltaDiscoveryRequest {
+        type_url: VIRTUAL_HOST.to_string(),
+        response_nonce: second.nonce.clone(),
+        ..Default::default()
+    });
+    source.set_one(VIRTUAL_HOST, vhost("9080/ratings:9080", &["ratings:9080"], "b")).unwrap();
+    source
+        .set_one(
+            VIRTUAL_HOST,
+            vhost("9080/reviews:9080", &["reviews", "reviews:9080", "reviews.default.svc.cluster.local:9080"], "b"),
+        )
+        .unwrap();
+    let third = raw.recv().await;
+    let names: Vec<&str> = third.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["9080/reviews:9080"], "{third:?}");
+    assert!(third.resources[0].aliases.is_empty(), "aliases already answered are not repeated");
+    server.stop().await;
+}

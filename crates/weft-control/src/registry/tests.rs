@@ -43,6 +43,7 @@ fn node_with(extra: &[(&str, &str)], instance_ips: &[&str]) -> Node {
         outbound: None,
         admin: None,
         metrics: None,
+        on_demand: false,
     };
     let mut node = info.to_node();
     if let Some(meta) = node.metadata.as_mut() {

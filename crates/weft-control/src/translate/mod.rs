@@ -12,7 +12,9 @@
 //! - [`routes`]: one RouteConfiguration per outbound port plus `weft-outbound`,
 //!   VirtualService rules compiled to Envoy routes;
 //! - [`clusters`]: `outbound|PORT|SUBSET|FQDN` clusters with DestinationRule policy and
-//!   their ClusterLoadAssignments.
+//!   their ClusterLoadAssignments;
+//! - [`on_demand`]: for proxies announcing `WEFT_ON_DEMAND`, virtual hosts moved out of
+//!   the route configurations into VHDS resources (`<route configuration>/<vhost>`).
 //!
 //! Endpoint addresses: in [`ProxyMode::Transparent`] an endpoint is the workload's
 //! address and the service's target port (the peer's iptables capture it). In
@@ -29,7 +31,7 @@ use std::net::SocketAddr;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use weft_xds::{type_url, NodeInfo};
@@ -40,6 +42,7 @@ pub mod clusters;
 pub mod listeners;
 pub mod model;
 pub mod mtls;
+pub mod on_demand;
 pub mod routes;
 
 #[cfg(test)]
@@ -102,6 +105,8 @@ pub struct ProxyXds {
     pub clusters: Vec<Cluster>,
     /// EDS.
     pub endpoints: Vec<ClusterLoadAssignment>,
+    /// VHDS (on-demand proxies only): virtual hosts named `<route configuration>/<vhost>`.
+    pub virtual_hosts: Vec<VirtualHost>,
 }
 
 impl Default for MeshConfig {
@@ -118,9 +123,13 @@ impl Default for MeshConfig {
 }
 
 impl ProxyXds {
-    /// The resources packed as `Any`, keyed by type URL (all four keys always present).
+    /// The resources packed as `Any`, keyed by type URL (LDS, RDS, CDS and EDS always
+    /// present; VHDS when there are virtual hosts to serve on demand).
     pub fn into_resources(self) -> BTreeMap<&'static str, Vec<Any>> {
         let mut out = BTreeMap::new();
+        if !self.virtual_hosts.is_empty() {
+            out.insert(type_url::VIRTUAL_HOST, self.virtual_hosts.into_iter().map(pack_any).collect());
+        }
         out.insert(type_url::LISTENER, self.listeners.into_iter().map(pack_any).collect());
         out.insert(type_url::ROUTE, self.routes.into_iter().map(pack_any).collect());
         out.insert(type_url::CLUSTER, self.clusters.into_iter().map(pack_any).collect());
@@ -150,7 +159,7 @@ impl ProxyXds {
 }
 
 /// Compiles the mesh for the proxy `node` (looked up in `registry` by its id for its
-/// own inbound address). Never fails: resources that cannot be honoured are skipped
+/// own inbound address); a node announcing `on_demand` gets VHDS output. Never fails: resources that cannot be honoured are skipped
 /// (validation already rejected malformed ones), so one bad rule never blocks a push.
 pub fn translate(mesh: &MeshConfig, registry: &RegistrySnapshot, node: &NodeInfo, mode: ProxyMode) -> ProxyXds {
     let view = model::MeshView::new(mesh, registry, node);
@@ -164,5 +173,8 @@ pub fn translate(mesh: &MeshConfig, registry: &RegistrySnapshot, node: &NodeInfo
     out.clusters.dedup_by(|a, b| a.name == b.name);
     out.endpoints.sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
     out.endpoints.dedup_by(|a, b| a.cluster_name == b.cluster_name);
+    if node.on_demand {
+        on_demand::split(&mut out);
+    }
     out
 }

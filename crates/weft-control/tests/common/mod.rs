@@ -167,5 +167,6 @@ pub fn node(name: &str, namespace: &str, pairs: &[(&str, &str)], instance_ips: &
         outbound: None,
         admin: None,
         metrics: None,
+        on_demand: false,
     }
 }

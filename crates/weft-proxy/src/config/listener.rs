@@ -203,6 +203,28 @@ impl ListenerConfig {
         })
     }
 
+    /// Clusters the listener sends to by itself: TCP proxy clusters and the clusters of
+    /// inline route tables (RDS tables name theirs separately).
+    pub fn cluster_names(&self) -> std::collections::BTreeSet<String> {
+        let mut out = std::collections::BTreeSet::new();
+        for c in self.chains.iter().chain(self.default_chain.iter()) {
+            match &c.kind {
+                ChainKind::Tcp(t) => match &t.clusters {
+                    crate::route::ClusterChoice::Single(n) => {
+                        out.insert(n.clone());
+                    }
+                    crate::route::ClusterChoice::Weighted(list, _) => out.extend(list.iter().map(|(n, _)| n.clone())),
+                },
+                ChainKind::Http(h) => {
+                    if let RouteSource::Inline(t) = &h.routes {
+                        out.extend(t.cluster_names());
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// Picks the filter chain for a connection, following Envoy's order of criteria:
     /// destination port, destination IP, server name, transport protocol, application
     /// protocols, source IP. The most specific match wins at each step.

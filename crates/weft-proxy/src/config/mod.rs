@@ -7,6 +7,7 @@
 //! disturbs work in flight.
 
 pub mod listener;
+pub mod on_demand;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -26,6 +27,7 @@ use crate::route::RouteTable;
 pub use listener::{
     ChainKind, ConnFacts, Direction, FilterChainConfig, HttpChain, ListenerConfig, RouteSource, TcpChain,
 };
+use on_demand::{OnDemand, OnDemandView};
 
 /// One immutable view of everything the proxy runs.
 #[derive(Default)]
@@ -40,8 +42,11 @@ pub struct Snapshot {
     pub versions: BTreeMap<String, String>,
     /// When this snapshot was built.
     pub built_at: Option<SystemTime>,
-    /// Raw resources, for `/config_dump`.
+    /// Raw resources, for `/config_dump` (route configurations with the virtual hosts
+    /// received on demand).
     pub raw: RawResources,
+    /// What on-demand fetching has answered (see [`on_demand`]).
+    pub on_demand: Arc<OnDemandView>,
 }
 
 /// The last accepted resources as received, for `/config_dump`.
@@ -98,6 +103,7 @@ struct State {
     cluster_configs: BTreeMap<String, Arc<ClusterConfig>>,
     clusters: BTreeMap<String, Arc<Cluster>>,
     versions: BTreeMap<String, String>,
+    on_demand: OnDemand,
 }
 
 /// The xDS consumer: owns compiled state and publishes snapshots.
@@ -109,6 +115,10 @@ pub struct ConfigStore {
     changed: watch::Sender<u64>,
     /// The mesh's SDS secrets (`default`, `ROOTCA`) as this proxy resolves them.
     secrets: crate::tls::Secrets,
+    /// Ticks when a request asked for something on demand.
+    interest: watch::Sender<u64>,
+    /// Fetches on demand (fixed at creation; also in `State` for the xDS side).
+    on_demand: bool,
 }
 
 /// How often STRICT_DNS / LOGICAL_DNS clusters are re-resolved (Envoy's default
@@ -116,21 +126,32 @@ pub struct ConfigStore {
 const DNS_REFRESH: Duration = Duration::from_secs(5);
 
 impl ConfigStore {
-    /// An empty store.
+    /// An empty store that subscribes to CDS and LDS as wildcards.
     pub fn new() -> Arc<Self> {
-        Self::with_secrets(crate::tls::Secrets::default())
+        Self::with_options(false, crate::tls::Secrets::default())
+    }
+
+    /// An empty store; with `on_demand` it fetches virtual hosts (VHDS), clusters and
+    /// endpoints by the names its listeners, routes and requests need (delta xDS only).
+    pub fn with_on_demand(on_demand: bool) -> Arc<Self> {
+        Self::with_options(on_demand, crate::tls::Secrets::default())
     }
 
     /// An empty store resolving SDS secrets through `secrets` (a proxy with a mesh
-    /// identity); it then also subscribes to the `ROOTCA` trust bundle.
-    pub fn with_secrets(secrets: crate::tls::Secrets) -> Arc<Self> {
+    /// identity; it then also subscribes to the `ROOTCA` trust bundle), fetching on
+    /// demand when `on_demand` (see [`ConfigStore::with_on_demand`]).
+    pub fn with_options(on_demand: bool, secrets: crate::tls::Secrets) -> Arc<Self> {
+        let mut state = State::default();
+        state.on_demand.enabled = on_demand;
         Arc::new_cyclic(|me| ConfigStore {
             me: me.clone(),
-            state: Mutex::new(State::default()),
+            state: Mutex::new(state),
             current: ArcSwap::from_pointee(Snapshot::default()),
             loads: LoadRegistry::new(),
             changed: watch::channel(0).0,
             secrets,
+            interest: watch::channel(0).0,
+            on_demand,
         })
     }
 
@@ -150,6 +171,18 @@ impl ConfigStore {
             }
         }
         errors
+    }
+
+    /// True when the store fetches on demand.
+    pub fn is_on_demand(&self) -> bool {
+        self.on_demand
+    }
+
+    /// True once CDS has nothing to wait for: on demand, no listener or route names a
+    /// cluster yet (so no CDS subscription exists).
+    pub fn cds_optional(&self) -> bool {
+        let st = self.lock();
+        st.on_demand.enabled && Self::cluster_interest(&st).is_empty()
     }
 
     /// Resolves a DNS cluster now and every [`DNS_REFRESH`] while its config is the
@@ -200,9 +233,15 @@ impl ConfigStore {
     pub fn warmed(&self) -> bool {
         let st = self.lock();
         let routes_ok = st.listeners.values().flat_map(|l| l.rds_names()).all(|n| st.routes.contains_key(n));
-        let endpoints_ok =
-            st.cluster_configs.values().filter_map(|c| cla_name(c)).all(|n| st.raw.endpoints.contains_key(&n));
-        routes_ok && endpoints_ok
+        let endpoints_ok = st
+            .cluster_configs
+            .values()
+            .filter_map(|c| cla_name(c))
+            .all(|n| st.raw.endpoints.contains_key(&n) || st.on_demand.missing_endpoints.contains(&n));
+        // On demand, the clusters listeners name are fetched by name: wait for them too.
+        let clusters_ok = !st.on_demand.enabled
+            || st.listeners.values().flat_map(|l| l.cluster_names()).all(|n| st.cluster_configs.contains_key(&n));
+        routes_ok && endpoints_ok && clusters_ok
     }
 
     /// A receiver that ticks whenever a new snapshot is published.
@@ -224,6 +263,7 @@ impl ConfigStore {
             versions: st.versions.clone(),
             built_at: Some(SystemTime::now()),
             raw: st.raw.clone(),
+            on_demand: Arc::new(st.on_demand.view(st)),
         };
         self.current.store(Arc::new(snap));
         self.changed.send_modify(|v| *v += 1);
@@ -232,12 +272,6 @@ impl ConfigStore {
     fn apply_listeners(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
         apply_each(&update, "listener", &mut st.raw.listeners, &mut st.listeners, |l: &Listener| {
             ListenerConfig::compile_in(l, &self.secrets).map_err(|e| e.to_string())
-        })
-    }
-
-    fn apply_routes(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
-        apply_each(&update, "route configuration", &mut st.raw.routes, &mut st.routes, |rc: &RouteConfiguration| {
-            RouteTable::compile(rc).map_err(|e| e.to_string())
         })
     }
 
@@ -403,6 +437,9 @@ impl ResourceHandler for ConfigStore {
         if self.secrets.manager().is_some() {
             types.push(type_url::SECRET);
         }
+        if self.is_on_demand() {
+            types.push(type_url::VIRTUAL_HOST);
+        }
         types
     }
 
@@ -411,9 +448,16 @@ impl ResourceHandler for ConfigStore {
         let version = update.version.clone();
         let errors = match type_url {
             type_url::LISTENER => self.apply_listeners(&mut st, update),
-            type_url::ROUTE => self.apply_routes(&mut st, update),
-            type_url::CLUSTER => self.apply_clusters(&mut st, update),
-            type_url::ENDPOINT => self.apply_endpoints(&mut st, update),
+            type_url::ROUTE => on_demand::apply_routes(&mut st, &update),
+            type_url::VIRTUAL_HOST => on_demand::apply_vhosts(&mut st, &update),
+            type_url::CLUSTER => {
+                on_demand::note_absent(&mut st, true, &update);
+                self.apply_clusters(&mut st, update)
+            }
+            type_url::ENDPOINT => {
+                on_demand::note_absent(&mut st, false, &update);
+                self.apply_endpoints(&mut st, update)
+            }
             type_url::SECRET => self.apply_secrets(update),
             other => vec![format!("unsupported resource type {other}")],
         };
@@ -434,7 +478,13 @@ impl ResourceHandler for ConfigStore {
             type_url::ROUTE => Some(st.listeners.values().flat_map(|l| l.rds_names().map(str::to_string)).collect()),
             type_url::ENDPOINT => Some(st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()),
             type_url::SECRET => Some(BTreeSet::from([crate::tls::ROOT_SECRET.to_string()])),
+            type_url::CLUSTER if st.on_demand.enabled => Some(Self::cluster_interest(&st)),
+            type_url::VIRTUAL_HOST => Some(Self::vhost_interest(&st)),
             _ => None,
         }
+    }
+
+    fn interest_changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.interest.subscribe())
     }
 }

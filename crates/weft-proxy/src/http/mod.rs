@@ -102,9 +102,16 @@ async fn route_request(
     let (parts, body) = req.into_parts();
     let authority = request_authority(&parts).unwrap_or_default();
     report.authority = authority.clone();
-    let table = snap
+    let mut table = snap
         .route_table(chain)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "route configuration not (yet) received"))?;
+    // On-demand route configurations (VHDS) fetch the virtual host of a new authority first.
+    let mut snap = snap.clone();
+    let fetched = ctx.store.await_vhost(&snap, &table, &authority).await;
+    if let Some((s, t)) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoRoute, e.to_string()))? {
+        (snap, table) = (s, t);
+    }
+    let snap = &snap;
     if parts.method == Method::CONNECT {
         if !chain.upgrades.iter().any(|u| u == "connect") {
             return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "CONNECT is not enabled on this listener"));
@@ -177,6 +184,16 @@ async fn dispatch(
             }
             let cluster_name = action.clusters.pick(rand::random()).to_string();
             report.cluster = cluster_name.clone();
+            let fresh;
+            let mut snap = snap;
+            if !snap.cluster_warm(&cluster_name) {
+                // On demand, a cluster not received yet (or without endpoints) is awaited.
+                let fetched = ctx.store.await_cluster(snap, &cluster_name).await;
+                if let Some(s) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoCluster, e.to_string()))? {
+                    fresh = s;
+                    snap = &fresh;
+                }
+            }
             if !snap.clusters.contains_key(&cluster_name) {
                 // Envoy's `cluster_not_found_response_code` (503 unless configured).
                 report.local_status = Some(action.cluster_not_found_status);

@@ -65,8 +65,8 @@ struct Ctx<'a> {
 }
 
 pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> {
-    if rc.vhds.is_some() {
-        return Err(unsupported_top("vhds"));
+    if let Some(v) = &rc.vhds {
+        super::vhds::check(v)?;
     }
     if !rc.internal_only_headers.is_empty() {
         return Err(unsupported_top("internal_only_headers"));
@@ -111,6 +111,7 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
         prefixes: Vec::new(),
         default: None,
         ignore_port: rc.ignore_port_in_host_matching,
+        on_demand: rc.vhds.is_some(),
     };
     let mut seen: HashMap<String, usize> = HashMap::new();
     for (vi, vh) in rc.virtual_hosts.iter().enumerate() {

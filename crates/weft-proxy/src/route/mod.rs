@@ -14,6 +14,7 @@ mod matcher;
 mod retry;
 #[cfg(test)]
 mod tests;
+pub mod vhds;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -46,6 +47,8 @@ pub struct RouteTable {
     /// The `*` virtual host.
     default: Option<usize>,
     ignore_port: bool,
+    /// Virtual hosts come on demand (`vhds`), see [`vhds`].
+    on_demand: bool,
 }
 
 /// A compiled virtual host.

@@ -10,7 +10,7 @@ use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
 use super::{nack_status, AdsClient, Memory, ResourceUpdate};
-use crate::type_url::{resource_name, short};
+use crate::type_url::{resolves_aliases, resource_name, short};
 
 /// The explicit wildcard subscription name.
 const WILDCARD: &str = "*";
@@ -41,11 +41,30 @@ pub(super) async fn run_stream(
         .map_err(|e| format!("open delta stream: {e}"))?
         .into_inner();
     client.mark_connected();
-    while let Some(response) = responses.message().await.map_err(|e| format!("delta stream: {e}"))? {
-        *healthy = true;
-        stream.handle(response, memory)?;
+    let mut wake = client.handler.interest_changes();
+    loop {
+        tokio::select! {
+            message = responses.message() => {
+                let Some(response) = message.map_err(|e| format!("delta stream: {e}"))? else { return Ok(()) };
+                *healthy = true;
+                stream.handle(response, memory)?;
+            }
+            changed = interest_changed(&mut wake) => {
+                if changed.is_err() {
+                    wake = None;
+                }
+                stream.sync_interest(memory)?;
+            }
+        }
     }
-    Ok(())
+}
+
+/// Resolves when the handler says its interest changed (never without a receiver).
+async fn interest_changed(wake: &mut Option<tokio::sync::watch::Receiver<u64>>) -> Result<(), ()> {
+    match wake {
+        Some(rx) => rx.changed().await.map_err(|_| ()),
+        None => std::future::pending().await,
+    }
 }
 
 impl Stream<'_> {
@@ -65,12 +84,13 @@ impl Stream<'_> {
         } else {
             response.system_version_info.clone()
         };
-        let outcome = decode(type_url, &response).and_then(|(upserts, versions)| {
+        let outcome = decode(type_url, &response).and_then(|(upserts, versions, resolved)| {
             let update = ResourceUpdate {
                 version: version.clone(),
                 upserts,
                 removals: response.removed_resources.clone(),
                 full_state: false,
+                resolved,
             };
             self.client.handler.apply(type_url, update).map(|()| versions)
         });
@@ -130,9 +150,23 @@ impl Stream<'_> {
                         (false, true) => request.resource_names_subscribe.push(WILDCARD.to_string()),
                         _ => {}
                     }
+                    let mut forgotten = Vec::new();
                     if let Some(known) = memory.delta_versions.get_mut(type_url) {
                         for name in &request.resource_names_unsubscribe {
-                            known.remove(name);
+                            if known.remove(name).is_some() {
+                                forgotten.push(name.clone());
+                            }
+                        }
+                    }
+                    if !forgotten.is_empty() {
+                        // The server sends nothing more about unsubscribed names: drop them here.
+                        let update = ResourceUpdate {
+                            version: self.client.acked_version(type_url),
+                            removals: forgotten,
+                            ..ResourceUpdate::default()
+                        };
+                        if let Err(e) = self.client.handler.apply(type_url, update) {
+                            tracing::warn!(type_url, error = %e, "dropping unsubscribed resources failed");
                         }
                     }
                 }
@@ -152,15 +186,24 @@ impl Stream<'_> {
     }
 }
 
-type Decoded = (Vec<(String, Any)>, Vec<(String, String)>);
+type Decoded = (Vec<(String, Any)>, Vec<(String, String)>, Vec<(String, Option<String>)>);
 
-/// Upserts and their per-resource versions; the error names type and resource.
+/// Upserts, their per-resource versions, and (for alias types) what each alias
+/// resolved to; the error names type and resource.
 fn decode(type_url: &str, response: &DeltaDiscoveryResponse) -> Result<Decoded, String> {
     let mut upserts = Vec::with_capacity(response.resources.len());
     let mut versions = Vec::with_capacity(response.resources.len());
+    let mut resolved = Vec::new();
+    let aliases = resolves_aliases(type_url);
     for (i, resource) in response.resources.iter().enumerate() {
         let label = if resource.name.is_empty() { format!("#{i}") } else { resource.name.clone() };
         let Some(any) = resource.resource.as_ref() else {
+            if aliases && !resource.name.is_empty() {
+                // Envoy's VHDS: a body-less resource answers aliases the server cannot resolve.
+                resolved.push((resource.name.clone(), None));
+                resolved.extend(resource.aliases.iter().filter(|a| **a != resource.name).map(|a| (a.clone(), None)));
+                continue;
+            }
             return Err(format!("{} resource {label} rejected: no resource body", short(type_url)));
         };
         let name =
@@ -168,8 +211,16 @@ fn decode(type_url: &str, response: &DeltaDiscoveryResponse) -> Result<Decoded, 
         if !resource.name.is_empty() && resource.name != name {
             return Err(format!("{} resource {label} rejected: body is named {name}", short(type_url)));
         }
+        if aliases {
+            resolved.push((name.clone(), Some(name.clone())));
+            resolved.extend(resource.aliases.iter().filter(|a| **a != name).map(|a| (a.clone(), Some(name.clone()))));
+        }
         versions.push((name.clone(), resource.version.clone()));
         upserts.push((name, any.clone()));
     }
-    Ok((upserts, versions))
+    if aliases {
+        // A removed name that was requested under that very name is answered too.
+        resolved.extend(response.removed_resources.iter().map(|n| (n.clone(), None)));
+    }
+    Ok((upserts, versions, resolved))
 }

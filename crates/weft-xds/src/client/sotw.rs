@@ -83,8 +83,13 @@ impl Stream<'_> {
             } else {
                 Vec::new()
             };
-            let update =
-                ResourceUpdate { version: response.version_info.clone(), upserts, removals, full_state: wildcard };
+            let update = ResourceUpdate {
+                version: response.version_info.clone(),
+                upserts,
+                removals,
+                full_state: wildcard,
+                resolved: Vec::new(),
+            };
             self.client.handler.apply(type_url, update).map(|()| names)
         });
         let interest = self.client.handler.interest(type_url);

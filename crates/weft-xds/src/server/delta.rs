@@ -3,12 +3,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use super::{record_reply, Registration};
 use crate::content_version;
-use crate::type_url::is_wildcard_type;
+use crate::type_url::{is_wildcard_type, resolves_aliases};
 
 /// Un-ACKed responses remembered per type.
 const MAX_INFLIGHT: usize = 64;
@@ -20,12 +21,13 @@ type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
 struct TypeState {
     /// Subscribed to everything of this type.
     wildcard: bool,
-    /// Explicitly subscribed names.
+    /// Explicitly subscribed names (for alias types, the aliases as requested).
     names: BTreeSet<String>,
-    /// What the peer holds: name -> version.
+    /// What the peer holds: resource name -> version.
     known: BTreeMap<String, String>,
-    /// Subscribed names already reported as absent (in `removed_resources`).
-    reported_missing: BTreeSet<String>,
+    /// What each subscribed name was last answered with: the resource it resolved to,
+    /// or `None` once reported absent.
+    answered: BTreeMap<String, Option<String>>,
     /// Responses not yet ACKed: nonce -> system version.
     inflight: BTreeMap<u64, String>,
     /// At least one response was sent for this type.
@@ -103,7 +105,7 @@ impl Stream {
             } else {
                 state.names.remove(&name);
                 state.known.remove(&name);
-                state.reported_missing.remove(&name);
+                state.answered.remove(&name);
             }
         }
         self.push(&type_url).await
@@ -118,51 +120,89 @@ impl Stream {
     }
 
     /// Sends what changed for a type since the peer's known versions: changed or new
-    /// resources, and removals (including subscribed names that do not exist).
+    /// resources, removals, and subscribed names that do not exist (in
+    /// `removed_resources`; for alias types, as Envoy's VHDS expects, a body-less resource
+    /// named by and aliased to the requested name). Named subscriptions are looked up by
+    /// name, so a peer subscribed to a few names never costs a copy of the whole type.
     async fn push(&mut self, type_url: &str) -> Result<(), Status> {
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
-        let (version, resources) = self.registration.shared.source.resources(&self.registration.node, type_url);
-        let wanted = |name: &str| state.wildcard || state.names.contains(name);
-        let mut updates = Vec::new();
-        for (name, any) in &resources {
-            if !wanted(name) {
-                continue;
-            }
+        let source = &self.registration.shared.source;
+        let node = &self.registration.node;
+        let (mut version, everything) = if state.wildcard {
+            let (v, all) = source.resources(node, type_url);
+            (v, Some(all))
+        } else {
+            (String::new(), None)
+        };
+        let resolved = if state.wildcard && state.names.is_empty() {
+            BTreeMap::new()
+        } else {
+            let (v, resolved) = source.lookup(node, type_url, &state.names);
+            version = v;
+            resolved
+        };
+        // Resources the peer should hold now, with their versions.
+        let mut present: BTreeMap<String, String> = BTreeMap::new();
+        let mut updates: BTreeMap<String, Resource> = BTreeMap::new();
+        for (name, any) in everything.iter().flatten() {
             let resource_version = content_version(any);
             if state.known.get(name) != Some(&resource_version) {
-                updates.push(Resource {
-                    name: name.clone(),
-                    version: resource_version,
-                    resource: Some(any.clone()),
-                    ..Default::default()
-                });
+                updates.insert(name.clone(), resource(name, &resource_version, any));
+            }
+            present.insert(name.clone(), resource_version);
+        }
+        let mut missing = Vec::new();
+        let mut answers = Vec::new();
+        for (requested, found) in resolved {
+            match found {
+                Some((name, any)) => {
+                    let resource_version = present.get(&name).cloned().unwrap_or_else(|| content_version(&any));
+                    // An alias is answered (with the resource) even when the peer holds it.
+                    let newly = requested != name && state.answered.get(&requested) != Some(&Some(name.clone()));
+                    if newly || state.known.get(&name) != Some(&resource_version) {
+                        let r = updates.entry(name.clone()).or_insert_with(|| resource(&name, &resource_version, &any));
+                        if newly && !r.aliases.contains(&requested) {
+                            r.aliases.push(requested.clone());
+                        }
+                    }
+                    present.insert(name.clone(), resource_version);
+                    answers.push((requested, Some(name)));
+                }
+                None => {
+                    if state.answered.get(&requested) != Some(&None) {
+                        missing.push(requested.clone());
+                    }
+                    answers.push((requested, None));
+                }
             }
         }
-        let mut removed: Vec<String> =
-            state.known.keys().filter(|name| !resources.contains_key(*name) && wanted(name)).cloned().collect();
-        for name in &state.names {
-            if !resources.contains_key(name)
-                && !state.known.contains_key(name)
-                && !state.reported_missing.contains(name)
-            {
-                removed.push(name.clone());
+        let mut removed: Vec<String> = state.known.keys().filter(|n| !present.contains_key(*n)).cloned().collect();
+        for name in missing {
+            if resolves_aliases(type_url) {
+                if !removed.contains(&name) {
+                    updates.insert(
+                        name.clone(),
+                        Resource { name: name.clone(), aliases: vec![name], ..Default::default() },
+                    );
+                }
+            } else if !removed.contains(&name) {
+                removed.push(name);
             }
         }
         let first_wildcard = state.wildcard && !state.responded;
         if updates.is_empty() && removed.is_empty() && !first_wildcard {
             return Ok(());
         }
-        for resource in &updates {
-            state.known.insert(resource.name.clone(), resource.version.clone());
-            state.reported_missing.remove(&resource.name);
+        for r in updates.values().filter(|r| r.resource.is_some()) {
+            state.known.insert(r.name.clone(), r.version.clone());
         }
         for name in &removed {
-            if state.known.remove(name).is_none() {
-                state.reported_missing.insert(name.clone());
-            }
+            state.known.remove(name);
         }
+        state.answered.extend(answers);
+        let updates: Vec<Resource> = updates.into_values().collect();
         self.nonce += 1;
         state.inflight.insert(self.nonce, version.clone());
         while state.inflight.len() > MAX_INFLIGHT {
@@ -186,4 +226,9 @@ impl Stream {
         });
         Ok(())
     }
+}
+
+/// A delta resource with its body.
+fn resource(name: &str, version: &str, any: &Any) -> Resource {
+    Resource { name: name.to_string(), version: version.to_string(), resource: Some(any.clone()), ..Default::default() }
 }

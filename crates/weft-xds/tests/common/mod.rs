@@ -190,6 +190,7 @@ pub fn node_info() -> NodeInfo {
         outbound: Some("127.0.0.1:15001".parse().unwrap()),
         admin: None,
         metrics: None,
+        on_demand: false,
     }
 }
 

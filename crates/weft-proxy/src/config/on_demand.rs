@@ -1,0 +1,314 @@
+//! On-demand configuration (delta xDS): virtual hosts fetched per host over VHDS,
+//! clusters and endpoints subscribed by the names the proxy's listeners and routes use,
+//! so the proxy's memory follows the services it talks to, not the size of the mesh.
+//!
+//! - Route configurations are kept as received; the compiled [`RouteTable`] is built
+//!   from the route configuration followed by the virtual hosts received for it over
+//!   VHDS (Envoy's rebuild), and swapped in with the rest of the [`Snapshot`].
+//! - A request whose authority has no virtual host of its own in a `vhds` table
+//!   subscribes `<route configuration>/<authority>` ([`ConfigStore::await_vhost`]) and
+//!   waits until the control plane answers (the virtual host, or "none") or
+//!   [`ON_DEMAND_TIMEOUT`]. Requests for the same host share the subscription.
+//! - A request routed to a cluster that is not warm yet (not received, or an EDS cluster
+//!   without its endpoints) waits for it the same way ([`ConfigStore::await_cluster`]).
+//! - Known hosts and warm clusters take no lock: the checks read the snapshot.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
+use weft_xds::{vhds as names, ResourceUpdate};
+
+use super::{cla_name, listener, ConfigStore, Snapshot, State};
+use crate::route::vhds::merged;
+use crate::route::RouteTable;
+
+/// How long a request waits for a virtual host or a cluster fetched on demand.
+pub const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// On-demand bookkeeping of the config store.
+#[derive(Default)]
+pub(super) struct OnDemand {
+    /// Subscriptions by name (delta xDS with VHDS) rather than wildcard CDS.
+    pub(super) enabled: bool,
+    /// Route configurations as received, by name.
+    rds: BTreeMap<String, RouteConfiguration>,
+    /// Virtual hosts received over VHDS: route configuration -> resource name -> vhost.
+    vhosts: BTreeMap<String, BTreeMap<String, VirtualHost>>,
+    /// Aliases (`<route configuration>/<host>`) requests asked for.
+    wanted_aliases: BTreeSet<String>,
+    /// What the control plane answered per alias (`None`: no such host).
+    answered: BTreeMap<String, Option<String>>,
+    /// Clusters requests asked for beyond those listeners and routes name.
+    wanted_clusters: BTreeSet<String>,
+    /// Cluster names the control plane reported absent.
+    missing_clusters: BTreeSet<String>,
+    /// Endpoint (CLA) names the control plane reported absent.
+    pub(super) missing_endpoints: BTreeSet<String>,
+}
+
+/// A request gave up waiting for on-demand configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} did not arrive within {timeout:?} (on-demand discovery)")]
+pub struct OnDemandTimeout {
+    /// What was awaited, e.g. `virtual host "weft-outbound/reviews:9080"`.
+    pub what: String,
+    /// How long the request waited.
+    pub timeout: Duration,
+}
+
+/// What the data path reads to decide whether it must wait, published with each snapshot.
+#[derive(Debug, Default)]
+pub struct OnDemandView {
+    /// Aliases the control plane has answered (found or not).
+    pub answered: BTreeSet<String>,
+    /// EDS clusters whose endpoints have not arrived.
+    pub warming: BTreeSet<String>,
+    /// Clusters the control plane reported absent.
+    pub missing_clusters: BTreeSet<String>,
+    /// Virtual hosts received over VHDS, over all route configurations.
+    pub vhosts: usize,
+}
+
+impl Snapshot {
+    /// True when `cluster` is present and, if it uses EDS, has its endpoints.
+    pub fn cluster_warm(&self, cluster: &str) -> bool {
+        self.clusters.contains_key(cluster) && !self.on_demand.warming.contains(cluster)
+    }
+}
+
+impl OnDemand {
+    /// The published view.
+    pub(super) fn view(&self, st: &State) -> OnDemandView {
+        let warming = st
+            .cluster_configs
+            .iter()
+            .filter_map(|(n, c)| cla_name(c).map(|cla| (n, cla)))
+            .filter(|(_, cla)| !st.raw.endpoints.contains_key(cla) && !self.missing_endpoints.contains(cla))
+            .map(|(n, _)| n.clone())
+            .collect();
+        OnDemandView {
+            answered: self.answered.keys().cloned().collect(),
+            warming,
+            missing_clusters: self.missing_clusters.clone(),
+            vhosts: self.vhosts.values().map(BTreeMap::len).sum(),
+        }
+    }
+}
+
+impl ConfigStore {
+    /// For an on-demand table without a virtual host of its own for `authority`: asks
+    /// the control plane for `<table>/<authority>` (once, whoever asks) and waits for the
+    /// answer. Returns the snapshot and table to route with when they changed, `None`
+    /// when nothing had to be fetched.
+    pub async fn await_vhost(
+        &self,
+        snap: &Arc<Snapshot>,
+        table: &Arc<RouteTable>,
+        authority: &str,
+    ) -> Result<Option<(Arc<Snapshot>, Arc<RouteTable>)>, OnDemandTimeout> {
+        if !table.on_demand() || table.has_specific_vhost(authority) {
+            return Ok(None);
+        }
+        let alias = names::alias(table.name(), authority);
+        if snap.on_demand.answered.contains(&alias) {
+            return Ok(None);
+        }
+        let mut rx = self.subscribe();
+        self.want(|st| st.on_demand.wanted_aliases.insert(alias.clone()));
+        let what = format!("virtual host {alias:?}");
+        let s = self.wait_until(&mut rx, &what, |s| s.on_demand.answered.contains(&alias)).await?;
+        let fresh = s.routes.get(table.name()).cloned().unwrap_or_else(|| table.clone());
+        Ok(Some((s, fresh)))
+    }
+
+    /// For a cluster that is not warm: makes sure it is subscribed and waits until it is
+    /// warm or reported absent. `None` when nothing is fetched on demand here.
+    pub async fn await_cluster(
+        &self,
+        snap: &Arc<Snapshot>,
+        cluster: &str,
+    ) -> Result<Option<Arc<Snapshot>>, OnDemandTimeout> {
+        if snap.cluster_warm(cluster) || snap.on_demand.missing_clusters.contains(cluster) {
+            return Ok(None);
+        }
+        if !self.is_on_demand() {
+            return Ok(None);
+        }
+        let mut rx = self.subscribe();
+        // Usually a route names it and it is subscribed already; otherwise ask for it.
+        self.want(|st| {
+            !Self::cluster_interest(st).contains(cluster) && st.on_demand.wanted_clusters.insert(cluster.to_string())
+        });
+        let what = format!("cluster {cluster:?}");
+        let ready = |s: &Snapshot| s.cluster_warm(cluster) || s.on_demand.missing_clusters.contains(cluster);
+        self.wait_until(&mut rx, &what, ready).await.map(Some)
+    }
+
+    /// Records a wish; when it is new, tells the xDS client to update the subscription.
+    fn want(&self, add: impl FnOnce(&mut State) -> bool) {
+        let added = add(&mut self.lock());
+        if added {
+            self.interest.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    async fn wait_until(
+        &self,
+        rx: &mut tokio::sync::watch::Receiver<u64>,
+        what: &str,
+        ready: impl Fn(&Snapshot) -> bool,
+    ) -> Result<Arc<Snapshot>, OnDemandTimeout> {
+        let deadline = tokio::time::Instant::now() + ON_DEMAND_TIMEOUT;
+        loop {
+            let s = self.snapshot();
+            if ready(&s) {
+                return Ok(s);
+            }
+            match tokio::time::timeout_at(deadline, rx.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) | Err(_) => {
+                    return Err(OnDemandTimeout { what: what.to_string(), timeout: ON_DEMAND_TIMEOUT })
+                }
+            }
+        }
+    }
+
+    /// Clusters to subscribe to on demand: those listeners and route tables name and
+    /// those requests asked for.
+    pub(super) fn cluster_interest(st: &State) -> BTreeSet<String> {
+        let mut out: BTreeSet<String> = st.listeners.values().flat_map(|l| l.cluster_names()).collect();
+        for t in st.routes.values() {
+            out.extend(t.cluster_names());
+        }
+        out.extend(st.on_demand.wanted_clusters.iter().cloned());
+        out
+    }
+
+    /// Virtual hosts to subscribe to: the aliases requests asked for.
+    pub(super) fn vhost_interest(st: &State) -> BTreeSet<String> {
+        st.on_demand.wanted_aliases.clone()
+    }
+}
+
+/// Applies route configurations: each is compiled together with the virtual hosts
+/// received for it over VHDS. Without on-demand fetching, `vhds` is refused (it needs
+/// delta xDS).
+pub(super) fn apply_routes(st: &mut State, update: &ResourceUpdate) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut seen = BTreeSet::new();
+    for (name, any) in &update.upserts {
+        seen.insert(name.clone());
+        let rc = match listener::decode::<RouteConfiguration>(any) {
+            Ok(rc) => rc,
+            Err(m) => {
+                errors.push(format!("route configuration {name:?}: {m}"));
+                continue;
+            }
+        };
+        if rc.vhds.is_some() && !st.on_demand.enabled {
+            errors.push(format!(
+                "route configuration {name:?}: field `vhds`: virtual hosts on demand need delta xDS \
+                 (bootstrap xds.mode: delta)"
+            ));
+            continue;
+        }
+        if let Err(e) = install(st, name, &rc) {
+            errors.push(e);
+            continue;
+        }
+        st.on_demand.rds.insert(name.clone(), rc);
+    }
+    for name in super::removed(update, &seen, st.routes.keys()) {
+        st.routes.remove(&name);
+        st.raw.routes.remove(&name);
+        st.on_demand.rds.remove(&name);
+    }
+    errors
+}
+
+/// Applies virtual hosts received over VHDS (named `<route configuration>/<vhost>`):
+/// each joins its route configuration, whose table is rebuilt; one that does not
+/// compile with it is refused and the previous version stays. Records what each
+/// requested alias resolved to.
+pub(super) fn apply_vhosts(st: &mut State, update: &ResourceUpdate) -> Vec<String> {
+    let mut errors = Vec::new();
+    let mut touched = BTreeSet::new();
+    for (name, any) in &update.upserts {
+        let Some((rc, _)) = names::split_name(name) else {
+            errors.push(format!("virtual host {name:?}: name must be <route configuration>/<virtual host>"));
+            continue;
+        };
+        let vh = match listener::decode::<VirtualHost>(any) {
+            Ok(vh) => vh,
+            Err(m) => {
+                errors.push(format!("virtual host {name:?}: {m}"));
+                continue;
+            }
+        };
+        let previous = st.on_demand.vhosts.entry(rc.to_string()).or_default().insert(name.clone(), vh);
+        if let Err(e) = rebuild(st, rc) {
+            let list = st.on_demand.vhosts.entry(rc.to_string()).or_default();
+            match previous {
+                Some(p) => list.insert(name.clone(), p),
+                None => list.remove(name),
+            };
+            errors.push(format!("virtual host {name:?}: {e}"));
+            continue;
+        }
+        touched.insert(rc.to_string());
+    }
+    for name in &update.removals {
+        let Some((rc, _)) = names::split_name(name) else { continue };
+        if st.on_demand.vhosts.get_mut(rc).and_then(|l| l.remove(name)).is_some() {
+            if let Err(e) = rebuild(st, rc) {
+                errors.push(format!("virtual host {name:?} removal: {e}"));
+            }
+        }
+    }
+    let od = &mut st.on_demand;
+    for (alias, target) in &update.resolved {
+        if od.wanted_aliases.contains(alias) {
+            od.answered.insert(alias.clone(), target.clone());
+        }
+    }
+    errors
+}
+
+/// Records names the control plane reported absent for clusters and endpoints (so
+/// requests waiting for them stop), and forgets those that arrived. Removals of names
+/// no longer wanted (dropped after unsubscribing) are not absences.
+pub(super) fn note_absent(st: &mut State, cluster: bool, update: &ResourceUpdate) {
+    let wanted: BTreeSet<String> = if cluster {
+        ConfigStore::cluster_interest(st)
+    } else {
+        st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()
+    };
+    let set = if cluster { &mut st.on_demand.missing_clusters } else { &mut st.on_demand.missing_endpoints };
+    for (name, _) in &update.upserts {
+        set.remove(name);
+    }
+    set.extend(update.removals.iter().filter(|n| wanted.contains(*n)).cloned());
+}
+
+/// Recompiles route configuration `rc` (if received) with its on-demand virtual hosts.
+fn rebuild(st: &mut State, rc: &str) -> Result<(), String> {
+    let Some(base) = st.on_demand.rds.get(rc).cloned() else {
+        // Not received yet: check the virtual hosts compile on their own.
+        let alone = RouteConfiguration { name: rc.to_string(), ..Default::default() };
+        let extra = st.on_demand.vhosts.get(rc).into_iter().flat_map(|l| l.values());
+        return RouteTable::compile(&merged(&alone, extra)).map(|_| ()).map_err(|e| e.to_string());
+    };
+    install(st, rc, &base)
+}
+
+/// Compiles `rc` with its on-demand virtual hosts and installs table and merged form.
+fn install(st: &mut State, name: &str, rc: &RouteConfiguration) -> Result<(), String> {
+    let extra = st.on_demand.vhosts.get(name).into_iter().flat_map(|l| l.values());
+    let full = merged(rc, extra);
+    let table = RouteTable::compile(&full).map_err(|e| e.to_string())?;
+    st.routes.insert(name.to_string(), Arc::new(table));
+    st.raw.routes.insert(name.to_string(), full);
+    Ok(())
+}
