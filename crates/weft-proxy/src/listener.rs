@@ -28,6 +28,9 @@ pub struct ConnInfo {
     pub destination: SocketAddr,
     /// Original destination when the connection was redirected by iptables.
     pub original_dst: Option<SocketAddr>,
+    /// The peer's SPIFFE id, when TLS terminated here verified a client certificate
+    /// (mesh mTLS): the source principal for telemetry and authorization.
+    pub peer_principal: Option<Arc<str>>,
 }
 
 struct Bound {
@@ -165,16 +168,30 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
         debug!(listener = %listener.name, %peer, %destination, "no filter chain matches: closing");
         return;
     };
-    let conn = Arc::new(ConnInfo { listener: listener.clone(), peer, destination, original_dst: odst });
+    let conn = ConnInfo { listener: listener.clone(), peer, destination, original_dst: odst, peer_principal: None };
     drop(snap);
     match &chain.tls {
-        None => dispatch(ctx, conn, &chain.kind, stream).await,
+        None => dispatch(ctx, Arc::new(conn), &chain.kind, stream).await,
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                Ok(Ok(tls)) => dispatch(ctx, conn, &chain.kind, tls).await,
-                Ok(Err(e)) => debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => debug!(%peer, "TLS handshake timed out"),
+                Ok(Ok(tls)) => {
+                    let principal = weft_identity::tls::peer_identity(tls.get_ref().1.peer_certificates());
+                    let conn = ConnInfo { peer_principal: principal.map(|p| Arc::from(p.to_string())), ..conn };
+                    dispatch(ctx, Arc::new(conn), &chain.kind, tls).await
+                }
+                Ok(Err(e)) => {
+                    let reason = e
+                        .get_ref()
+                        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                        .map_or("handshake", weft_identity::tls::rejection_reason);
+                    ctx.metrics.proxy().tls_handshake_failed(&listener.name, reason);
+                    warn!(listener = %listener.name, %peer, reason, error = %e, "TLS handshake refused");
+                }
+                Err(_) => {
+                    ctx.metrics.proxy().tls_handshake_failed(&listener.name, "timeout");
+                    debug!(%peer, "TLS handshake timed out");
+                }
             }
         }
     }

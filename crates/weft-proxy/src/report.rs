@@ -103,6 +103,8 @@ pub struct HttpReport {
     /// The request id (taken from `x-request-id` or generated).
     pub request_id: String,
     peer: Option<Arc<WorkloadInfo>>,
+    /// The peer's SPIFFE id from mTLS (inbound).
+    peer_principal: Option<Arc<str>>,
     flags: Vec<&'static str>,
     /// Authority the request was for.
     pub authority: String,
@@ -143,6 +145,7 @@ impl HttpReport {
             direction: conn.listener.direction,
             downstream_remote: conn.peer,
             downstream_local: conn.destination,
+            peer_principal: conn.peer_principal.clone(),
             method: req.method().to_string(),
             path: req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
             protocol: match req.version() {
@@ -215,11 +218,12 @@ impl HttpReport {
         let duration = self.start.elapsed();
         let request_bytes = self.request_bytes_counter.as_ref().map(|c| c.load(Ordering::Relaxed)).unwrap_or(0);
         let local = ctx.local.clone();
-        let peer = self.peer.clone().unwrap_or_else(|| ctx.unknown_peer.clone());
+        let peer = with_principal(self.peer.clone().unwrap_or_else(|| ctx.unknown_peer.clone()), &self.peer_principal);
         let (source, destination) = match self.direction {
             Direction::Inbound => (peer, local),
             _ => (local, peer),
         };
+        let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
         let labels = RequestLabels {
             reporter: reporter(self.direction),
@@ -230,7 +234,7 @@ impl HttpReport {
             response_code: self.response_code,
             grpc_status: self.grpc_status.as_deref().and_then(|s| s.parse().ok()),
             response_flags: flags.clone(),
-            security_policy: SecurityPolicy::None,
+            security_policy,
         };
         ctx.metrics.record_request(&labels, duration, request_bytes, self.response_bytes);
         if self.retries > 0 && !self.cluster.is_empty() {
@@ -267,6 +271,24 @@ impl HttpReport {
     }
 }
 
+/// The peer as telemetry names it: the principal proven by its certificate wins over
+/// what its metadata header claims (allocates only when they differ).
+fn with_principal(peer: Arc<WorkloadInfo>, principal: &Option<Arc<str>>) -> Arc<WorkloadInfo> {
+    match principal {
+        Some(p) if peer.principal != **p => Arc::new(WorkloadInfo { principal: p.to_string(), ..(*peer).clone() }),
+        _ => peer,
+    }
+}
+
+/// Istio's `connection_security_policy`: `mutual_tls` on inbound connections that
+/// presented a verified mesh certificate, `none` otherwise.
+fn security_policy(direction: Direction, principal: &Option<Arc<str>>) -> SecurityPolicy {
+    match (direction, principal) {
+        (Direction::Inbound, Some(_)) => SecurityPolicy::MutualTls,
+        _ => SecurityPolicy::None,
+    }
+}
+
 fn access_direction(d: Direction) -> accesslog::Direction {
     match d {
         Direction::Inbound => accesslog::Direction::Inbound,
@@ -295,7 +317,7 @@ impl TcpReport {
     /// Counts the connection as opened.
     pub fn open(ctx: &Context, conn: &ConnInfo, cluster: &str) -> Self {
         let local = ctx.local.clone();
-        let peer = ctx.unknown_peer.clone();
+        let peer = with_principal(ctx.unknown_peer.clone(), &conn.peer_principal);
         let (source, destination) = match conn.listener.direction {
             Direction::Inbound => (peer, local),
             _ => (local, peer),
@@ -307,7 +329,7 @@ impl TcpReport {
             destination,
             service: Arc::new(service_info(cluster, &authority)),
             response_flags: Cow::Borrowed("-"),
-            security_policy: SecurityPolicy::None,
+            security_policy: security_policy(conn.listener.direction, &conn.peer_principal),
         };
         ctx.metrics.tcp_opened(&labels);
         TcpReport {

@@ -160,8 +160,16 @@ impl Connector {
                 {
                     Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
                     Ok(Err(e)) => {
-                        Err(ProxyError::new(ErrorKind::ConnectFailure, format!("TLS handshake with {addr}: {e}"))
-                            .not_sent())
+                        let reason = e
+                            .get_ref()
+                            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+                            .map_or("handshake", weft_identity::tls::rejection_reason);
+                        tracing::warn!(upstream = %addr, reason, error = %e, "upstream TLS handshake refused");
+                        Err(ProxyError::new(
+                            ErrorKind::ConnectFailure,
+                            format!("TLS handshake with {addr} failed ({reason}): {e}"),
+                        )
+                        .not_sent())
                     }
                     Err(_) => {
                         Err(ProxyError::new(ErrorKind::ConnectFailure, format!("TLS handshake with {addr} timed out"))

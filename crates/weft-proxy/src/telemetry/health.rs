@@ -29,6 +29,7 @@ pub struct ProxyHealth {
     upstream_cx_active: Family<ClusterLabel, Gauge>,
     cert_expiry: Gauge<f64, AtomicU64>,
     access_log_dropped: Counter,
+    tls_failures: Family<TlsFailureLabels, Counter>,
     /// Per xDS type: current version and when it was applied. Touched on config updates
     /// and scrapes only, never on the request path.
     applied: Mutex<HashMap<String, Applied>>,
@@ -56,6 +57,19 @@ struct VersionLabels {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct ClusterLabel {
     cluster: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct TlsFailureLabels {
+    listener: String,
+    reason: &'static str,
+}
+
+impl EncodeLabelSet for TlsFailureLabels {
+    fn encode(&self, mut enc: LabelSetEncoder) -> fmt::Result {
+        label(&mut enc, "listener", &self.listener)?;
+        label(&mut enc, "reason", self.reason)
+    }
 }
 
 impl EncodeLabelSet for TypeLabel {
@@ -89,6 +103,7 @@ impl ProxyHealth {
             upstream_cx_active: Family::default(),
             cert_expiry: Gauge::default(),
             access_log_dropped: Counter::default(),
+            tls_failures: Family::default(),
             applied: Mutex::new(HashMap::new()),
         };
         registry.register(
@@ -124,7 +139,17 @@ impl ProxyHealth {
             "Access log lines dropped because the writer fell behind or failed",
             health.access_log_dropped.clone(),
         );
+        registry.register(
+            "weft_tls_handshake_failures",
+            "Inbound TLS handshakes refused, by listener and reason (unknown_ca, expired, wrong_identity, no_client_certificate, ...)",
+            health.tls_failures.clone(),
+        );
         health
+    }
+
+    /// Counts a refused inbound TLS handshake.
+    pub fn tls_handshake_failed(&self, listener: &str, reason: &'static str) {
+        self.tls_failures.get_or_create(&TlsFailureLabels { listener: listener.to_owned(), reason }).inc();
     }
 
     /// Records whether the ADS stream is up.
