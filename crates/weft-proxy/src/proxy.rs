@@ -134,6 +134,20 @@ impl ProxyHandle {
         let (drain_tx, draining) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
         let (secrets, node) = start_identity(&b).await?;
+        if let Some(manager) = secrets.manager() {
+            // weft_cert_expiry_timestamp_seconds follows every renewal.
+            let mut rx = manager.identity();
+            let m = metrics.clone();
+            tokio::spawn(async move {
+                loop {
+                    let not_after = rx.borrow_and_update().not_after;
+                    m.proxy().set_cert_expiry(not_after);
+                    if rx.changed().await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
         let store = ConfigStore::with_options(b.xds.on_demand(), secrets);
         let ctx = Arc::new(Context {
             store: store.clone(),
