@@ -52,6 +52,10 @@ pub struct EnvoyBootstrapOptions {
     pub inbound: Option<SocketAddr>,
     /// Explicit mode: where this Envoy serves as the app's HTTP proxy (`WEFT_OUTBOUND`).
     pub outbound: Option<SocketAddr>,
+    /// A join token (`weft token create`): the control plane then serves this Envoy its
+    /// workload certificate over SDS (`default`) and it joins mesh mTLS
+    /// (`security.istio.io/tlsMode: istio`).
+    pub join_token: Option<String>,
 }
 
 impl EnvoyBootstrapOptions {
@@ -73,7 +77,13 @@ impl EnvoyBootstrapOptions {
             cluster: self.cluster_id.clone(),
             name: self.name.clone(),
             namespace: self.namespace.clone(),
-            labels: self.labels.clone(),
+            labels: {
+                let mut l = self.labels.clone();
+                if self.join_token.is_some() {
+                    l.insert(crate::translate::mtls::TLS_MODE_LABEL.into(), "istio".into());
+                }
+                l
+            },
             service_account: self.service_account.clone(),
             ports: self.ports.clone(),
             instance_ips: vec![self.instance_ip.to_string()],
@@ -89,7 +99,10 @@ impl EnvoyBootstrapOptions {
 /// The bootstrap YAML (Envoy 1.40): node, ADS over gRPC (V3) to [`XDS_CLUSTER`], CDS and
 /// LDS from ADS, admin on `127.0.0.1:admin_port`.
 pub fn render(o: &EnvoyBootstrapOptions) -> String {
-    let metadata = o.node_info().to_node().metadata.map(|s| struct_to_json(&s)).unwrap_or_else(|| json!({}));
+    let mut metadata = o.node_info().to_node().metadata.map(|s| struct_to_json(&s)).unwrap_or_else(|| json!({}));
+    if let (Some(t), Some(m)) = (&o.join_token, metadata.as_object_mut()) {
+        m.insert(crate::secrets::JOIN_TOKEN_KEY.into(), json!(t));
+    }
     let api_type = if o.delta { "DELTA_GRPC" } else { "GRPC" };
     let ads_source = json!({ "ads": {}, "resource_api_version": "V3" });
     let bootstrap = json!({

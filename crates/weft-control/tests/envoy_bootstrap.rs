@@ -13,6 +13,7 @@ use weft_xds::{NodeInfo, XdsMode};
 
 fn options(xds: SocketAddr, delta: bool) -> anyhow::Result<EnvoyBootstrapOptions> {
     Ok(EnvoyBootstrapOptions {
+        join_token: None,
         name: "reviews-1".to_string(),
         namespace: "shop".to_string(),
         labels: parse_labels("app=reviews,version=v1").map_err(anyhow::Error::msg)?,

@@ -167,6 +167,10 @@ enum Command {
         /// Explicit mode: the address this Envoy serves as the app's HTTP proxy.
         #[arg(long)]
         outbound: Option<std::net::SocketAddr>,
+        /// Join token (`weft token create`): the control plane serves this Envoy its
+        /// workload certificate over SDS and it joins mesh mTLS.
+        #[arg(long)]
+        join_token: Option<String>,
     },
     /// Run a small local mesh: an in-process xDS server, two echo backends and a proxy,
     /// with a weighted split, a header route and a fault; prints what to curl.
@@ -246,6 +250,7 @@ fn main() -> std::process::ExitCode {
                 delta,
                 inbound,
                 outbound,
+                join_token,
             } => {
                 use weft_control::envoy_bootstrap::{parse_labels, parse_ports, render, EnvoyBootstrapOptions};
                 let labels = parse_labels(&labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))?;
@@ -263,6 +268,7 @@ fn main() -> std::process::ExitCode {
                     delta,
                     inbound,
                     outbound,
+                    join_token,
                 };
                 print!("{}", render(&opts));
                 Ok(())

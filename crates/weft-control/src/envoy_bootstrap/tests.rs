@@ -2,6 +2,7 @@ use super::*;
 
 fn options() -> EnvoyBootstrapOptions {
     EnvoyBootstrapOptions {
+        join_token: None,
         name: "reviews-1".into(),
         namespace: "shop".into(),
         labels: parse_labels("app=reviews,version=v1").unwrap(),
