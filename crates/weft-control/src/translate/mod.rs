@@ -12,7 +12,9 @@
 //! - [`routes`]: one RouteConfiguration per outbound port plus `weft-outbound`,
 //!   VirtualService rules compiled to Envoy routes;
 //! - [`clusters`]: `outbound|PORT|SUBSET|FQDN` clusters with DestinationRule policy and
-//!   their ClusterLoadAssignments.
+//!   their ClusterLoadAssignments;
+//! - [`authz`]: AuthorizationPolicies selecting the proxy as RBAC filters on its inbound
+//!   listeners.
 //!
 //! Endpoint addresses: in [`ProxyMode::Transparent`] an endpoint is the workload's
 //! address and the service's target port (the peer's iptables capture it). In
@@ -36,6 +38,7 @@ use weft_xds::{type_url, NodeInfo};
 
 use crate::registry::RegistrySnapshot;
 
+pub mod authz;
 pub mod clusters;
 pub mod listeners;
 pub mod model;
