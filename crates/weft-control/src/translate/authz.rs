@@ -77,13 +77,25 @@ struct Group<'a> {
     policies: Vec<(&'a ObjectMeta, &'a AuthorizationPolicy)>,
 }
 
+/// What the rules are built for.
+#[derive(Debug, Clone, Copy)]
+struct Ctx {
+    /// A network filter (TCP port).
+    tcp: bool,
+    /// The workload port, when the listener's own port is not it.
+    port: Option<u32>,
+}
+
 /// Why a value could not become a matcher.
 #[derive(Debug)]
 struct Skip;
 
 impl InboundAuthz {
-    /// The filters the policies selecting `view`'s proxy call for.
-    pub fn new(view: &MeshView<'_>) -> InboundAuthz {
+    /// The filters the policies selecting `view`'s proxy call for. `port`: the workload
+    /// port a listener serves when the proxy cannot see it as the destination (explicit
+    /// mode: the inbound listener has its own port), so `ports` / `destination.port` are
+    /// decided here, as Istio does for waypoints; `None` leaves them to the proxy.
+    pub fn new(view: &MeshView<'_>, port: Option<u32>) -> InboundAuthz {
         let (mut custom, mut audit, mut deny, mut allow) =
             (Group::default(), Group::default(), Group::default(), Group::default());
         for r in &view.mesh.resources {
@@ -105,7 +117,7 @@ impl InboundAuthz {
             if group.policies.is_empty() {
                 continue;
             }
-            let (rules, shadow) = group.build(*action, false);
+            let (rules, shadow) = group.build(*action, Ctx { tcp: false, port });
             out.http.push(HttpFilter {
                 name: HTTP_FILTER_NAME.into(),
                 config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(HttpRbac {
@@ -116,7 +128,7 @@ impl InboundAuthz {
                 }))),
                 ..Default::default()
             });
-            let (rules, shadow) = group.build(*action, true);
+            let (rules, shadow) = group.build(*action, Ctx { tcp: true, port });
             out.tcp.push(Filter {
                 name: NETWORK_FILTER_NAME.into(),
                 config_type: Some(filter::ConfigType::TypedConfig(pack_any(NetworkRbac {
@@ -144,14 +156,14 @@ impl InboundAuthz {
 
 impl Group<'_> {
     /// Enforced and shadow rule sets (each `None` when no policy of that kind).
-    fn build(&self, action: Action, tcp: bool) -> (Option<Rbac>, Option<Rbac>) {
+    fn build(&self, action: Action, cx: Ctx) -> (Option<Rbac>, Option<Rbac>) {
         let mut enforced: Option<Rbac> = None;
         let mut shadow: Option<Rbac> = None;
         for (meta, ap) in &self.policies {
             let target = if dry_run(meta) { &mut shadow } else { &mut enforced };
             let set = target.get_or_insert_with(|| Rbac { action: action as i32, ..Default::default() });
             for (i, rule) in ap.rules.iter().enumerate() {
-                if let Some(p) = policy(rule, action, tcp) {
+                if let Some(p) = policy(rule, action, cx) {
                     set.policies.insert(policy_name(meta, i), p);
                 }
             }
@@ -245,7 +257,7 @@ struct Item<'a> {
 }
 
 /// One rule as Istio's model sees it: a policy, or `None` when the rule is dropped.
-fn policy(rule: &Rule, action: Action, tcp: bool) -> Option<Policy> {
+fn policy(rule: &Rule, action: Action, cx: Ctx) -> Option<Policy> {
     let mut base_perm = Vec::new();
     let mut base_prin = Vec::new();
     for c in &rule.when {
@@ -268,10 +280,10 @@ fn policy(rule: &Rule, action: Action, tcp: bool) -> Option<Policy> {
             item(Attr::DestPort, &o.ports, &o.not_ports),
         ];
         items.extend(base_perm.iter().map(|i| item(i.attr, i.values, i.not_values)));
-        permissions.push(and_permissions(&items, action, tcp)?);
+        permissions.push(and_permissions(&items, action, cx)?);
     }
     if rule.to.is_empty() {
-        permissions.push(and_permissions(&base_perm, action, tcp)?);
+        permissions.push(and_permissions(&base_perm, action, cx)?);
     }
     let mut principals = Vec::new();
     for from in &rule.from {
@@ -284,10 +296,10 @@ fn policy(rule: &Rule, action: Action, tcp: bool) -> Option<Policy> {
             item(Attr::SrcIp, &s.ip_blocks, &s.not_ip_blocks),
         ];
         items.extend(base_prin.iter().map(|i| item(i.attr, i.values, i.not_values)));
-        principals.push(and_principals(&items, action, tcp)?);
+        principals.push(and_principals(&items, action, cx.tcp)?);
     }
     if rule.from.is_empty() {
-        principals.push(and_principals(&base_prin, action, tcp)?);
+        principals.push(and_principals(&base_prin, action, cx.tcp)?);
     }
     Some(Policy { permissions, principals, ..Default::default() })
 }
@@ -302,19 +314,19 @@ fn check<T>(r: Result<T, Skip>, action: Action) -> Option<Option<T>> {
     }
 }
 
-fn and_permissions(items: &[Item<'_>], action: Action, tcp: bool) -> Option<Permission> {
+fn and_permissions(items: &[Item<'_>], action: Action, cx: Ctx) -> Option<Permission> {
     let mut and = Vec::new();
     for it in items {
         let mut or = Vec::new();
         for v in it.values {
-            or.extend(check(permission_for(it.attr, v, tcp), action)?);
+            or.extend(check(permission_for(it.attr, v, cx), action)?);
         }
         if !or.is_empty() {
             and.push(perm(permission::Rule::OrRules(permission::Set { rules: or })));
         }
         let mut not = Vec::new();
         for v in it.not_values {
-            not.extend(check(permission_for(it.attr, v, tcp), action)?);
+            not.extend(check(permission_for(it.attr, v, cx), action)?);
         }
         if !not.is_empty() {
             let or = perm(permission::Rule::OrRules(permission::Set { rules: not }));
@@ -408,9 +420,13 @@ impl Attr<'_> {
     }
 }
 
-fn permission_for(attr: Attr<'_>, v: &str, tcp: bool) -> Result<Permission, Skip> {
-    if tcp && attr.http_only() {
+fn permission_for(attr: Attr<'_>, v: &str, cx: Ctx) -> Result<Permission, Skip> {
+    if cx.tcp && attr.http_only() {
         return Err(Skip);
+    }
+    if let (Attr::DestPort, Some(known)) = (attr, cx.port) {
+        let any = perm(permission::Rule::Any(true));
+        return Ok(if port(v)? == known { any } else { perm(permission::Rule::NotRule(Box::new(any))) });
     }
     Ok(perm(match attr {
         Attr::Host => permission::Rule::Header(host_matcher(v)),

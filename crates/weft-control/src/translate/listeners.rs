@@ -43,9 +43,10 @@ fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
     let outbound = view.node.outbound.unwrap_or(view.mesh.explicit_outbound);
     out.listeners.push(build::http_listener(OUTBOUND, outbound, hcm));
     if let Some(inbound) = view.workload.and_then(|w| w.inbound).or(view.node.inbound) {
-        let authz = InboundAuthz::new(view);
         for (i, p) in view.node.ports.iter().enumerate() {
             let Some(addr) = offset(inbound, i) else { continue };
+            // The listener has its own port: the workload port is decided statically.
+            let authz = InboundAuthz::new(view, Some(u32::from(p.port)));
             let protocol = protocol_from(p.app_protocol.as_deref(), Some(&p.name));
             let port = u32::from(p.port);
             let name = format!("inbound|{port}");
@@ -142,7 +143,7 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         out.listeners.push(l);
     }
     // virtualInbound: one chain per declared workload port, others pass through.
-    let authz = InboundAuthz::new(view);
+    let authz = InboundAuthz::new(view, None);
     let mut chains = Vec::new();
     for p in &view.node.ports {
         let port = u32::from(p.port);

@@ -34,7 +34,7 @@ fn authz_for(yaml: &str, ns: &str, labels: &[(&str, &str)]) -> InboundAuthz {
     let m = mesh(yaml);
     let reg = RegistrySnapshot::default();
     let n = node(ns, labels);
-    InboundAuthz::new(&MeshView::new(&m, &reg, &n))
+    InboundAuthz::new(&MeshView::new(&m, &reg, &n), None)
 }
 
 fn authz(yaml: &str) -> InboundAuthz {
@@ -439,6 +439,44 @@ fn inbound_listeners_carry_the_filters_before_cors_fault_router() {
     let tcp = out.listener("inbound|9000").unwrap();
     let names: Vec<&str> = tcp.filter_chains[0].filters.iter().map(|f| f.name.as_str()).collect();
     assert_eq!(names, ["envoy.filters.network.rbac", "envoy.filters.network.tcp_proxy"]);
+    // Explicit mode: the listener's own port is not the workload's, so ports are
+    // decided statically (8000: any; other ports: never).
+    let ported =
+        ap("DENY", "  - to: [{operation: {ports: [\"8000\"]}}]\n  - to: [{operation: {notPorts: [\"8000\"]}}]\n");
+    let out = translate(&mesh(&ported), &RegistrySnapshot::default(), &n, ProxyMode::Explicit);
+    let rbac_of = |l: &str| {
+        let hcm = match &out.listener(l).unwrap().filter_chains[0].filters[0].config_type {
+            Some(filter::ConfigType::TypedConfig(a)) => a.clone(),
+            _ => panic!(),
+        };
+        let rules = match hcm.type_url.ends_with("network.rbac.v3.RBAC") {
+            true => NetworkRbac::decode(hcm.value.as_slice()).unwrap().rules.unwrap(),
+            false => {
+                let hcm = HttpConnectionManager::decode(hcm.value.as_slice()).unwrap();
+                match &hcm.http_filters[0].config_type {
+                    Some(http_filter::ConfigType::TypedConfig(a)) => {
+                        HttpRbac::decode(a.value.as_slice()).unwrap().rules.unwrap()
+                    }
+                    _ => panic!(),
+                }
+            }
+        };
+        policies(&rules)
+    };
+    assert_eq!(
+        rbac_of("inbound|8000"),
+        vec![
+            "ns[foo]-policy[p]-rule[0]: [and(or(any))] <- [and(any)]",
+            "ns[foo]-policy[p]-rule[1]: [and(not(or(any)))] <- [and(any)]"
+        ]
+    );
+    assert_eq!(
+        rbac_of("inbound|9000"),
+        vec![
+            "ns[foo]-policy[p]-rule[0]: [and(or(not(any)))] <- [and(any)]",
+            "ns[foo]-policy[p]-rule[1]: [and(not(or(not(any))))] <- [and(any)]"
+        ]
+    );
     // The outbound listener has no authorization.
     let outbound = out.listener(crate::translate::OUTBOUND).unwrap();
     assert_eq!(outbound.filter_chains[0].filters.len(), 1);
@@ -470,7 +508,7 @@ fn every_istio_security_task_sample_translates() {
             let m = MeshConfig { resources: parsed.resources.clone(), ..MeshConfig::default() };
             let reg = RegistrySnapshot::default();
             let n = node(&r.meta.namespace, &labels);
-            let a = InboundAuthz::new(&MeshView::new(&m, &reg, &n));
+            let a = InboundAuthz::new(&MeshView::new(&m, &reg, &n), None);
             assert!(!a.http.is_empty() && !a.tcp.is_empty(), "{}: no filter", path.display());
         }
     }
