@@ -524,7 +524,7 @@ async fn envoy_and_weft_accept_the_translated_rbac_and_deny_alike() {
         let p = PortInfo { name: name.into(), port, protocol: "TCP".into(), app_protocol: None };
         let n = node("foo", &labels, p);
         let out = translate(&mesh, &reg, &n, ProxyMode::Explicit);
-        let mut l = out.listener(&format!("inbound|{port}")).unwrap().clone();
+        let l = out.listener(&format!("inbound|{port}")).unwrap().clone();
         // Also the transparent-mode form (ports left to the proxy) on a copy of the TCP listener.
         let view = weft_control::translate::model::MeshView::new(&mesh, &reg, &n);
         let dynamic = weft_control::translate::authz::InboundAuthz::new(&view, None);
