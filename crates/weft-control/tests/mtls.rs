@@ -282,3 +282,157 @@ async fn certificate_rotation_under_load_fails_no_request() {
     server.shutdown().await;
     client.shutdown().await;
 }
+
+const INTEROP: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: ratings, namespace: default}
+spec:
+  selector: {app: ratings}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: default}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: reviews-from-productpage, namespace: default}
+spec:
+  selector: {matchLabels: {app: reviews}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/default/sa/bookinfo-productpage]}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ratings-no-admin, namespace: default}
+spec:
+  selector: {matchLabels: {app: ratings}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin*]}}]
+"#;
+
+/// Envoy 1.40 bootstrapped by `weft envoy-bootstrap --join-token` and weft sidecars talk
+/// mTLS in both directions under STRICT, with authorization enforced on each side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_and_weft_sidecars_talk_mtls_both_ways_with_authorization() {
+    use weft_control::envoy_bootstrap::{parse_ports, render, EnvoyBootstrapOptions};
+    let data = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("mesh.yaml"), INTEROP).unwrap();
+    let cp = ControlPlane::start(ControlConfig {
+        dir: Some(dir.path().to_path_buf()),
+        xds: "127.0.0.1:0".parse().unwrap(),
+        api: "127.0.0.1:0".parse().unwrap(),
+        mode: ProxyMode::Explicit,
+        mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
+        identity: Some(IdentityConfig::new(data.path())),
+    })
+    .await
+    .unwrap();
+
+    // reviews: an Envoy sidecar in front of its app; ratings: a weft sidecar.
+    let reviews_app = EchoServer::start("reviews-app").await;
+    let ratings_app = EchoServer::start("ratings-app").await;
+    let envoy_inbound = free_port();
+    let envoy_outbound = free_port();
+    let opts = EnvoyBootstrapOptions {
+        name: "reviews".into(),
+        namespace: "default".into(),
+        labels: [("app".to_string(), "reviews".to_string())].into(),
+        service_account: "bookinfo-reviews".into(),
+        ports: parse_ports(&format!("http:{}", reviews_app.addr.port())).unwrap(),
+        instance_ip: "127.0.0.1".parse().unwrap(),
+        xds: cp.xds_addr,
+        admin_port: 0,
+        cluster_id: "Kubernetes".into(),
+        delta: false,
+        inbound: Some(envoy_inbound),
+        outbound: Some(envoy_outbound),
+        join_token: Some(token(&cp, "bookinfo-reviews").await),
+    };
+    let envoy = weft_testkit::envoy::Envoy::start(&render(&opts)).await.unwrap();
+    let ratings = sidecar(&cp, "ratings", "bookinfo-ratings", Some(ratings_app.addr.port()), Some(free_port())).await;
+    let productpage = sidecar(&cp, "productpage", "bookinfo-productpage", None, None).await;
+    let weft_out = productpage.listener_addr("weft-outbound", WAIT).await.unwrap();
+    let envoy_out = envoy.listener_addr("weft-outbound", WAIT).await.unwrap();
+    let envoy_in = envoy.listener_addr(&format!("inbound|{}", reviews_app.addr.port()), WAIT).await.unwrap();
+
+    // weft (productpage) -> Envoy (reviews): mTLS, and reviews' ALLOW admits productpage.
+    eventually("weft -> Envoy over mTLS", || async {
+        get_via_proxy(weft_out, "http://reviews:9080/a").await.map(|r| r.status == 200).unwrap_or(false)
+    })
+    .await;
+    assert_eq!(
+        get_via_proxy(weft_out, "http://reviews:9080/a").await.unwrap().header(SERVER_HEADER),
+        Some("reviews-app")
+    );
+    // STRICT on Envoy's side: plaintext straight to its inbound listener is refused.
+    assert_ne!(plaintext_request(envoy_in).await, Ok(200));
+    // Envoy verified a client certificate on those connections.
+    let stats = envoy.admin_get("/stats").await.unwrap();
+    let handshakes: u64 = stats
+        .lines()
+        .filter(|l| l.starts_with("listener.") && l.contains(".ssl.handshake:"))
+        .filter_map(|l| l.rsplit(" ").next()?.parse::<u64>().ok())
+        .sum();
+    assert!(handshakes > 0, "Envoy saw no TLS handshake on its inbound listener:\n{stats}");
+    // Another mesh identity is refused by reviews' ALLOW policy (403 from Envoy's RBAC).
+    let other = sidecar(&cp, "details", "bookinfo-details", None, None).await;
+    let other_out = other.listener_addr("weft-outbound", WAIT).await.unwrap();
+    eventually("Envoy's RBAC to deny details", || async {
+        get_via_proxy(other_out, "http://reviews:9080/a").await.map(|r| r.status == 403).unwrap_or(false)
+    })
+    .await;
+
+    // Envoy (reviews) -> weft (ratings): mTLS; ratings' DENY on /admin applies.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = get_via_proxy(envoy_out, "http://ratings:9080/r").await;
+        if r.as_ref().is_ok_and(|r| r.status == 200) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Envoy -> weft failed: {:?}\nweft: {}\n{}",
+            r.map(|r| (r.status, r.text())),
+            metrics(&ratings)
+                .await
+                .lines()
+                .filter(|l| l.contains("tls") || l.contains("destination"))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            envoy.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let m = metrics(&ratings).await;
+    let line = m
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("response_code=\"200\"")
+        })
+        .unwrap_or_else(|| panic!("{m}"));
+    assert!(line.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-reviews\""), "{line}");
+    assert!(line.contains("connection_security_policy=\"mutual_tls\""), "{line}");
+    let r = get_via_proxy(envoy_out, "http://ratings:9080/admin/x").await.unwrap();
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_eq!(r.text(), "RBAC: access denied");
+
+    other.shutdown().await;
+    ratings.shutdown().await;
+    productpage.shutdown().await;
+}

@@ -49,6 +49,8 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// Stream idle timeout (`SI`).
     StreamIdleTimeout,
+    /// An RBAC (authorization) filter denied the request or connection (`RBAC`).
+    RbacDenied,
 }
 
 /// A data-path error.
@@ -79,6 +81,7 @@ impl ErrorKind {
             ErrorKind::DownstreamProtocol => "DPE",
             ErrorKind::UpstreamProtocol => "UPE",
             ErrorKind::StreamIdleTimeout => "SI",
+            ErrorKind::RbacDenied => "RBAC",
         }
     }
 
@@ -86,7 +89,7 @@ impl ErrorKind {
     pub fn blame(self) -> Blame {
         match self {
             ErrorKind::NoRoute | ErrorKind::NoCluster | ErrorKind::FaultAbort => Blame::Internal,
-            ErrorKind::DownstreamClosed | ErrorKind::DownstreamProtocol => Blame::Downstream,
+            ErrorKind::DownstreamClosed | ErrorKind::DownstreamProtocol | ErrorKind::RbacDenied => Blame::Downstream,
             _ => Blame::Upstream,
         }
     }
@@ -97,6 +100,7 @@ impl ErrorKind {
             ErrorKind::NoRoute => 404,
             ErrorKind::Timeout | ErrorKind::PerTryTimeout | ErrorKind::StreamIdleTimeout => 504,
             ErrorKind::DownstreamProtocol => 400,
+            ErrorKind::RbacDenied => 403,
             _ => 503,
         }
     }

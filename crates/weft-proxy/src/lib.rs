@@ -19,6 +19,7 @@ pub mod io;
 pub mod listener;
 pub mod orig_dst;
 pub mod proxy;
+pub mod rbac;
 pub mod report;
 pub mod route;
 pub mod tcp;

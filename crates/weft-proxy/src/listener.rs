@@ -28,9 +28,12 @@ pub struct ConnInfo {
     pub destination: SocketAddr,
     /// Original destination when the connection was redirected by iptables.
     pub original_dst: Option<SocketAddr>,
-    /// The peer's SPIFFE id, when TLS terminated here verified a client certificate
-    /// (mesh mTLS): the source principal for telemetry and authorization.
+    /// The peer's identity from a verified client certificate: its URI SAN
+    /// (`spiffe://<td>/ns/<ns>/sa/<sa>`), as Envoy's RBAC `authenticated` matches it.
+    /// `None` without TLS or without a client certificate.
     pub peer_principal: Option<Arc<str>>,
+    /// SNI the client asked for (sniffed or from the TLS handshake).
+    pub server_name: Option<Arc<str>>,
 }
 
 struct Bound {
@@ -168,7 +171,14 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
         debug!(listener = %listener.name, %peer, %destination, "no filter chain matches: closing");
         return;
     };
-    let conn = ConnInfo { listener: listener.clone(), peer, destination, original_dst: odst, peer_principal: None };
+    let mut conn = ConnInfo {
+        listener: listener.clone(),
+        peer,
+        destination,
+        original_dst: odst,
+        peer_principal: None,
+        server_name: detected.server_name.as_deref().map(Arc::from),
+    };
     drop(snap);
     match &chain.tls {
         None => dispatch(ctx, Arc::new(conn), &chain.kind, stream).await,
@@ -176,8 +186,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
-                    let principal = weft_identity::tls::peer_identity(tls.get_ref().1.peer_certificates());
-                    let conn = ConnInfo { peer_principal: principal.map(|p| Arc::from(p.to_string())), ..conn };
+                    crate::tls::learn_peer(&mut conn, tls.get_ref().1);
                     dispatch(ctx, Arc::new(conn), &chain.kind, tls).await
                 }
                 Ok(Err(e)) => {

@@ -128,6 +128,10 @@ pub struct HttpReport {
     pub response_bytes: u64,
     /// Status for a local error reply when the route configures one.
     pub local_status: Option<http::StatusCode>,
+    /// Envoy's `response_code_details` when the proxy decided the status itself.
+    pub details: Option<String>,
+    /// The RBAC filters' access-log metadata.
+    pub rbac: Vec<(String, String)>,
 }
 
 impl HttpReport {
@@ -170,7 +174,15 @@ impl HttpReport {
             request_bytes_counter: None,
             response_bytes: 0,
             local_status: None,
+            details: None,
+            rbac: Vec::new(),
         }
+    }
+
+    /// Records what the RBAC filters decided.
+    pub fn rbac(&mut self, verdict: crate::rbac::Verdict) {
+        self.details = verdict.details();
+        self.rbac = verdict.into_log_metadata();
     }
 
     /// Adds an Envoy response flag (deduplicated).
@@ -249,7 +261,7 @@ impl HttpReport {
             protocol: self.protocol.to_string(),
             response_code: self.response_code,
             response_flags: flags.into_owned(),
-            response_code_details: None,
+            response_code_details: self.details,
             bytes_received: request_bytes,
             bytes_sent: self.response_bytes,
             duration,
@@ -267,6 +279,7 @@ impl HttpReport {
             direction: access_direction(self.direction),
             connection_termination_details: None,
             upstream_transport_failure_reason: None,
+            rbac: self.rbac,
         });
     }
 }
@@ -311,6 +324,9 @@ pub struct TcpReport {
     pub received: u64,
     /// Bytes sent downstream (read from upstream).
     pub sent: u64,
+    /// The RBAC filters' access-log metadata.
+    pub rbac: Vec<(String, String)>,
+    details: Option<String>,
 }
 
 impl TcpReport {
@@ -343,7 +359,15 @@ impl TcpReport {
             upstream_host: None,
             received: 0,
             sent: 0,
+            rbac: Vec::new(),
+            details: None,
         }
+    }
+
+    /// Records what the network RBAC filters decided.
+    pub fn rbac(&mut self, verdict: crate::rbac::Verdict) {
+        self.details = verdict.details();
+        self.rbac = verdict.into_log_metadata();
     }
 
     /// Counts bytes and the close, and writes the access-log line.
@@ -361,6 +385,7 @@ impl TcpReport {
             response_code: 0,
             response_flags: self.labels.response_flags.to_string(),
             response_code_details: None,
+            rbac: self.rbac,
             bytes_received: self.received,
             bytes_sent: self.sent,
             duration: self.start.elapsed(),
@@ -376,7 +401,7 @@ impl TcpReport {
             downstream_local_address: Some(self.downstream_local),
             requested_server_name: None,
             direction: access_direction(self.direction),
-            connection_termination_details: flag.map(|k| format!("{k:?}")),
+            connection_termination_details: self.details.or_else(|| flag.map(|k| format!("{k:?}"))),
             upstream_transport_failure_reason: None,
         });
     }

@@ -21,6 +21,18 @@ where
     let snap = ctx.store.snapshot();
     let cluster_name = chain.clusters.pick(rand::random::<u64>()).to_string();
     let mut report = TcpReport::open(&ctx, &conn, &cluster_name);
+    if !chain.rbac.is_empty() {
+        // Evaluated before connecting upstream: a denied client never reaches the app
+        // (nor sees a server-first banner); dropping the stream closes the connection.
+        let verdict = crate::rbac::check(&chain.rbac, &crate::rbac::connection_input(&conn), ctx.metrics.rbac());
+        let denied = verdict.denied.is_some();
+        report.rbac(verdict);
+        if denied {
+            debug!(peer = %conn.peer, "connection denied by RBAC: closing");
+            report.close(&ctx, Some(ErrorKind::RbacDenied));
+            return;
+        }
+    }
     let upstream = match connect(&ctx, &snap, &conn, &cluster_name).await {
         Ok((s, addr)) => {
             report.upstream_host = Some(addr);

@@ -310,6 +310,25 @@ fn sni_of(ctx: &UpstreamTlsContext) -> Result<Option<ServerName<'static>>, Strin
         .map_err(|_| format!("sni: {:?} is not a valid server name", ctx.sni))
 }
 
+/// Fills what a finished server-side handshake says about the peer: its principal (the
+/// SPIFFE id of a verified client certificate, else the certificate's first URI SAN) and
+/// the SNI it asked for.
+pub fn learn_peer(conn: &mut crate::listener::ConnInfo, tls: &rustls::ServerConnection) {
+    conn.peer_principal = peer_principal(tls.peer_certificates());
+    if conn.server_name.is_none() {
+        conn.server_name = tls.server_name().map(Arc::from);
+    }
+}
+
+/// The principal of a peer certificate chain (rustls only exposes chains it verified).
+pub fn peer_principal(chain: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> {
+    if let Some(id) = weft_identity::tls::peer_identity(chain) {
+        return Some(Arc::from(id.uri()));
+    }
+    let leaf = chain?.first()?;
+    weft_identity::cert::CertInfo::parse(leaf).ok()?.uris.into_iter().next().map(Arc::from)
+}
+
 /// Envoy's behaviour without a validation context: encrypt, but trust any certificate.
 #[derive(Debug)]
 struct AcceptAnyServerCert(Arc<rustls::crypto::CryptoProvider>);

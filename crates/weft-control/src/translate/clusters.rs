@@ -179,7 +179,7 @@ fn add(
                 cluster::TransportSocketMatch {
                     name: "tlsMode-disabled".into(),
                     r#match: Some(Default::default()),
-                    transport_socket: None,
+                    transport_socket: Some(super::mtls::raw_buffer()),
                 },
             ];
         }

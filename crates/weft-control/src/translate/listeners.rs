@@ -19,6 +19,7 @@ use envoy_types::util::pack_any;
 use weft_api::host;
 use weft_xds::build::{self, Routes};
 
+use super::authz::InboundAuthz;
 use super::clusters::{cla, outbound_name};
 use super::model::{offset, protocol_from, Ep, MeshView, Protocol, Service};
 use super::mtls;
@@ -45,19 +46,24 @@ fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
     if let Some(inbound) = view.workload.and_then(|w| w.inbound).or(view.node.inbound) {
         for (i, p) in view.node.ports.iter().enumerate() {
             let Some(addr) = offset(inbound, i) else { continue };
+            // The listener has its own port: the workload port is decided statically.
+            let authz = InboundAuthz::new(view, Some(u32::from(p.port)));
             let protocol = protocol_from(p.app_protocol.as_deref(), Some(&p.name));
             let port = u32::from(p.port);
             let name = format!("inbound|{port}");
             let mut l = if protocol.is_http() {
-                let hcm = build::http_connection_manager(
+                let mut hcm = build::http_connection_manager(
                     &name,
                     Routes::Inline(Box::new(inbound_routes(port))),
                     None,
                     &["websocket"],
                 );
+                authz.apply_http(&mut hcm);
                 build::http_listener(&name, addr, hcm)
             } else {
-                build::tcp_listener(&name, addr, &inbound_cluster(port))
+                let mut l = build::tcp_listener(&name, addr, &inbound_cluster(port));
+                l.filter_chains.iter_mut().for_each(|c| authz.apply_tcp(&mut c.filters));
+                l
             };
             l.traffic_direction = TrafficDirection::Inbound as i32;
             if mtls::in_mesh(&view.node.labels) {
@@ -144,32 +150,37 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         out.listeners.push(l);
     }
     // virtualInbound: one chain per declared workload port, others pass through.
+    let authz = InboundAuthz::new(view, None);
     let mut chains = Vec::new();
     for p in &view.node.ports {
         let port = u32::from(p.port);
         let protocol = protocol_from(p.app_protocol.as_deref(), Some(&p.name));
         let name = format!("inbound|{port}");
-        let filter = if protocol.is_http() {
-            let hcm = build::http_connection_manager(
+        let mut filters = vec![if protocol.is_http() {
+            let mut hcm = build::http_connection_manager(
                 &name,
                 Routes::Inline(Box::new(inbound_routes(port))),
                 None,
                 &["websocket"],
             );
+            authz.apply_http(&mut hcm);
             Filter {
                 name: "envoy.filters.network.http_connection_manager".into(),
                 config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
             }
         } else {
             tcp_filter(&name, tcp_proxy::ClusterSpecifier::Cluster(inbound_cluster(port)))
-        };
+        }];
+        if !protocol.is_http() {
+            authz.apply_tcp(&mut filters);
+        }
         let plain = FilterChain {
             name: name.clone(),
             filter_chain_match: Some(FilterChainMatch {
                 destination_port: Some(UInt32Value { value: port }),
                 ..Default::default()
             }),
-            filters: vec![filter],
+            filters,
             ..Default::default()
         };
         if mtls::in_mesh(&view.node.labels) {
@@ -192,6 +203,9 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH.into()),
     );
     vi.default_filter_chain = vi.filter_chains.pop();
+    if let Some(c) = vi.default_filter_chain.as_mut() {
+        authz.apply_tcp(&mut c.filters);
+    }
     vi.filter_chains = chains;
     vi.traffic_direction = TrafficDirection::Inbound as i32;
     vi.listener_filters = vec![ListenerFilter {

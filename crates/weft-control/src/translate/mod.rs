@@ -15,6 +15,8 @@
 //!   their ClusterLoadAssignments;
 //! - [`on_demand`]: for proxies announcing `WEFT_ON_DEMAND`, virtual hosts moved out of
 //!   the route configurations into VHDS resources (`<route configuration>/<vhost>`).
+//! - [`authz`]: AuthorizationPolicies selecting the proxy as RBAC filters on its inbound
+//!   listeners.
 //!
 //! Endpoint addresses: in [`ProxyMode::Transparent`] an endpoint is the workload's
 //! address and the service's target port (the peer's iptables capture it). In
@@ -38,6 +40,7 @@ use weft_xds::{type_url, NodeInfo};
 
 use crate::registry::RegistrySnapshot;
 
+pub mod authz;
 pub mod clusters;
 pub mod listeners;
 pub mod model;

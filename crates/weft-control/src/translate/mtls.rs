@@ -131,6 +131,15 @@ pub fn inbound_chains(plain: FilterChain, mode: MtlsMode, http: bool) -> Vec<Fil
     }
 }
 
+/// Plaintext, spelled out (Envoy needs a socket in every `transport_socket_matches` entry).
+pub fn raw_buffer() -> TransportSocket {
+    use envoy_types::pb::envoy::extensions::transport_sockets::raw_buffer::v3::RawBuffer;
+    TransportSocket {
+        name: "envoy.transport_sockets.raw_buffer".into(),
+        config_type: Some(transport_socket::ConfigType::TypedConfig(pack_any(RawBuffer::default()))),
+    }
+}
+
 /// The TLS inspector Envoy needs to match chains on `transport_protocol`.
 pub fn tls_inspector() -> ListenerFilter {
     use envoy_types::pb::envoy::config::listener::v3::listener_filter::ConfigType;

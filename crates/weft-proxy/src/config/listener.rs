@@ -16,6 +16,7 @@ use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use prost::{Message, Name};
 
 use crate::error::ConfigError;
+use crate::rbac::{RbacFilter, HTTP_RBAC_TYPE, NETWORK_RBAC_TYPE};
 use crate::route::{ClusterChoice, FaultPolicy, RouteTable};
 
 /// Which way traffic flows through a listener (Envoy's `traffic_direction`).
@@ -123,6 +124,11 @@ pub struct HttpChain {
     pub stream_idle_timeout: Option<Duration>,
     /// Connection idle timeout (Envoy default 1 hour; `None` disables).
     pub idle_timeout: Option<Duration>,
+    /// RBAC filters, in chain order; they run before CORS, faults and the router.
+    pub rbac: Vec<Arc<RbacFilter>>,
+    /// Network RBAC filters placed before the connection manager: checked once per
+    /// connection, before any request is read.
+    pub network_rbac: Vec<Arc<RbacFilter>>,
 }
 
 /// A compiled TCP proxy.
@@ -134,6 +140,8 @@ pub struct TcpChain {
     pub clusters: ClusterChoice,
     /// Idle timeout (Envoy default 1 hour; `None` disables).
     pub idle_timeout: Option<Duration>,
+    /// Network RBAC filters before the `tcp_proxy`, in chain order.
+    pub rbac: Vec<Arc<RbacFilter>>,
 }
 
 impl ListenerConfig {
@@ -340,6 +348,7 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
         None => ChainMatch::default(),
     };
     let mut kind = None;
+    let mut rbac = Vec::new();
     for (i, f) in fc.filters.iter().enumerate() {
         let field = format!("filters[{i}]");
         let any = match &f.config_type {
@@ -352,21 +361,25 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
                 "a terminal filter (http_connection_manager / tcp_proxy) must be the last filter".into(),
             ));
         }
-        if any.type_url == HttpConnectionManager::type_url() {
+        if any.type_url == NETWORK_RBAC_TYPE {
+            let filter =
+                RbacFilter::from_network(any, &f.name).map_err(|(f, m)| (join(&field, "typed_config", &f), m))?;
+            rbac.push(Arc::new(filter));
+        } else if any.type_url == HttpConnectionManager::type_url() {
             let hcm = decode::<HttpConnectionManager>(any).map_err(|m| (field.clone(), m))?;
-            kind = Some(ChainKind::Http(Arc::new(
-                compile_hcm(&hcm).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?,
-            )));
+            let mut chain = compile_hcm(&hcm).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?;
+            chain.network_rbac = std::mem::take(&mut rbac);
+            kind = Some(ChainKind::Http(Arc::new(chain)));
         } else if any.type_url == TcpProxy::type_url() {
             let tp = decode::<TcpProxy>(any).map_err(|m| (field.clone(), m))?;
-            kind = Some(ChainKind::Tcp(Arc::new(
-                compile_tcp(&tp).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?,
-            )));
+            let mut chain = compile_tcp(&tp).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?;
+            chain.rbac = std::mem::take(&mut rbac);
+            kind = Some(ChainKind::Tcp(Arc::new(chain)));
         } else {
             return Err((
                 format!("{field}.typed_config"),
                 format!(
-                    "unsupported network filter {:?} ({}); expected http_connection_manager or tcp_proxy",
+                    "unsupported network filter {:?} ({}); expected rbac, http_connection_manager or tcp_proxy",
                     f.name, any.type_url
                 ),
             ));
@@ -437,6 +450,7 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
     };
     let mut fault = None;
     let mut cors = false;
+    let mut rbac = Vec::new();
     for (i, f) in h.http_filters.iter().enumerate() {
         if f.disabled {
             continue;
@@ -451,6 +465,10 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
             fault = Some(FaultPolicy::from_any(any).map_err(|m| (format!("{field}.typed_config"), m))?);
         } else if any.type_url == CORS_FILTER_TYPE {
             cors = true;
+        } else if any.type_url == HTTP_RBAC_TYPE {
+            let filter = RbacFilter::from_http(any, &f.name, &h.stat_prefix)
+                .map_err(|(f, m)| (join(&field, "typed_config", &f), m))?;
+            rbac.push(Arc::new(filter));
         } else if !KNOWN_HTTP_FILTERS.contains(&any.type_url.as_str()) && !f.is_optional {
             return Err((
                 format!("{field}.typed_config"),
@@ -475,6 +493,8 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
             h.common_http_protocol_options.as_ref().and_then(|o| o.idle_timeout.as_ref()),
             Duration::from_secs(3600),
         ),
+        rbac,
+        network_rbac: Vec::new(),
     })
 }
 
@@ -495,7 +515,13 @@ fn compile_tcp(t: &TcpProxy) -> Result<TcpChain, (String, String)> {
         stat_prefix: t.stat_prefix.clone(),
         clusters,
         idle_timeout: timeout_or(t.idle_timeout.as_ref(), Duration::from_secs(3600)),
+        rbac: Vec::new(),
     })
+}
+
+/// `a.b.c`, leaving out empty parts.
+fn join(a: &str, b: &str, c: &str) -> String {
+    [a, b, c].iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join(".")
 }
 
 /// Decodes an `Any` after checking its type.

@@ -33,6 +33,14 @@ pub async fn serve<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<HttpCha
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    if !chain.network_rbac.is_empty() {
+        let verdict =
+            crate::rbac::check(&chain.network_rbac, &crate::rbac::connection_input(&conn), ctx.metrics.rbac());
+        if verdict.denied.is_some() {
+            debug!(peer = %conn.peer, details = ?verdict.details(), "connection denied by RBAC: closing");
+            return;
+        }
+    }
     let svc_ctx = ctx.clone();
     let activity = Activity::new();
     let idle_timeout = chain.idle_timeout;
@@ -102,6 +110,16 @@ async fn route_request(
     let (parts, body) = req.into_parts();
     let authority = request_authority(&parts).unwrap_or_default();
     report.authority = authority.clone();
+    // Authorization first (Istio's order: authn, authz, then CORS, faults, router).
+    if !chain.rbac.is_empty() {
+        let verdict =
+            crate::rbac::check(&chain.rbac, &crate::rbac::http_input(conn, &parts, &authority), ctx.metrics.rbac());
+        let denied = verdict.denied.is_some();
+        report.rbac(verdict);
+        if denied {
+            return Err(ProxyError::new(ErrorKind::RbacDenied, crate::rbac::DENIED_BODY));
+        }
+    }
     let mut table = snap
         .route_table(chain)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "route configuration not (yet) received"))?;

@@ -10,7 +10,7 @@ mod compile;
 mod cors;
 mod fault;
 mod headers;
-mod matcher;
+pub(crate) mod matcher;
 mod retry;
 #[cfg(test)]
 mod tests;

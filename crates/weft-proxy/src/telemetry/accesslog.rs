@@ -91,6 +91,9 @@ pub struct AccessRecord {
     pub connection_termination_details: Option<String>,
     /// Why connecting or TLS to the upstream failed.
     pub upstream_transport_failure_reason: Option<String>,
+    /// The RBAC filters' dynamic metadata (`shadow_engine_result`, ...,
+    /// `access_log_hint`), written as the object `rbac` when not empty.
+    pub rbac: Vec<(String, String)>,
 }
 
 /// Errors creating an access log.
@@ -154,6 +157,8 @@ struct Line<'a> {
     requested_server_name: Option<&'a str>,
     direction: &'static str,
     reporter: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rbac: Option<std::collections::BTreeMap<&'a str, &'a str>>,
 }
 
 impl Direction {
@@ -277,6 +282,7 @@ pub fn to_json_line(r: &AccessRecord) -> Result<String, serde_json::Error> {
         requested_server_name: r.requested_server_name.as_deref(),
         direction: r.direction.as_str(),
         reporter: r.direction.reporter(),
+        rbac: (!r.rbac.is_empty()).then(|| r.rbac.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()),
     };
     let mut s = serde_json::to_string(&line)?;
     s.push('\n');

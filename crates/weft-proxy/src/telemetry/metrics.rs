@@ -145,6 +145,7 @@ pub struct Metrics {
     overflow: Counter,
     unknown: Arc<WorkloadInfo>,
     proxy: ProxyHealth,
+    rbac: super::rbac::RbacMetrics,
 }
 
 /// Handles to the four series of one request label set, so recording a request hashes
@@ -283,6 +284,7 @@ impl Metrics {
             overflow.clone(),
         );
         let proxy = ProxyHealth::register(&mut registry);
+        let rbac = super::rbac::RbacMetrics::register(&mut registry);
         Self {
             registry,
             requests,
@@ -298,6 +300,7 @@ impl Metrics {
             overflow,
             unknown: Arc::new(WorkloadInfo::default()),
             proxy,
+            rbac,
         }
     }
 
@@ -363,6 +366,11 @@ impl Metrics {
     /// Proxy health metrics.
     pub fn proxy(&self) -> &ProxyHealth {
         &self.proxy
+    }
+
+    /// The RBAC filters' counters.
+    pub fn rbac(&self) -> &super::rbac::RbacMetrics {
+        &self.rbac
     }
 
     /// Encodes every metric in the classic Prometheus text format (version 0.0.4), served

@@ -10,6 +10,7 @@ mod exposition;
 pub mod health;
 pub mod metrics;
 pub mod peer;
+pub mod rbac;
 
 use serde::{Deserialize, Serialize};
 

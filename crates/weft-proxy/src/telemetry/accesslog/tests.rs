@@ -26,6 +26,7 @@ fn http_record() -> AccessRecord {
         direction: Direction::Outbound,
         connection_termination_details: None,
         upstream_transport_failure_reason: None,
+        rbac: Vec::new(),
     }
 }
 
