@@ -160,6 +160,11 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let (status, v) = crate::identity::create_token(api.identity.as_deref(), &body);
             reply(status, v)
         }
+        (Method::POST, "/api/v1/ca/rotate") => {
+            let step = param("step").unwrap_or_default();
+            let (status, v) = crate::identity::rotate_root(api.identity.as_deref(), &step);
+            reply(status, v)
+        }
         (Method::POST, p) if p.starts_with("/api/v1/tokens/") && p.ends_with("/revoke") => {
             let id = p.trim_start_matches("/api/v1/tokens/").trim_end_matches("/revoke");
             let (status, v) = crate::identity::revoke_token(api.identity.as_deref(), id);

@@ -102,3 +102,31 @@ fn disabled() -> (StatusCode, Value) {
         json!({"error": "identity is disabled on this control plane: start `weft control` with --data-dir"}),
     )
 }
+
+/// `POST /api/v1/ca/rotate?step=begin|complete|retire`: root rotation in three steps so
+/// no workload loses trust. `begin` creates the new root and trusts it next to the old
+/// (pushed to every proxy as `ROOTCA`), `complete` makes it sign (leaves move over at
+/// their next renewal), `retire` drops the previous roots once every leaf has renewed.
+pub(crate) fn rotate_root(authority: Option<&CertificateAuthority>, step: &str) -> (StatusCode, Value) {
+    let Some(authority) = authority else { return disabled() };
+    let ca = authority.ca();
+    let result = match step {
+        "begin" => ca.begin_root_rotation().map(|()| json!({"step": "begin"})),
+        "complete" => ca.complete_root_rotation().map(|()| json!({"step": "complete"})),
+        "retire" => ca.retire_previous_roots().map(|n| json!({"step": "retire", "retired": n})),
+        other => {
+            return (
+                StatusCode::BAD_REQUEST,
+                json!({"error": format!("unknown step {other:?}: expected begin, complete or retire")}),
+            )
+        }
+    };
+    match result {
+        Ok(mut v) => {
+            tracing::info!(step, roots = ca.trust_bundle().len(), "CA root rotation step");
+            v["roots"] = json!(ca.trust_bundle().len());
+            (StatusCode::OK, v)
+        }
+        Err(e) => (StatusCode::CONFLICT, json!({"error": e.to_string()})),
+    }
+}

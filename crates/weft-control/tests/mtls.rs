@@ -436,3 +436,81 @@ async fn envoy_and_weft_sidecars_talk_mtls_both_ways_with_authorization() {
     ratings.shutdown().await;
     productpage.shutdown().await;
 }
+
+async fn rotate(cp: &ControlPlane, step: &str) -> serde_json::Value {
+    let req = request(Method::POST, "weft", &format!("/api/v1/ca/rotate?step={step}"), Bytes::new()).unwrap();
+    let reply = send_h1(cp.api_addr, req).await.unwrap();
+    assert_eq!(reply.status, 200, "{step}: {}", reply.text());
+    reply.json().unwrap()
+}
+
+/// A root rotation (begin: both roots trusted; complete: the new root signs; retire: the
+/// old root goes) under continuous load through both sidecars fails no request and
+/// needs no restart; afterwards the server presents a certificate from the new root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_under_load_fails_no_request() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("svc.yaml"), SERVICE).unwrap();
+    let cp = ControlPlane::start(ControlConfig {
+        dir: Some(dir.path().to_path_buf()),
+        xds: "127.0.0.1:0".parse().unwrap(),
+        api: "127.0.0.1:0".parse().unwrap(),
+        mode: ProxyMode::Explicit,
+        mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
+        identity: Some(IdentityConfig::new(data.path())),
+    })
+    .await
+    .unwrap();
+    let app = EchoServer::start("reviews-app").await;
+    let inbound = free_port();
+    let server =
+        sidecar_with_ttl(&cp, "reviews", "bookinfo-reviews", Some(app.addr.port()), Some(inbound), Some("2s")).await;
+    let client = sidecar_with_ttl(&cp, "productpage", "bookinfo-productpage", None, None, Some("2s")).await;
+    let out = client.listener_addr("weft-outbound", WAIT).await.unwrap();
+    eventually("traffic through both sidecars", || async {
+        get_via_proxy(out, "http://reviews:9080/x").await.map(|r| r.status == 200).unwrap_or(false)
+    })
+    .await;
+    let old_root = cp.identity.as_ref().unwrap().ca().trust_bundle();
+
+    let load = tokio::spawn(async move {
+        let (mut ok, mut failed) = (0u32, Vec::new());
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(9) {
+            match get_via_proxy(out, "http://reviews:9080/load").await {
+                Ok(r) if r.status == 200 => ok += 1,
+                Ok(r) => failed.push(format!("{} {}", r.status, r.text())),
+                Err(e) => failed.push(e.to_string()),
+            }
+        }
+        (ok, failed)
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rotate(&cp, "begin").await["roots"], 2);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    rotate(&cp, "complete").await;
+    // Every 2 s leaf renews within about a second: wait for two renewals, then retire.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(rotate(&cp, "retire").await["roots"], 1);
+    let (ok, failed) = load.await.unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        ok as usize + failed.len(),
+        &failed[..failed.len().min(5)]
+    );
+    assert!(ok > 50, "too little load to mean anything: {ok}");
+
+    // The server now presents a leaf from the new root, and only the new root is trusted.
+    let new_root = cp.identity.as_ref().unwrap().ca().trust_bundle();
+    assert_ne!(new_root, old_root);
+    let me = client_identity(&cp, "tester").await;
+    let (peer, status) =
+        mtls_request(&me, inbound, "spiffe://cluster.local/ns/default/sa/bookinfo-reviews").await.unwrap();
+    assert_eq!(peer, "spiffe://cluster.local/ns/default/sa/bookinfo-reviews");
+    assert!(status.contains("200"), "{status}");
+    server.shutdown().await;
+    client.shutdown().await;
+}

@@ -56,6 +56,17 @@ enum Command {
         #[command(subcommand)]
         command: token::TokenCommand,
     },
+    /// Rotate the mesh CA's root without downtime: `begin` (new root trusted beside the
+    /// old), then `complete` (the new root signs; leaves move at their next renewal),
+    /// then, once every leaf has renewed, `retire` (the old root is dropped).
+    CaRotate {
+        /// begin, complete or retire.
+        #[arg(value_parser = ["begin", "complete", "retire"])]
+        step: String,
+        /// The control plane's API.
+        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
+        server: String,
+    },
     /// Apply resources from files or directories to the running control plane.
     Apply {
         /// Files or directories.
@@ -221,6 +232,7 @@ fn main() -> std::process::ExitCode {
                 run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity).await
             }
             Command::Token { command } => token::run(command).await,
+            Command::CaRotate { step, server } => ops::ca_rotate(&server, &step).await,
             Command::Apply { files, server } => ops::change(&server, &files, false).await,
             Command::Delete { files, server } => ops::change(&server, &files, true).await,
             Command::Get { kind, name, output, server } => {

@@ -136,3 +136,13 @@ pub async fn proxy_status(server: &str, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `weft ca-rotate STEP`.
+pub async fn ca_rotate(server: &str, step: &str) -> anyhow::Result<()> {
+    let (status, v) = call(server, "POST", &format!("/api/v1/ca/rotate?step={}", urlencode(step)), None).await?;
+    if status != 200 {
+        bail!("{}", v["error"].as_str().unwrap_or("the control plane refused the rotation step"));
+    }
+    println!("root rotation: {step} done; {} root(s) trusted", v["roots"]);
+    Ok(())
+}

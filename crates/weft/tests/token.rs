@@ -71,6 +71,20 @@ async fn a_token_from_the_cli_gets_a_certificate_until_it_is_revoked() -> anyhow
     assert_eq!(out.trim(), format!("token {id} revoked"));
     let refused = CertManager::start(cfg).await.err().context("revoked token must be refused")?;
     assert!(matches!(refused, IdentityError::Service { code: tonic::Code::Unauthenticated, .. }), "{refused}");
+
+    // Root rotation from the CLI: two roots trusted after `begin`, one after `retire`;
+    // an unknown step is refused with the expected ones.
+    let (code, out, err) = weft(&["ca-rotate", "begin", "--server", &api]).await?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("begin done; 2 root(s)"), "{out}");
+    let (code, out, err) = weft(&["ca-rotate", "complete", "--server", &api]).await?;
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = weft(&["ca-rotate", "retire", "--server", &api]).await?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("1 root(s)"), "{out}");
+    let (code, _, err) = weft(&["ca-rotate", "sideways", "--server", &api]).await?;
+    assert_ne!(code, 0);
+    assert!(err.contains("begin"), "{err}");
     Ok(())
 }
 
