@@ -197,6 +197,26 @@ async fn sidecars_talk_mtls_and_the_server_enforces_peer_authentication() {
     std::fs::write(dir.path().join("pa.yaml"), port_level).unwrap();
     eventually("port-level PERMISSIVE", || async { plaintext_request(inbound_addr).await == Ok(200) }).await;
 
+    // The client refuses a server whose certificate is not the identity the registry
+    // expects there: a WorkloadEntry claims the reviews sidecar's address runs as
+    // `impostor-sa`, the sidecar presents bookinfo-reviews.
+    let impostor = format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: impostor, namespace: default}}\nspec:\n  selector: {{app: impostor}}\n  ports: [{{name: http, port: 9080}}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: impostor, namespace: default}}\nspec:\n  address: 127.0.0.1\n  ports: {{http: {}}}\n  serviceAccount: impostor-sa\n  labels: {{app: impostor, security.istio.io/tlsMode: istio}}\n",
+        inbound_addr.port()
+    );
+    std::fs::write(dir.path().join("impostor.yaml"), impostor).unwrap();
+    eventually("the client to refuse the impostor", || async {
+        let refused = get_via_proxy(out, "http://impostor:9080/z").await.map(|r| r.status == 503).unwrap_or(false);
+        refused
+            && metrics(&client).await.lines().any(|l| {
+                l.starts_with("weft_upstream_tls_handshake_failures")
+                    && l.contains("wrong_identity")
+                    && l.contains("impostor")
+            })
+    })
+    .await;
+    assert_eq!(get_via_proxy(out, "http://reviews:9080/y").await.unwrap().status, 200, "the real service still works");
+
     // A certificate from another CA (another control plane's) is refused, with a log
     // line and a metric naming the reason.
     let other_data = tempfile::tempdir().unwrap();

@@ -61,6 +61,8 @@ pub struct ProxyError {
     /// even for non-idempotent requests).
     not_sent: bool,
     detail: String,
+    /// Why an upstream TLS handshake was refused (`wrong_identity`, `unknown_ca`, ...).
+    tls_reason: Option<&'static str>,
 }
 
 impl ErrorKind {
@@ -109,7 +111,18 @@ impl ErrorKind {
 impl ProxyError {
     /// A new error of `kind` with a human-readable detail.
     pub fn new(kind: ErrorKind, detail: impl Into<String>) -> Self {
-        ProxyError { kind, not_sent: false, detail: detail.into() }
+        ProxyError { kind, not_sent: false, detail: detail.into(), tls_reason: None }
+    }
+
+    /// Records why the upstream TLS handshake was refused.
+    pub fn with_tls_reason(mut self, reason: &'static str) -> Self {
+        self.tls_reason = Some(reason);
+        self
+    }
+
+    /// Why the upstream TLS handshake was refused, when that is what failed.
+    pub fn tls_reason(&self) -> Option<&'static str> {
+        self.tls_reason
     }
 
     /// Marks that the request never reached the upstream application.

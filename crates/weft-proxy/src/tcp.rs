@@ -93,6 +93,9 @@ async fn connect(
                 return Ok((s, ep.addr));
             }
             Err(e) => {
+                if let Some(reason) = e.tls_reason() {
+                    ctx.metrics.proxy().upstream_tls_failed(&cluster.config.name, reason);
+                }
                 if let Some(o) = Outcome::of_error(e.kind()) {
                     cluster.report(&ep, o);
                 }

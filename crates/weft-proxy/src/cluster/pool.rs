@@ -169,6 +169,7 @@ impl Connector {
                             ErrorKind::ConnectFailure,
                             format!("TLS handshake with {addr} failed ({reason}): {e}"),
                         )
+                        .with_tls_reason(reason)
                         .not_sent())
                     }
                     Err(_) => {

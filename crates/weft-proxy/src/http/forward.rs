@@ -133,7 +133,12 @@ pub async fn forward(
         };
         match &result {
             Ok(resp) => cluster.report(&ep, Outcome::of_status(resp.status().as_u16())),
-            Err(e) => Outcome::of_error(e.kind()).is_some_and(|o| cluster.report(&ep, o)),
+            Err(e) => {
+                if let Some(reason) = e.tls_reason() {
+                    ctx.metrics.proxy().upstream_tls_failed(&cluster.config.name, reason);
+                }
+                Outcome::of_error(e.kind()).is_some_and(|o| cluster.report(&ep, o))
+            }
         };
         match result {
             Ok(resp) => {

@@ -30,6 +30,7 @@ pub struct ProxyHealth {
     cert_expiry: Gauge<f64, AtomicU64>,
     access_log_dropped: Counter,
     tls_failures: Family<TlsFailureLabels, Counter>,
+    upstream_tls_failures: Family<UpstreamTlsLabels, Counter>,
     /// Per xDS type: current version and when it was applied. Touched on config updates
     /// and scrapes only, never on the request path.
     applied: Mutex<HashMap<String, Applied>>,
@@ -63,6 +64,19 @@ struct ClusterLabel {
 struct TlsFailureLabels {
     listener: String,
     reason: &'static str,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct UpstreamTlsLabels {
+    cluster: String,
+    reason: &'static str,
+}
+
+impl EncodeLabelSet for UpstreamTlsLabels {
+    fn encode(&self, mut enc: LabelSetEncoder) -> fmt::Result {
+        label(&mut enc, "cluster", &self.cluster)?;
+        label(&mut enc, "reason", self.reason)
+    }
 }
 
 impl EncodeLabelSet for TlsFailureLabels {
@@ -104,6 +118,7 @@ impl ProxyHealth {
             cert_expiry: Gauge::default(),
             access_log_dropped: Counter::default(),
             tls_failures: Family::default(),
+            upstream_tls_failures: Family::default(),
             applied: Mutex::new(HashMap::new()),
         };
         registry.register(
@@ -144,7 +159,17 @@ impl ProxyHealth {
             "Inbound TLS handshakes refused, by listener and reason (unknown_ca, expired, wrong_identity, no_client_certificate, ...)",
             health.tls_failures.clone(),
         );
+        registry.register(
+            "weft_upstream_tls_handshake_failures",
+            "Upstream TLS handshakes this proxy refused or failed, by cluster and reason (wrong_identity, unknown_ca, expired, ...)",
+            health.upstream_tls_failures.clone(),
+        );
         health
+    }
+
+    /// Counts a failed upstream TLS handshake.
+    pub fn upstream_tls_failed(&self, cluster: &str, reason: &'static str) {
+        self.upstream_tls_failures.get_or_create(&UpstreamTlsLabels { cluster: cluster.to_owned(), reason }).inc();
     }
 
     /// Counts a refused inbound TLS handshake.
