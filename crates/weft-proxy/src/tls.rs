@@ -282,10 +282,20 @@ pub fn client_config(ts: &TransportSocket, default_alpn: &[&str], secrets: &Secr
     let builder = ClientConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?;
-    let builder = match trusted_ca(&common)? {
-        Some(roots) => builder.with_root_certificates(roots),
+    let sans = dns_sans(&common)?;
+    let builder = match (trusted_ca(&common)?, sans.is_empty()) {
+        (Some(roots), true) => builder.with_root_certificates(roots),
+        (Some(roots), false) => {
+            let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+                .build()
+                .map_err(|e| format!("validation_context: {e}"))?;
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(SanVerifier { inner, sans }))
+        }
+        (None, false) => {
+            return Err("validation_context.match_typed_subject_alt_names: needs trusted_ca to verify the chain".into())
+        }
         // Envoy without a validation context does not verify the server certificate.
-        None => builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider()))),
+        (None, true) => builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider()))),
     };
     let mut cfg = match identity(&common)? {
         Some((chain, key)) => {
@@ -327,6 +337,79 @@ pub fn peer_principal(chain: Option<&[CertificateDer<'_>]>) -> Option<Arc<str>> 
     }
     let leaf = chain?.first()?;
     weft_identity::cert::CertInfo::parse(leaf).ok()?.uris.into_iter().next().map(Arc::from)
+}
+
+/// The DNS SAN matchers of an inline validation context (exact names; URI SANs are the
+/// mesh's and need the SDS `ROOTCA` context).
+fn dns_sans(common: &CommonTlsContext) -> Result<Vec<ServerName<'static>>, String> {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType;
+    use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+    let Some(ValidationContextType::ValidationContext(v)) = &common.validation_context_type else {
+        return Ok(Vec::new());
+    };
+    v.match_typed_subject_alt_names
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = format!("validation_context.match_typed_subject_alt_names[{i}]");
+            if m.san_type != SanType::Dns as i32 {
+                return Err(format!("{field}: only DNS SANs are checked here (SPIFFE ids need the mesh's ROOTCA)"));
+            }
+            match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+                Some(MatchPattern::Exact(name)) => {
+                    ServerName::try_from(name.clone()).map_err(|_| format!("{field}: {name:?} is not a DNS name"))
+                }
+                _ => Err(format!("{field}.matcher: only exact names are supported")),
+            }
+        })
+        .collect()
+}
+
+/// Envoy's SAN matching for upstream TLS: the chain must verify against the CA and the
+/// certificate must be valid for one of the expected DNS names (whatever the SNI).
+#[derive(Debug)]
+struct SanVerifier {
+    inner: Arc<rustls::client::WebPkiServerVerifier>,
+    sans: Vec<ServerName<'static>>,
+}
+
+impl ServerCertVerifier for SanVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let mut last = rustls::Error::General("no subject alt name to verify".into());
+        for san in &self.sans {
+            match self.inner.verify_server_cert(end_entity, intermediates, san, ocsp_response, now) {
+                Ok(v) => return Ok(v),
+                Err(e) => last = e,
+            }
+        }
+        Err(last)
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls12_signature(message, cert, dss)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        self.inner.verify_tls13_signature(message, cert, dss)
+    }
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.inner.supported_verify_schemes()
+    }
 }
 
 /// Envoy's behaviour without a validation context: encrypt, but trust any certificate.

@@ -223,3 +223,40 @@ async fn listener_requiring_client_certificates_refuses_clients_without_one() {
     };
     assert!(refused, "a client without a certificate got through");
 }
+
+/// `match_typed_subject_alt_names` (DestinationRule `subjectAltNames`): the server
+/// certificate must be valid for one of the names, whatever SNI was sent.
+#[tokio::test]
+async fn cluster_checks_the_server_certificate_against_subject_alt_names() {
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::subject_alt_name_matcher::SanType;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::SubjectAltNameMatcher;
+    use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher::MatchPattern, StringMatcher};
+    let p = pki();
+    let with_san = |san: &str| {
+        let mut u = upstream(&p, &p.ca_pem, false);
+        u.sni = "other-name.test".into();
+        let common = u.common_tls_context.as_mut().unwrap();
+        common.validation_context_type = Some(ValidationContextType::ValidationContext(CertificateValidationContext {
+            trusted_ca: inline(&p.ca_pem),
+            match_typed_subject_alt_names: vec![SubjectAltNameMatcher {
+                san_type: SanType::Dns as i32,
+                matcher: Some(StringMatcher {
+                    match_pattern: Some(MatchPattern::Exact(san.into())),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }));
+        u
+    };
+    // The certificate is for svc.test: accepted although SNI names another host.
+    let (_m1, proxy, _e1) = setup(&p, false, with_san("svc.test")).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    assert_eq!(get_h1(out, "svc.test", "/san-ok").await.unwrap().status, 200);
+    // Expecting a name the certificate does not carry: refused.
+    let (_m2, proxy2, echo2) = setup(&p, false, with_san("payments.test")).await;
+    let out2 = proxy2.listener_addr("out", WAIT).await.unwrap();
+    assert_eq!(get_h1(out2, "svc.test", "/san-wrong").await.unwrap().status, 503);
+    assert_eq!(echo2.requests(), 0);
+}
