@@ -29,6 +29,20 @@ const WAIT: Duration = Duration::from_secs(20);
 
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n";
 
+/// A control plane with the mesh CA, watching `dir` when given.
+async fn mesh_control_plane(dir: Option<&Path>, identity: IdentityConfig) -> ControlPlane {
+    ControlPlane::start(ControlConfig {
+        dir: dir.map(Path::to_path_buf),
+        xds: "127.0.0.1:0".parse().unwrap(),
+        api: "127.0.0.1:0".parse().unwrap(),
+        mode: ProxyMode::Explicit,
+        mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
+        identity: Some(identity),
+    })
+    .await
+    .unwrap()
+}
+
 async fn token(cp: &ControlPlane, sa: &str) -> String {
     let body = serde_json::json!({"namespace": "default", "serviceAccount": sa, "ttlSeconds": 3600});
     let req = request(Method::POST, "weft", "/api/v1/tokens", Bytes::from(body.to_string())).unwrap();
@@ -131,16 +145,7 @@ async fn sidecars_talk_mtls_and_the_server_enforces_peer_authentication() {
     std::fs::write(dir.path().join("svc.yaml"), SERVICE).unwrap();
     let mut identity = IdentityConfig::new(data.path());
     identity.cert_ttl = Duration::from_secs(3600);
-    let cp = ControlPlane::start(ControlConfig {
-        dir: Some(dir.path().to_path_buf()),
-        xds: "127.0.0.1:0".parse().unwrap(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        mode: ProxyMode::Explicit,
-        mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
-        identity: Some(identity),
-    })
-    .await
-    .unwrap();
+    let cp = mesh_control_plane(Some(dir.path()), identity).await;
 
     let app = EchoServer::start("reviews-app").await;
     let inbound = free_port();
@@ -220,16 +225,7 @@ async fn sidecars_talk_mtls_and_the_server_enforces_peer_authentication() {
     // A certificate from another CA (another control plane's) is refused, with a log
     // line and a metric naming the reason.
     let other_data = tempfile::tempdir().unwrap();
-    let other = ControlPlane::start(ControlConfig {
-        dir: None,
-        xds: "127.0.0.1:0".parse().unwrap(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        mode: ProxyMode::Explicit,
-        mesh: MeshConfig::default(),
-        identity: Some(IdentityConfig::new(other_data.path())),
-    })
-    .await
-    .unwrap();
+    let other = mesh_control_plane(None, IdentityConfig::new(other_data.path())).await;
     let stranger = client_identity(&other, "bookinfo-productpage").await;
     // It trusts our CA, so the handshake gets as far as the server judging its certificate.
     stranger.set_trust_bundle(cp.identity.as_ref().unwrap().ca().trust_bundle());
@@ -250,16 +246,7 @@ async fn certificate_rotation_under_load_fails_no_request() {
     let data = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("svc.yaml"), SERVICE).unwrap();
-    let cp = ControlPlane::start(ControlConfig {
-        dir: Some(dir.path().to_path_buf()),
-        xds: "127.0.0.1:0".parse().unwrap(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        mode: ProxyMode::Explicit,
-        mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
-        identity: Some(IdentityConfig::new(data.path())),
-    })
-    .await
-    .unwrap();
+    let cp = mesh_control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
     let app = EchoServer::start("reviews-app").await;
     let server =
         sidecar_with_ttl(&cp, "reviews", "bookinfo-reviews", Some(app.addr.port()), Some(free_port()), Some("3s"))
@@ -351,16 +338,7 @@ async fn envoy_and_weft_sidecars_talk_mtls_both_ways_with_authorization() {
     let data = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mesh.yaml"), INTEROP).unwrap();
-    let cp = ControlPlane::start(ControlConfig {
-        dir: Some(dir.path().to_path_buf()),
-        xds: "127.0.0.1:0".parse().unwrap(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        mode: ProxyMode::Explicit,
-        mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
-        identity: Some(IdentityConfig::new(data.path())),
-    })
-    .await
-    .unwrap();
+    let cp = mesh_control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
 
     // reviews: an Envoy sidecar in front of its app; ratings: a weft sidecar.
     let reviews_app = EchoServer::start("reviews-app").await;
@@ -472,16 +450,7 @@ async fn root_rotation_under_load_fails_no_request() {
     let data = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("svc.yaml"), SERVICE).unwrap();
-    let cp = ControlPlane::start(ControlConfig {
-        dir: Some(dir.path().to_path_buf()),
-        xds: "127.0.0.1:0".parse().unwrap(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        mode: ProxyMode::Explicit,
-        mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
-        identity: Some(IdentityConfig::new(data.path())),
-    })
-    .await
-    .unwrap();
+    let cp = mesh_control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
     let app = EchoServer::start("reviews-app").await;
     let inbound = free_port();
     let server =
