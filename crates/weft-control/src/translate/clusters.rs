@@ -165,6 +165,9 @@ fn add(
     let sni = format!("outbound_.{}_.{}_.{}", port.number, subset, svc.host);
     match policy.tls.as_ref().map(|t| t.mode) {
         Some(ClientTlsMode::IstioMutual) if client_in_mesh => {
+            // The rule's subjectAltNames, when given, replace the endpoints' identities.
+            let given = policy.tls.as_ref().map(|t| t.subject_alt_names.clone()).unwrap_or_default();
+            let sans = if given.is_empty() { sans } else { given };
             c.transport_socket = Some(super::mtls::istio_mutual(&sans, &sni, alpn));
         }
         Some(_) => c.transport_socket = policy.tls.as_ref().and_then(|tls| client_tls(tls, &svc.host)),

@@ -808,3 +808,17 @@ fn inbound_listeners_follow_peer_authentication_precedence_and_port_level_mtls()
     assert_eq!(chains(&wl_port, 8080), vec!["tls", "raw_buffer"]);
     assert_eq!(chains(&wl_port, 8081), vec!["tls"]);
 }
+
+#[test]
+fn istio_mutual_forces_mtls_with_the_rules_subject_alt_names() {
+    let yaml = format!(
+        "{SERVICE}---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n    tls: {{mode: ISTIO_MUTUAL, subjectAltNames: [spiffe://cluster.local/ns/default/sa/pinned]}}\n"
+    );
+    // Even to endpoints without tlsMode, ISTIO_MUTUAL is mTLS for every connection.
+    let ws = vec![workload("r1", "v1", "10.0.0.1", None)];
+    let x = translate(&mesh(&yaml), &registry(ws).snapshot(), &meshed_node("default", 8080), ProxyMode::Transparent);
+    let c = x.cluster(&format!("outbound|9080||{FQDN}")).unwrap();
+    assert!(c.transport_socket_matches.is_empty());
+    let text = format!("{:?}", c.transport_socket);
+    assert!(text.contains("spiffe://cluster.local/ns/default/sa/pinned") && text.contains("ROOTCA"), "{text}");
+}
