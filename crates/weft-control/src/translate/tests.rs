@@ -819,6 +819,16 @@ fn istio_mutual_forces_mtls_with_the_rules_subject_alt_names() {
     let x = translate(&mesh(&yaml), &registry(ws).snapshot(), &meshed_node("default", 8080), ProxyMode::Transparent);
     let c = x.cluster(&format!("outbound|9080||{FQDN}")).unwrap();
     assert!(c.transport_socket_matches.is_empty());
-    let text = format!("{:?}", c.transport_socket);
+    let Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(any)) =
+        &c.transport_socket.as_ref().expect("mTLS transport socket").config_type
+    else {
+        panic!()
+    };
+    let ctx = envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::UpstreamTlsContext::decode(
+        any.value.as_slice(),
+    )
+    .unwrap();
+    let text = format!("{ctx:?}");
     assert!(text.contains("spiffe://cluster.local/ns/default/sa/pinned") && text.contains("ROOTCA"), "{text}");
+    assert!(!text.contains("sa/reviews"), "{text}");
 }
