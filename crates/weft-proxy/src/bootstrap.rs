@@ -245,4 +245,25 @@ mod tests {
         let e = Bootstrap::parse(&text, Path::new("b.yaml")).unwrap_err().to_string();
         assert!(e.contains("field `admin`") && e.contains("loopback"), "{e}");
     }
+
+    #[test]
+    fn identity_section_needs_exactly_one_token_source_and_a_valid_identity() {
+        let ok = format!("{GOOD}identity:\n  token: abc\n  cert_ttl: 1h\n");
+        let b = Bootstrap::parse(&ok, Path::new("b.yaml")).unwrap();
+        let id = b.identity.unwrap();
+        assert_eq!(id.trust_domain, "cluster.local");
+        assert_eq!(id.cert_ttl, Some(Duration::from_secs(3600)));
+        assert_eq!(b.node.service_account, "", "defaults to `default` when used");
+        let both = format!("{GOOD}identity:\n  token: abc\n  token_file: /t\n");
+        let e = Bootstrap::parse(&both, Path::new("b.yaml")).unwrap_err().to_string();
+        assert!(e.contains("field `identity`") && e.contains("exactly one"), "{e}");
+        let none = format!("{GOOD}identity:\n  trust_domain: cluster.local\n");
+        assert!(Bootstrap::parse(&none, Path::new("b.yaml")).unwrap_err().to_string().contains("join token"));
+        let bad_td = format!("{GOOD}identity:\n  token: abc\n  trust_domain: \"bad domain\"\n");
+        let e = Bootstrap::parse(&bad_td, Path::new("b.yaml")).unwrap_err().to_string();
+        assert!(e.contains("field `identity`"), "{e}");
+        let typo = format!("{GOOD}identity:\n  tokn: abc\n");
+        let e = Bootstrap::parse(&typo, Path::new("b.yaml")).unwrap_err().to_string();
+        assert!(e.contains("identity") && e.contains("tokn"), "{e}");
+    }
 }
