@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
+use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_control::control::{ControlConfig, ControlPlane};
 use weft_control::identity::IdentityConfig;
@@ -233,6 +234,34 @@ async fn sidecars_talk_mtls_and_the_server_enforces_peer_authentication() {
     assert!(refused.is_err() || !refused.as_ref().unwrap().1.contains("200"), "{refused:?}");
     eventually("the refusal metric", || async {
         metrics(&server).await.lines().any(|l| l.starts_with("weft_tls_handshake_failures") && l.contains("unknown_ca"))
+    })
+    .await;
+    // An expired certificate from our own CA is refused too (reason `expired`).
+    let ca = cp.identity.as_ref().unwrap().ca().clone();
+    let id = SpiffeId::new("cluster.local", "default", "bookinfo-productpage").unwrap();
+    let (key_pem, issued) = ca.issue_with_key(&id, Duration::from_secs(1)).unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> = std::iter::once(issued.leaf_pem.as_str())
+        .chain(issued.chain_pems.iter().map(String::as_str).take(issued.chain_pems.len().saturating_sub(1)))
+        .map(|pem| rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
+        .collect();
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).unwrap();
+    let expired = weft_identity::Identity::from_parts(chain, key, ca.trust_bundle()).unwrap();
+    let (_tx, rx) = tokio::sync::watch::channel(Arc::new(expired));
+    let expected =
+        PeerIdentities::OneOf(vec!["spiffe://cluster.local/ns/default/sa/bookinfo-reviews".parse().unwrap()]);
+    let mut cfg = client_config(rx, expected).unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(inbound_addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("reviews").unwrap();
+    let mut buf = [0u8; 1];
+    if let Ok(mut tls) = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await {
+        // TLS 1.3: the server judges the client certificate after our side finished.
+        let _ = tls.write_all(b"GET / HTTP/1.1\r\nhost: r\r\n\r\n").await;
+        assert!(!matches!(tls.read(&mut buf).await, Ok(n) if n > 0), "an expired certificate was served");
+    }
+    eventually("the expired-certificate metric", || async {
+        metrics(&server).await.lines().any(|l| l.starts_with("weft_tls_handshake_failures") && l.contains("expired"))
     })
     .await;
     server.shutdown().await;
