@@ -171,8 +171,9 @@ fn add(
             c.transport_socket = Some(super::mtls::istio_mutual(&sans, &sni, alpn));
         }
         Some(_) => c.transport_socket = policy.tls.as_ref().and_then(|tls| client_tls(tls, &svc.host)),
-        // Auto mTLS: mTLS to the endpoints whose proxies take it, plaintext to others.
-        None if client_in_mesh && !sans.is_empty() => {
+        // Auto mTLS: mTLS to the endpoints whose proxies take it, plaintext to others,
+        // and plaintext when the destination's PeerAuthentication disables mTLS.
+        None if client_in_mesh && !sans.is_empty() && !server_disables_mtls(view, svc, port) => {
             c.transport_socket_matches = vec![
                 cluster::TransportSocketMatch {
                     name: "tlsMode-istio".into(),
@@ -197,6 +198,21 @@ fn add(
             Some(envoy_types::pb::envoy::r#type::v3::Percent { value: min });
     }
     out.clusters.push(c);
+}
+
+/// Whether the PeerAuthentication of the service's workloads (matched on its selector,
+/// as Istio does) is DISABLE on the target port: auto mTLS then sends plaintext.
+fn server_disables_mtls(view: &MeshView<'_>, svc: &Service, port: &SvcPort) -> bool {
+    let selector = match &svc.backing {
+        Backing::Selector(sel) => Some(sel),
+        Backing::Entry { selector, .. } => selector.as_ref(),
+    };
+    let Some(labels) = selector else { return false };
+    let target = match port.target {
+        super::model::Target::Number(n) => n,
+        _ => port.number,
+    };
+    super::mtls::peer_mode(view, &svc.namespace, labels, target) == weft_api::spec::MtlsMode::Disable
 }
 
 /// The upstream TLS of a DestinationRule's `tls` (SIMPLE: TLS verified with

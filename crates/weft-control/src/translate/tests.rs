@@ -771,7 +771,14 @@ fn auto_mtls_targets_meshed_endpoints_with_their_spiffe_ids_and_only_from_meshed
     let meta: Vec<bool> = cla.endpoints[0].lb_endpoints.iter().map(|e| e.metadata.is_some()).collect();
     assert_eq!(meta.iter().filter(|m| **m).count(), 1, "{cla:?}");
     // A client without mesh identity sends plaintext.
-    let x = translate(&mesh(SERVICE), &registry(ws).snapshot(), &node("default"), ProxyMode::Transparent);
+    let x = translate(&mesh(SERVICE), &registry(ws.clone()).snapshot(), &node("default"), ProxyMode::Transparent);
+    assert!(x.cluster(&name).unwrap().transport_socket_matches.is_empty());
+    // So does a meshed client when the server's PeerAuthentication disables mTLS.
+    let disabled = format!(
+        "{SERVICE}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: r, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  mtls: {{mode: DISABLE}}\n"
+    );
+    let x =
+        translate(&mesh(&disabled), &registry(ws).snapshot(), &meshed_node("default", 8080), ProxyMode::Transparent);
     assert!(x.cluster(&name).unwrap().transport_socket_matches.is_empty());
 }
 
