@@ -6,6 +6,7 @@ pub mod control;
 pub mod envoy_bootstrap;
 pub mod identity;
 pub mod inspect;
+pub mod jwks;
 pub mod registry;
 pub mod secrets;
 pub mod source;

@@ -16,6 +16,7 @@ use tokio::sync::watch;
 use weft_xds::vhds::VhostIndex;
 use weft_xds::{content_version, type_url, Any, ConfigSource, NodeInfo, Resolved};
 
+use crate::jwks::JwksResolver;
 use crate::registry::Registry;
 use crate::store::Store;
 use crate::translate::{translate, MeshConfig, ProxyMode};
@@ -24,10 +25,13 @@ use crate::translate::{translate, MeshConfig, ProxyMode};
 /// connecting) into one push.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// Versions of the translator's inputs besides the registry: (store, fetched JWKS).
+type MeshVersions = (u64, u64);
+
 type TypeMap = BTreeMap<String, (String, BTreeMap<String, Any>)>;
 
 struct Cached {
-    inputs: (u64, u64),
+    inputs: (MeshVersions, u64),
     types: Arc<TypeMap>,
     /// VHDS resources by route configuration and domain (empty unless on demand).
     vhosts: Arc<VhostIndex>,
@@ -39,7 +43,10 @@ pub struct MeshSource {
     registry: Registry,
     mode: ProxyMode,
     defaults: MeshConfig,
-    mesh: Mutex<Option<(u64, Arc<MeshConfig>)>>,
+    /// The mesh by (store version, JWKS version).
+    mesh: Mutex<Option<(MeshVersions, Arc<MeshConfig>)>>,
+    /// JWKS documents of RequestAuthentications' `jwksUri`s, inlined by the translator.
+    jwks: Arc<JwksResolver>,
     /// Translations by proxy shape (see [`MeshSource::proxy_resources`]).
     cache: Mutex<HashMap<String, Cached>>,
     changes: watch::Sender<u64>,
@@ -55,21 +62,25 @@ impl MeshSource {
             mode,
             defaults,
             mesh: Mutex::new(None),
+            jwks: JwksResolver::start(crate::jwks::DEFAULT_REFRESH, crate::jwks::DEFAULT_TIMEOUT),
             cache: Mutex::new(HashMap::new()),
             changes: watch::channel(0).0,
         });
         let weak = Arc::downgrade(&me);
         let mut store_rx = me.store.subscribe();
         let mut reg_rx = me.registry.changes();
+        let mut jwks_rx = me.jwks.changes();
         tokio::spawn(async move {
             loop {
                 tokio::select! {
                     r = store_rx.changed() => if r.is_err() { return },
                     r = reg_rx.changed() => if r.is_err() { return },
+                    r = jwks_rx.changed() => if r.is_err() { return },
                 }
                 tokio::time::sleep(DEBOUNCE).await;
                 let _ = store_rx.borrow_and_update();
                 let _ = reg_rx.borrow_and_update();
+                let _ = jwks_rx.borrow_and_update();
                 let Some(me) = weak.upgrade() else { return };
                 me.changes.send_modify(|v| *v += 1);
             }
@@ -77,18 +88,23 @@ impl MeshSource {
         me
     }
 
-    fn mesh(&self) -> (u64, Arc<MeshConfig>) {
+    /// The mesh and its input versions (store, fetched JWKS).
+    fn mesh(&self) -> (MeshVersions, Arc<MeshConfig>) {
         let mut slot = self.mesh.lock().unwrap_or_else(|p| p.into_inner());
-        let snap_version = self.store.snapshot_version();
+        let versions = (self.store.snapshot_version(), self.jwks.version());
         if let Some((v, m)) = slot.as_ref() {
-            if *v == snap_version {
+            if *v == versions {
                 return (*v, m.clone());
             }
         }
         let snap = self.store.snapshot();
-        let mesh = Arc::new(MeshConfig { resources: snap.resources, ..self.defaults.clone() });
-        *slot = Some((snap.version, mesh.clone()));
-        (snap.version, mesh)
+        self.jwks.want(crate::translate::jwt::jwks_uris(&snap.resources));
+        let versions = (snap.version, self.jwks.version());
+        let mut jwks = self.defaults.jwks.clone();
+        jwks.extend(self.jwks.snapshot().iter().map(|(k, v)| (k.clone(), v.clone())));
+        let mesh = Arc::new(MeshConfig { resources: snap.resources, jwks, ..self.defaults.clone() });
+        *slot = Some((versions, mesh.clone()));
+        (versions, mesh)
     }
 
     /// Everything one proxy gets now, by type URL.

@@ -16,6 +16,7 @@ pub mod dump;
 pub mod error;
 pub mod http;
 pub mod io;
+pub mod jwt;
 pub mod listener;
 pub mod orig_dst;
 pub mod proxy;

@@ -8,6 +8,7 @@
 pub mod echo;
 pub mod envoy;
 pub mod http;
+pub mod jwt;
 pub mod tools;
 
 use std::path::PathBuf;

@@ -21,6 +21,7 @@ use weft_xds::build::{self, Routes};
 
 use super::authz::InboundAuthz;
 use super::clusters::{cla, outbound_name};
+use super::jwt::InboundJwt;
 use super::model::{offset, protocol_from, Ep, MeshView, Protocol, Service};
 use super::mtls;
 use super::{ProxyMode, ProxyXds, BLACKHOLE, INBOUND_PASSTHROUGH, OUTBOUND, PASSTHROUGH};
@@ -48,6 +49,7 @@ fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
             let Some(addr) = offset(inbound, i) else { continue };
             // The listener has its own port: the workload port is decided statically.
             let authz = InboundAuthz::new(view, Some(u32::from(p.port)));
+            let jwt = InboundJwt::new(view);
             let protocol = protocol_from(p.app_protocol.as_deref(), Some(&p.name));
             let port = u32::from(p.port);
             let name = format!("inbound|{port}");
@@ -59,6 +61,7 @@ fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
                     &["websocket"],
                 );
                 authz.apply_http(&mut hcm);
+                jwt.apply_http(&mut hcm);
                 build::http_listener(&name, addr, hcm)
             } else {
                 let mut l = build::tcp_listener(&name, addr, &inbound_cluster(port));
@@ -151,6 +154,7 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
     }
     // virtualInbound: one chain per declared workload port, others pass through.
     let authz = InboundAuthz::new(view, None);
+    let jwt = InboundJwt::new(view);
     let mut chains = Vec::new();
     for p in &view.node.ports {
         let port = u32::from(p.port);
@@ -164,6 +168,7 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
                 &["websocket"],
             );
             authz.apply_http(&mut hcm);
+            jwt.apply_http(&mut hcm);
             Filter {
                 name: "envoy.filters.network.http_connection_manager".into(),
                 config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),

@@ -17,6 +17,7 @@
 //!   the route configurations into VHDS resources (`<route configuration>/<vhost>`).
 //! - [`authz`]: AuthorizationPolicies selecting the proxy as RBAC filters on its inbound
 //!   listeners.
+//! - [`jwt`]: RequestAuthentications selecting the proxy as the JWT filter before them.
 //!
 //! Endpoint addresses: in [`ProxyMode::Transparent`] an endpoint is the workload's
 //! address and the service's target port (the peer's iptables capture it). In
@@ -42,6 +43,7 @@ use crate::registry::RegistrySnapshot;
 
 pub mod authz;
 pub mod clusters;
+pub mod jwt;
 pub mod listeners;
 pub mod model;
 pub mod mtls;
@@ -76,6 +78,9 @@ pub struct MeshConfig {
     /// Where the explicit HTTP-proxy listener binds (Istio's port: `127.0.0.1:15001`;
     /// tests use port 0).
     pub explicit_outbound: SocketAddr,
+    /// JWKS documents fetched by the control plane, by `jwksUri` (RequestAuthentication
+    /// keys are inlined from here; a missing URI gets keys no token matches).
+    pub jwks: BTreeMap<String, String>,
 }
 
 /// Istio's `outboundTrafficPolicy.mode`.
@@ -121,6 +126,7 @@ impl Default for MeshConfig {
             root_namespace: "istio-system".into(),
             outbound_policy: OutboundPolicy::AllowAny,
             explicit_outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
+            jwks: BTreeMap::new(),
         }
     }
 }

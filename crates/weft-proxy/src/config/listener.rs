@@ -124,6 +124,8 @@ pub struct HttpChain {
     pub stream_idle_timeout: Option<Duration>,
     /// Connection idle timeout (Envoy default 1 hour; `None` disables).
     pub idle_timeout: Option<Duration>,
+    /// JWT filters (request authentication), in chain order; they run first.
+    pub jwt: Vec<Arc<crate::jwt::JwtFilter>>,
     /// RBAC filters, in chain order; they run before CORS, faults and the router.
     pub rbac: Vec<Arc<RbacFilter>>,
     /// Network RBAC filters placed before the connection manager: checked once per
@@ -451,6 +453,7 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
     let mut fault = None;
     let mut cors = false;
     let mut rbac = Vec::new();
+    let mut jwt = Vec::new();
     for (i, f) in h.http_filters.iter().enumerate() {
         if f.disabled {
             continue;
@@ -469,6 +472,10 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
             let filter = RbacFilter::from_http(any, &f.name, &h.stat_prefix)
                 .map_err(|(f, m)| (join(&field, "typed_config", &f), m))?;
             rbac.push(Arc::new(filter));
+        } else if any.type_url == crate::jwt::JWT_AUTHN_TYPE {
+            let filter = crate::jwt::JwtFilter::from_any(any, &f.name)
+                .map_err(|(f, m)| (join(&field, "typed_config", &f), m))?;
+            jwt.push(Arc::new(filter));
         } else if !KNOWN_HTTP_FILTERS.contains(&any.type_url.as_str()) && !f.is_optional {
             return Err((
                 format!("{field}.typed_config"),
@@ -493,6 +500,7 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
             h.common_http_protocol_options.as_ref().and_then(|o| o.idle_timeout.as_ref()),
             Duration::from_secs(3600),
         ),
+        jwt,
         rbac,
         network_rbac: Vec::new(),
     })

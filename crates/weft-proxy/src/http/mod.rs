@@ -107,9 +107,15 @@ async fn route_request(
     req: Request<Incoming>,
     report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let authority = request_authority(&parts).unwrap_or_default();
     report.authority = authority.clone();
+    // Request authentication (JWT) before authorization: RBAC reads what it establishes.
+    for f in &chain.jwt {
+        if let Err(denial) = f.authenticate(&mut parts, &authority).await {
+            return Ok(jwt_denied(&denial, report));
+        }
+    }
     // Authorization first (Istio's order: authn, authz, then CORS, faults, router).
     if !chain.rbac.is_empty() {
         let verdict =
@@ -289,6 +295,25 @@ fn grpc_trailers_only(code: u32, message: &str) -> Response<BoxBody> {
     h.insert(HeaderName::from_static("grpc-status"), HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(message) {
         h.insert(HeaderName::from_static("grpc-message"), v);
+    }
+    r
+}
+
+/// Envoy's local reply when the JWT filter refuses a request (401, or 403 for
+/// audiences; gRPC callers get UNAUTHENTICATED / PERMISSION_DENIED).
+fn jwt_denied(denial: &crate::jwt::Denial, report: &mut HttpReport) -> Response<BoxBody> {
+    let status = StatusCode::from_u16(denial.status.http_status()).unwrap_or(StatusCode::UNAUTHORIZED);
+    report.details = Some(denial.status.details());
+    let mut r = if report.is_grpc() {
+        grpc_trailers_only(grpc_status_for_http(status.as_u16()), denial.status.text())
+    } else {
+        let mut r = Response::new(full(Bytes::from_static(denial.status.text().as_bytes())));
+        *r.status_mut() = status;
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    };
+    if let Ok(v) = HeaderValue::from_str(&denial.www_authenticate) {
+        r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
     }
     r
 }
