@@ -21,6 +21,8 @@ use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::net::TcpListener;
 use tokio::process::{Child, ChildStdout};
 use weft_testkit::http::{get_h1, request, send_h1, Reply};
+use weft_xds::build::{self, Routes};
+use weft_xds::{type_url, AdsServer, StaticSource};
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -514,4 +516,115 @@ async fn bad_bookinfo_settings_are_rejected_with_the_variable_named() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("HTTP_PROXY") && err.contains("https"), "{err}");
+}
+
+/// Istio's request-routing task through a real weft proxy used as the apps' HTTP proxy
+/// (explicit mode): `end-user: jason` goes to reviews v2 (black stars), everyone else to
+/// v1 (no stars); reviews v2 reaches ratings through the proxy too.
+#[tokio::test]
+async fn bookinfo_through_a_weft_proxy_routes_reviews_by_the_signed_in_user() {
+    use envoy_types::pb::envoy::config::route::v3::{
+        header_matcher, route, route_action, route_match, HeaderMatcher, Route, RouteAction, RouteConfiguration,
+        RouteMatch, VirtualHost,
+    };
+    use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+    use envoy_types::util::pack_any;
+
+    let details = App::start("details", &[]).await;
+    let ratings = App::start("ratings", &[]).await;
+    let reviews_v1 = App::start("reviews", &[("SERVICE_VERSION", "v1".into())]).await;
+
+    let to = |cluster: &str| {
+        Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster.into())),
+            ..Default::default()
+        }))
+    };
+    let any_path = || Some(route_match::PathSpecifier::Prefix("/".into()));
+    let vhost = |service: &str, routes: Vec<Route>| VirtualHost {
+        name: service.into(),
+        domains: vec![service.into(), format!("{service}:9080")],
+        routes,
+        ..Default::default()
+    };
+    let plain = |cluster: &str| Route {
+        r#match: Some(RouteMatch { path_specifier: any_path(), ..Default::default() }),
+        action: to(cluster),
+        ..Default::default()
+    };
+    let jason = Route {
+        r#match: Some(RouteMatch {
+            path_specifier: any_path(),
+            headers: vec![HeaderMatcher {
+                name: "end-user".into(),
+                header_match_specifier: Some(header_matcher::HeaderMatchSpecifier::StringMatch(StringMatcher {
+                    match_pattern: Some(string_matcher::MatchPattern::Exact("jason".into())),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        action: to("reviews-v2"),
+        ..Default::default()
+    };
+    let routes = RouteConfiguration {
+        name: "bookinfo".into(),
+        virtual_hosts: vec![
+            vhost("details", vec![plain("details")]),
+            vhost("ratings", vec![plain("ratings")]),
+            vhost("reviews", vec![jason, plain("reviews-v1")]),
+        ],
+        ..Default::default()
+    };
+    let source = Arc::new(StaticSource::new());
+    let hcm = build::http_connection_manager("out", Routes::Inline(Box::new(routes)), None, &[]);
+    source
+        .set(type_url::LISTENER, vec![pack_any(build::http_listener("out", "127.0.0.1:0".parse().unwrap(), hcm))])
+        .unwrap();
+    let sock = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds = sock.local_addr().unwrap();
+    tokio::spawn(AdsServer::new(source.clone()).serve(sock, std::future::pending()));
+    let bootstrap = format!(
+        "node:\n  id: bookinfo-test\n  name: bookinfo\n  namespace: default\nxds:\n  address: http://{xds}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\n"
+    );
+    let bootstrap = weft_proxy::bootstrap::Bootstrap::parse(&bootstrap, std::path::Path::new("<test>")).unwrap();
+    let proxy = weft_proxy::proxy::ProxyHandle::start(bootstrap).await.unwrap();
+    let out = proxy.listener_addr("out", Duration::from_secs(10)).await.unwrap();
+    let proxy_url = format!("http://{out}");
+
+    // reviews v2 needs the proxy's address, the proxy's clusters need reviews v2's.
+    let reviews_v2 =
+        App::start("reviews", &[("SERVICE_VERSION", "v2".into()), ("HTTP_PROXY", proxy_url.clone())]).await;
+    source
+        .set(
+            type_url::CLUSTER,
+            vec![
+                pack_any(build::static_cluster("details", &[details.addr], false)),
+                pack_any(build::static_cluster("ratings", &[ratings.addr], false)),
+                pack_any(build::static_cluster("reviews-v1", &[reviews_v1.addr], false)),
+                pack_any(build::static_cluster("reviews-v2", &[reviews_v2.addr], false)),
+            ],
+        )
+        .unwrap();
+    // Clusters arrived after the listener: wait until the admin API lists them all.
+    let mut clusters = String::new();
+    for _ in 0..100 {
+        clusters = get_h1(proxy.admin_addr(), "admin", "/clusters").await.unwrap().text();
+        if ["details", "ratings", "reviews-v1", "reviews-v2"].iter().all(|c| clusters.contains(&format!("{c}::"))) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(clusters.contains("reviews-v2::"), "clusters never arrived: {clusters}");
+    let page = App::start("productpage", &[("HTTP_PROXY", proxy_url)]).await;
+
+    let anonymous = page.get("/productpage").await.text();
+    assert!(anonymous.contains("PublisherA") && anonymous.contains("Reviewer1"), "{anonymous}");
+    assert!(!anonymous.contains("<span class=\"glyphicon glyphicon-star"), "v1 for everyone else: {anonymous}");
+
+    let jason = page.get_with("/productpage", &[("cookie", "user=jason")]).await.text();
+    assert!(jason.contains("<font color=\"black\">"), "v2 for jason: {jason}");
+    assert_eq!(jason.matches("glyphicon glyphicon-star\"").count(), 9, "ratings reached through the proxy: {jason}");
+    proxy.shutdown().await;
 }
