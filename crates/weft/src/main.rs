@@ -1,6 +1,7 @@
 //! The `weft` command: one binary, one subcommand per role.
 
 mod analyze;
+mod bookinfo;
 mod demo;
 mod ops;
 mod proxy_config;
@@ -183,12 +184,22 @@ enum Command {
         #[arg(long)]
         join_token: Option<String>,
     },
-    /// Run a small local mesh: an in-process xDS server, two echo backends and a proxy,
-    /// with a weighted split, a header route and a fault; prints what to curl.
+    /// Without a service: run a small local mesh (an in-process xDS server, two echo
+    /// backends and a proxy, with a weighted split, a header route and a fault; prints what
+    /// to curl). With one: run that application of Istio's Bookinfo sample (port 9080).
     Demo {
-        /// Port of the proxy's outbound listener.
-        #[arg(long, default_value_t = 15001)]
-        port: u16,
+        /// Bookinfo application to run: productpage, details, reviews or ratings.
+        #[arg(value_enum)]
+        service: Option<bookinfo::Service>,
+        /// Bookinfo: port to listen on, as Istio's images take it (same as --port).
+        #[arg(value_name = "PORT", requires = "service")]
+        service_port: Option<u16>,
+        /// Port: the proxy's outbound listener (mesh demo, default 15001) or the Bookinfo
+        /// application's (default 9080).
+        #[arg(long)]
+        port: Option<u16>,
+        #[command(flatten)]
+        bookinfo: bookinfo::BookinfoArgs,
     },
 }
 
@@ -227,7 +238,13 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Proxy { bootstrap } => run_proxy(bootstrap).await,
-            Command::Demo { port } => demo::run(port).await,
+            Command::Demo { service: None, port, .. } => demo::run(port.unwrap_or(15001)).await,
+            Command::Demo { service: Some(service), service_port, port, bookinfo } => {
+                let port = service_port.or(port).unwrap_or(bookinfo::DEFAULT_PORT);
+                let config =
+                    bookinfo::BookinfoConfig::from_args(service, port, bookinfo, |name| std::env::var(name).ok())?;
+                bookinfo::run(config).await
+            }
             Command::Control { dir, xds, api, transparent, outbound_traffic_policy, identity } => {
                 run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity).await
             }
