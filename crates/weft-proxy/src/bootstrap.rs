@@ -44,6 +44,10 @@ pub struct IdentitySettings {
     /// A file holding the join token (re-read at every renewal).
     #[serde(default)]
     pub token_file: Option<PathBuf>,
+    /// A Kubernetes projected service-account token file as the credential (accepted for
+    /// Kubernetes support; a control plane outside Kubernetes refuses it).
+    #[serde(default)]
+    pub kubernetes_token_file: Option<PathBuf>,
     /// The certificate service, `http://host:port`; default: `xds.address`.
     #[serde(default)]
     pub ca_address: Option<String>,
@@ -178,8 +182,12 @@ impl Bootstrap {
             return Err(bad("admin", format!("the admin server must listen on loopback, got {}", self.admin)));
         }
         if let Some(id) = &self.identity {
-            if id.token.is_some() == id.token_file.is_some() {
-                return Err(bad("identity", "give exactly one of `token` and `token_file` (a join token)".into()));
+            let sources = [id.token.is_some(), id.token_file.is_some(), id.kubernetes_token_file.is_some()];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(bad(
+                    "identity",
+                    "give exactly one of `token`, `token_file` (a join token) and `kubernetes_token_file`".into(),
+                ));
             }
             if let Some(a) = &id.ca_address {
                 if !(a.starts_with("http://") || a.starts_with("https://")) {

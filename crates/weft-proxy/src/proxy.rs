@@ -65,10 +65,15 @@ async fn start_identity(b: &Bootstrap) -> Result<(crate::tls::Secrets, weft_xds:
     let Some(id) = &b.identity else { return Ok((crate::tls::Secrets::default(), node)) };
     let spiffe = weft_identity::SpiffeId::new(&id.trust_domain, &node.namespace, b.service_account())
         .map_err(|e| StartError::Identity(e.to_string()))?;
-    let credential = match (&id.token, &id.token_file) {
-        (Some(t), _) => weft_identity::CredentialSource::JoinToken(t.clone()),
-        (None, Some(f)) => weft_identity::CredentialSource::JoinTokenFile(f.clone()),
-        (None, None) => return Err(StartError::Identity("a join token (token or token_file) is required".into())),
+    let credential = match (&id.token, &id.token_file, &id.kubernetes_token_file) {
+        (Some(t), _, _) => weft_identity::CredentialSource::JoinToken(t.clone()),
+        (None, Some(f), _) => weft_identity::CredentialSource::JoinTokenFile(f.clone()),
+        (None, None, Some(f)) => weft_identity::CredentialSource::KubernetesTokenFile(f.clone()),
+        (None, None, None) => {
+            return Err(StartError::Identity(
+                "a credential (token, token_file or kubernetes_token_file) is required".into(),
+            ))
+        }
     };
     let endpoint = id.ca_address.clone().unwrap_or_else(|| b.xds.address.clone());
     let mut cfg = weft_identity::CertManagerConfig::new(endpoint, credential, spiffe);
