@@ -270,6 +270,10 @@ mod tests {
         let bad_td = format!("{GOOD}identity:\n  token: abc\n  trust_domain: \"bad domain\"\n");
         let e = Bootstrap::parse(&bad_td, Path::new("b.yaml")).unwrap_err().to_string();
         assert!(e.contains("field `identity`"), "{e}");
+        let k8s = format!("{GOOD}identity:\n  kubernetes_token_file: /var/run/secrets/tokens/istio-token\n");
+        assert!(Bootstrap::parse(&k8s, Path::new("b.yaml")).unwrap().identity.unwrap().kubernetes_token_file.is_some());
+        let two = format!("{k8s}  token: abc\n");
+        assert!(Bootstrap::parse(&two, Path::new("b.yaml")).unwrap_err().to_string().contains("exactly one"));
         let typo = format!("{GOOD}identity:\n  tokn: abc\n");
         let e = Bootstrap::parse(&typo, Path::new("b.yaml")).unwrap_err().to_string();
         assert!(e.contains("identity") && e.contains("tokn"), "{e}");
