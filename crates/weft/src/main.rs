@@ -3,6 +3,7 @@
 mod analyze;
 mod bookinfo;
 mod demo;
+mod iptables;
 mod ops;
 mod proxy_config;
 mod token;
@@ -68,6 +69,9 @@ enum Command {
         #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
         server: String,
     },
+    /// Transparent mode's capture in this network namespace (Istio's istio-iptables init
+    /// step): inbound TCP to 15006, outbound to 15001, the proxy's own traffic exempt.
+    Iptables(iptables::IptablesArgs),
     /// Apply resources from files or directories to the running control plane.
     Apply {
         /// Files or directories.
@@ -250,6 +254,7 @@ fn main() -> std::process::ExitCode {
             }
             Command::Token { command } => token::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&server, &step).await,
+            Command::Iptables(args) => iptables::run(&args),
             Command::Apply { files, server } => ops::change(&server, &files, false).await,
             Command::Delete { files, server } => ops::change(&server, &files, true).await,
             Command::Get { kind, name, output, server } => {
