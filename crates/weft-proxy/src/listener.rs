@@ -34,6 +34,9 @@ pub struct ConnInfo {
     pub peer_principal: Option<Arc<str>>,
     /// SNI the client asked for (sniffed or from the TLS handshake).
     pub server_name: Option<Arc<str>>,
+    /// The peer as telemetry names it when it sends no metadata header: unknown but for
+    /// `peer_principal` (built once per connection, not per request).
+    pub peer_workload: Option<Arc<crate::telemetry::WorkloadInfo>>,
 }
 
 struct Bound {
@@ -178,6 +181,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
         original_dst: odst,
         peer_principal: None,
         server_name: detected.server_name.as_deref().map(Arc::from),
+        peer_workload: None,
     };
     drop(snap);
     match &chain.tls {
@@ -187,6 +191,9 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
                     crate::tls::learn_peer(&mut conn, tls.get_ref().1);
+                    conn.peer_workload = conn.peer_principal.as_ref().map(|p| {
+                        Arc::new(crate::telemetry::WorkloadInfo { principal: p.to_string(), ..Default::default() })
+                    });
                     dispatch(ctx, Arc::new(conn), &chain.kind, tls).await
                 }
                 Ok(Err(e)) => {

@@ -105,6 +105,8 @@ pub struct HttpReport {
     peer: Option<Arc<WorkloadInfo>>,
     /// The peer's SPIFFE id from mTLS (inbound).
     peer_principal: Option<Arc<str>>,
+    /// The connection's peer built from that id (used when no metadata header came).
+    peer_workload: Option<Arc<WorkloadInfo>>,
     flags: Vec<&'static str>,
     /// Authority the request was for.
     pub authority: String,
@@ -150,6 +152,7 @@ impl HttpReport {
             downstream_remote: conn.peer,
             downstream_local: conn.destination,
             peer_principal: conn.peer_principal.clone(),
+            peer_workload: conn.peer_workload.clone(),
             method: req.method().to_string(),
             path: req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
             protocol: match req.version() {
@@ -230,7 +233,11 @@ impl HttpReport {
         let duration = self.start.elapsed();
         let request_bytes = self.request_bytes_counter.as_ref().map(|c| c.load(Ordering::Relaxed)).unwrap_or(0);
         let local = ctx.local.clone();
-        let peer = with_principal(self.peer.clone().unwrap_or_else(|| ctx.unknown_peer.clone()), &self.peer_principal);
+        let peer = match (&self.peer, &self.peer_workload) {
+            (Some(p), _) => with_principal(p.clone(), &self.peer_principal),
+            (None, Some(w)) => w.clone(),
+            (None, None) => ctx.unknown_peer.clone(),
+        };
         let (source, destination) = match self.direction {
             Direction::Inbound => (peer, local),
             _ => (local, peer),
@@ -285,7 +292,8 @@ impl HttpReport {
 }
 
 /// The peer as telemetry names it: the principal proven by its certificate wins over
-/// what its metadata header claims (allocates only when they differ).
+/// what its metadata header claims (allocates only when they differ, which a peer with
+/// a mesh identity never does).
 fn with_principal(peer: Arc<WorkloadInfo>, principal: &Option<Arc<str>>) -> Arc<WorkloadInfo> {
     match principal {
         Some(p) if peer.principal != **p => Arc::new(WorkloadInfo { principal: p.to_string(), ..(*peer).clone() }),
@@ -333,7 +341,7 @@ impl TcpReport {
     /// Counts the connection as opened.
     pub fn open(ctx: &Context, conn: &ConnInfo, cluster: &str) -> Self {
         let local = ctx.local.clone();
-        let peer = with_principal(ctx.unknown_peer.clone(), &conn.peer_principal);
+        let peer = conn.peer_workload.clone().unwrap_or_else(|| ctx.unknown_peer.clone());
         let (source, destination) = match conn.listener.direction {
             Direction::Inbound => (peer, local),
             _ => (local, peer),
