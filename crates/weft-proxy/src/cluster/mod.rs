@@ -113,9 +113,10 @@ impl Cluster {
     /// are healthy and not ejected that the cluster is in panic
     /// (`healthy_panic_threshold`), when ejections are ignored.
     pub fn pick_hashed(&self, exclude: &[SocketAddr], hash: Option<u64>) -> Option<Arc<Endpoint>> {
-        let now = outlier::now_ms();
-        let ejections = self.config.outlier.is_some() && self.load.any_ejected(now);
-        let i = if ejections && !self.in_panic(now) {
+        // Without outlier detection no clock is read; with it, one read per pick.
+        let now = self.config.outlier.as_ref().map(|_| outlier::now_ms());
+        let ejecting = now.filter(|&now| self.load.any_ejected(now) && !self.in_panic(now));
+        let i = if let Some(now) = ejecting {
             let ejected = |i: usize| self.endpoints[i].load.outlier.is_ejected(now);
             self.balancer.pick(&self.endpoints, exclude, &ejected, hash)?
         } else {
