@@ -217,6 +217,7 @@ async fn istio_routing_semantics_hold_through_weft_proxy_and_through_envoy_fed_t
 /// Drives every VirtualService feature of [`RESOURCES`] through an explicit outbound
 /// listener (`who` names the proxy in failure messages) and checks Istio's semantics.
 async fn check_istio_semantics(out: SocketAddr, who: &str, v1: &EchoServer, v2: &EchoServer) {
+    accepting(out).await;
     // Weighted split 80/20 (200 requests; bounds are more than 5 standard deviations).
     let mut counts: BTreeMap<String, u32> = BTreeMap::new();
     for _ in 0..200 {
@@ -483,7 +484,18 @@ async fn destination_rule_outlier_detection_and_connection_pool_behave_as_istio_
     proxy.shutdown().await;
 }
 
+/// Waits until `addr` accepts connections (a listener can be reported bound a moment
+/// before it accepts, notably Envoy's after a listener update).
+async fn accepting(addr: SocketAddr) {
+    let deadline = Instant::now() + WAIT;
+    while tokio::net::TcpStream::connect(addr).await.is_err() {
+        assert!(Instant::now() < deadline, "{addr} never accepted a connection");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn check_resilience(out: SocketAddr, who: &str) {
+    accepting(out).await;
     // Round robin: without outlier detection half of 40 requests would hit the dead endpoint;
     // with consecutive5xxErrors: 1 it is ejected after its first failure.
     let mut failures = 0;
