@@ -76,7 +76,7 @@ fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
                 l.listener_filters.push(mtls::tls_inspector());
             }
             out.listeners.push(l);
-            out.clusters.push(local_app_cluster(port, protocol));
+            out.clusters.push(local_app_cluster(explicit_app_host(view), port, protocol));
         }
     }
     // Sidecar egress listeners with a port become listeners bound on the loopback (or
@@ -200,7 +200,7 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         } else {
             chains.push(plain);
         }
-        out.clusters.push(local_app_cluster(port, protocol));
+        out.clusters.push(local_app_cluster("127.0.0.1".into(), port, protocol));
     }
     let mut vi = tcp_listener(
         "virtualInbound",
@@ -332,11 +332,23 @@ fn inbound_routes(port: u32) -> RouteConfiguration {
     }
 }
 
-/// `inbound|PORT||`: STATIC 127.0.0.1:PORT, the local application.
-fn local_app_cluster(port: u32, protocol: Protocol) -> Cluster {
+/// Where an explicit-mode sidecar finds its application: the workload's own loopback
+/// address when it announces one (several workloads then share a host, each app on its
+/// own 127.x address with its declared port), else 127.0.0.1.
+fn explicit_app_host(view: &MeshView<'_>) -> String {
+    view.node
+        .instance_ips
+        .iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .find(IpAddr::is_loopback)
+        .map_or_else(|| "127.0.0.1".into(), |ip| ip.to_string())
+}
+
+/// `inbound|PORT||`: STATIC `host`:PORT, the local application.
+fn local_app_cluster(host: String, port: u32, protocol: Protocol) -> Cluster {
     let name = inbound_cluster(port);
     let mut c = build::static_cluster(&name, &[], protocol == Protocol::Http2);
-    c.load_assignment = Some(cla(&name, &[Ep { host: "127.0.0.1".into(), port, weight: 1, identity: None }]));
+    c.load_assignment = Some(cla(&name, &[Ep { host, port, weight: 1, identity: None }]));
     c
 }
 
