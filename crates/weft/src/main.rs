@@ -79,7 +79,7 @@ enum Command {
     Iptables(iptables::IptablesArgs),
     /// Apply resources from files or directories to the running control plane.
     Apply {
-        /// Files or directories.
+        /// Files or directories (`-` reads standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
@@ -88,7 +88,7 @@ enum Command {
     },
     /// Delete the resources named in files from the running control plane.
     Delete {
-        /// Files or directories.
+        /// Files or directories (`-` reads standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
         /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).

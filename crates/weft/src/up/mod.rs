@@ -38,6 +38,8 @@ const DEMO: [(&str, &str); 2] = [
 /// The gateway's server port the ingress port stands for (Istio's ingress gateway
 /// container port, the one `bookinfo-gateway.yaml` names).
 const GATEWAY_SERVER_PORT: u16 = 8080;
+/// The ingress gateway's labels (Istio's default ingress gateway's).
+const INGRESS_LABELS: [(&str, &str); 2] = [("istio", "ingressgateway"), ("app", "istio-ingressgateway")];
 /// How long a proxy may take to get its certificate and configuration.
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a process may take to stop after SIGTERM.
@@ -249,15 +251,24 @@ impl Up {
             wait_ready(g, gateway_metrics, "ingress gateway").await?;
         }
         for r in &self.running {
+            let Some(app) = &r.app else { continue };
             for p in &r.workload.ports {
                 let addr = SocketAddr::new(IpAddr::V4(r.workload.ip), p.port);
-                if !wait_connect(addr, Duration::from_secs(20)).await {
+                if !wait_connect(addr, Duration::from_secs(20), || app.exit_status().is_some()).await
+                    && app.exit_status().is_none()
+                {
                     eprintln!("weft up: {} does not accept connections on {addr} yet", r.workload.name);
                 }
             }
         }
-        if !wait_connect(ingress, Duration::from_secs(20)).await {
-            eprintln!("weft up: the ingress gateway does not accept connections on {ingress} (is a Gateway on port {GATEWAY_SERVER_PORT} applied?)");
+        if serves_ingress(&snapshot.resources) {
+            if !wait_connect(ingress, Duration::from_secs(20), || false).await {
+                eprintln!("weft up: the ingress gateway does not accept connections on {ingress} yet");
+            }
+        } else {
+            eprintln!(
+                "weft up: no Gateway selecting `istio: ingressgateway` serves port {GATEWAY_SERVER_PORT}: the ingress answers once one is applied"
+            );
         }
         self.print_summary(ingress, api, xds, &trust_domain, t0.elapsed());
         Ok(())
@@ -359,10 +370,8 @@ impl Up {
         let admin = free_port(Ipv4Addr::LOCALHOST).await?;
         let metrics = free_port(Ipv4Addr::LOCALHOST).await?;
         let pod = "istio-ingressgateway-local";
-        let labels: BTreeMap<String, String> = [("istio", "ingressgateway"), ("app", "istio-ingressgateway")]
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let labels: BTreeMap<String, String> =
+            INGRESS_LABELS.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let node = weft_xds::NodeInfo {
             id: format!("router~127.0.0.1~{pod}.{ns}~{ns}.svc.{domain}"),
             cluster: format!("istio-ingressgateway.{ns}"),
@@ -482,9 +491,22 @@ async fn wait_ready(p: &Proc, metrics: SocketAddr, what: &str) -> anyhow::Result
     }
 }
 
-async fn wait_connect(addr: SocketAddr, within: Duration) -> bool {
+/// Whether a Gateway selecting the local ingress gateway serves the port the ingress
+/// port stands for.
+fn serves_ingress(resources: &[weft_api::Resource]) -> bool {
+    resources.iter().any(|r| match &r.spec {
+        weft_api::Spec::Gateway(g) => {
+            g.selector.iter().all(|(k, v)| INGRESS_LABELS.iter().any(|(lk, lv)| lk == k && lv == v))
+                && g.servers.iter().any(|s| s.port.number == u32::from(GATEWAY_SERVER_PORT))
+        }
+        _ => false,
+    })
+}
+
+/// Waits until `addr` accepts a connection, at most `within`, or until `give_up`.
+async fn wait_connect(addr: SocketAddr, within: Duration, give_up: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !give_up() {
         if tokio::net::TcpStream::connect(addr).await.is_ok() {
             return true;
         }
