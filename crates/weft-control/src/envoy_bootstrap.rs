@@ -92,6 +92,8 @@ impl EnvoyBootstrapOptions {
             admin: None,
             metrics: None,
             on_demand: false,
+            gateway_ports: Default::default(),
+            gateway_address: None,
         }
     }
 }
