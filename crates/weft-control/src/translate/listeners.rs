@@ -245,9 +245,25 @@ fn tcp_target(view: &MeshView<'_>, svc: &Service, port: u32) -> tcp_proxy::Clust
                 })
                 .map(|r| (m.namespace.as_str(), r))
         });
-    let Some((ns, r)) = route else {
-        return tcp_proxy::ClusterSpecifier::Cluster(outbound_name(port, "", &svc.host));
-    };
+    let default = outbound_name(port, "", &svc.host);
+    match route {
+        Some((ns, r)) => {
+            tcp_destinations(view, ns, &r.route, port).unwrap_or(tcp_proxy::ClusterSpecifier::Cluster(default))
+        }
+        None => tcp_proxy::ClusterSpecifier::Cluster(default),
+    }
+}
+
+/// The tcp_proxy target of a `tcp`/`tls` route's destinations (resolved in the
+/// VirtualService's namespace `ns`; a destination without port uses `port`); `None`
+/// without destinations.
+pub(super) fn tcp_destinations(
+    view: &MeshView<'_>,
+    ns: &str,
+    route: &[weft_api::spec::RouteDestination],
+    port: u32,
+) -> Option<tcp_proxy::ClusterSpecifier> {
+    let domain = &view.mesh.domain;
     let name = |d: &weft_api::spec::Destination| {
         outbound_name(
             d.port.map_or(port, |p| p.number),
@@ -255,8 +271,8 @@ fn tcp_target(view: &MeshView<'_>, svc: &Service, port: u32) -> tcp_proxy::Clust
             &host::fqdn(&d.host, ns, domain),
         )
     };
-    match r.route.as_slice() {
-        [] => tcp_proxy::ClusterSpecifier::Cluster(outbound_name(port, "", &svc.host)),
+    Some(match route {
+        [] => return None,
         [one] => tcp_proxy::ClusterSpecifier::Cluster(name(&one.destination)),
         many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
             clusters: many
@@ -269,10 +285,11 @@ fn tcp_target(view: &MeshView<'_>, svc: &Service, port: u32) -> tcp_proxy::Clust
                 })
                 .collect(),
         }),
-    }
+    })
 }
 
-fn tcp_filter(stat_prefix: &str, spec: tcp_proxy::ClusterSpecifier) -> Filter {
+/// A `tcp_proxy` network filter.
+pub(super) fn tcp_filter(stat_prefix: &str, spec: tcp_proxy::ClusterSpecifier) -> Filter {
     let tp = TcpProxy { stat_prefix: stat_prefix.into(), cluster_specifier: Some(spec), ..Default::default() };
     Filter {
         name: "envoy.filters.network.tcp_proxy".into(),
@@ -280,7 +297,7 @@ fn tcp_filter(stat_prefix: &str, spec: tcp_proxy::ClusterSpecifier) -> Filter {
     }
 }
 
-fn tcp_listener(name: &str, addr: Option<SocketAddr>, spec: tcp_proxy::ClusterSpecifier) -> Listener {
+pub(super) fn tcp_listener(name: &str, addr: Option<SocketAddr>, spec: tcp_proxy::ClusterSpecifier) -> Listener {
     Listener {
         name: name.into(),
         address: addr.map(build::address),
