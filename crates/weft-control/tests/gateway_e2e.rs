@@ -74,6 +74,73 @@ spec:
     tls: {httpsRedirect: true}
 "#;
 
+/// An HTTPS server terminating TLS with certificate files, and what it routes.
+fn https_resources(cert: &Path, key: &Path) -> String {
+    format!(
+        r#"
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {{name: tls-gateway, namespace: istio-system}}
+spec:
+  selector: {{istio: ingressgateway}}
+  servers:
+  - port: {{number: 8443, name: https, protocol: HTTPS}}
+    hosts: [secure.example]
+    tls: {{mode: SIMPLE, serverCertificate: {}, privateKey: {}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{name: secure, namespace: default}}
+spec:
+  hosts: [secure.example]
+  gateways: [istio-system/tls-gateway]
+  http:
+  - route: [{{destination: {{host: productpage, subset: v1, port: {{number: 9080}}}}}}]
+"#,
+        cert.display(),
+        key.display()
+    )
+}
+
+/// A CA and a server certificate for `secure.example`, written to `dir`: (ca, cert, key).
+fn server_pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "gateway test CA");
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["secure.example".to_string()]).unwrap();
+    params.distinguished_name.push(rcgen::DnType::CommonName, "secure.example");
+    let cert = params.signed_by(&key, &ca).unwrap();
+    let paths = (dir.join("ca.pem"), dir.join("tls.crt"), dir.join("tls.key"));
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, cert.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+/// `curl https://<host>:<port><path>` resolved to `addr`, trusting `ca`: the status and
+/// the response headers and body, or curl's error.
+fn curl_https(addr: SocketAddr, host: &str, path: &str, ca: &Path) -> Result<(u16, String), String> {
+    let curl = weft_testkit::tools::require("curl");
+    let port = addr.port();
+    let out = std::process::Command::new(curl)
+        .args(["-sS", "-i", "--max-time", "10", "--cacert"])
+        .arg(ca)
+        .arg("--resolve")
+        .arg(format!("{host}:{port}:{}", addr.ip()))
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .unwrap();
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).to_string());
+    }
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Ok((status, text))
+}
+
 const GATEWAY_SA: &str = "istio-ingressgateway";
 
 fn conformance(rel: &str) -> String {
@@ -114,12 +181,12 @@ async fn backend(cp: &ControlPlane, version: &str, app: &EchoServer) -> ProxyHan
     start_proxy(&text).await
 }
 
-/// The ingress gateway as a weft proxy: Istio's gateway node id, server ports 8080 and
-/// 8081 mapped to free ports on 127.0.0.1.
+/// The ingress gateway as a weft proxy: Istio's gateway node id, server ports 8080, 8081
+/// and 8443 mapped to free ports on 127.0.0.1.
 async fn weft_gateway(cp: &ControlPlane) -> ProxyHandle {
     let token = token(cp, "istio-system", GATEWAY_SA).await;
     let text = format!(
-        "node:\n  id: router~127.0.0.1~ingress-weft.istio-system~istio-system.svc.cluster.local\n  name: ingress-weft\n  namespace: istio-system\n  service_account: {GATEWAY_SA}\n  labels: {{istio: ingressgateway}}\n  gateway_ports: {{8080: 0, 8081: 0}}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
+        "node:\n  id: router~127.0.0.1~ingress-weft.istio-system~istio-system.svc.cluster.local\n  name: ingress-weft\n  namespace: istio-system\n  service_account: {GATEWAY_SA}\n  labels: {{istio: ingressgateway}}\n  gateway_ports: {{8080: 0, 8081: 0, 8443: 0}}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
         cp.xds_addr,
     );
     start_proxy(&text).await
@@ -141,9 +208,16 @@ where
     }
 }
 
-/// What a client of the gateway sees (`who` names the gateway in failures): `http` is
-/// the listener of server port 8080, `redirect` the one of 8081.
-async fn check_gateway(http: SocketAddr, redirect: SocketAddr, who: &str, v1: &EchoServer, v2: &EchoServer) {
+/// The gateway's listeners of server ports 8080, 8081 (redirect) and 8443 (HTTPS).
+struct Listeners {
+    http: SocketAddr,
+    redirect: SocketAddr,
+    https: SocketAddr,
+}
+
+/// What a client of the gateway sees (`who` names the gateway in failures).
+async fn check_gateway(l: &Listeners, ca: &Path, who: &str, v1: &EchoServer, v2: &EchoServer) {
+    let (http, redirect) = (l.http, l.redirect);
     eventually(&format!("{who}: /productpage through the gateway"), || async {
         get_h1(http, "bookinfo.local", "/productpage").await.map(|r| r.status == 200).unwrap_or(false)
     })
@@ -191,6 +265,30 @@ async fn check_gateway(http: SocketAddr, redirect: SocketAddr, who: &str, v1: &E
     assert_eq!(r.header("location"), Some("https://secure.example/orders?id=1"), "{who}");
     let r = get_h1(redirect, "other.example", "/").await.unwrap();
     assert_eq!(r.status, 404, "{who}: a host the redirecting server does not serve");
+
+    // HTTPS: TLS terminated with the server's certificate files (curl verifies it against
+    // our CA, SNI secure.example), then routed; the app learns the original scheme.
+    let https = l.https;
+    let (status, text) = tokio::task::spawn_blocking({
+        let ca = ca.to_path_buf();
+        move || curl_https(https, "secure.example", "/productpage", &ca)
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("{who}: curl over TLS failed: {e}"));
+    assert_eq!(status, 200, "{who}: {text}");
+    let lower = text.to_ascii_lowercase();
+    assert!(lower.contains("x-echo-server: productpage-v1"), "{who}: {text}");
+    let body: serde_json::Value = serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or("")).unwrap();
+    assert_eq!(body["headers"]["x-forwarded-proto"], "https", "{who}: the app should see https: {text}");
+    // A server name the gateway has no certificate for gets no TLS at all.
+    let refused = tokio::task::spawn_blocking({
+        let ca = ca.to_path_buf();
+        move || curl_https(https, "other.example", "/productpage", &ca)
+    })
+    .await
+    .unwrap();
+    assert!(refused.is_err(), "{who}: other.example was served: {refused:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -200,6 +298,9 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
     std::fs::write(dir.path().join("bookinfo-gateway.yaml"), conformance("bookinfo/networking/bookinfo-gateway.yaml"))
         .unwrap();
     std::fs::write(dir.path().join("mesh.yaml"), MESH).unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = server_pki(certs.path());
+    std::fs::write(dir.path().join("https.yaml"), https_resources(&cert, &key)).unwrap();
     let mut identity = IdentityConfig::new(data.path());
     identity.cert_ttl = Duration::from_secs(3600);
     let cp = ControlPlane::start(ControlConfig {
@@ -220,13 +321,16 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
 
     let gw = weft_gateway(&cp).await;
     // A gateway has no sidecar listeners, only its servers' (at the mapped ports).
-    let http = gw.listener_addr("0.0.0.0_8080", WAIT).await.expect("0.0.0.0_8080 is bound");
-    let redirect = gw.listener_addr("0.0.0.0_8081", WAIT).await.expect("0.0.0.0_8081 is bound");
-    assert_eq!(http.ip().to_string(), "127.0.0.1");
-    assert_ne!(http.port(), 8080, "WEFT_GATEWAY_PORTS maps 8080 to a free port");
+    let l = Listeners {
+        http: gw.listener_addr("0.0.0.0_8080", WAIT).await.expect("0.0.0.0_8080 is bound"),
+        redirect: gw.listener_addr("0.0.0.0_8081", WAIT).await.expect("0.0.0.0_8081 is bound"),
+        https: gw.listener_addr("0.0.0.0_8443", WAIT).await.expect("0.0.0.0_8443 is bound"),
+    };
+    assert_eq!(l.http.ip().to_string(), "127.0.0.1");
+    assert_ne!(l.http.port(), 8080, "WEFT_GATEWAY_PORTS maps 8080 to a free port");
     let names: Vec<String> = gw.listener_addrs().into_keys().collect();
-    assert_eq!(names, ["0.0.0.0_8080", "0.0.0.0_8081"], "a gateway gets no sidecar listeners");
-    check_gateway(http, redirect, "weft", &v1, &v2).await;
+    assert_eq!(names, ["0.0.0.0_8080", "0.0.0.0_8081", "0.0.0.0_8443"], "a gateway gets no sidecar listeners");
+    check_gateway(&l, &ca, "weft", &v1, &v2).await;
 
     // The sidecar verified the gateway's certificate: STRICT took the requests, and the
     // peer identity is the gateway's.
@@ -255,11 +359,14 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
         outbound: None,
         join_token: Some(token(&cp, "istio-system", GATEWAY_SA).await),
     };
-    let node = opts.gateway_node_info([(8080, 0), (8081, 0)].into(), Some("127.0.0.1".parse().unwrap()));
+    let node = opts.gateway_node_info([(8080, 0), (8081, 0), (8443, 0)].into(), Some("127.0.0.1".parse().unwrap()));
     let envoy = weft_testkit::envoy::Envoy::start(&render_node(&opts, &node)).await.unwrap();
-    let envoy_http = envoy.listener_addr("0.0.0.0_8080", WAIT).await.unwrap();
-    let envoy_redirect = envoy.listener_addr("0.0.0.0_8081", WAIT).await.unwrap();
-    check_gateway(envoy_http, envoy_redirect, "envoy", &v1, &v2).await;
+    let l = Listeners {
+        http: envoy.listener_addr("0.0.0.0_8080", WAIT).await.unwrap(),
+        redirect: envoy.listener_addr("0.0.0.0_8081", WAIT).await.unwrap(),
+        https: envoy.listener_addr("0.0.0.0_8443", WAIT).await.unwrap(),
+    };
+    check_gateway(&l, &ca, "envoy", &v1, &v2).await;
     let nacks: Vec<String> = cp
         .server
         .connections()
