@@ -1,9 +1,11 @@
 //! Ingress gateway end to end: a control plane with its CA watching Istio's own
 //! `bookinfo-gateway.yaml` plus a few more resources, a weft proxy as the ingress gateway
 //! (node id `router~...`, labels `istio: ingressgateway`), and an echo `productpage` in
-//! two versions behind weft sidecars under STRICT mTLS. Requests go through the
-//! gateway's listener the way curl would send them; then a stock Envoy 1.40 is started
-//! as the gateway on the same control plane and must answer the same (differential).
+//! two versions and a TCP echo behind weft sidecars under STRICT mTLS. Requests go
+//! through the gateway's listeners (HTTP routes, 404s, header match, weighted split,
+//! httpsRedirect, HTTPS terminated with certificate files and checked by curl, a TCP
+//! server); then a stock Envoy 1.40 is started as the gateway on the same control plane
+//! and must answer the same (differential).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
@@ -141,6 +143,36 @@ fn curl_https(addr: SocketAddr, host: &str, path: &str, ca: &Path) -> Result<(u1
     Ok((status, text))
 }
 
+/// A TCP server on the gateway, routed by a VirtualService `tcp` route to an echo
+/// service behind a sidecar.
+const TCP_MESH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: tcp-echo, namespace: default}
+spec:
+  selector: {app: tcp-echo}
+  ports: [{name: tcp, port: 9000}]
+---
+apiVersion: networking.istio.io/v1
+kind: Gateway
+metadata: {name: tcp-gateway, namespace: istio-system}
+spec:
+  selector: {istio: ingressgateway}
+  servers:
+  - port: {number: 31400, name: tcp, protocol: TCP}
+    hosts: ["*"]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: tcp-echo, namespace: default}
+spec:
+  hosts: [tcp-echo]
+  gateways: [istio-system/tcp-gateway]
+  tcp:
+  - match: [{port: 31400}]
+    route: [{destination: {host: tcp-echo, port: {number: 9000}}}]
+"#;
+
 const GATEWAY_SA: &str = "istio-ingressgateway";
 
 fn conformance(rel: &str) -> String {
@@ -181,12 +213,38 @@ async fn backend(cp: &ControlPlane, version: &str, app: &EchoServer) -> ProxyHan
     start_proxy(&text).await
 }
 
+/// The tcp-echo instance: a weft sidecar with a mesh identity in front of a TCP echo.
+async fn tcp_backend(cp: &ControlPlane, app: SocketAddr) -> ProxyHandle {
+    let token = token(cp, "default", "tcp-echo").await;
+    let text = format!(
+        "node:\n  id: sidecar~127.0.0.1~tcp-echo-1.default~default.svc.cluster.local\n  name: tcp-echo-1\n  namespace: default\n  service_account: tcp-echo\n  labels: {{app: tcp-echo}}\n  outbound: {}\n  inbound: {}\n  ports:\n  - {{name: tcp, port: {}, protocol: TCP}}\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
+        free_port(),
+        free_port(),
+        app.port(),
+        cp.xds_addr,
+    );
+    start_proxy(&text).await
+}
+
+/// Bytes sent through the gateway's TCP listener come back from the echo behind it.
+async fn check_tcp(addr: SocketAddr, who: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for msg in [&b"ping through the gateway"[..], b"second connection"] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(msg).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        let read = tokio::time::timeout(WAIT, s.read_exact(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(_))), "{who}: no echo through the TCP server: {read:?}");
+        assert_eq!(buf, msg, "{who}");
+    }
+}
+
 /// The ingress gateway as a weft proxy: Istio's gateway node id, server ports 8080, 8081
 /// and 8443 mapped to free ports on 127.0.0.1.
 async fn weft_gateway(cp: &ControlPlane) -> ProxyHandle {
     let token = token(cp, "istio-system", GATEWAY_SA).await;
     let text = format!(
-        "node:\n  id: router~127.0.0.1~ingress-weft.istio-system~istio-system.svc.cluster.local\n  name: ingress-weft\n  namespace: istio-system\n  service_account: {GATEWAY_SA}\n  labels: {{istio: ingressgateway}}\n  gateway_ports: {{8080: 0, 8081: 0, 8443: 0}}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
+        "node:\n  id: router~127.0.0.1~ingress-weft.istio-system~istio-system.svc.cluster.local\n  name: ingress-weft\n  namespace: istio-system\n  service_account: {GATEWAY_SA}\n  labels: {{istio: ingressgateway}}\n  gateway_ports: {{8080: 0, 8081: 0, 8443: 0, 31400: 0}}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
         cp.xds_addr,
     );
     start_proxy(&text).await
@@ -301,6 +359,7 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
     let certs = tempfile::tempdir().unwrap();
     let (ca, cert, key) = server_pki(certs.path());
     std::fs::write(dir.path().join("https.yaml"), https_resources(&cert, &key)).unwrap();
+    std::fs::write(dir.path().join("tcp.yaml"), TCP_MESH).unwrap();
     let mut identity = IdentityConfig::new(data.path());
     identity.cert_ttl = Duration::from_secs(3600);
     let cp = ControlPlane::start(ControlConfig {
@@ -318,6 +377,8 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
     let v2 = EchoServer::start("productpage-v2").await;
     let b1 = backend(&cp, "v1", &v1).await;
     let _b2 = backend(&cp, "v2", &v2).await;
+    let tcp_app = weft_testkit::echo::TcpEchoServer::start().await;
+    let _tcp = tcp_backend(&cp, tcp_app.addr).await;
 
     let gw = weft_gateway(&cp).await;
     // A gateway has no sidecar listeners, only its servers' (at the mapped ports).
@@ -329,8 +390,13 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
     assert_eq!(l.http.ip().to_string(), "127.0.0.1");
     assert_ne!(l.http.port(), 8080, "WEFT_GATEWAY_PORTS maps 8080 to a free port");
     let names: Vec<String> = gw.listener_addrs().into_keys().collect();
-    assert_eq!(names, ["0.0.0.0_8080", "0.0.0.0_8081", "0.0.0.0_8443"], "a gateway gets no sidecar listeners");
+    assert_eq!(
+        names,
+        ["0.0.0.0_31400", "0.0.0.0_8080", "0.0.0.0_8081", "0.0.0.0_8443"],
+        "a gateway gets no sidecar listeners"
+    );
     check_gateway(&l, &ca, "weft", &v1, &v2).await;
+    check_tcp(gw.listener_addr("0.0.0.0_31400", WAIT).await.unwrap(), "weft").await;
 
     // The sidecar verified the gateway's certificate: STRICT took the requests, and the
     // peer identity is the gateway's.
@@ -359,7 +425,8 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
         outbound: None,
         join_token: Some(token(&cp, "istio-system", GATEWAY_SA).await),
     };
-    let node = opts.gateway_node_info([(8080, 0), (8081, 0), (8443, 0)].into(), Some("127.0.0.1".parse().unwrap()));
+    let node = opts
+        .gateway_node_info([(8080, 0), (8081, 0), (8443, 0), (31400, 0)].into(), Some("127.0.0.1".parse().unwrap()));
     let envoy = weft_testkit::envoy::Envoy::start(&render_node(&opts, &node)).await.unwrap();
     let l = Listeners {
         http: envoy.listener_addr("0.0.0.0_8080", WAIT).await.unwrap(),
@@ -367,6 +434,7 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
         https: envoy.listener_addr("0.0.0.0_8443", WAIT).await.unwrap(),
     };
     check_gateway(&l, &ca, "envoy", &v1, &v2).await;
+    check_tcp(envoy.listener_addr("0.0.0.0_31400", WAIT).await.unwrap(), "envoy").await;
     let nacks: Vec<String> = cp
         .server
         .connections()
