@@ -272,9 +272,15 @@ fn client_tls(tls: &ClientTlsSettings, host: &str) -> Option<TransportSocket> {
 }
 
 /// Sets the balancer: weft's metadata name and Envoy's enum agree; consistent hashing
-/// is RING_HASH (the hash key goes on the route, see `routes`).
+/// is RING_HASH (the hash key goes on the route, see `routes`). Without a choice,
+/// Istio's default, LEAST_REQUEST (the proxy's own default, peak-EWMA, is kept for
+/// clusters from other control planes).
 fn set_lb(c: &mut Cluster, lb: Option<&LoadBalancerSettings>) {
-    let Some(lb) = lb else { return };
+    let Some(lb) = lb else {
+        c.lb_policy = cluster::LbPolicy::LeastRequest as i32;
+        c.metadata = Some(build::weft_lb_metadata("LEAST_REQUEST"));
+        return;
+    };
     if lb.consistent_hash.is_some() {
         c.lb_policy = cluster::LbPolicy::RingHash as i32;
         c.metadata = None;
@@ -282,9 +288,11 @@ fn set_lb(c: &mut Cluster, lb: Option<&LoadBalancerSettings>) {
     }
     let (name, policy) = match lb.simple {
         Some(SimpleLb::RoundRobin) => ("ROUND_ROBIN", cluster::LbPolicy::RoundRobin),
-        Some(SimpleLb::LeastRequest | SimpleLb::LeastConn) => ("LEAST_REQUEST", cluster::LbPolicy::LeastRequest),
+        Some(SimpleLb::LeastRequest | SimpleLb::LeastConn | SimpleLb::Unspecified) | None => {
+            ("LEAST_REQUEST", cluster::LbPolicy::LeastRequest)
+        }
         Some(SimpleLb::Random) => ("RANDOM", cluster::LbPolicy::Random),
-        Some(SimpleLb::Unspecified | SimpleLb::Passthrough) | None => return,
+        Some(SimpleLb::Passthrough) => return,
     };
     c.lb_policy = policy as i32;
     c.metadata = Some(build::weft_lb_metadata(name));

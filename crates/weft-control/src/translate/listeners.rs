@@ -207,9 +207,21 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         Some(SocketAddr::new(any.ip(), INBOUND_CAPTURE_PORT)),
         tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH.into()),
     );
-    vi.default_filter_chain = vi.filter_chains.pop();
-    if let Some(c) = vi.default_filter_chain.as_mut() {
-        authz.apply_tcp(&mut c.filters);
+    let mut passthrough = vi.filter_chains.pop().unwrap_or_default();
+    authz.apply_tcp(&mut passthrough.filters);
+    if mtls::in_mesh(&view.node.labels) {
+        // Ports no Service declares pass through under the workload-level mode (port 0
+        // matches no portLevelMtls): STRICT accepts only mTLS there too. These chains
+        // match no port, so a plaintext connection to a declared STRICT port finds no
+        // chain (the port criterion is decided first) and is closed, as in Envoy.
+        let mode = mtls::peer_mode(view, &view.node.namespace, &view.node.labels, 0);
+        for mut c in mtls::inbound_chains(passthrough, mode, false) {
+            c.name =
+                format!("{INBOUND_PASSTHROUGH}|{}", if c.transport_socket.is_some() { "mtls" } else { "plaintext" });
+            chains.push(c);
+        }
+    } else {
+        vi.default_filter_chain = Some(passthrough);
     }
     vi.filter_chains = chains;
     vi.traffic_direction = TrafficDirection::Inbound as i32;

@@ -153,7 +153,9 @@ fn service_ports_become_eds_clusters_with_subset_clusters_and_filtered_endpoints
         all.cluster_discovery_type,
         Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::Eds as i32))
     );
-    assert_eq!(lb_meta(all).as_deref(), Some("PEAK_EWMA"));
+    // Istio's default balancer, for weft and Envoy alike.
+    assert_eq!(lb_meta(all).as_deref(), Some("LEAST_REQUEST"));
+    assert_eq!(all.lb_policy, cluster::LbPolicy::LeastRequest as i32);
     // Transparent: workload address and target port.
     assert_eq!(eps(x.endpoints_of(&format!("outbound|9080||{FQDN}")).unwrap()), ["10.0.0.1:8080", "10.0.0.2:8080"]);
     assert_eq!(eps(x.endpoints_of(&format!("outbound|9080|v1|{FQDN}")).unwrap()), ["10.0.0.1:8080"]);
@@ -814,6 +816,44 @@ fn inbound_listeners_follow_peer_authentication_precedence_and_port_level_mtls()
     );
     assert_eq!(chains(&wl_port, 8080), vec!["tls", "raw_buffer"]);
     assert_eq!(chains(&wl_port, 8081), vec!["tls"]);
+}
+
+#[test]
+fn transparent_strict_leaves_no_plaintext_path_into_the_workload() {
+    // (port match, transport) of each virtualInbound chain, and whether a default chain
+    // catches what none matches.
+    let inbound = |yaml: &str| -> (Vec<(u32, String)>, bool) {
+        let x =
+            translate(&mesh(yaml), &registry(vec![]).snapshot(), &meshed_node("default", 8080), ProxyMode::Transparent);
+        let l = x.listeners.iter().find(|l| l.name == "virtualInbound").unwrap();
+        let chains = l
+            .filter_chains
+            .iter()
+            .map(|c| {
+                let m = c.filter_chain_match.clone().unwrap_or_default();
+                (m.destination_port.map_or(0, |p| p.value), m.transport_protocol)
+            })
+            .collect();
+        (chains, l.default_filter_chain.is_some())
+    };
+    let permissive = inbound(SERVICE);
+    assert_eq!(
+        permissive,
+        (
+            vec![
+                (8080, "tls".to_string()),
+                (8080, "raw_buffer".to_string()),
+                (0, "tls".to_string()),
+                (0, "raw_buffer".to_string())
+            ],
+            false
+        )
+    );
+    let strict = format!(
+        "{SERVICE}---\napiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: istio-system}}\nspec:\n  mtls: {{mode: STRICT}}\n"
+    );
+    // Plaintext to 8080 matches the port but no transport, and nothing catches it.
+    assert_eq!(inbound(&strict), (vec![(8080, "tls".to_string()), (0, "tls".to_string())], false));
 }
 
 #[test]

@@ -30,6 +30,23 @@ use crate::local::{self, LocalMesh};
 use plan::{Mode, ProxySettings, Workload};
 use procs::Proc;
 
+/// `println!` that never panics: the terminal (or pipe) may be gone while `weft up`
+/// still has to tear everything down.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that never panics.
+macro_rules! warn_user {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
 /// Bookinfo, run when no `-f` is given.
 const DEMO: [(&str, &str); 2] = [
     ("bookinfo.yaml", include_str!("../../demo/bookinfo.yaml")),
@@ -134,8 +151,8 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         _ = crate::shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(e) = started {
-        eprintln!("weft up: {e:#}");
-        eprintln!("stopping what was started...");
+        warn_user!("weft up: {e:#}");
+        warn_user!("stopping what was started...");
         up.teardown().await;
         return Err(e);
     }
@@ -145,9 +162,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
             Some((name, status)) = exits.recv() => up.exited(&name, status).await,
         }
     }
-    println!("stopping: apps, sidecars, gateway, control plane...");
+    say!("stopping: apps, sidecars, gateway, control plane...");
     up.teardown().await;
-    println!("weft up: stopped, nothing left behind");
+    say!("weft up: stopped, nothing left behind");
     Ok(())
 }
 
@@ -203,7 +220,7 @@ impl Up {
         let authority = cp.identity.clone().context("the control plane has no CA")?;
         let snapshot = cp.store.snapshot();
         for e in &snapshot.errors {
-            eprintln!("weft up: {e}");
+            warn_user!("weft up: {e}");
         }
         self.control = Some(cp);
         let ingress = SocketAddr::new(self.args.ingress_address, self.args.ingress_port);
@@ -257,16 +274,16 @@ impl Up {
                 if !wait_connect(addr, Duration::from_secs(20), || app.exit_status().is_some()).await
                     && app.exit_status().is_none()
                 {
-                    eprintln!("weft up: {} does not accept connections on {addr} yet", r.workload.name);
+                    warn_user!("weft up: {} does not accept connections on {addr} yet", r.workload.name);
                 }
             }
         }
         if serves_ingress(&snapshot.resources) {
             if !wait_connect(ingress, Duration::from_secs(20), || false).await {
-                eprintln!("weft up: the ingress gateway does not accept connections on {ingress} yet");
+                warn_user!("weft up: the ingress gateway does not accept connections on {ingress} yet");
             }
         } else {
-            eprintln!(
+            warn_user!(
                 "weft up: no Gateway selecting `istio: ingressgateway` serves port {GATEWAY_SERVER_PORT}: the ingress answers once one is applied"
             );
         }
@@ -380,8 +397,8 @@ impl Up {
             labels,
             service_account: sa.into(),
             instance_ips: vec!["127.0.0.1".into()],
-            // GATEWAY-MERGE gateway_ports: [(GATEWAY_SERVER_PORT, self.args.ingress_port)].into_iter().collect(),
-            // GATEWAY-MERGE gateway_address: Some(self.args.ingress_address),
+            gateway_ports: [(GATEWAY_SERVER_PORT, self.args.ingress_port)].into_iter().collect(),
+            gateway_address: Some(self.args.ingress_address),
             ..Default::default()
         };
         let settings =
@@ -400,31 +417,31 @@ impl Up {
             Mode::Explicit => "explicit (apps use their sidecar as HTTP proxy)",
             Mode::Transparent => "transparent (network namespaces, iptables capture)",
         };
-        println!("weft up: mesh ready in {:.1}s — {mode}", took.as_secs_f64());
-        println!("  ingress        http://{ingress}/productpage");
-        println!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
-        println!("  logs           {}", self.logs.display());
+        say!("weft up: mesh ready in {:.1}s — {mode}", took.as_secs_f64());
+        say!("  ingress        http://{ingress}/productpage");
+        say!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
+        say!("  logs           {}", self.logs.display());
         if let Some(net) = &self.network {
-            println!(
+            say!(
                 "  network        bridge {} {}/24, service addresses {}",
                 net.bridge,
                 net.address(0),
                 netns::SERVICE_RANGE
             );
         }
-        println!("  workloads:");
+        say!("  workloads:");
         for r in &self.running {
             let w = &r.workload;
             let ports: Vec<String> = w.ports.iter().map(|p| format!("{}:{}", p.name, p.port)).collect();
-            println!("    {:<16} {:<16} {}  ports {}", w.name, w.ip, w.spiffe(trust_domain), ports.join(","));
+            say!("    {:<16} {:<16} {}  ports {}", w.name, w.ip, w.spiffe(trust_domain), ports.join(","));
         }
-        println!("Ctrl-C stops everything.");
+        say!("Ctrl-C stops everything.");
     }
 
     /// A process exited on its own: an app (a job) takes its sidecar with it.
     async fn exited(&mut self, name: &str, status: ExitStatus) {
         if let Some(r) = self.running.iter_mut().find(|r| r.app.as_ref().is_some_and(|a| a.name == name)) {
-            println!("weft up: {name} exited ({status}); stopping its sidecar");
+            say!("weft up: {name} exited ({status}); stopping its sidecar");
             match self.mode {
                 Mode::Explicit => {
                     if http_status(r.workload.admin(), "POST", "/quitquitquit").await.is_none() {
@@ -435,7 +452,7 @@ impl Up {
                 Mode::Transparent => r.proxy.stop(STOP_GRACE).await,
             }
         } else if self.running.iter().any(|r| r.proxy.name == name) || name == "ingress gateway" {
-            eprintln!("weft up: {name} exited ({status})");
+            warn_user!("weft up: {name} exited ({status})");
         }
     }
 
@@ -453,14 +470,14 @@ impl Up {
         self.namespaces.clear();
         if let Some(mut net) = self.network.take() {
             for e in net.teardown() {
-                eprintln!("weft up: teardown: {e}");
+                warn_user!("weft up: teardown: {e}");
             }
         }
         self.recorded.take();
         if let Some(state) = self.state.take() {
             let path = state.path().to_path_buf();
             if let Err(e) = state.close() {
-                eprintln!("weft up: removing {}: {e}", path.display());
+                warn_user!("weft up: removing {}: {e}", path.display());
             }
         }
     }

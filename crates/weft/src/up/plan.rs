@@ -217,16 +217,35 @@ pub fn sidecar_node(w: &Workload, mode: Mode, domain: &str) -> NodeInfo {
 
 /// A proxy bootstrap (YAML) for `node`.
 pub fn bootstrap(node: &NodeInfo, s: &ProxySettings) -> anyhow::Result<String> {
-    let node = serde_json::to_value(node)?;
-    let doc = serde_json::json!({
-        "node": node,
-        "xds": {"address": format!("http://{}", s.xds)},
-        "admin": s.admin.to_string(),
-        "metrics": s.metrics.to_string(),
-        "access_log": s.access_log,
-        "drain_timeout": "2s",
-        "identity": {"token": s.token},
-    });
+    // Serialized as YAML directly (not through JSON), so integer map keys
+    // (`gateway_ports`) stay integers.
+    #[derive(serde::Serialize)]
+    struct Identity<'a> {
+        token: &'a str,
+    }
+    #[derive(serde::Serialize)]
+    struct Xds {
+        address: String,
+    }
+    #[derive(serde::Serialize)]
+    struct Doc<'a> {
+        node: &'a NodeInfo,
+        xds: Xds,
+        admin: String,
+        metrics: String,
+        access_log: &'a str,
+        drain_timeout: &'a str,
+        identity: Identity<'a>,
+    }
+    let doc = Doc {
+        node,
+        xds: Xds { address: format!("http://{}", s.xds) },
+        admin: s.admin.to_string(),
+        metrics: s.metrics.to_string(),
+        access_log: &s.access_log,
+        drain_timeout: "2s",
+        identity: Identity { token: &s.token },
+    };
     Ok(serde_yaml_ng::to_string(&doc)?)
 }
 
@@ -300,5 +319,17 @@ mod tests {
         let b = weft_proxy::bootstrap::Bootstrap::parse(&text, std::path::Path::new("b.yaml")).unwrap();
         assert_eq!(b.node.inbound, Some("127.9.0.2:15006".parse().unwrap()));
         assert_eq!(b.node.labels.get("app").map(String::as_str), Some("details"));
+        let gateway = NodeInfo {
+            id: "router~127.0.0.1~gw.istio-system~istio-system.svc.cluster.local".into(),
+            namespace: "istio-system".into(),
+            service_account: "gw".into(),
+            gateway_ports: [(8080, 18080)].into_iter().collect(),
+            gateway_address: Some("127.0.0.1".parse().unwrap()),
+            ..NodeInfo::default()
+        };
+        let b =
+            weft_proxy::bootstrap::Bootstrap::parse(&bootstrap(&gateway, &s).unwrap(), std::path::Path::new("g.yaml"))
+                .unwrap();
+        assert_eq!(b.node.gateway_port(8080), 18080);
     }
 }
