@@ -138,7 +138,6 @@ pub fn inject(pod: &mut Map, cfg: &InjectConfig, namespace: Option<&str>, at: &s
         "containers": if native { Vec::new() } else { vec![PROXY_CONTAINER] },
         "volumes": [TOKEN_VOLUME],
         "image": image,
-        "version": env!("CARGO_PKG_VERSION"),
     });
     let meta = pod.map_entry("metadata", Some("spec")).ok_or_else(|| format!("{at}metadata: expected a mapping"))?;
     let notes =

@@ -48,6 +48,8 @@ fn a_pod_gets_the_init_step_the_proxy_first_the_token_volume_and_annotations() {
     assert_eq!(notes["kubectl.kubernetes.io/default-container"], "web");
     let status: serde_json::Value = serde_json::from_str(notes[STATUS_ANNOTATION].as_str().unwrap()).unwrap();
     assert_eq!(status["containers"], serde_json::json!(["weft-proxy"]));
+    let image = format!("ghcr.io/weft-mesh/weft:{}", env!("CARGO_PKG_VERSION"));
+    assert_eq!((&proxy["image"], &init["image"]), (&serde_json::json!(image), &serde_json::json!(image)));
 }
 
 /// What Kubernetes does with `$(VAR)` in an env value, given the earlier entries.
