@@ -222,3 +222,16 @@ fn bad_yaml_names_the_file_and_line() {
     }
     assert!(e.to_string().starts_with("bad.yaml:"), "{e}");
 }
+
+#[test]
+fn separators_leading_markers_crlf_and_empty_documents_are_kept() {
+    let svc = "apiVersion: v1\r\nkind: Service\r\nmetadata: {name: s}\r\n";
+    let text = format!("---\n# only a comment\n--- # marker comment\n{svc}---\r\n\n---\n{}", POD.trim_end());
+    let out = inject(&text).text;
+    let expected_head = format!("---\n# only a comment\n--- # marker comment\n{svc}---\r\n\n---\n");
+    assert!(out.starts_with(&expected_head), "{out:?}");
+    let pod = doc(&out[expected_head.len()..]);
+    assert_eq!(names(&pod["spec"]["containers"]), ["weft-proxy", "web", "helper"]);
+    // Nothing to inject: the text comes back byte for byte.
+    assert_eq!(inject(&expected_head).text, expected_head);
+}
