@@ -92,6 +92,30 @@ impl EnvoyBootstrapOptions {
             admin: None,
             metrics: None,
             on_demand: false,
+            gateway_ports: Default::default(),
+            gateway_address: None,
+        }
+    }
+}
+
+impl EnvoyBootstrapOptions {
+    /// The identity of this Envoy as an ingress gateway: Istio's gateway node id
+    /// `router~<ip>~<name>.<namespace>~<namespace>.svc.cluster.local`, listeners bound at
+    /// `address` (`WEFT_GATEWAY_ADDRESS`) with server ports mapped by `ports`
+    /// (`WEFT_GATEWAY_PORTS`). Render it with [`render_node`].
+    pub fn gateway_node_info(&self, ports: BTreeMap<u16, u16>, address: Option<IpAddr>) -> NodeInfo {
+        NodeInfo {
+            id: format!(
+                "{}{}~{}.{}~{}.svc.cluster.local",
+                weft_xds::node::ROUTER_PREFIX,
+                self.instance_ip,
+                self.name,
+                self.namespace,
+                self.namespace
+            ),
+            gateway_ports: ports,
+            gateway_address: address,
+            ..self.node_info()
         }
     }
 }
@@ -99,7 +123,13 @@ impl EnvoyBootstrapOptions {
 /// The bootstrap YAML (Envoy 1.40): node, ADS over gRPC (V3) to [`XDS_CLUSTER`], CDS and
 /// LDS from ADS, admin on `127.0.0.1:admin_port`.
 pub fn render(o: &EnvoyBootstrapOptions) -> String {
-    let mut metadata = o.node_info().to_node().metadata.map(|s| struct_to_json(&s)).unwrap_or_else(|| json!({}));
+    render_node(o, &o.node_info())
+}
+
+/// [`render`] announcing `node` (its id and metadata) instead of the options' sidecar
+/// identity, e.g. [`EnvoyBootstrapOptions::gateway_node_info`].
+pub fn render_node(o: &EnvoyBootstrapOptions, node: &NodeInfo) -> String {
+    let mut metadata = node.to_node().metadata.map(|s| struct_to_json(&s)).unwrap_or_else(|| json!({}));
     if let (Some(t), Some(m)) = (&o.join_token, metadata.as_object_mut()) {
         m.insert(crate::secrets::JOIN_TOKEN_KEY.into(), json!(t));
     }
@@ -107,7 +137,7 @@ pub fn render(o: &EnvoyBootstrapOptions) -> String {
     let ads_source = json!({ "ads": {}, "resource_api_version": "V3" });
     let bootstrap = json!({
         "node": {
-            "id": o.node_id(),
+            "id": node.id,
             "cluster": o.node_cluster(),
             "metadata": metadata,
         },

@@ -129,8 +129,16 @@ impl MeshSource {
         // translation (the expensive part of a push to many identical sidecars).
         let inbound = registry.get(&node.id).and_then(|w| w.inbound).or(info.inbound);
         let shape = format!(
-            "{}|{:?}|{:?}|{:?}|{:?}|{}",
-            info.namespace, info.labels, info.ports, info.outbound, inbound, info.on_demand
+            "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}",
+            info.namespace,
+            info.labels,
+            info.ports,
+            info.outbound,
+            inbound,
+            info.on_demand,
+            info.is_gateway(),
+            info.gateway_ports,
+            info.gateway_address
         );
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());

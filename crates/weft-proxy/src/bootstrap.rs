@@ -278,4 +278,17 @@ mod tests {
         let e = Bootstrap::parse(&typo, Path::new("b.yaml")).unwrap_err().to_string();
         assert!(e.contains("identity") && e.contains("tokn"), "{e}");
     }
+
+    #[test]
+    fn gateway_node_announces_its_port_map_and_address() {
+        let text = "node:\n  id: router~127.0.0.1~ingress.istio-system~istio-system.svc.cluster.local\n  name: ingress\n  namespace: istio-system\n  labels: {istio: ingressgateway}\n  gateway_ports: {8080: 18080, 443: 0}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://127.0.0.1:15010\n";
+        let b = Bootstrap::parse(text, Path::new("gw.yaml")).unwrap();
+        assert!(b.node.is_gateway());
+        assert_eq!(b.node.gateway_port(8080), 18080);
+        assert_eq!(b.node.gateway_port(443), 0);
+        assert_eq!(b.node.gateway_address, Some("127.0.0.1".parse().unwrap()));
+        let bad = text.replace("18080", "70000");
+        let e = Bootstrap::parse(&bad, Path::new("gw.yaml")).unwrap_err().to_string();
+        assert!(e.contains("node.gateway_ports"), "{e}");
+    }
 }

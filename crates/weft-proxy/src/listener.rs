@@ -37,6 +37,9 @@ pub struct ConnInfo {
     /// The peer as telemetry names it when it sends no metadata header: unknown but for
     /// `peer_principal` (built once per connection, not per request).
     pub peer_workload: Option<Arc<crate::telemetry::WorkloadInfo>>,
+    /// The proxy terminated TLS on this connection (`x-forwarded-proto: https` when the
+    /// client sent none).
+    pub tls: bool,
 }
 
 struct Bound {
@@ -182,6 +185,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
         peer_principal: None,
         server_name: detected.server_name.as_deref().map(Arc::from),
         peer_workload: None,
+        tls: false,
     };
     drop(snap);
     match &chain.tls {
@@ -190,6 +194,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
+                    conn.tls = true;
                     crate::tls::learn_peer(&mut conn, tls.get_ref().1);
                     conn.peer_workload = conn.peer_principal.as_ref().map(|p| {
                         Arc::new(crate::telemetry::WorkloadInfo { principal: p.to_string(), ..Default::default() })

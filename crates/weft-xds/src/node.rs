@@ -30,6 +30,13 @@ pub const WEFT_METRICS: &str = "WEFT_METRICS";
 /// weft: `"true"` when the proxy fetches virtual hosts, clusters and endpoints on demand
 /// (delta xDS with VHDS) rather than receiving the whole mesh.
 pub const WEFT_ON_DEMAND: &str = "WEFT_ON_DEMAND";
+/// weft, gateways: server port to listener port, `"8080=18080,443=18443"` (a server
+/// port not listed binds as itself; `0` binds any free port).
+pub const WEFT_GATEWAY_PORTS: &str = "WEFT_GATEWAY_PORTS";
+/// weft, gateways: the IP the gateway listeners bind, default `0.0.0.0`.
+pub const WEFT_GATEWAY_ADDRESS: &str = "WEFT_GATEWAY_ADDRESS";
+/// Node id prefix of gateways (Istio's node type `router`); sidecars use `sidecar~`.
+pub const ROUTER_PREFIX: &str = "router~";
 /// Metadata key: declared ports, a JSON array string as Istio writes it.
 pub const POD_PORTS: &str = "POD_PORTS";
 /// Metadata key: cluster id.
@@ -69,6 +76,12 @@ pub struct NodeInfo {
     /// endpoints by name), announced as `WEFT_ON_DEMAND: "true"`; the control plane then
     /// sends route configurations with `vhds` instead of every virtual host.
     pub on_demand: bool,
+    /// Gateways only: the port each server port's listener binds (`WEFT_GATEWAY_PORTS`,
+    /// `"8080=18080"`); a server port not listed binds as itself, `0` any free port.
+    pub gateway_ports: BTreeMap<u16, u16>,
+    /// Gateways only: the IP gateway listeners bind (`WEFT_GATEWAY_ADDRESS`), default
+    /// `0.0.0.0`.
+    pub gateway_address: Option<std::net::IpAddr>,
 }
 
 /// A port a workload declares.
@@ -99,6 +112,17 @@ struct PodPort {
 }
 
 impl NodeInfo {
+    /// Whether the proxy is a gateway: its node id starts with `router~` (Istio's node
+    /// type for gateways, `router~<ip>~<name>.<ns>~<ns>.svc.cluster.local`).
+    pub fn is_gateway(&self) -> bool {
+        self.id.starts_with(ROUTER_PREFIX)
+    }
+
+    /// The port a gateway listener for server port `port` binds.
+    pub fn gateway_port(&self, port: u16) -> u16 {
+        self.gateway_ports.get(&port).copied().unwrap_or(port)
+    }
+
     /// The Envoy `Node` carrying this identity in Istio's metadata keys.
     pub fn to_node(&self) -> Node {
         let ports: Vec<PodPort> = self
@@ -131,6 +155,13 @@ impl NodeInfo {
         }
         if self.on_demand {
             fields.insert(WEFT_ON_DEMAND.to_string(), string_value("true"));
+        }
+        if !self.gateway_ports.is_empty() {
+            let ports: Vec<String> = self.gateway_ports.iter().map(|(s, l)| format!("{s}={l}")).collect();
+            fields.insert(WEFT_GATEWAY_PORTS.to_string(), string_value(&ports.join(",")));
+        }
+        if let Some(ip) = self.gateway_address {
+            fields.insert(WEFT_GATEWAY_ADDRESS.to_string(), string_value(&ip.to_string()));
         }
         fields.insert(POD_PORTS.to_string(), string_value(&ports_json));
         fields.insert(CLUSTER_ID.to_string(), string_value(&self.cluster));
@@ -207,6 +238,16 @@ impl NodeInfo {
                 ))
             }
         };
+        let gateway_ports = match get(WEFT_GATEWAY_PORTS)? {
+            None => BTreeMap::new(),
+            Some(text) => parse_gateway_ports(&node.id, text)?,
+        };
+        let gateway_address = match get(WEFT_GATEWAY_ADDRESS)? {
+            None | Some("") => None,
+            Some(a) => Some(a.parse().map_err(|_| {
+                format!("node {}: metadata {WEFT_GATEWAY_ADDRESS} {a:?} is not an IP address, e.g. 0.0.0.0", node.id)
+            })?),
+        };
         Ok(NodeInfo {
             id: node.id.clone(),
             cluster,
@@ -221,8 +262,32 @@ impl NodeInfo {
             admin,
             metrics,
             on_demand,
+            gateway_ports,
+            gateway_address,
         })
     }
+}
+
+/// Parses `WEFT_GATEWAY_PORTS`: `SERVER=LISTEN` pairs separated by commas; server ports
+/// are 1..=65535 and unique, listen ports 0..=65535 (0: any free port).
+pub fn parse_gateway_ports(node_id: &str, text: &str) -> Result<BTreeMap<u16, u16>, String> {
+    let mut out = BTreeMap::new();
+    for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let bad = |why: &str| {
+            format!(
+                "node {node_id}: metadata {WEFT_GATEWAY_PORTS} entry {item:?}: {why}; expected \
+                 SERVER_PORT=LISTEN_PORT pairs, e.g. \"8080=18080,443=18443\""
+            )
+        };
+        let Some((server, listen)) = item.split_once('=') else { return Err(bad("no `=`")) };
+        let server: u16 =
+            server.trim().parse().ok().filter(|p| *p != 0).ok_or_else(|| bad("the server port is not in 1..=65535"))?;
+        let listen: u16 = listen.trim().parse().map_err(|_| bad("the listen port is not in 0..=65535"))?;
+        if out.insert(server, listen).is_some() {
+            return Err(bad(&format!("server port {server} is mapped twice")));
+        }
+    }
+    Ok(out)
 }
 
 fn tcp() -> String {

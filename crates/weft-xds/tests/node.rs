@@ -111,3 +111,38 @@ fn node_info_serde_rejects_unknown_fields() {
         "service_account":"","ports":[],"instance_ips":[],"extra":1}"#;
     assert!(serde_json::from_str::<NodeInfo>(json).is_err());
 }
+
+#[test]
+fn gateway_ports_and_address_round_trip_and_mark_router_nodes() {
+    let mut info = common::node_info();
+    info.id = "router~10.0.0.1~ingress-1.istio-system~istio-system.svc.cluster.local".to_string();
+    info.gateway_ports = [(8080, 18080), (443, 0)].into_iter().collect();
+    info.gateway_address = Some("127.0.0.1".parse().unwrap());
+    let node = info.to_node();
+    assert_eq!(meta_str(&node, "WEFT_GATEWAY_PORTS"), Some("443=0,8080=18080"));
+    assert_eq!(meta_str(&node, "WEFT_GATEWAY_ADDRESS"), Some("127.0.0.1"));
+    let back = NodeInfo::from_node(&node).unwrap();
+    assert_eq!(back, info);
+    assert!(back.is_gateway());
+    assert_eq!(back.gateway_port(8080), 18080);
+    assert_eq!(back.gateway_port(9090), 9090, "an unmapped server port binds as itself");
+    assert!(!common::node_info().is_gateway(), "sidecar~ nodes are not gateways");
+}
+
+#[test]
+fn bad_gateway_metadata_gives_precise_errors() {
+    let with =
+        |key: &str, value: &str| node_with(&[("NAME", string("p")), ("NAMESPACE", string("ns")), (key, string(value))]);
+    let e = err_of(&with("WEFT_GATEWAY_PORTS", "8080"));
+    assert!(e.contains("WEFT_GATEWAY_PORTS entry \"8080\"") && e.contains("SERVER_PORT=LISTEN_PORT"), "{e}");
+    let e = err_of(&with("WEFT_GATEWAY_PORTS", "0=80"));
+    assert!(e.contains("server port is not in 1..=65535"), "{e}");
+    let e = err_of(&with("WEFT_GATEWAY_PORTS", "80=70000"));
+    assert!(e.contains("listen port is not in 0..=65535"), "{e}");
+    let e = err_of(&with("WEFT_GATEWAY_PORTS", "80=1,80=2"));
+    assert!(e.contains("server port 80 is mapped twice"), "{e}");
+    let e = err_of(&with("WEFT_GATEWAY_ADDRESS", "localhost"));
+    assert!(e.contains("WEFT_GATEWAY_ADDRESS \"localhost\" is not an IP address"), "{e}");
+    let ok = NodeInfo::from_node(&with("WEFT_GATEWAY_PORTS", " 80=8080 , 443=8443 ")).unwrap();
+    assert_eq!(ok.gateway_ports.len(), 2);
+}

@@ -5,9 +5,11 @@ mod bookinfo;
 mod demo;
 mod inject;
 mod iptables;
+mod local;
 mod ops;
 mod proxy_config;
 mod token;
+mod up;
 
 use std::path::PathBuf;
 
@@ -27,6 +29,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Start the whole mesh locally: control plane, one sidecar per LocalWorkload, the
+    /// workloads and an ingress gateway (default: the Bookinfo demo). Ctrl-C stops it all.
+    Up(up::UpArgs),
     /// Run the sidecar proxy, configured over xDS from the bootstrap's control plane.
     Proxy {
         /// Bootstrap file (YAML or JSON): node identity, xDS server, admin/metrics ports.
@@ -70,9 +75,9 @@ enum Command {
         /// begin, complete or retire.
         #[arg(value_parser = ["begin", "complete", "retire"])]
         step: String,
-        /// The control plane's API.
-        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
-        server: String,
+        /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
     },
     /// Transparent mode's capture in this network namespace (Istio's istio-iptables init
     /// step): inbound TCP to 15006, outbound to 15001, the proxy's own traffic exempt.
@@ -82,21 +87,21 @@ enum Command {
     Inject(inject::InjectArgs),
     /// Apply resources from files or directories to the running control plane.
     Apply {
-        /// Files or directories.
+        /// Files or directories (`-` reads standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
-        /// The control plane's API.
-        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
-        server: String,
+        /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
     },
     /// Delete the resources named in files from the running control plane.
     Delete {
-        /// Files or directories.
+        /// Files or directories (`-` reads standard input).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
-        /// The control plane's API.
-        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
-        server: String,
+        /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
     },
     /// List resources of a kind (`virtualservice`, `vs`, `dr`, `service`, ...).
     Get {
@@ -107,18 +112,18 @@ enum Command {
         /// Output format: table or json.
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
-        /// The control plane's API.
-        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
-        server: String,
+        /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
     },
     /// Every connected proxy with SYNCED / STALE / NACKED per xDS type and config age.
     ProxyStatus {
         /// Output format: table or json.
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
-        /// The control plane's API.
-        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
-        server: String,
+        /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
     },
     /// What the control plane serves one proxy (by node id or name).
     ProxyConfig {
@@ -130,9 +135,9 @@ enum Command {
         /// Output format: table, json or yaml.
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
         output: String,
-        /// The control plane's API.
-        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
-        server: String,
+        /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
     },
     /// Validate resources and run cross-resource checks (Istio's `analyze`): parse errors
     /// with file, line and field, then IST-coded messages. Exit 79 when anything at or
@@ -145,9 +150,9 @@ enum Command {
         /// workloads), with the `-f` files applied on top (nothing is stored).
         #[arg(long)]
         live: bool,
-        /// The control plane's API (with `--live`).
-        #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014")]
-        server: String,
+        /// The control plane's API with `--live` (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
         /// Lowest level that fails the command: info, warning or error.
         #[arg(long, default_value = "error", value_parser = ["info", "warning", "error"])]
         failure_threshold: String,
@@ -239,7 +244,9 @@ struct IdentityArgs {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_tracing(cli.log_json);
+    // `weft up` is interactive: its in-process control plane only logs warnings.
+    let default_level = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
+    init_tracing(cli.log_json, default_level);
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -250,6 +257,7 @@ fn main() -> std::process::ExitCode {
     let result = rt.block_on(async {
         match cli.command {
             Command::Proxy { bootstrap, bootstrap_yaml } => run_proxy(bootstrap, bootstrap_yaml).await,
+            Command::Up(args) => up::run(args).await,
             Command::Demo { service: None, port, .. } => demo::run(port.unwrap_or(15001)).await,
             Command::Demo { service: Some(service), service_port, port, bookinfo } => {
                 let port = service_port.or(port).unwrap_or(bookinfo::DEFAULT_PORT);
@@ -261,21 +269,23 @@ fn main() -> std::process::ExitCode {
                 run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity).await
             }
             Command::Token { command } => token::run(command).await,
-            Command::CaRotate { step, server } => ops::ca_rotate(&server, &step).await,
+            Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
             Command::Iptables(args) => iptables::run(&args),
             Command::Inject(args) => inject::run(&args),
-            Command::Apply { files, server } => ops::change(&server, &files, false).await,
-            Command::Delete { files, server } => ops::change(&server, &files, true).await,
+            Command::Apply { files, server } => ops::change(&local::server(server), &files, false).await,
+            Command::Delete { files, server } => ops::change(&local::server(server), &files, true).await,
             Command::Get { kind, name, output, server } => {
-                ops::get(&server, &kind, name.as_deref(), output == "json").await
+                ops::get(&local::server(server), &kind, name.as_deref(), output == "json").await
             }
-            Command::ProxyStatus { output, server } => ops::proxy_status(&server, output == "json").await,
+            Command::ProxyStatus { output, server } => {
+                ops::proxy_status(&local::server(server), output == "json").await
+            }
             Command::ProxyConfig { proxy, what, output, server } => {
-                proxy_config::run(&server, &proxy, what.as_deref(), &output).await
+                proxy_config::run(&local::server(server), &proxy, what.as_deref(), &output).await
             }
             Command::Analyze { files, live, server, failure_threshold, output_threshold } => {
                 let code = if live {
-                    analyze::live(&server, &files, &failure_threshold, &output_threshold).await?
+                    analyze::live(&local::server(server), &files, &failure_threshold, &output_threshold).await?
                 } else {
                     analyze::offline(&files, &failure_threshold, &output_threshold)
                 };
@@ -327,9 +337,9 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_tracing(json: bool) {
+fn init_tracing(json: bool, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -34,7 +34,11 @@ pub async fn call(server: &str, method: &str, path: &str, body: Option<String>) 
 pub fn files_text(files: &[PathBuf]) -> anyhow::Result<Vec<(PathBuf, String)>> {
     let mut out = Vec::new();
     for f in files {
-        if f.is_dir() {
+        if f.as_os_str() == "-" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).context("reading standard input")?;
+            out.push((PathBuf::from("<stdin>"), text));
+        } else if f.is_dir() {
             let mut entries: Vec<PathBuf> = std::fs::read_dir(f)
                 .with_context(|| format!("{}: cannot read", f.display()))?
                 .filter_map(Result::ok)

@@ -46,9 +46,9 @@ pub enum TokenCommand {
 /// Where tokens are managed.
 #[derive(clap::Args)]
 pub struct Target {
-    /// The control plane's API.
-    #[arg(long, env = "WEFT_SERVER", default_value = "127.0.0.1:15014", conflicts_with = "data_dir")]
-    server: String,
+    /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+    #[arg(long, env = "WEFT_SERVER", conflicts_with = "data_dir")]
+    server: Option<String>,
     /// Work on the control plane's data directory instead of its API.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -69,8 +69,13 @@ pub async fn run(cmd: TokenCommand) -> anyhow::Result<()> {
                 None => {
                     let body = json!({"namespace": namespace, "serviceAccount": service_account,
                                       "ttlSeconds": ttl.as_secs().max(1)});
-                    let (status, v) =
-                        ops::call(&target.server, "POST", "/api/v1/tokens", Some(body.to_string())).await?;
+                    let (status, v) = ops::call(
+                        &crate::local::server(target.server.clone()),
+                        "POST",
+                        "/api/v1/tokens",
+                        Some(body.to_string()),
+                    )
+                    .await?;
                     if status != 200 {
                         bail!("{}", v["error"].as_str().unwrap_or("the control plane refused the token"));
                     }
@@ -95,7 +100,8 @@ pub async fn run(cmd: TokenCommand) -> anyhow::Result<()> {
                 Some(dir) => !TokenIssuer::load_or_create(dir)?.revoke(&id, None)?,
                 None => {
                     let path = format!("/api/v1/tokens/{id}/revoke");
-                    let (status, v) = ops::call(&target.server, "POST", &path, None).await?;
+                    let (status, v) =
+                        ops::call(&crate::local::server(target.server.clone()), "POST", &path, None).await?;
                     if status != 200 {
                         bail!("{}", v["error"].as_str().unwrap_or("the control plane refused the revocation"));
                     }

@@ -95,9 +95,12 @@ pub struct LocalWorkload {
     /// Service account (identity).
     #[serde(default)]
     pub service_account: Option<String>,
-    /// Command line.
+    /// Command line (`$(VAR)` expands as in Kubernetes).
     #[serde(default)]
     pub command: Vec<String>,
+    /// Arguments appended to `command` (Kubernetes' `args`).
+    #[serde(default)]
+    pub args: Vec<String>,
     /// Environment.
     #[serde(default)]
     pub env: BTreeMap<String, String>,

@@ -44,6 +44,8 @@ fn node_with(extra: &[(&str, &str)], instance_ips: &[&str]) -> Node {
         admin: None,
         metrics: None,
         on_demand: false,
+        gateway_ports: Default::default(),
+        gateway_address: None,
     };
     let mut node = info.to_node();
     if let Some(meta) = node.metadata.as_mut() {

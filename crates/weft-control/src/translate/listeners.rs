@@ -76,7 +76,7 @@ fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
                 l.listener_filters.push(mtls::tls_inspector());
             }
             out.listeners.push(l);
-            out.clusters.push(local_app_cluster(port, protocol));
+            out.clusters.push(local_app_cluster(explicit_app_host(view), port, protocol));
         }
     }
     // Sidecar egress listeners with a port become listeners bound on the loopback (or
@@ -200,7 +200,7 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         } else {
             chains.push(plain);
         }
-        out.clusters.push(local_app_cluster(port, protocol));
+        out.clusters.push(local_app_cluster("127.0.0.1".into(), port, protocol));
     }
     let mut vi = tcp_listener(
         "virtualInbound",
@@ -245,9 +245,25 @@ fn tcp_target(view: &MeshView<'_>, svc: &Service, port: u32) -> tcp_proxy::Clust
                 })
                 .map(|r| (m.namespace.as_str(), r))
         });
-    let Some((ns, r)) = route else {
-        return tcp_proxy::ClusterSpecifier::Cluster(outbound_name(port, "", &svc.host));
-    };
+    let default = outbound_name(port, "", &svc.host);
+    match route {
+        Some((ns, r)) => {
+            tcp_destinations(view, ns, &r.route, port).unwrap_or(tcp_proxy::ClusterSpecifier::Cluster(default))
+        }
+        None => tcp_proxy::ClusterSpecifier::Cluster(default),
+    }
+}
+
+/// The tcp_proxy target of a `tcp`/`tls` route's destinations (resolved in the
+/// VirtualService's namespace `ns`; a destination without port uses `port`); `None`
+/// without destinations.
+pub(super) fn tcp_destinations(
+    view: &MeshView<'_>,
+    ns: &str,
+    route: &[weft_api::spec::RouteDestination],
+    port: u32,
+) -> Option<tcp_proxy::ClusterSpecifier> {
+    let domain = &view.mesh.domain;
     let name = |d: &weft_api::spec::Destination| {
         outbound_name(
             d.port.map_or(port, |p| p.number),
@@ -255,8 +271,8 @@ fn tcp_target(view: &MeshView<'_>, svc: &Service, port: u32) -> tcp_proxy::Clust
             &host::fqdn(&d.host, ns, domain),
         )
     };
-    match r.route.as_slice() {
-        [] => tcp_proxy::ClusterSpecifier::Cluster(outbound_name(port, "", &svc.host)),
+    Some(match route {
+        [] => return None,
         [one] => tcp_proxy::ClusterSpecifier::Cluster(name(&one.destination)),
         many => tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
             clusters: many
@@ -269,10 +285,11 @@ fn tcp_target(view: &MeshView<'_>, svc: &Service, port: u32) -> tcp_proxy::Clust
                 })
                 .collect(),
         }),
-    }
+    })
 }
 
-fn tcp_filter(stat_prefix: &str, spec: tcp_proxy::ClusterSpecifier) -> Filter {
+/// A `tcp_proxy` network filter.
+pub(super) fn tcp_filter(stat_prefix: &str, spec: tcp_proxy::ClusterSpecifier) -> Filter {
     let tp = TcpProxy { stat_prefix: stat_prefix.into(), cluster_specifier: Some(spec), ..Default::default() };
     Filter {
         name: "envoy.filters.network.tcp_proxy".into(),
@@ -280,7 +297,7 @@ fn tcp_filter(stat_prefix: &str, spec: tcp_proxy::ClusterSpecifier) -> Filter {
     }
 }
 
-fn tcp_listener(name: &str, addr: Option<SocketAddr>, spec: tcp_proxy::ClusterSpecifier) -> Listener {
+pub(super) fn tcp_listener(name: &str, addr: Option<SocketAddr>, spec: tcp_proxy::ClusterSpecifier) -> Listener {
     Listener {
         name: name.into(),
         address: addr.map(build::address),
@@ -332,11 +349,23 @@ fn inbound_routes(port: u32) -> RouteConfiguration {
     }
 }
 
-/// `inbound|PORT||`: STATIC 127.0.0.1:PORT, the local application.
-fn local_app_cluster(port: u32, protocol: Protocol) -> Cluster {
+/// Where an explicit-mode sidecar finds its application: the workload's own loopback
+/// address when it announces one (several workloads then share a host, each app on its
+/// own 127.x address with its declared port), else 127.0.0.1.
+fn explicit_app_host(view: &MeshView<'_>) -> String {
+    view.node
+        .instance_ips
+        .iter()
+        .filter_map(|ip| ip.parse::<IpAddr>().ok())
+        .find(IpAddr::is_loopback)
+        .map_or_else(|| "127.0.0.1".into(), |ip| ip.to_string())
+}
+
+/// `inbound|PORT||`: STATIC `host`:PORT, the local application.
+fn local_app_cluster(host: String, port: u32, protocol: Protocol) -> Cluster {
     let name = inbound_cluster(port);
     let mut c = build::static_cluster(&name, &[], protocol == Protocol::Http2);
-    c.load_assignment = Some(cla(&name, &[Ep { host: "127.0.0.1".into(), port, weight: 1, identity: None }]));
+    c.load_assignment = Some(cla(&name, &[Ep { host, port, weight: 1, identity: None }]));
     c
 }
 

@@ -18,6 +18,9 @@
 //! - [`authz`]: AuthorizationPolicies selecting the proxy as RBAC filters on its inbound
 //!   listeners.
 //! - [`jwt`]: RequestAuthentications selecting the proxy as the JWT filter before them.
+//! - [`gateway`]: for gateway proxies (node id `router~...`) instead of [`routes`] and
+//!   [`listeners`]: the servers of the Gateways selecting the proxy as `0.0.0.0_PORT`
+//!   listeners and the VirtualServices bound to them as `http.PORT` routes.
 //!
 //! Endpoint addresses: in [`ProxyMode::Transparent`] an endpoint is the workload's
 //! address and the service's target port (the peer's iptables capture it). In
@@ -43,6 +46,7 @@ use crate::registry::RegistrySnapshot;
 
 pub mod authz;
 pub mod clusters;
+pub mod gateway;
 pub mod jwt;
 pub mod listeners;
 pub mod model;
@@ -168,14 +172,19 @@ impl ProxyXds {
 }
 
 /// Compiles the mesh for the proxy `node` (looked up in `registry` by its id for its
-/// own inbound address); a node announcing `on_demand` gets VHDS output. Never fails: resources that cannot be honoured are skipped
+/// own inbound address); a node announcing `on_demand` gets VHDS output; a gateway
+/// (`router~` node id) gets gateway listeners and the clusters, no sidecar listeners. Never fails: resources that cannot be honoured are skipped
 /// (validation already rejected malformed ones), so one bad rule never blocks a push.
 pub fn translate(mesh: &MeshConfig, registry: &RegistrySnapshot, node: &NodeInfo, mode: ProxyMode) -> ProxyXds {
     let view = model::MeshView::new(mesh, registry, node);
     let mut out = ProxyXds::default();
     clusters::build(&view, mode, &mut out);
-    routes::build(&view, mode, &mut out);
-    listeners::build(&view, mode, &mut out);
+    if node.is_gateway() {
+        gateway::build(&view, &mut out);
+    } else {
+        routes::build(&view, mode, &mut out);
+        listeners::build(&view, mode, &mut out);
+    }
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
     out.routes.sort_by(|a, b| a.name.cmp(&b.name));
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 
 use weft_api::spec::{IstioEgressListener, OutboundMode, Resolution, ServicePort, TargetPort};
-use weft_api::{host, DestinationRule, ObjectMeta, Sidecar, Spec, VirtualService, WorkloadEntry};
+use weft_api::{host, DestinationRule, Gateway, ObjectMeta, Sidecar, Spec, VirtualService, WorkloadEntry};
 use weft_xds::NodeInfo;
 
 use super::{MeshConfig, OutboundPolicy, ProxyMode};
@@ -29,8 +29,15 @@ pub struct MeshView<'a> {
     pub services: Vec<Service>,
     /// VirtualServices that apply to sidecars and are visible, in resource order.
     pub virtual_services: Vec<(&'a ObjectMeta, &'a VirtualService)>,
-    /// The Sidecar that applies to the proxy.
+    /// The Sidecar that applies to the proxy (never for gateways: Istio applies Sidecar
+    /// resources to sidecars only).
     pub sidecar: Option<&'a Sidecar>,
+    /// Gateway proxies: the Gateways whose `selector` matches the proxy's labels (any
+    /// namespace, Istio's default), in resource order.
+    pub gateways: Vec<(&'a ObjectMeta, &'a Gateway)>,
+    /// Gateway proxies: the visible VirtualServices bound to some gateway (a `gateways`
+    /// entry other than `mesh`), in resource order.
+    pub gateway_virtual_services: Vec<(&'a ObjectMeta, &'a VirtualService)>,
     destination_rules: Vec<(&'a ObjectMeta, &'a DestinationRule)>,
     workload_entries: Vec<(&'a ObjectMeta, &'a WorkloadEntry)>,
 }
@@ -126,10 +133,15 @@ impl<'a> MeshView<'a> {
             services: Vec::new(),
             virtual_services: Vec::new(),
             sidecar: None,
+            gateways: Vec::new(),
+            gateway_virtual_services: Vec::new(),
             destination_rules: Vec::new(),
             workload_entries: Vec::new(),
         };
-        view.sidecar = select_sidecar(mesh, node);
+        let gateway = node.is_gateway();
+        if !gateway {
+            view.sidecar = select_sidecar(mesh, node);
+        }
         let mut services: BTreeMap<String, Service> = BTreeMap::new();
         for r in &mesh.resources {
             match &r.spec {
@@ -187,9 +199,18 @@ impl<'a> MeshView<'a> {
                 }
                 Spec::VirtualService(vs) => {
                     let for_mesh = vs.gateways.is_empty() || vs.gateways.iter().any(|g| g == "mesh");
-                    if for_mesh && exported(&vs.export_to, &r.meta.namespace, ns) {
-                        view.virtual_services.push((&r.meta, vs));
+                    let for_gateways = vs.gateways.iter().any(|g| g != "mesh");
+                    if exported(&vs.export_to, &r.meta.namespace, ns) {
+                        if for_mesh {
+                            view.virtual_services.push((&r.meta, vs));
+                        }
+                        if for_gateways && gateway {
+                            view.gateway_virtual_services.push((&r.meta, vs));
+                        }
                     }
+                }
+                Spec::Gateway(g) if gateway && g.selector.iter().all(|(k, v)| node.labels.get(k) == Some(v)) => {
+                    view.gateways.push((&r.meta, g));
                 }
                 Spec::DestinationRule(dr) if exported(&dr.export_to, &r.meta.namespace, ns) => {
                     view.destination_rules.push((&r.meta, dr));

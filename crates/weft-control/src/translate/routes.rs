@@ -39,6 +39,42 @@ pub const CORS_FILTER: &str = "envoy.filters.http.cors";
 /// Name of the fault filter in `typed_per_filter_config`.
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
 
+/// Where VirtualService routes are compiled for: a sidecar's service port, or a
+/// gateway's server port.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteScope<'s> {
+    /// The port `match.port` is compared with (service port, or gateway server port).
+    pub port: u32,
+    /// Sidecars: the service being routed (default destination, hash policy).
+    pub service: Option<&'s Service>,
+    /// Gateways: the gateways (`ns/name`) serving the routes; `None` for sidecars (`mesh`).
+    pub gateways: Option<&'s BTreeSet<String>>,
+}
+
+impl RouteScope<'_> {
+    /// Whether a rule's `match.gateways` (empty: the VirtualService's own, which already
+    /// bound it here) includes this proxy: `mesh` for sidecars, one of `gateways`
+    /// (`name` in the VirtualService's namespace, or `ns/name`) for a gateway.
+    pub fn serves(&self, gateways: &[String], vs_ns: &str) -> bool {
+        if gateways.is_empty() {
+            return true;
+        }
+        match self.gateways {
+            None => gateways.iter().any(|g| g == "mesh"),
+            Some(mine) => gateways.iter().any(|g| g != "mesh" && mine.contains(&gateway_key(g, vs_ns))),
+        }
+    }
+}
+
+/// A gateway reference of a VirtualService (`name` in its namespace `vs_ns`, or
+/// `ns/name`) as `ns/name`.
+pub fn gateway_key(reference: &str, vs_ns: &str) -> String {
+    match reference.split_once('/') {
+        Some((ns, name)) => format!("{ns}/{name}"),
+        None => format!("{vs_ns}/{reference}"),
+    }
+}
+
 /// Adds the per-port RouteConfigurations and `weft-outbound`.
 pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
     let ns = view.namespace();
@@ -145,7 +181,7 @@ fn catch_all(view: &MeshView<'_>) -> VirtualHost {
 fn vhost(view: &MeshView<'_>, svc: &Service, port: u32, domains: Vec<String>) -> VirtualHost {
     let routes = match virtual_service_for(view, svc) {
         Some((vs_ns, vs)) if !vs.http.is_empty() => {
-            vs.http.iter().enumerate().flat_map(|(i, r)| http_route(view, vs_ns, r, i, svc, port)).collect()
+            http_routes(view, vs_ns, vs, &RouteScope { port, service: Some(svc), gateways: None })
         }
         _ => {
             let cluster = outbound_name(port, "", &svc.host);
@@ -181,8 +217,13 @@ fn virtual_service_for<'a>(view: &MeshView<'a>, svc: &Service) -> Option<(&'a st
         .map(|(m, vs)| (m.namespace.as_str(), *vs))
 }
 
-/// One VirtualService http route for `port`: an Envoy route per applicable match.
-fn http_route(view: &MeshView<'_>, vs_ns: &str, r: &HttpRoute, index: usize, svc: &Service, port: u32) -> Vec<Route> {
+/// The Envoy routes of a VirtualService's `http` rules in `scope`, in order.
+pub fn http_routes(view: &MeshView<'_>, vs_ns: &str, vs: &VirtualService, scope: &RouteScope<'_>) -> Vec<Route> {
+    vs.http.iter().enumerate().flat_map(|(i, r)| http_route(view, vs_ns, r, i, scope)).collect()
+}
+
+/// One VirtualService http route: an Envoy route per match that applies in `scope`.
+fn http_route(view: &MeshView<'_>, vs_ns: &str, r: &HttpRoute, index: usize, scope: &RouteScope<'_>) -> Vec<Route> {
     if r.delegate.is_some() {
         return Vec::new(); // delegation is for gateways' root VirtualServices; not supported
     }
@@ -191,11 +232,12 @@ fn http_route(view: &MeshView<'_>, vs_ns: &str, r: &HttpRoute, index: usize, svc
     let name = r.name.clone().unwrap_or_else(|| format!("route-{index}"));
     matches
         .iter()
-        .filter(|m| applies(view, m, port))
-        .map(|m| Route {
+        .filter(|m| applies(view, vs_ns, m, scope))
+        .filter_map(|m| Some((m, action(view, vs_ns, r, m, scope)?)))
+        .map(|(m, action)| Route {
             name: name.clone(),
             r#match: Some(route_match(m)),
-            action: Some(action(view, vs_ns, r, m, svc, port)),
+            action: Some(action),
             request_headers_to_add: r.headers.as_ref().map(|h| set_add(h, true)).unwrap_or_default(),
             request_headers_to_remove: r.headers.as_ref().map(|h| removes(h, true)).unwrap_or_default(),
             response_headers_to_add: r.headers.as_ref().map(|h| set_add(h, false)).unwrap_or_default(),
@@ -212,23 +254,25 @@ fn http_route(view: &MeshView<'_>, vs_ns: &str, r: &HttpRoute, index: usize, svc
         .collect()
 }
 
-/// Whether a match applies to this proxy and port (port, source labels and namespace
-/// are decided here, per proxy, as Istio does).
-fn applies(view: &MeshView<'_>, m: &HttpMatchRequest, port: u32) -> bool {
-    m.port.is_none_or(|p| p == port)
+/// Whether a match applies to this proxy and port (port, source labels, namespace and
+/// gateways are decided here, per proxy, as Istio does).
+fn applies(view: &MeshView<'_>, vs_ns: &str, m: &HttpMatchRequest, scope: &RouteScope<'_>) -> bool {
+    m.port.is_none_or(|p| p == scope.port)
         && m.source_labels.iter().all(|(k, v)| view.node.labels.get(k) == Some(v))
         && m.source_namespace.as_deref().is_none_or(|ns| ns == view.namespace())
-        && (m.gateways.is_empty() || m.gateways.iter().any(|g| g == "mesh"))
+        && scope.serves(&m.gateways, vs_ns)
 }
 
+/// The action of a rule; `None` when it has nothing to do in `scope` (no destination,
+/// redirect or direct response, and no service to default to, as on a gateway).
 fn action(
     view: &MeshView<'_>,
     vs_ns: &str,
     r: &HttpRoute,
     m: &HttpMatchRequest,
-    svc: &Service,
-    port: u32,
-) -> route::Action {
+    scope: &RouteScope<'_>,
+) -> Option<route::Action> {
+    let port = scope.port;
     if let Some(d) = &r.direct_response {
         let body = d.body.as_ref().map(|b| DataSource {
             specifier: Some(match b {
@@ -240,7 +284,11 @@ fn action(
             }),
             ..Default::default()
         });
-        return route::Action::DirectResponse(DirectResponseAction { status: d.status, body, ..Default::default() });
+        return Some(route::Action::DirectResponse(DirectResponseAction {
+            status: d.status,
+            body,
+            ..Default::default()
+        }));
     }
     if let Some(rd) = &r.redirect {
         let code = match rd.redirect_code.unwrap_or(301) {
@@ -250,14 +298,14 @@ fn action(
             308 => redirect_action::RedirectResponseCode::PermanentRedirect,
             _ => redirect_action::RedirectResponseCode::MovedPermanently,
         };
-        return route::Action::Redirect(RedirectAction {
+        return Some(route::Action::Redirect(RedirectAction {
             host_redirect: rd.authority.clone().unwrap_or_default(),
             port_redirect: rd.port.unwrap_or(0),
             path_rewrite_specifier: rd.uri.clone().map(redirect_action::PathRewriteSpecifier::PathRedirect),
             scheme_rewrite_specifier: rd.scheme.clone().map(redirect_action::SchemeRewriteSpecifier::SchemeRedirect),
             response_code: code as i32,
             ..Default::default()
-        });
+        }));
     }
     let cluster_of = |d: &Destination| destination_cluster(view, vs_ns, d, port);
     let dests: Vec<_> = if r.route.len() > 1 {
@@ -266,7 +314,7 @@ fn action(
         r.route.iter().collect()
     };
     let specifier = match dests.as_slice() {
-        [] => route_action::ClusterSpecifier::Cluster(outbound_name(port, "", &svc.host)),
+        [] => route_action::ClusterSpecifier::Cluster(outbound_name(port, "", &scope.service?.host)),
         [one] => route_action::ClusterSpecifier::Cluster(cluster_of(&one.destination)),
         many => route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
             clusters: many
@@ -287,7 +335,7 @@ fn action(
     let hash_svc = dests
         .first()
         .and_then(|d| view.service(&host::fqdn(&d.destination.host, vs_ns, &view.mesh.domain)))
-        .unwrap_or(svc);
+        .or(scope.service);
     let mut a = RouteAction {
         cluster_specifier: Some(specifier),
         timeout: Some(r.timeout.map(|t| duration(t.0)).unwrap_or_default()),
@@ -295,7 +343,7 @@ fn action(
             .retries
             .as_ref()
             .map_or(Some(retry_policy(None)), |rt| (rt.attempts > 0).then(|| retry_policy(Some(rt)))),
-        hash_policy: hash_policy(view, hash_svc),
+        hash_policy: hash_svc.map(|svc| hash_policy(view, svc)).unwrap_or_default(),
         ..Default::default()
     };
     if let Some(rw) = &r.rewrite {
@@ -342,12 +390,12 @@ fn action(
             ..Default::default()
         })
         .collect();
-    route::Action::Route(a)
+    Some(route::Action::Route(a))
 }
 
 /// `outbound|PORT|SUBSET|FQDN` of a destination: its port, else the service's only port,
 /// else the port being routed.
-fn destination_cluster(view: &MeshView<'_>, vs_ns: &str, d: &Destination, port: u32) -> String {
+pub(super) fn destination_cluster(view: &MeshView<'_>, vs_ns: &str, d: &Destination, port: u32) -> String {
     let h = host::fqdn(&d.host, vs_ns, &view.mesh.domain);
     let p = d.port.map(|p| p.number).unwrap_or_else(|| match view.service(&h).map(|s| s.ports.as_slice()) {
         Some([only]) => only.number,

@@ -168,5 +168,7 @@ pub fn node(name: &str, namespace: &str, pairs: &[(&str, &str)], instance_ips: &
         admin: None,
         metrics: None,
         on_demand: false,
+        gateway_ports: Default::default(),
+        gateway_address: None,
     }
 }

@@ -108,6 +108,12 @@ async fn route_request(
     report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    // Envoy's HCM (without use_remote_address) keeps a client's x-forwarded-proto and
+    // otherwise sets it from the connection, before routing (require_tls reads it).
+    if !parts.headers.contains_key("x-forwarded-proto") {
+        let proto = if conn.tls { "https" } else { "http" };
+        parts.headers.insert("x-forwarded-proto", http::HeaderValue::from_static(proto));
+    }
     let authority = request_authority(&parts).unwrap_or_default();
     report.authority = authority.clone();
     // Request authentication (JWT) before authorization: RBAC reads what it establishes.

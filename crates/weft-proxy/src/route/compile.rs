@@ -155,7 +155,8 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
             .enumerate()
             .map(|(ri, r)| compile_route(r, &format!("{at}.routes[{ri}]"), &ctx).map(Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
-        table.vhosts.push(CompiledVhost { routes });
+        let tls_redirect = tls_redirect(vh, &at)?;
+        table.vhosts.push(CompiledVhost { routes, tls_redirect });
     }
     // Longest wildcard first; equal lengths cannot both match one host.
     table.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
@@ -164,9 +165,8 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
 }
 
 fn vhost_level(vh: &VirtualHost, at: &str) -> Result<Level, Err> {
-    let checks: [(bool, &str); 10] = [
+    let checks: [(bool, &str); 9] = [
         (vh.matcher.is_some(), "matcher"),
-        (vh.require_tls != 0, "require_tls"),
         (!vh.rate_limits.is_empty(), "rate_limits"),
         (vh.cors.is_some(), "cors"),
         (vh.include_request_attempt_count, "include_request_attempt_count"),
@@ -198,6 +198,44 @@ fn vhost_level(vh: &VirtualHost, at: &str) -> Result<Level, Err> {
         mirrors: mirrors(&vh.request_mirror_policies, &format!("{at}.request_mirror_policies"))?,
         retry: vh.retry_policy.as_ref().map(|p| RetryPolicy::compile(p, &format!("{at}.retry_policy"))).transpose()?,
     })
+}
+
+/// `require_tls`: the route answering plaintext requests with a 301 to the same URL
+/// over `https` (Envoy's SSL redirect), and whether internal requests are spared
+/// (`EXTERNAL_ONLY`).
+fn tls_redirect(vh: &VirtualHost, at: &str) -> Result<Option<(Arc<Route>, bool)>, Err> {
+    use envoy_types::pb::envoy::config::route::v3::{route_match::PathSpecifier, virtual_host::TlsRequirementType};
+    let external_only = match TlsRequirementType::try_from(vh.require_tls) {
+        Ok(TlsRequirementType::None) => return Ok(None),
+        Ok(TlsRequirementType::ExternalOnly) => true,
+        Ok(TlsRequirementType::All) => false,
+        Err(_) => return Err((format!("{at}.require_tls"), format!("unknown value {}", vh.require_tls))),
+    };
+    let all = envoy_types::pb::envoy::config::route::v3::RouteMatch {
+        path_specifier: Some(PathSpecifier::Prefix("/".into())),
+        ..Default::default()
+    };
+    let route = Route {
+        name: String::new(),
+        virtual_host: vh.name.clone(),
+        action: RouteAction::Redirect(RedirectAction {
+            status: StatusCode::MOVED_PERMANENTLY,
+            scheme: Some("https".into()),
+            host: None,
+            port: None,
+            path: None,
+            strip_query: false,
+        }),
+        fault: None,
+        cors: None,
+        matcher: RouteMatcher::compile(&all, &format!("{at}.require_tls"))?,
+        path_rewrite: None,
+        host_rewrite: None,
+        append_x_forwarded_host: false,
+        request_edits: Vec::new(),
+        response_edits: Vec::new(),
+    };
+    Ok(Some((Arc::new(route), external_only)))
 }
 
 fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> {

@@ -55,6 +55,9 @@ pub struct RouteTable {
 #[derive(Debug)]
 struct VirtualHost {
     routes: Vec<Arc<Route>>,
+    /// `require_tls`: the redirect to `https` answered instead of the routes, and whether
+    /// it spares internal requests (`EXTERNAL_ONLY`).
+    tls_redirect: Option<(Arc<Route>, bool)>,
 }
 
 impl RouteTable {
@@ -80,9 +83,20 @@ impl RouteTable {
 
     /// [`RouteTable::select`] with the random value for `runtime_fraction` given.
     pub fn select_with_random(&self, authority: &str, parts: &http::request::Parts, random: u64) -> Option<Arc<Route>> {
-        let vh = self.find_vhost(authority)?;
+        let vh = &self.vhosts[self.find_vhost(authority)?];
+        // Envoy checks `require_tls` first, on `x-forwarded-proto` (the HCM sets it
+        // from the connection when the client sent none).
+        if let Some((redirect, external_only)) = &vh.tls_redirect {
+            let https =
+                parts.headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+            let internal = parts.headers.get("x-envoy-internal").is_some_and(|v| v.as_bytes() == b"true");
+            let spared = https || (*external_only && internal);
+            if !spared {
+                return Some(redirect.clone());
+            }
+        }
         let view = RequestView { authority, parts };
-        self.vhosts[vh].routes.iter().find(|r| r.matcher.matches(&view, random)).cloned()
+        vh.routes.iter().find(|r| r.matcher.matches(&view, random)).cloned()
     }
 
     fn find_vhost(&self, authority: &str) -> Option<usize> {

@@ -191,6 +191,8 @@ pub fn node_info() -> NodeInfo {
         admin: None,
         metrics: None,
         on_demand: false,
+        gateway_ports: Default::default(),
+        gateway_address: None,
     }
 }
 

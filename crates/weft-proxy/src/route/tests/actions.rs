@@ -347,3 +347,27 @@ fn direct_response_body_over_the_limit_is_rejected() {
     let err = RouteTable::compile(&rc(vec![vhost("v", &["*"], vec![r])])).unwrap_err();
     assert_eq!(err.field, "virtual_hosts[0].routes[0].direct_response.body");
 }
+
+#[test]
+fn require_tls_redirects_plaintext_requests_to_https_and_lets_https_through() {
+    let mut vh = vhost("gw", &["*"], vec![route("app", prefix("/"))]);
+    vh.require_tls = 2; // ALL
+    let mut internal_ok = vhost("internal", &["internal.example"], vec![route("in", prefix("/"))]);
+    internal_ok.require_tls = 1; // EXTERNAL_ONLY
+    let t = RouteTable::compile(&rc(vec![vh, internal_ok])).unwrap();
+    let plain = parts("GET", "/productpage?x=1", &[("host", "bookinfo.example:18080"), ("x-forwarded-proto", "http")]);
+    let r = t.select("bookinfo.example:18080", &plain).unwrap();
+    assert_eq!(r.virtual_host, "gw");
+    let resp = r.redirect_response(&plain).unwrap();
+    assert_eq!(resp.status(), 301);
+    assert_eq!(resp.headers()["location"], "https://bookinfo.example:18080/productpage?x=1");
+    // Already https (the connection was TLS, or a front proxy said so): routed.
+    let secure = parts("GET", "/productpage", &[("host", "bookinfo.example"), ("x-forwarded-proto", "https")]);
+    assert_eq!(t.select("bookinfo.example", &secure).unwrap().name, "app");
+    // EXTERNAL_ONLY spares internal requests.
+    let internal =
+        parts("GET", "/", &[("host", "internal.example"), ("x-forwarded-proto", "http"), ("x-envoy-internal", "true")]);
+    assert_eq!(t.select("internal.example", &internal).unwrap().name, "in");
+    let external = parts("GET", "/", &[("host", "internal.example"), ("x-forwarded-proto", "http")]);
+    assert!(matches!(t.select("internal.example", &external).unwrap().action, RouteAction::Redirect(_)));
+}

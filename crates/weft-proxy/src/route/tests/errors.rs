@@ -58,7 +58,7 @@ fn weights_summing_to_zero_or_empty_clusters_are_rejected() {
 #[test]
 fn unsupported_fields_are_rejected_by_name() {
     let mut vh = vhost("v", &["*"], vec![route("a", prefix("/"))]);
-    vh.require_tls = 2;
+    vh.require_tls = 7;
     assert_eq!(field_of(rc(vec![vh])), "virtual_hosts[0].require_tls");
 
     let mut ra = forward("a");

@@ -1,0 +1,544 @@
+//! `weft up`: the whole mesh in one process tree — the control plane (in this process),
+//! one sidecar per `LocalWorkload`, the workloads themselves and an ingress gateway —
+//! torn down completely on Ctrl-C / SIGTERM.
+//!
+//! Order: network (transparent mode) → control plane → sidecars and gateway → (each
+//! sidecar ready) → its app. An app that exits on its own stops its sidecar
+//! (`/quitquitquit`). Everything `weft up` creates lives under one temporary directory
+//! (bootstraps, CA, logs unless `--logs`), one bridge and its namespaces, and the state
+//! file `weft apply` uses to find the control plane; teardown removes all of it.
+
+mod netns;
+mod plan;
+mod procs;
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use tokio::sync::mpsc;
+use weft_control::control::{ControlConfig, ControlPlane};
+use weft_control::identity::IdentityConfig;
+use weft_control::translate::{MeshConfig, ProxyMode};
+use weft_identity::service::CertificateAuthority;
+
+use crate::local::{self, LocalMesh};
+use plan::{Mode, ProxySettings, Workload};
+use procs::Proc;
+
+/// Bookinfo, run when no `-f` is given.
+const DEMO: [(&str, &str); 2] = [
+    ("bookinfo.yaml", include_str!("../../demo/bookinfo.yaml")),
+    ("bookinfo-gateway.yaml", include_str!("../../demo/bookinfo-gateway.yaml")),
+];
+/// The gateway's server port the ingress port stands for (Istio's ingress gateway
+/// container port, the one `bookinfo-gateway.yaml` names).
+const GATEWAY_SERVER_PORT: u16 = 8080;
+/// The ingress gateway's labels (Istio's default ingress gateway's).
+const INGRESS_LABELS: [(&str, &str); 2] = [("istio", "ingressgateway"), ("app", "istio-ingressgateway")];
+/// How long a proxy may take to get its certificate and configuration.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a process may take to stop after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(8);
+
+/// Flags of `weft up`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct UpArgs {
+    /// Directory (or file) of resources: Kubernetes Services, Istio resources and
+    /// `LocalWorkload`s to run. Default: the bundled Bookinfo demo.
+    #[arg(short = 'f', long = "filename")]
+    pub dir: Option<PathBuf>,
+    /// Host port of the ingress gateway's HTTP server (the Gateway's port 8080).
+    #[arg(long, default_value_t = 8080)]
+    pub ingress_port: u16,
+    /// Address the ingress port is bound on.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub ingress_address: IpAddr,
+    /// Each workload in its own network namespace with iptables capture (Linux, root).
+    #[arg(long)]
+    pub transparent: bool,
+    /// The control plane's JSON API (what `weft apply`, `get`, ... talk to).
+    #[arg(long, default_value = "127.0.0.1:15014")]
+    pub api: SocketAddr,
+    /// The control plane's xDS and certificate port (transparent mode serves it on the
+    /// bridge's address, same port).
+    #[arg(long, default_value = "127.0.0.1:15010")]
+    pub xds: SocketAddr,
+    /// Keep the processes' logs in this directory instead of a temporary one.
+    #[arg(long)]
+    pub logs: Option<PathBuf>,
+    /// Sidecar access logs: `off`, or `stdout` (into each sidecar's log file).
+    #[arg(long, default_value = "stdout", value_parser = ["off", "stdout"])]
+    pub access_log: String,
+}
+
+/// A started workload.
+struct Running {
+    workload: Workload,
+    proxy: Proc,
+    app: Option<Proc>,
+}
+
+/// Everything `weft up` holds, so that teardown can run from any point of the start.
+struct Up {
+    mode: Mode,
+    args: UpArgs,
+    exe: PathBuf,
+    state: Option<tempfile::TempDir>,
+    logs: PathBuf,
+    network: Option<netns::Network>,
+    namespaces: BTreeMap<String, netns::Namespace>,
+    control: Option<ControlPlane>,
+    recorded: Option<local::Recorded>,
+    running: Vec<Running>,
+    gateway: Option<Proc>,
+    exits_tx: mpsc::UnboundedSender<(String, ExitStatus)>,
+}
+
+/// Runs the local mesh until Ctrl-C / SIGTERM.
+pub async fn run(args: UpArgs) -> anyhow::Result<()> {
+    if let Some(m) = local::running() {
+        bail!("a local mesh is already running (pid {}, API {}); stop it first", m.pid, m.api);
+    }
+    let mode = if args.transparent { Mode::Transparent } else { Mode::Explicit };
+    let state = tempfile::Builder::new().prefix("weft-up-").tempdir().context("creating the state directory")?;
+    let logs = match &args.logs {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.clone()
+        }
+        None => state.path().join("logs"),
+    };
+    std::fs::create_dir_all(&logs)?;
+    let (exits_tx, mut exits) = mpsc::unbounded_channel();
+    let mut up = Up {
+        mode,
+        exe: std::env::current_exe().context("locating the weft binary")?,
+        args,
+        state: Some(state),
+        logs,
+        network: None,
+        namespaces: BTreeMap::new(),
+        control: None,
+        recorded: None,
+        running: Vec::new(),
+        gateway: None,
+        exits_tx,
+    };
+    let started = tokio::select! {
+        r = up.start() => r,
+        _ = crate::shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
+    };
+    if let Err(e) = started {
+        eprintln!("weft up: {e:#}");
+        eprintln!("stopping what was started...");
+        up.teardown().await;
+        return Err(e);
+    }
+    loop {
+        tokio::select! {
+            _ = crate::shutdown_signal() => break,
+            Some((name, status)) = exits.recv() => up.exited(&name, status).await,
+        }
+    }
+    println!("stopping: apps, sidecars, gateway, control plane...");
+    up.teardown().await;
+    println!("weft up: stopped, nothing left behind");
+    Ok(())
+}
+
+impl Up {
+    async fn start(&mut self) -> anyhow::Result<()> {
+        let t0 = Instant::now();
+        let state = self.state.as_ref().context("state directory gone")?.path().to_path_buf();
+        let resources = match &self.args.dir {
+            Some(d) => d.clone(),
+            None => {
+                let d = state.join("resources");
+                std::fs::create_dir_all(&d)?;
+                for (name, text) in DEMO {
+                    std::fs::write(d.join(name), text)?;
+                }
+                d
+            }
+        };
+        let resources_dir = if resources.is_file() {
+            // The store watches directories: a single file is copied into one.
+            let d = state.join("resources");
+            std::fs::create_dir_all(&d)?;
+            let name = resources.file_name().context("resource file without a name")?;
+            std::fs::copy(&resources, d.join(name)).with_context(|| format!("reading {}", resources.display()))?;
+            d
+        } else {
+            resources
+        };
+
+        let mut xds = self.args.xds;
+        if self.mode == Mode::Transparent {
+            let net = netns::Network::create()?;
+            xds = SocketAddr::new(IpAddr::V4(net.host_address()), xds.port());
+            self.network = Some(net);
+        }
+        let mesh = MeshConfig::default();
+        let domain = mesh.domain.clone();
+        let trust_domain = mesh.trust_domain.clone();
+        let cp = ControlPlane::start(ControlConfig {
+            dir: Some(resources_dir.clone()),
+            xds,
+            api: self.args.api,
+            mode: match self.mode {
+                Mode::Explicit => ProxyMode::Explicit,
+                Mode::Transparent => ProxyMode::Transparent,
+            },
+            mesh,
+            identity: Some(IdentityConfig::new(state.join("ca"))),
+            inject: Default::default(),
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("control plane: {e} (another control plane on these ports? see --api / --xds)"))?;
+        let (xds, api) = (cp.xds_addr, cp.api_addr);
+        let authority = cp.identity.clone().context("the control plane has no CA")?;
+        let snapshot = cp.store.snapshot();
+        for e in &snapshot.errors {
+            eprintln!("weft up: {e}");
+        }
+        self.control = Some(cp);
+        let ingress = SocketAddr::new(self.args.ingress_address, self.args.ingress_port);
+        self.recorded = local::record(&LocalMesh {
+            pid: std::process::id(),
+            api: api.to_string(),
+            xds: xds.to_string(),
+            ingress: format!("http://{ingress}"),
+            mode: if self.mode == Mode::Explicit { "explicit" } else { "transparent" }.into(),
+        })?;
+
+        // Explicit mode: every workload on a loopback /24 of its own choosing.
+        let lo: [u8; 2] = [rand::random::<u8>().max(1), rand::random::<u8>()];
+        let net_subnet = self.network.as_ref().map(|n| n.subnet);
+        let ip_of = |i: usize| match net_subnet {
+            Some(r) => Ipv4Addr::new(10, 250, r, (i + 2) as u8),
+            None => Ipv4Addr::new(127, lo[0], lo[1], (i + 2) as u8),
+        };
+        let suffix = |_: &str| {
+            const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+            (0..5).map(|_| ALPHABET[rand::random_range(0..ALPHABET.len())] as char).collect::<String>()
+        };
+        let workloads = plan::workloads(&snapshot.resources, self.mode, ip_of, suffix);
+        if workloads.len() > 250 {
+            bail!("{} LocalWorkloads: at most 250 run on one machine", workloads.len());
+        }
+        let hosts = netns::hosts_file(&netns::service_addresses(&snapshot.resources), &domain);
+
+        // Sidecars first (all at once), the gateway beside them.
+        for w in &workloads {
+            let proxy = self.start_sidecar(w, xds, &authority, &hosts, &state, &domain).await?;
+            self.running.push(Running { workload: w.clone(), proxy, app: None });
+        }
+        let gateway_metrics = self.start_gateway(xds, &authority, &state, &domain).await?;
+        for r in &self.running {
+            wait_ready(&r.proxy, r.workload.metrics(), &format!("{} sidecar", r.workload.name)).await?;
+        }
+        // Then each app, once its sidecar is ready.
+        for i in 0..self.running.len() {
+            let w = self.running[i].workload.clone();
+            let app = self.start_app(&w)?;
+            self.running[i].app = Some(app);
+        }
+        if let Some(g) = &self.gateway {
+            wait_ready(g, gateway_metrics, "ingress gateway").await?;
+        }
+        for r in &self.running {
+            let Some(app) = &r.app else { continue };
+            for p in &r.workload.ports {
+                let addr = SocketAddr::new(IpAddr::V4(r.workload.ip), p.port);
+                if !wait_connect(addr, Duration::from_secs(20), || app.exit_status().is_some()).await
+                    && app.exit_status().is_none()
+                {
+                    eprintln!("weft up: {} does not accept connections on {addr} yet", r.workload.name);
+                }
+            }
+        }
+        if serves_ingress(&snapshot.resources) {
+            if !wait_connect(ingress, Duration::from_secs(20), || false).await {
+                eprintln!("weft up: the ingress gateway does not accept connections on {ingress} yet");
+            }
+        } else {
+            eprintln!(
+                "weft up: no Gateway selecting `istio: ingressgateway` serves port {GATEWAY_SERVER_PORT}: the ingress answers once one is applied"
+            );
+        }
+        self.print_summary(ingress, api, xds, &trust_domain, t0.elapsed());
+        Ok(())
+    }
+
+    async fn start_sidecar(
+        &mut self,
+        w: &Workload,
+        xds: SocketAddr,
+        authority: &Arc<CertificateAuthority>,
+        hosts: &str,
+        state: &Path,
+        domain: &str,
+    ) -> anyhow::Result<Proc> {
+        let token = authority
+            .tokens()
+            .create(&w.namespace, &w.service_account, Duration::from_secs(24 * 3600))
+            .map_err(|e| anyhow::anyhow!("join token for {}: {e}", w.name))?;
+        let node = plan::sidecar_node(w, self.mode, domain);
+        let (admin, metrics) = match self.mode {
+            Mode::Explicit => (w.admin(), w.metrics()),
+            Mode::Transparent => (
+                SocketAddr::new(Ipv4Addr::LOCALHOST.into(), plan::ADMIN_PORT),
+                SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), plan::METRICS_PORT),
+            ),
+        };
+        let settings =
+            ProxySettings { xds, token: token.token, admin, metrics, access_log: self.args.access_log.clone() };
+        let file = state.join(format!("{}.{}.bootstrap.yaml", w.name, w.namespace));
+        std::fs::write(&file, plan::bootstrap(&node, &settings)?)?;
+        let log = self.logs.join(format!("{}.sidecar.log", w.name));
+        let cmd = match self.mode {
+            Mode::Explicit => {
+                let mut c = tokio::process::Command::new(&self.exe);
+                c.arg("proxy").arg("--bootstrap").arg(&file);
+                c
+            }
+            Mode::Transparent => {
+                let net = self.network.as_mut().context("no network")?;
+                let index = self.namespaces.len();
+                let ns = net.add(index, &w.name, hosts)?;
+                if ns.ip != w.ip {
+                    bail!("internal: {} planned at {} but its namespace has {}", w.name, w.ip, ns.ip);
+                }
+                // The init step: capture everything but the proxy's own traffic (GID 1337).
+                let status = ns
+                    .command(self.exe.as_os_str())
+                    .args(["iptables", "--proxy-uid", "1337", "--proxy-gid", "1337"])
+                    .output()
+                    .await
+                    .context("running weft iptables")?;
+                if !status.status.success() {
+                    bail!("weft iptables in {}: {}", ns.name, String::from_utf8_lossy(&status.stderr).trim());
+                }
+                let mut c = ns.command(self.exe.as_os_str());
+                c.arg("proxy").arg("--bootstrap").arg(&file);
+                // The proxy runs with the GID the capture exempts.
+                c.gid(1337);
+                self.namespaces.insert(w.name.clone(), ns);
+                c
+            }
+        };
+        procs::spawn(&format!("{} sidecar", w.name), cmd, &log, self.exits_tx.clone())
+    }
+
+    fn start_app(&mut self, w: &Workload) -> anyhow::Result<Proc> {
+        let Some(first) = w.argv.first() else {
+            bail!("LocalWorkload {}/{}: spec.command is empty", w.namespace, w.name);
+        };
+        let program: std::ffi::OsString = if first == "weft" { self.exe.clone().into() } else { first.into() };
+        let mut cmd = match self.mode {
+            Mode::Explicit => tokio::process::Command::new(&program),
+            Mode::Transparent => {
+                let ns = self.namespaces.get(&w.name).context("no namespace")?;
+                ns.command(&program)
+            }
+        };
+        cmd.args(&w.argv[1..]);
+        for k in ["HTTP_PROXY", "http_proxy", "HTTPS_PROXY", "https_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY"] {
+            cmd.env_remove(k);
+        }
+        cmd.envs(&w.env);
+        let log = self.logs.join(format!("{}.log", w.name));
+        procs::spawn(&w.name, cmd, &log, self.exits_tx.clone())
+    }
+
+    async fn start_gateway(
+        &mut self,
+        xds: SocketAddr,
+        authority: &Arc<CertificateAuthority>,
+        state: &Path,
+        domain: &str,
+    ) -> anyhow::Result<SocketAddr> {
+        let (ns, sa) = ("istio-system", "istio-ingressgateway-service-account");
+        let token = authority
+            .tokens()
+            .create(ns, sa, Duration::from_secs(24 * 3600))
+            .map_err(|e| anyhow::anyhow!("join token for the gateway: {e}"))?;
+        let admin = free_port(Ipv4Addr::LOCALHOST).await?;
+        let metrics = free_port(Ipv4Addr::LOCALHOST).await?;
+        let pod = "istio-ingressgateway-local";
+        let labels: BTreeMap<String, String> =
+            INGRESS_LABELS.into_iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let node = weft_xds::NodeInfo {
+            id: format!("router~127.0.0.1~{pod}.{ns}~{ns}.svc.{domain}"),
+            cluster: format!("istio-ingressgateway.{ns}"),
+            name: pod.into(),
+            namespace: ns.into(),
+            labels,
+            service_account: sa.into(),
+            instance_ips: vec!["127.0.0.1".into()],
+            // GATEWAY-MERGE gateway_ports: [(GATEWAY_SERVER_PORT, self.args.ingress_port)].into_iter().collect(),
+            // GATEWAY-MERGE gateway_address: Some(self.args.ingress_address),
+            ..Default::default()
+        };
+        let settings =
+            ProxySettings { xds, token: token.token, admin, metrics, access_log: self.args.access_log.clone() };
+        let file = state.join("istio-ingressgateway.bootstrap.yaml");
+        std::fs::write(&file, plan::bootstrap(&node, &settings)?)?;
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg("proxy").arg("--bootstrap").arg(&file);
+        let log = self.logs.join("istio-ingressgateway.log");
+        self.gateway = Some(procs::spawn("ingress gateway", cmd, &log, self.exits_tx.clone())?);
+        Ok(metrics)
+    }
+
+    fn print_summary(&self, ingress: SocketAddr, api: SocketAddr, xds: SocketAddr, trust_domain: &str, took: Duration) {
+        let mode = match self.mode {
+            Mode::Explicit => "explicit (apps use their sidecar as HTTP proxy)",
+            Mode::Transparent => "transparent (network namespaces, iptables capture)",
+        };
+        println!("weft up: mesh ready in {:.1}s — {mode}", took.as_secs_f64());
+        println!("  ingress        http://{ingress}/productpage");
+        println!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
+        println!("  logs           {}", self.logs.display());
+        if let Some(net) = &self.network {
+            println!(
+                "  network        bridge {} {}/24, service addresses {}",
+                net.bridge,
+                net.address(0),
+                netns::SERVICE_RANGE
+            );
+        }
+        println!("  workloads:");
+        for r in &self.running {
+            let w = &r.workload;
+            let ports: Vec<String> = w.ports.iter().map(|p| format!("{}:{}", p.name, p.port)).collect();
+            println!("    {:<16} {:<16} {}  ports {}", w.name, w.ip, w.spiffe(trust_domain), ports.join(","));
+        }
+        println!("Ctrl-C stops everything.");
+    }
+
+    /// A process exited on its own: an app (a job) takes its sidecar with it.
+    async fn exited(&mut self, name: &str, status: ExitStatus) {
+        if let Some(r) = self.running.iter_mut().find(|r| r.app.as_ref().is_some_and(|a| a.name == name)) {
+            println!("weft up: {name} exited ({status}); stopping its sidecar");
+            match self.mode {
+                Mode::Explicit => {
+                    if http_status(r.workload.admin(), "POST", "/quitquitquit").await.is_none() {
+                        r.proxy.stop(STOP_GRACE).await;
+                    }
+                }
+                // The admin port is the namespace's loopback: SIGTERM drains the same way.
+                Mode::Transparent => r.proxy.stop(STOP_GRACE).await,
+            }
+        } else if self.running.iter().any(|r| r.proxy.name == name) || name == "ingress gateway" {
+            eprintln!("weft up: {name} exited ({status})");
+        }
+    }
+
+    async fn teardown(&mut self) {
+        let apps = self.running.iter_mut().filter_map(|r| r.app.as_mut()).map(|p| p.stop(STOP_GRACE));
+        futures_join(apps).await;
+        let proxies = self.running.iter_mut().map(|r| r.proxy.stop(STOP_GRACE));
+        futures_join(proxies).await;
+        if let Some(g) = self.gateway.as_mut() {
+            g.stop(STOP_GRACE).await;
+        }
+        if let Some(cp) = self.control.take() {
+            cp.shutdown().await;
+        }
+        self.namespaces.clear();
+        if let Some(mut net) = self.network.take() {
+            for e in net.teardown() {
+                eprintln!("weft up: teardown: {e}");
+            }
+        }
+        self.recorded.take();
+        if let Some(state) = self.state.take() {
+            let path = state.path().to_path_buf();
+            if let Err(e) = state.close() {
+                eprintln!("weft up: removing {}: {e}", path.display());
+            }
+        }
+    }
+}
+
+async fn futures_join<F: std::future::Future<Output = ()>>(fs: impl Iterator<Item = F>) {
+    let handles: Vec<_> = fs.collect();
+    for f in handles {
+        f.await;
+    }
+}
+
+/// Waits until `metrics` answers `/healthz/ready` with 200, failing early when the
+/// process exits.
+async fn wait_ready(p: &Proc, metrics: SocketAddr, what: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Some(status) = p.exit_status() {
+            bail!("{what} exited before it was ready ({status}); see its log");
+        }
+        if http_status(metrics, "GET", "/healthz/ready").await == Some(200) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{what} not ready after {READY_TIMEOUT:?} (health at http://{metrics}/healthz/ready)");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a Gateway selecting the local ingress gateway serves the port the ingress
+/// port stands for.
+fn serves_ingress(resources: &[weft_api::Resource]) -> bool {
+    resources.iter().any(|r| match &r.spec {
+        weft_api::Spec::Gateway(g) => {
+            g.selector.iter().all(|(k, v)| INGRESS_LABELS.iter().any(|(lk, lv)| lk == k && lv == v))
+                && g.servers.iter().any(|s| s.port.number == u32::from(GATEWAY_SERVER_PORT))
+        }
+        _ => false,
+    })
+}
+
+/// Waits until `addr` accepts a connection, at most `within`, or until `give_up`.
+async fn wait_connect(addr: SocketAddr, within: Duration, give_up: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline && !give_up() {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+/// One plain HTTP/1.1 request; the status, or None when nothing answered.
+async fn http_status(addr: SocketAddr, method: &str, path: &str) -> Option<u16> {
+    use http_body_util::{BodyExt, Empty};
+    use hyper::body::Bytes;
+    let fut = async {
+        let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await.ok()?;
+        tokio::spawn(conn);
+        let req = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", addr.to_string())
+            .body(Empty::<Bytes>::new())
+            .ok()?;
+        let resp = tx.send_request(req).await.ok()?;
+        let status = resp.status().as_u16();
+        let _ = resp.into_body().collect().await;
+        Some(status)
+    };
+    tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
+}
+
+async fn free_port(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {
+    let l = tokio::net::TcpListener::bind((ip, 0)).await.context("finding a free port")?;
+    Ok(l.local_addr()?)
+}
