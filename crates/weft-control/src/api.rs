@@ -37,6 +37,8 @@ pub struct Api {
     pub identity: Option<Arc<weft_identity::service::CertificateAuthority>>,
     /// SDS secrets (shown by proxy-config, key material never), when identity is enabled.
     pub secrets: Option<Arc<crate::secrets::SecretSource>>,
+    /// What the `/inject` admission webhook injects.
+    pub inject: crate::inject::InjectConfig,
 }
 
 /// Serves the API until `shutdown` resolves.
@@ -169,6 +171,16 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let id = p.trim_start_matches("/api/v1/tokens/").trim_end_matches("/revoke");
             let (status, v) = crate::identity::revoke_token(api.identity.as_deref(), id);
             reply(status, v)
+        }
+        (Method::POST, "/inject") => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => return reply(StatusCode::PAYLOAD_TOO_LARGE, json!({"error": e.to_string()})),
+            };
+            match crate::inject::webhook::review(&body, &api.inject) {
+                Ok(v) => reply(StatusCode::OK, v),
+                Err(e) => reply(StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+            }
         }
         (Method::GET, p) if p.starts_with("/api/v1/proxies/") => {
             let id = p.trim_start_matches("/api/v1/proxies/").trim_end_matches("/config");

@@ -35,6 +35,8 @@ pub struct ControlConfig {
     pub mesh: MeshConfig,
     /// CA, join tokens, certificate service and SDS (None: no identities are issued).
     pub identity: Option<IdentityConfig>,
+    /// What the `/inject` admission webhook injects.
+    pub inject: crate::inject::InjectConfig,
 }
 
 /// A running control plane.
@@ -118,6 +120,7 @@ impl ControlPlane {
             registry: registry.clone(),
             identity: identity.clone(),
             secrets,
+            inject: cfg.inject.clone(),
         });
         tasks.push(tokio::spawn(crate::api::serve(api, api_sock, stopped(&stop_rx))));
         info!(%xds_addr, %api_addr, identity = identity.is_some(), "control plane started");

@@ -1,10 +1,12 @@
 //! The control plane: config store, workload registry, translator (Istio resources +
 //! registry -> per-proxy xDS), the control-plane process ([`control`]: xDS server, API),
-//! Envoy bootstrap rendering, and [`inspect`] for `weft proxy-config`.
+//! Envoy bootstrap rendering, [`inspect`] for `weft proxy-config`, and Kubernetes sidecar
+//! [`inject`]ion (`weft inject`, the `/inject` admission webhook).
 pub mod api;
 pub mod control;
 pub mod envoy_bootstrap;
 pub mod identity;
+pub mod inject;
 pub mod inspect;
 pub mod jwks;
 pub mod registry;

@@ -31,6 +31,7 @@ async fn control_plane(data: &std::path::Path) -> anyhow::Result<ControlPlane> {
         mode: ProxyMode::Explicit,
         mesh: MeshConfig::default(),
         identity: Some(identity),
+        inject: Default::default(),
     })
     .await
     .map_err(anyhow::Error::msg)

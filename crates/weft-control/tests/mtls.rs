@@ -39,6 +39,7 @@ async fn mesh_control_plane(dir: Option<&Path>, identity: IdentityConfig) -> Con
         mode: ProxyMode::Explicit,
         mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
         identity: Some(identity),
+        inject: Default::default(),
     })
     .await
     .unwrap()

@@ -80,6 +80,7 @@ async fn control_plane(range: std::ops::Range<usize>) -> ControlPlane {
         mode: ProxyMode::Explicit,
         mesh: MeshConfig::default(),
         identity: None,
+        inject: Default::default(),
     };
     let cp = ControlPlane::start(cfg).await.unwrap();
     let result = cp.store.apply(&services(range), Path::new("mesh.yaml"));

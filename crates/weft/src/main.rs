@@ -3,6 +3,7 @@
 mod analyze;
 mod bookinfo;
 mod demo;
+mod inject;
 mod iptables;
 mod local;
 mod ops;
@@ -34,8 +35,12 @@ enum Command {
     /// Run the sidecar proxy, configured over xDS from the bootstrap's control plane.
     Proxy {
         /// Bootstrap file (YAML or JSON): node identity, xDS server, admin/metrics ports.
-        #[arg(long, short = 'b', env = "WEFT_BOOTSTRAP")]
-        bootstrap: PathBuf,
+        #[arg(long, short = 'b', env = "WEFT_BOOTSTRAP", required_unless_present = "bootstrap_yaml")]
+        bootstrap: Option<PathBuf>,
+        /// The bootstrap's text instead of a file (what `weft inject` sets, with
+        /// Kubernetes expanding `$(POD_NAME)`-style references in it).
+        #[arg(long, env = "WEFT_BOOTSTRAP_YAML", hide_env_values = true, conflicts_with = "bootstrap")]
+        bootstrap_yaml: Option<String>,
     },
     /// Run the control plane: resources from a watched directory and the API, a workload
     /// registry fed by connecting proxies, xDS for every proxy.
@@ -77,6 +82,9 @@ enum Command {
     /// Transparent mode's capture in this network namespace (Istio's istio-iptables init
     /// step): inbound TCP to 15006, outbound to 15001, the proxy's own traffic exempt.
     Iptables(iptables::IptablesArgs),
+    /// Add the sidecar to Kubernetes workloads (Istio's `kube-inject`): reads manifests,
+    /// writes them with `weft-init` and `weft-proxy` added to every pod template.
+    Inject(inject::InjectArgs),
     /// Apply resources from files or directories to the running control plane.
     Apply {
         /// Files or directories (`-` reads standard input).
@@ -248,7 +256,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Proxy { bootstrap } => run_proxy(bootstrap).await,
+            Command::Proxy { bootstrap, bootstrap_yaml } => run_proxy(bootstrap, bootstrap_yaml).await,
             Command::Up(args) => up::run(args).await,
             Command::Demo { service: None, port, .. } => demo::run(port.unwrap_or(15001)).await,
             Command::Demo { service: Some(service), service_port, port, bookinfo } => {
@@ -263,6 +271,7 @@ fn main() -> std::process::ExitCode {
             Command::Token { command } => token::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
             Command::Iptables(args) => iptables::run(&args),
+            Command::Inject(args) => inject::run(&args),
             Command::Apply { files, server } => ops::change(&local::server(server), &files, false).await,
             Command::Delete { files, server } => ops::change(&local::server(server), &files, true).await,
             Command::Get { kind, name, output, server } => {
@@ -373,6 +382,7 @@ async fn run_control(
             cert_ttl: identity.cert_ttl,
             max_cert_ttl: identity.max_cert_ttl,
         }),
+        inject: Default::default(),
     })
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
@@ -383,8 +393,13 @@ async fn run_control(
     Ok(())
 }
 
-async fn run_proxy(path: PathBuf) -> anyhow::Result<()> {
-    let b = weft_proxy::bootstrap::Bootstrap::load(&path)?;
+async fn run_proxy(path: Option<PathBuf>, text: Option<String>) -> anyhow::Result<()> {
+    use weft_proxy::bootstrap::Bootstrap;
+    let b = match (path, text) {
+        (Some(path), _) => Bootstrap::load(&path)?,
+        (None, Some(text)) => Bootstrap::parse(&text, std::path::Path::new("$WEFT_BOOTSTRAP_YAML"))?,
+        (None, None) => anyhow::bail!("give a bootstrap: --bootstrap FILE or --bootstrap-yaml TEXT"),
+    };
     let proxy = weft_proxy::proxy::ProxyHandle::start(b).await.context("starting the proxy")?;
     tokio::select! {
         _ = shutdown_signal() => info!("signal received: draining"),
