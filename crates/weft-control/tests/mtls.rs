@@ -241,7 +241,9 @@ async fn sidecars_talk_mtls_and_the_server_enforces_peer_authentication() {
     let ca = cp.identity.as_ref().unwrap().ca().clone();
     let id = SpiffeId::new("cluster.local", "default", "bookinfo-productpage").unwrap();
     let (key_pem, issued) = ca.issue_with_key(&id, Duration::from_secs(1)).unwrap();
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // X.509 times have whole seconds and the check is `now > notAfter` in seconds: 2.5 s
+    // after issue the second has certainly passed (1.5 s fails half the time).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
     let chain: Vec<rustls::pki_types::CertificateDer<'static>> = std::iter::once(issued.leaf_pem.as_str())
         .chain(issued.chain_pems.iter().map(String::as_str).take(issued.chain_pems.len().saturating_sub(1)))
         .map(|pem| rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes()).unwrap())
