@@ -522,6 +522,24 @@ fn transparent_mode_runs_every_bookinfo_task_and_tears_down() {
     );
     let mut mesh = Mesh::start(true);
     run_every_bookinfo_task(&mesh);
+    // The app has no idea a mesh exists: inside productpage's namespace, a Service applied
+    // after start resolves by name and its plain HTTP call is captured and routed.
+    let svc = "apiVersion: v1\nkind: Service\nmetadata: {name: stars, namespace: default}\nspec:\n  selector: {app: ratings}\n  ports: [{name: http, port: 9080}]\n";
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("stars.yaml"), svc).unwrap();
+    let (ok, out) = mesh.weft(&["apply", "-f", dir.path().join("stars.yaml").to_str().unwrap()]);
+    assert!(ok, "{out}");
+    let ns = format!("{}-productpage-v1", mesh.bridge.as_deref().unwrap());
+    let curl = weft_testkit::tools::require("curl");
+    mesh.eventually("a new Service answers by name inside a workload's namespace", || {
+        let o = Command::new("ip")
+            .args(["netns", "exec", &ns])
+            .arg(&curl)
+            .args(["-s", "-m", "5", "http://stars:9080/ratings/0"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).contains("\"ratings\"")
+    });
     mesh.stop_and_check_nothing_left();
 }
 

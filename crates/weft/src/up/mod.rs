@@ -156,10 +156,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         up.teardown().await;
         return Err(e);
     }
+    let domain = MeshConfig::default().domain;
     loop {
         tokio::select! {
             _ = crate::shutdown_signal() => break,
             Some((name, status)) = exits.recv() => up.exited(&name, status).await,
+            _ = up.follow_services(&domain) => {}
         }
     }
     say!("stopping: apps, sidecars, gateway, control plane...");
@@ -290,6 +292,19 @@ impl Up {
         }
         self.print_summary(ingress, api, xds, &trust_domain, t0.elapsed());
         Ok(())
+    }
+
+    /// Transparent mode: Services applied later resolve in every namespace too.
+    async fn follow_services(&mut self, domain: &str) {
+        let (Some(cp), Some(net)) = (&self.control, &self.network) else {
+            return std::future::pending().await;
+        };
+        let mut changes = cp.store.subscribe();
+        while changes.changed().await.is_ok() {
+            let snapshot = cp.store.snapshot();
+            net.update_hosts(&netns::hosts_file(&netns::service_addresses(&snapshot.resources), domain));
+        }
+        std::future::pending().await
     }
 
     async fn start_sidecar(

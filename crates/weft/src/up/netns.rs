@@ -119,6 +119,20 @@ impl Network {
         Ok(Namespace { name, ip })
     }
 
+    /// Rewrites every namespace's `/etc/hosts` (in place: `ip netns exec` bind-mounted
+    /// the file into running apps, so the same inode must change).
+    pub fn update_hosts(&self, hosts: &str) {
+        for ns in &self.namespaces {
+            let path = hosts_dir(ns).join("hosts");
+            if std::fs::read_to_string(&path).is_ok_and(|old| old == hosts) {
+                continue;
+            }
+            if let Err(e) = std::fs::write(&path, hosts) {
+                tracing::warn!("updating {}: {e}", path.display());
+            }
+        }
+    }
+
     /// Removes every namespace (their veths go with them), the bridge, the FORWARD rule
     /// and the hosts files. Returns what could not be removed.
     pub fn teardown(&mut self) -> Vec<String> {
