@@ -52,28 +52,15 @@ fn a_pod_gets_the_init_step_the_proxy_first_the_token_volume_and_annotations() {
     assert_eq!((&proxy["image"], &init["image"]), (&serde_json::json!(image), &serde_json::json!(image)));
 }
 
-/// What Kubernetes does with `$(VAR)` in an env value, given the earlier entries.
+/// What Kubernetes does with `$(VAR)` in an env value, given the earlier entries (each
+/// variable used must be one of them).
 fn expand(value: &str, vars: &[(&str, &str)]) -> String {
-    let mut out = String::new();
-    let mut rest = value;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
-            rest = tail;
-        } else if let Some(body) = after.strip_prefix('(') {
-            let end = body.find(')').unwrap();
-            let name = &body[..end];
-            out.push_str(vars.iter().find(|(k, _)| *k == name).map(|(_, v)| *v).unwrap());
-            rest = &body[end + 1..];
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
+    let lookup = |name: &str| {
+        let found = vars.iter().find(|(k, _)| *k == name).map(|(_, v)| v.to_string());
+        assert!(found.is_some(), "$({name}) is not defined before its use");
+        found
+    };
+    weft_api::spec::expand_vars(value, lookup)
 }
 
 #[test]

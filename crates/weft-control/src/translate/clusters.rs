@@ -233,18 +233,7 @@ fn client_tls(tls: &ClientTlsSettings, host: &str) -> Option<TransportSocket> {
     let validation =
         (tls.ca_certificates.is_some() || !tls.subject_alt_names.is_empty()).then(|| CertificateValidationContext {
             trusted_ca: file(&tls.ca_certificates),
-            match_typed_subject_alt_names: tls
-                .subject_alt_names
-                .iter()
-                .map(|san| SubjectAltNameMatcher {
-                    san_type: if san.starts_with("spiffe://") { san_type::Uri } else { san_type::Dns } as i32,
-                    matcher: Some(StringMatcher {
-                        match_pattern: Some(string_matcher::MatchPattern::Exact(san.clone())),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .collect(),
+            match_typed_subject_alt_names: san_matchers(&tls.subject_alt_names),
             ..Default::default()
         });
     let certificates = if tls.mode == ClientTlsMode::Mutual {
@@ -377,4 +366,19 @@ pub fn cla(name: &str, eps: &[Ep]) -> ClusterLoadAssignment {
         }],
         ..Default::default()
     }
+}
+
+/// Exact matchers for Istio `subjectAltNames`: `spiffe://` ones as URI SANs, others as DNS.
+pub(crate) fn san_matchers(names: &[String]) -> Vec<SubjectAltNameMatcher> {
+    names
+        .iter()
+        .map(|san| SubjectAltNameMatcher {
+            san_type: if san.starts_with("spiffe://") { san_type::Uri } else { san_type::Dns } as i32,
+            matcher: Some(StringMatcher {
+                match_pattern: Some(string_matcher::MatchPattern::Exact(san.clone())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect()
 }

@@ -32,10 +32,8 @@ use envoy_types::pb::envoy::config::listener::v3::{filter, Filter, FilterChain, 
 use envoy_types::pb::envoy::config::route::v3::{virtual_host, Route, RouteConfiguration, VirtualHost};
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
-    common_tls_context, subject_alt_name_matcher::SanType, CertificateValidationContext, CommonTlsContext,
-    DownstreamTlsContext, SubjectAltNameMatcher, TlsCertificate,
+    common_tls_context, CertificateValidationContext, CommonTlsContext, DownstreamTlsContext, TlsCertificate,
 };
-use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
 use envoy_types::pb::google::protobuf::BoolValue;
 use envoy_types::util::pack_any;
 use weft_api::spec::{RouteDestination, Server, ServerTlsMode, ServerTlsSettings};
@@ -480,18 +478,7 @@ fn client_validation(
     let ca = tls.ca_certificates.as_ref()?;
     Some(CertificateValidationContext {
         trusted_ca: Some(file(ca)),
-        match_typed_subject_alt_names: tls
-            .subject_alt_names
-            .iter()
-            .map(|san| SubjectAltNameMatcher {
-                san_type: if san.starts_with("spiffe://") { SanType::Uri } else { SanType::Dns } as i32,
-                matcher: Some(StringMatcher {
-                    match_pattern: Some(string_matcher::MatchPattern::Exact(san.clone())),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            })
-            .collect(),
+        match_typed_subject_alt_names: super::clusters::san_matchers(&tls.subject_alt_names),
         ..Default::default()
     })
 }

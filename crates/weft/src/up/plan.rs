@@ -143,43 +143,9 @@ pub fn workloads(
         .collect()
 }
 
-/// Kubernetes' `$(VAR)` expansion: a defined variable is replaced, an undefined one is
-/// left as written, `$$` is a literal `$`.
+/// Kubernetes' `$(VAR)` expansion against `env`.
 pub fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s;
-    while let Some(i) = rest.find('$') {
-        out.push_str(&rest[..i]);
-        let after = &rest[i + 1..];
-        if let Some(tail) = after.strip_prefix('$') {
-            out.push('$');
-            rest = tail;
-        } else if let Some(inner) = after.strip_prefix('(') {
-            match inner.find(')') {
-                Some(end) => {
-                    let name = &inner[..end];
-                    match env.get(name) {
-                        Some(v) => out.push_str(v),
-                        None => {
-                            out.push_str("$(");
-                            out.push_str(name);
-                            out.push(')');
-                        }
-                    }
-                    rest = &inner[end + 1..];
-                }
-                None => {
-                    out.push_str(&rest[i..]);
-                    rest = "";
-                }
-            }
-        } else {
-            out.push('$');
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
+    weft_api::spec::expand_vars(s, |name| env.get(name).cloned())
 }
 
 /// Everything a proxy's bootstrap needs besides its node.
