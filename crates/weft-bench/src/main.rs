@@ -41,6 +41,25 @@ enum Cmd {
     },
     /// The echo application (started by `run`): prints `echo h1=ADDR grpc=ADDR`.
     Echo,
+    /// One load run against an address (for profiling): prints the result as JSON.
+    Load {
+        /// Where to connect.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// Request URI (absolute form).
+        #[arg(long, default_value = "http://echo:9080/")]
+        uri: String,
+        /// Requests per second (fixed rate); 0 = closed loop, as fast as possible.
+        #[arg(long, default_value_t = 1000)]
+        rps: u32,
+        #[arg(long, default_value_t = 16)]
+        conns: usize,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// gRPC unary over h2c instead of HTTP/1.1 (fixed rate only).
+        #[arg(long)]
+        grpc: bool,
+    },
 }
 
 #[derive(Clone, Debug, clap::Args)]
@@ -71,6 +90,23 @@ fn main() -> std::process::ExitCode {
             .build()
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(echo::run())),
+        Cmd::Load { addr, uri, rps, conns, secs, grpc } => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
+                |rt| {
+                    rt.block_on(async {
+                        let target = load::Target { addr, uri: uri.parse()? };
+                        let d = std::time::Duration::from_secs(secs);
+                        let r = match (grpc, rps) {
+                            (true, _) => load::grpc_fixed_rate(&target, rps.max(1), conns, d).await?,
+                            (false, 0) => load::h1_max(&target, conns, d).await?,
+                            (false, _) => load::h1_fixed_rate(&target, rps, conns, d).await?,
+                        };
+                        println!("{}", serde_json::to_string(&r)?);
+                        Ok(())
+                    })
+                },
+            )
+        }
         Cmd::Render { results, doc } => std::fs::read_to_string(&results)
             .map_err(anyhow::Error::from)
             .and_then(|text| Ok(serde_json::from_str::<run::Results>(&text)?))

@@ -138,8 +138,8 @@ impl Control {
 /// Options of the proxies in a stack.
 #[derive(Clone, Copy, Debug)]
 pub struct ProxyOptions {
-    /// Worker threads per proxy (Envoy `--concurrency`, weft `TOKIO_WORKER_THREADS`,
-    /// HAProxy `nbthread`).
+    /// Worker threads per proxy (Envoy `--concurrency`, weft `--concurrency` via
+    /// `WEFT_CONCURRENCY`, HAProxy `nbthread`).
     pub workers: u32,
 }
 
@@ -413,7 +413,7 @@ pub fn spawn_weft(
     std::fs::write(&file, bootstrap)?;
     let mut cmd = command(pin.proxies.as_deref(), &tools.weft);
     cmd.arg("proxy").arg("-b").arg(&file);
-    cmd.env("TOKIO_WORKER_THREADS", workers.to_string()).env("WEFT_LOG", "warn");
+    cmd.env("WEFT_CONCURRENCY", workers.to_string()).env("WEFT_LOG", "warn");
     Proc::spawn(&format!("weft proxy ({name})"), cmd, &dir.join(format!("{name}.log")), false)
 }
 

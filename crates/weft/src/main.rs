@@ -31,6 +31,10 @@ enum Command {
         /// Bootstrap file (YAML or JSON): node identity, xDS server, admin/metrics ports.
         #[arg(long, short = 'b', env = "WEFT_BOOTSTRAP")]
         bootstrap: PathBuf,
+        /// Worker threads (Envoy's `--concurrency`); 1 runs the whole proxy on one
+        /// thread with tokio's single-threaded scheduler. Default: one per CPU.
+        #[arg(long, env = "WEFT_CONCURRENCY")]
+        concurrency: Option<usize>,
     },
     /// Run the control plane: resources from a watched directory and the API, a workload
     /// registry fed by connecting proxies, xDS for every proxy.
@@ -232,7 +236,16 @@ struct IdentityArgs {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_json);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = match cli.command {
+        Command::Proxy { concurrency: Some(1), .. } => tokio::runtime::Builder::new_current_thread(),
+        Command::Proxy { concurrency: Some(n), .. } => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft: cannot start the runtime: {e}");
@@ -241,7 +254,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Proxy { bootstrap } => run_proxy(bootstrap).await,
+            Command::Proxy { bootstrap, .. } => run_proxy(bootstrap).await,
             Command::Demo { service: None, port, .. } => demo::run(port.unwrap_or(15001)).await,
             Command::Demo { service: Some(service), service_port, port, bookinfo } => {
                 let port = service_port.or(port).unwrap_or(bookinfo::DEFAULT_PORT);
