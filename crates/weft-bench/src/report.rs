@@ -243,13 +243,13 @@ pub fn render(results: &Results, notes: &str, command: &str) -> String {
         for (name, p) in [("p50", PERCENTILES[0].1), ("p99", PERCENTILES[2].1), ("p99.9", PERCENTILES[3].1)] {
             let (aw, ae, ah) =
                 (added(results, Kind::Weft, p), added(results, Kind::Envoy, p), added(results, Kind::Haproxy, p));
-            let ok = aw <= 0.5 * ae && (h.runs.is_empty() || aw <= ah);
+            let vs_haproxy = if h.runs.is_empty() { "no HAProxy run" } else { verdict(aw <= ah) };
             let _ = writeln!(
                 out,
-                "| added latency {name} (µs) ≤ 0.5× Envoy's and ≤ HAProxy's | {aw:.0} | {ae:.0} | {} | {} | {} |",
+                "| added latency {name} (µs) ≤ 0.5× Envoy's and ≤ HAProxy's | {aw:.0} | {ae:.0} | {} | {} | vs Envoy {}, vs HAProxy {vs_haproxy} |",
                 if h.runs.is_empty() { "–".into() } else { format!("{ah:.0}") },
                 ratio(aw, ae),
-                verdict(ok)
+                verdict(aw <= 0.5 * ae)
             );
         }
         let (rw, re, rh) = (w.peak_rss().med, e.peak_rss().med, h.peak_rss().med);
@@ -336,6 +336,10 @@ pub fn render(results: &Results, notes: &str, command: &str) -> String {
         );
         let _ = writeln!(out, "| clients | initial sync of all (s) | change -> all ACKed p50 (ms) | p99 | max | CP RSS idle (MiB) | CP RSS connected (MiB) |\n|---:|---:|---:|---:|---:|---:|---:|");
         for v in &results.control_plane {
+            if let Some(e) = v["error"].as_str() {
+                let _ = writeln!(out, "| {} | failed: {} | | | | | |", v["clients"], e.lines().next().unwrap_or(e));
+                continue;
+            }
             let c = &v["change_to_all_acked_ms"];
             let r = &v["control_plane_rss_mib"];
             let f = |x: &serde_json::Value| x.as_f64().unwrap_or(f64::NAN);

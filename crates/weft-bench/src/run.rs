@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, ensure, Context};
+use anyhow::{anyhow, ensure, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::load::{self, RunResult};
@@ -298,14 +298,23 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<(Results, PathBuf)> {
             "{} not found: cargo build --release -p weft --example xds_scale",
             args.xds_scale.display()
         );
-        let out = tokio::process::Command::new(&args.xds_scale).arg(n.to_string()).output().await?;
-        if !out.status.success() {
-            bail!("xds_scale {n} failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        // Not pinned: the control plane and its simulated proxies get every CPU.
+        let all = format!("0-{}", crate::procs::online_cpus() - 1);
+        let out = command(pin.apps.as_ref().map(|_| all.as_str()), &args.xds_scale)
+            .arg(n.to_string())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .await?;
         let text = String::from_utf8_lossy(&out.stdout);
-        let line =
-            text.lines().rfind(|l| l.starts_with('{')).ok_or_else(|| anyhow!("xds_scale {n} printed: {text}"))?;
-        let v: serde_json::Value = serde_json::from_str(line)?;
+        // A failed scale run is recorded, not fatal: the scenarios above stay.
+        let v: serde_json::Value = match text.lines().rfind(|l| l.starts_with('{')) {
+            Some(line) if out.status.success() => serde_json::from_str(line)?,
+            _ => serde_json::json!({
+                "clients": n,
+                "error": format!("xds_scale {n} failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            }),
+        };
         eprintln!("bench: control plane with {n} proxies: {v}");
         control_plane.push(v);
     }
