@@ -41,6 +41,10 @@ enum Command {
         /// Kubernetes expanding `$(POD_NAME)`-style references in it).
         #[arg(long, env = "WEFT_BOOTSTRAP_YAML", hide_env_values = true, conflicts_with = "bootstrap")]
         bootstrap_yaml: Option<String>,
+        /// Worker threads (Envoy's `--concurrency`); 1 runs the whole proxy on one
+        /// thread with tokio's single-threaded scheduler. Default: one per CPU.
+        #[arg(long, env = "WEFT_CONCURRENCY")]
+        concurrency: Option<usize>,
     },
     /// Run the control plane: resources from a watched directory and the API, a workload
     /// registry fed by connecting proxies, xDS for every proxy.
@@ -247,7 +251,16 @@ fn main() -> std::process::ExitCode {
     // `weft up` is interactive: its in-process control plane only logs warnings.
     let default_level = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
     init_tracing(cli.log_json, default_level);
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let mut builder = match cli.command {
+        Command::Proxy { concurrency: Some(1), .. } => tokio::runtime::Builder::new_current_thread(),
+        Command::Proxy { concurrency: Some(n), .. } => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft: cannot start the runtime: {e}");
@@ -256,7 +269,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Proxy { bootstrap, bootstrap_yaml } => run_proxy(bootstrap, bootstrap_yaml).await,
+            Command::Proxy { bootstrap, bootstrap_yaml, .. } => run_proxy(bootstrap, bootstrap_yaml).await,
             Command::Up(args) => up::run(args).await,
             Command::Demo { service: None, port, .. } => demo::run(port.unwrap_or(15001)).await,
             Command::Demo { service: Some(service), service_port, port, bookinfo } => {

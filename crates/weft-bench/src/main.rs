@@ -1,0 +1,132 @@
+//! `weft-bench`: the benchmark harness behind `bench/run.sh` (see docs/benchmarks.md).
+//! weft's sidecars side by side with Envoy 1.40 (configured by the same control plane),
+//! HAProxy and no proxy at all, in one run on one machine.
+#![forbid(unsafe_code)]
+
+mod echo;
+mod load;
+mod mesh;
+mod procs;
+mod report;
+mod run;
+mod stack;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "weft-bench", about = "weft's benchmark harness (bench/run.sh)")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the scenarios, write bench/results/<date>.json and render the report.
+    Run {
+        #[command(flatten)]
+        args: Box<run::RunArgs>,
+        #[command(flatten)]
+        doc: DocArgs,
+    },
+    /// Render the report from a results file.
+    Render {
+        /// Results JSON.
+        #[arg(long, default_value = "bench/results/latest.json")]
+        results: PathBuf,
+        #[command(flatten)]
+        doc: DocArgs,
+    },
+    /// The echo application (started by `run`): prints `echo h1=ADDR grpc=ADDR`.
+    Echo,
+    /// One load run against an address (for profiling): prints the result as JSON.
+    Load {
+        /// Where to connect.
+        #[arg(long)]
+        addr: std::net::SocketAddr,
+        /// Request URI (absolute form).
+        #[arg(long, default_value = "http://echo:9080/")]
+        uri: String,
+        /// Requests per second (fixed rate); 0 = closed loop, as fast as possible.
+        #[arg(long, default_value_t = 1000)]
+        rps: u32,
+        #[arg(long, default_value_t = 16)]
+        conns: usize,
+        #[arg(long, default_value_t = 10)]
+        secs: u64,
+        /// gRPC unary over h2c instead of HTTP/1.1 (fixed rate only).
+        #[arg(long)]
+        grpc: bool,
+    },
+}
+
+#[derive(Clone, Debug, clap::Args)]
+struct DocArgs {
+    /// The report to write.
+    #[arg(long, default_value = "docs/benchmarks.md")]
+    doc: PathBuf,
+    /// Hand-written text appended after the tables.
+    #[arg(long, default_value = "bench/notes.md")]
+    notes: PathBuf,
+    /// The command named in the report as the way to reproduce it.
+    #[arg(long, default_value = "bench/run.sh")]
+    command: String,
+}
+
+fn write_doc(results: &run::Results, doc: &DocArgs) -> anyhow::Result<()> {
+    let notes = std::fs::read_to_string(&doc.notes).unwrap_or_default();
+    std::fs::write(&doc.doc, report::render(results, &notes, &doc.command))?;
+    eprintln!("bench: wrote {}", doc.doc.display());
+    Ok(())
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Echo => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(echo::run())),
+        Cmd::Load { addr, uri, rps, conns, secs, grpc } => {
+            tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(anyhow::Error::from).and_then(
+                |rt| {
+                    rt.block_on(async {
+                        let target = load::Target { addr, uri: uri.parse()? };
+                        let d = std::time::Duration::from_secs(secs);
+                        let r = match (grpc, rps) {
+                            (true, _) => load::grpc_fixed_rate(&target, rps.max(1), conns, d).await?,
+                            (false, 0) => load::h1_max(&target, conns, d).await?,
+                            (false, _) => load::h1_fixed_rate(&target, rps, conns, d).await?,
+                        };
+                        println!("{}", serde_json::to_string(&r)?);
+                        Ok(())
+                    })
+                },
+            )
+        }
+        Cmd::Render { results, doc } => std::fs::read_to_string(&results)
+            .map_err(anyhow::Error::from)
+            .and_then(|text| Ok(serde_json::from_str::<run::Results>(&text)?))
+            .and_then(|r| write_doc(&r, &doc)),
+        Cmd::Run { args, doc } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(run::run(&args)))
+            .and_then(|(results, file)| {
+                eprintln!("bench: wrote {}", file.display());
+                write_doc(&results, &doc)
+            }),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-bench: FAILED: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
