@@ -49,19 +49,25 @@ pub async fn serve(api: Arc<Api>, sock: TcpListener, shutdown: impl Future<Outpu
             _ = &mut shutdown => return,
             r = sock.accept() => {
                 let Ok((stream, _)) = r else { continue };
-                let api = api.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let api = api.clone();
-                        async move { Ok::<_, Infallible>(handle(&api, req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                tokio::spawn(serve_connection(api.clone(), stream));
             }
         }
     }
+}
+
+/// Serves the API on one accepted connection (plain TCP, or TLS already terminated by
+/// the webhook listener), HTTP/1.1 or HTTP/2 (prior knowledge or ALPN `h2`).
+pub async fn serve_connection<S>(api: Arc<Api>, stream: S)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req| {
+        let api = api.clone();
+        async move { Ok::<_, Infallible>(handle(&api, req).await) }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 fn reply(status: StatusCode, v: Value) -> Response<Full<Bytes>> {
