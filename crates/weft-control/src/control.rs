@@ -1,7 +1,7 @@
 //! The control-plane process (`weft control`): store (watched directory + API), workload
 //! registry following the xDS server, translator-backed xDS server, the JSON API the
-//! operator CLI talks to, and optionally the same API over HTTPS for the Kubernetes
-//! admission webhook ([`crate::webhook_tls`]).
+//! operator CLI talks to, and optionally the `/inject` admission webhook over HTTPS
+//! ([`crate::webhook_tls`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -38,8 +38,8 @@ pub struct ControlConfig {
     pub identity: Option<IdentityConfig>,
     /// What the `/inject` admission webhook injects.
     pub inject: crate::inject::InjectConfig,
-    /// The API (with `/inject`) over HTTPS for the Kubernetes API server, which calls
-    /// webhooks over TLS only (Istio's port 15017); None: plain-HTTP API only.
+    /// `POST /inject` over HTTPS for the Kubernetes API server, which calls webhooks
+    /// over TLS only (Istio's port 15017); None: `/inject` on the plain-HTTP API only.
     pub webhook: Option<crate::webhook_tls::WebhookTlsConfig>,
 }
 

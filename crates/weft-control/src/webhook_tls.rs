@@ -1,7 +1,8 @@
 //! The admission webhook's HTTPS listener. The Kubernetes API server calls webhooks over
-//! TLS only, so, as istiod serves its injector on 15017, the control plane can serve its
-//! API (and so `POST /inject`) behind rustls with a serving certificate and key read from
-//! PEM files — a cert-manager Certificate or a Kubernetes Secret mounted in the pod.
+//! TLS only, so, as istiod serves its injector on 15017, the control plane serves
+//! `POST /inject` (only: the rest of the API stays on the `--api` port) behind rustls,
+//! HTTP/1.1 or HTTP/2 by ALPN, with a serving certificate and key read from PEM files —
+//! a cert-manager Certificate or a Kubernetes Secret mounted in the pod.
 //!
 //! The files are re-read every [`WebhookTlsConfig::reload_interval`]: when their bytes
 //! change and the new pair is valid, new connections get the new certificate (open ones
@@ -27,6 +28,8 @@ use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 use weft_identity::cert::CertInfo;
+
+use crate::api::Endpoints;
 
 /// Istio's port for the sidecar injection webhook (istiod serves it there).
 pub const WEBHOOK_PORT: u16 = 15017;
@@ -223,7 +226,8 @@ impl WebhookServer {
         self.certs.clone()
     }
 
-    /// Starts the file watcher and serves `api` until `shutdown` resolves; returns both tasks.
+    /// Starts the file watcher and serves `POST /inject` of `api` until `shutdown`
+    /// resolves; returns both tasks.
     pub fn spawn(
         self,
         api: Arc<crate::api::Api>,
@@ -251,7 +255,7 @@ async fn serve(
                 let (api, acceptor) = (api.clone(), acceptor.clone());
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => crate::api::serve_connection(api, tls).await,
+                        Ok(Ok(tls)) => crate::api::serve_connection(api, tls, Endpoints::Webhook).await,
                         Ok(Err(e)) => debug!(%peer, error = %e, "webhook TLS handshake failed"),
                         Err(_) => debug!(%peer, "webhook TLS handshake timed out"),
                     }

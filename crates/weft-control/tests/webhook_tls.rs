@@ -255,6 +255,18 @@ async fn the_api_server_gets_the_injection_patch_over_https_with_the_configured_
         );
     }
 
+    // Only the webhook is served there: the rest of the API stays on the --api port.
+    let out = tokio::process::Command::new(weft_testkit::tools::require("curl"))
+        .args(["-sS", "--max-time", "10", "-o", "/dev/null", "-w", "%{http_code}", "--cacert"])
+        .arg(&ca)
+        .arg("--resolve")
+        .arg(format!("{HOST}:{port}:127.0.0.1"))
+        .arg(format!("https://{HOST}:{port}/api/v1/proxies"))
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+
     // A client that does not trust the CA (no --cacert: the system roots) is refused.
     let out = tokio::process::Command::new(weft_testkit::tools::require("curl"))
         .args(["-sS", "--max-time", "10", "--resolve", &format!("{HOST}:{port}:127.0.0.1")])

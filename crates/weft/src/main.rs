@@ -244,12 +244,13 @@ struct IdentityArgs {
     max_cert_ttl: std::time::Duration,
 }
 
-/// Admission webhook flags of `weft control`: the API over HTTPS for the Kubernetes API
-/// server, and what `/inject` injects.
+/// Admission webhook flags of `weft control`: `/inject` over HTTPS for the Kubernetes API
+/// server, and what it injects.
 #[derive(clap::Args)]
 struct WebhookArgs {
-    /// Serve the API (with the `/inject` admission webhook) over HTTPS on this address too
-    /// (Istio's port: 0.0.0.0:15017). Needs --webhook-cert and --webhook-key.
+    /// Serve the `/inject` admission webhook over HTTPS on this address (Istio's port:
+    /// 0.0.0.0:15017); the rest of the API stays on --api. Needs --webhook-cert and
+    /// --webhook-key.
     #[arg(long, env = "WEFT_WEBHOOK", requires_all = ["webhook_cert", "webhook_key"])]
     webhook: Option<std::net::SocketAddr>,
     /// PEM certificate chain of the webhook (serving certificate first), e.g. a mounted
