@@ -41,6 +41,16 @@ pub struct Api {
     pub inject: crate::inject::InjectConfig,
 }
 
+/// Which endpoints a listener serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoints {
+    /// The whole API (the `--api` port).
+    All,
+    /// Only the admission webhook, `POST /inject` (the `--webhook` port, reachable by the
+    /// Kubernetes API server, so it does not offer apply, tokens or CA rotation).
+    Webhook,
+}
+
 /// Serves the API until `shutdown` resolves.
 pub async fn serve(api: Arc<Api>, sock: TcpListener, shutdown: impl Future<Output = ()>) {
     tokio::pin!(shutdown);
@@ -49,19 +59,31 @@ pub async fn serve(api: Arc<Api>, sock: TcpListener, shutdown: impl Future<Outpu
             _ = &mut shutdown => return,
             r = sock.accept() => {
                 let Ok((stream, _)) = r else { continue };
-                let api = api.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| {
-                        let api = api.clone();
-                        async move { Ok::<_, Infallible>(handle(&api, req).await) }
-                    });
-                    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
+                tokio::spawn(serve_connection(api.clone(), stream, Endpoints::All));
             }
         }
     }
+}
+
+/// Serves the API on one accepted connection (plain TCP, or TLS already terminated by
+/// the webhook listener), HTTP/1.1 or HTTP/2 (prior knowledge or ALPN `h2`).
+pub async fn serve_connection<S>(api: Arc<Api>, stream: S, endpoints: Endpoints)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let svc = service_fn(move |req: Request<Incoming>| {
+        let api = api.clone();
+        async move {
+            if endpoints == Endpoints::Webhook && req.uri().path() != "/inject" {
+                let error = format!("only POST /inject is served on the webhook port, not {}", req.uri().path());
+                return Ok::<_, Infallible>(reply(StatusCode::NOT_FOUND, json!({"error": error})));
+            }
+            Ok::<_, Infallible>(handle(&api, req).await)
+        }
+    });
+    let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+        .serve_connection(TokioIo::new(stream), svc)
+        .await;
 }
 
 fn reply(status: StatusCode, v: Value) -> Response<Full<Bytes>> {

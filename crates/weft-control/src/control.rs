@@ -1,6 +1,7 @@
 //! The control-plane process (`weft control`): store (watched directory + API), workload
-//! registry following the xDS server, translator-backed xDS server, and the JSON API the
-//! operator CLI talks to.
+//! registry following the xDS server, translator-backed xDS server, the JSON API the
+//! operator CLI talks to, and optionally the `/inject` admission webhook over HTTPS
+//! ([`crate::webhook_tls`]).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -37,6 +38,9 @@ pub struct ControlConfig {
     pub identity: Option<IdentityConfig>,
     /// What the `/inject` admission webhook injects.
     pub inject: crate::inject::InjectConfig,
+    /// `POST /inject` over HTTPS for the Kubernetes API server, which calls webhooks
+    /// over TLS only (Istio's port 15017); None: `/inject` on the plain-HTTP API only.
+    pub webhook: Option<crate::webhook_tls::WebhookTlsConfig>,
 }
 
 /// A running control plane.
@@ -45,6 +49,10 @@ pub struct ControlPlane {
     pub xds_addr: SocketAddr,
     /// Bound API address.
     pub api_addr: SocketAddr,
+    /// Bound webhook (HTTPS) address, when enabled.
+    pub webhook_addr: Option<SocketAddr>,
+    /// The webhook's serving certificate (re-read from its files), when enabled.
+    pub webhook_cert: Option<Arc<crate::webhook_tls::ReloadingCert>>,
     /// The store.
     pub store: Arc<Store>,
     /// The registry.
@@ -90,6 +98,12 @@ impl ControlPlane {
         let api_sock = TcpListener::bind(cfg.api).await.map_err(|e| format!("cannot bind API on {}: {e}", cfg.api))?;
         let xds_addr = xds_sock.local_addr().unwrap_or(cfg.xds);
         let api_addr = api_sock.local_addr().unwrap_or(cfg.api);
+        let webhook = match &cfg.webhook {
+            Some(w) => Some(crate::webhook_tls::WebhookServer::bind(w).await.map_err(|e| e.to_string())?),
+            None => None,
+        };
+        let webhook_addr = webhook.as_ref().and_then(|w| w.local_addr());
+        let webhook_cert = webhook.as_ref().map(|w| w.certs());
         let (stop, stop_rx) = watch::channel(false);
         let stopped = |rx: &watch::Receiver<bool>| {
             let mut rx = rx.clone();
@@ -122,9 +136,24 @@ impl ControlPlane {
             secrets,
             inject: cfg.inject.clone(),
         });
+        if let Some(w) = webhook {
+            tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
+        }
         tasks.push(tokio::spawn(crate::api::serve(api, api_sock, stopped(&stop_rx))));
-        info!(%xds_addr, %api_addr, identity = identity.is_some(), "control plane started");
-        Ok(ControlPlane { xds_addr, api_addr, store, registry, server, source, identity, stop, tasks })
+        info!(%xds_addr, %api_addr, webhook = ?webhook_addr, identity = identity.is_some(), "control plane started");
+        Ok(ControlPlane {
+            xds_addr,
+            api_addr,
+            webhook_addr,
+            webhook_cert,
+            store,
+            registry,
+            server,
+            source,
+            identity,
+            stop,
+            tasks,
+        })
     }
 
     /// Stops both servers.

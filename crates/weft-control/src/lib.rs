@@ -1,7 +1,8 @@
 //! The control plane: config store, workload registry, translator (Istio resources +
 //! registry -> per-proxy xDS), the control-plane process ([`control`]: xDS server, API),
 //! Envoy bootstrap rendering, [`inspect`] for `weft proxy-config`, and Kubernetes sidecar
-//! [`inject`]ion (`weft inject`, the `/inject` admission webhook).
+//! [`inject`]ion (`weft inject`, the `/inject` admission webhook, served over HTTPS by
+//! [`webhook_tls`]).
 pub mod api;
 pub mod control;
 pub mod envoy_bootstrap;
@@ -14,3 +15,4 @@ pub mod secrets;
 pub mod source;
 pub mod store;
 pub mod translate;
+pub mod webhook_tls;

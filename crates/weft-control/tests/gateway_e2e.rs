@@ -370,6 +370,7 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
         mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
         identity: Some(identity),
         inject: Default::default(),
+        webhook: None,
     })
     .await
     .unwrap();

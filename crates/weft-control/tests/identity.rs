@@ -32,6 +32,7 @@ async fn control_plane(data: &std::path::Path) -> anyhow::Result<ControlPlane> {
         mesh: MeshConfig::default(),
         identity: Some(identity),
         inject: Default::default(),
+        webhook: None,
     })
     .await
     .map_err(anyhow::Error::msg)

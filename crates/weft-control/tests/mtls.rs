@@ -40,6 +40,7 @@ async fn mesh_control_plane(dir: Option<&Path>, identity: IdentityConfig) -> Con
         mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
         identity: Some(identity),
         inject: Default::default(),
+        webhook: None,
     })
     .await
     .unwrap()

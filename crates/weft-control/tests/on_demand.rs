@@ -81,6 +81,7 @@ async fn control_plane(range: std::ops::Range<usize>) -> ControlPlane {
         mesh: MeshConfig::default(),
         identity: None,
         inject: Default::default(),
+        webhook: None,
     };
     let cp = ControlPlane::start(cfg).await.unwrap();
     let result = cp.store.apply(&services(range), Path::new("mesh.yaml"));

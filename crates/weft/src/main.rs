@@ -66,6 +66,8 @@ enum Command {
         outbound_traffic_policy: String,
         #[command(flatten)]
         identity: IdentityArgs,
+        #[command(flatten)]
+        webhook: WebhookArgs,
     },
     /// Join tokens: the bootstrap credential a proxy exchanges for its certificate.
     Token {
@@ -246,6 +248,34 @@ struct IdentityArgs {
     max_cert_ttl: std::time::Duration,
 }
 
+/// Admission webhook flags of `weft control`: `/inject` over HTTPS for the Kubernetes API
+/// server, and what it injects.
+#[derive(clap::Args)]
+struct WebhookArgs {
+    /// Serve the `/inject` admission webhook over HTTPS on this address (Istio's port:
+    /// 0.0.0.0:15017); the rest of the API stays on --api. Needs --webhook-cert and
+    /// --webhook-key.
+    #[arg(long, env = "WEFT_WEBHOOK", requires_all = ["webhook_cert", "webhook_key"])]
+    webhook: Option<std::net::SocketAddr>,
+    /// PEM certificate chain of the webhook (serving certificate first), e.g. a mounted
+    /// cert-manager Secret's tls.crt; re-read when it changes.
+    #[arg(long, env = "WEFT_WEBHOOK_CERT", requires = "webhook")]
+    webhook_cert: Option<PathBuf>,
+    /// PEM private key of the webhook certificate (tls.key); re-read when it changes.
+    #[arg(long, env = "WEFT_WEBHOOK_KEY", requires = "webhook")]
+    webhook_key: Option<PathBuf>,
+    /// Image of the containers the webhook injects (entrypoint `weft`).
+    #[arg(long, default_value_t = weft_control::inject::InjectConfig::default().image)]
+    inject_image: String,
+    /// The control plane's xDS address as injected pods reach it.
+    #[arg(long, default_value_t = weft_control::inject::InjectConfig::default().control_plane)]
+    inject_control_plane: String,
+    /// Inject the proxy as a Kubernetes native sidecar (init container with
+    /// `restartPolicy: Always`); a pod's `sidecar.istio.io/nativeSidecar` annotation wins.
+    #[arg(long)]
+    inject_native_sidecar: bool,
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `weft up` is interactive: its in-process control plane only logs warnings.
@@ -278,8 +308,8 @@ fn main() -> std::process::ExitCode {
                     bookinfo::BookinfoConfig::from_args(service, port, bookinfo, |name| std::env::var(name).ok())?;
                 bookinfo::run(config).await
             }
-            Command::Control { dir, xds, api, transparent, outbound_traffic_policy, identity } => {
-                run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity).await
+            Command::Control { dir, xds, api, transparent, outbound_traffic_policy, identity, webhook } => {
+                run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity, webhook).await
             }
             Command::Token { command } => token::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
@@ -372,6 +402,7 @@ async fn run_control(
     transparent: bool,
     policy: &str,
     identity: IdentityArgs,
+    webhook: WebhookArgs,
 ) -> anyhow::Result<()> {
     use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
     let mesh = MeshConfig {
@@ -381,6 +412,18 @@ async fn run_control(
             OutboundPolicy::AllowAny
         },
         ..MeshConfig::default()
+    };
+    let inject = weft_control::inject::InjectConfig {
+        image: webhook.inject_image,
+        control_plane: webhook.inject_control_plane,
+        native_sidecar: webhook.inject_native_sidecar,
+        trust_domain: identity.trust_domain.clone(),
+        ..Default::default()
+    };
+    let webhook_tls = match (webhook.webhook, webhook.webhook_cert, webhook.webhook_key) {
+        (Some(addr), Some(cert), Some(key)) => Some(weft_control::webhook_tls::WebhookTlsConfig::new(addr, cert, key)),
+        (None, None, None) => None,
+        _ => anyhow::bail!("--webhook, --webhook-cert and --webhook-key go together"),
     };
     let cp = weft_control::control::ControlPlane::start(weft_control::control::ControlConfig {
         dir,
@@ -395,11 +438,15 @@ async fn run_control(
             cert_ttl: identity.cert_ttl,
             max_cert_ttl: identity.max_cert_ttl,
         }),
-        inject: Default::default(),
+        inject,
+        webhook: webhook_tls,
     })
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
-    println!("weft control: xDS on {}, API on {}", cp.xds_addr, cp.api_addr);
+    match cp.webhook_addr {
+        Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),
+        None => println!("weft control: xDS on {}, API on {}", cp.xds_addr, cp.api_addr),
+    }
     shutdown_signal().await;
     info!("signal received: stopping");
     cp.shutdown().await;

@@ -27,6 +27,7 @@ async fn control_plane() -> ControlPlane {
         mesh: MeshConfig::default(),
         identity: None,
         inject: Default::default(),
+        webhook: None,
     })
     .await
     .unwrap()

@@ -216,6 +216,7 @@ impl Up {
             mesh,
             identity: Some(IdentityConfig::new(state.join("ca"))),
             inject: Default::default(),
+            webhook: None,
         })
         .await
         .map_err(|e| anyhow::anyhow!("control plane: {e} (another control plane on these ports? see --api / --xds)"))?;
