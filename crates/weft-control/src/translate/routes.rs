@@ -429,6 +429,13 @@ pub fn retry_policy(r: Option<&HttpRetry>) -> RetryPolicy {
         num_retries: Some(UInt32Value { value: u32::try_from(attempts).unwrap_or(0) }),
         per_try_timeout: r.and_then(|r| r.per_try_timeout).map(|d| duration(d.0)),
         retriable_status_codes: codes,
+        // Istio's default: a retry avoids the hosts already tried (5 picks at most).
+        retry_host_predicate: vec![envoy_types::pb::envoy::config::route::v3::retry_policy::RetryHostPredicate {
+            name: "envoy.retry_host_predicates.previous_hosts".into(),
+            config_type: Some(envoy_types::pb::envoy::config::route::v3::retry_policy::retry_host_predicate::ConfigType::TypedConfig(pack_any(
+                envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate::default(),
+            ))),
+        }],
         host_selection_retry_max_attempts: 5,
         ..Default::default()
     }

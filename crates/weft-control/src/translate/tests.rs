@@ -353,6 +353,9 @@ fn default_route_without_virtual_service_has_istio_defaults_and_all_domains() {
     assert_eq!(rp.num_retries.map(|v| v.value), Some(2));
     assert_eq!(rp.retry_on, routes::DEFAULT_RETRY_ON);
     assert_eq!(rp.retriable_status_codes, [503]);
+    let predicates: Vec<&str> = rp.retry_host_predicate.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(predicates, ["envoy.retry_host_predicates.previous_hosts"], "a retry avoids the hosts tried");
+    assert_eq!(rp.host_selection_retry_max_attempts, 5);
     // weft-outbound: ports always in the authority (port-less names mean :80).
     let out = vhost(&x, OUTBOUND, &format!("{FQDN}:9080"));
     assert!(out.domains.contains(&"reviews:9080".to_string()));
