@@ -207,8 +207,8 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (Method::GET, p) if p.starts_with("/api/v1/proxies/") => {
             let id = p.trim_start_matches("/api/v1/proxies/").trim_end_matches("/config");
             match proxy_config(api, id) {
-                Some(v) => reply(StatusCode::OK, v),
-                None => reply(StatusCode::NOT_FOUND, json!({"error": format!("no connected proxy {id:?}")})),
+                Ok(v) => reply(StatusCode::OK, v),
+                Err(e) => reply(StatusCode::NOT_FOUND, json!({"error": e})),
             }
         }
         _ => reply(StatusCode::NOT_FOUND, json!({"error": format!("no such endpoint {} {path}", req.method())})),
@@ -306,12 +306,31 @@ fn analyze_live(api: &Api, files: &[(String, String)]) -> Value {
 
 /// What the control plane serves one proxy: per type, the version and each resource
 /// decoded and summarised ([`crate::inspect::describe`]).
-fn proxy_config(api: &Api, id: &str) -> Option<Value> {
-    let conn = api
-        .server
-        .connections()
-        .into_iter()
-        .find(|c| c.node_id == id || c.node.as_ref().map(|n| n.name == id).unwrap_or(false))?;
+/// The proxy `id` names: a node id, an instance name (`reviews-v1-7x2kq`), `name.namespace`
+/// as `proxy-status` shows it, or, when only one instance has it, a workload name
+/// (`reviews-v1`, as a Deployment's pods are `reviews-v1-...`).
+fn proxy_config(api: &Api, id: &str) -> Result<Value, String> {
+    let conns = api.server.connections();
+    let name_of = |c: &weft_xds::ConnectionStatus| c.node.as_ref().map(|n| (n.name.clone(), n.namespace.clone()));
+    let exact = conns
+        .iter()
+        .find(|c| c.node_id == id || name_of(c).is_some_and(|(name, ns)| name == id || format!("{name}.{ns}") == id));
+    let conn = match exact {
+        Some(c) => c,
+        None => {
+            let prefix = format!("{id}-");
+            let matches: Vec<_> =
+                conns.iter().filter(|c| name_of(c).is_some_and(|(name, _)| name.starts_with(&prefix))).collect();
+            match matches.as_slice() {
+                [one] => *one,
+                [] => return Err(format!("no connected proxy {id:?}")),
+                many => {
+                    let names: Vec<String> = many.iter().filter_map(|c| name_of(c).map(|(n, _)| n)).collect();
+                    return Err(format!("{id:?} names several proxies: {}", names.join(", ")));
+                }
+            }
+        }
+    };
     let mut current = (*api.source.proxy_resources(&conn.raw_node)).clone();
     if let Some(secrets) = &api.secrets {
         use weft_xds::ConfigSource as _;
@@ -328,5 +347,5 @@ fn proxy_config(api: &Api, id: &str) -> Option<Value> {
             }),
         );
     }
-    Some(json!({"id": conn.node_id, "resources": out}))
+    Ok(json!({"id": conn.node_id, "resources": out}))
 }

@@ -503,6 +503,14 @@ fn login_as_jason_shows_black_stars(mesh: &Mesh) {
 fn explicit_mode_runs_every_bookinfo_task_and_tears_down() {
     let mut mesh = Mesh::start(false);
     run_every_bookinfo_task(&mesh);
+    // Operators name proxies by workload, as the summary lists them.
+    let (ok, out) = mesh.weft(&["proxy-config", "ratings-v1", "listeners"]);
+    assert!(
+        ok && out.contains("inbound|9080") && out.contains("tls"),
+        "STRICT: the inbound listener takes mTLS: {out}"
+    );
+    let (ok, out) = mesh.weft(&["proxy-config", "reviews", "listeners"]);
+    assert!(!ok && out.contains("several proxies"), "{out}");
     // A second `weft up` refuses to start beside the running one.
     let o = Command::new(WEFT)
         .args(["up", "--api", "127.0.0.1:0"])
