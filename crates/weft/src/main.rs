@@ -206,6 +206,16 @@ enum Command {
         /// workload certificate over SDS and it joins mesh mTLS.
         #[arg(long)]
         join_token: Option<String>,
+        /// Join as a gateway (node type `router`): the Gateways selecting `--labels`
+        /// configure it instead of the sidecar listeners.
+        #[arg(long)]
+        gateway: bool,
+        /// Gateway: server port to the port its listener binds, `8080=18080,...`.
+        #[arg(long, default_value = "", requires = "gateway")]
+        gateway_ports: String,
+        /// Gateway: the IP its listeners bind (default 0.0.0.0).
+        #[arg(long, requires = "gateway")]
+        gateway_address: Option<std::net::IpAddr>,
     },
     /// Without a service: run a small local mesh (an in-process xDS server, two echo
     /// backends and a proxy, with a weighted split, a header route and a fault; prints what
@@ -347,8 +357,13 @@ fn main() -> std::process::ExitCode {
                 inbound,
                 outbound,
                 join_token,
+                gateway,
+                gateway_ports,
+                gateway_address,
             } => {
-                use weft_control::envoy_bootstrap::{parse_labels, parse_ports, render, EnvoyBootstrapOptions};
+                use weft_control::envoy_bootstrap::{
+                    parse_labels, parse_ports, render, render_node, EnvoyBootstrapOptions,
+                };
                 let labels = parse_labels(&labels).map_err(|e| anyhow::anyhow!("--labels: {e}"))?;
                 let ports = parse_ports(&ports).map_err(|e| anyhow::anyhow!("--ports: {e}"))?;
                 let opts = EnvoyBootstrapOptions {
@@ -366,7 +381,23 @@ fn main() -> std::process::ExitCode {
                     outbound,
                     join_token,
                 };
-                print!("{}", render(&opts));
+                if gateway {
+                    let mut map = std::collections::BTreeMap::new();
+                    for pair in gateway_ports.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                        let parsed = pair
+                            .split_once('=')
+                            .and_then(|(s, l)| Some((s.trim().parse::<u16>().ok()?, l.trim().parse::<u16>().ok()?)));
+                        let Some((server, listener)) = parsed else {
+                            anyhow::bail!(
+                                "--gateway-ports: {pair:?} is not SERVER_PORT=LISTENER_PORT, e.g. 8080=18080"
+                            );
+                        };
+                        map.insert(server, listener);
+                    }
+                    print!("{}", render_node(&opts, &opts.gateway_node_info(map, gateway_address)));
+                } else {
+                    print!("{}", render(&opts));
+                }
                 Ok(())
             }
         }

@@ -169,6 +169,31 @@ async fn envoy_bootstrap_prints_a_registered_node_and_rejects_bad_labels() {
 }
 
 #[tokio::test]
+async fn envoy_bootstrap_joins_a_gateway_with_its_port_map() {
+    let out = tokio::process::Command::new(WEFT)
+        .args(["envoy-bootstrap", "--name", "gw", "--namespace", "istio-system", "--labels", "istio=ingressgateway"])
+        .args(["--gateway", "--gateway-ports", "8080=18080, 443=18443", "--gateway-address", "127.0.0.1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let yaml: serde_json::Value = serde_yaml_ng::from_slice(&out.stdout).unwrap();
+    assert_eq!(yaml["node"]["id"], "router~127.0.0.1~gw.istio-system~istio-system.svc.cluster.local");
+    assert_eq!(yaml["node"]["metadata"]["WEFT_GATEWAY_PORTS"], "443=18443,8080=18080");
+    assert_eq!(yaml["node"]["metadata"]["WEFT_GATEWAY_ADDRESS"], "127.0.0.1");
+    assert_eq!(yaml["node"]["metadata"]["LABELS"]["istio"], "ingressgateway");
+
+    let out = tokio::process::Command::new(WEFT)
+        .args(["envoy-bootstrap", "--name", "gw", "--gateway", "--gateway-ports", "80:1"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--gateway-ports") && err.contains("80:1"), "{err}");
+}
+
+#[tokio::test]
 async fn analyze_reports_parse_errors_and_cross_resource_findings_with_exit_codes() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("vs.yaml");
