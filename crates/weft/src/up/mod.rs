@@ -435,7 +435,8 @@ impl Up {
             Mode::Transparent => "transparent (network namespaces, iptables capture)",
         };
         say!("weft up: mesh ready in {:.1}s — {mode}", took.as_secs_f64());
-        say!("  ingress        http://{ingress}/productpage");
+        let page = if self.args.dir.is_none() { "productpage" } else { "" };
+        say!("  ingress        http://{ingress}/{page}");
         say!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
         say!("  logs           {}", self.logs.display());
         if let Some(net) = &self.network {
