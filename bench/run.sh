@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one command behind docs/benchmarks.md: installs what the scenarios need (Envoy 1.40
-# via scripts/setup.sh, HAProxy from Debian), builds weft, the harness and the
-# control-plane scale example in release mode, runs every scenario (baseline, weft, Envoy,
-# HAProxy) round after round, then mesh size, startup and control-plane scale, writes
-# bench/results/<date>.json (+ latest.json) and renders docs/benchmarks.md.
+# via scripts/setup.sh, HAProxy from Debian), builds weft, the proxy-only `weft-proxy` the
+# weft sidecars run, the harness and the control-plane scale example in release mode, runs
+# every scenario (baseline, weft, Envoy, HAProxy) round after round, then mesh size,
+# startup and control-plane scale, writes bench/results/<date>.json (+ latest.json) and
+# renders docs/benchmarks.md.
 #
 #   bench/run.sh                      # everything, ~15 minutes after the build
 #   bench/run.sh --runs 1 --h1-secs 5 --grpc-secs 3 --cp-clients   # a quick look
@@ -28,7 +29,8 @@ command -v taskset >/dev/null 2>&1 || say "taskset not found: processes will not
 
 export CARGO_INCREMENTAL=0 CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 say "building (release)"
-cargo build --release -q -p weft --bin weft --example xds_scale
+# One invocation, so the proxy-only binary and `weft` share their dependencies' builds.
+cargo build --release -q -p weft -p weft-proxy --bin weft --bin weft-proxy --example xds_scale
 cargo build --release -q -p weft-bench
 
 # 10,000 simulated proxies need as many sockets.

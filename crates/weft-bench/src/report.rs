@@ -182,10 +182,17 @@ pub fn render(results: &Results, notes: &str, command: &str) -> String {
         m["pinning"]["apps_cpu"].as_str().unwrap_or("none"),
         m["pinning"]["proxies_cpu"].as_str().unwrap_or("none")
     );
+    // Results from before the proxy-only binary have no `weft_proxy`: their sidecars
+    // ran `weft proxy`.
+    let sidecars = match st["versions"]["weft_proxy"].as_str() {
+        Some(v) => format!(" (control plane; the sidecars run the proxy-only binary, {v})"),
+        None => " (sidecars: `weft proxy`)".to_string(),
+    };
     let _ = writeln!(
         out,
-        "- Versions: {}; {}; {}.",
+        "- Versions: {}{}; {}; {}.",
         st["versions"]["weft"].as_str().unwrap_or("?"),
+        sidecars,
         st["versions"]["envoy"].as_str().unwrap_or("?"),
         st["versions"]["haproxy"].as_str().unwrap_or("?")
     );

@@ -50,6 +50,10 @@ pub struct RunArgs {
     /// The release `weft` binary.
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
+    /// The proxy-only binary the weft sidecars run (`cargo build --release -p weft-proxy
+    /// --bin weft-proxy`), as Envoy's sidecars run Envoy's own binary.
+    #[arg(long, default_value = "target/release/weft-proxy")]
+    pub weft_proxy: PathBuf,
     /// The control-plane scale example (`cargo build --release -p weft --example xds_scale`).
     #[arg(long, default_value = "target/release/examples/xds_scale")]
     pub xds_scale: PathBuf,
@@ -228,6 +232,11 @@ async fn version(program: &Path, arg: &str) -> String {
 
 fn tools(args: &RunArgs) -> anyhow::Result<Tools> {
     ensure!(args.weft.is_file(), "{} not found: build it with `cargo build --release -p weft`", args.weft.display());
+    ensure!(
+        args.weft_proxy.is_file(),
+        "{} not found: build it with `cargo build --release -p weft-proxy --bin weft-proxy`",
+        args.weft_proxy.display()
+    );
     let envoy = args
         .envoy
         .clone()
@@ -245,7 +254,7 @@ fn tools(args: &RunArgs) -> anyhow::Result<Tools> {
     if wanted("haproxy") {
         ensure!(haproxy.is_file(), "HAProxy not found at {}: apt-get install haproxy", haproxy.display());
     }
-    Ok(Tools { weft: args.weft.clone(), envoy, haproxy })
+    Ok(Tools { weft: args.weft.clone(), weft_proxy: args.weft_proxy.clone(), envoy, haproxy })
 }
 
 /// Starts the echo application (this binary's `echo` command) on the applications' CPU.
@@ -334,6 +343,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<(Results, PathBuf)> {
             "http1_s": args.h1_secs, "grpc_s": args.grpc_secs, "max_s": args.max_secs, "workers": args.workers,
             "versions": {
                 "weft": version(&tools.weft, "--version").await,
+                "weft_proxy": version(&tools.weft_proxy, "--version").await,
                 "envoy": version(&tools.envoy, "--version").await,
                 "haproxy": version(&tools.haproxy, "-v").await,
             },

@@ -46,7 +46,10 @@ impl Kind {
 /// Programs the stacks run.
 #[derive(Clone, Debug)]
 pub struct Tools {
+    /// `weft`: the control plane (and its CLI).
     pub weft: PathBuf,
+    /// `weft-proxy`: the proxy-only binary every weft sidecar runs.
+    pub weft_proxy: PathBuf,
     pub envoy: PathBuf,
     pub haproxy: PathBuf,
 }
@@ -400,7 +403,8 @@ pub fn weft_bootstrap(
     )
 }
 
-/// Starts `weft proxy` with `bootstrap` pinned to the proxies' CPU.
+/// Starts a weft sidecar (`weft-proxy`, the proxy-only binary; the same as `weft proxy`)
+/// with `bootstrap`, pinned to the proxies' CPU.
 pub fn spawn_weft(
     tools: &Tools,
     dir: &Path,
@@ -411,10 +415,10 @@ pub fn spawn_weft(
 ) -> anyhow::Result<Proc> {
     let file = dir.join(format!("{name}.yaml"));
     std::fs::write(&file, bootstrap)?;
-    let mut cmd = command(pin.proxies.as_deref(), &tools.weft);
-    cmd.arg("proxy").arg("-b").arg(&file);
+    let mut cmd = command(pin.proxies.as_deref(), &tools.weft_proxy);
+    cmd.arg("-b").arg(&file);
     cmd.env("WEFT_CONCURRENCY", workers.to_string()).env("WEFT_LOG", "warn");
-    Proc::spawn(&format!("weft proxy ({name})"), cmd, &dir.join(format!("{name}.log")), false)
+    Proc::spawn(&format!("weft-proxy ({name})"), cmd, &dir.join(format!("{name}.log")), false)
 }
 
 async fn weft_stack(

@@ -31,6 +31,8 @@ pub struct Context {
     pub peers: crate::telemetry::peer::DecodeCache,
     /// Labels for a peer that sent no metadata.
     pub unknown_peer: Arc<WorkloadInfo>,
+    /// Destination-service labels, built once per cluster (or authority).
+    pub services: crate::report::ServiceCache,
     /// Flips to true when the proxy starts draining.
     pub draining: watch::Receiver<bool>,
     /// How long a drain waits for in-flight work.

@@ -23,6 +23,7 @@ pub mod proxy;
 pub mod rbac;
 pub mod report;
 pub mod route;
+pub mod run;
 pub mod tcp;
 pub mod telemetry;
 pub mod tls;

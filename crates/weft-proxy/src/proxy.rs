@@ -163,6 +163,7 @@ impl ProxyHandle {
             local: Arc::new(crate::report::local_workload(&b.node)),
             peers: crate::telemetry::peer::DecodeCache::default(),
             unknown_peer: Arc::new(crate::telemetry::WorkloadInfo::default()),
+            services: crate::report::ServiceCache::default(),
             draining,
             drain_timeout: b.drain_timeout,
             active_connections: AtomicUsize::new(0),

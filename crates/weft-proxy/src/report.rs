@@ -3,9 +3,10 @@
 //! tells each side which workload is on the other end.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, Request, Version};
@@ -17,7 +18,7 @@ use crate::error::ErrorKind;
 use crate::listener::ConnInfo;
 use crate::telemetry::accesslog::{self, AccessRecord};
 use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels};
-use crate::telemetry::{peer, WorkloadInfo};
+use crate::telemetry::{peer, FastState, WorkloadInfo};
 
 /// The local workload as metrics describe it, from the bootstrap's node metadata.
 pub fn local_workload(node: &NodeInfo) -> WorkloadInfo {
@@ -55,8 +56,7 @@ fn reporter(d: Direction) -> Reporter {
 /// Service labels from an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`)
 /// or, failing that, the request authority.
 fn service_info(cluster: &str, authority: &str) -> ServiceInfo {
-    let istio_host = cluster.splitn(4, '|').nth(3).filter(|h| !h.is_empty() && !h.contains('|'));
-    let host = match istio_host {
+    let host = match istio_host(cluster) {
         Some(host) => host.to_string(),
         None => authority
             .rsplit_once(':')
@@ -72,6 +72,73 @@ fn service_info(cluster: &str, authority: &str) -> ServiceInfo {
     let name = labels.next().unwrap_or_default().to_string();
     let namespace = labels.next().map(str::to_string).unwrap_or_else(|| crate::telemetry::UNKNOWN.into());
     ServiceInfo { host, name, namespace }
+}
+
+/// Entries a [`ServiceCache`] holds per kind of key.
+pub const SERVICE_CACHE_ENTRIES: usize = 10_000;
+
+/// The destination-service labels of requests and connections, built once per Istio
+/// cluster name (or, for other clusters, per authority) and shared by every label set
+/// that names them, so reporting a request neither allocates them nor re-parses the
+/// cluster name. Bounded: once full, new keys are built on every call but not stored.
+#[derive(Debug)]
+pub struct ServiceCache {
+    by_cluster: RwLock<HashMap<Box<str>, Arc<ServiceInfo>, FastState>>,
+    by_authority: RwLock<HashMap<Box<str>, Arc<ServiceInfo>, FastState>>,
+    max: usize,
+}
+
+impl Default for ServiceCache {
+    fn default() -> Self {
+        Self::new(SERVICE_CACHE_ENTRIES)
+    }
+}
+
+impl ServiceCache {
+    /// A cache holding at most `max` entries per kind of key.
+    pub fn new(max: usize) -> Self {
+        Self {
+            by_cluster: RwLock::new(HashMap::with_hasher(FastState::default())),
+            by_authority: RwLock::new(HashMap::with_hasher(FastState::default())),
+            max,
+        }
+    }
+
+    /// The labels of a request to `cluster` for `authority` (see [`service_info`]).
+    pub fn get(&self, cluster: &str, authority: &str) -> Arc<ServiceInfo> {
+        // An Istio cluster name decides alone; otherwise only the authority matters.
+        let (map, key) = match istio_host(cluster) {
+            Some(_) => (&self.by_cluster, cluster),
+            None => (&self.by_authority, authority),
+        };
+        if let Some(s) = map.read().unwrap_or_else(|e| e.into_inner()).get(key) {
+            return s.clone();
+        }
+        let info = Arc::new(service_info(cluster, authority));
+        let mut map = map.write().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= self.max {
+            return info;
+        }
+        map.entry(key.into()).or_insert(info).clone()
+    }
+
+    /// Entries held (both kinds).
+    pub fn len(&self) -> usize {
+        let n = |m: &RwLock<HashMap<Box<str>, Arc<ServiceInfo>, FastState>>| {
+            m.read().unwrap_or_else(|e| e.into_inner()).len()
+        };
+        n(&self.by_cluster) + n(&self.by_authority)
+    }
+
+    /// True when nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The host of an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`).
+fn istio_host(cluster: &str) -> Option<&str> {
+    cluster.splitn(4, '|').nth(3).filter(|h| !h.is_empty() && !h.contains('|'))
 }
 
 /// Adds (outbound) or strips (inbound) peer metadata on the request going upstream.
@@ -141,6 +208,9 @@ impl HttpReport {
     pub fn start<B>(ctx: &Context, conn: &ConnInfo, req: &Request<B>) -> Self {
         let h = req.headers();
         let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        // Method, path, user agent and forwarded-for only go to the access log: no
+        // copies when it is off.
+        let log = ctx.access_log.is_enabled();
         let peer = match conn.listener.direction {
             Direction::Inbound => h.get(peer::PEER_HEADER).and_then(|v| ctx.peers.decode(v)),
             _ => None,
@@ -153,16 +223,20 @@ impl HttpReport {
             downstream_local: conn.destination,
             peer_principal: conn.peer_principal.clone(),
             peer_workload: conn.peer_workload.clone(),
-            method: req.method().to_string(),
-            path: req.uri().path_and_query().map(|p| p.as_str().to_string()).unwrap_or_else(|| "/".into()),
+            method: if log { req.method().to_string() } else { String::new() },
+            path: match req.uri().path_and_query() {
+                _ if !log => String::new(),
+                Some(p) => p.as_str().to_string(),
+                None => "/".into(),
+            },
             protocol: match req.version() {
                 Version::HTTP_2 => "HTTP/2",
                 Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",
             },
             grpc: crate::http::is_grpc(h),
-            user_agent: text("user-agent"),
-            x_forwarded_for: text("x-forwarded-for"),
+            user_agent: if log { text("user-agent") } else { None },
+            x_forwarded_for: if log { text("x-forwarded-for") } else { None },
             request_id: text("x-request-id").unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
             peer,
             flags: Vec::new(),
@@ -248,7 +322,7 @@ impl HttpReport {
             reporter: reporter(self.direction),
             source,
             destination,
-            service: Arc::new(service_info(&self.cluster, &self.authority)),
+            service: ctx.services.get(&self.cluster, &self.authority),
             protocol: if self.grpc { RequestProtocol::Grpc } else { RequestProtocol::Http },
             response_code: self.response_code,
             grpc_status: self.grpc_status.as_deref().and_then(|s| s.parse().ok()),
@@ -260,6 +334,9 @@ impl HttpReport {
             for _ in 0..self.retries {
                 ctx.metrics.proxy().upstream_retry(&self.cluster);
             }
+        }
+        if !ctx.access_log.is_enabled() {
+            return;
         }
         ctx.access_log.log(&AccessRecord {
             start_time: self.start_time,
@@ -351,7 +428,7 @@ impl TcpReport {
             reporter: reporter(conn.listener.direction),
             source,
             destination,
-            service: Arc::new(service_info(cluster, &authority)),
+            service: ctx.services.get(cluster, &authority),
             response_flags: Cow::Borrowed("-"),
             security_policy: security_policy(conn.listener.direction, &conn.peer_principal),
         };
@@ -385,6 +462,9 @@ impl TcpReport {
         }
         ctx.metrics.tcp_bytes(&self.labels, self.sent, self.received);
         ctx.metrics.tcp_closed(&self.labels);
+        if !ctx.access_log.is_enabled() {
+            return;
+        }
         ctx.access_log.log(&AccessRecord {
             start_time: self.start_time,
             method: None,
@@ -428,5 +508,26 @@ mod tests {
         );
         let s = service_info("plain", "ratings.default:9080");
         assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), ("ratings.default", "ratings", "default"));
+    }
+
+    #[test]
+    fn service_cache_shares_labels_per_cluster_or_authority_and_stays_bounded() {
+        let cache = ServiceCache::new(2);
+        let reviews = "outbound|9080|v1|reviews.bookinfo.svc.cluster.local";
+        let a = cache.get(reviews, "a:1");
+        let b = cache.get(reviews, "b:2");
+        assert!(Arc::ptr_eq(&a, &b), "an Istio cluster name decides alone: one entry");
+        assert_eq!(*a, service_info(reviews, "a:1"));
+        let r = cache.get("plain", "ratings.default:9080");
+        let d = cache.get("plain", "details.other:9080");
+        assert_eq!((r.name.as_str(), d.name.as_str()), ("ratings", "details"), "other clusters go by authority");
+        assert!(Arc::ptr_eq(&r, &cache.get("another", "ratings.default:9080")));
+        assert_eq!(cache.len(), 3);
+        for i in 0..5 {
+            assert_eq!(cache.get("plain", &format!("s{i}.ns")).name, format!("s{i}"));
+        }
+        assert_eq!(cache.len(), 3, "the authority side was full (2): new authorities are built, not stored");
+        let again = cache.get("plain", "s0.ns");
+        assert!(!Arc::ptr_eq(&again, &cache.get("plain", "s0.ns")), "not cached");
     }
 }

@@ -13,7 +13,6 @@ mod up;
 
 use std::path::PathBuf;
 
-use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use tracing::info;
 
@@ -290,17 +289,12 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     // `weft up` is interactive: its in-process control plane only logs warnings.
     let default_level = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
-    init_tracing(cli.log_json, default_level);
-    let mut builder = match cli.command {
-        Command::Proxy { concurrency: Some(1), .. } => tokio::runtime::Builder::new_current_thread(),
-        Command::Proxy { concurrency: Some(n), .. } => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.max(1));
-            b
-        }
-        _ => tokio::runtime::Builder::new_multi_thread(),
+    weft_proxy::run::init_tracing(cli.log_json, default_level);
+    let concurrency = match cli.command {
+        Command::Proxy { concurrency, .. } => concurrency,
+        _ => None,
     };
-    let rt = match builder.enable_all().build() {
+    let rt = match weft_proxy::run::runtime(concurrency) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("weft: cannot start the runtime: {e}");
@@ -309,7 +303,11 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Proxy { bootstrap, bootstrap_yaml, .. } => run_proxy(bootstrap, bootstrap_yaml).await,
+            Command::Proxy { bootstrap, bootstrap_yaml, concurrency } => {
+                let args =
+                    weft_proxy::run::ProxyArgs { bootstrap, bootstrap_yaml, concurrency, log_json: cli.log_json };
+                weft_proxy::run::run(args).await
+            }
             Command::Up(args) => up::run(args).await,
             Command::Demo { service: None, port, .. } => demo::run(port.unwrap_or(15001)).await,
             Command::Demo { service: Some(service), service_port, port, bookinfo } => {
@@ -411,21 +409,6 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-fn init_tracing(json: bool, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    use std::io::IsTerminal;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    if json {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
-}
-
 async fn run_control(
     dir: Option<PathBuf>,
     xds: std::net::SocketAddr,
@@ -484,41 +467,7 @@ async fn run_control(
     Ok(())
 }
 
-async fn run_proxy(path: Option<PathBuf>, text: Option<String>) -> anyhow::Result<()> {
-    use weft_proxy::bootstrap::Bootstrap;
-    let b = match (path, text) {
-        (Some(path), _) => Bootstrap::load(&path)?,
-        (None, Some(text)) => Bootstrap::parse(&text, std::path::Path::new("$WEFT_BOOTSTRAP_YAML"))?,
-        (None, None) => anyhow::bail!("give a bootstrap: --bootstrap FILE or --bootstrap-yaml TEXT"),
-    };
-    let proxy = weft_proxy::proxy::ProxyHandle::start(b).await.context("starting the proxy")?;
-    tokio::select! {
-        _ = shutdown_signal() => info!("signal received: draining"),
-        _ = proxy.quit_requested() => info!("/quitquitquit: draining"),
-    }
-    proxy.shutdown().await;
-    Ok(())
-}
-
 /// SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
+    weft_proxy::run::shutdown_signal().await
 }

@@ -213,6 +213,11 @@ impl AccessLog {
         self
     }
 
+    /// True when lines go somewhere (not `off`): callers skip building records otherwise.
+    pub fn is_enabled(&self) -> bool {
+        self.tx.is_some()
+    }
+
     /// Queues one record; never waits. Drops (and counts) the line if the writer is
     /// behind or gone.
     pub fn log(&self, record: &AccessRecord) {

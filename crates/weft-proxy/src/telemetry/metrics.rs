@@ -19,7 +19,7 @@ use prometheus_client::registry::Registry;
 
 use super::exposition::{label, label_parts, openmetrics_to_text};
 use super::health::ProxyHealth;
-use super::{WorkloadInfo, UNKNOWN};
+use super::{FastState, WorkloadInfo, UNKNOWN};
 
 /// Content type of [`Metrics::encode`]'s output.
 pub const TEXT_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -168,9 +168,11 @@ struct TcpSeries {
 }
 
 /// Label set -> series handles, capped at `max` entries (plus folded overflow sets).
+/// Hashed with foldhash (seeded per process, so peers cannot aim collisions at it):
+/// a label set is ~20 strings and SipHash over them showed up in profiles.
 #[derive(Debug)]
 struct SeriesCache<L, S> {
-    map: RwLock<HashMap<L, Arc<S>>>,
+    map: RwLock<HashMap<L, Arc<S>, FastState>>,
     max: usize,
 }
 
@@ -387,7 +389,7 @@ impl Metrics {
 
 impl<L: Clone + Eq + Hash, S> SeriesCache<L, S> {
     fn new(max: usize) -> Self {
-        Self { map: RwLock::new(HashMap::new()), max }
+        Self { map: RwLock::new(HashMap::with_hasher(FastState::default())), max }
     }
 
     /// The series of `labels`, created with `make` on first sight. Once the cache holds

@@ -15,6 +15,12 @@ pub mod rbac;
 use serde::{Deserialize, Serialize};
 
 pub use health::ProxyHealth;
+
+/// The hasher of the telemetry caches looked up on every request (metric series, peer
+/// metadata, service labels): foldhash, seeded per process so values chosen by a peer
+/// cannot aim collisions at it, and several times cheaper than std's SipHash on the
+/// long keys these maps have.
+pub type FastState = foldhash::fast::RandomState;
 pub use metrics::{Metrics, Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels};
 
 /// Value Istio writes for a label it does not know.

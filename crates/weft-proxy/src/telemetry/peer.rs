@@ -34,7 +34,7 @@ pub const DEFAULT_CACHE_ENTRIES: usize = 1024;
 /// once full, new values are decoded on every call but not stored.
 #[derive(Debug)]
 pub struct DecodeCache {
-    entries: RwLock<HashMap<Bytes, Arc<WorkloadInfo>>>,
+    entries: RwLock<HashMap<Bytes, Arc<WorkloadInfo>, super::FastState>>,
     max: usize,
 }
 
@@ -47,7 +47,7 @@ impl Default for DecodeCache {
 impl DecodeCache {
     /// A cache holding at most `max` distinct header values.
     pub fn new(max: usize) -> Self {
-        Self { entries: RwLock::new(HashMap::new()), max }
+        Self { entries: RwLock::new(HashMap::with_hasher(super::FastState::default())), max }
     }
 
     /// Like [`decode`], returning a shared value for header values seen before.

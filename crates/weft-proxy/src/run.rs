@@ -1,0 +1,247 @@
+//! The proxy process: what `weft proxy` and the proxy-only `weft-proxy` binary both run
+//! (bootstrap from a file or `WEFT_BOOTSTRAP_YAML`, worker threads, SIGTERM/Ctrl-C and
+//! `/quitquitquit` drain). `weft-proxy` parses its few flags by hand ([`ProxyArgs::parse`])
+//! so it links neither clap nor the control plane: its text stays small, which is most of
+//! a sidecar's resident memory.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use tracing::info;
+
+use crate::bootstrap::Bootstrap;
+
+/// What the proxy process needs from its command line and environment.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProxyArgs {
+    /// Bootstrap file (YAML or JSON).
+    pub bootstrap: Option<PathBuf>,
+    /// The bootstrap's text instead of a file.
+    pub bootstrap_yaml: Option<String>,
+    /// Worker threads; 1 = tokio's single-threaded scheduler; `None` = one per CPU.
+    pub concurrency: Option<usize>,
+    /// Log as JSON lines.
+    pub log_json: bool,
+}
+
+/// What `weft-proxy --help` prints.
+pub const USAGE: &str = "\
+weft-proxy: the weft sidecar proxy, configured over xDS from its bootstrap's control plane
+(the same as `weft proxy`).
+
+Usage: weft-proxy [--bootstrap FILE | --bootstrap-yaml TEXT] [--concurrency N] [--log-json]
+
+Options:
+  -b, --bootstrap FILE       bootstrap file (YAML or JSON) [env: WEFT_BOOTSTRAP]
+      --bootstrap-yaml TEXT  the bootstrap's text instead of a file [env: WEFT_BOOTSTRAP_YAML]
+      --concurrency N        worker threads; 1 runs the proxy on one thread [env: WEFT_CONCURRENCY]
+      --log-json             log as JSON lines [env: WEFT_LOG_JSON]
+  -h, --help                 print this help
+  -V, --version              print the version
+
+Logging: WEFT_LOG (tracing filter, default info).
+";
+
+/// The outcome of parsing `weft-proxy`'s command line.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// Run the proxy.
+    Run(ProxyArgs),
+    /// Print this text and exit successfully (`--help`, `--version`).
+    Print(String),
+}
+
+impl ProxyArgs {
+    /// Parses `weft-proxy`'s arguments (without the program name), with the same flags,
+    /// environment variables and conflicts as `weft proxy`. Flags win over the
+    /// environment. `env` looks a variable up (`std::env::var(..).ok()` in the binary).
+    pub fn parse(
+        args: impl IntoIterator<Item = String>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Parsed, String> {
+        let mut out = ProxyArgs::default();
+        let mut concurrency: Option<String> = None;
+        let mut log_json = false;
+        let mut args = args.into_iter();
+        while let Some(arg) = args.next() {
+            let (flag, inline) = match arg.split_once('=') {
+                Some((f, v)) if f.starts_with("--") => (f.to_string(), Some(v.to_string())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = |name: &str| -> Result<String, String> {
+                match inline.clone().or_else(|| args.next()) {
+                    Some(v) => Ok(v),
+                    None => Err(format!("{name} needs a value")),
+                }
+            };
+            match flag.as_str() {
+                "-h" | "--help" => return Ok(Parsed::Print(USAGE.to_string())),
+                "-V" | "--version" => {
+                    return Ok(Parsed::Print(format!("weft-proxy {}\n", env!("CARGO_PKG_VERSION"))));
+                }
+                "-b" | "--bootstrap" => out.bootstrap = Some(PathBuf::from(value("--bootstrap")?)),
+                "--bootstrap-yaml" => out.bootstrap_yaml = Some(value("--bootstrap-yaml")?),
+                "--concurrency" => concurrency = Some(value("--concurrency")?),
+                "--log-json" if inline.is_none() => log_json = true,
+                other => return Err(format!("unexpected argument '{other}' (see --help)")),
+            }
+        }
+        if out.bootstrap.is_some() && out.bootstrap_yaml.is_some() {
+            return Err("--bootstrap and --bootstrap-yaml cannot be used together".into());
+        }
+        if out.bootstrap.is_none() && out.bootstrap_yaml.is_none() {
+            out.bootstrap = env("WEFT_BOOTSTRAP").filter(|v| !v.is_empty()).map(PathBuf::from);
+            if out.bootstrap.is_none() {
+                out.bootstrap_yaml = env("WEFT_BOOTSTRAP_YAML").filter(|v| !v.is_empty());
+            }
+        }
+        if out.bootstrap.is_none() && out.bootstrap_yaml.is_none() {
+            return Err("give a bootstrap: --bootstrap FILE, --bootstrap-yaml TEXT, WEFT_BOOTSTRAP or \
+                        WEFT_BOOTSTRAP_YAML (see --help)"
+                .into());
+        }
+        if let Some(n) = concurrency.or_else(|| env("WEFT_CONCURRENCY").filter(|v| !v.is_empty())) {
+            match n.parse::<usize>() {
+                Ok(n) => out.concurrency = Some(n),
+                Err(_) => return Err(format!("--concurrency: '{n}' is not a number of threads")),
+            }
+        }
+        out.log_json = log_json || env("WEFT_LOG_JSON").is_some_and(|v| matches!(v.as_str(), "true" | "1"));
+        Ok(Parsed::Run(out))
+    }
+}
+
+/// The tokio runtime for `concurrency` worker threads: 1 = the single-threaded
+/// scheduler (no work-stealing machinery to pay for), `None` = one worker per CPU.
+pub fn runtime(concurrency: Option<usize>) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = match concurrency {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.max(1));
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder.enable_all().build()
+}
+
+/// Logs to stderr with the `WEFT_LOG` filter (default `default_level`), as JSON lines
+/// when `json`.
+pub fn init_tracing(json: bool, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    use std::io::IsTerminal;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// The whole `weft-proxy` process: logging, runtime, [`run`]; the exit code to return.
+pub fn run_main(args: ProxyArgs) -> ExitCode {
+    init_tracing(args.log_json, "info");
+    let rt = match runtime(args.concurrency) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft-proxy: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft-proxy: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads the bootstrap, starts the proxy and serves until SIGTERM/Ctrl-C or
+/// `/quitquitquit`, then drains. Runs inside the caller's runtime.
+pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let b = match (args.bootstrap, args.bootstrap_yaml) {
+        (Some(path), _) => Bootstrap::load(&path)?,
+        (None, Some(text)) => Bootstrap::parse(&text, Path::new("$WEFT_BOOTSTRAP_YAML"))?,
+        (None, None) => anyhow::bail!("give a bootstrap: --bootstrap FILE or --bootstrap-yaml TEXT"),
+    };
+    let proxy = crate::proxy::ProxyHandle::start(b).await.context("starting the proxy")?;
+    tokio::select! {
+        _ = shutdown_signal() => info!("signal received: draining"),
+        _ = proxy.quit_requested() => info!("/quitquitquit: draining"),
+    }
+    proxy.shutdown().await;
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Parsed, String> {
+        let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        ProxyArgs::parse(args.iter().map(|s| s.to_string()), |k| {
+            env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone())
+        })
+    }
+
+    fn run_args(args: &[&str], env: &[(&str, &str)]) -> ProxyArgs {
+        match parse(args, env) {
+            Ok(Parsed::Run(a)) => a,
+            other => panic!("expected Run, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn flags_and_environment_like_weft_proxy() {
+        let a = run_args(&["-b", "boot.yaml", "--concurrency", "1"], &[]);
+        assert_eq!(a.bootstrap, Some(PathBuf::from("boot.yaml")));
+        assert_eq!(a.concurrency, Some(1));
+        let a = run_args(&["--bootstrap=b.yaml", "--log-json"], &[("WEFT_CONCURRENCY", "3")]);
+        assert_eq!((a.bootstrap, a.concurrency, a.log_json), (Some(PathBuf::from("b.yaml")), Some(3), true));
+        let a = run_args(&[], &[("WEFT_BOOTSTRAP_YAML", "node: {id: a}"), ("WEFT_LOG_JSON", "true")]);
+        assert_eq!((a.bootstrap_yaml.as_deref(), a.log_json), (Some("node: {id: a}"), true));
+        let a = run_args(&["--bootstrap-yaml", "x"], &[("WEFT_BOOTSTRAP", "env.yaml")]);
+        assert_eq!((a.bootstrap, a.bootstrap_yaml.as_deref()), (None, Some("x")), "the flag wins over the env");
+    }
+
+    #[test]
+    fn bad_command_lines_are_refused_with_the_reason() {
+        assert!(parse(&[], &[]).unwrap_err().contains("give a bootstrap"));
+        assert!(parse(&["-b", "a", "--bootstrap-yaml", "b"], &[]).unwrap_err().contains("cannot be used together"));
+        assert!(parse(&["-b"], &[]).unwrap_err().contains("needs a value"));
+        assert!(parse(&["-b", "a", "--concurrency", "many"], &[]).unwrap_err().contains("not a number"));
+        assert!(parse(&["-b", "a", "--frobnicate"], &[]).unwrap_err().contains("'--frobnicate'"));
+        assert!(matches!(parse(&["--help"], &[]), Ok(Parsed::Print(t)) if t.contains("WEFT_BOOTSTRAP_YAML")));
+        assert!(matches!(parse(&["-V"], &[]), Ok(Parsed::Print(t)) if t.starts_with("weft-proxy ")));
+    }
+}

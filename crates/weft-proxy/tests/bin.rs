@@ -1,0 +1,145 @@
+//! The proxy-only `weft-proxy` binary as an operator runs it: the same bootstrap errors
+//! as `weft proxy`, its own flag errors, and a process that takes its bootstrap from
+//! `WEFT_BOOTSTRAP_YAML`, serves what its control plane sends on one worker thread and
+//! drains on `POST /quitquitquit` (SIGTERM is `weft proxy`'s test, same code).
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+use envoy_types::pb::envoy::config::route::v3::{
+    route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
+};
+use envoy_types::util::pack_any;
+use http_body_util::Full;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use weft_testkit::echo::EchoServer;
+use weft_testkit::http::{get_h1, send_h1};
+use weft_xds::build::{self, Routes};
+use weft_xds::{type_url, AdsServer, StaticSource};
+
+const WEFT_PROXY: &str = env!("CARGO_BIN_EXE_weft-proxy");
+
+#[tokio::test]
+async fn bad_bootstraps_and_flags_are_rejected_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bootstrap.yaml");
+    std::fs::write(&path, "node:\n  id: a\nxds:\n  address: http://127.0.0.1:1\n  mode: turbo\n").unwrap();
+    let out = tokio::process::Command::new(WEFT_PROXY).arg("--bootstrap").arg(&path).output().await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:5: field `xds.mode`", path.display())), "{err}");
+
+    let out = tokio::process::Command::new(WEFT_PROXY)
+        .env_remove("WEFT_BOOTSTRAP")
+        .env_remove("WEFT_BOOTSTRAP_YAML")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("give a bootstrap"));
+
+    let out = tokio::process::Command::new(WEFT_PROXY).args(["-b", "x.yaml", "--nope"]).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--nope'"));
+
+    let out = tokio::process::Command::new(WEFT_PROXY).arg("--help").output().await.unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--concurrency"));
+}
+
+#[tokio::test]
+async fn serves_xds_config_from_env_bootstrap_and_drains_on_quitquitquit() {
+    let echo = EchoServer::start("app").await;
+    let source = Arc::new(StaticSource::new());
+    source.set(type_url::CLUSTER, vec![pack_any(build::eds_cluster("app", false))]).unwrap();
+    source
+        .set(type_url::ENDPOINT, vec![pack_any(build::cla("app", &[(echo.addr, 1, HealthStatus::Healthy)]))])
+        .unwrap();
+    let rc = RouteConfiguration {
+        name: "r".into(),
+        virtual_hosts: vec![VirtualHost {
+            name: "all".into(),
+            domains: vec!["*".into()],
+            routes: vec![Route {
+                r#match: Some(RouteMatch {
+                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
+                    ..Default::default()
+                }),
+                action: Some(route::Action::Route(RouteAction {
+                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("app".into())),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let hcm = build::http_connection_manager("out", Routes::Inline(Box::new(rc)), None, &[]);
+    source
+        .set(type_url::LISTENER, vec![pack_any(build::http_listener("out", "127.0.0.1:0".parse().unwrap(), hcm))])
+        .unwrap();
+    let sock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let xds = sock.local_addr().unwrap();
+    tokio::spawn(AdsServer::new(source).serve(sock, std::future::pending()));
+
+    let bootstrap = format!(
+        "node:\n  id: bin-test\n  name: bin\n  namespace: default\nxds:\n  address: http://{xds}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 3s\n"
+    );
+    let mut child = tokio::process::Command::new(WEFT_PROXY)
+        .env_remove("WEFT_BOOTSTRAP")
+        .env("WEFT_BOOTSTRAP_YAML", bootstrap)
+        .env("WEFT_LOG_JSON", "true")
+        .args(["--concurrency", "1"])
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The proxy logs the address each listener bound (port 0 here).
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let (admin, out): (SocketAddr, SocketAddr) = tokio::time::timeout(Duration::from_secs(20), async {
+        let (mut admin, mut out) = (None, None);
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if let Some(a) = v["fields"]["admin_addr"].as_str() {
+                admin = Some(a.parse().unwrap());
+            }
+            if v["fields"]["listener"] == "out" {
+                out = v["fields"]["address"].as_str().map(|a| a.parse().unwrap());
+            }
+            if let (Some(a), Some(o)) = (admin, out) {
+                return (a, o);
+            }
+        }
+        panic!("proxy exited before binding its listener");
+    })
+    .await
+    .expect("listener not bound in time");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    let mut ready = false;
+    for _ in 0..100 {
+        if get_h1(admin, "admin", "/ready").await.map(|r| r.status == 200).unwrap_or(false) {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ready, "proxy never reported ready");
+    assert_eq!(get_h1(out, "svc", "/first").await.unwrap().header("x-echo-server"), Some("app"));
+    let slow = tokio::spawn(async move { get_h1(out, "svc", "/delay/700").await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let quit = http::Request::post("/quitquitquit").header("host", "admin").body(Full::new(Bytes::new())).unwrap();
+    assert_eq!(send_h1(admin, quit).await.unwrap().status, 200);
+    let r = slow.await.unwrap().expect("in-flight request was cut by the drain");
+    assert_eq!(r.status, 200);
+    let status =
+        tokio::time::timeout(Duration::from_secs(10), child.wait()).await.expect("proxy did not exit").unwrap();
+    assert!(status.success(), "exit status {status}");
+}
