@@ -10,6 +10,7 @@ pub mod envoy;
 pub mod http;
 pub mod jwt;
 pub mod tools;
+pub mod xds;
 
 use std::path::PathBuf;
 

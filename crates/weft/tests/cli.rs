@@ -5,19 +5,11 @@
 
 use std::net::SocketAddr;
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::HealthStatus;
-use envoy_types::pb::envoy::config::route::v3::{
-    route, route_action, route_match, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost,
-};
-use envoy_types::util::pack_any;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use weft_testkit::echo::EchoServer;
 use weft_testkit::http::get_h1;
-use weft_xds::build::{self, Routes};
-use weft_xds::{type_url, AdsServer, StaticSource};
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -44,38 +36,7 @@ async fn a_bad_bootstrap_is_rejected_with_file_line_and_field() {
 #[tokio::test]
 async fn proxy_process_serves_xds_config_and_drains_on_sigterm() {
     let echo = EchoServer::start("app").await;
-    let source = Arc::new(StaticSource::new());
-    source.set(type_url::CLUSTER, vec![pack_any(build::eds_cluster("app", false))]).unwrap();
-    source
-        .set(type_url::ENDPOINT, vec![pack_any(build::cla("app", &[(echo.addr, 1, HealthStatus::Healthy)]))])
-        .unwrap();
-    let rc = RouteConfiguration {
-        name: "r".into(),
-        virtual_hosts: vec![VirtualHost {
-            name: "all".into(),
-            domains: vec!["*".into()],
-            routes: vec![Route {
-                r#match: Some(RouteMatch {
-                    path_specifier: Some(route_match::PathSpecifier::Prefix("/".into())),
-                    ..Default::default()
-                }),
-                action: Some(route::Action::Route(RouteAction {
-                    cluster_specifier: Some(route_action::ClusterSpecifier::Cluster("app".into())),
-                    ..Default::default()
-                })),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    let hcm = build::http_connection_manager("out", Routes::Inline(Box::new(rc)), None, &[]);
-    source
-        .set(type_url::LISTENER, vec![pack_any(build::http_listener("out", "127.0.0.1:0".parse().unwrap(), hcm))])
-        .unwrap();
-    let sock = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let xds = sock.local_addr().unwrap();
-    tokio::spawn(AdsServer::new(source).serve(sock, std::future::pending()));
+    let xds = weft_testkit::xds::single_route(echo.addr).await.unwrap();
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bootstrap.yaml");
