@@ -47,3 +47,44 @@ pub async fn single_route(backend: SocketAddr) -> std::io::Result<SocketAddr> {
     tokio::spawn(AdsServer::new(source).serve(sock, std::future::pending()));
     Ok(xds)
 }
+
+/// Reads a `--log-json` proxy's stderr until it has logged its admin address and the
+/// address its listener `listener` bound (port 0 in tests), then keeps draining the
+/// stream so the proxy never blocks on it. Panics after 20 s or when the stream ends.
+pub async fn bound_addresses(stderr: tokio::process::ChildStderr, listener: &str) -> (SocketAddr, SocketAddr) {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+    let mut lines = BufReader::new(stderr).lines();
+    let found = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        let (mut admin, mut out) = (None, None);
+        while let Ok(Some(line)) = lines.next_line().await {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+            if let Some(a) = v["fields"]["admin_addr"].as_str() {
+                admin = a.parse().ok();
+            }
+            if v["fields"]["listener"] == listener {
+                out = v["fields"]["address"].as_str().and_then(|a| a.parse().ok());
+            }
+            if let (Some(a), Some(o)) = (admin, out) {
+                return Some((a, o));
+            }
+        }
+        None
+    })
+    .await;
+    let Ok(Some(addrs)) = found else {
+        panic!("the proxy did not log its admin and `{listener}` addresses within 20 s")
+    };
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    addrs
+}
+
+/// Whether the proxy's admin `/ready` answers 200 within 5 s.
+pub async fn wait_ready(admin: SocketAddr) -> bool {
+    for _ in 0..100 {
+        if crate::http::get_h1(admin, "admin", "/ready").await.map(|r| r.status == 200).unwrap_or(false) {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    false
+}

@@ -3,11 +3,9 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::net::SocketAddr;
 use std::process::Stdio;
 use std::time::Duration;
 
-use tokio::io::{AsyncBufReadExt, BufReader};
 use weft_testkit::echo::EchoServer;
 use weft_testkit::http::get_h1;
 
@@ -53,37 +51,9 @@ async fn proxy_process_serves_xds_config_and_drains_on_sigterm() {
         .spawn()
         .unwrap();
     // The proxy logs the address each listener bound (port 0 here).
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let (admin, out): (SocketAddr, SocketAddr) = tokio::time::timeout(Duration::from_secs(20), async {
-        let (mut admin, mut out) = (None, None);
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
-            if let Some(a) = v["fields"]["admin_addr"].as_str() {
-                admin = Some(a.parse().unwrap());
-            }
-            if v["fields"]["listener"] == "out" {
-                out = v["fields"]["address"].as_str().map(|a| a.parse().unwrap());
-            }
-            if let (Some(a), Some(o)) = (admin, out) {
-                return (a, o);
-            }
-        }
-        panic!("proxy exited before binding its listener");
-    })
-    .await
-    .expect("listener not bound in time");
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-
+    let (admin, out) = weft_testkit::xds::bound_addresses(child.stderr.take().unwrap(), "out").await;
     // Ready once the routes and endpoints its listeners and clusters name have arrived.
-    let mut ready = false;
-    for _ in 0..100 {
-        if get_h1(admin, "admin", "/ready").await.map(|r| r.status == 200).unwrap_or(false) {
-            ready = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(ready, "proxy never reported ready");
+    assert!(weft_testkit::xds::wait_ready(admin).await, "proxy never reported ready");
     assert_eq!(get_h1(out, "svc", "/first").await.unwrap().header("x-echo-server"), Some("app"));
     let slow = tokio::spawn(async move { get_h1(out, "svc", "/delay/700").await });
     tokio::time::sleep(Duration::from_millis(150)).await;
