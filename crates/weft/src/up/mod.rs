@@ -476,9 +476,9 @@ impl Up {
 
     async fn teardown(&mut self) {
         let apps = self.running.iter_mut().filter_map(|r| r.app.as_mut()).map(|p| p.stop(STOP_GRACE));
-        futures_join(apps).await;
+        futures::future::join_all(apps).await;
         let proxies = self.running.iter_mut().map(|r| r.proxy.stop(STOP_GRACE));
-        futures_join(proxies).await;
+        futures::future::join_all(proxies).await;
         if let Some(g) = self.gateway.as_mut() {
             g.stop(STOP_GRACE).await;
         }
@@ -498,13 +498,6 @@ impl Up {
                 warn_user!("weft up: removing {}: {e}", path.display());
             }
         }
-    }
-}
-
-async fn futures_join<F: std::future::Future<Output = ()>>(fs: impl Iterator<Item = F>) {
-    let handles: Vec<_> = fs.collect();
-    for f in handles {
-        f.await;
     }
 }
 
