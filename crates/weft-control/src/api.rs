@@ -59,6 +59,7 @@ pub async fn serve(api: Arc<Api>, sock: TcpListener, shutdown: impl Future<Outpu
             _ = &mut shutdown => return,
             r = sock.accept() => {
                 let Ok((stream, _)) = r else { continue };
+                let _ = stream.set_nodelay(true);
                 tokio::spawn(serve_connection(api.clone(), stream, Endpoints::All));
             }
         }

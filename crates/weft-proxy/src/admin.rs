@@ -126,6 +126,7 @@ where
                 }
             },
         };
+        let _ = stream.set_nodelay(true);
         let handler = handler.clone();
         let service = service_fn(move |req: Request<Incoming>| {
             let resp = handler(&req);

@@ -22,7 +22,8 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::NodeInfo;
@@ -157,7 +158,9 @@ impl AdsServer {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_routes(routes.add_service(self.service()))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), signal)
+            // Small xDS and certificate answers must not wait for delayed ACKs (Nagle):
+            // tonic sets TCP_NODELAY only on sockets it binds itself.
+            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal)
             .await?;
         Ok(())
     }
