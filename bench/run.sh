@@ -6,13 +6,14 @@
 # startup and control-plane scale, writes bench/results/<date>.json (+ latest.json) and
 # renders docs/benchmarks.md.
 #
-#   bench/run.sh                      # everything, ~15 minutes after the build
+#   bench/run.sh                      # everything: ~5 min release build, ~11 min of measurements
 #   bench/run.sh --runs 1 --h1-secs 5 --grpc-secs 3 --cp-clients   # a quick look
 #
 # Arguments go to `weft-bench run` (see `weft-bench run --help`). Exits non-zero with a
 # clear message when a scenario did not really run through its proxies.
 set -euo pipefail
 
+T0=$SECONDS
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 say() { printf 'bench: %s\n' "$*" >&2; }
@@ -29,9 +30,13 @@ command -v taskset >/dev/null 2>&1 || say "taskset not found: processes will not
 
 export CARGO_INCREMENTAL=0 CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 say "building (release)"
-# One invocation, so the proxy-only binary and `weft` share their dependencies' builds.
-cargo build --release -q -p weft -p weft-proxy --bin weft --bin weft-proxy --example xds_scale
-cargo build --release -q -p weft-bench
+# One invocation, so all four share their dependencies' builds and keep both cores busy.
+cargo build --release -q -p weft -p weft-proxy -p weft-bench \
+  --bin weft --bin weft-proxy --bin weft-bench --example xds_scale
+
+# The report states the whole time: set-up and build (here) plus the measurements.
+export WEFT_BENCH_PREPARE_SECS=$((SECONDS - T0))
+say "set-up and build took ${WEFT_BENCH_PREPARE_SECS} s"
 
 # 10,000 simulated proxies need as many sockets.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"

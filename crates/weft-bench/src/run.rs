@@ -78,6 +78,10 @@ pub struct Results {
     pub mesh_size: Vec<serde_json::Value>,
     pub control_plane: Vec<serde_json::Value>,
     pub duration_s: f64,
+    /// Seconds `bench/run.sh` spent on set-up and the release build before the harness
+    /// started (`WEFT_BENCH_PREPARE_SECS`); `None` when the harness ran on its own.
+    #[serde(default)]
+    pub prepare_s: Option<f64>,
 }
 
 /// One scenario in one round.
@@ -352,6 +356,7 @@ pub async fn run(args: &RunArgs) -> anyhow::Result<(Results, PathBuf)> {
         mesh_size,
         control_plane,
         duration_s: t0.elapsed().as_secs_f64(),
+        prepare_s: std::env::var("WEFT_BENCH_PREPARE_SECS").ok().and_then(|v| v.trim().parse().ok()),
     };
     std::fs::create_dir_all(&args.out)?;
     let file = args.out.join(format!("{}.json", date.replace(':', "-")));
