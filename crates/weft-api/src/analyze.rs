@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::host;
-use crate::spec::{ClientTlsMode, Destination, LabelSelector, MtlsMode};
+use crate::spec::{ClientTlsMode, ConnectionPoolSettings, Destination, LabelSelector, MtlsMode, TrafficPolicy};
 use crate::{Kind, Resource, ResourceKey, Source, Spec};
 
 /// The DNS domain of the mesh.
@@ -121,6 +121,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     a.selectors();
     a.singletons();
     a.mtls_conflicts();
+    a.unapplied_fields();
     a.out.sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
     a.out
 }
@@ -417,6 +418,38 @@ impl<'a> Analyzer<'a> {
                         "The {plural} {names:?} in namespace {ns:?} have no workload selector, which can lead to undefined behavior."
                     );
                     self.report(r, code, Level::Error, t);
+                }
+            }
+        }
+    }
+
+    /// WFT0001: a field weft accepts (it is valid Istio) but does not apply yet, so the
+    /// traffic would not behave as the resource says.
+    fn unapplied_fields(&mut self) {
+        for r in self.of_kind(Kind::DestinationRule) {
+            let Spec::DestinationRule(dr) = &r.spec else { continue };
+            let mut pools: Vec<(String, &ConnectionPoolSettings)> = Vec::new();
+            let mut policy = |at: String, tp: &'a TrafficPolicy| {
+                pools.extend(tp.connection_pool.as_ref().map(|p| (format!("{at}.connectionPool"), p)));
+                for (i, pl) in tp.port_level_settings.iter().enumerate() {
+                    let at = format!("{at}.portLevelSettings[{i}].connectionPool");
+                    pools.extend(pl.connection_pool.as_ref().map(|p| (at, p)));
+                }
+            };
+            if let Some(tp) = &dr.traffic_policy {
+                policy("spec.trafficPolicy".into(), tp);
+            }
+            for (i, subset) in dr.subsets.iter().enumerate() {
+                if let Some(tp) = &subset.traffic_policy {
+                    policy(format!("spec.subsets[{i}].trafficPolicy"), tp);
+                }
+            }
+            for (at, pool) in pools {
+                if pool.http.as_ref().and_then(|h| h.use_client_protocol) == Some(true) {
+                    let t = format!(
+                        "{at}.http.useClientProtocol is not applied by weft yet: upstream requests keep the port's protocol (use h2UpgradePolicy: UPGRADE for HTTP/2)"
+                    );
+                    self.report(r, "WFT0001", Level::Warning, t);
                 }
             }
         }

@@ -423,3 +423,37 @@ fn ist0109_ignores_two_versions_of_the_same_virtual_service() {
     rs.extend(resources(&vs_to("{host: reviews}")));
     assert!(only(&analyze(&rs), "IST0109").is_empty());
 }
+
+#[test]
+fn use_client_protocol_is_reported_as_not_applied_where_it_is_set() {
+    let r = resources(&format!(
+        "{REVIEWS_SVC}apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      http: {{h2UpgradePolicy: UPGRADE}}
+    portLevelSettings:
+    - port: {{number: 9080}}
+      connectionPool:
+        http: {{useClientProtocol: true}}
+  subsets:
+  - name: v1
+    labels: {{version: v1}}
+    trafficPolicy:
+      connectionPool:
+        http: {{useClientProtocol: false}}
+"
+    ));
+    let found = only(&analyze(&r), "WFT0001");
+    assert_eq!(found.len(), 1, "{:#?}", codes(&found));
+    assert_eq!(found[0].level, Level::Warning);
+    assert!(
+        found[0].text.starts_with("spec.trafficPolicy.portLevelSettings[0].connectionPool.http.useClientProtocol"),
+        "{}",
+        found[0].text
+    );
+}

@@ -90,6 +90,27 @@ spec:
 }
 
 #[test]
+fn h2_upgrade_policy_must_be_a_known_policy() {
+    let e = one_error(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      http:
+        h2UpgradePolicy: UPGRAD
+",
+    );
+    assert_eq!(e.line, 10);
+    assert_eq!(e.field, "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy");
+    assert_eq!(e.message, "unknown value `UPGRAD`");
+    assert!(hint(&e).starts_with("did you mean `UPGRADE`?"), "{e}");
+}
+
+#[test]
 fn peer_authentication_mode_must_be_a_known_mode() {
     let e = one_error(
         "apiVersion: security.istio.io/v1

@@ -138,8 +138,13 @@ async fn weft_proxy(xds: SocketAddr) -> ProxyHandle {
 }
 
 async fn weft_proxy_as(node_yaml: &str, xds: SocketAddr) -> ProxyHandle {
+    weft_proxy_logging(node_yaml, xds, "off").await
+}
+
+/// A weft proxy whose access log goes to `access_log` (`off`, `stdout` or a file).
+async fn weft_proxy_logging(node_yaml: &str, xds: SocketAddr, access_log: &str) -> ProxyHandle {
     let text = format!(
-        "{node_yaml}xds:\n  address: http://{xds}\n  mode: sotw\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\n"
+        "{node_yaml}xds:\n  address: http://{xds}\n  mode: sotw\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"{access_log}\"\ndrain_timeout: 1s\n"
     );
     let b = Bootstrap::parse(&text, Path::new("productpage.yaml")).unwrap();
     let p = ProxyHandle::start(b).await.unwrap();
@@ -327,12 +332,26 @@ async fn check_istio_semantics(out: SocketAddr, who: &str, v1: &EchoServer, v2: 
 
 /// Sidecar to sidecar: the client proxy's endpoint for `reviews` is the reviews proxy's
 /// `inbound|PORT` listener (its WEFT_INBOUND address), which forwards to the local app.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn explicit_mode_traffic_flows_client_proxy_to_server_proxy_inbound_to_app() {
+/// A client proxy and a server proxy (explicit mode) for the Service `reviews` (port
+/// 9080) backed by one app, with `extra` resources (YAML documents) in the mesh and the
+/// server proxy's access log at `server_log`.
+struct ExplicitPair {
+    app: EchoServer,
+    client: ProxyHandle,
+    server: ProxyHandle,
+    /// The client proxy's outbound listener.
+    out: SocketAddr,
+    /// The server proxy's inbound listener.
+    inbound: SocketAddr,
+    /// The two proxies' control planes, serving as long as the pair lives.
+    _control: [ControlPlane; 2],
+}
+
+async fn explicit_pair(extra: &str, server_log: &str) -> ExplicitPair {
     let app = EchoServer::start("reviews-app").await;
     let port = app.addr.port();
     let yaml = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {port}}}]\n"
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {port}}}]\n{extra}"
     );
     let parsed = weft_api::parse_str(&yaml, Path::new("svc.yaml"));
     assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
@@ -361,7 +380,7 @@ async fn explicit_mode_traffic_flows_client_proxy_to_server_proxy_inbound_to_app
     let node_yaml = format!(
         "node:\n  id: reviews-v1\n  cluster: reviews.default\n  name: reviews-v1\n  namespace: default\n  labels:\n    app: reviews\n    version: v1\n  ports: [{{name: http, port: {port}, protocol: TCP}}]\n"
     );
-    let server_proxy = weft_proxy_as(&node_yaml, server_cp.xds).await;
+    let server_proxy = weft_proxy_logging(&node_yaml, server_cp.xds, server_log).await;
     let inbound = server_proxy.listener_addr(&format!("inbound|{port}"), WAIT).await.expect("inbound listener bound");
 
     // The registry learns where the inbound listener is; the client's xDS follows.
@@ -383,16 +402,51 @@ async fn explicit_mode_traffic_flows_client_proxy_to_server_proxy_inbound_to_app
     }
     let client = weft_proxy(client_cp.xds).await;
     let out = client.listener_addr("weft-outbound", WAIT).await.unwrap();
+    ExplicitPair { app, client, server: server_proxy, out, inbound, _control: [server_cp, client_cp] }
+}
 
-    let before = app.requests();
-    let r = get_via_proxy(out, "http://reviews.default.svc.cluster.local:9080/hello").await.unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explicit_mode_traffic_flows_client_proxy_to_server_proxy_inbound_to_app() {
+    let p = explicit_pair("", "off").await;
+    let before = p.app.requests();
+    let r = get_via_proxy(p.out, "http://reviews.default.svc.cluster.local:9080/hello").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(server_of(&r), "reviews-app");
     assert_eq!(r.json().unwrap()["path"], "/hello");
-    assert_eq!(app.requests(), before + 1);
-    assert_ne!(inbound, app.addr, "traffic went through the server proxy, not straight to the app");
-    client.shutdown().await;
-    server_proxy.shutdown().await;
+    assert_eq!(p.app.requests(), before + 1);
+    assert_ne!(p.inbound, p.app.addr, "traffic went through the server proxy, not straight to the app");
+    p.client.shutdown().await;
+    p.server.shutdown().await;
+}
+
+/// The protocol of the server proxy's inbound requests, from its access log.
+async fn inbound_protocols(policy: &str) -> Vec<String> {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("server-access.log");
+    let dr = format!(
+        "---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  host: reviews\n  trafficPolicy:\n    connectionPool:\n      http: {{h2UpgradePolicy: {policy}}}\n"
+    );
+    let p = explicit_pair(&dr, log.to_str().unwrap()).await;
+    for _ in 0..3 {
+        let r = get_via_proxy(p.out, "http://reviews.default.svc.cluster.local:9080/h2").await.unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(server_of(&r), "reviews-app");
+    }
+    // Shutting down flushes the access log.
+    p.client.shutdown().await;
+    p.server.shutdown().await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    text.lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["protocol"].as_str().unwrap_or("?").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn h2_upgrade_policy_makes_the_hop_between_sidecars_http2_and_the_app_still_gets_http1() {
+    // The client sends HTTP/1.1; with UPGRADE the sidecars talk HTTP/2 to each other
+    // (the server proxy's inbound sees HTTP/2), and the app answers as before.
+    assert_eq!(inbound_protocols("UPGRADE").await, ["HTTP/2"; 3]);
+    assert_eq!(inbound_protocols("DO_NOT_UPGRADE").await, ["HTTP/1.1"; 3]);
 }
 
 const RESILIENCE: &str = r#"

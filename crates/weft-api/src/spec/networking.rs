@@ -666,9 +666,9 @@ pub struct HttpSettings {
     /// Idle timeout.
     #[serde(default)]
     pub idle_timeout: Option<Duration>,
-    /// `DEFAULT`, `DO_NOT_UPGRADE` or `UPGRADE`.
+    /// Whether HTTP/1.1 requests travel upstream over HTTP/2.
     #[serde(default)]
-    pub h2_upgrade_policy: Option<String>,
+    pub h2_upgrade_policy: Option<H2UpgradePolicy>,
     /// Use the client's protocol upstream.
     #[serde(default)]
     pub use_client_protocol: Option<bool>,
@@ -708,6 +708,19 @@ pub struct OutlierDetection {
     /// Min healthy percent for ejection.
     #[serde(default)]
     pub min_health_percent: Option<i64>,
+}
+
+/// Istio's `H2UpgradePolicy`: whether an HTTP/1.1 port's connections to the destination
+/// are upgraded to HTTP/2.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum H2UpgradePolicy {
+    /// The mesh-wide default (Istio's default: do not upgrade).
+    Default,
+    /// Keep HTTP/1.1 upstream.
+    DoNotUpgrade,
+    /// Speak HTTP/2 upstream.
+    Upgrade,
 }
 
 /// Client TLS modes.

@@ -20,8 +20,8 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
 use weft_api::spec::{
-    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, LoadBalancerSettings, OutlierDetection as IstioOutlier,
-    Resolution, SimpleLb, TrafficPolicy,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, H2UpgradePolicy, LoadBalancerSettings,
+    OutlierDetection as IstioOutlier, Resolution, SimpleLb, TrafficPolicy,
 };
 use weft_xds::build;
 
@@ -39,6 +39,15 @@ pub struct Policy {
     pub outlier_detection: Option<IstioOutlier>,
     /// Client TLS.
     pub tls: Option<ClientTlsSettings>,
+}
+
+/// Istio's `h2UpgradePolicy` for an HTTP/1.1 port: `UPGRADE` makes its cluster speak
+/// HTTP/2 upstream (the destination's sidecar takes either); `DEFAULT` follows the mesh
+/// default, which is Istio's `DO_NOT_UPGRADE`. TCP ports are never upgraded.
+/// (`useClientProtocol` is not translated yet: `weft analyze` warns about it.)
+fn h2_upgrade(port: &SvcPort, policy: &Policy) -> bool {
+    let http = policy.connection_pool.as_ref().and_then(|p| p.http.as_ref());
+    port.protocol == Protocol::Http && http.and_then(|h| h.h2_upgrade_policy) == Some(H2UpgradePolicy::Upgrade)
 }
 
 /// Istio's name of an outbound cluster: `outbound|9080|v1|reviews.default.svc.cluster.local`.
@@ -112,7 +121,7 @@ fn add(
     out: &mut ProxyXds,
 ) {
     let name = outbound_name(port.number, subset, &svc.host);
-    let http2 = port.protocol == Protocol::Http2;
+    let http2 = port.protocol == Protocol::Http2 || h2_upgrade(port, policy);
     let eps = view.endpoints(svc, port, labels, mode);
     let mut sans: Vec<String> = eps.iter().filter_map(|e| e.identity.clone()).collect();
     sans.sort();
@@ -158,7 +167,7 @@ fn add(
     }
     let client_in_mesh = super::mtls::in_mesh(&view.node.labels);
     let alpn: &[&str] = match port.protocol {
-        Protocol::Http2 => &["h2"],
+        _ if http2 => &["h2"],
         p if p.is_http() => &["http/1.1"],
         _ => &[],
     };

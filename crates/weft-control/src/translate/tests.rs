@@ -292,6 +292,71 @@ spec:
 }
 
 #[test]
+fn h2_upgrade_policy_upgrades_http_ports_only_where_the_rule_says_upgrade() {
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80}, {name: http-admin, port: 8080}, {name: tcp-db, port: 5432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: default}
+spec:
+  selector: {app: plain}
+  ports: [{name: http, port: 80}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: default}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      http: {h2UpgradePolicy: UPGRADE}
+    portLevelSettings:
+    - port: {number: 8080}
+      connectionPool:
+        http: {h2UpgradePolicy: DO_NOT_UPGRADE}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy:
+      connectionPool:
+        http: {h2UpgradePolicy: DEFAULT}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: plain, namespace: default}
+spec:
+  host: plain
+  trafficPolicy:
+    connectionPool:
+      http: {http2MaxRequests: 10}
+"#;
+    let x = run(yaml, vec![], ProxyMode::Explicit);
+    let key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+    let h2 = |n: &str| {
+        let c = x.cluster(n).unwrap_or_else(|| panic!("no cluster {n}"));
+        c.typed_extension_protocol_options.contains_key(key)
+    };
+    assert!(h2("outbound|80||web.default.svc.cluster.local"), "UPGRADE on the rule");
+    assert!(h2("outbound|80|v1|web.default.svc.cluster.local"), "a subset inherits the rule's UPGRADE");
+    assert!(!h2("outbound|80|v2|web.default.svc.cluster.local"), "the subset's DEFAULT (do not upgrade) wins");
+    assert!(!h2("outbound|8080||web.default.svc.cluster.local"), "the port-level DO_NOT_UPGRADE wins");
+    assert!(!h2("outbound|5432||web.default.svc.cluster.local"), "TCP ports are never upgraded");
+    assert!(!h2("outbound|80||plain.default.svc.cluster.local"), "no policy: Istio's default is not to upgrade");
+    let opts =
+        &x.cluster("outbound|80||web.default.svc.cluster.local").expect("cluster").typed_extension_protocol_options
+            [key];
+    assert_eq!(opts.type_url, HttpProtocolOptions::type_url());
+}
+
+#[test]
 fn service_entry_resolutions_map_to_cluster_types() {
     let yaml = r#"
 apiVersion: networking.istio.io/v1
