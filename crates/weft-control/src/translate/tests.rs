@@ -283,8 +283,7 @@ spec:
   ports: [{name: grpc-api, port: 50051}, {name: web, port: 80, appProtocol: http}, {name: h2, port: 81, appProtocol: kubernetes.io/h2c}]
 "#;
     let x = run(yaml, vec![], ProxyMode::Explicit);
-    let key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
-    let h2 = |n: &str| x.cluster(n).unwrap().typed_extension_protocol_options.get(key).cloned();
+    let h2 = |n: &str| http_protocol_options(&x, n);
     let opts = h2("outbound|50051||api.default.svc.cluster.local").expect("grpc port is HTTP/2");
     assert_eq!(opts.type_url, HttpProtocolOptions::type_url());
     assert!(h2("outbound|81||api.default.svc.cluster.local").is_some());
@@ -339,21 +338,21 @@ spec:
       http: {http2MaxRequests: 10}
 "#;
     let x = run(yaml, vec![], ProxyMode::Explicit);
-    let key = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
-    let h2 = |n: &str| {
-        let c = x.cluster(n).unwrap_or_else(|| panic!("no cluster {n}"));
-        c.typed_extension_protocol_options.contains_key(key)
-    };
+    let h2 = |n: &str| http_protocol_options(&x, n).is_some();
     assert!(h2("outbound|80||web.default.svc.cluster.local"), "UPGRADE on the rule");
     assert!(h2("outbound|80|v1|web.default.svc.cluster.local"), "a subset inherits the rule's UPGRADE");
     assert!(!h2("outbound|80|v2|web.default.svc.cluster.local"), "the subset's DEFAULT (do not upgrade) wins");
     assert!(!h2("outbound|8080||web.default.svc.cluster.local"), "the port-level DO_NOT_UPGRADE wins");
     assert!(!h2("outbound|5432||web.default.svc.cluster.local"), "TCP ports are never upgraded");
     assert!(!h2("outbound|80||plain.default.svc.cluster.local"), "no policy: Istio's default is not to upgrade");
-    let opts =
-        &x.cluster("outbound|80||web.default.svc.cluster.local").expect("cluster").typed_extension_protocol_options
-            [key];
+    let opts = http_protocol_options(&x, "outbound|80||web.default.svc.cluster.local").expect("upgraded");
     assert_eq!(opts.type_url, HttpProtocolOptions::type_url());
+}
+
+/// The cluster `name`'s upstream HTTP protocol options (present = HTTP/2 upstream).
+fn http_protocol_options(x: &ProxyXds, name: &str) -> Option<envoy_types::pb::google::protobuf::Any> {
+    let c = x.cluster(name).unwrap_or_else(|| panic!("no cluster {name}"));
+    c.typed_extension_protocol_options.get("envoy.extensions.upstreams.http.v3.HttpProtocolOptions").cloned()
 }
 
 #[test]
