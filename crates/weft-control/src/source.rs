@@ -17,7 +17,7 @@ use weft_xds::vhds::VhostIndex;
 use weft_xds::{content_version, type_url, Any, ConfigSource, NodeInfo, Resolved};
 
 use crate::jwks::JwksResolver;
-use crate::registry::Registry;
+use crate::registry::{Registry, RegistrySnapshot, Workload, WorkloadSource};
 use crate::store::Store;
 use crate::translate::{translate, MeshConfig, ProxyMode};
 
@@ -49,7 +49,17 @@ pub struct MeshSource {
     jwks: Arc<JwksResolver>,
     /// Translations by proxy shape (see [`MeshSource::proxy_resources`]).
     cache: Mutex<HashMap<String, Cached>>,
+    /// The registry as the translations see it (see [`MeshSource::registry_epoch`]).
+    epoch: Mutex<RegistryEpoch>,
     changes: watch::Sender<u64>,
+}
+
+/// The last registry snapshot looked at and the epoch it belongs to.
+struct RegistryEpoch {
+    seen: Arc<RegistrySnapshot>,
+    /// The mesh (store, JWKS) versions `seen` was judged against.
+    mesh: MeshVersions,
+    epoch: u64,
 }
 
 impl MeshSource {
@@ -64,6 +74,7 @@ impl MeshSource {
             mesh: Mutex::new(None),
             jwks: JwksResolver::start(crate::jwks::DEFAULT_REFRESH, crate::jwks::DEFAULT_TIMEOUT),
             cache: Mutex::new(HashMap::new()),
+            epoch: Mutex::new(RegistryEpoch { seen: Arc::new(RegistrySnapshot::default()), mesh: (0, 0), epoch: 0 }),
             changes: watch::channel(0).0,
         });
         let weak = Arc::downgrade(&me);
@@ -123,7 +134,7 @@ impl MeshSource {
         });
         let (store_version, mesh) = self.mesh();
         let registry = self.registry.snapshot();
-        let inputs = (store_version, registry.version());
+        let inputs = (store_version, self.registry_epoch(store_version, &mesh, &registry));
         // Proxies that differ only in name or address get identical xDS: the translator
         // reads the namespace, labels, ports and listener addresses. They share one
         // translation (the expensive part of a push to many identical sidecars).
@@ -167,6 +178,56 @@ impl MeshSource {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(shape, cached);
         (types, vhosts)
     }
+}
+
+impl MeshSource {
+    /// A registry version that moves only when a change can alter a translation: a
+    /// workload some Service or ServiceEntry of its namespace selects (or one from a
+    /// WorkloadEntry) came, went or changed. A proxy that connects and that no Service
+    /// selects (a client, a job) then does not invalidate every cached translation,
+    /// which in a large mesh costs a full translation per proxy shape.
+    fn registry_epoch(&self, mesh_versions: MeshVersions, mesh: &MeshConfig, registry: &Arc<RegistrySnapshot>) -> u64 {
+        let mut e = self.epoch.lock().unwrap_or_else(|p| p.into_inner());
+        if e.seen.version() == registry.version() && e.mesh == mesh_versions {
+            return e.epoch;
+        }
+        // Judged against the mesh of now; a store change moves the store version, which
+        // is part of every cache key anyway.
+        let relevant =
+            e.mesh != mesh_versions || changed_workloads(&e.seen, registry).any(|w| translations_read(mesh, w));
+        if relevant {
+            e.epoch += 1;
+        }
+        e.seen = registry.clone();
+        e.mesh = mesh_versions;
+        e.epoch
+    }
+}
+
+/// Workloads added, removed or changed between `old` and `new` (both versions of a
+/// changed one).
+fn changed_workloads<'a>(old: &'a RegistrySnapshot, new: &'a RegistrySnapshot) -> impl Iterator<Item = &'a Workload> {
+    let added_or_changed = new.workloads().filter(move |w| old.get(&w.id) != Some(*w));
+    let removed_or_changed = old.workloads().filter(move |w| new.get(&w.id) != Some(*w));
+    added_or_changed.chain(removed_or_changed)
+}
+
+/// Whether a translation reads `w`: it is an endpoint candidate of some Service or
+/// ServiceEntry (label selector in its namespace), or stands for a WorkloadEntry.
+fn translations_read(mesh: &MeshConfig, w: &Workload) -> bool {
+    if matches!(w.source, WorkloadSource::WorkloadEntry(_)) {
+        return true;
+    }
+    let selects =
+        |sel: &BTreeMap<String, String>| !sel.is_empty() && sel.iter().all(|(k, v)| w.labels.get(k) == Some(v));
+    mesh.resources.iter().any(|r| {
+        r.meta.namespace == w.namespace
+            && match &r.spec {
+                weft_api::Spec::Service(s) => selects(&s.selector),
+                weft_api::Spec::ServiceEntry(se) => se.workload_selector.as_ref().is_some_and(|s| selects(&s.labels)),
+                _ => false,
+            }
+    })
 }
 
 impl ConfigSource for MeshSource {
