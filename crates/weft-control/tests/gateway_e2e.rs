@@ -106,20 +106,8 @@ spec:
 
 /// A CA and a server certificate for `secure.example`, written to `dir`: (ca, cert, key).
 fn server_pki(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "gateway test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(vec!["secure.example".to_string()]).unwrap();
-    params.distinguished_name.push(rcgen::DnType::CommonName, "secure.example");
-    let cert = params.signed_by(&key, &ca).unwrap();
-    let paths = (dir.join("ca.pem"), dir.join("tls.crt"), dir.join("tls.key"));
-    std::fs::write(&paths.0, ca.pem()).unwrap();
-    std::fs::write(&paths.1, cert.pem()).unwrap();
-    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
-    paths
+    weft_testkit::pki::TestCa::new("gateway test CA").write(dir, &["secure.example"]);
+    (dir.join("ca.pem"), dir.join("tls.crt"), dir.join("tls.key"))
 }
 
 /// `curl https://<host>:<port><path>` resolved to `addr`, trusting `ca`: the status and

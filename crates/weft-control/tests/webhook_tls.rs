@@ -13,7 +13,6 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use bytes::Bytes;
 use http::Method;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SerialNumber};
 use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{json, Value};
@@ -22,32 +21,20 @@ use weft_control::inject::InjectConfig;
 use weft_control::translate::{MeshConfig, ProxyMode};
 use weft_control::webhook_tls::WebhookTlsConfig;
 use weft_testkit::http::{request, send_h1};
+use weft_testkit::pki::TestCa;
 
 const HOST: &str = "weft-control.weft-system.svc";
 
-/// A CA (what goes in the webhook's `caBundle`) and serving certificates it signs.
-struct Pki {
-    ca: CertifiedIssuer<'static, KeyPair>,
+/// A CA (what goes in the webhook's `caBundle`); it signs serving certificates for the
+/// Service's DNS names ([`serving`]).
+fn pki() -> TestCa {
+    TestCa::new("weft webhook test CA")
 }
 
-impl Pki {
-    fn new() -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "weft webhook test CA");
-        Pki { ca: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
-    }
-
-    /// A serving certificate for the Service's DNS names: (certificate PEM, key PEM).
-    fn serving(&self, serial: u8) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let names = vec![HOST.to_string(), format!("{HOST}.cluster.local"), "weft-control.weft-system".to_string()];
-        let mut params = CertificateParams::new(names).unwrap();
-        params.distinguished_name.push(rcgen::DnType::CommonName, HOST);
-        params.serial_number = Some(SerialNumber::from_slice(&[serial]));
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
+/// A serving certificate for the Service's DNS names: (certificate PEM, key PEM).
+fn serving(pki: &TestCa, serial: u8) -> (String, String) {
+    let cluster_local = format!("{HOST}.cluster.local");
+    pki.leaf(&[HOST, &cluster_local, "weft-control.weft-system"], serial)
 }
 
 /// A directory laid out as kubelet mounts a Secret: `tls.crt -> ..data/tls.crt`,
@@ -221,10 +208,10 @@ fn der(pem: &str) -> Vec<u8> {
 #[tokio::test]
 async fn the_api_server_gets_the_injection_patch_over_https_with_the_configured_image() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
+    let pki = pki();
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, pki.ca.pem()).unwrap();
-    let (cert, key) = pki.serving(1);
+    std::fs::write(&ca, pki.pem()).unwrap();
+    let (cert, key) = serving(&pki, 1);
     let secret = dir.path().join("secret");
     std::fs::create_dir(&secret).unwrap();
     let mount = SecretMount::new(&secret, &cert, &key);
@@ -287,8 +274,8 @@ async fn the_api_server_gets_the_injection_patch_over_https_with_the_configured_
 #[tokio::test]
 async fn plain_http_on_the_webhook_port_gets_no_answer() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let (cert, key) = pki.serving(1);
+    let pki = pki();
+    let (cert, key) = serving(&pki, 1);
     let secret = dir.path().join("secret");
     std::fs::create_dir(&secret).unwrap();
     let mount = SecretMount::new(&secret, &cert, &key);
@@ -307,7 +294,7 @@ async fn plain_http_on_the_webhook_port_gets_no_answer() {
     assert!(!out.status.success(), "curl over plain HTTP succeeded: {}", String::from_utf8_lossy(&out.stdout));
     // The TLS port still serves TLS afterwards.
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, pki.ca.pem()).unwrap();
+    std::fs::write(&ca, pki.pem()).unwrap();
     assert_eq!(served_leaf(addr, &ca).await, der(&cert));
     cp.shutdown().await;
 }
@@ -315,10 +302,10 @@ async fn plain_http_on_the_webhook_port_gets_no_answer() {
 #[tokio::test]
 async fn a_certificate_rotated_in_the_secret_mount_is_served_to_new_connections() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
+    let pki = pki();
     let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, pki.ca.pem()).unwrap();
-    let (cert1, key1) = pki.serving(1);
+    std::fs::write(&ca, pki.pem()).unwrap();
+    let (cert1, key1) = serving(&pki, 1);
     let secret = dir.path().join("secret");
     std::fs::create_dir(&secret).unwrap();
     let mut mount = SecretMount::new(&secret, &cert1, &key1);
@@ -328,7 +315,7 @@ async fn a_certificate_rotated_in_the_secret_mount_is_served_to_new_connections(
     assert_eq!(cp.webhook_cert.as_ref().unwrap().serial(), "01");
 
     // cert-manager renews: a new key and certificate, serial 2, swapped in atomically.
-    let (cert2, key2) = pki.serving(2);
+    let (cert2, key2) = serving(&pki, 2);
     mount.update(&cert2, &key2);
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {

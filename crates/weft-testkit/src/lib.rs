@@ -1,5 +1,5 @@
 //! Test helpers shared by weft's integration tests: echo servers (HTTP/1.1, h2c, gRPC,
-//! WebSocket upgrade, TCP, server-first banner), small HTTP clients, and a harness that
+//! WebSocket upgrade, TCP, server-first banner), small HTTP clients, a throwaway CA, and a harness that
 //! runs a real Envoy. Every server binds `127.0.0.1:0` and exposes the bound address.
 //!
 //! This is a dev-only crate: helpers panic with a setup hint when a required tool is
@@ -9,6 +9,7 @@ pub mod echo;
 pub mod envoy;
 pub mod http;
 pub mod jwt;
+pub mod pki;
 pub mod tools;
 pub mod xds;
 

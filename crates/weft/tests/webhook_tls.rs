@@ -9,25 +9,19 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use base64::Engine as _;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
+use weft_testkit::pki::TestCa;
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 const HOST: &str = "weft-control.weft-system.svc";
 
 /// Writes ca.pem, tls.crt, tls.key (for [`HOST`]) and other.key (another key) to `dir`.
 fn pki(dir: &Path) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(rcgen::DnType::CommonName, "weft webhook test CA");
-    let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = CertificateParams::new(vec![HOST.to_string()]).unwrap().signed_by(&key, &ca).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    std::fs::write(dir.join("tls.crt"), cert.pem()).unwrap();
-    std::fs::write(dir.join("tls.key"), key.serialize_pem()).unwrap();
-    std::fs::write(dir.join("other.key"), KeyPair::generate().unwrap().serialize_pem()).unwrap();
+    let ca = TestCa::new("weft webhook test CA");
+    ca.write(dir, &[HOST]);
+    let (_, other_key) = ca.leaf(&[HOST], 2);
+    std::fs::write(dir.join("other.key"), other_key).unwrap();
 }
 
 async fn weft(args: &[&str]) -> (i32, String) {

@@ -2,31 +2,15 @@
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SerialNumber};
+use weft_testkit::pki::TestCa;
 
 use super::*;
 
-/// A CA that signs serving certificates for `weft-control.weft-system.svc`.
-struct Pki {
-    ca: CertifiedIssuer<'static, KeyPair>,
-}
+const HOST: &str = "weft-control.weft-system.svc";
 
-impl Pki {
-    fn new() -> Pki {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.distinguished_name.push(rcgen::DnType::CommonName, "webhook test CA");
-        Pki { ca: CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap() }
-    }
-
-    /// (certificate PEM, key PEM) with this serial.
-    fn leaf(&self, serial: u8) -> (String, String) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::new(vec!["weft-control.weft-system.svc".to_string()]).unwrap();
-        params.serial_number = Some(SerialNumber::from_slice(&[serial]));
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
+/// A CA that signs serving certificates for [`HOST`].
+fn pki() -> TestCa {
+    TestCa::new("webhook test CA")
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
@@ -42,7 +26,7 @@ async fn load_err(cert: &Path, key: &Path) -> String {
 #[tokio::test]
 async fn unreadable_missing_and_garbled_files_are_named_with_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = Pki::new().leaf(1);
+    let (cert, key) = pki().leaf(&[HOST], 1);
     let cert = write(dir.path(), "tls.crt", &cert);
     let key = write(dir.path(), "tls.key", &key);
     let missing = dir.path().join("nope.crt");
@@ -71,9 +55,9 @@ async fn unreadable_missing_and_garbled_files_are_named_with_what_is_wrong() {
 #[tokio::test]
 async fn a_key_of_another_certificate_is_a_mismatch_naming_both_files() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let (cert, _) = pki.leaf(1);
-    let (_, other_key) = pki.leaf(2);
+    let pki = pki();
+    let (cert, _) = pki.leaf(&[HOST], 1);
+    let (_, other_key) = pki.leaf(&[HOST], 2);
     let cert = write(dir.path(), "tls.crt", &cert);
     let key = write(dir.path(), "tls.key", &other_key);
     let e = load_err(&cert, &key).await;
@@ -90,9 +74,9 @@ async fn a_key_of_another_certificate_is_a_mismatch_naming_both_files() {
 #[tokio::test]
 async fn a_ca_certificate_first_in_the_chain_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let (leaf, key) = pki.leaf(1);
-    let cert = write(dir.path(), "tls.crt", &format!("{}{leaf}", pki.ca.pem()));
+    let pki = pki();
+    let (leaf, key) = pki.leaf(&[HOST], 1);
+    let cert = write(dir.path(), "tls.crt", &format!("{}{leaf}", pki.pem()));
     let key = write(dir.path(), "tls.key", &key);
     let e = load_err(&cert, &key).await;
     assert!(e.contains("the first certificate is a CA"), "{e}");
@@ -101,9 +85,9 @@ async fn a_ca_certificate_first_in_the_chain_is_refused() {
 #[tokio::test]
 async fn reload_takes_a_new_pair_and_keeps_the_old_one_through_a_half_rotation() {
     let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::new();
-    let (cert1, key1) = pki.leaf(1);
-    let (cert2, key2) = pki.leaf(2);
+    let pki = pki();
+    let (cert1, key1) = pki.leaf(&[HOST], 1);
+    let (cert2, key2) = pki.leaf(&[HOST], 2);
     let cert = write(dir.path(), "tls.crt", &cert1);
     let key = write(dir.path(), "tls.key", &key1);
     let certs = ReloadingCert::load(&cert, &key).await.unwrap();
