@@ -469,33 +469,23 @@ fn run_every_bookinfo_task(mesh: &Mesh) {
 
 fn login_as_jason_shows_black_stars(mesh: &Mesh) {
     let jar = mesh.state.path().join("cookies");
+    let jar = jar.to_str().unwrap();
     let curl = weft_testkit::tools::require("curl");
-    let url = format!("http://{}", mesh.ingress);
-    let o = Command::new(&curl)
-        .args(["-s", "-m", "20", "-c", jar.to_str().unwrap(), "-d", "username=jason&passwd=jason"])
-        .arg(format!("{url}/login"))
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let o = Command::new(&curl)
-        .args(["-s", "-m", "20", "-b", jar.to_str().unwrap()])
-        .arg(format!("{url}/productpage"))
-        .output()
-        .unwrap();
-    let page = String::from_utf8_lossy(&o.stdout);
+    // curl -s -m 20 EXTRA... http://<ingress><path>: its exit success and body.
+    let run = |extra: &[&str], path: &str| {
+        let o = Command::new(&curl)
+            .args(["-s", "-m", "20"])
+            .args(extra)
+            .arg(format!("http://{}{path}", mesh.ingress))
+            .output()
+            .unwrap();
+        (o.status.success(), String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    assert!(run(&["-c", jar, "-d", "username=jason&passwd=jason"], "/login").0);
+    let (_, page) = run(&["-b", jar], "/productpage");
     assert!(page.contains("jason") && page.contains("<font color=\"black\">"), "jason sees v2's black stars: {page}");
-    let o = Command::new(&curl)
-        .args(["-s", "-m", "20", "-b", jar.to_str().unwrap(), "-c", jar.to_str().unwrap()])
-        .arg(format!("{url}/logout"))
-        .output()
-        .unwrap();
-    assert!(o.status.success());
-    let o = Command::new(&curl)
-        .args(["-s", "-m", "20", "-b", jar.to_str().unwrap()])
-        .arg(format!("{url}/productpage"))
-        .output()
-        .unwrap();
-    let page = String::from_utf8_lossy(&o.stdout);
+    assert!(run(&["-b", jar, "-c", jar], "/logout").0);
+    let (_, page) = run(&["-b", jar], "/productpage");
     assert!(!page.contains("<font color="), "after logout, v1 without stars: {page}");
 }
 
