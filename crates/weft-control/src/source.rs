@@ -178,9 +178,7 @@ impl MeshSource {
         self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(shape, cached);
         (types, vhosts)
     }
-}
 
-impl MeshSource {
     /// A registry version that moves only when a change can alter a translation: a
     /// workload some Service or ServiceEntry of its namespace selects (or one from a
     /// WorkloadEntry) came, went or changed. A proxy that connects and that no Service
@@ -191,8 +189,9 @@ impl MeshSource {
         if e.seen.version() == registry.version() && e.mesh == mesh_versions {
             return e.epoch;
         }
-        // Judged against the mesh of now; a store change moves the store version, which
-        // is part of every cache key anyway.
+        // Whether a change matters depends on the mesh (which Services select what): a
+        // judgement made against another mesh than the last one bumps the epoch too, so
+        // a change found harmless under one mesh never reuses a translation of another.
         let relevant =
             e.mesh != mesh_versions || changed_workloads(&e.seen, registry).any(|w| translations_read(mesh, w));
         if relevant {
