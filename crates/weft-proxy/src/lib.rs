@@ -10,6 +10,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
 pub mod config;
+pub mod conn;
 pub mod context;
 pub mod detect;
 pub mod dump;

@@ -166,6 +166,7 @@ impl ProxyHandle {
             services: crate::report::ServiceCache::default(),
             draining,
             drain_timeout: b.drain_timeout,
+            drain_duration: b.drain_duration,
             active_connections: AtomicUsize::new(0),
         });
 

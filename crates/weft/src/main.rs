@@ -44,6 +44,11 @@ enum Command {
         /// thread with tokio's single-threaded scheduler. Default: one per CPU.
         #[arg(long, env = "WEFT_CONCURRENCY")]
         concurrency: Option<usize>,
+        /// How long a connection whose filter chain changed in a way that cannot apply in
+        /// place (TLS mode, TCP proxy, removed chain) may finish before it is closed, e.g.
+        /// `45s`. Default: the bootstrap's `drain_duration` (45 s, Istio's drainDuration).
+        #[arg(long, env = "WEFT_DRAIN_DURATION", value_parser = weft_proxy::run::parse_duration)]
+        drain_duration: Option<std::time::Duration>,
     },
     /// Run the control plane: resources from a watched directory and the API, a workload
     /// registry fed by connecting proxies, xDS for every proxy.
@@ -303,9 +308,14 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Proxy { bootstrap, bootstrap_yaml, concurrency } => {
-                let args =
-                    weft_proxy::run::ProxyArgs { bootstrap, bootstrap_yaml, concurrency, log_json: cli.log_json };
+            Command::Proxy { bootstrap, bootstrap_yaml, concurrency, drain_duration } => {
+                let args = weft_proxy::run::ProxyArgs {
+                    bootstrap,
+                    bootstrap_yaml,
+                    concurrency,
+                    log_json: cli.log_json,
+                    drain_duration,
+                };
                 weft_proxy::run::run(args).await
             }
             Command::Up(args) => up::run(args).await,

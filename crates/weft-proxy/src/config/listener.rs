@@ -70,6 +70,27 @@ pub struct FilterChainConfig {
     pub kind: ChainKind,
     /// TLS to terminate before the filters (a `DownstreamTlsContext` transport socket).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// What an open connection cannot change in place (see [`FixedAtAccept`]).
+    pub fixed: FixedAtAccept,
+}
+
+/// The parts of a filter chain fixed when a connection is accepted: its transport socket
+/// (TLS or plaintext, certificates, client-certificate requirement) and its terminal
+/// filter's settings, except what is decided per request (an HTTP connection manager's
+/// `http_filters` and routes). An open connection whose chain, re-matched in a new
+/// configuration, differs here drains (see `crate::conn`); otherwise it carries on with
+/// the new chain. Kept as protos: prost's `PartialEq` compares maps by content, which an
+/// encoding of them would not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FixedAtAccept {
+    transport: Option<envoy_types::pb::envoy::config::core::v3::TransportSocket>,
+    terminal: Terminal,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Terminal {
+    Http(Box<HttpConnectionManager>),
+    Tcp(Box<TcpProxy>),
 }
 
 /// Envoy's `FilterChainMatch`, the subset weft supports.
@@ -350,6 +371,7 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
         None => ChainMatch::default(),
     };
     let mut kind = None;
+    let mut terminal = None;
     let mut rbac = Vec::new();
     for (i, f) in fc.filters.iter().enumerate() {
         let field = format!("filters[{i}]");
@@ -372,11 +394,18 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
             let mut chain = compile_hcm(&hcm).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?;
             chain.network_rbac = std::mem::take(&mut rbac);
             kind = Some(ChainKind::Http(Arc::new(chain)));
+            // Filters and routes apply per request: not fixed at accept.
+            terminal = Some(Terminal::Http(Box::new(HttpConnectionManager {
+                http_filters: Vec::new(),
+                route_specifier: None,
+                ..hcm
+            })));
         } else if any.type_url == TcpProxy::type_url() {
             let tp = decode::<TcpProxy>(any).map_err(|m| (field.clone(), m))?;
             let mut chain = compile_tcp(&tp).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?;
             chain.rbac = std::mem::take(&mut rbac);
             kind = Some(ChainKind::Tcp(Arc::new(chain)));
+            terminal = Some(Terminal::Tcp(Box::new(tp)));
         } else {
             return Err((
                 format!("{field}.typed_config"),
@@ -387,10 +416,14 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
             ));
         }
     }
-    let kind = kind.ok_or_else(|| {
-        ("filters".to_string(), "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string())
-    })?;
-    Ok(FilterChainConfig { name: fc.name.clone(), matcher, kind, tls })
+    let (Some(kind), Some(terminal)) = (kind, terminal) else {
+        return Err((
+            "filters".to_string(),
+            "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string(),
+        ));
+    };
+    let fixed = FixedAtAccept { transport: fc.transport_socket.clone(), terminal };
+    Ok(FilterChainConfig { name: fc.name.clone(), matcher, kind, tls, fixed })
 }
 
 fn compile_match(m: &FilterChainMatch) -> Result<ChainMatch, (String, String)> {
