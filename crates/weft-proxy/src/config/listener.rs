@@ -145,6 +145,13 @@ pub struct HttpChain {
     pub stream_idle_timeout: Option<Duration>,
     /// Connection idle timeout (Envoy default 1 hour; `None` disables).
     pub idle_timeout: Option<Duration>,
+    /// Time to receive a request's headers (`request_headers_timeout`; weft's default
+    /// 30 s where Envoy has none; `None`: explicitly disabled with 0).
+    pub request_headers_timeout: Option<Duration>,
+    /// Largest request head in bytes (`max_request_headers_kb`, Envoy default 60 KiB).
+    pub max_request_headers_bytes: usize,
+    /// Most request headers (`common_http_protocol_options.max_headers_count`, default 100).
+    pub max_headers_count: usize,
     /// JWT filters (request authentication), in chain order; they run first.
     pub jwt: Vec<Arc<crate::jwt::JwtFilter>>,
     /// RBAC filters, in chain order; they run before CORS, faults and the router.
@@ -522,7 +529,19 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         .filter(|u| u.enabled.as_ref().map(|b| b.value).unwrap_or(true))
         .map(|u| u.upgrade_type.to_ascii_lowercase())
         .collect();
+    let max_kb = h.max_request_headers_kb.map_or(60, |v| v.value);
+    if !(1..=8192).contains(&max_kb) {
+        return Err(("max_request_headers_kb".into(), format!("{max_kb} is outside 1..=8192")));
+    }
+    let max_headers_count =
+        h.common_http_protocol_options.as_ref().and_then(|o| o.max_headers_count).map_or(100, |v| v.value);
+    if max_headers_count == 0 {
+        return Err(("common_http_protocol_options.max_headers_count".into(), "must be at least 1".into()));
+    }
     Ok(HttpChain {
+        request_headers_timeout: timeout_or(h.request_headers_timeout.as_ref(), Duration::from_secs(30)),
+        max_request_headers_bytes: max_kb as usize * 1024,
+        max_headers_count: max_headers_count as usize,
         stat_prefix: h.stat_prefix.clone(),
         routes,
         fault,

@@ -4,6 +4,7 @@
 
 pub mod body;
 mod forward;
+mod limits;
 mod tunnel;
 
 use std::convert::Infallible;
@@ -44,20 +45,35 @@ where
             return;
         }
     }
-    let svc_ctx = ctx.clone();
+    // Envoy's limits on what a client may send as request headers (see docs/proxy.md).
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(chain.request_headers_timeout)
+        .max_buf_size(chain.max_request_headers_bytes.max(8192))
+        .max_headers(chain.max_headers_count);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(u32::try_from(chain.max_request_headers_bytes).unwrap_or(u32::MAX));
     let activity = Activity::new();
+    let heads = Arc::new(limits::HeadCheck::default());
+    let io = limits::Guarded::new(Tracked::new(stream, activity.clone()), heads.clone(), chain.request_headers_timeout);
+    let svc_ctx = ctx.clone();
     let idle_timeout = chain.idle_timeout;
     let svc_activity = activity.clone();
     let svc_conn = conn.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
+    let svc = service_fn(move |mut req: Request<Incoming>| {
         let (ctx, conn) = (svc_ctx.clone(), svc_conn.clone());
         let stream = svc_activity.open_stream();
+        if !heads.admit() {
+            req.extensions_mut().insert(limits::MalformedHead);
+        }
         async move { Ok::<_, Infallible>(handle(ctx, conn, req, stream).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(true).timer(hyper_util::rt::TokioTimer::new());
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
-    let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(Tracked::new(stream, activity.clone())), svc);
+    let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn_fut);
     let mut draining = ctx.draining.clone();
     let deadline = tokio::select! {
@@ -145,6 +161,14 @@ async fn route_request(
     report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    // Envoy refuses these before routing: a head with bare-LF line ends (hyper accepts
+    // them) and a second Host, either of which lets two parsers disagree on the request.
+    if parts.extensions.get::<limits::MalformedHead>().is_some() {
+        return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "request head with bare LF line endings"));
+    }
+    if parts.headers.get_all(HOST).iter().nth(1).is_some() {
+        return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "more than one Host header"));
+    }
     // Envoy's HCM (without use_remote_address) keeps a client's x-forwarded-proto and
     // otherwise sets it from the connection, before routing (require_tls reads it).
     if !parts.headers.contains_key("x-forwarded-proto") {
