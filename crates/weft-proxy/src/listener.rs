@@ -12,13 +12,11 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{ChainKind, ConnFacts, ListenerConfig};
-use crate::conn::Origin;
+use crate::conn::{ConnInfo, Origin};
 use crate::context::Context;
 use crate::detect::{self, Detected};
 use crate::orig_dst::original_dst;
 use crate::{http, tcp};
-
-pub use crate::conn::ConnInfo;
 
 struct Bound {
     configured: SocketAddr,

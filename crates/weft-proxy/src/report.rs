@@ -12,9 +12,9 @@ use http::{HeaderMap, Request, Version};
 use weft_xds::NodeInfo;
 
 use crate::config::Direction;
+use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::ErrorKind;
-use crate::listener::ConnInfo;
 use crate::telemetry::accesslog::{self, AccessRecord};
 use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels};
 use crate::telemetry::{peer, FastState, WorkloadInfo};

@@ -8,10 +8,10 @@ use tracing::debug;
 use crate::cluster::{Cluster, Discovery, Outcome, UpstreamStream};
 use crate::config::{Snapshot, TcpChain};
 use crate::conn::ChainEnd;
+use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
 use crate::io::{Activity, Tracked};
-use crate::listener::ConnInfo;
 use crate::report::TcpReport;
 
 /// Proxies one TCP connection through `chain`.

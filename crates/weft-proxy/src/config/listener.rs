@@ -6,16 +6,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, CidrRange};
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::listener::v3::{filter, FilterChain, FilterChainMatch, Listener};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
-use prost::{Message, Name};
+use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use prost::Name;
 
 use crate::error::ConfigError;
+use crate::net::in_range;
+use crate::proto::{decode, opt_duration, socket_addr};
 use crate::rbac::{RbacFilter, HTTP_RBAC_TYPE, NETWORK_RBAC_TYPE};
 use crate::route::{ClusterChoice, FaultPolicy, RouteTable};
 
@@ -334,27 +336,6 @@ fn best_prefix(ranges: &[(IpAddr, u8)], ip: IpAddr) -> Option<u32> {
     ranges.iter().filter(|(net, len)| in_range(ip, *net, *len)).map(|(_, len)| 1 + u32::from(*len)).max()
 }
 
-/// True when `ip` lies in `net/len`.
-pub fn in_range(ip: IpAddr, net: IpAddr, len: u8) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let len = u32::from(len.min(32));
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            (u32::from(a) & mask) == (u32::from(b) & mask)
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let len = u32::from(len.min(128));
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-            (u128::from(a) & mask) == (u128::from(b) & mask)
-        }
-        (IpAddr::V4(a), IpAddr::V6(_)) => in_range(IpAddr::V6(a.to_ipv6_mapped()), net, len),
-        (IpAddr::V6(a), IpAddr::V4(_)) => match a.to_ipv4_mapped() {
-            Some(v4) => in_range(IpAddr::V4(v4), net, len),
-            None => false,
-        },
-    }
-}
-
 fn server_name_score(pattern: &str, sni: &str) -> Option<u32> {
     let sni = sni.to_ascii_lowercase();
     let pattern = pattern.to_ascii_lowercase();
@@ -584,27 +565,6 @@ fn join(a: &str, b: &str, c: &str) -> String {
     [a, b, c].iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join(".")
 }
 
-/// Decodes an `Any` after checking its type.
-pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
-    if any.type_url != M::type_url() {
-        return Err(format!("expected {}, got {}", M::type_url(), any.type_url));
-    }
-    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", M::full_name()))
-}
-
-/// A protobuf duration as a std one (negative -> zero).
-pub fn opt_duration(d: Option<&PbDuration>) -> Option<Duration> {
-    d.map(
-        |d| {
-            if d.seconds < 0 || d.nanos < 0 {
-                Duration::ZERO
-            } else {
-                Duration::new(d.seconds as u64, d.nanos as u32)
-            }
-        },
-    )
-}
-
 /// Envoy's timeout convention: unset -> `default`, zero -> disabled.
 fn timeout_or(d: Option<&PbDuration>, default: Duration) -> Option<Duration> {
     match opt_duration(d) {
@@ -612,22 +572,4 @@ fn timeout_or(d: Option<&PbDuration>, default: Duration) -> Option<Duration> {
         Some(d) if d.is_zero() => None,
         Some(d) => Some(d),
     }
-}
-
-/// A socket address from an Envoy `Address`.
-pub fn socket_addr(a: Option<&Address>) -> Result<SocketAddr, String> {
-    let sa = match a.and_then(|a| a.address.as_ref()) {
-        Some(address::Address::SocketAddress(sa)) => sa,
-        Some(_) => return Err("only socket_address is supported".into()),
-        None => return Err("socket_address is required".into()),
-    };
-    let ip: IpAddr = sa.address.parse().map_err(|_| format!("{:?} is not an IP address", sa.address))?;
-    let port = match sa.port_specifier {
-        Some(socket_address::PortSpecifier::PortValue(p)) => {
-            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
-        }
-        Some(socket_address::PortSpecifier::NamedPort(_)) => return Err("named ports are not supported".into()),
-        None => 0,
-    };
-    Ok(SocketAddr::new(ip, port))
 }

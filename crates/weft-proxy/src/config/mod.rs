@@ -309,7 +309,7 @@ impl ConfigStore {
         for (name, any) in &update.upserts {
             seen.insert(name.clone());
             let compiled =
-                listener::decode::<PbCluster>(any).map_err(|m| format!("cluster {name:?}: {m}")).and_then(|c| {
+                crate::proto::decode::<PbCluster>(any).map_err(|m| format!("cluster {name:?}: {m}")).and_then(|c| {
                     ClusterConfig::compile_in(&c, &self.secrets).map(|cc| (c, cc)).map_err(|e| e.to_string())
                 });
             match compiled {
@@ -346,7 +346,7 @@ impl ConfigStore {
         let mut errors = Vec::new();
         let mut touched = BTreeSet::new();
         for (name, any) in &update.upserts {
-            match listener::decode::<ClusterLoadAssignment>(any) {
+            match crate::proto::decode::<ClusterLoadAssignment>(any) {
                 Ok(cla) => {
                     // Validate against every cluster using it before accepting.
                     let users: Vec<(String, Arc<ClusterConfig>)> = st
@@ -427,7 +427,7 @@ where
     let mut seen = BTreeSet::new();
     for (name, any) in &update.upserts {
         seen.insert(name.clone());
-        match listener::decode::<P>(any)
+        match crate::proto::decode::<P>(any)
             .map_err(|m| format!("{kind} {name:?}: {m}"))
             .and_then(|p| compile(&p).map(|c| (p, c)))
         {

@@ -20,7 +20,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use weft_xds::{vhds as names, ResourceUpdate};
 
-use super::{cla_name, listener, ConfigStore, Snapshot, State};
+use super::{cla_name, ConfigStore, Snapshot, State};
 use crate::route::vhds::merged;
 use crate::route::RouteTable;
 
@@ -200,7 +200,7 @@ pub(super) fn apply_routes(st: &mut State, update: &ResourceUpdate) -> Vec<Strin
     let mut seen = BTreeSet::new();
     for (name, any) in &update.upserts {
         seen.insert(name.clone());
-        let rc = match listener::decode::<RouteConfiguration>(any) {
+        let rc = match crate::proto::decode::<RouteConfiguration>(any) {
             Ok(rc) => rc,
             Err(m) => {
                 errors.push(format!("route configuration {name:?}: {m}"));
@@ -240,7 +240,7 @@ pub(super) fn apply_vhosts(st: &mut State, update: &ResourceUpdate) -> Vec<Strin
             errors.push(format!("virtual host {name:?}: name must be <route configuration>/<virtual host>"));
             continue;
         };
-        let vh = match listener::decode::<VirtualHost>(any) {
+        let vh = match crate::proto::decode::<VirtualHost>(any) {
             Ok(vh) => vh,
             Err(m) => {
                 errors.push(format!("virtual host {name:?}: {m}"));

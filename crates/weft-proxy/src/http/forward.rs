@@ -15,9 +15,9 @@ use hyper::body::Incoming;
 use super::body::{boxed, downstream_body_error, full, BodyTally, CountingBody, DeadlineBody, Hold};
 use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, Outcome, UpstreamProtocol};
 use crate::config::Snapshot;
+use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
-use crate::listener::ConnInfo;
 use crate::report::HttpReport;
 use crate::route::{ForwardAction, HashPolicy, HashSource, RetryPolicy};
 
