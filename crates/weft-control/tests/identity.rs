@@ -33,6 +33,7 @@ async fn control_plane(data: &std::path::Path) -> anyhow::Result<ControlPlane> {
         identity: Some(identity),
         inject: Default::default(),
         webhook: None,
+        registry: None,
     })
     .await
     .map_err(anyhow::Error::msg)

@@ -63,6 +63,10 @@ enum Command {
         /// Outbound traffic to unknown hosts: ALLOW_ANY or REGISTRY_ONLY.
         #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
         outbound_traffic_policy: String,
+        /// With --data-dir: how long workloads registered before a restart stay endpoints
+        /// while their proxies reconnect (0s: forget them at once).
+        #[arg(long, env = "WEFT_RECONNECT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+        reconnect_grace: std::time::Duration,
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
@@ -239,7 +243,8 @@ enum Command {
 #[derive(clap::Args)]
 struct IdentityArgs {
     /// Data directory: CA root and key (generated on first start), join-token key,
-    /// revoked tokens. Without it the control plane issues no identities.
+    /// revoked tokens, the registered proxies (`registry.json`, restored after a restart).
+    /// Without it the control plane issues no identities and forgets registrations.
     #[arg(long, env = "WEFT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Plug-in CA: a directory in Istio's cacerts layout (ca-cert.pem, ca-key.pem,
@@ -316,8 +321,18 @@ fn main() -> std::process::ExitCode {
                     bookinfo::BookinfoConfig::from_args(service, port, bookinfo, |name| std::env::var(name).ok())?;
                 bookinfo::run(config).await
             }
-            Command::Control { dir, xds, api, transparent, outbound_traffic_policy, identity, webhook } => {
-                run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity, webhook).await
+            Command::Control {
+                dir,
+                xds,
+                api,
+                transparent,
+                outbound_traffic_policy,
+                reconnect_grace,
+                identity,
+                webhook,
+            } => {
+                let addrs = (xds, api);
+                run_control(dir, addrs, transparent, &outbound_traffic_policy, reconnect_grace, identity, webhook).await
             }
             Command::Token { command } => token::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
@@ -411,10 +426,10 @@ fn main() -> std::process::ExitCode {
 
 async fn run_control(
     dir: Option<PathBuf>,
-    xds: std::net::SocketAddr,
-    api: std::net::SocketAddr,
+    (xds, api): (std::net::SocketAddr, std::net::SocketAddr),
     transparent: bool,
     policy: &str,
+    reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
     webhook: WebhookArgs,
 ) -> anyhow::Result<()> {
@@ -445,6 +460,10 @@ async fn run_control(
         api,
         mode: if transparent { ProxyMode::Transparent } else { ProxyMode::Explicit },
         mesh,
+        registry: identity.data_dir.as_ref().map(|d| weft_control::registry::PersistConfig {
+            reconnect_grace,
+            ..weft_control::registry::PersistConfig::in_dir(d)
+        }),
         identity: identity.data_dir.map(|data_dir| weft_control::identity::IdentityConfig {
             data_dir,
             plugin_ca: identity.plugin_ca,
