@@ -257,9 +257,14 @@ struct IdentityArgs {
     /// Workload certificate TTL when the workload asks for none.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: std::time::Duration,
-    /// Longest workload certificate TTL granted.
+    /// Longest workload certificate TTL granted (Istio's MAX_WORKLOAD_CERT_TTL): a
+    /// request for more is refused with INVALID_ARGUMENT, as Istio's CA does.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     max_cert_ttl: std::time::Duration,
+    /// Longest join-token TTL granted: `weft token create --ttl` (API `ttlSeconds`)
+    /// over it is refused with 400.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    max_token_ttl: std::time::Duration,
 }
 
 /// Admission webhook flags of `weft control`: `/inject` over HTTPS for the Kubernetes API
@@ -470,6 +475,7 @@ async fn run_control(
             trust_domain: identity.trust_domain,
             cert_ttl: identity.cert_ttl,
             max_cert_ttl: identity.max_cert_ttl,
+            max_token_ttl: identity.max_token_ttl,
         }),
         inject,
         webhook: webhook_tls,
