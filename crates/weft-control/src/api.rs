@@ -158,6 +158,7 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
         (Method::GET, "/api/v1/registry") => reply(StatusCode::OK, registry(api)),
+        (Method::GET, "/api/v1/cache") => reply(StatusCode::OK, json!(api.source.cache_stats())),
         (Method::POST, "/api/v1/analyze") => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),

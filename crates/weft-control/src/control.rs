@@ -133,6 +133,7 @@ impl ControlPlane {
         }
         tasks.push(registry.follow_with(&server, follow));
         let persist = cfg.registry.as_ref().map(|p| registry.persist(p.path.clone()));
+        tasks.push(tokio::spawn(evict_unused_translations(server.clone(), Arc::downgrade(&source))));
         let srv = server.clone();
         let xds_stop = stopped(&stop_rx);
         let routes = match &identity {
@@ -186,3 +187,25 @@ impl ControlPlane {
         }
     }
 }
+
+/// Drops the cached translations of proxy shapes no connected proxy has any more, after
+/// connections come and go (at most once per [`SWEEP_INTERVAL`]).
+async fn evict_unused_translations(server: AdsServer, source: std::sync::Weak<MeshSource>) {
+    let mut changes = server.status_changes();
+    loop {
+        if changes.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        changes.borrow_and_update();
+        let Some(source) = source.upgrade() else { return };
+        let connections = server.connections();
+        let evicted = source.evict_unused(connections.iter().map(|c| &c.raw_node));
+        if evicted > 0 {
+            tracing::debug!(evicted, "translations of departed proxy shapes evicted");
+        }
+    }
+}
+
+/// How often, at most, unused translations are looked for.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -266,5 +266,8 @@ async fn restarted_control_plane_keeps_unreconnected_endpoints_and_no_request_fa
     );
     assert_ne!(fewest.load(Ordering::Relaxed), 0, "the caller's endpoints for reviews were emptied");
     assert_eq!(reviews_endpoints(&caller), 1);
+    let cache = api_get(&api, "/api/v1/cache").await;
+    assert_eq!(cache["bound"], 1024, "{cache}");
+    assert!(cache["entries"].as_u64().is_some_and(|n| (1..=2).contains(&n)), "{cache}");
     stop_control(control).await;
 }
