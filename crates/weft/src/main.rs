@@ -68,6 +68,10 @@ enum Command {
         /// Outbound traffic to unknown hosts: ALLOW_ANY or REGISTRY_ONLY.
         #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
         outbound_traffic_policy: String,
+        /// With --data-dir: how long workloads registered before a restart stay endpoints
+        /// while their proxies reconnect (0s: forget them at once).
+        #[arg(long, env = "WEFT_RECONNECT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+        reconnect_grace: std::time::Duration,
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
@@ -244,7 +248,8 @@ enum Command {
 #[derive(clap::Args)]
 struct IdentityArgs {
     /// Data directory: CA root and key (generated on first start), join-token key,
-    /// revoked tokens. Without it the control plane issues no identities.
+    /// revoked tokens, the registered proxies (`registry.json`, restored after a restart).
+    /// Without it the control plane issues no identities and forgets registrations.
     #[arg(long, env = "WEFT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Plug-in CA: a directory in Istio's cacerts layout (ca-cert.pem, ca-key.pem,
@@ -257,9 +262,14 @@ struct IdentityArgs {
     /// Workload certificate TTL when the workload asks for none.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: std::time::Duration,
-    /// Longest workload certificate TTL granted.
+    /// Longest workload certificate TTL granted (Istio's MAX_WORKLOAD_CERT_TTL): a
+    /// request for more is refused with INVALID_ARGUMENT, as Istio's CA does.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     max_cert_ttl: std::time::Duration,
+    /// Longest join-token TTL granted: `weft token create --ttl` (API `ttlSeconds`)
+    /// over it is refused with 400.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    max_token_ttl: std::time::Duration,
 }
 
 /// Admission webhook flags of `weft control`: `/inject` over HTTPS for the Kubernetes API
@@ -326,8 +336,18 @@ fn main() -> std::process::ExitCode {
                     bookinfo::BookinfoConfig::from_args(service, port, bookinfo, |name| std::env::var(name).ok())?;
                 bookinfo::run(config).await
             }
-            Command::Control { dir, xds, api, transparent, outbound_traffic_policy, identity, webhook } => {
-                run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity, webhook).await
+            Command::Control {
+                dir,
+                xds,
+                api,
+                transparent,
+                outbound_traffic_policy,
+                reconnect_grace,
+                identity,
+                webhook,
+            } => {
+                let addrs = (xds, api);
+                run_control(dir, addrs, transparent, &outbound_traffic_policy, reconnect_grace, identity, webhook).await
             }
             Command::Token { command } => token::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
@@ -421,10 +441,10 @@ fn main() -> std::process::ExitCode {
 
 async fn run_control(
     dir: Option<PathBuf>,
-    xds: std::net::SocketAddr,
-    api: std::net::SocketAddr,
+    (xds, api): (std::net::SocketAddr, std::net::SocketAddr),
     transparent: bool,
     policy: &str,
+    reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
     webhook: WebhookArgs,
 ) -> anyhow::Result<()> {
@@ -455,12 +475,17 @@ async fn run_control(
         api,
         mode: if transparent { ProxyMode::Transparent } else { ProxyMode::Explicit },
         mesh,
+        registry: identity.data_dir.as_ref().map(|d| weft_control::registry::PersistConfig {
+            reconnect_grace,
+            ..weft_control::registry::PersistConfig::in_dir(d)
+        }),
         identity: identity.data_dir.map(|data_dir| weft_control::identity::IdentityConfig {
             data_dir,
             plugin_ca: identity.plugin_ca,
             trust_domain: identity.trust_domain,
             cert_ttl: identity.cert_ttl,
             max_cert_ttl: identity.max_cert_ttl,
+            max_token_ttl: identity.max_token_ttl,
         }),
         inject,
         webhook: webhook_tls,
