@@ -310,25 +310,19 @@ impl ProxyHandle {
     }
 }
 
-/// Mirrors the xDS client's status into the proxy health metrics.
+/// Mirrors the xDS client's status into the proxy health metrics: per type, only the
+/// updates and NACKs that happened since the last look move that type's series.
 async fn watch_xds(
     mut rx: watch::Receiver<ClientStatus>,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
-    let mut nacks = 0;
+    let mut seen = XdsSeen::default();
     loop {
         {
             let s = rx.borrow_and_update();
-            metrics.proxy().set_xds_connected(s.connected);
-            for (t, v) in &s.acked {
-                metrics.proxy().config_applied(short_type(t), v);
-            }
-            while nacks < s.nacks {
-                metrics.proxy().xds_nack("any");
-                nacks += 1;
-            }
+            seen.report(&s, &metrics);
         }
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
@@ -337,6 +331,29 @@ async fn watch_xds(
     }
 }
 
-fn short_type(t: &str) -> &str {
-    t.rsplit('.').next().unwrap_or(t)
+/// Per type URL, the update and NACK counts already reported to the metrics.
+#[derive(Default)]
+struct XdsSeen {
+    updates: BTreeMap<String, u64>,
+    nacks: BTreeMap<String, u64>,
+}
+
+impl XdsSeen {
+    fn report(&mut self, s: &ClientStatus, metrics: &Metrics) {
+        let health = metrics.proxy();
+        health.set_xds_connected(s.connected);
+        for (t, &n) in &s.updates {
+            let before = self.updates.insert(t.clone(), n).unwrap_or(0);
+            let version = s.acked.get(t).map(String::as_str).unwrap_or_default();
+            for _ in before..n {
+                health.config_applied(type_url::short(t), version);
+            }
+        }
+        for (t, &n) in &s.nacks_by_type {
+            let before = self.nacks.insert(t.clone(), n).unwrap_or(0);
+            for _ in before..n {
+                health.xds_nack(type_url::short(t));
+            }
+        }
+    }
 }

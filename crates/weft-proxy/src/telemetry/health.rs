@@ -126,10 +126,14 @@ impl ProxyHealth {
             "1 while the ADS stream to the control plane is up",
             health.xds_connected.clone(),
         );
-        registry.register("weft_xds_nacks", "xDS responses rejected (NACKed) by this proxy", health.xds_nacks.clone());
+        registry.register(
+            "weft_xds_nacks",
+            "xDS responses rejected (NACKed) by this proxy, by type",
+            health.xds_nacks.clone(),
+        );
         registry.register(
             "weft_xds_updates",
-            "xDS responses applied (ACKed) by this proxy",
+            "xDS responses applied (ACKed) by this proxy, by type",
             health.xds_updates.clone(),
         );
         registry.register(
@@ -182,13 +186,15 @@ impl ProxyHealth {
         self.xds_connected.set(i64::from(connected));
     }
 
-    /// Counts a NACKed xDS response of `type_name` (a type URL or short name).
+    /// Counts a NACKed xDS response of `type_name` (the type URL's short name, e.g.
+    /// `Cluster`), leaving the other types' series alone.
     pub fn xds_nack(&self, type_name: &str) {
         self.xds_nacks.get_or_create(&TypeLabel { r#type: type_name.to_owned() }).inc();
     }
 
     /// Records that `version` of `type_name` was applied now: counts the update, moves the
-    /// `weft_config_version` series to the new version and resets the config age.
+    /// `weft_config_version` series to the new version and resets the config age, of
+    /// that type only.
     pub fn config_applied(&self, type_name: &str, version: &str) {
         self.xds_updates.get_or_create(&TypeLabel { r#type: type_name.to_owned() }).inc();
         let previous = {
