@@ -154,6 +154,7 @@ impl ProxyHandle {
             });
         }
         let store = ConfigStore::with_options(b.xds.on_demand(), secrets);
+        store.count_host_evictions_in(metrics.proxy().on_demand_host_evictions());
         let ctx = Arc::new(Context {
             store: store.clone(),
             pools: Pools::new(PoolConfig::default()),

@@ -29,6 +29,7 @@ pub struct ProxyHealth {
     upstream_cx_active: Family<ClusterLabel, Gauge>,
     cert_expiry: Gauge<f64, AtomicU64>,
     access_log_dropped: Counter,
+    on_demand_host_evictions: Counter,
     tls_failures: Family<TlsFailureLabels, Counter>,
     upstream_tls_failures: Family<UpstreamTlsLabels, Counter>,
     /// Per xDS type: current version and when it was applied. Touched on config updates
@@ -117,6 +118,7 @@ impl ProxyHealth {
             upstream_cx_active: Family::default(),
             cert_expiry: Gauge::default(),
             access_log_dropped: Counter::default(),
+            on_demand_host_evictions: Counter::default(),
             tls_failures: Family::default(),
             upstream_tls_failures: Family::default(),
             applied: Mutex::new(HashMap::new()),
@@ -157,6 +159,11 @@ impl ProxyHealth {
             "weft_access_log_dropped",
             "Access log lines dropped because the writer fell behind or failed",
             health.access_log_dropped.clone(),
+        );
+        registry.register(
+            "weft_on_demand_host_evictions",
+            "Hosts on-demand discovery forgot (and unsubscribed) to stay within its bound",
+            health.on_demand_host_evictions.clone(),
         );
         registry.register(
             "weft_tls_handshake_failures",
@@ -235,6 +242,11 @@ impl ProxyHealth {
     /// The counter the access log increments when it drops a line.
     pub fn access_log_dropped(&self) -> Counter {
         self.access_log_dropped.clone()
+    }
+
+    /// The counter on-demand discovery increments when it forgets a host.
+    pub fn on_demand_host_evictions(&self) -> Counter {
+        self.on_demand_host_evictions.clone()
     }
 
     /// Refreshes `weft_config_age_seconds` from the last-applied times.
