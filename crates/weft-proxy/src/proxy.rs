@@ -93,6 +93,8 @@ const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 struct Admin {
     started: Instant,
     ctx: Arc<Context>,
+    /// The mesh identity, shown (certificates only) in the config dump.
+    secrets: crate::tls::Secrets,
     xds: watch::Receiver<ClientStatus>,
     drain_tx: watch::Sender<bool>,
     quit: Arc<Notify>,
@@ -100,7 +102,8 @@ struct Admin {
 
 impl AdminState for Admin {
     fn config_dump(&self) -> serde_json::Value {
-        crate::dump::config_dump(&self.ctx.store.snapshot(), &self.xds.borrow())
+        let identity = self.secrets.manager().map(|m| m.current());
+        crate::dump::config_dump(&self.ctx.store.snapshot(), &self.xds.borrow(), identity.as_deref())
     }
     fn clusters(&self) -> String {
         crate::dump::clusters_text(&self.ctx.store.snapshot())
@@ -153,7 +156,7 @@ impl ProxyHandle {
                 }
             });
         }
-        let store = ConfigStore::with_options(b.xds.on_demand(), secrets);
+        let store = ConfigStore::with_options(b.xds.on_demand(), secrets.clone());
         store.count_host_evictions_in(metrics.proxy().on_demand_host_evictions());
         let ctx = Arc::new(Context {
             store: store.clone(),
@@ -214,6 +217,7 @@ impl ProxyHandle {
         let admin_state = Arc::new(Admin {
             started: Instant::now(),
             ctx: ctx.clone(),
+            secrets,
             xds: xds.clone(),
             drain_tx: drain_tx.clone(),
             quit: quit.clone(),
