@@ -113,7 +113,8 @@ fn opaque() -> Detected {
 }
 
 fn classify(b: &[u8]) -> Verdict {
-    if b[0] == 0x16 {
+    let Some(&first) = b.first() else { return Verdict::NeedMore };
+    if first == 0x16 {
         return match tls_server_name(b) {
             Some(sni) => Verdict::Done(Detected { transport: "tls", application: vec![], server_name: sni }),
             None => Verdict::NeedMore,
@@ -268,6 +269,9 @@ impl<'a> Reader<'a> {
         self.take(2).map(|b| u16::from_be_bytes([b[0], b[1]]))
     }
 }
+
+#[cfg(test)]
+mod fuzz;
 
 #[cfg(test)]
 mod tests {

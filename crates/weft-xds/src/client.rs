@@ -103,8 +103,12 @@ pub struct ClientStatus {
     pub connects: u64,
     /// Last ACKed version per type URL.
     pub acked: BTreeMap<String, String>,
+    /// Responses applied (ACKed) so far, per type URL.
+    pub updates: BTreeMap<String, u64>,
     /// NACKs sent so far.
     pub nacks: u64,
+    /// NACKs sent so far, per type URL (of the response NACKed).
+    pub nacks_by_type: BTreeMap<String, u64>,
     /// Error detail of the last NACK.
     pub last_nack: Option<String>,
     /// When the last response was applied (ACKed).
@@ -232,6 +236,7 @@ impl AdsClient {
     fn record_ack(&self, type_url: &str, version: &str) {
         self.status.send_modify(|s| {
             s.acked.insert(type_url.to_string(), version.to_string());
+            *s.updates.entry(type_url.to_string()).or_default() += 1;
             s.last_update = Some(SystemTime::now());
         });
     }
@@ -240,6 +245,7 @@ impl AdsClient {
         tracing::warn!(type_url, error, "NACK");
         self.status.send_modify(|s| {
             s.nacks += 1;
+            *s.nacks_by_type.entry(type_url.to_string()).or_default() += 1;
             s.last_nack = Some(error.to_string());
         });
     }

@@ -152,6 +152,10 @@ enum Command {
         /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
         #[arg(long, env = "WEFT_SERVER")]
         server: Option<String>,
+        /// The proxy's admin address (HOST:PORT), where `secrets` are read from; default:
+        /// the address the proxy announced to the control plane.
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// Validate resources and run cross-resource checks (Istio's `analyze`): parse errors
     /// with file, line and field, then IST-coded messages. Exit 79 when anything at or
@@ -361,8 +365,8 @@ fn main() -> std::process::ExitCode {
             Command::ProxyStatus { output, server } => {
                 ops::proxy_status(&local::server(server), output == "json").await
             }
-            Command::ProxyConfig { proxy, what, output, server } => {
-                proxy_config::run(&local::server(server), &proxy, what.as_deref(), &output).await
+            Command::ProxyConfig { proxy, what, output, server, admin } => {
+                proxy_config::run(&local::server(server), &proxy, what.as_deref(), &output, admin.as_deref()).await
             }
             Command::Analyze { files, live, server, failure_threshold, output_threshold } => {
                 let code = if live {
