@@ -70,6 +70,7 @@ impl Mesh {
             identity: Some(identity),
             inject: Default::default(),
             webhook: None,
+            registry: None,
         })
         .await
         .unwrap();
