@@ -13,6 +13,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
 use super::body::{boxed, downstream_body_error, full, BodyTally, CountingBody, DeadlineBody, Hold};
+use super::RequestCtx;
 use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, Outcome, UpstreamProtocol};
 use crate::config::Snapshot;
 use crate::conn::ConnInfo;
@@ -32,18 +33,15 @@ enum ReqBody {
 }
 
 /// Sends the request to `cluster_name` following the route's policy.
-#[allow(clippy::too_many_arguments)]
 pub async fn forward(
-    ctx: &Arc<Context>,
-    conn: &Arc<ConnInfo>,
-    snap: &Arc<Snapshot>,
+    rq: &mut RequestCtx<'_>,
     action: &ForwardAction,
     cluster_name: &str,
-    stream_idle: Option<Duration>,
     mut parts: http::request::Parts,
     body: Incoming,
-    report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
+    let (ctx, conn, stream_idle) = (rq.ctx, rq.conn, rq.chain.stream_idle_timeout);
+    let (snap, report) = (&rq.snap, &mut rq.report);
     let cluster = snap
         .clusters
         .get(cluster_name)

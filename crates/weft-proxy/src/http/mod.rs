@@ -95,6 +95,23 @@ where
     let _ = tokio::time::timeout(deadline, conn_fut).await;
 }
 
+/// What the stages of one request share: the proxy, the connection, the filter chain and
+/// snapshot it is served with (the snapshot moves on when something is fetched on
+/// demand), and the report it fills. Per-request functions take this instead of a bag of
+/// arguments.
+pub struct RequestCtx<'a> {
+    /// The proxy.
+    pub ctx: &'a Arc<Context>,
+    /// The downstream connection.
+    pub conn: &'a Arc<ConnInfo>,
+    /// The HTTP connection manager serving the request.
+    pub chain: &'a HttpChain,
+    /// The configuration the request is routed with.
+    pub snap: Arc<Snapshot>,
+    /// Telemetry for the request, filled as it goes.
+    pub report: HttpReport,
+}
+
 /// Handles one request end to end with the connection's current filter chain; never
 /// fails (errors become local replies).
 async fn handle(
@@ -109,7 +126,7 @@ async fn handle(
     // connections get a GOAWAY from `serve`).
     let close = (view.drain || view.denied) && req.version() < http::Version::HTTP_2;
     let mut resp = match &view.chain.kind {
-        ChainKind::Http(chain) if !view.denied => handle_with(&ctx, &conn, chain, &snap, req, stream).await,
+        ChainKind::Http(chain) if !view.denied => handle_with(&ctx, &conn, chain, snap, req, stream).await,
         // Denied by the network RBAC policy now in force: `serve` closes the connection.
         _ => local_reply(&ProxyError::new(ErrorKind::RbacDenied, crate::rbac::DENIED_BODY), StatusCode::FORBIDDEN),
     };
@@ -123,12 +140,15 @@ async fn handle_with(
     ctx: &Arc<Context>,
     conn: &Arc<ConnInfo>,
     chain: &HttpChain,
-    snap: &Arc<Snapshot>,
+    snap: Arc<Snapshot>,
     req: Request<Incoming>,
     stream: StreamGuard,
 ) -> Response<BoxBody> {
-    let mut report = HttpReport::start(ctx, conn, &req);
-    let resp = match route_request(ctx, conn, chain, snap, req, &mut report).await {
+    let report = HttpReport::start(ctx, conn, &req);
+    let mut rq = RequestCtx { ctx, conn, chain, snap, report };
+    let routed = route_request(&mut rq, req).await;
+    let mut report = rq.report;
+    let resp = match routed {
         Ok(r) => r,
         Err(e) => {
             report.flag(e.kind().response_flag());
@@ -152,14 +172,8 @@ async fn handle_with(
     Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx.clone(), report, stream)))
 }
 
-async fn route_request(
-    ctx: &Arc<Context>,
-    conn: &Arc<ConnInfo>,
-    chain: &HttpChain,
-    snap: &Arc<Snapshot>,
-    req: Request<Incoming>,
-    report: &mut HttpReport,
-) -> Result<Response<BoxBody>, ProxyError> {
+async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Result<Response<BoxBody>, ProxyError> {
+    let (ctx, conn, chain) = (rq.ctx, rq.conn, rq.chain);
     let (mut parts, body) = req.into_parts();
     // Envoy refuses these before routing: a head with bare-LF line ends (hyper accepts
     // them) and a second Host, either of which lets two parsers disagree on the request.
@@ -176,11 +190,11 @@ async fn route_request(
         parts.headers.insert("x-forwarded-proto", http::HeaderValue::from_static(proto));
     }
     let authority = request_authority(&parts).unwrap_or_default();
-    report.authority = authority.clone();
+    rq.report.authority = authority.clone();
     // Request authentication (JWT) before authorization: RBAC reads what it establishes.
     for f in &chain.jwt {
         if let Err(denial) = f.authenticate(&mut parts, &authority).await {
-            return Ok(jwt_denied(&denial, report));
+            return Ok(jwt_denied(&denial, &mut rq.report));
         }
     }
     // Authorization first (Istio's order: authn, authz, then CORS, faults, router).
@@ -188,34 +202,33 @@ async fn route_request(
         let verdict =
             crate::rbac::check(&chain.rbac, &crate::rbac::http_input(conn, &parts, &authority), ctx.metrics.rbac());
         let denied = verdict.denied.is_some();
-        report.rbac(verdict);
+        rq.report.rbac(verdict);
         if denied {
             return Err(ProxyError::new(ErrorKind::RbacDenied, crate::rbac::DENIED_BODY));
         }
     }
-    let mut table = snap
+    let mut table = rq
+        .snap
         .route_table(chain)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "route configuration not (yet) received"))?;
     // On-demand route configurations (VHDS) fetch the virtual host of a new authority first.
-    let mut snap = snap.clone();
-    let fetched = ctx.store.await_vhost(&snap, &table, &authority).await;
+    let fetched = ctx.store.await_vhost(&rq.snap, &table, &authority).await;
     if let Some((s, t)) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoRoute, e.to_string()))? {
-        (snap, table) = (s, t);
+        (rq.snap, table) = (s, t);
     }
-    let snap = &snap;
     if parts.method == Method::CONNECT {
         if !chain.upgrades.iter().any(|u| u == "connect") {
             return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "CONNECT is not enabled on this listener"));
         }
         let route = tunnel::select_connect_route(&table, &authority, &parts)
             .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for CONNECT {authority}")))?;
-        report.route_name = route.name.clone();
-        return tunnel::connect(ctx, conn, snap, &route, &authority, parts, report).await;
+        rq.report.route_name = route.name.clone();
+        return tunnel::connect(rq, &route, &authority, parts).await;
     }
     let route = table
         .select(&authority, &parts)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for {authority}{}", parts.uri.path())))?;
-    report.route_name = route.name.clone();
+    rq.report.route_name = route.name.clone();
     // The CORS filter runs before fault injection and the router (Istio's order).
     let cors = route.cors.as_deref().filter(|_| chain.cors);
     let mut allowed_origin = None;
@@ -229,7 +242,7 @@ async fn route_request(
             }
         }
     }
-    let mut result = dispatch(ctx, conn, chain, snap, &route, parts, body, report).await;
+    let mut result = dispatch(rq, &route, parts, body).await;
     if let (Some(policy), Some(origin), Ok(resp)) = (cors, allowed_origin, result.as_mut()) {
         policy.decorate(resp.headers_mut(), origin);
     }
@@ -237,17 +250,13 @@ async fn route_request(
 }
 
 /// Fault injection, then the route's action: a local reply or forwarding upstream.
-#[allow(clippy::too_many_arguments)]
 async fn dispatch(
-    ctx: &Arc<Context>,
-    conn: &Arc<ConnInfo>,
-    chain: &HttpChain,
-    snap: &Arc<Snapshot>,
+    rq: &mut RequestCtx<'_>,
     route: &Arc<Route>,
     mut parts: http::request::Parts,
     body: Incoming,
-    report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
+    let (ctx, chain) = (rq.ctx, rq.chain);
     match &route.action {
         RouteAction::Direct { .. } | RouteAction::Redirect(..) => {
             // Both carry the route's response-header edits already, as Envoy's local replies do.
@@ -263,31 +272,28 @@ async fn dispatch(
             if let Some(fault) = route.fault.as_ref().or(chain.fault.as_ref()) {
                 let d = fault.decide(rand::random(), rand::random());
                 if let Some(delay) = d.delay {
-                    report.flag("DI");
+                    rq.report.flag("DI");
                     tokio::time::sleep(delay).await;
                 }
                 if let Some(abort) = d.abort {
-                    report.flag("FI");
+                    rq.report.flag("FI");
                     let mut resp = fault_abort(&abort);
                     route.edit_response_headers(resp.headers_mut());
                     return Ok(resp);
                 }
             }
             let cluster_name = action.clusters.pick(rand::random()).to_string();
-            report.cluster = cluster_name.clone();
-            let fresh;
-            let mut snap = snap;
-            if !snap.cluster_warm(&cluster_name) {
+            rq.report.cluster = cluster_name.clone();
+            if !rq.snap.cluster_warm(&cluster_name) {
                 // On demand, a cluster not received yet (or without endpoints) is awaited.
-                let fetched = ctx.store.await_cluster(snap, &cluster_name).await;
+                let fetched = ctx.store.await_cluster(&rq.snap, &cluster_name).await;
                 if let Some(s) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoCluster, e.to_string()))? {
-                    fresh = s;
-                    snap = &fresh;
+                    rq.snap = s;
                 }
             }
-            if !snap.clusters.contains_key(&cluster_name) {
+            if !rq.snap.clusters.contains_key(&cluster_name) {
                 // Envoy's `cluster_not_found_response_code` (503 unless configured).
-                report.local_status = Some(action.cluster_not_found_status);
+                rq.report.local_status = Some(action.cluster_not_found_status);
                 return Err(ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")));
             }
             route.rewrite_request(&mut parts);
@@ -298,20 +304,9 @@ async fn dispatch(
                         format!("upgrade {kind:?} is not enabled on this listener"),
                     ));
                 }
-                return tunnel::upgrade(ctx, conn, snap, &cluster_name, parts, report).await;
+                return tunnel::upgrade(rq, &cluster_name, parts).await;
             }
-            let mut resp = forward::forward(
-                ctx,
-                conn,
-                snap,
-                action,
-                &cluster_name,
-                chain.stream_idle_timeout,
-                parts,
-                body,
-                report,
-            )
-            .await?;
+            let mut resp = forward::forward(rq, action, &cluster_name, parts, body).await?;
             route.edit_response_headers(resp.headers_mut());
             Ok(resp)
         }

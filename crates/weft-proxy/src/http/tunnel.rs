@@ -11,12 +11,9 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::body::full;
+use super::RequestCtx;
 use crate::cluster::{BoxBody, Discovery, UpstreamStream};
-use crate::config::Snapshot;
-use crate::conn::ConnInfo;
-use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
-use crate::report::HttpReport;
 use crate::route::{Route, RouteAction, RouteTable};
 
 /// The upgrade a request asks for (lower case), when it is an HTTP/1.1 upgrade.
@@ -45,20 +42,17 @@ pub fn select_connect_route(table: &RouteTable, authority: &str, parts: &http::r
 /// `CONNECT host:port`: connects to an endpoint of the route's cluster, answers 200 and
 /// copies bytes both ways.
 pub async fn connect(
-    ctx: &Arc<Context>,
-    conn: &Arc<ConnInfo>,
-    snap: &Arc<Snapshot>,
+    rq: &mut RequestCtx<'_>,
     route: &Route,
     authority: &str,
     mut parts: http::request::Parts,
-    report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let RouteAction::Forward(action) = &route.action else {
         return Err(ProxyError::new(ErrorKind::NoRoute, "CONNECT route must forward to a cluster"));
     };
     let cluster_name = action.clusters.pick(rand::random()).to_string();
-    report.cluster = cluster_name.clone();
-    let upstream = dial(ctx, conn, snap, &cluster_name, Some(authority), report).await?;
+    rq.report.cluster = cluster_name.clone();
+    let upstream = dial(rq, &cluster_name, Some(authority)).await?;
     let on_upgrade = parts
         .extensions
         .remove::<OnUpgrade>()
@@ -79,14 +73,12 @@ pub async fn connect(
 /// HTTP/1.1 upgrade (WebSocket and friends): a dedicated upstream connection, the
 /// request sent as is, and on `101` both connections become a byte pipe.
 pub async fn upgrade(
-    ctx: &Arc<Context>,
-    conn: &Arc<ConnInfo>,
-    snap: &Arc<Snapshot>,
+    rq: &mut RequestCtx<'_>,
     cluster_name: &str,
     mut parts: http::request::Parts,
-    report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
-    let stream = dial(ctx, conn, snap, cluster_name, None, report).await?;
+    let stream = dial(rq, cluster_name, None).await?;
+    let (ctx, conn, report) = (rq.ctx, rq.conn, &rq.report);
     let on_down = parts
         .extensions
         .remove::<OnUpgrade>()
@@ -139,14 +131,13 @@ pub async fn upgrade(
 /// Opens a TCP connection to an endpoint of the cluster (or the original destination /
 /// the CONNECT authority for ORIGINAL_DST clusters).
 async fn dial(
-    ctx: &Arc<Context>,
-    conn: &Arc<ConnInfo>,
-    snap: &Arc<Snapshot>,
+    rq: &mut RequestCtx<'_>,
     cluster_name: &str,
     authority: Option<&str>,
-    report: &mut HttpReport,
 ) -> Result<UpstreamStream, ProxyError> {
-    let cluster = snap
+    let (ctx, conn) = (rq.ctx, rq.conn);
+    let cluster = rq
+        .snap
         .clusters
         .get(cluster_name)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
@@ -164,6 +155,6 @@ async fn dial(
         })?;
         (ep.addr, cluster.config.connector_for(ep.metadata.as_ref()))
     };
-    report.upstream_host = Some(addr);
+    rq.report.upstream_host = Some(addr);
     ctx.pools.connect_stream(addr, timeout, connector).await
 }
