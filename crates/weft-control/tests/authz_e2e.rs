@@ -33,7 +33,7 @@ use weft_proxy::proxy::ProxyHandle;
 use weft_testkit::echo::{EchoServer, TcpEchoServer};
 use weft_xds::{type_url, AdsServer, NodeInfo, PortInfo, StaticSource};
 
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(30);
 
 /// A CA, the server certificate of the sidecar, and client certificates by principal.
 struct Pki {

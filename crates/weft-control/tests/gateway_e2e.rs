@@ -26,7 +26,7 @@ use weft_testkit::echo::{EchoServer, SERVER_HEADER};
 use weft_testkit::http::{get_h1, request, send_h1};
 use weft_testkit::net::reserve_addr;
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 
 /// Besides bookinfo-gateway.yaml: the productpage Service in two versions, STRICT mTLS,
 /// a VirtualService on the same Gateway for host `split.example` (header match and a

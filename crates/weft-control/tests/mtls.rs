@@ -27,7 +27,7 @@ use weft_testkit::echo::{EchoServer, SERVER_HEADER};
 use weft_testkit::http::{get_h1, get_via_proxy, request, send_h1};
 use weft_testkit::net::reserve_addr;
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n";
 

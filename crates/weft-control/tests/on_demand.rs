@@ -20,7 +20,7 @@ use weft_testkit::echo::EchoServer;
 use weft_testkit::http::get_via_proxy;
 use weft_xds::PortInfo;
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 const SVC_17: &str = "outbound|9080||svc-17.default.svc.cluster.local";
 
 /// What a proxy holds: listeners, virtual hosts (over all route configurations),

@@ -19,7 +19,7 @@ use weft_testkit::echo::{EchoServer, SERVER_HEADER};
 use weft_testkit::http::{get_h1, get_via_proxy, request, send_h1};
 use weft_xds::{type_url, AdsServer, NodeInfo, PortInfo, StaticSource};
 
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(30);
 
 const RESOURCES: &str = r#"
 apiVersion: v1
