@@ -157,6 +157,8 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
         (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
+        (Method::GET, "/api/v1/registry") => reply(StatusCode::OK, registry(api)),
+        (Method::GET, "/api/v1/cache") => reply(StatusCode::OK, json!(api.source.cache_stats())),
         (Method::POST, "/api/v1/analyze") => {
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
                 Ok(b) => b.to_bytes(),
@@ -264,6 +266,30 @@ fn proxies(api: &Api) -> Value {
         })
         .collect();
     json!({"proxies": list})
+}
+
+/// The workload registry: every workload with where it came from (`proxy`,
+/// `workloadEntry`, or `restored`: saved before a restart, awaiting its proxy).
+fn registry(api: &Api) -> Value {
+    use crate::registry::WorkloadSource;
+    let snap = api.registry.snapshot();
+    let list: Vec<Value> = snap
+        .workloads()
+        .map(|w| {
+            let source = match &w.source {
+                WorkloadSource::Proxy => "proxy",
+                WorkloadSource::WorkloadEntry(_) => "workloadEntry",
+                WorkloadSource::Restored => "restored",
+            };
+            json!({
+                "id": w.id, "name": w.name, "namespace": w.namespace, "labels": w.labels,
+                "addresses": w.addresses.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+                "inbound": w.inbound.map(|a| a.to_string()), "ready": w.ready, "source": source,
+            })
+        })
+        .collect();
+    let restored = snap.workloads().filter(|w| w.source == WorkloadSource::Restored).count();
+    json!({"version": snap.version(), "restored": restored, "workloads": list})
 }
 
 /// A file sent with `weft analyze --live -f FILE`.

@@ -15,7 +15,7 @@ use weft_identity::service::CertificateAuthority;
 use weft_xds::{AdsServer, ConfigSource};
 
 use crate::identity::IdentityConfig;
-use crate::registry::Registry;
+use crate::registry::{FollowConfig, Registry};
 use crate::secrets::SecretSource;
 use crate::source::MeshSource;
 use crate::store::Store;
@@ -41,6 +41,10 @@ pub struct ControlConfig {
     /// `POST /inject` over HTTPS for the Kubernetes API server, which calls webhooks
     /// over TLS only (Istio's port 15017); None: `/inject` on the plain-HTTP API only.
     pub webhook: Option<crate::webhook_tls::WebhookTlsConfig>,
+    /// Keep the proxies' registrations in a file and restore them at start, awaiting
+    /// their proxies' reconnect (`weft control --data-dir`: `registry.json` there); None:
+    /// a restarted control plane starts with an empty registry.
+    pub registry: Option<crate::registry::PersistConfig>,
 }
 
 /// A running control plane.
@@ -65,6 +69,8 @@ pub struct ControlPlane {
     pub identity: Option<Arc<CertificateAuthority>>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    /// Writes the registry file (stopped first on shutdown).
+    persist: Option<JoinHandle<()>>,
 }
 
 impl ControlPlane {
@@ -80,6 +86,16 @@ impl ControlPlane {
         }
         info!(resources = snap.resources.len(), errors = snap.errors.len(), "store loaded");
         let registry = Registry::new();
+        let mut follow = FollowConfig::default();
+        if let Some(p) = &cfg.registry {
+            match registry.restore(&p.path) {
+                Ok(n) => {
+                    info!(workloads = n, grace = ?p.reconnect_grace, "registry restored; awaiting reconnects")
+                }
+                Err(e) => tracing::warn!(error = %e, "registry not restored; starting empty"),
+            }
+            follow.restored_grace = p.reconnect_grace;
+        }
         let source = MeshSource::new(store.clone(), registry.clone(), cfg.mode, cfg.mesh.clone());
         let identity = match &cfg.identity {
             Some(ic) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
@@ -115,7 +131,9 @@ impl ControlPlane {
         if cfg.dir.is_some() {
             tasks.push(store.watch());
         }
-        tasks.push(registry.follow(&server));
+        tasks.push(registry.follow_with(&server, follow));
+        let persist = cfg.registry.as_ref().map(|p| registry.persist(p.path.clone()));
+        tasks.push(tokio::spawn(evict_unused_translations(server.clone(), Arc::downgrade(&source))));
         let srv = server.clone();
         let xds_stop = stopped(&stop_rx);
         let routes = match &identity {
@@ -153,14 +171,41 @@ impl ControlPlane {
             identity,
             stop,
             tasks,
+            persist,
         })
     }
 
-    /// Stops both servers.
+    /// Stops both servers. The registry file keeps the registrations of the moment: it
+    /// is no longer written once the streams start closing.
     pub async fn shutdown(self) {
+        if let Some(p) = self.persist {
+            p.abort();
+        }
         self.stop.send_replace(true);
         for t in self.tasks {
             t.abort();
         }
     }
 }
+
+/// Drops the cached translations of proxy shapes no connected proxy has any more, after
+/// connections come and go (at most once per [`SWEEP_INTERVAL`]).
+async fn evict_unused_translations(server: AdsServer, source: std::sync::Weak<MeshSource>) {
+    let mut changes = server.status_changes();
+    loop {
+        if changes.changed().await.is_err() {
+            return;
+        }
+        tokio::time::sleep(SWEEP_INTERVAL).await;
+        changes.borrow_and_update();
+        let Some(source) = source.upgrade() else { return };
+        let connections = server.connections();
+        let evicted = source.evict_unused(connections.iter().map(|c| &c.raw_node));
+        if evicted > 0 {
+            tracing::debug!(evicted, "translations of departed proxy shapes evicted");
+        }
+    }
+}
+
+/// How often, at most, unused translations are looked for.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);

@@ -89,7 +89,8 @@ impl EnvoyBootstrapOptions {
             instance_ips: vec![self.instance_ip.to_string()],
             inbound: self.inbound,
             outbound: self.outbound,
-            admin: None,
+            // Announced so `weft proxy-config ... secrets` can read its config dump.
+            admin: (self.admin_port != 0).then(|| std::net::SocketAddr::from(([127, 0, 0, 1], self.admin_port))),
             metrics: None,
             on_demand: false,
             gateway_ports: Default::default(),

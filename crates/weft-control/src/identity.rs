@@ -27,8 +27,10 @@ pub struct IdentityConfig {
     pub trust_domain: String,
     /// Workload certificate TTL when a request does not ask for one.
     pub cert_ttl: Duration,
-    /// Longest TTL granted.
+    /// Longest certificate TTL granted; a request for more is refused (Istio's CA).
     pub max_cert_ttl: Duration,
+    /// Longest join-token TTL granted; a request for more is refused with 400.
+    pub max_token_ttl: Duration,
 }
 
 impl IdentityConfig {
@@ -40,22 +42,36 @@ impl IdentityConfig {
             trust_domain: DEFAULT_TRUST_DOMAIN.to_string(),
             cert_ttl: DEFAULT_CERT_TTL,
             max_cert_ttl: DEFAULT_MAX_CERT_TTL,
+            max_token_ttl: weft_identity::token::DEFAULT_MAX_TOKEN_TTL,
         }
     }
 
-    /// Loads or creates the CA and the token issuer.
+    /// Loads or creates the CA and the token issuer. A default certificate TTL over the
+    /// maximum is a configuration error.
     pub fn start(&self) -> Result<Arc<CertificateAuthority>, String> {
+        if self.cert_ttl > self.max_cert_ttl {
+            return Err(format!(
+                "--cert-ttl ({}s) is longer than --max-cert-ttl ({}s): lower the first or raise the second",
+                self.cert_ttl.as_secs(),
+                self.max_cert_ttl.as_secs()
+            ));
+        }
+        if self.cert_ttl.is_zero() || self.max_token_ttl.is_zero() {
+            return Err("--cert-ttl and --max-token-ttl must be longer than zero".to_string());
+        }
         let ca = match &self.plugin_ca {
             Some(dir) => Ca::plug_in(dir, &self.trust_domain),
             None => Ca::load_or_create(&self.data_dir, &self.trust_domain),
         }
         .map_err(|e| e.to_string())?;
-        let tokens = TokenIssuer::load_or_create(&self.data_dir).map_err(|e| e.to_string())?;
+        let tokens =
+            TokenIssuer::load_or_create(&self.data_dir).map_err(|e| e.to_string())?.with_max_ttl(self.max_token_ttl);
         Ok(Arc::new(CertificateAuthority::new(Arc::new(ca), Arc::new(tokens), self.cert_ttl, self.max_cert_ttl)))
     }
 }
 
-/// `POST /api/v1/tokens` with `{"namespace", "serviceAccount", "ttlSeconds"}`.
+/// `POST /api/v1/tokens` with `{"namespace", "serviceAccount", "ttlSeconds"}`. A TTL
+/// over the issuer's maximum (`--max-token-ttl`) is refused with 400, naming both.
 pub(crate) fn create_token(authority: Option<&CertificateAuthority>, body: &[u8]) -> (StatusCode, Value) {
     let Some(authority) = authority else { return disabled() };
     let req: Value = match serde_json::from_slice(body) {
@@ -69,7 +85,12 @@ pub(crate) fn create_token(authority: Option<&CertificateAuthority>, body: &[u8]
         Value::Null => weft_identity::token::DEFAULT_TOKEN_TTL,
         v => match v.as_u64() {
             Some(s) if s > 0 => Duration::from_secs(s),
-            _ => return (StatusCode::BAD_REQUEST, json!({"error": "ttlSeconds must be a positive integer"})),
+            _ => {
+                return (
+                    StatusCode::BAD_REQUEST,
+                    json!({"error": format!("ttlSeconds must be a positive integer of seconds, found {v}")}),
+                )
+            }
         },
     };
     match authority.tokens().create(ns, sa, ttl) {
@@ -83,7 +104,10 @@ pub(crate) fn create_token(authority: Option<&CertificateAuthority>, body: &[u8]
                        "identity": identity, "expiresAt": expires}),
             )
         }
-        Err(e) => (StatusCode::BAD_REQUEST, json!({"error": e.to_string()})),
+        Err(e) => {
+            let max = authority.tokens().max_ttl().as_secs();
+            (StatusCode::BAD_REQUEST, json!({"error": e.to_string(), "maxTtlSeconds": max}))
+        }
     }
 }
 

@@ -4,6 +4,12 @@
 //! in line with an [`AdsServer`]'s open streams (one workload per node id, identity from
 //! the node metadata). Others are added by hand with [`Registry::upsert`] (WorkloadEntry).
 //!
+//! The proxies' registrations survive a control-plane restart: [`Registry::persist`]
+//! keeps them in a file, [`Registry::restore`] reads it back at start as
+//! [`WorkloadSource::Restored`] workloads (still endpoints), and [`Registry::follow_with`]
+//! drops those whose proxy has not reconnected within [`FollowConfig::restored_grace`]
+//! (see `persist.rs`).
+//!
 //! Readers take an immutable [`RegistrySnapshot`] without locking; every change
 //! publishes a new snapshot and bumps the version on [`Registry::changes`].
 
@@ -57,6 +63,9 @@ pub enum WorkloadSource {
     Proxy,
     /// A `WorkloadEntry` resource of this name.
     WorkloadEntry(String),
+    /// Registered by its proxy before the control plane restarted, restored from the
+    /// data directory and awaiting the proxy's reconnect (it stays an endpoint meanwhile).
+    Restored,
 }
 
 /// Settings of [`Registry::follow_with`].
@@ -64,6 +73,9 @@ pub enum WorkloadSource {
 pub struct FollowConfig {
     /// How long a workload stays after its last stream closed (zero: removed at once).
     pub grace: std::time::Duration,
+    /// How long a [`WorkloadSource::Restored`] workload (present when the task starts)
+    /// waits for its proxy to reconnect before it is removed (zero: removed at once).
+    pub restored_grace: std::time::Duration,
 }
 
 /// The workload registry. Cheap to clone; clones share state.
@@ -316,8 +328,17 @@ async fn follow_task(
     mut changes: watch::Receiver<u64>,
     config: FollowConfig,
 ) {
-    // Node ids this task registered, with when they went away (for the grace period).
+    // Node ids this task registered (or found restored), with the deadline by which their
+    // proxy must be back (None: connected).
     let mut owned: BTreeMap<String, Option<tokio::time::Instant>> = BTreeMap::new();
+    if let Some(inner) = registry.upgrade() {
+        let deadline = after(tokio::time::Instant::now(), config.restored_grace);
+        for w in inner.snapshot.load().workloads() {
+            if w.source == WorkloadSource::Restored {
+                owned.insert(w.id.clone(), Some(deadline));
+            }
+        }
+    }
     let mut warned = BTreeSet::new();
     loop {
         changes.borrow_and_update();
@@ -326,14 +347,11 @@ async fn follow_task(
         let now = tokio::time::Instant::now();
         for id in owned.keys().cloned().collect::<Vec<_>>() {
             if !connected.contains_key(&id) {
-                owned.entry(id).and_modify(|gone| *gone = Some(gone.unwrap_or(now)));
+                owned.entry(id).and_modify(|deadline| *deadline = Some(deadline.unwrap_or(after(now, config.grace))));
             }
         }
-        let expired: Vec<String> = owned
-            .iter()
-            .filter(|(_, gone)| gone.is_some_and(|t| now >= t + config.grace))
-            .map(|(id, _)| id.clone())
-            .collect();
+        let expired: Vec<String> =
+            owned.iter().filter(|(_, deadline)| deadline.is_some_and(|t| now >= t)).map(|(id, _)| id.clone()).collect();
         for id in &expired {
             owned.remove(id);
         }
@@ -344,7 +362,7 @@ async fn follow_task(
             let mut changed = false;
             for id in &expired {
                 // Leave entries someone else put there (a WorkloadEntry with this id).
-                if map.get(id).is_some_and(|w| w.source == WorkloadSource::Proxy) {
+                if map.get(id).is_some_and(|w| matches!(w.source, WorkloadSource::Proxy | WorkloadSource::Restored)) {
                     map.remove(id);
                     changed = true;
                 }
@@ -358,7 +376,7 @@ async fn follow_task(
             changed
         });
         drop(inner);
-        let next_expiry = owned.values().flatten().map(|t| *t + config.grace).min();
+        let next_expiry = owned.values().flatten().min().copied();
         tokio::select! {
             changed = changes.changed() => {
                 if changed.is_err() {
@@ -370,12 +388,20 @@ async fn follow_task(
     }
 }
 
+/// `now + d`, or a century from now when `d` does not fit (a huge grace flag).
+fn after(now: tokio::time::Instant, d: std::time::Duration) -> tokio::time::Instant {
+    now.checked_add(d).unwrap_or_else(|| now + std::time::Duration::from_secs(100 * 365 * 86_400))
+}
+
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
     }
 }
+
+mod persist;
+pub use persist::{PersistConfig, DEFAULT_RECONNECT_GRACE, REGISTRY_FILE};
 
 #[cfg(test)]
 mod tests;

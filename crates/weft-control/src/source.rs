@@ -3,11 +3,16 @@
 //! per resource type derived from its content (so a change re-pushes only the types it
 //! touched, and delta clients get per-resource versions from the server).
 //!
+//! The cache holds one translation per proxy shape, at most [`DEFAULT_CACHE_BOUND`]
+//! (least recently used evicted beyond it), and [`MeshSource::evict_unused`] drops the
+//! shapes no connected proxy has any more (the control plane runs it as proxies come and
+//! go); [`MeshSource::cache_stats`] counts both (`GET /api/v1/cache`).
+//!
 //! On-demand proxies (delta, `WEFT_ON_DEMAND`) subscribe by name; [`ConfigSource::lookup`]
 //! answers them from the cached translation by name (virtual hosts through a domain
 //! index), so a proxy asking for one host never costs a copy of the whole mesh.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -25,6 +30,10 @@ use crate::translate::{translate, MeshConfig, ProxyMode};
 /// connecting) into one push.
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
+/// Translations kept by default: one per proxy shape (namespace, labels, ports, listener
+/// addresses...), so roughly one per deployment of the mesh.
+pub const DEFAULT_CACHE_BOUND: usize = 1024;
+
 /// Versions of the translator's inputs besides the registry: (store, fetched JWKS).
 type MeshVersions = (u64, u64);
 
@@ -32,6 +41,8 @@ type TypeMap = BTreeMap<String, (String, BTreeMap<String, Any>)>;
 
 struct Cached {
     inputs: (MeshVersions, u64),
+    /// [`TranslationCache::tick`] when last served (least recently used goes first).
+    last_used: u64,
     types: Arc<TypeMap>,
     /// VHDS resources by route configuration and domain (empty unless on demand).
     vhosts: Arc<VhostIndex>,
@@ -48,10 +59,36 @@ pub struct MeshSource {
     /// JWKS documents of RequestAuthentications' `jwksUri`s, inlined by the translator.
     jwks: Arc<JwksResolver>,
     /// Translations by proxy shape (see [`MeshSource::proxy_resources`]).
-    cache: Mutex<HashMap<String, Cached>>,
+    cache: Mutex<TranslationCache>,
     /// The registry as the translations see it (see [`MeshSource::registry_epoch`]).
     epoch: Mutex<RegistryEpoch>,
     changes: watch::Sender<u64>,
+}
+
+/// The bounded translation cache.
+struct TranslationCache {
+    entries: HashMap<String, Cached>,
+    /// Bumped on every use; orders entries by recency.
+    tick: u64,
+    stats: CacheStats,
+}
+
+/// What the translation cache holds and has done (`GET /api/v1/cache`).
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStats {
+    /// Translations held (one per proxy shape).
+    pub entries: usize,
+    /// Most translations held.
+    pub bound: usize,
+    /// Translations served from the cache.
+    pub hits: u64,
+    /// Translations computed (absent, or their inputs changed).
+    pub misses: u64,
+    /// Evicted as least recently used, beyond the bound.
+    pub evicted_lru: u64,
+    /// Evicted because no connected proxy has their shape any more.
+    pub evicted_unused: u64,
 }
 
 /// The last registry snapshot looked at and the epoch it belongs to.
@@ -73,7 +110,11 @@ impl MeshSource {
             defaults,
             mesh: Mutex::new(None),
             jwks: JwksResolver::start(crate::jwks::DEFAULT_REFRESH, crate::jwks::DEFAULT_TIMEOUT),
-            cache: Mutex::new(HashMap::new()),
+            cache: Mutex::new(TranslationCache {
+                entries: HashMap::new(),
+                tick: 0,
+                stats: CacheStats { bound: DEFAULT_CACHE_BOUND, ..CacheStats::default() },
+            }),
             epoch: Mutex::new(RegistryEpoch { seen: Arc::new(RegistrySnapshot::default()), mesh: (0, 0), epoch: 0 }),
             changes: watch::channel(0).0,
         });
@@ -123,41 +164,57 @@ impl MeshSource {
         self.translation(node).0
     }
 
+    /// Sets the most translations the cache holds (at least 1), evicting the least
+    /// recently used beyond it.
+    pub fn set_cache_bound(&self, bound: usize) {
+        let mut cache = self.lock_cache();
+        cache.stats.bound = bound.max(1);
+        cache.evict_beyond_bound();
+    }
+
+    /// The cache's size, bound and counters.
+    pub fn cache_stats(&self) -> CacheStats {
+        let cache = self.lock_cache();
+        CacheStats { entries: cache.entries.len(), ..cache.stats.clone() }
+    }
+
+    /// Drops the translations of shapes none of `connected` (the nodes of the open
+    /// streams) has; how many.
+    pub fn evict_unused<'a>(&self, connected: impl IntoIterator<Item = &'a Node>) -> usize {
+        let registry = self.registry.snapshot();
+        let live: HashSet<String> = connected.into_iter().map(|n| shape(&node_info(n), n, &registry)).collect();
+        let mut cache = self.lock_cache();
+        let before = cache.entries.len();
+        cache.entries.retain(|k, _| live.contains(k));
+        let evicted = before - cache.entries.len();
+        cache.stats.evicted_unused += evicted as u64;
+        evicted
+    }
+
+    fn lock_cache(&self) -> std::sync::MutexGuard<'_, TranslationCache> {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// The proxy's translation and its virtual-host index (cached per proxy shape).
     fn translation(&self, node: &Node) -> (Arc<TypeMap>, Arc<VhostIndex>) {
-        let info = NodeInfo::from_node(node).unwrap_or_else(|_| NodeInfo {
-            // A stock Envoy without weft metadata: a workload of the default namespace.
-            id: node.id.clone(),
-            name: node.id.clone(),
-            namespace: "default".into(),
-            ..NodeInfo::default()
-        });
+        let info = node_info(node);
         let (store_version, mesh) = self.mesh();
         let registry = self.registry.snapshot();
         let inputs = (store_version, self.registry_epoch(store_version, &mesh, &registry));
-        // Proxies that differ only in name or address get identical xDS: the translator
-        // reads the namespace, labels, ports and listener addresses. They share one
-        // translation (the expensive part of a push to many identical sidecars).
-        let inbound = registry.get(&node.id).and_then(|w| w.inbound).or(info.inbound);
-        let shape = format!(
-            "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}",
-            info.namespace,
-            info.labels,
-            info.ports,
-            info.outbound,
-            inbound,
-            info.on_demand,
-            info.is_gateway(),
-            info.gateway_ports,
-            info.gateway_address
-        );
+        let shape = shape(&info, node, &registry);
         {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(c) = cache.get(&shape) {
+            let mut cache = self.lock_cache();
+            cache.tick += 1;
+            let tick = cache.tick;
+            if let Some(c) = cache.entries.get_mut(&shape) {
                 if c.inputs == inputs {
-                    return (c.types.clone(), c.vhosts.clone());
+                    c.last_used = tick;
+                    let found = (c.types.clone(), c.vhosts.clone());
+                    cache.stats.hits += 1;
+                    return found;
                 }
             }
+            cache.stats.misses += 1;
         }
         let xds = translate(&mesh, &registry, &info, self.mode);
         let vhosts = Arc::new(VhostIndex::build(xds.virtual_hosts.iter().map(|vh| (vh.name.as_str(), vh))));
@@ -174,8 +231,11 @@ impl MeshSource {
             types.insert(type_url.to_string(), (version, by_name));
         }
         let types = Arc::new(types);
-        let cached = Cached { inputs, types: types.clone(), vhosts: vhosts.clone() };
-        self.cache.lock().unwrap_or_else(|p| p.into_inner()).insert(shape, cached);
+        let mut cache = self.lock_cache();
+        cache.tick += 1;
+        let cached = Cached { inputs, last_used: cache.tick, types: types.clone(), vhosts: vhosts.clone() };
+        cache.entries.insert(shape, cached);
+        cache.evict_beyond_bound();
         (types, vhosts)
     }
 
@@ -201,6 +261,50 @@ impl MeshSource {
         e.mesh = mesh_versions;
         e.epoch
     }
+}
+
+impl TranslationCache {
+    /// Evicts least recently used entries until at most `bound` remain.
+    fn evict_beyond_bound(&mut self) {
+        while self.entries.len() > self.stats.bound {
+            let Some(oldest) = self.entries.iter().min_by_key(|(_, c)| c.last_used).map(|(k, _)| k.clone()) else {
+                return;
+            };
+            self.entries.remove(&oldest);
+            self.stats.evicted_lru += 1;
+        }
+    }
+}
+
+/// The node's weft metadata; a stock Envoy without it is a workload of the default
+/// namespace.
+fn node_info(node: &Node) -> NodeInfo {
+    NodeInfo::from_node(node).unwrap_or_else(|_| NodeInfo {
+        id: node.id.clone(),
+        name: node.id.clone(),
+        namespace: "default".into(),
+        ..NodeInfo::default()
+    })
+}
+
+/// What a translation depends on besides the mesh and registry. Proxies that differ only
+/// in name or address get identical xDS: the translator reads the namespace, labels,
+/// ports and listener addresses. They share one translation (the expensive part of a
+/// push to many identical sidecars).
+fn shape(info: &NodeInfo, node: &Node, registry: &RegistrySnapshot) -> String {
+    let inbound = registry.get(&node.id).and_then(|w| w.inbound).or(info.inbound);
+    format!(
+        "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}",
+        info.namespace,
+        info.labels,
+        info.ports,
+        info.outbound,
+        inbound,
+        info.on_demand,
+        info.is_gateway(),
+        info.gateway_ports,
+        info.gateway_address
+    )
 }
 
 /// Workloads added, removed or changed between `old` and `new` (both versions of a

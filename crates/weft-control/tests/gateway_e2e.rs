@@ -351,6 +351,7 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
         identity: Some(identity),
         inject: Default::default(),
         webhook: None,
+        registry: None,
     })
     .await
     .unwrap();

@@ -33,6 +33,7 @@ async fn control_plane(data: &std::path::Path) -> anyhow::Result<ControlPlane> {
         identity: Some(identity),
         inject: Default::default(),
         webhook: None,
+        registry: None,
     })
     .await
     .map_err(anyhow::Error::msg)
@@ -98,6 +99,42 @@ async fn token_api_validates_its_input() -> anyhow::Result<()> {
     assert_eq!(status, 400, "{v}");
     assert!(v["error"].as_str().unwrap_or_default().contains("namespace"), "{v}");
     cp.shutdown().await;
+    Ok(())
+}
+
+/// `ttlSeconds` over `--max-token-ttl` (90 days by default) is refused with 400 naming
+/// both, however absurd (no overflow, the API keeps answering); the maximum is granted.
+#[tokio::test]
+async fn token_api_refuses_ttls_over_the_maximum() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let cp = control_plane(data.path()).await?;
+    let max = weft_identity::token::DEFAULT_MAX_TOKEN_TTL.as_secs();
+    let body = |ttl: serde_json::Value| serde_json::json!({"namespace": "default", "serviceAccount": "web", "ttlSeconds": ttl});
+    for ttl in [serde_json::json!(max + 1), serde_json::json!(99_999_999_999_999_u64), serde_json::json!(u64::MAX)] {
+        let (status, v) = api_post(&cp, "/api/v1/tokens", body(ttl.clone())).await?;
+        assert_eq!(status, 400, "{ttl}: {v}");
+        let error = v["error"].as_str().unwrap_or_default();
+        assert!(error.contains(&format!("token TTL {ttl}s is greater than the max allowed TTL {max}s")), "{v}");
+        assert_eq!(v["maxTtlSeconds"], max, "{v}");
+    }
+    for bad in [serde_json::json!(1e300), serde_json::json!(-1), serde_json::json!("90d")] {
+        let (status, v) = api_post(&cp, "/api/v1/tokens", body(bad.clone())).await?;
+        assert_eq!(status, 400, "{bad}: {v}");
+        assert!(v["error"].as_str().unwrap_or_default().contains("ttlSeconds must be a positive integer"), "{v}");
+    }
+    let (status, v) = api_post(&cp, "/api/v1/tokens", body(serde_json::json!(max))).await?;
+    assert_eq!(status, 200, "{v}");
+    cp.shutdown().await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_default_certificate_ttl_over_the_maximum_stops_the_start() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let mut identity = IdentityConfig::new(data.path());
+    identity.cert_ttl = Duration::from_secs(100 * 86_400);
+    let err = identity.start().err().context("--cert-ttl over --max-cert-ttl must not start")?;
+    assert!(err.contains("--cert-ttl") && err.contains("--max-cert-ttl"), "{err}");
     Ok(())
 }
 

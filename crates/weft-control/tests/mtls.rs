@@ -42,6 +42,7 @@ async fn mesh_control_plane(dir: Option<&Path>, identity: IdentityConfig) -> Con
         identity: Some(identity),
         inject: Default::default(),
         webhook: None,
+        registry: None,
     })
     .await
     .unwrap()

@@ -82,6 +82,7 @@ async fn control_plane(range: std::ops::Range<usize>) -> ControlPlane {
         identity: None,
         inject: Default::default(),
         webhook: None,
+        registry: None,
     };
     let cp = ControlPlane::start(cfg).await.unwrap();
     let result = cp.store.apply(&services(range), Path::new("mesh.yaml"));

@@ -98,7 +98,7 @@ async fn follow_with_grace_keeps_a_disconnected_workload_for_the_grace_period() 
     let grace = Duration::from_secs(2);
     let server = Server::start().await?;
     let registry = Registry::new();
-    let _follow = registry.follow_with(&server.server, FollowConfig { grace });
+    let _follow = registry.follow_with(&server.server, FollowConfig { grace, ..Default::default() });
     let info = node("flaky", "shop", &[("app", "flaky")], &["10.0.0.4"]);
     let client = Client::start(server.addr, info.clone());
     wait_registry(&registry, "flaky registered", |s| s.get(&info.id).is_some()).await?;
@@ -139,5 +139,72 @@ async fn hand_added_workload_entries_are_left_alone_by_the_follower() -> anyhow:
     client.stop().await?;
     let snap = wait_registry(&registry, "pod removed", |s| s.get(&info.id).is_none()).await?;
     assert_eq!(snap.get("vm-1"), Some(&vm));
+    Ok(())
+}
+
+/// The registrations survive a restart: a registry that persists to a file is restored by
+/// the next one as `Restored` workloads (still selected as endpoints); the proxy that
+/// reconnects turns its entry back into a proxy registration, the one that does not is
+/// removed once the reconnect grace is over.
+#[tokio::test]
+async fn persisted_registrations_are_restored_until_reconnected_or_the_grace_ends() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let file = data.path().join("state").join(weft_control::registry::REGISTRY_FILE);
+    let back = node("back", "shop", &[("app", "reviews")], &["10.0.0.1"]);
+    let gone = node("gone", "shop", &[("app", "reviews")], &["10.0.0.2"]);
+    {
+        let server = Server::start().await?;
+        let registry = Registry::new();
+        let _follow = registry.follow(&server.server);
+        let _persist = registry.persist(file.clone());
+        let _clients = [Client::start(server.addr, back.clone()), Client::start(server.addr, gone.clone())];
+        wait_registry(&registry, "both registered", |s| s.workloads().count() == 2).await?;
+        for _ in 0..200 {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            if text.contains(&back.id) && text.contains(&gone.id) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    // The next control plane: both restored before any proxy is back.
+    let registry = Registry::new();
+    assert_eq!(registry.restore(&file).map_err(anyhow::Error::msg)?, 2);
+    let snap = registry.snapshot();
+    assert_eq!(snap.get(&gone.id).map(|w| &w.source), Some(&WorkloadSource::Restored));
+    assert_eq!(snap.get(&back.id).map(|w| w.addresses.clone()), Some(vec!["10.0.0.1".parse::<IpAddr>()?]));
+    assert_eq!(snap.select("shop", &labels(&[("app", "reviews")])).len(), 2, "restored workloads are endpoints");
+
+    let grace = Duration::from_secs(2);
+    let server = Server::start().await?;
+    let started = Instant::now();
+    let _follow = registry.follow_with(&server.server, FollowConfig { restored_grace: grace, ..Default::default() });
+    let _client = Client::start(server.addr, back.clone());
+    let snap = wait_registry(&registry, "back reconnected", |s| {
+        s.get(&back.id).is_some_and(|w| w.source == WorkloadSource::Proxy)
+    })
+    .await?;
+    if started.elapsed() < grace {
+        assert!(snap.get(&gone.id).is_some(), "removed before its grace ended");
+    }
+    let snap = wait_registry(&registry, "gone removed", |s| s.get(&gone.id).is_none()).await?;
+    assert!(started.elapsed() >= grace, "removed after {:?}, grace is {grace:?}", started.elapsed());
+    assert_eq!(snap.workloads().map(|w| w.id.as_str()).collect::<Vec<_>>(), vec![back.id.as_str()]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unreadable_registry_files_are_refused_with_the_file_named() -> anyhow::Result<()> {
+    let data = tempfile::tempdir()?;
+    let registry = Registry::new();
+    assert_eq!(registry.restore(&data.path().join("missing.json")).map_err(anyhow::Error::msg)?, 0);
+    for (name, text) in [("garbage.json", "{not json"), ("future.json", r#"{"format": 9, "workloads": []}"#)] {
+        let path = data.path().join(name);
+        std::fs::write(&path, text)?;
+        let err = registry.restore(&path).expect_err("an unreadable file is an error");
+        assert!(err.contains(name), "{err}");
+    }
+    assert_eq!(registry.snapshot().workloads().count(), 0);
     Ok(())
 }

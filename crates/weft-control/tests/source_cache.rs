@@ -83,3 +83,53 @@ async fn unselected_workloads_keep_cached_translations_and_selected_ones_refresh
     registry.upsert(not_ready);
     assert_eq!(endpoint_count(&source, &node), 1);
 }
+
+fn client_node(name: &str, app: &str) -> envoy_types::pb::envoy::config::core::v3::Node {
+    NodeInfo {
+        id: format!("{name}.default"),
+        name: name.into(),
+        namespace: "default".into(),
+        labels: BTreeMap::from([("app".into(), app.into())]),
+        ..Default::default()
+    }
+    .to_node()
+}
+
+/// The translation cache never holds more shapes than its bound: beyond it the least
+/// recently used goes; shapes no connected proxy has are dropped; the counters say so.
+#[tokio::test]
+async fn translation_cache_is_bounded_lru_and_drops_shapes_of_departed_proxies() {
+    let store = Store::in_memory();
+    assert!(store.apply(MESH, Path::new("mesh.yaml")).errors.is_empty());
+    let source = MeshSource::new(store, Registry::new(), ProxyMode::Explicit, MeshConfig::default());
+    assert_eq!(source.cache_stats().bound, weft_control::source::DEFAULT_CACHE_BOUND);
+    source.set_cache_bound(3);
+
+    // Five shapes (one label apart), one after the other: never more than three held.
+    let nodes: Vec<_> = (0..5).map(|i| client_node(&format!("c{i}"), &format!("app-{i}"))).collect();
+    let first = source.proxy_resources(&nodes[0]);
+    for node in &nodes[1..3] {
+        source.proxy_resources(node);
+    }
+    // c0 is used again, so c1 is now the least recently used.
+    assert!(Arc::ptr_eq(&first, &source.proxy_resources(&nodes[0])));
+    for node in &nodes[3..] {
+        source.proxy_resources(node);
+        assert!(source.cache_stats().entries <= 3, "{:?}", source.cache_stats());
+    }
+    let stats = source.cache_stats();
+    assert_eq!((stats.entries, stats.evicted_lru, stats.misses, stats.hits), (3, 2, 5, 1), "{stats:?}");
+    assert!(Arc::ptr_eq(&first, &source.proxy_resources(&nodes[0])), "the recently used shape was evicted");
+    assert_eq!(source.cache_stats().hits, 2);
+
+    // A second proxy of c0's shape shares its entry; when only it is connected, every
+    // other shape goes.
+    let twin = client_node("c0-twin", "app-0");
+    assert!(Arc::ptr_eq(&first, &source.proxy_resources(&twin)));
+    assert_eq!(source.evict_unused([&twin]), 2);
+    let stats = source.cache_stats();
+    assert_eq!((stats.entries, stats.evicted_unused), (1, 2), "{stats:?}");
+    assert!(Arc::ptr_eq(&first, &source.proxy_resources(&nodes[0])));
+    assert_eq!(source.evict_unused([]), 1);
+    assert_eq!(source.cache_stats().entries, 0);
+}

@@ -87,6 +87,7 @@ async fn control_plane(cert: PathBuf, key: PathBuf, inject: InjectConfig) -> Con
             key,
             reload_interval: Duration::from_millis(50),
         }),
+        registry: None,
     })
     .await
     .unwrap()

@@ -299,7 +299,8 @@ impl Ca {
         }
         let signer = self.state().signer.clone();
         let now = SystemTime::now();
-        let not_after = std::cmp::min(now + ttl, signer.not_after);
+        // A TTL past what SystemTime holds ends with the signing CA, like any long one.
+        let not_after = now.checked_add(ttl).map_or(signer.not_after, |t| t.min(signer.not_after));
         let mut params = CertificateParams::default();
         params.distinguished_name = DistinguishedName::new();
         let uri = identity.uri().try_into().map_err(IdentityError::crypto)?;

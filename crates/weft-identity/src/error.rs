@@ -1,7 +1,7 @@
 //! The one error type of weft-identity: every refusal says what was wrong and with what.
 
 use std::path::PathBuf;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// What went wrong with an identity, a certificate, a token or the CA.
 #[derive(Debug, thiserror::Error)]
@@ -83,6 +83,19 @@ pub enum IdentityError {
     /// A certificate (issued to us, or a peer's) that is unusable.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// A certificate or token lifetime over the control plane's maximum (Istio's CA
+    /// refuses such certificate requests the same way, `TTL_ERROR`).
+    #[error("requested {what} TTL {}s is greater than the max allowed TTL {}s ({flag})", requested.as_secs(), max.as_secs())]
+    TtlTooLong {
+        /// `certificate` or `token`.
+        what: &'static str,
+        /// The lifetime asked for.
+        requested: Duration,
+        /// The longest granted.
+        max: Duration,
+        /// The control-plane flag that sets `max`.
+        flag: &'static str,
+    },
 }
 
 impl IdentityError {
@@ -100,7 +113,7 @@ impl IdentityError {
         match self {
             e if e.is_credential_refusal() => tonic::Status::unauthenticated(msg),
             IdentityError::IdentityNotGranted { .. } => tonic::Status::permission_denied(msg),
-            IdentityError::CsrRefused(_) | IdentityError::InvalidSpiffeId { .. } => {
+            IdentityError::CsrRefused(_) | IdentityError::InvalidSpiffeId { .. } | IdentityError::TtlTooLong { .. } => {
                 tonic::Status::invalid_argument(msg)
             }
             _ => tonic::Status::internal(msg),
@@ -115,7 +128,10 @@ impl IdentityError {
                 code,
                 tonic::Code::Unauthenticated | tonic::Code::PermissionDenied | tonic::Code::InvalidArgument
             ),
-            e => e.is_credential_refusal() || matches!(e, IdentityError::IdentityNotGranted { .. }),
+            e => {
+                e.is_credential_refusal()
+                    || matches!(e, IdentityError::IdentityNotGranted { .. } | IdentityError::TtlTooLong { .. })
+            }
         }
     }
 

@@ -54,7 +54,8 @@ pub struct CertificateAuthority {
 }
 
 impl CertificateAuthority {
-    /// Leaves live `default_ttl` unless the request asks for less than `max_ttl`.
+    /// Leaves live `default_ttl` unless the request asks for another TTL; one over
+    /// `max_ttl` (raised to `default_ttl` if lower) is refused, as Istio's CA does.
     pub fn new(ca: Arc<Ca>, tokens: Arc<TokenIssuer>, default_ttl: Duration, max_ttl: Duration) -> Self {
         CertificateAuthority { ca, tokens, default_ttl, max_ttl: max_ttl.max(default_ttl) }
     }
@@ -87,9 +88,24 @@ impl CertificateAuthority {
         let credential = Credential::from_bearer(token)?;
         let grant = self.tokens.verify_credential(&credential)?;
         let identity = grant.spiffe_id(self.ca.trust_domain())?;
+        // Istio's CA: no TTL (0 or negative) gets the default; one over the maximum is
+        // refused with INVALID_ARGUMENT ("requested TTL ... is greater than the max
+        // allowed TTL ..."), so a workload never holds a shorter certificate than it
+        // planned its renewal for without being told.
         let ttl = match u64::try_from(req.validity_duration) {
             Ok(0) | Err(_) => self.default_ttl,
-            Ok(secs) => Duration::from_secs(secs).min(self.max_ttl),
+            Ok(secs) => {
+                let requested = Duration::from_secs(secs);
+                if requested > self.max_ttl {
+                    return Err(IdentityError::TtlTooLong {
+                        what: "certificate",
+                        requested,
+                        max: self.max_ttl,
+                        flag: "--max-cert-ttl",
+                    });
+                }
+                requested
+            }
         };
         let issued = self.ca.sign_csr(&req.csr, &identity, ttl)?;
         info!(%identity, serial = %issued.serial, ttl_s = ttl.as_secs(), token = %grant.token_id,

@@ -27,6 +27,10 @@ use crate::{IdentityError, SpiffeId};
 pub const TOKEN_PREFIX: &str = "weft-jt1";
 /// Default validity of a join token.
 pub const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Longest validity of a join token by default (90 days, the same bound as Istio's
+/// `MAX_WORKLOAD_CERT_TTL` for what the token is exchanged for); see
+/// [`TokenIssuer::with_max_ttl`].
+pub const DEFAULT_MAX_TOKEN_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 
 const KEY_FILE: &str = "token-key";
 const REVOKED_FILE: &str = "revoked-tokens.json";
@@ -118,6 +122,8 @@ struct Payload {
 /// Issues and verifies join tokens; keeps the revocation list.
 pub struct TokenIssuer {
     key: hmac::Key,
+    /// Longest TTL [`TokenIssuer::create`] grants.
+    max_ttl: Duration,
     /// Data directory (`None`: in memory only).
     dir: Option<PathBuf>,
     revoked: Mutex<Revocations>,
@@ -154,6 +160,7 @@ impl TokenIssuer {
         }
         let issuer = TokenIssuer {
             key: hmac::Key::new(hmac::HMAC_SHA256, &key_bytes),
+            max_ttl: DEFAULT_MAX_TOKEN_TTL,
             dir: Some(dir.to_path_buf()),
             revoked: Mutex::new(Revocations::default()),
         };
@@ -165,21 +172,41 @@ impl TokenIssuer {
     pub fn ephemeral() -> Result<TokenIssuer, IdentityError> {
         Ok(TokenIssuer {
             key: hmac::Key::new(hmac::HMAC_SHA256, &random_bytes::<32>()?),
+            max_ttl: DEFAULT_MAX_TOKEN_TTL,
             dir: None,
             revoked: Mutex::new(Revocations::default()),
         })
     }
 
-    /// A token granting `namespace`/`service_account` for `ttl`.
+    /// The issuer with `max` as the longest TTL [`TokenIssuer::create`] grants (default
+    /// [`DEFAULT_MAX_TOKEN_TTL`]; `weft control --max-token-ttl`).
+    pub fn with_max_ttl(mut self, max: Duration) -> Self {
+        self.max_ttl = max;
+        self
+    }
+
+    /// The longest TTL [`TokenIssuer::create`] grants.
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl
+    }
+
+    /// A token granting `namespace`/`service_account` for `ttl`. A TTL over the
+    /// issuer's maximum is refused ([`IdentityError::TtlTooLong`]), not shortened: the
+    /// caller learns that the token would not live as long as asked.
     pub fn create(&self, namespace: &str, service_account: &str, ttl: Duration) -> Result<IssuedToken, IdentityError> {
         // Same character rules as the SPIFFE id the token will be exchanged for.
         SpiffeId::new("cluster.local", namespace, service_account)?;
         if ttl.is_zero() {
             return Err(IdentityError::TokenMalformed("a token needs a positive TTL".into()));
         }
+        let too_long =
+            || IdentityError::TtlTooLong { what: "token", requested: ttl, max: self.max_ttl, flag: "--max-token-ttl" };
+        if ttl > self.max_ttl {
+            return Err(too_long());
+        }
         let id: String = random_bytes::<8>()?.iter().map(|b| format!("{b:02x}")).collect();
         let now = SystemTime::now();
-        let expires = now + ttl;
+        let expires = now.checked_add(ttl).ok_or_else(too_long)?;
         let payload = Payload {
             id: id.clone(),
             ns: namespace.to_string(),
@@ -248,7 +275,7 @@ impl TokenIssuer {
     /// Revokes token `id` (persisted); `Ok(false)` if it already was. Ids are not checked
     /// against issued tokens (the issuer keeps no list of them): revoking an unknown id
     /// is harmless. The entry is kept for `keep` (the longest TTL a token may have had),
-    /// [`DEFAULT_TOKEN_TTL`] × 365 when `None`.
+    /// when `None` the longer of the issuer's maximum TTL and [`DEFAULT_TOKEN_TTL`] × 365.
     pub fn revoke(&self, id: &str, keep: Option<Duration>) -> Result<bool, IdentityError> {
         if id.is_empty() || !id.chars().all(|c| c.is_ascii_hexdigit()) {
             return Err(IdentityError::TokenMalformed(format!("{id:?} is not a token id (hex)")));
@@ -258,7 +285,8 @@ impl TokenIssuer {
         if r.ids.contains_key(id) {
             return Ok(false);
         }
-        let until = unix(SystemTime::now() + keep.unwrap_or(DEFAULT_TOKEN_TTL * 365));
+        let keep = keep.unwrap_or(self.max_ttl.max(DEFAULT_TOKEN_TTL * 365));
+        let until = SystemTime::now().checked_add(keep).map_or(u64::MAX, unix);
         r.ids.insert(id.to_string(), until);
         let now = unix(SystemTime::now());
         r.ids.retain(|_, exp| *exp > now);

@@ -153,3 +153,45 @@ fn rcgen_csr() -> String {
     let key = rcgen::KeyPair::generate().expect("key");
     rcgen::CertificateParams::default().serialize_request(&key).expect("csr").pem().expect("pem")
 }
+
+/// Istio's CA: a certificate TTL over the maximum is refused with INVALID_ARGUMENT
+/// ("requested TTL ... is greater than the max allowed TTL ..."), however absurd the
+/// number; the maximum itself is granted, no TTL gets the default.
+#[tokio::test]
+async fn certificate_ttls_over_the_maximum_are_refused_like_istios_ca() {
+    use weft_identity::service::IstioCertificateRequest;
+    let m = mesh().await;
+    let (default, max) = (Duration::from_secs(3600), Duration::from_secs(86400));
+    let authority = CertificateAuthority::new(m.ca.clone(), m.tokens.clone(), default, max);
+    let token = m.tokens.create("default", "web", Duration::from_secs(3600)).expect("token").token;
+    let bearer = format!("Bearer {token}");
+    let request = |secs: i64| IstioCertificateRequest { csr: rcgen_csr(), validity_duration: secs, metadata: None };
+    for secs in [86_401, 99_999_999_999_999, i64::MAX] {
+        let err = authority.create_certificate(Some(&bearer), &request(secs)).expect_err("over the maximum");
+        assert!(matches!(err, IdentityError::TtlTooLong { .. }), "{err}");
+        assert_eq!(err.to_status().code(), tonic::Code::InvalidArgument);
+        let text = err.to_string();
+        assert!(text.contains(&format!("TTL {secs}s is greater than the max allowed TTL 86400s")), "{text}");
+    }
+    let lifetime = |chain: &[String]| {
+        let der = weft_identity::cert::certs_from_pem(&chain[0], "leaf").expect("pem").remove(0);
+        let info = weft_identity::cert::CertInfo::parse(&der).expect("leaf");
+        info.not_after.duration_since(SystemTime::now()).expect("not expired")
+    };
+    let at_max = authority.create_certificate(Some(&bearer), &request(86_400)).expect("the maximum is granted");
+    assert!(lifetime(&at_max) > max - Duration::from_secs(120), "{:?}", lifetime(&at_max));
+    for none in [0, -5, i64::MIN] {
+        let chain = authority.create_certificate(Some(&bearer), &request(none)).expect("the default");
+        assert!(lifetime(&chain) <= default, "{:?}", lifetime(&chain));
+    }
+
+    // Over the wire (the client saturates u64 seconds to i64): INVALID_ARGUMENT, which
+    // the proxy's certificate manager treats as permanent.
+    let mut client = CertificateClient::connect_lazy(&format!("http://{}", m.addr)).expect("client");
+    let err = client
+        .create_certificate(&Credential::JoinToken(token), rcgen_csr(), Some(Duration::from_secs(u64::MAX)))
+        .await
+        .expect_err("over the maximum");
+    assert!(matches!(err, IdentityError::Service { code: tonic::Code::InvalidArgument, .. }), "{err}");
+    assert!(err.is_permanent());
+}

@@ -28,6 +28,11 @@ pub struct Bootstrap {
     /// How long a drain waits for in-flight work, e.g. `5s`. Default 5 s.
     #[serde(default = "default_drain", with = "humantime_serde")]
     pub drain_timeout: Duration,
+    /// How long an open connection whose filter chain changed in a way that cannot apply
+    /// in place (TLS mode, TCP proxy, removed chain or listener) may finish its work before
+    /// it is closed, e.g. `45s` (Istio's `drainDuration`, its default).
+    #[serde(default = "default_drain_duration", with = "humantime_serde")]
+    pub drain_duration: Duration,
     /// The proxy's mesh identity (mTLS). Without it the proxy speaks plaintext only.
     #[serde(default)]
     pub identity: Option<IdentitySettings>,
@@ -142,6 +147,9 @@ fn default_access_log() -> String {
 }
 fn default_drain() -> Duration {
     Duration::from_secs(5)
+}
+fn default_drain_duration() -> Duration {
+    Duration::from_secs(45)
 }
 
 impl Bootstrap {

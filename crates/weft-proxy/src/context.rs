@@ -37,6 +37,9 @@ pub struct Context {
     pub draining: watch::Receiver<bool>,
     /// How long a drain waits for in-flight work.
     pub drain_timeout: Duration,
+    /// How long a connection whose filter chain changed under it may finish its work
+    /// before it is closed (Istio's `drainDuration`).
+    pub drain_duration: Duration,
     /// Connections currently open (all listeners).
     pub active_connections: AtomicUsize,
 }

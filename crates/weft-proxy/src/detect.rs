@@ -5,6 +5,10 @@
 
 use std::time::Duration;
 
+use std::os::fd::AsRawFd;
+
+use nix::sys::socket::{recv, MsgFlags};
+use tokio::io::Interest;
 use tokio::net::TcpStream;
 
 /// What the first bytes say.
@@ -46,14 +50,21 @@ enum Verdict {
     NeedMore,
 }
 
+/// The most a sniff looks at: a whole ClientHello (post-quantum key shares make them
+/// 1.5-2 KiB today; extensions may take them past one TLS record) or a long HTTP/1
+/// request line. Envoy's `tls_inspector` reads up to 64 KiB for the same reason.
+const MAX_SNIFF: usize = 64 * 1024;
+
 /// Peeks until the protocol is known, the peer closes, or `timeout` passes (then the
-/// connection is opaque TCP, as Envoy's `continue_on_listener_filters_timeout`).
+/// connection is opaque TCP, as Envoy's `continue_on_listener_filters_timeout`). The
+/// bytes stay in the socket for the next stage; between peeks it waits for new bytes
+/// to arrive (readiness is cleared when a peek sees nothing new), never polling.
 pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Detected {
     let deadline = tokio::time::Instant::now() + timeout;
     let mut buf = vec![0u8; 1024];
-    let mut last_len = usize::MAX;
+    let mut seen = 0;
     loop {
-        let peeked = tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await;
+        let peeked = tokio::time::timeout_at(deadline, peek_more(stream, &mut buf, seen)).await;
         let n = match peeked {
             Ok(Ok(n)) => n,
             _ => return opaque(),
@@ -65,16 +76,35 @@ pub async fn sniff(stream: &TcpStream, timeout: Duration) -> Detected {
             return d;
         }
         if n == buf.len() {
-            return opaque();
-        }
-        if n == last_len {
-            // No new bytes yet: wait for readability again without spinning.
-            if tokio::time::timeout_at(deadline, stream.readable()).await.is_err() {
+            if buf.len() >= MAX_SNIFF {
                 return opaque();
             }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+            buf.resize((buf.len() * 4).min(MAX_SNIFF), 0);
         }
-        last_len = n;
+        seen = n;
+    }
+}
+
+/// Waits until the socket holds more than `seen` bytes (or the peer closed, or the
+/// buffer is full) and peeks them.
+async fn peek_more(stream: &TcpStream, buf: &mut [u8], seen: usize) -> std::io::Result<usize> {
+    let fd = stream.as_raw_fd();
+    loop {
+        stream.readable().await?;
+        let r = stream.try_io(Interest::READABLE, || {
+            let n = recv(fd, buf, MsgFlags::MSG_PEEK).map_err(std::io::Error::from)?;
+            if n == 0 || n > seen || n == buf.len() {
+                Ok(n)
+            } else {
+                // Nothing new: clear readiness so `readable` waits for the next bytes.
+                Err(std::io::ErrorKind::WouldBlock.into())
+            }
+        });
+        match r {
+            Ok(n) => return Ok(n),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -83,7 +113,8 @@ fn opaque() -> Detected {
 }
 
 fn classify(b: &[u8]) -> Verdict {
-    if b[0] == 0x16 {
+    let Some(&first) = b.first() else { return Verdict::NeedMore };
+    if first == 0x16 {
         return match tls_server_name(b) {
             Some(sni) => Verdict::Done(Detected { transport: "tls", application: vec![], server_name: sni }),
             None => Verdict::NeedMore,
@@ -138,17 +169,53 @@ fn classify(b: &[u8]) -> Verdict {
     }
 }
 
-/// Parses the SNI out of a TLS ClientHello. `None` = need more bytes; `Some(None)` =
-/// complete hello without SNI (or not parseable: treated as TLS without SNI).
+/// Parses the SNI out of a TLS ClientHello, which may span several handshake records.
+/// `None` = need more bytes; `Some(None)` = complete hello without SNI (or not
+/// parseable, or larger than [`MAX_SNIFF`]: treated as TLS without SNI).
 fn tls_server_name(b: &[u8]) -> Option<Option<String>> {
+    // The first record usually holds the whole hello: parse it in place.
+    let first = record(b)?;
+    let Some(first) = first else { return Some(None) };
+    let want = handshake_len(first).map(|l| l + 4);
+    match want {
+        Some(w) if w <= first.len() => return Some(parse_sni(&first[..w])),
+        Some(w) if w > MAX_SNIFF => return Some(None),
+        _ => {}
+    }
+    // Fragmented: join the records' payloads until the handshake message is whole.
+    let mut hs = Vec::with_capacity(want.unwrap_or(first.len() * 2));
+    let mut rest = b;
+    loop {
+        let Some(payload) = record(rest)? else { return Some(None) };
+        hs.extend_from_slice(payload);
+        rest = &rest[5 + payload.len()..];
+        match handshake_len(&hs).map(|l| l + 4) {
+            Some(w) if w > MAX_SNIFF => return Some(None),
+            Some(w) if w <= hs.len() => return Some(parse_sni(&hs[..w])),
+            _ => {}
+        }
+    }
+}
+
+/// The payload of the handshake record at the start of `b`: `None` = incomplete,
+/// `Some(None)` = not a handshake record.
+fn record(b: &[u8]) -> Option<Option<&[u8]>> {
     if b.len() < 5 {
         return None;
     }
-    let rec_len = usize::from(u16::from_be_bytes([b[3], b[4]]));
-    if b.len() < 5 + rec_len {
-        return None;
+    if b[0] != 0x16 {
+        return Some(None);
     }
-    Some(parse_sni(&b[5..5 + rec_len]))
+    let len = usize::from(u16::from_be_bytes([b[3], b[4]]));
+    if len == 0 {
+        return Some(None);
+    }
+    b.get(5..5 + len).map(Some)
+}
+
+/// The length of the handshake message `h` starts with, once its header is there.
+fn handshake_len(h: &[u8]) -> Option<usize> {
+    (h.len() >= 4).then(|| usize::from(h[1]) << 16 | usize::from(h[2]) << 8 | usize::from(h[3]))
 }
 
 fn parse_sni(h: &[u8]) -> Option<String> {
@@ -204,6 +271,9 @@ impl<'a> Reader<'a> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -236,17 +306,22 @@ mod tests {
         assert_eq!(classify(b"GET / SMTP\r\n"), Verdict::Done(opaque()));
     }
 
-    #[test]
-    fn tls_client_hello_yields_sni() {
-        // Minimal ClientHello with SNI "svc.example".
-        let name = b"svc.example";
+    /// A ClientHello with SNI `name`, padded with a `padding` extension to about
+    /// `pad` more bytes (post-quantum key shares make real ones this large).
+    fn client_hello(name: &[u8], pad: usize) -> Vec<u8> {
         let mut sni_ext = vec![];
         let list_len = (name.len() + 3) as u16;
         sni_ext.extend_from_slice(&list_len.to_be_bytes());
         sni_ext.push(0);
         sni_ext.extend_from_slice(&(name.len() as u16).to_be_bytes());
         sni_ext.extend_from_slice(name);
-        let mut exts = vec![0, 0];
+        let mut exts = vec![];
+        if pad > 0 {
+            exts.extend_from_slice(&[0, 21]);
+            exts.extend_from_slice(&(pad as u16).to_be_bytes());
+            exts.extend(std::iter::repeat_n(0u8, pad));
+        }
+        exts.extend_from_slice(&[0, 0]);
         exts.extend_from_slice(&(sni_ext.len() as u16).to_be_bytes());
         exts.extend_from_slice(&sni_ext);
         let mut body = vec![3, 3];
@@ -259,16 +334,74 @@ mod tests {
         let mut hs = vec![1];
         hs.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
         hs.extend_from_slice(&body);
-        let mut rec = vec![0x16, 3, 1];
-        rec.extend_from_slice(&(hs.len() as u16).to_be_bytes());
-        rec.extend_from_slice(&hs);
-        match classify(&rec) {
+        hs
+    }
+
+    /// `hs` in TLS records of at most `max` payload bytes.
+    fn records(hs: &[u8], max: usize) -> Vec<u8> {
+        let mut out = vec![];
+        for part in hs.chunks(max) {
+            out.extend_from_slice(&[0x16, 3, 1]);
+            out.extend_from_slice(&(part.len() as u16).to_be_bytes());
+            out.extend_from_slice(part);
+        }
+        out
+    }
+
+    fn sni_of(b: &[u8]) -> Option<String> {
+        match classify(b) {
             Verdict::Done(d) => {
                 assert_eq!(d.transport, "tls");
-                assert_eq!(d.server_name.as_deref(), Some("svc.example"));
+                d.server_name
             }
             v => panic!("{v:?}"),
         }
+    }
+
+    #[test]
+    fn tls_client_hello_yields_sni() {
+        let rec = records(&client_hello(b"svc.example", 0), 16384);
+        assert_eq!(sni_of(&rec).as_deref(), Some("svc.example"));
         assert_eq!(classify(&rec[..20]), Verdict::NeedMore);
+    }
+
+    #[test]
+    fn large_and_fragmented_client_hellos_yield_sni() {
+        let big = records(&client_hello(b"big.example", 1800), 16384);
+        assert!(big.len() > 1800);
+        assert_eq!(sni_of(&big).as_deref(), Some("big.example"));
+        assert_eq!(classify(&big[..1500]), Verdict::NeedMore);
+        // The same hello split over several records.
+        let split = records(&client_hello(b"split.example", 1800), 512);
+        assert_eq!(sni_of(&split).as_deref(), Some("split.example"));
+        assert_eq!(classify(&split[..1000]), Verdict::NeedMore);
+    }
+
+    #[tokio::test]
+    async fn sniff_reads_a_2k_client_hello_arriving_in_pieces() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hello = records(&client_hello(b"pq.example", 2000), 16384);
+        let (to_send, mut go) = tokio::sync::mpsc::channel::<()>(1);
+        let client = tokio::spawn(async move {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.set_nodelay(true).unwrap();
+            c.write_all(&hello[..700]).await.unwrap();
+            // The rest only once the sniffer has seen the first piece and waits.
+            go.recv().await;
+            c.write_all(&hello[700..]).await.unwrap();
+            c
+        });
+        let (server, _) = listener.accept().await.unwrap();
+        let sniffing = sniff(&server, Duration::from_secs(10));
+        tokio::pin!(sniffing);
+        // The first piece alone is not enough: the sniff keeps waiting.
+        assert!(tokio::time::timeout(Duration::from_millis(100), sniffing.as_mut()).await.is_err());
+        to_send.send(()).await.unwrap();
+        let d = sniffing.await;
+        assert_eq!(d.transport, "tls");
+        assert_eq!(d.server_name.as_deref(), Some("pq.example"));
+        drop(client.await.unwrap());
     }
 }

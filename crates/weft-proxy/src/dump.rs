@@ -1,14 +1,22 @@
 //! What `/config_dump` and `/clusters` show: the running configuration, summarised
-//! from the accepted resources and the compiled clusters.
+//! from the accepted resources and the compiled clusters, and the secrets in use in
+//! Envoy's `SecretsConfigDump` shape (certificates only, never the private key).
 
+use base64::Engine as _;
 use serde_json::{json, Value};
+use weft_identity::cert::cert_pem;
+use weft_identity::Identity;
 use weft_xds::ClientStatus;
 
 use crate::cluster::Health;
 use crate::config::{ChainKind, RouteSource, Snapshot};
 
-/// JSON view of everything the proxy runs, with versions and xDS state.
-pub fn config_dump(s: &Snapshot, xds: &ClientStatus) -> Value {
+/// Envoy's type URL of the secrets section of a config dump.
+pub const SECRETS_CONFIG_DUMP: &str = "type.googleapis.com/envoy.admin.v3.SecretsConfigDump";
+
+/// JSON view of everything the proxy runs, with versions and xDS state; `identity` is
+/// the mesh identity it serves, if any (dumped under `configs` as Envoy does).
+pub fn config_dump(s: &Snapshot, xds: &ClientStatus, identity: Option<&Identity>) -> Value {
     let listeners: Vec<Value> = s
         .listeners
         .values()
@@ -102,7 +110,43 @@ pub fn config_dump(s: &Snapshot, xds: &ClientStatus) -> Value {
         "listeners": listeners,
         "routes": routes,
         "clusters": clusters,
+        "configs": [secrets_dump(identity)],
     })
+}
+
+/// Envoy's `SecretsConfigDump` for the mesh identity: `default` (the certificate chain
+/// this proxy presents, leaf first; the private key is never dumped) and `ROOTCA` (the
+/// roots it trusts), PEM in `inline_bytes` as Envoy dumps SDS secrets. Empty without an
+/// identity.
+pub fn secrets_dump(identity: Option<&Identity>) -> Value {
+    let mut secrets = Vec::new();
+    if let Some(id) = identity {
+        let pem = |ders: &mut dyn Iterator<Item = &[u8]>| {
+            let text: String = ders.map(cert_pem).collect();
+            base64::engine::general_purpose::STANDARD.encode(text)
+        };
+        let chain = pem(&mut id.certified_key.cert.iter().map(|c| c.as_ref()));
+        let roots = pem(&mut id.roots.roots.iter().map(|c| c.as_ref()));
+        secrets.push(json!({
+            "name": crate::tls::DEFAULT_SECRET,
+            "version_info": id.serial,
+            "secret": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                "name": crate::tls::DEFAULT_SECRET,
+                "tls_certificate": { "certificate_chain": { "inline_bytes": chain } },
+            },
+        }));
+        secrets.push(json!({
+            "name": crate::tls::ROOT_SECRET,
+            "version_info": id.roots.version.to_string(),
+            "secret": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+                "name": crate::tls::ROOT_SECRET,
+                "validation_context": { "trusted_ca": { "inline_bytes": roots } },
+            },
+        }));
+    }
+    json!({ "@type": SECRETS_CONFIG_DUMP, "dynamic_active_secrets": secrets })
 }
 
 /// Envoy-style `/clusters` text: one line per endpoint fact.

@@ -12,35 +12,11 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::config::{ChainKind, ConnFacts, ListenerConfig};
+use crate::conn::{ConnInfo, Origin};
 use crate::context::Context;
 use crate::detect::{self, Detected};
 use crate::orig_dst::original_dst;
 use crate::{http, tcp};
-
-/// Facts about one accepted connection, shared by the stages that serve it.
-#[derive(Debug)]
-pub struct ConnInfo {
-    /// The listener (possibly the virtual one claiming the original destination).
-    pub listener: Arc<ListenerConfig>,
-    /// Peer address.
-    pub peer: SocketAddr,
-    /// Destination: the original destination when redirected, else the local address.
-    pub destination: SocketAddr,
-    /// Original destination when the connection was redirected by iptables.
-    pub original_dst: Option<SocketAddr>,
-    /// The peer's identity from a verified client certificate: its URI SAN
-    /// (`spiffe://<td>/ns/<ns>/sa/<sa>`), as Envoy's RBAC `authenticated` matches it.
-    /// `None` without TLS or without a client certificate.
-    pub peer_principal: Option<Arc<str>>,
-    /// SNI the client asked for (sniffed or from the TLS handshake).
-    pub server_name: Option<Arc<str>>,
-    /// The peer as telemetry names it when it sends no metadata header: unknown but for
-    /// `peer_principal` (built once per connection, not per request).
-    pub peer_workload: Option<Arc<crate::telemetry::WorkloadInfo>>,
-    /// The proxy terminated TLS on this connection (`x-forwarded-proto: https` when the
-    /// client sent none).
-    pub tls: bool,
-}
 
 struct Bound {
     configured: SocketAddr,
@@ -76,6 +52,7 @@ impl ListenerManager {
                 _ = crate::context::flipped(&mut shutdown) => break,
             }
         }
+        self.ctx.store.close_listener_sockets();
         for (name, b) in std::mem::take(&mut self.bound) {
             debug!(listener = %name, "stop accepting");
             let _ = b.stop.send(true);
@@ -103,7 +80,13 @@ impl ListenerManager {
             if self.bound.contains_key(name) {
                 continue;
             }
-            match bind(l.address).await {
+            // The store bound the socket when it accepted the listener (a bind failure
+            // is a NACK); a listener without one was rejected.
+            let Some((configured, socket)) = self.ctx.store.listener_socket(name) else { continue };
+            if configured != l.address {
+                continue;
+            }
+            match socket.try_clone().and_then(TcpListener::from_std) {
                 Ok(sock) => {
                     let local = sock.local_addr().unwrap_or(l.address);
                     info!(listener = %name, address = %local, "listening");
@@ -115,20 +98,13 @@ impl ListenerManager {
                     });
                 }
                 Err(e) => {
-                    warn!(listener = %name, address = %l.address, error = %e, "cannot bind listener")
+                    warn!(listener = %name, address = %l.address, error = %e, "cannot listen on the bound socket")
                 }
             }
         }
         let names: Vec<String> = self.bound.keys().cloned().collect();
         self.addrs.send_modify(|m| m.retain(|k, _| names.contains(k)));
     }
-}
-
-async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let sock = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
-    sock.set_reuseaddr(true)?;
-    sock.bind(addr)?;
-    sock.listen(1024)
 }
 
 async fn accept_loop(ctx: Arc<Context>, name: String, sock: TcpListener, mut stop: watch::Receiver<bool>) {
@@ -170,23 +146,16 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
         source: peer,
         destination,
         transport_protocol: detected.transport,
-        application_protocols: detected.application.clone(),
-        server_name: detected.server_name.clone(),
+        application_protocols: detected.application,
+        server_name: detected.server_name,
     };
     let Some(chain) = listener.select_chain(&facts).cloned() else {
         debug!(listener = %listener.name, %peer, %destination, "no filter chain matches: closing");
         return;
     };
-    let mut conn = ConnInfo {
-        listener: listener.clone(),
-        peer,
-        destination,
-        original_dst: odst,
-        peer_principal: None,
-        server_name: detected.server_name.as_deref().map(Arc::from),
-        peer_workload: None,
-        tls: false,
-    };
+    let origin =
+        Origin { bound: Arc::from(name.as_str()), bound_address: bound.address, facts, accepted: chain.clone() };
+    let mut conn = ConnInfo::new(listener.clone(), peer, destination, odst, origin, snap.generation);
     drop(snap);
     match &chain.tls {
         None => dispatch(ctx, Arc::new(conn), &chain.kind, stream).await,
@@ -227,7 +196,7 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match kind {
-        ChainKind::Http(h) => http::serve(ctx, conn, h.clone(), stream).await,
+        ChainKind::Http(_) => http::serve(ctx, conn, stream).await,
         ChainKind::Tcp(t) => tcp::proxy(ctx, conn, t.clone(), stream).await,
     }
 }

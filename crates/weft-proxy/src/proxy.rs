@@ -93,6 +93,8 @@ const INITIAL_FETCH_TIMEOUT: Duration = Duration::from_secs(15);
 struct Admin {
     started: Instant,
     ctx: Arc<Context>,
+    /// The mesh identity, shown (certificates only) in the config dump.
+    secrets: crate::tls::Secrets,
     xds: watch::Receiver<ClientStatus>,
     drain_tx: watch::Sender<bool>,
     quit: Arc<Notify>,
@@ -100,7 +102,8 @@ struct Admin {
 
 impl AdminState for Admin {
     fn config_dump(&self) -> serde_json::Value {
-        crate::dump::config_dump(&self.ctx.store.snapshot(), &self.xds.borrow())
+        let identity = self.secrets.manager().map(|m| m.current());
+        crate::dump::config_dump(&self.ctx.store.snapshot(), &self.xds.borrow(), identity.as_deref())
     }
     fn clusters(&self) -> String {
         crate::dump::clusters_text(&self.ctx.store.snapshot())
@@ -153,7 +156,8 @@ impl ProxyHandle {
                 }
             });
         }
-        let store = ConfigStore::with_options(b.xds.on_demand(), secrets);
+        let store = ConfigStore::with_options(b.xds.on_demand(), secrets.clone());
+        store.count_host_evictions_in(metrics.proxy().on_demand_host_evictions());
         let ctx = Arc::new(Context {
             store: store.clone(),
             pools: Pools::new(PoolConfig::default()),
@@ -166,6 +170,7 @@ impl ProxyHandle {
             services: crate::report::ServiceCache::default(),
             draining,
             drain_timeout: b.drain_timeout,
+            drain_duration: b.drain_duration,
             active_connections: AtomicUsize::new(0),
         });
 
@@ -213,6 +218,7 @@ impl ProxyHandle {
         let admin_state = Arc::new(Admin {
             started: Instant::now(),
             ctx: ctx.clone(),
+            secrets,
             xds: xds.clone(),
             drain_tx: drain_tx.clone(),
             quit: quit.clone(),
@@ -310,25 +316,19 @@ impl ProxyHandle {
     }
 }
 
-/// Mirrors the xDS client's status into the proxy health metrics.
+/// Mirrors the xDS client's status into the proxy health metrics: per type, only the
+/// updates and NACKs that happened since the last look move that type's series.
 async fn watch_xds(
     mut rx: watch::Receiver<ClientStatus>,
     metrics: Arc<Metrics>,
     stop: impl std::future::Future<Output = ()>,
 ) {
     tokio::pin!(stop);
-    let mut nacks = 0;
+    let mut seen = XdsSeen::default();
     loop {
         {
             let s = rx.borrow_and_update();
-            metrics.proxy().set_xds_connected(s.connected);
-            for (t, v) in &s.acked {
-                metrics.proxy().config_applied(short_type(t), v);
-            }
-            while nacks < s.nacks {
-                metrics.proxy().xds_nack("any");
-                nacks += 1;
-            }
+            seen.report(&s, &metrics);
         }
         tokio::select! {
             r = rx.changed() => if r.is_err() { return },
@@ -337,6 +337,29 @@ async fn watch_xds(
     }
 }
 
-fn short_type(t: &str) -> &str {
-    t.rsplit('.').next().unwrap_or(t)
+/// Per type URL, the update and NACK counts already reported to the metrics.
+#[derive(Default)]
+struct XdsSeen {
+    updates: BTreeMap<String, u64>,
+    nacks: BTreeMap<String, u64>,
+}
+
+impl XdsSeen {
+    fn report(&mut self, s: &ClientStatus, metrics: &Metrics) {
+        let health = metrics.proxy();
+        health.set_xds_connected(s.connected);
+        for (t, &n) in &s.updates {
+            let before = self.updates.insert(t.clone(), n).unwrap_or(0);
+            let version = s.acked.get(t).map(String::as_str).unwrap_or_default();
+            for _ in before..n {
+                health.config_applied(type_url::short(t), version);
+            }
+        }
+        for (t, &n) in &s.nacks_by_type {
+            let before = self.nacks.insert(t.clone(), n).unwrap_or(0);
+            for _ in before..n {
+                health.xds_nack(type_url::short(t));
+            }
+        }
+    }
 }

@@ -5,7 +5,6 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -13,9 +12,9 @@ use http::{HeaderMap, Request, Version};
 use weft_xds::NodeInfo;
 
 use crate::config::Direction;
+use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::ErrorKind;
-use crate::listener::ConnInfo;
 use crate::telemetry::accesslog::{self, AccessRecord};
 use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels};
 use crate::telemetry::{peer, FastState, WorkloadInfo};
@@ -191,8 +190,8 @@ pub struct HttpReport {
     pub response_code: u16,
     /// `grpc-status` seen in headers or trailers.
     pub grpc_status: Option<String>,
-    /// Bytes of request body read (when forwarded).
-    pub request_bytes_counter: Option<Arc<AtomicU64>>,
+    /// Bytes of request body read (when forwarded), and whether reading it failed.
+    pub request_body: Option<Arc<crate::http::body::BodyTally>>,
     /// Bytes of response body sent.
     pub response_bytes: u64,
     /// Status for a local error reply when the route configures one.
@@ -248,7 +247,7 @@ impl HttpReport {
             retries: 0,
             response_code: 0,
             grpc_status: None,
-            request_bytes_counter: None,
+            request_body: None,
             response_bytes: 0,
             local_status: None,
             details: None,
@@ -274,9 +273,11 @@ impl HttpReport {
         self.grpc
     }
 
-    /// The response body ended early: the downstream went away (`DC`).
+    /// The response body ended early: the downstream went away (`DC`), or the request
+    /// body it was sending turned out malformed (`DPE`).
     pub fn downstream_or_upstream_reset(&mut self) {
-        self.flag("DC");
+        let failed = self.request_body.as_ref().and_then(|b| b.failure());
+        self.flag(failed.map_or("DC", |k| k.response_flag()));
     }
 
     /// Response headers are about to go downstream: learn (outbound) or announce
@@ -305,7 +306,7 @@ impl HttpReport {
     /// Records metrics and writes the access-log line.
     pub fn finish(self, ctx: &Context) {
         let duration = self.start.elapsed();
-        let request_bytes = self.request_bytes_counter.as_ref().map(|c| c.load(Ordering::Relaxed)).unwrap_or(0);
+        let request_bytes = self.request_body.as_ref().map(|b| b.bytes()).unwrap_or(0);
         let local = ctx.local.clone();
         let peer = match (&self.peer, &self.peer_workload) {
             (Some(p), _) => with_principal(p.clone(), &self.peer_principal),

@@ -23,6 +23,9 @@ pub struct ProxyArgs {
     pub concurrency: Option<usize>,
     /// Log as JSON lines.
     pub log_json: bool,
+    /// Overrides the bootstrap's `drain_duration` (how long a connection whose filter
+    /// chain changed may finish before it is closed).
+    pub drain_duration: Option<std::time::Duration>,
 }
 
 /// What `weft-proxy --help` prints.
@@ -30,12 +33,15 @@ pub const USAGE: &str = "\
 weft-proxy: the weft sidecar proxy, configured over xDS from its bootstrap's control plane
 (the same as `weft proxy`).
 
-Usage: weft-proxy [--bootstrap FILE | --bootstrap-yaml TEXT] [--concurrency N] [--log-json]
+Usage: weft-proxy [--bootstrap FILE | --bootstrap-yaml TEXT] [--concurrency N] [--drain-duration D] [--log-json]
 
 Options:
   -b, --bootstrap FILE       bootstrap file (YAML or JSON) [env: WEFT_BOOTSTRAP]
       --bootstrap-yaml TEXT  the bootstrap's text instead of a file [env: WEFT_BOOTSTRAP_YAML]
       --concurrency N        worker threads; 1 runs the proxy on one thread [env: WEFT_CONCURRENCY]
+      --drain-duration D     how long a connection whose filter chain changed (TLS mode, TCP
+                             proxy, removed chain) may finish before it is closed, e.g. 45s;
+                             default: the bootstrap's drain_duration (45s) [env: WEFT_DRAIN_DURATION]
       --log-json             log as JSON lines [env: WEFT_LOG_JSON]
   -h, --help                 print this help
   -V, --version              print the version
@@ -62,6 +68,7 @@ impl ProxyArgs {
     ) -> Result<Parsed, String> {
         let mut out = ProxyArgs::default();
         let mut concurrency: Option<String> = None;
+        let mut drain: Option<String> = None;
         let mut log_json = false;
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -83,6 +90,7 @@ impl ProxyArgs {
                 "-b" | "--bootstrap" => out.bootstrap = Some(PathBuf::from(value("--bootstrap")?)),
                 "--bootstrap-yaml" => out.bootstrap_yaml = Some(value("--bootstrap-yaml")?),
                 "--concurrency" => concurrency = Some(value("--concurrency")?),
+                "--drain-duration" => drain = Some(value("--drain-duration")?),
                 "--log-json" if inline.is_none() => log_json = true,
                 other => return Err(format!("unexpected argument '{other}' (see --help)")),
             }
@@ -107,9 +115,18 @@ impl ProxyArgs {
                 Err(_) => return Err(format!("--concurrency: '{n}' is not a number of threads")),
             }
         }
+        if let Some(d) = drain.or_else(|| env("WEFT_DRAIN_DURATION").filter(|v| !v.is_empty())) {
+            out.drain_duration = Some(parse_duration(&d).map_err(|e| format!("--drain-duration: {e}"))?);
+        }
         out.log_json = log_json || env("WEFT_LOG_JSON").is_some_and(|v| matches!(v.as_str(), "true" | "1"));
         Ok(Parsed::Run(out))
     }
+}
+
+/// A duration as the bootstrap writes them (`45s`, `500ms`, `1m`).
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime_serde::re::humantime::parse_duration(text)
+        .map_err(|e| format!("'{text}' is not a duration like 45s or 500ms ({e})"))
 }
 
 /// The tokio runtime for `concurrency` worker threads: 1 = the single-threaded
@@ -166,11 +183,14 @@ pub fn run_main(args: ProxyArgs) -> ExitCode {
 /// Loads the bootstrap, starts the proxy and serves until SIGTERM/Ctrl-C or
 /// `/quitquitquit`, then drains. Runs inside the caller's runtime.
 pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
-    let b = match (args.bootstrap, args.bootstrap_yaml) {
+    let mut b = match (args.bootstrap, args.bootstrap_yaml) {
         (Some(path), _) => Bootstrap::load(&path)?,
         (None, Some(text)) => Bootstrap::parse(&text, Path::new("$WEFT_BOOTSTRAP_YAML"))?,
         (None, None) => anyhow::bail!("give a bootstrap: --bootstrap FILE or --bootstrap-yaml TEXT"),
     };
+    if let Some(d) = args.drain_duration {
+        b.drain_duration = d;
+    }
     let proxy = crate::proxy::ProxyHandle::start(b).await.context("starting the proxy")?;
     tokio::select! {
         _ = shutdown_signal() => info!("signal received: draining"),

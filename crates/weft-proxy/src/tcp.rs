@@ -7,10 +7,11 @@ use tracing::debug;
 
 use crate::cluster::{Cluster, Discovery, Outcome, UpstreamStream};
 use crate::config::{Snapshot, TcpChain};
+use crate::conn::ChainEnd;
+use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
 use crate::io::{Activity, Tracked};
-use crate::listener::ConnInfo;
 use crate::report::TcpReport;
 
 /// Proxies one TCP connection through `chain`.
@@ -48,17 +49,37 @@ where
     let activity = Activity::new();
     let mut down = Tracked::new(downstream, activity.clone());
     let mut up = Tracked::new(upstream, activity.clone());
-    let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
-    let flag = tokio::select! {
-        r = copy => match r {
-            Ok(_) => None,
-            Err(_) => Some(ErrorKind::UpstreamReset),
-        },
-        _ = activity.idle(chain.idle_timeout) => Some(ErrorKind::StreamIdleTimeout),
+    let flag = {
+        let copy = tokio::io::copy_bidirectional(&mut down, &mut up);
+        tokio::pin!(copy);
+        tokio::select! {
+            r = copy.as_mut() => copy_outcome(r),
+            _ = activity.idle(chain.idle_timeout) => Some(ErrorKind::StreamIdleTimeout),
+            end = conn.ended(&ctx) => {
+                ctx.metrics.drain().closed(&conn.listener.name, end);
+                match end {
+                    // Denied by the network RBAC policy now in force: close now.
+                    ChainEnd::Denied => Some(ErrorKind::RbacDenied),
+                    // The chain changed under the connection: it may finish within the drain
+                    // duration, then it is closed (Envoy's drain of a changed filter chain).
+                    ChainEnd::Drain => match tokio::time::timeout(ctx.drain_duration, copy.as_mut()).await {
+                        Ok(r) => copy_outcome(r),
+                        Err(_) => None,
+                    },
+                }
+            }
+        }
     };
     report.received = down.read;
     report.sent = up.read;
     report.close(&ctx, flag);
+}
+
+fn copy_outcome(r: std::io::Result<(u64, u64)>) -> Option<ErrorKind> {
+    match r {
+        Ok(_) => None,
+        Err(_) => Some(ErrorKind::UpstreamReset),
+    }
 }
 
 /// Connects to an endpoint of `cluster_name` (or to the original destination for

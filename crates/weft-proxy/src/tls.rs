@@ -18,7 +18,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
 
-use crate::config::listener::decode;
+use crate::proto::decode;
 
 /// The provider every config uses (ring: no C toolchain needed beyond `cc`).
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -323,7 +323,7 @@ fn sni_of(ctx: &UpstreamTlsContext) -> Result<Option<ServerName<'static>>, Strin
 /// Fills what a finished server-side handshake says about the peer: its principal (the
 /// SPIFFE id of a verified client certificate, else the certificate's first URI SAN) and
 /// the SNI it asked for.
-pub fn learn_peer(conn: &mut crate::listener::ConnInfo, tls: &rustls::ServerConnection) {
+pub fn learn_peer(conn: &mut crate::conn::ConnInfo, tls: &rustls::ServerConnection) {
     conn.peer_principal = peer_principal(tls.peer_certificates());
     if conn.server_name.is_none() {
         conn.server_name = tls.server_name().map(Arc::from);

@@ -106,3 +106,42 @@ async fn vhds_route_configuration_is_nacked_in_state_of_the_world_mode() {
     let nack = status.last_nack.unwrap_or_default();
     assert!(nack.contains("vhds") && nack.contains("delta"), "{nack}");
 }
+
+#[tokio::test]
+async fn hosts_asked_for_on_demand_stay_within_the_bound_and_legit_hosts_keep_working() {
+    const MAX: usize = 8;
+    const BOGUS: usize = 40;
+    let mesh = Mesh::start().await;
+    let a = EchoServer::start("a").await;
+    clusters(&mesh, &[("a", vec![a.addr])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(type_url::ROUTE, vec![pack_any(vhds_rc("routes", vec![vhost("any", &["*"], vec![teapot()])]))]);
+    mesh.set(
+        type_url::VIRTUAL_HOST,
+        vec![pack_any(vhost("routes/a", &["a.test"], vec![route("r", prefix("/"), to("a"))]))],
+    );
+    let proxy = mesh.proxy("on-demand-bound", true).await;
+    let store = &proxy.context().store;
+    store.set_max_on_demand_hosts(MAX);
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    assert_eq!(get_h1(out, "a.test", "/").await.unwrap().header("x-echo-server"), Some("a"));
+
+    // A client sending a new Host header with every request.
+    for i in 0..BOGUS {
+        assert_eq!(get_h1(out, &format!("scan-{i}.test"), "/").await.unwrap().status, 418);
+        assert!(store.on_demand_hosts() <= MAX, "{} hosts remembered after {i}", store.on_demand_hosts());
+    }
+    let snap = store.snapshot();
+    assert!(snap.on_demand.answered.len() <= MAX);
+    let subscribed = weft_xds::ResourceHandler::interest(&**store, type_url::VIRTUAL_HOST).unwrap();
+    assert!(subscribed.len() <= MAX, "forgotten hosts are unsubscribed: {subscribed:?}");
+    // Unknown hosts made room for each other; the host the control plane resolved stayed.
+    assert!(snap.on_demand.answered.contains("routes/a.test"), "{:?}", snap.on_demand.answered);
+    assert_eq!(get_h1(out, "a.test", "/").await.unwrap().header("x-echo-server"), Some("a"));
+    let page = get_h1(proxy.metrics_addr(), "metrics", "/stats/prometheus").await.unwrap().text();
+    let evictions = page.lines().find_map(|l| l.strip_prefix("weft_on_demand_host_evictions_total "));
+    assert_eq!(evictions, Some((BOGUS + 1 - MAX).to_string().as_str()), "{page}");
+    // A forgotten host is asked for again and answered as before.
+    assert_eq!(get_h1(out, "scan-0.test", "/").await.unwrap().status, 418);
+    assert!(store.on_demand_hosts() <= MAX);
+}

@@ -288,3 +288,61 @@ async fn admin_shows_config_clusters_and_readiness() {
     let ready = get_h1(proxy.metrics_addr(), "m", "/healthz/ready").await.unwrap();
     assert_eq!(ready.status, 200);
 }
+
+/// A listener whose address is taken is NACKed with the reason, as Envoy does, instead
+/// of being ACKed and left unreachable; the other listeners keep serving, and the
+/// listener is bound once its address frees up.
+#[tokio::test]
+async fn a_listener_that_cannot_bind_is_nacked_with_the_reason() {
+    let mesh = Mesh::start().await;
+    let a = EchoServer::start("a").await;
+    clusters(&mesh, &[("a", vec![a.addr])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
+    );
+    let proxy = mesh.proxy("bind-nack", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+
+    // Someone else holds the port the new listener wants.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap();
+    let hcm = build::http_connection_manager("ingress", build::Routes::Rds("routes".into()), None, &[]);
+    let ingress = pack_any(build::http_listener("ingress", port, hcm));
+    mesh.set(type_url::LISTENER, vec![http_out(&[]), ingress.clone()]);
+    let mut st = proxy.xds_status();
+    let nack =
+        tokio::time::timeout(WAIT, st.wait_for(|s| s.nacks > 0)).await.expect("no NACK").unwrap().last_nack.clone();
+    let nack = nack.expect("NACK error recorded");
+    assert!(nack.contains("ingress") && nack.contains("cannot bind") && nack.contains(&port.to_string()), "{nack}");
+    // The control plane sees the NACK with the reason (what `weft proxy-status` shows).
+    let mut changes = mesh.server.status_changes();
+    let seen = tokio::time::timeout(WAIT, async {
+        loop {
+            let nacked = mesh.server.connections().iter().any(|c| {
+                c.types
+                    .get(type_url::LISTENER)
+                    .and_then(|t| t.last_nack.as_ref())
+                    .is_some_and(|n| n.error.contains("cannot bind"))
+            });
+            if nacked {
+                return;
+            }
+            let _ = changes.changed().await;
+        }
+    })
+    .await;
+    assert!(seen.is_ok(), "the server did not record the bind failure");
+    assert!(!proxy.listener_addrs().contains_key("ingress"));
+    assert_eq!(get_h1(out, "svc", "/").await.unwrap().status, 200, "the other listener keeps serving");
+
+    // Once the port is free, the same listener is accepted and bound.
+    drop(taken);
+    mesh.set(type_url::LISTENER, vec![http_out(&[]), ingress]);
+    mesh.synced(&proxy, type_url::LISTENER).await;
+    let bound = proxy.listener_addr("ingress", WAIT).await.expect("ingress bound after the port freed up");
+    assert_eq!(bound, port);
+    assert_eq!(get_h1(bound, "svc", "/").await.unwrap().status, 200);
+}

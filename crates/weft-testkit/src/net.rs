@@ -13,6 +13,9 @@
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 
+/// Bind attempts before [`reserve_consecutive`] gives up.
+const CONSECUTIVE_TRIES: usize = 100;
+
 /// A loopback address with nothing listening on it, reserved for about a minute for a
 /// listener that binds it explicitly (see the module docs). Until then, connections to it
 /// are refused, so it also serves as a dead endpoint.
@@ -20,15 +23,40 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 /// # Panics
 /// When loopback sockets cannot be created (a broken test machine).
 pub fn reserve_addr() -> SocketAddr {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
-    let addr = listener.local_addr().expect("local address of a bound listener");
-    let client = TcpStream::connect(addr).expect("connect to our own listener");
-    let (server, _) = listener.accept().expect("accept our own connection");
+    reserve("127.0.0.1:0".parse().expect("a socket address")).expect("reserve a port on 127.0.0.1")
+}
+
+/// The first of `n` consecutive reserved loopback addresses (for a proxy that binds
+/// `inbound|PORT` listeners on consecutive ports from one address).
+///
+/// # Panics
+/// When no run of `n` free ports turns up after many tries.
+pub fn reserve_consecutive(n: u16) -> SocketAddr {
+    for _ in 0..CONSECUTIVE_TRIES {
+        let first = reserve_addr();
+        if u32::from(first.port()) + u32::from(n) > u32::from(u16::MAX) {
+            continue;
+        }
+        let rest = (1..n).map(|i| SocketAddr::new(first.ip(), first.port() + i));
+        if rest.map(reserve).all(|r| r.is_ok()) {
+            return first;
+        }
+    }
+    panic!("no {n} consecutive free loopback ports in {CONSECUTIVE_TRIES} tries")
+}
+
+/// Binds `addr`, connects to it and closes the accepted side first, which leaves the
+/// port in TIME_WAIT (see the module docs); the address it reserved.
+fn reserve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
+    let listener = TcpListener::bind(addr)?;
+    let addr = listener.local_addr()?;
+    let client = TcpStream::connect(addr)?;
+    let (server, _) = listener.accept()?;
     // The side that closes first ends in TIME_WAIT: the accepted socket, whose local
     // address is `addr`. Then the client's FIN completes the close.
     drop(server);
     drop(client);
-    addr
+    Ok(addr)
 }
 
 /// The port of [`reserve_addr`], for command lines that take a port number.
@@ -48,6 +76,16 @@ mod tests {
         let listener = TcpListener::bind(addr).expect("the reserved port binds with SO_REUSEADDR");
         let client = TcpStream::connect(addr).unwrap();
         assert_eq!(listener.accept().unwrap().1, client.local_addr().unwrap());
+    }
+
+    #[test]
+    fn consecutive_reservations_are_consecutive_and_bindable() {
+        let first = reserve_consecutive(3);
+        for i in 0..3 {
+            let addr = SocketAddr::new(first.ip(), first.port() + i);
+            assert_eq!(TcpStream::connect(addr).unwrap_err().kind(), std::io::ErrorKind::ConnectionRefused);
+            TcpListener::bind(addr).expect("a reserved port binds with SO_REUSEADDR");
+        }
     }
 
     #[test]

@@ -64,13 +64,22 @@ pub trait ResourceHandler: Send + Sync + 'static {
 
 /// Reconnect delays: exponential from `initial`, capped at `max`, with full jitter
 /// (each delay is uniform in `[0, min(max, initial * 2^attempt)]`).
+///
+/// The default cap is [`DEFAULT_MAX_BACKOFF`] (3 s), not Envoy's 30 s: a control plane
+/// that comes back (a restart, a rollout) sees every proxy again within about 3 s, so
+/// its restored registry (see `weft-control`'s reconnect grace) is confirmed quickly and
+/// a proxy's callers never wait on its registration. Full jitter still spreads a fleet's
+/// reconnects over the whole window, so a returning control plane is not hit at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backoff {
     /// First cap (250 ms by default).
     pub initial: Duration,
-    /// Largest cap (30 s by default).
+    /// Largest cap ([`DEFAULT_MAX_BACKOFF`] by default).
     pub max: Duration,
 }
+
+/// Largest reconnect delay of [`Backoff::default`].
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3);
 
 /// Settings of an [`AdsClient`].
 #[derive(Clone, Debug)]
@@ -94,12 +103,18 @@ pub struct ClientStatus {
     pub connects: u64,
     /// Last ACKed version per type URL.
     pub acked: BTreeMap<String, String>,
+    /// Responses applied (ACKed) so far, per type URL.
+    pub updates: BTreeMap<String, u64>,
     /// NACKs sent so far.
     pub nacks: u64,
+    /// NACKs sent so far, per type URL (of the response NACKed).
+    pub nacks_by_type: BTreeMap<String, u64>,
     /// Error detail of the last NACK.
     pub last_nack: Option<String>,
     /// When the last response was applied (ACKed).
     pub last_update: Option<SystemTime>,
+    /// While disconnected: the delay drawn before the next connection attempt.
+    pub next_retry: Option<Duration>,
 }
 
 /// ADS client. Build with [`AdsClient::new`], drive with [`AdsClient::run`].
@@ -127,7 +142,7 @@ struct StreamEnd {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { initial: Duration::from_millis(250), max: Duration::from_secs(30) }
+        Backoff { initial: Duration::from_millis(250), max: DEFAULT_MAX_BACKOFF }
     }
 }
 
@@ -164,12 +179,15 @@ impl AdsClient {
                 () = &mut shutdown => break,
                 end = self.stream_once(&mut memory) => end,
             };
-            self.status.send_modify(|s| s.connected = false);
             if end.healthy {
                 attempt = 0;
             }
             let delay = self.config.backoff.delay(attempt);
             attempt = attempt.saturating_add(1);
+            self.status.send_modify(|s| {
+                s.connected = false;
+                s.next_retry = Some(delay);
+            });
             tracing::warn!(address = %self.config.address, error = %end.error, ?delay, "xDS stream ended; reconnecting");
             tokio::select! {
                 () = &mut shutdown => break,
@@ -210,6 +228,7 @@ impl AdsClient {
     fn mark_connected(&self) {
         self.status.send_modify(|s| {
             s.connected = true;
+            s.next_retry = None;
             s.connects += 1;
         });
     }
@@ -217,6 +236,7 @@ impl AdsClient {
     fn record_ack(&self, type_url: &str, version: &str) {
         self.status.send_modify(|s| {
             s.acked.insert(type_url.to_string(), version.to_string());
+            *s.updates.entry(type_url.to_string()).or_default() += 1;
             s.last_update = Some(SystemTime::now());
         });
     }
@@ -225,6 +245,7 @@ impl AdsClient {
         tracing::warn!(type_url, error, "NACK");
         self.status.send_modify(|s| {
             s.nacks += 1;
+            *s.nacks_by_type.entry(type_url.to_string()).or_default() += 1;
             s.last_nack = Some(error.to_string());
         });
     }

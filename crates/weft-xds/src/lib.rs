@@ -41,7 +41,9 @@ pub mod source;
 pub mod type_url;
 pub mod vhds;
 
-pub use client::{AdsClient, Backoff, ClientConfig, ClientStatus, ResourceHandler, ResourceUpdate};
+pub use client::{
+    AdsClient, Backoff, ClientConfig, ClientStatus, ResourceHandler, ResourceUpdate, DEFAULT_MAX_BACKOFF,
+};
 pub use error::XdsError;
 pub use node::{NodeInfo, PortInfo};
 pub use server::{AdsServer, AdsService, ConnectionStatus, NackInfo, TypeStatus};

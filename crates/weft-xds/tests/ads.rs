@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use common::*;
 use weft_xds::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE};
-use weft_xds::XdsMode;
+use weft_xds::{Backoff, XdsMode, DEFAULT_MAX_BACKOFF};
 
 fn set(names: &[&str]) -> BTreeSet<String> {
     names.iter().map(|n| n.to_string()).collect()
@@ -182,6 +182,53 @@ async fn reconnect_after_server_restart(mode: XdsMode) {
             "only new resources are sent after reconnect"
         );
     }
+    client.stop().await;
+    server.stop().await;
+}
+
+/// A control plane away long enough for an uncapped backoff to grow to tens of seconds:
+/// with the default backoff every delay drawn stays within a few seconds (5 s; the cap is
+/// [`DEFAULT_MAX_BACKOFF`]), and
+/// when the server returns the pending attempt reconnects (no further delay is drawn).
+#[tokio::test]
+async fn default_backoff_reconnects_within_its_cap_after_a_long_outage() {
+    let source = basic_source();
+    let server = RunningServer::start(source.clone(), any_port()).await;
+    let addr = server.addr;
+    let mut client = RunningClient::start_with(addr, XdsMode::Sotw, MemHandler::new(), Backoff::default());
+    server.wait_acked(LISTENER, "1").await;
+    server.stop().await;
+
+    // Eight failed attempts: an uncapped 250 ms x 2^n backoff would be at 32 s by now.
+    let mut drawn = Vec::new();
+    while drawn.len() < 8 {
+        client.status.changed().await.unwrap();
+        let status = client.status.borrow_and_update().clone();
+        assert!(!status.connected, "connected with the server down");
+        if let Some(delay) = status.next_retry {
+            assert!(delay <= DEFAULT_MAX_BACKOFF, "attempt {} waits {delay:?}, over the cap", drawn.len());
+            assert!(delay <= std::time::Duration::from_secs(5), "attempt {} waits {delay:?}", drawn.len());
+            drawn.push(delay);
+        }
+    }
+    assert!(drawn.iter().any(|d| *d != drawn[0]), "no jitter: {drawn:?}");
+
+    let server = RunningServer::start(source, addr).await;
+    let mut later = 0;
+    let status = loop {
+        let status = client.status.borrow_and_update().clone();
+        if status.connected {
+            break status;
+        }
+        let changed = tokio::time::timeout(WAIT, client.status.changed()).await;
+        changed.expect("not reconnected within the wait").unwrap();
+        if client.status.borrow().next_retry.is_some() {
+            later += 1;
+        }
+    };
+    assert_eq!(status.connects, 2);
+    assert!(later <= 1, "{later} more delays drawn after the server was back");
+    server.wait_acked(LISTENER, "1").await;
     client.stop().await;
     server.stop().await;
 }

@@ -44,6 +44,11 @@ enum Command {
         /// thread with tokio's single-threaded scheduler. Default: one per CPU.
         #[arg(long, env = "WEFT_CONCURRENCY")]
         concurrency: Option<usize>,
+        /// How long a connection whose filter chain changed in a way that cannot apply in
+        /// place (TLS mode, TCP proxy, removed chain) may finish before it is closed, e.g.
+        /// `45s`. Default: the bootstrap's `drain_duration` (45 s, Istio's drainDuration).
+        #[arg(long, env = "WEFT_DRAIN_DURATION", value_parser = weft_proxy::run::parse_duration)]
+        drain_duration: Option<std::time::Duration>,
     },
     /// Run the control plane: resources from a watched directory and the API, a workload
     /// registry fed by connecting proxies, xDS for every proxy.
@@ -63,6 +68,10 @@ enum Command {
         /// Outbound traffic to unknown hosts: ALLOW_ANY or REGISTRY_ONLY.
         #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
         outbound_traffic_policy: String,
+        /// With --data-dir: how long workloads registered before a restart stay endpoints
+        /// while their proxies reconnect (0s: forget them at once).
+        #[arg(long, env = "WEFT_RECONNECT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
+        reconnect_grace: std::time::Duration,
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
@@ -143,6 +152,10 @@ enum Command {
         /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
         #[arg(long, env = "WEFT_SERVER")]
         server: Option<String>,
+        /// The proxy's admin address (HOST:PORT), where `secrets` are read from; default:
+        /// the address the proxy announced to the control plane.
+        #[arg(long)]
+        admin: Option<String>,
     },
     /// Validate resources and run cross-resource checks (Istio's `analyze`): parse errors
     /// with file, line and field, then IST-coded messages. Exit 79 when anything at or
@@ -239,7 +252,8 @@ enum Command {
 #[derive(clap::Args)]
 struct IdentityArgs {
     /// Data directory: CA root and key (generated on first start), join-token key,
-    /// revoked tokens. Without it the control plane issues no identities.
+    /// revoked tokens, the registered proxies (`registry.json`, restored after a restart).
+    /// Without it the control plane issues no identities and forgets registrations.
     #[arg(long, env = "WEFT_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// Plug-in CA: a directory in Istio's cacerts layout (ca-cert.pem, ca-key.pem,
@@ -252,9 +266,14 @@ struct IdentityArgs {
     /// Workload certificate TTL when the workload asks for none.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     cert_ttl: std::time::Duration,
-    /// Longest workload certificate TTL granted.
+    /// Longest workload certificate TTL granted (Istio's MAX_WORKLOAD_CERT_TTL): a
+    /// request for more is refused with INVALID_ARGUMENT, as Istio's CA does.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     max_cert_ttl: std::time::Duration,
+    /// Longest join-token TTL granted: `weft token create --ttl` (API `ttlSeconds`)
+    /// over it is refused with 400.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    max_token_ttl: std::time::Duration,
 }
 
 /// Admission webhook flags of `weft control`: `/inject` over HTTPS for the Kubernetes API
@@ -303,9 +322,14 @@ fn main() -> std::process::ExitCode {
     };
     let result = rt.block_on(async {
         match cli.command {
-            Command::Proxy { bootstrap, bootstrap_yaml, concurrency } => {
-                let args =
-                    weft_proxy::run::ProxyArgs { bootstrap, bootstrap_yaml, concurrency, log_json: cli.log_json };
+            Command::Proxy { bootstrap, bootstrap_yaml, concurrency, drain_duration } => {
+                let args = weft_proxy::run::ProxyArgs {
+                    bootstrap,
+                    bootstrap_yaml,
+                    concurrency,
+                    log_json: cli.log_json,
+                    drain_duration,
+                };
                 weft_proxy::run::run(args).await
             }
             Command::Up(args) => up::run(args).await,
@@ -316,8 +340,18 @@ fn main() -> std::process::ExitCode {
                     bookinfo::BookinfoConfig::from_args(service, port, bookinfo, |name| std::env::var(name).ok())?;
                 bookinfo::run(config).await
             }
-            Command::Control { dir, xds, api, transparent, outbound_traffic_policy, identity, webhook } => {
-                run_control(dir, xds, api, transparent, &outbound_traffic_policy, identity, webhook).await
+            Command::Control {
+                dir,
+                xds,
+                api,
+                transparent,
+                outbound_traffic_policy,
+                reconnect_grace,
+                identity,
+                webhook,
+            } => {
+                let addrs = (xds, api);
+                run_control(dir, addrs, transparent, &outbound_traffic_policy, reconnect_grace, identity, webhook).await
             }
             Command::Token { command } => token::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
@@ -331,8 +365,8 @@ fn main() -> std::process::ExitCode {
             Command::ProxyStatus { output, server } => {
                 ops::proxy_status(&local::server(server), output == "json").await
             }
-            Command::ProxyConfig { proxy, what, output, server } => {
-                proxy_config::run(&local::server(server), &proxy, what.as_deref(), &output).await
+            Command::ProxyConfig { proxy, what, output, server, admin } => {
+                proxy_config::run(&local::server(server), &proxy, what.as_deref(), &output, admin.as_deref()).await
             }
             Command::Analyze { files, live, server, failure_threshold, output_threshold } => {
                 let code = if live {
@@ -411,10 +445,10 @@ fn main() -> std::process::ExitCode {
 
 async fn run_control(
     dir: Option<PathBuf>,
-    xds: std::net::SocketAddr,
-    api: std::net::SocketAddr,
+    (xds, api): (std::net::SocketAddr, std::net::SocketAddr),
     transparent: bool,
     policy: &str,
+    reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
     webhook: WebhookArgs,
 ) -> anyhow::Result<()> {
@@ -445,12 +479,17 @@ async fn run_control(
         api,
         mode: if transparent { ProxyMode::Transparent } else { ProxyMode::Explicit },
         mesh,
+        registry: identity.data_dir.as_ref().map(|d| weft_control::registry::PersistConfig {
+            reconnect_grace,
+            ..weft_control::registry::PersistConfig::in_dir(d)
+        }),
         identity: identity.data_dir.map(|data_dir| weft_control::identity::IdentityConfig {
             data_dir,
             plugin_ca: identity.plugin_ca,
             trust_domain: identity.trust_domain,
             cert_ttl: identity.cert_ttl,
             max_cert_ttl: identity.max_cert_ttl,
+            max_token_ttl: identity.max_token_ttl,
         }),
         inject,
         webhook: webhook_tls,

@@ -1,10 +1,23 @@
 //! `weft proxy-config PROXY [listeners|routes|clusters|endpoints|secrets] [-o table|json|yaml]`:
-//! what the control plane serves one proxy, from `GET /api/v1/proxies/{id}/config`.
+//! what the control plane serves one proxy, from `GET /api/v1/proxies/{id}/config`; and,
+//! for `secrets`, what the proxy itself holds, from its admin `/config_dump` (Envoy's
+//! `SecretsConfigDump`, as `istioctl proxy-config secret` reads it), at the admin address
+//! the proxy announced (`WEFT_ADMIN`) or `--admin`.
 
-use anyhow::bail;
-use serde_json::Value;
+use std::time::SystemTime;
+
+use anyhow::{bail, Context as _};
+use base64::Engine as _;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use weft_identity::cert::{certs_from_pem, CertInfo};
 
 use crate::ops::{call, urlencode};
+
+/// Envoy's type URL of the secrets section of a config dump.
+const SECRETS_CONFIG_DUMP: &str = "type.googleapis.com/envoy.admin.v3.SecretsConfigDump";
 
 /// The types, as the CLI names them and as the API keys them.
 const TYPES: [(&str, &str); 5] = [
@@ -15,9 +28,15 @@ const TYPES: [(&str, &str); 5] = [
     ("secrets", "Secret"),
 ];
 
-/// Runs the command.
-pub async fn run(server: &str, proxy: &str, what: Option<&str>, output: &str) -> anyhow::Result<()> {
-    let (status, v) = call(server, "GET", &format!("/api/v1/proxies/{}/config", urlencode(proxy)), None).await?;
+/// Runs the command; `admin` overrides the admin address the proxy announced.
+pub async fn run(
+    server: &str,
+    proxy: &str,
+    what: Option<&str>,
+    output: &str,
+    admin: Option<&str>,
+) -> anyhow::Result<()> {
+    let (status, mut v) = call(server, "GET", &format!("/api/v1/proxies/{}/config", urlencode(proxy)), None).await?;
     if status != 200 {
         bail!("{}", v["error"].as_str().unwrap_or("request failed"));
     }
@@ -28,6 +47,16 @@ pub async fn run(server: &str, proxy: &str, what: Option<&str>, output: &str) ->
             None => bail!("unknown type {w:?}: expected listeners, routes, clusters, endpoints or secrets"),
         },
     };
+    if chosen.iter().any(|(cli, _)| *cli == "secrets") {
+        // The secrets the proxy holds (its certificate is not served by the control
+        // plane to weft proxies): replace the control plane's view with the proxy's.
+        let node_id = v["id"].as_str().unwrap_or(proxy).to_string();
+        match proxy_secrets(server, &node_id, admin).await {
+            Ok(list) => v["resources"]["Secret"] = json!({"version": "-", "resources": list}),
+            Err(e) if what == Some("secrets") => return Err(e),
+            Err(e) => eprintln!("secrets: {e:#}; showing what the control plane serves"),
+        }
+    }
     let resources = |api_key: &str| v["resources"][api_key]["resources"].as_array().cloned().unwrap_or_default();
     match output {
         "json" | "yaml" => {
@@ -203,6 +232,130 @@ fn table(kind: &str, list: &[Value]) -> String {
             }
             render(&["ENDPOINT", "STATUS", "WEIGHT", "CLUSTER"], rows)
         }
+        "secrets" if list.iter().all(|x| x.get("secret").is_some()) => secrets_table(list, SystemTime::now()),
         _ => render(&["NAME", "KIND"], list.iter().map(|x| vec![s(&x["name"]), s(&x["kind"])]).collect()),
     }
+}
+
+/// The proxy's secrets from its own config dump: `dynamic_active_secrets` (status
+/// `ACTIVE`) then `dynamic_warming_secrets` (`WARMING`), each entry as dumped with a
+/// `status` added. Private keys are never shown (Envoy dumps them redacted, weft not at all).
+async fn proxy_secrets(server: &str, node_id: &str, admin: Option<&str>) -> anyhow::Result<Vec<Value>> {
+    let admin = match admin {
+        Some(a) => a.to_string(),
+        None => {
+            let (_, list) = call(server, "GET", "/api/v1/proxies", None).await?;
+            let announced = list["proxies"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|p| p["id"] == node_id)
+                .and_then(|p| p["admin"].as_str().map(str::to_string));
+            announced.with_context(|| {
+                format!("proxy {node_id:?} announced no admin address (WEFT_ADMIN); pass --admin HOST:PORT")
+            })?
+        }
+    };
+    let dump = admin_get(&admin, "/config_dump").await?;
+    let section = dump["configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|c| c["@type"] == SECRETS_CONFIG_DUMP)
+        .with_context(|| format!("the config dump of {admin} has no secrets section"))?;
+    let mut out = Vec::new();
+    for (key, status) in [("dynamic_active_secrets", "ACTIVE"), ("dynamic_warming_secrets", "WARMING")] {
+        for entry in section[key].as_array().into_iter().flatten() {
+            let mut entry = entry.clone();
+            if let Some(secret) = entry.get_mut("secret").and_then(Value::as_object_mut) {
+                if let Some(tls) = secret.get_mut("tls_certificate").and_then(Value::as_object_mut) {
+                    tls.remove("private_key");
+                }
+            }
+            entry["status"] = json!(status);
+            out.push(entry);
+        }
+    }
+    Ok(out)
+}
+
+/// `GET path` on a proxy's admin server, as JSON.
+async fn admin_get(admin: &str, path: &str) -> anyhow::Result<Value> {
+    let addr = admin.trim_start_matches("http://").trim_end_matches('/');
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("cannot reach the proxy's admin server at {addr}"))?;
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    let req = hyper::Request::builder().uri(path).header("host", addr).body(Empty::<Bytes>::new())?;
+    let resp = tx.send_request(req).await?;
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await?.to_bytes();
+    if !status.is_success() {
+        bail!("{addr}{path} answered {status}: {}", String::from_utf8_lossy(&bytes).trim());
+    }
+    serde_json::from_slice(&bytes).with_context(|| format!("{addr}{path} answered with non-JSON"))
+}
+
+/// Istio's `proxy-config secret` table plus the SPIFFE id: one row per secret, the
+/// first certificate of its chain (`Cert Chain`) or trust bundle (`CA`).
+fn secrets_table(list: &[Value], now: SystemTime) -> String {
+    let rows = list
+        .iter()
+        .map(|x| {
+            let secret = &x["secret"];
+            let (kind, data) = if let Some(tls) = secret.get("tls_certificate") {
+                ("Cert Chain", &tls["certificate_chain"])
+            } else if let Some(vc) = secret.get("validation_context") {
+                ("CA", &vc["trusted_ca"])
+            } else {
+                ("-", &Value::Null)
+            };
+            let cert = data_source(data).and_then(|pem| first_cert(&pem));
+            let (valid, serial, not_after, not_before, spiffe) = match &cert {
+                Some(c) => (
+                    (c.not_before <= now && now < c.not_after).to_string(),
+                    istio_serial(&c.serial),
+                    rfc3339(c.not_after),
+                    rfc3339(c.not_before),
+                    c.uris.iter().find(|u| u.starts_with("spiffe://")).cloned().unwrap_or_else(|| "-".into()),
+                ),
+                None => ("false".into(), "-".into(), "-".into(), "-".into(), "-".into()),
+            };
+            vec![s(&x["name"]), kind.into(), s(&x["status"]), valid, serial, not_after, not_before, spiffe]
+        })
+        .collect();
+    render(
+        &["RESOURCE NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE", "SPIFFE ID"],
+        rows,
+    )
+}
+
+/// The PEM text of an Envoy `DataSource` as dumped (`inline_bytes` base64, or
+/// `inline_string`).
+fn data_source(v: &Value) -> Option<String> {
+    if let Some(b64) = v["inline_bytes"].as_str() {
+        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
+        return String::from_utf8(bytes).ok();
+    }
+    v["inline_string"].as_str().map(str::to_string)
+}
+
+fn first_cert(pem: &str) -> Option<CertInfo> {
+    let certs = certs_from_pem(pem, "certificate").ok()?;
+    CertInfo::parse(certs.first()?).ok()
+}
+
+/// A serial as Istio prints it: lowercase hex without leading zeros.
+fn istio_serial(hex: &str) -> String {
+    let trimmed = hex.to_ascii_lowercase().trim_start_matches('0').to_string();
+    if trimmed.is_empty() {
+        "0".into()
+    } else {
+        trimmed
+    }
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -28,6 +28,7 @@ async fn control_plane() -> ControlPlane {
         identity: None,
         inject: Default::default(),
         webhook: None,
+        registry: None,
     })
     .await
     .unwrap()

@@ -109,5 +109,15 @@ async fn tokens_can_be_managed_offline_on_the_data_directory() -> anyhow::Result
         weft(&["token", "create", "-n", "Bad NS", "--service-account", "x", "--data-dir", dir]).await?;
     assert_ne!(code, 0);
     assert!(err.contains("namespace"), "{err}");
+
+    // Over the maximum (90 days offline): refused with the bound, no token printed.
+    for ttl in ["91d", "3000000years"] {
+        let (code, out, err) =
+            weft(&["token", "create", "-n", "shop", "--service-account", "cart", "--ttl", ttl, "--data-dir", dir])
+                .await?;
+        assert_ne!(code, 0, "{ttl}: {out}");
+        assert!(out.is_empty(), "{out}");
+        assert!(err.contains("is greater than the max allowed TTL 7776000s"), "{ttl}: {err}");
+    }
     Ok(())
 }

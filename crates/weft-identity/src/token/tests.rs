@@ -97,3 +97,27 @@ fn tokens_are_only_issued_for_valid_names() {
     assert!(issuer.create("default", "", HOUR).is_err());
     assert!(issuer.create("default", "web", Duration::ZERO).is_err());
 }
+
+#[test]
+fn token_ttls_over_the_maximum_are_refused_and_absurd_ones_do_not_overflow() {
+    let issuer = TokenIssuer::ephemeral().expect("issuer");
+    assert_eq!(issuer.max_ttl(), DEFAULT_MAX_TOKEN_TTL);
+    assert!(issuer.create("default", "web", DEFAULT_MAX_TOKEN_TTL).is_ok(), "the maximum itself is granted");
+    for ttl in [
+        DEFAULT_MAX_TOKEN_TTL + Duration::from_secs(1),
+        Duration::from_secs(99_999_999_999_999),
+        Duration::from_secs(u64::MAX),
+        Duration::MAX,
+    ] {
+        let err = issuer.create("default", "web", ttl).expect_err("over the maximum");
+        assert!(matches!(err, IdentityError::TtlTooLong { what: "token", .. }), "{err}");
+        assert!(err.to_string().contains("max allowed TTL 7776000s (--max-token-ttl)"), "{err}");
+    }
+    let short = TokenIssuer::ephemeral().expect("issuer").with_max_ttl(HOUR);
+    assert!(short.create("default", "web", HOUR * 2).is_err());
+    assert!(short.create("default", "web", HOUR).is_ok());
+    // Even a maximum too large for the clock refuses cleanly instead of panicking.
+    let unbounded = TokenIssuer::ephemeral().expect("issuer").with_max_ttl(Duration::MAX);
+    let err = unbounded.create("default", "web", Duration::MAX).expect_err("past the clock's range");
+    assert!(matches!(err, IdentityError::TtlTooLong { .. }), "{err}");
+}

@@ -6,16 +6,18 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use envoy_types::pb::envoy::config::core::v3::{address, socket_address, Address, CidrRange};
+use envoy_types::pb::envoy::config::core::v3::CidrRange;
 use envoy_types::pb::envoy::config::listener::v3::{filter, FilterChain, FilterChainMatch, Listener};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     http_connection_manager::RouteSpecifier, http_filter, HttpConnectionManager,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
-use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
-use prost::{Message, Name};
+use envoy_types::pb::google::protobuf::Duration as PbDuration;
+use prost::Name;
 
 use crate::error::ConfigError;
+use crate::net::in_range;
+use crate::proto::{decode, opt_duration, socket_addr};
 use crate::rbac::{RbacFilter, HTTP_RBAC_TYPE, NETWORK_RBAC_TYPE};
 use crate::route::{ClusterChoice, FaultPolicy, RouteTable};
 
@@ -70,6 +72,27 @@ pub struct FilterChainConfig {
     pub kind: ChainKind,
     /// TLS to terminate before the filters (a `DownstreamTlsContext` transport socket).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// What an open connection cannot change in place (see [`FixedAtAccept`]).
+    pub fixed: FixedAtAccept,
+}
+
+/// The parts of a filter chain fixed when a connection is accepted: its transport socket
+/// (TLS or plaintext, certificates, client-certificate requirement) and its terminal
+/// filter's settings, except what is decided per request (an HTTP connection manager's
+/// `http_filters` and routes). An open connection whose chain, re-matched in a new
+/// configuration, differs here drains (see `crate::conn`); otherwise it carries on with
+/// the new chain. Kept as protos: prost's `PartialEq` compares maps by content, which an
+/// encoding of them would not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FixedAtAccept {
+    transport: Option<envoy_types::pb::envoy::config::core::v3::TransportSocket>,
+    terminal: Terminal,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Terminal {
+    Http(Box<HttpConnectionManager>),
+    Tcp(Box<TcpProxy>),
 }
 
 /// Envoy's `FilterChainMatch`, the subset weft supports.
@@ -124,6 +147,13 @@ pub struct HttpChain {
     pub stream_idle_timeout: Option<Duration>,
     /// Connection idle timeout (Envoy default 1 hour; `None` disables).
     pub idle_timeout: Option<Duration>,
+    /// Time to receive a request's headers (`request_headers_timeout`; weft's default
+    /// 30 s where Envoy has none; `None`: explicitly disabled with 0).
+    pub request_headers_timeout: Option<Duration>,
+    /// Largest request head in bytes (`max_request_headers_kb`, Envoy default 60 KiB).
+    pub max_request_headers_bytes: usize,
+    /// Most request headers (`common_http_protocol_options.max_headers_count`, default 100).
+    pub max_headers_count: usize,
     /// JWT filters (request authentication), in chain order; they run first.
     pub jwt: Vec<Arc<crate::jwt::JwtFilter>>,
     /// RBAC filters, in chain order; they run before CORS, faults and the router.
@@ -306,27 +336,6 @@ fn best_prefix(ranges: &[(IpAddr, u8)], ip: IpAddr) -> Option<u32> {
     ranges.iter().filter(|(net, len)| in_range(ip, *net, *len)).map(|(_, len)| 1 + u32::from(*len)).max()
 }
 
-/// True when `ip` lies in `net/len`.
-pub fn in_range(ip: IpAddr, net: IpAddr, len: u8) -> bool {
-    match (ip, net) {
-        (IpAddr::V4(a), IpAddr::V4(b)) => {
-            let len = u32::from(len.min(32));
-            let mask = if len == 0 { 0 } else { u32::MAX << (32 - len) };
-            (u32::from(a) & mask) == (u32::from(b) & mask)
-        }
-        (IpAddr::V6(a), IpAddr::V6(b)) => {
-            let len = u32::from(len.min(128));
-            let mask = if len == 0 { 0 } else { u128::MAX << (128 - len) };
-            (u128::from(a) & mask) == (u128::from(b) & mask)
-        }
-        (IpAddr::V4(a), IpAddr::V6(_)) => in_range(IpAddr::V6(a.to_ipv6_mapped()), net, len),
-        (IpAddr::V6(a), IpAddr::V4(_)) => match a.to_ipv4_mapped() {
-            Some(v4) => in_range(IpAddr::V4(v4), net, len),
-            None => false,
-        },
-    }
-}
-
 fn server_name_score(pattern: &str, sni: &str) -> Option<u32> {
     let sni = sni.to_ascii_lowercase();
     let pattern = pattern.to_ascii_lowercase();
@@ -350,6 +359,7 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
         None => ChainMatch::default(),
     };
     let mut kind = None;
+    let mut terminal = None;
     let mut rbac = Vec::new();
     for (i, f) in fc.filters.iter().enumerate() {
         let field = format!("filters[{i}]");
@@ -372,11 +382,18 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
             let mut chain = compile_hcm(&hcm).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?;
             chain.network_rbac = std::mem::take(&mut rbac);
             kind = Some(ChainKind::Http(Arc::new(chain)));
+            // Filters and routes apply per request: not fixed at accept.
+            terminal = Some(Terminal::Http(Box::new(HttpConnectionManager {
+                http_filters: Vec::new(),
+                route_specifier: None,
+                ..hcm
+            })));
         } else if any.type_url == TcpProxy::type_url() {
             let tp = decode::<TcpProxy>(any).map_err(|m| (field.clone(), m))?;
             let mut chain = compile_tcp(&tp).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?;
             chain.rbac = std::mem::take(&mut rbac);
             kind = Some(ChainKind::Tcp(Arc::new(chain)));
+            terminal = Some(Terminal::Tcp(Box::new(tp)));
         } else {
             return Err((
                 format!("{field}.typed_config"),
@@ -387,10 +404,14 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
             ));
         }
     }
-    let kind = kind.ok_or_else(|| {
-        ("filters".to_string(), "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string())
-    })?;
-    Ok(FilterChainConfig { name: fc.name.clone(), matcher, kind, tls })
+    let (Some(kind), Some(terminal)) = (kind, terminal) else {
+        return Err((
+            "filters".to_string(),
+            "a filter chain needs an http_connection_manager or tcp_proxy filter".to_string(),
+        ));
+    };
+    let fixed = FixedAtAccept { transport: fc.transport_socket.clone(), terminal };
+    Ok(FilterChainConfig { name: fc.name.clone(), matcher, kind, tls, fixed })
 }
 
 fn compile_match(m: &FilterChainMatch) -> Result<ChainMatch, (String, String)> {
@@ -489,7 +510,19 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         .filter(|u| u.enabled.as_ref().map(|b| b.value).unwrap_or(true))
         .map(|u| u.upgrade_type.to_ascii_lowercase())
         .collect();
+    let max_kb = h.max_request_headers_kb.map_or(60, |v| v.value);
+    if !(1..=8192).contains(&max_kb) {
+        return Err(("max_request_headers_kb".into(), format!("{max_kb} is outside 1..=8192")));
+    }
+    let max_headers_count =
+        h.common_http_protocol_options.as_ref().and_then(|o| o.max_headers_count).map_or(100, |v| v.value);
+    if max_headers_count == 0 {
+        return Err(("common_http_protocol_options.max_headers_count".into(), "must be at least 1".into()));
+    }
     Ok(HttpChain {
+        request_headers_timeout: timeout_or(h.request_headers_timeout.as_ref(), Duration::from_secs(30)),
+        max_request_headers_bytes: max_kb as usize * 1024,
+        max_headers_count: max_headers_count as usize,
         stat_prefix: h.stat_prefix.clone(),
         routes,
         fault,
@@ -532,27 +565,6 @@ fn join(a: &str, b: &str, c: &str) -> String {
     [a, b, c].iter().filter(|p| !p.is_empty()).copied().collect::<Vec<_>>().join(".")
 }
 
-/// Decodes an `Any` after checking its type.
-pub fn decode<M: Message + Name + Default>(any: &Any) -> Result<M, String> {
-    if any.type_url != M::type_url() {
-        return Err(format!("expected {}, got {}", M::type_url(), any.type_url));
-    }
-    M::decode(any.value.as_slice()).map_err(|e| format!("cannot decode {}: {e}", M::full_name()))
-}
-
-/// A protobuf duration as a std one (negative -> zero).
-pub fn opt_duration(d: Option<&PbDuration>) -> Option<Duration> {
-    d.map(
-        |d| {
-            if d.seconds < 0 || d.nanos < 0 {
-                Duration::ZERO
-            } else {
-                Duration::new(d.seconds as u64, d.nanos as u32)
-            }
-        },
-    )
-}
-
 /// Envoy's timeout convention: unset -> `default`, zero -> disabled.
 fn timeout_or(d: Option<&PbDuration>, default: Duration) -> Option<Duration> {
     match opt_duration(d) {
@@ -560,22 +572,4 @@ fn timeout_or(d: Option<&PbDuration>, default: Duration) -> Option<Duration> {
         Some(d) if d.is_zero() => None,
         Some(d) => Some(d),
     }
-}
-
-/// A socket address from an Envoy `Address`.
-pub fn socket_addr(a: Option<&Address>) -> Result<SocketAddr, String> {
-    let sa = match a.and_then(|a| a.address.as_ref()) {
-        Some(address::Address::SocketAddress(sa)) => sa,
-        Some(_) => return Err("only socket_address is supported".into()),
-        None => return Err("socket_address is required".into()),
-    };
-    let ip: IpAddr = sa.address.parse().map_err(|_| format!("{:?} is not an IP address", sa.address))?;
-    let port = match sa.port_specifier {
-        Some(socket_address::PortSpecifier::PortValue(p)) => {
-            u16::try_from(p).map_err(|_| format!("port {p} is out of range"))?
-        }
-        Some(socket_address::PortSpecifier::NamedPort(_)) => return Err("named ports are not supported".into()),
-        None => 0,
-    };
-    Ok(SocketAddr::new(ip, port))
 }

@@ -8,6 +8,7 @@
 
 pub mod listener;
 pub mod on_demand;
+pub mod sockets;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -47,6 +48,9 @@ pub struct Snapshot {
     pub raw: RawResources,
     /// What on-demand fetching has answered (see [`on_demand`]).
     pub on_demand: Arc<OnDemandView>,
+    /// Counts published snapshots (0 before the first): open connections re-resolve their
+    /// filter chain when it moves (see `crate::conn`).
+    pub generation: u64,
 }
 
 /// The last accepted resources as received, for `/config_dump`.
@@ -119,6 +123,8 @@ pub struct ConfigStore {
     interest: watch::Sender<u64>,
     /// Fetches on demand (fixed at creation; also in `State` for the xDS side).
     on_demand: bool,
+    /// The listeners' bound sockets.
+    sockets: sockets::ListenSockets,
 }
 
 /// How often STRICT_DNS / LOGICAL_DNS clusters are re-resolved (Envoy's default
@@ -152,6 +158,7 @@ impl ConfigStore {
             secrets,
             interest: watch::channel(0).0,
             on_demand,
+            sockets: sockets::ListenSockets::default(),
         })
     }
 
@@ -256,6 +263,7 @@ impl ConfigStore {
     }
 
     fn publish(&self, st: &State) {
+        let generation = *self.changed.borrow() + 1;
         let snap = Snapshot {
             listeners: st.listeners.clone(),
             routes: st.routes.clone(),
@@ -264,15 +272,35 @@ impl ConfigStore {
             built_at: Some(SystemTime::now()),
             raw: st.raw.clone(),
             on_demand: Arc::new(st.on_demand.view(st)),
+            generation,
         };
         self.current.store(Arc::new(snap));
-        self.changed.send_modify(|v| *v += 1);
+        self.changed.send_replace(generation);
+    }
+
+    /// The socket bound for listener `name` (see [`sockets`]) and its configured address.
+    pub fn listener_socket(&self, name: &str) -> Option<(std::net::SocketAddr, Arc<std::net::TcpListener>)> {
+        self.sockets.get(name)
+    }
+
+    /// Closes the listeners' sockets once the proxy stops accepting (drain).
+    pub fn close_listener_sockets(&self) {
+        self.sockets.close();
     }
 
     fn apply_listeners(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
-        apply_each(&update, "listener", &mut st.raw.listeners, &mut st.listeners, |l: &Listener| {
-            ListenerConfig::compile_in(l, &self.secrets).map_err(|e| e.to_string())
-        })
+        let errors = apply_each(&update, "listener", &mut st.raw.listeners, &mut st.listeners, |l: &Listener| {
+            let compiled = ListenerConfig::compile_in(l, &self.secrets).map_err(|e| e.to_string())?;
+            if compiled.bind {
+                // Bound before the ACK, so a listener that cannot listen is NACKed.
+                self.sockets
+                    .ensure(&compiled.name, compiled.address)
+                    .map_err(|e| format!("listener {:?}: field address: {e}", compiled.name))?;
+            }
+            Ok(compiled)
+        });
+        self.sockets.retain(|name| st.listeners.get(name).filter(|l| l.bind).map(|l| l.address));
+        errors
     }
 
     fn apply_clusters(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
@@ -281,7 +309,7 @@ impl ConfigStore {
         for (name, any) in &update.upserts {
             seen.insert(name.clone());
             let compiled =
-                listener::decode::<PbCluster>(any).map_err(|m| format!("cluster {name:?}: {m}")).and_then(|c| {
+                crate::proto::decode::<PbCluster>(any).map_err(|m| format!("cluster {name:?}: {m}")).and_then(|c| {
                     ClusterConfig::compile_in(&c, &self.secrets).map(|cc| (c, cc)).map_err(|e| e.to_string())
                 });
             match compiled {
@@ -318,7 +346,7 @@ impl ConfigStore {
         let mut errors = Vec::new();
         let mut touched = BTreeSet::new();
         for (name, any) in &update.upserts {
-            match listener::decode::<ClusterLoadAssignment>(any) {
+            match crate::proto::decode::<ClusterLoadAssignment>(any) {
                 Ok(cla) => {
                     // Validate against every cluster using it before accepting.
                     let users: Vec<(String, Arc<ClusterConfig>)> = st
@@ -399,7 +427,7 @@ where
     let mut seen = BTreeSet::new();
     for (name, any) in &update.upserts {
         seen.insert(name.clone());
-        match listener::decode::<P>(any)
+        match crate::proto::decode::<P>(any)
             .map_err(|m| format!("{kind} {name:?}: {m}"))
             .and_then(|p| compile(&p).map(|c| (p, c)))
         {

@@ -12,23 +12,35 @@
 //! - A request routed to a cluster that is not warm yet (not received, or an EDS cluster
 //!   without its endpoints) waits for it the same way ([`ConfigStore::await_cluster`]).
 //! - Known hosts and warm clusters take no lock: the checks read the snapshot.
+//! - Authorities are chosen by clients, so the hosts remembered are bounded
+//!   ([`MAX_HOSTS`] by default): past the bound, a new host makes the proxy forget (and
+//!   unsubscribe) one, first among hosts the control plane said do not exist, then among
+//!   hosts it resolved, then among those still unanswered, the least recently used first;
+//!   each is counted in `weft_on_demand_host_evictions_total`. A forgotten host that
+//!   comes back is simply asked for again.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
 
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use weft_xds::{vhds as names, ResourceUpdate};
 
-use super::{cla_name, listener, ConfigStore, Snapshot, State};
+use super::{cla_name, ConfigStore, Snapshot, State};
 use crate::route::vhds::merged;
 use crate::route::RouteTable;
 
 /// How long a request waits for a virtual host or a cluster fetched on demand.
 pub const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How many hosts (aliases `<route configuration>/<authority>`) on-demand discovery
+/// remembers by default before it forgets the least useful one.
+pub const MAX_HOSTS: usize = 4096;
+
 /// On-demand bookkeeping of the config store.
-#[derive(Default)]
 pub(super) struct OnDemand {
     /// Subscriptions by name (delta xDS with VHDS) rather than wildcard CDS.
     pub(super) enabled: bool,
@@ -36,16 +48,76 @@ pub(super) struct OnDemand {
     rds: BTreeMap<String, RouteConfiguration>,
     /// Virtual hosts received over VHDS: route configuration -> resource name -> vhost.
     vhosts: BTreeMap<String, BTreeMap<String, VirtualHost>>,
-    /// Aliases (`<route configuration>/<host>`) requests asked for.
-    wanted_aliases: BTreeSet<String>,
-    /// What the control plane answered per alias (`None`: no such host).
-    answered: BTreeMap<String, Option<String>>,
+    /// Aliases (`<route configuration>/<host>`) requests asked for, at most `max_hosts`.
+    aliases: BTreeMap<String, Alias>,
+    /// The bound on `aliases`.
+    max_hosts: usize,
+    /// Aliases forgotten to stay within the bound.
+    evictions: Counter,
     /// Clusters requests asked for beyond those listeners and routes name.
     wanted_clusters: BTreeSet<String>,
     /// Cluster names the control plane reported absent.
     missing_clusters: BTreeSet<String>,
     /// Endpoint (CLA) names the control plane reported absent.
     pub(super) missing_endpoints: BTreeSet<String>,
+}
+
+impl Default for OnDemand {
+    fn default() -> Self {
+        OnDemand {
+            enabled: false,
+            rds: BTreeMap::new(),
+            vhosts: BTreeMap::new(),
+            aliases: BTreeMap::new(),
+            max_hosts: MAX_HOSTS,
+            evictions: Counter::default(),
+            wanted_clusters: BTreeSet::new(),
+            missing_clusters: BTreeSet::new(),
+            missing_endpoints: BTreeSet::new(),
+        }
+    }
+}
+
+/// One host alias a request asked for.
+struct Alias {
+    /// What the control plane answered: `None` while waiting, `Some(None)` for "no such
+    /// host", else the virtual host it resolved to.
+    answer: Option<Option<String>>,
+    /// When it was last used ([`tick`]); shared with the published views so the data
+    /// path can mark a use without the lock.
+    used: Arc<AtomicU64>,
+}
+
+/// Answered aliases as the data path sees them, each with its last use.
+#[derive(Debug, Default)]
+pub struct AnsweredHosts(BTreeMap<String, Arc<AtomicU64>>);
+
+impl AnsweredHosts {
+    /// True when the control plane has answered `alias` (found or not).
+    pub fn contains(&self, alias: &str) -> bool {
+        self.0.contains_key(alias)
+    }
+
+    /// How many aliases are answered.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// True when none is.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Like [`AnsweredHosts::contains`], and marks `alias` as used now.
+    fn touch(&self, alias: &str) -> bool {
+        match self.0.get(alias) {
+            Some(used) => {
+                used.store(tick(), Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 /// A request gave up waiting for on-demand configuration.
@@ -62,7 +134,7 @@ pub struct OnDemandTimeout {
 #[derive(Debug, Default)]
 pub struct OnDemandView {
     /// Aliases the control plane has answered (found or not).
-    pub answered: BTreeSet<String>,
+    pub answered: AnsweredHosts,
     /// EDS clusters whose endpoints have not arrived.
     pub warming: BTreeSet<String>,
     /// Clusters the control plane reported absent.
@@ -89,12 +161,51 @@ impl OnDemand {
             .map(|(n, _)| n.clone())
             .collect();
         OnDemandView {
-            answered: self.answered.keys().cloned().collect(),
+            answered: AnsweredHosts(
+                self.aliases
+                    .iter()
+                    .filter(|(_, a)| a.answer.is_some())
+                    .map(|(n, a)| (n.clone(), a.used.clone()))
+                    .collect(),
+            ),
             warming,
             missing_clusters: self.missing_clusters.clone(),
             vhosts: self.vhosts.values().map(BTreeMap::len).sum(),
         }
     }
+
+    /// Remembers `alias` (a new one is marked used now); when that goes past the bound,
+    /// forgets the least useful other alias. True when `alias` is new.
+    fn want_alias(&mut self, alias: &str) -> bool {
+        if self.aliases.contains_key(alias) {
+            return false;
+        }
+        while self.aliases.len() >= self.max_hosts.max(1) {
+            let Some(victim) = self.eviction_victim() else { break };
+            self.aliases.remove(&victim);
+            self.evictions.inc();
+        }
+        self.aliases.insert(alias.to_string(), Alias { answer: None, used: Arc::new(AtomicU64::new(tick())) });
+        true
+    }
+
+    /// The alias to forget first: hosts answered "no such host", then resolved hosts,
+    /// then unanswered ones (a request may be waiting for those); least recently used
+    /// first within each.
+    fn eviction_victim(&self) -> Option<String> {
+        let class = |a: &Alias| match &a.answer {
+            Some(None) => 0,
+            Some(Some(_)) => 1,
+            None => 2,
+        };
+        self.aliases.iter().min_by_key(|(_, a)| (class(a), a.used.load(Ordering::Relaxed))).map(|(n, _)| n.clone())
+    }
+}
+
+/// A logical clock for "last used" (only the order matters).
+fn tick() -> u64 {
+    static CLOCK: AtomicU64 = AtomicU64::new(0);
+    CLOCK.fetch_add(1, Ordering::Relaxed)
 }
 
 impl ConfigStore {
@@ -112,11 +223,11 @@ impl ConfigStore {
             return Ok(None);
         }
         let alias = names::alias(table.name(), authority);
-        if snap.on_demand.answered.contains(&alias) {
+        if snap.on_demand.answered.touch(&alias) {
             return Ok(None);
         }
         let mut rx = self.subscribe();
-        self.want(|st| st.on_demand.wanted_aliases.insert(alias.clone()));
+        self.want(|st| st.on_demand.want_alias(&alias));
         let what = format!("virtual host {alias:?}");
         let s = self.wait_until(&mut rx, &what, |s| s.on_demand.answered.contains(&alias)).await?;
         let fresh = s.routes.get(table.name()).cloned().unwrap_or_else(|| table.clone());
@@ -144,6 +255,34 @@ impl ConfigStore {
         let what = format!("cluster {cluster:?}");
         let ready = |s: &Snapshot| s.cluster_warm(cluster) || s.on_demand.missing_clusters.contains(cluster);
         self.wait_until(&mut rx, &what, ready).await.map(Some)
+    }
+
+    /// Bounds the hosts on-demand discovery remembers (default [`MAX_HOSTS`]); forgets
+    /// the least useful ones at once when there are more.
+    pub fn set_max_on_demand_hosts(&self, max: usize) {
+        let mut st = self.lock();
+        st.on_demand.max_hosts = max.max(1);
+        let mut evicted = false;
+        while st.on_demand.aliases.len() > st.on_demand.max_hosts {
+            let Some(victim) = st.on_demand.eviction_victim() else { break };
+            st.on_demand.aliases.remove(&victim);
+            st.on_demand.evictions.inc();
+            evicted = true;
+        }
+        if evicted {
+            self.publish(&st);
+            self.interest.send_modify(|v| *v = v.wrapping_add(1));
+        }
+    }
+
+    /// Counts forgotten hosts in `counter` (the proxy's `weft_on_demand_host_evictions`).
+    pub fn count_host_evictions_in(&self, counter: Counter) {
+        self.lock().on_demand.evictions = counter;
+    }
+
+    /// How many hosts on-demand discovery remembers now (answered or waiting).
+    pub fn on_demand_hosts(&self) -> usize {
+        self.lock().on_demand.aliases.len()
     }
 
     /// Records a wish; when it is new, tells the xDS client to update the subscription.
@@ -188,7 +327,7 @@ impl ConfigStore {
 
     /// Virtual hosts to subscribe to: the aliases requests asked for.
     pub(super) fn vhost_interest(st: &State) -> BTreeSet<String> {
-        st.on_demand.wanted_aliases.clone()
+        st.on_demand.aliases.keys().cloned().collect()
     }
 }
 
@@ -200,7 +339,7 @@ pub(super) fn apply_routes(st: &mut State, update: &ResourceUpdate) -> Vec<Strin
     let mut seen = BTreeSet::new();
     for (name, any) in &update.upserts {
         seen.insert(name.clone());
-        let rc = match listener::decode::<RouteConfiguration>(any) {
+        let rc = match crate::proto::decode::<RouteConfiguration>(any) {
             Ok(rc) => rc,
             Err(m) => {
                 errors.push(format!("route configuration {name:?}: {m}"));
@@ -240,7 +379,7 @@ pub(super) fn apply_vhosts(st: &mut State, update: &ResourceUpdate) -> Vec<Strin
             errors.push(format!("virtual host {name:?}: name must be <route configuration>/<virtual host>"));
             continue;
         };
-        let vh = match listener::decode::<VirtualHost>(any) {
+        let vh = match crate::proto::decode::<VirtualHost>(any) {
             Ok(vh) => vh,
             Err(m) => {
                 errors.push(format!("virtual host {name:?}: {m}"));
@@ -269,8 +408,8 @@ pub(super) fn apply_vhosts(st: &mut State, update: &ResourceUpdate) -> Vec<Strin
     }
     let od = &mut st.on_demand;
     for (alias, target) in &update.resolved {
-        if od.wanted_aliases.contains(alias) {
-            od.answered.insert(alias.clone(), target.clone());
+        if let Some(a) = od.aliases.get_mut(alias) {
+            a.answer = Some(target.clone());
         }
     }
     errors

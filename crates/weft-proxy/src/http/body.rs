@@ -2,7 +2,7 @@
 //! response body ends (or is dropped because a side went away).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -16,6 +16,7 @@ use http_body_util::BodyExt;
 
 use crate::cluster::BoxBody;
 use crate::context::Context;
+use crate::error::ErrorKind;
 use crate::io::StreamGuard;
 use crate::report::HttpReport;
 
@@ -133,16 +134,87 @@ impl Body for DeadlineBody {
     }
 }
 
-/// Counts the bytes of a request body into a shared counter.
+/// What passed through a request body on its way upstream: the bytes read from the
+/// downstream and, when reading failed, whose failure it was. Shared between the body
+/// (polled by the upstream connection) and the request's telemetry and error handling,
+/// so a send error caused by the *downstream* is never blamed on the upstream.
+#[derive(Debug, Default)]
+pub struct BodyTally {
+    bytes: AtomicU64,
+    /// 0: no failure; else a [`ErrorKind`] code (see [`BodyTally::fail`]).
+    failure: AtomicU8,
+}
+
+impl BodyTally {
+    /// Bytes of body read from the downstream so far.
+    pub fn bytes(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+
+    /// Adds `n` bytes read.
+    pub fn add(&self, n: u64) {
+        self.bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Records that reading from the downstream failed (`DownstreamProtocol` or
+    /// `DownstreamClosed`); the first failure wins.
+    pub fn fail(&self, kind: ErrorKind) {
+        let code = match kind {
+            ErrorKind::DownstreamClosed => 2,
+            _ => 1,
+        };
+        let _ = self.failure.compare_exchange(0, code, Ordering::Release, Ordering::Relaxed);
+    }
+
+    /// The downstream failure recorded while reading the body, if any.
+    pub fn failure(&self) -> Option<ErrorKind> {
+        match self.failure.load(Ordering::Acquire) {
+            0 => None,
+            2 => Some(ErrorKind::DownstreamClosed),
+            _ => Some(ErrorKind::DownstreamProtocol),
+        }
+    }
+}
+
+/// Classifies an error reading a request body from the downstream: the client went
+/// away (`DC`: connection closed or reset, stream cancelled) or sent something
+/// malformed (`DPE`: bad chunked encoding, length mismatch, HTTP/2 protocol error).
+pub fn downstream_body_error(e: &(dyn std::error::Error + 'static)) -> ErrorKind {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if let Some(h) = s.downcast_ref::<hyper::Error>() {
+            if h.is_incomplete_message() || h.is_canceled() || h.is_closed() {
+                return ErrorKind::DownstreamClosed;
+            }
+        }
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            if h2e.is_io() || (h2e.is_remote() && (h2e.is_reset() || h2e.is_go_away())) {
+                return ErrorKind::DownstreamClosed;
+            }
+            return ErrorKind::DownstreamProtocol;
+        }
+        if let Some(io) = s.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind as Io;
+            if matches!(io.kind(), Io::UnexpectedEof | Io::ConnectionReset | Io::ConnectionAborted | Io::BrokenPipe) {
+                return ErrorKind::DownstreamClosed;
+            }
+        }
+        source = s.source();
+    }
+    ErrorKind::DownstreamProtocol
+}
+
+/// A request body on its way upstream: counts its bytes and records a failure to read
+/// it from the downstream in a shared [`BodyTally`].
 pub struct CountingBody {
     inner: BoxBody,
-    count: Arc<AtomicU64>,
+    tally: Arc<BodyTally>,
 }
 
 impl CountingBody {
-    /// Wraps `inner`, adding its data bytes to `count`.
-    pub fn new(inner: BoxBody, count: Arc<AtomicU64>) -> Self {
-        CountingBody { inner, count }
+    /// Wraps `inner` (the body read from the downstream).
+    pub fn new(inner: BoxBody, tally: Arc<BodyTally>) -> Self {
+        CountingBody { inner, tally }
     }
 }
 
@@ -152,10 +224,14 @@ impl Body for CountingBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let r = Pin::new(&mut self.inner).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(f))) = &r {
-            if let Some(d) = f.data_ref() {
-                self.count.fetch_add(d.len() as u64, Ordering::Relaxed);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(d) = f.data_ref() {
+                    self.tally.add(d.len() as u64);
+                }
             }
+            Poll::Ready(Some(Err(e))) => self.tally.fail(downstream_body_error(e.as_ref())),
+            _ => {}
         }
         r
     }

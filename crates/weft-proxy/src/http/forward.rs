@@ -2,7 +2,6 @@
 //! retries with Envoy's jittered backoff, request mirroring, and the hop-by-hop header
 //! hygiene every proxy owes its peers.
 
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,12 +12,12 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{boxed, full, CountingBody, DeadlineBody, Hold};
+use super::body::{boxed, downstream_body_error, full, BodyTally, CountingBody, DeadlineBody, Hold};
 use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, Outcome, UpstreamProtocol};
 use crate::config::Snapshot;
+use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
-use crate::listener::ConnInfo;
 use crate::report::HttpReport;
 use crate::route::{ForwardAction, HashPolicy, HashSource, RetryPolicy};
 
@@ -57,20 +56,23 @@ pub async fn forward(
     let downstream_version = parts.version;
     prepare_headers(&mut parts, ctx, conn, report);
 
-    let counter = Arc::new(AtomicU64::new(0));
-    report.request_bytes_counter = Some(counter.clone());
+    let tally = Arc::new(BodyTally::default());
+    report.request_body = Some(tally.clone());
     let policy = action.retry.as_ref().filter(|p| p.num_retries > 0 && p.request_is_retriable(&parts));
     let wants_replay = policy.is_some() || !action.mirrors.is_empty();
     let mut body = if wants_replay && replayable(&body) {
-        let bytes = body
-            .collect()
-            .await
-            .map_err(|e| ProxyError::new(ErrorKind::DownstreamClosed, format!("reading request body: {e}")))?
-            .to_bytes();
-        counter.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        let bytes = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => {
+                let kind = downstream_body_error(&e);
+                tally.fail(kind);
+                return Err(ProxyError::new(kind, format!("reading request body: {e}")));
+            }
+        };
+        tally.add(bytes.len() as u64);
         ReqBody::Replay(bytes)
     } else {
-        ReqBody::Stream(Some(boxed(CountingBody::new(boxed(body), counter))))
+        ReqBody::Stream(Some(boxed(CountingBody::new(boxed(body), tally.clone()))))
     };
 
     if let ReqBody::Replay(bytes) = &body {
@@ -130,6 +132,15 @@ pub async fn forward(
                 Err(_) => Err(ProxyError::new(ErrorKind::PerTryTimeout, "per-try timeout")),
             },
             None => send.await,
+        };
+        // A send that failed because the downstream's body could not be read is the
+        // client's failure: no outlier report, no retry, a 400 (DPE) or nothing (DC).
+        let result = match (result, tally.failure()) {
+            (Err(e), Some(kind)) => {
+                drop(inflight);
+                return Err(ProxyError::new(kind, format!("reading request body: {}", e.detail())));
+            }
+            (r, _) => r,
         };
         match &result {
             Ok(resp) => cluster.report(&ep, Outcome::of_status(resp.status().as_u16())),

@@ -4,6 +4,7 @@
 
 pub mod body;
 mod forward;
+mod limits;
 mod tunnel;
 
 use std::convert::Infallible;
@@ -19,20 +20,23 @@ use hyper_util::server::conn::auto;
 use tracing::debug;
 
 use crate::cluster::BoxBody;
-use crate::config::{HttpChain, Snapshot};
+use crate::config::{ChainKind, HttpChain, Snapshot};
+use crate::conn::ChainEnd;
+use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
 use crate::io::{Activity, StreamGuard, Tracked};
-use crate::listener::ConnInfo;
 use crate::report::HttpReport;
 use crate::route::{Abort, CorsDecision, Route, RouteAction};
 use body::{full, ReportingBody};
 
-/// Serves HTTP on one downstream connection until it closes or the proxy drains.
-pub async fn serve<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<HttpChain>, stream: S)
+/// Serves HTTP on one downstream connection until it closes, the proxy drains, or its
+/// filter chain changes in a way that cannot apply in place (see [`crate::conn`]).
+pub async fn serve<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, stream: S)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    let ChainKind::Http(chain) = &conn.origin.accepted.kind else { return };
     if !chain.network_rbac.is_empty() {
         let verdict =
             crate::rbac::check(&chain.network_rbac, &crate::rbac::connection_input(&conn), ctx.metrics.rbac());
@@ -41,41 +45,90 @@ where
             return;
         }
     }
-    let svc_ctx = ctx.clone();
+    // Envoy's limits on what a client may send as request headers (see docs/proxy.md).
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .keep_alive(true)
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(chain.request_headers_timeout)
+        .max_buf_size(chain.max_request_headers_bytes.max(8192))
+        .max_headers(chain.max_headers_count);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_header_list_size(u32::try_from(chain.max_request_headers_bytes).unwrap_or(u32::MAX));
     let activity = Activity::new();
+    let heads = Arc::new(limits::HeadCheck::default());
+    let io = limits::Guarded::new(Tracked::new(stream, activity.clone()), heads.clone(), chain.request_headers_timeout);
+    let svc_ctx = ctx.clone();
     let idle_timeout = chain.idle_timeout;
     let svc_activity = activity.clone();
-    let svc = service_fn(move |req: Request<Incoming>| {
-        let (ctx, conn, chain) = (svc_ctx.clone(), conn.clone(), chain.clone());
+    let svc_conn = conn.clone();
+    let svc = service_fn(move |mut req: Request<Incoming>| {
+        let (ctx, conn) = (svc_ctx.clone(), svc_conn.clone());
         let stream = svc_activity.open_stream();
-        async move { Ok::<_, Infallible>(handle(ctx, conn, chain, req, stream).await) }
+        if !heads.admit() {
+            req.extensions_mut().insert(limits::MalformedHead);
+        }
+        async move { Ok::<_, Infallible>(handle(ctx, conn, req, stream).await) }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder.http1().keep_alive(true).timer(hyper_util::rt::TokioTimer::new());
-    builder.http2().timer(hyper_util::rt::TokioTimer::new());
-    let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(Tracked::new(stream, activity.clone())), svc);
+    let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn_fut);
     let mut draining = ctx.draining.clone();
-    tokio::select! {
+    let deadline = tokio::select! {
         r = conn_fut.as_mut() => { if let Err(e) = r { debug!(error = %e, "downstream connection ended with error") } return }
-        _ = crate::context::flipped(&mut draining) => {}
-        _ = activity.idle(idle_timeout) => debug!("downstream connection idle timeout"),
-    }
+        _ = crate::context::flipped(&mut draining) => ctx.drain_timeout,
+        _ = activity.idle(idle_timeout) => { debug!("downstream connection idle timeout"); ctx.drain_timeout }
+        end = conn.ended(&ctx) => {
+            ctx.metrics.drain().closed(&conn.listener.name, end);
+            if end == ChainEnd::Denied {
+                debug!(peer = %conn.peer, "connection denied by the new network RBAC policy: closing");
+                return;
+            }
+            debug!(peer = %conn.peer, "filter chain changed: draining the connection");
+            ctx.drain_duration
+        }
+    };
+    // HTTP/1.1: close once idle (or after the response in flight); HTTP/2: GOAWAY.
     conn_fut.as_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(ctx.drain_timeout, conn_fut).await;
+    let _ = tokio::time::timeout(deadline, conn_fut).await;
 }
 
-/// Handles one request end to end; never fails (errors become local replies).
+/// Handles one request end to end with the connection's current filter chain; never
+/// fails (errors become local replies).
 async fn handle(
     ctx: Arc<Context>,
     conn: Arc<ConnInfo>,
-    chain: Arc<HttpChain>,
     req: Request<Incoming>,
     stream: StreamGuard,
 ) -> Response<BoxBody> {
     let snap = ctx.store.snapshot();
-    let mut report = HttpReport::start(&ctx, &conn, &req);
-    let resp = match route_request(&ctx, &conn, &chain, &snap, req, &mut report).await {
+    let view = conn.chain(&snap);
+    // HTTP/1.x answers carry `Connection: close` once the connection drains (HTTP/2
+    // connections get a GOAWAY from `serve`).
+    let close = (view.drain || view.denied) && req.version() < http::Version::HTTP_2;
+    let mut resp = match &view.chain.kind {
+        ChainKind::Http(chain) if !view.denied => handle_with(&ctx, &conn, chain, &snap, req, stream).await,
+        // Denied by the network RBAC policy now in force: `serve` closes the connection.
+        _ => local_reply(&ProxyError::new(ErrorKind::RbacDenied, crate::rbac::DENIED_BODY), StatusCode::FORBIDDEN),
+    };
+    if close {
+        resp.headers_mut().insert(http::header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+async fn handle_with(
+    ctx: &Arc<Context>,
+    conn: &Arc<ConnInfo>,
+    chain: &HttpChain,
+    snap: &Arc<Snapshot>,
+    req: Request<Incoming>,
+    stream: StreamGuard,
+) -> Response<BoxBody> {
+    let mut report = HttpReport::start(ctx, conn, &req);
+    let resp = match route_request(ctx, conn, chain, snap, req, &mut report).await {
         Ok(r) => r,
         Err(e) => {
             report.flag(e.kind().response_flag());
@@ -95,8 +148,8 @@ async fn handle(
     if let Some(s) = parts.headers.get("grpc-status") {
         report.grpc_status = s.to_str().ok().map(str::to_string);
     }
-    report.on_response_headers(&ctx, &mut parts.headers);
-    Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx, report, stream)))
+    report.on_response_headers(ctx, &mut parts.headers);
+    Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx.clone(), report, stream)))
 }
 
 async fn route_request(
@@ -108,6 +161,14 @@ async fn route_request(
     report: &mut HttpReport,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let (mut parts, body) = req.into_parts();
+    // Envoy refuses these before routing: a head with bare-LF line ends (hyper accepts
+    // them) and a second Host, either of which lets two parsers disagree on the request.
+    if parts.extensions.get::<limits::MalformedHead>().is_some() {
+        return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "request head with bare LF line endings"));
+    }
+    if parts.headers.get_all(HOST).iter().nth(1).is_some() {
+        return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "more than one Host header"));
+    }
     // Envoy's HCM (without use_remote_address) keeps a client's x-forwarded-proto and
     // otherwise sets it from the connection, before routing (require_tls reads it).
     if !parts.headers.contains_key("x-forwarded-proto") {

@@ -13,9 +13,9 @@ use tracing::debug;
 use super::body::full;
 use crate::cluster::{BoxBody, Discovery, UpstreamStream};
 use crate::config::Snapshot;
+use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
-use crate::listener::ConnInfo;
 use crate::report::HttpReport;
 use crate::route::{Route, RouteAction, RouteTable};
 

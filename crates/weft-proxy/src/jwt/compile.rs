@@ -14,7 +14,7 @@ use http::header::HeaderName;
 
 use super::jwks::{JwksSource, KeySet, RemoteJwks};
 use super::{JwtFilter, Location, Provider, Requirement};
-use crate::config::listener::decode;
+use crate::proto::decode;
 use crate::route::matcher::RouteMatcher;
 
 /// Envoy's default `cache_duration` of a remote JWKS.

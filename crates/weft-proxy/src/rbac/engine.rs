@@ -6,7 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde_json::Value;
 
-use crate::config::listener::in_range;
+use crate::net::in_range;
 use crate::route::matcher::{HeaderMatcher, RequestView, StringMatch};
 
 /// What a rule set does with requests its policies match.

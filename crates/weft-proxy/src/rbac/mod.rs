@@ -31,8 +31,8 @@ pub use engine::{Action, Engine, RbacInput, RequestAuth};
 
 use engine::HttpInput;
 
-use crate::config::listener::decode;
-use crate::listener::ConnInfo;
+use crate::conn::ConnInfo;
+use crate::proto::decode;
 use crate::route::matcher::RequestView;
 use crate::telemetry::rbac::{RbacCount, RbacLabels, RbacMetrics};
 

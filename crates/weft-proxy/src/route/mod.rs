@@ -140,13 +140,19 @@ pub(crate) fn to_duration(
     d: &envoy_types::pb::google::protobuf::Duration,
     at: &str,
 ) -> Result<std::time::Duration, (String, String)> {
-    let secs = u64::try_from(d.seconds);
+    // protobuf's Duration range (about 10,000 years), as Envoy validates it: larger values
+    // would overflow the arithmetic done with them (backoff caps, deadlines).
+    const MAX_SECONDS: u64 = 315_576_000_000;
+    let secs = u64::try_from(d.seconds).ok().filter(|s| *s <= MAX_SECONDS);
     let nanos = u32::try_from(d.nanos).ok().filter(|n| *n < 1_000_000_000);
     match (secs, nanos) {
-        (Ok(s), Some(n)) => Ok(std::time::Duration::new(s, n)),
+        (Some(s), Some(n)) => Ok(std::time::Duration::new(s, n)),
         _ => Err((
             at.to_string(),
-            format!("duration {}s {}ns must be non-negative with nanos in [0, 1e9)", d.seconds, d.nanos),
+            format!(
+                "duration {}s {}ns must be non-negative, at most {MAX_SECONDS}s, with nanos in [0, 1e9)",
+                d.seconds, d.nanos
+            ),
         )),
     }
 }

@@ -123,7 +123,7 @@ impl RetryPolicy {
                     return Err((bat, "base_interval must be at least 1ms".into()));
                 }
                 let max = match &b.max_interval {
-                    None => base * 10,
+                    None => base.saturating_mul(10),
                     Some(d) => to_duration(d, &format!("{at}.retry_back_off.max_interval"))?,
                 };
                 if max < base {

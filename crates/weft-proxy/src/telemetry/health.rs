@@ -29,6 +29,7 @@ pub struct ProxyHealth {
     upstream_cx_active: Family<ClusterLabel, Gauge>,
     cert_expiry: Gauge<f64, AtomicU64>,
     access_log_dropped: Counter,
+    on_demand_host_evictions: Counter,
     tls_failures: Family<TlsFailureLabels, Counter>,
     upstream_tls_failures: Family<UpstreamTlsLabels, Counter>,
     /// Per xDS type: current version and when it was applied. Touched on config updates
@@ -117,6 +118,7 @@ impl ProxyHealth {
             upstream_cx_active: Family::default(),
             cert_expiry: Gauge::default(),
             access_log_dropped: Counter::default(),
+            on_demand_host_evictions: Counter::default(),
             tls_failures: Family::default(),
             upstream_tls_failures: Family::default(),
             applied: Mutex::new(HashMap::new()),
@@ -126,10 +128,14 @@ impl ProxyHealth {
             "1 while the ADS stream to the control plane is up",
             health.xds_connected.clone(),
         );
-        registry.register("weft_xds_nacks", "xDS responses rejected (NACKed) by this proxy", health.xds_nacks.clone());
+        registry.register(
+            "weft_xds_nacks",
+            "xDS responses rejected (NACKed) by this proxy, by type",
+            health.xds_nacks.clone(),
+        );
         registry.register(
             "weft_xds_updates",
-            "xDS responses applied (ACKed) by this proxy",
+            "xDS responses applied (ACKed) by this proxy, by type",
             health.xds_updates.clone(),
         );
         registry.register(
@@ -153,6 +159,11 @@ impl ProxyHealth {
             "weft_access_log_dropped",
             "Access log lines dropped because the writer fell behind or failed",
             health.access_log_dropped.clone(),
+        );
+        registry.register(
+            "weft_on_demand_host_evictions",
+            "Hosts on-demand discovery forgot (and unsubscribed) to stay within its bound",
+            health.on_demand_host_evictions.clone(),
         );
         registry.register(
             "weft_tls_handshake_failures",
@@ -182,13 +193,15 @@ impl ProxyHealth {
         self.xds_connected.set(i64::from(connected));
     }
 
-    /// Counts a NACKed xDS response of `type_name` (a type URL or short name).
+    /// Counts a NACKed xDS response of `type_name` (the type URL's short name, e.g.
+    /// `Cluster`), leaving the other types' series alone.
     pub fn xds_nack(&self, type_name: &str) {
         self.xds_nacks.get_or_create(&TypeLabel { r#type: type_name.to_owned() }).inc();
     }
 
     /// Records that `version` of `type_name` was applied now: counts the update, moves the
-    /// `weft_config_version` series to the new version and resets the config age.
+    /// `weft_config_version` series to the new version and resets the config age, of
+    /// that type only.
     pub fn config_applied(&self, type_name: &str, version: &str) {
         self.xds_updates.get_or_create(&TypeLabel { r#type: type_name.to_owned() }).inc();
         let previous = {
@@ -229,6 +242,11 @@ impl ProxyHealth {
     /// The counter the access log increments when it drops a line.
     pub fn access_log_dropped(&self) -> Counter {
         self.access_log_dropped.clone()
+    }
+
+    /// The counter on-demand discovery increments when it forgets a host.
+    pub fn on_demand_host_evictions(&self) -> Counter {
+        self.on_demand_host_evictions.clone()
     }
 
     /// Refreshes `weft_config_age_seconds` from the last-applied times.

@@ -146,6 +146,7 @@ pub struct Metrics {
     unknown: Arc<WorkloadInfo>,
     proxy: ProxyHealth,
     rbac: super::rbac::RbacMetrics,
+    drain: super::drain::DrainMetrics,
 }
 
 /// Handles to the four series of one request label set, so recording a request hashes
@@ -287,7 +288,9 @@ impl Metrics {
         );
         let proxy = ProxyHealth::register(&mut registry);
         let rbac = super::rbac::RbacMetrics::register(&mut registry);
+        let drain = super::drain::DrainMetrics::register(&mut registry);
         Self {
+            drain,
             registry,
             requests,
             duration,
@@ -373,6 +376,11 @@ impl Metrics {
     /// The RBAC filters' counters.
     pub fn rbac(&self) -> &super::rbac::RbacMetrics {
         &self.rbac
+    }
+
+    /// Connections ended by configuration changes.
+    pub fn drain(&self) -> &super::drain::DrainMetrics {
+        &self.drain
     }
 
     /// Encodes every metric in the classic Prometheus text format (version 0.0.4), served

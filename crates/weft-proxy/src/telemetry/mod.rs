@@ -6,6 +6,7 @@
 //! [`accesslog::AccessRecord`]); nothing here touches the data path's sockets.
 
 pub mod accesslog;
+pub mod drain;
 mod exposition;
 pub mod health;
 pub mod metrics;

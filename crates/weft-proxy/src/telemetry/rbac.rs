@@ -71,6 +71,12 @@ impl RbacMetrics {
         m
     }
 
+    /// Counters registered nowhere: for evaluations that must not be counted (an open
+    /// connection's policy checked again after a configuration change).
+    pub fn detached() -> Self {
+        RbacMetrics { families: Default::default() }
+    }
+
     /// The counter `which` of the series `labels` (a handle: keep it, increments are cheap).
     pub fn counter(&self, which: RbacCount, labels: &RbacLabels) -> Counter {
         self.families[which as usize].get_or_create(labels).clone()

@@ -9,7 +9,9 @@ mod grpc;
 mod tcp;
 mod ws;
 
-pub use grpc::{grpc_call, grpc_call_with_headers, GrpcEchoServer, GrpcReply, GrpcStream};
+pub use grpc::{
+    decode_message, encode_message, grpc_call, grpc_call_with_headers, GrpcEchoServer, GrpcReply, GrpcStream,
+};
 pub use tcp::{BannerServer, TcpEchoServer};
 
 use std::convert::Infallible;

@@ -240,13 +240,13 @@ pub struct RunningClient {
 
 impl RunningClient {
     pub fn start(addr: SocketAddr, mode: XdsMode, handler: Arc<MemHandler>) -> RunningClient {
+        let backoff = Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) };
+        RunningClient::start_with(addr, mode, handler, backoff)
+    }
+
+    pub fn start_with(addr: SocketAddr, mode: XdsMode, handler: Arc<MemHandler>, backoff: Backoff) -> RunningClient {
         let client = AdsClient::new(
-            ClientConfig {
-                address: format!("http://{addr}"),
-                node: node_info(),
-                mode,
-                backoff: Backoff { initial: Duration::from_millis(20), max: Duration::from_millis(200) },
-            },
+            ClientConfig { address: format!("http://{addr}"), node: node_info(), mode, backoff },
             handler,
         );
         let status = client.status();

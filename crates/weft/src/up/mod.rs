@@ -217,6 +217,9 @@ impl Up {
             identity: Some(IdentityConfig::new(state.join("ca"))),
             inject: Default::default(),
             webhook: None,
+            // Its proxies are children of this process and stop with it (and explicit mode
+            // picks new addresses each run): nothing to wait for after a restart.
+            registry: None,
         })
         .await
         .map_err(|e| anyhow::anyhow!("control plane: {e} (another control plane on these ports? see --api / --xds)"))?;

@@ -128,3 +128,25 @@ fn header_edits_of_pseudo_headers_host_or_format_commands_are_rejected() {
     let cfg = RouteConfiguration { response_headers_to_remove: vec![":status".into()], ..rc(vec![]) };
     assert_eq!(field_of(cfg), "response_headers_to_remove[0]");
 }
+
+/// Found by `fuzz_xds`: a huge `retry_back_off.base_interval` without `max_interval`
+/// overflowed `base * 10` and panicked; durations past protobuf's range are now refused
+/// with the field, and the default cap saturates.
+#[test]
+fn huge_retry_back_off_is_refused_or_capped_never_a_panic() {
+    use envoy_types::pb::envoy::config::route::v3::{retry_policy::RetryBackOff, RetryPolicy};
+    use envoy_types::pb::google::protobuf::Duration;
+    let with = |seconds: i64| {
+        let mut ra = forward("x");
+        ra.retry_policy = Some(RetryPolicy {
+            retry_back_off: Some(RetryBackOff {
+                base_interval: Some(Duration { seconds, nanos: 0 }),
+                max_interval: None,
+            }),
+            ..Default::default()
+        });
+        rc(vec![vhost("v", &["*"], vec![route_with("r", prefix("/"), ra)])])
+    };
+    assert_eq!(field_of(with(i64::MAX)), "virtual_hosts[0].routes[0].route.retry_policy.retry_back_off.base_interval");
+    assert!(RouteTable::compile(&with(315_576_000_000)).is_ok(), "the largest protobuf duration is fine");
+}
