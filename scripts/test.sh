@@ -1,6 +1,12 @@
 #!/usr/bin/env bash
-# The whole test suite: installs the real peers (scripts/setup.sh), then runs
-# `cargo test --workspace` with them on PATH. Exits with cargo's exit code.
+# The whole check CI runs (.ci/run is exactly this script):
+#   1. scripts/setup.sh           installs the real peers the tests talk to
+#   2. cargo fmt --all -- --check formatting
+#   3. cargo clippy --workspace --all-targets -- -D warnings
+#   4. cargo test --workspace     with the peers on PATH (extra arguments go here)
+# Every step runs even when an earlier one failed, so one run shows everything; the
+# last line is one summary, and the exit code is non-zero when any step failed
+# (cargo test's code first, then clippy's, then fmt's).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,13 +24,35 @@ export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
 export RUST_BACKTRACE="${RUST_BACKTRACE:-1}"
 
+# rustfmt and clippy come with the toolchain's default profile; add them when missing.
+for component in rustfmt:fmt clippy:clippy; do
+  if ! cargo "${component#*:}" --version >/dev/null 2>&1; then
+    command -v rustup >/dev/null 2>&1 || { echo "test.sh: cargo ${component#*:} missing and no rustup" >&2; exit 1; }
+    rustup component add "${component%%:*}"
+  fi
+done
+
 set +e
+echo "== cargo fmt --all -- --check"
+cargo fmt --all -- --check
+fmt=$?
+# Before the tests: a lint failure shows within minutes, not after the whole suite.
+echo "== cargo clippy --workspace --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+clippy=$?
+echo "== cargo test --workspace $*"
 log="$(mktemp)"
 cargo test --workspace "$@" 2>&1 | tee "$log"
-code=${PIPESTATUS[0]}
+tests=${PIPESTATUS[0]}
 set -e
+
+verdict() { if [ "$1" -eq 0 ]; then echo ok; else echo FAILED; fi; }
 # One closing line for the whole run (cargo prints one summary per test binary).
-awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
-     END { printf "summary: %d passed, %d failed\n", p, f }' "$log"
+awk -v fmt="$(verdict "$fmt")" -v clippy="$(verdict "$clippy")" -v tests="$tests" \
+  '/^test result:/ { for (i = 1; i <= NF; i++) { if ($i ~ /^passed;?$/) p += $(i-1); if ($i ~ /^failed;?$/) f += $(i-1) } }
+   END { printf "summary: %d passed, %d failed%s; fmt %s; clippy %s\n", p, f, (tests != 0 && f == 0) ? " (cargo test exit " tests ")" : "", fmt, clippy }' "$log"
 rm -f "$log"
-exit "$code"
+for code in "$tests" "$clippy" "$fmt"; do
+  if [ "$code" -ne 0 ]; then exit "$code"; fi
+done
+exit 0

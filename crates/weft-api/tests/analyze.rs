@@ -394,11 +394,10 @@ spec:
 
 #[test]
 fn bookinfo_with_default_rules_analyzes_clean_of_errors() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/istio");
-    assert!(dir.is_dir(), "conformance data missing at {}", dir.display());
+    let dir = weft_testkit::conformance_dir();
     let mut rs = Vec::new();
     for f in [
-        "bookinfo/platform/bookinfo.yaml",
+        "bookinfo/platform/kube/bookinfo.yaml",
         "bookinfo/networking/destination-rule-all.yaml",
         "bookinfo/networking/virtual-service-all-v1.yaml",
         "bookinfo/networking/bookinfo-gateway.yaml",

@@ -1,21 +1,11 @@
-//! Every Istio sample in the shared conformance set parses without error, and
-//! parsed values match what the files say.
+//! Every Istio sample in the repository's conformance set (`samples/`, see
+//! `samples/README.md`) parses without error, and parsed values match what the files say.
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use weft_api::spec::{AuthzAction, ClientTlsMode, MtlsMode, SimpleLb, StringMatch, TargetPort};
 use weft_api::{parse_dir, parse_file, Kind, Parsed, Resource, Spec};
-
-fn conformance_dir() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/istio");
-    assert!(
-        dir.is_dir(),
-        "conformance data not found at {} (expected <workspace>/../shared/conformance/istio)",
-        dir.display()
-    );
-    dir
-}
+use weft_testkit::conformance_dir;
 
 fn file(rel: &str) -> Parsed {
     let p = parse_file(&conformance_dir().join(rel));
@@ -141,7 +131,7 @@ fn services_ports_and_selectors_are_parsed() {
     assert_eq!(s.ports[0].target_port, Some(TargetPort::Number(80)));
     assert_eq!(s.selector.get("app").map(String::as_str), Some("httpbin"));
 
-    let p = file("bookinfo/platform/bookinfo.yaml");
+    let p = file("bookinfo/platform/kube/bookinfo.yaml");
     let r = find(&p, Kind::Service, "productpage");
     assert_eq!(r.meta.namespace, "default");
     let Spec::Service(s) = &r.spec else { panic!() };

@@ -21,10 +21,12 @@ use weft_control::identity::IdentityConfig;
 use weft_control::translate::{MeshConfig, ProxyMode};
 use weft_proxy::bootstrap::Bootstrap;
 use weft_proxy::proxy::ProxyHandle;
+use weft_testkit::conformance;
 use weft_testkit::echo::{EchoServer, SERVER_HEADER};
 use weft_testkit::http::{get_h1, request, send_h1};
+use weft_testkit::net::reserve_addr;
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 
 /// Besides bookinfo-gateway.yaml: the productpage Service in two versions, STRICT mTLS,
 /// a VirtualService on the same Gateway for host `split.example` (header match and a
@@ -163,16 +165,6 @@ spec:
 
 const GATEWAY_SA: &str = "istio-ingressgateway";
 
-fn conformance(rel: &str) -> String {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/istio");
-    assert!(dir.is_dir(), "conformance data not found at {}", dir.display());
-    std::fs::read_to_string(dir.join(rel)).unwrap()
-}
-
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 async fn token(cp: &ControlPlane, namespace: &str, sa: &str) -> String {
     let body = serde_json::json!({"namespace": namespace, "serviceAccount": sa, "ttlSeconds": 3600});
     let req = request(Method::POST, "weft", "/api/v1/tokens", Bytes::from(body.to_string())).unwrap();
@@ -193,8 +185,8 @@ async fn backend(cp: &ControlPlane, version: &str, app: &EchoServer) -> ProxyHan
     let token = token(cp, "default", "bookinfo-productpage").await;
     let text = format!(
         "node:\n  id: sidecar~127.0.0.1~productpage-{version}.default~default.svc.cluster.local\n  name: productpage-{version}\n  namespace: default\n  service_account: bookinfo-productpage\n  labels: {{app: productpage, version: {version}}}\n  outbound: {}\n  inbound: {}\n  ports:\n  - {{name: http, port: {}, protocol: TCP}}\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
-        free_port(),
-        free_port(),
+        reserve_addr(),
+        reserve_addr(),
         app.addr.port(),
         cp.xds_addr,
     );
@@ -206,8 +198,8 @@ async fn tcp_backend(cp: &ControlPlane, app: SocketAddr) -> ProxyHandle {
     let token = token(cp, "default", "tcp-echo").await;
     let text = format!(
         "node:\n  id: sidecar~127.0.0.1~tcp-echo-1.default~default.svc.cluster.local\n  name: tcp-echo-1\n  namespace: default\n  service_account: tcp-echo\n  labels: {{app: tcp-echo}}\n  outbound: {}\n  inbound: {}\n  ports:\n  - {{name: tcp, port: {}, protocol: TCP}}\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
-        free_port(),
-        free_port(),
+        reserve_addr(),
+        reserve_addr(),
         app.port(),
         cp.xds_addr,
     );

@@ -27,7 +27,7 @@ use weft_testkit::http::{request, send_h1, Reply};
 use weft_testkit::jwt::{JwksServer, JwtSigner};
 use weft_xds::{type_url, AdsServer, NodeInfo, PortInfo, StaticSource};
 
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(30);
 const ISS: &str = "testing@secure.istio.io";
 
 /// The xDS server, the echo app, and the inbound listener of `httpbin` in `foo`.

@@ -25,8 +25,9 @@ use weft_proxy::bootstrap::Bootstrap;
 use weft_proxy::proxy::ProxyHandle;
 use weft_testkit::echo::{EchoServer, SERVER_HEADER};
 use weft_testkit::http::{get_h1, get_via_proxy, request, send_h1};
+use weft_testkit::net::reserve_addr;
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n";
 
@@ -55,10 +56,6 @@ async fn token(cp: &ControlPlane, sa: &str) -> String {
     reply.json().unwrap()["token"].as_str().unwrap().to_string()
 }
 
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 /// A weft sidecar with a mesh identity; `app` is the local application's port.
 async fn sidecar(
     cp: &ControlPlane,
@@ -84,7 +81,7 @@ async fn sidecar_with_ttl(
     let inbound = inbound.map(|a| format!("  inbound: {a}\n")).unwrap_or_default();
     let text = format!(
         "node:\n  id: {name}\n  cluster: {name}.default\n  name: {name}\n  namespace: default\n  service_account: {sa}\n  labels:\n    app: {name}\n  outbound: {}\n{ports}{inbound}xds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n{}",
-        free_port(),
+        reserve_addr(),
         cp.xds_addr,
         ttl.map(|t| format!("  cert_ttl: {t}\n")).unwrap_or_default()
     );
@@ -152,7 +149,7 @@ async fn sidecars_talk_mtls_and_the_server_enforces_peer_authentication() {
     let cp = mesh_control_plane(Some(dir.path()), identity).await;
 
     let app = EchoServer::start("reviews-app").await;
-    let inbound = free_port();
+    let inbound = reserve_addr();
     let server = sidecar(&cp, "reviews", "bookinfo-reviews", Some(app.addr.port()), Some(inbound)).await;
     let client = sidecar(&cp, "productpage", "bookinfo-productpage", None, None).await;
     let out = client.listener_addr("weft-outbound", WAIT).await.unwrap();
@@ -283,7 +280,7 @@ async fn certificate_rotation_under_load_fails_no_request() {
     let cp = mesh_control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
     let app = EchoServer::start("reviews-app").await;
     let server =
-        sidecar_with_ttl(&cp, "reviews", "bookinfo-reviews", Some(app.addr.port()), Some(free_port()), Some("3s"))
+        sidecar_with_ttl(&cp, "reviews", "bookinfo-reviews", Some(app.addr.port()), Some(reserve_addr()), Some("3s"))
             .await;
     let client = sidecar_with_ttl(&cp, "productpage", "bookinfo-productpage", None, None, Some("3s")).await;
     let out = client.listener_addr("weft-outbound", WAIT).await.unwrap();
@@ -377,8 +374,8 @@ async fn envoy_and_weft_sidecars_talk_mtls_both_ways_with_authorization() {
     // reviews: an Envoy sidecar in front of its app; ratings: a weft sidecar.
     let reviews_app = EchoServer::start("reviews-app").await;
     let ratings_app = EchoServer::start("ratings-app").await;
-    let envoy_inbound = free_port();
-    let envoy_outbound = free_port();
+    let envoy_inbound = reserve_addr();
+    let envoy_outbound = reserve_addr();
     let opts = EnvoyBootstrapOptions {
         name: "reviews".into(),
         namespace: "default".into(),
@@ -395,7 +392,8 @@ async fn envoy_and_weft_sidecars_talk_mtls_both_ways_with_authorization() {
         join_token: Some(token(&cp, "bookinfo-reviews").await),
     };
     let envoy = weft_testkit::envoy::Envoy::start(&render(&opts)).await.unwrap();
-    let ratings = sidecar(&cp, "ratings", "bookinfo-ratings", Some(ratings_app.addr.port()), Some(free_port())).await;
+    let ratings =
+        sidecar(&cp, "ratings", "bookinfo-ratings", Some(ratings_app.addr.port()), Some(reserve_addr())).await;
     let productpage = sidecar(&cp, "productpage", "bookinfo-productpage", None, None).await;
     let weft_out = productpage.listener_addr("weft-outbound", WAIT).await.unwrap();
     let envoy_out = envoy.listener_addr("weft-outbound", WAIT).await.unwrap();
@@ -486,7 +484,7 @@ async fn root_rotation_under_load_fails_no_request() {
     std::fs::write(dir.path().join("svc.yaml"), SERVICE).unwrap();
     let cp = mesh_control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
     let app = EchoServer::start("reviews-app").await;
-    let inbound = free_port();
+    let inbound = reserve_addr();
     let server =
         sidecar_with_ttl(&cp, "reviews", "bookinfo-reviews", Some(app.addr.port()), Some(inbound), Some("2s")).await;
     let client = sidecar_with_ttl(&cp, "productpage", "bookinfo-productpage", None, None, Some("2s")).await;

@@ -20,7 +20,7 @@ use weft_testkit::echo::EchoServer;
 use weft_testkit::http::get_via_proxy;
 use weft_xds::PortInfo;
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 const SVC_17: &str = "outbound|9080||svc-17.default.svc.cluster.local";
 
 /// What a proxy holds: listeners, virtual hosts (over all route configurations),
@@ -92,7 +92,7 @@ async fn control_plane(range: std::ops::Range<usize>) -> ControlPlane {
 
 /// A delta (on-demand) weft proxy using `outbound` as its explicit HTTP proxy port.
 async fn on_demand_proxy(xds: SocketAddr, name: &str) -> (ProxyHandle, SocketAddr) {
-    let outbound = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let outbound = weft_testkit::net::reserve_addr();
     let text = format!(
         "node:\n  id: {name}.default\n  name: {name}\n  namespace: default\n  labels: {{app: {name}}}\n  outbound: \"{outbound}\"\nxds:\n  address: http://{xds}\n  mode: delta\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\n"
     );

@@ -133,14 +133,17 @@ async fn sidecar(cp: &ControlPlane, name: &str, sa: &str, ports: &[(&str, u16)])
     if !ports.is_empty() {
         // `inbound|PORT` listeners take consecutive ports from the inbound address, which
         // the proxy announces before it binds them.
-        extra.push_str(&format!("  inbound: {}\n  ports:\n", free_ports(ports.len())));
+        extra.push_str(&format!(
+            "  inbound: {}\n  ports:\n",
+            weft_testkit::net::reserve_consecutive(ports.len() as u16)
+        ));
         for (n, p) in ports {
             extra.push_str(&format!("  - {{name: {n}, port: {p}, protocol: TCP}}\n"));
         }
     }
     let text = format!(
         "node:\n  id: {name}\n  cluster: {name}.default\n  name: {name}\n  namespace: default\n  service_account: {sa}\n  labels:\n    app: {name}\n  outbound: {}\n{extra}xds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\ndrain_duration: {}s\nidentity:\n  token: \"{token}\"\n",
-        free_ports(1),
+        weft_testkit::net::reserve_addr(),
         cp.xds_addr,
         DRAIN.as_secs()
     );
@@ -148,20 +151,6 @@ async fn sidecar(cp: &ControlPlane, name: &str, sa: &str, ports: &[(&str, u16)])
     let p = ProxyHandle::start(b).await.unwrap();
     assert!(p.wait_ready(WAIT).await, "{name} never became ready");
     p
-}
-
-/// The first of `n` consecutive free loopback ports.
-fn free_ports(n: usize) -> SocketAddr {
-    loop {
-        let first = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let base = first.local_addr().unwrap();
-        let rest: Vec<_> = (1..n as u16)
-            .map(|i| std::net::TcpListener::bind(SocketAddr::new(base.ip(), base.port().wrapping_add(i))))
-            .collect();
-        if rest.iter().all(Result::is_ok) {
-            return base;
-        }
-    }
 }
 
 /// A keep-alive HTTP/1.1 connection (plaintext) on which requests are sent one by one.

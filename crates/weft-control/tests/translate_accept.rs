@@ -17,7 +17,7 @@ use weft_proxy::bootstrap::Bootstrap;
 use weft_proxy::proxy::ProxyHandle;
 use weft_xds::{type_url, AdsServer, NodeInfo, PortInfo, StaticSource};
 
-const WAIT: Duration = Duration::from_secs(20);
+const WAIT: Duration = Duration::from_secs(30);
 
 const RESOURCES: &str = r#"
 apiVersion: v1

@@ -19,7 +19,7 @@ use weft_testkit::echo::{EchoServer, SERVER_HEADER};
 use weft_testkit::http::{get_h1, get_via_proxy, request, send_h1};
 use weft_xds::{type_url, AdsServer, NodeInfo, PortInfo, StaticSource};
 
-const WAIT: Duration = Duration::from_secs(15);
+const WAIT: Duration = Duration::from_secs(30);
 
 const RESOURCES: &str = r#"
 apiVersion: v1
@@ -162,7 +162,7 @@ async fn istio_routing_semantics_hold_through_weft_proxy_and_through_envoy_fed_t
     let v2 = EchoServer::start("v2").await;
     let v3 = EchoServer::start("v3").await;
     // A v3 instance whose inbound listener is gone: only retries reach the healthy one.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = weft_testkit::net::reserve_addr();
 
     let registry = Registry::new();
     registry.upsert(workload("reviews-v1", "v1", v1.addr));
@@ -184,6 +184,7 @@ async fn istio_routing_semantics_hold_through_weft_proxy_and_through_envoy_fed_t
     }
 
     let proxy = weft_proxy(cp.xds).await;
+    acked_everything(&cp, "productpage", String::new).await;
     let out = proxy.listener_addr("weft-outbound", WAIT).await.expect("weft-outbound is bound");
 
     check_istio_semantics(out, "weft", &v1, &v2).await;
@@ -192,27 +193,7 @@ async fn istio_routing_semantics_hold_through_weft_proxy_and_through_envoy_fed_t
     let envoy = weft_testkit::envoy::Envoy::start(&weft_testkit::envoy::ads_bootstrap(cp.xds, "envoy-sidecar", false))
         .await
         .unwrap();
-    let mut changes = cp.server.status_changes();
-    let acked = tokio::time::timeout(WAIT, async {
-        loop {
-            let conns = cp.server.connections();
-            let conn = conns.iter().find(|c| c.node_id == "envoy-sidecar");
-            if let Some(c) = conn {
-                for (t, s) in &c.types {
-                    assert!(s.last_nack.is_none(), "Envoy NACKed {t}: {:?}", s.last_nack);
-                }
-                let all = [type_url::LISTENER, type_url::ROUTE, type_url::CLUSTER, type_url::ENDPOINT]
-                    .iter()
-                    .all(|t| c.types.get(*t).and_then(|s| s.acked_version.clone()) == Some(cp.source.version(t)));
-                if all {
-                    return;
-                }
-            }
-            let _ = changes.changed().await;
-        }
-    })
-    .await;
-    assert!(acked.is_ok(), "Envoy did not ACK every type: {:?}\n{}", cp.server.connections(), envoy.log_tail());
+    acked_everything(&cp, "envoy-sidecar", || envoy.log_tail()).await;
     // ... and Envoy routes the same requests the same way.
     let envoy_out = envoy.listener_addr("weft-outbound", WAIT).await.unwrap();
     check_istio_semantics(envoy_out, "envoy", &v1, &v2).await;
@@ -401,6 +382,7 @@ async fn explicit_pair(extra: &str, server_log: &str) -> ExplicitPair {
         client_cp.source.set(t, r).unwrap();
     }
     let client = weft_proxy(client_cp.xds).await;
+    acked_everything(&client_cp, "productpage", String::new).await;
     let out = client.listener_addr("weft-outbound", WAIT).await.unwrap();
     ExplicitPair { app, client, server: server_proxy, out, inbound, _control: [server_cp, client_cp] }
 }
@@ -508,7 +490,7 @@ fn app_workload(app: &str, id: &str, addr: SocketAddr) -> Workload {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destination_rule_outlier_detection_and_connection_pool_behave_as_istio_documents() {
     let ok = EchoServer::start("ratings-ok").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let dead = weft_testkit::net::reserve_addr();
     let details = EchoServer::start("details").await;
     let registry = Registry::new();
     registry.upsert(app_workload("ratings", "ratings-ok", ok.addr));
@@ -527,15 +509,45 @@ async fn destination_rule_outlier_detection_and_connection_pool_behave_as_istio_
         cp.source.set(t, resources).unwrap();
     }
     let proxy = weft_proxy(cp.xds).await;
+    // Ready can also mean "the initial fetch timed out": wait for the ACKs, so no request
+    // races the configuration (a 404 where the routes were not in yet).
+    acked_everything(&cp, "productpage", String::new).await;
     let out = proxy.listener_addr("weft-outbound", WAIT).await.unwrap();
-    check_resilience(out, "weft").await;
+    check_resilience(out, "weft", &details).await;
 
     let envoy = weft_testkit::envoy::Envoy::start(&weft_testkit::envoy::ads_bootstrap(cp.xds, "envoy-sidecar", false))
         .await
         .unwrap();
+    acked_everything(&cp, "envoy-sidecar", || envoy.log_tail()).await;
     let envoy_out = envoy.listener_addr("weft-outbound", WAIT).await.unwrap();
-    check_resilience(envoy_out, "envoy").await;
+    check_resilience(envoy_out, "envoy", &details).await;
     proxy.shutdown().await;
+}
+
+/// Waits until the proxy `node_id` has ACKed the version the control plane serves of
+/// every type, with no NACK on the way (`context()`, e.g. Envoy's log, goes into the
+/// failure message): from then on its requests see the whole configuration.
+async fn acked_everything(cp: &ControlPlane, node_id: &str, context: impl Fn() -> String) {
+    let mut changes = cp.server.status_changes();
+    let acked = tokio::time::timeout(WAIT, async {
+        loop {
+            let conns = cp.server.connections();
+            if let Some(c) = conns.iter().find(|c| c.node_id == node_id) {
+                for (t, s) in &c.types {
+                    assert!(s.last_nack.is_none(), "{node_id} NACKed {t}: {:?}\n{}", s.last_nack, context());
+                }
+                let all = [type_url::LISTENER, type_url::ROUTE, type_url::CLUSTER, type_url::ENDPOINT]
+                    .iter()
+                    .all(|t| c.types.get(*t).and_then(|s| s.acked_version.clone()) == Some(cp.source.version(t)));
+                if all {
+                    return;
+                }
+            }
+            let _ = changes.changed().await;
+        }
+    })
+    .await;
+    assert!(acked.is_ok(), "{node_id} did not ACK every type: {:?}\n{}", cp.server.connections(), context());
 }
 
 /// Waits until `addr` accepts connections (a listener can be reported bound a moment
@@ -548,7 +560,7 @@ async fn accepting(addr: SocketAddr) {
     }
 }
 
-async fn check_resilience(out: SocketAddr, who: &str) {
+async fn check_resilience(out: SocketAddr, who: &str, details: &EchoServer) {
     accepting(out).await;
     // Round robin: without outlier detection half of 40 requests would hit the dead endpoint;
     // with consecutive5xxErrors: 1 it is ejected after its first failure.
@@ -565,8 +577,10 @@ async fn check_resilience(out: SocketAddr, who: &str) {
     assert!(failures <= 1, "{who}: the failing endpoint was not ejected: {failures} of 40 requests failed");
 
     // http2MaxRequests: 1 — while one request is in flight, a second one overflows.
+    let before = details.requests();
     let slow = tokio::spawn(async move { get_h1(out, "details:9080", "/delay/1500").await.unwrap() });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // In flight once the app has it (not after a guessed delay).
+    details.wait_for_requests(before + 1).await;
     let r = get_h1(out, "details:9080", "/").await.unwrap();
     assert_eq!(r.status, 503, "{who}: second concurrent request was not rejected: {}", r.text());
     assert_eq!(slow.await.unwrap().status, 200, "{who}");

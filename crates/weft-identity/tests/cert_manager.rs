@@ -139,9 +139,7 @@ async fn the_service_refuses_requests_without_a_usable_credential() {
 #[tokio::test(start_paused = true)]
 async fn the_first_certificate_is_retried_until_the_initial_timeout_when_the_service_is_down() {
     // A port nobody listens on: connection refused, retried with backoff in paused time.
-    let sock = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    let addr = sock.local_addr().expect("addr");
-    drop(sock);
+    let addr = weft_testkit::net::reserve_addr();
     let mut cfg =
         CertManagerConfig::new(format!("http://{addr}"), CredentialSource::JoinToken("weft-jt1.x.y".into()), web());
     cfg.initial_timeout = Duration::from_secs(30);

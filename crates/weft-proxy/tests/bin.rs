@@ -65,8 +65,9 @@ async fn serves_xds_config_from_env_bootstrap_and_drains_on_quitquitquit() {
     // Ready once the routes and endpoints its listeners and clusters name have arrived.
     assert!(weft_testkit::xds::wait_ready(admin).await, "proxy never reported ready");
     assert_eq!(get_h1(out, "svc", "/first").await.unwrap().header("x-echo-server"), Some("app"));
+    let before = echo.requests();
     let slow = tokio::spawn(async move { get_h1(out, "svc", "/delay/700").await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    echo.wait_for_requests(before + 1).await; // the slow request is in flight
     let quit = http::Request::post("/quitquitquit").header("host", "admin").body(Full::new(Bytes::new())).unwrap();
     assert_eq!(send_h1(admin, quit).await.unwrap().status, 200);
     let r = slow.await.unwrap().expect("in-flight request was cut by the drain");

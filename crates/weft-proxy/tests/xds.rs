@@ -248,8 +248,9 @@ async fn drain_finishes_in_flight_requests_and_stops_accepting() {
     let proxy = mesh.proxy("drain", false).await;
     mesh.synced_all(&proxy).await;
     let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    let before = a.requests();
     let slow = tokio::spawn(async move { get_h1(out, "svc", "/delay/500").await });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    a.wait_for_requests(before + 1).await; // the slow request is in flight
     proxy.shutdown().await;
     let r = slow.await.unwrap().expect("in-flight request failed during drain");
     assert_eq!(r.status, 200);

@@ -9,6 +9,7 @@ pub mod echo;
 pub mod envoy;
 pub mod http;
 pub mod jwt;
+pub mod net;
 pub mod pki;
 pub mod tools;
 pub mod xds;
@@ -19,4 +20,25 @@ use std::path::PathBuf;
 pub fn workspace_root() -> PathBuf {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     manifest.ancestors().nth(2).map(PathBuf::from).unwrap_or(manifest)
+}
+
+/// `<workspace>/samples`: Istio's samples and task files, copied into the repository
+/// with their provenance and licence (`samples/README.md`), the test data every
+/// conformance test reads.
+///
+/// # Panics
+/// When the directory is missing: a test never passes without its data.
+pub fn conformance_dir() -> PathBuf {
+    let dir = workspace_root().join("samples");
+    assert!(dir.join("bookinfo").is_dir(), "Istio's samples missing at {} (part of the repository)", dir.display());
+    dir
+}
+
+/// The text of `samples/<rel>` (see [`conformance_dir`]).
+///
+/// # Panics
+/// Naming the path, when the file cannot be read.
+pub fn conformance(rel: &str) -> String {
+    let path = conformance_dir().join(rel);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }

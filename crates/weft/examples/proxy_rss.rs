@@ -27,10 +27,6 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// N Services (`svc-10..svc-<10+N>`, so 10 services include `svc-17`) and the
 /// WorkloadEntry behind `svc-17`.
 fn mesh(n: usize, backend: SocketAddr) -> String {
@@ -78,7 +74,7 @@ async fn run(weft: &Path, n: usize, delta: bool, backend: SocketAddr) -> anyhow:
     let dir = tempfile::tempdir()?;
     std::fs::write(dir.path().join("mesh.yaml"), mesh(n, backend))?;
     let (_control, xds) = start_control(weft, dir.path()).await?;
-    let (admin, outbound) = (free_port()?, free_port()?);
+    let (admin, outbound) = (weft_testkit::net::reserve_addr(), weft_testkit::net::reserve_addr());
     let bootstrap = dir.path().join("bootstrap.yaml");
     std::fs::write(
         &bootstrap,

@@ -76,12 +76,14 @@ async fn main() -> anyhow::Result<()> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let weft = root.join("target/release/weft");
     anyhow::ensure!(weft.is_file(), "build it first: cargo build --release -p weft");
-    let shared = root.join("../shared/conformance/istio/bookinfo");
+    let bookinfo = root.join("samples/bookinfo");
     let dir = tempfile::tempdir()?;
-    for f in
-        ["platform/bookinfo.yaml", "networking/destination-rule-all.yaml", "networking/virtual-service-all-v1.yaml"]
-    {
-        let src: PathBuf = shared.join(f);
+    for f in [
+        "platform/kube/bookinfo.yaml",
+        "networking/destination-rule-all.yaml",
+        "networking/virtual-service-all-v1.yaml",
+    ] {
+        let src: PathBuf = bookinfo.join(f);
         std::fs::copy(&src, dir.path().join(src.file_name().unwrap_or_default()))?;
     }
     let mut control = tokio::process::Command::new(&weft)

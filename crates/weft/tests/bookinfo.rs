@@ -161,8 +161,7 @@ fn ok(body: &'static str) -> impl Fn(&Seen) -> (u16, String, Duration) + Send + 
 
 /// An address nothing listens on.
 async fn closed_port() -> String {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().to_string()
+    weft_testkit::net::reserve_addr().to_string()
 }
 
 fn header<'a>(s: &'a Seen, name: &str) -> Option<&'a str> {
@@ -609,7 +608,8 @@ async fn bookinfo_through_a_weft_proxy_routes_reviews_by_the_signed_in_user() {
         .unwrap();
     // Clusters arrived after the listener: wait until the admin API lists them all.
     let mut clusters = String::new();
-    for _ in 0..100 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         clusters = get_h1(proxy.admin_addr(), "admin", "/clusters").await.unwrap().text();
         if ["details", "ratings", "reviews-v1", "reviews-v2"].iter().all(|c| clusters.contains(&format!("{c}::"))) {
             break;

@@ -55,8 +55,9 @@ async fn proxy_process_serves_xds_config_and_drains_on_sigterm() {
     // Ready once the routes and endpoints its listeners and clusters name have arrived.
     assert!(weft_testkit::xds::wait_ready(admin).await, "proxy never reported ready");
     assert_eq!(get_h1(out, "svc", "/first").await.unwrap().header("x-echo-server"), Some("app"));
+    let before = echo.requests();
     let slow = tokio::spawn(async move { get_h1(out, "svc", "/delay/700").await });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    echo.wait_for_requests(before + 1).await; // the slow request is in flight
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id().unwrap() as i32), nix::sys::signal::Signal::SIGTERM)
         .unwrap();
     let r = slow.await.unwrap().expect("in-flight request was cut by the drain");
@@ -139,14 +140,14 @@ async fn analyze_reports_parse_errors_and_cross_resource_findings_with_exit_code
     assert!(text.contains(&format!("{}:12:", bad.display())) && text.contains("did you mean `weight`?"), "{text}");
 
     // Bookinfo's services, default destination rules and a canary split: clean.
-    let shared = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/istio/bookinfo");
+    let bookinfo = weft_testkit::conformance_dir().join("bookinfo");
     let out = tokio::process::Command::new(WEFT)
         .args(["analyze", "-f"])
-        .arg(shared.join("platform/bookinfo.yaml"))
+        .arg(bookinfo.join("platform/kube/bookinfo.yaml"))
         .arg("-f")
-        .arg(shared.join("networking/destination-rule-all.yaml"))
+        .arg(bookinfo.join("networking/destination-rule-all.yaml"))
         .arg("-f")
-        .arg(shared.join("networking/virtual-service-reviews-80-20.yaml"))
+        .arg(bookinfo.join("networking/virtual-service-reviews-80-20.yaml"))
         .output()
         .await
         .unwrap();
@@ -161,7 +162,7 @@ async fn analyze_reports_parse_errors_and_cross_resource_findings_with_exit_code
     // Without the services and rules, the host and subset references dangle: IST0101.
     let out = tokio::process::Command::new(WEFT)
         .args(["analyze", "-f"])
-        .arg(shared.join("networking/virtual-service-reviews-80-20.yaml"))
+        .arg(bookinfo.join("networking/virtual-service-reviews-80-20.yaml"))
         .output()
         .await
         .unwrap();

@@ -7,13 +7,14 @@
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
 use weft_proxy::bootstrap::Bootstrap;
 use weft_proxy::proxy::ProxyHandle;
 use weft_testkit::echo::EchoServer;
 use weft_testkit::http::get_via_proxy;
+use weft_testkit::net::reserve_addr;
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -22,11 +23,6 @@ const RULES: &str = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\n
 
 fn route_to(subset: &str) -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: {subset}\n")
-}
-
-/// A free loopback port (bound then released: the proxy announces it before binding).
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
 }
 
 async fn proxy(
@@ -44,7 +40,7 @@ async fn proxy(
         "node:\n  id: {name}.default\n  name: {name}\n  namespace: default\n  service_account: {name}\n  labels: {labels}\n{ports}{inbound}  outbound: \"{outbound}\"\nxds:\n  address: http://{xds}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\n"
     );
     let p = ProxyHandle::start(Bootstrap::parse(&text, Path::new("bootstrap.yaml")).unwrap()).await.unwrap();
-    assert!(p.wait_ready(Duration::from_secs(20)).await, "{name} never became ready");
+    assert!(p.wait_ready(WAIT).await, "{name} never became ready");
     p
 }
 
@@ -53,14 +49,16 @@ async fn served_by(outbound: SocketAddr) -> String {
     r.header("x-echo-server").unwrap_or(&format!("status {}", r.status)).to_string()
 }
 
+/// How long a test waits for a fact (a push reaching the proxies, a file being read)
+/// before failing: generous, since a loaded machine is slow, and never slept through.
+const WAIT: Duration = Duration::from_secs(30);
+
 async fn eventually(outbound: SocketAddr, want: &str) {
-    for _ in 0..100 {
-        if served_by(outbound).await == want {
-            return;
-        }
+    let deadline = Instant::now() + WAIT;
+    while served_by(outbound).await != want {
+        assert!(Instant::now() < deadline, "traffic never moved to {want} (still {})", served_by(outbound).await);
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    panic!("traffic never moved to {want} (still {})", served_by(outbound).await);
 }
 
 async fn weft(args: &[&str]) -> (i32, String, String) {
@@ -89,20 +87,32 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(control.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(20), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
     // "weft control: xDS on A, API on B"
     let xds: SocketAddr = line.split("xDS on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
     let api = line.split("API on ").nth(1).unwrap().trim().to_string();
 
     let v1 = EchoServer::start("reviews-v1").await;
     let v2 = EchoServer::start("reviews-v2").await;
-    let _p1 =
-        proxy(xds, "reviews-v1", "{app: reviews, version: v1}", Some(v1.addr.port()), Some(free_port()), free_port())
-            .await;
-    let _p2 =
-        proxy(xds, "reviews-v2", "{app: reviews, version: v2}", Some(v2.addr.port()), Some(free_port()), free_port())
-            .await;
-    let out = free_port();
+    let _p1 = proxy(
+        xds,
+        "reviews-v1",
+        "{app: reviews, version: v1}",
+        Some(v1.addr.port()),
+        Some(reserve_addr()),
+        reserve_addr(),
+    )
+    .await;
+    let _p2 = proxy(
+        xds,
+        "reviews-v2",
+        "{app: reviews, version: v2}",
+        Some(v2.addr.port()),
+        Some(reserve_addr()),
+        reserve_addr(),
+    )
+    .await;
+    let out = reserve_addr();
     let _client = proxy(xds, "productpage", "{app: productpage, version: v1}", None, None, out).await;
 
     // The VirtualService sends everything to v1 (through v1's sidecar inbound listener).
@@ -117,7 +127,8 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
 
     // proxy-status: every proxy SYNCED once the push is ACKed.
     let mut synced = false;
-    for _ in 0..50 {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
         let (code, stdout, _) = weft(&["proxy-status", "-o", "json", "--server", &api]).await;
         assert_eq!(code, 0);
         let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
@@ -200,16 +211,21 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
 
     // A broken file: the error is reported, the proxies keep their config.
     std::fs::write(&vs, "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: [\n").unwrap();
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let (_, got, _) = weft(&["get", "vs", "-o", "json", "--server", &api]).await;
-    let got: serde_json::Value = serde_json::from_str(&got).unwrap();
-    assert!(
-        got["errors"].as_array().unwrap().iter().any(|e| {
+    // Wait until the control plane has read the file (it reports the error), not a guess.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, got, _) = weft(&["get", "vs", "-o", "json", "--server", &api]).await;
+        let got: serde_json::Value = serde_json::from_str(&got).unwrap();
+        let reported = got["errors"].as_array().unwrap().iter().any(|e| {
             let e = e.as_str().unwrap();
             e.contains("vs.yaml:") && e.contains("invalid YAML")
-        }),
-        "{got}"
-    );
+        });
+        if reported {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the broken file was never reported: {got}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     for _ in 0..5 {
         assert_eq!(served_by(out).await, "reviews-v2");
     }
@@ -243,7 +259,7 @@ async fn start_control(dir: &Path) -> (tokio::process::Child, SocketAddr, String
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(control.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await.unwrap().unwrap().unwrap();
+    let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
     let xds: SocketAddr = line.split("xDS on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
     let api = line.split("API on ").nth(1).unwrap().trim().to_string();
     (control, xds, api)
@@ -251,11 +267,10 @@ async fn start_control(dir: &Path) -> (tokio::process::Child, SocketAddr, String
 
 #[tokio::test]
 async fn envoy_from_weft_envoy_bootstrap_and_a_weft_proxy_ack_the_whole_conformance_set() {
-    let conformance = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/istio");
-    assert!(conformance.is_dir(), "{} missing", conformance.display());
+    let conformance = weft_testkit::conformance_dir();
     let (_control, xds, api) = start_control(&conformance).await;
 
-    let envoy_out = free_port();
+    let envoy_out = reserve_addr();
     let (code, yaml, err) = weft(&[
         "envoy-bootstrap",
         "--name",
@@ -271,7 +286,7 @@ async fn envoy_from_weft_envoy_bootstrap_and_a_weft_proxy_ack_the_whole_conforma
         "--admin-port",
         "0",
         "--inbound",
-        &free_port().to_string(),
+        &reserve_addr().to_string(),
         "--outbound",
         &envoy_out.to_string(),
     ])
@@ -285,15 +300,16 @@ async fn envoy_from_weft_envoy_bootstrap_and_a_weft_proxy_ack_the_whole_conforma
         "productpage-v1",
         "{app: productpage, version: v1}",
         Some(app.addr.port()),
-        Some(free_port()),
-        free_port(),
+        Some(reserve_addr()),
+        reserve_addr(),
     )
     .await;
 
     // Both ACK every type: proxy-status shows no NACK and everything SYNCED.
     let mut last = String::new();
     let mut ok = false;
-    for _ in 0..100 {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
         let (_, stdout, _) = weft(&["proxy-status", "-o", "json", "--server", &api]).await;
         let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
         let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
@@ -320,7 +336,8 @@ async fn envoy_from_weft_envoy_bootstrap_and_a_weft_proxy_ack_the_whole_conforma
     // Envoy routes per the VirtualService: productpage -> subset v1 -> the weft sidecar's
     // inbound listener -> the app.
     let mut served = String::new();
-    for _ in 0..50 {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
         if let Ok(r) = get_via_proxy(envoy_out, "http://productpage:9080/productpage").await {
             served = r.header("x-echo-server").unwrap_or(&format!("status {}", r.status)).to_string();
             if served == "productpage-v1" {

@@ -28,11 +28,6 @@ const CLA: &str = "outbound|9080||reviews.default.svc.cluster.local";
 
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: reviews\nspec:\n  selector:\n    app: reviews\n  ports:\n  - name: http\n    port: 9080\n    targetPort: http\n";
 
-/// A free loopback port (bound then released: the proxy announces it before binding).
-fn free_port() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
-}
-
 /// `weft control` on `dir` and `data`, xDS on `xds` (port 0: any).
 async fn start_control(dir: &Path, data: &Path, xds: SocketAddr) -> (tokio::process::Child, SocketAddr, String) {
     let mut control = tokio::process::Command::new(WEFT)
@@ -113,7 +108,7 @@ async fn proxy(xds: SocketAddr, name: &str, app: Option<SocketAddr>, outbound: S
         Some(a) => (
             "{app: reviews}",
             format!("  ports:\n  - {{name: http, port: {}, protocol: TCP}}\n", a.port()),
-            format!("  inbound: \"{}\"\n", free_port()),
+            format!("  inbound: \"{}\"\n", weft_testkit::net::reserve_addr()),
         ),
         None => ("{app: productpage}", String::new(), String::new()),
     };
@@ -144,10 +139,10 @@ async fn restarted_control_plane_keeps_unreconnected_endpoints_and_no_request_fa
 
     let app = EchoServer::start("reviews-v1").await;
     let (gate_addr, gate_open) = gate(xds).await;
-    let _callee = proxy(gate_addr, "reviews-v1", Some(app.addr), free_port()).await;
-    let out = free_port();
+    let _callee = proxy(gate_addr, "reviews-v1", Some(app.addr), weft_testkit::net::reserve_addr()).await;
+    let out = weft_testkit::net::reserve_addr();
     let caller = proxy(xds, "productpage-v1", None, out).await;
-    for _ in 0..100 {
+    for _ in 0..600 {
         if reviews_endpoints(&caller) == 1 {
             break;
         }

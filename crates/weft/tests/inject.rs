@@ -264,7 +264,8 @@ async fn the_proxy_reads_its_bootstrap_from_weft_bootstrap_yaml() {
         .spawn()
         .unwrap();
     let mut seen = false;
-    for _ in 0..200 {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::time::Instant::now() < deadline {
         if server.connections().iter().any(|c| c.node_id == "sidecar~10.0.0.7~web-1.shop~shop.svc.cluster.local") {
             seen = true;
             break;

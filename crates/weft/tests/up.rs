@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -18,13 +18,7 @@ use std::time::{Duration, Instant};
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
 fn samples() -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/istio/bookinfo/networking");
-    assert!(dir.is_dir(), "Istio's Bookinfo samples missing at {}", dir.display());
-    dir
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    weft_testkit::conformance_dir().join("bookinfo/networking")
 }
 
 /// A running `weft up`.
@@ -46,7 +40,7 @@ struct Mesh {
 impl Mesh {
     fn start(transparent: bool) -> Mesh {
         let state = tempfile::tempdir().unwrap();
-        let port = free_port();
+        let port = weft_testkit::net::reserve_port();
         let mut cmd = Command::new(WEFT);
         cmd.args(["up", "--api", "127.0.0.1:0", "--xds", "127.0.0.1:0", "--ingress-port", &port.to_string()])
             .args(["--access-log", "off"])
@@ -576,7 +570,7 @@ spec:
     let state = tempfile::tempdir().unwrap();
     let mut child = Command::new(WEFT)
         .args(["up", "-f", dir.path().to_str().unwrap(), "--api", "127.0.0.1:0", "--xds", "127.0.0.1:0"])
-        .args(["--ingress-port", &free_port().to_string()])
+        .args(["--ingress-port", &weft_testkit::net::reserve_port().to_string()])
         .env("WEFT_STATE_DIR", state.path())
         .stdout(Stdio::piped())
         .spawn()

@@ -17,7 +17,7 @@ use weft_xds::{
 };
 
 /// Upper bound of every wait.
-pub const WAIT: Duration = Duration::from_secs(20);
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// An [`AdsServer`] over an empty [`StaticSource`] on `127.0.0.1:0`; stops on drop.
 pub struct Server {

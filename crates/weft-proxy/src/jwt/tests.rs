@@ -107,7 +107,7 @@ async fn remote_jwks_is_fetched_once_and_cached() {
     assert_eq!(server.hits(), 1, "cached for cache_duration");
 
     // An unreachable key server: tokens fail with Envoy's fetch status.
-    let dead = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap().local_addr().unwrap();
+    let dead = weft_testkit::net::reserve_addr();
     let remote = RemoteJwks {
         http_uri: Some(HttpUri {
             uri: format!("http://{dead}/jwks"),

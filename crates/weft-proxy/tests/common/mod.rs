@@ -21,7 +21,7 @@ use weft_proxy::proxy::ProxyHandle;
 use weft_xds::build::{self, Routes};
 use weft_xds::{type_url, AdsServer, StaticSource};
 
-pub const WAIT: Duration = Duration::from_secs(10);
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// An in-process control plane serving whatever the test sets.
 pub struct Mesh {

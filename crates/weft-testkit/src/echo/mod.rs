@@ -77,9 +77,23 @@ impl EchoServer {
         EchoServer { addr, counters, task }
     }
 
-    /// Requests answered so far (all protocols).
+    /// Requests received so far (all protocols; a request counts when it arrives, before
+    /// `/delay/MS` holds it).
     pub fn requests(&self) -> u64 {
         self.counters.requests.load(Ordering::SeqCst)
+    }
+
+    /// Waits until [`requests`](Self::requests) reaches `n`: how a test knows a request
+    /// is in flight at the app (rather than sleeping and hoping it got there).
+    ///
+    /// # Panics
+    /// When 30 s pass first.
+    pub async fn wait_for_requests(&self, n: u64) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while self.requests() < n {
+            assert!(tokio::time::Instant::now() < deadline, "echo server saw {} requests, never {n}", self.requests());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Connections accepted so far.

@@ -20,7 +20,7 @@ use weft_xds::{
 };
 
 pub const NODE_ID: &str = "sidecar~10.0.0.1~pod-1.default~default.svc.cluster.local";
-pub const WAIT: Duration = Duration::from_secs(10);
+pub const WAIT: Duration = Duration::from_secs(30);
 
 /// A proxy-like state store: LDS/CDS wildcard, RDS names = listener names,
 /// EDS names = cluster names. Rejects updates containing a name in `rejected`.

@@ -2,7 +2,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use envoy_types::pb::envoy::config::core::v3::{address, socket_address};
 use envoy_types::pb::envoy::config::listener::v3::{filter, Listener};
@@ -13,6 +13,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::DownstreamTlsContext;
 use prost::Message;
+use weft_testkit::conformance;
 use weft_xds::NodeInfo;
 
 use crate::registry::RegistrySnapshot;
@@ -20,17 +21,11 @@ use crate::translate::{translate, MeshConfig, ProxyMode, ProxyXds};
 
 const PRODUCTPAGE: &str = "outbound|9080||productpage.default.svc.cluster.local";
 
-fn conformance(rel: &str) -> String {
-    let dir: PathBuf = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/conformance/istio");
-    assert!(dir.is_dir(), "conformance data not found at {}", dir.display());
-    std::fs::read_to_string(dir.join(rel)).unwrap()
-}
-
 /// Istio's bookinfo.yaml (Services, Deployments) and bookinfo-gateway.yaml.
 fn bookinfo() -> String {
     format!(
         "{}\n---\n{}",
-        conformance("bookinfo/platform/bookinfo.yaml"),
+        conformance("bookinfo/platform/kube/bookinfo.yaml"),
         conformance("bookinfo/networking/bookinfo-gateway.yaml")
     )
 }

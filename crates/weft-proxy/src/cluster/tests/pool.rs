@@ -244,9 +244,7 @@ async fn use_downstream_follows_the_request_version() {
 
 #[tokio::test]
 async fn connect_failure_is_reported_as_not_sent() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
+    let addr = weft_testkit::net::reserve_addr();
     let pools = Pools::new(PoolConfig::default());
     for proto in [UpstreamProtocol::Http1, UpstreamProtocol::Http2] {
         let err = pools.send(&endpoint(addr), proto, TIMEOUT, get("/", "a")).await.unwrap_err();
