@@ -17,8 +17,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use weft_xds::{type_url, AdsServer};
 
-use crate::source::MeshSource;
-use crate::store::{ChangeResult, Store};
+use crate::source::MeshXdsSource;
+use crate::store::{ChangeResult, ResourceStore};
 
 /// Largest request body accepted (an apply of many resources).
 const MAX_BODY: usize = 8 << 20;
@@ -26,11 +26,11 @@ const MAX_BODY: usize = 8 << 20;
 /// What the API serves from.
 pub struct Api {
     /// The store.
-    pub store: Arc<Store>,
+    pub store: Arc<ResourceStore>,
     /// The xDS server.
     pub server: AdsServer,
     /// Per-proxy resources.
-    pub source: Arc<MeshSource>,
+    pub source: Arc<MeshXdsSource>,
     /// Registered workloads (for `weft analyze --live`).
     pub registry: crate::registry::Registry,
     /// CA and token issuer (token endpoints), when identity is enabled.
@@ -360,7 +360,7 @@ fn proxy_config(api: &Api, id: &str) -> Result<Value, String> {
     };
     let mut current = (*api.source.proxy_resources(&conn.raw_node)).clone();
     if let Some(secrets) = &api.secrets {
-        use weft_xds::ConfigSource as _;
+        use weft_xds::XdsSource as _;
         current.insert(type_url::SECRET.to_string(), secrets.resources(&conn.raw_node, type_url::SECRET));
     }
     let mut out = serde_json::Map::new();

@@ -12,13 +12,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::info;
 use weft_identity::service::CertificateAuthority;
-use weft_xds::{AdsServer, ConfigSource};
+use weft_xds::{AdsServer, XdsSource};
 
 use crate::identity::IdentityConfig;
 use crate::registry::{FollowConfig, Registry};
 use crate::secrets::SecretSource;
-use crate::source::MeshSource;
-use crate::store::Store;
+use crate::source::MeshXdsSource;
+use crate::store::ResourceStore;
 use crate::translate::{MeshConfig, ProxyMode};
 
 /// Settings of one control plane.
@@ -58,13 +58,13 @@ pub struct ControlPlane {
     /// The webhook's serving certificate (re-read from its files), when enabled.
     pub webhook_cert: Option<Arc<crate::webhook_tls::ReloadingCert>>,
     /// The store.
-    pub store: Arc<Store>,
+    pub store: Arc<ResourceStore>,
     /// The registry.
     pub registry: Registry,
     /// The xDS server (connections, ACK state).
     pub server: AdsServer,
     /// The xDS source (per-proxy resources).
-    pub source: Arc<MeshSource>,
+    pub source: Arc<MeshXdsSource>,
     /// The CA and token issuer, when identity is enabled.
     pub identity: Option<Arc<CertificateAuthority>>,
     stop: watch::Sender<bool>,
@@ -77,8 +77,8 @@ impl ControlPlane {
     /// Binds both servers and starts everything.
     pub async fn start(cfg: ControlConfig) -> Result<ControlPlane, String> {
         let store = match &cfg.dir {
-            Some(d) => Store::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
-            None => Store::in_memory(),
+            Some(d) => ResourceStore::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
+            None => ResourceStore::in_memory(),
         };
         let snap = store.snapshot();
         for e in &snap.errors {
@@ -96,7 +96,7 @@ impl ControlPlane {
             }
             follow.restored_grace = p.reconnect_grace;
         }
-        let source = MeshSource::new(store.clone(), registry.clone(), cfg.mode, cfg.mesh.clone());
+        let source = MeshXdsSource::new(store.clone(), registry.clone(), cfg.mode, cfg.mesh.clone());
         let identity = match &cfg.identity {
             Some(ic) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
             None => None,
@@ -105,7 +105,7 @@ impl ControlPlane {
             (Some(authority), Some(ic)) => Some(SecretSource::new(source.clone(), authority.clone(), ic.cert_ttl)),
             _ => None,
         };
-        let served: Arc<dyn ConfigSource> = match &secrets {
+        let served: Arc<dyn XdsSource> = match &secrets {
             Some(s) => s.clone(),
             None => source.clone(),
         };
@@ -190,7 +190,7 @@ impl ControlPlane {
 
 /// Drops the cached translations of proxy shapes no connected proxy has any more, after
 /// connections come and go (at most once per [`SWEEP_INTERVAL`]).
-async fn evict_unused_translations(server: AdsServer, source: std::sync::Weak<MeshSource>) {
+async fn evict_unused_translations(server: AdsServer, source: std::sync::Weak<MeshXdsSource>) {
     let mut changes = server.status_changes();
     loop {
         if changes.changed().await.is_err() {

@@ -9,7 +9,7 @@
 //!   when the node's metadata carries a valid join token (`WEFT_JOIN_TOKEN`) and for the
 //!   identity that token grants; renewed at half life, one key per node.
 //!
-//! [`SecretSource`] wraps the [`MeshSource`]: Secret requests are answered here, every
+//! [`SecretSource`] wraps the [`MeshXdsSource`]: Secret requests are answered here, every
 //! other type by the mesh, and changes of either (or a due renewal) wake the xDS server.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -26,9 +26,9 @@ use tokio::sync::watch;
 use weft_identity::service::CertificateAuthority;
 use weft_identity::SpiffeId;
 use weft_xds::type_url::SECRET;
-use weft_xds::{content_version, Any, ConfigSource};
+use weft_xds::{content_version, Any, XdsSource};
 
-use crate::source::MeshSource;
+use crate::source::MeshXdsSource;
 
 /// Name of the workload certificate secret (Istio's).
 pub const DEFAULT_SECRET: &str = "default";
@@ -37,9 +37,9 @@ pub const ROOT_SECRET: &str = "ROOTCA";
 /// Node metadata key carrying an Envoy's join token.
 pub const JOIN_TOKEN_KEY: &str = "WEFT_JOIN_TOKEN";
 
-/// A [`ConfigSource`]: the mesh's resources plus SDS secrets.
+/// A [`XdsSource`]: the mesh's resources plus SDS secrets.
 pub struct SecretSource {
-    mesh: Arc<MeshSource>,
+    mesh: Arc<MeshXdsSource>,
     authority: Arc<CertificateAuthority>,
     ttl: Duration,
     /// Envoy workload certificates by node id.
@@ -59,7 +59,7 @@ struct EnvoyCert {
 impl SecretSource {
     /// Secrets from `authority` over `mesh`; Envoy certificates live `ttl`. Spawns the
     /// task that forwards changes and schedules renewals.
-    pub fn new(mesh: Arc<MeshSource>, authority: Arc<CertificateAuthority>, ttl: Duration) -> Arc<Self> {
+    pub fn new(mesh: Arc<MeshXdsSource>, authority: Arc<CertificateAuthority>, ttl: Duration) -> Arc<Self> {
         let me = Arc::new(SecretSource {
             mesh,
             authority,
@@ -184,7 +184,7 @@ impl SecretSource {
     }
 }
 
-impl ConfigSource for SecretSource {
+impl XdsSource for SecretSource {
     fn resources(&self, node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>) {
         if type_url != SECRET {
             return self.mesh.resources(node, type_url);

@@ -4,11 +4,11 @@
 //! touched, and delta clients get per-resource versions from the server).
 //!
 //! The cache holds one translation per proxy shape, at most [`DEFAULT_CACHE_BOUND`]
-//! (least recently used evicted beyond it), and [`MeshSource::evict_unused`] drops the
+//! (least recently used evicted beyond it), and [`MeshXdsSource::evict_unused`] drops the
 //! shapes no connected proxy has any more (the control plane runs it as proxies come and
-//! go); [`MeshSource::cache_stats`] counts both (`GET /api/v1/cache`).
+//! go); [`MeshXdsSource::cache_stats`] counts both (`GET /api/v1/cache`).
 //!
-//! On-demand proxies (delta, `WEFT_ON_DEMAND`) subscribe by name; [`ConfigSource::lookup`]
+//! On-demand proxies (delta, `WEFT_ON_DEMAND`) subscribe by name; [`XdsSource::lookup`]
 //! answers them from the cached translation by name (virtual hosts through a domain
 //! index), so a proxy asking for one host never costs a copy of the whole mesh.
 
@@ -19,11 +19,11 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::watch;
 use weft_xds::vhds::VhostIndex;
-use weft_xds::{content_version, type_url, Any, ConfigSource, NodeInfo, Resolved};
+use weft_xds::{content_version, type_url, Any, NodeInfo, Resolved, XdsSource};
 
 use crate::jwks::JwksResolver;
 use crate::registry::{Registry, RegistrySnapshot, Workload, WorkloadSource};
-use crate::store::Store;
+use crate::store::ResourceStore;
 use crate::translate::{translate, MeshConfig, ProxyMode};
 
 /// Coalesces bursts of changes (a directory of files saved together, many proxies
@@ -48,9 +48,9 @@ struct Cached {
     vhosts: Arc<VhostIndex>,
 }
 
-/// A [`ConfigSource`] over the store and registry.
-pub struct MeshSource {
-    store: Arc<Store>,
+/// A [`XdsSource`] over the store and registry.
+pub struct MeshXdsSource {
+    store: Arc<ResourceStore>,
     registry: Registry,
     mode: ProxyMode,
     defaults: MeshConfig,
@@ -58,9 +58,9 @@ pub struct MeshSource {
     mesh: Mutex<Option<(MeshVersions, Arc<MeshConfig>)>>,
     /// JWKS documents of RequestAuthentications' `jwksUri`s, inlined by the translator.
     jwks: Arc<JwksResolver>,
-    /// Translations by proxy shape (see [`MeshSource::proxy_resources`]).
+    /// Translations by proxy shape (see [`MeshXdsSource::proxy_resources`]).
     cache: Mutex<TranslationCache>,
-    /// The registry as the translations see it (see [`MeshSource::registry_epoch`]).
+    /// The registry as the translations see it (see [`MeshXdsSource::registry_epoch`]).
     epoch: Mutex<RegistryEpoch>,
     changes: watch::Sender<u64>,
 }
@@ -99,11 +99,11 @@ struct RegistryEpoch {
     epoch: u64,
 }
 
-impl MeshSource {
+impl MeshXdsSource {
     /// A source; `defaults` gives everything but the resources (domain, policies).
     /// Spawns the task that turns store and registry changes into pushes.
-    pub fn new(store: Arc<Store>, registry: Registry, mode: ProxyMode, defaults: MeshConfig) -> Arc<Self> {
-        let me = Arc::new(MeshSource {
+    pub fn new(store: Arc<ResourceStore>, registry: Registry, mode: ProxyMode, defaults: MeshConfig) -> Arc<Self> {
+        let me = Arc::new(MeshXdsSource {
             store,
             registry,
             mode,
@@ -333,7 +333,7 @@ fn translations_read(mesh: &MeshConfig, w: &Workload) -> bool {
     })
 }
 
-impl ConfigSource for MeshSource {
+impl XdsSource for MeshXdsSource {
     fn resources(&self, node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>) {
         let types = self.proxy_resources(node);
         match types.get(type_url) {

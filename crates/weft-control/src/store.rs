@@ -40,7 +40,7 @@ struct State {
 
 /// A consistent view of the store.
 #[derive(Debug, Clone)]
-pub struct StoreSnapshot {
+pub struct ResourceSnapshot {
     /// Version of this view (bumps on every accepted change).
     pub version: u64,
     /// The resources in force, one per key (API-applied ones win over files).
@@ -56,33 +56,33 @@ pub struct ChangeResult {
     pub accepted: Vec<ResourceKey>,
     /// Errors for the rejected parts.
     pub errors: Vec<ApiError>,
-    /// Store version after the change.
+    /// ResourceStore version after the change.
     pub version: u64,
 }
 
 /// The store. Cheap to share behind an `Arc`.
 #[derive(Debug)]
-pub struct Store {
+pub struct ResourceStore {
     dir: Option<PathBuf>,
     state: RwLock<State>,
     changes: watch::Sender<u64>,
 }
 
-impl Store {
+impl ResourceStore {
     /// An empty store without a directory (API only).
-    pub fn in_memory() -> Arc<Store> {
-        Arc::new(Store { dir: None, state: RwLock::new(State::default()), changes: watch::channel(0).0 })
+    pub fn in_memory() -> Arc<ResourceStore> {
+        Arc::new(ResourceStore { dir: None, state: RwLock::new(State::default()), changes: watch::channel(0).0 })
     }
 
     /// A store over `dir`, loaded once now.
-    pub fn open_dir(dir: &Path) -> std::io::Result<Arc<Store>> {
+    pub fn open_dir(dir: &Path) -> std::io::Result<Arc<ResourceStore>> {
         if !dir.is_dir() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
                 format!("{}: not a directory", dir.display()),
             ));
         }
-        let store = Arc::new(Store {
+        let store = Arc::new(ResourceStore {
             dir: Some(dir.to_path_buf()),
             state: RwLock::new(State::default()),
             changes: watch::channel(0).0,
@@ -111,7 +111,7 @@ impl Store {
     }
 
     /// The resources in force now.
-    pub fn snapshot(&self) -> StoreSnapshot {
+    pub fn snapshot(&self) -> ResourceSnapshot {
         let st = self.read();
         let mut merged: BTreeMap<ResourceKey, Resource> = BTreeMap::new();
         for f in st.files.values() {
@@ -124,7 +124,7 @@ impl Store {
         for (k, r) in &st.applied {
             merged.insert(k.clone(), r.clone());
         }
-        StoreSnapshot {
+        ResourceSnapshot {
             version: st.version,
             resources: merged.into_values().collect(),
             errors: st.files.values().flat_map(|f| f.errors.iter().cloned()).collect(),
@@ -267,7 +267,7 @@ mod tests {
     const VS: &str = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: SUBSET\n";
     const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: reviews\nspec:\n  selector: {app: reviews}\n  ports:\n  - name: http\n    port: 9080\n";
 
-    fn subset_of(s: &StoreSnapshot) -> String {
+    fn subset_of(s: &ResourceSnapshot) -> String {
         let r = s.resources.iter().find(|r| r.kind == weft_api::Kind::VirtualService).expect("vs");
         let dbg = format!("{:?}", r.spec);
         ["v1", "v2", "v3"].iter().find(|v| dbg.contains(&format!("\"{v}\""))).unwrap_or(&"?").to_string()
@@ -279,7 +279,7 @@ mod tests {
         let f = dir.path().join("vs.yaml");
         std::fs::write(&f, VS.replace("SUBSET", "v1")).unwrap();
         std::fs::write(dir.path().join("svc.yaml"), SVC).unwrap();
-        let store = Store::open_dir(dir.path()).unwrap();
+        let store = ResourceStore::open_dir(dir.path()).unwrap();
         let s1 = store.snapshot();
         assert_eq!(s1.resources.len(), 2);
         assert_eq!(subset_of(&s1), "v1");
@@ -306,7 +306,7 @@ mod tests {
     fn apply_accepts_good_resources_and_reports_bad_ones_and_delete_hides_file_copies() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("svc.yaml"), SVC).unwrap();
-        let store = Store::open_dir(dir.path()).unwrap();
+        let store = ResourceStore::open_dir(dir.path()).unwrap();
         let bad = VS.replace("SUBSET", "v1").replace("host: reviews\n        subset", "hots: reviews\n        subset");
         let r = store.apply(
             &format!("{}---\n{}", VS.replace("SUBSET", "v3"), bad.replace("name: reviews", "name: other")),

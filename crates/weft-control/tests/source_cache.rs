@@ -9,8 +9,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use weft_control::registry::{Registry, Workload, WorkloadSource};
-use weft_control::source::MeshSource;
-use weft_control::store::Store;
+use weft_control::source::MeshXdsSource;
+use weft_control::store::ResourceStore;
 use weft_control::translate::{MeshConfig, ProxyMode};
 use weft_xds::{type_url, NodeInfo, PortInfo};
 
@@ -38,7 +38,7 @@ fn workload(id: &str, app: &str, addr: SocketAddr) -> Workload {
     }
 }
 
-fn endpoint_count(source: &MeshSource, node: &envoy_types::pb::envoy::config::core::v3::Node) -> usize {
+fn endpoint_count(source: &MeshXdsSource, node: &envoy_types::pb::envoy::config::core::v3::Node) -> usize {
     let types = source.proxy_resources(node);
     let (_, by_name) = types.get(type_url::ENDPOINT).expect("endpoints");
     let any = by_name.get("outbound|9080||reviews.default.svc.cluster.local").expect("reviews endpoints");
@@ -49,12 +49,12 @@ fn endpoint_count(source: &MeshSource, node: &envoy_types::pb::envoy::config::co
 
 #[tokio::test]
 async fn unselected_workloads_keep_cached_translations_and_selected_ones_refresh_them() {
-    let store = Store::in_memory();
+    let store = ResourceStore::in_memory();
     let applied = store.apply(MESH, Path::new("mesh.yaml"));
     assert!(applied.errors.is_empty(), "{:?}", applied.errors);
     let registry = Registry::new();
     registry.upsert(workload("reviews-1", "reviews", "10.0.0.1:9080".parse().unwrap()));
-    let source = MeshSource::new(store, registry.clone(), ProxyMode::Explicit, MeshConfig::default());
+    let source = MeshXdsSource::new(store, registry.clone(), ProxyMode::Explicit, MeshConfig::default());
     let node =
         NodeInfo { id: "client-1".into(), name: "client-1".into(), namespace: "default".into(), ..Default::default() }
             .to_node();
@@ -99,9 +99,9 @@ fn client_node(name: &str, app: &str) -> envoy_types::pb::envoy::config::core::v
 /// recently used goes; shapes no connected proxy has are dropped; the counters say so.
 #[tokio::test]
 async fn translation_cache_is_bounded_lru_and_drops_shapes_of_departed_proxies() {
-    let store = Store::in_memory();
+    let store = ResourceStore::in_memory();
     assert!(store.apply(MESH, Path::new("mesh.yaml")).errors.is_empty());
-    let source = MeshSource::new(store, Registry::new(), ProxyMode::Explicit, MeshConfig::default());
+    let source = MeshXdsSource::new(store, Registry::new(), ProxyMode::Explicit, MeshConfig::default());
     assert_eq!(source.cache_stats().bound, weft_control::source::DEFAULT_CACHE_BOUND);
     source.set_cache_bound(3);
 

@@ -27,7 +27,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{ChainKind, ConnFacts, FilterChainConfig, ListenerConfig, Snapshot};
+use crate::config::{ChainKind, ConnFacts, FilterChainConfig, ListenerConfig, ProxySnapshot};
 use crate::context::Context;
 use crate::rbac::RbacFilter;
 
@@ -125,7 +125,7 @@ impl ConnInfo {
 
     /// The connection's chain in `snap`: cached per snapshot generation, so a request
     /// pays one atomic load unless the configuration changed since the last one.
-    pub fn chain(&self, snap: &Snapshot) -> Arc<ChainView> {
+    pub fn chain(&self, snap: &ProxySnapshot) -> Arc<ChainView> {
         let view = self.view.load_full();
         if view.generation >= snap.generation || view.drain || view.denied {
             return view;
@@ -153,7 +153,7 @@ impl ConnInfo {
         }
     }
 
-    fn resolve(&self, snap: &Snapshot, previous: &ChainView) -> ChainView {
+    fn resolve(&self, snap: &ProxySnapshot, previous: &ChainView) -> ChainView {
         let generation = snap.generation;
         let Some(chain) = self.rematch(snap) else {
             return ChainView { generation, chain: self.origin.accepted.clone(), denied: false, drain: true };
@@ -172,7 +172,7 @@ impl ConnInfo {
     }
 
     /// The chain this connection gets in `snap`, when it can carry on in place.
-    fn rematch(&self, snap: &Snapshot) -> Option<Arc<FilterChainConfig>> {
+    fn rematch(&self, snap: &ProxySnapshot) -> Option<Arc<FilterChainConfig>> {
         let o = &self.origin;
         let bound = snap.listeners.get(&*o.bound)?;
         if bound.address != o.bound_address {

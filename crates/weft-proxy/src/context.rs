@@ -8,7 +8,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 
 use crate::cluster::Pools;
-use crate::config::ConfigStore;
+use crate::config::ProxyStore;
 use crate::telemetry::accesslog::AccessLog;
 use crate::telemetry::metrics::Metrics;
 use crate::telemetry::WorkloadInfo;
@@ -16,7 +16,7 @@ use crate::telemetry::WorkloadInfo;
 /// Shared state of one proxy process.
 pub struct Context {
     /// Compiled configuration.
-    pub store: Arc<ConfigStore>,
+    pub store: Arc<ProxyStore>,
     /// Upstream connection pools.
     pub pools: Pools,
     /// Istio-style metrics.

@@ -9,14 +9,14 @@ use weft_identity::Identity;
 use weft_xds::ClientStatus;
 
 use crate::cluster::Health;
-use crate::config::{ChainKind, RouteSource, Snapshot};
+use crate::config::{ChainKind, ProxySnapshot, RouteSource};
 
 /// Envoy's type URL of the secrets section of a config dump.
 pub const SECRETS_CONFIG_DUMP: &str = "type.googleapis.com/envoy.admin.v3.SecretsConfigDump";
 
 /// JSON view of everything the proxy runs, with versions and xDS state; `identity` is
 /// the mesh identity it serves, if any (dumped under `configs` as Envoy does).
-pub fn config_dump(s: &Snapshot, xds: &ClientStatus, identity: Option<&Identity>) -> Value {
+pub fn config_dump(s: &ProxySnapshot, xds: &ClientStatus, identity: Option<&Identity>) -> Value {
     let listeners: Vec<Value> = s
         .listeners
         .values()
@@ -150,7 +150,7 @@ pub fn secrets_dump(identity: Option<&Identity>) -> Value {
 }
 
 /// Envoy-style `/clusters` text: one line per endpoint fact.
-pub fn clusters_text(s: &Snapshot) -> String {
+pub fn clusters_text(s: &ProxySnapshot) -> String {
     let mut out = String::new();
     for c in s.clusters.values() {
         let ejected = c.ejected();

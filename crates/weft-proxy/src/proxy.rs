@@ -16,7 +16,7 @@ use weft_xds::{type_url, AdsClient, Backoff, ClientConfig, ClientStatus};
 use crate::admin::{self, AdminState};
 use crate::bootstrap::Bootstrap;
 use crate::cluster::{PoolConfig, Pools};
-use crate::config::ConfigStore;
+use crate::config::ProxyStore;
 use crate::context::Context;
 use crate::listener::ListenerManager;
 use crate::telemetry::accesslog::{AccessLog, Sink};
@@ -156,7 +156,7 @@ impl ProxyHandle {
                 }
             });
         }
-        let store = ConfigStore::with_options(b.xds.on_demand(), secrets.clone());
+        let store = ProxyStore::with_options(b.xds.on_demand(), secrets.clone());
         store.count_host_evictions_in(metrics.proxy().on_demand_host_evictions());
         let ctx = Arc::new(Context {
             store: store.clone(),

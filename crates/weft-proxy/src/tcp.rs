@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tracing::debug;
 
 use crate::cluster::{Cluster, Discovery, Outcome, UpstreamStream};
-use crate::config::{Snapshot, TcpChain};
+use crate::config::{ProxySnapshot, TcpChain};
 use crate::conn::ChainEnd;
 use crate::conn::ConnInfo;
 use crate::context::Context;
@@ -86,7 +86,7 @@ fn copy_outcome(r: std::io::Result<(u64, u64)>) -> Option<ErrorKind> {
 /// ORIGINAL_DST clusters), trying another endpoint once when the first refuses.
 async fn connect(
     ctx: &Context,
-    snap: &Snapshot,
+    snap: &ProxySnapshot,
     conn: &ConnInfo,
     cluster_name: &str,
 ) -> Result<(UpstreamStream, std::net::SocketAddr), ProxyError> {

@@ -18,7 +18,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
 use envoy_types::pb::google::protobuf::{Any, Duration, UInt32Value};
 use envoy_types::util::pack_any;
 use proptest::prelude::*;
-use weft_proxy::config::ConfigStore;
+use weft_proxy::config::ProxyStore;
 use weft_xds::{build, type_url, ResourceHandler, ResourceUpdate};
 
 const TYPES: [&str; 5] =
@@ -61,7 +61,7 @@ fn seeds() -> Vec<Any> {
 /// taken for; returns whether any accepted it. Panics propagate (they are the bug).
 fn feed(any: &Any) -> bool {
     let mut accepted = false;
-    for store in [ConfigStore::new(), ConfigStore::with_on_demand(true)] {
+    for store in [ProxyStore::new(), ProxyStore::with_on_demand(true)] {
         for t in TYPES {
             let any = Any { type_url: t.to_string(), value: any.value.clone() };
             let name = weft_xds::type_url::resource_name(t, &any).unwrap_or_else(|_| "x".into());

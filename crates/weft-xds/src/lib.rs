@@ -3,7 +3,7 @@
 //!
 //! - [`AdsClient`] runs one aggregated stream (state of the world or delta) against a
 //!   control plane and feeds a [`ResourceHandler`] that owns the proxy's state.
-//! - [`AdsServer`] serves resources from a [`ConfigSource`] to any number of ADS clients
+//! - [`AdsServer`] serves resources from a [`XdsSource`] to any number of ADS clients
 //!   (weft proxies, Envoy, proxyless gRPC) and tracks what each connection ACKed.
 //! - [`NodeInfo`] is the workload identity a proxy announces in its `Node` metadata.
 //!
@@ -19,7 +19,7 @@
 //!   `initial_resource_versions`) and removals, including subscribed names that do not
 //!   exist. The first wildcard response is sent even if empty so the peer can finish
 //!   initialising. Subscription changes are honoured whatever their nonce. Named
-//!   subscriptions are answered through [`ConfigSource::lookup`] (no copy of the whole
+//!   subscriptions are answered through [`XdsSource::lookup`] (no copy of the whole
 //!   type). VHDS names are aliases ([`type_url::resolves_aliases`]): `<route
 //!   configuration>/<host>` is answered with the matching virtual host (named `<route
 //!   configuration>/<vhost>`, the request in `aliases`), or with a body-less resource
@@ -47,7 +47,7 @@ pub use client::{
 pub use error::XdsError;
 pub use node::{NodeInfo, PortInfo};
 pub use server::{AdsServer, AdsService, ConnectionStatus, NackInfo, TypeStatus};
-pub use source::{ConfigSource, Resolved, StaticSource};
+pub use source::{Resolved, StaticSource, XdsSource};
 pub use type_url::resource_name;
 
 /// Re-export of Envoy's `Node`.

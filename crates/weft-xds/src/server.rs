@@ -1,8 +1,8 @@
-//! In-memory ADS server: serves a [`ConfigSource`] over SotW and delta ADS and keeps,
+//! In-memory ADS server: serves a [`XdsSource`] over SotW and delta ADS and keeps,
 //! per connection, what was sent, ACKed and NACKed.
 //!
 //! Each stream is one task owning its per-type state; it wakes on a request from the
-//! proxy, on [`ConfigSource::changes`], or on server shutdown.
+//! proxy, on [`XdsSource::changes`], or on server shutdown.
 
 mod delta;
 mod sotw;
@@ -27,7 +27,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::node::NodeInfo;
-use crate::source::ConfigSource;
+use crate::source::XdsSource;
 use crate::{XdsError, XdsMode};
 
 /// Largest message the server accepts or sends.
@@ -35,7 +35,7 @@ const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Responses buffered per stream before the stream task waits for the peer.
 const RESPONSE_BUFFER: usize = 16;
 
-/// ADS server over a [`ConfigSource`]. Cheap to clone; clones share connections.
+/// ADS server over a [`XdsSource`]. Cheap to clone; clones share connections.
 #[derive(Clone)]
 pub struct AdsServer {
     shared: Arc<Shared>,
@@ -97,7 +97,7 @@ pub struct NackInfo {
 }
 
 struct Shared {
-    source: Arc<dyn ConfigSource>,
+    source: Arc<dyn XdsSource>,
     connections: Mutex<BTreeMap<u64, ConnectionStatus>>,
     changes: watch::Sender<u64>,
     stop: watch::Sender<bool>,
@@ -113,7 +113,7 @@ struct Registration {
 
 impl AdsServer {
     /// A server for `source`.
-    pub fn new(source: Arc<dyn ConfigSource>) -> Self {
+    pub fn new(source: Arc<dyn XdsSource>) -> Self {
         AdsServer {
             shared: Arc::new(Shared {
                 source,

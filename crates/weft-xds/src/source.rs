@@ -12,7 +12,7 @@ use crate::vhds::VhostIndex;
 use crate::XdsError;
 
 /// Resources served by an [`crate::AdsServer`].
-pub trait ConfigSource: Send + Sync + 'static {
+pub trait XdsSource: Send + Sync + 'static {
     /// Current resources of a type for this node: (version, resources by name).
     fn resources(&self, node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>);
     /// A receiver that changes whenever any resource may have changed.
@@ -23,7 +23,7 @@ pub trait ConfigSource: Send + Sync + 'static {
     /// VHDS ([`resolves_aliases`]) a `<route configuration>/<host>` alias resolves to the
     /// virtual host of that route configuration whose domains match the host.
     ///
-    /// The default looks the names up in [`ConfigSource::resources`]; a source with many
+    /// The default looks the names up in [`XdsSource::resources`]; a source with many
     /// resources overrides it to answer without copying them all.
     fn lookup(&self, node: &Node, type_url: &str, names: &BTreeSet<String>) -> (String, Resolved) {
         let (version, all) = self.resources(node, type_url);
@@ -126,7 +126,7 @@ impl StaticSource {
     }
 }
 
-impl ConfigSource for StaticSource {
+impl XdsSource for StaticSource {
     fn resources(&self, _node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>) {
         let inner = self.inner.lock().unwrap_or_else(PoisonError::into_inner);
         match inner.get(type_url) {

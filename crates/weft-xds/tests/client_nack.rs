@@ -20,12 +20,12 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 use weft_xds::type_url::{CLUSTER, LISTENER};
-use weft_xds::{AdsServer, Any, ConfigSource, XdsMode};
+use weft_xds::{AdsServer, Any, XdsMode, XdsSource};
 
 /// Serves an undecodable listener named `l1` (and nothing else).
 struct GarbageSource(watch::Sender<u64>);
 
-impl ConfigSource for GarbageSource {
+impl XdsSource for GarbageSource {
     fn resources(&self, _node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>) {
         let mut resources = BTreeMap::new();
         if type_url == LISTENER {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::{cla, cluster, listener, route};
 use envoy_types::pb::envoy::config::core::v3::Node;
 use weft_xds::type_url::{CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET};
-use weft_xds::{content_version, resource_name, Any, Backoff, ConfigSource, StaticSource};
+use weft_xds::{content_version, resource_name, Any, Backoff, StaticSource, XdsSource};
 
 #[test]
 fn type_urls_match_envoy_names() {

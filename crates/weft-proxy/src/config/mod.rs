@@ -1,8 +1,8 @@
 //! The proxy's configuration state: xDS resources compiled into immutable snapshots.
 //!
-//! [`ConfigStore`] is the xDS consumer ([`ResourceHandler`]). Each resource is compiled on
+//! [`ProxyStore`] is the xDS consumer ([`ResourceHandler`]). Each resource is compiled on
 //! its own; a resource that fails to compile is reported in the NACK and its previous
-//! version stays in force. After every update a new [`Snapshot`] is built and swapped in
+//! version stays in force. After every update a new [`ProxySnapshot`] is built and swapped in
 //! atomically; the data path loads it once per request or connection, so a change never
 //! disturbs work in flight.
 
@@ -32,7 +32,7 @@ use on_demand::{OnDemand, OnDemandView};
 
 /// One immutable view of everything the proxy runs.
 #[derive(Default)]
-pub struct Snapshot {
+pub struct ProxySnapshot {
     /// Listeners by name.
     pub listeners: BTreeMap<String, Arc<ListenerConfig>>,
     /// Route configurations by name.
@@ -66,7 +66,7 @@ pub struct RawResources {
     pub endpoints: BTreeMap<String, ClusterLoadAssignment>,
 }
 
-impl Snapshot {
+impl ProxySnapshot {
     /// The route table an HTTP chain uses.
     pub fn route_table(&self, chain: &HttpChain) -> Option<Arc<RouteTable>> {
         match &chain.routes {
@@ -111,10 +111,10 @@ struct State {
 }
 
 /// The xDS consumer: owns compiled state and publishes snapshots.
-pub struct ConfigStore {
-    me: Weak<ConfigStore>,
+pub struct ProxyStore {
+    me: Weak<ProxyStore>,
     state: Mutex<State>,
-    current: ArcSwap<Snapshot>,
+    current: ArcSwap<ProxySnapshot>,
     loads: LoadRegistry,
     changed: watch::Sender<u64>,
     /// The mesh's SDS secrets (`default`, `ROOTCA`) as this proxy resolves them.
@@ -131,7 +131,7 @@ pub struct ConfigStore {
 /// `dns_refresh_rate`).
 const DNS_REFRESH: Duration = Duration::from_secs(5);
 
-impl ConfigStore {
+impl ProxyStore {
     /// An empty store that subscribes to CDS and LDS as wildcards.
     pub fn new() -> Arc<Self> {
         Self::with_options(false, crate::tls::Secrets::default())
@@ -145,14 +145,14 @@ impl ConfigStore {
 
     /// An empty store resolving SDS secrets through `secrets` (a proxy with a mesh
     /// identity; it then also subscribes to the `ROOTCA` trust bundle), fetching on
-    /// demand when `on_demand` (see [`ConfigStore::with_on_demand`]).
+    /// demand when `on_demand` (see [`ProxyStore::with_on_demand`]).
     pub fn with_options(on_demand: bool, secrets: crate::tls::Secrets) -> Arc<Self> {
         let mut state = State::default();
         state.on_demand.enabled = on_demand;
-        Arc::new_cyclic(|me| ConfigStore {
+        Arc::new_cyclic(|me| ProxyStore {
             me: me.clone(),
             state: Mutex::new(state),
-            current: ArcSwap::from_pointee(Snapshot::default()),
+            current: ArcSwap::from_pointee(ProxySnapshot::default()),
             loads: LoadRegistry::new(),
             changed: watch::channel(0).0,
             secrets,
@@ -231,7 +231,7 @@ impl ConfigStore {
     }
 
     /// The current snapshot (lock-free).
-    pub fn snapshot(&self) -> Arc<Snapshot> {
+    pub fn snapshot(&self) -> Arc<ProxySnapshot> {
         self.current.load_full()
     }
 
@@ -264,7 +264,7 @@ impl ConfigStore {
 
     fn publish(&self, st: &State) {
         let generation = *self.changed.borrow() + 1;
-        let snap = Snapshot {
+        let snap = ProxySnapshot {
             listeners: st.listeners.clone(),
             routes: st.routes.clone(),
             clusters: st.clusters.clone(),
@@ -459,7 +459,7 @@ fn removed<'a>(
     out
 }
 
-impl ResourceHandler for ConfigStore {
+impl ResourceHandler for ProxyStore {
     fn type_urls(&self) -> Vec<&'static str> {
         let mut types = vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE];
         if self.secrets.manager().is_some() {

@@ -4,13 +4,13 @@
 //!
 //! - Route configurations are kept as received; the compiled [`RouteTable`] is built
 //!   from the route configuration followed by the virtual hosts received for it over
-//!   VHDS (Envoy's rebuild), and swapped in with the rest of the [`Snapshot`].
+//!   VHDS (Envoy's rebuild), and swapped in with the rest of the [`ProxySnapshot`].
 //! - A request whose authority has no virtual host of its own in a `vhds` table
-//!   subscribes `<route configuration>/<authority>` ([`ConfigStore::await_vhost`]) and
+//!   subscribes `<route configuration>/<authority>` ([`ProxyStore::await_vhost`]) and
 //!   waits until the control plane answers (the virtual host, or "none") or
 //!   [`ON_DEMAND_TIMEOUT`]. Requests for the same host share the subscription.
 //! - A request routed to a cluster that is not warm yet (not received, or an EDS cluster
-//!   without its endpoints) waits for it the same way ([`ConfigStore::await_cluster`]).
+//!   without its endpoints) waits for it the same way ([`ProxyStore::await_cluster`]).
 //! - Known hosts and warm clusters take no lock: the checks read the snapshot.
 //! - Authorities are chosen by clients, so the hosts remembered are bounded
 //!   ([`MAX_HOSTS`] by default): past the bound, a new host makes the proxy forget (and
@@ -29,7 +29,7 @@ use prometheus_client::metrics::counter::Counter;
 use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, VirtualHost};
 use weft_xds::{vhds as names, ResourceUpdate};
 
-use super::{cla_name, ConfigStore, Snapshot, State};
+use super::{cla_name, ProxySnapshot, ProxyStore, State};
 use crate::route::vhds::merged;
 use crate::route::RouteTable;
 
@@ -143,7 +143,7 @@ pub struct OnDemandView {
     pub vhosts: usize,
 }
 
-impl Snapshot {
+impl ProxySnapshot {
     /// True when `cluster` is present and, if it uses EDS, has its endpoints.
     pub fn cluster_warm(&self, cluster: &str) -> bool {
         self.clusters.contains_key(cluster) && !self.on_demand.warming.contains(cluster)
@@ -208,17 +208,17 @@ fn tick() -> u64 {
     CLOCK.fetch_add(1, Ordering::Relaxed)
 }
 
-impl ConfigStore {
+impl ProxyStore {
     /// For an on-demand table without a virtual host of its own for `authority`: asks
     /// the control plane for `<table>/<authority>` (once, whoever asks) and waits for the
     /// answer. Returns the snapshot and table to route with when they changed, `None`
     /// when nothing had to be fetched.
     pub async fn await_vhost(
         &self,
-        snap: &Arc<Snapshot>,
+        snap: &Arc<ProxySnapshot>,
         table: &Arc<RouteTable>,
         authority: &str,
-    ) -> Result<Option<(Arc<Snapshot>, Arc<RouteTable>)>, OnDemandTimeout> {
+    ) -> Result<Option<(Arc<ProxySnapshot>, Arc<RouteTable>)>, OnDemandTimeout> {
         if !table.on_demand() || table.has_specific_vhost(authority) {
             return Ok(None);
         }
@@ -238,9 +238,9 @@ impl ConfigStore {
     /// warm or reported absent. `None` when nothing is fetched on demand here.
     pub async fn await_cluster(
         &self,
-        snap: &Arc<Snapshot>,
+        snap: &Arc<ProxySnapshot>,
         cluster: &str,
-    ) -> Result<Option<Arc<Snapshot>>, OnDemandTimeout> {
+    ) -> Result<Option<Arc<ProxySnapshot>>, OnDemandTimeout> {
         if snap.cluster_warm(cluster) || snap.on_demand.missing_clusters.contains(cluster) {
             return Ok(None);
         }
@@ -253,7 +253,7 @@ impl ConfigStore {
             !Self::cluster_interest(st).contains(cluster) && st.on_demand.wanted_clusters.insert(cluster.to_string())
         });
         let what = format!("cluster {cluster:?}");
-        let ready = |s: &Snapshot| s.cluster_warm(cluster) || s.on_demand.missing_clusters.contains(cluster);
+        let ready = |s: &ProxySnapshot| s.cluster_warm(cluster) || s.on_demand.missing_clusters.contains(cluster);
         self.wait_until(&mut rx, &what, ready).await.map(Some)
     }
 
@@ -297,8 +297,8 @@ impl ConfigStore {
         &self,
         rx: &mut tokio::sync::watch::Receiver<u64>,
         what: &str,
-        ready: impl Fn(&Snapshot) -> bool,
-    ) -> Result<Arc<Snapshot>, OnDemandTimeout> {
+        ready: impl Fn(&ProxySnapshot) -> bool,
+    ) -> Result<Arc<ProxySnapshot>, OnDemandTimeout> {
         let deadline = tokio::time::Instant::now() + ON_DEMAND_TIMEOUT;
         loop {
             let s = self.snapshot();
@@ -420,7 +420,7 @@ pub(super) fn apply_vhosts(st: &mut State, update: &ResourceUpdate) -> Vec<Strin
 /// no longer wanted (dropped after unsubscribing) are not absences.
 pub(super) fn note_absent(st: &mut State, cluster: bool, update: &ResourceUpdate) {
     let wanted: BTreeSet<String> = if cluster {
-        ConfigStore::cluster_interest(st)
+        ProxyStore::cluster_interest(st)
     } else {
         st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()
     };

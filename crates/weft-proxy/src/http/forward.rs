@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use super::body::{boxed, downstream_body_error, full, BodyTally, CountingBody, DeadlineBody, Hold};
 use super::RequestCtx;
 use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, Outcome, UpstreamProtocol};
-use crate::config::Snapshot;
+use crate::config::ProxySnapshot;
 use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
@@ -335,7 +335,7 @@ fn build_request(parts: &http::request::Parts, proto: UpstreamProtocol, body: Bo
 
 /// Fire-and-forget copy of the request to a mirror cluster; Envoy appends `-shadow` to
 /// the host. The response is discarded and failures never affect the original request.
-fn mirror(ctx: &Arc<Context>, snap: &Arc<Snapshot>, cluster: &str, parts: &http::request::Parts, body: Bytes) {
+fn mirror(ctx: &Arc<Context>, snap: &Arc<ProxySnapshot>, cluster: &str, parts: &http::request::Parts, body: Bytes) {
     let Some(cluster) = snap.clusters.get(cluster).cloned() else {
         return;
     };

@@ -20,7 +20,7 @@ use hyper_util::server::conn::auto;
 use tracing::debug;
 
 use crate::cluster::BoxBody;
-use crate::config::{ChainKind, HttpChain, Snapshot};
+use crate::config::{ChainKind, HttpChain, ProxySnapshot};
 use crate::conn::ChainEnd;
 use crate::conn::ConnInfo;
 use crate::context::Context;
@@ -107,7 +107,7 @@ pub struct RequestCtx<'a> {
     /// The HTTP connection manager serving the request.
     pub chain: &'a HttpChain,
     /// The configuration the request is routed with.
-    pub snap: Arc<Snapshot>,
+    pub snap: Arc<ProxySnapshot>,
     /// Telemetry for the request, filled as it goes.
     pub report: HttpReport,
 }
@@ -140,7 +140,7 @@ async fn handle_with(
     ctx: &Arc<Context>,
     conn: &Arc<ConnInfo>,
     chain: &HttpChain,
-    snap: Arc<Snapshot>,
+    snap: Arc<ProxySnapshot>,
     req: Request<Incoming>,
     stream: StreamGuard,
 ) -> Response<BoxBody> {
