@@ -18,6 +18,7 @@ pub mod http;
 pub mod io;
 pub mod jwt;
 pub mod listener;
+pub mod memory;
 pub mod orig_dst;
 pub mod proxy;
 pub mod rbac;

@@ -171,6 +171,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         (None, Some(text)) => Bootstrap::parse(&text, Path::new("$WEFT_BOOTSTRAP_YAML"))?,
         (None, None) => anyhow::bail!("give a bootstrap: --bootstrap FILE or --bootstrap-yaml TEXT"),
     };
+    // Memory a burst of connections freed goes back to the system once they are gone.
+    crate::memory::release_freed_memory(crate::memory::RELEASE_INTERVAL);
     let proxy = crate::proxy::ProxyHandle::start(b).await.context("starting the proxy")?;
     tokio::select! {
         _ = shutdown_signal() => info!("signal received: draining"),
