@@ -337,3 +337,107 @@ pub async fn grpc_fixed_rate(target: &Target, rps: u32, conns: usize, duration: 
     })
     .await
 }
+
+/// Plain GETs over HTTP/2 (h2c) closed loop: `conns` connections, each with one request
+/// in flight at a time (h2load's `-m 1`), until `stop` flips true. Returns the tally of
+/// the whole run.
+pub async fn h2_until(
+    target: &Target,
+    conns: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<RunResult> {
+    closed_loop_until(target, conns, stop, true).await
+}
+
+/// HTTP/1.1 closed loop over `conns` connections until `stop` flips true.
+pub async fn h1_until(
+    target: &Target,
+    conns: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<RunResult> {
+    closed_loop_until(target, conns, stop, false).await
+}
+
+async fn closed_loop_until(
+    target: &Target,
+    conns: usize,
+    stop: tokio::sync::watch::Receiver<bool>,
+    h2: bool,
+) -> anyhow::Result<RunResult> {
+    let target = target.clone();
+    on_own_thread(move || {
+        Box::pin(async move {
+            let start = Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for _ in 0..conns {
+                let (uri, addr, stop) = (target.uri.clone(), target.addr, stop.clone());
+                tasks.spawn(async move {
+                    let mut tally = Tally::new();
+                    let mut conn: Option<GetSender> = None;
+                    while !*stop.borrow() {
+                        let sender = match conn.as_mut() {
+                            Some(s) => s,
+                            None => match GetSender::connect(addr, h2).await {
+                                Ok(s) => conn.insert(s),
+                                Err(e) => {
+                                    tally.record(Err(e.to_string()));
+                                    tokio::time::sleep(Duration::from_millis(10)).await;
+                                    continue;
+                                }
+                            },
+                        };
+                        let sent = Instant::now();
+                        let outcome = sender.get(&uri).await;
+                        if outcome.is_err() {
+                            conn = None;
+                        }
+                        tally.record(outcome.map(|()| sent.elapsed()));
+                    }
+                    tally
+                });
+            }
+            let mut all = Tally::new();
+            while let Some(t) = tasks.join_next().await {
+                all.merge(t?);
+            }
+            all.result(start.elapsed().as_secs_f64())
+        })
+    })
+    .await
+}
+
+/// One load-generator connection for plain GETs, HTTP/1.1 or h2c.
+enum GetSender {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl GetSender {
+    async fn connect(addr: SocketAddr, h2: bool) -> anyhow::Result<GetSender> {
+        if !h2 {
+            return Ok(GetSender::H1(h1_connect(addr).await?));
+        }
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(conn);
+        Ok(GetSender::H2(sender))
+    }
+
+    async fn get(&mut self, uri: &http::Uri) -> Result<(), String> {
+        let resp = match self {
+            GetSender::H1(s) => return h1_request(s, uri).await,
+            GetSender::H2(s) => {
+                let req = Request::get(uri.clone()).body(Empty::new()).map_err(|e| e.to_string())?;
+                s.ready().await.map_err(|e| e.to_string())?;
+                s.send_request(req).await.map_err(|e| e.to_string())?
+            }
+        };
+        let status = resp.status();
+        let body = resp.into_body().collect().await.map_err(|e| e.to_string())?.to_bytes();
+        if status != StatusCode::OK || body.len() != BODY_LEN {
+            return Err(format!("status {status}, {} body bytes: {}", body.len(), String::from_utf8_lossy(&body)));
+        }
+        Ok(())
+    }
+}

@@ -9,6 +9,7 @@ mod mesh;
 mod procs;
 mod report;
 mod run;
+mod soak;
 mod stack;
 
 use std::path::PathBuf;
@@ -30,6 +31,13 @@ enum Cmd {
         args: Box<run::RunArgs>,
         #[command(flatten)]
         doc: DocArgs,
+    },
+    /// Memory under many concurrent connections: the weft stack under `--conns`
+    /// closed-loop connections for `--secs`, both sidecars' RSS sampled during and after
+    /// (writes bench/results/soak-<date>.json, prints the samples as a table).
+    Soak {
+        #[command(flatten)]
+        args: Box<soak::SoakArgs>,
     },
     /// Render the report from a results file.
     Render {
@@ -107,6 +115,13 @@ fn main() -> std::process::ExitCode {
                 },
             )
         }
+        Cmd::Soak { args } => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .map_err(anyhow::Error::from)
+            .and_then(|rt| rt.block_on(soak::run(&args)))
+            .map(|(_, file)| eprintln!("bench: wrote {}", file.display())),
         Cmd::Render { results, doc } => std::fs::read_to_string(&results)
             .map_err(anyhow::Error::from)
             .and_then(|text| Ok(serde_json::from_str::<run::Results>(&text)?))

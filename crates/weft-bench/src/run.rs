@@ -262,7 +262,7 @@ fn tools(args: &RunArgs) -> anyhow::Result<Tools> {
 }
 
 /// Starts the echo application (this binary's `echo` command) on the applications' CPU.
-async fn start_echo(pin: &Pinning, dir: &Path) -> anyhow::Result<(Proc, Apps)> {
+pub async fn start_echo(pin: &Pinning, dir: &Path) -> anyhow::Result<(Proc, Apps)> {
     let me = std::env::current_exe()?;
     let mut cmd = command(pin.apps.as_deref(), &me);
     cmd.arg("echo");

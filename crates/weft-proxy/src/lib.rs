@@ -19,6 +19,7 @@ pub mod http;
 pub mod io;
 pub mod jwt;
 pub mod listener;
+pub mod memory;
 pub mod net;
 pub mod orig_dst;
 pub mod proto;

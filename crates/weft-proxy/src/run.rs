@@ -191,6 +191,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     if let Some(d) = args.drain_duration {
         b.drain_duration = d;
     }
+    // Memory a burst of connections freed goes back to the system once they are gone.
+    crate::memory::release_freed_memory(crate::memory::RELEASE_INTERVAL);
     let proxy = crate::proxy::ProxyHandle::start(b).await.context("starting the proxy")?;
     tokio::select! {
         _ = shutdown_signal() => info!("signal received: draining"),

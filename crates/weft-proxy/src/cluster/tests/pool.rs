@@ -344,7 +344,11 @@ async fn http2_refused_stream_is_reported_as_not_sent() {
 #[tokio::test]
 async fn idle_connections_are_closed_after_the_idle_timeout() {
     let server = Server::start(false).await;
-    let pools = Pools::new(PoolConfig { idle_timeout: Duration::from_millis(100), max_idle_per_endpoint: 4 });
+    let pools = Pools::new(PoolConfig {
+        idle_timeout: Duration::from_millis(100),
+        max_idle_per_endpoint: 4,
+        reap_interval: Duration::from_millis(50),
+    });
     let ep = endpoint(server.addr);
     let resp = pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a")).await.unwrap();
     body(resp).await;
@@ -362,24 +366,57 @@ async fn idle_connections_are_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
-async fn max_idle_per_endpoint_bounds_the_pool() {
+async fn busy_connections_are_kept_so_the_next_burst_reuses_them() {
     let server = Server::start(false).await;
-    let pools = Pools::new(PoolConfig { idle_timeout: Duration::from_secs(60), max_idle_per_endpoint: 2 });
+    let pools = Pools::new(PoolConfig { max_idle_per_endpoint: 2, ..PoolConfig::default() });
     let ep = Arc::new(endpoint(server.addr));
-    // Five responses held open at once need five connections...
+    // Two bursts of five responses held open at once: the second reuses the first's five
+    // connections, however small the idle bound (it bounds idle connections, not busy ones).
+    for burst in 0..2 {
+        let mut held = Vec::new();
+        for _ in 0..5 {
+            held.push(pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/big", "a")).await.unwrap());
+        }
+        assert_eq!(pools.stats().endpoints[0].http1_pooled, 5, "burst {burst}: all five kept for reuse");
+        for resp in held {
+            body(resp).await;
+        }
+    }
+    assert_eq!(server.accepted(), 5, "one connection per concurrent request, not one per request");
+}
+
+#[tokio::test]
+async fn idle_connections_beyond_max_idle_per_endpoint_are_closed() {
+    let server = Server::start(false).await;
+    let pools = Pools::new(PoolConfig {
+        idle_timeout: Duration::from_secs(60),
+        max_idle_per_endpoint: 2,
+        reap_interval: Duration::from_millis(20),
+    });
+    let ep = Arc::new(endpoint(server.addr));
     let mut held = Vec::new();
     for _ in 0..5 {
         held.push(pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/big", "a")).await.unwrap());
     }
-    assert_eq!(server.accepted(), 5);
-    assert_eq!(pools.stats().endpoints[0].http1_pooled, 2);
     for resp in held {
         body(resp).await;
     }
-    // ...but only two are kept for reuse.
+    // The burst is over: the reaper keeps two idle connections and closes the others
+    // (their buffers with them), long before the idle timeout.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let e = pools.stats().endpoints[0];
+        if e.http1_open == 2 {
+            assert_eq!(e.http1_pooled, 2, "{e:?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "idle connections beyond the bound never closed: {e:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     for _ in 0..4 {
         let resp = pools.send(&ep, UpstreamProtocol::Http1, TIMEOUT, get("/", "a")).await.unwrap();
         body(resp).await;
     }
-    assert_eq!(server.accepted(), 5);
+    assert_eq!(server.accepted(), 5, "the kept connections are reused");
+    assert_eq!(pools.stats().endpoints[0].http1_open, 2);
 }
