@@ -67,21 +67,9 @@ pub fn http_connection_manager(
     // enable them through typed_per_filter_config; without a per-route policy neither
     // does anything.
     let http_filters = vec![
-        HttpFilter {
-            name: "envoy.filters.http.cors".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Cors::default()))),
-            ..Default::default()
-        },
-        HttpFilter {
-            name: "envoy.filters.http.fault".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(fault.unwrap_or_default()))),
-            ..Default::default()
-        },
-        HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
-            ..Default::default()
-        },
+        http_filter("envoy.filters.http.cors", pack_any(Cors::default())),
+        http_filter("envoy.filters.http.fault", pack_any(fault.unwrap_or_default())),
+        http_filter("envoy.filters.http.router", pack_any(Router::default())),
     ];
     HttpConnectionManager {
         stat_prefix: stat_prefix.into(),
@@ -94,6 +82,15 @@ pub fn http_connection_manager(
             .iter()
             .map(|u| UpgradeConfig { upgrade_type: (*u).into(), ..Default::default() })
             .collect(),
+        ..Default::default()
+    }
+}
+
+/// An HTTP filter with its typed config.
+fn http_filter(name: &str, config: Any) -> HttpFilter {
+    HttpFilter {
+        name: name.into(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
         ..Default::default()
     }
 }
