@@ -11,15 +11,19 @@
 //!   bundle; optionally its id must be in an allowed set. [`peer_identity`] reads the
 //!   id from the connection afterwards (for authorization, telemetry).
 //! - [`rejection_reason`]: a short label for why a peer was refused (metrics, logs).
+//! - [`Verifier`]: what every rustls verifier shares (handshake signatures checked with
+//!   the provider's algorithms) around a [`ServerCertCheck`] or [`ClientCertCheck`],
+//!   the part that differs; the proxy's non-mesh verifiers are built on it too.
 //!
 //! [`CertManager`]: crate::CertManager
 
+use std::fmt;
 use std::sync::Arc;
 
 use arc_swap::ArcSwapOption;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::ResolvesClientCert;
-use rustls::crypto::CryptoProvider;
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ParsedCertificate, ResolvesServerCert, WebPkiClientVerifier};
@@ -87,22 +91,154 @@ impl ResolvesClientCert for IdentityResolver {
     }
 }
 
-/// Client side: verifies a server against the current bundle and expected identities.
+/// A rustls verifier: a certificate check `C` (what tells verifiers apart) plus the
+/// handshake-signature checks every verifier makes the same way, with a provider's
+/// algorithms. It is a [`ServerCertVerifier`] over a [`ServerCertCheck`] and a
+/// [`ClientCertVerifier`] over a [`ClientCertCheck`].
 #[derive(Debug)]
-pub struct SpiffeServerVerifier {
+pub struct Verifier<C> {
+    check: C,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+/// What a [`ServerCertVerifier`] decides about the server's certificate.
+pub trait ServerCertCheck: fmt::Debug + Send + Sync {
+    /// As [`ServerCertVerifier::verify_server_cert`].
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error>;
+}
+
+/// What a [`ClientCertVerifier`] decides about the client's certificate.
+pub trait ClientCertCheck: fmt::Debug + Send + Sync {
+    /// As [`ClientCertVerifier::client_auth_mandatory`].
+    fn client_auth_mandatory(&self) -> bool;
+
+    /// As [`ClientCertVerifier::verify_client_cert`].
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error>;
+}
+
+/// Client side: verifies a server against the current bundle and expected identities.
+pub type SpiffeServerVerifier = Verifier<SpiffeServerCheck>;
+
+/// The certificate check of a [`SpiffeServerVerifier`].
+#[derive(Debug)]
+pub struct SpiffeServerCheck {
     identity: watch::Receiver<Arc<Identity>>,
     expected: PeerIdentities,
     provider: Arc<CryptoProvider>,
 }
 
-impl SpiffeServerVerifier {
-    /// A verifier trusting `identity`'s bundle and accepting `expected`.
-    pub fn new(identity: watch::Receiver<Arc<Identity>>, expected: PeerIdentities) -> Self {
-        SpiffeServerVerifier { identity, expected, provider: provider() }
+/// Server side: verifies a client against the current bundle (and an allowed set).
+pub type SpiffeClientVerifier = Verifier<SpiffeClientCheck>;
+
+/// The certificate check of a [`SpiffeClientVerifier`].
+#[derive(Debug)]
+pub struct SpiffeClientCheck {
+    identity: watch::Receiver<Arc<Identity>>,
+    allowed: PeerIdentities,
+    mandatory: bool,
+    provider: Arc<CryptoProvider>,
+    /// webpki's client verifier for one bundle version.
+    cached: ArcSwapOption<(u64, Arc<dyn ClientCertVerifier>)>,
+}
+
+impl<C> Verifier<C> {
+    /// A verifier making `check` and verifying handshake signatures with `provider`'s
+    /// algorithms.
+    pub fn checking(check: C, provider: &CryptoProvider) -> Self {
+        Verifier { check, algorithms: provider.signature_verification_algorithms }
     }
 }
 
-impl ServerCertVerifier for SpiffeServerVerifier {
+/// The handshake-signature methods of a [`Verifier`], the same in both rustls verifier
+/// traits: checked with the provider's algorithms.
+macro_rules! signature_checks {
+    () => {
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
+        }
+
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &CertificateDer<'_>,
+            dss: &DigitallySignedStruct,
+        ) -> Result<HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+        }
+
+        fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+            self.algorithms.supported_schemes()
+        }
+    };
+}
+
+impl<C: ServerCertCheck> ServerCertVerifier for Verifier<C> {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+    }
+
+    signature_checks!();
+}
+
+impl<C: ClientCertCheck> ClientCertVerifier for Verifier<C> {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.check.client_auth_mandatory()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: workloads have one certificate, hints would not change their choice.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.check.verify_client_cert(end_entity, intermediates, now)
+    }
+
+    signature_checks!();
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier trusting `identity`'s bundle and accepting `expected`.
+    pub fn new(identity: watch::Receiver<Arc<Identity>>, expected: PeerIdentities) -> Self {
+        let provider = provider();
+        Verifier::checking(SpiffeServerCheck { identity, expected, provider: provider.clone() }, &provider)
+    }
+}
+
+impl ServerCertCheck for SpiffeServerCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -123,39 +259,6 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         check_identity(end_entity, &self.expected)?;
         Ok(ServerCertVerified::assertion())
     }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// Server side: verifies a client against the current bundle (and an allowed set).
-#[derive(Debug)]
-pub struct SpiffeClientVerifier {
-    identity: watch::Receiver<Arc<Identity>>,
-    allowed: PeerIdentities,
-    mandatory: bool,
-    provider: Arc<CryptoProvider>,
-    /// webpki's client verifier for one bundle version.
-    cached: ArcSwapOption<(u64, Arc<dyn ClientCertVerifier>)>,
 }
 
 impl SpiffeClientVerifier {
@@ -163,9 +266,19 @@ impl SpiffeClientVerifier {
     /// `mandatory`, a client without a certificate is let through (PERMISSIVE-style
     /// listeners decide later); one that presents a certificate is always verified.
     pub fn new(identity: watch::Receiver<Arc<Identity>>, allowed: PeerIdentities, mandatory: bool) -> Self {
-        SpiffeClientVerifier { identity, allowed, mandatory, provider: provider(), cached: ArcSwapOption::empty() }
+        let provider = provider();
+        let check = SpiffeClientCheck {
+            identity,
+            allowed,
+            mandatory,
+            provider: provider.clone(),
+            cached: ArcSwapOption::empty(),
+        };
+        Verifier::checking(check, &provider)
     }
+}
 
+impl SpiffeClientCheck {
     fn webpki(&self) -> Result<Arc<dyn ClientCertVerifier>, rustls::Error> {
         let roots = self.identity.borrow().roots.clone();
         if let Some(c) = self.cached.load().as_ref() {
@@ -181,18 +294,9 @@ impl SpiffeClientVerifier {
     }
 }
 
-impl ClientCertVerifier for SpiffeClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
+impl ClientCertCheck for SpiffeClientCheck {
     fn client_auth_mandatory(&self) -> bool {
         self.mandatory
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        // Workloads have one certificate: hints would not change their choice.
-        &[]
     }
 
     fn verify_client_cert(
@@ -204,28 +308,6 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         self.webpki()?.verify_client_cert(end_entity, intermediates, now)?;
         check_identity(end_entity, &self.allowed)?;
         Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.provider.signature_verification_algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider.signature_verification_algorithms.supported_schemes()
     }
 }
 

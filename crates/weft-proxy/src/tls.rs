@@ -12,11 +12,12 @@ use envoy_types::pb::envoy::config::core::v3::{data_source, transport_socket, Da
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context::ValidationContextType, CommonTlsContext, DownstreamTlsContext, UpstreamTlsContext,
 };
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::{ServerCertVerified, ServerCertVerifier};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::WebPkiClientVerifier;
-use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, ServerConfig, SignatureScheme};
+use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use weft_identity::tls::{ServerCertCheck, Verifier};
 
 use crate::proto::decode;
 
@@ -289,13 +290,16 @@ pub fn client_config(ts: &TransportSocket, default_alpn: &[&str], secrets: &Secr
             let inner = rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
                 .build()
                 .map_err(|e| format!("validation_context: {e}"))?;
-            builder.dangerous().with_custom_certificate_verifier(Arc::new(SanVerifier { inner, sans }))
+            let verifier = Verifier::checking(SanCheck { inner, sans }, &provider());
+            builder.dangerous().with_custom_certificate_verifier(Arc::new(verifier))
         }
         (None, false) => {
             return Err("validation_context.match_typed_subject_alt_names: needs trusted_ca to verify the chain".into())
         }
         // Envoy without a validation context does not verify the server certificate.
-        (None, true) => builder.dangerous().with_custom_certificate_verifier(Arc::new(AcceptAnyServerCert(provider()))),
+        (None, true) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Verifier::checking(AcceptAnyCert, &provider()))),
     };
     let mut cfg = match identity(&common)? {
         Some((chain, key)) => {
@@ -368,12 +372,12 @@ fn dns_sans(common: &CommonTlsContext) -> Result<Vec<ServerName<'static>>, Strin
 /// Envoy's SAN matching for upstream TLS: the chain must verify against the CA and the
 /// certificate must be valid for one of the expected DNS names (whatever the SNI).
 #[derive(Debug)]
-struct SanVerifier {
+struct SanCheck {
     inner: Arc<rustls::client::WebPkiServerVerifier>,
     sans: Vec<ServerName<'static>>,
 }
 
-impl ServerCertVerifier for SanVerifier {
+impl ServerCertCheck for SanCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -391,32 +395,13 @@ impl ServerCertVerifier for SanVerifier {
         }
         Err(last)
     }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
 }
 
 /// Envoy's behaviour without a validation context: encrypt, but trust any certificate.
 #[derive(Debug)]
-struct AcceptAnyServerCert(Arc<rustls::crypto::CryptoProvider>);
+struct AcceptAnyCert;
 
-impl ServerCertVerifier for AcceptAnyServerCert {
+impl ServerCertCheck for AcceptAnyCert {
     fn verify_server_cert(
         &self,
         _end_entity: &CertificateDer<'_>,
@@ -426,24 +411,5 @@ impl ServerCertVerifier for AcceptAnyServerCert {
         _now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         Ok(ServerCertVerified::assertion())
-    }
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
     }
 }

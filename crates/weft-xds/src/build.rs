@@ -23,7 +23,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{tcp_proxy, TcpProxy};
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::{http_protocol_options, HttpProtocolOptions};
-use envoy_types::pb::google::protobuf::{value, Duration, Struct, UInt32Value, Value};
+use envoy_types::pb::google::protobuf::{value, Any, Duration, Struct, UInt32Value, Value};
 use envoy_types::util::pack_any;
 
 /// Where an HTTP listener gets its routes.
@@ -67,21 +67,9 @@ pub fn http_connection_manager(
     // enable them through typed_per_filter_config; without a per-route policy neither
     // does anything.
     let http_filters = vec![
-        HttpFilter {
-            name: "envoy.filters.http.cors".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Cors::default()))),
-            ..Default::default()
-        },
-        HttpFilter {
-            name: "envoy.filters.http.fault".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(fault.unwrap_or_default()))),
-            ..Default::default()
-        },
-        HttpFilter {
-            name: "envoy.filters.http.router".into(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(Router::default()))),
-            ..Default::default()
-        },
+        http_filter("envoy.filters.http.cors", pack_any(Cors::default())),
+        http_filter("envoy.filters.http.fault", pack_any(fault.unwrap_or_default())),
+        http_filter("envoy.filters.http.router", pack_any(Router::default())),
     ];
     HttpConnectionManager {
         stat_prefix: stat_prefix.into(),
@@ -98,20 +86,18 @@ pub fn http_connection_manager(
     }
 }
 
-/// A listener bound to `addr` serving HTTP.
-pub fn http_listener(name: &str, addr: SocketAddr, hcm: HttpConnectionManager) -> Listener {
-    Listener {
+/// An HTTP filter with its typed config.
+fn http_filter(name: &str, config: Any) -> HttpFilter {
+    HttpFilter {
         name: name.into(),
-        address: Some(address(addr)),
-        filter_chains: vec![FilterChain {
-            filters: vec![Filter {
-                name: "envoy.filters.network.http_connection_manager".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
-            }],
-            ..Default::default()
-        }],
+        config_type: Some(http_filter::ConfigType::TypedConfig(config)),
         ..Default::default()
     }
+}
+
+/// A listener bound to `addr` serving HTTP.
+pub fn http_listener(name: &str, addr: SocketAddr, hcm: HttpConnectionManager) -> Listener {
+    one_filter_listener(name, addr, "envoy.filters.network.http_connection_manager", pack_any(hcm))
 }
 
 /// A listener bound to `addr` proxying TCP to `cluster`.
@@ -121,13 +107,18 @@ pub fn tcp_listener(name: &str, addr: SocketAddr, cluster: &str) -> Listener {
         cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(cluster.into())),
         ..Default::default()
     };
+    one_filter_listener(name, addr, "envoy.filters.network.tcp_proxy", pack_any(tp))
+}
+
+/// A listener bound to `addr` with one filter chain holding one network filter.
+fn one_filter_listener(name: &str, addr: SocketAddr, filter_name: &str, config: Any) -> Listener {
     Listener {
         name: name.into(),
         address: Some(address(addr)),
         filter_chains: vec![FilterChain {
             filters: vec![Filter {
-                name: "envoy.filters.network.tcp_proxy".into(),
-                config_type: Some(filter::ConfigType::TypedConfig(pack_any(tp))),
+                name: filter_name.into(),
+                config_type: Some(filter::ConfigType::TypedConfig(config)),
             }],
             ..Default::default()
         }],

@@ -34,6 +34,7 @@
 
 pub mod build;
 pub mod client;
+pub mod domains;
 pub mod error;
 pub mod node;
 pub mod server;

@@ -2,10 +2,12 @@
 //! per connection, what was sent, ACKed and NACKed.
 //!
 //! Each stream is one task owning its per-type state; it wakes on a request from the
-//! proxy, on [`XdsSource::changes`], or on server shutdown.
+//! proxy, on [`XdsSource::changes`], or on server shutdown. `stream` runs that loop
+//! and the bookkeeping both variants share; `sotw` and `delta` hold what differs.
 
 mod delta;
 mod sotw;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -217,22 +219,27 @@ impl AggregatedDiscoveryService for AdsService {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        let peer = request.remote_addr();
-        let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
-        let shared = self.shared.clone();
-        tokio::spawn(drive::<sotw::Stream>(shared, peer, request.into_inner(), tx, XdsMode::Sotw));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        Ok(self.open::<sotw::Sotw>(request))
     }
 
     async fn delta_aggregated_resources(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Ok(self.open::<delta::Delta>(request))
+    }
+}
+
+impl AdsService {
+    /// Starts the task serving one stream; its responses are the gRPC response stream.
+    fn open<V: stream::Variant>(
+        &self,
+        request: Request<Streaming<V::Request>>,
+    ) -> Response<ReceiverStream<Result<V::Response, Status>>> {
         let peer = request.remote_addr();
         let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
-        let shared = self.shared.clone();
-        tokio::spawn(drive::<delta::Stream>(shared, peer, request.into_inner(), tx, XdsMode::Delta));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        tokio::spawn(stream::drive::<V>(self.shared.clone(), peer, request.into_inner(), tx));
+        Response::new(ReceiverStream::new(rx))
     }
 }
 
@@ -299,108 +306,4 @@ impl Drop for Registration {
         self.shared.lock().remove(&self.id);
         self.shared.bump();
     }
-}
-
-/// Registers the ACK or NACK carried by a request for the response `(nonce, version)`.
-fn record_reply(
-    registration: &Registration,
-    type_url: &str,
-    nonce: &str,
-    sent_version: &str,
-    acked_version: &str,
-    error: Option<&envoy_types::pb::google::rpc::Status>,
-) {
-    match error {
-        Some(status) => {
-            tracing::warn!(node = %registration.node.id, type_url, nonce, error = %status.message, "NACK");
-            registration.update(type_url, |t| {
-                t.last_nack = Some(NackInfo {
-                    version: sent_version.to_string(),
-                    nonce: nonce.to_string(),
-                    error: status.message.clone(),
-                });
-            });
-        }
-        None => registration.update(type_url, |t| {
-            t.acked_version = Some(acked_version.to_string());
-            t.acked_at = Some(SystemTime::now());
-        }),
-    }
-}
-
-/// One xDS stream variant (state of the world or delta): what it does with a request
-/// and with a change of the source. [`drive`] runs the loop both share.
-trait StreamHandler: Send + Sized {
-    /// Request message.
-    type Request: Send + 'static;
-    /// Response message.
-    type Response: Send + 'static;
-    /// The node a (first) request carries.
-    fn node(request: &Self::Request) -> Option<Node>;
-    /// A stream for a newly registered peer.
-    fn new(registration: Registration, tx: mpsc::Sender<Result<Self::Response, Status>>) -> Self;
-    /// The channel responses go out on.
-    fn tx(&self) -> &mpsc::Sender<Result<Self::Response, Status>>;
-    /// Handles one request (subscription change, ACK or NACK).
-    fn on_request(&mut self, request: Self::Request) -> impl Future<Output = Result<(), Status>> + Send;
-    /// Re-sends what changed at the source.
-    fn push_all(&mut self) -> impl Future<Output = Result<(), Status>> + Send;
-}
-
-/// Runs one stream until the peer leaves, the server stops or a request is invalid:
-/// register the peer from its first request, then serve requests and source changes.
-async fn drive<H: StreamHandler>(
-    shared: Arc<Shared>,
-    peer: Option<SocketAddr>,
-    mut requests: Streaming<H::Request>,
-    tx: mpsc::Sender<Result<H::Response, Status>>,
-    mode: XdsMode,
-) where
-    H::Request: prost::Message + Default,
-{
-    let mut changes = shared.source.changes();
-    let mut stop = shared.stop.subscribe();
-    let first = tokio::select! {
-        first = requests.message() => first,
-        () = stopped(&mut stop) => return,
-    };
-    let first = match first {
-        Ok(Some(first)) => first,
-        Ok(None) | Err(_) => return,
-    };
-    let registration = match Registration::new(shared, H::node(&first), peer, mode) {
-        Ok(r) => r,
-        Err(status) => {
-            let _ = tx.send(Err(status)).await;
-            return;
-        }
-    };
-    let mut stream = H::new(registration, tx);
-    if stream.on_request(first).await.is_err() {
-        return;
-    }
-    let mut source_open = true;
-    loop {
-        let result = tokio::select! {
-            request = requests.message() => match request {
-                Ok(Some(request)) => stream.on_request(request).await,
-                Ok(None) | Err(_) => return,
-            },
-            changed = changes.changed(), if source_open => {
-                source_open = changed.is_ok();
-                stream.push_all().await
-            }
-            () = stopped(&mut stop) => return,
-        };
-        if let Err(status) = result {
-            let _ = stream.tx().send(Err(status)).await;
-            return;
-        }
-    }
-}
-
-/// Resolves once the server is stopping.
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    // An error means the server is gone: stop too.
-    let _ = stop.wait_for(|s| *s).await.map(|_| ());
 }

@@ -12,6 +12,8 @@ use envoy_types::pb::envoy::config::route::v3::VirtualHost;
 use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 
+use crate::domains::Domains;
+
 /// Splits `<route configuration>/<host or vhost>` at its last `/`.
 pub fn split_name(name: &str) -> Option<(&str, &str)> {
     name.rsplit_once('/')
@@ -23,22 +25,20 @@ pub fn alias(route_config: &str, host: &str) -> String {
 }
 
 /// Virtual hosts indexed by route configuration and domain, resolving
-/// `<route configuration>/<host>` with Envoy's domain matching: exact, then the longest
+/// `<route configuration>/<host>` with Envoy's domain matching ([`Domains`]): exact, then the longest
 /// `*suffix`, then the longest `prefix*`, then (for a host with a port and no match) the
 /// same without the port, then `*`. Domains compare case-insensitively.
 #[derive(Debug, Default)]
 pub struct VhostIndex {
-    by_config: HashMap<String, Domains>,
+    by_config: HashMap<String, ConfigHosts>,
 }
 
 #[derive(Debug, Default)]
-struct Domains {
+struct ConfigHosts {
     /// Resource names, to answer a subscription by the resource's own name.
     names: HashMap<String, String>,
-    exact: HashMap<String, String>,
-    suffixes: Vec<(String, String)>,
-    prefixes: Vec<(String, String)>,
-    any: Option<String>,
+    /// Domains -> resource name.
+    domains: Domains<String>,
 }
 
 impl VhostIndex {
@@ -46,30 +46,21 @@ impl VhostIndex {
     /// belongs to no route configuration and is skipped. When two virtual hosts of one
     /// route configuration claim a domain, the first (in iteration order) keeps it.
     pub fn build<'a>(vhosts: impl IntoIterator<Item = (&'a str, &'a VirtualHost)>) -> Self {
-        let mut index = VhostIndex::default();
+        let mut names: HashMap<&str, HashMap<String, String>> = HashMap::new();
+        let mut domains: HashMap<&str, Vec<(String, String)>> = HashMap::new();
         for (name, vh) in vhosts {
             let Some((config, local)) = split_name(name) else { continue };
-            let d = index.by_config.entry(config.to_string()).or_default();
-            d.names.insert(local.to_string(), name.to_string());
-            for domain in &vh.domains {
-                let domain = domain.to_ascii_lowercase();
-                if domain == "*" {
-                    d.any.get_or_insert_with(|| name.to_string());
-                } else if let Some(s) = domain.strip_prefix('*') {
-                    d.suffixes.push((s.to_string(), name.to_string()));
-                } else if let Some(p) = domain.strip_suffix('*') {
-                    d.prefixes.push((p.to_string(), name.to_string()));
-                } else {
-                    d.exact.entry(domain).or_insert_with(|| name.to_string());
-                }
-            }
+            names.entry(config).or_default().insert(local.to_string(), name.to_string());
+            domains.entry(config).or_default().extend(vh.domains.iter().map(|d| (d.clone(), name.to_string())));
         }
-        for d in index.by_config.values_mut() {
-            // Stable sorts: among equal lengths the first claimed stays first.
-            d.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
-            d.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
-        }
-        index
+        let by_config = names
+            .into_iter()
+            .map(|(config, names)| {
+                let domains = Domains::new(domains.remove(config).unwrap_or_default());
+                (config.to_string(), ConfigHosts { names, domains })
+            })
+            .collect();
+        VhostIndex { by_config }
     }
 
     /// Indexes packed VirtualHost resources by name (undecodable ones are skipped).
@@ -85,53 +76,21 @@ impl VhostIndex {
     /// name) resolves to, if any.
     pub fn resolve(&self, requested: &str) -> Option<&str> {
         let (config, host) = split_name(requested)?;
-        let d = self.by_config.get(config)?;
-        if let Some(name) = d.names.get(host) {
+        let hosts = self.by_config.get(config)?;
+        if let Some(name) = hosts.names.get(host) {
             return Some(name);
         }
-        let host = host.to_ascii_lowercase();
-        let stripped = strip_port(&host);
-        d.find(&host)
-            .or_else(|| (stripped.len() != host.len()).then(|| d.find(stripped)).flatten())
-            .or(d.any.as_deref())
+        hosts.domains.lookup(host, false).map(String::as_str)
     }
 
     /// Number of indexed virtual hosts.
     pub fn len(&self) -> usize {
-        self.by_config.values().map(|d| d.names.len()).sum()
+        self.by_config.values().map(|h| h.names.len()).sum()
     }
 
     /// True when nothing is indexed.
     pub fn is_empty(&self) -> bool {
         self.by_config.is_empty()
-    }
-}
-
-impl Domains {
-    fn find(&self, host: &str) -> Option<&str> {
-        if let Some(n) = self.exact.get(host) {
-            return Some(n);
-        }
-        // A wildcard matches at least one character.
-        let suffix = self.suffixes.iter().find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str()));
-        if let Some((_, n)) = suffix {
-            return Some(n);
-        }
-        let prefix = self.prefixes.iter().find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str()));
-        prefix.map(|(_, n)| n.as_str())
-    }
-}
-
-/// Strips a trailing `:port` (IPv6 literals keep their brackets).
-fn strip_port(host: &str) -> &str {
-    let colon = if host.starts_with('[') {
-        host.rfind("]:").map(|i| i + 1)
-    } else {
-        host.rfind(':').filter(|_| host.matches(':').count() == 1)
-    };
-    match colon {
-        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
-        _ => host,
     }
 }
 

@@ -24,6 +24,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatchAndSubstitute;
 use envoy_types::pb::google::protobuf::Any;
 use http::StatusCode;
 use prost::{Message, Name};
+use weft_xds::domains::Domains;
 
 use super::action::{
     re2_substitution, ClusterChoice, ForwardAction, HashPolicy, HashSource, HostRewrite, Mirror, PathRewrite,
@@ -106,14 +107,12 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
     let mut table = RouteTable {
         name: rc.name.clone(),
         vhosts: Vec::with_capacity(rc.virtual_hosts.len()),
-        exact: HashMap::new(),
-        suffixes: Vec::new(),
-        prefixes: Vec::new(),
-        default: None,
+        domains: Domains::default(),
         ignore_port: rc.ignore_port_in_host_matching,
         on_demand: rc.vhds.is_some(),
     };
     let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut domains = Vec::new();
     for (vi, vh) in rc.virtual_hosts.iter().enumerate() {
         let at = format!("virtual_hosts[{vi}]");
         if vh.domains.is_empty() {
@@ -131,15 +130,7 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
                     format!("domain {d:?} is already used by virtual_hosts[{prev}]; domains must be unique"),
                 ));
             }
-            if d == "*" {
-                table.default = Some(vi);
-            } else if let Some(s) = d.strip_prefix('*') {
-                table.suffixes.push((s.to_string(), vi));
-            } else if let Some(p) = d.strip_suffix('*') {
-                table.prefixes.push((p.to_string(), vi));
-            } else {
-                table.exact.insert(d, vi);
-            }
+            domains.push((d, vi));
         }
         let vlevel = vhost_level(vh, &at)?;
         let ctx = Ctx {
@@ -158,9 +149,7 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
         let tls_redirect = tls_redirect(vh, &at)?;
         table.vhosts.push(CompiledVhost { routes, tls_redirect });
     }
-    // Longest wildcard first; equal lengths cannot both match one host.
-    table.suffixes.sort_by_key(|s| std::cmp::Reverse(s.0.len()));
-    table.prefixes.sort_by_key(|p| std::cmp::Reverse(p.0.len()));
+    table.domains = Domains::new(domains);
     Ok(table)
 }
 

@@ -16,10 +16,10 @@ mod retry;
 mod tests;
 pub mod vhds;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use weft_xds::domains::Domains;
 
 pub use action::{
     ClusterChoice, ForwardAction, HashPolicy, HashSource, Mirror, PathRewrite, RedirectAction, RedirectPath, Route,
@@ -38,14 +38,8 @@ use matcher::RequestView;
 pub struct RouteTable {
     name: String,
     vhosts: Vec<VirtualHost>,
-    /// Exact domains (lowercased) -> vhost index.
-    exact: HashMap<String, usize>,
-    /// `*suffix` domains as (suffix, vhost), longest suffix first.
-    suffixes: Vec<(String, usize)>,
-    /// `prefix*` domains as (prefix, vhost), longest prefix first.
-    prefixes: Vec<(String, usize)>,
-    /// The `*` virtual host.
-    default: Option<usize>,
+    /// Domains -> vhost index.
+    domains: Domains<usize>,
     ignore_port: bool,
     /// Virtual hosts come on demand (`vhds`), see [`vhds`].
     on_demand: bool,
@@ -100,38 +94,7 @@ impl RouteTable {
     }
 
     fn find_vhost(&self, authority: &str) -> Option<usize> {
-        let host = authority.to_ascii_lowercase();
-        let stripped = strip_port(&host);
-        if self.ignore_port {
-            return self.find_domain(stripped).or(self.default);
-        }
-        self.find_domain(&host)
-            .or_else(|| (stripped.len() != host.len()).then(|| self.find_domain(stripped)).flatten())
-            .or(self.default)
-    }
-
-    fn find_domain(&self, host: &str) -> Option<usize> {
-        if let Some(i) = self.exact.get(host) {
-            return Some(*i);
-        }
-        // The wildcard must match at least one character.
-        if let Some((_, i)) = self.suffixes.iter().find(|(s, _)| host.len() > s.len() && host.ends_with(s.as_str())) {
-            return Some(*i);
-        }
-        self.prefixes.iter().find(|(p, _)| host.len() > p.len() && host.starts_with(p.as_str())).map(|(_, i)| *i)
-    }
-}
-
-/// Strips a trailing `:port` (IPv6 literals keep their brackets).
-fn strip_port(host: &str) -> &str {
-    let colon = if host.starts_with('[') {
-        host.rfind("]:").map(|i| i + 1)
-    } else {
-        host.rfind(':').filter(|_| host.matches(':').count() == 1)
-    };
-    match colon {
-        Some(i) if host[i + 1..].bytes().all(|b| b.is_ascii_digit()) => &host[..i],
-        _ => host,
+        self.domains.lookup(authority, self.ignore_port).copied()
     }
 }
 

@@ -21,7 +21,7 @@ impl RouteTable {
     /// True when a virtual host other than the catch-all `*` serves `authority`: only
     /// then is an on-demand table sure it needs nothing more for this host.
     pub fn has_specific_vhost(&self, authority: &str) -> bool {
-        self.find_vhost(authority).is_some_and(|i| Some(i) != self.default)
+        self.find_vhost(authority).is_some_and(|i| Some(&i) != self.domains.any())
     }
 
     /// Every cluster the table's routes can send to: route clusters, weighted clusters

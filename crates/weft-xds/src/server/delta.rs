@@ -1,24 +1,25 @@
-//! Server side of a delta (incremental) stream.
+//! Server side of a delta (incremental) stream: what differs from state of the world.
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use envoy_types::pb::google::protobuf::Any;
-use tokio::sync::mpsc;
-use tonic::Status;
 
-use super::{record_reply, Registration};
-use crate::content_version;
+use super::stream::{Received, Reply, Variant};
+use crate::source::XdsSource;
 use crate::type_url::{is_wildcard_type, resolves_aliases};
+use crate::{content_version, XdsMode};
 
 /// Un-ACKed responses remembered per type.
 const MAX_INFLIGHT: usize = 64;
 
-type Tx = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+/// Delta: responses carry only what changed since what the peer holds.
+pub(super) struct Delta;
 
 /// Per-type state of one delta stream.
 #[derive(Default)]
-struct TypeState {
+pub(super) struct TypeState {
     /// Subscribed to everything of this type.
     wildcard: bool,
     /// Explicitly subscribed names (for alias types, the aliases as requested).
@@ -34,62 +35,36 @@ struct TypeState {
     responded: bool,
 }
 
-pub(super) struct Stream {
-    registration: Registration,
-    types: BTreeMap<String, TypeState>,
-    tx: Tx,
-    nonce: u64,
-}
-
-impl super::StreamHandler for Stream {
+impl Variant for Delta {
     type Request = DeltaDiscoveryRequest;
     type Response = DeltaDiscoveryResponse;
+    type State = TypeState;
+    const MODE: XdsMode = XdsMode::Delta;
 
-    fn node(request: &DeltaDiscoveryRequest) -> Option<envoy_types::pb::envoy::config::core::v3::Node> {
+    fn node(request: &DeltaDiscoveryRequest) -> Option<Node> {
         request.node.clone()
     }
 
-    fn new(registration: Registration, tx: Tx) -> Self {
-        Stream { registration, types: BTreeMap::new(), tx, nonce: 0 }
+    fn type_url(request: &DeltaDiscoveryRequest) -> &str {
+        &request.type_url
     }
 
-    fn tx(&self) -> &Tx {
-        &self.tx
-    }
-
-    async fn on_request(&mut self, request: DeltaDiscoveryRequest) -> Result<(), Status> {
-        Stream::on_request(self, request).await
-    }
-
-    async fn push_all(&mut self) -> Result<(), Status> {
-        Stream::push_all(self).await
-    }
-}
-
-impl Stream {
-    async fn on_request(&mut self, request: DeltaDiscoveryRequest) -> Result<(), Status> {
-        if request.type_url.is_empty() {
-            return Err(Status::invalid_argument("xDS request without a type_url"));
-        }
-        let type_url = request.type_url.clone();
-        let first = !self.types.contains_key(&type_url);
-        let state = self.types.entry(type_url.clone()).or_default();
-        if first {
+    fn receive(state: &mut TypeState, type_url: &str, request: DeltaDiscoveryRequest, new: bool) -> Received {
+        if new {
             state.known = request.initial_resource_versions.into_iter().collect();
-            state.wildcard = is_wildcard_type(&type_url) && request.resource_names_subscribe.is_empty();
+            state.wildcard = is_wildcard_type(type_url) && request.resource_names_subscribe.is_empty();
         }
+        let mut reply = None;
         if let Ok(nonce) = request.response_nonce.parse::<u64>() {
             if let Some(version) = state.inflight.get(&nonce).cloned() {
                 // Replies come in order: older responses are settled too.
                 state.inflight.retain(|n, _| *n > nonce);
-                record_reply(
-                    &self.registration,
-                    &type_url,
-                    &request.response_nonce,
-                    &version,
-                    &version,
-                    request.error_detail.as_ref(),
-                );
+                reply = Some(Reply {
+                    nonce: request.response_nonce,
+                    sent_version: version.clone(),
+                    acked_version: version,
+                    error: request.error_detail,
+                });
             }
         }
         for name in request.resource_names_subscribe {
@@ -108,28 +83,22 @@ impl Stream {
                 state.answered.remove(&name);
             }
         }
-        self.push(&type_url).await
+        // Subscription changes are honoured whatever their nonce.
+        Received { reply, push: true }
     }
 
-    async fn push_all(&mut self) -> Result<(), Status> {
-        let types: Vec<String> = self.types.keys().cloned().collect();
-        for type_url in types {
-            self.push(&type_url).await?;
-        }
-        Ok(())
-    }
-
-    /// Sends what changed for a type since the peer's known versions: changed or new
+    /// What changed for a type since the peer's known versions: changed or new
     /// resources, removals, and subscribed names that do not exist (in
     /// `removed_resources`; for alias types, as Envoy's VHDS expects, a body-less resource
     /// named by and aliased to the requested name). Named subscriptions are looked up by
     /// name, so a peer subscribed to a few names never costs a copy of the whole type.
-    async fn push(&mut self, type_url: &str) -> Result<(), Status> {
-        let Some(state) = self.types.get_mut(type_url) else {
-            return Ok(());
-        };
-        let source = &self.registration.shared.source;
-        let node = &self.registration.node;
+    fn respond(
+        state: &mut TypeState,
+        source: &dyn XdsSource,
+        node: &Node,
+        type_url: &str,
+        nonce: u64,
+    ) -> Option<(DeltaDiscoveryResponse, String)> {
         let (mut version, everything) = if state.wildcard {
             let (v, all) = source.resources(node, type_url);
             (v, Some(all))
@@ -193,7 +162,7 @@ impl Stream {
         }
         let first_wildcard = state.wildcard && !state.responded;
         if updates.is_empty() && removed.is_empty() && !first_wildcard {
-            return Ok(());
+            return None;
         }
         for r in updates.values().filter(|r| r.resource.is_some()) {
             state.known.insert(r.name.clone(), r.version.clone());
@@ -203,28 +172,21 @@ impl Stream {
         }
         state.answered.extend(answers);
         let updates: Vec<Resource> = updates.into_values().collect();
-        self.nonce += 1;
-        state.inflight.insert(self.nonce, version.clone());
+        state.inflight.insert(nonce, version.clone());
         while state.inflight.len() > MAX_INFLIGHT {
             // A peer that never replies must not grow the server's memory.
             state.inflight.pop_first();
         }
         state.responded = true;
-        let nonce = self.nonce.to_string();
         let response = DeltaDiscoveryResponse {
             system_version_info: version.clone(),
             resources: updates,
             type_url: type_url.to_string(),
             removed_resources: removed,
-            nonce: nonce.clone(),
+            nonce: nonce.to_string(),
             ..Default::default()
         };
-        self.tx.send(Ok(response)).await.map_err(|_| Status::cancelled("peer went away"))?;
-        self.registration.update(type_url, |t| {
-            t.sent_version = Some(version);
-            t.sent_nonce = Some(nonce);
-        });
-        Ok(())
+        Some((response, version))
     }
 }
 

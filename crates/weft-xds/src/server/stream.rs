@@ -1,0 +1,199 @@
+//! What the SotW and delta streams share: registering the peer, the loop over requests
+//! and source changes, type URL checks, nonces, recording ACKs and NACKs, sending and
+//! reporting responses. A [`Variant`] supplies only what differs: how a request changes
+//! a type's subscription and which response brings the peer up to date.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use tokio::sync::{mpsc, watch};
+use tonic::{Status, Streaming};
+
+use super::{NackInfo, Registration, Shared};
+use crate::source::XdsSource;
+use crate::XdsMode;
+
+/// One ADS variant (state of the world or delta): its messages, its per-type state, and
+/// the two decisions that differ between variants.
+pub(super) trait Variant: Send + 'static {
+    /// Request message.
+    type Request: prost::Message + Default + Send + 'static;
+    /// Response message.
+    type Response: Send + 'static;
+    /// Per-type state of one stream.
+    type State: Default + Send;
+    /// The variant, as connections report it.
+    const MODE: XdsMode;
+
+    /// The node a (first) request carries.
+    fn node(request: &Self::Request) -> Option<Node>;
+    /// The type URL a request is about.
+    fn type_url(request: &Self::Request) -> &str;
+    /// Applies a request to the state of its type (`new`: the first request of this type
+    /// on the stream): its subscription change and the ACK or NACK it carries.
+    fn receive(state: &mut Self::State, type_url: &str, request: Self::Request, new: bool) -> Received;
+    /// The response, numbered `nonce`, that brings the peer up to date with `source`,
+    /// with its version; `None` when there is nothing to send now. Records what it sends
+    /// in `state`.
+    fn respond(
+        state: &mut Self::State,
+        source: &dyn XdsSource,
+        node: &Node,
+        type_url: &str,
+        nonce: u64,
+    ) -> Option<(Self::Response, String)>;
+}
+
+/// What a request said, as far as the shared bookkeeping cares.
+pub(super) struct Received {
+    /// The ACK or NACK it carries for a response this stream sent.
+    pub(super) reply: Option<Reply>,
+    /// Whether to answer it (false for a stale request: the peer will answer the latest
+    /// response first).
+    pub(super) push: bool,
+}
+
+/// An ACK or NACK of one response.
+pub(super) struct Reply {
+    /// Nonce of the response it answers.
+    pub(super) nonce: String,
+    /// Version of the response it answers.
+    pub(super) sent_version: String,
+    /// Version the peer says it runs (recorded on an ACK).
+    pub(super) acked_version: String,
+    /// The peer's error: a NACK.
+    pub(super) error: Option<envoy_types::pb::google::rpc::Status>,
+}
+
+/// One open stream: the peer's registration, per-type state and the response channel.
+struct Stream<V: Variant> {
+    registration: Registration,
+    types: BTreeMap<String, V::State>,
+    tx: mpsc::Sender<Result<V::Response, Status>>,
+    nonce: u64,
+}
+
+impl<V: Variant> Stream<V> {
+    /// Handles one request (subscription change, ACK or NACK) and answers it if needed.
+    async fn on_request(&mut self, request: V::Request) -> Result<(), Status> {
+        let type_url = V::type_url(&request).to_string();
+        if type_url.is_empty() {
+            return Err(Status::invalid_argument("xDS request without a type_url"));
+        }
+        let new = !self.types.contains_key(&type_url);
+        let state = self.types.entry(type_url.clone()).or_default();
+        let received = V::receive(state, &type_url, request, new);
+        if let Some(reply) = received.reply {
+            record_reply(&self.registration, &type_url, reply);
+        }
+        if received.push {
+            self.push(&type_url).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Re-sends, per subscribed type, what changed at the source.
+    async fn push_all(&mut self) -> Result<(), Status> {
+        let types: Vec<String> = self.types.keys().cloned().collect();
+        for type_url in types {
+            self.push(&type_url).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the response the variant says a type needs, if any, and reports it.
+    async fn push(&mut self, type_url: &str) -> Result<(), Status> {
+        let Some(state) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
+        let registration = &self.registration;
+        let nonce = self.nonce + 1;
+        let Some((response, version)) =
+            V::respond(state, registration.shared.source.as_ref(), &registration.node, type_url, nonce)
+        else {
+            return Ok(());
+        };
+        self.nonce = nonce;
+        self.tx.send(Ok(response)).await.map_err(|_| Status::cancelled("peer went away"))?;
+        self.registration.update(type_url, |t| {
+            t.sent_version = Some(version);
+            t.sent_nonce = Some(nonce.to_string());
+        });
+        Ok(())
+    }
+}
+
+/// Runs one stream until the peer leaves, the server stops or a request is invalid:
+/// register the peer from its first request, then serve requests and source changes.
+pub(super) async fn drive<V: Variant>(
+    shared: Arc<Shared>,
+    peer: Option<SocketAddr>,
+    mut requests: Streaming<V::Request>,
+    tx: mpsc::Sender<Result<V::Response, Status>>,
+) {
+    let mut changes = shared.source.changes();
+    let mut stop = shared.stop.subscribe();
+    let first = tokio::select! {
+        first = requests.message() => first,
+        () = stopped(&mut stop) => return,
+    };
+    let first = match first {
+        Ok(Some(first)) => first,
+        Ok(None) | Err(_) => return,
+    };
+    let registration = match Registration::new(shared, V::node(&first), peer, V::MODE) {
+        Ok(r) => r,
+        Err(status) => {
+            let _ = tx.send(Err(status)).await;
+            return;
+        }
+    };
+    let mut stream = Stream::<V> { registration, types: BTreeMap::new(), tx, nonce: 0 };
+    if stream.on_request(first).await.is_err() {
+        return;
+    }
+    let mut source_open = true;
+    loop {
+        let result = tokio::select! {
+            request = requests.message() => match request {
+                Ok(Some(request)) => stream.on_request(request).await,
+                Ok(None) | Err(_) => return,
+            },
+            changed = changes.changed(), if source_open => {
+                source_open = changed.is_ok();
+                stream.push_all().await
+            }
+            () = stopped(&mut stop) => return,
+        };
+        if let Err(status) = result {
+            let _ = stream.tx.send(Err(status)).await;
+            return;
+        }
+    }
+}
+
+/// Registers an ACK or NACK of one response.
+fn record_reply(registration: &Registration, type_url: &str, reply: Reply) {
+    match reply.error {
+        Some(status) => {
+            tracing::warn!(node = %registration.node.id, type_url, nonce = %reply.nonce, error = %status.message, "NACK");
+            registration.update(type_url, |t| {
+                t.last_nack = Some(NackInfo { version: reply.sent_version, nonce: reply.nonce, error: status.message });
+            });
+        }
+        None => registration.update(type_url, |t| {
+            t.acked_version = Some(reply.acked_version);
+            t.acked_at = Some(SystemTime::now());
+        }),
+    }
+}
+
+/// Resolves once the server is stopping.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // An error means the server is gone: stop too.
+    let _ = stop.wait_for(|s| *s).await.map(|_| ());
+}
