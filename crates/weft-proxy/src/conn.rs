@@ -29,7 +29,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{ChainKind, ConnFacts, FilterChainConfig, ListenerConfig, ProxySnapshot};
 use crate::context::Context;
-use crate::rbac::RbacFilter;
+use crate::rbac::{RbacFilter, RbacInput};
 
 /// Facts about one accepted connection, shared by the stages that serve it.
 #[derive(Debug)]
@@ -97,6 +97,16 @@ pub enum ChainEnd {
     Denied,
 }
 
+impl ChainEnd {
+    /// The `reason` label of `weft_downstream_cx_drained_total`.
+    pub fn reason(self) -> &'static str {
+        match self {
+            ChainEnd::Drain => "filter_chain_changed",
+            ChainEnd::Denied => "rbac_denied",
+        }
+    }
+}
+
 impl ConnInfo {
     /// A connection accepted on `origin.accepted`, as of `snapshot_generation`.
     pub fn new(
@@ -153,6 +163,32 @@ impl ConnInfo {
         }
     }
 
+    /// What a finished server-side TLS handshake says about the peer: its principal (the
+    /// SPIFFE id of a verified client certificate) and the SNI it asked for.
+    pub fn learn_peer(&mut self, tls: &rustls::ServerConnection) {
+        self.peer_principal = crate::tls::peer_principal(tls.peer_certificates());
+        if self.server_name.is_none() {
+            self.server_name = tls.server_name().map(Arc::from);
+        }
+    }
+
+    /// The RBAC input for the connection itself (network RBAC).
+    pub fn rbac_input(&self) -> RbacInput<'_> {
+        RbacInput {
+            peer: self.peer,
+            destination: self.destination,
+            peer_principal: self.peer_principal.as_deref(),
+            server_name: self.server_name.as_deref(),
+            http: None,
+            auth: None,
+        }
+    }
+
+    /// The RBAC input for an HTTP request on the connection.
+    pub fn rbac_http_input<'a>(&'a self, parts: &'a http::request::Parts, authority: &'a str) -> RbacInput<'a> {
+        crate::rbac::http_input(self.rbac_input(), parts, authority)
+    }
+
     fn resolve(&self, snap: &ProxySnapshot, previous: &ChainView) -> ChainView {
         let generation = snap.generation;
         let Some(chain) = self.rematch(snap) else {
@@ -165,7 +201,7 @@ impl ConnInfo {
             let filters = network_rbac(&chain);
             !filters.is_empty() && {
                 let sink = crate::telemetry::rbac::RbacMetrics::detached();
-                crate::rbac::check(filters, &crate::rbac::connection_input(self), &sink).denied.is_some()
+                crate::rbac::check(filters, &self.rbac_input(), &sink).denied.is_some()
             }
         };
         ChainView { generation, chain, denied, drain: false }

@@ -32,7 +32,7 @@ pub struct Context {
     /// Labels for a peer that sent no metadata.
     pub unknown_peer: Arc<WorkloadInfo>,
     /// Destination-service labels, built once per cluster (or authority).
-    pub services: crate::report::ServiceCache,
+    pub services: crate::telemetry::services::ServiceCache,
     /// Flips to true when the proxy starts draining.
     pub draining: watch::Receiver<bool>,
     /// How long a drain waits for in-flight work.

@@ -15,6 +15,7 @@ pub mod context;
 pub mod detect;
 pub mod dump;
 pub mod error;
+pub mod hash;
 pub mod http;
 pub mod io;
 pub mod jwt;

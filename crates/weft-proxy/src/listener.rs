@@ -164,7 +164,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                 Ok(Ok(tls)) => {
                     conn.tls = true;
-                    crate::tls::learn_peer(&mut conn, tls.get_ref().1);
+                    conn.learn_peer(tls.get_ref().1);
                     conn.peer_workload = conn.peer_principal.as_ref().map(|p| {
                         Arc::new(crate::telemetry::WorkloadInfo { principal: p.to_string(), ..Default::default() })
                     });

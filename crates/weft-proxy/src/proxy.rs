@@ -167,7 +167,7 @@ impl ProxyHandle {
             local: Arc::new(crate::report::local_workload(&b.node)),
             peers: crate::telemetry::peer::DecodeCache::default(),
             unknown_peer: Arc::new(crate::telemetry::WorkloadInfo::default()),
-            services: crate::report::ServiceCache::default(),
+            services: crate::telemetry::services::ServiceCache::default(),
             draining,
             drain_timeout: b.drain_timeout,
             drain_duration: b.drain_duration,

@@ -3,9 +3,8 @@
 //! tells each side which workload is on the other end.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderMap, Request, Version};
@@ -16,8 +15,8 @@ use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::ErrorKind;
 use crate::telemetry::accesslog::{self, AccessRecord};
-use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, ServiceInfo, TcpLabels};
-use crate::telemetry::{peer, FastState, WorkloadInfo};
+use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, TcpLabels};
+use crate::telemetry::{peer, WorkloadInfo};
 
 /// The local workload as metrics describe it, from the bootstrap's node metadata.
 pub fn local_workload(node: &NodeInfo) -> WorkloadInfo {
@@ -50,94 +49,6 @@ fn reporter(d: Direction) -> Reporter {
         Direction::Inbound => Reporter::Destination,
         _ => Reporter::Source,
     }
-}
-
-/// Service labels from an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`)
-/// or, failing that, the request authority.
-fn service_info(cluster: &str, authority: &str) -> ServiceInfo {
-    let host = match istio_host(cluster) {
-        Some(host) => host.to_string(),
-        None => authority
-            .rsplit_once(':')
-            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-            .map(|(h, _)| h)
-            .unwrap_or(authority)
-            .to_string(),
-    };
-    if host.is_empty() {
-        return ServiceInfo::default();
-    }
-    let mut labels = host.split('.');
-    let name = labels.next().unwrap_or_default().to_string();
-    let namespace = labels.next().map(str::to_string).unwrap_or_else(|| crate::telemetry::UNKNOWN.into());
-    ServiceInfo { host, name, namespace }
-}
-
-/// Entries a [`ServiceCache`] holds per kind of key.
-pub const SERVICE_CACHE_ENTRIES: usize = 10_000;
-
-/// The destination-service labels of requests and connections, built once per Istio
-/// cluster name (or, for other clusters, per authority) and shared by every label set
-/// that names them, so reporting a request neither allocates them nor re-parses the
-/// cluster name. Bounded: once full, new keys are built on every call but not stored.
-#[derive(Debug)]
-pub struct ServiceCache {
-    by_cluster: RwLock<HashMap<Box<str>, Arc<ServiceInfo>, FastState>>,
-    by_authority: RwLock<HashMap<Box<str>, Arc<ServiceInfo>, FastState>>,
-    max: usize,
-}
-
-impl Default for ServiceCache {
-    fn default() -> Self {
-        Self::new(SERVICE_CACHE_ENTRIES)
-    }
-}
-
-impl ServiceCache {
-    /// A cache holding at most `max` entries per kind of key.
-    pub fn new(max: usize) -> Self {
-        Self {
-            by_cluster: RwLock::new(HashMap::with_hasher(FastState::default())),
-            by_authority: RwLock::new(HashMap::with_hasher(FastState::default())),
-            max,
-        }
-    }
-
-    /// The labels of a request to `cluster` for `authority` (see [`service_info`]).
-    pub fn get(&self, cluster: &str, authority: &str) -> Arc<ServiceInfo> {
-        // An Istio cluster name decides alone; otherwise only the authority matters.
-        let (map, key) = match istio_host(cluster) {
-            Some(_) => (&self.by_cluster, cluster),
-            None => (&self.by_authority, authority),
-        };
-        if let Some(s) = map.read().unwrap_or_else(|e| e.into_inner()).get(key) {
-            return s.clone();
-        }
-        let info = Arc::new(service_info(cluster, authority));
-        let mut map = map.write().unwrap_or_else(|e| e.into_inner());
-        if map.len() >= self.max {
-            return info;
-        }
-        map.entry(key.into()).or_insert(info).clone()
-    }
-
-    /// Entries held (both kinds).
-    pub fn len(&self) -> usize {
-        let n = |m: &RwLock<HashMap<Box<str>, Arc<ServiceInfo>, FastState>>| {
-            m.read().unwrap_or_else(|e| e.into_inner()).len()
-        };
-        n(&self.by_cluster) + n(&self.by_authority)
-    }
-
-    /// True when nothing is cached.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// The host of an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`).
-fn istio_host(cluster: &str) -> Option<&str> {
-    cluster.splitn(4, '|').nth(3).filter(|h| !h.is_empty() && !h.contains('|'))
 }
 
 /// Adds (outbound) or strips (inbound) peer metadata on the request going upstream.
@@ -191,7 +102,7 @@ pub struct HttpReport {
     /// `grpc-status` seen in headers or trailers.
     pub grpc_status: Option<String>,
     /// Bytes of request body read (when forwarded), and whether reading it failed.
-    pub request_body: Option<Arc<crate::http::body::BodyTally>>,
+    pub request_body: Option<Arc<crate::io::BodyTally>>,
     /// Bytes of response body sent.
     pub response_bytes: u64,
     /// Status for a local error reply when the route configures one.
@@ -233,7 +144,7 @@ impl HttpReport {
                 Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",
             },
-            grpc: crate::http::is_grpc(h),
+            grpc: crate::route::is_grpc(h),
             user_agent: if log { text("user-agent") } else { None },
             x_forwarded_for: if log { text("x-forwarded-for") } else { None },
             request_id: text("x-request-id").unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
@@ -493,42 +404,5 @@ impl TcpReport {
             connection_termination_details: self.details.or_else(|| flag.map(|k| format!("{k:?}"))),
             upstream_transport_failure_reason: None,
         });
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn service_labels_come_from_istio_cluster_names() {
-        let s = service_info("outbound|9080|v1|reviews.bookinfo.svc.cluster.local", "ignored:1");
-        assert_eq!(
-            (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
-            ("reviews.bookinfo.svc.cluster.local", "reviews", "bookinfo")
-        );
-        let s = service_info("plain", "ratings.default:9080");
-        assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), ("ratings.default", "ratings", "default"));
-    }
-
-    #[test]
-    fn service_cache_shares_labels_per_cluster_or_authority_and_stays_bounded() {
-        let cache = ServiceCache::new(2);
-        let reviews = "outbound|9080|v1|reviews.bookinfo.svc.cluster.local";
-        let a = cache.get(reviews, "a:1");
-        let b = cache.get(reviews, "b:2");
-        assert!(Arc::ptr_eq(&a, &b), "an Istio cluster name decides alone: one entry");
-        assert_eq!(*a, service_info(reviews, "a:1"));
-        let r = cache.get("plain", "ratings.default:9080");
-        let d = cache.get("plain", "details.other:9080");
-        assert_eq!((r.name.as_str(), d.name.as_str()), ("ratings", "details"), "other clusters go by authority");
-        assert!(Arc::ptr_eq(&r, &cache.get("another", "ratings.default:9080")));
-        assert_eq!(cache.len(), 3);
-        for i in 0..5 {
-            assert_eq!(cache.get("plain", &format!("s{i}.ns")).name, format!("s{i}"));
-        }
-        assert_eq!(cache.len(), 3, "the authority side was full (2): new authorities are built, not stored");
-        let again = cache.get("plain", "s0.ns");
-        assert!(!Arc::ptr_eq(&again, &cache.get("plain", "s0.ns")), "not cached");
     }
 }

@@ -25,7 +25,7 @@ where
     if !chain.rbac.is_empty() {
         // Evaluated before connecting upstream: a denied client never reaches the app
         // (nor sees a server-first banner); dropping the stream closes the connection.
-        let verdict = crate::rbac::check(&chain.rbac, &crate::rbac::connection_input(&conn), ctx.metrics.rbac());
+        let verdict = crate::rbac::check(&chain.rbac, &conn.rbac_input(), ctx.metrics.rbac());
         let denied = verdict.denied.is_some();
         report.rbac(verdict);
         if denied {
@@ -56,7 +56,7 @@ where
             r = copy.as_mut() => copy_outcome(r),
             _ = activity.idle(chain.idle_timeout) => Some(ErrorKind::StreamIdleTimeout),
             end = conn.ended(&ctx) => {
-                ctx.metrics.drain().closed(&conn.listener.name, end);
+                ctx.metrics.drain().closed(&conn.listener.name, end.reason());
                 match end {
                     // Denied by the network RBAC policy now in force: close now.
                     ChainEnd::Denied => Some(ErrorKind::RbacDenied),

@@ -277,7 +277,7 @@ pub fn client_config(ts: &TransportSocket, default_alpn: &[&str], secrets: &Secr
         return Ok(UpstreamTls {
             config: Arc::new(cfg),
             sni: sni_of(&ctx)?,
-            key: crate::cluster::stable_hash(&prost::Message::encode_to_vec(&ctx)),
+            key: crate::hash::stable_hash(&prost::Message::encode_to_vec(&ctx)),
         });
     }
     let builder = ClientConfig::builder_with_provider(provider())
@@ -311,7 +311,7 @@ pub fn client_config(ts: &TransportSocket, default_alpn: &[&str], secrets: &Secr
     if cfg.alpn_protocols.is_empty() {
         cfg.alpn_protocols = default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
     }
-    let key = crate::cluster::stable_hash(&prost::Message::encode_to_vec(&ctx));
+    let key = crate::hash::stable_hash(&prost::Message::encode_to_vec(&ctx));
     Ok(UpstreamTls { config: Arc::new(cfg), sni: sni_of(&ctx)?, key })
 }
 
@@ -322,16 +322,6 @@ fn sni_of(ctx: &UpstreamTlsContext) -> Result<Option<ServerName<'static>>, Strin
     ServerName::try_from(ctx.sni.clone())
         .map(Some)
         .map_err(|_| format!("sni: {:?} is not a valid server name", ctx.sni))
-}
-
-/// Fills what a finished server-side handshake says about the peer: its principal (the
-/// SPIFFE id of a verified client certificate, else the certificate's first URI SAN) and
-/// the SNI it asked for.
-pub fn learn_peer(conn: &mut crate::conn::ConnInfo, tls: &rustls::ServerConnection) {
-    conn.peer_principal = peer_principal(tls.peer_certificates());
-    if conn.server_name.is_none() {
-        conn.server_name = tls.server_name().map(Arc::from);
-    }
 }
 
 /// The principal of a peer certificate chain (rustls only exposes chains it verified).

@@ -4,6 +4,7 @@
 //! cluster is built; `pick` only reads atomics (the round-robin cursor and the
 //! endpoints' loads), so it never locks.
 
+use crate::hash::stable_hash;
 use std::cmp::Ordering as CmpOrdering;
 use std::collections::{BTreeMap, BinaryHeap};
 use std::net::SocketAddr;
@@ -68,20 +69,6 @@ struct Group {
 
 /// Envoy's `minimum_ring_size` default.
 const MIN_RING_SIZE: u64 = 1024;
-
-/// A stable 64-bit hash (FNV-1a then a murmur finaliser), the same in every process.
-pub fn stable_hash(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
-    h ^= h >> 33;
-    h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
-    h ^ (h >> 33)
-}
 
 impl Balancer {
     /// Groups `endpoints` by priority (the parallel `priorities`) and health.

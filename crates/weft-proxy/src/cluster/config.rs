@@ -11,6 +11,7 @@
 //!    `ROUND_ROBIN = 0`, so a cluster with no explicit policy anywhere is ROUND_ROBIN,
 //!    exactly as in Envoy. RING_HASH and MAGLEV map to peak EWMA for now.
 
+pub use super::pool::UpstreamProtocol;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -43,17 +44,6 @@ pub const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.
 
 /// Envoy's default connect timeout.
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The HTTP version spoken to the upstream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum UpstreamProtocol {
-    /// HTTP/1.1 with a keep-alive pool.
-    Http1,
-    /// HTTP/2 (prior knowledge), one multiplexed connection per endpoint.
-    Http2,
-    /// Whatever the downstream spoke; the caller resolves this before sending.
-    UseDownstream,
-}
 
 /// How an endpoint is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

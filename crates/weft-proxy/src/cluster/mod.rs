@@ -22,7 +22,6 @@ use envoy_types::pb::envoy::config::core::v3::{Address, SocketAddress};
 use envoy_types::pb::envoy::config::endpoint::v3::lb_endpoint::HostIdentifier;
 use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, LocalityLbEndpoints};
 
-pub use balance::stable_hash;
 pub use config::{ClusterConfig, Discovery, LbPolicy, Limits, UpstreamProtocol};
 pub use endpoints::{Endpoint, Health};
 pub use ewma::{ClusterLoad, EndpointLoad, InFlight, LoadRegistry, RequestPermit};

@@ -41,9 +41,19 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
-use crate::cluster::config::UpstreamProtocol;
 use crate::cluster::endpoints::Endpoint;
 use crate::error::{ErrorKind, ProxyError};
+
+/// The HTTP version spoken to the upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 with a keep-alive pool.
+    Http1,
+    /// HTTP/2 (prior knowledge), one multiplexed connection per endpoint.
+    Http2,
+    /// Whatever the downstream spoke; the caller resolves this before sending.
+    UseDownstream,
+}
 
 /// The request body type the pools send.
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;

@@ -80,7 +80,7 @@ pub struct FilterChainConfig {
 /// (TLS or plaintext, certificates, client-certificate requirement) and its terminal
 /// filter's settings, except what is decided per request (an HTTP connection manager's
 /// `http_filters` and routes). An open connection whose chain, re-matched in a new
-/// configuration, differs here drains (see `crate::conn`); otherwise it carries on with
+/// configuration, differs here drains (see `conn.rs`); otherwise it carries on with
 /// the new chain. Kept as protos: prost's `PartialEq` compares maps by content, which an
 /// encoding of them would not.
 #[derive(Debug, Clone, PartialEq)]

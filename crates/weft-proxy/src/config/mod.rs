@@ -49,7 +49,7 @@ pub struct ProxySnapshot {
     /// What on-demand fetching has answered (see [`on_demand`]).
     pub on_demand: Arc<OnDemandView>,
     /// Counts published snapshots (0 before the first): open connections re-resolve their
-    /// filter chain when it moves (see `crate::conn`).
+    /// filter chain when it moves (see `conn.rs`).
     pub generation: u64,
 }
 

@@ -2,7 +2,6 @@
 //! response body ends (or is dropped because a side went away).
 
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Arc;
 use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
@@ -17,6 +16,7 @@ use http_body_util::BodyExt;
 use crate::cluster::BoxBody;
 use crate::context::Context;
 use crate::error::ErrorKind;
+use crate::io::BodyTally;
 use crate::io::StreamGuard;
 use crate::report::HttpReport;
 
@@ -131,48 +131,6 @@ impl Body for DeadlineBody {
     }
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-/// What passed through a request body on its way upstream: the bytes read from the
-/// downstream and, when reading failed, whose failure it was. Shared between the body
-/// (polled by the upstream connection) and the request's telemetry and error handling,
-/// so a send error caused by the *downstream* is never blamed on the upstream.
-#[derive(Debug, Default)]
-pub struct BodyTally {
-    bytes: AtomicU64,
-    /// 0: no failure; else a [`ErrorKind`] code (see [`BodyTally::fail`]).
-    failure: AtomicU8,
-}
-
-impl BodyTally {
-    /// Bytes of body read from the downstream so far.
-    pub fn bytes(&self) -> u64 {
-        self.bytes.load(Ordering::Relaxed)
-    }
-
-    /// Adds `n` bytes read.
-    pub fn add(&self, n: u64) {
-        self.bytes.fetch_add(n, Ordering::Relaxed);
-    }
-
-    /// Records that reading from the downstream failed (`DownstreamProtocol` or
-    /// `DownstreamClosed`); the first failure wins.
-    pub fn fail(&self, kind: ErrorKind) {
-        let code = match kind {
-            ErrorKind::DownstreamClosed => 2,
-            _ => 1,
-        };
-        let _ = self.failure.compare_exchange(0, code, Ordering::Release, Ordering::Relaxed);
-    }
-
-    /// The downstream failure recorded while reading the body, if any.
-    pub fn failure(&self) -> Option<ErrorKind> {
-        match self.failure.load(Ordering::Acquire) {
-            0 => None,
-            2 => Some(ErrorKind::DownstreamClosed),
-            _ => Some(ErrorKind::DownstreamProtocol),
-        }
     }
 }
 

@@ -12,13 +12,15 @@ use http_body::Body;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use super::body::{boxed, downstream_body_error, full, BodyTally, CountingBody, DeadlineBody, Hold};
+use super::body::{boxed, downstream_body_error, full, CountingBody, DeadlineBody, Hold};
 use super::RequestCtx;
-use crate::cluster::{stable_hash, BoxBody, Cluster, Discovery, Endpoint, Outcome, UpstreamProtocol};
+use crate::cluster::{BoxBody, Cluster, Discovery, Endpoint, Outcome, UpstreamProtocol};
 use crate::config::ProxySnapshot;
 use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
+use crate::hash::stable_hash;
+use crate::io::BodyTally;
 use crate::report::HttpReport;
 use crate::route::{ForwardAction, HashPolicy, HashSource, RetryPolicy};
 

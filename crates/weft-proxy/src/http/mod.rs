@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST};
-use http::{HeaderMap, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -38,8 +38,7 @@ where
 {
     let ChainKind::Http(chain) = &conn.origin.accepted.kind else { return };
     if !chain.network_rbac.is_empty() {
-        let verdict =
-            crate::rbac::check(&chain.network_rbac, &crate::rbac::connection_input(&conn), ctx.metrics.rbac());
+        let verdict = crate::rbac::check(&chain.network_rbac, &conn.rbac_input(), ctx.metrics.rbac());
         if verdict.denied.is_some() {
             debug!(peer = %conn.peer, details = ?verdict.details(), "connection denied by RBAC: closing");
             return;
@@ -81,7 +80,7 @@ where
         _ = crate::context::flipped(&mut draining) => ctx.drain_timeout,
         _ = activity.idle(idle_timeout) => { debug!("downstream connection idle timeout"); ctx.drain_timeout }
         end = conn.ended(&ctx) => {
-            ctx.metrics.drain().closed(&conn.listener.name, end);
+            ctx.metrics.drain().closed(&conn.listener.name, end.reason());
             if end == ChainEnd::Denied {
                 debug!(peer = %conn.peer, "connection denied by the new network RBAC policy: closing");
                 return;
@@ -199,8 +198,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
     }
     // Authorization first (Istio's order: authn, authz, then CORS, faults, router).
     if !chain.rbac.is_empty() {
-        let verdict =
-            crate::rbac::check(&chain.rbac, &crate::rbac::http_input(conn, &parts, &authority), ctx.metrics.rbac());
+        let verdict = crate::rbac::check(&chain.rbac, &conn.rbac_http_input(&parts, &authority), ctx.metrics.rbac());
         let denied = verdict.denied.is_some();
         rq.report.rbac(verdict);
         if denied {
@@ -319,11 +317,6 @@ pub fn request_authority(parts: &http::request::Parts) -> Option<String> {
         return Some(a.as_str().to_ascii_lowercase());
     }
     parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(|h| h.to_ascii_lowercase())
-}
-
-/// True for gRPC requests.
-pub fn is_grpc(headers: &HeaderMap) -> bool {
-    headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(|v| v.starts_with("application/grpc")).unwrap_or(false)
 }
 
 fn fault_abort(abort: &Abort) -> Response<BoxBody> {

@@ -31,7 +31,6 @@ pub use engine::{Action, Engine, RbacInput, RequestAuth};
 
 use engine::HttpInput;
 
-use crate::conn::ConnInfo;
 use crate::proto::decode;
 use crate::route::matcher::RequestView;
 use crate::telemetry::rbac::{RbacCount, RbacLabels, RbacMetrics};
@@ -245,28 +244,14 @@ pub fn check(filters: &[Arc<RbacFilter>], input: &RbacInput<'_>, metrics: &RbacM
     verdict
 }
 
-/// The input for an HTTP request on `conn`.
-/// The request's [`RequestAuth`], when request authentication put one in its extensions.
-pub fn http_input<'a>(conn: &'a ConnInfo, parts: &'a http::request::Parts, authority: &'a str) -> RbacInput<'a> {
+/// The input for an HTTP request: the connection's input (see
+/// `ConnInfo::rbac_input`) with the request and its [`RequestAuth`], when request
+/// authentication put one in its extensions.
+pub fn http_input<'a>(conn: RbacInput<'a>, parts: &'a http::request::Parts, authority: &'a str) -> RbacInput<'a> {
     RbacInput {
-        peer: conn.peer,
-        destination: conn.destination,
-        peer_principal: conn.peer_principal.as_deref(),
-        server_name: conn.server_name.as_deref(),
         http: Some(HttpInput { view: RequestView { authority, parts } }),
         auth: parts.extensions.get::<RequestAuth>(),
-    }
-}
-
-/// The input for a connection (network filter).
-pub fn connection_input(conn: &ConnInfo) -> RbacInput<'_> {
-    RbacInput {
-        peer: conn.peer,
-        destination: conn.destination,
-        peer_principal: conn.peer_principal.as_deref(),
-        server_name: conn.server_name.as_deref(),
-        http: None,
-        auth: None,
+        ..conn
     }
 }
 

@@ -471,7 +471,7 @@ fn compile_regex_str(pattern: &str, shown: &str, at: &str) -> Result<Regex, (Str
 
 /// Envoy's gRPC request test: content-type `application/grpc` or `application/grpc+...`
 /// / `application/grpc;...`.
-pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
+pub fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers.get(http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|ct| {
         ct == "application/grpc" || ct.starts_with("application/grpc+") || ct.starts_with("application/grpc;")
     })

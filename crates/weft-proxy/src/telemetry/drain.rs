@@ -1,4 +1,4 @@
-//! Connections closed because the configuration changed under them (see `crate::conn`).
+//! Connections closed because the configuration changed under them (see `conn.rs`).
 
 use std::fmt;
 
@@ -8,7 +8,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 
 use super::exposition::label;
-use crate::conn::ChainEnd;
 
 /// `weft_downstream_cx_drained_total{listener, reason}`.
 #[derive(Debug)]
@@ -40,12 +39,9 @@ impl DrainMetrics {
         m
     }
 
-    /// Counts a connection of `listener` ended by a configuration change.
-    pub fn closed(&self, listener: &str, why: ChainEnd) {
-        let reason = match why {
-            ChainEnd::Drain => "filter_chain_changed",
-            ChainEnd::Denied => "rbac_denied",
-        };
+    /// Counts a connection of `listener` ended by a configuration change, for `reason`
+    /// (`filter_chain_changed` or `rbac_denied`).
+    pub fn closed(&self, listener: &str, reason: &'static str) {
         self.closed.get_or_create(&DrainLabels { listener: listener.to_owned(), reason }).inc();
     }
 }

@@ -12,6 +12,7 @@ pub mod health;
 pub mod metrics;
 pub mod peer;
 pub mod rbac;
+pub mod services;
 
 use serde::{Deserialize, Serialize};
 
