@@ -8,6 +8,8 @@
 //! and must answer the same (differential).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod mesh;
+
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::Path;
@@ -15,10 +17,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::Method;
-use weft_control::control::{ControlConfig, ControlPlane};
+use weft_control::control::ControlPlane;
 use weft_control::envoy_bootstrap::{render_node, EnvoyBootstrapOptions};
 use weft_control::identity::IdentityConfig;
-use weft_control::translate::{MeshConfig, ProxyMode};
 use weft_proxy::bootstrap::Bootstrap;
 use weft_proxy::proxy::ProxyHandle;
 use weft_testkit::conformance;
@@ -165,14 +166,6 @@ spec:
 
 const GATEWAY_SA: &str = "istio-ingressgateway";
 
-async fn token(cp: &ControlPlane, namespace: &str, sa: &str) -> String {
-    let body = serde_json::json!({"namespace": namespace, "serviceAccount": sa, "ttlSeconds": 3600});
-    let req = request(Method::POST, "weft", "/api/v1/tokens", Bytes::from(body.to_string())).unwrap();
-    let reply = send_h1(cp.api_addr, req).await.unwrap();
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    reply.json().unwrap()["token"].as_str().unwrap().to_string()
-}
-
 async fn start_proxy(text: &str) -> ProxyHandle {
     let b = Bootstrap::parse(text, Path::new("proxy.yaml")).unwrap();
     let p = ProxyHandle::start(b).await.unwrap();
@@ -182,7 +175,7 @@ async fn start_proxy(text: &str) -> ProxyHandle {
 
 /// A productpage instance: a weft sidecar with a mesh identity in front of `app`.
 async fn backend(cp: &ControlPlane, version: &str, app: &EchoServer) -> ProxyHandle {
-    let token = token(cp, "default", "bookinfo-productpage").await;
+    let token = mesh::join_token(cp, "default", "bookinfo-productpage").await;
     let text = format!(
         "node:\n  id: sidecar~127.0.0.1~productpage-{version}.default~default.svc.cluster.local\n  name: productpage-{version}\n  namespace: default\n  service_account: bookinfo-productpage\n  labels: {{app: productpage, version: {version}}}\n  outbound: {}\n  inbound: {}\n  ports:\n  - {{name: http, port: {}, protocol: TCP}}\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
         reserve_addr(),
@@ -195,7 +188,7 @@ async fn backend(cp: &ControlPlane, version: &str, app: &EchoServer) -> ProxyHan
 
 /// The tcp-echo instance: a weft sidecar with a mesh identity in front of a TCP echo.
 async fn tcp_backend(cp: &ControlPlane, app: SocketAddr) -> ProxyHandle {
-    let token = token(cp, "default", "tcp-echo").await;
+    let token = mesh::join_token(cp, "default", "tcp-echo").await;
     let text = format!(
         "node:\n  id: sidecar~127.0.0.1~tcp-echo-1.default~default.svc.cluster.local\n  name: tcp-echo-1\n  namespace: default\n  service_account: tcp-echo\n  labels: {{app: tcp-echo}}\n  outbound: {}\n  inbound: {}\n  ports:\n  - {{name: tcp, port: {}, protocol: TCP}}\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
         reserve_addr(),
@@ -222,7 +215,7 @@ async fn check_tcp(addr: SocketAddr, who: &str) {
 /// The ingress gateway as a weft proxy: Istio's gateway node id, server ports 8080, 8081
 /// and 8443 mapped to free ports on 127.0.0.1.
 async fn weft_gateway(cp: &ControlPlane) -> ProxyHandle {
-    let token = token(cp, "istio-system", GATEWAY_SA).await;
+    let token = mesh::join_token(cp, "istio-system", GATEWAY_SA).await;
     let text = format!(
         "node:\n  id: router~127.0.0.1~ingress-weft.istio-system~istio-system.svc.cluster.local\n  name: ingress-weft\n  namespace: istio-system\n  service_account: {GATEWAY_SA}\n  labels: {{istio: ingressgateway}}\n  gateway_ports: {{8080: 0, 8081: 0, 8443: 0, 31400: 0}}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
         cp.xds_addr,
@@ -342,19 +335,7 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
     std::fs::write(dir.path().join("tcp.yaml"), TCP_MESH).unwrap();
     let mut identity = IdentityConfig::new(data.path());
     identity.cert_ttl = Duration::from_secs(3600);
-    let cp = ControlPlane::start(ControlConfig {
-        dir: Some(dir.path().to_path_buf()),
-        xds: "127.0.0.1:0".parse().unwrap(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        mode: ProxyMode::Explicit,
-        mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
-        identity: Some(identity),
-        inject: Default::default(),
-        webhook: None,
-        registry: None,
-    })
-    .await
-    .unwrap();
+    let cp = mesh::control_plane(Some(dir.path()), identity).await;
 
     let v1 = EchoServer::start("productpage-v1").await;
     let v2 = EchoServer::start("productpage-v2").await;
@@ -406,7 +387,7 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
         delta: false,
         inbound: None,
         outbound: None,
-        join_token: Some(token(&cp, "istio-system", GATEWAY_SA).await),
+        join_token: Some(mesh::join_token(&cp, "istio-system", GATEWAY_SA).await),
     };
     let node = opts
         .gateway_node_info([(8080, 0), (8081, 0), (8443, 0), (31400, 0)].into(), Some("127.0.0.1".parse().unwrap()));

@@ -6,6 +6,8 @@
 //! client certificate (its Istio metrics), never from a configuration flag.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod mesh;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -15,9 +17,8 @@ use bytes::Bytes;
 use http::Method;
 use rustls::pki_types::pem::PemObject;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use weft_control::control::{ControlConfig, ControlPlane};
+use weft_control::control::ControlPlane;
 use weft_control::identity::IdentityConfig;
-use weft_control::translate::{MeshConfig, ProxyMode};
 use weft_identity::manager::CertManagerConfig;
 use weft_identity::tls::{client_config, PeerIdentities};
 use weft_identity::{CertManager, CredentialSource, SpiffeId};
@@ -30,31 +31,6 @@ use weft_testkit::net::reserve_addr;
 const WAIT: Duration = Duration::from_secs(30);
 
 const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\nspec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n";
-
-/// A control plane with the mesh CA, watching `dir` when given.
-async fn mesh_control_plane(dir: Option<&Path>, identity: IdentityConfig) -> ControlPlane {
-    ControlPlane::start(ControlConfig {
-        dir: dir.map(Path::to_path_buf),
-        xds: "127.0.0.1:0".parse().unwrap(),
-        api: "127.0.0.1:0".parse().unwrap(),
-        mode: ProxyMode::Explicit,
-        mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
-        identity: Some(identity),
-        inject: Default::default(),
-        webhook: None,
-        registry: None,
-    })
-    .await
-    .unwrap()
-}
-
-async fn token(cp: &ControlPlane, sa: &str) -> String {
-    let body = serde_json::json!({"namespace": "default", "serviceAccount": sa, "ttlSeconds": 3600});
-    let req = request(Method::POST, "weft", "/api/v1/tokens", Bytes::from(body.to_string())).unwrap();
-    let reply = send_h1(cp.api_addr, req).await.unwrap();
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    reply.json().unwrap()["token"].as_str().unwrap().to_string()
-}
 
 /// A weft sidecar with a mesh identity; `app` is the local application's port.
 async fn sidecar(
@@ -76,7 +52,7 @@ async fn sidecar_with_ttl(
     inbound: Option<SocketAddr>,
     ttl: Option<&str>,
 ) -> ProxyHandle {
-    let token = token(cp, sa).await;
+    let token = mesh::join_token(cp, "default", sa).await;
     let ports = app.map(|p| format!("  ports:\n  - {{name: http, port: {p}, protocol: TCP}}\n")).unwrap_or_default();
     let inbound = inbound.map(|a| format!("  inbound: {a}\n")).unwrap_or_default();
     let text = format!(
@@ -94,8 +70,11 @@ async fn sidecar_with_ttl(
 /// Our own mesh client identity (a CSR with a join token, as a proxy makes).
 async fn client_identity(cp: &ControlPlane, sa: &str) -> CertManager {
     let id = SpiffeId::new("cluster.local", "default", sa).unwrap();
-    let cfg =
-        CertManagerConfig::new(format!("http://{}", cp.xds_addr), CredentialSource::JoinToken(token(cp, sa).await), id);
+    let cfg = CertManagerConfig::new(
+        format!("http://{}", cp.xds_addr),
+        CredentialSource::JoinToken(mesh::join_token(cp, "default", sa).await),
+        id,
+    );
     CertManager::start(cfg).await.unwrap()
 }
 
@@ -146,7 +125,7 @@ async fn sidecars_talk_mtls_and_the_server_enforces_peer_authentication() {
     std::fs::write(dir.path().join("svc.yaml"), SERVICE).unwrap();
     let mut identity = IdentityConfig::new(data.path());
     identity.cert_ttl = Duration::from_secs(3600);
-    let cp = mesh_control_plane(Some(dir.path()), identity).await;
+    let cp = mesh::control_plane(Some(dir.path()), identity).await;
 
     let app = EchoServer::start("reviews-app").await;
     let inbound = reserve_addr();
@@ -226,7 +205,7 @@ async fn sidecars_talk_mtls_and_the_server_enforces_peer_authentication() {
     // A certificate from another CA (another control plane's) is refused, with a log
     // line and a metric naming the reason.
     let other_data = tempfile::tempdir().unwrap();
-    let other = mesh_control_plane(None, IdentityConfig::new(other_data.path())).await;
+    let other = mesh::control_plane(None, IdentityConfig::new(other_data.path())).await;
     let stranger = client_identity(&other, "bookinfo-productpage").await;
     // It trusts our CA, so the handshake gets as far as the server judging its certificate.
     stranger.set_trust_bundle(cp.identity.as_ref().unwrap().ca().trust_bundle());
@@ -277,7 +256,7 @@ async fn certificate_rotation_under_load_fails_no_request() {
     let data = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("svc.yaml"), SERVICE).unwrap();
-    let cp = mesh_control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
+    let cp = mesh::control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
     let app = EchoServer::start("reviews-app").await;
     let server =
         sidecar_with_ttl(&cp, "reviews", "bookinfo-reviews", Some(app.addr.port()), Some(reserve_addr()), Some("3s"))
@@ -369,7 +348,7 @@ async fn envoy_and_weft_sidecars_talk_mtls_both_ways_with_authorization() {
     let data = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("mesh.yaml"), INTEROP).unwrap();
-    let cp = mesh_control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
+    let cp = mesh::control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
 
     // reviews: an Envoy sidecar in front of its app; ratings: a weft sidecar.
     let reviews_app = EchoServer::start("reviews-app").await;
@@ -389,7 +368,7 @@ async fn envoy_and_weft_sidecars_talk_mtls_both_ways_with_authorization() {
         delta: false,
         inbound: Some(envoy_inbound),
         outbound: Some(envoy_outbound),
-        join_token: Some(token(&cp, "bookinfo-reviews").await),
+        join_token: Some(mesh::join_token(&cp, "default", "bookinfo-reviews").await),
     };
     let envoy = weft_testkit::envoy::Envoy::start(&render(&opts)).await.unwrap();
     let ratings =
@@ -482,7 +461,7 @@ async fn root_rotation_under_load_fails_no_request() {
     let data = tempfile::tempdir().unwrap();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("svc.yaml"), SERVICE).unwrap();
-    let cp = mesh_control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
+    let cp = mesh::control_plane(Some(dir.path()), IdentityConfig::new(data.path())).await;
     let app = EchoServer::start("reviews-app").await;
     let inbound = reserve_addr();
     let server =

@@ -6,26 +6,26 @@
 //! opened before the change, as soon as the server proxy has ACKed it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod mesh;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request};
+use http::Request;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use weft_control::control::{ControlConfig, ControlPlane};
+use weft_control::control::ControlPlane;
 use weft_control::identity::IdentityConfig;
-use weft_control::translate::{MeshConfig, ProxyMode};
 use weft_identity::manager::CertManagerConfig;
 use weft_identity::tls::{client_config, PeerIdentities};
 use weft_identity::{CertManager, CredentialSource, SpiffeId};
 use weft_proxy::bootstrap::Bootstrap;
 use weft_proxy::proxy::ProxyHandle;
 use weft_testkit::echo::{decode_message, encode_message, EchoServer, GrpcEchoServer, TcpEchoServer};
-use weft_testkit::http::{request, send_h1};
 use weft_xds::type_url;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -61,19 +61,7 @@ impl Mesh {
         std::fs::write(dir.path().join("svc.yaml"), service).unwrap();
         let mut identity = IdentityConfig::new(data.path());
         identity.cert_ttl = Duration::from_secs(3600);
-        let cp = ControlPlane::start(ControlConfig {
-            dir: Some(dir.path().to_path_buf()),
-            xds: "127.0.0.1:0".parse().unwrap(),
-            api: "127.0.0.1:0".parse().unwrap(),
-            mode: ProxyMode::Explicit,
-            mesh: MeshConfig { explicit_outbound: "127.0.0.1:0".parse().unwrap(), ..MeshConfig::default() },
-            identity: Some(identity),
-            inject: Default::default(),
-            webhook: None,
-            registry: None,
-        })
-        .await
-        .unwrap();
+        let cp = mesh::control_plane(Some(dir.path()), identity).await;
         let ports = [("http", http_app.addr.port()), ("grpc", grpc_app.addr.port()), ("tcp", tcp_app.addr.port())];
         let server = sidecar(&cp, "reviews", "bookinfo-reviews", &ports).await;
         let client = sidecar(&cp, "productpage", "bookinfo-productpage", &[]).await;
@@ -112,23 +100,15 @@ impl Mesh {
     /// Our own mesh client identity (`sleep`), as a proxy gets it.
     async fn identity(&self) -> CertManager {
         let id = SpiffeId::new("cluster.local", "default", "sleep").unwrap();
-        let token = token(&self.cp, "sleep").await;
+        let token = mesh::join_token(&self.cp, "default", "sleep").await;
         let cfg =
             CertManagerConfig::new(format!("http://{}", self.cp.xds_addr), CredentialSource::JoinToken(token), id);
         CertManager::start(cfg).await.unwrap()
     }
 }
 
-async fn token(cp: &ControlPlane, sa: &str) -> String {
-    let body = serde_json::json!({"namespace": "default", "serviceAccount": sa, "ttlSeconds": 3600});
-    let req = request(Method::POST, "weft", "/api/v1/tokens", Bytes::from(body.to_string())).unwrap();
-    let reply = send_h1(cp.api_addr, req).await.unwrap();
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    reply.json().unwrap()["token"].as_str().unwrap().to_string()
-}
-
 async fn sidecar(cp: &ControlPlane, name: &str, sa: &str, ports: &[(&str, u16)]) -> ProxyHandle {
-    let token = token(cp, sa).await;
+    let token = mesh::join_token(cp, "default", sa).await;
     let mut extra = String::new();
     if !ports.is_empty() {
         // `inbound|PORT` listeners take consecutive ports from the inbound address, which
