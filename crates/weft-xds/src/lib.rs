@@ -4,7 +4,8 @@
 //! - [`AdsClient`] runs one aggregated stream (state of the world or delta) against a
 //!   control plane and feeds a [`ResourceHandler`] that owns the proxy's state.
 //! - [`AdsServer`] serves resources from a [`XdsSource`] to any number of ADS clients
-//!   (weft proxies, Envoy, proxyless gRPC) and tracks what each connection ACKed.
+//!   (weft proxies and Envoy; proxyless gRPC clients are not served yet: no
+//!   `api_listener` Listeners) and tracks what each connection ACKed.
 //! - [`NodeInfo`] is the workload identity a proxy announces in its `Node` metadata.
 //!
 //! # Protocol choices (Envoy's xDS protocol document is the reference)

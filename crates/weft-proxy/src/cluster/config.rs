@@ -2,14 +2,14 @@
 //!
 //! Load-balancing policy, in order of precedence:
 //! 1. `metadata.filter_metadata["weft"].lb_policy` (a string: `PEAK_EWMA`, `ROUND_ROBIN`,
-//!    `LEAST_REQUEST`, `RANDOM`) — how weft's control plane asks for its default
-//!    balancer, P2C over peak-EWMA latency;
+//!    `LEAST_REQUEST`, `RANDOM`): P2C over peak-EWMA latency is chosen only this way
+//!    (the control plane does not ask for it today);
 //! 2. `load_balancing_policy`: the first policy weft understands
-//!    (`envoy.extensions.load_balancing_policies.{round_robin,least_request,random}.v3`;
-//!    ring hash and maglev map to peak EWMA until consistent hashing lands);
+//!    (`envoy.extensions.load_balancing_policies.{round_robin,least_request,random,
+//!    ring_hash,maglev}.v3`; ring hash and maglev both become weft's consistent-hash ring);
 //! 3. the `lb_policy` enum. Proto3 cannot tell an unset `lb_policy` from
 //!    `ROUND_ROBIN = 0`, so a cluster with no explicit policy anywhere is ROUND_ROBIN,
-//!    exactly as in Envoy. RING_HASH and MAGLEV map to peak EWMA for now.
+//!    exactly as in Envoy. RING_HASH and MAGLEV become the consistent-hash ring.
 
 pub use super::pool::UpstreamProtocol;
 use std::sync::Arc;
