@@ -14,10 +14,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::Request;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
+use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::AsyncReadExt;
 use weft_control::control::ControlPlane;
 use weft_control::identity::IdentityConfig;
 use weft_identity::manager::CertManagerConfig;
@@ -25,7 +25,8 @@ use weft_identity::tls::{client_config, PeerIdentities};
 use weft_identity::{CertManager, CredentialSource, SpiffeId};
 use weft_proxy::bootstrap::Bootstrap;
 use weft_proxy::proxy::ProxyHandle;
-use weft_testkit::echo::{decode_message, encode_message, EchoServer, GrpcEchoServer, TcpEchoServer};
+use weft_testkit::echo::{EchoServer, GrpcEchoServer, TcpEchoServer};
+use weft_testkit::open::{self, GrpcBidi, KeepAlive};
 use weft_xds::type_url;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -133,186 +134,35 @@ async fn sidecar(cp: &ControlPlane, name: &str, sa: &str, ports: &[(&str, u16)])
     p
 }
 
-/// A keep-alive HTTP/1.1 connection (plaintext) on which requests are sent one by one.
-struct H1 {
-    reader: BufReader<tokio::net::TcpStream>,
-}
-
-/// One HTTP/1.1 response: status, whether it said `connection: close`, and the body.
-#[derive(Debug)]
-struct H1Reply {
-    status: u16,
-    close: bool,
-    body: String,
-}
-
-impl H1 {
-    async fn connect(addr: SocketAddr) -> H1 {
-        H1 { reader: BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap()) }
-    }
-
-    /// Sends `GET target` (an absolute URL through an explicit proxy, or a path) and
-    /// reads the response; `None` when the connection was closed instead.
-    async fn get(&mut self, target: &str, host: &str) -> Option<H1Reply> {
-        let req = format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n\r\n");
-        self.reader.get_mut().write_all(req.as_bytes()).await.ok()?;
-        let mut line = String::new();
-        if self.reader.read_line(&mut line).await.ok()? == 0 {
-            return None;
-        }
-        let status = line.split(' ').nth(1)?.parse().ok()?;
-        let (mut length, mut close) = (0usize, false);
-        loop {
-            let mut h = String::new();
-            self.reader.read_line(&mut h).await.ok()?;
-            let h = h.trim_end().to_ascii_lowercase();
-            if h.is_empty() {
-                break;
-            }
-            if let Some(v) = h.strip_prefix("content-length:") {
-                length = v.trim().parse().ok()?;
-            }
-            if h.starts_with("connection:") && h.contains("close") {
-                close = true;
-            }
-        }
-        let mut body = vec![0u8; length];
-        self.reader.read_exact(&mut body).await.ok()?;
-        Some(H1Reply { status, close, body: String::from_utf8_lossy(&body).into_owned() })
-    }
-
-    /// True once the peer closed the connection (EOF or reset) within `within`.
-    async fn closed_within(&mut self, within: Duration) -> bool {
-        let mut buf = [0u8; 64];
-        matches!(tokio::time::timeout(within, self.reader.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
-    }
-}
-
-type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
-
-/// An HTTP/2 connection over mutual TLS to `addr` (the reviews sidecar's inbound port).
-async fn h2_mtls(me: &CertManager, addr: SocketAddr) -> H2Sender {
-    let mut cfg = client_config(me.identity(), PeerIdentities::OneOf(vec![REVIEWS_ID.parse().unwrap()])).unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("reviews.default.svc.cluster.local").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender
-}
-
-/// A GET on an open HTTP/2 connection: the status, or `None` when the stream failed.
-async fn h2_get(sender: &mut H2Sender, path: &str) -> Option<u16> {
-    sender.ready().await.ok()?;
-    let req = Request::get(format!("https://reviews:9080{path}")).body(Full::new(Bytes::new())).unwrap();
-    let resp = sender.send_request(req).await.ok()?;
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    Some(status)
-}
-
-/// A unary gRPC call on an open HTTP/2 connection: `grpc-status` (headers or trailers).
-async fn grpc_unary(sender: &mut H2Sender) -> Option<u32> {
-    sender.ready().await.ok()?;
-    let req = Request::post("https://reviews:9090/echo.Echo/Unary")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(encode_message(b"hi")))
-        .unwrap();
-    let resp = sender.send_request(req).await.ok()?;
-    let (parts, body) = resp.into_parts();
-    let collected = body.collect().await.ok()?;
-    let trailers = collected.trailers().cloned().unwrap_or_default();
-    let status = trailers.get("grpc-status").or_else(|| parts.headers.get("grpc-status"))?;
-    status.to_str().ok()?.parse().ok()
-}
-
-/// A bidirectional gRPC stream open on an HTTP/2 connection (reviews' Stream method).
-struct GrpcBidi {
-    tx: tokio::sync::mpsc::Sender<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
-    body: hyper::body::Incoming,
-    buf: bytes::BytesMut,
-}
-
-type StreamBody = http_body_util::StreamBody<
-    tokio_stream::wrappers::ReceiverStream<Result<hyper::body::Frame<Bytes>, std::convert::Infallible>>,
->;
-
-async fn grpc_stream(
+/// A TLS connection to `addr` presenting our mesh identity and expecting reviews' (`alpn`).
+async fn mtls(
     me: &CertManager,
     addr: SocketAddr,
-) -> (GrpcBidi, hyper::client::conn::http2::SendRequest<StreamBody>) {
+    alpn: &[u8],
+) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
     let mut cfg = client_config(me.identity(), PeerIdentities::OneOf(vec![REVIEWS_ID.parse().unwrap()])).unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    cfg.alpn_protocols = if alpn.is_empty() { Vec::new() } else { vec![alpn.to_vec()] };
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let name = rustls::pki_types::ServerName::try_from("reviews.default.svc.cluster.local").unwrap();
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap();
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, StreamBody>(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let req = Request::post("https://reviews:9090/echo.Echo/Stream")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    (GrpcBidi { tx, body: resp.into_body(), buf: bytes::BytesMut::new() }, sender)
+    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap()
 }
 
-impl GrpcBidi {
-    async fn echo(&mut self, msg: &'static [u8]) -> Option<Bytes> {
-        self.tx.send(Ok(hyper::body::Frame::data(encode_message(msg)))).await.ok()?;
-        loop {
-            if let Some(m) = decode_message(&mut self.buf).ok()? {
-                return Some(m);
-            }
-            let frame = self.body.frame().await?.ok()?;
-            self.buf.extend_from_slice(&frame.into_data().ok()?);
-        }
-    }
+/// An HTTP/2 connection over mutual TLS to `addr` (the reviews sidecar's inbound port).
+async fn h2_mtls(me: &CertManager, addr: SocketAddr) -> SendRequest<Full<Bytes>> {
+    open::h2(mtls(me, addr, b"h2").await).await.unwrap()
 }
 
-/// A unary call on the gRPC stream's own connection (a new stream on it).
-async fn grpc_unary_on(sender: &mut hyper::client::conn::http2::SendRequest<StreamBody>) -> Option<u32> {
-    sender.ready().await.ok()?;
-    let (tx, rx) = tokio::sync::mpsc::channel(1);
-    tx.send(Ok(hyper::body::Frame::data(encode_message(b"hi")))).await.ok()?;
-    drop(tx);
-    let body = http_body_util::StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-    let req = Request::post("https://reviews:9090/echo.Echo/Unary")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(body)
-        .unwrap();
-    let resp = sender.send_request(req).await.ok()?;
-    let (parts, body) = resp.into_parts();
-    let collected = body.collect().await.ok()?;
-    let trailers = collected.trailers().cloned().unwrap_or_default();
-    let status = trailers.get("grpc-status").or_else(|| parts.headers.get("grpc-status"))?;
-    status.to_str().ok()?.parse().ok()
+/// A GET of `path` on reviews' HTTP port over an open HTTP/2 connection.
+async fn h2_get(sender: &mut SendRequest<Full<Bytes>>, path: &str) -> Option<u16> {
+    open::h2_get(sender, &format!("https://reviews:9080{path}")).await
 }
 
 /// Sends `ping` on an open TCP connection; the echoed bytes (empty once closed).
 async fn tcp_ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> Vec<u8> {
-    if s.write_all(b"ping").await.is_err() {
-        return Vec::new();
-    }
-    let mut buf = [0u8; 4];
-    match tokio::time::timeout(WAIT, s.read_exact(&mut buf)).await {
-        Ok(Ok(_)) => buf.to_vec(),
-        _ => Vec::new(),
-    }
+    open::tcp_ping(s, WAIT).await
 }
+
+const GRPC: &str = "reviews:9090";
 
 fn policy(name: &str, spec: &str) -> String {
     format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n{spec}")
@@ -332,18 +182,18 @@ async fn deny_allow_delete_reach_open_http1_http2_grpc_and_tcp_connections() {
     // Open everything first: HTTP/1.1 keep-alive through productpage's sidecar (whose
     // pooled mTLS connection to reviews' sidecar carries every request), HTTP/2 and a
     // long gRPC stream straight to reviews' sidecar over mTLS, and a TCP connection.
-    let mut h1 = H1::connect(outbound).await;
+    let mut h1 = KeepAlive::connect(outbound).await.unwrap();
     let first = h1.get(url, "reviews:9080").await.expect("first request");
     assert_eq!(first.status, 200, "{first:?}");
     let mut h2 = h2_mtls(&me, mesh.inbound(mesh.http_app.addr.port()).await).await;
     assert_eq!(h2_get(&mut h2, "/h2").await, Some(200));
     let grpc_addr = mesh.inbound(mesh.grpc_app.addr.port()).await;
     let mut unary = h2_mtls(&me, grpc_addr).await;
-    assert_eq!(grpc_unary(&mut unary).await, Some(0));
-    let (mut stream, mut stream_conn) = grpc_stream(&me, grpc_addr).await;
+    assert_eq!(open::grpc_unary(&mut unary, GRPC).await, Some(0));
+    let (mut stream, mut stream_conn) = GrpcBidi::open(mtls(&me, grpc_addr, b"h2").await, GRPC).await.unwrap();
     assert_eq!(stream.echo(b"one").await.as_deref(), Some(&b"one"[..]));
     let tcp_inbound = mesh.inbound(mesh.tcp_app.addr.port()).await;
-    let mut tcp = tcp_mtls(&me, tcp_inbound).await;
+    let mut tcp = mtls(&me, tcp_inbound, b"").await;
     assert_eq!(tcp_ping(&mut tcp).await, b"ping");
     let apps_before = mesh.http_app.requests();
 
@@ -352,8 +202,8 @@ async fn deny_allow_delete_reach_open_http1_http2_grpc_and_tcp_connections() {
     let denied = h1.get(url, "reviews:9080").await.expect("the HTTP/1.1 connection stays open");
     assert_eq!((denied.status, denied.body.as_str()), (403, "RBAC: access denied"), "{denied:?}");
     assert_eq!(h2_get(&mut h2, "/h2").await, Some(403));
-    assert_eq!(grpc_unary(&mut unary).await, Some(7), "PERMISSION_DENIED");
-    assert_eq!(grpc_unary_on(&mut stream_conn).await, Some(7), "a new call beside the long stream");
+    assert_eq!(open::grpc_unary(&mut unary, GRPC).await, Some(7), "PERMISSION_DENIED");
+    assert_eq!(open::grpc_unary_streamed(&mut stream_conn, GRPC).await, Some(7), "a new call beside the long stream");
     assert_eq!(mesh.http_app.requests(), apps_before, "no denied request reached the app");
     // TCP: the network RBAC policy now denies the open connection, which is closed.
     assert_eq!(tcp_ping(&mut tcp).await, b"");
@@ -362,8 +212,8 @@ async fn deny_allow_delete_reach_open_http1_http2_grpc_and_tcp_connections() {
     mesh.write("policy.yaml", &policy("allow-all", "  rules: [{}]\n")).await;
     assert_eq!(h1.get(url, "reviews:9080").await.map(|r| r.status), Some(200));
     assert_eq!(h2_get(&mut h2, "/h2").await, Some(200));
-    assert_eq!(grpc_unary(&mut unary).await, Some(0));
-    assert_eq!(grpc_unary_on(&mut stream_conn).await, Some(0));
+    assert_eq!(open::grpc_unary(&mut unary, GRPC).await, Some(0));
+    assert_eq!(open::grpc_unary_streamed(&mut stream_conn, GRPC).await, Some(0));
     assert_eq!(stream.echo(b"two").await.as_deref(), Some(&b"two"[..]), "the long stream is still open");
 
     // A DENY for one path only, then deleting every policy: each reaches them too.
@@ -378,7 +228,7 @@ async fn deny_allow_delete_reach_open_http1_http2_grpc_and_tcp_connections() {
     mesh.write("policy.yaml", "").await;
     assert_eq!(h1.get("http://reviews:9080/admin", "reviews:9080").await.map(|r| r.status), Some(200));
     assert_eq!(h2_get(&mut h2, "/admin").await, Some(200));
-    assert_eq!(grpc_unary(&mut unary).await, Some(0));
+    assert_eq!(open::grpc_unary(&mut unary, GRPC).await, Some(0));
 
     let m = metrics(&mesh.server).await;
     assert!(
@@ -390,13 +240,6 @@ async fn deny_allow_delete_reach_open_http1_http2_grpc_and_tcp_connections() {
     drop(stream);
 }
 
-async fn tcp_mtls(me: &CertManager, addr: SocketAddr) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
-    let cfg = client_config(me.identity(), PeerIdentities::OneOf(vec![REVIEWS_ID.parse().unwrap()])).unwrap();
-    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let name = rustls::pki_types::ServerName::try_from("reviews.default.svc.cluster.local").unwrap();
-    tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn strict_drains_plaintext_connections_opened_before_it() {
     let mesh = Mesh::start().await;
@@ -405,9 +248,9 @@ async fn strict_drains_plaintext_connections_opened_before_it() {
 
     // PERMISSIVE (the default): plaintext keep-alive HTTP/1.1 connections, an h2c
     // connection and a plaintext TCP connection are served.
-    let mut idle = H1::connect(http_inbound).await;
+    let mut idle = KeepAlive::connect(http_inbound).await.unwrap();
     assert_eq!(idle.get("/a", "reviews").await.map(|r| r.status), Some(200));
-    let mut busy = H1::connect(http_inbound).await;
+    let mut busy = KeepAlive::connect(http_inbound).await.unwrap();
     assert_eq!(busy.get("/a", "reviews").await.map(|r| r.status), Some(200));
     let h2c = tokio::net::TcpStream::connect(http_inbound).await.unwrap();
     let (mut h2c, conn) =
@@ -441,7 +284,7 @@ async fn strict_drains_plaintext_connections_opened_before_it() {
     assert!(h2_end.is_ok(), "the h2c connection did not end after STRICT");
     assert!(applied.elapsed() < budget + Duration::from_secs(1));
     // New plaintext connections are refused.
-    let mut fresh = H1::connect(http_inbound).await;
+    let mut fresh = KeepAlive::connect(http_inbound).await.unwrap();
     assert!(fresh.get("/c", "reviews").await.is_none(), "a new plaintext connection was served under STRICT");
 
     let m = metrics(&mesh.server).await;

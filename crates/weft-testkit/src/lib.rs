@@ -10,6 +10,7 @@ pub mod envoy;
 pub mod http;
 pub mod jwt;
 pub mod net;
+pub mod open;
 pub mod pki;
 pub mod tools;
 pub mod xds;

@@ -9,7 +9,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, VecDeque};
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Stdio;
@@ -17,19 +16,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures::SinkExt;
-use http::{Method, Request};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Frame;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use http::Method;
+use http_body_util::Full;
+use hyper::client::conn::http2::SendRequest;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::process::{Child, ChildStderr, Command};
 use tokio_rustls::rustls::pki_types::ServerName;
 use weft_identity::manager::CertManagerConfig;
 use weft_identity::tls::{client_config, PeerIdentities};
 use weft_identity::{CertManager, CredentialSource, SpiffeId};
-use weft_testkit::echo::{decode_message, encode_message, EchoServer, GrpcEchoServer, TcpEchoServer};
+use weft_testkit::echo::{EchoServer, GrpcEchoServer, TcpEchoServer};
 use weft_testkit::http::{get_h1, get_via_proxy, request, send_h1};
+use weft_testkit::open::{self, GrpcBidi, KeepAlive};
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 /// How long a test waits for a fact (a process up, a push ACKed) before failing.
@@ -278,57 +276,6 @@ async fn ready(admin: SocketAddr) -> bool {
     false
 }
 
-/// A keep-alive HTTP/1.1 connection (plaintext) on which requests are sent one by one.
-struct H1 {
-    reader: BufReader<tokio::net::TcpStream>,
-}
-
-/// One HTTP/1.1 response: status and body.
-#[derive(Debug)]
-struct H1Reply {
-    status: u16,
-    body: String,
-}
-
-impl H1 {
-    async fn connect(addr: SocketAddr) -> H1 {
-        H1 { reader: BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap()) }
-    }
-
-    /// Sends `GET target` (an absolute URL through an explicit proxy, or a path) and
-    /// reads the response; `None` when the connection was closed instead.
-    async fn get(&mut self, target: &str, host: &str) -> Option<H1Reply> {
-        let req = format!("GET {target} HTTP/1.1\r\nhost: {host}\r\n\r\n");
-        self.reader.get_mut().write_all(req.as_bytes()).await.ok()?;
-        let mut line = String::new();
-        if tokio::time::timeout(WAIT, self.reader.read_line(&mut line)).await.ok()?.ok()? == 0 {
-            return None;
-        }
-        let status = line.split(' ').nth(1)?.parse().ok()?;
-        let mut length = 0usize;
-        loop {
-            let mut h = String::new();
-            self.reader.read_line(&mut h).await.ok()?;
-            let h = h.trim_end().to_ascii_lowercase();
-            if h.is_empty() {
-                break;
-            }
-            if let Some(v) = h.strip_prefix("content-length:") {
-                length = v.trim().parse().ok()?;
-            }
-        }
-        let mut body = vec![0u8; length];
-        self.reader.read_exact(&mut body).await.ok()?;
-        Some(H1Reply { status, body: String::from_utf8_lossy(&body).into_owned() })
-    }
-
-    /// True once the peer closed the connection (EOF or reset) within `within`.
-    async fn closed_within(&mut self, within: Duration) -> bool {
-        let mut buf = [0u8; 64];
-        matches!(tokio::time::timeout(within, self.reader.read(&mut buf)).await, Ok(Ok(0)) | Ok(Err(_)))
-    }
-}
-
 /// Mutual TLS to the reviews sidecar's inbound `addr` as `me`, offering `alpn`.
 async fn mtls(
     me: &CertManager,
@@ -342,121 +289,22 @@ async fn mtls(
     tokio_rustls::TlsConnector::from(Arc::new(cfg)).connect(name, tcp).await.unwrap()
 }
 
-type H2Sender = hyper::client::conn::http2::SendRequest<Full<Bytes>>;
-
 /// An HTTP/2 connection over mutual TLS to `addr` (the reviews sidecar's inbound port).
-async fn h2_mtls(me: &CertManager, addr: SocketAddr) -> H2Sender {
-    let tls = mtls(me, addr, &[b"h2"]).await;
-    let (sender, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls)).await.unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    sender
+async fn h2_mtls(me: &CertManager, addr: SocketAddr) -> SendRequest<Full<Bytes>> {
+    open::h2(mtls(me, addr, &[b"h2"]).await).await.unwrap()
 }
 
-/// A GET on an open HTTP/2 connection: the status, or `None` when the stream failed.
-async fn h2_get(sender: &mut H2Sender, path: &str) -> Option<u16> {
-    sender.ready().await.ok()?;
-    let req = Request::get(format!("https://reviews:9080{path}")).body(Full::new(Bytes::new())).unwrap();
-    let resp = sender.send_request(req).await.ok()?;
-    let status = resp.status().as_u16();
-    let _ = resp.into_body().collect().await;
-    Some(status)
-}
-
-/// `grpc-status` of a gRPC response (trailers, or headers for a trailers-only answer).
-async fn grpc_status<B>(resp: http::Response<B>) -> Option<u32>
-where
-    B: hyper::body::Body,
-{
-    let (parts, body) = resp.into_parts();
-    let collected = body.collect().await.ok()?;
-    let trailers = collected.trailers().cloned().unwrap_or_default();
-    let status = trailers.get("grpc-status").or_else(|| parts.headers.get("grpc-status"))?;
-    status.to_str().ok()?.parse().ok()
-}
-
-/// A unary gRPC call on an open HTTP/2 connection: its `grpc-status`.
-async fn grpc_unary(sender: &mut H2Sender) -> Option<u32> {
-    sender.ready().await.ok()?;
-    let req = Request::post("https://reviews:9090/echo.Echo/Unary")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(Full::new(encode_message(b"hi")))
-        .unwrap();
-    grpc_status(sender.send_request(req).await.ok()?).await
-}
-
-type FrameTx = futures::channel::mpsc::Sender<Result<Frame<Bytes>, Infallible>>;
-type StreamBody = http_body_util::StreamBody<futures::channel::mpsc::Receiver<Result<Frame<Bytes>, Infallible>>>;
-type StreamSender = hyper::client::conn::http2::SendRequest<StreamBody>;
-
-/// A bidirectional gRPC stream open on an HTTP/2 connection (reviews' Stream method).
-struct GrpcBidi {
-    tx: FrameTx,
-    body: hyper::body::Incoming,
-    buf: bytes::BytesMut,
-}
-
-/// Opens a long gRPC stream over mTLS to `addr`; the stream and its connection.
-async fn grpc_stream(me: &CertManager, addr: SocketAddr) -> (GrpcBidi, StreamSender) {
-    let tls = mtls(me, addr, &[b"h2"]).await;
-    let (mut sender, conn) =
-        hyper::client::conn::http2::handshake::<_, _, StreamBody>(TokioExecutor::new(), TokioIo::new(tls))
-            .await
-            .unwrap();
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let (tx, rx) = futures::channel::mpsc::channel(4);
-    let req = Request::post("https://reviews:9090/echo.Echo/Stream")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::StreamBody::new(rx))
-        .unwrap();
-    let resp = sender.send_request(req).await.unwrap();
-    assert_eq!(resp.status(), 200);
-    (GrpcBidi { tx, body: resp.into_body(), buf: bytes::BytesMut::new() }, sender)
-}
-
-impl GrpcBidi {
-    async fn echo(&mut self, msg: &'static [u8]) -> Option<Bytes> {
-        self.tx.send(Ok(Frame::data(encode_message(msg)))).await.ok()?;
-        loop {
-            if let Some(m) = decode_message(&mut self.buf).ok()? {
-                return Some(m);
-            }
-            let frame = tokio::time::timeout(WAIT, self.body.frame()).await.ok()??.ok()?;
-            self.buf.extend_from_slice(&frame.into_data().ok()?);
-        }
-    }
-}
-
-/// A unary call on the gRPC stream's own connection (a new stream on it).
-async fn grpc_unary_on(sender: &mut StreamSender) -> Option<u32> {
-    sender.ready().await.ok()?;
-    let (mut tx, rx) = futures::channel::mpsc::channel(1);
-    tx.send(Ok(Frame::data(encode_message(b"hi")))).await.ok()?;
-    drop(tx);
-    let req = Request::post("https://reviews:9090/echo.Echo/Unary")
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .body(http_body_util::StreamBody::new(rx))
-        .unwrap();
-    grpc_status(sender.send_request(req).await.ok()?).await
+/// A GET of `path` on reviews' HTTP port over an open HTTP/2 connection.
+async fn h2_get(sender: &mut SendRequest<Full<Bytes>>, path: &str) -> Option<u16> {
+    open::h2_get(sender, &format!("https://reviews:9080{path}")).await
 }
 
 /// Sends `ping` on an open TCP connection; the echoed bytes (empty once closed).
 async fn tcp_ping<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(s: &mut S) -> Vec<u8> {
-    if s.write_all(b"ping").await.is_err() {
-        return Vec::new();
-    }
-    let mut buf = [0u8; 4];
-    match tokio::time::timeout(WAIT, s.read_exact(&mut buf)).await {
-        Ok(Ok(_)) => buf.to_vec(),
-        _ => Vec::new(),
-    }
+    open::tcp_ping(s, WAIT).await
 }
+
+const GRPC: &str = "reviews:9090";
 
 fn policy(name: &str, spec: &str) -> String {
     format!("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n{spec}")
@@ -497,15 +345,15 @@ async fn deny_allow_delete_reach_open_connections_through_weft_processes() {
     // Open everything first: HTTP/1.1 keep-alive through productpage's sidecar (whose
     // pooled mTLS connection to reviews' sidecar carries every request), HTTP/2 and a
     // long gRPC stream straight to reviews' sidecar over mTLS, and a TCP connection.
-    let mut h1 = H1::connect(outbound).await;
+    let mut h1 = KeepAlive::connect(outbound).await.unwrap();
     let first = h1.get(url, "reviews:9080").await.expect("first request");
     assert_eq!(first.status, 200, "{first:?}");
     let mut h2 = h2_mtls(&me, mesh.inbound(mesh.http_app.addr.port()).await).await;
     assert_eq!(h2_get(&mut h2, "/h2").await, Some(200));
     let grpc_addr = mesh.inbound(mesh.grpc_app.addr.port()).await;
     let mut unary = h2_mtls(&me, grpc_addr).await;
-    assert_eq!(grpc_unary(&mut unary).await, Some(0));
-    let (mut stream, mut stream_conn) = grpc_stream(&me, grpc_addr).await;
+    assert_eq!(open::grpc_unary(&mut unary, GRPC).await, Some(0));
+    let (mut stream, mut stream_conn) = GrpcBidi::open(mtls(&me, grpc_addr, &[b"h2"]).await, GRPC).await.unwrap();
     assert_eq!(stream.echo(b"one").await.as_deref(), Some(&b"one"[..]));
     let mut tcp = mtls(&me, mesh.inbound(mesh.tcp_app.addr.port()).await, &[]).await;
     assert_eq!(tcp_ping(&mut tcp).await, b"ping");
@@ -517,8 +365,8 @@ async fn deny_allow_delete_reach_open_connections_through_weft_processes() {
     let denied = h1.get(url, "reviews:9080").await.expect("the HTTP/1.1 connection stays open");
     assert_eq!((denied.status, denied.body.as_str()), (403, "RBAC: access denied"), "{denied:?}");
     assert_eq!(h2_get(&mut h2, "/h2").await, Some(403));
-    assert_eq!(grpc_unary(&mut unary).await, Some(7), "PERMISSION_DENIED");
-    assert_eq!(grpc_unary_on(&mut stream_conn).await, Some(7), "a new call beside the long stream");
+    assert_eq!(open::grpc_unary(&mut unary, GRPC).await, Some(7), "PERMISSION_DENIED");
+    assert_eq!(open::grpc_unary_streamed(&mut stream_conn, GRPC).await, Some(7), "a new call beside the long stream");
     assert_eq!(mesh.http_app.requests(), apps_before, "no denied request reached the HTTP app");
     assert_eq!(mesh.grpc_app.requests(), grpc_before, "no denied call reached the gRPC app");
     // TCP: the network RBAC policy now denies the open connection, which is closed.
@@ -528,8 +376,8 @@ async fn deny_allow_delete_reach_open_connections_through_weft_processes() {
     mesh.write("policy.yaml", &policy("allow-all", "  rules: [{}]\n")).await;
     assert_eq!(h1.get(url, "reviews:9080").await.map(|r| r.status), Some(200));
     assert_eq!(h2_get(&mut h2, "/h2").await, Some(200));
-    assert_eq!(grpc_unary(&mut unary).await, Some(0));
-    assert_eq!(grpc_unary_on(&mut stream_conn).await, Some(0));
+    assert_eq!(open::grpc_unary(&mut unary, GRPC).await, Some(0));
+    assert_eq!(open::grpc_unary_streamed(&mut stream_conn, GRPC).await, Some(0));
     assert_eq!(stream.echo(b"two").await.as_deref(), Some(&b"two"[..]), "the long stream is still open");
 
     // A DENY again, then deleting the policy: the same connections pass.
@@ -539,8 +387,8 @@ async fn deny_allow_delete_reach_open_connections_through_weft_processes() {
     mesh.write("policy.yaml", "").await;
     assert_eq!(h1.get(url, "reviews:9080").await.map(|r| r.status), Some(200));
     assert_eq!(h2_get(&mut h2, "/h2").await, Some(200));
-    assert_eq!(grpc_unary(&mut unary).await, Some(0));
-    assert_eq!(grpc_unary_on(&mut stream_conn).await, Some(0));
+    assert_eq!(open::grpc_unary(&mut unary, GRPC).await, Some(0));
+    assert_eq!(open::grpc_unary_streamed(&mut stream_conn, GRPC).await, Some(0));
 
     wait_drained(&mesh.server, "rbac_denied").await;
 }
@@ -553,7 +401,7 @@ async fn strict_drains_plaintext_connections_opened_before_it_through_weft_proce
 
     // PERMISSIVE (the default): a plaintext keep-alive HTTP/1.1 connection and a
     // plaintext TCP connection are served.
-    let mut h1 = H1::connect(http_inbound).await;
+    let mut h1 = KeepAlive::connect(http_inbound).await.unwrap();
     assert_eq!(h1.get("/a", "reviews").await.map(|r| r.status), Some(200));
     let mut tcp = tokio::net::TcpStream::connect(tcp_inbound).await.unwrap();
     assert_eq!(tcp_ping(&mut tcp).await, b"ping");
@@ -568,7 +416,7 @@ async fn strict_drains_plaintext_connections_opened_before_it_through_weft_proce
     let tcp_end = tokio::time::timeout(budget, tcp.read(&mut buf)).await;
     assert!(matches!(tcp_end, Ok(Ok(0)) | Ok(Err(_))), "plaintext TCP connection still open after STRICT: {tcp_end:?}");
     // New plaintext connections are refused.
-    let mut fresh = H1::connect(http_inbound).await;
+    let mut fresh = KeepAlive::connect(http_inbound).await.unwrap();
     assert!(fresh.get("/c", "reviews").await.is_none(), "a new plaintext HTTP connection was served under STRICT");
     // (More bytes than a TLS record header, so the listener can tell it is not TLS.)
     let mut fresh_tcp = tokio::net::TcpStream::connect(tcp_inbound).await.unwrap();
