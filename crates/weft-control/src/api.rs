@@ -1,5 +1,6 @@
 //! The control plane's JSON API (what `weft apply/get/delete/proxy-status/proxy-config`
-//! call): resources in and out, and every proxy's sync state.
+//! call): resources in and out, and every proxy's sync state; and its Prometheus
+//! metrics (`GET /metrics`, [`crate::metrics`]).
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -39,6 +40,8 @@ pub struct Api {
     pub secrets: Option<Arc<crate::secrets::SecretSource>>,
     /// What the `/inject` admission webhook injects.
     pub inject: crate::inject::InjectConfig,
+    /// Prometheus metrics (`GET /metrics`).
+    pub metrics: Arc<crate::metrics::ControlMetrics>,
 }
 
 /// Which endpoints a listener serves.
@@ -155,6 +158,15 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 StatusCode::OK,
                 json!({"version": snap.version, "items": items, "errors": snap.errors.iter().map(|e| e.to_string()).collect::<Vec<_>>()}),
             )
+        }
+        (Method::GET, "/metrics") | (Method::GET, "/stats/prometheus") => {
+            let text = api.metrics.render(api.server.connection_count(), api.identity.as_deref().map(|a| a.stats()));
+            let mut r = Response::new(Full::new(Bytes::from(text)));
+            r.headers_mut().insert(
+                http::header::CONTENT_TYPE,
+                http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            r
         }
         (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
         (Method::GET, "/api/v1/registry") => reply(StatusCode::OK, registry(api)),

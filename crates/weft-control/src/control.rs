@@ -109,7 +109,8 @@ impl ControlPlane {
             Some(s) => s.clone(),
             None => source.clone(),
         };
-        let server = AdsServer::new(served);
+        let metrics = Arc::new(crate::metrics::ControlMetrics::new());
+        let server = AdsServer::observed(served, metrics.xds());
         let xds_sock = TcpListener::bind(cfg.xds).await.map_err(|e| format!("cannot bind xDS on {}: {e}", cfg.xds))?;
         let api_sock = TcpListener::bind(cfg.api).await.map_err(|e| format!("cannot bind API on {}: {e}", cfg.api))?;
         let xds_addr = xds_sock.local_addr().unwrap_or(cfg.xds);
@@ -153,6 +154,7 @@ impl ControlPlane {
             identity: identity.clone(),
             secrets,
             inject: cfg.inject.clone(),
+            metrics,
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));

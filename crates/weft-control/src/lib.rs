@@ -10,6 +10,7 @@ pub mod identity;
 pub mod inject;
 pub mod inspect;
 pub mod jwks;
+pub mod metrics;
 pub mod registry;
 pub mod secrets;
 pub mod source;

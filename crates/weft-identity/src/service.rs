@@ -7,6 +7,7 @@
 //! method): no protobuf compiler at build time.
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -51,13 +52,33 @@ pub struct CertificateAuthority {
     tokens: Arc<TokenIssuer>,
     default_ttl: Duration,
     max_ttl: Duration,
+    stats: CertificateStats,
+}
+
+/// What the certificate service counted since start (the control plane exports them as
+/// Istio's `citadel_server_*` metrics).
+#[derive(Debug, Default)]
+pub struct CertificateStats {
+    csrs: AtomicU64,
+    issued: AtomicU64,
 }
 
 impl CertificateAuthority {
     /// Leaves live `default_ttl` unless the request asks for another TTL; one over
     /// `max_ttl` (raised to `default_ttl` if lower) is refused, as Istio's CA does.
     pub fn new(ca: Arc<Ca>, tokens: Arc<TokenIssuer>, default_ttl: Duration, max_ttl: Duration) -> Self {
-        CertificateAuthority { ca, tokens, default_ttl, max_ttl: max_ttl.max(default_ttl) }
+        CertificateAuthority {
+            ca,
+            tokens,
+            default_ttl,
+            max_ttl: max_ttl.max(default_ttl),
+            stats: CertificateStats::default(),
+        }
+    }
+
+    /// Requests received and certificates issued by [`CertificateAuthority::create_certificate`].
+    pub fn stats(&self) -> &CertificateStats {
+        &self.stats
     }
 
     /// The CA.
@@ -71,8 +92,20 @@ impl CertificateAuthority {
     }
 
     /// Verifies the credential (the `authorization` value), then signs the CSR for the
-    /// identity it grants; the chain to return.
+    /// identity it grants; the chain to return. Counts the request, and the certificate
+    /// when one is issued ([`CertificateAuthority::stats`]).
     pub fn create_certificate(
+        &self,
+        authorization: Option<&str>,
+        req: &IstioCertificateRequest,
+    ) -> Result<Vec<String>, IdentityError> {
+        self.stats.csrs.fetch_add(1, Ordering::Relaxed);
+        let chain = self.sign_request(authorization, req)?;
+        self.stats.issued.fetch_add(1, Ordering::Relaxed);
+        Ok(chain)
+    }
+
+    fn sign_request(
         &self,
         authorization: Option<&str>,
         req: &IstioCertificateRequest,
@@ -116,6 +149,18 @@ impl CertificateAuthority {
     /// The tonic service, to mount on a gRPC server.
     pub fn service(self: &Arc<Self>) -> CertificateServer {
         CertificateServer { authority: self.clone() }
+    }
+}
+
+impl CertificateStats {
+    /// Certificate signing requests received, refused ones included.
+    pub fn csrs(&self) -> u64 {
+        self.csrs.load(Ordering::Relaxed)
+    }
+
+    /// Certificates issued.
+    pub fn issued(&self) -> u64 {
+        self.issued.load(Ordering::Relaxed)
     }
 }
 

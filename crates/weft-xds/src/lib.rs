@@ -48,7 +48,7 @@ pub use client::{
 };
 pub use error::XdsError;
 pub use node::{NodeInfo, PortInfo};
-pub use server::{AdsServer, AdsService, ConnectionStatus, NackInfo, TypeStatus};
+pub use server::{AdsServer, AdsService, ConnectionStatus, NackInfo, TypeStatus, XdsObserver};
 pub use source::{Resolved, StaticSource, XdsSource};
 pub use type_url::resource_name;
 

@@ -98,8 +98,30 @@ pub struct NackInfo {
     pub error: String,
 }
 
+/// What an [`AdsServer`] reports as it serves, for metrics. Called on the stream tasks
+/// after the fact: implementations keep it cheap (atomics) and never block.
+pub trait XdsObserver: Send + Sync + 'static {
+    /// A response of `type_url` went out: `push_time` from starting to build it to
+    /// handing it to the stream; `convergence` from the moment the stream saw the source
+    /// change that called for it to that hand-over (None for a response to a request).
+    fn pushed(&self, type_url: &str, push_time: Duration, convergence: Option<Duration>) {
+        let _ = (type_url, push_time, convergence);
+    }
+
+    /// The peer rejected (NACKed) a response of `type_url`.
+    fn rejected(&self, type_url: &str) {
+        let _ = type_url;
+    }
+}
+
+/// The observer of a server nobody observes.
+struct Unobserved;
+
+impl XdsObserver for Unobserved {}
+
 struct Shared {
     source: Arc<dyn XdsSource>,
+    observer: Arc<dyn XdsObserver>,
     connections: Mutex<BTreeMap<u64, ConnectionStatus>>,
     changes: watch::Sender<u64>,
     stop: watch::Sender<bool>,
@@ -116,9 +138,15 @@ struct Registration {
 impl AdsServer {
     /// A server for `source`.
     pub fn new(source: Arc<dyn XdsSource>) -> Self {
+        Self::observed(source, Arc::new(Unobserved))
+    }
+
+    /// A server for `source` that reports its pushes and NACKs to `observer`.
+    pub fn observed(source: Arc<dyn XdsSource>, observer: Arc<dyn XdsObserver>) -> Self {
         AdsServer {
             shared: Arc::new(Shared {
                 source,
+                observer,
                 connections: Mutex::new(BTreeMap::new()),
                 changes: watch::channel(0).0,
                 stop: watch::channel(false).0,
@@ -170,6 +198,11 @@ impl AdsServer {
     /// Open connections.
     pub fn connections(&self) -> Vec<ConnectionStatus> {
         self.shared.lock().values().cloned().collect()
+    }
+
+    /// Number of open connections (without copying their status).
+    pub fn connection_count(&self) -> usize {
+        self.shared.lock().len()
     }
 
     /// Bumps on every ACK/NACK/send/connect/disconnect.

@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::{mpsc, watch};
@@ -90,26 +90,29 @@ impl<V: Variant> Stream<V> {
             record_reply(&self.registration, &type_url, reply);
         }
         if received.push {
-            self.push(&type_url).await
+            self.push(&type_url, None).await
         } else {
             Ok(())
         }
     }
 
-    /// Re-sends, per subscribed type, what changed at the source.
-    async fn push_all(&mut self) -> Result<(), Status> {
+    /// Re-sends, per subscribed type, what changed at the source (seen at `changed_at`).
+    async fn push_all(&mut self, changed_at: Instant) -> Result<(), Status> {
         let types: Vec<String> = self.types.keys().cloned().collect();
         for type_url in types {
-            self.push(&type_url).await?;
+            self.push(&type_url, Some(changed_at)).await?;
         }
         Ok(())
     }
 
-    /// Sends the response the variant says a type needs, if any, and reports it.
-    async fn push(&mut self, type_url: &str) -> Result<(), Status> {
+    /// Sends the response the variant says a type needs, if any, and reports it (to
+    /// the connection's status and the server's observer; `changed_at`: when the source
+    /// change that called for it was seen, for the convergence time).
+    async fn push(&mut self, type_url: &str, changed_at: Option<Instant>) -> Result<(), Status> {
         let Some(state) = self.types.get_mut(type_url) else {
             return Ok(());
         };
+        let started = Instant::now();
         let registration = &self.registration;
         let nonce = self.nonce + 1;
         let Some((response, version)) =
@@ -119,6 +122,12 @@ impl<V: Variant> Stream<V> {
         };
         self.nonce = nonce;
         self.tx.send(Ok(response)).await.map_err(|_| Status::cancelled("peer went away"))?;
+        let sent = Instant::now();
+        self.registration.shared.observer.pushed(
+            type_url,
+            sent.duration_since(started),
+            changed_at.map(|at| sent.duration_since(at)),
+        );
         self.registration.update(type_url, |t| {
             t.sent_version = Some(version);
             t.sent_nonce = Some(nonce.to_string());
@@ -165,7 +174,7 @@ pub(super) async fn drive<V: Variant>(
             },
             changed = changes.changed(), if source_open => {
                 source_open = changed.is_ok();
-                stream.push_all().await
+                stream.push_all(Instant::now()).await
             }
             () = stopped(&mut stop) => return,
         };
@@ -181,6 +190,7 @@ fn record_reply(registration: &Registration, type_url: &str, reply: Reply) {
     match reply.error {
         Some(status) => {
             tracing::warn!(node = %registration.node.id, type_url, nonce = %reply.nonce, error = %status.message, "NACK");
+            registration.shared.observer.rejected(type_url);
             registration.update(type_url, |t| {
                 t.last_nack = Some(NackInfo { version: reply.sent_version, nonce: reply.nonce, error: status.message });
             });
