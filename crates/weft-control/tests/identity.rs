@@ -17,7 +17,7 @@ use weft_identity::ca::verify_chain;
 use weft_identity::manager::CertManagerConfig;
 use weft_identity::tls::{client_config, PeerIdentities};
 use weft_identity::{CertManager, CredentialSource, IdentityError, SpiffeId};
-use weft_testkit::envoy::{ads_bootstrap, Envoy};
+use weft_testkit::envoy::Envoy;
 use weft_testkit::http::{get_h1, request, send_h1};
 use weft_xds::type_url::SECRET;
 
@@ -56,6 +56,22 @@ async fn new_token(cp: &ControlPlane, ns: &str, sa: &str) -> anyhow::Result<(Str
 fn web() -> SpiffeId {
     SpiffeId::new("cluster.local", "default", "web").expect("id")
 }
+
+/// The filters of the Envoy listener that terminates mTLS with SDS secrets.
+const MTLS_FILTERS: &str = r#"      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: mtls
+          route_config:
+            virtual_hosts:
+            - name: all
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                direct_response: { status: 200, body: { inline_string: "hello over mtls" } }
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }"#;
 
 #[tokio::test]
 async fn a_proxy_rotates_its_certificate_from_the_control_plane_on_the_xds_port() -> anyhow::Result<()> {
@@ -138,56 +154,12 @@ async fn a_default_certificate_ttl_over_the_maximum_stops_the_start() -> anyhow:
     Ok(())
 }
 
-/// Bootstrap of an Envoy whose only listener terminates mTLS with SDS secrets from ADS.
-fn sds_bootstrap(xds: std::net::SocketAddr, token: &str) -> String {
-    let base = ads_bootstrap(xds, "envoy-gw", false);
-    let metadata = format!(
-        "  cluster: \"weft-test\"\n  metadata:\n    NAME: envoy-gw\n    NAMESPACE: default\n    SERVICE_ACCOUNT: gateway\n    WEFT_JOIN_TOKEN: \"{token}\"\n"
-    );
-    let listener = r#"static_resources:
-  listeners:
-  - name: mtls
-    address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificate_sds_secret_configs:
-            - name: default
-              sds_config: { ads: {}, resource_api_version: V3 }
-            combined_validation_context:
-              default_validation_context: {}
-              validation_context_sds_secret_config:
-                name: ROOTCA
-                sds_config: { ads: {}, resource_api_version: V3 }
-      filters:
-      - name: envoy.filters.network.http_connection_manager
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
-          stat_prefix: mtls
-          route_config:
-            virtual_hosts:
-            - name: all
-              domains: ["*"]
-              routes:
-              - match: { prefix: "/" }
-                direct_response: { status: 200, body: { inline_string: "hello over mtls" } }
-          http_filters:
-          - name: envoy.filters.http.router
-            typed_config: { "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router }
-  clusters:"#;
-    base.replace("  cluster: \"weft-test\"\n", &metadata).replace("static_resources:\n  clusters:", listener)
-}
-
 #[tokio::test]
 async fn envoy_takes_its_certificate_and_trust_bundle_over_sds_and_serves_mtls() -> anyhow::Result<()> {
     let data = tempfile::tempdir()?;
     let cp = control_plane(data.path()).await?;
     let (_, gw_token) = new_token(&cp, "default", "gateway").await?;
-    let envoy = Envoy::start(&sds_bootstrap(cp.xds_addr, &gw_token)).await?;
+    let envoy = Envoy::start(&weft_testkit::envoy::sds_mtls_bootstrap(cp.xds_addr, &gw_token, MTLS_FILTERS)).await?;
     // Envoy ACKs the secrets (a NACK or a missing secret keeps the listener warming).
     let mut changes = cp.server.status_changes();
     let acked = tokio::time::timeout(Duration::from_secs(20), async {

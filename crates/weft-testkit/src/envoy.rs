@@ -87,6 +87,42 @@ static_resources:
     )
 }
 
+/// An [`ads_bootstrap`] for node `envoy-gw` (namespace `default`, service account
+/// `gateway`) that joins the mesh with join token `token` and has one static listener
+/// `mtls` on `127.0.0.1:0` terminating mTLS with the SDS secrets `default` and `ROOTCA`
+/// from ADS; `filters` is the listener's `filters:` list (YAML items indented by six).
+pub fn sds_mtls_bootstrap(ads: SocketAddr, token: &str, filters: &str) -> String {
+    let base = ads_bootstrap(ads, "envoy-gw", false);
+    let metadata = format!(
+        "  cluster: \"weft-test\"\n  metadata:\n    NAME: envoy-gw\n    NAMESPACE: default\n    SERVICE_ACCOUNT: gateway\n    WEFT_JOIN_TOKEN: \"{token}\"\n"
+    );
+    let listener = format!(
+        r#"static_resources:
+  listeners:
+  - name: mtls
+    address: {{ socket_address: {{ address: 127.0.0.1, port_value: 0 }} }}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          common_tls_context:
+            tls_certificate_sds_secret_configs:
+            - name: default
+              sds_config: {{ ads: {{}}, resource_api_version: V3 }}
+            combined_validation_context:
+              default_validation_context: {{}}
+              validation_context_sds_secret_config:
+                name: ROOTCA
+                sds_config: {{ ads: {{}}, resource_api_version: V3 }}
+      filters:
+{filters}
+  clusters:"#
+    );
+    base.replace("  cluster: \"weft-test\"\n", &metadata).replace("static_resources:\n  clusters:", &listener)
+}
+
 impl Envoy {
     /// Writes `bootstrap_yaml` to a tempdir and runs Envoy on it (`--concurrency 1`,
     /// `--use-dynamic-base-id`, log to `envoy.log`), then waits until its admin endpoint

@@ -13,7 +13,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use weft_identity::cert::{certs_from_pem, CertInfo};
 use weft_proxy::bootstrap::Bootstrap;
 use weft_proxy::proxy::ProxyHandle;
-use weft_testkit::envoy::{ads_bootstrap, Envoy};
+use weft_testkit::envoy::Envoy;
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 
@@ -106,6 +106,13 @@ fn check(table: &str, sa: &str, root: &CertInfo) -> String {
     default["SERIAL NUMBER"].clone()
 }
 
+/// The filters of the Envoy listener that terminates mTLS with SDS secrets.
+const MTLS_FILTERS: &str = r#"      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: mtls
+          cluster: weft_ads"#;
+
 #[tokio::test]
 async fn secrets_show_the_served_certificate_of_a_weft_proxy_and_of_envoy() {
     let data = tempfile::tempdir().unwrap();
@@ -144,7 +151,7 @@ async fn secrets_show_the_served_certificate_of_a_weft_proxy_and_of_envoy() {
     // A stock Envoy with a join token: the control plane makes its key and serves both
     // secrets over SDS; the table reads Envoy's own config dump.
     let gw = token(&api, "gateway").await;
-    let envoy = Envoy::start(&sds_bootstrap(xds, &gw)).await.unwrap();
+    let envoy = Envoy::start(&weft_testkit::envoy::sds_mtls_bootstrap(xds, &gw, MTLS_FILTERS)).await.unwrap();
     let table = active_secrets(&api, "envoy-gw", Some(envoy.admin().to_string())).await;
     check(&table, "gateway", &root);
     let (code, json, _) = weft(&[
@@ -166,39 +173,4 @@ async fn secrets_show_the_served_certificate_of_a_weft_proxy_and_of_envoy() {
     let (code, _, err) = weft(&["proxy-config", "envoy-gw", "secrets", "--server", &api]).await;
     assert_ne!(code, 0);
     assert!(err.contains("--admin"), "{err}");
-}
-
-/// Bootstrap of an Envoy whose only listener terminates mTLS with SDS secrets from ADS.
-fn sds_bootstrap(xds: SocketAddr, token: &str) -> String {
-    let base = ads_bootstrap(xds, "envoy-gw", false);
-    let metadata = format!(
-        "  cluster: \"weft-test\"\n  metadata:\n    NAME: envoy-gw\n    NAMESPACE: default\n    SERVICE_ACCOUNT: gateway\n    WEFT_JOIN_TOKEN: \"{token}\"\n"
-    );
-    let listener = r#"static_resources:
-  listeners:
-  - name: mtls
-    address: { socket_address: { address: 127.0.0.1, port_value: 0 } }
-    filter_chains:
-    - transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
-          require_client_certificate: true
-          common_tls_context:
-            tls_certificate_sds_secret_configs:
-            - name: default
-              sds_config: { ads: {}, resource_api_version: V3 }
-            combined_validation_context:
-              default_validation_context: {}
-              validation_context_sds_secret_config:
-                name: ROOTCA
-                sds_config: { ads: {}, resource_api_version: V3 }
-      filters:
-      - name: envoy.filters.network.tcp_proxy
-        typed_config:
-          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
-          stat_prefix: mtls
-          cluster: weft_ads
-  clusters:"#;
-    base.replace("  cluster: \"weft-test\"\n", &metadata).replace("static_resources:\n  clusters:", listener)
 }
