@@ -43,12 +43,7 @@ async fn scrape_until(metrics: SocketAddr, what: &str, ready: impl Fn(&str) -> b
 async fn a_cluster_update_moves_only_the_cluster_series_and_nacks_carry_their_type() {
     let mesh = Mesh::start().await;
     let a = EchoServer::start("a").await;
-    clusters(&mesh, &[("a", vec![a.addr])], false);
-    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
-    mesh.set(
-        type_url::ROUTE,
-        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
-    );
+    everything_to(&mesh, "a", a.addr);
     let proxy = mesh.proxy("health", false).await;
     mesh.synced_all(&proxy).await;
     let m = proxy.metrics_addr();

@@ -218,12 +218,7 @@ async fn route_and_endpoint_changes_under_load_fail_no_request() {
 async fn proxy_keeps_serving_its_last_config_when_the_control_plane_goes_away() {
     let mesh = Mesh::start().await;
     let a = EchoServer::start("a").await;
-    clusters(&mesh, &[("a", vec![a.addr])], false);
-    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
-    mesh.set(
-        type_url::ROUTE,
-        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
-    );
+    everything_to(&mesh, "a", a.addr);
     let proxy = mesh.proxy("orphan", false).await;
     mesh.synced_all(&proxy).await;
     let out = proxy.listener_addr("out", WAIT).await.unwrap();
@@ -239,12 +234,7 @@ async fn proxy_keeps_serving_its_last_config_when_the_control_plane_goes_away() 
 async fn drain_finishes_in_flight_requests_and_stops_accepting() {
     let mesh = Mesh::start().await;
     let a = EchoServer::start("a").await;
-    clusters(&mesh, &[("a", vec![a.addr])], false);
-    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
-    mesh.set(
-        type_url::ROUTE,
-        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
-    );
+    everything_to(&mesh, "a", a.addr);
     let proxy = mesh.proxy("drain", false).await;
     mesh.synced_all(&proxy).await;
     let out = proxy.listener_addr("out", WAIT).await.unwrap();
@@ -267,12 +257,7 @@ async fn drain_finishes_in_flight_requests_and_stops_accepting() {
 async fn admin_shows_config_clusters_and_readiness() {
     let mesh = Mesh::start().await;
     let a = EchoServer::start("a").await;
-    clusters(&mesh, &[("a", vec![a.addr])], false);
-    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
-    mesh.set(
-        type_url::ROUTE,
-        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
-    );
+    everything_to(&mesh, "a", a.addr);
     let proxy = mesh.proxy("admin", false).await;
     mesh.synced_all(&proxy).await;
     let admin = proxy.admin_addr();
@@ -296,12 +281,7 @@ async fn admin_shows_config_clusters_and_readiness() {
 async fn a_listener_that_cannot_bind_is_nacked_with_the_reason() {
     let mesh = Mesh::start().await;
     let a = EchoServer::start("a").await;
-    clusters(&mesh, &[("a", vec![a.addr])], false);
-    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
-    mesh.set(
-        type_url::ROUTE,
-        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("a"))])]))],
-    );
+    everything_to(&mesh, "a", a.addr);
     let proxy = mesh.proxy("bind-nack", false).await;
     mesh.synced_all(&proxy).await;
     let out = proxy.listener_addr("out", WAIT).await.unwrap();

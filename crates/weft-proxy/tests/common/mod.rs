@@ -111,6 +111,17 @@ pub fn clusters(mesh: &Mesh, backends: &[(&str, Vec<SocketAddr>)], http2: bool) 
     );
 }
 
+/// Listener `out` (RDS `routes`) sending every request to the one endpoint `backend` of
+/// cluster `cluster`.
+pub fn everything_to(mesh: &Mesh, cluster: &str, backend: SocketAddr) {
+    clusters(mesh, &[(cluster, vec![backend])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to(cluster))])]))],
+    );
+}
+
 pub fn rc(name: &str, vhosts: Vec<VirtualHost>) -> RouteConfiguration {
     RouteConfiguration { name: name.into(), virtual_hosts: vhosts, ..Default::default() }
 }
