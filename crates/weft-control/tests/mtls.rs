@@ -296,6 +296,9 @@ async fn certificate_rotation_under_load_fails_no_request() {
     );
     let last = expiry(&metrics(&server).await);
     assert!(last >= first + 4.0, "the certificate did not rotate: expiry {first} then {last}");
+    // Rotation changes no filter chain (the SDS secret names stay): no connection drained.
+    let m = metrics(&server).await;
+    assert!(!m.lines().any(|l| l.starts_with("weft_downstream_cx_drained_total")), "rotation drained connections: {m}");
     server.shutdown().await;
     client.shutdown().await;
 }
