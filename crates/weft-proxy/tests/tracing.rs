@@ -142,12 +142,13 @@ async fn http_collector() -> (SocketAddr, Received) {
                             .unwrap_or_default()
                             .to_string();
                         let body = req.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        // The batch first: a test that saw a span may read its batch.
+                        r.batches.lock().unwrap().push((format!("{path} {ct}"), String::from_utf8_lossy(&body).into()));
                         if ct == "application/x-protobuf" {
                             if let Ok(m) = ExportTraceServiceRequest::decode(body.clone()) {
                                 r.add(m);
                             }
                         }
-                        r.batches.lock().unwrap().push((format!("{path} {ct}"), String::from_utf8_lossy(&body).into()));
                         r.changed.notify_waiters();
                         Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"{}"))))
                     }
@@ -589,6 +590,7 @@ async fn a_dead_or_stuck_collector_never_fails_requests_and_drops_are_counted_wi
                 let mut sent = 0u32;
                 loop {
                     let req = request(Method::GET, "svc", "/", Bytes::new()).unwrap();
+                    tx.ready().await.unwrap();
                     let resp = tx.send_request(req).await.unwrap();
                     assert_eq!(resp.status(), 200);
                     resp.into_body().collect().await.unwrap();
@@ -656,4 +658,33 @@ async fn invalid_tracing_config_is_nacked_with_the_field_and_no_tracing_leaves_h
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn turning_tracing_on_applies_to_an_open_connection_from_its_next_request() {
+    let app = EchoServer::start("app").await;
+    let any_addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    let (mesh, p) = proxy(
+        "live",
+        vec![static_cluster("app", app.addr, false)],
+        listener("out", any_addr, OUTBOUND, "app", None, None),
+    )
+    .await;
+    let out = p.listener_addr("out", WAIT).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(out).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+    tokio::spawn(conn);
+    let mut send = async move || {
+        tx.ready().await.unwrap();
+        let resp = tx.send_request(request(Method::GET, "svc", "/", Bytes::new()).unwrap()).await.unwrap();
+        let close = resp.headers().contains_key("connection");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        let json: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        (close, json["headers"].get("traceparent").is_some())
+    };
+    assert_eq!(send().await, (false, false));
+    // Tracing without a provider (Istio's disableSpanReporting): context only.
+    mesh.set(type_url::LISTENER, vec![listener("out", any_addr, OUTBOUND, "app", None, Some(tracing(None, 100.0)))]);
+    mesh.synced(&p, type_url::LISTENER).await;
+    assert_eq!(send().await, (false, true), "the same connection, not drained, now traced");
 }
