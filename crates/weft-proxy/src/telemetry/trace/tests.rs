@@ -385,3 +385,39 @@ async fn a_full_queue_drops_and_counts_instead_of_waiting() {
     assert_eq!(metrics.queue_len(), 2);
     assert_eq!(metrics.dropped_count("queue_full"), 3);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 500, ..ProptestConfig::default() })]
+
+    /// Arbitrary tracing blocks (any percentages, strings and provider bytes) compile or
+    /// fail with an error; they never panic.
+    #[test]
+    fn arbitrary_tracing_config_never_panics(
+        pct in proptest::option::of(proptest::num::f64::ANY),
+        cluster in ".{0,12}",
+        uri in ".{0,30}",
+        header in ".{0,12}",
+        bytes in proptest::collection::vec(proptest::arbitrary::any::<u8>(), 0..64),
+        kind in 0u8..4,
+    ) {
+        let provider = match kind {
+            0 => Some(TracingHttp { name: "r".into(), config_type: Some(ConfigType::TypedConfig(Any { type_url: OpenTelemetryConfig::type_url(), value: bytes })) }),
+            1 => Some(TracingHttp { name: "r".into(), config_type: Some(ConfigType::TypedConfig(Any { type_url: ZipkinConfig::type_url(), value: bytes })) }),
+            2 => Some(TracingHttp { name: "h".into(), config_type: Some(ConfigType::TypedConfig(any(&OpenTelemetryConfig {
+                http_service: Some(HttpService { http_uri: Some(HttpUri { uri, http_upstream_type: Some(http_uri::HttpUpstreamType::Cluster(cluster)), ..Default::default() }), ..Default::default() }),
+                ..Default::default()
+            }))) }),
+            _ => Some(otel_grpc(&cluster)),
+        };
+        let t = Tracing {
+            provider,
+            random_sampling: pct.map(|value| Percent { value }),
+            custom_tags: vec![PbCustomTag {
+                tag: "t".into(),
+                r#type: Some(custom_tag::Type::RequestHeader(custom_tag::Header { name: header, ..Default::default() })),
+            }],
+            ..Default::default()
+        };
+        let _ = TracingConfig::compile(&t);
+    }
+}
