@@ -125,9 +125,7 @@ impl TracingConfig {
         let max_path_tag_length = t.max_path_tag_length.map_or(DEFAULT_MAX_PATH_TAG_LENGTH, |v| v.value as usize);
         let mut custom_tags = Vec::with_capacity(t.custom_tags.len());
         for (i, tag) in t.custom_tags.iter().enumerate() {
-            if let Some(c) = compile_tag(tag).map_err(|(f, m)| (join(&format!("custom_tags[{i}]"), &f), m))? {
-                custom_tags.push(c);
-            }
+            custom_tags.push(compile_tag(tag).map_err(|(f, m)| (join(&format!("custom_tags[{i}]"), &f), m))?);
         }
         Ok(TracingConfig {
             provider,
@@ -269,31 +267,33 @@ fn split_uri(uri: &str) -> Result<(String, String), String> {
     Ok((authority.as_str().to_string(), if path.is_empty() { "/".into() } else { path.to_string() }))
 }
 
-fn compile_tag(
-    t: &envoy_types::pb::envoy::r#type::tracing::v3::CustomTag,
-) -> Result<Option<CustomTag>, (String, String)> {
+fn compile_tag(t: &envoy_types::pb::envoy::r#type::tracing::v3::CustomTag) -> Result<CustomTag, (String, String)> {
     if t.tag.is_empty() {
         return Err(("tag".into(), "a custom tag needs a name".into()));
     }
     let tag = t.tag.clone();
     Ok(match &t.r#type {
-        Some(custom_tag::Type::Literal(l)) => Some(CustomTag::Literal { tag, value: l.value.clone() }),
+        Some(custom_tag::Type::Literal(l)) => CustomTag::Literal { tag, value: l.value.clone() },
         Some(custom_tag::Type::Environment(e)) => {
             if e.name.is_empty() {
                 return Err(("environment.name".into(), "missing: name the environment variable".into()));
             }
             let value = std::env::var(&e.name).ok().or_else(|| Some(e.default_value.clone()).filter(|d| !d.is_empty()));
-            Some(CustomTag::Environment { tag, value })
+            CustomTag::Environment { tag, value }
         }
         Some(custom_tag::Type::RequestHeader(h)) => {
             let name = HeaderName::from_bytes(h.name.as_bytes())
                 .map_err(|_| ("request_header.name".to_string(), format!("{:?} is not a header name", h.name)))?;
-            Some(CustomTag::RequestHeader { tag, name, default_value: h.default_value.clone() })
+            CustomTag::RequestHeader { tag, name, default_value: h.default_value.clone() }
         }
-        // Metadata tags need the route's and cluster's metadata, which weft does not keep:
-        // skipped (the span is still reported).
-        Some(custom_tag::Type::Metadata(_)) => None,
-        Some(custom_tag::Type::Value(_)) => None,
+        // Metadata and formatter-value tags need the route's and cluster's metadata or
+        // Envoy's formatter, which weft does not have: rejected rather than dropped.
+        Some(custom_tag::Type::Metadata(_)) => {
+            return Err(("metadata".into(), "metadata custom tags are not supported by weft".into()))
+        }
+        Some(custom_tag::Type::Value(_)) => {
+            return Err(("value".into(), "formatter-value custom tags are not supported by weft".into()))
+        }
         None => return Err(("type".into(), "one of literal, environment or request_header is required".into())),
     })
 }

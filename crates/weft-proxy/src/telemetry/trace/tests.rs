@@ -147,6 +147,17 @@ fn config_rejects_bad_providers_sampling_and_tags_precisely() {
         ..Default::default()
     };
     assert_eq!(TracingConfig::compile(&t).unwrap_err().0, "custom_tags[0].request_header.name");
+    // A metadata tag weft cannot fill is rejected, not silently dropped.
+    let t = Tracing {
+        custom_tags: vec![PbCustomTag {
+            tag: "m".into(),
+            r#type: Some(custom_tag::Type::Metadata(Default::default())),
+        }],
+        ..Default::default()
+    };
+    let (field, msg) = TracingConfig::compile(&t).unwrap_err();
+    assert_eq!(field, "custom_tags[0].metadata");
+    assert!(msg.contains("not supported"), "{msg}");
 }
 
 #[test]
