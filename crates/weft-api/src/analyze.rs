@@ -484,9 +484,9 @@ impl<'a> Analyzer<'a> {
                 );
             }
             for (i, tr) in t.tracing.iter().enumerate() {
-                if let Some(v) = tr.use_request_id_for_trace_sampling {
+                if tr.use_request_id_for_trace_sampling == Some(false) {
                     unapplied.push(format!(
-                        "spec.tracing[{i}].useRequestIdForTraceSampling: {v}: the sampling decision is random per trace, never taken from x-request-id"
+                        "spec.tracing[{i}].useRequestIdForTraceSampling: false: the sampling decision is always taken from x-request-id, as Envoy's default"
                     ));
                 }
                 if tr.enable_istio_tags == Some(false) {
