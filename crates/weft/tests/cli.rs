@@ -202,3 +202,18 @@ async fn bad_tracing_settings_stop_the_control_plane_and_weft_up_with_a_precise_
     assert!(err.contains("--tracing `jaeger://127.0.0.1:14268`: unknown scheme `jaeger`"), "{err}");
     assert!(err.contains("otlp://HOST:PORT"), "says what is expected: {err}");
 }
+
+#[tokio::test]
+async fn analyze_fails_on_telemetry_settings_weft_does_not_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("telemetry.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: istio-system}\nspec:\n  tracing: [{randomSamplingPercentage: 10}]\n  metrics:\n  - overrides: [{match: {metric: REQUEST_COUNT}, disabled: true}]\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(WEFT).args(["analyze", "-f"]).arg(&path).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(79), "istioctl's exit code for issues found");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Error [WFT0003]") && text.contains("spec.metrics[0] is not applied"), "{text}");
+}

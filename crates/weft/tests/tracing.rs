@@ -324,6 +324,15 @@ fn otlp_traces_bookinfo_requests_end_to_end_samples_per_telemetry_and_survives_a
     let mut otlp = collectors::otlp();
     let mesh = Mesh::start(&format!("otlp://{}", otlp.addr));
     mesh.telemetry(100);
+    // What weft does not apply is said at apply time, with analyze's code.
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs.yaml");
+    let text = "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: logs, namespace: default}\nspec:\n  accessLogging: [{disabled: true}]\n";
+    std::fs::write(&logs, text).unwrap();
+    let (ok, out) = mesh.weft(&["apply", "-f", logs.to_str().unwrap()]);
+    assert!(ok && out.contains("warning: Error [WFT0002]") && out.contains("accessLogging[0] is not applied"), "{out}");
+    let (ok, out) = mesh.weft(&["delete", "-f", logs.to_str().unwrap()]);
+    assert!(ok, "{out}");
 
     // One trace per request, the whole Bookinfo call tree in it.
     let tags: Vec<String> = (0..12).map(|i| format!("tree-{i}")).collect();
