@@ -167,6 +167,11 @@ fn typed(name: &str, any: Any) -> TracingHttp {
 }
 
 fn otel_grpc_provider(cluster: &str) -> TracingHttp {
+    otel_grpc_provider_with_timeout(cluster, None)
+}
+
+/// OTLP/gRPC to `cluster`, each export bounded by `timeout` (the proxy's default: 5 s).
+fn otel_grpc_provider_with_timeout(cluster: &str, timeout: Option<Duration>) -> TracingHttp {
     typed(
         "otel",
         pack_any(OpenTelemetryConfig {
@@ -175,6 +180,8 @@ fn otel_grpc_provider(cluster: &str) -> TracingHttp {
                     cluster_name: cluster.into(),
                     ..Default::default()
                 })),
+                timeout: timeout
+                    .map(|t| envoy_types::pb::google::protobuf::Duration { seconds: t.as_secs() as i64, nanos: 0 }),
                 ..Default::default()
             }),
             service_name: "svc.default".into(),
@@ -564,7 +571,9 @@ async fn a_dead_or_stuck_collector_never_fails_requests_and_drops_are_counted_wi
             OUTBOUND,
             "app",
             None,
-            Some(tracing(Some(otel_grpc_provider("otel")), 100.0)),
+            // Each stuck export holds its batch for 60 s: the queue fills whatever the
+            // machine's speed.
+            Some(tracing(Some(otel_grpc_provider_with_timeout("otel", Some(Duration::from_secs(60)))), 100.0)),
         ),
     )
     .await;
@@ -586,7 +595,7 @@ async fn a_dead_or_stuck_collector_never_fails_requests_and_drops_are_counted_wi
                 let stream = tokio::net::TcpStream::connect(out).await.unwrap();
                 let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
                 tokio::spawn(conn);
-                let deadline = Instant::now() + Duration::from_secs(60);
+                let deadline = Instant::now() + Duration::from_secs(120);
                 let mut sent = 0u32;
                 loop {
                     let req = request(Method::GET, "svc", "/", Bytes::new()).unwrap();

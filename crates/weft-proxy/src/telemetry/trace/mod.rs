@@ -308,6 +308,9 @@ pub fn finish(ctx: &Context, report: &HttpReport, request_bytes: u64) {
     tag("response_size", report.response_bytes.to_string());
     tag("response_flags", report.response_flags().into_owned());
     tag("http.status_code", status.to_string());
+    if let (true, Some(g)) = (report.is_grpc(), report.grpc_status.as_ref()) {
+        tag("grpc.status_code", g.clone());
+    }
     if !report.cluster.is_empty() {
         tag("upstream_cluster", report.cluster.clone());
         tag("upstream_cluster.name", report.cluster.clone());
