@@ -4,6 +4,8 @@
 //! gateway -> productpage -> details / reviews -> ratings, with parent ids chained and
 //! Istio's attributes; a Telemetry resource's sampling must hold statistically; a
 //! collector that is down must cost no request and leave the proxies' span queues bounded.
+//! And the same trees in a real Jaeger (v2, built by `scripts/setup.sh`), read back through
+//! the query API its UI uses.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 #[path = "tracing/collectors.rs"]
@@ -198,9 +200,14 @@ fn collect_key(v: &serde_json::Value, key: &str, out: &mut Vec<serde_json::Value
 /// Waits up to 60 s for `check` to pass on the collector's spans; panics with its last
 /// complaint.
 fn eventually<T>(collector: &Collector, what: &str, check: impl Fn(&[Span]) -> Result<T, String>) -> T {
+    eventually_on(|| collector.spans(), what, check)
+}
+
+/// [`eventually`] on the spans `fetch` returns.
+fn eventually_on<T>(fetch: impl Fn() -> Vec<Span>, what: &str, check: impl Fn(&[Span]) -> Result<T, String>) -> T {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let spans = collector.spans();
+        let spans = fetch();
         match check(&spans) {
             Ok(t) => return t,
             Err(e) if Instant::now() > deadline => panic!("{what}: {e}\n{} spans received", spans.len()),
@@ -419,4 +426,165 @@ fn zipkin_receives_the_same_bookinfo_trace_tree_as_json() {
     let ids: BTreeSet<(&str, &str)> = spans.iter().map(|s| (s.trace_id.as_str(), s.span_id.as_str())).collect();
     assert_eq!(ids.len(), spans.len(), "shared_span_context false: every span has its own id");
     assert!(spans.iter().any(|s| s.service == "productpage.default"), "localEndpoint.serviceName");
+}
+
+/// A real Jaeger v2 (`.tools/bin/jaeger`): OTLP/gRPC in, in-memory storage, the query
+/// API on its own port. Killed on drop.
+struct Jaeger {
+    child: Child,
+    otlp: String,
+    query: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Jaeger {
+    fn start() -> Jaeger {
+        let dir = tempfile::tempdir().unwrap();
+        let [otlp, query, query_grpc] = [(); 3].map(|_| format!("127.0.0.1:{}", weft_testkit::net::reserve_port()));
+        let config = format!(
+            "service:
+  extensions: [jaeger_storage, jaeger_query]
+  pipelines:
+    traces:
+      receivers: [otlp]
+      processors: [batch]
+      exporters: [jaeger_storage_exporter]
+  telemetry:
+    metrics:
+      level: none
+extensions:
+  jaeger_storage:
+    backends:
+      mem:
+        memory:
+          max_traces: 10000
+  jaeger_query:
+    storage:
+      traces: mem
+    http:
+      endpoint: {query}
+    grpc:
+      endpoint: {query_grpc}
+receivers:
+  otlp:
+    protocols:
+      grpc:
+        endpoint: {otlp}
+processors:
+  batch:
+    timeout: 200ms
+exporters:
+  jaeger_storage_exporter:
+    trace_storage: mem
+"
+        );
+        let file = dir.path().join("jaeger.yaml");
+        std::fs::write(&file, config).unwrap();
+        let log = std::fs::File::create(dir.path().join("jaeger.log")).unwrap();
+        let child = Command::new(weft_testkit::tools::require("jaeger"))
+            .arg("--config")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut jaeger = Jaeger { child, otlp, query, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while jaeger.get("/api/services").is_none() || std::net::TcpStream::connect(&jaeger.otlp).is_err() {
+            if let Ok(Some(status)) = jaeger.child.try_wait() {
+                let log = std::fs::read_to_string(jaeger._dir.path().join("jaeger.log")).unwrap_or_default();
+                panic!("jaeger exited ({status}): {log}");
+            }
+            assert!(Instant::now() < deadline, "jaeger not serving within 60 s");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        jaeger
+    }
+
+    /// The JSON of a GET on the query API, if it answered 200.
+    fn get(&self, path: &str) -> Option<serde_json::Value> {
+        let o = Command::new(weft_testkit::tools::require("curl"))
+            .args(["-s", "-f", "-m", "5", &format!("http://{}{path}", self.query)])
+            .output()
+            .ok()?;
+        if !o.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&o.stdout).ok()
+    }
+
+    /// Every span of the traces that touch `service`, as the UI's API returns them.
+    fn spans(&self, service: &str) -> Vec<Span> {
+        let Some(v) = self.get(&format!("/api/traces?service={service}&limit=1000")) else { return Vec::new() };
+        let mut out = Vec::new();
+        for trace in v["data"].as_array().into_iter().flatten() {
+            let processes = &trace["processes"];
+            for s in trace["spans"].as_array().into_iter().flatten() {
+                let text = |v: &serde_json::Value| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let attrs: BTreeMap<String, String> = s["tags"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|t| (t["key"].as_str().unwrap_or_default().to_string(), text(&t["value"])))
+                    .collect();
+                let parent = s["references"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .find(|r| r["refType"] == "CHILD_OF")
+                    .and_then(|r| r["spanID"].as_str())
+                    .map(str::to_string);
+                let kind = match attrs.get("span.kind").map(String::as_str) {
+                    Some("server") => Kind::Server,
+                    Some("client") => Kind::Client,
+                    _ => Kind::Other,
+                };
+                let process = s["processID"].as_str().unwrap_or_default();
+                out.push(Span {
+                    trace_id: s["traceID"].as_str().unwrap_or_default().to_string(),
+                    span_id: s["spanID"].as_str().unwrap_or_default().to_string(),
+                    parent_id: parent,
+                    name: s["operationName"].as_str().unwrap_or_default().to_string(),
+                    kind,
+                    service: processes[process]["serviceName"].as_str().unwrap_or_default().to_string(),
+                    attrs,
+                });
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Jaeger {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn a_real_jaeger_shows_each_bookinfo_request_as_one_trace() {
+    let jaeger = Jaeger::start();
+    let mesh = Mesh::start(&format!("otlp://{}", jaeger.otlp));
+    mesh.telemetry(100);
+    let tags: Vec<String> = (0..4).map(|i| format!("jaeger-{i}")).collect();
+    for t in &tags {
+        assert_eq!(mesh.get("/productpage", t), 200, "{t}");
+    }
+    let mut traces = BTreeSet::new();
+    for t in &tags {
+        let fetch = || jaeger.spans("productpage.default");
+        eventually_on(fetch, "Jaeger holds the request's whole trace", |spans| productpage_trace(spans, t));
+        traces.insert(root(&jaeger.spans("productpage.default"), t).unwrap().trace_id.clone());
+    }
+    assert_eq!(traces.len(), tags.len(), "each request is its own trace in Jaeger");
+    // Jaeger lists every service that reported, under the names Istio's sidecars use.
+    let services = jaeger.get("/api/services").unwrap();
+    let names: BTreeSet<&str> = services["data"].as_array().unwrap().iter().filter_map(|s| s.as_str()).collect();
+    for svc in ["productpage.default", "details.default", "reviews.default"] {
+        assert!(names.contains(svc), "{svc} in {names:?}");
+    }
 }
