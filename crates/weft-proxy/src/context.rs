@@ -25,8 +25,8 @@ pub struct Context {
     pub access_log: AccessLog,
     /// Who this proxy runs beside.
     pub local: Arc<WorkloadInfo>,
-    /// `local`, encoded once for the peer-metadata header.
-    pub local_header: http::HeaderValue,
+    /// `local` and the node id, encoded once for the peer-metadata headers.
+    pub local_peer: crate::telemetry::peer::LocalPeer,
     /// Peers' metadata, decoded once per distinct header value.
     pub peers: crate::telemetry::peer::DecodeCache,
     /// Labels for a peer that sent no metadata.

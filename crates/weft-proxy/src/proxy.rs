@@ -163,7 +163,11 @@ impl ProxyHandle {
             pools: Pools::new(PoolConfig::default()),
             metrics: metrics.clone(),
             access_log,
-            local_header: crate::telemetry::peer::encode(&crate::report::local_workload(&b.node)),
+            local_peer: crate::telemetry::peer::encode(
+                &crate::report::local_workload(&b.node),
+                &b.node.id,
+                &b.node.name,
+            ),
             local: Arc::new(crate::report::local_workload(&b.node)),
             peers: crate::telemetry::peer::DecodeCache::default(),
             unknown_peer: Arc::new(crate::telemetry::WorkloadInfo::default()),

@@ -51,15 +51,15 @@ fn reporter(d: Direction) -> Reporter {
     }
 }
 
-/// Adds (outbound) or strips (inbound) peer metadata on the request going upstream.
+/// Adds (outbound) or strips (inbound) peer metadata on the request going upstream:
+/// outbound, this proxy's own replaces whatever the application sent; inbound, the
+/// application never sees the caller's.
 pub fn on_upstream_request(ctx: &Context, conn: &ConnInfo, headers: &mut HeaderMap) {
     match conn.listener.direction {
         Direction::Inbound => {
-            headers.remove(peer::PEER_HEADER);
+            peer::strip(headers);
         }
-        _ => {
-            headers.insert(peer::PEER_HEADER, ctx.local_header.clone());
-        }
+        _ => ctx.local_peer.insert(headers),
     }
 }
 
@@ -80,6 +80,9 @@ pub struct HttpReport {
     /// The request id (taken from `x-request-id` or generated).
     pub request_id: String,
     peer: Option<Arc<WorkloadInfo>>,
+    /// Inbound: the request carried peer metadata, so the response announces ours (a
+    /// caller outside the mesh is told nothing, as with Istio's sidecars).
+    announce: bool,
     /// The peer's SPIFFE id from mTLS (inbound).
     peer_principal: Option<Arc<str>>,
     /// The connection's peer built from that id (used when no metadata header came).
@@ -121,10 +124,10 @@ impl HttpReport {
         // Method, path, user agent and forwarded-for only go to the access log: no
         // copies when it is off.
         let log = ctx.access_log.is_enabled();
-        let peer = match conn.listener.direction {
-            Direction::Inbound => h.get(peer::PEER_HEADER).and_then(|v| ctx.peers.decode(v)),
-            _ => None,
-        };
+        let inbound = conn.listener.direction == Direction::Inbound;
+        let metadata = if inbound { h.get(peer::PEER_HEADER) } else { None };
+        let announce = metadata.is_some() || (inbound && h.contains_key(peer::PEER_ID_HEADER));
+        let peer = metadata.and_then(|v| ctx.peers.decode(v));
         HttpReport {
             start: Instant::now(),
             start_time: SystemTime::now(),
@@ -149,6 +152,7 @@ impl HttpReport {
             x_forwarded_for: if log { text("x-forwarded-for") } else { None },
             request_id: text("x-request-id").unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
             peer,
+            announce,
             flags: Vec::new(),
             authority: String::new(),
             route_name: String::new(),
@@ -191,16 +195,21 @@ impl HttpReport {
         self.flag(failed.map_or("DC", |k| k.response_flag()));
     }
 
-    /// Response headers are about to go downstream: learn (outbound) or announce
-    /// (inbound) the peer's metadata.
+    /// Response headers are about to go downstream (or, for an upstream answer, about to
+    /// meet the route's header edits): learn the peer's metadata and strip it (outbound),
+    /// or announce ours when the caller announced its own (inbound). Idempotent: the
+    /// second call on the same response changes nothing.
     pub fn on_response_headers(&mut self, ctx: &Context, headers: &mut HeaderMap) {
         match self.direction {
+            Direction::Inbound if self.announce => ctx.local_peer.insert(headers),
             Direction::Inbound => {
-                headers.insert(peer::PEER_HEADER, ctx.local_header.clone());
+                peer::strip(headers);
             }
             _ => {
-                if let Some(v) = headers.remove(peer::PEER_HEADER) {
-                    self.peer = ctx.peers.decode(&v);
+                if let Some(v) = peer::strip(headers) {
+                    if self.peer.is_none() {
+                        self.peer = ctx.peers.decode(&v);
+                    }
                 }
             }
         }

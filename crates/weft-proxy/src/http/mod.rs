@@ -305,6 +305,8 @@ async fn dispatch(
                 return tunnel::upgrade(rq, &cluster_name, parts).await;
             }
             let mut resp = forward::forward(rq, action, &cluster_name, parts, body).await?;
+            // The peer's metadata is read before the route's edits, which may remove it.
+            rq.report.on_response_headers(ctx, resp.headers_mut());
             route.edit_response_headers(resp.headers_mut());
             Ok(resp)
         }
