@@ -25,8 +25,11 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
-/// How long a series may take to show up in Prometheus (scraped every second).
-const SERIES_DEADLINE: Duration = Duration::from_secs(60);
+/// How long the traffic's series may take to show up in Prometheus (scraped every
+/// second) with enough samples for the dashboards' `rate`s.
+const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
+/// How long one dashboard query may take to return what it should, once settled.
+const QUERY_DEADLINE: Duration = Duration::from_secs(5);
 const NS: &str = "default";
 const REVIEWS: &str = "reviews.default.svc.cluster.local";
 const RATINGS: &str = "ratings.default.svc.cluster.local";
@@ -237,9 +240,10 @@ impl Prometheus {
             .collect()
     }
 
-    /// Waits (bounded) until `promql` returns a series; returns them (empty on timeout).
-    fn series(&self, promql: &str) -> Vec<BTreeMap<String, String>> {
-        let deadline = Instant::now() + SERIES_DEADLINE;
+    /// Waits (bounded by `within`) until `promql` returns a series; returns them (empty
+    /// on timeout).
+    fn series(&self, promql: &str, within: Duration) -> Vec<BTreeMap<String, String>> {
+        let deadline = Instant::now() + within;
         loop {
             let r = self.query(promql);
             if !r.is_empty() || Instant::now() > deadline {
@@ -264,7 +268,7 @@ struct Findings(Vec<String>);
 impl Findings {
     /// `promql` (one dashboard panel's query) must return a series with `want`'s labels.
     fn expect(&mut self, prom: &Prometheus, panel: &str, promql: &str, want: &[(&str, &str)]) {
-        let got = prom.series(promql);
+        let got = prom.series(promql, QUERY_DEADLINE);
         let matches =
             |s: &BTreeMap<String, String>| want.iter().all(|(k, v)| s.get(*k).map(String::as_str) == Some(*v));
         if got.iter().any(matches) {
@@ -299,6 +303,58 @@ fn drive_traffic(mesh: &Mesh) {
         mesh.client_get("http://details:9080/details/0");
         mesh.client_tcp();
     }
+}
+
+/// The labels each sidecar learns from its peer's metadata (workload namespace, app,
+/// version, canonical service and revision), whatever sidecar reviews-v2 runs: the
+/// client's report of its calls to reviews, ratings' report of reviews' calls to it.
+/// (Matched by app rather than by service or workload name, which `check_dashboards`
+/// checks.)
+fn peer_labels(prom: &Prometheus) -> Findings {
+    let mut f = Findings::default();
+    let reviews = [
+        ("destination_app", "reviews"),
+        ("destination_version", "v2"),
+        ("destination_workload_namespace", NS),
+        ("destination_canonical_service", "reviews"),
+        ("destination_canonical_revision", "v2"),
+        ("source_app", "client"),
+        ("source_version", "v1"),
+        ("source_workload_namespace", NS),
+    ];
+    for code in ["200", "404"] {
+        f.expect(
+            prom,
+            &format!("peer: the client learns reviews-v2's labels from its answer ({code})"),
+            &format!(
+                "istio_requests_total{{reporter=\"source\",destination_app=\"reviews\",response_code=\"{code}\"}}"
+            ),
+            &reviews,
+        );
+    }
+    f.expect(
+        prom,
+        "peer: ratings learns reviews-v2's labels from its request, over mTLS",
+        "istio_requests_total{reporter=\"destination\",destination_app=\"ratings\"}",
+        &[
+            ("source_app", "reviews"),
+            ("source_version", "v2"),
+            ("source_workload_namespace", NS),
+            ("source_canonical_service", "reviews"),
+            ("source_canonical_revision", "v2"),
+            ("source_principal", "spiffe://cluster.local/ns/default/sa/bookinfo-reviews"),
+            ("connection_security_policy", "mutual_tls"),
+            ("destination_version", "v1"),
+            ("response_code", "200"),
+        ],
+    );
+    f.expect(
+        prom,
+        "peer: a fault-injected abort reports its source only",
+        "istio_requests_total{reporter=\"source\",response_flags=\"FI\"}",
+        &[("source_app", "client"), ("response_code", "503"), ("destination_app", "unknown")],
+    );
+    f
 }
 
 /// What Istio's dashboards show about the mesh with a weft sidecar (or, for
@@ -467,12 +523,20 @@ fn check_dashboards(prom: &Prometheus, reviews_by_envoy: bool) -> Findings {
 
 fn run_scenario(envoy_sidecars: &[&str]) {
     let mesh = Mesh::start(envoy_sidecars);
-    let prom = Prometheus::start(&mesh.scrape_targets(envoy_sidecars));
+    let targets = mesh.scrape_targets(envoy_sidecars);
+    let prom = Prometheus::start(&targets);
     drive_traffic(&mesh);
-    // Every sidecar scraped and up before the queries.
-    let up = prom.series("up{job=\"envoy-stats\"} == 1");
-    assert!(!up.is_empty(), "no target up: {}", prom.log());
-    check_dashboards(&prom, !envoy_sidecars.is_empty()).assert_none();
+    // Settled: every sidecar scraped and up, and every series of the traffic holds
+    // enough samples for the dashboards' `rate` and `irate` over one minute.
+    let up = prom.series(&format!("count(up{{job=\"envoy-stats\"}} == 1) == {}", targets.len()), SETTLE_DEADLINE);
+    assert!(!up.is_empty(), "not every sidecar scraped: {:?}\n{}", prom.query("up"), prom.log());
+    for metric in ["istio_requests_total", "istio_tcp_sent_bytes_total"] {
+        let settled = prom.series(&format!("min(count_over_time({metric}[1m])) >= 3"), SETTLE_DEADLINE);
+        assert!(!settled.is_empty(), "{metric}: no series with 3 samples: {:?}", prom.query(metric));
+    }
+    let mut findings = peer_labels(&prom);
+    findings.0.extend(check_dashboards(&prom, !envoy_sidecars.is_empty()).0);
+    findings.assert_none();
 }
 
 #[test]
