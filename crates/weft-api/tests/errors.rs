@@ -577,3 +577,79 @@ spec:
     assert_eq!(p.resources[0].meta.namespace, "foo");
     assert_eq!(parse(text).resources[0].meta.namespace, "default");
 }
+
+const TELEMETRY_HEAD: &str = "apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata:
+  name: mesh-default
+  namespace: istio-system
+spec:
+";
+
+#[test]
+fn telemetry_sampling_out_of_range_names_its_line_and_field() {
+    let e = one_error(&format!(
+        "{TELEMETRY_HEAD}  tracing:
+  - providers: [{{name: otel}}]
+    randomSamplingPercentage: 101
+"
+    ));
+    assert_eq!(e.line, 9);
+    assert_eq!(e.field, "spec.tracing[0].randomSamplingPercentage");
+    assert!(e.to_string().contains("percentage 101 is out of range"), "{e}");
+    assert_eq!(hint(&e), "expected 0..=100");
+}
+
+#[test]
+fn telemetry_custom_tag_needs_exactly_one_source() {
+    let e = one_error(&format!(
+        "{TELEMETRY_HEAD}  tracing:
+  - customTags:
+      team:
+        literal: {{value: books}}
+        header: {{name: x-team}}
+"
+    ));
+    assert_eq!(e.field, "spec.tracing[0].customTags.team");
+    assert_eq!(e.line, 9);
+    assert!(e.to_string().contains("exactly one of literal, environment or header"), "{e}");
+}
+
+#[test]
+fn telemetry_unknown_tracing_field_and_mode_are_precise() {
+    let e = one_error(&format!(
+        "{TELEMETRY_HEAD}  tracing:
+  - randomSamplingPercent: 10
+"
+    ));
+    assert_eq!(e.field, "spec.tracing[0].randomSamplingPercent");
+    assert_eq!(hint(&e), "did you mean `randomSamplingPercentage`?");
+    let e = one_error(&format!(
+        "{TELEMETRY_HEAD}  tracing:
+  - match: {{mode: CLIENTS}}
+"
+    ));
+    assert_eq!(e.field, "spec.tracing[0].match.mode");
+    assert!(hint(&e).contains("CLIENT"), "{e}");
+}
+
+#[test]
+fn telemetry_rejects_two_providers_and_bad_tag_overrides() {
+    let e = one_error(&format!(
+        "{TELEMETRY_HEAD}  tracing:
+  - providers: [{{name: a}}, {{name: b}}]
+"
+    ));
+    assert_eq!(e.field, "spec.tracing[0].providers");
+    assert!(hint(&e).contains("single provider"), "{e}");
+    let e = one_error(&format!(
+        "{TELEMETRY_HEAD}  metrics:
+  - overrides:
+    - match: {{metric: REQUEST_COUNT}}
+      tagOverrides:
+        request_protocol: {{operation: REMOVE, value: x}}
+"
+    ));
+    assert_eq!(e.field, "spec.metrics[0].overrides[0].tagOverrides.request_protocol.value");
+    assert!(e.to_string().contains("REMOVE takes no value"), "{e}");
+}

@@ -160,7 +160,24 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             )
         }
         (Method::GET, "/metrics") | (Method::GET, "/stats/prometheus") => {
-            let text = api.metrics.render(api.server.connection_count(), api.identity.as_deref().map(|a| a.stats()));
+            let connections = api.server.connections();
+            let snap = api.store.snapshot();
+            let count = |kind| snap.resources.iter().filter(|r| r.kind == kind).count();
+            let entry_hosts: usize = snap
+                .resources
+                .iter()
+                .filter_map(|r| match &r.spec {
+                    weft_api::Spec::ServiceEntry(se) => Some(se.hosts.len()),
+                    _ => None,
+                })
+                .sum();
+            let view = crate::metrics::MeshView {
+                connections: &connections,
+                certificates: api.identity.as_deref().map(|a| a.stats()),
+                services: count(weft_api::Kind::Service) + entry_hosts,
+                virtual_services: count(weft_api::Kind::VirtualService),
+            };
+            let text = api.metrics.render(&view);
             let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,

@@ -95,6 +95,11 @@ fn network_filter(f: &Filter) -> Value {
                 "stat_prefix": h.stat_prefix,
                 "routes": routes,
                 "http_filters": h.http_filters.iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
+                "tracing": h.tracing.as_ref().map(|t| json!({
+                    "provider": t.provider.as_ref().map(|p| p.name.clone()),
+                    "random_sampling": t.random_sampling.as_ref().map(|p| p.value),
+                    "custom_tags": t.custom_tags.iter().map(|c| c.tag.clone()).collect::<Vec<_>>(),
+                })),
             });
         }
     }

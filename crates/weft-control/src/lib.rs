@@ -1,6 +1,6 @@
 //! The control plane: config store, workload registry, translator (Istio resources +
 //! registry -> per-proxy xDS), the control-plane process ([`control`]: xDS server, API),
-//! Envoy bootstrap rendering, [`inspect`] for `weft proxy-config`, and Kubernetes sidecar
+//! Envoy bootstrap rendering, the Istio [`meshconfig`] subset it reads, [`inspect`] for `weft proxy-config`, and Kubernetes sidecar
 //! [`inject`]ion (`weft inject`, the `/inject` admission webhook, served over HTTPS by
 //! [`webhook_tls`]).
 pub mod api;
@@ -10,6 +10,7 @@ pub mod identity;
 pub mod inject;
 pub mod inspect;
 pub mod jwks;
+pub mod meshconfig;
 pub mod metrics;
 pub mod registry;
 pub mod secrets;

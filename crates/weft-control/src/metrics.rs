@@ -3,8 +3,9 @@
 //! dashboard reads them.
 //!
 //! The xDS server reports pushes and NACKs through [`XdsObserver`] (counted here with
-//! atomics); connected proxies and the certificate service's counts are read when a
-//! scrape comes. Istio names its counters without `_total` (`pilot_xds_pushes`,
+//! atomics); connected proxies, the proxies whose latest response of a type was rejected,
+//! the resource counts, the certificate service's counts and the process's CPU, memory
+//! and file descriptors are read when a scrape comes ([`MeshView`], [`process`]). Istio names its counters without `_total` (`pilot_xds_pushes`,
 //! `citadel_server_csr_count`) and its dashboards query those names, so
 //! [`IstioCounter`] is a counter whose sample keeps the family's name.
 
@@ -13,12 +14,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use prometheus_client::encoding::{EncodeMetric, MetricEncoder};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder};
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 use weft_identity::service::CertificateStats;
+use weft_xds::server::ConnectionStatus;
 use weft_xds::{type_url, XdsObserver};
 
 /// Istio's `type` label values, in exposition order; the last one takes any other type.
@@ -37,7 +40,53 @@ pub struct ControlMetrics {
     issued: IstioCounter,
     uptime: Gauge<f64, AtomicU64>,
     started: Instant,
+    /// `pilot_xds_{cds,eds,lds,rds}_reject{node,err}`: 1 per proxy whose latest response
+    /// of that type it rejected, rebuilt at each scrape.
+    type_rejects: [Family<RejectLabels, Gauge>; 4],
+    services: Gauge,
+    virtual_services: Gauge,
+    process: ProcessMetrics,
 }
+
+/// What a scrape reads from the rest of the control plane.
+#[derive(Default)]
+pub struct MeshView<'a> {
+    /// The open xDS streams.
+    pub connections: &'a [ConnectionStatus],
+    /// The certificate service's counts, when identity is on.
+    pub certificates: Option<&'a CertificateStats>,
+    /// Services known (Kubernetes Services plus ServiceEntry hosts): `pilot_services`.
+    pub services: usize,
+    /// VirtualServices in force: `pilot_virt_services`.
+    pub virtual_services: usize,
+}
+
+/// Labels of the per-type reject gauges, as istiod names them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct RejectLabels {
+    node: String,
+    err: String,
+}
+
+/// The standard `process_*` metrics Prometheus client libraries export (Istio's Control
+/// Plane dashboard plots the virtual and resident memory and the CPU of istiod's).
+#[derive(Default)]
+struct ProcessMetrics {
+    cpu: SecondsCounter,
+    resident: Gauge,
+    virtual_memory: Gauge,
+    open_fds: Gauge,
+    max_fds: Gauge,
+    start_time: Gauge<f64, AtomicU64>,
+}
+
+/// Rejected types with a gauge of their own, in [`ControlMetrics::type_rejects`] order.
+const REJECT_TYPES: [(&str, &str); 4] = [
+    (type_url::CLUSTER, "pilot_xds_cds_reject"),
+    (type_url::ENDPOINT, "pilot_xds_eds_reject"),
+    (type_url::LISTENER, "pilot_xds_lds_reject"),
+    (type_url::ROUTE, "pilot_xds_rds_reject"),
+];
 
 /// What the xDS server reports: pushes, push time, convergence time and NACKs.
 #[derive(Debug)]
@@ -106,7 +155,31 @@ impl ControlMetrics {
             issued.clone(),
         );
         registry.register("istiod_uptime_seconds", "Current istiod server uptime in seconds", uptime.clone());
-        ControlMetrics { registry, xds, connected, csrs, issued, uptime, started: Instant::now() }
+        let type_rejects: [Family<RejectLabels, Gauge>; 4] = std::array::from_fn(|_| Family::default());
+        for ((_, name), family) in REJECT_TYPES.iter().zip(&type_rejects) {
+            registry.register(*name, "Proxies whose latest response of this type they rejected", family.clone());
+        }
+        let build = Family::<BuildLabels, Gauge>::default();
+        build.get_or_create(&BuildLabels { component: "pilot", tag: env!("CARGO_PKG_VERSION") }).set(1);
+        registry.register("istio_build", "Istio component build info", build);
+        let (services, virtual_services) = (Gauge::default(), Gauge::default());
+        registry.register("pilot_services", "Total services known to pilot", services.clone());
+        registry.register("pilot_virt_services", "Total virtual services known to pilot", virtual_services.clone());
+        let process = ProcessMetrics::default();
+        process.register(&mut registry);
+        ControlMetrics {
+            registry,
+            xds,
+            connected,
+            csrs,
+            issued,
+            uptime,
+            started: Instant::now(),
+            type_rejects,
+            services,
+            virtual_services,
+            process,
+        }
     }
 
     /// What the xDS server reports to.
@@ -115,14 +188,25 @@ impl ControlMetrics {
     }
 
     /// The Prometheus text exposition (format 0.0.4) of every metric, with the values
-    /// read now: `connected` xDS streams and the certificate service's counts.
-    pub fn render(&self, connected: usize, certificates: Option<&CertificateStats>) -> String {
-        self.connected.set(i64::try_from(connected).unwrap_or(i64::MAX));
-        if let Some(stats) = certificates {
+    /// read now from `view` and the process.
+    pub fn render(&self, view: &MeshView<'_>) -> String {
+        self.connected.set(gauge_value(view.connections.len()));
+        if let Some(stats) = view.certificates {
             self.csrs.set(stats.csrs());
             self.issued.set(stats.issued());
         }
         self.uptime.set(self.started.elapsed().as_secs_f64());
+        for ((type_url, _), family) in REJECT_TYPES.iter().zip(&self.type_rejects) {
+            family.clear();
+            for c in view.connections {
+                if let Some(err) = current_reject(c, type_url) {
+                    family.get_or_create(&RejectLabels { node: c.node_id.clone(), err }).set(1);
+                }
+            }
+        }
+        self.services.set(gauge_value(view.services));
+        self.virtual_services.set(gauge_value(view.virtual_services));
+        self.process.refresh();
         let mut open = String::new();
         if prometheus_client::encoding::text::encode(&mut open, &self.registry).is_err() {
             return String::new();
@@ -148,6 +232,160 @@ impl XdsObserver for XdsMetrics {
 
     fn rejected(&self, type_url: &str) {
         self.rejects.get(type_url).inc();
+    }
+}
+
+/// `istio_build`'s labels.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct BuildLabels {
+    component: &'static str,
+    tag: &'static str,
+}
+
+fn gauge_value(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+/// The error of `c`'s latest response of `type_url`, when the proxy rejected it (a later
+/// response, ACKed or not yet answered, clears it). Istio's `err` label holds the error
+/// text; it is cut to a line of at most 200 bytes to bound the series size, with quotes
+/// and backslashes replaced.
+fn current_reject(c: &ConnectionStatus, type_url: &str) -> Option<String> {
+    let t = c.types.get(type_url)?;
+    let nack = t.last_nack.as_ref()?;
+    if t.sent_nonce.as_deref() != Some(nack.nonce.as_str()) {
+        return None;
+    }
+    let line = nack.error.lines().next().unwrap_or_default();
+    let mut end = line.len().min(200);
+    while !line.is_char_boundary(end) {
+        end -= 1;
+    }
+    // prometheus-client writes label values verbatim: keep out what the text format
+    // would need escaped.
+    Some(line[..end].replace('"', "'").replace('\\', "/"))
+}
+
+impl ProcessMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "process_cpu_seconds_total",
+            "Total user and system CPU time spent in seconds",
+            self.cpu.clone(),
+        );
+        registry.register("process_resident_memory_bytes", "Resident memory size in bytes", self.resident.clone());
+        registry.register("process_virtual_memory_bytes", "Virtual memory size in bytes", self.virtual_memory.clone());
+        registry.register("process_open_fds", "Number of open file descriptors", self.open_fds.clone());
+        registry.register("process_max_fds", "Maximum number of open file descriptors", self.max_fds.clone());
+        registry.register(
+            "process_start_time_seconds",
+            "Start time of the process since unix epoch in seconds",
+            self.start_time.clone(),
+        );
+    }
+
+    /// Reads the process's numbers now (Linux `/proc/self`; elsewhere they stay 0).
+    fn refresh(&self) {
+        let Some(p) = process::read() else { return };
+        self.cpu.set(p.cpu_seconds);
+        self.resident.set(gauge_value(p.resident_bytes));
+        self.virtual_memory.set(gauge_value(p.virtual_bytes));
+        self.open_fds.set(gauge_value(p.open_fds));
+        self.max_fds.set(gauge_value(p.max_fds));
+        self.start_time.set(p.start_time_seconds);
+    }
+}
+
+/// The process's own numbers from Linux's `/proc/self`.
+pub mod process {
+    /// One reading.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct ProcessStats {
+        /// User plus system CPU time.
+        pub cpu_seconds: f64,
+        /// Resident set size.
+        pub resident_bytes: usize,
+        /// Virtual memory size.
+        pub virtual_bytes: usize,
+        /// Open file descriptors.
+        pub open_fds: usize,
+        /// The soft limit on open file descriptors.
+        pub max_fds: usize,
+        /// Start time, seconds since the Unix epoch.
+        pub start_time_seconds: f64,
+    }
+
+    /// `/proc` reports times in USER_HZ, which Linux fixes at 100 for user space.
+    const USER_HZ: f64 = 100.0;
+
+    /// Reads `/proc/self`; `None` where it does not exist or cannot be parsed.
+    pub fn read() -> Option<ProcessStats> {
+        let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+        let status = std::fs::read_to_string("/proc/self/status").ok()?;
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let boot = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let open_fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+        parse(&stat, &status, &limits, &boot, open_fds)
+    }
+
+    /// [`read`] on given file contents.
+    pub fn parse(stat: &str, status: &str, limits: &str, proc_stat: &str, open_fds: usize) -> Option<ProcessStats> {
+        // The command name (field 2) is in parentheses and may hold spaces: count the
+        // fields after its closing parenthesis, which start at field 3 (state).
+        let rest = &stat[stat.rfind(')')? + 1..];
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let field = |n: usize| -> Option<f64> { fields.get(n - 3)?.parse().ok() };
+        let cpu_seconds = (field(14)? + field(15)?) / USER_HZ;
+        let start_ticks = field(22)?;
+        let kib = |key: &str| -> Option<usize> {
+            let line = status.lines().find(|l| l.starts_with(key))?;
+            let n: usize = line[key.len()..].split_whitespace().next()?.parse().ok()?;
+            Some(n * 1024)
+        };
+        let max_fds = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .and_then(|l| l["Max open files".len()..].split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let boot_time: f64 =
+            proc_stat.lines().find_map(|l| l.strip_prefix("btime ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0.0);
+        Some(ProcessStats {
+            cpu_seconds,
+            resident_bytes: kib("VmRSS:").unwrap_or(0),
+            virtual_bytes: kib("VmSize:").unwrap_or(0),
+            open_fds,
+            max_fds,
+            start_time_seconds: boot_time + start_ticks / USER_HZ,
+        })
+    }
+}
+
+/// A counter of seconds mirrored from the kernel's count, exposed under its family's
+/// name (`process_cpu_seconds_total`, as Prometheus client libraries name it).
+#[derive(Clone, Debug, Default)]
+struct SecondsCounter(Arc<AtomicU64>);
+
+impl SecondsCounter {
+    /// Mirrors the kernel's total; a counter never goes back, so a smaller value is ignored.
+    fn set(&self, seconds: f64) {
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+            (seconds > f64::from_bits(bits)).then_some(seconds.to_bits())
+        });
+    }
+}
+
+impl TypedMetric for SecondsCounter {
+    const TYPE: MetricType = MetricType::Counter;
+}
+
+impl EncodeMetric for SecondsCounter {
+    fn encode(&self, mut encoder: MetricEncoder) -> fmt::Result {
+        encoder.encode_gauge(&f64::from_bits(self.0.load(Ordering::Relaxed)))
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Counter
     }
 }
 
@@ -253,13 +491,32 @@ mod tests {
         let xds = metrics.xds();
         xds.pushed(type_url::CLUSTER, Duration::from_millis(2), Some(Duration::from_millis(5)));
         xds.rejected(type_url::LISTENER);
-        let text = metrics.render(3, None);
+        let conns: Vec<ConnectionStatus> = Vec::new();
+        let text = metrics.render(&MeshView { connections: &conns, ..MeshView::default() });
         assert!(text.contains("# TYPE pilot_xds_pushes counter\n"), "{text}");
         assert!(text.contains("pilot_xds_pushes{type=\"cds\"} 1\n"), "{text}");
         assert!(!text.contains("type=\"eds\""), "untouched types are not exposed: {text}");
         assert!(text.contains("pilot_total_xds_rejects{type=\"lds\"} 1\n"), "{text}");
         assert!(text.contains("pilot_proxy_convergence_time_count 1\n"), "{text}");
-        assert!(text.contains("pilot_xds 3\n"), "{text}");
+        assert!(text.contains("pilot_xds 0\n"), "{text}");
+        assert!(text.contains("istio_build{component=\"pilot\",tag=\""), "{text}");
         assert!(!text.contains("# EOF"), "{text}");
+    }
+
+    #[test]
+    fn process_stats_parse_procfs() {
+        // A command name with spaces and a parenthesis must not shift the fields.
+        let stat = "4242 (weft (x) y) S 1 4242 4242 0 -1 4194560 900 0 0 0 250 50 0 0 20 0 9 0 12345 0 0";
+        let status = "Name:\tweft\nVmSize:\t  204800 kB\nVmRSS:\t    10240 kB\n";
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\nMax open files            1024                 524288               files\n";
+        let p = process::parse(stat, status, limits, "cpu 1 2 3\nbtime 1700000000\n", 7).unwrap();
+        assert_eq!(p.cpu_seconds, 3.0);
+        assert_eq!(p.resident_bytes, 10 * 1024 * 1024);
+        assert_eq!(p.virtual_bytes, 200 * 1024 * 1024);
+        assert_eq!(p.max_fds, 1024);
+        assert_eq!(p.open_fds, 7);
+        assert_eq!(p.start_time_seconds, 1_700_000_000.0 + 123.45);
+        assert_eq!(process::parse("garbage", status, limits, "", 0), None);
+        assert!(process::read().is_some(), "this test runs on Linux");
     }
 }

@@ -1,8 +1,9 @@
 //! The control plane's Prometheus metrics on its API port, under istiod's names: a
 //! control plane with its CA, one weft sidecar that gets its certificate and its
 //! configuration, and NACKs a listener (its inbound address is taken by someone else).
-//! The scrape shows the connected proxy, pushes per type, the rejected type, the CSR and
-//! the issued certificate, and passes `promtool check metrics`.
+//! The scrape shows the connected proxy, pushes per type, the rejected type (counted,
+//! and the proxy named with its error), the CSR and the issued certificate, resource
+//! counts and process metrics, and passes `promtool check metrics`.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod mesh;
@@ -86,6 +87,18 @@ async fn the_control_plane_serves_istiod_metrics_for_pushes_nacks_proxies_and_ce
     assert!(nack.as_deref().is_some_and(|e| e.contains("cannot bind")), "the reject is the bind failure: {nack:?}");
 
     assert_eq!(sample(&page, "pilot_xds"), Some(1.0), "one connected proxy:\n{page}");
+    // The Control Plane dashboard's "Rejected LDS Configs": this proxy, with its error.
+    let lds_reject = page.lines().find(|l| l.starts_with("pilot_xds_lds_reject{")).unwrap_or_default();
+    assert!(lds_reject.contains("node=\"reviews\"") && lds_reject.contains("cannot bind"), "{page}");
+    assert!(lds_reject.ends_with(" 1"), "{page}");
+    assert!(!page.contains("pilot_xds_cds_reject{"), "CDS was accepted:\n{page}");
+    assert_eq!(sample(&page, "pilot_services"), Some(1.0), "{page}");
+    assert_eq!(sample(&page, "pilot_virt_services"), Some(0.0), "{page}");
+    assert!(sample(&page, "process_resident_memory_bytes").unwrap_or(0.0) > 0.0, "{page}");
+    assert!(sample(&page, "process_virtual_memory_bytes").unwrap_or(0.0) > 0.0, "{page}");
+    assert!(sample(&page, "process_cpu_seconds_total").is_some(), "{page}");
+    assert!(sample(&page, "process_open_fds").unwrap_or(0.0) > 0.0, "{page}");
+    assert!(page.contains("istio_build{component=\"pilot\",tag=\""), "{page}");
     for t in ["cds", "lds"] {
         let pushes = sample(&page, &format!("pilot_xds_pushes{{type=\"{t}\"}}")).unwrap_or(0.0);
         assert!(pushes >= 1.0, "{t} pushes counted:\n{page}");

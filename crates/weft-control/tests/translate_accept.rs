@@ -130,7 +130,32 @@ spec:
   - port: {number: 9080, protocol: HTTP, name: http}
     bind: 127.0.0.1
     hosts: ["./*"]
+---
+apiVersion: telemetry.istio.io/v1
+kind: Telemetry
+metadata: {name: mesh-default, namespace: istio-system}
+spec:
+  tracing:
+  - match: {mode: CLIENT}
+    providers: [{name: otel}]
+    randomSamplingPercentage: 12.5
+    customTags:
+      team: {literal: {value: books}}
+      host: {environment: {name: HOSTNAME, defaultValue: unknown}}
+      user: {header: {name: end-user}}
+  - match: {mode: SERVER}
+    providers: [{name: zipkin}]
 "#;
+
+/// Tracing providers for the Telemetry above: OTLP/gRPC to a STATIC collector,
+/// Zipkin to a STRICT_DNS one, OTLP/HTTP as the (unused) default.
+const MESH_CONFIG: &str = "
+defaultProviders: {tracing: [otel-http]}
+extensionProviders:
+- {name: otel, opentelemetry: {service: 127.0.0.1, port: 4317}}
+- {name: otel-http, opentelemetry: {service: 127.0.0.1, port: 4318, http: {path: /v1/traces, timeout: 2s}}}
+- {name: zipkin, zipkin: {service: zipkin.example.com, port: 9411, maxTagLength: 128}}
+";
 
 struct ControlPlane {
     source: Arc<StaticSource>,
@@ -206,7 +231,8 @@ fn port_zero(mut x: ProxyXds) -> ProxyXds {
 fn xds(mode: ProxyMode) -> ProxyXds {
     let parsed = weft_api::parse_str(RESOURCES, Path::new("all.yaml"));
     assert!(parsed.errors.is_empty(), "{:?}", parsed.errors);
-    let mesh = MeshConfig { resources: parsed.resources, ..MeshConfig::default() };
+    let tracing = weft_control::meshconfig::MeshConfigFile::parse(MESH_CONFIG).unwrap().tracing;
+    let mesh = MeshConfig { resources: parsed.resources, tracing, ..MeshConfig::default() };
     port_zero(translate(&mesh, &registry().snapshot(), &node(), mode))
 }
 
@@ -290,4 +316,37 @@ fn every_resource_packs_to_its_type_url() {
     }
     let _ = pack_any(envoy_types::pb::envoy::config::listener::v3::Listener::default());
     assert!(res.contains_key(type_url::ENDPOINT));
+}
+
+/// What Envoy and weft ACK above includes tracing: OTLP/gRPC on the outbound connection
+/// managers, Zipkin on the inbound ones, and both collector clusters.
+#[test]
+fn the_accepted_xds_carries_tracing_in_both_directions() {
+    use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
+    use envoy_types::pb::envoy::config::listener::v3::filter;
+    use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+    use prost::Message;
+    for mode in [ProxyMode::Explicit, ProxyMode::Transparent] {
+        let x = xds(mode);
+        let mut providers = std::collections::BTreeSet::new();
+        for l in &x.listeners {
+            for f in l.filter_chains.iter().flat_map(|c| &c.filters) {
+                let Some(filter::ConfigType::TypedConfig(any)) = &f.config_type else { continue };
+                let Ok(hcm) = HttpConnectionManager::decode(any.value.as_slice()) else { continue };
+                if f.name != "envoy.filters.network.http_connection_manager" {
+                    continue;
+                }
+                let inbound = l.traffic_direction == TrafficDirection::Inbound as i32;
+                let p = hcm.tracing.and_then(|t| t.provider).map(|p| p.name).unwrap_or_default();
+                providers.insert((inbound, p));
+            }
+        }
+        assert_eq!(
+            providers,
+            [(false, "envoy.tracers.opentelemetry".to_string()), (true, "envoy.tracers.zipkin".to_string())].into(),
+            "{mode:?}"
+        );
+        assert!(x.cluster("outbound|4317||127.0.0.1").is_some());
+        assert!(x.cluster("outbound|9411||zipkin.example.com").is_some());
+    }
 }

@@ -42,6 +42,8 @@ pub struct Context {
     pub drain_duration: Duration,
     /// Connections currently open (all listeners).
     pub active_connections: AtomicUsize,
+    /// Distributed tracing: the node's span attributes and the export queue.
+    pub tracer: crate::telemetry::trace::Tracer,
 }
 
 impl Context {

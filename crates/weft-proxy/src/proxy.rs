@@ -157,6 +157,11 @@ impl ProxyHandle {
             });
         }
         let store = ProxyStore::with_options(b.xds.on_demand(), secrets.clone());
+        let (tracer, span_exporter) = crate::telemetry::trace::Tracer::new(
+            crate::telemetry::trace::LocalNode::from_node(&node),
+            metrics.tracing().clone(),
+            crate::telemetry::trace::QUEUE_CAPACITY,
+        );
         store.count_host_evictions_in(metrics.proxy().on_demand_host_evictions());
         let ctx = Arc::new(Context {
             store: store.clone(),
@@ -176,6 +181,7 @@ impl ProxyHandle {
             drain_timeout: b.drain_timeout,
             drain_duration: b.drain_duration,
             active_connections: AtomicUsize::new(0),
+            tracer,
         });
 
         let admin_sock = TcpListener::bind(b.admin).await.map_err(|source| StartError::Bind {
@@ -212,6 +218,8 @@ impl ProxyHandle {
         };
         tasks.push(tokio::spawn(client.run(stop(&stop_rx))));
         tasks.push(tokio::spawn(watch_xds(xds.clone(), metrics.clone(), stop(&stop_rx))));
+        // Spans leave in the background, never on a request's path.
+        tasks.push(tokio::spawn(span_exporter.run(store.clone(), stop(&stop_rx))));
 
         let manager = ListenerManager::new(ctx.clone());
         let listeners = manager.addresses();

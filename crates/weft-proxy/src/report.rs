@@ -114,6 +114,8 @@ pub struct HttpReport {
     pub details: Option<String>,
     /// The RBAC filters' access-log metadata.
     pub rbac: Vec<(String, String)>,
+    /// The request's tracing span, when its connection manager traces.
+    pub trace: Option<Box<crate::telemetry::trace::ActiveSpan>>,
 }
 
 impl HttpReport {
@@ -167,7 +169,23 @@ impl HttpReport {
             local_status: None,
             details: None,
             rbac: Vec::new(),
+            trace: None,
         }
+    }
+
+    /// The downstream peer's address.
+    pub fn downstream_remote(&self) -> SocketAddr {
+        self.downstream_remote
+    }
+
+    /// The address the request arrived on.
+    pub fn downstream_local(&self) -> SocketAddr {
+        self.downstream_local
+    }
+
+    /// Envoy's response flags so far (`-` when none).
+    pub fn response_flags(&self) -> Cow<'static, str> {
+        self.flags_text()
     }
 
     /// Records what the RBAC filters decided.
@@ -227,6 +245,7 @@ impl HttpReport {
     pub fn finish(self, ctx: &Context) {
         let duration = self.start.elapsed();
         let request_bytes = self.request_body.as_ref().map(|b| b.bytes()).unwrap_or(0);
+        crate::telemetry::trace::finish(ctx, &self, request_bytes);
         let local = ctx.local.clone();
         let peer = match (&self.peer, &self.peer_workload) {
             (Some(p), _) => with_principal(p.clone(), &self.peer_principal),

@@ -72,6 +72,11 @@ enum Command {
         /// while their proxies reconnect (0s: forget them at once).
         #[arg(long, env = "WEFT_RECONNECT_GRACE", default_value = "30s", value_parser = humantime::parse_duration)]
         reconnect_grace: std::time::Duration,
+        /// Istio MeshConfig (YAML) for tracing: `extensionProviders` (opentelemetry,
+        /// zipkin), `defaultProviders.tracing`, `defaultConfig.tracing.sampling`,
+        /// `enableTracing`, `rootNamespace` (docs/observability.md).
+        #[arg(long, env = "WEFT_MESH_CONFIG")]
+        mesh_config: Option<PathBuf>,
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
@@ -347,11 +352,20 @@ fn main() -> std::process::ExitCode {
                 transparent,
                 outbound_traffic_policy,
                 reconnect_grace,
+                mesh_config,
                 identity,
                 webhook,
             } => {
                 let addrs = (xds, api);
-                run_control(dir, addrs, transparent, &outbound_traffic_policy, reconnect_grace, identity, webhook).await
+                let mesh_file = match mesh_config {
+                    Some(p) => Some(
+                        weft_control::meshconfig::MeshConfigFile::load(&p)
+                            .map_err(|e| anyhow::anyhow!("--mesh-config {e}"))?,
+                    ),
+                    None => None,
+                };
+                let policy = (outbound_traffic_policy.as_str(), mesh_file);
+                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, webhook).await
             }
             Command::Token { command } => token::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
@@ -447,13 +461,13 @@ async fn run_control(
     dir: Option<PathBuf>,
     (xds, api): (std::net::SocketAddr, std::net::SocketAddr),
     transparent: bool,
-    policy: &str,
+    (policy, mesh_file): (&str, Option<weft_control::meshconfig::MeshConfigFile>),
     reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
     webhook: WebhookArgs,
 ) -> anyhow::Result<()> {
     use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
-    let mesh = MeshConfig {
+    let mut mesh = MeshConfig {
         outbound_policy: if policy == "REGISTRY_ONLY" {
             OutboundPolicy::RegistryOnly
         } else {
@@ -461,6 +475,12 @@ async fn run_control(
         },
         ..MeshConfig::default()
     };
+    if let Some(f) = mesh_file {
+        mesh.tracing = f.tracing;
+        if let Some(ns) = f.root_namespace {
+            mesh.root_namespace = ns;
+        }
+    }
     let inject = weft_control::inject::InjectConfig {
         image: webhook.inject_image,
         control_plane: webhook.inject_control_plane,

@@ -62,6 +62,9 @@ pub async fn change(server: &str, files: &[PathBuf], delete: bool) -> anyhow::Re
     for (path, text) in files_text(files)? {
         let endpoint = if delete { "/api/v1/delete" } else { "/api/v1/apply" };
         let source = urlencode(&path.display().to_string());
+        if !delete {
+            unapplied_warnings(&path, &text);
+        }
         let (_, v) = call(server, "POST", &format!("{endpoint}?source={source}"), Some(text)).await?;
         for k in v["accepted"].as_array().into_iter().flatten() {
             println!("{} {}", k.as_str().unwrap_or_default(), if delete { "deleted" } else { "configured" });
@@ -75,6 +78,15 @@ pub async fn change(server: &str, files: &[PathBuf], delete: bool) -> anyhow::Re
         bail!("some resources were rejected (see above); the others were applied");
     }
     Ok(())
+}
+
+/// Prints, as warnings, what `weft analyze` reports as accepted but not applied by weft
+/// (its `WFT` codes: a file's own settings, needing no other resource to judge).
+fn unapplied_warnings(path: &std::path::Path, text: &str) {
+    let parsed = weft_api::parse_str(text, path);
+    for m in weft_api::analyze::analyze(&parsed.resources).iter().filter(|m| m.code.starts_with("WFT")) {
+        eprintln!("warning: {m}");
+    }
 }
 
 pub fn urlencode(s: &str) -> String {

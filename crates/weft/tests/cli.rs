@@ -169,3 +169,51 @@ async fn analyze_reports_parse_errors_and_cross_resource_findings_with_exit_code
     assert_eq!(out.status.code(), Some(79));
     assert!(String::from_utf8_lossy(&out.stdout).contains("IST0101"));
 }
+
+#[tokio::test]
+async fn bad_tracing_settings_stop_the_control_plane_and_weft_up_with_a_precise_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mesh.yaml");
+    std::fs::write(&path, "extensionProviders:\n- name: otel\n  opentelemetry: {service: collector, prot: 4317}\n")
+        .unwrap();
+    let out = tokio::process::Command::new(WEFT)
+        .args(["control", "--xds", "127.0.0.1:0", "--api", "127.0.0.1:0", "--mesh-config"])
+        .arg(&path)
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("--mesh-config {}: line 3 column", path.display()))
+            && err.contains("extensionProviders[0].opentelemetry: unknown field `prot`"),
+        "{err}"
+    );
+
+    let out = tokio::process::Command::new(WEFT)
+        .args(["up", "--api", "127.0.0.1:0", "--xds", "127.0.0.1:0", "--tracing", "jaeger://127.0.0.1:14268"])
+        .env("WEFT_STATE_DIR", dir.path())
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tracing `jaeger://127.0.0.1:14268`: unknown scheme `jaeger`"), "{err}");
+    assert!(err.contains("otlp://HOST:PORT"), "says what is expected: {err}");
+}
+
+#[tokio::test]
+async fn analyze_fails_on_telemetry_settings_weft_does_not_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("telemetry.yaml");
+    std::fs::write(
+        &path,
+        "apiVersion: telemetry.istio.io/v1\nkind: Telemetry\nmetadata: {name: t, namespace: istio-system}\nspec:\n  tracing: [{randomSamplingPercentage: 10}]\n  metrics:\n  - overrides: [{match: {metric: REQUEST_COUNT}, disabled: true}]\n",
+    )
+    .unwrap();
+    let out = tokio::process::Command::new(WEFT).args(["analyze", "-f"]).arg(&path).output().await.unwrap();
+    assert_eq!(out.status.code(), Some(79), "istioctl's exit code for issues found");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Error [WFT0003]") && text.contains("spec.metrics[0] is not applied"), "{text}");
+}

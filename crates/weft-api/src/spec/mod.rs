@@ -5,6 +5,7 @@ pub mod k8s;
 pub mod mesh;
 pub mod networking;
 pub mod security;
+pub mod telemetry;
 
 pub use common::*;
 pub use k8s::*;

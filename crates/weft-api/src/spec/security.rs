@@ -1,11 +1,12 @@
 //! `security.istio.io` PeerAuthentication, AuthorizationPolicy, RequestAuthentication
-//! and `telemetry.istio.io` Telemetry.
+//! (and, re-exported from [`super::telemetry`], `telemetry.istio.io` Telemetry).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use super::common::{LabelSelector, TargetRef};
+pub use super::telemetry::*;
 
 /// mTLS modes of PeerAuthentication.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -278,52 +279,4 @@ pub struct ClaimToHeader {
     pub header: String,
     /// Claim.
     pub claim: String,
-}
-
-/// Istio `Telemetry`: tracing, metrics and access logging settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Telemetry {
-    /// Workloads.
-    #[serde(default)]
-    pub selector: Option<LabelSelector>,
-    /// Target reference.
-    #[serde(default)]
-    pub target_ref: Option<TargetRef>,
-    /// Several target references.
-    #[serde(default)]
-    pub target_refs: Vec<TargetRef>,
-    /// Tracing settings.
-    #[serde(default)]
-    pub tracing: Vec<Tracing>,
-    /// Metrics settings (kept as raw JSON).
-    #[serde(default)]
-    pub metrics: Vec<serde_json::Value>,
-    /// Access logging settings (kept as raw JSON).
-    #[serde(default)]
-    pub access_logging: Vec<serde_json::Value>,
-}
-
-/// Tracing settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct Tracing {
-    /// Match (raw).
-    #[serde(default, rename = "match")]
-    pub matches: Option<serde_json::Value>,
-    /// Providers (`{name}`).
-    #[serde(default)]
-    pub providers: Vec<ExtensionProvider>,
-    /// Sampling percentage 0..=100.
-    #[serde(default)]
-    pub random_sampling_percentage: Option<f64>,
-    /// Disable span reporting.
-    #[serde(default)]
-    pub disable_span_reporting: Option<bool>,
-    /// Custom tags (raw).
-    #[serde(default)]
-    pub custom_tags: Option<serde_json::Value>,
-    /// Use x-request-id for sampling.
-    #[serde(default)]
-    pub use_request_id_for_trace_sampling: Option<bool>,
 }

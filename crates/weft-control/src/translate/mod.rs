@@ -18,6 +18,8 @@
 //! - [`authz`]: AuthorizationPolicies selecting the proxy as RBAC filters on its inbound
 //!   listeners.
 //! - [`jwt`]: RequestAuthentications selecting the proxy as the JWT filter before them.
+//! - [`tracing`]: last, over what the others built: the effective Telemetry tracing
+//!   as `HttpConnectionManager.tracing`, route decorators and the collector's cluster.
 //! - [`gateway`]: for gateway proxies (node id `router~...`) instead of [`routes`] and
 //!   [`listeners`]: the servers of the Gateways selecting the proxy as `0.0.0.0_PORT`
 //!   listeners and the VirtualServices bound to them as `http.PORT` routes.
@@ -56,6 +58,7 @@ pub mod mtls;
 pub mod on_demand;
 pub mod peer_exchange;
 pub mod routes;
+pub mod tracing;
 
 #[cfg(test)]
 mod tests;
@@ -88,6 +91,9 @@ pub struct MeshConfig {
     /// JWKS documents fetched by the control plane, by `jwksUri` (RequestAuthentication
     /// keys are inlined from here; a missing URI gets keys no token matches).
     pub jwks: BTreeMap<String, String>,
+    /// Tracing providers and defaults from Istio's MeshConfig (`--mesh-config`,
+    /// `weft up --tracing`); the default: no provider, tracing off.
+    pub tracing: crate::meshconfig::MeshTracing,
 }
 
 /// Istio's `outboundTrafficPolicy.mode`.
@@ -134,6 +140,7 @@ impl Default for MeshConfig {
             outbound_policy: OutboundPolicy::AllowAny,
             explicit_outbound: SocketAddr::from(([127, 0, 0, 1], 15001)),
             jwks: BTreeMap::new(),
+            tracing: Default::default(),
         }
     }
 }
@@ -188,6 +195,7 @@ pub fn translate(mesh: &MeshConfig, registry: &RegistrySnapshot, node: &NodeInfo
         routes::build(&view, mode, &mut out);
         listeners::build(&view, mode, &mut out);
     }
+    tracing::apply(&view, mode, &mut out);
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
     out.routes.sort_by(|a, b| a.name.cmp(&b.name));
     out.clusters.sort_by(|a, b| a.name.cmp(&b.name));

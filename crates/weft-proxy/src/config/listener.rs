@@ -161,6 +161,9 @@ pub struct HttpChain {
     /// Network RBAC filters placed before the connection manager: checked once per
     /// connection, before any request is read.
     pub network_rbac: Vec<Arc<RbacFilter>>,
+    /// `tracing`: absent, no spans and trace headers pass through untouched. Decided
+    /// per request, so a change applies to open connections from their next request.
+    pub tracing: Option<Arc<crate::telemetry::trace::TracingConfig>>,
 }
 
 /// A compiled TCP proxy.
@@ -263,6 +266,18 @@ impl ListenerConfig {
             }
         }
         out
+    }
+
+    /// The collector clusters the chains' tracing providers name, with the field that
+    /// names each (for a NACK when the cluster is unknown).
+    pub fn tracing_clusters(&self) -> Vec<(String, String)> {
+        let all = self.chains.iter().enumerate().map(|(i, c)| (format!("filter_chains[{i}]"), c));
+        let all = all.chain(self.default_chain.iter().map(|c| ("default_filter_chain".to_string(), c)));
+        all.filter_map(|(at, c)| match &c.kind {
+            ChainKind::Http(h) => h.tracing.as_ref()?.provider.as_ref().map(|p| (at, p.cluster.clone())),
+            ChainKind::Tcp(_) => None,
+        })
+        .collect()
     }
 
     /// Picks the filter chain for a connection, following Envoy's order of criteria:
@@ -382,10 +397,11 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
             let mut chain = compile_hcm(&hcm).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?;
             chain.network_rbac = std::mem::take(&mut rbac);
             kind = Some(ChainKind::Http(Arc::new(chain)));
-            // Filters and routes apply per request: not fixed at accept.
+            // Filters, routes and tracing apply per request: not fixed at accept.
             terminal = Some(Terminal::Http(Box::new(HttpConnectionManager {
                 http_filters: Vec::new(),
                 route_specifier: None,
+                tracing: None,
                 ..hcm
             })));
         } else if any.type_url == TcpProxy::type_url() {
@@ -519,7 +535,14 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
     if max_headers_count == 0 {
         return Err(("common_http_protocol_options.max_headers_count".into(), "must be at least 1".into()));
     }
+    let tracing = match &h.tracing {
+        Some(t) => Some(Arc::new(
+            crate::telemetry::trace::TracingConfig::compile(t).map_err(|(f, m)| (format!("tracing.{f}"), m))?,
+        )),
+        None => None,
+    };
     Ok(HttpChain {
+        tracing,
         request_headers_timeout: timeout_or(h.request_headers_timeout.as_ref(), Duration::from_secs(30)),
         max_request_headers_bytes: max_kb as usize * 1024,
         max_headers_count: max_headers_count as usize,

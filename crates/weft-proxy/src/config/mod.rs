@@ -291,6 +291,18 @@ impl ProxyStore {
     fn apply_listeners(&self, st: &mut State, update: ResourceUpdate) -> Vec<String> {
         let errors = apply_each(&update, "listener", &mut st.raw.listeners, &mut st.listeners, |l: &Listener| {
             let compiled = ListenerConfig::compile_in(l, &self.secrets).map_err(|e| e.to_string())?;
+            // Envoy refuses a tracing provider whose collector cluster it does not know
+            // (on demand, clusters arrive later: a missing one only drops spans).
+            if !st.on_demand.enabled {
+                for (at, cluster) in compiled.tracing_clusters() {
+                    if !st.cluster_configs.contains_key(&cluster) {
+                        return Err(format!(
+                            "listener {:?}: {at}.tracing.provider: unknown collector cluster {cluster:?}; the cluster must come with CDS before the listener",
+                            compiled.name
+                        ));
+                    }
+                }
+            }
             if compiled.bind {
                 // Bound before the ACK, so a listener that cannot listen is NACKed.
                 self.sockets

@@ -296,6 +296,7 @@ fn prepare_headers(parts: &mut http::request::Parts, ctx: &Context, conn: &ConnI
         }
     }
     crate::report::on_upstream_request(ctx, conn, &mut parts.headers);
+    crate::telemetry::trace::inject(report.trace.as_deref(), &mut parts.headers);
 }
 
 /// Removes hop-by-hop headers, including those named by `Connection`. `te: trailers`

@@ -190,6 +190,12 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
     }
     let authority = request_authority(&parts).unwrap_or_default();
     rq.report.authority = authority.clone();
+    // The request's span starts before any filter can answer locally, so local replies
+    // (RBAC, JWT, faults, no route) are traced too.
+    if let Some(t) = &chain.tracing {
+        let span = crate::telemetry::trace::ActiveSpan::start(conn, t, &parts, &authority, &rq.report.request_id);
+        rq.report.trace = Some(Box::new(span));
+    }
     // Request authentication (JWT) before authorization: RBAC reads what it establishes.
     for f in &chain.jwt {
         if let Err(denial) = f.authenticate(&mut parts, &authority).await {
@@ -227,6 +233,9 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
         .select(&authority, &parts)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for {authority}{}", parts.uri.path())))?;
     rq.report.route_name = route.name.clone();
+    if let Some(span) = rq.report.trace.as_mut() {
+        span.set_operation(route.decorator.as_deref());
+    }
     // The CORS filter runs before fault injection and the router (Istio's order).
     let cors = route.cors.as_deref().filter(|_| chain.cors);
     let mut allowed_origin = None;

@@ -24,6 +24,8 @@ pub struct Route {
     pub virtual_host: String,
     /// What to do with a matching request.
     pub action: RouteAction,
+    /// `decorator.operation`: the name of the request's tracing span.
+    pub decorator: Option<String>,
     /// Fault injection, from `typed_per_filter_config["envoy.filters.http.fault"]` of
     /// the route, else of its virtual host, else of the route configuration.
     pub fault: Option<FaultPolicy>,

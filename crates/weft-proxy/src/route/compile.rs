@@ -207,6 +207,7 @@ fn tls_redirect(vh: &VirtualHost, at: &str) -> Result<Option<(Arc<Route>, bool)>
     let route = Route {
         name: String::new(),
         virtual_host: vh.name.clone(),
+        decorator: None,
         action: RouteAction::Redirect(RedirectAction {
             status: StatusCode::MOVED_PERMANENTLY,
             scheme: Some("https".into()),
@@ -264,6 +265,7 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
         name: r.name.clone(),
         virtual_host: ctx.vhost_name.to_string(),
         action: RouteAction::Direct { status: StatusCode::NOT_FOUND, body: Bytes::new() },
+        decorator: r.decorator.as_ref().map(|d| d.operation.clone()).filter(|o| !o.is_empty()),
         fault,
         cors,
         matcher,

@@ -147,6 +147,7 @@ pub struct Metrics {
     proxy: ProxyHealth,
     rbac: super::rbac::RbacMetrics,
     drain: super::drain::DrainMetrics,
+    tracing: Arc<super::trace::TraceMetrics>,
 }
 
 /// Handles to the four series of one request label set, so recording a request hashes
@@ -289,8 +290,10 @@ impl Metrics {
         let proxy = ProxyHealth::register(&mut registry);
         let rbac = super::rbac::RbacMetrics::register(&mut registry);
         let drain = super::drain::DrainMetrics::register(&mut registry);
+        let tracing = Arc::new(super::trace::TraceMetrics::register(&mut registry));
         Self {
             drain,
+            tracing,
             registry,
             requests,
             duration,
@@ -376,6 +379,11 @@ impl Metrics {
     /// The RBAC filters' counters.
     pub fn rbac(&self) -> &super::rbac::RbacMetrics {
         &self.rbac
+    }
+
+    /// The tracer's counters (spans exported and dropped).
+    pub fn tracing(&self) -> &Arc<super::trace::TraceMetrics> {
+        &self.tracing
     }
 
     /// Connections ended by configuration changes.

@@ -1,6 +1,7 @@
 //! Telemetry at both ends of a request: Istio's standard metrics ([`metrics`]), one JSON
 //! access-log line per request or connection ([`accesslog`]) and the peer metadata
-//! exchange that tells each side which workload is on the other end ([`peer`]).
+//! exchange that tells each side which workload is on the other end ([`peer`]), and
+//! distributed tracing spans ([`trace`]).
 //!
 //! The core fills plain structs ([`RequestLabels`], [`TcpLabels`],
 //! [`accesslog::AccessRecord`]); nothing here touches the data path's sockets.
@@ -13,6 +14,7 @@ pub mod metrics;
 pub mod peer;
 pub mod rbac;
 pub mod services;
+pub mod trace;
 
 use serde::{Deserialize, Serialize};
 

@@ -6,8 +6,9 @@
 //! Calls: details and ratings once with a 3 s timeout; reviews with a 3 s timeout and one
 //! more attempt (Istio keeps this "bug" on purpose for its fault-injection task), then
 //! "Sorry, product reviews are currently unavailable for this book.". Every call carries
-//! the headers of `client::PRODUCTPAGE_FORWARD`; without incoming B3 headers fresh ones are
-//! made, as the tracer of Istio's productpage does.
+//! the headers of `client::PRODUCTPAGE_FORWARD` that came in; like Istio's productpage
+//! (whose OpenTelemetry B3 propagator injects only a context it extracted), it never
+//! invents trace ids: the sidecars start traces and decide sampling.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +23,7 @@ use tracing::warn;
 
 use super::client::{copy_headers, HttpClient, PRODUCTPAGE_FORWARD};
 use super::productpage_html::{index_page, product_page, PageData};
-use super::{json_response, method_not_allowed, not_found, random_u64, response, BookinfoConfig, Upstream};
+use super::{json_response, method_not_allowed, not_found, response, BookinfoConfig, Upstream};
 
 /// Timeout of each call to details, reviews and ratings.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
@@ -235,19 +236,11 @@ fn redirect(location: &str, cookie: &str) -> Response<Full<Bytes>> {
 }
 
 /// The headers productpage sends upstream for a request with `incoming` headers: the
-/// forward list, fresh B3 ids when none came in, and `end-user` from the `user` cookie
-/// (or the incoming `end-user` header).
+/// forward list (no trace ids made up when none came in: a made-up `x-b3-sampled: 1`
+/// would force the next sidecar to sample), and `end-user` from the `user` cookie (or
+/// the incoming `end-user` header).
 pub fn forward_headers(incoming: &HeaderMap) -> HeaderMap {
     let mut out = copy_headers(incoming, PRODUCTPAGE_FORWARD);
-    if !out.contains_key("x-b3-traceid") && !out.contains_key("b3") {
-        let trace = format!("{:016x}{:016x}", random_u64(), random_u64());
-        let span = format!("{:016x}", random_u64());
-        for (name, value) in [("x-b3-traceid", trace), ("x-b3-spanid", span), ("x-b3-sampled", "1".into())] {
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                out.insert(HeaderName::from_static(name), v);
-            }
-        }
-    }
     let end_user = HeaderName::from_static("end-user");
     let from_cookie = user_cookie(incoming).and_then(|u| HeaderValue::from_bytes(u.as_bytes()).ok());
     if let Some(v) = from_cookie.or_else(|| incoming.get(&end_user).cloned()) {

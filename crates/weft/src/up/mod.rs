@@ -99,6 +99,19 @@ pub struct UpArgs {
     /// The Envoy binary for `--envoy-sidecar`.
     #[arg(long, env = "WEFT_ENVOY", default_value = "envoy")]
     pub envoy: PathBuf,
+    /// Trace every proxy to this collector: `otlp://HOST:PORT` (OTLP/gRPC, e.g. Jaeger's
+    /// 4317), `otlp+http://HOST:PORT[/PATH]` (OTLP/HTTP) or `zipkin://HOST:PORT[/PATH]`
+    /// (Zipkin v2 JSON): the mesh's default tracing provider (docs/observability.md).
+    #[arg(long, value_name = "URL")]
+    pub tracing: Option<String>,
+    /// Percent of new traces sampled with --tracing (Istio's default is 1; the demo
+    /// traces every request).
+    #[arg(long, value_name = "PERCENT", default_value_t = 100.0, requires = "tracing")]
+    pub trace_sampling: f64,
+    /// Istio MeshConfig (YAML) with tracing extension providers and defaults, as for
+    /// `weft control --mesh-config`; --tracing replaces its tracing defaults.
+    #[arg(long, value_name = "FILE")]
+    pub mesh_config: Option<PathBuf>,
 }
 
 /// A started workload.
@@ -210,7 +223,19 @@ impl Up {
             xds = SocketAddr::new(IpAddr::V4(net.host_address()), xds.port());
             self.network = Some(net);
         }
-        let mesh = MeshConfig::default();
+        let mut mesh = MeshConfig::default();
+        if let Some(f) = &self.args.mesh_config {
+            let file =
+                weft_control::meshconfig::MeshConfigFile::load(f).map_err(|e| anyhow::anyhow!("--mesh-config {e}"))?;
+            mesh.tracing = file.tracing;
+            if let Some(ns) = file.root_namespace {
+                mesh.root_namespace = ns;
+            }
+        }
+        if let Some(url) = &self.args.tracing {
+            mesh.tracing = weft_control::meshconfig::MeshTracing::from_url(url, self.args.trace_sampling)
+                .map_err(|e| anyhow::anyhow!("--tracing {e}"))?;
+        }
         let domain = mesh.domain.clone();
         let trust_domain = mesh.trust_domain.clone();
         let cp = ControlPlane::start(ControlConfig {
@@ -514,6 +539,9 @@ impl Up {
         say!("  ingress        http://{ingress}/{page}");
         say!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
         say!("  logs           {}", self.logs.display());
+        if let Some(url) = &self.args.tracing {
+            say!("  tracing        {url}, {}% of new traces sampled (docs/observability.md)", self.args.trace_sampling);
+        }
         if let Some(net) = &self.network {
             say!(
                 "  network        bridge {} {}/24, service addresses {}",
