@@ -31,6 +31,8 @@ pub struct Context {
     pub peers: crate::telemetry::peer::DecodeCache,
     /// Labels for a peer that sent no metadata.
     pub unknown_peer: Arc<WorkloadInfo>,
+    /// `destination_service*` labels of a destination no service is known for.
+    pub unknown_service: Arc<crate::telemetry::ServiceInfo>,
     /// Destination-service labels, built once per cluster (or authority).
     pub services: crate::telemetry::services::ServiceCache,
     /// Flips to true when the proxy starts draining.

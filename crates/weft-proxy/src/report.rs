@@ -18,8 +18,11 @@ use crate::telemetry::accesslog::{self, AccessRecord};
 use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, TcpLabels};
 use crate::telemetry::{peer, WorkloadInfo};
 
-/// The local workload as metrics describe it, from the bootstrap's node metadata.
-pub fn local_workload(node: &NodeInfo) -> WorkloadInfo {
+/// The local workload as metrics describe it, from the bootstrap's node metadata and,
+/// with mesh mTLS, the proxy's own SPIFFE id (`principal`). Follows Istio: the workload
+/// is `WORKLOAD_NAME` (the Deployment, not the pod); canonical service and revision
+/// come from [`canonical_service`]; the cluster is `CLUSTER_ID`, default `Kubernetes`.
+pub fn local_workload(node: &NodeInfo, principal: Option<&str>) -> WorkloadInfo {
     let or_unknown = |s: &str| {
         if s.is_empty() {
             crate::telemetry::UNKNOWN.to_string()
@@ -27,21 +30,39 @@ pub fn local_workload(node: &NodeInfo) -> WorkloadInfo {
             s.to_string()
         }
     };
-    let label = |k: &str| node.labels.get(k).cloned();
-    let app = label("service.istio.io/canonical-name").or_else(|| label("app")).unwrap_or_default();
-    let version = label("service.istio.io/canonical-revision").or_else(|| label("version")).unwrap_or_default();
-    let workload = node.labels.get("weft.dev/workload").cloned().unwrap_or_else(|| node.name.clone());
+    let label = |k: &str| node.labels.get(k).filter(|v| !v.is_empty()).cloned();
+    let workload = match node.labels.get("weft.dev/workload") {
+        Some(w) if node.workload_name.is_empty() => w.clone(),
+        _ => node.workload().to_string(),
+    };
+    let app = label("app").or_else(|| label("app.kubernetes.io/name")).unwrap_or_default();
+    let version = label("version").or_else(|| label("app.kubernetes.io/version")).unwrap_or_default();
+    let (canonical_service, canonical_revision) = canonical_service(&node.labels, &workload);
+    let cluster = if node.cluster_id.is_empty() { weft_xds::node::DEFAULT_CLUSTER_ID } else { &node.cluster_id };
     WorkloadInfo {
         workload: or_unknown(&workload),
         namespace: or_unknown(&node.namespace),
         app: or_unknown(&app),
         version: or_unknown(&version),
-        cluster: "Kubernetes".into(),
+        principal: or_unknown(principal.unwrap_or_default()),
+        cluster: cluster.to_string(),
         service_account: or_unknown(&node.service_account),
-        canonical_service: or_unknown(&app),
-        canonical_revision: if version.is_empty() { "latest".into() } else { version.clone() },
-        ..WorkloadInfo::default()
+        canonical_service: or_unknown(&canonical_service),
+        canonical_revision,
     }
+}
+
+/// Istio's canonical service name and revision of a workload (`pkg/kube/labels`
+/// `CanonicalService`): `service.istio.io/canonical-name`, else `app.kubernetes.io/name`,
+/// else `app`, else the workload name; `service.istio.io/canonical-revision`, else
+/// `app.kubernetes.io/version`, else `version`, else `latest`.
+pub fn canonical_service(labels: &std::collections::BTreeMap<String, String>, workload: &str) -> (String, String) {
+    let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).filter(|v| !v.is_empty()).cloned());
+    let name = first(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+        .unwrap_or_else(|| workload.to_string());
+    let revision = first(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
+        .unwrap_or_else(|| "latest".to_string());
+    (name, revision)
 }
 
 fn reporter(d: Direction) -> Reporter {
@@ -84,6 +105,9 @@ pub struct HttpReport {
     peer_principal: Option<Arc<str>>,
     /// The connection's peer built from that id (used when no metadata header came).
     peer_workload: Option<Arc<WorkloadInfo>>,
+    /// The upstream's SPIFFE id from the certificate it presented on the mTLS handshake
+    /// (outbound; `destination_principal` of the source reporter).
+    pub upstream_principal: Option<Arc<str>>,
     flags: Vec<&'static str>,
     /// Authority the request was for.
     pub authority: String,
@@ -133,6 +157,7 @@ impl HttpReport {
             downstream_local: conn.destination,
             peer_principal: conn.peer_principal.clone(),
             peer_workload: conn.peer_workload.clone(),
+            upstream_principal: None,
             method: if log { req.method().to_string() } else { String::new() },
             path: match req.uri().path_and_query() {
                 _ if !log => String::new(),
@@ -220,13 +245,14 @@ impl HttpReport {
         let request_bytes = self.request_body.as_ref().map(|b| b.bytes()).unwrap_or(0);
         let local = ctx.local.clone();
         let peer = match (&self.peer, &self.peer_workload) {
-            (Some(p), _) => with_principal(p.clone(), &self.peer_principal),
+            (Some(p), _) => p.clone(),
             (None, Some(w)) => w.clone(),
             (None, None) => ctx.unknown_peer.clone(),
         };
+        // Principals are what a certificate proved on this hop, never what metadata claims.
         let (source, destination) = match self.direction {
-            Direction::Inbound => (peer, local),
-            _ => (local, peer),
+            Direction::Inbound => (with_principal(peer, &self.peer_principal), local),
+            _ => (local, with_principal(peer, &self.upstream_principal)),
         };
         let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
@@ -234,7 +260,7 @@ impl HttpReport {
             reporter: reporter(self.direction),
             source,
             destination,
-            service: ctx.services.get(&self.cluster, &self.authority),
+            service: destination_service(ctx, self.direction, &self.cluster, Some(&self.authority)),
             protocol: if self.grpc { RequestProtocol::Grpc } else { RequestProtocol::Http },
             response_code: self.response_code,
             grpc_status: self.grpc_status.as_deref().and_then(|s| s.parse().ok()),
@@ -280,22 +306,59 @@ impl HttpReport {
     }
 }
 
-/// The peer as telemetry names it: the principal proven by its certificate wins over
-/// what its metadata header claims (allocates only when they differ, which a peer with
-/// a mesh identity never does).
+/// The peer as telemetry names it: its principal is the one its certificate proved on
+/// this hop, `unknown` without mTLS, whatever its metadata header claims (allocates only
+/// when they differ, which a mesh peer over mTLS never does).
 fn with_principal(peer: Arc<WorkloadInfo>, principal: &Option<Arc<str>>) -> Arc<WorkloadInfo> {
-    match principal {
-        Some(p) if peer.principal != **p => Arc::new(WorkloadInfo { principal: p.to_string(), ..(*peer).clone() }),
-        _ => peer,
+    let proven = principal.as_deref().unwrap_or(crate::telemetry::UNKNOWN);
+    if peer.principal == proven {
+        return peer;
     }
+    Arc::new(WorkloadInfo { principal: proven.to_string(), ..(*peer).clone() })
 }
 
-/// Istio's `connection_security_policy`: `mutual_tls` on inbound connections that
-/// presented a verified mesh certificate, `none` otherwise.
+/// Istio's `connection_security_policy`: the destination reporter says `mutual_tls` when
+/// the client presented a verified mesh certificate, `none` otherwise; the source
+/// reporter cannot know the server's policy and says `unknown`.
 fn security_policy(direction: Direction, principal: &Option<Arc<str>>) -> SecurityPolicy {
     match (direction, principal) {
         (Direction::Inbound, Some(_)) => SecurityPolicy::MutualTls,
-        _ => SecurityPolicy::None,
+        (Direction::Inbound, None) => SecurityPolicy::None,
+        _ => SecurityPolicy::Unknown,
+    }
+}
+
+/// The `destination_service*` labels of a request (with its authority) or connection
+/// (without) to `cluster`, as Istio's stats filter finds them (see
+/// [`crate::telemetry::services`]): Istio service metadata on the cluster, else the host
+/// in an outbound cluster name, else the virtual cluster's name, else (client side only)
+/// the authority.
+fn destination_service(
+    ctx: &Context,
+    direction: Direction,
+    cluster: &str,
+    authority: Option<&str>,
+) -> Arc<crate::telemetry::ServiceInfo> {
+    use crate::telemetry::services;
+    if services::istio_host(cluster).is_some() {
+        return ctx.services.get(cluster, authority.unwrap_or_default());
+    }
+    if let Some(v) = services::virtual_cluster(cluster, authority) {
+        return Arc::new(v);
+    }
+    if !cluster.is_empty() {
+        let snap = ctx.store.snapshot();
+        if let Some(s) =
+            snap.clusters.get(cluster).and_then(|c| services::pick(&c.config.services, authority.unwrap_or_default()))
+        {
+            return s.clone();
+        }
+    }
+    match (direction, authority) {
+        // Istio disables the Host-header fallback for inbound traffic: a Host header
+        // chosen by any client must not become a series.
+        (Direction::Inbound, _) | (_, None) => ctx.unknown_service.clone(),
+        (_, Some(a)) => ctx.services.get(cluster, a),
     }
 }
 
@@ -332,19 +395,18 @@ impl TcpReport {
         let local = ctx.local.clone();
         let peer = conn.peer_workload.clone().unwrap_or_else(|| ctx.unknown_peer.clone());
         let (source, destination) = match conn.listener.direction {
-            Direction::Inbound => (peer, local),
-            _ => (local, peer),
+            Direction::Inbound => (with_principal(peer, &conn.peer_principal), local),
+            // The upstream's certificate is not known yet: `unknown`, as for plaintext.
+            _ => (local, with_principal(peer, &None)),
         };
-        let authority = conn.destination.to_string();
         let labels = TcpLabels {
             reporter: reporter(conn.listener.direction),
             source,
             destination,
-            service: ctx.services.get(cluster, &authority),
+            service: destination_service(ctx, conn.listener.direction, cluster, None),
             response_flags: Cow::Borrowed("-"),
             security_policy: security_policy(conn.listener.direction, &conn.peer_principal),
         };
-        ctx.metrics.tcp_opened(&labels);
         TcpReport {
             start: Instant::now(),
             start_time: SystemTime::now(),
@@ -365,6 +427,18 @@ impl TcpReport {
     pub fn rbac(&mut self, verdict: crate::rbac::Verdict) {
         self.details = verdict.details();
         self.rbac = verdict.into_log_metadata();
+    }
+
+    /// The upstream connection is up: counts the connection as opened (as Istio does, a
+    /// connection that never reached an upstream, e.g. to `BlackHoleCluster`, is closed
+    /// without being opened) and, on the client side, takes the principal the
+    /// upstream's certificate proved as `destination_principal`.
+    pub fn connected(&mut self, ctx: &Context, upstream: std::net::SocketAddr, principal: Option<Arc<str>>) {
+        self.upstream_host = Some(upstream);
+        if self.direction != Direction::Inbound {
+            self.labels.destination = with_principal(self.labels.destination.clone(), &principal);
+        }
+        ctx.metrics.tcp_opened(&self.labels);
     }
 
     /// Counts bytes and the close, and writes the access-log line.
@@ -406,3 +480,6 @@ impl TcpReport {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;
