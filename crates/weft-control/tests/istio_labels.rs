@@ -14,12 +14,13 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use weft_control::control::ControlPlane;
 use weft_control::identity::IdentityConfig;
 use weft_proxy::bootstrap::Bootstrap;
 use weft_proxy::proxy::ProxyHandle;
-use weft_testkit::echo::{EchoServer, TcpEchoServer};
+use weft_testkit::echo::{grpc_call, grpc_call_with_headers, EchoServer, GrpcEchoServer, TcpEchoServer};
 use weft_testkit::http::{get_h1, get_via_proxy};
 use weft_testkit::net::{reserve_addr, reserve_consecutive, reserve_port};
 
@@ -162,22 +163,29 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
     let dir = tempfile::tempdir().unwrap();
     let app = EchoServer::start("reviews-app").await;
     let db_app = TcpEchoServer::start().await;
+    let grpc_app = GrpcEchoServer::start("reviews-grpc").await;
     let db_port = reserve_port();
+    // reviews (HTTP and gRPC ports) and db (TCP) select the server workload; a fault on
+    // /fault; a DENY on /denied (restricted to the HTTP port: on TCP ports Istio drops the
+    // HTTP fields of a DENY rule and denies everything); the client's Sidecar binds an
+    // egress listener for db.
     let resources = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {http}}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: tcp-db, port: {db_port}, targetPort: {tcp}}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{uri: {{prefix: /fault}}}}]\n    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: reviews}}}}]\n  - route: [{{destination: {{host: reviews}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: productpage, namespace: default}}\nspec:\n  workloadSelector: {{labels: {{app: productpage}}}}\n  egress:\n  - port: {{number: {db_port}, protocol: TCP, name: tcp-db}}\n    bind: 127.0.0.1\n    hosts: [\"./db.default.svc.cluster.local\"]\n  - hosts: [\"*/*\"]\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {http}}}, {{name: grpc, port: 9090, targetPort: {grpc}}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: tcp-db, port: {db_port}, targetPort: {tcp}}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{uri: {{prefix: /fault}}}}]\n    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: reviews}}}}]\n  - route: [{{destination: {{host: reviews}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: productpage, namespace: default}}\nspec:\n  workloadSelector: {{labels: {{app: productpage}}}}\n  egress:\n  - port: {{number: {db_port}, protocol: TCP, name: tcp-db}}\n    bind: 127.0.0.1\n    hosts: [\"./db.default.svc.cluster.local\"]\n  - hosts: [\"*/*\"]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-denied, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  action: DENY\n  rules: [{{to: [{{operation: {{ports: [\"{http}\"], paths: [/denied]}}}}]}}]\n",
         http = app.addr.port(),
         tcp = db_app.addr.port(),
+        grpc = grpc_app.addr.port(),
     );
     std::fs::write(dir.path().join("mesh.yaml"), resources).unwrap();
     let mut identity = IdentityConfig::new(data.path());
     identity.cert_ttl = Duration::from_secs(3600);
     let cp = mesh::control_plane(Some(dir.path()), identity).await;
 
-    let inbound = reserve_consecutive(2);
+    let inbound = reserve_consecutive(3);
     let ports = format!(
-        "  ports:\n  - {{name: http, port: {}, protocol: TCP}}\n  - {{name: tcp-db, port: {}, protocol: TCP}}\n  inbound: {inbound}\n",
+        "  ports:\n  - {{name: http, port: {}, protocol: TCP}}\n  - {{name: tcp-db, port: {}, protocol: TCP}}\n  - {{name: grpc, port: {}, protocol: TCP}}\n  inbound: {inbound}\n",
         app.addr.port(),
-        db_app.addr.port()
+        db_app.addr.port(),
+        grpc_app.addr.port()
     );
     let reviews = sidecar(&cp, "reviews-v2", "reviews", "bookinfo-reviews", &ports).await;
     let productpage = sidecar(&cp, "productpage-v1", "productpage", "bookinfo-productpage", "").await;
@@ -221,6 +229,25 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, fault abort", &got, &want);
 
+    // An authorization denial on the server side: a 403 without a flag (as Envoy's RBAC
+    // filter), reported by the server's sidecar for the service the request was for.
+    assert_eq!(get_via_proxy(out, "http://reviews:9080/denied").await.unwrap().status, 403);
+    let denied =
+        [("request_protocol", "http"), ("response_code", "403"), ("grpc_response_status", ""), ("response_flags", "-")];
+    let key = [("reporter", "destination"), ("response_code", "403")];
+    let got = series_with(&reviews, "istio_requests_total", &key).await;
+    let mut want = expected(&client(CLIENT_ID), &server(SERVER_ID), reviews_svc, &denied);
+    want.extend([
+        ("reporter".into(), "destination".into()),
+        ("connection_security_policy".into(), "mutual_tls".into()),
+    ]);
+    assert_labels("destination reporter, RBAC denial", &got, &want);
+    let key = [("reporter", "source"), ("response_code", "403")];
+    let got = series_with(&productpage, "istio_requests_total", &key).await;
+    let mut want = expected(&client(CLIENT_ID), &server(SERVER_ID), reviews_svc, &denied);
+    want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
+    assert_labels("source reporter, RBAC denial upstream", &got, &want);
+
     // No route: a 404 with NR, the destination known only by its Host header.
     assert_eq!(get_via_proxy(out, "http://nosuch:9080/").await.unwrap().status, 404);
     let key = [("reporter", "source"), ("response_code", "404")];
@@ -234,6 +261,31 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
     let mut want = expected(&client(CLIENT_ID), &unknown("unknown"), ["nosuch", "nosuch", "unknown"], &nr);
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, no route", &got, &want);
+
+    // gRPC: the status from the trailers, or from the headers of a trailers-only answer.
+    let reply = grpc_call(out, "reviews:9090", "/echo.Echo/Unary", vec![Bytes::from_static(b"hi")]).await.unwrap();
+    assert_eq!(reply.trailers.get("grpc-status").and_then(|v| v.to_str().ok()), Some("0"), "{reply:?}");
+    let failed = grpc_call_with_headers(out, "reviews:9090", "/echo.Echo/Fail", &[("x-grpc-status", "7")], vec![])
+        .await
+        .unwrap();
+    assert_eq!(failed.headers.get("grpc-status").and_then(|v| v.to_str().ok()), Some("7"), "{failed:?}");
+    for (status, reporter, proxy, policy) in [
+        ("0", "source", &productpage, "unknown"),
+        ("7", "source", &productpage, "unknown"),
+        ("0", "destination", &reviews, "mutual_tls"),
+        ("7", "destination", &reviews, "mutual_tls"),
+    ] {
+        let key = [("reporter", reporter), ("grpc_response_status", status)];
+        let got = series_with(proxy, "istio_requests_total", &key).await;
+        let grpc = [("request_protocol", "grpc"), ("response_code", "200"), ("response_flags", "-")];
+        let mut want = expected(&client(CLIENT_ID), &server(SERVER_ID), reviews_svc, &grpc);
+        want.extend([
+            ("reporter".into(), reporter.into()),
+            ("grpc_response_status".into(), status.into()),
+            ("connection_security_policy".into(), policy.into()),
+        ]);
+        assert_labels(&format!("{reporter} reporter, grpc-status {status}"), &got, &want);
+    }
 
     // TCP through both sidecars (the Sidecar's egress listener on the client side).
     let egress = productpage.listener_addr(&format!("127.0.0.1_{db_port}"), WAIT).await.unwrap();

@@ -199,7 +199,7 @@ impl HttpReport {
 
     /// Adds an Envoy response flag (deduplicated).
     pub fn flag(&mut self, f: &'static str) {
-        if !self.flags.contains(&f) {
+        if f != "-" && !self.flags.contains(&f) {
             self.flags.push(f);
         }
     }
