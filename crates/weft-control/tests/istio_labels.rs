@@ -165,12 +165,12 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
     let db_app = TcpEchoServer::start().await;
     let grpc_app = GrpcEchoServer::start("reviews-grpc").await;
     let db_port = reserve_port();
-    // reviews (HTTP and gRPC ports) and db (TCP) select the server workload; a fault on
+    // reviews (HTTP and gRPC ports) and db (TCP) select the server workload, ghost none; a fault on
     // /fault; a DENY on /denied (restricted to the HTTP port: on TCP ports Istio drops the
     // HTTP fields of a DENY rule and denies everything); the client's Sidecar binds an
     // egress listener for db.
     let resources = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {http}}}, {{name: grpc, port: 9090, targetPort: {grpc}}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: tcp-db, port: {db_port}, targetPort: {tcp}}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{uri: {{prefix: /fault}}}}]\n    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: reviews}}}}]\n  - route: [{{destination: {{host: reviews}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: productpage, namespace: default}}\nspec:\n  workloadSelector: {{labels: {{app: productpage}}}}\n  egress:\n  - port: {{number: {db_port}, protocol: TCP, name: tcp-db}}\n    bind: 127.0.0.1\n    hosts: [\"./db.default.svc.cluster.local\"]\n  - hosts: [\"*/*\"]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-denied, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  action: DENY\n  rules: [{{to: [{{operation: {{ports: [\"{http}\"], paths: [/denied]}}}}]}}]\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {http}}}, {{name: grpc, port: 9090, targetPort: {grpc}}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: db, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: tcp-db, port: {db_port}, targetPort: {tcp}}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{uri: {{prefix: /fault}}}}]\n    fault: {{abort: {{httpStatus: 418, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: reviews}}}}]\n  - route: [{{destination: {{host: reviews}}}}]\n---\napiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {{name: productpage, namespace: default}}\nspec:\n  workloadSelector: {{labels: {{app: productpage}}}}\n  egress:\n  - port: {{number: {db_port}, protocol: TCP, name: tcp-db}}\n    bind: 127.0.0.1\n    hosts: [\"./db.default.svc.cluster.local\"]\n  - hosts: [\"*/*\"]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: ghost, namespace: default}}\nspec:\n  selector: {{app: ghost}}\n  ports: [{{name: http, port: 9080}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-denied, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  action: DENY\n  rules: [{{to: [{{operation: {{ports: [\"{http}\"], paths: [/denied]}}}}]}}]\n",
         http = app.addr.port(),
         tcp = db_app.addr.port(),
         grpc = grpc_app.addr.port(),
@@ -247,6 +247,21 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
     let mut want = expected(&client(CLIENT_ID), &server(SERVER_ID), reviews_svc, &denied);
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, RBAC denial upstream", &got, &want);
+
+    // No endpoint: the client's sidecar answers 503 UH for the service.
+    assert_eq!(get_via_proxy(out, "http://ghost:9080/").await.unwrap().status, 503);
+    let key = [("reporter", "source"), ("response_code", "503")];
+    let got = series_with(&productpage, "istio_requests_total", &key).await;
+    let uh = [
+        ("request_protocol", "http"),
+        ("response_code", "503"),
+        ("grpc_response_status", ""),
+        ("response_flags", "UH"),
+    ];
+    let ghost = ["ghost.default.svc.cluster.local", "ghost", "default"];
+    let mut want = expected(&client(CLIENT_ID), &unknown("unknown"), ghost, &uh);
+    want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
+    assert_labels("source reporter, no healthy upstream", &got, &want);
 
     // No route: a 404 with NR, the destination known only by its Host header.
     assert_eq!(get_via_proxy(out, "http://nosuch:9080/").await.unwrap().status, 404);
