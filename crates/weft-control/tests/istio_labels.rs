@@ -97,12 +97,18 @@ async fn series_with(p: &ProxyHandle, metric: &str, key: &[(&str, &str)]) -> Lab
     }
 }
 
-/// The `source_*` / `destination_*` workload labels of a workload.
+/// The `source_*` / `destination_*` workload labels of a workload: [workload, app,
+/// version, principal, canonical service, canonical revision]; a peer known only by its
+/// certificate has the SPIFFE id's namespace.
 fn workload(prefix: &str, w: &[&str; 6]) -> Labels {
     let [workload, app, version, principal, canonical_service, canonical_revision] = *w;
+    let namespace = match (workload, principal) {
+        ("unknown", "unknown") => "unknown",
+        _ => "default",
+    };
     [
         ("workload", workload),
-        ("workload_namespace", if workload == "unknown" { "unknown" } else { "default" }),
+        ("workload_namespace", namespace),
         ("principal", principal),
         ("app", app),
         ("version", version),
@@ -215,6 +221,16 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
     ]);
     assert_labels("destination reporter, 200", &got, &want);
 
+    // Plaintext straight to the server's inbound port (PERMISSIVE), from no workload:
+    // no principal on either side, policy `none`, the service still from the metadata.
+    let plain = get_h1(inbound, "localhost", "/plain").await.unwrap();
+    assert_eq!(plain.status, 200);
+    let key = [("reporter", "destination"), ("connection_security_policy", "none")];
+    let got = series_with(&reviews, "istio_requests_total", &key).await;
+    let mut want = expected(&unknown("unknown"), &server("unknown"), reviews_svc, &ok);
+    want.extend([("reporter".into(), "destination".into()), ("connection_security_policy".into(), "none".into())]);
+    assert_labels("destination reporter, plaintext", &got, &want);
+
     // A fault abort: the client's sidecar answers for the route's service.
     assert_eq!(get_via_proxy(out, "http://reviews:9080/fault").await.unwrap().status, 418);
     let key = [("reporter", "source"), ("response_code", "418")];
@@ -225,7 +241,8 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
         ("grpc_response_status", ""),
         ("response_flags", "FI"),
     ];
-    let mut want = expected(&client(CLIENT_ID), &unknown("unknown"), reviews_svc, &fi);
+    // No upstream connection, so no mTLS hop: the client's own principal is unknown too.
+    let mut want = expected(&client("unknown"), &unknown("unknown"), reviews_svc, &fi);
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, fault abort", &got, &want);
 
@@ -259,7 +276,7 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
         ("response_flags", "UH"),
     ];
     let ghost = ["ghost.default.svc.cluster.local", "ghost", "default"];
-    let mut want = expected(&client(CLIENT_ID), &unknown("unknown"), ghost, &uh);
+    let mut want = expected(&client("unknown"), &unknown("unknown"), ghost, &uh);
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, no healthy upstream", &got, &want);
 
@@ -273,7 +290,7 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
         ("grpc_response_status", ""),
         ("response_flags", "NR"),
     ];
-    let mut want = expected(&client(CLIENT_ID), &unknown("unknown"), ["nosuch", "nosuch", "unknown"], &nr);
+    let mut want = expected(&client("unknown"), &unknown("unknown"), ["nosuch", "nosuch", "unknown"], &nr);
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, no route", &got, &want);
 

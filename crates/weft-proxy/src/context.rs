@@ -23,8 +23,13 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Access log writer.
     pub access_log: AccessLog,
-    /// Who this proxy runs beside.
+    /// Who this proxy runs beside, with its SPIFFE id (the side of an mTLS hop).
     pub local: Arc<WorkloadInfo>,
+    /// `local` with the principal `unknown` (the side of a plaintext hop).
+    pub local_plain: Arc<WorkloadInfo>,
+    /// The `destination_service*` labels inbound traffic no service metadata names:
+    /// the local canonical service in the local namespace (as Istio reports it).
+    pub local_service: Arc<crate::telemetry::ServiceInfo>,
     /// `local`, encoded once for the peer-metadata header.
     pub local_header: http::HeaderValue,
     /// Peers' metadata, decoded once per distinct header value.

@@ -170,6 +170,15 @@ impl ProxyHandle {
             metrics: metrics.clone(),
             access_log,
             local_header: crate::telemetry::peer::encode(&local),
+            local_plain: Arc::new(crate::telemetry::WorkloadInfo {
+                principal: crate::telemetry::UNKNOWN.into(),
+                ..local.clone()
+            }),
+            local_service: Arc::new(crate::telemetry::ServiceInfo {
+                host: local.canonical_service.clone(),
+                name: local.canonical_service.clone(),
+                namespace: local.namespace.clone(),
+            }),
             local: Arc::new(local),
             peers: crate::telemetry::peer::DecodeCache::default(),
             unknown_peer: Arc::new(crate::telemetry::WorkloadInfo::default()),

@@ -243,16 +243,18 @@ impl HttpReport {
     pub fn finish(self, ctx: &Context) {
         let duration = self.start.elapsed();
         let request_bytes = self.request_body.as_ref().map(|b| b.bytes()).unwrap_or(0);
-        let local = ctx.local.clone();
         let peer = match (&self.peer, &self.peer_workload) {
             (Some(p), _) => p.clone(),
             (None, Some(w)) => w.clone(),
             (None, None) => ctx.unknown_peer.clone(),
         };
-        // Principals are what a certificate proved on this hop, never what metadata claims.
+        // Principals are what the certificates of this hop proved (Istio's peer and local
+        // URI SANs), never what metadata claims: without mTLS both are `unknown`.
         let (source, destination) = match self.direction {
-            Direction::Inbound => (with_principal(peer, &self.peer_principal), local),
-            _ => (local, with_principal(peer, &self.upstream_principal)),
+            Direction::Inbound => {
+                (with_principal(peer, &self.peer_principal), local(ctx, self.peer_principal.is_some()))
+            }
+            _ => (local(ctx, self.upstream_principal.is_some()), with_principal(peer, &self.upstream_principal)),
         };
         let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
@@ -307,14 +309,48 @@ impl HttpReport {
 }
 
 /// The peer as telemetry names it: its principal is the one its certificate proved on
-/// this hop, `unknown` without mTLS, whatever its metadata header claims (allocates only
-/// when they differ, which a mesh peer over mTLS never does).
+/// this hop, `unknown` without mTLS, whatever its metadata header claims, and its
+/// namespace the one in that SPIFFE id when there is one (Istio prefers the SAN's
+/// namespace to the metadata's). Allocates only when they differ, which a mesh peer over
+/// mTLS never does.
 fn with_principal(peer: Arc<WorkloadInfo>, principal: &Option<Arc<str>>) -> Arc<WorkloadInfo> {
     let proven = principal.as_deref().unwrap_or(crate::telemetry::UNKNOWN);
-    if peer.principal == proven {
+    let namespace = principal.as_deref().and_then(san_namespace);
+    if peer.principal == proven && namespace.is_none_or(|ns| peer.namespace == ns) {
         return peer;
     }
-    Arc::new(WorkloadInfo { principal: proven.to_string(), ..(*peer).clone() })
+    Arc::new(WorkloadInfo {
+        principal: proven.to_string(),
+        namespace: namespace.map_or_else(|| peer.namespace.clone(), str::to_string),
+        ..(*peer).clone()
+    })
+}
+
+/// The peer known only by the SPIFFE id its certificate proved (no metadata): principal
+/// and namespace, the rest `unknown`.
+pub fn peer_from_principal(principal: &str) -> WorkloadInfo {
+    WorkloadInfo {
+        principal: principal.to_string(),
+        namespace: san_namespace(principal).unwrap_or(crate::telemetry::UNKNOWN).to_string(),
+        ..WorkloadInfo::default()
+    }
+}
+
+/// The namespace in a SPIFFE id `spiffe://<td>/ns/<ns>/sa/<sa>`.
+fn san_namespace(principal: &str) -> Option<&str> {
+    let (_, rest) = principal.split_once("/ns/")?;
+    let ns = rest.split('/').next()?;
+    (!ns.is_empty()).then_some(ns)
+}
+
+/// This proxy's workload as one side of a hop: with its own SPIFFE id when the hop was
+/// mutual TLS, `unknown` otherwise (Istio reports the local certificate's URI SAN).
+fn local(ctx: &Context, mtls: bool) -> Arc<WorkloadInfo> {
+    if mtls {
+        ctx.local.clone()
+    } else {
+        ctx.local_plain.clone()
+    }
 }
 
 /// Istio's `connection_security_policy`: the destination reporter says `mutual_tls` when
@@ -343,7 +379,12 @@ fn destination_service(
     if services::istio_host(cluster).is_some() {
         return ctx.services.get(cluster, authority.unwrap_or_default());
     }
-    if let Some(v) = services::virtual_cluster(cluster, authority) {
+    if let Some(mut v) = services::virtual_cluster(cluster, authority) {
+        if direction == Direction::Inbound {
+            // No Host fallback inbound: the local canonical service and namespace.
+            v.host = ctx.local_service.host.clone();
+            v.namespace = ctx.local_service.namespace.clone();
+        }
         return Arc::new(v);
     }
     if !cluster.is_empty() {
@@ -355,9 +396,10 @@ fn destination_service(
         }
     }
     match (direction, authority) {
-        // Istio disables the Host-header fallback for inbound traffic: a Host header
-        // chosen by any client must not become a series.
-        (Direction::Inbound, _) | (_, None) => ctx.unknown_service.clone(),
+        // Istio disables the Host-header fallback for inbound traffic (a Host header
+        // chosen by any client must not become a series): the local canonical service.
+        (Direction::Inbound, _) => ctx.local_service.clone(),
+        (_, None) => ctx.unknown_service.clone(),
         (_, Some(a)) => ctx.services.get(cluster, a),
     }
 }
@@ -392,12 +434,13 @@ pub struct TcpReport {
 impl TcpReport {
     /// Counts the connection as opened.
     pub fn open(ctx: &Context, conn: &ConnInfo, cluster: &str) -> Self {
-        let local = ctx.local.clone();
         let peer = conn.peer_workload.clone().unwrap_or_else(|| ctx.unknown_peer.clone());
         let (source, destination) = match conn.listener.direction {
-            Direction::Inbound => (with_principal(peer, &conn.peer_principal), local),
-            // The upstream's certificate is not known yet: `unknown`, as for plaintext.
-            _ => (local, with_principal(peer, &None)),
+            Direction::Inbound => {
+                (with_principal(peer, &conn.peer_principal), local(ctx, conn.peer_principal.is_some()))
+            }
+            // The upstream's certificate is not known yet (see `connected`).
+            _ => (local(ctx, false), with_principal(peer, &None)),
         };
         let labels = TcpLabels {
             reporter: reporter(conn.listener.direction),
@@ -436,6 +479,7 @@ impl TcpReport {
     pub fn connected(&mut self, ctx: &Context, upstream: std::net::SocketAddr, principal: Option<Arc<str>>) {
         self.upstream_host = Some(upstream);
         if self.direction != Direction::Inbound {
+            self.labels.source = local(ctx, principal.is_some());
             self.labels.destination = with_principal(self.labels.destination.clone(), &principal);
         }
         ctx.metrics.tcp_opened(&self.labels);

@@ -67,6 +67,24 @@ fn principals_are_the_proven_ones_never_the_claimed_ones() {
     assert_eq!(with_principal(claimed.clone(), &None).principal, "unknown", "no mTLS: unknown");
     let proven: Option<Arc<str>> = Some(Arc::from("spiffe://cluster.local/ns/x/sa/real"));
     assert_eq!(with_principal(claimed, &proven).principal, "spiffe://cluster.local/ns/x/sa/real");
-    let same = Arc::new(WorkloadInfo { principal: "spiffe://cluster.local/ns/x/sa/real".into(), ..Default::default() });
+    let same = Arc::new(WorkloadInfo {
+        principal: "spiffe://cluster.local/ns/x/sa/real".into(),
+        namespace: "x".into(),
+        ..Default::default()
+    });
     assert!(Arc::ptr_eq(&with_principal(same.clone(), &proven), &same), "no copy when they agree");
+}
+
+#[test]
+fn a_peer_known_by_its_certificate_only_has_the_sans_namespace() {
+    let p = peer_from_principal("spiffe://cluster.local/ns/shop/sa/cart");
+    assert_eq!((p.principal.as_str(), p.namespace.as_str()), ("spiffe://cluster.local/ns/shop/sa/cart", "shop"));
+    assert_eq!((p.workload.as_str(), p.canonical_revision.as_str()), ("unknown", "latest"));
+    assert_eq!(peer_from_principal("spiffe://td/weird").namespace, "unknown");
+    assert_eq!(san_namespace("spiffe://td/ns//sa/x"), None);
+    // The SAN's namespace wins over what metadata claims (Istio's order).
+    let claimed = Arc::new(WorkloadInfo { namespace: "claimed".into(), ..Default::default() });
+    let proven: Option<Arc<str>> = Some(Arc::from("spiffe://cluster.local/ns/real/sa/a"));
+    assert_eq!(with_principal(claimed.clone(), &proven).namespace, "real");
+    assert_eq!(with_principal(claimed, &None).namespace, "claimed", "without a certificate: the metadata's");
 }
