@@ -39,8 +39,6 @@ pub const OWNER: &str = "OWNER";
 pub const CANONICAL_NAME_LABEL: &str = "service.istio.io/canonical-name";
 /// Label: the canonical revision.
 pub const CANONICAL_REVISION_LABEL: &str = "service.istio.io/canonical-revision";
-/// Istio's default `CLUSTER_ID`.
-pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 /// Label weft's local workloads may set to name their workload (default: the instance name).
 pub const WORKLOAD_LABEL: &str = "weft.dev/workload";
 
@@ -85,31 +83,35 @@ pub struct PeerMetadata {
 }
 
 impl PeerMetadata {
-    /// The metadata a workload announcing `node` sends: workload name from the
-    /// `weft.dev/workload` label, else the instance name; canonical name and revision
-    /// from Istio's labels, else `app` and `version` (what Istio's injector writes).
-    /// Mirrors what weft's proxy reports about itself (`weft_proxy::report::local_workload`):
-    /// keep the two in step.
+    /// The metadata a workload announcing `node` sends, as weft's proxy names itself in
+    /// its own metrics (`weft_proxy::report::local_workload`; keep the two in step):
+    /// workload `WORKLOAD_NAME` (else the `weft.dev/workload` label, else the instance
+    /// name), cluster `CLUSTER_ID` (default `Kubernetes`), canonical name and revision
+    /// as Istio derives them (`service.istio.io/canonical-*`, else `app.kubernetes.io/*`,
+    /// else `app` / `version`, else the workload name / `latest`).
     pub fn from_node(node: &NodeInfo) -> PeerMetadata {
         let label = |k: &str| node.labels.get(k).filter(|v| !v.is_empty()).cloned();
-        let workload_name = label(WORKLOAD_LABEL).unwrap_or_else(|| node.name.clone());
+        let workload_name = match label(WORKLOAD_LABEL) {
+            Some(w) if node.workload_name.is_empty() => w,
+            _ => node.workload().to_string(),
+        };
         let mut labels: BTreeMap<String, String> =
             EXCHANGED_LABELS.iter().filter_map(|k| label(k).map(|v| (k.to_string(), v))).collect();
-        if let Some(app) = label("app").or_else(|| label("app.kubernetes.io/name")) {
-            labels.entry(CANONICAL_NAME_LABEL.into()).or_insert(app);
-        }
-        if let Some(version) = label("version").or_else(|| label("app.kubernetes.io/version")) {
-            labels.entry(CANONICAL_REVISION_LABEL.into()).or_insert(version);
-        }
+        let first = |keys: &[&str]| keys.iter().find_map(|k| label(k));
+        let canonical_name =
+            first(&[CANONICAL_NAME_LABEL, "app.kubernetes.io/name", "app"]).unwrap_or_else(|| workload_name.clone());
+        let canonical_revision = first(&[CANONICAL_REVISION_LABEL, "app.kubernetes.io/version", "version"])
+            .unwrap_or_else(|| "latest".to_string());
+        labels.insert(CANONICAL_NAME_LABEL.into(), canonical_name);
+        labels.insert(CANONICAL_REVISION_LABEL.into(), canonical_revision);
+        let cluster_id = if node.cluster_id.is_empty() { node::DEFAULT_CLUSTER_ID } else { &node.cluster_id };
         PeerMetadata {
             id: node.id.clone(),
             name: node.name.clone(),
             owner: owner(&node.namespace, &workload_name),
             namespace: node.namespace.clone(),
             workload_name,
-            // One cluster, Istio's default id (what the proxy's own metrics call it; the
-            // node's `cluster` is Envoy's service cluster, `<app>.<namespace>`).
-            cluster_id: DEFAULT_CLUSTER_ID.into(),
+            cluster_id: cluster_id.to_string(),
             service_account: node.service_account.clone(),
             labels,
         }

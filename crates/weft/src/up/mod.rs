@@ -510,6 +510,9 @@ impl Up {
             id: format!("router~127.0.0.1~{pod}.{ns}~{ns}.svc.{domain}"),
             cluster: format!("istio-ingressgateway.{ns}"),
             name: pod.into(),
+            // Istio's ingress gateway Deployment.
+            workload_name: "istio-ingressgateway".into(),
+            cluster_id: weft_xds::node::DEFAULT_CLUSTER_ID.into(),
             namespace: ns.into(),
             labels,
             service_account: sa.into(),
