@@ -548,3 +548,27 @@ fn istio_dashboard_queries_return_istios_series_from_weft_up() {
 fn an_envoy_sidecar_and_weft_sidecars_see_each_others_workloads() {
     run_scenario(&["reviews-v2"]);
 }
+
+#[test]
+fn envoy_sidecar_for_an_unknown_workload_is_refused_by_name() {
+    let resources = tempfile::tempdir().unwrap();
+    let template = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/dashboards/mesh.yaml");
+    let text = std::fs::read_to_string(&template).unwrap();
+    std::fs::write(resources.path().join("mesh.yaml"), text.replace("__TCP_PORT__", "9000")).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let ingress = weft_testkit::net::reserve_port().to_string();
+    let o = Command::new(WEFT)
+        .args(["up", "-f"])
+        .arg(resources.path())
+        .args(["--api", "127.0.0.1:0", "--xds", "127.0.0.1:0", "--ingress-port", &ingress])
+        .args(["--envoy-sidecar", "reviews-v9"])
+        .env("WEFT_STATE_DIR", state.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{err}");
+    assert!(
+        err.contains("--envoy-sidecar reviews-v9: no LocalWorkload of that name") && err.contains("reviews-v2"),
+        "{err}"
+    );
+}
