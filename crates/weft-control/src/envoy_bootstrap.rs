@@ -76,6 +76,8 @@ impl EnvoyBootstrapOptions {
             id: self.node_id(),
             cluster: self.cluster_id.clone(),
             name: self.name.clone(),
+            workload_name: String::new(),
+            cluster_id: self.cluster_id.clone(),
             namespace: self.namespace.clone(),
             labels: {
                 let mut l = self.labels.clone();

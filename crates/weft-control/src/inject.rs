@@ -15,6 +15,7 @@
 
 pub mod pod;
 pub mod webhook;
+pub mod workload;
 pub mod yaml;
 
 use std::path::Path;
@@ -245,6 +246,12 @@ fn inject_object(
         .unwrap_or("")
         .to_string();
     let namespace = meta.and_then(|m| m.get("namespace")).and_then(Node::text).map(str::to_string);
+    // WORKLOAD_NAME: a Pod's controller (or the Pod), else the workload object itself.
+    let workload = if path.is_empty() {
+        workload::of_pod(obj)
+    } else {
+        meta.and_then(|m| m.get("name")).and_then(Node::text).unwrap_or("").to_string()
+    };
     let fail = |message: String| InjectError::Workload {
         file: ctx.file.to_string(),
         line: ctx.line,
@@ -262,7 +269,7 @@ fn inject_object(
         })?;
         at.push('.');
     }
-    match pod::inject(template, cfg, namespace.as_deref(), &at).map_err(fail)? {
+    match pod::inject(template, cfg, namespace.as_deref(), &workload, &at).map_err(fail)? {
         Outcome::Injected => Ok(true),
         Outcome::Skipped(why) => {
             notes.push(format!("{}: document {} ({kind} {name:?}): {why}", ctx.file, ctx.index));

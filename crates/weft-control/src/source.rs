@@ -24,7 +24,7 @@ use weft_xds::{content_version, type_url, Any, NodeInfo, Resolved, XdsSource};
 use crate::jwks::JwksResolver;
 use crate::registry::{Registry, RegistrySnapshot, Workload, WorkloadSource};
 use crate::store::ResourceStore;
-use crate::translate::{translate, MeshConfig, ProxyMode};
+use crate::translate::{peer_exchange, translate, MeshConfig, ProxyMode};
 
 /// Coalesces bursts of changes (a directory of files saved together, many proxies
 /// connecting) into one push.
@@ -216,7 +216,10 @@ impl MeshXdsSource {
             }
             cache.stats.misses += 1;
         }
-        let xds = translate(&mesh, &registry, &info, self.mode);
+        let mut xds = translate(&mesh, &registry, &info, self.mode);
+        if peer_exchange::needs_header_edits(&node.user_agent_name, &info) {
+            peer_exchange::add_header_edits(&mut xds, &info);
+        }
         let vhosts = Arc::new(VhostIndex::build(xds.virtual_hosts.iter().map(|vh| (vh.name.as_str(), vh))));
         let mut types: TypeMap = BTreeMap::new();
         for (type_url, anys) in xds.into_resources() {
@@ -290,11 +293,17 @@ fn node_info(node: &Node) -> NodeInfo {
 /// What a translation depends on besides the mesh and registry. Proxies that differ only
 /// in name or address get identical xDS: the translator reads the namespace, labels,
 /// ports and listener addresses. They share one translation (the expensive part of a
-/// push to many identical sidecars).
+/// push to many identical sidecars). A stock Envoy's translation carries its own peer
+/// metadata (`peer_exchange`), so it is its own shape.
 fn shape(info: &NodeInfo, node: &Node, registry: &RegistrySnapshot) -> String {
     let inbound = registry.get(&node.id).and_then(|w| w.inbound).or(info.inbound);
+    let own = if peer_exchange::needs_header_edits(&node.user_agent_name, info) {
+        format!("|envoy:{}|{:?}", node.id, weft_xds::peer::PeerMetadata::from_node(info))
+    } else {
+        String::new()
+    };
     format!(
-        "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}",
+        "{}|{:?}|{:?}|{:?}|{:?}|{}|{}|{:?}|{:?}{own}",
         info.namespace,
         info.labels,
         info.ports,

@@ -327,7 +327,7 @@ async fn authorization_policies_allow_deny_audit_and_dry_run_as_istio_documents(
         "ns[foo]-policy[dry-deny-headers]-rule[0]"
     );
     let denied = line("/admin/users");
-    assert_eq!(denied["response_flags"], "RBAC");
+    assert_eq!(denied["response_flags"], "-", "Envoy's RBAC filter sets no response flag");
     assert_eq!(
         denied["response_code_details"],
         "rbac_access_denied_matched_policy[ns[foo]-policy[deny-delete-admin]-rule[1]]"
@@ -342,7 +342,12 @@ async fn authorization_policies_allow_deny_audit_and_dry_run_as_istio_documents(
     assert!(has("weft_rbac_denied_total", "action=\"DENY\""), "{metrics}");
     assert!(has("weft_rbac_denied_total", "action=\"ALLOW\""), "{metrics}");
     assert!(has("weft_rbac_logged_total", "action=\"LOG\""), "{metrics}");
-    assert!(metrics.contains("response_flags=\"RBAC\""), "denials are reported in istio_requests_total with flag RBAC");
+    assert!(
+        metrics.lines().any(|l| l.starts_with("istio_requests_total{")
+            && l.contains("response_code=\"403\"")
+            && l.contains("response_flags=\"-\"")),
+        "denials are reported in istio_requests_total as 403 without a flag: {metrics}"
+    );
 
     // TCP port: ALLOW by principal; others' connections are closed without reaching the app.
     assert_eq!(sc.tcp_echo(SLEEP).await, b"ping");

@@ -217,7 +217,7 @@ async fn check_tcp(addr: SocketAddr, who: &str) {
 async fn weft_gateway(cp: &ControlPlane) -> ProxyHandle {
     let token = mesh::join_token(cp, "istio-system", GATEWAY_SA).await;
     let text = format!(
-        "node:\n  id: router~127.0.0.1~ingress-weft.istio-system~istio-system.svc.cluster.local\n  name: ingress-weft\n  namespace: istio-system\n  service_account: {GATEWAY_SA}\n  labels: {{istio: ingressgateway}}\n  gateway_ports: {{8080: 0, 8081: 0, 8443: 0, 31400: 0}}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
+        "node:\n  id: router~127.0.0.1~ingress-weft.istio-system~istio-system.svc.cluster.local\n  name: ingress-weft-5d8f7\n  workload_name: istio-ingressgateway\n  namespace: istio-system\n  service_account: {GATEWAY_SA}\n  labels: {{istio: ingressgateway}}\n  gateway_ports: {{8080: 0, 8081: 0, 8443: 0, 31400: 0}}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
         cp.xds_addr,
     );
     start_proxy(&text).await
@@ -372,6 +372,28 @@ async fn bookinfo_gateway_routes_through_weft_and_envoy_gateways_to_mtls_sidecar
     let principal = format!("source_principal=\"spiffe://cluster.local/ns/istio-system/sa/{GATEWAY_SA}\"");
     assert!(line.contains(&principal), "{line}");
     assert!(line.contains("connection_security_policy=\"mutual_tls\""), "{line}");
+    // The gateway reports as the source, as its workload, with the service's FQDN and
+    // the identity the sidecar's certificate proved.
+    let m = get_h1(gw.metrics_addr(), "m", "/stats/prometheus").await.unwrap().text();
+    let line = m
+        .lines()
+        .find(|l| {
+            l.starts_with("istio_requests_total{")
+                && l.contains("response_code=\"200\"")
+                && l.contains("destination_service=\"productpage.default.svc.cluster.local\"")
+        })
+        .unwrap_or_else(|| panic!("{m}"));
+    for label in [
+        "reporter=\"source\"",
+        "source_workload=\"istio-ingressgateway\"",
+        "source_workload_namespace=\"istio-system\"",
+        "destination_service_name=\"productpage\"",
+        "destination_service_namespace=\"default\"",
+        "destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\"",
+        "connection_security_policy=\"unknown\"",
+    ] {
+        assert!(line.contains(label), "{label} in {line}");
+    }
 
     // The same control plane feeds a stock Envoy as the gateway: same answers.
     let opts = EnvoyBootstrapOptions {

@@ -23,14 +23,21 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Access log writer.
     pub access_log: AccessLog,
-    /// Who this proxy runs beside.
+    /// Who this proxy runs beside, with its SPIFFE id (the side of an mTLS hop).
     pub local: Arc<WorkloadInfo>,
-    /// `local`, encoded once for the peer-metadata header.
-    pub local_header: http::HeaderValue,
+    /// `local` with the principal `unknown` (the side of a plaintext hop).
+    pub local_plain: Arc<WorkloadInfo>,
+    /// The `destination_service*` labels inbound traffic no service metadata names:
+    /// the local canonical service in the local namespace (as Istio reports it).
+    pub local_service: Arc<crate::telemetry::ServiceInfo>,
+    /// `local` and the node id, encoded once for the peer-metadata headers.
+    pub local_peer: crate::telemetry::peer::LocalPeer,
     /// Peers' metadata, decoded once per distinct header value.
     pub peers: crate::telemetry::peer::DecodeCache,
     /// Labels for a peer that sent no metadata.
     pub unknown_peer: Arc<WorkloadInfo>,
+    /// `destination_service*` labels of a destination no service is known for.
+    pub unknown_service: Arc<crate::telemetry::ServiceInfo>,
     /// Destination-service labels, built once per cluster (or authority).
     pub services: crate::telemetry::services::ServiceCache,
     /// Flips to true when the proxy starts draining.

@@ -49,7 +49,7 @@ pub enum ErrorKind {
     UpstreamProtocol,
     /// Stream idle timeout (`SI`).
     StreamIdleTimeout,
-    /// An RBAC (authorization) filter denied the request or connection (`RBAC`).
+    /// An RBAC (authorization) filter denied the request or connection (no flag: `-`).
     RbacDenied,
 }
 
@@ -83,7 +83,9 @@ impl ErrorKind {
             ErrorKind::DownstreamProtocol => "DPE",
             ErrorKind::UpstreamProtocol => "UPE",
             ErrorKind::StreamIdleTimeout => "SI",
-            ErrorKind::RbacDenied => "RBAC",
+            // Envoy's RBAC filters set no response flag (the reason is in
+            // `response_code_details`): `-`, as Envoy 1.40 logs a denial.
+            ErrorKind::RbacDenied => "-",
         }
     }
 

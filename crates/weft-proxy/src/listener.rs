@@ -165,9 +165,8 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
                 Ok(Ok(tls)) => {
                     conn.tls = true;
                     conn.learn_peer(tls.get_ref().1);
-                    conn.peer_workload = conn.peer_principal.as_ref().map(|p| {
-                        Arc::new(crate::telemetry::WorkloadInfo { principal: p.to_string(), ..Default::default() })
-                    });
+                    conn.peer_workload =
+                        conn.peer_principal.as_ref().map(|p| Arc::new(crate::report::peer_from_principal(p)));
                     dispatch(ctx, Arc::new(conn), &chain.kind, tls).await
                 }
                 Ok(Err(e)) => {

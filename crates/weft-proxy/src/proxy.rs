@@ -156,6 +156,12 @@ impl ProxyHandle {
                 }
             });
         }
+        // The proxy's own SPIFFE id (`destination_principal` of what it serves), with mesh mTLS.
+        let principal = b
+            .identity
+            .as_ref()
+            .and_then(|id| weft_identity::SpiffeId::new(&id.trust_domain, &node.namespace, b.service_account()).ok());
+        let local = crate::report::local_workload(&node, principal.map(|p| p.to_string()).as_deref());
         let store = ProxyStore::with_options(b.xds.on_demand(), secrets.clone());
         let (tracer, span_exporter) = crate::telemetry::trace::Tracer::new(
             crate::telemetry::trace::LocalNode::from_node(&node),
@@ -168,10 +174,20 @@ impl ProxyHandle {
             pools: Pools::new(PoolConfig::default()),
             metrics: metrics.clone(),
             access_log,
-            local_header: crate::telemetry::peer::encode(&crate::report::local_workload(&b.node)),
-            local: Arc::new(crate::report::local_workload(&b.node)),
+            local_peer: crate::telemetry::peer::encode(&local, &node.id, &node.name),
+            local_plain: Arc::new(crate::telemetry::WorkloadInfo {
+                principal: crate::telemetry::UNKNOWN.into(),
+                ..local.clone()
+            }),
+            local_service: Arc::new(crate::telemetry::ServiceInfo {
+                host: local.canonical_service.clone(),
+                name: local.canonical_service.clone(),
+                namespace: local.namespace.clone(),
+            }),
+            local: Arc::new(local),
             peers: crate::telemetry::peer::DecodeCache::default(),
             unknown_peer: Arc::new(crate::telemetry::WorkloadInfo::default()),
+            unknown_service: Arc::new(crate::telemetry::ServiceInfo::default()),
             services: crate::telemetry::services::ServiceCache::default(),
             draining,
             drain_timeout: b.drain_timeout,

@@ -18,8 +18,11 @@ use crate::telemetry::accesslog::{self, AccessRecord};
 use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, TcpLabels};
 use crate::telemetry::{peer, WorkloadInfo};
 
-/// The local workload as metrics describe it, from the bootstrap's node metadata.
-pub fn local_workload(node: &NodeInfo) -> WorkloadInfo {
+/// The local workload as metrics describe it, from the bootstrap's node metadata and,
+/// with mesh mTLS, the proxy's own SPIFFE id (`principal`). Follows Istio: the workload
+/// is `WORKLOAD_NAME` (the Deployment, not the pod); canonical service and revision
+/// come from [`canonical_service`]; the cluster is `CLUSTER_ID`, default `Kubernetes`.
+pub fn local_workload(node: &NodeInfo, principal: Option<&str>) -> WorkloadInfo {
     let or_unknown = |s: &str| {
         if s.is_empty() {
             crate::telemetry::UNKNOWN.to_string()
@@ -27,21 +30,39 @@ pub fn local_workload(node: &NodeInfo) -> WorkloadInfo {
             s.to_string()
         }
     };
-    let label = |k: &str| node.labels.get(k).cloned();
-    let app = label("service.istio.io/canonical-name").or_else(|| label("app")).unwrap_or_default();
-    let version = label("service.istio.io/canonical-revision").or_else(|| label("version")).unwrap_or_default();
-    let workload = node.labels.get("weft.dev/workload").cloned().unwrap_or_else(|| node.name.clone());
+    let label = |k: &str| node.labels.get(k).filter(|v| !v.is_empty()).cloned();
+    let workload = match node.labels.get("weft.dev/workload") {
+        Some(w) if node.workload_name.is_empty() => w.clone(),
+        _ => node.workload().to_string(),
+    };
+    let app = label("app").or_else(|| label("app.kubernetes.io/name")).unwrap_or_default();
+    let version = label("version").or_else(|| label("app.kubernetes.io/version")).unwrap_or_default();
+    let (canonical_service, canonical_revision) = canonical_service(&node.labels, &workload);
+    let cluster = if node.cluster_id.is_empty() { weft_xds::node::DEFAULT_CLUSTER_ID } else { &node.cluster_id };
     WorkloadInfo {
         workload: or_unknown(&workload),
         namespace: or_unknown(&node.namespace),
         app: or_unknown(&app),
         version: or_unknown(&version),
-        cluster: "Kubernetes".into(),
+        principal: or_unknown(principal.unwrap_or_default()),
+        cluster: cluster.to_string(),
         service_account: or_unknown(&node.service_account),
-        canonical_service: or_unknown(&app),
-        canonical_revision: if version.is_empty() { "latest".into() } else { version.clone() },
-        ..WorkloadInfo::default()
+        canonical_service: or_unknown(&canonical_service),
+        canonical_revision,
     }
+}
+
+/// Istio's canonical service name and revision of a workload (`pkg/kube/labels`
+/// `CanonicalService`): `service.istio.io/canonical-name`, else `app.kubernetes.io/name`,
+/// else `app`, else the workload name; `service.istio.io/canonical-revision`, else
+/// `app.kubernetes.io/version`, else `version`, else `latest`.
+pub fn canonical_service(labels: &std::collections::BTreeMap<String, String>, workload: &str) -> (String, String) {
+    let first = |keys: &[&str]| keys.iter().find_map(|k| labels.get(*k).filter(|v| !v.is_empty()).cloned());
+    let name = first(&["service.istio.io/canonical-name", "app.kubernetes.io/name", "app"])
+        .unwrap_or_else(|| workload.to_string());
+    let revision = first(&["service.istio.io/canonical-revision", "app.kubernetes.io/version", "version"])
+        .unwrap_or_else(|| "latest".to_string());
+    (name, revision)
 }
 
 fn reporter(d: Direction) -> Reporter {
@@ -51,15 +72,15 @@ fn reporter(d: Direction) -> Reporter {
     }
 }
 
-/// Adds (outbound) or strips (inbound) peer metadata on the request going upstream.
+/// Adds (outbound) or strips (inbound) peer metadata on the request going upstream:
+/// outbound, this proxy's own replaces whatever the application sent; inbound, the
+/// application never sees the caller's.
 pub fn on_upstream_request(ctx: &Context, conn: &ConnInfo, headers: &mut HeaderMap) {
     match conn.listener.direction {
         Direction::Inbound => {
-            headers.remove(peer::PEER_HEADER);
+            peer::strip(headers);
         }
-        _ => {
-            headers.insert(peer::PEER_HEADER, ctx.local_header.clone());
-        }
+        _ => ctx.local_peer.insert(headers),
     }
 }
 
@@ -80,10 +101,16 @@ pub struct HttpReport {
     /// The request id (taken from `x-request-id` or generated).
     pub request_id: String,
     peer: Option<Arc<WorkloadInfo>>,
+    /// Inbound: the request carried peer metadata, so the response announces ours (a
+    /// caller outside the mesh is told nothing, as with Istio's sidecars).
+    announce: bool,
     /// The peer's SPIFFE id from mTLS (inbound).
     peer_principal: Option<Arc<str>>,
     /// The connection's peer built from that id (used when no metadata header came).
     peer_workload: Option<Arc<WorkloadInfo>>,
+    /// The upstream's SPIFFE id from the certificate it presented on the mTLS handshake
+    /// (outbound; `destination_principal` of the source reporter).
+    pub upstream_principal: Option<Arc<str>>,
     flags: Vec<&'static str>,
     /// Authority the request was for.
     pub authority: String,
@@ -123,10 +150,10 @@ impl HttpReport {
         // Method, path, user agent and forwarded-for only go to the access log: no
         // copies when it is off.
         let log = ctx.access_log.is_enabled();
-        let peer = match conn.listener.direction {
-            Direction::Inbound => h.get(peer::PEER_HEADER).and_then(|v| ctx.peers.decode(v)),
-            _ => None,
-        };
+        let inbound = conn.listener.direction == Direction::Inbound;
+        let metadata = if inbound { h.get(peer::PEER_HEADER) } else { None };
+        let announce = metadata.is_some() || (inbound && h.contains_key(peer::PEER_ID_HEADER));
+        let peer = metadata.and_then(|v| ctx.peers.decode(v));
         HttpReport {
             start: Instant::now(),
             start_time: SystemTime::now(),
@@ -135,6 +162,7 @@ impl HttpReport {
             downstream_local: conn.destination,
             peer_principal: conn.peer_principal.clone(),
             peer_workload: conn.peer_workload.clone(),
+            upstream_principal: None,
             method: if log { req.method().to_string() } else { String::new() },
             path: match req.uri().path_and_query() {
                 _ if !log => String::new(),
@@ -151,6 +179,7 @@ impl HttpReport {
             x_forwarded_for: if log { text("x-forwarded-for") } else { None },
             request_id: text("x-request-id").unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
             peer,
+            announce,
             flags: Vec::new(),
             authority: String::new(),
             route_name: String::new(),
@@ -192,7 +221,7 @@ impl HttpReport {
 
     /// Adds an Envoy response flag (deduplicated).
     pub fn flag(&mut self, f: &'static str) {
-        if !self.flags.contains(&f) {
+        if f != "-" && !self.flags.contains(&f) {
             self.flags.push(f);
         }
     }
@@ -209,16 +238,21 @@ impl HttpReport {
         self.flag(failed.map_or("DC", |k| k.response_flag()));
     }
 
-    /// Response headers are about to go downstream: learn (outbound) or announce
-    /// (inbound) the peer's metadata.
+    /// Response headers are about to go downstream (or, for an upstream answer, about to
+    /// meet the route's header edits): learn the peer's metadata and strip it (outbound),
+    /// or announce ours when the caller announced its own (inbound). Idempotent: the
+    /// second call on the same response changes nothing.
     pub fn on_response_headers(&mut self, ctx: &Context, headers: &mut HeaderMap) {
         match self.direction {
+            Direction::Inbound if self.announce => ctx.local_peer.insert(headers),
             Direction::Inbound => {
-                headers.insert(peer::PEER_HEADER, ctx.local_header.clone());
+                peer::strip(headers);
             }
             _ => {
-                if let Some(v) = headers.remove(peer::PEER_HEADER) {
-                    self.peer = ctx.peers.decode(&v);
+                if let Some(v) = peer::strip(headers) {
+                    if self.peer.is_none() {
+                        self.peer = ctx.peers.decode(&v);
+                    }
                 }
             }
         }
@@ -237,15 +271,18 @@ impl HttpReport {
         let duration = self.start.elapsed();
         let request_bytes = self.request_body.as_ref().map(|b| b.bytes()).unwrap_or(0);
         crate::telemetry::trace::finish(ctx, &self, request_bytes);
-        let local = ctx.local.clone();
         let peer = match (&self.peer, &self.peer_workload) {
-            (Some(p), _) => with_principal(p.clone(), &self.peer_principal),
+            (Some(p), _) => p.clone(),
             (None, Some(w)) => w.clone(),
             (None, None) => ctx.unknown_peer.clone(),
         };
+        // Principals are what the certificates of this hop proved (Istio's peer and local
+        // URI SANs), never what metadata claims: without mTLS both are `unknown`.
         let (source, destination) = match self.direction {
-            Direction::Inbound => (peer, local),
-            _ => (local, peer),
+            Direction::Inbound => {
+                (with_principal(peer, &self.peer_principal), local(ctx, self.peer_principal.is_some()))
+            }
+            _ => (local(ctx, self.upstream_principal.is_some()), with_principal(peer, &self.upstream_principal)),
         };
         let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
@@ -253,7 +290,7 @@ impl HttpReport {
             reporter: reporter(self.direction),
             source,
             destination,
-            service: ctx.services.get(&self.cluster, &self.authority),
+            service: destination_service(ctx, self.direction, &self.cluster, Some(&self.authority)),
             protocol: if self.grpc { RequestProtocol::Grpc } else { RequestProtocol::Http },
             response_code: self.response_code,
             grpc_status: self.grpc_status.as_deref().and_then(|s| s.parse().ok()),
@@ -299,22 +336,99 @@ impl HttpReport {
     }
 }
 
-/// The peer as telemetry names it: the principal proven by its certificate wins over
-/// what its metadata header claims (allocates only when they differ, which a peer with
-/// a mesh identity never does).
+/// The peer as telemetry names it: its principal is the one its certificate proved on
+/// this hop, `unknown` without mTLS, whatever its metadata header claims, and its
+/// namespace the one in that SPIFFE id when there is one (Istio prefers the SAN's
+/// namespace to the metadata's). Allocates only when they differ, which a mesh peer over
+/// mTLS never does.
 fn with_principal(peer: Arc<WorkloadInfo>, principal: &Option<Arc<str>>) -> Arc<WorkloadInfo> {
-    match principal {
-        Some(p) if peer.principal != **p => Arc::new(WorkloadInfo { principal: p.to_string(), ..(*peer).clone() }),
-        _ => peer,
+    let proven = principal.as_deref().unwrap_or(crate::telemetry::UNKNOWN);
+    let namespace = principal.as_deref().and_then(san_namespace);
+    if peer.principal == proven && namespace.is_none_or(|ns| peer.namespace == ns) {
+        return peer;
+    }
+    Arc::new(WorkloadInfo {
+        principal: proven.to_string(),
+        namespace: namespace.map_or_else(|| peer.namespace.clone(), str::to_string),
+        ..(*peer).clone()
+    })
+}
+
+/// The peer known only by the SPIFFE id its certificate proved (no metadata): principal
+/// and namespace, the rest `unknown`.
+pub fn peer_from_principal(principal: &str) -> WorkloadInfo {
+    WorkloadInfo {
+        principal: principal.to_string(),
+        namespace: san_namespace(principal).unwrap_or(crate::telemetry::UNKNOWN).to_string(),
+        ..WorkloadInfo::default()
     }
 }
 
-/// Istio's `connection_security_policy`: `mutual_tls` on inbound connections that
-/// presented a verified mesh certificate, `none` otherwise.
+/// The namespace in a SPIFFE id `spiffe://<td>/ns/<ns>/sa/<sa>`.
+fn san_namespace(principal: &str) -> Option<&str> {
+    let (_, rest) = principal.split_once("/ns/")?;
+    let ns = rest.split('/').next()?;
+    (!ns.is_empty()).then_some(ns)
+}
+
+/// This proxy's workload as one side of a hop: with its own SPIFFE id when the hop was
+/// mutual TLS, `unknown` otherwise (Istio reports the local certificate's URI SAN).
+fn local(ctx: &Context, mtls: bool) -> Arc<WorkloadInfo> {
+    if mtls {
+        ctx.local.clone()
+    } else {
+        ctx.local_plain.clone()
+    }
+}
+
+/// Istio's `connection_security_policy`: the destination reporter says `mutual_tls` when
+/// the client presented a verified mesh certificate, `none` otherwise; the source
+/// reporter cannot know the server's policy and says `unknown`.
 fn security_policy(direction: Direction, principal: &Option<Arc<str>>) -> SecurityPolicy {
     match (direction, principal) {
         (Direction::Inbound, Some(_)) => SecurityPolicy::MutualTls,
-        _ => SecurityPolicy::None,
+        (Direction::Inbound, None) => SecurityPolicy::None,
+        _ => SecurityPolicy::Unknown,
+    }
+}
+
+/// The `destination_service*` labels of a request (with its authority) or connection
+/// (without) to `cluster`, as Istio's stats filter finds them (see
+/// [`crate::telemetry::services`]): Istio service metadata on the cluster, else the host
+/// in an outbound cluster name, else the virtual cluster's name, else (client side only)
+/// the authority.
+fn destination_service(
+    ctx: &Context,
+    direction: Direction,
+    cluster: &str,
+    authority: Option<&str>,
+) -> Arc<crate::telemetry::ServiceInfo> {
+    use crate::telemetry::services;
+    if services::istio_host(cluster).is_some() {
+        return ctx.services.get(cluster, authority.unwrap_or_default());
+    }
+    if let Some(mut v) = services::virtual_cluster(cluster, authority) {
+        if direction == Direction::Inbound {
+            // No Host fallback inbound: the local canonical service and namespace.
+            v.host = ctx.local_service.host.clone();
+            v.namespace = ctx.local_service.namespace.clone();
+        }
+        return Arc::new(v);
+    }
+    if !cluster.is_empty() {
+        let snap = ctx.store.snapshot();
+        if let Some(s) =
+            snap.clusters.get(cluster).and_then(|c| services::pick(&c.config.services, authority.unwrap_or_default()))
+        {
+            return s.clone();
+        }
+    }
+    match (direction, authority) {
+        // Istio disables the Host-header fallback for inbound traffic (a Host header
+        // chosen by any client must not become a series): the local canonical service.
+        (Direction::Inbound, _) => ctx.local_service.clone(),
+        (_, None) => ctx.unknown_service.clone(),
+        (_, Some(a)) => ctx.services.get(cluster, a),
     }
 }
 
@@ -348,22 +462,22 @@ pub struct TcpReport {
 impl TcpReport {
     /// Counts the connection as opened.
     pub fn open(ctx: &Context, conn: &ConnInfo, cluster: &str) -> Self {
-        let local = ctx.local.clone();
         let peer = conn.peer_workload.clone().unwrap_or_else(|| ctx.unknown_peer.clone());
         let (source, destination) = match conn.listener.direction {
-            Direction::Inbound => (peer, local),
-            _ => (local, peer),
+            Direction::Inbound => {
+                (with_principal(peer, &conn.peer_principal), local(ctx, conn.peer_principal.is_some()))
+            }
+            // The upstream's certificate is not known yet (see `connected`).
+            _ => (local(ctx, false), with_principal(peer, &None)),
         };
-        let authority = conn.destination.to_string();
         let labels = TcpLabels {
             reporter: reporter(conn.listener.direction),
             source,
             destination,
-            service: ctx.services.get(cluster, &authority),
+            service: destination_service(ctx, conn.listener.direction, cluster, None),
             response_flags: Cow::Borrowed("-"),
             security_policy: security_policy(conn.listener.direction, &conn.peer_principal),
         };
-        ctx.metrics.tcp_opened(&labels);
         TcpReport {
             start: Instant::now(),
             start_time: SystemTime::now(),
@@ -384,6 +498,19 @@ impl TcpReport {
     pub fn rbac(&mut self, verdict: crate::rbac::Verdict) {
         self.details = verdict.details();
         self.rbac = verdict.into_log_metadata();
+    }
+
+    /// The upstream connection is up: counts the connection as opened (as Istio does, a
+    /// connection that never reached an upstream, e.g. to `BlackHoleCluster`, is closed
+    /// without being opened) and, on the client side, takes the principal the
+    /// upstream's certificate proved as `destination_principal`.
+    pub fn connected(&mut self, ctx: &Context, upstream: std::net::SocketAddr, principal: Option<Arc<str>>) {
+        self.upstream_host = Some(upstream);
+        if self.direction != Direction::Inbound {
+            self.labels.source = local(ctx, principal.is_some());
+            self.labels.destination = with_principal(self.labels.destination.clone(), &principal);
+        }
+        ctx.metrics.tcp_opened(&self.labels);
     }
 
     /// Counts bytes and the close, and writes the access-log line.
@@ -425,3 +552,6 @@ impl TcpReport {
         });
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -36,7 +36,7 @@ where
     }
     let upstream = match connect(&ctx, &snap, &conn, &cluster_name).await {
         Ok((s, addr)) => {
-            report.upstream_host = Some(addr);
+            report.connected(&ctx, addr, s.peer_principal());
             s
         }
         Err(e) => {

@@ -197,8 +197,10 @@ async fn http1_through_outbound_and_inbound_proxies_carries_peer_identity() {
     let h2 = get_h2c(out, "svc", "/over-h2").await.unwrap();
     assert_eq!((h2.status.as_u16(), h2.header("x-echo-server")), (200, Some("app")), "h2c through both proxies");
     let headers = &r.json().unwrap()["headers"];
-    assert!(headers.get("x-weft-peer-metadata").is_none(), "peer metadata must not reach the app");
-    assert!(r.header("x-weft-peer-metadata").is_none(), "peer metadata must not reach the client");
+    for name in ["x-envoy-peer-metadata", "x-envoy-peer-metadata-id"] {
+        assert!(headers.get(name).is_none(), "{name} must not reach the app: {headers}");
+        assert!(r.header(name).is_none(), "{name} must not reach the client");
+    }
     // Each side reported the request with the other side's workload.
     let client_metrics = client.context().metrics.encode();
     let server_metrics = server.context().metrics.encode();

@@ -38,6 +38,7 @@ pub mod client;
 pub mod domains;
 pub mod error;
 pub mod node;
+pub mod peer;
 pub mod server;
 pub mod source;
 pub mod type_url;

@@ -41,6 +41,8 @@ pub const ROUTER_PREFIX: &str = "router~";
 pub const POD_PORTS: &str = "POD_PORTS";
 /// Metadata key: cluster id.
 pub const CLUSTER_ID: &str = "CLUSTER_ID";
+/// Istio's default `CLUSTER_ID`.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 
 /// Workload identity the proxy announces (Istio node metadata keys).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -52,6 +54,12 @@ pub struct NodeInfo {
     pub cluster: String,
     /// Workload instance name (pod name).
     pub name: String,
+    /// The workload the instance belongs to (a Deployment's name, a `LocalWorkload`'s
+    /// name), announced as `WORKLOAD_NAME`; empty: the instance name (`name`).
+    pub workload_name: String,
+    /// Istio's `CLUSTER_ID` (the Kubernetes cluster the workload runs in, Istio's default
+    /// `Kubernetes`); empty: `cluster` is announced there, as before.
+    pub cluster_id: String,
     /// Namespace.
     pub namespace: String,
     /// Workload labels.
@@ -123,6 +131,15 @@ impl NodeInfo {
         self.gateway_ports.get(&port).copied().unwrap_or(port)
     }
 
+    /// The workload name: `workload_name`, else the instance name.
+    pub fn workload(&self) -> &str {
+        if self.workload_name.is_empty() {
+            &self.name
+        } else {
+            &self.workload_name
+        }
+    }
+
     /// The Envoy `Node` carrying this identity in Istio's metadata keys.
     pub fn to_node(&self) -> Node {
         let ports: Vec<PodPort> = self
@@ -143,7 +160,7 @@ impl NodeInfo {
         fields.insert(NAMESPACE.to_string(), string_value(&self.namespace));
         fields.insert(LABELS.to_string(), Value { kind: Some(Kind::StructValue(labels)) });
         fields.insert(SERVICE_ACCOUNT.to_string(), string_value(&self.service_account));
-        fields.insert(WORKLOAD_NAME.to_string(), string_value(&self.name));
+        fields.insert(WORKLOAD_NAME.to_string(), string_value(self.workload()));
         fields.insert(INSTANCE_IPS.to_string(), string_value(&self.instance_ips.join(",")));
         if let Some(a) = self.inbound {
             fields.insert(WEFT_INBOUND.to_string(), string_value(&a.to_string()));
@@ -164,7 +181,8 @@ impl NodeInfo {
             fields.insert(WEFT_GATEWAY_ADDRESS.to_string(), string_value(&ip.to_string()));
         }
         fields.insert(POD_PORTS.to_string(), string_value(&ports_json));
-        fields.insert(CLUSTER_ID.to_string(), string_value(&self.cluster));
+        let cluster_id = if self.cluster_id.is_empty() { &self.cluster } else { &self.cluster_id };
+        fields.insert(CLUSTER_ID.to_string(), string_value(cluster_id));
         Node {
             id: self.id.clone(),
             cluster: self.cluster.clone(),
@@ -199,6 +217,8 @@ impl NodeInfo {
             }
         };
         let name = required(NAME)?;
+        // Envoy (and older weft) nodes send the instance name there: keep it empty then.
+        let workload_name = get(WORKLOAD_NAME)?.filter(|w| *w != name).unwrap_or_default().to_string();
         let namespace = required(NAMESPACE)?;
         let labels = parse_labels(&node.id, metadata.fields.get(LABELS))?;
         let service_account = get(SERVICE_ACCOUNT)?.unwrap_or_default().to_string();
@@ -218,6 +238,8 @@ impl NodeInfo {
         } else {
             node.cluster.clone()
         };
+        // Sent as `cluster` when no separate id was set: keep it empty then (round trip).
+        let cluster_id = get(CLUSTER_ID)?.filter(|c| *c != cluster).unwrap_or_default().to_string();
         let addr = |key: &str| -> Result<Option<std::net::SocketAddr>, String> {
             match get(key)? {
                 None | Some("") => Ok(None),
@@ -252,6 +274,8 @@ impl NodeInfo {
             id: node.id.clone(),
             cluster,
             name,
+            workload_name,
+            cluster_id,
             namespace,
             labels,
             service_account,

@@ -36,6 +36,28 @@ fn node_info_round_trips_through_node_metadata() {
 }
 
 #[test]
+fn workload_name_and_cluster_id_are_their_own_keys_and_round_trip() {
+    let info = NodeInfo {
+        cluster: "reviews.default".into(),
+        workload_name: "reviews-v2".into(),
+        cluster_id: "east".into(),
+        ..common::node_info()
+    };
+    let node = info.to_node();
+    assert_eq!(meta_str(&node, "NAME"), Some("pod-1"));
+    assert_eq!(meta_str(&node, "WORKLOAD_NAME"), Some("reviews-v2"));
+    assert_eq!(meta_str(&node, "CLUSTER_ID"), Some("east"));
+    assert_eq!(node.cluster, "reviews.default");
+    assert_eq!(NodeInfo::from_node(&node), Ok(info));
+    // Without a workload name the instance name is announced (as Istio's agent does for
+    // a bare pod) and reads back as "not set".
+    let bare = common::node_info();
+    let node = bare.to_node();
+    assert_eq!(meta_str(&node, "WORKLOAD_NAME"), Some("pod-1"));
+    assert_eq!(NodeInfo::from_node(&node).map(|n| n.workload_name), Ok(String::new()));
+}
+
+#[test]
 fn to_node_writes_istio_keys() {
     let node = common::node_info().to_node();
     assert_eq!(node.id, common::NODE_ID);

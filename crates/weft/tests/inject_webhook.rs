@@ -172,6 +172,10 @@ async fn the_webhook_patch_turns_the_pod_into_what_weft_inject_writes() {
     assert_eq!(names("initContainers"), ["weft-init"]);
     assert_eq!(names("containers"), ["weft-proxy", "reviews"]);
     assert_eq!(names("volumes"), ["wlp-output", "tmp", "kube-api-access-7xk2p", "istio-token"]);
+    // WORKLOAD_NAME is the Deployment, derived from the pod's ReplicaSet owner as Istio does.
+    let env = injected["spec"]["containers"][0]["env"].as_array().unwrap();
+    let bootstrap = env.iter().find(|e| e["name"] == "WEFT_BOOTSTRAP_YAML").unwrap()["value"].as_str().unwrap();
+    assert!(bootstrap.contains("workload_name: \"reviews-v1\"\n"), "{bootstrap}");
 
     // The injected pod sent again (a re-invocation) is left alone.
     let (status, answer) = post(&cp, Bytes::from(review(uid, injected.clone()).to_string())).await;

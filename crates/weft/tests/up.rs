@@ -407,7 +407,13 @@ fn run_every_bookinfo_task(mesh: &Mesh) {
             && l.contains("connection_security_policy=\"mutual_tls\"")
             && l.contains(
                 "source_principal=\"spiffe://cluster.local/ns/istio-system/sa/istio-ingressgateway-service-account\""
-            )),
+            )
+            // Workloads are the LocalWorkloads (not their instances), the service its FQDN.
+            && l.contains("source_workload=\"istio-ingressgateway\"")
+            && l.contains("destination_workload=\"productpage-v1\"")
+            && l.contains("destination_service=\"productpage.default.svc.cluster.local\"")
+            && l.contains("destination_service_namespace=\"default\"")
+            && l.contains("destination_principal=\"spiffe://cluster.local/ns/default/sa/bookinfo-productpage\"")),
         "productpage sees the ingress gateway's identity over mTLS:\n{m}"
     );
     let m = mesh.metrics("ratings-v1");

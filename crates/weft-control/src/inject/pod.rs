@@ -70,8 +70,16 @@ enum ValueKind {
 
 /// Injects the sidecar into `pod` (a Pod object or a pod template: `metadata` + `spec`).
 /// `at` prefixes field paths in errors (`spec.template.`); `namespace` is the pod's when
-/// known. Errors say which field is wrong and what was expected.
-pub fn inject(pod: &mut Map, cfg: &InjectConfig, namespace: Option<&str>, at: &str) -> Result<Outcome, String> {
+/// known; `workload` is the workload it belongs to (`WORKLOAD_NAME`, see
+/// [`super::workload`]; empty: the pod's name). Errors say which field is wrong and what
+/// was expected.
+pub fn inject(
+    pod: &mut Map,
+    cfg: &InjectConfig,
+    namespace: Option<&str>,
+    workload: &str,
+    at: &str,
+) -> Result<Outcome, String> {
     let (labels, annotations) = metadata(pod, at)?;
     if let Some(ns) = namespace.filter(|ns| IGNORED_NAMESPACES.contains(ns)) {
         return Ok(Outcome::Skipped(Skip::IgnoredNamespace(ns.to_string())));
@@ -109,7 +117,7 @@ pub fn inject(pod: &mut Map, cfg: &InjectConfig, namespace: Option<&str>, at: &s
     };
     let image = annotations.get("sidecar.istio.io/proxyImage").cloned().unwrap_or_else(|| cfg.image.clone());
     let init = init_container(cfg, &image, &annotations)?;
-    let proxy = proxy_container(cfg, &image, &labels, &annotations, &containers.ports, native);
+    let proxy = proxy_container(cfg, &image, &labels, &annotations, &containers.ports, workload, native);
 
     let spec = pod.get_mut("spec").and_then(Node::as_map_mut).ok_or_else(|| format!("{at}spec: expected a mapping"))?;
     let inits = spec
@@ -295,11 +303,12 @@ fn validate(annotation: &str, v: &str, kind: ValueKind) -> Result<String, String
 /// The bootstrap `weft proxy` reads from `WEFT_BOOTSTRAP_YAML`. Kubernetes expands the
 /// `$(VAR)` references from the env entries before it; `$` in inlined data is doubled so
 /// it stays literal.
-fn bootstrap(cfg: &InjectConfig, labels: &Strings, ports: &[serde_json::Value]) -> String {
+fn bootstrap(cfg: &InjectConfig, labels: &Strings, ports: &[serde_json::Value], workload: &str) -> String {
     let json = |v: serde_json::Value| v.to_string().replace('$', "$$");
     let q = |s: &str| json(serde_json::Value::from(s));
+    let workload = if workload.is_empty() { String::new() } else { format!("  workload_name: {}\n", q(workload)) };
     format!(
-        "node:\n  id: \"sidecar~$(INSTANCE_IP)~$(POD_NAME).$(POD_NAMESPACE)~$(POD_NAMESPACE).svc.{domain}\"\n  cluster: Kubernetes\n  name: \"$(POD_NAME)\"\n  namespace: \"$(POD_NAMESPACE)\"\n  service_account: \"$(SERVICE_ACCOUNT)\"\n  labels: {labels}\n  ports: {ports}\n  instance_ips: [\"$(INSTANCE_IP)\"]\nxds:\n  address: {xds}\nidentity:\n  kubernetes_token_file: {token}\n  trust_domain: {td}\n",
+        "node:\n  id: \"sidecar~$(INSTANCE_IP)~$(POD_NAME).$(POD_NAMESPACE)~$(POD_NAMESPACE).svc.{domain}\"\n  cluster: Kubernetes\n  cluster_id: Kubernetes\n  name: \"$(POD_NAME)\"\n{workload}  namespace: \"$(POD_NAMESPACE)\"\n  service_account: \"$(SERVICE_ACCOUNT)\"\n  labels: {labels}\n  ports: {ports}\n  instance_ips: [\"$(INSTANCE_IP)\"]\nxds:\n  address: {xds}\nidentity:\n  kubernetes_token_file: {token}\n  trust_domain: {td}\n",
         domain = cfg.cluster_domain.replace('$', "$$"),
         labels = json(serde_json::to_value(labels).unwrap_or_default()),
         ports = json(serde_json::Value::Array(ports.to_vec())),
@@ -322,6 +331,7 @@ fn proxy_container(
     labels: &Strings,
     annotations: &Strings,
     ports: &[serde_json::Value],
+    workload: &str,
     native: bool,
 ) -> Map {
     let env = Node::Seq(vec![
@@ -331,7 +341,7 @@ fn proxy_container(
         field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         Node::Map(Map::of([
             ("name", Node::str("WEFT_BOOTSTRAP_YAML")),
-            ("value", Node::str(bootstrap(cfg, labels, ports))),
+            ("value", Node::str(bootstrap(cfg, labels, ports, workload))),
         ])),
     ]);
     let quantity = |a: &str, default: Option<&str>| annotations.get(a).map(String::as_str).or(default).map(Node::str);

@@ -91,6 +91,26 @@ fn the_proxy_bootstrap_expands_to_the_pods_identity_labels_and_ports() {
     assert_eq!(b.xds.address, "http://weft-control.weft-system.svc:15010");
     let id = b.identity.unwrap();
     assert_eq!(id.kubernetes_token_file.unwrap(), Path::new("/var/run/secrets/tokens/istio-token"));
+    // A bare pod is its own workload; the cluster id is Istio's default.
+    assert_eq!((b.node.workload_name.as_str(), b.node.cluster_id.as_str()), ("web", "Kubernetes"));
+}
+
+#[test]
+fn the_proxy_bootstrap_names_the_deployment_as_the_workload() {
+    let deployment = format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: reviews-v2, namespace: shop}}\nspec:\n  template:\n{}",
+        POD.lines().skip(2).map(|l| format!("    {l}\n")).collect::<String>()
+    );
+    let out = doc(&inject(&deployment).text);
+    let value = out["spec"]["template"]["spec"]["containers"][0]["env"][4]["value"].as_str().unwrap().to_string();
+    let vars = [
+        ("POD_NAME", "reviews-v2-7d9c8f6b5-zxgzm"),
+        ("POD_NAMESPACE", "shop"),
+        ("INSTANCE_IP", "c"),
+        ("SERVICE_ACCOUNT", "d"),
+    ];
+    let b = weft_proxy::bootstrap::Bootstrap::parse(&expand(&value, &vars), Path::new("env")).unwrap();
+    assert_eq!((b.node.name.as_str(), b.node.workload()), ("reviews-v2-7d9c8f6b5-zxgzm", "reviews-v2"));
 }
 
 #[test]

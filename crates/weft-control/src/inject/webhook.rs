@@ -62,7 +62,8 @@ pub fn review(body: &[u8], cfg: &InjectConfig) -> Result<Value, BadReview> {
         .or_else(|| object.pointer("/metadata/namespace").and_then(Value::as_str));
     let mut node = Node::from_json(object);
     let Some(pod_map) = node.as_map_mut() else { return Ok(allow(None)) };
-    match pod::inject(pod_map, cfg, namespace, "") {
+    let workload = super::workload::of_pod(pod_map);
+    match pod::inject(pod_map, cfg, namespace, &workload, "") {
         Ok(Outcome::Skipped(_)) => Ok(allow(None)),
         Ok(Outcome::Injected) => {
             let after = node.to_json().map_err(|e| bad(format!("request.object: {e}")))?;

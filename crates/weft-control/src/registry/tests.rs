@@ -46,6 +46,7 @@ fn node_with(extra: &[(&str, &str)], instance_ips: &[&str]) -> Node {
         on_demand: false,
         gateway_ports: Default::default(),
         gateway_address: None,
+        ..NodeInfo::default()
     };
     let mut node = info.to_node();
     if let Some(meta) = node.metadata.as_mut() {

@@ -50,6 +50,30 @@ fn h2_upgrade(port: &SvcPort, policy: &Policy) -> bool {
     port.protocol == Protocol::Http && http.and_then(|h| h.h2_upgrade_policy) == Some(H2UpgradePolicy::Upgrade)
 }
 
+/// Adds Istio's service metadata to an inbound cluster: `filter_metadata["istio"]["services"]`,
+/// a list of `{host, name, namespace}` (what the proxies' stats read
+/// `destination_service*` from); nothing without services.
+pub fn add_istio_services(c: &mut Cluster, services: &[(String, String, String)]) {
+    use envoy_types::pb::google::protobuf::{value::Kind, ListValue, Struct, Value};
+    if services.is_empty() {
+        return;
+    }
+    let text = |s: &str| Value { kind: Some(Kind::StringValue(s.to_string())) };
+    let values = services
+        .iter()
+        .map(|(host, name, namespace)| {
+            let fields = [("host", host), ("name", name), ("namespace", namespace)]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), text(v)))
+                .collect();
+            Value { kind: Some(Kind::StructValue(Struct { fields })) }
+        })
+        .collect();
+    let list = Value { kind: Some(Kind::ListValue(ListValue { values })) };
+    let istio = Struct { fields: [("services".to_string(), list)].into_iter().collect() };
+    c.metadata.get_or_insert_with(Metadata::default).filter_metadata.insert("istio".to_string(), istio);
+}
+
 /// Istio's name of an outbound cluster: `outbound|9080|v1|reviews.default.svc.cluster.local`.
 pub fn outbound_name(port: u32, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")

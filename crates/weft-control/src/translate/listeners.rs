@@ -20,7 +20,7 @@ use weft_api::host;
 use weft_xds::build::{self, Routes};
 
 use super::authz::InboundAuthz;
-use super::clusters::{cla, outbound_name};
+use super::clusters::{add_istio_services, cla, outbound_name};
 use super::jwt::InboundJwt;
 use super::model::{offset, protocol_from, Ep, MeshView, Protocol, Service};
 use super::mtls;
@@ -76,7 +76,7 @@ fn explicit(view: &MeshView<'_>, out: &mut ProxyXds) {
                 l.listener_filters.push(mtls::tls_inspector());
             }
             out.listeners.push(l);
-            out.clusters.push(local_app_cluster(explicit_app_host(view), port, protocol));
+            out.clusters.push(local_app_cluster(explicit_app_host(view), port, protocol, view, p));
         }
     }
     // Sidecar egress listeners with a port become listeners bound on the loopback (or
@@ -200,7 +200,7 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         } else {
             chains.push(plain);
         }
-        out.clusters.push(local_app_cluster("127.0.0.1".into(), port, protocol));
+        out.clusters.push(local_app_cluster("127.0.0.1".into(), port, protocol, view, p));
     }
     let mut vi = tcp_listener(
         "virtualInbound",
@@ -373,11 +373,19 @@ fn explicit_app_host(view: &MeshView<'_>) -> String {
         .map_or_else(|| "127.0.0.1".into(), |ip| ip.to_string())
 }
 
-/// `inbound|PORT||`: STATIC `host`:PORT, the local application.
-fn local_app_cluster(host: String, port: u32, protocol: Protocol) -> Cluster {
+/// `inbound|PORT||`: STATIC `host`:PORT, the local application, with Istio's service
+/// metadata naming the services the workload serves on `workload_port`.
+fn local_app_cluster(
+    host: String,
+    port: u32,
+    protocol: Protocol,
+    view: &MeshView<'_>,
+    workload_port: &weft_xds::PortInfo,
+) -> Cluster {
     let name = inbound_cluster(port);
     let mut c = build::static_cluster(&name, &[], protocol == Protocol::Http2);
     c.load_assignment = Some(cla(&name, &[Ep { host, port, weight: 1, identity: None }]));
+    add_istio_services(&mut c, &view.inbound_services(workload_port));
     c
 }
 

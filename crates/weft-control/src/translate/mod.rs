@@ -23,6 +23,8 @@
 //! - [`gateway`]: for gateway proxies (node id `router~...`) instead of [`routes`] and
 //!   [`listeners`]: the servers of the Gateways selecting the proxy as `0.0.0.0_PORT`
 //!   listeners and the VirtualServices bound to them as `http.PORT` routes.
+//! - [`peer_exchange`]: for stock Envoy sidecars (applied by the xDS source, which sees
+//!   the node's `user_agent_name`), Istio's peer metadata headers as route header edits.
 //!
 //! Endpoint addresses: in [`ProxyMode::Transparent`] an endpoint is the workload's
 //! address and the service's target port (the peer's iptables capture it). In
@@ -54,6 +56,7 @@ pub mod listeners;
 pub mod model;
 pub mod mtls;
 pub mod on_demand;
+pub mod peer_exchange;
 pub mod routes;
 pub mod tracing;
 

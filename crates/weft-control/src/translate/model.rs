@@ -233,6 +233,47 @@ impl<'a> MeshView<'a> {
         }
     }
 
+    /// The services the proxy's own workload serves on its port `port` (Istio's inbound
+    /// cluster services): Kubernetes Services in its namespace whose selector matches its
+    /// labels and with a port targeting `port` (by number, or by the workload port's
+    /// name), and ServiceEntries there whose `workloadSelector` matches and with a port
+    /// targeting it. Not scoped by `exportTo` or the Sidecar: they are about who the
+    /// workload is, not what it may reach. Sorted by host; `(fqdn, name, namespace)`.
+    pub fn inbound_services(&self, port: &weft_xds::PortInfo) -> Vec<(String, String, String)> {
+        let node = self.node;
+        let selects =
+            |sel: &BTreeMap<String, String>| !sel.is_empty() && sel.iter().all(|(k, v)| node.labels.get(k) == Some(v));
+        let targets = |p: &SvcPort| match &p.target {
+            Target::Same => p.number == u32::from(port.port),
+            Target::Number(n) => *n == u32::from(port.port),
+            Target::Name(n) => *n == port.name,
+        };
+        let mut out = Vec::new();
+        for r in self.mesh.resources.iter().filter(|r| r.meta.namespace == node.namespace) {
+            match &r.spec {
+                Spec::Service(s) if selects(&s.selector) && s.ports.iter().map(k8s_port).any(|p| targets(&p)) => {
+                    let host = format!("{}.{}.svc.{}", r.meta.name, r.meta.namespace, self.mesh.domain);
+                    out.push((host, r.meta.name.clone(), r.meta.namespace.clone()));
+                }
+                Spec::ServiceEntry(se) => {
+                    let selected = se.workload_selector.as_ref().is_some_and(|w| selects(&w.labels));
+                    let port_matches =
+                        se.ports.iter().any(|p| p.target_port.unwrap_or(p.number) == u32::from(port.port));
+                    if selected && port_matches {
+                        for h in se.hosts.iter().filter(|h| !h.starts_with('*')) {
+                            let host = host::fqdn(h, &r.meta.namespace, &self.mesh.domain);
+                            out.push((host.clone(), host, r.meta.namespace.clone()));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
     /// The namespace of the proxy.
     pub fn namespace(&self) -> &str {
         &self.node.namespace

@@ -946,3 +946,57 @@ fn istio_mutual_forces_mtls_with_the_rules_subject_alt_names() {
     assert!(text.contains("spiffe://cluster.local/ns/default/sa/pinned") && text.contains("ROOTCA"), "{text}");
     assert!(!text.contains("sa/reviews"), "{text}");
 }
+
+fn istio_services(c: &Cluster) -> Vec<(String, String, String)> {
+    let Some(value::Kind::ListValue(list)) = c
+        .metadata
+        .as_ref()
+        .and_then(|m| m.filter_metadata.get("istio"))
+        .and_then(|s| s.fields.get("services"))
+        .and_then(|v| v.kind.clone())
+    else {
+        return Vec::new();
+    };
+    let text =
+        |s: &envoy_types::pb::google::protobuf::Struct, k: &str| match s.fields.get(k).and_then(|v| v.kind.clone()) {
+            Some(value::Kind::StringValue(t)) => t,
+            other => panic!("{k} is {other:?}"),
+        };
+    list.values
+        .iter()
+        .map(|v| match &v.kind {
+            Some(value::Kind::StructValue(s)) => (text(s, "host"), text(s, "name"), text(s, "namespace")),
+            other => panic!("not a struct: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn inbound_clusters_carry_istio_service_metadata_of_the_services_selecting_the_workload_port() {
+    let yaml = format!(
+        "{SERVICE}---\napiVersion: v1\nkind: Service\nmetadata: {{name: reviews-alias, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 80, targetPort: http}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: other}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 8080}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: reviews-admin, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9999}}]\n---\napiVersion: v1\nkind: Service\nmetadata: {{name: ratings, namespace: default}}\nspec:\n  selector: {{app: ratings}}\n  ports: [{{name: http, port: 8080}}]\n"
+    );
+    let mut n = node("default");
+    n.labels = BTreeMap::from([("app".into(), "reviews".into())]);
+    n.ports = vec![
+        PortInfo { name: "http".into(), port: 8080, protocol: "TCP".into(), app_protocol: None },
+        PortInfo { name: "tcp-db".into(), port: 5432, protocol: "TCP".into(), app_protocol: None },
+    ];
+    n.inbound = Some("127.0.0.1:7100".parse().unwrap());
+    for mode in [ProxyMode::Explicit, ProxyMode::Transparent] {
+        let x = translate(&mesh(&yaml), &registry(vec![]).snapshot(), &n, mode);
+        let app = x.cluster("inbound|8080||").unwrap();
+        // Same namespace, selector matches, a port targets 8080 (by number or by the
+        // workload port's name); sorted by host.
+        assert_eq!(
+            istio_services(app),
+            [
+                ("reviews-alias.default.svc.cluster.local".into(), "reviews-alias".into(), "default".into()),
+                (FQDN.into(), "reviews".into(), "default".into()),
+            ],
+            "{mode:?}"
+        );
+        assert_eq!(lb_meta(app).as_deref(), Some("PEAK_EWMA"), "the balancer metadata stays");
+        assert!(istio_services(x.cluster("inbound|5432||").unwrap()).is_empty(), "no service targets 5432");
+    }
+}

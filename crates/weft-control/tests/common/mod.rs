@@ -170,5 +170,6 @@ pub fn node(name: &str, namespace: &str, pairs: &[(&str, &str)], instance_ips: &
         on_demand: false,
         gateway_ports: Default::default(),
         gateway_address: None,
+        ..NodeInfo::default()
     }
 }

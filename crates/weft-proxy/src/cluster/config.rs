@@ -113,6 +113,10 @@ pub struct ClusterConfig {
     pub static_endpoints: Option<ClusterLoadAssignment>,
     /// The cluster's metadata.
     pub metadata: Option<Metadata>,
+    /// The services of Istio's `filter_metadata["istio"]["services"]` (what the control
+    /// plane puts on inbound clusters): the `destination_service*` labels of what the
+    /// cluster serves.
+    pub services: Vec<Arc<crate::telemetry::ServiceInfo>>,
     /// How connections are made: plain TCP or TLS (`transport_socket`).
     pub transport: Connector,
     /// `transport_socket_matches`: endpoints whose `envoy.transport_socket_match`
@@ -244,6 +248,7 @@ impl ClusterConfig {
             limits: limits(c),
             static_endpoints,
             metadata: c.metadata.clone(),
+            services: crate::telemetry::services::from_metadata(c.metadata.as_ref()),
             transport,
             socket_matches,
             outlier: c

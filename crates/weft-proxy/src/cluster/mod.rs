@@ -26,7 +26,9 @@ pub use config::{ClusterConfig, Discovery, LbPolicy, Limits, UpstreamProtocol};
 pub use endpoints::{Endpoint, Health};
 pub use ewma::{ClusterLoad, EndpointLoad, InFlight, LoadRegistry, RequestPermit};
 pub use outlier::{Outcome, OutlierConfig};
-pub use pool::{BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamStream};
+pub use pool::{
+    BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamPrincipal, UpstreamStream,
+};
 
 use crate::cluster::balance::Balancer;
 use crate::cluster::endpoints::{decode_assignment, HostAddr};

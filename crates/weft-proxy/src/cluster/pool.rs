@@ -99,6 +99,16 @@ pub enum UpstreamStream {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
+impl UpstreamStream {
+    /// The SPIFFE id the upstream's certificate proved (TLS with a SPIFFE URI SAN).
+    pub fn peer_principal(&self) -> Option<Arc<str>> {
+        match self {
+            UpstreamStream::Plain(_) => None,
+            UpstreamStream::Tls(s) => crate::tls::peer_principal(s.get_ref().1.peer_certificates()),
+        }
+    }
+}
+
 /// Open connections per endpoint, for the admin `/clusters` page.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PoolStats {
@@ -142,9 +152,18 @@ struct EndpointPool {
     http2_open: Arc<AtomicUsize>,
 }
 
+/// The SPIFFE id in the certificate an upstream presented on the mTLS handshake of the
+/// connection a response came over (a response extension; absent over plain TCP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamPrincipal(pub Arc<str>);
+
+/// The peer's SPIFFE id, kept with the connection it was proven on.
+type Principal = Option<Arc<str>>;
+
 #[derive(Debug)]
 struct H1Conn {
     tx: http1::SendRequest<BoxBody>,
+    principal: Principal,
     /// When it was last handed out (idle time is measured from there).
     since: Instant,
 }
@@ -152,6 +171,7 @@ struct H1Conn {
 #[derive(Debug)]
 struct H2Conn {
     tx: http2::SendRequest<BoxBody>,
+    principal: Principal,
     last_used: Instant,
 }
 
@@ -286,7 +306,13 @@ impl Pools {
             let req = origin_form(req)?;
             self.send_h1(&pool, ep.addr, connect_timeout, connector, req).await
         };
-        resp.map(own_header_values)
+        resp.map(|(resp, principal)| {
+            let mut resp = own_header_values(resp);
+            if let Some(p) = principal {
+                resp.extensions_mut().insert(UpstreamPrincipal(p));
+            }
+            resp
+        })
     }
 
     /// A connection over a cluster's transport (plain or TLS), for byte streams.
@@ -346,12 +372,12 @@ impl Pools {
         timeout: Duration,
         connector: &Connector,
         mut req: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        if let Some(mut tx) = pool.checkout_h1(&self.inner.cfg).await {
+    ) -> Result<(Response<Incoming>, Principal), ProxyError> {
+        if let Some((mut tx, principal)) = pool.checkout_h1(&self.inner.cfg).await {
             match tx.try_send_request(req).await {
                 Ok(resp) => {
-                    self.release_h1(pool, tx).await;
-                    return Ok(resp);
+                    self.release_h1(pool, tx, principal.clone()).await;
+                    return Ok((resp, principal));
                 }
                 Err(mut e) => match e.take_message() {
                     // Never written: the connection was stale. Try a fresh one.
@@ -360,11 +386,11 @@ impl Pools {
                 },
             }
         }
-        let mut tx = self.connect_h1(pool, addr, timeout, connector).await?;
+        let (mut tx, principal) = self.connect_h1(pool, addr, timeout, connector).await?;
         match tx.try_send_request(req).await {
             Ok(resp) => {
-                self.release_h1(pool, tx).await;
-                Ok(resp)
+                self.release_h1(pool, tx, principal.clone()).await;
+                Ok((resp, principal))
             }
             Err(e) => Err(map_hyper_error(addr, e.error(), e.message().is_some())),
         }
@@ -376,8 +402,9 @@ impl Pools {
         addr: SocketAddr,
         timeout: Duration,
         connector: &Connector,
-    ) -> Result<http1::SendRequest<BoxBody>, ProxyError> {
+    ) -> Result<(http1::SendRequest<BoxBody>, Principal), ProxyError> {
         let io = connector.connect(addr, timeout).await?;
+        let principal = io.peer_principal();
         let (tx, conn) = http1::handshake(TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
         let open = Arc::clone(&pool.http1_open);
         open.fetch_add(1, Ordering::Relaxed);
@@ -387,14 +414,14 @@ impl Pools {
             }
             open.fetch_sub(1, Ordering::Relaxed);
         });
-        Ok(tx)
+        Ok((tx, principal))
     }
 
     /// Keeps `tx` (busy with its response) for reuse once its response is done.
-    async fn release_h1(&self, pool: &Arc<EndpointPool>, tx: http1::SendRequest<BoxBody>) {
+    async fn release_h1(&self, pool: &Arc<EndpointPool>, tx: http1::SendRequest<BoxBody>, principal: Principal) {
         let mut conns = pool.h1.lock().await;
         conns.retain(|c| !c.tx.is_closed());
-        conns.push_back(H1Conn { tx, since: Instant::now() });
+        conns.push_back(H1Conn { tx, principal, since: Instant::now() });
         pool.http1_pooled.store(conns.len(), Ordering::Relaxed);
     }
 
@@ -405,10 +432,10 @@ impl Pools {
         timeout: Duration,
         connector: &Connector,
         req: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let (mut tx, reused) = self.h2_sender(pool, addr, timeout, connector).await?;
+    ) -> Result<(Response<Incoming>, Principal), ProxyError> {
+        let (mut tx, reused, principal) = self.h2_sender(pool, addr, timeout, connector).await?;
         let req = match tx.try_send_request(req).await {
-            Ok(resp) => return Ok(resp),
+            Ok(resp) => return Ok((resp, principal)),
             Err(mut e) => {
                 let unsent = e.message().is_some();
                 match e.take_message() {
@@ -419,8 +446,10 @@ impl Pools {
         };
         // The shared connection died before taking the request: replace it once.
         pool.drop_h2_if_closed().await;
-        let (mut tx, _) = self.h2_sender(pool, addr, timeout, connector).await?;
-        tx.try_send_request(req).await.map_err(|e| map_hyper_error(addr, e.error(), e.message().is_some()))
+        let (mut tx, _, principal) = self.h2_sender(pool, addr, timeout, connector).await?;
+        let resp =
+            tx.try_send_request(req).await.map_err(|e| map_hyper_error(addr, e.error(), e.message().is_some()))?;
+        Ok((resp, principal))
     }
 
     /// The endpoint's live HTTP/2 connection, or a new one; true when reused.
@@ -430,15 +459,16 @@ impl Pools {
         addr: SocketAddr,
         timeout: Duration,
         connector: &Connector,
-    ) -> Result<(http2::SendRequest<BoxBody>, bool), ProxyError> {
+    ) -> Result<(http2::SendRequest<BoxBody>, bool, Principal), ProxyError> {
         let mut slot = pool.h2.lock().await;
         if let Some(conn) = slot.as_mut() {
             if !conn.tx.is_closed() {
                 conn.last_used = Instant::now();
-                return Ok((conn.tx.clone(), true));
+                return Ok((conn.tx.clone(), true, conn.principal.clone()));
             }
         }
         let io = connector.connect(addr, timeout).await?;
+        let principal = io.peer_principal();
         let (tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .map_err(|e| map_hyper_error(addr, &e, true))?;
@@ -450,18 +480,18 @@ impl Pools {
             }
             open.fetch_sub(1, Ordering::Relaxed);
         });
-        *slot = Some(H2Conn { tx: tx.clone(), last_used: Instant::now() });
-        Ok((tx, false))
+        *slot = Some(H2Conn { tx: tx.clone(), principal: principal.clone(), last_used: Instant::now() });
+        Ok((tx, false, principal))
     }
 }
 
 impl EndpointPool {
     /// The most recently used pooled connection that can take a request now.
-    async fn checkout_h1(&self, cfg: &PoolConfig) -> Option<http1::SendRequest<BoxBody>> {
+    async fn checkout_h1(&self, cfg: &PoolConfig) -> Option<(http1::SendRequest<BoxBody>, Principal)> {
         let mut conns = self.h1.lock().await;
         prune_h1(&mut conns, cfg, false);
         let pos = conns.iter().rposition(|c| c.tx.is_ready());
-        let found = pos.and_then(|i| conns.remove(i)).map(|c| c.tx);
+        let found = pos.and_then(|i| conns.remove(i)).map(|c| (c.tx, c.principal));
         self.http1_pooled.store(conns.len(), Ordering::Relaxed);
         found
     }

@@ -169,6 +169,8 @@ pub async fn forward(
                     report.flag("URX");
                 }
                 report.upstream_service_time = Some(upstream_start.elapsed());
+                report.upstream_principal =
+                    resp.extensions().get::<crate::cluster::UpstreamPrincipal>().map(|p| p.0.clone());
                 let (mut rp, rb) = resp.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
                 let bounded = DeadlineBody::new(boxed(rb), action.idle_timeout.or(stream_idle), deadline);

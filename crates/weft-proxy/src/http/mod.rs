@@ -208,6 +208,13 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
         let denied = verdict.denied.is_some();
         rq.report.rbac(verdict);
         if denied {
+            // Envoy resolves the route before its filters run: the denial reports the
+            // cluster (and so the service) the request was for.
+            if let Some(RouteAction::Forward(action)) =
+                rq.snap.route_table(chain).and_then(|t| t.select(&authority, &parts)).as_deref().map(|r| &r.action)
+            {
+                rq.report.cluster = action.clusters.pick(rand::random()).to_string();
+            }
             return Err(ProxyError::new(ErrorKind::RbacDenied, crate::rbac::DENIED_BODY));
         }
     }
@@ -276,6 +283,10 @@ async fn dispatch(
             Ok(Response::from_parts(p, full(b)))
         }
         RouteAction::Forward(action) => {
+            // The cluster is chosen with the route, before the filters run (as Envoy's
+            // connection manager does), so a fault abort reports the service it was for.
+            let cluster_name = action.clusters.pick(rand::random()).to_string();
+            rq.report.cluster = cluster_name.clone();
             if let Some(fault) = route.fault.as_ref().or(chain.fault.as_ref()) {
                 let d = fault.decide(rand::random(), rand::random());
                 if let Some(delay) = d.delay {
@@ -289,8 +300,6 @@ async fn dispatch(
                     return Ok(resp);
                 }
             }
-            let cluster_name = action.clusters.pick(rand::random()).to_string();
-            rq.report.cluster = cluster_name.clone();
             if !rq.snap.cluster_warm(&cluster_name) {
                 // On demand, a cluster not received yet (or without endpoints) is awaited.
                 let fetched = ctx.store.await_cluster(&rq.snap, &cluster_name).await;
@@ -314,6 +323,8 @@ async fn dispatch(
                 return tunnel::upgrade(rq, &cluster_name, parts).await;
             }
             let mut resp = forward::forward(rq, action, &cluster_name, parts, body).await?;
+            // The peer's metadata is read before the route's edits, which may remove it.
+            rq.report.on_response_headers(ctx, resp.headers_mut());
             route.edit_response_headers(resp.headers_mut());
             Ok(resp)
         }

@@ -8,7 +8,7 @@
 //! `shadow_effective_policy_id`); then the enforced rules (if any): ALLOW allows iff a
 //! policy matches, DENY denies iff one matches, LOG never blocks and marks the request
 //! for the access log when one matches. The first denial stops the chain (HTTP: 403
-//! `RBAC: access denied`, flag `RBAC`; network: the connection is closed).
+//! `RBAC: access denied`, no response flag (`-`, as Envoy); network: the connection is closed).
 //!
 //! Inputs ([`RbacInput`]): the connection's peer and destination addresses, the peer
 //! principal (URI SAN of a verified client certificate, `ConnInfo::peer_principal`),

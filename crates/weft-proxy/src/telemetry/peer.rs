@@ -1,30 +1,57 @@
-//! Peer metadata exchange: the outbound proxy adds [`PEER_HEADER`] to requests and the
-//! inbound proxy adds it to responses, so each side learns which workload is on the other
-//! end and can fill the `source_*` / `destination_*` metric labels. The core strips the
-//! header before the application sees it.
+//! Peer metadata exchange, Istio's way ([`weft_xds::peer`]): the outbound proxy adds
+//! [`PEER_ID_HEADER`] and [`PEER_HEADER`] to requests and the inbound proxy adds them to
+//! responses (when the request carried them, as Istio's sidecars do), so each side learns
+//! which workload is on the other end and can fill the `source_*` / `destination_*`
+//! metric labels. The receiving proxy strips both before the application sees them.
 //!
-//! The value is URL-safe base64 (no padding) of a compact JSON object. Decoding is
-//! bounded and never panics: anything oversized or malformed yields `None`.
+//! The value is base64 of a serialized `google.protobuf.Struct` with Istio's keys
+//! (`NAME`, `NAMESPACE`, `WORKLOAD_NAME`, `LABELS`, ...), so Istio's sidecars, an Envoy fed
+//! by weft and weft's proxy read each other. Decoding is bounded and never panics:
+//! anything oversized or malformed yields `None`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
-use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use base64::Engine as _;
 use bytes::Bytes;
-use http::HeaderValue;
+use http::{HeaderMap, HeaderValue};
+use weft_xds::peer::{PeerMetadata, CANONICAL_NAME_LABEL, CANONICAL_REVISION_LABEL};
 
-use super::WorkloadInfo;
+use super::{WorkloadInfo, UNKNOWN};
 
 /// Name of the header carrying peer metadata.
-pub const PEER_HEADER: &str = "x-weft-peer-metadata";
+pub const PEER_HEADER: &str = weft_xds::peer::METADATA_HEADER;
+/// Name of the header carrying the peer's node id.
+pub const PEER_ID_HEADER: &str = weft_xds::peer::METADATA_ID_HEADER;
 
 /// Longest header value [`decode`] accepts, in bytes.
-pub const MAX_ENCODED_LEN: usize = 4096;
+pub const MAX_ENCODED_LEN: usize = weft_xds::peer::MAX_ENCODED_LEN;
 
 /// Longest field value, in bytes. [`encode`] truncates longer fields (at a character
 /// boundary); [`decode`] rejects them.
-pub const MAX_FIELD_LEN: usize = 256;
+pub const MAX_FIELD_LEN: usize = weft_xds::peer::MAX_FIELD_LEN;
+
+/// What this proxy announces: its node id and its metadata, encoded once.
+#[derive(Debug, Clone)]
+pub struct LocalPeer {
+    /// [`PEER_ID_HEADER`] value.
+    pub id: HeaderValue,
+    /// [`PEER_HEADER`] value.
+    pub metadata: HeaderValue,
+}
+
+impl LocalPeer {
+    /// Adds both headers (replacing any the application sent).
+    pub fn insert(&self, headers: &mut HeaderMap) {
+        headers.insert(PEER_ID_HEADER, self.id.clone());
+        headers.insert(PEER_HEADER, self.metadata.clone());
+    }
+}
+
+/// Removes both exchange headers, returning the metadata value if there was one.
+pub fn strip(headers: &mut HeaderMap) -> Option<HeaderValue> {
+    headers.remove(PEER_ID_HEADER);
+    headers.remove(PEER_HEADER)
+}
 
 /// Entries a [`DecodeCache`] holds by default.
 pub const DEFAULT_CACHE_ENTRIES: usize = 1024;
@@ -79,56 +106,68 @@ impl DecodeCache {
     }
 }
 
-/// Encodes `info` as a value for [`PEER_HEADER`]. A proxy's own metadata does not
-/// change: encode it once and clone the (cheap, shared) `HeaderValue` per request.
-pub fn encode(info: &WorkloadInfo) -> HeaderValue {
-    let bounded = WorkloadInfo {
-        workload: truncate(&info.workload),
-        namespace: truncate(&info.namespace),
-        app: truncate(&info.app),
-        version: truncate(&info.version),
-        principal: truncate(&info.principal),
-        cluster: truncate(&info.cluster),
-        service_account: truncate(&info.service_account),
-        canonical_service: truncate(&info.canonical_service),
-        canonical_revision: truncate(&info.canonical_revision),
+/// This proxy's headers: `info` (the local workload as its own metrics name it) with
+/// the node's id and instance name. A proxy's own metadata does not change: encode it
+/// once and clone the (cheap, shared) values per request.
+pub fn encode(info: &WorkloadInfo, node_id: &str, instance: &str) -> LocalPeer {
+    let known = |s: &str| if s == UNKNOWN { String::new() } else { truncate(s) };
+    let mut labels = std::collections::BTreeMap::new();
+    for (key, value) in [
+        ("app", &info.app),
+        ("version", &info.version),
+        (CANONICAL_NAME_LABEL, &info.canonical_service),
+        (CANONICAL_REVISION_LABEL, &info.canonical_revision),
+    ] {
+        let v = known(value);
+        if !v.is_empty() {
+            labels.insert(key.to_string(), v);
+        }
+    }
+    let namespace = known(&info.namespace);
+    let workload = known(&info.workload);
+    let meta = PeerMetadata {
+        id: String::new(),
+        name: truncate(instance),
+        owner: if namespace.is_empty() || workload.is_empty() {
+            String::new()
+        } else {
+            truncate(&format!("kubernetes://apis/apps/v1/namespaces/{namespace}/deployments/{workload}"))
+        },
+        namespace,
+        workload_name: workload,
+        cluster_id: known(&info.cluster),
+        service_account: known(&info.service_account),
+        labels,
     };
-    // Serializing a struct of strings cannot fail; fall back to an empty object anyway.
-    let json = serde_json::to_vec(&bounded).unwrap_or_else(|_| b"{}".to_vec());
-    let b64 = URL_SAFE_NO_PAD.encode(json);
-    // URL-safe base64 is always a valid header value.
-    HeaderValue::from_str(&b64).unwrap_or_else(|_| HeaderValue::from_static("e30"))
+    // Base64 is always a valid header value; a node id with bytes a header cannot carry
+    // is sent empty (it is only a cache hint).
+    LocalPeer {
+        id: HeaderValue::from_str(node_id).unwrap_or_else(|_| HeaderValue::from_static("")),
+        metadata: HeaderValue::from_str(&meta.encode()).unwrap_or_else(|_| HeaderValue::from_static("")),
+    }
 }
 
-/// Decodes a [`PEER_HEADER`] value; `None` if it is oversized, not base64, not the
-/// expected JSON, or has a field longer than [`MAX_FIELD_LEN`]. Missing fields take
-/// Istio's defaults (`"unknown"`).
+/// Decodes a [`PEER_HEADER`] value; `None` if it is oversized, not base64, not a
+/// serialized `Struct`, or has a field longer than [`MAX_FIELD_LEN`]. Missing fields take
+/// Istio's defaults (`"unknown"`; canonical service falls back to `app`, canonical
+/// revision to `version`, then `"latest"`). The principal stays unknown: only the peer's
+/// certificate proves it.
 pub fn decode(value: &HeaderValue) -> Option<WorkloadInfo> {
-    let bytes = value.as_bytes();
-    if bytes.is_empty() || bytes.len() > MAX_ENCODED_LEN {
-        return None;
-    }
-    let json = URL_SAFE_NO_PAD.decode(bytes).ok()?;
-    // Only an object: serde would also accept a struct written as a JSON array.
-    if json.first() != Some(&b'{') {
-        return None;
-    }
-    let info: WorkloadInfo = serde_json::from_slice(&json).ok()?;
-    let fields = [
-        &info.workload,
-        &info.namespace,
-        &info.app,
-        &info.version,
-        &info.principal,
-        &info.cluster,
-        &info.service_account,
-        &info.canonical_service,
-        &info.canonical_revision,
-    ];
-    if fields.iter().any(|f| f.len() > MAX_FIELD_LEN || f.chars().any(char::is_control)) {
-        return None;
-    }
-    Some(info)
+    let m = PeerMetadata::decode(value.as_bytes())?;
+    let or_unknown = |s: Option<&str>| s.filter(|s| !s.is_empty()).unwrap_or(UNKNOWN).to_string();
+    let app = m.label("app").or_else(|| m.label("app.kubernetes.io/name"));
+    let version = m.label("version").or_else(|| m.label("app.kubernetes.io/version"));
+    Some(WorkloadInfo {
+        workload: or_unknown(Some(&m.workload_name)),
+        namespace: or_unknown(Some(&m.namespace)),
+        app: or_unknown(app),
+        version: or_unknown(version),
+        cluster: or_unknown(Some(&m.cluster_id)),
+        service_account: or_unknown(Some(&m.service_account)),
+        canonical_service: or_unknown(m.label(CANONICAL_NAME_LABEL).or(app)),
+        canonical_revision: m.label(CANONICAL_REVISION_LABEL).or(version).unwrap_or("latest").to_string(),
+        ..WorkloadInfo::default()
+    })
 }
 
 fn truncate(s: &str) -> String {
@@ -145,6 +184,10 @@ fn truncate(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::engine::general_purpose::STANDARD;
+    use base64::Engine as _;
+
+    const ID: &str = "sidecar~10.0.0.7~reviews-v2-x.bookinfo~bookinfo.svc.cluster.local";
 
     fn sample() -> WorkloadInfo {
         WorkloadInfo {
@@ -152,7 +195,7 @@ mod tests {
             namespace: "bookinfo".into(),
             app: "reviews".into(),
             version: "v2".into(),
-            principal: "spiffe://cluster.local/ns/bookinfo/sa/reviews".into(),
+            principal: UNKNOWN.into(),
             cluster: "east".into(),
             service_account: "reviews".into(),
             canonical_service: "reviews".into(),
@@ -160,10 +203,14 @@ mod tests {
         }
     }
 
+    fn header(info: &WorkloadInfo) -> HeaderValue {
+        encode(info, ID, "reviews-v2-x").metadata
+    }
+
     #[test]
     fn decode_cache_shares_values_and_stays_bounded() {
         let cache = DecodeCache::new(2);
-        let a = encode(&sample());
+        let a = header(&sample());
         let first = cache.decode(&a).unwrap();
         let again = cache.decode(&a).unwrap();
         assert!(Arc::ptr_eq(&first, &again), "second decode served from cache");
@@ -172,60 +219,63 @@ mod tests {
         assert_eq!(cache.len(), 1, "invalid values are not cached");
         for name in ["b", "c", "d"] {
             let info = WorkloadInfo { workload: name.into(), ..sample() };
-            assert_eq!(cache.decode(&encode(&info)).unwrap().workload, name);
+            assert_eq!(cache.decode(&header(&info)).unwrap().workload, name);
         }
         assert_eq!(cache.len(), 2);
     }
 
     #[test]
-    fn round_trip_preserves_every_field() {
-        let info = sample();
-        let v = encode(&info);
-        assert!(v.len() < 512, "header is compact: {} bytes", v.len());
-        assert_eq!(decode(&v), Some(info));
+    fn round_trip_preserves_every_field_but_the_principal() {
+        let info = WorkloadInfo { principal: "spiffe://cluster.local/ns/bookinfo/sa/reviews".into(), ..sample() };
+        let local = encode(&info, ID, "reviews-v2-x");
+        assert_eq!(local.id, ID);
+        assert!(local.metadata.len() < 1024, "header is compact: {} bytes", local.metadata.len());
+        assert_eq!(decode(&local.metadata), Some(sample()), "the principal comes from the certificate only");
     }
 
     #[test]
-    fn missing_fields_default_to_unknown() {
-        let v = HeaderValue::from_str(&URL_SAFE_NO_PAD.encode(br#"{"w":"a"}"#)).unwrap();
+    fn the_header_is_istios_struct() {
+        let v = header(&sample());
+        let m = PeerMetadata::decode(v.as_bytes()).unwrap();
+        assert_eq!(m.workload_name, "reviews-v2");
+        assert_eq!(m.name, "reviews-v2-x");
+        assert_eq!(m.namespace, "bookinfo");
+        assert_eq!(m.owner, "kubernetes://apis/apps/v1/namespaces/bookinfo/deployments/reviews-v2");
+        assert_eq!(m.label("app"), Some("reviews"));
+        assert_eq!(m.label(CANONICAL_REVISION_LABEL), Some("v2"));
+        assert!(STANDARD.decode(v.as_bytes()).is_ok(), "standard, padded base64");
+    }
+
+    #[test]
+    fn missing_fields_default_like_istio() {
+        let only_labels = PeerMetadata {
+            workload_name: "a".into(),
+            labels: [("app".to_string(), "shop".to_string())].into(),
+            ..PeerMetadata::default()
+        };
+        let v = HeaderValue::from_str(&only_labels.encode()).unwrap();
         let info = decode(&v).unwrap();
         assert_eq!(info.workload, "a");
         assert_eq!(info.namespace, "unknown");
+        assert_eq!(info.canonical_service, "shop", "canonical service falls back to app");
         assert_eq!(info.canonical_revision, "latest");
+        let unknown = encode(&WorkloadInfo::default(), "", "");
+        assert_eq!(decode(&unknown.metadata), Some(WorkloadInfo::default()), "unknown is not sent as a value");
     }
 
     #[test]
     fn garbage_is_rejected() {
-        for raw in [
-            "",
-            "!!!not base64!!!",
-            "e30=", // padded: not our encoding
-            &URL_SAFE_NO_PAD.encode("not json"),
-            &URL_SAFE_NO_PAD.encode(r#"{"w": 5}"#), // wrong type
-            &URL_SAFE_NO_PAD.encode(r#"["w"]"#),
-            &URL_SAFE_NO_PAD.encode(r#"{"w":"a\nb"}"#), // control character
-            &URL_SAFE_NO_PAD.encode([0xff, 0xfe, 0x00]),
-        ] {
+        for raw in ["", "!!!not base64!!!", "e30", &"A".repeat(MAX_ENCODED_LEN + 4)] {
             let v = HeaderValue::from_str(raw).unwrap();
-            assert_eq!(decode(&v), None, "accepted {raw:?}");
+            assert_eq!(decode(&v), None, "accepted {raw:.40}");
         }
-    }
-
-    #[test]
-    fn oversized_value_and_fields_are_rejected() {
-        let huge = HeaderValue::from_str(&"A".repeat(MAX_ENCODED_LEN + 1)).unwrap();
-        assert_eq!(decode(&huge), None);
-        let long_field = format!(r#"{{"w":"{}"}}"#, "x".repeat(MAX_FIELD_LEN + 1));
-        let v = HeaderValue::from_str(&URL_SAFE_NO_PAD.encode(long_field)).unwrap();
-        assert!(v.len() <= MAX_ENCODED_LEN);
-        assert_eq!(decode(&v), None);
     }
 
     #[test]
     fn encode_truncates_long_fields_so_the_peer_can_decode() {
         let mut info = sample();
         info.workload = "é".repeat(MAX_FIELD_LEN); // 2 bytes per char
-        let decoded = decode(&encode(&info)).unwrap();
+        let decoded = decode(&header(&info)).unwrap();
         assert!(decoded.workload.len() <= MAX_FIELD_LEN);
         assert!(decoded.workload.len() >= MAX_FIELD_LEN - 1);
         assert!(info.workload.starts_with(&decoded.workload));

@@ -1,30 +1,129 @@
-//! Destination-service labels (`destination_service`, `_name`, `_namespace`) from an
-//! Istio cluster name or the request authority, cached per key.
+//! Destination-service labels (`destination_service`, `_name`, `_namespace`), as Istio's
+//! stats filter finds them:
+//!
+//! - a cluster with Istio's service metadata (`filter_metadata["istio"]["services"]`, a
+//!   list of `{host, name, namespace}`, which the control plane puts on inbound
+//!   clusters): its one service, or among several the one the Host header names
+//!   ([`pick`]);
+//! - an outbound cluster `outbound|PORT|SUBSET|HOST`: the host in its name;
+//! - `PassthroughCluster` / `BlackHoleCluster` (and `InboundPassthroughCluster`): the
+//!   cluster name as `destination_service_name`, the Host header (TCP: `unknown`) as
+//!   `destination_service`;
+//! - otherwise, on the client side only, the Host header (Istio disables the Host
+//!   fallback for inbound traffic, so the server side reports `unknown`).
+//!
+//! An IP address is never split into name and namespace.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, RwLock};
 
+use envoy_types::pb::envoy::config::core::v3::Metadata;
+use envoy_types::pb::google::protobuf::value::Kind;
+
 use super::metrics::ServiceInfo;
-use super::FastState;
+use super::{FastState, UNKNOWN};
+
+/// The metadata namespace Istio keeps its cluster facts in.
+pub const ISTIO_METADATA: &str = "istio";
+
+/// Clusters whose name Istio reports as `destination_service_name`.
+pub const VIRTUAL_CLUSTERS: [&str; 4] =
+    ["PassthroughCluster", "BlackHoleCluster", "InboundPassthroughCluster", "InboundPassthroughClusterIpv4"];
+
+/// The services in a cluster's `filter_metadata["istio"]["services"]` (entries without a
+/// `host` are skipped; a missing `name` or `namespace` is `unknown`).
+pub fn from_metadata(metadata: Option<&Metadata>) -> Vec<Arc<ServiceInfo>> {
+    let Some(list) = metadata
+        .and_then(|m| m.filter_metadata.get(ISTIO_METADATA))
+        .and_then(|s| s.fields.get("services"))
+        .and_then(|v| match v.kind.as_ref() {
+            Some(Kind::ListValue(l)) => Some(l),
+            _ => None,
+        })
+    else {
+        return Vec::new();
+    };
+    list.values
+        .iter()
+        .filter_map(|v| match v.kind.as_ref() {
+            Some(Kind::StructValue(s)) => Some(s),
+            _ => None,
+        })
+        .filter_map(|s| {
+            let text = |k: &str| match s.fields.get(k).and_then(|v| v.kind.as_ref()) {
+                Some(Kind::StringValue(t)) if !t.is_empty() => Some(t.clone()),
+                _ => None,
+            };
+            Some(Arc::new(ServiceInfo {
+                host: text("host")?,
+                name: text("name").unwrap_or_else(|| UNKNOWN.into()),
+                namespace: text("namespace").unwrap_or_else(|| UNKNOWN.into()),
+            }))
+        })
+        .collect()
+}
+
+/// The service of a request among a cluster's `services`: the only one, else the one
+/// whose host (or, in its namespace's short forms, name) the authority names, else the
+/// first. `None` when the list is empty.
+pub fn pick<'a>(services: &'a [Arc<ServiceInfo>], authority: &str) -> Option<&'a Arc<ServiceInfo>> {
+    if let [one] = services {
+        return Some(one);
+    }
+    let host = strip_port(authority);
+    services
+        .iter()
+        .find(|s| {
+            s.host.eq_ignore_ascii_case(host)
+                || s.name.eq_ignore_ascii_case(host)
+                || host
+                    .strip_prefix(s.name.as_str())
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .is_some_and(|rest| rest == s.namespace || rest == format!("{}.svc", s.namespace))
+        })
+        .or_else(|| services.first())
+}
+
+/// Labels of a virtual cluster (`PassthroughCluster`, ...): its name as
+/// `destination_service_name`, the authority's host (or `unknown`) as the service.
+pub fn virtual_cluster(cluster: &str, authority: Option<&str>) -> Option<ServiceInfo> {
+    if !VIRTUAL_CLUSTERS.contains(&cluster) {
+        return None;
+    }
+    let host = authority.map(strip_port).filter(|h| !h.is_empty()).unwrap_or(UNKNOWN);
+    Some(ServiceInfo { host: host.to_string(), name: cluster.to_string(), namespace: UNKNOWN.into() })
+}
+
+fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        // `[v6]:port` or `[v6]`.
+        return authority.split_once(']').map_or(authority, |(h, _)| h.trim_start_matches('['));
+    }
+    authority
+        .rsplit_once(':')
+        .filter(|(h, p)| !h.contains(':') && p.chars().all(|c| c.is_ascii_digit()))
+        .map(|(h, _)| h)
+        .unwrap_or(authority)
+}
 
 /// Service labels from an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`)
 /// or, failing that, the request authority.
 pub fn service_info(cluster: &str, authority: &str) -> ServiceInfo {
     let host = match istio_host(cluster) {
         Some(host) => host.to_string(),
-        None => authority
-            .rsplit_once(':')
-            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-            .map(|(h, _)| h)
-            .unwrap_or(authority)
-            .to_string(),
+        None => strip_port(authority).to_string(),
     };
     if host.is_empty() {
         return ServiceInfo::default();
     }
+    if host.parse::<IpAddr>().is_ok() {
+        // An address names no service: never split it into name and namespace.
+        return ServiceInfo { name: host.clone(), host, namespace: UNKNOWN.into() };
+    }
     let mut labels = host.split('.');
     let name = labels.next().unwrap_or_default().to_string();
-    let namespace = labels.next().map(str::to_string).unwrap_or_else(|| crate::telemetry::UNKNOWN.into());
+    let namespace = labels.next().map(str::to_string).unwrap_or_else(|| UNKNOWN.into());
     ServiceInfo { host, name, namespace }
 }
 
@@ -91,7 +190,7 @@ impl ServiceCache {
 }
 
 /// The host of an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`).
-fn istio_host(cluster: &str) -> Option<&str> {
+pub fn istio_host(cluster: &str) -> Option<&str> {
     cluster.splitn(4, '|').nth(3).filter(|h| !h.is_empty() && !h.contains('|'))
 }
 
@@ -108,6 +207,90 @@ mod tests {
         );
         let s = service_info("plain", "ratings.default:9080");
         assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), ("ratings.default", "ratings", "default"));
+    }
+
+    fn svc(host: &str, name: &str, namespace: &str) -> Arc<ServiceInfo> {
+        Arc::new(ServiceInfo { host: host.into(), name: name.into(), namespace: namespace.into() })
+    }
+
+    fn metadata(json: serde_json::Value) -> Metadata {
+        use envoy_types::pb::google::protobuf::{ListValue, Struct, Value};
+        fn value(v: &serde_json::Value) -> Value {
+            let kind = match v {
+                serde_json::Value::String(s) => Kind::StringValue(s.clone()),
+                serde_json::Value::Array(a) => Kind::ListValue(ListValue { values: a.iter().map(value).collect() }),
+                serde_json::Value::Object(o) => {
+                    Kind::StructValue(Struct { fields: o.iter().map(|(k, v)| (k.clone(), value(v))).collect() })
+                }
+                serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+                _ => Kind::NullValue(0),
+            };
+            Value { kind: Some(kind) }
+        }
+        let Some(Kind::StructValue(istio)) = value(&json).kind else { panic!("an object") };
+        Metadata { filter_metadata: [(ISTIO_METADATA.to_string(), istio)].into_iter().collect(), ..Default::default() }
+    }
+
+    #[test]
+    fn istio_service_metadata_is_read_and_bad_entries_skipped() {
+        let md = metadata(serde_json::json!({"services": [
+            {"host": "reviews.default.svc.cluster.local", "name": "reviews", "namespace": "default"},
+            {"name": "no-host"},
+            "not a struct",
+            {"host": "api.example.com", "namespace": 5},
+        ]}));
+        assert_eq!(
+            from_metadata(Some(&md)),
+            [
+                svc("reviews.default.svc.cluster.local", "reviews", "default"),
+                svc("api.example.com", "unknown", "unknown")
+            ]
+        );
+        assert!(from_metadata(None).is_empty());
+        assert!(from_metadata(Some(&metadata(serde_json::json!({"services": "x"})))).is_empty());
+    }
+
+    #[test]
+    fn several_services_are_told_apart_by_the_host_header() {
+        let reviews = svc("reviews.default.svc.cluster.local", "reviews", "default");
+        let alias = svc("reviews-alias.default.svc.cluster.local", "reviews-alias", "default");
+        let both = [alias.clone(), reviews.clone()];
+        for authority in [
+            "reviews",
+            "reviews:9080",
+            "reviews.default",
+            "reviews.default.svc",
+            "REVIEWS.default.svc.cluster.local:80",
+        ] {
+            assert_eq!(pick(&both, authority), Some(&reviews), "{authority}");
+        }
+        assert_eq!(pick(&both, "reviews-alias.default:80"), Some(&alias));
+        assert_eq!(pick(&both, "localhost:9080"), Some(&alias), "no match: the first");
+        assert_eq!(pick(std::slice::from_ref(&reviews), "localhost"), Some(&reviews), "one service: always it");
+        assert_eq!(pick(&[], "reviews"), None);
+    }
+
+    #[test]
+    fn ip_literals_are_never_split_into_name_and_namespace() {
+        for (authority, host) in [("127.0.0.1:9080", "127.0.0.1"), ("10.1.2.3", "10.1.2.3"), ("[::1]:80", "::1")] {
+            let s = service_info("plain", authority);
+            assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), (host, host, "unknown"));
+        }
+    }
+
+    #[test]
+    fn passthrough_and_blackhole_are_named_by_their_cluster() {
+        let s = virtual_cluster("PassthroughCluster", Some("httpbin.org:80")).unwrap();
+        assert_eq!(
+            (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
+            ("httpbin.org", "PassthroughCluster", "unknown")
+        );
+        let s = virtual_cluster("BlackHoleCluster", None).unwrap();
+        assert_eq!(
+            (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
+            ("unknown", "BlackHoleCluster", "unknown")
+        );
+        assert_eq!(virtual_cluster("outbound|80||a.b.svc.cluster.local", Some("a")), None);
     }
 
     #[test]

@@ -193,6 +193,7 @@ pub fn node_info() -> NodeInfo {
         on_demand: false,
         gateway_ports: Default::default(),
         gateway_address: None,
+        ..NodeInfo::default()
     }
 }
 

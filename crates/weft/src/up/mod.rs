@@ -91,6 +91,14 @@ pub struct UpArgs {
     /// Sidecar access logs: `off`, or `stdout` (into each sidecar's log file).
     #[arg(long, default_value = "stdout", value_parser = ["off", "stdout"])]
     pub access_log: String,
+    /// Run this LocalWorkload's sidecar as a stock Envoy fed by the control plane (as
+    /// `weft envoy-bootstrap` writes it) instead of weft's proxy; repeatable. Explicit
+    /// mode only.
+    #[arg(long = "envoy-sidecar", value_name = "WORKLOAD")]
+    pub envoy_sidecars: Vec<String>,
+    /// The Envoy binary for `--envoy-sidecar`.
+    #[arg(long, env = "WEFT_ENVOY", default_value = "envoy")]
+    pub envoy: PathBuf,
     /// Trace every proxy to this collector: `otlp://HOST:PORT` (OTLP/gRPC, e.g. Jaeger's
     /// 4317), `otlp+http://HOST:PORT[/PATH]` (OTLP/HTTP) or `zipkin://HOST:PORT[/PATH]`
     /// (Zipkin v2 JSON): the mesh's default tracing provider (docs/observability.md).
@@ -280,6 +288,15 @@ impl Up {
             bail!("{} LocalWorkloads: at most 250 run on one machine", workloads.len());
         }
         let hosts = netns::hosts_file(&netns::service_addresses(&snapshot.resources), &domain);
+        for name in &self.args.envoy_sidecars {
+            if self.mode == Mode::Transparent {
+                bail!("--envoy-sidecar {name}: Envoy sidecars run in explicit mode only (drop --transparent)");
+            }
+            if !workloads.iter().any(|w| &w.name == name) {
+                let known: Vec<&str> = workloads.iter().map(|w| w.name.as_str()).collect();
+                bail!("--envoy-sidecar {name}: no LocalWorkload of that name (there are: {})", known.join(", "));
+            }
+        }
 
         // Sidecars first (all at once), the gateway beside them.
         for w in &workloads {
@@ -288,7 +305,12 @@ impl Up {
         }
         let gateway_metrics = self.start_gateway(xds, &authority, &state, &domain).await?;
         for r in &self.running {
-            wait_ready(&r.proxy, r.workload.metrics(), &format!("{} sidecar", r.workload.name)).await?;
+            let what = format!("{} sidecar", r.workload.name);
+            if self.is_envoy(&r.workload) {
+                wait_ready_at(&r.proxy, r.workload.admin(), "/ready", &what).await?;
+            } else {
+                wait_ready(&r.proxy, r.workload.metrics(), &what).await?;
+            }
         }
         // Then each app, once its sidecar is ready.
         for i in 0..self.running.len() {
@@ -350,6 +372,9 @@ impl Up {
             .create(&w.namespace, &w.service_account, Duration::from_secs(24 * 3600))
             .map_err(|e| anyhow::anyhow!("join token for {}: {e}", w.name))?;
         let node = plan::sidecar_node(w, self.mode, domain);
+        if self.is_envoy(w) {
+            return self.start_envoy_sidecar(w, node, xds, token.token, state);
+        }
         let (admin, metrics) = match self.mode {
             Mode::Explicit => (w.admin(), w.metrics()),
             Mode::Transparent => (
@@ -396,6 +421,53 @@ impl Up {
         procs::spawn(&format!("{} sidecar", w.name), cmd, &log, self.exits_tx.clone())
     }
 
+    /// Whether `w`'s sidecar is a stock Envoy (`--envoy-sidecar`).
+    fn is_envoy(&self, w: &Workload) -> bool {
+        self.args.envoy_sidecars.contains(&w.name)
+    }
+
+    /// `--envoy-sidecar`: a stock Envoy with the bootstrap `weft envoy-bootstrap` writes,
+    /// announcing the same node as a weft sidecar would (plus mesh mTLS through SDS from
+    /// the join token), its admin API on the workload's address, port 15000. It serves
+    /// no `/stats/prometheus` with Istio's metrics: its weft peers report its traffic.
+    fn start_envoy_sidecar(
+        &mut self,
+        w: &Workload,
+        mut node: weft_xds::NodeInfo,
+        xds: SocketAddr,
+        token: String,
+        state: &Path,
+    ) -> anyhow::Result<Proc> {
+        use weft_control::envoy_bootstrap::{render_node, EnvoyBootstrapOptions};
+        node.labels.insert(weft_control::translate::mtls::TLS_MODE_LABEL.into(), "istio".into());
+        node.admin = Some(w.admin());
+        let options = EnvoyBootstrapOptions {
+            name: node.name.clone(),
+            namespace: node.namespace.clone(),
+            labels: node.labels.clone(),
+            service_account: node.service_account.clone(),
+            ports: node.ports.clone(),
+            instance_ip: IpAddr::V4(w.ip),
+            xds,
+            admin_port: plan::ADMIN_PORT,
+            cluster_id: node.cluster.clone(),
+            delta: false,
+            inbound: node.inbound,
+            outbound: node.outbound,
+            join_token: Some(token),
+        };
+        // The bootstrap puts the admin API on 127.0.0.1; each workload has its own address.
+        let mut bootstrap: serde_json::Value = serde_yaml_ng::from_str(&render_node(&options, &node))?;
+        bootstrap["admin"]["address"]["socket_address"]["address"] = serde_json::json!(w.ip.to_string());
+        let file = state.join(format!("{}.{}.envoy.yaml", w.name, w.namespace));
+        std::fs::write(&file, serde_json::to_string_pretty(&bootstrap)?)?;
+        let log = self.logs.join(format!("{}.sidecar.log", w.name));
+        let mut cmd = tokio::process::Command::new(&self.args.envoy);
+        cmd.arg("-c").arg(&file).args(["--concurrency", "1", "--use-dynamic-base-id", "-l", "warning"]);
+        procs::spawn(&format!("{} sidecar", w.name), cmd, &log, self.exits_tx.clone())
+            .with_context(|| format!("starting Envoy {} (--envoy / WEFT_ENVOY)", self.args.envoy.display()))
+    }
+
     fn start_app(&mut self, w: &Workload) -> anyhow::Result<Proc> {
         let Some(first) = w.argv.first() else {
             bail!("LocalWorkload {}/{}: spec.command is empty", w.namespace, w.name);
@@ -438,6 +510,9 @@ impl Up {
             id: format!("router~127.0.0.1~{pod}.{ns}~{ns}.svc.{domain}"),
             cluster: format!("istio-ingressgateway.{ns}"),
             name: pod.into(),
+            // Istio's ingress gateway Deployment.
+            workload_name: "istio-ingressgateway".into(),
+            cluster_id: weft_xds::node::DEFAULT_CLUSTER_ID.into(),
             namespace: ns.into(),
             labels,
             service_account: sa.into(),
@@ -482,7 +557,8 @@ impl Up {
         for r in &self.running {
             let w = &r.workload;
             let ports: Vec<String> = w.ports.iter().map(|p| format!("{}:{}", p.name, p.port)).collect();
-            say!("    {:<16} {:<16} {}  ports {}", w.name, w.ip, w.spiffe(trust_domain), ports.join(","));
+            let envoy = if self.is_envoy(w) { "  (Envoy sidecar)" } else { "" };
+            say!("    {:<16} {:<16} {}  ports {}{envoy}", w.name, w.ip, w.spiffe(trust_domain), ports.join(","));
         }
         say!("Ctrl-C stops everything.");
     }
@@ -535,16 +611,22 @@ impl Up {
 /// Waits until `metrics` answers `/healthz/ready` with 200, failing early when the
 /// process exits.
 async fn wait_ready(p: &Proc, metrics: SocketAddr, what: &str) -> anyhow::Result<()> {
+    wait_ready_at(p, metrics, "/healthz/ready", what).await
+}
+
+/// Waits until `addr` answers `path` with 200 (Envoy: admin `/ready`), failing early when
+/// the process exits.
+async fn wait_ready_at(p: &Proc, addr: SocketAddr, path: &str, what: &str) -> anyhow::Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
         if let Some(status) = p.exit_status() {
             bail!("{what} exited before it was ready ({status}); see its log");
         }
-        if http_status(metrics, "GET", "/healthz/ready").await == Some(200) {
+        if http_status(addr, "GET", path).await == Some(200) {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("{what} not ready after {READY_TIMEOUT:?} (health at http://{metrics}/healthz/ready)");
+            bail!("{what} not ready after {READY_TIMEOUT:?} (health at http://{addr}{path})");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -170,6 +170,9 @@ pub fn sidecar_node(w: &Workload, mode: Mode, domain: &str) -> NodeInfo {
         id: format!("sidecar~{}~{}.{ns}~{ns}.svc.{domain}", w.ip, w.pod_name),
         cluster: format!("{}.{ns}", w.labels.get("app").unwrap_or(&w.name)),
         name: w.pod_name.clone(),
+        // The LocalWorkload is the Deployment: its name is the workload's.
+        workload_name: w.name.clone(),
+        cluster_id: weft_xds::node::DEFAULT_CLUSTER_ID.into(),
         namespace: ns.clone(),
         labels: w.labels.clone(),
         service_account: w.service_account.clone(),
@@ -285,6 +288,8 @@ mod tests {
         let b = weft_proxy::bootstrap::Bootstrap::parse(&text, std::path::Path::new("b.yaml")).unwrap();
         assert_eq!(b.node.inbound, Some("127.9.0.2:15006".parse().unwrap()));
         assert_eq!(b.node.labels.get("app").map(String::as_str), Some("details"));
+        assert_eq!((b.node.name.as_str(), b.node.workload_name.as_str()), ("details-v1-q", "details-v1"));
+        assert_eq!(b.node.cluster_id, "Kubernetes");
         let gateway = NodeInfo {
             id: "router~127.0.0.1~gw.istio-system~istio-system.svc.cluster.local".into(),
             namespace: "istio-system".into(),

@@ -24,6 +24,7 @@ fn config(lb: LbPolicy) -> Arc<ClusterConfig> {
         limits: Limits::default(),
         static_endpoints: None,
         metadata: None,
+        services: Vec::new(),
         transport: Default::default(),
         socket_matches: Vec::new(),
         outlier: None,

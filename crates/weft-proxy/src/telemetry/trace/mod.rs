@@ -67,7 +67,7 @@ pub struct LocalNode {
 impl LocalNode {
     /// The span attributes of the node, from its bootstrap metadata.
     pub fn from_node(node: &weft_xds::NodeInfo) -> LocalNode {
-        let local = crate::report::local_workload(node);
+        let local = crate::report::local_workload(node, None);
         let label = |k: &str| node.labels.get(k).cloned().unwrap_or_default();
         LocalNode {
             node_id: node.id.clone(),
