@@ -280,7 +280,7 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, no healthy upstream", &got, &want);
 
-    // No route: a 404 with NR, the destination known only by its Host header.
+    // No route: a 404 with NR, the destination known only by its Host header (verbatim).
     assert_eq!(get_via_proxy(out, "http://nosuch:9080/").await.unwrap().status, 404);
     let key = [("reporter", "source"), ("response_code", "404")];
     let got = series_with(&productpage, "istio_requests_total", &key).await;
@@ -290,7 +290,7 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
         ("grpc_response_status", ""),
         ("response_flags", "NR"),
     ];
-    let mut want = expected(&client("unknown"), &unknown("unknown"), ["nosuch", "nosuch", "unknown"], &nr);
+    let mut want = expected(&client("unknown"), &unknown("unknown"), ["nosuch:9080", "nosuch:9080", "unknown"], &nr);
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, no route", &got, &want);
 

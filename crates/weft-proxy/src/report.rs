@@ -258,11 +258,15 @@ impl HttpReport {
         };
         let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
+        let mut service = destination_service(ctx, self.direction, &self.cluster, Some(&self.authority));
+        if self.direction != Direction::Inbound {
+            service = peer_namespace(service, &destination);
+        }
         let labels = RequestLabels {
             reporter: reporter(self.direction),
             source,
             destination,
-            service: destination_service(ctx, self.direction, &self.cluster, Some(&self.authority)),
+            service,
             protocol: if self.grpc { RequestProtocol::Grpc } else { RequestProtocol::Http },
             response_code: self.response_code,
             grpc_status: self.grpc_status.as_deref().and_then(|s| s.parse().ok()),
@@ -341,6 +345,20 @@ fn san_namespace(principal: &str) -> Option<&str> {
     let (_, rest) = principal.split_once("/ns/")?;
     let ns = rest.split('/').next()?;
     (!ns.is_empty()).then_some(ns)
+}
+
+/// On the client side Istio takes `destination_service_namespace` from the peer: a
+/// service whose host names no namespace (Host fallback, ServiceEntry hosts, virtual
+/// clusters) gets the destination's namespace when that is known.
+fn peer_namespace(
+    service: Arc<crate::telemetry::ServiceInfo>,
+    destination: &WorkloadInfo,
+) -> Arc<crate::telemetry::ServiceInfo> {
+    let unknown = crate::telemetry::UNKNOWN;
+    if service.namespace != unknown || destination.namespace == unknown {
+        return service;
+    }
+    Arc::new(crate::telemetry::ServiceInfo { namespace: destination.namespace.clone(), ..(*service).clone() })
 }
 
 /// This proxy's workload as one side of a hop: with its own SPIFFE id when the hop was
@@ -481,6 +499,7 @@ impl TcpReport {
         if self.direction != Direction::Inbound {
             self.labels.source = local(ctx, principal.is_some());
             self.labels.destination = with_principal(self.labels.destination.clone(), &principal);
+            self.labels.service = peer_namespace(self.labels.service.clone(), &self.labels.destination);
         }
         ctx.metrics.tcp_opened(&self.labels);
     }
