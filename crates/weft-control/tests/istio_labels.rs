@@ -346,6 +346,15 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
         ("connection_security_policy".into(), "mutual_tls".into()),
     ]);
     assert_labels("destination reporter, tcp closed", &got, &want);
+    // The app is gone: the server's sidecar cannot connect (UF). The connection is still
+    // counted as opened (at its close), with the same labels as its close.
+    drop(db_app);
+    let _ = tcp_round_trip(egress, b"ping").await;
+    let key = [("reporter", "destination"), ("destination_service", DB), ("response_flags", "UF")];
+    let closed = series_with(&reviews, "istio_tcp_connections_closed_total", &key).await;
+    let opened = series_with(&reviews, "istio_tcp_connections_opened_total", &key).await;
+    assert_labels("destination reporter, tcp upstream refused: opened like closed", &opened, &closed);
+
     // Never an address split into name and namespace.
     for p in [&productpage, &reviews] {
         for l in series(p, "istio_tcp_sent_bytes_total").await {

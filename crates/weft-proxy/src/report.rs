@@ -447,10 +447,13 @@ pub struct TcpReport {
     /// The RBAC filters' access-log metadata.
     pub rbac: Vec<(String, String)>,
     details: Option<String>,
+    /// `istio_tcp_connections_opened_total` counted (at the upstream connect).
+    opened: bool,
 }
 
 impl TcpReport {
-    /// Counts the connection as opened.
+    /// Starts the report of a connection just accepted for `cluster` (counted as opened
+    /// once its labels are final: see [`TcpReport::connected`]).
     pub fn open(ctx: &Context, conn: &ConnInfo, cluster: &str) -> Self {
         let peer = conn.peer_workload.clone().unwrap_or_else(|| ctx.unknown_peer.clone());
         let (source, destination) = match conn.listener.direction {
@@ -481,6 +484,7 @@ impl TcpReport {
             sent: 0,
             rbac: Vec::new(),
             details: None,
+            opened: false,
         }
     }
 
@@ -490,10 +494,11 @@ impl TcpReport {
         self.rbac = verdict.into_log_metadata();
     }
 
-    /// The upstream connection is up: counts the connection as opened (as Istio does, a
-    /// connection that never reached an upstream, e.g. to `BlackHoleCluster`, is closed
-    /// without being opened) and, on the client side, takes the principal the
-    /// upstream's certificate proved as `destination_principal`.
+    /// The upstream connection is up: on the client side, takes the principal the
+    /// upstream's certificate proved as `destination_principal`; then counts the
+    /// connection as opened. As Istio's stats filter, the open is counted once the
+    /// peer is known, or at the close for a connection that never got that far (denied,
+    /// refused upstream, `BlackHoleCluster`), so opened and closed carry the same labels.
     pub fn connected(&mut self, ctx: &Context, upstream: std::net::SocketAddr, principal: Option<Arc<str>>) {
         self.upstream_host = Some(upstream);
         if self.direction != Direction::Inbound {
@@ -502,12 +507,16 @@ impl TcpReport {
             self.labels.service = peer_namespace(self.labels.service.clone(), &self.labels.destination);
         }
         ctx.metrics.tcp_opened(&self.labels);
+        self.opened = true;
     }
 
     /// Counts bytes and the close, and writes the access-log line.
     pub fn close(mut self, ctx: &Context, flag: Option<ErrorKind>) {
         if let Some(k) = flag {
             self.labels.response_flags = Cow::Borrowed(k.response_flag());
+        }
+        if !self.opened {
+            ctx.metrics.tcp_opened(&self.labels);
         }
         ctx.metrics.tcp_bytes(&self.labels, self.sent, self.received);
         ctx.metrics.tcp_closed(&self.labels);
