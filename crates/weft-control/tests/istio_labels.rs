@@ -280,7 +280,7 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, no healthy upstream", &got, &want);
 
-    // No route: a 404 with NR, the destination known only by its Host header.
+    // No route: a 404 with NR, the destination known only by its Host header (verbatim).
     assert_eq!(get_via_proxy(out, "http://nosuch:9080/").await.unwrap().status, 404);
     let key = [("reporter", "source"), ("response_code", "404")];
     let got = series_with(&productpage, "istio_requests_total", &key).await;
@@ -290,7 +290,7 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
         ("grpc_response_status", ""),
         ("response_flags", "NR"),
     ];
-    let mut want = expected(&client("unknown"), &unknown("unknown"), ["nosuch", "nosuch", "unknown"], &nr);
+    let mut want = expected(&client("unknown"), &unknown("unknown"), ["nosuch:9080", "nosuch:9080", "unknown"], &nr);
     want.extend([("reporter".into(), "source".into()), ("connection_security_policy".into(), "unknown".into())]);
     assert_labels("source reporter, no route", &got, &want);
 
@@ -346,6 +346,15 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
         ("connection_security_policy".into(), "mutual_tls".into()),
     ]);
     assert_labels("destination reporter, tcp closed", &got, &want);
+    // The app is gone: the server's sidecar cannot connect (UF). The connection is still
+    // counted as opened (at its close), with the same labels as its close.
+    drop(db_app);
+    let _ = tcp_round_trip(egress, b"ping").await;
+    let key = [("reporter", "destination"), ("destination_service", DB), ("response_flags", "UF")];
+    let closed = series_with(&reviews, "istio_tcp_connections_closed_total", &key).await;
+    let opened = series_with(&reviews, "istio_tcp_connections_opened_total", &key).await;
+    assert_labels("destination reporter, tcp upstream refused: opened like closed", &opened, &closed);
+
     // Never an address split into name and namespace.
     for p in [&productpage, &reviews] {
         for l in series(p, "istio_tcp_sent_bytes_total").await {

@@ -286,11 +286,15 @@ impl HttpReport {
         };
         let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
+        let mut service = destination_service(ctx, self.direction, &self.cluster, Some(&self.authority));
+        if self.direction != Direction::Inbound {
+            service = peer_namespace(service, &destination);
+        }
         let labels = RequestLabels {
             reporter: reporter(self.direction),
             source,
             destination,
-            service: destination_service(ctx, self.direction, &self.cluster, Some(&self.authority)),
+            service,
             protocol: if self.grpc { RequestProtocol::Grpc } else { RequestProtocol::Http },
             response_code: self.response_code,
             grpc_status: self.grpc_status.as_deref().and_then(|s| s.parse().ok()),
@@ -369,6 +373,20 @@ fn san_namespace(principal: &str) -> Option<&str> {
     let (_, rest) = principal.split_once("/ns/")?;
     let ns = rest.split('/').next()?;
     (!ns.is_empty()).then_some(ns)
+}
+
+/// On the client side Istio takes `destination_service_namespace` from the peer: a
+/// service whose host names no namespace (Host fallback, ServiceEntry hosts, virtual
+/// clusters) gets the destination's namespace when that is known.
+fn peer_namespace(
+    service: Arc<crate::telemetry::ServiceInfo>,
+    destination: &WorkloadInfo,
+) -> Arc<crate::telemetry::ServiceInfo> {
+    let unknown = crate::telemetry::UNKNOWN;
+    if service.namespace != unknown || destination.namespace == unknown {
+        return service;
+    }
+    Arc::new(crate::telemetry::ServiceInfo { namespace: destination.namespace.clone(), ..(*service).clone() })
 }
 
 /// This proxy's workload as one side of a hop: with its own SPIFFE id when the hop was
@@ -457,10 +475,13 @@ pub struct TcpReport {
     /// The RBAC filters' access-log metadata.
     pub rbac: Vec<(String, String)>,
     details: Option<String>,
+    /// `istio_tcp_connections_opened_total` counted (at the upstream connect).
+    opened: bool,
 }
 
 impl TcpReport {
-    /// Counts the connection as opened.
+    /// Starts the report of a connection just accepted for `cluster` (counted as opened
+    /// once its labels are final: see [`TcpReport::connected`]).
     pub fn open(ctx: &Context, conn: &ConnInfo, cluster: &str) -> Self {
         let peer = conn.peer_workload.clone().unwrap_or_else(|| ctx.unknown_peer.clone());
         let (source, destination) = match conn.listener.direction {
@@ -491,6 +512,7 @@ impl TcpReport {
             sent: 0,
             rbac: Vec::new(),
             details: None,
+            opened: false,
         }
     }
 
@@ -500,23 +522,29 @@ impl TcpReport {
         self.rbac = verdict.into_log_metadata();
     }
 
-    /// The upstream connection is up: counts the connection as opened (as Istio does, a
-    /// connection that never reached an upstream, e.g. to `BlackHoleCluster`, is closed
-    /// without being opened) and, on the client side, takes the principal the
-    /// upstream's certificate proved as `destination_principal`.
+    /// The upstream connection is up: on the client side, takes the principal the
+    /// upstream's certificate proved as `destination_principal`; then counts the
+    /// connection as opened. As Istio's stats filter, the open is counted once the
+    /// peer is known, or at the close for a connection that never got that far (denied,
+    /// refused upstream, `BlackHoleCluster`), so opened and closed carry the same labels.
     pub fn connected(&mut self, ctx: &Context, upstream: std::net::SocketAddr, principal: Option<Arc<str>>) {
         self.upstream_host = Some(upstream);
         if self.direction != Direction::Inbound {
             self.labels.source = local(ctx, principal.is_some());
             self.labels.destination = with_principal(self.labels.destination.clone(), &principal);
+            self.labels.service = peer_namespace(self.labels.service.clone(), &self.labels.destination);
         }
         ctx.metrics.tcp_opened(&self.labels);
+        self.opened = true;
     }
 
     /// Counts bytes and the close, and writes the access-log line.
     pub fn close(mut self, ctx: &Context, flag: Option<ErrorKind>) {
         if let Some(k) = flag {
             self.labels.response_flags = Cow::Borrowed(k.response_flag());
+        }
+        if !self.opened {
+            ctx.metrics.tcp_opened(&self.labels);
         }
         ctx.metrics.tcp_bytes(&self.labels, self.sent, self.received);
         ctx.metrics.tcp_closed(&self.labels);

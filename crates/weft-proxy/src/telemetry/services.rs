@@ -5,14 +5,17 @@
 //!   list of `{host, name, namespace}`, which the control plane puts on inbound
 //!   clusters): its one service, or among several the one the Host header names
 //!   ([`pick`]);
-//! - an outbound cluster `outbound|PORT|SUBSET|HOST`: the host in its name;
+//! - an outbound cluster `outbound|PORT|SUBSET|HOST`: the host in its name (name and
+//!   namespace split from Kubernetes hosts `<name>.<ns>.svc.<domain>` only);
 //! - `PassthroughCluster` / `BlackHoleCluster` (and `InboundPassthroughCluster`): the
 //!   cluster name as `destination_service_name`, the Host header (TCP: `unknown`) as
 //!   `destination_service`;
-//! - otherwise, on the client side only, the Host header (Istio disables the Host
-//!   fallback for inbound traffic, so the server side reports `unknown`).
+//! - otherwise, on the client side only, the Host header verbatim as service and name
+//!   (Istio disables the Host fallback for inbound traffic; the server side reports its
+//!   own canonical service, see `report.rs`).
 //!
-//! An IP address is never split into name and namespace.
+//! An IP address is never split into name and namespace. On the client side a namespace
+//! left `unknown` here is the destination peer's (`report.rs`).
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -86,12 +89,12 @@ pub fn pick<'a>(services: &'a [Arc<ServiceInfo>], authority: &str) -> Option<&'a
 }
 
 /// Labels of a virtual cluster (`PassthroughCluster`, ...): its name as
-/// `destination_service_name`, the authority's host (or `unknown`) as the service.
+/// `destination_service_name`, the authority verbatim (or `unknown`) as the service.
 pub fn virtual_cluster(cluster: &str, authority: Option<&str>) -> Option<ServiceInfo> {
     if !VIRTUAL_CLUSTERS.contains(&cluster) {
         return None;
     }
-    let host = authority.map(strip_port).filter(|h| !h.is_empty()).unwrap_or(UNKNOWN);
+    let host = authority.filter(|h| !h.is_empty()).unwrap_or(UNKNOWN);
     Some(ServiceInfo { host: host.to_string(), name: cluster.to_string(), namespace: UNKNOWN.into() })
 }
 
@@ -107,24 +110,26 @@ fn strip_port(authority: &str) -> &str {
         .unwrap_or(authority)
 }
 
-/// Service labels from an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`)
-/// or, failing that, the request authority.
+/// Service labels from an Istio-style cluster name (`outbound|9080|v1|reviews.ns.svc.cluster.local`):
+/// a Kubernetes service host (`<name>.<namespace>.svc.<domain>`) gives its name and
+/// namespace, any other host (a ServiceEntry's, an address) is the name itself with the
+/// namespace `unknown`. Failing a cluster name, the request authority as Istio's Host
+/// fallback takes it: verbatim (port included) as both service and name.
 pub fn service_info(cluster: &str, authority: &str) -> ServiceInfo {
-    let host = match istio_host(cluster) {
-        Some(host) => host.to_string(),
-        None => strip_port(authority).to_string(),
+    let Some(host) = istio_host(cluster) else {
+        if authority.is_empty() {
+            return ServiceInfo::default();
+        }
+        return ServiceInfo { host: authority.to_string(), name: authority.to_string(), namespace: UNKNOWN.into() };
     };
-    if host.is_empty() {
-        return ServiceInfo::default();
+    let labels: Vec<&str> = host.splitn(4, '.').collect();
+    match labels.as_slice() {
+        [name, namespace, "svc", ..] if host.parse::<IpAddr>().is_err() => {
+            ServiceInfo { host: host.to_string(), name: name.to_string(), namespace: namespace.to_string() }
+        }
+        // An address or a non-Kubernetes host: never split into name and namespace.
+        _ => ServiceInfo { host: host.to_string(), name: host.to_string(), namespace: UNKNOWN.into() },
     }
-    if host.parse::<IpAddr>().is_ok() {
-        // An address names no service: never split it into name and namespace.
-        return ServiceInfo { name: host.clone(), host, namespace: UNKNOWN.into() };
-    }
-    let mut labels = host.split('.');
-    let name = labels.next().unwrap_or_default().to_string();
-    let namespace = labels.next().map(str::to_string).unwrap_or_else(|| UNKNOWN.into());
-    ServiceInfo { host, name, namespace }
 }
 
 /// Entries a [`ServiceCache`] holds per kind of key.
@@ -205,8 +210,18 @@ mod tests {
             (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
             ("reviews.bookinfo.svc.cluster.local", "reviews", "bookinfo")
         );
+        let s = service_info("outbound|443||api.example.com", "ignored");
+        assert_eq!(
+            (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
+            ("api.example.com", "api.example.com", "unknown")
+        );
+        // Istio's Host fallback: the authority verbatim.
         let s = service_info("plain", "ratings.default:9080");
-        assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), ("ratings.default", "ratings", "default"));
+        assert_eq!(
+            (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
+            ("ratings.default:9080", "ratings.default:9080", "unknown")
+        );
+        assert_eq!(service_info("plain", ""), ServiceInfo::default());
     }
 
     fn svc(host: &str, name: &str, namespace: &str) -> Arc<ServiceInfo> {
@@ -272,15 +287,17 @@ mod tests {
 
     #[test]
     fn ip_literals_are_never_split_into_name_and_namespace() {
-        for (authority, host) in [("127.0.0.1:9080", "127.0.0.1"), ("10.1.2.3", "10.1.2.3"), ("[::1]:80", "::1")] {
+        for authority in ["127.0.0.1:9080", "10.1.2.3", "[::1]:80"] {
             let s = service_info("plain", authority);
-            assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), (host, host, "unknown"));
+            assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), (authority, authority, "unknown"));
         }
+        let s = service_info("outbound|80||10.0.0.7", "");
+        assert_eq!((s.host.as_str(), s.name.as_str(), s.namespace.as_str()), ("10.0.0.7", "10.0.0.7", "unknown"));
     }
 
     #[test]
     fn passthrough_and_blackhole_are_named_by_their_cluster() {
-        let s = virtual_cluster("PassthroughCluster", Some("httpbin.org:80")).unwrap();
+        let s = virtual_cluster("PassthroughCluster", Some("httpbin.org")).unwrap();
         assert_eq!(
             (s.host.as_str(), s.name.as_str(), s.namespace.as_str()),
             ("httpbin.org", "PassthroughCluster", "unknown")
@@ -303,11 +320,15 @@ mod tests {
         assert_eq!(*a, service_info(reviews, "a:1"));
         let r = cache.get("plain", "ratings.default:9080");
         let d = cache.get("plain", "details.other:9080");
-        assert_eq!((r.name.as_str(), d.name.as_str()), ("ratings", "details"), "other clusters go by authority");
+        assert_eq!(
+            (r.name.as_str(), d.name.as_str()),
+            ("ratings.default:9080", "details.other:9080"),
+            "other clusters go by authority"
+        );
         assert!(Arc::ptr_eq(&r, &cache.get("another", "ratings.default:9080")));
         assert_eq!(cache.len(), 3);
         for i in 0..5 {
-            assert_eq!(cache.get("plain", &format!("s{i}.ns")).name, format!("s{i}"));
+            assert_eq!(cache.get("plain", &format!("s{i}.ns")).name, format!("s{i}.ns"));
         }
         assert_eq!(cache.len(), 3, "the authority side was full (2): new authorities are built, not stored");
         let again = cache.get("plain", "s0.ns");
