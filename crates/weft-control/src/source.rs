@@ -220,6 +220,9 @@ impl MeshXdsSource {
         if peer_exchange::needs_header_edits(&node.user_agent_name, &info) {
             peer_exchange::add_header_edits(&mut xds, &info);
         }
+        if peer_exchange::is_envoy(&node.user_agent_name) {
+            peer_exchange::strip_tcp_exchange(&mut xds);
+        }
         let vhosts = Arc::new(VhostIndex::build(xds.virtual_hosts.iter().map(|vh| (vh.name.as_str(), vh))));
         let mut types: TypeMap = BTreeMap::new();
         for (type_url, anys) in xds.into_resources() {
@@ -294,11 +297,14 @@ fn node_info(node: &Node) -> NodeInfo {
 /// in name or address get identical xDS: the translator reads the namespace, labels,
 /// ports and listener addresses. They share one translation (the expensive part of a
 /// push to many identical sidecars). A stock Envoy's translation carries its own peer
-/// metadata (`peer_exchange`), so it is its own shape.
+/// metadata and no TCP exchange ALPN (`peer_exchange`), so it is its own shape.
 fn shape(info: &NodeInfo, node: &Node, registry: &RegistrySnapshot) -> String {
     let inbound = registry.get(&node.id).and_then(|w| w.inbound).or(info.inbound);
     let own = if peer_exchange::needs_header_edits(&node.user_agent_name, info) {
         format!("|envoy:{}|{:?}", node.id, weft_xds::peer::PeerMetadata::from_node(info))
+    } else if peer_exchange::is_envoy(&node.user_agent_name) {
+        // Its ALPN lists lack the TCP exchange.
+        "|envoy".to_string()
     } else {
         String::new()
     };

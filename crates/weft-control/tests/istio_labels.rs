@@ -327,10 +327,11 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let db_svc = [DB, "db", "default"];
-    // No peer metadata travels over TCP: the peer is known by its certificate only.
+    // Istio's TCP metadata exchange (ALPN istio-peer-exchange) names the peer's workload
+    // on both sides; the principals are what the certificates proved.
     let key = [("reporter", "source"), ("destination_service", DB)];
     let got = series_with(&productpage, "istio_tcp_connections_opened_total", &key).await;
-    let mut want = expected(&client(CLIENT_ID), &unknown(SERVER_ID), db_svc, &[("request_protocol", "tcp")]);
+    let mut want = expected(&client(CLIENT_ID), &server(SERVER_ID), db_svc, &[("request_protocol", "tcp")]);
     want.extend([
         ("reporter".into(), "source".into()),
         ("response_flags".into(), "-".into()),
@@ -339,7 +340,7 @@ async fn both_reporters_write_istios_standard_labels_for_http_tcp_and_local_repl
     assert_labels("source reporter, tcp opened", &got, &want);
     let key = [("reporter", "destination"), ("destination_service", DB)];
     let got = series_with(&reviews, "istio_tcp_connections_closed_total", &key).await;
-    let mut want = expected(&unknown(CLIENT_ID), &server(SERVER_ID), db_svc, &[("request_protocol", "tcp")]);
+    let mut want = expected(&client(CLIENT_ID), &server(SERVER_ID), db_svc, &[("request_protocol", "tcp")]);
     want.extend([
         ("reporter".into(), "destination".into()),
         ("response_flags".into(), "-".into()),

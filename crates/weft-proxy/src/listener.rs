@@ -16,6 +16,7 @@ use crate::conn::{ConnInfo, Origin};
 use crate::context::Context;
 use crate::detect::{self, Detected};
 use crate::orig_dst::original_dst;
+use crate::telemetry::mx;
 use crate::{http, tcp};
 
 struct Bound {
@@ -167,7 +168,21 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
                     conn.learn_peer(tls.get_ref().1);
                     conn.peer_workload =
                         conn.peer_principal.as_ref().map(|p| Arc::new(crate::report::peer_from_principal(p)));
-                    dispatch(ctx, Arc::new(conn), &chain.kind, tls).await
+                    let exchange =
+                        matches!(chain.kind, ChainKind::Tcp(_)) && mx::negotiated(tls.get_ref().1.alpn_protocol());
+                    if !exchange {
+                        return dispatch(ctx, Arc::new(conn), &chain.kind, tls).await;
+                    }
+                    // Istio's TCP metadata exchange: the caller's workload for the metrics.
+                    match mx::exchange(tls, &ctx.local_peer.tcp_frame).await {
+                        Ok((stream, peer)) => {
+                            if peer.is_some() {
+                                conn.peer_workload = peer;
+                            }
+                            dispatch(ctx, Arc::new(conn), &chain.kind, stream).await
+                        }
+                        Err(e) => debug!(listener = %listener.name, %peer, error = %e, "peer metadata exchange failed"),
+                    }
                 }
                 Ok(Err(e)) => {
                     let reason = e

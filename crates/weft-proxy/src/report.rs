@@ -522,6 +522,13 @@ impl TcpReport {
         self.rbac = verdict.into_log_metadata();
     }
 
+    /// The upstream's workload, learned through the TCP metadata exchange (outbound).
+    pub fn upstream_peer(&mut self, peer: Arc<WorkloadInfo>) {
+        if self.direction != Direction::Inbound {
+            self.labels.destination = peer;
+        }
+    }
+
     /// The upstream connection is up: on the client side, takes the principal the
     /// upstream's certificate proved as `destination_principal`; then counts the
     /// connection as opened. As Istio's stats filter, the open is counted once the

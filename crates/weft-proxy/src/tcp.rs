@@ -13,6 +13,7 @@ use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
 use crate::io::{Activity, Tracked};
 use crate::report::TcpReport;
+use crate::telemetry::mx;
 
 /// Proxies one TCP connection through `chain`.
 pub async fn proxy<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, chain: Arc<TcpChain>, downstream: S)
@@ -36,7 +37,26 @@ where
     }
     let upstream = match connect(&ctx, &snap, &conn, &cluster_name).await {
         Ok((s, addr)) => {
-            report.connected(&ctx, addr, s.peer_principal());
+            let principal = s.peer_principal();
+            let s = if mx::negotiated(s.alpn()) {
+                // Istio's TCP metadata exchange: the upstream's workload for the metrics.
+                match mx::exchange(s, &ctx.local_peer.tcp_frame).await {
+                    Ok((s, peer)) => {
+                        if let Some(peer) = peer {
+                            report.upstream_peer(peer);
+                        }
+                        s
+                    }
+                    Err(e) => {
+                        debug!(cluster = %cluster_name, error = %e, "peer metadata exchange failed");
+                        report.close(&ctx, Some(ErrorKind::UpstreamReset));
+                        return;
+                    }
+                }
+            } else {
+                mx::Replay::plain(s)
+            };
+            report.connected(&ctx, addr, principal);
             s
         }
         Err(e) => {

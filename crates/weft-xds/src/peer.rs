@@ -160,6 +160,12 @@ impl PeerMetadata {
         }
         let bytes = DECODER.decode(value).ok()?;
         let s = Struct::decode(bytes.as_slice()).ok()?;
+        Self::from_struct(&s)
+    }
+
+    /// Reads the `Struct` itself (what [`PeerMetadata::decode`] finds inside the header,
+    /// and the TCP exchange inside its frame), with the same checks.
+    pub fn from_struct(s: &Struct) -> Option<PeerMetadata> {
         let text = |f: &Struct, key: &str| -> Option<Option<String>> {
             match f.fields.get(key).and_then(|v| v.kind.as_ref()) {
                 Some(Kind::StringValue(v)) if v.len() > MAX_FIELD_LEN || v.chars().any(char::is_control) => None,
@@ -167,7 +173,7 @@ impl PeerMetadata {
                 _ => Some(None),
             }
         };
-        let field = |key: &str| text(&s, key).map(Option::unwrap_or_default);
+        let field = |key: &str| text(s, key).map(Option::unwrap_or_default);
         let mut labels = BTreeMap::new();
         if let Some(Kind::StructValue(l)) = s.fields.get(node::LABELS).and_then(|v| v.kind.as_ref()) {
             for key in EXCHANGED_LABELS {
@@ -187,6 +193,60 @@ impl PeerMetadata {
             labels,
         })
     }
+}
+
+/// The ALPN protocol under which Istio's proxies exchange metadata on TCP connections
+/// (mutual TLS only): each side writes one [`tcp_frame`] first, then the stream is the
+/// application's.
+pub const TCP_EXCHANGE_ALPN: &str = "istio-peer-exchange";
+
+/// Magic number opening a TCP exchange frame (network byte order).
+pub const TCP_FRAME_MAGIC: u32 = 0x3D23_0467;
+
+/// `type_url` of the frame's `Any`.
+const STRUCT_TYPE_URL: &str = "type.googleapis.com/google.protobuf.Struct";
+
+/// One TCP exchange frame, as Istio's `metadata_exchange` network filter writes it: the
+/// magic and the payload length (both u32, big-endian), then a `google.protobuf.Any`
+/// holding a `Struct` with `x-envoy-peer-metadata` (the metadata [`PeerMetadata::to_struct`])
+/// and `x-envoy-peer-metadata-id` (the node id).
+pub fn tcp_frame(meta: &PeerMetadata) -> Vec<u8> {
+    let mut fields = std::collections::HashMap::new();
+    fields.insert(METADATA_HEADER.to_string(), Value { kind: Some(Kind::StructValue(meta.to_struct())) });
+    if !meta.id.is_empty() {
+        fields.insert(METADATA_ID_HEADER.to_string(), string_value(&meta.id));
+    }
+    let any = envoy_types::pb::google::protobuf::Any {
+        type_url: STRUCT_TYPE_URL.into(),
+        value: encode_struct_sorted(&Struct { fields }),
+    };
+    let payload = any.encode_to_vec();
+    let mut out = Vec::with_capacity(8 + payload.len());
+    out.extend_from_slice(&TCP_FRAME_MAGIC.to_be_bytes());
+    out.extend_from_slice(&u32::try_from(payload.len()).unwrap_or(u32::MAX).to_be_bytes());
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Reads a TCP exchange frame's payload (the bytes after its 8-byte head): the peer's
+/// metadata, with the id the frame carries. `None` when it is not an `Any` holding a
+/// `Struct`, or the metadata fails [`PeerMetadata::from_struct`]'s checks.
+pub fn decode_tcp_payload(payload: &[u8]) -> Option<PeerMetadata> {
+    let any = envoy_types::pb::google::protobuf::Any::decode(payload).ok()?;
+    if any.type_url != STRUCT_TYPE_URL {
+        return None;
+    }
+    let outer = Struct::decode(any.value.as_slice()).ok()?;
+    let Some(Kind::StructValue(inner)) = outer.fields.get(METADATA_HEADER).and_then(|v| v.kind.as_ref()) else {
+        return None;
+    };
+    let mut meta = PeerMetadata::from_struct(inner)?;
+    if let Some(Kind::StringValue(id)) = outer.fields.get(METADATA_ID_HEADER).and_then(|v| v.kind.as_ref()) {
+        if id.len() <= MAX_FIELD_LEN * 4 && !id.chars().any(char::is_control) {
+            meta.id = id.clone();
+        }
+    }
+    Some(meta)
 }
 
 /// Istio's `OWNER` for a Deployment.
@@ -238,6 +298,30 @@ fn encode_struct_sorted(s: &Struct) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tcp_frame_round_trips_in_istios_layout() {
+        let mut labels = BTreeMap::new();
+        labels.insert("app".to_string(), "tcp-echo".to_string());
+        let meta = PeerMetadata {
+            id: "sidecar~10.0.0.1~tcp-echo-1.default~default.svc.cluster.local".into(),
+            name: "tcp-echo-1".into(),
+            namespace: "default".into(),
+            workload_name: "tcp-echo".into(),
+            labels,
+            ..PeerMetadata::default()
+        };
+        let frame = tcp_frame(&meta);
+        assert_eq!(&frame[..4], &[0x3D, 0x23, 0x04, 0x67], "magic, big-endian");
+        let len = u32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]) as usize;
+        assert_eq!(len, frame.len() - 8, "the length counts the payload");
+        assert_eq!(decode_tcp_payload(&frame[8..]), Some(meta));
+        assert_eq!(decode_tcp_payload(b"garbage"), None);
+        // An Any of another type is not metadata.
+        let other = envoy_types::pb::google::protobuf::Any { type_url: "type.googleapis.com/x".into(), value: vec![] }
+            .encode_to_vec();
+        assert_eq!(decode_tcp_payload(&other), None);
+    }
 
     fn reviews() -> NodeInfo {
         NodeInfo {

@@ -193,7 +193,9 @@ fn add(
     let alpn: &[&str] = match port.protocol {
         _ if http2 => &["h2"],
         p if p.is_http() => &["http/1.1"],
-        _ => &[],
+        // Opaque TCP: Istio's TCP metadata exchange is offered first (stock Envoy nodes
+        // have it stripped again, `peer_exchange::strip_tcp_exchange`).
+        _ => super::mtls::TCP_ALPN,
     };
     let sni = format!("outbound_.{}_.{}_.{}", port.number, subset, svc.host);
     match policy.tls.as_ref().map(|t| t.mode) {

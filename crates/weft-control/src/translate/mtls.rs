@@ -55,6 +55,10 @@ fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig { name: name.into(), sds_config: Some(weft_xds::build::ads()) }
 }
 
+/// ALPN of mesh mTLS for opaque TCP, as Istio sets it: `istio-peer-exchange` (each side
+/// then writes one metadata frame first, `weft_xds::peer::tcp_frame`) and `istio`.
+pub const TCP_ALPN: &[&str] = &[weft_xds::peer::TCP_EXCHANGE_ALPN, "istio"];
+
 fn common(sans: &[String], alpn: &[&str]) -> CommonTlsContext {
     CommonTlsContext {
         tls_certificate_sds_secret_configs: vec![sds("default")],
@@ -112,7 +116,7 @@ pub fn inbound_mtls(alpn: &[&str]) -> TransportSocket {
 
 /// The filter chains of an inbound listener in `mode`, from its one plaintext chain.
 pub fn inbound_chains(plain: FilterChain, mode: MtlsMode, http: bool) -> Vec<FilterChain> {
-    let alpn: &[&str] = if http { &["h2", "http/1.1"] } else { &[] };
+    let alpn: &[&str] = if http { &["h2", "http/1.1"] } else { TCP_ALPN };
     let tls = FilterChain {
         name: "mtls".into(),
         filter_chain_match: Some(FilterChainMatch { transport_protocol: "tls".into(), ..Default::default() }),

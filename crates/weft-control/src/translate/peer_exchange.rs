@@ -68,6 +68,59 @@ pub fn add_header_edits(out: &mut ProxyXds, node: &NodeInfo) {
     }
 }
 
+/// Whether a node is a stock Envoy (sidecar or gateway).
+pub fn is_envoy(user_agent_name: &str) -> bool {
+    user_agent_name == ENVOY_USER_AGENT
+}
+
+/// Removes `istio-peer-exchange` from every ALPN list of a stock Envoy's translation:
+/// without Istio's `metadata_exchange` filter it would negotiate the protocol and then
+/// pass the peer's metadata frame to its application as data. Without it, TLS settles on
+/// `istio` and neither side writes a frame.
+pub fn strip_tcp_exchange(out: &mut ProxyXds) {
+    use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+    use envoy_types::pb::envoy::config::core::v3::TransportSocket;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{DownstreamTlsContext, UpstreamTlsContext};
+    const UPSTREAM: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext";
+    const DOWNSTREAM: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext";
+    let keep = |alpn: &mut Vec<String>| alpn.retain(|p| p != weft_xds::peer::TCP_EXCHANGE_ALPN);
+    let fix = |ts: &mut TransportSocket| {
+        let Some(ConfigType::TypedConfig(any)) = ts.config_type.as_mut() else { return };
+        if any.type_url == UPSTREAM {
+            if let Ok(mut tls) = UpstreamTlsContext::decode(any.value.as_slice()) {
+                if let Some(c) = tls.common_tls_context.as_mut() {
+                    keep(&mut c.alpn_protocols);
+                }
+                *any = pack_any(tls);
+            }
+        } else if any.type_url == DOWNSTREAM {
+            if let Ok(mut tls) = DownstreamTlsContext::decode(any.value.as_slice()) {
+                if let Some(c) = tls.common_tls_context.as_mut() {
+                    keep(&mut c.alpn_protocols);
+                }
+                *any = pack_any(tls);
+            }
+        }
+    };
+    for c in &mut out.clusters {
+        if let Some(ts) = c.transport_socket.as_mut() {
+            fix(ts);
+        }
+        for m in &mut c.transport_socket_matches {
+            if let Some(ts) = m.transport_socket.as_mut() {
+                fix(ts);
+            }
+        }
+    }
+    for l in &mut out.listeners {
+        for fc in &mut l.filter_chains {
+            if let Some(ts) = fc.transport_socket.as_mut() {
+                fix(ts);
+            }
+        }
+    }
+}
+
 /// The two headers with the node's own values (replacing what the application sent).
 fn own_headers(node: &NodeInfo) -> Vec<HeaderValueOption> {
     let one = |key: &str, value: String| HeaderValueOption {
@@ -89,6 +142,45 @@ mod tests {
     use super::*;
     use crate::registry::Registry;
     use crate::translate::{translate, MeshConfig, ProxyMode};
+
+    #[test]
+    fn a_stock_envoy_is_not_offered_the_tcp_exchange() {
+        use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+        use envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType;
+        use envoy_types::pb::envoy::config::listener::v3::{FilterChain, Listener};
+        use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+            DownstreamTlsContext, UpstreamTlsContext,
+        };
+        let tcp = crate::translate::mtls::TCP_ALPN;
+        let mut out = ProxyXds {
+            clusters: vec![Cluster {
+                transport_socket: Some(crate::translate::mtls::istio_mutual(&[], "sni", tcp)),
+                ..Default::default()
+            }],
+            listeners: vec![Listener {
+                filter_chains: vec![FilterChain {
+                    transport_socket: Some(crate::translate::mtls::inbound_mtls(tcp)),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        strip_tcp_exchange(&mut out);
+        let any = |ts: &Option<envoy_types::pb::envoy::config::core::v3::TransportSocket>| match ts
+            .as_ref()
+            .and_then(|t| t.config_type.clone())
+        {
+            Some(ConfigType::TypedConfig(a)) => a,
+            _ => panic!("typed config"),
+        };
+        let up = UpstreamTlsContext::decode(any(&out.clusters[0].transport_socket).value.as_slice()).unwrap();
+        assert_eq!(up.common_tls_context.unwrap().alpn_protocols, vec!["istio".to_string()]);
+        let down =
+            DownstreamTlsContext::decode(any(&out.listeners[0].filter_chains[0].transport_socket).value.as_slice())
+                .unwrap();
+        assert_eq!(down.common_tls_context.unwrap().alpn_protocols, vec!["istio".to_string()]);
+    }
 
     const SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: reviews, namespace: default}\n\
                            spec:\n  selector: {app: reviews}\n  ports: [{name: http, port: 9080}]\n";

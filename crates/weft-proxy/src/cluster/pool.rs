@@ -100,6 +100,14 @@ pub enum UpstreamStream {
 }
 
 impl UpstreamStream {
+    /// The ALPN protocol the TLS handshake settled on.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            UpstreamStream::Plain(_) => None,
+            UpstreamStream::Tls(s) => s.get_ref().1.alpn_protocol(),
+        }
+    }
+
     /// The SPIFFE id the upstream's certificate proved (TLS with a SPIFFE URI SAN).
     pub fn peer_principal(&self) -> Option<Arc<str>> {
         match self {

@@ -11,6 +11,7 @@ pub mod drain;
 mod exposition;
 pub mod health;
 pub mod metrics;
+pub mod mx;
 pub mod peer;
 pub mod rbac;
 pub mod services;

@@ -37,6 +37,8 @@ pub struct LocalPeer {
     pub id: HeaderValue,
     /// [`PEER_HEADER`] value.
     pub metadata: HeaderValue,
+    /// The TCP exchange's frame ([`super::mx`]).
+    pub tcp_frame: bytes::Bytes,
 }
 
 impl LocalPeer {
@@ -141,9 +143,11 @@ pub fn encode(info: &WorkloadInfo, node_id: &str, instance: &str) -> LocalPeer {
     };
     // Base64 is always a valid header value; a node id with bytes a header cannot carry
     // is sent empty (it is only a cache hint).
+    let tcp_frame = weft_xds::peer::tcp_frame(&PeerMetadata { id: truncate(node_id), ..meta.clone() }).into();
     LocalPeer {
         id: HeaderValue::from_str(node_id).unwrap_or_else(|_| HeaderValue::from_static("")),
         metadata: HeaderValue::from_str(&meta.encode()).unwrap_or_else(|_| HeaderValue::from_static("")),
+        tcp_frame,
     }
 }
 
@@ -153,11 +157,15 @@ pub fn encode(info: &WorkloadInfo, node_id: &str, instance: &str) -> LocalPeer {
 /// revision to `version`, then `"latest"`). The principal stays unknown: only the peer's
 /// certificate proves it.
 pub fn decode(value: &HeaderValue) -> Option<WorkloadInfo> {
-    let m = PeerMetadata::decode(value.as_bytes())?;
+    Some(workload_of(&PeerMetadata::decode(value.as_bytes())?))
+}
+
+/// The peer as metrics name it, from its exchanged metadata (header or TCP frame).
+pub fn workload_of(m: &PeerMetadata) -> WorkloadInfo {
     let or_unknown = |s: Option<&str>| s.filter(|s| !s.is_empty()).unwrap_or(UNKNOWN).to_string();
     let app = m.label("app").or_else(|| m.label("app.kubernetes.io/name"));
     let version = m.label("version").or_else(|| m.label("app.kubernetes.io/version"));
-    Some(WorkloadInfo {
+    WorkloadInfo {
         workload: or_unknown(Some(&m.workload_name)),
         namespace: or_unknown(Some(&m.namespace)),
         app: or_unknown(app),
@@ -167,7 +175,7 @@ pub fn decode(value: &HeaderValue) -> Option<WorkloadInfo> {
         canonical_service: or_unknown(m.label(CANONICAL_NAME_LABEL).or(app)),
         canonical_revision: m.label(CANONICAL_REVISION_LABEL).or(version).unwrap_or("latest").to_string(),
         ..WorkloadInfo::default()
-    })
+    }
 }
 
 fn truncate(s: &str) -> String {
