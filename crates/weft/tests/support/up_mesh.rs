@@ -30,15 +30,14 @@ pub struct UpMesh {
 }
 
 impl UpMesh {
-    /// Starts `weft up -f dir` with `extra` flags and waits (up to 180 s) for its summary;
-    /// the summary must list `workloads` workloads.
-    pub fn start(dir: &Path, extra: &[&str], workloads: usize) -> UpMesh {
+    /// Starts `weft up -f dir` (without `-f`: the bundled Bookinfo) with `extra` flags and
+    /// waits (up to 180 s) for its summary; the summary must list `workloads` workloads.
+    pub fn start(dir: Option<&Path>, extra: &[&str], workloads: usize) -> UpMesh {
         let state = tempfile::tempdir().unwrap();
         let port = weft_testkit::net::reserve_port();
         let mut child = Command::new(WEFT)
             .args(["up", "--api", "127.0.0.1:0", "--xds", "127.0.0.1:0", "--ingress-port", &port.to_string()])
-            .arg("-f")
-            .arg(dir)
+            .args(dir.map(|d| [std::ffi::OsStr::new("-f"), d.as_os_str()]).into_iter().flatten())
             .args(extra)
             .env("WEFT_STATE_DIR", state.path())
             .env("WEFT_LOG", "warn")
