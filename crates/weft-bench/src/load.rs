@@ -64,9 +64,7 @@ struct Tally {
 
 impl Tally {
     fn new() -> Tally {
-        // 1 ns to 60 s at 3 significant digits.
-        let hist = Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant, valid histogram bounds");
-        Tally { hist, ok: 0, errors: 0, first_error: None }
+        Tally { hist: latency_histogram(), ok: 0, errors: 0, first_error: None }
     }
 
     fn record(&mut self, outcome: Result<Duration, String>) {
@@ -125,9 +123,14 @@ impl Tally {
     }
 }
 
+/// A latency histogram in nanoseconds: 1 ns to 60 s at 3 significant digits.
+pub(crate) fn latency_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 60_000_000_000, 3).expect("constant, valid histogram bounds")
+}
+
 /// Runs `f` on a thread of its own with a single-threaded runtime (the load generator
 /// must not share worker threads with anything else in this process).
-async fn on_own_thread<T: Send + 'static>(
+pub(crate) async fn on_own_thread<T: Send + 'static>(
     f: impl FnOnce() -> futures::future::BoxFuture<'static, anyhow::Result<T>> + Send + 'static,
 ) -> anyhow::Result<T> {
     let (tx, rx) = tokio::sync::oneshot::channel();
@@ -142,7 +145,9 @@ async fn on_own_thread<T: Send + 'static>(
     rx.await.map_err(|_| anyhow::anyhow!("load generator thread panicked"))?
 }
 
-async fn h1_connect(addr: SocketAddr) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
+pub(crate) async fn h1_connect(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> {
     let stream = TcpStream::connect(addr).await?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;

@@ -3,8 +3,6 @@
 //! HAProxy and no proxy at all, in one run on one machine.
 #![forbid(unsafe_code)]
 
-mod echo;
-mod load;
 mod mesh;
 mod procs;
 mod report;
@@ -15,6 +13,7 @@ mod stack;
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use weft_bench::{echo, load};
 
 #[derive(Parser)]
 #[command(name = "weft-bench", about = "weft's benchmark harness (bench/run.sh)")]

@@ -26,6 +26,29 @@ pub struct LocalMesh {
     pub ingress: String,
     /// `explicit` or `transparent`.
     pub mode: String,
+    /// The directory of the processes' logs (`<workload>.log`, `<workload>.sidecar.log`).
+    #[serde(default)]
+    pub logs: Option<PathBuf>,
+    /// The workloads, for `weft exec` and `weft logs`.
+    #[serde(default)]
+    pub workloads: Vec<RecordedWorkload>,
+}
+
+/// A workload as `weft exec` needs it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecordedWorkload {
+    /// `LocalWorkload` name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Its address.
+    pub ip: String,
+    /// Transparent mode: its network namespace.
+    #[serde(default)]
+    pub netns: Option<String>,
+    /// The environment its app was given (`POD_NAME`, `HTTP_PROXY`, ...).
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// The state file's path, if a directory for it can be named.

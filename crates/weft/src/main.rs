@@ -1,10 +1,13 @@
 //! The `weft` command: one binary, one subcommand per role.
 
 mod analyze;
+mod apps;
 mod bookinfo;
 mod demo;
+mod exec;
 mod inject;
 mod iptables;
+mod load;
 mod local;
 mod ops;
 mod proxy_config;
@@ -234,23 +237,94 @@ enum Command {
         #[arg(long, requires = "gateway")]
         gateway_address: Option<std::net::IpAddr>,
     },
-    /// Without a service: run a small local mesh (an in-process xDS server, two echo
+    /// Without an app: run a small local mesh (an in-process xDS server, two echo
     /// backends and a proxy, with a weighted split, a header route and a fault; prints what
-    /// to curl). With one: run that application of Istio's Bookinfo sample (port 9080).
+    /// to curl). With one: run that application of Istio's samples: Bookinfo's
+    /// (productpage, details, reviews, ratings; port 9080), httpbin (8000), sleep,
+    /// tcp-echo (9000) or helloworld (5000).
     Demo {
-        /// Bookinfo application to run: productpage, details, reviews or ratings.
+        /// Application to run.
         #[arg(value_enum)]
-        service: Option<bookinfo::Service>,
-        /// Bookinfo: port to listen on, as Istio's images take it (same as --port).
+        service: Option<DemoApp>,
+        /// Port to listen on, as Istio's images take it (same as --port).
         #[arg(value_name = "PORT", requires = "service")]
         service_port: Option<u16>,
-        /// Port: the proxy's outbound listener (mesh demo, default 15001) or the Bookinfo
-        /// application's (default 9080).
+        /// Port: the proxy's outbound listener (mesh demo, default 15001) or the
+        /// application's (default: its sample's port).
         #[arg(long)]
         port: Option<u16>,
         #[command(flatten)]
         bookinfo: bookinfo::BookinfoArgs,
+        #[command(flatten)]
+        app: apps::AppArgs,
     },
+    /// Run a command in a workload of the running `weft up`, as `kubectl exec deploy/NAME
+    /// -- CMD` does: with its environment (explicit mode: `HTTP_PROXY` = its sidecar) and,
+    /// in transparent mode, in its network namespace. `weft` as CMD is this binary.
+    Exec {
+        /// The LocalWorkload's name (`deploy/NAME` accepted).
+        workload: String,
+        /// Its namespace, when the name is not unique.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Print the log of a workload of the running `weft up` (`kubectl logs`).
+    Logs {
+        /// The LocalWorkload's name (`deploy/NAME` accepted).
+        workload: String,
+        /// Its namespace, when the name is not unique.
+        #[arg(short = 'n', long)]
+        namespace: Option<String>,
+        /// The sidecar's log instead of the app's (`-c istio-proxy` works too).
+        #[arg(long)]
+        sidecar: bool,
+        /// Container: `istio-proxy` for the sidecar, anything else for the app.
+        #[arg(short = 'c', long)]
+        container: Option<String>,
+    },
+    /// Fortio's `load`: `-c` connections, `-n` calls, `-qps` (0: max), printing Fortio's
+    /// summary (codes, latency percentiles); through `HTTP_PROXY` when set (run it with
+    /// `weft exec fortio -- weft load ...` to go through a workload's sidecar).
+    Load(load::LoadArgs),
+}
+
+/// The applications `weft demo` runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum DemoApp {
+    /// Bookinfo's front end.
+    Productpage,
+    /// Bookinfo's details.
+    Details,
+    /// Bookinfo's reviews (v1, v2, v3).
+    Reviews,
+    /// Bookinfo's ratings.
+    Ratings,
+    /// httpbin.
+    Httpbin,
+    /// sleep (an idle client).
+    Sleep,
+    /// tcp-echo.
+    TcpEcho,
+    /// helloworld.
+    Helloworld,
+}
+
+impl DemoApp {
+    fn split(self) -> Result<bookinfo::Service, apps::App> {
+        match self {
+            DemoApp::Productpage => Ok(bookinfo::Service::Productpage),
+            DemoApp::Details => Ok(bookinfo::Service::Details),
+            DemoApp::Reviews => Ok(bookinfo::Service::Reviews),
+            DemoApp::Ratings => Ok(bookinfo::Service::Ratings),
+            DemoApp::Httpbin => Err(apps::App::Httpbin),
+            DemoApp::Sleep => Err(apps::App::Sleep),
+            DemoApp::TcpEcho => Err(apps::App::TcpEcho),
+            DemoApp::Helloworld => Err(apps::App::Helloworld),
+        }
+    }
 }
 
 /// Identity flags of `weft control`.
@@ -310,7 +384,7 @@ struct WebhookArgs {
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(load::fortio_flags(std::env::args_os()));
     // `weft up` is interactive: its in-process control plane only logs warnings.
     let default_level = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
     weft_proxy::run::init_tracing(cli.log_json, default_level);
@@ -339,12 +413,34 @@ fn main() -> std::process::ExitCode {
             }
             Command::Up(args) => up::run(args).await,
             Command::Demo { service: None, port, .. } => demo::run(port.unwrap_or(15001)).await,
-            Command::Demo { service: Some(service), service_port, port, bookinfo } => {
-                let port = service_port.or(port).unwrap_or(bookinfo::DEFAULT_PORT);
-                let config =
-                    bookinfo::BookinfoConfig::from_args(service, port, bookinfo, |name| std::env::var(name).ok())?;
-                bookinfo::run(config).await
+            Command::Demo { service: Some(service), service_port, port, bookinfo, app } => match service.split() {
+                Ok(service) => {
+                    let port = service_port.or(port).unwrap_or(bookinfo::DEFAULT_PORT);
+                    let config =
+                        bookinfo::BookinfoConfig::from_args(service, port, bookinfo, |name| std::env::var(name).ok())?;
+                    bookinfo::run(config).await
+                }
+                Err(which) => {
+                    let config = apps::AppConfig::new(
+                        which,
+                        bookinfo.address,
+                        service_port.or(port),
+                        bookinfo.service_version,
+                        bookinfo.pod_name,
+                        app,
+                        |name| std::env::var(name).ok(),
+                    );
+                    apps::run(config).await
+                }
+            },
+            Command::Exec { workload, namespace, command } => {
+                std::process::exit(exec::exec(&workload, namespace.as_deref(), &command)?)
             }
+            Command::Logs { workload, namespace, sidecar, container } => {
+                let sidecar = sidecar || container.as_deref() == Some("istio-proxy");
+                exec::logs(&workload, namespace.as_deref(), sidecar)
+            }
+            Command::Load(args) => load::run(args, |name| std::env::var(name).ok()).await,
             Command::Control {
                 dir,
                 xds,

@@ -10,23 +10,22 @@
 
 #[path = "tracing/collectors.rs"]
 mod collectors;
+#[path = "support/up_mesh.rs"]
+mod up_mesh;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use collectors::{Collector, Kind, Span};
+use up_mesh::UpMesh;
 
-const WEFT: &str = env!("CARGO_BIN_EXE_weft");
 /// The ingress gateway `weft up` runs (its proxy name).
 const GATEWAY: &str = "istio-ingressgateway-local";
 
-/// A running `weft up`.
+/// A running `weft up` (Bookinfo) with `--tracing`.
 struct Mesh {
-    child: Child,
-    state: tempfile::TempDir,
+    up: UpMesh,
     ingress: String,
     /// Workload name -> address (from the summary).
     workloads: BTreeMap<String, String>,
@@ -34,72 +33,18 @@ struct Mesh {
 
 impl Mesh {
     fn start(tracing: &str) -> Mesh {
-        let state = tempfile::tempdir().unwrap();
-        let port = weft_testkit::net::reserve_port();
-        let mut child = Command::new(WEFT)
-            .args(["up", "--api", "127.0.0.1:0", "--xds", "127.0.0.1:0", "--ingress-port", &port.to_string()])
-            .args(["--access-log", "off", "--tracing", tracing, "--trace-sampling", "100"])
-            .env("WEFT_STATE_DIR", state.path())
-            .env("WEFT_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                println!("weft up | {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(180);
-        let mut output = Vec::new();
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    let done = line.starts_with("Ctrl-C stops everything");
-                    output.push(line);
-                    if done {
-                        break;
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("weft up did not report ready within 180 s: {output:#?}");
-                }
-            }
-        }
-        std::thread::spawn(move || while rx.recv().is_ok() {});
+        let up = UpMesh::start(None, &["--access-log", "off", "--tracing", tracing, "--trace-sampling", "100"], 6);
         assert!(
-            output.iter().any(|l| l.trim_start().starts_with("tracing") && l.contains(tracing)),
-            "the summary names the collector: {output:#?}"
+            up.output.iter().any(|l| l.trim_start().starts_with("tracing") && l.contains(tracing)),
+            "the summary names the collector: {:#?}",
+            up.output
         );
-        let mut workloads = BTreeMap::new();
-        let mut in_workloads = false;
-        for l in &output {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            if in_workloads && words.len() >= 2 && l.starts_with("    ") {
-                workloads.insert(words[0].to_string(), words[1].to_string());
-            }
-            if l.trim_start().starts_with("workloads:") {
-                in_workloads = true;
-            }
-        }
-        assert_eq!(workloads.len(), 6, "{output:#?}");
-        Mesh { child, state, ingress: format!("127.0.0.1:{port}"), workloads }
+        let (ingress, workloads) = (up.ingress.clone(), up.workloads.clone());
+        Mesh { up, ingress, workloads }
     }
 
     fn weft(&self, args: &[&str]) -> (bool, String) {
-        let o = Command::new(WEFT)
-            .args(args)
-            .env("WEFT_STATE_DIR", self.state.path())
-            .env_remove("WEFT_SERVER")
-            .output()
-            .unwrap();
-        (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
+        self.up.weft(args)
     }
 
     /// Applies the mesh-wide Telemetry: `percent` sampling, the request's
@@ -165,20 +110,6 @@ spec:
             .output()
             .unwrap();
         String::from_utf8_lossy(&o.stdout).into_owned()
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-        }
     }
 }
 

@@ -152,7 +152,7 @@ impl ProxyConfig {
     }
 
     /// Whether `host` is reached through the proxy.
-    fn applies_to(&self, host: &str) -> bool {
+    pub fn applies_to(&self, host: &str) -> bool {
         !self.no_proxy.iter().any(|entry| {
             let entry = entry.split(':').next().unwrap_or(entry);
             entry == "*"

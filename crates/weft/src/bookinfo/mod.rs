@@ -52,11 +52,12 @@ pub enum Service {
 /// Flags (and the environment variables Istio's Bookinfo images read) of `weft demo <service>`.
 #[derive(clap::Args, Clone, Debug, Default)]
 pub struct BookinfoArgs {
-    /// Bookinfo: address to listen on.
+    /// Address to listen on.
     #[arg(long, default_value = "0.0.0.0", env = "WEFT_DEMO_ADDRESS")]
     pub address: Option<IpAddr>,
-    /// Bookinfo: service version. reviews: v1 (no stars), v2 (black stars), v3 (red stars);
-    /// ratings: v1, v2, v-faulty, v-delayed, v-unavailable, v-unhealthy.
+    /// Service version. reviews: v1 (no stars), v2 (black stars), v3 (red stars);
+    /// ratings: v1, v2, v-faulty, v-delayed, v-unavailable, v-unhealthy; httpbin,
+    /// tcp-echo, helloworld: the version they report (default v1).
     #[arg(long = "version", env = "SERVICE_VERSION")]
     pub service_version: Option<String>,
     /// Bookinfo: host of the details service (`host` or `host:port`; port 9080 when absent).
@@ -77,7 +78,8 @@ pub struct BookinfoArgs {
     /// Bookinfo reviews: call ratings (`true` for v2 and v3).
     #[arg(long, env = "ENABLE_RATINGS")]
     pub enable_ratings: Option<String>,
-    /// Bookinfo reviews: the pod name reported in `podname` (default `reviews-<version>-<random>`).
+    /// The pod name: Bookinfo reviews' `podname` (default `reviews-<version>-<random>`),
+    /// helloworld's instance (default `$HOSTNAME`).
     #[arg(long, env = "POD_NAME")]
     pub pod_name: Option<String>,
     /// Bookinfo reviews: the cluster name reported in `clustername`.

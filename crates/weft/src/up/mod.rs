@@ -264,13 +264,6 @@ impl Up {
         }
         self.control = Some(cp);
         let ingress = SocketAddr::new(self.args.ingress_address, self.args.ingress_port);
-        self.recorded = local::record(&LocalMesh {
-            pid: std::process::id(),
-            api: api.to_string(),
-            xds: xds.to_string(),
-            ingress: format!("http://{ingress}"),
-            mode: if self.mode == Mode::Explicit { "explicit" } else { "transparent" }.into(),
-        })?;
 
         // Explicit mode: every workload on a loopback /24 of its own choosing.
         let lo: [u8; 2] = [rand::random::<u8>().max(1), rand::random::<u8>()];
@@ -287,6 +280,24 @@ impl Up {
         if workloads.len() > 250 {
             bail!("{} LocalWorkloads: at most 250 run on one machine", workloads.len());
         }
+        self.recorded = local::record(&LocalMesh {
+            pid: std::process::id(),
+            api: api.to_string(),
+            xds: xds.to_string(),
+            ingress: format!("http://{ingress}"),
+            mode: if self.mode == Mode::Explicit { "explicit" } else { "transparent" }.into(),
+            logs: Some(self.logs.clone()),
+            workloads: workloads
+                .iter()
+                .map(|w| local::RecordedWorkload {
+                    name: w.name.clone(),
+                    namespace: w.namespace.clone(),
+                    ip: w.ip.to_string(),
+                    netns: self.network.as_ref().map(|n| n.namespace_name(&w.name)),
+                    env: w.env.clone(),
+                })
+                .collect(),
+        })?;
         let hosts = netns::hosts_file(&netns::service_addresses(&snapshot.resources), &domain);
         for name in &self.args.envoy_sidecars {
             if self.mode == Mode::Transparent {

@@ -97,13 +97,18 @@ impl Network {
         self.address(1)
     }
 
+    /// The network namespace `add` makes for `workload`.
+    pub fn namespace_name(&self, workload: &str) -> String {
+        format!("{}-{}", self.bridge, workload.chars().take(40).collect::<String>())
+    }
+
     /// Creates namespace number `index` (address `.index+2`) for `workload`, with `hosts`
     /// as its `/etc/hosts`.
     pub fn add(&mut self, index: usize, workload: &str, hosts: &str) -> anyhow::Result<Namespace> {
         let host = u8::try_from(index + 2).ok().filter(|h| *h < 255).context("more than 252 workloads")?;
         let ip = self.address(host);
         // /run/netns names are free-form; keep them short and recognisable.
-        let name = format!("{}-{}", self.bridge, workload.chars().take(40).collect::<String>());
+        let name = self.namespace_name(workload);
         let veth = format!("wv{}h{host}", self.subnet);
         run(&["ip", "netns", "add", &name])?;
         self.namespaces.push(name.clone());
