@@ -12,6 +12,7 @@ mod exposition;
 pub mod health;
 pub mod metrics;
 pub mod peer;
+pub mod ratelimit;
 pub mod rbac;
 pub mod services;
 pub mod trace;
