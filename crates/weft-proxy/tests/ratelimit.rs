@@ -24,6 +24,7 @@ use envoy_types::pb::envoy::r#type::v3::{fractional_percent::DenominatorType, Fr
 use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration, UInt32Value};
 use envoy_types::util::pack_any;
 use http_body_util::{BodyExt, Full};
+use prost::Message;
 use weft_proxy::proxy::ProxyHandle;
 use weft_testkit::echo::EchoServer;
 use weft_testkit::http::{get_h1, Reply};
@@ -317,6 +318,37 @@ async fn a_bucket_keeps_its_tokens_across_updates_that_keep_it_and_changes_reach
     );
     s.mesh.synced(&s.proxy, type_url::ROUTE).await;
     assert_eq!(conn.status("/").await, 429, "the route update did not refill the bucket");
+    // So does a listener update that recompiles the filter without changing its bucket
+    // (another, optional, filter added to the connection manager).
+    let mut l = listener(Some(limit(bucket(2, 2, Duration::from_secs(60)))));
+    let mut decoded = envoy_types::pb::envoy::config::listener::v3::Listener::decode(l.value.as_slice()).unwrap();
+    let f = &mut decoded.filter_chains[0].filters[0];
+    let Some(envoy_types::pb::envoy::config::listener::v3::filter::ConfigType::TypedConfig(any)) = &mut f.config_type
+    else {
+        panic!("no connection manager")
+    };
+    let mut hcm =
+        envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager::decode(
+            any.value.as_slice(),
+        )
+        .unwrap();
+    hcm.http_filters.insert(
+        0,
+        HttpFilter {
+            name: "unrelated".into(),
+            is_optional: true,
+            config_type: Some(http_filter::ConfigType::TypedConfig(envoy_types::pb::google::protobuf::Any {
+                type_url: "type.googleapis.com/example.Unrelated".into(),
+                value: Vec::new(),
+            })),
+            ..Default::default()
+        },
+    );
+    *any = pack_any(hcm);
+    l = pack_any(decoded);
+    s.mesh.set(type_url::LISTENER, vec![l]);
+    s.mesh.synced(&s.proxy, type_url::LISTENER).await;
+    assert_eq!(conn.status("/").await, 429, "the listener update did not refill the bucket");
     // A different bucket starts full.
     s.mesh.set(type_url::LISTENER, vec![listener(Some(limit(bucket(5, 5, Duration::from_secs(60)))))]);
     s.mesh.synced(&s.proxy, type_url::LISTENER).await;

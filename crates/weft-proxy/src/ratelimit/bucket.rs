@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -42,9 +42,11 @@ pub struct BucketKey {
     pub params: BucketParams,
 }
 
-/// One proxy's buckets by key. A compiled filter resolves its buckets here once, on its
-/// first request; entries whose buckets no configuration holds any more are swept when
-/// the map has doubled since the last sweep, so it is bounded by the configuration.
+/// One proxy's buckets by key. A compiled filter resolves its buckets here on its
+/// first request, which may come after the configuration it replaces is gone, so the
+/// registry holds the buckets itself. A bucket no configuration holds is dropped at the
+/// second sweep that finds it so; sweeps run when the map has doubled since the last
+/// one, so it stays bounded by the configuration.
 #[derive(Debug, Default)]
 pub struct BucketRegistry {
     inner: Mutex<Registry>,
@@ -52,7 +54,8 @@ pub struct BucketRegistry {
 
 #[derive(Debug, Default)]
 struct Registry {
-    map: HashMap<BucketKey, Weak<TokenBucket>>,
+    /// Bucket, and whether the last sweep found it unused.
+    map: HashMap<BucketKey, (Arc<TokenBucket>, bool)>,
     swept_at: usize,
 }
 
@@ -103,13 +106,19 @@ impl BucketRegistry {
     /// The live bucket for `key`, or a new full one.
     pub fn get(&self, key: &BucketKey) -> Arc<TokenBucket> {
         let mut r = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(b) = r.map.get(key).and_then(Weak::upgrade) {
-            return b;
+        if let Some((b, _)) = r.map.get(key) {
+            return b.clone();
         }
         let b = Arc::new(TokenBucket::new(key.params));
-        r.map.insert(key.clone(), Arc::downgrade(&b));
+        r.map.insert(key.clone(), (b.clone(), false));
         if r.map.len() >= 2 * r.swept_at.max(32) {
-            r.map.retain(|_, w| w.strong_count() > 0);
+            // Only the registry holds it: drop it if the last sweep found it so too.
+            r.map.retain(|_, (b, unused)| {
+                let now_unused = Arc::strong_count(b) == 1;
+                let keep = !(now_unused && *unused);
+                *unused = now_unused;
+                keep
+            });
             r.swept_at = r.map.len();
         }
         b

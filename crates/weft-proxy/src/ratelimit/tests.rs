@@ -29,3 +29,21 @@ fn descriptor_entries_match_in_order_and_empty_values_match_any() {
     assert!(descriptor_matches(&[e("path", "")], &[e("path", "/b")]));
     assert!(!descriptor_matches(&[e("path", "/a")], &[e("path", "/a"), e("x", "y")]));
 }
+
+#[test]
+fn the_registry_keeps_a_bucket_between_configurations_and_drops_unused_ones_after_two_sweeps() {
+    use super::bucket::{BucketKey, BucketRegistry};
+    let r = BucketRegistry::default();
+    let key =
+        |i: usize| BucketKey { scope: format!("s{i}").into(), descriptor: Vec::new(), params: params(1, 1, 1000) };
+    let b = r.get(&key(0));
+    assert!(b.try_take());
+    drop(b);
+    // The configuration holding it is gone; the next one finds the same (empty) bucket.
+    assert!(!r.get(&key(0)).try_take());
+    // Many other buckets, unused: sweeps bound the map.
+    for i in 1..1000 {
+        drop(r.get(&key(i)));
+    }
+    assert!(r.len() < 200, "unused buckets are swept: {}", r.len());
+}
