@@ -170,6 +170,20 @@ async fn istios_local_rate_limit_task_and_weft_rate_limit_limit_productpage_to_f
     assert_eq!(statuses, [200, 200, 200, 200, 429], "requestsPerUnit: 4, unit: minute");
     assert_eq!(refused.header("x-local-rate-limit"), Some("true"));
     assert_eq!(app.requests(), 12 + 1 + 4 * 3, "refused calls never reached the app");
+
+    // 4. Scoped to a path prefix: /productpage is limited, /health is not.
+    let scoped = format!("{RATE_LIMIT}  match:\n  - pathPrefix: /productpage\n");
+    std::fs::write(dir.path().join("ratelimit-weft.yaml"), scoped).unwrap();
+    wait_for("the scoped RateLimit reaches productpage's sidecar", || {
+        inbound_filters(&pp, port).1.iter().any(|f| f == "envoy.filters.http.local_ratelimit.default.productpage")
+    })
+    .await;
+    let (statuses, _) = five(out).await;
+    assert_eq!(statuses, [200, 200, 200, 200, 429], "the /productpage route's own bucket");
+    for _ in 0..6 {
+        let r = get_via_proxy(out, "http://productpage:9080/health").await.unwrap();
+        assert_eq!(r.status, 200, "paths outside the prefix are not limited");
+    }
 }
 
 #[tokio::test]
@@ -218,6 +232,39 @@ async fn a_stock_envoy_sidecar_fed_the_task_envoy_filter_limits_the_same_way() {
     assert_eq!(last.text(), "local_rate_limited");
     let stats = envoy.admin_get("/stats?filter=http_local_rate_limit").await.unwrap();
     assert!(stats.contains("http_local_rate_limiter.http_local_rate_limit.rate_limited: 1"), "{stats}");
+
+    // weft's RateLimit, scoped to a path prefix: Envoy limits /productpage, not /health.
+    std::fs::remove_file(dir.path().join("ratelimit.yaml")).unwrap();
+    let scoped = format!("{RATE_LIMIT}  match:\n  - pathPrefix: /productpage\n");
+    std::fs::write(dir.path().join("ratelimit-weft.yaml"), scoped).unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let dump = envoy.admin_get("/config_dump").await.unwrap();
+        if dump.contains("weft-ratelimit:/productpage") && !dump.contains("http_local_rate_limiter") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the RateLimit never reached Envoy: {}", envoy.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Envoy keeps serving open connections with the filter chain they were accepted on
+    // until they drain (weft's proxy applies the change at their next request): a new
+    // client, with new connections, sees the new configuration.
+    let out = reserve_addr();
+    let _client = proxy(xds, "reviews", None, out).await;
+    let deadline = Instant::now() + WAIT;
+    while get_via_proxy(out, "http://productpage:9080/health").await.unwrap().status != 200 {
+        assert!(Instant::now() < deadline, "productpage never reachable from the new client");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (statuses, refused) = five(out).await;
+    assert_eq!(statuses, [200, 200, 200, 200, 429], "{}", envoy.log_tail());
+    assert_eq!(refused.header("x-local-rate-limit"), Some("true"));
+    let stats = envoy.admin_get("/stats?filter=default_productpage").await.unwrap();
+    assert!(stats.contains("default_productpage.http_local_rate_limit.rate_limited: 1"), "{stats}");
+    for _ in 0..6 {
+        let r = get_via_proxy(out, "http://productpage:9080/health").await.unwrap();
+        assert_eq!(r.status, 200, "paths outside the prefix are not limited");
+    }
 }
 
 #[tokio::test]

@@ -35,6 +35,9 @@ use weft_api::{ObjectMeta, Spec};
 use super::model::MeshView;
 use super::ProxyXds;
 
+#[cfg(test)]
+mod tests;
+
 /// The filter's name in weft's `RateLimit` translation.
 pub const FILTER: &str = "envoy.filters.http.local_ratelimit";
 const ROUTER: &[&str] = &["envoy.filters.http.router", "envoy.router"];
