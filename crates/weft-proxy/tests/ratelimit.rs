@@ -390,3 +390,28 @@ async fn a_bad_rate_limit_config_is_nacked_with_its_field_and_the_previous_one_s
         "{nack}"
     );
 }
+
+#[tokio::test]
+async fn grpc_calls_over_the_limit_get_unavailable_or_resource_exhausted() {
+    for (exhausted, code) in [(false, "14"), (true, "8")] {
+        let mesh = Mesh::start().await;
+        let grpc = weft_testkit::echo::GrpcEchoServer::start("g").await;
+        clusters(&mesh, &[("app", vec![grpc.addr])], true);
+        let mut f = limit(bucket(1, 1, Duration::from_secs(60)));
+        f.rate_limited_as_resource_exhausted = exhausted;
+        mesh.set(type_url::LISTENER, vec![listener(Some(f))]);
+        mesh.set(type_url::ROUTE, vec![pack_any(everything(vec![route("r", prefix("/"), to("app"))]))]);
+        let proxy = mesh.proxy("ratelimit-grpc", false).await;
+        mesh.synced_all(&proxy).await;
+        let out = proxy.listener_addr("out", WAIT).await.unwrap();
+        let call =
+            || weft_testkit::echo::grpc_call(out, "echo.svc", "/echo.Echo/Unary", vec![Bytes::from_static(b"hi")]);
+        let ok = call().await.unwrap();
+        assert_eq!(ok.trailers.get("grpc-status").map(|v| v.as_bytes()), Some(&b"0"[..]));
+        let refused = call().await.unwrap();
+        assert_eq!(refused.status, 200, "gRPC refusals are trailers-only 200s");
+        assert_eq!(refused.headers.get("grpc-status").map(|v| v.to_str().unwrap()), Some(code));
+        assert_eq!(refused.headers.get("grpc-message").map(|v| v.to_str().unwrap()), Some("local_rate_limited"));
+        assert_eq!(refused.headers.get("x-local-rate-limit").map(|v| v.to_str().unwrap()), Some("true"));
+    }
+}
