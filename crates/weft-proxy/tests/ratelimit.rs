@@ -415,3 +415,15 @@ async fn grpc_calls_over_the_limit_get_unavailable_or_resource_exhausted() {
         assert_eq!(refused.headers.get("x-local-rate-limit").map(|v| v.to_str().unwrap()), Some("true"));
     }
 }
+
+#[tokio::test]
+async fn the_configured_status_answers_refusals_and_statuses_below_400_mean_429() {
+    for (code, want) in [(503, 503), (200, 429)] {
+        let mut f = limit(bucket(1, 1, Duration::from_secs(60)));
+        f.status = Some(envoy_types::pb::envoy::r#type::v3::HttpStatus { code });
+        let s = setup(Some(f), everything(vec![route("r", prefix("/"), to("app"))])).await;
+        assert_eq!(get(&s, "/").await.status, 200);
+        let r = get(&s, "/").await;
+        assert_eq!((r.status.as_u16(), r.text()), (want, "local_rate_limited".to_string()));
+    }
+}

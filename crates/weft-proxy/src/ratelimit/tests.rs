@@ -47,3 +47,49 @@ fn the_registry_keeps_a_bucket_between_configurations_and_drops_unused_ones_afte
     }
     assert!(r.len() < 200, "unused buckets are swept: {}", r.len());
 }
+
+/// A per-route config: default bucket of `default_tokens`, descriptor `user=alice` with
+/// 5 tokens, `always_consume_default_token_bucket` as given.
+fn config(default_tokens: u32, always_consume: Option<bool>) -> std::sync::Arc<super::LocalRateLimitConfig> {
+    use envoy_types::pb::envoy::extensions::common::ratelimit::v3::{rate_limit_descriptor, LocalRateLimitDescriptor};
+    use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+    use envoy_types::pb::envoy::r#type::v3::TokenBucket;
+    use envoy_types::pb::google::protobuf::{BoolValue, Duration as PbDuration};
+    let tb = |n| {
+        Some(TokenBucket {
+            max_tokens: n,
+            tokens_per_fill: None,
+            fill_interval: Some(PbDuration { seconds: 60, nanos: 0 }),
+        })
+    };
+    let l = LocalRateLimit {
+        stat_prefix: "t".into(),
+        token_bucket: tb(default_tokens),
+        descriptors: vec![LocalRateLimitDescriptor {
+            entries: vec![rate_limit_descriptor::Entry { key: "user".into(), value: "alice".into() }],
+            token_bucket: tb(5),
+            shadow_mode: false,
+        }],
+        always_consume_default_token_bucket: always_consume.map(|value| BoolValue { value }),
+        ..Default::default()
+    };
+    super::compile_per_route(&envoy_types::util::pack_any(l), "test").unwrap()
+}
+
+#[tokio::test]
+async fn always_consume_default_token_bucket_decides_whether_descriptor_matches_spend_the_default_bucket() {
+    let alice = vec![vec![("user".to_string(), "alice".to_string())]];
+    let bob = vec![vec![("user".to_string(), "bob".to_string())]];
+    // Envoy's default (true): alice spends her bucket and the default one (1 token).
+    let c = config(1, None);
+    let b = c.make_buckets(|k| std::sync::Arc::new(TokenBucket::new(k.params)));
+    assert!(c.allowed(&b, &alice).0);
+    assert!(!c.allowed(&b, &alice).0, "the default bucket is empty");
+    // false: a descriptor match leaves the default bucket alone.
+    let c = config(1, Some(false));
+    let b = c.make_buckets(|k| std::sync::Arc::new(TokenBucket::new(k.params)));
+    assert!((0..5).all(|_| c.allowed(&b, &alice).0), "alice has 5 tokens of her own");
+    assert!(!c.allowed(&b, &alice).0, "and then none");
+    assert!(c.allowed(&b, &bob).0, "bob matches no descriptor: the untouched default bucket");
+    assert!(!c.allowed(&b, &bob).0);
+}
