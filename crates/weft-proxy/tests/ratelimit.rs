@@ -185,6 +185,7 @@ async fn a_burst_over_the_token_bucket_is_refused_with_429_and_the_configured_he
     assert_eq!(counter(&page, "rate_limited"), limited.len() as u64);
     assert_eq!(counter(&page, "enforced"), limited.len() as u64);
     assert!(page.contains("response_flags=\"RL\""), "refusals are reported with flag RL");
+    weft_testkit::tools::promtool_check_metrics(&page).await.expect("promtool check metrics");
     // The bucket refills after the fill interval.
     let refilled = tokio::time::timeout(WAIT, async {
         loop {
