@@ -237,7 +237,8 @@ fn for_each_route_config(
 ) {
     if context_matches(context, gateway, false) {
         for rc in &mut out.routes {
-            let port = rc.name.parse::<u32>().ok();
+            // Sidecars name RDS route configurations by port, gateways `http.PORT`.
+            let port = rc.name.strip_prefix("http.").unwrap_or(&rc.name).parse::<u32>().ok();
             f(rc, port);
         }
     }
