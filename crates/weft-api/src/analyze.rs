@@ -17,6 +17,7 @@
 //! | WFT0002 | Error | Telemetry `accessLogging`: not applied (the proxy's bootstrap decides) |
 //! | WFT0003 | Error | Telemetry `metrics`: not applied (every standard metric is reported) |
 //! | WFT0004 | Warning | a Telemetry tracing field weft does not apply |
+//! | WFT0010 | Error | an EnvoyFilter patch weft does not apply (only the local rate limit filter's are) |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -127,6 +128,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     a.mtls_conflicts();
     a.unapplied_fields();
     a.unapplied_telemetry();
+    a.unapplied_envoy_filters();
     a.out.sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
     a.out
 }
@@ -497,6 +499,18 @@ impl<'a> Analyzer<'a> {
             }
             for u in unapplied {
                 self.report(r, "WFT0004", Level::Warning, format!("{u} (not applied by weft)"));
+            }
+        }
+    }
+
+    /// WFT0010: EnvoyFilter patches weft does not apply (it applies the local rate limit
+    /// filter's `HTTP_FILTER` insertion and `HTTP_ROUTE` / `VIRTUAL_HOST` merges only).
+    fn unapplied_envoy_filters(&mut self) {
+        for r in self.of_kind(Kind::EnvoyFilter) {
+            let Spec::EnvoyFilter(ef) = &r.spec else { continue };
+            for u in ef.unapplied() {
+                let text = format!("{} is not applied by weft: {}", u.path, u.reason);
+                self.report(r, "WFT0010", Level::Error, text);
             }
         }
     }

@@ -22,6 +22,7 @@ pub use spec::{
     AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication, RequestAuthentication,
     ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService, WorkloadEntry,
 };
+pub use spec::{EnvoyFilter, RateLimit};
 
 /// Where a resource came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -72,6 +73,10 @@ pub enum Kind {
     Telemetry,
     /// `weft.dev` LocalWorkload.
     LocalWorkload,
+    /// `networking.istio.io` EnvoyFilter (the local rate limit patches are applied).
+    EnvoyFilter,
+    /// `weft.dev` RateLimit.
+    RateLimit,
 }
 
 /// A typed spec, one variant per [`Kind`].
@@ -105,6 +110,10 @@ pub enum Spec {
     Telemetry(Telemetry),
     /// LocalWorkload.
     LocalWorkload(LocalWorkload),
+    /// EnvoyFilter.
+    EnvoyFilter(EnvoyFilter),
+    /// RateLimit.
+    RateLimit(RateLimit),
 }
 
 /// One parsed, validated resource.
@@ -178,7 +187,7 @@ pub struct Parsed {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 12] = [
+    pub const ALL: [Kind; 14] = [
         Kind::Service,
         Kind::VirtualService,
         Kind::DestinationRule,
@@ -191,6 +200,8 @@ impl Kind {
         Kind::RequestAuthentication,
         Kind::Telemetry,
         Kind::LocalWorkload,
+        Kind::EnvoyFilter,
+        Kind::RateLimit,
     ];
 
     /// The kind as written in `kind:`.
@@ -208,6 +219,8 @@ impl Kind {
             Kind::RequestAuthentication => "RequestAuthentication",
             Kind::Telemetry => "Telemetry",
             Kind::LocalWorkload => "LocalWorkload",
+            Kind::EnvoyFilter => "EnvoyFilter",
+            Kind::RateLimit => "RateLimit",
         }
     }
 
@@ -226,6 +239,8 @@ impl Kind {
             "ap" => Some(Kind::AuthorizationPolicy),
             "ra" => Some(Kind::RequestAuthentication),
             "lw" => Some(Kind::LocalWorkload),
+            "ef" => Some(Kind::EnvoyFilter),
+            "rl" => Some(Kind::RateLimit),
             _ => None,
         };
         if short.is_some() {
@@ -246,10 +261,11 @@ impl Kind {
             | Kind::ServiceEntry
             | Kind::WorkloadEntry
             | Kind::Sidecar
-            | Kind::Gateway => "networking.istio.io",
+            | Kind::Gateway
+            | Kind::EnvoyFilter => "networking.istio.io",
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
-            Kind::LocalWorkload => "weft.dev",
+            Kind::LocalWorkload | Kind::RateLimit => "weft.dev",
         }
     }
 
@@ -295,6 +311,8 @@ impl Spec {
             Spec::RequestAuthentication(_) => Kind::RequestAuthentication,
             Spec::Telemetry(_) => Kind::Telemetry,
             Spec::LocalWorkload(_) => Kind::LocalWorkload,
+            Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
+            Spec::RateLimit(_) => Kind::RateLimit,
         }
     }
 }

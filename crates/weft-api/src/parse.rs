@@ -291,6 +291,8 @@ fn parse_spec(ctx: &mut Ctx<'_>, kind: Kind, v: &Value) -> Option<Spec> {
         Kind::RequestAuthentication => Spec::RequestAuthentication(ctx.de(v, p)?),
         Kind::Telemetry => Spec::Telemetry(ctx.de(v, p)?),
         Kind::LocalWorkload => Spec::LocalWorkload(ctx.de(v, p)?),
+        Kind::EnvoyFilter => Spec::EnvoyFilter(ctx.de(v, p)?),
+        Kind::RateLimit => Spec::RateLimit(ctx.de(v, p)?),
     })
 }
 

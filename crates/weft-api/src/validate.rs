@@ -197,6 +197,8 @@ pub(crate) fn spec(spec: &Spec, ns: &str) -> Vec<Issue> {
         Spec::RequestAuthentication(ra) => request_authentication(&mut v, ra, ns),
         Spec::Telemetry(t) => telemetry(&mut v, t, ns),
         Spec::LocalWorkload(l) => local_workload(&mut v, l),
+        Spec::EnvoyFilter(ef) => envoy_filter(&mut v, ef),
+        Spec::RateLimit(rl) => rate_limit(&mut v, rl),
     }
     v.issues
 }
@@ -592,4 +594,81 @@ fn local_workload(v: &mut V, l: &LocalWorkload) {
     if let Some(sa) = &l.service_account {
         v.dns_label("spec.serviceAccount", "service account", sa);
     }
+}
+
+/// EnvoyFilter: the local rate limit configurations weft applies must be valid (the
+/// patches weft does not apply are accepted and reported by `analyze`, WFT0010).
+fn envoy_filter(v: &mut V, ef: &crate::spec::EnvoyFilter) {
+    for r in ef.rate_limit_patches() {
+        if let Err((path, message)) = r {
+            v.err(
+                path,
+                message,
+                "see Envoy's LocalRateLimit (envoy.extensions.filters.http.local_ratelimit.v3)".to_string(),
+            );
+        }
+    }
+}
+
+/// weft.dev RateLimit: a limit (requestsPerUnit + unit, or tokenBucket), valid ports,
+/// path prefixes starting with `/`, an error status.
+fn rate_limit(v: &mut V, rl: &crate::spec::RateLimit) {
+    match (&rl.requests_per_unit, &rl.unit, &rl.token_bucket) {
+        (Some(n), Some(_), None) => {
+            if *n == 0 {
+                v.err("spec.requestsPerUnit", "requestsPerUnit must be at least 1", None);
+            }
+        }
+        (None, None, Some(b)) => {
+            let check = crate::spec::ratelimit::check_bucket(
+                b.max_tokens,
+                b.tokens_per_fill,
+                b.fill_interval,
+                "spec.tokenBucket",
+            );
+            if let Err((path, message)) = check {
+                let path = path
+                    .replace("max_tokens", "maxTokens")
+                    .replace("tokens_per_fill", "tokensPerFill")
+                    .replace("fill_interval", "fillInterval");
+                v.err(path, message, None);
+            }
+        }
+        (Some(_), None, None) => {
+            v.err("spec.unit", "requestsPerUnit needs a unit", "expected `second`, `minute` or `hour`".to_string())
+        }
+        (None, Some(_), None) => v.err("spec.requestsPerUnit", "unit needs requestsPerUnit", None),
+        (None, None, None) => {
+            v.err("spec", "a limit is required", "set requestsPerUnit and unit, or tokenBucket".to_string())
+        }
+        _ => v.err("spec.tokenBucket", "give either requestsPerUnit/unit or tokenBucket, not both", None),
+    }
+    for (i, m) in rl.matches.iter().enumerate() {
+        if let Some(p) = m.port {
+            v.port(&format!("spec.match[{i}].port"), p);
+        }
+        if let Some(p) = &m.path_prefix {
+            if !p.starts_with('/') {
+                v.err(format!("spec.match[{i}].pathPrefix"), format!("{p:?} does not start with `/`"), None);
+            }
+        }
+    }
+    if let Some(s) = rl.status {
+        if !(400..=599).contains(&s) {
+            v.err(
+                "spec.status",
+                format!("{s} is not an error status"),
+                "expected 400..=599 (Envoy uses 429 below 400)".to_string(),
+            );
+        }
+    }
+    for k in rl.response_headers.iter().flat_map(|h| h.keys()) {
+        if k.is_empty() || k.starts_with(':') || http_name_invalid(k) {
+            v.err(format!("spec.responseHeaders.{k}"), format!("{k:?} is not a header name weft may add"), None);
+        }
+    }
+}
+
+fn http_name_invalid(k: &str) -> bool {
+    !k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_!#$%&'*+.^`|~".contains(&b))
 }

@@ -29,7 +29,12 @@ use arc_swap::ArcSwap;
 
 use crate::config::{ChainKind, ConnFacts, FilterChainConfig, ListenerConfig, ProxySnapshot};
 use crate::context::Context;
+use crate::ratelimit::bucket::{BucketKey, TokenBucket};
 use crate::rbac::{RbacFilter, RbacInput};
+
+/// Most per-connection rate limit buckets a connection keeps; past it (many
+/// configuration changes on one long-lived connection) they start over.
+const MAX_CONN_BUCKETS: usize = 256;
 
 /// Facts about one accepted connection, shared by the stages that serve it.
 #[derive(Debug)]
@@ -60,6 +65,8 @@ pub struct ConnInfo {
     pub origin: Origin,
     /// The chain as of the last snapshot this connection looked at.
     view: ArcSwap<ChainView>,
+    /// Local rate limit buckets of filters with `local_rate_limit_per_downstream_connection`.
+    rate_limits: std::sync::Mutex<std::collections::HashMap<BucketKey, Arc<TokenBucket>>>,
 }
 
 /// How a connection's filter chain was chosen: what re-matching it needs.
@@ -130,7 +137,23 @@ impl ConnInfo {
             tls: false,
             origin,
             view: ArcSwap::from_pointee(view),
+            rate_limits: Default::default(),
         }
+    }
+
+    /// This connection's bucket for `key` (per-connection local rate limits), created
+    /// full on first use. Locks this connection's own map only.
+    pub fn rate_limit_bucket(&self, key: &BucketKey) -> Arc<TokenBucket> {
+        let mut map = self.rate_limits.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = map.get(key) {
+            return b.clone();
+        }
+        if map.len() >= MAX_CONN_BUCKETS {
+            map.clear();
+        }
+        let b = Arc::new(TokenBucket::new(key.params));
+        map.insert(key.clone(), b.clone());
+        b
     }
 
     /// The connection's chain in `snap`: cached per snapshot generation, so a request

@@ -25,6 +25,7 @@ pub mod net;
 pub mod orig_dst;
 pub mod proto;
 pub mod proxy;
+pub mod ratelimit;
 pub mod rbac;
 pub mod report;
 pub mod route;

@@ -4,6 +4,7 @@ pub mod common;
 pub mod k8s;
 pub mod mesh;
 pub mod networking;
+pub mod ratelimit;
 pub mod security;
 pub mod telemetry;
 
@@ -11,4 +12,5 @@ pub use common::*;
 pub use k8s::*;
 pub use mesh::*;
 pub use networking::*;
+pub use ratelimit::{EnvoyFilter, RateLimit};
 pub use security::*;

@@ -18,6 +18,8 @@
 //! - [`authz`]: AuthorizationPolicies selecting the proxy as RBAC filters on its inbound
 //!   listeners.
 //! - [`jwt`]: RequestAuthentications selecting the proxy as the JWT filter before them.
+//! - [`ratelimit`]: the local rate limit filter and its per-route configurations, from
+//!   Istio's EnvoyFilter form and weft's `RateLimit`, over what the stages above built.
 //! - [`tracing`]: last, over what the others built: the effective Telemetry tracing
 //!   as `HttpConnectionManager.tracing`, route decorators and the collector's cluster.
 //! - [`gateway`]: for gateway proxies (node id `router~...`) instead of [`routes`] and
@@ -57,6 +59,7 @@ pub mod model;
 pub mod mtls;
 pub mod on_demand;
 pub mod peer_exchange;
+pub mod ratelimit;
 pub mod routes;
 pub mod tracing;
 
@@ -195,6 +198,7 @@ pub fn translate(mesh: &MeshConfig, registry: &RegistrySnapshot, node: &NodeInfo
         routes::build(&view, mode, &mut out);
         listeners::build(&view, mode, &mut out);
     }
+    ratelimit::apply(&view, &mut out);
     tracing::apply(&view, mode, &mut out);
     out.listeners.sort_by(|a, b| a.name.cmp(&b.name));
     out.routes.sort_by(|a, b| a.name.cmp(&b.name));

@@ -158,6 +158,9 @@ pub struct HttpChain {
     pub jwt: Vec<Arc<crate::jwt::JwtFilter>>,
     /// RBAC filters, in chain order; they run before CORS, faults and the router.
     pub rbac: Vec<Arc<RbacFilter>>,
+    /// Local rate limit filters, in chain order; they run after RBAC and route
+    /// selection, before CORS, faults and the router.
+    pub local_ratelimit: Vec<Arc<crate::ratelimit::RateLimitFilter>>,
     /// Network RBAC filters placed before the connection manager: checked once per
     /// connection, before any request is read.
     pub network_rbac: Vec<Arc<RbacFilter>>,
@@ -195,12 +198,15 @@ impl ListenerConfig {
         let address = socket_addr(l.address.as_ref()).map_err(|m| err("address", m))?;
         let mut chains = Vec::with_capacity(l.filter_chains.len());
         for (i, fc) in l.filter_chains.iter().enumerate() {
-            let chain = compile_chain(fc, secrets).map_err(|(f, m)| err(&format!("filter_chains[{i}].{f}"), m))?;
+            let scope = format!("listener/{name}/{}", if fc.name.is_empty() { i.to_string() } else { fc.name.clone() });
+            let chain =
+                compile_chain(fc, secrets, &scope).map_err(|(f, m)| err(&format!("filter_chains[{i}].{f}"), m))?;
             chains.push(Arc::new(chain));
         }
         let default_chain = match &l.default_filter_chain {
             Some(fc) => Some(Arc::new(
-                compile_chain(fc, secrets).map_err(|(f, m)| err(&format!("default_filter_chain.{f}"), m))?,
+                compile_chain(fc, secrets, &format!("listener/{name}/default"))
+                    .map_err(|(f, m)| err(&format!("default_filter_chain.{f}"), m))?,
             )),
             None => None,
         };
@@ -363,7 +369,7 @@ fn server_name_score(pattern: &str, sni: &str) -> Option<u32> {
     }
 }
 
-fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfig, (String, String)> {
+fn compile_chain(fc: &FilterChain, secrets: &Secrets, scope: &str) -> Result<FilterChainConfig, (String, String)> {
     let tls = match &fc.transport_socket {
         None => None,
         Some(ts) if ts.name == "envoy.transport_sockets.raw_buffer" => None,
@@ -394,7 +400,7 @@ fn compile_chain(fc: &FilterChain, secrets: &Secrets) -> Result<FilterChainConfi
             rbac.push(Arc::new(filter));
         } else if any.type_url == HttpConnectionManager::type_url() {
             let hcm = decode::<HttpConnectionManager>(any).map_err(|m| (field.clone(), m))?;
-            let mut chain = compile_hcm(&hcm).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?;
+            let mut chain = compile_hcm(&hcm, scope).map_err(|(f, m)| (format!("{field}.typed_config.{f}"), m))?;
             chain.network_rbac = std::mem::take(&mut rbac);
             kind = Some(ChainKind::Http(Arc::new(chain)));
             // Filters, routes and tracing apply per request: not fixed at accept.
@@ -471,7 +477,7 @@ const KNOWN_HTTP_FILTERS: &[&str] = &[
 ];
 const CORS_FILTER_TYPE: &str = "type.googleapis.com/envoy.extensions.filters.http.cors.v3.Cors";
 
-fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)> {
+fn compile_hcm(h: &HttpConnectionManager, scope: &str) -> Result<HttpChain, (String, String)> {
     let routes = match &h.route_specifier {
         Some(RouteSpecifier::Rds(rds)) => {
             if rds.route_config_name.is_empty() {
@@ -491,6 +497,7 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
     let mut cors = false;
     let mut rbac = Vec::new();
     let mut jwt = Vec::new();
+    let mut local_ratelimit = Vec::new();
     for (i, f) in h.http_filters.iter().enumerate() {
         if f.disabled {
             continue;
@@ -513,6 +520,10 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
             let filter = crate::jwt::JwtFilter::from_any(any, &f.name)
                 .map_err(|(f, m)| (join(&field, "typed_config", &f), m))?;
             jwt.push(Arc::new(filter));
+        } else if any.type_url == crate::ratelimit::LOCAL_RATELIMIT_TYPE || f.name == crate::ratelimit::FILTER_NAME {
+            let filter = crate::ratelimit::compile_filter(any, &f.name, scope)
+                .map_err(|(f, m)| (join(&field, "typed_config", &f), m))?;
+            local_ratelimit.push(Arc::new(filter));
         } else if !KNOWN_HTTP_FILTERS.contains(&any.type_url.as_str()) && !f.is_optional {
             return Err((
                 format!("{field}.typed_config"),
@@ -558,6 +569,7 @@ fn compile_hcm(h: &HttpConnectionManager) -> Result<HttpChain, (String, String)>
         ),
         jwt,
         rbac,
+        local_ratelimit,
         network_rbac: Vec::new(),
     })
 }

@@ -125,6 +125,8 @@ pub struct ProxyStore {
     on_demand: bool,
     /// The listeners' bound sockets.
     sockets: sockets::ListenSockets,
+    /// The local rate limit filters' token buckets, kept across configuration updates.
+    pub rate_limit_buckets: crate::ratelimit::bucket::BucketRegistry,
 }
 
 /// How often STRICT_DNS / LOGICAL_DNS clusters are re-resolved (Envoy's default
@@ -159,6 +161,7 @@ impl ProxyStore {
             interest: watch::channel(0).0,
             on_demand,
             sockets: sockets::ListenSockets::default(),
+            rate_limit_buckets: Default::default(),
         })
     }
 

@@ -243,6 +243,26 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
     if let Some(span) = rq.report.trace.as_mut() {
         span.set_operation(route.decorator.as_deref());
     }
+    // Local rate limiting: after authentication, authorization and route selection (its
+    // per-route configuration and descriptors need the route), before CORS and faults.
+    let mut x_ratelimit = None;
+    if !chain.local_ratelimit.is_empty() {
+        let input = crate::ratelimit::CheckInput {
+            parts: &parts,
+            peer: conn.peer.ip(),
+            route: &route.rate_limits,
+            per_route: &route.local_ratelimit,
+            random: (rand::random(), rand::random()),
+        };
+        let store = &ctx.store.rate_limit_buckets;
+        match crate::ratelimit::check(&chain.local_ratelimit, &input, conn, store, ctx.metrics.ratelimit()) {
+            Ok(passed) => {
+                passed.edit_request(&mut parts.headers);
+                x_ratelimit = passed.x;
+            }
+            Err(denial) => return Ok(rate_limited(&denial, &mut rq.report)),
+        }
+    }
     // The CORS filter runs before fault injection and the router (Istio's order).
     let cors = route.cors.as_deref().filter(|_| chain.cors);
     let mut allowed_origin = None;
@@ -259,6 +279,9 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
     let mut result = dispatch(rq, &route, parts, body).await;
     if let (Some(policy), Some(origin), Ok(resp)) = (cors, allowed_origin, result.as_mut()) {
         policy.decorate(resp.headers_mut(), origin);
+    }
+    if let (Some(x), Ok(resp)) = (x_ratelimit, result.as_mut()) {
+        x.apply(resp.headers_mut());
     }
     result
 }
@@ -390,6 +413,23 @@ fn jwt_denied(denial: &crate::jwt::Denial, report: &mut HttpReport) -> Response<
     if let Ok(v) = HeaderValue::from_str(&denial.www_authenticate) {
         r.headers_mut().insert(http::header::WWW_AUTHENTICATE, v);
     }
+    r
+}
+
+/// Envoy's local reply for a request the local rate limit filter refuses: `status`
+/// (429), body `local_rate_limited`, the filter's response headers; response flag `RL`.
+fn rate_limited(denial: &crate::ratelimit::Denial, report: &mut HttpReport) -> Response<BoxBody> {
+    report.flag("RL");
+    report.details = Some(crate::ratelimit::RATE_LIMITED_BODY.to_string());
+    let mut r = if report.is_grpc() {
+        grpc_trailers_only(denial.grpc_status, crate::ratelimit::RATE_LIMITED_BODY)
+    } else {
+        let mut r = Response::new(full(Bytes::from_static(crate::ratelimit::RATE_LIMITED_BODY.as_bytes())));
+        *r.status_mut() = denial.status;
+        r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    };
+    denial.decorate(r.headers_mut());
     r
 }
 

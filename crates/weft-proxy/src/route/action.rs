@@ -40,6 +40,11 @@ pub struct Route {
     pub(crate) request_edits: Vec<Arc<HeaderEdits>>,
     /// Response edits in application order.
     pub(crate) response_edits: Vec<Arc<HeaderEdits>>,
+    /// Local rate limit configurations by filter name, the most specific level's
+    /// (route, virtual host, route configuration); `None`: disabled there.
+    pub local_ratelimit: Vec<(String, Option<Arc<crate::ratelimit::LocalRateLimitConfig>>)>,
+    /// The `rate_limits` actions of the route and its virtual host.
+    pub rate_limits: crate::ratelimit::RouteRateLimits,
 }
 
 /// The action of a route.

@@ -55,9 +55,17 @@ struct Level {
     cors: Option<CorsLevel>,
     mirrors: Vec<Mirror>,
     retry: Option<RetryPolicy>,
+    /// Local rate limit configurations by filter name (`None`: disabled here).
+    ratelimit: Vec<RateLimitEntry>,
+    /// The virtual host's `rate_limits` (empty at the route configuration level).
+    rate_limits: Vec<crate::ratelimit::RateLimitRule>,
 }
 
+type RateLimitEntry = (String, Option<Arc<crate::ratelimit::LocalRateLimitConfig>>);
+
 struct Ctx<'a> {
+    /// `route/<config>/<vhost>`: the bucket scope prefix of the vhost's routes.
+    scope: &'a str,
     config: &'a Level,
     vhost: &'a Level,
     vhost_name: &'a str,
@@ -84,7 +92,8 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
     if !rc.route_specifiers.is_empty() {
         return Err(unsupported_top("route_specifiers"));
     }
-    let rc_filters = per_filter(&rc.typed_per_filter_config, "typed_per_filter_config")?;
+    let scope = format!("route/{}", rc.name);
+    let rc_filters = per_filter(&rc.typed_per_filter_config, "typed_per_filter_config", &scope)?;
     let config = Level {
         req: Arc::new(HeaderEdits::compile(
             &rc.request_headers_to_add,
@@ -102,6 +111,8 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
         cors: rc_filters.cors,
         mirrors: mirrors(&rc.request_mirror_policies, "request_mirror_policies")?,
         retry: None,
+        ratelimit: rc_filters.ratelimit,
+        rate_limits: Vec::new(),
     };
     let max_body = rc.max_direct_response_body_size_bytes.as_ref().map_or(DEFAULT_MAX_DIRECT_BODY, |v| v.value);
     let mut table = RouteTable {
@@ -132,8 +143,10 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
             }
             domains.push((d, vi));
         }
-        let vlevel = vhost_level(vh, &at)?;
+        let vscope = format!("{scope}/{}", vh.name);
+        let vlevel = vhost_level(vh, &at, &vscope)?;
         let ctx = Ctx {
+            scope: &vscope,
             config: &config,
             vhost: &vlevel,
             vhost_name: &vh.name,
@@ -153,10 +166,9 @@ pub(crate) fn compile_table(rc: &RouteConfiguration) -> Result<RouteTable, Err> 
     Ok(table)
 }
 
-fn vhost_level(vh: &VirtualHost, at: &str) -> Result<Level, Err> {
-    let checks: [(bool, &str); 9] = [
+fn vhost_level(vh: &VirtualHost, at: &str, scope: &str) -> Result<Level, Err> {
+    let checks: [(bool, &str); 8] = [
         (vh.matcher.is_some(), "matcher"),
-        (!vh.rate_limits.is_empty(), "rate_limits"),
         (vh.cors.is_some(), "cors"),
         (vh.include_request_attempt_count, "include_request_attempt_count"),
         (vh.include_attempt_count_in_response, "include_attempt_count_in_response"),
@@ -168,7 +180,7 @@ fn vhost_level(vh: &VirtualHost, at: &str) -> Result<Level, Err> {
     if let Some((_, f)) = checks.iter().find(|(bad, _)| *bad) {
         return Err(unsupported(at, f));
     }
-    let vh_filters = per_filter(&vh.typed_per_filter_config, &format!("{at}.typed_per_filter_config"))?;
+    let vh_filters = per_filter(&vh.typed_per_filter_config, &format!("{at}.typed_per_filter_config"), scope)?;
     Ok(Level {
         req: Arc::new(HeaderEdits::compile(
             &vh.request_headers_to_add,
@@ -186,6 +198,8 @@ fn vhost_level(vh: &VirtualHost, at: &str) -> Result<Level, Err> {
         cors: vh_filters.cors,
         mirrors: mirrors(&vh.request_mirror_policies, &format!("{at}.request_mirror_policies"))?,
         retry: vh.retry_policy.as_ref().map(|p| RetryPolicy::compile(p, &format!("{at}.retry_policy"))).transpose()?,
+        ratelimit: vh_filters.ratelimit,
+        rate_limits: crate::ratelimit::compile_rate_limits(&vh.rate_limits, &format!("{at}.rate_limits"))?,
     })
 }
 
@@ -224,6 +238,8 @@ fn tls_redirect(vh: &VirtualHost, at: &str) -> Result<Option<(Arc<Route>, bool)>
         append_x_forwarded_host: false,
         request_edits: Vec::new(),
         response_edits: Vec::new(),
+        local_ratelimit: Vec::new(),
+        rate_limits: Default::default(),
     };
     Ok(Some((Arc::new(route), external_only)))
 }
@@ -236,7 +252,15 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
         return Err((format!("{at}.match"), "match is required".into()));
     };
     let matcher = RouteMatcher::compile(m, &format!("{at}.match"))?;
-    let filters = per_filter(&r.typed_per_filter_config, &format!("{at}.typed_per_filter_config"))?;
+    let rscope = format!("{}/{}", ctx.scope, if r.name.is_empty() { at } else { &r.name });
+    let filters = per_filter(&r.typed_per_filter_config, &format!("{at}.typed_per_filter_config"), &rscope)?;
+    // The most specific level's configuration of each local rate limit filter.
+    let mut local_ratelimit = filters.ratelimit.clone();
+    for (name, c) in ctx.vhost.ratelimit.iter().chain(&ctx.config.ratelimit) {
+        if !local_ratelimit.iter().any(|(n, _)| n == name) {
+            local_ratelimit.push((name.clone(), c.clone()));
+        }
+    }
     let cors_levels: Vec<&CorsLevel> =
         [filters.cors.as_ref(), ctx.vhost.cors.as_ref(), ctx.config.cors.as_ref()].into_iter().flatten().collect();
     let cors = CorsPolicy::merge(&cors_levels).map(Arc::new);
@@ -274,6 +298,8 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
         append_x_forwarded_host: false,
         request_edits: order(route_req, &ctx.vhost.req, &ctx.config.req),
         response_edits: order(route_resp, &ctx.vhost.resp, &ctx.config.resp),
+        local_ratelimit,
+        rate_limits: crate::ratelimit::RouteRateLimits { route: Vec::new(), vhost: ctx.vhost.rate_limits.clone() },
     };
     route.action = match &r.action {
         None => return Err((format!("{at}.action"), "one of route, redirect or direct_response is required".into())),
@@ -287,13 +313,12 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
 }
 
 fn compile_forward(ra: &RouteActionProto, at: &str, ctx: &Ctx<'_>, route: &mut Route) -> Result<RouteAction, Err> {
-    let checks: [(bool, &str); 14] = [
+    let checks: [(bool, &str); 13] = [
         (ra.metadata_match.is_some(), "metadata_match"),
         (ra.path_rewrite_policy.is_some(), "path_rewrite_policy"),
         (!ra.path_rewrite.is_empty(), "path_rewrite"),
         (ra.flush_timeout.is_some(), "flush_timeout"),
         (ra.retry_policy_typed_config.is_some(), "retry_policy_typed_config"),
-        (!ra.rate_limits.is_empty(), "rate_limits"),
         (ra.cors.is_some(), "cors"),
         (ra.max_grpc_timeout.is_some(), "max_grpc_timeout"),
         (ra.grpc_timeout_offset.is_some(), "grpc_timeout_offset"),
@@ -309,6 +334,7 @@ fn compile_forward(ra: &RouteActionProto, at: &str, ctx: &Ctx<'_>, route: &mut R
     if let Some((_, f)) = checks.iter().find(|(bad, _)| *bad) {
         return Err(unsupported(at, f));
     }
+    route.rate_limits.route = crate::ratelimit::compile_rate_limits(&ra.rate_limits, &format!("{at}.rate_limits"))?;
     route.path_rewrite = match (ra.prefix_rewrite.is_empty(), &ra.regex_rewrite) {
         (false, Some(_)) => {
             return Err((
@@ -596,14 +622,15 @@ struct PerFilter {
     /// `None`: not configured here; `Some(None)`: disabled here.
     fault: Option<Option<FaultPolicy>>,
     cors: Option<CorsLevel>,
+    ratelimit: Vec<RateLimitEntry>,
 }
 
 /// The fault and CORS policies in a `typed_per_filter_config` map. Other filters'
 /// configs are rejected unless marked optional or disabled (weft has no such filter).
-fn per_filter(map: &HashMap<String, Any>, at: &str) -> Result<PerFilter, Err> {
+fn per_filter(map: &HashMap<String, Any>, at: &str, scope: &str) -> Result<PerFilter, Err> {
     let mut keys: Vec<&String> = map.keys().collect();
     keys.sort();
-    let mut out = PerFilter { fault: None, cors: None };
+    let mut out = PerFilter { fault: None, cors: None, ratelimit: Vec::new() };
     for k in keys {
         let Some(any) = map.get(k) else { continue };
         let fat = format!("{at}[{k}]");
@@ -614,6 +641,22 @@ fn per_filter(map: &HashMap<String, Any>, at: &str) -> Result<PerFilter, Err> {
         } else {
             (Some(any.clone()), false, false)
         };
+        // Local rate limit configurations are found by type (their key is the name of the
+        // filter in the connection manager, which may be any).
+        let is_ratelimit = k == crate::ratelimit::FILTER_NAME
+            || inner.as_ref().is_some_and(|i| i.type_url == crate::ratelimit::LOCAL_RATELIMIT_TYPE);
+        if is_ratelimit {
+            let config = match (disabled, &inner) {
+                (true, _) => None,
+                (false, None) => return Err((format!("{fat}.config"), "config is required".into())),
+                (false, Some(i)) => Some(
+                    crate::ratelimit::compile_per_route(i, &format!("{scope}/{k}"))
+                        .map_err(|(f, m)| (if f.is_empty() { fat.clone() } else { format!("{fat}.{f}") }, m))?,
+                ),
+            };
+            out.ratelimit.push((k.clone(), config));
+            continue;
+        }
         let known = k == FAULT_FILTER || k == CORS_FILTER;
         if known && disabled {
             if k == FAULT_FILTER {

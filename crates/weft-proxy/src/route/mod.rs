@@ -28,6 +28,7 @@ pub use action::{
 pub use cors::{CorsDecision, CorsPolicy};
 pub use fault::{Abort, FaultDecision, FaultPolicy};
 pub use headers::AppendAction;
+pub(crate) use headers::HeaderEdits;
 pub use matcher::is_grpc;
 pub use retry::{RetryOn, RetryPolicy};
 

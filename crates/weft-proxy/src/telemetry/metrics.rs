@@ -146,6 +146,7 @@ pub struct Metrics {
     unknown: Arc<WorkloadInfo>,
     proxy: ProxyHealth,
     rbac: super::rbac::RbacMetrics,
+    ratelimit: super::ratelimit::RateLimitMetrics,
     drain: super::drain::DrainMetrics,
     tracing: Arc<super::trace::TraceMetrics>,
 }
@@ -289,6 +290,7 @@ impl Metrics {
         );
         let proxy = ProxyHealth::register(&mut registry);
         let rbac = super::rbac::RbacMetrics::register(&mut registry);
+        let ratelimit = super::ratelimit::RateLimitMetrics::register(&mut registry);
         let drain = super::drain::DrainMetrics::register(&mut registry);
         let tracing = Arc::new(super::trace::TraceMetrics::register(&mut registry));
         Self {
@@ -309,6 +311,7 @@ impl Metrics {
             unknown: Arc::new(WorkloadInfo::default()),
             proxy,
             rbac,
+            ratelimit,
         }
     }
 
@@ -379,6 +382,11 @@ impl Metrics {
     /// The RBAC filters' counters.
     pub fn rbac(&self) -> &super::rbac::RbacMetrics {
         &self.rbac
+    }
+
+    /// The local rate limit filters' counters.
+    pub fn ratelimit(&self) -> &super::ratelimit::RateLimitMetrics {
+        &self.ratelimit
     }
 
     /// The tracer's counters (spans exported and dropped).

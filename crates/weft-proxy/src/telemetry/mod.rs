@@ -13,6 +13,7 @@ pub mod health;
 pub mod metrics;
 pub mod mx;
 pub mod peer;
+pub mod ratelimit;
 pub mod rbac;
 pub mod services;
 pub mod trace;
