@@ -257,3 +257,44 @@ async fn a_retry_budget_bounds_the_retries_to_a_failing_backend() {
     assert!(sample(&m, "weft_upstream_rq_retry_overflow", "cluster=\"cb\"") >= 8.0, "{m}");
     assert!(sample(&m, "istio_requests_total{", "response_flags=\"UO\"") >= 8.0, "{m}");
 }
+
+#[tokio::test]
+async fn a_tcp_proxy_cluster_at_max_connections_closes_new_connections_with_uo() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Mesh::start().await;
+    let echo = weft_testkit::echo::TcpEchoServer::start().await;
+    let mut c = build::eds_cluster("db", false);
+    c.circuit_breakers = thresholds(Thresholds { max_connections: u32v(1), ..Default::default() });
+    mesh.set(type_url::CLUSTER, vec![pack_any(c)]);
+    mesh.set(type_url::ENDPOINT, vec![pack_any(build::cla("db", &[(echo.addr, 1, HealthStatus::Healthy)]))]);
+    mesh.set(type_url::LISTENER, vec![pack_any(build::tcp_listener("tcp", "127.0.0.1:0".parse().unwrap(), "db"))]);
+    let proxy = mesh.proxy("tcp", false).await;
+    mesh.synced_all(&proxy).await;
+    let addr = proxy.listener_addr("tcp", WAIT).await.unwrap();
+
+    let mut first = tokio::net::TcpStream::connect(addr).await.unwrap();
+    first.write_all(b"ping").await.unwrap();
+    let mut buf = [0u8; 4];
+    first.read_exact(&mut buf).await.unwrap();
+    assert_eq!(&buf, b"ping", "the first connection is proxied");
+    // The second is over max_connections: closed without reaching the backend.
+    let mut second = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(WAIT, second.read_to_end(&mut rest)).await.unwrap().unwrap_or(0);
+    assert_eq!(n, 0, "closed at once");
+    assert_eq!(echo.connections(), 1);
+    let m = proxy.context().metrics.encode();
+    assert_eq!(sample(&m, "weft_upstream_cx_overflow", "cluster=\"db\""), 1.0, "{m}");
+    // Closing the first frees the slot.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"pong").await.unwrap();
+        if tokio::time::timeout(WAIT, s.read_exact(&mut buf)).await.unwrap().is_ok() {
+            assert_eq!(&buf, b"pong");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the slot was never freed");
+    }
+}

@@ -452,7 +452,8 @@ impl Pools {
     ) -> Result<Response<Incoming>, ProxyError> {
         let mut fresh_only = false;
         loop {
-            let conn = match pool.checkout_h1(&self.inner.cfg, &up.conn).await.filter(|_| !fresh_only) {
+            let ready = if fresh_only { None } else { pool.checkout_h1(&self.inner.cfg, &up.conn).await };
+            let conn = match ready {
                 Some(c) => c,
                 None => self.wait_h1(pool, addr, up, fresh_only).await?,
             };

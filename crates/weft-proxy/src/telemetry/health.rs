@@ -28,6 +28,7 @@ pub struct ProxyHealth {
     upstream_rq_retry: Family<ClusterLabel, Counter>,
     upstream_rq_retry_overflow: Family<ClusterLabel, Counter>,
     upstream_rq_pending_overflow: Family<ClusterLabel, Counter>,
+    upstream_cx_overflow: Family<ClusterLabel, Counter>,
     upstream_cx_active: Family<ClusterLabel, Gauge>,
     cert_expiry: Gauge<f64, AtomicU64>,
     access_log_dropped: Counter,
@@ -119,6 +120,7 @@ impl ProxyHealth {
             upstream_rq_retry: Family::default(),
             upstream_rq_retry_overflow: Family::default(),
             upstream_rq_pending_overflow: Family::default(),
+            upstream_cx_overflow: Family::default(),
             upstream_cx_active: Family::default(),
             cert_expiry: Gauge::default(),
             access_log_dropped: Counter::default(),
@@ -162,6 +164,11 @@ impl ProxyHealth {
             "weft_upstream_rq_pending_overflow",
             "Requests refused with 503 UO by the cluster's circuit breaker: max_requests, or max_pending_requests while waiting for a connection (Envoy's upstream_rq_pending_overflow)",
             health.upstream_rq_pending_overflow.clone(),
+        );
+        registry.register(
+            "weft_upstream_cx_overflow",
+            "TCP connections closed because the cluster's max_connections was reached (Envoy's upstream_cx_overflow)",
+            health.upstream_cx_overflow.clone(),
         );
         registry.register("weft_upstream_cx_active", "Open upstream connections", health.upstream_cx_active.clone());
         registry.register(
@@ -245,6 +252,11 @@ impl ProxyHealth {
     /// Counts a request to `cluster` refused by its circuit breaker.
     pub fn upstream_rq_pending_overflow(&self, cluster: &str) {
         self.upstream_rq_pending_overflow.get_or_create(&cluster_label(cluster)).inc();
+    }
+
+    /// Counts a TCP connection to `cluster` refused by its circuit breaker.
+    pub fn upstream_cx_overflow(&self, cluster: &str) {
+        self.upstream_cx_overflow.get_or_create(&cluster_label(cluster)).inc();
     }
 
     /// Counts a newly opened upstream connection to `cluster`.
