@@ -189,6 +189,8 @@ struct Inner {
     /// The smallest idle timeout any pool was given, in ms: the reaper looks at least
     /// four times as often.
     min_idle_ms: AtomicU64,
+    /// Wakes the reaper when `min_idle_ms` went down (its next look may be due sooner).
+    reaper: Arc<tokio::sync::Notify>,
 }
 
 /// Endpoint, transport, and the cluster's load when it has a circuit breaker (its
@@ -317,9 +319,10 @@ impl Pools {
             connector,
             endpoints: ArcSwap::from_pointee(HashMap::new()),
             min_idle_ms: AtomicU64::new(u64::MAX),
+            reaper: Arc::new(tokio::sync::Notify::new()),
         });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(reap_idle(Arc::downgrade(&inner)));
+            rt.spawn(reap_idle(Arc::downgrade(&inner), Arc::clone(&inner.reaper)));
         }
         Pools { inner }
     }
@@ -376,7 +379,9 @@ impl Pools {
         if let Some(idle) = up.conn.idle_timeout {
             let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1);
             pool.idle_ms.store(ms, Ordering::Relaxed);
-            self.inner.min_idle_ms.fetch_min(ms, Ordering::Relaxed);
+            if self.inner.min_idle_ms.fetch_min(ms, Ordering::Relaxed) > ms {
+                self.inner.reaper.notify_one();
+            }
         }
         let resp = if h2 {
             let req = absolute_form(req, ep.addr)?;
@@ -778,7 +783,7 @@ fn prune_h1(
 
 /// Closes idle connections every `reap_interval` (or a quarter of the smallest idle
 /// timeout a cluster asked for, at least 10 ms) until the pools are dropped.
-async fn reap_idle(inner: Weak<Inner>) {
+async fn reap_idle(inner: Weak<Inner>, reconfigured: Arc<tokio::sync::Notify>) {
     loop {
         let period = match inner.upgrade() {
             Some(i) => {
@@ -787,7 +792,11 @@ async fn reap_idle(inner: Weak<Inner>) {
             }
             None => return,
         };
-        tokio::time::sleep(period).await;
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            // A shorter idle timeout arrived: recompute the period first.
+            _ = reconfigured.notified() => continue,
+        }
         let Some(inner) = inner.upgrade() else { return };
         let map = inner.endpoints.load_full();
         let mut empty = Vec::new();
