@@ -99,6 +99,31 @@ async fn http1_requests_beyond_max_connections_wait_as_pending_and_overflow_with
 }
 
 #[tokio::test]
+async fn a_cluster_update_keeps_the_circuit_breaker_state_of_what_is_in_flight() {
+    let mesh = Mesh::start().await;
+    let echo = EchoServer::start("slow").await;
+    let cluster = |connect_ms: i32| {
+        let mut c = build::eds_cluster("cb", false);
+        c.connect_timeout = Some(PbDuration { seconds: 0, nanos: connect_ms * 1_000_000 });
+        c.circuit_breakers =
+            thresholds(Thresholds { max_connections: u32v(1), max_pending_requests: u32v(1), ..Default::default() });
+        c
+    };
+    let (proxy, out) = start(&mesh, cluster(900), echo.addr, None).await;
+    let first = tokio::spawn(async move { get_h1(out, "svc", "/delay/800").await.unwrap() });
+    echo.wait_for_requests(1).await;
+    // A new version of the cluster arrives while its only connection is busy: that
+    // connection still counts, so of two more requests one waits and one overflows.
+    mesh.set(type_url::CLUSTER, vec![pack_any(cluster(800))]);
+    mesh.synced(&proxy, type_url::CLUSTER).await;
+    let (a, b) = tokio::join!(get_h1(out, "svc", "/"), get_h1(out, "svc", "/"));
+    let mut statuses = [first.await.unwrap().status.as_u16(), a.unwrap().status.as_u16(), b.unwrap().status.as_u16()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 200, 503]);
+    assert_eq!(echo.connections(), 1, "no second connection after the update");
+}
+
+#[tokio::test]
 async fn max_requests_per_connection_of_one_opens_a_connection_per_request() {
     let mesh = Mesh::start().await;
     let echo = EchoServer::start("fresh").await;
