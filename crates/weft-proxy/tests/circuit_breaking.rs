@@ -323,3 +323,18 @@ async fn a_tcp_proxy_cluster_at_max_connections_closes_new_connections_with_uo()
         assert!(tokio::time::Instant::now() < deadline, "the slot was never freed");
     }
 }
+
+#[tokio::test]
+async fn requests_arriving_together_open_no_more_than_max_connections() {
+    let mesh = Mesh::start().await;
+    let echo = EchoServer::start("burst").await;
+    let mut c = build::eds_cluster("cb", false);
+    c.circuit_breakers =
+        thresholds(Thresholds { max_connections: u32v(1), max_pending_requests: u32v(10), ..Default::default() });
+    let (_proxy, out) = start(&mesh, c, echo.addr, None).await;
+    // Five at once, while no connection exists yet: one is opened, the others wait for it.
+    let calls = (0..5).map(|_| async move { get_h1(out, "svc", "/delay/50").await.unwrap().status.as_u16() });
+    let statuses = futures::future::join_all(calls).await;
+    assert_eq!(statuses, vec![200; 5]);
+    assert_eq!(echo.connections(), 1);
+}

@@ -205,6 +205,9 @@ struct EndpointPool {
     h1: Mutex<VecDeque<H1Conn>>,
     h2: Mutex<Option<H2Conn>>,
     http1_open: Arc<AtomicUsize>,
+    /// HTTP/1 connections being opened (they count as the endpoint's connections when
+    /// deciding whether its first one may exceed `max_connections`).
+    http1_connecting: AtomicUsize,
     http1_pooled: AtomicUsize,
     http2_open: Arc<AtomicUsize>,
 }
@@ -506,7 +509,8 @@ impl Pools {
                     return Ok(c);
                 }
             }
-            let first = pool.http1_open.load(Ordering::Acquire) == 0;
+            let first =
+                pool.http1_open.load(Ordering::Acquire) == 0 && pool.http1_connecting.load(Ordering::Acquire) == 0;
             if let Some(slot) = load.try_connection(limits.max_connections, first) {
                 return self.connect_h1(pool, addr, up, Some(slot)).await;
             }
@@ -529,10 +533,12 @@ impl Pools {
         up: &Upstream<'_>,
         slot: Option<Slot>,
     ) -> Result<Checked, ProxyError> {
+        let connecting = Counted::new(&pool.http1_connecting);
         let io = up.connector.connect_with(addr, up.connect_timeout, up.conn.keepalive).await?;
         let (tx, conn) = http1::handshake(TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
         let open = Arc::clone(&pool.http1_open);
         open.fetch_add(1, Ordering::AcqRel);
+        drop(connecting);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream http1 connection ended");
@@ -683,6 +689,22 @@ impl EndpointPool {
             }
         }
         self.http1_open.load(Ordering::Relaxed) == 0 && self.http2_open.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// Counts one in `counter` while it lives (also when the future holding it is dropped).
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
