@@ -17,6 +17,7 @@
 //! | WFT0002 | Error | Telemetry `accessLogging`: not applied (the proxy's bootstrap decides) |
 //! | WFT0003 | Error | Telemetry `metrics`: not applied (every standard metric is reported) |
 //! | WFT0004 | Warning | a Telemetry tracing field weft does not apply |
+//! | WFT0005 | Warning | a DestinationRule field translated for Envoy that weft's proxy does not enforce |
 //! | WFT0010 | Error | an EnvoyFilter patch weft does not apply (only the local rate limit filter's are) |
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -431,7 +432,8 @@ impl<'a> Analyzer<'a> {
     }
 
     /// WFT0001: a field weft accepts (it is valid Istio) but does not apply yet, so the
-    /// traffic would not behave as the resource says.
+    /// traffic would not behave as the resource says. WFT0005: a field translated into
+    /// Envoy's configuration that weft's own proxy does not enforce.
     fn unapplied_fields(&mut self) {
         for r in self.of_kind(Kind::DestinationRule) {
             let Spec::DestinationRule(dr) = &r.spec else { continue };
@@ -452,11 +454,17 @@ impl<'a> Analyzer<'a> {
                 }
             }
             for (at, pool) in pools {
-                if pool.http.as_ref().and_then(|h| h.use_client_protocol) == Some(true) {
+                if pool.tcp.as_ref().is_some_and(|t| t.idle_timeout.is_some()) {
                     let t = format!(
-                        "{at}.http.useClientProtocol is not applied by weft yet: upstream requests keep the port's protocol (use h2UpgradePolicy: UPGRADE for HTTP/2)"
+                        "{at}.tcp.idleTimeout is applied by weft to HTTP connections only (as the HTTP idle timeout when http.idleTimeout is unset): TCP connections through the sidecar keep the listener's idle timeout (1h)"
                     );
                     self.report(r, "WFT0001", Level::Warning, t);
+                }
+                if pool.http.as_ref().is_some_and(|h| h.max_concurrent_streams.is_some()) {
+                    let t = format!(
+                        "{at}.http.maxConcurrentStreams is translated for Envoy but not enforced by weft's proxy: its HTTP/2 upstream connections take as many streams as the server allows (bound requests with http2MaxRequests)"
+                    );
+                    self.report(r, "WFT0005", Level::Warning, t);
                 }
             }
         }

@@ -257,6 +257,14 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, de
         for i in validate::spec(spec, &namespace) {
             ctx.issue(i);
         }
+        if let (Spec::DestinationRule(_), Some(m)) = (spec, &meta) {
+            if let Some(v) = m.annotations.get(crate::spec::RETRY_BUDGET_ANNOTATION) {
+                if let Err(e) = crate::spec::RetryBudget::parse(v) {
+                    let path = format!("metadata.annotations.{}", crate::spec::RETRY_BUDGET_ANNOTATION);
+                    ctx.error(&path, e, Some("weft's retry budget extension, see docs/resources.md".into()));
+                }
+            }
+        }
     }
 
     match (meta, spec) {

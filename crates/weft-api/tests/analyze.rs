@@ -424,7 +424,7 @@ fn ist0109_ignores_two_versions_of_the_same_virtual_service() {
 }
 
 #[test]
-fn use_client_protocol_is_reported_as_not_applied_where_it_is_set() {
+fn pool_fields_weft_does_not_apply_or_enforce_are_reported_where_they_are_set() {
     let r = resources(&format!(
         "{REVIEWS_SVC}apiVersion: networking.istio.io/v1
 kind: DestinationRule
@@ -434,27 +434,59 @@ spec:
   host: reviews
   trafficPolicy:
     connectionPool:
-      http: {{h2UpgradePolicy: UPGRADE}}
+      http: {{h2UpgradePolicy: UPGRADE, useClientProtocol: true}}
     portLevelSettings:
     - port: {{number: 9080}}
       connectionPool:
-        http: {{useClientProtocol: true}}
+        tcp: {{idleTimeout: 30s}}
   subsets:
   - name: v1
     labels: {{version: v1}}
     trafficPolicy:
       connectionPool:
-        http: {{useClientProtocol: false}}
+        http: {{maxConcurrentStreams: 10}}
 "
     ));
-    let found = only(&analyze(&r), "WFT0001");
+    let msgs = analyze(&r);
+    let found = only(&msgs, "WFT0001");
     assert_eq!(found.len(), 1, "{:#?}", codes(&found));
     assert_eq!(found[0].level, Level::Warning);
     assert!(
-        found[0].text.starts_with("spec.trafficPolicy.portLevelSettings[0].connectionPool.http.useClientProtocol"),
+        found[0].text.starts_with("spec.trafficPolicy.portLevelSettings[0].connectionPool.tcp.idleTimeout"),
         "{}",
         found[0].text
     );
+    let streams = only(&msgs, "WFT0005");
+    assert_eq!(streams.len(), 1, "{:#?}", codes(&streams));
+    assert!(
+        streams[0].text.starts_with("spec.subsets[0].trafficPolicy.connectionPool.http.maxConcurrentStreams"),
+        "{}",
+        streams[0].text
+    );
+}
+
+#[test]
+fn a_bad_retry_budget_annotation_is_an_error_at_its_line() {
+    let yaml = "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+  annotations:
+    weft.dev/retry-budget: \"twenty,3\"
+spec:
+  host: reviews
+";
+    let out = weft_api::parse_str(yaml, std::path::Path::new("dr.yaml"));
+    assert!(out.resources.is_empty());
+    let e = &out.errors[0];
+    assert_eq!(e.line, 6, "{e}");
+    assert!(e.field.ends_with("weft.dev/retry-budget") && e.message.contains("needs a '%'"), "{e}");
+    let good = yaml.replace("twenty,3", "25%,5");
+    let out = weft_api::parse_str(&good, std::path::Path::new("dr.yaml"));
+    assert!(out.errors.is_empty(), "{:?}", out.errors);
+    let v = &out.resources[0].meta.annotations[weft_api::spec::RETRY_BUDGET_ANNOTATION];
+    let b = weft_api::spec::RetryBudget::parse(v).unwrap();
+    assert_eq!((b.budget_percent, b.min_retry_concurrency), (25.0, 5));
 }
 
 #[test]

@@ -29,11 +29,16 @@ spec:
 ---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
-metadata: {name: reviews, namespace: default}
+metadata: {name: reviews, namespace: default, annotations: {weft.dev/retry-budget: "20%,3"}}
 spec:
   host: reviews
   trafficPolicy:
-    connectionPool: {tcp: {maxConnections: 100, connectTimeout: 2s}, http: {http2MaxRequests: 50, http1MaxPendingRequests: 10, maxRetries: 3}}
+    connectionPool:
+      tcp: {maxConnections: 100, connectTimeout: 2s, maxConnectionDuration: 1h, idleTimeout: 90s, tcpKeepalive: {probes: 3, time: 60s, interval: 10s}}
+      http: {http2MaxRequests: 50, http1MaxPendingRequests: 10, maxRetries: 3, maxRequestsPerConnection: 100, idleTimeout: 30s, useClientProtocol: true}
+    portLevelSettings:
+    - port: {number: 9090}
+      connectionPool: {http: {maxConcurrentStreams: 100, maxRequestsPerConnection: 1000}}
     outlierDetection: {consecutive5xxErrors: 5, consecutiveGatewayErrors: 3, interval: 10s, baseEjectionTime: 30s, maxEjectionPercent: 50}
     loadBalancer: {consistentHash: {httpCookie: {name: session, ttl: 60s}}}
   subsets:

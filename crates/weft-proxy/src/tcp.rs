@@ -1,5 +1,6 @@
 //! Opaque TCP proxying (Envoy's `tcp_proxy`): pick a cluster and endpoint, connect, and
-//! copy bytes both ways until either side closes or the idle timeout passes.
+//! copy bytes both ways until either side closes or the idle timeout passes. A cluster
+//! at its `max_connections` refuses the connection (closed, flag `UO`).
 
 use std::sync::Arc;
 
@@ -35,6 +36,20 @@ where
             return;
         }
     }
+    // Envoy's tcp_proxy honours the cluster's max_connections: over it, the downstream
+    // connection is closed (`UO`). The slot is held while the connection is proxied.
+    let _slot = match snap.clusters.get(&cluster_name) {
+        Some(c) => match c.load().try_connection(c.config.limits.max_connections, false) {
+            Some(slot) => Some(slot),
+            None => {
+                debug!(cluster = %cluster_name, "max_connections reached: closing the connection");
+                ctx.metrics.proxy().upstream_cx_overflow(&cluster_name);
+                report.close(&ctx, Some(ErrorKind::Overflow));
+                return;
+            }
+        },
+        None => None,
+    };
     let upstream = match connect(&ctx, &snap, &conn, &cluster_name).await {
         Ok((s, addr)) => {
             let principal = s.peer_principal();

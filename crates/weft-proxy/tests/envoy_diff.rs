@@ -211,3 +211,73 @@ async fn weft_and_envoy_agree_on_the_same_xds() {
         assert!((170..=250).contains(&hits_a), "{name}: {hits_a}/{n} to a");
     }
 }
+
+/// One request holding a cluster's only connection (`max_connections: 1`,
+/// `max_pending_requests: 1`), then two more at once: Envoy and weft both queue one and
+/// refuse the other with 503 and `x-envoy-overloaded`, on one upstream connection.
+#[tokio::test]
+async fn weft_and_envoy_agree_on_http1_circuit_breaking() {
+    use envoy_types::pb::envoy::config::cluster::v3::{circuit_breakers::Thresholds, CircuitBreakers};
+    use envoy_types::pb::envoy::config::core::v3::HealthStatus;
+    let mesh = Mesh::start().await;
+    let weft_app = EchoServer::start("cb").await;
+    let envoy_app = EchoServer::start("cb").await;
+    let limited = |name: &str| {
+        let mut c = weft_xds::build::eds_cluster(name, false);
+        c.circuit_breakers = Some(CircuitBreakers {
+            thresholds: vec![Thresholds {
+                max_connections: Some(UInt32Value { value: 1 }),
+                max_pending_requests: Some(UInt32Value { value: 1 }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        pack_any(c)
+    };
+    // Each proxy gets its own app, so each app's connection count is that proxy's.
+    mesh.set(type_url::CLUSTER, vec![limited("for-weft"), limited("for-envoy")]);
+    mesh.set(
+        type_url::ENDPOINT,
+        vec![
+            pack_any(weft_xds::build::cla("for-weft", &[(weft_app.addr, 1, HealthStatus::Healthy)])),
+            pack_any(weft_xds::build::cla("for-envoy", &[(envoy_app.addr, 1, HealthStatus::Healthy)])),
+        ],
+    );
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    let by_header = |value: &str, cluster: &str| {
+        let mut m = prefix("/");
+        m.headers.push(exact_header("x-proxy", value));
+        route(cluster, m, to(cluster))
+    };
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc(
+            "routes",
+            vec![vhost("svc", &["*"], vec![by_header("weft", "for-weft"), by_header("envoy", "for-envoy")])],
+        ))],
+    );
+    let weft = mesh.proxy("weft-cb", false).await;
+    mesh.synced_all(&weft).await;
+    let weft_addr = weft.listener_addr("out", WAIT).await.unwrap();
+    let envoy = Envoy::start(&ads_bootstrap(mesh.xds, "envoy-cb", false)).await.expect("start envoy");
+    let envoy_addr =
+        envoy.listener_addr("out", Duration::from_secs(20)).await.unwrap_or_else(|e| panic!("{e}\n{}", envoy.log()));
+    for t in [type_url::ROUTE, type_url::ENDPOINT] {
+        mesh.server.wait_acked("envoy-cb", t, &mesh.source.version(t), WAIT).await.unwrap();
+    }
+
+    let mut results = Vec::new();
+    for (who, addr, app) in [("weft", weft_addr, &weft_app), ("envoy", envoy_addr, &envoy_app)] {
+        let first = tokio::spawn(async move { send(addr, "/delay/800", &[("x-proxy", who)]).await });
+        app.wait_for_requests(1).await;
+        let header = [("x-proxy", who)];
+        let (a, b) = tokio::join!(send(addr, "/", &header), send(addr, "/", &header));
+        let mut replies = [first.await.unwrap(), a, b];
+        replies.sort_by_key(|r| r.status);
+        let seen: Vec<(u16, Option<String>)> =
+            replies.iter().map(|r| (r.status.as_u16(), r.header("x-envoy-overloaded").map(str::to_string))).collect();
+        results.push((seen, app.connections()));
+    }
+    assert_eq!(results[0], results[1], "weft (left) and Envoy (right) differ\n{}", envoy.log());
+    assert_eq!(results[0].0.iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![200, 200, 503]);
+}

@@ -334,6 +334,10 @@ fn pool_and_outlier(
             v.duration(&format!("{tp}.connectTimeout"), &tcp.connect_timeout);
             v.duration(&format!("{tp}.idleTimeout"), &tcp.idle_timeout);
             v.duration(&format!("{tp}.maxConnectionDuration"), &tcp.max_connection_duration);
+            if let Some(k) = &tcp.tcp_keepalive {
+                v.duration(&format!("{tp}.tcpKeepalive.time"), &k.time);
+                v.duration(&format!("{tp}.tcpKeepalive.interval"), &k.interval);
+            }
         }
         if let Some(h) = &pool.http {
             let hp = format!("{path}.connectionPool.http");

@@ -3,9 +3,11 @@
 
 use std::collections::BTreeMap;
 
+use envoy_types::pb::envoy::config::cluster::v3::UpstreamConnectionOptions;
 use envoy_types::pb::envoy::config::cluster::v3::{
     circuit_breakers, cluster, CircuitBreakers, Cluster, OutlierDetection,
 };
+use envoy_types::pb::envoy::config::core::v3::TcpKeepalive;
 use envoy_types::pb::envoy::config::core::v3::{
     address, data_source, socket_address, transport_socket, Address, DataSource, HealthStatus, Metadata, SocketAddress,
     TransportSocket,
@@ -17,11 +19,17 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     common_tls_context, subject_alt_name_matcher::SanType as san_type, CertificateValidationContext, CommonTlsContext,
     SubjectAltNameMatcher, TlsCertificate, UpstreamTlsContext,
 };
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
+    explicit_http_config::ProtocolConfig, ExplicitHttpConfig, UpstreamProtocolOptions, UseDownstreamHttpConfig,
+};
+use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
+use envoy_types::pb::envoy::r#type::v3::Percent;
 use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+use prost::Message;
 use weft_api::spec::{
     ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, H2UpgradePolicy, LoadBalancerSettings,
-    OutlierDetection as IstioOutlier, Resolution, SimpleLb, TrafficPolicy,
+    OutlierDetection as IstioOutlier, Resolution, RetryBudget, SimpleLb, TrafficPolicy, RETRY_BUDGET_ANNOTATION,
 };
 use weft_xds::build;
 
@@ -39,12 +47,13 @@ pub struct Policy {
     pub outlier_detection: Option<IstioOutlier>,
     /// Client TLS.
     pub tls: Option<ClientTlsSettings>,
+    /// The rule's `weft.dev/retry-budget` annotation (weft's extension).
+    pub retry_budget: Option<RetryBudget>,
 }
 
 /// Istio's `h2UpgradePolicy` for an HTTP/1.1 port: `UPGRADE` makes its cluster speak
 /// HTTP/2 upstream (the destination's sidecar takes either); `DEFAULT` follows the mesh
 /// default, which is Istio's `DO_NOT_UPGRADE`. TCP ports are never upgraded.
-/// (`useClientProtocol` is not translated yet: `weft analyze` warns about it.)
 fn h2_upgrade(port: &SvcPort, policy: &Policy) -> bool {
     let http = policy.connection_pool.as_ref().and_then(|p| p.http.as_ref());
     port.protocol == Protocol::Http && http.and_then(|h| h.h2_upgrade_policy) == Some(H2UpgradePolicy::Upgrade)
@@ -74,6 +83,9 @@ pub fn add_istio_services(c: &mut Cluster, services: &[(String, String, String)]
     c.metadata.get_or_insert_with(Metadata::default).filter_metadata.insert("istio".to_string(), istio);
 }
 
+/// The key of a cluster's upstream HTTP options in `typed_extension_protocol_options`.
+const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
 /// Istio's name of an outbound cluster: `outbound|9080|v1|reviews.default.svc.cluster.local`.
 pub fn outbound_name(port: u32, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
@@ -82,13 +94,19 @@ pub fn outbound_name(port: u32, subset: &str, host: &str) -> String {
 /// Adds every visible service's clusters (and subset clusters) with their endpoints.
 pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
     for svc in &view.services {
-        let dr = view.destination_rule(svc);
+        let found = view.destination_rule_meta(svc);
+        let dr = found.map(|(_, dr)| dr);
+        // Validated when the rule was accepted; a bad value never reaches here.
+        let budget = found
+            .and_then(|(m, _)| m.annotations.get(RETRY_BUDGET_ANNOTATION))
+            .and_then(|v| RetryBudget::parse(v).ok());
         for port in &svc.ports {
             let base = dr.and_then(|d| d.traffic_policy.as_ref());
-            let policy = effective(base, None, port.number);
+            let policy = Policy { retry_budget: budget, ..effective(base, None, port.number) };
             add(view, svc, port, "", None, &policy, mode, out);
             for subset in dr.map(|d| d.subsets.as_slice()).unwrap_or_default() {
-                let policy = effective(base, subset.traffic_policy.as_ref(), port.number);
+                let policy =
+                    Policy { retry_budget: budget, ..effective(base, subset.traffic_policy.as_ref(), port.number) };
                 add(view, svc, port, &subset.name, Some(&subset.labels), &policy, mode, out);
             }
         }
@@ -186,9 +204,7 @@ fn add(
     if resolution != Resolution::None {
         set_lb(&mut c, policy.load_balancer.as_ref());
     }
-    if let Some(pool) = &policy.connection_pool {
-        set_pool(&mut c, pool);
-    }
+    set_pool(&mut c, policy.connection_pool.as_ref(), policy.retry_budget, port);
     let client_in_mesh = super::mtls::in_mesh(&view.node.labels);
     let alpn: &[&str] = match port.protocol {
         _ if http2 => &["h2"],
@@ -322,21 +338,89 @@ fn set_lb(c: &mut Cluster, lb: Option<&LoadBalancerSettings>) {
     c.metadata = Some(build::weft_lb_metadata(name));
 }
 
-fn set_pool(c: &mut Cluster, pool: &ConnectionPoolSettings) {
-    let limit = |v: Option<i64>| v.and_then(|n| u32::try_from(n).ok()).map(|value| UInt32Value { value });
-    let tcp = pool.tcp.as_ref();
-    let http = pool.http.as_ref();
-    if let Some(t) = tcp.and_then(|t| t.connect_timeout) {
-        c.connect_timeout = Some(duration(t.0));
-    }
+/// Istio's `applyConnectionPool`: every cluster gets circuit-breaker thresholds of
+/// 2^32-1 (Istio's "no limit") that the rule's `connectionPool` lowers; per-connection
+/// settings go to the cluster's `HttpProtocolOptions.common_http_protocol_options`
+/// (`http.idleTimeout`, else `tcp.idleTimeout`; `http.maxRequestsPerConnection`;
+/// `tcp.maxConnectionDuration`), `http.maxConcurrentStreams` to its HTTP/2 options,
+/// `tcp.tcpKeepalive` to `upstream_connection_options`, `http.useClientProtocol` on an
+/// HTTP port to `use_downstream_protocol_config`. The retry budget (weft's annotation)
+/// joins the thresholds.
+fn set_pool(c: &mut Cluster, pool: Option<&ConnectionPoolSettings>, budget: Option<RetryBudget>, port: &SvcPort) {
+    let limit =
+        |v: Option<i64>| v.filter(|n| *n > 0).and_then(|n| u32::try_from(n).ok()).map(|value| UInt32Value { value });
+    let tcp = pool.and_then(|p| p.tcp.as_ref());
+    let http = pool.and_then(|p| p.http.as_ref());
+    let unlimited = Some(UInt32Value { value: u32::MAX });
     let threshold = circuit_breakers::Thresholds {
-        max_connections: limit(tcp.and_then(|t| t.max_connections)),
-        max_pending_requests: limit(http.and_then(|h| h.http1_max_pending_requests)),
-        max_requests: limit(http.and_then(|h| h.http2_max_requests)),
-        max_retries: limit(http.and_then(|h| h.max_retries)),
+        max_connections: limit(tcp.and_then(|t| t.max_connections)).or(unlimited),
+        max_pending_requests: limit(http.and_then(|h| h.http1_max_pending_requests)).or(unlimited),
+        max_requests: limit(http.and_then(|h| h.http2_max_requests)).or(unlimited),
+        max_retries: limit(http.and_then(|h| h.max_retries)).or(unlimited),
+        track_remaining: true,
+        retry_budget: budget.map(|b| circuit_breakers::thresholds::RetryBudget {
+            budget_percent: Some(Percent { value: b.budget_percent }),
+            min_retry_concurrency: Some(UInt32Value { value: b.min_retry_concurrency }),
+            ..Default::default()
+        }),
         ..Default::default()
     };
     c.circuit_breakers = Some(CircuitBreakers { thresholds: vec![threshold], ..Default::default() });
+    if let Some(t) = tcp.and_then(|t| t.connect_timeout) {
+        c.connect_timeout = Some(duration(t.0));
+    }
+    if let Some(k) = tcp.and_then(|t| t.tcp_keepalive.as_ref()) {
+        let secs = |d: Option<weft_api::spec::Duration>| {
+            d.map(|d| UInt32Value { value: u32::try_from(d.0.as_secs()).unwrap_or(u32::MAX) })
+        };
+        c.upstream_connection_options = Some(UpstreamConnectionOptions {
+            tcp_keepalive: Some(TcpKeepalive {
+                keepalive_probes: k.probes.map(|value| UInt32Value { value }),
+                keepalive_time: secs(k.time),
+                keepalive_interval: secs(k.interval),
+            }),
+            ..Default::default()
+        });
+    }
+    let idle = http.and_then(|h| h.idle_timeout).or_else(|| tcp.and_then(|t| t.idle_timeout));
+    let per_conn = limit(http.and_then(|h| h.max_requests_per_connection));
+    let lifetime = tcp.and_then(|t| t.max_connection_duration);
+    let streams = limit(http.and_then(|h| h.max_concurrent_streams));
+    let client_protocol = http.and_then(|h| h.use_client_protocol) == Some(true) && port.protocol.is_http();
+    if idle.is_none() && per_conn.is_none() && lifetime.is_none() && streams.is_none() && !client_protocol {
+        return;
+    }
+    let mut opts = c
+        .typed_extension_protocol_options
+        .get(HTTP_PROTOCOL_OPTIONS)
+        .and_then(|any| HttpProtocolOptions::decode(any.value.as_slice()).ok())
+        .unwrap_or_else(|| HttpProtocolOptions {
+            upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
+                protocol_config: Some(ProtocolConfig::HttpProtocolOptions(Default::default())),
+            })),
+            ..Default::default()
+        });
+    if idle.is_some() || per_conn.is_some() || lifetime.is_some() {
+        let common = opts.common_http_protocol_options.get_or_insert_with(Default::default);
+        common.idle_timeout = idle.map(|d| duration(d.0));
+        common.max_requests_per_connection = per_conn;
+        common.max_connection_duration = lifetime.map(|d| duration(d.0));
+    }
+    if let Some(Some(ProtocolConfig::Http2ProtocolOptions(h2))) = match &mut opts.upstream_protocol_options {
+        Some(UpstreamProtocolOptions::ExplicitHttpConfig(e)) => Some(&mut e.protocol_config),
+        _ => None,
+    } {
+        h2.max_concurrent_streams = streams;
+    }
+    if client_protocol {
+        opts.upstream_protocol_options =
+            Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(UseDownstreamHttpConfig {
+                http_protocol_options: Some(Default::default()),
+                http2_protocol_options: Some(Default::default()),
+                ..Default::default()
+            }));
+    }
+    c.typed_extension_protocol_options.insert(HTTP_PROTOCOL_OPTIONS.into(), envoy_types::util::pack_any(opts));
 }
 
 fn outlier(o: &IstioOutlier) -> OutlierDetection {

@@ -312,6 +312,12 @@ impl<'a> MeshView<'a> {
     /// wildcard. Rules with a `workloadSelector` apply only to matching proxies of
     /// their own namespace.
     pub fn destination_rule(&self, svc: &Service) -> Option<&'a DestinationRule> {
+        self.destination_rule_meta(svc).map(|(_, dr)| dr)
+    }
+
+    /// [`MeshView::destination_rule`] with the rule's metadata (its annotations carry
+    /// weft's extensions).
+    pub fn destination_rule_meta(&self, svc: &Service) -> Option<(&'a ObjectMeta, &'a DestinationRule)> {
         let rank_ns = |ns: &str| {
             if ns == self.node.namespace {
                 0
@@ -335,15 +341,15 @@ impl<'a> MeshView<'a> {
             .filter_map(|(m, dr)| {
                 let h = host::fqdn(&dr.host, &m.namespace, &self.mesh.domain);
                 if h == svc.host {
-                    Some(((rank_ns(&m.namespace), 0), *dr))
+                    Some(((rank_ns(&m.namespace), 0), (*m, *dr)))
                 } else if host::matches(&h, &svc.host) {
-                    Some(((rank_ns(&m.namespace), 1), *dr))
+                    Some(((rank_ns(&m.namespace), 1), (*m, *dr)))
                 } else {
                     None
                 }
             })
             .min_by_key(|(rank, _)| *rank)
-            .map(|(_, dr)| dr)
+            .map(|(_, found)| found)
     }
 
     /// Endpoints of `svc` port `port`, restricted to `subset` labels, sorted.

@@ -213,6 +213,68 @@ spec:
 }
 
 #[test]
+fn connection_pool_fields_and_the_retry_budget_translate_as_istio_does() {
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::UpstreamProtocolOptions;
+    let yaml = format!(
+        r#"{SERVICE}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+  namespace: default
+  annotations: {{weft.dev/retry-budget: "25%,5"}}
+spec:
+  host: reviews.default.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      tcp: {{maxConnections: 1, maxConnectionDuration: 1h, idleTimeout: 90s, tcpKeepalive: {{probes: 4, time: 30s, interval: 5s}}}}
+      http: {{http1MaxPendingRequests: 1, maxRequestsPerConnection: 1, maxRetries: 2, useClientProtocol: true}}
+"#
+    );
+    let x = run(&yaml, two_versions(), ProxyMode::Explicit);
+    let c = x.cluster(&format!("outbound|9080||{FQDN}")).unwrap();
+    let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+    assert_eq!(t.max_connections.map(|v| v.value), Some(1));
+    assert_eq!(t.max_pending_requests.map(|v| v.value), Some(1));
+    assert_eq!(t.max_retries.map(|v| v.value), Some(2));
+    assert_eq!(t.max_requests.map(|v| v.value), Some(u32::MAX), "Istio's default: no limit");
+    let b = t.retry_budget.as_ref().expect("the annotation's budget");
+    assert_eq!(b.budget_percent.as_ref().map(|p| p.value), Some(25.0));
+    assert_eq!(b.min_retry_concurrency.map(|v| v.value), Some(5));
+    let any = http_protocol_options(&x, &format!("outbound|9080||{FQDN}")).unwrap();
+    let opts = HttpProtocolOptions::decode(any.value.as_slice()).unwrap();
+    let common = opts.common_http_protocol_options.as_ref().unwrap();
+    assert_eq!(common.max_requests_per_connection.map(|v| v.value), Some(1));
+    assert_eq!(common.idle_timeout.map(|d| d.seconds), Some(90), "tcp.idleTimeout when http.idleTimeout is unset");
+    assert_eq!(common.max_connection_duration.map(|d| d.seconds), Some(3600));
+    assert!(matches!(opts.upstream_protocol_options, Some(UpstreamProtocolOptions::UseDownstreamProtocolConfig(_))));
+    let k = c.upstream_connection_options.as_ref().and_then(|o| o.tcp_keepalive.as_ref()).unwrap();
+    assert_eq!(k.keepalive_probes.map(|v| v.value), Some(4));
+    assert_eq!(k.keepalive_time.map(|v| v.value), Some(30));
+    assert_eq!(k.keepalive_interval.map(|v| v.value), Some(5));
+    // weft's proxy reads all of it.
+    let p = weft_proxy::cluster::ClusterConfig::compile(c).unwrap();
+    assert_eq!((p.limits.max_connections, p.limits.max_pending_requests), (1, 1));
+    assert_eq!(p.limits.retry_budget.map(|b| (b.budget_percent, b.min_retry_concurrency)), Some((25.0, 5)));
+    assert_eq!(p.conn.max_requests_per_connection, Some(1));
+    assert_eq!(p.conn.idle_timeout, Some(std::time::Duration::from_secs(90)));
+    assert_eq!(p.protocol, weft_proxy::cluster::UpstreamProtocol::UseDownstream);
+}
+
+/// Clusters without a rule get Istio's "no limit" thresholds too.
+#[test]
+fn clusters_without_a_connection_pool_get_istios_unlimited_thresholds() {
+    let x = run(SERVICE, two_versions(), ProxyMode::Explicit);
+    let c = x.cluster(&format!("outbound|9080||{FQDN}")).unwrap();
+    let t = &c.circuit_breakers.as_ref().unwrap().thresholds[0];
+    for v in [t.max_connections, t.max_pending_requests, t.max_requests, t.max_retries] {
+        assert_eq!(v.map(|v| v.value), Some(u32::MAX));
+    }
+    assert!(t.retry_budget.is_none());
+}
+
+#[test]
 fn destination_rule_tls_modes_set_the_upstream_transport_socket_with_port_level_overrides() {
     use envoy_types::pb::envoy::config::core::v3::{data_source, transport_socket};
     use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{common_tls_context, UpstreamTlsContext};

@@ -11,7 +11,8 @@
 //!    `ROUND_ROBIN = 0`, so a cluster with no explicit policy anywhere is ROUND_ROBIN,
 //!    exactly as in Envoy. RING_HASH and MAGLEV become the consistent-hash ring.
 
-pub use super::pool::UpstreamProtocol;
+pub use super::pool::{ConnSettings, Keepalive, UpstreamProtocol};
+use super::RetryBudget;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -82,7 +83,7 @@ pub enum Discovery {
 }
 
 /// Circuit-breaker limits of the default priority (Envoy's defaults).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Limits {
     /// Maximum connections to the whole cluster.
     pub max_connections: u32,
@@ -92,6 +93,8 @@ pub struct Limits {
     pub max_requests: u32,
     /// Maximum concurrent retries.
     pub max_retries: u32,
+    /// `retry_budget`: when set, replaces `max_retries`.
+    pub retry_budget: Option<RetryBudget>,
 }
 
 /// A compiled cluster.
@@ -109,6 +112,9 @@ pub struct ClusterConfig {
     pub protocol: UpstreamProtocol,
     /// Circuit-breaker limits.
     pub limits: Limits,
+    /// Per-connection settings: idle timeout, requests and lifetime per connection, TCP
+    /// keepalive (`common_http_protocol_options`, `upstream_connection_options`).
+    pub conn: ConnSettings,
     /// `load_assignment`, for STATIC and DNS clusters.
     pub static_endpoints: Option<ClusterLoadAssignment>,
     /// The cluster's metadata.
@@ -148,7 +154,13 @@ const DEFAULT_PANIC_THRESHOLD: f64 = 50.0;
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
+        Limits {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            retry_budget: None,
+        }
     }
 }
 
@@ -245,7 +257,8 @@ impl ClusterConfig {
             lb: lb_policy(c)?,
             connect_timeout,
             protocol,
-            limits: limits(c),
+            limits: limits(c)?,
+            conn: conn_settings(c)?,
             static_endpoints,
             metadata: c.metadata.clone(),
             services: crate::telemetry::services::from_metadata(c.metadata.as_ref()),
@@ -405,14 +418,14 @@ fn protocol(c: &XdsCluster) -> Result<UpstreamProtocol, ConfigError> {
     })
 }
 
-fn limits(c: &XdsCluster) -> Limits {
+fn limits(c: &XdsCluster) -> Result<Limits, ConfigError> {
     let mut l = Limits::default();
-    let Some(t) = c
+    let Some((i, t)) = c
         .circuit_breakers
         .as_ref()
-        .and_then(|cb| cb.thresholds.iter().find(|t| t.priority == RoutingPriority::Default as i32))
+        .and_then(|cb| cb.thresholds.iter().enumerate().find(|(_, t)| t.priority == RoutingPriority::Default as i32))
     else {
-        return l;
+        return Ok(l);
     };
     if let Some(v) = &t.max_connections {
         l.max_connections = v.value;
@@ -426,5 +439,77 @@ fn limits(c: &XdsCluster) -> Limits {
     if let Some(v) = &t.max_retries {
         l.max_retries = v.value;
     }
-    l
+    if let Some(b) = &t.retry_budget {
+        let percent = b.budget_percent.as_ref().map_or(DEFAULT_BUDGET_PERCENT, |p| p.value);
+        if !(0.0..=100.0).contains(&percent) {
+            return Err(ConfigError::new(
+                &c.name,
+                format!("circuit_breakers.thresholds[{i}].retry_budget.budget_percent"),
+                format!("expected a percentage from 0 to 100, got {percent}"),
+            ));
+        }
+        if b.budget_interval.as_ref().is_some_and(|d| d.seconds != 0 || d.nanos != 0) {
+            return Err(ConfigError::new(
+                &c.name,
+                format!("circuit_breakers.thresholds[{i}].retry_budget.budget_interval"),
+                "a budget_interval is not supported: the budget counts the active and pending requests",
+            ));
+        }
+        l.retry_budget = Some(RetryBudget {
+            budget_percent: percent,
+            min_retry_concurrency: b.min_retry_concurrency.as_ref().map_or(DEFAULT_MIN_RETRY_CONCURRENCY, |v| v.value),
+        });
+    }
+    Ok(l)
+}
+
+/// Envoy's `retry_budget.budget_percent` default.
+const DEFAULT_BUDGET_PERCENT: f64 = 20.0;
+/// Envoy's `retry_budget.min_retry_concurrency` default.
+const DEFAULT_MIN_RETRY_CONCURRENCY: u32 = 3;
+
+/// The per-connection settings: `common_http_protocol_options` from the cluster's
+/// `HttpProtocolOptions` (or the deprecated cluster fields), `max_requests_per_connection`
+/// and `upstream_connection_options.tcp_keepalive`. Zero durations and counts mean "no
+/// limit", as in Envoy.
+fn conn_settings(c: &XdsCluster) -> Result<ConnSettings, ConfigError> {
+    let mut s = ConnSettings::default();
+    #[allow(deprecated)]
+    let mut common = c.common_http_protocol_options;
+    #[allow(deprecated)]
+    let mut per_conn = c.max_requests_per_connection.as_ref().map(|v| v.value);
+    let mut at = "common_http_protocol_options".to_string();
+    if let Some(any) = c.typed_extension_protocol_options.get(HTTP_PROTOCOL_OPTIONS_KEY) {
+        // The type was checked by `protocol`.
+        if let Ok(opts) = HttpProtocolOptions::decode(any.value.as_slice()) {
+            if opts.common_http_protocol_options.is_some() {
+                common = opts.common_http_protocol_options;
+                at = format!(
+                    "typed_extension_protocol_options[{HTTP_PROTOCOL_OPTIONS_KEY}].common_http_protocol_options"
+                );
+            }
+        }
+    }
+    let nonzero = |d: &Option<envoy_types::pb::google::protobuf::Duration>, field: &str| {
+        d.as_ref()
+            .map(|d| crate::route::to_duration(d, field).map_err(|(f, m)| ConfigError::new(&c.name, f, m)))
+            .transpose()
+            .map(|d| d.filter(|d| !d.is_zero()))
+    };
+    if let Some(o) = &common {
+        s.idle_timeout = nonzero(&o.idle_timeout, &format!("{at}.idle_timeout"))?;
+        s.max_connection_duration = nonzero(&o.max_connection_duration, &format!("{at}.max_connection_duration"))?;
+        if let Some(v) = &o.max_requests_per_connection {
+            per_conn = Some(v.value);
+        }
+    }
+    s.max_requests_per_connection = per_conn.filter(|n| *n > 0);
+    if let Some(k) = c.upstream_connection_options.as_ref().and_then(|o| o.tcp_keepalive.as_ref()) {
+        s.keepalive = Some(Keepalive {
+            probes: k.keepalive_probes.as_ref().map(|v| v.value),
+            time: k.keepalive_time.as_ref().map(|v| Duration::from_secs(u64::from(v.value))),
+            interval: k.keepalive_interval.as_ref().map(|v| Duration::from_secs(u64::from(v.value))),
+        });
+    }
+    Ok(s)
 }

@@ -44,11 +44,20 @@ pub struct InFlight {
     started: Instant,
 }
 
-/// Outstanding requests of a whole cluster, shared across snapshots; the hook for the
-/// `max_requests` circuit breaker (the caller raises `Overflow`).
+/// The circuit-breaker state of a whole cluster, shared across snapshots (so a config
+/// update keeps what is in flight, as Envoy's resource managers do): outstanding
+/// requests (`max_requests`, the caller raises `Overflow`), open HTTP connections
+/// (`max_connections`), requests waiting for a connection (`max_pending_requests`) and
+/// retries in progress (`max_retries` or the retry budget).
 #[derive(Debug, Default)]
 pub struct ClusterLoad {
     requests: AtomicU32,
+    connections: AtomicU32,
+    pending: AtomicU32,
+    retries: AtomicU32,
+    /// Woken when a connection of the cluster closes or is handed back, so pending
+    /// requests look again.
+    freed: tokio::sync::Notify,
     /// The latest end of any endpoint's ejection ([`super::outlier::now_ms`] clock):
     /// while it is in the past, picks skip the ejection checks.
     ejected_until: AtomicU64,
@@ -58,6 +67,32 @@ pub struct ClusterLoad {
 #[derive(Debug)]
 pub struct RequestPermit {
     load: Arc<ClusterLoad>,
+}
+
+/// One of a [`ClusterLoad`]'s gauges (connections, pending requests, retries), held
+/// while the thing it counts lives; released on drop.
+#[derive(Debug)]
+pub struct Slot {
+    load: Arc<ClusterLoad>,
+    which: Gauge,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gauge {
+    Connections,
+    Pending,
+    Retries,
+}
+
+/// Envoy's `retry_budget`: concurrent retries may be `budget_percent` of the cluster's
+/// active and pending requests, and never fewer than `min_retry_concurrency`. When set,
+/// it replaces `max_retries`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryBudget {
+    /// Percent of active requests that may be retries (Envoy's default 20).
+    pub budget_percent: f64,
+    /// Retries always allowed, whatever the load (Envoy's default 3).
+    pub min_retry_concurrency: u32,
 }
 
 /// Keeps [`EndpointLoad`] per (cluster, addr) alive across config recompiles so EWMA and
@@ -188,6 +223,70 @@ impl ClusterLoad {
         self.requests.load(Ordering::Acquire)
     }
 
+    /// Counts an open connection unless `max` are open; `force` counts it anyway
+    /// (Envoy opens a host's first connection even over the limit, so requests queued
+    /// for that host are never stuck). None: at the limit.
+    pub fn try_connection(self: &Arc<Self>, max: u32, force: bool) -> Option<Slot> {
+        if force {
+            self.connections.fetch_add(1, Ordering::AcqRel);
+            return Some(Slot { load: Arc::clone(self), which: Gauge::Connections });
+        }
+        self.try_slot(&self.connections, max, Gauge::Connections)
+    }
+
+    /// Counts a request waiting for a connection unless `max` already wait.
+    pub fn try_pending(self: &Arc<Self>, max: u32) -> Option<Slot> {
+        self.try_slot(&self.pending, max, Gauge::Pending)
+    }
+
+    /// Counts a retry unless the cluster's retry limit is reached: the `budget` when set
+    /// (`max(min_retry_concurrency, budget_percent% of active + pending requests)`),
+    /// else `max_retries`.
+    pub fn try_retry(self: &Arc<Self>, max_retries: u32, budget: Option<RetryBudget>) -> Option<Slot> {
+        let max = match budget {
+            None => max_retries,
+            Some(b) => {
+                let active = f64::from(self.requests()) + f64::from(self.pending());
+                let share = (b.budget_percent / 100.0 * active).floor();
+                (share.min(f64::from(u32::MAX)) as u32).max(b.min_retry_concurrency)
+            }
+        };
+        self.try_slot(&self.retries, max, Gauge::Retries)
+    }
+
+    /// Open HTTP connections counted against `max_connections`.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    /// Requests waiting for a connection.
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Retries in progress.
+    pub fn retries(&self) -> u32 {
+        self.retries.load(Ordering::Acquire)
+    }
+
+    /// Resolves once a connection of the cluster was closed or handed back after
+    /// [`tokio::sync::futures::Notified::enable`] was called on it.
+    pub(crate) fn freed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.freed.notified()
+    }
+
+    /// Wakes the requests waiting for a connection.
+    pub(crate) fn wake(&self) {
+        self.freed.notify_waiters();
+    }
+
+    fn try_slot(self: &Arc<Self>, gauge: &AtomicU32, max: u32, which: Gauge) -> Option<Slot> {
+        gauge
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
+            .ok()
+            .map(|_| Slot { load: Arc::clone(self), which })
+    }
+
     /// Notes an ejection lasting until `until`.
     pub(crate) fn note_ejection(&self, until: u64) {
         self.ejected_until.fetch_max(until, Ordering::AcqRel);
@@ -202,6 +301,20 @@ impl ClusterLoad {
 impl Drop for RequestPermit {
     fn drop(&mut self) {
         self.load.requests.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let gauge = match self.which {
+            Gauge::Connections => &self.load.connections,
+            Gauge::Pending => &self.load.pending,
+            Gauge::Retries => &self.load.retries,
+        };
+        gauge.fetch_sub(1, Ordering::AcqRel);
+        if self.which == Gauge::Connections {
+            self.load.wake();
+        }
     }
 }
 

@@ -24,7 +24,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{ClusterLoadAssignment, Locali
 
 pub use config::{ClusterConfig, Discovery, LbPolicy, Limits, UpstreamProtocol};
 pub use endpoints::{Endpoint, Health};
-pub use ewma::{ClusterLoad, EndpointLoad, InFlight, LoadRegistry, RequestPermit};
+pub use ewma::{ClusterLoad, EndpointLoad, InFlight, LoadRegistry, RequestPermit, RetryBudget, Slot};
 pub use outlier::{Outcome, OutlierConfig};
 pub use pool::{
     BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamPrincipal, UpstreamStream,

@@ -21,12 +21,25 @@
 //!
 //! The per-endpoint locks are `tokio` mutexes held only to take or return a connection
 //! (and, for HTTP/2, while the one shared connection is being established).
+//!
+//! Circuit breaking, with Envoy's semantics, when the request names its cluster's
+//! [`ClusterLoad`] ([`Upstream::breaker`]): pools are then per cluster and endpoint, as
+//! Envoy's are. An HTTP/1 request that finds no ready connection is *pending* (counted
+//! against `max_pending_requests`; beyond it the request fails at once with `Overflow`,
+//! Envoy's `upstream_rq_pending_overflow`) until it has one: a new connection when the
+//! cluster has fewer than `max_connections` open (or the endpoint has none at all, as
+//! Envoy opens a host's first connection even over the limit), else the next of the
+//! endpoint's busy connections to finish its response, or whatever the cluster frees
+//! first. `max_requests_per_connection` closes a connection after that many requests,
+//! `max_connection_duration` after that long (once its response is done),
+//! `idle_timeout` once it has been idle that long, and TCP keepalive is set on new
+//! connections.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -41,7 +54,9 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
+use crate::cluster::config::Limits;
 use crate::cluster::endpoints::Endpoint;
+use crate::cluster::ewma::{ClusterLoad, Slot};
 use crate::error::{ErrorKind, ProxyError};
 
 /// The HTTP version spoken to the upstream.
@@ -71,6 +86,47 @@ pub struct PoolConfig {
     pub reap_interval: Duration,
 }
 
+/// A cluster's per-connection settings (Envoy's `common_http_protocol_options` and
+/// `upstream_connection_options`); None means no limit (the pool's own idle timeout).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// Close a connection idle this long (`idle_timeout`).
+    pub idle_timeout: Option<Duration>,
+    /// Close a connection after this many requests (`max_requests_per_connection`).
+    pub max_requests_per_connection: Option<u32>,
+    /// Close a connection this long after it opened, once its requests are done
+    /// (`max_connection_duration`).
+    pub max_connection_duration: Option<Duration>,
+    /// TCP keepalive on new connections (`upstream_connection_options.tcp_keepalive`).
+    pub keepalive: Option<Keepalive>,
+}
+
+/// TCP keepalive settings; unset fields keep the system's defaults.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Unanswered probes before the connection is dead (`keepalive_probes`).
+    pub probes: Option<u32>,
+    /// Idle time before the first probe (`keepalive_time`).
+    pub time: Option<Duration>,
+    /// Time between probes (`keepalive_interval`).
+    pub interval: Option<Duration>,
+}
+
+/// Where and how one request goes: the cluster's transport, timeouts, per-connection
+/// settings and circuit breaker.
+#[derive(Debug, Clone, Copy)]
+pub struct Upstream<'a> {
+    /// TCP (and TLS) connect timeout.
+    pub connect_timeout: Duration,
+    /// Plain TCP or the cluster's TLS.
+    pub connector: &'a Connector,
+    /// Per-connection settings.
+    pub conn: ConnSettings,
+    /// The cluster's shared load and its limits; None: no circuit breaking, pools
+    /// shared by every cluster reaching the endpoint.
+    pub breaker: Option<(&'a Arc<ClusterLoad>, Limits)>,
+}
+
 /// How connections to upstreams are made. The extension point for mTLS to the peer
 /// proxy: a `Tls` variant (client config + expected SPIFFE identity) will wrap the TCP
 /// stream here and add an [`UpstreamStream`] variant; the pool key then becomes
@@ -97,24 +153,6 @@ pub enum UpstreamStream {
     Plain(TcpStream),
     /// TLS over TCP.
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
-impl UpstreamStream {
-    /// The ALPN protocol the TLS handshake settled on.
-    pub fn alpn(&self) -> Option<&[u8]> {
-        match self {
-            UpstreamStream::Plain(_) => None,
-            UpstreamStream::Tls(s) => s.get_ref().1.alpn_protocol(),
-        }
-    }
-
-    /// The SPIFFE id the upstream's certificate proved (TLS with a SPIFFE URI SAN).
-    pub fn peer_principal(&self) -> Option<Arc<str>> {
-        match self {
-            UpstreamStream::Plain(_) => None,
-            UpstreamStream::Tls(s) => crate::tls::peer_principal(s.get_ref().1.peer_certificates()),
-        }
-    }
 }
 
 /// Open connections per endpoint, for the admin `/clusters` page.
@@ -147,15 +185,29 @@ pub struct Pools {
 struct Inner {
     cfg: PoolConfig,
     connector: Connector,
-    endpoints: ArcSwap<HashMap<(SocketAddr, u64), Arc<EndpointPool>>>,
+    endpoints: ArcSwap<HashMap<PoolKey, Arc<EndpointPool>>>,
+    /// The smallest idle timeout any pool was given, in ms: the reaper looks at least
+    /// four times as often.
+    min_idle_ms: AtomicU64,
+    /// Wakes the reaper when `min_idle_ms` went down (its next look may be due sooner).
+    reaper: Arc<tokio::sync::Notify>,
 }
+
+/// Endpoint, transport, and the cluster's load when it has a circuit breaker (its
+/// address: the registry keeps one `ClusterLoad` per cluster name across snapshots).
+type PoolKey = (SocketAddr, u64, usize);
 
 #[derive(Debug, Default)]
 struct EndpointPool {
+    /// The cluster's idle timeout in ms (0: the pools' default), updated by each request.
+    idle_ms: AtomicU64,
     /// Pooled HTTP/1 connections, busy or idle; most recently used last.
     h1: Mutex<VecDeque<H1Conn>>,
     h2: Mutex<Option<H2Conn>>,
     http1_open: Arc<AtomicUsize>,
+    /// HTTP/1 connections being opened (they count as the endpoint's connections when
+    /// deciding whether its first one may exceed `max_connections`).
+    http1_connecting: AtomicUsize,
     http1_pooled: AtomicUsize,
     http2_open: Arc<AtomicUsize>,
 }
@@ -172,8 +224,12 @@ type Principal = Option<Arc<str>>;
 struct H1Conn {
     tx: http1::SendRequest<BoxBody>,
     principal: Principal,
-    /// When it was last handed out (idle time is measured from there).
-    since: Instant,
+    /// When it was first seen ready again after its last request (idle time is measured
+    /// from there); None while busy or not looked at since.
+    idle_since: Option<Instant>,
+    opened: Instant,
+    /// Requests sent on it.
+    uses: u32,
 }
 
 #[derive(Debug)]
@@ -181,6 +237,17 @@ struct H2Conn {
     tx: http2::SendRequest<BoxBody>,
     principal: Principal,
     last_used: Instant,
+    opened: Instant,
+    uses: u32,
+}
+
+/// A connection checked out of the pool, or just opened.
+struct Checked {
+    tx: http1::SendRequest<BoxBody>,
+    principal: Principal,
+    opened: Instant,
+    uses: u32,
+    reused: bool,
 }
 
 impl Default for PoolConfig {
@@ -196,11 +263,21 @@ impl Default for PoolConfig {
 impl Connector {
     /// Connects to `addr` within `timeout`.
     pub async fn connect(&self, addr: SocketAddr, timeout: Duration) -> Result<UpstreamStream, ProxyError> {
+        self.connect_with(addr, timeout, None).await
+    }
+
+    /// Connects to `addr` within `timeout`, with TCP keepalive when given.
+    pub async fn connect_with(
+        &self,
+        addr: SocketAddr,
+        timeout: Duration,
+        keepalive: Option<Keepalive>,
+    ) -> Result<UpstreamStream, ProxyError> {
         match self {
-            Connector::Plain => connect_tcp(addr, timeout).await.map(UpstreamStream::Plain),
+            Connector::Plain => connect_tcp(addr, timeout, keepalive).await.map(UpstreamStream::Plain),
             Connector::Tls(tls) => {
                 let started = Instant::now();
-                let tcp = connect_tcp(addr, timeout).await?;
+                let tcp = connect_tcp(addr, timeout, keepalive).await?;
                 let name =
                     tls.sni.clone().unwrap_or_else(|| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
                 let left = timeout.saturating_sub(started.elapsed());
@@ -251,9 +328,15 @@ impl Pools {
 
     /// Empty pools that connect with `connector`.
     pub fn with_connector(cfg: PoolConfig, connector: Connector) -> Self {
-        let inner = Arc::new(Inner { cfg, connector, endpoints: ArcSwap::from_pointee(HashMap::new()) });
+        let inner = Arc::new(Inner {
+            cfg,
+            connector,
+            endpoints: ArcSwap::from_pointee(HashMap::new()),
+            min_idle_ms: AtomicU64::new(u64::MAX),
+            reaper: Arc::new(tokio::sync::Notify::new()),
+        });
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            rt.spawn(reap_idle(Arc::downgrade(&inner)));
+            rt.spawn(reap_idle(Arc::downgrade(&inner), Arc::clone(&inner.reaper)));
         }
         Pools { inner }
     }
@@ -272,13 +355,9 @@ impl Pools {
         connect_timeout: Duration,
         req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let h2 = match proto {
-            UpstreamProtocol::Http1 => false,
-            UpstreamProtocol::Http2 => true,
-            UpstreamProtocol::UseDownstream => req.version() == Version::HTTP_2,
-        };
-        let connector = &self.inner.connector;
-        self.send_via(ep, h2, connect_timeout, connector, req).await
+        let connector = self.inner.connector.clone();
+        let up = Upstream { connect_timeout, connector: &connector, conn: ConnSettings::default(), breaker: None };
+        self.send_to(ep, proto, &up, req).await
     }
 
     /// [`Pools::send`] over a cluster's own transport (TLS origination).
@@ -290,29 +369,40 @@ impl Pools {
         connector: &Connector,
         req: Request<BoxBody>,
     ) -> Result<Response<Incoming>, ProxyError> {
+        let up = Upstream { connect_timeout, connector, conn: ConnSettings::default(), breaker: None };
+        self.send_to(ep, proto, &up, req).await
+    }
+
+    /// [`Pools::send`] with a cluster's transport, per-connection settings and circuit
+    /// breaker. Fails with `Overflow` (not sent) when the request would wait for a
+    /// connection beyond `max_pending_requests`.
+    pub async fn send_to(
+        &self,
+        ep: &Endpoint,
+        proto: UpstreamProtocol,
+        up: &Upstream<'_>,
+        req: Request<BoxBody>,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let h2 = match proto {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
             UpstreamProtocol::UseDownstream => req.version() == Version::HTTP_2,
         };
-        self.send_via(ep, h2, connect_timeout, connector, req).await
-    }
-
-    async fn send_via(
-        &self,
-        ep: &Endpoint,
-        h2: bool,
-        connect_timeout: Duration,
-        connector: &Connector,
-        req: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
-        let pool = self.endpoint((ep.addr, connector.key()));
+        let cluster = up.breaker.map_or(0, |(load, _)| Arc::as_ptr(load) as usize);
+        let pool = self.endpoint((ep.addr, up.connector.key(), cluster));
+        if let Some(idle) = up.conn.idle_timeout {
+            let ms = u64::try_from(idle.as_millis()).unwrap_or(u64::MAX).max(1);
+            pool.idle_ms.store(ms, Ordering::Relaxed);
+            if self.inner.min_idle_ms.fetch_min(ms, Ordering::Relaxed) > ms {
+                self.inner.reaper.notify_one();
+            }
+        }
         let resp = if h2 {
             let req = absolute_form(req, ep.addr)?;
-            self.send_h2(&pool, ep.addr, connect_timeout, connector, req).await
+            self.send_h2(&pool, ep.addr, up, req).await
         } else {
             let req = origin_form(req)?;
-            self.send_h1(&pool, ep.addr, connect_timeout, connector, req).await
+            self.send_h1(&pool, ep.addr, up, req).await
         };
         resp.map(|(resp, principal)| {
             let mut resp = own_header_values(resp);
@@ -335,72 +425,122 @@ impl Pools {
 
     /// Plain TCP connect with timeout (tcp_proxy, CONNECT, upgrades).
     pub async fn connect_tcp(&self, addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
-        connect_tcp(addr, timeout).await
+        connect_tcp(addr, timeout, None).await
     }
 
-    /// Open connections per endpoint.
+    /// Open connections per endpoint (summed over the clusters reaching it).
     pub fn stats(&self) -> PoolStats {
         let map = self.inner.endpoints.load();
-        let mut endpoints: Vec<EndpointPoolStats> = map
-            .iter()
-            .map(|((addr, _), p)| EndpointPoolStats {
+        let mut by_addr: BTreeMap<SocketAddr, EndpointPoolStats> = BTreeMap::new();
+        for ((addr, _, _), p) in map.iter() {
+            let e = by_addr.entry(*addr).or_insert(EndpointPoolStats {
                 addr: *addr,
-                http1_open: p.http1_open.load(Ordering::Relaxed),
-                http1_pooled: p.http1_pooled.load(Ordering::Relaxed),
-                http2_open: p.http2_open.load(Ordering::Relaxed),
-            })
-            .collect();
-        endpoints.sort_by_key(|e| e.addr);
-        PoolStats { endpoints }
+                http1_open: 0,
+                http1_pooled: 0,
+                http2_open: 0,
+            });
+            e.http1_open += p.http1_open.load(Ordering::Relaxed);
+            e.http1_pooled += p.http1_pooled.load(Ordering::Relaxed);
+            e.http2_open += p.http2_open.load(Ordering::Relaxed);
+        }
+        PoolStats { endpoints: by_addr.into_values().collect() }
     }
 
-    fn endpoint(&self, addr: (SocketAddr, u64)) -> Arc<EndpointPool> {
-        if let Some(p) = self.inner.endpoints.load().get(&addr) {
+    fn endpoint(&self, key: PoolKey) -> Arc<EndpointPool> {
+        if let Some(p) = self.inner.endpoints.load().get(&key) {
             return Arc::clone(p);
         }
         let fresh = Arc::new(EndpointPool::default());
         let mut result = Arc::clone(&fresh);
         self.inner.endpoints.rcu(|map| {
-            if let Some(p) = map.get(&addr) {
+            if let Some(p) = map.get(&key) {
                 result = Arc::clone(p);
                 return Arc::clone(map);
             }
             result = Arc::clone(&fresh);
             let mut next = HashMap::clone(map);
-            next.insert(addr, Arc::clone(&fresh));
+            next.insert(key, Arc::clone(&fresh));
             Arc::new(next)
         });
         result
     }
 
+    /// Sends over a ready pooled connection, else (pending, within the cluster's
+    /// breaker) a new one or the first busy one to become ready. A request that fails
+    /// on a reused connection before it was written goes once more on a new connection.
     async fn send_h1(
         &self,
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
-        timeout: Duration,
-        connector: &Connector,
+        up: &Upstream<'_>,
         mut req: Request<BoxBody>,
     ) -> Result<(Response<Incoming>, Principal), ProxyError> {
-        if let Some((mut tx, principal)) = pool.checkout_h1(&self.inner.cfg).await {
+        let mut fresh_only = false;
+        loop {
+            let ready = if fresh_only { None } else { pool.checkout_h1(&self.inner.cfg, &up.conn).await };
+            let conn = match ready {
+                Some(c) => c,
+                None => self.wait_h1(pool, addr, up, fresh_only).await?,
+            };
+            let Checked { mut tx, principal, opened, uses, reused } = conn;
             match tx.try_send_request(req).await {
                 Ok(resp) => {
-                    self.release_h1(pool, tx, principal.clone()).await;
+                    let checked = Checked { tx, principal: principal.clone(), opened, uses: uses + 1, reused };
+                    self.release_h1(pool, up, checked).await;
                     return Ok((resp, principal));
                 }
                 Err(mut e) => match e.take_message() {
-                    // Never written: the connection was stale. Try a fresh one.
-                    Some(back) => req = back,
-                    None => return Err(map_hyper_error(addr, e.error(), false)),
+                    // Never written on a reused connection: it was stale. Try a fresh one.
+                    Some(back) if reused => {
+                        req = back;
+                        fresh_only = true;
+                    }
+                    back => return Err(map_hyper_error(addr, e.error(), back.is_some())),
                 },
             }
         }
-        let (mut tx, principal) = self.connect_h1(pool, addr, timeout, connector).await?;
-        match tx.try_send_request(req).await {
-            Ok(resp) => {
-                self.release_h1(pool, tx, principal.clone()).await;
-                Ok((resp, principal))
+    }
+
+    /// A connection for a request that found none ready: counted pending while it
+    /// waits (`Overflow` beyond `max_pending_requests`), it gets a new connection when
+    /// the cluster's `max_connections` allows, else the first of the endpoint's busy
+    /// connections to finish, else whatever the cluster frees first.
+    async fn wait_h1(
+        &self,
+        pool: &Arc<EndpointPool>,
+        addr: SocketAddr,
+        up: &Upstream<'_>,
+        fresh_only: bool,
+    ) -> Result<Checked, ProxyError> {
+        let Some((load, limits)) = up.breaker else {
+            return self.connect_h1(pool, addr, up, None).await;
+        };
+        let _pending = load.try_pending(limits.max_pending_requests).ok_or_else(|| {
+            ProxyError::new(ErrorKind::Overflow, format!("{addr}: max_pending_requests reached")).not_sent()
+        })?;
+        loop {
+            let freed = load.freed();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if !fresh_only {
+                if let Some(c) = pool.checkout_h1(&self.inner.cfg, &up.conn).await {
+                    return Ok(c);
+                }
             }
-            Err(e) => Err(map_hyper_error(addr, e.error(), e.message().is_some())),
+            let first =
+                pool.http1_open.load(Ordering::Acquire) == 0 && pool.http1_connecting.load(Ordering::Acquire) == 0;
+            if let Some(slot) = load.try_connection(limits.max_connections, first) {
+                return self.connect_h1(pool, addr, up, Some(slot)).await;
+            }
+            if !fresh_only {
+                if let Some(mut c) = pool.claim_busy_h1().await {
+                    if c.tx.ready().await.is_ok() {
+                        return Ok(c);
+                    }
+                    continue;
+                }
+            }
+            freed.await;
         }
     }
 
@@ -408,40 +548,60 @@ impl Pools {
         &self,
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
-        timeout: Duration,
-        connector: &Connector,
-    ) -> Result<(http1::SendRequest<BoxBody>, Principal), ProxyError> {
-        let io = connector.connect(addr, timeout).await?;
+        up: &Upstream<'_>,
+        slot: Option<Slot>,
+    ) -> Result<Checked, ProxyError> {
+        let connecting = Counted::new(&pool.http1_connecting);
+        let io = up.connector.connect_with(addr, up.connect_timeout, up.conn.keepalive).await?;
         let principal = io.peer_principal();
         let (tx, conn) = http1::handshake(TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
         let open = Arc::clone(&pool.http1_open);
-        open.fetch_add(1, Ordering::Relaxed);
+        open.fetch_add(1, Ordering::AcqRel);
+        drop(connecting);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream http1 connection ended");
             }
-            open.fetch_sub(1, Ordering::Relaxed);
+            open.fetch_sub(1, Ordering::AcqRel);
+            // Frees the cluster's connection slot and wakes pending requests.
+            drop(slot);
         });
-        Ok((tx, principal))
+        Ok(Checked { tx, principal, opened: Instant::now(), uses: 0, reused: false })
     }
 
-    /// Keeps `tx` (busy with its response) for reuse once its response is done.
-    async fn release_h1(&self, pool: &Arc<EndpointPool>, tx: http1::SendRequest<BoxBody>, principal: Principal) {
-        let mut conns = pool.h1.lock().await;
-        conns.retain(|c| !c.tx.is_closed());
-        conns.push_back(H1Conn { tx, principal, since: Instant::now() });
-        pool.http1_pooled.store(conns.len(), Ordering::Relaxed);
+    /// Keeps the connection (busy with its response) for reuse once its response is
+    /// done, unless it has served `max_requests_per_connection` or outlived
+    /// `max_connection_duration`: then it is dropped, and hyper closes it once the
+    /// response is read.
+    async fn release_h1(&self, pool: &Arc<EndpointPool>, up: &Upstream<'_>, c: Checked) {
+        if spent(&up.conn, c.opened, c.uses) {
+            return;
+        }
+        {
+            let mut conns = pool.h1.lock().await;
+            conns.retain(|c| !c.tx.is_closed());
+            conns.push_back(H1Conn {
+                tx: c.tx,
+                principal: c.principal,
+                idle_since: None,
+                opened: c.opened,
+                uses: c.uses,
+            });
+            pool.http1_pooled.store(conns.len(), Ordering::Relaxed);
+        }
+        if let Some((load, _)) = up.breaker {
+            load.wake();
+        }
     }
 
     async fn send_h2(
         &self,
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
-        timeout: Duration,
-        connector: &Connector,
+        up: &Upstream<'_>,
         req: Request<BoxBody>,
     ) -> Result<(Response<Incoming>, Principal), ProxyError> {
-        let (mut tx, reused, principal) = self.h2_sender(pool, addr, timeout, connector).await?;
+        let (mut tx, reused, principal) = self.h2_sender(pool, addr, up).await?;
         let req = match tx.try_send_request(req).await {
             Ok(resp) => return Ok((resp, principal)),
             Err(mut e) => {
@@ -454,54 +614,85 @@ impl Pools {
         };
         // The shared connection died before taking the request: replace it once.
         pool.drop_h2_if_closed().await;
-        let (mut tx, _, principal) = self.h2_sender(pool, addr, timeout, connector).await?;
+        let (mut tx, _, principal) = self.h2_sender(pool, addr, up).await?;
         let resp =
             tx.try_send_request(req).await.map_err(|e| map_hyper_error(addr, e.error(), e.message().is_some()))?;
         Ok((resp, principal))
     }
 
-    /// The endpoint's live HTTP/2 connection, or a new one; true when reused.
+    /// The endpoint's live HTTP/2 connection, or a new one; true when reused. A
+    /// connection that reaches `max_requests_per_connection` or `max_connection_duration`
+    /// takes no new streams (those in flight finish on it).
     async fn h2_sender(
         &self,
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
-        timeout: Duration,
-        connector: &Connector,
+        up: &Upstream<'_>,
     ) -> Result<(http2::SendRequest<BoxBody>, bool, Principal), ProxyError> {
         let mut slot = pool.h2.lock().await;
         if let Some(conn) = slot.as_mut() {
-            if !conn.tx.is_closed() {
+            if !conn.tx.is_closed() && !spent(&up.conn, conn.opened, conn.uses) {
                 conn.last_used = Instant::now();
-                return Ok((conn.tx.clone(), true, conn.principal.clone()));
+                conn.uses += 1;
+                let tx = conn.tx.clone();
+                let principal = conn.principal.clone();
+                if spent(&up.conn, conn.opened, conn.uses) {
+                    *slot = None;
+                }
+                return Ok((tx, true, principal));
             }
         }
-        let io = connector.connect(addr, timeout).await?;
+        // One HTTP/2 connection per endpoint: counted against max_connections, never
+        // refused (requests are bounded by max_requests instead).
+        let cx = up.breaker.and_then(|(load, limits)| load.try_connection(limits.max_connections, true));
+        let io = up.connector.connect_with(addr, up.connect_timeout, up.conn.keepalive).await?;
         let principal = io.peer_principal();
         let (tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
             .await
             .map_err(|e| map_hyper_error(addr, &e, true))?;
         let open = Arc::clone(&pool.http2_open);
-        open.fetch_add(1, Ordering::Relaxed);
+        open.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream http2 connection ended");
             }
-            open.fetch_sub(1, Ordering::Relaxed);
+            open.fetch_sub(1, Ordering::AcqRel);
+            drop(cx);
         });
-        *slot = Some(H2Conn { tx: tx.clone(), principal: principal.clone(), last_used: Instant::now() });
+        let now = Instant::now();
+        let fresh = H2Conn { tx: tx.clone(), principal: principal.clone(), last_used: now, opened: now, uses: 1 };
+        *slot = (!spent(&up.conn, fresh.opened, fresh.uses)).then_some(fresh);
         Ok((tx, false, principal))
     }
 }
 
 impl EndpointPool {
     /// The most recently used pooled connection that can take a request now.
-    async fn checkout_h1(&self, cfg: &PoolConfig) -> Option<(http1::SendRequest<BoxBody>, Principal)> {
+    async fn checkout_h1(&self, cfg: &PoolConfig, settings: &ConnSettings) -> Option<Checked> {
         let mut conns = self.h1.lock().await;
-        prune_h1(&mut conns, cfg, false);
+        prune_h1(&mut conns, cfg, self.idle_timeout(cfg), settings.max_connection_duration, false);
         let pos = conns.iter().rposition(|c| c.tx.is_ready());
-        let found = pos.and_then(|i| conns.remove(i)).map(|c| (c.tx, c.principal));
+        let found = pos.and_then(|i| conns.remove(i));
         self.http1_pooled.store(conns.len(), Ordering::Relaxed);
-        found
+        found.map(|c| Checked { tx: c.tx, principal: c.principal, opened: c.opened, uses: c.uses, reused: true })
+    }
+
+    /// Takes the least recently used busy connection out of the pool, for a pending
+    /// request to wait on.
+    async fn claim_busy_h1(&self) -> Option<Checked> {
+        let mut conns = self.h1.lock().await;
+        let pos = conns.iter().position(|c| !c.tx.is_closed() && !c.tx.is_ready());
+        let found = pos.and_then(|i| conns.remove(i));
+        self.http1_pooled.store(conns.len(), Ordering::Relaxed);
+        found.map(|c| Checked { tx: c.tx, principal: c.principal, opened: c.opened, uses: c.uses, reused: true })
+    }
+
+    /// The cluster's idle timeout, or the pools' default.
+    fn idle_timeout(&self, cfg: &PoolConfig) -> Duration {
+        match self.idle_ms.load(Ordering::Relaxed) {
+            0 => cfg.idle_timeout,
+            ms => Duration::from_millis(ms),
+        }
     }
 
     async fn drop_h2_if_closed(&self) {
@@ -511,13 +702,13 @@ impl EndpointPool {
         }
     }
 
-    /// Closes idle connections older than `idle_timeout` and HTTP/1 ones beyond
+    /// Closes idle connections older than the idle timeout and HTTP/1 ones beyond
     /// `max_idle_per_endpoint`; true when nothing is left.
     async fn reap(&self, cfg: &PoolConfig) -> bool {
-        let idle_timeout = cfg.idle_timeout;
+        let idle_timeout = self.idle_timeout(cfg);
         {
             let mut conns = self.h1.lock().await;
-            prune_h1(&mut conns, cfg, true);
+            prune_h1(&mut conns, cfg, idle_timeout, None, true);
             self.http1_pooled.store(conns.len(), Ordering::Relaxed);
         }
         {
@@ -527,6 +718,46 @@ impl EndpointPool {
             }
         }
         self.http1_open.load(Ordering::Relaxed) == 0 && self.http2_open.load(Ordering::Relaxed) == 0
+    }
+}
+
+/// Counts one in `counter` while it lives (also when the future holding it is dropped).
+struct Counted<'a>(&'a AtomicUsize);
+
+impl<'a> Counted<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::AcqRel);
+        Counted(counter)
+    }
+}
+
+impl Drop for Counted<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// True when a connection opened at `opened` that served `uses` requests must take no more.
+fn spent(settings: &ConnSettings, opened: Instant, uses: u32) -> bool {
+    settings.max_requests_per_connection.is_some_and(|max| uses >= max)
+        || settings.max_connection_duration.is_some_and(|d| opened.elapsed() >= d)
+}
+
+impl UpstreamStream {
+    /// The ALPN protocol the TLS handshake settled on.
+    pub fn alpn(&self) -> Option<&[u8]> {
+        match self {
+            UpstreamStream::Plain(_) => None,
+            UpstreamStream::Tls(s) => s.get_ref().1.alpn_protocol(),
+        }
+    }
+
+    /// The SPIFFE id the upstream's certificate proved (TLS with a SPIFFE URI SAN).
+    pub fn peer_principal(&self) -> Option<Arc<str>> {
+        match self {
+            UpstreamStream::Plain(_) => None,
+            UpstreamStream::Tls(s) => crate::tls::peer_principal(s.get_ref().1.peer_certificates()),
+        }
     }
 }
 
@@ -580,18 +811,27 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
-/// Drops (and so closes) closed connections, idle ones older than the idle timeout and,
-/// when `bound_idle`, the least recently used idle ones beyond `max_idle_per_endpoint`.
-/// Busy connections stay: they are handed out again once their response is done.
-fn prune_h1(conns: &mut VecDeque<H1Conn>, cfg: &PoolConfig, bound_idle: bool) {
+/// Drops (and so closes) closed connections, idle ones past `idle_timeout` (idle time
+/// counts from when a prune first saw the connection ready), ones older than
+/// `max_duration` once idle and, when `bound_idle`, the least recently used idle ones
+/// beyond `max_idle_per_endpoint`. Busy connections stay: they are handed out again
+/// once their response is done.
+fn prune_h1(
+    conns: &mut VecDeque<H1Conn>,
+    cfg: &PoolConfig,
+    idle_timeout: Duration,
+    max_duration: Option<Duration>,
+    bound_idle: bool,
+) {
     let mut excess = if bound_idle {
         let idle = conns.iter().filter(|c| c.tx.is_ready()).count();
         idle.saturating_sub(cfg.max_idle_per_endpoint)
     } else {
         0
     };
+    let now = Instant::now();
     // Least recently used first: the excess idle connections are the first ones met.
-    conns.retain(|c| {
+    conns.retain_mut(|c| {
         if c.tx.is_closed() {
             return false;
         }
@@ -602,26 +842,36 @@ fn prune_h1(conns: &mut VecDeque<H1Conn>, cfg: &PoolConfig, bound_idle: bool) {
             excess -= 1;
             return false;
         }
-        c.since.elapsed() < cfg.idle_timeout
+        if max_duration.is_some_and(|d| c.opened.elapsed() >= d) {
+            return false;
+        }
+        let since = *c.idle_since.get_or_insert(now);
+        now.saturating_duration_since(since) < idle_timeout
     });
 }
 
-/// Closes idle connections every `reap_interval` until the pools are dropped.
-async fn reap_idle(inner: Weak<Inner>) {
-    let period = match inner.upgrade() {
-        Some(i) => i.cfg.reap_interval.max(Duration::from_millis(10)),
-        None => return,
-    };
-    let mut tick = tokio::time::interval(period);
-    tick.tick().await;
+/// Closes idle connections every `reap_interval` (or a quarter of the smallest idle
+/// timeout a cluster asked for, at least 10 ms) until the pools are dropped.
+async fn reap_idle(inner: Weak<Inner>, reconfigured: Arc<tokio::sync::Notify>) {
     loop {
-        tick.tick().await;
+        let period = match inner.upgrade() {
+            Some(i) => {
+                let quarter = Duration::from_millis(i.min_idle_ms.load(Ordering::Relaxed) / 4);
+                i.cfg.reap_interval.min(quarter).max(Duration::from_millis(10))
+            }
+            None => return,
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            // A shorter idle timeout arrived: recompute the period first.
+            _ = reconfigured.notified() => continue,
+        }
         let Some(inner) = inner.upgrade() else { return };
         let map = inner.endpoints.load_full();
         let mut empty = Vec::new();
-        for (addr, pool) in map.iter() {
+        for (key, pool) in map.iter() {
             if pool.reap(&inner.cfg).await && Arc::strong_count(pool) <= 1 {
-                empty.push(*addr);
+                empty.push(*key);
             }
         }
         if !empty.is_empty() {
@@ -656,8 +906,13 @@ fn own_header_values<B>(mut resp: Response<B>) -> Response<B> {
     resp
 }
 
-/// Plain TCP connect with timeout; failures are `ConnectFailure` and never sent.
-pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ProxyError> {
+/// Plain TCP connect with timeout and, when given, TCP keepalive; failures are
+/// `ConnectFailure` and never sent.
+pub async fn connect_tcp(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: Option<Keepalive>,
+) -> Result<TcpStream, ProxyError> {
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
@@ -674,7 +929,28 @@ pub async fn connect_tcp(addr: SocketAddr, timeout: Duration) -> Result<TcpStrea
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%addr, error = %e, "cannot set TCP_NODELAY");
     }
+    if let Some(k) = keepalive {
+        set_keepalive(&stream, k, addr);
+    }
     Ok(stream)
+}
+
+/// Turns TCP keepalive on with the given settings (system defaults for unset ones).
+fn set_keepalive(stream: &TcpStream, k: Keepalive, addr: SocketAddr) {
+    let mut ka = socket2::TcpKeepalive::new();
+    if let Some(t) = k.time {
+        ka = ka.with_time(t);
+    }
+    if let Some(i) = k.interval {
+        ka = ka.with_interval(i);
+    }
+    #[cfg(any(target_os = "linux", target_os = "macos"))]
+    if let Some(p) = k.probes {
+        ka = ka.with_retries(p);
+    }
+    if let Err(e) = socket2::SockRef::from(stream).set_tcp_keepalive(&ka) {
+        tracing::debug!(%addr, error = %e, "cannot set TCP keepalive");
+    }
 }
 
 /// HTTP/1 wants origin-form (`/path?q`) and a Host header.

@@ -14,7 +14,8 @@ use hyper::body::Incoming;
 
 use super::body::{boxed, downstream_body_error, full, CountingBody, DeadlineBody, Hold};
 use super::RequestCtx;
-use crate::cluster::{BoxBody, Cluster, Discovery, Endpoint, Outcome, UpstreamProtocol};
+use crate::cluster::pool::Upstream;
+use crate::cluster::{BoxBody, Cluster, Discovery, Endpoint, Outcome, Slot, UpstreamProtocol};
 use crate::config::ProxySnapshot;
 use crate::conn::ConnInfo;
 use crate::context::Context;
@@ -50,9 +51,13 @@ pub async fn forward(
         .cloned()
         .ok_or_else(|| ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")))?;
     // Envoy's max_requests circuit breaker: active requests per cluster, across snapshots.
-    let permit = cluster.load().try_start(cluster.config.limits.max_requests).ok_or_else(|| {
-        ProxyError::new(ErrorKind::Overflow, format!("cluster {cluster_name}: max_requests reached")).not_sent()
-    })?;
+    let limits = cluster.config.limits;
+    let Some(permit) = cluster.load().try_start(limits.max_requests) else {
+        ctx.metrics.proxy().upstream_rq_pending_overflow(cluster_name);
+        return Err(
+            ProxyError::new(ErrorKind::Overflow, format!("cluster {cluster_name}: max_requests reached")).not_sent()
+        );
+    };
     let downstream_version = parts.version;
     prepare_headers(&mut parts, ctx, conn, report);
 
@@ -97,6 +102,17 @@ pub async fn forward(
     let mut tried = Vec::new();
     let upstream_start = Instant::now();
     let mut attempt = 0;
+    // The retry in progress, counted against the cluster's max_retries or retry budget
+    // from its scheduling to the outcome of its attempt (as Envoy's resource manager).
+    let mut retrying: Option<Slot> = None;
+    let retry_slot = |retrying: &mut Option<Slot>| -> bool {
+        *retrying = None;
+        *retrying = cluster.load().try_retry(limits.max_retries, limits.retry_budget);
+        if retrying.is_none() {
+            ctx.metrics.proxy().upstream_rq_retry_overflow(cluster_name);
+        }
+        retrying.is_some()
+    };
     loop {
         let last = attempt + 1 >= attempts;
         let ep = pick(&cluster, conn, &tried, hash)?;
@@ -116,13 +132,13 @@ pub async fn forward(
         };
         let inflight = ep.load.start();
         let started = Instant::now();
-        let send = ctx.pools.send_with(
-            &ep,
-            proto,
-            cluster.config.connect_timeout,
-            cluster.config.connector_for(ep.metadata.as_ref()),
-            req,
-        );
+        let upstream = Upstream {
+            connect_timeout: cluster.config.connect_timeout,
+            connector: cluster.config.connector_for(ep.metadata.as_ref()),
+            conn: cluster.config.conn,
+            breaker: Some((cluster.load(), limits)),
+        };
+        let send = ctx.pools.send_to(&ep, proto, &upstream, req);
         let result = match try_deadline {
             Some(d) => match tokio::time::timeout_at(d.into(), send).await {
                 Ok(r) => r,
@@ -144,6 +160,11 @@ pub async fn forward(
         };
         match &result {
             Ok(resp) => cluster.report(&ep, Outcome::of_status(resp.status().as_u16())),
+            Err(e) if e.kind() == ErrorKind::Overflow => {
+                // The pool refused to queue it: the circuit breaker, not the endpoint.
+                ctx.metrics.proxy().upstream_rq_pending_overflow(cluster_name);
+                false
+            }
             Err(e) => {
                 if let Some(reason) = e.tls_reason() {
                     ctx.metrics.proxy().upstream_tls_failed(&cluster.config.name, reason);
@@ -154,7 +175,12 @@ pub async fn forward(
         match result {
             Ok(resp) => {
                 inflight.finish(started.elapsed());
-                if !last && policy.map(|p| p.retry_on_response(resp.status(), resp.headers())).unwrap_or(false) {
+                let wants_retry =
+                    !last && policy.map(|p| p.retry_on_response(resp.status(), resp.headers())).unwrap_or(false);
+                if wants_retry && !retry_slot(&mut retrying) {
+                    // Envoy: no retry over the circuit breaker; the response goes back, flagged UO.
+                    report.flag("UO");
+                } else if wants_retry {
                     drop(resp);
                     report.retries += 1;
                     backoff(policy, attempt, deadline).await?;
@@ -179,6 +205,13 @@ pub async fn forward(
             Err(e) => {
                 drop(inflight);
                 let retry = !last && policy.map(|p| p.retry_on_error(&e)).unwrap_or(false);
+                if retry && !retry_slot(&mut retrying) {
+                    report.flag("UO");
+                    if attempt > 0 {
+                        report.flag("URX");
+                    }
+                    return Err(e);
+                }
                 if retry {
                     report.retries += 1;
                     report.flag(e.kind().response_flag());

@@ -154,12 +154,17 @@ async fn handle_with(
             let status = report.local_status.unwrap_or_else(|| {
                 StatusCode::from_u16(e.kind().http_status()).unwrap_or(StatusCode::SERVICE_UNAVAILABLE)
             });
-            if report.is_grpc() {
+            let mut r = if report.is_grpc() {
                 // gRPC clients expect a trailers-only answer, as Envoy sends.
                 grpc_trailers_only(grpc_status_for_http(status.as_u16()), e.detail())
             } else {
                 local_reply(&e, status)
+            };
+            if e.kind() == ErrorKind::Overflow {
+                // Envoy's router marks requests dropped by upstream circuit breaking.
+                r.headers_mut().insert(HeaderName::from_static("x-envoy-overloaded"), HeaderValue::from_static("true"));
             }
+            r
         }
     };
     let (mut parts, body) = resp.into_parts();

@@ -26,6 +26,9 @@ pub struct ProxyHealth {
     config_version: Family<VersionLabels, Gauge>,
     config_age: Family<TypeLabel, Gauge<f64, AtomicU64>>,
     upstream_rq_retry: Family<ClusterLabel, Counter>,
+    upstream_rq_retry_overflow: Family<ClusterLabel, Counter>,
+    upstream_rq_pending_overflow: Family<ClusterLabel, Counter>,
+    upstream_cx_overflow: Family<ClusterLabel, Counter>,
     upstream_cx_active: Family<ClusterLabel, Gauge>,
     cert_expiry: Gauge<f64, AtomicU64>,
     access_log_dropped: Counter,
@@ -115,6 +118,9 @@ impl ProxyHealth {
             config_version: Family::default(),
             config_age: Family::default(),
             upstream_rq_retry: Family::default(),
+            upstream_rq_retry_overflow: Family::default(),
+            upstream_rq_pending_overflow: Family::default(),
+            upstream_cx_overflow: Family::default(),
             upstream_cx_active: Family::default(),
             cert_expiry: Gauge::default(),
             access_log_dropped: Counter::default(),
@@ -149,6 +155,21 @@ impl ProxyHealth {
             health.config_age.clone(),
         );
         registry.register("weft_upstream_rq_retry", "Upstream request retries", health.upstream_rq_retry.clone());
+        registry.register(
+            "weft_upstream_rq_retry_overflow",
+            "Upstream retries not done because the cluster's max_retries or retry budget was reached (Envoy's upstream_rq_retry_overflow)",
+            health.upstream_rq_retry_overflow.clone(),
+        );
+        registry.register(
+            "weft_upstream_rq_pending_overflow",
+            "Requests refused with 503 UO by the cluster's circuit breaker: max_requests, or max_pending_requests while waiting for a connection (Envoy's upstream_rq_pending_overflow)",
+            health.upstream_rq_pending_overflow.clone(),
+        );
+        registry.register(
+            "weft_upstream_cx_overflow",
+            "TCP connections closed because the cluster's max_connections was reached (Envoy's upstream_cx_overflow)",
+            health.upstream_cx_overflow.clone(),
+        );
         registry.register("weft_upstream_cx_active", "Open upstream connections", health.upstream_cx_active.clone());
         registry.register(
             "weft_cert_expiry_timestamp_seconds",
@@ -221,6 +242,21 @@ impl ProxyHealth {
     /// Counts one upstream retry to `cluster`.
     pub fn upstream_retry(&self, cluster: &str) {
         self.upstream_rq_retry.get_or_create(&cluster_label(cluster)).inc();
+    }
+
+    /// Counts a retry to `cluster` refused by its circuit breaker.
+    pub fn upstream_rq_retry_overflow(&self, cluster: &str) {
+        self.upstream_rq_retry_overflow.get_or_create(&cluster_label(cluster)).inc();
+    }
+
+    /// Counts a request to `cluster` refused by its circuit breaker.
+    pub fn upstream_rq_pending_overflow(&self, cluster: &str) {
+        self.upstream_rq_pending_overflow.get_or_create(&cluster_label(cluster)).inc();
+    }
+
+    /// Counts a TCP connection to `cluster` refused by its circuit breaker.
+    pub fn upstream_cx_overflow(&self, cluster: &str) {
+        self.upstream_cx_overflow.get_or_create(&cluster_label(cluster)).inc();
     }
 
     /// Counts a newly opened upstream connection to `cluster`.

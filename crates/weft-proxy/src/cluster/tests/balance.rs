@@ -22,6 +22,7 @@ fn config(lb: LbPolicy) -> Arc<ClusterConfig> {
         connect_timeout: Duration::from_secs(1),
         protocol: UpstreamProtocol::Http1,
         limits: Limits::default(),
+        conn: Default::default(),
         static_endpoints: None,
         metadata: None,
         services: Vec::new(),

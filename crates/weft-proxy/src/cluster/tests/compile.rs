@@ -52,7 +52,13 @@ fn defaults_match_envoy() {
     assert_eq!(c.protocol, UpstreamProtocol::Http1);
     assert_eq!(
         c.limits,
-        Limits { max_connections: 1024, max_pending_requests: 1024, max_requests: 1024, max_retries: 3 }
+        Limits {
+            max_connections: 1024,
+            max_pending_requests: 1024,
+            max_requests: 1024,
+            max_retries: 3,
+            retry_budget: None
+        }
     );
     assert!(c.static_endpoints.is_none());
 }
@@ -197,6 +203,56 @@ fn timeout_and_circuit_breakers_are_read() {
     assert_eq!(c.limits.max_pending_requests, 1024);
     assert_eq!(c.limits.max_requests, 9);
     assert_eq!(c.limits.max_retries, 1);
+}
+
+#[test]
+fn retry_budget_is_read_with_envoys_defaults() {
+    use envoy_types::pb::envoy::config::cluster::v3::circuit_breakers::thresholds::RetryBudget as PbBudget;
+    let mut x = eds("c");
+    x.circuit_breakers = Some(CircuitBreakers {
+        thresholds: vec![Thresholds { retry_budget: Some(PbBudget::default()), ..Default::default() }],
+        ..Default::default()
+    });
+    let b = ClusterConfig::compile(&x).unwrap().limits.retry_budget.unwrap();
+    assert_eq!((b.budget_percent, b.min_retry_concurrency), (20.0, 3));
+    x.circuit_breakers.as_mut().unwrap().thresholds[0].retry_budget = Some(PbBudget {
+        budget_percent: Some(envoy_types::pb::envoy::r#type::v3::Percent { value: 150.0 }),
+        ..Default::default()
+    });
+    let e = ClusterConfig::compile(&x).unwrap_err();
+    assert_eq!(e.field, "circuit_breakers.thresholds[0].retry_budget.budget_percent", "{e}");
+}
+
+#[test]
+fn per_connection_settings_are_read_from_http_protocol_options() {
+    use envoy_types::pb::envoy::config::cluster::v3::UpstreamConnectionOptions;
+    use envoy_types::pb::envoy::config::core::v3::{HttpProtocolOptions as Common, TcpKeepalive};
+    use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
+    let mut x = eds("c");
+    let opts = HttpProtocolOptions {
+        common_http_protocol_options: Some(Common {
+            idle_timeout: Some(PbDuration { seconds: 2, nanos: 0 }),
+            max_connection_duration: Some(PbDuration { seconds: 0, nanos: 0 }),
+            max_requests_per_connection: Some(UInt32Value { value: 1 }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    x.typed_extension_protocol_options.insert(HTTP_PROTOCOL_OPTIONS_KEY.into(), pack_any(opts));
+    x.upstream_connection_options = Some(UpstreamConnectionOptions {
+        tcp_keepalive: Some(TcpKeepalive {
+            keepalive_probes: Some(UInt32Value { value: 4 }),
+            keepalive_time: Some(UInt32Value { value: 30 }),
+            keepalive_interval: None,
+        }),
+        ..Default::default()
+    });
+    let c = ClusterConfig::compile(&x).unwrap().conn;
+    assert_eq!(c.idle_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(c.max_connection_duration, None, "zero means no limit");
+    assert_eq!(c.max_requests_per_connection, Some(1));
+    let k = c.keepalive.unwrap();
+    assert_eq!((k.probes, k.time, k.interval), (Some(4), Some(Duration::from_secs(30)), None));
 }
 
 #[test]

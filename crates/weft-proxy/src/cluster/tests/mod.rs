@@ -1,6 +1,7 @@
 //! Tests of the cluster stage: compile, balancing, pools.
 
 mod balance;
+mod breaker;
 mod compile;
 mod pool;
 

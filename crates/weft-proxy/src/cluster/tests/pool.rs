@@ -420,3 +420,19 @@ async fn idle_connections_beyond_max_idle_per_endpoint_are_closed() {
     assert_eq!(server.accepted(), 5, "the kept connections are reused");
     assert_eq!(pools.stats().endpoints[0].http1_open, 2);
 }
+
+#[tokio::test]
+async fn tcp_keepalive_is_set_on_new_connections_when_the_cluster_asks() {
+    use crate::cluster::pool::{connect_tcp, Keepalive};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let plain = connect_tcp(addr, TIMEOUT, None).await.unwrap();
+    assert!(!socket2::SockRef::from(&plain).keepalive().unwrap());
+    let ka = Keepalive { probes: Some(4), time: Some(Duration::from_secs(30)), interval: Some(Duration::from_secs(5)) };
+    let s = connect_tcp(addr, TIMEOUT, Some(ka)).await.unwrap();
+    let sock = socket2::SockRef::from(&s);
+    assert!(sock.keepalive().unwrap());
+    assert_eq!(sock.keepalive_time().unwrap(), Duration::from_secs(30));
+    assert_eq!(sock.keepalive_interval().unwrap(), Duration::from_secs(5));
+    assert_eq!(sock.keepalive_retries().unwrap(), 4);
+}
