@@ -3,7 +3,7 @@
 #   1. scripts/setup.sh           installs the real peers the tests talk to
 #   2. cargo fmt --all -- --check formatting
 #   3. cargo clippy --workspace --all-targets -- -D warnings
-#   4. cargo test --workspace     with the peers on PATH (extra arguments go here)
+#   4. cargo test --workspace --no-fail-fast  with the peers on PATH (extra arguments go here)
 # Every step runs even when an earlier one failed, so one run shows everything; the
 # last line is one summary, and the exit code is non-zero when any step failed
 # (cargo test's code first, then clippy's, then fmt's).
@@ -40,9 +40,9 @@ fmt=$?
 echo "== cargo clippy --workspace --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 clippy=$?
-echo "== cargo test --workspace $*"
+echo "== cargo test --workspace --no-fail-fast $*"
 log="$(mktemp)"
-cargo test --workspace "$@" 2>&1 | tee "$log"
+cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 tests=${PIPESTATUS[0]}
 set -e
 

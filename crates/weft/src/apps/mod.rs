@@ -134,12 +134,15 @@ pub async fn run(config: AppConfig) -> anyhow::Result<()> {
             App::Sleep => Ok(()),
         }
     };
+    // Biased, signal first: its handlers are installed on the first poll, before the
+    // app prints that it is up (a SIGTERM right after that line must stop it cleanly).
     tokio::select! {
-        r = serving => r,
+        biased;
         _ = crate::shutdown_signal() => {
             info!("signal received: stopping");
             Ok(())
         }
+        r = serving => r,
     }
 }
 
