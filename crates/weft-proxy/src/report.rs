@@ -75,9 +75,13 @@ fn reporter(d: Direction) -> Reporter {
 /// Adds (outbound) or strips (inbound) peer metadata on the request going upstream:
 /// outbound, this proxy's own replaces whatever the application sent; inbound, the
 /// application never sees the caller's.
-pub fn on_upstream_request(ctx: &Context, conn: &ConnInfo, headers: &mut HeaderMap) {
+pub fn on_upstream_request(ctx: &Context, conn: &ConnInfo, headers: &mut HeaderMap, in_mesh: bool) {
     match conn.listener.direction {
         Direction::Inbound => {
+            peer::strip(headers);
+        }
+        // An upstream outside the mesh gets neither ours nor what the application sent.
+        _ if !in_mesh => {
             peer::strip(headers);
         }
         _ => ctx.local_peer.insert(headers),

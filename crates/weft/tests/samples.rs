@@ -264,6 +264,8 @@ fn egress_service_entry_reaches_an_external_httpbin_and_its_timeout_applies() {
     let (ok, out) =
         mesh.weft(&["exec", "sleep", "--", "curl", "-sS", "-m", "20", "http://httpbin.example.com/headers?egress=1"]);
     assert!(ok && out.contains("\"Host\": \"httpbin.example.com\""), "{out}");
+    // Nothing mesh-internal leaves the mesh: no peer metadata to a MESH_EXTERNAL host.
+    assert!(!out.to_ascii_lowercase().contains("x-envoy-peer-metadata"), "peer metadata sent outside the mesh: {out}");
     UpMesh::wait_for(
         "the external httpbin logs the call",
         || log.lock().unwrap().clone(),

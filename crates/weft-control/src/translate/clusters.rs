@@ -86,6 +86,16 @@ pub fn add_istio_services(c: &mut Cluster, services: &[(String, String, String)]
 /// The key of a cluster's upstream HTTP options in `typed_extension_protocol_options`.
 const HTTP_PROTOCOL_OPTIONS: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
+/// Marks a cluster of a `MESH_EXTERNAL` ServiceEntry: `filter_metadata["istio"]["external"]`
+/// (true). Proxies send no peer metadata to such clusters: what is mesh-internal stays
+/// in the mesh (Istio's `skip_external_clusters`).
+pub fn mark_external(c: &mut Cluster) {
+    use envoy_types::pb::google::protobuf::{value::Kind, Value};
+    let istio =
+        c.metadata.get_or_insert_with(Metadata::default).filter_metadata.entry("istio".to_string()).or_default();
+    istio.fields.insert("external".to_string(), Value { kind: Some(Kind::BoolValue(true)) });
+}
+
 /// Istio's name of an outbound cluster: `outbound|9080|v1|reviews.default.svc.cluster.local`.
 pub fn outbound_name(port: u32, subset: &str, host: &str) -> String {
     format!("outbound|{port}|{subset}|{host}")
@@ -205,6 +215,10 @@ fn add(
         set_lb(&mut c, policy.load_balancer.as_ref());
     }
     set_pool(&mut c, policy.connection_pool.as_ref(), policy.retry_budget, port);
+    // After the balancer, which sets the metadata afresh.
+    if matches!(svc.backing, Backing::Entry { external: true, .. }) {
+        mark_external(&mut c);
+    }
     let client_in_mesh = super::mtls::in_mesh(&view.node.labels);
     let alpn: &[&str] = match port.protocol {
         _ if http2 => &["h2"],

@@ -105,6 +105,8 @@ pub enum Backing {
         endpoints: Vec<WorkloadEntry>,
         /// Workload selector.
         selector: Option<BTreeMap<String, String>>,
+        /// `location: MESH_EXTERNAL` (Istio's default): outside the mesh.
+        external: bool,
     },
 }
 
@@ -193,6 +195,7 @@ impl<'a> MeshView<'a> {
                                 resolution: se.resolution.unwrap_or(Resolution::None),
                                 endpoints: se.endpoints.clone(),
                                 selector: se.workload_selector.as_ref().map(|s| s.labels.clone()),
+                                external: se.location != Some(weft_api::spec::mesh::Location::MeshInternal),
                             },
                         });
                     }
@@ -389,7 +392,7 @@ impl<'a> MeshView<'a> {
         };
         match &svc.backing {
             Backing::Selector(sel) => selected(sel, &mut out),
-            Backing::Entry { resolution, endpoints, selector } => {
+            Backing::Entry { resolution, endpoints, selector, .. } => {
                 for we in endpoints.iter().filter(|we| in_subset(&we.labels)) {
                     out.extend(entry_endpoint(
                         we,

@@ -123,6 +123,9 @@ pub struct ClusterConfig {
     /// plane puts on inbound clusters): the `destination_service*` labels of what the
     /// cluster serves.
     pub services: Vec<Arc<crate::telemetry::ServiceInfo>>,
+    /// Istio's `filter_metadata["istio"]["external"]`: the cluster is outside the mesh
+    /// (a `MESH_EXTERNAL` ServiceEntry); no peer metadata is sent to it.
+    pub external: bool,
     /// How connections are made: plain TCP or TLS (`transport_socket`).
     pub transport: Connector,
     /// `transport_socket_matches`: endpoints whose `envoy.transport_socket_match`
@@ -262,6 +265,7 @@ impl ClusterConfig {
             static_endpoints,
             metadata: c.metadata.clone(),
             services: crate::telemetry::services::from_metadata(c.metadata.as_ref()),
+            external: crate::telemetry::services::is_external(c.metadata.as_ref()),
             transport,
             socket_matches,
             outlier: c

@@ -59,7 +59,10 @@ pub async fn forward(
         );
     };
     let downstream_version = parts.version;
-    prepare_headers(&mut parts, ctx, conn, report);
+    // No mesh metadata to clusters outside the mesh (Istio's `skip_external_clusters`).
+    let in_mesh =
+        !cluster.config.external && !matches!(cluster.config.discovery, crate::cluster::Discovery::OriginalDst);
+    prepare_headers(&mut parts, ctx, conn, report, in_mesh);
 
     let tally = Arc::new(BodyTally::default());
     report.request_body = Some(tally.clone());
@@ -307,7 +310,13 @@ fn replayable(body: &Incoming) -> bool {
 }
 
 /// Hop-by-hop headers and proxy bookkeeping (RFC 9110 §7.6.1, Envoy's defaults).
-fn prepare_headers(parts: &mut http::request::Parts, ctx: &Context, conn: &ConnInfo, report: &HttpReport) {
+fn prepare_headers(
+    parts: &mut http::request::Parts,
+    ctx: &Context,
+    conn: &ConnInfo,
+    report: &HttpReport,
+    in_mesh: bool,
+) {
     // Absolute-form (explicit proxy) and HTTP/2 requests carry the authority in the URI
     // (already rewritten by the route); upstream HTTP/1.1 wants origin-form plus Host.
     if let Some(a) = parts.uri.authority() {
@@ -330,7 +339,7 @@ fn prepare_headers(parts: &mut http::request::Parts, ctx: &Context, conn: &ConnI
             parts.headers.insert("x-request-id", v);
         }
     }
-    crate::report::on_upstream_request(ctx, conn, &mut parts.headers);
+    crate::report::on_upstream_request(ctx, conn, &mut parts.headers, in_mesh);
     crate::telemetry::trace::inject(report.trace.as_deref(), &mut parts.headers);
 }
 

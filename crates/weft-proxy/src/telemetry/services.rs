@@ -36,6 +36,14 @@ pub const VIRTUAL_CLUSTERS: [&str; 4] =
 
 /// The services in a cluster's `filter_metadata["istio"]["services"]` (entries without a
 /// `host` are skipped; a missing `name` or `namespace` is `unknown`).
+pub fn is_external(metadata: Option<&Metadata>) -> bool {
+    metadata
+        .and_then(|m| m.filter_metadata.get(ISTIO_METADATA))
+        .and_then(|s| s.fields.get("external"))
+        .is_some_and(|v| matches!(v.kind, Some(Kind::BoolValue(true))))
+}
+
+/// The `destination_service*` labels in Istio's `filter_metadata["istio"]["services"]`.
 pub fn from_metadata(metadata: Option<&Metadata>) -> Vec<Arc<ServiceInfo>> {
     let Some(list) = metadata
         .and_then(|m| m.filter_metadata.get(ISTIO_METADATA))

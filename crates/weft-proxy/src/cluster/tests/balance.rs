@@ -26,6 +26,7 @@ fn config(lb: LbPolicy) -> Arc<ClusterConfig> {
         static_endpoints: None,
         metadata: None,
         services: Vec::new(),
+        external: false,
         transport: Default::default(),
         socket_matches: Vec::new(),
         outlier: None,
