@@ -16,15 +16,17 @@
 //! dashboard panel that disagrees with Istio.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+#[path = "support/up_mesh.rs"]
+mod up_mesh;
+
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
-const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+use up_mesh::{UpMesh, WEFT};
 /// How long the traffic's series may take to show up in Prometheus (scraped every
 /// second) with enough samples for the dashboards' `rate`s.
 const SETTLE_DEADLINE: Duration = Duration::from_secs(60);
@@ -38,11 +40,8 @@ const TCP_ECHO: &str = "tcp-echo.default.svc.cluster.local";
 
 /// `weft up` on the test mesh.
 struct Mesh {
-    child: Child,
-    _state: tempfile::TempDir,
+    up: UpMesh,
     _resources: tempfile::TempDir,
-    /// Workload name -> its address.
-    workloads: BTreeMap<String, String>,
     /// The client's TCP egress listener (Sidecar `bind`).
     tcp_egress: SocketAddr,
 }
@@ -58,69 +57,29 @@ impl Mesh {
             text.replace("__TCP_PORT__", &tcp_egress.port().to_string()),
         )
         .unwrap();
-        let state = tempfile::tempdir().unwrap();
-        let ingress = weft_testkit::net::reserve_port().to_string();
-        let mut cmd = Command::new(WEFT);
-        cmd.args(["up", "-f"])
-            .arg(resources.path())
-            .args(["--api", "127.0.0.1:0", "--xds", "127.0.0.1:0", "--ingress-port", &ingress, "--access-log", "off"])
-            .env("WEFT_STATE_DIR", state.path())
-            .env("WEFT_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        let envoy = weft_testkit::envoy::binary();
+        let envoy = envoy.to_string_lossy();
+        let mut extra = vec!["--access-log", "off"];
         for name in envoy_sidecars {
-            cmd.args(["--envoy-sidecar", name]).env("WEFT_ENVOY", weft_testkit::envoy::binary());
+            extra.extend(["--envoy-sidecar", name, "--envoy", &envoy]);
         }
-        let mut child = cmd.spawn().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                println!("weft up | {line}");
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(180);
-        let mut output = Vec::new();
-        loop {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    let done = line.starts_with("Ctrl-C stops everything");
-                    output.push(line);
-                    if done {
-                        break;
-                    }
-                }
-                Err(_) => {
-                    let _ = child.kill();
-                    panic!("weft up did not report ready within 180 s: {output:#?}");
-                }
-            }
-        }
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        let mut workloads = BTreeMap::new();
-        let mut in_workloads = false;
-        for l in &output {
-            let words: Vec<&str> = l.split_whitespace().collect();
-            if in_workloads && words.len() >= 2 && l.starts_with("    ") {
-                workloads.insert(words[0].to_string(), words[1].to_string());
-            }
-            in_workloads |= l.trim_start().starts_with("workloads:");
-        }
-        assert_eq!(workloads.len(), 5, "five workloads announced: {output:#?}");
-        Mesh { child, _state: state, _resources: resources, workloads, tcp_egress }
+        let up = UpMesh::start(Some(resources.path()), &extra, 5);
+        Mesh { up, _resources: resources, tcp_egress }
     }
 
     fn addr(&self, workload: &str, port: u16) -> String {
-        format!("{}:{port}", self.workloads[workload])
+        format!("{}:{port}", self.up.workloads[workload])
     }
 
     /// The sidecars Prometheus scrapes: every workload's `/stats/prometheus` on 15020
     /// (an Envoy sidecar has none: it reports no Istio metrics).
     fn scrape_targets(&self, envoy_sidecars: &[&str]) -> Vec<String> {
-        self.workloads.keys().filter(|w| !envoy_sidecars.contains(&w.as_str())).map(|w| self.addr(w, 15020)).collect()
+        self.up
+            .workloads
+            .keys()
+            .filter(|w| !envoy_sidecars.contains(&w.as_str()))
+            .map(|w| self.addr(w, 15020))
+            .collect()
     }
 
     /// `GET url` as the client application: through its sidecar's outbound listener.
@@ -145,20 +104,6 @@ impl Mesh {
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out);
         out.len()
-    }
-}
-
-impl Drop for Mesh {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(60);
-            while matches!(self.child.try_wait(), Ok(None)) && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-        }
     }
 }
 
