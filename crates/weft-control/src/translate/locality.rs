@@ -16,7 +16,8 @@
 //!   same region 2, other regions 3, and with a `failover` rule whose `from` is the
 //!   proxy's region, regions other than its `to` drop to 4; with `failoverPriority`,
 //!   endpoints matching the proxy on all N labels are priority 0, on the first N-1
-//!   priority 1, ..., on none N (Istio's order of preference). Priorities are then
+//!   priority 1, ..., on none N (Istio's order of preference; a `key=value` entry
+//!   compares with `value` instead of the proxy's label). Priorities are then
 //!   renumbered without gaps.
 //!
 //! The cluster gets `locality_weighted_lb_config` so the proxy honours the locality
@@ -127,7 +128,16 @@ pub fn layout(
                 let matched = setting
                     .failover_priority
                     .iter()
-                    .take_while(|key| label_value(key, proxy, proxy_labels) == label_value(key, locality, labels))
+                    .take_while(|entry| {
+                        // `key=value` compares endpoints with the given value instead of
+                        // the client's own.
+                        let (key, forced) = match entry.split_once('=') {
+                            Some((k, v)) => (k, Some(v)),
+                            None => (entry.as_str(), None),
+                        };
+                        let want = forced.or_else(|| label_value(key, proxy, proxy_labels));
+                        want == label_value(key, locality, labels)
+                    })
                     .count() as u32;
                 n - matched
             })
@@ -245,6 +255,9 @@ mod tests {
         let (r1, r2) = (loc("r1/z1"), loc("r2/z1"));
         let eps = [(&r1, &me, 1), (&r2, &me, 1), (&r1, &other, 1)];
         assert_eq!(layout(&setting, &r1, &me, &eps), Some(Layout::Priorities(vec![0, 1, 2])));
+        // `key=value` prefers that value over the client's own.
+        let forced = LocalityLbSetting { failover_priority: vec!["network=n2".into()], ..Default::default() };
+        assert_eq!(layout(&forced, &r1, &me, &eps), Some(Layout::Priorities(vec![1, 1, 0])));
     }
 
     #[test]
