@@ -122,17 +122,20 @@ async fn traffic_fails_over_to_the_next_zone_once_outlier_detection_ejects_the_l
     let before = spread(out, 40, None).await;
     assert_eq!(share(&before, "a"), 1.0, "the local zone takes everything while healthy: {before:?}");
     assert_eq!(b.requests(), 0);
-    // The local zone's apps stop: each failure ejects an endpoint, then zone b takes over.
+    // The local zone's apps stop: each endpoint fails once and is ejected (while one is
+    // left, zone a keeps 70% and zone b answers the rest), then zone b takes over.
     drop((a1, a2));
     let mut failed = 0;
-    loop {
+    for _ in 0..200 {
         let seen = spread(out, 1, None).await;
-        if seen.contains_key("b") {
+        if !seen.contains_key("b") {
+            failed += 1;
+        }
+        if failed == 2 {
             break;
         }
-        failed += 1;
-        assert!(failed <= 2, "more failures than local endpoints: {seen:?}");
     }
+    assert_eq!(failed, 2, "each local endpoint fails once before it is ejected");
     let after = spread(out, 40, None).await;
     assert_eq!(after.get("b"), Some(&40), "after ejection everything fails over: {after:?}");
 }
@@ -152,9 +155,9 @@ async fn a_half_healthy_local_zone_keeps_70_percent_of_the_traffic() {
     let assignment = cla(vec![zone("a", 0, 1, &local), zone("b", 1, 1, &[(b.addr, HealthStatus::Healthy)])]);
     let (_proxy, out) = serve(&mesh, "overprovision", svc_cluster(), assignment, Vec::new()).await;
     let seen = spread(out, 600, None).await;
-    // 1.4 x 2/4 = 70% (binomial spread over 600 requests: +-6% is > 3 sigma).
+    // 1.4 x 2/4 = 70% (binomial spread over 600 requests: +-10% is > 5 sigma).
     let a = share(&seen, "a");
-    assert!((0.64..=0.76).contains(&a), "local share {a}: {seen:?}");
+    assert!((0.60..=0.80).contains(&a), "local share {a}: {seen:?}");
 }
 
 #[tokio::test]
@@ -173,7 +176,7 @@ async fn locality_weights_split_traffic_when_the_cluster_is_locality_weighted() 
     let (_proxy, out) = serve(&mesh, "distribute", c, assignment, Vec::new()).await;
     let seen = spread(out, 600, None).await;
     let b_share = share(&seen, "b");
-    assert!((0.14..=0.26).contains(&b_share), "zone b share {b_share}: {seen:?}");
+    assert!((0.12..=0.28).contains(&b_share), "zone b share {b_share}: {seen:?}");
 }
 
 #[tokio::test]

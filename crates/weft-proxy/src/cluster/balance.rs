@@ -132,6 +132,8 @@ struct Level {
     degraded: Group,
     /// Per locality, when the cluster is locality-weighted (else empty).
     localities: Vec<LocalityGroup>,
+    /// The localities' effective weights while nothing is ejected.
+    locality_weights: Vec<f64>,
 }
 
 #[derive(Debug)]
@@ -192,11 +194,8 @@ impl Balancer {
         let (policy, sizes) = (config.lb, config.hash);
         let levels: Vec<Level> = by_priority
             .into_values()
-            .map(|s| Level {
-                total: s.total,
-                healthy: Group::new(s.healthy, endpoints, policy, sizes),
-                degraded: Group::new(s.degraded, endpoints, policy, sizes),
-                localities: if config.locality_weighted && !policy.is_hashing() {
+            .map(|s| {
+                let localities: Vec<LocalityGroup> = if config.locality_weighted && !policy.is_hashing() {
                     s.localities
                         .into_values()
                         // Envoy: a locality without a weight takes no traffic.
@@ -209,7 +208,18 @@ impl Balancer {
                         .collect()
                 } else {
                     Vec::new()
-                },
+                };
+                let locality_weights = localities
+                    .iter()
+                    .map(|l| effective_weight(l.weight, l.healthy.members.len(), l.total, overprovisioning))
+                    .collect();
+                Level {
+                    total: s.total,
+                    healthy: Group::new(s.healthy, endpoints, policy, sizes),
+                    degraded: Group::new(s.degraded, endpoints, policy, sizes),
+                    localities,
+                    locality_weights,
+                }
             })
             .collect();
         let counts: Vec<(usize, usize, usize)> =
@@ -250,7 +260,7 @@ impl Balancer {
             } else if level.localities.is_empty() {
                 Some(&level.healthy)
             } else {
-                self.choose_locality(level, &is_out)
+                self.choose_locality(level, out)
             };
             if let Some(i) = group.and_then(|g| g.pick(self.policy, endpoints, &excluded, hash)) {
                 return Some(i);
@@ -286,30 +296,36 @@ impl Balancer {
         total >= 100.0
     }
 
-    /// Envoy's locality-weighted choice: weight x min(1, overprovisioning x healthy share).
-    fn choose_locality<'a>(&self, level: &'a Level, out: &dyn Fn(usize) -> bool) -> Option<&'a Group> {
-        let factor = f64::from(self.overprovisioning) / 100.0;
-        let effective: Vec<f64> = level
-            .localities
-            .iter()
-            .map(|l| {
-                let up = l.healthy.members.iter().filter(|&&i| !out(i)).count();
-                let availability = (factor * up as f64 / l.total.max(1) as f64).min(1.0);
-                f64::from(l.weight) * availability
-            })
-            .collect();
+    /// Envoy's locality-weighted choice: weight x min(1, overprovisioning x healthy
+    /// share), counted afresh only while endpoints are `out` (ejected).
+    fn choose_locality<'a>(&self, level: &'a Level, out: Option<&dyn Fn(usize) -> bool>) -> Option<&'a Group> {
+        let dynamic: Vec<f64>;
+        let effective: &[f64] = match out {
+            None => &level.locality_weights,
+            Some(f) => {
+                dynamic = level
+                    .localities
+                    .iter()
+                    .map(|l| {
+                        let up = l.healthy.members.iter().filter(|&&i| !f(i)).count();
+                        effective_weight(l.weight, up, l.total, self.overprovisioning)
+                    })
+                    .collect();
+                &dynamic
+            }
+        };
         let total: f64 = effective.iter().sum();
         if total <= 0.0 {
             return None;
         }
         let mut r = rand::rng().random_range(0.0..total);
-        for (l, w) in level.localities.iter().zip(&effective) {
+        for (l, w) in level.localities.iter().zip(effective) {
             if r < *w {
                 return Some(&l.healthy);
             }
             r -= w;
         }
-        level.localities.iter().zip(&effective).rev().find(|(_, w)| **w > 0.0).map(|(l, _)| &l.healthy)
+        level.localities.iter().zip(effective).rev().find(|(_, w)| **w > 0.0).map(|(l, _)| &l.healthy)
     }
 
     /// The lowest-priority healthy group that is usable, else the lowest degraded one.
@@ -327,6 +343,12 @@ impl LbPolicy {
     fn is_hashing(self) -> bool {
         matches!(self, LbPolicy::RingHash | LbPolicy::Maglev)
     }
+}
+
+/// A locality's weight x its availability, min(1, overprovisioning x up / total).
+fn effective_weight(weight: u32, up: usize, total: usize, overprovisioning: u32) -> f64 {
+    let availability = (f64::from(overprovisioning) / 100.0 * up as f64 / total.max(1) as f64).min(1.0);
+    f64::from(weight) * availability
 }
 
 /// Envoy's priority loads: level p is `min(100, overprovisioning x available / total)`

@@ -196,3 +196,28 @@ fn maglev_honours_a_small_table_size() {
     let seen: std::collections::BTreeSet<SocketAddr> = owners(&c, 200).into_values().collect();
     assert_eq!(seen.len(), 3);
 }
+
+#[test]
+fn an_ejected_locality_loses_its_weight() {
+    let loads = LoadRegistry::new();
+    let mut cfg = config(LbPolicy::RoundRobin, true);
+    cfg.outlier = Some(OutlierConfig {
+        consecutive_5xx: Some(1),
+        consecutive_gateway: None,
+        interval: Duration::from_secs(10),
+        base_ejection: Duration::from_secs(30),
+        max_ejection: Duration::from_secs(300),
+        max_ejection_percent: 100,
+    });
+    let c = build(
+        cfg,
+        vec![
+            locality("a", 0, 80, vec![ep(1, HealthStatus::Healthy)]),
+            locality("b", 0, 20, vec![ep(2, HealthStatus::Healthy)]),
+        ],
+        &loads,
+    );
+    assert!(share(&c, 2_000, |a| a == addr(1)) > 0.7);
+    assert!(c.report(&c.endpoints()[0].clone(), Outcome::Status(500)));
+    assert_eq!(share(&c, 500, |a| a == addr(2)), 1.0);
+}
