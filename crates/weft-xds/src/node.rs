@@ -220,7 +220,10 @@ impl NodeInfo {
         // Envoy (and older weft) nodes send the instance name there: keep it empty then.
         let workload_name = get(WORKLOAD_NAME)?.filter(|w| *w != name).unwrap_or_default().to_string();
         let namespace = required(NAMESPACE)?;
-        let labels = parse_labels(&node.id, metadata.fields.get(LABELS))?;
+        let mut labels = parse_labels(&node.id, metadata.fields.get(LABELS))?;
+        if let Some(l) = &node.locality {
+            augment_locality_labels(&mut labels, &l.region, &l.zone, &l.sub_zone);
+        }
         let service_account = get(SERVICE_ACCOUNT)?.unwrap_or_default().to_string();
         let instance_ips = get(INSTANCE_IPS)?
             .unwrap_or_default()
@@ -330,6 +333,28 @@ fn kind_name(kind: &Kind) -> &'static str {
         Kind::BoolValue(_) => "a bool",
         Kind::StructValue(_) => "a struct",
         Kind::ListValue(_) => "a list",
+    }
+}
+
+/// Label keys Istio reads a workload's locality from (besides [`LOCALITY_LABEL`]).
+pub const REGION_LABEL: &str = "topology.kubernetes.io/region";
+/// The zone label.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+/// The subzone label.
+pub const SUBZONE_LABEL: &str = "topology.istio.io/subzone";
+/// Istio's `istio-locality` label: `region.zone.subzone`, preferred over the others.
+pub const LOCALITY_LABEL: &str = "istio-locality";
+
+/// Istio's `AugmentLabels`: the node's `locality` becomes the region, zone and subzone
+/// labels, unless the labels already say where the workload is.
+fn augment_locality_labels(labels: &mut BTreeMap<String, String>, region: &str, zone: &str, subzone: &str) {
+    if labels.contains_key(LOCALITY_LABEL) || labels.contains_key(REGION_LABEL) {
+        return;
+    }
+    for (key, value) in [(REGION_LABEL, region), (ZONE_LABEL, zone), (SUBZONE_LABEL, subzone)] {
+        if !value.is_empty() {
+            labels.entry(key.to_string()).or_insert_with(|| value.to_string());
+        }
     }
 }
 

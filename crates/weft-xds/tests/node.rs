@@ -168,3 +168,21 @@ fn bad_gateway_metadata_gives_precise_errors() {
     let ok = NodeInfo::from_node(&with("WEFT_GATEWAY_PORTS", " 80=8080 , 443=8443 ")).unwrap();
     assert_eq!(ok.gateway_ports.len(), 2);
 }
+
+#[test]
+fn node_locality_becomes_istios_topology_labels_unless_labels_say_where() {
+    use envoy_types::pb::envoy::config::core::v3::Locality;
+    use weft_xds::node::{REGION_LABEL, SUBZONE_LABEL, ZONE_LABEL};
+    let mut node = common::node_info().to_node();
+    node.locality = Some(Locality { region: "r1".into(), zone: "z1".into(), sub_zone: "s1".into() });
+    let info = NodeInfo::from_node(&node).unwrap();
+    assert_eq!(info.labels.get(REGION_LABEL).map(String::as_str), Some("r1"));
+    assert_eq!(info.labels.get(ZONE_LABEL).map(String::as_str), Some("z1"));
+    assert_eq!(info.labels.get(SUBZONE_LABEL).map(String::as_str), Some("s1"));
+    // Labels that already carry a locality win.
+    let mut labelled = common::node_info();
+    labelled.labels.insert("istio-locality".into(), "r2.z2".into());
+    let mut node = labelled.to_node();
+    node.locality = Some(Locality { region: "r1".into(), zone: "z1".into(), sub_zone: String::new() });
+    assert_eq!(NodeInfo::from_node(&node).unwrap().labels, labelled.labels);
+}

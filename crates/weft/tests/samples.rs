@@ -298,3 +298,36 @@ impl Drop for KillOnDrop {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn locality_failover_keeps_sleep_in_region1_until_it_drains_then_fails_over_to_region2() {
+    weft_testkit::tools::require("curl");
+    let mesh = UpMesh::start(Some(&sample("locality-failover")), &[], 5);
+    mesh.apply_yaml(&readme_heredoc("locality-failover", 0));
+    let hello = || {
+        let (_, out) =
+            mesh.weft(&["exec", "sleep", "--", "curl", "-sS", "-m", "20", "http://helloworld.sample:5000/hello"]);
+        out
+    };
+    let all_from = |version: &'static str| {
+        move |answers: &Vec<String>| answers.iter().all(|a| a.contains(&format!("Hello version: {version},")))
+    };
+    // Once the rule reaches sleep's sidecar, its own locality answers (four localities
+    // round robin before that: 5 in a row from region1 by chance is 1 in 1,024).
+    UpMesh::wait_for("sleep answered from region1", || (0..5).map(|_| hello()).collect(), all_from("region1.zone1"));
+    let steady: Vec<String> = (0..10).map(|_| hello()).collect();
+    assert!(all_from("region1.zone1")(&steady), "{steady:#?}");
+    println!("before the drain: {}", steady[0].trim());
+    // Fail region1 as the page does: its sidecar stops accepting; outlier detection ejects
+    // it and the failover rule sends sleep to region2 (not region3 or region4).
+    let drain = format!("http://{}:15000/drain_listeners?inboundonly", mesh.workloads["helloworld-region1-zone1"]);
+    let out = std::process::Command::new(weft_testkit::tools::require("curl"))
+        .args(["-sS", "-m", "10", "-X", "POST", &drain])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    UpMesh::wait_for("sleep failed over to region2", || (0..5).map(|_| hello()).collect(), all_from("region2.zone2"));
+    let after: Vec<String> = (0..10).map(|_| hello()).collect();
+    assert!(all_from("region2.zone2")(&after), "{after:#?}");
+    println!("after the drain: {}", after[0].trim());
+}

@@ -565,12 +565,54 @@ pub struct LoadBalancerSettings {
     /// Consistent hashing.
     #[serde(default)]
     pub consistent_hash: Option<ConsistentHashLb>,
-    /// Locality settings (kept as raw JSON).
+    /// Locality-aware load balancing.
     #[serde(default)]
-    pub locality_lb_setting: Option<serde_json::Value>,
+    pub locality_lb_setting: Option<LocalityLbSetting>,
     /// Warm-up duration.
     #[serde(default)]
     pub warmup_duration_secs: Option<Duration>,
+}
+
+/// Istio's `LocalityLoadBalancerSetting`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityLbSetting {
+    /// Weighted distribution: the first rule whose `from` matches the client applies.
+    #[serde(default)]
+    pub distribute: Vec<LocalityDistribute>,
+    /// Region failover rules.
+    #[serde(default)]
+    pub failover: Vec<LocalityFailover>,
+    /// Label keys in order of preference (`failoverPriority`).
+    #[serde(default)]
+    pub failover_priority: Vec<String>,
+    /// Unset counts as enabled.
+    #[serde(default)]
+    pub enabled: Option<bool>,
+}
+
+/// One `distribute` rule.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityDistribute {
+    /// The client locality pattern (`region/zone/subzone`, `*` wildcards).
+    #[serde(default)]
+    pub from: String,
+    /// Locality pattern -> weight.
+    #[serde(default)]
+    pub to: BTreeMap<String, u32>,
+}
+
+/// One `failover` rule.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LocalityFailover {
+    /// The client's region.
+    #[serde(default)]
+    pub from: String,
+    /// The region to fail over to.
+    #[serde(default)]
+    pub to: String,
 }
 
 /// Consistent hash key.

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 
+use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier;
 use envoy_types::pb::envoy::config::cluster::v3::UpstreamConnectionOptions;
 use envoy_types::pb::envoy::config::cluster::v3::{
     circuit_breakers, cluster, CircuitBreakers, Cluster, OutlierDetection,
@@ -25,14 +26,15 @@ use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_optio
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::envoy::r#type::matcher::v3::{string_matcher, StringMatcher};
 use envoy_types::pb::envoy::r#type::v3::Percent;
-use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value};
+use envoy_types::pb::google::protobuf::{Duration as PbDuration, UInt32Value, UInt64Value};
 use prost::Message;
 use weft_api::spec::{
-    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, H2UpgradePolicy, LoadBalancerSettings,
+    ClientTlsMode, ClientTlsSettings, ConnectionPoolSettings, H2UpgradePolicy, LoadBalancerSettings, LocalityLbSetting,
     OutlierDetection as IstioOutlier, Resolution, RetryBudget, SimpleLb, TrafficPolicy, RETRY_BUDGET_ANNOTATION,
 };
 use weft_xds::build;
 
+use super::locality::{Layout, Locality};
 use super::model::{Backing, Ep, MeshView, Protocol, Service, SvcPort};
 use super::{ProxyMode, ProxyXds};
 
@@ -189,8 +191,17 @@ fn add(
         }
     };
     let mut c = build::eds_cluster(&name, http2);
+    let assignment = |eps: &[Ep]| {
+        let layout = locality_layout(view, eps, policy);
+        (laid_out(&name, eps, layout.as_ref()), layout.is_some())
+    };
+    let mut locality_weighted = false;
     match resolution {
-        Resolution::Static => out.endpoints.push(cla(&name, &eps)),
+        Resolution::Static => {
+            let (cla, weighted) = assignment(&eps);
+            locality_weighted = weighted;
+            out.endpoints.push(cla);
+        }
         Resolution::Dns | Resolution::DnsRoundRobin => {
             let t = if resolution == Resolution::Dns {
                 cluster::DiscoveryType::StrictDns
@@ -199,8 +210,11 @@ fn add(
             };
             c.cluster_discovery_type = Some(cluster::ClusterDiscoveryType::Type(t as i32));
             c.eds_cluster_config = None;
-            let eps = if t == cluster::DiscoveryType::LogicalDns { eps.into_iter().take(1).collect() } else { eps };
-            c.load_assignment = Some(cla(&name, &eps));
+            let eps: Vec<Ep> =
+                if t == cluster::DiscoveryType::LogicalDns { eps.into_iter().take(1).collect() } else { eps };
+            let (cla, weighted) = assignment(&eps);
+            locality_weighted = weighted;
+            c.load_assignment = Some(cla);
         }
         Resolution::None => {
             c.cluster_discovery_type =
@@ -213,6 +227,10 @@ fn add(
     c.connect_timeout = Some(PbDuration { seconds: 10, nanos: 0 });
     if resolution != Resolution::None {
         set_lb(&mut c, policy.load_balancer.as_ref());
+    }
+    if locality_weighted {
+        c.common_lb_config.get_or_insert_with(Default::default).locality_config_specifier =
+            Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(Default::default()));
     }
     set_pool(&mut c, policy.connection_pool.as_ref(), policy.retry_budget, port);
     // After the balancer, which sets the metadata afresh.
@@ -326,7 +344,10 @@ fn client_tls(tls: &ClientTlsSettings, host: &str) -> Option<TransportSocket> {
 }
 
 /// Sets the balancer: weft's metadata name and Envoy's enum agree; consistent hashing
-/// is RING_HASH (the hash key goes on the route, see `routes`). Without a choice,
+/// (the hash key goes on the route, see `routes`) is Istio's `applyLoadBalancer`:
+/// `maglev` is MAGLEV (`tableSize` -> `maglev_lb_config.table_size` when set),
+/// `ringHash` is RING_HASH (`minimumRingSize` -> `ring_hash_lb_config` when set), and
+/// neither is RING_HASH with the deprecated `minimumRingSize` or 1024. Without a choice,
 /// Istio's default, LEAST_REQUEST (the proxy's own default, peak-EWMA, is kept for
 /// clusters from other control planes).
 fn set_lb(c: &mut Cluster, lb: Option<&LoadBalancerSettings>) {
@@ -335,9 +356,30 @@ fn set_lb(c: &mut Cluster, lb: Option<&LoadBalancerSettings>) {
         c.metadata = Some(build::weft_lb_metadata("LEAST_REQUEST"));
         return;
     };
-    if lb.consistent_hash.is_some() {
-        c.lb_policy = cluster::LbPolicy::RingHash as i32;
+    if let Some(hash) = &lb.consistent_hash {
         c.metadata = None;
+        let ring = |min: u64| {
+            Some(cluster::LbConfig::RingHashLbConfig(cluster::RingHashLbConfig {
+                minimum_ring_size: Some(UInt64Value { value: min }),
+                ..Default::default()
+            }))
+        };
+        if let Some(maglev) = &hash.maglev {
+            c.lb_policy = cluster::LbPolicy::Maglev as i32;
+            if let Some(size) = json_u64(maglev, "tableSize").filter(|&n| n != 0) {
+                c.lb_config = Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
+                    table_size: Some(UInt64Value { value: size }),
+                }));
+            }
+        } else if let Some(ring_hash) = &hash.ring_hash {
+            c.lb_policy = cluster::LbPolicy::RingHash as i32;
+            if let Some(min) = json_u64(ring_hash, "minimumRingSize").filter(|&n| n != 0) {
+                c.lb_config = ring(min);
+            }
+        } else {
+            c.lb_policy = cluster::LbPolicy::RingHash as i32;
+            c.lb_config = ring(hash.minimum_ring_size.filter(|&n| n != 0).unwrap_or(1024));
+        }
         return;
     }
     let (name, policy) = match lb.simple {
@@ -437,6 +479,16 @@ fn set_pool(c: &mut Cluster, pool: Option<&ConnectionPoolSettings>, budget: Opti
     c.typed_extension_protocol_options.insert(HTTP_PROTOCOL_OPTIONS.into(), envoy_types::util::pack_any(opts));
 }
 
+/// An unsigned field of a raw JSON object: a number, or a string holding one (proto3
+/// JSON writes 64-bit integers as strings).
+fn json_u64(v: &serde_json::Value, key: &str) -> Option<u64> {
+    match v.get(key)? {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
+}
+
 fn outlier(o: &IstioOutlier) -> OutlierDetection {
     let u32v = |v: Option<u32>| v.map(|value| UInt32Value { value });
     let pct = |v: Option<i64>| v.and_then(|n| u32::try_from(n.clamp(0, 100)).ok()).map(|value| UInt32Value { value });
@@ -473,31 +525,75 @@ pub fn socket(host: &str, port: u32) -> Address {
     }
 }
 
-/// A ClusterLoadAssignment (healthy endpoints with weights); one empty locality when
-/// there are no endpoints, so the proxy knows the cluster is empty.
+/// Istio's locality load balancing for `eps` as `view`'s proxy sees them: on when the
+/// policy has outlier detection and its `localityLbSetting` is not disabled (see
+/// [`super::locality`]).
+fn locality_layout(view: &MeshView<'_>, eps: &[Ep], policy: &Policy) -> Option<Layout> {
+    policy.outlier_detection.as_ref()?;
+    let default = LocalityLbSetting::default();
+    let setting = policy.load_balancer.as_ref().and_then(|l| l.locality_lb_setting.as_ref()).unwrap_or(&default);
+    if setting.enabled == Some(false) {
+        return None;
+    }
+    let labels = &view.node.labels;
+    let refs: Vec<_> = eps.iter().map(|e| (&e.locality, &e.labels, e.weight)).collect();
+    super::locality::layout(setting, &Locality::of_labels(labels), labels, &refs)
+}
+
+/// A ClusterLoadAssignment (healthy endpoints with weights), one `LocalityLbEndpoints`
+/// per locality; one empty locality when there are no endpoints, so the proxy knows
+/// the cluster is empty.
 pub fn cla(name: &str, eps: &[Ep]) -> ClusterLoadAssignment {
-    ClusterLoadAssignment {
-        cluster_name: name.into(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints: eps
-                .iter()
-                .map(|e| LbEndpoint {
-                    metadata: e.identity.as_ref().map(|_| Metadata {
-                        filter_metadata: [(super::mtls::SOCKET_MATCH.to_string(), super::mtls::tls_mode_istio())]
-                            .into(),
-                        ..Default::default()
-                    }),
-                    health_status: HealthStatus::Healthy as i32,
-                    load_balancing_weight: Some(UInt32Value { value: e.weight }),
-                    host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                        address: Some(socket(&e.host, e.port)),
-                        ..Default::default()
-                    })),
-                })
-                .collect(),
+    laid_out(name, eps, None)
+}
+
+/// Like [`cla`], with the priorities or locality weights of `layout`. A locality
+/// weighs the sum of its endpoints' weights unless `layout` distributes weights;
+/// localities a distribution leaves out are left out.
+pub fn laid_out(name: &str, eps: &[Ep], layout: Option<&Layout>) -> ClusterLoadAssignment {
+    let mut groups: BTreeMap<(u32, &Locality), Vec<&Ep>> = BTreeMap::new();
+    for (i, e) in eps.iter().enumerate() {
+        let priority = match layout {
+            Some(Layout::Priorities(p)) => p.get(i).copied().unwrap_or(0),
+            Some(Layout::Weights(w)) if !w.contains_key(&e.locality) => continue,
+            _ => 0,
+        };
+        groups.entry((priority, &e.locality)).or_default().push(e);
+    }
+    let mut endpoints: Vec<LocalityLbEndpoints> = groups
+        .into_iter()
+        .map(|((priority, locality), eps)| {
+            let weight = match layout {
+                Some(Layout::Weights(w)) => w.get(locality).copied().unwrap_or(0),
+                _ => eps.iter().map(|e| e.weight).fold(0u32, u32::saturating_add),
+            };
+            LocalityLbEndpoints {
+                locality: (!locality.is_empty()).then(|| locality.to_envoy()),
+                lb_endpoints: eps.into_iter().map(lb_endpoint).collect(),
+                load_balancing_weight: Some(UInt32Value { value: weight.max(1) }),
+                priority,
+                ..Default::default()
+            }
+        })
+        .collect();
+    if endpoints.is_empty() {
+        endpoints.push(LocalityLbEndpoints::default());
+    }
+    ClusterLoadAssignment { cluster_name: name.into(), endpoints, ..Default::default() }
+}
+
+fn lb_endpoint(e: &Ep) -> LbEndpoint {
+    LbEndpoint {
+        metadata: e.identity.as_ref().map(|_| Metadata {
+            filter_metadata: [(super::mtls::SOCKET_MATCH.to_string(), super::mtls::tls_mode_istio())].into(),
             ..Default::default()
-        }],
-        ..Default::default()
+        }),
+        health_status: HealthStatus::Healthy as i32,
+        load_balancing_weight: Some(UInt32Value { value: e.weight }),
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+            address: Some(socket(&e.host, e.port)),
+            ..Default::default()
+        })),
     }
 }
 

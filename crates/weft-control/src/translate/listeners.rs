@@ -384,7 +384,7 @@ fn local_app_cluster(
 ) -> Cluster {
     let name = inbound_cluster(port);
     let mut c = build::static_cluster(&name, &[], protocol == Protocol::Http2);
-    c.load_assignment = Some(cla(&name, &[Ep { host, port, weight: 1, identity: None }]));
+    c.load_assignment = Some(cla(&name, &[Ep::plain(host, port)]));
     add_istio_services(&mut c, &view.inbound_services(workload_port));
     c
 }

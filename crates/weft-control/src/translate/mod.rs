@@ -55,6 +55,7 @@ pub mod clusters;
 pub mod gateway;
 pub mod jwt;
 pub mod listeners;
+pub mod locality;
 pub mod model;
 pub mod mtls;
 pub mod on_demand;

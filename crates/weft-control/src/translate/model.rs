@@ -9,6 +9,7 @@ use weft_api::spec::{IstioEgressListener, OutboundMode, Resolution, ServicePort,
 use weft_api::{host, DestinationRule, Gateway, ObjectMeta, Sidecar, Spec, VirtualService, WorkloadEntry};
 use weft_xds::NodeInfo;
 
+use super::locality::Locality;
 use super::{MeshConfig, OutboundPolicy, ProxyMode};
 use crate::registry::{RegistrySnapshot, Workload, WorkloadSource};
 
@@ -121,6 +122,17 @@ pub struct Ep {
     pub weight: u32,
     /// The SPIFFE id of a workload whose proxy does mesh mTLS (auto mTLS targets it).
     pub identity: Option<String>,
+    /// Where the workload runs (empty when unknown).
+    pub locality: Locality,
+    /// The workload's labels (`failoverPriority` compares them).
+    pub labels: BTreeMap<String, String>,
+}
+
+impl Ep {
+    /// An endpoint outside the registry: no identity, locality or labels.
+    pub fn plain(host: String, port: u32) -> Ep {
+        Ep { host, port, weight: 1, identity: None, locality: Locality::default(), labels: BTreeMap::new() }
+    }
 }
 
 impl<'a> MeshView<'a> {
@@ -406,7 +418,7 @@ impl<'a> MeshView<'a> {
                     selected(sel, &mut out);
                 }
                 if out.is_empty() && endpoints.is_empty() && *resolution == Resolution::Dns && subset.is_none() {
-                    out.push(Ep { host: svc.host.clone(), port: target_number(port), weight: 1, identity: None });
+                    out.push(Ep::plain(svc.host.clone(), target_number(port)));
                 }
             }
         }
@@ -524,10 +536,24 @@ fn workload_endpoint(w: &Workload, port: &SvcPort, mode: ProxyMode, trust_domain
     if let (ProxyMode::Explicit, Some(inbound)) = (mode, w.inbound) {
         let index = w.ports.iter().position(|p| u32::from(p.port) == target).unwrap_or(0);
         let port = u32::from(inbound.port()).checked_add(u32::try_from(index).ok()?)?;
-        return Some(Ep { host: inbound.ip().to_string(), port, weight: 1, identity });
+        return Some(Ep {
+            host: inbound.ip().to_string(),
+            port,
+            weight: 1,
+            identity,
+            locality: Locality::of_labels(&w.labels),
+            labels: w.labels.clone(),
+        });
     }
     let ip = w.addresses.first()?;
-    Some(Ep { host: ip.to_string(), port: target, weight: 1, identity })
+    Some(Ep {
+        host: ip.to_string(),
+        port: target,
+        weight: 1,
+        identity,
+        locality: Locality::of_labels(&w.labels),
+        labels: w.labels.clone(),
+    })
 }
 
 /// The endpoint of a WorkloadEntry (resource or ServiceEntry `endpoints`) for `port`;
@@ -546,7 +572,18 @@ fn entry_endpoint(
     let number = we.ports.get(&port.name).copied().unwrap_or_else(|| target_number(port));
     let identity = super::mtls::in_mesh(&we.labels)
         .then(|| super::mtls::spiffe_id(trust_domain, namespace, we.service_account.as_deref().unwrap_or("default")));
-    Some(Ep { host: address.to_string(), port: number, weight: we.weight.unwrap_or(1).max(1), identity })
+    let locality = match we.locality.as_deref().filter(|l| !l.is_empty()) {
+        Some(l) => Locality::parse(l, '/'),
+        None => Locality::of_labels(&we.labels),
+    };
+    Some(Ep {
+        host: address.to_string(),
+        port: number,
+        weight: we.weight.unwrap_or(1).max(1),
+        identity,
+        locality,
+        labels: we.labels.clone(),
+    })
 }
 
 /// A socket address for a proxy-local listener port `base + index`.

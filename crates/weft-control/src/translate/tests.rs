@@ -1062,3 +1062,124 @@ fn inbound_clusters_carry_istio_service_metadata_of_the_services_selecting_the_w
         assert!(istio_services(x.cluster("inbound|5432||").unwrap()).is_empty(), "no service targets 5432");
     }
 }
+
+fn zoned(id: &str, ip: &str, zone: &str) -> Workload {
+    let mut w = workload(id, "v1", ip, None);
+    w.labels.insert(weft_xds::node::REGION_LABEL.into(), "r1".into());
+    w.labels.insert(weft_xds::node::ZONE_LABEL.into(), zone.into());
+    w
+}
+
+fn in_zone(zone: &str) -> NodeInfo {
+    let mut n = node("default");
+    n.labels.insert(weft_xds::node::REGION_LABEL.into(), "r1".into());
+    n.labels.insert(weft_xds::node::ZONE_LABEL.into(), zone.into());
+    n
+}
+
+/// (zone, priority, locality weight, endpoints) of each locality.
+fn localities(cla: &ClusterLoadAssignment) -> Vec<(String, u32, u32, Vec<String>)> {
+    cla.endpoints
+        .iter()
+        .map(|l| {
+            let one = ClusterLoadAssignment { endpoints: vec![l.clone()], ..Default::default() };
+            (
+                l.locality.as_ref().map(|x| x.zone.clone()).unwrap_or_default(),
+                l.priority,
+                l.load_balancing_weight.map_or(0, |w| w.value),
+                eps(&one),
+            )
+        })
+        .collect()
+}
+
+fn locality_weighted(c: &Cluster) -> bool {
+    matches!(
+        c.common_lb_config.as_ref().and_then(|l| l.locality_config_specifier.as_ref()),
+        Some(cluster::common_lb_config::LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+    )
+}
+
+fn dr(traffic_policy: &str) -> String {
+    format!(
+        r#"
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{name: reviews, namespace: default}}
+spec:
+  host: reviews
+  trafficPolicy: {traffic_policy}
+"#
+    )
+}
+
+#[test]
+fn endpoints_are_grouped_by_locality_and_failover_orders_them_from_the_client_zone() {
+    let ws = vec![zoned("a", "10.0.0.1", "za"), zoned("b", "10.0.0.2", "zb")];
+    let name = format!("outbound|9080||{FQDN}");
+    // Without outlier detection: localities, no priorities (Istio's rule).
+    let x = translate(&mesh(SERVICE), &registry(ws.clone()).snapshot(), &in_zone("zb"), ProxyMode::Transparent);
+    assert_eq!(
+        localities(x.endpoints_of(&name).unwrap()),
+        vec![("za".into(), 0, 1, vec!["10.0.0.1:8080".into()]), ("zb".into(), 0, 1, vec!["10.0.0.2:8080".into()])]
+    );
+    assert!(!locality_weighted(x.cluster(&name).unwrap()));
+    // With it: the client's zone first, whatever the order of the registry.
+    let yaml = format!("{SERVICE}{}", dr("{outlierDetection: {consecutive5xxErrors: 1}}"));
+    let x = translate(&mesh(&yaml), &registry(ws.clone()).snapshot(), &in_zone("zb"), ProxyMode::Transparent);
+    let mut got = localities(x.endpoints_of(&name).unwrap());
+    got.sort_by_key(|l| l.1);
+    assert_eq!(got[0], ("zb".into(), 0, 1, vec!["10.0.0.2:8080".into()]));
+    assert_eq!(got[1], ("za".into(), 1, 1, vec!["10.0.0.1:8080".into()]));
+    assert!(locality_weighted(x.cluster(&name).unwrap()));
+    // `enabled: false` turns it off.
+    let yaml = format!(
+        "{SERVICE}{}",
+        dr("{outlierDetection: {consecutive5xxErrors: 1}, loadBalancer: {localityLbSetting: {enabled: false}}}")
+    );
+    let x = translate(&mesh(&yaml), &registry(ws).snapshot(), &in_zone("zb"), ProxyMode::Transparent);
+    assert!(localities(x.endpoints_of(&name).unwrap()).iter().all(|l| l.1 == 0));
+}
+
+#[test]
+fn distribute_sets_locality_weights_for_clients_it_is_from() {
+    let ws = vec![zoned("a", "10.0.0.1", "za"), zoned("b", "10.0.0.2", "zb"), zoned("c", "10.0.0.3", "zc")];
+    let yaml = format!(
+        "{SERVICE}{}",
+        dr(
+            r#"{outlierDetection: {consecutive5xxErrors: 1}, loadBalancer: {localityLbSetting: {distribute: [{from: "r1/za/*", to: {"r1/za/*": 80, "r1/zb/*": 20}}]}}}"#
+        )
+    );
+    let name = format!("outbound|9080||{FQDN}");
+    let x = translate(&mesh(&yaml), &registry(ws).snapshot(), &in_zone("za"), ProxyMode::Transparent);
+    let got: Vec<(String, u32)> = localities(x.endpoints_of(&name).unwrap()).into_iter().map(|l| (l.0, l.2)).collect();
+    assert_eq!(got, vec![("za".into(), 80), ("zb".into(), 20)], "zc is left out");
+    assert!(locality_weighted(x.cluster(&name).unwrap()));
+}
+
+#[test]
+fn maglev_and_ring_hash_sizes_follow_istio() {
+    let name = format!("outbound|9080||{FQDN}");
+    let lb = |yaml: &str| {
+        let x = run(&format!("{SERVICE}{}", dr(yaml)), two_versions(), ProxyMode::Transparent);
+        let c = x.cluster(&name).unwrap().clone();
+        (c.lb_policy, c.lb_config)
+    };
+    let (policy, config) = lb("{loadBalancer: {consistentHash: {httpHeaderName: x, maglev: {tableSize: 251}}}}");
+    assert_eq!(policy, cluster::LbPolicy::Maglev as i32);
+    assert_eq!(
+        config,
+        Some(cluster::LbConfig::MaglevLbConfig(cluster::MaglevLbConfig {
+            table_size: Some(envoy_types::pb::google::protobuf::UInt64Value { value: 251 })
+        }))
+    );
+    let (policy, config) =
+        lb("{loadBalancer: {consistentHash: {httpHeaderName: x, ringHash: {minimumRingSize: 2048}}}}");
+    assert_eq!(policy, cluster::LbPolicy::RingHash as i32);
+    let Some(cluster::LbConfig::RingHashLbConfig(r)) = config else { panic!("{config:?}") };
+    assert_eq!(r.minimum_ring_size.map(|v| v.value), Some(2048));
+    let (_, config) = lb("{loadBalancer: {consistentHash: {httpHeaderName: x}}}");
+    let Some(cluster::LbConfig::RingHashLbConfig(r)) = config else { panic!("{config:?}") };
+    assert_eq!(r.minimum_ring_size.map(|v| v.value), Some(1024));
+}

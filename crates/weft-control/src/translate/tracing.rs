@@ -197,7 +197,7 @@ fn ensure_collector(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds, na
     let known = view.service(host).and_then(|svc| svc.port(u32::from(port)).map(|sp| (svc, sp)));
     let eps: Vec<Ep> = match known {
         Some((svc, sp)) => view.endpoints(svc, sp, None, mode),
-        None => vec![Ep { host: host.to_string(), port: u32::from(port), weight: 1, identity: None }],
+        None => vec![Ep::plain(host.to_string(), u32::from(port))],
     };
     let mut c = build::static_cluster(name, &[], http2);
     if known.is_none() && host.parse::<IpAddr>().is_err() {

@@ -1,8 +1,12 @@
 //! Choosing an endpoint: priority and health selection, then the cluster's policy.
 //!
-//! Endpoints are grouped per priority into healthy and degraded groups once, when the
-//! cluster is built; `pick` only reads atomics (the round-robin cursor and the
-//! endpoints' loads), so it never locks.
+//! Endpoints are grouped per priority (and per locality when the cluster is
+//! locality-weighted) into healthy and degraded groups once, when the cluster is built.
+//! A pick first draws a priority from Envoy's priority loads (overprovisioning factor),
+//! then, for locality-weighted clusters, a locality by weight x availability, then an
+//! endpoint by the cluster's policy. `pick` only reads atomics (the round-robin cursor
+//! and the endpoints' loads), so it never locks; while endpoints are ejected the
+//! loads are recomputed per pick from who is ejected.
 
 use crate::hash::stable_hash;
 use std::cmp::Ordering as CmpOrdering;
@@ -13,26 +17,96 @@ use std::sync::Arc;
 
 use rand::Rng;
 
-use crate::cluster::config::LbPolicy;
+use crate::cluster::config::{ClusterConfig, HashConfig, LbPolicy};
 use crate::cluster::endpoints::{Endpoint, Health};
 
+/// Envoy's default `overprovisioning_factor` (140 = 1.4).
+pub(crate) const DEFAULT_OVERPROVISIONING: u32 = 140;
+
+/// Where an endpoint sits in its assignment.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Place {
+    pub(crate) priority: u32,
+    /// Index of its locality in the assignment.
+    pub(crate) locality: usize,
+    /// The locality's `load_balancing_weight` (0: unset).
+    pub(crate) locality_weight: u32,
+}
+
 /// Places each member on the ring proportionally to its weight, at least
-/// [`MIN_RING_SIZE`] points in all (Envoy's ring hash).
-fn build_ring(members: &[usize], weights: &[u64], endpoints: &[Arc<Endpoint>]) -> Vec<(u64, usize)> {
+/// `min_ring_size` and at most `max_ring_size` points in all (Envoy's ring hash).
+fn build_ring(members: &[usize], weights: &[u64], endpoints: &[Arc<Endpoint>], sizes: HashConfig) -> Vec<(u64, usize)> {
     let total: u64 = weights.iter().sum();
     if total == 0 {
         return Vec::new();
     }
-    let scale = MIN_RING_SIZE.div_ceil(total).max(1);
-    let mut ring = Vec::with_capacity((total * scale) as usize);
+    let target = sizes.min_ring_size.max(total).min(sizes.max_ring_size.max(members.len() as u64));
+    let mut ring = Vec::with_capacity(target as usize + members.len());
     for (m, (&i, &w)) in members.iter().zip(weights).enumerate() {
         let key = endpoints[i].addr.to_string();
-        for r in 0..w * scale {
+        let points = ((w as f64 / total as f64) * target as f64).ceil().max(1.0) as u64;
+        for r in 0..points {
             ring.push((stable_hash(format!("{key}_{r}").as_bytes()), m));
         }
     }
     ring.sort_unstable();
     ring
+}
+
+/// Maglev's lookup table (Envoy's weighted variant): every member walks its own
+/// permutation of the `size` slots and takes the next free one, members of weight w
+/// taking turns w/max_weight as often as the heaviest. Slots hold indices into `members`.
+fn build_maglev(members: &[usize], weights: &[u64], endpoints: &[Arc<Endpoint>], size: u64) -> Vec<u32> {
+    let max = weights.iter().copied().max().unwrap_or(0);
+    if members.is_empty() || max == 0 || size < 2 {
+        return Vec::new();
+    }
+    struct Entry {
+        offset: u64,
+        skip: u64,
+        next: u64,
+        normalized: f64,
+        target: f64,
+    }
+    let mut entries: Vec<Entry> = members
+        .iter()
+        .zip(weights)
+        .map(|(&i, &w)| {
+            let key = endpoints[i].addr.to_string();
+            Entry {
+                offset: stable_hash(key.as_bytes()) % size,
+                skip: stable_hash(format!("{key}#skip").as_bytes()) % (size - 1) + 1,
+                next: 0,
+                normalized: w as f64 / max as f64,
+                target: 0.0,
+            }
+        })
+        .collect();
+    let mut table = vec![u32::MAX; size as usize];
+    let mut filled = 0u64;
+    let mut iteration = 1u64;
+    while filled < size {
+        for (m, e) in entries.iter_mut().enumerate() {
+            if filled == size {
+                break;
+            }
+            if (iteration as f64) * e.normalized < e.target {
+                continue;
+            }
+            e.target += 1.0;
+            loop {
+                let slot = ((e.offset + e.skip.wrapping_mul(e.next) % size) % size) as usize;
+                e.next += 1;
+                if table[slot] == u32::MAX {
+                    table[slot] = m as u32;
+                    filled += 1;
+                    break;
+                }
+            }
+        }
+        iteration += 1;
+    }
+    table
 }
 
 /// The longest precomputed round-robin sequence; bigger weight sums are scaled down.
@@ -42,14 +116,31 @@ const MAX_RR_SEQUENCE: u64 = 1 << 14;
 #[derive(Debug)]
 pub(crate) struct Balancer {
     policy: LbPolicy,
+    /// Overprovisioning factor in percent (140 = 1.4).
+    overprovisioning: u32,
     /// Ascending by priority.
     levels: Vec<Level>,
+    /// Priority loads while nothing is ejected: (healthy, degraded) percent per level.
+    loads: Vec<(f64, f64)>,
 }
 
 #[derive(Debug)]
 struct Level {
+    /// Endpoints of the priority, whatever their health.
+    total: usize,
     healthy: Group,
     degraded: Group,
+    /// Per locality, when the cluster is locality-weighted (else empty).
+    localities: Vec<LocalityGroup>,
+    /// The localities' effective weights while nothing is ejected.
+    locality_weights: Vec<f64>,
+}
+
+#[derive(Debug)]
+struct LocalityGroup {
+    weight: u32,
+    total: usize,
+    healthy: Group,
 }
 
 /// Endpoints of one priority and health, with what each policy needs precomputed.
@@ -65,52 +156,176 @@ struct Group {
     /// Consistent-hash ring: (point, index into `members`), sorted by point; built only
     /// for ring-hash clusters.
     ring: Vec<(u64, usize)>,
+    /// Maglev lookup table (indices into `members`); built only for Maglev clusters.
+    maglev: Vec<u32>,
 }
 
-/// Envoy's `minimum_ring_size` default.
-const MIN_RING_SIZE: u64 = 1024;
-
 impl Balancer {
-    /// Groups `endpoints` by priority (the parallel `priorities`) and health.
-    pub(crate) fn new(policy: LbPolicy, endpoints: &[Arc<Endpoint>], priorities: &[u32]) -> Self {
-        let mut by_priority: BTreeMap<u32, (Vec<usize>, Vec<usize>)> = BTreeMap::new();
-        for (i, (ep, prio)) in endpoints.iter().zip(priorities).enumerate() {
-            let entry = by_priority.entry(*prio).or_default();
+    /// Groups `endpoints` by priority (the parallel `places`), locality and health.
+    pub(crate) fn new(
+        config: &ClusterConfig,
+        overprovisioning: u32,
+        endpoints: &[Arc<Endpoint>],
+        places: &[Place],
+    ) -> Self {
+        #[derive(Default)]
+        struct Sorting {
+            total: usize,
+            healthy: Vec<usize>,
+            degraded: Vec<usize>,
+            /// locality index -> (weight, total, healthy)
+            localities: BTreeMap<usize, (u32, usize, Vec<usize>)>,
+        }
+        let mut by_priority: BTreeMap<u32, Sorting> = BTreeMap::new();
+        for (i, (ep, place)) in endpoints.iter().zip(places).enumerate() {
+            let entry = by_priority.entry(place.priority).or_default();
+            entry.total += 1;
+            let locality = entry.localities.entry(place.locality).or_insert((place.locality_weight, 0, Vec::new()));
+            locality.1 += 1;
             match ep.health {
-                Health::Healthy => entry.0.push(i),
-                Health::Degraded => entry.1.push(i),
+                Health::Healthy => {
+                    entry.healthy.push(i);
+                    locality.2.push(i);
+                }
+                Health::Degraded => entry.degraded.push(i),
                 Health::Unhealthy => {}
             }
         }
-        let levels = by_priority
+        let (policy, sizes) = (config.lb, config.hash);
+        let levels: Vec<Level> = by_priority
             .into_values()
-            .map(|(healthy, degraded)| Level {
-                healthy: Group::new(healthy, endpoints, policy),
-                degraded: Group::new(degraded, endpoints, policy),
+            .map(|s| {
+                let localities: Vec<LocalityGroup> = if config.locality_weighted && !policy.is_hashing() {
+                    s.localities
+                        .into_values()
+                        // Envoy: a locality without a weight takes no traffic.
+                        .filter(|(weight, _, _)| *weight > 0)
+                        .map(|(weight, total, healthy)| LocalityGroup {
+                            weight,
+                            total,
+                            healthy: Group::new(healthy, endpoints, policy, sizes),
+                        })
+                        .collect()
+                } else {
+                    Vec::new()
+                };
+                let locality_weights = localities
+                    .iter()
+                    .map(|l| effective_weight(l.weight, l.healthy.members.len(), l.total, overprovisioning))
+                    .collect();
+                Level {
+                    total: s.total,
+                    healthy: Group::new(s.healthy, endpoints, policy, sizes),
+                    degraded: Group::new(s.degraded, endpoints, policy, sizes),
+                    localities,
+                    locality_weights,
+                }
             })
             .collect();
-        Balancer { policy, levels }
+        let counts: Vec<(usize, usize, usize)> =
+            levels.iter().map(|l| (l.healthy.members.len(), l.degraded.members.len(), l.total)).collect();
+        let loads = priority_loads(&counts, overprovisioning);
+        Balancer { policy, overprovisioning, levels, loads }
     }
 
     /// Picks an endpoint index; see [`crate::cluster::Cluster::pick`].
-    /// `out` marks endpoints that must not be picked at all (ejected); `exclude` only
-    /// those to avoid when possible (tried already).
+    /// `out` marks endpoints that must not be picked at all (ejected; None: none is);
+    /// `exclude` only those to avoid when possible (tried already).
     pub(crate) fn pick(
         &self,
         endpoints: &[Arc<Endpoint>],
         exclude: &[SocketAddr],
-        out: &dyn Fn(usize) -> bool,
+        out: Option<&dyn Fn(usize) -> bool>,
         hash: Option<u64>,
     ) -> Option<usize> {
-        let excluded = |i: usize| out(i) || exclude.contains(&endpoints[i].addr);
+        let is_out = |i: usize| out.is_some_and(|f| f(i));
+        let excluded = |i: usize| is_out(i) || exclude.contains(&endpoints[i].addr);
+        let dynamic;
+        let loads = match out {
+            None => &self.loads,
+            Some(f) => {
+                dynamic = priority_loads(&self.counts(f), self.overprovisioning);
+                &dynamic
+            }
+        };
+        // Envoy draws the priority from the hash for hashing policies.
+        let roll = match hash {
+            Some(h) => (h % 10_000) as f64 / 100.0,
+            None => rand::rng().random_range(0.0..100.0),
+        };
+        if let Some((level, degraded)) = choose_level(loads, roll) {
+            let level = &self.levels[level];
+            let group = if degraded {
+                Some(&level.degraded)
+            } else if level.localities.is_empty() {
+                Some(&level.healthy)
+            } else {
+                self.choose_locality(level, out)
+            };
+            if let Some(i) = group.and_then(|g| g.pick(self.policy, endpoints, &excluded, hash)) {
+                return Some(i);
+            }
+        }
+        // The drawn group is all excluded (a retry): the first group with another host.
         if !exclude.is_empty() {
             if let Some(group) = self.group(|g| g.members.iter().any(|&i| !excluded(i))) {
                 return group.pick(self.policy, endpoints, &excluded, hash);
             }
         }
         // Nothing left outside `exclude`: reusing a host beats failing.
-        let group = self.group(|g| g.members.iter().any(|&i| !out(i)))?;
-        group.pick(self.policy, endpoints, out, hash)
+        let group = self.group(|g| g.members.iter().any(|&i| !is_out(i)))?;
+        group.pick(self.policy, endpoints, &is_out, hash)
+    }
+
+    /// (healthy, degraded, total) per level, leaving `out` out.
+    fn counts(&self, out: &dyn Fn(usize) -> bool) -> Vec<(usize, usize, usize)> {
+        let up = |g: &Group| g.members.iter().filter(|&&i| !out(i)).count();
+        self.levels.iter().map(|l| (up(&l.healthy), up(&l.degraded), l.total)).collect()
+    }
+
+    /// Whether the priorities together can take all the traffic without the endpoints
+    /// `out` (Envoy's normalized total availability of 100%: panic thresholds are then
+    /// disregarded).
+    pub(crate) fn fully_available(&self, out: &dyn Fn(usize) -> bool) -> bool {
+        let factor = f64::from(self.overprovisioning) / 100.0;
+        let total: f64 = self
+            .counts(out)
+            .iter()
+            .map(|&(h, d, t)| (100.0 * factor * (h + d) as f64 / t.max(1) as f64).min(100.0))
+            .sum();
+        total >= 100.0
+    }
+
+    /// Envoy's locality-weighted choice: weight x min(1, overprovisioning x healthy
+    /// share), counted afresh only while endpoints are `out` (ejected).
+    fn choose_locality<'a>(&self, level: &'a Level, out: Option<&dyn Fn(usize) -> bool>) -> Option<&'a Group> {
+        let dynamic: Vec<f64>;
+        let effective: &[f64] = match out {
+            None => &level.locality_weights,
+            Some(f) => {
+                dynamic = level
+                    .localities
+                    .iter()
+                    .map(|l| {
+                        let up = l.healthy.members.iter().filter(|&&i| !f(i)).count();
+                        effective_weight(l.weight, up, l.total, self.overprovisioning)
+                    })
+                    .collect();
+                &dynamic
+            }
+        };
+        let total: f64 = effective.iter().sum();
+        if total <= 0.0 {
+            return None;
+        }
+        let mut r = rand::rng().random_range(0.0..total);
+        for (l, w) in level.localities.iter().zip(effective) {
+            if r < *w {
+                return Some(&l.healthy);
+            }
+            r -= w;
+        }
+        level.localities.iter().zip(effective).rev().find(|(_, w)| **w > 0.0).map(|(l, _)| &l.healthy)
     }
 
     /// The lowest-priority healthy group that is usable, else the lowest degraded one.
@@ -123,8 +338,70 @@ impl Balancer {
     }
 }
 
+impl LbPolicy {
+    /// Whether the policy hashes requests (locality weights do not apply, as in Envoy).
+    fn is_hashing(self) -> bool {
+        matches!(self, LbPolicy::RingHash | LbPolicy::Maglev)
+    }
+}
+
+/// A locality's weight x its availability, min(1, overprovisioning x up / total).
+fn effective_weight(weight: u32, up: usize, total: usize, overprovisioning: u32) -> f64 {
+    let availability = (f64::from(overprovisioning) / 100.0 * up as f64 / total.max(1) as f64).min(1.0);
+    f64::from(weight) * availability
+}
+
+/// Envoy's priority loads: level p is `min(100, overprovisioning x available / total)`
+/// healthy (then degraded), normalised by the total availability (capped at 100) and
+/// handed out from priority 0 down until 100% is spent. `counts` holds (healthy,
+/// degraded, total) per level. All zeros when nothing is available.
+fn priority_loads(counts: &[(usize, usize, usize)], overprovisioning: u32) -> Vec<(f64, f64)> {
+    let factor = f64::from(overprovisioning) / 100.0;
+    let share = |n: usize, total: usize| (100.0 * factor * n as f64 / total.max(1) as f64).min(100.0);
+    let healthy: Vec<f64> = counts.iter().map(|&(h, _, t)| share(h, t)).collect();
+    let degraded: Vec<f64> = counts.iter().map(|&(_, d, t)| share(d, t)).collect();
+    let availability = (healthy.iter().sum::<f64>() + degraded.iter().sum::<f64>()).min(100.0);
+    let mut loads = vec![(0.0, 0.0); counts.len()];
+    if availability <= 0.0 {
+        return loads;
+    }
+    let mut left = 100.0;
+    for (load, h) in loads.iter_mut().zip(&healthy) {
+        load.0 = (h * 100.0 / availability).min(left);
+        left -= load.0;
+    }
+    for (load, d) in loads.iter_mut().zip(&degraded) {
+        load.1 = (d * 100.0 / availability).min(left);
+        left -= load.1;
+    }
+    loads
+}
+
+/// The (level, degraded) whose slice of the cumulative loads holds `roll` (0..100).
+fn choose_level(loads: &[(f64, f64)], roll: f64) -> Option<(usize, bool)> {
+    let mut acc = 0.0;
+    for (i, load) in loads.iter().enumerate() {
+        acc += load.0;
+        if roll < acc {
+            return Some((i, false));
+        }
+    }
+    for (i, load) in loads.iter().enumerate() {
+        acc += load.1;
+        if roll < acc {
+            return Some((i, true));
+        }
+    }
+    // Rounding: the last level with any load.
+    loads
+        .iter()
+        .rposition(|l| l.0 > 0.0)
+        .map(|i| (i, false))
+        .or_else(|| loads.iter().rposition(|l| l.1 > 0.0).map(|i| (i, true)))
+}
+
 impl Group {
-    fn new(members: Vec<usize>, endpoints: &[Arc<Endpoint>], policy: LbPolicy) -> Self {
+    fn new(members: Vec<usize>, endpoints: &[Arc<Endpoint>], policy: LbPolicy, sizes: HashConfig) -> Self {
         let weights: Vec<u64> = members.iter().map(|&i| u64::from(endpoints[i].weight.max(1))).collect();
         let mut sum = 0;
         let cumulative = weights
@@ -135,8 +412,21 @@ impl Group {
             })
             .collect();
         let start = if members.is_empty() { 0 } else { rand::rng().random_range(0..members.len().max(1) * 64) };
-        let ring = if policy == LbPolicy::RingHash { build_ring(&members, &weights, endpoints) } else { Vec::new() };
-        Group { rr_sequence: smooth_sequence(&weights), members, cumulative, rr_next: AtomicUsize::new(start), ring }
+        let ring =
+            if policy == LbPolicy::RingHash { build_ring(&members, &weights, endpoints, sizes) } else { Vec::new() };
+        let maglev = if policy == LbPolicy::Maglev {
+            build_maglev(&members, &weights, endpoints, sizes.maglev_table_size)
+        } else {
+            Vec::new()
+        };
+        Group {
+            rr_sequence: smooth_sequence(&weights),
+            members,
+            cumulative,
+            rr_next: AtomicUsize::new(start),
+            ring,
+            maglev,
+        }
     }
 
     /// The first ring point at or after `hash` (wrapping) whose endpoint is not excluded.
@@ -150,6 +440,20 @@ impl Group {
             .find(|&member| !excluded(member))
     }
 
+    /// The Maglev slot of `hash`, or the next slot whose endpoint is not excluded.
+    fn maglev_pick(&self, hash: u64, excluded: &dyn Fn(usize) -> bool) -> Option<usize> {
+        let len = self.maglev.len();
+        if len == 0 {
+            return None;
+        }
+        let start = (hash % len as u64) as usize;
+        let member = self.members[self.maglev[start] as usize];
+        if !excluded(member) {
+            return Some(member);
+        }
+        (1..len).map(|k| self.members[self.maglev[(start + k) % len] as usize]).find(|&m| !excluded(m))
+    }
+
     fn pick(
         &self,
         policy: LbPolicy,
@@ -157,15 +461,14 @@ impl Group {
         excluded: &dyn Fn(usize) -> bool,
         hash: Option<u64>,
     ) -> Option<usize> {
-        match policy {
-            LbPolicy::RingHash => match hash {
-                Some(h) => self.ring_pick(h, excluded),
-                None => self.p2c(endpoints, excluded, |ep| ep.load.cost()),
-            },
-            LbPolicy::RoundRobin => self.round_robin(excluded),
-            LbPolicy::Random => self.weighted_random(endpoints, excluded, None),
-            LbPolicy::LeastRequest => self.p2c(endpoints, excluded, |ep| ep.load.in_flight() as f64),
-            LbPolicy::PeakEwma => self.p2c(endpoints, excluded, |ep| ep.load.cost()),
+        match (policy, hash) {
+            (LbPolicy::RingHash, Some(h)) => self.ring_pick(h, excluded),
+            (LbPolicy::Maglev, Some(h)) => self.maglev_pick(h, excluded),
+            (LbPolicy::RingHash | LbPolicy::Maglev, None) => self.p2c(endpoints, excluded, |ep| ep.load.cost()),
+            (LbPolicy::RoundRobin, _) => self.round_robin(excluded),
+            (LbPolicy::Random, _) => self.weighted_random(endpoints, excluded, None),
+            (LbPolicy::LeastRequest, _) => self.p2c(endpoints, excluded, |ep| ep.load.in_flight() as f64),
+            (LbPolicy::PeakEwma, _) => self.p2c(endpoints, excluded, |ep| ep.load.cost()),
         }
     }
 

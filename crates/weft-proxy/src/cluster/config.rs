@@ -6,18 +6,24 @@
 //!    (the control plane does not ask for it today);
 //! 2. `load_balancing_policy`: the first policy weft understands
 //!    (`envoy.extensions.load_balancing_policies.{round_robin,least_request,random,
-//!    ring_hash,maglev}.v3`; ring hash and maglev both become weft's consistent-hash ring);
+//!    ring_hash,maglev}.v3`);
 //! 3. the `lb_policy` enum. Proto3 cannot tell an unset `lb_policy` from
 //!    `ROUND_ROBIN = 0`, so a cluster with no explicit policy anywhere is ROUND_ROBIN,
-//!    exactly as in Envoy. RING_HASH and MAGLEV become the consistent-hash ring.
+//!    exactly as in Envoy.
+//!
+//! RING_HASH reads `ring_hash_lb_config` (`minimum_ring_size` 1024 and
+//! `maximum_ring_size` 8M by default), MAGLEV `maglev_lb_config.table_size` (65537 by
+//! default, a prime). `common_lb_config.locality_weighted_lb_config` turns on Envoy's
+//! locality-weighted balancing (the localities' `load_balancing_weight`).
 
 pub use super::pool::{ConnSettings, Keepalive, UpstreamProtocol};
 use super::RetryBudget;
 use std::sync::Arc;
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier;
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
-    ClusterDiscoveryType, ClusterProtocolSelection, DiscoveryType, LbPolicy as EnvoyLbPolicy,
+    ClusterDiscoveryType, ClusterProtocolSelection, DiscoveryType, LbConfig, LbPolicy as EnvoyLbPolicy,
 };
 use envoy_types::pb::envoy::config::cluster::v3::Cluster as XdsCluster;
 use envoy_types::pb::envoy::config::core::v3::{Metadata, RoutingPriority, TransportSocket};
@@ -57,10 +63,43 @@ pub enum LbPolicy {
     Random,
     /// Power of two choices over outstanding requests.
     LeastRequest,
-    /// Consistent hashing on a ring (RING_HASH and MAGLEV): requests with the same hash
-    /// key reach the same endpoint while the endpoint set is stable. Requests without a
-    /// hash key are balanced by peak-EWMA.
+    /// Consistent hashing on a ring (RING_HASH): requests with the same hash key reach
+    /// the same endpoint while the endpoint set is stable. Requests without a hash key
+    /// are balanced by peak-EWMA.
     RingHash,
+    /// Consistent hashing with Maglev's lookup table (MAGLEV): like `RingHash`, with
+    /// an even spread and minimal disruption when an endpoint leaves.
+    Maglev,
+}
+
+/// Sizes of the consistent-hashing structures (Envoy's defaults).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HashConfig {
+    /// `ring_hash_lb_config.minimum_ring_size`.
+    pub min_ring_size: u64,
+    /// `ring_hash_lb_config.maximum_ring_size`.
+    pub max_ring_size: u64,
+    /// `maglev_lb_config.table_size` (a prime).
+    pub maglev_table_size: u64,
+}
+
+/// Envoy's `minimum_ring_size` default.
+pub const DEFAULT_MIN_RING_SIZE: u64 = 1024;
+/// Envoy's `maximum_ring_size` default.
+pub const DEFAULT_MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+/// Envoy's Maglev `table_size` default.
+pub const DEFAULT_MAGLEV_TABLE_SIZE: u64 = 65537;
+/// Envoy's upper bound on a Maglev `table_size`.
+const MAX_MAGLEV_TABLE_SIZE: u64 = 5_000_011;
+
+impl Default for HashConfig {
+    fn default() -> Self {
+        HashConfig {
+            min_ring_size: DEFAULT_MIN_RING_SIZE,
+            max_ring_size: DEFAULT_MAX_RING_SIZE,
+            maglev_table_size: DEFAULT_MAGLEV_TABLE_SIZE,
+        }
+    }
 }
 
 /// Where the cluster's endpoints come from.
@@ -106,6 +145,11 @@ pub struct ClusterConfig {
     pub discovery: Discovery,
     /// How an endpoint is chosen.
     pub lb: LbPolicy,
+    /// Ring and Maglev table sizes.
+    pub hash: HashConfig,
+    /// `common_lb_config.locality_weighted_lb_config`: within a priority, a locality is
+    /// chosen by its `load_balancing_weight` times its availability.
+    pub locality_weighted: bool,
     /// TCP connect timeout.
     pub connect_timeout: Duration,
     /// HTTP version to the upstream.
@@ -258,6 +302,11 @@ impl ClusterConfig {
             name: c.name.clone(),
             discovery,
             lb: lb_policy(c)?,
+            hash: hash_config(c)?,
+            locality_weighted: matches!(
+                c.common_lb_config.as_ref().and_then(|l| l.locality_config_specifier.as_ref()),
+                Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(_))
+            ),
             connect_timeout,
             protocol,
             limits: limits(c)?,
@@ -336,8 +385,10 @@ fn lb_policy(c: &XdsCluster) -> Result<LbPolicy, ConfigError> {
                 return Ok(LbPolicy::LeastRequest);
             } else if url == Random::type_url() {
                 return Ok(LbPolicy::Random);
-            } else if url == RingHash::type_url() || url == Maglev::type_url() {
+            } else if url == RingHash::type_url() {
                 return Ok(LbPolicy::RingHash);
+            } else if url == Maglev::type_url() {
+                return Ok(LbPolicy::Maglev);
             }
         }
         return Err(ConfigError::new(
@@ -350,7 +401,8 @@ fn lb_policy(c: &XdsCluster) -> Result<LbPolicy, ConfigError> {
         Ok(EnvoyLbPolicy::RoundRobin) | Ok(EnvoyLbPolicy::ClusterProvided) => Ok(LbPolicy::RoundRobin),
         Ok(EnvoyLbPolicy::LeastRequest) => Ok(LbPolicy::LeastRequest),
         Ok(EnvoyLbPolicy::Random) => Ok(LbPolicy::Random),
-        Ok(EnvoyLbPolicy::RingHash) | Ok(EnvoyLbPolicy::Maglev) => Ok(LbPolicy::RingHash),
+        Ok(EnvoyLbPolicy::RingHash) => Ok(LbPolicy::RingHash),
+        Ok(EnvoyLbPolicy::Maglev) => Ok(LbPolicy::Maglev),
         Ok(EnvoyLbPolicy::LoadBalancingPolicyConfig) => Err(ConfigError::new(
             &c.name,
             "load_balancing_policy",
@@ -358,6 +410,87 @@ fn lb_policy(c: &XdsCluster) -> Result<LbPolicy, ConfigError> {
         )),
         Err(_) => Err(ConfigError::new(&c.name, "lb_policy", format!("unknown lb_policy {}", c.lb_policy))),
     }
+}
+
+/// `ring_hash_lb_config` / `maglev_lb_config` (or the same fields of the typed
+/// `load_balancing_policy` extensions), checked as Envoy checks them.
+fn hash_config(c: &XdsCluster) -> Result<HashConfig, ConfigError> {
+    let err = |field: &str, msg: String| ConfigError::new(&c.name, field, msg);
+    let mut out = HashConfig::default();
+    let mut ring = None;
+    let mut maglev = None;
+    match &c.lb_config {
+        Some(LbConfig::RingHashLbConfig(r)) => {
+            ring = Some((
+                r.minimum_ring_size.map(|v| v.value),
+                r.maximum_ring_size.map(|v| v.value),
+                "ring_hash_lb_config",
+            ))
+        }
+        Some(LbConfig::MaglevLbConfig(m)) => maglev = Some((m.table_size.map(|v| v.value), "maglev_lb_config")),
+        _ => {}
+    }
+    if let Some(lbp) = &c.load_balancing_policy {
+        // The first policy weft understands is the one in force (see `lb_policy`).
+        for policy in &lbp.policies {
+            let Some(any) = policy.typed_extension_config.as_ref().and_then(|t| t.typed_config.as_ref()) else {
+                continue;
+            };
+            if [RoundRobin::type_url(), LeastRequest::type_url(), Random::type_url()].contains(&any.type_url) {
+                break;
+            } else if any.type_url == RingHash::type_url() {
+                if let Ok(r) = RingHash::decode(any.value.as_slice()) {
+                    let min = r.minimum_ring_size.map(|v| v.value);
+                    ring = Some((min, r.maximum_ring_size.map(|v| v.value), "load_balancing_policy.policies"));
+                }
+                break;
+            } else if any.type_url == Maglev::type_url() {
+                if let Ok(m) = Maglev::decode(any.value.as_slice()) {
+                    maglev = Some((m.table_size.map(|v| v.value), "load_balancing_policy.policies"));
+                }
+                break;
+            }
+        }
+    }
+    if let Some((min, max, field)) = ring {
+        out.min_ring_size = min.unwrap_or(DEFAULT_MIN_RING_SIZE);
+        out.max_ring_size = max.unwrap_or(DEFAULT_MAX_RING_SIZE);
+        if out.max_ring_size > DEFAULT_MAX_RING_SIZE || out.min_ring_size == 0 || out.min_ring_size > out.max_ring_size
+        {
+            return Err(err(
+                &format!("{field}.minimum_ring_size"),
+                format!(
+                    "expected 1 <= minimum_ring_size <= maximum_ring_size <= {DEFAULT_MAX_RING_SIZE}, got {} and {}",
+                    out.min_ring_size, out.max_ring_size
+                ),
+            ));
+        }
+    }
+    if let Some((size, field)) = maglev {
+        let size = size.unwrap_or(DEFAULT_MAGLEV_TABLE_SIZE);
+        if size > MAX_MAGLEV_TABLE_SIZE || !is_prime(size) {
+            return Err(err(
+                &format!("{field}.table_size"),
+                format!("table_size must be a prime number no larger than {MAX_MAGLEV_TABLE_SIZE}, got {size}"),
+            ));
+        }
+        out.maglev_table_size = size;
+    }
+    Ok(out)
+}
+
+fn is_prime(n: u64) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2;
+    while d * d <= n {
+        if n.is_multiple_of(d) {
+            return false;
+        }
+        d += 1;
+    }
+    true
 }
 
 fn weft_lb_policy(c: &XdsCluster) -> Result<Option<LbPolicy>, ConfigError> {

@@ -51,6 +51,10 @@ pub(crate) enum HostAddr {
 #[derive(Debug, Clone)]
 pub(crate) struct RawEndpoint {
     pub(crate) priority: u32,
+    /// Index of its `LocalityLbEndpoints` in the assignment.
+    pub(crate) locality: usize,
+    /// The locality's `load_balancing_weight` (0 when unset).
+    pub(crate) locality_weight: u32,
     pub(crate) addr: HostAddr,
     pub(crate) weight: u32,
     pub(crate) health: Health,
@@ -81,7 +85,10 @@ pub(crate) fn decode_assignment(
     for (i, locality) in cla.endpoints.iter().enumerate() {
         for (j, lb) in locality.lb_endpoints.iter().enumerate() {
             let path = format!("{field}.endpoints[{i}].lb_endpoints[{j}]");
-            out.push(decode_endpoint(cluster, &path, locality.priority, lb, hostnames)?);
+            let mut ep = decode_endpoint(cluster, &path, locality.priority, lb, hostnames)?;
+            ep.locality = i;
+            ep.locality_weight = locality.load_balancing_weight.as_ref().map_or(0, |w| w.value);
+            out.push(ep);
         }
     }
     Ok(out)
@@ -145,6 +152,8 @@ fn decode_endpoint(
     }
     Ok(RawEndpoint {
         priority,
+        locality: 0,
+        locality_weight: 0,
         addr,
         weight,
         health: Health::from_eds(lb.health_status),

@@ -30,7 +30,7 @@ pub use pool::{
     BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamPrincipal, UpstreamStream,
 };
 
-use crate::cluster::balance::Balancer;
+use crate::cluster::balance::{Balancer, Place, DEFAULT_OVERPROVISIONING};
 use crate::cluster::endpoints::{decode_assignment, HostAddr};
 use crate::error::ConfigError;
 
@@ -66,7 +66,7 @@ impl Cluster {
             None => Vec::new(),
         };
         let mut endpoints = Vec::with_capacity(raw.len());
-        let mut priorities = Vec::with_capacity(raw.len());
+        let mut places = Vec::with_capacity(raw.len());
         for r in raw {
             let addr = match r.addr {
                 HostAddr::Ip(addr) => addr,
@@ -78,7 +78,7 @@ impl Cluster {
                     ))
                 }
             };
-            priorities.push(r.priority);
+            places.push(Place { priority: r.priority, locality: r.locality, locality_weight: r.locality_weight });
             endpoints.push(Arc::new(Endpoint {
                 addr,
                 weight: r.weight,
@@ -87,8 +87,12 @@ impl Cluster {
                 load: loads.get(&config.name, addr),
             }));
         }
+        let overprovisioning = assignment
+            .and_then(|cla| cla.policy.as_ref())
+            .and_then(|p| p.overprovisioning_factor.as_ref())
+            .map_or(DEFAULT_OVERPROVISIONING, |f| f.value);
         Ok(Cluster {
-            balancer: Balancer::new(config.lb, &endpoints, &priorities),
+            balancer: Balancer::new(&config, overprovisioning, &endpoints, &places),
             load: loads.cluster(&config.name),
             endpoints,
             config,
@@ -96,7 +100,11 @@ impl Cluster {
     }
 
     /// Pick an endpoint, skipping `exclude` when possible (retries prefer other hosts).
-    /// Priorities: lowest priority with a healthy endpoint; Degraded only when no Healthy.
+    /// Priorities as in Envoy: a priority takes min(100%, its healthy share x the
+    /// overprovisioning factor, 1.4 by default) of the traffic and the rest spills to
+    /// the next; endpoints ejected by outlier detection count as unhealthy; Degraded
+    /// endpoints take what healthy ones leave. With `locality_weighted`, a locality of
+    /// the chosen priority is drawn by weight x availability first.
     /// PeakEwma: P2C by cost = ewma_rtt * (in_flight + 1), weights honoured (the two
     /// candidates are sampled by weight, so equally loaded endpoints share by weight);
     /// LeastRequest: P2C on in-flight (Envoy's choice_count 2, weighted variant);
@@ -119,9 +127,9 @@ impl Cluster {
         let ejecting = now.filter(|&now| self.load.any_ejected(now) && !self.in_panic(now));
         let i = if let Some(now) = ejecting {
             let ejected = |i: usize| self.endpoints[i].load.outlier.is_ejected(now);
-            self.balancer.pick(&self.endpoints, exclude, &ejected, hash)?
+            self.balancer.pick(&self.endpoints, exclude, Some(&ejected), hash)?
         } else {
-            self.balancer.pick(&self.endpoints, exclude, &|_| false, hash)?
+            self.balancer.pick(&self.endpoints, exclude, None, hash)?
         };
         self.endpoints.get(i).cloned()
     }
@@ -153,7 +161,12 @@ impl Cluster {
 
     /// Envoy's panic: the share of endpoints healthy and not ejected is below
     /// `healthy_panic_threshold`.
+    /// Envoy disregards the threshold while lower priorities can take what the ejected
+    /// endpoints leave (normalized total availability of 100%).
     fn in_panic(&self, now: u64) -> bool {
+        if self.balancer.fully_available(&|i| self.endpoints[i].load.outlier.is_ejected(now)) {
+            return false;
+        }
         let total = self.endpoints.len();
         let available =
             self.endpoints.iter().filter(|e| e.health == Health::Healthy && !e.load.outlier.is_ejected(now)).count();

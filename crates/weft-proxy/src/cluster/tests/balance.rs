@@ -11,14 +11,22 @@ use crate::cluster::{
     Cluster, ClusterConfig, Discovery, LbPolicy, Limits, LoadRegistry, Outcome, OutlierConfig, UpstreamProtocol,
 };
 
-const ALL: [LbPolicy; 5] =
-    [LbPolicy::PeakEwma, LbPolicy::RoundRobin, LbPolicy::Random, LbPolicy::LeastRequest, LbPolicy::RingHash];
+const ALL: [LbPolicy; 6] = [
+    LbPolicy::PeakEwma,
+    LbPolicy::RoundRobin,
+    LbPolicy::Random,
+    LbPolicy::LeastRequest,
+    LbPolicy::RingHash,
+    LbPolicy::Maglev,
+];
 
 fn config(lb: LbPolicy) -> Arc<ClusterConfig> {
     Arc::new(ClusterConfig {
         name: "c".into(),
         discovery: Discovery::Eds { service_name: "c".into() },
         lb,
+        hash: Default::default(),
+        locality_weighted: false,
         connect_timeout: Duration::from_secs(1),
         protocol: UpstreamProtocol::Http1,
         limits: Limits::default(),
@@ -145,10 +153,23 @@ fn unhealthy_is_never_picked() {
 }
 
 #[test]
-fn degraded_only_when_no_healthy_is_left() {
+fn degraded_only_when_healthy_endpoints_cannot_take_the_load() {
     for lb in ALL {
         let loads = LoadRegistry::new();
-        let c = cluster(lb, vec![(0, vec![ep(1, 1, HealthStatus::Degraded), ep(2, 1, HealthStatus::Healthy)])], &loads);
+        // 3 of 4 healthy: 1.4 x 75% covers all the load.
+        let c = cluster(
+            lb,
+            vec![(
+                0,
+                vec![
+                    ep(1, 1, HealthStatus::Degraded),
+                    ep(2, 1, HealthStatus::Healthy),
+                    ep(3, 1, HealthStatus::Healthy),
+                    ep(4, 1, HealthStatus::Healthy),
+                ],
+            )],
+            &loads,
+        );
         assert_eq!(counts(&c, 200, &[]).get(&addr(1)), None, "{lb:?}");
         let c =
             cluster(lb, vec![(0, vec![ep(1, 1, HealthStatus::Degraded), ep(2, 1, HealthStatus::Unhealthy)])], &loads);

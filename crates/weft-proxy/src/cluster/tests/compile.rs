@@ -78,7 +78,7 @@ fn lb_policy_enum_maps_each_value() {
         (EnvoyLbPolicy::LeastRequest, LbPolicy::LeastRequest),
         (EnvoyLbPolicy::Random, LbPolicy::Random),
         (EnvoyLbPolicy::RingHash, LbPolicy::RingHash),
-        (EnvoyLbPolicy::Maglev, LbPolicy::RingHash),
+        (EnvoyLbPolicy::Maglev, LbPolicy::Maglev),
     ] {
         let mut x = eds("c");
         x.lb_policy = p as i32;
@@ -391,4 +391,38 @@ fn transport_socket_matches_pick_the_connector_by_endpoint_metadata() {
     assert!(matches!(cfg.connector_for(Some(&meta(istio))), Connector::Tls(_)));
     assert!(matches!(cfg.connector_for(Some(&meta(Struct::default()))), Connector::Plain));
     assert!(matches!(cfg.connector_for(None), Connector::Plain));
+}
+
+#[test]
+fn hash_table_sizes_and_locality_weighting_are_read_and_checked() {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::{
+        LocalityConfigSpecifier, LocalityWeightedLbConfig,
+    };
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::{
+        CommonLbConfig, LbConfig, MaglevLbConfig, RingHashLbConfig,
+    };
+    use envoy_types::pb::google::protobuf::UInt64Value;
+    let c = ClusterConfig::compile(&eds("c")).unwrap();
+    assert_eq!((c.hash.min_ring_size, c.hash.maglev_table_size), (1024, 65537));
+    assert!(!c.locality_weighted);
+    let mut x = eds("c");
+    x.lb_policy = EnvoyLbPolicy::Maglev as i32;
+    x.lb_config = Some(LbConfig::MaglevLbConfig(MaglevLbConfig { table_size: Some(UInt64Value { value: 251 }) }));
+    x.common_lb_config = Some(CommonLbConfig {
+        locality_config_specifier: Some(LocalityConfigSpecifier::LocalityWeightedLbConfig(LocalityWeightedLbConfig {})),
+        ..Default::default()
+    });
+    let c = ClusterConfig::compile(&x).unwrap();
+    assert_eq!((c.lb, c.hash.maglev_table_size, c.locality_weighted), (LbPolicy::Maglev, 251, true));
+    // Envoy wants a prime table size.
+    x.lb_config = Some(LbConfig::MaglevLbConfig(MaglevLbConfig { table_size: Some(UInt64Value { value: 1000 }) }));
+    let e = ClusterConfig::compile(&x).unwrap_err().to_string();
+    assert!(e.contains("maglev_lb_config.table_size") && e.contains("prime"), "{e}");
+    let mut x = eds("c");
+    x.lb_policy = EnvoyLbPolicy::RingHash as i32;
+    x.lb_config = Some(LbConfig::RingHashLbConfig(RingHashLbConfig {
+        minimum_ring_size: Some(UInt64Value { value: 4096 }),
+        ..Default::default()
+    }));
+    assert_eq!(ClusterConfig::compile(&x).unwrap().hash.min_ring_size, 4096);
 }

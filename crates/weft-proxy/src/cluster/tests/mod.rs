@@ -3,6 +3,7 @@
 mod balance;
 mod breaker;
 mod compile;
+mod locality;
 mod pool;
 
 use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
