@@ -29,6 +29,7 @@ fn config(lb: LbPolicy, locality_weighted: bool) -> ClusterConfig {
         static_endpoints: None,
         metadata: None,
         services: Vec::new(),
+        external: false,
         transport: Default::default(),
         socket_matches: Vec::new(),
         outlier: None,
