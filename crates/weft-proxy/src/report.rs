@@ -16,7 +16,8 @@ use crate::context::Context;
 use crate::error::ErrorKind;
 use crate::telemetry::accesslog::{self, AccessRecord};
 use crate::telemetry::metrics::{Reporter, RequestLabels, RequestProtocol, SecurityPolicy, TcpLabels};
-use crate::telemetry::{peer, WorkloadInfo};
+use crate::telemetry::peer::{self, san_namespace, with_principal};
+use crate::telemetry::WorkloadInfo;
 
 /// The local workload as metrics describe it, from the bootstrap's node metadata and,
 /// with mesh mTLS, the proxy's own SPIFFE id (`principal`). Follows Istio: the workload
@@ -157,7 +158,7 @@ impl HttpReport {
         let inbound = conn.listener.direction == Direction::Inbound;
         let metadata = if inbound { h.get(peer::PEER_HEADER) } else { None };
         let announce = metadata.is_some() || (inbound && h.contains_key(peer::PEER_ID_HEADER));
-        let peer = metadata.and_then(|v| ctx.peers.decode(v));
+        let peer = metadata.and_then(|v| ctx.peers.decode(v, conn.peer_principal.as_ref()));
         HttpReport {
             start: Instant::now(),
             start_time: SystemTime::now(),
@@ -255,7 +256,7 @@ impl HttpReport {
             _ => {
                 if let Some(v) = peer::strip(headers) {
                     if self.peer.is_none() {
-                        self.peer = ctx.peers.decode(&v);
+                        self.peer = ctx.peers.decode(&v, self.upstream_principal.as_ref());
                     }
                 }
             }
@@ -284,9 +285,11 @@ impl HttpReport {
         // URI SANs), never what metadata claims: without mTLS both are `unknown`.
         let (source, destination) = match self.direction {
             Direction::Inbound => {
-                (with_principal(peer, &self.peer_principal), local(ctx, self.peer_principal.is_some()))
+                (with_principal(peer, self.peer_principal.as_ref()), local(ctx, self.peer_principal.is_some()))
             }
-            _ => (local(ctx, self.upstream_principal.is_some()), with_principal(peer, &self.upstream_principal)),
+            _ => {
+                (local(ctx, self.upstream_principal.is_some()), with_principal(peer, self.upstream_principal.as_ref()))
+            }
         };
         let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
@@ -344,24 +347,6 @@ impl HttpReport {
     }
 }
 
-/// The peer as telemetry names it: its principal is the one its certificate proved on
-/// this hop, `unknown` without mTLS, whatever its metadata header claims, and its
-/// namespace the one in that SPIFFE id when there is one (Istio prefers the SAN's
-/// namespace to the metadata's). Allocates only when they differ, which a mesh peer over
-/// mTLS never does.
-fn with_principal(peer: Arc<WorkloadInfo>, principal: &Option<Arc<str>>) -> Arc<WorkloadInfo> {
-    let proven = principal.as_deref().unwrap_or(crate::telemetry::UNKNOWN);
-    let namespace = principal.as_deref().and_then(san_namespace);
-    if peer.principal == proven && namespace.is_none_or(|ns| peer.namespace == ns) {
-        return peer;
-    }
-    Arc::new(WorkloadInfo {
-        principal: proven.to_string(),
-        namespace: namespace.map_or_else(|| peer.namespace.clone(), str::to_string),
-        ..(*peer).clone()
-    })
-}
-
 /// The peer known only by the SPIFFE id its certificate proved (no metadata): principal
 /// and namespace, the rest `unknown`.
 pub fn peer_from_principal(principal: &str) -> WorkloadInfo {
@@ -370,13 +355,6 @@ pub fn peer_from_principal(principal: &str) -> WorkloadInfo {
         namespace: san_namespace(principal).unwrap_or(crate::telemetry::UNKNOWN).to_string(),
         ..WorkloadInfo::default()
     }
-}
-
-/// The namespace in a SPIFFE id `spiffe://<td>/ns/<ns>/sa/<sa>`.
-fn san_namespace(principal: &str) -> Option<&str> {
-    let (_, rest) = principal.split_once("/ns/")?;
-    let ns = rest.split('/').next()?;
-    (!ns.is_empty()).then_some(ns)
 }
 
 /// On the client side Istio takes `destination_service_namespace` from the peer: a
@@ -490,10 +468,10 @@ impl TcpReport {
         let peer = conn.peer_workload.clone().unwrap_or_else(|| ctx.unknown_peer.clone());
         let (source, destination) = match conn.listener.direction {
             Direction::Inbound => {
-                (with_principal(peer, &conn.peer_principal), local(ctx, conn.peer_principal.is_some()))
+                (with_principal(peer, conn.peer_principal.as_ref()), local(ctx, conn.peer_principal.is_some()))
             }
             // The upstream's certificate is not known yet (see `connected`).
-            _ => (local(ctx, false), with_principal(peer, &None)),
+            _ => (local(ctx, false), with_principal(peer, None)),
         };
         let labels = TcpLabels {
             reporter: reporter(conn.listener.direction),
@@ -542,7 +520,7 @@ impl TcpReport {
         self.upstream_host = Some(upstream);
         if self.direction != Direction::Inbound {
             self.labels.source = local(ctx, principal.is_some());
-            self.labels.destination = with_principal(self.labels.destination.clone(), &principal);
+            self.labels.destination = with_principal(self.labels.destination.clone(), principal.as_ref());
             self.labels.service = peer_namespace(self.labels.service.clone(), &self.labels.destination);
         }
         ctx.metrics.tcp_opened(&self.labels);

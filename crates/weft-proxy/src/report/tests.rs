@@ -64,15 +64,15 @@ fn the_security_policy_is_istios_per_reporter() {
 fn principals_are_the_proven_ones_never_the_claimed_ones() {
     let claimed =
         Arc::new(WorkloadInfo { principal: "spiffe://cluster.local/ns/x/sa/claimed".into(), ..Default::default() });
-    assert_eq!(with_principal(claimed.clone(), &None).principal, "unknown", "no mTLS: unknown");
+    assert_eq!(with_principal(claimed.clone(), None).principal, "unknown", "no mTLS: unknown");
     let proven: Option<Arc<str>> = Some(Arc::from("spiffe://cluster.local/ns/x/sa/real"));
-    assert_eq!(with_principal(claimed, &proven).principal, "spiffe://cluster.local/ns/x/sa/real");
+    assert_eq!(with_principal(claimed, proven.as_ref()).principal, "spiffe://cluster.local/ns/x/sa/real");
     let same = Arc::new(WorkloadInfo {
         principal: "spiffe://cluster.local/ns/x/sa/real".into(),
         namespace: "x".into(),
         ..Default::default()
     });
-    assert!(Arc::ptr_eq(&with_principal(same.clone(), &proven), &same), "no copy when they agree");
+    assert!(Arc::ptr_eq(&with_principal(same.clone(), proven.as_ref()), &same), "no copy when they agree");
 }
 
 #[test]
@@ -85,6 +85,6 @@ fn a_peer_known_by_its_certificate_only_has_the_sans_namespace() {
     // The SAN's namespace wins over what metadata claims (Istio's order).
     let claimed = Arc::new(WorkloadInfo { namespace: "claimed".into(), ..Default::default() });
     let proven: Option<Arc<str>> = Some(Arc::from("spiffe://cluster.local/ns/real/sa/a"));
-    assert_eq!(with_principal(claimed.clone(), &proven).namespace, "real");
-    assert_eq!(with_principal(claimed, &None).namespace, "claimed", "without a certificate: the metadata's");
+    assert_eq!(with_principal(claimed.clone(), proven.as_ref()).namespace, "real");
+    assert_eq!(with_principal(claimed, None).namespace, "claimed", "without a certificate: the metadata's");
 }

@@ -58,14 +58,22 @@ pub fn strip(headers: &mut HeaderMap) -> Option<HeaderValue> {
 /// Entries a [`DecodeCache`] holds by default.
 pub const DEFAULT_CACHE_ENTRIES: usize = 1024;
 
-/// Remembers decoded header values so a proxy decodes each peer's metadata once and
-/// shares one `Arc<WorkloadInfo>` across the label sets of all its requests. Bounded:
-/// once full, new values are decoded on every call but not stored.
+/// Principals remembered per header value (a workload's replicas share one value and
+/// usually one identity).
+const PRINCIPALS_PER_VALUE: usize = 4;
+
+/// Remembers decoded header values, with the principal the hop proved applied
+/// ([`with_principal`]), so a proxy decodes each peer's metadata once and shares one
+/// `Arc<WorkloadInfo>` across the label sets of all its requests: no copy per request.
+/// Bounded: once full, new values are decoded on every call but not stored.
 #[derive(Debug)]
 pub struct DecodeCache {
-    entries: RwLock<HashMap<Bytes, Arc<WorkloadInfo>, super::FastState>>,
+    entries: RwLock<HashMap<Bytes, Vec<Proven>, super::FastState>>,
     max: usize,
 }
+
+/// One decoded value as seen with one proven principal.
+type Proven = (Option<Arc<str>>, Arc<WorkloadInfo>);
 
 impl Default for DecodeCache {
     fn default() -> Self {
@@ -79,20 +87,28 @@ impl DecodeCache {
         Self { entries: RwLock::new(HashMap::with_hasher(super::FastState::default())), max }
     }
 
-    /// Like [`decode`], returning a shared value for header values seen before.
+    /// Like [`decode`] then [`with_principal`] (`principal`: what the hop's certificate
+    /// proved), returning a shared value for a header value and principal seen before.
     /// Invalid values are never cached.
-    pub fn decode(&self, value: &HeaderValue) -> Option<Arc<WorkloadInfo>> {
+    pub fn decode(&self, value: &HeaderValue, principal: Option<&Arc<str>>) -> Option<Arc<WorkloadInfo>> {
+        let same = |p: &Option<Arc<str>>| p.as_deref() == principal.map(|p| &**p);
         {
             let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(info) = entries.get(value.as_bytes()) {
+            if let Some((_, info)) = entries.get(value.as_bytes()).and_then(|v| v.iter().find(|(p, _)| same(p))) {
                 return Some(info.clone());
             }
         }
-        let info = Arc::new(decode(value)?);
+        let info = with_principal(Arc::new(decode(value)?), principal);
         let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
-        if entries.len() < self.max {
-            let key = Bytes::copy_from_slice(value.as_bytes());
-            return Some(entries.entry(key).or_insert(info).clone());
+        if let Some(seen) = entries.get_mut(value.as_bytes()) {
+            if let Some((_, known)) = seen.iter().find(|(p, _)| same(p)) {
+                return Some(known.clone());
+            }
+            if seen.len() < PRINCIPALS_PER_VALUE {
+                seen.push((principal.cloned(), info.clone()));
+            }
+        } else if entries.len() < self.max {
+            entries.insert(Bytes::copy_from_slice(value.as_bytes()), vec![(principal.cloned(), info.clone())]);
         }
         Some(info)
     }
@@ -149,6 +165,31 @@ pub fn encode(info: &WorkloadInfo, node_id: &str, instance: &str) -> LocalPeer {
         metadata: HeaderValue::from_str(&meta.encode()).unwrap_or_else(|_| HeaderValue::from_static("")),
         tcp_frame,
     }
+}
+
+/// The peer as telemetry names it: its principal is the one its certificate proved on
+/// this hop, `unknown` without mTLS, whatever its metadata claims, and its namespace the
+/// one in that SPIFFE id when there is one (Istio prefers the SAN's namespace to the
+/// metadata's). Allocates only when they differ: [`DecodeCache`] keeps the result, so a
+/// decoded header costs one copy per peer identity, not one per request.
+pub fn with_principal(peer: Arc<WorkloadInfo>, principal: Option<&Arc<str>>) -> Arc<WorkloadInfo> {
+    let proven = principal.map_or(UNKNOWN, |p| &**p);
+    let namespace = principal.and_then(|p| san_namespace(p));
+    if peer.principal == proven && namespace.is_none_or(|ns| peer.namespace == ns) {
+        return peer;
+    }
+    Arc::new(WorkloadInfo {
+        principal: proven.to_string(),
+        namespace: namespace.map_or_else(|| peer.namespace.clone(), str::to_string),
+        ..(*peer).clone()
+    })
+}
+
+/// The namespace in a SPIFFE id `spiffe://<td>/ns/<ns>/sa/<sa>`.
+pub fn san_namespace(principal: &str) -> Option<&str> {
+    let (_, rest) = principal.split_once("/ns/")?;
+    let ns = rest.split('/').next()?;
+    (!ns.is_empty()).then_some(ns)
 }
 
 /// Decodes a [`PEER_HEADER`] value; `None` if it is oversized, not base64, not a
@@ -219,15 +260,22 @@ mod tests {
     fn decode_cache_shares_values_and_stays_bounded() {
         let cache = DecodeCache::new(2);
         let a = header(&sample());
-        let first = cache.decode(&a).unwrap();
-        let again = cache.decode(&a).unwrap();
+        let first = cache.decode(&a, None).unwrap();
+        let again = cache.decode(&a, None).unwrap();
         assert!(Arc::ptr_eq(&first, &again), "second decode served from cache");
         assert_eq!(*first, sample());
-        assert_eq!(cache.decode(&HeaderValue::from_static("!!")), None);
+        // With the principal the hop proved: applied once, then shared (no copy per request).
+        let proven: Arc<str> = Arc::from("spiffe://cluster.local/ns/bookinfo/sa/reviews");
+        let mtls = cache.decode(&a, Some(&proven)).unwrap();
+        assert_eq!(mtls.principal, *proven);
+        assert!(Arc::ptr_eq(&mtls, &cache.decode(&a, Some(&proven)).unwrap()), "proven value cached");
+        assert!(Arc::ptr_eq(&mtls, &with_principal(mtls.clone(), Some(&proven))), "nothing left to apply");
+        assert_eq!(cache.decode(&a, None).unwrap().principal, UNKNOWN, "each principal its own entry");
+        assert_eq!(cache.decode(&HeaderValue::from_static("!!"), None), None);
         assert_eq!(cache.len(), 1, "invalid values are not cached");
         for name in ["b", "c", "d"] {
             let info = WorkloadInfo { workload: name.into(), ..sample() };
-            assert_eq!(cache.decode(&header(&info)).unwrap().workload, name);
+            assert_eq!(cache.decode(&header(&info), None).unwrap().workload, name);
         }
         assert_eq!(cache.len(), 2);
     }
