@@ -212,6 +212,12 @@ impl Default for Limits {
 }
 
 impl ClusterConfig {
+    /// Whether the cluster is inside the mesh: not marked external by the control plane
+    /// and not a passthrough (ORIGINAL_DST). Peer metadata goes to such clusters only.
+    pub fn in_mesh(&self) -> bool {
+        !self.external && !matches!(self.discovery, Discovery::OriginalDst)
+    }
+
     /// The connector for an endpoint: the first `transport_socket_matches` entry its
     /// metadata satisfies, else the cluster's `transport_socket`.
     pub fn connector_for(&self, metadata: Option<&Metadata>) -> &Connector {

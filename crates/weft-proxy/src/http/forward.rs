@@ -60,9 +60,7 @@ pub async fn forward(
     };
     let downstream_version = parts.version;
     // No mesh metadata to clusters outside the mesh (Istio's `skip_external_clusters`).
-    let in_mesh =
-        !cluster.config.external && !matches!(cluster.config.discovery, crate::cluster::Discovery::OriginalDst);
-    prepare_headers(&mut parts, ctx, conn, report, in_mesh);
+    prepare_headers(&mut parts, ctx, conn, report, cluster.config.in_mesh());
 
     let tally = Arc::new(BodyTally::default());
     report.request_body = Some(tally.clone());

@@ -99,10 +99,7 @@ pub async fn upgrade(
     {
         req.headers_mut().insert(http::header::HOST, host);
     }
-    let in_mesh =
-        rq.snap.clusters.get(cluster_name).is_some_and(|c| {
-            !c.config.external && !matches!(c.config.discovery, crate::cluster::Discovery::OriginalDst)
-        });
+    let in_mesh = rq.snap.clusters.get(cluster_name).is_some_and(|c| c.config.in_mesh());
     crate::report::on_upstream_request(ctx, conn, req.headers_mut(), in_mesh);
     req.headers_mut().insert(CONNECTION, HeaderValue::from_static("upgrade"));
     if let Ok(v) = HeaderValue::from_str(&kind) {
