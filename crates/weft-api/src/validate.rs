@@ -276,6 +276,9 @@ fn service_entry(v: &mut V, se: &ServiceEntry) {
             v.port(&format!("{path}.targetPort"), t);
         }
         protocol(v, &format!("{path}.protocol"), &p.protocol);
+        if p.name.as_deref().is_none_or(str::is_empty) {
+            v.err(format!("{path}.name"), "a port name is required (Istio validates it as a DNS-1123 label)", None);
+        }
         if let Some(n) = &p.name {
             if names.contains(n) {
                 v.err(format!("{path}.name"), format!("duplicate port name `{n}`"), None);
@@ -359,6 +362,17 @@ fn gateway(v: &mut V, g: &Gateway) {
         let path = format!("spec.servers[{i}]");
         v.port(&format!("{path}.port.number"), s.port.number);
         protocol(v, &format!("{path}.port.protocol"), &s.port.protocol);
+        // Istio's validateServerPort: a server port has a name and a protocol.
+        if s.port.name.as_deref().is_none_or(str::is_empty) {
+            v.err(format!("{path}.port.name"), "a server port needs a name (Istio requires it)", None);
+        }
+        if s.port.protocol.as_deref().is_none_or(str::is_empty) {
+            v.err(
+                format!("{path}.port.protocol"),
+                "a server port needs a protocol",
+                "HTTP, HTTPS, HTTP2, GRPC, TCP, TLS, MONGO, REDIS or MYSQL".to_string(),
+            );
+        }
         if s.hosts.is_empty() {
             v.err(format!("{path}.hosts"), "at least one host is required", "use `*` for any host".to_string());
         }
