@@ -22,7 +22,7 @@ pub use spec::{
     AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication, RequestAuthentication,
     ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService, WorkloadEntry,
 };
-pub use spec::{EnvoyFilter, RateLimit};
+pub use spec::{EnvoyFilter, RateLimit, ServiceLevelObjective};
 
 /// Where a resource came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -77,6 +77,8 @@ pub enum Kind {
     EnvoyFilter,
     /// `weft.dev` RateLimit.
     RateLimit,
+    /// `weft.dev` ServiceLevelObjective.
+    ServiceLevelObjective,
 }
 
 /// A typed spec, one variant per [`Kind`].
@@ -114,6 +116,8 @@ pub enum Spec {
     EnvoyFilter(EnvoyFilter),
     /// RateLimit.
     RateLimit(RateLimit),
+    /// ServiceLevelObjective.
+    ServiceLevelObjective(ServiceLevelObjective),
 }
 
 /// One parsed, validated resource.
@@ -187,7 +191,7 @@ pub struct Parsed {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Service,
         Kind::VirtualService,
         Kind::DestinationRule,
@@ -202,6 +206,7 @@ impl Kind {
         Kind::LocalWorkload,
         Kind::EnvoyFilter,
         Kind::RateLimit,
+        Kind::ServiceLevelObjective,
     ];
 
     /// The kind as written in `kind:`.
@@ -221,6 +226,7 @@ impl Kind {
             Kind::LocalWorkload => "LocalWorkload",
             Kind::EnvoyFilter => "EnvoyFilter",
             Kind::RateLimit => "RateLimit",
+            Kind::ServiceLevelObjective => "ServiceLevelObjective",
         }
     }
 
@@ -241,6 +247,7 @@ impl Kind {
             "lw" => Some(Kind::LocalWorkload),
             "ef" => Some(Kind::EnvoyFilter),
             "rl" => Some(Kind::RateLimit),
+            "slo" => Some(Kind::ServiceLevelObjective),
             _ => None,
         };
         if short.is_some() {
@@ -265,7 +272,7 @@ impl Kind {
             | Kind::EnvoyFilter => "networking.istio.io",
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
-            Kind::LocalWorkload | Kind::RateLimit => "weft.dev",
+            Kind::LocalWorkload | Kind::RateLimit | Kind::ServiceLevelObjective => "weft.dev",
         }
     }
 
@@ -313,6 +320,7 @@ impl Spec {
             Spec::LocalWorkload(_) => Kind::LocalWorkload,
             Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
             Spec::RateLimit(_) => Kind::RateLimit,
+            Spec::ServiceLevelObjective(_) => Kind::ServiceLevelObjective,
         }
     }
 }

@@ -42,6 +42,8 @@ pub struct Api {
     pub inject: crate::inject::InjectConfig,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: Arc<crate::metrics::ControlMetrics>,
+    /// The SLO engine (`GET /api/v1/slos`, `weft_slo_*` on `/metrics`).
+    pub slo: Arc<crate::slo::SloEngine>,
 }
 
 /// Which endpoints a listener serves.
@@ -177,7 +179,8 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 services: count(weft_api::Kind::Service) + entry_hosts,
                 virtual_services: count(weft_api::Kind::VirtualService),
             };
-            let text = api.metrics.render(&view);
+            let mut text = api.metrics.render(&view);
+            text.push_str(&api.slo.render_metrics());
             let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -186,6 +189,13 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             r
         }
         (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
+        (Method::GET, "/api/v1/slos") => reply(StatusCode::OK, api.slo.to_json()),
+        (Method::GET, "/api/v1/slos/rules") => {
+            match crate::slo::rules::rules_yaml(&api.store.snapshot().resources, api.slo.domain()) {
+                Ok(rules) => reply(StatusCode::OK, json!({ "rules": rules })),
+                Err(e) => reply(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
+            }
+        }
         (Method::GET, "/api/v1/registry") => reply(StatusCode::OK, registry(api)),
         (Method::GET, "/api/v1/cache") => reply(StatusCode::OK, json!(api.source.cache_stats())),
         (Method::POST, "/api/v1/analyze") => {

@@ -45,6 +45,8 @@ pub struct ControlConfig {
     /// their proxies' reconnect (`weft control --data-dir`: `registry.json` there); None:
     /// a restarted control plane starts with an empty registry.
     pub registry: Option<crate::registry::PersistConfig>,
+    /// SLO evaluation interval and the global alert webhook (docs/slo.md).
+    pub slo: crate::slo::SloConfig,
 }
 
 /// A running control plane.
@@ -67,6 +69,8 @@ pub struct ControlPlane {
     pub source: Arc<MeshXdsSource>,
     /// The CA and token issuer, when identity is enabled.
     pub identity: Option<Arc<CertificateAuthority>>,
+    /// The SLO engine (`/api/v1/slos`, `weft_slo_*` metrics, alerts).
+    pub slo: Arc<crate::slo::SloEngine>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -146,6 +150,10 @@ impl ControlPlane {
                 tracing::error!(error = %e, "xDS server stopped");
             }
         }));
+        // Until the control plane gathers the proxies' statistics, SLOs read an empty set.
+        let stats: crate::meshstats::SharedStats = Arc::new(crate::meshstats::FixedStats::default());
+        let slo = crate::slo::SloEngine::new(stats, &cfg.mesh.domain, cfg.slo.clone());
+        tasks.push(slo.spawn(store.clone()));
         let api = Arc::new(crate::api::Api {
             store: store.clone(),
             server: server.clone(),
@@ -155,6 +163,7 @@ impl ControlPlane {
             secrets,
             inject: cfg.inject.clone(),
             metrics,
+            slo: slo.clone(),
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
@@ -171,6 +180,7 @@ impl ControlPlane {
             server,
             source,
             identity,
+            slo,
             stop,
             tasks,
             persist,

@@ -15,6 +15,7 @@ pub mod meshstats;
 pub mod metrics;
 pub mod registry;
 pub mod secrets;
+pub mod slo;
 pub mod source;
 pub mod store;
 pub mod translate;

@@ -11,6 +11,7 @@ mod load;
 mod local;
 mod ops;
 mod proxy_config;
+mod slo;
 mod token;
 mod up;
 
@@ -84,6 +85,13 @@ enum Command {
         identity: IdentityArgs,
         #[command(flatten)]
         webhook: WebhookArgs,
+        #[command(flatten)]
+        slo: slo::SloArgs,
+    },
+    /// Service level objectives: `weft slo rules` writes them as Prometheus rules.
+    Slo {
+        #[command(subcommand)]
+        command: slo::SloCommand,
     },
     /// Join tokens: the bootstrap credential a proxy exchanges for its certificate.
     Token {
@@ -451,6 +459,7 @@ fn main() -> std::process::ExitCode {
                 mesh_config,
                 identity,
                 webhook,
+                slo,
             } => {
                 let addrs = (xds, api);
                 let mesh_file = match mesh_config {
@@ -461,9 +470,10 @@ fn main() -> std::process::ExitCode {
                     None => None,
                 };
                 let policy = (outbound_traffic_policy.as_str(), mesh_file);
-                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, webhook).await
+                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, (webhook, slo)).await
             }
             Command::Token { command } => token::run(command).await,
+            Command::Slo { command } => slo::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
             Command::Iptables(args) => iptables::run(&args),
             Command::Inject(args) => inject::run(&args),
@@ -560,7 +570,7 @@ async fn run_control(
     (policy, mesh_file): (&str, Option<weft_control::meshconfig::MeshConfigFile>),
     reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
-    webhook: WebhookArgs,
+    (webhook, slo): (WebhookArgs, slo::SloArgs),
 ) -> anyhow::Result<()> {
     use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
     let mut mesh = MeshConfig {
@@ -609,6 +619,7 @@ async fn run_control(
         }),
         inject,
         webhook: webhook_tls,
+        slo: slo.config()?,
     })
     .await
     .map_err(|e| anyhow::anyhow!(e))?;

@@ -253,6 +253,7 @@ impl Up {
             // Its proxies are children of this process and stop with it (and explicit mode
             // picks new addresses each run): nothing to wait for after a restart.
             registry: None,
+            slo: Default::default(),
         })
         .await
         .map_err(|e| anyhow::anyhow!("control plane: {e} (another control plane on these ports? see --api / --xds)"))?;
