@@ -19,18 +19,31 @@
 //! | WFT0004 | Warning | a Telemetry tracing field weft does not apply |
 //! | WFT0005 | Warning | a DestinationRule field translated for Envoy that weft's proxy does not enforce |
 //! | WFT0010 | Error | an EnvoyFilter patch weft does not apply (only the local rate limit filter's are) |
+//! | WFT0020 | Warning | a kind of Istio or the Gateway API weft does not apply at all (WasmPlugin, HTTPRoute, ...) |
+//! | WFT0021 | Warning | a field weft parses but does not apply ([`UNAPPLIED_FIELDS`]), with its path |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
+use crate::fields::{self, FieldPath, Segment};
 use crate::host;
 use crate::spec::{ClientTlsMode, ConnectionPoolSettings, Destination, LabelSelector, MtlsMode, TrafficPolicy};
-use crate::{Kind, Resource, ResourceKey, Source, Spec};
+use crate::{Kind, Resource, ResourceKey, Skipped, Source, Spec};
 
 /// The DNS domain of the mesh.
 pub const DOMAIN: &str = "cluster.local";
 /// Istio's root namespace: selector-less policies there apply mesh-wide.
 pub const ROOT_NAMESPACE: &str = "istio-system";
+/// API groups of Istio and the Kubernetes Gateway API: a document of one of their kinds
+/// that parsing skips (weft has no [`Kind`] for it) is configuration weft does not apply.
+pub const UNAPPLIED_GROUPS: &[&str] =
+    &["extensions.istio.io", "gateway.networking.k8s.io", "gateway.networking.x-k8s.io", "install.istio.io"];
+/// Fields weft parses (they are valid Istio) but does not apply, as
+/// `(kind, path with list indices written [], why)`: reported as WFT0021 with the
+/// resource's own path whenever set (not null, empty or `false`). The field-coverage test
+/// (`weft-control --test fields_applied`) fails for a field that is neither applied
+/// nor listed here; a field weft starts applying leaves this table.
+pub const UNAPPLIED_FIELDS: &[(Kind, &str, &str)] = &[];
 /// Exit code `istioctl analyze` uses when it finds issues at or above the threshold.
 pub const EXIT_ISSUES_FOUND: i32 = 79;
 
@@ -95,6 +108,60 @@ impl fmt::Display for Message {
     }
 }
 
+/// A finding about a document parsing skipped (no [`Kind`], so no [`Message`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SkippedMessage {
+    /// Stable code, `WFT0020`.
+    pub code: &'static str,
+    /// Severity.
+    pub level: Level,
+    /// The document.
+    pub skipped: Skipped,
+    /// Human-readable text.
+    pub text: String,
+}
+
+impl fmt::Display for SkippedMessage {
+    /// `Warning [WFT0020] (WasmPlugin default/auth wasm.yaml:1) kind WasmPlugin ...`
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let s = &self.skipped;
+        write!(
+            f,
+            "{} [{}] ({} {}/{} {}:{}) {}",
+            self.level,
+            self.code,
+            s.kind,
+            s.namespace,
+            s.name,
+            s.file.display(),
+            s.line,
+            self.text
+        )
+    }
+}
+
+/// WFT0020: documents of Istio and Gateway API kinds weft does not translate
+/// ([`UNAPPLIED_GROUPS`]: WasmPlugin, Gateway, HTTPRoute, ...), which parsing skips as it
+/// skips a Deployment; so that `weft apply` warns and `weft analyze` reports them instead
+/// of counting "0 resources".
+pub fn unapplied_kinds(skipped: &[Skipped]) -> Vec<SkippedMessage> {
+    skipped
+        .iter()
+        .filter_map(|s| {
+            let group = s.api_version.split_once('/').map(|(g, _)| g)?;
+            UNAPPLIED_GROUPS.contains(&group).then(|| SkippedMessage {
+                code: "WFT0020",
+                level: Level::Warning,
+                skipped: s.clone(),
+                text: format!(
+                    "kind {} ({}) is not applied by weft: the whole resource is ignored (docs/resources.md lists the kinds weft applies)",
+                    s.kind, s.api_version
+                ),
+            })
+        })
+        .collect()
+}
+
 /// `istioctl analyze` style exit code: [`EXIT_ISSUES_FOUND`] when any message is
 /// at or above `threshold`, else 0.
 pub fn exit_code(messages: &[Message], threshold: Level) -> i32 {
@@ -130,6 +197,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     a.unapplied_fields();
     a.unapplied_telemetry();
     a.unapplied_envoy_filters();
+    a.unapplied_table();
     a.out.sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
     a.out
 }
@@ -519,6 +587,31 @@ impl<'a> Analyzer<'a> {
             for u in ef.unapplied() {
                 let text = format!("{} is not applied by weft: {}", u.path, u.reason);
                 self.report(r, "WFT0010", Level::Error, text);
+            }
+        }
+    }
+
+    /// WFT0021: every set field listed in [`UNAPPLIED_FIELDS`].
+    fn unapplied_table(&mut self) {
+        for r in self.resources {
+            let entries: Vec<&(Kind, &str, &str)> = UNAPPLIED_FIELDS.iter().filter(|e| e.0 == r.kind).collect();
+            if entries.is_empty() {
+                continue;
+            }
+            let spec = r.spec.to_json();
+            let root = FieldPath(vec![Segment::Key("spec".into())]);
+            for path in fields::paths(&spec, &root) {
+                let normalized = path.normalized();
+                let Some((_, _, why)) = entries.iter().find(|e| e.1 == normalized) else { continue };
+                let set = match fields::get(&spec, &FieldPath(path.0[1..].to_vec())) {
+                    None | Some(serde_json::Value::Null | serde_json::Value::Bool(false)) => false,
+                    Some(serde_json::Value::Array(a)) => !a.is_empty(),
+                    Some(serde_json::Value::Object(o)) => !o.is_empty(),
+                    Some(_) => true,
+                };
+                if set {
+                    self.report(r, "WFT0021", Level::Warning, format!("{path} is not applied by weft: {why}"));
+                }
             }
         }
     }

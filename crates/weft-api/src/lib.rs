@@ -12,6 +12,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 pub mod analyze;
+pub mod fields;
 pub mod host;
 mod parse;
 pub mod spec;
@@ -174,6 +175,10 @@ pub struct Skipped {
     pub kind: String,
     /// `metadata.name` (may be empty).
     pub name: String,
+    /// `metadata.namespace`, or the default namespace.
+    pub namespace: String,
+    /// File the document was read from.
+    pub file: PathBuf,
     /// 1-based line of the document.
     pub line: usize,
 }
@@ -322,6 +327,31 @@ impl Spec {
             Spec::RateLimit(_) => Kind::RateLimit,
             Spec::ServiceLevelObjective(_) => Kind::ServiceLevelObjective,
         }
+    }
+}
+
+impl Spec {
+    /// The spec as JSON, every field written out (unset ones as `null` or empty): what
+    /// the field-coverage test compares with the YAML it was read from.
+    pub fn to_json(&self) -> serde_json::Value {
+        let v = match self {
+            Spec::Service(s) => serde_json::to_value(s),
+            Spec::VirtualService(s) => serde_json::to_value(s),
+            Spec::DestinationRule(s) => serde_json::to_value(s),
+            Spec::ServiceEntry(s) => serde_json::to_value(s),
+            Spec::WorkloadEntry(s) => serde_json::to_value(s),
+            Spec::Sidecar(s) => serde_json::to_value(s),
+            Spec::Gateway(s) => serde_json::to_value(s),
+            Spec::PeerAuthentication(s) => serde_json::to_value(s),
+            Spec::AuthorizationPolicy(s) => serde_json::to_value(s),
+            Spec::RequestAuthentication(s) => serde_json::to_value(s),
+            Spec::Telemetry(s) => serde_json::to_value(s),
+            Spec::LocalWorkload(s) => serde_json::to_value(s),
+            Spec::EnvoyFilter(s) => serde_json::to_value(s),
+            Spec::RateLimit(s) => serde_json::to_value(s),
+        };
+        // Every spec type serializes to a JSON object (string keys, finite numbers).
+        v.unwrap_or_default()
     }
 }
 

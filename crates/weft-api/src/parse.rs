@@ -216,7 +216,10 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, de
     } else if api_version == "v1" && known == Some(Kind::Service) {
         Kind::Service
     } else {
-        out.skipped.push(Skipped { api_version, kind: kind_str, name, line });
+        let namespace =
+            obj.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or(default_ns);
+        let namespace = namespace.to_string();
+        out.skipped.push(Skipped { api_version, kind: kind_str, name, namespace, file: file.to_path_buf(), line });
         return;
     };
 

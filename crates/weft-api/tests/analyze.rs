@@ -543,3 +543,33 @@ spec:
     let msgs = analyze(&rs);
     assert!(msgs.is_empty(), "{:#?}", codes(&msgs));
 }
+
+#[test]
+fn wft0020_names_istio_and_gateway_api_kinds_weft_skips_but_not_plain_kubernetes_ones() {
+    let text = "apiVersion: extensions.istio.io/v1alpha1
+kind: WasmPlugin
+metadata: {name: auth, namespace: shop}
+spec: {url: oci://example/auth:1}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec: {}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+";
+    let p = parse_str(text, Path::new("kinds.yaml"));
+    assert!(p.errors.is_empty() && p.resources.is_empty(), "{p:#?}");
+    let found: Vec<String> = weft_api::analyze::unapplied_kinds(&p.skipped).iter().map(|m| m.to_string()).collect();
+    assert_eq!(found.len(), 2, "{found:#?}");
+    assert!(
+        found[0].starts_with("Warning [WFT0020] (WasmPlugin shop/auth kinds.yaml:1) kind WasmPlugin"),
+        "{found:#?}"
+    );
+    assert!(
+        found[1].starts_with("Warning [WFT0020] (HTTPRoute default/web kinds.yaml:6) kind HTTPRoute"),
+        "{found:#?}"
+    );
+}

@@ -28,7 +28,11 @@ pub fn offline(files: &[PathBuf], failure: &str, output: &str) -> i32 {
         println!("Error [parse] {e}");
     }
     let messages = an::analyze(&parsed.resources);
+    let unapplied = an::unapplied_kinds(&parsed.skipped);
     let shown = level(output);
+    for m in unapplied.iter().filter(|m| m.level >= shown) {
+        println!("{m}");
+    }
     for m in messages.iter().filter(|m| m.level >= shown) {
         println!("{m}");
     }
@@ -36,7 +40,10 @@ pub fn offline(files: &[PathBuf], failure: &str, output: &str) -> i32 {
     if !parsed.errors.is_empty() && Level::Error >= failing {
         return an::EXIT_ISSUES_FOUND;
     }
-    if messages.is_empty() && parsed.errors.is_empty() {
+    if unapplied.iter().any(|m| m.level >= failing) {
+        return an::EXIT_ISSUES_FOUND;
+    }
+    if messages.is_empty() && unapplied.is_empty() && parsed.errors.is_empty() {
         eprintln!("\u{2714} No validation issues found when analyzing {} resource(s).", parsed.resources.len());
     }
     an::exit_code(&messages, failing)

@@ -87,6 +87,9 @@ fn unapplied_warnings(path: &std::path::Path, text: &str) {
     for m in weft_api::analyze::analyze(&parsed.resources).iter().filter(|m| m.code.starts_with("WFT")) {
         eprintln!("warning: {m}");
     }
+    for m in weft_api::analyze::unapplied_kinds(&parsed.skipped) {
+        eprintln!("warning: {m}");
+    }
 }
 
 pub fn urlencode(s: &str) -> String {
