@@ -349,6 +349,7 @@ impl Spec {
             Spec::LocalWorkload(s) => serde_json::to_value(s),
             Spec::EnvoyFilter(s) => serde_json::to_value(s),
             Spec::RateLimit(s) => serde_json::to_value(s),
+            Spec::ServiceLevelObjective(s) => serde_json::to_value(s),
         };
         // Every spec type serializes to a JSON object (string keys, finite numbers).
         v.unwrap_or_default()

@@ -71,6 +71,8 @@ fn wrong_slo_fields_are_errors_with_their_line_and_field() {
         "  service: ratings\n  sli: {successRate: {}}\n  target: 99\n  window: 28d\n  alert: {webhook: 'https://x/'}\n",
     );
     assert_eq!(e[0].0, "spec.alert.webhook", "{e:?}");
+    let e = errors("  service: ratings\n  reporter: client\n  sli: {successRate: {}}\n  target: 99\n  window: 28d\n");
+    assert_eq!((e[0].0.as_str(), e[0].1), ("spec.reporter", 6), "{e:?}");
     let e = errors("  service: ratings\n  sli: {successRate: {}}\n  target: 99\n  window: 28d\n  targt: 1\n");
     assert_eq!(e[0].0, "spec.targt", "{e:?}");
 }

@@ -14,9 +14,14 @@ pub struct ServiceLevelObjective {
     /// `version` (Istio's `destination_version` label) count.
     #[serde(default)]
     pub subset: Option<String>,
-    /// Not supported (Istio's metrics carry no route): present only to be refused
-    /// with a precise error rather than ignored.
+    /// Whose view counts (Istio's `reporter` label): `destination` (default), what the
+    /// service's own sidecars answered; `source`, what its callers' sidecars saw,
+    /// including what never reached the service (injected faults, connect failures).
     #[serde(default)]
+    pub reporter: SloReporter,
+    /// Not supported (Istio's metrics carry no route): present only to be refused
+    /// with a precise error rather than ignored (never written back out).
+    #[serde(default, skip_serializing)]
     pub route: Option<serde_json::Value>,
     /// What a good request is.
     pub sli: SliSpec,
@@ -28,6 +33,27 @@ pub struct ServiceLevelObjective {
     /// Where this SLO's alerts are sent (beside `weft control --alert-webhook`).
     #[serde(default)]
     pub alert: Option<SloAlertSpec>,
+}
+
+/// `reporter`: `destination` or `source`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SloReporter {
+    /// The service's sidecars (`reporter="destination"`).
+    #[default]
+    Destination,
+    /// The callers' sidecars (`reporter="source"`).
+    Source,
+}
+
+impl SloReporter {
+    /// The label value.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            SloReporter::Destination => "destination",
+            SloReporter::Source => "source",
+        }
+    }
 }
 
 /// `sli`: exactly one of `successRate` or `latency`.

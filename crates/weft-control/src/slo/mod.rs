@@ -201,7 +201,10 @@ impl SloEngine {
         let target = o.target_ratio();
         let sli = o.sli();
         let sel = Selector {
-            reporter: Reporter::Destination,
+            reporter: match o.reporter {
+                weft_api::spec::slo::SloReporter::Destination => Reporter::Destination,
+                weft_api::spec::slo::SloReporter::Source => Reporter::Source,
+            },
             destination_service: Some(service.clone()),
             destination_version: version.clone(),
             ..Selector::default()

@@ -1,6 +1,6 @@
 //! `weft slo rules`: the SLOs as Prometheus recording and alerting rules over Istio's
-//! standard metrics (`reporter="destination"`), for teams that alert from their own
-//! Prometheus. One rule group per SLO:
+//! standard metrics (`reporter="destination"`, or `"source"` when the SLO says so), for
+//! teams that alert from their own Prometheus. One rule group per SLO:
 //!
 //! - `weft:slo_error_ratio:rate<W>` for each burn-rate window and the SLO window: the
 //!   share of bad requests (5xx for success rate; over the threshold's bucket for
@@ -55,7 +55,7 @@ pub fn rules_yaml(resources: &[Resource], domain: &str) -> Result<String, String
     for r in resources {
         let Spec::ServiceLevelObjective(o) = &r.spec else { continue };
         let service = weft_api::host::fqdn(&o.service, &r.meta.namespace, domain);
-        let mut matcher = format!("reporter=\"destination\",destination_service=\"{}\"", escape(&service));
+        let mut matcher = format!("reporter=\"{}\",destination_service=\"{}\"", o.reporter.as_str(), escape(&service));
         if let Some(subset) = &o.subset {
             let version = super::subset_version(resources, &service, subset, domain)
                 .map_err(|e| format!("ServiceLevelObjective {}/{}: {e}", r.meta.namespace, r.meta.name))?;

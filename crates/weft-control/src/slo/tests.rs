@@ -312,3 +312,23 @@ async fn firing_and_resolved_are_posted_to_the_slo_and_global_webhooks() {
     // The unchanged evaluation between the two sent nothing: the queue is in order, so
     // anything it sent would sit between the firing and the resolved notifications.
 }
+
+#[tokio::test]
+async fn a_source_reporter_slo_reads_what_the_callers_saw() {
+    // The callers' sidecars saw 100 requests, 50 aborted by an injected fault; the
+    // service's own sidecars saw the other 50, all fine.
+    let source = Selector { reporter: Reporter::Source, ..ratings_selector() };
+    let stats = FixedStats {
+        windows: vec![
+            (source, WindowStats { requests: 100.0, errors: 50.0, ..WindowStats::default() }),
+            (ratings_selector(), WindowStats { requests: 50.0, errors: 0.0, ..WindowStats::default() }),
+        ],
+        ..FixedStats::default()
+    };
+    let engine = SloEngine::new(Arc::new(stats), "cluster.local", SloConfig::default());
+    let yaml = format!("{RATINGS}  reporter: source\n---\n{}", RATINGS.replace("ratings-availability", "served"));
+    engine.evaluate(&resources(&yaml), SystemTime::now());
+    let st = engine.status();
+    assert!(close(st[0].sli_value.unwrap(), 0.5), "{:?}", st[0]);
+    assert!(close(st[1].sli_value.unwrap(), 1.0), "{:?}", st[1]);
+}
