@@ -45,6 +45,8 @@ pub struct ControlConfig {
     /// their proxies' reconnect (`weft control --data-dir`: `registry.json` there); None:
     /// a restarted control plane starts with an empty registry.
     pub registry: Option<crate::registry::PersistConfig>,
+    /// How the proxies' request metrics are gathered for the dashboard and SLOs.
+    pub stats: crate::meshstats::gather::GatherConfig,
 }
 
 /// A running control plane.
@@ -67,6 +69,10 @@ pub struct ControlPlane {
     pub source: Arc<MeshXdsSource>,
     /// The CA and token issuer, when identity is enabled.
     pub identity: Option<Arc<CertificateAuthority>>,
+    /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
+    pub stats: crate::meshstats::SharedStats,
+    /// The gatherer behind `stats` (scrape rounds, for tests and tools).
+    pub gatherer: Arc<crate::meshstats::gather::Gatherer>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -146,6 +152,9 @@ impl ControlPlane {
                 tracing::error!(error = %e, "xDS server stopped");
             }
         }));
+        let gatherer = crate::meshstats::gather::Gatherer::new(cfg.stats.clone());
+        tasks.push(gatherer.spawn(server.clone()));
+        let stats: crate::meshstats::SharedStats = gatherer.clone();
         let api = Arc::new(crate::api::Api {
             store: store.clone(),
             server: server.clone(),
@@ -155,6 +164,7 @@ impl ControlPlane {
             secrets,
             inject: cfg.inject.clone(),
             metrics,
+            stats: stats.clone(),
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
@@ -171,6 +181,8 @@ impl ControlPlane {
             server,
             source,
             identity,
+            stats,
+            gatherer,
             stop,
             tasks,
             persist,
