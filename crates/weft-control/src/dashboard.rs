@@ -134,6 +134,7 @@ fn signals(w: &WindowStats) -> Value {
     json!({
         "requests": w.requests,
         "errors": w.errors,
+        "covered_seconds": w.covered.as_secs(),
         "rps": w.requests / covered,
         "success_rate": w.success_rate(),
         "p50_ms": w.quantile_ms(0.5),
@@ -521,6 +522,16 @@ mod tests {
         assert!(parse_window("5w").is_err());
         assert!(parse_window("m").is_err());
         assert!(parse_window("99999999999999999999d").is_err());
+    }
+
+    #[test]
+    fn the_page_loads_nothing_from_outside() {
+        for (name, text) in [("index.html", INDEX_HTML), ("app.js", APP_JS), ("style.css", STYLE_CSS)] {
+            for needle in ["http://", "https://", "//cdn", "@import"] {
+                assert!(!text.contains(needle), "{name} refers outside the control plane: {needle}");
+            }
+        }
+        assert!(serves("/dashboard") && serves("/api/v1/graph") && !serves("/dashboard/tap"));
     }
 
     #[test]

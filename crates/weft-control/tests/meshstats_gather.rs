@@ -4,7 +4,7 @@
 //! aborts with a fault (503), must show up in `MeshStats::window` from both reporters
 //! with exact counts, and as two edges in `MeshStats::edges`: the mTLS edge to
 //! `reviews-v2`, and the aborted requests' edge to an unknown workload with every
-//! request an error.
+//! request an error. Requests an AuthorizationPolicy denies are the recent denials.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod mesh;
@@ -75,7 +75,7 @@ async fn gathered_windows_and_edges_count_the_requests_both_sidecars_saw() {
     let dir = tempfile::tempdir().unwrap();
     let app = EchoServer::start("reviews-app").await;
     let resources = format!(
-        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {http}}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{uri: {{prefix: /fault}}}}]\n    fault: {{abort: {{httpStatus: 503, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: reviews}}}}]\n  - route: [{{destination: {{host: reviews}}}}]\n",
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  selector: {{app: reviews}}\n  ports: [{{name: http, port: 9080, targetPort: {http}}}]\n---\napiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: reviews, namespace: default}}\nspec:\n  hosts: [reviews]\n  http:\n  - match: [{{uri: {{prefix: /fault}}}}]\n    fault: {{abort: {{httpStatus: 503, percentage: {{value: 100}}}}}}\n    route: [{{destination: {{host: reviews}}}}]\n  - route: [{{destination: {{host: reviews}}}}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: deny-denied, namespace: default}}\nspec:\n  selector: {{matchLabels: {{app: reviews}}}}\n  action: DENY\n  rules: [{{to: [{{operation: {{paths: [/denied]}}}}]}}]\n",
         http = app.addr.port(),
     );
     std::fs::write(dir.path().join("mesh.yaml"), resources).unwrap();
@@ -123,10 +123,19 @@ async fn gathered_windows_and_edges_count_the_requests_both_sidecars_saw() {
         let r = get_via_proxy(out, &format!("http://reviews:9080/fault/{i}")).await.unwrap();
         assert_eq!(r.status, 503);
     }
+    for _ in 0..3 {
+        let r = get_via_proxy(out, "http://reviews:9080/denied").await.unwrap();
+        assert_eq!(r.status, 403);
+    }
 
-    // The server's sidecar saw the 20 that reached it, the client's all 25 with 5 errors.
-    let dest = wait_totals(&cp, &sel(Reporter::Destination), (base_dest.requests + 20.0, 0.0)).await;
-    let src = wait_totals(&cp, &sel(Reporter::Source), (base_src.requests + 25.0, base_src.errors + 5.0)).await;
+    // The server's sidecar saw the 23 that reached it (3 denied), the client's all 28
+    // with 5 errors.
+    let dest = wait_totals(&cp, &sel(Reporter::Destination), (base_dest.requests + 23.0, 0.0)).await;
+    let src = wait_totals(&cp, &sel(Reporter::Source), (base_src.requests + 28.0, base_src.errors + 5.0)).await;
+    // The denials, per caller, as the server's sidecar answered them.
+    let denials = cp.stats.denials(HOUR);
+    assert_eq!(denials.len(), 1, "{denials:?}");
+    assert_eq!((denials[0].0.source_workload.as_str(), denials[0].1), ("productpage-v1", 3.0), "{denials:?}");
     assert_eq!(dest.latency_ms.last(), Some(&(f64::INFINITY, dest.requests)), "{dest:?}");
     assert!(dest.quantile_ms(0.99).is_some_and(|q| q > 0.0), "{dest:?}");
     assert_eq!(src.success_rate(), Some(1.0 - src.errors / src.requests));

@@ -84,7 +84,7 @@ function layout(g, width) {
     (columns[d] = columns[d] || []).push(n);
   }
   const order = { unknown: 0, ingress: 1, workload: 2, service: 3, external: 4 };
-  const colW = Math.max(190, (width - 160) / Math.max(1, columns.length - 1));
+  const colW = Math.max(250, (width - 160) / Math.max(1, columns.length - 1));
   const rowH = 88;
   const pos = new Map();
   let height = 200;
@@ -106,23 +106,32 @@ function nodeSvg(n, p) {
   return `<g class="node ${esc(n.kind)}" data-id="${esc(n.id)}" data-kind="${esc(n.kind)}" data-name="${esc(n.name)}" data-namespace="${esc(n.namespace)}" transform="translate(${p.x},${p.y})">${shape}${label}</g>`;
 }
 
+// A small padlock drawn in SVG (no emoji font needed): the edge is mutual TLS.
+const lockSvg = (x, y) => `<g class="lock" transform="translate(${x},${y})"><path d="M-2.5,-3 v-2 a2.5,2.5 0 0 1 5,0 v2" fill="none" stroke="#374151" stroke-width="1.3"/><rect x="-3.5" y="-3" width="7" height="6" rx="1" fill="#374151"/></g>`;
+
 function edgeSvg(e, a, b, i) {
   const x1 = a.x + 62, y1 = a.y, x2 = b.x - 66, y2 = b.y;
   const mx = (x1 + x2) / 2;
   const color = COLORS[health(e.success_rate)];
-  const lx = mx, ly = (y1 + y2) / 2 - 6 + (i % 2 ? 10 : 0);
-  const lock = e.mtls ? ' &#128274;' : '';
+  const lx = mx, ly = (y1 + y2) / 2 - 7 + (y1 === y2 ? 0 : i % 2 ? 8 : -2);
+  const lock = e.mtls ? lockSvg(lx - 48, ly - 4) : '';
   return `<g class="edge" data-source="${esc(e.source)}" data-target="${esc(e.target)}" data-rps="${e.rps}" data-requests="${e.requests}" data-errors="${e.errors}" data-success="${e.success_rate ?? ''}" data-p50="${e.p50_ms ?? ''}" data-p99="${e.p99_ms ?? ''}" data-mtls="${e.mtls}">` +
     `<path d="M${x1},${y1} C${mx},${y1} ${mx},${y2} ${x2},${y2}" stroke="${color}" marker-end="url(#arrow-${health(e.success_rate)})"/>` +
-    `<text class="label" x="${lx}" y="${ly}" text-anchor="middle">${fmt.rps(e.rps)} rps · <tspan class="${health(e.success_rate)}">${fmt.pct(e.success_rate)}</tspan>${lock}</text>` +
-    `<text class="label muted" x="${lx}" y="${ly + 13}" text-anchor="middle">p50 ${fmt.ms(e.p50_ms)} p99 ${fmt.ms(e.p99_ms)}</text></g>`;
+    `<title>${esc(e.source)} → ${esc(e.target)}: ${fmt.rps(e.rps)} requests/s, success ${fmt.pct(e.success_rate)}, p50 ${fmt.ms(e.p50_ms)}, p99 ${fmt.ms(e.p99_ms)}${e.mtls ? ', mutual TLS' : ''}</title>` +
+    lock + `<text class="label" x="${lx}" y="${ly}" text-anchor="middle">${fmt.rps(e.rps)}/s · <tspan class="${health(e.success_rate)}">${fmt.pct(e.success_rate)}</tspan></text>` +
+    `<text class="label small" x="${lx}" y="${ly + 12}" text-anchor="middle">p50 ${fmt.ms(e.p50_ms).replace('ms', '')} p99 ${fmt.ms(e.p99_ms)}</text></g>`;
 }
 
 async function renderGraph() {
   const [g, d] = await Promise.all([getJSON('/api/v1/graph?window=' + win()), getJSON('/api/v1/denials?window=' + win())]);
   const svg = $('#graph');
-  const L = layout(g, svg.clientWidth || 1000);
+  const room = svg.parentElement.clientWidth || 1000;
+  const L = layout(g, room);
+  // A mesh wider than the page is drawn smaller (down to 70%), then scrolls.
+  const scale = Math.max(0.7, Math.min(1, room / L.width));
   svg.setAttribute('viewBox', `0 0 ${L.width} ${L.height}`);
+  svg.style.width = L.width * scale + 'px';
+  svg.style.height = L.height * scale + 'px';
   const markers = Object.entries(COLORS).map(([k, c]) =>
     `<marker id="arrow-${k}" viewBox="0 0 10 10" refX="9" refY="5" markerWidth="7" markerHeight="7" orient="auto"><path d="M0,0 L10,5 L0,10 z" fill="${c}"/></marker>`).join('');
   const edges = L.edges.map((e, i) => edgeSvg(e, L.pos.get(e.source), L.pos.get(e.target), i)).join('');
@@ -232,11 +241,13 @@ function chart(svg, points, lines) {
     `<text x="2" y="14">${fmt.num(max)}</text><text x="2" y="${H - bottom}">0</text>`;
   if (ts.length) {
     const tl = (t) => new Date(t * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit' });
-    out += `<text x="${left}" y="${H - 3}">${tl(ts[0])}</text><text x="${W - 40}" y="${H - 3}">${tl(ts[ts.length - 1])}</text>`;
+    out += `<text x="${left}" y="${H - 3}">${tl(ts[0])}</text><text x="${W - 4}" y="${H - 3}" text-anchor="end">${tl(ts[ts.length - 1])}</text>`;
   }
   for (const l of lines) {
     const pts = points.filter((p) => p[l.key] != null).map((p) => `${x(p.t).toFixed(1)},${y(p[l.key]).toFixed(1)}`).join(' ');
     out += `<polyline points="${pts}" stroke="${l.color}"><title>${esc(l.key)}</title></polyline>`;
+    // Dots too, so a lone point (one step with traffic) is visible.
+    out += points.filter((p) => p[l.key] != null && (l.key !== 'rps' || p.rps > 0)).map((p) => `<circle cx="${x(p.t).toFixed(1)}" cy="${y(p[l.key]).toFixed(1)}" r="1.8" fill="${l.color}"/>`).join('');
   }
   svg.innerHTML = out;
 }
@@ -248,13 +259,13 @@ function charts(points) {
 }
 
 function totalsHtml(label, s) {
-  return `<p><b>${esc(label)}</b>: ${fmt.rps(s.rps)} rps, success <span class="${health(s.success_rate)}">${fmt.pct(s.success_rate)}</span>, p50 ${fmt.ms(s.p50_ms)}, p99 ${fmt.ms(s.p99_ms)} (${fmt.num(s.requests)} requests in the window)</p>`;
+  return `<p><b>${esc(label)}</b>: ${fmt.rps(s.rps)} rps, success <span class="${health(s.success_rate)}">${fmt.pct(s.success_rate)}</span>, p50 ${fmt.ms(s.p50_ms)}, p99 ${fmt.ms(s.p99_ms)} (${Math.round(s.requests)} requests in the last ${Math.round((s.covered_seconds ?? 0))}s)</p>`;
 }
 
 function edgesTable(edges) {
   const t = $('#detail-edges');
   t.innerHTML = `<tr><th>caller</th><th>service</th><th>workload</th><th>version</th><th>mTLS</th>${SIGNALS_HEAD}</tr>` + edges.map((e) =>
-    `<tr><td>${esc(e.source_workload)}.${esc(e.source_namespace)}</td><td>${esc(e.destination_service)}</td><td>${esc(e.destination_workload)}</td><td>${esc(e.destination_version)}</td><td>${e.mtls ? '&#128274; yes' : 'no'}</td>${signalsCells(e)}</tr>`).join('');
+    `<tr><td>${esc(e.source_workload)}.${esc(e.source_namespace)}</td><td>${esc(e.destination_service)}</td><td>${esc(e.destination_workload)}</td><td>${esc(e.destination_version)}</td><td>${e.mtls ? 'yes' : 'no'}</td>${signalsCells(e)}</tr>`).join('');
 }
 
 function configHtml(c) {

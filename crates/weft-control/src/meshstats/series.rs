@@ -470,6 +470,12 @@ mod tests {
     }
 
     #[test]
+    fn a_series_takes_the_memory_docs_dashboard_md_states() {
+        assert_eq!(std::mem::size_of::<Slot>(), 92);
+        assert_eq!(SERIES_BYTES, 1464 * 92);
+    }
+
+    #[test]
     fn the_series_cap_refuses_and_counts_new_series() {
         let mut s = SeriesStore::new(0, 2);
         for w in ["a", "b", "c", "c"] {
