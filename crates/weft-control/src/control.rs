@@ -71,7 +71,8 @@ pub struct ControlPlane {
     pub identity: Option<Arc<CertificateAuthority>>,
     /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
     pub stats: crate::meshstats::SharedStats,
-    /// The gatherer behind `stats` (scrape rounds, for tests and tools).
+    /// The gatherer behind `stats` (scrape rounds, for tests and tools); idle when the
+    /// statistics come from Prometheus.
     pub gatherer: Arc<crate::meshstats::gather::Gatherer>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -82,6 +83,10 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Binds both servers and starts everything.
     pub async fn start(cfg: ControlConfig) -> Result<ControlPlane, String> {
+        let prometheus: Option<crate::meshstats::SharedStats> = match &cfg.stats.prometheus {
+            Some(url) => Some(Arc::new(crate::meshstats::prom::PromStats::new(url, cfg.stats.timeout)?)),
+            None => None,
+        };
         let store = match &cfg.dir {
             Some(d) => ResourceStore::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
             None => ResourceStore::in_memory(),
@@ -153,8 +158,13 @@ impl ControlPlane {
             }
         }));
         let gatherer = crate::meshstats::gather::Gatherer::new(cfg.stats.clone());
-        tasks.push(gatherer.spawn(server.clone()));
-        let stats: crate::meshstats::SharedStats = gatherer.clone();
+        let stats: crate::meshstats::SharedStats = match prometheus {
+            Some(p) => p,
+            None => {
+                tasks.push(gatherer.spawn(server.clone()));
+                gatherer.clone()
+            }
+        };
         let api = Arc::new(crate::api::Api {
             store: store.clone(),
             server: server.clone(),

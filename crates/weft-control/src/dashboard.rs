@@ -23,7 +23,7 @@ use http_body_util::Full;
 use serde_json::{json, Value};
 
 use crate::api::Api;
-use crate::meshstats::series::Point;
+use crate::meshstats::series::{add_stats, Point};
 use crate::meshstats::{Edge, Reporter, Selector, WindowStats};
 
 const INDEX_HTML: &str = include_str!("dashboard/index.html");
@@ -155,20 +155,6 @@ fn point_json(p: &Point) -> Value {
     })
 }
 
-/// Adds `b` into `a` (histograms with the same bounds add bucket by bucket).
-fn merge(a: &mut WindowStats, b: &WindowStats) {
-    a.requests += b.requests;
-    a.errors += b.errors;
-    a.covered = a.covered.max(b.covered);
-    if a.latency_ms.is_empty() {
-        a.latency_ms = b.latency_ms.clone();
-    } else if a.latency_ms.len() == b.latency_ms.len() {
-        for (x, y) in a.latency_ms.iter_mut().zip(&b.latency_ms) {
-            x.1 += y.1;
-        }
-    }
-}
-
 /// Node id and kind of a workload as a caller.
 fn workload_node(name: &str, ns: &str) -> (String, &'static str) {
     if name.is_empty() || name == "unknown" {
@@ -225,14 +211,14 @@ fn graph(api: &Api, window: Duration) -> Value {
         );
         let known = e.destination_workload != "unknown" && !e.destination_workload.is_empty();
         let s = to_service.entry((src, svc.clone())).or_insert_with(|| (WindowStats::default(), true, false));
-        merge(&mut s.0, &e.stats);
+        add_stats(&mut s.0, &e.stats);
         if known {
             s.1 &= e.mtls;
             s.2 = true;
             let (dst, _) = workload_node(&e.destination_workload, &e.destination_namespace);
             add_node(&dst, "workload", &e.destination_workload, &e.destination_namespace);
             let w = to_workload.entry((svc, dst)).or_insert_with(|| (WindowStats::default(), true));
-            merge(&mut w.0, &e.stats);
+            add_stats(&mut w.0, &e.stats);
             w.1 &= e.mtls;
         }
     }

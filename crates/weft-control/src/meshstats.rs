@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 pub mod gather;
+pub mod prom;
 pub mod scrape;
 pub mod series;
 

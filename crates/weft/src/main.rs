@@ -80,6 +80,11 @@ enum Command {
         /// `enableTracing`, `rootNamespace` (docs/observability.md).
         #[arg(long, env = "WEFT_MESH_CONFIG")]
         mesh_config: Option<PathBuf>,
+        /// Read the dashboard's and SLOs' request statistics from this Prometheus
+        /// (`http://HOST:PORT`, scraping the proxies' Istio metrics) instead of scraping
+        /// the proxies (docs/dashboard.md).
+        #[arg(long, env = "WEFT_PROMETHEUS", value_name = "URL")]
+        prometheus: Option<String>,
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
@@ -459,6 +464,7 @@ fn main() -> std::process::ExitCode {
                 outbound_traffic_policy,
                 reconnect_grace,
                 mesh_config,
+                prometheus,
                 identity,
                 webhook,
             } => {
@@ -470,7 +476,7 @@ fn main() -> std::process::ExitCode {
                     ),
                     None => None,
                 };
-                let policy = (outbound_traffic_policy.as_str(), mesh_file);
+                let policy = (outbound_traffic_policy.as_str(), mesh_file, prometheus);
                 run_control(dir, addrs, transparent, policy, reconnect_grace, identity, webhook).await
             }
             Command::Token { command } => token::run(command).await,
@@ -568,7 +574,7 @@ async fn run_control(
     dir: Option<PathBuf>,
     (xds, api): (std::net::SocketAddr, std::net::SocketAddr),
     transparent: bool,
-    (policy, mesh_file): (&str, Option<weft_control::meshconfig::MeshConfigFile>),
+    (policy, mesh_file, prometheus): (&str, Option<weft_control::meshconfig::MeshConfigFile>, Option<String>),
     reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
     webhook: WebhookArgs,
@@ -620,7 +626,7 @@ async fn run_control(
         }),
         inject,
         webhook: webhook_tls,
-        stats: Default::default(),
+        stats: weft_control::meshstats::gather::GatherConfig { prometheus, ..Default::default() },
     })
     .await
     .map_err(|e| anyhow::anyhow!(e))?;

@@ -44,6 +44,9 @@ pub struct GatherConfig {
     pub max_page_samples: usize,
     /// Most scrapes in flight at once.
     pub concurrency: usize,
+    /// Read the statistics from this Prometheus (`http://HOST:PORT`) instead of
+    /// scraping the proxies ([`super::prom::PromStats`]).
+    pub prometheus: Option<String>,
 }
 
 /// Gathers and keeps the mesh's request statistics.
@@ -67,6 +70,7 @@ impl Default for GatherConfig {
             max_series: DEFAULT_MAX_SERIES,
             max_page_samples: 20_000,
             concurrency: 32,
+            prometheus: None,
         }
     }
 }

@@ -151,15 +151,6 @@ impl Sum {
         }
     }
 
-    fn merge(&mut self, o: &Sum) {
-        self.requests += o.requests;
-        self.errors += o.errors;
-        self.denied += o.denied;
-        for (a, b) in self.le.iter_mut().zip(o.le.iter()) {
-            *a += *b;
-        }
-    }
-
     fn stats(&self, covered: Duration) -> WindowStats {
         let latency_ms = if self.requests > 0.0 {
             let mut v: Vec<(f64, f64)> =
@@ -301,66 +292,13 @@ impl SeriesStore {
         let w = window.as_secs().max(1);
         let (tier, n) = Self::tier_for(w);
         let to = now / TIERS[tier].0;
-        type EdgeKey = (String, String, String, String, String, String);
-        // Per edge: (destination sum, destination mTLS requests, source sum).
-        let mut by_edge: HashMap<EdgeKey, (Sum, f64, Sum)> = HashMap::new();
-        for (k, s) in &self.series {
+        let covered = self.covered(now, w);
+        let per_series = self.series.iter().filter_map(|(k, s)| {
             let mut sum = Sum::default();
             Self::sum_series(s, tier, to, n, &mut sum);
-            if sum.requests <= 0.0 {
-                continue;
-            }
-            let dest_ns =
-                if k.destination_workload_namespace.is_empty() || k.destination_workload_namespace == "unknown" {
-                    k.destination_service_namespace.clone()
-                } else {
-                    k.destination_workload_namespace.clone()
-                };
-            let key = (
-                k.source_workload.clone(),
-                k.source_namespace.clone(),
-                k.destination_service.clone(),
-                k.destination_workload.clone(),
-                dest_ns,
-                k.destination_version.clone(),
-            );
-            let e = by_edge.entry(key).or_default();
-            match k.reporter {
-                Reporter::Destination => {
-                    if k.mtls {
-                        e.1 += sum.requests;
-                    }
-                    e.0.merge(&sum);
-                }
-                Reporter::Source => e.2.merge(&sum),
-            }
-        }
-        let covered = self.covered(now, w);
-        let mut out: Vec<Edge> = by_edge
-            .into_iter()
-            .map(|((sw, sns, svc, dw, dns, dv), (dest, mtls, src))| {
-                let all_mtls = mtls >= dest.requests;
-                let (sum, mtls) = if dest.requests > 0.0 { (dest, all_mtls) } else { (src, false) };
-                Edge {
-                    source_workload: sw,
-                    source_namespace: sns,
-                    destination_service: svc,
-                    destination_workload: dw,
-                    destination_namespace: dns,
-                    destination_version: dv,
-                    mtls,
-                    stats: sum.stats(covered),
-                }
-            })
-            .collect();
-        out.sort_by(|a, b| {
-            (&a.source_workload, &a.destination_service, &a.destination_workload).cmp(&(
-                &b.source_workload,
-                &b.destination_service,
-                &b.destination_workload,
-            ))
+            (sum.requests > 0.0).then(|| (k.clone(), sum.stats(covered)))
         });
-        out
+        edges_of(per_series)
     }
 
     /// Points of `step` seconds (rounded up to a whole number of the tier's steps)
@@ -393,6 +331,82 @@ impl SeriesStore {
                 Point { start, step: span, denied: s.denied, stats: s.stats(Duration::from_secs(span)) }
             })
             .collect()
+    }
+}
+
+/// The graph's edges from per-series totals: per (source workload, destination
+/// service, destination workload, version), the destination reporter's totals when it
+/// saw any (mTLS when all of them were), else the source reporter's.
+pub fn edges_of(per_series: impl Iterator<Item = (SeriesKey, WindowStats)>) -> Vec<Edge> {
+    type EdgeKey = (String, String, String, String, String, String);
+    // Per edge: (destination totals, destination mTLS requests, source totals).
+    let mut by_edge: HashMap<EdgeKey, (WindowStats, f64, WindowStats)> = HashMap::new();
+    for (k, stats) in per_series {
+        if stats.requests <= 0.0 {
+            continue;
+        }
+        let dest_ns = if k.destination_workload_namespace.is_empty() || k.destination_workload_namespace == "unknown" {
+            k.destination_service_namespace.clone()
+        } else {
+            k.destination_workload_namespace.clone()
+        };
+        let key = (
+            k.source_workload,
+            k.source_namespace,
+            k.destination_service,
+            k.destination_workload,
+            dest_ns,
+            k.destination_version,
+        );
+        let e = by_edge.entry(key).or_default();
+        match k.reporter {
+            Reporter::Destination => {
+                if k.mtls {
+                    e.1 += stats.requests;
+                }
+                add_stats(&mut e.0, &stats);
+            }
+            Reporter::Source => add_stats(&mut e.2, &stats),
+        }
+    }
+    let mut out: Vec<Edge> = by_edge
+        .into_iter()
+        .map(|((sw, sns, svc, dw, dns, dv), (dest, mtls, src))| {
+            let all_mtls = mtls >= dest.requests;
+            let (stats, mtls) = if dest.requests > 0.0 { (dest, all_mtls) } else { (src, false) };
+            Edge {
+                source_workload: sw,
+                source_namespace: sns,
+                destination_service: svc,
+                destination_workload: dw,
+                destination_namespace: dns,
+                destination_version: dv,
+                mtls,
+                stats,
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (&a.source_workload, &a.destination_service, &a.destination_workload).cmp(&(
+            &b.source_workload,
+            &b.destination_service,
+            &b.destination_workload,
+        ))
+    });
+    out
+}
+
+/// Adds `b` into `a`: counts add, histograms with the same bounds add bucket by bucket.
+pub fn add_stats(a: &mut WindowStats, b: &WindowStats) {
+    a.requests += b.requests;
+    a.errors += b.errors;
+    a.covered = a.covered.max(b.covered);
+    if a.latency_ms.is_empty() {
+        a.latency_ms = b.latency_ms.clone();
+    } else if a.latency_ms.len() == b.latency_ms.len() {
+        for (x, y) in a.latency_ms.iter_mut().zip(&b.latency_ms) {
+            x.1 += y.1;
+        }
     }
 }
 

@@ -116,6 +116,10 @@ pub struct UpArgs {
     /// (docs/dashboard.md).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub stats_interval: Duration,
+    /// Read the dashboard's request statistics from this Prometheus (`http://HOST:PORT`)
+    /// instead of scraping the sidecars.
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
 }
 
 /// A started workload.
@@ -259,6 +263,7 @@ impl Up {
             registry: None,
             stats: weft_control::meshstats::gather::GatherConfig {
                 interval: self.args.stats_interval,
+                prometheus: self.args.prometheus.clone(),
                 ..Default::default()
             },
         })
