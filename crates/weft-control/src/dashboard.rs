@@ -183,23 +183,34 @@ fn service_kind(fqdn: &str) -> &'static str {
 
 /// The service graph over `window`.
 fn graph(api: &Api, window: Duration) -> Value {
-    let edges = api.stats.edges(window);
+    let proxies: Vec<(String, String, bool)> = api
+        .server
+        .connections()
+        .iter()
+        .filter_map(|c| {
+            let n = c.node.as_ref()?;
+            let name = if n.workload_name.is_empty() { &n.name } else { &n.workload_name };
+            Some((name.clone(), n.namespace.clone(), c.node_id.starts_with("router~")))
+        })
+        .collect();
+    graph_of(window, &proxies, &api.stats.edges(window))
+}
+
+/// The graph of `edges`, with a node for every connected proxy's workload (name,
+/// namespace, whether it is a gateway) even without traffic.
+fn graph_of(window: Duration, proxies: &[(String, String, bool)], edges: &[Edge]) -> Value {
     let mut nodes: BTreeMap<String, Value> = BTreeMap::new();
     let mut add_node = |id: &str, kind: &str, name: &str, ns: &str| {
         nodes.entry(id.to_string()).or_insert_with(|| json!({"id": id, "kind": kind, "name": name, "namespace": ns}));
     };
-    // Every connected proxy's workload, with or without traffic.
-    for c in api.server.connections() {
-        let Some(n) = c.node.as_ref() else { continue };
-        let name = if n.workload_name.is_empty() { &n.name } else { &n.workload_name };
-        let (id, kind) = workload_node(name, &n.namespace);
-        let kind = if c.node_id.starts_with("router~") { "ingress" } else { kind };
-        add_node(&id, kind, name, &n.namespace);
+    for (name, ns, gateway) in proxies {
+        let (id, kind) = workload_node(name, ns);
+        add_node(&id, if *gateway { "ingress" } else { kind }, name, ns);
     }
     // caller -> service: (stats, every known destination mTLS, any known destination)
     let mut to_service: BTreeMap<(String, String), (WindowStats, bool, bool)> = BTreeMap::new();
     let mut to_workload: BTreeMap<(String, String), (WindowStats, bool)> = BTreeMap::new();
-    for e in &edges {
+    for e in edges {
         let (src, src_kind) = workload_node(&e.source_workload, &e.source_namespace);
         add_node(&src, src_kind, &e.source_workload, &e.source_namespace);
         let svc = format!("svc:{}", e.destination_service);
@@ -508,6 +519,56 @@ mod tests {
         assert!(parse_window("5w").is_err());
         assert!(parse_window("m").is_err());
         assert!(parse_window("99999999999999999999d").is_err());
+    }
+
+    fn edge(src: &str, svc: &str, dst: &str, requests: f64, errors: f64, mtls: bool) -> Edge {
+        Edge {
+            source_workload: src.into(),
+            source_namespace: if src == "unknown" { "unknown".into() } else { "default".into() },
+            destination_service: svc.into(),
+            destination_workload: dst.into(),
+            destination_namespace: "default".into(),
+            destination_version: "v1".into(),
+            mtls,
+            stats: WindowStats { requests, errors, latency_ms: Vec::new(), covered: Duration::from_secs(60) },
+        }
+    }
+
+    #[test]
+    fn the_graph_has_callers_services_and_workloads_with_unknown_and_external_nodes() {
+        let reviews = "reviews.default.svc.cluster.local";
+        let edges = [
+            edge("istio-ingressgateway", "productpage.default.svc.cluster.local", "productpage-v1", 60.0, 0.0, true),
+            edge("unknown", "productpage.default.svc.cluster.local", "productpage-v1", 6.0, 0.0, false),
+            edge("productpage-v1", reviews, "reviews-v1", 30.0, 0.0, true),
+            edge("productpage-v1", reviews, "reviews-v2", 30.0, 3.0, true),
+            // Aborted by the caller's sidecar: no workload reached.
+            edge("productpage-v1", reviews, "unknown", 6.0, 6.0, false),
+            edge("productpage-v1", "www.example.com", "unknown", 12.0, 0.0, false),
+        ];
+        let proxies = [("ratings-v1".to_string(), "default".to_string(), false)];
+        let g = graph_of(Duration::from_secs(60), &proxies, &edges);
+        let kind = |id: &str| g["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).map(|n| n["kind"].clone());
+        assert_eq!(kind("wl:default/istio-ingressgateway"), Some(json!("ingress")));
+        assert_eq!(kind("unknown"), Some(json!("unknown")));
+        assert_eq!(kind("svc:www.example.com"), Some(json!("external")));
+        assert_eq!(kind("wl:default/ratings-v1"), Some(json!("workload")), "idle proxies are nodes");
+        assert_eq!(kind("wl:default/unknown"), None, "no node for an unreached workload");
+        let e = |s: &str, t: &str| {
+            g["edges"].as_array().unwrap().iter().find(|e| e["source"] == s && e["target"] == t).cloned()
+        };
+        let to_reviews = e("wl:default/productpage-v1", "svc:reviews.default.svc.cluster.local").unwrap();
+        assert_eq!((to_reviews["requests"].as_f64(), to_reviews["errors"].as_f64()), (Some(66.0), Some(9.0)));
+        assert_eq!(to_reviews["mtls"], json!(true), "every connection made was mTLS (aborts made none)");
+        let external = e("wl:default/productpage-v1", "svc:www.example.com").unwrap();
+        assert_eq!(external["mtls"], json!(false));
+        assert_eq!(to_reviews["rps"].as_f64(), Some(1.1));
+        let v2 = e("svc:reviews.default.svc.cluster.local", "wl:default/reviews-v2").unwrap();
+        assert_eq!(
+            (v2["requests"].as_f64(), v2["success_rate"].as_f64(), v2["mtls"].clone()),
+            (Some(30.0), Some(0.9), json!(true))
+        );
+        assert!(e("unknown", "svc:productpage.default.svc.cluster.local").is_some());
     }
 
     #[test]
