@@ -47,6 +47,8 @@ pub struct ControlConfig {
     pub registry: Option<crate::registry::PersistConfig>,
     /// SLO evaluation interval and the global alert webhook (docs/slo.md).
     pub slo: crate::slo::SloConfig,
+    /// How the proxies' request metrics are gathered for the dashboard and SLOs.
+    pub stats: crate::meshstats::gather::GatherConfig,
 }
 
 /// A running control plane.
@@ -71,6 +73,11 @@ pub struct ControlPlane {
     pub identity: Option<Arc<CertificateAuthority>>,
     /// The SLO engine (`/api/v1/slos`, `weft_slo_*` metrics, alerts).
     pub slo: Arc<crate::slo::SloEngine>,
+    /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
+    pub stats: crate::meshstats::SharedStats,
+    /// The gatherer behind `stats` (scrape rounds, for tests and tools); idle when the
+    /// statistics come from Prometheus.
+    pub gatherer: Arc<crate::meshstats::gather::Gatherer>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -80,6 +87,10 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Binds both servers and starts everything.
     pub async fn start(cfg: ControlConfig) -> Result<ControlPlane, String> {
+        let prometheus: Option<crate::meshstats::SharedStats> = match &cfg.stats.prometheus {
+            Some(url) => Some(Arc::new(crate::meshstats::prom::PromStats::new(url, cfg.stats.timeout)?)),
+            None => None,
+        };
         let store = match &cfg.dir {
             Some(d) => ResourceStore::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
             None => ResourceStore::in_memory(),
@@ -150,9 +161,15 @@ impl ControlPlane {
                 tracing::error!(error = %e, "xDS server stopped");
             }
         }));
-        // Until the control plane gathers the proxies' statistics, SLOs read an empty set.
-        let stats: crate::meshstats::SharedStats = Arc::new(crate::meshstats::FixedStats::default());
-        let slo = crate::slo::SloEngine::new(stats, &cfg.mesh.domain, cfg.slo.clone());
+        let gatherer = crate::meshstats::gather::Gatherer::new(cfg.stats.clone());
+        let stats: crate::meshstats::SharedStats = match prometheus {
+            Some(p) => p,
+            None => {
+                tasks.push(gatherer.spawn(server.clone()));
+                gatherer.clone()
+            }
+        };
+        let slo = crate::slo::SloEngine::new(stats.clone(), &cfg.mesh.domain, cfg.slo.clone());
         tasks.push(slo.spawn(store.clone()));
         let api = Arc::new(crate::api::Api {
             store: store.clone(),
@@ -164,6 +181,7 @@ impl ControlPlane {
             inject: cfg.inject.clone(),
             metrics,
             slo: slo.clone(),
+            stats: stats.clone(),
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
@@ -181,6 +199,8 @@ impl ControlPlane {
             source,
             identity,
             slo,
+            stats,
+            gatherer,
             stop,
             tasks,
             persist,

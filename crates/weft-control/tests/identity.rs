@@ -35,6 +35,7 @@ async fn control_plane(data: &std::path::Path) -> anyhow::Result<ControlPlane> {
         webhook: None,
         registry: None,
         slo: Default::default(),
+        stats: Default::default(),
     })
     .await
     .map_err(anyhow::Error::msg)

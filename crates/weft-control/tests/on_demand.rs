@@ -84,6 +84,7 @@ async fn control_plane(range: std::ops::Range<usize>) -> ControlPlane {
         webhook: None,
         registry: None,
         slo: Default::default(),
+        stats: Default::default(),
     };
     let cp = ControlPlane::start(cfg).await.unwrap();
     let result = cp.store.apply(&services(range), Path::new("mesh.yaml"));

@@ -75,6 +75,7 @@ async fn an_applied_slo_is_evaluated_served_exported_and_alerted() -> anyhow::Re
         webhook: None,
         registry: None,
         slo: SloConfig { interval: Duration::from_millis(100), webhook: Some(webhook), stats: Some(Arc::new(stats)) },
+        stats: Default::default(),
     })
     .await
     .map_err(anyhow::Error::msg)?;

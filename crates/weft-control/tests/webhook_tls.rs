@@ -89,6 +89,7 @@ async fn control_plane(cert: PathBuf, key: PathBuf, inject: InjectConfig) -> Con
         }),
         registry: None,
         slo: Default::default(),
+        stats: Default::default(),
     })
     .await
     .unwrap()

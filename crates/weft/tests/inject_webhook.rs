@@ -30,6 +30,7 @@ async fn control_plane() -> ControlPlane {
         webhook: None,
         registry: None,
         slo: Default::default(),
+        stats: Default::default(),
     })
     .await
     .unwrap()

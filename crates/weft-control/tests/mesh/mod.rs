@@ -28,6 +28,7 @@ pub async fn control_plane(dir: Option<&Path>, identity: IdentityConfig) -> Cont
         webhook: None,
         registry: None,
         slo: Default::default(),
+        stats: Default::default(),
     })
     .await
     .expect("the control plane starts")
