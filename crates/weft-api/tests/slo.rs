@@ -83,3 +83,53 @@ fn a_route_is_refused_rather_than_ignored() {
     assert_eq!((e[0].0.as_str(), e[0].1), ("spec.route", 6), "{e:?}");
     assert!(e[0].2.contains("no route label"), "{e:?}");
 }
+
+#[test]
+fn analyze_reports_an_slo_whose_service_or_subset_nothing_defines() {
+    let text = "apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews
+  subsets: [{name: v1, labels: {version: v1}}]
+---
+apiVersion: weft.dev/v1alpha1
+kind: ServiceLevelObjective
+metadata: {name: good, namespace: default}
+spec: {service: reviews, subset: v1, sli: {successRate: {}}, target: 99, window: 28d}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ServiceLevelObjective
+metadata: {name: no-subset, namespace: default}
+spec: {service: reviews, subset: v9, sli: {successRate: {}}, target: 99, window: 28d}
+---
+apiVersion: weft.dev/v1alpha1
+kind: ServiceLevelObjective
+metadata: {name: no-service, namespace: default}
+spec: {service: ratings, sli: {successRate: {}}, target: 99, window: 28d}
+";
+    let p = parse_str(text, Path::new("slo.yaml"));
+    assert!(p.errors.is_empty(), "{:#?}", p.errors);
+    let msgs: Vec<(String, &str, String)> = weft_api::analyze::analyze(&p.resources)
+        .iter()
+        .map(|m| (m.resource.name.clone(), m.code, m.text.clone()))
+        .collect();
+    assert_eq!(
+        msgs,
+        [
+            (
+                "no-subset".to_string(),
+                "IST0101",
+                "Referenced host+subset in destinationrule not found: \"reviews+v9\"".to_string()
+            ),
+            ("no-service".to_string(), "IST0101", "Referenced host not found: \"ratings\"".to_string()),
+        ]
+    );
+}
