@@ -215,7 +215,10 @@ pub fn check_webhook(url: &str) -> Result<(), String> {
         });
     };
     let host = rest.split(['/', '?']).next().unwrap_or("");
-    let name = host.rsplit_once(':').map(|(h, p)| (h, Some(p))).unwrap_or((host, None));
+    let name = match host.rsplit_once(':') {
+        Some((h, p)) if !host.ends_with(']') => (h, Some(p)),
+        _ => (host, None),
+    };
     if name.0.is_empty() || name.0.contains('@') || name.1.is_some_and(|p| p.parse::<u16>().is_err()) {
         return Err(format!("{url:?} has no valid host[:port]"));
     }
@@ -249,6 +252,8 @@ mod tests {
     fn webhooks_must_be_http_urls() {
         assert!(check_webhook("http://127.0.0.1:9000/hook").is_ok());
         assert!(check_webhook("http://alerts.example/x?y=1").is_ok());
+        assert!(check_webhook("http://[::1]:9000/hook").is_ok());
+        assert!(check_webhook("http://[::1]/hook").is_ok());
         assert!(check_webhook("https://alerts.example/x").is_err());
         assert!(check_webhook("http://:80/").is_err());
         assert!(check_webhook("http://a:b@x/").is_err());

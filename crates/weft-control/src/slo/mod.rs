@@ -372,8 +372,8 @@ fn status_json(s: &SloStatus) -> Value {
     v
 }
 
-/// The `version` label of `subset` in the DestinationRule for `service` (the rule in
-/// the SLO's namespace wins, as Istio's lookup does).
+/// The `version` label of `subset` in the DestinationRules for `service` (a rule in
+/// the service's own namespace is looked at first).
 fn subset_version(all: &[Resource], service: &str, subset: &str, domain: &str) -> Result<String, String> {
     let mut rules: Vec<&Resource> = all
         .iter()
