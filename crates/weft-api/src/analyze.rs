@@ -298,6 +298,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     let mut a = Analyzer { resources, workloads: live.to_vec(), out: Vec::new() };
     a.collect_workloads();
     a.destinations();
+    a.slo_references();
     a.destination_rule_hosts();
     a.mesh_host_conflicts();
     a.gateways_of_virtual_services();
@@ -376,6 +377,26 @@ impl<'a> Analyzer<'a> {
             })
             .flatten()
             .collect()
+    }
+
+    /// IST0101 for a ServiceLevelObjective's service or subset that nothing defines (the
+    /// SLO would measure nothing, or, for a subset, could not be evaluated).
+    fn slo_references(&mut self) {
+        for r in self.of_kind(Kind::ServiceLevelObjective) {
+            let Spec::ServiceLevelObjective(o) = &r.spec else { continue };
+            let fqdn = host::fqdn(&o.service, &r.meta.namespace, DOMAIN);
+            if !self.host_known(&fqdn) {
+                self.report(r, "IST0101", Level::Error, format!("Referenced host not found: {:?}", o.service));
+                continue;
+            }
+            if let Some(subset) = &o.subset {
+                if !self.subsets(&fqdn).contains(subset.as_str()) {
+                    let t =
+                        format!("Referenced host+subset in destinationrule not found: \"{}+{}\"", o.service, subset);
+                    self.report(r, "IST0101", Level::Error, t);
+                }
+            }
+        }
     }
 
     /// IST0101 (host, subset) and IST0112 for every destination of every VirtualService.

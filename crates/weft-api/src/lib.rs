@@ -23,7 +23,7 @@ pub use spec::{
     AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication, RequestAuthentication,
     ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService, WorkloadEntry,
 };
-pub use spec::{EnvoyFilter, RateLimit};
+pub use spec::{EnvoyFilter, RateLimit, ServiceLevelObjective};
 
 /// Where a resource came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -78,6 +78,8 @@ pub enum Kind {
     EnvoyFilter,
     /// `weft.dev` RateLimit.
     RateLimit,
+    /// `weft.dev` ServiceLevelObjective.
+    ServiceLevelObjective,
 }
 
 /// A typed spec, one variant per [`Kind`].
@@ -115,6 +117,8 @@ pub enum Spec {
     EnvoyFilter(EnvoyFilter),
     /// RateLimit.
     RateLimit(RateLimit),
+    /// ServiceLevelObjective.
+    ServiceLevelObjective(ServiceLevelObjective),
 }
 
 /// One parsed, validated resource.
@@ -192,7 +196,7 @@ pub struct Parsed {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Service,
         Kind::VirtualService,
         Kind::DestinationRule,
@@ -207,6 +211,7 @@ impl Kind {
         Kind::LocalWorkload,
         Kind::EnvoyFilter,
         Kind::RateLimit,
+        Kind::ServiceLevelObjective,
     ];
 
     /// The kind as written in `kind:`.
@@ -226,6 +231,7 @@ impl Kind {
             Kind::LocalWorkload => "LocalWorkload",
             Kind::EnvoyFilter => "EnvoyFilter",
             Kind::RateLimit => "RateLimit",
+            Kind::ServiceLevelObjective => "ServiceLevelObjective",
         }
     }
 
@@ -246,6 +252,7 @@ impl Kind {
             "lw" => Some(Kind::LocalWorkload),
             "ef" => Some(Kind::EnvoyFilter),
             "rl" => Some(Kind::RateLimit),
+            "slo" => Some(Kind::ServiceLevelObjective),
             _ => None,
         };
         if short.is_some() {
@@ -270,7 +277,7 @@ impl Kind {
             | Kind::EnvoyFilter => "networking.istio.io",
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
-            Kind::LocalWorkload | Kind::RateLimit => "weft.dev",
+            Kind::LocalWorkload | Kind::RateLimit | Kind::ServiceLevelObjective => "weft.dev",
         }
     }
 
@@ -318,6 +325,7 @@ impl Spec {
             Spec::LocalWorkload(_) => Kind::LocalWorkload,
             Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
             Spec::RateLimit(_) => Kind::RateLimit,
+            Spec::ServiceLevelObjective(_) => Kind::ServiceLevelObjective,
         }
     }
 }
@@ -341,6 +349,7 @@ impl Spec {
             Spec::LocalWorkload(s) => serde_json::to_value(s),
             Spec::EnvoyFilter(s) => serde_json::to_value(s),
             Spec::RateLimit(s) => serde_json::to_value(s),
+            Spec::ServiceLevelObjective(s) => serde_json::to_value(s),
         };
         // Every spec type serializes to a JSON object (string keys, finite numbers).
         v.unwrap_or_default()

@@ -42,6 +42,10 @@ pub struct Api {
     pub inject: crate::inject::InjectConfig,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: Arc<crate::metrics::ControlMetrics>,
+    /// The SLO engine (`GET /api/v1/slos`, `weft_slo_*` on `/metrics`).
+    pub slo: Arc<crate::slo::SloEngine>,
+    /// The mesh's request statistics (dashboard, graph and time series endpoints).
+    pub stats: crate::meshstats::SharedStats,
 }
 
 /// Which endpoints a listener serves.
@@ -112,6 +116,7 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         query.split('&').filter_map(|kv| kv.split_once('=')).find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
     };
     match (req.method().clone(), path.as_str()) {
+        (Method::GET, p) if crate::dashboard::serves(p) => crate::dashboard::handle(api, p, &query),
         (Method::POST, "/api/v1/apply") | (Method::POST, "/api/v1/delete") => {
             let source = param("source").unwrap_or_else(|| "api".into());
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -177,7 +182,9 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 services: count(weft_api::Kind::Service) + entry_hosts,
                 virtual_services: count(weft_api::Kind::VirtualService),
             };
-            let text = api.metrics.render(&view);
+            let mut text = api.metrics.render(&view);
+            text.push_str(&api.slo.render_metrics());
+            text.push_str(&api.stats.self_metrics());
             let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -186,6 +193,13 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             r
         }
         (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
+        (Method::GET, "/api/v1/slos") => reply(StatusCode::OK, api.slo.to_json()),
+        (Method::GET, "/api/v1/slos/rules") => {
+            match crate::slo::rules::rules_yaml(&api.store.snapshot().resources, api.slo.domain()) {
+                Ok(rules) => reply(StatusCode::OK, json!({ "rules": rules })),
+                Err(e) => reply(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
+            }
+        }
         (Method::GET, "/api/v1/registry") => reply(StatusCode::OK, registry(api)),
         (Method::GET, "/api/v1/cache") => reply(StatusCode::OK, json!(api.source.cache_stats())),
         (Method::POST, "/api/v1/analyze") => {

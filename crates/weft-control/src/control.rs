@@ -45,6 +45,10 @@ pub struct ControlConfig {
     /// their proxies' reconnect (`weft control --data-dir`: `registry.json` there); None:
     /// a restarted control plane starts with an empty registry.
     pub registry: Option<crate::registry::PersistConfig>,
+    /// SLO evaluation interval and the global alert webhook (docs/slo.md).
+    pub slo: crate::slo::SloConfig,
+    /// How the proxies' request metrics are gathered for the dashboard and SLOs.
+    pub stats: crate::meshstats::gather::GatherConfig,
 }
 
 /// A running control plane.
@@ -67,6 +71,13 @@ pub struct ControlPlane {
     pub source: Arc<MeshXdsSource>,
     /// The CA and token issuer, when identity is enabled.
     pub identity: Option<Arc<CertificateAuthority>>,
+    /// The SLO engine (`/api/v1/slos`, `weft_slo_*` metrics, alerts).
+    pub slo: Arc<crate::slo::SloEngine>,
+    /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
+    pub stats: crate::meshstats::SharedStats,
+    /// The gatherer behind `stats` (scrape rounds, for tests and tools); idle when the
+    /// statistics come from Prometheus.
+    pub gatherer: Arc<crate::meshstats::gather::Gatherer>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -76,6 +87,10 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Binds both servers and starts everything.
     pub async fn start(cfg: ControlConfig) -> Result<ControlPlane, String> {
+        let prometheus: Option<crate::meshstats::SharedStats> = match &cfg.stats.prometheus {
+            Some(url) => Some(Arc::new(crate::meshstats::prom::PromStats::new(url, cfg.stats.timeout)?)),
+            None => None,
+        };
         let store = match &cfg.dir {
             Some(d) => ResourceStore::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
             None => ResourceStore::in_memory(),
@@ -146,6 +161,16 @@ impl ControlPlane {
                 tracing::error!(error = %e, "xDS server stopped");
             }
         }));
+        let gatherer = crate::meshstats::gather::Gatherer::new(cfg.stats.clone());
+        let stats: crate::meshstats::SharedStats = match prometheus {
+            Some(p) => p,
+            None => {
+                tasks.push(gatherer.spawn(server.clone()));
+                gatherer.clone()
+            }
+        };
+        let slo = crate::slo::SloEngine::new(stats.clone(), &cfg.mesh.domain, cfg.slo.clone());
+        tasks.push(slo.spawn(store.clone()));
         let api = Arc::new(crate::api::Api {
             store: store.clone(),
             server: server.clone(),
@@ -155,6 +180,8 @@ impl ControlPlane {
             secrets,
             inject: cfg.inject.clone(),
             metrics,
+            slo: slo.clone(),
+            stats: stats.clone(),
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
@@ -171,6 +198,9 @@ impl ControlPlane {
             server,
             source,
             identity,
+            slo,
+            stats,
+            gatherer,
             stop,
             tasks,
             persist,

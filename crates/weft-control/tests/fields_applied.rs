@@ -94,6 +94,9 @@ const ALLOWED: &[(Kind, &str, &str)] = &[
     (Kind::LocalWorkload, "spec.command", "used by `weft up` to start the process"),
     (Kind::LocalWorkload, "spec.args", "used by `weft up` to start the process"),
     (Kind::LocalWorkload, "spec.env", "used by `weft up` to start the process"),
+    // An SLO configures the control plane's SLO engine (`weft-control::slo`: its
+    // evaluation, `/api/v1/slos`, alerts, `weft slo rules`), not the proxies.
+    (Kind::ServiceLevelObjective, "spec", "evaluated by the control plane's SLO engine, not translated to xDS"),
     // An HTTP_FILTER patch's filter match names the connection manager, the only
     // network filter HTTP filters live in: any other name is reported (WFT0010).
     (

@@ -11,6 +11,7 @@ mod load;
 mod local;
 mod ops;
 mod proxy_config;
+mod slo;
 mod token;
 mod up;
 
@@ -80,10 +81,22 @@ enum Command {
         /// `enableTracing`, `rootNamespace` (docs/observability.md).
         #[arg(long, env = "WEFT_MESH_CONFIG")]
         mesh_config: Option<PathBuf>,
+        /// Read the dashboard's and SLOs' request statistics from this Prometheus
+        /// (`http://HOST:PORT`, scraping the proxies' Istio metrics) instead of scraping
+        /// the proxies (docs/dashboard.md).
+        #[arg(long, env = "WEFT_PROMETHEUS", value_name = "URL")]
+        prometheus: Option<String>,
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
         webhook: WebhookArgs,
+        #[command(flatten)]
+        slo: slo::SloArgs,
+    },
+    /// Service level objectives: `weft slo rules` writes them as Prometheus rules.
+    Slo {
+        #[command(subcommand)]
+        command: slo::SloCommand,
     },
     /// Join tokens: the bootstrap credential a proxy exchanges for its certificate.
     Token {
@@ -134,6 +147,16 @@ enum Command {
         /// Output format: table or json.
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+        /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
+    },
+    /// Print the URL of the control plane's dashboard (service graph, golden signals,
+    /// SLOs, proxies; docs/dashboard.md); `--open` also opens it in a browser.
+    Dashboard {
+        /// Try to open it with `xdg-open` (or `$BROWSER`).
+        #[arg(long)]
+        open: bool,
         /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
         #[arg(long, env = "WEFT_SERVER")]
         server: Option<String>,
@@ -449,8 +472,10 @@ fn main() -> std::process::ExitCode {
                 outbound_traffic_policy,
                 reconnect_grace,
                 mesh_config,
+                prometheus,
                 identity,
                 webhook,
+                slo,
             } => {
                 let addrs = (xds, api);
                 let mesh_file = match mesh_config {
@@ -460,10 +485,11 @@ fn main() -> std::process::ExitCode {
                     ),
                     None => None,
                 };
-                let policy = (outbound_traffic_policy.as_str(), mesh_file);
-                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, webhook).await
+                let policy = (outbound_traffic_policy.as_str(), mesh_file, prometheus);
+                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, (webhook, slo)).await
             }
             Command::Token { command } => token::run(command).await,
+            Command::Slo { command } => slo::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
             Command::Iptables(args) => iptables::run(&args),
             Command::Inject(args) => inject::run(&args),
@@ -472,6 +498,7 @@ fn main() -> std::process::ExitCode {
             Command::Get { kind, name, output, server } => {
                 ops::get(&local::server(server), &kind, name.as_deref(), output == "json").await
             }
+            Command::Dashboard { open, server } => dashboard(&local::server(server), open),
             Command::ProxyStatus { output, server } => {
                 ops::proxy_status(&local::server(server), output == "json").await
             }
@@ -557,10 +584,10 @@ async fn run_control(
     dir: Option<PathBuf>,
     (xds, api): (std::net::SocketAddr, std::net::SocketAddr),
     transparent: bool,
-    (policy, mesh_file): (&str, Option<weft_control::meshconfig::MeshConfigFile>),
+    (policy, mesh_file, prometheus): (&str, Option<weft_control::meshconfig::MeshConfigFile>, Option<String>),
     reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
-    webhook: WebhookArgs,
+    (webhook, slo): (WebhookArgs, slo::SloArgs),
 ) -> anyhow::Result<()> {
     use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
     let mut mesh = MeshConfig {
@@ -609,6 +636,8 @@ async fn run_control(
         }),
         inject,
         webhook: webhook_tls,
+        slo: slo.config()?,
+        stats: weft_control::meshstats::gather::GatherConfig { prometheus, ..Default::default() },
     })
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
@@ -619,6 +648,27 @@ async fn run_control(
     shutdown_signal().await;
     info!("signal received: stopping");
     cp.shutdown().await;
+    Ok(())
+}
+
+/// `weft dashboard`: prints the dashboard's URL; with `open`, hands it to `$BROWSER` or
+/// `xdg-open` (a failure to open is reported, the URL still printed).
+fn dashboard(server: &str, open: bool) -> anyhow::Result<()> {
+    let base = server.trim_end_matches('/');
+    let url = if base.starts_with("http://") || base.starts_with("https://") {
+        format!("{base}/dashboard")
+    } else {
+        format!("http://{base}/dashboard")
+    };
+    println!("{url}");
+    if open {
+        let opener =
+            std::env::var("BROWSER").ok().filter(|b| !b.trim().is_empty()).unwrap_or_else(|| "xdg-open".into());
+        match std::process::Command::new(&opener).arg(&url).stdout(std::process::Stdio::null()).spawn() {
+            Ok(_) => {}
+            Err(e) => eprintln!("weft dashboard: cannot run {opener} ({e}); open the URL above in a browser"),
+        }
+    }
     Ok(())
 }
 

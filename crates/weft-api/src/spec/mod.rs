@@ -6,6 +6,7 @@ pub mod mesh;
 pub mod networking;
 pub mod ratelimit;
 pub mod security;
+pub mod slo;
 pub mod telemetry;
 
 pub use common::*;
@@ -14,3 +15,4 @@ pub use mesh::*;
 pub use networking::*;
 pub use ratelimit::{EnvoyFilter, RateLimit};
 pub use security::*;
+pub use slo::ServiceLevelObjective;

@@ -112,6 +112,14 @@ pub struct UpArgs {
     /// `weft control --mesh-config`; --tracing replaces its tracing defaults.
     #[arg(long, value_name = "FILE")]
     pub mesh_config: Option<PathBuf>,
+    /// How often the control plane scrapes every sidecar's metrics for the dashboard
+    /// (docs/dashboard.md).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stats_interval: Duration,
+    /// Read the dashboard's request statistics from this Prometheus (`http://HOST:PORT`)
+    /// instead of scraping the sidecars.
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
 }
 
 /// A started workload.
@@ -253,6 +261,12 @@ impl Up {
             // Its proxies are children of this process and stop with it (and explicit mode
             // picks new addresses each run): nothing to wait for after a restart.
             registry: None,
+            slo: Default::default(),
+            stats: weft_control::meshstats::gather::GatherConfig {
+                interval: self.args.stats_interval,
+                prometheus: self.args.prometheus.clone(),
+                ..Default::default()
+            },
         })
         .await
         .map_err(|e| anyhow::anyhow!("control plane: {e} (another control plane on these ports? see --api / --xds)"))?;
@@ -552,6 +566,7 @@ impl Up {
         let page = if self.args.dir.is_none() { "productpage" } else { "" };
         say!("  ingress        http://{ingress}/{page}");
         say!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
+        say!("  dashboard      http://{api}/dashboard   (weft dashboard --open)");
         say!("  logs           {}", self.logs.display());
         if let Some(url) = &self.args.tracing {
             say!("  tracing        {url}, {}% of new traces sampled (docs/observability.md)", self.args.trace_sampling);
