@@ -22,7 +22,7 @@ pub use spec::{
     AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication, RequestAuthentication,
     ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService, WorkloadEntry,
 };
-pub use spec::{EnvoyFilter, RateLimit};
+pub use spec::{EnvoyFilter, RateLimit, Rollout};
 
 /// Where a resource came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -77,6 +77,8 @@ pub enum Kind {
     EnvoyFilter,
     /// `weft.dev` RateLimit.
     RateLimit,
+    /// `weft.dev` Rollout (a canary driven by the control plane).
+    Rollout,
 }
 
 /// A typed spec, one variant per [`Kind`].
@@ -114,6 +116,8 @@ pub enum Spec {
     EnvoyFilter(EnvoyFilter),
     /// RateLimit.
     RateLimit(RateLimit),
+    /// Rollout.
+    Rollout(Rollout),
 }
 
 /// One parsed, validated resource.
@@ -187,7 +191,7 @@ pub struct Parsed {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::Service,
         Kind::VirtualService,
         Kind::DestinationRule,
@@ -202,6 +206,7 @@ impl Kind {
         Kind::LocalWorkload,
         Kind::EnvoyFilter,
         Kind::RateLimit,
+        Kind::Rollout,
     ];
 
     /// The kind as written in `kind:`.
@@ -221,11 +226,12 @@ impl Kind {
             Kind::LocalWorkload => "LocalWorkload",
             Kind::EnvoyFilter => "EnvoyFilter",
             Kind::RateLimit => "RateLimit",
+            Kind::Rollout => "Rollout",
         }
     }
 
     /// Parses a kind case-insensitively, accepting plurals and kubectl short
-    /// names (`svc`, `vs`, `dr`, `se`, `we`, `gw`, `pa`, `ap`, `ra`, `lw`).
+    /// names (`svc`, `vs`, `dr`, `se`, `we`, `gw`, `pa`, `ap`, `ra`, `lw`, `ef`, `rl`, `ro`).
     pub fn parse(s: &str) -> Option<Kind> {
         let l = s.trim().to_ascii_lowercase();
         let short = match l.as_str() {
@@ -241,6 +247,7 @@ impl Kind {
             "lw" => Some(Kind::LocalWorkload),
             "ef" => Some(Kind::EnvoyFilter),
             "rl" => Some(Kind::RateLimit),
+            "ro" => Some(Kind::Rollout),
             _ => None,
         };
         if short.is_some() {
@@ -265,7 +272,7 @@ impl Kind {
             | Kind::EnvoyFilter => "networking.istio.io",
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
-            Kind::LocalWorkload | Kind::RateLimit => "weft.dev",
+            Kind::LocalWorkload | Kind::RateLimit | Kind::Rollout => "weft.dev",
         }
     }
 
@@ -313,6 +320,7 @@ impl Spec {
             Spec::LocalWorkload(_) => Kind::LocalWorkload,
             Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
             Spec::RateLimit(_) => Kind::RateLimit,
+            Spec::Rollout(_) => Kind::Rollout,
         }
     }
 }

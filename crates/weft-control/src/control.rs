@@ -67,6 +67,11 @@ pub struct ControlPlane {
     pub source: Arc<MeshXdsSource>,
     /// The CA and token issuer, when identity is enabled.
     pub identity: Option<Arc<CertificateAuthority>>,
+    /// Rollouts and staged changes (state in `--data-dir`'s `rollouts.json`).
+    pub rollouts: Arc<crate::rollout::RolloutController>,
+    /// Whether this control plane leads (singleton work runs only then); always true
+    /// with the directory store.
+    pub leader: watch::Sender<bool>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -97,6 +102,15 @@ impl ControlPlane {
             follow.restored_grace = p.reconnect_grace;
         }
         let source = MeshXdsSource::new(store.clone(), registry.clone(), cfg.mode, cfg.mesh.clone());
+        // Until the gatherer is wired in, rollouts see no requests (every interval is
+        // inconclusive).
+        let stats: crate::meshstats::SharedStats = Arc::new(crate::meshstats::FixedStats::default());
+        let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match &cfg.registry {
+            Some(p) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("rollouts.json"))),
+            None => Arc::new(crate::rollout::MemoryStateStore::default()),
+        };
+        let rollouts = crate::rollout::RolloutController::new(store.clone(), stats, rollout_state, &cfg.mesh.domain);
+        source.set_staging(rollouts.staging.clone());
         let identity = match &cfg.identity {
             Some(ic) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
             None => None,
@@ -133,6 +147,8 @@ impl ControlPlane {
             tasks.push(store.watch());
         }
         tasks.push(registry.follow_with(&server, follow));
+        let (leader, leader_rx) = watch::channel(true);
+        tasks.push(rollouts.spawn(leader_rx));
         let persist = cfg.registry.as_ref().map(|p| registry.persist(p.path.clone()));
         tasks.push(tokio::spawn(evict_unused_translations(server.clone(), Arc::downgrade(&source))));
         let srv = server.clone();
@@ -155,6 +171,7 @@ impl ControlPlane {
             secrets,
             inject: cfg.inject.clone(),
             metrics,
+            rollouts: rollouts.clone(),
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
@@ -171,6 +188,8 @@ impl ControlPlane {
             server,
             source,
             identity,
+            rollouts,
+            leader,
             stop,
             tasks,
             persist,

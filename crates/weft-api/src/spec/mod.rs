@@ -5,6 +5,7 @@ pub mod k8s;
 pub mod mesh;
 pub mod networking;
 pub mod ratelimit;
+pub mod rollout;
 pub mod security;
 pub mod telemetry;
 
@@ -13,4 +14,5 @@ pub use k8s::*;
 pub use mesh::*;
 pub use networking::*;
 pub use ratelimit::{EnvoyFilter, RateLimit};
+pub use rollout::Rollout;
 pub use security::*;
