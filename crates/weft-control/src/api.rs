@@ -44,6 +44,8 @@ pub struct Api {
     pub metrics: Arc<crate::metrics::ControlMetrics>,
     /// Rollouts and staged changes (`/api/v1/rollouts`, `apply?staged=true`).
     pub rollouts: Arc<crate::rollout::RolloutController>,
+    /// The mesh's request statistics (dashboard, graph and time series endpoints).
+    pub stats: crate::meshstats::SharedStats,
 }
 
 /// Which endpoints a listener serves.
@@ -114,6 +116,7 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         query.split('&').filter_map(|kv| kv.split_once('=')).find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
     };
     match (req.method().clone(), path.as_str()) {
+        (Method::GET, p) if crate::dashboard::serves(p) => crate::dashboard::handle(api, p, &query),
         (Method::POST, "/api/v1/apply") | (Method::POST, "/api/v1/delete") => {
             let source = param("source").unwrap_or_else(|| "api".into());
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -193,7 +196,8 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 services: count(weft_api::Kind::Service) + entry_hosts,
                 virtual_services: count(weft_api::Kind::VirtualService),
             };
-            let text = api.metrics.render(&view);
+            let mut text = api.metrics.render(&view);
+            text.push_str(&api.stats.self_metrics());
             let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,

@@ -45,6 +45,8 @@ pub struct ControlConfig {
     /// their proxies' reconnect (`weft control --data-dir`: `registry.json` there); None:
     /// a restarted control plane starts with an empty registry.
     pub registry: Option<crate::registry::PersistConfig>,
+    /// How the proxies' request metrics are gathered for the dashboard and SLOs.
+    pub stats: crate::meshstats::gather::GatherConfig,
 }
 
 /// A running control plane.
@@ -72,6 +74,10 @@ pub struct ControlPlane {
     /// Whether this control plane leads (singleton work runs only then); always true
     /// with the directory store.
     pub leader: watch::Sender<bool>,
+    /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
+    pub stats: crate::meshstats::SharedStats,
+    /// The gatherer behind `stats` (scrape rounds, for tests and tools).
+    pub gatherer: Arc<crate::meshstats::gather::Gatherer>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -102,15 +108,6 @@ impl ControlPlane {
             follow.restored_grace = p.reconnect_grace;
         }
         let source = MeshXdsSource::new(store.clone(), registry.clone(), cfg.mode, cfg.mesh.clone());
-        // Until the gatherer is wired in, rollouts see no requests (every interval is
-        // inconclusive).
-        let stats: crate::meshstats::SharedStats = Arc::new(crate::meshstats::FixedStats::default());
-        let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match &cfg.registry {
-            Some(p) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("rollouts.json"))),
-            None => Arc::new(crate::rollout::MemoryStateStore::default()),
-        };
-        let rollouts = crate::rollout::RolloutController::new(store.clone(), stats, rollout_state, &cfg.mesh.domain);
-        source.set_staging(rollouts.staging.clone());
         let identity = match &cfg.identity {
             Some(ic) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
             None => None,
@@ -147,8 +144,6 @@ impl ControlPlane {
             tasks.push(store.watch());
         }
         tasks.push(registry.follow_with(&server, follow));
-        let (leader, leader_rx) = watch::channel(true);
-        tasks.push(rollouts.spawn(leader_rx));
         let persist = cfg.registry.as_ref().map(|p| registry.persist(p.path.clone()));
         tasks.push(tokio::spawn(evict_unused_translations(server.clone(), Arc::downgrade(&source))));
         let srv = server.clone();
@@ -162,6 +157,18 @@ impl ControlPlane {
                 tracing::error!(error = %e, "xDS server stopped");
             }
         }));
+        let gatherer = crate::meshstats::gather::Gatherer::new(cfg.stats.clone());
+        tasks.push(gatherer.spawn(server.clone()));
+        let stats: crate::meshstats::SharedStats = gatherer.clone();
+        let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match &cfg.registry {
+            Some(p) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("rollouts.json"))),
+            None => Arc::new(crate::rollout::MemoryStateStore::default()),
+        };
+        let rollouts =
+            crate::rollout::RolloutController::new(store.clone(), stats.clone(), rollout_state, &cfg.mesh.domain);
+        source.set_staging(rollouts.staging.clone());
+        let (leader, leader_rx) = watch::channel(true);
+        tasks.push(rollouts.spawn(leader_rx));
         let api = Arc::new(crate::api::Api {
             store: store.clone(),
             server: server.clone(),
@@ -172,6 +179,7 @@ impl ControlPlane {
             inject: cfg.inject.clone(),
             metrics,
             rollouts: rollouts.clone(),
+            stats: stats.clone(),
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
@@ -190,6 +198,8 @@ impl ControlPlane {
             identity,
             rollouts,
             leader,
+            stats,
+            gatherer,
             stop,
             tasks,
             persist,

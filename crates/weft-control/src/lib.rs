@@ -1,11 +1,12 @@
 //! The control plane: config store, workload registry, translator (Istio resources +
 //! registry -> per-proxy xDS), the control-plane process ([`control`]: xDS server, API),
-//! Envoy bootstrap rendering, the Istio [`meshconfig`] subset it reads, [`inspect`] for `weft proxy-config`, and Kubernetes sidecar
+//! the [`dashboard`] over the gathered [`meshstats`], Envoy bootstrap rendering, the Istio [`meshconfig`] subset it reads, [`inspect`] for `weft proxy-config`, and Kubernetes sidecar
 //! [`inject`]ion (`weft inject`, the `/inject` admission webhook, served over HTTPS by
 //! [`webhook_tls`]), and progressive delivery ([`rollout`]: `Rollout` canaries and
 //! staged configuration changes).
 pub mod api;
 pub mod control;
+pub mod dashboard;
 pub mod envoy_bootstrap;
 pub mod identity;
 pub mod inject;

@@ -34,6 +34,7 @@ async fn control_plane(data: &std::path::Path) -> anyhow::Result<ControlPlane> {
         inject: Default::default(),
         webhook: None,
         registry: None,
+        stats: Default::default(),
     })
     .await
     .map_err(anyhow::Error::msg)

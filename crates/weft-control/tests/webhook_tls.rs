@@ -88,6 +88,7 @@ async fn control_plane(cert: PathBuf, key: PathBuf, inject: InjectConfig) -> Con
             reload_interval: Duration::from_millis(50),
         }),
         registry: None,
+        stats: Default::default(),
     })
     .await
     .unwrap()

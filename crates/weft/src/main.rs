@@ -147,6 +147,16 @@ enum Command {
         #[arg(long, env = "WEFT_SERVER")]
         server: Option<String>,
     },
+    /// Print the URL of the control plane's dashboard (service graph, golden signals,
+    /// SLOs, proxies; docs/dashboard.md); `--open` also opens it in a browser.
+    Dashboard {
+        /// Try to open it with `xdg-open` (or `$BROWSER`).
+        #[arg(long)]
+        open: bool,
+        /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
+    },
     /// Every connected proxy with SYNCED / STALE / NACKED per xDS type and config age.
     ProxyStatus {
         /// Output format: table or json.
@@ -485,6 +495,7 @@ fn main() -> std::process::ExitCode {
             Command::Get { kind, name, output, server } => {
                 ops::get(&local::server(server), &kind, name.as_deref(), output == "json").await
             }
+            Command::Dashboard { open, server } => dashboard(&local::server(server), open),
             Command::ProxyStatus { output, server } => {
                 ops::proxy_status(&local::server(server), output == "json").await
             }
@@ -622,6 +633,7 @@ async fn run_control(
         }),
         inject,
         webhook: webhook_tls,
+        stats: Default::default(),
     })
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
@@ -632,6 +644,27 @@ async fn run_control(
     shutdown_signal().await;
     info!("signal received: stopping");
     cp.shutdown().await;
+    Ok(())
+}
+
+/// `weft dashboard`: prints the dashboard's URL; with `open`, hands it to `$BROWSER` or
+/// `xdg-open` (a failure to open is reported, the URL still printed).
+fn dashboard(server: &str, open: bool) -> anyhow::Result<()> {
+    let base = server.trim_end_matches('/');
+    let url = if base.starts_with("http://") || base.starts_with("https://") {
+        format!("{base}/dashboard")
+    } else {
+        format!("http://{base}/dashboard")
+    };
+    println!("{url}");
+    if open {
+        let opener =
+            std::env::var("BROWSER").ok().filter(|b| !b.trim().is_empty()).unwrap_or_else(|| "xdg-open".into());
+        match std::process::Command::new(&opener).arg(&url).stdout(std::process::Stdio::null()).spawn() {
+            Ok(_) => {}
+            Err(e) => eprintln!("weft dashboard: cannot run {opener} ({e}); open the URL above in a browser"),
+        }
+    }
     Ok(())
 }
 

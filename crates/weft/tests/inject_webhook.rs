@@ -29,6 +29,7 @@ async fn control_plane() -> ControlPlane {
         inject: Default::default(),
         webhook: None,
         registry: None,
+        stats: Default::default(),
     })
     .await
     .unwrap()

@@ -170,7 +170,8 @@ impl RolloutController {
         let version = self.store.snapshot_version();
         {
             let st = self.lock();
-            let idle = st.rollouts.values().all(|r| r.phase.is_done()) && st.staged.is_empty();
+            let idle = st.rollouts.values().all(|r| r.phase.is_done())
+                && st.staged.values().all(|s| s.phase != staged::StagedPhase::Canary);
             let mut idle_at = self.idle_at.lock().unwrap_or_else(|p| p.into_inner());
             if idle && *idle_at == Some(version) {
                 return;
@@ -232,8 +233,18 @@ impl RolloutController {
                 }
                 None => {}
             }
-            let sel = self.canary_selector(&snap.resources, r, spec);
-            changed |= decide::progress(spec, entry, now_ms, |window| self.stats.window(&sel, window));
+            let sels = self.canary_selectors(&snap.resources, r, spec);
+            changed |= decide::progress(spec, entry, now_ms, |window| {
+                let mut sum = crate::meshstats::WindowStats::default();
+                for sel in &sels {
+                    let w = self.stats.window(sel, window);
+                    sum.requests += w.requests;
+                    sum.errors += w.errors;
+                    sum.covered = sum.covered.max(w.covered);
+                    staged::merge_hist(&mut sum.latency_ms, &w.latency_ms);
+                }
+                sum
+            });
             if let Some(text) = self.routing_change(&snap.resources, r, spec, entry) {
                 writes.push(text);
             }
@@ -274,7 +285,22 @@ impl RolloutController {
         (!same).then_some(text)
     }
 
-    /// The canary's requests as the server side reports them.
+    /// The canary's requests as the server side reports them: under the host's FQDN,
+    /// and, for the requests its sidecar answered itself before routing (a local reply:
+    /// a rate limit, a fault, a denial), under its canonical service name, as Istio's
+    /// stats do.
+    fn canary_selectors(&self, resources: &[Resource], r: &Resource, spec: &Rollout) -> Vec<Selector> {
+        let by_fqdn = self.canary_selector(resources, r, spec);
+        let short = spec.host.split('.').next().unwrap_or_default().to_string();
+        let by_name = Selector {
+            destination_service: Some(short),
+            destination_namespace: Some(r.meta.namespace.clone()),
+            ..by_fqdn.clone()
+        };
+        vec![by_fqdn, by_name]
+    }
+
+    /// The canary's requests under the host's FQDN.
     fn canary_selector(&self, resources: &[Resource], r: &Resource, spec: &Rollout) -> Selector {
         let fqdn = host::fqdn(&spec.host, &r.meta.namespace, &self.domain);
         let version = spec.canary.version.clone().or_else(|| {

@@ -245,7 +245,8 @@ fn selects(r: &Resource, namespace: &str, labels: &BTreeMap<String, String>) -> 
     }
 }
 
-/// The totals of `workloads` over `window`, as servers or as clients.
+/// The totals of `workloads` over `window`, as servers or as clients; `errors` counts
+/// the 5xx answers and the denials (403s the destination's proxy answered).
 fn totals(stats: &dyn MeshStats, workloads: &[WorkloadKey], as_server: bool, window: Duration) -> WindowStats {
     let mut sum = WindowStats::default();
     for (ns, w) in workloads {
@@ -265,8 +266,10 @@ fn totals(stats: &dyn MeshStats, workloads: &[WorkloadKey], as_server: bool, win
             }
         };
         let x = stats.window(&sel, window);
+        // An AuthorizationPolicy's denials are 403s, not 5xx: counted as errors here.
+        let denied: f64 = stats.denials(window).iter().filter(|(k, _)| k.matches(&sel)).map(|(_, n)| n).sum();
         sum.requests += x.requests;
-        sum.errors += x.errors;
+        sum.errors += x.errors + denied.min(x.requests - x.errors);
         sum.covered = sum.covered.max(x.covered);
         merge_hist(&mut sum.latency_ms, &x.latency_ms);
     }
@@ -274,7 +277,7 @@ fn totals(stats: &dyn MeshStats, workloads: &[WorkloadKey], as_server: bool, win
 }
 
 /// Adds cumulative histogram `b` into `a` (same bounds expected; unknown bounds kept).
-fn merge_hist(a: &mut Vec<(f64, f64)>, b: &[(f64, f64)]) {
+pub(crate) fn merge_hist(a: &mut Vec<(f64, f64)>, b: &[(f64, f64)]) {
     for &(le, n) in b {
         match a.iter_mut().find(|(x, _)| *x == le) {
             Some(slot) => slot.1 += n,
@@ -295,7 +298,8 @@ pub enum Comparison {
     NoTraffic(String),
 }
 
-/// Canary against the rest: worse when its success rate is more than
+/// Canary against the rest (success: neither 5xx nor denied): worse when its success
+/// rate is more than
 /// [`SUCCESS_TOLERANCE`] points below the others' (below 100 - tolerance when the others
 /// had no requests), or its p99 latency above twice theirs plus 50 ms.
 pub fn compare(canary: &WindowStats, rest: &WindowStats) -> Comparison {

@@ -27,6 +27,7 @@ pub async fn control_plane(dir: Option<&Path>, identity: IdentityConfig) -> Cont
         inject: Default::default(),
         webhook: None,
         registry: None,
+        stats: Default::default(),
     })
     .await
     .expect("the control plane starts")

@@ -112,6 +112,10 @@ pub struct UpArgs {
     /// `weft control --mesh-config`; --tracing replaces its tracing defaults.
     #[arg(long, value_name = "FILE")]
     pub mesh_config: Option<PathBuf>,
+    /// How often the control plane scrapes every sidecar's metrics for the dashboard
+    /// (docs/dashboard.md).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stats_interval: Duration,
 }
 
 /// A started workload.
@@ -253,6 +257,10 @@ impl Up {
             // Its proxies are children of this process and stop with it (and explicit mode
             // picks new addresses each run): nothing to wait for after a restart.
             registry: None,
+            stats: weft_control::meshstats::gather::GatherConfig {
+                interval: self.args.stats_interval,
+                ..Default::default()
+            },
         })
         .await
         .map_err(|e| anyhow::anyhow!("control plane: {e} (another control plane on these ports? see --api / --xds)"))?;
@@ -552,6 +560,7 @@ impl Up {
         let page = if self.args.dir.is_none() { "productpage" } else { "" };
         say!("  ingress        http://{ingress}/{page}");
         say!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
+        say!("  dashboard      http://{api}/dashboard   (weft dashboard --open)");
         say!("  logs           {}", self.logs.display());
         if let Some(url) = &self.args.tracing {
             say!("  tracing        {url}, {}% of new traces sampled (docs/observability.md)", self.args.trace_sampling);
