@@ -6,6 +6,8 @@
 //! is rolled back before its next step within a budget of failed user requests; an abort
 //! restores the stable routing; a staged AuthorizationPolicy that denies a needed caller
 //! is reverted after reaching only the canary proxies, and a harmless one reaches all.
+//! The healthy canary is promoted the same way when its sidecar is a stock Envoy (judged
+//! from its callers' metrics: Envoy has no Istio metrics of its own).
 
 #![allow(clippy::unwrap_used)]
 
@@ -226,7 +228,19 @@ fn reviews_weights(mesh: &UpMesh) -> String {
 
 #[test]
 fn a_healthy_canary_is_promoted_through_every_step() {
-    let mesh = UpMesh::start(None, &["--stats-interval", "1s"], 6);
+    healthy_canary_is_promoted(&[]);
+}
+
+#[test]
+fn a_healthy_canary_behind_an_envoy_sidecar_is_promoted_the_same_way() {
+    let envoy = weft_testkit::envoy::binary();
+    healthy_canary_is_promoted(&["--envoy-sidecar", "reviews-v3", "--envoy", &envoy.to_string_lossy()]);
+}
+
+fn healthy_canary_is_promoted(extra: &[&str]) {
+    let mut args = vec!["--stats-interval", "1s"];
+    args.extend_from_slice(extra);
+    let mesh = UpMesh::start(None, &args, 6);
     mesh.apply(&repo(DR));
     let _traffic = Traffic::start(&mesh.ingress);
     mesh.apply_yaml(&rollout(&[(20, 20), (50, 20), (100, 20)], "20s", 3));

@@ -235,15 +235,25 @@ impl RolloutController {
             }
             let sels = self.canary_selectors(&snap.resources, r, spec);
             changed |= decide::progress(spec, entry, now_ms, |window| {
-                let mut sum = crate::meshstats::WindowStats::default();
-                for sel in &sels {
-                    let w = self.stats.window(sel, window);
-                    sum.requests += w.requests;
-                    sum.errors += w.errors;
-                    sum.covered = sum.covered.max(w.covered);
-                    staged::merge_hist(&mut sum.latency_ms, &w.latency_ms);
+                let sum = |sels: &[Selector]| {
+                    let mut sum = crate::meshstats::WindowStats::default();
+                    for sel in sels {
+                        let w = self.stats.window(sel, window);
+                        sum.requests += w.requests;
+                        sum.errors += w.errors;
+                        sum.covered = sum.covered.max(w.covered);
+                        staged::merge_hist(&mut sum.latency_ms, &w.latency_ms);
+                    }
+                    sum
+                };
+                let served = sum(&sels);
+                if served.requests > 0.0 {
+                    return served;
                 }
-                sum
+                // Canary sidecars without Istio metrics (a stock Envoy): the callers' view.
+                let callers: Vec<Selector> =
+                    sels.iter().map(|s| Selector { reporter: Reporter::Source, ..s.clone() }).collect();
+                sum(&callers[..1])
             });
             if let Some(text) = self.routing_change(&snap.resources, r, spec, entry) {
                 writes.push(text);

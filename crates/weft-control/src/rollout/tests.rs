@@ -401,3 +401,19 @@ fn only_routing_and_policy_kinds_can_be_staged() {
     let e = staged::begin(svc, &r, &reviews_workloads(), 25, Duration::from_secs(10), T0).unwrap_err();
     assert!(e.0.contains("cannot be staged"), "{e}");
 }
+
+#[test]
+fn without_the_canarys_own_metrics_the_callers_view_is_judged() {
+    // A stock Envoy canary reports nothing; its callers' sidecars report 40% errors.
+    let callers = Selector { reporter: Reporter::Source, ..canary_sel() };
+    let stats: SharedStats =
+        Arc::new(FixedStats { windows: vec![(callers, window(100.0, 40.0, 20.0))], edges: vec![] });
+    let store = ResourceStore::in_memory();
+    store.apply(&format!("{}\n---\n{}", dr(), sample()), Path::new("t.yaml"));
+    let c = RolloutController::new(store.clone(), stats, Arc::new(MemoryStateStore::default()), "cluster.local");
+    c.reconcile(T0);
+    c.reconcile(T0 + 10 * S);
+    let s = state(&c);
+    assert_eq!(s.failures, 1, "{:#?}", s.events);
+    assert!(s.last.unwrap().summary.contains("success rate 60.0%"));
+}
