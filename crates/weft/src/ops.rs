@@ -66,8 +66,14 @@ pub async fn change(server: &str, files: &[PathBuf], delete: bool) -> anyhow::Re
             unapplied_warnings(&path, &text);
         }
         let (_, v) = call(server, "POST", &format!("{endpoint}?source={source}"), Some(text)).await?;
+        // A resource annotated `weft.dev/staged: "true"` is staged, not configured.
+        let done = match (delete, v["staged"].is_string()) {
+            (true, _) => "deleted",
+            (false, true) => "staged (weft rollout status)",
+            (false, false) => "configured",
+        };
         for k in v["accepted"].as_array().into_iter().flatten() {
-            println!("{} {}", k.as_str().unwrap_or_default(), if delete { "deleted" } else { "configured" });
+            println!("{} {done}", k.as_str().unwrap_or_default());
         }
         for e in v["errors"].as_array().into_iter().flatten() {
             failed = true;
