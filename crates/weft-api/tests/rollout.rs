@@ -55,6 +55,12 @@ fn wrong_values_are_errors_with_line_and_field() {
         ("    subset: v3\n", "    subset: v1\n", "spec.canary.subset", "is the stable subset"),
         ("    failureThreshold: 2\n", "    failureTreshold: 2\n", "spec.analysis.failureTreshold", "unknown field"),
         ("      max: 500\n", "      min: 500\n", "spec.analysis.latencyP99.min", "not a bound"),
+        (
+            "    minRequests: 10\n",
+            "    minRequests: 10\n    maxFailedRequests: 0\n",
+            "spec.analysis.maxFailedRequests",
+            "at least 1",
+        ),
     ];
     let text = sample("reviews-rollout.yaml");
     for (from, to, field, message) in cases {

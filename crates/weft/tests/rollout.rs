@@ -267,7 +267,11 @@ fn a_failing_canary_is_rolled_back_before_its_next_step_within_the_failure_budge
     mesh.apply_yaml(FAULTY_V3);
     let traffic = Traffic::start(&mesh.ingress);
     let (sent0, failed0) = traffic.counts();
-    mesh.apply_yaml(&rollout(&[(20, 60), (50, 60), (100, 60)], "10s", 2));
+    // The configured budget: at most 20 failed canary requests over the rollout.
+    let budget = 20;
+    let spec = rollout(&[(20, 60), (50, 60), (100, 60)], "10s", 2)
+        .replace("    minRequests: 2\n", &format!("    minRequests: 2\n    maxFailedRequests: {budget}\n"));
+    mesh.apply_yaml(&spec);
     let s = wait_phase(&mesh, "RolledBack", Duration::from_secs(120));
     let (sent, failed) = traffic.counts();
     let (sent, failed) = (sent - sent0, failed - failed0);
@@ -275,12 +279,11 @@ fn a_failing_canary_is_rolled_back_before_its_next_step_within_the_failure_budge
     let reasons: Vec<&str> = s["events"].as_array().unwrap().iter().filter_map(|e| e["reason"].as_str()).collect();
     assert!(!reasons.contains(&"Advanced"), "{s:#}");
     let msg = s["events"].as_array().unwrap().last().unwrap()["message"].as_str().unwrap().to_string();
-    assert!(msg.contains("success rate") && msg.contains("all traffic back to v1"), "{msg}");
-    // Budget: at 20% weight over two failed 10 s intervals plus the time to push the
-    // rollback (productpage retries a failed reviews call once), a quarter of the
-    // user's pages at most.
-    let budget = sent / 4 + 5;
-    assert!(failed <= budget, "{failed} of {sent} pages failed, budget {budget}");
+    assert!(msg.contains("all traffic back to v1"), "{msg}");
+    // Users saw fewer failed pages than the budget (productpage retries a failed reviews
+    // call once, so a page fails only when both calls did).
+    println!("{failed} of {sent} pages failed (budget {budget}); {msg}");
+    assert!(failed < budget, "{failed} of {sent} pages failed, budget {budget}: {s:#}");
     mesh.wait_config("productpage-v1", "routes", |c| {
         c.contains("outbound|9080|v1|reviews") && !c.contains("outbound|9080|v3|reviews")
     });

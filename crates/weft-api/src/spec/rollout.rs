@@ -87,6 +87,10 @@ pub struct RolloutAnalysis {
     /// 99th percentile latency, in milliseconds: `{max: 500}`.
     #[serde(default)]
     pub latency_p99: Option<Threshold>,
+    /// Budget of failed (5xx) canary requests over the whole rollout: once the canary
+    /// has answered more, it rolls back at that interval, whatever `failureThreshold`.
+    #[serde(default)]
+    pub max_failed_requests: Option<u64>,
 }
 
 /// A bound (Flagger's `thresholdRange`).

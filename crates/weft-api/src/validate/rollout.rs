@@ -84,6 +84,13 @@ pub(crate) fn rollout(v: &mut V, r: &Rollout) {
     if a.failure_threshold == Some(0) {
         v.err("spec.analysis.failureThreshold", "failureThreshold must be at least 1", None);
     }
+    if a.max_failed_requests == Some(0) {
+        v.err(
+            "spec.analysis.maxFailedRequests",
+            "maxFailedRequests must be at least 1",
+            "leave it out for no budget".to_string(),
+        );
+    }
     if a.min_requests == Some(0) {
         v.err("spec.analysis.minRequests", "minRequests must be at least 1", None);
     }

@@ -95,6 +95,23 @@ pub fn progress(
     let previous = st.last.as_ref().map(|l| l.verdict.clone());
     m.step = Some(step);
     st.last = Some(m.clone());
+    st.failed_requests += w.errors;
+    if let Some(budget) = spec.analysis.max_failed_requests {
+        if st.failed_requests > budget as f64 {
+            st.phase = Phase::RolledBack;
+            st.event(
+                now_ms,
+                "RolledBack",
+                format!(
+                    "step {step}/{steps}: {} failed canary requests, over maxFailedRequests {budget} (last interval: {}); all traffic back to {}",
+                    st.failed_requests.round(),
+                    m.summary,
+                    spec.stable.subset
+                ),
+            );
+            return true;
+        }
+    }
     match verdict {
         Verdict::Inconclusive(why) => {
             if previous.as_deref() != Some("inconclusive") {

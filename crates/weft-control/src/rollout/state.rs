@@ -86,6 +86,9 @@ pub struct RolloutState {
     pub passes: u32,
     /// Consecutive failed intervals.
     pub failures: u32,
+    /// Failed (5xx) canary requests measured since the rollout started.
+    #[serde(default)]
+    pub failed_requests: f64,
     /// The last interval's measurement.
     pub last: Option<Measurement>,
     /// What blocks the rollout (phase Waiting).
@@ -107,6 +110,7 @@ impl RolloutState {
             last_analysis_ms: now_ms,
             passes: 0,
             failures: 0,
+            failed_requests: 0.0,
             last: None,
             conflict: None,
             events: Vec::new(),

@@ -417,3 +417,25 @@ fn without_the_canarys_own_metrics_the_callers_view_is_judged() {
     assert_eq!(s.failures, 1, "{:#?}", s.events);
     assert!(s.last.unwrap().summary.contains("success rate 60.0%"));
 }
+
+#[test]
+fn the_failed_request_budget_rolls_back_before_the_failure_threshold() {
+    let store = ResourceStore::in_memory();
+    let spec = sample().replace("    minRequests: 10\n", "    minRequests: 10\n    maxFailedRequests: 15\n");
+    let r = store.apply(&format!("{}\n---\n{spec}", dr()), Path::new("t.yaml"));
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    // 20 failures in the first interval: over the budget of 15 at once, although
+    // failureThreshold (2) would wait for a second failed interval.
+    let c = RolloutController::new(
+        store.clone(),
+        stats(window(100.0, 20.0, 20.0)),
+        Arc::new(MemoryStateStore::default()),
+        "cluster.local",
+    );
+    c.reconcile(T0);
+    c.reconcile(T0 + 10 * S);
+    let s = state(&c);
+    assert_eq!(s.phase, Phase::RolledBack, "{:#?}", s.events);
+    assert!(s.events.last().unwrap().message.contains("20 failed canary requests, over maxFailedRequests 15"));
+    assert_eq!(weights(&store), w(&[("v1", 100)]));
+}
