@@ -6,6 +6,8 @@
 //! is rolled back before its next step within a budget of failed user requests; an abort
 //! restores the stable routing; a staged AuthorizationPolicy that denies a needed caller
 //! is reverted after reaching only the canary proxies, and a harmless one reaches all.
+//! A staged VirtualService routing reviews to a subset that does not exist reaches only
+//! reviews' caller (productpage) and is reverted.
 //! The healthy canary is promoted the same way when its sidecar is a stock Envoy (judged
 //! from its callers' metrics: Envoy has no Istio metrics of its own).
 
@@ -366,4 +368,56 @@ fn a_staged_policy_denying_a_needed_caller_is_reverted_and_a_harmless_one_reache
     for w in ["reviews-v1", "reviews-v2", "reviews-v3"] {
         mesh.wait_config(w, "listeners", |c| c.contains("envoy.filters.http.rbac"));
     }
+}
+
+#[test]
+fn a_staged_route_to_a_missing_subset_is_reverted_after_reaching_only_the_callers() {
+    let mesh = UpMesh::start(None, &["--stats-interval", "1s"], 6);
+    mesh.apply(&repo(DR));
+    let _traffic = Traffic::start(&mesh.ingress);
+    // The gatherer has seen who calls reviews (productpage) before the change is staged.
+    let (ok, out) = mesh.weft(&["dashboard"]);
+    assert!(ok, "{out}");
+    let api =
+        out.split("http://").nth(1).and_then(|u| u.split('/').next()).unwrap_or_else(|| panic!("{out}")).to_string();
+    wait_until(
+        Duration::from_secs(60),
+        "productpage -> reviews in the graph",
+        || get(&api, "/api/v1/graph"),
+        |g| g.contains("productpage-v1") && g.contains("reviews.default.svc.cluster.local"),
+    );
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v9}\n";
+    let stage = |yaml: &str| {
+        let mut child = mesh
+            .weft_command(&["apply", "--staged", "--interval", "20s", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(yaml.as_bytes()).unwrap();
+        let o = child.wait_with_output().unwrap();
+        let out = format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert!(o.status.success(), "{out}");
+        out
+    };
+    let out = stage(vs);
+    assert!(out.contains("served to 1 of 1 affected workloads first (productpage-v1.default)"), "{out}");
+    // Only productpage's sidecar routes reviews to v9.
+    mesh.wait_config("productpage-v1", "routes", |c| c.contains("outbound|9080|v9|reviews"));
+    let (_, c) = mesh.weft(&["proxy-config", &mesh.pod_name("reviews-v2"), "routes", "-o", "json"]);
+    assert!(!c.contains("|v9|"), "reviews-v2 got the staged route");
+    let name = "staged/VirtualService/default/reviews";
+    let staged_state = || -> serde_json::Value {
+        let (_, out) = mesh.weft(&["rollout", "status", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        v["staged"].as_array().unwrap().iter().find(|s| s["name"] == name).cloned().unwrap_or_default()
+    };
+    let s = wait_until(Duration::from_secs(90), "the route is judged", staged_state, |s| {
+        !s.is_null() && s["phase"] != "Canary"
+    });
+    assert_eq!(s["phase"], "Reverted", "{s:#}");
+    mesh.wait_config("productpage-v1", "routes", |c| !c.contains("|v9|"));
+    let (_, vss) = mesh.weft(&["get", "vs"]);
+    assert!(!vss.contains("reviews"), "never in the store: {vss}");
 }

@@ -39,6 +39,8 @@ pub use state::{FileStateStore, MemoryStateStore, Persisted, Phase, RolloutState
 
 /// How often rollouts are looked at (an analysis runs when its interval is due).
 pub const TICK: Duration = Duration::from_millis(250);
+/// How far back the callers of a staged routing change's hosts are looked for.
+const CALLERS_WINDOW: Duration = Duration::from_secs(600);
 
 /// A change asked for by hand (`weft rollout promote|pause|resume|abort`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -351,7 +353,8 @@ impl RolloutController {
         if let Some(s) = st.staged.values().find(|s| s.phase == staged::StagedPhase::Canary) {
             return Err(staged::StageError(format!("{} is still being compared: one staged change at a time", s.name)));
         }
-        let s = staged::begin(text, &parsed.resources, workloads, canary_percent, interval, now_ms)?;
+        let callers = self.callers_of(&parsed.resources);
+        let s = staged::begin(text, &parsed.resources, workloads, &callers, canary_percent, interval, now_ms)?;
         st.staged.insert(s.name.clone(), s.clone());
         self.staging.set(&st.staged);
         self.save(&st);
@@ -359,6 +362,30 @@ impl RolloutController {
         *self.idle_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
         self.wake();
         Ok(s)
+    }
+
+    /// The workloads seen calling the hosts of routing resources in the last ten minutes.
+    fn callers_of(&self, resources: &[Resource]) -> BTreeSet<staged::WorkloadKey> {
+        let hosts: BTreeSet<String> = resources
+            .iter()
+            .flat_map(|r| {
+                let hosts: Vec<&String> = match &r.spec {
+                    Spec::VirtualService(vs) => vs.hosts.iter().collect(),
+                    Spec::DestinationRule(dr) => vec![&dr.host],
+                    _ => Vec::new(),
+                };
+                hosts.into_iter().map(|h| host::fqdn(h, &r.meta.namespace, &self.domain).to_ascii_lowercase())
+            })
+            .collect();
+        if hosts.is_empty() {
+            return BTreeSet::new();
+        }
+        self.stats
+            .edges(CALLERS_WINDOW)
+            .into_iter()
+            .filter(|e| hosts.contains(&e.destination_service.to_ascii_lowercase()))
+            .map(|e| (e.source_namespace, e.source_workload))
+            .collect()
     }
 
     /// The state of every rollout.

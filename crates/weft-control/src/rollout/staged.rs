@@ -9,8 +9,9 @@
 //!
 //! Affected workloads: an AuthorizationPolicy's are the workloads it selects (they
 //! enforce it; measured as the server side, `reporter=destination`); a VirtualService's
-//! or DestinationRule's are every workload of the mesh (they route with it; measured as
-//! the client side, `reporter=source`).
+//! or DestinationRule's are the workloads seen calling its hosts in the last ten minutes,
+//! else every workload of the mesh (they route with it; measured as the client side,
+//! `reporter=source`).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -155,11 +156,14 @@ pub struct StageError(pub String);
 pub type ProxyWorkload = (String, String, BTreeMap<String, String>);
 
 /// Starts staging `text` (already parsed into `resources`) at `now_ms`: picks the
-/// canary workloads among the affected ones of the connected proxies' `workloads`.
+/// canary workloads among the affected ones of the connected proxies' `workloads`. For
+/// routing changes, `callers` (the workloads seen calling the changed hosts lately) are
+/// the affected ones when there are any.
 pub fn begin(
     text: &str,
     resources: &[Resource],
     workloads: &[ProxyWorkload],
+    callers: &BTreeSet<WorkloadKey>,
     canary_percent: u32,
     interval: Duration,
     now_ms: u64,
@@ -187,7 +191,11 @@ pub fn begin(
         if name.is_empty() {
             continue;
         }
-        let hit = if policies { resources.iter().any(|r| selects(r, ns, labels)) } else { true };
+        let hit = if policies {
+            resources.iter().any(|r| selects(r, ns, labels))
+        } else {
+            callers.is_empty() || callers.contains(&(ns.clone(), name.clone()))
+        };
         if hit {
             affected.insert((ns.clone(), name.clone()));
         }

@@ -356,6 +356,7 @@ fn a_staged_policy_goes_to_a_canary_workload_first_then_everywhere_or_nowhere() 
             &ap_text(),
             &weft_api::parse_str(&ap_text(), Path::new("ap")).resources,
             &reviews_workloads(),
+            &Default::default(),
             25,
             Duration::from_secs(10),
             T0,
@@ -398,7 +399,8 @@ fn a_staged_policy_goes_to_a_canary_workload_first_then_everywhere_or_nowhere() 
 fn only_routing_and_policy_kinds_can_be_staged() {
     let svc = "apiVersion: v1\nkind: Service\nmetadata:\n  name: x\nspec:\n  ports: [{port: 80}]\n";
     let r = weft_api::parse_str(svc, Path::new("s")).resources;
-    let e = staged::begin(svc, &r, &reviews_workloads(), 25, Duration::from_secs(10), T0).unwrap_err();
+    let e =
+        staged::begin(svc, &r, &reviews_workloads(), &Default::default(), 25, Duration::from_secs(10), T0).unwrap_err();
     assert!(e.0.contains("cannot be staged"), "{e}");
 }
 
@@ -438,4 +440,32 @@ fn the_failed_request_budget_rolls_back_before_the_failure_threshold() {
     assert_eq!(s.phase, Phase::RolledBack, "{:#?}", s.events);
     assert!(s.events.last().unwrap().message.contains("20 failed canary requests, over maxFailedRequests 15"));
     assert_eq!(weights(&store), w(&[("v1", 100)]));
+}
+
+#[test]
+fn a_staged_routing_change_goes_to_the_hosts_callers() {
+    let vs = "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination: {host: reviews, subset: v9}\n";
+    let edge = |src: &str, dst: &str| crate::meshstats::Edge {
+        source_workload: src.into(),
+        source_namespace: "default".into(),
+        destination_service: dst.into(),
+        ..Default::default()
+    };
+    let stats: SharedStats = Arc::new(FixedStats {
+        windows: vec![],
+        edges: vec![
+            edge("productpage-v1", "reviews.default.svc.cluster.local"),
+            edge("reviews-v2", "ratings.default.svc.cluster.local"),
+        ],
+    });
+    let c = RolloutController::new(
+        ResourceStore::in_memory(),
+        stats,
+        Arc::new(MemoryStateStore::default()),
+        "cluster.local",
+    );
+    let s = c.stage(vs, Path::new("vs"), &reviews_workloads(), 25, Duration::from_secs(10), T0).unwrap();
+    assert_eq!(s.canary, vec![("default".to_string(), "productpage-v1".to_string())]);
+    assert!(s.rest.is_empty(), "only productpage calls reviews: {:?}", s.rest);
+    assert!(!s.reporter_destination, "measured as clients");
 }
