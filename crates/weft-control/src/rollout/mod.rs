@@ -138,7 +138,9 @@ impl RolloutController {
                     continue;
                 }
                 let Some(c) = me.upgrade() else { return };
-                c.reconcile(now_ms());
+                // A pass reads the store and may write the state file: off the async workers.
+                let pass = c.clone();
+                let _ = tokio::task::spawn_blocking(move || pass.reconcile(now_ms())).await;
                 let woken = c.clone();
                 drop(c);
                 tokio::select! {
