@@ -22,6 +22,8 @@
 //! | WFT0020 | Warning | a kind of Istio or the Gateway API weft does not apply at all (WasmPlugin, HTTPRoute, ...) |
 //! | WFT0021 | Warning | a field weft parses but does not apply ([`UNAPPLIED_FIELDS`], and a VirtualService's `tls` routes on sidecars), with its path |
 //! | WFT0022 | Warning | a whole resource weft does not apply: a policy attached by `targetRef(s)` |
+//! | WFT0030 | Error | a Rollout's host has a VirtualService the rollout does not own (the rollout waits) |
+//! | WFT0031 | Error | a Rollout's stable or canary subset is not in the host's DestinationRule |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -311,6 +313,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     a.unapplied_telemetry();
     a.unapplied_envoy_filters();
     a.unapplied_table();
+    a.rollouts();
     a.out.sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
     a.out
 }
@@ -860,4 +863,40 @@ impl<'a> Analyzer<'a> {
 
 fn sel(s: &Option<LabelSelector>) -> Option<&BTreeMap<String, String>> {
     s.as_ref().map(|s| &s.match_labels)
+}
+
+impl<'a> Analyzer<'a> {
+    /// WFT0030: a VirtualService for a Rollout's host not written by that rollout (the
+    /// rollout never overwrites it, and waits). WFT0031: a Rollout subset missing from
+    /// the host's DestinationRules.
+    fn rollouts(&mut self) {
+        use crate::spec::rollout::{MANAGED_BY_ANNOTATION, ROLLOUT_LABEL};
+        for r in self.of_kind(Kind::Rollout) {
+            let Spec::Rollout(ro) = &r.spec else { continue };
+            let fqdn = host::fqdn(&ro.host, &r.meta.namespace, DOMAIN);
+            for vs in self.of_kind(Kind::VirtualService) {
+                let Spec::VirtualService(spec) = &vs.spec else { continue };
+                let owned = vs.meta.annotations.get(MANAGED_BY_ANNOTATION).is_some_and(|m| m == "rollout")
+                    && vs.meta.labels.get(ROLLOUT_LABEL) == Some(&r.meta.name)
+                    && vs.meta.namespace == r.meta.namespace;
+                if owned
+                    || !spec.hosts.iter().any(|h| host::fqdn(h, &vs.meta.namespace, DOMAIN).eq_ignore_ascii_case(&fqdn))
+                {
+                    continue;
+                }
+                let text = format!(
+                    "Rollout host {fqdn} is routed by VirtualService {}/{}, which the rollout does not own: the rollout waits and never overwrites it (delete it, or let the rollout write the routing)",
+                    vs.meta.namespace, vs.meta.name
+                );
+                self.report(r, "WFT0030", Level::Error, text);
+            }
+            let subsets = self.subsets(&fqdn);
+            for (what, s) in [("stable", &ro.stable.subset), ("canary", &ro.canary.subset)] {
+                if !subsets.contains(s.as_str()) {
+                    let text = format!("Rollout {what} subset {s:?} is not a subset of a DestinationRule for {fqdn}");
+                    self.report(r, "WFT0031", Level::Error, text);
+                }
+            }
+        }
+    }
 }

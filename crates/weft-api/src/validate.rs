@@ -3,6 +3,7 @@
 //! Each check reports an [`Issue`] with the field path relative to the
 //! document (`spec.http[0].route[1].weight`); the parser maps paths to lines.
 
+mod rollout;
 mod slo;
 mod traffic;
 
@@ -201,6 +202,7 @@ pub(crate) fn spec(spec: &Spec, ns: &str) -> Vec<Issue> {
         Spec::EnvoyFilter(ef) => envoy_filter(&mut v, ef),
         Spec::RateLimit(rl) => rate_limit(&mut v, rl),
         Spec::ServiceLevelObjective(o) => slo::service_level_objective(&mut v, o),
+        Spec::Rollout(r) => rollout::rollout(&mut v, r),
     }
     v.issues
 }

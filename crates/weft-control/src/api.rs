@@ -44,6 +44,8 @@ pub struct Api {
     pub metrics: Arc<crate::metrics::ControlMetrics>,
     /// The SLO engine (`GET /api/v1/slos`, `weft_slo_*` on `/metrics`).
     pub slo: Arc<crate::slo::SloEngine>,
+    /// Rollouts and staged changes (`/api/v1/rollouts`, `apply?staged=true`).
+    pub rollouts: Arc<crate::rollout::RolloutController>,
     /// The mesh's request statistics (dashboard, graph and time series endpoints).
     pub stats: crate::meshstats::SharedStats,
 }
@@ -126,6 +128,20 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let Ok(text) = std::str::from_utf8(&body) else {
                 return reply(StatusCode::BAD_REQUEST, json!({"error": "the body must be UTF-8 YAML or JSON"}));
             };
+            if path.ends_with("apply") && (param("staged").as_deref() == Some("true") || asks_staged(text)) {
+                let workloads: Vec<crate::rollout::staged::ProxyWorkload> = api
+                    .server
+                    .connections()
+                    .iter()
+                    .filter_map(|c| c.node.as_ref())
+                    .map(|n| (n.namespace.clone(), n.workload_name.clone(), n.labels.clone()))
+                    .collect();
+                let percent = param("canaryPercent").and_then(|p| p.parse().ok());
+                let interval = param("interval").and_then(|i| weft_api::spec::Duration::parse(&i).ok()).map(|d| d.0);
+                let (status, v) =
+                    crate::rollout::api::stage(&api.rollouts, text, &source, &workloads, percent, interval);
+                return reply(status, v);
+            }
             let r = if path.ends_with("apply") {
                 api.store.apply(text, Path::new(&source))
             } else {
@@ -191,6 +207,11 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 http::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
             );
             r
+        }
+        (m, p) if p == "/api/v1/rollouts" || p.starts_with("/api/v1/rollouts/") => {
+            let rest = &p["/api/v1/rollouts".len()..];
+            let (status, v) = crate::rollout::api::handle(&api.rollouts, &api.store, m == Method::POST, rest, &query);
+            reply(status, v)
         }
         (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
         (Method::GET, "/api/v1/slos") => reply(StatusCode::OK, api.slo.to_json()),
@@ -259,6 +280,16 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         _ => reply(StatusCode::NOT_FOUND, json!({"error": format!("no such endpoint {} {path}", req.method())})),
     }
+}
+
+/// Whether a resource of `text` carries `weft.dev/staged: "true"`.
+fn asks_staged(text: &str) -> bool {
+    let staged = weft_api::spec::rollout::STAGED_ANNOTATION;
+    text.contains(staged)
+        && weft_api::parse_str(text, Path::new("api"))
+            .resources
+            .iter()
+            .any(|r| r.meta.annotations.get(staged).is_some_and(|v| v == "true"))
 }
 
 /// Per proxy: identity, and per type SYNCED / STALE / NACKED against what the control

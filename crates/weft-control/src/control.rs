@@ -73,6 +73,11 @@ pub struct ControlPlane {
     pub identity: Option<Arc<CertificateAuthority>>,
     /// The SLO engine (`/api/v1/slos`, `weft_slo_*` metrics, alerts).
     pub slo: Arc<crate::slo::SloEngine>,
+    /// Rollouts and staged changes (state in `--data-dir`'s `rollouts.json`).
+    pub rollouts: Arc<crate::rollout::RolloutController>,
+    /// Whether this control plane leads (singleton work runs only then); always true
+    /// with the directory store.
+    pub leader: watch::Sender<bool>,
     /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
     pub stats: crate::meshstats::SharedStats,
     /// The gatherer behind `stats` (scrape rounds, for tests and tools); idle when the
@@ -171,6 +176,15 @@ impl ControlPlane {
         };
         let slo = crate::slo::SloEngine::new(stats.clone(), &cfg.mesh.domain, cfg.slo.clone());
         tasks.push(slo.spawn(store.clone()));
+        let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match &cfg.registry {
+            Some(p) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("rollouts.json"))),
+            None => Arc::new(crate::rollout::MemoryStateStore::default()),
+        };
+        let rollouts =
+            crate::rollout::RolloutController::new(store.clone(), stats.clone(), rollout_state, &cfg.mesh.domain);
+        source.set_staging(rollouts.staging.clone());
+        let (leader, leader_rx) = watch::channel(true);
+        tasks.push(rollouts.spawn(leader_rx));
         let api = Arc::new(crate::api::Api {
             store: store.clone(),
             server: server.clone(),
@@ -181,6 +195,7 @@ impl ControlPlane {
             inject: cfg.inject.clone(),
             metrics,
             slo: slo.clone(),
+            rollouts: rollouts.clone(),
             stats: stats.clone(),
         });
         if let Some(w) = webhook {
@@ -199,6 +214,8 @@ impl ControlPlane {
             source,
             identity,
             slo,
+            rollouts,
+            leader,
             stats,
             gatherer,
             stop,

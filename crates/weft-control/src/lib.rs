@@ -2,7 +2,8 @@
 //! registry -> per-proxy xDS), the control-plane process ([`control`]: xDS server, API),
 //! the [`dashboard`] over the gathered [`meshstats`], Envoy bootstrap rendering, the Istio [`meshconfig`] subset it reads, [`inspect`] for `weft proxy-config`, and Kubernetes sidecar
 //! [`inject`]ion (`weft inject`, the `/inject` admission webhook, served over HTTPS by
-//! [`webhook_tls`]).
+//! [`webhook_tls`]), and progressive delivery ([`rollout`]: `Rollout` canaries and
+//! staged configuration changes).
 pub mod api;
 pub mod control;
 pub mod dashboard;
@@ -15,6 +16,7 @@ pub mod meshconfig;
 pub mod meshstats;
 pub mod metrics;
 pub mod registry;
+pub mod rollout;
 pub mod secrets;
 pub mod slo;
 pub mod source;

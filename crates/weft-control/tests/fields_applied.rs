@@ -97,6 +97,9 @@ const ALLOWED: &[(Kind, &str, &str)] = &[
     // An SLO configures the control plane's SLO engine (`weft-control::slo`: its
     // evaluation, `/api/v1/slos`, alerts, `weft slo rules`), not the proxies.
     (Kind::ServiceLevelObjective, "spec", "evaluated by the control plane's SLO engine, not translated to xDS"),
+    // A Rollout drives the control plane's rollout controller, which writes the
+    // VirtualService of each step into the store (`weft --test rollout`).
+    (Kind::Rollout, "spec", "driven by the rollout controller, which writes VirtualServices, not translated to xDS"),
     // An HTTP_FILTER patch's filter match names the connection manager, the only
     // network filter HTTP filters live in: any other name is reported (WFT0010).
     (

@@ -11,6 +11,7 @@ mod load;
 mod local;
 mod ops;
 mod proxy_config;
+mod rollout;
 mod slo;
 mod token;
 mod up;
@@ -128,6 +129,14 @@ enum Command {
         /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
         #[arg(long, env = "WEFT_SERVER")]
         server: Option<String>,
+        #[command(flatten)]
+        staged: ops::StagedArgs,
+    },
+    /// Canary rollouts (`Rollout` resources) and staged changes: status, promote, pause,
+    /// resume, abort.
+    Rollout {
+        #[command(subcommand)]
+        command: rollout::RolloutCommand,
     },
     /// Delete the resources named in files from the running control plane.
     Delete {
@@ -493,7 +502,11 @@ fn main() -> std::process::ExitCode {
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
             Command::Iptables(args) => iptables::run(&args),
             Command::Inject(args) => inject::run(&args),
-            Command::Apply { files, server } => ops::change(&local::server(server), &files, false).await,
+            Command::Apply { files, server, staged } if staged.staged => {
+                ops::apply_staged(&local::server(server), &files, &staged).await
+            }
+            Command::Apply { files, server, .. } => ops::change(&local::server(server), &files, false).await,
+            Command::Rollout { command } => rollout::run(command).await,
             Command::Delete { files, server } => ops::change(&local::server(server), &files, true).await,
             Command::Get { kind, name, output, server } => {
                 ops::get(&local::server(server), &kind, name.as_deref(), output == "json").await
