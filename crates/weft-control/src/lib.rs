@@ -4,12 +4,15 @@
 //! [`inject`]ion (`weft inject`, the `/inject` admission webhook, served over HTTPS by
 //! [`webhook_tls`]).
 pub mod api;
+pub mod api_auth;
 pub mod control;
+pub mod control_tls;
 pub mod envoy_bootstrap;
 pub mod identity;
 pub mod inject;
 pub mod inspect;
 pub mod jwks;
+pub mod k8s_tokens;
 pub mod meshconfig;
 pub mod meshstats;
 pub mod metrics;
@@ -19,3 +22,4 @@ pub mod source;
 pub mod store;
 pub mod translate;
 pub mod webhook_tls;
+pub mod xds_auth;

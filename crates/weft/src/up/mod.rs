@@ -247,7 +247,12 @@ impl Up {
                 Mode::Transparent => ProxyMode::Transparent,
             },
             mesh,
-            identity: Some(IdentityConfig::new(state.join("ca"))),
+            // Local and loopback: reads are open (dashboards, curl); changes need the
+            // admin token, which the operator commands find through the state file.
+            identity: Some(IdentityConfig {
+                api: weft_control::api_auth::ApiAuthConfig { token_file: None, read_anonymous: true },
+                ..IdentityConfig::new(state.join("ca"))
+            }),
             inject: Default::default(),
             webhook: None,
             // Its proxies are children of this process and stop with it (and explicit mode
@@ -287,6 +292,7 @@ impl Up {
             ingress: format!("http://{ingress}"),
             mode: if self.mode == Mode::Explicit { "explicit" } else { "transparent" }.into(),
             logs: Some(self.logs.clone()),
+            admin_token_file: self.control.as_ref().and_then(|c| c.admin_token.as_ref()).map(|(_, f)| f.clone()),
             workloads: workloads
                 .iter()
                 .map(|w| local::RecordedWorkload {
