@@ -7,7 +7,6 @@
 //! the server against the root in its bootstrap); the xDS admission
 //! ([`crate::xds_auth`]) then requires a credential for every stream.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -187,7 +186,12 @@ pub fn tls_incoming(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            // The server gone (stopped), the port is released at once.
+            let accepted = tokio::select! {
+                r = listener.accept() => r,
+                () = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(x) => x,
                 Err(e) => {
                     tracing::warn!(error = %e, "TLS xDS port: accept failed");
@@ -196,9 +200,6 @@ pub fn tls_incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            if tx.is_closed() {
-                return;
-            }
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
@@ -212,9 +213,4 @@ pub fn tls_incoming(
         }
     });
     ReceiverStream::new(rx)
-}
-
-/// The address a TLS port announces, for logs.
-pub fn describe(addr: SocketAddr, cert: &ServingCert) -> String {
-    format!("{addr} as {}", cert.id())
 }

@@ -242,3 +242,63 @@ async fn api_calls_without_the_admin_credential_are_refused() {
     assert_eq!(get_h1(cp.api_addr, "weft", "/metrics").await.unwrap().status, 200);
     cp.shutdown().await;
 }
+
+#[tokio::test]
+async fn stock_envoy_reaches_the_tls_port_with_the_mesh_root_and_its_join_token() {
+    use weft_control::envoy_bootstrap::{render, with_xds_tls, EnvoyBootstrapOptions};
+    let data = tempfile::tempdir().unwrap();
+    let cp = control_plane(data.path(), Duration::from_secs(3600)).await;
+    let tls = cp.xds_tls_addr.expect("the TLS port is bound");
+    let root_file = data.path().join("mesh-root.pem");
+    std::fs::write(&root_file, cp.identity.as_ref().unwrap().ca().trust_bundle_pem()).unwrap();
+    let opts = EnvoyBootstrapOptions {
+        name: "reviews-envoy".into(),
+        namespace: "default".into(),
+        labels: [("app".to_string(), "reviews".to_string())].into(),
+        service_account: "bookinfo-reviews".into(),
+        ports: Vec::new(),
+        instance_ip: "127.0.0.1".parse().unwrap(),
+        xds: tls,
+        admin_port: 0,
+        cluster_id: "Kubernetes".into(),
+        delta: false,
+        inbound: Some(reserve_addr()),
+        outbound: Some(reserve_addr()),
+        join_token: Some(mesh::join_token(&cp, "default", "bookinfo-reviews").await),
+    };
+    let yaml = with_xds_tls(&render(&opts), &root_file, "cluster.local").unwrap();
+    let envoy = weft_testkit::envoy::Envoy::start(&yaml).await.unwrap();
+    // Envoy takes its configuration over the TLS port.
+    let node_id = opts.node_id();
+    let mut changes = cp.server.status_changes();
+    let acked = tokio::time::timeout(WAIT, async {
+        loop {
+            let secret = cp
+                .server
+                .connections()
+                .into_iter()
+                .find(|c| c.node_id == node_id)
+                .and_then(|c| c.types.get(type_url::LISTENER).cloned());
+            if secret.as_ref().is_some_and(|s| s.acked_version.is_some()) {
+                return;
+            }
+            let _ = changes.changed().await;
+        }
+    })
+    .await;
+    assert!(acked.is_ok(), "Envoy never ACKed its listeners over TLS\n--- envoy.log ---\n{}", envoy.log_tail());
+    envoy.listener_addr("weft-outbound", WAIT).await.expect("Envoy serves what it got over TLS");
+    // The same bootstrap without the token is refused (no credential).
+    let anonymous = EnvoyBootstrapOptions { name: "anon".into(), join_token: None, ..opts.clone() };
+    let refused =
+        weft_testkit::envoy::Envoy::start(&with_xds_tls(&render(&anonymous), &root_file, "cluster.local").unwrap())
+            .await
+            .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while refused_count(&metrics(&cp).await, "no_credential") == 0 {
+        assert!(Instant::now() < deadline, "the anonymous Envoy was never refused\n{}", refused.log_tail());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!cp.server.connections().iter().any(|c| c.node_id == anonymous.node_id()), "never registered");
+    cp.shutdown().await;
+}

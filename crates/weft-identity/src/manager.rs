@@ -227,6 +227,13 @@ impl CertManager {
             }
         };
         let root = first.root.clone();
+        if !cfg.root_certs.is_empty() && !cfg.root_certs.contains(&root) {
+            // Plaintext endpoint with a known root: the answer must chain to it.
+            return Err(IdentityError::Certificate(format!(
+                "{}: the issued chain ends in a root that is not the mesh root of the bootstrap",
+                cfg.endpoint
+            )));
+        }
         let identity = first.into_identity(Arc::new(TrustBundle::new(vec![root], 1, false)));
         info!(identity = %identity.id, serial = %identity.serial, "workload certificate obtained");
         let tx = Arc::new(watch::channel(Arc::new(identity)).0);

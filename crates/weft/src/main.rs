@@ -234,6 +234,13 @@ enum Command {
         /// workload certificate over SDS and it joins mesh mTLS.
         #[arg(long)]
         join_token: Option<String>,
+        /// The mesh root (PEM file): connect to the control plane's TLS port (`--xds`
+        /// then names 15012) and verify it as spiffe://<td>/ns/istio-system/sa/istiod.
+        #[arg(long, requires = "join_token")]
+        xds_root_cert: Option<PathBuf>,
+        /// Trust domain of the control plane's identity (with --xds-root-cert).
+        #[arg(long, default_value = weft_identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
         /// Join as a gateway (node type `router`): the Gateways selecting `--labels`
         /// configure it instead of the sidecar listeners.
         #[arg(long)]
@@ -577,6 +584,8 @@ fn main() -> std::process::ExitCode {
                 inbound,
                 outbound,
                 join_token,
+                xds_root_cert,
+                trust_domain,
                 gateway,
                 gateway_ports,
                 gateway_address,
@@ -601,7 +610,7 @@ fn main() -> std::process::ExitCode {
                     outbound,
                     join_token,
                 };
-                if gateway {
+                let mut text = if gateway {
                     let mut map = std::collections::BTreeMap::new();
                     for pair in gateway_ports.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                         let parsed = pair
@@ -614,10 +623,15 @@ fn main() -> std::process::ExitCode {
                         };
                         map.insert(server, listener);
                     }
-                    print!("{}", render_node(&opts, &opts.gateway_node_info(map, gateway_address)));
+                    render_node(&opts, &opts.gateway_node_info(map, gateway_address))
                 } else {
-                    print!("{}", render(&opts));
+                    render(&opts)
+                };
+                if let Some(root) = &xds_root_cert {
+                    text = weft_control::envoy_bootstrap::with_xds_tls(&text, root, &trust_domain)
+                        .map_err(|e| anyhow::anyhow!(e))?;
                 }
+                print!("{text}");
                 Ok(())
             }
         }
@@ -704,11 +718,12 @@ async fn run_control(
         Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),
         None => println!("weft control: xDS on {}, API on {}", cp.xds_addr, cp.api_addr),
     }
+    // Logged, not printed: scripts read the one line above and may close stdout.
     if let Some(tls) = cp.xds_tls_addr {
-        println!("weft control: xDS and certificates over TLS on {tls}");
+        info!(%tls, "xDS and certificates over TLS");
     }
     if let Some((_, file)) = &cp.admin_token {
-        println!("weft control: API admin token in {} (weft --token-file, WEFT_TOKEN)", file.display());
+        info!(file = %file.display(), "API admin token (weft --token-file, WEFT_TOKEN)");
     }
     shutdown_signal().await;
     info!("signal received: stopping");
