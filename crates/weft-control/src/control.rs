@@ -205,7 +205,14 @@ impl ControlPlane {
             registry: registry.clone(),
             identity: identity.clone(),
             secrets,
-            inject: cfg.inject.clone(),
+            inject: {
+                // Injected pods verify the control plane with the mesh root of the moment.
+                let mut inject = cfg.inject.clone();
+                if let (None, Some(authority)) = (&inject.root_cert, &identity) {
+                    inject.root_cert = Some(authority.ca().trust_bundle_pem());
+                }
+                inject
+            },
             metrics,
         });
         if let Some(w) = webhook {

@@ -1,9 +1,10 @@
 //! Kubernetes service-account tokens verified without the API server: a test issuer
 //! (an ES256 key, its OIDC discovery document and JWKS served on 127.0.0.1:0) signs
 //! projected tokens; the control plane finds the keys through discovery. The bootstrap
-//! `weft inject` writes for a pod, with the downward-API values filled in as the
-//! kubelet would, starts a weft proxy that gets its certificate and configuration with
-//! the token, becomes ready and completes mutual TLS as the pod's service account. A
+//! `weft inject` writes for a pod (the control plane's TLS port and the mesh root), with
+//! the downward-API values filled in as the kubelet would, starts a weft proxy that gets
+//! its certificate with the token over TLS and its configuration over mTLS, becomes ready
+//! and completes mutual TLS as the pod's service account. A
 //! token of another service account, an expired one and one for another audience are
 //! refused.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -109,13 +110,19 @@ async fn control_plane(data: &Path, dir: &Path, issuer: &Issuer) -> ControlPlane
         keys: KeySource::Discovery(issuer.discovery.clone()),
         audiences: vec!["istio-ca".into()],
     });
+    identity.xds_tls = Some("127.0.0.1:0".parse().unwrap());
     mesh::control_plane(Some(dir), identity).await
 }
 
-/// The proxy bootstrap `weft inject` writes into the pod, expanded as the kubelet does
-/// (downward API), with the token at `token_file` and the proxy's ports on loopback.
+/// The proxy bootstrap `weft inject` writes into the pod (control plane on its TLS port,
+/// the mesh root inline), expanded as the kubelet does (downward API), with the token at
+/// `token_file` and the proxy's ports on loopback.
 fn injected_bootstrap(cp: &ControlPlane, token_file: &Path) -> Bootstrap {
-    let cfg = weft_control::inject::InjectConfig { control_plane: cp.xds_addr.to_string(), ..Default::default() };
+    let cfg = weft_control::inject::InjectConfig {
+        control_plane: format!("https://{}", cp.xds_tls_addr.expect("the TLS port")),
+        root_cert: Some(cp.identity.as_ref().unwrap().ca().trust_bundle_pem()),
+        ..Default::default()
+    };
     let out = weft_control::inject::inject_manifests(POD, Path::new("pod.yaml"), &cfg).unwrap();
     let pod: serde_json::Value = serde_yaml_ng::from_str(&out.text).unwrap();
     let env = pod["spec"]["containers"]
@@ -143,6 +150,7 @@ fn injected_bootstrap(cp: &ControlPlane, token_file: &Path) -> Bootstrap {
         Some(Path::new("/var/run/secrets/tokens/istio-token")),
         "the projected token is the credential"
     );
+    assert!(id.root_cert.as_deref().is_some_and(|r| r.contains("BEGIN CERTIFICATE")), "the mesh root is inlined");
     id.kubernetes_token_file = Some(token_file.to_path_buf());
     // Loopback instead of the pod's own network namespace.
     b.admin = "127.0.0.1:0".parse().unwrap();
