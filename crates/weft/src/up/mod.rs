@@ -131,6 +131,8 @@ struct Up {
     network: Option<netns::Network>,
     namespaces: BTreeMap<String, netns::Namespace>,
     control: Option<ControlPlane>,
+    /// The control plane's TLS port and the mesh root file its weft proxies verify it with.
+    control_tls: Option<(SocketAddr, PathBuf)>,
     recorded: Option<local::Recorded>,
     running: Vec<Running>,
     gateway: Option<Proc>,
@@ -162,6 +164,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         network: None,
         namespaces: BTreeMap::new(),
         control: None,
+        control_tls: None,
         recorded: None,
         running: Vec::new(),
         gateway: None,
@@ -249,8 +252,11 @@ impl Up {
             mesh,
             // Local and loopback: reads are open (dashboards, curl); changes need the
             // admin token, which the operator commands find through the state file.
+            // weft sidecars reach the TLS port (any free port beside --xds); Envoy
+            // sidecars stay on --xds with their join token.
             identity: Some(IdentityConfig {
                 api: weft_control::api_auth::ApiAuthConfig { token_file: None, read_anonymous: true },
+                xds_tls: Some(SocketAddr::new(xds.ip(), 0)),
                 ..IdentityConfig::new(state.join("ca"))
             }),
             inject: Default::default(),
@@ -263,6 +269,12 @@ impl Up {
         .map_err(|e| anyhow::anyhow!("control plane: {e} (another control plane on these ports? see --api / --xds)"))?;
         let (xds, api) = (cp.xds_addr, cp.api_addr);
         let authority = cp.identity.clone().context("the control plane has no CA")?;
+        if let Some(tls) = cp.xds_tls_addr {
+            let root = state.join("mesh-root.pem");
+            std::fs::write(&root, authority.ca().trust_bundle_pem())
+                .with_context(|| format!("cannot write {}", root.display()))?;
+            self.control_tls = Some((tls, root));
+        }
         let snapshot = cp.store.snapshot();
         for e in &snapshot.errors {
             warn_user!("weft up: {e}");
@@ -399,8 +411,14 @@ impl Up {
                 SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), plan::METRICS_PORT),
             ),
         };
-        let settings =
-            ProxySettings { xds, token: token.token, admin, metrics, access_log: self.args.access_log.clone() };
+        let settings = ProxySettings {
+            xds,
+            token: token.token,
+            admin,
+            metrics,
+            access_log: self.args.access_log.clone(),
+            tls: self.control_tls.clone(),
+        };
         let file = state.join(format!("{}.{}.bootstrap.yaml", w.name, w.namespace));
         std::fs::write(&file, plan::bootstrap(&node, &settings)?)?;
         let log = self.logs.join(format!("{}.sidecar.log", w.name));
@@ -538,8 +556,14 @@ impl Up {
             gateway_address: Some(self.args.ingress_address),
             ..Default::default()
         };
-        let settings =
-            ProxySettings { xds, token: token.token, admin, metrics, access_log: self.args.access_log.clone() };
+        let settings = ProxySettings {
+            xds,
+            token: token.token,
+            admin,
+            metrics,
+            access_log: self.args.access_log.clone(),
+            tls: self.control_tls.clone(),
+        };
         let file = state.join("istio-ingressgateway.bootstrap.yaml");
         std::fs::write(&file, plan::bootstrap(&node, &settings)?)?;
         let mut cmd = tokio::process::Command::new(&self.exe);
