@@ -473,7 +473,12 @@ impl Up {
         token: String,
         state: &Path,
     ) -> anyhow::Result<Proc> {
-        use weft_control::envoy_bootstrap::{render_node, EnvoyBootstrapOptions};
+        use weft_control::envoy_bootstrap::{render_node, with_xds_tls, EnvoyBootstrapOptions};
+        // The TLS port, verified with the mesh root; the join token stays its credential.
+        let (xds, root) = match &self.control_tls {
+            Some((tls, root)) => (*tls, Some(root.clone())),
+            None => (xds, None),
+        };
         node.labels.insert(weft_control::translate::mtls::TLS_MODE_LABEL.into(), "istio".into());
         node.admin = Some(w.admin());
         let options = EnvoyBootstrapOptions {
@@ -492,7 +497,11 @@ impl Up {
             join_token: Some(token),
         };
         // The bootstrap puts the admin API on 127.0.0.1; each workload has its own address.
-        let mut bootstrap: serde_json::Value = serde_yaml_ng::from_str(&render_node(&options, &node))?;
+        let mut text = render_node(&options, &node);
+        if let Some(root) = root {
+            text = with_xds_tls(&text, &root, weft_identity::DEFAULT_TRUST_DOMAIN).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        let mut bootstrap: serde_json::Value = serde_yaml_ng::from_str(&text)?;
         bootstrap["admin"]["address"]["socket_address"]["address"] = serde_json::json!(w.ip.to_string());
         let file = state.join(format!("{}.{}.envoy.yaml", w.name, w.namespace));
         std::fs::write(&file, serde_json::to_string_pretty(&bootstrap)?)?;
