@@ -48,6 +48,8 @@ pub struct Api {
     pub rollouts: Arc<crate::rollout::RolloutController>,
     /// The mesh's request statistics (dashboard, graph and time series endpoints).
     pub stats: crate::meshstats::SharedStats,
+    /// The admin credential requests must carry (`crate::api_auth`).
+    pub auth: crate::api_auth::ApiAuth,
 }
 
 /// Which endpoints a listener serves.
@@ -87,6 +89,11 @@ where
             if endpoints == Endpoints::Webhook && req.uri().path() != "/inject" {
                 let error = format!("only POST /inject is served on the webhook port, not {}", req.uri().path());
                 return Ok::<_, Infallible>(reply(StatusCode::NOT_FOUND, json!({"error": error})));
+            }
+            if endpoints == Endpoints::All {
+                if let Err((status, body)) = api.auth.check(req.method(), req.uri().path(), req.headers()) {
+                    return Ok::<_, Infallible>(reply(status, body));
+                }
             }
             Ok::<_, Infallible>(handle(&api, req).await)
         }

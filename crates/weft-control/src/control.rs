@@ -55,6 +55,8 @@ pub struct ControlConfig {
 pub struct ControlPlane {
     /// Bound xDS address.
     pub xds_addr: SocketAddr,
+    /// Bound TLS xDS and certificate address (Istio's 15012), with identity.
+    pub xds_tls_addr: Option<SocketAddr>,
     /// Bound API address.
     pub api_addr: SocketAddr,
     /// Bound webhook (HTTPS) address, when enabled.
@@ -83,6 +85,9 @@ pub struct ControlPlane {
     /// The gatherer behind `stats` (scrape rounds, for tests and tools); idle when the
     /// statistics come from Prometheus.
     pub gatherer: Arc<crate::meshstats::gather::Gatherer>,
+    /// The JSON API's admin token and its file, when identity is enabled (else the API
+    /// is open).
+    pub admin_token: Option<(String, PathBuf)>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -130,8 +135,32 @@ impl ControlPlane {
             None => source.clone(),
         };
         let metrics = Arc::new(crate::metrics::ControlMetrics::new());
-        let server = AdsServer::observed(served, metrics.xds());
+        let allow_anonymous = cfg.identity.as_ref().is_some_and(|i| i.allow_anonymous_xds);
+        let admission = crate::xds_auth::XdsAdmission::new(
+            identity.clone(),
+            registry.clone(),
+            allow_anonymous,
+            metrics.xds_refused(),
+        );
+        let server = AdsServer::admitting(served, metrics.xds(), Some(Arc::new(admission)));
+        if identity.is_none() {
+            tracing::warn!(
+                "no --data-dir: the control plane has no identity, so xDS streams are not authenticated and any \
+                 caller that reaches the xDS port can register as any workload (development only)"
+            );
+        } else if allow_anonymous {
+            tracing::warn!("--xds-allow-anonymous: xDS streams without a credential may register as any workload");
+        }
         let xds_sock = TcpListener::bind(cfg.xds).await.map_err(|e| format!("cannot bind xDS on {}: {e}", cfg.xds))?;
+        let xds_tls = match (&identity, cfg.identity.as_ref().and_then(|i| i.xds_tls)) {
+            (Some(authority), Some(addr)) => {
+                let sock = TcpListener::bind(addr).await.map_err(|e| format!("cannot bind TLS xDS on {addr}: {e}"))?;
+                let (config, _cert) = crate::control_tls::server_config(authority.ca())?;
+                Some((sock, config))
+            }
+            _ => None,
+        };
+        let xds_tls_addr = xds_tls.as_ref().and_then(|(s, _)| s.local_addr().ok());
         let api_sock = TcpListener::bind(cfg.api).await.map_err(|e| format!("cannot bind API on {}: {e}", cfg.api))?;
         let xds_addr = xds_sock.local_addr().unwrap_or(cfg.xds);
         let api_addr = api_sock.local_addr().unwrap_or(cfg.api);
@@ -185,14 +214,44 @@ impl ControlPlane {
         source.set_staging(rollouts.staging.clone());
         let (leader, leader_rx) = watch::channel(true);
         tasks.push(rollouts.spawn(leader_rx));
+        if let (Some((sock, config)), Some(authority)) = (xds_tls, &identity) {
+            let srv = server.clone();
+            let routes = tonic::service::Routes::new(authority.service());
+            let tls_stop = stopped(&stop_rx);
+            let incoming = crate::control_tls::tls_incoming(sock, config);
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = srv.serve_incoming(incoming, tls_stop, routes).await {
+                    tracing::error!(error = %e, "TLS xDS server stopped");
+                }
+            }));
+        }
+        let (auth, admin_token) = match &cfg.identity {
+            Some(ic) => {
+                let (auth, path) = crate::api_auth::ApiAuth::load(&ic.api, &ic.data_dir)?;
+                let token = auth.token().map(|t| (t.to_string(), path));
+                (auth, token)
+            }
+            None => {
+                tracing::warn!("no --data-dir: the JSON API has no admin credential (development only)");
+                (crate::api_auth::ApiAuth::open(), None)
+            }
+        };
         let api = Arc::new(crate::api::Api {
+            auth,
             store: store.clone(),
             server: server.clone(),
             source: source.clone(),
             registry: registry.clone(),
             identity: identity.clone(),
             secrets,
-            inject: cfg.inject.clone(),
+            inject: {
+                // Injected pods verify the control plane with the mesh root of the moment.
+                let mut inject = cfg.inject.clone();
+                if let (None, Some(authority)) = (&inject.root_cert, &identity) {
+                    inject.root_cert = Some(authority.ca().trust_bundle_pem());
+                }
+                inject
+            },
             metrics,
             slo: slo.clone(),
             rollouts: rollouts.clone(),
@@ -202,9 +261,11 @@ impl ControlPlane {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
         }
         tasks.push(tokio::spawn(crate::api::serve(api, api_sock, stopped(&stop_rx))));
-        info!(%xds_addr, %api_addr, webhook = ?webhook_addr, identity = identity.is_some(), "control plane started");
+        info!(%xds_addr, xds_tls = ?xds_tls_addr, %api_addr, webhook = ?webhook_addr, identity = identity.is_some(),
+              "control plane started");
         Ok(ControlPlane {
             xds_addr,
+            xds_tls_addr,
             api_addr,
             webhook_addr,
             webhook_cert,
@@ -218,6 +279,7 @@ impl ControlPlane {
             leader,
             stats,
             gatherer,
+            admin_token,
             stop,
             tasks,
             persist,

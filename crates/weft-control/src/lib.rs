@@ -5,13 +5,16 @@
 //! [`webhook_tls`]), and progressive delivery ([`rollout`]: `Rollout` canaries and
 //! staged configuration changes).
 pub mod api;
+pub mod api_auth;
 pub mod control;
+pub mod control_tls;
 pub mod dashboard;
 pub mod envoy_bootstrap;
 pub mod identity;
 pub mod inject;
 pub mod inspect;
 pub mod jwks;
+pub mod k8s_tokens;
 pub mod meshconfig;
 pub mod meshstats;
 pub mod metrics;
@@ -23,3 +26,4 @@ pub mod source;
 pub mod store;
 pub mod translate;
 pub mod webhook_tls;
+pub mod xds_auth;

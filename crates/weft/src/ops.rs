@@ -9,6 +9,30 @@ use hyper::body::Bytes;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
+/// The admin token given with `--token-file`.
+static ADMIN_TOKEN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets the admin token the API calls send (`weft --token-file`).
+pub fn set_admin_token(token: String) {
+    let _ = ADMIN_TOKEN.set(token);
+}
+
+/// The admin token for `addr`: `--token-file`, else `WEFT_TOKEN`, else the token of the
+/// running `weft up` when `addr` is its API.
+fn admin_token(addr: &str) -> Option<String> {
+    if let Some(t) = ADMIN_TOKEN.get() {
+        return Some(t.clone());
+    }
+    if let Some(t) = std::env::var("WEFT_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
+        return Some(t.trim().to_string());
+    }
+    let mesh = crate::local::running()?;
+    if mesh.api.trim_start_matches("http://").trim_end_matches('/') != addr {
+        return None;
+    }
+    std::fs::read_to_string(mesh.admin_token_file?).ok().map(|t| t.trim().to_string())
+}
+
 /// One request to the API; returns the status and the JSON body.
 pub async fn call(server: &str, method: &str, path: &str, body: Option<String>) -> anyhow::Result<(u16, Value)> {
     let addr = server.trim_start_matches("http://").trim_end_matches('/');
@@ -17,17 +41,22 @@ pub async fn call(server: &str, method: &str, path: &str, body: Option<String>) 
     })?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::builder()
-        .method(method)
-        .uri(path)
-        .header("host", addr)
-        .header("content-type", "application/yaml")
-        .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+    let mut req = hyper::Request::builder().method(method).uri(path).header("host", addr);
+    if let Some(token) = admin_token(addr) {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let req = req.header("content-type", "application/yaml").body(Full::new(Bytes::from(body.unwrap_or_default())))?;
     let resp = tx.send_request(req).await?;
     let status = resp.status().as_u16();
     let bytes = resp.into_body().collect().await?.to_bytes();
-    let v =
+    let v: Value =
         serde_json::from_slice(&bytes).with_context(|| format!("the control plane answered {status} with non-JSON"))?;
+    if status == 401 {
+        bail!(
+            "{}",
+            v["error"].as_str().unwrap_or("the control plane wants its admin token (--token-file, WEFT_TOKEN)")
+        );
+    }
     Ok((status, v))
 }
 
