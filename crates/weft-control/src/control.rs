@@ -67,6 +67,9 @@ pub struct ControlPlane {
     pub source: Arc<MeshXdsSource>,
     /// The CA and token issuer, when identity is enabled.
     pub identity: Option<Arc<CertificateAuthority>>,
+    /// Whether this replica leads (always with the directory store; elected through
+    /// etcd with `--store etcd://`): singleton work runs only on the leader.
+    pub leader: crate::leader::Leadership,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -74,12 +77,31 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Binds both servers and starts everything.
+    /// Binds both servers and starts everything, on the directory store.
     pub async fn start(cfg: ControlConfig) -> Result<ControlPlane, String> {
+        Self::start_with(cfg, None).await
+    }
+
+    /// [`ControlPlane::start`] as one of several replicas sharing `etcd` (`--store
+    /// etcd://`): resources applied through the API, proxies' registrations, the CA and
+    /// token state live there; every replica serves every proxy; one leads.
+    pub async fn start_replica(cfg: ControlConfig, etcd: crate::etcd::EtcdConfig) -> Result<ControlPlane, String> {
+        Self::start_with(cfg, Some(etcd)).await
+    }
+
+    async fn start_with(cfg: ControlConfig, etcd: Option<crate::etcd::EtcdConfig>) -> Result<ControlPlane, String> {
+        let etcd = match &etcd {
+            Some(e) => Some(crate::etcd::Etcd::connect(e).await?),
+            None => None,
+        };
+        let mut shared_tasks = Vec::new();
         let store = match &cfg.dir {
             Some(d) => ResourceStore::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
             None => ResourceStore::in_memory(),
         };
+        if let Some(etcd) = &etcd {
+            shared_tasks.push(crate::etcd::resources::SharedResources::start(etcd.clone(), &store).await?);
+        }
         let snap = store.snapshot();
         for e in &snap.errors {
             tracing::warn!("{e}");
@@ -87,7 +109,9 @@ impl ControlPlane {
         info!(resources = snap.resources.len(), errors = snap.errors.len(), "store loaded");
         let registry = Registry::new();
         let mut follow = FollowConfig::default();
-        if let Some(p) = &cfg.registry {
+        // With etcd the registrations live there (under the replicas' leases), not in a file.
+        let persisted = cfg.registry.as_ref().filter(|_| etcd.is_none());
+        if let Some(p) = persisted {
             match registry.restore(&p.path) {
                 Ok(n) => {
                     info!(workloads = n, grace = ?p.reconnect_grace, "registry restored; awaiting reconnects")
@@ -96,10 +120,21 @@ impl ControlPlane {
             }
             follow.restored_grace = p.reconnect_grace;
         }
+        if etcd.is_some() {
+            // Registrations restored from etcd after a full outage wait this long.
+            follow.restored_grace =
+                cfg.registry.as_ref().map_or(crate::registry::DEFAULT_RECONNECT_GRACE, |p| p.reconnect_grace);
+        }
         let source = MeshXdsSource::new(store.clone(), registry.clone(), cfg.mode, cfg.mesh.clone());
-        let identity = match &cfg.identity {
-            Some(ic) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
-            None => None,
+        let identity = match (&cfg.identity, &etcd) {
+            (Some(ic), Some(etcd)) => {
+                let (authority, task) =
+                    crate::etcd::state::start(etcd.clone(), ic).await.map_err(|e| format!("identity: {e}"))?;
+                shared_tasks.push(task);
+                Some(authority)
+            }
+            (Some(ic), None) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
+            (None, _) => None,
         };
         let secrets = match (&identity, &cfg.identity) {
             (Some(authority), Some(ic)) => Some(SecretSource::new(source.clone(), authority.clone(), ic.cert_ttl)),
@@ -128,12 +163,23 @@ impl ControlPlane {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let mut tasks = Vec::new();
+        let mut tasks = shared_tasks;
         if cfg.dir.is_some() {
             tasks.push(store.watch());
         }
+        let leader = match &etcd {
+            Some(etcd) => {
+                let (tx, rx) = watch::channel(false);
+                let name = format!("pid {} api {api_addr} xds {xds_addr}", std::process::id());
+                tasks.push(crate::etcd::leader::start(etcd.clone(), name, tx));
+                // Before following the xDS server: restored registrations get their grace.
+                tasks.extend(crate::etcd::registry::start(etcd.clone(), &registry, rx.clone()).await?);
+                crate::leader::Leadership::following(rx)
+            }
+            None => crate::leader::Leadership::always(),
+        };
         tasks.push(registry.follow_with(&server, follow));
-        let persist = cfg.registry.as_ref().map(|p| registry.persist(p.path.clone()));
+        let persist = persisted.map(|p| registry.persist(p.path.clone()));
         tasks.push(tokio::spawn(evict_unused_translations(server.clone(), Arc::downgrade(&source))));
         let srv = server.clone();
         let xds_stop = stopped(&stop_rx);
@@ -155,6 +201,7 @@ impl ControlPlane {
             secrets,
             inject: cfg.inject.clone(),
             metrics,
+            leader: leader.clone(),
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
@@ -171,6 +218,7 @@ impl ControlPlane {
             server,
             source,
             identity,
+            leader,
             stop,
             tasks,
             persist,

@@ -6,10 +6,12 @@
 pub mod api;
 pub mod control;
 pub mod envoy_bootstrap;
+pub mod etcd;
 pub mod identity;
 pub mod inject;
 pub mod inspect;
 pub mod jwks;
+pub mod leader;
 pub mod meshconfig;
 pub mod meshstats;
 pub mod metrics;

@@ -237,16 +237,28 @@ impl CertificateClient {
     }
 
     /// A client of `endpoint` (`http://host:port`) that connects on first use and
-    /// reconnects as needed.
+    /// reconnects as needed. Several control-plane replicas separated by commas: each
+    /// request goes to one that is reachable (a balanced channel over all of them).
     pub fn connect_lazy(endpoint: &str) -> Result<Self, IdentityError> {
-        let ep = Endpoint::from_shared(endpoint.to_string())
-            .map_err(|e| IdentityError::Service {
+        let mut endpoints = Vec::new();
+        for one in endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let ep = Endpoint::from_shared(one.to_string())
+                .map_err(|e| IdentityError::Service {
+                    code: tonic::Code::InvalidArgument,
+                    message: format!("endpoint {one:?}: {e}"),
+                })?
+                .connect_timeout(Duration::from_secs(5))
+                .timeout(Duration::from_secs(15));
+            endpoints.push(ep);
+        }
+        match endpoints.len() {
+            0 => Err(IdentityError::Service {
                 code: tonic::Code::InvalidArgument,
-                message: format!("endpoint {endpoint:?}: {e}"),
-            })?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(15));
-        Ok(CertificateClient::new(ep.connect_lazy()))
+                message: format!("endpoint {endpoint:?}: no address"),
+            }),
+            1 => Ok(CertificateClient::new(endpoints.remove(0).connect_lazy())),
+            _ => Ok(CertificateClient::new(Channel::balance_list(endpoints.into_iter()))),
+        }
     }
 
     /// Sends `csr_pem` with `credential`; the PEM chain (leaf first, root last).

@@ -84,7 +84,8 @@ pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3);
 /// Settings of an [`AdsClient`].
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// Control-plane URL, e.g. `http://127.0.0.1:15010`.
+    /// Control-plane URL, e.g. `http://127.0.0.1:15010`; several replicas separated by
+    /// commas (`http://a:15010,http://b:15010`): see [`ClientConfig::addresses`].
     pub address: String,
     /// Identity announced in the `Node` of the first request of each stream.
     pub node: NodeInfo,
@@ -115,6 +116,8 @@ pub struct ClientStatus {
     pub last_update: Option<SystemTime>,
     /// While disconnected: the delay drawn before the next connection attempt.
     pub next_retry: Option<Duration>,
+    /// The control-plane address of the current (or last) stream.
+    pub server: String,
 }
 
 /// ADS client. Build with [`AdsClient::new`], drive with [`AdsClient::run`].
@@ -156,6 +159,17 @@ impl Backoff {
     }
 }
 
+impl ClientConfig {
+    /// The control-plane replicas to use, in order: `address` split at commas. The client
+    /// starts at a random one (a fleet spreads over the replicas) and moves to the next
+    /// whenever a stream ends or a connection fails, after the jittered backoff; the
+    /// first retry after a healthy stream waits at most [`Backoff::initial`], so a proxy
+    /// whose replica died is on another one within that (plus a connect).
+    pub fn addresses(&self) -> Vec<String> {
+        self.address.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_string).collect()
+    }
+}
+
 impl AdsClient {
     /// A client that will feed `handler`. Nothing happens until [`AdsClient::run`].
     pub fn new(config: ClientConfig, handler: Arc<dyn ResourceHandler>) -> Self {
@@ -174,13 +188,20 @@ impl AdsClient {
         tokio::pin!(shutdown);
         let mut memory = Memory::default();
         let mut attempt: u32 = 0;
+        let addresses = self.config.addresses();
+        let mut current = if addresses.len() > 1 { rand::rng().random_range(0..addresses.len()) } else { 0 };
         loop {
+            let address = addresses.get(current).cloned().unwrap_or_else(|| self.config.address.clone());
+            self.status.send_modify(|s| s.server = address.clone());
             let end = tokio::select! {
                 () = &mut shutdown => break,
-                end = self.stream_once(&mut memory) => end,
+                end = self.stream_once(&address, &mut memory) => end,
             };
             if end.healthy {
                 attempt = 0;
+            }
+            if !addresses.is_empty() {
+                current = (current + 1) % addresses.len();
             }
             let delay = self.config.backoff.delay(attempt);
             attempt = attempt.saturating_add(1);
@@ -188,7 +209,7 @@ impl AdsClient {
                 s.connected = false;
                 s.next_retry = Some(delay);
             });
-            tracing::warn!(address = %self.config.address, error = %end.error, ?delay, "xDS stream ended; reconnecting");
+            tracing::warn!(%address, error = %end.error, ?delay, next = ?addresses.get(current), "xDS stream ended; reconnecting");
             tokio::select! {
                 () = &mut shutdown => break,
                 () = tokio::time::sleep(delay) => {}
@@ -197,9 +218,9 @@ impl AdsClient {
         self.status.send_modify(|s| s.connected = false);
     }
 
-    async fn stream_once(&self, memory: &mut Memory) -> StreamEnd {
+    async fn stream_once(&self, address: &str, memory: &mut Memory) -> StreamEnd {
         let mut healthy = false;
-        let result = match self.connect().await {
+        let result = match self.connect(address).await {
             Ok(client) => match self.config.mode {
                 XdsMode::Sotw => sotw::run_stream(self, client, memory, &mut healthy).await,
                 XdsMode::Delta => delta::run_stream(self, client, memory, &mut healthy).await,
@@ -215,13 +236,13 @@ impl AdsClient {
         }
     }
 
-    async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<Channel>, String> {
-        let endpoint = Endpoint::from_shared(self.config.address.clone())
-            .map_err(|e| format!("invalid xDS address {:?}: {e}", self.config.address))?
+    async fn connect(&self, address: &str) -> Result<AggregatedDiscoveryServiceClient<Channel>, String> {
+        let endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|e| format!("invalid xDS address {address:?}: {e}"))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint.connect().await.map_err(|e| format!("connect to {}: {e}", self.config.address))?;
+        let channel = endpoint.connect().await.map_err(|e| format!("connect to {address}: {e}"))?;
         Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
     }
 
