@@ -78,6 +78,10 @@ pub struct Backoff {
     pub max: Duration,
 }
 
+/// How long a stream must stay open to count as healthy (the backoff restarts from its
+/// first step after it ends) when no response came on it.
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
+
 /// Largest reconnect delay of [`Backoff::default`].
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3);
 
@@ -192,7 +196,11 @@ impl AdsClient {
         let mut current = if addresses.len() > 1 { rand::rng().random_range(0..addresses.len()) } else { 0 };
         loop {
             let address = addresses.get(current).cloned().unwrap_or_else(|| self.config.address.clone());
-            self.status.send_modify(|s| s.server = address.clone());
+            self.status.send_if_modified(|s| {
+                let changed = s.server != address;
+                s.server.clone_from(&address);
+                changed
+            });
             let end = tokio::select! {
                 () = &mut shutdown => break,
                 end = self.stream_once(&address, &mut memory) => end,

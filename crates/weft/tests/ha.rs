@@ -319,6 +319,7 @@ async fn replicas_on_etcd_survive_replica_member_and_full_outages_without_a_fail
         }
     }
     let dead = on.expect("the callee is connected to a replica");
+    let before = callee.xds_status().borrow().clone();
     kill9(replicas[dead].child.as_mut().unwrap()).await;
     replicas[dead].child = None;
     let alive: Vec<usize> = (0..3).filter(|i| *i != dead).collect();
@@ -342,6 +343,12 @@ async fn replicas_on_etcd_survive_replica_member_and_full_outages_without_a_fail
     .await;
     progress(50).await;
     no_failures("after kill -9 of a replica");
+    // The replica it reconnected to translates the same bytes: resumed with the versions
+    // it held, nothing was pushed again.
+    let after = callee.xds_status().borrow().clone();
+    assert!(after.connects > before.connects, "the callee never reconnected");
+    assert_eq!(after.acked, before.acked, "the new replica serves other versions");
+    assert_eq!(after.updates, before.updates, "the callee was pushed its configuration again");
 
     // 2. A VirtualService through the replica the caller is not on reaches the caller.
     let mut caller_on = alive[0];
