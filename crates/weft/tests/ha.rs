@@ -39,69 +39,6 @@ fn virtual_service(tag: &str) -> String {
     format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - headers:\n      response:\n        set:\n          x-ha: {tag}\n    route:\n    - destination:\n        host: reviews\n")
 }
 
-/// One etcd member: its client URL and process.
-struct Member {
-    client: SocketAddr,
-    child: Child,
-    _data: tempfile::TempDir,
-}
-
-/// A 3-member etcd cluster on loopback (ports reserved race-free).
-async fn etcd_cluster() -> Vec<Member> {
-    let etcd = weft_testkit::tools::require("etcd");
-    let addrs: Vec<(SocketAddr, SocketAddr)> = (0..3).map(|_| (reserve_addr(), reserve_addr())).collect();
-    let initial: Vec<String> = addrs.iter().enumerate().map(|(i, (_, peer))| format!("m{i}=http://{peer}")).collect();
-    let mut members = Vec::new();
-    for (i, (client, peer)) in addrs.iter().enumerate() {
-        let data = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(data.path().join("etcd.log")).unwrap();
-        let child = Command::new(&etcd)
-            .arg("--name")
-            .arg(format!("m{i}"))
-            .arg("--data-dir")
-            .arg(data.path().join("data"))
-            .arg("--listen-client-urls")
-            .arg(format!("http://{client}"))
-            .arg("--advertise-client-urls")
-            .arg(format!("http://{client}"))
-            .arg("--listen-peer-urls")
-            .arg(format!("http://{peer}"))
-            .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://{peer}"))
-            .arg("--initial-cluster")
-            .arg(initial.join(","))
-            .args(["--initial-cluster-state", "new", "--initial-cluster-token", "weft-ha-test"])
-            .stdout(std::process::Stdio::null())
-            .stderr(log)
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        members.push(Member { client: *client, child, _data: data });
-    }
-    // Healthy: every member answers a quorum read.
-    let etcdctl = weft_testkit::tools::require("etcdctl");
-    let endpoints = members.iter().map(|m| format!("http://{}", m.client)).collect::<Vec<_>>().join(",");
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let out = Command::new(&etcdctl)
-            .env("ETCDCTL_API", "3")
-            .args(["--endpoints", &endpoints, "endpoint", "health"])
-            .output()
-            .await
-            .unwrap();
-        if out.status.success() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "etcd never became healthy: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    members
-}
-
 /// A control-plane replica: its process, fixed xDS address and API address.
 struct Replica {
     child: Option<Child>,
@@ -221,8 +158,8 @@ async fn certificate(p: &ProxyHandle) -> (String, SystemTime) {
 
 #[tokio::test]
 async fn replicas_on_etcd_survive_replica_member_and_full_outages_without_a_failed_request() {
-    let mut members = etcd_cluster().await;
-    let store = format!("etcd://{}", members.iter().map(|m| m.client.to_string()).collect::<Vec<_>>().join(","));
+    let mut etcd = weft_testkit::etcd::EtcdCluster::start(3).await;
+    let store = etcd.store_url();
     let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut replicas = Vec::new();
     for d in &dirs {
@@ -365,7 +302,7 @@ async fn replicas_on_etcd_survive_replica_member_and_full_outages_without_a_fail
     .await;
 
     // 3. kill -9 one etcd member: no effect; changes still go through.
-    kill9(&mut members[0].child).await;
+    etcd.kill(0).await;
     apply(&replicas[caller_on].api, &virtual_service("two")).await;
     eventually("a change with one etcd member down", || async { *tag.lock().unwrap() == "two" }).await;
     progress(50).await;
