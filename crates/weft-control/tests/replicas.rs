@@ -1,9 +1,13 @@
 //! Control-plane replicas sharing a real etcd (`ControlPlane::start_replica`, in process):
 //! one CA and one token key for all, resources applied through one visible in all (a bad
 //! one rejected alone with file, line and field), exactly one leader, CA rotation on the
-//! leader only and picked up by the others, a new leader once the old one is gone.
+//! leader only and picked up by the others, a new leader once the old one is gone; a
+//! proxy registered through one replica seen by the others until that replica's lease
+//! expires (it died and the proxy did not reconnect elsewhere).
 
 #![allow(clippy::unwrap_used)]
+
+mod common;
 
 use std::time::Duration;
 
@@ -99,4 +103,24 @@ async fn replicas_share_resources_ca_and_tokens_and_elect_one_leader() {
         b.shutdown().await;
     }
     tokio::time::timeout(WAIT, follower_leads.wait_for(|l| *l)).await.expect("no new leader").unwrap();
+}
+
+#[tokio::test]
+async fn a_dead_replicas_registrations_vanish_when_its_lease_expires() {
+    let etcd = EtcdCluster::start(1).await;
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = replica(&etcd, da.path()).await;
+    let b = replica(&etcd, db.path()).await;
+    // A proxy that knows replica A only.
+    let info = common::node("reviews-1", "default", &[("app", "reviews")], &["10.0.0.1"]);
+    let client = common::Client::start(a.xds_addr, info.clone());
+    eventually("B to see the proxy registered through A", || {
+        b.registry.snapshot().get(&info.id).is_some_and(|w| w.source == weft_control::registry::WorkloadSource::Replica)
+    })
+    .await;
+    // A dies without a goodbye (its tasks stop; its lease is not revoked) and the proxy,
+    // which cannot reach it, never registers elsewhere: gone from B within the lease TTL.
+    a.shutdown().await;
+    eventually("the registration to vanish with A's lease", || b.registry.snapshot().get(&info.id).is_none()).await;
+    client.stop().await.ok();
 }
