@@ -158,7 +158,8 @@ impl Etcd {
     }
 
     /// Keeps `values` (as read at `revision`) in line with the keys under `prefix`,
-    /// calling `apply` after every batch of changes; resumes from the last revision seen
+    /// calling `apply` with them and the store revision they reflect after every batch of
+    /// changes (one transaction is one batch); resumes from the last revision seen
     /// when the watch breaks (a member died), re-reads everything when etcd compacted
     /// past it. Runs until the task is aborted.
     pub(crate) async fn mirror(
@@ -166,7 +167,7 @@ impl Etcd {
         prefix: &str,
         mut values: BTreeMap<String, Vec<u8>>,
         revision: i64,
-        mut apply: impl FnMut(&BTreeMap<String, Vec<u8>>) + Send,
+        mut apply: impl FnMut(&BTreeMap<String, Vec<u8>>, i64) + Send,
     ) {
         let full = self.key(prefix);
         let mut next = Some(revision + 1);
@@ -180,7 +181,7 @@ impl Etcd {
                 None => match self.read_prefix(prefix).await {
                     Ok(read) => {
                         values = read.values;
-                        apply(&values);
+                        apply(&values, read.revision);
                         read.revision + 1
                     }
                     Err(e) => {
@@ -214,7 +215,7 @@ impl Etcd {
                             failures = 1;
                             break;
                         }
-                        let mut changed = false;
+                        let mut changed = None;
                         for ev in resp.events() {
                             let Some(kv) = ev.kv() else { continue };
                             let Some(rest) = kv.key().strip_prefix(full.as_bytes()) else { continue };
@@ -224,10 +225,10 @@ impl Etcd {
                                 EventType::Delete => values.remove(&rest),
                             };
                             next = Some(kv.mod_revision() + 1);
-                            changed = true;
+                            changed = Some(kv.mod_revision());
                         }
-                        if changed {
-                            apply(&values);
+                        if let Some(revision) = changed {
+                            apply(&values, revision);
                         }
                     }
                     Ok(None) => {

@@ -55,7 +55,7 @@ pub async fn start(
     let remote = Arc::new(watch::channel(live).0);
     registry.reconcile_replicated(&remote.borrow());
     let sender = remote.clone();
-    let mirror = tokio::spawn(etcd.clone().mirror(PREFIX, read.values, read.revision, move |values| {
+    let mirror = tokio::spawn(etcd.clone().mirror(PREFIX, read.values, read.revision, move |values, _| {
         sender.send_replace(decode_all(values));
     }));
     let follow = tokio::spawn(follow(registry.clone(), remote.subscribe()));

@@ -5,8 +5,9 @@
 //!
 //! An apply is validated by the replica that takes it, exactly as with the directory
 //! store: a bad resource is rejected alone with its file, line and field, and only the
-//! good ones are written. The replica puts them in force at once; the others (and the
-//! writer again, harmlessly) follow through the watch.
+//! good ones are written. Every replica, the writer included, puts them in force through
+//! its watch, in etcd's order; the writer answers once its watch has reached the write
+//! (read-your-writes), so `weft apply` then `weft get` agree.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -29,6 +30,8 @@ const TXN_OPS: usize = 100;
 #[derive(Clone)]
 pub struct SharedResources {
     etcd: Etcd,
+    /// The store revision this replica's resources reflect (its watch's progress).
+    seen: tokio::sync::watch::Receiver<i64>,
 }
 
 impl std::fmt::Debug for SharedResources {
@@ -55,12 +58,14 @@ impl SharedResources {
         let read = etcd.read_prefix(PREFIX).await.map_err(|e| format!("etcd: cannot read resources: {e}"))?;
         let mut cache = Cache::default();
         store.set_applied(cache.resources(&read.values));
-        store.share(SharedResources { etcd: etcd.clone() });
+        let (seen_tx, seen) = tokio::sync::watch::channel(read.revision);
+        store.share(SharedResources { etcd: etcd.clone(), seen });
         let weak = Arc::downgrade(store);
-        Ok(tokio::spawn(etcd.mirror(PREFIX, read.values, read.revision, move |values| {
+        Ok(tokio::spawn(etcd.mirror(PREFIX, read.values, read.revision, move |values, revision| {
             if let Some(store) = weak.upgrade() {
                 store.set_applied(cache.resources(values));
             }
+            seen_tx.send_replace(revision);
         })))
     }
 
@@ -83,10 +88,15 @@ impl SharedResources {
                 Err(e) => return refused(store, parsed.errors, source, &format!("cannot encode: {e}")),
             }
         }
-        if let Err(e) = self.write(ops).await {
-            return refused(store, std::mem::take(&mut parsed.errors), source, &e);
+        let revision = match self.write(ops).await {
+            Ok(r) => r,
+            Err(e) => return refused(store, std::mem::take(&mut parsed.errors), source, &e),
+        };
+        let accepted: Vec<ResourceKey> = parsed.resources.iter().map(Resource::key).collect();
+        if !self.caught_up(revision).await {
+            // The watch is behind (etcd slow to deliver): in force here now anyway.
+            store.apply_parsed(parsed.resources);
         }
-        let accepted = store.apply_parsed(parsed.resources);
         ChangeResult { accepted, errors: parsed.errors, version: store.snapshot_version() }
     }
 
@@ -99,22 +109,38 @@ impl SharedResources {
             .filter(|k| store.is_applied(k))
             .map(|k| TxnOp::delete(self.etcd.key(&format!("{PREFIX}{}", key_of(k))), None))
             .collect();
-        if let Err(e) = self.write(ops).await {
-            return refused(store, parsed.errors, source, &e);
-        }
+        let revision = match self.write(ops).await {
+            Ok(r) => r,
+            Err(e) => return refused(store, parsed.errors, source, &e),
+        };
+        self.caught_up(revision).await;
+        // File copies are hidden here (files are this replica's own); API copies are gone
+        // through the watch already (or now, if it lags).
         let accepted = store.delete_keys(&keys);
         ChangeResult { accepted, errors: parsed.errors, version: store.snapshot_version() }
     }
 
-    async fn write(&self, ops: Vec<TxnOp>) -> Result<(), String> {
+    /// Writes `ops` (in transactions of at most [`TXN_OPS`]); the revision of the last.
+    async fn write(&self, ops: Vec<TxnOp>) -> Result<i64, String> {
+        let mut revision = 0;
         let mut ops = ops.into_iter().peekable();
         while ops.peek().is_some() {
             let chunk: Vec<TxnOp> = ops.by_ref().take(TXN_OPS).collect();
-            super::txn_retried(&self.etcd, Txn::new().and_then(chunk))
+            let r = super::txn_retried(&self.etcd, Txn::new().and_then(chunk))
                 .await
                 .map_err(|e| format!("etcd: not stored: {e}"))?;
+            revision = r.header().map_or(revision, |h| h.revision());
         }
-        Ok(())
+        Ok(revision)
+    }
+
+    /// Waits (at most 5 s) until this replica's watch reflects `revision`; whether it did.
+    async fn caught_up(&self, revision: i64) -> bool {
+        let mut seen = self.seen.clone();
+        let reached = tokio::time::timeout(std::time::Duration::from_secs(5), seen.wait_for(|r| *r >= revision))
+            .await
+            .is_ok_and(|r| r.is_ok());
+        reached
     }
 }
 

@@ -86,7 +86,7 @@ async fn keep_in_line(
     let remote_dir = dir.clone();
     let remote_synced = synced.clone();
     let remote_authority = authority.clone();
-    let mirror = tokio::spawn(etcd.clone().mirror(PREFIX, values, revision, move |values| {
+    let mirror = tokio::spawn(etcd.clone().mirror(PREFIX, values, revision, move |values, _| {
         let mut synced = remote_synced.lock().unwrap_or_else(PoisonError::into_inner);
         let local = read_local(&remote_dir);
         let mut next = values.clone();
