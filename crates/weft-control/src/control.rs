@@ -94,13 +94,14 @@ impl ControlPlane {
             Some(e) => Some(crate::etcd::Etcd::connect(e).await?),
             None => None,
         };
-        let mut shared_tasks = Vec::new();
+        // Tasks started so far: aborted if the start fails half-way.
+        let mut shared_tasks = AbortOnError(Vec::new());
         let store = match &cfg.dir {
             Some(d) => ResourceStore::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
             None => ResourceStore::in_memory(),
         };
         if let Some(etcd) = &etcd {
-            shared_tasks.push(crate::etcd::resources::SharedResources::start(etcd.clone(), &store).await?);
+            shared_tasks.0.push(crate::etcd::resources::SharedResources::start(etcd.clone(), &store).await?);
         }
         let snap = store.snapshot();
         for e in &snap.errors {
@@ -130,7 +131,7 @@ impl ControlPlane {
             (Some(ic), Some(etcd)) => {
                 let (authority, task) =
                     crate::etcd::state::start(etcd.clone(), ic).await.map_err(|e| format!("identity: {e}"))?;
-                shared_tasks.push(task);
+                shared_tasks.0.push(task);
                 Some(authority)
             }
             (Some(ic), None) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
@@ -163,7 +164,8 @@ impl ControlPlane {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let mut tasks = shared_tasks;
+        let mut started = shared_tasks;
+        let tasks = &mut started.0;
         if cfg.dir.is_some() {
             tasks.push(store.watch());
         }
@@ -220,7 +222,7 @@ impl ControlPlane {
             identity,
             leader,
             stop,
-            tasks,
+            tasks: std::mem::take(tasks),
             persist,
         })
     }
@@ -233,6 +235,17 @@ impl ControlPlane {
         }
         self.stop.send_replace(true);
         for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Tasks aborted when dropped unless taken (a start that fails half-way leaves none).
+struct AbortOnError(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnError {
+    fn drop(&mut self) {
+        for t in &self.0 {
             t.abort();
         }
     }
