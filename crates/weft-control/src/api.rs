@@ -50,6 +50,8 @@ pub struct Api {
     pub stats: crate::meshstats::SharedStats,
     /// The admin credential requests must carry (`crate::api_auth`).
     pub auth: crate::api_auth::ApiAuth,
+    /// Whether this replica leads (CA rotation steps run on the leader only).
+    pub leader: crate::leader::Leadership,
 }
 
 /// Which endpoints a listener serves.
@@ -150,9 +152,9 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 return reply(status, v);
             }
             let r = if path.ends_with("apply") {
-                api.store.apply(text, Path::new(&source))
+                api.store.apply_shared(text, Path::new(&source)).await
             } else {
-                api.store.delete(text, Path::new(&source))
+                api.store.delete_shared(text, Path::new(&source)).await
             };
             let status =
                 if r.accepted.is_empty() && !r.errors.is_empty() { StatusCode::BAD_REQUEST } else { StatusCode::OK };
@@ -260,6 +262,13 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         (Method::POST, "/api/v1/ca/rotate") => {
             let step = param("step").unwrap_or_default();
+            if !api.leader.leads() {
+                // Replicas share one CA (etcd): only the leader changes it.
+                return reply(
+                    StatusCode::CONFLICT,
+                    json!({"error": "this replica is not the leader: send CA rotation steps to the leader (`weft control` logs \"leader elected\")"}),
+                );
+            }
             let (status, v) = crate::identity::rotate_root(api.identity.as_deref(), &step);
             reply(status, v)
         }
@@ -350,7 +359,8 @@ fn proxies(api: &Api) -> Value {
 }
 
 /// The workload registry: every workload with where it came from (`proxy`,
-/// `workloadEntry`, or `restored`: saved before a restart, awaiting its proxy).
+/// `workloadEntry`, `restored`: saved before a restart, awaiting its proxy, or `replica`:
+/// connected to another replica sharing the etcd store).
 fn registry(api: &Api) -> Value {
     use crate::registry::WorkloadSource;
     let snap = api.registry.snapshot();
@@ -361,6 +371,7 @@ fn registry(api: &Api) -> Value {
                 WorkloadSource::Proxy => "proxy",
                 WorkloadSource::WorkloadEntry(_) => "workloadEntry",
                 WorkloadSource::Restored => "restored",
+                WorkloadSource::Replica => "replica",
             };
             json!({
                 "id": w.id, "name": w.name, "namespace": w.namespace, "labels": w.labels,

@@ -77,9 +77,6 @@ pub struct ControlPlane {
     pub slo: Arc<crate::slo::SloEngine>,
     /// Rollouts and staged changes (state in `--data-dir`'s `rollouts.json`).
     pub rollouts: Arc<crate::rollout::RolloutController>,
-    /// Whether this control plane leads (singleton work runs only then); always true
-    /// with the directory store.
-    pub leader: watch::Sender<bool>,
     /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
     pub stats: crate::meshstats::SharedStats,
     /// The gatherer behind `stats` (scrape rounds, for tests and tools); idle when the
@@ -88,6 +85,9 @@ pub struct ControlPlane {
     /// The JSON API's admin token and its file, when identity is enabled (else the API
     /// is open).
     pub admin_token: Option<(String, PathBuf)>,
+    /// Whether this replica leads (always with the directory store; elected through
+    /// etcd with `--store etcd://`): singleton work runs only on the leader.
+    pub leader: crate::leader::Leadership,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -95,8 +95,25 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Binds both servers and starts everything.
+    /// Binds both servers and starts everything, on the directory store.
     pub async fn start(cfg: ControlConfig) -> Result<ControlPlane, String> {
+        Self::start_with(cfg, None).await
+    }
+
+    /// [`ControlPlane::start`] as one of several replicas sharing `etcd` (`--store
+    /// etcd://`): resources applied through the API, proxies' registrations, the CA and
+    /// token state live there; every replica serves every proxy; one leads.
+    pub async fn start_replica(cfg: ControlConfig, etcd: crate::etcd::EtcdConfig) -> Result<ControlPlane, String> {
+        Self::start_with(cfg, Some(etcd)).await
+    }
+
+    async fn start_with(cfg: ControlConfig, etcd: Option<crate::etcd::EtcdConfig>) -> Result<ControlPlane, String> {
+        let etcd = match &etcd {
+            Some(e) => Some(crate::etcd::Etcd::connect(e).await?),
+            None => None,
+        };
+        // Tasks started so far: aborted if the start fails half-way.
+        let mut shared_tasks = AbortOnError(Vec::new());
         let prometheus: Option<crate::meshstats::SharedStats> = match &cfg.stats.prometheus {
             Some(url) => Some(Arc::new(crate::meshstats::prom::PromStats::new(url, cfg.stats.timeout)?)),
             None => None,
@@ -105,6 +122,9 @@ impl ControlPlane {
             Some(d) => ResourceStore::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
             None => ResourceStore::in_memory(),
         };
+        if let Some(etcd) = &etcd {
+            shared_tasks.0.push(crate::etcd::resources::SharedResources::start(etcd.clone(), &store).await?);
+        }
         let snap = store.snapshot();
         for e in &snap.errors {
             tracing::warn!("{e}");
@@ -112,7 +132,9 @@ impl ControlPlane {
         info!(resources = snap.resources.len(), errors = snap.errors.len(), "store loaded");
         let registry = Registry::new();
         let mut follow = FollowConfig::default();
-        if let Some(p) = &cfg.registry {
+        // With etcd the registrations live there (under the replicas' leases), not in a file.
+        let persisted = cfg.registry.as_ref().filter(|_| etcd.is_none());
+        if let Some(p) = persisted {
             match registry.restore(&p.path) {
                 Ok(n) => {
                     info!(workloads = n, grace = ?p.reconnect_grace, "registry restored; awaiting reconnects")
@@ -121,10 +143,21 @@ impl ControlPlane {
             }
             follow.restored_grace = p.reconnect_grace;
         }
+        if etcd.is_some() {
+            // Registrations restored from etcd after a full outage wait this long.
+            follow.restored_grace =
+                cfg.registry.as_ref().map_or(crate::registry::DEFAULT_RECONNECT_GRACE, |p| p.reconnect_grace);
+        }
         let source = MeshXdsSource::new(store.clone(), registry.clone(), cfg.mode, cfg.mesh.clone());
-        let identity = match &cfg.identity {
-            Some(ic) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
-            None => None,
+        let identity = match (&cfg.identity, &etcd) {
+            (Some(ic), Some(etcd)) => {
+                let (authority, task) =
+                    crate::etcd::state::start(etcd.clone(), ic).await.map_err(|e| format!("identity: {e}"))?;
+                shared_tasks.0.push(task);
+                Some(authority)
+            }
+            (Some(ic), None) => Some(ic.start().map_err(|e| format!("identity: {e}"))?),
+            (None, _) => None,
         };
         let secrets = match (&identity, &cfg.identity) {
             (Some(authority), Some(ic)) => Some(SecretSource::new(source.clone(), authority.clone(), ic.cert_ttl)),
@@ -177,12 +210,24 @@ impl ControlPlane {
                 let _ = rx.wait_for(|s| *s).await;
             }
         };
-        let mut tasks = Vec::new();
+        let mut started = shared_tasks;
+        let tasks = &mut started.0;
         if cfg.dir.is_some() {
             tasks.push(store.watch());
         }
+        let leader = match &etcd {
+            Some(etcd) => {
+                let (tx, rx) = watch::channel(false);
+                let name = format!("pid {} api {api_addr} xds {xds_addr}", std::process::id());
+                tasks.push(crate::etcd::leader::start(etcd.clone(), name, tx));
+                // Before following the xDS server: restored registrations get their grace.
+                tasks.extend(crate::etcd::registry::start(etcd.clone(), &registry, rx.clone()).await?);
+                crate::leader::Leadership::following(rx)
+            }
+            None => crate::leader::Leadership::always(),
+        };
         tasks.push(registry.follow_with(&server, follow));
-        let persist = cfg.registry.as_ref().map(|p| registry.persist(p.path.clone()));
+        let persist = persisted.map(|p| registry.persist(p.path.clone()));
         tasks.push(tokio::spawn(evict_unused_translations(server.clone(), Arc::downgrade(&source))));
         let srv = server.clone();
         let xds_stop = stopped(&stop_rx);
@@ -212,8 +257,7 @@ impl ControlPlane {
         let rollouts =
             crate::rollout::RolloutController::new(store.clone(), stats.clone(), rollout_state, &cfg.mesh.domain);
         source.set_staging(rollouts.staging.clone());
-        let (leader, leader_rx) = watch::channel(true);
-        tasks.push(rollouts.spawn(leader_rx));
+        tasks.push(rollouts.spawn(leader.is_leader()));
         if let (Some((sock, config)), Some(authority)) = (xds_tls, &identity) {
             let srv = server.clone();
             let routes = tonic::service::Routes::new(authority.service());
@@ -256,6 +300,7 @@ impl ControlPlane {
             slo: slo.clone(),
             rollouts: rollouts.clone(),
             stats: stats.clone(),
+            leader: leader.clone(),
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
@@ -281,7 +326,7 @@ impl ControlPlane {
             gatherer,
             admin_token,
             stop,
-            tasks,
+            tasks: std::mem::take(tasks),
             persist,
         })
     }
@@ -294,6 +339,17 @@ impl ControlPlane {
         }
         self.stop.send_replace(true);
         for t in self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Tasks aborted when dropped unless taken (a start that fails half-way leaves none).
+struct AbortOnError(Vec<JoinHandle<()>>);
+
+impl Drop for AbortOnError {
+    fn drop(&mut self) {
+        for t in &self.0 {
             t.abort();
         }
     }

@@ -66,6 +66,9 @@ pub enum WorkloadSource {
     /// Registered by its proxy before the control plane restarted, restored from the
     /// data directory and awaiting the proxy's reconnect (it stays an endpoint meanwhile).
     Restored,
+    /// Registered by its proxy through another replica sharing the etcd store
+    /// (`weft control --store etcd://`); it goes when that replica's lease does.
+    Replica,
 }
 
 /// Settings of [`Registry::follow_with`].
@@ -159,6 +162,35 @@ impl Registry {
     /// The snapshot version, bumped on every change.
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.inner.changes.subscribe()
+    }
+
+    /// Makes the [`WorkloadSource::Replica`] workloads those of `remote` (the
+    /// registrations other replicas keep in etcd), except ids registered here in another
+    /// way (a proxy connected to this replica, a WorkloadEntry): those win.
+    pub fn reconcile_replicated(&self, remote: &BTreeMap<String, Workload>) {
+        self.inner.modify(|map| {
+            let stale: Vec<String> = map
+                .iter()
+                .filter(|(id, w)| w.source == WorkloadSource::Replica && !remote.contains_key(*id))
+                .map(|(id, _)| id.clone())
+                .collect();
+            let mut changed = !stale.is_empty();
+            for id in stale {
+                map.remove(&id);
+            }
+            for (id, w) in remote {
+                match map.get(id) {
+                    Some(cur) if cur.source != WorkloadSource::Replica || cur == w => {}
+                    _ => {
+                        let mut w = w.clone();
+                        w.source = WorkloadSource::Replica;
+                        map.insert(id.clone(), w);
+                        changed = true;
+                    }
+                }
+            }
+            changed
+        });
     }
 }
 
@@ -401,6 +433,7 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 }
 
 mod persist;
+pub(crate) use persist::{decode_workload, encode_workload};
 pub use persist::{PersistConfig, DEFAULT_RECONNECT_GRACE, REGISTRY_FILE};
 
 #[cfg(test)]

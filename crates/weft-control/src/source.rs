@@ -273,7 +273,9 @@ impl MeshXdsSource {
             let mut by_name = BTreeMap::new();
             for any in anys {
                 if let Ok(name) = weft_xds::resource_name(type_url, &any) {
-                    by_name.insert(name, any);
+                    // Map entries sorted: the same translation gives the same bytes and
+                    // version in every replica and every time (nothing re-pushed).
+                    by_name.insert(name, weft_xds::canon::canonical(&any));
                 }
             }
             let digest: String = by_name.iter().map(|(n, a)| format!("{n}={};", content_version(a))).collect();

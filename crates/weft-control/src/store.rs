@@ -66,12 +66,19 @@ pub struct ResourceStore {
     dir: Option<PathBuf>,
     state: RwLock<State>,
     changes: watch::Sender<u64>,
+    /// The shared store API changes go through when replicas share etcd (`--store`).
+    shared: std::sync::OnceLock<crate::etcd::resources::SharedResources>,
 }
 
 impl ResourceStore {
     /// An empty store without a directory (API only).
     pub fn in_memory() -> Arc<ResourceStore> {
-        Arc::new(ResourceStore { dir: None, state: RwLock::new(State::default()), changes: watch::channel(0).0 })
+        Arc::new(ResourceStore {
+            dir: None,
+            state: RwLock::new(State::default()),
+            changes: watch::channel(0).0,
+            shared: std::sync::OnceLock::new(),
+        })
     }
 
     /// A store over `dir`, loaded once now.
@@ -86,6 +93,7 @@ impl ResourceStore {
             dir: Some(dir.to_path_buf()),
             state: RwLock::new(State::default()),
             changes: watch::channel(0).0,
+            shared: std::sync::OnceLock::new(),
         });
         store.rescan();
         Ok(store)
@@ -206,9 +214,46 @@ impl ResourceStore {
     /// when others in the text are rejected.
     pub fn apply(&self, text: &str, source: &Path) -> ChangeResult {
         let parsed = weft_api::parse_str(text, source);
+        let accepted = self.apply_parsed(parsed.resources);
+        ChangeResult { accepted, errors: parsed.errors, version: self.snapshot_version() }
+    }
+
+    /// Deletes the resources named in `text` (only kind, namespace and name are read).
+    pub fn delete(&self, text: &str, source: &Path) -> ChangeResult {
+        let parsed = weft_api::parse_str(text, source);
+        let keys: Vec<ResourceKey> = parsed.resources.iter().map(Resource::key).collect();
+        let accepted = self.delete_keys(&keys);
+        ChangeResult { accepted, errors: parsed.errors, version: self.snapshot_version() }
+    }
+
+    /// [`ResourceStore::apply`], through the shared store (etcd) when replicas share one:
+    /// validated here, written there, and in force here at once (the others follow
+    /// through their watch).
+    pub async fn apply_shared(&self, text: &str, source: &Path) -> ChangeResult {
+        match self.shared.get() {
+            Some(shared) => shared.apply(self, text, source).await,
+            None => self.apply(text, source),
+        }
+    }
+
+    /// [`ResourceStore::delete`], through the shared store when there is one.
+    pub async fn delete_shared(&self, text: &str, source: &Path) -> ChangeResult {
+        match self.shared.get() {
+            Some(shared) => shared.delete(self, text, source).await,
+            None => self.delete(text, source),
+        }
+    }
+
+    /// Makes API changes go through `shared` from now on (once; false if already set).
+    pub(crate) fn share(&self, shared: crate::etcd::resources::SharedResources) -> bool {
+        self.shared.set(shared).is_ok()
+    }
+
+    /// Puts validated resources in force as API-applied ones; their keys.
+    pub(crate) fn apply_parsed(&self, resources: Vec<Resource>) -> Vec<ResourceKey> {
         let mut st = self.write();
         let mut accepted = Vec::new();
-        for r in parsed.resources {
+        for r in resources {
             let key = r.key();
             st.deleted.remove(&key);
             st.applied.insert(key.clone(), r);
@@ -217,29 +262,47 @@ impl ResourceStore {
         if !accepted.is_empty() {
             self.bump(&mut st);
         }
-        ChangeResult { accepted, errors: parsed.errors, version: st.version }
+        accepted
     }
 
-    /// Deletes the resources named in `text` (only kind, namespace and name are read).
-    pub fn delete(&self, text: &str, source: &Path) -> ChangeResult {
-        let parsed = weft_api::parse_str(text, source);
+    /// Removes API-applied resources and hides file copies of `keys`; the keys that
+    /// existed.
+    pub(crate) fn delete_keys(&self, keys: &[ResourceKey]) -> Vec<ResourceKey> {
         let mut st = self.write();
         let mut accepted = Vec::new();
-        for r in parsed.resources {
-            let key = r.key();
-            let in_files = st.files.values().any(|f| f.resources.contains_key(&key));
-            let was_applied = st.applied.remove(&key).is_some();
+        for key in keys {
+            let in_files = st.files.values().any(|f| f.resources.contains_key(key));
+            let was_applied = st.applied.remove(key).is_some();
             if in_files {
                 st.deleted.insert(key.clone());
             }
             if in_files || was_applied {
-                accepted.push(key);
+                accepted.push(key.clone());
             }
         }
         if !accepted.is_empty() {
             self.bump(&mut st);
         }
-        ChangeResult { accepted, errors: parsed.errors, version: st.version }
+        accepted
+    }
+
+    /// Whether `key` is applied through the API (or the shared store).
+    pub(crate) fn is_applied(&self, key: &ResourceKey) -> bool {
+        self.read().applied.contains_key(key)
+    }
+
+    /// Replaces the API-applied resources with `next` (the shared store's content, as
+    /// its watch sees it); bumps the version only when something changed.
+    pub(crate) fn set_applied(&self, next: BTreeMap<ResourceKey, Resource>) -> bool {
+        let mut st = self.write();
+        let unchanged = st.applied.len() == next.len()
+            && st.applied.iter().zip(next.iter()).all(|((ka, a), (kb, b))| ka == kb && same(a, b));
+        if unchanged {
+            return false;
+        }
+        st.applied = next;
+        self.bump(&mut st);
+        true
     }
 }
 

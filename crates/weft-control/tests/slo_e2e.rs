@@ -106,6 +106,8 @@ async fn a_failing_ratings_burns_its_slos_and_the_page_reaches_the_webhook() {
     std::fs::write(dir.path().join("mesh.yaml"), resources).unwrap();
     let mut identity = IdentityConfig::new(data.path());
     identity.cert_ttl = Duration::from_secs(3600);
+    // The test reads `/api/v1/slos` without the admin token (`--api-read-anonymous`).
+    identity.api.read_anonymous = true;
     let cp = ControlPlane::start(ControlConfig {
         dir: Some(dir.path().to_path_buf()),
         xds: "127.0.0.1:0".parse().unwrap(),

@@ -201,6 +201,33 @@ impl Ca {
         }
     }
 
+    /// Re-reads a self-signed CA's files (another replica sharing the store rotated the
+    /// root and its files were written here): the state is replaced and the trust bundle
+    /// change announced when the roots differ. Nothing to do for plug-in and ephemeral
+    /// CAs; an error (the state kept) when the files do not load.
+    pub fn reload(&self) -> Result<bool, IdentityError> {
+        let dir = match &self.source {
+            CaSource::SelfSigned(d) if !d.as_os_str().is_empty() => d.clone(),
+            _ => return Ok(false),
+        };
+        if read_optional(&dir.join("root-cert.pem"), "cannot read CA root")?.is_none() {
+            return Ok(false);
+        }
+        let loaded = Ca::load_or_create(&dir, &self.trust_domain)?;
+        let fresh = loaded.state();
+        let current = self.state();
+        let same = current.signer.root == fresh.signer.root
+            && current.next.as_ref().map(|n| &n.root) == fresh.next.as_ref().map(|n| &n.root)
+            && current.previous == fresh.previous;
+        if same {
+            return Ok(false);
+        }
+        *self.state.write().unwrap_or_else(PoisonError::into_inner) = fresh;
+        self.changes.send_modify(|v| *v += 1);
+        info!(root = %fingerprint(&self.state().signer.root), "CA reloaded from its files");
+        Ok(true)
+    }
+
     /// The trust domain this CA issues identities in.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain

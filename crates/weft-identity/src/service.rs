@@ -308,26 +308,53 @@ impl tonic::server::UnaryService<IstioCertificateRequest> for Create {
 /// Client of the certificate service.
 #[derive(Clone)]
 pub struct CertificateClient {
-    grpc: tonic::client::Grpc<Channel>,
+    grpcs: Vec<tonic::client::Grpc<Channel>>,
+    next: usize,
 }
 
 impl CertificateClient {
     /// A client on `channel`.
     pub fn new(channel: Channel) -> Self {
-        CertificateClient { grpc: tonic::client::Grpc::new(channel) }
+        CertificateClient::over(vec![channel])
     }
 
     /// A client of `endpoint` (`http://host:port`) that connects on first use and
-    /// reconnects as needed.
+    /// reconnects as needed. Several control-plane replicas separated by commas: each
+    /// request goes to one that is reachable (a balanced channel over all of them).
     pub fn connect_lazy(endpoint: &str) -> Result<Self, IdentityError> {
-        Ok(CertificateClient::new(Self::endpoint(endpoint)?.connect_lazy()))
+        let channels = Self::split(endpoint)?.into_iter().map(|one| Ok(Self::endpoint(&one)?.connect_lazy()));
+        Ok(CertificateClient::over(channels.collect::<Result<Vec<_>, IdentityError>>()?))
     }
 
-    /// A client of `endpoint` (`https://host:port`) over TLS with `config` (the server
-    /// verified as it says; a client certificate if it has one), connected on first use.
+    /// A client of `endpoint` (`https://host:port`, several separated by commas) over TLS
+    /// with `config` (the server verified as it says; a client certificate if it has
+    /// one), connected on first use.
     pub fn connect_lazy_tls(endpoint: &str, config: rustls::ClientConfig) -> Result<Self, IdentityError> {
-        let ep = Self::endpoint(&crate::channel::plain_uri(endpoint))?;
-        Ok(CertificateClient::new(crate::channel::tls_channel_lazy(ep, config)))
+        let mut channels = Vec::new();
+        for one in Self::split(endpoint)? {
+            let ep = Self::endpoint(&crate::channel::plain_uri(&one))?;
+            channels.push(crate::channel::tls_channel_lazy(ep, config.clone()));
+        }
+        Ok(CertificateClient::over(channels))
+    }
+
+    /// The addresses of a comma-separated list; an error when there is none.
+    fn split(endpoint: &str) -> Result<Vec<String>, IdentityError> {
+        let all: Vec<String> =
+            endpoint.split(',').map(str::trim).filter(|e| !e.is_empty()).map(str::to_string).collect();
+        if all.is_empty() {
+            return Err(IdentityError::Service {
+                code: tonic::Code::InvalidArgument,
+                message: format!("endpoint {endpoint:?}: no address"),
+            });
+        }
+        Ok(all)
+    }
+
+    /// A client trying `channels` in turn: a request that cannot reach one (Unavailable)
+    /// goes to the next, and the one that answered is asked first next time.
+    fn over(channels: Vec<Channel>) -> Self {
+        CertificateClient { grpcs: channels.into_iter().map(tonic::client::Grpc::new).collect(), next: 0 }
     }
 
     fn endpoint(endpoint: &str) -> Result<Endpoint, IdentityError> {
@@ -364,21 +391,40 @@ impl CertificateClient {
             validity_duration: ttl.map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)).unwrap_or(0),
             metadata: None,
         };
-        let mut request = Request::new(msg);
-        if let Some(credential) = credential {
-            let bearer = format!("Bearer {}", credential.token()).parse().map_err(|_| {
+        let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = match credential {
+            Some(credential) => Some(format!("Bearer {}", credential.token()).parse().map_err(|_| {
                 IdentityError::TokenMalformed("the credential holds characters not allowed in metadata".into())
-            })?;
-            request.metadata_mut().insert("authorization", bearer);
-        }
+            })?),
+            None => None,
+        };
         let status = |s: Status| IdentityError::Service { code: s.code(), message: s.message().to_string() };
-        self.grpc
-            .ready()
-            .await
-            .map_err(|e| IdentityError::Service { code: tonic::Code::Unavailable, message: e.to_string() })?;
-        let path = http::uri::PathAndQuery::from_static(CREATE_CERTIFICATE_PATH);
-        let reply: Response<IstioCertificateResponse> =
-            self.grpc.unary(request, path, tonic_prost::ProstCodec::default()).await.map_err(status)?;
+        let n = self.grpcs.len().max(1);
+        let mut last = IdentityError::Service { code: tonic::Code::Unavailable, message: "no address".into() };
+        let mut reply = None;
+        for i in 0..n {
+            let idx = (self.next + i) % n;
+            let Some(grpc) = self.grpcs.get_mut(idx) else { break };
+            let mut request = Request::new(msg.clone());
+            if let Some(b) = &bearer {
+                request.metadata_mut().insert("authorization", b.clone());
+            }
+            if let Err(e) = grpc.ready().await {
+                last = IdentityError::Service { code: tonic::Code::Unavailable, message: e.to_string() };
+                continue;
+            }
+            let path = http::uri::PathAndQuery::from_static(CREATE_CERTIFICATE_PATH);
+            match grpc.unary(request, path, tonic_prost::ProstCodec::default()).await {
+                Ok(r) => {
+                    self.next = idx;
+                    reply = Some(r);
+                    break;
+                }
+                // Unreachable replica: try the next one.
+                Err(s) if s.code() == tonic::Code::Unavailable => last = status(s),
+                Err(s) => return Err(status(s)),
+            }
+        }
+        let Some(reply): Option<Response<IstioCertificateResponse>> = reply else { return Err(last) };
         let chain = reply.into_inner().cert_chain;
         if chain.is_empty() {
             return Err(IdentityError::Certificate("the certificate service answered an empty chain".into()));

@@ -81,7 +81,10 @@ fn default_trust_domain() -> String {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct XdsSettings {
-    /// `http://host:port` of the ADS server.
+    /// `http://host:port` of the ADS server; several control-plane replicas as a list
+    /// (or one string separated by commas), kept here comma-separated: the client starts
+    /// at a random one and fails over to the next (`weft_xds::ClientConfig::addresses`).
+    #[serde(deserialize_with = "one_or_many")]
     pub address: String,
     /// `sotw` (default) or `delta`.
     #[serde(default)]
@@ -91,6 +94,21 @@ pub struct XdsSettings {
     /// true in delta mode (announced to the control plane as `WEFT_ON_DEMAND`).
     #[serde(default)]
     pub on_demand: Option<bool>,
+}
+
+/// A string, or a list of strings joined with commas.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => Ok(s),
+        OneOrMany::Many(list) if list.is_empty() => Err(serde::de::Error::custom("address: the list is empty")),
+        OneOrMany::Many(list) => Ok(list.join(",")),
+    }
 }
 
 impl XdsSettings {

@@ -7,6 +7,7 @@
 
 pub mod echo;
 pub mod envoy;
+pub mod etcd;
 pub mod http;
 pub mod jwt;
 pub mod net;

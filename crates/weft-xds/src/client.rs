@@ -78,13 +78,18 @@ pub struct Backoff {
     pub max: Duration,
 }
 
+/// How long a stream must stay open to count as healthy (the backoff restarts from its
+/// first step after it ends) when no response came on it.
+const HEALTHY_AFTER: Duration = Duration::from_secs(1);
+
 /// Largest reconnect delay of [`Backoff::default`].
 pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3);
 
 /// Settings of an [`AdsClient`].
 #[derive(Clone, Debug)]
 pub struct ClientConfig {
-    /// Control-plane URL, e.g. `http://127.0.0.1:15010`.
+    /// Control-plane URL, e.g. `http://127.0.0.1:15010`; several replicas separated by
+    /// commas (`http://a:15010,http://b:15010`): see [`ClientConfig::addresses`].
     pub address: String,
     /// Identity announced in the `Node` of the first request of each stream.
     pub node: NodeInfo,
@@ -115,6 +120,8 @@ pub struct ClientStatus {
     pub last_update: Option<SystemTime>,
     /// While disconnected: the delay drawn before the next connection attempt.
     pub next_retry: Option<Duration>,
+    /// The control-plane address of the current (or last) stream.
+    pub server: String,
 }
 
 /// How a client reaches its control plane when plain HTTP/2 is not enough: a TLS
@@ -177,6 +184,17 @@ impl Backoff {
     }
 }
 
+impl ClientConfig {
+    /// The control-plane replicas to use, in order: `address` split at commas. The client
+    /// starts at a random one (a fleet spreads over the replicas) and moves to the next
+    /// whenever a stream ends or a connection fails, after the jittered backoff; the
+    /// first retry after a healthy stream waits at most [`Backoff::initial`], so a proxy
+    /// whose replica died is on another one within that (plus a connect).
+    pub fn addresses(&self) -> Vec<String> {
+        self.address.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_string).collect()
+    }
+}
+
 impl AdsClient {
     /// A client that will feed `handler`. Nothing happens until [`AdsClient::run`].
     pub fn new(config: ClientConfig, handler: Arc<dyn ResourceHandler>) -> Self {
@@ -212,13 +230,24 @@ impl AdsClient {
         tokio::pin!(shutdown);
         let mut memory = Memory::default();
         let mut attempt: u32 = 0;
+        let addresses = self.config.addresses();
+        let mut current = if addresses.len() > 1 { rand::rng().random_range(0..addresses.len()) } else { 0 };
         loop {
+            let address = addresses.get(current).cloned().unwrap_or_else(|| self.config.address.clone());
+            self.status.send_if_modified(|s| {
+                let changed = s.server != address;
+                s.server.clone_from(&address);
+                changed
+            });
             let end = tokio::select! {
                 () = &mut shutdown => break,
-                end = self.stream_once(&mut memory) => end,
+                end = self.stream_once(&address, &mut memory) => end,
             };
             if end.healthy {
                 attempt = 0;
+            }
+            if !addresses.is_empty() {
+                current = (current + 1) % addresses.len();
             }
             let delay = self.config.backoff.delay(attempt);
             attempt = attempt.saturating_add(1);
@@ -226,7 +255,7 @@ impl AdsClient {
                 s.connected = false;
                 s.next_retry = Some(delay);
             });
-            tracing::warn!(address = %self.config.address, error = %end.error, ?delay, "xDS stream ended; reconnecting");
+            tracing::warn!(%address, error = %end.error, ?delay, next = ?addresses.get(current), "xDS stream ended; reconnecting");
             tokio::select! {
                 () = &mut shutdown => break,
                 () = tokio::time::sleep(delay) => {}
@@ -235,9 +264,9 @@ impl AdsClient {
         self.status.send_modify(|s| s.connected = false);
     }
 
-    async fn stream_once(&self, memory: &mut Memory) -> StreamEnd {
+    async fn stream_once(&self, address: &str, memory: &mut Memory) -> StreamEnd {
         let mut healthy = false;
-        let result = match self.connect().await {
+        let result = match self.connect(address).await {
             Ok(client) => match self.config.mode {
                 XdsMode::Sotw => sotw::run_stream(self, client, memory, &mut healthy).await,
                 XdsMode::Delta => delta::run_stream(self, client, memory, &mut healthy).await,
@@ -253,13 +282,15 @@ impl AdsClient {
         }
     }
 
-    async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<Channel>, String> {
-        let address = match (&self.transport, self.config.address.strip_prefix("https://")) {
+    async fn connect(&self, address: &str) -> Result<AggregatedDiscoveryServiceClient<Channel>, String> {
+        // With a TLS transport, `https://host:port` is dialled as `http://` by the
+        // transport's own TLS connector.
+        let target = match (&self.transport, address.strip_prefix("https://")) {
             (Some(_), Some(rest)) => format!("http://{rest}"),
-            _ => self.config.address.clone(),
+            _ => address.to_string(),
         };
-        let endpoint = Endpoint::from_shared(address)
-            .map_err(|e| format!("invalid xDS address {:?}: {e}", self.config.address))?
+        let endpoint = Endpoint::from_shared(target)
+            .map_err(|e| format!("invalid xDS address {address:?}: {e}"))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
@@ -267,7 +298,7 @@ impl AdsClient {
             Some(t) => t.connect(endpoint).await,
             None => endpoint.connect().await.map_err(|e| e.to_string()),
         }
-        .map_err(|e| format!("connect to {}: {e}", self.config.address))?;
+        .map_err(|e| format!("connect to {address}: {e}"))?;
         Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
     }
 

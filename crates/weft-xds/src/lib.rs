@@ -34,6 +34,7 @@
 #![forbid(unsafe_code)]
 
 pub mod build;
+pub mod canon;
 pub mod client;
 pub mod domains;
 pub mod error;

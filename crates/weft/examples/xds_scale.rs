@@ -5,6 +5,12 @@
 //!
 //! `cargo run --release -p weft --example xds_scale -- 1000` (builds `weft` first:
 //! `cargo build --release -p weft`). Prints one JSON line per run.
+//!
+//! `-- 10000 --replicas 3`: a 3-member etcd cluster on loopback (`etcd` from `PATH` or
+//! `.tools/bin`) and 3 `weft control --store etcd://` replicas; every simulated proxy
+//! knows all three and starts at a random one, the change is applied through the first;
+//! RSS is reported per replica with the proxies each one serves. `WEFT_BIN` overrides the
+//! `weft` binary (a debug build for a trial run).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -70,31 +76,52 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let n: usize = std::env::args().nth(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let weft = root.join("target/release/weft");
-    anyhow::ensure!(weft.is_file(), "build it first: cargo build --release -p weft");
-    let bookinfo = root.join("samples/bookinfo");
-    let dir = tempfile::tempdir()?;
-    for f in [
-        "platform/kube/bookinfo.yaml",
-        "networking/destination-rule-all.yaml",
-        "networking/virtual-service-all-v1.yaml",
-    ] {
-        let src: PathBuf = bookinfo.join(f);
-        std::fs::copy(&src, dir.path().join(src.file_name().unwrap_or_default()))?;
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Starts a 3-member etcd cluster; its `--store` URL and processes.
+fn start_etcd(root: &Path, data: &Path) -> anyhow::Result<(String, Vec<tokio::process::Child>)> {
+    let etcd = std::env::var_os("PATH")
+        .and_then(|p| std::env::split_paths(&p).map(|d| d.join("etcd")).find(|p| p.is_file()))
+        .unwrap_or_else(|| root.join(".tools/bin/etcd"));
+    let addrs: Vec<(u16, u16)> = (0..3).map(|_| Ok((free_port()?, free_port()?))).collect::<anyhow::Result<_>>()?;
+    let initial: Vec<String> =
+        addrs.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://127.0.0.1:{p}")).collect();
+    let mut children = Vec::new();
+    for (i, (c, p)) in addrs.iter().enumerate() {
+        children.push(
+            tokio::process::Command::new(&etcd)
+                .args(["--name", &format!("m{i}"), "--data-dir"])
+                .arg(data.join(format!("m{i}")))
+                .args(["--listen-client-urls", &format!("http://127.0.0.1:{c}")])
+                .args(["--advertise-client-urls", &format!("http://127.0.0.1:{c}")])
+                .args(["--listen-peer-urls", &format!("http://127.0.0.1:{p}")])
+                .args(["--initial-advertise-peer-urls", &format!("http://127.0.0.1:{p}")])
+                .args(["--initial-cluster", &initial.join(","), "--initial-cluster-state", "new"])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .kill_on_drop(true)
+                .spawn()?,
+        );
     }
-    let mut control = tokio::process::Command::new(&weft)
-        .args(["control", "--dir"])
-        .arg(dir.path())
-        .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()?;
-    let pid = control.id().unwrap_or(0);
+    let store = format!("etcd://{}", addrs.iter().map(|(c, _)| format!("127.0.0.1:{c}")).collect::<Vec<_>>().join(","));
+    Ok((store, children))
+}
+
+/// Starts `weft control` on `dir` (and `store`); its process, xDS and API addresses.
+async fn start_control(
+    weft: &Path,
+    dir: &Path,
+    store: Option<&str>,
+) -> anyhow::Result<(tokio::process::Child, String, String)> {
+    let mut cmd = tokio::process::Command::new(weft);
+    cmd.args(["control", "--dir"]).arg(dir).args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+    if let Some(s) = store {
+        cmd.args(["--store", s]);
+    }
+    let mut control =
+        cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).kill_on_drop(true).spawn()?;
     use tokio::io::AsyncBufReadExt;
     let mut lines =
         tokio::io::BufReader::new(control.stdout.take().ok_or_else(|| anyhow::anyhow!("no stdout"))?).lines();
@@ -106,11 +133,53 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("{line}"))?
         .to_string();
     let api = line.split("API on ").nth(1).ok_or_else(|| anyhow::anyhow!("{line}"))?.trim().to_string();
-    let rss_idle = rss_kib(pid);
+    Ok((control, xds, api))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
+    let replicas: usize = match args.iter().position(|a| a == "--replicas") {
+        Some(i) => args.get(i + 1).map(|s| s.parse()).transpose()?.unwrap_or(1),
+        None => 1,
+    };
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let weft = std::env::var_os("WEFT_BIN").map(PathBuf::from).unwrap_or_else(|| root.join("target/release/weft"));
+    anyhow::ensure!(weft.is_file(), "build it first: cargo build --release -p weft");
+    let bookinfo = root.join("samples/bookinfo");
+    let dir = tempfile::tempdir()?;
+    for f in [
+        "platform/kube/bookinfo.yaml",
+        "networking/destination-rule-all.yaml",
+        "networking/virtual-service-all-v1.yaml",
+    ] {
+        let src: PathBuf = bookinfo.join(f);
+        std::fs::copy(&src, dir.path().join(src.file_name().unwrap_or_default()))?;
+    }
+    let etcd_dir = tempfile::tempdir()?;
+    let (store, _etcd) = if replicas > 1 {
+        let (store, children) = start_etcd(&root, etcd_dir.path())?;
+        (Some(store), children)
+    } else {
+        (None, Vec::new())
+    };
+    let mut controls = Vec::new();
+    for _ in 0..replicas {
+        // The first replica waits for the new etcd cluster (its connect retries 10 s).
+        controls.push(start_control(&weft, dir.path(), store.as_deref()).await?);
+    }
+    let pids: Vec<u32> = controls.iter().map(|(c, _, _)| c.id().unwrap_or(0)).collect();
+    let pid = pids[0];
+    let api = controls[0].2.clone();
+    let xds = controls.iter().map(|(_, x, _)| format!("http://{x}")).collect::<Vec<_>>().join(",");
+    let rss_idle_all: Vec<u64> = pids.iter().map(|p| rss_kib(*p)).collect();
+    let rss_idle = rss_idle_all[0];
 
     let changed_at = Arc::new(Mutex::new(None));
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let synced = Arc::new(AtomicUsize::new(0));
+    let mut statuses = Vec::with_capacity(n);
     let started = Instant::now();
     for i in 0..n {
         let node = NodeInfo {
@@ -127,9 +196,10 @@ async fn main() -> anyhow::Result<()> {
             seen_initial: Mutex::new(false),
         });
         let client = AdsClient::new(
-            ClientConfig { address: format!("http://{xds}"), node, mode: XdsMode::Sotw, backoff: Backoff::default() },
+            ClientConfig { address: xds.clone(), node, mode: XdsMode::Sotw, backoff: Backoff::default() },
             handler,
         );
+        statuses.push(client.status());
         tokio::spawn(client.run(std::future::pending()));
         if i % 200 == 199 {
             tokio::task::yield_now().await;
@@ -145,6 +215,20 @@ async fn main() -> anyhow::Result<()> {
     }
     let initial_sync = started.elapsed();
     let rss_connected = rss_kib(pid);
+    let per_replica: Vec<serde_json::Value> = controls
+        .iter()
+        .zip(&pids)
+        .zip(&rss_idle_all)
+        .map(|(((_, x, _), p), idle)| {
+            let address = format!("http://{x}");
+            let proxies = statuses.iter().filter(|s| s.borrow().server == address).count();
+            let connected = rss_kib(*p);
+            let per_proxy_kib =
+                if proxies > 0 { connected.saturating_sub(*idle) as f64 / proxies as f64 } else { f64::NAN };
+            serde_json::json!({"xds": x, "proxies": proxies, "rss_idle_mib": *idle as f64 / 1024.0,
+                               "rss_connected_mib": connected as f64 / 1024.0, "kib_per_proxy": per_proxy_kib})
+        })
+        .collect();
 
     // The change: reviews to v2, through the API.
     let vs = dir.path().join("change.yaml");
@@ -167,6 +251,7 @@ async fn main() -> anyhow::Result<()> {
             "initial_sync_s": initial_sync.as_secs_f64(),
             "change_to_all_acked_ms": { "p50": pct(&l, 0.5), "p99": pct(&l, 0.99), "max": pct(&l, 1.0) },
             "control_plane_rss_mib": { "idle": rss_idle as f64 / 1024.0, "connected": rss_connected as f64 / 1024.0, "after_change": rss_kib(pid) as f64 / 1024.0 },
+            "replicas": per_replica,
         })
     );
     Ok(())

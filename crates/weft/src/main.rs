@@ -101,6 +101,8 @@ enum Command {
         webhook: WebhookArgs,
         #[command(flatten)]
         slo: slo::SloArgs,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Service level objectives: `weft slo rules` writes them as Prometheus rules.
     Slo {
@@ -463,6 +465,20 @@ impl IdentityArgs {
     }
 }
 
+/// Shared-store flags of `weft control`: replicas on etcd (docs/control.md, "Replicas").
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// Where resources, registrations and the CA state live: the directory store
+    /// (default: `--dir` and `--data-dir` of this process alone) or
+    /// `etcd://host:port[,host:port...][/prefix]`, shared by any number of replicas.
+    #[arg(long, env = "WEFT_STORE")]
+    store: Option<String>,
+    /// With --store etcd://: how long this replica's registrations and leadership outlive
+    /// it when it dies without a goodbye (its etcd lease; whole seconds, at least 2).
+    #[arg(long, env = "WEFT_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
+    lease_ttl: std::time::Duration,
+}
+
 /// Admission webhook flags of `weft control`: `/inject` over HTTPS for the Kubernetes API
 /// server, and what it injects.
 #[derive(clap::Args)]
@@ -570,8 +586,17 @@ fn main() -> std::process::ExitCode {
                 identity,
                 webhook,
                 slo,
+                store,
             } => {
                 let addrs = (xds, api);
+                let store = match store.store.as_deref() {
+                    None | Some("") | Some("dir") | Some("directory") => None,
+                    Some(url) => Some(weft_control::etcd::EtcdConfig {
+                        lease_ttl: store.lease_ttl,
+                        ..weft_control::etcd::EtcdConfig::parse(url).map_err(|e| anyhow::anyhow!(e))?
+                    }),
+                };
+                let dir = (dir, store);
                 let mesh_file = match mesh_config {
                     Some(p) => Some(
                         weft_control::meshconfig::MeshConfigFile::load(&p)
@@ -686,7 +711,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run_control(
-    dir: Option<PathBuf>,
+    (dir, store): (Option<PathBuf>, Option<weft_control::etcd::EtcdConfig>),
     (xds, api): (std::net::SocketAddr, std::net::SocketAddr),
     transparent: bool,
     (policy, mesh_file, prometheus): (&str, Option<weft_control::meshconfig::MeshConfigFile>, Option<String>),
@@ -721,7 +746,7 @@ async fn run_control(
         (None, None, None) => None,
         _ => anyhow::bail!("--webhook, --webhook-cert and --webhook-key go together"),
     };
-    let cp = weft_control::control::ControlPlane::start(weft_control::control::ControlConfig {
+    let cfg = weft_control::control::ControlConfig {
         dir,
         xds,
         api,
@@ -753,8 +778,11 @@ async fn run_control(
         webhook: webhook_tls,
         slo: slo.config()?,
         stats: weft_control::meshstats::gather::GatherConfig { prometheus, ..Default::default() },
-    })
-    .await
+    };
+    let cp = match store {
+        Some(etcd) => weft_control::control::ControlPlane::start_replica(cfg, etcd).await,
+        None => weft_control::control::ControlPlane::start(cfg).await,
+    }
     .map_err(|e| anyhow::anyhow!(e))?;
     match cp.webhook_addr {
         Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),

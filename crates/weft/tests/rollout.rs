@@ -53,6 +53,8 @@ fn status(run: impl Fn(&[&str]) -> (bool, String)) -> serde_json::Value {
 struct Control {
     child: std::process::Child,
     api: String,
+    /// The admin token file in the data directory (the CLI's `--token-file`).
+    token_file: std::path::PathBuf,
 }
 
 impl Control {
@@ -75,11 +77,16 @@ impl Control {
         }
         let line = String::from_utf8(line).unwrap();
         let api = line.split("API on ").nth(1).unwrap_or_else(|| panic!("{line}")).trim().to_string();
-        Control { child, api }
+        Control { child, api, token_file: data.join("admin-token") }
     }
 
     fn weft(&self, args: &[&str]) -> (bool, String) {
-        let o = std::process::Command::new(WEFT).args(args).env("WEFT_SERVER", &self.api).output().unwrap();
+        let o = std::process::Command::new(WEFT)
+            .args(args)
+            .env("WEFT_SERVER", &self.api)
+            .env("WEFT_TOKEN", std::fs::read_to_string(&self.token_file).unwrap_or_default().trim())
+            .output()
+            .unwrap();
         (o.status.success(), format!("{}{}", String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr)))
     }
 

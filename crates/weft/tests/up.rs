@@ -39,11 +39,16 @@ struct Mesh {
 
 impl Mesh {
     fn start(transparent: bool) -> Mesh {
+        Mesh::start_with(transparent, &[])
+    }
+
+    fn start_with(transparent: bool, extra: &[&str]) -> Mesh {
         let state = tempfile::tempdir().unwrap();
         let port = weft_testkit::net::reserve_port();
         let mut cmd = Command::new(WEFT);
         cmd.args(["up", "--api", "127.0.0.1:0", "--xds", "127.0.0.1:0", "--ingress-port", &port.to_string()])
             .args(["--access-log", "off"])
+            .args(extra)
             .env("WEFT_STATE_DIR", state.path())
             .env("WEFT_LOG", "warn")
             .stdout(Stdio::piped())
@@ -610,4 +615,45 @@ spec:
     assert!(child.try_wait().unwrap().is_none(), "weft up keeps running after a job ends");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// The pids of `parent`'s children whose command line contains every word of `words`.
+fn children_running(parent: u32, words: &[&str]) -> Vec<i32> {
+    let list = std::fs::read_to_string(format!("/proc/{parent}/task/{parent}/children")).unwrap_or_default();
+    list.split_whitespace()
+        .filter_map(|p| p.parse::<i32>().ok())
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            words.iter().all(|w| cmdline.contains(w))
+        })
+        .collect()
+}
+
+#[test]
+fn replicas_run_on_a_local_etcd_and_a_killed_replica_goes_unnoticed() {
+    let mut mesh = Mesh::start_with(false, &["--replicas", "3"]);
+    assert!(
+        mesh.output.iter().any(|l| l.trim_start().starts_with("replicas") && l.contains("2 more")),
+        "{:#?}",
+        mesh.output
+    );
+    assert!(mesh.output.iter().any(|l| l.trim_start().starts_with("etcd")), "{:#?}", mesh.output);
+    let up = mesh.child.id();
+    assert_eq!(children_running(up, &["etcd", "--initial-cluster"]).len(), 3, "three etcd members");
+    let replicas = children_running(up, &["control", "--store"]);
+    assert_eq!(replicas.len(), 2, "two child replicas beside the one in weft up");
+    mesh.eventually("the product page answers", || mesh.curl("/productpage", &[]).0 == 200);
+
+    // kill -9 one replica: every request still answers.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(replicas[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    for i in 0..40 {
+        let (status, _) = mesh.curl("/productpage", &[]);
+        assert_eq!(status, 200, "request {i} after the replica was killed");
+    }
+    // A change still reaches every proxy (through the replicas left).
+    mesh.apply("destination-rule-all.yaml");
+    mesh.apply("virtual-service-all-v1.yaml");
+    mesh.eventually("reviews v1 only", || mesh.try_versions(20, None).is_some_and(|v| v.keys().eq(["v1"])));
+    mesh.stop_and_check_nothing_left();
 }

@@ -111,33 +111,27 @@ impl Registry {
                 tracing::warn!(file = %path.display(), id = %w.id, "saved workload without id or address skipped");
                 continue;
             }
-            restored.push(Workload {
-                id: w.id,
-                name: w.name,
-                namespace: w.namespace,
-                labels: w.labels,
-                service_account: w.service_account,
-                ports: w.ports,
-                addresses: w.addresses,
-                inbound: w.inbound,
-                ready: w.ready,
-                connected_since: SystemTime::UNIX_EPOCH + Duration::from_secs(w.connected_since),
-                source: WorkloadSource::Restored,
-            });
+            restored.push(from_saved(w, WorkloadSource::Restored));
         }
-        let count = restored.len();
+        Ok(self.restore_workloads(restored))
+    }
+
+    /// Adds `workloads` as [`WorkloadSource::Restored`] ones, except ids already known (a
+    /// WorkloadEntry, a proxy already back); how many were given.
+    pub(crate) fn restore_workloads(&self, workloads: Vec<Workload>) -> usize {
+        let count = workloads.len();
         self.inner.modify(|map| {
             let mut changed = false;
-            for w in restored {
-                // A workload already known (a WorkloadEntry, a proxy already back) wins.
+            for mut w in workloads {
                 if !map.contains_key(&w.id) {
+                    w.source = WorkloadSource::Restored;
                     map.insert(w.id.clone(), w);
                     changed = true;
                 }
             }
             changed
         });
-        Ok(count)
+        count
     }
 
     /// Writes the proxies' registrations (registered and restored ones, not
@@ -183,19 +177,53 @@ fn saved_workloads(snapshot: &RegistrySnapshot) -> Vec<SavedWorkload> {
     snapshot
         .workloads()
         .filter(|w| matches!(w.source, WorkloadSource::Proxy | WorkloadSource::Restored))
-        .map(|w| SavedWorkload {
-            id: w.id.clone(),
-            name: w.name.clone(),
-            namespace: w.namespace.clone(),
-            labels: w.labels.clone(),
-            service_account: w.service_account.clone(),
-            ports: w.ports.clone(),
-            addresses: w.addresses.clone(),
-            inbound: w.inbound,
-            ready: w.ready,
-            connected_since: w.connected_since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        })
+        .map(saved)
         .collect()
+}
+
+fn saved(w: &Workload) -> SavedWorkload {
+    SavedWorkload {
+        id: w.id.clone(),
+        name: w.name.clone(),
+        namespace: w.namespace.clone(),
+        labels: w.labels.clone(),
+        service_account: w.service_account.clone(),
+        ports: w.ports.clone(),
+        addresses: w.addresses.clone(),
+        inbound: w.inbound,
+        ready: w.ready,
+        connected_since: w.connected_since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    }
+}
+
+/// A workload as the shared store (etcd) keeps it: the JSON of `registry.json`'s entries.
+pub(crate) fn encode_workload(w: &Workload) -> Result<Vec<u8>, String> {
+    serde_json::to_vec(&saved(w)).map_err(|e| format!("cannot encode workload {}: {e}", w.id))
+}
+
+/// A workload from [`encode_workload`]'s bytes, as a [`WorkloadSource::Replica`] one.
+pub(crate) fn decode_workload(bytes: &[u8]) -> Result<Workload, String> {
+    let w: SavedWorkload = serde_json::from_slice(bytes).map_err(|e| format!("not a workload: {e}"))?;
+    if w.id.is_empty() || w.addresses.is_empty() {
+        return Err(format!("workload {:?} without id or address", w.id));
+    }
+    Ok(from_saved(w, WorkloadSource::Replica))
+}
+
+fn from_saved(w: SavedWorkload, source: WorkloadSource) -> Workload {
+    Workload {
+        id: w.id,
+        name: w.name,
+        namespace: w.namespace,
+        labels: w.labels,
+        service_account: w.service_account,
+        ports: w.ports,
+        addresses: w.addresses,
+        inbound: w.inbound,
+        ready: w.ready,
+        connected_since: SystemTime::UNIX_EPOCH + Duration::from_secs(w.connected_since),
+        source,
+    }
 }
 
 /// Writes `bytes` to `path` through a temporary file in the same directory (created

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
-use super::{nack_status, AdsClient, Memory, ResourceUpdate};
+use super::{nack_status, AdsClient, Memory, ResourceUpdate, HEALTHY_AFTER};
 use crate::type_url::{resolves_aliases, resource_name, short};
 
 /// The explicit wildcard subscription name.
@@ -41,7 +41,22 @@ pub(super) async fn run_stream(
         .map_err(|e| format!("open delta stream: {e}"))?
         .into_inner();
     client.mark_connected();
-    let mut wake = client.handler.interest_changes();
+    // A stream that stays up counts as healthy even without a response: a resumed one
+    // (the control plane already has our versions) may stay silent for long.
+    let opened = std::time::Instant::now();
+    let result = stream_body(&mut responses, &mut stream, memory, healthy).await;
+    *healthy |= opened.elapsed() >= HEALTHY_AFTER;
+    result
+}
+
+/// Applies responses and follows the handler's interest until the stream ends.
+async fn stream_body(
+    responses: &mut tonic::Streaming<DeltaDiscoveryResponse>,
+    stream: &mut Stream<'_>,
+    memory: &mut Memory,
+    healthy: &mut bool,
+) -> Result<(), String> {
+    let mut wake = stream.client.handler.interest_changes();
     loop {
         tokio::select! {
             message = responses.message() => {

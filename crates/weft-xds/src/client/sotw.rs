@@ -8,7 +8,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
-use super::{nack_status, AdsClient, Memory, ResourceUpdate};
+use super::{nack_status, AdsClient, Memory, ResourceUpdate, HEALTHY_AFTER};
 use crate::type_url::{resource_name, short};
 
 /// Per-type state of one SotW stream.
@@ -52,6 +52,21 @@ pub(super) async fn run_stream(
         .map_err(|e| format!("open SotW stream: {e}"))?
         .into_inner();
     client.mark_connected();
+    // A stream that stays up counts as healthy even without a response: a resumed one
+    // (the control plane already has our versions) may stay silent for long.
+    let opened = std::time::Instant::now();
+    let result = stream_body(&mut responses, &mut stream, memory, healthy).await;
+    *healthy |= opened.elapsed() >= HEALTHY_AFTER;
+    result
+}
+
+/// Applies responses until the stream ends.
+async fn stream_body(
+    responses: &mut tonic::Streaming<DiscoveryResponse>,
+    stream: &mut Stream<'_>,
+    memory: &mut Memory,
+    healthy: &mut bool,
+) -> Result<(), String> {
     while let Some(response) = responses.message().await.map_err(|e| format!("SotW stream: {e}"))? {
         *healthy = true;
         stream.handle(response, memory)?;

@@ -40,8 +40,9 @@ impl Variant for Sotw {
         &request.type_url
     }
 
-    fn receive(state: &mut TypeState, type_url: &str, request: DiscoveryRequest, _new: bool) -> Received {
+    fn receive(state: &mut TypeState, type_url: &str, request: DiscoveryRequest, new: bool) -> Received {
         let mut reply = None;
+        let resumed_version = request.version_info.clone();
         if !request.response_nonce.is_empty() && !state.nonce.is_empty() {
             if request.response_nonce != state.nonce {
                 // Stale: the peer has not seen our latest response yet; it will
@@ -56,15 +57,30 @@ impl Variant for Sotw {
                 acked_version: request.version_info,
                 error: request.error_detail,
             });
-        } else {
-            // A fresh subscription for this type: answer it even if nothing changed.
-            state.awaiting = false;
-            state.sent = None;
         }
+        let fresh = reply.is_none();
         let wildcard = is_wildcard_type(type_url)
             && (request.resource_names.is_empty() || request.resource_names.iter().any(|n| n == "*"));
         state.names =
             if wildcard { None } else { Some(request.resource_names.into_iter().filter(|n| n != "*").collect()) };
+        if fresh {
+            state.awaiting = false;
+            // A fresh subscription. The first one of a type on a stream that names the
+            // version the peer holds (it reconnected, perhaps to another replica that
+            // translates the same bytes) counts as answered with it: only a different
+            // version is pushed. Otherwise (a new peer, or names changed before any
+            // answer on this stream) it is answered even if nothing changed.
+            let resumed = new && !resumed_version.is_empty();
+            state.sent = resumed.then(|| (resumed_version.clone(), state.names.clone()));
+            if resumed {
+                reply = Some(Reply {
+                    nonce: String::new(),
+                    sent_version: resumed_version.clone(),
+                    acked_version: resumed_version,
+                    error: None,
+                });
+            }
+        }
         Received { reply, push: true }
     }
 

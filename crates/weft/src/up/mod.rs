@@ -11,6 +11,7 @@
 mod netns;
 mod plan;
 mod procs;
+mod replicas;
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -120,6 +121,15 @@ pub struct UpArgs {
     /// instead of scraping the sidecars.
     #[arg(long, value_name = "URL")]
     pub prometheus: Option<String>,
+    /// Control-plane replicas: above 1, a 3-member etcd cluster is started (data in the
+    /// state directory) and the replicas share it (`weft control --store etcd://`): the
+    /// first in this process, the others as child processes; every proxy knows them all
+    /// and fails over (docs/control.md, "Replicas on etcd").
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=5))]
+    pub replicas: u16,
+    /// The etcd binary for `--replicas`.
+    #[arg(long, env = "WEFT_ETCD", default_value = "etcd")]
+    pub etcd: PathBuf,
 }
 
 /// A started workload.
@@ -145,6 +155,10 @@ struct Up {
     running: Vec<Running>,
     gateway: Option<Proc>,
     exits_tx: mpsc::UnboundedSender<(String, ExitStatus)>,
+    /// `--replicas`: the etcd cluster, the child replicas and their xDS addresses.
+    etcd: Option<replicas::EtcdCluster>,
+    replicas: Vec<Proc>,
+    extra_xds: Vec<SocketAddr>,
 }
 
 /// Runs the local mesh until Ctrl-C / SIGTERM.
@@ -177,6 +191,9 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         running: Vec::new(),
         gateway: None,
         exits_tx,
+        etcd: None,
+        replicas: Vec::new(),
+        extra_xds: Vec::new(),
     };
     let started = tokio::select! {
         r = up.start() => r,
@@ -249,7 +266,15 @@ impl Up {
         }
         let domain = mesh.domain.clone();
         let trust_domain = mesh.trust_domain.clone();
-        let cp = ControlPlane::start(ControlConfig {
+        let shared = self.args.replicas > 1;
+        if shared {
+            if self.args.tracing.is_some() {
+                bail!("--replicas with --tracing: give the tracing provider in --mesh-config instead (every replica reads it)");
+            }
+            let logs = self.logs.clone();
+            self.etcd = Some(replicas::start_etcd(&self.args.etcd, &state, &logs, &self.exits_tx)?);
+        }
+        let cfg = ControlConfig {
             dir: Some(resources_dir.clone()),
             xds,
             api: self.args.api,
@@ -278,8 +303,11 @@ impl Up {
                 prometheus: self.args.prometheus.clone(),
                 ..Default::default()
             },
-        })
-        .await
+        };
+        let cp = match &self.etcd {
+            Some(etcd) => start_first_replica(cfg, &etcd.config).await,
+            None => ControlPlane::start(cfg).await,
+        }
         .map_err(|e| anyhow::anyhow!("control plane: {e} (another control plane on these ports? see --api / --xds)"))?;
         let (xds, api) = (cp.xds_addr, cp.api_addr);
         let authority = cp.identity.clone().context("the control plane has no CA")?;
@@ -294,6 +322,24 @@ impl Up {
             warn_user!("weft up: {e}");
         }
         self.control = Some(cp);
+        if let Some(etcd) = &self.etcd {
+            for i in 1..usize::from(self.args.replicas) {
+                let data = state.join(format!("replica-{i}"));
+                let flags = replicas::ReplicaFlags {
+                    exe: &self.exe,
+                    store: &etcd.config,
+                    dir: &resources_dir,
+                    data: &data,
+                    ip: xds.ip(),
+                    transparent: self.mode == Mode::Transparent,
+                    mesh_config: self.args.mesh_config.as_deref(),
+                };
+                let (p, addr) = replicas::start_replica(i, &flags, &self.logs, &self.exits_tx)?;
+                replicas::wait_listening(&p, addr, &p.name).await?;
+                self.replicas.push(p);
+                self.extra_xds.push(addr);
+            }
+        }
         let ingress = SocketAddr::new(self.args.ingress_address, self.args.ingress_port);
 
         // Explicit mode: every workload on a loopback /24 of its own choosing.
@@ -427,6 +473,7 @@ impl Up {
         };
         let settings = ProxySettings {
             xds,
+            replicas: self.extra_xds.clone(),
             token: token.token,
             admin,
             metrics,
@@ -581,6 +628,7 @@ impl Up {
         };
         let settings = ProxySettings {
             xds,
+            replicas: self.extra_xds.clone(),
             token: token.token,
             admin,
             metrics,
@@ -606,6 +654,15 @@ impl Up {
         say!("  ingress        http://{ingress}/{page}");
         say!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
         say!("  dashboard      http://{api}/dashboard   (weft dashboard --open)");
+        if let Some(etcd) = &self.etcd {
+            let more: Vec<String> = self.extra_xds.iter().map(ToString::to_string).collect();
+            say!(
+                "  replicas       {} more on xDS {} (child processes; logs control-replica-N.log)",
+                more.len(),
+                more.join(", ")
+            );
+            say!("  etcd           {} (3 members, data in the state directory)", etcd.config.endpoints.join(","));
+        }
         say!("  logs           {}", self.logs.display());
         if let Some(url) = &self.args.tracing {
             say!("  tracing        {url}, {}% of new traces sampled (docs/observability.md)", self.args.trace_sampling);
@@ -641,7 +698,11 @@ impl Up {
                 // The admin port is the namespace's loopback: SIGTERM drains the same way.
                 Mode::Transparent => r.proxy.stop(STOP_GRACE).await,
             }
-        } else if self.running.iter().any(|r| r.proxy.name == name) || name == "ingress gateway" {
+        } else if self.running.iter().any(|r| r.proxy.name == name)
+            || name == "ingress gateway"
+            || self.replicas.iter().any(|p| p.name == name)
+            || self.etcd.as_ref().is_some_and(|e| e.members.iter().any(|p| p.name == name))
+        {
             warn_user!("weft up: {name} exited ({status})");
         }
     }
@@ -654,8 +715,14 @@ impl Up {
         if let Some(g) = self.gateway.as_mut() {
             g.stop(STOP_GRACE).await;
         }
+        let replicas = self.replicas.iter_mut().map(|p| p.stop(STOP_GRACE));
+        futures::future::join_all(replicas).await;
         if let Some(cp) = self.control.take() {
             cp.shutdown().await;
+        }
+        if let Some(mut etcd) = self.etcd.take() {
+            let members = etcd.members.iter_mut().map(|p| p.stop(STOP_GRACE));
+            futures::future::join_all(members).await;
         }
         self.namespaces.clear();
         if let Some(mut net) = self.network.take() {
@@ -669,6 +736,25 @@ impl Up {
             if let Err(e) = state.close() {
                 warn_user!("weft up: removing {}: {e}", path.display());
             }
+        }
+    }
+}
+
+/// The in-process replica, once the new etcd cluster answers (its members take a few
+/// seconds to elect a leader).
+async fn start_first_replica(
+    cfg: ControlConfig,
+    etcd: &weft_control::etcd::EtcdConfig,
+) -> Result<ControlPlane, String> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        match ControlPlane::start_replica(cfg.clone(), etcd.clone()).await {
+            Ok(cp) => return Ok(cp),
+            Err(e) if e.starts_with("etcd") && Instant::now() < deadline => {
+                tracing::debug!(error = %e, "etcd not ready yet");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -153,6 +153,8 @@ pub fn expand(s: &str, env: &BTreeMap<String, String>) -> String {
 pub struct ProxySettings {
     /// The control plane's xDS address.
     pub xds: SocketAddr,
+    /// More control-plane replicas' xDS addresses (`weft up --replicas`).
+    pub replicas: Vec<SocketAddr>,
     /// Join token for the certificate.
     pub token: String,
     /// Admin address.
@@ -214,9 +216,15 @@ pub fn bootstrap(node: &NodeInfo, s: &ProxySettings) -> anyhow::Result<String> {
     let doc = Doc {
         node,
         xds: Xds {
-            address: match &s.tls {
-                Some((tls, _)) => format!("https://{tls}"),
-                None => format!("http://{}", s.xds),
+            // One control plane: its TLS port when it has one. Several replicas: every
+            // replica's plaintext xDS address (the proxy fails over between them).
+            address: if s.replicas.is_empty() {
+                match &s.tls {
+                    Some((tls, _)) => format!("https://{tls}"),
+                    None => format!("http://{}", s.xds),
+                }
+            } else {
+                std::iter::once(&s.xds).chain(&s.replicas).map(|a| format!("http://{a}")).collect::<Vec<_>>().join(",")
             },
         },
         admin: s.admin.to_string(),
@@ -289,6 +297,7 @@ mod tests {
         let node = sidecar_node(&ws[0], Mode::Explicit, "cluster.local");
         let s = ProxySettings {
             xds: "127.0.0.1:15010".parse().unwrap(),
+            replicas: vec!["127.0.0.1:15011".parse().unwrap()],
             token: "t".into(),
             admin: ws[0].admin(),
             metrics: ws[0].metrics(),
@@ -303,6 +312,7 @@ mod tests {
         assert_eq!(b.node.labels.get("app").map(String::as_str), Some("details"));
         assert_eq!((b.node.name.as_str(), b.node.workload_name.as_str()), ("details-v1-q", "details-v1"));
         assert_eq!(b.node.cluster_id, "Kubernetes");
+        assert_eq!(b.xds.address, "http://127.0.0.1:15010,http://127.0.0.1:15011");
         let gateway = NodeInfo {
             id: "router~127.0.0.1~gw.istio-system~istio-system.svc.cluster.local".into(),
             namespace: "istio-system".into(),

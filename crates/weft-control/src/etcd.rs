@@ -1,0 +1,341 @@
+//! etcd as the control plane's store (`weft control --store etcd://host:port[,host:port...]`),
+//! so any number of replicas serve one mesh.
+//!
+//! Everything lives under one prefix (`/weft/` by default):
+//!
+//! | keys | what | written by |
+//! |---|---|---|
+//! | `resources/<kind>/<namespace>/<name>` | a resource applied through the API: its YAML/JSON document, source name and line | the replica that took the apply, after validating it |
+//! | `registry/<node id>` | a proxy's registration (the workload its node metadata announces) | the replica the proxy is connected to, under that replica's lease |
+//! | `state/<file>` | the CA root and key, the join-token key, revoked tokens (the files of `--data-dir`) | the first replica (created once), the leader (rotation), any replica (revocations) |
+//! | `leader` | the replica that runs singleton work (CA rotation steps, controllers) | the leader, under its lease |
+//!
+//! Every replica mirrors the prefixes it needs with an etcd watch that resumes from the
+//! last revision it saw (a full re-read only when etcd compacted past it), so a change
+//! made through any replica reaches all of them. See docs/control.md, "Replicas".
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream, LeaseKeeper, WatchOptions};
+
+pub mod leader;
+pub mod registry;
+pub mod resources;
+pub mod state;
+
+/// Default key prefix.
+pub const DEFAULT_PREFIX: &str = "/weft/";
+/// Default TTL of a replica's lease (its registrations and its leadership).
+pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
+
+/// Where the shared store is and how long a replica's lease lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EtcdConfig {
+    /// Client URLs of the etcd members (`http://host:port`).
+    pub endpoints: Vec<String>,
+    /// Key prefix, ending with `/`.
+    pub prefix: String,
+    /// TTL of this replica's lease: how long its proxies' registrations and its
+    /// leadership outlive it when it dies without a goodbye.
+    pub lease_ttl: Duration,
+}
+
+/// A connected etcd client with the prefix. Cheap to clone.
+#[derive(Clone)]
+pub struct Etcd {
+    client: Client,
+    prefix: String,
+    lease_ttl: Duration,
+}
+
+/// One prefix read at one revision.
+pub(crate) struct PrefixRead {
+    /// Values by key, the prefix removed.
+    pub values: BTreeMap<String, Vec<u8>>,
+    /// The store revision of the read.
+    pub revision: i64,
+}
+
+impl EtcdConfig {
+    /// Parses `etcd://host:port[,host:port...][/prefix]` (the `--store` flag).
+    pub fn parse(url: &str) -> Result<EtcdConfig, String> {
+        let Some(rest) = url.strip_prefix("etcd://") else {
+            return Err(format!("--store {url:?}: expected etcd://host:port[,host:port...][/prefix]"));
+        };
+        let (hosts, prefix) = match rest.split_once('/') {
+            Some((h, p)) if !p.trim_matches('/').is_empty() => (h, format!("/{}/", p.trim_matches('/'))),
+            Some((h, _)) => (h, DEFAULT_PREFIX.to_string()),
+            None => (rest, DEFAULT_PREFIX.to_string()),
+        };
+        let mut endpoints = Vec::new();
+        for h in hosts.split(',').map(str::trim).filter(|h| !h.is_empty()) {
+            let (host, port) = h
+                .rsplit_once(':')
+                .ok_or_else(|| format!("--store {url:?}: {h:?} has no port (etcd's client port is usually 2379)"))?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(format!("--store {url:?}: {h:?} is not host:port"));
+            }
+            endpoints.push(format!("http://{h}"));
+        }
+        if endpoints.is_empty() {
+            return Err(format!("--store {url:?}: no etcd member given"));
+        }
+        Ok(EtcdConfig { endpoints, prefix, lease_ttl: DEFAULT_LEASE_TTL })
+    }
+}
+
+impl Etcd {
+    /// Connects to the members and checks that the cluster answers (within 10 s).
+    pub async fn connect(cfg: &EtcdConfig) -> Result<Etcd, String> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5))
+            .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
+            .with_keep_alive_while_idle(true);
+        let members = cfg.endpoints.join(",");
+        let client = tokio::time::timeout(Duration::from_secs(10), Client::connect(&cfg.endpoints, Some(options)))
+            .await
+            .map_err(|_| format!("etcd {members}: no member answered within 10 s"))?
+            .map_err(|e| format!("etcd {members}: {e}"))?;
+        let etcd = Etcd { client, prefix: cfg.prefix.clone(), lease_ttl: cfg.lease_ttl };
+        let mut probe = etcd.client();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match probe.get(etcd.key("leader"), None).await {
+                Ok(_) => return Ok(etcd),
+                Err(e) if tokio::time::Instant::now() >= deadline => {
+                    return Err(format!("etcd {members}: the cluster does not answer: {e}"))
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+
+    /// A client handle (clones share the connections).
+    pub fn client(&self) -> Client {
+        self.client.clone()
+    }
+
+    /// The full key of `rest` under the prefix.
+    pub fn key(&self, rest: &str) -> String {
+        format!("{}{rest}", self.prefix)
+    }
+
+    /// The lease TTL replicas use.
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
+    }
+
+    /// The lease TTL in whole seconds, at least 2 (etcd's unit).
+    pub(crate) fn lease_ttl_secs(&self) -> i64 {
+        i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX).max(2)
+    }
+
+    /// Reads every key under `prefix` (relative to the store's prefix), retried for a
+    /// few seconds (a request can meet a dead member before the client learns it is).
+    pub(crate) async fn read_prefix(&self, prefix: &str) -> Result<PrefixRead, etcd_client::Error> {
+        let full = self.key(prefix);
+        let mut attempt = 0;
+        let resp = loop {
+            match self.client().get(full.as_bytes(), Some(GetOptions::new().with_prefix())).await {
+                Ok(r) => break r,
+                Err(e) if attempt >= RETRIES => return Err(e),
+                Err(_) => {
+                    attempt += 1;
+                    tokio::time::sleep(retry_delay(attempt)).await;
+                }
+            }
+        };
+        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+        let mut values = BTreeMap::new();
+        for kv in resp.kvs() {
+            if let Some(rest) = kv.key().strip_prefix(full.as_bytes()) {
+                values.insert(String::from_utf8_lossy(rest).into_owned(), kv.value().to_vec());
+            }
+        }
+        Ok(PrefixRead { values, revision })
+    }
+
+    /// Keeps `values` (as read at `revision`) in line with the keys under `prefix`,
+    /// calling `apply` with them and the store revision they reflect after every batch of
+    /// changes (one transaction is one batch); resumes from the last revision seen
+    /// when the watch breaks (a member died), re-reads everything when etcd compacted
+    /// past it. Runs until the task is aborted.
+    pub(crate) async fn mirror(
+        self,
+        prefix: &str,
+        mut values: BTreeMap<String, Vec<u8>>,
+        revision: i64,
+        mut apply: impl FnMut(&BTreeMap<String, Vec<u8>>, i64) + Send,
+    ) {
+        let full = self.key(prefix);
+        let mut next = Some(revision + 1);
+        let mut failures: u32 = 0;
+        loop {
+            if failures > 0 {
+                tokio::time::sleep(retry_delay(failures)).await;
+            }
+            let start = match next {
+                Some(r) => r,
+                None => match self.read_prefix(prefix).await {
+                    Ok(read) => {
+                        values = read.values;
+                        apply(&values, read.revision);
+                        read.revision + 1
+                    }
+                    Err(e) => {
+                        failures = failures.saturating_add(1);
+                        tracing::warn!(prefix = %full, error = %e, "etcd re-read failed; retrying");
+                        continue;
+                    }
+                },
+            };
+            next = Some(start);
+            let options = WatchOptions::new().with_prefix().with_start_revision(start);
+            let mut stream = match self.client().watch(full.as_bytes(), Some(options)).await {
+                Ok(s) => s,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    tracing::warn!(prefix = %full, error = %e, "etcd watch failed; retrying");
+                    continue;
+                }
+            };
+            loop {
+                match stream.message().await {
+                    Ok(Some(resp)) => {
+                        failures = 0;
+                        if resp.compact_revision() > 0 {
+                            tracing::warn!(prefix = %full, compacted = resp.compact_revision(), "etcd compacted past the watch; re-reading");
+                            next = None;
+                            break;
+                        }
+                        if resp.canceled() {
+                            tracing::warn!(prefix = %full, reason = resp.cancel_reason(), "etcd watch canceled; resuming");
+                            failures = 1;
+                            break;
+                        }
+                        let mut changed = None;
+                        for ev in resp.events() {
+                            let Some(kv) = ev.kv() else { continue };
+                            let Some(rest) = kv.key().strip_prefix(full.as_bytes()) else { continue };
+                            let rest = String::from_utf8_lossy(rest).into_owned();
+                            match ev.event_type() {
+                                EventType::Put => values.insert(rest, kv.value().to_vec()),
+                                EventType::Delete => values.remove(&rest),
+                            };
+                            next = Some(kv.mod_revision() + 1);
+                            changed = Some(kv.mod_revision());
+                        }
+                        if let Some(revision) = changed {
+                            apply(&values, revision);
+                        }
+                    }
+                    Ok(None) => {
+                        failures = 1;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(prefix = %full, error = %e, "etcd watch broke; resuming");
+                        failures = 1;
+                        break;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A lease this replica keeps alive (its registrations, its leadership).
+pub(crate) struct KeptLease {
+    id: i64,
+    keeper: LeaseKeeper,
+    answers: LeaseKeepAliveStream,
+    etcd: Etcd,
+}
+
+impl KeptLease {
+    /// A new lease of the configured TTL, with its keep-alive stream.
+    pub(crate) async fn grant(etcd: &Etcd) -> Result<KeptLease, etcd_client::Error> {
+        let mut client = etcd.client();
+        let id = client.lease_grant(etcd.lease_ttl_secs(), None).await?.id();
+        let (keeper, answers) = client.lease_keep_alive(id).await?;
+        Ok(KeptLease { id, keeper, answers, etcd: etcd.clone() })
+    }
+
+    /// The lease id.
+    pub(crate) fn id(&self) -> i64 {
+        self.id
+    }
+
+    /// How often [`KeptLease::keep_alive`] should run: a third of the TTL.
+    pub(crate) fn period(&self) -> Duration {
+        Duration::from_millis(u64::try_from(self.etcd.lease_ttl_secs()).unwrap_or(10) * 1000 / 3)
+    }
+
+    /// Refreshes the lease; on a broken stream (its member died) reopens it, through
+    /// another member, until the TTL runs out. False once the lease is gone.
+    pub(crate) async fn keep_alive(&mut self) -> bool {
+        let deadline = tokio::time::Instant::now() + self.etcd.lease_ttl;
+        let mut failures = 0;
+        loop {
+            if self.keeper.keep_alive().await.is_ok() {
+                if let Ok(Ok(Some(a))) = tokio::time::timeout(self.period(), self.answers.message()).await {
+                    return a.ttl() > 0;
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            failures += 1;
+            tokio::time::sleep(retry_delay(failures)).await;
+            if let Ok((keeper, answers)) = self.etcd.client().lease_keep_alive(self.id).await {
+                self.keeper = keeper;
+                self.answers = answers;
+            }
+        }
+    }
+}
+
+/// How often a one-shot request is retried ([`retry_delay`] apart: about 10 s in all).
+pub(crate) const RETRIES: u32 = 8;
+
+/// `txn`, retried as [`Etcd::read_prefix`] is.
+pub(crate) async fn txn_retried(
+    etcd: &Etcd,
+    txn: etcd_client::Txn,
+) -> Result<etcd_client::TxnResponse, etcd_client::Error> {
+    let mut attempt = 0;
+    loop {
+        match etcd.client().txn(txn.clone()).await {
+            Ok(r) => return Ok(r),
+            Err(e) if attempt >= RETRIES => return Err(e),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(retry_delay(attempt)).await;
+            }
+        }
+    }
+}
+
+/// Retry delay after `failures` failures in a row: 100 ms doubling to 2 s.
+pub(crate) fn retry_delay(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(5))).min(Duration::from_secs(2))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn store_flag_parses_members_and_prefix() {
+        let c = EtcdConfig::parse("etcd://10.0.0.1:2379,etcd-1:2379").unwrap();
+        assert_eq!(c.endpoints, ["http://10.0.0.1:2379", "http://etcd-1:2379"]);
+        assert_eq!(c.prefix, "/weft/");
+        assert_eq!(EtcdConfig::parse("etcd://a:1/mesh-a").unwrap().prefix, "/mesh-a/");
+        for bad in ["http://a:1", "etcd://", "etcd://a", "etcd://a:x"] {
+            let e = EtcdConfig::parse(bad).unwrap_err();
+            assert!(e.contains("--store"), "{e}");
+        }
+    }
+}
