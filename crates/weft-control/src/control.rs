@@ -141,6 +141,9 @@ impl ControlPlane {
             Some(authority) => tonic::service::Routes::new(authority.service()),
             None => tonic::service::Routes::default(),
         };
+        // Proxies dial in for `weft tap` on the xDS port too.
+        let tap = Arc::new(crate::tap::TapRelay::default());
+        let routes = routes.add_service(crate::tap::service(&tap));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = srv.serve_with(xds_sock, xds_stop, routes).await {
                 tracing::error!(error = %e, "xDS server stopped");
@@ -155,6 +158,7 @@ impl ControlPlane {
             secrets,
             inject: cfg.inject.clone(),
             metrics,
+            tap,
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));

@@ -17,5 +17,6 @@ pub mod registry;
 pub mod secrets;
 pub mod source;
 pub mod store;
+pub mod tap;
 pub mod translate;
 pub mod webhook_tls;
