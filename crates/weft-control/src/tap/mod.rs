@@ -21,6 +21,8 @@ use weft_xds::tap::{TapCommand, TapEvent, TapFilter, TapHandler, TapUpdate};
 const SESSION_QUEUE: usize = 1024;
 /// How long a new stream may take to name its proxy.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most tap streams kept (node ids are what the proxies say): more are refused.
+const MAX_STREAMS: usize = 100_000;
 
 /// Connected tap streams (by proxy node id) and the taps in progress.
 #[derive(Default)]
@@ -131,7 +133,19 @@ impl TapRelay {
             }
         };
         let stream = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
-        self.lock().proxies.insert(node_id.clone(), (stream, commands));
+        let refused = {
+            let mut inner = self.lock();
+            if inner.proxies.len() >= MAX_STREAMS && !inner.proxies.contains_key(&node_id) {
+                Some(commands)
+            } else {
+                inner.proxies.insert(node_id.clone(), (stream, commands));
+                None
+            }
+        };
+        if let Some(commands) = refused {
+            let _ = commands.send(Err(Status::resource_exhausted("too many tap streams"))).await;
+            return;
+        }
         debug!(node = %node_id, "tap stream open");
         while let Ok(Some(update)) = updates.message().await {
             if let Some(event) = update.event {
