@@ -20,7 +20,10 @@
 //! | WFT0005 | Warning | a DestinationRule field translated for Envoy that weft's proxy does not enforce |
 //! | WFT0010 | Error | an EnvoyFilter patch weft does not apply (only the local rate limit filter's are) |
 //! | WFT0020 | Warning | a kind of Istio or the Gateway API weft does not apply at all (WasmPlugin, HTTPRoute, ...) |
-//! | WFT0021 | Warning | a field weft parses but does not apply ([`UNAPPLIED_FIELDS`]), with its path |
+//! | WFT0021 | Warning | a field weft parses but does not apply ([`UNAPPLIED_FIELDS`], and a VirtualService's `tls` routes on sidecars), with its path |
+//! | WFT0022 | Warning | a whole resource weft does not apply: a policy attached by `targetRef(s)` |
+//! | WFT0030 | Error | a Rollout's host has a VirtualService the rollout does not own (the rollout waits) |
+//! | WFT0031 | Error | a Rollout's stable or canary subset is not in the host's DestinationRule |
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -43,7 +46,118 @@ pub const UNAPPLIED_GROUPS: &[&str] =
 /// resource's own path whenever set (not null, empty or `false`). The field-coverage test
 /// (`weft-control --test fields_applied`) fails for a field that is neither applied
 /// nor listed here; a field weft starts applying leaves this table.
-pub const UNAPPLIED_FIELDS: &[(Kind, &str, &str)] = &[];
+pub const UNAPPLIED_FIELDS: &[(Kind, &str, &str)] = &[
+    (
+        Kind::VirtualService,
+        "spec.http[].delegate",
+        "VirtualService delegation is not supported: the rule routes nothing (put the routes in the root VirtualService)",
+    ),
+    (Kind::VirtualService, "spec.http[].match[].statPrefix", "weft keeps no per-route statistics"),
+    (
+        Kind::VirtualService,
+        "spec.http[].retries.retryRemoteLocalities",
+        "retries are not steered to other localities (Envoy's previous_priorities is not implemented by weft's proxy)",
+    ),
+    (Kind::DestinationRule, "spec.trafficPolicy.tls.caCrl", "certificate revocation lists are not checked"),
+    (
+        Kind::DestinationRule,
+        "spec.trafficPolicy.tls.credentialName",
+        "Kubernetes Secrets are not served over SDS yet: use clientCertificate/privateKey/caCertificates files",
+    ),
+    (
+        Kind::DestinationRule,
+        "spec.trafficPolicy.tls.insecureSkipVerify",
+        "the server certificate is always verified when caCertificates or subjectAltNames are given",
+    ),
+    (Kind::DestinationRule, "spec.trafficPolicy.portLevelSettings[].tls.caCrl", "certificate revocation lists are not checked"),
+    (
+        Kind::DestinationRule,
+        "spec.trafficPolicy.portLevelSettings[].tls.credentialName",
+        "Kubernetes Secrets are not served over SDS yet: use clientCertificate/privateKey/caCertificates files",
+    ),
+    (
+        Kind::DestinationRule,
+        "spec.trafficPolicy.portLevelSettings[].tls.insecureSkipVerify",
+        "the server certificate is always verified when caCertificates or subjectAltNames are given",
+    ),
+    (Kind::DestinationRule, "spec.subsets[].trafficPolicy.tls.caCrl", "certificate revocation lists are not checked"),
+    (
+        Kind::DestinationRule,
+        "spec.subsets[].trafficPolicy.tls.credentialName",
+        "Kubernetes Secrets are not served over SDS yet: use clientCertificate/privateKey/caCertificates files",
+    ),
+    (
+        Kind::DestinationRule,
+        "spec.subsets[].trafficPolicy.tls.insecureSkipVerify",
+        "the server certificate is always verified when caCertificates or subjectAltNames are given",
+    ),
+    (Kind::DestinationRule, "spec.subsets[].trafficPolicy.portLevelSettings[].tls.caCrl", "certificate revocation lists are not checked"),
+    (
+        Kind::DestinationRule,
+        "spec.subsets[].trafficPolicy.portLevelSettings[].tls.credentialName",
+        "Kubernetes Secrets are not served over SDS yet: use clientCertificate/privateKey/caCertificates files",
+    ),
+    (
+        Kind::DestinationRule,
+        "spec.subsets[].trafficPolicy.portLevelSettings[].tls.insecureSkipVerify",
+        "the server certificate is always verified when caCertificates or subjectAltNames are given",
+    ),
+    (Kind::ServiceEntry, "spec.addresses", "traffic is matched by host and port; the virtual IPs are not matched"),
+    (
+        Kind::ServiceEntry,
+        "spec.subjectAltNames",
+        "mTLS verifies the endpoints' SPIFFE identities (or a DestinationRule's tls.subjectAltNames)",
+    ),
+    (Kind::ServiceEntry, "spec.endpoints[].network", "weft has one network: multi-network gateways are not supported"),
+    (Kind::WorkloadEntry, "spec.network", "weft has one network: multi-network gateways are not supported"),
+    (Kind::Gateway, "spec.servers[].defaultEndpoint", "Istio does not implement it for Gateways either"),
+    (Kind::Gateway, "spec.servers[].name", "weft keeps no per-server statistics"),
+    (Kind::Gateway, "spec.servers[].port.targetPort", "gateway listeners listen on port.number (targetPort is for ServiceEntries)"),
+    (Kind::Gateway, "spec.servers[].tls.caCrl", "certificate revocation lists are not checked"),
+    (Kind::Gateway, "spec.servers[].tls.verifyCertificateSpki", "client certificates are verified by CA and subjectAltNames only"),
+    (Kind::Gateway, "spec.servers[].tls.verifyCertificateHash", "client certificates are verified by CA and subjectAltNames only"),
+    (Kind::Gateway, "spec.servers[].tls.cipherSuites", "the proxy's TLS library chooses the cipher suites"),
+    (Kind::Gateway, "spec.servers[].tls.minProtocolVersion", "TLS 1.2 and 1.3 are always offered"),
+    (Kind::Gateway, "spec.servers[].tls.maxProtocolVersion", "TLS 1.2 and 1.3 are always offered"),
+    (
+        Kind::RequestAuthentication,
+        "spec.jwtRules[].timeout",
+        "the control plane fetches jwksUri with its own timeout and inlines the keys",
+    ),
+    (Kind::Service, "spec.clusterIP", "services are matched by host name and port; the cluster IP is not used"),
+    (Kind::Service, "spec.internalTrafficPolicy", "endpoints are not filtered by node"),
+    (Kind::Service, "spec.publishNotReadyAddresses", "endpoints that are not ready are never published"),
+    (
+        Kind::Service,
+        "spec.sessionAffinity",
+        "no client-IP stickiness: use a DestinationRule's consistentHash useSourceIp",
+    ),
+    (
+        Kind::EnvoyFilter,
+        "spec.configPatches[].patch.value.typed_config.value.stage",
+        "the local rate limit filter has no rate_limits actions in weft, so no stage selects them",
+    ),
+    (
+        Kind::EnvoyFilter,
+        "spec.configPatches[].patch.value.typed_config.value.vh_rate_limits",
+        "routes carry no rate_limits actions in weft, so there is nothing to merge with the virtual host's",
+    ),
+    (Kind::Sidecar, "spec.ingress", "inbound listeners come from the workload's ports; Sidecar ingress listeners are not built"),
+    (Kind::Sidecar, "spec.inboundConnectionPool", "inbound connection pools are not limited"),
+    (Kind::Sidecar, "spec.outboundTrafficPolicy.egressProxy", "ALLOW_ANY traffic goes to its original destination"),
+    (Kind::Sidecar, "spec.egress[].captureMode", "capture is set up by `weft iptables` / `weft up`, not per listener"),
+    (Kind::Sidecar, "spec.egress[].port.targetPort", "egress listeners listen on port.number"),
+    (
+        Kind::VirtualService,
+        "spec.tcp[].match[].destinationSubnets",
+        "TCP routes match on port, source labels, namespace and gateways only",
+    ),
+    (
+        Kind::VirtualService,
+        "spec.tls[].match[].destinationSubnets",
+        "TLS routes match on SNI, port, source labels, namespace and gateways only",
+    ),
+];
 /// Exit code `istioctl analyze` uses when it finds issues at or above the threshold.
 pub const EXIT_ISSUES_FOUND: i32 = 79;
 
@@ -186,6 +300,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     let mut a = Analyzer { resources, workloads: live.to_vec(), out: Vec::new() };
     a.collect_workloads();
     a.destinations();
+    a.slo_references();
     a.destination_rule_hosts();
     a.mesh_host_conflicts();
     a.gateways_of_virtual_services();
@@ -198,6 +313,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     a.unapplied_telemetry();
     a.unapplied_envoy_filters();
     a.unapplied_table();
+    a.rollouts();
     a.out.sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
     a.out
 }
@@ -264,6 +380,26 @@ impl<'a> Analyzer<'a> {
             })
             .flatten()
             .collect()
+    }
+
+    /// IST0101 for a ServiceLevelObjective's service or subset that nothing defines (the
+    /// SLO would measure nothing, or, for a subset, could not be evaluated).
+    fn slo_references(&mut self) {
+        for r in self.of_kind(Kind::ServiceLevelObjective) {
+            let Spec::ServiceLevelObjective(o) = &r.spec else { continue };
+            let fqdn = host::fqdn(&o.service, &r.meta.namespace, DOMAIN);
+            if !self.host_known(&fqdn) {
+                self.report(r, "IST0101", Level::Error, format!("Referenced host not found: {:?}", o.service));
+                continue;
+            }
+            if let Some(subset) = &o.subset {
+                if !self.subsets(&fqdn).contains(subset.as_str()) {
+                    let t =
+                        format!("Referenced host+subset in destinationrule not found: \"{}+{}\"", o.service, subset);
+                    self.report(r, "IST0101", Level::Error, t);
+                }
+            }
+        }
     }
 
     /// IST0101 (host, subset) and IST0112 for every destination of every VirtualService.
@@ -503,6 +639,58 @@ impl<'a> Analyzer<'a> {
     /// traffic would not behave as the resource says. WFT0005: a field translated into
     /// Envoy's configuration that weft's own proxy does not enforce.
     fn unapplied_fields(&mut self) {
+        for r in self.of_kind(Kind::VirtualService) {
+            let Spec::VirtualService(vs) = &r.spec else { continue };
+            let mesh = |g: &[String]| g.iter().any(|g| g == "mesh");
+            let bound_to_mesh = vs.gateways.is_empty() || mesh(&vs.gateways);
+            for (i, t) in vs.tls.iter().enumerate() {
+                let on_mesh =
+                    t.matches.iter().any(|m| if m.gateways.is_empty() { bound_to_mesh } else { mesh(&m.gateways) });
+                if on_mesh {
+                    let t = format!(
+                        "spec.tls[{i}] is not applied by weft's sidecars (the mesh gateway): TLS passthrough routes by SNI apply on Gateways' PASSTHROUGH servers only; sidecars send TLS for a service to the service itself"
+                    );
+                    self.report(r, "WFT0021", Level::Warning, t);
+                }
+            }
+        }
+        for r in self.of_kind(Kind::Gateway) {
+            let Spec::Gateway(g) = &r.spec else { continue };
+            for (i, srv) in g.servers.iter().enumerate() {
+                let Some(tls) = &srv.tls else { continue };
+                let from_secret = tls.credential_name.is_some() || !tls.credential_names.is_empty();
+                let files = tls.server_certificate.is_some() && tls.private_key.is_some();
+                let terminates = matches!(
+                    tls.mode,
+                    Some(
+                        crate::spec::ServerTlsMode::Simple
+                            | crate::spec::ServerTlsMode::Mutual
+                            | crate::spec::ServerTlsMode::OptionalMutual
+                    )
+                );
+                if terminates && from_secret && !files {
+                    let t = format!(
+                        "spec.servers[{i}] is not served by weft: its certificate comes from tls.credentialName(s) (a Kubernetes Secret), which weft does not serve over SDS yet; give serverCertificate and privateKey files"
+                    );
+                    self.report(r, "WFT0021", Level::Warning, t);
+                }
+            }
+        }
+        for r in self.resources {
+            let refs = match &r.spec {
+                Spec::AuthorizationPolicy(p) => p.target_ref.is_some() || !p.target_refs.is_empty(),
+                Spec::RequestAuthentication(p) => p.target_ref.is_some() || !p.target_refs.is_empty(),
+                Spec::Telemetry(p) => p.target_ref.is_some() || !p.target_refs.is_empty(),
+                _ => false,
+            };
+            if refs {
+                let t = format!(
+                    "the whole {} is not applied by weft: it attaches by spec.targetRef(s), which Istio applies to waypoints and Gateway API gateways only; weft has neither (use spec.selector for sidecars)",
+                    r.kind
+                );
+                self.report(r, "WFT0022", Level::Warning, t);
+            }
+        }
         for r in self.of_kind(Kind::DestinationRule) {
             let Spec::DestinationRule(dr) = &r.spec else { continue };
             let mut pools: Vec<(String, &ConnectionPoolSettings)> = Vec::new();
@@ -556,11 +744,6 @@ impl<'a> Analyzer<'a> {
                 self.report(r, "WFT0003", Level::Error, text);
             }
             let mut unapplied = Vec::new();
-            if !t.tracing.is_empty() && (t.target_ref.is_some() || !t.target_refs.is_empty()) {
-                unapplied.push(
-                    "spec.targetRef(s): a Telemetry with targetRef applies to no proxy (use spec.selector)".to_string(),
-                );
-            }
             for (i, tr) in t.tracing.iter().enumerate() {
                 if tr.use_request_id_for_trace_sampling == Some(false) {
                     unapplied.push(format!(
@@ -680,4 +863,40 @@ impl<'a> Analyzer<'a> {
 
 fn sel(s: &Option<LabelSelector>) -> Option<&BTreeMap<String, String>> {
     s.as_ref().map(|s| &s.match_labels)
+}
+
+impl<'a> Analyzer<'a> {
+    /// WFT0030: a VirtualService for a Rollout's host not written by that rollout (the
+    /// rollout never overwrites it, and waits). WFT0031: a Rollout subset missing from
+    /// the host's DestinationRules.
+    fn rollouts(&mut self) {
+        use crate::spec::rollout::{MANAGED_BY_ANNOTATION, ROLLOUT_LABEL};
+        for r in self.of_kind(Kind::Rollout) {
+            let Spec::Rollout(ro) = &r.spec else { continue };
+            let fqdn = host::fqdn(&ro.host, &r.meta.namespace, DOMAIN);
+            for vs in self.of_kind(Kind::VirtualService) {
+                let Spec::VirtualService(spec) = &vs.spec else { continue };
+                let owned = vs.meta.annotations.get(MANAGED_BY_ANNOTATION).is_some_and(|m| m == "rollout")
+                    && vs.meta.labels.get(ROLLOUT_LABEL) == Some(&r.meta.name)
+                    && vs.meta.namespace == r.meta.namespace;
+                if owned
+                    || !spec.hosts.iter().any(|h| host::fqdn(h, &vs.meta.namespace, DOMAIN).eq_ignore_ascii_case(&fqdn))
+                {
+                    continue;
+                }
+                let text = format!(
+                    "Rollout host {fqdn} is routed by VirtualService {}/{}, which the rollout does not own: the rollout waits and never overwrites it (delete it, or let the rollout write the routing)",
+                    vs.meta.namespace, vs.meta.name
+                );
+                self.report(r, "WFT0030", Level::Error, text);
+            }
+            let subsets = self.subsets(&fqdn);
+            for (what, s) in [("stable", &ro.stable.subset), ("canary", &ro.canary.subset)] {
+                if !subsets.contains(s.as_str()) {
+                    let text = format!("Rollout {what} subset {s:?} is not a subset of a DestinationRule for {fqdn}");
+                    self.report(r, "WFT0031", Level::Error, text);
+                }
+            }
+        }
+    }
 }

@@ -23,7 +23,7 @@ pub use spec::{
     AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication, RequestAuthentication,
     ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService, WorkloadEntry,
 };
-pub use spec::{EnvoyFilter, RateLimit};
+pub use spec::{EnvoyFilter, RateLimit, Rollout, ServiceLevelObjective};
 
 /// Where a resource came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -78,6 +78,10 @@ pub enum Kind {
     EnvoyFilter,
     /// `weft.dev` RateLimit.
     RateLimit,
+    /// `weft.dev` ServiceLevelObjective.
+    ServiceLevelObjective,
+    /// `weft.dev` Rollout (a canary driven by the control plane).
+    Rollout,
 }
 
 /// A typed spec, one variant per [`Kind`].
@@ -115,6 +119,10 @@ pub enum Spec {
     EnvoyFilter(EnvoyFilter),
     /// RateLimit.
     RateLimit(RateLimit),
+    /// ServiceLevelObjective.
+    ServiceLevelObjective(ServiceLevelObjective),
+    /// Rollout.
+    Rollout(Rollout),
 }
 
 /// One parsed, validated resource.
@@ -192,7 +200,7 @@ pub struct Parsed {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 16] = [
         Kind::Service,
         Kind::VirtualService,
         Kind::DestinationRule,
@@ -207,6 +215,8 @@ impl Kind {
         Kind::LocalWorkload,
         Kind::EnvoyFilter,
         Kind::RateLimit,
+        Kind::ServiceLevelObjective,
+        Kind::Rollout,
     ];
 
     /// The kind as written in `kind:`.
@@ -226,11 +236,13 @@ impl Kind {
             Kind::LocalWorkload => "LocalWorkload",
             Kind::EnvoyFilter => "EnvoyFilter",
             Kind::RateLimit => "RateLimit",
+            Kind::ServiceLevelObjective => "ServiceLevelObjective",
+            Kind::Rollout => "Rollout",
         }
     }
 
     /// Parses a kind case-insensitively, accepting plurals and kubectl short
-    /// names (`svc`, `vs`, `dr`, `se`, `we`, `gw`, `pa`, `ap`, `ra`, `lw`).
+    /// names (`svc`, `vs`, `dr`, `se`, `we`, `gw`, `pa`, `ap`, `ra`, `lw`, `ef`, `rl`, `ro`).
     pub fn parse(s: &str) -> Option<Kind> {
         let l = s.trim().to_ascii_lowercase();
         let short = match l.as_str() {
@@ -246,6 +258,8 @@ impl Kind {
             "lw" => Some(Kind::LocalWorkload),
             "ef" => Some(Kind::EnvoyFilter),
             "rl" => Some(Kind::RateLimit),
+            "slo" => Some(Kind::ServiceLevelObjective),
+            "ro" => Some(Kind::Rollout),
             _ => None,
         };
         if short.is_some() {
@@ -270,7 +284,7 @@ impl Kind {
             | Kind::EnvoyFilter => "networking.istio.io",
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
-            Kind::LocalWorkload | Kind::RateLimit => "weft.dev",
+            Kind::LocalWorkload | Kind::RateLimit | Kind::ServiceLevelObjective | Kind::Rollout => "weft.dev",
         }
     }
 
@@ -318,6 +332,8 @@ impl Spec {
             Spec::LocalWorkload(_) => Kind::LocalWorkload,
             Spec::EnvoyFilter(_) => Kind::EnvoyFilter,
             Spec::RateLimit(_) => Kind::RateLimit,
+            Spec::ServiceLevelObjective(_) => Kind::ServiceLevelObjective,
+            Spec::Rollout(_) => Kind::Rollout,
         }
     }
 }
@@ -341,6 +357,8 @@ impl Spec {
             Spec::LocalWorkload(s) => serde_json::to_value(s),
             Spec::EnvoyFilter(s) => serde_json::to_value(s),
             Spec::RateLimit(s) => serde_json::to_value(s),
+            Spec::ServiceLevelObjective(s) => serde_json::to_value(s),
+            Spec::Rollout(s) => serde_json::to_value(s),
         };
         // Every spec type serializes to a JSON object (string keys, finite numbers).
         v.unwrap_or_default()

@@ -304,6 +304,8 @@ fn parse_spec(ctx: &mut Ctx<'_>, kind: Kind, v: &Value) -> Option<Spec> {
         Kind::LocalWorkload => Spec::LocalWorkload(ctx.de(v, p)?),
         Kind::EnvoyFilter => Spec::EnvoyFilter(ctx.de(v, p)?),
         Kind::RateLimit => Spec::RateLimit(ctx.de(v, p)?),
+        Kind::ServiceLevelObjective => Spec::ServiceLevelObjective(ctx.de(v, p)?),
+        Kind::Rollout => Spec::Rollout(ctx.de(v, p)?),
     })
 }
 

@@ -3,6 +3,8 @@
 //! Each check reports an [`Issue`] with the field path relative to the
 //! document (`spec.http[0].route[1].weight`); the parser maps paths to lines.
 
+mod rollout;
+mod slo;
 mod traffic;
 
 use crate::spec::{
@@ -199,6 +201,8 @@ pub(crate) fn spec(spec: &Spec, ns: &str) -> Vec<Issue> {
         Spec::LocalWorkload(l) => local_workload(&mut v, l),
         Spec::EnvoyFilter(ef) => envoy_filter(&mut v, ef),
         Spec::RateLimit(rl) => rate_limit(&mut v, rl),
+        Spec::ServiceLevelObjective(o) => slo::service_level_objective(&mut v, o),
+        Spec::Rollout(r) => rollout::rollout(&mut v, r),
     }
     v.issues
 }
@@ -276,6 +280,9 @@ fn service_entry(v: &mut V, se: &ServiceEntry) {
             v.port(&format!("{path}.targetPort"), t);
         }
         protocol(v, &format!("{path}.protocol"), &p.protocol);
+        if p.name.as_deref().is_none_or(str::is_empty) {
+            v.err(format!("{path}.name"), "a port name is required (Istio validates it as a DNS-1123 label)", None);
+        }
         if let Some(n) = &p.name {
             if names.contains(n) {
                 v.err(format!("{path}.name"), format!("duplicate port name `{n}`"), None);
@@ -359,6 +366,17 @@ fn gateway(v: &mut V, g: &Gateway) {
         let path = format!("spec.servers[{i}]");
         v.port(&format!("{path}.port.number"), s.port.number);
         protocol(v, &format!("{path}.port.protocol"), &s.port.protocol);
+        // Istio's validateServerPort: a server port has a name and a protocol.
+        if s.port.name.as_deref().is_none_or(str::is_empty) {
+            v.err(format!("{path}.port.name"), "a server port needs a name (Istio requires it)", None);
+        }
+        if s.port.protocol.as_deref().is_none_or(str::is_empty) {
+            v.err(
+                format!("{path}.port.protocol"),
+                "a server port needs a protocol",
+                "HTTP, HTTPS, HTTP2, GRPC, TCP, TLS, MONGO, REDIS or MYSQL".to_string(),
+            );
+        }
         if s.hosts.is_empty() {
             v.err(format!("{path}.hosts"), "at least one host is required", "use `*` for any host".to_string());
         }

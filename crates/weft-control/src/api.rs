@@ -42,6 +42,14 @@ pub struct Api {
     pub inject: crate::inject::InjectConfig,
     /// Prometheus metrics (`GET /metrics`).
     pub metrics: Arc<crate::metrics::ControlMetrics>,
+    /// The SLO engine (`GET /api/v1/slos`, `weft_slo_*` on `/metrics`).
+    pub slo: Arc<crate::slo::SloEngine>,
+    /// Rollouts and staged changes (`/api/v1/rollouts`, `apply?staged=true`).
+    pub rollouts: Arc<crate::rollout::RolloutController>,
+    /// The mesh's request statistics (dashboard, graph and time series endpoints).
+    pub stats: crate::meshstats::SharedStats,
+    /// The admin credential requests must carry (`crate::api_auth`).
+    pub auth: crate::api_auth::ApiAuth,
     /// Tap streams of the proxies and taps in progress (`/api/v1/tap`).
     pub tap: Arc<crate::tap::TapRelay>,
 }
@@ -84,6 +92,11 @@ where
                 let error = format!("only POST /inject is served on the webhook port, not {}", req.uri().path());
                 return Ok::<_, Infallible>(reply(StatusCode::NOT_FOUND, json!({"error": error})).map(Either::Left));
             }
+            if endpoints == Endpoints::All {
+                if let Err((status, body)) = api.auth.check(req.method(), req.uri().path(), req.headers()) {
+                    return Ok::<_, Infallible>(reply(status, body).map(Either::Left));
+                }
+            }
             // Tap (admin only: it shows live traffic) streams its answer.
             let (method, path, query) = (req.method(), req.uri().path(), req.uri().query().unwrap_or(""));
             if let Some(r) = crate::tap::http::route(&api, method, path, query) {
@@ -119,6 +132,7 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         query.split('&').filter_map(|kv| kv.split_once('=')).find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
     };
     match (req.method().clone(), path.as_str()) {
+        (Method::GET, p) if crate::dashboard::serves(p) => crate::dashboard::handle(api, p, &query),
         (Method::POST, "/api/v1/apply") | (Method::POST, "/api/v1/delete") => {
             let source = param("source").unwrap_or_else(|| "api".into());
             let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
@@ -128,6 +142,20 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let Ok(text) = std::str::from_utf8(&body) else {
                 return reply(StatusCode::BAD_REQUEST, json!({"error": "the body must be UTF-8 YAML or JSON"}));
             };
+            if path.ends_with("apply") && (param("staged").as_deref() == Some("true") || asks_staged(text)) {
+                let workloads: Vec<crate::rollout::staged::ProxyWorkload> = api
+                    .server
+                    .connections()
+                    .iter()
+                    .filter_map(|c| c.node.as_ref())
+                    .map(|n| (n.namespace.clone(), n.workload_name.clone(), n.labels.clone()))
+                    .collect();
+                let percent = param("canaryPercent").and_then(|p| p.parse().ok());
+                let interval = param("interval").and_then(|i| weft_api::spec::Duration::parse(&i).ok()).map(|d| d.0);
+                let (status, v) =
+                    crate::rollout::api::stage(&api.rollouts, text, &source, &workloads, percent, interval);
+                return reply(status, v);
+            }
             let r = if path.ends_with("apply") {
                 api.store.apply(text, Path::new(&source))
             } else {
@@ -184,7 +212,9 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 services: count(weft_api::Kind::Service) + entry_hosts,
                 virtual_services: count(weft_api::Kind::VirtualService),
             };
-            let text = api.metrics.render(&view);
+            let mut text = api.metrics.render(&view);
+            text.push_str(&api.slo.render_metrics());
+            text.push_str(&api.stats.self_metrics());
             let mut r = Response::new(Full::new(Bytes::from(text)));
             r.headers_mut().insert(
                 http::header::CONTENT_TYPE,
@@ -192,7 +222,19 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             );
             r
         }
+        (m, p) if p == "/api/v1/rollouts" || p.starts_with("/api/v1/rollouts/") => {
+            let rest = &p["/api/v1/rollouts".len()..];
+            let (status, v) = crate::rollout::api::handle(&api.rollouts, &api.store, m == Method::POST, rest, &query);
+            reply(status, v)
+        }
         (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
+        (Method::GET, "/api/v1/slos") => reply(StatusCode::OK, api.slo.to_json()),
+        (Method::GET, "/api/v1/slos/rules") => {
+            match crate::slo::rules::rules_yaml(&api.store.snapshot().resources, api.slo.domain()) {
+                Ok(rules) => reply(StatusCode::OK, json!({ "rules": rules })),
+                Err(e) => reply(StatusCode::UNPROCESSABLE_ENTITY, json!({ "error": e })),
+            }
+        }
         (Method::GET, "/api/v1/registry") => reply(StatusCode::OK, registry(api)),
         (Method::GET, "/api/v1/cache") => reply(StatusCode::OK, json!(api.source.cache_stats())),
         (Method::POST, "/api/v1/analyze") => {
@@ -252,6 +294,16 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
         }
         _ => reply(StatusCode::NOT_FOUND, json!({"error": format!("no such endpoint {} {path}", req.method())})),
     }
+}
+
+/// Whether a resource of `text` carries `weft.dev/staged: "true"`.
+fn asks_staged(text: &str) -> bool {
+    let staged = weft_api::spec::rollout::STAGED_ANNOTATION;
+    text.contains(staged)
+        && weft_api::parse_str(text, Path::new("api"))
+            .resources
+            .iter()
+            .any(|r| r.meta.annotations.get(staged).is_some_and(|v| v == "true"))
 }
 
 /// Per proxy: identity, and per type SYNCED / STALE / NACKED against what the control

@@ -45,12 +45,18 @@ pub struct ControlConfig {
     /// their proxies' reconnect (`weft control --data-dir`: `registry.json` there); None:
     /// a restarted control plane starts with an empty registry.
     pub registry: Option<crate::registry::PersistConfig>,
+    /// SLO evaluation interval and the global alert webhook (docs/slo.md).
+    pub slo: crate::slo::SloConfig,
+    /// How the proxies' request metrics are gathered for the dashboard and SLOs.
+    pub stats: crate::meshstats::gather::GatherConfig,
 }
 
 /// A running control plane.
 pub struct ControlPlane {
     /// Bound xDS address.
     pub xds_addr: SocketAddr,
+    /// Bound TLS xDS and certificate address (Istio's 15012), with identity.
+    pub xds_tls_addr: Option<SocketAddr>,
     /// Bound API address.
     pub api_addr: SocketAddr,
     /// Bound webhook (HTTPS) address, when enabled.
@@ -67,6 +73,21 @@ pub struct ControlPlane {
     pub source: Arc<MeshXdsSource>,
     /// The CA and token issuer, when identity is enabled.
     pub identity: Option<Arc<CertificateAuthority>>,
+    /// The SLO engine (`/api/v1/slos`, `weft_slo_*` metrics, alerts).
+    pub slo: Arc<crate::slo::SloEngine>,
+    /// Rollouts and staged changes (state in `--data-dir`'s `rollouts.json`).
+    pub rollouts: Arc<crate::rollout::RolloutController>,
+    /// Whether this control plane leads (singleton work runs only then); always true
+    /// with the directory store.
+    pub leader: watch::Sender<bool>,
+    /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
+    pub stats: crate::meshstats::SharedStats,
+    /// The gatherer behind `stats` (scrape rounds, for tests and tools); idle when the
+    /// statistics come from Prometheus.
+    pub gatherer: Arc<crate::meshstats::gather::Gatherer>,
+    /// The JSON API's admin token and its file, when identity is enabled (else the API
+    /// is open).
+    pub admin_token: Option<(String, PathBuf)>,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
     /// Writes the registry file (stopped first on shutdown).
@@ -76,6 +97,10 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Binds both servers and starts everything.
     pub async fn start(cfg: ControlConfig) -> Result<ControlPlane, String> {
+        let prometheus: Option<crate::meshstats::SharedStats> = match &cfg.stats.prometheus {
+            Some(url) => Some(Arc::new(crate::meshstats::prom::PromStats::new(url, cfg.stats.timeout)?)),
+            None => None,
+        };
         let store = match &cfg.dir {
             Some(d) => ResourceStore::open_dir(d).map_err(|e| format!("resources directory: {e}"))?,
             None => ResourceStore::in_memory(),
@@ -110,8 +135,33 @@ impl ControlPlane {
             None => source.clone(),
         };
         let metrics = Arc::new(crate::metrics::ControlMetrics::new());
-        let server = AdsServer::observed(served, metrics.xds());
+        let allow_anonymous = cfg.identity.as_ref().is_some_and(|i| i.allow_anonymous_xds);
+        let admission = crate::xds_auth::XdsAdmission::new(
+            identity.clone(),
+            registry.clone(),
+            allow_anonymous,
+            metrics.xds_refused(),
+        );
+        let admission: Arc<dyn weft_xds::StreamAdmission> = Arc::new(admission);
+        let server = AdsServer::admitting(served, metrics.xds(), Some(admission.clone()));
+        if identity.is_none() {
+            tracing::warn!(
+                "no --data-dir: the control plane has no identity, so xDS streams are not authenticated and any \
+                 caller that reaches the xDS port can register as any workload (development only)"
+            );
+        } else if allow_anonymous {
+            tracing::warn!("--xds-allow-anonymous: xDS streams without a credential may register as any workload");
+        }
         let xds_sock = TcpListener::bind(cfg.xds).await.map_err(|e| format!("cannot bind xDS on {}: {e}", cfg.xds))?;
+        let xds_tls = match (&identity, cfg.identity.as_ref().and_then(|i| i.xds_tls)) {
+            (Some(authority), Some(addr)) => {
+                let sock = TcpListener::bind(addr).await.map_err(|e| format!("cannot bind TLS xDS on {addr}: {e}"))?;
+                let (config, _cert) = crate::control_tls::server_config(authority.ca())?;
+                Some((sock, config))
+            }
+            _ => None,
+        };
+        let xds_tls_addr = xds_tls.as_ref().and_then(|(s, _)| s.local_addr().ok());
         let api_sock = TcpListener::bind(cfg.api).await.map_err(|e| format!("cannot bind API on {}: {e}", cfg.api))?;
         let xds_addr = xds_sock.local_addr().unwrap_or(cfg.xds);
         let api_addr = api_sock.local_addr().unwrap_or(cfg.api);
@@ -142,31 +192,85 @@ impl ControlPlane {
             None => tonic::service::Routes::default(),
         };
         // Proxies dial in for `weft tap` on the xDS port too.
-        let tap = Arc::new(crate::tap::TapRelay::default());
+        let tap = Arc::new(crate::tap::TapRelay::new(server.clone(), admission));
         let routes = routes.add_service(crate::tap::service(&tap));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = srv.serve_with(xds_sock, xds_stop, routes).await {
                 tracing::error!(error = %e, "xDS server stopped");
             }
         }));
+        let gatherer = crate::meshstats::gather::Gatherer::new(cfg.stats.clone());
+        let stats: crate::meshstats::SharedStats = match prometheus {
+            Some(p) => p,
+            None => {
+                tasks.push(gatherer.spawn(server.clone()));
+                gatherer.clone()
+            }
+        };
+        let slo = crate::slo::SloEngine::new(stats.clone(), &cfg.mesh.domain, cfg.slo.clone());
+        tasks.push(slo.spawn(store.clone()));
+        let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match &cfg.registry {
+            Some(p) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("rollouts.json"))),
+            None => Arc::new(crate::rollout::MemoryStateStore::default()),
+        };
+        let rollouts =
+            crate::rollout::RolloutController::new(store.clone(), stats.clone(), rollout_state, &cfg.mesh.domain);
+        source.set_staging(rollouts.staging.clone());
+        let (leader, leader_rx) = watch::channel(true);
+        tasks.push(rollouts.spawn(leader_rx));
+        if let (Some((sock, config)), Some(authority)) = (xds_tls, &identity) {
+            let srv = server.clone();
+            let routes = tonic::service::Routes::new(authority.service()).add_service(crate::tap::service(&tap));
+            let tls_stop = stopped(&stop_rx);
+            let incoming = crate::control_tls::tls_incoming(sock, config);
+            tasks.push(tokio::spawn(async move {
+                if let Err(e) = srv.serve_incoming(incoming, tls_stop, routes).await {
+                    tracing::error!(error = %e, "TLS xDS server stopped");
+                }
+            }));
+        }
+        let (auth, admin_token) = match &cfg.identity {
+            Some(ic) => {
+                let (auth, path) = crate::api_auth::ApiAuth::load(&ic.api, &ic.data_dir)?;
+                let token = auth.token().map(|t| (t.to_string(), path));
+                (auth, token)
+            }
+            None => {
+                tracing::warn!("no --data-dir: the JSON API has no admin credential (development only)");
+                (crate::api_auth::ApiAuth::open(), None)
+            }
+        };
         let api = Arc::new(crate::api::Api {
+            auth,
             store: store.clone(),
             server: server.clone(),
             source: source.clone(),
             registry: registry.clone(),
             identity: identity.clone(),
             secrets,
-            inject: cfg.inject.clone(),
+            inject: {
+                // Injected pods verify the control plane with the mesh root of the moment.
+                let mut inject = cfg.inject.clone();
+                if let (None, Some(authority)) = (&inject.root_cert, &identity) {
+                    inject.root_cert = Some(authority.ca().trust_bundle_pem());
+                }
+                inject
+            },
             metrics,
+            slo: slo.clone(),
+            rollouts: rollouts.clone(),
+            stats: stats.clone(),
             tap,
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
         }
         tasks.push(tokio::spawn(crate::api::serve(api, api_sock, stopped(&stop_rx))));
-        info!(%xds_addr, %api_addr, webhook = ?webhook_addr, identity = identity.is_some(), "control plane started");
+        info!(%xds_addr, xds_tls = ?xds_tls_addr, %api_addr, webhook = ?webhook_addr, identity = identity.is_some(),
+              "control plane started");
         Ok(ControlPlane {
             xds_addr,
+            xds_tls_addr,
             api_addr,
             webhook_addr,
             webhook_cert,
@@ -175,6 +279,12 @@ impl ControlPlane {
             server,
             source,
             identity,
+            slo,
+            rollouts,
+            leader,
+            stats,
+            gatherer,
+            admin_token,
             stop,
             tasks,
             persist,

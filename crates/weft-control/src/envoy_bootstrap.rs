@@ -183,6 +183,35 @@ pub fn render_node(o: &EnvoyBootstrapOptions, node: &NodeInfo) -> String {
     serde_yaml_ng::to_string(&bootstrap).unwrap_or_else(|_| bootstrap.to_string())
 }
 
+/// `bootstrap` (from [`render`] or [`render_node`]) with its xDS cluster over TLS to the
+/// control plane's TLS port (15012): the server verified against the mesh root in
+/// `root_cert_file` and its SPIFFE id (`spiffe://<trust_domain>/ns/istio-system/sa/istiod`),
+/// ALPN `h2`. Envoy has no client certificate before the control plane serves it one:
+/// its join token (node metadata) is its credential, now sent encrypted, and so is the
+/// key the control plane generates for it.
+pub fn with_xds_tls(bootstrap: &str, root_cert_file: &std::path::Path, trust_domain: &str) -> Result<String, String> {
+    let mut v: serde_json::Value = serde_yaml_ng::from_str(bootstrap).map_err(|e| format!("not a bootstrap: {e}"))?;
+    let id = weft_identity::control_plane_id(trust_domain).map_err(|e| e.to_string())?;
+    let socket = json!({
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "sni": format!("{}.{}.svc", weft_identity::CONTROL_PLANE_SERVICE_ACCOUNT, weft_identity::CONTROL_PLANE_NAMESPACE),
+            "common_tls_context": {
+                "alpn_protocols": ["h2"],
+                "validation_context": {
+                    "trusted_ca": { "filename": root_cert_file.display().to_string() },
+                    "match_typed_subject_alt_names": [{ "san_type": "URI", "matcher": { "exact": id.to_string() } }],
+                },
+            },
+        },
+    });
+    let clusters = v["static_resources"]["clusters"].as_array_mut().ok_or("the bootstrap has no static clusters")?;
+    let xds = clusters.iter_mut().find(|c| c["name"] == XDS_CLUSTER).ok_or("the bootstrap has no xDS cluster")?;
+    xds["transport_socket"] = socket;
+    Ok(serde_yaml_ng::to_string(&v).unwrap_or_else(|_| v.to_string()))
+}
+
 /// Parses `app=x,version=v1` into labels with Kubernetes' syntax rules (name: up to 63
 /// of `[A-Za-z0-9._-]`, starting and ending alphanumeric, optionally after a DNS
 /// prefix and `/`; value: empty or the same rules). An empty string is no labels.

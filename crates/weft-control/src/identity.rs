@@ -31,6 +31,17 @@ pub struct IdentityConfig {
     pub max_cert_ttl: Duration,
     /// Longest join-token TTL granted; a request for more is refused with 400.
     pub max_token_ttl: Duration,
+    /// The TLS port for xDS and certificates (Istio's 15012; `crate::control_tls`);
+    /// None: plaintext port only.
+    pub xds_tls: Option<std::net::SocketAddr>,
+    /// Let xDS streams without any credential register (`--xds-allow-anonymous`; for
+    /// development only: anyone who reaches the port can then claim any workload).
+    pub allow_anonymous_xds: bool,
+    /// Kubernetes service-account tokens accepted as credentials, verified against the
+    /// cluster issuer's keys (`crate::k8s_tokens`); None: they are refused.
+    pub kubernetes: Option<crate::k8s_tokens::KubernetesTokenConfig>,
+    /// The JSON API's admin credential (`crate::api_auth`).
+    pub api: crate::api_auth::ApiAuthConfig,
 }
 
 impl IdentityConfig {
@@ -43,6 +54,10 @@ impl IdentityConfig {
             cert_ttl: DEFAULT_CERT_TTL,
             max_cert_ttl: DEFAULT_MAX_CERT_TTL,
             max_token_ttl: weft_identity::token::DEFAULT_MAX_TOKEN_TTL,
+            xds_tls: None,
+            allow_anonymous_xds: false,
+            kubernetes: None,
+            api: Default::default(),
         }
     }
 
@@ -66,7 +81,11 @@ impl IdentityConfig {
         .map_err(|e| e.to_string())?;
         let tokens =
             TokenIssuer::load_or_create(&self.data_dir).map_err(|e| e.to_string())?.with_max_ttl(self.max_token_ttl);
-        Ok(Arc::new(CertificateAuthority::new(Arc::new(ca), Arc::new(tokens), self.cert_ttl, self.max_cert_ttl)))
+        let mut authority = CertificateAuthority::new(Arc::new(ca), Arc::new(tokens), self.cert_ttl, self.max_cert_ttl);
+        if let Some(k8s) = &self.kubernetes {
+            authority = authority.with_kubernetes(crate::k8s_tokens::KubernetesTokens::new(k8s.clone())?);
+        }
+        Ok(Arc::new(authority))
     }
 }
 

@@ -52,6 +52,10 @@ pub struct InjectConfig {
     pub cluster_domain: String,
     /// SPIFFE trust domain of the workload identity.
     pub trust_domain: String,
+    /// The mesh root (PEM) written into the bootstrap (`identity.root_cert`): the proxy
+    /// verifies an `https://` control plane (15012) with it on its first connection, or
+    /// checks the root a plaintext one answers with. None: trust on first use.
+    pub root_cert: Option<String>,
 }
 
 impl Default for InjectConfig {
@@ -63,6 +67,7 @@ impl Default for InjectConfig {
             proxy_uid: 1337,
             cluster_domain: "cluster.local".into(),
             trust_domain: weft_identity::DEFAULT_TRUST_DOMAIN.into(),
+            root_cert: None,
         }
     }
 }

@@ -7,6 +7,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+pub mod gather;
+pub mod prom;
+pub mod scrape;
+pub mod series;
+
 /// Which reporter's view (Istio's `reporter` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Reporter {
@@ -132,6 +137,22 @@ pub trait MeshStats: Send + Sync {
     fn window(&self, sel: &Selector, window: Duration) -> WindowStats;
     /// The service graph's edges with traffic in the last `window`.
     fn edges(&self, window: Duration) -> Vec<Edge>;
+    /// Chart points over the last `window`, `step` apart (at least the resolution the
+    /// window is kept at), oldest first. Default: none.
+    fn series(&self, _sel: &Selector, _window: Duration, _step: Duration) -> Vec<series::Point> {
+        Vec::new()
+    }
+    /// Requests the destination's proxy answered 403 without a response flag (how an
+    /// AuthorizationPolicy denial shows in Istio's metrics) in the last `window`, per
+    /// series, most first. Default: none.
+    fn denials(&self, _window: Duration) -> Vec<(series::SeriesKey, f64)> {
+        Vec::new()
+    }
+    /// The gatherer's own metrics (Prometheus text) for the control plane's `/metrics`.
+    /// Default: none.
+    fn self_metrics(&self) -> String {
+        String::new()
+    }
 }
 
 /// Shared handle the control plane passes around.

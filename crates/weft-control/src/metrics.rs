@@ -46,6 +46,7 @@ pub struct ControlMetrics {
     services: Gauge,
     virtual_services: Gauge,
     process: ProcessMetrics,
+    xds_refused: crate::xds_auth::RefusedStreams,
 }
 
 /// What a scrape reads from the rest of the control plane.
@@ -167,6 +168,12 @@ impl ControlMetrics {
         registry.register("pilot_virt_services", "Total virtual services known to pilot", virtual_services.clone());
         let process = ProcessMetrics::default();
         process.register(&mut registry);
+        let xds_refused = crate::xds_auth::RefusedStreams::default();
+        registry.register(
+            "weft_xds_refused_streams",
+            "xDS streams refused before registering: no or a bad credential, or node metadata claiming another identity",
+            xds_refused.clone(),
+        );
         ControlMetrics {
             registry,
             xds,
@@ -179,7 +186,13 @@ impl ControlMetrics {
             services,
             virtual_services,
             process,
+            xds_refused,
         }
+    }
+
+    /// Refused xDS streams, counted by the admission (`weft_xds_refused_streams_total{reason}`).
+    pub fn xds_refused(&self) -> crate::xds_auth::RefusedStreams {
+        self.xds_refused.clone()
     }
 
     /// What the xDS server reports to.

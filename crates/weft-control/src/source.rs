@@ -63,6 +63,8 @@ pub struct MeshXdsSource {
     /// The registry as the translations see it (see [`MeshXdsSource::registry_epoch`]).
     epoch: Mutex<RegistryEpoch>,
     changes: watch::Sender<u64>,
+    /// Staged configuration changes served to canary proxies only ([`crate::rollout::staged`]).
+    staging: std::sync::OnceLock<Arc<crate::rollout::staged::Staging>>,
 }
 
 /// The bounded translation cache.
@@ -117,6 +119,7 @@ impl MeshXdsSource {
             }),
             epoch: Mutex::new(RegistryEpoch { seen: Arc::new(RegistrySnapshot::default()), mesh: (0, 0), epoch: 0 }),
             changes: watch::channel(0).0,
+            staging: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&me);
         let mut store_rx = me.store.subscribe();
@@ -159,6 +162,29 @@ impl MeshXdsSource {
         (versions, mesh)
     }
 
+    /// Serves the staged changes of `staging` to their canary proxies (the store's
+    /// resources overlaid with the change; every other proxy gets the store), pushing
+    /// whenever the staged view changes. Set once.
+    pub fn set_staging(self: &Arc<Self>, staging: Arc<crate::rollout::staged::Staging>) {
+        let mut rx = staging.changes();
+        if self.staging.set(staging).is_err() {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while rx.changed().await.is_ok() {
+                let Some(me) = weak.upgrade() else { return };
+                me.changes.send_modify(|v| *v += 1);
+            }
+        });
+    }
+
+    /// The staged view when `info`'s workload is one of its canaries.
+    fn staged_for(&self, info: &NodeInfo) -> Option<Arc<crate::rollout::staged::StageView>> {
+        let view = self.staging.get()?.view()?;
+        view.canary.contains(&(info.namespace.clone(), info.workload_name.clone())).then_some(view)
+    }
+
     /// Everything one proxy gets now, by type URL.
     pub fn proxy_resources(&self, node: &Node) -> Arc<TypeMap> {
         self.translation(node).0
@@ -182,7 +208,17 @@ impl MeshXdsSource {
     /// streams) has; how many.
     pub fn evict_unused<'a>(&self, connected: impl IntoIterator<Item = &'a Node>) -> usize {
         let registry = self.registry.snapshot();
-        let live: HashSet<String> = connected.into_iter().map(|n| shape(&node_info(n), n, &registry)).collect();
+        let live: HashSet<String> = connected
+            .into_iter()
+            .map(|n| {
+                let info = node_info(n);
+                let mut s = shape(&info, n, &registry);
+                if let Some(v) = self.staged_for(&info) {
+                    s.push_str(&format!("|staged:{}", v.generation));
+                }
+                s
+            })
+            .collect();
         let mut cache = self.lock_cache();
         let before = cache.entries.len();
         cache.entries.retain(|k, _| live.contains(k));
@@ -201,7 +237,11 @@ impl MeshXdsSource {
         let (store_version, mesh) = self.mesh();
         let registry = self.registry.snapshot();
         let inputs = (store_version, self.registry_epoch(store_version, &mesh, &registry));
-        let shape = shape(&info, node, &registry);
+        let staged = self.staged_for(&info);
+        let mut shape = shape(&info, node, &registry);
+        if let Some(v) = &staged {
+            shape.push_str(&format!("|staged:{}", v.generation));
+        }
         {
             let mut cache = self.lock_cache();
             cache.tick += 1;
@@ -216,6 +256,10 @@ impl MeshXdsSource {
             }
             cache.stats.misses += 1;
         }
+        let mesh = match &staged {
+            Some(v) => Arc::new(overlay(&mesh, v)),
+            None => mesh,
+        };
         let mut xds = translate(&mesh, &registry, &info, self.mode);
         if peer_exchange::needs_header_edits(&node.user_agent_name, &info) {
             peer_exchange::add_header_edits(&mut xds, &info);
@@ -320,6 +364,15 @@ fn shape(info: &NodeInfo, node: &Node, registry: &RegistrySnapshot) -> String {
         info.gateway_ports,
         info.gateway_address
     )
+}
+
+/// The mesh with a staged view's resources in place of the store's of the same key.
+fn overlay(mesh: &MeshConfig, view: &crate::rollout::staged::StageView) -> MeshConfig {
+    let keys: HashSet<weft_api::ResourceKey> = view.overlay.iter().map(|r| r.key()).collect();
+    let mut resources: Vec<weft_api::Resource> =
+        mesh.resources.iter().filter(|r| !keys.contains(&r.key())).cloned().collect();
+    resources.extend(view.overlay.iter().cloned());
+    MeshConfig { resources, ..mesh.clone() }
 }
 
 /// Workloads added, removed or changed between `old` and `new` (both versions of a

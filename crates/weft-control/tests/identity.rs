@@ -18,7 +18,7 @@ use weft_identity::manager::CertManagerConfig;
 use weft_identity::tls::{client_config, PeerIdentities};
 use weft_identity::{CertManager, CredentialSource, IdentityError, SpiffeId};
 use weft_testkit::envoy::Envoy;
-use weft_testkit::http::{get_h1, request, send_h1};
+use weft_testkit::http::{request, send_h1};
 use weft_xds::type_url::SECRET;
 
 async fn control_plane(data: &std::path::Path) -> anyhow::Result<ControlPlane> {
@@ -34,13 +34,23 @@ async fn control_plane(data: &std::path::Path) -> anyhow::Result<ControlPlane> {
         inject: Default::default(),
         webhook: None,
         registry: None,
+        slo: Default::default(),
+        stats: Default::default(),
     })
     .await
     .map_err(anyhow::Error::msg)
 }
 
+/// Adds the control plane's admin credential.
+fn admin(cp: &ControlPlane, headers: &mut http::HeaderMap) {
+    if let Some((token, _)) = &cp.admin_token {
+        headers.insert(http::header::AUTHORIZATION, format!("Bearer {token}").parse().expect("a header"));
+    }
+}
+
 async fn api_post(cp: &ControlPlane, path: &str, body: serde_json::Value) -> anyhow::Result<(u16, serde_json::Value)> {
-    let req = request(Method::POST, "weft", path, Bytes::from(body.to_string()))?;
+    let mut req = request(Method::POST, "weft", path, Bytes::from(body.to_string()))?;
+    admin(cp, req.headers_mut());
     let reply = send_h1(cp.api_addr, req).await?;
     Ok((reply.status.as_u16(), reply.json()?))
 }
@@ -183,7 +193,9 @@ async fn envoy_takes_its_certificate_and_trust_bundle_over_sds_and_serves_mtls()
     assert!(acked.acked_version.is_some() && acked.last_nack.is_none(), "Envoy ACKed the secrets: {acked:?}");
     let addr = envoy.listener_addr("mtls", Duration::from_secs(20)).await?;
     // proxy-config lists both secrets by kind, without key material.
-    let config = get_h1(cp.api_addr, "weft", "/api/v1/proxies/envoy-gw/config").await?.json()?;
+    let mut req = request(Method::GET, "weft", "/api/v1/proxies/envoy-gw/config", Bytes::new())?;
+    admin(&cp, req.headers_mut());
+    let config = send_h1(cp.api_addr, req).await?.json()?;
     let secrets = &config["resources"]["Secret"];
     assert_eq!(secrets["names"], serde_json::json!(["ROOTCA", "default"]), "{config}");
     assert!(!secrets.to_string().contains("PRIVATE KEY"), "key material must not be shown: {secrets}");

@@ -450,7 +450,10 @@ async fn envoy_and_weft_sidecars_talk_mtls_both_ways_with_authorization() {
 }
 
 async fn rotate(cp: &ControlPlane, step: &str) -> serde_json::Value {
-    let req = request(Method::POST, "weft", &format!("/api/v1/ca/rotate?step={step}"), Bytes::new()).unwrap();
+    let req = mesh::admin(
+        cp,
+        request(Method::POST, "weft", &format!("/api/v1/ca/rotate?step={step}"), Bytes::new()).unwrap(),
+    );
     let reply = send_h1(cp.api_addr, req).await.unwrap();
     assert_eq!(reply.status, 200, "{step}: {}", reply.text());
     reply.json().unwrap()

@@ -83,6 +83,8 @@ async fn control_plane(range: std::ops::Range<usize>) -> ControlPlane {
         inject: Default::default(),
         webhook: None,
         registry: None,
+        slo: Default::default(),
+        stats: Default::default(),
     };
     let cp = ControlPlane::start(cfg).await.unwrap();
     let result = cp.store.apply(&services(range), Path::new("mesh.yaml"));

@@ -81,6 +81,11 @@ async fn mesh() -> Mesh {
 }
 
 impl Mesh {
+    /// The control plane's admin token (tap is admin only).
+    fn token(&self) -> Option<&str> {
+        self.cp.admin_token.as_ref().map(|(t, _)| t.as_str())
+    }
+
     /// `method http://reviews:9080{path}` through productpage's sidecar; the status.
     async fn call(&self, method: &str, path: &str, headers: &[(&str, &str)]) -> u16 {
         let mut req = http::Request::builder()
@@ -101,7 +106,7 @@ impl Mesh {
     async fn tap(&self, query: &str) -> Tap {
         let deadline = Instant::now() + WAIT;
         loop {
-            match Tap::open(self.cp.api_addr, query).await {
+            match Tap::open(self.cp.api_addr, query, self.token()).await {
                 Ok(t) => return t,
                 Err(e) => assert!(Instant::now() < deadline, "tap {query} never started: {e}"),
             }
@@ -139,17 +144,18 @@ struct Tap {
 }
 
 impl Tap {
-    async fn open(api: SocketAddr, query: &str) -> Result<Tap, String> {
+    async fn open(api: SocketAddr, query: &str, token: Option<&str>) -> Result<Tap, String> {
         let stream = tokio::net::TcpStream::connect(api).await.map_err(|e| e.to_string())?;
         let (mut send, conn) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| e.to_string())?;
         let conn = tokio::spawn(async move {
             let _ = conn.await;
         });
-        let req = http::Request::get(format!("/api/v1/tap?{query}"))
-            .header(http::header::HOST, "weft")
-            .body(Full::new(Bytes::new()))
-            .unwrap();
+        let mut req = http::Request::get(format!("/api/v1/tap?{query}")).header(http::header::HOST, "weft");
+        if let Some(t) = token {
+            req = req.header(http::header::AUTHORIZATION, format!("Bearer {t}"));
+        }
+        let req = req.body(Full::new(Bytes::new())).unwrap();
         let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
         if resp.status() != 200 {
             let body = resp.into_body().collect().await.map(|b| b.to_bytes()).unwrap_or_default();
@@ -297,21 +303,61 @@ async fn tap_over_max_rps_drops_and_reports_the_count() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tap_refuses_unknown_targets_and_bad_filters_and_serves_its_dashboard_page() {
+async fn tap_refuses_callers_without_the_admin_token_unknown_targets_and_bad_filters_and_serves_its_page() {
     let m = mesh().await;
-    let err = Tap::open(m.cp.api_addr, "target=deploy/nobody").await.err().expect("no proxy: refused");
+    let (api, token) = (m.cp.api_addr, m.token());
+    assert!(token.is_some(), "a control plane with a data directory has an admin token");
+    let err = Tap::open(api, "target=deploy/reviews-v2", None).await.err().expect("no admin token: refused");
+    assert!(err.contains("needs the admin credential"), "{err}");
+    let err = Tap::open(api, "target=deploy/reviews-v2", Some("wrong")).await.err().expect("a wrong token: refused");
+    assert!(err.contains("not valid"), "{err}");
+    let err = Tap::open(api, "target=deploy/nobody", token).await.err().expect("no proxy: refused");
     assert!(err.contains("no connected proxy of deploy/nobody"), "{err}");
-    let err = Tap::open(m.cp.api_addr, "target=svc/ghost").await.err().expect("no service: refused");
+    let err = Tap::open(api, "target=svc/ghost", token).await.err().expect("no service: refused");
     assert!(err.contains("no service ghost"), "{err}");
-    let err = Tap::open(m.cp.api_addr, "target=deploy/reviews-v2&status=abc").await.err().expect("bad status");
+    let err = Tap::open(api, "target=deploy/reviews-v2&status=abc", token).await.err().expect("bad status");
     assert!(err.contains("expected an HTTP status code"), "{err}");
     // The dashboard's page streams the same endpoint, with nothing from outside.
-    let page = get_h1(m.cp.api_addr, "weft", "/dashboard/tap").await.unwrap();
+    let req = weft_testkit::http::request(http::Method::GET, "weft", "/dashboard/tap", Bytes::new()).unwrap();
+    let page = send_h1(api, mesh::admin(&m.cp, req)).await.unwrap();
     assert_eq!(page.status, 200);
     assert_eq!(page.header("content-type"), Some("text/html; charset=utf-8"));
     let html = page.text();
     assert!(html.contains("fetch(\"/api/v1/tap?\""), "{html}");
     assert!(!html.contains("http://") && !html.contains("https://"), "no external resources");
+    m.reviews.shutdown().await;
+    m.productpage.shutdown().await;
+    m.cp.shutdown().await;
+}
+
+/// Opens a tap stream as `node_id` with `authorization`; the status it ends with.
+async fn tap_stream_status(xds: SocketAddr, node_id: &str, authorization: Option<String>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{xds}")).unwrap().connect().await.unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let hello = weft_xds::tap::TapUpdate { node_id: node_id.to_string(), ..Default::default() };
+    tx.send(hello).await.unwrap();
+    let stream = tokio_stream::wrappers::ReceiverStream::new(rx);
+    match weft_xds::tap::open(channel, authorization, stream).await {
+        Err(status) => status,
+        Ok(mut commands) => {
+            let next = tokio::time::timeout(WAIT, commands.message()).await.expect("an answer in time");
+            next.expect_err("the stream is refused")
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tap_stream_needs_the_credential_of_the_node_it_names() {
+    let m = mesh().await;
+    let reviews = "sidecar~127.0.0.1~reviews-v2-abcde.default~default.svc.cluster.local";
+    let status = tap_stream_status(m.cp.xds_addr, reviews, None).await;
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    // productpage's credential cannot take reviews' tap stream.
+    let token = mesh::join_token(&m.cp, "default", "bookinfo-productpage").await;
+    let status = tap_stream_status(m.cp.xds_addr, reviews, Some(format!("Bearer {token}"))).await;
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    let status = tap_stream_status(m.cp.xds_addr, "nobody", Some(format!("Bearer {token}"))).await;
+    assert_eq!(status.code(), tonic::Code::FailedPrecondition, "{status:?}");
     m.reviews.shutdown().await;
     m.productpage.shutdown().await;
     m.cp.shutdown().await;

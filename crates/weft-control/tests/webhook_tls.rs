@@ -88,6 +88,8 @@ async fn control_plane(cert: PathBuf, key: PathBuf, inject: InjectConfig) -> Con
             reload_interval: Duration::from_millis(50),
         }),
         registry: None,
+        slo: Default::default(),
+        stats: Default::default(),
     })
     .await
     .unwrap()

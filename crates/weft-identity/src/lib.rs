@@ -14,6 +14,7 @@
 
 pub mod ca;
 pub mod cert;
+pub mod channel;
 mod error;
 mod files;
 pub mod manager;
@@ -27,3 +28,14 @@ pub use error::IdentityError;
 pub use manager::{CertManager, CertManagerConfig, CredentialSource, Identity, TrustBundle};
 pub use spiffe::{SpiffeId, DEFAULT_TRUST_DOMAIN};
 pub use token::{Credential, Grant, IssuedToken, TokenIssuer};
+
+/// Namespace of the control plane's own identity (Istio's: istiod runs there).
+pub const CONTROL_PLANE_NAMESPACE: &str = "istio-system";
+/// Service account of the control plane's own identity (Istio's).
+pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "istiod";
+
+/// The SPIFFE id the control plane's TLS port (15012) presents in `trust_domain`,
+/// `spiffe://<td>/ns/istio-system/sa/istiod`, which proxies expect.
+pub fn control_plane_id(trust_domain: &str) -> Result<SpiffeId, IdentityError> {
+    SpiffeId::new(trust_domain, CONTROL_PLANE_NAMESPACE, CONTROL_PLANE_SERVICE_ACCOUNT)
+}

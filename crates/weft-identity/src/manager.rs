@@ -36,7 +36,8 @@ pub enum CredentialSource {
 }
 
 impl CredentialSource {
-    fn load(&self) -> Result<Credential, IdentityError> {
+    /// The credential now (files are read at each call).
+    pub fn load(&self) -> Result<Credential, IdentityError> {
         let read = |p: &PathBuf| {
             std::fs::read_to_string(p)
                 .map(|s| s.trim().to_string())
@@ -68,6 +69,28 @@ pub struct CertManagerConfig {
     /// How long [`CertManager::start`] keeps retrying the first certificate when the
     /// service is unreachable (refusals fail at once).
     pub initial_timeout: Duration,
+    /// For an `https://` endpoint (the control plane's TLS port, 15012): the roots that
+    /// verify the control plane on the first request, before the proxy holds a
+    /// certificate (the mesh root from its bootstrap). Renewals then go over mTLS with
+    /// the current certificate and no bearer credential, the server verified against
+    /// the current trust bundle.
+    pub root_certs: Vec<CertificateDer<'static>>,
+    /// The SPIFFE id the control plane must present over TLS; None:
+    /// `spiffe://<td>/ns/istio-system/sa/istiod` ([`crate::control_plane_id`]).
+    pub control_plane: Option<SpiffeId>,
+}
+
+impl CertManagerConfig {
+    fn tls(&self) -> bool {
+        self.endpoint.starts_with("https://")
+    }
+
+    fn control_plane_id(&self) -> Result<SpiffeId, IdentityError> {
+        match &self.control_plane {
+            Some(id) => Ok(id.clone()),
+            None => crate::control_plane_id(self.identity.trust_domain()),
+        }
+    }
 }
 
 impl CertManagerConfig {
@@ -81,6 +104,8 @@ impl CertManagerConfig {
             backoff_initial: Duration::from_secs(1),
             backoff_max: Duration::from_secs(30),
             initial_timeout: Duration::from_secs(60),
+            root_certs: Vec::new(),
+            control_plane: None,
         }
     }
 }
@@ -170,11 +195,24 @@ impl CertManager {
     /// most `initial_timeout`; failing at once when the credential or CSR is refused),
     /// then renews in the background.
     pub async fn start(cfg: CertManagerConfig) -> Result<CertManager, IdentityError> {
-        let mut client = CertificateClient::connect_lazy(&cfg.endpoint)?;
+        let mut client = if cfg.tls() {
+            if cfg.root_certs.is_empty() {
+                return Err(IdentityError::Certificate(format!(
+                    "{}: the control plane's TLS port needs the mesh root to verify it on the first request \
+                     (bootstrap `identity.root_cert_file`)",
+                    cfg.endpoint
+                )));
+            }
+            let expected = crate::tls::PeerIdentities::OneOf(vec![cfg.control_plane_id()?]);
+            let config = crate::tls::roots_client_config(&cfg.root_certs, expected)?;
+            CertificateClient::connect_lazy_tls(&cfg.endpoint, config)?
+        } else {
+            CertificateClient::connect_lazy(&cfg.endpoint)?
+        };
         let deadline = Instant::now() + cfg.initial_timeout;
         let mut backoff = cfg.backoff_initial;
         let first = loop {
-            match fetch(&mut client, &cfg).await {
+            match fetch(&mut client, &cfg, true).await {
                 Ok(f) => break f,
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
@@ -189,9 +227,23 @@ impl CertManager {
             }
         };
         let root = first.root.clone();
+        if !cfg.root_certs.is_empty() && !cfg.root_certs.contains(&root) {
+            // Plaintext endpoint with a known root: the answer must chain to it.
+            return Err(IdentityError::Certificate(format!(
+                "{}: the issued chain ends in a root that is not the mesh root of the bootstrap",
+                cfg.endpoint
+            )));
+        }
         let identity = first.into_identity(Arc::new(TrustBundle::new(vec![root], 1, false)));
         info!(identity = %identity.id, serial = %identity.serial, "workload certificate obtained");
         let tx = Arc::new(watch::channel(Arc::new(identity)).0);
+        if cfg.tls() {
+            // Renewals: mTLS with the current certificate, the server checked against the
+            // current bundle (ROOTCA once the proxy feeds it).
+            let expected = crate::tls::PeerIdentities::OneOf(vec![cfg.control_plane_id()?]);
+            let config = crate::tls::client_config(tx.subscribe(), expected)?;
+            client = CertificateClient::connect_lazy_tls(&cfg.endpoint, config)?;
+        }
         let task = tokio::spawn(renew_loop(client, cfg, tx.clone()));
         Ok(CertManager { tx, task })
     }
@@ -264,7 +316,8 @@ async fn renew_loop(mut client: CertificateClient, cfg: CertManagerConfig, tx: A
         tokio::time::sleep(delay).await;
         let mut backoff = cfg.backoff_initial;
         loop {
-            match fetch(&mut client, &cfg).await {
+            // Over mTLS the certificate is the credential: the join token was for the first one.
+            match fetch(&mut client, &cfg, !cfg.tls()).await {
                 Ok(f) => {
                     tx.send_modify(|cur| {
                         let keep = cur.roots.from_control_plane || cur.roots.roots == [f.root.clone()];
@@ -308,15 +361,19 @@ fn jitter() -> f64 {
 }
 
 /// One round trip: new key, CSR, request, checks on the answer.
-async fn fetch(client: &mut CertificateClient, cfg: &CertManagerConfig) -> Result<Fetched, IdentityError> {
+async fn fetch(
+    client: &mut CertificateClient,
+    cfg: &CertManagerConfig,
+    with_credential: bool,
+) -> Result<Fetched, IdentityError> {
     let key = KeyPair::generate().map_err(IdentityError::crypto)?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
     params.subject_alt_names = vec![SanType::URI(cfg.identity.uri().try_into().map_err(IdentityError::crypto)?)];
     let csr = params.serialize_request(&key).map_err(IdentityError::crypto)?;
     let csr_pem = csr.pem().map_err(IdentityError::crypto)?;
-    let credential = cfg.credential.load()?;
-    let chain_pems = client.create_certificate(&credential, csr_pem, cfg.ttl).await?;
+    let credential = if with_credential { Some(cfg.credential.load()?) } else { None };
+    let chain_pems = client.request_certificate(credential.as_ref(), csr_pem, cfg.ttl).await?;
     let mut chain = certs_from_pem(&chain_pems.concat(), "issued chain")?;
     let (Some(root), false) = (chain.pop(), chain.is_empty()) else {
         return Err(IdentityError::Certificate("the issued chain has no root after the leaf".into()));

@@ -17,7 +17,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
 
-use crate::{Ca, Credential, IdentityError, TokenIssuer};
+use crate::{Ca, Credential, Grant, IdentityError, SpiffeId, TokenIssuer};
 
 /// gRPC service name.
 pub const SERVICE_NAME: &str = "istio.v1.auth.IstioCertificateService";
@@ -46,10 +46,39 @@ pub struct IstioCertificateResponse {
     pub cert_chain: Vec<String>,
 }
 
+/// Verifies credentials the token issuer does not know: Kubernetes service-account
+/// tokens (the control plane checks them against the cluster issuer's keys).
+pub trait CredentialVerifier: Send + Sync + 'static {
+    /// What `credential` grants, or why it is refused.
+    fn verify(&self, credential: &Credential) -> Result<Grant, IdentityError>;
+}
+
+/// What a caller of the control channel (certificate service, xDS) presented.
+#[derive(Clone, Debug, Default)]
+pub struct CallerCredentials {
+    /// The `authorization` metadata (`Bearer <join token or Kubernetes token>`).
+    pub authorization: Option<String>,
+    /// The SPIFFE id of the client certificate verified by a TLS listener.
+    pub client_identity: Option<SpiffeId>,
+}
+
+/// Who a caller proved to be, and with what.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Authenticated {
+    /// Namespace and service account granted.
+    pub grant: Grant,
+    /// `client-certificate`, `join-token` or `k8s-sa-token`.
+    pub kind: &'static str,
+}
+
+/// `token_id` of a grant proven by a client certificate.
+pub const CLIENT_CERTIFICATE: &str = "client-certificate";
+
 /// What the service does with a request: the CA, the token issuer and TTL bounds.
 pub struct CertificateAuthority {
     ca: Arc<Ca>,
     tokens: Arc<TokenIssuer>,
+    kubernetes: Option<Arc<dyn CredentialVerifier>>,
     default_ttl: Duration,
     max_ttl: Duration,
     stats: CertificateStats,
@@ -70,10 +99,52 @@ impl CertificateAuthority {
         CertificateAuthority {
             ca,
             tokens,
+            kubernetes: None,
             default_ttl,
             max_ttl: max_ttl.max(default_ttl),
             stats: CertificateStats::default(),
         }
+    }
+
+    /// The authority with Kubernetes service-account tokens verified by `verifier`
+    /// (without one they are refused as unsupported).
+    pub fn with_kubernetes(mut self, verifier: Arc<dyn CredentialVerifier>) -> Self {
+        self.kubernetes = Some(verifier);
+        self
+    }
+
+    /// Who the caller is: a client certificate of this trust domain (verified by the TLS
+    /// listener) wins; else the bearer credential (join token, or Kubernetes token when
+    /// a verifier is set).
+    pub fn authenticate(&self, caller: &CallerCredentials) -> Result<Authenticated, IdentityError> {
+        if let Some(id) = &caller.client_identity {
+            if id.trust_domain() != self.ca.trust_domain() {
+                return Err(IdentityError::TokenMalformed(format!(
+                    "client certificate {id} is not of trust domain {}",
+                    self.ca.trust_domain()
+                )));
+            }
+            let grant = Grant {
+                namespace: id.namespace().to_string(),
+                service_account: id.service_account().to_string(),
+                token_id: CLIENT_CERTIFICATE.to_string(),
+            };
+            return Ok(Authenticated { grant, kind: CLIENT_CERTIFICATE });
+        }
+        let Some(auth) = caller.authorization.as_deref() else {
+            return Err(IdentityError::TokenMalformed(
+                "no credential: send `authorization: Bearer <join token>` or a client certificate".into(),
+            ));
+        };
+        let token = auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer ")).ok_or_else(|| {
+            IdentityError::TokenMalformed("the authorization metadata must be `Bearer <token>`".into())
+        })?;
+        let credential = Credential::from_bearer(token)?;
+        let grant = match (&credential, &self.kubernetes) {
+            (Credential::KubernetesServiceAccountToken(_), Some(k8s)) => k8s.verify(&credential)?,
+            _ => self.tokens.verify_credential(&credential)?,
+        };
+        Ok(Authenticated { grant, kind: credential.kind() })
     }
 
     /// Requests received and certificates issued by [`CertificateAuthority::create_certificate`].
@@ -99,27 +170,29 @@ impl CertificateAuthority {
         authorization: Option<&str>,
         req: &IstioCertificateRequest,
     ) -> Result<Vec<String>, IdentityError> {
+        let caller = CallerCredentials { authorization: authorization.map(str::to_string), client_identity: None };
+        self.create_certificate_for(&caller, req)
+    }
+
+    /// [`CertificateAuthority::create_certificate`] for a caller that may also have
+    /// proven a client certificate (renewals over mTLS need no token).
+    pub fn create_certificate_for(
+        &self,
+        caller: &CallerCredentials,
+        req: &IstioCertificateRequest,
+    ) -> Result<Vec<String>, IdentityError> {
         self.stats.csrs.fetch_add(1, Ordering::Relaxed);
-        let chain = self.sign_request(authorization, req)?;
+        let chain = self.sign_request(caller, req)?;
         self.stats.issued.fetch_add(1, Ordering::Relaxed);
         Ok(chain)
     }
 
     fn sign_request(
         &self,
-        authorization: Option<&str>,
+        caller: &CallerCredentials,
         req: &IstioCertificateRequest,
     ) -> Result<Vec<String>, IdentityError> {
-        let Some(auth) = authorization else {
-            return Err(IdentityError::TokenMalformed(
-                "no credential: send `authorization: Bearer <join token>`".into(),
-            ));
-        };
-        let token = auth.strip_prefix("Bearer ").or_else(|| auth.strip_prefix("bearer ")).ok_or_else(|| {
-            IdentityError::TokenMalformed("the authorization metadata must be `Bearer <token>`".into())
-        })?;
-        let credential = Credential::from_bearer(token)?;
-        let grant = self.tokens.verify_credential(&credential)?;
+        let Authenticated { grant, kind } = self.authenticate(caller)?;
         let identity = grant.spiffe_id(self.ca.trust_domain())?;
         // Istio's CA: no TTL (0 or negative) gets the default; one over the maximum is
         // refused with INVALID_ARGUMENT ("requested TTL ... is greater than the max
@@ -142,7 +215,7 @@ impl CertificateAuthority {
         };
         let issued = self.ca.sign_csr(&req.csr, &identity, ttl)?;
         info!(%identity, serial = %issued.serial, ttl_s = ttl.as_secs(), token = %grant.token_id,
-              credential = credential.kind(), "certificate issued");
+              credential = kind, "certificate issued");
         Ok(issued.cert_chain())
     }
 
@@ -211,9 +284,17 @@ impl tonic::server::UnaryService<IstioCertificateRequest> for Create {
     fn call(&mut self, request: Request<IstioCertificateRequest>) -> Self::Future {
         let authority = self.0.clone();
         Box::pin(async move {
-            let peer = request.remote_addr();
-            let auth = request.metadata().get("authorization").and_then(|v| v.to_str().ok()).map(str::to_string);
-            match authority.create_certificate(auth.as_deref(), request.get_ref()) {
+            let tls = request.extensions().get::<crate::channel::TlsPeer>().cloned();
+            let peer = request.remote_addr().or(tls.as_ref().and_then(|t| t.remote_addr));
+            let caller = CallerCredentials {
+                authorization: request
+                    .metadata()
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                client_identity: tls.and_then(|t| t.identity),
+            };
+            match authority.create_certificate_for(&caller, request.get_ref()) {
                 Ok(cert_chain) => Ok(Response::new(IstioCertificateResponse { cert_chain })),
                 Err(e) => {
                     warn!(peer = ?peer, error = %e, "certificate request refused");
@@ -239,6 +320,17 @@ impl CertificateClient {
     /// A client of `endpoint` (`http://host:port`) that connects on first use and
     /// reconnects as needed.
     pub fn connect_lazy(endpoint: &str) -> Result<Self, IdentityError> {
+        Ok(CertificateClient::new(Self::endpoint(endpoint)?.connect_lazy()))
+    }
+
+    /// A client of `endpoint` (`https://host:port`) over TLS with `config` (the server
+    /// verified as it says; a client certificate if it has one), connected on first use.
+    pub fn connect_lazy_tls(endpoint: &str, config: rustls::ClientConfig) -> Result<Self, IdentityError> {
+        let ep = Self::endpoint(&crate::channel::plain_uri(endpoint))?;
+        Ok(CertificateClient::new(crate::channel::tls_channel_lazy(ep, config)))
+    }
+
+    fn endpoint(endpoint: &str) -> Result<Endpoint, IdentityError> {
         let ep = Endpoint::from_shared(endpoint.to_string())
             .map_err(|e| IdentityError::Service {
                 code: tonic::Code::InvalidArgument,
@@ -246,7 +338,7 @@ impl CertificateClient {
             })?
             .connect_timeout(Duration::from_secs(5))
             .timeout(Duration::from_secs(15));
-        Ok(CertificateClient::new(ep.connect_lazy()))
+        Ok(ep)
     }
 
     /// Sends `csr_pem` with `credential`; the PEM chain (leaf first, root last).
@@ -256,16 +348,29 @@ impl CertificateClient {
         csr_pem: String,
         ttl: Option<Duration>,
     ) -> Result<Vec<String>, IdentityError> {
+        self.request_certificate(Some(credential), csr_pem, ttl).await
+    }
+
+    /// Sends `csr_pem` with `credential` if any (over mTLS the client certificate is
+    /// the credential); the PEM chain (leaf first, root last).
+    pub async fn request_certificate(
+        &mut self,
+        credential: Option<&Credential>,
+        csr_pem: String,
+        ttl: Option<Duration>,
+    ) -> Result<Vec<String>, IdentityError> {
         let msg = IstioCertificateRequest {
             csr: csr_pem,
             validity_duration: ttl.map(|t| i64::try_from(t.as_secs()).unwrap_or(i64::MAX)).unwrap_or(0),
             metadata: None,
         };
         let mut request = Request::new(msg);
-        let bearer = format!("Bearer {}", credential.token()).parse().map_err(|_| {
-            IdentityError::TokenMalformed("the credential holds characters not allowed in metadata".into())
-        })?;
-        request.metadata_mut().insert("authorization", bearer);
+        if let Some(credential) = credential {
+            let bearer = format!("Bearer {}", credential.token()).parse().map_err(|_| {
+                IdentityError::TokenMalformed("the credential holds characters not allowed in metadata".into())
+            })?;
+            request.metadata_mut().insert("authorization", bearer);
+        }
         let status = |s: Status| IdentityError::Service { code: s.code(), message: s.message().to_string() };
         self.grpc
             .ready()

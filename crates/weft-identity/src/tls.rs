@@ -339,6 +339,63 @@ pub fn server_config(
         .with_cert_resolver(Arc::new(IdentityResolver::new(identity))))
 }
 
+/// Client side, before the proxy holds a certificate: verifies the server against fixed
+/// roots (the mesh root from the proxy's bootstrap) and expected identities.
+pub type RootsServerVerifier = Verifier<RootsServerCheck>;
+
+/// The certificate check of a [`RootsServerVerifier`].
+#[derive(Debug)]
+pub struct RootsServerCheck {
+    store: Arc<rustls::RootCertStore>,
+    expected: PeerIdentities,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ServerCertCheck for RootsServerCheck {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let parsed = ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &parsed,
+            &self.store,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        check_identity(end_entity, &self.expected)?;
+        Ok(ServerCertVerified::assertion())
+    }
+}
+
+/// A client config without a client certificate, accepting servers whose chain verifies
+/// to `roots` and whose SPIFFE id is in `expected`: a proxy's first request to the
+/// control plane (its certificate signing request with the join token), the roots
+/// coming from its bootstrap.
+pub fn roots_client_config(
+    roots: &[CertificateDer<'static>],
+    expected: PeerIdentities,
+) -> Result<ClientConfig, IdentityError> {
+    let mut store = rustls::RootCertStore::empty();
+    let (added, _) = store.add_parsable_certificates(roots.iter().cloned());
+    if added == 0 {
+        return Err(IdentityError::Certificate("no usable root certificate to verify the control plane".into()));
+    }
+    let provider = provider();
+    let check = RootsServerCheck { store: Arc::new(store), expected, provider: provider.clone() };
+    Ok(ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(IdentityError::crypto)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(Verifier::checking(check, &provider)))
+        .with_no_client_auth())
+}
+
 /// The SPIFFE id of a connection's peer, from `peer_certificates()` of a rustls
 /// connection (`None` when the peer sent no certificate or it has no SPIFFE id).
 pub fn peer_identity(peer_certificates: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {

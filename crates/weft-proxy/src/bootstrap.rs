@@ -53,9 +53,18 @@ pub struct IdentitySettings {
     /// Kubernetes support; a control plane outside Kubernetes refuses it).
     #[serde(default)]
     pub kubernetes_token_file: Option<PathBuf>,
-    /// The certificate service, `http://host:port`; default: `xds.address`.
+    /// The certificate service, `http://host:port` or `https://host:port` (the control
+    /// plane's TLS port, 15012, which needs the mesh root below); default: `xds.address`.
     #[serde(default)]
     pub ca_address: Option<String>,
+    /// A PEM file with the mesh root(s): how a fresh proxy verifies the control plane's
+    /// TLS port before it holds a certificate (Istio's `istio-ca-root-cert`). Required
+    /// when the certificate service is `https://`.
+    #[serde(default)]
+    pub root_cert_file: Option<PathBuf>,
+    /// The same roots inline (PEM), e.g. in a bootstrap given as an environment variable.
+    #[serde(default)]
+    pub root_cert: Option<String>,
     /// SPIFFE trust domain, default `cluster.local`.
     #[serde(default = "default_trust_domain")]
     pub trust_domain: String,
@@ -183,6 +192,14 @@ impl Bootstrap {
         if !(self.xds.address.starts_with("http://") || self.xds.address.starts_with("https://")) {
             return Err(bad("xds.address", format!("expected http://host:port, got {:?}", self.xds.address)));
         }
+        if self.xds.address.starts_with("https://") && self.identity.is_none() {
+            return Err(bad(
+                "xds.address",
+                "an https:// control plane (its TLS port, 15012) is reached with the proxy's certificate: add an \
+                 `identity` section, or use the plaintext port"
+                    .into(),
+            ));
+        }
         if self.node.id.is_empty() {
             return Err(bad("node.id", "must not be empty".into()));
         }
@@ -196,6 +213,9 @@ impl Bootstrap {
                     "identity",
                     "give exactly one of `token`, `token_file` (a join token) and `kubernetes_token_file`".into(),
                 ));
+            }
+            if id.root_cert.is_some() && id.root_cert_file.is_some() {
+                return Err(bad("identity", "give at most one of `root_cert` and `root_cert_file`".into()));
             }
             if let Some(a) = &id.ca_address {
                 if !(a.starts_with("http://") || a.starts_with("https://")) {

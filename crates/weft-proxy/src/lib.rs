@@ -12,6 +12,7 @@ pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod context;
+pub mod control_channel;
 pub mod detect;
 pub mod dump;
 pub mod error;

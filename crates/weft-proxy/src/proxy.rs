@@ -65,25 +65,42 @@ async fn start_identity(b: &Bootstrap) -> Result<(crate::tls::Secrets, weft_xds:
     let Some(id) = &b.identity else { return Ok((crate::tls::Secrets::default(), node)) };
     let spiffe = weft_identity::SpiffeId::new(&id.trust_domain, &node.namespace, b.service_account())
         .map_err(|e| StartError::Identity(e.to_string()))?;
-    let credential = match (&id.token, &id.token_file, &id.kubernetes_token_file) {
-        (Some(t), _, _) => weft_identity::CredentialSource::JoinToken(t.clone()),
-        (None, Some(f), _) => weft_identity::CredentialSource::JoinTokenFile(f.clone()),
-        (None, None, Some(f)) => weft_identity::CredentialSource::KubernetesTokenFile(f.clone()),
-        (None, None, None) => {
-            return Err(StartError::Identity(
-                "a credential (token, token_file or kubernetes_token_file) is required".into(),
-            ))
-        }
+    let Some(credential) = credential_source(id) else {
+        return Err(StartError::Identity(
+            "a credential (token, token_file or kubernetes_token_file) is required".into(),
+        ));
     };
     let endpoint = id.ca_address.clone().unwrap_or_else(|| b.xds.address.clone());
     let mut cfg = weft_identity::CertManagerConfig::new(endpoint, credential, spiffe);
     cfg.ttl = id.cert_ttl;
+    let roots_pem = match (&id.root_cert, &id.root_cert_file) {
+        (Some(pem), _) => Some(pem.clone()),
+        (None, Some(path)) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| StartError::Identity(format!("identity.root_cert_file {}: {e}", path.display())))?,
+        ),
+        (None, None) => None,
+    };
+    if let Some(pem) = roots_pem {
+        cfg.root_certs = weft_identity::cert::certs_from_pem(&pem, "identity.root_cert")
+            .map_err(|e| StartError::Identity(e.to_string()))?;
+    }
     let manager = weft_identity::CertManager::start(cfg).await.map_err(|e| StartError::Identity(e.to_string()))?;
     node.labels.insert("security.istio.io/tlsMode".into(), "istio".into());
     if node.service_account.is_empty() {
         node.service_account = b.service_account().to_string();
     }
     Ok((crate::tls::Secrets::new(Arc::new(manager)), node))
+}
+
+/// The bootstrap credential of an identity section.
+fn credential_source(id: &crate::bootstrap::IdentitySettings) -> Option<weft_identity::CredentialSource> {
+    match (&id.token, &id.token_file, &id.kubernetes_token_file) {
+        (Some(t), _, _) => Some(weft_identity::CredentialSource::JoinToken(t.clone())),
+        (None, Some(f), _) => Some(weft_identity::CredentialSource::JoinTokenFile(f.clone())),
+        (None, None, Some(f)) => Some(weft_identity::CredentialSource::KubernetesTokenFile(f.clone())),
+        (None, None, None) => None,
+    }
 }
 
 /// How long readiness waits for routes and endpoints named by the first listeners and
@@ -221,10 +238,19 @@ impl ProxyHandle {
             ..node
         };
         let tap_node = node.id.clone();
-        let client = AdsClient::new(
+        let mut client = AdsClient::new(
             ClientConfig { address: b.xds.address.clone(), node, mode: b.xds.mode.into(), backoff: Backoff::default() },
             store.clone(),
         );
+        let mut transport: Option<Arc<dyn weft_xds::XdsTransport>> = None;
+        if let (Some(manager), Some(credential)) = (secrets.manager(), b.identity.as_ref().and_then(credential_source))
+        {
+            let channel = crate::control_channel::ControlChannel::new(&b.xds.address, manager, credential)
+                .map_err(StartError::Identity)?;
+            let channel = Arc::new(channel);
+            transport = Some(channel.clone());
+            client = client.with_transport(channel);
+        }
         let xds = client.status();
         let mut tasks = Vec::new();
         let stop = |rx: &watch::Receiver<bool>| {
@@ -235,7 +261,8 @@ impl ProxyHandle {
         };
         tasks.push(tokio::spawn(client.run(stop(&stop_rx))));
         // Taps arrive on a stream this proxy dials to the control plane.
-        let tap = crate::telemetry::tap::run(ctx.tap.clone(), b.xds.address.clone(), tap_node, stop(&stop_rx));
+        let tap =
+            crate::telemetry::tap::run(ctx.tap.clone(), b.xds.address.clone(), tap_node, transport, stop(&stop_rx));
         tasks.push(tokio::spawn(tap));
         tasks.push(tokio::spawn(watch_xds(xds.clone(), metrics.clone(), stop(&stop_rx))));
         // Spans leave in the background, never on a request's path.

@@ -172,3 +172,103 @@ async fn ring_hash_keeps_each_hash_key_on_one_endpoint() {
     }
     assert!(used.len() >= 2, "24 keys all hashed to one endpoint: {used:?}");
 }
+
+/// A cookie hash policy with a ttl generates the cookie Envoy's way when the request has
+/// none (`Set-Cookie: name="<16 hex>"; Max-Age=<ttl>; Path=<path>; HttpOnly`, a session
+/// cookie without Max-Age for a zero ttl), and a client that sends it back stays on one
+/// endpoint; without a ttl nothing is generated.
+#[tokio::test]
+async fn cookie_hash_policy_generates_the_cookie_and_sticks_to_it() {
+    use envoy_types::pb::envoy::config::route::v3::route_action::{hash_policy, HashPolicy};
+    use envoy_types::pb::google::protobuf::Duration as PbDuration;
+    let mesh = Mesh::start().await;
+    let backends = [EchoServer::start("c0").await, EchoServer::start("c1").await, EchoServer::start("c2").await];
+    let mut c = build::eds_cluster("sticky", false);
+    c.metadata = None;
+    c.lb_policy = envoy_types::pb::envoy::config::cluster::v3::cluster::LbPolicy::RingHash as i32;
+    mesh.set(type_url::CLUSTER, vec![pack_any(c)]);
+    mesh.set(
+        type_url::ENDPOINT,
+        vec![pack_any(build::cla(
+            "sticky",
+            &backends.iter().map(|b| (b.addr, 1, HealthStatus::Healthy)).collect::<Vec<_>>(),
+        ))],
+    );
+    let cookie = |name: &str, ttl: Option<i64>| {
+        let mut action = to("sticky");
+        action.hash_policy = vec![HashPolicy {
+            policy_specifier: Some(hash_policy::PolicySpecifier::Cookie(hash_policy::Cookie {
+                name: name.into(),
+                ttl: ttl.map(|s| PbDuration { seconds: s, nanos: 0 }),
+                path: "/app".into(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        }];
+        action
+    };
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc(
+            "routes",
+            vec![vhost(
+                "all",
+                &["*"],
+                vec![
+                    route("ttl", prefix("/app"), cookie("session", Some(90))),
+                    route("session", prefix("/browser"), cookie("tab", Some(0))),
+                    route("none", prefix("/"), cookie("plain", None)),
+                ],
+            )],
+        ))],
+    );
+    let proxy = mesh.proxy("cookie", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    let get = |path: &'static str, cookie: Option<String>| async move {
+        let mut req = weft_testkit::http::request(http::Method::GET, "svc", path, bytes::Bytes::new()).unwrap();
+        if let Some(c) = cookie {
+            req.headers_mut().insert(http::header::COOKIE, c.parse().unwrap());
+        }
+        weft_testkit::http::send_h1(out, req).await.unwrap()
+    };
+
+    let first = get("/app/x", None).await;
+    assert_eq!(first.status, 200);
+    let set = first.header("set-cookie").expect("a generated cookie").to_string();
+    let value = set
+        .strip_prefix("session=\"")
+        .and_then(|r| r.split_once('"'))
+        .map(|(v, rest)| (v.to_string(), rest.to_string()))
+        .unwrap_or_else(|| panic!("not Envoy's cookie form: {set}"));
+    assert_eq!(value.0.len(), 16, "16 hex digits: {set}");
+    assert!(value.0.chars().all(|c| c.is_ascii_hexdigit()), "{set}");
+    assert_eq!(value.1, "; Max-Age=90; Path=/app; HttpOnly");
+
+    // The browser sends the cookie back (quoted, as it was set): one endpoint, and no
+    // new cookie.
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..12 {
+        let r = get("/app/y", Some(format!("other=1; session=\"{}\"", value.0))).await;
+        assert!(r.header("set-cookie").is_none(), "a cookie the client has is not set again");
+        seen.insert(r.header("x-echo-server").unwrap().to_string());
+    }
+    assert_eq!(seen.len(), 1, "requests with one cookie moved between endpoints: {seen:?}");
+    // Different cookie values spread over the endpoints.
+    let mut used = std::collections::BTreeSet::new();
+    for i in 0..24 {
+        let r = get("/app/z", Some(format!("session=user-{i}"))).await;
+        used.insert(r.header("x-echo-server").unwrap().to_string());
+    }
+    assert!(used.len() >= 2, "24 cookies all hashed to one endpoint: {used:?}");
+
+    // A zero ttl: a session cookie (no Max-Age).
+    let session = get("/browser", None).await;
+    let set = session.header("set-cookie").expect("a generated session cookie").to_string();
+    assert!(set.starts_with("tab=\"") && set.ends_with("\"; Path=/app; HttpOnly"), "{set}");
+    // No ttl: no cookie is generated.
+    let plain = get("/other", None).await;
+    assert_eq!(plain.status, 200);
+    assert!(plain.header("set-cookie").is_none());
+}

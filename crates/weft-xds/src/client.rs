@@ -117,11 +117,32 @@ pub struct ClientStatus {
     pub next_retry: Option<Duration>,
 }
 
+/// How a client reaches its control plane when plain HTTP/2 is not enough: a TLS
+/// connection presenting the proxy's current certificate, and/or a credential sent as
+/// `authorization` metadata on every stream (see [`AdsClient::with_transport`]).
+pub trait XdsTransport: Send + Sync + 'static {
+    /// Opens a channel to `endpoint` (its URI is always `http://host:port`: TLS, if
+    /// any, is the transport's own business). Called on every (re)connect.
+    fn connect(
+        &self,
+        endpoint: Endpoint,
+    ) -> std::pin::Pin<Box<dyn Future<Output = Result<Channel, String>> + Send + 'static>> {
+        Box::pin(async move { endpoint.connect().await.map_err(|e| e.to_string()) })
+    }
+
+    /// The `authorization` metadata value of a new stream (`Bearer <token>`), read at
+    /// each (re)connect so a rotated token file is picked up; None: no metadata.
+    fn authorization(&self) -> Option<String> {
+        None
+    }
+}
+
 /// ADS client. Build with [`AdsClient::new`], drive with [`AdsClient::run`].
 pub struct AdsClient {
     config: ClientConfig,
     handler: Arc<dyn ResourceHandler>,
     status: watch::Sender<ClientStatus>,
+    transport: Option<Arc<dyn XdsTransport>>,
 }
 
 /// What survives a reconnect: accepted versions, used to resubscribe.
@@ -159,7 +180,24 @@ impl Backoff {
 impl AdsClient {
     /// A client that will feed `handler`. Nothing happens until [`AdsClient::run`].
     pub fn new(config: ClientConfig, handler: Arc<dyn ResourceHandler>) -> Self {
-        AdsClient { config, handler, status: watch::channel(ClientStatus::default()).0 }
+        AdsClient { config, handler, status: watch::channel(ClientStatus::default()).0, transport: None }
+    }
+
+    /// The client connecting through `transport` (TLS, credentials) instead of plain
+    /// HTTP/2. An `https://` address is dialled as `http://` and left to the transport.
+    pub fn with_transport(mut self, transport: Arc<dyn XdsTransport>) -> Self {
+        self.transport = Some(transport);
+        self
+    }
+
+    /// A stream's request with the transport's `authorization` metadata, if any.
+    fn stream_request<T>(&self, body: T) -> Result<tonic::Request<T>, String> {
+        let mut request = tonic::Request::new(body);
+        if let Some(value) = self.transport.as_ref().and_then(|t| t.authorization()) {
+            let value = value.parse().map_err(|_| "the xDS credential holds characters not allowed in metadata")?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
     }
 
     /// Status updates (connection, ACKed versions, NACKs).
@@ -216,12 +254,20 @@ impl AdsClient {
     }
 
     async fn connect(&self) -> Result<AggregatedDiscoveryServiceClient<Channel>, String> {
-        let endpoint = Endpoint::from_shared(self.config.address.clone())
+        let address = match (&self.transport, self.config.address.strip_prefix("https://")) {
+            (Some(_), Some(rest)) => format!("http://{rest}"),
+            _ => self.config.address.clone(),
+        };
+        let endpoint = Endpoint::from_shared(address)
             .map_err(|e| format!("invalid xDS address {:?}: {e}", self.config.address))?
             .connect_timeout(Duration::from_secs(5))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
-        let channel = endpoint.connect().await.map_err(|e| format!("connect to {}: {e}", self.config.address))?;
+        let channel = match &self.transport {
+            Some(t) => t.connect(endpoint).await,
+            None => endpoint.connect().await.map_err(|e| e.to_string()),
+        }
+        .map_err(|e| format!("connect to {}: {e}", self.config.address))?;
         Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES))
     }
 

@@ -46,11 +46,11 @@ pub mod type_url;
 pub mod vhds;
 
 pub use client::{
-    AdsClient, Backoff, ClientConfig, ClientStatus, ResourceHandler, ResourceUpdate, DEFAULT_MAX_BACKOFF,
+    AdsClient, Backoff, ClientConfig, ClientStatus, ResourceHandler, ResourceUpdate, XdsTransport, DEFAULT_MAX_BACKOFF,
 };
 pub use error::XdsError;
 pub use node::{NodeInfo, PortInfo};
-pub use server::{AdsServer, AdsService, ConnectionStatus, NackInfo, TypeStatus, XdsObserver};
+pub use server::{AdsServer, AdsService, Caller, ConnectionStatus, NackInfo, StreamAdmission, TypeStatus, XdsObserver};
 pub use source::{Resolved, StaticSource, XdsSource};
 pub use type_url::resource_name;
 

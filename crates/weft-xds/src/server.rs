@@ -114,6 +114,29 @@ pub trait XdsObserver: Send + Sync + 'static {
     }
 }
 
+/// Who may open a stream, decided on its first request (before the node registers).
+///
+/// The control plane binds a node's claimed identity (its metadata) to the credential
+/// the caller proved (a verified client certificate, a bearer token); a refused stream
+/// ends with the returned status and never appears in [`AdsServer::connections`].
+pub trait StreamAdmission: Send + Sync + 'static {
+    /// Decides on `node` opening a stream with `caller`'s credentials: `Ok` with the
+    /// peer address to record (the transport's, or one the admission learned, e.g. from
+    /// a TLS listener's connection info) or the status the peer gets.
+    fn admit(&self, node: &Node, caller: &Caller) -> Result<Option<SocketAddr>, Status>;
+}
+
+/// What a stream's caller presented: the gRPC request metadata and extensions (a TLS
+/// listener puts its connection info there), and the transport's peer address.
+pub struct Caller {
+    /// The peer address tonic knows (plain TCP listeners).
+    pub remote_addr: Option<SocketAddr>,
+    /// The request's metadata (`authorization`).
+    pub metadata: tonic::metadata::MetadataMap,
+    /// The request's extensions (connection info of custom listeners).
+    pub extensions: tonic::Extensions,
+}
+
 /// The observer of a server nobody observes.
 struct Unobserved;
 
@@ -122,6 +145,7 @@ impl XdsObserver for Unobserved {}
 struct Shared {
     source: Arc<dyn XdsSource>,
     observer: Arc<dyn XdsObserver>,
+    admission: Option<Arc<dyn StreamAdmission>>,
     connections: Mutex<BTreeMap<u64, ConnectionStatus>>,
     changes: watch::Sender<u64>,
     stop: watch::Sender<bool>,
@@ -143,10 +167,21 @@ impl AdsServer {
 
     /// A server for `source` that reports its pushes and NACKs to `observer`.
     pub fn observed(source: Arc<dyn XdsSource>, observer: Arc<dyn XdsObserver>) -> Self {
+        Self::admitting(source, observer, None)
+    }
+
+    /// A server for `source`, reporting to `observer`, whose streams `admission` lets in
+    /// (None: every stream with a node id).
+    pub fn admitting(
+        source: Arc<dyn XdsSource>,
+        observer: Arc<dyn XdsObserver>,
+        admission: Option<Arc<dyn StreamAdmission>>,
+    ) -> Self {
         AdsServer {
             shared: Arc::new(Shared {
                 source,
                 observer,
+                admission,
                 connections: Mutex::new(BTreeMap::new()),
                 changes: watch::channel(0).0,
                 stop: watch::channel(false).0,
@@ -180,6 +215,26 @@ impl AdsServer {
         shutdown: impl Future<Output = ()>,
         routes: tonic::service::Routes,
     ) -> Result<(), XdsError> {
+        // Small xDS and certificate answers must not wait for delayed ACKs (Nagle):
+        // tonic sets TCP_NODELAY only on sockets it binds itself.
+        self.serve_incoming(TcpIncoming::from(listener).with_nodelay(Some(true)), shutdown, routes).await
+    }
+
+    /// Like [`AdsServer::serve_with`], on connections from `incoming` (a TLS listener's
+    /// handshaken streams: their [`tonic::transport::server::Connected`] info reaches the
+    /// [`StreamAdmission`] in the request extensions).
+    pub async fn serve_incoming<S, IO, E>(
+        self,
+        incoming: S,
+        shutdown: impl Future<Output = ()>,
+        routes: tonic::service::Routes,
+    ) -> Result<(), XdsError>
+    where
+        S: tokio_stream::Stream<Item = Result<IO, E>> + Send + 'static,
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + tonic::transport::server::Connected + Unpin + Send + 'static,
+        IO::ConnectInfo: Clone + Send + Sync + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let shared = self.shared.clone();
         let signal = async move {
             shutdown.await;
@@ -188,9 +243,7 @@ impl AdsServer {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_routes(routes.add_service(self.service()))
-            // Small xDS and certificate answers must not wait for delayed ACKs (Nagle):
-            // tonic sets TCP_NODELAY only on sockets it binds itself.
-            .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal)
+            .serve_with_incoming_shutdown(incoming, signal)
             .await?;
         Ok(())
     }
@@ -269,9 +322,11 @@ impl AdsService {
         &self,
         request: Request<Streaming<V::Request>>,
     ) -> Response<ReceiverStream<Result<V::Response, Status>>> {
-        let peer = request.remote_addr();
+        let remote_addr = request.remote_addr();
+        let (metadata, extensions, requests) = request.into_parts();
+        let caller = Caller { remote_addr, metadata, extensions };
         let (tx, rx) = mpsc::channel(RESPONSE_BUFFER);
-        tokio::spawn(stream::drive::<V>(self.shared.clone(), peer, request.into_inner(), tx));
+        tokio::spawn(stream::drive::<V>(self.shared.clone(), caller, requests, tx));
         Response::new(ReceiverStream::new(rx))
     }
 }

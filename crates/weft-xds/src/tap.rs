@@ -5,8 +5,9 @@
 //! on the proxy.
 //!
 //! The first update of a stream names the proxy (`node_id`, as in its xDS `Node`); the
-//! control plane trusts it as it trusts the xDS node today (node metadata only; mTLS on
-//! the xDS port would bind it to a certificate). Events carry no header values.
+//! stream carries the same credential as the proxy's xDS stream (its client certificate
+//! on the TLS port, or `authorization` metadata), which the control plane checks against
+//! that node's admitted xDS stream. Events carry no header values.
 //!
 //! The messages and the tonic service are written by hand (no protobuf compiler at build
 //! time), like the certificate service.
@@ -132,11 +133,11 @@ pub struct TapUpdate {
     pub dropped: u64,
 }
 
-/// What the control plane does with a tap stream: given the proxy's updates, the
-/// commands to send it.
+/// What the control plane does with a tap stream: given the caller's credentials and
+/// the proxy's updates, the commands to send it.
 pub trait TapHandler: Send + Sync + 'static {
     /// A proxy opened a stream.
-    fn open(&self, updates: Streaming<TapUpdate>) -> ReceiverStream<Result<TapCommand, Status>>;
+    fn open(&self, caller: crate::Caller, updates: Streaming<TapUpdate>) -> ReceiverStream<Result<TapCommand, Status>>;
 }
 
 /// The tonic service of a [`TapHandler`].
@@ -198,20 +199,29 @@ impl<H: TapHandler> tonic::server::StreamingService<TapUpdate> for Open<H> {
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, request: Request<Streaming<TapUpdate>>) -> Self::Future {
-        let commands = self.0.open(request.into_inner());
+        let remote_addr = request.remote_addr();
+        let (metadata, extensions, updates) = request.into_parts();
+        let commands = self.0.open(crate::Caller { remote_addr, metadata, extensions }, updates);
         Box::pin(async move { Ok(Response::new(commands)) })
     }
 }
 
-/// Opens the tap stream on `channel`: `updates` go to the control plane (the first one
-/// naming the node), the commands come back.
+/// Opens the tap stream on `channel` with the `authorization` metadata of the proxy's
+/// xDS streams, if any: `updates` go to the control plane (the first one naming the
+/// node), the commands come back.
 pub async fn open(
     channel: Channel,
+    authorization: Option<String>,
     updates: impl tokio_stream::Stream<Item = TapUpdate> + Send + 'static,
 ) -> Result<Streaming<TapCommand>, Status> {
     let mut grpc = tonic::client::Grpc::new(channel);
     grpc.ready().await.map_err(|e| Status::unavailable(e.to_string()))?;
     let path = http::uri::PathAndQuery::from_static(STREAM_PATH);
-    let response = grpc.streaming(Request::new(updates), path, tonic_prost::ProstCodec::default()).await?;
+    let mut request = Request::new(updates);
+    if let Some(value) = authorization {
+        let value = value.parse().map_err(|_| Status::invalid_argument("the credential is not valid metadata"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let response = grpc.streaming(request, path, tonic_prost::ProstCodec::default()).await?;
     Ok(response.into_inner())
 }

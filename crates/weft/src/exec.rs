@@ -100,6 +100,7 @@ mod tests {
             mode: "explicit".into(),
             logs: None,
             workloads: vec![w("sleep", "default"), w("httpbin", "default"), w("httpbin", "other")],
+            admin_token_file: None,
         }
     }
 

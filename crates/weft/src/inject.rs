@@ -30,6 +30,11 @@ pub struct InjectArgs {
     /// UID (and GID) of the proxy; its traffic is not captured.
     #[arg(long, default_value_t = 1337)]
     pub proxy_uid: u32,
+    /// The mesh root (PEM file, e.g. the control plane's `<data-dir>/root-cert.pem`)
+    /// written into the bootstrap: the proxy verifies the control plane with it
+    /// (`--control-plane https://HOST:15012`), or checks the root a plaintext one sends.
+    #[arg(long)]
+    pub root_cert: Option<PathBuf>,
 }
 
 /// Runs the command.
@@ -39,6 +44,10 @@ pub fn run(a: &InjectArgs) -> anyhow::Result<()> {
         control_plane: a.control_plane.clone(),
         native_sidecar: a.native_sidecar,
         proxy_uid: a.proxy_uid,
+        root_cert: match &a.root_cert {
+            Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("--root-cert {}", p.display()))?),
+            None => None,
+        },
         ..InjectConfig::default()
     };
     let stdin = [PathBuf::from("-")];

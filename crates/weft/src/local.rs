@@ -32,6 +32,10 @@ pub struct LocalMesh {
     /// The workloads, for `weft exec` and `weft logs`.
     #[serde(default)]
     pub workloads: Vec<RecordedWorkload>,
+    /// The file holding the control plane's admin token (0600), which the operator
+    /// commands send to this mesh's API.
+    #[serde(default)]
+    pub admin_token_file: Option<PathBuf>,
 }
 
 /// A workload as `weft exec` needs it.

@@ -11,6 +11,8 @@ mod load;
 mod local;
 mod ops;
 mod proxy_config;
+mod rollout;
+mod slo;
 mod tap;
 mod token;
 mod up;
@@ -26,10 +28,18 @@ struct Cli {
     /// Log as JSON lines.
     #[arg(long, global = true, env = "WEFT_LOG_JSON")]
     log_json: bool,
+    /// A file holding the control plane's admin token, sent as `Authorization: Bearer`
+    /// by the commands that call its API (default: WEFT_TOKEN, else the token of the
+    /// running `weft up`).
+    #[arg(long, global = true, env = "WEFT_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant (the control plane's flags)
+// costs nothing worth boxing for.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Start the whole mesh locally: control plane, one sidecar per LocalWorkload, the
@@ -81,10 +91,22 @@ enum Command {
         /// `enableTracing`, `rootNamespace` (docs/observability.md).
         #[arg(long, env = "WEFT_MESH_CONFIG")]
         mesh_config: Option<PathBuf>,
+        /// Read the dashboard's and SLOs' request statistics from this Prometheus
+        /// (`http://HOST:PORT`, scraping the proxies' Istio metrics) instead of scraping
+        /// the proxies (docs/dashboard.md).
+        #[arg(long, env = "WEFT_PROMETHEUS", value_name = "URL")]
+        prometheus: Option<String>,
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
         webhook: WebhookArgs,
+        #[command(flatten)]
+        slo: slo::SloArgs,
+    },
+    /// Service level objectives: `weft slo rules` writes them as Prometheus rules.
+    Slo {
+        #[command(subcommand)]
+        command: slo::SloCommand,
     },
     /// Join tokens: the bootstrap credential a proxy exchanges for its certificate.
     Token {
@@ -116,6 +138,14 @@ enum Command {
         /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
         #[arg(long, env = "WEFT_SERVER")]
         server: Option<String>,
+        #[command(flatten)]
+        staged: ops::StagedArgs,
+    },
+    /// Canary rollouts (`Rollout` resources) and staged changes: status, promote, pause,
+    /// resume, abort.
+    Rollout {
+        #[command(subcommand)]
+        command: rollout::RolloutCommand,
     },
     /// Delete the resources named in files from the running control plane.
     Delete {
@@ -135,6 +165,16 @@ enum Command {
         /// Output format: table or json.
         #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
         output: String,
+        /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
+        #[arg(long, env = "WEFT_SERVER")]
+        server: Option<String>,
+    },
+    /// Print the URL of the control plane's dashboard (service graph, golden signals,
+    /// SLOs, proxies; docs/dashboard.md); `--open` also opens it in a browser.
+    Dashboard {
+        /// Try to open it with `xdg-open` (or `$BROWSER`).
+        #[arg(long)]
+        open: bool,
         /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
         #[arg(long, env = "WEFT_SERVER")]
         server: Option<String>,
@@ -229,6 +269,13 @@ enum Command {
         /// workload certificate over SDS and it joins mesh mTLS.
         #[arg(long)]
         join_token: Option<String>,
+        /// The mesh root (PEM file): connect to the control plane's TLS port (`--xds`
+        /// then names 15012) and verify it as spiffe://<td>/ns/istio-system/sa/istiod.
+        #[arg(long, requires = "join_token")]
+        xds_root_cert: Option<PathBuf>,
+        /// Trust domain of the control plane's identity (with --xds-root-cert).
+        #[arg(long, default_value = weft_identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
         /// Join as a gateway (node type `router`): the Gateways selecting `--labels`
         /// configure it instead of the sidecar listeners.
         #[arg(long)]
@@ -356,6 +403,67 @@ struct IdentityArgs {
     /// over it is refused with 400.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     max_token_ttl: std::time::Duration,
+    /// With --data-dir: xDS and certificates over TLS (Istio's 15012), the control
+    /// plane's certificate issued by its CA for spiffe://<td>/ns/istio-system/sa/istiod,
+    /// client certificates verified against the mesh root. Default: the --xds host on
+    /// port 15012 when --xds is on 15010, else any free port (printed); `off` disables it.
+    #[arg(long, env = "WEFT_XDS_TLS")]
+    xds_tls: Option<String>,
+    /// Let xDS streams without any credential register as whatever their node metadata
+    /// claims (development only). Default: a stream needs a client certificate (TLS
+    /// port) or `authorization: Bearer <join token or Kubernetes token>`.
+    #[arg(long, env = "WEFT_XDS_ALLOW_ANONYMOUS")]
+    xds_allow_anonymous: bool,
+    /// Accept Kubernetes service-account tokens from this issuer (`iss`; see
+    /// `kubectl get --raw /.well-known/openid-configuration`), verified against
+    /// --k8s-jwks-file or --k8s-jwks-url (default: the issuer's OIDC discovery, http only).
+    #[arg(long, env = "WEFT_K8S_ISSUER", requires = "data_dir")]
+    k8s_issuer: Option<String>,
+    /// The issuer's keys as a JWKS file (`kubectl get --raw /openid/v1/jwks`), re-read
+    /// every 5 minutes.
+    #[arg(long, env = "WEFT_K8S_JWKS_FILE", requires = "k8s_issuer", conflicts_with = "k8s_jwks_url")]
+    k8s_jwks_file: Option<PathBuf>,
+    /// The issuer's keys at an http:// URL: a JWKS, or an OIDC discovery document
+    /// (`.../.well-known/openid-configuration`) whose `jwks_uri` is fetched.
+    #[arg(long, env = "WEFT_K8S_JWKS_URL", requires = "k8s_issuer")]
+    k8s_jwks_url: Option<String>,
+    /// Audience a Kubernetes token must carry.
+    #[arg(long, default_value = weft_control::k8s_tokens::DEFAULT_AUDIENCE)]
+    k8s_audience: Vec<String>,
+    /// With --data-dir: the JSON API's admin token from this file (default:
+    /// <data-dir>/admin-token, generated at first start).
+    #[arg(long, env = "WEFT_API_TOKEN_FILE", requires = "data_dir")]
+    api_token_file: Option<PathBuf>,
+    /// Serve the API's read-only endpoints (GET) without the admin token.
+    #[arg(long, env = "WEFT_API_READ_ANONYMOUS")]
+    api_read_anonymous: bool,
+}
+
+impl IdentityArgs {
+    /// The TLS xDS address: --xds-tls, or the --xds host on 15012 (when --xds is on 15010;
+    /// else any free port).
+    fn xds_tls(&self, xds: std::net::SocketAddr) -> anyhow::Result<Option<std::net::SocketAddr>> {
+        match self.xds_tls.as_deref() {
+            Some("off") => Ok(None),
+            Some(a) => Ok(Some(a.parse().map_err(|e| anyhow::anyhow!("--xds-tls {a:?}: {e}"))?)),
+            None => Ok(Some(std::net::SocketAddr::new(xds.ip(), if xds.port() == 15010 { 15012 } else { 0 }))),
+        }
+    }
+
+    /// Kubernetes token verification settings, when --k8s-issuer is given.
+    fn kubernetes(&self) -> Option<weft_control::k8s_tokens::KubernetesTokenConfig> {
+        use weft_control::k8s_tokens::{KeySource, KubernetesTokenConfig};
+        let issuer = self.k8s_issuer.clone()?;
+        let keys = match (&self.k8s_jwks_file, &self.k8s_jwks_url) {
+            (Some(f), _) => KeySource::File(f.clone()),
+            (None, Some(u)) if u.ends_with("/.well-known/openid-configuration") => KeySource::Discovery(u.clone()),
+            (None, Some(u)) => KeySource::Url(u.clone()),
+            (None, None) => {
+                KeySource::Discovery(format!("{}/.well-known/openid-configuration", issuer.trim_end_matches('/')))
+            }
+        };
+        Some(KubernetesTokenConfig { issuer, keys, audiences: self.k8s_audience.clone() })
+    }
 }
 
 /// Admission webhook flags of `weft control`: `/inject` over HTTPS for the Kubernetes API
@@ -391,6 +499,15 @@ fn main() -> std::process::ExitCode {
     // `weft up` is interactive: its in-process control plane only logs warnings.
     let default_level = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
     weft_proxy::run::init_tracing(cli.log_json, default_level);
+    if let Some(path) = &cli.token_file {
+        match std::fs::read_to_string(path) {
+            Ok(t) => ops::set_admin_token(t.trim().to_string()),
+            Err(e) => {
+                eprintln!("error: --token-file {}: {e}", path.display());
+                return std::process::ExitCode::FAILURE;
+            }
+        }
+    }
     let concurrency = match cli.command {
         Command::Proxy { concurrency, .. } => concurrency,
         _ => None,
@@ -452,8 +569,10 @@ fn main() -> std::process::ExitCode {
                 outbound_traffic_policy,
                 reconnect_grace,
                 mesh_config,
+                prometheus,
                 identity,
                 webhook,
+                slo,
             } => {
                 let addrs = (xds, api);
                 let mesh_file = match mesh_config {
@@ -463,18 +582,24 @@ fn main() -> std::process::ExitCode {
                     ),
                     None => None,
                 };
-                let policy = (outbound_traffic_policy.as_str(), mesh_file);
-                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, webhook).await
+                let policy = (outbound_traffic_policy.as_str(), mesh_file, prometheus);
+                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, (webhook, slo)).await
             }
             Command::Token { command } => token::run(command).await,
+            Command::Slo { command } => slo::run(command).await,
             Command::CaRotate { step, server } => ops::ca_rotate(&local::server(server), &step).await,
             Command::Iptables(args) => iptables::run(&args),
             Command::Inject(args) => inject::run(&args),
-            Command::Apply { files, server } => ops::change(&local::server(server), &files, false).await,
+            Command::Apply { files, server, staged } if staged.staged => {
+                ops::apply_staged(&local::server(server), &files, &staged).await
+            }
+            Command::Apply { files, server, .. } => ops::change(&local::server(server), &files, false).await,
+            Command::Rollout { command } => rollout::run(command).await,
             Command::Delete { files, server } => ops::change(&local::server(server), &files, true).await,
             Command::Get { kind, name, output, server } => {
                 ops::get(&local::server(server), &kind, name.as_deref(), output == "json").await
             }
+            Command::Dashboard { open, server } => dashboard(&local::server(server), open),
             Command::ProxyStatus { output, server } => {
                 ops::proxy_status(&local::server(server), output == "json").await
             }
@@ -503,6 +628,8 @@ fn main() -> std::process::ExitCode {
                 inbound,
                 outbound,
                 join_token,
+                xds_root_cert,
+                trust_domain,
                 gateway,
                 gateway_ports,
                 gateway_address,
@@ -527,7 +654,7 @@ fn main() -> std::process::ExitCode {
                     outbound,
                     join_token,
                 };
-                if gateway {
+                let mut text = if gateway {
                     let mut map = std::collections::BTreeMap::new();
                     for pair in gateway_ports.split(',').map(str::trim).filter(|s| !s.is_empty()) {
                         let parsed = pair
@@ -540,10 +667,15 @@ fn main() -> std::process::ExitCode {
                         };
                         map.insert(server, listener);
                     }
-                    print!("{}", render_node(&opts, &opts.gateway_node_info(map, gateway_address)));
+                    render_node(&opts, &opts.gateway_node_info(map, gateway_address))
                 } else {
-                    print!("{}", render(&opts));
+                    render(&opts)
+                };
+                if let Some(root) = &xds_root_cert {
+                    text = weft_control::envoy_bootstrap::with_xds_tls(&text, root, &trust_domain)
+                        .map_err(|e| anyhow::anyhow!(e))?;
                 }
+                print!("{text}");
                 Ok(())
             }
         }
@@ -561,10 +693,10 @@ async fn run_control(
     dir: Option<PathBuf>,
     (xds, api): (std::net::SocketAddr, std::net::SocketAddr),
     transparent: bool,
-    (policy, mesh_file): (&str, Option<weft_control::meshconfig::MeshConfigFile>),
+    (policy, mesh_file, prometheus): (&str, Option<weft_control::meshconfig::MeshConfigFile>, Option<String>),
     reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
-    webhook: WebhookArgs,
+    (webhook, slo): (WebhookArgs, slo::SloArgs),
 ) -> anyhow::Result<()> {
     use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
     let mut mesh = MeshConfig {
@@ -603,16 +735,28 @@ async fn run_control(
             reconnect_grace,
             ..weft_control::registry::PersistConfig::in_dir(d)
         }),
-        identity: identity.data_dir.map(|data_dir| weft_control::identity::IdentityConfig {
-            data_dir,
-            plugin_ca: identity.plugin_ca,
-            trust_domain: identity.trust_domain,
-            cert_ttl: identity.cert_ttl,
-            max_cert_ttl: identity.max_cert_ttl,
-            max_token_ttl: identity.max_token_ttl,
-        }),
+        identity: match identity.data_dir.clone() {
+            Some(data_dir) => Some(weft_control::identity::IdentityConfig {
+                data_dir,
+                xds_tls: identity.xds_tls(xds)?,
+                allow_anonymous_xds: identity.xds_allow_anonymous,
+                kubernetes: identity.kubernetes(),
+                api: weft_control::api_auth::ApiAuthConfig {
+                    token_file: identity.api_token_file.clone(),
+                    read_anonymous: identity.api_read_anonymous,
+                },
+                plugin_ca: identity.plugin_ca,
+                trust_domain: identity.trust_domain,
+                cert_ttl: identity.cert_ttl,
+                max_cert_ttl: identity.max_cert_ttl,
+                max_token_ttl: identity.max_token_ttl,
+            }),
+            None => None,
+        },
         inject,
         webhook: webhook_tls,
+        slo: slo.config()?,
+        stats: weft_control::meshstats::gather::GatherConfig { prometheus, ..Default::default() },
     })
     .await
     .map_err(|e| anyhow::anyhow!(e))?;
@@ -620,9 +764,37 @@ async fn run_control(
         Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),
         None => println!("weft control: xDS on {}, API on {}", cp.xds_addr, cp.api_addr),
     }
+    // Logged, not printed: scripts read the one line above and may close stdout.
+    if let Some(tls) = cp.xds_tls_addr {
+        info!(%tls, "xDS and certificates over TLS");
+    }
+    if let Some((_, file)) = &cp.admin_token {
+        info!(file = %file.display(), "API admin token (weft --token-file, WEFT_TOKEN)");
+    }
     shutdown_signal().await;
     info!("signal received: stopping");
     cp.shutdown().await;
+    Ok(())
+}
+
+/// `weft dashboard`: prints the dashboard's URL; with `open`, hands it to `$BROWSER` or
+/// `xdg-open` (a failure to open is reported, the URL still printed).
+fn dashboard(server: &str, open: bool) -> anyhow::Result<()> {
+    let base = server.trim_end_matches('/');
+    let url = if base.starts_with("http://") || base.starts_with("https://") {
+        format!("{base}/dashboard")
+    } else {
+        format!("http://{base}/dashboard")
+    };
+    println!("{url}");
+    if open {
+        let opener =
+            std::env::var("BROWSER").ok().filter(|b| !b.trim().is_empty()).unwrap_or_else(|| "xdg-open".into());
+        match std::process::Command::new(&opener).arg(&url).stdout(std::process::Stdio::null()).spawn() {
+            Ok(_) => {}
+            Err(e) => eprintln!("weft dashboard: cannot run {opener} ({e}); open the URL above in a browser"),
+        }
+    }
     Ok(())
 }
 

@@ -71,9 +71,11 @@ pub async fn run(server: &str, args: &TapArgs) -> anyhow::Result<()> {
     })?;
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(conn);
-    let req = hyper::Request::get(format!("/api/v1/tap?{}", query(args)))
-        .header("host", addr)
-        .body(Full::new(Bytes::new()))?;
+    let mut req = hyper::Request::get(format!("/api/v1/tap?{}", query(args))).header("host", addr);
+    if let Some(token) = crate::ops::admin_token(addr) {
+        req = req.header("authorization", format!("Bearer {token}"));
+    }
+    let req = req.body(Full::new(Bytes::new()))?;
     let resp = tx.send_request(req).await?;
     let status = resp.status().as_u16();
     let mut body = resp.into_body();

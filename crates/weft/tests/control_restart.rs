@@ -36,6 +36,9 @@ async fn start_control(dir: &Path, data: &Path, xds: SocketAddr) -> (tokio::proc
         .arg("--data-dir")
         .arg(data)
         .args(["--xds", &xds.to_string(), "--api", "127.0.0.1:0"])
+        // Its sidecars have no mesh identity and the test reads the API with curl-like
+        // GETs: both opened explicitly (the defaults refuse them).
+        .args(["--xds-allow-anonymous", "--api-read-anonymous"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
         .spawn()

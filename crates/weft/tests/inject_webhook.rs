@@ -29,6 +29,8 @@ async fn control_plane() -> ControlPlane {
         inject: Default::default(),
         webhook: None,
         registry: None,
+        slo: Default::default(),
+        stats: Default::default(),
     })
     .await
     .unwrap()

@@ -205,12 +205,13 @@ impl Mesh {
 /// `weft control` with its CA in `data`, watching `dir`: the process and its xDS and
 /// API addresses (from the line it prints once serving).
 async fn start_control(dir: &Path, data: &Path) -> (Proc, SocketAddr, SocketAddr) {
+    write_admin_token(data);
     let mut child = Command::new(WEFT)
         .args(["--log-json", "control", "--dir"])
         .arg(dir)
         .arg("--data-dir")
         .arg(data)
-        .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+        .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0", "--api-read-anonymous"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -227,7 +228,8 @@ async fn start_control(dir: &Path, data: &Path) -> (Proc, SocketAddr, SocketAddr
 /// A join token for `default`/`sa` from the control plane's API (one hour).
 async fn join_token(api: SocketAddr, sa: &str) -> String {
     let body = serde_json::json!({"namespace": "default", "serviceAccount": sa, "ttlSeconds": 3600});
-    let req = request(Method::POST, "weft", "/api/v1/tokens", Bytes::from(body.to_string())).unwrap();
+    let mut req = request(Method::POST, "weft", "/api/v1/tokens", Bytes::from(body.to_string())).unwrap();
+    req.headers_mut().insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
     let reply = send_h1(api, req).await.unwrap();
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json().unwrap()["token"].as_str().expect("a token").to_string()
@@ -428,4 +430,12 @@ async fn strict_drains_plaintext_connections_opened_before_it_through_weft_proce
     );
 
     wait_drained(&mesh.server, "filter_chain_changed").await;
+}
+
+/// The API's admin token for these tests, where the control plane keeps it.
+const ADMIN_TOKEN: &str = "weft-admin.open-connections-test";
+
+fn write_admin_token(data: &Path) {
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(data.join("admin-token"), ADMIN_TOKEN).unwrap();
 }

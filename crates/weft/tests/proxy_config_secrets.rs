@@ -16,12 +16,14 @@ use weft_proxy::proxy::ProxyHandle;
 use weft_testkit::envoy::Envoy;
 
 const WEFT: &str = env!("CARGO_BIN_EXE_weft");
+/// The control plane's admin token (`--api-token-file`), which the CLI sends (`WEFT_TOKEN`).
+const ADMIN_TOKEN: &str = "weft-admin.proxy-config-secrets-test";
 
 const COLUMNS: [&str; 8] =
     ["RESOURCE NAME", "TYPE", "STATUS", "VALID CERT", "SERIAL NUMBER", "NOT AFTER", "NOT BEFORE", "SPIFFE ID"];
 
 async fn weft(args: &[&str]) -> (i32, String, String) {
-    let o = tokio::process::Command::new(WEFT).args(args).output().await.unwrap();
+    let o = tokio::process::Command::new(WEFT).args(args).env("WEFT_TOKEN", ADMIN_TOKEN).output().await.unwrap();
     (
         o.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -31,6 +33,9 @@ async fn weft(args: &[&str]) -> (i32, String, String) {
 
 /// Starts `weft control` with a CA in `data`; returns it with its xDS and API addresses.
 async fn start_control(data: &Path) -> (tokio::process::Child, SocketAddr, String) {
+    // The admin token where the control plane keeps it, known to the CLI (WEFT_TOKEN).
+    std::fs::create_dir_all(data).unwrap();
+    std::fs::write(data.join("admin-token"), ADMIN_TOKEN).unwrap();
     let mut control = tokio::process::Command::new(WEFT)
         .arg("control")
         .arg("--data-dir")

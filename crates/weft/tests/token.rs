@@ -37,6 +37,13 @@ async fn a_token_from_the_cli_gets_a_certificate_until_it_is_revoked() -> anyhow
     let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line()).await??.context("no banner")?;
     let xds: SocketAddr = line.split("xDS on ").nth(1).and_then(|s| s.split(',').next()).context("xds")?.parse()?;
     let api = line.split("API on ").nth(1).context("api")?.trim().to_string();
+    // The API wants the admin token the control plane generated in its data directory.
+    let token_file = data_dir.join("admin-token");
+    let tf = token_file.to_str().context("path")?;
+    let (code, _, err) =
+        weft(&["token", "create", "-n", "default", "--service-account", "web", "--server", &api]).await?;
+    assert_ne!(code, 0, "minting a token without the admin credential must fail");
+    assert!(err.contains("admin credential"), "{err}");
     let key_mode = std::fs::metadata(data_dir.join("root-key.pem"))?.permissions().mode() & 0o777;
     assert_eq!(key_mode, 0o600, "CA key created private");
 
@@ -51,6 +58,8 @@ async fn a_token_from_the_cli_gets_a_certificate_until_it_is_revoked() -> anyhow
         "1h",
         "--server",
         &api,
+        "--token-file",
+        tf,
         "-o",
         "json",
     ])
@@ -66,7 +75,7 @@ async fn a_token_from_the_cli_gets_a_certificate_until_it_is_revoked() -> anyhow
     let mgr = CertManager::start(cfg.clone()).await?;
     assert_eq!(mgr.current().id, web);
 
-    let (code, out, err) = weft(&["token", "revoke", &id, "--server", &api]).await?;
+    let (code, out, err) = weft(&["token", "revoke", &id, "--server", &api, "--token-file", tf]).await?;
     assert_eq!(code, 0, "{err}");
     assert_eq!(out.trim(), format!("token {id} revoked"));
     let refused = CertManager::start(cfg).await.err().context("revoked token must be refused")?;
@@ -74,15 +83,15 @@ async fn a_token_from_the_cli_gets_a_certificate_until_it_is_revoked() -> anyhow
 
     // Root rotation from the CLI: two roots trusted after `begin`, one after `retire`;
     // an unknown step is refused with the expected ones.
-    let (code, out, err) = weft(&["ca-rotate", "begin", "--server", &api]).await?;
+    let (code, out, err) = weft(&["ca-rotate", "begin", "--server", &api, "--token-file", tf]).await?;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("begin done; 2 root(s)"), "{out}");
-    let (code, out, err) = weft(&["ca-rotate", "complete", "--server", &api]).await?;
+    let (code, out, err) = weft(&["ca-rotate", "complete", "--server", &api, "--token-file", tf]).await?;
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = weft(&["ca-rotate", "retire", "--server", &api]).await?;
+    let (code, out, err) = weft(&["ca-rotate", "retire", "--server", &api, "--token-file", tf]).await?;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("1 root(s)"), "{out}");
-    let (code, _, err) = weft(&["ca-rotate", "sideways", "--server", &api]).await?;
+    let (code, _, err) = weft(&["ca-rotate", "sideways", "--server", &api, "--token-file", tf]).await?;
     assert_ne!(code, 0);
     assert!(err.contains("begin"), "{err}");
     Ok(())

@@ -5,7 +5,9 @@ pub mod k8s;
 pub mod mesh;
 pub mod networking;
 pub mod ratelimit;
+pub mod rollout;
 pub mod security;
+pub mod slo;
 pub mod telemetry;
 
 pub use common::*;
@@ -13,4 +15,6 @@ pub use k8s::*;
 pub use mesh::*;
 pub use networking::*;
 pub use ratelimit::{EnvoyFilter, RateLimit};
+pub use rollout::Rollout;
 pub use security::*;
+pub use slo::ServiceLevelObjective;

@@ -308,13 +308,14 @@ fn bootstrap(cfg: &InjectConfig, labels: &Strings, ports: &[serde_json::Value], 
     let q = |s: &str| json(serde_json::Value::from(s));
     let workload = if workload.is_empty() { String::new() } else { format!("  workload_name: {}\n", q(workload)) };
     format!(
-        "node:\n  id: \"sidecar~$(INSTANCE_IP)~$(POD_NAME).$(POD_NAMESPACE)~$(POD_NAMESPACE).svc.{domain}\"\n  cluster: Kubernetes\n  cluster_id: Kubernetes\n  name: \"$(POD_NAME)\"\n{workload}  namespace: \"$(POD_NAMESPACE)\"\n  service_account: \"$(SERVICE_ACCOUNT)\"\n  labels: {labels}\n  ports: {ports}\n  instance_ips: [\"$(INSTANCE_IP)\"]\nxds:\n  address: {xds}\nidentity:\n  kubernetes_token_file: {token}\n  trust_domain: {td}\n",
+        "node:\n  id: \"sidecar~$(INSTANCE_IP)~$(POD_NAME).$(POD_NAMESPACE)~$(POD_NAMESPACE).svc.{domain}\"\n  cluster: Kubernetes\n  cluster_id: Kubernetes\n  name: \"$(POD_NAME)\"\n{workload}  namespace: \"$(POD_NAMESPACE)\"\n  service_account: \"$(SERVICE_ACCOUNT)\"\n  labels: {labels}\n  ports: {ports}\n  instance_ips: [\"$(INSTANCE_IP)\"]\nxds:\n  address: {xds}\nidentity:\n  kubernetes_token_file: {token}\n  trust_domain: {td}\n{root}",
         domain = cfg.cluster_domain.replace('$', "$$"),
         labels = json(serde_json::to_value(labels).unwrap_or_default()),
         ports = json(serde_json::Value::Array(ports.to_vec())),
         xds = q(&cfg.xds_url()),
         token = q(&format!("{TOKEN_DIR}/{TOKEN_FILE}")),
         td = q(&cfg.trust_domain),
+        root = cfg.root_cert.as_deref().map(|r| format!("  root_cert: {}\n", q(r))).unwrap_or_default(),
     )
 }
 

@@ -16,6 +16,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 use tracing::{debug, info};
 use weft_xds::tap::{TapCommand, TapEvent, TapFilter, TapHandler, TapUpdate};
+use weft_xds::{AdsServer, Caller, StreamAdmission};
 
 /// Events waiting for one API client; more are dropped and counted.
 const SESSION_QUEUE: usize = 1024;
@@ -25,10 +26,14 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_STREAMS: usize = 100_000;
 
 /// Connected tap streams (by proxy node id) and the taps in progress.
-#[derive(Default)]
 pub struct TapRelay {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
+    /// Whose xDS streams a tap stream must match.
+    server: AdsServer,
+    /// The xDS streams' admission, applied to the tap stream's credential and the node
+    /// its xDS stream announced.
+    admission: Arc<dyn StreamAdmission>,
 }
 
 #[derive(Default)]
@@ -57,6 +62,11 @@ pub struct TapSession {
 }
 
 impl TapRelay {
+    /// A relay for the proxies of `server`, admitted by `admission`.
+    pub fn new(server: AdsServer, admission: Arc<dyn StreamAdmission>) -> Self {
+        TapRelay { inner: Mutex::default(), next_id: AtomicU64::new(0), server, admission }
+    }
+
     /// Node ids with a tap stream open.
     pub fn connected(&self) -> Vec<String> {
         let mut ids: Vec<String> = self.lock().proxies.keys().cloned().collect();
@@ -119,8 +129,21 @@ impl TapRelay {
         }
     }
 
+    /// The stream of the proxy `node_id` names may be this caller's: the node has an
+    /// admitted xDS stream, and the caller's credential passes the same admission for
+    /// the node that stream announced.
+    fn admit(&self, node_id: &str, caller: &Caller) -> Result<(), Status> {
+        let Some(conn) = self.server.connections().into_iter().find(|c| c.node_id == node_id) else {
+            return Err(Status::failed_precondition(format!(
+                "node {node_id} has no xDS stream: a proxy opens its tap stream after its xDS stream"
+            )));
+        };
+        self.admission.admit(&conn.raw_node, caller).map(|_| ())
+    }
+
     async fn serve(
         self: Arc<Self>,
+        caller: Caller,
         mut updates: Streaming<TapUpdate>,
         commands: mpsc::Sender<Result<TapCommand, Status>>,
     ) {
@@ -132,6 +155,11 @@ impl TapRelay {
                 return;
             }
         };
+        if let Err(status) = self.admit(&node_id, &caller) {
+            debug!(node = %node_id, error = %status.message(), "tap stream refused");
+            let _ = commands.send(Err(status)).await;
+            return;
+        }
         let stream = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         let refused = {
             let mut inner = self.lock();
@@ -164,9 +192,9 @@ impl TapRelay {
 pub struct RelayHandler(pub Arc<TapRelay>);
 
 impl TapHandler for RelayHandler {
-    fn open(&self, updates: Streaming<TapUpdate>) -> ReceiverStream<Result<TapCommand, Status>> {
+    fn open(&self, caller: Caller, updates: Streaming<TapUpdate>) -> ReceiverStream<Result<TapCommand, Status>> {
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(self.0.clone().serve(updates, tx));
+        tokio::spawn(self.0.clone().serve(caller, updates, tx));
         ReceiverStream::new(rx)
     }
 }

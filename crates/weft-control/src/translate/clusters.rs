@@ -126,7 +126,9 @@ pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
 }
 
 /// The policy for `port`: the subset's policy replaces the rule's field by field, then the
-/// port-level settings of whichever applies replace it again (Istio's merge order).
+/// port-level settings of whichever applies replace it again (Istio's merge order). A
+/// matching `portLevelSettings` entry replaces all four settings: as Istio documents,
+/// what it omits takes the defaults, not the enclosing policy's values.
 pub fn effective(base: Option<&TrafficPolicy>, subset: Option<&TrafficPolicy>, port: u32) -> Policy {
     let mut p = Policy::default();
     for tp in [base, subset].into_iter().flatten() {
@@ -134,13 +136,11 @@ pub fn effective(base: Option<&TrafficPolicy>, subset: Option<&TrafficPolicy>, p
         if tp.tls.is_some() {
             p.tls = tp.tls.clone();
         }
-        for pl in &tp.port_level_settings {
-            if pl.port.is_some_and(|s| s.number == port) {
-                apply(&mut p, pl.load_balancer.clone(), pl.connection_pool.clone(), pl.outlier_detection.clone());
-                if pl.tls.is_some() {
-                    p.tls = pl.tls.clone();
-                }
-            }
+        if let Some(pl) = tp.port_level_settings.iter().find(|pl| pl.port.is_some_and(|s| s.number == port)) {
+            p.load_balancer = pl.load_balancer.clone();
+            p.connection_pool = pl.connection_pool.clone();
+            p.outlier_detection = pl.outlier_detection.clone();
+            p.tls = pl.tls.clone();
         }
     }
     p

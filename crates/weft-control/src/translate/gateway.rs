@@ -313,6 +313,7 @@ fn tcp_target(view: &MeshView<'_>, port: u16, servers: &[BoundServer<'_>]) -> Op
                 || r.matches.iter().any(|mm| {
                     mm.port.is_none_or(|p| p == u32::from(port))
                         && mm.source_labels.iter().all(|(k, v)| view.node.labels.get(k) == Some(v))
+                        && mm.source_namespace.as_deref().is_none_or(|ns| ns == view.node.namespace)
                         && scope.serves(&mm.gateways, &m.namespace)
                 });
             if applies {
@@ -419,6 +420,7 @@ fn passthrough_routes<'a>(
             for mm in &r.matches {
                 let applies = mm.port.is_none_or(|p| p == u32::from(port))
                     && mm.source_labels.iter().all(|(k, v)| view.node.labels.get(k) == Some(v))
+                    && mm.source_namespace.as_deref().is_none_or(|ns| ns == view.node.namespace)
                     && scope.serves(&mm.gateways, &m.namespace);
                 let sni = intersect(&mm.sni_hosts, &server_hosts);
                 if applies && !sni.is_empty() {

@@ -246,13 +246,19 @@ fn tcp_target(view: &MeshView<'_>, svc: &Service, port: u32) -> tcp_proxy::Clust
         .iter()
         .find(|(m, vs)| vs.hosts.iter().any(|h| host::fqdn(h, &m.namespace, domain) == svc.host))
         .and_then(|(m, vs)| {
+            // Sidecars are the `mesh` gateway: a VirtualService bound elsewhere only does
+            // not route them, and a match's own `gateways` replaces the resource's.
+            let mesh = |gws: &[String]| gws.is_empty() || gws.iter().any(|g| g == "mesh");
+            let bound = mesh(&vs.gateways);
             vs.tcp
                 .iter()
                 .find(|r| {
-                    r.matches.is_empty()
+                    (r.matches.is_empty() && bound)
                         || r.matches.iter().any(|mm| {
                             mm.port.is_none_or(|p| p == port)
                                 && mm.source_labels.iter().all(|(k, v)| view.node.labels.get(k) == Some(v))
+                                && mm.source_namespace.as_deref().is_none_or(|ns| ns == view.node.namespace)
+                                && if mm.gateways.is_empty() { bound } else { mesh(&mm.gateways) }
                         })
                 })
                 .map(|r| (m.namespace.as_str(), r))

@@ -170,13 +170,30 @@ impl<'a> MeshView<'a> {
                         continue;
                     }
                     let host = format!("{}.{}.svc.{}", r.meta.name, r.meta.namespace, mesh.domain);
-                    let ports = s.ports.iter().map(k8s_port).collect();
+                    // Istio skips UDP and SCTP ports: the mesh carries TCP.
+                    let ports = s
+                        .ports
+                        .iter()
+                        .filter(|p| p.protocol.as_deref().is_none_or(|p| p.eq_ignore_ascii_case("TCP")))
+                        .map(k8s_port)
+                        .collect();
+                    // An ExternalName Service is a DNS name outside the mesh, as Istio
+                    // converts it: a DNS cluster to `externalName`.
+                    let backing = match (s.service_type.as_deref(), &s.external_name) {
+                        (Some("ExternalName"), Some(name)) => Backing::Entry {
+                            resolution: Resolution::Dns,
+                            endpoints: vec![WorkloadEntry { address: Some(name.clone()), ..WorkloadEntry::default() }],
+                            selector: None,
+                            external: true,
+                        },
+                        _ => Backing::Selector(s.selector.clone()),
+                    };
                     services.entry(host.clone()).or_insert(Service {
                         host,
                         short: Some(r.meta.name.clone()),
                         namespace: r.meta.namespace.clone(),
                         ports: sorted_ports(ports),
-                        backing: Backing::Selector(s.selector.clone()),
+                        backing,
                     });
                 }
                 Spec::ServiceEntry(se) => {

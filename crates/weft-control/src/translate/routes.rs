@@ -189,7 +189,7 @@ fn vhost(view: &MeshView<'_>, svc: &Service, port: u32, domains: Vec<String>) ->
                 cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(cluster)),
                 timeout: Some(PbDuration::default()),
                 retry_policy: Some(retry_policy(None)),
-                hash_policy: hash_policy(view, svc),
+                hash_policy: hash_policy(view, svc, port, None),
                 ..Default::default()
             };
             vec![Route {
@@ -235,7 +235,11 @@ fn http_route(view: &MeshView<'_>, vs_ns: &str, r: &HttpRoute, index: usize, sco
         .filter(|m| applies(view, vs_ns, m, scope))
         .filter_map(|m| Some((m, action(view, vs_ns, r, m, scope)?)))
         .map(|(m, action)| Route {
-            name: name.clone(),
+            // Istio names a route `<rule name>.<match name>` when the match has a name.
+            name: match &m.name {
+                Some(n) => format!("{name}.{n}"),
+                _ => name.clone(),
+            },
             r#match: Some(route_match(m)),
             action: Some(action),
             request_headers_to_add: r.headers.as_ref().map(|h| set_add(h, true)).unwrap_or_default(),
@@ -300,7 +304,12 @@ fn action(
         };
         return Some(route::Action::Redirect(RedirectAction {
             host_redirect: rd.authority.clone().unwrap_or_default(),
-            port_redirect: rd.port.unwrap_or(0),
+            // `derivePort: FROM_REQUEST_PORT`: routes are built per listening port, so
+            // the request's port is this one (as Istio does).
+            port_redirect: rd
+                .port
+                .or_else(|| (rd.derive_port.as_deref() == Some("FROM_REQUEST_PORT")).then_some(port))
+                .unwrap_or(0),
             path_rewrite_specifier: rd.uri.clone().map(redirect_action::PathRewriteSpecifier::PathRedirect),
             scheme_rewrite_specifier: rd.scheme.clone().map(redirect_action::SchemeRewriteSpecifier::SchemeRedirect),
             response_code: code as i32,
@@ -332,10 +341,18 @@ fn action(
             ..Default::default()
         }),
     };
-    let hash_svc = dests
-        .first()
-        .and_then(|d| view.service(&host::fqdn(&d.destination.host, vs_ns, &view.mesh.domain)))
-        .or(scope.service);
+    // The first destination with a consistent hash gives the route's hash policy (one
+    // RouteAction has one list for all its weighted clusters).
+    let hash = dests
+        .iter()
+        .map(|d| {
+            let svc = view.service(&host::fqdn(&d.destination.host, vs_ns, &view.mesh.domain));
+            let dport = d.destination.port.map_or(port, |p| p.number);
+            svc.map(|svc| hash_policy(view, svc, dport, d.destination.subset.as_deref())).unwrap_or_default()
+        })
+        .find(|h| !h.is_empty())
+        .or_else(|| dests.is_empty().then(|| scope.service.map(|svc| hash_policy(view, svc, port, None))).flatten())
+        .unwrap_or_default();
     let mut a = RouteAction {
         cluster_specifier: Some(specifier),
         timeout: Some(r.timeout.map(|t| duration(t.0)).unwrap_or_default()),
@@ -343,7 +360,7 @@ fn action(
             .retries
             .as_ref()
             .map_or(Some(retry_policy(None)), |rt| (rt.attempts > 0).then(|| retry_policy(Some(rt)))),
-        hash_policy: hash_svc.map(|svc| hash_policy(view, svc)).unwrap_or_default(),
+        hash_policy: hash,
         ..Default::default()
     };
     if let Some(rw) = &r.rewrite {
@@ -424,32 +441,61 @@ pub fn retry_policy(r: Option<&HttpRetry>) -> RetryPolicy {
     if !codes.is_empty() && !conditions.iter().any(|c| c == "retriable-status-codes") {
         conditions.push("retriable-status-codes".into());
     }
+    let ignore_previous = r.and_then(|r| r.retry_ignore_previous_hosts).unwrap_or(true);
     RetryPolicy {
         retry_on: conditions.join(","),
         num_retries: Some(UInt32Value { value: u32::try_from(attempts).unwrap_or(0) }),
         per_try_timeout: r.and_then(|r| r.per_try_timeout).map(|d| duration(d.0)),
         retriable_status_codes: codes,
-        // Istio's default: a retry avoids the hosts already tried (5 picks at most).
-        retry_host_predicate: vec![envoy_types::pb::envoy::config::route::v3::retry_policy::RetryHostPredicate {
-            name: "envoy.retry_host_predicates.previous_hosts".into(),
-            config_type: Some(envoy_types::pb::envoy::config::route::v3::retry_policy::retry_host_predicate::ConfigType::TypedConfig(pack_any(
-                envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate::default(),
-            ))),
-        }],
-        host_selection_retry_max_attempts: 5,
+        // Istio's default: a retry avoids the hosts already tried (5 picks at most);
+        // `retryIgnorePreviousHosts: false` turns that off.
+        retry_host_predicate: if ignore_previous {
+            vec![envoy_types::pb::envoy::config::route::v3::retry_policy::RetryHostPredicate {
+                name: "envoy.retry_host_predicates.previous_hosts".into(),
+                config_type: Some(envoy_types::pb::envoy::config::route::v3::retry_policy::retry_host_predicate::ConfigType::TypedConfig(pack_any(
+                    envoy_types::pb::envoy::extensions::retry::host::previous_hosts::v3::PreviousHostsPredicate::default(),
+                ))),
+            }]
+        } else {
+            Vec::new()
+        },
+        host_selection_retry_max_attempts: if ignore_previous { 5 } else { 0 },
+        // `backoff`: the base interval of Envoy's exponential back-off (25 ms otherwise).
+        retry_back_off: r.and_then(|r| r.backoff).map(|b| {
+            envoy_types::pb::envoy::config::route::v3::retry_policy::RetryBackOff {
+                base_interval: Some(duration(b.0)),
+                max_interval: None,
+            }
+        }),
         ..Default::default()
     }
 }
 
 /// Route hash policy from the service's DestinationRule `consistentHash`.
-fn hash_policy(view: &MeshView<'_>, svc: &Service) -> Vec<route_action::HashPolicy> {
+/// The route's hash policy for a destination of `svc` on `port` (subset `subset`): the
+/// consistent hash of the DestinationRule's policy merged as Istio's
+/// `MergeTrafficPolicy` does for that port and subset, where a matching
+/// `portLevelSettings` entry replaces the load balancer (an entry without one means no
+/// consistent hash) and a subset's policy overrides the rule's.
+fn hash_policy(view: &MeshView<'_>, svc: &Service, port: u32, subset: Option<&str>) -> Vec<route_action::HashPolicy> {
     use route_action::hash_policy::{self, PolicySpecifier};
-    let Some(ch) = view
-        .destination_rule(svc)
-        .and_then(|d| d.traffic_policy.as_ref())
-        .and_then(|t| t.load_balancer.as_ref())
-        .and_then(|l| l.consistent_hash.as_ref())
-    else {
+    let Some(dr) = view.destination_rule(svc) else { return Vec::new() };
+    let merged = |tp: &'_ weft_api::spec::TrafficPolicy,
+                  lb: Option<&'_ weft_api::spec::LoadBalancerSettings>|
+     -> Option<weft_api::spec::LoadBalancerSettings> {
+        let lb = tp.load_balancer.as_ref().or(lb).cloned();
+        match tp.port_level_settings.iter().find(|p| p.port.is_some_and(|s| s.number == port)) {
+            Some(p) => p.load_balancer.clone(),
+            None => lb,
+        }
+    };
+    let mut lb = dr.traffic_policy.as_ref().and_then(|tp| merged(tp, None));
+    if let Some(tp) =
+        subset.and_then(|n| dr.subsets.iter().find(|s| s.name == n)).and_then(|s| s.traffic_policy.as_ref())
+    {
+        lb = merged(tp, lb.as_ref());
+    }
+    let Some(ch) = lb.as_ref().and_then(|l| l.consistent_hash.as_ref()) else {
         return Vec::new();
     };
     let spec = if let Some(h) = &ch.http_header_name {

@@ -1183,3 +1183,64 @@ fn maglev_and_ring_hash_sizes_follow_istio() {
     let Some(cluster::LbConfig::RingHashLbConfig(r)) = config else { panic!("{config:?}") };
     assert_eq!(r.minimum_ring_size.map(|v| v.value), Some(1024));
 }
+
+/// The hash policy on a route is the DestinationRule's consistent hash merged for the
+/// destination's port and subset as Istio's `MergeTrafficPolicy` does: a subset's load
+/// balancer replaces the rule's, and a matching `portLevelSettings` entry replaces the
+/// whole policy (what it omits takes the defaults: no consistent hash).
+#[test]
+fn route_hash_policy_merges_subset_and_port_level_settings_as_istio_does() {
+    use route_action::hash_policy::PolicySpecifier;
+    let yaml = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: reviews, namespace: default}
+spec:
+  selector: {app: reviews}
+  ports: [{name: http, port: 9080, targetPort: 8080}, {name: http-admin, port: 9090}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: reviews, namespace: default}
+spec:
+  host: reviews.default.svc.cluster.local
+  trafficPolicy:
+    loadBalancer: {consistentHash: {httpHeaderName: x-user}}
+    outlierDetection: {consecutive5xxErrors: 9}
+    portLevelSettings:
+    - port: {number: 9090}
+      connectionPool: {http: {http2MaxRequests: 5}}
+  subsets:
+  - name: v1
+    labels: {version: v1}
+  - name: v2
+    labels: {version: v2}
+    trafficPolicy: {loadBalancer: {consistentHash: {httpCookie: {name: sticky, ttl: 0s}}}}
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: reviews, namespace: default}
+spec:
+  hosts: [reviews]
+  http:
+  - match: [{uri: {prefix: /v2}}]
+    route: [{destination: {host: reviews, subset: v2, port: {number: 9080}}}]
+  - match: [{uri: {prefix: /admin}}]
+    route: [{destination: {host: reviews, subset: v1, port: {number: 9090}}}]
+  - route: [{destination: {host: reviews, subset: v1, port: {number: 9080}}}]
+"#;
+    let x = run(yaml, two_versions(), ProxyMode::Explicit);
+    let vh = vhost(&x, "9080", &format!("{FQDN}:9080"));
+    let spec = |i: usize| action(&vh.routes[i]).hash_policy.first().and_then(|h| h.policy_specifier.clone());
+    // Subset v2's own consistent hash replaces the rule's.
+    assert!(matches!(spec(0), Some(PolicySpecifier::Cookie(c)) if c.name == "sticky"), "{:?}", spec(0));
+    // Port 9090 has a port-level entry without a load balancer: no consistent hash.
+    assert_eq!(spec(1), None);
+    // Subset v1 on 9080 inherits the rule's header hash.
+    assert!(matches!(spec(2), Some(PolicySpecifier::Header(h)) if h.header_name == "x-user"), "{:?}", spec(2));
+    // The port-level entry replaces the outlier detection too (defaults: none).
+    let c9090 = x.cluster(&format!("outbound|9090||{FQDN}")).unwrap();
+    assert!(c9090.outlier_detection.is_none(), "a port-level entry does not inherit outlierDetection");
+    let c9080 = x.cluster(&format!("outbound|9080||{FQDN}")).unwrap();
+    assert!(c9080.outlier_detection.is_some());
+}

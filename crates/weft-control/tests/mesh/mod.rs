@@ -27,6 +27,8 @@ pub async fn control_plane(dir: Option<&Path>, identity: IdentityConfig) -> Cont
         inject: Default::default(),
         webhook: None,
         registry: None,
+        slo: Default::default(),
+        stats: Default::default(),
     })
     .await
     .expect("the control plane starts")
@@ -35,8 +37,17 @@ pub async fn control_plane(dir: Option<&Path>, identity: IdentityConfig) -> Cont
 /// A join token for `namespace`/`sa` from the control plane's API (one hour).
 pub async fn join_token(cp: &ControlPlane, namespace: &str, sa: &str) -> String {
     let body = serde_json::json!({"namespace": namespace, "serviceAccount": sa, "ttlSeconds": 3600});
-    let req = request(Method::POST, "weft", "/api/v1/tokens", Bytes::from(body.to_string())).expect("a request");
+    let req =
+        admin(cp, request(Method::POST, "weft", "/api/v1/tokens", Bytes::from(body.to_string())).expect("a request"));
     let reply = send_h1(cp.api_addr, req).await.expect("the API answers");
     assert_eq!(reply.status, 200, "{}", reply.text());
     reply.json().expect("JSON")["token"].as_str().expect("a token").to_string()
+}
+
+/// `req` with the control plane's admin credential (`Authorization: Bearer`).
+pub fn admin<B>(cp: &ControlPlane, mut req: http::Request<B>) -> http::Request<B> {
+    if let Some((token, _)) = &cp.admin_token {
+        req.headers_mut().insert(http::header::AUTHORIZATION, format!("Bearer {token}").parse().expect("a header"));
+    }
+    req
 }

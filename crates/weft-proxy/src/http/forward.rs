@@ -99,7 +99,7 @@ pub async fn forward(
         UpstreamProtocol::UseDownstream => UpstreamProtocol::Http1,
         p => p,
     };
-    let hash = request_hash(&action.hash_policy, &parts, conn);
+    let (hash, set_cookies) = request_hash(&action.hash_policy, &parts, conn);
     let mut tried = Vec::new();
     let upstream_start = Instant::now();
     let mut attempt = 0;
@@ -200,6 +200,9 @@ pub async fn forward(
                     resp.extensions().get::<crate::cluster::UpstreamPrincipal>().map(|p| p.0.clone());
                 let (mut rp, rb) = resp.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
+                for c in set_cookies {
+                    rp.headers.append(http::header::SET_COOKIE, c);
+                }
                 let bounded = DeadlineBody::new(boxed(rb), action.idle_timeout.or(stream_idle), deadline);
                 return Ok(Response::from_parts(rp, boxed(Hold::new(boxed(bounded), permit))));
             }
@@ -230,25 +233,34 @@ pub async fn forward(
 }
 
 /// The request's hash key for consistent hashing (Envoy's `hash_policy`): the policies in
-/// order, combined; a terminal policy that produced a value stops the walk. Cookies are
-/// hashed when present (generating them is not supported yet).
-fn request_hash(policies: &[HashPolicy], parts: &http::request::Parts, conn: &ConnInfo) -> Option<u64> {
+/// order, combined; a terminal policy that produced a value stops the walk. A cookie
+/// policy with a `ttl` whose cookie is absent generates it as Envoy does (the hex
+/// xxHash-style digest of the connection's remote and local addresses, so the requests
+/// of one connection agree) and returns the `Set-Cookie` the response carries.
+fn request_hash(
+    policies: &[HashPolicy],
+    parts: &http::request::Parts,
+    conn: &ConnInfo,
+) -> (Option<u64>, Vec<http::HeaderValue>) {
     let mut acc: Option<u64> = None;
+    let mut set_cookies = Vec::new();
     for p in policies {
         let value: Option<Vec<u8>> = match &p.source {
             HashSource::Header(name) => {
                 let vals: Vec<&[u8]> = parts.headers.get_all(name).iter().map(|v| v.as_bytes()).collect();
                 (!vals.is_empty()).then(|| vals.join(&b","[..]))
             }
-            HashSource::Cookie { name, .. } => parts
-                .headers
-                .get_all(http::header::COOKIE)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(';'))
-                .filter_map(|c| c.trim().split_once('='))
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_bytes().to_vec()),
+            HashSource::Cookie { name, ttl, path } => match cookie_value(&parts.headers, name) {
+                Some(v) => Some(v.as_bytes().to_vec()),
+                None => ttl.map(|ttl| {
+                    let value =
+                        format!("{:016x}", stable_hash(format!("{}{}", conn.peer, conn.destination).as_bytes()));
+                    if let Some(h) = set_cookie(name, &value, path, ttl) {
+                        set_cookies.push(h);
+                    }
+                    value.into_bytes()
+                }),
+            },
             HashSource::SourceIp => Some(conn.peer.ip().to_string().into_bytes()),
             HashSource::QueryParameter(q) => parts
                 .uri
@@ -264,7 +276,35 @@ fn request_hash(policies: &[HashPolicy], parts: &http::request::Parts, conn: &Co
             }
         }
     }
-    acc
+    (acc, set_cookies)
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers, without the double
+/// quotes a quoted value carries (Envoy's `parseCookieValue`); None when absent or empty.
+fn cookie_value<'a>(headers: &'a http::HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v))
+        .filter(|v| !v.is_empty())
+}
+
+/// Envoy's `makeSetCookieValue`: `name="value"`, `Max-Age` unless the ttl is zero (a
+/// session cookie), `Path` when set, `HttpOnly`.
+fn set_cookie(name: &str, value: &str, path: &str, ttl: Duration) -> Option<http::HeaderValue> {
+    let mut s = format!("{name}=\"{value}\"");
+    if !ttl.is_zero() {
+        s.push_str(&format!("; Max-Age={}", ttl.as_secs()));
+    }
+    if !path.is_empty() {
+        s.push_str(&format!("; Path={path}"));
+    }
+    s.push_str("; HttpOnly");
+    http::HeaderValue::from_str(&s).ok()
 }
 
 fn pick(

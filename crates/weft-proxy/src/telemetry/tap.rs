@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::debug;
 use weft_xds::tap::{TapCommand, TapEvent, TapFilter, TapUpdate};
-use weft_xds::Backoff;
+use weft_xds::{Backoff, XdsTransport};
 
 /// Events waiting to be sent to the control plane; more are dropped.
 pub const QUEUE_CAPACITY: usize = 1024;
@@ -137,13 +137,19 @@ pub fn matches(f: &TapFilter, view: &TapView<'_>) -> bool {
 /// Keeps the tap stream to the control plane at `address` open (reconnecting with
 /// backoff) until `stop`: applies its commands to `hub` and sends the queued events.
 /// Every tap ends when the stream does.
-pub async fn run(hub: Arc<TapHub>, address: String, node_id: String, stop: impl Future<Output = ()>) {
+pub async fn run(
+    hub: Arc<TapHub>,
+    address: String,
+    node_id: String,
+    transport: Option<Arc<dyn XdsTransport>>,
+    stop: impl Future<Output = ()>,
+) {
     let Some(mut events) = hub.take_receiver() else { return };
     tokio::pin!(stop);
     let backoff = Backoff::default();
     let mut attempt = 0u32;
     loop {
-        let session = serve_stream(&hub, &address, &node_id, &mut events, &mut attempt);
+        let session = serve_stream(&hub, &address, &node_id, transport.as_deref(), &mut events, &mut attempt);
         tokio::select! {
             _ = &mut stop => {
                 hub.clear();
@@ -171,17 +177,29 @@ async fn serve_stream(
     hub: &TapHub,
     address: &str,
     node_id: &str,
+    transport: Option<&dyn XdsTransport>,
     events: &mut mpsc::Receiver<TapEvent>,
     attempt: &mut u32,
 ) -> Result<(), tonic::Code> {
-    let endpoint =
-        tonic::transport::Endpoint::from_shared(address.to_string()).map_err(|_| tonic::Code::InvalidArgument)?;
-    let channel =
-        endpoint.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|_| tonic::Code::Unavailable)?;
+    // As the xDS client: an `https://` address is the transport's TLS to do.
+    let address = match (transport.is_some(), address.strip_prefix("https://")) {
+        (true, Some(rest)) => format!("http://{rest}"),
+        _ => address.to_string(),
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(address)
+        .map_err(|_| tonic::Code::InvalidArgument)?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = match transport {
+        Some(t) => t.connect(endpoint).await,
+        None => endpoint.connect().await.map_err(|e| e.to_string()),
+    }
+    .map_err(|_| tonic::Code::Unavailable)?;
+    let authorization = transport.and_then(|t| t.authorization());
     let (tx, rx) = mpsc::channel(16);
     let hello = TapUpdate { node_id: node_id.to_string(), ..TapUpdate::default() };
     tx.send(hello).await.map_err(|_| tonic::Code::Unavailable)?;
-    let mut commands = weft_xds::tap::open(channel, ReceiverStream::new(rx)).await.map_err(|s| s.code())?;
+    let mut commands =
+        weft_xds::tap::open(channel, authorization, ReceiverStream::new(rx)).await.map_err(|s| s.code())?;
     *attempt = 0;
     // Events queued while no stream was open belong to taps that ended with it.
     while events.try_recv().is_ok() {}

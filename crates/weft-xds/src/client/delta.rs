@@ -36,7 +36,7 @@ pub(super) async fn run_stream(
         Stream { client, tx, order: client.handler.type_urls(), subscribed: BTreeMap::new(), node_sent: false };
     stream.sync_interest(memory)?;
     let mut responses = grpc
-        .delta_aggregated_resources(UnboundedReceiverStream::new(rx))
+        .delta_aggregated_resources(client.stream_request(UnboundedReceiverStream::new(rx))?)
         .await
         .map_err(|e| format!("open delta stream: {e}"))?
         .into_inner();

@@ -47,7 +47,7 @@ pub(super) async fn run_stream(
     // Initial requests, in ADS order, carrying the last accepted versions.
     stream.sync_interest(None)?;
     let mut responses = grpc
-        .stream_aggregated_resources(UnboundedReceiverStream::new(rx))
+        .stream_aggregated_resources(client.stream_request(UnboundedReceiverStream::new(rx))?)
         .await
         .map_err(|e| format!("open SotW stream: {e}"))?
         .into_inner();

@@ -4,7 +4,6 @@
 //! a type's subscription and which response brings the peer up to date.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -140,7 +139,7 @@ impl<V: Variant> Stream<V> {
 /// register the peer from its first request, then serve requests and source changes.
 pub(super) async fn drive<V: Variant>(
     shared: Arc<Shared>,
-    peer: Option<SocketAddr>,
+    caller: super::Caller,
     mut requests: Streaming<V::Request>,
     tx: mpsc::Sender<Result<V::Response, Status>>,
 ) {
@@ -154,7 +153,18 @@ pub(super) async fn drive<V: Variant>(
         Ok(Some(first)) => first,
         Ok(None) | Err(_) => return,
     };
-    let registration = match Registration::new(shared, V::node(&first), peer, V::MODE) {
+    let node = V::node(&first);
+    let mut peer = caller.remote_addr;
+    if let (Some(admission), Some(n)) = (&shared.admission, &node) {
+        match admission.admit(n, &caller) {
+            Ok(addr) => peer = addr.or(peer),
+            Err(status) => {
+                let _ = tx.send(Err(status)).await;
+                return;
+            }
+        }
+    }
+    let registration = match Registration::new(shared, node, peer, V::MODE) {
         Ok(r) => r,
         Err(status) => {
             let _ = tx.send(Err(status)).await;

@@ -112,6 +112,14 @@ pub struct UpArgs {
     /// `weft control --mesh-config`; --tracing replaces its tracing defaults.
     #[arg(long, value_name = "FILE")]
     pub mesh_config: Option<PathBuf>,
+    /// How often the control plane scrapes every sidecar's metrics for the dashboard
+    /// (docs/dashboard.md).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub stats_interval: Duration,
+    /// Read the dashboard's request statistics from this Prometheus (`http://HOST:PORT`)
+    /// instead of scraping the sidecars.
+    #[arg(long, value_name = "URL")]
+    pub prometheus: Option<String>,
 }
 
 /// A started workload.
@@ -131,6 +139,8 @@ struct Up {
     network: Option<netns::Network>,
     namespaces: BTreeMap<String, netns::Namespace>,
     control: Option<ControlPlane>,
+    /// The control plane's TLS port and the mesh root file its weft proxies verify it with.
+    control_tls: Option<(SocketAddr, PathBuf)>,
     recorded: Option<local::Recorded>,
     running: Vec<Running>,
     gateway: Option<Proc>,
@@ -162,6 +172,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         network: None,
         namespaces: BTreeMap::new(),
         control: None,
+        control_tls: None,
         recorded: None,
         running: Vec::new(),
         gateway: None,
@@ -247,17 +258,37 @@ impl Up {
                 Mode::Transparent => ProxyMode::Transparent,
             },
             mesh,
-            identity: Some(IdentityConfig::new(state.join("ca"))),
+            // Local and loopback: reads are open (dashboards, curl); changes need the
+            // admin token, which the operator commands find through the state file.
+            // weft sidecars reach the TLS port (any free port beside --xds); Envoy
+            // sidecars stay on --xds with their join token.
+            identity: Some(IdentityConfig {
+                api: weft_control::api_auth::ApiAuthConfig { token_file: None, read_anonymous: true },
+                xds_tls: Some(SocketAddr::new(xds.ip(), 0)),
+                ..IdentityConfig::new(state.join("ca"))
+            }),
             inject: Default::default(),
             webhook: None,
             // Its proxies are children of this process and stop with it (and explicit mode
             // picks new addresses each run): nothing to wait for after a restart.
             registry: None,
+            slo: Default::default(),
+            stats: weft_control::meshstats::gather::GatherConfig {
+                interval: self.args.stats_interval,
+                prometheus: self.args.prometheus.clone(),
+                ..Default::default()
+            },
         })
         .await
         .map_err(|e| anyhow::anyhow!("control plane: {e} (another control plane on these ports? see --api / --xds)"))?;
         let (xds, api) = (cp.xds_addr, cp.api_addr);
         let authority = cp.identity.clone().context("the control plane has no CA")?;
+        if let Some(tls) = cp.xds_tls_addr {
+            let root = state.join("mesh-root.pem");
+            std::fs::write(&root, authority.ca().trust_bundle_pem())
+                .with_context(|| format!("cannot write {}", root.display()))?;
+            self.control_tls = Some((tls, root));
+        }
         let snapshot = cp.store.snapshot();
         for e in &snapshot.errors {
             warn_user!("weft up: {e}");
@@ -287,6 +318,7 @@ impl Up {
             ingress: format!("http://{ingress}"),
             mode: if self.mode == Mode::Explicit { "explicit" } else { "transparent" }.into(),
             logs: Some(self.logs.clone()),
+            admin_token_file: self.control.as_ref().and_then(|c| c.admin_token.as_ref()).map(|(_, f)| f.clone()),
             workloads: workloads
                 .iter()
                 .map(|w| local::RecordedWorkload {
@@ -393,8 +425,14 @@ impl Up {
                 SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), plan::METRICS_PORT),
             ),
         };
-        let settings =
-            ProxySettings { xds, token: token.token, admin, metrics, access_log: self.args.access_log.clone() };
+        let settings = ProxySettings {
+            xds,
+            token: token.token,
+            admin,
+            metrics,
+            access_log: self.args.access_log.clone(),
+            tls: self.control_tls.clone(),
+        };
         let file = state.join(format!("{}.{}.bootstrap.yaml", w.name, w.namespace));
         std::fs::write(&file, plan::bootstrap(&node, &settings)?)?;
         let log = self.logs.join(format!("{}.sidecar.log", w.name));
@@ -449,7 +487,12 @@ impl Up {
         token: String,
         state: &Path,
     ) -> anyhow::Result<Proc> {
-        use weft_control::envoy_bootstrap::{render_node, EnvoyBootstrapOptions};
+        use weft_control::envoy_bootstrap::{render_node, with_xds_tls, EnvoyBootstrapOptions};
+        // The TLS port, verified with the mesh root; the join token stays its credential.
+        let (xds, root) = match &self.control_tls {
+            Some((tls, root)) => (*tls, Some(root.clone())),
+            None => (xds, None),
+        };
         node.labels.insert(weft_control::translate::mtls::TLS_MODE_LABEL.into(), "istio".into());
         node.admin = Some(w.admin());
         let options = EnvoyBootstrapOptions {
@@ -468,7 +511,11 @@ impl Up {
             join_token: Some(token),
         };
         // The bootstrap puts the admin API on 127.0.0.1; each workload has its own address.
-        let mut bootstrap: serde_json::Value = serde_yaml_ng::from_str(&render_node(&options, &node))?;
+        let mut text = render_node(&options, &node);
+        if let Some(root) = root {
+            text = with_xds_tls(&text, &root, weft_identity::DEFAULT_TRUST_DOMAIN).map_err(|e| anyhow::anyhow!(e))?;
+        }
+        let mut bootstrap: serde_json::Value = serde_yaml_ng::from_str(&text)?;
         bootstrap["admin"]["address"]["socket_address"]["address"] = serde_json::json!(w.ip.to_string());
         let file = state.join(format!("{}.{}.envoy.yaml", w.name, w.namespace));
         std::fs::write(&file, serde_json::to_string_pretty(&bootstrap)?)?;
@@ -532,8 +579,14 @@ impl Up {
             gateway_address: Some(self.args.ingress_address),
             ..Default::default()
         };
-        let settings =
-            ProxySettings { xds, token: token.token, admin, metrics, access_log: self.args.access_log.clone() };
+        let settings = ProxySettings {
+            xds,
+            token: token.token,
+            admin,
+            metrics,
+            access_log: self.args.access_log.clone(),
+            tls: self.control_tls.clone(),
+        };
         let file = state.join("istio-ingressgateway.bootstrap.yaml");
         std::fs::write(&file, plan::bootstrap(&node, &settings)?)?;
         let mut cmd = tokio::process::Command::new(&self.exe);
@@ -552,6 +605,7 @@ impl Up {
         let page = if self.args.dir.is_none() { "productpage" } else { "" };
         say!("  ingress        http://{ingress}/{page}");
         say!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
+        say!("  dashboard      http://{api}/dashboard   (weft dashboard --open)");
         say!("  logs           {}", self.logs.display());
         if let Some(url) = &self.args.tracing {
             say!("  tracing        {url}, {}% of new traces sampled (docs/observability.md)", self.args.trace_sampling);

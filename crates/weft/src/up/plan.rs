@@ -161,6 +161,9 @@ pub struct ProxySettings {
     pub metrics: SocketAddr,
     /// Access log destination.
     pub access_log: String,
+    /// The control plane's TLS port and the mesh root file: the proxy reaches it there
+    /// (first certificate verified with the root, then xDS and renewals over mTLS).
+    pub tls: Option<(SocketAddr, std::path::PathBuf)>,
 }
 
 /// The node a workload's sidecar announces.
@@ -191,6 +194,8 @@ pub fn bootstrap(node: &NodeInfo, s: &ProxySettings) -> anyhow::Result<String> {
     #[derive(serde::Serialize)]
     struct Identity<'a> {
         token: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        root_cert_file: Option<&'a std::path::Path>,
     }
     #[derive(serde::Serialize)]
     struct Xds {
@@ -208,12 +213,17 @@ pub fn bootstrap(node: &NodeInfo, s: &ProxySettings) -> anyhow::Result<String> {
     }
     let doc = Doc {
         node,
-        xds: Xds { address: format!("http://{}", s.xds) },
+        xds: Xds {
+            address: match &s.tls {
+                Some((tls, _)) => format!("https://{tls}"),
+                None => format!("http://{}", s.xds),
+            },
+        },
         admin: s.admin.to_string(),
         metrics: s.metrics.to_string(),
         access_log: &s.access_log,
         drain_timeout: "2s",
-        identity: Identity { token: &s.token },
+        identity: Identity { token: &s.token, root_cert_file: s.tls.as_ref().map(|(_, root)| root.as_path()) },
     };
     Ok(serde_yaml_ng::to_string(&doc)?)
 }
@@ -283,10 +293,13 @@ mod tests {
             admin: ws[0].admin(),
             metrics: ws[0].metrics(),
             access_log: "off".into(),
+            tls: Some(("127.0.0.1:15012".parse().unwrap(), "/state/mesh-root.pem".into())),
         };
         let text = bootstrap(&node, &s).unwrap();
         let b = weft_proxy::bootstrap::Bootstrap::parse(&text, std::path::Path::new("b.yaml")).unwrap();
         assert_eq!(b.node.inbound, Some("127.9.0.2:15006".parse().unwrap()));
+        assert_eq!(b.xds.address, "https://127.0.0.1:15012", "weft sidecars use the TLS port");
+        assert_eq!(b.identity.unwrap().root_cert_file, Some("/state/mesh-root.pem".into()));
         assert_eq!(b.node.labels.get("app").map(String::as_str), Some("details"));
         assert_eq!((b.node.name.as_str(), b.node.workload_name.as_str()), ("details-v1-q", "details-v1"));
         assert_eq!(b.node.cluster_id, "Kubernetes");
