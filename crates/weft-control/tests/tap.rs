@@ -362,3 +362,36 @@ async fn a_tap_stream_needs_the_credential_of_the_node_it_names() {
     m.productpage.shutdown().await;
     m.cp.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_on_the_tls_xds_port_is_tapped_over_its_mtls_channel() {
+    let data = tempfile::tempdir().unwrap();
+    let mut identity = IdentityConfig::new(data.path());
+    identity.xds_tls = Some("127.0.0.1:0".parse().unwrap());
+    let cp = mesh::control_plane(None, identity).await;
+    let tls = cp.xds_tls_addr.expect("the TLS port is bound");
+    let token = mesh::join_token(&cp, "default", "bookinfo-reviews").await;
+    let root_file = data.path().join("mesh-root.pem");
+    std::fs::write(&root_file, cp.identity.as_ref().unwrap().ca().trust_bundle_pem()).unwrap();
+    let text = format!(
+        "node:\n  id: reviews-tls\n  name: reviews-tls\n  workload_name: reviews-tls\n  namespace: default\n  service_account: bookinfo-reviews\n  labels:\n    app: reviews\n  outbound: {}\nxds:\n  address: https://{tls}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n  root_cert_file: {}\n",
+        reserve_addr(),
+        root_file.display()
+    );
+    let p = ProxyHandle::start(Bootstrap::parse(&text, Path::new("sidecar.yaml")).unwrap()).await.unwrap();
+    assert!(p.wait_ready(WAIT).await, "the proxy on the TLS port never became ready");
+    let token = cp.admin_token.as_ref().map(|(t, _)| t.clone());
+    let deadline = Instant::now() + WAIT;
+    let tap = loop {
+        match Tap::open(cp.api_addr, "target=deploy/reviews-tls", token.as_deref()).await {
+            Ok(t) => break t,
+            Err(e) => assert!(Instant::now() < deadline, "the tap never reached the proxy: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    wait_tap_active(&p, 1).await;
+    drop(tap);
+    wait_tap_active(&p, 0).await;
+    p.shutdown().await;
+    cp.shutdown().await;
+}
