@@ -10,7 +10,7 @@ use std::time::SystemTime;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -52,6 +52,8 @@ pub struct Api {
     pub auth: crate::api_auth::ApiAuth,
     /// Whether this replica leads (CA rotation steps run on the leader only).
     pub leader: crate::leader::Leadership,
+    /// Tap streams of the proxies and taps in progress (`/api/v1/tap`).
+    pub tap: Arc<crate::tap::TapRelay>,
 }
 
 /// Which endpoints a listener serves.
@@ -90,14 +92,19 @@ where
         async move {
             if endpoints == Endpoints::Webhook && req.uri().path() != "/inject" {
                 let error = format!("only POST /inject is served on the webhook port, not {}", req.uri().path());
-                return Ok::<_, Infallible>(reply(StatusCode::NOT_FOUND, json!({"error": error})));
+                return Ok::<_, Infallible>(reply(StatusCode::NOT_FOUND, json!({"error": error})).map(Either::Left));
             }
             if endpoints == Endpoints::All {
                 if let Err((status, body)) = api.auth.check(req.method(), req.uri().path(), req.headers()) {
-                    return Ok::<_, Infallible>(reply(status, body));
+                    return Ok::<_, Infallible>(reply(status, body).map(Either::Left));
                 }
             }
-            Ok::<_, Infallible>(handle(&api, req).await)
+            // Tap (admin only: it shows live traffic) streams its answer.
+            let (method, path, query) = (req.method(), req.uri().path(), req.uri().query().unwrap_or(""));
+            if let Some(r) = crate::tap::http::route(&api, method, path, query) {
+                return Ok(r);
+            }
+            Ok::<_, Infallible>(handle(&api, req).await.map(Either::Left))
         }
     });
     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())

@@ -175,7 +175,8 @@ impl ControlPlane {
             allow_anonymous,
             metrics.xds_refused(),
         );
-        let server = AdsServer::admitting(served, metrics.xds(), Some(Arc::new(admission)));
+        let admission: Arc<dyn weft_xds::StreamAdmission> = Arc::new(admission);
+        let server = AdsServer::admitting(served, metrics.xds(), Some(admission.clone()));
         if identity.is_none() {
             tracing::warn!(
                 "no --data-dir: the control plane has no identity, so xDS streams are not authenticated and any \
@@ -235,6 +236,9 @@ impl ControlPlane {
             Some(authority) => tonic::service::Routes::new(authority.service()),
             None => tonic::service::Routes::default(),
         };
+        // Proxies dial in for `weft tap` on the xDS port too.
+        let tap = Arc::new(crate::tap::TapRelay::new(server.clone(), admission));
+        let routes = routes.add_service(crate::tap::service(&tap));
         tasks.push(tokio::spawn(async move {
             if let Err(e) = srv.serve_with(xds_sock, xds_stop, routes).await {
                 tracing::error!(error = %e, "xDS server stopped");
@@ -260,7 +264,7 @@ impl ControlPlane {
         tasks.push(rollouts.spawn(leader.is_leader()));
         if let (Some((sock, config)), Some(authority)) = (xds_tls, &identity) {
             let srv = server.clone();
-            let routes = tonic::service::Routes::new(authority.service());
+            let routes = tonic::service::Routes::new(authority.service()).add_service(crate::tap::service(&tap));
             let tls_stop = stopped(&stop_rx);
             let incoming = crate::control_tls::tls_incoming(sock, config);
             tasks.push(tokio::spawn(async move {
@@ -301,6 +305,7 @@ impl ControlPlane {
             rollouts: rollouts.clone(),
             stats: stats.clone(),
             leader: leader.clone(),
+            tap,
         });
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));

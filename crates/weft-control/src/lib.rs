@@ -26,6 +26,7 @@ pub mod secrets;
 pub mod slo;
 pub mod source;
 pub mod store;
+pub mod tap;
 pub mod translate;
 pub mod webhook_tls;
 pub mod xds_auth;

@@ -51,6 +51,8 @@ pub struct Context {
     pub active_connections: AtomicUsize,
     /// Distributed tracing: the node's span attributes and the export queue.
     pub tracer: crate::telemetry::trace::Tracer,
+    /// Live taps (`weft tap`); idle, one relaxed load per request.
+    pub tap: Arc<crate::telemetry::tap::TapHub>,
 }
 
 impl Context {

@@ -214,6 +214,10 @@ impl ProxyHandle {
             drain_duration: b.drain_duration,
             active_connections: AtomicUsize::new(0),
             tracer,
+            tap: Arc::new(crate::telemetry::tap::TapHub::new(
+                crate::telemetry::tap::QUEUE_CAPACITY,
+                metrics.proxy().tap(),
+            )),
         });
 
         let admin_sock = TcpListener::bind(b.admin).await.map_err(|source| StartError::Bind {
@@ -236,15 +240,19 @@ impl ProxyHandle {
             on_demand: b.xds.on_demand(),
             ..node
         };
+        let tap_node = node.id.clone();
         let mut client = AdsClient::new(
             ClientConfig { address: b.xds.address.clone(), node, mode: b.xds.mode.into(), backoff: Backoff::default() },
             store.clone(),
         );
+        let mut transport: Option<Arc<dyn weft_xds::XdsTransport>> = None;
         if let (Some(manager), Some(credential)) = (secrets.manager(), b.identity.as_ref().and_then(credential_source))
         {
             let channel = crate::control_channel::ControlChannel::new(&b.xds.address, manager, credential)
                 .map_err(StartError::Identity)?;
-            client = client.with_transport(Arc::new(channel));
+            let channel = Arc::new(channel);
+            transport = Some(channel.clone());
+            client = client.with_transport(channel);
         }
         let xds = client.status();
         let mut tasks = Vec::new();
@@ -255,6 +263,10 @@ impl ProxyHandle {
             }
         };
         tasks.push(tokio::spawn(client.run(stop(&stop_rx))));
+        // Taps arrive on a stream this proxy dials to the control plane.
+        let tap =
+            crate::telemetry::tap::run(ctx.tap.clone(), b.xds.address.clone(), tap_node, transport, stop(&stop_rx));
+        tasks.push(tokio::spawn(tap));
         tasks.push(tokio::spawn(watch_xds(xds.clone(), metrics.clone(), stop(&stop_rx))));
         // Spans leave in the background, never on a request's path.
         tasks.push(tokio::spawn(span_exporter.run(store.clone(), stop(&stop_rx))));

@@ -152,9 +152,10 @@ impl HttpReport {
     pub fn start<B>(ctx: &Context, conn: &ConnInfo, req: &Request<B>) -> Self {
         let h = req.headers();
         let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
-        // Method, path, user agent and forwarded-for only go to the access log: no
-        // copies when it is off.
+        // Method and path only go to the access log and taps, user agent and
+        // forwarded-for only to the access log: no copies when neither is on.
         let log = ctx.access_log.is_enabled();
+        let tap = ctx.tap.is_active();
         let inbound = conn.listener.direction == Direction::Inbound;
         let metadata = if inbound { h.get(peer::PEER_HEADER) } else { None };
         let announce = metadata.is_some() || (inbound && h.contains_key(peer::PEER_ID_HEADER));
@@ -168,9 +169,9 @@ impl HttpReport {
             peer_principal: conn.peer_principal.clone(),
             peer_workload: conn.peer_workload.clone(),
             upstream_principal: None,
-            method: if log { req.method().to_string() } else { String::new() },
+            method: if log || tap { req.method().to_string() } else { String::new() },
             path: match req.uri().path_and_query() {
-                _ if !log => String::new(),
+                _ if !log && !tap => String::new(),
                 Some(p) => p.as_str().to_string(),
                 None => "/".into(),
             },
@@ -309,6 +310,9 @@ impl HttpReport {
             security_policy,
         };
         ctx.metrics.record_request(&labels, duration, request_bytes, self.response_bytes);
+        if ctx.tap.is_active() {
+            tap_event(ctx, &self, &labels, duration);
+        }
         if self.retries > 0 && !self.cluster.is_empty() {
             for _ in 0..self.retries {
                 ctx.metrics.proxy().upstream_retry(&self.cluster);
@@ -345,6 +349,54 @@ impl HttpReport {
             rbac: self.rbac,
         });
     }
+}
+
+/// Offers the finished request to the taps in force (never a header value; the path
+/// without its query string).
+fn tap_event(ctx: &Context, r: &HttpReport, labels: &RequestLabels, duration: Duration) {
+    use weft_xds::tap::{TapEvent, TapPeer};
+    // Started before the first tap: its method and path were not kept.
+    if r.method.is_empty() {
+        return;
+    }
+    let direction = if r.direction == Direction::Inbound { "inbound" } else { "outbound" };
+    let path = r.path.split('?').next().unwrap_or_default();
+    let view = crate::telemetry::tap::TapView {
+        direction,
+        method: &r.method,
+        authority: &r.authority,
+        path,
+        status: r.response_code,
+    };
+    let peer = |w: &WorkloadInfo| TapPeer {
+        workload: w.workload.clone(),
+        namespace: w.namespace.clone(),
+        principal: w.principal.clone(),
+    };
+    let mtls = match r.direction {
+        Direction::Inbound => r.peer_principal.is_some(),
+        _ => r.upstream_principal.is_some(),
+    };
+    ctx.tap.offer(&view, || TapEvent {
+        tap_id: 0,
+        direction: direction.to_string(),
+        source: Some(peer(&labels.source)),
+        destination: Some(peer(&labels.destination)),
+        service: labels.service.host.clone(),
+        method: r.method.clone(),
+        authority: r.authority.clone(),
+        path: path.to_string(),
+        status: u32::from(r.response_code),
+        latency_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+        flags: labels.response_flags.to_string(),
+        mtls,
+        request_id: r.request_id.clone(),
+        start_unix_ms: r
+            .start_time
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    });
 }
 
 /// The peer known only by the SPIFFE id its certificate proved (no metadata): principal

@@ -42,6 +42,7 @@ pub mod node;
 pub mod peer;
 pub mod server;
 pub mod source;
+pub mod tap;
 pub mod type_url;
 pub mod vhds;
 

@@ -13,6 +13,7 @@ mod ops;
 mod proxy_config;
 mod rollout;
 mod slo;
+mod tap;
 mod token;
 mod up;
 
@@ -189,6 +190,8 @@ enum Command {
         #[arg(long, env = "WEFT_SERVER")]
         server: Option<String>,
     },
+    /// Live requests of a workload or service, one line each (Linkerd's tap).
+    Tap(tap::TapArgs),
     /// What the control plane serves one proxy (by node id or name).
     ProxyConfig {
         /// Proxy node id or workload name.
@@ -625,6 +628,7 @@ fn main() -> std::process::ExitCode {
             Command::ProxyStatus { output, server } => {
                 ops::proxy_status(&local::server(server), output == "json").await
             }
+            Command::Tap(args) => tap::run(&local::server(args.server.clone()), &args).await,
             Command::ProxyConfig { proxy, what, output, server, admin } => {
                 proxy_config::run(&local::server(server), &proxy, what.as_deref(), &output, admin.as_deref()).await
             }

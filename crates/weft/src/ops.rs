@@ -19,7 +19,7 @@ pub fn set_admin_token(token: String) {
 
 /// The admin token for `addr`: `--token-file`, else `WEFT_TOKEN`, else the token of the
 /// running `weft up` when `addr` is its API.
-fn admin_token(addr: &str) -> Option<String> {
+pub fn admin_token(addr: &str) -> Option<String> {
     if let Some(t) = ADMIN_TOKEN.get() {
         return Some(t.clone());
     }

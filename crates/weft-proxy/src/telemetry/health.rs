@@ -33,6 +33,8 @@ pub struct ProxyHealth {
     cert_expiry: Gauge<f64, AtomicU64>,
     access_log_dropped: Counter,
     on_demand_host_evictions: Counter,
+    tap_active: Gauge,
+    tap_dropped: Counter,
     tls_failures: Family<TlsFailureLabels, Counter>,
     upstream_tls_failures: Family<UpstreamTlsLabels, Counter>,
     /// Per xDS type: current version and when it was applied. Touched on config updates
@@ -125,6 +127,8 @@ impl ProxyHealth {
             cert_expiry: Gauge::default(),
             access_log_dropped: Counter::default(),
             on_demand_host_evictions: Counter::default(),
+            tap_active: Gauge::default(),
+            tap_dropped: Counter::default(),
             tls_failures: Family::default(),
             upstream_tls_failures: Family::default(),
             applied: Mutex::new(HashMap::new()),
@@ -185,6 +189,16 @@ impl ProxyHealth {
             "weft_on_demand_host_evictions",
             "Hosts on-demand discovery forgot (and unsubscribed) to stay within its bound",
             health.on_demand_host_evictions.clone(),
+        );
+        registry.register(
+            "weft_tap_active",
+            "Taps (weft tap) this proxy is currently serving",
+            health.tap_active.clone(),
+        );
+        registry.register(
+            "weft_tap_dropped",
+            "Tap events dropped because the queue to the control plane was full",
+            health.tap_dropped.clone(),
         );
         registry.register(
             "weft_tls_handshake_failures",
@@ -283,6 +297,11 @@ impl ProxyHealth {
     /// The counter on-demand discovery increments when it forgets a host.
     pub fn on_demand_host_evictions(&self) -> Counter {
         self.on_demand_host_evictions.clone()
+    }
+
+    /// The gauge of taps in force and the counter of tap events dropped.
+    pub fn tap(&self) -> (Gauge, Counter) {
+        (self.tap_active.clone(), self.tap_dropped.clone())
     }
 
     /// Refreshes `weft_config_age_seconds` from the last-applied times.

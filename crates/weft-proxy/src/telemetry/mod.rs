@@ -16,6 +16,7 @@ pub mod peer;
 pub mod ratelimit;
 pub mod rbac;
 pub mod services;
+pub mod tap;
 pub mod trace;
 
 use serde::{Deserialize, Serialize};
