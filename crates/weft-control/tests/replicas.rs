@@ -38,6 +38,9 @@ async fn replica(etcd: &EtcdCluster, data: &std::path::Path) -> ControlPlane {
             // Every replica checks the same admin token (as a Deployment mounting one
             // Secret would).
             api: weft_control::api_auth::ApiAuthConfig { token_file: Some(admin_token_file()), read_anonymous: false },
+            // The simulated proxies here carry no credential (`--xds-allow-anonymous`):
+            // what is tested is sharing, not admission (`--test trust`).
+            allow_anonymous_xds: true,
             ..IdentityConfig::new(data)
         }),
         inject: Default::default(),

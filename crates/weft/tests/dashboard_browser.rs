@@ -4,7 +4,8 @@
 //!
 //! What the page shows is read back from the rendered SVG (each edge carries its numbers
 //! in `data-*` attributes): the graph has Bookinfo's workloads, services and edges with
-//! plausible rates and mTLS; an abort injected on `ratings` turns the reviews → ratings
+//! plausible rates and mTLS; an abort injected on `ratings` burns the ratings SLO's
+//! error budget in the SLO panel and turns the reviews → ratings
 //! edges red while productpage → details stays healthy; a weight shift on `reviews` moves
 //! the traffic to the `reviews-v3` edge and the v1/v2 edges go away. Screenshots of each
 //! step are kept under `target/dashboard-browser/` (the test prints the path).
@@ -234,6 +235,8 @@ fn the_dashboard_shows_bookinfo_its_faults_and_weight_shifts_in_chromium() {
     let (ok, printed) = up.weft(&["dashboard"]);
     assert!(ok && printed.trim() == url, "weft dashboard prints {url}: {printed}");
     let dir = artefacts();
+    // Bookinfo's SLOs (samples/slo): ratings' availability as its callers see it.
+    up.apply_yaml(&weft_testkit::conformance("slo/bookinfo-slos.yaml"));
 
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
@@ -340,6 +343,31 @@ spec:
         Ok(())
     });
     browser.screenshot(&dir.join("ratings-fault.png"));
+    // The fault burns ratings' error budget: the SLO panel shows its SLI under 100% and
+    // the budget left under 100% (the control plane evaluates SLOs every 30 s).
+    browser.goto(&format!("{url}#slos"));
+    let row = "document.querySelector('tr.slo[data-name=\"ratings-availability\"]')";
+    let cell = |i: usize| -> Option<f64> {
+        let js = format!("const r = {row}; return r ? r.cells[{i}].textContent : null;");
+        browser.script(&js).as_str().and_then(|t| t.trim().trim_end_matches('%').trim().parse::<f64>().ok())
+    };
+    let deadline = Instant::now() + Duration::from_secs(150);
+    loop {
+        // Columns: SLO, service, SLI, target, window, SLI now, budget left, burn rates...
+        match (cell(5), cell(6)) {
+            (Some(sli), Some(left)) if sli < 100.0 && left < 100.0 => break,
+            other => {
+                assert!(
+                    Instant::now() < deadline,
+                    "the ratings SLO never showed the fault burning its budget: {other:?}"
+                );
+                std::thread::sleep(Duration::from_secs(2));
+                browser.goto(&format!("{url}#slos"));
+            }
+        }
+    }
+    browser.screenshot(&dir.join("ratings-slo-burn.png"));
+    browser.goto(&format!("{url}?window=30s#graph"));
     // The fault lifted (same VirtualService, plain route).
     up.apply_yaml(
         "apiVersion: networking.istio.io/v1

@@ -52,6 +52,9 @@ async fn start_replica(store: &str, xds: SocketAddr, data: &Path) -> (Child, Str
         .args(["control", "--store", store, "--lease-ttl", "4s", "--cert-ttl", CERT_TTL])
         .arg("--data-dir")
         .arg(data)
+        // One admin token for every replica (as one Secret mounted in each pod).
+        .arg("--api-token-file")
+        .arg(admin_token_file())
         .args(["--xds", &xds.to_string(), "--api", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -65,13 +68,26 @@ async fn start_replica(store: &str, xds: SocketAddr, data: &Path) -> (Child, Str
     (child, api)
 }
 
+const ADMIN_TOKEN: &str = "ha-test-admin-token";
+
+/// The admin token file the replicas share, written once per test process.
+fn admin_token_file() -> PathBuf {
+    static FILE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FILE.get_or_init(|| {
+        let path = std::env::temp_dir().join(format!("weft-ha-admin-{}", std::process::id()));
+        std::fs::write(&path, ADMIN_TOKEN).unwrap();
+        path
+    })
+    .clone()
+}
+
 async fn kill9(child: &mut Child) {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
 }
 
 async fn weft(args: &[&str]) -> String {
-    let o = Command::new(WEFT).args(args).output().await.unwrap();
+    let o = Command::new(WEFT).args(args).env("WEFT_TOKEN", ADMIN_TOKEN).output().await.unwrap();
     assert!(o.status.success(), "weft {args:?}: {}", String::from_utf8_lossy(&o.stderr));
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
@@ -84,7 +100,9 @@ async fn apply(api: &str, text: &str) {
 }
 
 async fn api_get(api: &str, path: &str) -> serde_json::Value {
-    let r = weft_testkit::http::get_h1(api.parse().unwrap(), api, path).await.unwrap();
+    let mut req = weft_testkit::http::request(http::Method::GET, api, path, bytes::Bytes::new()).unwrap();
+    req.headers_mut().insert(http::header::AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+    let r = weft_testkit::http::send_h1(api.parse().unwrap(), req).await.unwrap();
     assert_eq!(r.status, 200, "{path}: {:?}", r.body);
     serde_json::from_slice(&r.body).unwrap()
 }

@@ -307,12 +307,18 @@ mod tests {
         let text = bootstrap(&node, &s).unwrap();
         let b = weft_proxy::bootstrap::Bootstrap::parse(&text, std::path::Path::new("b.yaml")).unwrap();
         assert_eq!(b.node.inbound, Some("127.9.0.2:15006".parse().unwrap()));
-        assert_eq!(b.xds.address, "https://127.0.0.1:15012", "weft sidecars use the TLS port");
+        // Several replicas: every replica's xDS address, the proxy fails over between them.
+        assert_eq!(b.xds.address, "http://127.0.0.1:15010,http://127.0.0.1:15011");
+        // One control plane: weft sidecars use its TLS port.
+        let one = ProxySettings { replicas: Vec::new(), ..s.clone() };
+        let single =
+            weft_proxy::bootstrap::Bootstrap::parse(&bootstrap(&node, &one).unwrap(), std::path::Path::new("b.yaml"))
+                .unwrap();
+        assert_eq!(single.xds.address, "https://127.0.0.1:15012", "weft sidecars use the TLS port");
         assert_eq!(b.identity.unwrap().root_cert_file, Some("/state/mesh-root.pem".into()));
         assert_eq!(b.node.labels.get("app").map(String::as_str), Some("details"));
         assert_eq!((b.node.name.as_str(), b.node.workload_name.as_str()), ("details-v1-q", "details-v1"));
         assert_eq!(b.node.cluster_id, "Kubernetes");
-        assert_eq!(b.xds.address, "http://127.0.0.1:15010,http://127.0.0.1:15011");
         let gateway = NodeInfo {
             id: "router~127.0.0.1~gw.istio-system~istio-system.svc.cluster.local".into(),
             namespace: "istio-system".into(),
