@@ -210,7 +210,11 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
     assert!(!offline.contains("IST0127"), "{offline}");
 
     // A broken file: the error is reported, the proxies keep their config.
-    std::fs::write(&vs, "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: [\n").unwrap();
+    // Written whole and renamed into place (as editors save): the control plane polls
+    // the directory and must not catch the file half-written (empty, a valid file).
+    let tmp = dir.path().join(".vs.yaml.tmp");
+    std::fs::write(&tmp, "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: [\n").unwrap();
+    std::fs::rename(&tmp, &vs).unwrap();
     // Wait until the control plane has read the file (it reports the error), not a guess.
     let deadline = Instant::now() + WAIT;
     loop {
