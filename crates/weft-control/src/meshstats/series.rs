@@ -242,11 +242,17 @@ impl SeriesStore {
     }
 
     /// The slots of `s` in tier `tier` whose step is in `(to - n, to]`.
+    /// Visits only the `n` slots the window needs (a slot still holding an older step
+    /// is skipped).
     fn sum_series(s: &Series, tier: usize, to: u64, n: u64, into: &mut Sum) {
-        let from = to.saturating_sub(n);
-        for slot in &s.rings[tier] {
-            let st = u64::from(slot.step);
-            if st > from && st <= to {
+        let ring = &s.rings[tier];
+        let len = ring.len() as u64;
+        if len == 0 {
+            return;
+        }
+        for idx in to.saturating_sub(n.min(len)) + 1..=to {
+            let slot = &ring[(idx % len) as usize];
+            if u64::from(slot.step) == idx {
                 into.add(slot);
             }
         }
