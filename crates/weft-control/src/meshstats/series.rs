@@ -258,8 +258,13 @@ impl SeriesStore {
         }
     }
 
+    /// The time the summed slots span: whole steps back from the current, partly
+    /// filled one (at least one step), and never before gathering started.
     fn covered(&self, now: u64, window: u64) -> Duration {
-        Duration::from_secs(window.min(now.saturating_sub(self.started)))
+        let (tier, n) = Self::tier_for(window);
+        let step = TIERS[tier].0;
+        let span = ((n - 1) * step + now % step).max(step.min(window));
+        Duration::from_secs(span.min(window).min(now.saturating_sub(self.started)))
     }
 
     /// Totals over the last `window` at `now` of the series `sel` picks.
@@ -460,7 +465,8 @@ mod tests {
         // 5 minutes: only the second sample.
         let w = s.window(&sel, t0 + 601, Duration::from_secs(300));
         assert_eq!((w.requests, w.errors), (20.0, 0.0));
-        assert_eq!(w.covered, Duration::from_secs(300));
+        // 29 whole 10 s steps and 1 s of the current one.
+        assert_eq!(w.covered, Duration::from_secs(291));
         // 1 hour: both; 25 of the 30 at or under 10 ms, so the median is inside (5, 10].
         let w = s.window(&sel, t0 + 601, Duration::from_secs(3600));
         assert_eq!((w.requests, w.errors), (30.0, 1.0));
