@@ -73,14 +73,14 @@ pub fn handle(api: &Api, path: &str, query: &str) -> Response<Full<Bytes>> {
             json_reply(StatusCode::OK, json!({"window": secs(window), "denials": denials(api, window, |_| true)}))
         }
         p if p.starts_with("/api/v1/services/") => {
-            let name = p.trim_start_matches("/api/v1/services/");
-            json_reply(StatusCode::OK, service(api, name, window, step))
+            let name = percent_decode(p.trim_start_matches("/api/v1/services/"));
+            json_reply(StatusCode::OK, service(api, &name, window, step))
         }
         p => {
             let rest = p.trim_start_matches("/api/v1/workloads/");
             match rest.split_once('/') {
                 Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
-                    json_reply(StatusCode::OK, workload(api, ns, name, window, step))
+                    json_reply(StatusCode::OK, workload(api, &percent_decode(ns), &percent_decode(name), window, step))
                 }
                 _ => {
                     json_reply(StatusCode::NOT_FOUND, json!({"error": "expected /api/v1/workloads/<namespace>/<name>"}))
@@ -122,6 +122,27 @@ pub fn parse_window(text: &str) -> Result<Duration, String> {
         return Err(format!("window {text:?}: must be between 10s and 28d"));
     }
     Ok(d)
+}
+
+/// `%XX` escapes of a path segment decoded (invalid ones and non-UTF-8 kept as written).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        match (b[i], b.get(i + 1).copied().and_then(hex), b.get(i + 2).copied().and_then(hex)) {
+            (b'%', Some(h), Some(l)) => {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+            }
+            (c, _, _) => {
+                out.push(c);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_string())
 }
 
 fn secs(d: Duration) -> u64 {
@@ -569,6 +590,14 @@ mod tests {
             (Some(30.0), Some(0.9), json!(true))
         );
         assert!(e("unknown", "svc:productpage.default.svc.cluster.local").is_some());
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        assert_eq!(percent_decode("reviews.default.svc.cluster.local"), "reviews.default.svc.cluster.local");
+        assert_eq!(percent_decode("a%20b%2Fc"), "a b/c");
+        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
+        assert_eq!(percent_decode("%FF"), "%FF");
     }
 
     #[test]

@@ -96,6 +96,13 @@ enum Command {
         /// the proxies (docs/dashboard.md).
         #[arg(long, env = "WEFT_PROMETHEUS", value_name = "URL")]
         prometheus: Option<String>,
+        /// How often every connected proxy's metrics are scraped for the dashboard.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        stats_interval: std::time::Duration,
+        /// Most request series kept for the dashboard (132 KiB each at most;
+        /// docs/dashboard.md).
+        #[arg(long, default_value_t = weft_control::meshstats::series::DEFAULT_MAX_SERIES)]
+        stats_max_series: usize,
         #[command(flatten)]
         identity: IdentityArgs,
         #[command(flatten)]
@@ -586,6 +593,8 @@ fn main() -> std::process::ExitCode {
                 reconnect_grace,
                 mesh_config,
                 prometheus,
+                stats_interval,
+                stats_max_series,
                 identity,
                 webhook,
                 slo,
@@ -607,7 +616,13 @@ fn main() -> std::process::ExitCode {
                     ),
                     None => None,
                 };
-                let policy = (outbound_traffic_policy.as_str(), mesh_file, prometheus);
+                let stats = weft_control::meshstats::gather::GatherConfig {
+                    interval: stats_interval,
+                    max_series: stats_max_series,
+                    prometheus,
+                    ..Default::default()
+                };
+                let policy = (outbound_traffic_policy.as_str(), mesh_file, stats);
                 run_control(dir, addrs, transparent, policy, reconnect_grace, identity, (webhook, slo)).await
             }
             Command::Token { command } => token::run(command).await,
@@ -718,7 +733,11 @@ async fn run_control(
     (dir, store): (Option<PathBuf>, Option<weft_control::etcd::EtcdConfig>),
     (xds, api): (std::net::SocketAddr, std::net::SocketAddr),
     transparent: bool,
-    (policy, mesh_file, prometheus): (&str, Option<weft_control::meshconfig::MeshConfigFile>, Option<String>),
+    (policy, mesh_file, stats): (
+        &str,
+        Option<weft_control::meshconfig::MeshConfigFile>,
+        weft_control::meshstats::gather::GatherConfig,
+    ),
     reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
     (webhook, slo): (WebhookArgs, slo::SloArgs),
@@ -781,7 +800,7 @@ async fn run_control(
         inject,
         webhook: webhook_tls,
         slo: slo.config()?,
-        stats: weft_control::meshstats::gather::GatherConfig { prometheus, ..Default::default() },
+        stats,
     };
     let cp = match store {
         Some(etcd) => weft_control::control::ControlPlane::start_replica(cfg, etcd).await,

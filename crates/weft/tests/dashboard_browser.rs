@@ -4,8 +4,9 @@
 //!
 //! What the page shows is read back from the rendered SVG (each edge carries its numbers
 //! in `data-*` attributes): the graph has Bookinfo's workloads, services and edges with
-//! plausible rates and mTLS; an abort injected on `ratings` burns the ratings SLO's
-//! error budget in the SLO panel and turns the reviews → ratings
+//! plausible rates and mTLS, the ingress gateway, and a caller outside the mesh (requests
+//! straight to productpage's sidecar) as `unknown`; an abort injected on `ratings` burns
+//! the ratings SLO's error budget in the SLO panel and turns the reviews → ratings
 //! edges red while productpage → details stays healthy; a weight shift on `reviews` moves
 //! the traffic to the `reviews-v3` edge and the v1/v2 edges go away. Screenshots of each
 //! step are kept under `target/dashboard-browser/` (the test prints the path).
@@ -197,21 +198,29 @@ fn wait_graph(b: &Browser, what: &str, check: impl Fn(&Shown) -> Result<(), Stri
     }
 }
 
-/// `GET /productpage` through the ingress gateway in a loop until stopped; counts 200s.
-fn traffic(ingress: String, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
+/// One `GET path` to `addr` (HTTP/1.1, closed after): whether it answered 200.
+fn get(addr: &str, host: &str, path: &str) -> bool {
+    let Ok(mut s) = TcpStream::connect(addr) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let mut out = Vec::new();
+    s.write_all(req.as_bytes()).is_ok() && s.read_to_end(&mut out).is_ok() && out.starts_with(b"HTTP/1.1 200")
+}
+
+/// `GET /productpage` through the ingress gateway in a loop until stopped, counting
+/// 200s; every fifth time also straight to productpage's sidecar (`direct`, its inbound
+/// port), as a caller outside the mesh.
+fn traffic(ingress: String, direct: String, stop: Arc<AtomicBool>, ok: Arc<AtomicU64>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
+        let mut n = 0u64;
         while !stop.load(Ordering::Relaxed) {
-            if let Ok(mut s) = TcpStream::connect(&ingress) {
-                let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-                let req = format!("GET /productpage HTTP/1.1\r\nHost: {ingress}\r\nConnection: close\r\n\r\n");
-                if s.write_all(req.as_bytes()).is_ok() {
-                    let mut out = Vec::new();
-                    let _ = s.read_to_end(&mut out);
-                    if out.starts_with(b"HTTP/1.1 200") {
-                        ok.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+            if get(&ingress, &ingress, "/productpage") {
+                ok.fetch_add(1, Ordering::Relaxed);
             }
+            if n.is_multiple_of(5) {
+                get(&direct, "productpage:9080", "/productpage");
+            }
+            n += 1;
             std::thread::sleep(Duration::from_millis(200));
         }
     })
@@ -240,7 +249,8 @@ fn the_dashboard_shows_bookinfo_its_faults_and_weight_shifts_in_chromium() {
 
     let stop = Arc::new(AtomicBool::new(false));
     let served = Arc::new(AtomicU64::new(0));
-    let load = traffic(up.ingress.clone(), stop.clone(), served.clone());
+    let direct = format!("{}:15006", up.workloads["productpage-v1"]);
+    let load = traffic(up.ingress.clone(), direct, stop.clone(), served.clone());
 
     browser.goto(&format!("{url}?window=30s#graph"));
     // 1. Bookinfo: every workload and service, the ingress and its edges, all healthy
@@ -253,6 +263,11 @@ fn the_dashboard_shows_bookinfo_its_faults_and_weight_shifts_in_chromium() {
         }
         let ingress = g.nodes.iter().find(|(_, k)| k == "ingress").ok_or("no ingress node")?;
         g.edge(&ingress.0, PRODUCTPAGE).ok_or("no ingress -> productpage edge")?;
+        // The caller outside the mesh, plain text.
+        let outside = g.edge("unknown", PRODUCTPAGE).ok_or("no unknown -> productpage edge")?;
+        if outside.mtls || outside.rps <= 0.0 {
+            return Err(format!("the outside caller's edge: {outside:?}"));
+        }
         for (s, t) in [
             (wl("productpage-v1"), DETAILS),
             (wl("productpage-v1"), REVIEWS),
@@ -276,13 +291,14 @@ fn the_dashboard_shows_bookinfo_its_faults_and_weight_shifts_in_chromium() {
     let details = shown.edge(&wl("productpage-v1"), DETAILS).unwrap().clone();
     let reviews = shown.edge(&wl("productpage-v1"), REVIEWS).unwrap().clone();
     let ingress_id = shown.nodes.iter().find(|(_, k)| k == "ingress").unwrap().0.clone();
-    let pages = shown.edge(&ingress_id, PRODUCTPAGE).unwrap().clone();
-    // Plausible rates: each page is one call to details and one to reviews (counted in
-    // the same window, so within a scrape's worth of each other), and the reviews
-    // versions add up to what productpage sent.
+    let pages =
+        shown.edge(&ingress_id, PRODUCTPAGE).unwrap().requests + shown.edge("unknown", PRODUCTPAGE).unwrap().requests;
+    // Plausible rates: each page (through the ingress or not) is one call to details and
+    // one to reviews (counted in the same window, so within a scrape's worth of each
+    // other), and the reviews versions add up to what productpage sent.
     let close = |a: f64, b: f64| (a - b).abs() <= 0.25 * a.max(b) + 5.0;
-    assert!(close(details.requests, pages.requests), "details {details:?} vs pages {pages:?}");
-    assert!(close(reviews.requests, pages.requests), "reviews {reviews:?} vs pages {pages:?}");
+    assert!(close(details.requests, pages), "details {details:?} vs {pages} pages");
+    assert!(close(reviews.requests, pages), "reviews {reviews:?} vs {pages} pages");
     let versions: f64 =
         ["reviews-v1", "reviews-v2", "reviews-v3"].iter().map(|v| shown.edge(REVIEWS, &wl(v)).unwrap().requests).sum();
     assert!(close(versions, reviews.requests), "versions {versions} vs productpage -> reviews {reviews:?}");

@@ -96,7 +96,8 @@ impl Gatherer {
     /// Scrapes `server`'s connected proxies every interval until the gatherer is dropped.
     pub fn spawn(self: &Arc<Self>, server: AdsServer) -> JoinHandle<()> {
         let weak = Arc::downgrade(self);
-        let interval = self.cfg.interval;
+        // A zero interval (a flag's `0s`) would spin: at least 100 ms.
+        let interval = self.cfg.interval.max(Duration::from_millis(100));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
