@@ -248,16 +248,7 @@ impl ServerCertCheck for SpiffeServerCheck {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let roots = self.identity.borrow().roots.clone();
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &roots.store,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        check_identity(end_entity, &self.expected)?;
-        Ok(ServerCertVerified::assertion())
+        verify_spiffe_server(end_entity, intermediates, now, &roots.store, &self.provider, &self.expected)
     }
 }
 
@@ -360,16 +351,7 @@ impl ServerCertCheck for RootsServerCheck {
         _ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let parsed = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &parsed,
-            &self.store,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        check_identity(end_entity, &self.expected)?;
-        Ok(ServerCertVerified::assertion())
+        verify_spiffe_server(end_entity, intermediates, now, &self.store, &self.provider, &self.expected)
     }
 }
 
@@ -421,6 +403,27 @@ pub fn rejection_reason(err: &rustls::Error) -> &'static str {
         },
         _ => "handshake",
     }
+}
+
+/// A server certificate chained to `store` whose SPIFFE id is one of `expected`.
+fn verify_spiffe_server(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    now: UnixTime,
+    store: &rustls::RootCertStore,
+    provider: &CryptoProvider,
+    expected: &PeerIdentities,
+) -> Result<ServerCertVerified, rustls::Error> {
+    let parsed = ParsedCertificate::try_from(end_entity)?;
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        store,
+        intermediates,
+        now,
+        provider.signature_verification_algorithms.all,
+    )?;
+    check_identity(end_entity, expected)?;
+    Ok(ServerCertVerified::assertion())
 }
 
 fn check_identity(end_entity: &CertificateDer<'_>, allowed: &PeerIdentities) -> Result<(), rustls::Error> {
