@@ -517,8 +517,42 @@ struct WebhookArgs {
     inject_native_sidecar: bool,
 }
 
+/// Commands that print a report and exit (or stream one, like `weft tap`): a reader that
+/// closes the pipe early (`weft proxy-status | head`) ends them quietly, as with any Unix tool.
+/// Servers and commands that run children keep Rust's default (SIGPIPE ignored, EPIPE as an
+/// error), so a closed pipe to a child never kills them.
+fn prints_a_report(command: &Command) -> bool {
+    !matches!(
+        command,
+        Command::Up(_)
+            | Command::Proxy { .. }
+            | Command::Control { .. }
+            | Command::Dashboard { .. }
+            | Command::Demo { .. }
+            | Command::Exec { .. }
+            | Command::Load(_)
+    )
+}
+
+/// Restores the default SIGPIPE disposition: writing to a closed stdout ends the process
+/// (exit by signal) instead of `println!` panicking with "Broken pipe".
+#[allow(unsafe_code)]
+fn quiet_on_closed_stdout() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    // SAFETY: `signal` is unsafe because a handler may run arbitrary code in signal context;
+    // `SigDfl` installs no handler (the kernel's default action), and this runs in `main`
+    // before any other thread exists, so no thread observes a half-changed disposition.
+    // Sockets are unaffected: Rust's and tokio's sends on Linux pass MSG_NOSIGNAL.
+    if let Err(e) = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) } {
+        eprintln!("weft: cannot reset SIGPIPE: {e}");
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse_from(load::fortio_flags(std::env::args_os()));
+    if prints_a_report(&cli.command) {
+        quiet_on_closed_stdout();
+    }
     // `weft up` is interactive: its in-process control plane only logs warnings.
     let default_level = if matches!(cli.command, Command::Up(_)) { "warn" } else { "info" };
     weft_proxy::run::init_tracing(cli.log_json, default_level);

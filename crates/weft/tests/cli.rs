@@ -217,3 +217,33 @@ async fn analyze_fails_on_telemetry_settings_weft_does_not_apply() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Error [WFT0003]") && text.contains("spec.metrics[0] is not applied"), "{text}");
 }
+
+#[test]
+fn a_report_piped_into_a_reader_that_closed_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("vs.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: v9\n",
+    )
+    .unwrap();
+    // `weft analyze ... | head -0`: the reader is gone before the first line is written.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = std::process::Command::new(WEFT)
+        .args(["analyze", "-f"])
+        .arg(&bad)
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "a closed stdout must not panic: {err}");
+    assert_eq!(
+        out.status.signal(),
+        Some(nix::sys::signal::Signal::SIGPIPE as i32),
+        "ends as Unix tools do, by SIGPIPE: {:?} {err}",
+        out.status
+    );
+}
