@@ -20,6 +20,12 @@ use weft_api::{ApiError, Resource, ResourceKey};
 /// How often the directory is scanned for changed files.
 const SCAN_INTERVAL: Duration = Duration::from_millis(250);
 
+/// How long a file that just lost resources is given to settle. An editor or a script
+/// that rewrites a file in place (truncate, then write) exposes it empty or cut at a
+/// document boundary for a moment; such a read is not trusted until the file has not
+/// changed for this long, so its resources do not vanish from the mesh for a scan.
+const SHRINK_SETTLE: Duration = Duration::from_secs(1);
+
 /// What one file contributed.
 #[derive(Debug, Clone, Default)]
 struct FileState {
@@ -180,6 +186,11 @@ impl ResourceStore {
                     next.resources.entry(k.clone()).or_insert_with(|| r.clone());
                 }
             }
+            let lost = previous.resources.keys().any(|k| !next.resources.contains_key(k));
+            if lost && just_modified(modified) {
+                // Not recorded: the next scan reads the file again, settled or not.
+                continue;
+            }
             if next.resources.keys().ne(previous.resources.keys())
                 || next.resources.iter().any(|(k, r)| previous.resources.get(k).map(|p| !same(p, r)).unwrap_or(true))
             {
@@ -306,6 +317,16 @@ impl ResourceStore {
     }
 }
 
+/// True while a file's modification time is within [`SHRINK_SETTLE`] of now (or ahead
+/// of the clock by less than that: a clock step must not freeze a file for long).
+fn just_modified(modified: Option<SystemTime>) -> bool {
+    let Some(modified) = modified else { return false };
+    match SystemTime::now().duration_since(modified) {
+        Ok(age) => age < SHRINK_SETTLE,
+        Err(ahead) => ahead.duration() < SHRINK_SETTLE,
+    }
+}
+
 fn same(a: &Resource, b: &Resource) -> bool {
     format!("{:?}", a.spec) == format!("{:?}", b.spec) && a.meta == b.meta && a.api_version == b.api_version
 }
@@ -363,6 +384,35 @@ mod tests {
         std::fs::remove_file(&f).unwrap();
         assert!(store.rescan());
         assert!(store.snapshot().resources.iter().all(|r| r.kind != weft_api::Kind::VirtualService));
+    }
+
+    #[test]
+    fn a_file_rewritten_in_place_keeps_its_resources_until_it_settles() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("all.yaml");
+        std::fs::write(&f, format!("{SVC}---\n{}", VS.replace("SUBSET", "v1"))).unwrap();
+        let store = ResourceStore::open_dir(dir.path()).unwrap();
+        assert_eq!(store.snapshot().resources.len(), 2);
+
+        // Truncated mid-rewrite: empty, and then cut after the first document.
+        std::fs::write(&f, "").unwrap();
+        assert!(!store.rescan(), "an empty file that just changed is not trusted yet");
+        std::fs::write(&f, SVC).unwrap();
+        assert!(!store.rescan());
+        assert_eq!(store.snapshot().resources.len(), 2);
+
+        // The same content once it has settled: the VirtualService really was removed.
+        let settled = SystemTime::now() - SHRINK_SETTLE - Duration::from_millis(100);
+        std::fs::File::options().write(true).open(&f).unwrap().set_modified(settled).unwrap();
+        assert!(store.rescan());
+        let s = store.snapshot();
+        assert_eq!(s.resources.len(), 1);
+        assert!(s.resources.iter().all(|r| r.kind == weft_api::Kind::Service));
+
+        // Growing is never held back.
+        std::fs::write(&f, format!("{SVC}---\n{}", VS.replace("SUBSET", "v2"))).unwrap();
+        assert!(store.rescan());
+        assert_eq!(subset_of(&store.snapshot()), "v2");
     }
 
     #[test]
