@@ -124,7 +124,6 @@ pub const UNAPPLIED_FIELDS: &[(Kind, &str, &str)] = &[
         "spec.jwtRules[].timeout",
         "the control plane fetches jwksUri with its own timeout and inlines the keys",
     ),
-    (Kind::Service, "spec.clusterIP", "services are matched by host name and port; the cluster IP is not used"),
     (Kind::Service, "spec.internalTrafficPolicy", "endpoints are not filtered by node"),
     (Kind::Service, "spec.publishNotReadyAddresses", "endpoints that are not ready are never published"),
     (

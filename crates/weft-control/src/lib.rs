@@ -28,5 +28,6 @@ pub mod source;
 pub mod store;
 pub mod tap;
 pub mod translate;
+pub mod vip;
 pub mod webhook_tls;
 pub mod xds_auth;

@@ -82,7 +82,6 @@ const ALLOWED: &[(Kind, &str, &str)] = &[
     // Kubernetes fields about how kube-proxy and the cloud expose a Service, not about
     // the mesh: Istio ignores them too.
     (Kind::Service, "spec.type", "Kubernetes exposure; Istio does not use it either"),
-    (Kind::Service, "spec.clusterIPs", "Kubernetes exposure; Istio does not use it either"),
     (Kind::Service, "spec.externalIPs", "Kubernetes exposure; Istio does not use it either"),
     (Kind::Service, "spec.loadBalancerIP", "Kubernetes exposure; Istio does not use it either"),
     (Kind::Service, "spec.externalTrafficPolicy", "Kubernetes exposure; Istio does not use it either"),

@@ -2,10 +2,11 @@
 //! `bind`) or transparent mode (`virtualOutbound`, `0.0.0.0_PORT`, `virtualInbound`), and
 //! the inbound / passthrough clusters they name.
 
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use envoy_types::pb::envoy::config::cluster::v3::{cluster, Cluster};
-use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
+use envoy_types::pb::envoy::config::core::v3::{CidrRange, TrafficDirection};
 use envoy_types::pb::envoy::config::listener::v3::{
     filter, listener_filter, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
 };
@@ -132,25 +133,66 @@ fn transparent(view: &MeshView<'_>, out: &mut ProxyXds) {
         ..Default::default()
     });
     // One bind_to_port=false listener per service port; the capture listener hands
-    // connections over by original destination.
-    let mut ports: Vec<(u32, Protocol, &Service)> =
-        view.services.iter().flat_map(|s| s.ports.iter().map(move |p| (p.number, p.protocol, s))).collect();
-    ports.sort_by_key(|(n, _, _)| *n);
-    ports.dedup_by_key(|(n, _, _)| *n);
-    for (number, protocol, svc) in ports {
+    // connections over by original destination. TCP services sharing a port are told
+    // apart by their addresses (`crate::vip`), as Istio's `<VIP>_<port>` listeners are;
+    // any other destination on the port is routed by Host when a service speaks HTTP
+    // there, else goes to a TCP service without an address (a ServiceEntry's, as Istio's
+    // `0.0.0.0_<port>`), else to the fallback (passthrough, or blackhole in REGISTRY_ONLY).
+    let vips = crate::vip::service_addresses(&view.mesh.resources);
+    let mut by_port: BTreeMap<u32, Vec<(Protocol, &Service)>> = BTreeMap::new();
+    for s in &view.services {
+        for p in &s.ports {
+            by_port.entry(p.number).or_default().push((p.protocol, s));
+        }
+    }
+    for (number, services) in by_port {
         let Ok(port) = u16::try_from(number) else { continue };
         let name = format!("0.0.0.0_{port}");
         let addr = SocketAddr::new(any.ip(), port);
-        let mut l = if protocol.is_http() {
+        let address_of = |svc: &Service| -> Option<&Vec<IpAddr>> {
+            svc.short.as_ref().and_then(|short| vips.get(&(svc.namespace.clone(), short.clone())))
+        };
+        let mut chains = Vec::new();
+        let mut matched: HashSet<IpAddr> = HashSet::new();
+        for (protocol, svc) in &services {
+            let Some(ips) = address_of(svc) else { continue };
+            // Two services claiming one address: the first (by host) keeps it, as a
+            // listener cannot hold two chains with the same match.
+            let ips: Vec<IpAddr> = ips.iter().copied().filter(|ip| matched.insert(*ip)).collect();
+            if protocol.is_http() || ips.is_empty() {
+                continue;
+            }
+            chains.push(FilterChain {
+                name: format!("{}_{port}", ips[0]),
+                filter_chain_match: Some(FilterChainMatch {
+                    prefix_ranges: ips.iter().map(|ip| host_range(*ip)).collect(),
+                    ..Default::default()
+                }),
+                filters: vec![tcp_filter(&name, tcp_target(view, svc, number))],
+                ..Default::default()
+            });
+        }
+        let default = if services.iter().any(|(p, _)| p.is_http()) {
             let hcm =
                 build::http_connection_manager(&name, Routes::Rds(number.to_string()), None, &["websocket", "CONNECT"]);
-            build::http_listener(&name, addr, hcm)
+            Filter {
+                name: "envoy.filters.network.http_connection_manager".into(),
+                config_type: Some(filter::ConfigType::TypedConfig(pack_any(hcm))),
+            }
+        } else if let Some((_, svc)) = services.iter().find(|(_, s)| address_of(s).is_none()) {
+            tcp_filter(&name, tcp_target(view, svc, number))
         } else {
-            tcp_listener(&name, Some(addr), tcp_target(view, svc, number))
+            tcp_filter(&name, tcp_proxy::ClusterSpecifier::Cluster(fallback.into()))
         };
-        l.bind_to_port = Some(BoolValue { value: false });
-        l.traffic_direction = TrafficDirection::Outbound as i32;
-        out.listeners.push(l);
+        chains.push(FilterChain { filters: vec![default], ..Default::default() });
+        out.listeners.push(Listener {
+            name,
+            address: Some(build::address(addr)),
+            filter_chains: chains,
+            bind_to_port: Some(BoolValue { value: false }),
+            traffic_direction: TrafficDirection::Outbound as i32,
+            ..Default::default()
+        });
     }
     // virtualInbound: one chain per declared workload port, others pass through.
     let authz = InboundAuthz::new(view, None);
@@ -331,6 +373,12 @@ fn ensure_route(out: &mut ProxyXds, port: u32) {
     if out.routes.iter().all(|r| r.name != name) {
         out.routes.push(RouteConfiguration { name, ..Default::default() });
     }
+}
+
+/// One address as a CIDR range (/32 or /128).
+fn host_range(ip: IpAddr) -> CidrRange {
+    let len = if ip.is_ipv4() { 32 } else { 128 };
+    CidrRange { address_prefix: ip.to_string(), prefix_len: Some(UInt32Value { value: len }) }
 }
 
 /// `inbound|PORT||`.

@@ -16,7 +16,7 @@ use anyhow::{bail, Context as _};
 const SUBNET: [u8; 2] = [10, 250];
 /// The range service addresses are taken from when a Service has no `clusterIP`
 /// (reserved, never routed anywhere: only captured by the sidecars).
-pub const SERVICE_RANGE: &str = "240.240.0.0/16";
+pub const SERVICE_RANGE: &str = weft_control::vip::SERVICE_RANGE;
 
 /// The network of one `weft up --transparent`.
 pub struct Network {
@@ -196,21 +196,19 @@ pub fn hosts_file(services: &BTreeMap<(String, String), Ipv4Addr>, domain: &str)
     out
 }
 
-/// Service addresses: a Service's `clusterIP` when it has one, else one from
-/// [`SERVICE_RANGE`].
+/// Service addresses: a Service's first IPv4 `clusterIP`, else one from
+/// [`SERVICE_RANGE`], as the control plane allocates them (`weft_control::vip`), so the
+/// address a name resolves to is the one its outbound listener matches.
 pub fn service_addresses(resources: &[weft_api::Resource]) -> BTreeMap<(String, String), Ipv4Addr> {
-    let mut out = BTreeMap::new();
-    let mut next: u32 = 1;
-    for r in resources {
-        let weft_api::Spec::Service(s) = &r.spec else { continue };
-        let ip = s.cluster_ip.as_deref().and_then(|ip| ip.parse::<Ipv4Addr>().ok()).unwrap_or_else(|| {
-            let ip = Ipv4Addr::new(240, 240, (next >> 8) as u8, (next & 0xff) as u8);
-            next += 1;
-            ip
-        });
-        out.insert((r.meta.namespace.clone(), r.meta.name.clone()), ip);
-    }
-    out
+    weft_control::vip::service_addresses(resources)
+        .into_iter()
+        .filter_map(|(key, ips)| {
+            ips.iter().find_map(|ip| match ip {
+                std::net::IpAddr::V4(v4) => Some((key.clone(), *v4)),
+                std::net::IpAddr::V6(_) => None,
+            })
+        })
+        .collect()
 }
 
 #[cfg(test)]
