@@ -75,7 +75,7 @@ pub struct ControlPlane {
     pub identity: Option<Arc<CertificateAuthority>>,
     /// The SLO engine (`/api/v1/slos`, `weft_slo_*` metrics, alerts).
     pub slo: Arc<crate::slo::SloEngine>,
-    /// Rollouts and staged changes (state in `--data-dir`'s `rollouts.json`).
+    /// Rollouts and staged changes (state in `--data-dir`'s `rollouts.json`, or in etcd).
     pub rollouts: Arc<crate::rollout::RolloutController>,
     /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
     pub stats: crate::meshstats::SharedStats,
@@ -254,9 +254,14 @@ impl ControlPlane {
         };
         let slo = crate::slo::SloEngine::new(stats.clone(), &cfg.mesh.domain, cfg.slo.clone());
         tasks.push(slo.spawn(store.clone()));
-        let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match &cfg.registry {
-            Some(p) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("rollouts.json"))),
-            None => Arc::new(crate::rollout::MemoryStateStore::default()),
+        let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match (&etcd, &cfg.registry) {
+            (Some(etcd), _) => {
+                let (state, started) = crate::etcd::rollouts::EtcdRolloutState::start(etcd.clone()).await?;
+                tasks.extend(started);
+                state
+            }
+            (None, Some(p)) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("rollouts.json"))),
+            (None, None) => Arc::new(crate::rollout::MemoryStateStore::default()),
         };
         let rollouts =
             crate::rollout::RolloutController::new(store.clone(), stats.clone(), rollout_state, &cfg.mesh.domain);

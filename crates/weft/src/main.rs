@@ -480,9 +480,22 @@ impl IdentityArgs {
 struct StoreArgs {
     /// Where resources, registrations and the CA state live: the directory store
     /// (default: `--dir` and `--data-dir` of this process alone) or
-    /// `etcd://host:port[,host:port...][/prefix]`, shared by any number of replicas.
+    /// `etcd://host:port[,host:port...][/prefix]`, shared by any number of replicas
+    /// (`etcds://...` over TLS: --etcd-ca, and --etcd-cert/--etcd-key for members started
+    /// with --client-cert-auth).
     #[arg(long, env = "WEFT_STORE")]
     store: Option<String>,
+    /// With --store: the PEM CA bundle the etcd members' certificates are checked against
+    /// (implies TLS, as etcds://).
+    #[arg(long, env = "WEFT_ETCD_CA", requires = "store")]
+    etcd_ca: Option<PathBuf>,
+    /// With --store: this replica's PEM client certificate for etcd (its
+    /// --client-cert-auth); needs --etcd-key.
+    #[arg(long, env = "WEFT_ETCD_CERT", requires_all = ["store", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The PEM private key of --etcd-cert.
+    #[arg(long, env = "WEFT_ETCD_KEY", requires_all = ["store", "etcd_cert"])]
+    etcd_key: Option<PathBuf>,
     /// With --store etcd://: how long this replica's registrations and leadership outlive
     /// it when it dies without a goodbye (its etcd lease; whole seconds, at least 2).
     #[arg(long, env = "WEFT_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -602,11 +615,23 @@ fn main() -> std::process::ExitCode {
             } => {
                 let addrs = (xds, api);
                 let store = match store.store.as_deref() {
+                    None | Some("") | Some("dir") | Some("directory")
+                        if store.etcd_ca.is_some() || store.etcd_cert.is_some() =>
+                    {
+                        anyhow::bail!("--etcd-ca, --etcd-cert and --etcd-key go with --store etcd:// or etcds://")
+                    }
                     None | Some("") | Some("dir") | Some("directory") => None,
-                    Some(url) => Some(weft_control::etcd::EtcdConfig {
-                        lease_ttl: store.lease_ttl,
-                        ..weft_control::etcd::EtcdConfig::parse(url).map_err(|e| anyhow::anyhow!(e))?
-                    }),
+                    Some(url) => Some(
+                        weft_control::etcd::EtcdConfig {
+                            lease_ttl: store.lease_ttl,
+                            ..weft_control::etcd::EtcdConfig::parse(url).map_err(|e| anyhow::anyhow!(e))?
+                        }
+                        .with_tls(weft_control::etcd::tls::EtcdTls {
+                            ca: store.etcd_ca,
+                            cert: store.etcd_cert,
+                            key: store.etcd_key,
+                        }),
+                    ),
                 };
                 let dir = (dir, store);
                 let mesh_file = match mesh_config {
