@@ -34,7 +34,9 @@ pub struct ControlConfig {
     pub mode: ProxyMode,
     /// Translator defaults (domain, outbound policy, explicit listener address).
     pub mesh: MeshConfig,
-    /// CA, join tokens, certificate service and SDS (None: no identities are issued).
+    /// CA, join tokens, certificate service, SDS and the credentials every xDS and API
+    /// caller must present. None is the development mode (`weft control --insecure-dev`):
+    /// no identities are issued and nothing is authenticated (a warning says so at start).
     pub identity: Option<IdentityConfig>,
     /// What the `/inject` admission webhook injects.
     pub inject: crate::inject::InjectConfig,
@@ -179,8 +181,8 @@ impl ControlPlane {
         let server = AdsServer::admitting(served, metrics.xds(), Some(admission.clone()));
         if identity.is_none() {
             tracing::warn!(
-                "no --data-dir: the control plane has no identity, so xDS streams are not authenticated and any \
-                 caller that reaches the xDS port can register as any workload (development only)"
+                "development mode (no identity): xDS streams are not authenticated, so any caller that reaches the \
+                 xDS port can register as any workload"
             );
         } else if allow_anonymous {
             tracing::warn!("--xds-allow-anonymous: xDS streams without a credential may register as any workload");
@@ -285,7 +287,7 @@ impl ControlPlane {
                 (auth, token)
             }
             None => {
-                tracing::warn!("no --data-dir: the JSON API has no admin credential (development only)");
+                tracing::warn!("development mode (no identity): the JSON API has no admin credential");
                 (crate::api_auth::ApiAuth::open(), None)
             }
         };
