@@ -36,7 +36,7 @@ spec:
   selector: {app: reviews}
   ports: [{name: http, port: 9080, targetPort: $app_port}]
 YAML
-"$WEFT" control --dir "$work" --xds 127.0.0.1:0 --api 127.0.0.1:0 > "$work/control.out" 2>/dev/null &
+"$WEFT" control --insecure-dev --dir "$work" --xds 127.0.0.1:0 --api 127.0.0.1:0 > "$work/control.out" 2>/dev/null &
 pids+=($!)
 until grep -q "API on" "$work/control.out" 2>/dev/null; do sleep 0.1; done
 line=$(head -1 "$work/control.out")

@@ -13,9 +13,10 @@
 //! - [`Access::Read`]: the rest (GET), which needs the token too unless
 //!   `--api-read-anonymous` opens it.
 //!
-//! A refused request gets 401 with a JSON error saying what to send. Without
-//! `--data-dir` the control plane has no secrets and its API is open (development
-//! only; a warning says so at start).
+//! A refused request gets 401 with a JSON error saying what to send. `weft control`
+//! without `--data-dir` keeps the token in a temporary data directory (still checked);
+//! only the development mode (`--insecure-dev`, no identity) leaves the API open, with a
+//! warning at start.
 
 use std::path::{Path, PathBuf};
 

@@ -34,7 +34,9 @@ pub struct ControlConfig {
     pub mode: ProxyMode,
     /// Translator defaults (domain, outbound policy, explicit listener address).
     pub mesh: MeshConfig,
-    /// CA, join tokens, certificate service and SDS (None: no identities are issued).
+    /// CA, join tokens, certificate service, SDS and the credentials every xDS and API
+    /// caller must present. None is the development mode (`weft control --insecure-dev`):
+    /// no identities are issued and nothing is authenticated (a warning says so at start).
     pub identity: Option<IdentityConfig>,
     /// What the `/inject` admission webhook injects.
     pub inject: crate::inject::InjectConfig,
@@ -75,7 +77,7 @@ pub struct ControlPlane {
     pub identity: Option<Arc<CertificateAuthority>>,
     /// The SLO engine (`/api/v1/slos`, `weft_slo_*` metrics, alerts).
     pub slo: Arc<crate::slo::SloEngine>,
-    /// Rollouts and staged changes (state in `--data-dir`'s `rollouts.json`).
+    /// Rollouts and staged changes (state in `--data-dir`'s `rollouts.json`, or in etcd).
     pub rollouts: Arc<crate::rollout::RolloutController>,
     /// The mesh's request statistics (what the dashboard, SLOs and rollouts read).
     pub stats: crate::meshstats::SharedStats,
@@ -179,8 +181,8 @@ impl ControlPlane {
         let server = AdsServer::admitting(served, metrics.xds(), Some(admission.clone()));
         if identity.is_none() {
             tracing::warn!(
-                "no --data-dir: the control plane has no identity, so xDS streams are not authenticated and any \
-                 caller that reaches the xDS port can register as any workload (development only)"
+                "development mode (no identity): xDS streams are not authenticated, so any caller that reaches the \
+                 xDS port can register as any workload"
             );
         } else if allow_anonymous {
             tracing::warn!("--xds-allow-anonymous: xDS streams without a credential may register as any workload");
@@ -254,9 +256,14 @@ impl ControlPlane {
         };
         let slo = crate::slo::SloEngine::new(stats.clone(), &cfg.mesh.domain, cfg.slo.clone());
         tasks.push(slo.spawn(store.clone()));
-        let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match &cfg.registry {
-            Some(p) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("rollouts.json"))),
-            None => Arc::new(crate::rollout::MemoryStateStore::default()),
+        let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match (&etcd, &cfg.registry) {
+            (Some(etcd), _) => {
+                let (state, started) = crate::etcd::rollouts::EtcdRolloutState::start(etcd.clone()).await?;
+                tasks.extend(started);
+                state
+            }
+            (None, Some(p)) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("rollouts.json"))),
+            (None, None) => Arc::new(crate::rollout::MemoryStateStore::default()),
         };
         let rollouts =
             crate::rollout::RolloutController::new(store.clone(), stats.clone(), rollout_state, &cfg.mesh.domain);
@@ -280,7 +287,7 @@ impl ControlPlane {
                 (auth, token)
             }
             None => {
-                tracing::warn!("no --data-dir: the JSON API has no admin credential (development only)");
+                tracing::warn!("development mode (no identity): the JSON API has no admin credential");
                 (crate::api_auth::ApiAuth::open(), None)
             }
         };

@@ -9,6 +9,7 @@
 //! | `registry/<node id>` | a proxy's registration (the workload its node metadata announces) | the replica the proxy is connected to, under that replica's lease |
 //! | `state/<file>` | the CA root and key, the join-token key, revoked tokens (the files of `--data-dir`) | the first replica (created once), the leader (rotation), any replica (revocations) |
 //! | `leader` | the replica that runs singleton work (CA rotation steps, controllers) | the leader, under its lease |
+//! | `rollouts/state` | the rollout controllers' state (steps, analysis, events; `etcd::rollouts`) | the leader's controller, any replica taking a `weft rollout` command |
 //!
 //! Every replica mirrors the prefixes it needs with an etcd watch that resumes from the
 //! last revision it saw (a full re-read only when etcd compacted past it), so a change
@@ -22,7 +23,9 @@ use etcd_client::{Client, ConnectOptions, EventType, GetOptions, LeaseKeepAliveS
 pub mod leader;
 pub mod registry;
 pub mod resources;
+pub mod rollouts;
 pub mod state;
+pub mod tls;
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/weft/";
@@ -32,13 +35,16 @@ pub const DEFAULT_LEASE_TTL: Duration = Duration::from_secs(10);
 /// Where the shared store is and how long a replica's lease lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EtcdConfig {
-    /// Client URLs of the etcd members (`http://host:port`).
+    /// Client URLs of the etcd members (`http://host:port`, `https://` with TLS).
     pub endpoints: Vec<String>,
     /// Key prefix, ending with `/`.
     pub prefix: String,
     /// TTL of this replica's lease: how long its proxies' registrations and its
     /// leadership outlive it when it dies without a goodbye.
     pub lease_ttl: Duration,
+    /// TLS to the members (`etcds://`, `--etcd-ca`, `--etcd-cert`, `--etcd-key`); None:
+    /// plaintext.
+    pub tls: Option<tls::EtcdTls>,
 }
 
 /// A connected etcd client with the prefix. Cheap to clone.
@@ -58,10 +64,17 @@ pub(crate) struct PrefixRead {
 }
 
 impl EtcdConfig {
-    /// Parses `etcd://host:port[,host:port...][/prefix]` (the `--store` flag).
+    /// Parses `etcd://host:port[,host:port...][/prefix]` (the `--store` flag), or
+    /// `etcds://...` for TLS (its files set with [`EtcdConfig::with_tls`]).
     pub fn parse(url: &str) -> Result<EtcdConfig, String> {
-        let Some(rest) = url.strip_prefix("etcd://") else {
-            return Err(format!("--store {url:?}: expected etcd://host:port[,host:port...][/prefix]"));
+        let (rest, scheme, tls) = match (url.strip_prefix("etcd://"), url.strip_prefix("etcds://")) {
+            (Some(rest), _) => (rest, "http", None),
+            (None, Some(rest)) => (rest, "https", Some(tls::EtcdTls::default())),
+            (None, None) => {
+                return Err(format!(
+                    "--store {url:?}: expected etcd://host:port[,host:port...][/prefix] (etcds:// for TLS)"
+                ))
+            }
         };
         let (hosts, prefix) = match rest.split_once('/') {
             Some((h, p)) if !p.trim_matches('/').is_empty() => (h, format!("/{}/", p.trim_matches('/'))),
@@ -76,28 +89,62 @@ impl EtcdConfig {
             if host.is_empty() || port.parse::<u16>().is_err() {
                 return Err(format!("--store {url:?}: {h:?} is not host:port"));
             }
-            endpoints.push(format!("http://{h}"));
+            endpoints.push(format!("{scheme}://{h}"));
         }
         if endpoints.is_empty() {
             return Err(format!("--store {url:?}: no etcd member given"));
         }
-        Ok(EtcdConfig { endpoints, prefix, lease_ttl: DEFAULT_LEASE_TTL })
+        Ok(EtcdConfig { endpoints, prefix, lease_ttl: DEFAULT_LEASE_TTL, tls })
+    }
+
+    /// TLS with these files (`--etcd-ca`, `--etcd-cert`, `--etcd-key`): any of them turns
+    /// an `etcd://` store into `etcds://`.
+    pub fn with_tls(mut self, files: tls::EtcdTls) -> EtcdConfig {
+        if files == tls::EtcdTls::default() {
+            return self;
+        }
+        for e in &mut self.endpoints {
+            if let Some(rest) = e.strip_prefix("http://") {
+                *e = format!("https://{rest}");
+            }
+        }
+        self.tls = Some(files);
+        self
+    }
+
+    /// The `--store` URL of these endpoints and prefix (what child replicas are given).
+    pub fn store_url(&self) -> String {
+        let hosts: Vec<&str> =
+            self.endpoints.iter().map(|e| e.trim_start_matches("http://").trim_start_matches("https://")).collect();
+        let scheme = if self.tls.is_some() { "etcds" } else { "etcd" };
+        format!("{scheme}://{}{}", hosts.join(","), self.prefix.trim_end_matches('/'))
     }
 }
 
 impl Etcd {
     /// Connects to the members and checks that the cluster answers (within 10 s).
     pub async fn connect(cfg: &EtcdConfig) -> Result<Etcd, String> {
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(Duration::from_secs(3))
             .with_timeout(Duration::from_secs(5))
             .with_keep_alive(Duration::from_secs(5), Duration::from_secs(3))
             .with_keep_alive_while_idle(true);
+        let material = match &cfg.tls {
+            Some(files) => {
+                let m = files.load()?;
+                options = options.with_tls(m.tonic());
+                Some(m)
+            }
+            None => None,
+        };
         let members = cfg.endpoints.join(",");
-        let client = tokio::time::timeout(Duration::from_secs(10), Client::connect(&cfg.endpoints, Some(options)))
-            .await
-            .map_err(|_| format!("etcd {members}: no member answered within 10 s"))?
-            .map_err(|e| format!("etcd {members}: {e}"))?;
+        let why = |e: String| explain_failure(cfg, material.as_ref(), e);
+        let client =
+            match tokio::time::timeout(Duration::from_secs(10), Client::connect(&cfg.endpoints, Some(options))).await {
+                Err(_) => return Err(why(format!("etcd {members}: no member answered within 10 s")).await),
+                Ok(Err(e)) => return Err(why(format!("etcd {members}: {}", chain(&e))).await),
+                Ok(Ok(c)) => c,
+            };
         let etcd = Etcd { client, prefix: cfg.prefix.clone(), lease_ttl: cfg.lease_ttl };
         let mut probe = etcd.client();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -105,7 +152,7 @@ impl Etcd {
             match probe.get(etcd.key("leader"), None).await {
                 Ok(_) => return Ok(etcd),
                 Err(e) if tokio::time::Instant::now() >= deadline => {
-                    return Err(format!("etcd {members}: the cluster does not answer: {e}"))
+                    return Err(why(format!("etcd {members}: the cluster does not answer: {}", chain(&e))).await)
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -297,6 +344,29 @@ impl KeptLease {
     }
 }
 
+/// Over TLS, `e` explained by repeating the handshake with the first member (what is
+/// wrong with the certificates), when that finds the cause.
+async fn explain_failure(cfg: &EtcdConfig, material: Option<&tls::TlsMaterial>, e: String) -> String {
+    match (&cfg.tls, material, cfg.endpoints.first()) {
+        (Some(files), Some(m), Some(first)) => tls::diagnose(first, files, m).await.unwrap_or(e),
+        _ => e,
+    }
+}
+
+/// An error with its sources (tonic's transport errors say little at the top).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        source = s.source();
+    }
+    out
+}
+
 /// How often a one-shot request is retried ([`retry_delay`] apart: about 10 s in all).
 pub(crate) const RETRIES: u32 = 8;
 
@@ -333,7 +403,15 @@ mod tests {
         assert_eq!(c.endpoints, ["http://10.0.0.1:2379", "http://etcd-1:2379"]);
         assert_eq!(c.prefix, "/weft/");
         assert_eq!(EtcdConfig::parse("etcd://a:1/mesh-a").unwrap().prefix, "/mesh-a/");
-        for bad in ["http://a:1", "etcd://", "etcd://a", "etcd://a:x"] {
+        let t = EtcdConfig::parse("etcds://10.0.0.1:2379,etcd-1:2379/m").unwrap();
+        assert_eq!(t.endpoints, ["https://10.0.0.1:2379", "https://etcd-1:2379"]);
+        assert_eq!(t.tls, Some(tls::EtcdTls::default()));
+        assert_eq!(t.store_url(), "etcds://10.0.0.1:2379,etcd-1:2379/m");
+        let files = tls::EtcdTls { ca: Some("ca.pem".into()), ..Default::default() };
+        let flagged = c.clone().with_tls(files.clone());
+        assert_eq!(flagged.endpoints, ["https://10.0.0.1:2379", "https://etcd-1:2379"]);
+        assert_eq!((flagged.tls, c.store_url()), (Some(files), "etcd://10.0.0.1:2379,etcd-1:2379/weft".into()));
+        for bad in ["http://a:1", "etcd://", "etcd://a", "etcd://a:x", "etcds://a"] {
             let e = EtcdConfig::parse(bad).unwrap_err();
             assert!(e.contains("--store"), "{e}");
         }

@@ -10,8 +10,9 @@
 //! account the credential proves (`SERVICE_ACCOUNT` empty means `default`, as in
 //! Kubernetes), and its node id must not be registered under another identity. A stream
 //! without any credential is refused unless the control plane was started with
-//! `--xds-allow-anonymous`; a control plane without identity (no `--data-dir`) has no
-//! way to verify anything and lets every stream in (a warning says so at start).
+//! `--xds-allow-anonymous`; a control plane without identity (the development mode,
+//! `weft control --insecure-dev`) has no way to verify anything and lets every stream in
+//! (a warning says so at start).
 //!
 //! Refusals end the stream before the node registers, with `UNAUTHENTICATED` (no or a
 //! bad credential) or `PERMISSION_DENIED` (a claim the credential does not prove), a log

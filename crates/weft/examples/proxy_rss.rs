@@ -47,7 +47,7 @@ fn mesh(n: usize, backend: SocketAddr) -> String {
 
 async fn start_control(weft: &Path, dir: &Path) -> anyhow::Result<(Child, String)> {
     let mut control = Command::new(weft)
-        .args(["control", "--dir"])
+        .args(["control", "--insecure-dev", "--dir"])
         .arg(dir)
         .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
         .stdout(Stdio::piped())

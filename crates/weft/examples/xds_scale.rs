@@ -116,7 +116,7 @@ async fn start_control(
     store: Option<&str>,
 ) -> anyhow::Result<(tokio::process::Child, String, String)> {
     let mut cmd = tokio::process::Command::new(weft);
-    cmd.args(["control", "--dir"]).arg(dir).args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+    cmd.args(["control", "--insecure-dev", "--dir"]).arg(dir).args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
     if let Some(s) = store {
         cmd.args(["--store", s]);
     }

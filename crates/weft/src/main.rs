@@ -4,6 +4,7 @@ mod analyze;
 mod apps;
 mod bookinfo;
 mod demo;
+mod ephemeral;
 mod exec;
 mod inject;
 mod iptables;
@@ -390,13 +391,19 @@ impl DemoApp {
 #[derive(clap::Args)]
 struct IdentityArgs {
     /// Data directory: CA root and key (generated on first start), join-token key,
-    /// revoked tokens, the registered proxies (`registry.json`, restored after a restart).
-    /// Without it the control plane issues no identities and forgets registrations.
+    /// revoked tokens, the admin token, the registered proxies (`registry.json`, restored
+    /// after a restart). Without it the same state lives in a private temporary directory
+    /// removed at exit (a new CA and admin token every start; callers still authenticate).
     #[arg(long, env = "WEFT_DATA_DIR")]
     data_dir: Option<PathBuf>,
+    /// Development mode: no CA, no identities, and no credentials asked of anyone: any
+    /// caller that reaches the xDS port registers as whatever it claims, any caller that
+    /// reaches the API changes the mesh. Never on a network others share.
+    #[arg(long, env = "WEFT_INSECURE_DEV", conflicts_with_all = ["data_dir", "plugin_ca", "k8s_issuer", "api_token_file", "xds_allow_anonymous", "api_read_anonymous"])]
+    insecure_dev: bool,
     /// Plug-in CA: a directory in Istio's cacerts layout (ca-cert.pem, ca-key.pem,
-    /// root-cert.pem, cert-chain.pem). Needs --data-dir (for tokens).
-    #[arg(long, env = "WEFT_PLUGIN_CA", requires = "data_dir")]
+    /// root-cert.pem, cert-chain.pem).
+    #[arg(long, env = "WEFT_PLUGIN_CA")]
     plugin_ca: Option<PathBuf>,
     /// Trust domain of workload identities.
     #[arg(long, default_value = weft_identity::DEFAULT_TRUST_DOMAIN)]
@@ -412,7 +419,7 @@ struct IdentityArgs {
     /// over it is refused with 400.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     max_token_ttl: std::time::Duration,
-    /// With --data-dir: xDS and certificates over TLS (Istio's 15012), the control
+    /// xDS and certificates over TLS (Istio's 15012), the control
     /// plane's certificate issued by its CA for spiffe://<td>/ns/istio-system/sa/istiod,
     /// client certificates verified against the mesh root. Default: the --xds host on
     /// port 15012 when --xds is on 15010, else any free port (printed); `off` disables it.
@@ -426,7 +433,7 @@ struct IdentityArgs {
     /// Accept Kubernetes service-account tokens from this issuer (`iss`; see
     /// `kubectl get --raw /.well-known/openid-configuration`), verified against
     /// --k8s-jwks-file or --k8s-jwks-url (default: the issuer's OIDC discovery, http only).
-    #[arg(long, env = "WEFT_K8S_ISSUER", requires = "data_dir")]
+    #[arg(long, env = "WEFT_K8S_ISSUER")]
     k8s_issuer: Option<String>,
     /// The issuer's keys as a JWKS file (`kubectl get --raw /openid/v1/jwks`), re-read
     /// every 5 minutes.
@@ -439,9 +446,9 @@ struct IdentityArgs {
     /// Audience a Kubernetes token must carry.
     #[arg(long, default_value = weft_control::k8s_tokens::DEFAULT_AUDIENCE)]
     k8s_audience: Vec<String>,
-    /// With --data-dir: the JSON API's admin token from this file (default:
-    /// <data-dir>/admin-token, generated at first start).
-    #[arg(long, env = "WEFT_API_TOKEN_FILE", requires = "data_dir")]
+    /// The JSON API's admin token from this file (default: <data-dir>/admin-token,
+    /// generated at first start).
+    #[arg(long, env = "WEFT_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
     /// Serve the API's read-only endpoints (GET) without the admin token.
     #[arg(long, env = "WEFT_API_READ_ANONYMOUS")]
@@ -480,9 +487,22 @@ impl IdentityArgs {
 struct StoreArgs {
     /// Where resources, registrations and the CA state live: the directory store
     /// (default: `--dir` and `--data-dir` of this process alone) or
-    /// `etcd://host:port[,host:port...][/prefix]`, shared by any number of replicas.
+    /// `etcd://host:port[,host:port...][/prefix]`, shared by any number of replicas
+    /// (`etcds://...` over TLS: --etcd-ca, and --etcd-cert/--etcd-key for members started
+    /// with --client-cert-auth).
     #[arg(long, env = "WEFT_STORE")]
     store: Option<String>,
+    /// With --store: the PEM CA bundle the etcd members' certificates are checked against
+    /// (implies TLS, as etcds://).
+    #[arg(long, env = "WEFT_ETCD_CA", requires = "store")]
+    etcd_ca: Option<PathBuf>,
+    /// With --store: this replica's PEM client certificate for etcd (its
+    /// --client-cert-auth); needs --etcd-key.
+    #[arg(long, env = "WEFT_ETCD_CERT", requires_all = ["store", "etcd_key"])]
+    etcd_cert: Option<PathBuf>,
+    /// The PEM private key of --etcd-cert.
+    #[arg(long, env = "WEFT_ETCD_KEY", requires_all = ["store", "etcd_cert"])]
+    etcd_key: Option<PathBuf>,
     /// With --store etcd://: how long this replica's registrations and leadership outlive
     /// it when it dies without a goodbye (its etcd lease; whole seconds, at least 2).
     #[arg(long, env = "WEFT_LEASE_TTL", default_value = "10s", value_parser = humantime::parse_duration)]
@@ -636,11 +656,23 @@ fn main() -> std::process::ExitCode {
             } => {
                 let addrs = (xds, api);
                 let store = match store.store.as_deref() {
+                    None | Some("") | Some("dir") | Some("directory")
+                        if store.etcd_ca.is_some() || store.etcd_cert.is_some() =>
+                    {
+                        anyhow::bail!("--etcd-ca, --etcd-cert and --etcd-key go with --store etcd:// or etcds://")
+                    }
                     None | Some("") | Some("dir") | Some("directory") => None,
-                    Some(url) => Some(weft_control::etcd::EtcdConfig {
-                        lease_ttl: store.lease_ttl,
-                        ..weft_control::etcd::EtcdConfig::parse(url).map_err(|e| anyhow::anyhow!(e))?
-                    }),
+                    Some(url) => Some(
+                        weft_control::etcd::EtcdConfig {
+                            lease_ttl: store.lease_ttl,
+                            ..weft_control::etcd::EtcdConfig::parse(url).map_err(|e| anyhow::anyhow!(e))?
+                        }
+                        .with_tls(weft_control::etcd::tls::EtcdTls {
+                            ca: store.etcd_ca,
+                            cert: store.etcd_cert,
+                            key: store.etcd_key,
+                        }),
+                    ),
                 };
                 let dir = (dir, store);
                 let mesh_file = match mesh_config {
@@ -803,6 +835,20 @@ async fn run_control(
         (None, None, None) => None,
         _ => anyhow::bail!("--webhook, --webhook-cert and --webhook-key go together"),
     };
+    // Secure by default: without --data-dir the CA and tokens live in a temporary
+    // directory; only --insecure-dev runs without them.
+    let ephemeral = match (&identity.data_dir, identity.insecure_dev) {
+        (None, false) => Some(ephemeral::EphemeralDir::create()?),
+        _ => None,
+    };
+    if identity.insecure_dev {
+        tracing::warn!(
+            "--insecure-dev: DEVELOPMENT MODE, NOTHING IS AUTHENTICATED. Any caller that reaches the xDS port \
+             registers as any workload it claims and gets its configuration; any caller that reaches the API \
+             changes the mesh and mints tokens; no certificates are issued. Never use it where others can reach \
+             these ports"
+        );
+    }
     let cfg = weft_control::control::ControlConfig {
         dir,
         xds,
@@ -813,7 +859,7 @@ async fn run_control(
             reconnect_grace,
             ..weft_control::registry::PersistConfig::in_dir(d)
         }),
-        identity: match identity.data_dir.clone() {
+        identity: match identity.data_dir.clone().or_else(|| ephemeral.as_ref().map(|e| e.path().to_path_buf())) {
             Some(data_dir) => Some(weft_control::identity::IdentityConfig {
                 data_dir,
                 xds_tls: identity.xds_tls(xds)?,
@@ -852,6 +898,15 @@ async fn run_control(
     if let Some((_, file)) = &cp.admin_token {
         info!(file = %file.display(), "API admin token (weft --token-file, WEFT_TOKEN)");
     }
+    // The operator commands on this machine find an ephemeral admin token by the API address.
+    let _recorded = match (&ephemeral, &cp.admin_token) {
+        (Some(e), Some((_, file))) => {
+            info!(dir = %e.path().display(), "no --data-dir: CA, join-token key and admin token are temporary \
+                  (removed at exit; a restart means a new mesh root and new tokens)");
+            ephemeral::record(cp.api_addr, file)
+        }
+        _ => None,
+    };
     shutdown_signal().await;
     info!("signal received: stopping");
     cp.shutdown().await;

@@ -18,7 +18,8 @@ pub fn set_admin_token(token: String) {
 }
 
 /// The admin token for `addr`: `--token-file`, else `WEFT_TOKEN`, else the token of the
-/// running `weft up` when `addr` is its API.
+/// running `weft up` when `addr` is its API, else that of a running `weft control`
+/// without `--data-dir` serving `addr` (`crate::ephemeral`).
 pub fn admin_token(addr: &str) -> Option<String> {
     if let Some(t) = ADMIN_TOKEN.get() {
         return Some(t.clone());
@@ -26,11 +27,12 @@ pub fn admin_token(addr: &str) -> Option<String> {
     if let Some(t) = std::env::var("WEFT_TOKEN").ok().filter(|t| !t.trim().is_empty()) {
         return Some(t.trim().to_string());
     }
-    let mesh = crate::local::running()?;
-    if mesh.api.trim_start_matches("http://").trim_end_matches('/') != addr {
-        return None;
+    let up = crate::local::running().filter(|m| m.api.trim_start_matches("http://").trim_end_matches('/') == addr);
+    match up {
+        Some(mesh) => std::fs::read_to_string(mesh.admin_token_file?).ok().map(|t| t.trim().to_string()),
+        // A `weft control` without --data-dir on this machine.
+        None => crate::ephemeral::admin_token_for(addr),
     }
-    std::fs::read_to_string(mesh.admin_token_file?).ok().map(|t| t.trim().to_string())
 }
 
 /// One request to the API; returns the status and the JSON body.

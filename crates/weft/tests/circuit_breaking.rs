@@ -141,7 +141,12 @@ async fn istios_circuit_breaking_task_refuses_part_of_a_concurrency_3_load_with_
     std::fs::write(dir.path().join("destination-rule.yaml"), rule).unwrap();
 
     let mut cmd = Command::new(WEFT);
-    cmd.args(["--log-json", "control", "--dir"]).arg(dir.path()).args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
+    cmd.args(["--log-json", "control", "--insecure-dev", "--dir"]).arg(dir.path()).args([
+        "--xds",
+        "127.0.0.1:0",
+        "--api",
+        "127.0.0.1:0",
+    ]);
     cmd.stdout(Stdio::piped());
     let (control, stdout) = Proc::spawn("weft control", cmd);
     let mut lines = BufReader::new(stdout.unwrap()).lines();

@@ -177,7 +177,7 @@ async fn bad_tracing_settings_stop_the_control_plane_and_weft_up_with_a_precise_
     std::fs::write(&path, "extensionProviders:\n- name: otel\n  opentelemetry: {service: collector, prot: 4317}\n")
         .unwrap();
     let out = tokio::process::Command::new(WEFT)
-        .args(["control", "--xds", "127.0.0.1:0", "--api", "127.0.0.1:0", "--mesh-config"])
+        .args(["control", "--insecure-dev", "--xds", "127.0.0.1:0", "--api", "127.0.0.1:0", "--mesh-config"])
         .arg(&path)
         .output()
         .await

@@ -79,7 +79,7 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
     std::fs::write(&vs, route_to("v1")).unwrap();
 
     let mut control = tokio::process::Command::new(WEFT)
-        .args(["control", "--dir"])
+        .args(["control", "--insecure-dev", "--dir"])
         .arg(dir.path())
         .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())
@@ -255,7 +255,7 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
 /// Starts `weft control` on `dir`; returns the process and its xDS and API addresses.
 async fn start_control(dir: &Path) -> (tokio::process::Child, SocketAddr, String) {
     let mut control = tokio::process::Command::new(WEFT)
-        .args(["control", "--dir"])
+        .args(["control", "--insecure-dev", "--dir"])
         .arg(dir)
         .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())

@@ -43,7 +43,7 @@ spec:
 
 async fn start_control(dir: &Path) -> (tokio::process::Child, SocketAddr) {
     let mut control = tokio::process::Command::new(WEFT)
-        .args(["control", "--dir"])
+        .args(["control", "--insecure-dev", "--dir"])
         .arg(dir)
         .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())

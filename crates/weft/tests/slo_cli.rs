@@ -92,7 +92,7 @@ fn slo_rules_without_files_come_from_the_running_control_plane() {
     let api = weft_testkit::net::reserve_addr();
     let xds = weft_testkit::net::reserve_addr();
     let mut control = Command::new(WEFT)
-        .args(["control", "--dir"])
+        .args(["control", "--insecure-dev", "--dir"])
         .arg(dir.path())
         .args(["--api", &api.to_string(), "--xds", &xds.to_string()])
         .stdout(Stdio::null())

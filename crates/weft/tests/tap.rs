@@ -67,7 +67,7 @@ async fn mesh() -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("service.yaml"), SERVICE).unwrap();
     let mut control = tokio::process::Command::new(WEFT)
-        .args(["control", "--dir"])
+        .args(["control", "--insecure-dev", "--dir"])
         .arg(dir.path())
         .args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
         .stdout(std::process::Stdio::piped())

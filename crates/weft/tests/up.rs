@@ -683,7 +683,9 @@ fn replicas_run_on_a_local_etcd_and_a_killed_replica_goes_unnoticed() {
     assert!(mesh.output.iter().any(|l| l.trim_start().starts_with("etcd")), "{:#?}", mesh.output);
     let up = mesh.child.id();
     assert_eq!(children_running(up, &["etcd", "--initial-cluster"]).len(), 3, "three etcd members");
-    let replicas = children_running(up, &["control", "--store"]);
+    // etcd over TLS, asking for client certificates; the replicas present theirs.
+    assert_eq!(children_running(up, &["etcd", "--client-cert-auth", "https://"]).len(), 3, "etcd over TLS");
+    let replicas = children_running(up, &["control", "--store", "etcds://", "--etcd-cert"]);
     assert_eq!(replicas.len(), 2, "two child replicas beside the one in weft up");
     mesh.eventually("the product page answers", || mesh.curl("/productpage", &[]).0 == 200);
 

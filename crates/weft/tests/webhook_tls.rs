@@ -53,7 +53,7 @@ async fn webhook_flags_serve_https_and_shape_the_injected_pod() {
     let dir = tempfile::tempdir().unwrap();
     pki(dir.path());
     let mut control = tokio::process::Command::new(WEFT)
-        .args(["control", "--xds", "127.0.0.1:0", "--api", "127.0.0.1:0", "--webhook", "127.0.0.1:0"])
+        .args(["control", "--insecure-dev", "--xds", "127.0.0.1:0", "--api", "127.0.0.1:0", "--webhook", "127.0.0.1:0"])
         .arg("--webhook-cert")
         .arg(dir.path().join("tls.crt"))
         .arg("--webhook-key")

@@ -75,6 +75,8 @@ pub struct RolloutController {
     stats: SharedStats,
     persist: Arc<dyn RolloutStateStore>,
     state: Mutex<Persisted>,
+    /// `persist.generation()` the state was last loaded at.
+    loaded_at: std::sync::atomic::AtomicU64,
     domain: String,
     wake: Notify,
     /// Store version at the last pass with nothing in flight (skip idle passes).
@@ -97,17 +99,8 @@ impl RolloutController {
         persist: Arc<dyn RolloutStateStore>,
         domain: &str,
     ) -> Arc<RolloutController> {
-        let loaded = match persist.load() {
-            Ok(Some(doc)) => serde_json::from_slice::<Persisted>(&doc).unwrap_or_else(|e| {
-                tracing::warn!(error = %e, "rollout state unreadable; starting without it");
-                Persisted::default()
-            }),
-            Ok(None) => Persisted::default(),
-            Err(e) => {
-                tracing::warn!(error = %e, "rollout state not loaded; starting without it");
-                Persisted::default()
-            }
-        };
+        let loaded_at = persist.generation();
+        let loaded = load(persist.as_ref());
         if !loaded.rollouts.is_empty() || !loaded.staged.is_empty() {
             tracing::info!(rollouts = loaded.rollouts.len(), staged = loaded.staged.len(), "rollout state restored");
         }
@@ -118,6 +111,7 @@ impl RolloutController {
             stats,
             persist,
             state: Mutex::new(loaded),
+            loaded_at: std::sync::atomic::AtomicU64::new(loaded_at),
             domain: domain.to_string(),
             wake: Notify::new(),
             idle_at: Mutex::new(None),
@@ -132,8 +126,17 @@ impl RolloutController {
             let mut leader_open = true;
             loop {
                 if !*leader.borrow_and_update() {
-                    if !leader_open || leader.changed().await.is_err() {
+                    if !leader_open {
                         return;
+                    }
+                    // A follower keeps the leader's state (its staged changes are served
+                    // by this replica's xDS too) until it leads.
+                    tokio::select! {
+                        r = leader.changed() => leader_open = r.is_ok(),
+                        _ = tokio::time::sleep(TICK) => {
+                            let Some(c) = me.upgrade() else { return };
+                            drop(c.lock());
+                        }
                     }
                     continue;
                 }
@@ -157,8 +160,19 @@ impl RolloutController {
         self.wake.notify_one();
     }
 
+    /// The state, reloaded first when another replica changed it (a new leader resumes
+    /// where the old one was; a follower's API shows the leader's progress).
     fn lock(&self) -> std::sync::MutexGuard<'_, Persisted> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+        use std::sync::atomic::Ordering;
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let generation = self.persist.generation();
+        if self.loaded_at.swap(generation, Ordering::SeqCst) != generation {
+            *st = load(self.persist.as_ref());
+            self.staging.set(&st.staged);
+            *self.idle_at.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            tracing::debug!(rollouts = st.rollouts.len(), "rollout state changed by another replica; reloaded");
+        }
+        st
     }
 
     fn save(&self, st: &Persisted) {
@@ -471,6 +485,21 @@ impl RolloutController {
         self.reconcile(now_ms);
         self.wake();
         Ok(out)
+    }
+}
+
+/// The state saved in `persist`, empty when there is none or it does not load.
+fn load(persist: &dyn RolloutStateStore) -> Persisted {
+    match persist.load() {
+        Ok(Some(doc)) => serde_json::from_slice::<Persisted>(&doc).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "rollout state unreadable; starting without it");
+            Persisted::default()
+        }),
+        Ok(None) => Persisted::default(),
+        Err(e) => {
+            tracing::warn!(error = %e, "rollout state not loaded; starting without it");
+            Persisted::default()
+        }
     }
 }
 

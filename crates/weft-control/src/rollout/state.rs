@@ -1,6 +1,6 @@
 //! What a rollout has done so far, kept across control-plane restarts behind
-//! [`RolloutStateStore`]: a file in the data directory today ([`FileStateStore`]); the
-//! etcd store implements the same two methods.
+//! [`RolloutStateStore`]: a file in the data directory ([`FileStateStore`]), or etcd with
+//! `--store etcd://` (`crate::etcd::rollouts`), shared by the replicas.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -152,6 +152,12 @@ pub trait RolloutStateStore: Send + Sync {
     fn load(&self) -> Result<Option<Vec<u8>>, String>;
     /// Replaces the saved document.
     fn save(&self, doc: &[u8]) -> Result<(), String>;
+    /// Counts changes made by someone else (another replica) since this store was
+    /// opened: when it moves, the controller reloads the document. Stores only this
+    /// process writes keep 0.
+    fn generation(&self) -> u64 {
+        0
+    }
 }
 
 /// In memory (a control plane without a data directory): lost on restart.

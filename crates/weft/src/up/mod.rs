@@ -8,6 +8,7 @@
 //! (bootstraps, CA, logs unless `--logs`), one bridge and its namespaces, and the state
 //! file `weft apply` uses to find the control plane; teardown removes all of it.
 
+mod etcd_tls;
 mod netns;
 mod plan;
 mod procs;
@@ -661,7 +662,10 @@ impl Up {
                 more.len(),
                 more.join(", ")
             );
-            say!("  etcd           {} (3 members, data in the state directory)", etcd.config.endpoints.join(","));
+            say!(
+                "  etcd           {} (3 members, TLS with client certificates; data in the state directory)",
+                etcd.config.endpoints.join(",")
+            );
         }
         say!("  logs           {}", self.logs.display());
         if let Some(url) = &self.args.tracing {

@@ -1,7 +1,8 @@
 //! `weft up --replicas N`: the HA topology on one machine. A 3-member etcd cluster on
-//! loopback (data in the state directory), the first control-plane replica in this
+//! loopback (data in the state directory; clients and peers over TLS with client
+//! certificates made at start, `super::etcd_tls`), the first control-plane replica in this
 //! process (what `weft up` uses for tokens and the store) and the others as
-//! `weft control --store etcd://...` processes, each with its own data directory; every
+//! `weft control --store etcds://...` processes, each with its own data directory; every
 //! sidecar and the gateway get all replicas' xDS addresses and fail over between them.
 //! Kill one of the child replicas (`kill -9`, its pid in `ps`) to watch its proxies move.
 
@@ -47,24 +48,26 @@ pub fn start_etcd(
         let peer = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), free_port()?);
         addrs.push((client, peer));
     }
-    let initial: Vec<String> = addrs.iter().enumerate().map(|(i, (_, p))| format!("m{i}=http://{p}")).collect();
+    let tls = super::etcd_tls::LocalEtcdTls::generate(&state.join("etcd-tls"))?;
+    let initial: Vec<String> = addrs.iter().enumerate().map(|(i, (_, p))| format!("m{i}=https://{p}")).collect();
     let mut members = Vec::new();
     for (i, (client, peer)) in addrs.iter().enumerate() {
         let data = state.join("etcd").join(format!("m{i}"));
         std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
         let mut cmd = tokio::process::Command::new(etcd);
-        cmd.arg("--name")
+        cmd.args(tls.member_args())
+            .arg("--name")
             .arg(format!("m{i}"))
             .arg("--data-dir")
             .arg(&data)
             .arg("--listen-client-urls")
-            .arg(format!("http://{client}"))
+            .arg(format!("https://{client}"))
             .arg("--advertise-client-urls")
-            .arg(format!("http://{client}"))
+            .arg(format!("https://{client}"))
             .arg("--listen-peer-urls")
-            .arg(format!("http://{peer}"))
+            .arg(format!("https://{peer}"))
             .arg("--initial-advertise-peer-urls")
-            .arg(format!("http://{peer}"))
+            .arg(format!("https://{peer}"))
             .arg("--initial-cluster")
             .arg(initial.join(","))
             .args(["--initial-cluster-state", "new", "--initial-cluster-token", "weft-up"]);
@@ -74,8 +77,8 @@ pub fn start_etcd(
             format!("starting {} (install etcd: scripts/setup.sh, or --etcd PATH)", etcd.display())
         })?);
     }
-    let store = format!("etcd://{}", addrs.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>().join(","));
-    let config = EtcdConfig::parse(&store).map_err(|e| anyhow::anyhow!(e))?;
+    let store = format!("etcds://{}", addrs.iter().map(|(c, _)| c.to_string()).collect::<Vec<_>>().join(","));
+    let config = EtcdConfig::parse(&store).map_err(|e| anyhow::anyhow!(e))?.with_tls(tls.client());
     Ok(EtcdCluster { members, config })
 }
 
@@ -106,12 +109,17 @@ pub fn start_replica(
 ) -> anyhow::Result<(Proc, SocketAddr)> {
     let xds = SocketAddr::new(f.ip, free_port()?);
     let api = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), free_port()?);
-    let store = format!(
-        "etcd://{}",
-        f.store.endpoints.iter().map(|e| e.trim_start_matches("http://")).collect::<Vec<_>>().join(",")
-    );
+    let store = f.store.store_url();
     let mut cmd = tokio::process::Command::new(f.exe);
-    cmd.arg("control").args(["--store", &store]).arg("--dir").arg(f.dir).arg("--data-dir").arg(f.data).args([
+    cmd.arg("control");
+    if let Some(tls) = &f.store.tls {
+        for (flag, path) in [("--etcd-ca", &tls.ca), ("--etcd-cert", &tls.cert), ("--etcd-key", &tls.key)] {
+            if let Some(p) = path {
+                cmd.arg(flag).arg(p);
+            }
+        }
+    }
+    cmd.args(["--store", &store]).arg("--dir").arg(f.dir).arg("--data-dir").arg(f.data).args([
         "--xds",
         &xds.to_string(),
         "--api",
