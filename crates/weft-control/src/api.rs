@@ -344,9 +344,13 @@ fn proxies(api: &Api) -> Value {
                            "nack": nacked.map(|n| n.error.clone())}),
                 );
             }
-            let info = c.node.as_ref();
+            let kind = crate::translate::grpcgen::client_kind(&c.raw_node);
+            // A gRPC client without weft's metadata: what its Istio-style node id says.
+            let grpc_info = (kind == "grpc" && c.node.is_none()).then(|| crate::translate::grpcgen::node_info(&c.raw_node));
+            let info = c.node.as_ref().or(grpc_info.as_ref());
             json!({
                 "id": c.node_id,
+                "kind": kind,
                 "name": info.map(|i| i.name.clone()),
                 "namespace": info.map(|i| i.namespace.clone()),
                 "labels": info.map(|i| i.labels.clone()),

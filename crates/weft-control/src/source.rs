@@ -24,7 +24,7 @@ use weft_xds::{content_version, type_url, Any, NodeInfo, Resolved, XdsSource};
 use crate::jwks::JwksResolver;
 use crate::registry::{Registry, RegistrySnapshot, Workload, WorkloadSource};
 use crate::store::ResourceStore;
-use crate::translate::{peer_exchange, translate, MeshConfig, ProxyMode};
+use crate::translate::{grpcgen, peer_exchange, translate, MeshConfig, ProxyMode};
 
 /// Coalesces bursts of changes (a directory of files saved together, many proxies
 /// connecting) into one push.
@@ -260,8 +260,12 @@ impl MeshXdsSource {
             Some(v) => Arc::new(overlay(&mesh, v)),
             None => mesh,
         };
-        let mut xds = translate(&mesh, &registry, &info, self.mode);
-        if peer_exchange::needs_header_edits(&node.user_agent_name, &info) {
+        let mut xds = if grpcgen::is_grpc(node) {
+            grpcgen::translate(&mesh, &registry, &info, self.mode)
+        } else {
+            translate(&mesh, &registry, &info, self.mode)
+        };
+        if !grpcgen::is_grpc(node) && peer_exchange::needs_header_edits(&node.user_agent_name, &info) {
             peer_exchange::add_header_edits(&mut xds, &info);
         }
         if peer_exchange::is_envoy(&node.user_agent_name) {
@@ -329,8 +333,11 @@ impl TranslationCache {
 }
 
 /// The node's weft metadata; a stock Envoy without it is a workload of the default
-/// namespace.
+/// namespace, a gRPC client one of the namespace of its Istio-style node id.
 fn node_info(node: &Node) -> NodeInfo {
+    if grpcgen::is_grpc(node) {
+        return grpcgen::node_info(node);
+    }
     NodeInfo::from_node(node).unwrap_or_else(|_| NodeInfo {
         id: node.id.clone(),
         name: node.id.clone(),
@@ -351,6 +358,8 @@ fn shape(info: &NodeInfo, node: &Node, registry: &RegistrySnapshot) -> String {
     } else if peer_exchange::is_envoy(&node.user_agent_name) {
         // Its ALPN lists lack the TCP exchange.
         "|envoy".to_string()
+    } else if grpcgen::is_grpc(node) {
+        "|grpc".to_string()
     } else {
         String::new()
     };

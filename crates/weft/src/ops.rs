@@ -220,7 +220,7 @@ pub async fn proxy_status(server: &str, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("{:<44} {:<9} {:<9} {:<9} {:<9} AGE", "NAME", "CDS", "LDS", "EDS", "RDS");
+    println!("{:<44} {:<8} {:<9} {:<9} {:<9} {:<9} AGE", "NAME", "KIND", "CDS", "LDS", "EDS", "RDS");
     for p in v["proxies"].as_array().into_iter().flatten() {
         let t = |k: &str| p["types"][k]["status"].as_str().unwrap_or("-").to_string();
         let age = ["Cluster", "Listener"]
@@ -229,8 +229,9 @@ pub async fn proxy_status(server: &str, json: bool) -> anyhow::Result<()> {
             .fold(None::<f64>, |a, b| Some(a.map_or(b, |a| a.min(b))));
         let name = format!("{}.{}", p["name"].as_str().unwrap_or("?"), p["namespace"].as_str().unwrap_or("?"));
         println!(
-            "{:<44} {:<9} {:<9} {:<9} {:<9} {}",
+            "{:<44} {:<8} {:<9} {:<9} {:<9} {:<9} {}",
             name,
+            p["kind"].as_str().unwrap_or("-"),
             t("Cluster"),
             t("Listener"),
             t("ClusterLoadAssignment"),

@@ -25,6 +25,9 @@
 //! - [`gateway`]: for gateway proxies (node id `router~...`) instead of [`routes`] and
 //!   [`listeners`]: the servers of the Gateways selecting the proxy as `0.0.0.0_PORT`
 //!   listeners and the VirtualServices bound to them as `http.PORT` routes.
+//! - [`grpcgen`]: for proxyless gRPC clients (applied by the xDS source, which sees the
+//!   node), the same translation reshaped as gRPC's xDS client reads it: `api_listener`
+//!   Listeners per service name and port, one RouteConfiguration per service port.
 //! - [`peer_exchange`]: for stock Envoy sidecars (applied by the xDS source, which sees
 //!   the node's `user_agent_name`), Istio's peer metadata headers as route header edits.
 //!
@@ -53,6 +56,7 @@ use crate::registry::RegistrySnapshot;
 pub mod authz;
 pub mod clusters;
 pub mod gateway;
+pub mod grpcgen;
 pub mod jwt;
 pub mod listeners;
 pub mod locality;
