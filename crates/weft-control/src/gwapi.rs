@@ -316,7 +316,14 @@ fn listener_credential(
     if tls.mode == Some(TlsModeType::Passthrough) {
         return None;
     }
-    let c = tls.certificate_refs.first()?;
+    let Some(c) = tls.certificate_refs.first() else {
+        cond.resolved_refs = Some(Condition::no(
+            "ResolvedRefs",
+            "InvalidCertificateRef",
+            "a listener terminating TLS needs certificateRefs",
+        ));
+        return None;
+    };
     let kind_ok = c.kind.as_deref().is_none_or(|k| k == "Secret")
         && c.group.as_deref().is_none_or(|g| g.is_empty() || g == "core");
     if !kind_ok {
@@ -507,9 +514,10 @@ impl Resolver<'_, '_> {
 /// The rules of an HTTPRoute or GRPCRoute with their references.
 fn http_rules(rr: &RouteRef<'_>, refs: &Refs) -> Vec<Rule> {
     let resolved = |i: usize| refs.rules.get(i);
-    let rule = |i: usize, matches, filters, timeout| Rule {
+    let rule = |i: usize, matches, filters, timeout, name| Rule {
         matches,
         filters,
+        name,
         backends: resolved(i).map(|t| t.backends.clone()).unwrap_or_default(),
         had_backends: resolved(i).is_some_and(|t| t.had_backends),
         mirrors: resolved(i).map(|t| t.mirrors.clone()).unwrap_or_default(),
@@ -517,21 +525,23 @@ fn http_rules(rr: &RouteRef<'_>, refs: &Refs) -> Vec<Rule> {
     };
     match &rr.resource.spec {
         // No rules: one rule matching everything, with no backend (500).
-        Spec::HttpRoute(h) if h.rules.is_empty() => vec![rule(0, Vec::new(), Vec::new(), None)],
+        Spec::HttpRoute(h) if h.rules.is_empty() => vec![rule(0, Vec::new(), Vec::new(), None, None)],
         Spec::HttpRoute(h) => h
             .rules
             .iter()
             .enumerate()
             .map(|(i, r)| {
                 let timeout = r.timeouts.as_ref().and_then(|t| route_timeout(t.request, t.backend_request));
-                rule(i, r.matches.clone(), r.filters.clone(), timeout)
+                rule(i, r.matches.clone(), r.filters.clone(), timeout, r.name.clone())
             })
             .collect(),
         Spec::GrpcRoute(g) => g
             .rules
             .iter()
             .enumerate()
-            .map(|(i, r)| rule(i, http::grpc_matches(&r.matches), r.filters.iter().map(Into::into).collect(), None))
+            .map(|(i, r)| {
+                rule(i, http::grpc_matches(&r.matches), r.filters.iter().map(Into::into).collect(), None, None)
+            })
             .collect(),
         _ => Vec::new(),
     }

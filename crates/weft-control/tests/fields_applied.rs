@@ -151,6 +151,13 @@ const ALLOWED: &[(Kind, &str, &str)] = &[
         "the route's namespace, the same reference",
     ),
     (Kind::TlsRoute, "spec.rules[].backendRefs[].namespace", "the route's namespace, the same reference"),
+    // The maximal Gateway has one listener a TCPRoute, a TLSRoute or a GRPCRoute can
+    // attach to: `sectionName` and `port` select it either way (HTTPRoute shows them applied).
+    (Kind::TcpRoute, "spec.parentRefs[].sectionName", "one listener takes this kind in the maximal Gateway"),
+    (Kind::TcpRoute, "spec.parentRefs[].port", "one listener takes this kind in the maximal Gateway"),
+    (Kind::TlsRoute, "spec.parentRefs[].sectionName", "one listener takes this kind in the maximal Gateway"),
+    (Kind::TlsRoute, "spec.parentRefs[].port", "one listener takes this kind in the maximal Gateway"),
+    (Kind::GrpcRoute, "spec.parentRefs[].port", "one listener takes this kind in the maximal Gateway"),
     // A listener's certificate is served over SDS under its `credentialName` (Kubernetes
     // Secrets: the egress/SDS branch); until then the gateway translator skips the server.
     (

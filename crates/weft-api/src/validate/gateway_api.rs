@@ -72,13 +72,6 @@ pub(super) fn gateway(v: &mut V, g: &KubernetesGateway) {
                         "use protocol TLS for Passthrough".to_string(),
                     );
                 }
-                if mode == TlsModeType::Terminate && t.certificate_refs.is_empty() {
-                    v.err(
-                        format!("{p}.tls.certificateRefs"),
-                        "certificateRefs must not be empty when mode is Terminate",
-                        "expected `certificateRefs: [{name: <secret>}]`".to_string(),
-                    );
-                }
                 for (j, c) in t.certificate_refs.iter().enumerate() {
                     v.non_empty(&format!("{p}.tls.certificateRefs[{j}].name"), "name", &c.name);
                 }

@@ -44,6 +44,8 @@ pub struct Rule {
     pub mirrors: Vec<(Backend, Option<u32>)>,
     /// The route timeout (`timeouts`), `None` for none.
     pub timeout: Option<Duration>,
+    /// The rule's `name`, part of the Envoy route's name.
+    pub name: Option<String>,
 }
 
 /// The Gateway API's precedence of a match: path kind (exact, regex, prefix), longer
@@ -176,7 +178,11 @@ fn value_match(h: &HttpHeaderMatch) -> StringMatch {
 }
 
 fn http_route(rule: &Rule, name: &str, m: HttpMatchRequest, part: &Part) -> HttpRoute {
-    let mut r = HttpRoute { name: Some(name.to_string()), matches: vec![m], ..HttpRoute::default() };
+    let name = match &rule.name {
+        Some(rule_name) => format!("{name}.{rule_name}"),
+        None => name.to_string(),
+    };
+    let mut r = HttpRoute { name: Some(name), matches: vec![m], ..HttpRoute::default() };
     let mut headers = Headers::default();
     for f in &rule.filters {
         if let Some(h) = &f.request_header_modifier {
