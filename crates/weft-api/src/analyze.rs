@@ -22,6 +22,7 @@
 //! | WFT0020 | Warning | a kind of Istio or the Gateway API weft does not apply at all (WasmPlugin, HTTPRoute, ...) |
 //! | WFT0021 | Warning | a field weft parses but does not apply ([`UNAPPLIED_FIELDS`], and a VirtualService's `tls` routes on sidecars), with its path |
 //! | WFT0022 | Warning | a whole resource weft does not apply: a policy attached by `targetRef(s)` |
+//! | WFT0023 | Warning | a Gateway API Gateway whose class weft does not serve (not `istio`, nor a GatewayClass of Istio's controller) |
 //! | WFT0030 | Error | a Rollout's host has a VirtualService the rollout does not own (the rollout waits) |
 //! | WFT0031 | Error | a Rollout's stable or canary subset is not in the host's DestinationRule |
 
@@ -39,14 +40,21 @@ pub const DOMAIN: &str = "cluster.local";
 pub const ROOT_NAMESPACE: &str = "istio-system";
 /// API groups of Istio and the Kubernetes Gateway API: a document of one of their kinds
 /// that parsing skips (weft has no [`Kind`] for it) is configuration weft does not apply.
-pub const UNAPPLIED_GROUPS: &[&str] =
-    &["extensions.istio.io", "gateway.networking.k8s.io", "gateway.networking.x-k8s.io", "install.istio.io"];
+/// (The standard `gateway.networking.k8s.io` kinds are applied: [`Kind::HttpRoute`] and
+/// the others; one of its kinds weft has no [`Kind`] for, such as `UDPRoute` or
+/// `BackendTLSPolicy`, is an error of that group, not a skipped document.)
+pub const UNAPPLIED_GROUPS: &[&str] = &["extensions.istio.io", "gateway.networking.x-k8s.io", "install.istio.io"];
 /// Fields weft parses (they are valid Istio) but does not apply, as
 /// `(kind, path with list indices written [], why)`: reported as WFT0021 with the
 /// resource's own path whenever set (not null, empty or `false`). The field-coverage test
 /// (`weft-control --test fields_applied`) fails for a field that is neither applied
 /// nor listed here; a field weft starts applying leaves this table.
 pub const UNAPPLIED_FIELDS: &[(Kind, &str, &str)] = &[
+    (
+        Kind::KubernetesGateway,
+        "spec.listeners[].allowedRoutes.namespaces.selector",
+        "weft knows no Namespace labels: a listener with `from: Selector` admits routes of no namespace (use `All` or `Same`)",
+    ),
     (
         Kind::VirtualService,
         "spec.http[].delegate",
@@ -313,6 +321,7 @@ pub fn analyze_with_workloads(resources: &[Resource], live: &[Workload]) -> Vec<
     a.unapplied_envoy_filters();
     a.unapplied_table();
     a.rollouts();
+    a.gateway_classes();
     a.out.sort_by(|x, y| (&x.source, x.code, &x.text).cmp(&(&y.source, y.code, &y.text)));
     a.out
 }
@@ -865,6 +874,28 @@ fn sel(s: &Option<LabelSelector>) -> Option<&BTreeMap<String, String>> {
 }
 
 impl<'a> Analyzer<'a> {
+    /// WFT0023: a Gateway API Gateway no controller of weft serves (its status stays
+    /// `Accepted: Unknown`, as Kubernetes leaves a Gateway no controller picks up).
+    fn gateway_classes(&mut self) {
+        use crate::spec::gateway_api::{CONTROLLER, ISTIO_CLASS};
+        let served: BTreeSet<&str> = self
+            .of_kind(Kind::GatewayClass)
+            .filter(|r| matches!(&r.spec, Spec::GatewayClass(c) if c.controller_name == CONTROLLER))
+            .map(|r| r.meta.name.as_str())
+            .chain([ISTIO_CLASS])
+            .collect();
+        for r in self.of_kind(Kind::KubernetesGateway) {
+            let Spec::KubernetesGateway(g) = &r.spec else { continue };
+            if !served.contains(g.gateway_class_name.as_str()) {
+                let text = format!(
+                    "Gateway class {:?} is not served by weft: the Gateway configures no proxy (use `istio`, or a GatewayClass whose controllerName is {CONTROLLER})",
+                    g.gateway_class_name
+                );
+                self.report(r, "WFT0023", Level::Warning, text);
+            }
+        }
+    }
+
     /// WFT0030: a VirtualService for a Rollout's host not written by that rollout (the
     /// rollout never overwrites it, and waits). WFT0031: a Rollout subset missing from
     /// the host's DestinationRules.

@@ -19,6 +19,9 @@ pub mod spec;
 mod validate;
 pub mod yaml;
 
+pub use spec::gateway_api::{
+    GatewayClass, GrpcRouteSpec, HttpRouteSpec, KubernetesGateway, ReferenceGrant, TcpRouteSpec, TlsRouteSpec,
+};
 pub use spec::{
     AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication, RequestAuthentication,
     ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService, WorkloadEntry,
@@ -82,6 +85,21 @@ pub enum Kind {
     ServiceLevelObjective,
     /// `weft.dev` Rollout (a canary driven by the control plane).
     Rollout,
+    /// `gateway.networking.k8s.io` GatewayClass.
+    GatewayClass,
+    /// `gateway.networking.k8s.io` Gateway (Istio calls it `KubernetesGateway`; written
+    /// `kind: Gateway`, told from Istio's by its API group).
+    KubernetesGateway,
+    /// `gateway.networking.k8s.io` HTTPRoute.
+    HttpRoute,
+    /// `gateway.networking.k8s.io` GRPCRoute.
+    GrpcRoute,
+    /// `gateway.networking.k8s.io` TCPRoute.
+    TcpRoute,
+    /// `gateway.networking.k8s.io` TLSRoute.
+    TlsRoute,
+    /// `gateway.networking.k8s.io` ReferenceGrant.
+    ReferenceGrant,
 }
 
 /// A typed spec, one variant per [`Kind`].
@@ -123,6 +141,20 @@ pub enum Spec {
     ServiceLevelObjective(ServiceLevelObjective),
     /// Rollout.
     Rollout(Rollout),
+    /// Gateway API GatewayClass.
+    GatewayClass(GatewayClass),
+    /// Gateway API Gateway.
+    KubernetesGateway(KubernetesGateway),
+    /// Gateway API HTTPRoute.
+    HttpRoute(HttpRouteSpec),
+    /// Gateway API GRPCRoute.
+    GrpcRoute(GrpcRouteSpec),
+    /// Gateway API TCPRoute.
+    TcpRoute(TcpRouteSpec),
+    /// Gateway API TLSRoute.
+    TlsRoute(TlsRouteSpec),
+    /// Gateway API ReferenceGrant.
+    ReferenceGrant(ReferenceGrant),
 }
 
 /// One parsed, validated resource.
@@ -200,7 +232,7 @@ pub struct Parsed {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 23] = [
         Kind::Service,
         Kind::VirtualService,
         Kind::DestinationRule,
@@ -217,6 +249,13 @@ impl Kind {
         Kind::RateLimit,
         Kind::ServiceLevelObjective,
         Kind::Rollout,
+        Kind::GatewayClass,
+        Kind::KubernetesGateway,
+        Kind::HttpRoute,
+        Kind::GrpcRoute,
+        Kind::TcpRoute,
+        Kind::TlsRoute,
+        Kind::ReferenceGrant,
     ];
 
     /// The kind as written in `kind:`.
@@ -238,6 +277,23 @@ impl Kind {
             Kind::RateLimit => "RateLimit",
             Kind::ServiceLevelObjective => "ServiceLevelObjective",
             Kind::Rollout => "Rollout",
+            Kind::GatewayClass => "GatewayClass",
+            Kind::KubernetesGateway => "Gateway",
+            Kind::HttpRoute => "HTTPRoute",
+            Kind::GrpcRoute => "GRPCRoute",
+            Kind::TcpRoute => "TCPRoute",
+            Kind::TlsRoute => "TLSRoute",
+            Kind::ReferenceGrant => "ReferenceGrant",
+        }
+    }
+
+    /// A name unique among the kinds: [`Kind::as_str`], except `KubernetesGateway` for the
+    /// Gateway API's Gateway (Istio's name for it). Names the kind's maximal file in
+    /// `tests/data/fields/` (lower case) and `WEFT_FIELDS_KIND`.
+    pub fn id(&self) -> &'static str {
+        match self {
+            Kind::KubernetesGateway => "KubernetesGateway",
+            k => k.as_str(),
         }
     }
 
@@ -260,6 +316,10 @@ impl Kind {
             "rl" => Some(Kind::RateLimit),
             "slo" => Some(Kind::ServiceLevelObjective),
             "ro" => Some(Kind::Rollout),
+            "gtw" | "kubernetesgateway" | "kubernetesgateways" | "gateways.gateway.networking.k8s.io" => {
+                Some(Kind::KubernetesGateway)
+            }
+            "gc" => Some(Kind::GatewayClass),
             _ => None,
         };
         if short.is_some() {
@@ -285,11 +345,27 @@ impl Kind {
             Kind::PeerAuthentication | Kind::AuthorizationPolicy | Kind::RequestAuthentication => "security.istio.io",
             Kind::Telemetry => "telemetry.istio.io",
             Kind::LocalWorkload | Kind::RateLimit | Kind::ServiceLevelObjective | Kind::Rollout => "weft.dev",
+            Kind::GatewayClass
+            | Kind::KubernetesGateway
+            | Kind::HttpRoute
+            | Kind::GrpcRoute
+            | Kind::TcpRoute
+            | Kind::TlsRoute
+            | Kind::ReferenceGrant => spec::gateway_api::GROUP,
         }
     }
 
     /// Versions accepted for this kind.
     pub fn versions(&self) -> &'static [&'static str] {
+        // The versions the upstream CRDs serve (standard and experimental channels).
+        match self {
+            Kind::GatewayClass | Kind::KubernetesGateway | Kind::HttpRoute => return &["v1", "v1beta1", "v1alpha2"],
+            Kind::GrpcRoute => return &["v1", "v1alpha2"],
+            Kind::TcpRoute => return &["v1alpha2"],
+            Kind::TlsRoute => return &["v1", "v1alpha3", "v1alpha2"],
+            Kind::ReferenceGrant => return &["v1", "v1beta1", "v1alpha2"],
+            _ => {}
+        }
         match self.group() {
             "" => &["v1"],
             "networking.istio.io" => &["v1", "v1beta1", "v1alpha3"],
@@ -334,6 +410,13 @@ impl Spec {
             Spec::RateLimit(_) => Kind::RateLimit,
             Spec::ServiceLevelObjective(_) => Kind::ServiceLevelObjective,
             Spec::Rollout(_) => Kind::Rollout,
+            Spec::GatewayClass(_) => Kind::GatewayClass,
+            Spec::KubernetesGateway(_) => Kind::KubernetesGateway,
+            Spec::HttpRoute(_) => Kind::HttpRoute,
+            Spec::GrpcRoute(_) => Kind::GrpcRoute,
+            Spec::TcpRoute(_) => Kind::TcpRoute,
+            Spec::TlsRoute(_) => Kind::TlsRoute,
+            Spec::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 }
@@ -359,6 +442,13 @@ impl Spec {
             Spec::RateLimit(s) => serde_json::to_value(s),
             Spec::ServiceLevelObjective(s) => serde_json::to_value(s),
             Spec::Rollout(s) => serde_json::to_value(s),
+            Spec::GatewayClass(s) => serde_json::to_value(s),
+            Spec::KubernetesGateway(s) => serde_json::to_value(s),
+            Spec::HttpRoute(s) => serde_json::to_value(s),
+            Spec::GrpcRoute(s) => serde_json::to_value(s),
+            Spec::TcpRoute(s) => serde_json::to_value(s),
+            Spec::TlsRoute(s) => serde_json::to_value(s),
+            Spec::ReferenceGrant(s) => serde_json::to_value(s),
         };
         // Every spec type serializes to a JSON object (string keys, finite numbers).
         v.unwrap_or_default()
@@ -489,9 +579,12 @@ mod tests {
         assert_eq!(Kind::parse("authorizationpolicies"), Some(Kind::AuthorizationPolicy));
         assert_eq!(Kind::parse("SVC"), Some(Kind::Service));
         assert_eq!(Kind::parse("deployment"), None);
-        for k in Kind::ALL {
+        for k in Kind::ALL.into_iter().filter(|k| *k != Kind::KubernetesGateway) {
             assert_eq!(Kind::parse(k.as_str()), Some(k));
         }
+        assert_eq!(Kind::parse("gateway"), Some(Kind::Gateway), "Istio's Gateway keeps its name");
+        assert_eq!(Kind::parse("gtw"), Some(Kind::KubernetesGateway));
+        assert_eq!(Kind::parse("httproutes"), Some(Kind::HttpRoute));
     }
 
     #[test]

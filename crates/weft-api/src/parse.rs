@@ -12,7 +12,8 @@ use crate::yaml::{self, PosIndex};
 use crate::{ApiError, Kind, ObjectMeta, Parsed, Resource, ResourceKey, Skipped, Source, Spec};
 
 /// API groups owned by weft: any kind/version in them must be known.
-const OUR_GROUPS: &[&str] = &["networking.istio.io", "security.istio.io", "telemetry.istio.io", "weft.dev"];
+const OUR_GROUPS: &[&str] =
+    &["networking.istio.io", "security.istio.io", "telemetry.istio.io", "weft.dev", crate::spec::gateway_api::GROUP];
 
 const TOP_LEVEL: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
 
@@ -182,7 +183,11 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, de
         Some((g, v)) => (g, v),
         None => ("", api_version.as_str()),
     };
-    let known = Kind::ALL.into_iter().find(|k| k.as_str() == kind_str);
+    // `Gateway` is Istio's or the Gateway API's, told apart by the group.
+    let known = Kind::ALL
+        .into_iter()
+        .find(|k| k.as_str() == kind_str && k.group() == group)
+        .or_else(|| Kind::ALL.into_iter().find(|k| k.as_str() == kind_str));
     let kind = if OUR_GROUPS.contains(&group) {
         match known {
             Some(k) if k.group() == group => {
@@ -306,6 +311,13 @@ fn parse_spec(ctx: &mut Ctx<'_>, kind: Kind, v: &Value) -> Option<Spec> {
         Kind::RateLimit => Spec::RateLimit(ctx.de(v, p)?),
         Kind::ServiceLevelObjective => Spec::ServiceLevelObjective(ctx.de(v, p)?),
         Kind::Rollout => Spec::Rollout(ctx.de(v, p)?),
+        Kind::GatewayClass => Spec::GatewayClass(ctx.de(v, p)?),
+        Kind::KubernetesGateway => Spec::KubernetesGateway(ctx.de(v, p)?),
+        Kind::HttpRoute => Spec::HttpRoute(ctx.de(v, p)?),
+        Kind::GrpcRoute => Spec::GrpcRoute(ctx.de(v, p)?),
+        Kind::TcpRoute => Spec::TcpRoute(ctx.de(v, p)?),
+        Kind::TlsRoute => Spec::TlsRoute(ctx.de(v, p)?),
+        Kind::ReferenceGrant => Spec::ReferenceGrant(ctx.de(v, p)?),
     })
 }
 

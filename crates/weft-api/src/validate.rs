@@ -3,6 +3,7 @@
 //! Each check reports an [`Issue`] with the field path relative to the
 //! document (`spec.http[0].route[1].weight`); the parser maps paths to lines.
 
+mod gateway_api;
 mod rollout;
 mod slo;
 mod traffic;
@@ -203,6 +204,13 @@ pub(crate) fn spec(spec: &Spec, ns: &str) -> Vec<Issue> {
         Spec::RateLimit(rl) => rate_limit(&mut v, rl),
         Spec::ServiceLevelObjective(o) => slo::service_level_objective(&mut v, o),
         Spec::Rollout(r) => rollout::rollout(&mut v, r),
+        Spec::GatewayClass(c) => gateway_api::gateway_class(&mut v, c),
+        Spec::KubernetesGateway(g) => gateway_api::gateway(&mut v, g),
+        Spec::HttpRoute(r) => gateway_api::http_route(&mut v, r),
+        Spec::GrpcRoute(r) => gateway_api::grpc_route(&mut v, r),
+        Spec::TcpRoute(r) => gateway_api::l4_route(&mut v, &r.parent_refs, &[], &r.rules),
+        Spec::TlsRoute(r) => gateway_api::l4_route(&mut v, &r.parent_refs, &r.hostnames, &r.rules),
+        Spec::ReferenceGrant(g) => gateway_api::reference_grant(&mut v, g),
     }
     v.issues
 }

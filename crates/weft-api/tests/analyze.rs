@@ -551,17 +551,24 @@ kind: WasmPlugin
 metadata: {name: auth, namespace: shop}
 spec: {url: oci://example/auth:1}
 ---
-apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
+apiVersion: gateway.networking.x-k8s.io/v1alpha1
+kind: XListenerSet
 metadata: {name: web}
 spec: {}
 ---
 apiVersion: apps/v1
 kind: Deployment
 metadata: {name: web}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web}
+spec: {}
 ";
     let p = parse_str(text, Path::new("kinds.yaml"));
-    assert!(p.errors.is_empty() && p.resources.is_empty(), "{p:#?}");
+    assert!(p.errors.is_empty(), "{p:#?}");
+    // The Gateway API's standard kinds are applied now (docs/resources.md).
+    assert_eq!(p.resources.iter().map(|r| r.kind).collect::<Vec<_>>(), [weft_api::Kind::HttpRoute]);
     let found: Vec<String> = weft_api::analyze::unapplied_kinds(&p.skipped).iter().map(|m| m.to_string()).collect();
     assert_eq!(found.len(), 2, "{found:#?}");
     assert!(
@@ -569,7 +576,7 @@ metadata: {name: web}
         "{found:#?}"
     );
     assert!(
-        found[1].starts_with("Warning [WFT0020] (HTTPRoute default/web kinds.yaml:6) kind HTTPRoute"),
+        found[1].starts_with("Warning [WFT0020] (XListenerSet default/web kinds.yaml:6) kind XListenerSet"),
         "{found:#?}"
     );
 }

@@ -13,7 +13,7 @@ use weft_api::{parse_str, yaml, Kind};
 fn data(kind: Kind) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/data/fields")
-        .join(format!("{}.yaml", kind.as_str().to_ascii_lowercase()))
+        .join(format!("{}.yaml", kind.id().to_ascii_lowercase()))
 }
 
 /// Walks the typed value (every field written out) beside the YAML it was read from:

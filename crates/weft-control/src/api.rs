@@ -178,17 +178,23 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
                     json!({"error": format!("unknown kind {:?}", kind.unwrap_or_default())}),
                 );
             }
+            let status = crate::gwapi::api_status(&snap.resources, &api.server.connections(), &api.source.domain());
             let items: Vec<Value> = snap
                 .resources
                 .iter()
                 .filter(|r| wanted_kind.map(|k| r.kind == k).unwrap_or(true))
                 .filter(|r| name.as_deref().map(|n| r.meta.name == n).unwrap_or(true))
                 .map(|r| {
-                    json!({
+                    let mut item = json!({
                         "kind": r.kind.as_str(), "apiVersion": r.api_version,
                         "namespace": r.meta.namespace, "name": r.meta.name,
                         "source": format!("{}:{}", r.source.file.display(), r.source.line),
-                    })
+                        "labels": r.meta.labels, "spec": crate::gwapi::spec_json(r),
+                    });
+                    if let Some(s) = status.get(&r.key()) {
+                        item["status"] = s.clone();
+                    }
+                    item
                 })
                 .collect();
             reply(

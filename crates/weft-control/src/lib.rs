@@ -11,6 +11,7 @@ pub mod control_tls;
 pub mod dashboard;
 pub mod envoy_bootstrap;
 pub mod etcd;
+pub mod gwapi;
 pub mod identity;
 pub mod inject;
 pub mod inspect;

@@ -172,8 +172,9 @@ enum Command {
         kind: String,
         /// Name.
         name: Option<String>,
-        /// Output format: table or json.
-        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json"])]
+        /// Output format: table, json, or yaml (the resources as Kubernetes shows them, with
+        /// the status the control plane computes for Gateway API kinds).
+        #[arg(short = 'o', long, default_value = "table", value_parser = ["table", "json", "yaml"])]
         output: String,
         /// The control plane's API (default: the running `weft up`, else 127.0.0.1:15014).
         #[arg(long, env = "WEFT_SERVER")]
@@ -703,7 +704,7 @@ fn main() -> std::process::ExitCode {
             Command::Rollout { command } => rollout::run(command).await,
             Command::Delete { files, server } => ops::change(&local::server(server), &files, true).await,
             Command::Get { kind, name, output, server } => {
-                ops::get(&local::server(server), &kind, name.as_deref(), output == "json").await
+                ops::get(&local::server(server), &kind, name.as_deref(), &output).await
             }
             Command::Dashboard { open, server } => dashboard(&local::server(server), open),
             Command::ProxyStatus { output, server } => {

@@ -187,7 +187,8 @@ pub fn urlencode(s: &str) -> String {
 }
 
 /// `weft get KIND [NAME]`.
-pub async fn get(server: &str, kind: &str, name: Option<&str>, json: bool) -> anyhow::Result<()> {
+pub async fn get(server: &str, kind: &str, name: Option<&str>, output: &str) -> anyhow::Result<()> {
+    let json = output == "json";
     let mut path = format!("/api/v1/resources?kind={}", urlencode(kind));
     if let Some(n) = name {
         path.push_str(&format!("&name={}", urlencode(n)));
@@ -198,6 +199,10 @@ pub async fn get(server: &str, kind: &str, name: Option<&str>, json: bool) -> an
     }
     if json {
         println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    if output == "yaml" {
+        print!("{}", as_yaml(&v)?);
         return Ok(());
     }
     println!("{:<16} {:<28} {:<22} SOURCE", "NAMESPACE", "NAME", "KIND");
@@ -211,6 +216,27 @@ pub async fn get(server: &str, kind: &str, name: Option<&str>, json: bool) -> an
         );
     }
     Ok(())
+}
+
+/// The items of a `/api/v1/resources` answer as Kubernetes objects in YAML documents
+/// (`apiVersion`, `kind`, `metadata`, `spec`, and `status` where the control plane has one).
+fn as_yaml(v: &serde_json::Value) -> anyhow::Result<String> {
+    let mut out = String::new();
+    for i in v["items"].as_array().into_iter().flatten() {
+        let mut metadata = serde_json::json!({"name": i["name"], "namespace": i["namespace"]});
+        if i["labels"].as_object().is_some_and(|l| !l.is_empty()) {
+            metadata["labels"] = i["labels"].clone();
+        }
+        let mut doc = serde_json::json!({
+            "apiVersion": i["apiVersion"], "kind": i["kind"], "metadata": metadata, "spec": i["spec"],
+        });
+        if !i["status"].is_null() {
+            doc["status"] = i["status"].clone();
+        }
+        out.push_str("---\n");
+        out.push_str(&serde_yaml_ng::to_string(&doc)?);
+    }
+    Ok(out)
 }
 
 /// `weft proxy-status [-o json]`.

@@ -1,6 +1,7 @@
 //! Typed specs of every supported kind, field names as Istio and Kubernetes spell them.
 
 pub mod common;
+pub mod gateway_api;
 pub mod k8s;
 pub mod mesh;
 pub mod networking;

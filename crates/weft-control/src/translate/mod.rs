@@ -194,6 +194,13 @@ impl ProxyXds {
 /// (`router~` node id) gets gateway listeners and the clusters, no sidecar listeners. Never fails: resources that cannot be honoured are skipped
 /// (validation already rejected malformed ones), so one bad rule never blocks a push.
 pub fn translate(mesh: &MeshConfig, registry: &RegistrySnapshot, node: &NodeInfo, mode: ProxyMode) -> ProxyXds {
+    // Gateway API objects become Istio Gateways and VirtualServices first (`gwapi`).
+    let expanded = crate::gwapi::present(&mesh.resources).then(|| {
+        let mut resources = mesh.resources.clone();
+        resources.extend(crate::gwapi::convert(&mesh.resources, &mesh.domain).resources);
+        MeshConfig { resources, ..mesh.clone() }
+    });
+    let mesh = expanded.as_ref().unwrap_or(mesh);
     let view = model::MeshView::new(mesh, registry, node);
     let mut out = ProxyXds::default();
     clusters::build(&view, mode, &mut out);

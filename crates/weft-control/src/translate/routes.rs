@@ -38,6 +38,9 @@ pub const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,unavailable,c
 pub const CORS_FILTER: &str = "envoy.filters.http.cors";
 /// Name of the fault filter in `typed_per_filter_config`.
 pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+/// A redirect `uri` starting with this (Istio's internal form, written by its Gateway API
+/// conversion) replaces the matched prefix instead of the whole path.
+pub const PREFIX_REDIRECT: &str = "%PREFIX()%";
 
 /// Where VirtualService routes are compiled for: a sidecar's service port, or a
 /// gateway's server port.
@@ -310,7 +313,10 @@ fn action(
                 .port
                 .or_else(|| (rd.derive_port.as_deref() == Some("FROM_REQUEST_PORT")).then_some(port))
                 .unwrap_or(0),
-            path_rewrite_specifier: rd.uri.clone().map(redirect_action::PathRewriteSpecifier::PathRedirect),
+            path_rewrite_specifier: rd.uri.as_deref().map(|u| match u.strip_prefix(PREFIX_REDIRECT) {
+                Some(prefix) => redirect_action::PathRewriteSpecifier::PrefixRewrite(prefix.to_string()),
+                None => redirect_action::PathRewriteSpecifier::PathRedirect(u.to_string()),
+            }),
             scheme_rewrite_specifier: rd.scheme.clone().map(redirect_action::SchemeRewriteSpecifier::SchemeRedirect),
             response_code: code as i32,
             ..Default::default()

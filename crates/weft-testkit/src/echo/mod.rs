@@ -33,12 +33,14 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// Header naming the echo server that answered.
 pub const SERVER_HEADER: &str = "x-echo-server";
+/// A request header asking the echo server to wait that many milliseconds first.
+pub const DELAY_HEADER: &str = "x-echo-delay-ms";
 
 /// HTTP/1.1 + h2c echo server on `127.0.0.1:0`; stops when dropped.
 ///
 /// Every response carries `x-echo-server: <name>`. Routes:
 /// - `GET /status/NNN`: answers with status NNN;
-/// - `/delay/MS`: sleeps MS milliseconds first;
+/// - `/delay/MS`: sleeps MS milliseconds first (any path with `x-echo-delay-ms: MS` too);
 /// - `POST /echo`: the body is the request body;
 /// - a request with an `Upgrade` header: `101 Switching Protocols` (with
 ///   `Sec-WebSocket-Accept` when the request has a `Sec-WebSocket-Key`), then raw bytes
@@ -150,6 +152,11 @@ async fn echo(name: &str, mut req: Request<Incoming>) -> Response<Full<Bytes>> {
         return upgrade(name, &mut req);
     }
     if let Some(ms) = path.strip_prefix("/delay/").and_then(|s| s.parse::<u64>().ok()) {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    // `x-echo-delay-ms: MS` delays any path (a route matched on the path can be slow).
+    if let Some(ms) = req.headers().get(DELAY_HEADER).and_then(|v| v.to_str().ok()).and_then(|s| s.parse::<u64>().ok())
+    {
         tokio::time::sleep(Duration::from_millis(ms)).await;
     }
     let status = path
