@@ -23,7 +23,7 @@ pub use spec::{
     AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication, RequestAuthentication,
     ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService, WorkloadEntry,
 };
-pub use spec::{EnvoyFilter, RateLimit, Rollout, ServiceLevelObjective};
+pub use spec::{EnvoyFilter, RateLimit, Rollout, SecretSpec, ServiceLevelObjective};
 
 /// Where a resource came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -82,6 +82,8 @@ pub enum Kind {
     ServiceLevelObjective,
     /// `weft.dev` Rollout (a canary driven by the control plane).
     Rollout,
+    /// Kubernetes `Secret` (`v1`): TLS material for `credentialName`.
+    Secret,
 }
 
 /// A typed spec, one variant per [`Kind`].
@@ -123,6 +125,8 @@ pub enum Spec {
     ServiceLevelObjective(ServiceLevelObjective),
     /// Rollout.
     Rollout(Rollout),
+    /// Secret (its top-level `type`, `data`, `stringData`).
+    Secret(SecretSpec),
 }
 
 /// One parsed, validated resource.
@@ -200,7 +204,7 @@ pub struct Parsed {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 16] = [
+    pub const ALL: [Kind; 17] = [
         Kind::Service,
         Kind::VirtualService,
         Kind::DestinationRule,
@@ -217,6 +221,7 @@ impl Kind {
         Kind::RateLimit,
         Kind::ServiceLevelObjective,
         Kind::Rollout,
+        Kind::Secret,
     ];
 
     /// The kind as written in `kind:`.
@@ -238,6 +243,7 @@ impl Kind {
             Kind::RateLimit => "RateLimit",
             Kind::ServiceLevelObjective => "ServiceLevelObjective",
             Kind::Rollout => "Rollout",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -274,7 +280,7 @@ impl Kind {
     /// The API group (`""` for core `v1`).
     pub fn group(&self) -> &'static str {
         match self {
-            Kind::Service => "",
+            Kind::Service | Kind::Secret => "",
             Kind::VirtualService
             | Kind::DestinationRule
             | Kind::ServiceEntry
@@ -334,6 +340,7 @@ impl Spec {
             Spec::RateLimit(_) => Kind::RateLimit,
             Spec::ServiceLevelObjective(_) => Kind::ServiceLevelObjective,
             Spec::Rollout(_) => Kind::Rollout,
+            Spec::Secret(_) => Kind::Secret,
         }
     }
 }
@@ -359,6 +366,7 @@ impl Spec {
             Spec::RateLimit(s) => serde_json::to_value(s),
             Spec::ServiceLevelObjective(s) => serde_json::to_value(s),
             Spec::Rollout(s) => serde_json::to_value(s),
+            Spec::Secret(s) => serde_json::to_value(s),
         };
         // Every spec type serializes to a JSON object (string keys, finite numbers).
         v.unwrap_or_default()

@@ -185,6 +185,11 @@ impl MeshXdsSource {
         view.canary.contains(&(info.namespace.clone(), info.workload_name.clone())).then_some(view)
     }
 
+    /// The store translated from.
+    pub fn store(&self) -> &Arc<ResourceStore> {
+        &self.store
+    }
+
     /// Everything one proxy gets now, by type URL.
     pub fn proxy_resources(&self, node: &Node) -> Arc<TypeMap> {
         self.translation(node).0

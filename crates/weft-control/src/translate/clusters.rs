@@ -253,7 +253,13 @@ fn add(
             let sans = if given.is_empty() { sans } else { given };
             c.transport_socket = Some(super::mtls::istio_mutual(&sans, &sni, alpn));
         }
-        Some(_) => c.transport_socket = policy.tls.as_ref().and_then(|tls| client_tls(tls, &svc.host)),
+        // Istio reads `credentialName` at gateways only; sidecars keep the files.
+        Some(_) => {
+            c.transport_socket = policy.tls.as_ref().and_then(|tls| {
+                let sds = view.node.is_gateway().then(|| super::credentials::client_tls(tls, &svc.host)).flatten();
+                sds.or_else(|| client_tls(tls, &svc.host))
+            })
+        }
         // Auto mTLS: mTLS to the endpoints whose proxies take it, plaintext to others,
         // and plaintext when the destination's PeerAuthentication disables mTLS.
         None if client_in_mesh && !sans.is_empty() && !server_disables_mtls(view, svc, port) => {

@@ -52,6 +52,7 @@ use crate::registry::RegistrySnapshot;
 
 pub mod authz;
 pub mod clusters;
+pub mod credentials;
 pub mod gateway;
 pub mod jwt;
 pub mod listeners;
