@@ -251,6 +251,9 @@ fn add(
             // The rule's subjectAltNames, when given, replace the endpoints' identities.
             let given = policy.tls.as_ref().map(|t| t.subject_alt_names.clone()).unwrap_or_default();
             let sans = if given.is_empty() { sans } else { given };
+            // The rule's `sni` replaces Istio's internal name (an egress gateway's server
+            // is chosen by the external host's name).
+            let sni = policy.tls.as_ref().and_then(|t| t.sni.clone()).unwrap_or(sni);
             c.transport_socket = Some(super::mtls::istio_mutual(&sans, &sni, alpn));
         }
         // Istio reads `credentialName` at gateways only; sidecars keep the files.

@@ -441,7 +441,15 @@ fn downstream_tls(server: &Server) -> Option<TransportSocket> {
     let alpn: &[&str] =
         if ServerKind::of(server) == Some(ServerKind::HttpsTerminate) { &["h2", "http/1.1"] } else { &[] };
     if tls.mode == Some(ServerTlsMode::IstioMutual) {
-        return Some(mtls::inbound_mtls(alpn));
+        // Sidecars calling a service port that is not HTTP offer Istio's TCP ALPN
+        // (`istio-peer-exchange`, `istio`): Envoy serves them without ALPN; a weft proxy
+        // (rustls) refuses a handshake without a common protocol, so `istio` is offered
+        // last (no metadata exchange follows it).
+        let mut with_istio = alpn.to_vec();
+        if !with_istio.is_empty() {
+            with_istio.push("istio");
+        }
+        return Some(mtls::inbound_mtls(&with_istio));
     }
     if let Some(sds) = super::credentials::server_tls(tls, alpn) {
         return Some(sds);

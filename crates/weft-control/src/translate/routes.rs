@@ -134,7 +134,15 @@ pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
     // REGISTRY_ONLY: a host the mesh does not know gets Istio's `block_all` 502, CONNECT
     // included (ALLOW_ANY has no pass-through by name here: such hosts get 404).
     if view.outbound_policy() == OutboundPolicy::RegistryOnly {
-        vhosts.push(catch_all(view));
+        let mut block = catch_all(view);
+        // CONNECT carries no path: it matches a connect_matcher route only.
+        let mut connect = block.routes[0].clone();
+        connect.r#match = Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::ConnectMatcher(route_match::ConnectMatcher {})),
+            ..Default::default()
+        });
+        block.routes.insert(0, connect);
+        vhosts.push(block);
     }
     out.routes.push(RouteConfiguration {
         name: OUTBOUND.into(),
