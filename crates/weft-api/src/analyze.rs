@@ -69,20 +69,10 @@ pub const UNAPPLIED_FIELDS: &[(Kind, &str, &str)] = &[
     (Kind::DestinationRule, "spec.trafficPolicy.tls.caCrl", "certificate revocation lists are not checked"),
     (
         Kind::DestinationRule,
-        "spec.trafficPolicy.tls.credentialName",
-        "Kubernetes Secrets are not served over SDS yet: use clientCertificate/privateKey/caCertificates files",
-    ),
-    (
-        Kind::DestinationRule,
         "spec.trafficPolicy.tls.insecureSkipVerify",
         "the server certificate is always verified when caCertificates or subjectAltNames are given",
     ),
     (Kind::DestinationRule, "spec.trafficPolicy.portLevelSettings[].tls.caCrl", "certificate revocation lists are not checked"),
-    (
-        Kind::DestinationRule,
-        "spec.trafficPolicy.portLevelSettings[].tls.credentialName",
-        "Kubernetes Secrets are not served over SDS yet: use clientCertificate/privateKey/caCertificates files",
-    ),
     (
         Kind::DestinationRule,
         "spec.trafficPolicy.portLevelSettings[].tls.insecureSkipVerify",
@@ -91,20 +81,10 @@ pub const UNAPPLIED_FIELDS: &[(Kind, &str, &str)] = &[
     (Kind::DestinationRule, "spec.subsets[].trafficPolicy.tls.caCrl", "certificate revocation lists are not checked"),
     (
         Kind::DestinationRule,
-        "spec.subsets[].trafficPolicy.tls.credentialName",
-        "Kubernetes Secrets are not served over SDS yet: use clientCertificate/privateKey/caCertificates files",
-    ),
-    (
-        Kind::DestinationRule,
         "spec.subsets[].trafficPolicy.tls.insecureSkipVerify",
         "the server certificate is always verified when caCertificates or subjectAltNames are given",
     ),
     (Kind::DestinationRule, "spec.subsets[].trafficPolicy.portLevelSettings[].tls.caCrl", "certificate revocation lists are not checked"),
-    (
-        Kind::DestinationRule,
-        "spec.subsets[].trafficPolicy.portLevelSettings[].tls.credentialName",
-        "Kubernetes Secrets are not served over SDS yet: use clientCertificate/privateKey/caCertificates files",
-    ),
     (
         Kind::DestinationRule,
         "spec.subsets[].trafficPolicy.portLevelSettings[].tls.insecureSkipVerify",
@@ -657,28 +637,6 @@ impl<'a> Analyzer<'a> {
                 if on_mesh {
                     let t = format!(
                         "spec.tls[{i}] is not applied by weft's sidecars (the mesh gateway): TLS passthrough routes by SNI apply on Gateways' PASSTHROUGH servers only; sidecars send TLS for a service to the service itself"
-                    );
-                    self.report(r, "WFT0021", Level::Warning, t);
-                }
-            }
-        }
-        for r in self.of_kind(Kind::Gateway) {
-            let Spec::Gateway(g) = &r.spec else { continue };
-            for (i, srv) in g.servers.iter().enumerate() {
-                let Some(tls) = &srv.tls else { continue };
-                let from_secret = tls.credential_name.is_some() || !tls.credential_names.is_empty();
-                let files = tls.server_certificate.is_some() && tls.private_key.is_some();
-                let terminates = matches!(
-                    tls.mode,
-                    Some(
-                        crate::spec::ServerTlsMode::Simple
-                            | crate::spec::ServerTlsMode::Mutual
-                            | crate::spec::ServerTlsMode::OptionalMutual
-                    )
-                );
-                if terminates && from_secret && !files {
-                    let t = format!(
-                        "spec.servers[{i}] is not served by weft: its certificate comes from tls.credentialName(s) (a Kubernetes Secret), which weft does not serve over SDS yet; give serverCertificate and privateKey files"
                     );
                     self.report(r, "WFT0021", Level::Warning, t);
                 }

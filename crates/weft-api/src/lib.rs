@@ -26,7 +26,7 @@ pub use spec::{
     AuthorizationPolicy, DestinationRule, Gateway, LocalWorkload, PeerAuthentication, RequestAuthentication,
     ServiceEntry, ServiceSpec, Sidecar, Telemetry, VirtualService, WorkloadEntry,
 };
-pub use spec::{EnvoyFilter, RateLimit, Rollout, ServiceLevelObjective};
+pub use spec::{EnvoyFilter, RateLimit, Rollout, SecretSpec, ServiceLevelObjective};
 
 /// Where a resource came from.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
@@ -100,6 +100,8 @@ pub enum Kind {
     TlsRoute,
     /// `gateway.networking.k8s.io` ReferenceGrant.
     ReferenceGrant,
+    /// Kubernetes `Secret` (`v1`): TLS material for `credentialName`.
+    Secret,
 }
 
 /// A typed spec, one variant per [`Kind`].
@@ -155,6 +157,8 @@ pub enum Spec {
     TlsRoute(TlsRouteSpec),
     /// Gateway API ReferenceGrant.
     ReferenceGrant(ReferenceGrant),
+    /// Secret (its top-level `type`, `data`, `stringData`).
+    Secret(SecretSpec),
 }
 
 /// One parsed, validated resource.
@@ -232,7 +236,7 @@ pub struct Parsed {
 
 impl Kind {
     /// Every kind.
-    pub const ALL: [Kind; 23] = [
+    pub const ALL: [Kind; 24] = [
         Kind::Service,
         Kind::VirtualService,
         Kind::DestinationRule,
@@ -256,6 +260,7 @@ impl Kind {
         Kind::TcpRoute,
         Kind::TlsRoute,
         Kind::ReferenceGrant,
+        Kind::Secret,
     ];
 
     /// The kind as written in `kind:`.
@@ -284,6 +289,7 @@ impl Kind {
             Kind::TcpRoute => "TCPRoute",
             Kind::TlsRoute => "TLSRoute",
             Kind::ReferenceGrant => "ReferenceGrant",
+            Kind::Secret => "Secret",
         }
     }
 
@@ -334,7 +340,7 @@ impl Kind {
     /// The API group (`""` for core `v1`).
     pub fn group(&self) -> &'static str {
         match self {
-            Kind::Service => "",
+            Kind::Service | Kind::Secret => "",
             Kind::VirtualService
             | Kind::DestinationRule
             | Kind::ServiceEntry
@@ -417,6 +423,7 @@ impl Spec {
             Spec::TcpRoute(_) => Kind::TcpRoute,
             Spec::TlsRoute(_) => Kind::TlsRoute,
             Spec::ReferenceGrant(_) => Kind::ReferenceGrant,
+            Spec::Secret(_) => Kind::Secret,
         }
     }
 }
@@ -449,6 +456,7 @@ impl Spec {
             Spec::TcpRoute(s) => serde_json::to_value(s),
             Spec::TlsRoute(s) => serde_json::to_value(s),
             Spec::ReferenceGrant(s) => serde_json::to_value(s),
+            Spec::Secret(s) => serde_json::to_value(s),
         };
         // Every spec type serializes to a JSON object (string keys, finite numbers).
         v.unwrap_or_default()

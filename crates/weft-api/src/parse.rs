@@ -16,6 +16,8 @@ const OUR_GROUPS: &[&str] =
     &["networking.istio.io", "security.istio.io", "telemetry.istio.io", "weft.dev", crate::spec::gateway_api::GROUP];
 
 const TOP_LEVEL: &[&str] = &["apiVersion", "kind", "metadata", "spec", "status"];
+/// A Secret's top level: no `spec`, its content beside `metadata`.
+const SECRET_TOP_LEVEL: &[&str] = &["apiVersion", "kind", "metadata", "type", "data", "stringData", "immutable"];
 
 /// Kubernetes object metadata as written; fields weft does not use are accepted and dropped.
 #[derive(Deserialize)]
@@ -220,6 +222,8 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, de
         }
     } else if api_version == "v1" && known == Some(Kind::Service) {
         Kind::Service
+    } else if api_version == "v1" && known == Some(Kind::Secret) {
+        Kind::Secret
     } else {
         let namespace =
             obj.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or(default_ns);
@@ -231,9 +235,10 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, de
     let ns = obj.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str).unwrap_or(default_ns);
     ctx.resource = Some(if name.is_empty() { kind.as_str().to_string() } else { format!("{kind} {ns}/{name}") });
 
+    let top_level = if kind == Kind::Secret { SECRET_TOP_LEVEL } else { TOP_LEVEL };
     for key in obj.keys() {
-        if !TOP_LEVEL.contains(&key.as_str()) {
-            ctx.error(key, format!("unknown field `{key}`"), Some(suggest(key, TOP_LEVEL)));
+        if !top_level.contains(&key.as_str()) {
+            ctx.error(key, format!("unknown field `{key}`"), Some(suggest(key, top_level)));
         }
     }
 
@@ -255,9 +260,15 @@ fn parse_object(value: &Value, index: &PosIndex, prefix: String, file: &Path, de
     }
 
     let empty = Value::Object(serde_json::Map::new());
-    let spec_value = match obj.get("spec") {
-        None | Some(Value::Null) => &empty,
-        Some(v) => v,
+    // A Secret's content is at the top level: read it as its spec.
+    let secret_value = (kind == Kind::Secret).then(|| {
+        let content = obj.iter().filter(|(k, v)| SECRET_TOP_LEVEL[3..].contains(&k.as_str()) && !v.is_null());
+        Value::Object(content.map(|(k, v)| (k.clone(), v.clone())).collect())
+    });
+    let spec_value = match (&secret_value, obj.get("spec")) {
+        (Some(v), _) => v,
+        (None, None | Some(Value::Null)) => &empty,
+        (None, Some(v)) => v,
     };
     let spec = parse_spec(&mut ctx, kind, spec_value);
     if let Some(spec) = &spec {
@@ -318,6 +329,7 @@ fn parse_spec(ctx: &mut Ctx<'_>, kind: Kind, v: &Value) -> Option<Spec> {
         Kind::TcpRoute => Spec::TcpRoute(ctx.de(v, p)?),
         Kind::TlsRoute => Spec::TlsRoute(ctx.de(v, p)?),
         Kind::ReferenceGrant => Spec::ReferenceGrant(ctx.de(v, p)?),
+        Kind::Secret => Spec::Secret(ctx.de(v, "")?),
     })
 }
 

@@ -211,8 +211,28 @@ pub(crate) fn spec(spec: &Spec, ns: &str) -> Vec<Issue> {
         Spec::TcpRoute(r) => gateway_api::l4_route(&mut v, &r.parent_refs, &[], &r.rules),
         Spec::TlsRoute(r) => gateway_api::l4_route(&mut v, &r.parent_refs, &r.hostnames, &r.rules),
         Spec::ReferenceGrant(g) => gateway_api::reference_grant(&mut v, g),
+        Spec::Secret(s) => secret(&mut v, s),
     }
     v.issues
+}
+
+/// A Secret: every `data` value is base64 and the TLS keys Istio reads hold PEM.
+fn secret(v: &mut V, s: &crate::spec::SecretSpec) {
+    use base64::Engine as _;
+    for (k, val) in &s.data {
+        let compact: String = val.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        if let Err(e) = base64::engine::general_purpose::STANDARD.decode(compact.as_bytes()) {
+            v.err(
+                format!("data.{k}"),
+                format!("not valid base64: {e}"),
+                Some("use `stringData` for plain text".into()),
+            );
+            return;
+        }
+    }
+    if let Err(e) = s.tls() {
+        v.err(e.field, e.message, e.hint);
+    }
 }
 
 /// RFC 1123 label.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod api_auth;
 pub mod control;
 pub mod control_tls;
+pub mod credentials;
 pub mod dashboard;
 pub mod envoy_bootstrap;
 pub mod etcd;

@@ -8,6 +8,9 @@
 //!   the documented trade-off of running stock Envoy as a data plane. It is issued only
 //!   when the node's metadata carries a valid join token (`WEFT_JOIN_TOKEN`) and for the
 //!   identity that token grants; renewed at half life, one key per node.
+//! - `kubernetes://<name>`, `kubernetes://<ns>/<name>` and their `-cacert` CAs: the
+//!   Kubernetes `Secret`s of a gateway's namespace, for `credentialName`, only to gateway
+//!   proxies of that namespace ([`crate::credentials`]).
 //!
 //! [`SecretSource`] wraps the [`MeshXdsSource`]: Secret requests are answered here, every
 //! other type by the mesh, and changes of either (or a due renewal) wake the xDS server.
@@ -108,6 +111,14 @@ impl SecretSource {
         if node.user_agent_name == "envoy" {
             if let Some(any) = self.envoy_certificate(node) {
                 out.insert(DEFAULT_SECRET.to_string(), any);
+            }
+        }
+        if let Ok(info) = weft_xds::NodeInfo::from_node(node) {
+            if info.is_gateway() {
+                let snap = self.mesh.store().snapshot();
+                for (name, s) in crate::credentials::secrets_in(&snap.resources, &info.namespace) {
+                    out.insert(name, pack(&s));
+                }
             }
         }
         out

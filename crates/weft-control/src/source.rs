@@ -190,6 +190,11 @@ impl MeshXdsSource {
         self.defaults.domain.clone()
     }
 
+    /// The store translated from.
+    pub fn store(&self) -> &Arc<ResourceStore> {
+        &self.store
+    }
+
     /// Everything one proxy gets now, by type URL.
     pub fn proxy_resources(&self, node: &Node) -> Arc<TypeMap> {
         self.translation(node).0

@@ -4,7 +4,11 @@
 //! own SDS secrets — `default` (this proxy's certificate, whose key never leaves the
 //! process) and `ROOTCA` (the trust bundle) — resolved through [`Secrets`] to the
 //! certificate manager, with SPIFFE identity checks of the peer
-//! (`match_typed_subject_alt_names` URI SANs).
+//! (`match_typed_subject_alt_names` URI SANs); and other SDS secrets by name (a
+//! gateway's `credentialName`: `kubernetes://...`), looked up per handshake in
+//! [`credentials::NamedSecrets`].
+
+pub mod credentials;
 
 use std::sync::Arc;
 
@@ -33,6 +37,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
 #[derive(Clone, Default)]
 pub struct Secrets {
     manager: Option<Arc<weft_identity::CertManager>>,
+    /// SDS secrets by name other than the mesh's (`kubernetes://...`).
+    named: Arc<credentials::NamedSecrets>,
 }
 
 /// Istio's name of the workload certificate secret.
@@ -49,7 +55,12 @@ impl std::fmt::Debug for Secrets {
 impl Secrets {
     /// Secrets backed by a certificate manager.
     pub fn new(manager: Arc<weft_identity::CertManager>) -> Secrets {
-        Secrets { manager: Some(manager) }
+        Secrets { manager: Some(manager), named: Arc::default() }
+    }
+
+    /// The named SDS secrets (`kubernetes://...`) this proxy holds and wants.
+    pub fn named(&self) -> &Arc<credentials::NamedSecrets> {
+        &self.named
     }
 
     /// The certificate manager, if this proxy has a mesh identity.
@@ -89,6 +100,76 @@ fn uses_sds(common: &CommonTlsContext) -> bool {
             Some(ValidationContextType::ValidationContextSdsSecretConfig(_))
                 | Some(ValidationContextType::CombinedValidationContext(_))
         )
+}
+
+/// Whether a context's SDS names are the mesh's own (`default`, `ROOTCA`) only.
+fn mesh_names_only(common: &CommonTlsContext) -> bool {
+    let validation = match &common.validation_context_type {
+        Some(ValidationContextType::ValidationContextSdsSecretConfig(s)) => Some(s.name.as_str()),
+        Some(ValidationContextType::CombinedValidationContext(c)) => {
+            c.validation_context_sds_secret_config.as_ref().map(|s| s.name.as_str())
+        }
+        _ => None,
+    };
+    common.tls_certificate_sds_secret_configs.iter().all(|s| s.name == DEFAULT_SECRET)
+        && validation.is_none_or(|n| n == ROOT_SECRET)
+}
+
+/// A context naming other SDS secrets: the certificate names, and the CA secret's name
+/// with the SANs it checks (exact DNS names or URIs).
+struct NamedContext {
+    certs: Vec<String>,
+    ca: Option<(String, Vec<String>)>,
+}
+
+fn named_context(common: &CommonTlsContext, secrets: &Secrets) -> Result<NamedContext, String> {
+    use envoy_types::pb::envoy::r#type::matcher::v3::string_matcher::MatchPattern;
+    let mut certs = Vec::new();
+    for (i, s) in common.tls_certificate_sds_secret_configs.iter().enumerate() {
+        if s.name == DEFAULT_SECRET || s.name == ROOT_SECRET {
+            return Err(format!(
+                "common_tls_context.tls_certificate_sds_secret_configs[{i}].name: the mesh's {:?} cannot be mixed with other SDS secrets",
+                s.name
+            ));
+        }
+        certs.push(s.name.clone());
+    }
+    let (name, matchers) = match &common.validation_context_type {
+        Some(ValidationContextType::ValidationContextSdsSecretConfig(s)) => (Some(s.name.clone()), Vec::new()),
+        Some(ValidationContextType::CombinedValidationContext(c)) => (
+            c.validation_context_sds_secret_config.as_ref().map(|s| s.name.clone()),
+            c.default_validation_context.as_ref().map(|v| v.match_typed_subject_alt_names.clone()).unwrap_or_default(),
+        ),
+        Some(ValidationContextType::ValidationContext(_)) => {
+            return Err("common_tls_context.validation_context: inline CAs cannot be mixed with SDS certificates; name the CA's SDS secret".into())
+        }
+        _ => (None, Vec::new()),
+    };
+    let mut sans = Vec::new();
+    for (i, m) in matchers.iter().enumerate() {
+        match m.matcher.as_ref().and_then(|m| m.match_pattern.as_ref()) {
+            Some(MatchPattern::Exact(v)) => sans.push(v.clone()),
+            _ => {
+                return Err(format!(
+                    "combined_validation_context.default_validation_context.match_typed_subject_alt_names[{i}].matcher: only exact names are supported"
+                ))
+            }
+        }
+    }
+    if name.as_deref() == Some(ROOT_SECRET) {
+        return Err("common_tls_context: the mesh's ROOTCA cannot verify peers of a credential's certificate; name the credential's CA secret".into());
+    }
+    let ca = match name {
+        Some(n) => Some((n, sans)),
+        None if sans.is_empty() => None,
+        None => {
+            return Err("combined_validation_context: subject alt names need a CA secret to verify the chain".into())
+        }
+    };
+    for n in certs.iter().chain(ca.iter().map(|(n, _)| n)) {
+        secrets.named.want(n);
+    }
+    Ok(NamedContext { certs, ca })
 }
 
 /// Checks the SDS names of a mesh context and returns the expected peer identities
@@ -227,6 +308,32 @@ pub fn server_config(ts: &TransportSocket, secrets: &Secrets) -> Result<Arc<Serv
     };
     let ctx: DownstreamTlsContext = decode(any)?;
     let common = ctx.common_tls_context.unwrap_or_default();
+    if uses_sds(&common) && !mesh_names_only(&common) {
+        let named = named_context(&common, secrets)?;
+        if named.certs.is_empty() {
+            return Err(
+                "common_tls_context.tls_certificate_sds_secret_configs: a server certificate is required".into()
+            );
+        }
+        let mandatory = ctx.require_client_certificate.map(|b| b.value).unwrap_or(false);
+        let builder = ServerConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = match named.ca {
+            Some((name, sans)) => {
+                let check = credentials::SdsClientCheck { name, sans, mandatory, secrets: secrets.named.clone() };
+                builder.with_client_cert_verifier(Arc::new(Verifier::checking(check, &provider())))
+            }
+            None if mandatory => {
+                return Err("require_client_certificate needs a validation context (the credential's CA secret)".into())
+            }
+            None => builder.with_no_client_auth(),
+        };
+        let resolver = credentials::SdsCertResolver { names: named.certs, secrets: secrets.named.clone() };
+        let mut cfg = builder.with_cert_resolver(Arc::new(resolver));
+        cfg.alpn_protocols = alpn(&common);
+        return Ok(Arc::new(cfg));
+    }
     if uses_sds(&common) {
         let allowed = mesh_context(&common)?;
         let identity = secrets.identity("common_tls_context", DEFAULT_SECRET)?;
@@ -266,6 +373,39 @@ pub fn client_config(ts: &TransportSocket, default_alpn: &[&str], secrets: &Secr
     };
     let ctx: UpstreamTlsContext = decode(any)?;
     let common = ctx.common_tls_context.clone().unwrap_or_default();
+    if uses_sds(&common) && !mesh_names_only(&common) {
+        let named = named_context(&common, secrets)?;
+        let builder = ClientConfig::builder_with_provider(provider())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .dangerous();
+        let builder = match named.ca {
+            Some((name, sans)) => {
+                let sans = sans
+                    .into_iter()
+                    .map(|n| {
+                        ServerName::try_from(n.clone()).map_err(|_| format!("subject alt name {n:?} is not a DNS name"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let check = credentials::SdsServerCheck { name, sans, secrets: secrets.named.clone() };
+                builder.with_custom_certificate_verifier(Arc::new(Verifier::checking(check, &provider())))
+            }
+            None => builder.with_custom_certificate_verifier(Arc::new(Verifier::checking(AcceptAnyCert, &provider()))),
+        };
+        let mut cfg = match named.certs.first() {
+            Some(name) => builder.with_client_cert_resolver(Arc::new(credentials::SdsClientCert {
+                name: name.clone(),
+                secrets: secrets.named.clone(),
+            })),
+            None => builder.with_no_client_auth(),
+        };
+        cfg.alpn_protocols = alpn(&common);
+        if cfg.alpn_protocols.is_empty() {
+            cfg.alpn_protocols = default_alpn.iter().map(|p| p.as_bytes().to_vec()).collect();
+        }
+        let key = crate::hash::stable_hash(&prost::Message::encode_to_vec(&ctx));
+        return Ok(UpstreamTls { config: Arc::new(cfg), sni: sni_of(&ctx)?, key });
+    }
     if uses_sds(&common) {
         let expected = mesh_context(&common)?;
         let identity = secrets.identity("common_tls_context", DEFAULT_SECRET)?;

@@ -251,9 +251,18 @@ fn add(
             // The rule's subjectAltNames, when given, replace the endpoints' identities.
             let given = policy.tls.as_ref().map(|t| t.subject_alt_names.clone()).unwrap_or_default();
             let sans = if given.is_empty() { sans } else { given };
+            // The rule's `sni` replaces Istio's internal name (an egress gateway's server
+            // is chosen by the external host's name).
+            let sni = policy.tls.as_ref().and_then(|t| t.sni.clone()).unwrap_or(sni);
             c.transport_socket = Some(super::mtls::istio_mutual(&sans, &sni, alpn));
         }
-        Some(_) => c.transport_socket = policy.tls.as_ref().and_then(|tls| client_tls(tls, &svc.host)),
+        // Istio reads `credentialName` at gateways only; sidecars keep the files.
+        Some(_) => {
+            c.transport_socket = policy.tls.as_ref().and_then(|tls| {
+                let sds = view.node.is_gateway().then(|| super::credentials::client_tls(tls, &svc.host)).flatten();
+                sds.or_else(|| client_tls(tls, &svc.host))
+            })
+        }
         // Auto mTLS: mTLS to the endpoints whose proxies take it, plaintext to others,
         // and plaintext when the destination's PeerAuthentication disables mTLS.
         None if client_in_mesh && !sans.is_empty() && !server_disables_mtls(view, svc, port) => {

@@ -18,9 +18,9 @@
 //!   one chain per `tls` route match (SNI) with `tcp_proxy`; TLS servers terminating
 //!   TLS: `tcp` routes behind the TLS chain.
 //! - TLS termination: `serverCertificate`/`privateKey` (and `caCertificates` for
-//!   MUTUAL) as files, or `ISTIO_MUTUAL` with the mesh certificate (SDS `default`/
-//!   `ROOTCA`). `credentialName` needs Kubernetes Secrets, which weft does not serve
-//!   yet: such servers are skipped.
+//!   MUTUAL) as files, `ISTIO_MUTUAL` with the mesh certificate (SDS `default`/
+//!   `ROOTCA`), or `credentialName(s)`: Kubernetes Secrets fetched over SDS by name
+//!   ([`super::credentials`]); a credential wins over files, as in Istio.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -165,7 +165,7 @@ pub fn build(view: &MeshView<'_>, out: &mut ProxyXds) {
             let Some(kind) = ServerKind::of(server) else { continue };
             if matches!(kind, ServerKind::HttpsTerminate | ServerKind::TlsTerminate) && downstream_tls(server).is_none()
             {
-                continue; // credentialName only: Kubernetes Secrets are not served yet
+                continue; // a terminating server without a certificate
             }
             let bind = server.bind.as_deref().and_then(|b| b.parse::<IpAddr>().ok());
             let gateway = format!("{}/{}", meta.namespace, meta.name);
@@ -434,14 +434,25 @@ fn passthrough_routes<'a>(
 
 /// The downstream TLS of a terminating server: `ISTIO_MUTUAL` with the mesh certificate,
 /// else the certificate and key files (`caCertificates` and `subjectAltNames` verify
-/// clients; MUTUAL requires a client certificate). `None` when the server names only a
-/// `credentialName` (Kubernetes Secrets are not served yet).
+/// clients; MUTUAL requires a client certificate), or the `credentialName(s)` over SDS.
+/// `None` when the server names no certificate.
 fn downstream_tls(server: &Server) -> Option<TransportSocket> {
     let tls = server.tls.as_ref()?;
     let alpn: &[&str] =
         if ServerKind::of(server) == Some(ServerKind::HttpsTerminate) { &["h2", "http/1.1"] } else { &[] };
     if tls.mode == Some(ServerTlsMode::IstioMutual) {
-        return Some(mtls::inbound_mtls(alpn));
+        // Sidecars calling a service port that is not HTTP offer Istio's TCP ALPN
+        // (`istio-peer-exchange`, `istio`): Envoy serves them without ALPN; a weft proxy
+        // (rustls) refuses a handshake without a common protocol, so `istio` is offered
+        // last (no metadata exchange follows it).
+        let mut with_istio = alpn.to_vec();
+        if !with_istio.is_empty() {
+            with_istio.push("istio");
+        }
+        return Some(mtls::inbound_mtls(&with_istio));
+    }
+    if let Some(sds) = super::credentials::server_tls(tls, alpn) {
+        return Some(sds);
     }
     let file = |path: &String| DataSource {
         specifier: Some(data_source::Specifier::Filename(path.clone())),

@@ -55,6 +55,7 @@ use crate::registry::RegistrySnapshot;
 
 pub mod authz;
 pub mod clusters;
+pub mod credentials;
 pub mod gateway;
 pub mod grpcgen;
 pub mod jwt;

@@ -543,8 +543,12 @@ fn target_number(port: &SvcPort) -> u32 {
 /// The address a workload serves `port` on, in `mode` (see the module docs of
 /// [`super`] for the explicit-mode rule).
 fn workload_endpoint(w: &Workload, port: &SvcPort, mode: ProxyMode, trust_domain: &str) -> Option<Ep> {
-    let identity =
-        super::mtls::in_mesh(&w.labels).then(|| super::mtls::spiffe_id(trust_domain, &w.namespace, &w.service_account));
+    // A gateway's endpoints carry no `tlsMode: istio` (Istio labels injected sidecars,
+    // not gateways): auto mTLS sends them what their Gateway servers expect, plaintext to
+    // an HTTP server; a DestinationRule's ISTIO_MUTUAL still gives mTLS.
+    let gateway = w.id.starts_with(weft_xds::node::ROUTER_PREFIX);
+    let identity = (super::mtls::in_mesh(&w.labels) && !gateway)
+        .then(|| super::mtls::spiffe_id(trust_domain, &w.namespace, &w.service_account));
     let target = match &port.target {
         Target::Same => port.number,
         Target::Number(n) => *n,

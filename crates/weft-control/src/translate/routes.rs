@@ -122,6 +122,31 @@ pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
             vhosts.push(vhost(view, svc, p.number, domains));
         }
     }
+    // CONNECT to a TLS or TCP port of an external host (a MESH_EXTERNAL ServiceEntry:
+    // `curl https://...` through the explicit proxy): a tunnel to the port's cluster.
+    let external = |s: &&&Service| matches!(s.backing, Backing::Entry { external: true, .. });
+    for svc in services.iter().filter(external) {
+        for p in svc.ports.iter().filter(|p| !p.protocol.is_http()) {
+            let mut domains: Vec<String> = svc.names(ns).iter().map(|n| format!("{n}:{}", p.number)).collect();
+            domains.retain(|d| seen.insert(d.clone()));
+            if !domains.is_empty() {
+                vhosts.push(connect_vhost(&svc.host, p.number, domains));
+            }
+        }
+    }
+    // REGISTRY_ONLY: a host the mesh does not know gets Istio's `block_all` 502, CONNECT
+    // included (ALLOW_ANY has no pass-through by name here: such hosts get 404).
+    if view.outbound_policy() == OutboundPolicy::RegistryOnly {
+        let mut block = catch_all(view);
+        // CONNECT carries no path: it matches a connect_matcher route only.
+        let mut connect = block.routes[0].clone();
+        connect.r#match = Some(RouteMatch {
+            path_specifier: Some(route_match::PathSpecifier::ConnectMatcher(route_match::ConnectMatcher {})),
+            ..Default::default()
+        });
+        block.routes.insert(0, connect);
+        vhosts.push(block);
+    }
     out.routes.push(RouteConfiguration {
         name: OUTBOUND.into(),
         virtual_hosts: vhosts,
@@ -152,6 +177,30 @@ fn virtual_hosts_without_service(view: &MeshView<'_>) -> Vec<Service> {
             backing: Backing::Selector(Default::default()),
         })
         .collect()
+}
+
+/// The explicit proxy's virtual host for CONNECT to a non-HTTP port: a tunnel to
+/// `outbound|PORT||host`; any other method finds no route (404).
+fn connect_vhost(host: &str, port: u32, domains: Vec<String>) -> VirtualHost {
+    let action = RouteAction {
+        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(outbound_name(port, "", host))),
+        timeout: Some(PbDuration::default()),
+        ..Default::default()
+    };
+    VirtualHost {
+        name: format!("{host}:{port}"),
+        domains,
+        routes: vec![Route {
+            name: "connect".into(),
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::ConnectMatcher(route_match::ConnectMatcher {})),
+                ..Default::default()
+            }),
+            action: Some(route::Action::Route(action)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
 }
 
 /// Istio's `allow_any` / `block_all` virtual host for unknown authorities.

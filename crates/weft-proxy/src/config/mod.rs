@@ -165,14 +165,20 @@ impl ProxyStore {
         })
     }
 
-    /// Feeds the `ROOTCA` secret's trust bundle to the certificate manager.
+    /// Feeds the `ROOTCA` secret's trust bundle to the certificate manager; other names
+    /// (a gateway's `credentialName`s) go to the named secrets, read per handshake.
     fn apply_secrets(&self, update: ResourceUpdate) -> Vec<String> {
         let Some(manager) = self.secrets.manager() else {
             return vec!["this proxy has no mesh identity and takes no secrets".into()];
         };
         let mut errors = Vec::new();
+        let mut named = Vec::new();
         for (name, any) in &update.upserts {
+            if name == crate::tls::DEFAULT_SECRET {
+                continue;
+            }
             if name != crate::tls::ROOT_SECRET {
+                named.push((name.clone(), any.clone()));
                 continue;
             }
             match crate::tls::trust_bundle(any) {
@@ -180,7 +186,15 @@ impl ProxyStore {
                 Err(e) => errors.push(format!("secret {name:?}: {e}")),
             }
         }
+        errors.extend(self.secrets.named().apply(&named, &update.removals));
         errors
+    }
+
+    /// Ticks the interest watch when listeners or clusters started naming new SDS secrets.
+    fn note_secret_interest(&self, before: usize) {
+        if self.secrets.named().wanted().len() != before {
+            self.interest.send_modify(|v| *v = v.wrapping_add(1));
+        }
     }
 
     /// True when the store fetches on demand.
@@ -489,6 +503,7 @@ impl ResourceHandler for ProxyStore {
     fn apply(&self, type_url: &str, update: ResourceUpdate) -> Result<(), String> {
         let mut st = self.lock();
         let version = update.version.clone();
+        let wanted_before = self.secrets.named().wanted().len();
         let errors = match type_url {
             type_url::LISTENER => self.apply_listeners(&mut st, update),
             type_url::ROUTE => on_demand::apply_routes(&mut st, &update),
@@ -507,6 +522,7 @@ impl ResourceHandler for ProxyStore {
         if errors.is_empty() {
             st.versions.insert(type_url.to_string(), version);
         }
+        self.note_secret_interest(wanted_before);
         self.publish(&st);
         if errors.is_empty() {
             Ok(())
@@ -520,7 +536,11 @@ impl ResourceHandler for ProxyStore {
         match type_url {
             type_url::ROUTE => Some(st.listeners.values().flat_map(|l| l.rds_names().map(str::to_string)).collect()),
             type_url::ENDPOINT => Some(st.cluster_configs.values().filter_map(|c| cla_name(c)).collect()),
-            type_url::SECRET => Some(BTreeSet::from([crate::tls::ROOT_SECRET.to_string()])),
+            type_url::SECRET => {
+                let mut names = self.secrets.named().wanted();
+                names.insert(crate::tls::ROOT_SECRET.to_string());
+                Some(names)
+            }
             type_url::CLUSTER if st.on_demand.enabled => Some(Self::cluster_interest(&st)),
             type_url::VIRTUAL_HOST => Some(Self::vhost_interest(&st)),
             _ => None,

@@ -239,6 +239,11 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
         let route = tunnel::select_connect_route(&table, &authority, &parts)
             .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for CONNECT {authority}")))?;
         rq.report.route_name = route.name.clone();
+        // A direct response (REGISTRY_ONLY's block_all) answers the CONNECT: no tunnel.
+        if let Some(r) = route.direct_response(&parts) {
+            let (p, b) = r.into_parts();
+            return Ok(Response::from_parts(p, full(b)));
+        }
         return tunnel::connect(rq, &route, &authority, parts).await;
     }
     let route = table

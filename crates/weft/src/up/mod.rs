@@ -1,6 +1,6 @@
 //! `weft up`: the whole mesh in one process tree — the control plane (in this process),
-//! one sidecar per `LocalWorkload`, the workloads themselves and an ingress gateway —
-//! torn down completely on Ctrl-C / SIGTERM.
+//! one sidecar per `LocalWorkload`, the workloads themselves, an ingress gateway and an
+//! egress gateway (`egress`) — torn down completely on Ctrl-C / SIGTERM.
 //!
 //! Order: network (transparent mode) → control plane → sidecars and gateway → (each
 //! sidecar ready) → its app. An app that exits on its own stops its sidecar
@@ -9,6 +9,7 @@
 //! file `weft apply` uses to find the control plane; teardown removes all of it.
 
 mod etcd_tls;
+mod egress;
 mod netns;
 mod plan;
 mod procs;
@@ -122,6 +123,11 @@ pub struct UpArgs {
     /// instead of scraping the sidecars.
     #[arg(long, value_name = "URL")]
     pub prometheus: Option<String>,
+    /// Outbound traffic to hosts the mesh does not know (Istio's
+    /// `meshConfig.outboundTrafficPolicy.mode`): ALLOW_ANY passes it through,
+    /// REGISTRY_ONLY answers HTTP with 502 and closes TCP/TLS connections.
+    #[arg(long, default_value = "ALLOW_ANY", value_parser = ["ALLOW_ANY", "REGISTRY_ONLY"])]
+    pub outbound_traffic_policy: String,
     /// Control-plane replicas: above 1, a 3-member etcd cluster is started (data in the
     /// state directory) and the replicas share it (`weft control --store etcd://`): the
     /// first in this process, the others as child processes; every proxy knows them all
@@ -155,6 +161,8 @@ struct Up {
     recorded: Option<local::Recorded>,
     running: Vec<Running>,
     gateway: Option<Proc>,
+    /// The egress gateway (`istio: egressgateway`), its metrics address and its address.
+    egress: Option<(Proc, SocketAddr, Ipv4Addr)>,
     exits_tx: mpsc::UnboundedSender<(String, ExitStatus)>,
     /// `--replicas`: the etcd cluster, the child replicas and their xDS addresses.
     etcd: Option<replicas::EtcdCluster>,
@@ -191,6 +199,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         recorded: None,
         running: Vec::new(),
         gateway: None,
+        egress: None,
         exits_tx,
         etcd: None,
         replicas: Vec::new(),
@@ -253,6 +262,9 @@ impl Up {
             self.network = Some(net);
         }
         let mut mesh = MeshConfig::default();
+        if self.args.outbound_traffic_policy == "REGISTRY_ONLY" {
+            mesh.outbound_policy = weft_control::translate::OutboundPolicy::RegistryOnly;
+        }
         if let Some(f) = &self.args.mesh_config {
             let file =
                 weft_control::meshconfig::MeshConfigFile::load(f).map_err(|e| anyhow::anyhow!("--mesh-config {e}"))?;
@@ -317,6 +329,11 @@ impl Up {
             std::fs::write(&root, authority.ca().trust_bundle_pem())
                 .with_context(|| format!("cannot write {}", root.display()))?;
             self.control_tls = Some((tls, root));
+        }
+        // The Service of the egress gateway, as Istio installs it.
+        let r = cp.store.apply(egress::SERVICE, Path::new("weft-up/istio-egressgateway.yaml"));
+        if let Some(e) = r.errors.first() {
+            bail!("the egress gateway's Service: {e}");
         }
         let snapshot = cp.store.snapshot();
         for e in &snapshot.errors {
@@ -394,6 +411,13 @@ impl Up {
             self.running.push(Running { workload: w.clone(), proxy, app: None });
         }
         let gateway_metrics = self.start_gateway(xds, &authority, &state, &domain).await?;
+        // The egress gateway on an address of its own: the loopback address after the
+        // workloads' (explicit), the bridge's host address (transparent).
+        let egress_ip = match &self.network {
+            Some(n) => n.host_address(),
+            None => ip_of(250),
+        };
+        self.start_egress(egress_ip, xds, &authority, &state, &domain).await?;
         for r in &self.running {
             let what = format!("{} sidecar", r.workload.name);
             if self.is_envoy(&r.workload) {
@@ -410,6 +434,9 @@ impl Up {
         }
         if let Some(g) = &self.gateway {
             wait_ready(g, gateway_metrics, "ingress gateway").await?;
+        }
+        if let Some((g, metrics, _)) = &self.egress {
+            wait_ready(g, *metrics, "egress gateway").await?;
         }
         for r in &self.running {
             let Some(app) = &r.app else { continue };
@@ -645,6 +672,38 @@ impl Up {
         Ok(metrics)
     }
 
+    /// Starts the egress gateway (`egress`) with its servers bound on `ip`.
+    async fn start_egress(
+        &mut self,
+        ip: Ipv4Addr,
+        xds: SocketAddr,
+        authority: &Arc<CertificateAuthority>,
+        state: &Path,
+        domain: &str,
+    ) -> anyhow::Result<()> {
+        let token = authority
+            .tokens()
+            .create(egress::NAMESPACE, egress::SERVICE_ACCOUNT, Duration::from_secs(24 * 3600))
+            .map_err(|e| anyhow::anyhow!("join token for the egress gateway: {e}"))?;
+        let metrics = free_port(Ipv4Addr::LOCALHOST).await?;
+        let settings = ProxySettings {
+            xds,
+            replicas: self.extra_xds.clone(),
+            token: token.token,
+            admin: free_port(Ipv4Addr::LOCALHOST).await?,
+            metrics,
+            access_log: self.args.access_log.clone(),
+            tls: self.control_tls.clone(),
+        };
+        let file = state.join("istio-egressgateway.bootstrap.yaml");
+        std::fs::write(&file, plan::bootstrap(&egress::node(ip, domain), &settings)?)?;
+        let mut cmd = tokio::process::Command::new(&self.exe);
+        cmd.arg("proxy").arg("--bootstrap").arg(&file);
+        let log = self.logs.join("istio-egressgateway.log");
+        self.egress = Some((procs::spawn("egress gateway", cmd, &log, self.exits_tx.clone())?, metrics, ip));
+        Ok(())
+    }
+
     fn print_summary(&self, ingress: SocketAddr, api: SocketAddr, xds: SocketAddr, trust_domain: &str, took: Duration) {
         let mode = match self.mode {
             Mode::Explicit => "explicit (apps use their sidecar as HTTP proxy)",
@@ -653,6 +712,9 @@ impl Up {
         say!("weft up: mesh ready in {:.1}s — {mode}", took.as_secs_f64());
         let page = if self.args.dir.is_none() { "productpage" } else { "" };
         say!("  ingress        http://{ingress}/{page}");
+        if let Some((_, _, ip)) = &self.egress {
+            say!("  egress         istio-egressgateway.istio-system (istio: egressgateway), servers 80/443 on {ip}:8080/8443");
+        }
         say!("  control plane  API http://{api}   xDS {xds}   (weft get vs, weft apply -f ..., weft proxy-status)");
         say!("  dashboard      http://{api}/dashboard   (weft dashboard --open)");
         if let Some(etcd) = &self.etcd {
@@ -704,6 +766,7 @@ impl Up {
             }
         } else if self.running.iter().any(|r| r.proxy.name == name)
             || name == "ingress gateway"
+            || name == "egress gateway"
             || self.replicas.iter().any(|p| p.name == name)
             || self.etcd.as_ref().is_some_and(|e| e.members.iter().any(|p| p.name == name))
         {
@@ -717,6 +780,9 @@ impl Up {
         let proxies = self.running.iter_mut().map(|r| r.proxy.stop(STOP_GRACE));
         futures::future::join_all(proxies).await;
         if let Some(g) = self.gateway.as_mut() {
+            g.stop(STOP_GRACE).await;
+        }
+        if let Some((g, _, _)) = self.egress.as_mut() {
             g.stop(STOP_GRACE).await;
         }
         let replicas = self.replicas.iter_mut().map(|p| p.stop(STOP_GRACE));

@@ -336,7 +336,7 @@ spec:
 "#;
 
 #[test]
-fn https_redirect_requires_tls_and_https_servers_terminate_with_their_files() {
+fn https_redirect_requires_tls_and_https_servers_terminate_with_their_files_or_credentials() {
     let x = run(REDIRECT, &ingress(), ProxyMode::Explicit);
     let vh = vhosts(&x, "http.80");
     let all = virtual_host::TlsRequirementType::All as i32;
@@ -347,10 +347,22 @@ fn https_redirect_requires_tls_and_https_servers_terminate_with_their_files() {
     assert!(vh["bare.example:80"].routes.is_empty());
     assert_eq!(vh["plain.example:80"].require_tls, 0);
 
-    // 443: one TLS chain (the credentialName server is not served yet), SNI from its
-    // hosts, the certificate files, HTTP routes of its own.
+    // 443: a TLS chain per server, SNI from its hosts, the certificate files (or the
+    // credential's SDS secret), HTTP routes of its own.
     let l = x.listener("0.0.0.0_443").unwrap();
-    assert_eq!(l.filter_chains.len(), 1, "{:?}", l.filter_chains);
+    assert_eq!(l.filter_chains.len(), 2, "{:?}", l.filter_chains);
+    let k8s = &l.filter_chains[1];
+    assert_eq!(k8s.filter_chain_match.as_ref().unwrap().server_names, ["k8s.example"]);
+    let ctx = match &k8s.transport_socket.as_ref().unwrap().config_type {
+        Some(envoy_types::pb::envoy::config::core::v3::transport_socket::ConfigType::TypedConfig(a)) => {
+            DownstreamTlsContext::decode(a.value.as_slice()).unwrap()
+        }
+        None => panic!("no TLS context"),
+    };
+    let common = ctx.common_tls_context.unwrap();
+    assert!(common.tls_certificates.is_empty());
+    assert_eq!(common.tls_certificate_sds_secret_configs[0].name, "kubernetes://k8s-cert");
+    assert!(common.validation_context_type.is_none(), "SIMPLE verifies no client");
     let chain = &l.filter_chains[0];
     assert_eq!(chain.filter_chain_match.as_ref().unwrap().server_names, ["secure.example"]);
     assert_eq!(l.listener_filters[0].name, "envoy.filters.listener.tls_inspector");
