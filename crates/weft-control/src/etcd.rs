@@ -23,6 +23,7 @@ pub mod leader;
 pub mod registry;
 pub mod resources;
 pub mod state;
+pub mod status;
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/weft/";
