@@ -54,6 +54,8 @@ pub struct Api {
     pub leader: crate::leader::Leadership,
     /// Tap streams of the proxies and taps in progress (`/api/v1/tap`).
     pub tap: Arc<crate::tap::TapRelay>,
+    /// With `--store etcd://`: the proxies other replicas serve (`/api/v1/proxies`).
+    pub replicas: Option<Arc<crate::etcd::status::ProxyBoard>>,
 }
 
 /// Which endpoints a listener serves.
@@ -235,7 +237,10 @@ async fn handle(api: &Api, req: Request<Incoming>) -> Response<Full<Bytes>> {
             let (status, v) = crate::rollout::api::handle(&api.rollouts, &api.store, m == Method::POST, rest, &query);
             reply(status, v)
         }
-        (Method::GET, "/api/v1/proxies") => reply(StatusCode::OK, proxies(api)),
+        (Method::GET, "/api/v1/proxies") => match &api.replicas {
+            Some(board) => reply(StatusCode::OK, board.merge(proxies(api)).await),
+            None => reply(StatusCode::OK, proxies(api)),
+        },
         (Method::GET, "/api/v1/slos") => reply(StatusCode::OK, api.slo.to_json()),
         (Method::GET, "/api/v1/slos/rules") => {
             match crate::slo::rules::rules_yaml(&api.store.snapshot().resources, api.slo.domain()) {
@@ -323,7 +328,7 @@ fn asks_staged(text: &str) -> bool {
 
 /// Per proxy: identity, and per type SYNCED / STALE / NACKED against what the control
 /// plane would send now.
-fn proxies(api: &Api) -> Value {
+pub(crate) fn proxies(api: &Api) -> Value {
     let now = SystemTime::now();
     let list: Vec<Value> = api
         .server

@@ -291,6 +291,7 @@ impl ControlPlane {
                 (crate::api_auth::ApiAuth::open(), None)
             }
         };
+        let board = etcd.as_ref().map(|e| crate::etcd::status::ProxyBoard::new(e.clone(), xds_addr, api_addr));
         let api = Arc::new(crate::api::Api {
             auth,
             store: store.clone(),
@@ -313,7 +314,11 @@ impl ControlPlane {
             stats: stats.clone(),
             leader: leader.clone(),
             tap,
+            replicas: board.clone(),
         });
+        if let Some(board) = &board {
+            tasks.push(board.spawn(api.clone()));
+        }
         if let Some(w) = webhook {
             tasks.extend(w.spawn(api.clone(), stopped(&stop_rx)));
         }
@@ -370,7 +375,7 @@ impl Drop for AbortOnError {
 /// Drops the cached translations of proxy shapes no connected proxy has any more, after
 /// connections come and go (at most once per [`SWEEP_INTERVAL`]).
 async fn evict_unused_translations(server: AdsServer, source: std::sync::Weak<MeshXdsSource>) {
-    let mut changes = server.status_changes();
+    let mut changes = server.membership_changes();
     loop {
         if changes.changed().await.is_err() {
             return;

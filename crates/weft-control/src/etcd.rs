@@ -26,6 +26,7 @@ pub mod resources;
 pub mod rollouts;
 pub mod state;
 pub mod tls;
+pub mod status;
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/weft/";

@@ -150,7 +150,9 @@ impl Registry {
         let weak = Arc::downgrade(&self.inner);
         let server = server.clone();
         // Subscribe before the task starts so no change between now and then is missed.
-        let changes = server.status_changes();
+        // Arrivals and departures only: a workload is made from what a stream's first
+        // request says, so its sends and ACKs change nothing here.
+        let changes = server.membership_changes();
         tokio::spawn(follow_task(weak, server, changes, config))
     }
 

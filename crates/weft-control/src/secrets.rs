@@ -15,7 +15,7 @@
 //! [`SecretSource`] wraps the [`MeshXdsSource`]: Secret requests are answered here, every
 //! other type by the mesh, and changes of either (or a due renewal) wake the xDS server.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
@@ -208,6 +208,23 @@ impl XdsSource for SecretSource {
 
     fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
+    }
+
+    fn version(&self, node: &Node, type_url: &str) -> String {
+        if type_url != SECRET {
+            return self.mesh.version(node, type_url);
+        }
+        self.resources(node, type_url).0
+    }
+
+    fn lookup(&self, node: &Node, type_url: &str, names: &BTreeSet<String>) -> (String, weft_xds::Resolved) {
+        if type_url != SECRET {
+            // By name from the mesh's cached translation, without copying the whole type.
+            return self.mesh.lookup(node, type_url, names);
+        }
+        let (version, all) = self.resources(node, type_url);
+        let resolved = names.iter().map(|n| (n.clone(), all.get(n).map(|any| (n.clone(), any.clone())))).collect();
+        (version, resolved)
     }
 }
 

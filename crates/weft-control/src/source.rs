@@ -435,6 +435,10 @@ impl XdsSource for MeshXdsSource {
         self.changes.subscribe()
     }
 
+    fn version(&self, node: &Node, type_url: &str) -> String {
+        self.proxy_resources(node).get(type_url).map_or_else(|| "empty".into(), |(v, _)| v.clone())
+    }
+
     fn lookup(&self, node: &Node, type_url: &str, names: &BTreeSet<String>) -> (String, Resolved) {
         let (types, vhosts) = self.translation(node);
         let Some((version, by_name)) = types.get(type_url) else {

@@ -148,3 +148,86 @@ async fn a_dead_replicas_registrations_vanish_when_its_lease_expires() {
     eventually("the registration to vanish with A's lease", || b.registry.snapshot().get(&info.id).is_none()).await;
     client.stop().await.ok();
 }
+
+async fn get(api: std::net::SocketAddr, path: &str) -> serde_json::Value {
+    let mut req = request(Method::GET, "weft", path, Bytes::new()).unwrap();
+    req.headers_mut().insert(http::header::AUTHORIZATION, format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+    let reply = send_h1(api, req).await.unwrap();
+    assert_eq!(reply.status.as_u16(), 200, "{path}");
+    reply.json().unwrap()
+}
+
+/// The entry of proxy `name` in a `/api/v1/proxies` answer.
+fn entry<'a>(list: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    list["proxies"].as_array().and_then(|ps| ps.iter().find(|p| p["name"] == name))
+}
+
+#[tokio::test]
+async fn proxy_status_through_any_replica_lists_every_proxy_with_its_replica_and_sync_state() {
+    let etcd = EtcdCluster::start(1).await;
+    let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = replica(&etcd, dirs[0].path()).await;
+    let b = replica(&etcd, dirs[1].path()).await;
+    let c = replica(&etcd, dirs[2].path()).await;
+    let (status, v) = post(a.api_addr, "/api/v1/apply?source=mesh.yaml", SERVICE).await;
+    assert_eq!(status, 200, "{v}");
+    // One proxy on A only, one on B only; C serves none.
+    let on_a =
+        common::Client::start(a.xds_addr, common::node("reviews-1", "default", &[("app", "reviews")], &["10.0.0.1"]));
+    let on_b = common::Client::start(
+        b.xds_addr,
+        common::node("productpage-1", "default", &[("app", "productpage")], &["10.0.0.2"]),
+    );
+    let synced = |p: &serde_json::Value| {
+        ["Cluster", "Listener"]
+            .iter()
+            .all(|t| p["types"][*t]["status"] == "SYNCED" && p["types"][*t]["acked"].is_string())
+    };
+    // Through C: both, each with the replica it is connected to and its sync state.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let list = loop {
+        let list = get(c.api_addr, "/api/v1/proxies").await;
+        let ready = |name: &str, xds: std::net::SocketAddr| {
+            entry(&list, name).is_some_and(|p| p["replica"]["xds"] == xds.to_string() && synced(p))
+        };
+        if ready("reviews-1", a.xds_addr) && ready("productpage-1", b.xds_addr) {
+            break list;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "C does not list both proxies SYNCED with their replicas: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert_eq!(list["proxies"].as_array().unwrap().len(), 2, "{list}");
+    let age = entry(&list, "reviews-1").unwrap()["types"]["Cluster"]["config_age_seconds"].as_f64();
+    assert!(age.is_some_and(|a| (0.0..60.0).contains(&a)), "the age of A's proxy's config: {list}");
+    // Through A: its own proxy (live) and B's.
+    let from_a = get(a.api_addr, "/api/v1/proxies").await;
+    assert_eq!(entry(&from_a, "reviews-1").unwrap()["replica"]["xds"], a.xds_addr.to_string(), "{from_a}");
+    assert_eq!(entry(&from_a, "productpage-1").unwrap()["replica"]["xds"], b.xds_addr.to_string(), "{from_a}");
+    // A proxy that leaves is no longer listed anywhere.
+    on_b.stop().await.ok();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let list = get(c.api_addr, "/api/v1/proxies").await;
+        if entry(&list, "productpage-1").is_none() && entry(&list, "reviews-1").is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the departed proxy is still listed: {list}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A replica that dies takes its proxies' states with its lease.
+    a.shutdown().await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let list = get(c.api_addr, "/api/v1/proxies").await;
+        if entry(&list, "reviews-1").is_none() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a dead replica's proxy is still listed: {list}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    on_a.stop().await.ok();
+    drop(b);
+}

@@ -148,6 +148,8 @@ struct Shared {
     admission: Option<Arc<dyn StreamAdmission>>,
     connections: Mutex<BTreeMap<u64, ConnectionStatus>>,
     changes: watch::Sender<u64>,
+    /// Bumped only when a stream opens or closes.
+    membership: watch::Sender<u64>,
     stop: watch::Sender<bool>,
     next_id: AtomicU64,
 }
@@ -184,6 +186,7 @@ impl AdsServer {
                 admission,
                 connections: Mutex::new(BTreeMap::new()),
                 changes: watch::channel(0).0,
+                membership: watch::channel(0).0,
                 stop: watch::channel(false).0,
                 next_id: AtomicU64::new(1),
             }),
@@ -263,6 +266,13 @@ impl AdsServer {
         self.shared.changes.subscribe()
     }
 
+    /// Bumps only when a stream opens or closes (not on its sends, ACKs and NACKs): what
+    /// follows the set of connected proxies (the registry) wakes once per arrival or
+    /// departure instead of once per ACK of a push to every proxy.
+    pub fn membership_changes(&self) -> watch::Receiver<u64> {
+        self.shared.membership.subscribe()
+    }
+
     /// Waits until a connection of `node_id` has ACKed `version` of `type_url`.
     pub async fn wait_acked(
         &self,
@@ -339,6 +349,11 @@ impl Shared {
     fn bump(&self) {
         self.changes.send_modify(|n| *n = n.wrapping_add(1));
     }
+
+    fn bump_membership(&self) {
+        self.membership.send_modify(|n| *n = n.wrapping_add(1));
+        self.bump();
+    }
 }
 
 impl Registration {
@@ -375,7 +390,7 @@ impl Registration {
                 types: BTreeMap::new(),
             },
         );
-        shared.bump();
+        shared.bump_membership();
         Ok(Registration { shared, id, node })
     }
 
@@ -392,6 +407,6 @@ impl Drop for Registration {
     fn drop(&mut self) {
         tracing::info!(id = self.id, node = %self.node.id, "xDS stream closed");
         self.shared.lock().remove(&self.id);
-        self.shared.bump();
+        self.shared.bump_membership();
     }
 }

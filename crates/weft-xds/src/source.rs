@@ -17,6 +17,15 @@ pub trait XdsSource: Send + Sync + 'static {
     fn resources(&self, node: &Node, type_url: &str) -> (String, BTreeMap<String, Any>);
     /// A receiver that changes whenever any resource may have changed.
     fn changes(&self) -> watch::Receiver<u64>;
+    /// The version [`XdsSource::resources`] would return now. A push to many streams
+    /// asks it first and copies the resources only of types whose version moved, so a
+    /// change of one type never costs every stream a copy of the others (a large EDS).
+    ///
+    /// The default calls [`XdsSource::resources`]; a source that can tell the version
+    /// without copying overrides it.
+    fn version(&self, node: &Node, type_url: &str) -> String {
+        self.resources(node, type_url).0
+    }
     /// Resolves subscribed names (delta, subscriptions by name): per requested name, the
     /// resource it names (its own name and body) or `None` when there is none, with the
     /// type's version. For most types a name resolves to the resource of that name; for

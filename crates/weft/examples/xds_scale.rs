@@ -28,6 +28,66 @@ struct Sim {
     seen_initial: Mutex<bool>,
 }
 
+/// CPU time (user + system) of a process, in seconds (`/proc/PID/stat`, 100 ticks/s).
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().collect()).unwrap_or_default();
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15; after ')' the state is field 3, index 0.
+    (ticks(11) + ticks(12)) / 100.0
+}
+
+/// Busy and total CPU seconds of the whole machine (`/proc/stat`, all cores).
+fn machine_cpu() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<f64> = stat
+        .lines()
+        .next()
+        .map(|l| l.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect())
+        .unwrap_or_default();
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    ((total - idle) / 100.0, total / 100.0)
+}
+
+/// CPU seconds of each party over a window: the simulated clients (this process), the
+/// replicas, etcd, and everything else on the machine (other users' work).
+struct CpuSample {
+    clients: f64,
+    replicas: Vec<f64>,
+    etcd: f64,
+    machine_busy: f64,
+    machine_total: f64,
+}
+
+impl CpuSample {
+    fn take(replicas: &[u32], etcd: &[u32]) -> CpuSample {
+        let (machine_busy, machine_total) = machine_cpu();
+        CpuSample {
+            clients: cpu_seconds("self"),
+            replicas: replicas.iter().map(|p| cpu_seconds(&p.to_string())).collect(),
+            etcd: etcd.iter().map(|p| cpu_seconds(&p.to_string())).sum(),
+            machine_busy,
+            machine_total,
+        }
+    }
+
+    /// What each party used between `self` and `later`, as JSON.
+    fn since(&self, later: &CpuSample) -> serde_json::Value {
+        let replicas: Vec<f64> = later.replicas.iter().zip(&self.replicas).map(|(b, a)| b - a).collect();
+        let ours = (later.clients - self.clients) + replicas.iter().sum::<f64>() + (later.etcd - self.etcd);
+        let busy = later.machine_busy - self.machine_busy;
+        serde_json::json!({
+            "clients_s": later.clients - self.clients,
+            "replicas_s": replicas,
+            "etcd_s": later.etcd - self.etcd,
+            "others_s": (busy - ours).max(0.0),
+            "wall_cores_s": later.machine_total - self.machine_total,
+        })
+    }
+}
+
 impl ResourceHandler for Sim {
     fn type_urls(&self) -> Vec<&'static str> {
         vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE]
@@ -140,10 +200,15 @@ async fn start_control(
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
     let n: usize = args.get(1).map(|s| s.parse()).transpose()?.unwrap_or(1000);
-    let replicas: usize = match args.iter().position(|a| a == "--replicas") {
-        Some(i) => args.get(i + 1).map(|s| s.parse()).transpose()?.unwrap_or(1),
-        None => 1,
+    let flag = |name: &str, default: usize| -> anyhow::Result<usize> {
+        Ok(match args.iter().position(|a| a == name) {
+            Some(i) => args.get(i + 1).map(|s| s.parse()).transpose()?.unwrap_or(default),
+            None => default,
+        })
     };
+    let replicas = flag("--replicas", 1)?;
+    // Changes measured one after the other (each waits until every proxy has the last).
+    let changes = flag("--changes", 1)?.max(1);
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let weft = std::env::var_os("WEFT_BIN").map(PathBuf::from).unwrap_or_else(|| root.join("target/release/weft"));
     anyhow::ensure!(weft.is_file(), "build it first: cargo build --release -p weft");
@@ -158,7 +223,7 @@ async fn main() -> anyhow::Result<()> {
         std::fs::copy(&src, dir.path().join(src.file_name().unwrap_or_default()))?;
     }
     let etcd_dir = tempfile::tempdir()?;
-    let (store, _etcd) = if replicas > 1 {
+    let (store, etcd_children) = if replicas > 1 {
         let (store, children) = start_etcd(&root, etcd_dir.path())?;
         (Some(store), children)
     } else {
@@ -170,6 +235,7 @@ async fn main() -> anyhow::Result<()> {
         controls.push(start_control(&weft, dir.path(), store.as_deref()).await?);
     }
     let pids: Vec<u32> = controls.iter().map(|(c, _, _)| c.id().unwrap_or(0)).collect();
+    let etcd_pids: Vec<u32> = etcd_children.iter().filter_map(|c| c.id()).collect();
     let pid = pids[0];
     let api = controls[0].2.clone();
     let xds = controls.iter().map(|(_, x, _)| format!("http://{x}")).collect::<Vec<_>>().join(",");
@@ -230,26 +296,44 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
 
-    // The change: reviews to v2, through the API.
-    let vs = dir.path().join("change.yaml");
-    std::fs::write(&vs, "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: v2\n")?;
-    *changed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-    let status =
-        tokio::process::Command::new(&weft).args(["apply", "-f"]).arg(&vs).args(["--server", &api]).output().await?;
-    anyhow::ensure!(status.status.success(), "apply failed: {}", String::from_utf8_lossy(&status.stderr));
-    let t0 = Instant::now();
-    while latencies.lock().unwrap_or_else(|p| p.into_inner()).len() < n {
-        anyhow::ensure!(t0.elapsed() < Duration::from_secs(600), "change did not reach everyone");
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    // The changes: reviews to v2, v3, v2... through the API of the first replica.
+    let mut runs = Vec::new();
+    for k in 0..changes {
+        let subset = if k % 2 == 0 { "v2" } else { "v3" };
+        let vs = dir.path().join("change.yaml");
+        std::fs::write(&vs, format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: {subset}\n"))?;
+        latencies.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        let cpu_before = CpuSample::take(&pids, &etcd_pids);
+        *changed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        let status = tokio::process::Command::new(&weft)
+            .args(["apply", "-f"])
+            .arg(&vs)
+            .args(["--server", &api])
+            .output()
+            .await?;
+        anyhow::ensure!(status.status.success(), "apply failed: {}", String::from_utf8_lossy(&status.stderr));
+        let t0 = Instant::now();
+        while latencies.lock().unwrap_or_else(|p| p.into_inner()).len() < n {
+            anyhow::ensure!(t0.elapsed() < Duration::from_secs(600), "change did not reach everyone");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let cpu = cpu_before.since(&CpuSample::take(&pids, &etcd_pids));
+        let mut l = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        l.sort();
+        runs.push(serde_json::json!({
+            "p50": pct(&l, 0.5), "p99": pct(&l, 0.99), "max": pct(&l, 1.0), "cpu_during_change": cpu,
+        }));
+        // Quiet between changes, so each starts from a settled mesh.
+        tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let mut l = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    l.sort();
+    let first = runs.first().cloned().unwrap_or_default();
     println!(
         "{}",
         serde_json::json!({
             "clients": n,
             "initial_sync_s": initial_sync.as_secs_f64(),
-            "change_to_all_acked_ms": { "p50": pct(&l, 0.5), "p99": pct(&l, 0.99), "max": pct(&l, 1.0) },
+            "change_to_all_acked_ms": { "p50": first["p50"], "p99": first["p99"], "max": first["max"] },
+            "changes": runs,
             "control_plane_rss_mib": { "idle": rss_idle as f64 / 1024.0, "connected": rss_connected as f64 / 1024.0, "after_change": rss_kib(pid) as f64 / 1024.0 },
             "replicas": per_replica,
         })

@@ -246,7 +246,13 @@ pub async fn proxy_status(server: &str, json: bool) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    println!("{:<44} {:<8} {:<9} {:<9} {:<9} {:<9} AGE", "NAME", "KIND", "CDS", "LDS", "EDS", "RDS");
+    if let Some(e) = v["replicasError"].as_str() {
+        eprintln!("warning: only this replica's proxies are listed: {e}");
+    }
+    println!(
+        "{:<44} {:<8} {:<9} {:<9} {:<9} {:<9} {:<6} REPLICA",
+        "NAME", "KIND", "CDS", "LDS", "EDS", "RDS", "AGE"
+    );
     for p in v["proxies"].as_array().into_iter().flatten() {
         let t = |k: &str| p["types"][k]["status"].as_str().unwrap_or("-").to_string();
         let age = ["Cluster", "Listener"]
@@ -255,14 +261,16 @@ pub async fn proxy_status(server: &str, json: bool) -> anyhow::Result<()> {
             .fold(None::<f64>, |a, b| Some(a.map_or(b, |a| a.min(b))));
         let name = format!("{}.{}", p["name"].as_str().unwrap_or("?"), p["namespace"].as_str().unwrap_or("?"));
         println!(
-            "{:<44} {:<8} {:<9} {:<9} {:<9} {:<9} {}",
+            "{:<44} {:<8} {:<9} {:<9} {:<9} {:<9} {:<6} {}",
             name,
             p["kind"].as_str().unwrap_or("-"),
             t("Cluster"),
             t("Listener"),
             t("ClusterLoadAssignment"),
             t("RouteConfiguration"),
-            age.map(|a| format!("{a:.0}s")).unwrap_or_else(|| "-".into())
+            age.map(|a| format!("{a:.0}s")).unwrap_or_else(|| "-".into()),
+            // With replicas on etcd: the xDS address of the replica the proxy is on.
+            p["replica"]["xds"].as_str().unwrap_or("-")
         );
     }
     Ok(())

@@ -107,12 +107,14 @@ async fn api_get(api: &str, path: &str) -> serde_json::Value {
     serde_json::from_slice(&r.body).unwrap()
 }
 
-/// Whether proxy `id` is connected to the replica at `api` with every type SYNCED.
+/// Whether proxy `id` is connected to the replica at `api` with every type SYNCED (the
+/// list through any replica holds every replica's proxies, each naming its replica).
 async fn synced_on(api: &str, id: &str) -> bool {
     let v = api_get(api, "/api/v1/proxies").await;
     v["proxies"].as_array().is_some_and(|ps| {
         ps.iter().any(|p| {
             p["id"] == id
+                && p["replica"]["api"] == api
                 && ["Cluster", "Listener", "ClusterLoadAssignment"].iter().all(|t| p["types"][*t]["status"] == "SYNCED")
         })
     })

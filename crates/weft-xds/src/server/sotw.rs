@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, Discovery
 
 use super::stream::{Received, Reply, Variant};
 use crate::source::XdsSource;
-use crate::type_url::is_wildcard_type;
+use crate::type_url::{is_wildcard_type, resolves_aliases};
 use crate::XdsMode;
 
 /// State of the world: every response carries all resources of the subscription.
@@ -99,16 +99,28 @@ impl Variant for Sotw {
         if state.names.as_ref().is_some_and(BTreeSet::is_empty) && state.sent.is_some() {
             return None;
         }
-        let (version, resources) = source.resources(node, type_url);
-        if state.sent.as_ref().is_some_and(|(v, names)| *v == version && *names == state.names) {
+        // The version first: a stream already holding it costs no copy of the resources.
+        let current = source.version(node, type_url);
+        if state.sent.as_ref().is_some_and(|(v, names)| *v == current && *names == state.names) {
             return None;
         }
         let names = state.names.clone();
-        let resources = resources
-            .into_iter()
-            .filter(|(name, _)| names.as_ref().is_none_or(|n| n.contains(name)))
-            .map(|(_, any)| any)
-            .collect();
+        let (version, resources) = match &names {
+            // Named (EDS, RDS): only those resources are copied.
+            Some(wanted) if !resolves_aliases(type_url) => {
+                let (version, resolved) = source.lookup(node, type_url, wanted);
+                (version, resolved.into_values().flatten().map(|(_, any)| any).collect())
+            }
+            _ => {
+                let (version, all) = source.resources(node, type_url);
+                let resources = all
+                    .into_iter()
+                    .filter(|(name, _)| names.as_ref().is_none_or(|n| n.contains(name)))
+                    .map(|(_, any)| any)
+                    .collect();
+                (version, resources)
+            }
+        };
         let nonce = nonce.to_string();
         state.sent = Some((version.clone(), names));
         state.nonce.clone_from(&nonce);

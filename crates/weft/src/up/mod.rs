@@ -340,6 +340,7 @@ impl Up {
             warn_user!("weft up: {e}");
         }
         self.control = Some(cp);
+        let api_token_file = self.control.as_ref().and_then(|c| c.admin_token.as_ref()).map(|(_, f)| f.clone());
         if let Some(etcd) = &self.etcd {
             for i in 1..usize::from(self.args.replicas) {
                 let data = state.join(format!("replica-{i}"));
@@ -351,6 +352,7 @@ impl Up {
                     ip: xds.ip(),
                     transparent: self.mode == Mode::Transparent,
                     mesh_config: self.args.mesh_config.as_deref(),
+                    api_token_file: api_token_file.as_deref(),
                 };
                 let (p, addr) = replicas::start_replica(i, &flags, &self.logs, &self.exits_tx)?;
                 replicas::wait_listening(&p, addr, &p.name).await?;

@@ -98,6 +98,9 @@ pub struct ReplicaFlags<'a> {
     pub transparent: bool,
     /// `--mesh-config`, passed through.
     pub mesh_config: Option<&'a Path>,
+    /// The first replica's admin token file: one token for every replica (as one Secret
+    /// mounted in each pod), so `weft --token-file` reaches any of them.
+    pub api_token_file: Option<&'a Path>,
 }
 
 /// Starts a child replica; its process and xDS address.
@@ -130,6 +133,9 @@ pub fn start_replica(
     }
     if let Some(m) = f.mesh_config {
         cmd.arg("--mesh-config").arg(m);
+    }
+    if let Some(t) = f.api_token_file {
+        cmd.arg("--api-token-file").arg(t);
     }
     let log = logs.join(format!("control-replica-{index}.log"));
     let p = procs::spawn(&format!("control-plane replica {index}"), cmd, &log, exits.clone())?;

@@ -1,0 +1,356 @@
+//! HA acceptance with Bookinfo (issue 15): `weft up --replicas 3` (a 3-member etcd
+//! cluster, the first control-plane replica in `weft up`, two more as `weft control`
+//! processes; every sidecar and the ingress gateway know all three) with an open-loop
+//! load at a fixed rate (`WEFT_HA_RPS`, 1,000 requests/s by default) on `/productpage`
+//! through the ingress gateway the whole time. A request fails when it gets no answer
+//! within 30 s, a status other than 200, or a page that says a service is unavailable;
+//! the test asserts 0 failed requests after each step:
+//!
+//! 1. kill -9 the child replica serving the most proxies: each of them is SYNCED on a
+//!    surviving replica within 1 s of the kill (the surviving replica's ACK times, read
+//!    from its `/api/v1/proxies`, against the moment of the kill);
+//! 2. a VirtualService applied through one replica reaches the proxies of every replica
+//!    (`weft proxy-status` through any replica lists the proxies of all of them);
+//! 3. kill -9 one etcd member: nothing changes, and a change still applies.
+//!
+//! Stopping every replica is `--test ha` (two sidecars): the first replica lives in the
+//! `weft up` process, which also supervises the sidecars.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+#[path = "support/up_mesh.rs"]
+mod up_mesh;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use up_mesh::UpMesh;
+
+/// How long one request may take before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Waits on facts give up after this.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// What the load generator has seen so far.
+#[derive(Default)]
+struct Tally {
+    sent: AtomicU64,
+    ok: AtomicU64,
+    failures: Mutex<Vec<String>>,
+    stop: AtomicBool,
+}
+
+impl Tally {
+    fn failed(&self) -> usize {
+        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
+    }
+
+    /// Panics with the first failures when any request failed.
+    fn assert_none_failed(&self, when: &str) {
+        let f = self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone();
+        assert!(
+            f.is_empty(),
+            "{when}: {} of {} requests failed, first: {:?}",
+            f.len(),
+            self.sent.load(Ordering::Relaxed),
+            &f[..f.len().min(5)]
+        );
+    }
+
+    /// Waits until `n` more requests were answered (the load is flowing).
+    fn progress(&self, n: u64) {
+        let target = self.ok.load(Ordering::Relaxed) + n;
+        let deadline = Instant::now() + WAIT;
+        while self.ok.load(Ordering::Relaxed) < target {
+            assert!(Instant::now() < deadline, "the load stalled: {} answered", self.ok.load(Ordering::Relaxed));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Open loop: request `k` is sent at `start + k / rps` whatever the earlier ones are
+/// doing, each on an idle keep-alive connection or a new one.
+fn start_load(ingress: SocketAddr, rps: u32, tally: Arc<Tally>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async move {
+            type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+            let idle: Arc<Mutex<Vec<Conn>>> = Arc::default();
+            let period = Duration::from_secs_f64(1.0 / f64::from(rps));
+            let start = tokio::time::Instant::now();
+            let mut tasks = tokio::task::JoinSet::new();
+            for k in 0u32.. {
+                if tally.stop.load(Ordering::Relaxed) {
+                    break;
+                }
+                tokio::time::sleep_until(start + period * k).await;
+                while tasks.try_join_next().is_some() {}
+                tally.sent.fetch_add(1, Ordering::Relaxed);
+                let (idle, tally) = (idle.clone(), tally.clone());
+                tasks.spawn(async move {
+                    let conn = idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+                    let outcome = tokio::time::timeout(REQUEST_TIMEOUT, productpage(ingress, conn)).await;
+                    match outcome {
+                        Ok(Ok(conn)) => {
+                            tally.ok.fetch_add(1, Ordering::Relaxed);
+                            idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(conn);
+                        }
+                        Ok(Err(e)) => tally.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(e),
+                        Err(_) => tally
+                            .failures
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .push("no answer within 30 s".into()),
+                    }
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        });
+    })
+}
+
+/// One `GET /productpage` through the ingress on `conn` (or a new connection); the
+/// connection back when the page is whole.
+async fn productpage(
+    ingress: SocketAddr,
+    conn: Option<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>>,
+) -> Result<hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>, String> {
+    use http_body_util::BodyExt as _;
+    let mut conn = match conn {
+        Some(c) if !c.is_closed() => c,
+        _ => {
+            let stream = tokio::net::TcpStream::connect(ingress).await.map_err(|e| format!("connect: {e}"))?;
+            stream.set_nodelay(true).ok();
+            let (sender, driver) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            tokio::spawn(driver);
+            sender
+        }
+    };
+    let req = http::Request::get("/productpage")
+        .header(http::header::HOST, "bookinfo")
+        .body(http_body_util::Empty::new())
+        .map_err(|e| e.to_string())?;
+    conn.ready().await.map_err(|e| format!("connection: {e}"))?;
+    let resp = conn.send_request(req).await.map_err(|e| format!("request: {e}"))?;
+    let status = resp.status();
+    let body = resp.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+    let text = String::from_utf8_lossy(&body);
+    if status != 200 {
+        return Err(format!("status {status}: {}", text.chars().take(200).collect::<String>()));
+    }
+    if let Some(at) = text.find("Sorry, ") {
+        return Err(format!("a degraded page: {}", text[at..].chars().take(80).collect::<String>()));
+    }
+    if !text.contains("</html>") {
+        return Err(format!("a truncated page: {} bytes", text.len()));
+    }
+    Ok(conn)
+}
+
+/// The `weft control` child processes of the mesh whose state directory is `marker`:
+/// pid, API address and the admin token file they share (from their command lines).
+fn child_replicas(marker: &str) -> Vec<(i32, String, String)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let has = |w: &str| args.iter().any(|a| a == w);
+        if has("control") && has("--store") && args.iter().any(|a| a.contains(marker)) {
+            let flag = |f: &str| args.iter().position(|a| a == f).and_then(|i| args.get(i + 1)).cloned();
+            if let (Some(api), Some(token)) = (flag("--api"), flag("--api-token-file")) {
+                out.push((pid, api, token));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// One etcd member of the mesh (pid), by its data directory under `marker`.
+fn etcd_member(marker: &str) -> i32 {
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains("--initial-cluster") && cmdline.contains(marker) {
+            return pid;
+        }
+    }
+    panic!("no etcd member of {marker}");
+}
+
+/// `weft ARGS` through the replica at `api` (None: the first one, found by the CLI),
+/// with the admin token file every replica checks.
+fn weft_via(mesh: &UpMesh, api: Option<&str>, token: &str, args: &[&str]) -> (bool, String) {
+    let mut args: Vec<&str> = args.to_vec();
+    let server = api.map(|a| format!("http://{a}"));
+    if let Some(s) = &server {
+        args.extend(["--server", s.as_str(), "--token-file", token]);
+    }
+    mesh.weft(&args)
+}
+
+/// `weft proxy-status -o json` through the replica at `api` (None: the first one).
+fn proxy_status(mesh: &UpMesh, api: Option<&str>, token: &str) -> serde_json::Value {
+    let (ok, out) = weft_via(mesh, api, token, &["proxy-status", "-o", "json"]);
+    assert!(ok, "weft proxy-status: {out}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+fn all_synced(p: &serde_json::Value) -> bool {
+    p["types"].as_object().is_some_and(|t| !t.is_empty() && t.values().all(|s| s["status"] == "SYNCED"))
+}
+
+fn kill9(pid: i32) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
+}
+
+/// Seconds since the Unix epoch.
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+#[test]
+#[ignore = "fails: pages degrade (a Bookinfo service unavailable) right after kill -9 of a replica; see the report of wip-ha"]
+fn bookinfo_at_a_fixed_rate_survives_a_replica_and_an_etcd_member_without_a_failed_request() {
+    let rps: u32 = std::env::var("WEFT_HA_RPS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let mesh = UpMesh::start(None, &["--replicas", "3", "--access-log", "off"], 6);
+    let marker = mesh.logs.parent().unwrap().to_string_lossy().into_owned();
+    let ingress: SocketAddr = mesh.ingress.parse().unwrap();
+    let replicas = child_replicas(&marker);
+    assert_eq!(replicas.len(), 2, "two child replicas beside the one in weft up");
+    let token = replicas[0].2.clone();
+    let first_api = mesh.output.iter().find_map(|l| l.split("API http://").nth(1)).unwrap();
+    let first_api = first_api.split_whitespace().next().unwrap().to_string();
+
+    // Every proxy (6 sidecars, the gateway) SYNCED, listed through any replica.
+    let all = UpMesh::wait_for(
+        "every proxy SYNCED, listed through the first replica",
+        || proxy_status(&mesh, None, &token),
+        |v| v["proxies"].as_array().is_some_and(|ps| ps.len() == 7 && ps.iter().all(all_synced)),
+    );
+    for (_, api, _) in &replicas {
+        let v = proxy_status(&mesh, Some(api), &token);
+        assert_eq!(v["proxies"].as_array().unwrap().len(), 7, "through {api}: {v}");
+    }
+
+    let tally = Arc::new(Tally::default());
+    let load = start_load(ingress, rps, tally.clone());
+    tally.progress(u64::from(rps));
+    tally.assert_none_failed("before any failure");
+
+    // 1. kill -9 the child replica with the most proxies: they move, nothing fails.
+    let on = |v: &serde_json::Value, api: &str| -> BTreeSet<String> {
+        v["proxies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["replica"]["api"] == api)
+            .filter_map(|p| p["name"].as_str().map(str::to_string))
+            .collect()
+    };
+    let (victim, victim_api, _) = replicas.iter().max_by_key(|(_, api, _)| on(&all, api).len()).cloned().unwrap();
+    let moved = on(&all, &victim_api);
+    assert!(!moved.is_empty(), "no proxy on either child replica: {all}");
+    let survivors: Vec<String> = std::iter::once(first_api.clone())
+        .chain(replicas.iter().filter(|(p, _, _)| *p != victim).map(|(_, a, _)| a.clone()))
+        .collect();
+    let killed_at = SystemTime::now();
+    kill9(victim);
+    // Per moved proxy: when a surviving replica had every type of it ACKed.
+    let resynced: BTreeMap<String, f64> = UpMesh::wait_for(
+        "the dead replica's proxies SYNCED on surviving replicas",
+        || {
+            let mut seen = BTreeMap::new();
+            for api in &survivors {
+                let asked = unix(SystemTime::now());
+                let v = proxy_status(&mesh, Some(api), &token);
+                for p in v["proxies"].as_array().into_iter().flatten() {
+                    let name = p["name"].as_str().unwrap_or_default().to_string();
+                    if p["replica"]["api"] != api.as_str() || !moved.contains(&name) || !all_synced(p) {
+                        continue;
+                    }
+                    let acked = p["types"]
+                        .as_object()
+                        .unwrap()
+                        .values()
+                        .filter_map(|t| t["config_age_seconds"].as_f64())
+                        .map(|age| asked - age)
+                        .fold(f64::MIN, f64::max);
+                    seen.insert(name, acked - unix(killed_at));
+                }
+            }
+            seen
+        },
+        |seen| seen.len() == moved.len(),
+    );
+    println!("resync after kill -9 of a replica (s): {resynced:?}");
+    for (name, s) in &resynced {
+        assert!(*s < 1.0, "{name} SYNCED on a surviving replica {s:.3} s after the kill (want < 1 s)");
+    }
+    tally.progress(u64::from(rps));
+    tally.assert_none_failed("after kill -9 of a replica");
+
+    // 2. A VirtualService through a surviving child replica reaches every proxy.
+    let via = survivors.last().unwrap().clone();
+    let before = proxy_status(&mesh, None, &token);
+    let rds = |v: &serde_json::Value| -> BTreeMap<String, String> {
+        v["proxies"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|p| {
+                Some((p["name"].as_str()?.to_string(), p["types"]["RouteConfiguration"]["acked"].as_str()?.to_string()))
+            })
+            .collect()
+    };
+    let rds_before = rds(&before);
+    let samples = weft_testkit::conformance_dir().join("bookinfo/networking");
+    for f in ["destination-rule-all.yaml", "virtual-service-all-v1.yaml"] {
+        let path = samples.join(f);
+        let (ok, out) = weft_via(&mesh, Some(&via), &token, &["apply", "-f", path.to_str().unwrap()]);
+        assert!(ok, "weft apply -f {f} through {via}: {out}");
+    }
+    let productpage = mesh.pod_name("productpage-v1");
+    for api in &survivors {
+        UpMesh::wait_for(
+            &format!("every proxy SYNCED on the new routes, listed through {api}"),
+            || proxy_status(&mesh, Some(api), &token),
+            |v| {
+                let ps = v["proxies"].as_array().map(Vec::as_slice).unwrap_or_default();
+                ps.len() == 7
+                    && ps.iter().all(all_synced)
+                    && rds(v).get(&productpage).is_some_and(|r| rds_before.get(&productpage) != Some(r))
+            },
+        );
+    }
+    tally.progress(u64::from(rps));
+    tally.assert_none_failed("after a change through another replica");
+
+    // 3. kill -9 one etcd member: no effect; a change still goes through.
+    kill9(etcd_member(&marker));
+    let path = samples.join("virtual-service-reviews-v3.yaml");
+    let (ok, out) = mesh.weft(&["apply", "-f", path.to_str().unwrap()]);
+    assert!(ok, "weft apply with an etcd member down: {out}");
+    let rds_v1 = rds(&proxy_status(&mesh, None, &token));
+    UpMesh::wait_for(
+        "the change applied with an etcd member down reaches productpage",
+        || proxy_status(&mesh, Some(&via), &token),
+        |v| {
+            let ps = v["proxies"].as_array().map(Vec::as_slice).unwrap_or_default();
+            ps.iter().all(all_synced) && rds(v).get(&productpage).is_some_and(|r| rds_v1.get(&productpage) != Some(r))
+        },
+    );
+    tally.progress(u64::from(rps));
+    tally.stop.store(true, Ordering::Relaxed);
+    load.join().unwrap();
+    let (sent, ok) = (tally.sent.load(Ordering::Relaxed), tally.ok.load(Ordering::Relaxed));
+    println!("load: {sent} requests sent at {rps}/s, {ok} answered, {} failed", tally.failed());
+    tally.assert_none_failed("at the end");
+    assert_eq!(ok, sent, "every request answered");
+}
