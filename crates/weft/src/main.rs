@@ -296,6 +296,30 @@ enum Command {
         #[arg(long, requires = "gateway")]
         gateway_address: Option<std::net::IpAddr>,
     },
+    /// Print a gRPC xDS bootstrap (`GRPC_XDS_BOOTSTRAP`) for a proxyless gRPC client
+    /// dialing `xds:///<service>:<port>` (docs/control.md, "Proxyless gRPC clients").
+    GrpcBootstrap {
+        /// Workload name.
+        #[arg(long)]
+        name: String,
+        /// Namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Service account.
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        /// The control plane's xDS address (plaintext port).
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds: std::net::SocketAddr,
+        /// Join token (`weft token create`): the stream's credential, in the node metadata.
+        #[arg(long)]
+        join_token: Option<String>,
+        /// Directory of `cert-chain.pem`, `key.pem` and `root-cert.pem` (a workload
+        /// certificate of the mesh CA): gRPC's `file_watcher` provider `default`, for
+        /// DestinationRules with `ISTIO_MUTUAL`.
+        #[arg(long)]
+        cert_dir: Option<PathBuf>,
+    },
     /// Without an app: run a small local mesh (an in-process xDS server, two echo
     /// backends and a proxy, with a weighted split, a header route and a fault; prints what
     /// to curl). With one: run that application of Istio's samples: Bookinfo's
@@ -654,6 +678,21 @@ fn main() -> std::process::ExitCode {
                     analyze::offline(&files, &failure_threshold, &output_threshold)
                 };
                 std::process::exit(code);
+            }
+            Command::GrpcBootstrap { name, namespace, service_account, xds, join_token, cert_dir } => {
+                let mut metadata = vec![("SERVICE_ACCOUNT", service_account.as_str())];
+                if let Some(t) = &join_token {
+                    metadata.push(("WEFT_JOIN_TOKEN", t.as_str()));
+                }
+                let b = weft_control::translate::grpcgen::bootstrap(
+                    &xds.to_string(),
+                    &name,
+                    &namespace,
+                    cert_dir.as_deref(),
+                    &metadata,
+                );
+                println!("{}", serde_json::to_string_pretty(&b)?);
+                Ok(())
             }
             Command::EnvoyBootstrap {
                 name,
