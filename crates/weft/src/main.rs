@@ -5,6 +5,7 @@ mod apps;
 mod bookinfo;
 mod demo;
 mod exec;
+mod grpc_bootstrap;
 mod inject;
 mod iptables;
 mod load;
@@ -319,6 +320,13 @@ enum Command {
         /// DestinationRules with `ISTIO_MUTUAL`.
         #[arg(long)]
         cert_dir: Option<PathBuf>,
+        /// Write a new key and a certificate of the mesh CA into --cert-dir first
+        /// (a CSR to the control plane's certificate service with --join-token).
+        #[arg(long, requires_all = ["cert_dir", "join_token"])]
+        fetch_certs: bool,
+        /// Trust domain of the workload identity (with --fetch-certs).
+        #[arg(long, default_value = weft_identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
     /// Without an app: run a small local mesh (an in-process xDS server, two echo
     /// backends and a proxy, with a weighted split, a header route and a fault; prints what
@@ -679,20 +687,27 @@ fn main() -> std::process::ExitCode {
                 };
                 std::process::exit(code);
             }
-            Command::GrpcBootstrap { name, namespace, service_account, xds, join_token, cert_dir } => {
-                let mut metadata = vec![("SERVICE_ACCOUNT", service_account.as_str())];
-                if let Some(t) = &join_token {
-                    metadata.push(("WEFT_JOIN_TOKEN", t.as_str()));
-                }
-                let b = weft_control::translate::grpcgen::bootstrap(
-                    &xds.to_string(),
-                    &name,
-                    &namespace,
-                    cert_dir.as_deref(),
-                    &metadata,
-                );
-                println!("{}", serde_json::to_string_pretty(&b)?);
-                Ok(())
+            Command::GrpcBootstrap {
+                name,
+                namespace,
+                service_account,
+                xds,
+                join_token,
+                cert_dir,
+                fetch_certs,
+                trust_domain,
+            } => {
+                grpc_bootstrap::run(&grpc_bootstrap::Args {
+                    name: &name,
+                    namespace: &namespace,
+                    service_account: &service_account,
+                    xds,
+                    join_token: join_token.as_deref(),
+                    cert_dir: cert_dir.as_deref(),
+                    fetch_certs,
+                    trust_domain: &trust_domain,
+                })
+                .await
             }
             Command::EnvoyBootstrap {
                 name,
