@@ -27,8 +27,9 @@ use weft_control::identity::IdentityConfig;
 use weft_control::translate::grpcgen;
 use weft_testkit::http::{request, send_h1};
 
-/// Upper bound of one client run (its own calls wait 30 s at most each for xDS).
-const RUN: Duration = Duration::from_secs(120);
+/// Upper bound of one client run (its calls wait 30 s at most each; generous for
+/// loaded machines).
+const RUN: Duration = Duration::from_secs(300);
 const SERVICE: &str = r#"
 apiVersion: v1
 kind: Service

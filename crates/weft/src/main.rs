@@ -6,6 +6,7 @@ mod bookinfo;
 mod demo;
 mod ephemeral;
 mod exec;
+mod grpc_bootstrap;
 mod inject;
 mod iptables;
 mod load;
@@ -297,6 +298,37 @@ enum Command {
         /// Gateway: the IP its listeners bind (default 0.0.0.0).
         #[arg(long, requires = "gateway")]
         gateway_address: Option<std::net::IpAddr>,
+    },
+    /// Print a gRPC xDS bootstrap (`GRPC_XDS_BOOTSTRAP`) for a proxyless gRPC client
+    /// dialing `xds:///<service>:<port>` (docs/control.md, "Proxyless gRPC clients").
+    GrpcBootstrap {
+        /// Workload name.
+        #[arg(long)]
+        name: String,
+        /// Namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// Service account.
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        /// The control plane's xDS address (plaintext port).
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds: std::net::SocketAddr,
+        /// Join token (`weft token create`): the stream's credential, in the node metadata.
+        #[arg(long)]
+        join_token: Option<String>,
+        /// Directory of `cert-chain.pem`, `key.pem` and `root-cert.pem` (a workload
+        /// certificate of the mesh CA): gRPC's `file_watcher` provider `default`, for
+        /// DestinationRules with `ISTIO_MUTUAL`.
+        #[arg(long)]
+        cert_dir: Option<PathBuf>,
+        /// Write a new key and a certificate of the mesh CA into --cert-dir first
+        /// (a CSR to the control plane's certificate service with --join-token).
+        #[arg(long, requires_all = ["cert_dir", "join_token"])]
+        fetch_certs: bool,
+        /// Trust domain of the workload identity (with --fetch-certs).
+        #[arg(long, default_value = weft_identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
     },
     /// Without an app: run a small local mesh (an in-process xDS server, two echo
     /// backends and a proxy, with a weighted split, a header route and a fault; prints what
@@ -721,6 +753,28 @@ fn main() -> std::process::ExitCode {
                     analyze::offline(&files, &failure_threshold, &output_threshold)
                 };
                 std::process::exit(code);
+            }
+            Command::GrpcBootstrap {
+                name,
+                namespace,
+                service_account,
+                xds,
+                join_token,
+                cert_dir,
+                fetch_certs,
+                trust_domain,
+            } => {
+                grpc_bootstrap::run(&grpc_bootstrap::Args {
+                    name: &name,
+                    namespace: &namespace,
+                    service_account: &service_account,
+                    xds,
+                    join_token: join_token.as_deref(),
+                    cert_dir: cert_dir.as_deref(),
+                    fetch_certs,
+                    trust_domain: &trust_domain,
+                })
+                .await
             }
             Command::EnvoyBootstrap {
                 name,

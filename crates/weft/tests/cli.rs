@@ -68,6 +68,25 @@ async fn proxy_process_serves_xds_config_and_drains_on_sigterm() {
 }
 
 #[tokio::test]
+async fn grpc_bootstrap_prints_a_grpc_xds_bootstrap_with_the_file_watcher_provider() {
+    let out = tokio::process::Command::new(WEFT)
+        .args(["grpc-bootstrap", "--name", "client", "--namespace", "shop", "--xds", "127.0.0.1:15999"])
+        .args(["--join-token", "t0k", "--cert-dir", "/var/run/certs"])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let b: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(b["xds_servers"][0]["server_uri"], "127.0.0.1:15999");
+    assert_eq!(b["node"]["id"], "sidecar~127.0.0.1~client.shop~shop.svc.cluster.local");
+    assert_eq!(b["node"]["metadata"]["GENERATOR"], "grpc");
+    assert_eq!(b["node"]["metadata"]["WEFT_JOIN_TOKEN"], "t0k");
+    let provider = &b["certificate_providers"]["default"];
+    assert_eq!(provider["plugin_name"], "file_watcher");
+    assert_eq!(provider["config"]["certificate_file"], "/var/run/certs/cert-chain.pem");
+}
+
+#[tokio::test]
 async fn envoy_bootstrap_prints_a_registered_node_and_rejects_bad_labels() {
     let out = tokio::process::Command::new(WEFT)
         .args([

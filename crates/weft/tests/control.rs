@@ -156,6 +156,9 @@ async fn control_plane_routes_registered_proxies_and_follows_file_edits() {
     let (code, table, _) = weft(&["proxy-status", "--server", &api]).await;
     assert_eq!(code, 0);
     assert!(table.contains("productpage.default") && table.contains("SYNCED"), "{table}");
+    // The KIND column: weft's own proxies are sidecars (gRPC clients show `grpc`).
+    assert!(table.lines().next().is_some_and(|h| h.contains("KIND")), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("productpage.default") && l.contains(" sidecar ")), "{table}");
 
     // proxy-config: the resources the client is served, decoded.
     let fqdn = "outbound|9080||reviews.default.svc.cluster.local";
