@@ -289,3 +289,53 @@ impl ResolvesClientCert for SdsClientCert {
         true
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::{data_source, DataSource};
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+        CertificateValidationContext, TlsCertificate,
+    };
+    use envoy_types::util::pack_any;
+
+    fn inline(s: &str) -> Option<DataSource> {
+        Some(DataSource { specifier: Some(data_source::Specifier::InlineString(s.into())), ..Default::default() })
+    }
+
+    fn ca_pem() -> String {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&key).unwrap().pem()
+    }
+
+    #[test]
+    fn named_secrets_are_kept_replaced_removed_and_bad_ones_named() {
+        let secrets = NamedSecrets::default();
+        let ca = Secret {
+            name: "kubernetes://gw-cacert".into(),
+            r#type: Some(secret::Type::ValidationContext(CertificateValidationContext {
+                trusted_ca: inline(&ca_pem()),
+                ..Default::default()
+            })),
+        };
+        let bad = Secret {
+            name: "kubernetes://gw".into(),
+            r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+                certificate_chain: inline("not a certificate"),
+                private_key: inline("not a key"),
+                ..Default::default()
+            })),
+        };
+        let errors = secrets
+            .apply(&[("kubernetes://gw-cacert".into(), pack_any(ca)), ("kubernetes://gw".into(), pack_any(bad))], &[]);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].starts_with("secret \"kubernetes://gw\": certificate_chain"), "{errors:?}");
+        assert!(matches!(secrets.get("kubernetes://gw-cacert").as_deref(), Some(NamedSecret::Ca { .. })));
+        assert!(secrets.get("kubernetes://gw").is_none());
+        assert!(secrets.apply(&[], &["kubernetes://gw-cacert".into()]).is_empty());
+        assert!(secrets.get("kubernetes://gw-cacert").is_none());
+        assert!(secrets.want("kubernetes://gw") && !secrets.want("kubernetes://gw"));
+    }
+}
