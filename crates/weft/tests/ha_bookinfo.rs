@@ -43,6 +43,12 @@ struct Tally {
 }
 
 impl Tally {
+    /// Notes a failed request, with the wall-clock time it failed at.
+    fn fail(&self, why: String) {
+        let at = unix(SystemTime::now());
+        self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(format!("at {at:.1}: {why}"));
+    }
+
     fn failed(&self) -> usize {
         self.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len()
     }
@@ -97,12 +103,8 @@ fn start_load(ingress: SocketAddr, rps: u32, tally: Arc<Tally>) -> std::thread::
                             tally.ok.fetch_add(1, Ordering::Relaxed);
                             idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(conn);
                         }
-                        Ok(Err(e)) => tally.failures.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(e),
-                        Err(_) => tally
-                            .failures
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .push("no answer within 30 s".into()),
+                        Ok(Err(e)) => tally.fail(e),
+                        Err(_) => tally.fail("no answer within 30 s".into()),
                     }
                 });
             }
@@ -261,6 +263,7 @@ fn bookinfo_at_a_fixed_rate_survives_a_replica_and_an_etcd_member_without_a_fail
         .chain(replicas.iter().filter(|(p, _, _)| *p != victim).map(|(_, a, _)| a.clone()))
         .collect();
     let killed_at = SystemTime::now();
+    println!("kill -9 of replica {victim_api} at {:.1}", unix(killed_at));
     kill9(victim);
     // Per moved proxy: when a surviving replica had every type of it ACKed.
     let resynced: BTreeMap<String, f64> = UpMesh::wait_for(
