@@ -7,6 +7,7 @@ mod demo;
 mod exec;
 mod inject;
 mod iptables;
+mod kubernetes;
 mod load;
 mod local;
 mod ops;
@@ -111,6 +112,8 @@ enum Command {
         slo: slo::SloArgs,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        kubernetes: kubernetes::KubernetesArgs,
     },
     /// Service level objectives: `weft slo rules` writes them as Prometheus rules.
     Slo {
@@ -599,6 +602,7 @@ fn main() -> std::process::ExitCode {
                 webhook,
                 slo,
                 store,
+                kubernetes,
             } => {
                 let addrs = (xds, api);
                 let store = match store.store.as_deref() {
@@ -623,7 +627,8 @@ fn main() -> std::process::ExitCode {
                     ..Default::default()
                 };
                 let policy = (outbound_traffic_policy.as_str(), mesh_file, stats);
-                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, (webhook, slo)).await
+                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, (webhook, slo, kubernetes))
+                    .await
             }
             Command::Token { command } => token::run(command).await,
             Command::Slo { command } => slo::run(command).await,
@@ -740,7 +745,7 @@ async fn run_control(
     ),
     reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
-    (webhook, slo): (WebhookArgs, slo::SloArgs),
+    (webhook, slo, kubernetes): (WebhookArgs, slo::SloArgs, kubernetes::KubernetesArgs),
 ) -> anyhow::Result<()> {
     use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
     let mut mesh = MeshConfig {
@@ -807,6 +812,14 @@ async fn run_control(
         None => weft_control::control::ControlPlane::start(cfg).await,
     }
     .map_err(|e| anyhow::anyhow!(e))?;
+    let _kubernetes = match kubernetes.config() {
+        Some(k) => Some(
+            weft_control::kubernetes::KubernetesSource::start(&k, cp.store.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
+        ),
+        None => None,
+    };
     match cp.webhook_addr {
         Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),
         None => println!("weft control: xDS on {}, API on {}", cp.xds_addr, cp.api_addr),
