@@ -67,9 +67,19 @@ pub fn unavailable() -> Option<String> {
     })
 }
 
-/// `(kube-apiserver, kubectl)` when both are installed.
+/// `(kube-apiserver, kubectl)` when both are installed: the pinned ones that
+/// `scripts/setup.sh` built first (a machine's own `kubectl` may be of another release),
+/// else whatever `PATH` has.
 pub fn binaries() -> Option<(PathBuf, PathBuf)> {
-    Some((crate::tools::find("kube-apiserver")?, crate::tools::find("kubectl")?))
+    let pinned = |name: &str| {
+        let p = crate::tools::tools_bin().join(name);
+        if p.is_file() {
+            Some(p)
+        } else {
+            crate::tools::find(name)
+        }
+    };
+    Some((pinned("kube-apiserver")?, pinned("kubectl")?))
 }
 
 impl KubeApiServer {
