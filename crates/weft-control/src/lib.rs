@@ -18,6 +18,7 @@ pub mod inject;
 pub mod inspect;
 pub mod jwks;
 pub mod k8s_tokens;
+pub mod kubernetes;
 pub mod leader;
 pub mod meshconfig;
 pub mod meshstats;

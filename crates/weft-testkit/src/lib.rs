@@ -10,6 +10,7 @@ pub mod envoy;
 pub mod etcd;
 pub mod http;
 pub mod jwt;
+pub mod kube;
 pub mod net;
 pub mod open;
 pub mod pki;

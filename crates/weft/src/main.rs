@@ -9,6 +9,7 @@ mod exec;
 mod grpc_bootstrap;
 mod inject;
 mod iptables;
+mod kubernetes;
 mod load;
 mod local;
 mod ops;
@@ -113,6 +114,8 @@ enum Command {
         slo: slo::SloArgs,
         #[command(flatten)]
         store: StoreArgs,
+        #[command(flatten)]
+        kubernetes: kubernetes::KubernetesArgs,
     },
     /// Service level objectives: `weft slo rules` writes them as Prometheus rules.
     Slo {
@@ -686,6 +689,7 @@ fn main() -> std::process::ExitCode {
                 webhook,
                 slo,
                 store,
+                kubernetes,
             } => {
                 let addrs = (xds, api);
                 let store = match store.store.as_deref() {
@@ -722,7 +726,8 @@ fn main() -> std::process::ExitCode {
                     ..Default::default()
                 };
                 let policy = (outbound_traffic_policy.as_str(), mesh_file, stats);
-                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, (webhook, slo)).await
+                run_control(dir, addrs, transparent, policy, reconnect_grace, identity, (webhook, slo, kubernetes))
+                    .await
             }
             Command::Token { command } => token::run(command).await,
             Command::Slo { command } => slo::run(command).await,
@@ -861,7 +866,7 @@ async fn run_control(
     ),
     reconnect_grace: std::time::Duration,
     identity: IdentityArgs,
-    (webhook, slo): (WebhookArgs, slo::SloArgs),
+    (webhook, slo, kubernetes): (WebhookArgs, slo::SloArgs, kubernetes::KubernetesArgs),
 ) -> anyhow::Result<()> {
     use weft_control::translate::{MeshConfig, OutboundPolicy, ProxyMode};
     let mut mesh = MeshConfig {
@@ -942,6 +947,14 @@ async fn run_control(
         None => weft_control::control::ControlPlane::start(cfg).await,
     }
     .map_err(|e| anyhow::anyhow!(e))?;
+    let _kubernetes = match kubernetes.config() {
+        Some(k) => Some(
+            weft_control::kubernetes::KubernetesSource::start(&k, cp.store.clone())
+                .await
+                .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
+        ),
+        None => None,
+    };
     match cp.webhook_addr {
         Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),
         None => println!("weft control: xDS on {}, API on {}", cp.xds_addr, cp.api_addr),
