@@ -367,7 +367,7 @@ impl Kind {
         match self {
             Kind::GatewayClass | Kind::KubernetesGateway | Kind::HttpRoute => return &["v1", "v1beta1", "v1alpha2"],
             Kind::GrpcRoute => return &["v1", "v1alpha2"],
-            Kind::TcpRoute => return &["v1alpha2"],
+            Kind::TcpRoute => return &["v1", "v1alpha2"],
             Kind::TlsRoute => return &["v1", "v1alpha3", "v1alpha2"],
             Kind::ReferenceGrant => return &["v1", "v1beta1", "v1alpha2"],
             _ => {}

@@ -37,8 +37,8 @@ fn data(rel: &str) -> PathBuf {
 /// the backends' Services), the example's GatewayClass and Services, two routes that must
 /// be refused (another namespace; a backend across namespaces without a grant), and
 /// WorkloadEntries putting the echo servers behind the Services.
-fn infra(backends: &BTreeMap<&str, (&str, &EchoServer)>) -> String {
-    let mut out = String::from(
+fn infra(backends: &BTreeMap<&str, (&str, &EchoServer)>, tcp_echo: SocketAddr) -> String {
+    let out = String::from(
         r#"apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
 metadata: {name: same-namespace, namespace: gateway-conformance-infra}
@@ -54,6 +54,21 @@ apiVersion: gateway.networking.k8s.io/v1
 kind: GatewayClass
 metadata: {name: example-gateway-class}
 spec: {controllerName: istio.io/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: my-tcp-gateway-class}
+spec: {controllerName: istio.io/gateway-controller}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: my-foo-service, namespace: default}
+spec: {selector: {app: my-foo-service}, ports: [{name: tcp, port: 6000}]}
+---
+apiVersion: networking.istio.io/v1
+kind: WorkloadEntry
+metadata: {name: my-foo-service, namespace: default}
+spec: {address: 127.0.0.1, labels: {app: my-foo-service}, ports: {tcp: TCP_ECHO_PORT}}
 ---
 apiVersion: gateway.networking.k8s.io/v1
 kind: Gateway
@@ -78,6 +93,7 @@ spec:
   rules: [{backendRefs: [{name: infra-backend-v1, namespace: gateway-conformance-infra, port: 8080}]}]
 "#,
     );
+    let mut out = out.replace("TCP_ECHO_PORT", &tcp_echo.port().to_string());
     for (svc, (ns, app)) in backends {
         out.push_str(&format!(
             "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec:\n  selector: {{app: {svc}}}\n  ports: [{{name: http, port: {port}}}]\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: {svc}, namespace: {ns}}}\nspec:\n  address: 127.0.0.1\n  labels: {{app: {svc}}}\n  ports: {{http: {echo}}}\n",
@@ -97,17 +113,17 @@ async fn start_proxy(text: &str) -> ProxyHandle {
 
 /// A weft proxy as the gateway Istio would deploy for Gateway `name` (`<name>-istio`,
 /// labelled with the gateway's name), server port 80 on a free port.
-async fn weft_gateway(cp: &ControlPlane, ns: &str, name: &str) -> ProxyHandle {
+async fn weft_gateway(cp: &ControlPlane, ns: &str, name: &str, port: u16) -> ProxyHandle {
     let token = mesh::join_token(cp, ns, &format!("{name}-istio")).await;
     let text = format!(
-        "node:\n  id: router~127.0.0.1~{name}-istio-1.{ns}~{ns}.svc.cluster.local\n  name: {name}-istio-1\n  workload_name: {name}-istio\n  namespace: {ns}\n  service_account: {name}-istio\n  labels: {{\"{GATEWAY_LABEL}\": {name}}}\n  gateway_ports: {{80: 0}}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
+        "node:\n  id: router~127.0.0.1~{name}-istio-1.{ns}~{ns}.svc.cluster.local\n  name: {name}-istio-1\n  workload_name: {name}-istio\n  namespace: {ns}\n  service_account: {name}-istio\n  labels: {{\"{GATEWAY_LABEL}\": {name}}}\n  gateway_ports: {{{port}: 0}}\n  gateway_address: 127.0.0.1\nxds:\n  address: http://{}\nadmin: 127.0.0.1:0\nmetrics: 127.0.0.1:0\naccess_log: \"off\"\ndrain_timeout: 1s\nidentity:\n  token: \"{token}\"\n",
         cp.xds_addr,
     );
     start_proxy(&text).await
 }
 
 /// A stock Envoy as the same gateway.
-async fn envoy_gateway(cp: &ControlPlane, ns: &str, name: &str) -> weft_testkit::envoy::Envoy {
+async fn envoy_gateway(cp: &ControlPlane, ns: &str, name: &str, port: u16) -> weft_testkit::envoy::Envoy {
     let sa = format!("{name}-istio");
     let opts = EnvoyBootstrapOptions {
         name: format!("{name}-istio-envoy"),
@@ -124,7 +140,7 @@ async fn envoy_gateway(cp: &ControlPlane, ns: &str, name: &str) -> weft_testkit:
         outbound: None,
         join_token: Some(mesh::join_token(cp, ns, &sa).await),
     };
-    let node = opts.gateway_node_info([(80, 0)].into(), Some("127.0.0.1".parse().unwrap()));
+    let node = opts.gateway_node_info([(port, 0)].into(), Some("127.0.0.1".parse().unwrap()));
     weft_testkit::envoy::Envoy::start(&render_node(&opts, &node)).await.unwrap()
 }
 
@@ -342,7 +358,8 @@ async fn gateway_api_manifests_behave_as_specified_through_weft_and_envoy_gatewa
     let mut backends: BTreeMap<&str, (&str, &EchoServer)> =
         names.iter().zip(&servers).map(|((n, ns), s)| (*n, (*ns, s))).collect();
     backends.insert("mirrored-backend", ("gateway-conformance-infra", &mirrored));
-    std::fs::write(dir.path().join("infra.yaml"), infra(&backends)).unwrap();
+    let tcp_echo = weft_testkit::echo::TcpEchoServer::start().await;
+    std::fs::write(dir.path().join("infra.yaml"), infra(&backends, tcp_echo.addr)).unwrap();
     let conformance = [
         "httproute-request-header-modifier.yaml",
         "httproute-rewrite-path.yaml",
@@ -357,6 +374,9 @@ async fn gateway_api_manifests_behave_as_specified_through_weft_and_envoy_gatewa
     for f in ["gateway.yaml", "foo-httproute.yaml", "bar-httproute.yaml"] {
         std::fs::copy(data(&format!("examples/http-routing/{f}")), dir.path().join(format!("example-{f}"))).unwrap();
     }
+    for f in ["gateway.yaml", "tcp-route.yaml"] {
+        std::fs::copy(data(&format!("examples/tcp-routing/{f}")), dir.path().join(format!("tcp-{f}"))).unwrap();
+    }
     std::fs::copy(data("mesh/httproute-redirect-path.yaml"), dir.path().join("mesh-redirect.yaml")).unwrap();
     let mut identity = IdentityConfig::new(data_dir.path());
     identity.cert_ttl = Duration::from_secs(3600);
@@ -368,8 +388,8 @@ async fn gateway_api_manifests_behave_as_specified_through_weft_and_envoy_gatewa
     assert_eq!(condition(&st["conditions"], "Accepted"), yes("Accepted"), "{st:#}");
     assert_eq!(condition(&st["conditions"], "Programmed"), no("AddressNotAssigned"), "{st:#}");
 
-    let infra_gw = weft_gateway(&cp, "gateway-conformance-infra", "same-namespace").await;
-    let example_gw = weft_gateway(&cp, "default", "example-gateway").await;
+    let infra_gw = weft_gateway(&cp, "gateway-conformance-infra", "same-namespace", 80).await;
+    let example_gw = weft_gateway(&cp, "default", "example-gateway", 80).await;
     let infra_addr = infra_gw.listener_addr("0.0.0.0_80", WAIT).await.expect("the conformance gateway listens");
     let example_addr = example_gw.listener_addr("0.0.0.0_80", WAIT).await.expect("the example gateway listens");
     eventually("the conformance routes on the weft gateway", || async {
@@ -379,8 +399,8 @@ async fn gateway_api_manifests_behave_as_specified_through_weft_and_envoy_gatewa
     check_conformance(infra_addr, "weft", &apps).await;
     check_example(example_addr, "weft").await;
 
-    let envoy_infra = envoy_gateway(&cp, "gateway-conformance-infra", "same-namespace").await;
-    let envoy_example = envoy_gateway(&cp, "default", "example-gateway").await;
+    let envoy_infra = envoy_gateway(&cp, "gateway-conformance-infra", "same-namespace", 80).await;
+    let envoy_example = envoy_gateway(&cp, "default", "example-gateway", 80).await;
     let e_infra = envoy_infra.listener_addr("0.0.0.0_80", WAIT).await.unwrap();
     let e_example = envoy_example.listener_addr("0.0.0.0_80", WAIT).await.unwrap();
     eventually("the conformance routes on the Envoy gateway", || async {
@@ -389,6 +409,18 @@ async fn gateway_api_manifests_behave_as_specified_through_weft_and_envoy_gatewa
     .await;
     check_conformance(e_infra, "envoy", &apps).await;
     check_example(e_example, "envoy").await;
+
+    // The tcp-routing example: a TCPRoute on the TCP listener, through both gateways.
+    let tcp_gw = weft_gateway(&cp, "default", "my-tcp-gateway", 8080).await;
+    let envoy_tcp = envoy_gateway(&cp, "default", "my-tcp-gateway", 8080).await;
+    for (addr, who) in [
+        (tcp_gw.listener_addr("0.0.0.0_8080", WAIT).await.expect("the TCP gateway listens"), "weft"),
+        (envoy_tcp.listener_addr("0.0.0.0_8080", WAIT).await.expect("the Envoy TCP gateway listens"), "envoy"),
+    ] {
+        check_tcp(addr, who).await;
+    }
+    let st = status(&cp, "tcproute", "tcp-app-1").await;
+    assert_eq!(condition(&st["parents"][0]["conditions"], "Accepted"), yes("Accepted"), "{st:#}");
 
     // Status, as Istio sets it.
     let st = status(&cp, "gtw", "same-namespace").await;
@@ -471,6 +503,20 @@ async fn gateway_api_manifests_behave_as_specified_through_weft_and_envoy_gatewa
     assert!(nacks.is_empty(), "NACKs: {nacks:?}\n{}", envoy_infra.log_tail());
     infra_gw.shutdown().await;
     example_gw.shutdown().await;
+    tcp_gw.shutdown().await;
+}
+
+/// Bytes sent through a TCP listener come back from the echo behind it.
+async fn check_tcp(addr: SocketAddr, who: &str) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    for msg in [&b"ping through the gateway"[..], b"second connection"] {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(msg).await.unwrap();
+        let mut buf = vec![0u8; msg.len()];
+        let read = tokio::time::timeout(WAIT, s.read_exact(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(_))), "{who}: no echo through the TCP listener: {read:?}");
+        assert_eq!(buf, msg, "{who}");
+    }
 }
 
 /// Writes `from` to `to` through a temporary name, so the directory poll never reads it half-written.

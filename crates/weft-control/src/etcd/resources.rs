@@ -189,9 +189,10 @@ fn decode(key: &str, value: &[u8]) -> Option<Resource> {
     found
 }
 
-/// The key of a resource, relative to [`PREFIX`].
+/// The key of a resource, relative to [`PREFIX`] (by [`weft_api::Kind::id`]: Istio's and
+/// the Gateway API's Gateways of one name do not share a key).
 fn key_of(k: &ResourceKey) -> String {
-    format!("{}/{}/{}", k.kind.as_str(), k.namespace, k.name)
+    format!("{}/{}/{}", k.kind.id(), k.namespace, k.name)
 }
 
 /// The YAML documents of `text` as (first line, text): split at `---` lines (JSON and a

@@ -210,7 +210,7 @@ pub fn begin(
     order.sort_by_key(|(ns, w)| fnv(&format!("{ns}/{w}/{}", first.meta.name)));
     let canary: Vec<WorkloadKey> = order[..n].to_vec();
     let rest: Vec<WorkloadKey> = order[n..].to_vec();
-    let name = format!("staged/{}/{}/{}", first.kind.as_str(), first.meta.namespace, first.meta.name);
+    let name = format!("staged/{}/{}/{}", first.kind.id(), first.meta.namespace, first.meta.name);
     let mut s = StagedState {
         name,
         text: text.to_string(),

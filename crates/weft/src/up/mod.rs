@@ -858,7 +858,9 @@ async fn wait_ready_at(p: &Proc, addr: SocketAddr, path: &str, what: &str) -> an
 /// Whether a Gateway selecting the local ingress gateway serves the port the ingress
 /// port stands for.
 fn serves_ingress(resources: &[weft_api::Resource]) -> bool {
-    resources.iter().any(|r| match &r.spec {
+    // Gateway API Gateways count as the Istio Gateways they become.
+    let converted = weft_control::gwapi::convert(resources, weft_api::analyze::DOMAIN).resources;
+    resources.iter().chain(&converted).any(|r| match &r.spec {
         weft_api::Spec::Gateway(g) => {
             g.selector.iter().all(|(k, v)| INGRESS_LABELS.iter().any(|(lk, lv)| lk == k && lv == v))
                 && g.servers.iter().any(|s| s.port.number == u32::from(GATEWAY_SERVER_PORT))
