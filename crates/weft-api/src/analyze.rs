@@ -636,7 +636,7 @@ impl<'a> Analyzer<'a> {
                     t.matches.iter().any(|m| if m.gateways.is_empty() { bound_to_mesh } else { mesh(&m.gateways) });
                 if on_mesh {
                     let t = format!(
-                        "spec.tls[{i}] is not applied by weft's sidecars (the mesh gateway): TLS passthrough routes by SNI apply on Gateways' PASSTHROUGH servers only; sidecars send TLS for a service to the service itself"
+                        "spec.tls[{i}] is applied by weft's sidecars (the mesh gateway) only to CONNECT tunnels in explicit mode (to a TLS or TCP port of a MESH_EXTERNAL ServiceEntry); in transparent mode, and for services in the mesh, sidecars send TLS for a service to the service itself (Gateways' PASSTHROUGH servers apply it fully)"
                     );
                     self.report(r, "WFT0021", Level::Warning, t);
                 }

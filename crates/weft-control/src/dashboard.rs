@@ -182,6 +182,8 @@ fn workload_node(name: &str, ns: &str) -> (String, &'static str) {
         ("unknown".into(), "unknown")
     } else if name.contains("ingressgateway") {
         (format!("wl:{ns}/{name}"), "ingress")
+    } else if name.contains("egressgateway") {
+        (format!("wl:{ns}/{name}"), "egress")
     } else {
         (format!("wl:{ns}/{name}"), "workload")
     }
@@ -226,7 +228,13 @@ fn graph_of(window: Duration, proxies: &[(String, String, bool)], edges: &[Edge]
     };
     for (name, ns, gateway) in proxies {
         let (id, kind) = workload_node(name, ns);
-        add_node(&id, if *gateway { "ingress" } else { kind }, name, ns);
+        // A gateway is the mesh's way in, unless it is an egress gateway (its way out).
+        let kind = match (*gateway, kind) {
+            (true, "egress") => "egress",
+            (true, _) => "ingress",
+            (false, kind) => kind,
+        };
+        add_node(&id, kind, name, ns);
     }
     // caller -> service: (stats, every known destination mTLS, any known destination)
     let mut to_service: BTreeMap<(String, String), (WindowStats, bool, bool)> = BTreeMap::new();
@@ -567,10 +575,14 @@ mod tests {
             edge("productpage-v1", reviews, "unknown", 6.0, 6.0, false),
             edge("productpage-v1", "www.example.com", "unknown", 12.0, 0.0, false),
         ];
-        let proxies = [("ratings-v1".to_string(), "default".to_string(), false)];
+        let proxies = [
+            ("ratings-v1".to_string(), "default".to_string(), false),
+            ("istio-egressgateway".to_string(), "istio-system".to_string(), true),
+        ];
         let g = graph_of(Duration::from_secs(60), &proxies, &edges);
         let kind = |id: &str| g["nodes"].as_array().unwrap().iter().find(|n| n["id"] == id).map(|n| n["kind"].clone());
         assert_eq!(kind("wl:default/istio-ingressgateway"), Some(json!("ingress")));
+        assert_eq!(kind("wl:istio-system/istio-egressgateway"), Some(json!("egress")), "the way out is no ingress");
         assert_eq!(kind("unknown"), Some(json!("unknown")));
         assert_eq!(kind("svc:www.example.com"), Some(json!("external")));
         assert_eq!(kind("wl:default/ratings-v1"), Some(json!("workload")), "idle proxies are nodes");

@@ -25,8 +25,8 @@ pub mod registry;
 pub mod resources;
 pub mod rollouts;
 pub mod state;
-pub mod tls;
 pub mod status;
+pub mod tls;
 
 /// Default key prefix.
 pub const DEFAULT_PREFIX: &str = "/weft/";

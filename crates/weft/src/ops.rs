@@ -249,10 +249,7 @@ pub async fn proxy_status(server: &str, json: bool) -> anyhow::Result<()> {
     if let Some(e) = v["replicasError"].as_str() {
         eprintln!("warning: only this replica's proxies are listed: {e}");
     }
-    println!(
-        "{:<44} {:<8} {:<9} {:<9} {:<9} {:<9} {:<6} REPLICA",
-        "NAME", "KIND", "CDS", "LDS", "EDS", "RDS", "AGE"
-    );
+    println!("{:<44} {:<8} {:<9} {:<9} {:<9} {:<9} {:<6} REPLICA", "NAME", "KIND", "CDS", "LDS", "EDS", "RDS", "AGE");
     for p in v["proxies"].as_array().into_iter().flatten() {
         let t = |k: &str| p["types"][k]["status"].as_str().unwrap_or("-").to_string();
         let age = ["Cluster", "Listener"]

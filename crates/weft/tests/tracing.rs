@@ -79,10 +79,12 @@ spec:
             let (_, status) = self.weft(&["proxy-status", "-o", "json"]);
             let synced = serde_json::from_str::<serde_json::Value>(&status).is_ok_and(|v| {
                 let proxies = v["proxies"].as_array().cloned().unwrap_or_default();
-                proxies.len() == 7
-                    && proxies
-                        .iter()
-                        .all(|p| p["types"].as_object().is_some_and(|t| t.values().all(|s| s["status"] == "SYNCED")))
+                proxies.len() == 8
+                    && proxies.iter().all(|p| {
+                        p["types"]
+                            .as_object()
+                            .is_some_and(|t| t.values().all(|s| s["status"] == "SYNCED" || s["status"] == "NOT SENT"))
+                    })
             });
             if served && synced {
                 return;

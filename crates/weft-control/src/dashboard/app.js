@@ -83,7 +83,7 @@ function layout(g, width) {
     const d = depth.get(n.id);
     (columns[d] = columns[d] || []).push(n);
   }
-  const order = { unknown: 0, ingress: 1, workload: 2, service: 3, external: 4 };
+  const order = { unknown: 0, ingress: 1, workload: 2, service: 3, egress: 4, external: 5 };
   const colW = Math.max(250, (width - 160) / Math.max(1, columns.length - 1));
   const rowH = 88;
   const pos = new Map();

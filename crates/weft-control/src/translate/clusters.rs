@@ -328,7 +328,10 @@ fn client_tls(tls: &ClientTlsSettings, host: &str) -> Option<TransportSocket> {
             match_typed_subject_alt_names: san_matchers(&tls.subject_alt_names),
             ..Default::default()
         });
-    let certificates = if tls.mode == ClientTlsMode::Mutual {
+    // MUTUAL with neither file (a `credentialName` a sidecar does not read, as Istio):
+    // no client certificate is presented, as Istio's sidecars do.
+    let has_files = tls.client_certificate.is_some() || tls.private_key.is_some();
+    let certificates = if tls.mode == ClientTlsMode::Mutual && has_files {
         vec![TlsCertificate {
             certificate_chain: file(&tls.client_certificate),
             private_key: file(&tls.private_key),

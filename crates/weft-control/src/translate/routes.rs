@@ -16,6 +16,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{fault_delay, FaultDelay};
 use envoy_types::pb::envoy::extensions::filters::http::cors::v3::CorsPolicy;
 use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{fault_abort, FaultAbort, HttpFault};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     string_matcher, RegexMatchAndSubstitute, RegexMatcher, StringMatcher,
 };
@@ -130,7 +131,7 @@ pub fn build(view: &MeshView<'_>, mode: ProxyMode, out: &mut ProxyXds) {
             let mut domains: Vec<String> = svc.names(ns).iter().map(|n| format!("{n}:{}", p.number)).collect();
             domains.retain(|d| seen.insert(d.clone()));
             if !domains.is_empty() {
-                vhosts.push(connect_vhost(&svc.host, p.number, domains));
+                vhosts.push(connect_vhost(&svc.host, p.number, domains, connect_target(view, svc, p.number)));
             }
         }
     }
@@ -179,11 +180,67 @@ fn virtual_hosts_without_service(view: &MeshView<'_>) -> Vec<Service> {
         .collect()
 }
 
+/// Where a CONNECT tunnel to `svc:port` goes: the first `tls` route of a VirtualService
+/// for the mesh whose match names the host among its `sniHosts` (the client's SNI is the
+/// tunnel's host, as curl sends it) and the port, as Istio's sidecars route TLS by SNI,
+/// e.g. to an egress gateway; `None`: the port's own cluster.
+fn connect_target(view: &MeshView<'_>, svc: &Service, port: u32) -> Option<route_action::ClusterSpecifier> {
+    let domain = &view.mesh.domain;
+    let sni = |pattern: &str| {
+        pattern == svc.host || pattern.strip_prefix('*').is_some_and(|suffix| svc.host.ends_with(suffix))
+    };
+    let mesh = |gws: &[String]| gws.is_empty() || gws.iter().any(|g| g == "mesh");
+    let (ns, route) = view
+        .virtual_services
+        .iter()
+        .filter(|(m, vs)| vs.hosts.iter().any(|h| host::fqdn(h, &m.namespace, domain) == svc.host || sni(h)))
+        .find_map(|(m, vs)| {
+            let bound = mesh(&vs.gateways);
+            vs.tls
+                .iter()
+                .find(|r| {
+                    r.matches.iter().any(|mm| {
+                        mm.sni_hosts.iter().any(|h| sni(h))
+                            && mm.port.is_none_or(|p| p == port)
+                            && mm.source_labels.iter().all(|(k, v)| view.node.labels.get(k) == Some(v))
+                            && mm.source_namespace.as_deref().is_none_or(|ns| ns == view.node.namespace)
+                            && if mm.gateways.is_empty() { bound } else { mesh(&mm.gateways) }
+                    })
+                })
+                .map(|r| (m.namespace.as_str(), r))
+        })?;
+    Some(match super::listeners::tcp_destinations(view, ns, &route.route, port)? {
+        tcp_proxy::ClusterSpecifier::Cluster(name) => route_action::ClusterSpecifier::Cluster(name),
+        tcp_proxy::ClusterSpecifier::WeightedClusters(w) => {
+            route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+                clusters: w
+                    .clusters
+                    .into_iter()
+                    .map(|c| weighted_cluster::ClusterWeight {
+                        name: c.name,
+                        weight: Some(UInt32Value { value: c.weight }),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        }
+    })
+}
+
 /// The explicit proxy's virtual host for CONNECT to a non-HTTP port: a tunnel to
-/// `outbound|PORT||host`; any other method finds no route (404).
-fn connect_vhost(host: &str, port: u32, domains: Vec<String>) -> VirtualHost {
+/// `target` (a `tls` route's destinations), else to `outbound|PORT||host`; any other
+/// method finds no route (404).
+fn connect_vhost(
+    host: &str,
+    port: u32,
+    domains: Vec<String>,
+    target: Option<route_action::ClusterSpecifier>,
+) -> VirtualHost {
     let action = RouteAction {
-        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(outbound_name(port, "", host))),
+        cluster_specifier: Some(
+            target.unwrap_or_else(|| route_action::ClusterSpecifier::Cluster(outbound_name(port, "", host))),
+        ),
         timeout: Some(PbDuration::default()),
         ..Default::default()
     };

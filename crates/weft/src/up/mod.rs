@@ -8,8 +8,8 @@
 //! (bootstraps, CA, logs unless `--logs`), one bridge and its namespaces, and the state
 //! file `weft apply` uses to find the control plane; teardown removes all of it.
 
-mod etcd_tls;
 mod egress;
+mod etcd_tls;
 mod netns;
 mod plan;
 mod procs;
