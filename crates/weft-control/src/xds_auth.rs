@@ -29,7 +29,7 @@ use prometheus_client::metrics::family::Family;
 use tonic::Status;
 use weft_identity::channel::TlsPeer;
 use weft_identity::service::{CallerCredentials, CertificateAuthority};
-use weft_xds::{Caller, NodeInfo, StreamAdmission};
+use weft_xds::{AdmitFuture, Caller, NodeInfo, StreamAdmission};
 
 use crate::registry::{Registry, WorkloadSource};
 
@@ -73,7 +73,13 @@ impl XdsAdmission {
 }
 
 impl StreamAdmission for XdsAdmission {
-    fn admit(&self, node: &Node, caller: &Caller) -> Result<Option<SocketAddr>, Status> {
+    fn admit<'a>(&'a self, node: &'a Node, caller: &'a Caller) -> AdmitFuture<'a> {
+        Box::pin(self.admit_stream(node, caller))
+    }
+}
+
+impl XdsAdmission {
+    async fn admit_stream(&self, node: &Node, caller: &Caller) -> Result<Option<SocketAddr>, Status> {
         let tls = caller.extensions.get::<TlsPeer>();
         let peer = caller.remote_addr.or(tls.and_then(|t| t.remote_addr));
         let Some(authority) = &self.authority else { return Ok(peer) };
@@ -95,7 +101,7 @@ impl StreamAdmission for XdsAdmission {
             ));
             return Err(self.refuse(node, peer, "no_credential", status));
         }
-        let proven = match authority.authenticate(&credentials) {
+        let proven = match authority.authenticate(&credentials).await {
             Ok(a) => a,
             Err(e) => {
                 let status = Status::unauthenticated(format!("node {}: credential refused: {e}", node.id));

@@ -113,6 +113,8 @@ impl IdentityError {
         match self {
             e if e.is_credential_refusal() => tonic::Status::unauthenticated(msg),
             IdentityError::IdentityNotGranted { .. } => tonic::Status::permission_denied(msg),
+            // A dependency's answer (e.g. the API server unreachable: UNAVAILABLE, retried).
+            IdentityError::Service { code, message } => tonic::Status::new(*code, message.clone()),
             IdentityError::CsrRefused(_) | IdentityError::InvalidSpiffeId { .. } | IdentityError::TtlTooLong { .. } => {
                 tonic::Status::invalid_argument(msg)
             }

@@ -925,6 +925,8 @@ async fn run_control(
                 xds_tls: identity.xds_tls(xds)?,
                 allow_anonymous_xds: identity.xds_allow_anonymous,
                 kubernetes: identity.kubernetes(),
+                // --kubernetes: the API server's TokenReview verifies service-account tokens.
+                token_review: kubernetes.config().map(|k| (k, identity.k8s_audience.clone())),
                 api: weft_control::api_auth::ApiAuthConfig {
                     token_file: identity.api_token_file.clone(),
                     read_anonymous: identity.api_read_anonymous,
@@ -954,6 +956,17 @@ async fn run_control(
                 .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
         ),
         None => None,
+    };
+    // --kubernetes with --webhook: the API server learns where to call it.
+    let _registration = match (kubernetes.config(), cp.webhook_addr, &cp.webhook_cert) {
+        (Some(k), Some(addr), Some(certs)) => {
+            let registration = kubernetes.webhook_registration(addr)?;
+            let client = weft_control::kubernetes::client(k.kubeconfig.as_deref())
+                .await
+                .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?;
+            Some(AbortOnDrop(weft_control::kubernetes::webhook::spawn(client, registration, certs.clone())))
+        }
+        _ => None,
     };
     match cp.webhook_addr {
         Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),
@@ -1000,6 +1013,15 @@ fn dashboard(server: &str, open: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A task aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// SIGTERM or Ctrl-C.
