@@ -104,7 +104,10 @@ impl XdsAdmission {
         let proven = match authority.authenticate(&credentials).await {
             Ok(a) => a,
             Err(e) => {
-                let status = Status::unauthenticated(format!("node {}: credential refused: {e}", node.id));
+                // Refusals already say "credential refused: ..."; other errors do not.
+                let e = e.to_string();
+                let e = if e.starts_with("credential refused") { e } else { format!("credential refused: {e}") };
+                let status = Status::unauthenticated(format!("node {}: {e}", node.id));
                 return Err(self.refuse(node, peer, "bad_credential", status));
             }
         };

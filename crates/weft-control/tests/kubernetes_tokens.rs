@@ -15,13 +15,18 @@ mod mesh;
 
 use std::time::SystemTime;
 
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use weft_control::control::ControlPlane;
 use weft_control::identity::IdentityConfig;
 use weft_control::kubernetes::KubernetesConfig;
 use weft_identity::service::CertificateClient;
 use weft_identity::{Credential, IdentityError, SpiffeId};
 use weft_testkit::kube::{KubeApiServer, SA_ISSUER};
+use weft_xds::{type_url, NodeInfo};
 
 /// One API server at a time (each is etcd plus a kube-apiserver).
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -96,6 +101,7 @@ async fn forged(k: &KubeApiServer, sa: &str, exp_in: i64) -> String {
 fn refused(result: Result<Vec<String>, IdentityError>, code: tonic::Code, says: &str) {
     match result {
         Err(IdentityError::Service { code: got, message }) => {
+            eprintln!("refused as expected: {got:?}: {message}");
             assert_eq!(got, code, "{message}");
             assert!(message.contains(says), "the refusal should say {says:?}: {message}");
         }
@@ -151,6 +157,61 @@ async fn tokens_of_another_account_expired_for_another_audience_or_unsigned_are_
         jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256), &claims, &key).unwrap()
     };
     refused(certificate(&cp, &stranger, "bookinfo-reviews").await, tonic::Code::Unauthenticated, "TokenReview");
+    cp.shutdown().await;
+}
+
+/// The first answer of an ADS stream opened as `sa`'s pod with `token` as bearer (what
+/// an injected proxy sends), or the status it was refused with.
+async fn xds_stream(cp: &ControlPlane, sa: &str, token: &str) -> Result<DiscoveryResponse, tonic::Status> {
+    let node = NodeInfo {
+        id: format!("sidecar~127.0.0.9~{sa}-5b4d9.{NAMESPACE}~{NAMESPACE}.svc.cluster.local"),
+        cluster: format!("{sa}.{NAMESPACE}"),
+        name: format!("{sa}-5b4d9"),
+        namespace: NAMESPACE.into(),
+        service_account: sa.into(),
+        instance_ips: vec!["127.0.0.9".into()],
+        ..NodeInfo::default()
+    };
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{}", cp.xds_addr)).await.unwrap();
+    let (tx, rx) = mpsc::unbounded_channel();
+    tx.send(DiscoveryRequest { node: Some(node.to_node()), type_url: type_url::LISTENER.into(), ..Default::default() })
+        .unwrap();
+    let mut request = tonic::Request::new(UnboundedReceiverStream::new(rx));
+    request.metadata_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let first = async {
+        let mut responses = client.stream_aggregated_resources(request).await?.into_inner();
+        match responses.message().await? {
+            Some(r) => Ok(r),
+            None => Err(tonic::Status::unknown("stream closed without a response")),
+        }
+    };
+    let first = tokio::time::timeout(std::time::Duration::from_secs(30), first).await.expect("an answer");
+    drop(tx);
+    first
+}
+
+#[tokio::test]
+async fn xds_streams_are_admitted_only_for_the_service_account_the_review_proves() {
+    let Some((k, _one)) = api_server().await else { return };
+    let data = tempfile::tempdir().unwrap();
+    let cp = control_plane(&k, data.path()).await;
+    let reviews = k.create_token(NAMESPACE, "bookinfo-reviews", "istio-ca", 600).await.expect("a token");
+    let ratings = k.create_token(NAMESPACE, "bookinfo-ratings", "istio-ca", 600).await.expect("a token");
+
+    xds_stream(&cp, "bookinfo-reviews", &reviews).await.expect("its own service account is admitted");
+    let status = xds_stream(&cp, "bookinfo-reviews", &ratings).await.expect_err("another service account's token");
+    eprintln!("refused as expected: {status:?}");
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(
+        status.message().contains("\"bookinfo-reviews\"") && status.message().contains("\"bookinfo-ratings\""),
+        "the reason names the claim and the proof: {}",
+        status.message()
+    );
+    let expired = forged(&k, "bookinfo-reviews", -600).await;
+    let status = xds_stream(&cp, "bookinfo-reviews", &expired).await.expect_err("an expired token");
+    eprintln!("refused as expected: {status:?}");
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+    assert!(status.message().contains("expired"), "{}", status.message());
     cp.shutdown().await;
 }
 

@@ -909,6 +909,9 @@ async fn run_control(
              these ports"
         );
     }
+    if kubernetes.config().is_some() && identity.k8s_issuer.is_some() {
+        tracing::warn!("--k8s-issuer is not used with --kubernetes: the API server's TokenReview verifies tokens");
+    }
     let cfg = weft_control::control::ControlConfig {
         dir,
         xds,

@@ -108,9 +108,9 @@ impl CredentialVerifier for TokenReviewer {
 
 /// Istio's reading of a review's status (`getTokenReviewResult`).
 fn reviewed(status: TokenReviewStatus, audiences: &[String]) -> Result<Reviewed, IdentityError> {
-    let refused = |m: String| IdentityError::TokenMalformed(format!("Kubernetes service-account token: {m}"));
+    let refused = |m: String| IdentityError::TokenRefused(format!("Kubernetes service-account token: {m}"));
     if let Some(error) = status.error.as_deref().filter(|e| !e.is_empty()) {
-        return Err(refused(format!("refused by the API server's TokenReview: {error}")));
+        return Err(refused(format!("the API server's TokenReview refuses it: {error}")));
     }
     if status.authenticated != Some(true) {
         return Err(refused("the API server's TokenReview does not authenticate it".into()));
