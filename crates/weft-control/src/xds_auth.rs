@@ -15,8 +15,10 @@
 //! (a warning says so at start).
 //!
 //! Refusals end the stream before the node registers, with `UNAUTHENTICATED` (no or a
-//! bad credential) or `PERMISSION_DENIED` (a claim the credential does not prove), a log
-//! line naming node, peer and reason, and `weft_xds_refused_streams_total{reason}`.
+//! bad credential), `UNAVAILABLE` (the credential's verifier cannot answer, e.g. the
+//! Kubernetes API server's TokenReview) or `PERMISSION_DENIED` (a claim the credential
+//! does not prove), a log line naming node, peer and reason, and
+//! `weft_xds_refused_streams_total{reason}`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,6 +31,7 @@ use prometheus_client::metrics::family::Family;
 use tonic::Status;
 use weft_identity::channel::TlsPeer;
 use weft_identity::service::{CallerCredentials, CertificateAuthority};
+use weft_identity::IdentityError;
 use weft_xds::{AdmitFuture, Caller, NodeInfo, StreamAdmission};
 
 use crate::registry::{Registry, WorkloadSource};
@@ -36,7 +39,8 @@ use crate::registry::{Registry, WorkloadSource};
 /// Labels of `weft_xds_refused_streams_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusedLabels {
-    /// `no_credential`, `bad_credential`, `identity_mismatch`, `node_id_taken`, `bad_metadata`.
+    /// `no_credential`, `bad_credential`, `verifier_unavailable`, `identity_mismatch`,
+    /// `node_id_taken`, `bad_metadata`.
     pub reason: &'static str,
 }
 
@@ -103,6 +107,12 @@ impl XdsAdmission {
         }
         let proven = match authority.authenticate(&credentials).await {
             Ok(a) => a,
+            // The verifier could not answer (the Kubernetes API server unreachable): the
+            // proxy is told to retry, not that its credential is bad.
+            Err(IdentityError::Service { code: tonic::Code::Unavailable, message }) => {
+                let status = Status::unavailable(format!("node {}: {message}", node.id));
+                return Err(self.refuse(node, peer, "verifier_unavailable", status));
+            }
             Err(e) => {
                 // Refusals already say "credential refused: ..."; other errors do not.
                 let e = e.to_string();

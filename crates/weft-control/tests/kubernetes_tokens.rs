@@ -215,7 +215,8 @@ async fn xds_streams_are_admitted_only_for_the_service_account_the_review_proves
     cp.shutdown().await;
 }
 
-/// Without the API server, the proxy is told to retry (UNAVAILABLE), not that its token is bad.
+/// Without the API server, the proxy is told to retry (UNAVAILABLE), not that its token is
+/// bad, on its certificate request and its xDS stream.
 #[tokio::test]
 async fn an_unreachable_api_server_is_unavailable_not_a_refusal() {
     let Some((k, _one)) = api_server().await else { return };
@@ -225,5 +226,9 @@ async fn an_unreachable_api_server_is_unavailable_not_a_refusal() {
     certificate(&cp, &token, "bookinfo-reviews").await.expect("a certificate while the API server runs");
     drop(k);
     refused(certificate(&cp, &token, "bookinfo-reviews").await, tonic::Code::Unavailable, "TokenReview");
+    let status = xds_stream(&cp, "bookinfo-reviews", &token).await.expect_err("no review, no stream");
+    eprintln!("refused as expected: {status:?}");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("TokenReview"), "{}", status.message());
     cp.shutdown().await;
 }
