@@ -3,7 +3,10 @@
 //! TokenRequest API (`kubectl create token`, what the kubelet projects into a pod); an
 //! expired one is signed with the API server's own service-account key (TokenRequest
 //! will not issue one shorter than ten minutes), next to a fresh one signed the same way
-//! that is accepted, so the refusal is the expiry's.
+//! that is accepted, so the refusal is the expiry's. A token bound to a pod (what the
+//! kubelet projects) stops working once the pod is deleted. xDS streams are admitted
+//! only for the service account the review proves; without the API server both the
+//! certificate service and xDS answer UNAVAILABLE.
 //!
 //! Skipped (with the reason) only when scripts/setup.sh tried and failed to build the
 //! API server; without the binaries and without that record, the tests fail with the
@@ -157,6 +160,36 @@ async fn tokens_of_another_account_expired_for_another_audience_or_unsigned_are_
         jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256), &claims, &key).unwrap()
     };
     refused(certificate(&cp, &stranger, "bookinfo-reviews").await, tonic::Code::Unauthenticated, "TokenReview");
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_token_bound_to_a_pod_is_refused_once_the_pod_is_deleted() {
+    let Some((k, _one)) = api_server().await else { return };
+    let data = tempfile::tempdir().unwrap();
+    let cp = control_plane(&k, data.path()).await;
+    let pod = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: reviews-v1-bound, namespace: {NAMESPACE}}}\nspec:\n  serviceAccountName: bookinfo-reviews\n  containers: [{{name: reviews, image: docker.io/istio/examples-bookinfo-reviews-v1:1.20.2}}]\n"
+    );
+    k.kubectl_stdin(&["create", "-f", "-"], Some(&pod)).await.expect("the pod");
+    // What the kubelet projects: a token bound to the pod.
+    let args = ["create", "token", "bookinfo-reviews", "-n", NAMESPACE, "--audience=istio-ca", "--duration=600s"];
+    let bound = ["--bound-object-kind=Pod", "--bound-object-name=reviews-v1-bound"];
+    let token = k.kubectl(&[&args[..], &bound[..]].concat()).await.expect("a bound token").trim().to_string();
+    certificate(&cp, &token, "bookinfo-reviews").await.expect("a certificate while the pod exists");
+
+    k.kubectl(&["delete", "pod", "reviews-v1-bound", "-n", NAMESPACE, "--wait=true"]).await.expect("deleted");
+    // The API server caches a successful authentication for 10 s (its token cache), so
+    // the review turns within that; the first refusal is checked.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+    let answer = loop {
+        let answer = certificate(&cp, &token, "bookinfo-reviews").await;
+        if answer.is_err() || tokio::time::Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    refused(answer, tonic::Code::Unauthenticated, "service account token has been invalidated");
     cp.shutdown().await;
 }
 
