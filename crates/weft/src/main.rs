@@ -890,6 +890,19 @@ async fn run_control(
         trust_domain: identity.trust_domain.clone(),
         ..Default::default()
     };
+    let registers = kubernetes.webhook_url.is_some()
+        || kubernetes.webhook_service.is_some()
+        || kubernetes.webhook_ca_bundle.is_some();
+    if registers && (kubernetes.config().is_none() || webhook.webhook.is_none()) {
+        anyhow::bail!(
+            "--webhook-url, --webhook-service and --webhook-ca-bundle describe the webhook registered with \
+             Kubernetes: they need --kubernetes (or --kubeconfig) and --webhook"
+        );
+    }
+    if let (Some(_), Some(addr)) = (kubernetes.config(), webhook.webhook) {
+        // Checked before anything starts (the bound address is used once known).
+        kubernetes.webhook_registration(addr)?;
+    }
     let webhook_tls = match (webhook.webhook, webhook.webhook_cert, webhook.webhook_key) {
         (Some(addr), Some(cert), Some(key)) => Some(weft_control::webhook_tls::WebhookTlsConfig::new(addr, cert, key)),
         (None, None, None) => None,

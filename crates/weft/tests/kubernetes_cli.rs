@@ -123,3 +123,24 @@ async fn weft_control_with_a_kubeconfig_registers_its_webhook_and_reviews_tokens
     );
     let _ = control.kill().await;
 }
+
+#[tokio::test]
+async fn webhook_registration_flags_without_kubernetes_or_malformed_fail_with_the_reason() {
+    let run = |args: Vec<&'static str>| async move {
+        let out = tokio::process::Command::new(WEFT)
+            .args(["control", "--insecure-dev", "--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"])
+            .args(args)
+            .output()
+            .await
+            .unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = run(vec!["--webhook-url", "https://10.0.0.5:15017/inject"]).await;
+    assert!(!ok && err.contains("need --kubernetes (or --kubeconfig) and --webhook"), "{err}");
+    let webhook =
+        ["--kubeconfig", "/nonexistent", "--webhook", "127.0.0.1:0", "--webhook-cert", "c", "--webhook-key", "k"];
+    let (ok, err) = run([&webhook[..], &["--webhook-service", "weft-control"]].concat()).await;
+    assert!(!ok && err.contains("expected NAMESPACE/NAME[:PORT]"), "{err}");
+    let (ok, err) = run([&webhook[..], &["--webhook-url", "http://10.0.0.5/inject"]].concat()).await;
+    assert!(!ok && err.contains("https:// only"), "{err}");
+}
