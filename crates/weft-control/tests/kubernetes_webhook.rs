@@ -148,8 +148,12 @@ async fn pods_created_through_the_api_are_injected_by_istios_namespace_and_pod_l
     let addr = cp.webhook_addr.expect("the webhook listens");
     let client = weft_control::kubernetes::client(Some(&k.kubeconfig)).await.unwrap();
     let registration = WebhookRegistration::new(WebhookClient::Url(format!("https://{addr}/inject")));
-    let _task = AbortOnDrop(webhook::spawn(client, registration, cp.webhook_cert.clone().unwrap()));
+    let _task = AbortOnDrop(webhook::spawn(client.clone(), registration.clone(), cp.webhook_cert.clone().unwrap()));
     wait_ca_bundle(&k, &ca.pem()).await;
+    // What the API server stored (with its defaults) reads back as what was asked: the
+    // periodic resync does not rewrite it.
+    let again = webhook::apply(&client, &registration.desired(&ca.pem()).unwrap()).await.unwrap();
+    assert!(!again, "an unchanged configuration is not written again");
 
     k.apply(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: enabled, labels: {istio-injection: enabled}}\n---\n\
