@@ -40,6 +40,10 @@ pub struct IdentityConfig {
     /// Kubernetes service-account tokens accepted as credentials, verified against the
     /// cluster issuer's keys (`crate::k8s_tokens`); None: they are refused.
     pub kubernetes: Option<crate::k8s_tokens::KubernetesTokenConfig>,
+    /// `--kubernetes` mode: Kubernetes tokens are verified by the API server's TokenReview
+    /// (`crate::kubernetes::tokenreview`), for these audiences; it takes the place of
+    /// [`IdentityConfig::kubernetes`].
+    pub token_review: Option<(crate::kubernetes::KubernetesConfig, Vec<String>)>,
     /// The JSON API's admin credential (`crate::api_auth`).
     pub api: crate::api_auth::ApiAuthConfig,
 }
@@ -57,6 +61,7 @@ impl IdentityConfig {
             xds_tls: None,
             allow_anonymous_xds: false,
             kubernetes: None,
+            token_review: None,
             api: Default::default(),
         }
     }
@@ -82,8 +87,15 @@ impl IdentityConfig {
         let tokens =
             TokenIssuer::load_or_create(&self.data_dir).map_err(|e| e.to_string())?.with_max_ttl(self.max_token_ttl);
         let mut authority = CertificateAuthority::new(Arc::new(ca), Arc::new(tokens), self.cert_ttl, self.max_cert_ttl);
-        if let Some(k8s) = &self.kubernetes {
-            authority = authority.with_kubernetes(crate::k8s_tokens::KubernetesTokens::new(k8s.clone())?);
+        match (&self.token_review, &self.kubernetes) {
+            (Some((kube, audiences)), _) => {
+                let reviewer = crate::kubernetes::tokenreview::TokenReviewer::new(kube.clone(), audiences.clone());
+                authority = authority.with_kubernetes(std::sync::Arc::new(reviewer));
+            }
+            (None, Some(k8s)) => {
+                authority = authority.with_kubernetes(crate::k8s_tokens::KubernetesTokens::new(k8s.clone())?);
+            }
+            (None, None) => {}
         }
         Ok(Arc::new(authority))
     }

@@ -26,7 +26,7 @@ use jsonwebtoken::jwk::JwkSet;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 use tokio::sync::Notify;
-use weft_identity::service::CredentialVerifier;
+use weft_identity::service::{CredentialVerifier, VerifyFuture};
 use weft_identity::{Credential, Grant, IdentityError};
 
 /// The audience Istio's injected pods ask their projected token for.
@@ -178,8 +178,8 @@ impl KubernetesTokens {
 }
 
 impl CredentialVerifier for KubernetesTokens {
-    fn verify(&self, credential: &Credential) -> Result<Grant, IdentityError> {
-        self.verify_token(credential.token())
+    fn verify<'a>(&'a self, credential: &'a Credential) -> VerifyFuture<'a> {
+        Box::pin(std::future::ready(self.verify_token(credential.token())))
     }
 }
 

@@ -18,6 +18,8 @@
 
 pub mod lease;
 pub mod status;
+pub mod tokenreview;
+pub mod webhook;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};

@@ -15,8 +15,10 @@
 //! (a warning says so at start).
 //!
 //! Refusals end the stream before the node registers, with `UNAUTHENTICATED` (no or a
-//! bad credential) or `PERMISSION_DENIED` (a claim the credential does not prove), a log
-//! line naming node, peer and reason, and `weft_xds_refused_streams_total{reason}`.
+//! bad credential), `UNAVAILABLE` (the credential's verifier cannot answer, e.g. the
+//! Kubernetes API server's TokenReview) or `PERMISSION_DENIED` (a claim the credential
+//! does not prove), a log line naming node, peer and reason, and
+//! `weft_xds_refused_streams_total{reason}`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,14 +31,16 @@ use prometheus_client::metrics::family::Family;
 use tonic::Status;
 use weft_identity::channel::TlsPeer;
 use weft_identity::service::{CallerCredentials, CertificateAuthority};
-use weft_xds::{Caller, NodeInfo, StreamAdmission};
+use weft_identity::IdentityError;
+use weft_xds::{AdmitFuture, Caller, NodeInfo, StreamAdmission};
 
 use crate::registry::{Registry, WorkloadSource};
 
 /// Labels of `weft_xds_refused_streams_total`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct RefusedLabels {
-    /// `no_credential`, `bad_credential`, `identity_mismatch`, `node_id_taken`, `bad_metadata`.
+    /// `no_credential`, `bad_credential`, `verifier_unavailable`, `identity_mismatch`,
+    /// `node_id_taken`, `bad_metadata`.
     pub reason: &'static str,
 }
 
@@ -73,7 +77,13 @@ impl XdsAdmission {
 }
 
 impl StreamAdmission for XdsAdmission {
-    fn admit(&self, node: &Node, caller: &Caller) -> Result<Option<SocketAddr>, Status> {
+    fn admit<'a>(&'a self, node: &'a Node, caller: &'a Caller) -> AdmitFuture<'a> {
+        Box::pin(self.admit_stream(node, caller))
+    }
+}
+
+impl XdsAdmission {
+    async fn admit_stream(&self, node: &Node, caller: &Caller) -> Result<Option<SocketAddr>, Status> {
         let tls = caller.extensions.get::<TlsPeer>();
         let peer = caller.remote_addr.or(tls.and_then(|t| t.remote_addr));
         let Some(authority) = &self.authority else { return Ok(peer) };
@@ -95,10 +105,19 @@ impl StreamAdmission for XdsAdmission {
             ));
             return Err(self.refuse(node, peer, "no_credential", status));
         }
-        let proven = match authority.authenticate(&credentials) {
+        let proven = match authority.authenticate(&credentials).await {
             Ok(a) => a,
+            // The verifier could not answer (the Kubernetes API server unreachable): the
+            // proxy is told to retry, not that its credential is bad.
+            Err(IdentityError::Service { code: tonic::Code::Unavailable, message }) => {
+                let status = Status::unavailable(format!("node {}: {message}", node.id));
+                return Err(self.refuse(node, peer, "verifier_unavailable", status));
+            }
             Err(e) => {
-                let status = Status::unauthenticated(format!("node {}: credential refused: {e}", node.id));
+                // Refusals already say "credential refused: ..."; other errors do not.
+                let e = e.to_string();
+                let e = if e.starts_with("credential refused") { e } else { format!("credential refused: {e}") };
+                let status = Status::unauthenticated(format!("node {}: {e}", node.id));
                 return Err(self.refuse(node, peer, "bad_credential", status));
             }
         };

@@ -64,6 +64,10 @@ pub enum IdentityError {
     /// A credential kind this control plane cannot check.
     #[error("credential refused: {0}")]
     CredentialUnsupported(String),
+    /// A token its verifier refuses, with the verifier's reason (e.g. the Kubernetes API
+    /// server's TokenReview: expired, another audience, unknown key).
+    #[error("credential refused: {0}")]
+    TokenRefused(String),
     /// The certificate service answered with an error or could not be reached.
     #[error("certificate service: {code:?}: {message}")]
     Service {
@@ -113,6 +117,8 @@ impl IdentityError {
         match self {
             e if e.is_credential_refusal() => tonic::Status::unauthenticated(msg),
             IdentityError::IdentityNotGranted { .. } => tonic::Status::permission_denied(msg),
+            // A dependency's answer (e.g. the API server unreachable: UNAVAILABLE, retried).
+            IdentityError::Service { code, message } => tonic::Status::new(*code, message.clone()),
             IdentityError::CsrRefused(_) | IdentityError::InvalidSpiffeId { .. } | IdentityError::TtlTooLong { .. } => {
                 tonic::Status::invalid_argument(msg)
             }
@@ -145,6 +151,7 @@ impl IdentityError {
                 | IdentityError::TokenExpired { .. }
                 | IdentityError::TokenRevoked { .. }
                 | IdentityError::CredentialUnsupported(_)
+                | IdentityError::TokenRefused(_)
         )
     }
 }

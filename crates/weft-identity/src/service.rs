@@ -47,11 +47,16 @@ pub struct IstioCertificateResponse {
 }
 
 /// Verifies credentials the token issuer does not know: Kubernetes service-account
-/// tokens (the control plane checks them against the cluster issuer's keys).
+/// tokens (the control plane checks them against the cluster issuer's keys, or asks the
+/// API server's TokenReview, hence a future).
 pub trait CredentialVerifier: Send + Sync + 'static {
     /// What `credential` grants, or why it is refused.
-    fn verify(&self, credential: &Credential) -> Result<Grant, IdentityError>;
+    fn verify<'a>(&'a self, credential: &'a Credential) -> VerifyFuture<'a>;
 }
+
+/// The future a [`CredentialVerifier`] answers with.
+pub type VerifyFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Grant, IdentityError>> + Send + 'a>>;
 
 /// What a caller of the control channel (certificate service, xDS) presented.
 #[derive(Clone, Debug, Default)]
@@ -116,7 +121,7 @@ impl CertificateAuthority {
     /// Who the caller is: a client certificate of this trust domain (verified by the TLS
     /// listener) wins; else the bearer credential (join token, or Kubernetes token when
     /// a verifier is set).
-    pub fn authenticate(&self, caller: &CallerCredentials) -> Result<Authenticated, IdentityError> {
+    pub async fn authenticate(&self, caller: &CallerCredentials) -> Result<Authenticated, IdentityError> {
         if let Some(id) = &caller.client_identity {
             if id.trust_domain() != self.ca.trust_domain() {
                 return Err(IdentityError::TokenMalformed(format!(
@@ -141,7 +146,7 @@ impl CertificateAuthority {
         })?;
         let credential = Credential::from_bearer(token)?;
         let grant = match (&credential, &self.kubernetes) {
-            (Credential::KubernetesServiceAccountToken(_), Some(k8s)) => k8s.verify(&credential)?,
+            (Credential::KubernetesServiceAccountToken(_), Some(k8s)) => k8s.verify(&credential).await?,
             _ => self.tokens.verify_credential(&credential)?,
         };
         Ok(Authenticated { grant, kind: credential.kind() })
@@ -165,34 +170,34 @@ impl CertificateAuthority {
     /// Verifies the credential (the `authorization` value), then signs the CSR for the
     /// identity it grants; the chain to return. Counts the request, and the certificate
     /// when one is issued ([`CertificateAuthority::stats`]).
-    pub fn create_certificate(
+    pub async fn create_certificate(
         &self,
         authorization: Option<&str>,
         req: &IstioCertificateRequest,
     ) -> Result<Vec<String>, IdentityError> {
         let caller = CallerCredentials { authorization: authorization.map(str::to_string), client_identity: None };
-        self.create_certificate_for(&caller, req)
+        self.create_certificate_for(&caller, req).await
     }
 
     /// [`CertificateAuthority::create_certificate`] for a caller that may also have
     /// proven a client certificate (renewals over mTLS need no token).
-    pub fn create_certificate_for(
+    pub async fn create_certificate_for(
         &self,
         caller: &CallerCredentials,
         req: &IstioCertificateRequest,
     ) -> Result<Vec<String>, IdentityError> {
         self.stats.csrs.fetch_add(1, Ordering::Relaxed);
-        let chain = self.sign_request(caller, req)?;
+        let chain = self.sign_request(caller, req).await?;
         self.stats.issued.fetch_add(1, Ordering::Relaxed);
         Ok(chain)
     }
 
-    fn sign_request(
+    async fn sign_request(
         &self,
         caller: &CallerCredentials,
         req: &IstioCertificateRequest,
     ) -> Result<Vec<String>, IdentityError> {
-        let Authenticated { grant, kind } = self.authenticate(caller)?;
+        let Authenticated { grant, kind } = self.authenticate(caller).await?;
         let identity = grant.spiffe_id(self.ca.trust_domain())?;
         // Istio's CA: no TTL (0 or negative) gets the default; one over the maximum is
         // refused with INVALID_ARGUMENT ("requested TTL ... is greater than the max
@@ -294,7 +299,7 @@ impl tonic::server::UnaryService<IstioCertificateRequest> for Create {
                     .map(str::to_string),
                 client_identity: tls.and_then(|t| t.identity),
             };
-            match authority.create_certificate_for(&caller, request.get_ref()) {
+            match authority.create_certificate_for(&caller, request.get_ref()).await {
                 Ok(cert_chain) => Ok(Response::new(IstioCertificateResponse { cert_chain })),
                 Err(e) => {
                     warn!(peer = ?peer, error = %e, "certificate request refused");

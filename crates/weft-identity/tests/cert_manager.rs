@@ -167,7 +167,7 @@ async fn certificate_ttls_over_the_maximum_are_refused_like_istios_ca() {
     let bearer = format!("Bearer {token}");
     let request = |secs: i64| IstioCertificateRequest { csr: rcgen_csr(), validity_duration: secs, metadata: None };
     for secs in [86_401, 99_999_999_999_999, i64::MAX] {
-        let err = authority.create_certificate(Some(&bearer), &request(secs)).expect_err("over the maximum");
+        let err = authority.create_certificate(Some(&bearer), &request(secs)).await.expect_err("over the maximum");
         assert!(matches!(err, IdentityError::TtlTooLong { .. }), "{err}");
         assert_eq!(err.to_status().code(), tonic::Code::InvalidArgument);
         let text = err.to_string();
@@ -178,10 +178,10 @@ async fn certificate_ttls_over_the_maximum_are_refused_like_istios_ca() {
         let info = weft_identity::cert::CertInfo::parse(&der).expect("leaf");
         info.not_after.duration_since(SystemTime::now()).expect("not expired")
     };
-    let at_max = authority.create_certificate(Some(&bearer), &request(86_400)).expect("the maximum is granted");
+    let at_max = authority.create_certificate(Some(&bearer), &request(86_400)).await.expect("the maximum is granted");
     assert!(lifetime(&at_max) > max - Duration::from_secs(120), "{:?}", lifetime(&at_max));
     for none in [0, -5, i64::MIN] {
-        let chain = authority.create_certificate(Some(&bearer), &request(none)).expect("the default");
+        let chain = authority.create_certificate(Some(&bearer), &request(none)).await.expect("the default");
         assert!(lifetime(&chain) <= default, "{:?}", lifetime(&chain));
     }
 

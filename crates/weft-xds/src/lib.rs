@@ -51,7 +51,9 @@ pub use client::{
 };
 pub use error::XdsError;
 pub use node::{NodeInfo, PortInfo};
-pub use server::{AdsServer, AdsService, Caller, ConnectionStatus, NackInfo, StreamAdmission, TypeStatus, XdsObserver};
+pub use server::{
+    AdmitFuture, AdsServer, AdsService, Caller, ConnectionStatus, NackInfo, StreamAdmission, TypeStatus, XdsObserver,
+};
 pub use source::{Resolved, StaticSource, XdsSource};
 pub use type_url::resource_name;
 

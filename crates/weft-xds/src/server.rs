@@ -123,8 +123,13 @@ pub trait StreamAdmission: Send + Sync + 'static {
     /// Decides on `node` opening a stream with `caller`'s credentials: `Ok` with the
     /// peer address to record (the transport's, or one the admission learned, e.g. from
     /// a TLS listener's connection info) or the status the peer gets.
-    fn admit(&self, node: &Node, caller: &Caller) -> Result<Option<SocketAddr>, Status>;
+    fn admit<'a>(&'a self, node: &'a Node, caller: &'a Caller) -> AdmitFuture<'a>;
 }
+
+/// What [`StreamAdmission::admit`] answers with (a future: verifying a credential may
+/// ask another server, e.g. Kubernetes' TokenReview).
+pub type AdmitFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Option<SocketAddr>, Status>> + Send + 'a>>;
 
 /// What a stream's caller presented: the gRPC request metadata and extensions (a TLS
 /// listener puts its connection info there), and the transport's peer address.

@@ -890,6 +890,19 @@ async fn run_control(
         trust_domain: identity.trust_domain.clone(),
         ..Default::default()
     };
+    let registers = kubernetes.webhook_url.is_some()
+        || kubernetes.webhook_service.is_some()
+        || kubernetes.webhook_ca_bundle.is_some();
+    if registers && (kubernetes.config().is_none() || webhook.webhook.is_none()) {
+        anyhow::bail!(
+            "--webhook-url, --webhook-service and --webhook-ca-bundle describe the webhook registered with \
+             Kubernetes: they need --kubernetes (or --kubeconfig) and --webhook"
+        );
+    }
+    if let (Some(_), Some(addr)) = (kubernetes.config(), webhook.webhook) {
+        // Checked before anything starts (the bound address is used once known).
+        kubernetes.webhook_registration(addr)?;
+    }
     let webhook_tls = match (webhook.webhook, webhook.webhook_cert, webhook.webhook_key) {
         (Some(addr), Some(cert), Some(key)) => Some(weft_control::webhook_tls::WebhookTlsConfig::new(addr, cert, key)),
         (None, None, None) => None,
@@ -909,6 +922,9 @@ async fn run_control(
              these ports"
         );
     }
+    if kubernetes.config().is_some() && identity.k8s_issuer.is_some() {
+        tracing::warn!("--k8s-issuer is not used with --kubernetes: the API server's TokenReview verifies tokens");
+    }
     let cfg = weft_control::control::ControlConfig {
         dir,
         xds,
@@ -925,6 +941,8 @@ async fn run_control(
                 xds_tls: identity.xds_tls(xds)?,
                 allow_anonymous_xds: identity.xds_allow_anonymous,
                 kubernetes: identity.kubernetes(),
+                // --kubernetes: the API server's TokenReview verifies service-account tokens.
+                token_review: kubernetes.config().map(|k| (k, identity.k8s_audience.clone())),
                 api: weft_control::api_auth::ApiAuthConfig {
                     token_file: identity.api_token_file.clone(),
                     read_anonymous: identity.api_read_anonymous,
@@ -954,6 +972,17 @@ async fn run_control(
                 .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
         ),
         None => None,
+    };
+    // --kubernetes with --webhook: the API server learns where to call it.
+    let _registration = match (kubernetes.config(), cp.webhook_addr, &cp.webhook_cert) {
+        (Some(k), Some(addr), Some(certs)) => {
+            let registration = kubernetes.webhook_registration(addr)?;
+            let client = weft_control::kubernetes::client(k.kubeconfig.as_deref())
+                .await
+                .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?;
+            Some(AbortOnDrop(weft_control::kubernetes::webhook::spawn(client, registration, certs.clone())))
+        }
+        _ => None,
     };
     match cp.webhook_addr {
         Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),
@@ -1000,6 +1029,15 @@ fn dashboard(server: &str, open: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A task aborted when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// SIGTERM or Ctrl-C.

@@ -132,13 +132,13 @@ impl TapRelay {
     /// The stream of the proxy `node_id` names may be this caller's: the node has an
     /// admitted xDS stream, and the caller's credential passes the same admission for
     /// the node that stream announced.
-    fn admit(&self, node_id: &str, caller: &Caller) -> Result<(), Status> {
+    async fn admit(&self, node_id: &str, caller: &Caller) -> Result<(), Status> {
         let Some(conn) = self.server.connections().into_iter().find(|c| c.node_id == node_id) else {
             return Err(Status::failed_precondition(format!(
                 "node {node_id} has no xDS stream: a proxy opens its tap stream after its xDS stream"
             )));
         };
-        self.admission.admit(&conn.raw_node, caller).map(|_| ())
+        self.admission.admit(&conn.raw_node, caller).await.map(|_| ())
     }
 
     async fn serve(
@@ -155,7 +155,7 @@ impl TapRelay {
                 return;
             }
         };
-        if let Err(status) = self.admit(&node_id, &caller) {
+        if let Err(status) = self.admit(&node_id, &caller).await {
             debug!(node = %node_id, error = %status.message(), "tap stream refused");
             let _ = commands.send(Err(status)).await;
             return;

@@ -156,7 +156,7 @@ pub(super) async fn drive<V: Variant>(
     let node = V::node(&first);
     let mut peer = caller.remote_addr;
     if let (Some(admission), Some(n)) = (&shared.admission, &node) {
-        match admission.admit(n, &caller) {
+        match admission.admit(n, &caller).await {
             Ok(addr) => peer = addr.or(peer),
             Err(status) => {
                 let _ = tx.send(Err(status)).await;
