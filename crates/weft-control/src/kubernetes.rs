@@ -176,6 +176,7 @@ pub struct KubernetesSource {
     tasks: Vec<JoinHandle<()>>,
     synced: watch::Receiver<usize>,
     namespaces: watch::Receiver<NamespaceLabels>,
+    shared: Arc<Shared>,
 }
 
 impl KubernetesSource {
@@ -189,10 +190,10 @@ impl KubernetesSource {
     pub fn start_with(client: Client, store: Arc<ResourceStore>) -> KubernetesSource {
         let (synced_tx, synced) = watch::channel(0usize);
         let (ns_tx, namespaces) = watch::channel(NamespaceLabels::new());
-        let shared = Arc::new(Shared { synced: synced_tx, namespaces: ns_tx });
+        let shared = Arc::new(Shared { synced: synced_tx, namespaces: ns_tx, observed: Default::default() });
         let tasks =
             WATCHED.iter().map(|w| tokio::spawn(follow(client.clone(), *w, store.clone(), shared.clone()))).collect();
-        KubernetesSource { client, store, tasks, synced, namespaces }
+        KubernetesSource { client, store, tasks, synced, namespaces, shared }
     }
 
     /// Ticks with how many watches have completed their first list (of [`WATCHED`]).
@@ -215,7 +216,8 @@ impl KubernetesSource {
         connections: impl Fn() -> Vec<weft_xds::server::ConnectionStatus> + Send + Sync + 'static,
         domain: String,
     ) {
-        let writer = gwstatus::GatewayStatusWriter::new(self.client.clone(), self.store.clone(), domain);
+        let writer =
+            gwstatus::GatewayStatusWriter::new(self.client.clone(), self.store.clone(), self.shared.clone(), domain);
         self.tasks.push(tokio::spawn(writer.run(Box::new(connections))));
     }
 
@@ -237,6 +239,24 @@ impl Drop for KubernetesSource {
 struct Shared {
     synced: watch::Sender<usize>,
     namespaces: watch::Sender<NamespaceLabels>,
+    /// The Gateway API objects as last seen by their watches (what
+    /// [`gwstatus`] compares with, so it needs no `get` rights).
+    observed: std::sync::Mutex<BTreeMap<ResourceKey, Observed>>,
+}
+
+/// A Gateway API object as its watch last saw it.
+#[derive(Debug, Clone)]
+struct Observed {
+    uid: String,
+    generation: i64,
+    status: Value,
+}
+
+impl Shared {
+    fn observed(&self) -> std::sync::MutexGuard<'_, BTreeMap<ResourceKey, Observed>> {
+        // Every write is a single insert or remove: a poisoned map is still consistent.
+        self.observed.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 /// A client from `kubeconfig` (its current context), or from the in-cluster service
@@ -283,6 +303,16 @@ async fn follow(client: Client, w: Watched, store: Arc<ResourceStore>, shared: A
                     shared.namespaces.send_if_modified(|m| m.insert(id.1.clone(), labels.clone()) != Some(labels));
                     continue;
                 }
+                if let (StatusWrite::GatewayApi, Role::Resource(kind)) = (w.status_write(), w.role) {
+                    // Before the store has it, so the status writer finds it.
+                    let key = ResourceKey { kind, namespace: namespace_of(&id), name: id.1.clone() };
+                    let seen = Observed {
+                        uid: obj.metadata.uid.clone().unwrap_or_default(),
+                        generation: obj.metadata.generation.unwrap_or(0),
+                        status: obj.data.get("status").cloned().unwrap_or_default(),
+                    };
+                    shared.observed().insert(key, seen);
+                }
                 let held = apply_object(&w, &obj, &id, &store, status.as_ref()).await;
                 let before = owned.remove(&id).unwrap_or_default();
                 let gone: Vec<ResourceKey> = before.difference(&held).cloned().collect();
@@ -319,6 +349,9 @@ async fn follow(client: Client, w: Watched, store: Arc<ResourceStore>, shared: A
                 if w.role == Role::Namespaces {
                     shared.namespaces.send_if_modified(|m| m.remove(&id.1).is_some());
                     continue;
+                }
+                if let Role::Resource(kind) = w.role {
+                    shared.observed().remove(&ResourceKey { kind, namespace: namespace_of(&id), name: id.1.clone() });
                 }
                 if let Some(keys) = owned.remove(&id) {
                     store.delete_keys(&keys.into_iter().collect::<Vec<_>>());

@@ -537,6 +537,22 @@ async fn gateway_api_objects_applied_with_kubectl_are_served_and_get_istios_stat
     })
     .await;
 
+    // An edit: the conditions follow the new generation.
+    k.kubectl(&[
+        "patch",
+        "httproute",
+        "reviews",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"hostnames":["ratings.example.com"]}}"#,
+    ])
+    .await
+    .expect("kubectl patch");
+    wait_json(&k, &["httproute", "reviews"], "observedGeneration 2", |s| {
+        condition(&s["parents"][0]["conditions"], "Accepted")["observedGeneration"] == 2
+    })
+    .await;
+
     // Deleted from the cluster: out of the store.
     k.kubectl(&["delete", "httproute", "reviews"]).await.expect("kubectl delete");
     wait_store(&store, "the route removed", |s| !has(s, Kind::HttpRoute, "default", "reviews")).await;

@@ -7,6 +7,9 @@
 //! condition carries the object's `observedGeneration`. A route's `parents[]` entries of
 //! other controllers are kept.
 //!
+//! The object's generation and current status are those its watch last saw (no `get`
+//! rights needed: `list`/`watch` and `patch` of `<kind>/status`).
+//!
 //! It runs on every store change and every [`RECHECK`] (a gateway proxy connecting
 //! changes `Programmed`), and writes an object only when what it would write differs
 //! from its status, which ends the loop its own writes start (a write is a watch event,
@@ -35,15 +38,22 @@ pub type Connections = Box<dyn Fn() -> Vec<ConnectionStatus> + Send + Sync>;
 pub struct GatewayStatusWriter {
     client: Client,
     store: std::sync::Arc<ResourceStore>,
+    shared: std::sync::Arc<super::Shared>,
     domain: String,
-    /// What was last written (or found current), per object, without times.
-    written: BTreeMap<ResourceKey, Value>,
+    /// What was last written (or found current), per object, with the object's uid and
+    /// generation (a re-created or edited object is written again), without times.
+    written: BTreeMap<ResourceKey, (String, i64, Value)>,
 }
 
 impl GatewayStatusWriter {
-    /// A writer over `store`'s Gateway API objects.
-    pub fn new(client: Client, store: std::sync::Arc<ResourceStore>, domain: String) -> GatewayStatusWriter {
-        GatewayStatusWriter { client, store, domain, written: BTreeMap::new() }
+    /// A writer over `store`'s Gateway API objects, comparing with what the watches saw.
+    pub(super) fn new(
+        client: Client,
+        store: std::sync::Arc<ResourceStore>,
+        shared: std::sync::Arc<super::Shared>,
+        domain: String,
+    ) -> GatewayStatusWriter {
+        GatewayStatusWriter { client, store, shared, domain, written: BTreeMap::new() }
     }
 
     /// Writes until aborted.
@@ -63,35 +73,31 @@ impl GatewayStatusWriter {
         let desired = desired(&self.store.snapshot().resources, connections, &self.domain);
         self.written.retain(|k, _| desired.contains_key(k));
         for (key, status) in desired {
-            if self.written.get(&key) == Some(&status) {
+            // As the watch last saw it; absent: only in weft's own store (a file, `weft
+            // apply`), or gone: nothing to write.
+            let Some(seen) = self.shared.observed().get(&key).cloned() else { continue };
+            let done = |(uid, generation, s): &(String, i64, Value)| {
+                *uid == seen.uid && *generation == seen.generation && *s == status
+            };
+            if self.written.get(&key).is_some_and(done) {
                 continue;
             }
-            if self.write(&key, &status).await {
-                self.written.insert(key, status);
+            if self.write(&key, &status, &seen).await {
+                self.written.insert(key, (seen.uid, seen.generation, status));
             }
         }
     }
 
     /// Brings one object's status in line; whether it now is.
-    async fn write(&self, key: &ResourceKey, status: &Value) -> bool {
+    async fn write(&self, key: &ResourceKey, status: &Value, seen: &super::Observed) -> bool {
         let Some(w) = watched(key.kind) else { return true };
         let api: Api<DynamicObject> = if w.cluster_scoped() {
             Api::all_with(self.client.clone(), &w.api_resource())
         } else {
             Api::namespaced_with(self.client.clone(), &key.namespace, &w.api_resource())
         };
-        let obj = match api.get_opt(&key.name).await {
-            Ok(Some(obj)) => obj,
-            // Gone, or only in weft's own store (a file, `weft apply`): nothing to write.
-            Ok(None) => return true,
-            Err(e) => {
-                tracing::warn!(kind = w.kind, ns = %key.namespace, name = %key.name, error = %e, "kubernetes: reading for status failed");
-                return false;
-            }
-        };
-        let current = obj.data.get("status").cloned().unwrap_or(Value::Null);
-        let full = stamped(status, &current, obj.metadata.generation.unwrap_or(0), &now());
-        if same(&current, &full) {
+        let full = stamped(status, &seen.status, seen.generation, &now());
+        if same(&seen.status, &full) {
             return true;
         }
         match api.patch_status(&key.name, &PatchParams::default(), &Patch::Merge(&json!({ "status": full }))).await {
