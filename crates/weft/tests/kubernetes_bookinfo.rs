@@ -11,6 +11,9 @@
 //! TokenRequest API, the Bookinfo images as weft's Rust Bookinfo), and the Pod's status
 //! written (IP, Running, Ready), from which the control plane learns the endpoints.
 //!
+//! The Gateway API's CRDs are installed too: the control plane accepts a GatewayClass of
+//! Istio's controller in its status.
+//!
 //! Requests are made from the sleep pod with curl (`kubectl exec deploy/sleep -- curl`,
 //! as Istio's tasks do), through its sidecar. Then, with Istio's networking samples
 //! applied with kubectl, as Istio's tasks document: request routing (all to v1; user
@@ -137,6 +140,12 @@ async fn curl(sleep: &RunningPod, url: &str, user: Option<&str>) -> (u16, String
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
+const GATEWAY_CLASS: &str = "apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: weft}
+spec: {controllerName: istio.io/gateway-controller}
+";
+
 const PRODUCTPAGE: &str = "http://productpage:9080/productpage";
 
 /// Which reviews version rendered a product page.
@@ -190,6 +199,9 @@ async fn bookinfo_on_the_api_server_routes_splits_faults_and_enforces_mtls_and_a
     let k = KubeApiServer::start().await.expect("kube-apiserver starts");
     let crds = std::fs::read_to_string(weft_testkit::workspace_root().join("manifests/crds/istio.yaml")).unwrap();
     k.apply(&crds).await.expect("Istio's CRDs");
+    let gwapi =
+        std::fs::read_to_string(weft_testkit::workspace_root().join("manifests/crds/gateway-api.yaml")).unwrap();
+    k.kubectl_stdin(&["apply", "--server-side", "-f", "-"], Some(&gwapi)).await.expect("the Gateway API's CRDs");
     k.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"]).await.expect("established");
     let mut kubelet = Kubelet::new(Box::new(images)).expect("the pod network");
     let cp = control_plane(&k, &kubelet).await;
@@ -211,6 +223,18 @@ async fn bookinfo_on_the_api_server_routes_splits_faults_and_enforces_mtls_and_a
         }
     }
     let sleep = kubelet.pod("sleep-").expect("the sleep pod");
+
+    // The control plane process writes the Gateway API's status too.
+    k.apply(GATEWAY_CLASS).await.expect("a GatewayClass");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status = k.kubectl(&["get", "gatewayclass", "weft", "-o", "jsonpath={.status.conditions[0].status}"]).await;
+        if status.is_ok_and(|s| s == "True") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the GatewayClass is not accepted");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
 
     // Before any routing: every reviews version answers in turn.
     until_page(sleep, None, "Bookinfo through the mesh", |s, b| s == 200 && b.contains("The Comedy of Errors")).await;
