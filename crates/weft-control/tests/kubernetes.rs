@@ -40,6 +40,13 @@ async fn api_server() -> Option<(KubeApiServer, tokio::sync::MutexGuard<'static,
     k.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "app.kubernetes.io/part-of=weft"])
         .await
         .expect("Istio's CRDs established");
+    // Too large for client-side apply's annotation: server-side, as the Gateway API's docs say.
+    let gwapi = std::fs::read_to_string(weft_testkit::workspace_root().join("manifests/crds/gateway-api.yaml"))
+        .expect("manifests/crds/gateway-api.yaml");
+    k.kubectl_stdin(&["apply", "--server-side", "-f", "-"], Some(&gwapi)).await.expect("the Gateway API's CRDs apply");
+    k.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"])
+        .await
+        .expect("the Gateway API's CRDs established");
     Some((k, guard))
 }
 
@@ -140,12 +147,17 @@ async fn set_pod_status(k: &KubeApiServer, name: &str, ip: &str, ready: bool) {
 }
 
 fn endpoints(source: &MeshXdsSource) -> Vec<String> {
+    cluster_endpoints(source, "outbound|9080||reviews.default.svc.cluster.local")
+}
+
+/// The endpoint addresses a client in `default` gets for `cluster`.
+fn cluster_endpoints(source: &MeshXdsSource, cluster: &str) -> Vec<String> {
     let node =
         NodeInfo { id: "client".into(), name: "client".into(), namespace: "default".into(), ..Default::default() }
             .to_node();
     let types = source.proxy_resources(&node);
     let Some((_, by_name)) = types.get(type_url::ENDPOINT) else { return Vec::new() };
-    let Some(any) = by_name.get("outbound|9080||reviews.default.svc.cluster.local") else { return Vec::new() };
+    let Some(any) = by_name.get(cluster) else { return Vec::new() };
     let cla: envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment =
         prost::Message::decode(any.value.as_slice()).expect("a ClusterLoadAssignment");
     cla.endpoints
@@ -305,4 +317,245 @@ async fn tokens_from_the_token_request_api_are_verified_with_the_api_servers_pub
     let other_audience = k.create_token("default", "bookinfo-reviews", "vault", 600).await.expect("TokenRequest");
     let refused = tokens.verify_token(&other_audience).expect_err("another audience is refused");
     assert!(refused.to_string().to_lowercase().contains("aud"), "{refused}");
+}
+
+const DB: &str = "apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: default}
+spec:
+  ports: [{name: tcp-pg, port: 5432, targetPort: 6432}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-manual
+  namespace: default
+  labels: {kubernetes.io/service-name: db}
+addressType: IPv4
+ports: [{name: tcp-pg, port: 6432, protocol: TCP}]
+endpoints:
+- addresses: [10.9.0.1]
+  conditions: {ready: true}
+- addresses: [10.9.0.2]
+- addresses: [10.9.0.3]
+  conditions: {ready: false}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: reviews-abcde
+  namespace: default
+  labels: {kubernetes.io/service-name: reviews, endpointslice.kubernetes.io/managed-by: endpointslice-controller.k8s.io}
+addressType: IPv4
+ports: [{name: http, port: 9080, protocol: TCP}]
+endpoints:
+- addresses: [10.9.9.9]
+";
+
+#[tokio::test]
+async fn services_without_a_selector_get_their_endpoint_slices_and_pods_stay_the_source_with_one() {
+    let Some((k, _one)) = api_server().await else { return };
+    let (store, _source) = follow(&k).await;
+    k.apply(REVIEWS).await.expect("kubectl apply reviews");
+    k.apply(DB).await.expect("kubectl apply the Service and its slices");
+    let mesh = MeshXdsSource::new(store.clone(), Registry::new(), ProxyMode::Explicit, MeshConfig::default());
+    let db = "outbound|5432||db.default.svc.cluster.local";
+    wait_store(&store, "the slice's endpoints", |s| {
+        has(s, Kind::Service, "default", "db") && has(s, Kind::WorkloadEntry, "default", "eps.db-manual.1")
+    })
+    .await;
+    let mut eps = cluster_endpoints(&mesh, db);
+    eps.sort();
+    assert_eq!(eps.len(), 2, "the ready (and unknown-readiness) endpoints only: {eps:?}");
+    assert!(eps[0].contains("10.9.0.1") && eps[0].contains("6432"), "{eps:?}");
+    assert!(eps[1].contains("10.9.0.2"), "{eps:?}");
+    // A Service with a selector keeps its Pods as the source: the controller's slice is not read.
+    assert!(endpoints(&mesh).is_empty(), "reviews has no ready pod: {:?}", endpoints(&mesh));
+
+    // The slice changes: the endpoints follow; the slice goes: so do they.
+    let patch = r#"{"endpoints":[{"addresses":["10.9.0.7"],"conditions":{"ready":true}}]}"#;
+    k.kubectl(&["patch", "endpointslice", "db-manual", "--type=merge", "-p", patch]).await.expect("patch the slice");
+    wait_store(&store, "the changed slice", |s| !has(s, Kind::WorkloadEntry, "default", "eps.db-manual.1")).await;
+    let eps = cluster_endpoints(&mesh, db);
+    assert!(eps.len() == 1 && eps[0].contains("10.9.0.7"), "{eps:?}");
+    k.kubectl(&["delete", "endpointslice", "db-manual"]).await.expect("delete the slice");
+    wait_store(&store, "the slice's endpoints removed", |s| !has(s, Kind::WorkloadEntry, "default", "eps.db-manual.0"))
+        .await;
+    assert!(cluster_endpoints(&mesh, db).is_empty());
+    assert!(has(&store, Kind::Service, "default", "db"), "the Service stays");
+}
+
+#[tokio::test]
+async fn namespace_labels_are_followed_and_namespaces_put_nothing_in_the_store() {
+    let Some((k, _one)) = api_server().await else { return };
+    let (store, source) = follow(&k).await;
+    let before = store.snapshot().resources.len();
+    k.kubectl(&["create", "namespace", "shop"]).await.expect("create namespace");
+    k.kubectl(&["label", "namespace", "shop", "istio-injection=enabled"]).await.expect("label it");
+    let mut labels = source.namespaces();
+    let injection = |m: &weft_control::kubernetes::NamespaceLabels, v: Option<&str>| {
+        m.get("shop").is_some_and(|l| l.get("istio-injection").map(String::as_str) == v)
+    };
+    tokio::time::timeout(WAIT, labels.wait_for(|m| injection(m, Some("enabled"))))
+        .await
+        .expect("the label is seen")
+        .expect("the source runs");
+    assert!(labels.borrow().contains_key("default"), "every namespace is listed: {:?}", labels.borrow());
+    k.kubectl(&["label", "namespace", "shop", "istio-injection-"]).await.expect("unlabel it");
+    tokio::time::timeout(WAIT, labels.wait_for(|m| injection(m, None)))
+        .await
+        .expect("the removed label is seen")
+        .expect("the source runs");
+    assert_eq!(store.snapshot().resources.len(), before, "namespaces are no resources");
+}
+
+const GATEWAY_API: &str = r#"apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: weft}
+spec: {controllerName: istio.io/gateway-controller}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: gw, namespace: default}
+spec:
+  gatewayClassName: weft
+  listeners:
+  - {name: http, port: 80, protocol: HTTP, hostname: "*.example.com"}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  hostnames: [reviews.example.com]
+  rules:
+  - backendRefs: [{name: reviews, port: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: orphan, namespace: default}
+spec:
+  parentRefs: [{name: nowhere}]
+  rules:
+  - backendRefs: [{name: reviews, port: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1alpha2
+kind: TCPRoute
+metadata: {name: db, namespace: default}
+spec:
+  parentRefs: [{name: gw}]
+  rules:
+  - backendRefs: [{name: reviews, port: 9080}]
+---
+apiVersion: gateway.networking.k8s.io/v1beta1
+kind: ReferenceGrant
+metadata: {name: from-shop, namespace: default}
+spec:
+  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]
+  to: [{group: "", kind: Service}]
+"#;
+
+async fn get_json(k: &KubeApiServer, what: &[&str]) -> serde_json::Value {
+    let mut args = vec!["get"];
+    args.extend_from_slice(what);
+    args.extend_from_slice(&["-o", "json"]);
+    let out = k.kubectl(&args).await.expect("kubectl get");
+    serde_json::from_str(&out).expect("JSON from kubectl")
+}
+
+async fn wait_json(k: &KubeApiServer, what: &[&str], desc: &str, check: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let obj = get_json(k, what).await;
+        if check(&obj["status"]) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{desc}: status is {}", obj["status"]);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn condition<'a>(conds: &'a serde_json::Value, kind: &str) -> &'a serde_json::Value {
+    conds.as_array().and_then(|c| c.iter().find(|c| c["type"] == kind)).unwrap_or(&serde_json::Value::Null)
+}
+
+#[tokio::test]
+async fn gateway_api_objects_applied_with_kubectl_are_served_and_get_istios_status() {
+    let Some((k, _one)) = api_server().await else { return };
+    let (store, mut source) = follow(&k).await;
+    source.write_gateway_status(Vec::new, "cluster.local".into());
+    k.apply(REVIEWS).await.expect("kubectl apply reviews");
+    k.apply(GATEWAY_API).await.expect("kubectl apply the Gateway API objects");
+    wait_store(&store, "every Gateway API kind", |s| {
+        has(s, Kind::GatewayClass, "default", "weft")
+            && has(s, Kind::KubernetesGateway, "default", "gw")
+            && has(s, Kind::HttpRoute, "default", "reviews")
+            && has(s, Kind::TcpRoute, "default", "db")
+            && has(s, Kind::ReferenceGrant, "default", "from-shop")
+    })
+    .await;
+    // Served: the route is the gateway's virtual host, as Istio's conversion makes it.
+    let c = weft_control::gwapi::convert(&store.snapshot().resources, "cluster.local");
+    assert!(
+        c.resources
+            .iter()
+            .any(|r| r.kind == Kind::VirtualService && format!("{:?}", r.spec).contains("reviews.example.com")),
+        "{:#?}",
+        c.resources
+    );
+
+    wait_json(&k, &["gatewayclass", "weft"], "the class accepted", |s| {
+        condition(&s["conditions"], "Accepted")["status"] == "True"
+    })
+    .await;
+    wait_json(&k, &["gateway", "gw"], "the Gateway accepted", |s| {
+        condition(&s["conditions"], "Accepted")["status"] == "True"
+    })
+    .await;
+    let gw = get_json(&k, &["gateway", "gw"]).await;
+    let programmed = condition(&gw["status"]["conditions"], "Programmed");
+    assert_eq!(programmed["status"], "False", "no gateway proxy is connected: {gw}");
+    assert_eq!(programmed["reason"], "AddressNotAssigned", "{gw}");
+    assert_eq!(programmed["observedGeneration"], gw["metadata"]["generation"], "{gw}");
+    assert!(programmed["lastTransitionTime"].is_string(), "{gw}");
+    let listener = &gw["status"]["listeners"][0];
+    assert_eq!(listener["name"], "http", "{gw}");
+    assert_eq!(listener["attachedRoutes"], 1, "the HTTPRoute attaches; the TCPRoute cannot: {gw}");
+
+    wait_json(&k, &["httproute", "reviews"], "the route accepted by gw", |s| {
+        s["parents"][0]["controllerName"] == "istio.io/gateway-controller"
+            && condition(&s["parents"][0]["conditions"], "Accepted")["status"] == "True"
+            && condition(&s["parents"][0]["conditions"], "ResolvedRefs")["status"] == "True"
+    })
+    .await;
+    wait_json(&k, &["httproute", "orphan"], "the orphan route not accepted", |s| {
+        condition(&s["parents"][0]["conditions"], "Accepted")["status"] == "False"
+    })
+    .await;
+    wait_json(&k, &["tcproute", "db"], "the TCP route refused by an HTTP listener", |s| {
+        condition(&s["parents"][0]["conditions"], "Accepted")["status"] == "False"
+    })
+    .await;
+
+    // An edit: the conditions follow the new generation.
+    k.kubectl(&[
+        "patch",
+        "httproute",
+        "reviews",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"hostnames":["ratings.example.com"]}}"#,
+    ])
+    .await
+    .expect("kubectl patch");
+    wait_json(&k, &["httproute", "reviews"], "observedGeneration 2", |s| {
+        condition(&s["parents"][0]["conditions"], "Accepted")["observedGeneration"] == 2
+    })
+    .await;
+
+    // Deleted from the cluster: out of the store.
+    k.kubectl(&["delete", "httproute", "reviews"]).await.expect("kubectl delete");
+    wait_store(&store, "the route removed", |s| !has(s, Kind::HttpRoute, "default", "reviews")).await;
+    wait_json(&k, &["gateway", "gw"], "the listener counts no route", |s| s["listeners"][0]["attachedRoutes"] == 0)
+        .await;
 }

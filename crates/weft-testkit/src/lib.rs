@@ -11,6 +11,7 @@ pub mod etcd;
 pub mod http;
 pub mod jwt;
 pub mod kube;
+pub mod kubelet;
 pub mod net;
 pub mod open;
 pub mod pki;

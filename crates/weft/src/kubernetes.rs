@@ -6,7 +6,7 @@ use std::path::PathBuf;
 /// Kubernetes flags of `weft control`.
 #[derive(clap::Args)]
 pub struct KubernetesArgs {
-    /// Watch Services, Pods and Istio's resources in the Kubernetes API (in-cluster
+    /// Watch Services, EndpointSlices, Pods, Namespaces, Istio's resources and the Gateway API in the Kubernetes API (in-cluster
     /// service account unless --kubeconfig), next to --dir and `weft apply`.
     #[arg(long, env = "WEFT_KUBERNETES")]
     pub kubernetes: bool,

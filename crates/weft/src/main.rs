@@ -966,11 +966,14 @@ async fn run_control(
     }
     .map_err(|e| anyhow::anyhow!(e))?;
     let _kubernetes = match kubernetes.config() {
-        Some(k) => Some(
-            weft_control::kubernetes::KubernetesSource::start(&k, cp.store.clone())
+        Some(k) => {
+            let mut source = weft_control::kubernetes::KubernetesSource::start(&k, cp.store.clone())
                 .await
-                .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
-        ),
+                .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?;
+            let server = cp.server.clone();
+            source.write_gateway_status(move || server.connections(), cp.source.domain());
+            Some(source)
+        }
         None => None,
     };
     // --kubernetes with --webhook: the API server learns where to call it.
