@@ -318,6 +318,9 @@ impl ControlPlane {
             inject: {
                 // Injected pods verify the control plane with the mesh root of the moment.
                 let mut inject = cfg.inject.clone();
+                if inject.control_plane == crate::inject::BOUND_CONTROL_PLANE {
+                    inject.control_plane = format!("http://{xds_addr}");
+                }
                 if let (None, Some(authority)) = (&inject.root_cert, &identity) {
                     inject.root_cert = Some(authority.ca().trust_bundle_pem());
                 }

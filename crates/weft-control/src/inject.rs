@@ -36,6 +36,10 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
 /// The token's file name in [`TOKEN_DIR`].
 pub const TOKEN_FILE: &str = "istio-token";
 
+/// The `control_plane` value (`weft control --inject-control-plane bound`) that stands
+/// for the control plane's own bound xDS address, known once it listens.
+pub const BOUND_CONTROL_PLANE: &str = "bound";
+
 /// What gets injected.
 #[derive(Debug, Clone)]
 pub struct InjectConfig {

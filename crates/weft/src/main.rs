@@ -564,7 +564,9 @@ struct WebhookArgs {
     /// Image of the containers the webhook injects (entrypoint `weft`).
     #[arg(long, default_value_t = weft_control::inject::InjectConfig::default().image)]
     inject_image: String,
-    /// The control plane's xDS address as injected pods reach it.
+    /// The control plane's xDS address as injected pods reach it; `bound`: the address
+    /// this control plane's xDS listener is bound to (a control plane outside the
+    /// cluster that pods reach directly).
     #[arg(long, default_value_t = weft_control::inject::InjectConfig::default().control_plane)]
     inject_control_plane: String,
     /// Inject the proxy as a Kubernetes native sidecar (init container with
