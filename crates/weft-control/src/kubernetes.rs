@@ -17,6 +17,7 @@
 //! selector have none), Namespaces, the Gateway API kinds.
 
 pub mod lease;
+pub mod rbac;
 pub mod status;
 
 use std::collections::BTreeSet;
@@ -114,11 +115,17 @@ impl KubernetesSource {
 
     /// [`KubernetesSource::start`] with a client already made.
     pub fn start_with(client: Client, store: Arc<ResourceStore>) -> KubernetesSource {
+        Self::start_led(client, store, crate::leader::Leadership::always())
+    }
+
+    /// [`KubernetesSource::start_with`] as one of several replicas: every replica
+    /// watches, only the one `leader` elects writes status back.
+    pub fn start_led(client: Client, store: Arc<ResourceStore>, leader: crate::leader::Leadership) -> KubernetesSource {
         let (synced_tx, synced) = watch::channel(0usize);
         let synced_tx = Arc::new(synced_tx);
         let tasks = WATCHED
             .iter()
-            .map(|w| tokio::spawn(follow(client.clone(), *w, store.clone(), synced_tx.clone())))
+            .map(|w| tokio::spawn(follow(client.clone(), *w, store.clone(), synced_tx.clone(), leader.clone())))
             .collect();
         KubernetesSource { tasks, synced }
     }
@@ -160,7 +167,13 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, String> {
 }
 
 /// Follows one kind until aborted: every object into the store, deletions out.
-async fn follow(client: Client, w: Watched, store: Arc<ResourceStore>, synced: Arc<watch::Sender<usize>>) {
+async fn follow(
+    client: Client,
+    w: Watched,
+    store: Arc<ResourceStore>,
+    synced: Arc<watch::Sender<usize>>,
+    leader: crate::leader::Leadership,
+) {
     let ar = w.api_resource();
     let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
     let mut events = watcher(api).boxed();
@@ -168,7 +181,7 @@ async fn follow(client: Client, w: Watched, store: Arc<ResourceStore>, synced: A
     let mut owned: BTreeSet<ResourceKey> = BTreeSet::new();
     let mut relist: Option<BTreeSet<ResourceKey>> = None;
     let mut first_sync = true;
-    let status = w.writes_status().then(|| status::StatusWriter::new(client.clone(), ar.clone()));
+    let status = w.writes_status().then(|| status::StatusWriter::new(client.clone(), ar.clone(), leader));
     while let Some(event) = events.next().await {
         match event {
             Ok(Event::Init) => relist = Some(BTreeSet::new()),
@@ -205,7 +218,9 @@ async fn follow(client: Client, w: Watched, store: Arc<ResourceStore>, synced: A
                     }
                 }
             }
-            Err(e) => tracing::warn!(kind = w.kind, error = %e, "kubernetes: watch failed; retrying"),
+            Err(e) => {
+                tracing::warn!(kind = w.kind, error = %e, "kubernetes: watch failed; retrying{}", rbac::watch_hint(&e))
+            }
         }
     }
 }
