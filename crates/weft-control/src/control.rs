@@ -276,7 +276,6 @@ impl ControlPlane {
             }
         };
         let slo = crate::slo::SloEngine::new(stats.clone(), &cfg.mesh.domain, cfg.slo.clone());
-        slo.notify_while(leader.clone());
         tasks.push(slo.spawn(store.clone()));
         let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match (&etcd, &cfg.registry) {
             (Some(etcd), _) => {

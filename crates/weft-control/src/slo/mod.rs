@@ -95,8 +95,6 @@ pub struct SloEngine {
     alerts: Mutex<BTreeMap<AlertKey, (bool, Option<SystemTime>)>>,
     status: ArcSwap<Vec<SloStatus>>,
     notifier: Notifier,
-    /// Alerts are sent by the leader only (set by the control plane; unset: always).
-    leader: std::sync::OnceLock<crate::leader::Leadership>,
 }
 
 impl std::fmt::Debug for SloConfig {
@@ -126,15 +124,7 @@ impl SloEngine {
             alerts: Mutex::new(BTreeMap::new()),
             status: ArcSwap::from_pointee(Vec::new()),
             notifier: Notifier::start(),
-            leader: std::sync::OnceLock::new(),
         })
-    }
-
-    /// Sends alert notifications only while `leader` says this replica leads: every
-    /// replica evaluates (and serves `/api/v1/slos`), one notifies. A transition seen
-    /// while following is not sent later by this replica.
-    pub fn notify_while(&self, leader: crate::leader::Leadership) {
-        let _ = self.leader.set(leader);
     }
 
     /// Evaluates the store's SLOs every interval, and at once after a change of the
@@ -255,10 +245,6 @@ impl SloEngine {
         let mut urls: Vec<String> = st.webhook.iter().chain(self.cfg.webhook.iter()).cloned().collect();
         urls.dedup();
         if urls.is_empty() {
-            return;
-        }
-        if self.leader.get().is_some_and(|l| !l.leads()) {
-            tracing::debug!(slo = %st.name, "SLO alert transition left to the leader");
             return;
         }
         let body = json!({

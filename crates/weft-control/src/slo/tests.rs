@@ -332,28 +332,3 @@ async fn a_source_reporter_slo_reads_what_the_callers_saw() {
     assert!(close(st[0].sli_value.unwrap(), 0.5), "{:?}", st[0]);
     assert!(close(st[1].sli_value.unwrap(), 1.0), "{:?}", st[1]);
 }
-
-#[tokio::test]
-async fn only_the_leader_posts_alerts_while_every_replica_evaluates() {
-    let (url, mut rx) = receiver().await;
-    let stats = Arc::new(PerWindow { sel: ratings_selector(), ..PerWindow::default() });
-    let engine =
-        SloEngine::new(stats.clone(), "cluster.local", SloConfig { webhook: Some(url), ..SloConfig::default() });
-    let (leads, leads_rx) = tokio::sync::watch::channel(false);
-    engine.notify_while(crate::leader::Leadership::following(leads_rx));
-    let slos = resources(RATINGS);
-    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
-    for (_, d) in BURN_WINDOWS {
-        stats.set(d, 1000.0, 100.0);
-    }
-    engine.evaluate(&slos, t);
-    assert!(engine.status()[0].alerts.iter().all(|a| a.firing), "a follower evaluates");
-    // Leading now: the next transitions (resolved) are sent, the firing ones were not.
-    leads.send_replace(true);
-    for (_, d) in BURN_WINDOWS {
-        stats.set(d, 1000.0, 0.0);
-    }
-    engine.evaluate(&slos, t + Duration::from_secs(1));
-    let first = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("notification").unwrap();
-    assert_eq!(first["status"], "resolved", "the follower's firing transitions were not sent: {first}");
-}
