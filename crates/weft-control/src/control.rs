@@ -275,7 +275,22 @@ impl ControlPlane {
                 gatherer.clone()
             }
         };
-        let slo = crate::slo::SloEngine::new(stats.clone(), &cfg.mesh.domain, cfg.slo.clone());
+        let slo_notified: Arc<dyn crate::rollout::RolloutStateStore> = match (&etcd, &cfg.registry) {
+            (Some(etcd), _) => {
+                let (state, started) = crate::etcd::rollouts::EtcdRolloutState::start_at(etcd.clone(), "slo/").await?;
+                tasks.extend(started);
+                state
+            }
+            (None, Some(p)) => Arc::new(crate::rollout::FileStateStore::new(p.path.with_file_name("slo-alerts.json"))),
+            (None, None) => Arc::new(crate::rollout::MemoryStateStore::default()),
+        };
+        let slo = crate::slo::SloEngine::replicated(
+            stats.clone(),
+            &cfg.mesh.domain,
+            cfg.slo.clone(),
+            slo_notified,
+            leader.clone(),
+        );
         tasks.push(slo.spawn(store.clone()));
         let rollout_state: Arc<dyn crate::rollout::RolloutStateStore> = match (&etcd, &cfg.registry) {
             (Some(etcd), _) => {

@@ -8,7 +8,11 @@
 //!   one exists, else from the `ca.crt`/`cacert` key of `<name>`.
 //! - Who gets them: gateway proxies (node id `router~...`) in the Secret's namespace,
 //!   as Istio's SDS authorization allows; sidecars never (Istio reads `credentialName`
-//!   at gateways only), nor gateways of other namespaces.
+//!   at gateways only). A gateway of another namespace gets a Secret only in its
+//!   `kubernetes://<ns>/<name>` form and only when a ReferenceGrant in the Secret's
+//!   namespace lets a `gateway.networking.k8s.io` Gateway of the proxy's namespace refer
+//!   to it (Istio's `SecretAllowed`), which is what a cross-namespace `certificateRefs`
+//!   needs ([`gateway_secrets`]).
 //! - Rotation: a changed Secret is a store change; [`crate::secrets::SecretSource`]
 //!   pushes the new content under the same name, and proxies use it for new handshakes.
 
@@ -94,6 +98,32 @@ pub fn secrets_in(resources: &[Resource], namespace: &str) -> BTreeMap<String, S
     out
 }
 
+/// The SDS secrets a gateway proxy of `namespace` may read: those of its own namespace
+/// ([`secrets_in`]) and, in their `ns/name` form only, those of other namespaces that a
+/// ReferenceGrant opens to Gateways of `namespace` (the grant names the Secret, or its
+/// `-cacert` base, or no name at all).
+pub fn gateway_secrets(resources: &[Resource], namespace: &str) -> BTreeMap<String, Secret> {
+    let mut out = secrets_in(resources, namespace);
+    let grants = crate::gwapi::Grants::of(resources);
+    let others: std::collections::BTreeSet<&str> = resources
+        .iter()
+        .filter(|r| r.kind == Kind::Secret && r.meta.namespace != namespace)
+        .map(|r| r.meta.namespace.as_str())
+        .collect();
+    for ns in others {
+        let prefix = format!("{PREFIX}{ns}/");
+        for (full, s) in secrets_in(resources, ns) {
+            let Some(name) = full.strip_prefix(&prefix) else { continue };
+            let base = name.strip_suffix(CA_SUFFIX).unwrap_or(name);
+            let from = (weft_api::spec::gateway_api::GROUP, "Gateway", namespace);
+            if grants.allows(from, ("", "Secret", ns), name) || grants.allows(from, ("", "Secret", ns), base) {
+                out.insert(full, s);
+            }
+        }
+    }
+    out
+}
+
 fn inline(pem: &str) -> DataSource {
     DataSource { specifier: Some(data_source::Specifier::InlineBytes(pem.as_bytes().to_vec())), ..Default::default() }
 }
@@ -144,5 +174,36 @@ mod tests {
         assert_eq!(sds_name("gw"), "kubernetes://gw");
         assert_eq!(sds_ca_name("ns/gw"), "kubernetes://ns/gw-cacert");
         assert_eq!(sds_name("kubernetes://gw"), "kubernetes://gw");
+    }
+
+    fn grant(ns: &str, from_ns: &str, name: Option<&str>) -> String {
+        let name = name.map(|n| format!(", name: {n}")).unwrap_or_default();
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {{name: g-{from_ns}, namespace: {ns}}}\n\
+             spec:\n  from:\n  - {{group: gateway.networking.k8s.io, kind: Gateway, namespace: {from_ns}}}\n\
+             \x20 to:\n  - {{group: \"\", kind: Secret{name}}}\n---\n"
+        )
+    }
+
+    #[test]
+    fn a_gateway_reads_another_namespace_s_secret_only_through_a_reference_grant() {
+        let certs = [("tls.crt", CERT), ("tls.key", KEY), ("ca.crt", CERT)];
+        let base = [secret("certs", "shop", &certs), secret("certs", "other", &certs)].concat();
+        let names = |text: &str, ns: &str| -> Vec<String> { gateway_secrets(&parse(text), ns).into_keys().collect() };
+        // Without a grant, a gateway of `gw` reads nothing of `certs`.
+        assert!(names(&base, "gw").is_empty());
+        // A grant naming `shop` opens `certs/shop` (and its CA), in the `ns/name` form only.
+        let text = [base.clone(), grant("certs", "gw", Some("shop"))].concat();
+        assert_eq!(names(&text, "gw"), ["kubernetes://certs/shop", "kubernetes://certs/shop-cacert"]);
+        // Only to Gateways of the namespace the grant names.
+        assert!(names(&text, "elsewhere").is_empty());
+        // A grant without a name opens every Secret of its namespace.
+        let text = [base.clone(), grant("certs", "gw", None)].concat();
+        assert_eq!(names(&text, "gw").len(), 4);
+        // A grant in another namespace than the Secret's opens nothing.
+        let text = [base, grant("gw", "gw", None)].concat();
+        assert!(names(&text, "gw").is_empty());
+        // The gateway's own namespace is unaffected.
+        assert_eq!(names(&text, "certs").len(), 8);
     }
 }

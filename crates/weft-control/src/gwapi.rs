@@ -748,12 +748,12 @@ pub fn intersect(route: &str, listener: Option<&str>) -> Option<String> {
 }
 
 /// ReferenceGrants by the namespace they are in.
-struct Grants<'a> {
+pub(crate) struct Grants<'a> {
     list: Vec<(&'a str, &'a weft_api::ReferenceGrant)>,
 }
 
 impl<'a> Grants<'a> {
-    fn of(resources: &'a [Resource]) -> Grants<'a> {
+    pub(crate) fn of(resources: &'a [Resource]) -> Grants<'a> {
         let list = resources
             .iter()
             .filter_map(|r| match &r.spec {
@@ -766,7 +766,7 @@ impl<'a> Grants<'a> {
 
     /// Whether `from` (group, kind, namespace) may refer to `to` (group, kind,
     /// namespace) named `name`.
-    fn allows(&self, from: (&str, &str, &str), to: (&str, &str, &str), name: &str) -> bool {
+    pub(crate) fn allows(&self, from: (&str, &str, &str), to: (&str, &str, &str), name: &str) -> bool {
         let ((from_group, from_kind, from_ns), (to_group, to_kind, to_ns)) = (from, to);
         fn core(g: &str) -> &str {
             if g == "core" {

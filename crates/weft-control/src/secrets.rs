@@ -116,7 +116,7 @@ impl SecretSource {
         if let Ok(info) = weft_xds::NodeInfo::from_node(node) {
             if info.is_gateway() {
                 let snap = self.mesh.store().snapshot();
-                for (name, s) in crate::credentials::secrets_in(&snap.resources, &info.namespace) {
+                for (name, s) in crate::credentials::gateway_secrets(&snap.resources, &info.namespace) {
                     out.insert(name, pack(&s));
                 }
             }

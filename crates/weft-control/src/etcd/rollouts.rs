@@ -41,14 +41,23 @@ impl EtcdRolloutState {
     /// Reads the current state and starts the watch and the writer; the tasks run until
     /// aborted.
     pub async fn start(etcd: Etcd) -> Result<(Arc<EtcdRolloutState>, Vec<JoinHandle<()>>), String> {
-        let read = etcd.read_prefix(PREFIX).await.map_err(|e| format!("etcd: cannot read the rollout state: {e}"))?;
+        EtcdRolloutState::start_at(etcd, PREFIX).await
+    }
+
+    /// The same for another document under `prefix` (e.g. `slo/`: what the SLO
+    /// alerts' webhooks were told).
+    pub async fn start_at(
+        etcd: Etcd,
+        prefix: &'static str,
+    ) -> Result<(Arc<EtcdRolloutState>, Vec<JoinHandle<()>>), String> {
+        let read = etcd.read_prefix(prefix).await.map_err(|e| format!("etcd: cannot read {prefix}{KEY}: {e}"))?;
         let me = format!("{:016x}", rand_id());
         let copy = read.values.get(KEY).and_then(|v| split(v)).map(|(_, doc)| doc.to_vec());
         let (pending, mut next) = watch::channel(None);
         let state = Arc::new(EtcdRolloutState { me, copy: Mutex::new(copy), generation: AtomicU64::new(0), pending });
         let watcher = state.clone();
         let mirror = tokio::spawn(etcd.clone().mirror(
-            PREFIX,
+            prefix,
             read.values,
             read.revision,
             move |values: &BTreeMap<String, Vec<u8>>, _| {
@@ -64,7 +73,7 @@ impl EtcdRolloutState {
             },
         ));
         let writer_id = state.me.clone();
-        let key = etcd.key(&format!("{PREFIX}{KEY}"));
+        let key = etcd.key(&format!("{prefix}{KEY}"));
         let writer = tokio::spawn(async move {
             while next.changed().await.is_ok() {
                 let Some(doc) = next.borrow_and_update().clone() else { continue };
@@ -72,7 +81,7 @@ impl EtcdRolloutState {
                 value.extend_from_slice(&doc);
                 let txn = etcd_client::Txn::new().and_then([etcd_client::TxnOp::put(key.as_bytes(), value, None)]);
                 if let Err(e) = super::txn_retried(&etcd, txn).await {
-                    tracing::warn!(error = %e, "rollout state not written to etcd");
+                    tracing::warn!(error = %e, "{prefix}{KEY} not written to etcd");
                 }
             }
         });

@@ -6,6 +6,11 @@
 //! ([`notify`]). The result is served as `GET /api/v1/slos` ([`SloEngine::to_json`])
 //! and as `weft_slo_*` metrics on `/metrics` ([`SloEngine::render_metrics`]).
 //! [`rules`] writes the same SLOs as Prometheus rules. See docs/slo.md.
+//!
+//! With several replicas every replica evaluates (each one's API and metrics answer),
+//! but only the leader notifies, against a record of what the webhooks were last told
+//! that the replicas share (etcd, or a file in the data directory): a new leader or a
+//! restarted control plane sends exactly the transitions not sent yet.
 
 pub mod calc;
 pub mod notify;
@@ -22,7 +27,9 @@ use tokio::task::JoinHandle;
 use weft_api::spec::slo::Sli;
 use weft_api::{Resource, ServiceLevelObjective, Spec};
 
+use crate::leader::Leadership;
 use crate::meshstats::{Reporter, Selector, SharedStats};
+use crate::rollout::{MemoryStateStore, RolloutStateStore};
 use crate::store::ResourceStore;
 use calc::{AlertRule, ALERT_RULES, BURN_WINDOWS};
 use notify::{Notification, Notifier};
@@ -95,6 +102,11 @@ pub struct SloEngine {
     alerts: Mutex<BTreeMap<AlertKey, (bool, Option<SystemTime>)>>,
     status: ArcSwap<Vec<SloStatus>>,
     notifier: Notifier,
+    /// What the webhooks were last told per alert (`ns/name/index` → firing), shared by
+    /// the replicas ([`SloEngine::replicated`]); the leader notifies what differs.
+    notified: Arc<dyn RolloutStateStore>,
+    /// Only the leader notifies; every replica evaluates (its API and metrics answer).
+    leader: Leadership,
 }
 
 impl std::fmt::Debug for SloConfig {
@@ -117,6 +129,20 @@ impl SloEngine {
     /// An engine reading `stats` (unless the config brings its own), resolving short
     /// service names in `domain`; starts its notifier task.
     pub fn new(stats: SharedStats, domain: &str, cfg: SloConfig) -> Arc<SloEngine> {
+        SloEngine::replicated(stats, domain, cfg, Arc::new(MemoryStateStore::default()), Leadership::always())
+    }
+
+    /// An engine of one replica among several: every replica evaluates, only the one
+    /// `leader` names notifies, and what was notified lives in `notified` (etcd with
+    /// `--store etcd://`, a file in the data directory otherwise), so a new leader, or
+    /// a restarted control plane, neither repeats a notification nor misses one.
+    pub fn replicated(
+        stats: SharedStats,
+        domain: &str,
+        cfg: SloConfig,
+        notified: Arc<dyn RolloutStateStore>,
+        leader: Leadership,
+    ) -> Arc<SloEngine> {
         Arc::new(SloEngine {
             stats: cfg.stats.clone().unwrap_or(stats),
             domain: domain.to_string(),
@@ -124,6 +150,8 @@ impl SloEngine {
             alerts: Mutex::new(BTreeMap::new()),
             status: ArcSwap::from_pointee(Vec::new()),
             notifier: Notifier::start(),
+            notified,
+            leader,
         })
     }
 
@@ -178,15 +206,48 @@ impl SloEngine {
                 let since = if prev.0 != firing { Some(now) } else { prev.1 };
                 st.alerts[i].since = since;
                 alerts.insert(key, (firing, since));
-                if prev.0 != firing {
-                    self.queue(&st, &st.alerts[i]);
-                }
             }
             out.push(st);
         }
         alerts.retain(|k, _| seen.contains(k));
         drop(alerts);
+        if self.leader.leads() {
+            self.notify_changes(&out);
+        }
         self.status.store(Arc::new(out));
+    }
+
+    /// Queues a notification for every alert whose state differs from what the
+    /// webhooks were last told, and records the new states. An alert never notified
+    /// counts as resolved, so a first evaluation that does not fire sends nothing.
+    fn notify_changes(&self, slos: &[SloStatus]) {
+        let doc = match self.notified.load() {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(error = %e, "SLO alert notifications: cannot read what was notified");
+                return;
+            }
+        };
+        let before: BTreeMap<String, bool> =
+            doc.as_deref().and_then(|d| serde_json::from_slice(d).ok()).unwrap_or_default();
+        let mut after = BTreeMap::new();
+        for st in slos {
+            for (i, a) in st.alerts.iter().enumerate() {
+                let key = format!("{}/{}/{i}", st.namespace, st.name);
+                if before.get(&key).copied().unwrap_or(false) != a.firing {
+                    self.queue(st, a);
+                }
+                if a.firing {
+                    after.insert(key, true);
+                }
+            }
+        }
+        if after != before {
+            let saved = serde_json::to_vec(&after).map_err(|e| e.to_string()).and_then(|d| self.notified.save(&d));
+            if let Err(e) = saved {
+                tracing::warn!(error = %e, "SLO alert notifications: cannot record what was notified");
+            }
+        }
     }
 
     fn evaluate_one(&self, r: &Resource, o: &ServiceLevelObjective, all: &[Resource]) -> SloStatus {

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use super::*;
+use crate::leader::Leadership;
 use crate::meshstats::{FixedStats, MeshStats, WindowStats};
 
 /// Totals per window (the engine asks for each burn window and the SLO window).
@@ -331,4 +332,55 @@ async fn a_source_reporter_slo_reads_what_the_callers_saw() {
     let st = engine.status();
     assert!(close(st[0].sli_value.unwrap(), 0.5), "{:?}", st[0]);
     assert!(close(st[1].sli_value.unwrap(), 1.0), "{:?}", st[1]);
+}
+
+#[tokio::test]
+async fn only_the_leader_notifies_and_a_new_leader_sends_only_what_was_not_sent() {
+    let (url, mut rx) = receiver().await;
+    let stats = Arc::new(PerWindow { sel: ratings_selector(), ..PerWindow::default() });
+    let shared: Arc<dyn crate::rollout::RolloutStateStore> = Arc::new(crate::rollout::MemoryStateStore::default());
+    let (a_lead, a_rx) = tokio::sync::watch::channel(true);
+    let (b_lead, b_rx) = tokio::sync::watch::channel(false);
+    let engine = |rx| {
+        let cfg = SloConfig { webhook: Some(url.clone()), ..SloConfig::default() };
+        SloEngine::replicated(stats.clone(), "cluster.local", cfg, shared.clone(), Leadership::following(rx))
+    };
+    let (a, b) = (engine(a_rx), engine(b_rx));
+    let slos = resources(RATINGS);
+    let t = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+    // Burning: both replicas see the three alerts fire; only the leader (a) notifies.
+    for (_, d) in BURN_WINDOWS {
+        stats.set(d, 1000.0, 100.0);
+    }
+    a.evaluate(&slos, t);
+    b.evaluate(&slos, t);
+    assert!(b.status()[0].alerts.iter().all(|x| x.firing), "the follower evaluates too");
+    for _ in 0..3 {
+        next(&mut rx, "firing").await;
+    }
+    // Failover while still firing: the new leader (b) finds the firing already sent.
+    a_lead.send_replace(false);
+    b_lead.send_replace(true);
+    b.evaluate(&slos, t + Duration::from_secs(1));
+    a.evaluate(&slos, t + Duration::from_secs(1));
+    // The burning stops: the new leader sends the three resolved, the old one nothing.
+    for (_, d) in BURN_WINDOWS {
+        stats.set(d, 1000.0, 0.0);
+    }
+    a.evaluate(&slos, t + Duration::from_secs(2));
+    b.evaluate(&slos, t + Duration::from_secs(2));
+    for _ in 0..3 {
+        next(&mut rx, "resolved").await;
+    }
+    // Every POST was answered: a sent the firing three, b the resolved three, no more.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while a.notifications().sent + b.notifications().sent < 6 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!((a.notifications().sent, b.notifications().sent), (3, 3));
+}
+
+async fn next(rx: &mut tokio::sync::mpsc::UnboundedReceiver<serde_json::Value>, want: &str) {
+    let v = tokio::time::timeout(Duration::from_secs(30), rx.recv()).await.expect("notification").unwrap();
+    assert_eq!(v["status"], want, "{v}");
 }
