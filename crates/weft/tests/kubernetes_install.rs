@@ -1,5 +1,7 @@
-//! The install manifests on a real API server (`weft_testkit::kube`): `kubectl apply -f
-//! manifests/crds/ -f manifests/install/` really applied, then `weft control` run as a
+//! The install manifests on a real API server (`weft_testkit::kube`): `kubectl apply
+//! --server-side -f manifests/crds/ -f manifests/install/` really applied (not a dry
+//! run; server-side because the Gateway API's CRDs are too large for client-side
+//! apply's annotation), then `weft control` run as a
 //! process with the Deployment's own arguments (in-cluster paths and addresses swapped for
 //! the test's) and a kubeconfig carrying ONLY a TokenRequest token of the weft-system
 //! ServiceAccount: it lists every kind it watches, holds the Lease, writes status, and is
@@ -163,11 +165,11 @@ async fn the_install_manifests_apply_and_weft_control_runs_with_only_its_service
     let root = weft_testkit::workspace_root();
     let (crds, install) = (root.join("manifests/crds"), root.join("manifests/install"));
     let out = k
-        .kubectl(&["apply", "-f", &crds.display().to_string(), "-f", &install.display().to_string()])
+        .kubectl(&["apply", "--server-side", "-f", &crds.display().to_string(), "-f", &install.display().to_string()])
         .await
         .expect("the install manifests apply");
     eprintln!("{out}");
-    k.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "-l", "app.kubernetes.io/part-of=weft"])
+    k.kubectl(&["wait", "--for=condition=Established", "--timeout=60s", "crd", "--all"])
         .await
         .expect("CRDs established");
     for (kind, name) in [
@@ -273,7 +275,8 @@ async fn the_install_manifests_apply_and_weft_control_runs_with_only_its_service
     assert!(vs_message(&k).await.contains("lots"), "the status is not updated without the right");
 
     // The generated RBAC re-applied: the pending write goes through on the next change.
-    k.kubectl(&["apply", "-f", &install.join("rbac.yaml").display().to_string()]).await.expect("re-apply RBAC");
+    let rbac = install.join("rbac.yaml").display().to_string();
+    k.kubectl(&["apply", "--server-side", "--force-conflicts", "-f", &rbac]).await.expect("re-apply RBAC");
     eventually("the right is back", || may_patch_vs_status(&k), |may| *may).await;
     k.apply(&virtual_service("plenty")).await.expect("apply");
     eventually("status written again", || vs_message(&k), |m| m.contains("plenty")).await;

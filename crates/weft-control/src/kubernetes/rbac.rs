@@ -36,11 +36,12 @@ pub struct Rule {
 pub const EXTRAS: &[Rule] = &[
     // Service-account tokens presented to the CA are checked with TokenReview.
     Rule { group: "authentication.k8s.io", resources: &["tokenreviews"], verbs: &["create"] },
-    // The control plane registers its `/inject` webhook and keeps its caBundle current.
+    // The control plane registers its `/inject` webhook and keeps its caBundle current
+    // (`kubernetes::webhook`: read, create when missing, replace when it differs).
     Rule {
         group: "admissionregistration.k8s.io",
         resources: &["mutatingwebhookconfigurations"],
-        verbs: &["get", "create", "update", "patch"],
+        verbs: &["get", "create", "update"],
     },
 ];
 
