@@ -217,10 +217,8 @@ mod tests {
 
     #[test]
     fn rules_merge_by_group_and_verbs() {
-        let watched = [
-            Watched { group: "", version: "v1", kind: "Service", plural: "services", weft: weft_api::Kind::Service },
-            Watched { group: "", version: "v1", kind: "Pod", plural: "pods", weft: weft_api::Kind::WorkloadEntry },
-        ];
+        let pick = |kind: &str| *WATCHED.iter().find(|w| w.group.is_empty() && w.kind == kind).expect("watched");
+        let watched = [pick("Service"), pick("Pod")];
         let extras = [Rule { group: "", resources: &["services"], verbs: &["get"] }];
         let rules = cluster_rules_of(&watched, &extras);
         assert_eq!(rules.len(), 2, "{rules:?}");
