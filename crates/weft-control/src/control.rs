@@ -88,7 +88,8 @@ pub struct ControlPlane {
     /// is open).
     pub admin_token: Option<(String, PathBuf)>,
     /// Whether this replica leads (always with the directory store; elected through
-    /// etcd with `--store etcd://`): singleton work runs only on the leader.
+    /// etcd with `--store etcd://`, or on a Kubernetes Lease with
+    /// [`ControlPlane::start_led`]): singleton work runs only on the leader.
     pub leader: crate::leader::Leadership,
     stop: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
@@ -99,17 +100,32 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Binds both servers and starts everything, on the directory store.
     pub async fn start(cfg: ControlConfig) -> Result<ControlPlane, String> {
-        Self::start_with(cfg, None).await
+        Self::start_with(cfg, None, None).await
     }
 
     /// [`ControlPlane::start`] as one of several replicas sharing `etcd` (`--store
     /// etcd://`): resources applied through the API, proxies' registrations, the CA and
     /// token state live there; every replica serves every proxy; one leads.
     pub async fn start_replica(cfg: ControlConfig, etcd: crate::etcd::EtcdConfig) -> Result<ControlPlane, String> {
-        Self::start_with(cfg, Some(etcd)).await
+        Self::start_with(cfg, Some(etcd), None).await
     }
 
-    async fn start_with(cfg: ControlConfig, etcd: Option<crate::etcd::EtcdConfig>) -> Result<ControlPlane, String> {
+    /// [`ControlPlane::start`] (on etcd when `etcd` is given) with leadership decided
+    /// outside: the Kubernetes Lease election of `weft control --kubernetes`
+    /// ([`crate::kubernetes::lease`]), which then replaces etcd's election.
+    pub async fn start_led(
+        cfg: ControlConfig,
+        etcd: Option<crate::etcd::EtcdConfig>,
+        leader: crate::leader::Leadership,
+    ) -> Result<ControlPlane, String> {
+        Self::start_with(cfg, etcd, Some(leader)).await
+    }
+
+    async fn start_with(
+        cfg: ControlConfig,
+        etcd: Option<crate::etcd::EtcdConfig>,
+        elected: Option<crate::leader::Leadership>,
+    ) -> Result<ControlPlane, String> {
         let etcd = match &etcd {
             Some(e) => Some(crate::etcd::Etcd::connect(e).await?),
             None => None,
@@ -218,8 +234,13 @@ impl ControlPlane {
         if cfg.dir.is_some() {
             tasks.push(store.watch());
         }
-        let leader = match &etcd {
-            Some(etcd) => {
+        let leader = match (&etcd, elected) {
+            (Some(etcd), Some(leader)) => {
+                tasks.extend(crate::etcd::registry::start(etcd.clone(), &registry, leader.is_leader()).await?);
+                leader
+            }
+            (None, Some(leader)) => leader,
+            (Some(etcd), None) => {
                 let (tx, rx) = watch::channel(false);
                 let name = format!("pid {} api {api_addr} xds {xds_addr}", std::process::id());
                 tasks.push(crate::etcd::leader::start(etcd.clone(), name, tx));
@@ -227,7 +248,7 @@ impl ControlPlane {
                 tasks.extend(crate::etcd::registry::start(etcd.clone(), &registry, rx.clone()).await?);
                 crate::leader::Leadership::following(rx)
             }
-            None => crate::leader::Leadership::always(),
+            (None, None) => crate::leader::Leadership::always(),
         };
         tasks.push(registry.follow_with(&server, follow));
         let persist = persisted.map(|p| registry.persist(p.path.clone()));

@@ -24,6 +24,7 @@
 
 pub mod gwstatus;
 pub mod lease;
+pub mod rbac;
 pub mod slices;
 pub mod status;
 pub mod tokenreview;
@@ -190,9 +191,15 @@ impl KubernetesSource {
 
     /// [`KubernetesSource::start`] with a client already made.
     pub fn start_with(client: Client, store: Arc<ResourceStore>) -> KubernetesSource {
+        Self::start_led(client, store, crate::leader::Leadership::always())
+    }
+
+    /// [`KubernetesSource::start_with`] as one of several replicas: every replica
+    /// watches, only the one `leader` elects writes status back.
+    pub fn start_led(client: Client, store: Arc<ResourceStore>, leader: crate::leader::Leadership) -> KubernetesSource {
         let (synced_tx, synced) = watch::channel(0usize);
         let (ns_tx, namespaces) = watch::channel(NamespaceLabels::new());
-        let shared = Arc::new(Shared { synced: synced_tx, namespaces: ns_tx, observed: Default::default() });
+        let shared = Arc::new(Shared { synced: synced_tx, namespaces: ns_tx, observed: Default::default(), leader });
         let tasks =
             WATCHED.iter().map(|w| tokio::spawn(follow(client.clone(), *w, store.clone(), shared.clone()))).collect();
         KubernetesSource { client, store, tasks, synced, namespaces, shared }
@@ -244,6 +251,8 @@ struct Shared {
     /// The Gateway API objects as last seen by their watches (what
     /// [`gwstatus`] compares with, so it needs no `get` rights).
     observed: std::sync::Mutex<BTreeMap<ResourceKey, Observed>>,
+    /// Status (validation and the Gateway API's) is written by the leader only.
+    leader: crate::leader::Leadership,
 }
 
 /// A Gateway API object as its watch last saw it.
@@ -290,8 +299,8 @@ async fn follow(client: Client, w: Watched, store: Arc<ResourceStore>, shared: A
     let mut owned: BTreeMap<ObjectId, BTreeSet<ResourceKey>> = BTreeMap::new();
     let mut relist: Option<BTreeSet<ObjectId>> = None;
     let mut first_sync = true;
-    let status =
-        (w.status_write() == StatusWrite::Validation).then(|| status::StatusWriter::new(client.clone(), ar.clone()));
+    let status = (w.status_write() == StatusWrite::Validation)
+        .then(|| status::StatusWriter::new(client.clone(), ar.clone(), shared.leader.clone()));
     while let Some(event) = events.next().await {
         match event {
             Ok(Event::Init) => relist = Some(BTreeSet::new()),
@@ -359,7 +368,9 @@ async fn follow(client: Client, w: Watched, store: Arc<ResourceStore>, shared: A
                     store.delete_keys(&keys.into_iter().collect::<Vec<_>>());
                 }
             }
-            Err(e) => tracing::warn!(kind = w.kind, error = %e, "kubernetes: watch failed; retrying"),
+            Err(e) => {
+                tracing::warn!(kind = w.kind, error = %e, "kubernetes: watch failed; retrying{}", rbac::watch_hint(&e))
+            }
         }
     }
 }

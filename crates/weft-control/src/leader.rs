@@ -1,6 +1,7 @@
-//! Who runs the singleton work (CA rotation steps, rollout controllers) when several
-//! replicas serve one mesh: the replica elected through etcd
-//! ([`crate::etcd::leader`]); with the directory store the only replica, always.
+//! Who runs the singleton work (CA rotation steps, rollout controllers, SLO alerts,
+//! status written back to Kubernetes) when several replicas serve one mesh: the replica
+//! elected through etcd ([`crate::etcd::leader`]) or on a Kubernetes Lease
+//! ([`crate::kubernetes::lease`]); with the directory store the only replica, always.
 
 use tokio::sync::watch;
 

@@ -185,9 +185,15 @@ impl KubeApiServer {
 
     /// [`KubeApiServer::kubectl`] with `stdin` fed to it (`kubectl apply -f -`).
     pub async fn kubectl_stdin(&self, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
+        self.kubectl_as(&self.kubeconfig, args, stdin).await
+    }
+
+    /// [`KubeApiServer::kubectl_stdin`] with another kubeconfig (one from
+    /// [`KubeApiServer::kubeconfig_with_token`]: a service account's rights).
+    pub async fn kubectl_as(&self, kubeconfig: &Path, args: &[&str], stdin: Option<&str>) -> anyhow::Result<String> {
         let (_, kubectl) = binaries().context("kubectl not found: run scripts/setup.sh")?;
         let mut child = Command::new(kubectl)
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--kubeconfig={}", kubeconfig.display()))
             .arg(format!("--cache-dir={}", self.dir.path().join("kubectl-cache").display()))
             .args(args)
             .stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })

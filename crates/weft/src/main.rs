@@ -385,6 +385,10 @@ enum Command {
     /// summary (codes, latency percentiles); through `HTTP_PROXY` when set (run it with
     /// `weft exec fortio -- weft load ...` to go through a workload's sidecar).
     Load(load::LoadArgs),
+    /// Print the Kubernetes RBAC `weft control --kubernetes` needs (ClusterRole, Role for
+    /// the leader-election Lease, their bindings), generated from the kinds it watches:
+    /// the text of manifests/install/rbac.yaml.
+    KubernetesRbac,
 }
 
 /// The applications `weft demo` runs.
@@ -676,6 +680,10 @@ fn main() -> std::process::ExitCode {
                 exec::logs(&workload, namespace.as_deref(), sidecar)
             }
             Command::Load(args) => load::run(args, |name| std::env::var(name).ok()).await,
+            Command::KubernetesRbac => {
+                print!("{}", weft_control::kubernetes::rbac::manifest());
+                Ok(())
+            }
             Command::Control {
                 dir,
                 xds,
@@ -962,30 +970,43 @@ async fn run_control(
         slo: slo.config()?,
         stats,
     };
-    let cp = match store {
-        Some(etcd) => weft_control::control::ControlPlane::start_replica(cfg, etcd).await,
-        None => weft_control::control::ControlPlane::start(cfg).await,
-    }
-    .map_err(|e| anyhow::anyhow!(e))?;
-    let _kubernetes = match kubernetes.config() {
-        Some(k) => {
-            let mut source = weft_control::kubernetes::KubernetesSource::start(&k, cp.store.clone())
+    // With --kubernetes: one client; the Lease election starts before the control plane,
+    // whose singleton work follows it, and the watches after (status is the leader's).
+    let kube = match kubernetes.config() {
+        Some(k) => Some(
+            weft_control::kubernetes::client(k.kubeconfig.as_deref())
                 .await
-                .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?;
-            let server = cp.server.clone();
-            source.write_gateway_status(move || server.connections(), cp.source.domain());
-            Some(source)
-        }
+                .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?,
+        ),
         None => None,
     };
+    let election = match (&kube, kubernetes.lease()) {
+        (Some(client), Some(lease)) => {
+            info!(namespace = %lease.namespace, name = %lease.name, identity = %lease.identity,
+                  duration = ?lease.lease_duration, "leader election on a Lease");
+            Some(weft_control::kubernetes::lease::LeaseElection::start(client.clone(), lease))
+        }
+        _ => None,
+    };
+    let elected = election.as_ref().map(|e| weft_control::leader::Leadership::following(e.is_leader()));
+    let cp = match (store, elected) {
+        (etcd, Some(leader)) => weft_control::control::ControlPlane::start_led(cfg, etcd, leader).await,
+        (Some(etcd), None) => weft_control::control::ControlPlane::start_replica(cfg, etcd).await,
+        (None, None) => weft_control::control::ControlPlane::start(cfg).await,
+    }
+    .map_err(|e| anyhow::anyhow!(e))?;
+    let _kubernetes = kube.clone().map(|client| {
+        let mut source =
+            weft_control::kubernetes::KubernetesSource::start_led(client, cp.store.clone(), cp.leader.clone());
+        let server = cp.server.clone();
+        source.write_gateway_status(move || server.connections(), cp.source.domain());
+        source
+    });
     // --kubernetes with --webhook: the API server learns where to call it.
-    let _registration = match (kubernetes.config(), cp.webhook_addr, &cp.webhook_cert) {
-        (Some(k), Some(addr), Some(certs)) => {
+    let _registration = match (&kube, cp.webhook_addr, &cp.webhook_cert) {
+        (Some(client), Some(addr), Some(certs)) => {
             let registration = kubernetes.webhook_registration(addr)?;
-            let client = weft_control::kubernetes::client(k.kubeconfig.as_deref())
-                .await
-                .map_err(|e| anyhow::anyhow!("--kubernetes: {e}"))?;
-            Some(AbortOnDrop(weft_control::kubernetes::webhook::spawn(client, registration, certs.clone())))
+            Some(AbortOnDrop(weft_control::kubernetes::webhook::spawn(client.clone(), registration, certs.clone())))
         }
         _ => None,
     };
@@ -1012,6 +1033,10 @@ async fn run_control(
     shutdown_signal().await;
     info!("signal received: stopping");
     cp.shutdown().await;
+    if let Some(election) = election {
+        // Released, so another replica takes over at its next try (a rolling upgrade).
+        election.stop().await;
+    }
     Ok(())
 }
 

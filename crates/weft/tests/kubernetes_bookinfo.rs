@@ -97,6 +97,8 @@ async fn control_plane(k: &KubeApiServer, kubelet: &Kubelet) -> Control {
         .arg(format!("--xds={}:0", kubelet.host_address()))
         .arg("--api=127.0.0.1:0")
         .args(["--webhook", "127.0.0.1:0", "--inject-control-plane", "bound"])
+        // Its Lease where this cluster has a namespace (the install's weft-system is not here).
+        .arg("--leader-elect-resource-namespace=default")
         .arg(format!("--webhook-cert={}", cert.display()))
         .arg(format!("--webhook-key={}", key.display()))
         .env("RUST_LOG", "info")

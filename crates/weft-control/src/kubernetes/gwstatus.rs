@@ -57,13 +57,23 @@ impl GatewayStatusWriter {
     }
 
     /// Writes until aborted.
+    /// Only while this replica leads (`--leader-elect`): a follower writes nothing and
+    /// forgets what it wrote, so it compares afresh with the objects when it leads.
     pub async fn run(mut self, connections: Connections) {
         let mut changes = self.store.subscribe();
+        let mut leads = self.shared.leader.is_leader();
+        let mut elections = true;
         loop {
-            self.once(&connections()).await;
+            if *leads.borrow_and_update() {
+                self.once(&connections()).await;
+            } else {
+                self.written.clear();
+            }
             tokio::select! {
                 changed = changes.changed() => if changed.is_err() { return },
                 _ = tokio::time::sleep(RECHECK) => {}
+                // Closed: leadership can no longer change (a single control plane).
+                r = leads.changed(), if elections => if r.is_err() { elections = false },
             }
         }
     }

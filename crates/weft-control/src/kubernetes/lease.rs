@@ -3,10 +3,14 @@
 //! takes the Lease over when its record has not changed for `leaseDurationSeconds` as
 //! measured by the candidate's own clock (so clocks need not agree), and every write
 //! carries the `resourceVersion` it read, so two candidates never both win. A leader
-//! that cannot renew within the lease duration steps down by itself; one that stops
+//! that cannot renew within the renew deadline (half the lease duration, as Istio sets
+//! it) steps down by itself, before any other candidate may take over; one that stops
 //! releases the Lease (empty holder), so the next takes over at its next try.
 //!
-//! The outcome is a `watch::Receiver<bool>`, the shape of [`crate::leader::Leadership`].
+//! `weft control --kubernetes` runs one candidate per replica (`--leader-elect-*` flags;
+//! Istio's timing by default: [`DEFAULT_LEASE_DURATION`], renew deadline and retry a half
+//! and a quarter of it) and hands the outcome to every piece of singleton work as a
+//! [`crate::leader::Leadership`].
 
 use std::time::{Duration, Instant};
 
@@ -16,6 +20,14 @@ use kube::api::{Api, PostParams};
 use kube::Client;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// Istio's leader-election TTL (`pilot/pkg/leaderelection`: 30 s, renew deadline 15 s,
+/// retry 7.5 s).
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(30);
+/// The Lease's name unless `--leader-elect-resource-name` says otherwise.
+pub const DEFAULT_LEASE_NAME: &str = "weft-control-leader";
+/// The Lease's namespace when neither the flag nor `POD_NAMESPACE` gives one.
+pub const DEFAULT_LEASE_NAMESPACE: &str = "weft-system";
 
 /// Which Lease, who we are, and the timing.
 #[derive(Debug, Clone)]
@@ -30,6 +42,27 @@ pub struct LeaseConfig {
     pub lease_duration: Duration,
     /// How often the leader renews and candidates try (client-go: 2 s).
     pub retry: Duration,
+}
+
+impl LeaseConfig {
+    /// Istio's timing for `lease_duration`: retry every quarter of it (the renew
+    /// deadline is always half of it).
+    pub fn new(namespace: &str, name: &str, identity: &str, lease_duration: Duration) -> LeaseConfig {
+        LeaseConfig {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            identity: identity.to_string(),
+            lease_duration,
+            retry: lease_duration / 4,
+        }
+    }
+
+    /// How long a leader keeps leading without a successful renewal: half the lease
+    /// duration (never less than one retry), so it has stepped down before any other
+    /// candidate's clock lets it take over.
+    pub fn renew_deadline(&self) -> Duration {
+        (self.lease_duration / 2).max(self.retry)
+    }
 }
 
 /// A running candidate.
@@ -80,14 +113,20 @@ impl Drop for LeaseElection {
 async fn run(api: Api<Lease>, cfg: LeaseConfig, leader: watch::Sender<bool>, mut stop: watch::Receiver<bool>) {
     let mut observed: Option<Observed> = None;
     let mut renewed_at: Option<Instant> = None;
+    let deadline = cfg.renew_deadline();
     loop {
-        match try_acquire_or_renew(&api, &cfg, &mut observed).await {
-            Ok(true) => renewed_at = Some(Instant::now()),
-            Ok(false) => renewed_at = None,
-            Err(e) => tracing::warn!(lease = %cfg.name, error = %e, "lease: cannot read or write"),
+        // A round that hangs (an API server that stopped answering) counts as failed.
+        match tokio::time::timeout(deadline, try_acquire_or_renew(&api, &cfg, &mut observed)).await {
+            Ok(Ok(true)) => renewed_at = Some(Instant::now()),
+            Ok(Ok(false)) => renewed_at = None,
+            Ok(Err(e)) => tracing::warn!(
+                lease = %cfg.name, namespace = %cfg.namespace, error = %e,
+                "lease: cannot read or write the Lease{}", super::rbac::hint(&e)
+            ),
+            Err(_) => tracing::warn!(lease = %cfg.name, "lease: no answer from the API server within {deadline:?}"),
         }
-        // A leader that could not renew for a whole lease duration is no longer one.
-        let leads = renewed_at.is_some_and(|t| t.elapsed() < cfg.lease_duration);
+        // A leader that could not renew within the renew deadline is no longer one.
+        let leads = renewed_at.is_some_and(|t| t.elapsed() < deadline);
         if *leader.borrow() != leads {
             tracing::info!(lease = %cfg.name, identity = %cfg.identity, leads, "lease: leadership changed");
             leader.send_replace(leads);
