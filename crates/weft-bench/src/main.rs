@@ -3,7 +3,9 @@
 //! HAProxy and no proxy at all, in one run on one machine.
 #![forbid(unsafe_code)]
 
+mod gate;
 mod mesh;
+mod outside;
 mod procs;
 mod report;
 mod run;
@@ -37,6 +39,19 @@ enum Cmd {
     Soak {
         #[command(flatten)]
         args: Box<soak::SoakArgs>,
+    },
+    /// The outside method (issue 20): every pair unpinned, HTTP/1.1 at a fixed rate and a
+    /// one-worker maximum, interleaved rounds; writes bench/results/outside-<date>.json and
+    /// prints the table.
+    Outside {
+        #[command(flatten)]
+        args: Box<outside::OutsideArgs>,
+    },
+    /// Regression gate: weft's pairs against bench/gate-baseline.json (a few minutes);
+    /// exits 1 on a clear regression. `--save` records a new baseline.
+    Gate {
+        #[command(flatten)]
+        args: Box<gate::GateArgs>,
     },
     /// Render the report from a results file.
     Render {
@@ -89,6 +104,10 @@ fn write_doc(results: &run::Results, doc: &DocArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn multi_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -121,6 +140,15 @@ fn main() -> std::process::ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(soak::run(&args)))
             .map(|(_, file)| eprintln!("bench: wrote {}", file.display())),
+        Cmd::Outside { args } => multi_thread().and_then(|rt| rt.block_on(outside::run(&args))).map(|(r, file)| {
+            println!("{}", outside::table(&r));
+            eprintln!("bench: wrote {}", file.display());
+        }),
+        Cmd::Gate { args } => match multi_thread().and_then(|rt| rt.block_on(gate::run(&args))) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(anyhow::anyhow!("gate: a figure regressed (table above)")),
+            Err(e) => Err(e),
+        },
         Cmd::Render { results, doc } => std::fs::read_to_string(&results)
             .map_err(anyhow::Error::from)
             .and_then(|text| Ok(serde_json::from_str::<run::Results>(&text)?))
