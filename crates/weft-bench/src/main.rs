@@ -53,6 +53,12 @@ enum Cmd {
         #[command(flatten)]
         args: Box<gate::GateArgs>,
     },
+    /// Profiles one pair of the outside method under load (`perf record --call-graph
+    /// dwarf` on both proxies) and writes folded stacks and the top functions.
+    Profile {
+        #[command(flatten)]
+        args: Box<outside::ProfileArgs>,
+    },
     /// Render the report from a results file.
     Render {
         /// Results JSON.
@@ -149,6 +155,7 @@ fn main() -> std::process::ExitCode {
             Ok(false) => Err(anyhow::anyhow!("gate: a figure regressed (table above)")),
             Err(e) => Err(e),
         },
+        Cmd::Profile { args } => multi_thread().and_then(|rt| rt.block_on(outside::profile(&args))),
         Cmd::Render { results, doc } => std::fs::read_to_string(&results)
             .map_err(anyhow::Error::from)
             .and_then(|text| Ok(serde_json::from_str::<run::Results>(&text)?))

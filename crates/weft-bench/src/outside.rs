@@ -521,3 +521,133 @@ pub async fn envoy_static_stack(dir: tempfile::TempDir, tools: &Tools, apps: App
         _dir: dir,
     })
 }
+
+/// What `profile` records.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ProfileArgs {
+    /// The pair to profile.
+    #[arg(long, default_value = "weft-h2")]
+    pub pair: String,
+    /// Requests per second; 0 = closed loop (maximum throughput).
+    #[arg(long, default_value_t = 1000)]
+    pub rps: u32,
+    #[arg(long, default_value_t = 10)]
+    pub secs: u64,
+    /// Sampling frequency (Hz) of `perf record`.
+    #[arg(long, default_value_t = 999)]
+    pub freq: u32,
+    /// Output prefix: writes `<out>.folded` (perf script stacks folded, one line per
+    /// stack with its sample count: the input of any flame-graph renderer) and
+    /// `<out>.txt` (the top functions, self time).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value = "target/release/weft")]
+    pub weft: PathBuf,
+    #[arg(long, default_value = "target/release/weft-proxy")]
+    pub weft_proxy: PathBuf,
+}
+
+/// Starts `pair`, records both proxies with `perf record --call-graph dwarf` under load,
+/// and folds the stacks.
+pub async fn profile(args: &ProfileArgs) -> anyhow::Result<()> {
+    let tools = tools(&args.weft, &args.weft_proxy, None, None);
+    let scratch = tempfile::Builder::new().prefix("weft-bench-profile-").tempdir()?;
+    let (_echo, apps) = crate::run::start_echo(&Pinning { apps: None, proxies: None }, scratch.path()).await?;
+    let stack = start_pair(&args.pair, &tools, apps).await?;
+    load::h1_fixed_rate(&stack.h1, 1000, 16, Duration::from_secs(2)).await?;
+    let pids: Vec<String> =
+        stack.proxies.iter().map(|p| p.proc.pid().map(|p| p.to_string())).collect::<Result<_, _>>()?;
+    let data = scratch.path().join("perf.data");
+    let mut perf = tokio::process::Command::new("perf")
+        .args(["record", "-q", "-F", &args.freq.to_string(), "--call-graph", "dwarf,16384", "-o"])
+        .arg(&data)
+        .args(["-p", &pids.join(",")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .context("perf record")?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let d = Duration::from_secs(args.secs);
+    let r = if args.rps == 0 {
+        load::h1_max(&stack.h1, 16, d).await?
+    } else {
+        load::h1_fixed_rate(&stack.h1, args.rps, 16, d).await?
+    };
+    let pid = perf.id().ok_or_else(|| anyhow!("perf exited early"))?;
+    // perf writes its file on SIGINT.
+    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+    perf.wait().await?;
+    eprintln!("profile: {} requests, {:.0} req/s, p50 {:.0} us, loadavg {}", r.ok, r.rps, r.latency_us.p50, loadavg());
+    let script = tokio::process::Command::new("perf")
+        .args(["script", "-F", "comm,ip,sym", "--no-inline", "-i"])
+        .arg(&data)
+        .output()
+        .await?;
+    ensure!(script.status.success(), "perf script: {}", String::from_utf8_lossy(&script.stderr));
+    let folded = fold(&String::from_utf8_lossy(&script.stdout));
+    let mut lines: Vec<(String, u64)> = folded.into_iter().collect();
+    lines.sort_by(|a, b| b.1.cmp(&a.1));
+    let total: u64 = lines.iter().map(|l| l.1).sum();
+    let text: String = lines.iter().map(|(s, n)| format!("{s} {n}\n")).collect();
+    std::fs::write(args.out.with_extension("folded"), text)?;
+    // Self time per function (the leaf of each stack).
+    let mut leaf: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+    for (s, n) in &lines {
+        *leaf.entry(s.rsplit(';').next().unwrap_or(s)).or_default() += n;
+    }
+    let mut leaf: Vec<_> = leaf.into_iter().collect();
+    leaf.sort_by(|a, b| b.1.cmp(&a.1));
+    let mut top = format!(
+        "# {} at {} req/s for {} s: {} samples at {} Hz, {} req/s reached, load average {}\n# self %  function\n",
+        args.pair,
+        args.rps,
+        args.secs,
+        total,
+        args.freq,
+        r.rps.round(),
+        loadavg()
+    );
+    for (f, n) in leaf.iter().take(60) {
+        top.push_str(&format!("{:6.2}  {f}\n", *n as f64 * 100.0 / total.max(1) as f64));
+    }
+    std::fs::write(args.out.with_extension("txt"), top)?;
+    eprintln!("profile: wrote {}.folded and .txt", args.out.display());
+    Ok(())
+}
+
+/// Folds `perf script -F comm,ip,sym` output: `comm;outer;...;leaf count` per stack.
+pub fn fold(script: &str) -> std::collections::HashMap<String, u64> {
+    let mut out = std::collections::HashMap::new();
+    let mut comm = String::new();
+    let mut frames: Vec<String> = Vec::new();
+    let mut flush = |comm: &mut String, frames: &mut Vec<String>| {
+        if !comm.is_empty() {
+            let mut key = comm.clone();
+            for f in frames.iter().rev() {
+                key.push(';');
+                key.push_str(f);
+            }
+            *out.entry(key).or_insert(0) += 1;
+        }
+        comm.clear();
+        frames.clear();
+    };
+    for line in script.lines() {
+        if line.trim().is_empty() {
+            flush(&mut comm, &mut frames);
+        } else if !line.starts_with([' ', '\t']) {
+            flush(&mut comm, &mut frames);
+            comm = line.trim().split_whitespace().next().unwrap_or("?").to_string();
+        } else {
+            // "\t    7f.. symbol+0x12 (dso)" or "... symbol"
+            let mut parts = line.trim().splitn(2, ' ');
+            let _ip = parts.next();
+            let sym = parts.next().unwrap_or("[unknown]").trim();
+            let sym = sym.rsplit_once(" (").map_or(sym, |(s, _)| s);
+            let sym = sym.rsplit_once("+0x").map_or(sym, |(s, _)| s);
+            frames.push(sym.replace(';', ":"));
+        }
+    }
+    flush(&mut comm, &mut frames);
+    out
+}
