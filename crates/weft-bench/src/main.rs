@@ -98,6 +98,9 @@ struct DocArgs {
     /// Hand-written text appended after the tables.
     #[arg(long, default_value = "bench/notes.md")]
     notes: PathBuf,
+    /// The outside method's results shown in the report (`weft-bench outside`).
+    #[arg(long, default_value = "bench/results/outside-latest.json")]
+    outside: PathBuf,
     /// The command named in the report as the way to reproduce it.
     #[arg(long, default_value = "bench/run.sh")]
     command: String,
@@ -105,7 +108,13 @@ struct DocArgs {
 
 fn write_doc(results: &run::Results, doc: &DocArgs) -> anyhow::Result<()> {
     let notes = std::fs::read_to_string(&doc.notes).unwrap_or_default();
-    std::fs::write(&doc.doc, report::render(results, &notes, &doc.command))?;
+    // The outside method's latest run (`weft-bench outside`), when there is one.
+    let outside: Option<outside::OutsideResults> = std::fs::read_to_string(&doc.outside)
+        .ok()
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", doc.outside.display()))?;
+    std::fs::write(&doc.doc, report::render(results, outside.as_ref(), &notes, &doc.command))?;
     eprintln!("bench: wrote {}", doc.doc.display());
     Ok(())
 }
