@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -362,9 +363,11 @@ fn prepare_headers(
             parts.headers.insert(HOST, v);
         }
     }
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    if let Ok(u) = pq.parse::<Uri>() {
-        parts.uri = u;
+    // Origin-form from the request's own path and query (shared bytes: no copy, no
+    // second parse).
+    if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(pq);
     }
     strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(HeaderName::from_static("proxy-connection"));
