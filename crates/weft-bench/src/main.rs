@@ -59,6 +59,12 @@ enum Cmd {
         #[command(flatten)]
         args: Box<outside::ProfileArgs>,
     },
+    /// Counts the user-space instructions per request of weft's pairs with callgrind
+    /// (contention-proof A/B of proxy builds; `--alt-proxy`). Prints JSON lines.
+    Instr {
+        #[command(flatten)]
+        args: Box<outside::InstrArgs>,
+    },
     /// Render the report from a results file.
     Render {
         /// Results JSON.
@@ -165,6 +171,12 @@ fn main() -> std::process::ExitCode {
             Err(e) => Err(e),
         },
         Cmd::Profile { args } => multi_thread().and_then(|rt| rt.block_on(outside::profile(&args))),
+        Cmd::Instr { args } => multi_thread().and_then(|rt| rt.block_on(outside::instr(&args))).and_then(|runs| {
+            for r in runs {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }),
         Cmd::Render { results, doc } => std::fs::read_to_string(&results)
             .map_err(anyhow::Error::from)
             .and_then(|text| Ok(serde_json::from_str::<run::Results>(&text)?))

@@ -681,3 +681,135 @@ rounds.\n\n{}",
         table(r)
     )
 }
+
+/// What `instr` counts.
+#[derive(Clone, Debug, clap::Args)]
+pub struct InstrArgs {
+    /// Pairs to count (weft pairs only: `weft-h2`, `weft-h1`).
+    #[arg(long, value_delimiter = ',', default_value = "weft-h2,weft-h1")]
+    pub pairs: Vec<String>,
+    /// Requests per second during the counted window (callgrind runs the proxies ~20×
+    /// slower: keep it low).
+    #[arg(long, default_value_t = 100)]
+    pub rps: u32,
+    /// Counted window, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub secs: u64,
+    /// Interleaved rounds.
+    #[arg(long, default_value_t = 2)]
+    pub rounds: usize,
+    /// Another `weft-proxy` build counted in the same rounds (A/B).
+    #[arg(long)]
+    pub alt_proxy: Option<PathBuf>,
+    #[arg(long, default_value = "target/release/weft")]
+    pub weft: PathBuf,
+    #[arg(long, default_value = "target/release/weft-proxy")]
+    pub weft_proxy: PathBuf,
+}
+
+/// Instructions per request of one pair, counted by callgrind.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct InstrRun {
+    pub pair: String,
+    pub binary: String,
+    pub round: usize,
+    pub requests: u64,
+    /// Instructions (user space) per request, both proxies together.
+    pub instructions_per_req: f64,
+    /// The same per proxy (server, client).
+    pub each: Vec<f64>,
+}
+
+fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
+    let out = std::process::Command::new("callgrind_control").args(args).output().context("callgrind_control")?;
+    ensure!(out.status.success(), "callgrind_control {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    Ok(())
+}
+
+/// The `totals:` (or `summary:`) of the last dump of `pid` in `dir`.
+fn last_dump_total(dir: &Path, pid: u32) -> anyhow::Result<u64> {
+    let prefix = format!("cg.{pid}.");
+    let mut best: Option<(u32, PathBuf)> = None;
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        let Some(n) = path.file_name().and_then(|f| f.to_str()).and_then(|f| f.strip_prefix(&prefix)) else {
+            continue;
+        };
+        if let Ok(n) = n.parse::<u32>() {
+            if best.as_ref().is_none_or(|(b, _)| n > *b) {
+                best = Some((n, path));
+            }
+        }
+    }
+    let (_, path) = best.ok_or_else(|| anyhow!("no callgrind dump of {pid} in {}", dir.display()))?;
+    let text = std::fs::read_to_string(&path)?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .ok_or_else(|| anyhow!("no totals in {}", path.display()))
+}
+
+/// Counts the user-space instructions each request costs the weft pairs (callgrind,
+/// instrumentation switched on only for the window): a figure the machine's other load
+/// does not move, for A/B comparisons of proxy builds.
+pub async fn instr(args: &InstrArgs) -> anyhow::Result<Vec<InstrRun>> {
+    let scratch = tempfile::Builder::new().prefix("weft-bench-instr-").tempdir()?;
+    let (_echo, apps) = crate::run::start_echo(&Pinning { apps: None, proxies: None }, scratch.path()).await?;
+    let mut binaries = vec![args.weft_proxy.clone()];
+    binaries.extend(args.alt_proxy.clone());
+    let mut runs = Vec::new();
+    for round in 1..=args.rounds {
+        for pair in &args.pairs {
+            for (b, bin) in binaries.iter().enumerate() {
+                let dir = scratch.path().join(format!("r{round}-{pair}-{b}"));
+                std::fs::create_dir_all(&dir)?;
+                let bin = std::fs::canonicalize(bin).with_context(|| bin.display().to_string())?;
+                let wrapper = dir.join("weft-proxy");
+                std::fs::write(
+                    &wrapper,
+                    format!(
+                        "#!/bin/sh\nexec valgrind -q --tool=callgrind --instr-atstart=no --dump-instr=no --callgrind-out-file={}/cg.%p \"{}\" \"$@\"\n",
+                        dir.display(),
+                        bin.display()
+                    ),
+                )?;
+                std::process::Command::new("chmod").arg("+x").arg(&wrapper).status()?;
+                let tools = tools(&args.weft, &wrapper, None, None);
+                let stack = start_pair(pair, &tools, apps).await?;
+                load::h1_fixed_rate(&stack.h1, args.rps, 4, Duration::from_secs(2)).await?;
+                let pids: Vec<u32> = stack.proxies.iter().map(|p| p.proc.pid()).collect::<Result<_, _>>()?;
+                for pid in &pids {
+                    callgrind_control(&["-i", "on", &pid.to_string()])?;
+                }
+                let r = load::h1_fixed_rate(&stack.h1, args.rps, 16, Duration::from_secs(args.secs)).await?;
+                for pid in &pids {
+                    callgrind_control(&["-d", &pid.to_string()])?;
+                    callgrind_control(&["-i", "off", &pid.to_string()])?;
+                }
+                let each: Vec<f64> = pids
+                    .iter()
+                    .map(|pid| last_dump_total(&dir, *pid).map(|t| t as f64 / r.ok.max(1) as f64))
+                    .collect::<Result<_, _>>()?;
+                stack.verify(r.ok).await?;
+                let run = InstrRun {
+                    pair: pair.clone(),
+                    binary: bin.display().to_string(),
+                    round,
+                    requests: r.ok,
+                    instructions_per_req: each.iter().sum(),
+                    each,
+                };
+                eprintln!(
+                    "instr: {pair} {} round {round}: {:.0} instructions per request (server {:.0}, client {:.0}) over {} requests",
+                    run.binary,
+                    run.instructions_per_req,
+                    run.each.first().copied().unwrap_or(0.0),
+                    run.each.get(1).copied().unwrap_or(0.0),
+                    run.requests
+                );
+                runs.push(run);
+            }
+        }
+    }
+    Ok(runs)
+}
