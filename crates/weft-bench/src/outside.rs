@@ -705,6 +705,9 @@ pub struct InstrArgs {
     pub weft: PathBuf,
     #[arg(long, default_value = "target/release/weft-proxy")]
     pub weft_proxy: PathBuf,
+    /// Keep the callgrind dumps here (for `callgrind_annotate`).
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
 }
 
 /// Instructions per request of one pair, counted by callgrind.
@@ -791,6 +794,15 @@ pub async fn instr(args: &InstrArgs) -> anyhow::Result<Vec<InstrRun>> {
                     .map(|pid| last_dump_total(&dir, *pid).map(|t| t as f64 / r.ok.max(1) as f64))
                     .collect::<Result<_, _>>()?;
                 stack.verify(r.ok).await?;
+                if let Some(keep) = &args.keep {
+                    std::fs::create_dir_all(keep)?;
+                    for e in std::fs::read_dir(&dir)? {
+                        let path = e?.path();
+                        if let Some(name) = path.file_name().and_then(|f| f.to_str()).filter(|f| f.starts_with("cg.")) {
+                            std::fs::copy(&path, keep.join(format!("r{round}-{pair}-{b}-{name}")))?;
+                        }
+                    }
+                }
                 let run = InstrRun {
                     pair: pair.clone(),
                     binary: bin.display().to_string(),

@@ -197,9 +197,9 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
     }
     // Envoy's HCM (without use_remote_address) keeps a client's x-forwarded-proto and
     // otherwise sets it from the connection, before routing (require_tls reads it).
-    if !parts.headers.contains_key("x-forwarded-proto") {
+    if !parts.headers.contains_key(forward::X_FORWARDED_PROTO) {
         let proto = if conn.tls { "https" } else { "http" };
-        parts.headers.insert("x-forwarded-proto", http::HeaderValue::from_static(proto));
+        parts.headers.insert(forward::X_FORWARDED_PROTO, http::HeaderValue::from_static(proto));
     }
     let authority = request_authority(&parts).unwrap_or_default();
     rq.report.authority = authority.clone();
