@@ -11,10 +11,13 @@
 //! - CPU µs per request at maximum throughput;
 //! - added p50 latency (against the same round's no-proxy run);
 //! - one-worker maximum requests/s;
-//! - peak RSS of the larger proxy.
+//! - peak RSS of the larger proxy;
+//! - user-space instructions per request of both proxies (callgrind, `weft-bench instr`):
+//!   the figure other load on the machine does not move, so its threshold is tight.
 //!
 //! A figure regresses when its best round is worse than the saved best by more than its
-//! tolerance (CPU 15%, latency 30% and at least 30 µs, throughput 15%, RSS 1 MiB), where
+//! tolerance (instructions 5%, CPU 15%, latency 30% and at least 30 µs, throughput 15%,
+//! RSS 1 MiB), where
 //! the tolerance also grows with the spread seen across this run's rounds, so a noisy run
 //! does not fail on noise alone. `--save` writes the run as the new baseline.
 
@@ -42,6 +45,9 @@ pub struct GateArgs {
     /// Measured closed-loop window per pair and round, seconds.
     #[arg(long, default_value_t = 3)]
     pub max_secs: u64,
+    /// Skip the callgrind count of instructions per request (needs valgrind).
+    #[arg(long)]
+    pub no_instr: bool,
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
     #[arg(long, default_value = "target/release/weft-proxy")]
@@ -58,6 +64,9 @@ pub struct Best {
     pub peak_rss_mib: f64,
     /// Relative spread (max − min) / min of the CPU per request over rounds.
     pub cpu_spread: f64,
+    /// User-space instructions per request, both proxies (callgrind); 0 when not counted.
+    #[serde(default)]
+    pub instructions_per_req: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -86,6 +95,7 @@ fn best(runs: &[&PairRun]) -> Best {
         max_rps: max(runs.iter().filter_map(|r| r.max.as_ref().map(|m| m.rps))),
         peak_rss_mib: min(runs.iter().map(|r| r.peak_rss_mib)),
         cpu_spread: if cpu_min > 0.0 { (cpu_max - cpu_min) / cpu_min } else { 0.0 },
+        instructions_per_req: 0.0,
     }
 }
 
@@ -105,6 +115,17 @@ fn compare(pair: &str, saved: &Best, now: &Best) -> Vec<Check> {
     let noise = now.cpu_spread.max(saved.cpu_spread) / 2.0;
     let rel = |floor: f64| floor.max(noise);
     let mut out = Vec::new();
+    if saved.instructions_per_req > 0.0 && now.instructions_per_req > 0.0 {
+        let limit = saved.instructions_per_req * 1.05;
+        out.push(Check {
+            pair: pair.into(),
+            what: "instructions / req (pair, callgrind)",
+            saved: saved.instructions_per_req,
+            now: now.instructions_per_req,
+            allowed: format!("≤ {limit:.0}"),
+            regressed: now.instructions_per_req > limit,
+        });
+    }
     let mut cost = |what: &'static str, s: f64, n: f64, tol: f64, abs: f64| {
         let limit = (s * (1.0 + tol)).max(s + abs);
         out.push(Check {
@@ -155,6 +176,27 @@ pub async fn run(args: &GateArgs) -> anyhow::Result<bool> {
         let runs: Vec<&PairRun> = results.runs.iter().filter(|r| r.pair == p).collect();
         ensure!(!runs.is_empty(), "no {p} runs");
         pairs.insert(p.to_string(), best(&runs));
+    }
+    if !args.no_instr {
+        let i = outside::InstrArgs {
+            pairs: vec!["weft-h2".into(), "weft-h1".into()],
+            rps: 100,
+            secs: 6,
+            rounds: 1,
+            alt_proxy: None,
+            weft: args.weft.clone(),
+            weft_proxy: args.weft_proxy.clone(),
+            keep: None,
+        };
+        for r in outside::instr(&i).await? {
+            if let Some(b) = pairs.get_mut(&r.pair) {
+                b.instructions_per_req = if b.instructions_per_req > 0.0 {
+                    b.instructions_per_req.min(r.instructions_per_req)
+                } else {
+                    r.instructions_per_req
+                };
+            }
+        }
     }
     let now = GateFile {
         date: results.date.clone(),
