@@ -202,8 +202,10 @@ if kube_ok; then
 fi
 
 # --- oha (benchmarks only: WEFT_SETUP_OHA=1) --------------------------------
-# The outside method's load generator (`weft-bench outside --oha`), built from crates.io
-# once into .tools/oha at the lowest priority; not needed by the tests.
+# oha, the load generator issue 20's outside measurement used, for cross-checking the
+# harness's own open-loop client by hand (`oha -z 10s -q 1000 -c 16 --latency-correction`
+# against a pair's client proxy); built from crates.io once into .tools/oha at the lowest
+# priority. Not needed by the tests or by `weft-bench`.
 OHA_VERSION="1.16.0"
 if [ "${WEFT_SETUP_OHA:-}" = 1 ] && ! { [ -x "$BIN/oha" ] && "$BIN/oha" --version 2>/dev/null | grep -q "$OHA_VERSION"; }; then
   command -v cargo >/dev/null 2>&1 || die "cargo not found: it builds oha $OHA_VERSION"
