@@ -779,7 +779,10 @@ pub async fn instr(args: &InstrArgs) -> anyhow::Result<Vec<InstrRun>> {
                 std::process::Command::new("chmod").arg("+x").arg(&wrapper).status()?;
                 let tools = tools(&args.weft, &wrapper, None, None);
                 let stack = start_pair(pair, &tools, apps).await?;
-                load::h1_fixed_rate(&stack.h1, args.rps, 4, Duration::from_secs(2)).await?;
+                // Warm up as the window will run (16 connections, same rate), so the
+                // upstream pool has the connections it needs before counting starts: a
+                // TLS handshake inside the window would be counted against its requests.
+                load::h1_fixed_rate(&stack.h1, args.rps, 16, Duration::from_secs(3)).await?;
                 let pids: Vec<u32> = stack.proxies.iter().map(|p| p.proc.pid()).collect::<Result<_, _>>()?;
                 for pid in &pids {
                     callgrind_control(&["-i", "on", &pid.to_string()])?;
