@@ -178,7 +178,7 @@ pub async fn run(args: &GateArgs) -> anyhow::Result<bool> {
         pairs.insert(p.to_string(), best(&runs));
     }
     if !args.no_instr {
-        let i = outside::InstrArgs {
+        let i = crate::profile::InstrArgs {
             pairs: vec!["weft-h2".into(), "weft-h1".into()],
             rps: 100,
             secs: 6,
@@ -188,7 +188,7 @@ pub async fn run(args: &GateArgs) -> anyhow::Result<bool> {
             weft_proxy: args.weft_proxy.clone(),
             keep: None,
         };
-        for r in outside::instr(&i).await? {
+        for r in crate::profile::instr(&i).await? {
             if let Some(b) = pairs.get_mut(&r.pair) {
                 b.instructions_per_req = if b.instructions_per_req > 0.0 {
                     b.instructions_per_req.min(r.instructions_per_req)

@@ -7,6 +7,7 @@ mod gate;
 mod mesh;
 mod outside;
 mod procs;
+mod profile;
 mod report;
 mod run;
 mod soak;
@@ -57,13 +58,13 @@ enum Cmd {
     /// dwarf` on both proxies) and writes folded stacks and the top functions.
     Profile {
         #[command(flatten)]
-        args: Box<outside::ProfileArgs>,
+        args: Box<profile::ProfileArgs>,
     },
     /// Counts the user-space instructions per request of weft's pairs with callgrind
     /// (contention-proof A/B of proxy builds; `--alt-proxy`). Prints JSON lines.
     Instr {
         #[command(flatten)]
-        args: Box<outside::InstrArgs>,
+        args: Box<profile::InstrArgs>,
     },
     /// Render the report from a results file.
     Render {
@@ -170,8 +171,8 @@ fn main() -> std::process::ExitCode {
             Ok(false) => Err(anyhow::anyhow!("gate: a figure regressed (table above)")),
             Err(e) => Err(e),
         },
-        Cmd::Profile { args } => multi_thread().and_then(|rt| rt.block_on(outside::profile(&args))),
-        Cmd::Instr { args } => multi_thread().and_then(|rt| rt.block_on(outside::instr(&args))).and_then(|runs| {
+        Cmd::Profile { args } => multi_thread().and_then(|rt| rt.block_on(profile::profile(&args))),
+        Cmd::Instr { args } => multi_thread().and_then(|rt| rt.block_on(profile::instr(&args))).and_then(|runs| {
             for r in runs {
                 println!("{}", serde_json::to_string(&r)?);
             }
