@@ -12,9 +12,8 @@
 //! - added p50 latency (against the same round's no-proxy run);
 //! - one-worker maximum requests/s;
 //! - peak RSS of the larger proxy;
-//! - user-space instructions per request of both proxies of `weft-h2` (callgrind,
-//!   `weft-bench instr`): the figure other load on the machine does not move, so its
-//!   threshold is tight.
+//! - user-space instructions per request of both proxies (callgrind, `weft-bench instr`):
+//!   the figure other load on the machine does not move, so its threshold is tight.
 //!
 //! A figure regresses when its best round is worse than the saved best by more than its
 //! tolerance (instructions 5%, CPU 15%, latency 30% and at least 30 µs, throughput 15%,
@@ -179,10 +178,8 @@ pub async fn run(args: &GateArgs) -> anyhow::Result<bool> {
         pairs.insert(p.to_string(), best(&runs));
     }
     if !args.no_instr {
-        // weft-h2 only: its count repeats within ±3%. weft-h1's is bimodal from run to
-        // run (bench/notes.md), which would make a 5% threshold fail on nothing.
         let i = crate::profile::InstrArgs {
-            pairs: vec!["weft-h2".into()],
+            pairs: vec!["weft-h2".into(), "weft-h1".into()],
             rps: 100,
             secs: 6,
             rounds: 1,
