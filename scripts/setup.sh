@@ -31,6 +31,8 @@ declare -A APT_FOR=(
   [chromedriver]=chromium-driver
   [etcd]=etcd-server
   [etcdctl]=etcd-client
+  # The benchmarks' peer (bench/run.sh, `weft-bench outside`): HAProxy 2.6 from Debian.
+  [haproxy]=haproxy
   # Build-time: the etcd-client crate compiles etcd's protos (with the well-known types).
   [protoc]=protobuf-compiler
 )
@@ -197,6 +199,21 @@ fi
 if kube_ok; then
   ln -sfn "$KUBE_DIR/kube-apiserver" "$BIN/kube-apiserver"
   ln -sfn "$KUBE_DIR/kubectl" "$BIN/kubectl"
+fi
+
+# --- oha (benchmarks only: WEFT_SETUP_OHA=1) --------------------------------
+# oha, the load generator issue 20's outside measurement used, for cross-checking the
+# harness's own open-loop client by hand (`oha -z 10s -q 1000 -c 16 --latency-correction`
+# against a pair's client proxy); built from crates.io once into .tools/oha at the lowest
+# priority. Not needed by the tests or by `weft-bench`.
+OHA_VERSION="1.16.0"
+if [ "${WEFT_SETUP_OHA:-}" = 1 ] && ! { [ -x "$BIN/oha" ] && "$BIN/oha" --version 2>/dev/null | grep -q "$OHA_VERSION"; }; then
+  command -v cargo >/dev/null 2>&1 || die "cargo not found: it builds oha $OHA_VERSION"
+  say "cargo install oha $OHA_VERSION (once; log: $TOOLS/oha-build.log)"
+  CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}" nice -n 19 cargo install --locked --quiet --version "$OHA_VERSION" \
+    --root "$TOOLS/oha" oha >"$TOOLS/oha-build.log" 2>&1 \
+    || { tail -n 20 "$TOOLS/oha-build.log" >&2; die "cargo install oha failed (log: $TOOLS/oha-build.log)"; }
+  ln -sfn "$(cd "$TOOLS/oha/bin" && pwd -P)/oha" "$BIN/oha"
 fi
 
 say "ok: envoy $ENVOY_VERSION, jaeger $JAEGER_VERSION, curl, h2load, promtool, prometheus in $BIN"

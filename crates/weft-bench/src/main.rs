@@ -3,8 +3,11 @@
 //! HAProxy and no proxy at all, in one run on one machine.
 #![forbid(unsafe_code)]
 
+mod gate;
 mod mesh;
+mod outside;
 mod procs;
+mod profile;
 mod report;
 mod run;
 mod soak;
@@ -37,6 +40,31 @@ enum Cmd {
     Soak {
         #[command(flatten)]
         args: Box<soak::SoakArgs>,
+    },
+    /// The outside method (issue 20): every pair unpinned, HTTP/1.1 at a fixed rate and a
+    /// one-worker maximum, interleaved rounds; writes bench/results/outside-<date>.json and
+    /// prints the table.
+    Outside {
+        #[command(flatten)]
+        args: Box<outside::OutsideArgs>,
+    },
+    /// Regression gate: weft's pairs against bench/gate-baseline.json (a few minutes);
+    /// exits 1 on a clear regression. `--save` records a new baseline.
+    Gate {
+        #[command(flatten)]
+        args: Box<gate::GateArgs>,
+    },
+    /// Profiles one pair of the outside method under load (`perf record --call-graph
+    /// dwarf` on both proxies) and writes folded stacks and the top functions.
+    Profile {
+        #[command(flatten)]
+        args: Box<profile::ProfileArgs>,
+    },
+    /// Counts the user-space instructions per request of weft's pairs with callgrind
+    /// (contention-proof A/B of proxy builds; `--alt-proxy`). Prints JSON lines.
+    Instr {
+        #[command(flatten)]
+        args: Box<profile::InstrArgs>,
     },
     /// Render the report from a results file.
     Render {
@@ -77,6 +105,9 @@ struct DocArgs {
     /// Hand-written text appended after the tables.
     #[arg(long, default_value = "bench/notes.md")]
     notes: PathBuf,
+    /// The outside method's results shown in the report (`weft-bench outside`).
+    #[arg(long, default_value = "bench/results/outside-latest.json")]
+    outside: PathBuf,
     /// The command named in the report as the way to reproduce it.
     #[arg(long, default_value = "bench/run.sh")]
     command: String,
@@ -84,9 +115,19 @@ struct DocArgs {
 
 fn write_doc(results: &run::Results, doc: &DocArgs) -> anyhow::Result<()> {
     let notes = std::fs::read_to_string(&doc.notes).unwrap_or_default();
-    std::fs::write(&doc.doc, report::render(results, &notes, &doc.command))?;
+    // The outside method's latest run (`weft-bench outside`), when there is one.
+    let outside: Option<outside::OutsideResults> = std::fs::read_to_string(&doc.outside)
+        .ok()
+        .map(|t| serde_json::from_str(&t))
+        .transpose()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", doc.outside.display()))?;
+    std::fs::write(&doc.doc, report::render(results, outside.as_ref(), &notes, &doc.command))?;
     eprintln!("bench: wrote {}", doc.doc.display());
     Ok(())
+}
+
+fn multi_thread() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?)
 }
 
 fn main() -> std::process::ExitCode {
@@ -121,6 +162,22 @@ fn main() -> std::process::ExitCode {
             .map_err(anyhow::Error::from)
             .and_then(|rt| rt.block_on(soak::run(&args)))
             .map(|(_, file)| eprintln!("bench: wrote {}", file.display())),
+        Cmd::Outside { args } => multi_thread().and_then(|rt| rt.block_on(outside::run(&args))).map(|(r, file)| {
+            println!("{}", outside::table(&r));
+            eprintln!("bench: wrote {}", file.display());
+        }),
+        Cmd::Gate { args } => match multi_thread().and_then(|rt| rt.block_on(gate::run(&args))) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(anyhow::anyhow!("gate: a figure regressed (table above)")),
+            Err(e) => Err(e),
+        },
+        Cmd::Profile { args } => multi_thread().and_then(|rt| rt.block_on(profile::profile(&args))),
+        Cmd::Instr { args } => multi_thread().and_then(|rt| rt.block_on(profile::instr(&args))).and_then(|runs| {
+            for r in runs {
+                println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }),
         Cmd::Render { results, doc } => std::fs::read_to_string(&results)
             .map_err(anyhow::Error::from)
             .and_then(|text| Ok(serde_json::from_str::<run::Results>(&text)?))

@@ -150,7 +150,12 @@ fn ratio(a: f64, b: f64) -> String {
 }
 
 /// The markdown report.
-pub fn render(results: &Results, notes: &str, command: &str) -> String {
+pub fn render(
+    results: &Results,
+    outside: Option<&crate::outside::OutsideResults>,
+    notes: &str,
+    command: &str,
+) -> String {
     let mut out = String::new();
     let m = &results.machine;
     let st = &results.settings;
@@ -327,6 +332,10 @@ pub fn render(results: &Results, notes: &str, command: &str) -> String {
             out,
             "\nThe ready target is judged on the slowest weft start of all rounds (both sidecars); the others on medians."
         );
+    }
+
+    if let Some(o) = outside {
+        out.push_str(&crate::outside::section(o));
     }
 
     if !results.mesh_size.is_empty() {

@@ -94,6 +94,8 @@ pub struct Control {
     pub xds: SocketAddr,
     pub api: SocketAddr,
     pub weft: PathBuf,
+    /// The control plane's data directory (its CA and `admin-token`).
+    pub data: PathBuf,
 }
 
 impl Control {
@@ -123,12 +125,16 @@ impl Control {
             .ok_or_else(|| anyhow!("unexpected first line of weft control: {line}"))?
             .trim()
             .parse()?;
-        Ok(Control { _proc: proc, xds, api, weft: weft.to_path_buf() })
+        Ok(Control { _proc: proc, xds, api, weft: weft.to_path_buf(), data })
     }
 
-    /// `weft token create` for `default/<sa>`.
+    /// `weft token create` for `default/<sa>`, authorised with the control plane's admin
+    /// credential (`<data>/admin-token`; the API is secure by default).
     pub async fn token(&self, sa: &str) -> anyhow::Result<String> {
+        let admin = std::fs::read_to_string(self.data.join("admin-token"))
+            .with_context(|| format!("{}/admin-token", self.data.display()))?;
         let out = tokio::process::Command::new(&self.weft)
+            .env("WEFT_TOKEN", admin.trim())
             .args(["token", "create", "-n", "default", "--service-account", sa, "--server"])
             .arg(self.api.to_string())
             .output()
@@ -164,8 +170,8 @@ impl Stack {
                 _control: None,
                 _dir: dir,
             },
-            Kind::Weft => weft_stack(dir, tools, apps, pin, opts).await?,
-            Kind::Envoy => envoy_stack(dir, tools, apps, pin, opts).await?,
+            Kind::Weft => weft_stack(dir, tools, apps, pin, opts, MESH_SERVICE).await?,
+            Kind::Envoy => envoy_stack(dir, tools, apps, pin, opts, MESH_SERVICE).await?,
             Kind::Haproxy => haproxy_stack(dir, tools, apps, pin, opts).await?,
         };
         stack.wait_data_path().await?;
@@ -421,14 +427,16 @@ pub fn spawn_weft(
     Proc::spawn(&format!("weft-proxy ({name})"), cmd, &dir.join(format!("{name}.log")), false)
 }
 
-async fn weft_stack(
+/// The weft pair: one `weft control` serving `resources`, a server and a client sidecar.
+pub async fn weft_stack(
     dir: TempDir,
     tools: &Tools,
     apps: Apps,
     pin: &Pinning,
     opts: ProxyOptions,
+    resources: &str,
 ) -> anyhow::Result<Stack> {
-    let control = Control::start(&tools.weft, dir.path(), MESH_SERVICE, pin).await?;
+    let control = Control::start(&tools.weft, dir.path(), resources, pin).await?;
     let mut proxies = Vec::new();
     // The server first, then the client: each startup measured alone.
     let inbound = free_port_pair()?;
@@ -463,14 +471,16 @@ async fn weft_stack(
     bail!("unreachable: no client proxy")
 }
 
-async fn envoy_stack(
+/// The Envoy pair fed by `weft control` over xDS/SDS with `resources`.
+pub async fn envoy_stack(
     dir: TempDir,
     tools: &Tools,
     apps: Apps,
     pin: &Pinning,
     opts: ProxyOptions,
+    resources: &str,
 ) -> anyhow::Result<Stack> {
-    let control = Control::start(&tools.weft, dir.path(), MESH_SERVICE, pin).await?;
+    let control = Control::start(&tools.weft, dir.path(), resources, pin).await?;
     let mut proxies = Vec::new();
     let inbound = free_port_pair()?;
     let outbound = free_port()?;
@@ -560,7 +570,7 @@ fn haproxy_certs(dir: &Path) -> anyhow::Result<(PathBuf, PathBuf, PathBuf)> {
     Ok((ca_file, server, client))
 }
 
-async fn haproxy_stack(
+pub async fn haproxy_stack(
     dir: TempDir,
     tools: &Tools,
     apps: Apps,

@@ -404,8 +404,7 @@ impl Pools {
             let req = origin_form(req)?;
             self.send_h1(&pool, ep.addr, up, req).await
         };
-        resp.map(|(resp, principal)| {
-            let mut resp = own_header_values(resp);
+        resp.map(|(mut resp, principal)| {
             if let Some(p) = principal {
                 resp.extensions_mut().insert(UpstreamPrincipal(p));
             }
@@ -887,23 +886,6 @@ async fn reap_idle(inner: Weak<Inner>, reconfigured: Arc<tokio::sync::Notify>) {
             });
         }
     }
-}
-
-/// Gives the response's header values allocations of their own. hyper hands them out as
-/// slices of the buffer it read the response into (8 KiB or more, shared with the body),
-/// and a downstream HTTP/2 connection's HPACK encoder keeps the values it indexes for as
-/// long as that connection lives: each kept value would pin a whole upstream read buffer.
-/// Measured (`weft-bench soak`, heaptrack): 500 downstream HTTP/2 connections pinned
-/// ~1.5 KiB per request, 250 MiB after a minute. Copying costs a few small allocations
-/// per response.
-fn own_header_values<B>(mut resp: Response<B>) -> Response<B> {
-    for v in resp.headers_mut().values_mut() {
-        if let Ok(mut own) = header::HeaderValue::from_bytes(v.as_bytes()) {
-            own.set_sensitive(v.is_sensitive());
-            *v = own;
-        }
-    }
-    resp
 }
 
 /// Plain TCP connect with timeout and, when given, TCP keepalive; failures are

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -24,6 +25,13 @@ use crate::hash::stable_hash;
 use crate::io::BodyTally;
 use crate::report::HttpReport;
 use crate::route::{ForwardAction, HashPolicy, HashSource, RetryPolicy};
+
+/// Header names the request path reads or writes on every request, parsed once.
+pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+const PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 
 /// Request bodies up to this size are buffered so the request can be retried or
 /// mirrored (Envoy buffers up to its connection buffer limit for the same reason).
@@ -362,19 +370,31 @@ fn prepare_headers(
             parts.headers.insert(HOST, v);
         }
     }
-    let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_string();
-    if let Ok(u) = pq.parse::<Uri>() {
-        parts.uri = u;
+    // Origin-form from the request's own path and query (shared bytes: no copy, no
+    // second parse).
+    if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+        let pq = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
+        parts.uri = Uri::from(pq);
     }
     strip_hop_by_hop(&mut parts.headers);
-    parts.headers.remove(HeaderName::from_static("proxy-connection"));
-    parts.headers.remove(HeaderName::from_static("proxy-authorization"));
-    if !parts.headers.contains_key("x-forwarded-proto") {
-        parts.headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    if parts.headers.keys().any(|n| n == PROXY_CONNECTION || n == PROXY_AUTHORIZATION) {
+        parts.headers.remove(PROXY_CONNECTION);
+        parts.headers.remove(PROXY_AUTHORIZATION);
     }
-    if !parts.headers.contains_key("x-request-id") {
-        if let Ok(v) = HeaderValue::from_str(&report.request_id) {
-            parts.headers.insert("x-request-id", v);
+    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
+        parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    match parts.headers.get_mut(X_REQUEST_ID) {
+        // Unique per request: an HTTP/2 upstream's HPACK encoder sends it as a
+        // never-indexed literal instead of inserting every value into its dynamic
+        // table (each insertion walked the chain of earlier ids and evicted the entries
+        // worth keeping, such as the peer metadata). Only the encoding changes.
+        Some(v) => v.set_sensitive(true),
+        None => {
+            if let Ok(mut v) = HeaderValue::from_str(&report.request_id) {
+                v.set_sensitive(true);
+                parts.headers.insert(X_REQUEST_ID, v);
+            }
         }
     }
     crate::report::on_upstream_request(ctx, conn, &mut parts.headers, in_mesh);
@@ -384,6 +404,11 @@ fn prepare_headers(
 /// Removes hop-by-hop headers, including those named by `Connection`. `te: trailers`
 /// is kept (gRPC needs it).
 pub fn strip_hop_by_hop(h: &mut HeaderMap) {
+    // Most requests carry none of these: one pass over the names instead of a hashed
+    // removal per name.
+    if !h.keys().any(|n| n == CONNECTION || n == TRANSFER_ENCODING || n == UPGRADE || n == TE || n == KEEP_ALIVE) {
+        return;
+    }
     let named: Vec<HeaderName> = h
         .get_all(CONNECTION)
         .iter()
@@ -399,7 +424,7 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in [CONNECTION, TRANSFER_ENCODING, UPGRADE] {
         h.remove(n);
     }
-    h.remove(HeaderName::from_static("keep-alive"));
+    h.remove(KEEP_ALIVE);
     let te_trailers = h.get(TE).map(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers")).unwrap_or(true);
     if !te_trailers {
         h.remove(TE);

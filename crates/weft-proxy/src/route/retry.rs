@@ -73,6 +73,10 @@ pub struct RetryPolicy {
     retriable_request_headers: Vec<HeaderMatcher>,
 }
 
+/// Response headers every retry decision reads, parsed once.
+const X_ENVOY_RATELIMITED: http::HeaderName = http::HeaderName::from_static("x-envoy-ratelimited");
+const GRPC_STATUS: http::HeaderName = http::HeaderName::from_static("grpc-status");
+
 impl RetryPolicy {
     /// Compiles a route or virtual host `RetryPolicy`; `at` is its field path.
     pub(crate) fn compile(p: &RetryPolicyProto, at: &str) -> Result<RetryPolicy, (String, String)> {
@@ -177,7 +181,7 @@ impl RetryPolicy {
     /// `x-envoy-ratelimited` is retried only under `envoy-ratelimited`.
     pub fn retry_on_response(&self, status: http::StatusCode, headers: &http::HeaderMap) -> bool {
         let on = &self.retry_on;
-        if headers.contains_key("x-envoy-ratelimited") {
+        if headers.contains_key(X_ENVOY_RATELIMITED) {
             return on.envoy_ratelimited;
         }
         let code = status.as_u16();
@@ -196,7 +200,7 @@ impl RetryPolicy {
         if on.retriable_headers && self.retriable_headers.iter().any(|m| m.matches_headers(headers)) {
             return true;
         }
-        let grpc = headers.get("grpc-status").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u32>().ok());
+        let grpc = headers.get(GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u32>().ok());
         matches!(
             (grpc, on),
             (Some(1), RetryOn { grpc_cancelled: true, .. })
