@@ -5,8 +5,8 @@
 //! `GET /api/v1/proxies` shows it (per type: SYNCED / STALE / NACKED / NOT SENT, the
 //! versions ACKed and current), with the time of each ACK instead of its age and the
 //! replica it is connected to (`replica`: xDS and API addresses). Writes follow the xDS
-//! server's status changes, at most once per [`PUBLISH_DELAY`] and only for entries that
-//! changed. A replica that dies takes its keys with its lease (the lease TTL later); a
+//! server's status changes once they settle (no change for [`PUBLISH_DELAY`], or
+//! [`PUBLISH_MAX_DELAY`] after the first), and only for entries that changed. A replica that dies takes its keys with its lease (the lease TTL later); a
 //! proxy that moved meanwhile is listed once, from the replica it connected to last.
 //!
 //! [`ProxyBoard::merge`] adds to a replica's own list the proxies the others published.
@@ -25,9 +25,13 @@ use crate::api::Api;
 
 /// Key prefix of the published proxy states (under the store's prefix).
 const PREFIX: &str = "proxies/";
-/// How long status changes gather before they are written: a push to every proxy (and
-/// their ACKs) becomes one round of writes, after the push rather than during it.
+/// How long the status must stay unchanged before it is written: a push to every proxy
+/// (and their ACKs) becomes one round of writes, after the push rather than during it
+/// (a push to thousands of proxies on a busy machine takes longer than this, and a round
+/// of writes in its middle takes CPU from it and costs a second round after it).
 pub const PUBLISH_DELAY: Duration = Duration::from_millis(500);
+/// The longest status changes wait to be written while they keep coming.
+pub const PUBLISH_MAX_DELAY: Duration = Duration::from_secs(5);
 /// Operations per etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
 /// How long a listing waits for etcd before answering with this replica's proxies only.
@@ -147,7 +151,7 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
                     if r.is_err() {
                         return;
                     }
-                    tokio::time::sleep(PUBLISH_DELAY).await;
+                    settle(&mut changes).await;
                     dirty = true;
                 }
             }
@@ -156,6 +160,19 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
                 let desired = entries(&board, &api, id);
                 dirty = !sync(&board.etcd, desired, id, &mut written).await;
             }
+        }
+    }
+}
+
+/// Returns once `changes` stayed still for [`PUBLISH_DELAY`] (checked at that period, so
+/// a push's thousands of ACKs do not each wake this task), or after [`PUBLISH_MAX_DELAY`].
+async fn settle(changes: &mut tokio::sync::watch::Receiver<u64>) {
+    let deadline = tokio::time::Instant::now() + PUBLISH_MAX_DELAY;
+    loop {
+        changes.borrow_and_update();
+        tokio::time::sleep(PUBLISH_DELAY).await;
+        if !changes.has_changed().unwrap_or(false) || tokio::time::Instant::now() >= deadline {
+            return;
         }
     }
 }
