@@ -1,13 +1,16 @@
 //! Proxy sync state across replicas (`weft proxy-status` through any replica).
 //!
-//! Each replica publishes, under a lease of its own, one key per proxy connected to it:
-//! `proxies/<lease id>/<node id>` holds the proxy's entry as that replica's
+//! Each replica publishes, under a lease of its own, the proxies connected to it in (at
+//! most) 256 keys: `proxies/<lease id>/b<bucket>` holds a JSON list of the entries of
+//! the proxies whose node id hashes to that bucket (so a push to thousands of proxies is
+//! a few hundred etcd writes per replica, not one per proxy), each entry as that replica's
 //! `GET /api/v1/proxies` shows it (per type: SYNCED / STALE / NACKED / NOT SENT, the
 //! versions ACKed and current), with the time of each ACK instead of its age and the
 //! replica it is connected to (`replica`: xDS and API addresses). Writes follow the xDS
 //! server's status changes once they settle (no change for [`PUBLISH_DELAY`], or
-//! [`PUBLISH_MAX_DELAY`] after the first), and only for entries that changed. A replica that dies takes its keys with its lease (the lease TTL later); a
-//! proxy that moved meanwhile is listed once, from the replica it connected to last.
+//! [`PUBLISH_MAX_DELAY`] after the first), and only for buckets that changed. A replica
+//! that dies takes its keys with its lease (the lease TTL later); a proxy that moved
+//! meanwhile is listed once, from the replica it connected to last.
 //!
 //! [`ProxyBoard::merge`] adds to a replica's own list the proxies the others published.
 
@@ -94,18 +97,25 @@ impl ProxyBoard {
             if own.as_deref().is_some_and(|o| key.starts_with(o)) {
                 continue;
             }
-            let Ok(mut entry) = serde_json::from_slice::<Value>(value) else {
-                tracing::warn!(key, "etcd: not a proxy state; ignored");
-                continue;
+            let entries = match serde_json::from_slice::<Value>(value) {
+                Ok(Value::Array(entries)) => entries,
+                // One entry per key (as replicas before buckets wrote them).
+                Ok(entry @ Value::Object(_)) => vec![entry],
+                _ => {
+                    tracing::warn!(key, "etcd: not a proxy state; ignored");
+                    continue;
+                }
             };
-            let Some(id) = entry["id"].as_str().map(str::to_string) else { continue };
-            if seen.contains(&id) {
-                continue;
-            }
-            ages_from_ack_times(&mut entry, now);
-            let newer = remote.get(&id).is_none_or(|e| since(&entry) >= since(e));
-            if newer {
-                remote.insert(id, entry);
+            for mut entry in entries {
+                let Some(id) = entry["id"].as_str().map(str::to_string) else { continue };
+                if seen.contains(&id) {
+                    continue;
+                }
+                ages_from_ack_times(&mut entry, now);
+                let newer = remote.get(&id).is_none_or(|e| since(&entry) >= since(e));
+                if newer {
+                    remote.insert(id, entry);
+                }
             }
         }
         if let Some(list) = local["proxies"].as_array_mut() {
@@ -193,7 +203,7 @@ fn entries(board: &ProxyBoard, api: &Api, lease: i64) -> BTreeMap<String, Vec<u8
         })
         .collect();
     let listed = crate::api::proxies(api);
-    let mut out = BTreeMap::new();
+    let mut buckets: BTreeMap<u8, Vec<Value>> = BTreeMap::new();
     for mut p in listed["proxies"].as_array().cloned().unwrap_or_default() {
         let Some(id) = p["id"].as_str().map(str::to_string) else { continue };
         // The time of each ACK, not its age, so an unchanged proxy is not rewritten.
@@ -206,11 +216,19 @@ fn entries(board: &ProxyBoard, api: &Api, lease: i64) -> BTreeMap<String, Vec<u8
             }
         }
         p["replica"] = board.replica.clone();
-        if let Ok(bytes) = serde_json::to_vec(&p) {
-            out.insert(format!("{lease:x}/{id}"), bytes);
-        }
+        buckets.entry(bucket(&id)).or_default().push(p);
     }
-    out
+    buckets
+        .into_iter()
+        .filter_map(|(b, list)| Some((format!("{lease:x}/b{b:02x}"), serde_json::to_vec(&list).ok()?)))
+        .collect()
+}
+
+/// The bucket (key) a proxy's entry is published in: a stable hash of its node id
+/// (FNV-1a), so a proxy stays in its bucket as others come and go.
+fn bucket(id: &str) -> u8 {
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    hash.to_le_bytes().iter().fold(0, |a, b| a ^ b)
 }
 
 /// Brings this replica's keys in line with `desired`, in transactions of [`TXN_OPS`];
