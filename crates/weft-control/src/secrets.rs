@@ -226,6 +226,29 @@ impl XdsSource for SecretSource {
         let resolved = names.iter().map(|n| (n.clone(), all.get(n).map(|any| (n.clone(), any.clone())))).collect();
         (version, resolved)
     }
+
+    /// The mesh's snapshot for every type but SDS, which is still asked per request.
+    fn snapshot(&self, node: &Node, memo: &mut weft_xds::NodeMemo) -> Option<Arc<dyn weft_xds::XdsSnapshot>> {
+        let mesh = self.mesh.snapshot(node, memo)?;
+        Some(Arc::new(WithoutSecrets(mesh)))
+    }
+}
+
+/// A mesh snapshot that leaves SDS to [`SecretSource`].
+struct WithoutSecrets(Arc<dyn weft_xds::XdsSnapshot>);
+
+impl weft_xds::XdsSnapshot for WithoutSecrets {
+    fn version(&self, type_url: &str) -> Option<String> {
+        (type_url != SECRET).then(|| self.0.version(type_url)).flatten()
+    }
+
+    fn resources(&self, type_url: &str) -> Option<(String, BTreeMap<String, Any>)> {
+        (type_url != SECRET).then(|| self.0.resources(type_url)).flatten()
+    }
+
+    fn lookup(&self, type_url: &str, names: &BTreeSet<String>) -> Option<(String, weft_xds::Resolved)> {
+        (type_url != SECRET).then(|| self.0.lookup(type_url, names)).flatten()
+    }
 }
 
 fn inline(bytes: Vec<u8>) -> DataSource {

@@ -19,7 +19,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use tokio::sync::watch;
 use weft_xds::vhds::VhostIndex;
-use weft_xds::{content_version, type_url, Any, NodeInfo, Resolved, XdsSource};
+use weft_xds::{content_version, type_url, Any, NodeInfo, NodeMemo, Resolved, XdsSnapshot, XdsSource};
 
 use crate::jwks::JwksResolver;
 use crate::registry::{Registry, RegistrySnapshot, Workload, WorkloadSource};
@@ -243,12 +243,17 @@ impl MeshXdsSource {
 
     /// The proxy's translation and its virtual-host index (cached per proxy shape).
     fn translation(&self, node: &Node) -> (Arc<TypeMap>, Arc<VhostIndex>) {
-        let info = node_info(node);
+        self.translation_of(node, &ParsedNode::of(node))
+    }
+
+    /// [`MeshXdsSource::translation`] of a node whose metadata was parsed already.
+    fn translation_of(&self, node: &Node, parsed: &ParsedNode) -> (Arc<TypeMap>, Arc<VhostIndex>) {
+        let info = &parsed.info;
         let (store_version, mesh) = self.mesh();
         let registry = self.registry.snapshot();
         let inputs = (store_version, self.registry_epoch(store_version, &mesh, &registry));
-        let staged = self.staged_for(&info);
-        let mut shape = shape(&info, node, &registry);
+        let staged = self.staged_for(info);
+        let mut shape = shape(info, node, &registry);
         if let Some(v) = &staged {
             shape.push_str(&format!("|staged:{}", v.generation));
         }
@@ -270,13 +275,13 @@ impl MeshXdsSource {
             Some(v) => Arc::new(overlay(&mesh, v)),
             None => mesh,
         };
-        let mut xds = if grpcgen::is_grpc(node) {
-            grpcgen::translate(&mesh, &registry, &info, self.mode)
+        let mut xds = if parsed.grpc {
+            grpcgen::translate(&mesh, &registry, info, self.mode)
         } else {
-            translate(&mesh, &registry, &info, self.mode)
+            translate(&mesh, &registry, info, self.mode)
         };
-        if !grpcgen::is_grpc(node) && peer_exchange::needs_header_edits(&node.user_agent_name, &info) {
-            peer_exchange::add_header_edits(&mut xds, &info);
+        if !parsed.grpc && peer_exchange::needs_header_edits(&node.user_agent_name, info) {
+            peer_exchange::add_header_edits(&mut xds, info);
         }
         if peer_exchange::is_envoy(&node.user_agent_name) {
             peer_exchange::strip_tcp_exchange(&mut xds);
@@ -326,6 +331,41 @@ impl MeshXdsSource {
         e.seen = registry.clone();
         e.mesh = mesh_versions;
         e.epoch
+    }
+}
+
+/// What a stream's node says, parsed once per stream (kept in its [`NodeMemo`]).
+struct ParsedNode {
+    info: NodeInfo,
+    grpc: bool,
+}
+
+impl ParsedNode {
+    fn of(node: &Node) -> ParsedNode {
+        ParsedNode { info: node_info(node), grpc: grpcgen::is_grpc(node) }
+    }
+}
+
+/// One proxy's translation at one moment: what every stream of that shape answers from.
+struct TranslationSnapshot {
+    types: Arc<TypeMap>,
+    vhosts: Arc<VhostIndex>,
+}
+
+impl XdsSnapshot for TranslationSnapshot {
+    fn version(&self, type_url: &str) -> Option<String> {
+        Some(self.types.get(type_url).map_or_else(|| "empty".into(), |(v, _)| v.clone()))
+    }
+
+    fn resources(&self, type_url: &str) -> Option<(String, BTreeMap<String, Any>)> {
+        Some(match self.types.get(type_url) {
+            Some((v, m)) => (v.clone(), m.clone()),
+            None => ("empty".into(), BTreeMap::new()),
+        })
+    }
+
+    fn lookup(&self, type_url: &str, names: &BTreeSet<String>) -> Option<(String, Resolved)> {
+        Some(lookup_in(&self.types, &self.vhosts, type_url, names))
     }
 }
 
@@ -441,17 +481,35 @@ impl XdsSource for MeshXdsSource {
 
     fn lookup(&self, node: &Node, type_url: &str, names: &BTreeSet<String>) -> (String, Resolved) {
         let (types, vhosts) = self.translation(node);
-        let Some((version, by_name)) = types.get(type_url) else {
-            return ("empty".into(), names.iter().map(|n| (n.clone(), None)).collect());
-        };
-        let resolved = names
-            .iter()
-            .map(|n| {
-                let name = if type_url::resolves_aliases(type_url) { vhosts.resolve(n) } else { Some(n.as_str()) };
-                let found = name.and_then(|name| by_name.get(name).map(|any| (name.to_string(), any.clone())));
-                (n.clone(), found)
-            })
-            .collect();
-        (version.clone(), resolved)
+        lookup_in(&types, &vhosts, type_url, names)
     }
+
+    fn snapshot(&self, node: &Node, memo: &mut NodeMemo) -> Option<Arc<dyn XdsSnapshot>> {
+        let parsed = match memo.as_ref().and_then(|m| m.clone().downcast::<ParsedNode>().ok()) {
+            Some(parsed) => parsed,
+            None => {
+                let parsed = Arc::new(ParsedNode::of(node));
+                *memo = Some(parsed.clone());
+                parsed
+            }
+        };
+        let (types, vhosts) = self.translation_of(node, &parsed);
+        Some(Arc::new(TranslationSnapshot { types, vhosts }))
+    }
+}
+
+/// Subscribed names resolved in one translation (virtual hosts through its index).
+fn lookup_in(types: &TypeMap, vhosts: &VhostIndex, type_url: &str, names: &BTreeSet<String>) -> (String, Resolved) {
+    let Some((version, by_name)) = types.get(type_url) else {
+        return ("empty".into(), names.iter().map(|n| (n.clone(), None)).collect());
+    };
+    let resolved = names
+        .iter()
+        .map(|n| {
+            let name = if type_url::resolves_aliases(type_url) { vhosts.resolve(n) } else { Some(n.as_str()) };
+            let found = name.and_then(|name| by_name.get(name).map(|any| (name.to_string(), any.clone())));
+            (n.clone(), found)
+        })
+        .collect();
+    (version.clone(), resolved)
 }

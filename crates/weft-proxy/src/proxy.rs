@@ -86,8 +86,9 @@ async fn start_identity(b: &Bootstrap) -> Result<(crate::tls::Secrets, weft_xds:
             .map_err(|e| StartError::Identity(e.to_string()))?;
     }
     // Renewal retries back off no further than xDS reconnects: a certificate is renewed
-    // within a few seconds of any control-plane replica being reachable again.
+    // within about a second of any control-plane replica being reachable again.
     cfg.backoff_max = weft_xds::DEFAULT_MAX_BACKOFF;
+    cfg.backoff_initial = cfg.backoff_initial.min(cfg.backoff_max);
     let manager = weft_identity::CertManager::start(cfg).await.map_err(|e| StartError::Identity(e.to_string()))?;
     node.labels.insert("security.istio.io/tlsMode".into(), "istio".into());
     if node.service_account.is_empty() {

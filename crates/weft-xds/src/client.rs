@@ -65,11 +65,21 @@ pub trait ResourceHandler: Send + Sync + 'static {
 /// Reconnect delays: exponential from `initial`, capped at `max`, with full jitter
 /// (each delay is uniform in `[0, min(max, initial * 2^attempt)]`).
 ///
-/// The default cap is [`DEFAULT_MAX_BACKOFF`] (3 s), not Envoy's 30 s: a control plane
-/// that comes back (a restart, a rollout) sees every proxy again within about 3 s, so
-/// its restored registry (see `weft-control`'s reconnect grace) is confirmed quickly and
-/// a proxy's callers never wait on its registration. Full jitter still spreads a fleet's
-/// reconnects over the whole window, so a returning control plane is not hit at once.
+/// The default cap is [`DEFAULT_MAX_BACKOFF`] (500 ms), not Envoy's 30 s: when every
+/// control-plane replica was down and one comes back, each proxy is asleep for at most
+/// the cap before it tries again, so the whole fleet is back on the returning replica
+/// within that (plus a connect and a resumed subscription, which with unchanged
+/// configuration pushes nothing): under the 1 s the project promises. The delay is drawn
+/// per round over all the replica addresses, not per address (a refused connect moves
+/// to the next address at once), so the number of replicas does not multiply it.
+///
+/// Why this is not a reconnect storm: a bound on the time to resync is a bound on the
+/// window in which the whole fleet must arrive, and full jitter spreads the arrivals
+/// uniformly over that window, the lowest peak any scheme with that bound can have (N
+/// proxies arrive at about N / 500 ms, never at once). While every replica is down a
+/// proxy tries one round (a refused TCP connect per address, no TLS) about every 250 ms
+/// on average. After a healthy stream ends (one replica died, others are up) the first
+/// delay is at most `initial` (250 ms).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Backoff {
     /// First cap (250 ms by default).
@@ -83,7 +93,10 @@ pub struct Backoff {
 const HEALTHY_AFTER: Duration = Duration::from_secs(1);
 
 /// Largest reconnect delay of [`Backoff::default`].
-pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(3);
+pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_millis(500);
+
+/// How long a connection attempt to one control-plane address may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Settings of an [`AdsClient`].
 #[derive(Clone, Debug)]
@@ -165,6 +178,9 @@ struct Memory {
 struct StreamEnd {
     /// The stream delivered at least one response (resets the backoff).
     healthy: bool,
+    /// The connection to the control plane was made (false: the address refused or
+    /// timed out, and the next address is tried without a delay).
+    connected: bool,
     error: String,
 }
 
@@ -187,7 +203,8 @@ impl Backoff {
 impl ClientConfig {
     /// The control-plane replicas to use, in order: `address` split at commas. The client
     /// starts at a random one (a fleet spreads over the replicas) and moves to the next
-    /// whenever a stream ends or a connection fails, after the jittered backoff; the
+    /// whenever a stream ends or a connection fails: at once after a failed connect while
+    /// some address of this round is untried, otherwise after the jittered backoff; the
     /// first retry after a healthy stream waits at most [`Backoff::initial`], so a proxy
     /// whose replica died is on another one within that (plus a connect).
     pub fn addresses(&self) -> Vec<String> {
@@ -230,6 +247,8 @@ impl AdsClient {
         tokio::pin!(shutdown);
         let mut memory = Memory::default();
         let mut attempt: u32 = 0;
+        // Addresses that refused a connection since the last delay.
+        let mut refused: usize = 0;
         let addresses = self.config.addresses();
         let mut current = if addresses.len() > 1 { rand::rng().random_range(0..addresses.len()) } else { 0 };
         loop {
@@ -249,6 +268,13 @@ impl AdsClient {
             if !addresses.is_empty() {
                 current = (current + 1) % addresses.len();
             }
+            refused = if end.connected { 0 } else { refused + 1 };
+            if !end.connected && refused < addresses.len() {
+                // A round over the replicas is one attempt: try the next one now.
+                tracing::debug!(%address, error = %end.error, next = ?addresses.get(current), "xDS connect failed; trying the next address");
+                continue;
+            }
+            refused = 0;
             let delay = self.config.backoff.delay(attempt);
             attempt = attempt.saturating_add(1);
             self.status.send_modify(|s| {
@@ -266,15 +292,20 @@ impl AdsClient {
 
     async fn stream_once(&self, address: &str, memory: &mut Memory) -> StreamEnd {
         let mut healthy = false;
+        let mut connected = false;
         let result = match self.connect(address).await {
-            Ok(client) => match self.config.mode {
-                XdsMode::Sotw => sotw::run_stream(self, client, memory, &mut healthy).await,
-                XdsMode::Delta => delta::run_stream(self, client, memory, &mut healthy).await,
-            },
+            Ok(client) => {
+                connected = true;
+                match self.config.mode {
+                    XdsMode::Sotw => sotw::run_stream(self, client, memory, &mut healthy).await,
+                    XdsMode::Delta => delta::run_stream(self, client, memory, &mut healthy).await,
+                }
+            }
             Err(e) => Err(e),
         };
         StreamEnd {
             healthy,
+            connected,
             error: match result {
                 Ok(()) => "control plane closed the stream".to_string(),
                 Err(e) => e,
@@ -291,7 +322,7 @@ impl AdsClient {
         };
         let endpoint = Endpoint::from_shared(target)
             .map_err(|e| format!("invalid xDS address {address:?}: {e}"))?
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(CONNECT_TIMEOUT)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10));
         let channel = match &self.transport {

@@ -54,7 +54,7 @@ pub use node::{NodeInfo, PortInfo};
 pub use server::{
     AdmitFuture, AdsServer, AdsService, Caller, ConnectionStatus, NackInfo, StreamAdmission, TypeStatus, XdsObserver,
 };
-pub use source::{Resolved, StaticSource, XdsSource};
+pub use source::{NodeMemo, Resolved, StaticSource, XdsSnapshot, XdsSource};
 pub use type_url::resource_name;
 
 /// Re-export of Envoy's `Node`.

@@ -50,10 +50,60 @@ pub trait XdsSource: Send + Sync + 'static {
             .collect();
         (version, resolved)
     }
+    /// Every type of `node`'s resources as of now, for a stream to answer all its types
+    /// from (one look-up per change and stream instead of one per type and request);
+    /// `None`: the stream asks [`XdsSource::version`], [`XdsSource::resources`] and
+    /// [`XdsSource::lookup`] per type.
+    ///
+    /// `memo` belongs to the stream and lives as long as it: a source keeps there what it
+    /// derives from the node (its parsed metadata), so that work is done once per
+    /// stream. The server takes a new snapshot whenever [`XdsSource::changes`] ticks.
+    fn snapshot(&self, node: &Node, memo: &mut NodeMemo) -> Option<Arc<dyn XdsSnapshot>> {
+        let _ = (node, memo);
+        None
+    }
 }
 
 /// Requested name -> the resource it resolves to (its name and body), if any.
 pub type Resolved = BTreeMap<String, Option<(String, Any)>>;
+
+/// What a source keeps per stream about the stream's node (see [`XdsSource::snapshot`]).
+pub type NodeMemo = Option<Arc<dyn std::any::Any + Send + Sync>>;
+
+/// One node's resources at one moment (see [`XdsSource::snapshot`]). Each method
+/// answers `None` for a type the snapshot does not hold (the stream then asks the source).
+pub trait XdsSnapshot: Send + Sync + 'static {
+    /// The version of a type, as [`XdsSource::version`].
+    fn version(&self, type_url: &str) -> Option<String>;
+    /// All resources of a type, as [`XdsSource::resources`].
+    fn resources(&self, type_url: &str) -> Option<(String, BTreeMap<String, Any>)>;
+    /// Subscribed names resolved, as [`XdsSource::lookup`].
+    fn lookup(&self, type_url: &str, names: &BTreeSet<String>) -> Option<(String, Resolved)>;
+}
+
+/// What a stream answers from: the source, the stream's node and, if the source gave
+/// one, a snapshot of that node's resources.
+pub(crate) struct Current<'a> {
+    pub(crate) source: &'a dyn XdsSource,
+    pub(crate) node: &'a Node,
+    pub(crate) snapshot: Option<&'a dyn XdsSnapshot>,
+}
+
+impl Current<'_> {
+    pub(crate) fn version(&self, type_url: &str) -> String {
+        self.snapshot.and_then(|s| s.version(type_url)).unwrap_or_else(|| self.source.version(self.node, type_url))
+    }
+
+    pub(crate) fn resources(&self, type_url: &str) -> (String, BTreeMap<String, Any>) {
+        self.snapshot.and_then(|s| s.resources(type_url)).unwrap_or_else(|| self.source.resources(self.node, type_url))
+    }
+
+    pub(crate) fn lookup(&self, type_url: &str, names: &BTreeSet<String>) -> (String, Resolved) {
+        self.snapshot
+            .and_then(|s| s.lookup(type_url, names))
+            .unwrap_or_else(|| self.source.lookup(self.node, type_url, names))
+    }
+}
 
 /// Same resources for every node, set by hand (tests, `weft up` bootstrap).
 ///

@@ -20,12 +20,36 @@ use std::time::{Duration, Instant};
 
 use weft_xds::{type_url, AdsClient, Backoff, ClientConfig, NodeInfo, ResourceHandler, ResourceUpdate, XdsMode};
 
-/// Accepts everything; notes when a ROUTE update arrives after the change.
+/// Accepts everything (the client decodes every resource to name it); decodes each
+/// route configuration it gets and notes when the routes send `reviews` to the subset
+/// cluster the current change asked for.
 struct Sim {
     changed_at: Arc<Mutex<Option<Instant>>>,
+    /// The cluster the current change routes `reviews` to, and the change's number.
+    want: Arc<Mutex<(u64, String)>>,
     latencies: Arc<Mutex<Vec<Duration>>>,
     synced: Arc<AtomicUsize>,
     seen_initial: Mutex<bool>,
+    /// The last change this proxy has (counted once).
+    have: Mutex<u64>,
+}
+
+/// Whether any route of `routes` (route configurations as received) sends to `cluster`.
+fn routes_to(routes: &[(String, weft_xds::Any)], cluster: &str) -> bool {
+    use envoy_types::pb::envoy::config::route::v3::{route, route_action, RouteConfiguration};
+    use prost::Message;
+    routes.iter().filter_map(|(_, any)| RouteConfiguration::decode(any.value.as_slice()).ok()).any(|rc| {
+        rc.virtual_hosts.iter().flat_map(|vh| &vh.routes).any(|r| match &r.action {
+            Some(route::Action::Route(a)) => match &a.cluster_specifier {
+                Some(route_action::ClusterSpecifier::Cluster(c)) => c == cluster,
+                Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                    w.clusters.iter().any(|c| c.name == cluster)
+                }
+                _ => false,
+            },
+            _ => false,
+        })
+    })
 }
 
 /// CPU time (user + system) of a process, in seconds (`/proc/PID/stat`, 100 ticks/s).
@@ -92,14 +116,21 @@ impl ResourceHandler for Sim {
     fn type_urls(&self) -> Vec<&'static str> {
         vec![type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE]
     }
-    fn apply(&self, type_url: &str, _u: ResourceUpdate) -> Result<(), String> {
+    fn apply(&self, type_url: &str, u: ResourceUpdate) -> Result<(), String> {
         if type_url == type_url::ROUTE {
             let mut first = self.seen_initial.lock().unwrap_or_else(|p| p.into_inner());
             if !*first {
                 *first = true;
                 self.synced.fetch_add(1, Ordering::Relaxed);
-            } else if let Some(t0) = *self.changed_at.lock().unwrap_or_else(|p| p.into_inner()) {
-                self.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(t0.elapsed());
+                return Ok(());
+            }
+            let (change, cluster) = self.want.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut have = self.have.lock().unwrap_or_else(|p| p.into_inner());
+            if *have < change && routes_to(&u.upserts, &cluster) {
+                *have = change;
+                if let Some(t0) = *self.changed_at.lock().unwrap_or_else(|p| p.into_inner()) {
+                    self.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(t0.elapsed());
+                }
             }
         }
         Ok(())
@@ -243,6 +274,7 @@ async fn main() -> anyhow::Result<()> {
     let rss_idle = rss_idle_all[0];
 
     let changed_at = Arc::new(Mutex::new(None));
+    let want = Arc::new(Mutex::new((0u64, String::new())));
     let latencies = Arc::new(Mutex::new(Vec::new()));
     let synced = Arc::new(AtomicUsize::new(0));
     let mut statuses = Vec::with_capacity(n);
@@ -257,9 +289,11 @@ async fn main() -> anyhow::Result<()> {
         };
         let handler = Arc::new(Sim {
             changed_at: changed_at.clone(),
+            want: want.clone(),
             latencies: latencies.clone(),
             synced: synced.clone(),
             seen_initial: Mutex::new(false),
+            have: Mutex::new(0),
         });
         let client = AdsClient::new(
             ClientConfig { address: xds.clone(), node, mode: XdsMode::Sotw, backoff: Backoff::default() },
@@ -303,6 +337,8 @@ async fn main() -> anyhow::Result<()> {
         let vs = dir.path().join("change.yaml");
         std::fs::write(&vs, format!("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata:\n  name: reviews\nspec:\n  hosts: [reviews]\n  http:\n  - route:\n    - destination:\n        host: reviews\n        subset: {subset}\n"))?;
         latencies.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        *want.lock().unwrap_or_else(|p| p.into_inner()) =
+            (k as u64 + 1, format!("outbound|9080|{subset}|reviews.default.svc.cluster.local"));
         let cpu_before = CpuSample::take(&pids, &etcd_pids);
         *changed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let status = tokio::process::Command::new(&weft)
@@ -320,8 +356,10 @@ async fn main() -> anyhow::Result<()> {
         let cpu = cpu_before.since(&CpuSample::take(&pids, &etcd_pids));
         let mut l = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
         l.sort();
+        let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
         runs.push(serde_json::json!({
             "p50": pct(&l, 0.5), "p99": pct(&l, 0.99), "max": pct(&l, 1.0), "cpu_during_change": cpu,
+            "loadavg_1m": loadavg.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()),
         }));
         // Quiet between changes, so each starts from a settled mesh.
         tokio::time::sleep(Duration::from_secs(2)).await;

@@ -8,8 +8,10 @@
 //! - a VirtualService applied through one replica reaches a proxy on another;
 //! - kill -9 one etcd member: nothing changes, changes still apply;
 //! - stop every replica past the proxies' certificate renewal time: traffic and mTLS keep
-//!   working on the last config and certificates; started again, the proxies resync and
-//!   renew their certificates (signed by the same, shared CA).
+//!   working on the last config and certificates; when one replica is started again both
+//!   proxies are SYNCED on it within 1 s of it accepting connections (from the replica's
+//!   own ACK times), resumed with the versions they hold (nothing pushed again); with all
+//!   replicas back the proxies renew their certificates (signed by the same, shared CA).
 
 #![allow(clippy::unwrap_used)]
 
@@ -47,7 +49,9 @@ struct Replica {
     data: PathBuf,
 }
 
-async fn start_replica(store: &str, xds: SocketAddr, data: &Path) -> (Child, String) {
+/// Starts a replica on `xds`; its process, API address and the moment its xDS port first
+/// accepted a connection (probed every 2 ms from the spawn on).
+async fn start_replica(store: &str, xds: SocketAddr, data: &Path) -> (Child, String, SystemTime) {
     let mut child = Command::new(WEFT)
         .args(["control", "--store", store, "--lease-ttl", "4s", "--cert-ttl", CERT_TTL])
         .arg("--data-dir")
@@ -60,12 +64,20 @@ async fn start_replica(store: &str, xds: SocketAddr, data: &Path) -> (Child, Str
         .kill_on_drop(true)
         .spawn()
         .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let accepting = loop {
+        if tokio::net::TcpStream::connect(xds).await.is_ok() {
+            break SystemTime::now();
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the replica on {xds} never accepted");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    };
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let line = tokio::time::timeout(WAIT, lines.next_line()).await.unwrap().unwrap().unwrap();
     let bound: SocketAddr = line.split("xDS on ").nth(1).unwrap().split(',').next().unwrap().parse().unwrap();
     assert_eq!(bound, xds);
     let api = line.split("API on ").nth(1).unwrap().trim().to_string();
-    (child, api)
+    (child, api, accepting)
 }
 
 const ADMIN_TOKEN: &str = "ha-test-admin-token";
@@ -118,6 +130,21 @@ async fn synced_on(api: &str, id: &str) -> bool {
                 && ["Cluster", "Listener", "ClusterLoadAssignment"].iter().all(|t| p["types"][*t]["status"] == "SYNCED")
         })
     })
+}
+
+/// When the replica at `api` saw proxy `id` ACK (or resume) the last of its types:
+/// the listing's time minus the config's age.
+async fn synced_at(api: &str, id: &str) -> SystemTime {
+    let asked = SystemTime::now();
+    let v = api_get(api, "/api/v1/proxies").await;
+    let p = v["proxies"].as_array().unwrap().iter().find(|p| p["id"] == id).unwrap().clone();
+    let youngest = p["types"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|t| t["config_age_seconds"].as_f64())
+        .fold(f64::MAX, f64::min);
+    asked - Duration::from_secs_f64(youngest)
 }
 
 /// Waits until `cond` holds, polling every 100 ms for at most [`WAIT`].
@@ -184,7 +211,7 @@ async fn replicas_on_etcd_survive_replica_member_and_full_outages_without_a_fail
     let mut replicas = Vec::new();
     for d in &dirs {
         let xds = reserve_addr();
-        let (child, api) = start_replica(&store, xds, d.path()).await;
+        let (child, api, _) = start_replica(&store, xds, d.path()).await;
         replicas.push(Replica { child: Some(child), xds, api, data: d.path().to_path_buf() });
     }
     let xds: Vec<SocketAddr> = replicas.iter().map(|r| r.xds).collect();
@@ -342,8 +369,35 @@ async fn replicas_on_etcd_survive_replica_member_and_full_outages_without_a_fail
     assert_eq!(certificate(&caller).await.0, serial, "renewed with every replica down?");
     progress(50).await;
     no_failures("with every replica down");
-    for r in replicas.iter_mut() {
-        let (child, api) = start_replica(&store, r.xds, &r.data).await;
+    let xds_before = (callee.xds_status().borrow().clone(), caller.xds_status().borrow().clone());
+    // One replica comes back first: both proxies must be SYNCED on it within 1 s of it
+    // accepting connections (their reconnect delay is capped at 500 ms and a round tries
+    // every address), resumed with the versions they hold.
+    let back = &mut replicas[via];
+    let (child, api, ready_at) = start_replica(&store, back.xds, &back.data).await;
+    back.child = Some(child);
+    back.api = api.clone();
+    let mut resynced = Vec::new();
+    for id in ["reviews-v1.default", "productpage-v1.default"] {
+        eventually(&format!("{id} SYNCED on the first replica back"), || synced_on(&api, id)).await;
+        let at = synced_at(&api, id).await;
+        // Before the probe saw the port accept is possible (a proxy's connect raced it).
+        let after = at.duration_since(ready_at).map_or_else(|e| -e.duration().as_secs_f64(), |d| d.as_secs_f64());
+        resynced.push((id, after));
+    }
+    println!("SYNCED after the first replica accepted connections (s): {resynced:?}");
+    for (id, after) in &resynced {
+        assert!(*after < 1.0, "{id} SYNCED {after:.3} s after a replica accepted connections (want < 1 s)");
+    }
+    // Resumed: the same translation, so nothing was pushed again.
+    let xds_after = (callee.xds_status().borrow().clone(), caller.xds_status().borrow().clone());
+    for (before, after, who) in [(&xds_before.0, &xds_after.0, "callee"), (&xds_before.1, &xds_after.1, "caller")] {
+        assert!(after.connects > before.connects, "the {who} never reconnected");
+        assert_eq!(after.acked, before.acked, "the {who} runs other versions after the outage");
+        assert_eq!(after.updates, before.updates, "the {who} was pushed its configuration again");
+    }
+    for r in replicas.iter_mut().filter(|r| r.child.is_none()) {
+        let (child, api, _) = start_replica(&store, r.xds, &r.data).await;
         r.child = Some(child);
         r.api = api;
     }

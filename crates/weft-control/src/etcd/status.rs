@@ -1,13 +1,16 @@
 //! Proxy sync state across replicas (`weft proxy-status` through any replica).
 //!
-//! Each replica publishes, under a lease of its own, one key per proxy connected to it:
-//! `proxies/<lease id>/<node id>` holds the proxy's entry as that replica's
+//! Each replica publishes, under a lease of its own, the proxies connected to it in (at
+//! most) 256 keys: `proxies/<lease id>/b<bucket>` holds a JSON list of the entries of
+//! the proxies whose node id hashes to that bucket (so a push to thousands of proxies is
+//! a few hundred etcd writes per replica, not one per proxy), each entry as that replica's
 //! `GET /api/v1/proxies` shows it (per type: SYNCED / STALE / NACKED / NOT SENT, the
 //! versions ACKed and current), with the time of each ACK instead of its age and the
 //! replica it is connected to (`replica`: xDS and API addresses). Writes follow the xDS
-//! server's status changes, at most once per [`PUBLISH_DELAY`] and only for entries that
-//! changed. A replica that dies takes its keys with its lease (the lease TTL later); a
-//! proxy that moved meanwhile is listed once, from the replica it connected to last.
+//! server's status changes once they settle (no change for [`PUBLISH_DELAY`], or
+//! [`PUBLISH_MAX_DELAY`] after the first), and only for buckets that changed. A replica
+//! that dies takes its keys with its lease (the lease TTL later); a proxy that moved
+//! meanwhile is listed once, from the replica it connected to last.
 //!
 //! [`ProxyBoard::merge`] adds to a replica's own list the proxies the others published.
 
@@ -25,9 +28,13 @@ use crate::api::Api;
 
 /// Key prefix of the published proxy states (under the store's prefix).
 const PREFIX: &str = "proxies/";
-/// How long status changes gather before they are written: a push to every proxy (and
-/// their ACKs) becomes one round of writes, after the push rather than during it.
+/// How long the status must stay unchanged before it is written: a push to every proxy
+/// (and their ACKs) becomes one round of writes, after the push rather than during it
+/// (a push to thousands of proxies on a busy machine takes longer than this, and a round
+/// of writes in its middle takes CPU from it and costs a second round after it).
 pub const PUBLISH_DELAY: Duration = Duration::from_millis(500);
+/// The longest status changes wait to be written while they keep coming.
+pub const PUBLISH_MAX_DELAY: Duration = Duration::from_secs(5);
 /// Operations per etcd transaction (etcd's default limit is 128).
 const TXN_OPS: usize = 100;
 /// How long a listing waits for etcd before answering with this replica's proxies only.
@@ -90,18 +97,25 @@ impl ProxyBoard {
             if own.as_deref().is_some_and(|o| key.starts_with(o)) {
                 continue;
             }
-            let Ok(mut entry) = serde_json::from_slice::<Value>(value) else {
-                tracing::warn!(key, "etcd: not a proxy state; ignored");
-                continue;
+            let entries = match serde_json::from_slice::<Value>(value) {
+                Ok(Value::Array(entries)) => entries,
+                // One entry per key (as replicas before buckets wrote them).
+                Ok(entry @ Value::Object(_)) => vec![entry],
+                _ => {
+                    tracing::warn!(key, "etcd: not a proxy state; ignored");
+                    continue;
+                }
             };
-            let Some(id) = entry["id"].as_str().map(str::to_string) else { continue };
-            if seen.contains(&id) {
-                continue;
-            }
-            ages_from_ack_times(&mut entry, now);
-            let newer = remote.get(&id).is_none_or(|e| since(&entry) >= since(e));
-            if newer {
-                remote.insert(id, entry);
+            for mut entry in entries {
+                let Some(id) = entry["id"].as_str().map(str::to_string) else { continue };
+                if seen.contains(&id) {
+                    continue;
+                }
+                ages_from_ack_times(&mut entry, now);
+                let newer = remote.get(&id).is_none_or(|e| since(&entry) >= since(e));
+                if newer {
+                    remote.insert(id, entry);
+                }
             }
         }
         if let Some(list) = local["proxies"].as_array_mut() {
@@ -147,7 +161,7 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
                     if r.is_err() {
                         return;
                     }
-                    tokio::time::sleep(PUBLISH_DELAY).await;
+                    settle(&mut changes).await;
                     dirty = true;
                 }
             }
@@ -156,6 +170,19 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
                 let desired = entries(&board, &api, id);
                 dirty = !sync(&board.etcd, desired, id, &mut written).await;
             }
+        }
+    }
+}
+
+/// Returns once `changes` stayed still for [`PUBLISH_DELAY`] (checked at that period, so
+/// a push's thousands of ACKs do not each wake this task), or after [`PUBLISH_MAX_DELAY`].
+async fn settle(changes: &mut tokio::sync::watch::Receiver<u64>) {
+    let deadline = tokio::time::Instant::now() + PUBLISH_MAX_DELAY;
+    loop {
+        changes.borrow_and_update();
+        tokio::time::sleep(PUBLISH_DELAY).await;
+        if !changes.has_changed().unwrap_or(false) || tokio::time::Instant::now() >= deadline {
+            return;
         }
     }
 }
@@ -176,7 +203,7 @@ fn entries(board: &ProxyBoard, api: &Api, lease: i64) -> BTreeMap<String, Vec<u8
         })
         .collect();
     let listed = crate::api::proxies(api);
-    let mut out = BTreeMap::new();
+    let mut buckets: BTreeMap<u8, Vec<Value>> = BTreeMap::new();
     for mut p in listed["proxies"].as_array().cloned().unwrap_or_default() {
         let Some(id) = p["id"].as_str().map(str::to_string) else { continue };
         // The time of each ACK, not its age, so an unchanged proxy is not rewritten.
@@ -189,11 +216,19 @@ fn entries(board: &ProxyBoard, api: &Api, lease: i64) -> BTreeMap<String, Vec<u8
             }
         }
         p["replica"] = board.replica.clone();
-        if let Ok(bytes) = serde_json::to_vec(&p) {
-            out.insert(format!("{lease:x}/{id}"), bytes);
-        }
+        buckets.entry(bucket(&id)).or_default().push(p);
     }
-    out
+    buckets
+        .into_iter()
+        .filter_map(|(b, list)| Some((format!("{lease:x}/b{b:02x}"), serde_json::to_vec(&list).ok()?)))
+        .collect()
+}
+
+/// The bucket (key) a proxy's entry is published in: a stable hash of its node id
+/// (FNV-1a), so a proxy stays in its bucket as others come and go.
+fn bucket(id: &str) -> u8 {
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    hash.to_le_bytes().iter().fold(0, |a, b| a ^ b)
 }
 
 /// Brings this replica's keys in line with `desired`, in transactions of [`TXN_OPS`];

@@ -27,8 +27,8 @@ use super::{Registry, RegistrySnapshot, Workload, WorkloadSource};
 /// The file in the control plane's data directory.
 pub const REGISTRY_FILE: &str = "registry.json";
 
-/// How long restored workloads wait for their proxy by default: ten times the proxies'
-/// longest reconnect delay (3 s, `weft_xds::DEFAULT_MAX_BACKOFF`), and as long as the
+/// How long restored workloads wait for their proxy by default: far beyond the proxies'
+/// longest reconnect delay (500 ms, `weft_xds::DEFAULT_MAX_BACKOFF`), and as long as the
 /// longest delay of a stock Envoy (its xDS retry backoff is capped at 30 s). A workload
 /// that died while the control plane was down stays an endpoint that long (callers'
 /// retries and outlier detection route around it), the price of never dropping one that

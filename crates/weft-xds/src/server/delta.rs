@@ -7,7 +7,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Delt
 use envoy_types::pb::google::protobuf::Any;
 
 use super::stream::{Received, Reply, Variant};
-use crate::source::XdsSource;
+use crate::source::Current;
 use crate::type_url::{is_wildcard_type, resolves_aliases};
 use crate::{content_version, XdsMode};
 
@@ -94,13 +94,12 @@ impl Variant for Delta {
     /// name, so a peer subscribed to a few names never costs a copy of the whole type.
     fn respond(
         state: &mut TypeState,
-        source: &dyn XdsSource,
-        node: &Node,
+        source: &Current<'_>,
         type_url: &str,
         nonce: u64,
     ) -> Option<(DeltaDiscoveryResponse, String)> {
         let (mut version, everything) = if state.wildcard {
-            let (v, all) = source.resources(node, type_url);
+            let (v, all) = source.resources(type_url);
             (v, Some(all))
         } else {
             (String::new(), None)
@@ -108,7 +107,7 @@ impl Variant for Delta {
         let resolved = if state.wildcard && state.names.is_empty() {
             BTreeMap::new()
         } else {
-            let (v, resolved) = source.lookup(node, type_url, &state.names);
+            let (v, resolved) = source.lookup(type_url, &state.names);
             version = v;
             resolved
         };

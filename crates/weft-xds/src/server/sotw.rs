@@ -6,7 +6,7 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
 use super::stream::{Received, Reply, Variant};
-use crate::source::XdsSource;
+use crate::source::Current;
 use crate::type_url::{is_wildcard_type, resolves_aliases};
 use crate::XdsMode;
 
@@ -88,8 +88,7 @@ impl Variant for Sotw {
     /// last response, unless a response is still waiting for its ACK.
     fn respond(
         state: &mut TypeState,
-        source: &dyn XdsSource,
-        node: &Node,
+        source: &Current<'_>,
         type_url: &str,
         nonce: u64,
     ) -> Option<(DiscoveryResponse, String)> {
@@ -100,7 +99,7 @@ impl Variant for Sotw {
             return None;
         }
         // The version first: a stream already holding it costs no copy of the resources.
-        let current = source.version(node, type_url);
+        let current = source.version(type_url);
         if state.sent.as_ref().is_some_and(|(v, names)| *v == current && *names == state.names) {
             return None;
         }
@@ -108,11 +107,11 @@ impl Variant for Sotw {
         let (version, resources) = match &names {
             // Named (EDS, RDS): only those resources are copied.
             Some(wanted) if !resolves_aliases(type_url) => {
-                let (version, resolved) = source.lookup(node, type_url, wanted);
+                let (version, resolved) = source.lookup(type_url, wanted);
                 (version, resolved.into_values().flatten().map(|(_, any)| any).collect())
             }
             _ => {
-                let (version, all) = source.resources(node, type_url);
+                let (version, all) = source.resources(type_url);
                 let resources = all
                     .into_iter()
                     .filter(|(name, _)| names.as_ref().is_none_or(|n| n.contains(name)))

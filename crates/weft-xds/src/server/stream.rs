@@ -12,7 +12,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 
 use super::{NackInfo, Registration, Shared};
-use crate::source::XdsSource;
+use crate::source::{Current, NodeMemo, XdsSnapshot};
 use crate::XdsMode;
 
 /// One ADS variant (state of the world or delta): its messages, its per-type state, and
@@ -39,8 +39,7 @@ pub(super) trait Variant: Send + 'static {
     /// in `state`.
     fn respond(
         state: &mut Self::State,
-        source: &dyn XdsSource,
-        node: &Node,
+        source: &Current<'_>,
         type_url: &str,
         nonce: u64,
     ) -> Option<(Self::Response, String)>;
@@ -73,6 +72,13 @@ struct Stream<V: Variant> {
     types: BTreeMap<String, V::State>,
     tx: mpsc::Sender<Result<V::Response, Status>>,
     nonce: u64,
+    /// The source's change counter (what [`Stream::snapshot`] is current with).
+    changes: watch::Receiver<u64>,
+    /// What the source derived from this stream's node (see `XdsSource::snapshot`).
+    memo: NodeMemo,
+    /// The node's resources as of a value of `changes`: every type of a push, and the
+    /// requests answered until the next change, are served from one look-up.
+    snapshot: Option<(u64, Option<Arc<dyn XdsSnapshot>>)>,
 }
 
 impl<V: Variant> Stream<V> {
@@ -113,10 +119,15 @@ impl<V: Variant> Stream<V> {
         };
         let started = Instant::now();
         let registration = &self.registration;
+        let source = registration.shared.source.as_ref();
+        let generation = *self.changes.borrow();
+        if self.snapshot.as_ref().is_none_or(|(g, _)| *g != generation) {
+            self.snapshot = Some((generation, source.snapshot(&registration.node, &mut self.memo)));
+        }
+        let snapshot = self.snapshot.as_ref().and_then(|(_, s)| s.as_deref());
+        let current = Current { source, node: &registration.node, snapshot };
         let nonce = self.nonce + 1;
-        let Some((response, version)) =
-            V::respond(state, registration.shared.source.as_ref(), &registration.node, type_url, nonce)
-        else {
+        let Some((response, version)) = V::respond(state, &current, type_url, nonce) else {
             return Ok(());
         };
         self.nonce = nonce;
@@ -143,7 +154,7 @@ pub(super) async fn drive<V: Variant>(
     mut requests: Streaming<V::Request>,
     tx: mpsc::Sender<Result<V::Response, Status>>,
 ) {
-    let mut changes = shared.source.changes();
+    let changes = shared.source.changes();
     let mut stop = shared.stop.subscribe();
     let first = tokio::select! {
         first = requests.message() => first,
@@ -171,7 +182,8 @@ pub(super) async fn drive<V: Variant>(
             return;
         }
     };
-    let mut stream = Stream::<V> { registration, types: BTreeMap::new(), tx, nonce: 0 };
+    let mut stream =
+        Stream::<V> { registration, types: BTreeMap::new(), tx, nonce: 0, changes, memo: None, snapshot: None };
     if stream.on_request(first).await.is_err() {
         return;
     }
@@ -182,7 +194,7 @@ pub(super) async fn drive<V: Variant>(
                 Ok(Some(request)) => stream.on_request(request).await,
                 Ok(None) | Err(_) => return,
             },
-            changed = changes.changed(), if source_open => {
+            changed = stream.changes.changed(), if source_open => {
                 source_open = changed.is_ok();
                 stream.push_all(Instant::now()).await
             }
