@@ -414,6 +414,25 @@ fn set_lb(c: &mut Cluster, lb: Option<&LoadBalancerSettings>) {
 /// `tcp.tcpKeepalive` to `upstream_connection_options`, `http.useClientProtocol` on an
 /// HTTP port to `use_downstream_protocol_config`. The retry budget (weft's annotation)
 /// joins the thresholds.
+/// Istio's circuit breakers for a cluster no DestinationRule limits (its
+/// `getDefaultCircuitBreakerThresholds`): 2^32-1 everywhere, so a burst queues instead
+/// of overflowing Envoy's 1024 defaults. Istio gives them to every cluster it builds,
+/// inbound and passthrough included.
+pub(super) fn default_circuit_breakers() -> CircuitBreakers {
+    let unlimited = Some(UInt32Value { value: u32::MAX });
+    CircuitBreakers {
+        thresholds: vec![circuit_breakers::Thresholds {
+            max_connections: unlimited,
+            max_pending_requests: unlimited,
+            max_requests: unlimited,
+            max_retries: unlimited,
+            track_remaining: true,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
 fn set_pool(c: &mut Cluster, pool: Option<&ConnectionPoolSettings>, budget: Option<RetryBudget>, port: &SvcPort) {
     let limit =
         |v: Option<i64>| v.filter(|n| *n > 0).and_then(|n| u32::try_from(n).ok()).map(|value| UInt32Value { value });

@@ -21,7 +21,7 @@ use weft_api::host;
 use weft_xds::build::{self, Routes};
 
 use super::authz::InboundAuthz;
-use super::clusters::{add_istio_services, cla, outbound_name};
+use super::clusters::{add_istio_services, cla, default_circuit_breakers, outbound_name};
 use super::jwt::InboundJwt;
 use super::model::{offset, protocol_from, Ep, MeshView, Protocol, Service};
 use super::mtls;
@@ -439,6 +439,7 @@ fn local_app_cluster(
     let name = inbound_cluster(port);
     let mut c = build::static_cluster(&name, &[], protocol == Protocol::Http2);
     c.load_assignment = Some(cla(&name, &[Ep::plain(host, port)]));
+    c.circuit_breakers = Some(default_circuit_breakers());
     add_istio_services(&mut c, &view.inbound_services(workload_port));
     c
 }
@@ -449,6 +450,7 @@ fn original_dst_cluster(name: &str) -> Cluster {
         cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(cluster::DiscoveryType::OriginalDst as i32)),
         lb_policy: cluster::LbPolicy::ClusterProvided as i32,
         connect_timeout: Some(PbDuration { seconds: 10, nanos: 0 }),
+        circuit_breakers: Some(default_circuit_breakers()),
         ..Default::default()
     }
 }

@@ -663,6 +663,20 @@ fn explicit_mode_listeners_outbound_proxy_and_inbound_per_port() {
     let app = x.cluster("inbound|8080||").unwrap();
     assert_eq!(eps(app.load_assignment.as_ref().unwrap()), ["127.0.0.1:8080"]);
     assert!(x.listener("virtualOutbound").is_none());
+    // Istio's unlimited thresholds, not Envoy's 1024 defaults (a burst queues at the
+    // local app instead of failing with `overflow`).
+    for name in ["inbound|8080||", "inbound|5432||"] {
+        let c = x.cluster(name).unwrap_or_else(|| panic!("{name}"));
+        let t = &c.circuit_breakers.as_ref().unwrap_or_else(|| panic!("{name}: no circuit breakers")).thresholds[0];
+        for (what, v) in [
+            ("max_connections", t.max_connections),
+            ("max_pending_requests", t.max_pending_requests),
+            ("max_requests", t.max_requests),
+            ("max_retries", t.max_retries),
+        ] {
+            assert_eq!(v.map(|v| v.value), Some(u32::MAX), "{name}: {what}");
+        }
+    }
 }
 
 #[test]
