@@ -12,9 +12,8 @@
 //! API server.
 
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use kube_control::{field, ControlProc};
+use kube_control::{eventually, field, ControlProc};
 use weft_testkit::kube::KubeApiServer;
 
 #[path = "support/kube_control.rs"]
@@ -130,22 +129,6 @@ async fn vs_message(k: &KubeApiServer) -> String {
     let out = k.kubectl(&["get", "virtualservice", "reviews", "-o", "json"]).await.expect("get vs");
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     v["status"]["conditions"][0]["message"].as_str().unwrap_or_default().to_string()
-}
-
-async fn eventually<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
-    what: &str,
-    mut probe: impl FnMut() -> F,
-    check: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = Instant::now() + kube_control::WAIT;
-    loop {
-        let v = probe().await;
-        if check(&v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: still {v:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 /// Whether the API server lets the control plane's account patch VirtualServices' status.

@@ -8,7 +8,7 @@
 
 use std::time::{Duration, Instant};
 
-use kube_control::{field, ControlProc};
+use kube_control::{eventually, field, ControlProc};
 use weft_testkit::kube::KubeApiServer;
 
 #[path = "support/kube_control.rs"]
@@ -65,23 +65,6 @@ async fn vs_condition(k: &KubeApiServer) -> (String, String) {
     let v: serde_json::Value = serde_json::from_str(&out).expect("JSON");
     let c = &v["status"]["conditions"][0];
     (c["status"].as_str().unwrap_or_default().to_string(), c["message"].as_str().unwrap_or_default().to_string())
-}
-
-/// Polls `probe` every 100 ms until `check` holds (at most [`kube_control::WAIT`]).
-async fn eventually<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
-    what: &str,
-    mut probe: impl FnMut() -> F,
-    check: impl Fn(&T) -> bool,
-) -> T {
-    let deadline = Instant::now() + kube_control::WAIT;
-    loop {
-        let v = probe().await;
-        if check(&v) {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "{what}: still {v:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }
 
 const SERVICE: &str = "apiVersion: v1

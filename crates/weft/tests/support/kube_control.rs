@@ -148,3 +148,20 @@ pub fn field(line: &Value, name: &str) -> String {
 fn render(logs: &[Value]) -> String {
     logs.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n")
 }
+
+/// Probes until `check` holds, for at most [`WAIT`]; panics with the last value.
+pub async fn eventually<T: std::fmt::Debug, F: std::future::Future<Output = T>>(
+    what: &str,
+    mut probe: impl FnMut() -> F,
+    check: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let v = probe().await;
+        if check(&v) {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}: still {v:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
