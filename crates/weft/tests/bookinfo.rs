@@ -8,6 +8,7 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -103,6 +104,7 @@ struct Seen {
 struct Recorder {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<AtomicUsize>,
 }
 
 type Answer = Arc<dyn Fn(&Seen) -> (u16, String, Duration) + Send + Sync>;
@@ -114,9 +116,12 @@ impl Recorder {
         let addr = listener.local_addr().unwrap();
         let seen = Arc::new(Mutex::new(Vec::new()));
         let log = seen.clone();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepted = connections.clone();
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else { return };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let answer = answer.clone();
                 let log = log.clone();
                 tokio::spawn(async move {
@@ -139,7 +144,7 @@ impl Recorder {
                 });
             }
         });
-        Recorder { addr, seen }
+        Recorder { addr, seen, connections }
     }
 
     fn host(&self) -> String {
@@ -149,6 +154,47 @@ impl Recorder {
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// TCP connections accepted so far.
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+/// A raw HTTP/1.1 server that answers each connection's first request with `body` (no
+/// `Connection: close`: the answer says the connection stays open) and then closes it, as
+/// a server does with an idle keep-alive connection; returns its address and the count of
+/// requests answered.
+async fn closing_server(body: &'static str) -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answered = Arc::new(AtomicUsize::new(0));
+    let count = answered.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut stream, _)) = listener.accept().await else { return };
+            let count = count.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                if stream.write_all(answer.as_bytes()).await.is_ok() {
+                    count.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    (addr, answered)
 }
 
 const DETAILS_JSON: &str = r#"{"id":0,"author":"William Shakespeare","year":1595,"type":"paperback","pages":200,"publisher":"PublisherA","language":"English","ISBN-10":"1234567890","ISBN-13":"123-1234567890"}"#;
@@ -356,6 +402,38 @@ async fn productpage_says_sorry_when_reviews_is_too_slow_after_a_3s_timeout_and_
     assert!(html.contains("PublisherA"), "details still shown: {html}");
     assert_eq!(slow.seen().len(), 2, "one attempt and one retry");
     assert!(took >= Duration::from_secs(6), "two 3 s timeouts, took {took:?}");
+}
+
+#[tokio::test]
+async fn productpage_and_reviews_keep_their_upstream_connections_alive_between_pages() {
+    let details = Recorder::start(ok(DETAILS_JSON)).await;
+    let ratings = Recorder::start(ok(RATINGS_JSON)).await;
+    let reviews =
+        App::start("reviews", &[("SERVICE_VERSION", "v2".into()), ("RATINGS_HOSTNAME", ratings.host())]).await;
+    let page =
+        App::start("productpage", &[("DETAILS_HOSTNAME", details.host()), ("REVIEWS_HOSTNAME", reviews.host())]).await;
+    for _ in 0..5 {
+        let html = page.get("/productpage").await.text();
+        assert!(html.contains("PublisherA") && !html.contains("Sorry, "), "{html}");
+    }
+    assert_eq!(details.seen().len(), 5);
+    assert_eq!(ratings.seen().len(), 5);
+    assert_eq!(details.connections(), 1, "productpage reuses its connection to details");
+    assert_eq!(ratings.connections(), 1, "reviews reuses its connection to ratings");
+}
+
+#[tokio::test]
+async fn an_upstream_closing_idle_keep_alive_connections_costs_no_failed_page() {
+    let (details, answered) = closing_server(DETAILS_JSON).await;
+    let reviews = Recorder::start(ok(REVIEWS_JSON)).await;
+    let page =
+        App::start("productpage", &[("DETAILS_HOSTNAME", details.to_string()), ("REVIEWS_HOSTNAME", reviews.host())])
+            .await;
+    for _ in 0..5 {
+        let html = page.get("/productpage").await.text();
+        assert!(html.contains("PublisherA") && !html.contains("Sorry, "), "{html}");
+    }
+    assert_eq!(answered.load(Ordering::SeqCst), 5, "each page's details on a connection of its own");
 }
 
 #[tokio::test]

@@ -44,6 +44,9 @@ struct Tally {
     ok: AtomicU64,
     failures: Mutex<Vec<String>>,
     stop: AtomicBool,
+    /// Per answered request, in answer order: microseconds from the moment the open loop
+    /// scheduled it (not when it was sent), so queueing in the generator counts too.
+    latencies_us: Mutex<Vec<u64>>,
 }
 
 impl Tally {
@@ -95,7 +98,8 @@ fn start_load(ingress: SocketAddr, rps: u32, tally: Arc<Tally>) -> std::thread::
                 if tally.stop.load(Ordering::Relaxed) {
                     break;
                 }
-                tokio::time::sleep_until(start + period * k).await;
+                let due = start + period * k;
+                tokio::time::sleep_until(due).await;
                 while tasks.try_join_next().is_some() {}
                 tally.sent.fetch_add(1, Ordering::Relaxed);
                 let (idle, tally) = (idle.clone(), tally.clone());
@@ -104,6 +108,8 @@ fn start_load(ingress: SocketAddr, rps: u32, tally: Arc<Tally>) -> std::thread::
                     let outcome = tokio::time::timeout(REQUEST_TIMEOUT, productpage(ingress, conn)).await;
                     match outcome {
                         Ok(Ok(conn)) => {
+                            let took = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
+                            tally.latencies_us.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(took);
                             tally.ok.fetch_add(1, Ordering::Relaxed);
                             idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).push(conn);
                         }
@@ -222,6 +228,131 @@ fn kill9(pid: i32) {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).unwrap();
 }
 
+/// Who a process of the mesh is, from its command line: the Bookinfo apps (`weft demo`),
+/// sidecars and gateways (`weft proxy --bootstrap FILE`, by the file's name), the
+/// replicas (`weft control`; `weft up` holds the first one and supervises the rest), etcd,
+/// and this test (the load generator).
+fn party(args: &[String]) -> String {
+    let word = |i: usize| args.get(i).map(String::as_str).unwrap_or_default();
+    let base = |a: &str| a.rsplit('/').next().unwrap_or(a).to_string();
+    match (base(word(0)).as_str(), word(1)) {
+        ("weft", "demo") => format!("app {}", word(2)),
+        ("weft", "proxy") => {
+            let file = args.iter().position(|a| a == "--bootstrap").map(|i| base(word(i + 1))).unwrap_or_default();
+            if file.contains("gateway") {
+                format!("gateway {file}")
+            } else {
+                format!("sidecar {file}")
+            }
+        }
+        ("weft", "control") => "replica (weft control)".into(),
+        ("weft", "up") => "replica + supervisor (weft up)".into(),
+        ("etcd", _) => "etcd".into(),
+        (other, _) => other.to_string(),
+    }
+}
+
+/// utime + stime (clock ticks) of this process and all its descendants, by pid: (party, ticks).
+fn cpu_ticks() -> BTreeMap<i32, (String, u64)> {
+    let me = std::process::id() as i32;
+    let mut procs = BTreeMap::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        // Fields after the parenthesised command name: state ppid ... utime(14) stime(15).
+        let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .filter(|a| !a.is_empty())
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        procs.insert(pid, (num(1) as i32, args, num(11) + num(12)));
+    }
+    let mut out = BTreeMap::new();
+    for (&pid, (_, args, ticks)) in &procs {
+        let mut at = pid;
+        let mut ours = false;
+        for _ in 0..64 {
+            if at == me {
+                ours = true;
+                break;
+            }
+            match procs.get(&at) {
+                Some((ppid, _, _)) if *ppid > 0 => at = *ppid,
+                _ => break,
+            }
+        }
+        if ours {
+            let name = if pid == me { "load generator (this test)".to_string() } else { party(args) };
+            out.insert(pid, (name, *ticks));
+        }
+    }
+    out
+}
+
+/// Holds the load for `hold` and prints, per party, the CPU it used in that window in
+/// core-seconds per 1,000 answered pages (`WEFT_HA_HOLD_SECS`, for issue 15's profile),
+/// with the load average, which says how much of the machine others were using.
+fn hold_and_account(tally: &Tally, hold: Duration) {
+    // /proc counts in USER_HZ, 100 on every Linux architecture weft builds for.
+    let hz = 100.0;
+    println!("holding the load for {hold:?} (test pid {})", std::process::id());
+    let latencies = || tally.latencies_us.lock().unwrap_or_else(std::sync::PoisonError::into_inner).len();
+    let (t0, ok0, l0, c0) = (Instant::now(), tally.ok.load(Ordering::Relaxed), latencies(), cpu_ticks());
+    std::thread::sleep(hold);
+    let (ok1, c1) = (tally.ok.load(Ordering::Relaxed), cpu_ticks());
+    let mut window: Vec<u64> =
+        tally.latencies_us.lock().unwrap_or_else(std::sync::PoisonError::into_inner)[l0..].to_vec();
+    window.sort_unstable();
+    let pct = |p: f64| window.get(((window.len() as f64 * p) as usize).min(window.len().saturating_sub(1))).copied();
+    let ms = |v: Option<u64>| v.map_or("-".to_string(), |us| format!("{:.1}", us as f64 / 1000.0));
+    println!(
+        "latency from the scheduled time (ms): p50 {} p90 {} p99 {} max {}",
+        ms(pct(0.5)),
+        ms(pct(0.9)),
+        ms(pct(0.99)),
+        ms(window.last().copied())
+    );
+    let secs = t0.elapsed().as_secs_f64();
+    let pages = ok1.saturating_sub(ok0).max(1) as f64;
+    let mut by: BTreeMap<String, f64> = BTreeMap::new();
+    for (pid, (name, ticks)) in &c1 {
+        let before = c0.get(pid).map_or(0, |(_, t)| *t);
+        *by.entry(name.clone()).or_default() += ticks.saturating_sub(before) as f64 / hz;
+    }
+    let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    // Sockets in TIME_WAIT (state 06): about one per connection closed in the last minute.
+    let time_wait = std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.split_whitespace().nth(3) == Some("06"))
+        .count();
+    println!(
+        "held {secs:.1} s: {pages} pages answered ({:.0}/s), {} failed; load average {}; {time_wait} TCP sockets in TIME_WAIT",
+        pages / secs,
+        tally.failed(),
+        loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+    let total: f64 = by.values().sum();
+    let mut rows: Vec<(String, f64)> = by.into_iter().collect();
+    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
+    for (name, cpu) in rows {
+        println!(
+            "  cpu {:>7.3} core-s per 1,000 pages  ({:>5.1}% of a core)  {name}",
+            cpu * 1000.0 / pages,
+            cpu * 100.0 / secs
+        );
+    }
+    println!(
+        "  cpu {:>7.3} core-s per 1,000 pages  ({:>5.1}% of a core)  total",
+        total * 1000.0 / pages,
+        total * 100.0 / secs
+    );
+}
+
 /// Seconds since the Unix epoch.
 fn unix(t: SystemTime) -> f64 {
     t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64()
@@ -258,6 +389,11 @@ fn bookinfo_at_a_fixed_rate_survives_a_replica_and_an_etcd_member_without_a_fail
     let tally = Arc::new(Tally::default());
     let load = start_load(ingress, rps, tally.clone());
     tally.progress(u64::from(rps));
+    // WEFT_HA_HOLD_SECS=N: hold the load N s first and print where the CPU went (issue 15).
+    let hold: u64 = std::env::var("WEFT_HA_HOLD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
+    if hold > 0 {
+        hold_and_account(&tally, Duration::from_secs(hold));
+    }
     tally.assert_none_failed("before any failure");
 
     // 1. kill -9 the child replica with the most proxies: they move, nothing fails.
@@ -332,6 +468,7 @@ fn bookinfo_at_a_fixed_rate_survives_a_replica_and_an_etcd_member_without_a_fail
     // VirtualService that routes to them (a route to a subset cluster whose endpoints a
     // proxy does not hold yet fails).
     let apply_via = |f: &str| {
+        println!("weft apply -f {f} through {via} at {:.1}", unix(SystemTime::now()));
         let path = samples.join(f);
         let (ok, out) = weft_via(&mesh, Some(&via), &token, &["apply", "-f", path.to_str().unwrap()]);
         assert!(ok, "weft apply -f {f} through {via}: {out}");
@@ -378,6 +515,7 @@ fn bookinfo_at_a_fixed_rate_survives_a_replica_and_an_etcd_member_without_a_fail
     tally.assert_none_failed("after a change through another replica");
 
     // 3. kill -9 one etcd member: no effect; a change still goes through.
+    println!("kill -9 of an etcd member at {:.1}", unix(SystemTime::now()));
     kill9(etcd_member(&marker));
     let path = samples.join("virtual-service-reviews-v3.yaml");
     let (ok, out) = mesh.weft(&["apply", "-f", path.to_str().unwrap()]);

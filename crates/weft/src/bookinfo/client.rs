@@ -1,8 +1,11 @@
-//! Outbound calls of productpage and reviews: one GET per fresh HTTP/1.1 connection with
-//! an overall timeout, the headers each Istio application propagates, and the HTTP proxy
-//! option (`HTTP_PROXY`): the request goes to the proxy in absolute form
+//! Outbound calls of productpage and reviews: GETs over kept-alive HTTP/1.1 connections
+//! pooled per address connected to (as the HTTP clients of Istio's Bookinfo apps keep
+//! theirs), with an overall timeout, the headers each Istio application propagates, and
+//! the HTTP proxy option (`HTTP_PROXY`): the request goes to the proxy in absolute form
 //! (`GET http://details:9080/details/0`), which is how an explicit-mode sidecar carries it.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
@@ -15,6 +18,9 @@ use tokio::net::TcpStream;
 
 /// Largest upstream body read (the Bookinfo answers are a few hundred bytes).
 const MAX_BODY: usize = 1 << 20;
+
+/// Idle connections kept per address; one more is closed when it is handed back.
+const MAX_IDLE_PER_ADDRESS: usize = 128;
 
 /// Headers productpage copies from its request to details, reviews and ratings (the list
 /// of Istio's `productpage.py` `getForwardHeaders`, plus the B3 headers its tracer
@@ -82,11 +88,17 @@ pub struct ProxyConfig {
     pub no_proxy: Vec<String>,
 }
 
-/// Sends GETs to upstreams, directly or through the proxy.
+/// Sends GETs to upstreams, directly or through the proxy, reusing idle connections.
+/// Clones share the pool.
 #[derive(Clone, Debug)]
 pub struct HttpClient {
     proxy: Option<ProxyConfig>,
+    idle: Arc<Mutex<HashMap<String, Vec<Sender>>>>,
 }
+
+/// The sending half of one HTTP/1.1 connection (its driver runs in its own task and ends
+/// when the peer closes or the sender is dropped).
+type Sender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
 
 /// A complete upstream answer.
 #[derive(Debug)]
@@ -165,7 +177,7 @@ impl ProxyConfig {
 impl HttpClient {
     /// A client using `proxy` when set.
     pub fn new(proxy: Option<ProxyConfig>) -> Self {
-        HttpClient { proxy }
+        HttpClient { proxy, idle: Arc::default() }
     }
 
     /// GET `path` from `upstream` with `headers`; the whole exchange (connect, request,
@@ -194,21 +206,77 @@ impl HttpClient {
         *req.headers_mut() = headers;
         req.headers_mut().insert(HOST, HeaderValue::from_str(&upstream.authority)?);
 
-        let stream = TcpStream::connect(connect_to).await.with_context(|| format!("connecting to {connect_to}"))?;
-        let _ = stream.set_nodelay(true);
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(async move {
-            let _ = conn.await;
-        });
-        let resp = sender.send_request(req).await?;
+        // An idle connection first; a request it did not take (the peer closed it while it
+        // sat in the pool) goes again on a new connection, as nothing of it was sent.
+        let (mut sender, mut reused) = match self.take_idle(connect_to) {
+            Some(s) => (s, true),
+            None => (connect(connect_to).await?, false),
+        };
+        let resp = loop {
+            if reused && sender.ready().await.is_err() {
+                (sender, reused) = (connect(connect_to).await?, false);
+            }
+            match sender.try_send_request(req).await {
+                Ok(resp) => break resp,
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        req = unsent;
+                        (sender, reused) = (connect(connect_to).await?, false);
+                    }
+                    _ => return Err(e.into_error().into()),
+                },
+            }
+        };
         let status = resp.status();
         let body = Limited::new(resp.into_body(), MAX_BODY)
             .collect()
             .await
             .map_err(|e| anyhow!("reading the body: {e}"))?
             .to_bytes();
+        self.put_idle(connect_to, sender);
         Ok(Reply { status, body })
     }
+}
+
+impl HttpClient {
+    /// An idle connection to `address` that is still open.
+    fn take_idle(&self, address: &str) -> Option<Sender> {
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.get_mut(address)?;
+        while let Some(sender) = list.pop() {
+            if !sender.is_closed() {
+                return Some(sender);
+            }
+        }
+        None
+    }
+
+    /// Keeps `sender` for the next request to `address` when its connection stays open
+    /// (the answer was read whole, and neither side asked to close).
+    fn put_idle(&self, address: &str, sender: Sender) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+        let list = idle.entry(address.to_owned()).or_default();
+        if list.len() >= MAX_IDLE_PER_ADDRESS {
+            list.retain(|s| !s.is_closed());
+        }
+        if list.len() < MAX_IDLE_PER_ADDRESS {
+            list.push(sender);
+        }
+    }
+}
+
+/// A new HTTP/1.1 connection to `address`.
+async fn connect(address: &str) -> anyhow::Result<Sender> {
+    let stream = TcpStream::connect(address).await.with_context(|| format!("connecting to {address}"))?;
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(sender)
 }
 
 /// The headers of `incoming` named in `names`, in that order.
