@@ -252,8 +252,10 @@ fn party(args: &[String]) -> String {
     }
 }
 
-/// utime + stime (clock ticks) of this process and all its descendants, by pid: (party, ticks).
-fn cpu_ticks() -> BTreeMap<i32, (String, u64)> {
+/// Per process of this test and its descendants, by pid: party, utime + stime (clock
+/// ticks) and how many times its threads were switched in (`/proc/PID/task/*/schedstat`,
+/// third field: timeslices run), a load-independent measure of wake-ups.
+fn cpu_ticks() -> BTreeMap<i32, (String, u64, u64)> {
     let me = std::process::id() as i32;
     let mut procs = BTreeMap::new();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -287,7 +289,14 @@ fn cpu_ticks() -> BTreeMap<i32, (String, u64)> {
         }
         if ours {
             let name = if pid == me { "load generator (this test)".to_string() } else { party(args) };
-            out.insert(pid, (name, *ticks));
+            let switches: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+                .filter_map(|s| s.split_whitespace().nth(2).and_then(|v| v.parse::<u64>().ok()))
+                .sum();
+            out.insert(pid, (name, *ticks, switches));
         }
     }
     out
@@ -318,10 +327,12 @@ fn hold_and_account(tally: &Tally, hold: Duration) {
     );
     let secs = t0.elapsed().as_secs_f64();
     let pages = ok1.saturating_sub(ok0).max(1) as f64;
-    let mut by: BTreeMap<String, f64> = BTreeMap::new();
-    for (pid, (name, ticks)) in &c1 {
-        let before = c0.get(pid).map_or(0, |(_, t)| *t);
-        *by.entry(name.clone()).or_default() += ticks.saturating_sub(before) as f64 / hz;
+    let mut by: BTreeMap<String, (f64, f64)> = BTreeMap::new();
+    for (pid, (name, ticks, switches)) in &c1 {
+        let (ticks_before, switches_before) = c0.get(pid).map_or((0, 0), |(_, t, s)| (*t, *s));
+        let e = by.entry(name.clone()).or_default();
+        e.0 += ticks.saturating_sub(ticks_before) as f64 / hz;
+        e.1 += switches.saturating_sub(switches_before) as f64;
     }
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     // Sockets in TIME_WAIT (state 06): about one per connection closed in the last minute.
@@ -331,26 +342,23 @@ fn hold_and_account(tally: &Tally, hold: Duration) {
         .filter(|l| l.split_whitespace().nth(3) == Some("06"))
         .count();
     println!(
-        "held {secs:.1} s: {pages} pages answered ({:.0}/s), {} failed; load average {}; {time_wait} TCP sockets in TIME_WAIT",
+        "held {secs:.1} s: {pages} pages answered ({:.0}/s), {} failed so far; load average {}; {time_wait} TCP sockets in TIME_WAIT",
         pages / secs,
         tally.failed(),
         loadavg.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     );
-    let total: f64 = by.values().sum();
-    let mut rows: Vec<(String, f64)> = by.into_iter().collect();
-    rows.sort_by(|a, b| b.1.total_cmp(&a.1));
-    for (name, cpu) in rows {
+    let (total, total_switches) = by.values().fold((0.0, 0.0), |(c, w), (c1, w1)| (c + c1, w + w1));
+    let mut rows: Vec<(String, (f64, f64))> = by.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
+    rows.push(("total".into(), (total, total_switches)));
+    for (name, (cpu, switches)) in rows {
         println!(
-            "  cpu {:>7.3} core-s per 1,000 pages  ({:>5.1}% of a core)  {name}",
+            "  cpu {:>7.3} core-s per 1,000 pages  ({:>5.1}% of a core)  {:>6.1} switches per page  {name}",
             cpu * 1000.0 / pages,
-            cpu * 100.0 / secs
+            cpu * 100.0 / secs,
+            switches / pages
         );
     }
-    println!(
-        "  cpu {:>7.3} core-s per 1,000 pages  ({:>5.1}% of a core)  total",
-        total * 1000.0 / pages,
-        total * 100.0 / secs
-    );
 }
 
 /// Seconds since the Unix epoch.
