@@ -83,14 +83,18 @@ impl Tally {
     }
 }
 
-/// Open loop: request `k` is sent at `start + k / rps` whatever the earlier ones are
-/// doing, each on an idle keep-alive connection or a new one.
-fn start_load(ingress: SocketAddr, rps: u32, tally: Arc<Tally>) -> std::thread::JoinHandle<()> {
+/// Open loop: request `k` is due at `start + k / rps` whatever the earlier ones are
+/// doing; it goes on an idle keep-alive connection or a new one, at most `connections`
+/// open at once (as a load generator such as `oha -c N -q RATE` has): when all are busy it
+/// waits for one, and that wait counts in its latency and its 30 s. So an overloaded mesh
+/// shows as latency and timeouts, not as a storm of new connections to the ingress.
+fn start_load(ingress: SocketAddr, rps: u32, connections: usize, tally: Arc<Tally>) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async move {
             type Conn = hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>;
             let idle: Arc<Mutex<Vec<Conn>>> = Arc::default();
+            let slots = Arc::new(tokio::sync::Semaphore::new(connections.max(1)));
             let period = Duration::from_secs_f64(1.0 / f64::from(rps));
             let start = tokio::time::Instant::now();
             let mut tasks = tokio::task::JoinSet::new();
@@ -102,10 +106,14 @@ fn start_load(ingress: SocketAddr, rps: u32, tally: Arc<Tally>) -> std::thread::
                 tokio::time::sleep_until(due).await;
                 while tasks.try_join_next().is_some() {}
                 tally.sent.fetch_add(1, Ordering::Relaxed);
-                let (idle, tally) = (idle.clone(), tally.clone());
+                let (idle, slots, tally) = (idle.clone(), slots.clone(), tally.clone());
                 tasks.spawn(async move {
-                    let conn = idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
-                    let outcome = tokio::time::timeout(REQUEST_TIMEOUT, productpage(ingress, conn)).await;
+                    let page = async {
+                        let Ok(_slot) = slots.acquire().await else { return Err("the load stopped".to_string()) };
+                        let conn = idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner).pop();
+                        productpage(ingress, conn).await
+                    };
+                    let outcome = tokio::time::timeout(REQUEST_TIMEOUT, page).await;
                     match outcome {
                         Ok(Ok(conn)) => {
                             let took = u64::try_from(due.elapsed().as_micros()).unwrap_or(u64::MAX);
@@ -395,7 +403,9 @@ fn bookinfo_at_a_fixed_rate_survives_a_replica_and_an_etcd_member_without_a_fail
     }
 
     let tally = Arc::new(Tally::default());
-    let load = start_load(ingress, rps, tally.clone());
+    // WEFT_HA_CONNECTIONS: most connections the load generator opens to the ingress.
+    let connections: usize = std::env::var("WEFT_HA_CONNECTIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(256);
+    let load = start_load(ingress, rps, connections, tally.clone());
     tally.progress(u64::from(rps));
     // WEFT_HA_HOLD_SECS=N: hold the load N s first and print where the CPU went (issue 15).
     let hold: u64 = std::env::var("WEFT_HA_HOLD_SECS").ok().and_then(|v| v.parse().ok()).unwrap_or(0);
