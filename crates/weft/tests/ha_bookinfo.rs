@@ -8,7 +8,9 @@
 //! instance's pages time out there). The 1,000/s needs the release build:
 //! `WEFT_HA_RPS=1000 cargo test --release -p weft --test ha_bookinfo`. A request fails when it gets no answer
 //! within 30 s, a status other than 200, or a page that says a service is unavailable;
-//! the test asserts 0 failed requests after each step:
+//! the test asserts 0 failed requests after each step (`WEFT_HA_CONNECTIONS`, 256 by
+//! default, bounds the generator's connections; `WEFT_HA_HOLD_SECS=N` first holds the load
+//! N s and prints where the CPU went, by party, per 1,000 pages):
 //!
 //! 1. kill -9 the child replica serving the most proxies: each of them is SYNCED on a
 //!    surviving replica within 1 s of the kill (the surviving replica's ACK times, read
