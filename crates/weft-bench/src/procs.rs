@@ -14,7 +14,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
 /// Linux's clock tick (`getconf CLK_TCK`), the unit of `/proc/PID/stat` CPU times.
-const CLK_TCK: f64 = 100.0;
+pub const CLK_TCK: f64 = 100.0;
 
 /// Where each role runs: the load generator, echo server and control plane on one CPU,
 /// every proxy on the other, so the meshes compete with each other's sidecar only.
