@@ -678,7 +678,11 @@ Nothing pinned; {} interleaved rounds (every pair once per round, in the order o
 1 KiB answers), then 1 s + {} s closed loop over {} connections; one worker per proxy. Figures are medians \
 over rounds, each round's value in brackets. Added latency = the pair's percentile minus the no-proxy \
 percentile of the same round. CPU = both proxies' run time (`/proc/PID/task/*/schedstat`) over the \
-measured window, per request. Peak RSS = the larger proxy's `VmHWM` after the run. Pairs: \
+measured window, per request. Machine idle at max = the share of all CPUs' time that was idle during the closed-loop window \
+(`/proc/stat`): near 0, the maximum is the machine's (load generator, proxies and application share its CPUs), \
+not a proxy's; `weft-bench outside` prints each proxy's run and run-queue wait, user and system CPU per request \
+and the load generator's and application's CPU per request for that window. \
+Peak RSS = the larger proxy's `VmHWM` after the run. Pairs: \
 `weft-h2`/`weft-h1` = weft's sidecars with mTLS and HTTP/2 (`h2UpgradePolicy: UPGRADE`) or HTTP/1.1 \
 between them, metrics, peer metadata, an ALLOW AuthorizationPolicy evaluated on the server, access log off; \
 `envoy-static` = Envoy 1.40, a router and mTLS + HTTP/2 between, nothing else; `envoy-xds` = Envoy fed the \
