@@ -95,11 +95,137 @@ pub struct PairRun {
     pub max: Option<RunResult>,
     /// CPU of both proxies per request at maximum throughput, µs.
     pub cpu_us_per_req_max: Option<f64>,
+    /// Where the CPU went during the closed-loop window (absent in older results).
+    #[serde(default)]
+    pub saturation: Option<Saturation>,
     /// The larger proxy's VmHWM after everything, MiB.
     pub peak_rss_mib: f64,
     pub loadavg_before: String,
     pub loadavg_after: String,
     pub evidence: serde_json::Value,
+}
+
+/// Whether the closed-loop maximum was bound by the machine's CPU: every process of the
+/// pipeline (load generator, proxies, application) shares the same CPUs, so a proxy that
+/// shows a third of a core of run time may still be waiting for a CPU the rest of the time.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Saturation {
+    /// Share of the machine's CPU time that was idle over the window, % (all CPUs).
+    pub machine_idle_pct: f64,
+    /// Per proxy (server, client): run time per second of the window, ms.
+    pub proxy_run_ms_per_s: Vec<f64>,
+    /// Per proxy: time runnable but waiting for a CPU (`schedstat`'s second field) per
+    /// second of the window, ms.
+    pub proxy_wait_ms_per_s: Vec<f64>,
+    /// Per proxy: user-space CPU per request, µs (`/proc/PID/stat`, clock ticks).
+    #[serde(default)]
+    pub proxy_user_us_per_req: Vec<f64>,
+    /// Per proxy: kernel CPU per request (system calls, TCP, wake-ups), µs.
+    #[serde(default)]
+    pub proxy_sys_us_per_req: Vec<f64>,
+    /// The load generator's process (this one, its ended threads included) CPU per
+    /// request, µs (`/proc/self/stat`, clock ticks).
+    pub loadgen_us_per_req: f64,
+    /// The echo application's run time per request, µs.
+    pub app_us_per_req: f64,
+}
+
+/// Run and run-queue wait nanoseconds of a process's threads (`/proc/PID/task/*/schedstat`).
+pub fn run_wait_ns(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let (mut run, mut wait) = (0u64, 0u64);
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let path = task?.path().join("schedstat");
+        let Ok(text) = std::fs::read_to_string(&path) else { continue };
+        let mut f = text.split_whitespace().map(|v| v.parse::<u64>().unwrap_or(0));
+        run += f.next().unwrap_or(0);
+        wait += f.next().unwrap_or(0);
+    }
+    Ok((run, wait))
+}
+
+/// The machine's (idle, total) CPU time in clock ticks (`/proc/stat`, first line; idle
+/// includes iowait).
+pub fn machine_ticks() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let v: Vec<u64> =
+        text.lines().next().unwrap_or("").split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let total = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (idle, total)
+}
+
+/// User and system CPU seconds of a process, its ended threads included (`/proc/PID/stat`).
+pub fn user_sys_s(pid: u32) -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).ok_or_else(|| anyhow!("bad /proc/{pid}/stat"))?;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15; `rest` starts at field 3.
+    let tick = |i: usize| -> anyhow::Result<f64> {
+        Ok(f.get(i).ok_or_else(|| anyhow!("short /proc/{pid}/stat"))?.parse::<f64>()? / crate::procs::CLK_TCK)
+    };
+    Ok((tick(11)?, tick(12)?))
+}
+
+/// The CPU counters [`Saturation`] is computed from, taken at both ends of a window.
+struct SatSample {
+    at: std::time::Instant,
+    machine: (u64, u64),
+    proxies: Vec<(u64, u64)>,
+    proxies_user_sys: Vec<(f64, f64)>,
+    loadgen: f64,
+    app: u64,
+}
+
+impl SatSample {
+    fn take(stack: &Stack, app_pid: Option<u32>) -> anyhow::Result<SatSample> {
+        let proxies = stack.proxies.iter().map(|p| run_wait_ns(p.proc.pid()?)).collect::<anyhow::Result<_>>()?;
+        let proxies_user_sys =
+            stack.proxies.iter().map(|p| user_sys_s(p.proc.pid()?)).collect::<anyhow::Result<_>>()?;
+        let (u, s) = user_sys_s(std::process::id())?;
+        Ok(SatSample {
+            at: std::time::Instant::now(),
+            machine: machine_ticks(),
+            proxies,
+            proxies_user_sys,
+            loadgen: u + s,
+            app: app_pid.map_or(Ok(0), run_ns)?,
+        })
+    }
+
+    fn since(&self, before: &SatSample, requests: u64) -> Saturation {
+        let secs = self.at.duration_since(before.at).as_secs_f64().max(1e-9);
+        let (idle, total) = (self.machine.0 - before.machine.0, self.machine.1 - before.machine.1);
+        let per_req = |a: u64, b: u64| a.saturating_sub(b) as f64 / 1000.0 / requests.max(1) as f64;
+        Saturation {
+            machine_idle_pct: if total == 0 { 0.0 } else { 100.0 * idle as f64 / total as f64 },
+            proxy_run_ms_per_s: self
+                .proxies
+                .iter()
+                .zip(&before.proxies)
+                .map(|(a, b)| a.0.saturating_sub(b.0) as f64 / 1e6 / secs)
+                .collect(),
+            proxy_wait_ms_per_s: self
+                .proxies
+                .iter()
+                .zip(&before.proxies)
+                .map(|(a, b)| a.1.saturating_sub(b.1) as f64 / 1e6 / secs)
+                .collect(),
+            proxy_user_us_per_req: self
+                .proxies_user_sys
+                .iter()
+                .zip(&before.proxies_user_sys)
+                .map(|(a, b)| (a.0 - b.0) * 1e6 / requests.max(1) as f64)
+                .collect(),
+            proxy_sys_us_per_req: self
+                .proxies_user_sys
+                .iter()
+                .zip(&before.proxies_user_sys)
+                .map(|(a, b)| (a.1 - b.1) * 1e6 / requests.max(1) as f64)
+                .collect(),
+            loadgen_us_per_req: (self.loadgen - before.loadgen) * 1e6 / requests.max(1) as f64,
+            app_us_per_req: per_req(self.app, before.app),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, Serialize, Deserialize)]
@@ -200,6 +326,7 @@ pub async fn one_pair(
     args: &OutsideArgs,
     tools: &Tools,
     apps: Apps,
+    app_pid: Option<u32>,
 ) -> anyhow::Result<PairRun> {
     let loadavg_before = loadavg();
     let stack = start_pair(pair, tools, apps).await?;
@@ -216,17 +343,20 @@ pub async fn one_pair(
     let c1 = stack_run_ns(&stack)?;
     total += fixed.ok;
     let each = per_req_us(&c0, &c1, fixed.ok);
-    let (mut max, mut cpu_max) = (None, None);
+    let (mut max, mut cpu_max, mut saturation) = (None, None, None);
     if args.max_secs > 0 {
         total +=
             load::h1_max(&stack.h1, args.conns, Duration::from_secs(1)).await.map_err(|e| fail("max warm-up", e))?.ok;
         let m0 = stack_run_ns(&stack)?;
+        let s0 = SatSample::take(&stack, app_pid)?;
         let m = load::h1_max(&stack.h1, args.conns, Duration::from_secs(args.max_secs))
             .await
             .map_err(|e| fail("maximum throughput", e))?;
+        let s1 = SatSample::take(&stack, app_pid)?;
         let m1 = stack_run_ns(&stack)?;
         total += m.ok;
         cpu_max = Some(per_req_us(&m0, &m1, m.ok).iter().sum());
+        saturation = Some(s1.since(&s0, m.ok));
         max = Some(m);
     }
     let stats = stack.stats()?;
@@ -241,6 +371,7 @@ pub async fn one_pair(
         cpu_us_per_req_each: each,
         max,
         cpu_us_per_req_max: cpu_max,
+        saturation,
         peak_rss_mib,
         loadavg_before,
         loadavg_after: loadavg(),
@@ -257,6 +388,18 @@ pub async fn one_pair(
         run.loadavg_before,
         run.loadavg_after
     );
+    if let Some(s) = &run.saturation {
+        eprintln!(
+            "bench: {pair:>14} round {round}: at max: machine idle {:.0}% | proxies (server, client) run {:?} ms/s, waiting for a CPU {:?} ms/s, user {:?} sys {:?} us/req | load generator {:.0} us/req, echo {:.0} us/req",
+            s.machine_idle_pct,
+            s.proxy_run_ms_per_s.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            s.proxy_wait_ms_per_s.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            s.proxy_user_us_per_req.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            s.proxy_sys_us_per_req.iter().map(|v| v.round()).collect::<Vec<_>>(),
+            s.loadgen_us_per_req,
+            s.app_us_per_req
+        );
+    }
     Ok(run)
 }
 
@@ -309,13 +452,14 @@ pub async fn run(args: &OutsideArgs) -> anyhow::Result<(OutsideResults, PathBuf)
     }
     let alt_tools = args.alt_proxy.as_ref().map(|alt| Tools { weft_proxy: alt.clone(), ..tools.clone() });
     let scratch = tempfile::Builder::new().prefix("weft-bench-outside-").tempdir()?;
-    let (_echo, apps) = crate::run::start_echo(&Pinning { apps: None, proxies: None }, scratch.path()).await?;
+    let (echo, apps) = crate::run::start_echo(&Pinning { apps: None, proxies: None }, scratch.path()).await?;
+    let app_pid = echo.pid().ok();
     eprintln!("bench: outside method, no pinning; pairs {pairs:?}; loadavg {}", loadavg());
     let mut runs = Vec::new();
     for round in 1..=args.rounds {
         for pair in &pairs {
             let t = if pair.ends_with("@alt") { alt_tools.as_ref().unwrap_or(&tools) } else { &tools };
-            runs.push(one_pair(pair, round, args, t, apps).await?);
+            runs.push(one_pair(pair, round, args, t, apps, app_pid).await?);
         }
     }
     fill_added(&mut runs);
@@ -349,7 +493,7 @@ pub fn table(results: &OutsideResults) -> String {
         }
     }
     let mut out = String::from(
-        "| pair | p50 (µs) | added p50 | added p99 | added p99.9 | CPU µs / req (pair) | CPU µs / req at max | max req/s, 1 worker | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        "| pair | p50 (µs) | added p50 | added p99 | added p99.9 | CPU µs / req (pair) | CPU µs / req at max | max req/s, 1 worker | machine idle at max (%) | peak RSS (MiB) |\n|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for p in pairs {
         let rs: Vec<&PairRun> = results.runs.iter().filter(|r| r.pair == p).collect();
@@ -369,7 +513,7 @@ pub fn table(results: &OutsideResults) -> String {
         };
         let _ = writeln!(
             out,
-            "| {p} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {p} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             show(rs.iter().map(|r| r.fixed.latency_us.p50).collect(), 0),
             show(rs.iter().filter_map(|r| r.added_us.map(|a| a.p50)).collect(), 0),
             show(rs.iter().filter_map(|r| r.added_us.map(|a| a.p99)).collect(), 0),
@@ -381,6 +525,7 @@ pub fn table(results: &OutsideResults) -> String {
                 show(rs.iter().filter_map(|r| r.cpu_us_per_req_max).collect(), 0)
             },
             show(rs.iter().filter_map(|r| r.max.as_ref().map(|m| m.rps)).collect(), 0),
+            show(rs.iter().filter_map(|r| r.saturation.as_ref().map(|s| s.machine_idle_pct)).collect(), 0),
             if p == "baseline" { "–".into() } else { show(rs.iter().map(|r| r.peak_rss_mib).collect(), 1) },
         );
     }
@@ -533,7 +678,11 @@ Nothing pinned; {} interleaved rounds (every pair once per round, in the order o
 1 KiB answers), then 1 s + {} s closed loop over {} connections; one worker per proxy. Figures are medians \
 over rounds, each round's value in brackets. Added latency = the pair's percentile minus the no-proxy \
 percentile of the same round. CPU = both proxies' run time (`/proc/PID/task/*/schedstat`) over the \
-measured window, per request. Peak RSS = the larger proxy's `VmHWM` after the run. Pairs: \
+measured window, per request. Machine idle at max = the share of all CPUs' time that was idle during the closed-loop window \
+(`/proc/stat`): near 0, the maximum is the machine's (load generator, proxies and application share its CPUs), \
+not a proxy's; `weft-bench outside` prints each proxy's run and run-queue wait, user and system CPU per request \
+and the load generator's and application's CPU per request for that window. \
+Peak RSS = the larger proxy's `VmHWM` after the run. Pairs: \
 `weft-h2`/`weft-h1` = weft's sidecars with mTLS and HTTP/2 (`h2UpgradePolicy: UPGRADE`) or HTTP/1.1 \
 between them, metrics, peer metadata, an ALLOW AuthorizationPolicy evaluated on the server, access log off; \
 `envoy-static` = Envoy 1.40, a router and mTLS + HTTP/2 between, nothing else; `envoy-xds` = Envoy fed the \

@@ -14,7 +14,7 @@ use tokio::io::AsyncBufReadExt;
 use tokio::process::{Child, Command};
 
 /// Linux's clock tick (`getconf CLK_TCK`), the unit of `/proc/PID/stat` CPU times.
-const CLK_TCK: f64 = 100.0;
+pub const CLK_TCK: f64 = 100.0;
 
 /// Where each role runs: the load generator, echo server and control plane on one CPU,
 /// every proxy on the other, so the meshes compete with each other's sidecar only.
@@ -164,13 +164,28 @@ pub fn free_port() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
-/// Two consecutive free ports; returns the first.
+/// Two consecutive free ports; returns the first. Tried first next to a port the kernel
+/// hands out, then below the ephemeral range (32768 and up on Linux), which outgoing
+/// connections never take: a machine with tens of thousands of connections open (another
+/// scale test) has few free neighbours in the ephemeral range.
 pub fn free_port_pair() -> anyhow::Result<SocketAddr> {
-    for _ in 0..100 {
+    let pair_at = |port: u16| -> Option<SocketAddr> {
+        let first = std::net::TcpListener::bind(("127.0.0.1", port)).ok()?;
+        let _second = std::net::TcpListener::bind(("127.0.0.1", port.checked_add(1)?)).ok()?;
+        first.local_addr().ok()
+    };
+    for _ in 0..20 {
         let a = free_port()?;
-        let Some(next) = a.port().checked_add(1) else { continue };
-        if std::net::TcpListener::bind(("127.0.0.1", next)).is_ok() {
-            return Ok(a);
+        if let Some(found) = a.port().checked_add(1).and_then(|_| pair_at(a.port())) {
+            return Ok(found);
+        }
+    }
+    // Spread the start over the range so concurrent runs rarely collide.
+    let start = 20_000 + (std::process::id() as u16 % 6_000) * 2;
+    for i in 0..6_000u16 {
+        let port = 20_000 + (start - 20_000 + i * 2) % 12_000;
+        if let Some(found) = pair_at(port) {
+            return Ok(found);
         }
     }
     bail!("no two consecutive free ports on loopback")

@@ -382,6 +382,10 @@ async fn retry_on_5xx_moves_to_a_healthy_endpoint() {
         let r = get_h1(out, "svc", "/").await.unwrap();
         assert_eq!(r.status, 200, "a retry should have reached the healthy endpoint");
         assert_eq!(r.header("x-echo-server"), Some("good"));
+        // Every attempt, the retried one included, carries the request's headers.
+        let seen = r.json().unwrap();
+        assert_eq!(seen["headers"]["host"], "svc", "the attempt that answered lost the Host header: {seen}");
+        assert!(seen["headers"]["x-request-id"].is_string(), "the attempt that answered lost x-request-id: {seen}");
     }
     assert!(bad_hits.load(Ordering::SeqCst) > 0, "the failing endpoint was never tried, so nothing was retried");
     let r = get_h1(out, "svc", "/bad").await.unwrap();

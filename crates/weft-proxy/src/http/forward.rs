@@ -131,7 +131,9 @@ pub async fn forward(
             ReqBody::Replay(b) => full(b.clone()),
             ReqBody::Stream(s) => s.take().unwrap_or_else(|| full(Bytes::new())),
         };
-        let req = build_request(&parts, proto, req_body);
+        // The last attempt takes the headers; an attempt that may be retried sends a copy.
+        let headers = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
+        let req = build_request(&parts, headers, proto, req_body);
         let per_try = policy.and_then(|p| p.per_try_timeout);
         let try_deadline = match (deadline, per_try) {
             (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
@@ -431,11 +433,16 @@ pub fn strip_hop_by_hop(h: &mut HeaderMap) {
     }
 }
 
-fn build_request(parts: &http::request::Parts, proto: UpstreamProtocol, body: BoxBody) -> Request<BoxBody> {
+fn build_request(
+    parts: &http::request::Parts,
+    headers: HeaderMap,
+    proto: UpstreamProtocol,
+    body: BoxBody,
+) -> Request<BoxBody> {
     let mut req = Request::new(body);
     *req.method_mut() = parts.method.clone();
     *req.uri_mut() = parts.uri.clone();
-    *req.headers_mut() = parts.headers.clone();
+    *req.headers_mut() = headers;
     *req.version_mut() = match proto {
         UpstreamProtocol::Http2 => Version::HTTP_2,
         _ => Version::HTTP_11,
@@ -452,6 +459,7 @@ fn mirror(ctx: &Arc<Context>, snap: &Arc<ProxySnapshot>, cluster: &str, parts: &
     let Some(ep) = cluster.pick(&[]) else { return };
     let mut req = build_request(
         parts,
+        parts.headers.clone(),
         match cluster.config.protocol {
             UpstreamProtocol::Http2 => UpstreamProtocol::Http2,
             _ => UpstreamProtocol::Http1,
