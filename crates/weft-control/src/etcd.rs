@@ -321,6 +321,26 @@ impl KeptLease {
         Duration::from_millis(u64::try_from(self.etcd.lease_ttl_secs()).unwrap_or(10) * 1000 / 3)
     }
 
+    /// Keeps the lease alive from a task of its own, every [`KeptLease::period`], so slow
+    /// work of its user (a settle, thousands of writes to a busy etcd) never lets it
+    /// lapse, which would drop every key under it and have them all written again. The
+    /// task stops when the returned [`LeaseHeld`] is dropped.
+    pub(crate) fn keep_in_background(mut self) -> LeaseHeld {
+        let (lost_tx, lost) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(self.period());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !self.keep_alive().await {
+                    let _ = lost_tx.send(());
+                    return;
+                }
+            }
+        });
+        LeaseHeld { task, lost }
+    }
+
     /// Refreshes the lease; on a broken stream (its member died) reopens it, through
     /// another member, until the TTL runs out. False once the lease is gone.
     pub(crate) async fn keep_alive(&mut self) -> bool {
@@ -342,6 +362,26 @@ impl KeptLease {
                 self.answers = answers;
             }
         }
+    }
+}
+
+/// A lease kept alive in the background ([`KeptLease::keep_in_background`]) until this
+/// is dropped.
+pub(crate) struct LeaseHeld {
+    task: tokio::task::JoinHandle<()>,
+    lost: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl LeaseHeld {
+    /// Resolves once the lease is lost (etcd no longer knows it).
+    pub(crate) async fn lost(&mut self) {
+        let _ = (&mut self.lost).await;
+    }
+}
+
+impl Drop for LeaseHeld {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
