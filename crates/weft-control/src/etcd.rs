@@ -457,4 +457,28 @@ mod tests {
             assert!(e.contains("--store"), "{e}");
         }
     }
+
+    /// The publishers hold a lease while writing thousands of keys, which on a busy etcd
+    /// takes longer than the TTL: renewed from its own task, the lease outlives a holder
+    /// that does nothing for it for twice the TTL, and lapses once the holder drops it.
+    #[tokio::test]
+    async fn a_lease_kept_in_the_background_outlives_a_busy_holder_and_ends_with_it() {
+        let cluster = weft_testkit::etcd::EtcdCluster::start(1).await;
+        let mut cfg = EtcdConfig::parse(&cluster.store_url()).unwrap();
+        cfg.lease_ttl = Duration::from_secs(2);
+        let etcd = Etcd::connect(&cfg).await.unwrap();
+        let lease = KeptLease::grant(&etcd).await.unwrap();
+        let id = lease.id();
+        let held = lease.keep_in_background();
+        // The holder is busy elsewhere for twice the TTL.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let ttl = etcd.client().lease_time_to_live(id, None).await.unwrap().ttl();
+        assert!(ttl > 0, "the lease lapsed while held (TTL left {ttl})");
+        drop(held);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while etcd.client().lease_time_to_live(id, None).await.unwrap().ttl() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the lease is still renewed after its holder dropped it");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
 }
