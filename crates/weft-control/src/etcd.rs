@@ -321,6 +321,26 @@ impl KeptLease {
         Duration::from_millis(u64::try_from(self.etcd.lease_ttl_secs()).unwrap_or(10) * 1000 / 3)
     }
 
+    /// Keeps the lease alive from a task of its own, every [`KeptLease::period`], so slow
+    /// work of its user (a settle, thousands of writes to a busy etcd) never lets it
+    /// lapse, which would drop every key under it and have them all written again. The
+    /// task stops when the returned [`LeaseHeld`] is dropped.
+    pub(crate) fn keep_in_background(mut self) -> LeaseHeld {
+        let (lost_tx, lost) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(self.period());
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if !self.keep_alive().await {
+                    let _ = lost_tx.send(());
+                    return;
+                }
+            }
+        });
+        LeaseHeld { task, lost }
+    }
+
     /// Refreshes the lease; on a broken stream (its member died) reopens it, through
     /// another member, until the TTL runs out. False once the lease is gone.
     pub(crate) async fn keep_alive(&mut self) -> bool {
@@ -342,6 +362,26 @@ impl KeptLease {
                 self.answers = answers;
             }
         }
+    }
+}
+
+/// A lease kept alive in the background ([`KeptLease::keep_in_background`]) until this
+/// is dropped.
+pub(crate) struct LeaseHeld {
+    task: tokio::task::JoinHandle<()>,
+    lost: tokio::sync::oneshot::Receiver<()>,
+}
+
+impl LeaseHeld {
+    /// Resolves once the lease is lost (etcd no longer knows it).
+    pub(crate) async fn lost(&mut self) {
+        let _ = (&mut self.lost).await;
+    }
+}
+
+impl Drop for LeaseHeld {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 
@@ -415,6 +455,30 @@ mod tests {
         for bad in ["http://a:1", "etcd://", "etcd://a", "etcd://a:x", "etcds://a"] {
             let e = EtcdConfig::parse(bad).unwrap_err();
             assert!(e.contains("--store"), "{e}");
+        }
+    }
+
+    /// The publishers hold a lease while writing thousands of keys, which on a busy etcd
+    /// takes longer than the TTL: renewed from its own task, the lease outlives a holder
+    /// that does nothing for it for twice the TTL, and lapses once the holder drops it.
+    #[tokio::test]
+    async fn a_lease_kept_in_the_background_outlives_a_busy_holder_and_ends_with_it() {
+        let cluster = weft_testkit::etcd::EtcdCluster::start(1).await;
+        let mut cfg = EtcdConfig::parse(&cluster.store_url()).unwrap();
+        cfg.lease_ttl = Duration::from_secs(2);
+        let etcd = Etcd::connect(&cfg).await.unwrap();
+        let lease = KeptLease::grant(&etcd).await.unwrap();
+        let id = lease.id();
+        let held = lease.keep_in_background();
+        // The holder is busy elsewhere for twice the TTL.
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        let ttl = etcd.client().lease_time_to_live(id, None).await.unwrap().ttl();
+        assert!(ttl > 0, "the lease lapsed while held (TTL left {ttl})");
+        drop(held);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        while etcd.client().lease_time_to_live(id, None).await.unwrap().ttl() > 0 {
+            assert!(tokio::time::Instant::now() < deadline, "the lease is still renewed after its holder dropped it");
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 }

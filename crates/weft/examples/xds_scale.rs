@@ -62,6 +62,56 @@ fn cpu_seconds(pid: &str) -> f64 {
     (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Read and write system calls of a process so far (`/proc/PID/io` `syscr` + `syscw`:
+/// `read`/`write` and their vectored forms, which is how tokio and Go move socket bytes).
+fn io_calls(pid: &str) -> (u64, u64) {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).unwrap_or_default();
+    let field = |name: &str| {
+        io.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse::<u64>().ok()).unwrap_or(0)
+    };
+    (field("syscr:"), field("syscw:"))
+}
+
+/// Context switches (voluntary + involuntary) of a process's live threads so far.
+fn context_switches(pid: &str) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .flat_map(|status| {
+            status
+                .lines()
+                .filter(|l| l.contains("ctxt_switches:"))
+                .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                .collect::<Vec<_>>()
+        })
+        .sum()
+}
+
+/// Kernel-visible work of one process: reads, writes, context switches.
+#[derive(Clone, Copy, Default)]
+struct Calls {
+    reads: u64,
+    writes: u64,
+    switches: u64,
+}
+
+impl Calls {
+    fn take(pid: &str) -> Calls {
+        let (reads, writes) = io_calls(pid);
+        Calls { reads, writes, switches: context_switches(pid) }
+    }
+
+    /// What happened between `self` and `later`, per proxy served (`proxies`), as JSON.
+    fn per_proxy(&self, later: &Calls, proxies: usize) -> serde_json::Value {
+        let per = |a: u64, b: u64| (b.saturating_sub(a)) as f64 / proxies.max(1) as f64;
+        serde_json::json!({
+            "reads": per(self.reads, later.reads),
+            "writes": per(self.writes, later.writes),
+            "context_switches": per(self.switches, later.switches),
+        })
+    }
+}
+
 /// Busy and total CPU seconds of the whole machine (`/proc/stat`, all cores).
 fn machine_cpu() -> (f64, f64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
@@ -79,6 +129,9 @@ fn machine_cpu() -> (f64, f64) {
 /// replicas, etcd, and everything else on the machine (other users' work).
 struct CpuSample {
     clients: f64,
+    client_calls: Calls,
+    replica_calls: Vec<Calls>,
+    etcd_calls: Calls,
     replicas: Vec<f64>,
     etcd: f64,
     machine_busy: f64,
@@ -90,6 +143,13 @@ impl CpuSample {
         let (machine_busy, machine_total) = machine_cpu();
         CpuSample {
             clients: cpu_seconds("self"),
+            client_calls: Calls::take("self"),
+            replica_calls: replicas.iter().map(|p| Calls::take(&p.to_string())).collect(),
+            etcd_calls: etcd.iter().map(|p| Calls::take(&p.to_string())).fold(Calls::default(), |a, b| Calls {
+                reads: a.reads + b.reads,
+                writes: a.writes + b.writes,
+                switches: a.switches + b.switches,
+            }),
             replicas: replicas.iter().map(|p| cpu_seconds(&p.to_string())).collect(),
             etcd: etcd.iter().map(|p| cpu_seconds(&p.to_string())).sum(),
             machine_busy,
@@ -97,8 +157,10 @@ impl CpuSample {
         }
     }
 
-    /// What each party used between `self` and `later`, as JSON.
-    fn since(&self, later: &CpuSample) -> serde_json::Value {
+    /// What each party used between `self` and `later`, as JSON; system calls and
+    /// context switches per proxy (`served`: how many proxies each replica serves, `n`:
+    /// all proxies, which the clients and etcd are divided by).
+    fn since(&self, later: &CpuSample, served: &[usize], n: usize) -> serde_json::Value {
         let replicas: Vec<f64> = later.replicas.iter().zip(&self.replicas).map(|(b, a)| b - a).collect();
         let ours = (later.clients - self.clients) + replicas.iter().sum::<f64>() + (later.etcd - self.etcd);
         let busy = later.machine_busy - self.machine_busy;
@@ -108,6 +170,12 @@ impl CpuSample {
             "etcd_s": later.etcd - self.etcd,
             "others_s": (busy - ours).max(0.0),
             "wall_cores_s": later.machine_total - self.machine_total,
+            "per_proxy": {
+                "clients": self.client_calls.per_proxy(&later.client_calls, n),
+                "replicas": self.replica_calls.iter().zip(&later.replica_calls).zip(served)
+                    .map(|((a, b), s)| a.per_proxy(b, *s)).collect::<Vec<_>>(),
+                "etcd": self.etcd_calls.per_proxy(&later.etcd_calls, n),
+            },
         })
     }
 }
@@ -147,6 +215,24 @@ impl ResourceHandler for Sim {
             ),
             _ => None,
         }
+    }
+}
+
+/// Waits (at most 60 s) until the replicas and etcd together use under a third of a
+/// core over a second (idle, 10,000 streams still cost their HTTP/2 keep-alive pings);
+/// how long that took and the cores they used in the last second.
+async fn quiet(replicas: &[u32], etcd: &[u32]) -> (Duration, f64) {
+    let started = Instant::now();
+    let busy = || -> f64 { replicas.iter().chain(etcd).map(|p| cpu_seconds(&p.to_string())).sum() };
+    let mut last = busy();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = busy();
+        let used = now - last;
+        if used < 0.34 || started.elapsed() >= Duration::from_secs(60) {
+            return (started.elapsed(), used);
+        }
+        last = now;
     }
 }
 
@@ -240,6 +326,8 @@ async fn main() -> anyhow::Result<()> {
     let replicas = flag("--replicas", 1)?;
     // Changes measured one after the other (each waits until every proxy has the last).
     let changes = flag("--changes", 1)?.max(1);
+    // Seconds between changes (what the parties do then is `cpu_after_change`).
+    let quiet_secs = flag("--quiet-secs", 2)?;
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let weft = std::env::var_os("WEFT_BIN").map(PathBuf::from).unwrap_or_else(|| root.join("target/release/weft"));
     anyhow::ensure!(weft.is_file(), "build it first: cargo build --release -p weft");
@@ -314,6 +402,12 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let initial_sync = started.elapsed();
+    // The connect storm leaves work behind (each replica writes its new proxies'
+    // registrations and states to etcd): changes are measured once the control plane is
+    // quiet again, as a fleet's changes come long after it connected.
+    eprintln!("xds_scale: {n} synced in {:.1} s", initial_sync.as_secs_f64());
+    let (quiet_after, idle_cores) = quiet(&pids, &etcd_pids).await;
+    eprintln!("xds_scale: control plane quiet {:.1} s later ({idle_cores:.2} cores)", quiet_after.as_secs_f64());
     let rss_connected = rss_kib(pid);
     let per_replica: Vec<serde_json::Value> = controls
         .iter()
@@ -330,6 +424,7 @@ async fn main() -> anyhow::Result<()> {
         })
         .collect();
 
+    let served: Vec<usize> = per_replica.iter().map(|r| r["proxies"].as_u64().unwrap_or(0) as usize).collect();
     // The changes: reviews to v2, v3, v2... through the API of the first replica.
     let mut runs = Vec::new();
     for k in 0..changes {
@@ -339,6 +434,7 @@ async fn main() -> anyhow::Result<()> {
         latencies.lock().unwrap_or_else(|p| p.into_inner()).clear();
         *want.lock().unwrap_or_else(|p| p.into_inner()) =
             (k as u64 + 1, format!("outbound|9080|{subset}|reviews.default.svc.cluster.local"));
+        eprintln!("xds_scale: change {}: applying", k + 1);
         let cpu_before = CpuSample::take(&pids, &etcd_pids);
         *changed_at.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         let status = tokio::process::Command::new(&weft)
@@ -353,16 +449,22 @@ async fn main() -> anyhow::Result<()> {
             anyhow::ensure!(t0.elapsed() < Duration::from_secs(600), "change did not reach everyone");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let cpu = cpu_before.since(&CpuSample::take(&pids, &etcd_pids));
+        let cpu_after = CpuSample::take(&pids, &etcd_pids);
+        eprintln!("xds_scale: change {}: every proxy has it", k + 1);
+        let cpu = cpu_before.since(&cpu_after, &served, n);
         let mut l = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
         l.sort();
         let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+        // Quiet between changes, so each starts from a settled mesh; what the parties
+        // do in it (mostly the proxy states each replica publishes to etcd once the
+        // push settled) is reported as `cpu_after_change`.
+        tokio::time::sleep(Duration::from_secs(quiet_secs as u64)).await;
+        let cpu_settle = cpu_after.since(&CpuSample::take(&pids, &etcd_pids), &served, n);
         runs.push(serde_json::json!({
             "p50": pct(&l, 0.5), "p99": pct(&l, 0.99), "max": pct(&l, 1.0), "cpu_during_change": cpu,
+            "cpu_after_change": cpu_settle,
             "loadavg_1m": loadavg.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()),
         }));
-        // Quiet between changes, so each starts from a settled mesh.
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
     let first = runs.first().cloned().unwrap_or_default();
     println!(
@@ -370,6 +472,8 @@ async fn main() -> anyhow::Result<()> {
         serde_json::json!({
             "clients": n,
             "initial_sync_s": initial_sync.as_secs_f64(),
+            "quiet_after_sync_s": quiet_after.as_secs_f64(),
+            "idle_control_plane_cores": idle_cores,
             "change_to_all_acked_ms": { "p50": first["p50"], "p99": first["p99"], "max": first["max"] },
             "changes": runs,
             "control_plane_rss_mib": { "idle": rss_idle as f64 / 1024.0, "connected": rss_connected as f64 / 1024.0, "after_change": rss_kib(pid) as f64 / 1024.0 },

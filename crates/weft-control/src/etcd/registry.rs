@@ -31,6 +31,8 @@ use crate::registry::{decode_workload, encode_workload, Registry, Workload, Work
 const PREFIX: &str = "registry/";
 /// Key prefix of the leader's lease-less copy of every registration.
 const SAVED: &str = "saved/";
+/// Registrations written per etcd transaction (etcd's default limit is 128 operations).
+const PUTS_PER_TXN: usize = 100;
 /// Coalesces bursts of registrations (a fleet reconnecting) into one pass.
 const DEBOUNCE: std::time::Duration = std::time::Duration::from_millis(200);
 
@@ -140,7 +142,7 @@ async fn publish(etcd: Etcd, registry: Registry) {
         if failures > 0 {
             tokio::time::sleep(retry_delay(failures)).await;
         }
-        let mut lease = match KeptLease::grant(&etcd).await {
+        let lease = match KeptLease::grant(&etcd).await {
             Ok(l) => l,
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -150,21 +152,25 @@ async fn publish(etcd: Etcd, registry: Registry) {
         };
         failures = 0;
         let id = lease.id();
+        let period = lease.period();
         tracing::info!(lease = format!("{id:x}"), "registrations under a new etcd lease");
+        // Kept alive apart from the writes: a fleet connecting is thousands of them, which
+        // on a busy etcd take longer than the lease's TTL.
+        let mut held = lease.keep_in_background();
         // What etcd holds from us under this lease, by node id.
         let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut changes = registry.changes();
         changes.mark_changed();
-        let mut tick = tokio::time::interval(lease.period());
+        // A failed write is retried at this period (or at the next change).
+        let mut retry = tokio::time::interval(period);
         let mut dirty = false;
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    if !lease.keep_alive().await {
-                        tracing::warn!(lease = format!("{id:x}"), "etcd lease lost; registering again under a new one");
-                        break;
-                    }
+                () = held.lost() => {
+                    tracing::warn!(lease = format!("{id:x}"), "etcd lease lost; registering again under a new one");
+                    break;
                 }
+                _ = retry.tick(), if dirty => {}
                 r = changes.changed() => {
                     if r.is_err() {
                         return;
@@ -192,17 +198,25 @@ async fn sync(
 ) -> bool {
     let mut client = etcd.client();
     let mut ok = true;
-    for (id, value) in &desired {
-        if written.get(id) == Some(value) {
-            continue;
-        }
-        let options = lease.map(|l| PutOptions::new().with_lease(l));
-        match client.put(etcd.key(&format!("{prefix}{id}")), value.clone(), options).await {
+    let changed: Vec<(&String, &Vec<u8>)> = desired.iter().filter(|(id, v)| written.get(*id) != Some(*v)).collect();
+    // Many registrations per transaction (a fleet connecting to a replica is thousands:
+    // one raft round each took longer than the fleet took to connect).
+    for batch in changed.chunks(PUTS_PER_TXN) {
+        let puts: Vec<TxnOp> = batch
+            .iter()
+            .map(|(id, value)| {
+                let options = lease.map(|l| PutOptions::new().with_lease(l));
+                TxnOp::put(etcd.key(&format!("{prefix}{id}")), (*value).clone(), options)
+            })
+            .collect();
+        match client.txn(Txn::new().and_then(puts)).await {
             Ok(_) => {
-                written.insert(id.clone(), value.clone());
+                for (id, value) in batch {
+                    written.insert((*id).clone(), (*value).clone());
+                }
             }
             Err(e) => {
-                tracing::warn!(node = %id, error = %e, "etcd: registration not written; retrying");
+                tracing::warn!(nodes = batch.len(), error = %e, "etcd: registrations not written; retrying");
                 ok = false;
             }
         }

@@ -1,18 +1,25 @@
 //! Proxy sync state across replicas (`weft proxy-status` through any replica).
 //!
 //! Each replica publishes, under a lease of its own, the proxies connected to it in (at
-//! most) 256 keys: `proxies/<lease id>/b<bucket>` holds a JSON list of the entries of
-//! the proxies whose node id hashes to that bucket (so a push to thousands of proxies is
-//! a few hundred etcd writes per replica, not one per proxy), each entry as that replica's
-//! `GET /api/v1/proxies` shows it (per type: SYNCED / STALE / NACKED / NOT SENT, the
-//! versions ACKed and current), with the time of each ACK instead of its age and the
-//! replica it is connected to (`replica`: xDS and API addresses). Writes follow the xDS
+//! most) 256 buckets: a proxy's entry goes to the bucket its node id hashes to, so a push
+//! to thousands of proxies is a few hundred etcd writes per replica, not one per proxy.
+//! A bucket is two keys: `proxies/<lease id>/b<bucket>` holds what a proxy's connection
+//! fixes (identity, peer, mode, ...) and the replica it is connected to (`replica`: xDS
+//! and API addresses), rewritten only when a proxy comes or goes;
+//! `proxies/<lease id>/t<bucket>` holds per proxy and type the sync state (SYNCED / STALE
+//! / NACKED / NOT SENT, the version ACKed and the current one when it differs, the time
+//! of the ACK instead of its age), the only part a config push changes. Together they
+//! are the entry that replica's `GET /api/v1/proxies` shows. Writes follow the xDS
 //! server's status changes once they settle (no change for [`PUBLISH_DELAY`], or
-//! [`PUBLISH_MAX_DELAY`] after the first), and only for buckets that changed. A replica
+//! [`PUBLISH_MAX_DELAY`] after the first), and only for keys that changed. The lease is
+//! kept alive by a task of its own, so a long settle or a slow write never lets it lapse
+//! (which would drop every key and write them all again under a new lease). A replica
 //! that dies takes its keys with its lease (the lease TTL later); a proxy that moved
 //! meanwhile is listed once, from the replica it connected to last.
 //!
-//! [`ProxyBoard::merge`] adds to a replica's own list the proxies the others published.
+//! [`ProxyBoard::merge`] adds to a replica's own list the proxies the others published
+//! (in this form, or as earlier replicas wrote them: one key per proxy, or a bucket
+//! holding a list of whole entries).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -93,29 +100,15 @@ impl ProxyBoard {
         let now = SystemTime::now();
         // Per node id the entry of the replica it connected to last.
         let mut remote: BTreeMap<String, Value> = BTreeMap::new();
-        for (key, value) in &values {
-            if own.as_deref().is_some_and(|o| key.starts_with(o)) {
+        for mut entry in published_entries(&values, own.as_deref()) {
+            let Some(id) = entry["id"].as_str().map(str::to_string) else { continue };
+            if seen.contains(&id) {
                 continue;
             }
-            let entries = match serde_json::from_slice::<Value>(value) {
-                Ok(Value::Array(entries)) => entries,
-                // One entry per key (as replicas before buckets wrote them).
-                Ok(entry @ Value::Object(_)) => vec![entry],
-                _ => {
-                    tracing::warn!(key, "etcd: not a proxy state; ignored");
-                    continue;
-                }
-            };
-            for mut entry in entries {
-                let Some(id) = entry["id"].as_str().map(str::to_string) else { continue };
-                if seen.contains(&id) {
-                    continue;
-                }
-                ages_from_ack_times(&mut entry, now);
-                let newer = remote.get(&id).is_none_or(|e| since(&entry) >= since(e));
-                if newer {
-                    remote.insert(id, entry);
-                }
+            ages_from_ack_times(&mut entry, now);
+            let newer = remote.get(&id).is_none_or(|e| since(&entry) >= since(e));
+            if newer {
+                remote.insert(id, entry);
             }
         }
         if let Some(list) = local["proxies"].as_array_mut() {
@@ -133,7 +126,7 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
         if failures > 0 {
             tokio::time::sleep(retry_delay(failures)).await;
         }
-        let mut lease = match KeptLease::grant(&board.etcd).await {
+        let lease = match KeptLease::grant(&board.etcd).await {
             Ok(l) => l,
             Err(e) => {
                 failures = failures.saturating_add(1);
@@ -143,20 +136,22 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
         };
         failures = 0;
         let id = lease.id();
+        let period = lease.period();
         *board.lease.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
+        let mut held = lease.keep_in_background();
         let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
         let mut changes = api.server.status_changes();
         changes.mark_changed();
-        let mut tick = tokio::time::interval(lease.period());
+        // A failed write is retried at this period (or at the next change).
+        let mut retry = tokio::time::interval(period);
         let mut dirty = false;
         loop {
             tokio::select! {
-                _ = tick.tick() => {
-                    if !lease.keep_alive().await {
-                        tracing::warn!(lease = format!("{id:x}"), "etcd lease of proxy states lost; publishing under a new one");
-                        break;
-                    }
+                () = held.lost() => {
+                    tracing::warn!(lease = format!("{id:x}"), "etcd lease of proxy states lost; publishing under a new one");
+                    break;
                 }
+                _ = retry.tick(), if dirty => {}
                 r = changes.changed() => {
                     if r.is_err() {
                         return;
@@ -187,7 +182,8 @@ async fn settle(changes: &mut tokio::sync::watch::Receiver<u64>) {
     }
 }
 
-/// This replica's proxies as published: key -> JSON entry.
+/// This replica's proxies as published: key -> JSON value (per bucket, its `b` key with
+/// what each proxy's connection fixes and its `t` key with their sync states).
 fn entries(board: &ProxyBoard, api: &Api, lease: i64) -> BTreeMap<String, Vec<u8>> {
     let acks: BTreeMap<String, BTreeMap<String, f64>> = api
         .server
@@ -202,26 +198,109 @@ fn entries(board: &ProxyBoard, api: &Api, lease: i64) -> BTreeMap<String, Vec<u8
             (c.node_id, times)
         })
         .collect();
-    let listed = crate::api::proxies(api);
-    let mut buckets: BTreeMap<u8, Vec<Value>> = BTreeMap::new();
-    for mut p in listed["proxies"].as_array().cloned().unwrap_or_default() {
+    bucket_values(&board.replica, lease, crate::api::proxies(api), &acks)
+}
+
+/// `listed` (a `GET /api/v1/proxies` answer) as this replica's keys under `lease`.
+fn bucket_values(
+    replica: &Value,
+    lease: i64,
+    listed: Value,
+    acks: &BTreeMap<String, BTreeMap<String, f64>>,
+) -> BTreeMap<String, Vec<u8>> {
+    let mut buckets: BTreeMap<u8, (Vec<Value>, serde_json::Map<String, Value>)> = BTreeMap::new();
+    let Value::Object(mut listed) = listed else { return BTreeMap::new() };
+    let Some(Value::Array(list)) = listed.remove("proxies") else { return BTreeMap::new() };
+    for mut p in list {
         let Some(id) = p["id"].as_str().map(str::to_string) else { continue };
-        // The time of each ACK, not its age, so an unchanged proxy is not rewritten.
-        if let Some(types) = p["types"].as_object_mut() {
-            for (t, v) in types.iter_mut() {
+        let types = p.as_object_mut().and_then(|o| o.remove("types")).unwrap_or(Value::Null);
+        let states = compact_states(types, acks.get(&id));
+        let (fixed, synced) = buckets.entry(bucket(&id)).or_default();
+        fixed.push(p);
+        synced.insert(id, states);
+    }
+    let mut out = BTreeMap::new();
+    for (b, (fixed, synced)) in buckets {
+        let proxies = json!({"replica": replica, "proxies": fixed});
+        if let (Ok(p), Ok(t)) = (serde_json::to_vec(&proxies), serde_json::to_vec(&json!({ "states": synced }))) {
+            out.insert(format!("{lease:x}/b{b:02x}"), p);
+            out.insert(format!("{lease:x}/t{b:02x}"), t);
+        }
+    }
+    out
+}
+
+/// One proxy's per-type states as published: the time of each ACK instead of its age
+/// (so an unchanged proxy is not rewritten), `current` only where it differs from
+/// `acked`, no `nack` unless there is one.
+fn compact_states(types: Value, acks: Option<&BTreeMap<String, f64>>) -> Value {
+    let Value::Object(mut types) = types else { return Value::Null };
+    for (t, v) in types.iter_mut() {
+        if let Some(o) = v.as_object_mut() {
+            o.remove("config_age_seconds");
+            o.insert("acked_at".into(), json!(acks.and_then(|a| a.get(t))));
+            if o.get("current") == o.get("acked") {
+                o.remove("current");
+            }
+            if o.get("nack").is_some_and(Value::is_null) {
+                o.remove("nack");
+            }
+        }
+    }
+    Value::Object(types)
+}
+
+/// The entries other replicas published (all but keys under `own`, this replica's lease
+/// prefix), whole again: as a replica lists its own, with `acked_at` times for ages.
+fn published_entries(values: &BTreeMap<String, Vec<u8>>, own: Option<&str>) -> Vec<Value> {
+    let mut entries = Vec::new();
+    // Per lease prefix: the sync states of its `t` keys, by node id.
+    let mut states: BTreeMap<&str, serde_json::Map<String, Value>> = BTreeMap::new();
+    // Entries from `b` keys, with their lease prefix, awaiting their states.
+    let mut fixed: Vec<(&str, Value)> = Vec::new();
+    for (key, value) in values {
+        if own.is_some_and(|o| key.starts_with(o)) {
+            continue;
+        }
+        let lease = key.split_once('/').map_or("", |(l, _)| l);
+        match serde_json::from_slice::<Value>(value) {
+            // Whole entries, per bucket (replicas before the `b`/`t` split).
+            Ok(Value::Array(list)) => entries.extend(list),
+            Ok(Value::Object(mut o)) if o.contains_key("states") => {
+                if let Some(Value::Object(s)) = o.remove("states") {
+                    states.entry(lease).or_default().extend(s);
+                }
+            }
+            Ok(Value::Object(mut o)) if o.contains_key("proxies") => {
+                let replica = o.remove("replica").unwrap_or(Value::Null);
+                if let Some(Value::Array(list)) = o.remove("proxies") {
+                    for mut p in list {
+                        p["replica"] = replica.clone();
+                        fixed.push((lease, p));
+                    }
+                }
+            }
+            // One whole entry per key (replicas before buckets).
+            Ok(entry @ Value::Object(_)) => entries.push(entry),
+            _ => tracing::warn!(key, "etcd: not a proxy state; ignored"),
+        }
+    }
+    for (lease, mut p) in fixed {
+        let id = p["id"].as_str().unwrap_or_default().to_string();
+        let mut types = states.get(lease).and_then(|s| s.get(&id)).cloned().unwrap_or(Value::Null);
+        if let Some(types) = types.as_object_mut() {
+            for v in types.values_mut() {
                 if let Some(o) = v.as_object_mut() {
-                    o.remove("config_age_seconds");
-                    o.insert("acked_at".into(), json!(acks.get(&id).and_then(|a| a.get(t))));
+                    let acked = o.get("acked").cloned().unwrap_or(Value::Null);
+                    o.entry("current").or_insert(acked);
+                    o.entry("nack").or_insert(Value::Null);
                 }
             }
         }
-        p["replica"] = board.replica.clone();
-        buckets.entry(bucket(&id)).or_default().push(p);
+        p["types"] = types;
+        entries.push(p);
     }
-    buckets
-        .into_iter()
-        .filter_map(|(b, list)| Some((format!("{lease:x}/b{b:02x}"), serde_json::to_vec(&list).ok()?)))
-        .collect()
+    entries
 }
 
 /// The bucket (key) a proxy's entry is published in: a stable hash of its node id
@@ -296,4 +375,63 @@ fn since(entry: &Value) -> u64 {
 
 fn unix_seconds(t: SystemTime) -> Option<f64> {
     t.duration_since(SystemTime::UNIX_EPOCH).ok().map(|d| d.as_secs_f64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(id: &str, route_acked: Option<&str>, route_current: Option<&str>) -> Value {
+        json!({
+            "id": id, "kind": "sidecar", "name": id, "namespace": "default", "labels": {"app": "a"},
+            "identity": "spiffe://cluster.local/ns/default/sa/default", "inbound": null, "outbound": null,
+            "admin": null, "metrics": null, "peer": "127.0.0.1:1", "mode": "Sotw", "connected_since": 7,
+            "types": {
+                "Cluster": {"status": "SYNCED", "acked": "c1", "current": "c1", "config_age_seconds": 1.0, "nack": null},
+                "RouteConfiguration": {"status": "NACKED", "acked": route_acked, "current": route_current,
+                                       "config_age_seconds": null, "nack": "bad route"},
+            },
+        })
+    }
+
+    #[test]
+    fn published_buckets_read_back_as_the_entries_a_replica_lists() {
+        let replica = json!({"xds": "127.0.0.1:2", "api": "127.0.0.1:3", "pid": 1});
+        let listed =
+            vec![entry("a", Some("r1"), Some("r2")), entry("b", None, None), entry("c", Some("r1"), Some("r1"))];
+        let acks: BTreeMap<String, BTreeMap<String, f64>> =
+            [("a".to_string(), [("Cluster".to_string(), 100.5)].into())].into();
+        let values = bucket_values(&replica, 0x2a, json!({ "proxies": listed }), &acks);
+        assert!(values.keys().all(|k| k.starts_with("2a/b") || k.starts_with("2a/t")), "{values:?}");
+        let mut back = published_entries(&values, None);
+        back.sort_by(|x, y| x["id"].as_str().cmp(&y["id"].as_str()));
+        assert_eq!(back.len(), 3);
+        for (got, want) in back.iter().zip(&listed) {
+            // What a replica lists, with the replica and ACK times instead of ages.
+            let mut want = want.clone();
+            want["replica"] = replica.clone();
+            let id = want["id"].as_str().unwrap_or_default().to_string();
+            for (t, v) in want["types"].as_object_mut().into_iter().flatten() {
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("config_age_seconds");
+                    o.insert("acked_at".into(), json!(acks.get(&id).and_then(|a| a.get(t))));
+                }
+            }
+            assert_eq!(got, &want);
+        }
+        // This replica's own keys are skipped.
+        assert!(published_entries(&values, Some("2a/")).is_empty());
+    }
+
+    #[test]
+    fn entries_of_earlier_replicas_are_still_read() {
+        let mut whole = entry("old", Some("r1"), Some("r1"));
+        whole["replica"] = json!({"xds": "x"});
+        let values: BTreeMap<String, Vec<u8>> = [
+            ("1/b00".to_string(), serde_json::to_vec(&json!([whole.clone()])).unwrap_or_default()),
+            ("2/sim".to_string(), serde_json::to_vec(&whole).unwrap_or_default()),
+        ]
+        .into();
+        assert_eq!(published_entries(&values, None), vec![whole.clone(), whole]);
+    }
 }
