@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderMap, Request, Version};
+use http::{HeaderMap, HeaderName, Request, Version};
 use weft_xds::NodeInfo;
 
 use crate::config::Direction;
@@ -66,6 +66,21 @@ pub fn canonical_service(labels: &std::collections::BTreeMap<String, String>, wo
     (name, revision)
 }
 
+const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// A generated request id: 32 lowercase hex digits (what `format!("{:032x}")` gives,
+/// without the formatting machinery, which cost ~800 instructions per request).
+fn hex_id(v: u128) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (i, d) in out.iter_mut().enumerate() {
+        *d = DIGITS[((v >> ((31 - i) * 4)) & 0xf) as usize];
+    }
+    // Only ASCII hex digits were written.
+    std::str::from_utf8(&out).map(str::to_string).unwrap_or_default()
+}
+
 fn reporter(d: Direction) -> Reporter {
     match d {
         Direction::Inbound => Reporter::Destination,
@@ -106,6 +121,8 @@ pub struct HttpReport {
     /// The request id (taken from `x-request-id` or generated).
     pub request_id: String,
     peer: Option<Arc<WorkloadInfo>>,
+    /// The principal `peer` was decoded with (it has that principal applied already).
+    peer_decoded_with: Option<Arc<str>>,
     /// Inbound: the request carried peer metadata, so the response announces ours (a
     /// caller outside the mesh is told nothing, as with Istio's sidecars).
     announce: bool,
@@ -142,7 +159,7 @@ pub struct HttpReport {
     /// Envoy's `response_code_details` when the proxy decided the status itself.
     pub details: Option<String>,
     /// The RBAC filters' access-log metadata.
-    pub rbac: Vec<(String, String)>,
+    pub rbac: Vec<crate::rbac::MetadataEntry>,
     /// The request's tracing span, when its connection manager traces.
     pub trace: Option<Box<crate::telemetry::trace::ActiveSpan>>,
 }
@@ -151,14 +168,14 @@ impl HttpReport {
     /// Starts the report for a request that just arrived.
     pub fn start<B>(ctx: &Context, conn: &ConnInfo, req: &Request<B>) -> Self {
         let h = req.headers();
-        let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let text = |n: HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
         // Method and path only go to the access log and taps, user agent and
         // forwarded-for only to the access log: no copies when neither is on.
         let log = ctx.access_log.is_enabled();
         let tap = ctx.tap.is_active();
         let inbound = conn.listener.direction == Direction::Inbound;
-        let metadata = if inbound { h.get(peer::PEER_HEADER) } else { None };
-        let announce = metadata.is_some() || (inbound && h.contains_key(peer::PEER_ID_HEADER));
+        let metadata = if inbound { h.get(peer::PEER_HEADER_NAME) } else { None };
+        let announce = metadata.is_some() || (inbound && h.contains_key(peer::PEER_ID_HEADER_NAME));
         let peer = metadata.and_then(|v| ctx.peers.decode(v, conn.peer_principal.as_ref()));
         HttpReport {
             start: Instant::now(),
@@ -181,9 +198,10 @@ impl HttpReport {
                 _ => "HTTP/1.1",
             },
             grpc: crate::route::is_grpc(h),
-            user_agent: if log { text("user-agent") } else { None },
-            x_forwarded_for: if log { text("x-forwarded-for") } else { None },
-            request_id: text("x-request-id").unwrap_or_else(|| format!("{:032x}", rand::random::<u128>())),
+            user_agent: if log { text(http::header::USER_AGENT) } else { None },
+            x_forwarded_for: if log { text(X_FORWARDED_FOR) } else { None },
+            request_id: text(X_REQUEST_ID).unwrap_or_else(|| hex_id(rand::random())),
+            peer_decoded_with: if peer.is_some() { conn.peer_principal.clone() } else { None },
             peer,
             announce,
             flags: Vec::new(),
@@ -244,22 +262,38 @@ impl HttpReport {
         self.flag(failed.map_or("DC", |k| k.response_flag()));
     }
 
-    /// Response headers are about to go downstream (or, for an upstream answer, about to
-    /// meet the route's header edits): learn the peer's metadata and strip it (outbound),
-    /// or announce ours when the caller announced its own (inbound). Idempotent: the
-    /// second call on the same response changes nothing.
+    /// The upstream's response headers, before the route's header edits: learn the
+    /// peer's metadata and strip it (outbound), or strip what the application sent
+    /// (inbound; ours is announced by [`HttpReport::on_response_headers`], after the
+    /// edits and after the HTTP stage has given the upstream's header values their own
+    /// allocations, so our shared value is neither copied nor re-inserted per request).
+    pub fn on_upstream_response(&mut self, ctx: &Context, headers: &mut HeaderMap) {
+        match self.direction {
+            Direction::Inbound => {
+                peer::strip(headers);
+            }
+            _ => self.learn_peer(ctx, headers),
+        }
+    }
+
+    /// Response headers are about to go downstream: learn the peer's metadata and strip
+    /// it (outbound), or announce ours when the caller announced its own (inbound).
+    /// Idempotent: the second call on the same response changes nothing.
     pub fn on_response_headers(&mut self, ctx: &Context, headers: &mut HeaderMap) {
         match self.direction {
             Direction::Inbound if self.announce => ctx.local_peer.insert(headers),
             Direction::Inbound => {
                 peer::strip(headers);
             }
-            _ => {
-                if let Some(v) = peer::strip(headers) {
-                    if self.peer.is_none() {
-                        self.peer = ctx.peers.decode(&v, self.upstream_principal.as_ref());
-                    }
-                }
+            _ => self.learn_peer(ctx, headers),
+        }
+    }
+
+    fn learn_peer(&mut self, ctx: &Context, headers: &mut HeaderMap) {
+        if let Some(v) = peer::strip(headers) {
+            if self.peer.is_none() {
+                self.peer = ctx.peers.decode(&v, self.upstream_principal.as_ref());
+                self.peer_decoded_with = self.upstream_principal.clone();
             }
         }
     }
@@ -283,14 +317,26 @@ impl HttpReport {
             (None, None) => ctx.unknown_peer.clone(),
         };
         // Principals are what the certificates of this hop proved (Istio's peer and local
-        // URI SANs), never what metadata claims: without mTLS both are `unknown`.
+        // URI SANs), never what metadata claims: without mTLS both are `unknown`. A peer
+        // decoded with this very principal has it applied already (the decode cache did).
+        let proven = |p: &Arc<WorkloadInfo>, principal: Option<&Arc<str>>| {
+            let applied = self.peer.is_some()
+                && match (self.peer_decoded_with.as_ref(), principal) {
+                    (None, None) => true,
+                    (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                    _ => false,
+                };
+            if applied {
+                p.clone()
+            } else {
+                with_principal(p.clone(), principal)
+            }
+        };
         let (source, destination) = match self.direction {
             Direction::Inbound => {
-                (with_principal(peer, self.peer_principal.as_ref()), local(ctx, self.peer_principal.is_some()))
+                (proven(&peer, self.peer_principal.as_ref()), local(ctx, self.peer_principal.is_some()))
             }
-            _ => {
-                (local(ctx, self.upstream_principal.is_some()), with_principal(peer, self.upstream_principal.as_ref()))
-            }
+            _ => (local(ctx, self.upstream_principal.is_some()), proven(&peer, self.upstream_principal.as_ref())),
         };
         let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
@@ -456,6 +502,10 @@ fn destination_service(
     authority: Option<&str>,
 ) -> Arc<crate::telemetry::ServiceInfo> {
     use crate::telemetry::services;
+    // Only Istio cluster names are kept by cluster: a hit is what the branch below gives.
+    if let Some(s) = ctx.services.known_cluster(cluster) {
+        return s;
+    }
     if services::istio_host(cluster).is_some() {
         return ctx.services.get(cluster, authority.unwrap_or_default());
     }
@@ -507,7 +557,7 @@ pub struct TcpReport {
     /// Bytes sent downstream (read from upstream).
     pub sent: u64,
     /// The RBAC filters' access-log metadata.
-    pub rbac: Vec<(String, String)>,
+    pub rbac: Vec<crate::rbac::MetadataEntry>,
     details: Option<String>,
     /// `istio_tcp_connections_opened_total` counted (at the upstream connect).
     opened: bool,

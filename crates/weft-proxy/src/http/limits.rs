@@ -239,6 +239,26 @@ impl Scan {
     }
 }
 
+/// How many bytes from the start of `bytes` are neither CR nor LF: eight at a time
+/// (a word has one of them iff the zero-byte test finds a zero in it XOR the pattern),
+/// then one by one.
+fn line_run(bytes: &[u8]) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGHS: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |v: u64| v.wrapping_sub(ONES) & !v & HIGHS != 0;
+    let mut n = 0;
+    for word in bytes.chunks_exact(8) {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(word);
+        let v = u64::from_le_bytes(w);
+        if has_zero(v ^ (ONES * u64::from(b'\n'))) || has_zero(v ^ (ONES * u64::from(b'\r'))) {
+            break;
+        }
+        n += 8;
+    }
+    n + bytes[n..].iter().position(|&b| b == b'\n' || b == b'\r').unwrap_or(bytes.len() - n)
+}
+
 enum HeadEnd {
     More,
     Done,
@@ -248,26 +268,36 @@ enum HeadEnd {
 impl HeadScan {
     /// Consumes head bytes; returns how many it used and whether the head ended.
     fn feed(&mut self, bytes: &[u8]) -> (usize, HeadEnd) {
-        for (i, &b) in bytes.iter().enumerate() {
+        let mut i = 0;
+        while i < bytes.len() {
+            // Ordinary bytes (most of a head: a peer-metadata value alone is ~500) are
+            // taken a run at a time; only CR and LF need a decision.
+            let run = line_run(&bytes[i..]);
+            if run > 0 {
+                self.cr = false;
+                if self.len < LINE_KEEP {
+                    let keep = (LINE_KEEP - self.len).min(run);
+                    self.line[self.len..self.len + keep].copy_from_slice(&bytes[i..i + keep]);
+                }
+                self.len += run;
+                i += run;
+                continue;
+            }
+            let b = bytes[i];
+            i += 1;
             match b {
                 b'\n' => {
                     if !self.cr {
-                        return (i + 1, HeadEnd::BareLf);
+                        return (i, HeadEnd::BareLf);
                     }
                     self.cr = false;
                     if self.end_line() {
-                        return (i + 1, HeadEnd::Done);
+                        return (i, HeadEnd::Done);
                     }
                 }
-                b'\r' => self.cr = true,
-                _ => {
-                    // A CR inside a line is hyper's to refuse; the line goes on.
-                    self.cr = false;
-                    if self.len < LINE_KEEP {
-                        self.line[self.len] = b;
-                    }
-                    self.len += 1;
-                }
+                // A CR inside a line is hyper's to refuse; the line goes on (the next
+                // ordinary byte clears the flag).
+                _ => self.cr = true,
             }
         }
         (bytes.len(), HeadEnd::More)

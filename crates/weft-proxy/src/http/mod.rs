@@ -365,7 +365,7 @@ async fn dispatch(
             }
             let mut resp = forward::forward(rq, action, &cluster_name, parts, body).await?;
             // The peer's metadata is read before the route's edits, which may remove it.
-            rq.report.on_response_headers(ctx, resp.headers_mut());
+            rq.report.on_upstream_response(ctx, resp.headers_mut());
             route.edit_response_headers(resp.headers_mut());
             Ok(resp)
         }

@@ -43,7 +43,7 @@ pub fn engine(r: &Rbac, at: &str) -> Res<Engine> {
     let mut policies = Vec::with_capacity(names.len());
     for name in names {
         let p = &r.policies[name];
-        policies.push((name.clone(), policy(p, &format!("{at}.policies[{name:?}]"))?));
+        policies.push((name.as_str().into(), policy(p, &format!("{at}.policies[{name:?}]"))?));
     }
     Ok(Engine { action, policies })
 }

@@ -3,6 +3,7 @@
 //! (`envoy.config.rbac.v3.RBAC`).
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde_json::Value;
 
@@ -25,7 +26,7 @@ pub enum Action {
 #[derive(Debug)]
 pub struct Engine {
     pub(crate) action: Action,
-    pub(crate) policies: Vec<(String, Policy)>,
+    pub(crate) policies: Vec<(Arc<str>, Policy)>,
 }
 
 /// A policy: matches when any permission and any principal match.
@@ -173,13 +174,25 @@ pub struct RbacInput<'a> {
 impl Engine {
     /// The name of the first policy (by name) matching `input`.
     pub fn first_match(&self, input: &RbacInput<'_>) -> Option<&str> {
-        self.policies.iter().find(|(_, p)| p.matches(input)).map(|(n, _)| n.as_str())
+        self.first_match_named(input).map(|n| &**n)
+    }
+
+    /// [`Engine::first_match`], the name shared (the access-log metadata keeps it
+    /// without a copy per request).
+    pub(crate) fn first_match_named(&self, input: &RbacInput<'_>) -> Option<&Arc<str>> {
+        self.policies.iter().find(|(_, p)| p.matches(input)).map(|(n, _)| n)
     }
 
     /// Envoy's decision: whether the request is allowed, and the effective policy (the
     /// matching one, when a policy matched).
     pub fn decide(&self, input: &RbacInput<'_>) -> (bool, Option<&str>) {
-        let matched = self.first_match(input);
+        let (allowed, matched) = self.decide_named(input);
+        (allowed, matched.map(|n| &**n))
+    }
+
+    /// [`Engine::decide`] with the policy's name shared.
+    pub(crate) fn decide_named(&self, input: &RbacInput<'_>) -> (bool, Option<&Arc<str>>) {
+        let matched = self.first_match_named(input);
         let allowed = match self.action {
             Action::Allow => matched.is_some(),
             Action::Deny => matched.is_none(),

@@ -53,8 +53,26 @@ pub struct RbacFilter {
     rules_prefix: String,
     shadow_prefix: String,
     stat_prefix: String,
+    /// The access-log metadata keys, built once (they were formatted per request).
+    keys: MetadataKeys,
     counters: OnceLock<Counters>,
 }
+
+/// `<prefix>shadow_effective_policy_id`, `<prefix>shadow_engine_result`,
+/// `<prefix>enforced_effective_policy_id`, `<prefix>enforced_engine_result`, and the
+/// result values: shared, so a request's metadata clones reference counts, not strings.
+#[derive(Debug)]
+struct MetadataKeys {
+    shadow_policy: Arc<str>,
+    shadow_result: Arc<str>,
+    enforced_policy: Arc<str>,
+    enforced_result: Arc<str>,
+    allowed: Arc<str>,
+    denied: Arc<str>,
+}
+
+/// One access-log metadata entry of the RBAC filters: key and value.
+pub type MetadataEntry = (Arc<str>, Arc<str>);
 
 /// Counter handles of one filter, created on first use.
 #[derive(Debug)]
@@ -76,7 +94,7 @@ pub struct Verdict {
     /// Dynamic metadata of the filters for the access log, in evaluation order:
     /// `<prefix>shadow_engine_result`, `<prefix>shadow_effective_policy_id`,
     /// `<prefix>enforced_engine_result`, `<prefix>enforced_effective_policy_id`.
-    pub metadata: Vec<(String, String)>,
+    pub metadata: Vec<MetadataEntry>,
     /// A LOG policy matched (Envoy's `envoy.common` `access_log_hint`).
     pub log_hint: bool,
 }
@@ -138,6 +156,14 @@ impl RbacFilter {
             name: name.to_string(),
             rules: rules.map(|r| compile::engine(r, "rules")).transpose()?,
             shadow: shadow.map(|r| compile::engine(r, "shadow_rules")).transpose()?,
+            keys: MetadataKeys {
+                shadow_policy: format!("{shadow_prefix}shadow_effective_policy_id").into(),
+                shadow_result: format!("{shadow_prefix}shadow_engine_result").into(),
+                enforced_policy: format!("{rules_prefix}enforced_effective_policy_id").into(),
+                enforced_result: format!("{rules_prefix}enforced_engine_result").into(),
+                allowed: engine_result(true).into(),
+                denied: engine_result(false).into(),
+            },
             rules_prefix,
             shadow_prefix,
             stat_prefix: stat_prefix.to_string(),
@@ -179,21 +205,19 @@ impl RbacFilter {
     fn apply(&self, input: &RbacInput<'_>, metrics: &RbacMetrics, verdict: &mut Verdict) -> bool {
         let counters = self.counters(metrics);
         if let Some(shadow) = &self.shadow {
-            let (allowed, policy) = shadow.decide(input);
+            let (allowed, policy) = shadow.decide_named(input);
             if allowed {
                 counters.shadow_allowed.inc();
             } else {
                 counters.shadow_denied.inc();
             }
-            let p = &self.shadow_prefix;
             if let Some(policy) = policy {
-                verdict.metadata.push((format!("{p}shadow_effective_policy_id"), policy.to_string()));
+                verdict.metadata.push((self.keys.shadow_policy.clone(), policy.clone()));
             }
-            verdict.metadata.push((format!("{p}shadow_engine_result"), engine_result(allowed).into()));
+            verdict.metadata.push((self.keys.shadow_result.clone(), self.keys.result(allowed)));
         }
         let Some(rules) = &self.rules else { return true };
-        let (allowed, policy) = rules.decide(input);
-        let p = &self.rules_prefix;
+        let (allowed, policy) = rules.decide_named(input);
         if rules.action() == Action::Log {
             if policy.is_some() {
                 counters.logged.inc();
@@ -204,16 +228,26 @@ impl RbacFilter {
             return true;
         }
         if let Some(policy) = policy {
-            verdict.metadata.push((format!("{p}enforced_effective_policy_id"), policy.to_string()));
+            verdict.metadata.push((self.keys.enforced_policy.clone(), policy.clone()));
         }
-        verdict.metadata.push((format!("{p}enforced_engine_result"), engine_result(allowed).into()));
+        verdict.metadata.push((self.keys.enforced_result.clone(), self.keys.result(allowed)));
         if allowed {
             counters.allowed.inc();
         } else {
             counters.denied.inc();
-            verdict.denied = Some(policy.unwrap_or("none").to_string());
+            verdict.denied = Some(policy.map_or("none", |p| &**p).to_string());
         }
         allowed
+    }
+}
+
+impl MetadataKeys {
+    fn result(&self, allowed: bool) -> Arc<str> {
+        if allowed {
+            self.allowed.clone()
+        } else {
+            self.denied.clone()
+        }
     }
 }
 
@@ -225,7 +259,7 @@ impl Verdict {
 
     /// The metadata for the access log, `access_log_hint` included when a LOG policy
     /// matched.
-    pub fn into_log_metadata(mut self) -> Vec<(String, String)> {
+    pub fn into_log_metadata(mut self) -> Vec<MetadataEntry> {
         if self.log_hint {
             self.metadata.push(("access_log_hint".into(), "true".into()));
         }

@@ -93,7 +93,7 @@ pub struct AccessRecord {
     pub upstream_transport_failure_reason: Option<String>,
     /// The RBAC filters' dynamic metadata (`shadow_engine_result`, ...,
     /// `access_log_hint`), written as the object `rbac` when not empty.
-    pub rbac: Vec<(String, String)>,
+    pub rbac: Vec<crate::rbac::MetadataEntry>,
 }
 
 /// Errors creating an access log.
@@ -287,7 +287,7 @@ pub fn to_json_line(r: &AccessRecord) -> Result<String, serde_json::Error> {
         requested_server_name: r.requested_server_name.as_deref(),
         direction: r.direction.as_str(),
         reporter: r.direction.reporter(),
-        rbac: (!r.rbac.is_empty()).then(|| r.rbac.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()),
+        rbac: (!r.rbac.is_empty()).then(|| r.rbac.iter().map(|(k, v)| (&**k, &**v)).collect()),
     };
     let mut s = serde_json::to_string(&line)?;
     s.push('\n');

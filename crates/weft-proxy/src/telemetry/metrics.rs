@@ -7,7 +7,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
-use std::hash::Hash;
+use std::hash::{Hash, Hasher};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -141,6 +141,8 @@ pub struct Metrics {
     tcp_opened: Family<TcpLabels, Counter>,
     tcp_closed: Family<TcpLabels, Counter>,
     request_series: SeriesCache<RequestLabels, RequestSeries>,
+    /// The same series by the identity of the label set's shared parts (see [`ById`]).
+    request_ids: RwLock<HashMap<ById, Arc<RequestSeries>, FastState>>,
     tcp_series: SeriesCache<TcpLabels, TcpSeries>,
     overflow: Counter,
     unknown: Arc<WorkloadInfo>,
@@ -159,6 +161,53 @@ struct RequestSeries {
     duration: Histogram,
     request_bytes: Histogram,
     response_bytes: Histogram,
+}
+
+/// Entries [`Metrics`] keeps by identity before starting afresh (a request's peers,
+/// service and local workload are shared `Arc`s from the proxy's caches, so a steady
+/// workload needs a handful; the bound keeps churn from growing it).
+const ID_CACHE_ENTRIES: usize = 256;
+
+/// A request label set compared by the identity of its workloads and service (pointer
+/// equality of the `Arc`s it holds, which the key keeps alive, so an address cannot be
+/// reused while the entry exists) and by value for the rest: hashing it is three
+/// addresses and a few small fields instead of the ~20 label strings of the content key
+/// (~1.2k instructions per request). Equal identities imply equal labels, so an entry
+/// always names the series the content key would; a label set built afresh just misses
+/// and takes the content path.
+#[derive(Debug)]
+struct ById(RequestLabels);
+
+impl PartialEq for ById {
+    fn eq(&self, other: &Self) -> bool {
+        let (a, b) = (&self.0, &other.0);
+        Arc::ptr_eq(&a.source, &b.source)
+            && Arc::ptr_eq(&a.destination, &b.destination)
+            && Arc::ptr_eq(&a.service, &b.service)
+            && a.reporter == b.reporter
+            && a.protocol == b.protocol
+            && a.response_code == b.response_code
+            && a.grpc_status == b.grpc_status
+            && a.response_flags == b.response_flags
+            && a.security_policy == b.security_policy
+    }
+}
+
+impl Eq for ById {}
+
+impl Hash for ById {
+    fn hash<H: Hasher>(&self, h: &mut H) {
+        let l = &self.0;
+        std::ptr::hash(Arc::as_ptr(&l.source), h);
+        std::ptr::hash(Arc::as_ptr(&l.destination), h);
+        std::ptr::hash(Arc::as_ptr(&l.service), h);
+        l.reporter.hash(h);
+        l.protocol.hash(h);
+        l.response_code.hash(h);
+        l.grpc_status.hash(h);
+        l.response_flags.hash(h);
+        l.security_policy.hash(h);
+    }
 }
 
 /// Handles to the four series of one TCP label set.
@@ -306,6 +355,7 @@ impl Metrics {
             tcp_opened,
             tcp_closed,
             request_series: SeriesCache::new(max_series),
+            request_ids: RwLock::new(HashMap::with_hasher(FastState::default())),
             tcp_series: SeriesCache::new(max_series),
             overflow,
             unknown: Arc::new(WorkloadInfo::default()),
@@ -316,7 +366,11 @@ impl Metrics {
     }
 
     fn request_series(&self, labels: &RequestLabels) -> Arc<RequestSeries> {
-        self.request_series.get_or_insert(
+        let key = ById(labels.clone());
+        if let Some(series) = self.request_ids.read().unwrap_or_else(|e| e.into_inner()).get(&key) {
+            return series.clone();
+        }
+        let (series, kept) = self.request_series.get_or_insert(
             labels,
             |l| {
                 self.overflow.inc();
@@ -328,23 +382,34 @@ impl Metrics {
                 request_bytes: self.request_bytes.get_or_create(l).clone(),
                 response_bytes: self.response_bytes.get_or_create(l).clone(),
             },
-        )
+        );
+        // A folded label set is not kept: each of its recordings counts as an overflow.
+        if kept {
+            let mut ids = self.request_ids.write().unwrap_or_else(|e| e.into_inner());
+            if ids.len() >= ID_CACHE_ENTRIES {
+                ids.clear();
+            }
+            ids.insert(key, series.clone());
+        }
+        series
     }
 
     fn tcp_series(&self, labels: &TcpLabels) -> Arc<TcpSeries> {
-        self.tcp_series.get_or_insert(
-            labels,
-            |l| {
-                self.overflow.inc();
-                TcpLabels { source: self.unknown.clone(), destination: self.unknown.clone(), ..l.clone() }
-            },
-            |l| TcpSeries {
-                sent: self.tcp_sent.get_or_create(l).clone(),
-                received: self.tcp_received.get_or_create(l).clone(),
-                opened: self.tcp_opened.get_or_create(l).clone(),
-                closed: self.tcp_closed.get_or_create(l).clone(),
-            },
-        )
+        self.tcp_series
+            .get_or_insert(
+                labels,
+                |l| {
+                    self.overflow.inc();
+                    TcpLabels { source: self.unknown.clone(), destination: self.unknown.clone(), ..l.clone() }
+                },
+                |l| TcpSeries {
+                    sent: self.tcp_sent.get_or_create(l).clone(),
+                    received: self.tcp_received.get_or_create(l).clone(),
+                    opened: self.tcp_opened.get_or_create(l).clone(),
+                    closed: self.tcp_closed.get_or_create(l).clone(),
+                },
+            )
+            .0
     }
 
     /// Records one finished HTTP or gRPC request.
@@ -418,25 +483,25 @@ impl<L: Clone + Eq + Hash, S> SeriesCache<L, S> {
 
     /// The series of `labels`, created with `make` on first sight. Once the cache holds
     /// `max` label sets, a new set is replaced by `fold(labels)` (which has bounded
-    /// cardinality) before lookup.
-    fn get_or_insert(&self, labels: &L, fold: impl FnOnce(&L) -> L, make: impl FnOnce(&L) -> S) -> Arc<S> {
-        let key = {
+    /// cardinality) before lookup. The flag is false when `labels` were folded.
+    fn get_or_insert(&self, labels: &L, fold: impl FnOnce(&L) -> L, make: impl FnOnce(&L) -> S) -> (Arc<S>, bool) {
+        let (key, kept) = {
             let map = self.map.read().unwrap_or_else(|e| e.into_inner());
             if let Some(series) = map.get(labels) {
-                return series.clone();
+                return (series.clone(), true);
             }
             if map.len() < self.max {
-                labels.clone()
+                (labels.clone(), true)
             } else {
                 let folded = fold(labels);
                 if let Some(series) = map.get(&folded) {
-                    return series.clone();
+                    return (series.clone(), false);
                 }
-                folded
+                (folded, false)
             }
         };
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
-        map.entry(key).or_insert_with_key(|key| Arc::new(make(key))).clone()
+        (map.entry(key).or_insert_with_key(|key| Arc::new(make(key))).clone(), kept)
     }
 }
 

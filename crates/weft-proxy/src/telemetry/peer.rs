@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue};
 use weft_xds::peer::{PeerMetadata, CANONICAL_NAME_LABEL, CANONICAL_REVISION_LABEL};
 
 use super::{WorkloadInfo, UNKNOWN};
@@ -22,6 +22,12 @@ use super::{WorkloadInfo, UNKNOWN};
 pub const PEER_HEADER: &str = weft_xds::peer::METADATA_HEADER;
 /// Name of the header carrying the peer's node id.
 pub const PEER_ID_HEADER: &str = weft_xds::peer::METADATA_ID_HEADER;
+
+/// [`PEER_HEADER`] as a parsed name: header maps look it up on every request, and a
+/// name given as `&str` is validated and parsed again on each call (~1k instructions).
+pub const PEER_HEADER_NAME: HeaderName = HeaderName::from_static(PEER_HEADER);
+/// [`PEER_ID_HEADER`] as a parsed name.
+pub const PEER_ID_HEADER_NAME: HeaderName = HeaderName::from_static(PEER_ID_HEADER);
 
 /// Longest header value [`decode`] accepts, in bytes.
 pub const MAX_ENCODED_LEN: usize = weft_xds::peer::MAX_ENCODED_LEN;
@@ -44,15 +50,30 @@ pub struct LocalPeer {
 impl LocalPeer {
     /// Adds both headers (replacing any the application sent).
     pub fn insert(&self, headers: &mut HeaderMap) {
-        headers.insert(PEER_ID_HEADER, self.id.clone());
-        headers.insert(PEER_HEADER, self.metadata.clone());
+        headers.insert(PEER_ID_HEADER_NAME, self.id.clone());
+        headers.insert(PEER_HEADER_NAME, self.metadata.clone());
     }
 }
 
 /// Removes both exchange headers, returning the metadata value if there was one.
 pub fn strip(headers: &mut HeaderMap) -> Option<HeaderValue> {
-    headers.remove(PEER_ID_HEADER);
-    headers.remove(PEER_HEADER)
+    // One pass over the names first: most maps have neither, and a hashed removal of a
+    // custom name costs ~500 instructions. Names are lowercase: compared as bytes (the
+    // `HeaderName == &str` comparison ignores case, byte by byte).
+    let (mut id, mut metadata) = (false, false);
+    for name in headers.keys() {
+        let name = name.as_str();
+        id |= name == PEER_ID_HEADER;
+        metadata |= name == PEER_HEADER;
+    }
+    if id {
+        headers.remove(PEER_ID_HEADER_NAME);
+    }
+    if metadata {
+        headers.remove(PEER_HEADER_NAME)
+    } else {
+        None
+    }
 }
 
 /// Entries a [`DecodeCache`] holds by default.
@@ -278,6 +299,23 @@ mod tests {
             assert_eq!(cache.decode(&header(&info), None).unwrap().workload, name);
         }
         assert_eq!(cache.len(), 2);
+    }
+
+    #[test]
+    fn strip_removes_both_headers_and_leaves_the_rest() {
+        let mut h = HeaderMap::new();
+        h.insert("content-type", HeaderValue::from_static("text/plain"));
+        assert_eq!(strip(&mut h), None);
+        assert_eq!(h.len(), 1);
+        let local = encode(&sample(), ID, "reviews-v2-x");
+        local.insert(&mut h);
+        assert_eq!(h.len(), 3);
+        assert_eq!(strip(&mut h), Some(local.metadata.clone()));
+        assert_eq!(h.len(), 1, "{h:?}");
+        // The id alone (a caller that sent no metadata) goes too.
+        h.insert(PEER_ID_HEADER, local.id.clone());
+        assert_eq!(strip(&mut h), None);
+        assert!(!h.contains_key(PEER_ID_HEADER));
     }
 
     #[test]

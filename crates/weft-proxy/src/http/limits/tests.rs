@@ -47,3 +47,34 @@ fn admit_refuses_the_bad_request_and_all_after_it() {
     assert!(!check.admit());
     assert!(!check.admit());
 }
+
+#[test]
+fn runs_stop_at_the_first_cr_or_lf_at_any_offset() {
+    for len in 0..40 {
+        for at in 0..=len {
+            for stop in [b'\r', b'\n'] {
+                let mut bytes = vec![b'a'; len];
+                if at < len {
+                    bytes[at] = stop;
+                }
+                assert_eq!(line_run(&bytes), at, "len {len}, {stop} at {at}");
+            }
+        }
+    }
+    // Bytes next to CR and LF in value (0x0b, 0x0c, 0x0e, 0x8a, 0x8d) are ordinary.
+    assert_eq!(line_run(b"\x0b\x0c\x0e\x8a\x8d\x09\x00\xffabcdefgh\r"), 16);
+}
+
+#[test]
+fn a_bare_lf_after_a_long_value_is_found_in_any_split() {
+    let value = "A".repeat(500);
+    let good = format!("GET / HTTP/1.1\r\nx-envoy-peer-metadata: {value}\r\nHost: x\r\n\r\n");
+    let bad = format!("GET / HTTP/1.1\r\nx-envoy-peer-metadata: {value}\nHost: x\r\n\r\n");
+    let cr_inside = format!("GET / HTTP/1.1\r\nx-a: {value}\r{value}\nHost: x\r\n\r\n");
+    for split in [1, 7, 8, 9, 17, 33, 200, 520, 540] {
+        for (head, want) in [(&good, None), (&bad, Some(0)), (&cr_inside, Some(0))] {
+            let b = head.as_bytes();
+            assert_eq!(bad_heads(&[&b[..split], &b[split..]]), want, "split at {split}: {head:.40}");
+        }
+    }
+}

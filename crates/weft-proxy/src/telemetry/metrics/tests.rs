@@ -370,3 +370,50 @@ fn label_sets_beyond_the_cap_fold_peers_into_unknown() {
     let total: f64 = series.iter().map(|s| s.value).sum();
     assert_eq!(total, 50.0);
 }
+
+#[test]
+fn folded_label_sets_count_an_overflow_at_every_recording() {
+    let m = Metrics::with_max_series(1);
+    m.record_request(&request_labels(), Duration::from_millis(1), 1, 1);
+    // The same label set (the same shared workloads) three times beyond the cap: each
+    // recording is folded and counted, none is remembered by identity.
+    let beyond = RequestLabels { source: workload("late", "evil"), ..request_labels() };
+    for _ in 0..3 {
+        m.record_request(&beyond, Duration::from_millis(1), 1, 1);
+    }
+    let samples = parse_samples(&m.encode());
+    assert_eq!(find(&samples, "weft_metrics_series_overflow_total", |_| true).value, 3.0);
+    let folded = find(&samples, "istio_requests_total", |s| s.labels["source_workload"] == "unknown");
+    assert_eq!(folded.value, 3.0);
+}
+
+#[test]
+fn series_found_by_identity_are_those_of_the_labels_content() {
+    let m = Metrics::new();
+    let labels = request_labels();
+    m.record_request(&labels, Duration::from_millis(1), 1, 1);
+    m.record_request(&labels, Duration::from_millis(1), 1, 1);
+    // Equal content held by other `Arc`s (a peer decoded again): the same series.
+    let copy = RequestLabels { source: Arc::new((*labels.source).clone()), ..labels.clone() };
+    m.record_request(&copy, Duration::from_millis(1), 1, 1);
+    // The peer's metadata changed (new version label): its own series, not the cached one.
+    let mut moved = (*labels.source).clone();
+    moved.version = "v9".into();
+    let moved = RequestLabels { source: Arc::new(moved), ..labels.clone() };
+    m.record_request(&moved, Duration::from_millis(1), 1, 1);
+    let samples = parse_samples(&m.encode());
+    let series: Vec<&Sample> = samples.iter().filter(|s| s.name == "istio_requests_total").collect();
+    assert_eq!(series.len(), 2, "{series:?}");
+    assert_eq!(find(&samples, "istio_requests_total", |s| s.labels["source_version"] == "v9").value, 1.0);
+    assert_eq!(find(&samples, "istio_requests_total", |s| s.labels["source_version"] != "v9").value, 3.0);
+}
+
+#[test]
+fn the_identity_cache_stays_bounded() {
+    let m = Metrics::new();
+    for i in 0..(ID_CACHE_ENTRIES * 2 + 3) {
+        let labels = RequestLabels { source: workload(&format!("w{i}"), "ns"), ..request_labels() };
+        m.record_request(&labels, Duration::from_millis(1), 1, 1);
+        assert!(m.request_ids.read().unwrap().len() <= ID_CACHE_ENTRIES);
+    }
+}
