@@ -329,32 +329,16 @@ fn asks_staged(text: &str) -> bool {
 /// Per proxy: identity, and per type SYNCED / STALE / NACKED against what the control
 /// plane would send now.
 pub(crate) fn proxies(api: &Api) -> Value {
+    proxies_of(api, &api.server.connections())
+}
+
+/// [`proxies`] of `connections` (a copy of the server's, taken once by the caller).
+pub(crate) fn proxies_of(api: &Api, connections: &[weft_xds::ConnectionStatus]) -> Value {
     let now = SystemTime::now();
-    let list: Vec<Value> = api
-        .server
-        .connections()
+    let list: Vec<Value> = connections
         .iter()
         .map(|c| {
-            let current = api.source.proxy_resources(&c.raw_node);
-            let mut types = serde_json::Map::new();
-            for t in [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE] {
-                let st = c.types.get(t);
-                let want = current.get(t).map(|(v, _)| v.clone());
-                let acked = st.and_then(|s| s.acked_version.clone());
-                let nacked = st.and_then(|s| s.last_nack.as_ref()).filter(|n| Some(&n.version) != acked.as_ref());
-                let status = match (st, &nacked) {
-                    (None, _) => "NOT SENT",
-                    (_, Some(_)) => "NACKED",
-                    _ if acked.is_some() && (acked == want || want.is_none()) => "SYNCED",
-                    _ => "STALE",
-                };
-                let age = st.and_then(|s| s.acked_at).and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs_f64());
-                types.insert(
-                    weft_xds::type_url::short(t).to_string(),
-                    json!({"status": status, "acked": acked, "current": want, "config_age_seconds": age,
-                           "nack": nacked.map(|n| n.error.clone())}),
-                );
-            }
+            let types = type_states(api, c, now);
             let kind = crate::translate::grpcgen::client_kind(&c.raw_node);
             // A gRPC client without weft's metadata: what its Istio-style node id says.
             let grpc_info = (kind == "grpc" && c.node.is_none()).then(|| crate::translate::grpcgen::node_info(&c.raw_node));
@@ -378,6 +362,36 @@ pub(crate) fn proxies(api: &Api) -> Value {
         })
         .collect();
     json!({"proxies": list})
+}
+
+/// One connection's sync state per type (`status`, `acked`, `current`,
+/// `config_age_seconds`, `nack`), as `GET /api/v1/proxies` lists it.
+pub(crate) fn type_states(
+    api: &Api,
+    c: &weft_xds::ConnectionStatus,
+    now: SystemTime,
+) -> serde_json::Map<String, Value> {
+    let current = api.source.proxy_resources(&c.raw_node);
+    let mut types = serde_json::Map::new();
+    for t in [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE] {
+        let st = c.types.get(t);
+        let want = current.get(t).map(|(v, _)| v.clone());
+        let acked = st.and_then(|s| s.acked_version.clone());
+        let nacked = st.and_then(|s| s.last_nack.as_ref()).filter(|n| Some(&n.version) != acked.as_ref());
+        let status = match (st, &nacked) {
+            (None, _) => "NOT SENT",
+            (_, Some(_)) => "NACKED",
+            _ if acked.is_some() && (acked == want || want.is_none()) => "SYNCED",
+            _ => "STALE",
+        };
+        let age = st.and_then(|s| s.acked_at).and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs_f64());
+        types.insert(
+            weft_xds::type_url::short(t).to_string(),
+            json!({"status": status, "acked": acked, "current": want, "config_age_seconds": age,
+                   "nack": nacked.map(|n| n.error.clone())}),
+        );
+    }
+    types
 }
 
 /// The workload registry: every workload with where it came from (`proxy`,

@@ -423,7 +423,7 @@ async fn evict_unused_translations(server: AdsServer, source: std::sync::Weak<Me
         changes.borrow_and_update();
         let Some(source) = source.upgrade() else { return };
         let connections = server.connections();
-        let evicted = source.evict_unused(connections.iter().map(|c| &c.raw_node));
+        let evicted = source.evict_unused(connections.iter().map(|c| &*c.raw_node));
         if evicted > 0 {
             tracing::debug!(evicted, "translations of departed proxy shapes evicted");
         }

@@ -60,8 +60,10 @@ pub struct ConnectionStatus {
     pub node: Option<NodeInfo>,
     /// Why the metadata did not parse.
     pub node_error: Option<String>,
-    /// The node exactly as the peer sent it (for metadata beyond [`NodeInfo`]).
-    pub raw_node: Node,
+    /// The node exactly as the peer sent it (for metadata beyond [`NodeInfo`]); shared,
+    /// so copying every connection's status (the API, the proxy-state publisher) does not
+    /// copy each node's metadata.
+    pub raw_node: Arc<Node>,
     /// Peer address, if known.
     pub peer: Option<SocketAddr>,
     /// When the stream opened.
@@ -388,7 +390,7 @@ impl Registration {
                 node_id: node.id.clone(),
                 node: info,
                 node_error,
-                raw_node: node.clone(),
+                raw_node: Arc::new(node.clone()),
                 peer,
                 connected_since: SystemTime::now(),
                 mode,

@@ -89,3 +89,21 @@ fn static_source_versions_per_type_and_notifies() {
     assert!(err.to_string().contains("Listener"));
     assert_eq!(source.version(CLUSTER), "0", "a failed set changes nothing");
 }
+
+#[test]
+fn resource_name_reads_the_top_level_only() {
+    use envoy_types::pb::envoy::config;
+    use prost::Message;
+    // A Listener named "l" whose address (field 2) holds bytes that are no Address: the
+    // name is read without building the address; applying the listener decodes it all.
+    let mut value = config::listener::v3::Listener { name: "l".into(), ..Default::default() }.encode_to_vec();
+    value.extend_from_slice(&[0x12, 0x03, 0xff, 0xff, 0xff]);
+    let any = Any { type_url: LISTENER.to_string(), value };
+    assert_eq!(resource_name(LISTENER, &any), Ok("l".to_string()));
+    assert!(config::listener::v3::Listener::decode(any.value.as_slice()).is_err());
+    // A top-level field cut short is still an error.
+    let mut cut = config::listener::v3::Listener { name: "l".into(), ..Default::default() }.encode_to_vec();
+    cut.extend_from_slice(&[0x12, 0x09, 0x01]);
+    let err = resource_name(LISTENER, &Any { type_url: LISTENER.to_string(), value: cut }).unwrap_err();
+    assert!(err.contains("cannot decode Listener"), "{err}");
+}

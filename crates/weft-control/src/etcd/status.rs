@@ -140,6 +140,7 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
         *board.lease.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
         let mut held = lease.keep_in_background();
         let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut fixed = FixedCache::default();
         let mut changes = api.server.status_changes();
         changes.mark_changed();
         // A failed write is retried at this period (or at the next change).
@@ -162,7 +163,7 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
             }
             if dirty {
                 changes.borrow_and_update();
-                let desired = entries(&board, &api, id);
+                let desired = entries(&board, &api, id, &mut fixed);
                 dirty = !sync(&board.etcd, desired, id, &mut written).await;
             }
         }
@@ -182,23 +183,51 @@ async fn settle(changes: &mut tokio::sync::watch::Receiver<u64>) {
     }
 }
 
+/// The `b` values last built (what a connection fixes), reused while no proxy came or
+/// went: a push changes only the `t` values, so only they are built again.
+#[derive(Default)]
+struct FixedCache {
+    /// The lease and the server's membership version they were built at.
+    at: Option<(i64, u64)>,
+    values: BTreeMap<String, Vec<u8>>,
+}
+
 /// This replica's proxies as published: key -> JSON value (per bucket, its `b` key with
 /// what each proxy's connection fixes and its `t` key with their sync states).
-fn entries(board: &ProxyBoard, api: &Api, lease: i64) -> BTreeMap<String, Vec<u8>> {
-    let acks: BTreeMap<String, BTreeMap<String, f64>> = api
-        .server
-        .connections()
-        .into_iter()
-        .map(|c| {
-            let times = c
-                .types
-                .iter()
-                .filter_map(|(t, s)| Some((weft_xds::type_url::short(t).to_string(), unix_seconds(s.acked_at?)?)))
-                .collect();
-            (c.node_id, times)
-        })
-        .collect();
-    bucket_values(&board.replica, lease, crate::api::proxies(api), &acks)
+fn entries(board: &ProxyBoard, api: &Api, lease: i64, fixed: &mut FixedCache) -> BTreeMap<String, Vec<u8>> {
+    // The membership version before the copy: a proxy arriving in between makes the
+    // next round build the `b` values again.
+    let membership = *api.server.membership_changes().borrow();
+    // One copy of the connections for both the listing and the ACK times.
+    let connections = api.server.connections();
+    let ack_times = |c: &weft_xds::ConnectionStatus| -> BTreeMap<String, f64> {
+        c.types
+            .iter()
+            .filter_map(|(t, s)| Some((weft_xds::type_url::short(t).to_string(), unix_seconds(s.acked_at?)?)))
+            .collect()
+    };
+    if fixed.at == Some((lease, membership)) {
+        let now = SystemTime::now();
+        let mut synced: BTreeMap<u8, serde_json::Map<String, Value>> = BTreeMap::new();
+        for c in &connections {
+            let types = Value::Object(crate::api::type_states(api, c, now));
+            let states = compact_states(types, Some(&ack_times(c)));
+            synced.entry(bucket(&c.node_id)).or_default().insert(c.node_id.clone(), states);
+        }
+        let mut out = fixed.values.clone();
+        for (b, synced) in synced {
+            if let Ok(t) = serde_json::to_vec(&json!({ "states": synced })) {
+                out.insert(format!("{lease:x}/t{b:02x}"), t);
+            }
+        }
+        return out;
+    }
+    let acks: BTreeMap<String, BTreeMap<String, f64>> =
+        connections.iter().map(|c| (c.node_id.clone(), ack_times(c))).collect();
+    let out = bucket_values(&board.replica, lease, crate::api::proxies_of(api, &connections), &acks);
+    fixed.values = out.iter().filter(|(k, _)| k.contains("/b")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    fixed.at = Some((lease, membership));
+    out
 }
 
 /// `listed` (a `GET /api/v1/proxies` answer) as this replica's keys under `lease`.
