@@ -338,30 +338,36 @@ pub(crate) fn proxies_of(api: &Api, connections: &[weft_xds::ConnectionStatus]) 
     let list: Vec<Value> = connections
         .iter()
         .map(|c| {
-            let types = type_states(api, c, now);
-            let kind = crate::translate::grpcgen::client_kind(&c.raw_node);
-            // A gRPC client without weft's metadata: what its Istio-style node id says.
-            let grpc_info = (kind == "grpc" && c.node.is_none()).then(|| crate::translate::grpcgen::node_info(&c.raw_node));
-            let info = c.node.as_ref().or(grpc_info.as_ref());
-            json!({
-                "id": c.node_id,
-                "kind": kind,
-                "name": info.map(|i| i.name.clone()),
-                "namespace": info.map(|i| i.namespace.clone()),
-                "labels": info.map(|i| i.labels.clone()),
-                "identity": info.map(|i| format!("spiffe://cluster.local/ns/{}/sa/{}", i.namespace, if i.service_account.is_empty() { "default" } else { &i.service_account })),
-                "inbound": info.and_then(|i| i.inbound).map(|a| a.to_string()),
-                "outbound": info.and_then(|i| i.outbound).map(|a| a.to_string()),
-                "admin": info.and_then(|i| i.admin).map(|a| a.to_string()),
-                "metrics": info.and_then(|i| i.metrics).map(|a| a.to_string()),
-                "peer": c.peer.map(|a| a.to_string()),
-                "mode": format!("{:?}", c.mode),
-                "connected_since": c.connected_since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                "types": types,
-            })
+            let mut entry = proxy_entry(c);
+            entry["types"] = Value::Object(type_states(api, c, now));
+            entry
         })
         .collect();
     json!({"proxies": list})
+}
+
+/// What one connection fixes, as `GET /api/v1/proxies` lists it (every field but
+/// `types`): who the proxy is and how it is connected.
+pub(crate) fn proxy_entry(c: &weft_xds::ConnectionStatus) -> Value {
+    let kind = crate::translate::grpcgen::client_kind(&c.raw_node);
+    // A gRPC client without weft's metadata: what its Istio-style node id says.
+    let grpc_info = (kind == "grpc" && c.node.is_none()).then(|| crate::translate::grpcgen::node_info(&c.raw_node));
+    let info = c.node.as_ref().or(grpc_info.as_ref());
+    json!({
+        "id": c.node_id,
+        "kind": kind,
+        "name": info.map(|i| i.name.clone()),
+        "namespace": info.map(|i| i.namespace.clone()),
+        "labels": info.map(|i| i.labels.clone()),
+        "identity": info.map(|i| format!("spiffe://cluster.local/ns/{}/sa/{}", i.namespace, if i.service_account.is_empty() { "default" } else { &i.service_account })),
+        "inbound": info.and_then(|i| i.inbound).map(|a| a.to_string()),
+        "outbound": info.and_then(|i| i.outbound).map(|a| a.to_string()),
+        "admin": info.and_then(|i| i.admin).map(|a| a.to_string()),
+        "metrics": info.and_then(|i| i.metrics).map(|a| a.to_string()),
+        "peer": c.peer.map(|a| a.to_string()),
+        "mode": format!("{:?}", c.mode),
+        "connected_since": c.connected_since.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+    })
 }
 
 /// One connection's sync state per type (`status`, `acked`, `current`,
@@ -373,25 +379,40 @@ pub(crate) fn type_states(
 ) -> serde_json::Map<String, Value> {
     let current = api.source.proxy_resources(&c.raw_node);
     let mut types = serde_json::Map::new();
-    for t in [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE] {
+    for t in LISTED_TYPES {
         let st = c.types.get(t);
-        let want = current.get(t).map(|(v, _)| v.clone());
-        let acked = st.and_then(|s| s.acked_version.clone());
-        let nacked = st.and_then(|s| s.last_nack.as_ref()).filter(|n| Some(&n.version) != acked.as_ref());
-        let status = match (st, &nacked) {
-            (None, _) => "NOT SENT",
-            (_, Some(_)) => "NACKED",
-            _ if acked.is_some() && (acked == want || want.is_none()) => "SYNCED",
-            _ => "STALE",
-        };
+        let want = current.get(t).map(|(v, _)| v.as_str());
+        let (status, nack) = sync_status(st, want);
+        let acked = st.and_then(|s| s.acked_version.as_deref());
         let age = st.and_then(|s| s.acked_at).and_then(|t| now.duration_since(t).ok()).map(|d| d.as_secs_f64());
         types.insert(
             weft_xds::type_url::short(t).to_string(),
             json!({"status": status, "acked": acked, "current": want, "config_age_seconds": age,
-                   "nack": nacked.map(|n| n.error.clone())}),
+                   "nack": nack.map(|n| n.error.clone())}),
         );
     }
     types
+}
+
+/// The types whose sync state `GET /api/v1/proxies` lists.
+pub(crate) const LISTED_TYPES: [&str; 4] = [type_url::CLUSTER, type_url::ENDPOINT, type_url::LISTENER, type_url::ROUTE];
+
+/// A connection's sync state of one type (`st`, None when nothing was sent) against
+/// `want`, the version the control plane serves now: SYNCED, STALE, NACKED or NOT SENT,
+/// with the NACK when it is about another version than the ACKed one.
+pub(crate) fn sync_status<'a>(
+    st: Option<&'a weft_xds::TypeStatus>,
+    want: Option<&str>,
+) -> (&'static str, Option<&'a weft_xds::NackInfo>) {
+    let acked = st.and_then(|s| s.acked_version.as_deref());
+    let nacked = st.and_then(|s| s.last_nack.as_ref()).filter(|n| Some(n.version.as_str()) != acked);
+    let status = match (st, nacked) {
+        (None, _) => "NOT SENT",
+        (_, Some(_)) => "NACKED",
+        _ if acked.is_some() && (acked == want || want.is_none()) => "SYNCED",
+        _ => "STALE",
+    };
+    (status, nacked)
 }
 
 /// The workload registry: every workload with where it came from (`proxy`,

@@ -72,6 +72,9 @@ pub struct ConnectionStatus {
     pub mode: XdsMode,
     /// Per type URL.
     pub types: BTreeMap<String, TypeStatus>,
+    /// Bumped by every change of `types`: a reader that kept what it built from a
+    /// connection (the proxy-state publisher) rebuilds it only when this moved.
+    pub revision: u64,
 }
 
 /// Per-type state of one connection.
@@ -87,6 +90,10 @@ pub struct TypeStatus {
     pub acked_at: Option<SystemTime>,
     /// Last NACK received.
     pub last_nack: Option<NackInfo>,
+    /// The source's version of this type for this node when the stream last looked (on
+    /// each source change and request): what `acked_version` is compared with to tell
+    /// SYNCED from STALE without asking the source again for every connection.
+    pub current_version: Option<String>,
 }
 
 /// A rejected response.
@@ -263,6 +270,16 @@ impl AdsServer {
         self.shared.lock().values().cloned().collect()
     }
 
+    /// Calls `f` with every open connection, without copying their status (the
+    /// proxy-state publisher reads a few fields of thousands). It runs under the lock the
+    /// stream tasks take to record each send and reply: `f` must be quick (no I/O, no
+    /// waiting, no call back into this server).
+    pub fn for_each_connection(&self, mut f: impl FnMut(&ConnectionStatus)) {
+        for c in self.shared.lock().values() {
+            f(c);
+        }
+    }
+
     /// Number of open connections (without copying their status).
     pub fn connection_count(&self) -> usize {
         self.shared.lock().len()
@@ -395,6 +412,7 @@ impl Registration {
                 connected_since: SystemTime::now(),
                 mode,
                 types: BTreeMap::new(),
+                revision: 0,
             },
         );
         shared.bump_membership();
@@ -404,6 +422,7 @@ impl Registration {
     /// Changes this connection's status of one type and notifies watchers.
     fn update(&self, type_url: &str, change: impl FnOnce(&mut TypeStatus)) {
         if let Some(conn) = self.shared.lock().get_mut(&self.id) {
+            conn.revision = conn.revision.wrapping_add(1);
             change(conn.types.entry(type_url.to_string()).or_default());
         }
         self.shared.bump();

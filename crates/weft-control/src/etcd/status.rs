@@ -11,7 +11,10 @@
 //! of the ACK instead of its age), the only part a config push changes. Together they
 //! are the entry that replica's `GET /api/v1/proxies` shows. Writes follow the xDS
 //! server's status changes once they settle (no change for [`PUBLISH_DELAY`], or
-//! [`PUBLISH_MAX_DELAY`] after the first), and only for keys that changed. The lease is
+//! [`PUBLISH_MAX_DELAY`] after the first), and only for keys that changed. A `t` value
+//! is serialised straight from the streams' statuses, judged against the version each
+//! stream recorded as current (`TypeStatus::current_version`: no translation look-up per
+//! proxy), and only for buckets whose statuses moved since the last round. The lease is
 //! kept alive by a task of its own, so a long settle or a slow write never lets it lapse
 //! (which would drop every key and write them all again under a new lease). A replica
 //! that dies takes its keys with its lease (the lease TTL later); a proxy that moved
@@ -26,7 +29,9 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use bytes::Bytes;
 use etcd_client::{PutOptions, Txn, TxnOp};
+use serde::Serialize;
 use serde_json::{json, Value};
 use tokio::task::JoinHandle;
 
@@ -139,8 +144,9 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
         let period = lease.period();
         *board.lease.lock().unwrap_or_else(PoisonError::into_inner) = Some(id);
         let mut held = lease.keep_in_background();
-        let mut written: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let mut written: BTreeMap<String, Bytes> = BTreeMap::new();
         let mut fixed = FixedCache::default();
+        let mut synced = SyncedCache::default();
         let mut changes = api.server.status_changes();
         changes.mark_changed();
         // A failed write is retried at this period (or at the next change).
@@ -163,7 +169,7 @@ async fn publish(board: Arc<ProxyBoard>, api: Arc<Api>) {
             }
             if dirty {
                 changes.borrow_and_update();
-                let desired = entries(&board, &api, id, &mut fixed);
+                let desired = entries(&board, &api, id, &mut fixed, &mut synced);
                 dirty = !sync(&board.etcd, desired, id, &mut written).await;
             }
         }
@@ -189,94 +195,222 @@ async fn settle(changes: &mut tokio::sync::watch::Receiver<u64>) {
 struct FixedCache {
     /// The lease and the server's membership version they were built at.
     at: Option<(i64, u64)>,
-    values: BTreeMap<String, Vec<u8>>,
+    values: BTreeMap<String, Bytes>,
+}
+
+/// The `t` value last built per bucket, with the fingerprint of the connection
+/// statuses it was built from: a bucket none of whose proxies sent, ACKed or NACKed
+/// anything since (and none came or went) is not serialised again.
+#[derive(Default)]
+struct SyncedCache {
+    /// The lease they were built under.
+    lease: Option<i64>,
+    buckets: BTreeMap<u8, (u64, Bytes)>,
+}
+
+/// What one bucket's `t` value is built from: per connection, its node id, the
+/// per-type statuses and, when the stream did not record what it should run of every
+/// listed type, its node (to ask the translation).
+struct BucketInput {
+    fingerprint: u64,
+    connections: Vec<(SyncInput, Option<Arc<weft_xds::Node>>)>,
+}
+
+impl BucketInput {
+    /// The `t` value of the bucket, asking the translation of the proxies that need it
+    /// (outside the server's lock).
+    fn build(self, api: &Api) -> Bytes {
+        let inputs: Vec<SyncInput> = self
+            .connections
+            .into_iter()
+            .map(|(mut input, node)| {
+                input.translation = node.map(|n| api.source.proxy_resources(&n));
+                input
+            })
+            .collect();
+        synced_value(&inputs)
+    }
 }
 
 /// This replica's proxies as published: key -> JSON value (per bucket, its `b` key with
 /// what each proxy's connection fixes and its `t` key with their sync states).
-fn entries(board: &ProxyBoard, api: &Api, lease: i64, fixed: &mut FixedCache) -> BTreeMap<String, Vec<u8>> {
+fn entries(
+    board: &ProxyBoard,
+    api: &Api,
+    lease: i64,
+    fixed: &mut FixedCache,
+    synced: &mut SyncedCache,
+) -> BTreeMap<String, Bytes> {
     // The membership version before the copy: a proxy arriving in between makes the
     // next round build the `b` values again.
     let membership = *api.server.membership_changes().borrow();
-    // One copy of the connections for both the listing and the ACK times.
-    let connections = api.server.connections();
-    let ack_times = |c: &weft_xds::ConnectionStatus| -> BTreeMap<String, f64> {
-        c.types
-            .iter()
-            .filter_map(|(t, s)| Some((weft_xds::type_url::short(t).to_string(), unix_seconds(s.acked_at?)?)))
-            .collect()
-    };
-    if fixed.at == Some((lease, membership)) {
-        let now = SystemTime::now();
-        let mut synced: BTreeMap<u8, serde_json::Map<String, Value>> = BTreeMap::new();
-        for c in &connections {
-            let types = Value::Object(crate::api::type_states(api, c, now));
-            let states = compact_states(types, Some(&ack_times(c)));
-            synced.entry(bucket(&c.node_id)).or_default().insert(c.node_id.clone(), states);
-        }
-        let mut out = fixed.values.clone();
-        for (b, synced) in synced {
-            if let Ok(t) = serde_json::to_vec(&json!({ "states": synced })) {
-                out.insert(format!("{lease:x}/t{b:02x}"), t);
-            }
-        }
-        return out;
+    if fixed.at != Some((lease, membership)) {
+        let entries: Vec<Value> = api.server.connections().iter().map(crate::api::proxy_entry).collect();
+        fixed.values = fixed_values(&board.replica, lease, entries);
+        fixed.at = Some((lease, membership));
     }
-    let acks: BTreeMap<String, BTreeMap<String, f64>> =
-        connections.iter().map(|c| (c.node_id.clone(), ack_times(c))).collect();
-    let out = bucket_values(&board.replica, lease, crate::api::proxies_of(api, &connections), &acks);
-    fixed.values = out.iter().filter(|(k, _)| k.contains("/b")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    fixed.at = Some((lease, membership));
+    if synced.lease != Some(lease) {
+        *synced = SyncedCache { lease: Some(lease), buckets: BTreeMap::new() };
+    }
+    let mut out = fixed.values.clone();
+    let inputs = changed_buckets(api, synced);
+    synced.buckets.retain(|b, _| inputs.contains_key(b));
+    for (b, input) in inputs {
+        if let Some(input) = input {
+            let fingerprint = input.fingerprint;
+            synced.buckets.insert(b, (fingerprint, input.build(api)));
+        }
+        if let Some((_, value)) = synced.buckets.get(&b) {
+            out.insert(format!("{lease:x}/t{b:02x}"), value.clone());
+        }
+    }
     out
 }
 
-/// `listed` (a `GET /api/v1/proxies` answer) as this replica's keys under `lease`.
-fn bucket_values(
-    replica: &Value,
-    lease: i64,
-    listed: Value,
-    acks: &BTreeMap<String, BTreeMap<String, f64>>,
-) -> BTreeMap<String, Vec<u8>> {
-    let mut buckets: BTreeMap<u8, (Vec<Value>, serde_json::Map<String, Value>)> = BTreeMap::new();
-    let Value::Object(mut listed) = listed else { return BTreeMap::new() };
-    let Some(Value::Array(list)) = listed.remove("proxies") else { return BTreeMap::new() };
-    for mut p in list {
-        let Some(id) = p["id"].as_str().map(str::to_string) else { continue };
-        let types = p.as_object_mut().and_then(|o| o.remove("types")).unwrap_or(Value::Null);
-        let states = compact_states(types, acks.get(&id));
-        let (fixed, synced) = buckets.entry(bucket(&id)).or_default();
-        fixed.push(p);
-        synced.insert(id, states);
+/// Every bucket that has connections, with what to build its `t` value from when it
+/// changed since `synced` was built (`None`: reuse the cached value). Two short passes
+/// under the server's lock: fingerprints, then copies of the changed buckets' statuses.
+fn changed_buckets(api: &Api, synced: &SyncedCache) -> BTreeMap<u8, Option<BucketInput>> {
+    let mut fingerprints: BTreeMap<u8, Fingerprint> = BTreeMap::new();
+    api.server.for_each_connection(|c| fingerprints.entry(bucket(&c.node_id)).or_default().add(c));
+    let mut inputs: BTreeMap<u8, Option<BucketInput>> = fingerprints
+        .iter()
+        .map(|(b, f)| {
+            let cached = f.reusable && synced.buckets.get(b).is_some_and(|(at, _)| *at == f.hash);
+            (*b, (!cached).then(|| BucketInput { fingerprint: 0, connections: Vec::new() }))
+        })
+        .collect();
+    let mut refreshed: BTreeMap<u8, Fingerprint> = BTreeMap::new();
+    api.server.for_each_connection(|c| {
+        let b = bucket(&c.node_id);
+        let Some(Some(input)) = inputs.get_mut(&b) else { return };
+        refreshed.entry(b).or_default().add(c);
+        let node = (!recorded_every_type(c)).then(|| c.raw_node.clone());
+        let sync = SyncInput { node_id: c.node_id.clone(), types: c.types.clone(), translation: None };
+        input.connections.push((sync, node));
+    });
+    for (b, input) in inputs.iter_mut() {
+        if let (Some(input), Some(f)) = (input, refreshed.get(b)) {
+            // A bucket holding a proxy whose states come from the translation is built
+            // every round (the translation may move without its status moving).
+            input.fingerprint = if f.reusable { f.hash } else { 0 };
+        }
+    }
+    inputs.retain(|b, input| input.is_some() || synced.buckets.contains_key(b));
+    inputs
+}
+
+/// A bucket's connections as of one pass: their ids and status revisions, hashed in the
+/// server's order (FNV-1a), and whether every one recorded what it should run.
+struct Fingerprint {
+    hash: u64,
+    reusable: bool,
+}
+
+impl Default for Fingerprint {
+    fn default() -> Self {
+        Fingerprint { hash: 0xcbf2_9ce4_8422_2325, reusable: true }
+    }
+}
+
+impl Fingerprint {
+    fn add(&mut self, c: &weft_xds::ConnectionStatus) {
+        for word in [c.id, c.revision] {
+            for byte in word.to_le_bytes() {
+                self.hash = (self.hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+            }
+        }
+        self.reusable &= recorded_every_type(c);
+    }
+}
+
+/// Whether `c`'s stream recorded what it should run of every listed type (else its
+/// sync states are judged against its translation, as the API does).
+fn recorded_every_type(c: &weft_xds::ConnectionStatus) -> bool {
+    crate::api::LISTED_TYPES.iter().all(|t| c.types.get(*t).is_some_and(|s| s.current_version.is_some()))
+}
+
+/// One bucket's `t` value: per proxy and listed type, its sync state against what its
+/// stream last recorded it should run (or, for a proxy whose stream did not record every
+/// type, its `translation` now), serialised straight from the statuses.
+fn synced_value(connections: &[SyncInput]) -> Bytes {
+    let mut states: BTreeMap<&str, BTreeMap<&str, PublishedState<'_>>> = BTreeMap::new();
+    for c in connections {
+        let mut proxy = BTreeMap::new();
+        for t in crate::api::LISTED_TYPES {
+            let st = c.types.get(t);
+            let want = match &c.translation {
+                Some(tr) => tr.get(t).map(|(v, _)| v.as_str()),
+                None => st.and_then(|s| s.current_version.as_deref()),
+            };
+            proxy.insert(weft_xds::type_url::short(t), PublishedState::of(st, want));
+        }
+        states.insert(&c.node_id, proxy);
+    }
+    serde_json::to_vec(&PublishedStates { states }).map(Bytes::from).unwrap_or_default()
+}
+
+/// One proxy as its `t` entry is built: its node id, per-type statuses and, when its
+/// stream did not record what it should run of every listed type, its translation.
+struct SyncInput {
+    node_id: String,
+    types: BTreeMap<String, weft_xds::TypeStatus>,
+    translation: Option<Arc<TypeMap>>,
+}
+
+/// The translation of one proxy, by type URL: (version, resources by name).
+type TypeMap = BTreeMap<String, (String, BTreeMap<String, weft_xds::Any>)>;
+
+/// A `t` value: node id -> short type name -> state.
+#[derive(Serialize)]
+struct PublishedStates<'a> {
+    states: BTreeMap<&'a str, BTreeMap<&'a str, PublishedState<'a>>>,
+}
+
+/// One proxy's state of one type as published: the time of its ACK instead of its age
+/// (so an unchanged proxy is not rewritten), `current` only where it differs from
+/// `acked`, no `nack` unless there is one. Fields in the order serde_json sorts an
+/// object's keys, so the bytes are those of the `Value` form earlier replicas wrote.
+#[derive(Serialize)]
+struct PublishedState<'a> {
+    acked: Option<&'a str>,
+    acked_at: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    current: Option<Option<&'a str>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nack: Option<&'a str>,
+    status: &'static str,
+}
+
+impl<'a> PublishedState<'a> {
+    fn of(st: Option<&'a weft_xds::TypeStatus>, want: Option<&'a str>) -> Self {
+        let (status, nack) = crate::api::sync_status(st, want);
+        let acked = st.and_then(|s| s.acked_version.as_deref());
+        PublishedState {
+            acked,
+            acked_at: st.and_then(|s| s.acked_at).and_then(unix_seconds),
+            current: (want != acked).then_some(want),
+            nack: nack.map(|n| n.error.as_str()),
+            status,
+        }
+    }
+}
+
+/// `listed` (entries as `GET /api/v1/proxies` lists them, without their types) as this
+/// replica's `b` keys under `lease`.
+fn fixed_values(replica: &Value, lease: i64, listed: Vec<Value>) -> BTreeMap<String, Bytes> {
+    let mut buckets: BTreeMap<u8, Vec<Value>> = BTreeMap::new();
+    for p in listed {
+        let Some(id) = p["id"].as_str() else { continue };
+        buckets.entry(bucket(id)).or_default().push(p);
     }
     let mut out = BTreeMap::new();
-    for (b, (fixed, synced)) in buckets {
-        let proxies = json!({"replica": replica, "proxies": fixed});
-        if let (Ok(p), Ok(t)) = (serde_json::to_vec(&proxies), serde_json::to_vec(&json!({ "states": synced }))) {
-            out.insert(format!("{lease:x}/b{b:02x}"), p);
-            out.insert(format!("{lease:x}/t{b:02x}"), t);
+    for (b, fixed) in buckets {
+        if let Ok(p) = serde_json::to_vec(&json!({"replica": replica, "proxies": fixed})) {
+            out.insert(format!("{lease:x}/b{b:02x}"), Bytes::from(p));
         }
     }
     out
-}
-
-/// One proxy's per-type states as published: the time of each ACK instead of its age
-/// (so an unchanged proxy is not rewritten), `current` only where it differs from
-/// `acked`, no `nack` unless there is one.
-fn compact_states(types: Value, acks: Option<&BTreeMap<String, f64>>) -> Value {
-    let Value::Object(mut types) = types else { return Value::Null };
-    for (t, v) in types.iter_mut() {
-        if let Some(o) = v.as_object_mut() {
-            o.remove("config_age_seconds");
-            o.insert("acked_at".into(), json!(acks.and_then(|a| a.get(t))));
-            if o.get("current") == o.get("acked") {
-                o.remove("current");
-            }
-            if o.get("nack").is_some_and(Value::is_null) {
-                o.remove("nack");
-            }
-        }
-    }
-    Value::Object(types)
 }
 
 /// The entries other replicas published (all but keys under `own`, this replica's lease
@@ -343,16 +477,15 @@ fn bucket(id: &str) -> u8 {
 /// false when a write failed (retried at the next change or tick).
 async fn sync(
     etcd: &Etcd,
-    desired: BTreeMap<String, Vec<u8>>,
+    desired: BTreeMap<String, Bytes>,
     lease: i64,
-    written: &mut BTreeMap<String, Vec<u8>>,
+    written: &mut BTreeMap<String, Bytes>,
 ) -> bool {
-    let mut ops: Vec<(String, Option<Vec<u8>>)> = desired
-        .iter()
-        .filter(|(k, v)| written.get(*k) != Some(*v))
-        .map(|(k, v)| (k.clone(), Some(v.clone())))
-        .collect();
-    ops.extend(written.keys().filter(|k| !desired.contains_key(*k)).map(|k| (k.clone(), None)));
+    let gone: Vec<(String, Option<Bytes>)> =
+        written.keys().filter(|k| !desired.contains_key(*k)).map(|k| (k.clone(), None)).collect();
+    let mut ops: Vec<(String, Option<Bytes>)> =
+        desired.into_iter().filter(|(k, v)| written.get(k) != Some(v)).map(|(k, v)| (k, Some(v))).collect();
+    ops.extend(gone);
     let mut client = etcd.client();
     let mut ok = true;
     for batch in ops.chunks(TXN_OPS) {
@@ -361,7 +494,7 @@ async fn sync(
             .map(|(k, v)| {
                 let key = etcd.key(&format!("{PREFIX}{k}"));
                 match v {
-                    Some(v) => TxnOp::put(key, v.clone(), Some(PutOptions::new().with_lease(lease))),
+                    Some(v) => TxnOp::put(key, v.to_vec(), Some(PutOptions::new().with_lease(lease))),
                     None => TxnOp::delete(key, None),
                 }
             })
@@ -407,60 +540,4 @@ fn unix_seconds(t: SystemTime) -> Option<f64> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn entry(id: &str, route_acked: Option<&str>, route_current: Option<&str>) -> Value {
-        json!({
-            "id": id, "kind": "sidecar", "name": id, "namespace": "default", "labels": {"app": "a"},
-            "identity": "spiffe://cluster.local/ns/default/sa/default", "inbound": null, "outbound": null,
-            "admin": null, "metrics": null, "peer": "127.0.0.1:1", "mode": "Sotw", "connected_since": 7,
-            "types": {
-                "Cluster": {"status": "SYNCED", "acked": "c1", "current": "c1", "config_age_seconds": 1.0, "nack": null},
-                "RouteConfiguration": {"status": "NACKED", "acked": route_acked, "current": route_current,
-                                       "config_age_seconds": null, "nack": "bad route"},
-            },
-        })
-    }
-
-    #[test]
-    fn published_buckets_read_back_as_the_entries_a_replica_lists() {
-        let replica = json!({"xds": "127.0.0.1:2", "api": "127.0.0.1:3", "pid": 1});
-        let listed =
-            vec![entry("a", Some("r1"), Some("r2")), entry("b", None, None), entry("c", Some("r1"), Some("r1"))];
-        let acks: BTreeMap<String, BTreeMap<String, f64>> =
-            [("a".to_string(), [("Cluster".to_string(), 100.5)].into())].into();
-        let values = bucket_values(&replica, 0x2a, json!({ "proxies": listed }), &acks);
-        assert!(values.keys().all(|k| k.starts_with("2a/b") || k.starts_with("2a/t")), "{values:?}");
-        let mut back = published_entries(&values, None);
-        back.sort_by(|x, y| x["id"].as_str().cmp(&y["id"].as_str()));
-        assert_eq!(back.len(), 3);
-        for (got, want) in back.iter().zip(&listed) {
-            // What a replica lists, with the replica and ACK times instead of ages.
-            let mut want = want.clone();
-            want["replica"] = replica.clone();
-            let id = want["id"].as_str().unwrap_or_default().to_string();
-            for (t, v) in want["types"].as_object_mut().into_iter().flatten() {
-                if let Some(o) = v.as_object_mut() {
-                    o.remove("config_age_seconds");
-                    o.insert("acked_at".into(), json!(acks.get(&id).and_then(|a| a.get(t))));
-                }
-            }
-            assert_eq!(got, &want);
-        }
-        // This replica's own keys are skipped.
-        assert!(published_entries(&values, Some("2a/")).is_empty());
-    }
-
-    #[test]
-    fn entries_of_earlier_replicas_are_still_read() {
-        let mut whole = entry("old", Some("r1"), Some("r1"));
-        whole["replica"] = json!({"xds": "x"});
-        let values: BTreeMap<String, Vec<u8>> = [
-            ("1/b00".to_string(), serde_json::to_vec(&json!([whole.clone()])).unwrap_or_default()),
-            ("2/sim".to_string(), serde_json::to_vec(&whole).unwrap_or_default()),
-        ]
-        .into();
-        assert_eq!(published_entries(&values, None), vec![whole.clone(), whole]);
-    }
-}
+mod tests;

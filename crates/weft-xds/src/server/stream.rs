@@ -79,6 +79,9 @@ struct Stream<V: Variant> {
     /// The node's resources as of a value of `changes`: every type of a push, and the
     /// requests answered until the next change, are served from one look-up.
     snapshot: Option<(u64, Option<Arc<dyn XdsSnapshot>>)>,
+    /// Per type, the snapshot's version last recorded in the connection's status
+    /// (`TypeStatus::current_version`), so an unchanged one costs no status update.
+    recorded: BTreeMap<String, String>,
 }
 
 impl<V: Variant> Stream<V> {
@@ -125,9 +128,16 @@ impl<V: Variant> Stream<V> {
             self.snapshot = Some((generation, source.snapshot(&registration.node, &mut self.memo)));
         }
         let snapshot = self.snapshot.as_ref().and_then(|(_, s)| s.as_deref());
+        // What the proxy should run now, recorded for `TypeStatus::current_version` when
+        // it moved (from the snapshot only: a source without one may copy every resource
+        // to tell its version, and the variant asks for it again).
+        let looked = snapshot.and_then(|s| s.version(type_url)).filter(|v| self.recorded.get(type_url) != Some(v));
         let current = Current { source, node: &registration.node, snapshot };
         let nonce = self.nonce + 1;
         let Some((response, version)) = V::respond(state, &current, type_url, nonce) else {
+            if let Some(looked) = looked {
+                self.record_current(type_url, looked);
+            }
             return Ok(());
         };
         self.nonce = nonce;
@@ -138,11 +148,23 @@ impl<V: Variant> Stream<V> {
             sent.duration_since(started),
             changed_at.map(|at| sent.duration_since(at)),
         );
+        if let Some(looked) = &looked {
+            self.recorded.insert(type_url.to_string(), looked.clone());
+        }
         self.registration.update(type_url, |t| {
             t.sent_version = Some(version);
             t.sent_nonce = Some(nonce.to_string());
+            if looked.is_some() {
+                t.current_version = looked;
+            }
         });
         Ok(())
+    }
+
+    /// Records `version` as what the peer should run of `type_url` (nothing sent).
+    fn record_current(&mut self, type_url: &str, version: String) {
+        self.recorded.insert(type_url.to_string(), version.clone());
+        self.registration.update(type_url, |t| t.current_version = Some(version));
     }
 }
 
@@ -182,8 +204,16 @@ pub(super) async fn drive<V: Variant>(
             return;
         }
     };
-    let mut stream =
-        Stream::<V> { registration, types: BTreeMap::new(), tx, nonce: 0, changes, memo: None, snapshot: None };
+    let mut stream = Stream::<V> {
+        registration,
+        types: BTreeMap::new(),
+        tx,
+        nonce: 0,
+        changes,
+        memo: None,
+        snapshot: None,
+        recorded: BTreeMap::new(),
+    };
     if stream.on_request(first).await.is_err() {
         return;
     }
