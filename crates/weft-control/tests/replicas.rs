@@ -206,6 +206,30 @@ async fn proxy_status_through_any_replica_lists_every_proxy_with_its_replica_and
     let from_a = get(a.api_addr, "/api/v1/proxies").await;
     assert_eq!(entry(&from_a, "reviews-1").unwrap()["replica"]["xds"], a.xds_addr.to_string(), "{from_a}");
     assert_eq!(entry(&from_a, "productpage-1").unwrap()["replica"]["xds"], b.xds_addr.to_string(), "{from_a}");
+    // A change of every proxy's clusters: C lists A's proxy with the state A lists live
+    // (the new version ACKed, SYNCED), not the one before the change.
+    let clusters_before = entry(&from_a, "reviews-1").unwrap()["types"]["Cluster"]["acked"].clone();
+    let (status, v) =
+        post(a.api_addr, "/api/v1/apply?source=ratings.yaml", &SERVICE.replace("reviews", "ratings")).await;
+    assert_eq!(status, 200, "{v}");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let live = get(a.api_addr, "/api/v1/proxies").await;
+        let published = get(c.api_addr, "/api/v1/proxies").await;
+        let cluster = |list: &serde_json::Value| {
+            let t = &entry(list, "reviews-1").unwrap()["types"]["Cluster"];
+            (t["status"].clone(), t["acked"].clone(), t["current"].clone())
+        };
+        let (status, acked, _) = cluster(&live);
+        if status == "SYNCED" && acked != clusters_before && cluster(&published) == cluster(&live) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "C does not list A's proxy as A does after the change: {live} / {published}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A proxy that leaves is no longer listed anywhere.
     on_b.stop().await.ok();
     let deadline = tokio::time::Instant::now() + WAIT;

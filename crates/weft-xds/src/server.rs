@@ -423,7 +423,11 @@ impl Registration {
     fn update(&self, type_url: &str, change: impl FnOnce(&mut TypeStatus)) {
         if let Some(conn) = self.shared.lock().get_mut(&self.id) {
             conn.revision = conn.revision.wrapping_add(1);
-            change(conn.types.entry(type_url.to_string()).or_default());
+            // Known types (every send and ACK after the first) without a key copy.
+            match conn.types.get_mut(type_url) {
+                Some(status) => change(status),
+                None => change(conn.types.entry(type_url.to_string()).or_default()),
+            }
         }
         self.shared.bump();
     }

@@ -24,7 +24,7 @@
 //! (in this form, or as earlier replicas wrote them: one key per proxy, or a bucket
 //! holding a list of whole entries).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -205,31 +205,24 @@ struct FixedCache {
 struct SyncedCache {
     /// The lease they were built under.
     lease: Option<i64>,
-    buckets: BTreeMap<u8, (u64, Bytes)>,
+    buckets: BTreeMap<u8, CachedBucket>,
 }
 
-/// What one bucket's `t` value is built from: per connection, its node id, the
-/// per-type statuses and, when the stream did not record what it should run of every
-/// listed type, its node (to ask the translation).
-struct BucketInput {
+/// One bucket's `t` value as last built.
+struct CachedBucket {
+    /// [`Fingerprint`] of its connections then.
     fingerprint: u64,
-    connections: Vec<(SyncInput, Option<Arc<weft_xds::Node>>)>,
+    /// False when a proxy's states came from its translation, which may move without
+    /// its status moving: such a bucket is built every round.
+    reusable: bool,
+    value: Bytes,
 }
 
-impl BucketInput {
-    /// The `t` value of the bucket, asking the translation of the proxies that need it
-    /// (outside the server's lock).
-    fn build(self, api: &Api) -> Bytes {
-        let inputs: Vec<SyncInput> = self
-            .connections
-            .into_iter()
-            .map(|(mut input, node)| {
-                input.translation = node.map(|n| api.source.proxy_resources(&n));
-                input
-            })
-            .collect();
-        synced_value(&inputs)
-    }
+/// One proxy's sync states, JSON, while a bucket is built: done under the server's
+/// lock, or the statuses and node of a proxy whose states need its translation.
+enum Pending {
+    Done(Vec<u8>),
+    Translate(BTreeMap<String, weft_xds::TypeStatus>, Arc<weft_xds::Node>),
 }
 
 /// This replica's proxies as published: key -> JSON value (per bucket, its `b` key with
@@ -252,64 +245,71 @@ fn entries(
     if synced.lease != Some(lease) {
         *synced = SyncedCache { lease: Some(lease), buckets: BTreeMap::new() };
     }
+    refresh_synced(api, synced);
     let mut out = fixed.values.clone();
-    let inputs = changed_buckets(api, synced);
-    synced.buckets.retain(|b, _| inputs.contains_key(b));
-    for (b, input) in inputs {
-        if let Some(input) = input {
-            let fingerprint = input.fingerprint;
-            synced.buckets.insert(b, (fingerprint, input.build(api)));
-        }
-        if let Some((_, value)) = synced.buckets.get(&b) {
-            out.insert(format!("{lease:x}/t{b:02x}"), value.clone());
-        }
+    for (b, cached) in &synced.buckets {
+        out.insert(format!("{lease:x}/t{b:02x}"), cached.value.clone());
     }
     out
 }
 
-/// Every bucket that has connections, with what to build its `t` value from when it
-/// changed since `synced` was built (`None`: reuse the cached value). Two short passes
-/// under the server's lock: fingerprints, then copies of the changed buckets' statuses.
-fn changed_buckets(api: &Api, synced: &SyncedCache) -> BTreeMap<u8, Option<BucketInput>> {
+/// Brings `synced` in line with the server's connections: buckets that lost every
+/// proxy dropped, buckets whose statuses moved built again. Two passes under the
+/// server's lock, the first only hashing ids and revisions, the second serialising the
+/// moved buckets' states in place (no copy of the statuses); translations are asked
+/// after it, for the proxies that need them.
+fn refresh_synced(api: &Api, synced: &mut SyncedCache) {
     let mut fingerprints: BTreeMap<u8, Fingerprint> = BTreeMap::new();
     api.server.for_each_connection(|c| fingerprints.entry(bucket(&c.node_id)).or_default().add(c));
-    let mut inputs: BTreeMap<u8, Option<BucketInput>> = fingerprints
+    synced.buckets.retain(|b, _| fingerprints.contains_key(b));
+    let moved: BTreeSet<u8> = fingerprints
         .iter()
-        .map(|(b, f)| {
-            let cached = f.reusable && synced.buckets.get(b).is_some_and(|(at, _)| *at == f.hash);
-            (*b, (!cached).then(|| BucketInput { fingerprint: 0, connections: Vec::new() }))
-        })
+        .filter(|(b, f)| synced.buckets.get(b).is_none_or(|c| !c.reusable || c.fingerprint != f.0))
+        .map(|(b, _)| *b)
         .collect();
-    let mut refreshed: BTreeMap<u8, Fingerprint> = BTreeMap::new();
+    if moved.is_empty() {
+        return;
+    }
+    let mut building: BTreeMap<u8, (Fingerprint, Vec<(String, Pending)>)> = BTreeMap::new();
     api.server.for_each_connection(|c| {
         let b = bucket(&c.node_id);
-        let Some(Some(input)) = inputs.get_mut(&b) else { return };
-        refreshed.entry(b).or_default().add(c);
-        let node = (!recorded_every_type(c)).then(|| c.raw_node.clone());
-        let sync = SyncInput { node_id: c.node_id.clone(), types: c.types.clone(), translation: None };
-        input.connections.push((sync, node));
-    });
-    for (b, input) in inputs.iter_mut() {
-        if let (Some(input), Some(f)) = (input, refreshed.get(b)) {
-            // A bucket holding a proxy whose states come from the translation is built
-            // every round (the translation may move without its status moving).
-            input.fingerprint = if f.reusable { f.hash } else { 0 };
+        if !moved.contains(&b) {
+            return;
         }
+        let (fingerprint, proxies) = building.entry(b).or_default();
+        fingerprint.add(c);
+        let pending = if recorded_every_type(c) {
+            Pending::Done(states_json(&c.types, None))
+        } else {
+            Pending::Translate(c.types.clone(), c.raw_node.clone())
+        };
+        proxies.push((c.node_id.clone(), pending));
+    });
+    for (b, (fingerprint, proxies)) in building {
+        let mut reusable = true;
+        // Per node id the last connection's (as a map of them would keep).
+        let mut states: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        for (id, pending) in proxies {
+            let json = match pending {
+                Pending::Done(json) => json,
+                Pending::Translate(types, node) => {
+                    reusable = false;
+                    states_json(&types, Some(&api.source.proxy_resources(&node)))
+                }
+            };
+            states.insert(id, json);
+        }
+        synced.buckets.insert(b, CachedBucket { fingerprint: fingerprint.0, reusable, value: assemble(states) });
     }
-    inputs.retain(|b, input| input.is_some() || synced.buckets.contains_key(b));
-    inputs
 }
 
 /// A bucket's connections as of one pass: their ids and status revisions, hashed in the
-/// server's order (FNV-1a), and whether every one recorded what it should run.
-struct Fingerprint {
-    hash: u64,
-    reusable: bool,
-}
+/// server's order (FNV-1a).
+struct Fingerprint(u64);
 
 impl Default for Fingerprint {
     fn default() -> Self {
-        Fingerprint { hash: 0xcbf2_9ce4_8422_2325, reusable: true }
+        Fingerprint(0xcbf2_9ce4_8422_2325)
     }
 }
 
@@ -317,10 +317,9 @@ impl Fingerprint {
     fn add(&mut self, c: &weft_xds::ConnectionStatus) {
         for word in [c.id, c.revision] {
             for byte in word.to_le_bytes() {
-                self.hash = (self.hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
+                self.0 = (self.0 ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3);
             }
         }
-        self.reusable &= recorded_every_type(c);
     }
 }
 
@@ -330,28 +329,50 @@ fn recorded_every_type(c: &weft_xds::ConnectionStatus) -> bool {
     crate::api::LISTED_TYPES.iter().all(|t| c.types.get(*t).is_some_and(|s| s.current_version.is_some()))
 }
 
-/// One bucket's `t` value: per proxy and listed type, its sync state against what its
-/// stream last recorded it should run (or, for a proxy whose stream did not record every
-/// type, its `translation` now), serialised straight from the statuses.
-fn synced_value(connections: &[SyncInput]) -> Bytes {
-    let mut states: BTreeMap<&str, BTreeMap<&str, PublishedState<'_>>> = BTreeMap::new();
-    for c in connections {
-        let mut proxy = BTreeMap::new();
-        for t in crate::api::LISTED_TYPES {
-            let st = c.types.get(t);
-            let want = match &c.translation {
-                Some(tr) => tr.get(t).map(|(v, _)| v.as_str()),
-                None => st.and_then(|s| s.current_version.as_deref()),
-            };
-            proxy.insert(weft_xds::type_url::short(t), PublishedState::of(st, want));
-        }
-        states.insert(&c.node_id, proxy);
+/// One proxy's sync states as published (short type name -> state), JSON: per listed
+/// type against what its stream recorded it should run, or what `translation` holds.
+fn states_json(types: &BTreeMap<String, weft_xds::TypeStatus>, translation: Option<&TypeMap>) -> Vec<u8> {
+    let mut proxy: BTreeMap<&str, PublishedState<'_>> = BTreeMap::new();
+    for t in crate::api::LISTED_TYPES {
+        let st = types.get(t);
+        let want = match translation {
+            Some(tr) => tr.get(t).map(|(v, _)| v.as_str()),
+            None => st.and_then(|s| s.current_version.as_deref()),
+        };
+        proxy.insert(weft_xds::type_url::short(t), PublishedState::of(st, want));
     }
-    serde_json::to_vec(&PublishedStates { states }).map(Bytes::from).unwrap_or_default()
+    serde_json::to_vec(&proxy).unwrap_or_default()
 }
 
-/// One proxy as its `t` entry is built: its node id, per-type statuses and, when its
-/// stream did not record what it should run of every listed type, its translation.
+/// A `t` value from its proxies' states (node id -> [`states_json`]), in node id order:
+/// the bytes serde_json writes for `{"states": {id: states, ...}}`.
+fn assemble(states: BTreeMap<String, Vec<u8>>) -> Bytes {
+    let mut out = Vec::with_capacity(16 + states.iter().map(|(id, s)| id.len() + s.len() + 4).sum::<usize>());
+    out.extend_from_slice(br#"{"states":{"#);
+    for (i, (id, json)) in states.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        // A string always serialises.
+        let _ = serde_json::to_writer(&mut out, id);
+        out.push(b':');
+        out.extend_from_slice(json);
+    }
+    out.extend_from_slice(b"}}");
+    Bytes::from(out)
+}
+
+/// One bucket's `t` value from its proxies (tests; the publisher builds the same in
+/// [`refresh_synced`]).
+#[cfg(test)]
+fn synced_value(connections: &[SyncInput]) -> Bytes {
+    assemble(connections.iter().map(|c| (c.node_id.clone(), states_json(&c.types, c.translation.as_deref()))).collect())
+}
+
+/// One proxy as its `t` entry is built (tests): its node id, per-type statuses and,
+/// when its stream did not record what it should run of every listed type, its
+/// translation.
+#[cfg(test)]
 struct SyncInput {
     node_id: String,
     types: BTreeMap<String, weft_xds::TypeStatus>,
@@ -360,12 +381,6 @@ struct SyncInput {
 
 /// The translation of one proxy, by type URL: (version, resources by name).
 type TypeMap = BTreeMap<String, (String, BTreeMap<String, weft_xds::Any>)>;
-
-/// A `t` value: node id -> short type name -> state.
-#[derive(Serialize)]
-struct PublishedStates<'a> {
-    states: BTreeMap<&'a str, BTreeMap<&'a str, PublishedState<'a>>>,
-}
 
 /// One proxy's state of one type as published: the time of its ACK instead of its age
 /// (so an unchanged proxy is not rewritten), `current` only where it differs from

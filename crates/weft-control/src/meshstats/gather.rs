@@ -116,17 +116,17 @@ impl Gatherer {
 
     /// One round: every connected proxy with a metrics address, concurrently.
     pub async fn scrape_all(&self, server: &AdsServer) {
-        let targets: Vec<(String, SocketAddr)> = server
-            .connections()
-            .into_iter()
-            .filter_map(|c| {
-                let mut addr = c.node.as_ref()?.metrics?;
-                if addr.ip().is_unspecified() {
-                    addr.set_ip(c.peer?.ip());
-                }
-                Some((c.node_id, addr))
-            })
-            .collect();
+        // Read in place: a copy of every connection's status (thousands, with their
+        // nodes) every round cost a busy control plane more than the scrapes.
+        let mut targets: Vec<(String, SocketAddr)> = Vec::new();
+        server.for_each_connection(|c| {
+            let Some(mut addr) = c.node.as_ref().and_then(|n| n.metrics) else { return };
+            if addr.ip().is_unspecified() {
+                let Some(peer) = c.peer else { return };
+                addr.set_ip(peer.ip());
+            }
+            targets.push((c.node_id.clone(), addr));
+        });
         let mut states = std::mem::take(&mut *self.targets.lock().unwrap_or_else(|p| p.into_inner()));
         let limit = Arc::new(Semaphore::new(self.cfg.concurrency.max(1)));
         let mut jobs = tokio::task::JoinSet::new();

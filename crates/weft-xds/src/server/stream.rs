@@ -66,22 +66,36 @@ pub(super) struct Reply {
     pub(super) error: Option<envoy_types::pb::google::rpc::Status>,
 }
 
-/// One open stream: the peer's registration, per-type state and the response channel.
+/// One open stream: per-type state, and what answering needs.
 struct Stream<V: Variant> {
+    /// Per subscribed type URL (in URL order: clusters, endpoints, listeners, routes).
+    types: BTreeMap<String, Subscription<V::State>>,
+    link: Link<V>,
+}
+
+/// One subscribed type of a stream.
+#[derive(Default)]
+struct Subscription<S> {
+    /// The variant's state of the type.
+    state: S,
+    /// The snapshot's version last recorded in the connection's status
+    /// (`TypeStatus::current_version`), so an unchanged one costs no status update.
+    recorded: Option<String>,
+}
+
+/// What a stream answers with: the peer's registration, the source's resources for it
+/// and the response channel.
+struct Link<V: Variant> {
     registration: Registration,
-    types: BTreeMap<String, V::State>,
     tx: mpsc::Sender<Result<V::Response, Status>>,
     nonce: u64,
-    /// The source's change counter (what [`Stream::snapshot`] is current with).
+    /// The source's change counter (what [`Link::snapshot`] is current with).
     changes: watch::Receiver<u64>,
     /// What the source derived from this stream's node (see `XdsSource::snapshot`).
     memo: NodeMemo,
     /// The node's resources as of a value of `changes`: every type of a push, and the
     /// requests answered until the next change, are served from one look-up.
     snapshot: Option<(u64, Option<Arc<dyn XdsSnapshot>>)>,
-    /// Per type, the snapshot's version last recorded in the connection's status
-    /// (`TypeStatus::current_version`), so an unchanged one costs no status update.
-    recorded: BTreeMap<String, String>,
 }
 
 impl<V: Variant> Stream<V> {
@@ -92,13 +106,18 @@ impl<V: Variant> Stream<V> {
             return Err(Status::invalid_argument("xDS request without a type_url"));
         }
         let new = !self.types.contains_key(&type_url);
-        let state = self.types.entry(type_url.clone()).or_default();
-        let received = V::receive(state, &type_url, request, new);
+        if new {
+            self.types.insert(type_url.clone(), Subscription::default());
+        }
+        let Some(subscription) = self.types.get_mut(&type_url) else {
+            return Ok(());
+        };
+        let received = V::receive(&mut subscription.state, &type_url, request, new);
         if let Some(reply) = received.reply {
-            record_reply(&self.registration, &type_url, reply);
+            record_reply(&self.link.registration, &type_url, reply);
         }
         if received.push {
-            self.push(&type_url, None).await
+            self.link.push(&type_url, subscription, None).await
         } else {
             Ok(())
         }
@@ -106,20 +125,24 @@ impl<V: Variant> Stream<V> {
 
     /// Re-sends, per subscribed type, what changed at the source (seen at `changed_at`).
     async fn push_all(&mut self, changed_at: Instant) -> Result<(), Status> {
-        let types: Vec<String> = self.types.keys().cloned().collect();
-        for type_url in types {
-            self.push(&type_url, Some(changed_at)).await?;
+        // In place: no copy of the type URLs, no look-up per type.
+        for (type_url, subscription) in self.types.iter_mut() {
+            self.link.push(type_url, subscription, Some(changed_at)).await?;
         }
         Ok(())
     }
+}
 
+impl<V: Variant> Link<V> {
     /// Sends the response the variant says a type needs, if any, and reports it (to
     /// the connection's status and the server's observer; `changed_at`: when the source
     /// change that called for it was seen, for the convergence time).
-    async fn push(&mut self, type_url: &str, changed_at: Option<Instant>) -> Result<(), Status> {
-        let Some(state) = self.types.get_mut(type_url) else {
-            return Ok(());
-        };
+    async fn push(
+        &mut self,
+        type_url: &str,
+        subscription: &mut Subscription<V::State>,
+        changed_at: Option<Instant>,
+    ) -> Result<(), Status> {
         let started = Instant::now();
         let registration = &self.registration;
         let source = registration.shared.source.as_ref();
@@ -131,12 +154,13 @@ impl<V: Variant> Stream<V> {
         // What the proxy should run now, recorded for `TypeStatus::current_version` when
         // it moved (from the snapshot only: a source without one may copy every resource
         // to tell its version, and the variant asks for it again).
-        let looked = snapshot.and_then(|s| s.version(type_url)).filter(|v| self.recorded.get(type_url) != Some(v));
+        let looked = snapshot.and_then(|s| s.version(type_url)).filter(|v| subscription.recorded.as_ref() != Some(v));
         let current = Current { source, node: &registration.node, snapshot };
         let nonce = self.nonce + 1;
-        let Some((response, version)) = V::respond(state, &current, type_url, nonce) else {
+        let Some((response, version)) = V::respond(&mut subscription.state, &current, type_url, nonce) else {
             if let Some(looked) = looked {
-                self.record_current(type_url, looked);
+                subscription.recorded = Some(looked.clone());
+                self.registration.update(type_url, |t| t.current_version = Some(looked));
             }
             return Ok(());
         };
@@ -148,8 +172,8 @@ impl<V: Variant> Stream<V> {
             sent.duration_since(started),
             changed_at.map(|at| sent.duration_since(at)),
         );
-        if let Some(looked) = &looked {
-            self.recorded.insert(type_url.to_string(), looked.clone());
+        if looked.is_some() {
+            subscription.recorded.clone_from(&looked);
         }
         self.registration.update(type_url, |t| {
             t.sent_version = Some(version);
@@ -159,12 +183,6 @@ impl<V: Variant> Stream<V> {
             }
         });
         Ok(())
-    }
-
-    /// Records `version` as what the peer should run of `type_url` (nothing sent).
-    fn record_current(&mut self, type_url: &str, version: String) {
-        self.recorded.insert(type_url.to_string(), version.clone());
-        self.registration.update(type_url, |t| t.current_version = Some(version));
     }
 }
 
@@ -204,16 +222,8 @@ pub(super) async fn drive<V: Variant>(
             return;
         }
     };
-    let mut stream = Stream::<V> {
-        registration,
-        types: BTreeMap::new(),
-        tx,
-        nonce: 0,
-        changes,
-        memo: None,
-        snapshot: None,
-        recorded: BTreeMap::new(),
-    };
+    let link = Link::<V> { registration, tx, nonce: 0, changes, memo: None, snapshot: None };
+    let mut stream = Stream::<V> { types: BTreeMap::new(), link };
     if stream.on_request(first).await.is_err() {
         return;
     }
@@ -224,14 +234,14 @@ pub(super) async fn drive<V: Variant>(
                 Ok(Some(request)) => stream.on_request(request).await,
                 Ok(None) | Err(_) => return,
             },
-            changed = stream.changes.changed(), if source_open => {
+            changed = stream.link.changes.changed(), if source_open => {
                 source_open = changed.is_ok();
                 stream.push_all(Instant::now()).await
             }
             () = stopped(&mut stop) => return,
         };
         if let Err(status) = result {
-            let _ = stream.tx.send(Err(status)).await;
+            let _ = stream.link.tx.send(Err(status)).await;
             return;
         }
     }

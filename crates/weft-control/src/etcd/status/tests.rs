@@ -97,12 +97,6 @@ fn typed_sync_states_are_the_bytes_the_value_form_wrote() {
 
 #[test]
 fn a_translation_gives_the_current_versions_when_the_stream_recorded_none() {
-    let mut inputs = statuses();
-    for i in &mut inputs {
-        for s in i.types.values_mut() {
-            s.current_version = None;
-        }
-    }
     let translation: TypeMap = [
         (type_url::CLUSTER.to_string(), ("c1".to_string(), BTreeMap::new())),
         (type_url::ENDPOINT.to_string(), ("e2".to_string(), BTreeMap::new())),
@@ -111,10 +105,22 @@ fn a_translation_gives_the_current_versions_when_the_stream_recorded_none() {
     ]
     .into();
     let translation = Arc::new(translation);
+    let mut inputs = statuses();
     for i in &mut inputs {
+        for s in i.types.values_mut() {
+            s.current_version = None;
+        }
         i.translation = Some(translation.clone());
     }
-    assert_eq!(synced_value(&inputs), synced_value(&statuses()));
+    // A proxy subscribed to every type: the same states as from what its stream recorded.
+    let recorded = statuses();
+    assert_eq!(synced_value(&inputs[..1]), synced_value(&recorded[..1]));
+    // One that was never sent a type: its current version, as the API lists it.
+    let b: Value = serde_json::from_slice(&synced_value(&inputs[1..])).unwrap_or_default();
+    assert_eq!(
+        b["states"]["b"]["Cluster"],
+        json!({"acked": null, "acked_at": null, "current": "c1", "status": "NOT SENT"})
+    );
 }
 
 #[test]
