@@ -26,9 +26,15 @@ use crate::registry::{Registry, RegistrySnapshot, Workload, WorkloadSource};
 use crate::store::ResourceStore;
 use crate::translate::{grpcgen, peer_exchange, translate, MeshConfig, ProxyMode};
 
-/// Coalesces bursts of changes (a directory of files saved together, many proxies
-/// connecting) into one push.
+/// At most one push per this: bursts of changes (a directory of files saved together,
+/// many proxies connecting) coalesce into a push each period.
 const DEBOUNCE: Duration = Duration::from_millis(100);
+
+/// How long a change after a quiet spell (at least [`DEBOUNCE`] since the last push)
+/// waits before it is pushed, so what arrives with it (the other documents of an apply,
+/// the other replicas' writes of one etcd revision) goes in the same push. A single
+/// change thus reaches the proxies without waiting a whole [`DEBOUNCE`].
+const SETTLE: Duration = Duration::from_millis(10);
 
 /// Translations kept by default: one per proxy shape (namespace, labels, ports, listener
 /// addresses...), so roughly one per deployment of the mesh.
@@ -126,18 +132,20 @@ impl MeshXdsSource {
         let mut reg_rx = me.registry.changes();
         let mut jwks_rx = me.jwks.changes();
         tokio::spawn(async move {
+            let mut last_push: Option<tokio::time::Instant> = None;
             loop {
                 tokio::select! {
                     r = store_rx.changed() => if r.is_err() { return },
                     r = reg_rx.changed() => if r.is_err() { return },
                     r = jwks_rx.changed() => if r.is_err() { return },
                 }
-                tokio::time::sleep(DEBOUNCE).await;
+                tokio::time::sleep_until(push_at(tokio::time::Instant::now(), last_push)).await;
                 let _ = store_rx.borrow_and_update();
                 let _ = reg_rx.borrow_and_update();
                 let _ = jwks_rx.borrow_and_update();
                 let Some(me) = weak.upgrade() else { return };
                 me.changes.send_modify(|v| *v += 1);
+                last_push = Some(tokio::time::Instant::now());
             }
         });
         me
@@ -253,7 +261,7 @@ impl MeshXdsSource {
         let registry = self.registry.snapshot();
         let inputs = (store_version, self.registry_epoch(store_version, &mesh, &registry));
         let staged = self.staged_for(info);
-        let mut shape = shape(info, node, &registry);
+        let mut shape = parsed.shape(node, &registry);
         if let Some(v) = &staged {
             shape.push_str(&format!("|staged:{}", v.generation));
         }
@@ -338,11 +346,28 @@ impl MeshXdsSource {
 struct ParsedNode {
     info: NodeInfo,
     grpc: bool,
+    /// The node's [`shape`] and the registry version it was made at: a push to
+    /// thousands of streams of an unchanged registry formats no shape and looks up no
+    /// workload (among thousands) per stream.
+    shape: Mutex<Option<(u64, String)>>,
 }
 
 impl ParsedNode {
     fn of(node: &Node) -> ParsedNode {
-        ParsedNode { info: node_info(node), grpc: grpcgen::is_grpc(node) }
+        ParsedNode { info: node_info(node), grpc: grpcgen::is_grpc(node), shape: Mutex::new(None) }
+    }
+
+    /// [`shape`] of `node` (whose metadata this is) in `registry`.
+    fn shape(&self, node: &Node, registry: &RegistrySnapshot) -> String {
+        let mut memo = self.shape.lock().unwrap_or_else(|p| p.into_inner());
+        match memo.as_ref() {
+            Some((version, shape)) if *version == registry.version() => shape.clone(),
+            _ => {
+                let made = shape(&self.info, node, registry);
+                *memo = Some((registry.version(), made.clone()));
+                made
+            }
+        }
     }
 }
 
@@ -379,6 +404,16 @@ impl TranslationCache {
             self.entries.remove(&oldest);
             self.stats.evicted_lru += 1;
         }
+    }
+}
+
+/// When a change seen at `now` is pushed: after [`SETTLE`], and no sooner than
+/// [`DEBOUNCE`] after the last push (`last_push`), so a burst costs a push per period.
+fn push_at(now: tokio::time::Instant, last_push: Option<tokio::time::Instant>) -> tokio::time::Instant {
+    let settled = now + SETTLE;
+    match last_push {
+        Some(last) => settled.max(last + DEBOUNCE),
+        None => settled,
     }
 }
 
@@ -512,4 +547,21 @@ fn lookup_in(types: &TypeMap, vhosts: &VhostIndex, type_url: &str, names: &BTree
         })
         .collect();
     (version.clone(), resolved)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_change_after_a_quiet_spell_waits_only_the_settle_time_and_a_burst_once_per_debounce() {
+        let now = tokio::time::Instant::now();
+        // Never pushed, or quiet for longer than the debounce period: the settle time.
+        assert_eq!(push_at(now, None), now + SETTLE);
+        assert_eq!(push_at(now, Some(now - Duration::from_secs(1))), now + SETTLE);
+        // Soon after a push: a whole period after that push, not after the change.
+        let last = now - Duration::from_millis(30);
+        assert_eq!(push_at(now, Some(last)), last + DEBOUNCE);
+        assert!(SETTLE < DEBOUNCE);
+    }
 }
