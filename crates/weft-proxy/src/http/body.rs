@@ -331,7 +331,7 @@ mod tests {
         >());
         let started = tokio::time::Instant::now();
         let body = DeadlineBody::new(boxed(stalled), Some(Duration::from_secs(5)), None);
-        let err = body.collect().await.err().expect("the stalled body fails");
+        let err = body.collect().await.expect_err("the stalled body fails");
         assert!(matches!(err.downcast_ref::<BodyTimeout>(), Some(BodyTimeout::Idle)), "{err}");
         let waited = started.elapsed();
         assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(6), "{waited:?}");
@@ -345,7 +345,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let route = Instant::now() + Duration::from_secs(2);
         let body = DeadlineBody::new(boxed(stalled), Some(Duration::from_secs(5)), Some(route));
-        let err = body.collect().await.err().expect("the stalled body fails");
+        let err = body.collect().await.expect_err("the stalled body fails");
         assert!(matches!(err.downcast_ref::<BodyTimeout>(), Some(BodyTimeout::Route)), "{err}");
         let waited = started.elapsed();
         assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(3), "{waited:?}");
