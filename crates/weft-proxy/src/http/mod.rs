@@ -30,10 +30,6 @@ use crate::report::HttpReport;
 use crate::route::{Abort, CorsDecision, Route, RouteAction};
 use body::{full, ReportingBody};
 
-/// Request headers an outbound proxy may add before forwarding: `x-forwarded-proto`,
-/// `x-request-id` and the two peer-metadata headers.
-const ADDED_REQUEST_HEADERS: usize = 4;
-
 /// hyper's HTTP/1 limit on request headers when none is set (`DEFAULT_MAX_HEADERS`).
 const HYPER_MAX_HEADERS: usize = 100;
 
@@ -219,13 +215,6 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
     }
     if parts.headers.get_all(HOST).iter().nth(1).is_some() {
         return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "more than one Host header"));
-    }
-    // Outbound, room for what the proxy adds on the way (x-forwarded-proto,
-    // x-request-id, the two peer-metadata headers), reserved at once: a request head
-    // parsed with one or two headers otherwise grows its map (a new index table and a
-    // reallocation) three times on the way upstream. Inbound strips more than it adds.
-    if conn.listener.direction != crate::config::Direction::Inbound {
-        parts.headers.reserve(ADDED_REQUEST_HEADERS);
     }
     // Envoy's HCM (without use_remote_address) keeps a client's x-forwarded-proto and
     // otherwise sets it from the connection, before routing (require_tls reads it).
@@ -432,9 +421,20 @@ fn hpack_never_indexed(name: &HeaderName) -> bool {
     use http::header::{
         AGE, AUTHORIZATION, CONTENT_LENGTH, COOKIE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LOCATION, SET_COOKIE,
     };
-    [CONTENT_LENGTH, AGE, AUTHORIZATION, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LOCATION, COOKIE, SET_COOKIE]
-        .iter()
-        .any(|n| n == name)
+    // A match on the standard names (as h2 writes it), not a comparison with an array
+    // of names built and dropped per header.
+    matches!(
+        *name,
+        CONTENT_LENGTH
+            | AGE
+            | AUTHORIZATION
+            | ETAG
+            | IF_MODIFIED_SINCE
+            | IF_NONE_MATCH
+            | LOCATION
+            | COOKIE
+            | SET_COOKIE
+    )
 }
 
 /// The authority a request is for: the absolute URI's (explicit proxy, HTTP/2), else Host.
