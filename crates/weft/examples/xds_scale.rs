@@ -49,8 +49,15 @@ struct Sim {
 /// decoded. With `full` every copy is decoded (the behaviour before this cache).
 struct RouteCheck {
     full: bool,
-    /// Per route configuration name: the bytes last decoded, the cluster asked for, the verdict.
-    last: Mutex<std::collections::HashMap<String, (Vec<u8>, String, bool)>>,
+    /// Per route configuration name, the last decode.
+    last: Mutex<std::collections::HashMap<String, Checked>>,
+}
+
+/// One decoded route configuration: its bytes, the cluster asked for and the verdict.
+struct Checked {
+    bytes: Vec<u8>,
+    cluster: String,
+    verdict: bool,
 }
 
 impl RouteCheck {
@@ -64,13 +71,13 @@ impl RouteCheck {
             return decoded_routes_to(bytes, cluster);
         }
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((seen, asked, verdict)) = last.get(name) {
-            if seen.as_slice() == bytes && asked == cluster {
-                return *verdict;
+        if let Some(checked) = last.get(name) {
+            if checked.bytes.as_slice() == bytes && checked.cluster == cluster {
+                return checked.verdict;
             }
         }
         let verdict = decoded_routes_to(bytes, cluster);
-        last.insert(name.to_string(), (bytes.to_vec(), cluster.to_string(), verdict));
+        last.insert(name.to_string(), Checked { bytes: bytes.to_vec(), cluster: cluster.to_string(), verdict });
         verdict
     }
 }

@@ -1,6 +1,6 @@
 //! State-of-the-world ADS stream (`StreamAggregatedResources`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
@@ -24,8 +24,11 @@ struct TypeState {
 struct Stream<'a> {
     client: &'a AdsClient,
     tx: mpsc::UnboundedSender<DiscoveryRequest>,
-    types: BTreeMap<&'static str, TypeState>,
+    /// The subscribed types in ADS order (each once).
     order: Vec<&'static str>,
+    /// The state of `order[i]` at index `i` (a response finds its type by one scan of a
+    /// few pointers and lengths, no map of long type-URL keys to search).
+    types: Vec<TypeState>,
     node_sent: bool,
 }
 
@@ -37,14 +40,11 @@ pub(super) async fn run_stream(
     healthy: &mut bool,
 ) -> Result<(), String> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let order = client.handler.type_urls();
-    let mut stream = Stream {
-        client,
-        tx,
-        types: order.iter().map(|t| (*t, TypeState::default())).collect(),
-        order,
-        node_sent: false,
-    };
+    let mut order = client.handler.type_urls();
+    let mut seen = BTreeSet::new();
+    order.retain(|t| seen.insert(*t));
+    let mut stream =
+        Stream { client, tx, types: order.iter().map(|_| TypeState::default()).collect(), order, node_sent: false };
     // Initial requests, in ADS order, carrying the last accepted versions.
     stream.sync_interest(None)?;
     let mut responses = grpc
@@ -81,7 +81,7 @@ impl Stream<'_> {
     /// into the update, its nonce into the answer.
     fn handle(&mut self, response: DiscoveryResponse, memory: &mut Memory) -> Result<(), String> {
         let DiscoveryResponse { version_info, resources, type_url: received, nonce, .. } = response;
-        let Some(type_url) = self.order.iter().copied().find(|t| *t == received) else {
+        let Some((index, type_url)) = self.order.iter().copied().enumerate().find(|(_, t)| *t == received) else {
             let error = format!("unknown type_url {received}: not subscribed");
             self.client.record_nack(&received, &error);
             return self.send(DiscoveryRequest {
@@ -91,7 +91,7 @@ impl Stream<'_> {
                 ..Default::default()
             });
         };
-        let wildcard = match self.types.get_mut(type_url) {
+        let wildcard = match self.types.get_mut(index) {
             Some(state) => {
                 state.nonce.clone_from(&nonce);
                 matches!(state.requested, Some(None))
@@ -135,23 +135,24 @@ impl Stream<'_> {
                 request.error_detail = Some(nack_status(&error));
             }
         }
-        if let Some(state) = self.types.get_mut(type_url) {
+        if let Some(state) = self.types.get_mut(index) {
             state.requested = Some(interest);
         }
         self.send(request)?;
-        self.sync_interest(Some(type_url))
+        self.sync_interest(Some(index))
     }
 
     /// Sends a request for every type whose interest differs from what was last
-    /// requested (all types at stream start), except `skip` which was just answered.
-    fn sync_interest(&mut self, skip: Option<&str>) -> Result<(), String> {
+    /// requested (all types at stream start), except `skip` (an index in `order`) which
+    /// was just answered.
+    fn sync_interest(&mut self, skip: Option<usize>) -> Result<(), String> {
         for i in 0..self.order.len() {
             let Some(type_url) = self.order.get(i).copied() else { break };
-            if Some(type_url) == skip {
+            if Some(i) == skip {
                 continue;
             }
             let interest = self.client.handler.interest(type_url);
-            let Some(state) = self.types.get(type_url) else {
+            let Some(state) = self.types.get(i) else {
                 continue;
             };
             let changed = match &state.requested {
@@ -170,7 +171,7 @@ impl Stream<'_> {
                 resource_names: names_of(&interest),
                 ..Default::default()
             };
-            if let Some(state) = self.types.get_mut(type_url) {
+            if let Some(state) = self.types.get_mut(i) {
                 state.requested = Some(interest);
             }
             self.send(request)?;
