@@ -26,8 +26,8 @@ struct Stream<'a> {
     tx: mpsc::UnboundedSender<DiscoveryRequest>,
     /// The subscribed types in ADS order (each once).
     order: Vec<&'static str>,
-    /// The state of `order[i]` at index `i` (a response finds its type by one scan of a
-    /// few pointers and lengths, no map of long type-URL keys to search).
+    /// The state of `order[i]` at index `i`: a response finds it by the scan of `order`
+    /// that checks its type anyway (no map keyed by long type URLs to search).
     types: Vec<TypeState>,
     node_sent: bool,
 }
