@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderMap, HeaderName, Request, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Version};
 use weft_xds::NodeInfo;
 
 use crate::config::Direction;
@@ -70,15 +70,17 @@ const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 
 /// A generated request id: 32 lowercase hex digits (what `format!("{:032x}")` gives,
-/// without the formatting machinery, which cost ~800 instructions per request).
-fn hex_id(v: u128) -> String {
+/// without the formatting machinery, which cost ~800 instructions per request), as the
+/// header value the upstream request carries: one allocation, shared by the report and
+/// the header (a `String` and a header value made from it were two, plus a check).
+fn hex_id(v: u128) -> HeaderValue {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
     for (i, d) in out.iter_mut().enumerate() {
         *d = DIGITS[((v >> ((31 - i) * 4)) & 0xf) as usize];
     }
-    // Only ASCII hex digits were written.
-    std::str::from_utf8(&out).map(str::to_string).unwrap_or_default()
+    // Only ASCII hex digits were written: always a valid value.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out)).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 fn reporter(d: Direction) -> Reporter {
@@ -104,6 +106,14 @@ pub fn on_upstream_request(ctx: &Context, conn: &ConnInfo, headers: &mut HeaderM
     }
 }
 
+/// A request's id. One taken from the request's `x-request-id` is copied (a slice of
+/// the downstream read buffer would keep that buffer until the response ends); one
+/// generated is kept as the header value the upstream request carries.
+enum RequestId {
+    Taken(String),
+    Generated(HeaderValue),
+}
+
 /// One request's telemetry, filled in as it proceeds and reported when its response
 /// body ends.
 pub struct HttpReport {
@@ -119,7 +129,7 @@ pub struct HttpReport {
     user_agent: Option<String>,
     x_forwarded_for: Option<String>,
     /// The request id (taken from `x-request-id` or generated).
-    pub request_id: String,
+    request_id: RequestId,
     peer: Option<Arc<WorkloadInfo>>,
     /// The principal `peer` was decoded with (it has that principal applied already).
     peer_decoded_with: Option<Arc<str>>,
@@ -136,10 +146,10 @@ pub struct HttpReport {
     flags: Vec<&'static str>,
     /// Authority the request was for.
     pub authority: String,
-    /// Route that matched.
-    pub route_name: String,
-    /// Upstream cluster chosen.
-    pub cluster: String,
+    /// Route that matched (its name, shared with the route).
+    pub route_name: Option<Arc<str>>,
+    /// Upstream cluster chosen (its name, shared with the route).
+    pub cluster: Option<Arc<str>>,
     /// Upstream endpoint of the last attempt.
     pub upstream_host: Option<SocketAddr>,
     /// Time to the upstream response headers.
@@ -200,14 +210,17 @@ impl HttpReport {
             grpc: crate::route::is_grpc(h),
             user_agent: if log { text(http::header::USER_AGENT) } else { None },
             x_forwarded_for: if log { text(X_FORWARDED_FOR) } else { None },
-            request_id: text(X_REQUEST_ID).unwrap_or_else(|| hex_id(rand::random())),
+            request_id: match text(X_REQUEST_ID) {
+                Some(id) => RequestId::Taken(id),
+                None => RequestId::Generated(hex_id(rand::random())),
+            },
             peer_decoded_with: if peer.is_some() { conn.peer_principal.clone() } else { None },
             peer,
             announce,
             flags: Vec::new(),
             authority: String::new(),
-            route_name: String::new(),
-            cluster: String::new(),
+            route_name: None,
+            cluster: None,
             upstream_host: None,
             upstream_service_time: None,
             retries: 0,
@@ -219,6 +232,23 @@ impl HttpReport {
             details: None,
             rbac: Vec::new(),
             trace: None,
+        }
+    }
+
+    /// The request id (taken from `x-request-id` or generated).
+    pub fn request_id(&self) -> &str {
+        match &self.request_id {
+            RequestId::Taken(id) => id,
+            // Hex digits only: the check cannot fail.
+            RequestId::Generated(v) => v.to_str().unwrap_or_default(),
+        }
+    }
+
+    /// The request id as an `x-request-id` value: a generated one is shared, not copied.
+    pub fn request_id_value(&self) -> Option<HeaderValue> {
+        match &self.request_id {
+            RequestId::Taken(id) => HeaderValue::from_str(id).ok(),
+            RequestId::Generated(v) => Some(v.clone()),
         }
     }
 
@@ -340,7 +370,8 @@ impl HttpReport {
         };
         let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
-        let mut service = destination_service(ctx, self.direction, &self.cluster, Some(&self.authority));
+        let cluster = self.cluster.as_deref().unwrap_or_default();
+        let mut service = destination_service(ctx, self.direction, cluster, Some(&self.authority));
         if self.direction != Direction::Inbound {
             service = peer_namespace(service, &destination);
         }
@@ -359,14 +390,15 @@ impl HttpReport {
         if ctx.tap.is_active() {
             tap_event(ctx, &self, &labels, duration);
         }
-        if self.retries > 0 && !self.cluster.is_empty() {
+        if self.retries > 0 && !cluster.is_empty() {
             for _ in 0..self.retries {
-                ctx.metrics.proxy().upstream_retry(&self.cluster);
+                ctx.metrics.proxy().upstream_retry(cluster);
             }
         }
         if !ctx.access_log.is_enabled() {
             return;
         }
+        let request_id = self.request_id().to_string();
         ctx.access_log.log(&AccessRecord {
             start_time: self.start_time,
             method: Some(self.method),
@@ -381,11 +413,11 @@ impl HttpReport {
             upstream_service_time: self.upstream_service_time,
             x_forwarded_for: self.x_forwarded_for,
             user_agent: self.user_agent,
-            request_id: Some(self.request_id),
+            request_id: Some(request_id),
             authority: Some(self.authority).filter(|a| !a.is_empty()),
             upstream_host: self.upstream_host,
-            upstream_cluster: Some(self.cluster).filter(|c| !c.is_empty()),
-            route_name: Some(self.route_name).filter(|r| !r.is_empty()),
+            upstream_cluster: Some(cluster.to_string()).filter(|c| !c.is_empty()),
+            route_name: self.route_name.as_deref().filter(|r| !r.is_empty()).map(str::to_string),
             downstream_remote_address: Some(self.downstream_remote),
             downstream_local_address: Some(self.downstream_local),
             requested_server_name: None,
@@ -436,7 +468,7 @@ fn tap_event(ctx: &Context, r: &HttpReport, labels: &RequestLabels, duration: Du
         latency_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
         flags: labels.response_flags.to_string(),
         mtls,
-        request_id: r.request_id.clone(),
+        request_id: r.request_id().to_string(),
         start_unix_ms: r
             .start_time
             .duration_since(std::time::UNIX_EPOCH)

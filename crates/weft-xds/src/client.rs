@@ -341,10 +341,26 @@ impl AdsClient {
         });
     }
 
+    /// Notes an ACK: the type's version and update count, reusing the entries (and the
+    /// version's buffer) the type already has, so an ACK allocates nothing once the type
+    /// was ACKed before.
     fn record_ack(&self, type_url: &str, version: &str) {
         self.status.send_modify(|s| {
-            s.acked.insert(type_url.to_string(), version.to_string());
-            *s.updates.entry(type_url.to_string()).or_default() += 1;
+            match s.acked.get_mut(type_url) {
+                Some(acked) => {
+                    acked.clear();
+                    acked.push_str(version);
+                }
+                None => {
+                    s.acked.insert(type_url.to_string(), version.to_string());
+                }
+            }
+            match s.updates.get_mut(type_url) {
+                Some(count) => *count += 1,
+                None => {
+                    s.updates.insert(type_url.to_string(), 1);
+                }
+            }
             s.last_update = Some(SystemTime::now());
         });
     }

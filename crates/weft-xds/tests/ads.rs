@@ -58,6 +58,9 @@ async fn change_is_pushed_and_acked(mode: XdsMode) {
     assert_eq!(state.resources[ROUTE]["l1"], route("l1", "v2"));
     let status = client.wait_status("route v2 acked", |s| s.acked.get(ROUTE).map(String::as_str) == Some("2")).await;
     assert_eq!(status.nacks, 0);
+    // Both route responses (the initial one and the change) are counted, each type apart.
+    assert_eq!(status.updates.get(ROUTE), Some(&2));
+    assert_eq!(status.updates.get(LISTENER), Some(&1));
     let conn = &server.server.connections()[0];
     assert_eq!(conn.types[ROUTE].acked_version.as_deref(), Some("2"));
     assert_eq!(conn.types[ROUTE].sent_version.as_deref(), Some("2"));

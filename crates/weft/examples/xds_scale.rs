@@ -10,7 +10,9 @@
 //! `.tools/bin`) and 3 `weft control --store etcd://` replicas; every simulated proxy
 //! knows all three and starts at a random one, the change is applied through the first;
 //! RSS is reported per replica with the proxies each one serves. `WEFT_BIN` overrides the
-//! `weft` binary (a debug build for a trial run).
+//! `weft` binary (a debug build for a trial run). `--full-check`: every simulated proxy
+//! decodes its own copy of each route configuration (see `RouteCheck`; by default equal
+//! bytes are decoded once).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -20,10 +22,13 @@ use std::time::{Duration, Instant};
 
 use weft_xds::{type_url, AdsClient, Backoff, ClientConfig, NodeInfo, ResourceHandler, ResourceUpdate, XdsMode};
 
-/// Accepts everything (the client decodes every resource to name it); decodes each
-/// route configuration it gets and notes when the routes send `reviews` to the subset
-/// cluster the current change asked for.
+/// Accepts everything (the client names every resource); checks each route
+/// configuration it gets and notes when the routes send `reviews` to the subset cluster
+/// the current change asked for. The check reads the bytes each proxy received; a
+/// decode is shared by all proxies that received the very same bytes ([`RouteCheck`]),
+/// unless `--full-check` asks every proxy to decode its own copy.
 struct Sim {
+    check: Arc<RouteCheck>,
     changed_at: Arc<Mutex<Option<Instant>>>,
     /// The cluster the current change routes `reviews` to, and the change's number.
     want: Arc<Mutex<(u64, String)>>,
@@ -34,21 +39,61 @@ struct Sim {
     have: Mutex<u64>,
 }
 
-/// Whether any route of `routes` (route configurations as received) sends to `cluster`.
-fn routes_to(routes: &[(String, weft_xds::Any)], cluster: &str) -> bool {
+/// Whether a route configuration sends to a cluster, decoded once per distinct content.
+///
+/// Every simulated proxy receives the same route configurations (same names, same
+/// bytes). Decoding each copy again would measure prost 10,000 times over rather than
+/// the xDS path (on a fleet each proxy decodes on its own CPU, not on the control
+/// plane's cores): the last decoded bytes and verdict of each name are kept, and a
+/// proxy whose bytes are equal (compared in full) reuses the verdict. Other bytes are
+/// decoded. With `full` every copy is decoded (the behaviour before this cache).
+struct RouteCheck {
+    full: bool,
+    /// Per route configuration name, the last decode.
+    last: Mutex<std::collections::HashMap<String, Checked>>,
+}
+
+/// One decoded route configuration: its bytes, the cluster asked for and the verdict.
+struct Checked {
+    bytes: Vec<u8>,
+    cluster: String,
+    verdict: bool,
+}
+
+impl RouteCheck {
+    /// Whether any route of `routes` (route configurations as received) sends to `cluster`.
+    fn routes_to(&self, routes: &[(String, weft_xds::Any)], cluster: &str) -> bool {
+        routes.iter().any(|(name, any)| self.one_routes_to(name, &any.value, cluster))
+    }
+
+    fn one_routes_to(&self, name: &str, bytes: &[u8], cluster: &str) -> bool {
+        if self.full {
+            return decoded_routes_to(bytes, cluster);
+        }
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(checked) = last.get(name) {
+            if checked.bytes.as_slice() == bytes && checked.cluster == cluster {
+                return checked.verdict;
+            }
+        }
+        let verdict = decoded_routes_to(bytes, cluster);
+        last.insert(name.to_string(), Checked { bytes: bytes.to_vec(), cluster: cluster.to_string(), verdict });
+        verdict
+    }
+}
+
+/// Decodes one RouteConfiguration and says whether any route sends to `cluster`.
+fn decoded_routes_to(bytes: &[u8], cluster: &str) -> bool {
     use envoy_types::pb::envoy::config::route::v3::{route, route_action, RouteConfiguration};
     use prost::Message;
-    routes.iter().filter_map(|(_, any)| RouteConfiguration::decode(any.value.as_slice()).ok()).any(|rc| {
-        rc.virtual_hosts.iter().flat_map(|vh| &vh.routes).any(|r| match &r.action {
-            Some(route::Action::Route(a)) => match &a.cluster_specifier {
-                Some(route_action::ClusterSpecifier::Cluster(c)) => c == cluster,
-                Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
-                    w.clusters.iter().any(|c| c.name == cluster)
-                }
-                _ => false,
-            },
+    let Ok(rc) = RouteConfiguration::decode(bytes) else { return false };
+    rc.virtual_hosts.iter().flat_map(|vh| &vh.routes).any(|r| match &r.action {
+        Some(route::Action::Route(a)) => match &a.cluster_specifier {
+            Some(route_action::ClusterSpecifier::Cluster(c)) => c == cluster,
+            Some(route_action::ClusterSpecifier::WeightedClusters(w)) => w.clusters.iter().any(|c| c.name == cluster),
             _ => false,
-        })
+        },
+        _ => false,
     })
 }
 
@@ -194,7 +239,7 @@ impl ResourceHandler for Sim {
             }
             let (change, cluster) = self.want.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let mut have = self.have.lock().unwrap_or_else(|p| p.into_inner());
-            if *have < change && routes_to(&u.upserts, &cluster) {
+            if *have < change && self.check.routes_to(&u.upserts, &cluster) {
                 *have = change;
                 if let Some(t0) = *self.changed_at.lock().unwrap_or_else(|p| p.into_inner()) {
                     self.latencies.lock().unwrap_or_else(|p| p.into_inner()).push(t0.elapsed());
@@ -328,6 +373,9 @@ async fn main() -> anyhow::Result<()> {
     let changes = flag("--changes", 1)?.max(1);
     // Seconds between changes (what the parties do then is `cpu_after_change`).
     let quiet_secs = flag("--quiet-secs", 2)?;
+    // Every proxy decodes its own copy of each route configuration (see `RouteCheck`).
+    let full_check = args.iter().any(|a| a == "--full-check");
+    let check = Arc::new(RouteCheck { full: full_check, last: Mutex::default() });
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let weft = std::env::var_os("WEFT_BIN").map(PathBuf::from).unwrap_or_else(|| root.join("target/release/weft"));
     anyhow::ensure!(weft.is_file(), "build it first: cargo build --release -p weft");
@@ -376,6 +424,7 @@ async fn main() -> anyhow::Result<()> {
             ..NodeInfo::default()
         };
         let handler = Arc::new(Sim {
+            check: check.clone(),
             changed_at: changed_at.clone(),
             want: want.clone(),
             latencies: latencies.clone(),
@@ -471,6 +520,7 @@ async fn main() -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "clients": n,
+            "full_check": full_check,
             "initial_sync_s": initial_sync.as_secs_f64(),
             "quiet_after_sync_s": quiet_after.as_secs_f64(),
             "idle_control_plane_cores": idle_cores,

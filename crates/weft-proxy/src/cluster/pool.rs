@@ -49,7 +49,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, Request, Response, Uri, Version};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
@@ -479,7 +479,9 @@ impl Pools {
             let ready = if fresh_only { None } else { pool.checkout_h1(&self.inner.cfg, &up.conn).await };
             let conn = match ready {
                 Some(c) => c,
-                None => self.wait_h1(pool, addr, up, fresh_only).await?,
+                // Boxed: waiting and connecting (TCP, TLS, handshake) are the slow path;
+                // inline, their state would enlarge every request's future.
+                None => Box::pin(self.wait_h1(pool, addr, up, fresh_only)).await?,
             };
             let Checked { mut tx, principal, opened, uses, reused } = conn;
             match tx.try_send_request(req).await {
@@ -641,14 +643,49 @@ impl Pools {
                 return Ok((tx, true, principal));
             }
         }
-        // One HTTP/2 connection per endpoint: counted against max_connections, never
-        // refused (requests are bounded by max_requests instead).
+        // Boxed: connecting (TCP, TLS, handshake) is the slow path; inline, its state
+        // would enlarge the future of every request, which is moved several times.
+        let (tx, principal) = Box::pin(Self::open_h2(pool, addr, up)).await?;
+        let now = Instant::now();
+        let fresh = H2Conn { tx: tx.clone(), principal: principal.clone(), last_used: now, opened: now, uses: 1 };
+        *slot = (!spent(&up.conn, fresh.opened, fresh.uses)).then_some(fresh);
+        Ok((tx, false, principal))
+    }
+}
+
+/// Spawns the futures of hyper's HTTP/2 client on tokio, boxed. hyper spawns one per
+/// request, of an enum whose largest variant is a whole connection task (codec, buffers,
+/// TLS stream): tokio's spawn path moved that enum whole several times (~3k instructions
+/// per request on an HTTP/2 client sidecar, ~1.5k boxed: bench/notes.md). Boxed, it is
+/// copied once and tokio moves a pointer.
+#[derive(Clone, Copy, Debug, Default)]
+struct BoxedSpawn;
+
+impl<F> hyper::rt::Executor<F> for BoxedSpawn
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Box::pin(fut));
+    }
+}
+
+impl Pools {
+    /// A new HTTP/2 connection to `addr`, its connection task spawned: the sender and
+    /// the principal the upstream proved. One HTTP/2 connection per endpoint: counted
+    /// against max_connections, never refused (requests are bounded by max_requests
+    /// instead).
+    async fn open_h2(
+        pool: &Arc<EndpointPool>,
+        addr: SocketAddr,
+        up: &Upstream<'_>,
+    ) -> Result<(http2::SendRequest<BoxBody>, Principal), ProxyError> {
         let cx = up.breaker.and_then(|(load, limits)| load.try_connection(limits.max_connections, true));
         let io = up.connector.connect_with(addr, up.connect_timeout, up.conn.keepalive).await?;
         let principal = io.peer_principal();
-        let (tx, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(io))
-            .await
-            .map_err(|e| map_hyper_error(addr, &e, true))?;
+        let (tx, conn) =
+            http2::handshake(BoxedSpawn, TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
         let open = Arc::clone(&pool.http2_open);
         open.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
@@ -658,10 +695,7 @@ impl Pools {
             open.fetch_sub(1, Ordering::AcqRel);
             drop(cx);
         });
-        let now = Instant::now();
-        let fresh = H2Conn { tx: tx.clone(), principal: principal.clone(), last_used: now, opened: now, uses: 1 };
-        *slot = (!spent(&up.conn, fresh.opened, fresh.uses)).then_some(fresh);
-        Ok((tx, false, principal))
+        Ok((tx, principal))
     }
 }
 
@@ -954,26 +988,24 @@ fn origin_form(mut req: Request<BoxBody>) -> Result<Request<BoxBody>, ProxyError
 /// endpoint address.
 fn absolute_form(mut req: Request<BoxBody>, addr: SocketAddr) -> Result<Request<BoxBody>, ProxyError> {
     let bad = |e: String| ProxyError::new(ErrorKind::DownstreamProtocol, e);
-    let authority = match req.uri().authority() {
-        Some(a) => a.clone(),
-        None => match req.headers().get(header::HOST) {
-            Some(h) => {
-                let s = h.to_str().map_err(|e| bad(format!("bad Host header: {e}")))?;
-                s.parse::<Authority>().map_err(|e| bad(format!("bad Host header {s:?}: {e}")))?
-            }
-            None => addr.to_string().parse::<Authority>().map_err(|e| bad(format!("bad endpoint authority: {e}")))?,
-        },
-    };
-    let scheme = req.uri().scheme().cloned().unwrap_or(Scheme::HTTP);
-    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::builder()
-        .scheme(scheme)
-        .authority(authority)
-        .path_and_query(pq)
-        .build()
-        .map_err(|e| bad(format!("cannot build URI: {e}")))?;
     // :authority carries the host; a Host header would be sent twice.
-    req.headers_mut().remove(header::HOST);
+    let host = req.headers_mut().remove(header::HOST);
+    let mut uri = std::mem::take(req.uri_mut()).into_parts();
+    if uri.authority.is_none() {
+        uri.authority = Some(match host {
+            // The authority parser checks every byte (ASCII only): no separate UTF-8 pass.
+            Some(h) => Authority::try_from(h.as_bytes())
+                .map_err(|e| bad(format!("bad Host header {:?}: {e}", String::from_utf8_lossy(h.as_bytes()))))?,
+            None => addr.to_string().parse::<Authority>().map_err(|e| bad(format!("bad endpoint authority: {e}")))?,
+        });
+    }
+    if uri.scheme.is_none() {
+        uri.scheme = Some(Scheme::HTTP);
+    }
+    if uri.path_and_query.is_none() {
+        uri.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    *req.uri_mut() = Uri::from_parts(uri).map_err(|e| bad(format!("cannot build URI: {e}")))?;
     *req.version_mut() = Version::HTTP_2;
     Ok(req)
 }

@@ -260,9 +260,11 @@ impl ListenerConfig {
             match &c.kind {
                 ChainKind::Tcp(t) => match &t.clusters {
                     crate::route::ClusterChoice::Single(n) => {
-                        out.insert(n.clone());
+                        out.insert(n.to_string());
                     }
-                    crate::route::ClusterChoice::Weighted(list, _) => out.extend(list.iter().map(|(n, _)| n.clone())),
+                    crate::route::ClusterChoice::Weighted(list, _) => {
+                        out.extend(list.iter().map(|(n, _)| n.to_string()))
+                    }
                 },
                 ChainKind::Http(h) => {
                     if let RouteSource::Inline(t) = &h.routes {
@@ -576,9 +578,10 @@ fn compile_hcm(h: &HttpConnectionManager, scope: &str) -> Result<HttpChain, (Str
 
 fn compile_tcp(t: &TcpProxy) -> Result<TcpChain, (String, String)> {
     let clusters = match &t.cluster_specifier {
-        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => ClusterChoice::Single(c.clone()),
+        Some(tcp_proxy::ClusterSpecifier::Cluster(c)) if !c.is_empty() => ClusterChoice::Single(Arc::from(c.as_str())),
         Some(tcp_proxy::ClusterSpecifier::WeightedClusters(w)) => {
-            let list: Vec<(String, u32)> = w.clusters.iter().map(|c| (c.name.clone(), c.weight)).collect();
+            let list: Vec<(Arc<str>, u32)> =
+                w.clusters.iter().map(|c| (Arc::from(c.name.as_str()), c.weight)).collect();
             let total: u32 = list.iter().map(|(_, w)| *w).sum();
             if list.is_empty() || total == 0 {
                 return Err(("weighted_clusters".into(), "needs at least one cluster with a weight above 0".into()));

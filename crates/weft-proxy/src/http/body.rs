@@ -7,7 +7,7 @@ use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use std::future::Future;
-use tokio::time::Sleep;
+use tokio::time::{Instant as TokioInstant, Sleep};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -68,11 +68,19 @@ impl<T: Unpin> Body for Hold<T> {
 /// An upstream response body bounded in time: the route's overall deadline (Envoy's
 /// route timeout covers the whole response) and the stream idle timeout (no frame for
 /// that long). Either ends the body with an error, which resets the downstream stream.
+///
+/// The timers are armed only when the body has to wait for a frame: a response whose
+/// frames are ready when asked (most small ones) is checked against the clock and never
+/// allocates or registers a timer (two timer-wheel insertions and removals per response
+/// before).
 pub struct DeadlineBody {
     inner: BoxBody,
     idle: Option<Duration>,
+    /// When the stream idle timeout fires; every frame moves it on.
+    idle_at: Option<TokioInstant>,
     idle_timer: Option<Pin<Box<Sleep>>>,
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<TokioInstant>,
+    deadline_timer: Option<Pin<Box<Sleep>>>,
 }
 
 impl DeadlineBody {
@@ -81,9 +89,41 @@ impl DeadlineBody {
         DeadlineBody {
             inner,
             idle,
-            idle_timer: idle.map(|d| Box::pin(tokio::time::sleep(d))),
-            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d.into()))),
+            idle_at: idle.map(|d| TokioInstant::now() + d),
+            idle_timer: None,
+            deadline: deadline.map(TokioInstant::from),
+            deadline_timer: None,
         }
+    }
+
+    /// True when the route deadline has passed: asks the timer once armed, else the clock.
+    fn deadline_passed(&mut self, cx: &mut TaskContext<'_>) -> bool {
+        let Some(at) = self.deadline else { return false };
+        match self.deadline_timer.as_mut() {
+            Some(t) => t.as_mut().poll(cx).is_ready(),
+            None => TokioInstant::now() >= at,
+        }
+    }
+
+    /// The body waits for a frame: arms both timers (the idle one at the latest frame's
+    /// deadline) so that either wakes the task; the timeout that has already fired, if any.
+    fn arm(&mut self, cx: &mut TaskContext<'_>) -> Result<(), BodyTimeout> {
+        if let Some(at) = self.deadline {
+            let t = self.deadline_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if t.as_mut().poll(cx).is_ready() {
+                return Err(BodyTimeout::Route);
+            }
+        }
+        if let Some(at) = self.idle_at {
+            let t = self.idle_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+            if t.deadline() != at {
+                t.as_mut().reset(at);
+            }
+            if t.as_mut().poll(cx).is_ready() {
+                return Err(BodyTimeout::Idle);
+            }
+        }
+        Ok(())
     }
 }
 
@@ -104,26 +144,20 @@ impl Body for DeadlineBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if let Some(d) = this.deadline.as_mut() {
-            if d.as_mut().poll(cx).is_ready() {
-                return Poll::Ready(Some(Err(Box::new(BodyTimeout::Route))));
-            }
+        if this.deadline_passed(cx) {
+            return Poll::Ready(Some(Err(Box::new(BodyTimeout::Route))));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(f) => {
-                if let (Some(t), Some(idle)) = (this.idle_timer.as_mut(), this.idle) {
-                    t.as_mut().reset(tokio::time::Instant::now() + idle);
+                if let Some(idle) = this.idle {
+                    this.idle_at = Some(TokioInstant::now() + idle);
                 }
                 Poll::Ready(f)
             }
-            Poll::Pending => {
-                let idle_fired = this.idle_timer.as_mut().map(|t| t.as_mut().poll(cx).is_ready()).unwrap_or(false);
-                if idle_fired {
-                    Poll::Ready(Some(Err(Box::new(BodyTimeout::Idle))))
-                } else {
-                    Poll::Pending
-                }
-            }
+            Poll::Pending => match this.arm(cx) {
+                Ok(()) => Poll::Pending,
+                Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
+            },
         }
     }
     fn is_end_stream(&self) -> bool {
@@ -268,5 +302,52 @@ impl Drop for ReportingBody {
         // Dropped before the end: the downstream went away mid-response.
         let early = self.report.is_some() && !self.inner.is_end_stream();
         self.finish(early);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+
+    use super::{boxed, full, BodyTimeout, DeadlineBody};
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_body_with_ready_frames_arms_no_timer() {
+        let route = Instant::now() + Duration::from_secs(15);
+        let mut body =
+            DeadlineBody::new(full(Bytes::from_static(b"hello")), Some(Duration::from_secs(300)), Some(route));
+        let data = (&mut body).collect().await.expect("the body ends normally").to_bytes();
+        assert_eq!(&data[..], b"hello");
+        assert!(body.idle_timer.is_none() && body.deadline_timer.is_none(), "no timer for frames that were ready");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_body_that_stalls_ends_at_the_idle_timeout() {
+        let stalled = http_body_util::StreamBody::new(futures::stream::pending::<
+            Result<http_body::Frame<Bytes>, std::io::Error>,
+        >());
+        let started = tokio::time::Instant::now();
+        let body = DeadlineBody::new(boxed(stalled), Some(Duration::from_secs(5)), None);
+        let err = body.collect().await.expect_err("the stalled body fails");
+        assert!(matches!(err.downcast_ref::<BodyTimeout>(), Some(BodyTimeout::Idle)), "{err}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(5) && waited < Duration::from_secs(6), "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deadline_body_that_stalls_ends_at_the_route_deadline() {
+        let stalled = http_body_util::StreamBody::new(futures::stream::pending::<
+            Result<http_body::Frame<Bytes>, std::io::Error>,
+        >());
+        let started = tokio::time::Instant::now();
+        let route = Instant::now() + Duration::from_secs(2);
+        let body = DeadlineBody::new(boxed(stalled), Some(Duration::from_secs(5)), Some(route));
+        let err = body.collect().await.expect_err("the stalled body fails");
+        assert!(matches!(err.downcast_ref::<BodyTimeout>(), Some(BodyTimeout::Route)), "{err}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(3), "{waited:?}");
     }
 }

@@ -393,7 +393,7 @@ fn prepare_headers(
         // worth keeping, such as the peer metadata). Only the encoding changes.
         Some(v) => v.set_sensitive(true),
         None => {
-            if let Ok(mut v) = HeaderValue::from_str(&report.request_id) {
+            if let Some(mut v) = report.request_id_value() {
                 v.set_sensitive(true);
                 parts.headers.insert(X_REQUEST_ID, v);
             }

@@ -30,6 +30,9 @@ use crate::report::HttpReport;
 use crate::route::{Abort, CorsDecision, Route, RouteAction};
 use body::{full, ReportingBody};
 
+/// hyper's HTTP/1 limit on request headers when none is set (`DEFAULT_MAX_HEADERS`).
+const HYPER_MAX_HEADERS: usize = 100;
+
 /// Serves HTTP on one downstream connection until it closes, the proxy drains, or its
 /// filter chain changes in a way that cannot apply in place (see [`crate::conn`]).
 pub async fn serve<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, stream: S)
@@ -51,8 +54,14 @@ where
         .keep_alive(true)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(chain.request_headers_timeout)
-        .max_buf_size(chain.max_request_headers_bytes.max(8192))
-        .max_headers(chain.max_headers_count);
+        .max_buf_size(chain.max_request_headers_bytes.max(8192));
+    // hyper's own limit is the same 100 as Envoy's default, checked on the stack; a limit
+    // set explicitly makes hyper allocate and fill two 100-entry arrays per request
+    // (~1.5k instructions and ~4 KiB of copies per request), so it is set only when the
+    // configuration asks for another value.
+    if chain.max_headers_count != HYPER_MAX_HEADERS {
+        builder.http1().max_headers(chain.max_headers_count);
+    }
     builder
         .http2()
         .timer(hyper_util::rt::TokioTimer::new())
@@ -73,8 +82,10 @@ where
         // Boxed: the request's state machine (filters, routing, forwarding, several KiB)
         // is allocated once and stays put. Unboxed, hyper's HTTP/1 dispatcher and the task
         // of each HTTP/2 stream held it inline and copied it whole at every hand-over
-        // (`memmove` was the largest single item of a profile: bench/notes.md).
-        Box::pin(async move { Ok::<_, Infallible>(handle(ctx, conn, req, stream).await) })
+        // (`memmove` was the largest single item of a profile: bench/notes.md). Boxed as
+        // the future of one `async fn` call: an `async` block around `handle(..)` was
+        // built on the stack and copied twice more on its way into the box.
+        Box::pin(handle_infallible(ctx, conn, req, stream))
     });
     let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
     tokio::pin!(conn_fut);
@@ -113,6 +124,16 @@ pub struct RequestCtx<'a> {
     pub snap: Arc<ProxySnapshot>,
     /// Telemetry for the request, filled as it goes.
     pub report: HttpReport,
+}
+
+/// [`handle`] as hyper's service wants it.
+async fn handle_infallible(
+    ctx: Arc<Context>,
+    conn: Arc<ConnInfo>,
+    req: Request<Incoming>,
+    stream: StreamGuard,
+) -> Result<Response<BoxBody>, Infallible> {
+    Ok(handle(ctx, conn, req, stream).await)
 }
 
 /// Handles one request end to end with the connection's current filter chain; never
@@ -206,7 +227,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
     // The request's span starts before any filter can answer locally, so local replies
     // (RBAC, JWT, faults, no route) are traced too.
     if let Some(t) = &chain.tracing {
-        let span = crate::telemetry::trace::ActiveSpan::start(conn, t, &parts, &authority, &rq.report.request_id);
+        let span = crate::telemetry::trace::ActiveSpan::start(conn, t, &parts, &authority, rq.report.request_id());
         rq.report.trace = Some(Box::new(span));
     }
     // Request authentication (JWT) before authorization: RBAC reads what it establishes.
@@ -226,7 +247,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
             if let Some(RouteAction::Forward(action)) =
                 rq.snap.route_table(chain).and_then(|t| t.select(&authority, &parts)).as_deref().map(|r| &r.action)
             {
-                rq.report.cluster = action.clusters.pick(rand::random()).to_string();
+                rq.report.cluster = Some(action.clusters.pick(rand::random()).clone());
             }
             return Err(ProxyError::new(ErrorKind::RbacDenied, crate::rbac::DENIED_BODY));
         }
@@ -246,7 +267,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
         }
         let route = tunnel::select_connect_route(&table, &authority, &parts)
             .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for CONNECT {authority}")))?;
-        rq.report.route_name = route.name.clone();
+        rq.report.route_name = Some(route.name.clone());
         // A direct response (REGISTRY_ONLY's block_all) answers the CONNECT: no tunnel.
         if let Some(r) = route.direct_response(&parts) {
             let (p, b) = r.into_parts();
@@ -257,7 +278,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Resul
     let route = table
         .select(&authority, &parts)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for {authority}{}", parts.uri.path())))?;
-    rq.report.route_name = route.name.clone();
+    rq.report.route_name = Some(route.name.clone());
     if let Some(span) = rq.report.trace.as_mut() {
         span.set_operation(route.decorator.as_deref());
     }
@@ -326,8 +347,8 @@ async fn dispatch(
         RouteAction::Forward(action) => {
             // The cluster is chosen with the route, before the filters run (as Envoy's
             // connection manager does), so a fault abort reports the service it was for.
-            let cluster_name = action.clusters.pick(rand::random()).to_string();
-            rq.report.cluster = cluster_name.clone();
+            let cluster_name = action.clusters.pick(rand::random()).clone();
+            rq.report.cluster = Some(cluster_name.clone());
             if let Some(fault) = route.fault.as_ref().or(chain.fault.as_ref()) {
                 let d = fault.decide(rand::random(), rand::random());
                 if let Some(delay) = d.delay {
@@ -348,7 +369,7 @@ async fn dispatch(
                     rq.snap = s;
                 }
             }
-            if !rq.snap.clusters.contains_key(&cluster_name) {
+            if !rq.snap.clusters.contains_key(&*cluster_name) {
                 // Envoy's `cluster_not_found_response_code` (503 unless configured).
                 rq.report.local_status = Some(action.cluster_not_found_status);
                 return Err(ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")));
@@ -379,14 +400,41 @@ async fn dispatch(
 /// kept value would pin a whole upstream read buffer. Measured (`weft-bench soak`,
 /// heaptrack): 500 downstream HTTP/2 connections pinned ~1.5 KiB per request, 250 MiB
 /// after a minute. An HTTP/1.x downstream writes the head and drops it, so its responses
-/// skip the copy (a few allocations per response).
+/// skip the copy (a few allocations per response). Values HPACK never keeps are not
+/// copied either: sensitive ones (never indexed) and those of the names h2's encoder
+/// never indexes by value ([`hpack_never_indexed`]: `content-length` on every response).
 fn own_header_values(headers: &mut http::HeaderMap) {
-    for v in headers.values_mut() {
-        if let Ok(mut own) = HeaderValue::from_bytes(v.as_bytes()) {
-            own.set_sensitive(v.is_sensitive());
+    for (name, v) in headers.iter_mut() {
+        if v.is_sensitive() || hpack_never_indexed(name) {
+            continue;
+        }
+        if let Ok(own) = HeaderValue::from_bytes(v.as_bytes()) {
             *v = own;
         }
     }
+}
+
+/// The names whose values h2's HPACK encoder never inserts into its dynamic table
+/// (h2 0.4 `hpack::Header::skip_value_index`, after nghttp2): it sends them as literals
+/// and keeps no reference to them.
+fn hpack_never_indexed(name: &HeaderName) -> bool {
+    use http::header::{
+        AGE, AUTHORIZATION, CONTENT_LENGTH, COOKIE, ETAG, IF_MODIFIED_SINCE, IF_NONE_MATCH, LOCATION, SET_COOKIE,
+    };
+    // A match on the standard names (as h2 writes it), not a comparison with an array
+    // of names built and dropped per header.
+    matches!(
+        *name,
+        CONTENT_LENGTH
+            | AGE
+            | AUTHORIZATION
+            | ETAG
+            | IF_MODIFIED_SINCE
+            | IF_NONE_MATCH
+            | LOCATION
+            | COOKIE
+            | SET_COOKIE
+    )
 }
 
 /// The authority a request is for: the absolute URI's (explicit proxy, HTTP/2), else Host.
@@ -490,4 +538,45 @@ fn local_reply(e: &ProxyError, status: StatusCode) -> Response<BoxBody> {
     *r.status_mut() = status;
     r.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use http::header::{CONTENT_LENGTH, CONTENT_TYPE, DATE, SET_COOKIE};
+    use http::{HeaderMap, HeaderValue};
+
+    /// True when `v`'s bytes lie inside `buf` (the value still shares that buffer).
+    fn inside(v: &HeaderValue, buf: &Bytes) -> bool {
+        let (start, end) = (buf.as_ptr() as usize, buf.as_ptr() as usize + buf.len());
+        let p = v.as_bytes().as_ptr() as usize;
+        (start..end).contains(&p)
+    }
+
+    #[test]
+    fn own_header_values_copies_what_hpack_may_keep_and_leaves_the_rest_shared() {
+        // A response head as a client connection hands it out: values slicing its read buffer.
+        let buf = Bytes::copy_from_slice(b"text/plain1024Mon, 07 Dec 2026 06:00:00 GMTa=b");
+        let value = |r: std::ops::Range<usize>| HeaderValue::from_maybe_shared(buf.slice(r)).unwrap();
+        let mut h = HeaderMap::new();
+        h.insert(CONTENT_TYPE, value(0..10));
+        h.insert(CONTENT_LENGTH, value(10..14));
+        h.insert(DATE, value(14..43));
+        h.insert(SET_COOKIE, value(43..46));
+        let mut secret = value(0..4);
+        secret.set_sensitive(true);
+        h.insert("x-secret", secret);
+        assert!(h.values().all(|v| inside(v, &buf)));
+
+        super::own_header_values(&mut h);
+
+        // Values HPACK may index get their own allocations, with the same bytes.
+        assert!(!inside(&h[CONTENT_TYPE], &buf) && !inside(&h[DATE], &buf));
+        assert_eq!(h[CONTENT_TYPE], "text/plain");
+        assert_eq!(h[DATE], "Mon, 07 Dec 2026 06:00:00 GMT");
+        // Values it never keeps stay as they were: no copy.
+        assert!(inside(&h[CONTENT_LENGTH], &buf) && inside(&h[SET_COOKIE], &buf));
+        assert!(inside(&h["x-secret"], &buf) && h["x-secret"].is_sensitive());
+        assert_eq!(h[CONTENT_LENGTH], "1024");
+    }
 }

@@ -50,8 +50,8 @@ pub async fn connect(
     let RouteAction::Forward(action) = &route.action else {
         return Err(ProxyError::new(ErrorKind::NoRoute, "CONNECT route must forward to a cluster"));
     };
-    let cluster_name = action.clusters.pick(rand::random()).to_string();
-    rq.report.cluster = cluster_name.clone();
+    let cluster_name = action.clusters.pick(rand::random()).clone();
+    rq.report.cluster = Some(cluster_name.clone());
     let upstream = dial(rq, &cluster_name, Some(authority)).await?;
     let on_upgrade = parts
         .extensions

@@ -92,6 +92,6 @@ fn a_peer_known_by_its_certificate_only_has_the_sans_namespace() {
 #[test]
 fn generated_request_ids_are_what_format_gives() {
     for v in [0u128, 1, 0xabc, u128::MAX, 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210, rand::random()] {
-        assert_eq!(hex_id(v), format!("{v:032x}"));
+        assert_eq!(hex_id(v), format!("{v:032x}").as_str());
     }
 }

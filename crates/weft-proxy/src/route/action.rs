@@ -18,8 +18,8 @@ use super::retry::RetryPolicy;
 /// One compiled route: a matcher and what to do with the requests it matches.
 #[derive(Debug)]
 pub struct Route {
-    /// The route's name (may be empty).
-    pub name: String,
+    /// The route's name (may be empty); shared with the reports of its requests.
+    pub name: Arc<str>,
     /// The name of the virtual host the route belongs to.
     pub virtual_host: String,
     /// What to do with a matching request.
@@ -95,9 +95,9 @@ pub struct ForwardAction {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClusterChoice {
     /// Always this cluster.
-    Single(String),
+    Single(Arc<str>),
     /// Weighted clusters and the sum of their weights (> 0).
-    Weighted(Vec<(String, u32)>, u32),
+    Weighted(Vec<(Arc<str>, u32)>, u32),
 }
 
 /// A request mirroring policy.
@@ -184,11 +184,15 @@ pub(crate) enum HostRewrite {
     Header(http::HeaderName),
 }
 
+/// What [`ClusterChoice::pick`] answers for an empty weighted list (compile refuses one).
+static NO_CLUSTER: std::sync::LazyLock<Arc<str>> = std::sync::LazyLock::new(|| Arc::from(""));
+
 impl ClusterChoice {
     /// Picks a cluster for the uniform random value `r`: `r % total` falls into the
     /// cluster whose cumulative weight range contains it (Envoy's algorithm), so over
-    /// `r = 0..total` each cluster is picked exactly `weight` times.
-    pub fn pick(&self, r: u64) -> &str {
+    /// `r = 0..total` each cluster is picked exactly `weight` times. The name is shared:
+    /// a request that keeps it (its report) takes a reference, not a copy.
+    pub fn pick(&self, r: u64) -> &Arc<str> {
         match self {
             ClusterChoice::Single(c) => c,
             ClusterChoice::Weighted(list, total) => {
@@ -201,7 +205,10 @@ impl ClusterChoice {
                     }
                 }
                 // Unreachable when total is the sum of weights (compile ensures it).
-                list.last().map_or("", |(n, _)| n.as_str())
+                match list.last() {
+                    Some((n, _)) => n,
+                    None => &NO_CLUSTER,
+                }
             }
         }
     }

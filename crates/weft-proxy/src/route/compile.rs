@@ -219,7 +219,7 @@ fn tls_redirect(vh: &VirtualHost, at: &str) -> Result<Option<(Arc<Route>, bool)>
         ..Default::default()
     };
     let route = Route {
-        name: String::new(),
+        name: Arc::from(""),
         virtual_host: vh.name.clone(),
         decorator: None,
         action: RouteAction::Redirect(RedirectAction {
@@ -286,7 +286,7 @@ fn compile_route(r: &RouteProto, at: &str, ctx: &Ctx<'_>) -> Result<Route, Err> 
         v
     };
     let mut route = Route {
-        name: r.name.clone(),
+        name: Arc::from(r.name.as_str()),
         virtual_host: ctx.vhost_name.to_string(),
         action: RouteAction::Direct { status: StatusCode::NOT_FOUND, body: Bytes::new() },
         decorator: r.decorator.as_ref().map(|d| d.operation.clone()).filter(|o| !o.is_empty()),
@@ -371,7 +371,7 @@ fn compile_forward(ra: &RouteActionProto, at: &str, ctx: &Ctx<'_>, route: &mut R
         Some(ClusterSpecifier::Cluster(c)) if c.is_empty() => {
             return Err((format!("{at}.cluster"), "cluster name must not be empty".into()))
         }
-        Some(ClusterSpecifier::Cluster(c)) => ClusterChoice::Single(c.clone()),
+        Some(ClusterSpecifier::Cluster(c)) => ClusterChoice::Single(Arc::from(c.as_str())),
         Some(ClusterSpecifier::WeightedClusters(wc)) => {
             let wat = format!("{at}.weighted_clusters");
             if wc.random_value_specifier.is_some() {
@@ -402,7 +402,7 @@ fn compile_forward(ra: &RouteActionProto, at: &str, ctx: &Ctx<'_>, route: &mut R
                 }
                 let w = cw.weight.as_ref().map_or(0, |w| w.value);
                 total += u64::from(w);
-                list.push((cw.name.clone(), w));
+                list.push((Arc::from(cw.name.as_str()), w));
             }
             let total = u32::try_from(total)
                 .map_err(|_| (format!("{wat}.clusters"), "sum of weights exceeds 2^32-1".to_string()))?;

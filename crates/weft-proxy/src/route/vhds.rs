@@ -32,9 +32,9 @@ impl RouteTable {
             if let RouteAction::Forward(f) = &route.action {
                 match &f.clusters {
                     ClusterChoice::Single(c) => {
-                        out.insert(c.clone());
+                        out.insert(c.to_string());
                     }
-                    ClusterChoice::Weighted(list, _) => out.extend(list.iter().map(|(c, _)| c.clone())),
+                    ClusterChoice::Weighted(list, _) => out.extend(list.iter().map(|(c, _)| c.to_string())),
                 }
                 out.extend(f.mirrors.iter().map(|m| m.cluster.clone()));
             }

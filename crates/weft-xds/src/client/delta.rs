@@ -83,7 +83,7 @@ async fn interest_changed(wake: &mut Option<tokio::sync::watch::Receiver<u64>>) 
 }
 
 impl Stream<'_> {
-    fn handle(&mut self, response: DeltaDiscoveryResponse, memory: &mut Memory) -> Result<(), String> {
+    fn handle(&mut self, mut response: DeltaDiscoveryResponse, memory: &mut Memory) -> Result<(), String> {
         let Some(type_url) = self.order.iter().copied().find(|t| *t == response.type_url) else {
             let error = format!("unknown type_url {}: not subscribed", response.type_url);
             self.client.record_nack(&response.type_url, &error);
@@ -99,7 +99,7 @@ impl Stream<'_> {
         } else {
             response.system_version_info.clone()
         };
-        let outcome = decode(type_url, &response).and_then(|(upserts, versions, resolved)| {
+        let outcome = decode(type_url, &mut response).and_then(|(upserts, versions, resolved)| {
             let update = ResourceUpdate {
                 version: version.clone(),
                 upserts,
@@ -204,15 +204,16 @@ impl Stream<'_> {
 type Decoded = (Vec<(String, Any)>, Vec<(String, String)>, Vec<(String, Option<String>)>);
 
 /// Upserts, their per-resource versions, and (for alias types) what each alias
-/// resolved to; the error names type and resource.
-fn decode(type_url: &str, response: &DeltaDiscoveryResponse) -> Result<Decoded, String> {
+/// resolved to; the error names type and resource. Each resource body moves out of the
+/// response into the upserts (no copy of its bytes).
+fn decode(type_url: &str, response: &mut DeltaDiscoveryResponse) -> Result<Decoded, String> {
     let mut upserts = Vec::with_capacity(response.resources.len());
     let mut versions = Vec::with_capacity(response.resources.len());
     let mut resolved = Vec::new();
     let aliases = resolves_aliases(type_url);
-    for (i, resource) in response.resources.iter().enumerate() {
+    for (i, resource) in response.resources.iter_mut().enumerate() {
         let label = if resource.name.is_empty() { format!("#{i}") } else { resource.name.clone() };
-        let Some(any) = resource.resource.as_ref() else {
+        let Some(any) = resource.resource.take() else {
             if aliases && !resource.name.is_empty() {
                 // Envoy's VHDS: a body-less resource answers aliases the server cannot resolve.
                 resolved.push((resource.name.clone(), None));
@@ -222,7 +223,7 @@ fn decode(type_url: &str, response: &DeltaDiscoveryResponse) -> Result<Decoded, 
             return Err(format!("{} resource {label} rejected: no resource body", short(type_url)));
         };
         let name =
-            resource_name(type_url, any).map_err(|e| format!("{} resource {label} rejected: {e}", short(type_url)))?;
+            resource_name(type_url, &any).map_err(|e| format!("{} resource {label} rejected: {e}", short(type_url)))?;
         if !resource.name.is_empty() && resource.name != name {
             return Err(format!("{} resource {label} rejected: body is named {name}", short(type_url)));
         }
@@ -231,7 +232,7 @@ fn decode(type_url: &str, response: &DeltaDiscoveryResponse) -> Result<Decoded, 
             resolved.extend(resource.aliases.iter().filter(|a| **a != name).map(|a| (a.clone(), Some(name.clone()))));
         }
         versions.push((name.clone(), resource.version.clone()));
-        upserts.push((name, any.clone()));
+        upserts.push((name, any));
     }
     if aliases {
         // A removed name that was requested under that very name is answered too.

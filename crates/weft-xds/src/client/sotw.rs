@@ -1,9 +1,10 @@
 //! State-of-the-world ADS stream (`StreamAggregatedResources`).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::protobuf::Any;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
@@ -23,8 +24,11 @@ struct TypeState {
 struct Stream<'a> {
     client: &'a AdsClient,
     tx: mpsc::UnboundedSender<DiscoveryRequest>,
-    types: BTreeMap<&'static str, TypeState>,
+    /// The subscribed types in ADS order (each once).
     order: Vec<&'static str>,
+    /// The state of `order[i]` at index `i`: a response finds it by the scan of `order`
+    /// that checks its type anyway (no map keyed by long type URLs to search).
+    types: Vec<TypeState>,
     node_sent: bool,
 }
 
@@ -36,14 +40,11 @@ pub(super) async fn run_stream(
     healthy: &mut bool,
 ) -> Result<(), String> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let order = client.handler.type_urls();
-    let mut stream = Stream {
-        client,
-        tx,
-        types: order.iter().map(|t| (*t, TypeState::default())).collect(),
-        order,
-        node_sent: false,
-    };
+    let mut order = client.handler.type_urls();
+    let mut seen = BTreeSet::new();
+    order.retain(|t| seen.insert(*t));
+    let mut stream =
+        Stream { client, tx, types: order.iter().map(|_| TypeState::default()).collect(), order, node_sent: false };
     // Initial requests, in ADS order, carrying the last accepted versions.
     stream.sync_interest(None)?;
     let mut responses = grpc
@@ -75,31 +76,37 @@ async fn stream_body(
 }
 
 impl Stream<'_> {
+    /// Applies one response and answers it: ACK with its version, or NACK with the
+    /// last accepted one. The response is taken apart, not copied: its resources move
+    /// into the update, its nonce into the answer.
     fn handle(&mut self, response: DiscoveryResponse, memory: &mut Memory) -> Result<(), String> {
-        let type_url = response.type_url.clone();
-        let Some(type_url) = self.order.iter().copied().find(|t| *t == type_url) else {
-            let error = format!("unknown type_url {type_url}: not subscribed");
-            self.client.record_nack(&type_url, &error);
+        let DiscoveryResponse { version_info, resources, type_url: received, nonce, .. } = response;
+        let Some((index, type_url)) = self.order.iter().copied().enumerate().find(|(_, t)| *t == received) else {
+            let error = format!("unknown type_url {received}: not subscribed");
+            self.client.record_nack(&received, &error);
             return self.send(DiscoveryRequest {
-                type_url,
-                response_nonce: response.nonce,
+                type_url: received,
+                response_nonce: nonce,
                 error_detail: Some(nack_status(&error)),
                 ..Default::default()
             });
         };
-        if let Some(state) = self.types.get_mut(type_url) {
-            state.nonce.clone_from(&response.nonce);
-        }
-        let wildcard = matches!(self.types.get(type_url).and_then(|s| s.requested.as_ref()), Some(None));
-        let outcome = decode(type_url, &response).and_then(|upserts| {
-            let names: BTreeSet<String> = upserts.iter().map(|(n, _)| n.clone()).collect();
-            let removals = if wildcard {
-                memory.sotw_names.get(type_url).map(|old| old.difference(&names).cloned().collect()).unwrap_or_default()
-            } else {
-                Vec::new()
+        let wildcard = match self.types.get_mut(index) {
+            Some(state) => {
+                state.nonce.clone_from(&nonce);
+                matches!(state.requested, Some(None))
+            }
+            None => false,
+        };
+        let outcome = name_all(type_url, resources).and_then(|upserts| {
+            // Only a full-state (wildcard) type needs the names kept, to report removals.
+            let names: Option<BTreeSet<String>> = wildcard.then(|| upserts.iter().map(|(n, _)| n.clone()).collect());
+            let removals = match (&names, memory.sotw_names.get(type_url)) {
+                (Some(names), Some(old)) => old.difference(names).cloned().collect(),
+                _ => Vec::new(),
             };
             let update = ResourceUpdate {
-                version: response.version_info.clone(),
+                version: version_info.clone(),
                 upserts,
                 removals,
                 full_state: wildcard,
@@ -110,17 +117,17 @@ impl Stream<'_> {
         let interest = self.client.handler.interest(type_url);
         let mut request = DiscoveryRequest {
             type_url: type_url.to_string(),
-            response_nonce: response.nonce.clone(),
+            response_nonce: nonce,
             resource_names: names_of(&interest),
             ..Default::default()
         };
         match outcome {
             Ok(names) => {
-                if wildcard {
+                if let Some(names) = names {
                     memory.sotw_names.insert(type_url.to_string(), names);
                 }
-                self.client.record_ack(type_url, &response.version_info);
-                request.version_info = response.version_info;
+                self.client.record_ack(type_url, &version_info);
+                request.version_info = version_info;
             }
             Err(error) => {
                 self.client.record_nack(type_url, &error);
@@ -128,22 +135,24 @@ impl Stream<'_> {
                 request.error_detail = Some(nack_status(&error));
             }
         }
-        if let Some(state) = self.types.get_mut(type_url) {
+        if let Some(state) = self.types.get_mut(index) {
             state.requested = Some(interest);
         }
         self.send(request)?;
-        self.sync_interest(Some(type_url))
+        self.sync_interest(Some(index))
     }
 
     /// Sends a request for every type whose interest differs from what was last
-    /// requested (all types at stream start), except `skip` which was just answered.
-    fn sync_interest(&mut self, skip: Option<&str>) -> Result<(), String> {
-        for type_url in self.order.clone() {
-            if Some(type_url) == skip {
+    /// requested (all types at stream start), except `skip` (an index in `order`) which
+    /// was just answered.
+    fn sync_interest(&mut self, skip: Option<usize>) -> Result<(), String> {
+        for i in 0..self.order.len() {
+            let Some(type_url) = self.order.get(i).copied() else { break };
+            if Some(i) == skip {
                 continue;
             }
             let interest = self.client.handler.interest(type_url);
-            let Some(state) = self.types.get(type_url) else {
+            let Some(state) = self.types.get(i) else {
                 continue;
             };
             let changed = match &state.requested {
@@ -162,7 +171,7 @@ impl Stream<'_> {
                 resource_names: names_of(&interest),
                 ..Default::default()
             };
-            if let Some(state) = self.types.get_mut(type_url) {
+            if let Some(state) = self.types.get_mut(i) {
                 state.requested = Some(interest);
             }
             self.send(request)?;
@@ -183,19 +192,15 @@ fn names_of(interest: &Option<BTreeSet<String>>) -> Vec<String> {
     interest.as_ref().map(|names| names.iter().cloned().collect()).unwrap_or_default()
 }
 
-/// Names and checks every resource of a response; the error names type and resource.
-fn decode(
-    type_url: &str,
-    response: &DiscoveryResponse,
-) -> Result<Vec<(String, envoy_types::pb::google::protobuf::Any)>, String> {
-    response
-        .resources
-        .iter()
+/// Names and checks every resource of a response, moving each into the result (no copy
+/// of its bytes); the error names type and resource.
+fn name_all(type_url: &str, resources: Vec<Any>) -> Result<Vec<(String, Any)>, String> {
+    resources
+        .into_iter()
         .enumerate()
-        .map(|(i, any)| {
-            resource_name(type_url, any)
-                .map(|name| (name, any.clone()))
-                .map_err(|e| format!("{} resource #{i} rejected: {e}", short(type_url)))
+        .map(|(i, any)| match resource_name(type_url, &any) {
+            Ok(name) => Ok((name, any)),
+            Err(e) => Err(format!("{} resource #{i} rejected: {e}", short(type_url))),
         })
         .collect()
 }

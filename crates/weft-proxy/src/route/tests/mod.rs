@@ -61,7 +61,7 @@ pub(super) fn table(routes: Vec<RouteProto>) -> RouteTable {
 
 /// The name of the route selected for `method uri headers` on host `h`, if any.
 pub(super) fn pick(t: &RouteTable, h: &str, method: &str, uri: &str, headers: &[(&str, &str)]) -> Option<String> {
-    t.select_with_random(h, &parts(method, uri, headers), 0).map(|r| r.name.clone())
+    t.select_with_random(h, &parts(method, uri, headers), 0).map(|r| r.name.to_string())
 }
 
 pub(super) fn exact_path(p: &str) -> RouteMatch {

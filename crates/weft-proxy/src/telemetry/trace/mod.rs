@@ -297,7 +297,7 @@ pub fn finish(ctx: &Context, report: &HttpReport, request_bytes: u64) {
     if !node.zone.is_empty() {
         tag("zone", node.zone.clone());
     }
-    tag("guid:x-request-id", report.request_id.clone());
+    tag("guid:x-request-id", report.request_id().to_string());
     tag("http.url", facts.url.clone());
     tag("http.method", facts.method.clone());
     tag("downstream_cluster", facts.downstream_cluster.clone());
@@ -311,9 +311,9 @@ pub fn finish(ctx: &Context, report: &HttpReport, request_bytes: u64) {
     if let (true, Some(g)) = (report.is_grpc(), report.grpc_status.as_ref()) {
         tag("grpc.status_code", g.clone());
     }
-    if !report.cluster.is_empty() {
-        tag("upstream_cluster", report.cluster.clone());
-        tag("upstream_cluster.name", report.cluster.clone());
+    if let Some(cluster) = report.cluster.as_deref().filter(|c| !c.is_empty()) {
+        tag("upstream_cluster", cluster.to_string());
+        tag("upstream_cluster.name", cluster.to_string());
     }
     if let Some(a) = report.upstream_host {
         tag("upstream_address", a.to_string());
