@@ -180,26 +180,49 @@ impl Etcd {
         i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX).max(2)
     }
 
-    /// Reads every key under `prefix` (relative to the store's prefix), retried for a
-    /// few seconds (a request can meet a dead member before the client learns it is).
+    /// Reads every key under `prefix` (relative to the store's prefix), each request
+    /// retried for a few seconds (a request can meet a dead member before the client
+    /// learns it is). Read in pages of [`READ_PAGE`] keys, all at the first page's
+    /// revision, so one snapshot of any size is read (a single answer over gRPC's 4 MiB
+    /// message limit, as the proxy states of 10,000 proxies are, failed every time).
     pub(crate) async fn read_prefix(&self, prefix: &str) -> Result<PrefixRead, etcd_client::Error> {
         let full = self.key(prefix);
-        let mut attempt = 0;
-        let resp = loop {
-            match self.client().get(full.as_bytes(), Some(GetOptions::new().with_prefix())).await {
-                Ok(r) => break r,
-                Err(e) if attempt >= RETRIES => return Err(e),
-                Err(_) => {
-                    attempt += 1;
-                    tokio::time::sleep(retry_delay(attempt)).await;
+        let end = prefix_end(full.as_bytes());
+        let mut client = self.client.kv_client().max_decoding_message_size(MAX_READ_MESSAGE);
+        let mut from = full.as_bytes().to_vec();
+        let mut revision = 0;
+        let mut values = BTreeMap::new();
+        loop {
+            let mut options = GetOptions::new().with_range(end.clone()).with_limit(READ_PAGE);
+            if revision > 0 {
+                options = options.with_revision(revision);
+            }
+            let mut attempt = 0;
+            let resp = loop {
+                match client.get(from.clone(), Some(options.clone())).await {
+                    Ok(r) => break r,
+                    Err(e) if attempt >= RETRIES => return Err(e),
+                    Err(_) => {
+                        attempt += 1;
+                        tokio::time::sleep(retry_delay(attempt)).await;
+                    }
+                }
+            };
+            if revision == 0 {
+                revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+            }
+            for kv in resp.kvs() {
+                if let Some(rest) = kv.key().strip_prefix(full.as_bytes()) {
+                    values.insert(String::from_utf8_lossy(rest).into_owned(), kv.value().to_vec());
                 }
             }
-        };
-        let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-        let mut values = BTreeMap::new();
-        for kv in resp.kvs() {
-            if let Some(rest) = kv.key().strip_prefix(full.as_bytes()) {
-                values.insert(String::from_utf8_lossy(rest).into_owned(), kv.value().to_vec());
+            match resp.kvs().last() {
+                // The next page starts just after the last key read.
+                Some(last) if resp.more() => {
+                    from = last.key().to_vec();
+                    from.push(0);
+                }
+                _ => break,
             }
         }
         Ok(PrefixRead { values, revision })
@@ -241,7 +264,9 @@ impl Etcd {
             };
             next = Some(start);
             let options = WatchOptions::new().with_prefix().with_start_revision(start);
-            let mut stream = match self.client().watch(full.as_bytes(), Some(options)).await {
+            // A batch of events (one transaction of large values) may be over gRPC's 4 MiB too.
+            let mut watcher = self.client.watch_client().max_decoding_message_size(MAX_READ_MESSAGE);
+            let mut stream = match watcher.watch(full.as_bytes(), Some(options)).await {
                 Ok(s) => s,
                 Err(e) => {
                     failures = failures.saturating_add(1);
@@ -408,6 +433,27 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// Keys per page of [`Etcd::read_prefix`].
+const READ_PAGE: i64 = 256;
+/// The largest answer (a page of [`Etcd::read_prefix`], a batch of watch events) taken:
+/// etcd takes values up to 1.5 MiB by default and transactions of 128 operations, so
+/// either may be well over gRPC's default 4 MiB.
+const MAX_READ_MESSAGE: usize = 512 * 1024 * 1024;
+
+/// The end of the key range holding every key that starts with `prefix` (etcd's
+/// `--prefix`): `prefix` with its last byte below 0xff incremented and what follows dropped.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    match prefix.iter().rposition(|b| *b < 0xff) {
+        Some(i) => {
+            let mut end = prefix[..=i].to_vec();
+            end[i] += 1;
+            end
+        }
+        // Every byte is 0xff: no end, to the last key (etcd's "\0").
+        None => vec![0],
+    }
+}
+
 /// How often a one-shot request is retried ([`retry_delay`] apart: about 10 s in all).
 pub(crate) const RETRIES: u32 = 8;
 
@@ -456,6 +502,33 @@ mod tests {
             let e = EtcdConfig::parse(bad).unwrap_err();
             assert!(e.contains("--store"), "{e}");
         }
+    }
+
+    /// A prefix holding more keys than a page and more bytes than one gRPC answer may
+    /// carry (the proxy states of 10,000 proxies are ~7 MB) is read whole, and only it.
+    #[tokio::test]
+    async fn a_prefix_over_a_page_and_over_4_mib_is_read_whole() {
+        let cluster = weft_testkit::etcd::EtcdCluster::start(1).await;
+        let etcd = Etcd::connect(&EtcdConfig::parse(&cluster.store_url()).unwrap()).await.unwrap();
+        let mut client = etcd.client();
+        let big = vec![b'x'; 1024 * 1024];
+        for i in 0..6 {
+            client.put(etcd.key(&format!("big/{i}")), big.clone(), None).await.unwrap();
+        }
+        for i in 0..600 {
+            client.put(etcd.key(&format!("big/small-{i:04}")), format!("v{i}"), None).await.unwrap();
+        }
+        // Neighbours of the prefix stay out.
+        client.put(etcd.key("bif"), "no", None).await.unwrap();
+        client.put(etcd.key("big0"), "no", None).await.unwrap();
+        let read = etcd.read_prefix("big/").await.unwrap();
+        assert_eq!(read.values.len(), 606);
+        assert_eq!(read.values.get("3").map(Vec::len), Some(big.len()));
+        assert_eq!(read.values.get("small-0599").map(Vec::as_slice), Some(&b"v599"[..]));
+        assert!(read.revision > 0);
+        assert_eq!(prefix_end(b"a/"), b"a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff"), [0]);
     }
 
     /// The publishers hold a lease while writing thousands of keys, which on a busy etcd
