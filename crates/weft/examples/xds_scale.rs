@@ -515,6 +515,11 @@ async fn main() -> anyhow::Result<()> {
             "loadavg_1m": loadavg.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()),
         }));
     }
+    // What `weft proxy-status` shows through each replica: every proxy, SYNCED.
+    let mut listings = Vec::new();
+    for (_, _, replica_api) in &controls {
+        listings.push(proxy_status_via(&weft, replica_api).await);
+    }
     let first = runs.first().cloned().unwrap_or_default();
     println!(
         "{}",
@@ -528,7 +533,31 @@ async fn main() -> anyhow::Result<()> {
             "changes": runs,
             "control_plane_rss_mib": { "idle": rss_idle as f64 / 1024.0, "connected": rss_connected as f64 / 1024.0, "after_change": rss_kib(pid) as f64 / 1024.0 },
             "replicas": per_replica,
+            "proxy_status_via_replica": listings,
         })
     );
     Ok(())
+}
+
+/// `weft proxy-status -o json` through the replica whose API is `api`: how many proxies
+/// it lists, how many of them are SYNCED on every type, how long it took, and the
+/// `replicasError` it gave when it could not read the other replicas' states.
+async fn proxy_status_via(weft: &Path, api: &str) -> serde_json::Value {
+    let t0 = Instant::now();
+    let out = tokio::process::Command::new(weft).args(["proxy-status", "-o", "json", "--server", api]).output().await;
+    let took = t0.elapsed().as_secs_f64();
+    let listed: serde_json::Value = match &out {
+        Ok(o) if o.status.success() => serde_json::from_slice(&o.stdout).unwrap_or_default(),
+        Ok(o) => return serde_json::json!({"api": api, "error": String::from_utf8_lossy(&o.stderr).trim()}),
+        Err(e) => return serde_json::json!({"api": api, "error": e.to_string()}),
+    };
+    let proxies = listed["proxies"].as_array().cloned().unwrap_or_default();
+    let synced = proxies
+        .iter()
+        .filter(|p| {
+            p["types"].as_object().is_some_and(|t| !t.is_empty() && t.values().all(|s| s["status"] == "SYNCED"))
+        })
+        .count();
+    serde_json::json!({"api": api, "listed": proxies.len(), "synced": synced, "seconds": took,
+        "replicas_error": listed["replicasError"]})
 }
