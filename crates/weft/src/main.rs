@@ -1010,6 +1010,16 @@ async fn run_control(
         }
         _ => None,
     };
+    // The operator commands on this machine find an ephemeral admin token by the API address;
+    // recorded before the line below, so a script that reads it can call the API at once.
+    let _recorded = match (&ephemeral, &cp.admin_token) {
+        (Some(e), Some((_, file))) => {
+            info!(dir = %e.path().display(), "no --data-dir: CA, join-token key and admin token are temporary \
+                  (removed at exit; a restart means a new mesh root and new tokens)");
+            ephemeral::record(cp.api_addr, file)
+        }
+        _ => None,
+    };
     match cp.webhook_addr {
         Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),
         None => println!("weft control: xDS on {}, API on {}", cp.xds_addr, cp.api_addr),
@@ -1021,15 +1031,6 @@ async fn run_control(
     if let Some((_, file)) = &cp.admin_token {
         info!(file = %file.display(), "API admin token (weft --token-file, WEFT_TOKEN)");
     }
-    // The operator commands on this machine find an ephemeral admin token by the API address.
-    let _recorded = match (&ephemeral, &cp.admin_token) {
-        (Some(e), Some((_, file))) => {
-            info!(dir = %e.path().display(), "no --data-dir: CA, join-token key and admin token are temporary \
-                  (removed at exit; a restart means a new mesh root and new tokens)");
-            ephemeral::record(cp.api_addr, file)
-        }
-        _ => None,
-    };
     shutdown_signal().await;
     info!("signal received: stopping");
     cp.shutdown().await;
