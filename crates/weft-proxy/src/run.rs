@@ -202,32 +202,81 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// SIGTERM or Ctrl-C.
+/// SIGTERM or Ctrl-C, once.
 pub async fn shutdown_signal() {
+    Shutdown::listen().wait().await
+}
+
+/// SIGTERM and Ctrl-C (SIGINT), listened for from [`Shutdown::listen`] on. A signal that
+/// arrives while its owner is busy elsewhere (between two `select!` rounds, in a branch's
+/// handler) is kept for the next [`Shutdown::wait`]. A listener created per round would
+/// lose it: the runtime's handler stays installed, so the process neither stops nor
+/// notices.
+pub struct Shutdown {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {},
-                    _ = tokio::signal::ctrl_c() => {},
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Shutdown {
+    /// Starts listening. Must be called within a Tokio runtime.
+    pub fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Shutdown { term: signal(SignalKind::terminate()).ok(), int: signal(SignalKind::interrupt()).ok() }
+        }
+        #[cfg(not(unix))]
+        Shutdown {}
+    }
+
+    /// Returns once a signal arrived since [`Shutdown::listen`] or the last `wait`.
+    /// Cancel-safe: dropping the future loses no signal.
+    pub async fn wait(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
                 }
             }
-            Err(_) => {
+            if self.term.is_none() && self.int.is_none() {
                 let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+            tokio::select! {
+                _ = recv(&mut self.term) => {},
+                _ = recv(&mut self.int) => {},
             }
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The CI hang of `weft up`: a SIGTERM that arrived while no round of its loop was
+    /// waiting was swallowed. The listener keeps it.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_signal_that_arrives_before_the_wait_is_kept() {
+        let mut shutdown = Shutdown::listen();
+        nix::sys::signal::raise(nix::sys::signal::Signal::SIGTERM).unwrap();
+        // Busy elsewhere: a round that does not wait for the signal.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        tokio::time::timeout(std::time::Duration::from_secs(10), shutdown.wait())
+            .await
+            .expect("the SIGTERM sent before the wait was lost");
+    }
 
     fn parse(args: &[&str], env: &[(&str, &str)]) -> Result<Parsed, String> {
         let env: Vec<(String, String)> = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();

@@ -15,6 +15,7 @@ pub mod kubelet;
 pub mod net;
 pub mod open;
 pub mod pki;
+pub mod process;
 pub mod tools;
 pub mod xds;
 

@@ -183,7 +183,7 @@ fn sleep_idles_until_terminated() {
     assert!(child.try_wait().unwrap().is_none(), "sleep must keep running");
     let pid = nix::unistd::Pid::from_raw(child.id() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let status = child.wait().unwrap();
+    let status = weft_testkit::process::wait_exit(&mut child, Duration::from_secs(30), "weft demo sleep after SIGTERM");
     assert!(status.success(), "{status}");
 }
 

@@ -93,7 +93,8 @@ impl Control {
     fn stop(mut self) {
         let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-        let exit = self.child.wait().unwrap();
+        let exit =
+            weft_testkit::process::wait_exit(&mut self.child, Duration::from_secs(60), "weft control after SIGTERM");
         assert!(exit.success(), "weft control exited with {exit}");
     }
 }

@@ -656,7 +656,8 @@ spec:
     }
     assert!(child.try_wait().unwrap().is_none(), "weft up keeps running after a job ends");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
-    assert!(child.wait().unwrap().success());
+    let status = weft_testkit::process::wait_exit(&mut child, Duration::from_secs(60), "weft up after SIGTERM");
+    assert!(status.success(), "weft up exited with {status}");
 }
 
 /// The pids of `parent`'s children whose command line contains every word of `words`.

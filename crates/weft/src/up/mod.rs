@@ -205,9 +205,12 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
         replicas: Vec::new(),
         extra_xds: Vec::new(),
     };
+    // One listener for the whole run: a SIGTERM that arrives while an exit is handled
+    // (between two rounds of the loop below) is kept, not swallowed.
+    let mut shutdown = weft_proxy::run::Shutdown::listen();
     let started = tokio::select! {
         r = up.start() => r,
-        _ = crate::shutdown_signal() => Err(anyhow::anyhow!("interrupted while starting")),
+        _ = shutdown.wait() => Err(anyhow::anyhow!("interrupted while starting")),
     };
     if let Err(e) = started {
         warn_user!("weft up: {e:#}");
@@ -218,7 +221,7 @@ pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let domain = MeshConfig::default().domain;
     loop {
         tokio::select! {
-            _ = crate::shutdown_signal() => break,
+            _ = shutdown.wait() => break,
             Some((name, status)) = exits.recv() => up.exited(&name, status).await,
             _ = up.follow_services(&domain) => {}
         }
