@@ -3,7 +3,8 @@
 #   1. scripts/setup.sh           installs the real peers the tests talk to
 #   2. cargo fmt --all -- --check formatting
 #   3. cargo clippy --workspace --all-targets -- -D warnings
-#   4. cargo test --workspace --no-fail-fast  with the peers on PATH (extra arguments go here)
+#   4. cargo test --workspace --no-fail-fast  with the peers on PATH (extra arguments go here),
+#      stopped after WEFT_TEST_BUDGET_SECS (default 2700) so a hung test fails the run
 # Every step runs even when an earlier one failed, so one run shows everything; the
 # last line is one summary, and the exit code is non-zero when any step failed
 # (cargo test's code first, then clippy's, then fmt's).
@@ -42,8 +43,17 @@ cargo clippy --workspace --all-targets -- -D warnings
 clippy=$?
 echo "== cargo test --workspace --no-fail-fast $*"
 log="$(mktemp)"
-cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
+# A budget for the tests (build included): a test that hangs fails the run with the
+# summary printed, instead of running into CI's time limit with nothing reported. A
+# normal run takes 15-25 minutes on 2 cores. `timeout` signals its whole process group:
+# cargo, the test binaries and what they started.
+budget="${WEFT_TEST_BUDGET_SECS:-2700}"
+timeout --kill-after=30 "$budget" cargo test --workspace --no-fail-fast "$@" 2>&1 | tee "$log"
 tests=${PIPESTATUS[0]}
+if [ "$tests" -eq 124 ] || [ "$tests" -eq 137 ]; then
+  echo "test.sh: cargo test ran over its budget of ${budget} s (WEFT_TEST_BUDGET_SECS) and was stopped;" \
+    "the tests still running are those reported above as 'has been running for over 60 seconds'" | tee -a "$log"
+fi
 set -e
 
 verdict() { if [ "$1" -eq 0 ]; then echo ok; else echo FAILED; fi; }
