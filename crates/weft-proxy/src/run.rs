@@ -193,9 +193,18 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
     }
     // Memory a burst of connections freed goes back to the system once they are gone.
     crate::memory::release_freed_memory(crate::memory::RELEASE_INTERVAL);
-    let proxy = crate::proxy::ProxyHandle::start(b).await.context("starting the proxy")?;
+    // Listening before the listeners open: a SIGTERM right after the proxy is ready
+    // drains it (unhandled, it would kill the process at once).
+    let mut shutdown = Shutdown::listen();
+    let proxy = tokio::select! {
+        p = crate::proxy::ProxyHandle::start(b) => p.context("starting the proxy")?,
+        _ = shutdown.wait() => {
+            info!("signal received while starting: stopping");
+            return Ok(());
+        }
+    };
     tokio::select! {
-        _ = shutdown_signal() => info!("signal received: draining"),
+        _ = shutdown.wait() => info!("signal received: draining"),
         _ = proxy.quit_requested() => info!("/quitquitquit: draining"),
     }
     proxy.shutdown().await;

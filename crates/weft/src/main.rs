@@ -1020,6 +1020,9 @@ async fn run_control(
         }
         _ => None,
     };
+    // Listening before the line below: a script that reads it and stops the process at
+    // once gets a clean shutdown, not the default action of an unhandled SIGTERM.
+    let mut shutdown = weft_proxy::run::Shutdown::listen();
     match cp.webhook_addr {
         Some(w) => println!("weft control: xDS on {}, API on {}, webhook (HTTPS) on {w}", cp.xds_addr, cp.api_addr),
         None => println!("weft control: xDS on {}, API on {}", cp.xds_addr, cp.api_addr),
@@ -1031,7 +1034,7 @@ async fn run_control(
     if let Some((_, file)) = &cp.admin_token {
         info!(file = %file.display(), "API admin token (weft --token-file, WEFT_TOKEN)");
     }
-    shutdown_signal().await;
+    shutdown.wait().await;
     info!("signal received: stopping");
     cp.shutdown().await;
     if let Some(election) = election {
