@@ -9,6 +9,8 @@
 //!   and `epoll_wait` calls with a zero timeout (a poll that cannot sleep);
 //! - context switches (voluntary and not) per thread (`/proc/PID/task/*/status`), so a
 //!   helper thread that wakes (the allocator trimmer, tokio's blocking pool) is named;
+//! - TCP segments sent and received per request on the proxy's established sockets
+//!   (`ss -tinp`), data or not: a pure ACK that wakes nobody still costs the kernel;
 //! - user and kernel CPU time (`/proc/PID/stat`, clock ticks) and run time
 //!   (`schedstat`, nanoseconds).
 //!
@@ -131,6 +133,61 @@ fn switches(pid: u32) -> BTreeMap<String, u64> {
     out
 }
 
+/// TCP segment counters of a process's established sockets, by socket (`ss -tinp`):
+/// `[segs_out, data_segs_out, segs_in, data_segs_in]`. A segment that is not a data
+/// segment is (on an established connection) a pure ACK or a window update.
+fn segments(pid: u32) -> BTreeMap<String, [u64; 4]> {
+    match std::process::Command::new("ss").args(["-tinpH", "state", "established"]).output() {
+        Ok(o) => parse_segments(&String::from_utf8_lossy(&o.stdout), pid),
+        Err(_) => BTreeMap::new(),
+    }
+}
+
+/// [`segments`] from the text of `ss -tinpH state established`: a line per socket (its
+/// addresses and `users:((..,pid=N,..))`), then an indented line of counters.
+fn parse_segments(text: &str, pid: u32) -> BTreeMap<String, [u64; 4]> {
+    let mut out = BTreeMap::new();
+    let owner = format!("pid={pid},");
+    let mut current: Option<String> = None;
+    for line in text.lines() {
+        if !line.starts_with(char::is_whitespace) {
+            current = line.contains(&owner).then(|| line.split("users:").next().unwrap_or(line).trim().to_string());
+            continue;
+        }
+        let Some(key) = current.take() else { continue };
+        let field = |name: &str| -> u64 {
+            line.split_whitespace()
+                .find_map(|f| f.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        out.insert(key, [field("segs_out"), field("data_segs_out"), field("segs_in"), field("data_segs_in")]);
+    }
+    out
+}
+
+/// Segments per request between two [`segments`] readings: sockets opened in between
+/// count from zero, sockets closed in between are left out.
+fn segments_per_req(
+    before: &BTreeMap<String, [u64; 4]>,
+    after: &BTreeMap<String, [u64; 4]>,
+    n: f64,
+) -> [(&'static str, f64); 4] {
+    let mut d = [0u64; 4];
+    for (key, a) in after {
+        let b = before.get(key).copied().unwrap_or([0; 4]);
+        for i in 0..4 {
+            d[i] += a[i].saturating_sub(b[i]);
+        }
+    }
+    [
+        ("tcp_data_segs_out", d[1] as f64 / n),
+        ("tcp_other_segs_out", d[0].saturating_sub(d[1]) as f64 / n),
+        ("tcp_data_segs_in", d[3] as f64 / n),
+        ("tcp_other_segs_in", d[2].saturating_sub(d[3]) as f64 / n),
+    ]
+}
+
 /// Starts `perf stat` counting [`EVENTS`] on `pid`, writing CSV to `out`.
 fn start_perf(pid: u32, out: &Path) -> anyhow::Result<std::process::Child> {
     let mut cmd = std::process::Command::new("perf");
@@ -180,18 +237,20 @@ async fn one(
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before: Vec<_> = probes
         .iter()
-        .map(|(_, pid, _, _)| Ok((switches(*pid), user_sys_s(*pid)?, run_ns(*pid)?)))
+        .map(|(_, pid, _, _)| Ok((switches(*pid), user_sys_s(*pid)?, run_ns(*pid)?, segments(*pid))))
         .collect::<anyhow::Result<_>>()?;
     let r = load::h1_fixed_rate(&stack.h1, args.rps, args.conns, Duration::from_secs(args.secs)).await?;
     let after: Vec<_> = probes
         .iter()
-        .map(|(_, pid, _, _)| Ok((switches(*pid), user_sys_s(*pid)?, run_ns(*pid)?)))
+        .map(|(_, pid, _, _)| Ok((switches(*pid), user_sys_s(*pid)?, run_ns(*pid)?, segments(*pid))))
         .collect::<anyhow::Result<_>>()?;
     let n = r.ok.max(1) as f64;
     let mut runs = Vec::new();
     for ((role, _, out, perf), (b, a)) in probes.into_iter().zip(before.iter().zip(&after)) {
         let counts = stop_perf(perf, &out)?;
-        let per_req = EVENTS.iter().zip(&counts).map(|((label, _, _), c)| (label.to_string(), *c as f64 / n)).collect();
+        let mut per_req: BTreeMap<String, f64> =
+            EVENTS.iter().zip(&counts).map(|((label, _, _), c)| (label.to_string(), *c as f64 / n)).collect();
+        per_req.extend(segments_per_req(&b.3, &a.3, n).iter().map(|(k, v)| (k.to_string(), *v)));
         let switches_by_thread =
             a.0.iter()
                 .map(|(name, v)| (name.clone(), v.saturating_sub(b.0.get(name).copied().unwrap_or(0)) as f64 / n))
@@ -246,7 +305,7 @@ pub async fn run(args: &WakeArgs) -> anyhow::Result<Vec<WakeRun>> {
 pub fn line(w: &WakeRun) -> String {
     let g = |k: &str| w.per_req.get(k).copied().unwrap_or(0.0);
     format!(
-        "{:>13} r{} {:6} | sys/req {:5.1} | epoll_wait {:4.2} (t0 {:4.2}) | read {:4.2} EAGAIN {:4.2} | recvfrom {:4.2} EAGAIN {:4.2} | write {:4.2} writev {:4.2} sendto {:4.2} | futex {:4.2} | cs {:4.2} | faults {:4.2} | user {:5.1} sys {:5.1} run {:5.1} us/req | {:?} | load {}",
+        "{:>13} r{} {:6} | sys/req {:5.1} | epoll_wait {:4.2} (t0 {:4.2}) | read {:4.2} EAGAIN {:4.2} | recvfrom {:4.2} EAGAIN {:4.2} | write {:4.2} writev {:4.2} sendto {:4.2} | futex {:4.2} | cs {:4.2} | faults {:4.2} | TCP segs out {:4.2} (+{:4.2} non-data) in {:4.2} (+{:4.2}) | user {:5.1} sys {:5.1} run {:5.1} us/req | {:?} | load {}",
         w.pair,
         w.round,
         w.role,
@@ -263,10 +322,49 @@ pub fn line(w: &WakeRun) -> String {
         g("futex"),
         g("context_switches"),
         g("page_faults"),
+        g("tcp_data_segs_out"),
+        g("tcp_other_segs_out"),
+        g("tcp_data_segs_in"),
+        g("tcp_other_segs_in"),
         w.user_us_per_req,
         w.sys_us_per_req,
         w.run_us_per_req,
         w.switches_by_thread.iter().map(|(k, v)| format!("{k}={v:.2}")).collect::<Vec<_>>(),
         w.loadavg
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SS: &str = "0      0      127.0.0.1:36977 127.0.0.1:51196 users:((\"weft-proxy\",pid=9846,fd=32))
+\t bbr wscale:10,10 rto:208 segs_out:546 segs_in:583 data_segs_out:542 data_segs_in:543 lastsnd:12
+0      1128   127.0.0.1:33869 127.0.0.1:60876 users:((\"weft-proxy\",pid=98461,fd=29))
+\t bbr segs_out:368 segs_in:370 data_segs_out:365 data_segs_in:365
+";
+
+    #[test]
+    fn segments_are_read_for_the_sockets_of_one_process_only() {
+        let got = parse_segments(SS, 9846);
+        assert_eq!(got.len(), 1, "pid=98461 is another process: {got:?}");
+        assert_eq!(got.values().next(), Some(&[546, 542, 583, 543]));
+    }
+
+    #[test]
+    fn segments_per_request_count_new_sockets_from_zero_and_leave_closed_ones_out() {
+        let before = BTreeMap::from([("a".to_string(), [10, 8, 10, 9]), ("gone".to_string(), [99, 0, 99, 0])]);
+        let after = BTreeMap::from([("a".to_string(), [30, 26, 31, 29]), ("new".to_string(), [4, 4, 2, 1])]);
+        let got = segments_per_req(&before, &after, 2.0);
+        // a: 20 out (18 data), 21 in (20 data); new: 4 out (4 data), 2 in (1 data).
+        assert_eq!(
+            got,
+            [
+                ("tcp_data_segs_out", 11.0),
+                ("tcp_other_segs_out", 1.0),
+                ("tcp_data_segs_in", 10.5),
+                ("tcp_other_segs_in", 1.0)
+            ]
+        );
+    }
 }
