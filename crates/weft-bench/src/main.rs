@@ -12,6 +12,7 @@ mod report;
 mod run;
 mod soak;
 mod stack;
+mod wake;
 
 use std::path::PathBuf;
 
@@ -65,6 +66,13 @@ enum Cmd {
     Instr {
         #[command(flatten)]
         args: Box<profile::InstrArgs>,
+    },
+    /// System calls, context switches and kernel time per request of each proxy at a
+    /// fixed rate (perf stat on syscall tracepoints; `--alt-proxy` for A/B). Prints JSON
+    /// lines and a table.
+    Wake {
+        #[command(flatten)]
+        args: Box<wake::WakeArgs>,
     },
     /// Render the report from a results file.
     Render {
@@ -175,6 +183,15 @@ fn main() -> std::process::ExitCode {
         Cmd::Instr { args } => multi_thread().and_then(|rt| rt.block_on(profile::instr(&args))).and_then(|runs| {
             for r in runs {
                 println!("{}", serde_json::to_string(&r)?);
+            }
+            Ok(())
+        }),
+        Cmd::Wake { args } => multi_thread().and_then(|rt| rt.block_on(wake::run(&args))).and_then(|runs| {
+            for r in &runs {
+                println!("{}", serde_json::to_string(r)?);
+            }
+            for r in &runs {
+                eprintln!("{}", wake::line(r));
             }
             Ok(())
         }),

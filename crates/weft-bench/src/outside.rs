@@ -91,6 +91,11 @@ pub struct PairRun {
     pub cpu_us_per_req: f64,
     /// The same per proxy (client, server order as started: server first).
     pub cpu_us_per_req_each: Vec<f64>,
+    /// User and kernel CPU per request of each proxy at the fixed rate, µs
+    /// (`/proc/PID/stat`, clock ticks; server, client). At 1,000 requests/s each request
+    /// arrives alone: the kernel share is what the wake-ups cost (absent in older results).
+    #[serde(default)]
+    pub fixed_user_sys_us_per_req: Vec<(f64, f64)>,
     /// Closed loop, one worker per proxy.
     pub max: Option<RunResult>,
     /// CPU of both proxies per request at maximum throughput, µs.
@@ -273,6 +278,11 @@ fn stack_run_ns(stack: &Stack) -> anyhow::Result<Vec<u64>> {
     stack.proxies.iter().map(|p| run_ns(p.proc.pid()?)).collect()
 }
 
+/// User and system CPU seconds of each proxy of `stack`.
+fn stack_user_sys(stack: &Stack) -> anyhow::Result<Vec<(f64, f64)>> {
+    stack.proxies.iter().map(|p| user_sys_s(p.proc.pid()?)).collect()
+}
+
 fn per_req_us(before: &[u64], after: &[u64], requests: u64) -> Vec<f64> {
     before
         .iter()
@@ -337,10 +347,15 @@ pub async fn one_pair(
         .map_err(|e| fail("warm-up", e))?
         .ok;
     let c0 = stack_run_ns(&stack)?;
+    let us0 = stack_user_sys(&stack)?;
     let fixed = load::h1_fixed_rate(&stack.h1, args.rps, args.conns, Duration::from_secs(args.secs))
         .await
         .map_err(|e| fail("fixed rate", e))?;
     let c1 = stack_run_ns(&stack)?;
+    let us1 = stack_user_sys(&stack)?;
+    let n = fixed.ok.max(1) as f64;
+    let fixed_user_sys_us_per_req =
+        us0.iter().zip(&us1).map(|(b, a)| ((a.0 - b.0) * 1e6 / n, (a.1 - b.1) * 1e6 / n)).collect();
     total += fixed.ok;
     let each = per_req_us(&c0, &c1, fixed.ok);
     let (mut max, mut cpu_max, mut saturation) = (None, None, None);
@@ -369,6 +384,7 @@ pub async fn one_pair(
         added_us: None,
         cpu_us_per_req: each.iter().sum(),
         cpu_us_per_req_each: each,
+        fixed_user_sys_us_per_req,
         max,
         cpu_us_per_req_max: cpu_max,
         saturation,
@@ -387,6 +403,10 @@ pub async fn one_pair(
         run.peak_rss_mib,
         run.loadavg_before,
         run.loadavg_after
+    );
+    eprintln!(
+        "bench: {pair:>14} round {round}: at the fixed rate, (user, sys) us/req per proxy (server, client): {:?}",
+        run.fixed_user_sys_us_per_req.iter().map(|(u, s)| (u.round(), s.round())).collect::<Vec<_>>()
     );
     if let Some(s) = &run.saturation {
         eprintln!(

@@ -22,6 +22,7 @@
 //!
 //! [`FixedAtAccept`]: crate::config::listener::FixedAtAccept
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -29,6 +30,7 @@ use arc_swap::ArcSwap;
 
 use crate::config::{ChainKind, ConnFacts, FilterChainConfig, ListenerConfig, ProxySnapshot};
 use crate::context::Context;
+use crate::io::WakeGated;
 use crate::ratelimit::bucket::{BucketKey, TokenBucket};
 use crate::rbac::{RbacFilter, RbacInput};
 
@@ -169,8 +171,13 @@ impl ConnInfo {
     }
 
     /// Resolves when the connection can no longer follow the configuration in place
-    /// (never while it can). Wakes at every new snapshot.
-    pub async fn ended(&self, ctx: &Context) -> ChainEnd {
+    /// (never while it can). Wakes at every new snapshot; polled again only then
+    /// ([`WakeGated`]), not at every wake-up of the connection's task.
+    pub fn ended<'a>(&'a self, ctx: &'a Context) -> WakeGated<impl Future<Output = ChainEnd> + Send + 'a> {
+        WakeGated::new(self.ended_inner(ctx))
+    }
+
+    async fn ended_inner(&self, ctx: &Context) -> ChainEnd {
         let mut changes = ctx.store.subscribe();
         loop {
             let view = self.chain(&ctx.store.snapshot());

@@ -1,11 +1,16 @@
 //! Byte streams that report activity: bytes read, and the time of the last byte either
-//! way, so idle timeouts can be enforced without a timer per read.
+//! way, so idle timeouts can be enforced without a timer per read; and [`WakeGated`],
+//! which keeps a connection's rarely-firing watchers from being polled at each of its
+//! wake-ups.
 
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
+use std::task::{Context as TaskContext, Poll, Waker};
 use std::time::{Duration, Instant};
+
+use futures::task::AtomicWaker;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
@@ -36,8 +41,13 @@ impl Activity {
     }
 
     /// Resolves once nothing moved for `timeout` while no stream was open (never when
-    /// `timeout` is `None`): Envoy's connection idle timeout.
-    pub async fn idle(&self, timeout: Option<Duration>) {
+    /// `timeout` is `None`): Envoy's connection idle timeout. Polled again only when its
+    /// timer fired ([`WakeGated`]), not at every wake-up of the connection's task.
+    pub fn idle(&self, timeout: Option<Duration>) -> WakeGated<impl Future<Output = ()> + Send + '_> {
+        WakeGated::new(self.idle_inner(timeout))
+    }
+
+    async fn idle_inner(&self, timeout: Option<Duration>) {
         let Some(timeout) = timeout else { return std::future::pending().await };
         loop {
             let idle = self.idle_for();
@@ -52,6 +62,68 @@ impl Activity {
     pub fn open_stream(self: &Arc<Self>) -> StreamGuard {
         self.active.fetch_add(1, Ordering::Relaxed);
         StreamGuard(self.clone())
+    }
+}
+
+/// A future polled only on its first poll and after one of the wakers it registered
+/// fired; otherwise polling it returns `Pending` at the cost of an atomic swap.
+///
+/// `tokio::select!` polls every pending branch whenever its task wakes. A downstream
+/// connection's task wakes several times per request (request bytes in, response ready,
+/// response written) while its watchers — the idle timeout, a filter chain change — almost
+/// never fire; polling them again at every wake-up re-registered a timer waker and a
+/// `watch` waiter each time (~1k instructions per request per sidecar, callgrind: see
+/// bench/notes.md, wip-wake). Behind the gate they run only when their own waker fired.
+/// Boxes the inner future once (per connection, not per request).
+pub struct WakeGated<F> {
+    inner: Pin<Box<F>>,
+    gate: Arc<Gate>,
+}
+
+/// What [`WakeGated`]'s inner future wakes: a flag, then the task polling the gate.
+#[derive(Debug, Default)]
+struct Gate {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl std::task::Wake for Gate {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> WakeGated<F> {
+    /// Gates `inner`; its first poll goes through.
+    pub fn new(inner: F) -> Self {
+        let gate = Gate { woken: AtomicBool::new(true), task: AtomicWaker::new() };
+        WakeGated { inner: Box::pin(inner), gate: Arc::new(gate) }
+    }
+}
+
+impl<F: Future> Future for WakeGated<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<F::Output> {
+        // Register before testing the flag: a wake-up between the two then finds the
+        // current task and polls it again.
+        self.gate.task.register(cx.waker());
+        if !self.gate.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = Waker::from(self.gate.clone());
+        self.inner.as_mut().poll(&mut TaskContext::from_waker(&waker))
+    }
+}
+
+impl<F> std::fmt::Debug for WakeGated<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WakeGated").field("gate", &self.gate).finish_non_exhaustive()
     }
 }
 
@@ -168,5 +240,87 @@ impl BodyTally {
             2 => Some(ErrorKind::DownstreamClosed),
             _ => Some(ErrorKind::DownstreamProtocol),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A future that counts its polls and keeps the last waker it was given.
+    struct Probe {
+        polls: Arc<AtomicUsize>,
+        waker: Arc<std::sync::Mutex<Option<Waker>>>,
+        ready: Arc<AtomicBool>,
+    }
+
+    impl Future for Probe {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            if self.ready.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    /// The point of the gate: polling it again without a wake-up of its own does not
+    /// poll the inner future; its waker firing does, and the gate resolves with it.
+    #[test]
+    fn a_gated_future_is_polled_only_after_its_own_wake_up() {
+        let (polls, waker, ready) = (Arc::new(AtomicUsize::new(0)), Arc::default(), Arc::new(AtomicBool::new(false)));
+        let mut gated = WakeGated::new(Probe { polls: polls.clone(), waker: Arc::clone(&waker), ready: ready.clone() });
+        let task = futures::task::noop_waker();
+        let mut cx = TaskContext::from_waker(&task);
+        for _ in 0..3 {
+            assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "polled again without being woken");
+        ready.store(true, Ordering::SeqCst);
+        let inner: Option<Waker> = waker.lock().unwrap().take();
+        inner.expect("the inner future registered a waker").wake();
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+
+    /// The wake-up reaches the task that polled the gate last.
+    #[test]
+    fn the_inner_wake_up_wakes_the_polling_task() {
+        let (polls, waker, ready) = (Arc::new(AtomicUsize::new(0)), Arc::default(), Arc::new(AtomicBool::new(false)));
+        let mut gated = WakeGated::new(Probe { polls, waker: Arc::clone(&waker), ready });
+        let (task, count) = futures_test_waker();
+        let mut cx = TaskContext::from_waker(&task);
+        assert!(Pin::new(&mut gated).poll(&mut cx).is_pending());
+        let inner: Option<Waker> = waker.lock().unwrap().take();
+        inner.expect("registered").wake();
+        assert_eq!(count.load(Ordering::SeqCst), 1);
+    }
+
+    /// A waker counting its wake-ups.
+    fn futures_test_waker() -> (Waker, Arc<AtomicUsize>) {
+        struct Count(Arc<AtomicUsize>);
+        impl std::task::Wake for Count {
+            fn wake(self: Arc<Self>) {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let count = Arc::new(AtomicUsize::new(0));
+        (Waker::from(Arc::new(Count(count.clone()))), count)
+    }
+
+    /// The idle timeout still fires behind the gate, and only once nothing moved for it.
+    #[tokio::test(start_paused = true)]
+    async fn the_idle_timeout_fires_behind_the_gate() {
+        let activity = Activity::new();
+        let started = tokio::time::Instant::now();
+        activity.idle(Some(Duration::from_secs(5))).await;
+        assert!(started.elapsed() >= Duration::from_secs(5));
+        let stream = activity.open_stream();
+        let open = tokio::time::timeout(Duration::from_secs(30), activity.idle(Some(Duration::from_secs(5)))).await;
+        assert!(open.is_err(), "an open stream keeps the connection from idling out");
+        drop(stream);
     }
 }
