@@ -346,22 +346,65 @@ fn strip_connection_headers(h: &mut HeaderMap) {
     }
 }
 
-/// The content-length all of `h`'s Content-Length values agree on (hyper's rule); None
-/// when absent, malformed or conflicting.
+/// The content-length all of `h`'s Content-Length values agree on (hyper's rule: a
+/// value may also be a comma-separated list of the same length); None when absent,
+/// malformed or conflicting.
 fn content_length(h: &HeaderMap) -> Option<u64> {
     let mut found = None;
-    for v in h.get_all(CONTENT_LENGTH) {
-        for part in v.to_str().ok()?.split(',') {
-            let part = part.trim();
-            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return None;
-            }
-            let n: u64 = part.parse().ok()?;
-            if found.is_some_and(|f| f != n) {
-                return None;
-            }
+    let mut agree = |n: u64| match found {
+        Some(f) if f != n => None,
+        _ => {
             found = Some(n);
+            Some(())
+        }
+    };
+    for v in h.get_all(CONTENT_LENGTH) {
+        // One plain number, nearly always: read as is, without splitting.
+        match digits(v.as_bytes()) {
+            Some(n) => agree(n)?,
+            None => {
+                for part in v.as_bytes().split(|&b| b == b',') {
+                    agree(digits(part.trim_ascii())?)?;
+                }
+            }
         }
     }
     found
+}
+
+/// A non-empty run of ASCII digits as a number (no sign, no overflow).
+fn digits(b: &[u8]) -> Option<u64> {
+    if b.is_empty() {
+        return None;
+    }
+    b.iter().try_fold(0u64, |n, &d| {
+        let d = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lengths(values: &[&'static str]) -> Option<u64> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(CONTENT_LENGTH, HeaderValue::from_static(v));
+        }
+        content_length(&h)
+    }
+
+    #[test]
+    fn content_length_follows_hypers_rule() {
+        assert_eq!(lengths(&[]), None);
+        assert_eq!(lengths(&["42"]), Some(42));
+        assert_eq!(lengths(&["42", "42"]), Some(42));
+        assert_eq!(lengths(&["42, 42"]), Some(42));
+        assert_eq!(lengths(&["42", "43"]), None);
+        assert_eq!(lengths(&["42,43"]), None);
+        assert_eq!(lengths(&["+42"]), None);
+        assert_eq!(lengths(&[""]), None);
+        assert_eq!(lengths(&["99999999999999999999"]), None);
+    }
 }
