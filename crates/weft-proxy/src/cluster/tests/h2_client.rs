@@ -152,3 +152,36 @@ async fn a_request_given_up_before_its_response_resets_the_stream_its_body_still
     assert_eq!(reset_seen(seen_rx).await, h2::Reason::CANCEL);
     drop(chunks);
 }
+
+#[tokio::test]
+async fn a_request_body_that_fails_resets_the_upstream_stream() {
+    // Answers at once, then reports how the request body ended.
+    let (seen_tx, seen_rx) = oneshot::channel();
+    let seen_tx = Arc::new(std::sync::Mutex::new(Some(seen_tx)));
+    let addr = serve(move |req, mut respond| {
+        let seen_tx = Arc::clone(&seen_tx);
+        async move {
+            let _send = respond.send_response(Response::new(()), false).unwrap();
+            let mut body = req.into_body();
+            let mut ended = None;
+            while let Some(chunk) = body.data().await {
+                if let Err(e) = chunk {
+                    ended = e.reason();
+                    break;
+                }
+            }
+            if let Some(tx) = seen_tx.lock().unwrap().take() {
+                let _ = tx.send(ended.unwrap_or(h2::Reason::NO_ERROR));
+            }
+        }
+    })
+    .await;
+    let pools = Pools::new(PoolConfig::default());
+    let (req, chunks) = streaming(Method::POST);
+    let resp = pools.send(&endpoint(addr), UpstreamProtocol::Http2, TIMEOUT, req).await.unwrap();
+    chunks.send(Ok(Frame::data(Bytes::from_static(b"part")))).await.unwrap();
+    chunks.send(Err("the downstream went away".into())).await.unwrap();
+    // Not a clean end: the upstream must not take the truncated body as complete.
+    assert_eq!(reset_seen(seen_rx).await, h2::Reason::INTERNAL_ERROR);
+    drop(resp);
+}
