@@ -185,3 +185,29 @@ async fn a_request_body_that_fails_resets_the_upstream_stream() {
     assert_eq!(reset_seen(seen_rx).await, h2::Reason::INTERNAL_ERROR);
     drop(resp);
 }
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_once_the_pool_lets_go_of_it() {
+    let addr = serve(|_req, mut respond| async move {
+        let _ = respond.send_response(Response::new(()), true);
+    })
+    .await;
+    let cfg = PoolConfig {
+        idle_timeout: Duration::from_millis(100),
+        reap_interval: Duration::from_millis(20),
+        ..PoolConfig::default()
+    };
+    let pools = Pools::new(cfg);
+    let get = Request::builder().uri("/").header(http::header::HOST, "a").body(crate::http::body::full("")).unwrap();
+    let resp = pools.send(&endpoint(addr), UpstreamProtocol::Http2, TIMEOUT, get).await.unwrap();
+    assert!(resp.into_body().collect().await.is_ok());
+    assert_eq!(pools.stats().endpoints[0].http2_open, 1);
+    // The reaper drops the pool's handle; the connection's task must then end (h2 wakes
+    // it when the last handle goes), and with it the open count.
+    let closed = async {
+        while pools.stats().endpoints.first().is_some_and(|e| e.http2_open > 0) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    tokio::time::timeout(TIMEOUT, closed).await.expect("the idle connection closed");
+}
