@@ -17,7 +17,10 @@
 //!
 //! A request that fails on a *reused* connection before hyper wrote it (the peer had
 //! closed an idle keep-alive connection) is sent once more on a fresh connection, so
-//! stale keep-alive never surfaces as a 503.
+//! stale keep-alive never surfaces as a 503. HTTP/2 (`h2_client`, the `h2` crate driven
+//! from the request's task): a reused connection that takes no new stream (it ended, or
+//! the peer sent GOAWAY) is replaced once; one reused after a quiet spell first lets the
+//! runtime poll, so a close that arrived in the same turn is seen before the stream opens.
 //!
 //! The per-endpoint locks are `tokio` mutexes held only to take or return a connection
 //! (and, for HTTP/2, while the one shared connection is being established).
