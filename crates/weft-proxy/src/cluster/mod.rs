@@ -10,6 +10,7 @@ mod balance;
 pub mod config;
 pub mod endpoints;
 pub mod ewma;
+pub mod h2_client;
 pub mod outlier;
 pub mod pool;
 
@@ -27,7 +28,8 @@ pub use endpoints::{Endpoint, Health};
 pub use ewma::{ClusterLoad, EndpointLoad, InFlight, LoadRegistry, RequestPermit, RetryBudget, Slot};
 pub use outlier::{Outcome, OutlierConfig};
 pub use pool::{
-    BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamPrincipal, UpstreamStream,
+    BoxBody, Connector, EndpointPoolStats, PoolConfig, PoolStats, Pools, UpstreamBody, UpstreamPrincipal,
+    UpstreamStream,
 };
 
 use crate::cluster::balance::{Balancer, Place, DEFAULT_OVERPROVISIONING};

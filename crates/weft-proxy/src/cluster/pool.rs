@@ -17,7 +17,10 @@
 //!
 //! A request that fails on a *reused* connection before hyper wrote it (the peer had
 //! closed an idle keep-alive connection) is sent once more on a fresh connection, so
-//! stale keep-alive never surfaces as a 503.
+//! stale keep-alive never surfaces as a 503. HTTP/2 (`h2_client`, the `h2` crate driven
+//! from the request's task): a reused connection that takes no new stream (it ended, or
+//! the peer sent GOAWAY) is replaced once; one reused after a quiet spell first lets the
+//! runtime poll, so a close that arrived in the same turn is seen before the stream opens.
 //!
 //! The per-endpoint locks are `tokio` mutexes held only to take or return a connection
 //! (and, for HTTP/2, while the one shared connection is being established).
@@ -39,16 +42,18 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, Request, Response, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -57,6 +62,7 @@ use tokio::sync::Mutex;
 use crate::cluster::config::Limits;
 use crate::cluster::endpoints::Endpoint;
 use crate::cluster::ewma::{ClusterLoad, Slot};
+use crate::cluster::h2_client::{self, H2Body, H2Sender};
 use crate::error::{ErrorKind, ProxyError};
 
 /// The HTTP version spoken to the upstream.
@@ -72,6 +78,15 @@ pub enum UpstreamProtocol {
 
 /// The request body type the pools send.
 pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A response body from an upstream, whichever HTTP version carried it.
+#[derive(Debug)]
+pub enum UpstreamBody {
+    /// Read by hyper's HTTP/1.1 client.
+    Http1(Incoming),
+    /// Read from an HTTP/2 stream.
+    Http2(H2Body),
+}
 
 /// Pool settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,12 +249,30 @@ struct H1Conn {
 
 #[derive(Debug)]
 struct H2Conn {
-    tx: http2::SendRequest<BoxBody>,
+    tx: H2Sender,
+    /// Set by the connection's task when it ends.
+    closed: Arc<AtomicBool>,
+    /// Tells this connection from its successors, to drop only the one that failed.
+    id: u64,
     principal: Principal,
     last_used: Instant,
     opened: Instant,
     uses: u32,
 }
+
+/// The endpoint's HTTP/2 connection as one request uses it.
+struct H2Checked {
+    tx: H2Sender,
+    id: u64,
+    reused: bool,
+    /// Reused after at least [`H2_QUIET`] without a new request.
+    quiet: bool,
+    principal: Principal,
+}
+
+/// An HTTP/2 connection reused after this long without a new request is given a chance
+/// to notice that its peer went away first (see [`Pools::send_h2`]).
+const H2_QUIET: Duration = Duration::from_millis(100);
 
 /// A connection checked out of the pool, or just opened.
 struct Checked {
@@ -248,6 +281,32 @@ struct Checked {
     opened: Instant,
     uses: u32,
     reused: bool,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = Box<dyn std::error::Error + Send + Sync>;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Http1(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            UpstreamBody::Http2(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Http1(b) => b.is_end_stream(),
+            UpstreamBody::Http2(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Http1(b) => b.size_hint(),
+            UpstreamBody::Http2(b) => b.size_hint(),
+        }
+    }
 }
 
 impl Default for PoolConfig {
@@ -354,7 +413,7 @@ impl Pools {
         proto: UpstreamProtocol,
         connect_timeout: Duration,
         req: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let connector = self.inner.connector.clone();
         let up = Upstream { connect_timeout, connector: &connector, conn: ConnSettings::default(), breaker: None };
         self.send_to(ep, proto, &up, req).await
@@ -368,7 +427,7 @@ impl Pools {
         connect_timeout: Duration,
         connector: &Connector,
         req: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let up = Upstream { connect_timeout, connector, conn: ConnSettings::default(), breaker: None };
         self.send_to(ep, proto, &up, req).await
     }
@@ -382,7 +441,7 @@ impl Pools {
         proto: UpstreamProtocol,
         up: &Upstream<'_>,
         req: Request<BoxBody>,
-    ) -> Result<Response<Incoming>, ProxyError> {
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
         let h2 = match proto {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
@@ -399,10 +458,10 @@ impl Pools {
         }
         let resp = if h2 {
             let req = absolute_form(req, ep.addr)?;
-            self.send_h2(&pool, ep.addr, up, req).await
+            self.send_h2(&pool, ep.addr, up, req).await.map(|(r, p)| (r.map(UpstreamBody::Http2), p))
         } else {
             let req = origin_form(req)?;
-            self.send_h1(&pool, ep.addr, up, req).await
+            self.send_h1(&pool, ep.addr, up, req).await.map(|(r, p)| (r.map(UpstreamBody::Http1), p))
         };
         resp.map(|(mut resp, principal)| {
             if let Some(p) = principal {
@@ -595,107 +654,112 @@ impl Pools {
         }
     }
 
+    /// Sends on the endpoint's HTTP/2 connection (opened when there is none). A reused
+    /// connection that cannot take a new stream (it died, or the peer sent GOAWAY) is
+    /// replaced once; the request was not sent on it.
     async fn send_h2(
         &self,
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
         up: &Upstream<'_>,
         req: Request<BoxBody>,
-    ) -> Result<(Response<Incoming>, Principal), ProxyError> {
-        let (mut tx, reused, principal) = self.h2_sender(pool, addr, up).await?;
-        let req = match tx.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, principal)),
-            Err(mut e) => {
-                let unsent = e.message().is_some();
-                match e.take_message() {
-                    Some(back) if reused => back,
-                    _ => return Err(map_hyper_error(addr, e.error(), unsent)),
-                }
+    ) -> Result<(Response<H2Body>, Principal), ProxyError> {
+        let conn = self.h2_sender(pool, addr, up).await?;
+        if conn.quiet {
+            // The connection's task learns that the peer closed the connection only once
+            // the runtime has polled for I/O; a request arriving in the same turn would
+            // open its stream on a dead connection and fail as sent. After a quiet spell
+            // (when peers close idle connections), one yield lets the runtime poll and
+            // the connection's task fail it first, so `ready` refuses it and the request
+            // goes on a fresh connection. Busy connections skip this (it costs a turn).
+            tokio::task::yield_now().await;
+        }
+        let (tx, principal) = match conn.tx.ready().await {
+            Ok(tx) => (tx, conn.principal),
+            Err(e) if conn.reused => {
+                tracing::debug!(%addr, error = %e, "pooled http2 connection takes no new stream, replacing it");
+                pool.drop_h2(conn.id).await;
+                let fresh = self.h2_sender(pool, addr, up).await?;
+                let tx = fresh.tx.ready().await.map_err(|e| h2_client::map_h2_error(addr, &e, true))?;
+                (tx, fresh.principal)
             }
+            Err(e) => return Err(h2_client::map_h2_error(addr, &e, true)),
         };
-        // The shared connection died before taking the request: replace it once.
-        pool.drop_h2_if_closed().await;
-        let (mut tx, _, principal) = self.h2_sender(pool, addr, up).await?;
-        let resp =
-            tx.try_send_request(req).await.map_err(|e| map_hyper_error(addr, e.error(), e.message().is_some()))?;
+        let resp = h2_client::send(tx, addr, req).await?;
         Ok((resp, principal))
     }
 
-    /// The endpoint's live HTTP/2 connection, or a new one; true when reused. A
-    /// connection that reaches `max_requests_per_connection` or `max_connection_duration`
-    /// takes no new streams (those in flight finish on it).
+    /// The endpoint's live HTTP/2 connection, or a new one. A connection that reaches
+    /// `max_requests_per_connection` or `max_connection_duration` takes no new streams
+    /// (those in flight finish on it).
     async fn h2_sender(
         &self,
         pool: &Arc<EndpointPool>,
         addr: SocketAddr,
         up: &Upstream<'_>,
-    ) -> Result<(http2::SendRequest<BoxBody>, bool, Principal), ProxyError> {
+    ) -> Result<H2Checked, ProxyError> {
         let mut slot = pool.h2.lock().await;
         if let Some(conn) = slot.as_mut() {
-            if !conn.tx.is_closed() && !spent(&up.conn, conn.opened, conn.uses) {
-                conn.last_used = Instant::now();
+            if !conn.closed.load(Ordering::Acquire) && !spent(&up.conn, conn.opened, conn.uses) {
+                let now = Instant::now();
+                let quiet = now.saturating_duration_since(conn.last_used) >= H2_QUIET;
+                conn.last_used = now;
                 conn.uses += 1;
-                let tx = conn.tx.clone();
-                let principal = conn.principal.clone();
+                let checked = H2Checked {
+                    tx: conn.tx.clone(),
+                    id: conn.id,
+                    reused: true,
+                    quiet,
+                    principal: conn.principal.clone(),
+                };
                 if spent(&up.conn, conn.opened, conn.uses) {
                     *slot = None;
                 }
-                return Ok((tx, true, principal));
+                return Ok(checked);
             }
         }
         // Boxed: connecting (TCP, TLS, handshake) is the slow path; inline, its state
         // would enlarge the future of every request, which is moved several times.
-        let (tx, principal) = Box::pin(Self::open_h2(pool, addr, up)).await?;
-        let now = Instant::now();
-        let fresh = H2Conn { tx: tx.clone(), principal: principal.clone(), last_used: now, opened: now, uses: 1 };
+        let fresh = Box::pin(Self::open_h2(pool, addr, up)).await?;
+        let checked = H2Checked {
+            tx: fresh.tx.clone(),
+            id: fresh.id,
+            reused: false,
+            quiet: false,
+            principal: fresh.principal.clone(),
+        };
         *slot = (!spent(&up.conn, fresh.opened, fresh.uses)).then_some(fresh);
-        Ok((tx, false, principal))
-    }
-}
-
-/// Spawns the futures of hyper's HTTP/2 client on tokio, boxed. hyper spawns one per
-/// request, of an enum whose largest variant is a whole connection task (codec, buffers,
-/// TLS stream): tokio's spawn path moved that enum whole several times (~3k instructions
-/// per request on an HTTP/2 client sidecar, ~1.5k boxed: bench/notes.md). Boxed, it is
-/// copied once and tokio moves a pointer.
-#[derive(Clone, Copy, Debug, Default)]
-struct BoxedSpawn;
-
-impl<F> hyper::rt::Executor<F> for BoxedSpawn
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(Box::pin(fut));
+        Ok(checked)
     }
 }
 
 impl Pools {
-    /// A new HTTP/2 connection to `addr`, its connection task spawned: the sender and
-    /// the principal the upstream proved. One HTTP/2 connection per endpoint: counted
-    /// against max_connections, never refused (requests are bounded by max_requests
-    /// instead).
-    async fn open_h2(
-        pool: &Arc<EndpointPool>,
-        addr: SocketAddr,
-        up: &Upstream<'_>,
-    ) -> Result<(http2::SendRequest<BoxBody>, Principal), ProxyError> {
+    /// A new HTTP/2 connection to `addr`, its connection task spawned. One HTTP/2
+    /// connection per endpoint: counted against max_connections, never refused
+    /// (requests are bounded by max_requests instead).
+    async fn open_h2(pool: &Arc<EndpointPool>, addr: SocketAddr, up: &Upstream<'_>) -> Result<H2Conn, ProxyError> {
+        static IDS: AtomicU64 = AtomicU64::new(0);
         let cx = up.breaker.and_then(|(load, limits)| load.try_connection(limits.max_connections, true));
         let io = up.connector.connect_with(addr, up.connect_timeout, up.conn.keepalive).await?;
         let principal = io.peer_principal();
-        let (tx, conn) =
-            http2::handshake(BoxedSpawn, TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
+        let (tx, conn) = h2_client::handshake(io, addr).await?;
         let open = Arc::clone(&pool.http2_open);
         open.fetch_add(1, Ordering::AcqRel);
-        tokio::spawn(async move {
+        let closed = Arc::new(AtomicBool::new(false));
+        let ended = Arc::clone(&closed);
+        // Boxed: the connection (codec, buffers, TLS stream) is large, and tokio's spawn
+        // path moves what it is given.
+        tokio::spawn(Box::pin(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(%addr, error = %e, "upstream http2 connection ended");
             }
+            ended.store(true, Ordering::Release);
             open.fetch_sub(1, Ordering::AcqRel);
             drop(cx);
-        });
-        Ok((tx, principal))
+        }));
+        let now = Instant::now();
+        let id = IDS.fetch_add(1, Ordering::Relaxed);
+        Ok(H2Conn { tx, closed, id, principal, last_used: now, opened: now, uses: 1 })
     }
 }
 
@@ -728,9 +792,11 @@ impl EndpointPool {
         }
     }
 
-    async fn drop_h2_if_closed(&self) {
+    /// Forgets HTTP/2 connection `id` if it is still the endpoint's: it takes no new
+    /// streams (those in flight finish on it).
+    async fn drop_h2(&self, id: u64) {
         let mut slot = self.h2.lock().await;
-        if slot.as_ref().is_some_and(|c| c.tx.is_closed()) {
+        if slot.as_ref().is_some_and(|c| c.id == id) {
             *slot = None;
         }
     }
@@ -746,7 +812,8 @@ impl EndpointPool {
         }
         {
             let mut slot = self.h2.lock().await;
-            if slot.as_ref().is_some_and(|c| c.tx.is_closed() || c.last_used.elapsed() >= idle_timeout) {
+            if slot.as_ref().is_some_and(|c| c.closed.load(Ordering::Acquire) || c.last_used.elapsed() >= idle_timeout)
+            {
                 *slot = None;
             }
         }
@@ -1010,21 +1077,9 @@ fn absolute_form(mut req: Request<BoxBody>, addr: SocketAddr) -> Result<Request<
     Ok(req)
 }
 
-/// Maps a hyper client error; `not_sent` when hyper handed the request back unwritten.
+/// Maps a hyper HTTP/1 client error; `not_sent` when hyper handed the request back
+/// unwritten. (HTTP/2 errors: [`h2_client::map_h2_error`].)
 fn map_hyper_error(addr: SocketAddr, e: &hyper::Error, not_sent: bool) -> ProxyError {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
-    while let Some(s) = source {
-        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
-            if h2e.reason() == Some(h2::Reason::REFUSED_STREAM) {
-                return ProxyError::new(ErrorKind::RefusedStream, format!("{addr}: {e}")).not_sent();
-            }
-            if h2e.is_go_away() && h2e.is_remote() {
-                // h2 fails only streams above GOAWAY's last-stream-id this way.
-                return ProxyError::new(ErrorKind::UpstreamReset, format!("{addr}: {e}")).not_sent();
-            }
-        }
-        source = s.source();
-    }
     let kind = if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
         ErrorKind::UpstreamProtocol
     } else {

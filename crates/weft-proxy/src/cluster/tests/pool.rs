@@ -114,7 +114,7 @@ fn get(uri: &str, host: &str) -> Request<BoxBody> {
         .unwrap()
 }
 
-async fn body(resp: Response<Incoming>) -> String {
+async fn body(resp: Response<crate::cluster::UpstreamBody>) -> String {
     assert_eq!(resp.status(), StatusCode::OK);
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     String::from_utf8(bytes.to_vec()).unwrap()
@@ -266,6 +266,9 @@ async fn pools_survive_an_endpoint_going_away_and_coming_back() {
         let resp = pools.send(&ep, proto, TIMEOUT, get("/1", "a")).await.unwrap();
         assert_eq!(body(resp).await, if h2 { "a http://a/1" } else { "a /1" });
 
+        // Idle for a while (peers close idle connections), then gone just as the next
+        // request arrives, in the same turn of the runtime.
+        tokio::time::sleep(Duration::from_millis(150)).await;
         server.stop().await;
         let err = pools.send(&ep, proto, TIMEOUT, get("/2", "a")).await.unwrap_err();
         assert_eq!(err.kind(), ErrorKind::ConnectFailure, "h2={h2}: {err}");
