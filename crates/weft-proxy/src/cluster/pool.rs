@@ -653,24 +653,6 @@ impl Pools {
     }
 }
 
-/// Spawns the futures of hyper's HTTP/2 client on tokio, boxed. hyper spawns one per
-/// request, of an enum whose largest variant is a whole connection task (codec, buffers,
-/// TLS stream): tokio's spawn path moved that enum whole several times (~3k instructions
-/// per request on an HTTP/2 client sidecar, ~1.5k boxed: bench/notes.md). Boxed, it is
-/// copied once and tokio moves a pointer.
-#[derive(Clone, Copy, Debug, Default)]
-struct BoxedSpawn;
-
-impl<F> hyper::rt::Executor<F> for BoxedSpawn
-where
-    F: std::future::Future + Send + 'static,
-    F::Output: Send + 'static,
-{
-    fn execute(&self, fut: F) {
-        tokio::spawn(Box::pin(fut));
-    }
-}
-
 impl Pools {
     /// A new HTTP/2 connection to `addr`, its connection task spawned: the sender and
     /// the principal the upstream proved. One HTTP/2 connection per endpoint: counted
@@ -684,8 +666,11 @@ impl Pools {
         let cx = up.breaker.and_then(|(load, limits)| load.try_connection(limits.max_connections, true));
         let io = up.connector.connect_with(addr, up.connect_timeout, up.conn.keepalive).await?;
         let principal = io.peer_principal();
+        // One write (one TLS record) per poll of the connection task: crate::coalesce.
+        let (io, flusher) = crate::coalesce::Coalesced::new(io);
+        let spawn = crate::coalesce::FirstSpawnFlushes::new(flusher);
         let (tx, conn) =
-            http2::handshake(BoxedSpawn, TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
+            http2::handshake(spawn, TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
         let open = Arc::clone(&pool.http2_open);
         open.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
