@@ -13,7 +13,10 @@
 //! buffer out and flushes the stream once the inner poll returns.
 //!
 //! Why no byte stays buffered with nobody to write it:
-//! - bytes are buffered only while the wrapped future is being polled (`in_poll`), and
+//! - bytes are buffered only while the wrapped future is being polled (`in_poll`) and the
+//!   connection speaks HTTP/2 (an upstream HTTP/2 connection; a downstream one whose
+//!   client opened with the HTTP/2 preface: HTTP/1.1 connections, where hyper already
+//!   writes once per poll, are left alone), and
 //!   [`Flushing`] writes the buffer out after every such poll; when the stream is not
 //!   ready it returns `Pending` with the stream's waker registered by this same task, so
 //!   it is polled again and finishes the write, even after the connection future ended;
@@ -87,8 +90,13 @@ struct Shared<S> {
     buf: Vec<u8>,
     /// Bytes of `buf` already written to `io` (a partial write out).
     written: usize,
-    /// The wrapped connection future is being polled: writes are buffered.
+    /// The wrapped connection future is being polled.
     in_poll: bool,
+    /// Whether writes are coalesced: `None` until the first bytes read tell whether the
+    /// client speaks HTTP/2 (see [`Coalesced::sniffing`]).
+    coalescing: Option<bool>,
+    /// Bytes of [`H2_PREFACE_START`] the client has sent so far, while `coalescing` is `None`.
+    sniffed: usize,
     /// A failed write out after a poll, for the next call hyper makes.
     failed: Option<(io::ErrorKind, String)>,
     /// The wrapped future waiting to write out the buffer after its connection future
@@ -96,10 +104,35 @@ struct Shared<S> {
     waiter: Option<Waker>,
 }
 
+/// How an HTTP/2 client's connection preface starts (RFC 9113 §3.4); no HTTP/1.x method
+/// is `PRI`.
+const H2_PREFACE_START: &[u8] = b"PRI ";
+
 impl<S> Coalesced<S> {
-    /// Wraps `io`; the [`Flusher`] wraps the connection future built over the result.
+    /// Wraps `io`, an HTTP/2 connection; the [`Flusher`] wraps the connection future
+    /// built over the result.
     pub fn new(io: S) -> (Self, Flusher<S>) {
-        let shared = Shared { io, buf: Vec::new(), written: 0, in_poll: false, failed: None, waiter: None };
+        Self::with(io, Some(true))
+    }
+
+    /// Wraps `io`, a downstream connection of either HTTP version: writes are coalesced
+    /// once the client's first bytes are HTTP/2's preface, and pass straight through
+    /// otherwise.
+    pub fn sniffing(io: S) -> (Self, Flusher<S>) {
+        Self::with(io, None)
+    }
+
+    fn with(io: S, coalescing: Option<bool>) -> (Self, Flusher<S>) {
+        let shared = Shared {
+            io,
+            buf: Vec::new(),
+            written: 0,
+            in_poll: false,
+            coalescing,
+            sniffed: 0,
+            failed: None,
+            waiter: None,
+        };
         let shared = Arc::new(Mutex::new(shared));
         (Coalesced { shared: shared.clone() }, Flusher { shared })
     }
@@ -158,6 +191,26 @@ impl<F: Future, S> Flushing<F, S> {
 }
 
 impl<S> Shared<S> {
+    /// Writes are buffered now.
+    fn buffering(&self) -> bool {
+        self.in_poll && self.coalescing == Some(true)
+    }
+
+    /// Learns from the first bytes the client sent whether it speaks HTTP/2.
+    fn sniff(&mut self, read: &[u8]) {
+        for &b in read {
+            if b != H2_PREFACE_START[self.sniffed] {
+                self.coalescing = Some(false);
+                return;
+            }
+            self.sniffed += 1;
+            if self.sniffed == H2_PREFACE_START.len() {
+                self.coalescing = Some(true);
+                return;
+            }
+        }
+    }
+
     /// The error a failed write out left, once.
     fn take_failure(&mut self) -> io::Result<()> {
         match self.failed.take() {
@@ -195,11 +248,11 @@ impl<S: AsyncWrite + Unpin> Shared<S> {
     /// `Ready(false)` when they go straight to the stream.
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
         self.take_failure()?;
-        if self.in_poll && self.buf.len() + len <= LIMIT {
+        if self.buffering() && self.buf.len() + len <= LIMIT {
             return Poll::Ready(Ok(true));
         }
         ready!(self.poll_write_out(cx))?;
-        Poll::Ready(Ok(self.in_poll && len < LIMIT))
+        Poll::Ready(Ok(self.buffering() && len < LIMIT))
     }
 }
 
@@ -209,7 +262,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
         if let Err(e) = s.take_failure() {
             return Poll::Ready(Err(e));
         }
-        Pin::new(&mut s.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut s.io).poll_read(cx, buf);
+        if s.coalescing.is_none() {
+            s.sniff(&buf.filled()[before..]);
+        }
+        polled
     }
 }
 
@@ -247,7 +305,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let mut s = lock(&self.shared);
         s.take_failure()?;
-        if s.in_poll {
+        if s.buffering() {
             return Poll::Ready(Ok(()));
         }
         s.poll_write_out_and_flush(cx)
@@ -285,6 +343,11 @@ impl<F: Future, S: AsyncWrite + Unpin> Future for Flushing<F, S> {
             }
         }
         let mut s = lock(&this.shared);
+        if s.coalescing != Some(true) && s.buf.is_empty() {
+            // Not coalescing: hyper flushed what it wrote.
+            drop(s);
+            return this.done.take().map_or(Poll::Pending, Poll::Ready);
+        }
         match s.poll_write_out_and_flush(cx) {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) if this.done.is_none() => {

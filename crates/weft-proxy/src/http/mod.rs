@@ -88,8 +88,9 @@ where
         // built on the stack and copied twice more on its way into the box.
         Box::pin(handle_infallible(ctx, conn, req, stream))
     });
-    // One write to the stream (one TLS record) per poll of the connection, not per frame.
-    let (io, flusher) = Coalesced::new(io);
+    // HTTP/2: one write to the stream (one TLS record) per poll of the connection, not
+    // one per frame (HTTP/1.1 connections are left as they are: see crate::coalesce).
+    let (io, flusher) = Coalesced::sniffing(io);
     let conn_fut = flusher.wrap(builder.serve_connection_with_upgrades(TokioIo::new(io), svc));
     tokio::pin!(conn_fut);
     let mut draining = ctx.draining.clone();
