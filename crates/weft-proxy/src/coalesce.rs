@@ -76,6 +76,9 @@ pub struct Flushing<F: Future, S> {
     shared: Arc<Mutex<Shared<S>>>,
     /// The inner future's output, held while the last bytes are written out.
     done: Option<<F as Future>::Output>,
+    /// The connection is known not to speak HTTP/2: nothing is ever buffered, and the
+    /// inner future is polled without touching the shared state.
+    passthrough: bool,
 }
 
 /// A handle for wrapping the connection future once it is built over [`Coalesced`].
@@ -147,7 +150,7 @@ impl<S> Coalesced<S> {
 impl<S> Flusher<S> {
     /// Wraps the connection future, which must be built over this flusher's [`Coalesced`].
     pub fn wrap<F: Future>(self, inner: F) -> Flushing<F, S> {
-        Flushing { inner: Box::pin(inner), shared: self.shared, done: None }
+        Flushing { inner: Box::pin(inner), shared: self.shared, done: None, passthrough: false }
     }
 }
 
@@ -334,17 +337,20 @@ impl<F: Future, S: AsyncWrite + Unpin> Future for Flushing<F, S> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
+        if this.passthrough {
+            return this.inner.as_mut().poll(cx);
+        }
         if this.done.is_none() {
             lock(&this.shared).in_poll = true;
-            let polled = this.inner.as_mut().poll(cx);
-            lock(&this.shared).in_poll = false;
-            if let Poll::Ready(out) = polled {
+            if let Poll::Ready(out) = this.inner.as_mut().poll(cx) {
                 this.done = Some(out);
             }
         }
         let mut s = lock(&this.shared);
+        s.in_poll = false;
         if s.coalescing != Some(true) && s.buf.is_empty() {
-            // Not coalescing: hyper flushed what it wrote.
+            // Not coalescing: hyper flushed what it wrote. Decided for good once known.
+            this.passthrough = s.coalescing == Some(false);
             drop(s);
             return this.done.take().map_or(Poll::Pending, Poll::Ready);
         }
