@@ -9,6 +9,7 @@
 pub mod admin;
 pub mod bootstrap;
 pub mod cluster;
+pub mod coalesce;
 pub mod config;
 pub mod conn;
 pub mod context;

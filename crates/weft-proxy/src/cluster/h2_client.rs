@@ -26,6 +26,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::sync::oneshot;
 
 use super::pool::{BoxBody, UpstreamStream};
+use crate::coalesce::Coalesced;
 use crate::error::{ErrorKind, ProxyError};
 
 /// hyper's HTTP/2 client defaults (`hyper::proto::h2::client`), kept so peers see the
@@ -46,7 +47,7 @@ const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 pub type H2Sender = SendRequest<Bytes>;
 
 /// The connection's I/O and protocol state: a future that runs until the connection ends.
-pub type H2Connection = Connection<UpstreamStream, Bytes>;
+pub type H2Connection = Connection<Coalesced<UpstreamStream>, Bytes>;
 
 /// A response body read from an upstream HTTP/2 stream. Received data is handed back to
 /// flow control as it is passed on; dropping the body before its end resets the stream
@@ -82,7 +83,10 @@ struct PipeTask {
 struct CancelPipe(Option<oneshot::Sender<()>>);
 
 /// Performs the HTTP/2 handshake over `io` with hyper's default settings.
-pub async fn handshake(io: UpstreamStream, addr: SocketAddr) -> Result<(H2Sender, H2Connection), ProxyError> {
+pub async fn handshake(
+    io: Coalesced<UpstreamStream>,
+    addr: SocketAddr,
+) -> Result<(H2Sender, H2Connection), ProxyError> {
     let mut builder = h2::client::Builder::new();
     builder
         .initial_max_send_streams(INITIAL_MAX_SEND_STREAMS)

@@ -742,7 +742,10 @@ impl Pools {
         let cx = up.breaker.and_then(|(load, limits)| load.try_connection(limits.max_connections, true));
         let io = up.connector.connect_with(addr, up.connect_timeout, up.conn.keepalive).await?;
         let principal = io.peer_principal();
+        // One write (one TLS record) per poll of the connection task: crate::coalesce.
+        let (io, flusher) = crate::coalesce::Coalesced::new(io);
         let (tx, conn) = h2_client::handshake(io, addr).await?;
+        let conn = flusher.wrap(conn);
         let open = Arc::clone(&pool.http2_open);
         open.fetch_add(1, Ordering::AcqRel);
         let closed = Arc::new(AtomicBool::new(false));

@@ -20,6 +20,7 @@ use hyper_util::server::conn::auto;
 use tracing::debug;
 
 use crate::cluster::BoxBody;
+use crate::coalesce::Coalesced;
 use crate::config::{ChainKind, HttpChain, ProxySnapshot};
 use crate::conn::ChainEnd;
 use crate::conn::ConnInfo;
@@ -87,7 +88,10 @@ where
         // built on the stack and copied twice more on its way into the box.
         Box::pin(handle_infallible(ctx, conn, req, stream))
     });
-    let conn_fut = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
+    // HTTP/2: one write to the stream (one TLS record) per poll of the connection, not
+    // one per frame (HTTP/1.1 connections are left as they are: see crate::coalesce).
+    let (io, flusher) = Coalesced::sniffing(io);
+    let conn_fut = flusher.wrap(builder.serve_connection_with_upgrades(TokioIo::new(io), svc));
     tokio::pin!(conn_fut);
     let mut draining = ctx.draining.clone();
     let deadline = tokio::select! {
@@ -105,7 +109,7 @@ where
         }
     };
     // HTTP/1.1: close once idle (or after the response in flight); HTTP/2: GOAWAY.
-    conn_fut.as_mut().graceful_shutdown();
+    conn_fut.inner_mut().graceful_shutdown();
     let _ = tokio::time::timeout(deadline, conn_fut).await;
 }
 

@@ -1,0 +1,344 @@
+//! Write coalescing for HTTP/2 connections: one write to the transport (one TLS record,
+//! one `writev`) per poll of the connection task, not one per frame.
+//!
+//! h2 0.4's `FramedWrite` writes and flushes whatever it holds before it buffers a DATA
+//! payload of 256 bytes or more, so the frames of several streams answered in one poll
+//! left as one write each: over TLS, a record and a `writev` per response at saturation
+//! (one response alone was already one record: bench/notes.md, "HTTP/2 write coalescing").
+//!
+//! [`Coalesced`] sits between the HTTP/2 codec and the stream (TLS or plain TCP): while the
+//! connection future is being polled, writes only append to a bounded buffer and
+//! `poll_flush` does nothing; [`Flushing`], the connection future wrapped, writes the
+//! buffer out and flushes the stream once the inner poll returns.
+//!
+//! Why no byte stays buffered with nobody to write it:
+//! - bytes are buffered only while the wrapped future is being polled (`in_poll`) and the
+//!   connection speaks HTTP/2 (an upstream HTTP/2 connection; a downstream one whose
+//!   client opened with the HTTP/2 preface: HTTP/1.1 connections, where hyper already
+//!   writes once per poll, are left alone), and
+//!   [`Flushing`] writes the buffer out after every such poll; when the stream is not
+//!   ready it returns `Pending` with the stream's waker registered by this same task, so
+//!   it is polled again and finishes the write, even after the connection future ended;
+//! - an HTTP/2 connection (hyper's server; the h2 crate's client, `cluster::h2_client`)
+//!   does all its I/O inside that poll: streams queue frames in
+//!   h2's shared store and wake the connection task, they never write themselves;
+//! - outside a wrapped poll (the h2 handshake of a client connection, made by the task
+//!   that opens it; a connection upgraded by HTTP/1.1 and used by a tunnel task) every
+//!   write first writes out what is buffered, then goes straight to the stream, and
+//!   `poll_flush` flushes: the wrapper is then a plain pass-through;
+//! - `poll_shutdown` writes the buffer out and flushes before shutting the stream down;
+//! - at most [`LIMIT`] bytes are buffered: a write that would pass it writes the buffer
+//!   out first (and returns `Pending`, applying back-pressure, when the stream cannot take
+//!   it), and a write of `LIMIT` bytes or more goes straight through, so large bodies
+//!   stream;
+//! - an error from the write after a poll is kept and returned by the next read, write or
+//!   flush hyper makes (the task is woken to make it), so the connection fails as it would
+//!   have without the wrapper.
+//!
+//! The stream is shared by the I/O half and the future half behind a mutex that is never
+//! contended in practice: both are used by the connection's own task (a tunnel task takes
+//! over the I/O half only once the connection future has finished with it).
+
+use std::future::Future;
+use std::io::{self, IoSlice};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::task::{ready, Context, Poll, Waker};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+/// Most bytes buffered before a write goes through: one full TLS record of plaintext.
+pub const LIMIT: usize = 16 * 1024;
+
+/// The I/O half: what hyper reads from and writes to.
+#[derive(Debug)]
+pub struct Coalesced<S> {
+    shared: Arc<Mutex<Shared<S>>>,
+}
+
+/// The future half: the connection future, writing out what it buffered after each poll.
+pub struct Flushing<F: Future, S> {
+    inner: Pin<Box<F>>,
+    shared: Arc<Mutex<Shared<S>>>,
+    /// The inner future's output, held while the last bytes are written out.
+    done: Option<<F as Future>::Output>,
+    /// The connection is known not to speak HTTP/2: nothing is ever buffered, and the
+    /// inner future is polled without touching the shared state.
+    passthrough: bool,
+}
+
+/// A handle for wrapping the connection future once it is built over [`Coalesced`].
+#[derive(Debug)]
+pub struct Flusher<S> {
+    shared: Arc<Mutex<Shared<S>>>,
+}
+
+#[derive(Debug)]
+struct Shared<S> {
+    io: S,
+    buf: Vec<u8>,
+    /// Bytes of `buf` already written to `io` (a partial write out).
+    written: usize,
+    /// The wrapped connection future is being polled.
+    in_poll: bool,
+    /// Whether writes are coalesced: `None` until the first bytes read tell whether the
+    /// client speaks HTTP/2 (see [`Coalesced::sniffing`]).
+    coalescing: Option<bool>,
+    /// Bytes of [`H2_PREFACE_START`] the client has sent so far, while `coalescing` is `None`.
+    sniffed: usize,
+    /// A failed write out after a poll, for the next call hyper makes.
+    failed: Option<(io::ErrorKind, String)>,
+    /// The wrapped future waiting to write out the buffer after its connection future
+    /// ended, woken when another user of the stream writes it out first.
+    waiter: Option<Waker>,
+}
+
+/// How an HTTP/2 client's connection preface starts (RFC 9113 §3.4); no HTTP/1.x method
+/// is `PRI`.
+const H2_PREFACE_START: &[u8] = b"PRI ";
+
+impl<S> Coalesced<S> {
+    /// Wraps `io`, an HTTP/2 connection; the [`Flusher`] wraps the connection future
+    /// built over the result.
+    pub fn new(io: S) -> (Self, Flusher<S>) {
+        Self::with(io, Some(true))
+    }
+
+    /// Wraps `io`, a downstream connection of either HTTP version: writes are coalesced
+    /// once the client's first bytes are HTTP/2's preface, and pass straight through
+    /// otherwise.
+    pub fn sniffing(io: S) -> (Self, Flusher<S>) {
+        Self::with(io, None)
+    }
+
+    fn with(io: S, coalescing: Option<bool>) -> (Self, Flusher<S>) {
+        let shared = Shared {
+            io,
+            buf: Vec::new(),
+            written: 0,
+            in_poll: false,
+            coalescing,
+            sniffed: 0,
+            failed: None,
+            waiter: None,
+        };
+        let shared = Arc::new(Mutex::new(shared));
+        (Coalesced { shared: shared.clone() }, Flusher { shared })
+    }
+
+    /// Bytes buffered and not yet written to the stream.
+    pub fn buffered(&self) -> usize {
+        let s = lock(&self.shared);
+        s.buf.len() - s.written
+    }
+}
+
+impl<S> Flusher<S> {
+    /// Wraps the connection future, which must be built over this flusher's [`Coalesced`].
+    pub fn wrap<F: Future>(self, inner: F) -> Flushing<F, S> {
+        Flushing { inner: Box::pin(inner), shared: self.shared, done: None, passthrough: false }
+    }
+}
+
+impl<F: Future, S> Flushing<F, S> {
+    /// The connection future (for hyper's `graceful_shutdown`).
+    pub fn inner_mut(&mut self) -> Pin<&mut F> {
+        self.inner.as_mut()
+    }
+}
+
+impl<S> Shared<S> {
+    /// Writes are buffered now.
+    fn buffering(&self) -> bool {
+        self.in_poll && self.coalescing == Some(true)
+    }
+
+    /// Learns from the first bytes the client sent whether it speaks HTTP/2.
+    fn sniff(&mut self, read: &[u8]) {
+        for &b in read {
+            if b != H2_PREFACE_START[self.sniffed] {
+                self.coalescing = Some(false);
+                return;
+            }
+            self.sniffed += 1;
+            if self.sniffed == H2_PREFACE_START.len() {
+                self.coalescing = Some(true);
+                return;
+            }
+        }
+    }
+
+    /// The error a failed write out left, once.
+    fn take_failure(&mut self) -> io::Result<()> {
+        match self.failed.take() {
+            Some((kind, msg)) => Err(io::Error::new(kind, msg)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> Shared<S> {
+    /// Writes the whole buffer to the stream.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        while self.written < self.buf.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.buf[self.written..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.written += n;
+        }
+        self.buf.clear();
+        self.written = 0;
+        if let Some(waiter) = self.waiter.take() {
+            waiter.wake();
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Writes the buffer out and flushes the stream (for TLS: seals and sends the record).
+    fn poll_write_out_and_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        ready!(self.poll_write_out(cx))?;
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    /// Makes room for `len` more bytes: `Ready(true)` when they are to be buffered,
+    /// `Ready(false)` when they go straight to the stream.
+    fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
+        self.take_failure()?;
+        if self.buffering() && self.buf.len() + len <= LIMIT {
+            return Poll::Ready(Ok(true));
+        }
+        ready!(self.poll_write_out(cx))?;
+        Poll::Ready(Ok(self.buffering() && len < LIMIT))
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let mut s = lock(&self.shared);
+        if let Err(e) = s.take_failure() {
+            return Poll::Ready(Err(e));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut s.io).poll_read(cx, buf);
+        if s.coalescing.is_none() {
+            s.sniff(&buf.filled()[before..]);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
+        let mut s = lock(&self.shared);
+        if ready!(s.poll_room(cx, data.len()))? {
+            s.buf.extend_from_slice(data);
+            return Poll::Ready(Ok(data.len()));
+        }
+        Pin::new(&mut s.io).poll_write(cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let len = bufs.iter().map(|b| b.len()).sum();
+        let mut s = lock(&self.shared);
+        if ready!(s.poll_room(cx, len))? {
+            for b in bufs {
+                s.buf.extend_from_slice(b);
+            }
+            return Poll::Ready(Ok(len));
+        }
+        Pin::new(&mut s.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    /// Inside the connection's poll, nothing: [`Flushing`] writes out after the poll.
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut s = lock(&self.shared);
+        s.take_failure()?;
+        if s.buffering() {
+            return Poll::Ready(Ok(()));
+        }
+        s.poll_write_out_and_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut s = lock(&self.shared);
+        s.take_failure()?;
+        ready!(s.poll_write_out_and_flush(cx))?;
+        Pin::new(&mut s.io).poll_shutdown(cx)
+    }
+}
+
+impl<F: Future, S> std::fmt::Debug for Flushing<F, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flushing").field("done", &self.done.is_some()).finish_non_exhaustive()
+    }
+}
+
+/// The inner future is boxed and the output is only ever moved out: nothing is pinned in
+/// place.
+impl<F: Future, S> Unpin for Flushing<F, S> {}
+
+impl<F: Future, S: AsyncWrite + Unpin> Future for Flushing<F, S> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.get_mut();
+        if this.passthrough {
+            return this.inner.as_mut().poll(cx);
+        }
+        if this.done.is_none() {
+            lock(&this.shared).in_poll = true;
+            if let Poll::Ready(out) = this.inner.as_mut().poll(cx) {
+                this.done = Some(out);
+            }
+        }
+        let mut s = lock(&this.shared);
+        s.in_poll = false;
+        if s.coalescing != Some(true) && s.buf.is_empty() {
+            // Not coalescing: hyper flushed what it wrote. Decided for good once known.
+            this.passthrough = s.coalescing == Some(false);
+            drop(s);
+            return this.done.take().map_or(Poll::Pending, Poll::Ready);
+        }
+        match s.poll_write_out_and_flush(cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) if this.done.is_none() => {
+                // hyper learns of it from its next call, which this wake-up brings.
+                // The bytes cannot be sent: dropped, not retried.
+                s.failed = Some((e.kind(), e.to_string()));
+                s.buf.clear();
+                s.written = 0;
+                cx.waker().wake_by_ref();
+            }
+            Poll::Ready(Err(e)) => tracing::debug!(error = %e, "writing out a finished connection's last bytes"),
+            Poll::Pending => {
+                if this.done.is_some() {
+                    s.waiter = Some(cx.waker().clone());
+                }
+                return Poll::Pending;
+            }
+        }
+        drop(s);
+        match this.done.take() {
+            Some(out) => Poll::Ready(out),
+            None => Poll::Pending,
+        }
+    }
+}
+
+/// The shared state; a panic while it was held leaves nothing half-updated that matters
+/// more than the connection it belongs to, so a poisoned lock is used as it is.
+fn lock<S>(shared: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
+    shared.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests;
