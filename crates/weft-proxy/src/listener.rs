@@ -50,7 +50,7 @@ impl ListenerManager {
             self.reconcile().await;
             tokio::select! {
                 r = changes.changed() => if r.is_err() { break },
-                _ = crate::context::flipped(&mut shutdown) => break,
+                _ = crate::context::flipped_each_turn(&mut shutdown) => break,
             }
         }
         self.ctx.store.close_listener_sockets();
@@ -111,7 +111,7 @@ impl ListenerManager {
 async fn accept_loop(ctx: Arc<Context>, name: String, sock: TcpListener, mut stop: watch::Receiver<bool>) {
     loop {
         tokio::select! {
-            _ = crate::context::flipped(&mut stop) => return,
+            _ = crate::context::flipped_each_turn(&mut stop) => return,
             r = sock.accept() => match r {
                 Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);

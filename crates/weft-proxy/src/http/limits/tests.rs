@@ -78,3 +78,43 @@ fn a_bare_lf_after_a_long_value_is_found_in_any_split() {
         }
     }
 }
+
+/// Feeds `bytes` in three reads split at every pair of offsets (and byte by byte) and
+/// checks each gives `want`: lines read in place and lines kept across reads must agree.
+fn assert_any_split(bytes: &[u8], want: Option<u32>) {
+    let one_by_one: Vec<&[u8]> = bytes.chunks(1).collect();
+    assert_eq!(bad_heads(&one_by_one), want, "byte by byte");
+    for i in 0..=bytes.len() {
+        for j in i..=bytes.len() {
+            assert_eq!(bad_heads(&[&bytes[..i], &bytes[i..j], &bytes[j..]]), want, "split at {i}, {j}");
+        }
+    }
+}
+
+#[test]
+fn framing_headers_are_read_whatever_the_reads_split() {
+    // Content-Length frames a body whose CRLF lines would end a head of their own if it
+    // were missed: the bare LF is then in head 2, not 1.
+    let framed: &[u8] =
+        b"POST /a HTTP/1.1\r\nHost: x\r\ncontent-LENGTH: 8\r\n\r\nAAAA\r\n\r\nGET /b HTTP/1.1\nHost: x\n\n";
+    assert_any_split(framed, Some(1));
+    // A CR ending one read and its LF starting the next, inside and at the end of a head.
+    assert_eq!(
+        bad_heads(&[b"POST /a HTTP/1.1\r", b"\nContent-Length: 8\r", b"\n\r", b"\nAAAA\r\n\r\nGET /b\n\n"]),
+        Some(1)
+    );
+    // A CR inside a line keeps it one line, read (and framed) the same however split.
+    let cr_inside: &[u8] =
+        b"POST /a HTTP/1.1\r\nx-a: b\rc\r\nContent-Length: 8\r\n\r\nAAAA\r\n\r\nGET /b HTTP/1.1\nHost: x\n\n";
+    assert_any_split(cr_inside, Some(1));
+    // Upgrade (the whole name, not its first byte) stops the scan.
+    assert_any_split(b"GET / HTTP/1.1\r\nUpgrade: h2c\r\n\r\n\n\n", None);
+    assert_any_split(b"GET / HTTP/1.1\r\nUpgrades: h2c\r\n\r\n\n\n", Some(1));
+    // A framing header too long to read turns the scan off; another long line does not.
+    let pad = " ".repeat(60);
+    let long_cl = format!("POST /a HTTP/1.1\r\nContent-Length:{pad}8\r\n\r\nAAAA\r\n\r\nGET /b\n\n");
+    assert_any_split(long_cl.as_bytes(), None);
+    let long_other =
+        format!("POST /a HTTP/1.1\r\nContent-Type:{pad}x\r\nContent-Length: 8\r\n\r\nAAAA\r\n\r\nGET /b\n\n");
+    assert_any_split(long_other.as_bytes(), Some(1));
+}
