@@ -163,11 +163,13 @@ pub async fn run(args: &GateArgs) -> anyhow::Result<bool> {
         secs: args.secs,
         max_secs: args.max_secs,
         pairs: vec!["baseline".into(), "weft-h2".into(), "weft-h1".into()],
-        alt_proxy: None,
-        weft: args.weft.clone(),
-        weft_proxy: args.weft_proxy.clone(),
-        envoy: None,
-        haproxy: None,
+        builds: outside::Builds {
+            alt_proxy: None,
+            weft: args.weft.clone(),
+            weft_proxy: args.weft_proxy.clone(),
+            envoy: None,
+            haproxy: None,
+        },
         out: std::env::temp_dir(),
     };
     let (results, _) = outside::run(&o).await?;

@@ -58,22 +58,8 @@ pub struct OutsideArgs {
     /// envoy-xds, haproxy.
     #[arg(long, value_delimiter = ',', default_value = "baseline,weft-h2,weft-h1,envoy-static,envoy-xds,haproxy")]
     pub pairs: Vec<String>,
-    /// Another `weft-proxy` binary: its `weft-h2@alt` / `weft-h1@alt` pairs run in the
-    /// same rounds, right after the current build's (A/B).
-    #[arg(long)]
-    pub alt_proxy: Option<PathBuf>,
-    /// `weft control` (only configures; not on the data path).
-    #[arg(long, default_value = "target/release/weft")]
-    pub weft: PathBuf,
-    /// The proxy-only binary the weft sidecars run.
-    #[arg(long, default_value = "target/release/weft-proxy")]
-    pub weft_proxy: PathBuf,
-    /// Envoy (default: `$WEFT_ENVOY`, else `.tools/bin/envoy`).
-    #[arg(long)]
-    pub envoy: Option<PathBuf>,
-    /// HAProxy (default: `haproxy` on PATH or /usr/sbin/haproxy).
-    #[arg(long)]
-    pub haproxy: Option<PathBuf>,
+    #[command(flatten)]
+    pub builds: Builds,
     /// Where to write `outside-<date>.json` (and `outside-latest.json`).
     #[arg(long, default_value = "bench/results")]
     pub out: PathBuf,
@@ -435,6 +421,37 @@ pub fn fill_added(runs: &mut [PairRun]) {
     }
 }
 
+/// The binaries a pair runs (`outside`, `wake`): weft's two, another `weft-proxy` build
+/// for an A/B, and the peers.
+#[derive(Clone, Debug, clap::Args)]
+pub struct Builds {
+    /// Another `weft-proxy` binary: its `weft-h2@alt` / `weft-h1@alt` pairs run in the
+    /// same rounds, right after the current build's (A/B).
+    #[arg(long)]
+    pub alt_proxy: Option<PathBuf>,
+    /// `weft control` (only configures; not on the data path).
+    #[arg(long, default_value = "target/release/weft")]
+    pub weft: PathBuf,
+    /// The proxy-only binary the weft sidecars run.
+    #[arg(long, default_value = "target/release/weft-proxy")]
+    pub weft_proxy: PathBuf,
+    /// Envoy (default: `$WEFT_ENVOY`, else `.tools/bin/envoy`).
+    #[arg(long)]
+    pub envoy: Option<PathBuf>,
+    /// HAProxy (default: `haproxy` on PATH or /usr/sbin/haproxy).
+    #[arg(long)]
+    pub haproxy: Option<PathBuf>,
+}
+
+impl Builds {
+    /// The tools of the current build, and those of the `--alt-proxy` build if any.
+    pub fn tools(&self) -> (Tools, Option<Tools>) {
+        let current = tools(&self.weft, &self.weft_proxy, self.envoy.as_ref(), self.haproxy.as_ref());
+        let alt = self.alt_proxy.as_ref().map(|alt| Tools { weft_proxy: alt.clone(), ..current.clone() });
+        (current, alt)
+    }
+}
+
 pub fn tools(weft: &Path, weft_proxy: &Path, envoy: Option<&PathBuf>, haproxy: Option<&PathBuf>) -> Tools {
     let envoy = envoy
         .cloned()
@@ -449,7 +466,7 @@ pub fn tools(weft: &Path, weft_proxy: &Path, envoy: Option<&PathBuf>, haproxy: O
 
 /// Runs every round and writes the results; returns them and the file.
 pub async fn run(args: &OutsideArgs) -> anyhow::Result<(OutsideResults, PathBuf)> {
-    let tools = tools(&args.weft, &args.weft_proxy, args.envoy.as_ref(), args.haproxy.as_ref());
+    let (tools, alt_tools) = args.builds.tools();
     ensure!(tools.weft.is_file(), "{} not found: cargo build --release -p weft", tools.weft.display());
     ensure!(
         tools.weft_proxy.is_file(),
@@ -466,11 +483,10 @@ pub async fn run(args: &OutsideArgs) -> anyhow::Result<(OutsideResults, PathBuf)
     let mut pairs: Vec<String> = Vec::new();
     for p in &args.pairs {
         pairs.push(p.clone());
-        if args.alt_proxy.is_some() && p.starts_with("weft-") {
+        if args.builds.alt_proxy.is_some() && p.starts_with("weft-") {
             pairs.push(format!("{p}@alt"));
         }
     }
-    let alt_tools = args.alt_proxy.as_ref().map(|alt| Tools { weft_proxy: alt.clone(), ..tools.clone() });
     let scratch = tempfile::Builder::new().prefix("weft-bench-outside-").tempdir()?;
     let (echo, apps) = crate::run::start_echo(&Pinning { apps: None, proxies: None }, scratch.path()).await?;
     let app_pid = echo.pid().ok();
@@ -490,7 +506,7 @@ pub async fn run(args: &OutsideArgs) -> anyhow::Result<(OutsideResults, PathBuf)
         settings: serde_json::json!({
             "rounds": args.rounds, "rps": args.rps, "conns": args.conns, "warmup_s": args.warmup_secs,
             "secs": args.secs, "max_s": args.max_secs, "pairs": pairs,
-            "weft_proxy": tools.weft_proxy, "alt_proxy": args.alt_proxy,
+            "weft_proxy": tools.weft_proxy, "alt_proxy": args.builds.alt_proxy,
             "cpus": crate::procs::online_cpus(),
         }),
         runs,

@@ -18,14 +18,14 @@
 //! per proxy per pair per round, and a table.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context};
 use serde::{Deserialize, Serialize};
 
 use crate::load;
-use crate::outside::{loadavg, run_ns, start_pair, tools, user_sys_s};
+use crate::outside::{loadavg, run_ns, start_pair, user_sys_s, Builds};
 use crate::procs::Pinning;
 use crate::stack::Tools;
 
@@ -50,19 +50,8 @@ pub struct WakeArgs {
     /// Counted window, seconds.
     #[arg(long, default_value_t = 5)]
     pub secs: u64,
-    /// Another `weft-proxy` build counted in the same rounds (`weft-h1@alt`, ...).
-    #[arg(long)]
-    pub alt_proxy: Option<PathBuf>,
-    #[arg(long, default_value = "target/release/weft")]
-    pub weft: PathBuf,
-    #[arg(long, default_value = "target/release/weft-proxy")]
-    pub weft_proxy: PathBuf,
-    /// HAProxy (default: `haproxy` on PATH or /usr/sbin/haproxy).
-    #[arg(long)]
-    pub haproxy: Option<PathBuf>,
-    /// Envoy (default: `$WEFT_ENVOY`, else `.tools/bin/envoy`).
-    #[arg(long)]
-    pub envoy: Option<PathBuf>,
+    #[command(flatten)]
+    pub builds: Builds,
 }
 
 /// The counted events: (label, perf event, tracepoint filter).
@@ -275,8 +264,7 @@ async fn one(
 
 /// Counts every pair in interleaved rounds.
 pub async fn run(args: &WakeArgs) -> anyhow::Result<Vec<WakeRun>> {
-    let tools = tools(&args.weft, &args.weft_proxy, args.envoy.as_ref(), args.haproxy.as_ref());
-    let alt = args.alt_proxy.as_ref().map(|alt| Tools { weft_proxy: alt.clone(), ..tools.clone() });
+    let (tools, alt) = args.builds.tools();
     let mut pairs: Vec<String> = Vec::new();
     for p in &args.pairs {
         pairs.push(p.clone());
