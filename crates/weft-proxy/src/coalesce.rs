@@ -126,8 +126,9 @@ impl<S> Coalesced<S> {
         (Coalesced { shared: shared.clone() }, Flusher { shared })
     }
 
-    /// Bytes buffered and not yet written to the stream.
-    pub fn buffered(&self) -> usize {
+    /// Bytes buffered and not yet written to the stream (what the tests bound).
+    #[cfg(test)]
+    pub(crate) fn buffered(&self) -> usize {
         let s = lock(&self.shared);
         s.buf.len() - s.written
     }
