@@ -117,8 +117,9 @@ enum RequestId {
 /// One request's telemetry, filled in as it proceeds and reported when its response
 /// body ends.
 pub struct HttpReport {
+    /// When the request arrived. Its wall-clock time, needed only by the access log and
+    /// taps, is derived from it at the finish (one clock read per request fewer).
     start: Instant,
-    start_time: SystemTime,
     direction: Direction,
     downstream_remote: SocketAddr,
     downstream_local: SocketAddr,
@@ -189,7 +190,6 @@ impl HttpReport {
         let peer = metadata.and_then(|v| ctx.peers.decode(v, conn.peer_principal.as_ref()));
         HttpReport {
             start: Instant::now(),
-            start_time: SystemTime::now(),
             direction: conn.listener.direction,
             downstream_remote: conn.peer,
             downstream_local: conn.destination,
@@ -387,8 +387,11 @@ impl HttpReport {
             security_policy,
         };
         ctx.metrics.record_request(&labels, duration, request_bytes, self.response_bytes);
+        // Wall-clock time of the start, read only when something reports it.
+        let mut wall = None;
+        let mut start_time = || *wall.get_or_insert_with(|| wall_clock_start(duration));
         if ctx.tap.is_active() {
-            tap_event(ctx, &self, &labels, duration);
+            tap_event(ctx, &self, &labels, duration, start_time());
         }
         if self.retries > 0 && !cluster.is_empty() {
             for _ in 0..self.retries {
@@ -400,7 +403,7 @@ impl HttpReport {
         }
         let request_id = self.request_id().to_string();
         ctx.access_log.log(&AccessRecord {
-            start_time: self.start_time,
+            start_time: start_time(),
             method: Some(self.method),
             path: Some(self.path),
             protocol: self.protocol.to_string(),
@@ -431,7 +434,7 @@ impl HttpReport {
 
 /// Offers the finished request to the taps in force (never a header value; the path
 /// without its query string).
-fn tap_event(ctx: &Context, r: &HttpReport, labels: &RequestLabels, duration: Duration) {
+fn tap_event(ctx: &Context, r: &HttpReport, labels: &RequestLabels, duration: Duration, start_time: SystemTime) {
     use weft_xds::tap::{TapEvent, TapPeer};
     // Started before the first tap: its method and path were not kept.
     if r.method.is_empty() {
@@ -469,12 +472,17 @@ fn tap_event(ctx: &Context, r: &HttpReport, labels: &RequestLabels, duration: Du
         flags: labels.response_flags.to_string(),
         mtls,
         request_id: r.request_id().to_string(),
-        start_unix_ms: r
-            .start_time
+        start_unix_ms: start_time
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
             .unwrap_or(0),
     });
+}
+
+/// The wall-clock time `elapsed` ago: a request's start, from its duration.
+fn wall_clock_start(elapsed: Duration) -> SystemTime {
+    let now = SystemTime::now();
+    now.checked_sub(elapsed).unwrap_or(now)
 }
 
 /// The peer known only by the SPIFFE id its certificate proved (no metadata): principal

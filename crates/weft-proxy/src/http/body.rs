@@ -72,15 +72,30 @@ impl<T: Unpin> Body for Hold<T> {
 /// The timers are armed only when the body has to wait for a frame: a response whose
 /// frames are ready when asked (most small ones) is checked against the clock and never
 /// allocates or registers a timer (two timer-wheel insertions and removals per response
-/// before).
+/// before). The clock is read at most once per poll, and only for a route deadline not
+/// yet armed or when the body starts waiting: the idle timeout counts from the first
+/// wait after the latest frame (the frame itself only raises a flag), which differs
+/// from the time of the frame by the time the downstream took to take it (Envoy also
+/// counts the downstream's activity as activity).
 pub struct DeadlineBody {
     inner: BoxBody,
     idle: Option<Duration>,
-    /// When the stream idle timeout fires; every frame moves it on.
+    /// When the stream idle timeout fires, once the body has waited.
     idle_at: Option<TokioInstant>,
+    /// A frame went by since `idle_at` was set: the next wait moves it on.
+    moved: bool,
     idle_timer: Option<Pin<Box<Sleep>>>,
     deadline: Option<TokioInstant>,
     deadline_timer: Option<Pin<Box<Sleep>>>,
+}
+
+/// One reading of the clock, taken when first asked for within a poll.
+struct Now(Option<TokioInstant>);
+
+impl Now {
+    fn get(&mut self) -> TokioInstant {
+        *self.0.get_or_insert_with(TokioInstant::now)
+    }
 }
 
 impl DeadlineBody {
@@ -89,7 +104,8 @@ impl DeadlineBody {
         DeadlineBody {
             inner,
             idle,
-            idle_at: idle.map(|d| TokioInstant::now() + d),
+            idle_at: None,
+            moved: true,
             idle_timer: None,
             deadline: deadline.map(TokioInstant::from),
             deadline_timer: None,
@@ -97,21 +113,27 @@ impl DeadlineBody {
     }
 
     /// True when the route deadline has passed: asks the timer once armed, else the clock.
-    fn deadline_passed(&mut self, cx: &mut TaskContext<'_>) -> bool {
+    fn deadline_passed(&mut self, cx: &mut TaskContext<'_>, now: &mut Now) -> bool {
         let Some(at) = self.deadline else { return false };
         match self.deadline_timer.as_mut() {
             Some(t) => t.as_mut().poll(cx).is_ready(),
-            None => TokioInstant::now() >= at,
+            None => now.get() >= at,
         }
     }
 
-    /// The body waits for a frame: arms both timers (the idle one at the latest frame's
-    /// deadline) so that either wakes the task; the timeout that has already fired, if any.
-    fn arm(&mut self, cx: &mut TaskContext<'_>) -> Result<(), BodyTimeout> {
+    /// The body waits for a frame: arms both timers (the idle one a stream idle timeout
+    /// from now when a frame went by since it was last set) so that either wakes the
+    /// task; the timeout that has already fired, if any.
+    fn arm(&mut self, cx: &mut TaskContext<'_>, now: &mut Now) -> Result<(), BodyTimeout> {
         if let Some(at) = self.deadline {
             let t = self.deadline_timer.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
             if t.as_mut().poll(cx).is_ready() {
                 return Err(BodyTimeout::Route);
+            }
+        }
+        if let Some(idle) = self.idle {
+            if std::mem::take(&mut self.moved) {
+                self.idle_at = Some(now.get() + idle);
             }
         }
         if let Some(at) = self.idle_at {
@@ -144,17 +166,16 @@ impl Body for DeadlineBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if this.deadline_passed(cx) {
+        let mut now = Now(None);
+        if this.deadline_passed(cx, &mut now) {
             return Poll::Ready(Some(Err(Box::new(BodyTimeout::Route))));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(f) => {
-                if let Some(idle) = this.idle {
-                    this.idle_at = Some(TokioInstant::now() + idle);
-                }
+                this.moved = true;
                 Poll::Ready(f)
             }
-            Poll::Pending => match this.arm(cx) {
+            Poll::Pending => match this.arm(cx, &mut now) {
                 Ok(()) => Poll::Pending,
                 Err(e) => Poll::Ready(Some(Err(Box::new(e)))),
             },
@@ -349,5 +370,24 @@ mod tests {
         assert!(matches!(err.downcast_ref::<BodyTimeout>(), Some(BodyTimeout::Route)), "{err}");
         let waited = started.elapsed();
         assert!(waited >= Duration::from_secs(2) && waited < Duration::from_secs(3), "{waited:?}");
+    }
+
+    /// The stream idle timeout counts from the latest frame (the first wait after it),
+    /// not from the start of the body.
+    #[tokio::test(start_paused = true)]
+    async fn deadline_body_idle_timeout_counts_from_the_latest_frame() {
+        use futures::StreamExt;
+        let late_frame = futures::stream::once(async {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            Ok::<_, std::io::Error>(http_body::Frame::data(Bytes::from_static(b"x")))
+        })
+        .chain(futures::stream::pending());
+        let started = tokio::time::Instant::now();
+        let body =
+            DeadlineBody::new(boxed(http_body_util::StreamBody::new(late_frame)), Some(Duration::from_secs(5)), None);
+        let err = body.collect().await.expect_err("the stalled body fails");
+        assert!(matches!(err.downcast_ref::<BodyTimeout>(), Some(BodyTimeout::Idle)), "{err}");
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(8) && waited < Duration::from_secs(9), "{waited:?}");
     }
 }
