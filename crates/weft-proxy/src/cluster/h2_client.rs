@@ -15,6 +15,7 @@
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -59,6 +60,9 @@ pub struct H2Body {
     /// The response's content-length minus the data passed on so far, when it had one.
     remaining: Option<u64>,
     data_done: bool,
+    /// The stream is known to have ended: [`Body::is_end_stream`] answers without taking
+    /// h2's stream-store lock (~400 instructions a call, several calls per response).
+    ended: AtomicBool,
 }
 
 /// Copies a request body that was not complete when its stream opened onto the stream,
@@ -102,11 +106,29 @@ pub async fn handshake(
 
 /// Sends `req` on a stream of the connection behind `tx` (ready: see
 /// [`SendRequest::ready`]) and awaits the response head in place. A request body that
-/// is not complete once the stream is open is piped by a task of its own.
-pub async fn send(mut tx: H2Sender, addr: SocketAddr, req: Request<BoxBody>) -> Result<Response<H2Body>, ProxyError> {
+/// is not complete once the stream is open is piped by a task of its own. `stripped`:
+/// the caller removed the connection-specific headers already (the forwarding path),
+/// so they are not looked for again.
+pub async fn send(
+    mut tx: H2Sender,
+    addr: SocketAddr,
+    req: Request<BoxBody>,
+    stripped: bool,
+) -> Result<Response<H2Body>, ProxyError> {
     let (parts, body) = req.into_parts();
     let mut head = Request::from_parts(parts, ());
-    strip_connection_headers(head.headers_mut());
+    if stripped {
+        debug_assert!(
+            {
+                let mut checked = head.headers().clone();
+                strip_connection_headers(&mut checked);
+                checked == *head.headers()
+            },
+            "a caller vouched for headers HTTP/2 forbids"
+        );
+    } else {
+        strip_connection_headers(head.headers_mut());
+    }
     if let Some(len) = body.size_hint().exact() {
         // As hyper: a body of known length announces it (not an empty GET, HEAD, DELETE).
         if len != 0 || !matches!(*head.method(), Method::GET | Method::HEAD | Method::DELETE | Method::CONNECT) {
@@ -157,7 +179,13 @@ impl H2Body {
     fn new(recv: RecvStream, remaining: Option<u64>) -> Self {
         // A stream that already ended has no body, whatever its headers said.
         let remaining = if remaining.is_none() && recv.is_end_stream() { Some(0) } else { remaining };
-        H2Body { recv, remaining, data_done: false }
+        H2Body { recv, remaining, data_done: false, ended: AtomicBool::new(false) }
+    }
+
+    /// Ends the body: `is_end_stream` is true from now on.
+    fn end<T>(&self, last: Poll<Option<T>>) -> Poll<Option<T>> {
+        self.ended.store(true, Ordering::Relaxed);
+        last
     }
 }
 
@@ -178,22 +206,38 @@ impl Body for H2Body {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 // A reset with NO_ERROR: the peer has all it wanted and ends the stream.
-                Poll::Ready(Some(Err(e))) if e.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(None),
+                Poll::Ready(Some(Err(e))) if e.reason() == Some(Reason::NO_ERROR) => {
+                    return this.end(Poll::Ready(None))
+                }
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Some(Err(e))),
                 Poll::Ready(None) => this.data_done = true,
                 Poll::Pending => return Poll::Pending,
             }
         }
         match this.recv.poll_trailers(cx) {
-            Poll::Ready(Ok(t)) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
-            Poll::Ready(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => Poll::Ready(None),
+            Poll::Ready(Ok(t)) => this.end(Poll::Ready(t.map(|t| Ok(Frame::trailers(t))))),
+            Poll::Ready(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => this.end(Poll::Ready(None)),
             Poll::Ready(Err(e)) => Poll::Ready(Some(Err(e))),
             Poll::Pending => Poll::Pending,
         }
     }
 
+    /// Answered without h2's lock while the answer is known: true once the body ended,
+    /// false while its content-length promises more data (hyper's HTTP/1 dispatcher asks
+    /// before the first frame and after each one). Only a body that may have ended (its
+    /// length reached, or none given) asks h2, and remembers a true answer.
     fn is_end_stream(&self) -> bool {
-        self.recv.is_end_stream()
+        if self.ended.load(Ordering::Relaxed) {
+            return true;
+        }
+        if self.remaining.is_some_and(|r| r > 0) {
+            return false;
+        }
+        let ended = self.recv.is_end_stream();
+        if ended {
+            self.ended.store(true, Ordering::Relaxed);
+        }
+        ended
     }
 
     fn size_hint(&self) -> SizeHint {
@@ -327,12 +371,8 @@ fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
 /// any): connection-specific headers and a `TE` other than `trailers`. The forwarding
 /// path already dropped them; other senders (mirrors, trace export) may not have.
 fn strip_connection_headers(h: &mut HeaderMap) {
-    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     // One pass over the names: most requests carry none of these.
-    if !h.keys().any(|n| {
-        n == CONNECTION || n == TRANSFER_ENCODING || n == UPGRADE || n == TE || n == KEEP_ALIVE || n == PROXY_CONNECTION
-    }) {
+    if !has_connection_headers(h) {
         return;
     }
     if let Some(named) = h.remove(CONNECTION) {
@@ -348,6 +388,16 @@ fn strip_connection_headers(h: &mut HeaderMap) {
     if h.get(TE).is_some_and(|te| te != "trailers") {
         h.remove(TE);
     }
+}
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// True when `h` names a connection-specific header (or `TE`, allowed as `trailers`).
+fn has_connection_headers(h: &HeaderMap) -> bool {
+    h.keys().any(|n| {
+        n == CONNECTION || n == TRANSFER_ENCODING || n == UPGRADE || n == TE || n == KEEP_ALIVE || n == PROXY_CONNECTION
+    })
 }
 
 /// The content-length all of `h`'s Content-Length values agree on (hyper's rule: a

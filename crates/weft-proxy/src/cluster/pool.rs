@@ -260,6 +260,15 @@ struct H2Conn {
     uses: u32,
 }
 
+/// What a sender vouches for about a request's headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Headers {
+    /// No connection-specific header (the forwarding path removed them).
+    Stripped,
+    /// Anything: the HTTP/2 client removes what HTTP/2 forbids.
+    Unchecked,
+}
+
 /// The endpoint's HTTP/2 connection as one request uses it.
 struct H2Checked {
     tx: H2Sender,
@@ -416,7 +425,7 @@ impl Pools {
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let connector = self.inner.connector.clone();
         let up = Upstream { connect_timeout, connector: &connector, conn: ConnSettings::default(), breaker: None };
-        self.send_to(ep, proto, &up, req).await
+        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await
     }
 
     /// [`Pools::send`] over a cluster's own transport (TLS origination).
@@ -429,18 +438,31 @@ impl Pools {
         req: Request<BoxBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let up = Upstream { connect_timeout, connector, conn: ConnSettings::default(), breaker: None };
-        self.send_to(ep, proto, &up, req).await
+        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await
     }
 
     /// [`Pools::send`] with a cluster's transport, per-connection settings and circuit
-    /// breaker. Fails with `Overflow` (not sent) when the request would wait for a
-    /// connection beyond `max_pending_requests`.
+    /// breaker: the forwarding path's entry. Fails with `Overflow` (not sent) when the
+    /// request would wait for a connection beyond `max_pending_requests`. `req` must
+    /// carry no connection-specific header (`http::forward` strips them before): an
+    /// HTTP/2 upstream gets its headers without a second look for them.
     pub async fn send_to(
         &self,
         ep: &Endpoint,
         proto: UpstreamProtocol,
         up: &Upstream<'_>,
         req: Request<BoxBody>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        self.send_headers(ep, proto, up, req, Headers::Stripped).await
+    }
+
+    async fn send_headers(
+        &self,
+        ep: &Endpoint,
+        proto: UpstreamProtocol,
+        up: &Upstream<'_>,
+        req: Request<BoxBody>,
+        headers: Headers,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let h2 = match proto {
             UpstreamProtocol::Http1 => false,
@@ -458,7 +480,7 @@ impl Pools {
         }
         let resp = if h2 {
             let req = absolute_form(req, ep.addr)?;
-            self.send_h2(&pool, ep.addr, up, req).await.map(|(r, p)| (r.map(UpstreamBody::Http2), p))
+            self.send_h2(&pool, ep.addr, up, req, headers).await.map(|(r, p)| (r.map(UpstreamBody::Http2), p))
         } else {
             let req = origin_form(req)?;
             self.send_h1(&pool, ep.addr, up, req).await.map(|(r, p)| (r.map(UpstreamBody::Http1), p))
@@ -663,6 +685,7 @@ impl Pools {
         addr: SocketAddr,
         up: &Upstream<'_>,
         req: Request<BoxBody>,
+        headers: Headers,
     ) -> Result<(Response<H2Body>, Principal), ProxyError> {
         let conn = self.h2_sender(pool, addr, up).await?;
         if conn.quiet {
@@ -685,7 +708,7 @@ impl Pools {
             }
             Err(e) => return Err(h2_client::map_h2_error(addr, &e, true)),
         };
-        let resp = h2_client::send(tx, addr, req).await?;
+        let resp = h2_client::send(tx, addr, req, headers == Headers::Stripped).await?;
         Ok((resp, principal))
     }
 
