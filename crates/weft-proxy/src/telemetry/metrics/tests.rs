@@ -417,3 +417,31 @@ fn the_identity_cache_stays_bounded() {
         assert!(m.request_ids.read().unwrap().len() <= ID_CACHE_ENTRIES);
     }
 }
+
+/// The identity cache keys by address: its entries keep their workloads alive, so a
+/// workload freed by everyone else cannot lend its address to another one (which would
+/// then be counted under the first one's series).
+#[test]
+fn a_freed_workloads_address_never_names_its_series() {
+    let m = Metrics::new();
+    let shared = request_labels();
+    let labels = |name: &str| RequestLabels { source: workload(name, "ns"), ..shared.clone() };
+    // The content cache keeps this first `a`; the copies below are kept by identity only.
+    m.record_request(&labels("a"), Duration::from_millis(1), 1, 1);
+    for i in 0..50 {
+        m.record_request(&labels("a"), Duration::from_millis(1), 1, 1);
+        // The copy of `a` is dropped: the next workload is allocated where the
+        // allocator finds room, often the address just freed.
+        m.record_request(&labels(&format!("w{i}")), Duration::from_millis(1), 1, 1);
+    }
+    let samples = parse_samples(&m.encode());
+    assert_eq!(find(&samples, "istio_requests_total", |s| s.labels["source_workload"] == "a").value, 51.0);
+    for i in 0..50 {
+        let name = format!("w{i}");
+        assert_eq!(
+            find(&samples, "istio_requests_total", |s| s.labels["source_workload"] == name).value,
+            1.0,
+            "{name}"
+        );
+    }
+}
