@@ -340,7 +340,10 @@ impl HttpReport {
     pub fn finish(self, ctx: &Context) {
         let duration = self.start.elapsed();
         let request_bytes = self.request_body.as_ref().map(|b| b.bytes()).unwrap_or(0);
-        crate::telemetry::trace::finish(ctx, &self, request_bytes);
+        // Wall-clock time of the start, read only when something reports it.
+        let mut wall = None;
+        let mut start_time = || *wall.get_or_insert_with(|| wall_clock_start(duration));
+        crate::telemetry::trace::finish(ctx, &self, request_bytes, duration, &mut start_time);
         let peer = match (&self.peer, &self.peer_workload) {
             (Some(p), _) => p.clone(),
             (None, Some(w)) => w.clone(),
@@ -387,9 +390,6 @@ impl HttpReport {
             security_policy,
         };
         ctx.metrics.record_request(&labels, duration, request_bytes, self.response_bytes);
-        // Wall-clock time of the start, read only when something reports it.
-        let mut wall = None;
-        let mut start_time = || *wall.get_or_insert_with(|| wall_clock_start(duration));
         if ctx.tap.is_active() {
             tap_event(ctx, &self, &labels, duration, start_time());
         }

@@ -19,7 +19,7 @@ mod tests;
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use http::HeaderMap;
 use tokio::sync::mpsc;
@@ -154,7 +154,6 @@ pub struct ActiveSpan {
     out: Outgoing,
     kind: SpanKind,
     shared: bool,
-    start: SystemTime,
     operation: Option<String>,
     /// Request facts for the span's tags: captured only when the span will be reported.
     facts: Option<Box<RequestFacts>>,
@@ -212,7 +211,7 @@ impl ActiveSpan {
         };
         let facts =
             (sampled && config.provider.is_some()).then(|| Box::new(RequestFacts::read(config, parts, authority)));
-        ActiveSpan { config: config.clone(), out, kind, shared, start: SystemTime::now(), operation: None, facts }
+        ActiveSpan { config: config.clone(), out, kind, shared, operation: None, facts }
     }
 
     /// The matched route's `decorator.operation` names the span (Envoy's decorator).
@@ -285,7 +284,17 @@ pub fn inject(span: Option<&ActiveSpan>, headers: &mut HeaderMap) {
 
 /// Reports the request's span when it is sampled and has a provider: builds its
 /// attributes from the finished report and queues it for export.
-pub fn finish(ctx: &Context, report: &HttpReport, request_bytes: u64) {
+///
+/// The span covers the request: it starts at `start_time()` (the request's wall-clock
+/// start, read once per request and shared with the access log) and lasts `duration`
+/// (the request's, on the monotonic clock), so it costs no clock read of its own.
+pub fn finish(
+    ctx: &Context,
+    report: &HttpReport,
+    request_bytes: u64,
+    duration: Duration,
+    start_time: &mut dyn FnMut() -> SystemTime,
+) {
     let Some(span) = report.trace.as_deref() else { return };
     let (Some(facts), Some(provider)) = (span.facts.as_deref(), span.config.provider.as_ref()) else { return };
     let node = &ctx.tracer.node;
@@ -344,8 +353,8 @@ pub fn finish(ctx: &Context, report: &HttpReport, request_bytes: u64) {
         parent_id: span.out.parent_id,
         name: span.operation.clone().unwrap_or_else(|| facts.default_name.clone()),
         kind: span.kind,
-        start: span.start,
-        end: SystemTime::now(),
+        start: start_time(),
+        end: start_time() + duration,
         tags,
         error,
         shared: span.shared,
