@@ -73,11 +73,13 @@ const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 /// without the formatting machinery, which cost ~800 instructions per request), as the
 /// header value the upstream request carries: one allocation, shared by the report and
 /// the header (a `String` and a header value made from it were two, plus a check).
+/// Two digits per byte of `v` (a digit per 128-bit shift was ~400 instructions).
 fn hex_id(v: u128) -> HeaderValue {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
-    for (i, d) in out.iter_mut().enumerate() {
-        *d = DIGITS[((v >> ((31 - i) * 4)) & 0xf) as usize];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(v.to_be_bytes()) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
     }
     // Only ASCII hex digits were written: always a valid value.
     HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out)).unwrap_or_else(|_| HeaderValue::from_static(""))
