@@ -39,6 +39,7 @@
 //! connections.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -446,14 +447,18 @@ impl Pools {
     /// request would wait for a connection beyond `max_pending_requests`. `req` must
     /// carry no connection-specific header (`http::forward` strips them before): an
     /// HTTP/2 upstream gets its headers without a second look for them.
-    pub async fn send_to(
-        &self,
-        ep: &Endpoint,
+    ///
+    /// Not an `async fn` around `send_headers`: that would be one more future
+    /// level, its arguments (the request: 240 bytes) kept in every request's state and
+    /// copied with it.
+    pub fn send_to<'a>(
+        &'a self,
+        ep: &'a Endpoint,
         proto: UpstreamProtocol,
-        up: &Upstream<'_>,
+        up: &'a Upstream<'a>,
         req: Request<BoxBody>,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
-        self.send_headers(ep, proto, up, req, Headers::Stripped).await
+    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
+        self.send_headers(ep, proto, up, req, Headers::Stripped)
     }
 
     async fn send_headers(
