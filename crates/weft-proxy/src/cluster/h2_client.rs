@@ -59,6 +59,9 @@ pub struct H2Body {
     recv: RecvStream,
     /// The response's content-length minus the data passed on so far, when it had one.
     remaining: Option<u64>,
+    /// A content-length means that much data follows (not so for a response to HEAD,
+    /// nor a 204 or 304, which end with their headers).
+    length_owed: bool,
     data_done: bool,
     /// The stream is known to have ended: [`Body::is_end_stream`] answers without taking
     /// h2's stream-store lock (~400 instructions a call, several calls per response).
@@ -136,6 +139,7 @@ pub async fn send(
         }
     }
     let eos = body.is_end_stream();
+    let head_request = head.method() == Method::HEAD;
     let (response, stream) = tx.send_request(head, eos).map_err(|e| map_h2_error(addr, &e, true))?;
     drop(tx);
     let mut cancel = CancelPipe(None);
@@ -153,7 +157,8 @@ pub async fn send(
     cancel.disarm();
     let resp = result.map_err(|e| map_h2_error(addr, &e, false))?;
     let remaining = content_length(resp.headers());
-    Ok(resp.map(|recv| H2Body::new(recv, remaining)))
+    let length_owed = !head_request && !matches!(resp.status().as_u16(), 204 | 304);
+    Ok(resp.map(|recv| H2Body::new(recv, remaining, length_owed)))
 }
 
 /// Maps an h2 error as hyper's were mapped: a refused stream, and a stream beyond the
@@ -176,10 +181,10 @@ pub fn map_h2_error(addr: SocketAddr, e: &h2::Error, not_sent: bool) -> ProxyErr
 }
 
 impl H2Body {
-    fn new(recv: RecvStream, remaining: Option<u64>) -> Self {
+    fn new(recv: RecvStream, remaining: Option<u64>, length_owed: bool) -> Self {
         // A stream that already ended has no body, whatever its headers said.
         let remaining = if remaining.is_none() && recv.is_end_stream() { Some(0) } else { remaining };
-        H2Body { recv, remaining, data_done: false, ended: AtomicBool::new(false) }
+        H2Body { recv, remaining, length_owed, data_done: false, ended: AtomicBool::new(false) }
     }
 
     /// Ends the body: `is_end_stream` is true from now on.
@@ -225,12 +230,13 @@ impl Body for H2Body {
     /// Answered without h2's lock while the answer is known: true once the body ended,
     /// false while its content-length promises more data (hyper's HTTP/1 dispatcher asks
     /// before the first frame and after each one). Only a body that may have ended (its
-    /// length reached, or none given) asks h2, and remembers a true answer.
+    /// length reached, none given, or a response that has no body whatever its length
+    /// says) asks h2, and remembers a true answer.
     fn is_end_stream(&self) -> bool {
         if self.ended.load(Ordering::Relaxed) {
             return true;
         }
-        if self.remaining.is_some_and(|r| r > 0) {
+        if self.length_owed && self.remaining.is_some_and(|r| r > 0) {
             return false;
         }
         let ended = self.recv.is_end_stream();

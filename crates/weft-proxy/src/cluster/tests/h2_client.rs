@@ -211,3 +211,45 @@ async fn an_idle_connection_is_closed_once_the_pool_lets_go_of_it() {
     };
     tokio::time::timeout(TIMEOUT, closed).await.expect("the idle connection closed");
 }
+
+/// The response body knows when it ended without asking h2 more than needed, and never
+/// claims an end it has not seen: a body owed by its content-length is not at its end
+/// until the last data arrived with the end of the stream; a response to HEAD, whose
+/// content-length promises nothing, is at its end as soon as its headers ended the stream.
+#[tokio::test]
+async fn the_response_body_reports_its_end_as_the_stream_ends() {
+    let addr = serve(|req, mut respond| async move {
+        let head = req.method() == Method::HEAD;
+        let resp = Response::builder().header(http::header::CONTENT_LENGTH, "5").body(()).unwrap();
+        let mut send = respond.send_response(resp, head).unwrap();
+        if !head {
+            send.send_data(Bytes::from_static(b"hello"), true).unwrap();
+        }
+    })
+    .await;
+    let pools = Pools::new(PoolConfig::default());
+    let request = |method: Method| {
+        let body = http_body_util::Empty::<Bytes>::new().map_err(|never| match never {}).boxed_unsync();
+        Request::builder().method(method).uri("/").header(http::header::HOST, "a").body(body).unwrap()
+    };
+    let head = pools.send(&endpoint(addr), UpstreamProtocol::Http2, TIMEOUT, request(Method::HEAD)).await.unwrap();
+    let mut body = head.into_body();
+    // The headers carried the end of the stream; h2 may take a moment to have it read.
+    tokio::time::timeout(TIMEOUT, async {
+        while !body.is_end_stream() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("a response to HEAD ends with its headers");
+    assert!(next_frame(&mut body).await.is_none());
+
+    let get = pools.send(&endpoint(addr), UpstreamProtocol::Http2, TIMEOUT, request(Method::GET)).await.unwrap();
+    let mut body = get.into_body();
+    let data = next_frame(&mut body).await.expect("the data").into_data().unwrap();
+    assert_eq!(&data[..], b"hello");
+    // The data came with the end of the stream: over once all of it was passed on.
+    assert!(body.is_end_stream());
+    assert!(next_frame(&mut body).await.is_none());
+    assert!(body.is_end_stream());
+}
