@@ -154,7 +154,8 @@ pub fn map_h2_error(addr: SocketAddr, e: &h2::Error, not_sent: bool) -> ProxyErr
 }
 
 impl H2Body {
-    fn new(recv: RecvStream, remaining: Option<u64>) -> Self {
+    /// `recv`'s body; `remaining` is its content-length, when it announced one.
+    pub(crate) fn new(recv: RecvStream, remaining: Option<u64>) -> Self {
         // A stream that already ended has no body, whatever its headers said.
         let remaining = if remaining.is_none() && recv.is_end_stream() { Some(0) } else { remaining };
         H2Body { recv, remaining, data_done: false }
@@ -353,7 +354,7 @@ fn strip_connection_headers(h: &mut HeaderMap) {
 /// The content-length all of `h`'s Content-Length values agree on (hyper's rule: a
 /// value may also be a comma-separated list of the same length); None when absent,
 /// malformed or conflicting.
-fn content_length(h: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     let mut found = None;
     let mut agree = |n: u64| match found {
         Some(f) if f != n => None,
