@@ -19,11 +19,13 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Wake, Waker};
 
 use bytes::{Buf, Bytes};
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::task::AtomicWaker;
 use h2::server::{Connection, Handshake, SendResponse};
 use h2::{Reason, RecvStream, SendStream};
 use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, DATE, TE, TRANSFER_ENCODING, UPGRADE};
@@ -65,6 +67,42 @@ pub struct Server<IO, F> {
     new_stream: F,
     /// `graceful_shutdown` was asked for during the handshake.
     shutdown_pending: bool,
+    /// Whether the h2 connection has anything to do (see [`ConnWake`]).
+    conn_wake: Arc<ConnWake>,
+    /// `conn_wake` as the waker the h2 connection is polled with.
+    conn_waker: Waker,
+}
+
+/// The h2 connection's own waker, so that it is polled only when it has something to
+/// do: its socket became ready, or a stream queued frames or released capacity (h2
+/// wakes the connection's task then). The connection task also wakes for its streams
+/// (an upstream response arrived, say); without this, each of those wake-ups polled the
+/// h2 connection too (its locks, a read attempt, a flush: ~2 connection polls more per
+/// request, bench/notes.md).
+///
+/// While [`Server::poll`] runs (`in_poll`), a wake only marks the connection (`woken`):
+/// the poll checks the mark before it returns, so a stream answering inside the poll
+/// does not cost the task a second poll just to write the answer out.
+#[derive(Debug, Default)]
+struct ConnWake {
+    woken: AtomicBool,
+    in_poll: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ConnWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        // Outside the poll, the task must come back for it. (Inside, the poll sees the
+        // mark: it clears `in_poll` before its last look at `woken`.)
+        if !self.in_poll.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
+    }
 }
 
 enum State<IO> {
@@ -90,11 +128,16 @@ where
             .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
             .max_send_buffer_size(MAX_SEND_BUFFER_SIZE)
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+        let conn_wake = Arc::new(ConnWake::default());
+        // The first poll after the handshake polls the connection.
+        conn_wake.woken.store(true, Ordering::SeqCst);
         Server {
             state: State::Handshaking(builder.handshake(io)),
             streams: FuturesUnordered::new(),
             new_stream,
             shutdown_pending: false,
+            conn_waker: Waker::from(conn_wake.clone()),
+            conn_wake,
         }
     }
 }
@@ -105,7 +148,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin, F> Server<IO, F> {
     pub fn graceful_shutdown(&mut self) {
         match &mut self.state {
             State::Handshaking(_) => self.shutdown_pending = true,
-            State::Serving(conn) => conn.graceful_shutdown(),
+            State::Serving(conn) => {
+                conn.graceful_shutdown();
+                // The GOAWAY is the connection's to send at its next poll.
+                self.conn_wake.woken.store(true, Ordering::SeqCst);
+            }
         }
     }
 }
@@ -135,17 +182,28 @@ where
             }
             State::Serving(conn) => conn,
         };
+        let wake = &*this.conn_wake;
+        wake.task.register(cx.waker());
+        wake.in_poll.store(true, Ordering::SeqCst);
+        let mut conn_cx = Context::from_waker(&this.conn_waker);
         loop {
             // The streams first: what they queue (a response, body data) is written by
             // the connection's poll below, in this same poll of the task.
             while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
-            // The connection: reads frames, writes what is queued, accepts new streams.
-            let mut accepted = false;
+            if !wake.woken.swap(false, Ordering::SeqCst) {
+                wake.in_poll.store(false, Ordering::SeqCst);
+                // A wake between the swap and the store left its mark: look once more.
+                if !wake.woken.swap(false, Ordering::SeqCst) {
+                    return Poll::Pending;
+                }
+                wake.in_poll.store(true, Ordering::SeqCst);
+            }
+            // The connection: reads frames, writes what is queued, accepts new streams
+            // (polled again in this loop: their first poll, and what they queue).
             loop {
-                match conn.poll_accept(cx) {
+                match conn.poll_accept(&mut conn_cx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
                         this.streams.push(this.new_stream.open(req, respond));
-                        accepted = true;
                     }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                     // Closed (GOAWAY and no stream left, or the client went away): the
@@ -153,10 +211,6 @@ where
                     Poll::Ready(None) => return Poll::Ready(Ok(())),
                     Poll::Pending => break,
                 }
-            }
-            // New streams get their first poll (and their output written) now.
-            if !accepted {
-                return Poll::Pending;
             }
         }
     }
