@@ -46,6 +46,10 @@ const MAX_SEND_BUFFER_SIZE: usize = 400 * 1024;
 const MAX_CONCURRENT_STREAMS: u32 = 200;
 const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
+/// Most polls of the h2 connection within one poll of the server (usually one or two:
+/// the requests read, then the answers written).
+const MAX_CONN_POLLS: u32 = 4;
+
 /// The future serving one stream (request and response), boxed once per stream.
 pub type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -186,6 +190,7 @@ where
         wake.task.register(cx.waker());
         wake.in_poll.store(true, Ordering::SeqCst);
         let mut conn_cx = Context::from_waker(&this.conn_waker);
+        let mut conn_polls = 0;
         loop {
             // The streams first: what they queue (a response, body data) is written by
             // the connection's poll below, in this same poll of the task.
@@ -198,6 +203,16 @@ where
                 }
                 wake.in_poll.store(true, Ordering::SeqCst);
             }
+            if conn_polls == MAX_CONN_POLLS {
+                // Woken again and again within one poll (tokio's cooperative budget
+                // spent: the socket answers Pending and wakes at once): yield to the
+                // runtime and come back, rather than spin here.
+                wake.woken.store(true, Ordering::SeqCst);
+                wake.in_poll.store(false, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            conn_polls += 1;
             // The connection: reads frames, writes what is queued, accepts new streams
             // (polled again in this loop: their first poll, and what they queue).
             loop {
