@@ -12,19 +12,20 @@
 //! buffer out and flushes the stream once the inner poll returns.
 //!
 //! Why no byte stays buffered with nobody to write it:
-//! - bytes are buffered only while the wrapped future is being polled (`in_poll`) and the
-//!   connection speaks HTTP/2 (an upstream HTTP/2 connection; a downstream one whose
-//!   client opened with the HTTP/2 preface: HTTP/1.1 connections, where hyper already
-//!   writes once per poll, are left alone), and
+//! - bytes are buffered only while the wrapped future is being polled (`in_poll`; only
+//!   HTTP/2 connections are wrapped: upstream ones, and downstream ones once
+//!   `http::preface` found the client speaks HTTP/2; HTTP/1.1 connections, where hyper
+//!   already writes once per poll, are served on the plain stream), and
 //!   [`Flushing`] writes the buffer out after every such poll; when the stream is not
 //!   ready it returns `Pending` with the stream's waker registered by this same task, so
 //!   it is polled again and finishes the write, even after the connection future ended;
-//! - an HTTP/2 connection (hyper's server; the h2 crate's client, `cluster::h2_client`)
-//!   does all its I/O inside that poll: streams queue frames in
-//!   h2's shared store and wake the connection task, they never write themselves;
+//! - an HTTP/2 connection (the h2 crate's server, `http::h2_server`, whose streams are
+//!   polled inside the same wrapped poll; its client, `cluster::h2_client`) does all its
+//!   I/O inside that poll: streams queue frames in h2's shared store and wake the
+//!   connection task, they never write themselves;
 //! - outside a wrapped poll (the h2 handshake of a client connection, made by the task
-//!   that opens it; a connection upgraded by HTTP/1.1 and used by a tunnel task) every
-//!   write first writes out what is buffered, then goes straight to the stream, and
+//!   that opens it) every write first writes out what is buffered, then goes straight to
+//!   the stream, and
 //!   `poll_flush` flushes: the wrapper is then a plain pass-through;
 //! - `poll_shutdown` writes the buffer out and flushes before shutting the stream down;
 //! - at most [`LIMIT`] bytes are buffered: a write that would pass it writes the buffer
@@ -36,8 +37,7 @@
 //!   have without the wrapper.
 //!
 //! The stream is shared by the I/O half and the future half behind a mutex that is never
-//! contended in practice: both are used by the connection's own task (a tunnel task takes
-//! over the I/O half only once the connection future has finished with it).
+//! contended in practice: both are used by the connection's own task.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -62,9 +62,6 @@ pub struct Flushing<F: Future, S> {
     shared: Arc<Mutex<Shared<S>>>,
     /// The inner future's output, held while the last bytes are written out.
     done: Option<<F as Future>::Output>,
-    /// The connection is known not to speak HTTP/2: nothing is ever buffered, and the
-    /// inner future is polled without touching the shared state.
-    passthrough: bool,
 }
 
 /// A handle for wrapping the connection future once it is built over [`Coalesced`].
@@ -81,11 +78,6 @@ struct Shared<S> {
     written: usize,
     /// The wrapped connection future is being polled.
     in_poll: bool,
-    /// Whether writes are coalesced: `None` until the first bytes read tell whether the
-    /// client speaks HTTP/2 (see [`Coalesced::sniffing`]).
-    coalescing: Option<bool>,
-    /// Bytes of [`H2_PREFACE_START`] the client has sent so far, while `coalescing` is `None`.
-    sniffed: usize,
     /// A failed write out after a poll, for the next call hyper makes.
     failed: Option<(io::ErrorKind, String)>,
     /// The wrapped future waiting to write out the buffer after its connection future
@@ -93,35 +85,11 @@ struct Shared<S> {
     waiter: Option<Waker>,
 }
 
-/// How an HTTP/2 client's connection preface starts (RFC 9113 §3.4); no HTTP/1.x method
-/// is `PRI`.
-const H2_PREFACE_START: &[u8] = b"PRI ";
-
 impl<S> Coalesced<S> {
     /// Wraps `io`, an HTTP/2 connection; the [`Flusher`] wraps the connection future
     /// built over the result.
     pub fn new(io: S) -> (Self, Flusher<S>) {
-        Self::with(io, Some(true))
-    }
-
-    /// Wraps `io`, a downstream connection of either HTTP version: writes are coalesced
-    /// once the client's first bytes are HTTP/2's preface, and pass straight through
-    /// otherwise.
-    pub fn sniffing(io: S) -> (Self, Flusher<S>) {
-        Self::with(io, None)
-    }
-
-    fn with(io: S, coalescing: Option<bool>) -> (Self, Flusher<S>) {
-        let shared = Shared {
-            io,
-            buf: Vec::new(),
-            written: 0,
-            in_poll: false,
-            coalescing,
-            sniffed: 0,
-            failed: None,
-            waiter: None,
-        };
+        let shared = Shared { io, buf: Vec::new(), written: 0, in_poll: false, failed: None, waiter: None };
         let shared = Arc::new(Mutex::new(shared));
         (Coalesced { shared: shared.clone() }, Flusher { shared })
     }
@@ -137,12 +105,12 @@ impl<S> Coalesced<S> {
 impl<S> Flusher<S> {
     /// Wraps the connection future, which must be built over this flusher's [`Coalesced`].
     pub fn wrap<F: Future>(self, inner: F) -> Flushing<F, S> {
-        Flushing { inner: Box::pin(inner), shared: self.shared, done: None, passthrough: false }
+        Flushing { inner: Box::pin(inner), shared: self.shared, done: None }
     }
 }
 
 impl<F: Future, S> Flushing<F, S> {
-    /// The connection future (for hyper's `graceful_shutdown`).
+    /// The connection future (for its `graceful_shutdown`).
     pub fn inner_mut(&mut self) -> Pin<&mut F> {
         self.inner.as_mut()
     }
@@ -151,22 +119,7 @@ impl<F: Future, S> Flushing<F, S> {
 impl<S> Shared<S> {
     /// Writes are buffered now.
     fn buffering(&self) -> bool {
-        self.in_poll && self.coalescing == Some(true)
-    }
-
-    /// Learns from the first bytes the client sent whether it speaks HTTP/2.
-    fn sniff(&mut self, read: &[u8]) {
-        for &b in read {
-            if b != H2_PREFACE_START[self.sniffed] {
-                self.coalescing = Some(false);
-                return;
-            }
-            self.sniffed += 1;
-            if self.sniffed == H2_PREFACE_START.len() {
-                self.coalescing = Some(true);
-                return;
-            }
-        }
+        self.in_poll
     }
 
     /// The error a failed write out left, once.
@@ -220,12 +173,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
         if let Err(e) = s.take_failure() {
             return Poll::Ready(Err(e));
         }
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut s.io).poll_read(cx, buf);
-        if s.coalescing.is_none() {
-            s.sniff(&buf.filled()[before..]);
-        }
-        polled
+        Pin::new(&mut s.io).poll_read(cx, buf)
     }
 }
 
@@ -292,9 +240,6 @@ impl<F: Future, S: AsyncWrite + Unpin> Future for Flushing<F, S> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
-        if this.passthrough {
-            return this.inner.as_mut().poll(cx);
-        }
         if this.done.is_none() {
             lock(&this.shared).in_poll = true;
             if let Poll::Ready(out) = this.inner.as_mut().poll(cx) {
@@ -303,12 +248,6 @@ impl<F: Future, S: AsyncWrite + Unpin> Future for Flushing<F, S> {
         }
         let mut s = lock(&this.shared);
         s.in_poll = false;
-        if s.coalescing != Some(true) && s.buf.is_empty() {
-            // Not coalescing: hyper flushed what it wrote. Decided for good once known.
-            this.passthrough = s.coalescing == Some(false);
-            drop(s);
-            return this.done.take().map_or(Poll::Pending, Poll::Ready);
-        }
         match s.poll_write_out_and_flush(cx) {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) if this.done.is_none() => {

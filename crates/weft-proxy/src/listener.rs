@@ -15,6 +15,7 @@ use crate::config::{ChainKind, ConnFacts, ListenerConfig};
 use crate::conn::{ConnInfo, Origin};
 use crate::context::Context;
 use crate::detect::{self, Detected};
+use crate::http::preface::Alpn;
 use crate::orig_dst::original_dst;
 use crate::telemetry::mx;
 use crate::{http, tcp};
@@ -163,7 +164,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
     let mut conn = ConnInfo::new(listener.clone(), peer, destination, odst, origin, snap.generation);
     drop(snap);
     match &chain.tls {
-        None => dispatch(ctx, Arc::new(conn), &chain.kind, stream).await,
+        None => dispatch(ctx, Arc::new(conn), &chain.kind, stream, Alpn::None).await,
         Some(cfg) => {
             let acceptor = tokio_rustls::TlsAcceptor::from(cfg.clone());
             match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
@@ -175,7 +176,8 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
                     let exchange =
                         matches!(chain.kind, ChainKind::Tcp(_)) && mx::negotiated(tls.get_ref().1.alpn_protocol());
                     if !exchange {
-                        return dispatch(ctx, Arc::new(conn), &chain.kind, tls).await;
+                        let alpn = Alpn::from_protocol(tls.get_ref().1.alpn_protocol());
+                        return dispatch(ctx, Arc::new(conn), &chain.kind, tls, alpn).await;
                     }
                     // Istio's TCP metadata exchange: the caller's workload for the metrics.
                     match mx::exchange(tls, &ctx.local_peer.tcp_frame).await {
@@ -183,7 +185,7 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
                             if peer.is_some() {
                                 conn.peer_workload = peer;
                             }
-                            dispatch(ctx, Arc::new(conn), &chain.kind, stream).await
+                            dispatch(ctx, Arc::new(conn), &chain.kind, stream, Alpn::None).await
                         }
                         Err(e) => debug!(listener = %listener.name, %peer, error = %e, "peer metadata exchange failed"),
                     }
@@ -209,12 +211,14 @@ async fn serve_connection(ctx: Arc<Context>, name: String, stream: TcpStream, pe
 /// `transport_socket_connect_timeout` is unset by default; weft bounds it).
 const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-async fn dispatch<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, kind: &ChainKind, stream: S)
+/// Serves the connection with its filter chain's stage; `alpn` is what its TLS
+/// handshake negotiated (the HTTP version, when it says).
+async fn dispatch<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, kind: &ChainKind, stream: S, alpn: Alpn)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     match kind {
-        ChainKind::Http(_) => http::serve(ctx, conn, stream).await,
+        ChainKind::Http(_) => http::serve(ctx, conn, stream, alpn).await,
         ChainKind::Tcp(t) => tcp::proxy(ctx, conn, t.clone(), stream).await,
     }
 }

@@ -83,6 +83,40 @@ async fn http1_keepalive_chunked_and_h2c_reach_the_backend() {
     assert_eq!(r.json().unwrap()["path"], "/h2");
 }
 
+/// A client that resets its HTTP/2 stream before the response gives up the request:
+/// the proxy drops it, and with it the upstream request (here an HTTP/1.1 upstream that
+/// never answers: its connection, mid-request, is closed).
+#[tokio::test]
+async fn an_http2_client_reset_cancels_the_upstream_request() {
+    let mesh = Mesh::start().await;
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    clusters(&mesh, &[("silent", vec![upstream.local_addr().unwrap()])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to("silent"))])]))],
+    );
+    let proxy = mesh.proxy("reset", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+
+    let (mut client, conn) = h2::client::handshake(TcpStream::connect(out).await.unwrap()).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let req = http::Request::get("http://svc/hang").body(()).unwrap();
+    let (response, mut stream) = client.send_request(req, true).unwrap();
+    let (mut up, _) = tokio::time::timeout(Duration::from_secs(5), upstream.accept()).await.unwrap().unwrap();
+    let head = read_until(&mut up, b"\r\n\r\n", Duration::from_secs(5)).await;
+    assert!(head.starts_with(b"GET /hang"), "{}", String::from_utf8_lossy(&head));
+
+    stream.send_reset(h2::Reason::CANCEL);
+    drop(response);
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), up.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0) | Err(_))), "the upstream request outlived the client's reset: {read:?}");
+}
+
 #[tokio::test]
 async fn websocket_upgrade_becomes_a_byte_pipe() {
     let mesh = Mesh::start().await;
@@ -296,6 +330,37 @@ async fn sniffing_sends_http_to_the_http_chain_and_other_bytes_to_tcp() {
     s.write_all(b"\x00\x01not-http-at-all\n").await.unwrap();
     let got = read_until(&mut s, b"\n", Duration::from_secs(5)).await;
     assert_eq!(got, b"\x00\x01not-http-at-all\n");
+}
+
+/// `CONNECT` over HTTP/2 (RFC 9113 §8.5): the stream, answered 200, carries the tunnel.
+#[tokio::test]
+async fn http2_connect_tunnels_over_its_stream() {
+    let mesh = Mesh::start().await;
+    let tcp_echo = TcpEchoServer::start().await;
+    clusters(&mesh, &[("db", vec![tcp_echo.addr])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&["CONNECT"])]);
+    mesh.set(
+        type_url::ROUTE,
+        vec![pack_any(rc("routes", vec![vhost("db", &["db.local:5432"], vec![route("db", prefix("/"), to("db"))])]))],
+    );
+    let proxy = mesh.proxy("connect-h2", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(TcpStream::connect(out).await.unwrap()).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder().method("CONNECT").uri("db.local:5432").body(()).unwrap();
+    let (response, mut send) = client.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), response).await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    send.send_data(Bytes::from_static(b"tunnelled bytes"), false).unwrap();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while got.len() < b"tunnelled bytes".len() {
+        let chunk = tokio::time::timeout(Duration::from_secs(5), body.data()).await.unwrap().unwrap().unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"tunnelled bytes");
 }
 
 #[tokio::test]

@@ -171,6 +171,40 @@ async fn listener_terminates_tls_and_negotiates_h2_with_alpn() {
     assert_eq!(echo.requests(), 1);
 }
 
+/// HTTP/1.1 over TLS: negotiated with ALPN (`http/1.1`), and without ALPN at all (the
+/// proxy then reads the client's first bytes to tell the version).
+#[tokio::test]
+async fn listener_serves_http1_over_tls_with_and_without_alpn() {
+    let p = pki();
+    let (_mesh, proxy, echo) = setup(&p, false, upstream(&p, &p.ca_pem.clone(), false)).await;
+    let tls_addr = proxy.listener_addr("tls", WAIT).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, &p.ca_pem).unwrap();
+    let curl = weft_testkit::tools::require("curl");
+    let port = tls_addr.port();
+    for (served, flag) in [(1, "--http1.1"), (2, "--no-alpn")] {
+        let out = tokio::process::Command::new(&curl)
+            .args(["-sS", flag, "--cacert"])
+            .arg(&ca_file)
+            .args([
+                "--resolve",
+                &format!("svc.test:{port}:127.0.0.1"),
+                "-w",
+                "\n%{http_version}",
+                &format!("https://svc.test:{port}/h1-over-tls"),
+            ])
+            .output()
+            .await
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "curl {flag} failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(text.contains("\"/h1-over-tls\""), "{flag}: {text}");
+        assert_eq!(text.lines().last(), Some("1.1"), "{flag}: {text}");
+        assert_eq!(echo.requests(), served);
+    }
+}
+
 #[tokio::test]
 async fn cluster_originates_tls_and_verifies_the_server_ca() {
     let p = pki();

@@ -253,6 +253,42 @@ async fn drain_finishes_in_flight_requests_and_stops_accepting() {
     }
 }
 
+/// Draining an HTTP/2 connection: a GOAWAY first (new streams refused), the request in
+/// flight finishes, then the connection closes.
+#[tokio::test]
+async fn drain_sends_http2_clients_a_goaway_and_finishes_their_streams() {
+    let mesh = Mesh::start().await;
+    let a = EchoServer::start("a").await;
+    everything_to(&mesh, "a", a.addr);
+    let proxy = mesh.proxy("drain-h2", false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    let tcp = tokio::net::TcpStream::connect(out).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    let conn = tokio::spawn(conn);
+    let before = a.requests();
+    let req = http::Request::get("http://svc/delay/500").body(()).unwrap();
+    let (response, _) = client.send_request(req, true).unwrap();
+    a.wait_for_requests(before + 1).await; // the slow request is in flight
+    let shutdown = tokio::spawn(proxy.shutdown());
+    // The GOAWAY (and its ping round trip) arrives while the slow request is in flight:
+    // a new stream is then refused, whereas the connection would still have served it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let late = http::Request::get("http://svc/late").body(()).unwrap();
+    let refused = match client.send_request(late, true) {
+        Err(_) => true,
+        Ok((late, _)) => tokio::time::timeout(Duration::from_secs(5), late).await.unwrap().is_err(),
+    };
+    assert!(refused, "a new stream was served after the drain began: no GOAWAY");
+    let resp = tokio::time::timeout(Duration::from_secs(5), response).await.unwrap().expect("in-flight stream failed");
+    assert_eq!(resp.status(), 200);
+    drop(resp);
+    drop(client);
+    let closed = tokio::time::timeout(Duration::from_secs(5), conn).await.expect("connection not closed after drain");
+    assert!(matches!(closed, Ok(Ok(()))), "connection not closed cleanly with a GOAWAY: {closed:?}");
+    shutdown.await.unwrap();
+}
+
 #[tokio::test]
 async fn admin_shows_config_clusters_and_readiness() {
     let mesh = Mesh::start().await;

@@ -181,7 +181,10 @@ pub fn map_h2_error(addr: SocketAddr, e: &h2::Error, not_sent: bool) -> ProxyErr
 }
 
 impl H2Body {
-    fn new(recv: RecvStream, remaining: Option<u64>, length_owed: bool) -> Self {
+    /// `recv`'s body; `remaining` is its content-length, when it announced one;
+    /// `length_owed` when that length is data to come (not for a response to HEAD, a 204
+    /// or a 304).
+    pub(crate) fn new(recv: RecvStream, remaining: Option<u64>, length_owed: bool) -> Self {
         // A stream that already ended has no body, whatever its headers said.
         let remaining = if remaining.is_none() && recv.is_end_stream() { Some(0) } else { remaining };
         H2Body { recv, remaining, length_owed, data_done: false, ended: AtomicBool::new(false) }
@@ -409,7 +412,7 @@ fn has_connection_headers(h: &HeaderMap) -> bool {
 /// The content-length all of `h`'s Content-Length values agree on (hyper's rule: a
 /// value may also be a comma-separated list of the same length); None when absent,
 /// malformed or conflicting.
-fn content_length(h: &HeaderMap) -> Option<u64> {
+pub(crate) fn content_length(h: &HeaderMap) -> Option<u64> {
     let mut found = None;
     let mut agree = |n: u64| match found {
         Some(f) if f != n => None,

@@ -9,7 +9,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use super::{Coalesced, Flusher, LIMIT};
+use super::{Coalesced, LIMIT};
 
 /// What the stream under test was asked to do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -256,39 +256,4 @@ fn a_failed_write_out_fails_the_next_call_of_the_connection() {
     assert_eq!(counter.0.load(Ordering::SeqCst), 1, "woken to learn of the failure");
     assert!(poll_once(&mut conn, &waker).is_pending());
     assert_eq!(*read.lock().expect("lock"), Some(Poll::Ready(Err(io::ErrorKind::BrokenPipe))));
-}
-
-/// Reads what the client sent, then writes a response in two parts with a flush between.
-fn serve_one(mut io: Coalesced<Mock>, flusher: Flusher<Mock>) -> impl Future<Output = ()> + Unpin {
-    flusher.wrap(poll_fn(move |cx| {
-        let mut buf = [0u8; 64];
-        if Pin::new(&mut io).poll_read(cx, &mut ReadBuf::new(&mut buf)).is_ready() {
-            write_all(&mut io, cx, b"head");
-            assert!(Pin::new(&mut io).poll_flush(cx).is_ready());
-            write_all(&mut io, cx, b"body");
-        }
-        Poll::Pending
-    }))
-}
-
-#[test]
-fn a_client_opening_with_the_http2_preface_gets_its_writes_coalesced() {
-    let (mock, state) = Mock::new();
-    state.lock().expect("mock lock").incoming = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
-    let (io, flusher) = Coalesced::sniffing(mock);
-    let mut conn = serve_one(io, flusher);
-    let waker = Waker::from(Arc::new(Counter::default()));
-    assert!(poll_once(&mut conn, &waker).is_pending());
-    assert_eq!(writes(&state), vec![b"headbody".to_vec()]);
-}
-
-#[test]
-fn an_http1_client_gets_its_writes_straight_through() {
-    let (mock, state) = Mock::new();
-    state.lock().expect("mock lock").incoming = b"GET / HTTP/1.1\r\n\r\n".to_vec();
-    let (io, flusher) = Coalesced::sniffing(mock);
-    let mut conn = serve_one(io, flusher);
-    let waker = Waker::from(Arc::new(Counter::default()));
-    assert!(poll_once(&mut conn, &waker).is_pending());
-    assert_eq!(writes(&state), vec![b"head".to_vec(), b"body".to_vec()]);
 }

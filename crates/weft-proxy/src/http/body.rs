@@ -13,6 +13,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 
+use crate::cluster::h2_client::H2Body;
 use crate::cluster::BoxBody;
 use crate::context::Context;
 use crate::error::ErrorKind;
@@ -30,6 +31,48 @@ where
     B::Error: Into<BoxError>,
 {
     b.map_err(Into::into).boxed_unsync()
+}
+
+/// A request body as the downstream connection delivers it: hyper's, on HTTP/1.x; the
+/// stream's, read with `h2` directly, on HTTP/2 (see [`super::h2_server`]).
+#[derive(Debug)]
+pub enum DownstreamBody {
+    /// From hyper's HTTP/1 server.
+    Http1(hyper::body::Incoming),
+    /// From an HTTP/2 stream.
+    Http2(H2Body),
+    /// None: an HTTP/2 CONNECT, whose stream carries the tunnel instead.
+    Empty,
+}
+
+impl Body for DownstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        // Errors are boxed as they happen (rarely), not per frame.
+        match self.get_mut() {
+            DownstreamBody::Http1(b) => Pin::new(b).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
+            DownstreamBody::Http2(b) => Pin::new(b).poll_frame(cx).map(|f| f.map(|r| r.map_err(Into::into))),
+            DownstreamBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            DownstreamBody::Http1(b) => b.is_end_stream(),
+            DownstreamBody::Http2(b) => b.is_end_stream(),
+            DownstreamBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            DownstreamBody::Http1(b) => b.size_hint(),
+            DownstreamBody::Http2(b) => b.size_hint(),
+            DownstreamBody::Empty => SizeHint::with_exact(0),
+        }
+    }
 }
 
 /// A body of `bytes`.

@@ -11,9 +11,8 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body::Body;
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 
-use super::body::{boxed, downstream_body_error, full, CountingBody, DeadlineBody, Hold};
+use super::body::{boxed, downstream_body_error, full, CountingBody, DeadlineBody, DownstreamBody, Hold};
 use super::RequestCtx;
 use crate::cluster::pool::Upstream;
 use crate::cluster::{BoxBody, Cluster, Discovery, Endpoint, Outcome, Slot, UpstreamProtocol};
@@ -49,7 +48,7 @@ pub async fn forward(
     action: &ForwardAction,
     cluster_name: &str,
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: DownstreamBody,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let (ctx, conn, stream_idle) = (rq.ctx, rq.conn, rq.chain.stream_idle_timeout);
     let (snap, report) = (&rq.snap, &mut rq.report);
@@ -78,7 +77,7 @@ pub async fn forward(
         let bytes = match body.collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => {
-                let kind = downstream_body_error(&e);
+                let kind = downstream_body_error(&*e);
                 tally.fail(kind);
                 return Err(ProxyError::new(kind, format!("reading request body: {e}")));
             }
@@ -353,7 +352,7 @@ async fn backoff(policy: Option<&RetryPolicy>, attempt: u32, deadline: Option<In
 }
 
 /// True when the body is small enough (known length) to buffer for retries.
-fn replayable(body: &Incoming) -> bool {
+fn replayable(body: &DownstreamBody) -> bool {
     body.is_end_stream() || body.size_hint().upper().map(|u| u <= REPLAY_LIMIT).unwrap_or(false)
 }
 

@@ -4,21 +4,26 @@
 
 pub mod body;
 mod forward;
+pub(crate) mod h2_server;
 mod limits;
+pub mod preface;
 mod tunnel;
 
 use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::header::{HeaderName, HeaderValue, CONTENT_TYPE, HOST};
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use tracing::debug;
 
+use crate::cluster::h2_client::H2Body;
 use crate::cluster::BoxBody;
 use crate::coalesce::Coalesced;
 use crate::config::{ChainKind, HttpChain, ProxySnapshot};
@@ -29,14 +34,19 @@ use crate::error::{ErrorKind, ProxyError};
 use crate::io::{Activity, StreamGuard, Tracked};
 use crate::report::HttpReport;
 use crate::route::{Abort, CorsDecision, Route, RouteAction};
-use body::{full, ReportingBody};
+use body::{full, DownstreamBody, ReportingBody};
+use preface::{Alpn, Rewind, Version};
 
 /// hyper's HTTP/1 limit on request headers when none is set (`DEFAULT_MAX_HEADERS`).
 const HYPER_MAX_HEADERS: usize = 100;
 
 /// Serves HTTP on one downstream connection until it closes, the proxy drains, or its
 /// filter chain changes in a way that cannot apply in place (see [`crate::conn`]).
-pub async fn serve<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, stream: S)
+///
+/// The version is decided first ([`preface`]: `alpn`, else the client's first bytes);
+/// HTTP/1.x is then served by hyper's HTTP/1 server on the plain stream, HTTP/2 by
+/// [`h2_server`] on the stream with write coalescing ([`Coalesced`]).
+pub async fn serve<S>(ctx: Arc<Context>, conn: Arc<ConnInfo>, stream: S, alpn: Alpn)
 where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -48,10 +58,109 @@ where
             return;
         }
     }
+    let activity = Activity::new();
+    let heads = Arc::new(limits::HeadCheck::default());
     // Envoy's limits on what a client may send as request headers (see docs/proxy.md).
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+    let guarded =
+        limits::Guarded::new(Tracked::new(stream, activity.clone()), heads.clone(), chain.request_headers_timeout);
+    let mut io = Rewind::new(guarded);
+    // Boxed once per connection: one type for both versions' servers.
+    let mut watchers: Watchers<'_> = Box::pin(watch(&ctx, &conn, &activity, chain.idle_timeout));
+    let version = match alpn {
+        Alpn::H2 => Version::Http2,
+        Alpn::Http1 => Version::Http1,
+        Alpn::None => {
+            let detected = tokio::select! {
+                biased;
+                v = io.detect() => v,
+                // Nothing received yet: nothing to finish.
+                _ = watchers.as_mut() => return,
+            };
+            match detected {
+                Ok(v) => v,
+                Err(e) => {
+                    debug!(error = %e, "downstream connection ended before its first request");
+                    return;
+                }
+            }
+        }
+    };
+    match version {
+        Version::Http1 => serve_http1(&ctx, &conn, chain, io, heads, &activity, &mut watchers).await,
+        Version::Http2 => serve_http2(&ctx, &conn, chain, io, heads, &activity, &mut watchers).await,
+    }
+}
+
+/// A downstream connection's I/O below the HTTP server: limits, activity, first bytes.
+type DownstreamIo<S> = Rewind<limits::Guarded<Tracked<S>>>;
+
+/// The connection's watchers ([`watch`]).
+type Watchers<'a> = Pin<Box<dyn Future<Output = Stop> + Send + 'a>>;
+
+/// Why a connection stops being served as usual.
+enum Stop {
+    /// Finish what is in flight (HTTP/1.1: close once idle; HTTP/2: GOAWAY) for at most this long.
+    Drain(Duration),
+    /// Close now.
+    Close,
+}
+
+/// Resolves when the connection must stop: the proxy drains, the connection idled out,
+/// or its filter chain changed (see [`crate::conn`]).
+async fn watch(ctx: &Context, conn: &ConnInfo, activity: &Activity, idle_timeout: Option<Duration>) -> Stop {
+    let mut draining = ctx.draining.clone();
+    tokio::select! {
+        _ = crate::context::flipped(&mut draining) => Stop::Drain(ctx.drain_timeout),
+        _ = activity.idle(idle_timeout) => { debug!("downstream connection idle timeout"); Stop::Drain(ctx.drain_timeout) }
+        end = conn.ended(ctx) => {
+            ctx.metrics.drain().closed(&conn.listener.name, end.reason());
+            if end == ChainEnd::Denied {
+                debug!(peer = %conn.peer, "connection denied by the new network RBAC policy: closing");
+                return Stop::Close;
+            }
+            debug!(peer = %conn.peer, "filter chain changed: draining the connection");
+            Stop::Drain(ctx.drain_duration)
+        }
+    }
+}
+
+/// Runs `conn_fut` until it ends (None) or `watchers` say stop: then the time the
+/// connection has to finish gracefully, if any.
+async fn until_stop<F, E>(conn_fut: Pin<&mut F>, watchers: &mut Watchers<'_>) -> Option<Duration>
+where
+    F: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    tokio::select! {
+        biased;
+        r = conn_fut => {
+            if let Err(e) = r {
+                debug!(error = %e, "downstream connection ended with error");
+            }
+            None
+        }
+        stop = watchers.as_mut() => match stop {
+            Stop::Drain(d) => Some(d),
+            Stop::Close => None,
+        },
+    }
+}
+
+/// HTTP/1.x with hyper's server (keep-alive, upgrades), on the plain stream: hyper
+/// writes once per poll of the connection already.
+async fn serve_http1<S>(
+    ctx: &Arc<Context>,
+    conn: &Arc<ConnInfo>,
+    chain: &HttpChain,
+    io: DownstreamIo<S>,
+    heads: Arc<limits::HeadCheck>,
+    activity: &Arc<Activity>,
+    watchers: &mut Watchers<'_>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let mut builder = hyper::server::conn::http1::Builder::new();
     builder
-        .http1()
         .keep_alive(true)
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(chain.request_headers_timeout)
@@ -61,19 +170,9 @@ where
     // (~1.5k instructions and ~4 KiB of copies per request), so it is set only when the
     // configuration asks for another value.
     if chain.max_headers_count != HYPER_MAX_HEADERS {
-        builder.http1().max_headers(chain.max_headers_count);
+        builder.max_headers(chain.max_headers_count);
     }
-    builder
-        .http2()
-        .timer(hyper_util::rt::TokioTimer::new())
-        .max_header_list_size(u32::try_from(chain.max_request_headers_bytes).unwrap_or(u32::MAX));
-    let activity = Activity::new();
-    let heads = Arc::new(limits::HeadCheck::default());
-    let io = limits::Guarded::new(Tracked::new(stream, activity.clone()), heads.clone(), chain.request_headers_timeout);
-    let svc_ctx = ctx.clone();
-    let idle_timeout = chain.idle_timeout;
-    let svc_activity = activity.clone();
-    let svc_conn = conn.clone();
+    let (svc_ctx, svc_conn, svc_activity) = (ctx.clone(), conn.clone(), activity.clone());
     let svc = service_fn(move |mut req: Request<Incoming>| {
         let (ctx, conn) = (svc_ctx.clone(), svc_conn.clone());
         let stream = svc_activity.open_stream();
@@ -81,36 +180,101 @@ where
             req.extensions_mut().insert(limits::MalformedHead);
         }
         // Boxed: the request's state machine (filters, routing, forwarding, several KiB)
-        // is allocated once and stays put. Unboxed, hyper's HTTP/1 dispatcher and the task
-        // of each HTTP/2 stream held it inline and copied it whole at every hand-over
-        // (`memmove` was the largest single item of a profile: bench/notes.md). Boxed as
-        // the future of one `async fn` call: an `async` block around `handle(..)` was
-        // built on the stack and copied twice more on its way into the box.
-        Box::pin(handle_infallible(ctx, conn, req, stream))
+        // is allocated once and stays put. Unboxed, hyper's HTTP/1 dispatcher held it
+        // inline and copied it whole at every hand-over (`memmove` was the largest single
+        // item of a profile: bench/notes.md). Boxed as the future of one `async fn` call:
+        // an `async` block around `handle(..)` was built on the stack and copied twice
+        // more on its way into the box.
+        Box::pin(handle_http1(ctx, conn, req, stream))
     });
-    // HTTP/2: one write to the stream (one TLS record) per poll of the connection, not
-    // one per frame (HTTP/1.1 connections are left as they are: see crate::coalesce).
-    let (io, flusher) = Coalesced::sniffing(io);
-    let conn_fut = flusher.wrap(builder.serve_connection_with_upgrades(TokioIo::new(io), svc));
+    let conn_fut = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(conn_fut);
-    let mut draining = ctx.draining.clone();
-    let deadline = tokio::select! {
-        r = conn_fut.as_mut() => { if let Err(e) = r { debug!(error = %e, "downstream connection ended with error") } return }
-        _ = crate::context::flipped(&mut draining) => ctx.drain_timeout,
-        _ = activity.idle(idle_timeout) => { debug!("downstream connection idle timeout"); ctx.drain_timeout }
-        end = conn.ended(&ctx) => {
-            ctx.metrics.drain().closed(&conn.listener.name, end.reason());
-            if end == ChainEnd::Denied {
-                debug!(peer = %conn.peer, "connection denied by the new network RBAC policy: closing");
-                return;
-            }
-            debug!(peer = %conn.peer, "filter chain changed: draining the connection");
-            ctx.drain_duration
+    if let Some(deadline) = until_stop(conn_fut.as_mut(), watchers).await {
+        // HTTP/1.1: close once idle (or after the response in flight).
+        conn_fut.as_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(deadline, conn_fut).await;
+    }
+}
+
+/// HTTP/2 with [`h2_server`]: the streams are served in the connection's own task, and
+/// its writes are coalesced (one write, one TLS record, per poll: [`crate::coalesce`]).
+async fn serve_http2<S>(
+    ctx: &Arc<Context>,
+    conn: &Arc<ConnInfo>,
+    chain: &HttpChain,
+    io: DownstreamIo<S>,
+    heads: Arc<limits::HeadCheck>,
+    activity: &Arc<Activity>,
+    watchers: &mut Watchers<'_>,
+) where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (io, flusher) = Coalesced::new(io);
+    let max_header_list = u32::try_from(chain.max_request_headers_bytes).unwrap_or(u32::MAX);
+    let streams = H2Streams { ctx: ctx.clone(), conn: conn.clone(), activity: activity.clone(), heads };
+    let server = h2_server::Server::new(io, max_header_list, streams);
+    let mut conn_fut = flusher.wrap(server);
+    if let Some(deadline) = until_stop(Pin::new(&mut conn_fut), watchers).await {
+        // HTTP/2: GOAWAY, then the open streams finish.
+        conn_fut.inner_mut().get_mut().graceful_shutdown();
+        let _ = tokio::time::timeout(deadline, conn_fut).await;
+    }
+}
+
+/// What each stream of a downstream HTTP/2 connection is served with.
+struct H2Streams {
+    ctx: Arc<Context>,
+    conn: Arc<ConnInfo>,
+    activity: Arc<Activity>,
+    heads: Arc<limits::HeadCheck>,
+}
+
+impl h2_server::NewStream for H2Streams {
+    fn open(
+        &mut self,
+        req: Request<h2::RecvStream>,
+        respond: h2::server::SendResponse<Bytes>,
+    ) -> h2_server::StreamFuture {
+        let stream = self.activity.open_stream();
+        let admitted = self.heads.admit();
+        // Small: the request's own future is boxed inside (hyper's server boxed the
+        // request's future too, and spawned a task around it).
+        Box::pin(serve_h2_stream(self.ctx.clone(), self.conn.clone(), req, respond, stream, admitted))
+    }
+}
+
+/// One HTTP/2 stream, from its request head to the end of its response.
+async fn serve_h2_stream(
+    ctx: Arc<Context>,
+    conn: Arc<ConnInfo>,
+    req: Request<h2::RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+    stream: StreamGuard,
+    admitted: bool,
+) {
+    let (mut parts, recv) = req.into_parts();
+    if !admitted {
+        parts.extensions.insert(limits::MalformedHead);
+    }
+    let len = crate::cluster::h2_client::content_length(&parts.headers);
+    if parts.method == Method::CONNECT {
+        // The stream becomes the tunnel once answered; its request has no body.
+        if len.is_some_and(|n| n != 0) {
+            debug!("HTTP/2 CONNECT with a request body: refused");
+            let mut respond = respond;
+            respond.send_reset(h2::Reason::INTERNAL_ERROR);
+            return;
         }
-    };
-    // HTTP/1.1: close once idle (or after the response in flight); HTTP/2: GOAWAY.
-    conn_fut.inner_mut().graceful_shutdown();
-    let _ = tokio::time::timeout(deadline, conn_fut).await;
+        let (pending, connect) = h2_server::PendingTunnel::new(recv);
+        parts.extensions.insert(pending);
+        let req = Request::from_parts(parts, DownstreamBody::Empty);
+        return h2_server::serve_stream(respond, Box::pin(handle(ctx, conn, req, stream)), Some(connect)).await;
+    }
+    let req = Request::from_parts(parts, DownstreamBody::Http2(H2Body::new(recv, len, true)));
+    // Boxed on its own (one allocation, as with hyper): the request's state machine is
+    // several KiB; inline, this stream's future would be as large, and it is moved (copied
+    // whole) into its box and then into `serve_stream`'s state.
+    h2_server::serve_stream(respond, Box::pin(handle(ctx, conn, req, stream)), None).await;
 }
 
 /// What the stages of one request share: the proxy, the connection, the filter chain and
@@ -130,14 +294,14 @@ pub struct RequestCtx<'a> {
     pub report: HttpReport,
 }
 
-/// [`handle`] as hyper's service wants it.
-async fn handle_infallible(
+/// [`handle`] as hyper's HTTP/1 service wants it.
+async fn handle_http1(
     ctx: Arc<Context>,
     conn: Arc<ConnInfo>,
     req: Request<Incoming>,
     stream: StreamGuard,
 ) -> Result<Response<BoxBody>, Infallible> {
-    Ok(handle(ctx, conn, req, stream).await)
+    Ok(handle(ctx, conn, req.map(DownstreamBody::Http1), stream).await)
 }
 
 /// Handles one request end to end with the connection's current filter chain; never
@@ -145,7 +309,7 @@ async fn handle_infallible(
 async fn handle(
     ctx: Arc<Context>,
     conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
     stream: StreamGuard,
 ) -> Response<BoxBody> {
     let snap = ctx.store.snapshot();
@@ -169,7 +333,7 @@ async fn handle_with(
     conn: &Arc<ConnInfo>,
     chain: &HttpChain,
     snap: Arc<ProxySnapshot>,
-    req: Request<Incoming>,
+    req: Request<DownstreamBody>,
     stream: StreamGuard,
 ) -> Response<BoxBody> {
     let report = HttpReport::start(ctx, conn, &req);
@@ -209,7 +373,7 @@ async fn handle_with(
     Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx.clone(), report, stream)))
 }
 
-async fn route_request(rq: &mut RequestCtx<'_>, req: Request<Incoming>) -> Result<Response<BoxBody>, ProxyError> {
+async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) -> Result<Response<BoxBody>, ProxyError> {
     let (ctx, conn, chain) = (rq.ctx, rq.conn, rq.chain);
     let (mut parts, body) = req.into_parts();
     // Envoy refuses these before routing: a head with bare-LF line ends (hyper accepts
@@ -334,7 +498,7 @@ async fn dispatch(
     rq: &mut RequestCtx<'_>,
     route: &Arc<Route>,
     mut parts: http::request::Parts,
-    body: Incoming,
+    body: DownstreamBody,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let (ctx, chain) = (rq.ctx, rq.chain);
     match &route.action {

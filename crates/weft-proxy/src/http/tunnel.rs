@@ -11,6 +11,7 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::body::full;
+use super::h2_server::PendingTunnel;
 use super::RequestCtx;
 use crate::cluster::{BoxBody, Discovery, UpstreamStream};
 use crate::error::{ErrorKind, ProxyError};
@@ -53,21 +54,34 @@ pub async fn connect(
     let cluster_name = action.clusters.pick(rand::random()).clone();
     rq.report.cluster = Some(cluster_name.clone());
     let upstream = dial(rq, &cluster_name, Some(authority)).await?;
-    let on_upgrade = parts
-        .extensions
-        .remove::<OnUpgrade>()
-        .ok_or_else(|| ProxyError::new(ErrorKind::DownstreamProtocol, "connection cannot be upgraded"))?;
-    tokio::spawn(async move {
-        match on_upgrade.await {
-            Ok(up) => {
-                let mut down = TokioIo::new(up);
-                let mut upstream = upstream;
-                let _ = tokio::io::copy_bidirectional(&mut down, &mut upstream).await;
+    // HTTP/1.1: the connection, once the 200 is written (hyper's upgrade); HTTP/2: the
+    // CONNECT stream (`h2_server`).
+    if let Some(on_upgrade) = parts.extensions.remove::<OnUpgrade>() {
+        tokio::spawn(async move {
+            match on_upgrade.await {
+                Ok(up) => pipe(TokioIo::new(up), upstream).await,
+                Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
             }
-            Err(e) => debug!(error = %e, "CONNECT upgrade failed"),
-        }
-    });
+        });
+    } else {
+        let tunnel = parts
+            .extensions
+            .remove::<PendingTunnel>()
+            .and_then(|p| p.take())
+            .ok_or_else(|| ProxyError::new(ErrorKind::DownstreamProtocol, "connection cannot be upgraded"))?;
+        tokio::spawn(async move {
+            match tunnel.await {
+                Ok(down) => pipe(down, upstream).await,
+                Err(_) => debug!("CONNECT stream ended before its tunnel opened"),
+            }
+        });
+    }
     Ok(Response::new(full(Bytes::new())))
+}
+
+/// Copies bytes both ways until either side ends.
+async fn pipe<D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut down: D, mut upstream: UpstreamStream) {
+    let _ = tokio::io::copy_bidirectional(&mut down, &mut upstream).await;
 }
 
 /// HTTP/1.1 upgrade (WebSocket and friends): a dedicated upstream connection, the

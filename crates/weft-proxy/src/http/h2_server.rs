@@ -1,0 +1,551 @@
+//! The downstream HTTP/2 server: the `h2` crate driven from the connection's own task.
+//!
+//! hyper's HTTP/2 server spawned a task per stream (`H2Stream`), moved the request's
+//! future into it and handed the response back through its own machinery: per request a
+//! task allocation, a spawn and the wake-ups between the stream's task and the
+//! connection's (issue 20). Here one future, [`Server`], is the whole connection: it
+//! polls the `h2` connection (reads frames, accepts streams, writes what the streams
+//! queued) and the streams' futures, kept in a [`FuturesUnordered`] polled from the same
+//! task. No task is spawned per stream and nothing goes through a channel.
+//!
+//! Fairness and back-pressure stay as with a task per stream: `FuturesUnordered` polls
+//! only the streams whose wakers fired (one stream's progress does not poll the others)
+//! and yields to the runtime after a bounded number of polls; a stream waiting on its
+//! upstream, its request body or send window is `Pending` and costs nothing; flow control
+//! is h2's, per stream and per connection. What changes is that the streams of one
+//! connection share one thread at a time, as the connection's frames always did.
+//!
+//! The connection settings are hyper's server defaults, so the wire is unchanged.
+
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use bytes::{Buf, Bytes};
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::task::AtomicWaker;
+use h2::server::{Connection, Handshake, SendResponse};
+use h2::{Reason, RecvStream, SendStream};
+use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, DATE, TE, TRANSFER_ENCODING, UPGRADE};
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Body;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use crate::cluster::BoxBody;
+
+// hyper 1.x's HTTP/2 server defaults (`proto::h2::server::Config::default`): the
+// settings a downstream HTTP/2 client saw before.
+const CONN_WINDOW: u32 = 1024 * 1024;
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const MAX_FRAME_SIZE: u32 = 16 * 1024;
+const MAX_SEND_BUFFER_SIZE: usize = 400 * 1024;
+const MAX_CONCURRENT_STREAMS: u32 = 200;
+const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
+
+/// Most polls of the h2 connection within one poll of the server (usually one or two:
+/// the requests read, then the answers written).
+const MAX_CONN_POLLS: u32 = 4;
+
+/// The future serving one stream (request and response), boxed once per stream.
+pub type StreamFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Builds the future serving each stream a client opens.
+///
+/// A trait rather than an `FnMut` bound: a bound naming `StreamFuture` (a `dyn ... +
+/// 'static`) on the `Future` impl made the connection future's `Send` unprovable inside
+/// the listener's task (rustc: "implementation of `Send` is not general enough").
+pub trait NewStream {
+    /// The future serving the stream of `req`, answered through `respond`.
+    fn open(&mut self, req: Request<RecvStream>, respond: SendResponse<Bytes>) -> StreamFuture;
+}
+
+/// One downstream HTTP/2 connection and the streams it carries.
+pub struct Server<IO, F> {
+    state: State<IO>,
+    streams: FuturesUnordered<StreamFuture>,
+    /// Builds the future serving a stream the client opened.
+    new_stream: F,
+    /// `graceful_shutdown` was asked for during the handshake.
+    shutdown_pending: bool,
+    /// Whether the h2 connection has anything to do (see [`ConnWake`]).
+    conn_wake: Arc<ConnWake>,
+    /// `conn_wake` as the waker the h2 connection is polled with.
+    conn_waker: Waker,
+}
+
+/// The h2 connection's own waker, so that it is polled only when it has something to
+/// do: its socket became ready, or a stream queued frames or released capacity (h2
+/// wakes the connection's task then). The connection task also wakes for its streams
+/// (an upstream response arrived, say); without this, each of those wake-ups polled the
+/// h2 connection too (its locks, a read attempt, a flush: ~2 connection polls more per
+/// request, bench/notes.md).
+///
+/// While [`Server::poll`] runs (`in_poll`), a wake only marks the connection (`woken`):
+/// the poll checks the mark before it returns, so a stream answering inside the poll
+/// does not cost the task a second poll just to write the answer out.
+#[derive(Debug, Default)]
+struct ConnWake {
+    woken: AtomicBool,
+    in_poll: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for ConnWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        // Outside the poll, the task must come back for it. (Inside, the poll sees the
+        // mark: it clears `in_poll` before its last look at `woken`.)
+        if !self.in_poll.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
+    }
+}
+
+enum State<IO> {
+    Handshaking(Handshake<IO, Bytes>),
+    Serving(Connection<IO, Bytes>),
+}
+
+impl<IO, F> Server<IO, F>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: NewStream,
+{
+    /// Starts the handshake over `io` (the client's preface, then the settings).
+    /// `max_header_list_size` is the filter chain's limit on request headers (h2 answers
+    /// 431 above it, as hyper's server did through it).
+    pub fn new(io: IO, max_header_list_size: u32, new_stream: F) -> Self {
+        let mut builder = h2::server::Builder::new();
+        builder
+            .initial_window_size(STREAM_WINDOW)
+            .initial_connection_window_size(CONN_WINDOW)
+            .max_frame_size(MAX_FRAME_SIZE)
+            .max_header_list_size(max_header_list_size)
+            .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
+            .max_send_buffer_size(MAX_SEND_BUFFER_SIZE)
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+        let conn_wake = Arc::new(ConnWake::default());
+        // The first poll after the handshake polls the connection.
+        conn_wake.woken.store(true, Ordering::SeqCst);
+        Server {
+            state: State::Handshaking(builder.handshake(io)),
+            streams: FuturesUnordered::new(),
+            new_stream,
+            shutdown_pending: false,
+            conn_waker: Waker::from(conn_wake.clone()),
+            conn_wake,
+        }
+    }
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin, F> Server<IO, F> {
+    /// Drains: a GOAWAY now (or once the handshake is done); the connection ends when
+    /// the streams already open have finished.
+    pub fn graceful_shutdown(&mut self) {
+        match &mut self.state {
+            State::Handshaking(_) => self.shutdown_pending = true,
+            State::Serving(conn) => {
+                conn.graceful_shutdown();
+                // The GOAWAY is the connection's to send at its next poll.
+                self.conn_wake.woken.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+}
+
+/// Nothing in it is pinned in place: the h2 connection and handshake are `Unpin` over an
+/// `Unpin` IO, the stream futures are boxed.
+impl<IO: Unpin, F> Unpin for Server<IO, F> {}
+
+impl<IO, F> Future for Server<IO, F>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: NewStream,
+{
+    type Output = Result<(), h2::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let conn = match &mut this.state {
+            State::Handshaking(hs) => {
+                let mut conn = std::task::ready!(Pin::new(hs).poll(cx))?;
+                if this.shutdown_pending {
+                    conn.graceful_shutdown();
+                }
+                this.state = State::Serving(conn);
+                let State::Serving(conn) = &mut this.state else { unreachable!("just set") };
+                conn
+            }
+            State::Serving(conn) => conn,
+        };
+        let wake = &*this.conn_wake;
+        wake.task.register(cx.waker());
+        wake.in_poll.store(true, Ordering::SeqCst);
+        let mut conn_cx = Context::from_waker(&this.conn_waker);
+        let mut conn_polls = 0;
+        loop {
+            // The streams first: what they queue (a response, body data) is written by
+            // the connection's poll below, in this same poll of the task.
+            while let Poll::Ready(Some(())) = this.streams.poll_next_unpin(cx) {}
+            if !wake.woken.swap(false, Ordering::SeqCst) {
+                wake.in_poll.store(false, Ordering::SeqCst);
+                // A wake between the swap and the store left its mark: look once more.
+                if !wake.woken.swap(false, Ordering::SeqCst) {
+                    return Poll::Pending;
+                }
+                wake.in_poll.store(true, Ordering::SeqCst);
+            }
+            if conn_polls == MAX_CONN_POLLS {
+                // Woken again and again within one poll (tokio's cooperative budget
+                // spent: the socket answers Pending and wakes at once): yield to the
+                // runtime and come back, rather than spin here.
+                wake.woken.store(true, Ordering::SeqCst);
+                wake.in_poll.store(false, Ordering::SeqCst);
+                cx.waker().wake_by_ref();
+                return Poll::Pending;
+            }
+            conn_polls += 1;
+            // The connection: reads frames, writes what is queued, accepts new streams
+            // (polled again in this loop: their first poll, and what they queue).
+            loop {
+                match conn.poll_accept(&mut conn_cx) {
+                    Poll::Ready(Some(Ok((req, respond)))) => {
+                        this.streams.push(this.new_stream.open(req, respond));
+                    }
+                    Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                    // Closed (GOAWAY and no stream left, or the client went away): the
+                    // streams left, if any, can send nothing more.
+                    Poll::Ready(None) => return Poll::Ready(Ok(())),
+                    Poll::Pending => break,
+                }
+            }
+        }
+    }
+}
+
+/// Serves one stream: runs `handle` (the request's future) until it answers, unless
+/// the client resets the stream first (then `handle` is dropped, cancelling whatever it
+/// was doing upstream), and sends the response. A `CONNECT` stream (`connect`) answered
+/// with a 2xx becomes the tunnel's downstream end ([`H2Tunnel`]), as hyper's server made it.
+pub async fn serve_stream<H>(mut respond: SendResponse<Bytes>, handle: H, connect: Option<ConnectParts>)
+where
+    H: Future<Output = Response<BoxBody>>,
+{
+    let mut handle = std::pin::pin!(handle);
+    let resp = poll_fn(|cx| {
+        if let Poll::Ready(resp) = handle.as_mut().poll(cx) {
+            return Poll::Ready(Some(resp));
+        }
+        match respond.poll_reset(cx) {
+            Poll::Ready(reason) => {
+                debug!(?reason, "downstream stream reset before its response: request cancelled");
+                Poll::Ready(None)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await;
+    let Some(resp) = resp else { return };
+    let (mut head, body) = resp.into_parts();
+    strip_connection_headers(&mut head.headers);
+    head.headers.entry(DATE).or_insert_with(date::now);
+    if let Some(connect) = connect.filter(|_| head.status.is_success()) {
+        // The tunnel's bytes follow as DATA frames: no length, no end of stream.
+        head.headers.remove(CONTENT_LENGTH);
+        match respond.send_response(Response::from_parts(head, ()), false) {
+            Ok(send) => {
+                let tunnel = H2Tunnel { send, recv: connect.recv, unread: Bytes::new() };
+                if connect.tunnel.send(tunnel).is_err() {
+                    debug!("CONNECT answered but nobody waits for its tunnel");
+                }
+            }
+            Err(e) => debug!(error = %e, "sending a CONNECT response on a downstream HTTP/2 stream"),
+        }
+        return;
+    }
+    let eos = body.is_end_stream();
+    if !eos {
+        if let Some(len) = body.size_hint().exact() {
+            head.headers.entry(CONTENT_LENGTH).or_insert_with(|| HeaderValue::from(len));
+        }
+    }
+    match respond.send_response(Response::from_parts(head, ()), eos) {
+        Ok(tx) if !eos => {
+            if let Err(e) = (ResponsePipe { body, tx, pending: None }).await {
+                debug!(error = %e, "downstream HTTP/2 response body ended early");
+            }
+        }
+        Ok(_) => {}
+        Err(e) => {
+            debug!(error = %e, "sending a response head on a downstream HTTP/2 stream");
+            respond.send_reset(Reason::INTERNAL_ERROR);
+        }
+    }
+}
+
+/// What a `CONNECT` stream keeps aside for its tunnel while the request is handled.
+pub struct ConnectParts {
+    /// The stream's incoming half: the tunnel's bytes from the client.
+    pub recv: RecvStream,
+    /// Where the tunnel goes once the CONNECT is answered with a 2xx.
+    pub tunnel: oneshot::Sender<H2Tunnel>,
+}
+
+/// A `CONNECT` request's promise of its tunnel (in the request's extensions, which want
+/// `Clone`: taken once, by `http::tunnel::connect`).
+#[derive(Clone, Debug)]
+pub struct PendingTunnel(Arc<Mutex<Option<oneshot::Receiver<H2Tunnel>>>>);
+
+impl PendingTunnel {
+    /// A promise and the [`ConnectParts`] that keep it.
+    pub fn new(recv: RecvStream) -> (PendingTunnel, ConnectParts) {
+        let (tunnel, rx) = oneshot::channel();
+        (PendingTunnel(Arc::new(Mutex::new(Some(rx)))), ConnectParts { recv, tunnel })
+    }
+
+    /// The tunnel, once the CONNECT is answered (an error when it was not, with a 2xx).
+    pub fn take(&self) -> Option<oneshot::Receiver<H2Tunnel>> {
+        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+}
+
+/// An HTTP/2 `CONNECT` stream as a byte stream: DATA frames in, DATA frames out, within
+/// the client's flow control; shutting it down ends the stream.
+#[derive(Debug)]
+pub struct H2Tunnel {
+    send: SendStream<Bytes>,
+    recv: RecvStream,
+    /// Received and not yet read.
+    unread: Bytes,
+}
+
+impl AsyncRead for H2Tunnel {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        if this.unread.is_empty() {
+            match std::task::ready!(this.recv.poll_data(cx)) {
+                Some(Ok(data)) => {
+                    // The stream is gone when this fails; the next read reports it.
+                    let _ = this.recv.flow_control().release_capacity(data.len());
+                    this.unread = data;
+                }
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(Ok(())),
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = this.unread.len().min(buf.remaining());
+        buf.put_slice(&this.unread.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncWrite for H2Tunnel {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let send = &mut self.send;
+        send.reserve_capacity(data.len());
+        while send.capacity() == 0 {
+            match std::task::ready!(send.poll_capacity(cx)) {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => return Poll::Ready(Err(std::io::Error::other(e))),
+                None => return Poll::Ready(Err(std::io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+        let n = send.capacity().min(data.len());
+        send.send_data(Bytes::copy_from_slice(&data[..n]), false).map_err(std::io::Error::other)?;
+        Poll::Ready(Ok(n))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        // Already ended or reset: nothing more to end.
+        let _ = self.send.send_data(Bytes::new(), true);
+        Poll::Ready(Ok(()))
+    }
+}
+
+/// Copies a response body onto its stream as the client's flow control allows; then its
+/// trailers or end of stream. A body error resets the stream (the client must not take
+/// a truncated body as complete); a reset from the client stops the copy (the body,
+/// and the upstream stream behind it, are dropped).
+struct ResponsePipe {
+    body: BoxBody,
+    tx: SendStream<Bytes>,
+    /// A data frame waiting for send capacity, and whether it ends the body.
+    pending: Option<(Bytes, bool)>,
+}
+
+impl Future for ResponsePipe {
+    type Output = Result<(), h2::Error>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        loop {
+            if let Poll::Ready(reset) = this.tx.poll_reset(cx) {
+                // The client reset the stream (or the connection is gone): stop sending.
+                return Poll::Ready(Err(reset.map_or_else(|e| e, h2::Error::from)));
+            }
+            if let Some((data, eos)) = this.pending.take() {
+                while this.tx.capacity() == 0 {
+                    match this.tx.poll_capacity(cx) {
+                        Poll::Ready(Some(Ok(_))) => {}
+                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                        Poll::Ready(None) => return Poll::Ready(Err(h2::Error::from(Reason::CANCEL))),
+                        Poll::Pending => {
+                            this.pending = Some((data, eos));
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                this.tx.send_data(data, eos)?;
+                if eos {
+                    return Poll::Ready(Ok(()));
+                }
+                continue;
+            }
+            let frame = match Pin::new(&mut this.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(e))) => {
+                    let reason = h2_reason(&*e).unwrap_or(Reason::INTERNAL_ERROR);
+                    debug!(error = %e, ?reason, "response body failed, resetting the downstream stream");
+                    this.tx.send_reset(reason);
+                    return Poll::Ready(Err(h2::Error::from(reason)));
+                }
+                Poll::Ready(None) => return Poll::Ready(this.tx.send_data(Bytes::new(), true)),
+                Poll::Pending => return Poll::Pending,
+            };
+            match frame.into_data() {
+                Ok(data) => {
+                    let eos = this.body.is_end_stream();
+                    if data.has_remaining() {
+                        // A claim on the window only once data is in hand (hyper #4003);
+                        // h2 raises it to the frame's length in `send_data`.
+                        this.tx.reserve_capacity(1);
+                        this.pending = Some((data, eos));
+                    } else {
+                        this.tx.send_data(data, eos)?;
+                        if eos {
+                            return Poll::Ready(Ok(()));
+                        }
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        this.tx.reserve_capacity(0);
+                        this.tx.send_trailers(trailers)?;
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The reason of the first h2 error in `e`'s chain of sources (an upstream stream reset
+/// is passed on as the same reset downstream).
+fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
+    let mut source = Some(e);
+    while let Some(s) = source {
+        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
+            return h2e.reason();
+        }
+        source = s.source();
+    }
+    None
+}
+
+/// Removes what HTTP/2 forbids in a response (RFC 9113 §8.2.2; h2 refuses to send a
+/// head carrying any), as hyper's server did: connection-specific headers, those named
+/// by `Connection`, and `TE`.
+fn strip_connection_headers(h: &mut HeaderMap) {
+    const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+    const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+    // One pass over the names: most responses carry none of these.
+    if !h.keys().any(|n| {
+        n == CONNECTION || n == TRANSFER_ENCODING || n == UPGRADE || n == TE || n == KEEP_ALIVE || n == PROXY_CONNECTION
+    }) {
+        return;
+    }
+    if let Some(named) = h.remove(CONNECTION) {
+        if let Ok(names) = named.to_str() {
+            for name in names.split(',') {
+                h.remove(name.trim());
+            }
+        }
+    }
+    for n in [TRANSFER_ENCODING, UPGRADE, KEEP_ALIVE, PROXY_CONNECTION, TE] {
+        h.remove(n);
+    }
+}
+
+/// The `Date` header hyper's server added to responses without one.
+mod date {
+    use std::cell::RefCell;
+    use std::time::{SystemTime, UNIX_EPOCH};
+
+    use http::HeaderValue;
+
+    thread_local! {
+        /// The second last rendered and its value: rendered once a second per thread.
+        static CACHE: RefCell<Option<(u64, HeaderValue)>> = const { RefCell::new(None) };
+    }
+
+    /// Now, as an HTTP date (`Mon, 07 Dec 2026 14:00:00 GMT`).
+    pub fn now() -> HeaderValue {
+        let now = SystemTime::now();
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        CACHE.with(|c| {
+            let mut c = c.borrow_mut();
+            match &*c {
+                Some((s, v)) if *s == secs => v.clone(),
+                _ => {
+                    let v = HeaderValue::from_str(&httpdate::fmt_http_date(now))
+                        .unwrap_or_else(|_| HeaderValue::from_static("Thu, 01 Jan 1970 00:00:00 GMT"));
+                    *c = Some((secs, v.clone()));
+                    v
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_specific_headers_are_stripped_from_responses() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("close, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_connection_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn the_date_is_an_http_date() {
+        let v = date::now();
+        assert!(httpdate::parse_http_date(v.to_str().unwrap()).is_ok(), "{v:?}");
+    }
+}
