@@ -68,14 +68,25 @@ pub struct H2Body {
     ended: AtomicBool,
 }
 
-/// Copies a request body that was not complete when its stream opened onto the stream,
-/// as the peer's flow control allows; then its trailers or end of stream. A body error
-/// resets the stream.
-struct Pipe {
+/// Copies a body onto an HTTP/2 stream as the peer's flow control allows; then its
+/// trailers or end of stream. A body error resets the stream (the peer must not take a
+/// truncated body as complete); a reset from the peer stops the copy. Used for request
+/// bodies not complete when their upstream stream opened, and for downstream responses
+/// (`http::h2_server`).
+pub(crate) struct Pipe {
     body: BoxBody,
     tx: SendStream<Bytes>,
     /// A data frame waiting for send capacity, and whether it ends the body.
     pending: Option<(Bytes, bool)>,
+    /// What the debug log says when the body fails.
+    failed: &'static str,
+}
+
+impl Pipe {
+    /// Copies `body` onto `tx`; `failed` is logged (debug) when the body fails.
+    pub(crate) fn new(body: BoxBody, tx: SendStream<Bytes>, failed: &'static str) -> Self {
+        Pipe { body, tx, pending: None, failed }
+    }
 }
 
 /// A [`Pipe`] running as its own task, stopped (the stream reset) when the request gives
@@ -144,7 +155,7 @@ pub async fn send(
     drop(tx);
     let mut cancel = CancelPipe(None);
     if !eos {
-        let mut pipe = Pipe { body, tx: stream, pending: None };
+        let mut pipe = Pipe::new(body, stream, "request body failed, resetting the upstream stream");
         // A body already complete (buffered for retries, say) goes out now, without a task.
         let done = poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx).is_ready())).await;
         if !done {
@@ -285,10 +296,9 @@ impl Future for Pipe {
             let frame = match Pin::new(&mut this.body).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => frame,
                 Poll::Ready(Some(Err(e))) => {
-                    // The downstream's body failed (the request records why): the
-                    // upstream must not take a truncated body as complete.
+                    // The peer must not take a truncated body as complete.
                     let reason = h2_reason(&*e).unwrap_or(Reason::INTERNAL_ERROR);
-                    tracing::debug!(error = %e, ?reason, "request body failed, resetting the upstream stream");
+                    tracing::debug!(error = %e, ?reason, "{}", this.failed);
                     this.tx.send_reset(reason);
                     return Poll::Ready(Err(h2::Error::from(reason)));
                 }
@@ -365,7 +375,7 @@ impl Drop for CancelPipe {
 }
 
 /// The reason of the first h2 error in `e`'s chain of sources (a downstream stream reset).
-fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
+pub(crate) fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
     let mut source = Some(e);
     while let Some(s) = source {
         if let Some(h2e) = s.downcast_ref::<h2::Error>() {

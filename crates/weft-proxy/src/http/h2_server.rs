@@ -23,7 +23,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::task::AtomicWaker;
 use h2::server::{Connection, Handshake, SendResponse};
@@ -35,6 +35,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tracing::debug;
 
+use crate::cluster::h2_client::Pipe;
 use crate::cluster::BoxBody;
 
 // hyper 1.x's HTTP/2 server defaults (`proto::h2::server::Config::default`): the
@@ -279,7 +280,7 @@ where
     }
     match respond.send_response(Response::from_parts(head, ()), eos) {
         Ok(tx) if !eos => {
-            if let Err(e) = (ResponsePipe { body, tx, pending: None }).await {
+            if let Err(e) = Pipe::new(body, tx, "response body failed, resetting the downstream stream").await {
                 debug!(error = %e, "downstream HTTP/2 response body ended early");
             }
         }
@@ -380,96 +381,6 @@ impl AsyncWrite for H2Tunnel {
         let _ = self.send.send_data(Bytes::new(), true);
         Poll::Ready(Ok(()))
     }
-}
-
-/// Copies a response body onto its stream as the client's flow control allows; then its
-/// trailers or end of stream. A body error resets the stream (the client must not take
-/// a truncated body as complete); a reset from the client stops the copy (the body,
-/// and the upstream stream behind it, are dropped).
-struct ResponsePipe {
-    body: BoxBody,
-    tx: SendStream<Bytes>,
-    /// A data frame waiting for send capacity, and whether it ends the body.
-    pending: Option<(Bytes, bool)>,
-}
-
-impl Future for ResponsePipe {
-    type Output = Result<(), h2::Error>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = &mut *self;
-        loop {
-            if let Poll::Ready(reset) = this.tx.poll_reset(cx) {
-                // The client reset the stream (or the connection is gone): stop sending.
-                return Poll::Ready(Err(reset.map_or_else(|e| e, h2::Error::from)));
-            }
-            if let Some((data, eos)) = this.pending.take() {
-                while this.tx.capacity() == 0 {
-                    match this.tx.poll_capacity(cx) {
-                        Poll::Ready(Some(Ok(_))) => {}
-                        Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                        Poll::Ready(None) => return Poll::Ready(Err(h2::Error::from(Reason::CANCEL))),
-                        Poll::Pending => {
-                            this.pending = Some((data, eos));
-                            return Poll::Pending;
-                        }
-                    }
-                }
-                this.tx.send_data(data, eos)?;
-                if eos {
-                    return Poll::Ready(Ok(()));
-                }
-                continue;
-            }
-            let frame = match Pin::new(&mut this.body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => frame,
-                Poll::Ready(Some(Err(e))) => {
-                    let reason = h2_reason(&*e).unwrap_or(Reason::INTERNAL_ERROR);
-                    debug!(error = %e, ?reason, "response body failed, resetting the downstream stream");
-                    this.tx.send_reset(reason);
-                    return Poll::Ready(Err(h2::Error::from(reason)));
-                }
-                Poll::Ready(None) => return Poll::Ready(this.tx.send_data(Bytes::new(), true)),
-                Poll::Pending => return Poll::Pending,
-            };
-            match frame.into_data() {
-                Ok(data) => {
-                    let eos = this.body.is_end_stream();
-                    if data.has_remaining() {
-                        // A claim on the window only once data is in hand (hyper #4003);
-                        // h2 raises it to the frame's length in `send_data`.
-                        this.tx.reserve_capacity(1);
-                        this.pending = Some((data, eos));
-                    } else {
-                        this.tx.send_data(data, eos)?;
-                        if eos {
-                            return Poll::Ready(Ok(()));
-                        }
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        this.tx.reserve_capacity(0);
-                        this.tx.send_trailers(trailers)?;
-                        return Poll::Ready(Ok(()));
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The reason of the first h2 error in `e`'s chain of sources (an upstream stream reset
-/// is passed on as the same reset downstream).
-fn h2_reason(e: &(dyn std::error::Error + 'static)) -> Option<Reason> {
-    let mut source = Some(e);
-    while let Some(s) = source {
-        if let Some(h2e) = s.downcast_ref::<h2::Error>() {
-            return h2e.reason();
-        }
-        source = s.source();
-    }
-    None
 }
 
 /// Removes what HTTP/2 forbids in a response (RFC 9113 §8.2.2; h2 refuses to send a
