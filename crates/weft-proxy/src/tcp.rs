@@ -69,7 +69,7 @@ where
                     }
                 }
             } else {
-                mx::Replay::plain(s)
+                crate::io::Replay::plain(s)
             };
             report.connected(&ctx, addr, principal);
             s

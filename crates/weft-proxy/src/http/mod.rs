@@ -31,11 +31,11 @@ use crate::conn::ChainEnd;
 use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
-use crate::io::{Activity, StreamGuard, Tracked};
+use crate::io::{Activity, Replay, StreamGuard, Tracked};
 use crate::report::HttpReport;
 use crate::route::{Abort, CorsDecision, Route, RouteAction};
 use body::{full, DownstreamBody, ReportingBody};
-use preface::{Alpn, Rewind, Version};
+use preface::{Alpn, Version};
 
 /// hyper's HTTP/1 limit on request headers when none is set (`DEFAULT_MAX_HEADERS`).
 const HYPER_MAX_HEADERS: usize = 100;
@@ -61,23 +61,22 @@ where
     let activity = Activity::new();
     let heads = Arc::new(limits::HeadCheck::default());
     // Envoy's limits on what a client may send as request headers (see docs/proxy.md).
-    let guarded =
+    let mut guarded =
         limits::Guarded::new(Tracked::new(stream, activity.clone()), heads.clone(), chain.request_headers_timeout);
-    let mut io = Rewind::new(guarded);
     // Boxed once per connection: one type for both versions' servers.
     let mut watchers: Watchers<'_> = Box::pin(watch(&ctx, &conn, &activity, chain.idle_timeout));
-    let version = match alpn {
-        Alpn::H2 => Version::Http2,
-        Alpn::Http1 => Version::Http1,
+    let (version, io) = match alpn {
+        Alpn::H2 => (Version::Http2, Replay::plain(guarded)),
+        Alpn::Http1 => (Version::Http1, Replay::plain(guarded)),
         Alpn::None => {
             let detected = tokio::select! {
                 biased;
-                v = io.detect() => v,
+                v = preface::detect(&mut guarded) => v,
                 // Nothing received yet: nothing to finish.
                 _ = watchers.as_mut() => return,
             };
             match detected {
-                Ok(v) => v,
+                Ok((version, read)) => (version, Replay::new(read, guarded)),
                 Err(e) => {
                     debug!(error = %e, "downstream connection ended before its first request");
                     return;
@@ -92,7 +91,7 @@ where
 }
 
 /// A downstream connection's I/O below the HTTP server: limits, activity, first bytes.
-type DownstreamIo<S> = Rewind<limits::Guarded<Tracked<S>>>;
+type DownstreamIo<S> = Replay<limits::Guarded<Tracked<S>>>;
 
 /// The connection's watchers ([`watch`]).
 type Watchers<'a> = Pin<Box<dyn Future<Output = Stop> + Send + 'a>>;

@@ -1,15 +1,13 @@
 //! Which HTTP version a downstream connection speaks, decided before it is served: the
 //! ALPN protocol its TLS handshake negotiated, or else its first bytes (HTTP/2's
 //! connection preface, RFC 9113 §3.4; anything else is HTTP/1.x), read into a small
-//! buffer that [`Rewind`] hands back to the server first. hyper-util's `auto` builder
+//! buffer that [`crate::io::Replay`] hands back to the server first. hyper-util's `auto` builder
 //! did the same inside its connection future; deciding here lets each version get its
 //! own I/O stack (write coalescing for HTTP/2 only) and its own server.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// HTTP/2's client connection preface.
 const PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -45,78 +43,25 @@ impl Alpn {
     }
 }
 
-/// A stream whose first bytes, already read, are read again first.
-#[derive(Debug)]
-pub struct Rewind<S> {
-    inner: S,
-    prefix: [u8; PREFACE.len()],
-    /// Bytes of `prefix` read already and not yet handed back: `prefix[pos..len]`.
-    pos: u8,
-    len: u8,
-}
-
-impl<S> Rewind<S> {
-    /// `inner` with nothing to read again.
-    pub fn new(inner: S) -> Self {
-        Rewind { inner, prefix: [0; PREFACE.len()], pos: 0, len: 0 }
-    }
-}
-
-impl<S: AsyncRead + Unpin> Rewind<S> {
-    /// Reads the client's first bytes until they tell the version: the whole preface
-    /// (HTTP/2), a byte that differs from it, or the end of the stream (HTTP/1.x: hyper
-    /// then reads what was sent, or sees the connection close). The bytes read are
-    /// read again by the server.
-    pub async fn detect(&mut self) -> io::Result<Version> {
-        while usize::from(self.len) < PREFACE.len() {
-            let at = usize::from(self.len);
-            let n = self.inner.read(&mut self.prefix[at..]).await?;
-            if n == 0 {
-                return Ok(Version::Http1);
-            }
-            self.len += n as u8;
-            if self.prefix[at..at + n] != PREFACE[at..at + n] {
-                return Ok(Version::Http1);
-            }
+/// Reads the client's first bytes from `io` until they tell the version: the whole
+/// preface (HTTP/2), a byte that differs from it, or the end of the stream (HTTP/1.x:
+/// hyper then reads what was sent, or sees the connection close). Returns the version
+/// and the bytes read, which the server must read again first ([`crate::io::Replay`]).
+pub async fn detect<S: AsyncRead + Unpin>(io: &mut S) -> io::Result<(Version, Vec<u8>)> {
+    let mut read = [0u8; PREFACE.len()];
+    let mut len = 0;
+    while len < PREFACE.len() {
+        let n = io.read(&mut read[len..]).await?;
+        if n == 0 {
+            return Ok((Version::Http1, read[..len].to_vec()));
         }
-        Ok(Version::Http2)
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if this.pos < this.len {
-            let rest = &this.prefix[usize::from(this.pos)..usize::from(this.len)];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.pos += n as u8;
-            return Poll::Ready(Ok(()));
+        let differs = read[len..len + n] != PREFACE[len..len + n];
+        len += n;
+        if differs {
+            return Ok((Version::Http1, read[..len].to_vec()));
         }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
     }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
+    Ok((Version::Http2, read.to_vec()))
 }
 
 #[cfg(test)]
@@ -130,8 +75,9 @@ mod tests {
             client.write_all(s).await.unwrap();
         }
         drop(client);
-        let mut io = Rewind::new(server);
-        let v = io.detect().await.unwrap();
+        let mut server = server;
+        let (v, prefix) = super::detect(&mut server).await.unwrap();
+        let mut io = crate::io::Replay::new(prefix, server);
         let mut all = Vec::new();
         io.read_to_end(&mut all).await.unwrap();
         (v, all)

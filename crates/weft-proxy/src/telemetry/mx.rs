@@ -9,15 +9,14 @@
 //! turn out not to be a frame (a peer without the exchange) are handed on untouched.
 
 use std::io;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use weft_xds::peer::{decode_tcp_payload, TCP_FRAME_MAGIC};
 
 use super::WorkloadInfo;
+use crate::io::Replay;
 
 /// How long the exchange may take before the connection is given up.
 pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,61 +72,7 @@ where
     let (prefix, peer) = tokio::time::timeout(EXCHANGE_TIMEOUT, work)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "peer metadata exchange timed out"))??;
-    Ok((Replay { prefix, at: 0, inner: stream }, peer))
-}
-
-/// A stream that first yields `prefix` (bytes already read from `inner`), then `inner`.
-#[derive(Debug)]
-pub struct Replay<S> {
-    prefix: Vec<u8>,
-    at: usize,
-    inner: S,
-}
-
-impl<S> Replay<S> {
-    /// `inner` with nothing to replay.
-    pub fn plain(inner: S) -> Self {
-        Replay { prefix: Vec::new(), at: 0, inner }
-    }
-}
-
-impl<S: AsyncRead + Unpin> AsyncRead for Replay<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        if self.at < self.prefix.len() {
-            let n = (self.prefix.len() - self.at).min(buf.remaining());
-            let at = self.at;
-            buf.put_slice(&self.prefix[at..at + n]);
-            self.at += n;
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: AsyncWrite + Unpin> AsyncWrite for Replay<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    Ok((Replay::new(prefix, stream), peer))
 }
 
 #[cfg(test)]
