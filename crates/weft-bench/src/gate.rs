@@ -52,6 +52,10 @@ pub struct GateArgs {
     pub weft: PathBuf,
     #[arg(long, default_value = "target/release/weft-proxy")]
     pub weft_proxy: PathBuf,
+    /// The linker's symbol ordering list (`weft-bench layout`); the gate fails when less
+    /// than 80% of its functions are in the build (a list from another configuration).
+    #[arg(long, default_value = "crates/weft-proxy/link/symbol-order.txt")]
+    pub symbol_order: PathBuf,
 }
 
 /// The best round of each figure of one pair.
@@ -155,6 +159,14 @@ fn compare(pair: &str, saved: &Best, now: &Best) -> Vec<Check> {
 
 /// Runs the gate; `Ok(true)` when nothing regressed (or the baseline was saved).
 pub async fn run(args: &GateArgs) -> anyhow::Result<bool> {
+    let (found, listed) = crate::layout::coverage(&args.weft_proxy, &args.symbol_order)?;
+    let layout_ok = found * 5 >= listed * 4;
+    eprintln!(
+        "gate: {found} of the {listed} functions in {} are in {}{}",
+        args.symbol_order.display(),
+        args.weft_proxy.display(),
+        if layout_ok { "" } else { ": the list is stale, run `weft-bench layout` on this build (README)" }
+    );
     let o = OutsideArgs {
         rounds: args.rounds,
         rps: 1000,
@@ -218,9 +230,13 @@ pub async fn run(args: &GateArgs) -> anyhow::Result<bool> {
     let text = std::fs::read_to_string(&args.baseline)
         .with_context(|| format!("{} (save one with `weft-bench gate --save`)", args.baseline.display()))?;
     let saved: GateFile = serde_json::from_str(&text).with_context(|| args.baseline.display().to_string())?;
-    let mut ok = true;
+    let mut ok = layout_ok;
     println!("| pair | figure (best round) | baseline {} | now | allowed | verdict |", saved.date);
     println!("|---|---|---:|---:|---:|---|");
+    println!(
+        "| – | functions of the symbol order list in the build | – | {found} of {listed} | ≥ 80% | {} |",
+        if layout_ok { "ok" } else { "**STALE**" }
+    );
     for (pair, n) in &now.pairs {
         let Some(s) = saved.pairs.get(pair) else { continue };
         for c in compare(pair, s, n) {

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 mod gate;
+mod layout;
 mod mesh;
 mod outside;
 mod procs;
@@ -66,6 +67,13 @@ enum Cmd {
     Instr {
         #[command(flatten)]
         args: Box<profile::InstrArgs>,
+    },
+    /// The functions a sidecar executes, hottest first (both proxies of each pair under
+    /// callgrind from start-up): writes the linker's symbol ordering list,
+    /// crates/weft-proxy/link/symbol-order.txt, from a shipped-profile build.
+    Layout {
+        #[command(flatten)]
+        args: Box<layout::LayoutArgs>,
     },
     /// System calls, context switches and kernel time per request of each proxy at a
     /// fixed rate (perf stat on syscall tracepoints; `--alt-proxy` for A/B). Prints JSON
@@ -185,6 +193,9 @@ fn main() -> std::process::ExitCode {
                 println!("{}", serde_json::to_string(&r)?);
             }
             Ok(())
+        }),
+        Cmd::Layout { args } => multi_thread().and_then(|rt| rt.block_on(layout::layout(&args))).map(|(n, total)| {
+            eprintln!("layout: {n} functions ({total} instructions) listed in {}", args.out.display());
         }),
         Cmd::Wake { args } => multi_thread().and_then(|rt| rt.block_on(wake::run(&args))).and_then(|runs| {
             for r in &runs {

@@ -184,7 +184,24 @@ pub struct InstrRun {
     pub each: Vec<f64>,
 }
 
-fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
+/// Writes `dir/weft-proxy`, a script that runs `bin` under callgrind (dumps to
+/// `dir/cg.<pid>[.<n>]`, no per-instruction detail) with `flags` added.
+pub fn callgrind_wrapper(dir: &Path, bin: &Path, flags: &str) -> anyhow::Result<PathBuf> {
+    let wrapper = dir.join("weft-proxy");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nexec valgrind -q --tool=callgrind {flags} --dump-instr=no --callgrind-out-file={}/cg.%p \"{}\" \"$@\"\n",
+            dir.display(),
+            bin.display()
+        ),
+    )?;
+    let status = std::process::Command::new("chmod").arg("+x").arg(&wrapper).status()?;
+    ensure!(status.success(), "chmod +x {}", wrapper.display());
+    Ok(wrapper)
+}
+
+pub fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
     let out = std::process::Command::new("callgrind_control").args(args).output().context("callgrind_control")?;
     ensure!(out.status.success(), "callgrind_control {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     Ok(())
@@ -228,16 +245,7 @@ pub async fn instr(args: &InstrArgs) -> anyhow::Result<Vec<InstrRun>> {
                 let dir = scratch.path().join(format!("r{round}-{pair}-{b}"));
                 std::fs::create_dir_all(&dir)?;
                 let bin = std::fs::canonicalize(bin).with_context(|| bin.display().to_string())?;
-                let wrapper = dir.join("weft-proxy");
-                std::fs::write(
-                    &wrapper,
-                    format!(
-                        "#!/bin/sh\nexec valgrind -q --tool=callgrind --instr-atstart=no --dump-instr=no --callgrind-out-file={}/cg.%p \"{}\" \"$@\"\n",
-                        dir.display(),
-                        bin.display()
-                    ),
-                )?;
-                std::process::Command::new("chmod").arg("+x").arg(&wrapper).status()?;
+                let wrapper = callgrind_wrapper(&dir, &bin, "--instr-atstart=no")?;
                 let tools = tools(&args.weft, &wrapper, None, None);
                 let stack = start_pair(pair, &tools, apps).await?;
                 // Warm up as the window will run (16 connections, same rate), so the

@@ -141,6 +141,11 @@ pub fn runtime(concurrency: Option<usize>) -> std::io::Result<tokio::runtime::Ru
         }
         None => tokio::runtime::Builder::new_multi_thread(),
     };
+    // Each worker runs the allocator's release on its own heap when it next parks after a
+    // release round (see crate::memory); without one (glibc) the hook is not installed.
+    if crate::memory::has_allocator_release() {
+        builder.on_thread_park(crate::memory::on_worker_park);
+    }
     builder.enable_all().build()
 }
 
@@ -192,7 +197,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<()> {
         b.drain_duration = d;
     }
     // Memory a burst of connections freed goes back to the system once they are gone.
-    crate::memory::release_freed_memory(crate::memory::RELEASE_INTERVAL);
+    crate::memory::release_freed_memory(crate::memory::RELEASE_INTERVAL, tokio::runtime::Handle::current());
     // Listening before the listeners open: a SIGTERM right after the proxy is ready
     // drains it (unhandled, it would kill the process at once).
     let mut shutdown = Shutdown::listen();
