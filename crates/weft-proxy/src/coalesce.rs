@@ -36,16 +36,26 @@
 //!   flush hyper makes (the task is woken to make it), so the connection fails as it would
 //!   have without the wrapper.
 //!
-//! The stream is shared by the I/O half and the future half behind a mutex that is never
-//! contended in practice: both are used by the connection's own task.
+//! After a poll that wrote nothing (the requests read, their answers not there yet) the
+//! stream is not flushed: there is nothing of the connection's to flush. (A TLS message
+//! rustls queues while reading, a `KeyUpdate` reply, leaves before the next record, as
+//! TLS 1.3 asks, with the next write.)
+//!
+//! The stream is shared by the I/O half and the future half behind a [`TryLock`]: both
+//! are used by the connection's own task, one call at a time, and no call keeps the lock
+//! past its return, so taking it never finds it taken: a swap and a store, where the
+//! `std::sync::Mutex` it replaces (lock, poison checks, unlock; ~15 times per request)
+//! cost ~0.5k instructions per request per HTTP/2 side (bench/notes.md, wip-conn). Were
+//! it ever found taken, the call returns `Pending` and wakes its task to try again.
 
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use try_lock::{Locked, TryLock};
 
 /// Most bytes buffered before a write goes through: one full TLS record of plaintext.
 pub const LIMIT: usize = 16 * 1024;
@@ -53,13 +63,13 @@ pub const LIMIT: usize = 16 * 1024;
 /// The I/O half: what hyper reads from and writes to.
 #[derive(Debug)]
 pub struct Coalesced<S> {
-    shared: Arc<Mutex<Shared<S>>>,
+    shared: Arc<TryLock<Shared<S>>>,
 }
 
 /// The future half: the connection future, writing out what it buffered after each poll.
 pub struct Flushing<F: Future, S> {
     inner: Pin<Box<F>>,
-    shared: Arc<Mutex<Shared<S>>>,
+    shared: Arc<TryLock<Shared<S>>>,
     /// The inner future's output, held while the last bytes are written out.
     done: Option<<F as Future>::Output>,
 }
@@ -67,7 +77,7 @@ pub struct Flushing<F: Future, S> {
 /// A handle for wrapping the connection future once it is built over [`Coalesced`].
 #[derive(Debug)]
 pub struct Flusher<S> {
-    shared: Arc<Mutex<Shared<S>>>,
+    shared: Arc<TryLock<Shared<S>>>,
 }
 
 #[derive(Debug)]
@@ -78,6 +88,8 @@ struct Shared<S> {
     written: usize,
     /// The wrapped connection future is being polled.
     in_poll: bool,
+    /// Bytes went to `buf` or `io` since the stream was last flushed.
+    unflushed: bool,
     /// A failed write out after a poll, for the next call hyper makes.
     failed: Option<(io::ErrorKind, String)>,
     /// The wrapped future waiting to write out the buffer after its connection future
@@ -89,16 +101,16 @@ impl<S> Coalesced<S> {
     /// Wraps `io`, an HTTP/2 connection; the [`Flusher`] wraps the connection future
     /// built over the result.
     pub fn new(io: S) -> (Self, Flusher<S>) {
-        let shared = Shared { io, buf: Vec::new(), written: 0, in_poll: false, failed: None, waiter: None };
-        let shared = Arc::new(Mutex::new(shared));
+        let shared =
+            Shared { io, buf: Vec::new(), written: 0, in_poll: false, unflushed: false, failed: None, waiter: None };
+        let shared = Arc::new(TryLock::new(shared));
         (Coalesced { shared: shared.clone() }, Flusher { shared })
     }
 
     /// Bytes buffered and not yet written to the stream (what the tests bound).
     #[cfg(test)]
     pub(crate) fn buffered(&self) -> usize {
-        let s = lock(&self.shared);
-        s.buf.len() - s.written
+        self.shared.try_lock().map_or(0, |s| s.buf.len() - s.written)
     }
 }
 
@@ -152,13 +164,16 @@ impl<S: AsyncWrite + Unpin> Shared<S> {
     /// Writes the buffer out and flushes the stream (for TLS: seals and sends the record).
     fn poll_write_out_and_flush(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         ready!(self.poll_write_out(cx))?;
-        Pin::new(&mut self.io).poll_flush(cx)
+        ready!(Pin::new(&mut self.io).poll_flush(cx))?;
+        self.unflushed = false;
+        Poll::Ready(Ok(()))
     }
 
     /// Makes room for `len` more bytes: `Ready(true)` when they are to be buffered,
     /// `Ready(false)` when they go straight to the stream.
     fn poll_room(&mut self, cx: &mut Context<'_>, len: usize) -> Poll<io::Result<bool>> {
         self.take_failure()?;
+        self.unflushed = true;
         if self.buffering() && self.buf.len() + len <= LIMIT {
             return Poll::Ready(Ok(true));
         }
@@ -169,7 +184,7 @@ impl<S: AsyncWrite + Unpin> Shared<S> {
 
 impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let mut s = lock(&self.shared);
+        let mut s = ready!(lock(&self.shared, cx));
         if let Err(e) = s.take_failure() {
             return Poll::Ready(Err(e));
         }
@@ -179,7 +194,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<io::Result<usize>> {
-        let mut s = lock(&self.shared);
+        let mut s = ready!(lock(&self.shared, cx));
         if ready!(s.poll_room(cx, data.len()))? {
             s.buf.extend_from_slice(data);
             return Poll::Ready(Ok(data.len()));
@@ -193,7 +208,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let len = bufs.iter().map(|b| b.len()).sum();
-        let mut s = lock(&self.shared);
+        let mut s = ready!(lock(&self.shared, cx));
         if ready!(s.poll_room(cx, len))? {
             for b in bufs {
                 s.buf.extend_from_slice(b);
@@ -209,7 +224,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
 
     /// Inside the connection's poll, nothing: [`Flushing`] writes out after the poll.
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut s = lock(&self.shared);
+        let mut s = ready!(lock(&self.shared, cx));
         s.take_failure()?;
         if s.buffering() {
             return Poll::Ready(Ok(()));
@@ -218,7 +233,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Coalesced<S> {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        let mut s = lock(&self.shared);
+        let mut s = ready!(lock(&self.shared, cx));
         s.take_failure()?;
         ready!(s.poll_write_out_and_flush(cx))?;
         Pin::new(&mut s.io).poll_shutdown(cx)
@@ -241,29 +256,33 @@ impl<F: Future, S: AsyncWrite + Unpin> Future for Flushing<F, S> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
         if this.done.is_none() {
-            lock(&this.shared).in_poll = true;
+            ready!(lock(&this.shared, cx)).in_poll = true;
             if let Poll::Ready(out) = this.inner.as_mut().poll(cx) {
                 this.done = Some(out);
             }
         }
-        let mut s = lock(&this.shared);
+        let mut s = ready!(lock(&this.shared, cx));
         s.in_poll = false;
-        match s.poll_write_out_and_flush(cx) {
-            Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) if this.done.is_none() => {
-                // hyper learns of it from its next call, which this wake-up brings.
-                // The bytes cannot be sent: dropped, not retried.
-                s.failed = Some((e.kind(), e.to_string()));
-                s.buf.clear();
-                s.written = 0;
-                cx.waker().wake_by_ref();
-            }
-            Poll::Ready(Err(e)) => tracing::debug!(error = %e, "writing out a finished connection's last bytes"),
-            Poll::Pending => {
-                if this.done.is_some() {
-                    s.waiter = Some(cx.waker().clone());
+        // Nothing written since the last flush: nothing to write out or flush.
+        if s.unflushed {
+            match s.poll_write_out_and_flush(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) if this.done.is_none() => {
+                    // hyper learns of it from its next call, which this wake-up brings.
+                    // The bytes cannot be sent: dropped, not retried.
+                    s.failed = Some((e.kind(), e.to_string()));
+                    s.buf.clear();
+                    s.written = 0;
+                    s.unflushed = false;
+                    cx.waker().wake_by_ref();
                 }
-                return Poll::Pending;
+                Poll::Ready(Err(e)) => tracing::debug!(error = %e, "writing out a finished connection's last bytes"),
+                Poll::Pending => {
+                    if this.done.is_some() {
+                        s.waiter = Some(cx.waker().clone());
+                    }
+                    return Poll::Pending;
+                }
             }
         }
         drop(s);
@@ -274,10 +293,16 @@ impl<F: Future, S: AsyncWrite + Unpin> Future for Flushing<F, S> {
     }
 }
 
-/// The shared state; a panic while it was held leaves nothing half-updated that matters
-/// more than the connection it belongs to, so a poisoned lock is used as it is.
-fn lock<S>(shared: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
-    shared.lock().unwrap_or_else(PoisonError::into_inner)
+/// The shared state. Never found taken (see the module's last paragraph); if it were,
+/// `Pending` with the task woken, so that the call is made again.
+fn lock<'a, S>(shared: &'a TryLock<Shared<S>>, cx: &Context<'_>) -> Poll<Locked<'a, Shared<S>>> {
+    match shared.try_lock() {
+        Some(s) => Poll::Ready(s),
+        None => {
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    }
 }
 
 #[cfg(test)]

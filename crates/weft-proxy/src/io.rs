@@ -1,5 +1,6 @@
 //! Byte streams that report activity: bytes read, and whether a byte moved either way,
-//! so idle timeouts can be enforced without a timer or a clock read per read; and
+//! so idle timeouts can be enforced without a timer or a clock read per read, and that
+//! read from their stream again only once it can have something new ([`Tracked`]); and
 //! [`WakeGated`], which keeps a connection's rarely-firing watchers from being polled at
 //! each of its wake-ups.
 
@@ -104,7 +105,8 @@ pub struct WakeGated<F> {
     gate: Arc<Gate>,
 }
 
-/// What [`WakeGated`]'s inner future wakes: a flag, then the task polling the gate.
+/// What [`WakeGated`]'s inner future and [`Tracked`]'s stream wake: a flag, then the task
+/// polling the gate.
 #[derive(Debug, Default)]
 struct Gate {
     woken: AtomicBool,
@@ -162,19 +164,37 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A stream that counts bytes read and records activity ([`Activity`]).
+/// A stream that counts bytes read and records activity ([`Activity`]), and reads from
+/// `inner` again after a `Pending` only once the waker that read registered has fired.
+///
+/// hyper's HTTP/1 connection reads at each wake-up of its task (to notice a close
+/// between requests) and h2 at each poll of its connection, so a downstream connection
+/// read ~3 times per request only to hear `Pending` again; over TLS each of those went
+/// down through tokio-rustls, rustls and the socket's readiness (~0.5k instructions;
+/// bench/notes.md, wip-conn). Here `inner` reads with a waker of this stream's own (a
+/// flag, then the reading task's waker, as [`WakeGated`]): until it fires, nothing can
+/// have arrived (a stream answers `Pending` only with no data left and its waker
+/// registered), and the read answers `Pending` at once, the registration still standing.
 #[derive(Debug)]
 pub struct Tracked<S> {
     inner: S,
     /// Bytes read from `inner`.
     pub read: u64,
     activity: Arc<Activity>,
+    /// `inner`'s last read was `Pending`.
+    parked: bool,
+    /// What `inner`'s reads register: raises the flag and wakes the reading task.
+    gate: Arc<Gate>,
+    /// `gate` as a waker, made once.
+    gate_waker: Waker,
 }
 
 impl<S> Tracked<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Tracked { inner, read: 0, activity }
+        let gate = Arc::new(Gate::default());
+        let gate_waker = Waker::from(gate.clone());
+        Tracked { inner, read: 0, activity, parked: false, gate, gate_waker }
     }
 }
 
@@ -184,12 +204,20 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         cx: &mut TaskContext<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        let this = &mut *self;
+        // Register before testing the flag: a wake-up between the two finds this task.
+        this.gate.task.register(cx.waker());
+        let woken = this.gate.woken.swap(false, Ordering::AcqRel);
+        if this.parked && !woken {
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
-        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let r = Pin::new(&mut this.inner).poll_read(&mut TaskContext::from_waker(&this.gate_waker), buf);
+        this.parked = r.is_pending();
         let n = buf.filled().len() - before;
         if n > 0 {
-            self.read += n as u64;
-            self.activity.touch();
+            this.read += n as u64;
+            this.activity.touch();
         }
         r
     }
@@ -396,6 +424,75 @@ mod tests {
         }
         let count = Arc::new(AtomicUsize::new(0));
         (Waker::from(Arc::new(Count(count.clone()))), count)
+    }
+
+    /// A stream whose reads are counted: `Pending` (its waker kept) until data is given.
+    #[derive(Default)]
+    struct Reads {
+        calls: usize,
+        data: Vec<u8>,
+        waker: Option<Waker>,
+    }
+
+    struct CountedReads(Arc<std::sync::Mutex<Reads>>);
+
+    impl AsyncRead for CountedReads {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            cx: &mut TaskContext<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            let mut s = self.0.lock().unwrap();
+            s.calls += 1;
+            if s.data.is_empty() {
+                s.waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            buf.put_slice(&std::mem::take(&mut s.data));
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// After a `Pending`, reads do not go down to the stream until the waker it
+    /// registered fires; that wake-up reaches the reading task, and the next read gets
+    /// the data.
+    #[test]
+    fn a_read_after_pending_waits_for_the_streams_own_wake_up() {
+        let state = Arc::new(std::sync::Mutex::new(Reads::default()));
+        let mut tracked = Tracked::new(CountedReads(state.clone()), Activity::new());
+        let (task, woken) = futures_test_waker();
+        let mut cx = TaskContext::from_waker(&task);
+        let mut bytes = [0u8; 8];
+        for _ in 0..3 {
+            assert!(Pin::new(&mut tracked).poll_read(&mut cx, &mut ReadBuf::new(&mut bytes)).is_pending());
+        }
+        assert_eq!(state.lock().unwrap().calls, 1, "read the stream again without its wake-up");
+        let stream_waker = {
+            let mut s = state.lock().unwrap();
+            s.data = b"GET".to_vec();
+            s.waker.take().expect("the stream kept a waker")
+        };
+        stream_waker.wake();
+        assert_eq!(woken.load(Ordering::SeqCst), 1, "the reading task is woken");
+        let mut buf = ReadBuf::new(&mut bytes);
+        assert!(matches!(Pin::new(&mut tracked).poll_read(&mut cx, &mut buf), Poll::Ready(Ok(()))));
+        assert_eq!(buf.filled(), b"GET");
+        assert_eq!(tracked.read, 3);
+    }
+
+    /// Reads that return data do not hold the next read back.
+    #[test]
+    fn reads_that_return_data_go_straight_through() {
+        let state = Arc::new(std::sync::Mutex::new(Reads::default()));
+        let mut tracked = Tracked::new(CountedReads(state.clone()), Activity::new());
+        let (task, _) = futures_test_waker();
+        let mut cx = TaskContext::from_waker(&task);
+        let mut bytes = [0u8; 8];
+        for round in 1..=3 {
+            state.lock().unwrap().data = b"x".to_vec();
+            assert!(Pin::new(&mut tracked).poll_read(&mut cx, &mut ReadBuf::new(&mut bytes)).is_ready());
+            assert_eq!(state.lock().unwrap().calls, round);
+        }
     }
 
     /// The idle timeout still fires behind the gate, and only once nothing moved for it.

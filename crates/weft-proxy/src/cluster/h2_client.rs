@@ -268,14 +268,18 @@ impl Body for H2Body {
 impl Future for Pipe {
     type Output = Result<(), h2::Error>;
 
+    /// The body first: a frame that is already there goes out without asking h2 about a
+    /// reset (each question takes h2's stream-store lock); the peer's reset is looked for
+    /// when the pipe has to wait (on the body, or for send window), so that it still
+    /// stops a pipe that waits. A reset stream that is sent to fails the send.
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         loop {
-            if let Poll::Ready(reset) = this.tx.poll_reset(cx) {
-                // The peer reset the stream (or the connection is gone): stop sending.
-                return Poll::Ready(Err(reset.map_or_else(|e| e, h2::Error::from)));
-            }
             if let Some((data, eos)) = this.pending.take() {
+                if let Poll::Ready(reset) = this.tx.poll_reset(cx) {
+                    // The peer reset the stream (or the connection is gone): stop sending.
+                    return Poll::Ready(Err(reset.map_or_else(|e| e, h2::Error::from)));
+                }
                 while this.tx.capacity() == 0 {
                     match this.tx.poll_capacity(cx) {
                         Poll::Ready(Some(Ok(_))) => {}
@@ -303,17 +307,28 @@ impl Future for Pipe {
                     return Poll::Ready(Err(h2::Error::from(reason)));
                 }
                 Poll::Ready(None) => return Poll::Ready(this.tx.send_data(Bytes::new(), true)),
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    // Waiting on the body: the peer's reset must still end the pipe.
+                    if let Poll::Ready(reset) = this.tx.poll_reset(cx) {
+                        return Poll::Ready(Err(reset.map_or_else(|e| e, h2::Error::from)));
+                    }
+                    return Poll::Pending;
+                }
             };
             match frame.into_data() {
                 Ok(data) => {
                     let eos = this.body.is_end_stream();
-                    if data.has_remaining() {
+                    if data.has_remaining() && !eos {
                         // Waits for (some) window before handing h2 the frame, so a fast
                         // body does not pile up in h2's send buffer.
                         this.tx.reserve_capacity(1);
                         this.pending = Some((data, eos));
                     } else {
+                        // The last frame (a small response's only one) goes to h2 at once:
+                        // nothing is read after it, so nothing piles up, and h2 sends it
+                        // as the peer's window allows (it asks for the capacity itself):
+                        // one of h2's stream-store locks instead of five (two reset
+                        // checks, reserving and reading capacity, the send).
                         this.tx.send_data(data, eos)?;
                         if eos {
                             return Poll::Ready(Ok(()));
@@ -466,6 +481,45 @@ mod tests {
             h.append(CONTENT_LENGTH, HeaderValue::from_static(v));
         }
         content_length(&h)
+    }
+
+    /// The last frame of a body is handed to h2 at once: the pipe finishes while the
+    /// peer's window is still closed, and h2 sends the data once the peer opens it.
+    #[tokio::test]
+    async fn a_bodys_last_frame_does_not_wait_for_send_window() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.expect("server handshake");
+            let (_req, mut respond) = conn.accept().await.expect("a request").expect("accepted");
+            let tx = respond.send_response(Response::new(()), false).expect("response head");
+            let mut pipe = Pipe::new(crate::http::body::full(&b"0123456789"[..]), tx, "test body failed");
+            let finished = poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx).is_ready())).await;
+            tokio::spawn(async move { poll_fn(|cx| conn.poll_closed(cx)).await });
+            finished
+        });
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(0);
+        let (mut sender, mut conn) = builder.handshake::<_, Bytes>(client_io).await.expect("client handshake");
+        let (open, mut opened) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut open_once = Some(&mut opened);
+            poll_fn(|cx| {
+                if let Some(rx) = open_once.as_mut() {
+                    if Pin::new(&mut **rx).poll(cx).is_ready() {
+                        open_once = None;
+                        conn.set_initial_window_size(65_535).expect("window setting");
+                    }
+                }
+                Pin::new(&mut conn).poll(cx)
+            })
+            .await
+        });
+        let (response, _) = sender.send_request(Request::new(()), true).expect("request sent");
+        let mut body = response.await.expect("response head").into_body();
+        assert!(server.await.expect("server task"), "the pipe finished with the window closed");
+        open.send(()).expect("client connection running");
+        let data = body.data().await.expect("a data frame").expect("data");
+        assert_eq!(&data[..], b"0123456789");
     }
 
     #[test]

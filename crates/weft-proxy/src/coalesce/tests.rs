@@ -257,3 +257,62 @@ fn a_failed_write_out_fails_the_next_call_of_the_connection() {
     assert!(poll_once(&mut conn, &waker).is_pending());
     assert_eq!(*read.lock().expect("lock"), Some(Poll::Ready(Err(io::ErrorKind::BrokenPipe))));
 }
+
+#[test]
+fn a_poll_that_wrote_nothing_does_not_flush_the_stream() {
+    let (mock, state) = Mock::new();
+    let (mut io, flusher) = Coalesced::new(mock);
+    let mut polls = 0;
+    let mut conn = flusher.wrap(poll_fn(move |cx| {
+        polls += 1;
+        // The first poll reads (a request) and answers nothing yet; the second answers.
+        let mut buf = [0u8; 16];
+        assert!(Pin::new(&mut io).poll_read(cx, &mut ReadBuf::new(&mut buf)).is_pending());
+        if polls == 2 {
+            write_all(&mut io, cx, b"answer");
+        }
+        Poll::<()>::Pending
+    }));
+    let waker = Waker::from(Arc::new(Counter::default()));
+    assert!(poll_once(&mut conn, &waker).is_pending());
+    assert_eq!(state.lock().expect("mock lock").calls, vec![], "nothing written, nothing flushed");
+    assert!(poll_once(&mut conn, &waker).is_pending());
+    assert_eq!(state.lock().expect("mock lock").calls, vec![Call::Write(b"answer".to_vec()), Call::Flush]);
+    assert!(poll_once(&mut conn, &waker).is_pending());
+    assert_eq!(state.lock().expect("mock lock").calls.len(), 2, "flushed once, not again after the next poll");
+}
+
+#[test]
+fn a_flush_that_was_not_ready_is_finished_by_the_next_poll() {
+    let (mock, state) = Mock::new();
+    state.lock().expect("mock lock").blocked = true;
+    let (mut io, flusher) = Coalesced::new(mock);
+    let mut first = true;
+    let mut conn = flusher.wrap(poll_fn(move |cx| {
+        if std::mem::take(&mut first) {
+            write_all(&mut io, cx, b"answer");
+        }
+        Poll::<()>::Pending
+    }));
+    let waker = Waker::from(Arc::new(Counter::default()));
+    assert!(poll_once(&mut conn, &waker).is_pending());
+    state.lock().expect("mock lock").blocked = false;
+    // This poll writes nothing new, but the last one's bytes are still to go.
+    assert!(poll_once(&mut conn, &waker).is_pending());
+    assert_eq!(state.lock().expect("mock lock").calls, vec![Call::Write(b"answer".to_vec()), Call::Flush]);
+}
+
+#[test]
+fn a_call_that_finds_the_state_taken_waits_and_is_woken() {
+    let (mock, _state) = Mock::new();
+    let (mut io, _flusher) = Coalesced::new(mock);
+    let shared = io.shared.clone();
+    let held = shared.try_lock().expect("free");
+    let counter = Arc::new(Counter::default());
+    let waker = Waker::from(counter.clone());
+    let mut cx = Context::from_waker(&waker);
+    assert!(Pin::new(&mut io).poll_write(&mut cx, b"x").is_pending());
+    assert_eq!(counter.0.load(Ordering::SeqCst), 1, "woken to call again");
+    drop(held);
+    assert!(matches!(Pin::new(&mut io).poll_write(&mut cx, b"x"), Poll::Ready(Ok(1))));
+}
