@@ -1,17 +1,10 @@
 //! Addresses for things a test cannot hand a bound socket to: a proxy or a child process
-//! that binds the address itself, or an endpoint that must refuse connections.
-//!
-//! Binding `127.0.0.1:0` and closing the socket to reuse its port races with every other
-//! socket on the machine: the kernel may give the same port to the next port-0 bind or
-//! outgoing connection (another test, another build) before the proxy binds it.
-//! [`reserve_addr`] closes that window: it leaves the port in TIME_WAIT, which keeps the
-//! kernel from handing it out to port-0 binds and outgoing connections for a minute
-//! (`net.ipv4.tcp_fin_timeout` aside, TIME_WAIT lasts 60 s on Linux), while a listener
-//! that binds it explicitly with `SO_REUSEADDR` (std, tokio, weft's proxy and Envoy all
-//! set it) gets it at once. Where the test itself is the server, bind `127.0.0.1:0` and
-//! keep the listener instead.
+//! that binds the address itself, or an endpoint that must refuse connections. The
+//! reservation is [`weft_xds::ports`]'s (the port left in TIME_WAIT, so no other port-0
+//! bind or outgoing connection takes it before the child binds it with `SO_REUSEADDR`).
+//! Where the test itself is the server, bind `127.0.0.1:0` and keep the listener instead.
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::SocketAddr;
 
 /// Bind attempts before [`reserve_consecutive`] gives up.
 const CONSECUTIVE_TRIES: usize = 100;
@@ -45,18 +38,9 @@ pub fn reserve_consecutive(n: u16) -> SocketAddr {
     panic!("no {n} consecutive free loopback ports in {CONSECUTIVE_TRIES} tries")
 }
 
-/// Binds `addr`, connects to it and closes the accepted side first, which leaves the
-/// port in TIME_WAIT (see the module docs); the address it reserved.
+/// [`weft_xds::ports::reserve_exact`]: the port left in TIME_WAIT (see the module docs).
 fn reserve(addr: SocketAddr) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr)?;
-    let addr = listener.local_addr()?;
-    let client = TcpStream::connect(addr)?;
-    let (server, _) = listener.accept()?;
-    // The side that closes first ends in TIME_WAIT: the accepted socket, whose local
-    // address is `addr`. Then the client's FIN completes the close.
-    drop(server);
-    drop(client);
-    Ok(addr)
+    weft_xds::ports::reserve_exact(addr)
 }
 
 /// The port of [`reserve_addr`], for command lines that take a port number.
@@ -68,6 +52,7 @@ pub fn reserve_port() -> u16 {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+    use std::net::{TcpListener, TcpStream};
 
     #[test]
     fn a_reserved_address_refuses_connections_and_can_be_bound_explicitly() {

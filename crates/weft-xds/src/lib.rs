@@ -40,6 +40,7 @@ pub mod domains;
 pub mod error;
 pub mod node;
 pub mod peer;
+pub mod ports;
 pub mod server;
 pub mod source;
 pub mod tap;

@@ -906,7 +906,8 @@ async fn http_status(addr: SocketAddr, method: &str, path: &str) -> Option<u16> 
     tokio::time::timeout(Duration::from_secs(2), fut).await.ok().flatten()
 }
 
+/// A free port on `ip` for a child to bind, reserved against other port-0 binds
+/// ([`weft_xds::ports`]: tests start many meshes at once).
 async fn free_port(ip: Ipv4Addr) -> anyhow::Result<SocketAddr> {
-    let l = tokio::net::TcpListener::bind((ip, 0)).await.context("finding a free port")?;
-    Ok(l.local_addr()?)
+    weft_xds::ports::reserve(ip.into()).context("finding a free port")
 }

@@ -6,7 +6,7 @@
 //! sidecar and the gateway get all replicas' xDS addresses and fail over between them.
 //! Kill one of the child replicas (`kill -9`, its pid in `ps`) to watch its proxies move.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -28,11 +28,10 @@ pub struct EtcdCluster {
     pub config: EtcdConfig,
 }
 
-/// A free loopback port now (bound and released: good enough for a local demo, where
-/// nothing else races for ports in the same millisecond).
+/// A free loopback port for a child to bind, reserved against other port-0 binds
+/// ([`weft_xds::ports`]: tests start many meshes at once).
 fn free_port() -> anyhow::Result<u16> {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("finding a free port")?;
-    Ok(l.local_addr()?.port())
+    Ok(weft_xds::ports::reserve(Ipv4Addr::LOCALHOST.into()).context("finding a free port")?.port())
 }
 
 /// Starts the 3 members with data under `state/etcd`, logs in `logs`.
