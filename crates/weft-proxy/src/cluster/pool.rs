@@ -141,6 +141,11 @@ pub struct Upstream<'a> {
     /// The cluster's shared load and its limits; None: no circuit breaking, pools
     /// shared by every cluster reaching the endpoint.
     pub breaker: Option<(&'a Arc<ClusterLoad>, Limits)>,
+    /// When the request set out: a clock reading the caller took anyway (the
+    /// forwarding path's attempt start), taken by the pool as the time of the checkout
+    /// (a connection's last use, the idle time of pooled ones) instead of reading the
+    /// clock again.
+    pub at: Instant,
 }
 
 /// How connections to upstreams are made. The extension point for mTLS to the peer
@@ -229,12 +234,14 @@ struct EndpointPool {
 }
 
 /// The SPIFFE id in the certificate an upstream presented on the mTLS handshake of the
-/// connection a response came over (a response extension; absent over plain TCP).
+/// connection a response came over (a response extension of [`Pools::send`] and
+/// [`Pools::send_with`]; absent over plain TCP). [`Pools::send_to`] returns it beside the
+/// response instead: an extension costs three allocations (the map, its table, the value).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamPrincipal(pub Arc<str>);
 
 /// The peer's SPIFFE id, kept with the connection it was proven on.
-type Principal = Option<Arc<str>>;
+pub type Principal = Option<Arc<str>>;
 
 #[derive(Debug)]
 struct H1Conn {
@@ -425,8 +432,14 @@ impl Pools {
         req: Request<BoxBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let connector = self.inner.connector.clone();
-        let up = Upstream { connect_timeout, connector: &connector, conn: ConnSettings::default(), breaker: None };
-        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await
+        let up = Upstream {
+            connect_timeout,
+            connector: &connector,
+            conn: ConnSettings::default(),
+            breaker: None,
+            at: Instant::now(),
+        };
+        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await.map(with_principal)
     }
 
     /// [`Pools::send`] over a cluster's own transport (TLS origination).
@@ -438,15 +451,17 @@ impl Pools {
         connector: &Connector,
         req: Request<BoxBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let up = Upstream { connect_timeout, connector, conn: ConnSettings::default(), breaker: None };
-        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await
+        let up =
+            Upstream { connect_timeout, connector, conn: ConnSettings::default(), breaker: None, at: Instant::now() };
+        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await.map(with_principal)
     }
 
     /// [`Pools::send`] with a cluster's transport, per-connection settings and circuit
     /// breaker: the forwarding path's entry. Fails with `Overflow` (not sent) when the
     /// request would wait for a connection beyond `max_pending_requests`. `req` must
     /// carry no connection-specific header (`http::forward` strips them before): an
-    /// HTTP/2 upstream gets its headers without a second look for them.
+    /// HTTP/2 upstream gets its headers without a second look for them. The upstream's
+    /// proven identity comes beside the response (no extension).
     ///
     /// Not an `async fn` around `send_headers`: that would be one more future
     /// level, its arguments (the request: 240 bytes) kept in every request's state and
@@ -457,7 +472,7 @@ impl Pools {
         proto: UpstreamProtocol,
         up: &'a Upstream<'a>,
         req: Request<BoxBody>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(Response<UpstreamBody>, Principal), ProxyError>> + Send + 'a {
         self.send_headers(ep, proto, up, req, Headers::Stripped)
     }
 
@@ -468,7 +483,7 @@ impl Pools {
         up: &Upstream<'_>,
         req: Request<BoxBody>,
         headers: Headers,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, Principal), ProxyError> {
         let h2 = match proto {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
@@ -483,19 +498,13 @@ impl Pools {
                 self.inner.reaper.notify_one();
             }
         }
-        let resp = if h2 {
+        if h2 {
             let req = absolute_form(req, ep.addr)?;
             self.send_h2(&pool, ep.addr, up, req, headers).await.map(|(r, p)| (r.map(UpstreamBody::Http2), p))
         } else {
             let req = origin_form(req)?;
             self.send_h1(&pool, ep.addr, up, req).await.map(|(r, p)| (r.map(UpstreamBody::Http1), p))
-        };
-        resp.map(|(mut resp, principal)| {
-            if let Some(p) = principal {
-                resp.extensions_mut().insert(UpstreamPrincipal(p));
-            }
-            resp
-        })
+        }
     }
 
     /// A connection over a cluster's transport (plain or TLS), for byte streams.
@@ -562,7 +571,7 @@ impl Pools {
     ) -> Result<(Response<Incoming>, Principal), ProxyError> {
         let mut fresh_only = false;
         loop {
-            let ready = if fresh_only { None } else { pool.checkout_h1(&self.inner.cfg, &up.conn).await };
+            let ready = if fresh_only { None } else { pool.checkout_h1(&self.inner.cfg, &up.conn, up.at).await };
             let conn = match ready {
                 Some(c) => c,
                 // Boxed: waiting and connecting (TCP, TLS, handshake) are the slow path;
@@ -610,7 +619,8 @@ impl Pools {
             tokio::pin!(freed);
             freed.as_mut().enable();
             if !fresh_only {
-                if let Some(c) = pool.checkout_h1(&self.inner.cfg, &up.conn).await {
+                // A clock reading of its own: the request may have waited since `up.at`.
+                if let Some(c) = pool.checkout_h1(&self.inner.cfg, &up.conn, Instant::now()).await {
                     return Ok(c);
                 }
             }
@@ -729,7 +739,7 @@ impl Pools {
         let mut slot = pool.h2.lock().await;
         if let Some(conn) = slot.as_mut() {
             if !conn.closed.load(Ordering::Acquire) && !spent(&up.conn, conn.opened, conn.uses) {
-                let now = Instant::now();
+                let now = up.at.max(conn.last_used);
                 let quiet = now.saturating_duration_since(conn.last_used) >= H2_QUIET;
                 conn.last_used = now;
                 conn.uses += 1;
@@ -795,10 +805,11 @@ impl Pools {
 }
 
 impl EndpointPool {
-    /// The most recently used pooled connection that can take a request now.
-    async fn checkout_h1(&self, cfg: &PoolConfig, settings: &ConnSettings) -> Option<Checked> {
+    /// The most recently used pooled connection that can take a request now (`now`:
+    /// the request's [`Upstream::at`]).
+    async fn checkout_h1(&self, cfg: &PoolConfig, settings: &ConnSettings, now: Instant) -> Option<Checked> {
         let mut conns = self.h1.lock().await;
-        prune_h1(&mut conns, cfg, self.idle_timeout(cfg), settings.max_connection_duration, false);
+        prune_h1(&mut conns, cfg, self.idle_timeout(cfg), settings.max_connection_duration, false, now);
         let pos = conns.iter().rposition(|c| c.tx.is_ready());
         let found = pos.and_then(|i| conns.remove(i));
         self.http1_pooled.store(conns.len(), Ordering::Relaxed);
@@ -838,7 +849,7 @@ impl EndpointPool {
         let idle_timeout = self.idle_timeout(cfg);
         {
             let mut conns = self.h1.lock().await;
-            prune_h1(&mut conns, cfg, idle_timeout, None, true);
+            prune_h1(&mut conns, cfg, idle_timeout, None, true, Instant::now());
             self.http1_pooled.store(conns.len(), Ordering::Relaxed);
         }
         {
@@ -942,17 +953,26 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
+/// The response with the upstream's proven identity as its [`UpstreamPrincipal`] extension.
+fn with_principal((mut resp, principal): (Response<UpstreamBody>, Principal)) -> Response<UpstreamBody> {
+    if let Some(p) = principal {
+        resp.extensions_mut().insert(UpstreamPrincipal(p));
+    }
+    resp
+}
+
 /// Drops (and so closes) closed connections, idle ones past `idle_timeout` (idle time
 /// counts from when a prune first saw the connection ready), ones older than
 /// `max_duration` once idle and, when `bound_idle`, the least recently used idle ones
 /// beyond `max_idle_per_endpoint`. Busy connections stay: they are handed out again
-/// once their response is done.
+/// once their response is done. `now` is the time of the prune.
 fn prune_h1(
     conns: &mut VecDeque<H1Conn>,
     cfg: &PoolConfig,
     idle_timeout: Duration,
     max_duration: Option<Duration>,
     bound_idle: bool,
+    now: Instant,
 ) {
     let mut excess = if bound_idle {
         let idle = conns.iter().filter(|c| c.tx.is_ready()).count();
@@ -960,7 +980,10 @@ fn prune_h1(
     } else {
         0
     };
-    let now = Instant::now();
+    // `now - idle_since < idle_timeout` as one comparison of instants per connection
+    // (a checkout prunes every pooled connection): kept while idle since after the
+    // cutoff (None: the clock is younger than the timeout, nothing has been idle that long).
+    let idle_cutoff = now.checked_sub(idle_timeout);
     // Least recently used first: the excess idle connections are the first ones met.
     conns.retain_mut(|c| {
         if c.tx.is_closed() {
@@ -973,11 +996,11 @@ fn prune_h1(
             excess -= 1;
             return false;
         }
-        if max_duration.is_some_and(|d| c.opened.elapsed() >= d) {
+        if max_duration.is_some_and(|d| now.saturating_duration_since(c.opened) >= d) {
             return false;
         }
         let since = *c.idle_since.get_or_insert(now);
-        now.saturating_duration_since(since) < idle_timeout
+        !idle_timeout.is_zero() && idle_cutoff.is_none_or(|cutoff| since > cutoff)
     });
 }
 
