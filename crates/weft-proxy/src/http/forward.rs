@@ -152,7 +152,7 @@ pub async fn forward(
         let inflight = ep.load.start_at(started);
         let upstream = Upstream {
             connect_timeout: cluster.config.connect_timeout,
-            connector: cluster.config.connector_for(ep.metadata.as_ref()),
+            connector: cluster.config.connector_at(ep.socket_match),
             conn: cluster.config.conn,
             breaker: Some((cluster.load(), limits)),
             at: started,
@@ -344,6 +344,7 @@ fn pick(
             weight: 1,
             health: crate::cluster::Health::Healthy,
             metadata: None,
+            socket_match: cluster.config.socket_match(None),
             load: Arc::new(crate::cluster::EndpointLoad::new()),
         }));
     }
