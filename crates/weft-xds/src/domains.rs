@@ -50,14 +50,20 @@ impl<T> Domains<T> {
 
     /// The value whose domain matches `authority` (a Host or `:authority`, with or
     /// without a port). With `ignore_port` (Envoy's `ignore_port_in_host_matching`) the
-    /// port is stripped before matching.
+    /// port is stripped before matching. An authority already in lowercase (the proxy's
+    /// request path lowercases it once) is matched as it is, without a copy.
     pub fn lookup(&self, authority: &str, ignore_port: bool) -> Option<&T> {
-        let host = authority.to_ascii_lowercase();
-        let stripped = strip_port(&host);
+        let lower: std::borrow::Cow<'_, str> = if authority.bytes().any(|b| b.is_ascii_uppercase()) {
+            authority.to_ascii_lowercase().into()
+        } else {
+            authority.into()
+        };
+        let host: &str = &lower;
+        let stripped = strip_port(host);
         if ignore_port {
             return self.find(stripped).or(self.any.as_ref());
         }
-        self.find(&host)
+        self.find(host)
             .or_else(|| (stripped.len() != host.len()).then(|| self.find(stripped)).flatten())
             .or(self.any.as_ref())
     }

@@ -221,14 +221,24 @@ impl ClusterConfig {
     /// The connector for an endpoint: the first `transport_socket_matches` entry its
     /// metadata satisfies, else the cluster's `transport_socket`.
     pub fn connector_for(&self, metadata: Option<&Metadata>) -> &Connector {
+        self.connector_at(self.socket_match(metadata))
+    }
+
+    /// The index of the first `transport_socket_matches` entry `metadata` satisfies (None:
+    /// the cluster's `transport_socket`). Decided once per endpoint when its cluster is
+    /// built ([`Endpoint::socket_match`](super::Endpoint::socket_match)): the metadata
+    /// lookups hash strings.
+    pub fn socket_match(&self, metadata: Option<&Metadata>) -> Option<usize> {
         if self.socket_matches.is_empty() {
-            return &self.transport;
+            return None;
         }
         let fields = metadata.and_then(|m| m.filter_metadata.get(SOCKET_MATCH_METADATA)).map(|s| &s.fields);
-        self.socket_matches
-            .iter()
-            .find(|m| m.fields.iter().all(|(k, v)| fields.and_then(|f| f.get(k)) == Some(v)))
-            .map_or(&self.transport, |m| &m.connector)
+        self.socket_matches.iter().position(|m| m.fields.iter().all(|(k, v)| fields.and_then(|f| f.get(k)) == Some(v)))
+    }
+
+    /// The connector [`ClusterConfig::socket_match`] chose.
+    pub fn connector_at(&self, socket_match: Option<usize>) -> &Connector {
+        socket_match.and_then(|i| self.socket_matches.get(i)).map_or(&self.transport, |m| &m.connector)
     }
 
     /// Compiles an xDS cluster. Errors name the cluster and the offending field.

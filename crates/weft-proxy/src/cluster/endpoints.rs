@@ -23,6 +23,11 @@ pub struct Endpoint {
     pub health: Health,
     /// The endpoint's metadata (subsets, TLS mode, ...).
     pub metadata: Option<Metadata>,
+    /// The `transport_socket_matches` entry of its cluster the metadata selects
+    /// ([`ClusterConfig::socket_match`](super::ClusterConfig::socket_match)), decided when
+    /// the cluster is built: the forwarding path takes its connector without looking at
+    /// the metadata again.
+    pub socket_match: Option<usize>,
     /// Outstanding requests and latency, shared across snapshots.
     pub load: Arc<EndpointLoad>,
 }

@@ -125,8 +125,14 @@ impl EndpointLoad {
 
     /// Starts a request: counts it in flight until the guard is finished or dropped.
     pub fn start(self: &Arc<Self>) -> InFlight {
+        self.start_at(Instant::now())
+    }
+
+    /// [`EndpointLoad::start`] for a request that started at `now`, a clock reading
+    /// the caller took anyway (the forwarding path reads the clock once per attempt).
+    pub fn start_at(self: &Arc<Self>, now: Instant) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight { load: Arc::clone(self), started: Instant::now() }
+        InFlight { load: Arc::clone(self), started: now }
     }
 
     /// Requests currently in flight.
@@ -147,7 +153,12 @@ impl EndpointLoad {
 
     /// Records one observed latency.
     pub fn observe(&self, rtt: Duration) {
-        let now = self.now_ns();
+        self.observe_at(rtt, Instant::now());
+    }
+
+    /// [`EndpointLoad::observe`] of a latency that ended at `now`.
+    fn observe_at(&self, rtt: Duration, now: Instant) {
+        let now = self.ns_at(now);
         let rtt_ns = rtt.as_nanos() as f64;
         let now = now.max(1);
         let last = self.updated_ns.swap(now, Ordering::Relaxed);
@@ -179,7 +190,12 @@ impl EndpointLoad {
     }
 
     fn now_ns(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+        self.ns_at(Instant::now())
+    }
+
+    /// `at` in nanoseconds since the load's epoch.
+    fn ns_at(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.epoch).as_nanos()).unwrap_or(u64::MAX)
     }
 }
 
@@ -194,6 +210,14 @@ impl InFlight {
     pub fn finish(self, rtt: Duration) {
         self.load.observe(rtt);
         // Drop decrements the in-flight count.
+    }
+
+    /// Ends the request at `now` (a clock reading the caller took anyway) and records
+    /// its latency since [`EndpointLoad::start_at`]. Returns that latency.
+    pub fn finish_at(self, now: Instant) -> Duration {
+        let rtt = now.saturating_duration_since(self.started);
+        self.load.observe_at(rtt, now);
+        rtt
     }
 
     /// Time since the request started.

@@ -85,6 +85,7 @@ impl Cluster {
                 addr,
                 weight: r.weight,
                 health: r.health,
+                socket_match: config.socket_match(r.metadata.as_ref()),
                 metadata: r.metadata,
                 load: loads.get(&config.name, addr),
             }));

@@ -141,6 +141,11 @@ pub struct Upstream<'a> {
     /// The cluster's shared load and its limits; None: no circuit breaking, pools
     /// shared by every cluster reaching the endpoint.
     pub breaker: Option<(&'a Arc<ClusterLoad>, Limits)>,
+    /// When the request set out: a clock reading the caller took anyway (the
+    /// forwarding path's attempt start), taken by the pool as the time of the checkout
+    /// (a connection's last use, the idle time of pooled ones) instead of reading the
+    /// clock again.
+    pub at: Instant,
 }
 
 /// How connections to upstreams are made. The extension point for mTLS to the peer
@@ -201,7 +206,7 @@ pub struct Pools {
 struct Inner {
     cfg: PoolConfig,
     connector: Connector,
-    endpoints: ArcSwap<HashMap<PoolKey, Arc<EndpointPool>>>,
+    endpoints: ArcSwap<PoolMap>,
     /// The smallest idle timeout any pool was given, in ms: the reaper looks at least
     /// four times as often.
     min_idle_ms: AtomicU64,
@@ -212,6 +217,56 @@ struct Inner {
 /// Endpoint, transport, and the cluster's load when it has a circuit breaker (its
 /// address: the registry keeps one `ClusterLoad` per cluster name across snapshots).
 type PoolKey = (SocketAddr, u64, usize);
+
+/// The pools by key, hashed with [`PoolKeyHasher`].
+type PoolMap = HashMap<PoolKey, Arc<EndpointPool>, std::hash::BuildHasherDefault<PoolKeyHasher>>;
+
+/// A multiply-rotate hash (FxHash's) for [`PoolKey`]s, looked up once per request. The
+/// keys are endpoint addresses from the control plane and the proxy's own connector and
+/// cluster identities, never chosen by a client or peer, so the default SipHash's
+/// resistance to chosen collisions buys nothing there; it cost ~430 instructions per
+/// lookup, this a few dozen.
+#[derive(Debug, Default, Clone, Copy)]
+struct PoolKeyHasher(u64);
+
+impl PoolKeyHasher {
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
+}
+
+impl std::hash::Hasher for PoolKeyHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        let mut chunks = bytes.chunks_exact(8);
+        for c in &mut chunks {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(c);
+            self.add(u64::from_le_bytes(word));
+        }
+        let mut word = [0u8; 8];
+        let rest = chunks.remainder();
+        word[..rest.len()].copy_from_slice(rest);
+        self.add(u64::from_le_bytes(word) ^ ((rest.len() as u64) << 56));
+    }
+    fn write_u8(&mut self, n: u8) {
+        self.add(u64::from(n));
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.add(u64::from(n));
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.add(u64::from(n));
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.add(n);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.add(n as u64);
+    }
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
 
 #[derive(Debug, Default)]
 struct EndpointPool {
@@ -229,12 +284,14 @@ struct EndpointPool {
 }
 
 /// The SPIFFE id in the certificate an upstream presented on the mTLS handshake of the
-/// connection a response came over (a response extension; absent over plain TCP).
+/// connection a response came over (a response extension of [`Pools::send`] and
+/// [`Pools::send_with`]; absent over plain TCP). [`Pools::send_to`] returns it beside the
+/// response instead: an extension costs three allocations (the map, its table, the value).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UpstreamPrincipal(pub Arc<str>);
 
 /// The peer's SPIFFE id, kept with the connection it was proven on.
-type Principal = Option<Arc<str>>;
+pub type Principal = Option<Arc<str>>;
 
 #[derive(Debug)]
 struct H1Conn {
@@ -400,7 +457,7 @@ impl Pools {
         let inner = Arc::new(Inner {
             cfg,
             connector,
-            endpoints: ArcSwap::from_pointee(HashMap::new()),
+            endpoints: ArcSwap::from_pointee(PoolMap::default()),
             min_idle_ms: AtomicU64::new(u64::MAX),
             reaper: Arc::new(tokio::sync::Notify::new()),
         });
@@ -425,8 +482,14 @@ impl Pools {
         req: Request<BoxBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let connector = self.inner.connector.clone();
-        let up = Upstream { connect_timeout, connector: &connector, conn: ConnSettings::default(), breaker: None };
-        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await
+        let up = Upstream {
+            connect_timeout,
+            connector: &connector,
+            conn: ConnSettings::default(),
+            breaker: None,
+            at: Instant::now(),
+        };
+        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await.map(with_principal)
     }
 
     /// [`Pools::send`] over a cluster's own transport (TLS origination).
@@ -438,15 +501,17 @@ impl Pools {
         connector: &Connector,
         req: Request<BoxBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let up = Upstream { connect_timeout, connector, conn: ConnSettings::default(), breaker: None };
-        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await
+        let up =
+            Upstream { connect_timeout, connector, conn: ConnSettings::default(), breaker: None, at: Instant::now() };
+        self.send_headers(ep, proto, &up, req, Headers::Unchecked).await.map(with_principal)
     }
 
     /// [`Pools::send`] with a cluster's transport, per-connection settings and circuit
     /// breaker: the forwarding path's entry. Fails with `Overflow` (not sent) when the
     /// request would wait for a connection beyond `max_pending_requests`. `req` must
     /// carry no connection-specific header (`http::forward` strips them before): an
-    /// HTTP/2 upstream gets its headers without a second look for them.
+    /// HTTP/2 upstream gets its headers without a second look for them. The upstream's
+    /// proven identity comes beside the response (no extension).
     ///
     /// Not an `async fn` around `send_headers`: that would be one more future
     /// level, its arguments (the request: 240 bytes) kept in every request's state and
@@ -457,7 +522,7 @@ impl Pools {
         proto: UpstreamProtocol,
         up: &'a Upstream<'a>,
         req: Request<BoxBody>,
-    ) -> impl Future<Output = Result<Response<UpstreamBody>, ProxyError>> + Send + 'a {
+    ) -> impl Future<Output = Result<(Response<UpstreamBody>, Principal), ProxyError>> + Send + 'a {
         self.send_headers(ep, proto, up, req, Headers::Stripped)
     }
 
@@ -468,7 +533,7 @@ impl Pools {
         up: &Upstream<'_>,
         req: Request<BoxBody>,
         headers: Headers,
-    ) -> Result<Response<UpstreamBody>, ProxyError> {
+    ) -> Result<(Response<UpstreamBody>, Principal), ProxyError> {
         let h2 = match proto {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
@@ -483,19 +548,13 @@ impl Pools {
                 self.inner.reaper.notify_one();
             }
         }
-        let resp = if h2 {
+        if h2 {
             let req = absolute_form(req, ep.addr)?;
             self.send_h2(&pool, ep.addr, up, req, headers).await.map(|(r, p)| (r.map(UpstreamBody::Http2), p))
         } else {
             let req = origin_form(req)?;
             self.send_h1(&pool, ep.addr, up, req).await.map(|(r, p)| (r.map(UpstreamBody::Http1), p))
-        };
-        resp.map(|(mut resp, principal)| {
-            if let Some(p) = principal {
-                resp.extensions_mut().insert(UpstreamPrincipal(p));
-            }
-            resp
-        })
+        }
     }
 
     /// A connection over a cluster's transport (plain or TLS), for byte streams.
@@ -543,7 +602,7 @@ impl Pools {
                 return Arc::clone(map);
             }
             result = Arc::clone(&fresh);
-            let mut next = HashMap::clone(map);
+            let mut next = PoolMap::clone(map);
             next.insert(key, Arc::clone(&fresh));
             Arc::new(next)
         });
@@ -562,7 +621,7 @@ impl Pools {
     ) -> Result<(Response<Incoming>, Principal), ProxyError> {
         let mut fresh_only = false;
         loop {
-            let ready = if fresh_only { None } else { pool.checkout_h1(&self.inner.cfg, &up.conn).await };
+            let ready = if fresh_only { None } else { pool.checkout_h1(&self.inner.cfg, &up.conn, up.at).await };
             let conn = match ready {
                 Some(c) => c,
                 // Boxed: waiting and connecting (TCP, TLS, handshake) are the slow path;
@@ -610,7 +669,8 @@ impl Pools {
             tokio::pin!(freed);
             freed.as_mut().enable();
             if !fresh_only {
-                if let Some(c) = pool.checkout_h1(&self.inner.cfg, &up.conn).await {
+                // A clock reading of its own: the request may have waited since `up.at`.
+                if let Some(c) = pool.checkout_h1(&self.inner.cfg, &up.conn, Instant::now()).await {
                     return Ok(c);
                 }
             }
@@ -729,7 +789,7 @@ impl Pools {
         let mut slot = pool.h2.lock().await;
         if let Some(conn) = slot.as_mut() {
             if !conn.closed.load(Ordering::Acquire) && !spent(&up.conn, conn.opened, conn.uses) {
-                let now = Instant::now();
+                let now = up.at.max(conn.last_used);
                 let quiet = now.saturating_duration_since(conn.last_used) >= H2_QUIET;
                 conn.last_used = now;
                 conn.uses += 1;
@@ -795,10 +855,11 @@ impl Pools {
 }
 
 impl EndpointPool {
-    /// The most recently used pooled connection that can take a request now.
-    async fn checkout_h1(&self, cfg: &PoolConfig, settings: &ConnSettings) -> Option<Checked> {
+    /// The most recently used pooled connection that can take a request now (`now`:
+    /// the request's [`Upstream::at`]).
+    async fn checkout_h1(&self, cfg: &PoolConfig, settings: &ConnSettings, now: Instant) -> Option<Checked> {
         let mut conns = self.h1.lock().await;
-        prune_h1(&mut conns, cfg, self.idle_timeout(cfg), settings.max_connection_duration, false);
+        prune_h1(&mut conns, cfg, self.idle_timeout(cfg), settings.max_connection_duration, false, now);
         let pos = conns.iter().rposition(|c| c.tx.is_ready());
         let found = pos.and_then(|i| conns.remove(i));
         self.http1_pooled.store(conns.len(), Ordering::Relaxed);
@@ -838,7 +899,7 @@ impl EndpointPool {
         let idle_timeout = self.idle_timeout(cfg);
         {
             let mut conns = self.h1.lock().await;
-            prune_h1(&mut conns, cfg, idle_timeout, None, true);
+            prune_h1(&mut conns, cfg, idle_timeout, None, true, Instant::now());
             self.http1_pooled.store(conns.len(), Ordering::Relaxed);
         }
         {
@@ -942,17 +1003,26 @@ impl AsyncWrite for UpstreamStream {
     }
 }
 
+/// The response with the upstream's proven identity as its [`UpstreamPrincipal`] extension.
+fn with_principal((mut resp, principal): (Response<UpstreamBody>, Principal)) -> Response<UpstreamBody> {
+    if let Some(p) = principal {
+        resp.extensions_mut().insert(UpstreamPrincipal(p));
+    }
+    resp
+}
+
 /// Drops (and so closes) closed connections, idle ones past `idle_timeout` (idle time
 /// counts from when a prune first saw the connection ready), ones older than
 /// `max_duration` once idle and, when `bound_idle`, the least recently used idle ones
 /// beyond `max_idle_per_endpoint`. Busy connections stay: they are handed out again
-/// once their response is done.
+/// once their response is done. `now` is the time of the prune.
 fn prune_h1(
     conns: &mut VecDeque<H1Conn>,
     cfg: &PoolConfig,
     idle_timeout: Duration,
     max_duration: Option<Duration>,
     bound_idle: bool,
+    now: Instant,
 ) {
     let mut excess = if bound_idle {
         let idle = conns.iter().filter(|c| c.tx.is_ready()).count();
@@ -960,7 +1030,10 @@ fn prune_h1(
     } else {
         0
     };
-    let now = Instant::now();
+    // `now - idle_since < idle_timeout` as one comparison of instants per connection
+    // (a checkout prunes every pooled connection): kept while idle since after the
+    // cutoff (None: the clock is younger than the timeout, nothing has been idle that long).
+    let idle_cutoff = now.checked_sub(idle_timeout);
     // Least recently used first: the excess idle connections are the first ones met.
     conns.retain_mut(|c| {
         if c.tx.is_closed() {
@@ -973,11 +1046,11 @@ fn prune_h1(
             excess -= 1;
             return false;
         }
-        if max_duration.is_some_and(|d| c.opened.elapsed() >= d) {
+        if max_duration.is_some_and(|d| now.saturating_duration_since(c.opened) >= d) {
             return false;
         }
         let since = *c.idle_since.get_or_insert(now);
-        now.saturating_duration_since(since) < idle_timeout
+        !idle_timeout.is_zero() && idle_cutoff.is_none_or(|cutoff| since > cutoff)
     });
 }
 
@@ -1008,7 +1081,7 @@ async fn reap_idle(inner: Weak<Inner>, reconfigured: Arc<tokio::sync::Notify>) {
         if !empty.is_empty() {
             // Forget endpoints with no connection and no request using them.
             inner.endpoints.rcu(|m| {
-                let mut next = HashMap::clone(m);
+                let mut next = PoolMap::clone(m);
                 for a in &empty {
                     if next.get(a).is_some_and(|p| Arc::strong_count(p) <= 2) {
                         next.remove(a);

@@ -76,24 +76,39 @@ impl Body for DownstreamBody {
 }
 
 /// A body of `bytes`.
+///
+/// No bytes make an empty body: it has no size, so boxing it allocates nothing (a
+/// `Full` of no bytes behaves the same, ended at once with an exact length of 0, but
+/// takes an allocation; every GET forwarded with a retry policy sends one per attempt).
 pub fn full(bytes: impl Into<Bytes>) -> BoxBody {
-    boxed(http_body_util::Full::new(bytes.into()))
+    let bytes = bytes.into();
+    if bytes.is_empty() {
+        return boxed(http_body_util::Empty::<Bytes>::new());
+    }
+    boxed(http_body_util::Full::new(bytes))
 }
 
 /// A body that keeps `T` alive (a circuit-breaker permit, say) until it is dropped.
-pub struct Hold<T> {
-    inner: BoxBody,
+///
+/// Generic over the body it wraps (the box around a response is made once, outside
+/// all wrappers, instead of once per layer).
+pub struct Hold<B, T> {
+    inner: B,
     _held: T,
 }
 
-impl<T> Hold<T> {
+impl<B, T> Hold<B, T> {
     /// Wraps `inner`, holding `held` for the body's lifetime.
-    pub fn new(inner: BoxBody, held: T) -> Self {
+    pub fn new(inner: B, held: T) -> Self {
         Hold { inner, _held: held }
     }
 }
 
-impl<T: Unpin> Body for Hold<T> {
+impl<B, T> Body for Hold<B, T>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+    T: Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -120,8 +135,8 @@ impl<T: Unpin> Body for Hold<T> {
 /// wait after the latest frame (the frame itself only raises a flag), which differs
 /// from the time of the frame by the time the downstream took to take it (Envoy also
 /// counts the downstream's activity as activity).
-pub struct DeadlineBody {
-    inner: BoxBody,
+pub struct DeadlineBody<B = BoxBody> {
+    inner: B,
     idle: Option<Duration>,
     /// When the stream idle timeout fires, once the body has waited.
     idle_at: Option<TokioInstant>,
@@ -141,9 +156,9 @@ impl Now {
     }
 }
 
-impl DeadlineBody {
+impl<B> DeadlineBody<B> {
     /// Wraps `inner`.
-    pub fn new(inner: BoxBody, idle: Option<Duration>, deadline: Option<Instant>) -> Self {
+    pub fn new(inner: B, idle: Option<Duration>, deadline: Option<Instant>) -> Self {
         DeadlineBody {
             inner,
             idle,
@@ -203,7 +218,10 @@ pub enum BodyTimeout {
     Idle,
 }
 
-impl Body for DeadlineBody {
+impl<B> Body for DeadlineBody<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 
@@ -262,19 +280,22 @@ pub fn downstream_body_error(e: &(dyn std::error::Error + 'static)) -> ErrorKind
 
 /// A request body on its way upstream: counts its bytes and records a failure to read
 /// it from the downstream in a shared [`BodyTally`].
-pub struct CountingBody {
-    inner: BoxBody,
+pub struct CountingBody<B = BoxBody> {
+    inner: B,
     tally: Arc<BodyTally>,
 }
 
-impl CountingBody {
+impl<B> CountingBody<B> {
     /// Wraps `inner` (the body read from the downstream).
-    pub fn new(inner: BoxBody, tally: Arc<BodyTally>) -> Self {
+    pub fn new(inner: B, tally: Arc<BodyTally>) -> Self {
         CountingBody { inner, tally }
     }
 }
 
-impl Body for CountingBody {
+impl<B> Body for CountingBody<B>
+where
+    B: Body<Data = Bytes, Error = BoxError> + Unpin,
+{
     type Data = Bytes;
     type Error = BoxError;
 

@@ -73,7 +73,10 @@ pub async fn forward(
     report.request_body = Some(tally.clone());
     let policy = action.retry.as_ref().filter(|p| p.num_retries > 0 && p.request_is_retriable(&parts));
     let wants_replay = policy.is_some() || !action.mirrors.is_empty();
-    let mut body = if wants_replay && replayable(&body) {
+    let mut body = if wants_replay && body.is_end_stream() {
+        // Nothing to read (a GET, say): no collection, no buffer.
+        ReqBody::Replay(Bytes::new())
+    } else if wants_replay && replayable(&body) {
         let bytes = match body.collect().await {
             Ok(b) => b.to_bytes(),
             Err(e) => {
@@ -85,7 +88,8 @@ pub async fn forward(
         tally.add(bytes.len() as u64);
         ReqBody::Replay(bytes)
     } else {
-        ReqBody::Stream(Some(boxed(CountingBody::new(boxed(body), tally.clone()))))
+        // One box around both (the counting wrapper is generic over the body).
+        ReqBody::Stream(Some(boxed(CountingBody::new(body, tally.clone()))))
     };
 
     if let ReqBody::Replay(bytes) = &body {
@@ -100,15 +104,20 @@ pub async fn forward(
         (ReqBody::Replay(_), Some(p)) => 1 + p.num_retries,
         _ => 1,
     };
-    let deadline = action.timeout.map(|t| Instant::now() + t);
+    // One clock reading starts the route deadline, the upstream service time and the
+    // first attempt (its per-try deadline and latency); one more ends the attempt that
+    // answers. Retries read the clock again for their own start.
+    let upstream_start = Instant::now();
+    let deadline = action.timeout.map(|t| upstream_start + t);
     let proto = match cluster.config.protocol {
         UpstreamProtocol::UseDownstream if downstream_version == Version::HTTP_2 => UpstreamProtocol::Http2,
         UpstreamProtocol::UseDownstream => UpstreamProtocol::Http1,
         p => p,
     };
     let (hash, set_cookies) = request_hash(&action.hash_policy, &parts, conn);
+    // The endpoints already tried, filled only when a retry is made (no allocation for
+    // the first attempt).
     let mut tried = Vec::new();
-    let upstream_start = Instant::now();
     let mut attempt = 0;
     // The retry in progress, counted against the cluster's max_retries or retry budget
     // from its scheduling to the outcome of its attempt (as Envoy's resource manager).
@@ -124,7 +133,6 @@ pub async fn forward(
     loop {
         let last = attempt + 1 >= attempts;
         let ep = pick(&cluster, conn, &tried, hash)?;
-        tried.push(ep.addr);
         report.upstream_host = Some(ep.addr);
         let req_body = match &mut body {
             ReqBody::Replay(b) => full(b.clone()),
@@ -133,20 +141,21 @@ pub async fn forward(
         // The last attempt takes the headers; an attempt that may be retried sends a copy.
         let headers = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
         let req = build_request(&parts, headers, proto, req_body);
+        let started = if attempt == 0 { upstream_start } else { Instant::now() };
         let per_try = policy.and_then(|p| p.per_try_timeout);
         let try_deadline = match (deadline, per_try) {
-            (Some(d), Some(p)) => Some(d.min(Instant::now() + p)),
+            (Some(d), Some(p)) => Some(d.min(started + p)),
             (Some(d), None) => Some(d),
-            (None, Some(p)) => Some(Instant::now() + p),
+            (None, Some(p)) => Some(started + p),
             (None, None) => None,
         };
-        let inflight = ep.load.start();
-        let started = Instant::now();
+        let inflight = ep.load.start_at(started);
         let upstream = Upstream {
             connect_timeout: cluster.config.connect_timeout,
-            connector: cluster.config.connector_for(ep.metadata.as_ref()),
+            connector: cluster.config.connector_at(ep.socket_match),
             conn: cluster.config.conn,
             breaker: Some((cluster.load(), limits)),
+            at: started,
         };
         let send = ctx.pools.send_to(&ep, proto, &upstream, req);
         let result = match try_deadline {
@@ -169,7 +178,7 @@ pub async fn forward(
             (r, _) => r,
         };
         match &result {
-            Ok(resp) => cluster.report(&ep, Outcome::of_status(resp.status().as_u16())),
+            Ok((resp, _)) => cluster.report(&ep, Outcome::of_status(resp.status().as_u16())),
             Err(e) if e.kind() == ErrorKind::Overflow => {
                 // The pool refused to queue it: the circuit breaker, not the endpoint.
                 ctx.metrics.proxy().upstream_rq_pending_overflow(cluster_name);
@@ -183,8 +192,10 @@ pub async fn forward(
             }
         };
         match result {
-            Ok(resp) => {
-                inflight.finish(started.elapsed());
+            // The upstream's proven identity comes beside the response.
+            Ok((resp, principal)) => {
+                let answered = Instant::now();
+                inflight.finish_at(answered);
                 let wants_retry =
                     !last && policy.map(|p| p.retry_on_response(resp.status(), resp.headers())).unwrap_or(false);
                 if wants_retry && !retry_slot(&mut retrying) {
@@ -192,6 +203,7 @@ pub async fn forward(
                     report.flag("UO");
                 } else if wants_retry {
                     drop(resp);
+                    tried.push(ep.addr);
                     report.retries += 1;
                     backoff(policy, attempt, deadline).await?;
                     attempt += 1;
@@ -204,16 +216,16 @@ pub async fn forward(
                 {
                     report.flag("URX");
                 }
-                report.upstream_service_time = Some(upstream_start.elapsed());
-                report.upstream_principal =
-                    resp.extensions().get::<crate::cluster::UpstreamPrincipal>().map(|p| p.0.clone());
+                report.upstream_service_time = Some(answered.saturating_duration_since(upstream_start));
+                report.upstream_principal = principal;
                 let (mut rp, rb) = resp.into_parts();
                 strip_hop_by_hop(&mut rp.headers);
                 for c in set_cookies {
                     rp.headers.append(http::header::SET_COOKIE, c);
                 }
-                let bounded = DeadlineBody::new(boxed(rb), action.idle_timeout.or(stream_idle), deadline);
-                return Ok(Response::from_parts(rp, boxed(Hold::new(boxed(bounded), permit))));
+                // One box around the response body and its wrappers (they are generic).
+                let bounded = DeadlineBody::new(rb, action.idle_timeout.or(stream_idle), deadline);
+                return Ok(Response::from_parts(rp, boxed(Hold::new(bounded, permit))));
             }
             Err(e) => {
                 drop(inflight);
@@ -226,6 +238,7 @@ pub async fn forward(
                     return Err(e);
                 }
                 if retry {
+                    tried.push(ep.addr);
                     report.retries += 1;
                     report.flag(e.kind().response_flag());
                     backoff(policy, attempt, deadline).await?;
@@ -331,6 +344,7 @@ fn pick(
             weight: 1,
             health: crate::cluster::Health::Healthy,
             metadata: None,
+            socket_match: cluster.config.socket_match(None),
             load: Arc::new(crate::cluster::EndpointLoad::new()),
         }));
     }

@@ -373,7 +373,7 @@ async fn handle_with(
 }
 
 async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) -> Result<Response<BoxBody>, ProxyError> {
-    let (ctx, conn, chain) = (rq.ctx, rq.conn, rq.chain);
+    let conn = rq.conn;
     let (mut parts, body) = req.into_parts();
     // Envoy refuses these before routing: a head with bare-LF line ends (hyper accepts
     // them) and a second Host, either of which lets two parsers disagree on the request.
@@ -390,29 +390,44 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) ->
         parts.headers.insert(forward::X_FORWARDED_PROTO, http::HeaderValue::from_static(proto));
     }
     let authority = request_authority(&parts).unwrap_or_default();
-    rq.report.authority = authority.clone();
+    let routed = route_for(rq, parts, body, &authority).await;
+    // The report keeps the authority the request was routed with (moved, not copied:
+    // nothing reads it from the report before the response).
+    rq.report.authority = authority;
+    routed
+}
+
+/// [`route_request`] once the request's authority is known: authentication,
+/// authorization, route selection, rate limits and CORS, then [`dispatch`].
+async fn route_for(
+    rq: &mut RequestCtx<'_>,
+    mut parts: http::request::Parts,
+    body: DownstreamBody,
+    authority: &str,
+) -> Result<Response<BoxBody>, ProxyError> {
+    let (ctx, conn, chain) = (rq.ctx, rq.conn, rq.chain);
     // The request's span starts before any filter can answer locally, so local replies
     // (RBAC, JWT, faults, no route) are traced too.
     if let Some(t) = &chain.tracing {
-        let span = crate::telemetry::trace::ActiveSpan::start(conn, t, &parts, &authority, rq.report.request_id());
+        let span = crate::telemetry::trace::ActiveSpan::start(conn, t, &parts, authority, rq.report.request_id());
         rq.report.trace = Some(Box::new(span));
     }
     // Request authentication (JWT) before authorization: RBAC reads what it establishes.
     for f in &chain.jwt {
-        if let Err(denial) = f.authenticate(&mut parts, &authority).await {
+        if let Err(denial) = f.authenticate(&mut parts, authority).await {
             return Ok(jwt_denied(&denial, &mut rq.report));
         }
     }
     // Authorization first (Istio's order: authn, authz, then CORS, faults, router).
     if !chain.rbac.is_empty() {
-        let verdict = crate::rbac::check(&chain.rbac, &conn.rbac_http_input(&parts, &authority), ctx.metrics.rbac());
+        let verdict = crate::rbac::check(&chain.rbac, &conn.rbac_http_input(&parts, authority), ctx.metrics.rbac());
         let denied = verdict.denied.is_some();
         rq.report.rbac(verdict);
         if denied {
             // Envoy resolves the route before its filters run: the denial reports the
             // cluster (and so the service) the request was for.
             if let Some(RouteAction::Forward(action)) =
-                rq.snap.route_table(chain).and_then(|t| t.select(&authority, &parts)).as_deref().map(|r| &r.action)
+                rq.snap.route_table(chain).and_then(|t| t.select(authority, &parts)).as_deref().map(|r| &r.action)
             {
                 rq.report.cluster = Some(action.clusters.pick(rand::random()).clone());
             }
@@ -424,7 +439,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) ->
         .route_table(chain)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "route configuration not (yet) received"))?;
     // On-demand route configurations (VHDS) fetch the virtual host of a new authority first.
-    let fetched = ctx.store.await_vhost(&rq.snap, &table, &authority).await;
+    let fetched = ctx.store.await_vhost(&rq.snap, &table, authority).await;
     if let Some((s, t)) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoRoute, e.to_string()))? {
         (rq.snap, table) = (s, t);
     }
@@ -432,7 +447,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) ->
         if !chain.upgrades.iter().any(|u| u == "connect") {
             return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "CONNECT is not enabled on this listener"));
         }
-        let route = tunnel::select_connect_route(&table, &authority, &parts)
+        let route = tunnel::select_connect_route(&table, authority, &parts)
             .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for CONNECT {authority}")))?;
         rq.report.route_name = Some(route.name.clone());
         // A direct response (REGISTRY_ONLY's block_all) answers the CONNECT: no tunnel.
@@ -440,10 +455,10 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) ->
             let (p, b) = r.into_parts();
             return Ok(Response::from_parts(p, full(b)));
         }
-        return tunnel::connect(rq, &route, &authority, parts).await;
+        return tunnel::connect(rq, &route, authority, parts).await;
     }
     let route = table
-        .select(&authority, &parts)
+        .select(authority, &parts)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for {authority}{}", parts.uri.path())))?;
     rq.report.route_name = Some(route.name.clone());
     if let Some(span) = rq.report.trace.as_mut() {
@@ -482,7 +497,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) ->
             }
         }
     }
-    let mut result = dispatch(rq, &route, parts, body).await;
+    let mut result = dispatch(rq, &route, parts, body, authority).await;
     if let (Some(policy), Some(origin), Ok(resp)) = (cors, allowed_origin, result.as_mut()) {
         policy.decorate(resp.headers_mut(), origin);
     }
@@ -498,6 +513,7 @@ async fn dispatch(
     route: &Arc<Route>,
     mut parts: http::request::Parts,
     body: DownstreamBody,
+    authority: &str,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let (ctx, chain) = (rq.ctx, rq.chain);
     match &route.action {
@@ -549,7 +565,7 @@ async fn dispatch(
                         format!("upgrade {kind:?} is not enabled on this listener"),
                     ));
                 }
-                return tunnel::upgrade(rq, &cluster_name, parts).await;
+                return tunnel::upgrade(rq, &cluster_name, parts, authority).await;
             }
             let mut resp = forward::forward(rq, action, &cluster_name, parts, body).await?;
             // The peer's metadata is read before the route's edits, which may remove it.

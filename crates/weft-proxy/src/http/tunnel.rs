@@ -85,14 +85,16 @@ async fn pipe<D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(mut down:
 }
 
 /// HTTP/1.1 upgrade (WebSocket and friends): a dedicated upstream connection, the
-/// request sent as is, and on `101` both connections become a byte pipe.
+/// request sent as is (its Host set from `authority`, the one it was routed with), and
+/// on `101` both connections become a byte pipe.
 pub async fn upgrade(
     rq: &mut RequestCtx<'_>,
     cluster_name: &str,
     mut parts: http::request::Parts,
+    authority: &str,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let stream = dial(rq, cluster_name, None).await?;
-    let (ctx, conn, report) = (rq.ctx, rq.conn, &rq.report);
+    let (ctx, conn) = (rq.ctx, rq.conn);
     let on_down = parts
         .extensions
         .remove::<OnUpgrade>()
@@ -109,8 +111,7 @@ pub async fn upgrade(
     let pq = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     *req.uri_mut() = pq.parse().unwrap_or_else(|_| http::Uri::from_static("/"));
     *req.headers_mut() = parts.headers.clone();
-    if let Some(host) = (!report.authority.is_empty()).then(|| HeaderValue::from_str(&report.authority).ok()).flatten()
-    {
+    if let Some(host) = (!authority.is_empty()).then(|| HeaderValue::from_str(authority).ok()).flatten() {
         req.headers_mut().insert(http::header::HOST, host);
     }
     let in_mesh = rq.snap.clusters.get(cluster_name).is_some_and(|c| c.config.in_mesh());

@@ -180,10 +180,20 @@ impl RetryPolicy {
     /// carry `grpc-status` in the headers) is retried. Envoy's order: a response with
     /// `x-envoy-ratelimited` is retried only under `envoy-ratelimited`.
     pub fn retry_on_response(&self, status: http::StatusCode, headers: &http::HeaderMap) -> bool {
-        let on = &self.retry_on;
-        if headers.contains_key(X_ENVOY_RATELIMITED) {
-            return on.envoy_ratelimited;
+        // A rate-limited response (`x-envoy-ratelimited`) is retried only on
+        // `envoy-ratelimited`, whatever else matches. The header is looked up only when
+        // its presence can change the answer: most responses match nothing else.
+        let ratelimited = || headers.contains_key(X_ENVOY_RATELIMITED);
+        if self.retry_on.envoy_ratelimited && ratelimited() {
+            return true;
         }
+        self.retry_on_status_or_headers(status, headers) && !ratelimited()
+    }
+
+    /// [`RetryPolicy::retry_on_response`] apart from rate limiting: the status, the
+    /// retriable headers and the gRPC status.
+    fn retry_on_status_or_headers(&self, status: http::StatusCode, headers: &http::HeaderMap) -> bool {
+        let on = &self.retry_on;
         let code = status.as_u16();
         if on.status_5xx && status.is_server_error() {
             return true;

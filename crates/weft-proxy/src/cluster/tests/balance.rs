@@ -247,6 +247,22 @@ fn peak_ewma_steers_away_from_a_slow_endpoint() {
     assert!(m[&addr(1)] > 50 && m[&addr(3)] > 50, "{m:?}");
 }
 
+/// The forwarding path hands the load its own clock readings: the latency recorded is
+/// the one between them, and the request counts in flight until it finishes.
+#[test]
+fn a_latency_is_measured_between_the_readings_the_caller_gives() {
+    let load = std::sync::Arc::new(crate::cluster::EndpointLoad::new());
+    let sent = std::time::Instant::now();
+    let guard = load.start_at(sent);
+    assert_eq!(load.in_flight(), 1);
+    let rtt = guard.finish_at(sent + Duration::from_millis(40));
+    assert_eq!(rtt, Duration::from_millis(40));
+    assert_eq!(load.in_flight(), 0);
+    // The first observation replaces the default estimate (then decays over seconds).
+    let ewma = load.ewma();
+    assert!(ewma >= Duration::from_millis(35) && ewma <= Duration::from_millis(40), "{ewma:?}");
+}
+
 #[test]
 fn peak_ewma_counts_outstanding_requests() {
     let loads = LoadRegistry::new();

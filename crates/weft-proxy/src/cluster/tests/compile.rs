@@ -388,9 +388,25 @@ fn transport_socket_matches_pick_the_connector_by_endpoint_metadata() {
         filter_metadata: HashMap::from([("envoy.transport_socket_match".to_string(), s)]),
         ..Default::default()
     };
-    assert!(matches!(cfg.connector_for(Some(&meta(istio))), Connector::Tls(_)));
+    assert!(matches!(cfg.connector_for(Some(&meta(istio.clone()))), Connector::Tls(_)));
     assert!(matches!(cfg.connector_for(Some(&meta(Struct::default()))), Connector::Plain));
     assert!(matches!(cfg.connector_for(None), Connector::Plain));
+    // The choice is recorded on each endpoint when the cluster is built, and the
+    // forwarding path's connector is the same one.
+    let mut mtls = super::lb_endpoint("10.0.0.1", 80, 1, HealthStatus::Healthy);
+    mtls.metadata = Some(meta(istio));
+    let plain = super::lb_endpoint("10.0.0.2", 80, 1, HealthStatus::Healthy);
+    let cluster = crate::cluster::Cluster::new(
+        std::sync::Arc::new(cfg),
+        Some(&super::cla("c", vec![(0, vec![mtls, plain])])),
+        &crate::cluster::LoadRegistry::new(),
+    )
+    .unwrap();
+    let [a, b] = cluster.endpoints() else { panic!("two endpoints") };
+    assert_eq!((a.socket_match, b.socket_match), (Some(0), Some(1)), "the tls match, then the catch-all");
+    assert!(matches!(cluster.config.connector_at(a.socket_match), Connector::Tls(_)));
+    assert!(matches!(cluster.config.connector_at(b.socket_match), Connector::Plain));
+    assert!(matches!(cluster.config.connector_at(None), Connector::Plain));
 }
 
 #[test]

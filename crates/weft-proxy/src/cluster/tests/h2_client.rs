@@ -41,7 +41,14 @@ where
 }
 
 fn endpoint(addr: SocketAddr) -> Endpoint {
-    Endpoint { addr, weight: 1, health: Health::Healthy, metadata: None, load: Arc::new(EndpointLoad::new()) }
+    Endpoint {
+        addr,
+        weight: 1,
+        health: Health::Healthy,
+        metadata: None,
+        socket_match: None,
+        load: Arc::new(EndpointLoad::new()),
+    }
 }
 
 /// A request whose body is whatever is sent into the returned channel, until it is dropped.

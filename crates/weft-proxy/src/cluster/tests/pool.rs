@@ -103,7 +103,14 @@ impl Server {
 }
 
 fn endpoint(addr: SocketAddr) -> Endpoint {
-    Endpoint { addr, weight: 1, health: Health::Healthy, metadata: None, load: Arc::new(EndpointLoad::new()) }
+    Endpoint {
+        addr,
+        weight: 1,
+        health: Health::Healthy,
+        metadata: None,
+        socket_match: None,
+        load: Arc::new(EndpointLoad::new()),
+    }
 }
 
 fn get(uri: &str, host: &str) -> Request<BoxBody> {
