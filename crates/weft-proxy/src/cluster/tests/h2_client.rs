@@ -14,7 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::cluster::{BoxBody, Endpoint, EndpointLoad, Health, PoolConfig, Pools, UpstreamProtocol};
+use super::endpoint;
+use crate::cluster::{BoxBody, PoolConfig, Pools, UpstreamProtocol};
 
 const TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -38,17 +39,6 @@ where
         }
     });
     addr
-}
-
-fn endpoint(addr: SocketAddr) -> Endpoint {
-    Endpoint {
-        addr,
-        weight: 1,
-        health: Health::Healthy,
-        metadata: None,
-        socket_match: None,
-        load: Arc::new(EndpointLoad::new()),
-    }
 }
 
 /// A request whose body is whatever is sent into the returned channel, until it is dropped.

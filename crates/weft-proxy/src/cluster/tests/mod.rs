@@ -16,6 +16,23 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 use envoy_types::pb::google::protobuf::UInt32Value;
 
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use crate::cluster::{Endpoint, EndpointLoad, Health};
+
+/// A healthy endpoint of weight 1 at `addr`, no metadata.
+pub(super) fn endpoint(addr: SocketAddr) -> Endpoint {
+    Endpoint {
+        addr,
+        weight: 1,
+        health: Health::Healthy,
+        metadata: None,
+        socket_match: None,
+        load: Arc::new(EndpointLoad::new()),
+    }
+}
+
 /// An `LbEndpoint` at `host:port` with `weight` and `health`.
 pub(super) fn lb_endpoint(host: &str, port: u32, weight: u32, health: HealthStatus) -> LbEndpoint {
     LbEndpoint {

@@ -14,7 +14,8 @@ use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
-use crate::cluster::{BoxBody, Endpoint, EndpointLoad, Health, PoolConfig, Pools, UpstreamProtocol};
+use super::endpoint;
+use crate::cluster::{BoxBody, PoolConfig, Pools, UpstreamProtocol};
 use crate::error::ErrorKind;
 
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -99,17 +100,6 @@ impl Server {
     /// Stops accepting and closes every connection (tasks are awaited, sockets dropped).
     async fn stop(mut self) {
         self.tasks.shutdown().await;
-    }
-}
-
-fn endpoint(addr: SocketAddr) -> Endpoint {
-    Endpoint {
-        addr,
-        weight: 1,
-        health: Health::Healthy,
-        metadata: None,
-        socket_match: None,
-        load: Arc::new(EndpointLoad::new()),
     }
 }
 
