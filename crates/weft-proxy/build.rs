@@ -28,6 +28,10 @@ pub fn main() {
     if off || profile != "release" || target != "x86_64-unknown-linux-gnu" || !list.is_file() {
         return;
     }
+    if !links_with_lld() {
+        println!("cargo:warning=linking without weft's code layout: rustc < 1.90 or another linker (LLD options)");
+        return;
+    }
     println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", list.display());
     println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
     // Relative relocations packed (DT_RELR, glibc 2.36+): the loader reads ~10 KiB of them
@@ -36,4 +40,21 @@ pub fn main() {
     // Identical functions (generic instantiations over types of one layout) folded into
     // one copy: less code to map.
     println!("cargo:rustc-link-arg-bins=-Wl,--icf=all");
+}
+
+/// Whether rustc links this target with LLD: its default on x86-64 Linux since 1.90,
+/// unless the flags choose another linker.
+fn links_with_lld() -> bool {
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let version = std::process::Command::new(rustc).arg("--version").output().ok();
+    let minor = version.as_ref().and_then(|o| {
+        let text = String::from_utf8_lossy(&o.stdout);
+        let v = text.split_whitespace().nth(1)?.to_string();
+        let mut parts = v.split('.');
+        (parts.next()? == "1").then_some(())?;
+        parts.next()?.parse::<u32>().ok()
+    });
+    let flags = std::env::var("CARGO_ENCODED_RUSTFLAGS").unwrap_or_default();
+    println!("cargo:rerun-if-env-changed=CARGO_ENCODED_RUSTFLAGS");
+    minor.is_some_and(|m| m >= 90) && !flags.contains("linker")
 }
