@@ -37,7 +37,10 @@ pub struct LayoutArgs {
     pub secs: u64,
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
-    /// The build to record (the shipped profile: its symbol names are the ones listed).
+    /// The build to record: `cargo build --release -p weft-proxy --bin weft-proxy` alone,
+    /// as the bench scripts build it. Its symbol names are the ones listed; built together
+    /// with `weft`, weft-proxy's dependencies' features are unified with weft's and its
+    /// names differ.
     #[arg(long, default_value = "target/release/weft-proxy")]
     pub weft_proxy: PathBuf,
     /// Skip the native `perf` pass.
