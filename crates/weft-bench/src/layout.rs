@@ -258,6 +258,15 @@ fn=(1)
 ";
 
     #[test]
+    fn coverage_counts_the_listed_names_the_binary_defines() {
+        let dir = tempfile::tempdir().unwrap();
+        let list = dir.path().join("order.txt");
+        std::fs::write(&list, "main\nno_such_function_in_any_binary\n\n").unwrap();
+        let bin = std::env::current_exe().unwrap();
+        assert_eq!(coverage(&bin, &list).unwrap(), (1, 2), "`main` is defined, the other name is not");
+    }
+
+    #[test]
     fn native_samples_count_the_binarys_own_functions_only() {
         let script = "\
      55d5d4e18d77 _ZN8httparse12parse_reason17hE (/tmp/wp)
