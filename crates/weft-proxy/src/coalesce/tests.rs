@@ -100,6 +100,24 @@ fn write_all(io: &mut Coalesced<Mock>, cx: &mut Context<'_>, data: &[u8]) {
     assert!(matches!(n, Poll::Ready(Ok(n)) if n == data.len()), "write accepted whole: {n:?}");
 }
 
+/// A connection whose first poll writes `data` (and whose every poll is `Pending`) over a
+/// stream that is not ready to take writes yet, and the stream's state.
+fn first_poll_writes_to_a_stream_not_ready(
+    data: &'static [u8],
+) -> (impl Future<Output = ()> + Unpin, Arc<Mutex<MockState>>) {
+    let (mock, state) = Mock::new();
+    state.lock().expect("mock lock").blocked = true;
+    let (mut io, flusher) = Coalesced::new(mock);
+    let mut first = true;
+    let conn = flusher.wrap(poll_fn(move |cx| {
+        if std::mem::take(&mut first) {
+            write_all(&mut io, cx, data);
+        }
+        Poll::<()>::Pending
+    }));
+    (Box::pin(conn), state)
+}
+
 #[test]
 fn the_writes_and_flushes_of_one_poll_reach_the_stream_as_one_write() {
     let (mock, state) = Mock::new();
@@ -120,16 +138,7 @@ fn the_writes_and_flushes_of_one_poll_reach_the_stream_as_one_write() {
 
 #[test]
 fn nothing_stays_buffered_after_a_poll_even_when_the_stream_was_not_ready() {
-    let (mock, state) = Mock::new();
-    state.lock().expect("mock lock").blocked = true;
-    let (mut io, flusher) = Coalesced::new(mock);
-    let mut first = true;
-    let mut conn = flusher.wrap(poll_fn(move |cx| {
-        if std::mem::take(&mut first) {
-            write_all(&mut io, cx, b"response");
-        }
-        Poll::<()>::Pending
-    }));
+    let (mut conn, state) = first_poll_writes_to_a_stream_not_ready(b"response");
     let counter = Arc::new(Counter::default());
     let waker = Waker::from(counter.clone());
     assert!(poll_once(&mut conn, &waker).is_pending());
@@ -284,16 +293,7 @@ fn a_poll_that_wrote_nothing_does_not_flush_the_stream() {
 
 #[test]
 fn a_flush_that_was_not_ready_is_finished_by_the_next_poll() {
-    let (mock, state) = Mock::new();
-    state.lock().expect("mock lock").blocked = true;
-    let (mut io, flusher) = Coalesced::new(mock);
-    let mut first = true;
-    let mut conn = flusher.wrap(poll_fn(move |cx| {
-        if std::mem::take(&mut first) {
-            write_all(&mut io, cx, b"answer");
-        }
-        Poll::<()>::Pending
-    }));
+    let (mut conn, state) = first_poll_writes_to_a_stream_not_ready(b"answer");
     let waker = Waker::from(Arc::new(Counter::default()));
     assert!(poll_once(&mut conn, &waker).is_pending());
     state.lock().expect("mock lock").blocked = false;
