@@ -21,7 +21,7 @@ use anyhow::{ensure, Context};
 use crate::load;
 use crate::outside::{start_pair, tools};
 use crate::procs::Pinning;
-use crate::profile::{callgrind_control, callgrind_wrapper};
+use crate::profile::{callgrind_control, callgrind_wrapper, PerfRecord};
 
 /// What `layout` runs.
 #[derive(Clone, Debug, clap::Args)]
@@ -124,23 +124,11 @@ async fn native_samples(
     let mut out: HashMap<String, u64> = HashMap::new();
     for pair in &args.pairs {
         let stack = start_pair(pair, &tools(&args.weft, bin, None, None), apps).await?;
-        let pids: Vec<String> =
-            stack.proxies.iter().map(|p| p.proc.pid().map(|p| p.to_string())).collect::<Result<_, _>>()?;
         let data = scratch.join(format!("{pair}.perf"));
-        let mut perf = tokio::process::Command::new("perf")
-            .args(["record", "-q", "-F", "9999", "-o"])
-            .arg(&data)
-            .args(["-p", &pids.join(",")])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .context("perf record (is perf installed, and may this user trace?)")?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        let perf = PerfRecord::start(&stack, &data, &["-F", "9999"]).await?;
         let r = load::h1_fixed_rate(&stack.h1, 1000, 16, Duration::from_secs(args.secs)).await?;
         load::h1_max(&stack.h1, 16, Duration::from_secs(args.secs)).await?;
-        let pid = perf.id().context("perf exited early")?;
-        // perf writes its file on SIGINT.
-        std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
-        perf.wait().await?;
+        perf.stop().await?;
         stack.verify(r.ok).await?;
         drop(stack);
         let script = tokio::process::Command::new("perf")

@@ -46,28 +46,15 @@ pub async fn profile(args: &ProfileArgs) -> anyhow::Result<()> {
     let (_echo, apps) = crate::run::start_echo(&Pinning { apps: None, proxies: None }, scratch.path()).await?;
     let stack = start_pair(&args.pair, &tools, apps).await?;
     load::h1_fixed_rate(&stack.h1, 1000, 16, Duration::from_secs(2)).await?;
-    let pids: Vec<String> =
-        stack.proxies.iter().map(|p| p.proc.pid().map(|p| p.to_string())).collect::<Result<_, _>>()?;
     let data = scratch.path().join("perf.data");
-    let mut perf = tokio::process::Command::new("perf")
-        .args(["record", "-q", "-F", &args.freq.to_string(), "--call-graph", "dwarf,16384", "-o"])
-        .arg(&data)
-        .args(["-p", &pids.join(",")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::inherit())
-        .spawn()
-        .context("perf record")?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let perf = PerfRecord::start(&stack, &data, &["-F", &args.freq.to_string(), "--call-graph", "dwarf,16384"]).await?;
     let d = Duration::from_secs(args.secs);
     let r = if args.rps == 0 {
         load::h1_max(&stack.h1, 16, d).await?
     } else {
         load::h1_fixed_rate(&stack.h1, args.rps, 16, d).await?
     };
-    let pid = perf.id().ok_or_else(|| anyhow!("perf exited early"))?;
-    // perf writes its file on SIGINT.
-    std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
-    perf.wait().await?;
+    perf.stop().await?;
     eprintln!("profile: {} requests, {:.0} req/s, p50 {:.0} us, loadavg {}", r.ok, r.rps, r.latency_us.p50, loadavg());
     let script = tokio::process::Command::new("perf")
         .args(["script", "-F", "comm,ip,sym", "--no-inline", "-i"])
@@ -104,6 +91,38 @@ pub async fn profile(args: &ProfileArgs) -> anyhow::Result<()> {
     std::fs::write(args.out.with_extension("txt"), top)?;
     eprintln!("profile: wrote {}.folded and .txt", args.out.display());
     Ok(())
+}
+
+/// `perf record` attached to both proxies of a pair, writing `data`.
+pub struct PerfRecord(tokio::process::Child);
+
+impl PerfRecord {
+    /// Starts recording the proxies of `stack` with the extra `options` (`-F`, ...), and
+    /// gives perf time to attach to every thread.
+    pub async fn start(stack: &crate::stack::Stack, data: &Path, options: &[&str]) -> anyhow::Result<PerfRecord> {
+        let pids: Vec<String> =
+            stack.proxies.iter().map(|p| p.proc.pid().map(|p| p.to_string())).collect::<Result<_, _>>()?;
+        let child = tokio::process::Command::new("perf")
+            .args(["record", "-q"])
+            .args(options)
+            .arg("-o")
+            .arg(data)
+            .args(["-p", &pids.join(",")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::inherit())
+            .spawn()
+            .context("perf record (is perf installed, and may this user trace?)")?;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        Ok(PerfRecord(child))
+    }
+
+    /// Stops recording; perf writes its file on SIGINT.
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.0.id().ok_or_else(|| anyhow!("perf exited early"))?;
+        std::process::Command::new("kill").args(["-INT", &pid.to_string()]).status()?;
+        self.0.wait().await?;
+        Ok(())
+    }
 }
 
 /// Folds `perf script -F comm,ip,sym` output: `comm;outer;...;leaf count` per stack.
