@@ -201,6 +201,7 @@ pub async fn run(args: &GateArgs) -> anyhow::Result<bool> {
             weft: args.weft.clone(),
             weft_proxy: args.weft_proxy.clone(),
             keep: None,
+            cache_sim: false,
         };
         for r in crate::profile::instr(&i).await? {
             if let Some(b) = pairs.get_mut(&r.pair) {

@@ -165,7 +165,8 @@ pub fn fold(script: &str) -> std::collections::HashMap<String, u64> {
 /// What `instr` counts.
 #[derive(Clone, Debug, clap::Args)]
 pub struct InstrArgs {
-    /// Pairs to count (weft pairs only: `weft-h2`, `weft-h1`).
+    /// Pairs to count: `weft-h2`, `weft-h1`, and `haproxy` (HAProxy's pair, run under
+    /// callgrind the same way: the reference the issue compares with).
     #[arg(long, value_delimiter = ',', default_value = "weft-h2,weft-h1")]
     pub pairs: Vec<String>,
     /// Requests per second during the counted window (callgrind runs the proxies ~20×
@@ -188,6 +189,64 @@ pub struct InstrArgs {
     /// Keep the callgrind dumps here (for `callgrind_annotate`).
     #[arg(long)]
     pub keep: Option<PathBuf>,
+    /// Also simulate the caches and branch predictor (callgrind `--cache-sim=yes
+    /// --branch-sim=yes`, ~2x slower): adds L1 data, last-level and branch misses per
+    /// request and callgrind's cycle estimate (see [`CacheSim`]).
+    #[arg(long)]
+    pub cache_sim: bool,
+}
+
+/// Callgrind's cache and branch simulation of one pair, per request, both proxies
+/// together: where instructions alone hide what a request costs (the same number of
+/// instructions that touch more memory take longer).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CacheSim {
+    /// Level-1 data cache misses (reads and writes).
+    pub d1_misses: f64,
+    /// Level-1 instruction cache misses.
+    pub i1_misses: f64,
+    /// Last-level cache misses (instructions and data).
+    pub ll_misses: f64,
+    /// Mispredicted conditional and indirect branches.
+    pub branch_misses: f64,
+    /// Callgrind's estimate: instructions + 10 per L1 miss and mispredicted branch + 100
+    /// per last-level miss (`callgrind_annotate`'s "Estimated Cycles" weights).
+    pub est_cycles: f64,
+}
+
+impl CacheSim {
+    /// From a dump's `events:` and `totals:` (or `summary:`) lines, divided by `requests`.
+    /// None when the dump has no simulated events.
+    pub fn from_dump(text: &str, requests: u64) -> Option<CacheSim> {
+        let events: Vec<&str> = text.lines().find_map(|l| l.strip_prefix("events:"))?.split_whitespace().collect();
+        let totals = text.lines().find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))?;
+        let values: Vec<u64> = totals.split_whitespace().map(|v| v.parse().unwrap_or(0)).collect();
+        let get = |name: &str| -> Option<f64> {
+            let i = events.iter().position(|e| *e == name)?;
+            Some(values.get(i).copied().unwrap_or(0) as f64)
+        };
+        let n = requests.max(1) as f64;
+        let ir = get("Ir")?;
+        let d1 = get("D1mr")? + get("D1mw")?;
+        let i1 = get("I1mr")?;
+        let ll = get("ILmr")? + get("DLmr")? + get("DLmw")?;
+        let branches = get("Bcm")? + get("Bim")?;
+        Some(CacheSim {
+            d1_misses: d1 / n,
+            i1_misses: i1 / n,
+            ll_misses: ll / n,
+            branch_misses: branches / n,
+            est_cycles: (ir + 10.0 * (d1 + i1 + branches) + 100.0 * ll) / n,
+        })
+    }
+
+    fn add(&mut self, o: &CacheSim) {
+        self.d1_misses += o.d1_misses;
+        self.i1_misses += o.i1_misses;
+        self.ll_misses += o.ll_misses;
+        self.branch_misses += o.branch_misses;
+        self.est_cycles += o.est_cycles;
+    }
 }
 
 /// Instructions per request of one pair, counted by callgrind.
@@ -201,6 +260,9 @@ pub struct InstrRun {
     pub instructions_per_req: f64,
     /// The same per proxy (server, client).
     pub each: Vec<f64>,
+    /// With `--cache-sim`: the simulated misses and cycles per request, both proxies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheSim>,
 }
 
 /// Writes `dir/weft-proxy`, a script that runs `bin` under callgrind (dumps to
@@ -226,8 +288,8 @@ pub fn callgrind_control(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The `totals:` (or `summary:`) of the last dump of `pid` in `dir`.
-fn last_dump_total(dir: &Path, pid: u32) -> anyhow::Result<u64> {
+/// The text of the last dump of `pid` in `dir`.
+fn last_dump(dir: &Path, pid: u32) -> anyhow::Result<(PathBuf, String)> {
     let prefix = format!("cg.{pid}.");
     let mut best: Option<(u32, PathBuf)> = None;
     for e in std::fs::read_dir(dir)? {
@@ -243,6 +305,12 @@ fn last_dump_total(dir: &Path, pid: u32) -> anyhow::Result<u64> {
     }
     let (_, path) = best.ok_or_else(|| anyhow!("no callgrind dump of {pid} in {}", dir.display()))?;
     let text = std::fs::read_to_string(&path)?;
+    Ok((path, text))
+}
+
+/// The instructions (first event of `totals:` or `summary:`) of the last dump of `pid`.
+fn last_dump_total(dir: &Path, pid: u32) -> anyhow::Result<u64> {
+    let (path, text) = last_dump(dir, pid)?;
     text.lines()
         .find_map(|l| l.strip_prefix("totals:").or_else(|| l.strip_prefix("summary:")))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
@@ -257,15 +325,27 @@ pub async fn instr(args: &InstrArgs) -> anyhow::Result<Vec<InstrRun>> {
     let (_echo, apps) = crate::run::start_echo(&Pinning { apps: None, proxies: None }, scratch.path()).await?;
     let mut binaries = vec![args.weft_proxy.clone()];
     binaries.extend(args.alt_proxy.clone());
+    let haproxy = tools(&args.weft, &args.weft_proxy, None, None).haproxy;
     let mut runs = Vec::new();
     for round in 1..=args.rounds {
         for pair in &args.pairs {
-            for (b, bin) in binaries.iter().enumerate() {
+            // HAProxy's pair has one build to count: the one on the machine.
+            let builds = if pair == "haproxy" { std::slice::from_ref(&haproxy) } else { &binaries[..] };
+            for (b, bin) in builds.iter().enumerate() {
                 let dir = scratch.path().join(format!("r{round}-{pair}-{b}"));
                 std::fs::create_dir_all(&dir)?;
                 let bin = std::fs::canonicalize(bin).with_context(|| bin.display().to_string())?;
-                let wrapper = callgrind_wrapper(&dir, &bin, "--instr-atstart=no")?;
-                let tools = tools(&args.weft, &wrapper, None, None);
+                let flags = if args.cache_sim {
+                    "--instr-atstart=no --cache-sim=yes --branch-sim=yes"
+                } else {
+                    "--instr-atstart=no"
+                };
+                let wrapper = callgrind_wrapper(&dir, &bin, flags)?;
+                let tools = if pair == "haproxy" {
+                    tools(&args.weft, &args.weft_proxy, None, Some(&wrapper))
+                } else {
+                    tools(&args.weft, &wrapper, None, None)
+                };
                 let stack = start_pair(pair, &tools, apps).await?;
                 // Warm up as the window will run (16 connections, same rate), so the
                 // upstream pool has the connections it needs before counting starts: a
@@ -290,6 +370,18 @@ pub async fn instr(args: &InstrArgs) -> anyhow::Result<Vec<InstrRun>> {
                     .iter()
                     .map(|pid| last_dump_total(&dir, *pid).map(|t| t as f64 / r.ok.max(1) as f64))
                     .collect::<Result<_, _>>()?;
+                let cache = if args.cache_sim {
+                    let mut sum = CacheSim::default();
+                    for pid in &pids {
+                        let (path, text) = last_dump(&dir, *pid)?;
+                        let sim = CacheSim::from_dump(&text, r.ok)
+                            .ok_or_else(|| anyhow!("no cache simulation events in {}", path.display()))?;
+                        sum.add(&sim);
+                    }
+                    Some(sum)
+                } else {
+                    None
+                };
                 stack.verify(r.ok).await?;
                 if let Some(keep) = &args.keep {
                     std::fs::create_dir_all(keep)?;
@@ -307,6 +399,7 @@ pub async fn instr(args: &InstrArgs) -> anyhow::Result<Vec<InstrRun>> {
                     requests: r.ok,
                     instructions_per_req: each.iter().sum(),
                     each,
+                    cache,
                 };
                 eprintln!(
                     "instr: {pair} {} round {round}: {:.0} instructions per request (server {:.0}, client {:.0}) over {} requests",
@@ -316,9 +409,39 @@ pub async fn instr(args: &InstrArgs) -> anyhow::Result<Vec<InstrRun>> {
                     run.each.get(1).copied().unwrap_or(0.0),
                     run.requests
                 );
+                if let Some(c) = &run.cache {
+                    eprintln!(
+                        "instr: {pair} round {round}: per request {:.0} L1 data misses, {:.0} L1 instruction, {:.0} last-level, {:.0} mispredicted branches, {:.0} estimated cycles",
+                        c.d1_misses, c.i1_misses, c.ll_misses, c.branch_misses, c.est_cycles
+                    );
+                }
                 runs.push(run);
             }
         }
     }
     Ok(runs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::CacheSim;
+
+    #[test]
+    fn cache_sim_reads_the_dump_totals_by_event_name() {
+        let dump = "version: 1\nevents: Ir Dr Dw I1mr D1mr D1mw ILmr DLmr DLmw Bc Bcm Bi Bim\n\
+                    fn=(1) main\n1 5\nsummary: 1000 300 200 20 40 60 1 2 3 150 30 10 10\n";
+        let c = CacheSim::from_dump(dump, 10).expect("simulated events");
+        assert_eq!(c.d1_misses, 10.0);
+        assert_eq!(c.i1_misses, 2.0);
+        assert_eq!(c.ll_misses, 0.6);
+        assert_eq!(c.branch_misses, 4.0);
+        // (1000 + 10 * (100 + 20 + 40) + 100 * 6) / 10
+        assert_eq!(c.est_cycles, 320.0);
+    }
+
+    #[test]
+    fn cache_sim_is_none_without_simulated_events() {
+        assert_eq!(CacheSim::from_dump("events: Ir\ntotals: 1000\n", 10), None);
+        assert_eq!(CacheSim::from_dump("no events here\n", 10), None);
+    }
 }
