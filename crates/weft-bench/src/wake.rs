@@ -10,7 +10,9 @@
 //! - context switches (voluntary and not) per thread (`/proc/PID/task/*/status`), so a
 //!   helper thread that wakes (the allocator trimmer, tokio's blocking pool) is named;
 //! - TCP segments sent and received per request on the proxy's established sockets
-//!   (`ss -tinp`), data or not: a pure ACK that wakes nobody still costs the kernel;
+//!   (`ss -tinp`, read every 100 ms through the window so that the load generator's
+//!   connections, closed when the load stops, still count), data or not: a pure ACK that
+//!   wakes nobody still costs the kernel;
 //! - user and kernel CPU time (`/proc/PID/stat`, clock ticks) and run time
 //!   (`schedstat`, nanoseconds).
 //!
@@ -19,6 +21,8 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, ensure, Context};
@@ -132,15 +136,19 @@ fn segments(pid: u32) -> BTreeMap<String, [u64; 4]> {
     }
 }
 
-/// [`segments`] from the text of `ss -tinpH state established`: a line per socket (its
-/// addresses and `users:((..,pid=N,..))`), then an indented line of counters.
+/// [`segments`] from the text of `ss -tinpH state established`: a line per socket
+/// (`Recv-Q Send-Q local peer users:((..,pid=N,..))`), then an indented line of counters.
+/// A socket is keyed by its two addresses only: its queues change from one reading to the
+/// next (a response not yet acknowledged sits in Send-Q), and a key with them made the
+/// same socket look new, counted from zero with all its past segments (the server
+/// sidecar's ~2.4 segments per request where each of its sockets sent one per request).
 fn parse_segments(text: &str, pid: u32) -> BTreeMap<String, [u64; 4]> {
     let mut out = BTreeMap::new();
     let owner = format!("pid={pid},");
     let mut current: Option<String> = None;
     for line in text.lines() {
         if !line.starts_with(char::is_whitespace) {
-            current = line.contains(&owner).then(|| line.split("users:").next().unwrap_or(line).trim().to_string());
+            current = line.contains(&owner).then(|| socket_key(line));
             continue;
         }
         let Some(key) = current.take() else { continue };
@@ -155,8 +163,59 @@ fn parse_segments(text: &str, pid: u32) -> BTreeMap<String, [u64; 4]> {
     out
 }
 
+/// A socket's `local peer` addresses from its `ss` line (the 3rd and 4th columns).
+fn socket_key(line: &str) -> String {
+    line.split_whitespace().skip(2).take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// Follows the segment counters of a process's sockets through the counted window: a
+/// thread reads [`segments`] every [`SEGMENT_SAMPLE`] and keeps each socket's latest
+/// counters, so a socket closed before the window's end (the load generator's connections
+/// to the client sidecar close when the load stops, before the last reading) still
+/// counts, up to its last sample.
+struct SegmentWatch {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<BTreeMap<String, [u64; 4]>>,
+}
+
+/// How often [`SegmentWatch`] reads the counters: a closed socket's last moments (at most
+/// this long) are lost.
+const SEGMENT_SAMPLE: Duration = Duration::from_millis(100);
+
+impl SegmentWatch {
+    /// Starts following `pid`'s sockets.
+    fn start(pid: u32) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut latest = BTreeMap::new();
+            while !flag.load(Ordering::Relaxed) {
+                keep_latest(&mut latest, segments(pid));
+                std::thread::sleep(SEGMENT_SAMPLE);
+            }
+            latest
+        });
+        SegmentWatch { stop, thread }
+    }
+
+    /// Stops following; every socket seen, with its latest counters (`last`, a reading
+    /// taken now, included).
+    fn finish(self, last: BTreeMap<String, [u64; 4]>) -> BTreeMap<String, [u64; 4]> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut latest = self.thread.join().unwrap_or_default();
+        keep_latest(&mut latest, last);
+        latest
+    }
+}
+
+/// Merges a [`segments`] reading into `latest`: the counters only grow, so a socket's
+/// newest reading replaces its older one, and a socket gone from `reading` keeps its last.
+fn keep_latest(latest: &mut BTreeMap<String, [u64; 4]>, reading: BTreeMap<String, [u64; 4]>) {
+    latest.extend(reading);
+}
+
 /// Segments per request between two [`segments`] readings: sockets opened in between
-/// count from zero, sockets closed in between are left out.
+/// count from zero, sockets closed in between are left out ([`SegmentWatch`] keeps them).
 fn segments_per_req(
     before: &BTreeMap<String, [u64; 4]>,
     after: &BTreeMap<String, [u64; 4]>,
@@ -228,10 +287,12 @@ async fn one(
         .iter()
         .map(|(_, pid, _, _)| Ok((switches(*pid), user_sys_s(*pid)?, run_ns(*pid)?, segments(*pid))))
         .collect::<anyhow::Result<_>>()?;
+    let watches: Vec<SegmentWatch> = probes.iter().map(|(_, pid, _, _)| SegmentWatch::start(*pid)).collect();
     let r = load::h1_fixed_rate(&stack.h1, args.rps, args.conns, Duration::from_secs(args.secs)).await?;
     let after: Vec<_> = probes
         .iter()
-        .map(|(_, pid, _, _)| Ok((switches(*pid), user_sys_s(*pid)?, run_ns(*pid)?, segments(*pid))))
+        .zip(watches)
+        .map(|((_, pid, _, _), w)| Ok((switches(*pid), user_sys_s(*pid)?, run_ns(*pid)?, w.finish(segments(*pid)))))
         .collect::<anyhow::Result<_>>()?;
     let n = r.ok.max(1) as f64;
     let mut runs = Vec::new();
@@ -337,6 +398,37 @@ mod tests {
         let got = parse_segments(SS, 9846);
         assert_eq!(got.len(), 1, "pid=98461 is another process: {got:?}");
         assert_eq!(got.values().next(), Some(&[546, 542, 583, 543]));
+    }
+
+    #[test]
+    fn a_socket_whose_queues_changed_between_readings_is_the_same_socket() {
+        let before = parse_segments(SS, 9846);
+        let later = SS.replace("0      0      127.0.0.1:36977", "0      1627   127.0.0.1:36977").replace(
+            "segs_out:546 segs_in:583 data_segs_out:542 data_segs_in:543",
+            "segs_out:556 segs_in:593 data_segs_out:552 data_segs_in:553",
+        );
+        let after = parse_segments(&later, 9846);
+        assert_eq!(before.keys().collect::<Vec<_>>(), ["127.0.0.1:36977 127.0.0.1:51196"]);
+        assert_eq!(
+            after.keys().collect::<Vec<_>>(),
+            before.keys().collect::<Vec<_>>(),
+            "Send-Q is not part of the key"
+        );
+        let got = segments_per_req(&before, &after, 10.0);
+        assert_eq!(got[0], ("tcp_data_segs_out", 1.0), "10 data segments in 10 requests, not the socket's whole past");
+    }
+
+    #[test]
+    fn a_socket_closed_during_the_window_keeps_its_last_reading() {
+        let mut latest = BTreeMap::new();
+        keep_latest(&mut latest, BTreeMap::from([("load".to_string(), [5, 4, 5, 4]), ("a".to_string(), [1, 1, 1, 1])]));
+        keep_latest(&mut latest, BTreeMap::from([("load".to_string(), [9, 8, 9, 8])]));
+        keep_latest(&mut latest, BTreeMap::from([("a".to_string(), [3, 2, 3, 2])]));
+        assert_eq!(
+            latest,
+            BTreeMap::from([("load".to_string(), [9, 8, 9, 8]), ("a".to_string(), [3, 2, 3, 2])]),
+            "the closed socket `load` keeps its newest counters, `a` moves on"
+        );
     }
 
     #[test]
