@@ -62,6 +62,26 @@ async fn handshake(client: ClientConfig, server: ServerConfig) -> (Result<(), ru
 }
 
 #[tokio::test]
+async fn two_sidecars_negotiate_aes_128_gcm_as_two_envoys_do() {
+    let ca = Ca::ephemeral("cluster.local").expect("ca");
+    let client = identity_from(&ca, "default", "web", ca.trust_bundle());
+    let server = identity_from(&ca, "default", "db", ca.trust_bundle());
+    let ccfg = client_config(client.subscribe(), PeerIdentities::Any).expect("client");
+    let scfg = server_config(server.subscribe(), PeerIdentities::Any, true).expect("server");
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let acceptor = TlsAcceptor::from(Arc::new(scfg));
+    let server_side = tokio::spawn(async move {
+        let tls = acceptor.accept(s).await.expect("server handshake");
+        tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite())
+    });
+    let name = ServerName::try_from("workload.weft.invalid").expect("name");
+    let tls = TlsConnector::from(Arc::new(ccfg)).connect(name, c).await.expect("client handshake");
+    let aes128 = Some(rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    assert_eq!(tls.get_ref().1.negotiated_cipher_suite().map(|s| s.suite()), aes128);
+    assert_eq!(server_side.await.expect("server task"), aes128);
+}
+
+#[tokio::test]
 async fn mutual_tls_succeeds_and_the_server_records_the_client_spiffe_id() {
     let ca = Ca::ephemeral("cluster.local").expect("ca");
     let client = identity_from(&ca, "default", "web", ca.trust_bundle());
