@@ -293,7 +293,7 @@ pub struct RequestCtx<'a> {
     /// The configuration the request is routed with.
     pub snap: Arc<ProxySnapshot>,
     /// Telemetry for the request, filled as it goes.
-    pub report: HttpReport,
+    pub report: Box<HttpReport>,
 }
 
 /// [`handle`] as hyper's HTTP/1 service wants it.
@@ -338,10 +338,14 @@ async fn handle_with(
     req: Request<DownstreamBody>,
     stream: StreamGuard,
 ) -> Response<BoxBody> {
-    let report = HttpReport::start(ctx, conn, &req);
-    let downstream_h2 = req.version() == http::Version::HTTP_2;
+    // The head is kept here and borrowed by the stages below (see `route_request`).
+    let (mut parts, body) = req.into_parts();
+    // Boxed: the report (~540 bytes) goes from here to the response body; as a pointer it
+    // is not copied at each move, nor kept inline in the request's future.
+    let report = Box::new(HttpReport::start(ctx, conn, &parts));
+    let downstream_h2 = parts.version == http::Version::HTTP_2;
     let mut rq = RequestCtx { ctx, conn, chain, snap, report };
-    let routed = route_request(&mut rq, req).await;
+    let routed = route_request(&mut rq, &mut parts, body).await;
     let mut report = rq.report;
     let resp = match routed {
         Ok(r) => r,
@@ -375,9 +379,15 @@ async fn handle_with(
     Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx.clone(), report, stream)))
 }
 
-async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) -> Result<Response<BoxBody>, ProxyError> {
+/// Checks the head (malformed, a second Host), sets `x-forwarded-proto`, finds the
+/// authority, then [`route_for`]. The head is borrowed: a `Parts` (224 bytes) taken by
+/// value is kept twice in an `async fn`'s state, and copied with it at each hand-over.
+async fn route_request(
+    rq: &mut RequestCtx<'_>,
+    parts: &mut http::request::Parts,
+    body: DownstreamBody,
+) -> Result<Response<BoxBody>, ProxyError> {
     let conn = rq.conn;
-    let (mut parts, body) = req.into_parts();
     // Envoy refuses these before routing: a head with bare-LF line ends (hyper accepts
     // them) and a second Host, either of which lets two parsers disagree on the request.
     if parts.extensions.get::<limits::MalformedHead>().is_some() {
@@ -400,7 +410,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) ->
         .or_insert_with(|| http::HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
     // The head stays here; the stages below borrow it (a `Parts` is 224 bytes, and each
     // `async fn` taking it by value kept it twice in its state, copied with it).
-    let routed = route_for(rq, &mut parts, body, &authority).await;
+    let routed = route_for(rq, parts, body, &authority).await;
     // The report keeps the authority the request was routed with (moved, not copied:
     // nothing reads it from the report before the response).
     rq.report.authority = authority;
