@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Version};
 use weft_xds::NodeInfo;
 
 use crate::config::Direction;
@@ -178,9 +178,9 @@ pub struct HttpReport {
 }
 
 impl HttpReport {
-    /// Starts the report for a request that just arrived.
-    pub fn start<B>(ctx: &Context, conn: &ConnInfo, req: &Request<B>) -> Self {
-        let h = req.headers();
+    /// Starts the report for a request that just arrived (its head).
+    pub fn start(ctx: &Context, conn: &ConnInfo, req: &http::request::Parts) -> Self {
+        let h = &req.headers;
         let text = |n: HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
         // Method and path only go to the access log and taps, user agent and
         // forwarded-for only to the access log: no copies when neither is on.
@@ -198,13 +198,13 @@ impl HttpReport {
             peer_principal: conn.peer_principal.clone(),
             peer_workload: conn.peer_workload.clone(),
             upstream_principal: None,
-            method: if log || tap { req.method().to_string() } else { String::new() },
-            path: match req.uri().path_and_query() {
+            method: if log || tap { req.method.to_string() } else { String::new() },
+            path: match req.uri.path_and_query() {
                 _ if !log && !tap => String::new(),
                 Some(p) => p.as_str().to_string(),
                 None => "/".into(),
             },
-            protocol: match req.version() {
+            protocol: match req.version {
                 Version::HTTP_2 => "HTTP/2",
                 Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",

@@ -542,14 +542,19 @@ impl Pools {
         self.send_headers(ep, proto, up, req, Headers::Stripped)
     }
 
-    async fn send_headers(
-        &self,
-        ep: &Endpoint,
+    /// Picks the version, the endpoint's pool and the request's form, then returns that
+    /// version's send. Not an `async fn`: nothing here waits, and as one it was a future
+    /// level of its own around the send, holding the request twice (as its argument and
+    /// in the form the send takes), and every request's future held and copied it.
+    fn send_headers<'a>(
+        &'a self,
+        ep: &'a Endpoint,
         proto: UpstreamProtocol,
-        up: &Upstream<'_>,
+        up: &'a Upstream<'a>,
         req: Request<BoxBody>,
         headers: Headers,
-    ) -> Result<(Response<UpstreamBody>, Principal), ProxyError> {
+    ) -> impl Future<Output = Result<(Response<UpstreamBody>, Principal), ProxyError>> + Send + 'a {
+        use futures::future::{ready, Either, FutureExt};
         let h2 = match proto {
             UpstreamProtocol::Http1 => false,
             UpstreamProtocol::Http2 => true,
@@ -564,12 +569,20 @@ impl Pools {
                 self.inner.reaper.notify_one();
             }
         }
-        if h2 {
-            let req = absolute_form(req, ep.addr)?;
-            self.send_h2(&pool, ep.addr, up, req, headers).await.map(|(r, p)| (r.map(UpstreamBody::Http2), p))
+        let sent = if h2 {
+            absolute_form(req, ep.addr).map(|req| {
+                let send = self.send_h2(pool, ep.addr, up, req, headers);
+                Either::Left(send.map(|r| r.map(|(r, p)| (r.map(UpstreamBody::Http2), p))))
+            })
         } else {
-            let req = origin_form(req)?;
-            self.send_h1(&pool, ep.addr, up, req).await.map(|(r, p)| (r.map(UpstreamBody::Http1), p))
+            origin_form(req).map(|req| {
+                let send = self.send_h1(pool, ep.addr, up, req);
+                Either::Right(send.map(|r| r.map(|(r, p)| (r.map(UpstreamBody::Http1), p))))
+            })
+        };
+        match sent {
+            Ok(send) => Either::Left(send),
+            Err(e) => Either::Right(ready(Err(e))),
         }
     }
 
@@ -630,7 +643,7 @@ impl Pools {
     /// on a reused connection before it was written goes once more on a new connection.
     async fn send_h1(
         &self,
-        pool: &Arc<EndpointPool>,
+        pool: Arc<EndpointPool>,
         addr: SocketAddr,
         up: &Upstream<'_>,
         mut req: Request<BoxBody>,
@@ -642,13 +655,13 @@ impl Pools {
                 Some(c) => c,
                 // Boxed: waiting and connecting (TCP, TLS, handshake) are the slow path;
                 // inline, their state would enlarge every request's future.
-                None => Box::pin(self.wait_h1(pool, addr, up, fresh_only)).await?,
+                None => Box::pin(self.wait_h1(&pool, addr, up, fresh_only)).await?,
             };
             let Checked { mut tx, principal, opened, uses, reused } = conn;
             match tx.try_send_request(req).await {
                 Ok(resp) => {
                     let checked = Checked { tx, principal: principal.clone(), opened, uses: uses + 1, reused };
-                    self.release_h1(pool, up, checked).await;
+                    self.release_h1(&pool, up, checked).await;
                     return Ok((resp, principal));
                 }
                 Err(mut e) => match e.take_message() {
@@ -762,13 +775,13 @@ impl Pools {
     /// replaced once; the request was not sent on it.
     async fn send_h2(
         &self,
-        pool: &Arc<EndpointPool>,
+        pool: Arc<EndpointPool>,
         addr: SocketAddr,
         up: &Upstream<'_>,
         req: Request<BoxBody>,
         headers: Headers,
     ) -> Result<(Response<H2Body>, Principal), ProxyError> {
-        let conn = self.h2_sender(pool, addr, up).await?;
+        let conn = self.h2_sender(&pool, addr, up).await?;
         if conn.quiet {
             // The connection's task learns that the peer closed the connection only once
             // the runtime has polled for I/O; a request arriving in the same turn would
@@ -783,7 +796,7 @@ impl Pools {
             Err(e) if conn.reused => {
                 tracing::debug!(%addr, error = %e, "pooled http2 connection takes no new stream, replacing it");
                 pool.drop_h2(conn.id).await;
-                let fresh = self.h2_sender(pool, addr, up).await?;
+                let fresh = self.h2_sender(&pool, addr, up).await?;
                 let tx = fresh.tx.ready().await.map_err(|e| h2_client::map_h2_error(addr, &e, true))?;
                 (tx, fresh.principal)
             }
@@ -872,12 +885,12 @@ impl Pools {
 
 impl EndpointPool {
     /// The most recently used pooled connection that can take a request now (`now`:
-    /// the request's [`Upstream::at`]).
+    /// the request's [`Upstream::at`]). Looks from the most recently used end and stops
+    /// at the first usable connection: the rest of the pool is left to the reaper
+    /// ([`prune_h1`]), so a checkout does not scan every pooled connection.
     async fn checkout_h1(&self, cfg: &PoolConfig, settings: &ConnSettings, now: Instant) -> Option<Checked> {
         let mut conns = self.h1.lock().await;
-        prune_h1(&mut conns, cfg, self.idle_timeout(cfg), settings.max_connection_duration, false, now);
-        let pos = conns.iter().rposition(|c| c.tx.is_ready());
-        let found = pos.and_then(|i| conns.remove(i));
+        let found = take_ready_h1(&mut conns, self.idle_timeout(cfg), settings.max_connection_duration, now);
         self.http1_pooled.store(conns.len(), Ordering::Relaxed);
         found.map(|c| Checked { tx: c.tx, principal: c.principal, opened: c.opened, uses: c.uses, reused: true })
     }
@@ -1070,6 +1083,34 @@ fn with_principal((mut resp, principal): (Response<UpstreamBody>, Principal)) ->
     resp
 }
 
+/// Takes the most recently used connection that can take a request now out of the
+/// pool. Ready connections met first that a prune would close (idle past
+/// `idle_timeout`, older than `max_duration`: [`idle_usable`]) are dropped on the way.
+/// Busy and closed connections are stepped over (the reaper and the next release drop
+/// closed ones): the common case looks at the last few connections only.
+fn take_ready_h1(
+    conns: &mut VecDeque<H1Conn>,
+    idle_timeout: Duration,
+    max_duration: Option<Duration>,
+    now: Instant,
+) -> Option<H1Conn> {
+    let idle_cutoff = now.checked_sub(idle_timeout);
+    let mut i = conns.len();
+    while i > 0 {
+        i -= 1;
+        let c = &mut conns[i];
+        if !c.tx.is_ready() {
+            continue;
+        }
+        let usable = idle_usable(c, idle_timeout, idle_cutoff, max_duration, now);
+        let taken = conns.remove(i);
+        if usable {
+            return taken;
+        }
+    }
+    None
+}
+
 /// Drops (and so closes) closed connections, idle ones past `idle_timeout` (idle time
 /// counts from when a prune first saw the connection ready), ones older than
 /// `max_duration` once idle and, when `bound_idle`, the least recently used idle ones
@@ -1089,9 +1130,6 @@ fn prune_h1(
     } else {
         0
     };
-    // `now - idle_since < idle_timeout` as one comparison of instants per connection
-    // (a checkout prunes every pooled connection): kept while idle since after the
-    // cutoff (None: the clock is younger than the timeout, nothing has been idle that long).
     let idle_cutoff = now.checked_sub(idle_timeout);
     // Least recently used first: the excess idle connections are the first ones met.
     conns.retain_mut(|c| {
@@ -1105,12 +1143,27 @@ fn prune_h1(
             excess -= 1;
             return false;
         }
-        if max_duration.is_some_and(|d| now.saturating_duration_since(c.opened) >= d) {
-            return false;
-        }
-        let since = *c.idle_since.get_or_insert(now);
-        !idle_timeout.is_zero() && idle_cutoff.is_none_or(|cutoff| since > cutoff)
+        idle_usable(c, idle_timeout, idle_cutoff, max_duration, now)
     });
+}
+
+/// Whether an idle (ready) connection may still be used at `now`: younger than
+/// `max_duration`, and idle for less than `idle_timeout` since a prune or checkout
+/// first saw it ready (its idle time starts now when none did). `idle_cutoff` is `now -
+/// idle_timeout`, one comparison of instants per connection (None: the clock is younger
+/// than the timeout, nothing has been idle that long).
+fn idle_usable(
+    c: &mut H1Conn,
+    idle_timeout: Duration,
+    idle_cutoff: Option<Instant>,
+    max_duration: Option<Duration>,
+    now: Instant,
+) -> bool {
+    if max_duration.is_some_and(|d| now.saturating_duration_since(c.opened) >= d) {
+        return false;
+    }
+    let since = *c.idle_since.get_or_insert(now);
+    !idle_timeout.is_zero() && idle_cutoff.is_none_or(|cutoff| since > cutoff)
 }
 
 /// Closes idle connections every `reap_interval` (or a quarter of the smallest idle

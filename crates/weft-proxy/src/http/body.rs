@@ -325,14 +325,14 @@ where
 pub struct ReportingBody {
     inner: BoxBody,
     ctx: Arc<Context>,
-    report: Option<HttpReport>,
+    report: Option<Box<HttpReport>>,
     stream: Option<StreamGuard>,
 }
 
 impl ReportingBody {
     /// Wraps `inner`; `report` is finished exactly once, and the stream counts as open
     /// on its connection until then.
-    pub fn new(inner: BoxBody, ctx: Arc<Context>, report: HttpReport, stream: StreamGuard) -> Self {
+    pub fn new(inner: BoxBody, ctx: Arc<Context>, report: Box<HttpReport>, stream: StreamGuard) -> Self {
         ReportingBody { inner, ctx, report: Some(report), stream: Some(stream) }
     }
 

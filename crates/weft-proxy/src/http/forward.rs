@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
+use http::header::{Entry, HeaderName, HeaderValue, CONNECTION, HOST, TE, TRANSFER_ENCODING, UPGRADE};
 use http::uri::PathAndQuery;
 use http::{HeaderMap, Request, Response, Uri, Version};
 use http_body::Body;
@@ -47,7 +47,7 @@ pub async fn forward(
     rq: &mut RequestCtx<'_>,
     action: &ForwardAction,
     cluster_name: &str,
-    mut parts: http::request::Parts,
+    parts: &mut http::request::Parts,
     body: DownstreamBody,
 ) -> Result<Response<BoxBody>, ProxyError> {
     let (ctx, conn, stream_idle) = (rq.ctx, rq.conn, rq.chain.stream_idle_timeout);
@@ -67,17 +67,18 @@ pub async fn forward(
     };
     let downstream_version = parts.version;
     // No mesh metadata to clusters outside the mesh (Istio's `skip_external_clusters`).
-    prepare_headers(&mut parts, ctx, conn, report, cluster.config.in_mesh());
+    prepare_headers(&mut *parts, ctx, conn, report, cluster.config.in_mesh());
 
     let tally = Arc::new(BodyTally::default());
     report.request_body = Some(tally.clone());
-    let policy = action.retry.as_ref().filter(|p| p.num_retries > 0 && p.request_is_retriable(&parts));
+    let policy = action.retry.as_ref().filter(|p| p.num_retries > 0 && p.request_is_retriable(&*parts));
     let wants_replay = policy.is_some() || !action.mirrors.is_empty();
     let mut body = if wants_replay && body.is_end_stream() {
         // Nothing to read (a GET, say): no collection, no buffer.
         ReqBody::Replay(Bytes::new())
     } else if wants_replay && replayable(&body) {
-        let bytes = match body.collect().await {
+        // Boxed: most requests have no body to collect.
+        let bytes = match Box::pin(body.collect()).await {
             Ok(b) => b.to_bytes(),
             Err(e) => {
                 let kind = downstream_body_error(&*e);
@@ -95,7 +96,7 @@ pub async fn forward(
     if let ReqBody::Replay(bytes) = &body {
         for m in &action.mirrors {
             if m.percent >= 100.0 || rand::random::<f64>() * 100.0 < m.percent {
-                mirror(ctx, snap, &m.cluster, &parts, bytes.clone());
+                mirror(ctx, snap, &m.cluster, &*parts, bytes.clone());
             }
         }
     }
@@ -114,7 +115,7 @@ pub async fn forward(
         UpstreamProtocol::UseDownstream => UpstreamProtocol::Http1,
         p => p,
     };
-    let (hash, set_cookies) = request_hash(&action.hash_policy, &parts, conn);
+    let (hash, set_cookies) = request_hash(&action.hash_policy, &*parts, conn);
     // The endpoints already tried, filled only when a retry is made (no allocation for
     // the first attempt).
     let mut tried = Vec::new();
@@ -140,7 +141,7 @@ pub async fn forward(
         };
         // The last attempt takes the headers; an attempt that may be retried sends a copy.
         let headers = if last { std::mem::take(&mut parts.headers) } else { parts.headers.clone() };
-        let req = build_request(&parts, headers, proto, req_body);
+        let req = build_request(&*parts, headers, proto, req_body);
         let started = if attempt == 0 { upstream_start } else { Instant::now() };
         let per_try = policy.and_then(|p| p.per_try_timeout);
         let try_deadline = match (deadline, per_try) {
@@ -205,7 +206,7 @@ pub async fn forward(
                     drop(resp);
                     tried.push(ep.addr);
                     report.retries += 1;
-                    backoff(policy, attempt, deadline).await?;
+                    Box::pin(backoff(policy, attempt, deadline)).await?;
                     attempt += 1;
                     continue;
                 }
@@ -241,7 +242,7 @@ pub async fn forward(
                     tried.push(ep.addr);
                     report.retries += 1;
                     report.flag(e.kind().response_flag());
-                    backoff(policy, attempt, deadline).await?;
+                    Box::pin(backoff(policy, attempt, deadline)).await?;
                     attempt += 1;
                     continue;
                 }
@@ -396,19 +397,18 @@ fn prepare_headers(
         parts.headers.remove(PROXY_CONNECTION);
         parts.headers.remove(PROXY_AUTHORIZATION);
     }
-    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
-        parts.headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
-    }
-    match parts.headers.get_mut(X_REQUEST_ID) {
+    parts.headers.entry(X_FORWARDED_PROTO).or_insert_with(|| HeaderValue::from_static("http"));
+    // One hashed lookup whether the request carries an id or gets the generated one.
+    match parts.headers.entry(X_REQUEST_ID) {
         // Unique per request: an HTTP/2 upstream's HPACK encoder sends it as a
         // never-indexed literal instead of inserting every value into its dynamic
         // table (each insertion walked the chain of earlier ids and evicted the entries
         // worth keeping, such as the peer metadata). Only the encoding changes.
-        Some(v) => v.set_sensitive(true),
-        None => {
+        Entry::Occupied(mut e) => e.get_mut().set_sensitive(true),
+        Entry::Vacant(e) => {
             if let Some(mut v) = report.request_id_value() {
                 v.set_sensitive(true);
-                parts.headers.insert(X_REQUEST_ID, v);
+                e.insert(v);
             }
         }
     }

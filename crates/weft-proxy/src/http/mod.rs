@@ -37,6 +37,9 @@ use crate::route::{Abort, CorsDecision, Route, RouteAction};
 use body::{full, DownstreamBody, ReportingBody};
 use preface::{Alpn, Version};
 
+/// `grpc-status`, parsed once (a `&str` key is parsed into a name at every lookup).
+const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
+
 /// hyper's HTTP/1 limit on request headers when none is set (`DEFAULT_MAX_HEADERS`).
 const HYPER_MAX_HEADERS: usize = 100;
 
@@ -290,7 +293,7 @@ pub struct RequestCtx<'a> {
     /// The configuration the request is routed with.
     pub snap: Arc<ProxySnapshot>,
     /// Telemetry for the request, filled as it goes.
-    pub report: HttpReport,
+    pub report: Box<HttpReport>,
 }
 
 /// [`handle`] as hyper's HTTP/1 service wants it.
@@ -335,10 +338,14 @@ async fn handle_with(
     req: Request<DownstreamBody>,
     stream: StreamGuard,
 ) -> Response<BoxBody> {
-    let report = HttpReport::start(ctx, conn, &req);
-    let downstream_h2 = req.version() == http::Version::HTTP_2;
+    // The head is kept here and borrowed by the stages below (see `route_request`).
+    let (mut parts, body) = req.into_parts();
+    // Boxed: the report (~540 bytes) goes from here to the response body; as a pointer it
+    // is not copied at each move, nor kept inline in the request's future.
+    let report = Box::new(HttpReport::start(ctx, conn, &parts));
+    let downstream_h2 = parts.version == http::Version::HTTP_2;
     let mut rq = RequestCtx { ctx, conn, chain, snap, report };
-    let routed = route_request(&mut rq, req).await;
+    let routed = route_request(&mut rq, &mut parts, body).await;
     let mut report = rq.report;
     let resp = match routed {
         Ok(r) => r,
@@ -365,31 +372,44 @@ async fn handle_with(
         own_header_values(&mut parts.headers);
     }
     report.response_code = parts.status.as_u16();
-    if let Some(s) = parts.headers.get("grpc-status") {
+    if let Some(s) = parts.headers.get(GRPC_STATUS) {
         report.grpc_status = s.to_str().ok().map(str::to_string);
     }
     report.on_response_headers(ctx, &mut parts.headers);
     Response::from_parts(parts, crate::http::body::boxed(ReportingBody::new(body, ctx.clone(), report, stream)))
 }
 
-async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) -> Result<Response<BoxBody>, ProxyError> {
+/// Checks the head (malformed, a second Host), sets `x-forwarded-proto`, finds the
+/// authority, then [`route_for`]. The head is borrowed: a `Parts` (224 bytes) taken by
+/// value is kept twice in an `async fn`'s state, and copied with it at each hand-over.
+async fn route_request(
+    rq: &mut RequestCtx<'_>,
+    parts: &mut http::request::Parts,
+    body: DownstreamBody,
+) -> Result<Response<BoxBody>, ProxyError> {
     let conn = rq.conn;
-    let (mut parts, body) = req.into_parts();
     // Envoy refuses these before routing: a head with bare-LF line ends (hyper accepts
     // them) and a second Host, either of which lets two parsers disagree on the request.
     if parts.extensions.get::<limits::MalformedHead>().is_some() {
         return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "request head with bare LF line endings"));
     }
-    if parts.headers.get_all(HOST).iter().nth(1).is_some() {
+    // One lookup of Host: a second value is refused, the first is the authority when
+    // the URI has none.
+    let mut hosts = parts.headers.get_all(HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
         return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "more than one Host header"));
     }
+    let authority = authority_of(&parts.uri, host).unwrap_or_default();
     // Envoy's HCM (without use_remote_address) keeps a client's x-forwarded-proto and
-    // otherwise sets it from the connection, before routing (require_tls reads it).
-    if !parts.headers.contains_key(forward::X_FORWARDED_PROTO) {
-        let proto = if conn.tls { "https" } else { "http" };
-        parts.headers.insert(forward::X_FORWARDED_PROTO, http::HeaderValue::from_static(proto));
-    }
-    let authority = request_authority(&parts).unwrap_or_default();
+    // otherwise sets it from the connection, before routing (require_tls reads it). One
+    // hashed lookup either way.
+    parts
+        .headers
+        .entry(forward::X_FORWARDED_PROTO)
+        .or_insert_with(|| http::HeaderValue::from_static(if conn.tls { "https" } else { "http" }));
+    // The head stays here; the stages below borrow it (a `Parts` is 224 bytes, and each
+    // `async fn` taking it by value kept it twice in its state, copied with it).
     let routed = route_for(rq, parts, body, &authority).await;
     // The report keeps the authority the request was routed with (moved, not copied:
     // nothing reads it from the report before the response).
@@ -401,7 +421,7 @@ async fn route_request(rq: &mut RequestCtx<'_>, req: Request<DownstreamBody>) ->
 /// authorization, route selection, rate limits and CORS, then [`dispatch`].
 async fn route_for(
     rq: &mut RequestCtx<'_>,
-    mut parts: http::request::Parts,
+    parts: &mut http::request::Parts,
     body: DownstreamBody,
     authority: &str,
 ) -> Result<Response<BoxBody>, ProxyError> {
@@ -409,25 +429,27 @@ async fn route_for(
     // The request's span starts before any filter can answer locally, so local replies
     // (RBAC, JWT, faults, no route) are traced too.
     if let Some(t) = &chain.tracing {
-        let span = crate::telemetry::trace::ActiveSpan::start(conn, t, &parts, authority, rq.report.request_id());
+        let span = crate::telemetry::trace::ActiveSpan::start(conn, t, &*parts, authority, rq.report.request_id());
         rq.report.trace = Some(Box::new(span));
     }
     // Request authentication (JWT) before authorization: RBAC reads what it establishes.
     for f in &chain.jwt {
-        if let Err(denial) = f.authenticate(&mut parts, authority).await {
+        // Boxed, as every path most requests never take below: inline, its state would
+        // enlarge the request's future, which is copied whole at each hand-over.
+        if let Err(denial) = Box::pin(f.authenticate(&mut *parts, authority)).await {
             return Ok(jwt_denied(&denial, &mut rq.report));
         }
     }
     // Authorization first (Istio's order: authn, authz, then CORS, faults, router).
     if !chain.rbac.is_empty() {
-        let verdict = crate::rbac::check(&chain.rbac, &conn.rbac_http_input(&parts, authority), ctx.metrics.rbac());
+        let verdict = crate::rbac::check(&chain.rbac, &conn.rbac_http_input(&*parts, authority), ctx.metrics.rbac());
         let denied = verdict.denied.is_some();
         rq.report.rbac(verdict);
         if denied {
             // Envoy resolves the route before its filters run: the denial reports the
             // cluster (and so the service) the request was for.
             if let Some(RouteAction::Forward(action)) =
-                rq.snap.route_table(chain).and_then(|t| t.select(authority, &parts)).as_deref().map(|r| &r.action)
+                rq.snap.route_table(chain).and_then(|t| t.select(authority, &*parts)).as_deref().map(|r| &r.action)
             {
                 rq.report.cluster = Some(action.clusters.pick(rand::random()).clone());
             }
@@ -438,27 +460,30 @@ async fn route_for(
         .snap
         .route_table(chain)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "route configuration not (yet) received"))?;
-    // On-demand route configurations (VHDS) fetch the virtual host of a new authority first.
-    let fetched = ctx.store.await_vhost(&rq.snap, &table, authority).await;
-    if let Some((s, t)) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoRoute, e.to_string()))? {
-        (rq.snap, table) = (s, t);
+    // On-demand route configurations (VHDS) fetch the virtual host of a new authority
+    // first (boxed: only on-demand tables ever wait).
+    if table.on_demand() {
+        let fetched = Box::pin(ctx.store.await_vhost(&rq.snap, &table, authority)).await;
+        if let Some((s, t)) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoRoute, e.to_string()))? {
+            (rq.snap, table) = (s, t);
+        }
     }
     if parts.method == Method::CONNECT {
         if !chain.upgrades.iter().any(|u| u == "connect") {
             return Err(ProxyError::new(ErrorKind::DownstreamProtocol, "CONNECT is not enabled on this listener"));
         }
-        let route = tunnel::select_connect_route(&table, authority, &parts)
+        let route = tunnel::select_connect_route(&table, authority, &*parts)
             .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for CONNECT {authority}")))?;
         rq.report.route_name = Some(route.name.clone());
         // A direct response (REGISTRY_ONLY's block_all) answers the CONNECT: no tunnel.
-        if let Some(r) = route.direct_response(&parts) {
+        if let Some(r) = route.direct_response(&*parts) {
             let (p, b) = r.into_parts();
             return Ok(Response::from_parts(p, full(b)));
         }
-        return tunnel::connect(rq, &route, authority, parts).await;
+        return Box::pin(tunnel::connect(rq, &route, authority, take_parts(parts))).await;
     }
     let route = table
-        .select(authority, &parts)
+        .select(authority, &*parts)
         .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, format!("no route for {authority}{}", parts.uri.path())))?;
     rq.report.route_name = Some(route.name.clone());
     if let Some(span) = rq.report.trace.as_mut() {
@@ -469,7 +494,7 @@ async fn route_for(
     let mut x_ratelimit = None;
     if !chain.local_ratelimit.is_empty() {
         let input = crate::ratelimit::CheckInput {
-            parts: &parts,
+            parts: &*parts,
             peer: conn.peer.ip(),
             route: &route.rate_limits,
             per_route: &route.local_ratelimit,
@@ -511,7 +536,7 @@ async fn route_for(
 async fn dispatch(
     rq: &mut RequestCtx<'_>,
     route: &Arc<Route>,
-    mut parts: http::request::Parts,
+    parts: &mut http::request::Parts,
     body: DownstreamBody,
     authority: &str,
 ) -> Result<Response<BoxBody>, ProxyError> {
@@ -520,8 +545,8 @@ async fn dispatch(
         RouteAction::Direct { .. } | RouteAction::Redirect(..) => {
             // Both carry the route's response-header edits already, as Envoy's local replies do.
             let r = match &route.action {
-                RouteAction::Direct { .. } => route.direct_response(&parts),
-                _ => route.redirect_response(&parts),
+                RouteAction::Direct { .. } => route.direct_response(&*parts),
+                _ => route.redirect_response(&*parts),
             }
             .ok_or_else(|| ProxyError::new(ErrorKind::NoRoute, "local reply could not be built"))?;
             let (p, b) = r.into_parts();
@@ -536,7 +561,7 @@ async fn dispatch(
                 let d = fault.decide(rand::random(), rand::random());
                 if let Some(delay) = d.delay {
                     rq.report.flag("DI");
-                    tokio::time::sleep(delay).await;
+                    Box::pin(tokio::time::sleep(delay)).await;
                 }
                 if let Some(abort) = d.abort {
                     rq.report.flag("FI");
@@ -547,7 +572,7 @@ async fn dispatch(
             }
             if !rq.snap.cluster_warm(&cluster_name) {
                 // On demand, a cluster not received yet (or without endpoints) is awaited.
-                let fetched = ctx.store.await_cluster(&rq.snap, &cluster_name).await;
+                let fetched = Box::pin(ctx.store.await_cluster(&rq.snap, &cluster_name)).await;
                 if let Some(s) = fetched.map_err(|e| ProxyError::new(ErrorKind::NoCluster, e.to_string()))? {
                     rq.snap = s;
                 }
@@ -557,7 +582,7 @@ async fn dispatch(
                 rq.report.local_status = Some(action.cluster_not_found_status);
                 return Err(ProxyError::new(ErrorKind::NoCluster, format!("unknown cluster {cluster_name}")));
             }
-            route.rewrite_request(&mut parts);
+            route.rewrite_request(&mut *parts);
             if let Some(kind) = tunnel::upgrade_type(&parts.headers) {
                 if !chain.upgrades.contains(&kind) {
                     return Err(ProxyError::new(
@@ -565,7 +590,7 @@ async fn dispatch(
                         format!("upgrade {kind:?} is not enabled on this listener"),
                     ));
                 }
-                return tunnel::upgrade(rq, &cluster_name, parts, authority).await;
+                return Box::pin(tunnel::upgrade(rq, &cluster_name, take_parts(parts), authority)).await;
             }
             let mut resp = forward::forward(rq, action, &cluster_name, parts, body).await?;
             // The peer's metadata is read before the route's edits, which may remove it.
@@ -620,12 +645,23 @@ fn hpack_never_indexed(name: &HeaderName) -> bool {
     )
 }
 
+/// Takes the request head out of `parts` (for the paths that own it: tunnels), leaving an
+/// empty one.
+fn take_parts(parts: &mut http::request::Parts) -> http::request::Parts {
+    std::mem::replace(parts, Request::new(()).into_parts().0)
+}
+
 /// The authority a request is for: the absolute URI's (explicit proxy, HTTP/2), else Host.
 pub fn request_authority(parts: &http::request::Parts) -> Option<String> {
-    if let Some(a) = parts.uri.authority() {
+    authority_of(&parts.uri, parts.headers.get(HOST))
+}
+
+/// [`request_authority`] from the URI and the (first) Host header already looked up.
+fn authority_of(uri: &http::Uri, host: Option<&HeaderValue>) -> Option<String> {
+    if let Some(a) = uri.authority() {
         return Some(a.as_str().to_ascii_lowercase());
     }
-    parts.headers.get(HOST).and_then(|h| h.to_str().ok()).map(|h| h.to_ascii_lowercase())
+    host.and_then(|h| h.to_str().ok()).map(|h| h.to_ascii_lowercase())
 }
 
 fn fault_abort(abort: &Abort) -> Response<BoxBody> {

@@ -1,7 +1,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use super::endpoint;
+use crate::cluster::pool::{ConnSettings, Connector, Upstream};
 use crate::cluster::{BoxBody, PoolConfig, Pools, UpstreamProtocol};
 use crate::error::ErrorKind;
 
@@ -419,6 +420,33 @@ async fn idle_connections_beyond_max_idle_per_endpoint_are_closed() {
     }
     assert_eq!(server.accepted(), 5, "the kept connections are reused");
     assert_eq!(pools.stats().endpoints[0].http1_open, 2);
+}
+
+/// One request through [`Pools::send_to`] (the forwarding path's entry) with the
+/// cluster's per-connection `settings`: the response body.
+async fn send_with_settings(pools: &Pools, ep: &crate::cluster::Endpoint, settings: ConnSettings) -> String {
+    let connector = Connector::Plain;
+    let up =
+        Upstream { connect_timeout: TIMEOUT, connector: &connector, conn: settings, breaker: None, at: Instant::now() };
+    let (resp, _) = pools.send_to(ep, UpstreamProtocol::Http1, &up, get("/", "a")).await.unwrap();
+    body(resp).await
+}
+
+#[tokio::test]
+async fn a_pooled_connection_past_max_connection_duration_is_not_handed_out_again() {
+    let server = Server::start(false).await;
+    // The reaper does not look within the test: only the checkout can turn it away.
+    let pools = Pools::new(PoolConfig { reap_interval: Duration::from_secs(60), ..PoolConfig::default() });
+    let ep = endpoint(server.addr);
+    let settings =
+        ConnSettings { max_connection_duration: Some(Duration::from_millis(300)), ..ConnSettings::default() };
+    send_with_settings(&pools, &ep, settings).await;
+    send_with_settings(&pools, &ep, settings).await;
+    assert_eq!(server.accepted(), 1, "reused while younger than max_connection_duration");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    send_with_settings(&pools, &ep, settings).await;
+    assert_eq!(server.accepted(), 2, "the old idle connection was closed at the checkout, a new one opened");
+    assert_eq!(pools.stats().endpoints[0].http1_pooled, 1, "only the new connection is pooled");
 }
 
 #[tokio::test]
