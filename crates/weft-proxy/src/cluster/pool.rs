@@ -286,6 +286,9 @@ impl std::hash::Hasher for PoolKeyHasher {
 struct EndpointPool {
     /// The cluster's idle timeout in ms (0: the pools' default), updated by each request.
     idle_ms: AtomicU64,
+    /// The cluster's `max_connection_duration` in ms (0: none), updated by each request:
+    /// the reaper closes idle connections past it that no checkout reaches.
+    max_duration_ms: AtomicU64,
     /// Pooled HTTP/1 connections, busy or idle; most recently used last.
     h1: Mutex<VecDeque<H1Conn>>,
     h2: Mutex<Option<H2Conn>>,
@@ -569,6 +572,9 @@ impl Pools {
                 self.inner.reaper.notify_one();
             }
         }
+        let max_duration =
+            up.conn.max_connection_duration.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
+        pool.max_duration_ms.store(max_duration, Ordering::Relaxed);
         let sent = if h2 {
             absolute_form(req, ep.addr).map(|req| {
                 let send = self.send_h2(pool, ep.addr, up, req, headers);
@@ -926,9 +932,13 @@ impl EndpointPool {
     /// `max_idle_per_endpoint`; true when nothing is left.
     async fn reap(&self, cfg: &PoolConfig) -> bool {
         let idle_timeout = self.idle_timeout(cfg);
+        let max_duration = match self.max_duration_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(Duration::from_millis(ms)),
+        };
         {
             let mut conns = self.h1.lock().await;
-            prune_h1(&mut conns, cfg, idle_timeout, None, true, Instant::now());
+            prune_h1(&mut conns, cfg, idle_timeout, max_duration, true, Instant::now());
             self.http1_pooled.store(conns.len(), Ordering::Relaxed);
         }
         {

@@ -450,6 +450,24 @@ async fn a_pooled_connection_past_max_connection_duration_is_not_handed_out_agai
 }
 
 #[tokio::test]
+async fn the_reaper_closes_an_idle_connection_past_max_connection_duration() {
+    let server = Server::start(false).await;
+    // No checkout after the first request: only the reaper can close it.
+    let pools = Pools::new(PoolConfig { reap_interval: Duration::from_millis(20), ..PoolConfig::default() });
+    let ep = endpoint(server.addr);
+    let settings =
+        ConnSettings { max_connection_duration: Some(Duration::from_millis(200)), ..ConnSettings::default() };
+    send_with_settings(&pools, &ep, settings).await;
+    let open = |p: &Pools| p.stats().endpoints.iter().map(|e| e.http1_open).sum::<usize>();
+    assert_eq!(open(&pools), 1, "pooled after its response");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while open(&pools) > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(open(&pools), 0, "closed once older than max_connection_duration, with no request to meet it");
+}
+
+#[tokio::test]
 async fn tcp_keepalive_is_set_on_new_connections_when_the_cluster_asks() {
     use crate::cluster::pool::{connect_tcp, Keepalive};
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
