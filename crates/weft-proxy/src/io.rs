@@ -1,7 +1,6 @@
 //! Byte streams that report activity: bytes read, and whether a byte moved either way,
 //! so idle timeouts can be enforced without a timer or a clock read per read, and that
-//! read from their stream again only once it can have something new ([`Tracked`], over
-//! [`ReadGate`], which the pool's upstream connections use too); and
+//! read from their stream again only once it can have something new ([`Tracked`]); and
 //! [`WakeGated`], which keeps a connection's rarely-firing watchers from being polled at
 //! each of its wake-ups.
 
@@ -106,7 +105,7 @@ pub struct WakeGated<F> {
     gate: Arc<Gate>,
 }
 
-/// What [`WakeGated`]'s inner future and [`ReadGate`]'s stream wake: a flag, then the task
+/// What [`WakeGated`]'s inner future and [`Tracked`]'s stream wake: a flag, then the task
 /// polling the gate.
 #[derive(Debug, Default)]
 struct Gate {
@@ -165,92 +164,37 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Reads from a stream again after a `Pending` only once the waker that read registered
-/// has fired; until then a read answers `Pending` at once, the stream's registration
-/// still standing.
-///
-/// The stream reads with a waker of the gate's own (a flag, then the reading task's
-/// waker, as [`WakeGated`]): until it fires, nothing can have arrived (a stream answers
-/// `Pending` only with no data left and its waker registered). hyper's HTTP/1 connections
-/// read at each wake-up of their task (to notice a close between requests) and h2 at each
-/// poll of its connection, so a connection read ~3 times per request only to hear
-/// `Pending` again; over TLS each of those went down through tokio-rustls, rustls and the
-/// socket's readiness (~0.5k instructions; bench/notes.md, wip-conn). Used by
-/// [`Tracked`] (downstream connections, TCP proxying) and by the pool's
-/// `UpstreamStream` (upstream connections).
-#[derive(Debug)]
-pub struct ReadGate {
-    /// The stream's last read was `Pending`.
-    parked: bool,
-    /// What the stream's reads register: raises the flag and wakes the reading task.
-    gate: Arc<Gate>,
-    /// `gate` as a waker, made once.
-    gate_waker: Waker,
-    /// Reads that went down to the stream (what the tests count).
-    #[cfg(test)]
-    pub(crate) passed: usize,
-}
-
-impl Default for ReadGate {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ReadGate {
-    /// A gate whose first read goes through.
-    pub fn new() -> Self {
-        let gate = Arc::new(Gate::default());
-        let gate_waker = Waker::from(gate.clone());
-        ReadGate {
-            parked: false,
-            gate,
-            gate_waker,
-            #[cfg(test)]
-            passed: 0,
-        }
-    }
-
-    /// Reads from `inner` into `buf`, unless `inner`'s last read was `Pending` and its
-    /// waker has not fired since: then `Pending` (the task polling now is the one woken).
-    pub fn poll_read<S: AsyncRead + ?Sized>(
-        &mut self,
-        inner: Pin<&mut S>,
-        cx: &mut TaskContext<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        // Register before testing the flag: a wake-up between the two finds this task.
-        self.gate.task.register(cx.waker());
-        let woken = self.gate.woken.swap(false, Ordering::AcqRel);
-        if self.parked && !woken {
-            return Poll::Pending;
-        }
-        #[cfg(test)]
-        {
-            self.passed += 1;
-        }
-        let r = inner.poll_read(&mut TaskContext::from_waker(&self.gate_waker), buf);
-        self.parked = r.is_pending();
-        r
-    }
-}
-
 /// A stream that counts bytes read and records activity ([`Activity`]), and reads from
-/// `inner` again after a `Pending` only once the waker that read registered has fired
-/// ([`ReadGate`]).
+/// `inner` again after a `Pending` only once the waker that read registered has fired.
+///
+/// hyper's HTTP/1 connection reads at each wake-up of its task (to notice a close
+/// between requests) and h2 at each poll of its connection, so a downstream connection
+/// read ~3 times per request only to hear `Pending` again; over TLS each of those went
+/// down through tokio-rustls, rustls and the socket's readiness (~0.5k instructions;
+/// bench/notes.md, wip-conn). Here `inner` reads with a waker of this stream's own (a
+/// flag, then the reading task's waker, as [`WakeGated`]): until it fires, nothing can
+/// have arrived (a stream answers `Pending` only with no data left and its waker
+/// registered), and the read answers `Pending` at once, the registration still standing.
 #[derive(Debug)]
 pub struct Tracked<S> {
     inner: S,
     /// Bytes read from `inner`.
     pub read: u64,
     activity: Arc<Activity>,
-    gate: ReadGate,
+    /// `inner`'s last read was `Pending`.
+    parked: bool,
+    /// What `inner`'s reads register: raises the flag and wakes the reading task.
+    gate: Arc<Gate>,
+    /// `gate` as a waker, made once.
+    gate_waker: Waker,
 }
 
 impl<S> Tracked<S> {
     /// Wraps `inner`.
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Tracked { inner, read: 0, activity, gate: ReadGate::new() }
+        let gate = Arc::new(Gate::default());
+        let gate_waker = Waker::from(gate.clone());
+        Tracked { inner, read: 0, activity, parked: false, gate, gate_waker }
     }
 }
 
@@ -261,8 +205,15 @@ impl<S: AsyncRead + Unpin> AsyncRead for Tracked<S> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
         let this = &mut *self;
+        // Register before testing the flag: a wake-up between the two finds this task.
+        this.gate.task.register(cx.waker());
+        let woken = this.gate.woken.swap(false, Ordering::AcqRel);
+        if this.parked && !woken {
+            return Poll::Pending;
+        }
         let before = buf.filled().len();
-        let r = this.gate.poll_read(Pin::new(&mut this.inner), cx, buf);
+        let r = Pin::new(&mut this.inner).poll_read(&mut TaskContext::from_waker(&this.gate_waker), buf);
+        this.parked = r.is_pending();
         let n = buf.filled().len() - before;
         if n > 0 {
             this.read += n as u64;

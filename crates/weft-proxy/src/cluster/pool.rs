@@ -65,7 +65,6 @@ use crate::cluster::endpoints::Endpoint;
 use crate::cluster::ewma::{ClusterLoad, Slot};
 use crate::cluster::h2_client::{self, H2Body, H2Sender};
 use crate::error::{ErrorKind, ProxyError};
-use crate::io::ReadGate;
 
 /// The HTTP version spoken to the upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -168,22 +167,9 @@ impl PartialEq for Connector {
     }
 }
 
-/// A connection to an upstream, whatever the transport, read through a [`ReadGate`]:
-/// after a `Pending`, the transport is read again only once its own waker fired.
-///
-/// hyper's HTTP/1 client connection reads at each wake-up of its task and h2's at each
-/// poll of its connection; without the gate most of those reads went down through
-/// tokio-rustls, rustls and the socket's readiness only to hear `Pending` again
-/// (bench/notes.md, wip-tls).
+/// A connection to an upstream, whatever the transport.
 #[derive(Debug)]
-pub struct UpstreamStream {
-    transport: Transport,
-    gate: ReadGate,
-}
-
-/// The transport under an [`UpstreamStream`].
-#[derive(Debug)]
-enum Transport {
+pub enum UpstreamStream {
     /// Plain TCP.
     Plain(TcpStream),
     /// TLS over TCP.
@@ -417,9 +403,7 @@ impl Connector {
         keepalive: Option<Keepalive>,
     ) -> Result<UpstreamStream, ProxyError> {
         match self {
-            Connector::Plain => {
-                connect_tcp(addr, timeout, keepalive).await.map(|s| UpstreamStream::new(Transport::Plain(s)))
-            }
+            Connector::Plain => connect_tcp(addr, timeout, keepalive).await.map(UpstreamStream::Plain),
             Connector::Tls(tls) => {
                 let started = Instant::now();
                 let tcp = connect_tcp(addr, timeout, keepalive).await?;
@@ -432,7 +416,7 @@ impl Connector {
                 )
                 .await
                 {
-                    Ok(Ok(s)) => Ok(UpstreamStream::new(Transport::Tls(Box::new(s)))),
+                    Ok(Ok(s)) => Ok(UpstreamStream::Tls(Box::new(s))),
                     Ok(Err(e)) => {
                         let reason = e
                             .get_ref()
@@ -975,94 +959,51 @@ fn spent(settings: &ConnSettings, opened: Instant, uses: u32) -> bool {
 }
 
 impl UpstreamStream {
-    fn new(transport: Transport) -> Self {
-        UpstreamStream { transport, gate: ReadGate::new() }
-    }
-
     /// The ALPN protocol the TLS handshake settled on.
     pub fn alpn(&self) -> Option<&[u8]> {
-        match &self.transport {
-            Transport::Plain(_) => None,
-            Transport::Tls(s) => s.get_ref().1.alpn_protocol(),
+        match self {
+            UpstreamStream::Plain(_) => None,
+            UpstreamStream::Tls(s) => s.get_ref().1.alpn_protocol(),
         }
     }
 
     /// The SPIFFE id the upstream's certificate proved (TLS with a SPIFFE URI SAN).
     pub fn peer_principal(&self) -> Option<Arc<str>> {
-        match &self.transport {
-            Transport::Plain(_) => None,
-            Transport::Tls(s) => crate::tls::peer_principal(s.get_ref().1.peer_certificates()),
+        match self {
+            UpstreamStream::Plain(_) => None,
+            UpstreamStream::Tls(s) => crate::tls::peer_principal(s.get_ref().1.peer_certificates()),
         }
-    }
-
-    /// Reads that went down to the transport (what the tests of the gate count).
-    #[cfg(test)]
-    pub(crate) fn transport_reads(&self) -> usize {
-        self.gate.passed
     }
 }
 
 impl AsyncRead for UpstreamStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        this.gate.poll_read(Pin::new(&mut this.transport), cx, buf)
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
     }
 }
 
 impl AsyncWrite for UpstreamStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().transport).poll_write(cx, buf)
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().transport).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().transport).poll_shutdown(cx)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().transport).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.transport.is_write_vectored()
-    }
-}
-
-impl AsyncRead for Transport {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Transport::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Transport::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Transport {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Transport::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Transport::Plain(s) => Pin::new(s).poll_flush(cx),
-            Transport::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Transport::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Transport::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -1072,15 +1013,15 @@ impl AsyncWrite for Transport {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Transport::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Transport::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Transport::Plain(s) => s.is_write_vectored(),
-            Transport::Tls(s) => s.is_write_vectored(),
+            UpstreamStream::Plain(s) => s.is_write_vectored(),
+            UpstreamStream::Tls(s) => s.is_write_vectored(),
         }
     }
 }

@@ -6,7 +6,6 @@ mod compile;
 mod h2_client;
 mod locality;
 mod pool;
-mod upstream_stream;
 
 use envoy_types::pb::envoy::config::core::v3::address::Address as AddressKind;
 use envoy_types::pb::envoy::config::core::v3::socket_address::PortSpecifier;
