@@ -558,7 +558,10 @@ impl Pools {
         }
         let max_duration =
             up.conn.max_connection_duration.map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1));
-        pool.max_duration_ms.store(max_duration, Ordering::Relaxed);
+        // Written only when it changed: a store per request would dirty the pool's line.
+        if pool.max_duration_ms.load(Ordering::Relaxed) != max_duration {
+            pool.max_duration_ms.store(max_duration, Ordering::Relaxed);
+        }
         let sent = if h2 {
             absolute_form(req, ep.addr).map(|req| {
                 let send = self.send_h2(pool, ep.addr, up, req, headers);
