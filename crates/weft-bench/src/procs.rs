@@ -125,6 +125,39 @@ impl Proc {
     }
 }
 
+/// How long a dropped [`Proc`] gets to exit after SIGTERM before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
+
+impl Drop for Proc {
+    /// When this run records a profile (`WEFT_BENCH_STOP=term`: a BOLT-instrumented build,
+    /// `scripts/bolt-proxy.sh`; or `LLVM_PROFILE_FILE` set), stops the process with SIGTERM
+    /// first: an instrumented build writes its profile at exit, which a kill would lose. It
+    /// is killed (`kill_on_drop`) when still running after [`STOP_GRACE`]. Other runs kill
+    /// at once, as before: a proxy's drain would only lengthen them.
+    fn drop(&mut self) {
+        let term = std::env::var_os("WEFT_BENCH_STOP").is_some_and(|v| v == "term");
+        if !term && std::env::var_os("LLVM_PROFILE_FILE").is_none() {
+            return;
+        }
+        let Some(pid) = self.child.id() else { return };
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !sent {
+            return;
+        }
+        let deadline = Instant::now() + STOP_GRACE;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
 /// CPU time and memory of a process, from `/proc`.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ProcStats {

@@ -131,7 +131,7 @@ impl AdminState for Admin {
     }
     fn is_ready(&self) -> bool {
         let initial = is_ready(&self.xds.borrow(), self.ctx.store.cds_optional())
-            && (self.ctx.store.warmed() || self.started.elapsed() >= INITIAL_FETCH_TIMEOUT);
+            && (self.ctx.store.ready_for_traffic() || self.started.elapsed() >= INITIAL_FETCH_TIMEOUT);
         initial && !*self.drain_tx.borrow()
     }
     fn drain(&self) {
