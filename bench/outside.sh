@@ -16,9 +16,9 @@ cd "$ROOT"
 bash scripts/setup.sh
 export CARGO_INCREMENTAL=0 CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-1}"
 nice -n 19 cargo build --release -q -p weft -p weft-bench --bin weft --bin weft-bench
-# weft-proxy in its own invocation: built with `weft`, cargo would unify its dependencies'
-# features with weft's (a bigger binary, ~1 MiB more resident) and change its symbol names,
-# which crates/weft-proxy/link/symbol-order.txt (the code layout) is recorded from.
-nice -n 19 cargo build --release -q -p weft-proxy --bin weft-proxy
+# The shipped sidecar (scripts/build-proxy.sh: weft-proxy built alone, laid out by BOLT);
+# weft-bench's --weft-proxy defaults to it through WEFT_BENCH_PROXY.
+bash scripts/build-proxy.sh
+export WEFT_BENCH_PROXY="$ROOT/target/shipped/weft-proxy"
 export PATH="$ROOT/.tools/bin:$PATH"
 exec target/release/weft-bench outside --envoy "$ROOT/.tools/bin/envoy" "$@"

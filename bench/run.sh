@@ -31,10 +31,10 @@ command -v taskset >/dev/null 2>&1 || say "taskset not found: processes will not
 export CARGO_INCREMENTAL=0 CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 say "building (release)"
 cargo build --release -q -p weft -p weft-bench --bin weft --bin weft-bench --example xds_scale
-# weft-proxy in its own invocation: built with `weft`, cargo would unify its dependencies'
-# features with weft's (a bigger binary, ~1 MiB more resident) and change its symbol names,
-# which crates/weft-proxy/link/symbol-order.txt (the code layout) is recorded from.
-cargo build --release -q -p weft-proxy --bin weft-proxy
+# The shipped sidecar (scripts/build-proxy.sh: weft-proxy built alone, laid out by BOLT);
+# weft-bench's --weft-proxy defaults to it through WEFT_BENCH_PROXY.
+bash scripts/build-proxy.sh
+export WEFT_BENCH_PROXY="$ROOT/target/shipped/weft-proxy"
 
 # The report states the whole time: set-up and build (here) plus the measurements.
 export WEFT_BENCH_PREPARE_SECS=$((SECONDS - T0))

@@ -18,10 +18,10 @@ cd "$ROOT"
 export CARGO_INCREMENTAL=0 CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 echo "soak: building (release)" >&2
 cargo build --release -q -p weft -p weft-bench --bin weft --bin weft-bench
-# weft-proxy in its own invocation: built with `weft`, cargo would unify its dependencies'
-# features with weft's (a bigger binary, ~1 MiB more resident) and change its symbol names,
-# which crates/weft-proxy/link/symbol-order.txt (the code layout) is recorded from.
-cargo build --release -q -p weft-proxy --bin weft-proxy
+# The shipped sidecar (scripts/build-proxy.sh: weft-proxy built alone, laid out by BOLT);
+# weft-bench's --weft-proxy defaults to it through WEFT_BENCH_PROXY.
+bash scripts/build-proxy.sh
+export WEFT_BENCH_PROXY="$ROOT/target/shipped/weft-proxy"
 # 500 connections through two proxies need more than the usual 1024 descriptors.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 pin=()

@@ -216,4 +216,19 @@ if [ "${WEFT_SETUP_OHA:-}" = 1 ] && ! { [ -x "$BIN/oha" ] && "$BIN/oha" --versio
   ln -sfn "$(cd "$TOOLS/oha/bin" && pwd -P)/oha" "$BIN/oha"
 fi
 
+# --- BOLT (the shipped sidecar's build only: WEFT_SETUP_BOLT=1) ----------------
+# LLVM's post-link optimiser, which scripts/build-proxy.sh lays the sidecar binary out
+# with (scripts/bolt-proxy.sh): Debian's bolt-22; llvm-bolt and merge-fdata are linked
+# into .tools/bin. Not needed by the tests.
+if [ "${WEFT_SETUP_BOLT:-}" = 1 ] && ! [ -x "$BIN/llvm-bolt" ]; then
+  bolt_bin() { ls -d /usr/lib/llvm-*/bin 2>/dev/null | sort -V | while read -r d; do
+    [ -x "$d/llvm-bolt" ] && [ -x "$d/merge-fdata" ] && echo "$d"; done | tail -n 1; }
+  if [ -z "$(bolt_bin)" ]; then
+    apt_install bolt-22
+  fi
+  [ -n "$(bolt_bin)" ] || die "llvm-bolt not found after installing bolt-22"
+  ln -sfn "$(bolt_bin)/llvm-bolt" "$BIN/llvm-bolt"
+  ln -sfn "$(bolt_bin)/merge-fdata" "$BIN/merge-fdata"
+fi
+
 say "ok: envoy $ENVOY_VERSION, jaeger $JAEGER_VERSION, curl, h2load, promtool, prometheus in $BIN"

@@ -15,6 +15,11 @@
 //! built with other dependency features, so the list's names would not match it. Only
 //! release builds for x86-64 Linux, where rustc links with LLD by default. `WEFT_SYMBOL_ORDER=off` links without the list (another
 //! linker, or to measure).
+//!
+//! The link also keeps its relocations in the file (`--emit-relocs`: not loaded, no memory
+//! cost), which BOLT needs to lay the linked binary out again from a profile: the shipped
+//! sidecar is built that way by `scripts/build-proxy.sh`. That build sets
+//! `WEFT_LINK_RELR=off`: the BOLT release it uses mishandles packed relative relocations.
 
 use std::path::PathBuf;
 
@@ -37,10 +42,16 @@ fn main() {
     println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
     // Relative relocations packed (DT_RELR, glibc 2.36+): the loader reads ~10 KiB of them
     // at start instead of 420 KiB of `.rela.dyn`, which stayed resident.
-    println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    println!("cargo:rerun-if-env-changed=WEFT_LINK_RELR");
+    if std::env::var("WEFT_LINK_RELR").map_or(true, |v| v != "off") {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    }
     // Identical functions (generic instantiations over types of one layout) folded into
     // one copy: less code to map.
     println!("cargo:rustc-link-arg-bins=-Wl,--icf=all");
+    // Relocations kept in the file (not loaded: no memory cost), so that BOLT can lay out
+    // the linked binary again from a profile (`scripts/bolt-proxy.sh`).
+    println!("cargo:rustc-link-arg-bins=-Wl,--emit-relocs");
 }
 
 /// Whether rustc links this target with LLD: its default on x86-64 Linux since 1.90,

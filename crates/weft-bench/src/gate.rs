@@ -50,7 +50,7 @@ pub struct GateArgs {
     pub no_instr: bool,
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
-    #[arg(long, default_value = "target/release/weft-proxy")]
+    #[arg(long, env = "WEFT_BENCH_PROXY", default_value = "target/release/weft-proxy")]
     pub weft_proxy: PathBuf,
     /// The linker's symbol ordering list (`weft-bench layout`); the gate fails when less
     /// than 80% of its functions are in the build (a list from another configuration).

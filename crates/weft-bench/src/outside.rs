@@ -433,7 +433,7 @@ pub struct Builds {
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
     /// The proxy-only binary the weft sidecars run.
-    #[arg(long, default_value = "target/release/weft-proxy")]
+    #[arg(long, env = "WEFT_BENCH_PROXY", default_value = "target/release/weft-proxy")]
     pub weft_proxy: PathBuf,
     /// Envoy (default: `$WEFT_ENVOY`, else `.tools/bin/envoy`).
     #[arg(long)]

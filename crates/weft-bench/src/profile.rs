@@ -34,7 +34,7 @@ pub struct ProfileArgs {
     pub out: PathBuf,
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
-    #[arg(long, default_value = "target/release/weft-proxy")]
+    #[arg(long, env = "WEFT_BENCH_PROXY", default_value = "target/release/weft-proxy")]
     pub weft_proxy: PathBuf,
 }
 
@@ -184,7 +184,7 @@ pub struct InstrArgs {
     pub alt_proxy: Option<PathBuf>,
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
-    #[arg(long, default_value = "target/release/weft-proxy")]
+    #[arg(long, env = "WEFT_BENCH_PROXY", default_value = "target/release/weft-proxy")]
     pub weft_proxy: PathBuf,
     /// Keep the callgrind dumps here (for `callgrind_annotate`).
     #[arg(long)]

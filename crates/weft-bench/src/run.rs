@@ -51,8 +51,9 @@ pub struct RunArgs {
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
     /// The proxy-only binary the weft sidecars run (`cargo build --release -p weft-proxy
-    /// --bin weft-proxy`), as Envoy's sidecars run Envoy's own binary.
-    #[arg(long, default_value = "target/release/weft-proxy")]
+    /// --bin weft-proxy`), as Envoy's sidecars run Envoy's own binary. The bench scripts
+    /// set `WEFT_BENCH_PROXY` to the shipped build (`scripts/build-proxy.sh`: laid out by BOLT).
+    #[arg(long, env = "WEFT_BENCH_PROXY", default_value = "target/release/weft-proxy")]
     pub weft_proxy: PathBuf,
     /// The control-plane scale example (`cargo build --release -p weft --example xds_scale`).
     #[arg(long, default_value = "target/release/examples/xds_scale")]

@@ -41,7 +41,7 @@ pub struct SoakArgs {
     #[arg(long, default_value = "target/release/weft")]
     pub weft: PathBuf,
     /// The proxy-only binary the sidecars run.
-    #[arg(long, default_value = "target/release/weft-proxy")]
+    #[arg(long, env = "WEFT_BENCH_PROXY", default_value = "target/release/weft-proxy")]
     pub weft_proxy: PathBuf,
     /// A label for this run in the results (e.g. `before`, `after`).
     #[arg(long, default_value = "")]
