@@ -224,3 +224,34 @@ async fn request_headers_timeout_closes_slow_and_silent_connections() {
     // A prompt client is unaffected.
     assert_eq!(get_h1(out, "svc", "/").await.unwrap().status, 200);
 }
+
+#[tokio::test]
+async fn request_headers_timeout_bounds_every_head_of_a_keep_alive_connection() {
+    let mesh = Mesh::start().await;
+    let echo = EchoServer::start("keepalive").await;
+    let proxy = proxy_to(&mesh, "keepalive", &[echo.addr], |h| {
+        h.request_headers_timeout = Some(PbDuration { seconds: 1, nanos: 0 });
+    })
+    .await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    // Several prompt requests on one connection, spread past the first head's deadline,
+    // then half a head: the timer of each head is the connection's one alarm, moved
+    // along; the half head still closes the connection once its own deadline passes.
+    let mut slow = TcpStream::connect(out).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..3 {
+        slow.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+        assert_eq!(read_response(&mut slow, &mut buf).await.map(|r| r.0), Some(200));
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    }
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\nx-slow: ").await.unwrap();
+    assert_eq!(read_response(&mut slow, &mut buf).await, None, "a partial head was answered");
+    // A keep-alive connection idle past the timeout between requests is closed (hyper's
+    // header timer runs while it waits for the next head).
+    let mut idle = TcpStream::connect(out).await.unwrap();
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(read_response(&mut idle, &mut buf).await.map(|r| r.0), Some(200));
+    assert!(closed_by_proxy(&mut idle).await, "an idle keep-alive connection stayed open");
+    assert_eq!(echo.requests(), 4);
+}

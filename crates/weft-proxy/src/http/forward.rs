@@ -66,8 +66,12 @@ pub async fn forward(
         );
     };
     let downstream_version = parts.version;
+    // `x-forwarded-proto` was set before routing; only the filters and route edits that
+    // can remove a header may have taken it away since.
+    let xfp_may_be_gone =
+        action.removes_x_forwarded_proto || !rq.chain.jwt.is_empty() || !rq.chain.local_ratelimit.is_empty();
     // No mesh metadata to clusters outside the mesh (Istio's `skip_external_clusters`).
-    prepare_headers(&mut *parts, ctx, conn, report, cluster.config.in_mesh());
+    prepare_headers(&mut *parts, ctx, conn, report, cluster.config.in_mesh(), xfp_may_be_gone);
 
     let tally = Arc::new(BodyTally::default());
     report.request_body = Some(tally.clone());
@@ -378,6 +382,7 @@ fn prepare_headers(
     conn: &ConnInfo,
     report: &HttpReport,
     in_mesh: bool,
+    xfp_may_be_gone: bool,
 ) {
     // Absolute-form (explicit proxy) and HTTP/2 requests carry the authority in the URI
     // (already rewritten by the route); upstream HTTP/1.1 wants origin-form plus Host.
@@ -397,7 +402,11 @@ fn prepare_headers(
         parts.headers.remove(PROXY_CONNECTION);
         parts.headers.remove(PROXY_AUTHORIZATION);
     }
-    parts.headers.entry(X_FORWARDED_PROTO).or_insert_with(|| HeaderValue::from_static("http"));
+    // Set before routing (`route_request`): looked up again (a hashed lookup of a custom
+    // name) only when something since may have removed it.
+    if xfp_may_be_gone {
+        parts.headers.entry(X_FORWARDED_PROTO).or_insert_with(|| HeaderValue::from_static("http"));
+    }
     // One hashed lookup whether the request carries an id or gets the generated one.
     match parts.headers.entry(X_REQUEST_ID) {
         // Unique per request: an HTTP/2 upstream's HPACK encoder sends it as a

@@ -23,6 +23,9 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Sleep;
 
+mod timer;
+pub use timer::HeadTimer;
+
 /// Marks a request (in its extensions) whose head [`Guarded`] found malformed; set only
 /// on such requests, so well-formed ones carry nothing extra.
 #[derive(Debug, Clone, Copy)]

@@ -164,7 +164,9 @@ async fn serve_http1<S>(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .keep_alive(true)
-        .timer(hyper_util::rt::TokioTimer::new())
+        // hyper arms its header-read timer for every request head: with a timer of our
+        // own, one tokio timer per connection serves them all (`limits::HeadTimer`).
+        .timer(limits::HeadTimer::default())
         .header_read_timeout(chain.request_headers_timeout)
         .max_buf_size(chain.max_request_headers_bytes.max(8192));
     // hyper's own limit is the same 100 as Envoy's default, checked on the stack; a limit

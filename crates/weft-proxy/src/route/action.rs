@@ -89,6 +89,9 @@ pub struct ForwardAction {
     pub upgrades: Vec<String>,
     /// Consistent-hash inputs, in order.
     pub hash_policy: Vec<HashPolicy>,
+    /// The route's request header edits remove `x-forwarded-proto` (which the connection
+    /// manager set before routing): forwarding then sets it again.
+    pub removes_x_forwarded_proto: bool,
 }
 
 /// The cluster(s) a forward action sends to.

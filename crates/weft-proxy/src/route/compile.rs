@@ -506,6 +506,7 @@ fn compile_forward(ra: &RouteActionProto, at: &str, ctx: &Ctx<'_>, route: &mut R
         grpc_timeout_header_max,
         upgrades,
         hash_policy,
+        removes_x_forwarded_proto: route.request_edits.iter().any(|e| e.removes(&super::X_FORWARDED_PROTO)),
     }))
 }
 

@@ -91,6 +91,11 @@ impl HeaderEdits {
         Ok(edits)
     }
 
+    /// True when this level removes `name` from the request or response.
+    pub(crate) fn removes(&self, name: &HeaderName) -> bool {
+        self.remove.contains(name)
+    }
+
     /// True when this level changes nothing.
     pub(crate) fn is_empty(&self) -> bool {
         self.remove.is_empty() && self.add.is_empty()

@@ -59,6 +59,9 @@ pub(crate) enum StringMatch {
 #[derive(Debug, Clone)]
 pub(crate) struct HeaderMatcher {
     name: String,
+    /// `name` parsed once (None for a pseudo header or a name no header can have): a
+    /// `&str` name is parsed at every lookup.
+    header: Option<http::HeaderName>,
     kind: HeaderMatchKind,
     invert: bool,
     missing_as_empty: bool,
@@ -323,7 +326,14 @@ impl HeaderMatcher {
                 HeaderMatchKind::String(StringMatch::compile(s, &format!("{at}.string_match"))?)
             }
         };
-        Ok(HeaderMatcher { name, kind, invert: h.invert_match, missing_as_empty: h.treat_missing_header_as_empty })
+        let header = http::HeaderName::from_bytes(name.as_bytes()).ok();
+        Ok(HeaderMatcher {
+            name,
+            header,
+            kind,
+            invert: h.invert_match,
+            missing_as_empty: h.treat_missing_header_as_empty,
+        })
     }
 
     /// Matches against a request, pseudo headers included.
@@ -344,11 +354,16 @@ impl HeaderMatcher {
 
     /// Matches against a header map (multiple values are joined with `,`, as Envoy does).
     pub(crate) fn matches_headers(&self, headers: &http::HeaderMap) -> bool {
-        let mut values = headers.get_all(self.name.as_str()).iter().peekable();
-        if values.peek().is_none() {
-            return self.decide(None);
+        let Some(name) = &self.header else { return self.decide(None) };
+        let all = headers.get_all(name);
+        let mut values = all.iter();
+        let (Some(first), second) = (values.next(), values.next()) else { return self.decide(None) };
+        if second.is_none() {
+            // One value (the usual case): matched in place, no copy when it is UTF-8.
+            return self.decide(Some(&String::from_utf8_lossy(first.as_bytes())));
         }
-        let joined = values.map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(",");
+        let joined =
+            all.iter().map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()).collect::<Vec<_>>().join(",");
         self.decide(Some(&joined))
     }
 
@@ -482,7 +497,7 @@ pub(crate) fn request_scheme(parts: &http::request::Parts) -> &str {
     if let Some(s) = parts.uri.scheme_str() {
         return s;
     }
-    parts.headers.get("x-forwarded-proto").and_then(|v| v.to_str().ok()).unwrap_or("http")
+    parts.headers.get(super::X_FORWARDED_PROTO).and_then(|v| v.to_str().ok()).unwrap_or("http")
 }
 
 /// Splits a query string into decoded `(name, value)` pairs, in order.

@@ -35,6 +35,10 @@ pub use retry::{RetryOn, RetryPolicy};
 use crate::error::ConfigError;
 use matcher::RequestView;
 
+/// Header names routing reads, parsed once (a `&str` name is parsed at every lookup).
+const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+const X_ENVOY_INTERNAL: http::HeaderName = http::HeaderName::from_static("x-envoy-internal");
+
 /// A compiled route configuration. Immutable; share it in an `Arc`.
 #[derive(Debug)]
 pub struct RouteTable {
@@ -84,8 +88,8 @@ impl RouteTable {
         // from the connection when the client sent none).
         if let Some((redirect, external_only)) = &vh.tls_redirect {
             let https =
-                parts.headers.get("x-forwarded-proto").is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
-            let internal = parts.headers.get("x-envoy-internal").is_some_and(|v| v.as_bytes() == b"true");
+                parts.headers.get(X_FORWARDED_PROTO).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"));
+            let internal = parts.headers.get(X_ENVOY_INTERNAL).is_some_and(|v| v.as_bytes() == b"true");
             let spared = https || (*external_only && internal);
             if !spared {
                 return Some(redirect.clone());

@@ -210,6 +210,15 @@ impl RetryPolicy {
         if on.retriable_headers && self.retriable_headers.iter().any(|m| m.matches_headers(headers)) {
             return true;
         }
+        // `grpc-status` (a hashed lookup of a custom name) only when a gRPC code is retried.
+        if !(on.grpc_cancelled
+            || on.grpc_deadline_exceeded
+            || on.grpc_resource_exhausted
+            || on.grpc_internal
+            || on.grpc_unavailable)
+        {
+            return false;
+        }
         let grpc = headers.get(GRPC_STATUS).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u32>().ok());
         matches!(
             (grpc, on),

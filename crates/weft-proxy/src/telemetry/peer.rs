@@ -58,13 +58,13 @@ impl LocalPeer {
 /// Removes both exchange headers, returning the metadata value if there was one.
 pub fn strip(headers: &mut HeaderMap) -> Option<HeaderValue> {
     // One pass over the names first: most maps have neither, and a hashed removal of a
-    // custom name costs ~500 instructions. Names are lowercase: compared as bytes (the
-    // `HeaderName == &str` comparison ignores case, byte by byte).
+    // custom name costs ~500 instructions. Compared as names: a standard name differs
+    // from these custom ones by its kind alone (as a `&str`, each standard name was read
+    // from http's table of names, a cache miss about every other request).
     let (mut id, mut metadata) = (false, false);
     for name in headers.keys() {
-        let name = name.as_str();
-        id |= name == PEER_ID_HEADER;
-        metadata |= name == PEER_HEADER;
+        id |= *name == PEER_ID_HEADER_NAME;
+        metadata |= *name == PEER_HEADER_NAME;
     }
     if id {
         headers.remove(PEER_ID_HEADER_NAME);

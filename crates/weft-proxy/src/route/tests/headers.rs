@@ -138,3 +138,25 @@ fn most_specific_header_mutations_wins_reverses_the_order() {
     assert_eq!(values(&p.headers, "x-level"), ["route"]);
     assert_eq!(values(&p.headers, "x-trail"), ["config", "vhost", "route"]);
 }
+
+#[test]
+fn a_forward_route_says_whether_its_edits_remove_x_forwarded_proto() {
+    // Forwarding sets `x-forwarded-proto` again (a hashed lookup per request) only after
+    // a route whose edits may have removed it.
+    let removes = |route_level: &[&str], vhost_level: &[&str]| {
+        let mut r = route("a", prefix("/"));
+        r.request_headers_to_remove = route_level.iter().map(|s| s.to_string()).collect();
+        let mut vh = vhost("all", &["*"], vec![r]);
+        vh.request_headers_to_remove = vhost_level.iter().map(|s| s.to_string()).collect();
+        let t = RouteTable::compile(&rc(vec![vh])).unwrap();
+        let route = t.select_with_random("h", &parts("GET", "/", &[]), 0).unwrap();
+        match &route.action {
+            crate::route::RouteAction::Forward(f) => f.removes_x_forwarded_proto,
+            other => panic!("not a forward action: {other:?}"),
+        }
+    };
+    assert!(removes(&["x-forwarded-proto"], &[]));
+    assert!(removes(&["x-a"], &["X-Forwarded-Proto"]));
+    assert!(!removes(&["x-forwarded-host"], &["x-a"]));
+    assert!(!removes(&[], &[]));
+}

@@ -21,7 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use tokio::sync::mpsc;
 
 pub use config::{CustomTag, Provider, Sink, TracingConfig};
@@ -235,9 +235,9 @@ impl ActiveSpan {
 impl RequestFacts {
     fn read(config: &TracingConfig, parts: &http::request::Parts, authority: &str) -> RequestFacts {
         let h = &parts.headers;
-        let text = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let text = |n: HeaderName| h.get(n).and_then(|v| v.to_str().ok()).map(str::to_string);
         let path_and_query = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        let scheme = text("x-forwarded-proto").unwrap_or_else(|| "http".into());
+        let scheme = text(X_FORWARDED_PROTO).unwrap_or_else(|| "http".into());
         let max = config.max_path_tag_length;
         let mut url = format!("{scheme}://{authority}");
         url.push_str(truncate(path_and_query, max));
@@ -264,8 +264,8 @@ impl RequestFacts {
                 http::Version::HTTP_10 => "HTTP/1.0",
                 _ => "HTTP/1.1",
             },
-            user_agent: text("user-agent").unwrap_or_else(|| "-".into()),
-            downstream_cluster: text("x-envoy-downstream-service-cluster").unwrap_or_else(|| "-".into()),
+            user_agent: text(http::header::USER_AGENT).unwrap_or_else(|| "-".into()),
+            downstream_cluster: text(X_ENVOY_DOWNSTREAM_SERVICE_CLUSTER).unwrap_or_else(|| "-".into()),
             custom,
         }
     }
@@ -273,6 +273,12 @@ impl RequestFacts {
 
 /// Longest span name made from the authority and path (the contract's 256 bytes).
 const DEFAULT_NAME_LIMIT: usize = 256;
+
+/// Header names a traced request reads, parsed once (a `&str` name is parsed at every
+/// lookup).
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_ENVOY_DOWNSTREAM_SERVICE_CLUSTER: HeaderName = HeaderName::from_static("x-envoy-downstream-service-cluster");
+const X_CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
 
 /// Writes the request's trace context on the request going upstream (no-op when the
 /// connection manager has no tracing).
@@ -377,7 +383,7 @@ pub fn decide(config: &TracingConfig, h: &HeaderMap, request_id: &str) -> bool {
     let hit = |p: u64| value % SAMPLING_DENOMINATOR < p;
     let marked = uuid_marked_traced(request_id);
     let traced =
-        marked || (h.contains_key("x-client-trace-id") && hit(config.client_sampling)) || hit(config.random_sampling);
+        marked || (h.contains_key(X_CLIENT_TRACE_ID) && hit(config.client_sampling)) || hit(config.random_sampling);
     traced && hit(config.overall_sampling)
 }
 
