@@ -28,7 +28,7 @@ pub fn mesh(n: usize, apps: Apps) -> String {
 /// RSS of a sidecar talking to 2 services in a mesh of `n`.
 pub async fn proxy_memory(tools: &Tools, pin: &Pinning, apps: Apps, n: usize) -> anyhow::Result<serde_json::Value> {
     let dir = tempfile::Builder::new().prefix("weft-bench-mesh-").tempdir()?;
-    let control = Control::start(&tools.weft, dir.path(), &mesh(n, apps), pin).await?;
+    let control = Control::start(&tools.weft, dir.path(), &mesh(n, apps), pin, tools.quiet_control).await?;
     let token = control.token("client").await?;
     let (admin, metrics, outbound) = (free_port()?, free_port()?, free_port()?);
     let b = weft_bootstrap("client", "client", control.xds, &token, &[], None, outbound, admin, metrics, "delta");

@@ -461,7 +461,7 @@ pub fn tools(weft: &Path, weft_proxy: &Path, envoy: Option<&PathBuf>, haproxy: O
         .cloned()
         .or_else(|| crate::procs::which("haproxy"))
         .unwrap_or_else(|| PathBuf::from("/usr/sbin/haproxy"));
-    Tools { weft: weft.to_path_buf(), weft_proxy: weft_proxy.to_path_buf(), envoy, haproxy }
+    Tools { weft: weft.to_path_buf(), weft_proxy: weft_proxy.to_path_buf(), envoy, haproxy, quiet_control: false }
 }
 
 /// Runs every round and writes the results; returns them and the file.

@@ -341,11 +341,13 @@ pub async fn instr(args: &InstrArgs) -> anyhow::Result<Vec<InstrRun>> {
                     "--instr-atstart=no"
                 };
                 let wrapper = callgrind_wrapper(&dir, &bin, flags)?;
-                let tools = if pair == "haproxy" {
+                let mut tools = if pair == "haproxy" {
                     tools(&args.weft, &args.weft_proxy, None, Some(&wrapper))
                 } else {
                     tools(&args.weft, &wrapper, None, None)
                 };
+                // No dashboard scrapes inside the counted window.
+                tools.quiet_control = true;
                 let stack = start_pair(pair, &tools, apps).await?;
                 // Warm up as the window will run (16 connections, same rate), so the
                 // upstream pool has the connections it needs before counting starts: a

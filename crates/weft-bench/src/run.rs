@@ -259,7 +259,7 @@ fn tools(args: &RunArgs) -> anyhow::Result<Tools> {
     if wanted("haproxy") {
         ensure!(haproxy.is_file(), "HAProxy not found at {}: apt-get install haproxy", haproxy.display());
     }
-    Ok(Tools { weft: args.weft.clone(), weft_proxy: args.weft_proxy.clone(), envoy, haproxy })
+    Ok(Tools { weft: args.weft.clone(), weft_proxy: args.weft_proxy.clone(), envoy, haproxy, quiet_control: false })
 }
 
 /// Starts the echo application (this binary's `echo` command) on the applications' CPU.

@@ -114,6 +114,7 @@ pub async fn run(args: &SoakArgs) -> anyhow::Result<(SoakResult, PathBuf)> {
         weft_proxy: args.weft_proxy.clone(),
         envoy: PathBuf::new(),
         haproxy: PathBuf::new(),
+        quiet_control: false,
     };
     let pin = Pinning::detect();
     let workers = args.workers.unwrap_or_else(|| crate::procs::online_cpus() as u32);

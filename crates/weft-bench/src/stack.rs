@@ -52,6 +52,11 @@ pub struct Tools {
     pub weft_proxy: PathBuf,
     pub envoy: PathBuf,
     pub haproxy: PathBuf,
+    /// The control plane does not scrape the proxies' metrics for its dashboard (it does
+    /// every 10 s by default, as Prometheus would): `weft-bench instr` counts every
+    /// instruction in its window, and a scrape falling into it or not moved the count by
+    /// 3–6k per request.
+    pub quiet_control: bool,
 }
 
 /// The echo application's two ports.
@@ -100,7 +105,14 @@ pub struct Control {
 
 impl Control {
     /// Starts `weft control` with a CA (`--data-dir`) serving the YAML in `resources`.
-    pub async fn start(weft: &Path, dir: &Path, resources: &str, pin: &Pinning) -> anyhow::Result<Control> {
+    /// `quiet`: no metrics scrapes of the proxies after start-up ([`Tools::quiet_control`]).
+    pub async fn start(
+        weft: &Path,
+        dir: &Path,
+        resources: &str,
+        pin: &Pinning,
+        quiet: bool,
+    ) -> anyhow::Result<Control> {
         let res_dir = dir.join("resources");
         let data = dir.join("data");
         std::fs::create_dir_all(&res_dir)?;
@@ -110,6 +122,10 @@ impl Control {
         cmd.arg("control").arg("--dir").arg(&res_dir).arg("--data-dir").arg(&data);
         cmd.args(["--xds", "127.0.0.1:0", "--api", "127.0.0.1:0"]);
         cmd.env("WEFT_LOG", "warn");
+        if quiet {
+            // The first scrape round runs at start, before any proxy connects.
+            cmd.args(["--stats-interval", "1000h"]);
+        }
         let mut proc = Proc::spawn("weft control", cmd, &dir.join("control.log"), true)?;
         let line = proc.first_line(START_TIMEOUT).await?;
         // "weft control: xDS on ADDR, API on ADDR"
@@ -436,7 +452,7 @@ pub async fn weft_stack(
     opts: ProxyOptions,
     resources: &str,
 ) -> anyhow::Result<Stack> {
-    let control = Control::start(&tools.weft, dir.path(), resources, pin).await?;
+    let control = Control::start(&tools.weft, dir.path(), resources, pin, tools.quiet_control).await?;
     let mut proxies = Vec::new();
     // The server first, then the client: each startup measured alone.
     let inbound = free_port_pair()?;
@@ -480,7 +496,7 @@ pub async fn envoy_stack(
     opts: ProxyOptions,
     resources: &str,
 ) -> anyhow::Result<Stack> {
-    let control = Control::start(&tools.weft, dir.path(), resources, pin).await?;
+    let control = Control::start(&tools.weft, dir.path(), resources, pin, tools.quiet_control).await?;
     let mut proxies = Vec::new();
     let inbound = free_port_pair()?;
     let outbound = free_port()?;
