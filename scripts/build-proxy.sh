@@ -22,12 +22,20 @@ if [ "${WEFT_BOLT:-}" = off ] || [ "$(uname -m)" != x86_64 ]; then
   nice -n 19 cargo build --release -q -p weft-proxy --bin weft-proxy
   echo "build-proxy: WARNING: without BOLT; $out is the plain release build" >&2
   cp target/release/weft-proxy "$out"
+  rm -f "$out.input-sha256"
   exit 0
 fi
 WEFT_SETUP_BOLT=1 bash scripts/setup.sh
 # Without packed relative relocations: the BOLT release used here mishandles them (its
 # output crashes at start; fixed upstream in LLVM 23).
 WEFT_LINK_RELR=off nice -n 19 cargo build --release -q -p weft-proxy --bin weft-proxy
+# Laid out again only when the build changed (the training takes a few minutes).
+sum="$(sha256sum target/release/weft-proxy | cut -d' ' -f1)"
+if [ -x "$out" ] && [ "$(cat "$out.input-sha256" 2>/dev/null)" = "$sum" ]; then
+  echo "build-proxy: $out is up to date"
+  exit 0
+fi
 bash scripts/bolt-proxy.sh target/release/weft-proxy "$out.tmp"
 mv "$out.tmp" "$out"
+echo "$sum" >"$out.input-sha256"
 echo "build-proxy: $out"
