@@ -19,7 +19,7 @@
 
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -31,7 +31,7 @@ use h2::{Reason, RecvStream, SendStream};
 use http::header::{HeaderName, CONNECTION, CONTENT_LENGTH, DATE, TE, TRANSFER_ENCODING, UPGRADE};
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Body;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::oneshot;
 use tracing::debug;
 
@@ -76,52 +76,6 @@ pub struct Server<IO, F> {
     conn_wake: Arc<ConnWake>,
     /// `conn_wake` as the waker the h2 connection is polled with.
     conn_waker: Waker,
-    /// What the connection's reads saw (see [`Sniffed`]).
-    reads: Arc<ReadTally>,
-    /// h2 holds no accepted stream and no complete frame it has not handled (as of the
-    /// last poll of the connection): a stream accepted by the next poll, whose reads
-    /// completed at most one header block and ended `Pending`, is then the only one.
-    settled: bool,
-}
-
-/// The bytes of the connection as h2 reads them, followed from frame head to frame head
-/// far enough to count the header blocks they complete.
-///
-/// After `poll_accept` hands over a stream, h2 may hold more (several requests in one
-/// read): only another `poll_accept` tells, and it polls the whole connection again (its
-/// locks, a read to `Pending`, `poll_complete`, the flush: ~1k instructions, one poll in
-/// three of a connection's per request; bench/notes.md, "Connection-level I/O cost",
-/// "Not done"). h2 reads only when it has no complete frame left, handles each frame it
-/// reads before the next, and queues an accepted stream per request header block; so
-/// when a poll's reads completed at most one header block and its last read was
-/// `Pending`, the stream it handed over was the only one, and [`Server`] asks again only
-/// otherwise. The count is an upper bound (trailers, refused streams are blocks too):
-/// when it is off, the connection is polled once more, as before.
-struct Sniffed<IO> {
-    io: IO,
-    tally: Arc<ReadTally>,
-    /// Bytes of the client preface still to pass.
-    preface: usize,
-    /// The frame head being read, and how much of it has been.
-    head: [u8; 9],
-    head_len: usize,
-    /// Payload bytes of the current frame still to pass.
-    payload_left: usize,
-    /// The current frame ends a header block (HEADERS or CONTINUATION with END_HEADERS).
-    ends_block: bool,
-    /// Header blocks completed so far.
-    blocks: u64,
-}
-
-/// What [`Sniffed`] tells [`Server`]; both are used by the connection's task only.
-#[derive(Debug, Default)]
-struct ReadTally {
-    /// Reads of the stream so far.
-    reads: AtomicU64,
-    /// Header blocks the bytes read so far completed.
-    blocks: AtomicU64,
-    /// The last read answered `Pending`.
-    pending: AtomicBool,
 }
 
 /// The h2 connection's own waker, so that it is polled only when it has something to
@@ -157,8 +111,8 @@ impl Wake for ConnWake {
 }
 
 enum State<IO> {
-    Handshaking(Handshake<Sniffed<IO>, Bytes>),
-    Serving(Connection<Sniffed<IO>, Bytes>),
+    Handshaking(Handshake<IO, Bytes>),
+    Serving(Connection<IO, Bytes>),
 }
 
 impl<IO, F> Server<IO, F>
@@ -182,8 +136,6 @@ where
         let conn_wake = Arc::new(ConnWake::default());
         // The first poll after the handshake polls the connection.
         conn_wake.woken.store(true, Ordering::SeqCst);
-        let reads = Arc::new(ReadTally::default());
-        let io = Sniffed::new(io, reads.clone());
         Server {
             state: State::Handshaking(builder.handshake(io)),
             streams: FuturesUnordered::new(),
@@ -191,9 +143,6 @@ where
             shutdown_pending: false,
             conn_waker: Waker::from(conn_wake.clone()),
             conn_wake,
-            reads,
-            // Until a poll has shown it: the handshake read what it read.
-            settled: false,
         }
     }
 }
@@ -268,137 +217,18 @@ where
             // The connection: reads frames, writes what is queued, accepts new streams
             // (polled again in this loop: their first poll, and what they queue).
             loop {
-                let (reads, blocks) = this.reads.counts();
-                let accepted = conn.poll_accept(&mut conn_cx);
-                let (reads_after, blocks_after) = this.reads.counts();
-                // Whether h2 has handled all it holds: its last read found nothing more
-                // (or it read nothing and had handled all before).
-                let read_out = if reads_after == reads { this.settled } else { this.reads.pending() };
-                match accepted {
+                match conn.poll_accept(&mut conn_cx) {
                     Poll::Ready(Some(Ok((req, respond)))) => {
                         this.streams.push(this.new_stream.open(req, respond));
-                        // The only stream h2 had (see `Sniffed`): no poll to ask again.
-                        this.settled = this.settled && read_out && blocks_after - blocks <= 1;
-                        if this.settled {
-                            break;
-                        }
                     }
                     Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
                     // Closed (GOAWAY and no stream left, or the client went away): the
                     // streams left, if any, can send nothing more.
                     Poll::Ready(None) => return Poll::Ready(Ok(())),
-                    Poll::Pending => {
-                        this.settled = read_out;
-                        break;
-                    }
+                    Poll::Pending => break,
                 }
             }
         }
-    }
-}
-
-impl ReadTally {
-    /// Reads so far, and the header blocks they completed.
-    fn counts(&self) -> (u64, u64) {
-        (self.reads.load(Ordering::Relaxed), self.blocks.load(Ordering::Relaxed))
-    }
-
-    /// The last read answered `Pending`.
-    fn pending(&self) -> bool {
-        self.pending.load(Ordering::Relaxed)
-    }
-}
-
-impl<IO> Sniffed<IO> {
-    /// The HTTP/2 client preface (RFC 9113 §3.4): 24 bytes before the first frame.
-    const PREFACE_LEN: usize = 24;
-
-    fn new(io: IO, tally: Arc<ReadTally>) -> Self {
-        Sniffed {
-            io,
-            tally,
-            preface: Self::PREFACE_LEN,
-            head: [0; 9],
-            head_len: 0,
-            payload_left: 0,
-            ends_block: false,
-            blocks: 0,
-        }
-    }
-
-    /// Follows `bytes`, the next ones read, across frame heads and payloads.
-    fn follow(&mut self, mut bytes: &[u8]) {
-        let skip = self.preface.min(bytes.len());
-        self.preface -= skip;
-        bytes = &bytes[skip..];
-        while !bytes.is_empty() {
-            if self.payload_left > 0 {
-                let n = self.payload_left.min(bytes.len());
-                self.payload_left -= n;
-                bytes = &bytes[n..];
-                if self.payload_left == 0 && self.ends_block {
-                    self.blocks += 1;
-                }
-                continue;
-            }
-            let n = (self.head.len() - self.head_len).min(bytes.len());
-            self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
-            self.head_len += n;
-            bytes = &bytes[n..];
-            if self.head_len == self.head.len() {
-                self.head_len = 0;
-                let [l0, l1, l2, kind, flags, ..] = self.head;
-                const HEADERS: u8 = 0x1;
-                const CONTINUATION: u8 = 0x9;
-                const END_HEADERS: u8 = 0x4;
-                self.ends_block = matches!(kind, HEADERS | CONTINUATION) && flags & END_HEADERS != 0;
-                self.payload_left = usize::from(l0) << 16 | usize::from(l1) << 8 | usize::from(l2);
-                if self.payload_left == 0 && self.ends_block {
-                    self.blocks += 1;
-                }
-            }
-        }
-    }
-}
-
-impl<IO: AsyncRead + Unpin> AsyncRead for Sniffed<IO> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let this = &mut *self;
-        let before = buf.filled().len();
-        let r = Pin::new(&mut this.io).poll_read(cx, buf);
-        if r.is_ready() {
-            this.follow(&buf.filled()[before..]);
-            this.tally.blocks.store(this.blocks, Ordering::Relaxed);
-        }
-        this.tally.pending.store(r.is_pending(), Ordering::Relaxed);
-        this.tally.reads.fetch_add(1, Ordering::Relaxed);
-        r
-    }
-}
-
-impl<IO: AsyncWrite + Unpin> AsyncWrite for Sniffed<IO> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, data: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, data)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 
@@ -609,4 +439,24 @@ mod date {
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_specific_headers_are_stripped_from_responses() {
+        let mut h = HeaderMap::new();
+        h.insert(CONNECTION, HeaderValue::from_static("close, x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        h.insert(TE, HeaderValue::from_static("trailers"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_connection_headers(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn the_date_is_an_http_date() {
+        let v = date::now();
+        assert!(httpdate::parse_http_date(v.to_str().unwrap()).is_ok(), "{v:?}");
+    }
+}
