@@ -41,17 +41,6 @@
 //! rustls queues while reading, a `KeyUpdate` reply, leaves before the next record, as
 //! TLS 1.3 asks, with the next write.)
 //!
-//! Reads are gated: after a read of the stream returned `Pending`, further reads return
-//! `Pending` at once until the waker that read registered has fired (a flag, then the
-//! reading task's waker, as `io::Tracked` does below downstream connections, whose reads
-//! are thus gated twice, the skipped ones a few layers sooner). h2 reads at
-//! every poll of its connection, so an upstream connection (whose stream, TLS over TCP,
-//! has no gate of its own) read ~3.9 times per request where ~0.9 had data: each of the
-//! others went down through tokio-rustls, rustls's deframer and tokio's readiness check
-//! (~0.6k instructions; bench/notes.md, wip-h2x). Correct because a stream answers
-//! `Pending` only with nothing left to read and its waker registered; the registration of
-//! the last real read stands, and a skipped read registers the current task in the gate.
-//!
 //! The stream is shared by the I/O half and the future half behind a [`TryLock`]: both
 //! are used by the connection's own task, one call at a time, and no call keeps the lock
 //! past its return, so taking it never finds it taken: a swap and a store, where the
@@ -62,11 +51,9 @@
 use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll, Wake, Waker};
+use std::task::{ready, Context, Poll, Waker};
 
-use futures::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use try_lock::{Locked, TryLock};
 
@@ -108,51 +95,14 @@ struct Shared<S> {
     /// The wrapped future waiting to write out the buffer after its connection future
     /// ended, woken when another user of the stream writes it out first.
     waiter: Option<Waker>,
-    /// The stream's last read was `Pending`: reads wait for `read_gate` to fire.
-    parked: bool,
-    /// What the stream's reads register: raises its flag and wakes the reading task.
-    read_gate: Arc<ReadGate>,
-    /// `read_gate` as a waker, made once.
-    read_waker: Waker,
-}
-
-/// The waker the stream's reads register (see the module's notes on gated reads).
-#[derive(Debug, Default)]
-struct ReadGate {
-    /// The stream woke its reader since the last read.
-    woken: AtomicBool,
-    /// The task that read last.
-    task: AtomicWaker,
-}
-
-impl Wake for ReadGate {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::Release);
-        self.task.wake();
-    }
 }
 
 impl<S> Coalesced<S> {
     /// Wraps `io`, an HTTP/2 connection; the [`Flusher`] wraps the connection future
     /// built over the result.
     pub fn new(io: S) -> (Self, Flusher<S>) {
-        let read_gate = Arc::new(ReadGate::default());
-        let shared = Shared {
-            io,
-            buf: Vec::new(),
-            written: 0,
-            in_poll: false,
-            unflushed: false,
-            failed: None,
-            waiter: None,
-            parked: false,
-            read_waker: Waker::from(read_gate.clone()),
-            read_gate,
-        };
+        let shared =
+            Shared { io, buf: Vec::new(), written: 0, in_poll: false, unflushed: false, failed: None, waiter: None };
         let shared = Arc::new(TryLock::new(shared));
         (Coalesced { shared: shared.clone() }, Flusher { shared })
     }
@@ -238,16 +188,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Coalesced<S> {
         if let Err(e) = s.take_failure() {
             return Poll::Ready(Err(e));
         }
-        let s = &mut *s;
-        // Register before testing the flag: a wake-up between the two finds this task.
-        s.read_gate.task.register(cx.waker());
-        let woken = s.read_gate.woken.swap(false, Ordering::AcqRel);
-        if s.parked && !woken {
-            return Poll::Pending;
-        }
-        let r = Pin::new(&mut s.io).poll_read(&mut Context::from_waker(&s.read_waker), buf);
-        s.parked = r.is_pending();
-        r
+        Pin::new(&mut s.io).poll_read(cx, buf)
     }
 }
 

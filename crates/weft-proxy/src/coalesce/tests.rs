@@ -29,10 +29,6 @@ struct MockState {
     waker: Option<Waker>,
     /// What reads return, once; then reads never complete.
     incoming: Vec<u8>,
-    /// Reads that reached the stream.
-    reads: usize,
-    /// The waker of the last read that returned `Pending`.
-    read_waker: Option<Waker>,
 }
 
 /// A stream recording its calls; reads return `incoming` once, then never complete.
@@ -47,11 +43,9 @@ impl Mock {
 }
 
 impl AsyncRead for Mock {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let mut s = self.0.lock().expect("mock lock");
-        s.reads += 1;
         if s.incoming.is_empty() {
-            s.read_waker = Some(cx.waker().clone());
             return Poll::Pending;
         }
         buf.put_slice(&std::mem::take(&mut s.incoming));
@@ -321,56 +315,4 @@ fn a_call_that_finds_the_state_taken_waits_and_is_woken() {
     assert_eq!(counter.0.load(Ordering::SeqCst), 1, "woken to call again");
     drop(held);
     assert!(matches!(Pin::new(&mut io).poll_write(&mut cx, b"x"), Poll::Ready(Ok(1))));
-}
-
-/// Reads `io` once with `waker`: the bytes read, or `None` for `Pending`.
-fn read_once(io: &mut Coalesced<Mock>, waker: &Waker) -> Option<Vec<u8>> {
-    let mut buf = [0u8; 16];
-    let mut rb = ReadBuf::new(&mut buf);
-    match Pin::new(io).poll_read(&mut Context::from_waker(waker), &mut rb) {
-        Poll::Ready(r) => {
-            r.expect("read");
-            Some(rb.filled().to_vec())
-        }
-        Poll::Pending => None,
-    }
-}
-
-#[test]
-fn reads_after_pending_wait_for_the_streams_wake_up() {
-    let (mock, state) = Mock::new();
-    let (mut io, _flusher) = Coalesced::new(mock);
-    let counter = Arc::new(Counter::default());
-    let waker = Waker::from(counter.clone());
-    assert_eq!(read_once(&mut io, &waker), None);
-    assert_eq!(read_once(&mut io, &waker), None);
-    assert_eq!(read_once(&mut io, &waker), None);
-    assert_eq!(state.lock().expect("mock lock").reads, 1, "reads after Pending do not reach the stream");
-    // Data arrives: the stream wakes the waker its read registered.
-    let stream_waker = {
-        let mut s = state.lock().expect("mock lock");
-        s.incoming = b"frame".to_vec();
-        s.read_waker.take().expect("the read registered a waker")
-    };
-    stream_waker.wake();
-    assert_eq!(counter.0.load(Ordering::SeqCst), 1, "the wake-up reaches the reading task");
-    assert_eq!(read_once(&mut io, &waker).as_deref(), Some(&b"frame"[..]));
-    // A read that returned data is never held back: the next one asks the stream.
-    assert_eq!(read_once(&mut io, &waker), None);
-    assert_eq!(state.lock().expect("mock lock").reads, 3);
-}
-
-#[test]
-fn a_skipped_read_registers_the_task_that_made_it() {
-    let (mock, state) = Mock::new();
-    let (mut io, _flusher) = Coalesced::new(mock);
-    let first = Arc::new(Counter::default());
-    let second = Arc::new(Counter::default());
-    assert_eq!(read_once(&mut io, &Waker::from(first.clone())), None);
-    // Another task (the connection's, after the handshake's) reads next: it is woken.
-    assert_eq!(read_once(&mut io, &Waker::from(second.clone())), None);
-    let stream_waker = state.lock().expect("mock lock").read_waker.take().expect("registered");
-    stream_waker.wake();
-    assert_eq!(first.0.load(Ordering::SeqCst), 0);
-    assert_eq!(second.0.load(Ordering::SeqCst), 1);
 }
