@@ -15,8 +15,7 @@
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
@@ -45,59 +44,8 @@ const MAX_SEND_BUFFER_SIZE: usize = 1024 * 1024;
 const INITIAL_MAX_SEND_STREAMS: usize = 100;
 const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
-/// One request in this many on a connection sends its `x-request-id` indexable (see
-/// [`H2Sender`]); the first one does.
-const ID_NAME_EVERY: u32 = 1024;
-
-/// The request id header, sent as a never-indexed literal (`http::forward` marks it
-/// sensitive: unique per request).
-const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-
-/// Opens streams on one upstream HTTP/2 connection: h2's handle, and how many requests
-/// were sent on the connection.
-///
-/// The count keeps the request id's name in the connection's HPACK table. A never-indexed
-/// literal names its header by index when the name is in the table (h2's encoder looks),
-/// else spells it out: `x-request-id`, a name that is nowhere but in these literals, was
-/// Huffman-coded by this side and decoded, checked and allocated by the peer on every
-/// request (~0.4k instructions here, ~0.5k there; bench/notes.md, wip-h2x). So the first
-/// request of a connection, and one in [`ID_NAME_EVERY`] after it (in case other
-/// entries pushed it out), sends its id indexable: h2 inserts it, and the later ids name
-/// it by index. The bytes stay valid HPACK and carry the same headers; the value is
-/// still never indexed but for that one request in 1,024.
-#[derive(Clone, Debug)]
-pub struct H2Sender {
-    tx: SendRequest<Bytes>,
-    sent: Arc<AtomicU32>,
-}
-
-impl H2Sender {
-    /// Wraps h2's handle of a connection that has sent nothing yet.
-    pub(crate) fn new(tx: SendRequest<Bytes>) -> Self {
-        H2Sender { tx, sent: Arc::new(AtomicU32::new(0)) }
-    }
-
-    /// Waits until the connection can open a stream (`SendRequest::ready`).
-    pub async fn ready(self) -> Result<H2Sender, h2::Error> {
-        let H2Sender { tx, sent } = self;
-        Ok(H2Sender { tx: tx.ready().await?, sent })
-    }
-
-    /// Opens a stream for `head` (h2's `send_request`), first letting the request id be
-    /// indexed when this request is one to put its name in the table.
-    fn send_request(
-        &mut self,
-        mut head: Request<()>,
-        eos: bool,
-    ) -> Result<(h2::client::ResponseFuture, SendStream<Bytes>), h2::Error> {
-        if self.sent.fetch_add(1, Ordering::Relaxed).is_multiple_of(ID_NAME_EVERY) {
-            if let Some(id) = head.headers_mut().get_mut(X_REQUEST_ID) {
-                id.set_sensitive(false);
-            }
-        }
-        self.tx.send_request(head, eos)
-    }
-}
+/// Opens streams on one upstream HTTP/2 connection.
+pub type H2Sender = SendRequest<Bytes>;
 
 /// The connection's I/O and protocol state: a future that runs until the connection ends.
 pub type H2Connection = Connection<Coalesced<UpstreamStream>, Bytes>;
@@ -167,12 +115,11 @@ pub async fn handshake(
         .max_send_buffer_size(MAX_SEND_BUFFER_SIZE)
         .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS))
         .enable_push(false);
-    let (tx, conn) = builder.handshake(io).await.map_err(|e| map_h2_error(addr, &e, true))?;
-    Ok((H2Sender::new(tx), conn))
+    builder.handshake(io).await.map_err(|e| map_h2_error(addr, &e, true))
 }
 
 /// Sends `req` on a stream of the connection behind `tx` (ready: see
-/// [`H2Sender::ready`]) and awaits the response head in place. A request body that
+/// [`SendRequest::ready`]) and awaits the response head in place. A request body that
 /// is not complete once the stream is open is piped by a task of its own. `stripped`:
 /// the caller removed the connection-specific headers already (the forwarding path),
 /// so they are not looked for again.
@@ -525,4 +472,66 @@ fn digits(b: &[u8]) -> Option<u64> {
 }
 
 #[cfg(test)]
-mod tests;
+mod tests {
+    use super::*;
+
+    fn lengths(values: &[&'static str]) -> Option<u64> {
+        let mut h = HeaderMap::new();
+        for v in values {
+            h.append(CONTENT_LENGTH, HeaderValue::from_static(v));
+        }
+        content_length(&h)
+    }
+
+    /// The last frame of a body is handed to h2 at once: the pipe finishes while the
+    /// peer's window is still closed, and h2 sends the data once the peer opens it.
+    #[tokio::test]
+    async fn a_bodys_last_frame_does_not_wait_for_send_window() {
+        let (client_io, server_io) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(server_io).await.expect("server handshake");
+            let (_req, mut respond) = conn.accept().await.expect("a request").expect("accepted");
+            let tx = respond.send_response(Response::new(()), false).expect("response head");
+            let mut pipe = Pipe::new(crate::http::body::full(&b"0123456789"[..]), tx, "test body failed");
+            let finished = poll_fn(|cx| Poll::Ready(Pin::new(&mut pipe).poll(cx).is_ready())).await;
+            tokio::spawn(async move { poll_fn(|cx| conn.poll_closed(cx)).await });
+            finished
+        });
+        let mut builder = h2::client::Builder::new();
+        builder.initial_window_size(0);
+        let (mut sender, mut conn) = builder.handshake::<_, Bytes>(client_io).await.expect("client handshake");
+        let (open, mut opened) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let mut open_once = Some(&mut opened);
+            poll_fn(|cx| {
+                if let Some(rx) = open_once.as_mut() {
+                    if Pin::new(&mut **rx).poll(cx).is_ready() {
+                        open_once = None;
+                        conn.set_initial_window_size(65_535).expect("window setting");
+                    }
+                }
+                Pin::new(&mut conn).poll(cx)
+            })
+            .await
+        });
+        let (response, _) = sender.send_request(Request::new(()), true).expect("request sent");
+        let mut body = response.await.expect("response head").into_body();
+        assert!(server.await.expect("server task"), "the pipe finished with the window closed");
+        open.send(()).expect("client connection running");
+        let data = body.data().await.expect("a data frame").expect("data");
+        assert_eq!(&data[..], b"0123456789");
+    }
+
+    #[test]
+    fn content_length_follows_hypers_rule() {
+        assert_eq!(lengths(&[]), None);
+        assert_eq!(lengths(&["42"]), Some(42));
+        assert_eq!(lengths(&["42", "42"]), Some(42));
+        assert_eq!(lengths(&["42, 42"]), Some(42));
+        assert_eq!(lengths(&["42", "43"]), None);
+        assert_eq!(lengths(&["42,43"]), None);
+        assert_eq!(lengths(&["+42"]), None);
+        assert_eq!(lengths(&[""]), None);
+        assert_eq!(lengths(&["99999999999999999999"]), None);
+    }
+}
