@@ -113,7 +113,7 @@ pub fn on_upstream_request(ctx: &Context, conn: &ConnInfo, headers: &mut HeaderM
 /// report itself when it fits (UUIDs, as Envoy and weft generate, do: no allocation per
 /// request); one generated is kept as the header value the upstream request carries.
 enum RequestId {
-    Inline(InlineStr<REQUEST_ID_INLINE>),
+    Inline(InlineId),
     Taken(String),
     Generated(HeaderValue),
 }
@@ -121,7 +121,7 @@ enum RequestId {
 impl RequestId {
     /// The id a request carried, copied: in place when it fits.
     fn taken(id: &str) -> RequestId {
-        InlineStr::new(id).map_or_else(|| RequestId::Taken(id.to_string()), RequestId::Inline)
+        InlineId::new(id).map_or_else(|| RequestId::Taken(id.to_string()), RequestId::Inline)
     }
 
     fn as_str(&self) -> &str {
@@ -134,71 +134,27 @@ impl RequestId {
     }
 }
 
-/// Room for a request id in place: a UUID (36) with some to spare; the report is boxed,
-/// so its size is cheap.
-const REQUEST_ID_INLINE: usize = 48;
-
-/// A short string kept in place: `len` bytes of `bytes`, all from a `&str`.
-pub struct InlineStr<const N: usize> {
+/// A short request id kept in place: `len` bytes of `bytes`, all from a `&str`.
+struct InlineId {
     len: u8,
-    bytes: [u8; N],
+    bytes: [u8; InlineId::CAPACITY],
 }
 
-impl<const N: usize> InlineStr<N> {
-    /// `s` in place, if it fits.
-    fn new(s: &str) -> Option<InlineStr<N>> {
-        let mut bytes = [0u8; N];
-        bytes.get_mut(..s.len())?.copy_from_slice(s.as_bytes());
-        Some(InlineStr { len: u8::try_from(s.len()).ok()?, bytes })
+impl InlineId {
+    /// Room for a UUID (36) with some to spare; the report is boxed, so its size is
+    /// cheap.
+    const CAPACITY: usize = 48;
+
+    /// `id` in place, if it fits.
+    fn new(id: &str) -> Option<InlineId> {
+        let mut bytes = [0u8; InlineId::CAPACITY];
+        bytes.get_mut(..id.len())?.copy_from_slice(id.as_bytes());
+        Some(InlineId { len: u8::try_from(id.len()).ok()?, bytes })
     }
 
     fn as_str(&self) -> &str {
-        // The bytes of a `&str` (`new`), ASCII letters lowercased at most: the check
-        // cannot fail.
+        // The bytes of a `&str` (`new`): the check cannot fail.
         std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
-    }
-}
-
-/// Room for an authority in place: service hostnames with a port
-/// (`reviews.bookinfo.svc.cluster.local:9080` is 39 bytes) fit.
-const AUTHORITY_INLINE: usize = 64;
-
-/// The authority a request was routed with, lowercased: in place when it fits (as
-/// most do: no allocation per request), else on the heap.
-pub enum Authority {
-    /// Kept in place.
-    Inline(InlineStr<AUTHORITY_INLINE>),
-    /// Longer than the room in place.
-    Heap(String),
-}
-
-impl Authority {
-    /// `a` with its ASCII letters lowercased.
-    pub fn lowercase(a: &str) -> Authority {
-        match InlineStr::new(a) {
-            Some(mut s) => {
-                s.bytes[..usize::from(s.len)].make_ascii_lowercase();
-                Authority::Inline(s)
-            }
-            None => Authority::Heap(a.to_ascii_lowercase()),
-        }
-    }
-}
-
-impl Default for Authority {
-    fn default() -> Authority {
-        Authority::Inline(InlineStr { len: 0, bytes: [0; AUTHORITY_INLINE] })
-    }
-}
-
-impl std::ops::Deref for Authority {
-    type Target = str;
-
-    fn deref(&self) -> &str {
-        match self {
-            Authority::Inline(s) => s.as_str(),
-            Authority::Heap(s) => s,
-        }
     }
 }
 
@@ -234,7 +190,7 @@ pub struct HttpReport {
     pub upstream_principal: Option<Arc<str>>,
     flags: Vec<&'static str>,
     /// Authority the request was for.
-    pub authority: Authority,
+    pub authority: String,
     /// Route that matched (its name, shared with the route).
     pub route_name: Option<Arc<str>>,
     /// Upstream cluster chosen (its name, shared with the route).
@@ -306,7 +262,7 @@ impl HttpReport {
             peer,
             announce,
             flags: Vec::new(),
-            authority: Authority::default(),
+            authority: String::new(),
             route_name: None,
             cluster: None,
             upstream_host: None,
@@ -459,7 +415,7 @@ impl HttpReport {
         let security_policy = security_policy(self.direction, &self.peer_principal);
         let flags = self.flags_text();
         let cluster = self.cluster.as_deref().unwrap_or_default();
-        let mut service = destination_service(ctx, self.direction, cluster, Some(&*self.authority));
+        let mut service = destination_service(ctx, self.direction, cluster, Some(&self.authority));
         if self.direction != Direction::Inbound {
             service = peer_namespace(service, &destination);
         }
@@ -502,7 +458,7 @@ impl HttpReport {
             x_forwarded_for: self.x_forwarded_for,
             user_agent: self.user_agent,
             request_id: Some(request_id),
-            authority: (!self.authority.is_empty()).then(|| self.authority.to_string()),
+            authority: Some(self.authority).filter(|a| !a.is_empty()),
             upstream_host: self.upstream_host,
             upstream_cluster: Some(cluster.to_string()).filter(|c| !c.is_empty()),
             route_name: self.route_name.as_deref().filter(|r| !r.is_empty()).map(str::to_string),
@@ -550,7 +506,7 @@ fn tap_event(ctx: &Context, r: &HttpReport, labels: &RequestLabels, duration: Du
         destination: Some(peer(&labels.destination)),
         service: labels.service.host.clone(),
         method: r.method.clone(),
-        authority: r.authority.to_string(),
+        authority: r.authority.clone(),
         path: path.to_string(),
         status: u32::from(r.response_code),
         latency_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),

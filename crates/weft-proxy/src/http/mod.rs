@@ -32,7 +32,7 @@ use crate::conn::ConnInfo;
 use crate::context::Context;
 use crate::error::{ErrorKind, ProxyError};
 use crate::io::{Activity, Replay, StreamGuard, Tracked};
-use crate::report::{Authority, HttpReport};
+use crate::report::HttpReport;
 use crate::route::{Abort, CorsDecision, Route, RouteAction};
 use body::{full, DownstreamBody, ReportingBody};
 use preface::{Alpn, Version};
@@ -658,15 +658,15 @@ fn take_parts(parts: &mut http::request::Parts) -> http::request::Parts {
 
 /// The authority a request is for: the absolute URI's (explicit proxy, HTTP/2), else Host.
 pub fn request_authority(parts: &http::request::Parts) -> Option<String> {
-    authority_of(&parts.uri, parts.headers.get(HOST)).map(|a| a.to_string())
+    authority_of(&parts.uri, parts.headers.get(HOST))
 }
 
 /// [`request_authority`] from the URI and the (first) Host header already looked up.
-fn authority_of(uri: &http::Uri, host: Option<&HeaderValue>) -> Option<Authority> {
+fn authority_of(uri: &http::Uri, host: Option<&HeaderValue>) -> Option<String> {
     if let Some(a) = uri.authority() {
-        return Some(Authority::lowercase(a.as_str()));
+        return Some(a.as_str().to_ascii_lowercase());
     }
-    host.and_then(|h| h.to_str().ok()).map(Authority::lowercase)
+    host.and_then(|h| h.to_str().ok()).map(|h| h.to_ascii_lowercase())
 }
 
 fn fault_abort(abort: &Abort) -> Response<BoxBody> {

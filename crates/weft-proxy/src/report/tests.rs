@@ -103,22 +103,10 @@ fn request_ids_taken_from_requests_are_kept_in_place_when_they_fit() {
     assert!(matches!(id, RequestId::Inline(_)), "a UUID needs no allocation");
     assert_eq!(id.as_str(), uuid);
     assert_eq!(RequestId::taken("").as_str(), "");
-    let long = "x".repeat(REQUEST_ID_INLINE + 1);
+    let long = "x".repeat(InlineId::CAPACITY + 1);
     let id = RequestId::taken(&long);
     assert!(matches!(id, RequestId::Taken(_)), "longer ids are copied to the heap");
     assert_eq!(id.as_str(), long);
-    let full = "y".repeat(REQUEST_ID_INLINE);
+    let full = "y".repeat(InlineId::CAPACITY);
     assert_eq!(RequestId::taken(&full).as_str(), full);
-}
-
-#[test]
-fn authorities_are_lowercased_in_place_when_they_fit() {
-    let a = Authority::lowercase("Reviews.Bookinfo.svc.cluster.local:9080");
-    assert!(matches!(a, Authority::Inline(_)), "a service hostname needs no allocation");
-    assert_eq!(&*a, "reviews.bookinfo.svc.cluster.local:9080");
-    let long = format!("{}.EXAMPLE.com", "A".repeat(AUTHORITY_INLINE));
-    let a = Authority::lowercase(&long);
-    assert!(matches!(a, Authority::Heap(_)));
-    assert_eq!(&*a, long.to_ascii_lowercase());
-    assert_eq!(&*Authority::default(), "");
 }
