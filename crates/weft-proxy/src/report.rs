@@ -109,11 +109,53 @@ pub fn on_upstream_request(ctx: &Context, conn: &ConnInfo, headers: &mut HeaderM
 }
 
 /// A request's id. One taken from the request's `x-request-id` is copied (a slice of
-/// the downstream read buffer would keep that buffer until the response ends); one
-/// generated is kept as the header value the upstream request carries.
+/// the downstream read buffer would keep that buffer until the response ends): into the
+/// report itself when it fits (UUIDs, as Envoy and weft generate, do: no allocation per
+/// request); one generated is kept as the header value the upstream request carries.
 enum RequestId {
+    Inline(InlineId),
     Taken(String),
     Generated(HeaderValue),
+}
+
+impl RequestId {
+    /// The id a request carried, copied: in place when it fits.
+    fn taken(id: &str) -> RequestId {
+        InlineId::new(id).map_or_else(|| RequestId::Taken(id.to_string()), RequestId::Inline)
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            RequestId::Inline(id) => id.as_str(),
+            RequestId::Taken(id) => id,
+            // Hex digits only: the check cannot fail.
+            RequestId::Generated(v) => v.to_str().unwrap_or_default(),
+        }
+    }
+}
+
+/// A short request id kept in place: `len` bytes of `bytes`, all from a `&str`.
+struct InlineId {
+    len: u8,
+    bytes: [u8; InlineId::CAPACITY],
+}
+
+impl InlineId {
+    /// Room for a UUID (36) with some to spare; the report is boxed, so its size is
+    /// cheap.
+    const CAPACITY: usize = 48;
+
+    /// `id` in place, if it fits.
+    fn new(id: &str) -> Option<InlineId> {
+        let mut bytes = [0u8; InlineId::CAPACITY];
+        bytes.get_mut(..id.len())?.copy_from_slice(id.as_bytes());
+        Some(InlineId { len: u8::try_from(id.len()).ok()?, bytes })
+    }
+
+    fn as_str(&self) -> &str {
+        // The bytes of a `&str` (`new`): the check cannot fail.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
 }
 
 /// One request's telemetry, filled in as it proceeds and reported when its response
@@ -212,8 +254,8 @@ impl HttpReport {
             grpc: crate::route::is_grpc(h),
             user_agent: if log { text(http::header::USER_AGENT) } else { None },
             x_forwarded_for: if log { text(X_FORWARDED_FOR) } else { None },
-            request_id: match text(X_REQUEST_ID) {
-                Some(id) => RequestId::Taken(id),
+            request_id: match h.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
+                Some(id) => RequestId::taken(id),
                 None => RequestId::Generated(hex_id(rand::random())),
             },
             peer_decoded_with: if peer.is_some() { conn.peer_principal.clone() } else { None },
@@ -239,16 +281,13 @@ impl HttpReport {
 
     /// The request id (taken from `x-request-id` or generated).
     pub fn request_id(&self) -> &str {
-        match &self.request_id {
-            RequestId::Taken(id) => id,
-            // Hex digits only: the check cannot fail.
-            RequestId::Generated(v) => v.to_str().unwrap_or_default(),
-        }
+        self.request_id.as_str()
     }
 
     /// The request id as an `x-request-id` value: a generated one is shared, not copied.
     pub fn request_id_value(&self) -> Option<HeaderValue> {
         match &self.request_id {
+            RequestId::Inline(id) => HeaderValue::from_str(id.as_str()).ok(),
             RequestId::Taken(id) => HeaderValue::from_str(id).ok(),
             RequestId::Generated(v) => Some(v.clone()),
         }

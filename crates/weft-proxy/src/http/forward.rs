@@ -73,28 +73,31 @@ pub async fn forward(
     // No mesh metadata to clusters outside the mesh (Istio's `skip_external_clusters`).
     prepare_headers(&mut *parts, ctx, conn, report, cluster.config.in_mesh(), xfp_may_be_gone);
 
-    let tally = Arc::new(BodyTally::default());
-    report.request_body = Some(tally.clone());
+    // A request without a body (a GET, say) has nothing to count, read or fail: no tally
+    // and no counting wrapper (two allocations fewer); its size is reported as 0 all the same.
+    let tally = (!body.is_end_stream()).then(|| Arc::new(BodyTally::default()));
+    report.request_body.clone_from(&tally);
     let policy = action.retry.as_ref().filter(|p| p.num_retries > 0 && p.request_is_retriable(&*parts));
     let wants_replay = policy.is_some() || !action.mirrors.is_empty();
-    let mut body = if wants_replay && body.is_end_stream() {
-        // Nothing to read (a GET, say): no collection, no buffer.
-        ReqBody::Replay(Bytes::new())
-    } else if wants_replay && replayable(&body) {
-        // Boxed: most requests have no body to collect.
-        let bytes = match Box::pin(body.collect()).await {
-            Ok(b) => b.to_bytes(),
-            Err(e) => {
-                let kind = downstream_body_error(&*e);
-                tally.fail(kind);
-                return Err(ProxyError::new(kind, format!("reading request body: {e}")));
-            }
-        };
-        tally.add(bytes.len() as u64);
-        ReqBody::Replay(bytes)
-    } else {
+    let mut body = match &tally {
+        // Nothing to read: no collection, no buffer.
+        None if wants_replay => ReqBody::Replay(Bytes::new()),
+        None => ReqBody::Stream(Some(full(Bytes::new()))),
+        Some(tally) if wants_replay && replayable(&body) => {
+            // Boxed: most requests have no body to collect.
+            let bytes = match Box::pin(body.collect()).await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    let kind = downstream_body_error(&*e);
+                    tally.fail(kind);
+                    return Err(ProxyError::new(kind, format!("reading request body: {e}")));
+                }
+            };
+            tally.add(bytes.len() as u64);
+            ReqBody::Replay(bytes)
+        }
         // One box around both (the counting wrapper is generic over the body).
-        ReqBody::Stream(Some(boxed(CountingBody::new(body, tally.clone()))))
+        Some(tally) => ReqBody::Stream(Some(boxed(CountingBody::new(body, tally.clone())))),
     };
 
     if let ReqBody::Replay(bytes) = &body {
@@ -175,7 +178,7 @@ pub async fn forward(
         };
         // A send that failed because the downstream's body could not be read is the
         // client's failure: no outlier report, no retry, a 400 (DPE) or nothing (DC).
-        let result = match (result, tally.failure()) {
+        let result = match (result, tally.as_ref().and_then(|t| t.failure())) {
             (Err(e), Some(kind)) => {
                 drop(inflight);
                 return Err(ProxyError::new(kind, format!("reading request body: {}", e.detail())));

@@ -7,9 +7,9 @@ mod forward;
 pub(crate) mod h2_server;
 mod limits;
 pub mod preface;
+mod recycle;
 mod tunnel;
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -42,6 +42,14 @@ const GRPC_STATUS: HeaderName = HeaderName::from_static("grpc-status");
 
 /// hyper's HTTP/1 limit on request headers when none is set (`DEFAULT_MAX_HEADERS`).
 const HYPER_MAX_HEADERS: usize = 100;
+
+thread_local! {
+    /// The boxes of this thread's last finished requests, for the next ones
+    /// ([`recycle`]): HTTP/1.x and HTTP/2 requests run the same future, [`handle`]'s.
+    static REQUEST_BOXES: recycle::Spares = const { std::cell::RefCell::new(None) };
+    /// The same for the futures of HTTP/2 streams around them ([`serve_h2_stream`]).
+    static H2_STREAM_BOXES: recycle::Spares = const { std::cell::RefCell::new(None) };
+}
 
 /// Serves HTTP on one downstream connection until it closes, the proxy drains, or its
 /// filter chain changes in a way that cannot apply in place (see [`crate::conn`]).
@@ -188,8 +196,10 @@ async fn serve_http1<S>(
         // inline and copied it whole at every hand-over (`memmove` was the largest single
         // item of a profile: bench/notes.md). Boxed as the future of one `async fn` call:
         // an `async` block around `handle(..)` was built on the stack and copied twice
-        // more on its way into the box.
-        Box::pin(handle_http1(ctx, conn, req, stream))
+        // more on its way into the box. The box is one a finished request of this thread
+        // gave back, still in the cache ([`recycle`]).
+        let req = req.map(DownstreamBody::Http1);
+        recycle::Infallible(recycle::pin(&REQUEST_BOXES, || handle(ctx, conn, req, stream)))
     });
     let conn_fut = builder.serve_connection(TokioIo::new(io), svc).with_upgrades();
     tokio::pin!(conn_fut);
@@ -242,8 +252,10 @@ impl h2_server::NewStream for H2Streams {
         let stream = self.activity.open_stream();
         let admitted = self.heads.admit();
         // Small: the request's own future is boxed inside (hyper's server boxed the
-        // request's future too, and spawned a task around it).
-        Box::pin(serve_h2_stream(self.ctx.clone(), self.conn.clone(), req, respond, stream, admitted))
+        // request's future too, and spawned a task around it). Its state (~1 KiB) is
+        // built in a recycled box ([`recycle`]); the stream's own box holds a pointer.
+        let (ctx, conn) = (self.ctx.clone(), self.conn.clone());
+        Box::pin(recycle::pin(&H2_STREAM_BOXES, || serve_h2_stream(ctx, conn, req, respond, stream, admitted)))
     }
 }
 
@@ -272,13 +284,16 @@ async fn serve_h2_stream(
         let (pending, connect) = h2_server::PendingTunnel::new(recv);
         parts.extensions.insert(pending);
         let req = Request::from_parts(parts, DownstreamBody::Empty);
-        return h2_server::serve_stream(respond, Box::pin(handle(ctx, conn, req, stream)), Some(connect)).await;
+        let handle = recycle::pin(&REQUEST_BOXES, || handle(ctx, conn, req, stream));
+        return h2_server::serve_stream(respond, handle, Some(connect)).await;
     }
     let req = Request::from_parts(parts, DownstreamBody::Http2(H2Body::new(recv, len, true)));
     // Boxed on its own (one allocation, as with hyper): the request's state machine is
     // several KiB; inline, this stream's future would be as large, and it is moved (copied
-    // whole) into its box and then into `serve_stream`'s state.
-    h2_server::serve_stream(respond, Box::pin(handle(ctx, conn, req, stream)), None).await;
+    // whole) into its box and then into `serve_stream`'s state. The box is a recycled one
+    // ([`recycle`]).
+    let handle = recycle::pin(&REQUEST_BOXES, || handle(ctx, conn, req, stream));
+    h2_server::serve_stream(respond, handle, None).await;
 }
 
 /// What the stages of one request share: the proxy, the connection, the filter chain and
@@ -296,16 +311,6 @@ pub struct RequestCtx<'a> {
     pub snap: Arc<ProxySnapshot>,
     /// Telemetry for the request, filled as it goes.
     pub report: Box<HttpReport>,
-}
-
-/// [`handle`] as hyper's HTTP/1 service wants it.
-async fn handle_http1(
-    ctx: Arc<Context>,
-    conn: Arc<ConnInfo>,
-    req: Request<Incoming>,
-    stream: StreamGuard,
-) -> Result<Response<BoxBody>, Infallible> {
-    Ok(handle(ctx, conn, req.map(DownstreamBody::Http1), stream).await)
 }
 
 /// Handles one request end to end with the connection's current filter chain; never

@@ -95,3 +95,18 @@ fn generated_request_ids_are_what_format_gives() {
         assert_eq!(hex_id(v), format!("{v:032x}").as_str());
     }
 }
+
+#[test]
+fn request_ids_taken_from_requests_are_kept_in_place_when_they_fit() {
+    let uuid = "8f2c7a3e-5b1d-4c9e-a0f4-2d6b8e1c3a57";
+    let id = RequestId::taken(uuid);
+    assert!(matches!(id, RequestId::Inline(_)), "a UUID needs no allocation");
+    assert_eq!(id.as_str(), uuid);
+    assert_eq!(RequestId::taken("").as_str(), "");
+    let long = "x".repeat(InlineId::CAPACITY + 1);
+    let id = RequestId::taken(&long);
+    assert!(matches!(id, RequestId::Taken(_)), "longer ids are copied to the heap");
+    assert_eq!(id.as_str(), long);
+    let full = "y".repeat(InlineId::CAPACITY);
+    assert_eq!(RequestId::taken(&full).as_str(), full);
+}
