@@ -40,8 +40,9 @@ trap 'rm -rf "$work"' EXIT
   { cat "$work/instrument.log" >&2; exit 1; }
 export PATH="$ROOT/.tools/bin:$PATH" WEFT_BENCH_STOP=term WEFT_DRAIN_DURATION=0s
 bench="${WEFT_BENCH:-target/release/weft-bench}"
-"$bench" wake --pairs weft-h1,weft-h2 --rounds 1 --rps 3000 --secs 5 --weft-proxy "$work/weft-proxy.inst" >/dev/null
-"$bench" outside --rounds 1 --pairs weft-h1,weft-h2 --weft-proxy "$work/weft-proxy.inst" --out "$work/outside" >/dev/null
+train() { "$@" >>"$work/train.log" 2>&1 || { tail -n 30 "$work/train.log" >&2; exit 1; }; }
+train "$bench" wake --pairs weft-h1,weft-h2 --rounds 1 --rps 3000 --secs 5 --weft-proxy "$work/weft-proxy.inst"
+train "$bench" outside --rounds 1 --pairs weft-h1,weft-h2 --weft-proxy "$work/weft-proxy.inst" --out "$work/outside"
 ls "$work"/prof.*.fdata >/dev/null
 "$bolt_dir/merge-fdata" "$work"/prof.*.fdata >"$work/all.fdata" 2>/dev/null
 "$bolt_dir/llvm-bolt" "$in" -o "$out" -data="$work/all.fdata" \
