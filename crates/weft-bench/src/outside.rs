@@ -480,6 +480,14 @@ pub async fn run(args: &OutsideArgs) -> anyhow::Result<(OutsideResults, PathBuf)
     if wanted("haproxy") {
         ensure!(tools.haproxy.is_file(), "HAProxy not found at {}: run scripts/setup.sh", tools.haproxy.display());
     }
+    // Every proxy binary starts from the same page-cache state (peak RSS depends on it).
+    let mut binaries = vec![&tools.weft_proxy, &tools.envoy, &tools.haproxy];
+    binaries.extend(alt_tools.as_ref().map(|t| &t.weft_proxy));
+    for bin in binaries.into_iter().filter(|b| b.is_file()) {
+        if let Err(e) = crate::procs::evict_from_page_cache(bin) {
+            eprintln!("bench: {e:#} (peak RSS may depend on the page cache)");
+        }
+    }
     let mut pairs: Vec<String> = Vec::new();
     for p in &args.pairs {
         pairs.push(p.clone());

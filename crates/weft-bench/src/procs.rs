@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context};
+use anyhow::{anyhow, bail, ensure, Context};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
@@ -255,4 +255,22 @@ where
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// Writes `path` back and drops its pages from the page cache, so that every build a run
+/// compares starts from the same state. How many of a binary's pages a process maps per
+/// fault depends on how the page cache holds the file: a binary just written (a fresh
+/// build, BOLT's output) was mapped in large blocks, and peaked ~3 MiB higher than the same
+/// file after `drop_caches` (bench/notes.md, "After the twelfth session's merge"). GNU dd's
+/// `nocache` flag is `posix_fadvise(POSIX_FADV_DONTNEED)` (this crate has no `unsafe`).
+pub fn evict_from_page_cache(path: &Path) -> anyhow::Result<()> {
+    let file = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    file.sync_all().with_context(|| format!("fsync {}", path.display()))?;
+    let out = std::process::Command::new("dd")
+        .arg(format!("if={}", path.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .output()
+        .context("dd")?;
+    ensure!(out.status.success(), "dd iflag=nocache on {}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    Ok(())
 }
