@@ -234,12 +234,14 @@ async fn request_headers_timeout_bounds_every_head_of_a_keep_alive_connection() 
     })
     .await;
     let out = proxy.listener_addr("out", WAIT).await.unwrap();
-    // Several prompt requests on one connection, spread past the first head's deadline,
-    // then half a head: the timer of each head is the connection's one alarm, moved
-    // along; the half head still closes the connection once its own deadline passes.
+    // Several prompt requests on one connection, spread past the first head's deadline
+    // (the fourth comes 1.2 s after the first: an alarm left at the first head's deadline
+    // would have closed the connection before it), then half a head: the timer of each
+    // head is the connection's one alarm, moved along; the half head still closes the
+    // connection once its own deadline passes.
     let mut slow = TcpStream::connect(out).await.unwrap();
     let mut buf = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..4 {
         slow.write_all(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n").await.unwrap();
         assert_eq!(read_response(&mut slow, &mut buf).await.map(|r| r.0), Some(200));
         tokio::time::sleep(std::time::Duration::from_millis(400)).await;
@@ -253,5 +255,5 @@ async fn request_headers_timeout_bounds_every_head_of_a_keep_alive_connection() 
     let mut buf = Vec::new();
     assert_eq!(read_response(&mut idle, &mut buf).await.map(|r| r.0), Some(200));
     assert!(closed_by_proxy(&mut idle).await, "an idle keep-alive connection stayed open");
-    assert_eq!(echo.requests(), 4);
+    assert_eq!(echo.requests(), 5);
 }

@@ -26,7 +26,7 @@ use crate::report::HttpReport;
 use crate::route::{ForwardAction, HashPolicy, HashSource, RetryPolicy};
 
 /// Header names the request path reads or writes on every request, parsed once.
-pub(crate) const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) use crate::route::X_FORWARDED_PROTO;
 pub(crate) const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 const PROXY_AUTHORIZATION: HeaderName = HeaderName::from_static("proxy-authorization");

@@ -699,7 +699,7 @@ fn grpc_trailers_only(code: u32, message: &str) -> Response<BoxBody> {
     let mut r = Response::new(full(Bytes::new()));
     let h = r.headers_mut();
     h.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
-    h.insert(HeaderName::from_static("grpc-status"), HeaderValue::from(code));
+    h.insert(GRPC_STATUS, HeaderValue::from(code));
     if let Ok(v) = HeaderValue::from_str(message) {
         h.insert(HeaderName::from_static("grpc-message"), v);
     }

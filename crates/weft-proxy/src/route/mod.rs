@@ -36,7 +36,9 @@ use crate::error::ConfigError;
 use matcher::RequestView;
 
 /// Header names routing reads, parsed once (a `&str` name is parsed at every lookup).
-const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
+/// `x-forwarded-proto` is also what the connection manager sets and tracing reads: the
+/// crate's one definition.
+pub(crate) const X_FORWARDED_PROTO: http::HeaderName = http::HeaderName::from_static("x-forwarded-proto");
 const X_ENVOY_INTERNAL: http::HeaderName = http::HeaderName::from_static("x-envoy-internal");
 
 /// A compiled route configuration. Immutable; share it in an `Arc`.

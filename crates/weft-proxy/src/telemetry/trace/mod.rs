@@ -24,6 +24,8 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, HeaderName};
 use tokio::sync::mpsc;
 
+use crate::route::X_FORWARDED_PROTO;
+
 pub use config::{CustomTag, Provider, Sink, TracingConfig};
 pub use export::{ExportWorker, QUEUE_CAPACITY};
 pub use metrics::TraceMetrics;
@@ -276,7 +278,6 @@ const DEFAULT_NAME_LIMIT: usize = 256;
 
 /// Header names a traced request reads, parsed once (a `&str` name is parsed at every
 /// lookup).
-const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 const X_ENVOY_DOWNSTREAM_SERVICE_CLUSTER: HeaderName = HeaderName::from_static("x-envoy-downstream-service-cluster");
 const X_CLIENT_TRACE_ID: HeaderName = HeaderName::from_static("x-client-trace-id");
 
