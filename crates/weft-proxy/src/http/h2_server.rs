@@ -257,7 +257,19 @@ where
     let Some(resp) = resp else { return };
     let (mut head, body) = resp.into_parts();
     strip_connection_headers(&mut head.headers);
-    head.headers.entry(DATE).or_insert_with(date::now);
+    // `date` goes out as a never-indexed literal (what HAProxy's encoder does for every
+    // header): its value changes each second, and the h2 crate's encoder walks every
+    // earlier value of a name, oldest first, before inserting a new one. On a connection
+    // some minutes old that was the whole dynamic table of past dates (~50 comparisons,
+    // ~5k instructions) per response; the literal costs ~22 bytes on the wire.
+    match head.headers.entry(DATE) {
+        http::header::Entry::Occupied(mut e) => e.get_mut().set_sensitive(true),
+        http::header::Entry::Vacant(e) => {
+            let mut v = date::now();
+            v.set_sensitive(true);
+            e.insert(v);
+        }
+    }
     if let Some(connect) = connect.filter(|_| head.status.is_success()) {
         // The tunnel's bytes follow as DATA frames: no length, no end of stream.
         head.headers.remove(CONTENT_LENGTH);
@@ -452,6 +464,60 @@ mod tests {
         strip_connection_headers(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+    }
+
+    /// The first HEADERS frame's header block on stream 1, read from a raw client's
+    /// side of the connection (frames: 9-byte header, then the payload).
+    async fn first_response_block(io: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            let mut head = [0u8; 9];
+            io.read_exact(&mut head).await.unwrap();
+            let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+            let mut payload = vec![0u8; len];
+            io.read_exact(&mut payload).await.unwrap();
+            let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+            if head[3] == 0x1 && stream == 1 {
+                // No PADDED or PRIORITY flag from h2's encoder.
+                assert_eq!(head[4] & 0x28, 0, "unexpected flags {:#x}", head[4]);
+                return payload;
+            }
+        }
+    }
+
+    /// The date (the application's, and the one weft adds) leaves as a never-indexed
+    /// literal: HPACK's `0001` pattern with the static name index 33 (`0x1f 0x12`), not
+    /// inserted into the dynamic table (`0x61`, with incremental indexing), where every
+    /// new value made the encoder walk all earlier ones.
+    #[tokio::test]
+    async fn the_date_is_sent_as_a_never_indexed_literal() {
+        use tokio::io::AsyncWriteExt;
+        for app_date in [Some("Mon, 07 Dec 2026 10:00:00 GMT"), None] {
+            let (mut client, server) = tokio::io::duplex(64 * 1024);
+            let serve = tokio::spawn(async move {
+                let mut conn = h2::server::handshake(server).await.unwrap();
+                let (_req, respond) = conn.accept().await.unwrap().unwrap();
+                let mut resp = Response::new(crate::http::body::full(Bytes::new()));
+                if let Some(d) = app_date {
+                    resp.headers_mut().insert(DATE, HeaderValue::from_static(d));
+                }
+                let driver = tokio::spawn(async move { while conn.accept().await.is_some() {} });
+                serve_stream(respond, async { resp }, None).await;
+                driver.abort_handle()
+            });
+            client.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await.unwrap();
+            // Empty SETTINGS, then HEADERS (END_STREAM | END_HEADERS) on stream 1: GET
+            // (0x82), http (0x86), / (0x84), :authority "a" (literal, indexed name 1).
+            client.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap();
+            let block = [0x82, 0x86, 0x84, 0x41, 0x01, b'a'];
+            client.write_all(&[0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1]).await.unwrap();
+            client.write_all(&block).await.unwrap();
+            let got = first_response_block(&mut client).await;
+            // :status 200 (static index 8), then the date.
+            assert_eq!(got[0], 0x88, "{got:x?}");
+            assert_eq!(&got[1..3], &[0x1f, 0x12], "date not a never-indexed literal: {got:x?}");
+            serve.await.unwrap().abort();
+        }
     }
 
     #[test]
