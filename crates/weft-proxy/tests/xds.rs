@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::config::core::v3::HealthStatus;
 use envoy_types::pb::envoy::config::route::v3::{route_match, RouteMatch};
 use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
 use envoy_types::util::pack_any;
+use weft_proxy::proxy::ProxyHandle;
 use weft_testkit::echo::EchoServer;
 use weft_testkit::http::get_h1;
 use weft_xds::build;
@@ -212,6 +213,82 @@ async fn route_and_endpoint_changes_under_load_fail_no_request() {
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert_eq!(failed, 0, "{failed} requests failed across config changes ({ok} succeeded)");
     assert!(backends[3].requests() > 0, "the endpoint added mid-run never got traffic");
+}
+
+/// The start of both warming tests: clusters `v1` (endpoint `old`) and `v2` (endpoints
+/// not sent: the control plane has not answered the proxy's EDS request for the new
+/// cluster yet), routes to `v1`; then the route switch to `v2`, applied by the proxy.
+async fn switch_to_a_cluster_without_endpoints(
+    mesh: &Mesh,
+    old: &EchoServer,
+    id: &str,
+) -> (ProxyHandle, std::net::SocketAddr) {
+    clusters(mesh, &[("v1", vec![old.addr])], false);
+    mesh.set(type_url::LISTENER, vec![http_out(&[])]);
+    let routes_to =
+        |c: &str| vec![pack_any(rc("routes", vec![vhost("all", &["*"], vec![route("r", prefix("/"), to(c))])]))];
+    mesh.set(type_url::ROUTE, routes_to("v1"));
+    let proxy = mesh.proxy(id, false).await;
+    mesh.synced_all(&proxy).await;
+    let out = proxy.listener_addr("out", WAIT).await.unwrap();
+    mesh.set(
+        type_url::CLUSTER,
+        vec![pack_any(build::eds_cluster("v1", false)), pack_any(build::eds_cluster("v2", false))],
+    );
+    mesh.synced(&proxy, type_url::CLUSTER).await;
+    mesh.set(type_url::ROUTE, routes_to("v2"));
+    mesh.synced(&proxy, type_url::ROUTE).await;
+    (proxy, out)
+}
+
+/// A DestinationRule's new subset and a VirtualService sending traffic to it, applied
+/// together: the route switch reaches the proxy before the subset's endpoints. The
+/// previous routes keep serving until the endpoints arrive, so no request fails (before,
+/// every request in between was a 503 with no healthy upstream).
+#[tokio::test]
+async fn a_route_switch_to_a_cluster_waits_for_its_endpoints() {
+    let mesh = Mesh::start().await;
+    let old = EchoServer::start("old").await;
+    let new = EchoServer::start("new").await;
+    let (proxy, out) = switch_to_a_cluster_without_endpoints(&mesh, &old, "warm-routes").await;
+    for _ in 0..5 {
+        let r = get_h1(out, "svc", "/").await.unwrap();
+        assert_eq!(
+            (r.status, r.header("x-echo-server")),
+            (http::StatusCode::OK, Some("old")),
+            "the switch served before v2 had endpoints"
+        );
+    }
+    // The endpoints arrive: the new routes serve.
+    mesh.set(
+        type_url::ENDPOINT,
+        vec![
+            pack_any(build::cla("v1", &[(old.addr, 1, HealthStatus::Healthy)])),
+            pack_any(build::cla("v2", &[(new.addr, 1, HealthStatus::Healthy)])),
+        ],
+    );
+    mesh.synced(&proxy, type_url::ENDPOINT).await;
+    let r = get_h1(out, "svc", "/").await.unwrap();
+    assert_eq!((r.status, r.header("x-echo-server")), (http::StatusCode::OK, Some("new")));
+}
+
+/// Endpoints that never come do not hold the new routes back for ever: they serve after
+/// the warming limit (5 s).
+#[tokio::test]
+async fn a_route_switch_waits_for_endpoints_only_so_long() {
+    let mesh = Mesh::start().await;
+    let old = EchoServer::start("old").await;
+    let (proxy, out) = switch_to_a_cluster_without_endpoints(&mesh, &old, "warm-limit").await;
+    let names = |proxy: &ProxyHandle| proxy.context().store.snapshot().routes.get("routes").map(|t| t.cluster_names());
+    assert_eq!(names(&proxy), Some(["v1".to_string()].into()), "held routes serve the previous table");
+    let released = tokio::time::timeout(Duration::from_secs(15), async {
+        while names(&proxy) != Some(["v2".to_string()].into()) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    assert!(released.is_ok(), "the new routes never served without their endpoints");
+    assert_eq!(get_h1(out, "svc", "/").await.unwrap().status, 503, "v2 has no endpoints");
 }
 
 #[tokio::test]

@@ -484,9 +484,12 @@ fn bookinfo_at_a_fixed_rate_survives_a_replica_and_an_etcd_member_without_a_fail
     };
     let rds_before = rds(&before);
     let samples = weft_testkit::conformance_dir().join("bookinfo/networking");
-    // As Istio's task says: the DestinationRule's subsets first, everywhere, then the
-    // VirtualService that routes to them (a route to a subset cluster whose endpoints a
-    // proxy does not hold yet fails).
+    // The DestinationRule's subsets and the VirtualService that routes to them, applied
+    // back to back (Istio's task applies them a few seconds apart: there a route to a
+    // subset cluster whose endpoints a proxy does not hold yet fails). weft's proxies keep
+    // their previous routes until the subsets' endpoints arrive (`config/warming.rs`; the
+    // window is one EDS round trip, which this fixed rate rarely hits: weft-proxy's
+    // `tests/xds.rs` `a_route_switch_to_a_cluster_waits_for_its_endpoints` holds it open).
     let apply_via = |f: &str| {
         println!("weft apply -f {f} through {via} at {:.1}", unix(SystemTime::now()));
         let path = samples.join(f);
@@ -494,6 +497,7 @@ fn bookinfo_at_a_fixed_rate_survives_a_replica_and_an_etcd_member_without_a_fail
         assert!(ok, "weft apply -f {f} through {via}: {out}");
     };
     apply_via("destination-rule-all.yaml");
+    apply_via("virtual-service-all-v1.yaml");
     let clusters = |v: &serde_json::Value| -> BTreeMap<String, String> {
         v["proxies"]
             .as_array()
@@ -517,7 +521,6 @@ fn bookinfo_at_a_fixed_rate_survives_a_replica_and_an_etcd_member_without_a_fail
             },
         );
     }
-    apply_via("virtual-service-all-v1.yaml");
     let productpage = mesh.pod_name("productpage-v1");
     for api in &survivors {
         UpMesh::wait_for(

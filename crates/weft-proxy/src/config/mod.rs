@@ -9,6 +9,7 @@
 pub mod listener;
 pub mod on_demand;
 pub mod sockets;
+mod warming;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, Weak};
@@ -108,6 +109,9 @@ struct State {
     clusters: BTreeMap<String, Arc<Cluster>>,
     versions: BTreeMap<String, String>,
     on_demand: OnDemand,
+    /// Route configurations serving their previous table until the clusters their new one
+    /// sends to have endpoints ([`warming`]).
+    warming: warming::Warming,
 }
 
 /// The xDS consumer: owns compiled state and publishes snapshots.
@@ -283,9 +287,10 @@ impl ProxyStore {
 
     fn publish(&self, st: &State) {
         let generation = *self.changed.borrow() + 1;
+        let routes = if st.warming.is_empty() { st.routes.clone() } else { st.warming.served(&st.routes) };
         let snap = ProxySnapshot {
             listeners: st.listeners.clone(),
-            routes: st.routes.clone(),
+            routes,
             clusters: st.clusters.clone(),
             versions: st.versions.clone(),
             built_at: Some(SystemTime::now()),
@@ -295,6 +300,33 @@ impl ProxyStore {
         };
         self.current.store(Arc::new(snap));
         self.changed.send_replace(generation);
+    }
+
+    /// Keeps serving the previous table of each route configuration whose update newly
+    /// sends traffic to a cluster without endpoints yet ([`warming`]), and schedules the
+    /// release at [`warming::ROUTE_WARMING_LIMIT`]. Without a runtime to time it, nothing
+    /// is held.
+    fn hold_cold_routes(&self, st: &mut State, before: &BTreeMap<String, Arc<RouteTable>>) {
+        let held = warming::hold_after_routes(st, before, tokio::time::Instant::now());
+        if held.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            st.warming = warming::Warming::default();
+            return;
+        };
+        for (name, clusters) in &held {
+            tracing::info!(route_configuration = %name, ?clusters, "new routes wait for the endpoints of the clusters they send to");
+        }
+        let me = self.me.clone();
+        rt.spawn(async move {
+            tokio::time::sleep(warming::ROUTE_WARMING_LIMIT).await;
+            let Some(store) = me.upgrade() else { return };
+            let st = &mut *store.lock();
+            if warming::release(st, tokio::time::Instant::now()) {
+                store.publish(st);
+            }
+        });
     }
 
     /// The socket bound for listener `name` (see [`sockets`]) and its configured address.
@@ -508,15 +540,27 @@ impl ResourceHandler for ProxyStore {
         let wanted_before = self.secrets.named().wanted().len();
         let errors = match type_url {
             type_url::LISTENER => self.apply_listeners(&mut st, update),
-            type_url::ROUTE => on_demand::apply_routes(&mut st, &update),
-            type_url::VIRTUAL_HOST => on_demand::apply_vhosts(&mut st, &update),
+            type_url::ROUTE | type_url::VIRTUAL_HOST => {
+                let before = st.routes.clone();
+                let errors = if type_url == type_url::ROUTE {
+                    on_demand::apply_routes(&mut st, &update)
+                } else {
+                    on_demand::apply_vhosts(&mut st, &update)
+                };
+                self.hold_cold_routes(&mut st, &before);
+                errors
+            }
             type_url::CLUSTER => {
                 on_demand::note_absent(&mut st, true, &update);
-                self.apply_clusters(&mut st, update)
+                let errors = self.apply_clusters(&mut st, update);
+                warming::release(&mut st, tokio::time::Instant::now());
+                errors
             }
             type_url::ENDPOINT => {
                 on_demand::note_absent(&mut st, false, &update);
-                self.apply_endpoints(&mut st, update)
+                let errors = self.apply_endpoints(&mut st, update);
+                warming::release(&mut st, tokio::time::Instant::now());
+                errors
             }
             type_url::SECRET => self.apply_secrets(update),
             other => vec![format!("unsupported resource type {other}")],
