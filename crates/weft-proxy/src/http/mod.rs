@@ -623,6 +623,12 @@ fn own_header_values(headers: &mut http::HeaderMap) {
         if v.is_sensitive() || hpack_never_indexed(name) {
             continue;
         }
+        // The date goes out as a never-indexed literal (see `h2_server::serve_stream`):
+        // marked here, it needs no copy either.
+        if name == http::header::DATE {
+            v.set_sensitive(true);
+            continue;
+        }
         if let Ok(own) = HeaderValue::from_bytes(v.as_bytes()) {
             *v = own;
         }
@@ -797,10 +803,11 @@ mod tests {
         super::own_header_values(&mut h);
 
         // Values HPACK may index get their own allocations, with the same bytes.
-        assert!(!inside(&h[CONTENT_TYPE], &buf) && !inside(&h[DATE], &buf));
+        assert!(!inside(&h[CONTENT_TYPE], &buf));
         assert_eq!(h[CONTENT_TYPE], "text/plain");
+        // Values it never keeps stay as they were: no copy. The date is made one of them.
+        assert!(inside(&h[DATE], &buf) && h[DATE].is_sensitive());
         assert_eq!(h[DATE], "Mon, 07 Dec 2026 06:00:00 GMT");
-        // Values it never keeps stay as they were: no copy.
         assert!(inside(&h[CONTENT_LENGTH], &buf) && inside(&h[SET_COOKIE], &buf));
         assert!(inside(&h["x-secret"], &buf) && h["x-secret"].is_sensitive());
         assert_eq!(h[CONTENT_LENGTH], "1024");

@@ -91,7 +91,7 @@ impl Outgoing {
     /// Headers the caller sent that this context replaces are removed.
     pub fn write(&self, h: &mut HeaderMap) {
         let flags = if self.sampled { "01" } else { "00" };
-        put(h, TRACEPARENT, format!("00-{:032x}-{:016x}-{flags}", self.trace_id, self.span_id));
+        put_unique(h, TRACEPARENT, format!("00-{:032x}-{:016x}-{flags}", self.trace_id, self.span_id));
         match &self.tracestate {
             Some(ts) => {
                 h.insert(HeaderName::from_static(TRACESTATE), ts.clone());
@@ -101,10 +101,10 @@ impl Outgoing {
             }
         }
         let trace = b3_trace_id(self.trace_id);
-        put(h, X_B3_TRACEID, trace.clone());
-        put(h, X_B3_SPANID, format!("{:016x}", self.span_id));
+        put_unique(h, X_B3_TRACEID, trace.clone());
+        put_unique(h, X_B3_SPANID, format!("{:016x}", self.span_id));
         match self.parent_id {
-            Some(p) => put(h, X_B3_PARENTSPANID, format!("{p:016x}")),
+            Some(p) => put_unique(h, X_B3_PARENTSPANID, format!("{p:016x}")),
             None => {
                 h.remove(X_B3_PARENTSPANID);
             }
@@ -127,7 +127,7 @@ impl Outgoing {
             if let Some(p) = self.parent_id {
                 v.push_str(&format!("-{p:016x}"));
             }
-            put(h, B3, v);
+            put_unique(h, B3, v);
         } else {
             h.remove(B3);
         }
@@ -146,6 +146,18 @@ pub fn b3_trace_id(id: u128) -> String {
 fn put(h: &mut HeaderMap, name: &'static str, value: String) {
     // Hex digits and dashes only: always a valid header value.
     if let Ok(v) = HeaderValue::from_str(&value) {
+        h.insert(HeaderName::from_static(name), v);
+    }
+}
+
+/// [`put`] for a value new with every request (one holding a span id): an HTTP/2
+/// upstream's HPACK encoder sends it as a never-indexed literal. Inserted into the
+/// dynamic table, each such value would evict the entries worth keeping (the peer
+/// metadata, ~400 bytes, then sent and Huffman-coded again) and lengthen the encoder's
+/// walk over earlier values of the name. Only the encoding changes.
+fn put_unique(h: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(mut v) = HeaderValue::from_str(&value) {
+        v.set_sensitive(true);
         h.insert(HeaderName::from_static(name), v);
     }
 }

@@ -246,6 +246,12 @@ fn outgoing_context_writes_w3c_and_b3_and_round_trips() {
     let back = Incoming::read(&h);
     assert_eq!(back.ids.unwrap().span_id, 0x1111111111111111);
     assert_eq!(back.sampled, Some(true));
+    // Values new with each request leave an HTTP/2 hop as never-indexed literals (they
+    // would churn the HPACK table); the stable ones stay indexable.
+    for unique in ["traceparent", "x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "b3"] {
+        assert!(h[unique].is_sensitive(), "{unique} would be indexed");
+    }
+    assert!(!h["x-b3-sampled"].is_sensitive());
 }
 
 #[test]
