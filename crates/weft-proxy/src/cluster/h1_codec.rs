@@ -16,6 +16,9 @@ pub(crate) const MAX_HEADERS: usize = 100;
 /// A response head that has not ended within this many bytes is refused (hyper's
 /// default read buffer limit, `8192 + 4096 * 100`).
 pub(crate) const MAX_HEAD: usize = 8192 + 4096 * 100;
+/// Header fields a response map has room for beyond those it was parsed with.
+const RESPONSE_HEADROOM: usize = 6;
+
 /// A chunk's size line (with its extensions) and the trailer section are bounded by this
 /// (hyper's `TRAILER_LIMIT`).
 const MAX_CHUNK_LINE: usize = 16 * 1024;
@@ -246,7 +249,10 @@ pub(crate) fn parse_head(buf: &mut BytesMut, method: &Method) -> Result<Option<H
         }
         let head = buf.split_to(len).freeze();
         let version = if version == 1 { Version::HTTP_11 } else { Version::HTTP_10 };
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for the fields the forwarding path adds to a response (the upstream service
+        // time, peer metadata, ...): a map sized to the head alone grew (reallocated and
+        // rehashed) once per response on the server sidecar.
+        let mut headers = HeaderMap::with_capacity(count + RESPONSE_HEADROOM);
         let mut keep_alive = version == Version::HTTP_11;
         let mut close = false;
         for &(n0, n1, v0, v1) in &spans[..count] {
