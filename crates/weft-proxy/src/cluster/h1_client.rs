@@ -85,6 +85,18 @@ pub struct H1Body {
     conn: Option<H1Conn>,
     /// Where the connection goes once the body ended cleanly; None: it is closed.
     home: Option<Home>,
+    /// The rest of a request body the upstream answered before its end: written on while
+    /// the response is read (as Envoy does), dropped when the response ends.
+    upload: Option<Box<Upload>>,
+}
+
+/// A request body on its way out: what is queued, its encoder, the body itself.
+#[derive(Debug)]
+struct Upload {
+    body: BoxBody,
+    out: Out,
+    enc: Encoder,
+    flushed: bool,
 }
 
 #[derive(Debug)]
@@ -108,6 +120,7 @@ pub(crate) struct Failed {
 }
 
 /// The request's bytes on their way out.
+#[derive(Debug)]
 struct Out {
     buf: Vec<u8>,
     pos: usize,
@@ -118,6 +131,7 @@ struct Out {
 }
 
 /// Encodes the request body's frames as its framing says.
+#[derive(Debug)]
 struct Encoder {
     framing: Framing,
     /// Body bytes still owed under a content-length.
@@ -334,21 +348,81 @@ impl Encoder {
     }
 }
 
+impl Upload {
+    /// Writes the body's frames as they come (those at hand join what is queued: the
+    /// head and a complete body leave in one write). Ready(Ok) once all is written and
+    /// flushed; `polled` is set once a frame was taken from the body.
+    fn poll(&mut self, io: &mut UpstreamStream, cx: &mut Context<'_>, polled: &mut bool) -> Poll<Result<(), String>> {
+        let Upload { body, out, enc, flushed } = self;
+        loop {
+            let mut more = false;
+            if !enc.done && out.big.is_none() && out.buf.len() < KEEP_WBUF {
+                if enc.end_owed.is_some() {
+                    enc.write_end(out);
+                    more = true;
+                } else if let Poll::Ready(frame) = Pin::new(&mut *body).poll_frame(cx) {
+                    *polled = true;
+                    let queued = match frame {
+                        Some(Ok(frame)) => {
+                            let eos = body.is_end_stream();
+                            enc.encode(frame, eos, out)
+                        }
+                        Some(Err(e)) => Err(io::Error::other(e)),
+                        None => enc.finish(None, out),
+                    };
+                    if let Err(e) = queued {
+                        return Poll::Ready(Err(format!("request body: {e}")));
+                    }
+                    more = true;
+                }
+            }
+            if more && !enc.done {
+                continue;
+            }
+            if out.has_data() {
+                match out.poll_write(io, cx) {
+                    Poll::Ready(Ok(())) => *flushed = false,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                    Poll::Pending => return Poll::Pending,
+                }
+                if !enc.done {
+                    continue;
+                }
+            }
+            if !*flushed {
+                match Pin::new(&mut *io).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => *flushed = true,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(e.to_string())),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+            return if enc.done { Poll::Ready(Ok(())) } else { Poll::Pending };
+        }
+    }
+
+    /// Everything was written.
+    fn finished(&self) -> bool {
+        self.enc.done && !self.out.has_data() && self.flushed
+    }
+}
+
 /// Sends `req` on `conn` and reads the response head, from the request's own task.
 /// `home`: where the connection goes once the response is read, when it may carry
 /// another request (None: it closes after this response).
 ///
 /// A request body already complete goes with the head in one write; one still coming is
-/// written as it comes while the response is watched: a final response head arriving
-/// before the body's end stops the writing (the connection is then closed after the
-/// response, as Envoy's HTTP/1 codec does).
+/// written as it comes while the response is watched. A final response head arriving
+/// before the body's end is returned at once; the body goes on being written while the
+/// response is read (an upstream may answer and stream while it still reads, as Envoy and
+/// hyper allow), and stops when the response ends; the connection then closes (Envoy resets
+/// the stream, closing an HTTP/1 connection, when the response completes first).
 pub(crate) async fn send(
     mut conn: H1Conn,
     addr: SocketAddr,
     req: Request<BoxBody>,
     mut home: Option<Home>,
 ) -> Result<Response<H1Body>, Failed> {
-    let (mut parts, mut body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     let c = &mut *conn.0;
     let framing = h1_codec::frame_request(
         &parts.method,
@@ -365,66 +439,26 @@ pub(crate) async fn send(
     let path = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
     let mut out = Out { buf: std::mem::take(&mut c.wbuf), pos: 0, big: None, written: 0 };
     h1_codec::encode_head(&parts.method, path, c.http10, &parts.headers, &mut out.buf);
-    let mut enc = Encoder::new(framing);
+    let mut up = Upload { body, out, enc: Encoder::new(framing), flushed: true };
     // Whether a frame was taken from the body: a request that failed before any byte of
     // it was written goes again only with its body untouched (the request bodies at hand
     // are not copied for this rare case; the checkout's stale check makes it rarer).
     let mut polled = false;
-    let mut flushed = true;
     let method = &parts.method;
     let result = poll_fn(|cx| {
-        loop {
-            // The body's frames at hand join what is queued (the head, first): one write.
-            let mut more = false;
-            if !enc.done && out.big.is_none() && out.buf.len() < KEEP_WBUF {
-                if enc.end_owed.is_some() {
-                    enc.write_end(&mut out);
-                    more = true;
-                } else if let Poll::Ready(frame) = Pin::new(&mut body).poll_frame(cx) {
-                    polled = true;
-                    let queued = match frame {
-                        Some(Ok(frame)) => {
-                            let eos = body.is_end_stream();
-                            enc.encode(frame, eos, &mut out)
-                        }
-                        Some(Err(e)) => Err(io::Error::other(e)),
-                        None => enc.finish(None, &mut out),
-                    };
-                    if let Err(e) = queued {
-                        return Poll::Ready(Err((ErrorKind::UpstreamReset, format!("request body: {e}"), true)));
-                    }
-                    more = true;
-                }
-            }
-            if more && !enc.done {
-                continue;
-            }
-            if out.has_data() {
-                match out.poll_write(&mut c.io, cx) {
-                    Poll::Ready(Ok(())) => flushed = false,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((ErrorKind::UpstreamReset, e.to_string(), true))),
-                    Poll::Pending => {}
-                }
-                if !out.has_data() && !enc.done {
-                    continue;
-                }
-            }
-            if !out.has_data() && !flushed {
-                match Pin::new(&mut c.io).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => flushed = true,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err((ErrorKind::UpstreamReset, e.to_string(), true))),
-                    Poll::Pending => {}
-                }
-            }
-            return read_head(c, cx, method).map_err(|(kind, detail)| (kind, detail, false));
+        // The response is watched while the body is written: an early answer stops the
+        // wait for the body's end.
+        if let Poll::Ready(Err(e)) = up.poll(&mut c.io, cx, &mut polled) {
+            return Poll::Ready(Err((ErrorKind::UpstreamReset, e, true)));
         }
+        read_head(c, cx, method).map_err(|(kind, detail)| (kind, detail, false))
     })
     .await;
-    let unwritten = out.has_data();
-    let written = out.written;
-    out.buf.clear();
-    if out.buf.capacity() <= KEEP_WBUF {
-        c.wbuf = out.buf;
+    let written = up.out.written;
+    let finished = up.finished();
+    if finished && up.out.buf.capacity() <= KEEP_WBUF {
+        up.out.buf.clear();
+        c.wbuf = std::mem::take(&mut up.out.buf);
     }
     let head = match result {
         Ok(head) => head,
@@ -432,13 +466,13 @@ pub(crate) async fn send(
             let err = ProxyError::new(kind, format!("{addr}: {detail}"));
             // Nothing of it reached the upstream: it may go again.
             if writing && written == 0 {
-                let back = (!polled).then(|| Request::from_parts(parts, body));
+                let back = (!polled).then(|| Request::from_parts(parts, up.body));
                 return Err(Failed { err: err.not_sent(), back });
             }
             return Err(Failed { err, back: None });
         }
     };
-    if !enc.done || unwritten || !flushed || !head.keep_alive {
+    if !finished || !head.keep_alive {
         // An early answer (the body was not all written), or no keep-alive: closed after.
         home = None;
     }
@@ -459,7 +493,7 @@ pub(crate) async fn send(
             Read::UntilClose
         }
     };
-    let mut resp = Response::new(H1Body { state, conn: None, home: None });
+    let mut resp = Response::new(H1Body { state, conn: None, home: None, upload: None });
     *resp.status_mut() = head.status;
     *resp.version_mut() = head.version;
     *resp.headers_mut() = head.headers;
@@ -477,6 +511,9 @@ pub(crate) async fn send(
     } else {
         b.conn = Some(conn);
         b.home = home;
+        if !finished {
+            b.upload = Some(Box::new(up));
+        }
     }
     Ok(resp)
 }
@@ -512,6 +549,9 @@ impl H1Body {
     /// may carry another request and nothing beyond this response was received.
     fn finish(&mut self) {
         self.state = Read::Done;
+        // The response ended before the request: the rest of it is not sent (the
+        // connection closes; Envoy resets the stream then).
+        self.upload = None;
         if let (Some(conn), Some(home)) = (self.conn.take(), self.home.take()) {
             if conn.0.rbuf.is_empty() {
                 home.give_back(conn);
@@ -569,6 +609,12 @@ impl Body for H1Body {
                     }
                 },
                 _ => {}
+            }
+            if let Some(up) = this.upload.as_mut() {
+                if up.poll(&mut c.io, cx, &mut false).is_ready() {
+                    // Written, or failed: the response is read to its end either way.
+                    this.upload = None;
+                }
             }
             match ready!(c.poll_fill(cx)) {
                 Ok(0) if matches!(this.state, Read::UntilClose) => {

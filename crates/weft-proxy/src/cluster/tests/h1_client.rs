@@ -434,3 +434,45 @@ async fn an_early_final_response_stops_the_unfinished_request_body_and_closes_th
     assert_eq!(text(send(&pools, &raw, get("/")).await).await, "ok");
     assert_eq!(raw.accepted(), 2, "the connection with a request body cut short is not reused");
 }
+
+#[tokio::test]
+async fn a_request_body_goes_on_being_written_while_an_early_response_streams() {
+    // The upstream answers at once, then reads the whole request body and ends its
+    // response with the length it read: it finishes only if the body keeps coming.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut buf = Vec::new();
+        while find(&buf, b"\r\n\r\n").is_none() {
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0);
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nack\r\n").await.unwrap();
+        while !buf.ends_with(b"0\r\n\r\n") {
+            let mut chunk = [0u8; 1024];
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the request body stopped");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+        let read = String::from_utf8_lossy(&buf).into_owned();
+        let tail = if read.contains("hello") && read.contains(" world") { "both" } else { "part" };
+        stream.write_all(format!("4\r\n{tail}\r\n0\r\n\r\n").as_bytes()).await.unwrap();
+    });
+    let pools = Pools::new(PoolConfig::default());
+    let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(4);
+    tx.send(Ok(Frame::data(Bytes::from("hello")))).await.unwrap();
+    let req = request(Method::POST, "/bidi", boxed(StreamBody::new(ReceiverStream::new(rx))));
+    let resp = tokio::time::timeout(TIMEOUT, pools.send(&endpoint(addr), UpstreamProtocol::Http1, TIMEOUT, req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    let reading = tokio::spawn(async move { resp.into_body().collect().await.map(|c| c.to_bytes()) });
+    tx.send(Ok(Frame::data(Bytes::from(" world")))).await.unwrap();
+    drop(tx);
+    let got = tokio::time::timeout(TIMEOUT, reading).await.expect("the response never ended").unwrap().unwrap();
+    assert_eq!(got, "ackboth");
+}
