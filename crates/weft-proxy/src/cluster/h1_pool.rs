@@ -38,15 +38,23 @@ impl Home {
     /// the requests waiting for one.
     pub(crate) fn give_back(self, mut conn: H1Conn) {
         conn.state().idle_since = None;
-        match self.pool.h1.try_lock() {
-            Ok(mut idle) => idle.push_back(conn),
-            // Held by a checkout or the reaper for a moment: hand it over without waiting.
-            Err(_) => {
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let pool = Arc::clone(&self.pool);
-                    rt.spawn(async move { pool.h1.lock().await.push_back(conn) });
-                }
+        let mut conn = Some(conn);
+        if let Ok(mut idle) = self.pool.h1.try_lock() {
+            idle.extend(conn.take());
+        }
+        if let Some(conn) = conn {
+            // Held by a checkout or the reaper for a moment: hand it over without waiting,
+            // and wake the pending requests once it is there.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let Home { pool, load } = self;
+                rt.spawn(async move {
+                    pool.h1.lock().await.push_back(conn);
+                    if let Some(load) = load {
+                        load.wake();
+                    }
+                });
             }
+            return;
         }
         if let Some(load) = self.load {
             load.wake();
