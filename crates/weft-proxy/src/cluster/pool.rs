@@ -1,23 +1,25 @@
 //! Upstream connection pools, shared by all snapshots (they live as long as the proxy).
 //!
-//! HTTP/1.1: a keep-alive pool per endpoint. A connection goes back into the pool as
-//! soon as its request is sent; it is handed out again only when hyper says it can
-//! take another request (the previous response was read to the end), so the next
-//! request reuses it without waiting for any background task. A connection whose
-//! response body was dropped half-read is closed by hyper and leaves the pool.
-//! Busy connections are always kept (there are at most as many as requests in flight,
-//! which the cluster's circuit breaker bounds); idle ones are bounded by `idle_timeout`
-//! and, at each `reap_interval`, by `max_idle_per_endpoint` (the least recently used
-//! beyond it are closed). So N concurrent requests reuse their N connections rather
-//! than opening (and handshaking) a new one per request, and once the load is over the
-//! pool shrinks back, and with it the memory the connections' buffers held.
+//! HTTP/1.1 (`h1_pool`, `h1_client`: weft's own client, driven from the request's task):
+//! a keep-alive pool of idle connections per endpoint. A request takes one out, and its
+//! response body gives it back once read to the end, unless the response or the request
+//! said `connection: close` (or HTTP/1.0 without keep-alive), the body was dropped
+//! half-read, or the connection is spent (`max_requests_per_connection`,
+//! `max_connection_duration`): then it closes. There are at most as many busy connections
+//! as requests in flight, which the cluster's circuit breaker bounds; idle ones are
+//! bounded by `idle_timeout` and, at each `reap_interval`, by `max_idle_per_endpoint` (the
+//! least recently used beyond it are closed). So N concurrent requests reuse their N
+//! connections rather than opening (and handshaking) a new one per request, and once the
+//! load is over the pool shrinks back, and with it the memory the connections' buffers held.
 //! HTTP/2: one multiplexed connection per endpoint, re-established when it dies;
 //! concurrent requests that find no live connection wait for the one being set up
 //! rather than each opening their own.
 //!
-//! A request that fails on a *reused* connection before hyper wrote it (the peer had
-//! closed an idle keep-alive connection) is sent once more on a fresh connection, so
-//! stale keep-alive never surfaces as a 503. HTTP/2 (`h2_client`, the `h2` crate driven
+//! An idle HTTP/1.1 connection is read once without waiting at checkout: one the peer
+//! closed while idle (end of stream, an error, bytes nobody asked for) is dropped and the
+//! next one taken. A request that still fails on a *reused* connection before any byte
+//! of it was written is sent once more on a fresh connection, so stale keep-alive never
+//! surfaces as a 503. HTTP/2 (`h2_client`, the `h2` crate driven
 //! from the request's task): a reused connection that takes no new stream (it ended, or
 //! the peer sent GOAWAY) is replaced once; one reused after a quiet spell first lets the
 //! runtime poll, so a close that arrived in the same turn is seen before the stream opens.
@@ -53,16 +55,15 @@ use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{header, Request, Response, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 
 use crate::cluster::config::Limits;
 use crate::cluster::endpoints::Endpoint;
-use crate::cluster::ewma::{ClusterLoad, Slot};
+use crate::cluster::ewma::ClusterLoad;
+use crate::cluster::h1_client::{H1Body, H1Conn};
+use crate::cluster::h1_pool::origin_form;
 use crate::cluster::h2_client::{self, H2Body, H2Sender};
 use crate::error::{ErrorKind, ProxyError};
 
@@ -83,8 +84,8 @@ pub type BoxBody = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, Box<
 /// A response body from an upstream, whichever HTTP version carried it.
 #[derive(Debug)]
 pub enum UpstreamBody {
-    /// Read by hyper's HTTP/1.1 client.
-    Http1(Incoming),
+    /// Read from an HTTP/1.1 connection (`h1_client`).
+    Http1(H1Body),
     /// Read from an HTTP/2 stream.
     Http2(H2Body),
 }
@@ -199,12 +200,12 @@ pub struct EndpointPoolStats {
 /// Upstream connections, shared by all snapshots (lives as long as the proxy).
 #[derive(Debug, Clone)]
 pub struct Pools {
-    inner: Arc<Inner>,
+    pub(super) inner: Arc<Inner>,
 }
 
 #[derive(Debug)]
-struct Inner {
-    cfg: PoolConfig,
+pub(super) struct Inner {
+    pub(super) cfg: PoolConfig,
     connector: Connector,
     endpoints: ArcSwap<PoolMap>,
     /// The smallest idle timeout any pool was given, in ms: the reaper looks at least
@@ -269,20 +270,21 @@ impl std::hash::Hasher for PoolKeyHasher {
 }
 
 #[derive(Debug, Default)]
-struct EndpointPool {
+pub(super) struct EndpointPool {
     /// The cluster's idle timeout in ms (0: the pools' default), updated by each request.
     idle_ms: AtomicU64,
     /// The cluster's `max_connection_duration` in ms (0: none), updated by each request:
     /// the reaper closes idle connections past it that no checkout reaches.
     max_duration_ms: AtomicU64,
-    /// Pooled HTTP/1 connections, busy or idle; most recently used last.
-    h1: Mutex<VecDeque<H1Conn>>,
+    /// Idle HTTP/1 connections; most recently used last.
+    pub(super) h1: Mutex<VecDeque<H1Conn>>,
     h2: Mutex<Option<H2Conn>>,
-    http1_open: Arc<AtomicUsize>,
+    pub(super) http1_open: Arc<AtomicUsize>,
     /// HTTP/1 connections being opened (they count as the endpoint's connections when
     /// deciding whether its first one may exceed `max_connections`).
-    http1_connecting: AtomicUsize,
-    http1_pooled: AtomicUsize,
+    pub(super) http1_connecting: AtomicUsize,
+    /// HTTP/1 connections kept for reuse, busy or idle.
+    pub(super) http1_pooled: Arc<AtomicUsize>,
     http2_open: Arc<AtomicUsize>,
 }
 
@@ -295,18 +297,6 @@ pub struct UpstreamPrincipal(pub Arc<str>);
 
 /// The peer's SPIFFE id, kept with the connection it was proven on.
 pub type Principal = Option<Arc<str>>;
-
-#[derive(Debug)]
-struct H1Conn {
-    tx: http1::SendRequest<BoxBody>,
-    principal: Principal,
-    /// When it was first seen ready again after its last request (idle time is measured
-    /// from there); None while busy or not looked at since.
-    idle_since: Option<Instant>,
-    opened: Instant,
-    /// Requests sent on it.
-    uses: u32,
-}
 
 #[derive(Debug)]
 struct H2Conn {
@@ -343,15 +333,6 @@ struct H2Checked {
 /// An HTTP/2 connection reused after this long without a new request is given a chance
 /// to notice that its peer went away first (see [`Pools::send_h2`]).
 const H2_QUIET: Duration = Duration::from_millis(100);
-
-/// A connection checked out of the pool, or just opened.
-struct Checked {
-    tx: http1::SendRequest<BoxBody>,
-    principal: Principal,
-    opened: Instant,
-    uses: u32,
-    reused: bool,
-}
 
 impl Body for UpstreamBody {
     type Data = Bytes;
@@ -631,138 +612,6 @@ impl Pools {
         result
     }
 
-    /// Sends over a ready pooled connection, else (pending, within the cluster's
-    /// breaker) a new one or the first busy one to become ready. A request that fails
-    /// on a reused connection before it was written goes once more on a new connection.
-    async fn send_h1(
-        &self,
-        pool: Arc<EndpointPool>,
-        addr: SocketAddr,
-        up: &Upstream<'_>,
-        mut req: Request<BoxBody>,
-    ) -> Result<(Response<Incoming>, Principal), ProxyError> {
-        let mut fresh_only = false;
-        loop {
-            let ready = if fresh_only { None } else { pool.checkout_h1(&self.inner.cfg, &up.conn, up.at).await };
-            let conn = match ready {
-                Some(c) => c,
-                // Boxed: waiting and connecting (TCP, TLS, handshake) are the slow path;
-                // inline, their state would enlarge every request's future.
-                None => Box::pin(self.wait_h1(&pool, addr, up, fresh_only)).await?,
-            };
-            let Checked { mut tx, principal, opened, uses, reused } = conn;
-            match tx.try_send_request(req).await {
-                Ok(resp) => {
-                    let checked = Checked { tx, principal: principal.clone(), opened, uses: uses + 1, reused };
-                    self.release_h1(&pool, up, checked).await;
-                    return Ok((resp, principal));
-                }
-                Err(mut e) => match e.take_message() {
-                    // Never written on a reused connection: it was stale. Try a fresh one.
-                    Some(back) if reused => {
-                        req = back;
-                        fresh_only = true;
-                    }
-                    back => return Err(map_hyper_error(addr, e.error(), back.is_some())),
-                },
-            }
-        }
-    }
-
-    /// A connection for a request that found none ready: counted pending while it
-    /// waits (`Overflow` beyond `max_pending_requests`), it gets a new connection when
-    /// the cluster's `max_connections` allows, else the first of the endpoint's busy
-    /// connections to finish, else whatever the cluster frees first.
-    async fn wait_h1(
-        &self,
-        pool: &Arc<EndpointPool>,
-        addr: SocketAddr,
-        up: &Upstream<'_>,
-        fresh_only: bool,
-    ) -> Result<Checked, ProxyError> {
-        let Some((load, limits)) = up.breaker else {
-            return self.connect_h1(pool, addr, up, None).await;
-        };
-        let _pending = load.try_pending(limits.max_pending_requests).ok_or_else(|| {
-            ProxyError::new(ErrorKind::Overflow, format!("{addr}: max_pending_requests reached")).not_sent()
-        })?;
-        loop {
-            let freed = load.freed();
-            tokio::pin!(freed);
-            freed.as_mut().enable();
-            if !fresh_only {
-                // A clock reading of its own: the request may have waited since `up.at`.
-                if let Some(c) = pool.checkout_h1(&self.inner.cfg, &up.conn, Instant::now()).await {
-                    return Ok(c);
-                }
-            }
-            let first =
-                pool.http1_open.load(Ordering::Acquire) == 0 && pool.http1_connecting.load(Ordering::Acquire) == 0;
-            if let Some(slot) = load.try_connection(limits.max_connections, first) {
-                return self.connect_h1(pool, addr, up, Some(slot)).await;
-            }
-            if !fresh_only {
-                if let Some(mut c) = pool.claim_busy_h1().await {
-                    if c.tx.ready().await.is_ok() {
-                        return Ok(c);
-                    }
-                    continue;
-                }
-            }
-            freed.await;
-        }
-    }
-
-    async fn connect_h1(
-        &self,
-        pool: &Arc<EndpointPool>,
-        addr: SocketAddr,
-        up: &Upstream<'_>,
-        slot: Option<Slot>,
-    ) -> Result<Checked, ProxyError> {
-        let connecting = Counted::new(&pool.http1_connecting);
-        let io = up.connector.connect_with(addr, up.connect_timeout, up.conn.keepalive).await?;
-        let principal = io.peer_principal();
-        let (tx, conn) = http1::handshake(TokioIo::new(io)).await.map_err(|e| map_hyper_error(addr, &e, true))?;
-        let open = Arc::clone(&pool.http1_open);
-        open.fetch_add(1, Ordering::AcqRel);
-        drop(connecting);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(%addr, error = %e, "upstream http1 connection ended");
-            }
-            open.fetch_sub(1, Ordering::AcqRel);
-            // Frees the cluster's connection slot and wakes pending requests.
-            drop(slot);
-        });
-        Ok(Checked { tx, principal, opened: Instant::now(), uses: 0, reused: false })
-    }
-
-    /// Keeps the connection (busy with its response) for reuse once its response is
-    /// done, unless it has served `max_requests_per_connection` or outlived
-    /// `max_connection_duration`: then it is dropped, and hyper closes it once the
-    /// response is read.
-    async fn release_h1(&self, pool: &Arc<EndpointPool>, up: &Upstream<'_>, c: Checked) {
-        if spent(&up.conn, c.opened, c.uses) {
-            return;
-        }
-        {
-            let mut conns = pool.h1.lock().await;
-            conns.retain(|c| !c.tx.is_closed());
-            conns.push_back(H1Conn {
-                tx: c.tx,
-                principal: c.principal,
-                idle_since: None,
-                opened: c.opened,
-                uses: c.uses,
-            });
-            pool.http1_pooled.store(conns.len(), Ordering::Relaxed);
-        }
-        if let Some((load, _)) = up.breaker {
-            load.wake();
-        }
-    }
-
     /// Sends on the endpoint's HTTP/2 connection (opened when there is none). A reused
     /// connection that cannot take a new stream (it died, or the peer sent GOAWAY) is
     /// replaced once; the request was not sent on it.
@@ -877,29 +726,8 @@ impl Pools {
 }
 
 impl EndpointPool {
-    /// The most recently used pooled connection that can take a request now (`now`:
-    /// the request's [`Upstream::at`]). Looks from the most recently used end and stops
-    /// at the first usable connection: the rest of the pool is left to the reaper
-    /// ([`prune_h1`]), so a checkout does not scan every pooled connection.
-    async fn checkout_h1(&self, cfg: &PoolConfig, settings: &ConnSettings, now: Instant) -> Option<Checked> {
-        let mut conns = self.h1.lock().await;
-        let found = take_ready_h1(&mut conns, self.idle_timeout(cfg), settings.max_connection_duration, now);
-        self.http1_pooled.store(conns.len(), Ordering::Relaxed);
-        found.map(|c| Checked { tx: c.tx, principal: c.principal, opened: c.opened, uses: c.uses, reused: true })
-    }
-
-    /// Takes the least recently used busy connection out of the pool, for a pending
-    /// request to wait on.
-    async fn claim_busy_h1(&self) -> Option<Checked> {
-        let mut conns = self.h1.lock().await;
-        let pos = conns.iter().position(|c| !c.tx.is_closed() && !c.tx.is_ready());
-        let found = pos.and_then(|i| conns.remove(i));
-        self.http1_pooled.store(conns.len(), Ordering::Relaxed);
-        found.map(|c| Checked { tx: c.tx, principal: c.principal, opened: c.opened, uses: c.uses, reused: true })
-    }
-
     /// The cluster's idle timeout, or the pools' default.
-    fn idle_timeout(&self, cfg: &PoolConfig) -> Duration {
+    pub(super) fn idle_timeout(&self, cfg: &PoolConfig) -> Duration {
         match self.idle_ms.load(Ordering::Relaxed) {
             0 => cfg.idle_timeout,
             ms => Duration::from_millis(ms),
@@ -923,11 +751,7 @@ impl EndpointPool {
             0 => None,
             ms => Some(Duration::from_millis(ms)),
         };
-        {
-            let mut conns = self.h1.lock().await;
-            prune_h1(&mut conns, cfg, idle_timeout, max_duration, true, Instant::now());
-            self.http1_pooled.store(conns.len(), Ordering::Relaxed);
-        }
+        self.reap_h1(cfg, idle_timeout, max_duration).await;
         {
             let mut slot = self.h2.lock().await;
             if slot.as_ref().is_some_and(|c| c.closed.load(Ordering::Acquire) || c.last_used.elapsed() >= idle_timeout)
@@ -940,10 +764,10 @@ impl EndpointPool {
 }
 
 /// Counts one in `counter` while it lives (also when the future holding it is dropped).
-struct Counted<'a>(&'a AtomicUsize);
+pub(super) struct Counted<'a>(&'a AtomicUsize);
 
 impl<'a> Counted<'a> {
-    fn new(counter: &'a AtomicUsize) -> Self {
+    pub(super) fn new(counter: &'a AtomicUsize) -> Self {
         counter.fetch_add(1, Ordering::AcqRel);
         Counted(counter)
     }
@@ -956,7 +780,7 @@ impl Drop for Counted<'_> {
 }
 
 /// True when a connection opened at `opened` that served `uses` requests must take no more.
-fn spent(settings: &ConnSettings, opened: Instant, uses: u32) -> bool {
+pub(super) fn spent(settings: &ConnSettings, opened: Instant, uses: u32) -> bool {
     settings.max_requests_per_connection.is_some_and(|max| uses >= max)
         || settings.max_connection_duration.is_some_and(|d| opened.elapsed() >= d)
 }
@@ -1035,89 +859,6 @@ fn with_principal((mut resp, principal): (Response<UpstreamBody>, Principal)) ->
         resp.extensions_mut().insert(UpstreamPrincipal(p));
     }
     resp
-}
-
-/// Takes the most recently used connection that can take a request now out of the
-/// pool. Ready connections met first that a prune would close (idle past
-/// `idle_timeout`, older than `max_duration`: [`idle_usable`]) are dropped on the way.
-/// Busy and closed connections are stepped over (the reaper and the next release drop
-/// closed ones): the common case looks at the last few connections only.
-fn take_ready_h1(
-    conns: &mut VecDeque<H1Conn>,
-    idle_timeout: Duration,
-    max_duration: Option<Duration>,
-    now: Instant,
-) -> Option<H1Conn> {
-    let idle_cutoff = now.checked_sub(idle_timeout);
-    let mut i = conns.len();
-    while i > 0 {
-        i -= 1;
-        let c = &mut conns[i];
-        if !c.tx.is_ready() {
-            continue;
-        }
-        let usable = idle_usable(c, idle_timeout, idle_cutoff, max_duration, now);
-        let taken = conns.remove(i);
-        if usable {
-            return taken;
-        }
-    }
-    None
-}
-
-/// Drops (and so closes) closed connections, idle ones past `idle_timeout` (idle time
-/// counts from when a prune first saw the connection ready), ones older than
-/// `max_duration` once idle and, when `bound_idle`, the least recently used idle ones
-/// beyond `max_idle_per_endpoint`. Busy connections stay: they are handed out again
-/// once their response is done. `now` is the time of the prune.
-fn prune_h1(
-    conns: &mut VecDeque<H1Conn>,
-    cfg: &PoolConfig,
-    idle_timeout: Duration,
-    max_duration: Option<Duration>,
-    bound_idle: bool,
-    now: Instant,
-) {
-    let mut excess = if bound_idle {
-        let idle = conns.iter().filter(|c| c.tx.is_ready()).count();
-        idle.saturating_sub(cfg.max_idle_per_endpoint)
-    } else {
-        0
-    };
-    let idle_cutoff = now.checked_sub(idle_timeout);
-    // Least recently used first: the excess idle connections are the first ones met.
-    conns.retain_mut(|c| {
-        if c.tx.is_closed() {
-            return false;
-        }
-        if !c.tx.is_ready() {
-            return true;
-        }
-        if excess > 0 {
-            excess -= 1;
-            return false;
-        }
-        idle_usable(c, idle_timeout, idle_cutoff, max_duration, now)
-    });
-}
-
-/// Whether an idle (ready) connection may still be used at `now`: younger than
-/// `max_duration`, and idle for less than `idle_timeout` since a prune or checkout
-/// first saw it ready (its idle time starts now when none did). `idle_cutoff` is `now -
-/// idle_timeout`, one comparison of instants per connection (None: the clock is younger
-/// than the timeout, nothing has been idle that long).
-fn idle_usable(
-    c: &mut H1Conn,
-    idle_timeout: Duration,
-    idle_cutoff: Option<Instant>,
-    max_duration: Option<Duration>,
-    now: Instant,
-) -> bool {
-    if max_duration.is_some_and(|d| now.saturating_duration_since(c.opened) >= d) {
-        return false;
-    }
-    let since = *c.idle_since.get_or_insert(now);
-    !idle_timeout.is_zero() && idle_cutoff.is_none_or(|cutoff| since > cutoff)
 }
 
 /// Closes idle connections every `reap_interval` (or a quarter of the smallest idle
@@ -1206,21 +947,6 @@ fn set_keepalive(stream: &TcpStream, k: Keepalive, addr: SocketAddr) {
     }
 }
 
-/// HTTP/1 wants origin-form (`/path?q`) and a Host header.
-fn origin_form(mut req: Request<BoxBody>) -> Result<Request<BoxBody>, ProxyError> {
-    if !req.headers().contains_key(header::HOST) {
-        if let Some(auth) = req.uri().authority() {
-            let value = header::HeaderValue::from_str(auth.as_str())
-                .map_err(|e| ProxyError::new(ErrorKind::DownstreamProtocol, format!("bad authority: {e}")))?;
-            req.headers_mut().insert(header::HOST, value);
-        }
-    }
-    let pq = req.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
-    *req.uri_mut() = Uri::from(pq);
-    *req.version_mut() = Version::HTTP_11;
-    Ok(req)
-}
-
 /// HTTP/2 wants scheme and authority: from the URI, else the Host header, else the
 /// endpoint address.
 fn absolute_form(mut req: Request<BoxBody>, addr: SocketAddr) -> Result<Request<BoxBody>, ProxyError> {
@@ -1245,20 +971,4 @@ fn absolute_form(mut req: Request<BoxBody>, addr: SocketAddr) -> Result<Request<
     *req.uri_mut() = Uri::from_parts(uri).map_err(|e| bad(format!("cannot build URI: {e}")))?;
     *req.version_mut() = Version::HTTP_2;
     Ok(req)
-}
-
-/// Maps a hyper HTTP/1 client error; `not_sent` when hyper handed the request back
-/// unwritten. (HTTP/2 errors: [`h2_client::map_h2_error`].)
-fn map_hyper_error(addr: SocketAddr, e: &hyper::Error, not_sent: bool) -> ProxyError {
-    let kind = if e.is_parse() || e.is_parse_status() || e.is_parse_too_large() {
-        ErrorKind::UpstreamProtocol
-    } else {
-        ErrorKind::UpstreamReset
-    };
-    let err = ProxyError::new(kind, format!("{addr}: {e}"));
-    if not_sent {
-        err.not_sent()
-    } else {
-        err
-    }
 }

@@ -3,6 +3,7 @@
 mod balance;
 mod breaker;
 mod compile;
+mod h1_client;
 mod h2_client;
 mod locality;
 mod pool;
